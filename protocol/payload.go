@@ -1,0 +1,693 @@
+package protocol
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// MaxPayload is the largest payload either side may send (16 KiB).
+const MaxPayload = 16 * 1024
+
+// TimeLayout is the wire format of timestamps: RFC 3339, UTC, milliseconds.
+const TimeLayout = "2006-01-02T15:04:05.000Z07:00"
+
+// FormatTime renders t in the wire format.
+func FormatTime(t time.Time) string { return t.UTC().Format(TimeLayout) }
+
+// ParseTime parses an RFC 3339 timestamp (any offset, any number of fractional
+// digits) and returns it in UTC truncated to milliseconds, the wire precision,
+// so that a parsed time survives FormatTime and ParseTime unchanged.
+func ParseTime(s string) (time.Time, error) {
+	// time.Parse also takes a comma before the fraction and offsets of 24h or
+	// more; RFC 3339 allows neither.
+	if strings.IndexByte(s, ',') >= 0 {
+		return time.Time{}, fmt.Errorf("timestamp %q: not RFC 3339", s)
+	}
+	v, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("timestamp %q: not RFC 3339", s)
+	}
+	if _, off := v.Zone(); off <= -24*3600 || off >= 24*3600 {
+		return time.Time{}, fmt.Errorf("timestamp %q: offset out of range", s)
+	}
+	v = v.UTC().Truncate(time.Millisecond)
+	// An offset can carry 0000-01-01 or 9999-12-31 outside the 4-digit years
+	// FormatTime can write back.
+	if y := v.Year(); y < 0 || y > 9999 {
+		return time.Time{}, fmt.Errorf("timestamp %q: year out of range in UTC", s)
+	}
+	return v, nil
+}
+
+// Time is a timestamp that marshals in the wire format and accepts any RFC 3339
+// time (see ParseTime); JSON null is the zero Time.
+type Time struct{ time.Time }
+
+// Now returns the current time truncated to milliseconds.
+func Now() Time { return Time{time.Now().UTC().Truncate(time.Millisecond)} }
+
+// T wraps t.
+func T(t time.Time) Time { return Time{t.UTC()} }
+
+// MarshalJSON implements json.Marshaler.
+func (t Time) MarshalJSON() ([]byte, error) {
+	if t.IsZero() {
+		return []byte(`null`), nil
+	}
+	return []byte(`"` + FormatTime(t.Time) + `"`), nil
+}
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (t *Time) UnmarshalJSON(b []byte) error {
+	if string(b) == "null" {
+		t.Time = time.Time{}
+		return nil
+	}
+	if len(b) == 0 || b[0] != '"' {
+		return fmt.Errorf("timestamp %.20s: want an RFC 3339 string", b)
+	}
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("timestamp: %w", err)
+	}
+	v, err := ParseTime(s)
+	if err != nil {
+		return err
+	}
+	t.Time = v
+	return nil
+}
+
+// Errors returned by Decode; wrapped with detail. Reason maps them to metric labels.
+var (
+	ErrTooLarge  = errors.New("payload over 16 KiB")
+	ErrMalformed = errors.New("malformed JSON")
+	ErrInvalid   = errors.New("invalid payload")
+)
+
+// Reason returns a short, bounded label for a decode error ("too_large",
+// "malformed", "invalid").
+func Reason(err error) string {
+	switch {
+	case errors.Is(err, ErrTooLarge):
+		return "too_large"
+	case errors.Is(err, ErrMalformed):
+		return "malformed"
+	default:
+		return "invalid"
+	}
+}
+
+// Validator is implemented by every payload type.
+type Validator interface{ Validate() error }
+
+// Decode parses a payload into v and validates it. Unknown fields are ignored;
+// oversize payloads are ErrTooLarge; invalid UTF-8, anything but one JSON object
+// and trailing data are ErrMalformed; known fields of the wrong type, bad
+// timestamps and failed validation are ErrInvalid.
+func Decode[T any, PT interface {
+	*T
+	Validator
+}](payload []byte) (*T, error) {
+	if len(payload) > MaxPayload {
+		return nil, fmt.Errorf("%w: %d bytes", ErrTooLarge, len(payload))
+	}
+	if !utf8.Valid(payload) {
+		return nil, fmt.Errorf("%w: not UTF-8", ErrMalformed)
+	}
+	trimmed := bytes.TrimLeft(payload, " \t\r\n")
+	if len(trimmed) == 0 || trimmed[0] != '{' {
+		return nil, fmt.Errorf("%w: not a JSON object", ErrMalformed)
+	}
+	v := new(T)
+	// Unmarshal checks the syntax of the whole payload, trailing data
+	// included, before it decodes anything, so a SyntaxError is the only
+	// error about the JSON itself; the rest are about the values.
+	if err := json.Unmarshal(payload, v); err != nil {
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
+		}
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
+		}
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if err := PT(v).Validate(); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	return v, nil
+}
+
+// Encode marshals v; it is the inverse of Decode for well-formed values. A
+// nil *FwJob encodes as the empty payload, which on fw/job means "no job". It
+// panics on values JSON cannot carry (NaN or infinite floats), which Validate
+// rejects.
+func Encode(v any) []byte {
+	// An empty credential set goes out as "creds": [], not null: it is a list
+	// on the wire and firmware should not have to special-case null.
+	switch s := v.(type) {
+	case *FwJob:
+		if s == nil {
+			return []byte{}
+		}
+	case CredSet:
+		if s.Creds == nil {
+			s.Creds = []Credential{}
+			v = s
+		}
+	case *CredSet:
+		if s != nil && s.Creds == nil {
+			c := *s
+			c.Creds = []Credential{}
+			v = &c
+		}
+	}
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	// No \u003c for '<', '>' and '&': payloads are not HTML, and escaping
+	// could push a payload near the limit over 16 KiB when it is re-sent.
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		panic(fmt.Sprintf("protocol: encode %T: %v", v, err)) // only our own types reach here
+	}
+	return bytes.TrimSuffix(buf.Bytes(), []byte("\n"))
+}
+
+// Presence is the birth message (online) or Last Will (offline).
+type Presence struct {
+	Online bool   `json:"online"`
+	TS     Time   `json:"ts,omitzero"`
+	FW     string `json:"fw,omitempty"`
+	Model  string `json:"model,omitempty"`
+	BootID string `json:"boot_id,omitempty"`
+}
+
+// Validate implements Validator.
+func (p *Presence) Validate() error {
+	if p.Online && p.FW == "" {
+		return errors.New("birth without fw")
+	}
+	return checkLens("fw", p.FW, "model", p.Model, "boot_id", p.BootID)
+}
+
+// Power sources.
+const (
+	PowerMains   = "mains"
+	PowerBattery = "battery"
+)
+
+// Health is the periodic health message.
+type Health struct {
+	TS               Time     `json:"ts"`
+	Seq              int64    `json:"seq"`
+	FW               string   `json:"fw,omitempty"`
+	UptimeS          int64    `json:"uptime_s"`
+	TempC            *float64 `json:"temp_c,omitempty"`
+	Power            string   `json:"power,omitempty"`
+	BatteryPct       *int     `json:"battery_pct,omitempty"`
+	RSSIdBm          *int     `json:"rssi_dbm,omitempty"`
+	FreeCompartments *int     `json:"free_compartments,omitempty"`
+	DoorFaults       []int    `json:"door_faults,omitempty"`
+}
+
+// Validate implements Validator.
+func (h *Health) Validate() error {
+	if h.TS.IsZero() {
+		return errors.New("ts is required")
+	}
+	if h.Seq < 0 || h.UptimeS < 0 {
+		return errors.New("seq and uptime_s must not be negative")
+	}
+	if h.Power != "" && h.Power != PowerMains && h.Power != PowerBattery {
+		return fmt.Errorf("power %q: want mains or battery", h.Power)
+	}
+	if h.BatteryPct != nil && (*h.BatteryPct < 0 || *h.BatteryPct > 100) {
+		return errors.New("battery_pct out of 0..100")
+	}
+	if h.TempC != nil && (math.IsNaN(*h.TempC) || math.IsInf(*h.TempC, 0)) {
+		return errors.New("temp_c must be a finite number")
+	}
+	if h.FreeCompartments != nil && *h.FreeCompartments < 0 {
+		return errors.New("free_compartments must not be negative")
+	}
+	for _, n := range h.DoorFaults {
+		if n < 1 {
+			return errors.New("door_faults: compartment numbers start at 1")
+		}
+	}
+	return checkLens("fw", h.FW)
+}
+
+// Event types.
+const (
+	EventDoorOpened   = "door_opened"
+	EventDoorClosed   = "door_closed"
+	EventDoorAjar     = "door_ajar"
+	EventCodeAccepted = "code_accepted"
+	EventCodeRejected = "code_rejected"
+	EventTamper       = "tamper"
+	EventPower        = "power"
+	EventReboot       = "reboot"
+)
+
+// Door opened by.
+const (
+	ByCredential = "credential"
+	ByCommand    = "command"
+	ByManual     = "manual"
+)
+
+// Code rejection reasons.
+const (
+	RejectUnknown   = "unknown"
+	RejectExpired   = "expired"
+	RejectUsed      = "used"
+	RejectLockedOut = "locked_out"
+)
+
+// Event is a device event. Fields beyond ID, TS and Type depend on Type.
+type Event struct {
+	ID           string `json:"id"`
+	TS           Time   `json:"ts"`
+	Type         string `json:"type"`
+	Compartment  int    `json:"compartment,omitempty"`
+	Occupied     *bool  `json:"occupied,omitempty"`
+	By           string `json:"by,omitempty"`
+	Credential   string `json:"credential,omitempty"`
+	Command      string `json:"command,omitempty"`
+	OpenS        int    `json:"open_s,omitempty"`
+	Compartments []int  `json:"compartments,omitempty"`
+	Reason       string `json:"reason,omitempty"`
+	Detail       string `json:"detail,omitempty"`
+	Source       string `json:"source,omitempty"`
+}
+
+// Validate implements Validator.
+func (e *Event) Validate() error {
+	if !ValidID(e.ID) {
+		return fmt.Errorf("id %q: want 1-64 of [A-Za-z0-9._:-]", e.ID)
+	}
+	if e.TS.IsZero() {
+		return errors.New("ts is required")
+	}
+	needComp := func() error {
+		if e.Compartment < 1 {
+			return fmt.Errorf("%s needs compartment >= 1", e.Type)
+		}
+		return nil
+	}
+	switch e.Type {
+	case EventDoorOpened:
+		if err := needComp(); err != nil {
+			return err
+		}
+		switch e.By {
+		case ByCredential, ByCommand, ByManual, "":
+		default:
+			return fmt.Errorf("by %q: want credential, command or manual", e.By)
+		}
+	case EventDoorClosed:
+		if err := needComp(); err != nil {
+			return err
+		}
+		if e.Occupied == nil {
+			return errors.New("door_closed needs occupied")
+		}
+	case EventDoorAjar:
+		if err := needComp(); err != nil {
+			return err
+		}
+		if e.OpenS < 0 {
+			return errors.New("open_s must not be negative")
+		}
+	case EventCodeAccepted:
+		if e.Credential == "" {
+			return errors.New("code_accepted needs credential")
+		}
+	case EventCodeRejected:
+		switch e.Reason {
+		case RejectUnknown, RejectExpired, RejectUsed, RejectLockedOut:
+		default:
+			return fmt.Errorf("reason %q: want unknown, expired, used or locked_out", e.Reason)
+		}
+	case EventPower:
+		if e.Source != PowerMains && e.Source != PowerBattery {
+			return fmt.Errorf("source %q: want mains or battery", e.Source)
+		}
+	case EventTamper, EventReboot:
+	default:
+		return fmt.Errorf("unknown event type %q", e.Type)
+	}
+	for _, n := range e.Compartments {
+		if n < 1 {
+			return errors.New("compartments: numbers start at 1")
+		}
+	}
+	return checkLens("credential", e.Credential, "command", e.Command,
+		"reason", e.Reason, "detail", e.Detail)
+}
+
+// Command types.
+const (
+	CmdUnlock     = "unlock"
+	CmdSetService = "set_service"
+	CmdReboot     = "reboot"
+)
+
+// Unlock reasons.
+const (
+	ReasonStaging = "staging"
+	ReasonPickup  = "pickup"
+	ReasonRemote  = "remote"
+	ReasonService = "service"
+)
+
+// Command is sent by the gateway on cmd.
+type Command struct {
+	ID          string `json:"id"`
+	Type        string `json:"type"`
+	Compartment int    `json:"compartment,omitempty"`
+	Reason      string `json:"reason,omitempty"`
+	InService   *bool  `json:"in_service,omitempty"`
+	IssuedAt    Time   `json:"issued_at"`
+	ExpiresAt   Time   `json:"expires_at"`
+}
+
+// Validate implements Validator. Unknown types are valid on the wire: the
+// device answers them with status rejected.
+func (c *Command) Validate() error {
+	if !ValidID(c.ID) {
+		return fmt.Errorf("id %q: want 1-64 of [A-Za-z0-9._:-]", c.ID)
+	}
+	if c.Type == "" {
+		return errors.New("type is required")
+	}
+	if c.ExpiresAt.IsZero() {
+		return errors.New("expires_at is required")
+	}
+	return nil
+}
+
+// Command result statuses.
+const (
+	StatusOK       = "ok"
+	StatusFailed   = "failed"
+	StatusRejected = "rejected"
+	StatusExpired  = "expired"
+)
+
+// CommandResult is the device's single answer to a command.
+type CommandResult struct {
+	ID     string `json:"id"`
+	Status string `json:"status"`
+	Error  string `json:"error,omitempty"`
+	TS     Time   `json:"ts,omitzero"`
+}
+
+// Validate implements Validator.
+func (r *CommandResult) Validate() error {
+	if !ValidID(r.ID) {
+		return fmt.Errorf("id %q: want 1-64 of [A-Za-z0-9._:-]", r.ID)
+	}
+	switch r.Status {
+	case StatusOK, StatusFailed, StatusRejected, StatusExpired:
+	default:
+		return fmt.Errorf("status %q: want ok, failed, rejected or expired", r.Status)
+	}
+	return checkLens("error", r.Error)
+}
+
+// Credential kinds.
+const (
+	KindPIN = "pin"
+	KindQR  = "qr"
+)
+
+// Credential is one offline-valid pickup credential as the locker sees it.
+type Credential struct {
+	ID           string `json:"id"`
+	Kind         string `json:"kind"`
+	MAC          string `json:"mac"`
+	Compartments []int  `json:"compartments"`
+	NotAfter     Time   `json:"not_after"`
+}
+
+// CredSet is the full set of credentials valid at a locker (retained on creds).
+type CredSet struct {
+	Version int64        `json:"version"`
+	TS      Time         `json:"ts"`
+	Creds   []Credential `json:"creds"`
+}
+
+// Validate implements Validator.
+func (s *CredSet) Validate() error {
+	if s.Version < 0 {
+		return errors.New("version must not be negative")
+	}
+	for i, c := range s.Creds {
+		if !ValidID(c.ID) || (c.Kind != KindPIN && c.Kind != KindQR) || c.MAC == "" || len(c.Compartments) == 0 {
+			return fmt.Errorf("creds[%d]: want id, kind pin|qr, mac and compartments", i)
+		}
+		for _, n := range c.Compartments {
+			if n < 1 {
+				return fmt.Errorf("creds[%d]: compartment numbers start at 1", i)
+			}
+		}
+	}
+	return nil
+}
+
+// CredsAck tells which credential-set version the device applied.
+type CredsAck struct {
+	Version int64 `json:"version"`
+}
+
+// Validate implements Validator.
+func (a *CredsAck) Validate() error {
+	if a.Version < 0 {
+		return errors.New("version must not be negative")
+	}
+	return nil
+}
+
+// Lockout is the keypad lockout policy.
+type Lockout struct {
+	MaxFailures int `json:"max_failures"`
+	WindowS     int `json:"window_s"`
+	LockS       int `json:"lock_s"`
+}
+
+// DefaultLockout is the protocol's default: 5 failures in 5 minutes lock for 5 minutes.
+var DefaultLockout = Lockout{MaxFailures: 5, WindowS: 300, LockS: 300}
+
+// Config is the desired configuration (retained on config).
+type Config struct {
+	Version         int64   `json:"version"`
+	HealthIntervalS int     `json:"health_interval_s"`
+	DoorAjarS       int     `json:"door_ajar_s"`
+	Lockout         Lockout `json:"lockout"`
+}
+
+// Validate implements Validator.
+func (c *Config) Validate() error {
+	if c.Version < 0 || c.HealthIntervalS < 1 || c.DoorAjarS < 1 {
+		return errors.New("want version >= 0, health_interval_s >= 1, door_ajar_s >= 1")
+	}
+	if c.Lockout.MaxFailures < 1 || c.Lockout.WindowS < 1 || c.Lockout.LockS < 0 {
+		return errors.New("lockout: want max_failures >= 1, window_s >= 1, lock_s >= 0")
+	}
+	return nil
+}
+
+// FwJob is the firmware job retained on fw/job.
+type FwJob struct {
+	Job      string `json:"job"`
+	Version  string `json:"version"`
+	URL      string `json:"url"`
+	Size     int64  `json:"size"`
+	SHA256   string `json:"sha256"`
+	Sig      string `json:"sig"`
+	Deadline Time   `json:"deadline,omitzero"`
+}
+
+// Validate implements Validator.
+func (j *FwJob) Validate() error {
+	if !ValidID(j.Job) || j.Version == "" || j.URL == "" || j.Size <= 0 || len(j.SHA256) != 64 || j.Sig == "" {
+		return errors.New("want job, version, url, size > 0, sha256 (64 hex) and sig")
+	}
+	if _, err := hex.DecodeString(j.SHA256); err != nil {
+		return errors.New("sha256: want 64 hex digits")
+	}
+	return checkLens("version", j.Version)
+}
+
+// Firmware job states.
+const (
+	FwDownloading = "downloading"
+	FwVerifying   = "verifying"
+	FwInstalling  = "installing"
+	FwRebooting   = "rebooting"
+	FwSucceeded   = "succeeded"
+	FwFailed      = "failed"
+	FwRejected    = "rejected"
+)
+
+// FwStatus reports firmware job progress.
+type FwStatus struct {
+	Job      string   `json:"job"`
+	State    string   `json:"state"`
+	Progress *float64 `json:"progress,omitempty"`
+	Error    string   `json:"error,omitempty"`
+	TS       Time     `json:"ts,omitzero"`
+}
+
+// Validate implements Validator.
+func (s *FwStatus) Validate() error {
+	if !ValidID(s.Job) {
+		return fmt.Errorf("job %q: want 1-64 of [A-Za-z0-9._:-]", s.Job)
+	}
+	switch s.State {
+	case FwDownloading, FwVerifying, FwInstalling, FwRebooting, FwSucceeded, FwRejected:
+	case FwFailed:
+		switch s.Error {
+		case "download", "checksum", "signature", "install", "boot", "deadline":
+		default:
+			return fmt.Errorf("error %q: want download, checksum, signature, install, boot or deadline", s.Error)
+		}
+	default:
+		return fmt.Errorf("state %q is not a firmware job state", s.State)
+	}
+	// Written so that NaN fails too.
+	if s.Progress != nil && !(*s.Progress >= 0 && *s.Progress <= 1) {
+		return errors.New("progress out of 0..1")
+	}
+	return checkLens("error", s.Error)
+}
+
+// Compartment sizes, smallest first.
+var Sizes = []string{"S", "M", "L", "XL"}
+
+// SizeRank returns the order of size (S=0 … XL=3) or -1.
+func SizeRank(size string) int {
+	for i, s := range Sizes {
+		if s == size {
+			return i
+		}
+	}
+	return -1
+}
+
+// Zones a compartment can be in.
+var Zones = []string{"ambient", "chilled", "heated"}
+
+// ValidZone reports whether z is a zone.
+func ValidZone(z string) bool {
+	for _, v := range Zones {
+		if v == z {
+			return true
+		}
+	}
+	return false
+}
+
+// CompartmentSpec describes one compartment of a locker model.
+type CompartmentSpec struct {
+	N    int    `json:"n"`
+	Size string `json:"size"`
+	Zone string `json:"zone"`
+}
+
+// MaxCompartments bounds the compartments of one locker.
+const MaxCompartments = 256
+
+// ProvisionRequest is what a new locker publishes on provision/v1/{serial}/request.
+type ProvisionRequest struct {
+	Serial       string            `json:"serial"`
+	Model        string            `json:"model"`
+	FW           string            `json:"fw"`
+	Compartments []CompartmentSpec `json:"compartments"`
+}
+
+// Validate implements Validator.
+func (r *ProvisionRequest) Validate() error {
+	if !ValidSerial(r.Serial) {
+		return fmt.Errorf("serial %q: want 1-64 of [A-Za-z0-9._:-]", r.Serial)
+	}
+	if r.Model == "" || r.FW == "" {
+		return errors.New("model and fw are required")
+	}
+	if len(r.Compartments) == 0 || len(r.Compartments) > MaxCompartments {
+		return fmt.Errorf("want 1-%d compartments", MaxCompartments)
+	}
+	seen := make(map[int]bool, len(r.Compartments))
+	for _, c := range r.Compartments {
+		if c.N < 1 || seen[c.N] {
+			return fmt.Errorf("compartment n=%d: want unique numbers >= 1", c.N)
+		}
+		seen[c.N] = true
+		if SizeRank(c.Size) < 0 {
+			return fmt.Errorf("compartment %d: size %q: want S, M, L or XL", c.N, c.Size)
+		}
+		if !ValidZone(c.Zone) {
+			return fmt.Errorf("compartment %d: zone %q: want ambient, chilled or heated", c.N, c.Zone)
+		}
+	}
+	return checkLens("model", r.Model, "fw", r.FW)
+}
+
+// Provisioning error codes.
+const (
+	ProvClaimExpired   = "claim_expired"
+	ProvClaimExhausted = "claim_exhausted"
+	ProvSerialTaken    = "serial_taken"
+	ProvInvalid        = "invalid"
+)
+
+// ProvisionResponse is the gateway's answer on provision/v1/{serial}/response.
+type ProvisionResponse struct {
+	Status   string `json:"status"`
+	Error    string `json:"error,omitempty"`
+	DeviceID string `json:"device_id,omitempty"`
+	Password string `json:"password,omitempty"`
+	CredKey  string `json:"cred_key,omitempty"`
+	FwPubkey string `json:"fw_pubkey,omitempty"`
+	Broker   string `json:"broker,omitempty"`
+}
+
+// Validate implements Validator.
+func (r *ProvisionResponse) Validate() error {
+	switch r.Status {
+	case "ok":
+		if !ValidID(r.DeviceID) || r.Password == "" || r.CredKey == "" {
+			return errors.New("ok answer needs device_id, password and cred_key")
+		}
+	case "error":
+		if r.Error == "" {
+			return errors.New("error answer needs error")
+		}
+	default:
+		return fmt.Errorf("status %q: want ok or error", r.Status)
+	}
+	return nil
+}
+
+const maxField = 256
+
+// checkLens takes name, value pairs and checks each value fits in maxField bytes.
+func checkLens(pairs ...string) error {
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if len(pairs[i+1]) > maxField {
+			return fmt.Errorf("%s longer than %d bytes", pairs[i], maxField)
+		}
+	}
+	return nil
+}
