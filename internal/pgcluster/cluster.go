@@ -1,0 +1,359 @@
+// Package pgcluster runs a private PostgreSQL cluster from the machine's own
+// server binaries: lockergate's embedded database when no DATABASE_URL is
+// given, and the throwaway database of tests.
+//
+// The cluster listens only on a unix socket in a fresh 0700 directory, so
+// trust authentication is safe, and its superuser is always "postgres".
+package pgcluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+const (
+	// superuser is the cluster's superuser (initdb -U), whoever runs it.
+	superuser = "postgres"
+	// port only names the socket file: the server listens on no TCP port.
+	port = 5432
+	// maxSocketPath is the usable length of sun_path on Linux.
+	maxSocketPath = 107
+	// readyTimeout bounds crash recovery plus start-up.
+	readyTimeout = 60 * time.Second
+	// stopTimeout bounds a fast shutdown before falling back to an immediate one.
+	stopTimeout = 30 * time.Second
+	// tailLines is how much of the server log goes into an error.
+	tailLines = 20
+)
+
+// Options configure a private cluster.
+type Options struct {
+	DataDir  string       // cluster files live here (created with initdb when empty/missing)
+	BinDir   string       // optional; default: FindBinDir()
+	Logger   *slog.Logger // optional; default slog.Default()
+	Fast     bool         // tests only: -c fsync=off -c synchronous_commit=off -c full_page_writes=off
+	Database string       // database to create if missing after start; default "lockergate"
+}
+
+// Cluster is a running private PostgreSQL server.
+type Cluster struct {
+	dataDir   string
+	socketDir string
+	logPath   string
+	logOffset int64 // where this run's output starts in the log
+	logFile   *os.File
+	logger    *slog.Logger
+	proc      *process
+
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// Start initialises DataDir if needed, starts postgres on it, waits until it
+// accepts connections and creates opts.Database if missing. The server runs
+// until Stop, or until this process dies.
+func Start(ctx context.Context, opts Options) (*Cluster, error) {
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	if opts.DataDir == "" {
+		return nil, errors.New("start PostgreSQL: no data directory given")
+	}
+	dataDir, err := filepath.Abs(opts.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("start PostgreSQL: data directory %q: %w", opts.DataDir, err)
+	}
+	database := opts.Database
+	if database == "" {
+		database = "lockergate"
+	}
+	binDir := opts.BinDir
+	if binDir == "" {
+		if binDir, err = FindBinDir(); err != nil {
+			return nil, err
+		}
+	} else if !hasServerBinaries(binDir) {
+		return nil, fmt.Errorf("start PostgreSQL: %s does not hold the server binaries initdb and postgres: point the bin directory at a PostgreSQL installation (e.g. /usr/lib/postgresql/15/bin)", binDir)
+	}
+	acct, err := serverAccount()
+	if err != nil {
+		return nil, err
+	}
+	if acct != nil {
+		logger.Info("running PostgreSQL as a system user: initdb and postgres refuse to run as root",
+			"user", acct.name, "uid", acct.uid, "gid", acct.gid, "data_dir", dataDir)
+	}
+
+	initialised, err := prepareDataDir(dataDir, acct)
+	if err != nil {
+		return nil, err
+	}
+
+	c := &Cluster{dataDir: dataDir, logPath: dataDir + ".log", logger: logger}
+	c.logFile, err = os.OpenFile(c.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("start PostgreSQL: open its log: %w", err)
+	}
+	if fi, err := c.logFile.Stat(); err == nil {
+		c.logOffset = fi.Size()
+	}
+	fail := func(err error) (*Cluster, error) {
+		if c.proc != nil && !c.proc.exited() {
+			if stopErr := c.Stop(); stopErr != nil {
+				logger.Warn("stop PostgreSQL after failed start", "err", stopErr)
+			}
+		} else {
+			c.release()
+		}
+		return nil, err
+	}
+	fmt.Fprintf(c.logFile, "\n==== %s lockergate: starting PostgreSQL on %s with %s\n", time.Now().Format(time.RFC3339), dataDir, binDir)
+
+	if !initialised {
+		logger.Info("initialising PostgreSQL data directory", "data_dir", dataDir, "bin_dir", binDir)
+		if err := c.initdb(ctx, binDir, acct, opts.Fast); err != nil {
+			return fail(err)
+		}
+	}
+	if err := clearStalePidFile(dataDir, logger); err != nil {
+		return fail(err)
+	}
+
+	c.socketDir, err = os.MkdirTemp("", "lg")
+	if err != nil {
+		return fail(fmt.Errorf("start PostgreSQL: create socket directory: %w", err))
+	}
+	if n := len(filepath.Join(c.socketDir, fmt.Sprintf(".s.PGSQL.%d", port))); n > maxSocketPath {
+		return fail(fmt.Errorf("start PostgreSQL: socket path in %s is %d bytes, over the %d-byte limit of unix sockets: set TMPDIR to a short directory such as /tmp", c.socketDir, n, maxSocketPath))
+	}
+	if err := acct.checkReachable(c.socketDir); err != nil {
+		return fail(fmt.Errorf("start PostgreSQL: socket directory: %w", err))
+	}
+	if err := acct.chownTree(c.socketDir); err != nil {
+		return fail(fmt.Errorf("start PostgreSQL: socket directory: %w", err))
+	}
+
+	args := []string{"-D", dataDir, "-k", c.socketDir, "-c", "listen_addresses=", "-p", fmt.Sprint(port)}
+	if opts.Fast {
+		args = append(args, "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+	}
+	cmd := exec.Command(filepath.Join(binDir, "postgres"), args...)
+	cmd.Dir = dataDir
+	cmd.Stdout, cmd.Stderr = c.logFile, c.logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential: acct.credential(),
+		// SIGQUIT is an immediate shutdown: the postmaster stops its
+		// backends and exits; crash recovery runs on the next start.
+		Pdeathsig: syscall.SIGQUIT,
+	}
+	logger.Info("starting PostgreSQL", "data_dir", dataDir, "socket_dir", c.socketDir, "log", c.logPath, "fast", opts.Fast)
+	started := time.Now()
+	if c.proc, err = spawn(cmd); err != nil {
+		return fail(fmt.Errorf("start PostgreSQL: run %s: %w", cmd.Path, err))
+	}
+	if err := c.waitReady(ctx); err != nil {
+		return fail(err)
+	}
+	if err := c.ensureDatabase(ctx, database); err != nil {
+		return fail(err)
+	}
+	logger.Info("PostgreSQL ready", "pid", cmd.Process.Pid, "database", database, "took", time.Since(started).Round(time.Millisecond))
+	return c, nil
+}
+
+// prepareDataDir creates dataDir if missing, gives it to acct and reports
+// whether it already holds a cluster.
+func prepareDataDir(dataDir string, acct *account) (initialised bool, err error) {
+	// Parents are created traversable so that the server account can reach
+	// the data directory; the directory itself is private (initdb wants 0700).
+	if err := os.MkdirAll(filepath.Dir(dataDir), 0o755); err != nil {
+		return false, fmt.Errorf("start PostgreSQL: create parent of data directory: %w", err)
+	}
+	if err := os.Mkdir(dataDir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+		return false, fmt.Errorf("start PostgreSQL: create data directory: %w", err)
+	}
+	if _, err := os.Stat(filepath.Join(dataDir, "PG_VERSION")); err == nil {
+		initialised = true
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("start PostgreSQL: inspect data directory: %w", err)
+	}
+	if !initialised {
+		entries, err := os.ReadDir(dataDir)
+		if err != nil {
+			return false, fmt.Errorf("start PostgreSQL: inspect data directory: %w", err)
+		}
+		if len(entries) > 0 {
+			return false, fmt.Errorf("start PostgreSQL: data directory %s is not empty and holds no PostgreSQL cluster (no PG_VERSION): empty it or choose another --data-dir", dataDir)
+		}
+	}
+	if err := acct.checkReachable(dataDir); err != nil {
+		return false, fmt.Errorf("start PostgreSQL: data directory: %w", err)
+	}
+	if err := acct.chownTree(dataDir); err != nil {
+		return false, fmt.Errorf("start PostgreSQL: data directory: %w", err)
+	}
+	return initialised, nil
+}
+
+// initdb creates the cluster in the (empty) data directory.
+func (c *Cluster) initdb(ctx context.Context, binDir string, acct *account, fast bool) error {
+	args := []string{"-D", c.dataDir, "-U", superuser, "--auth=trust", "--encoding=UTF8", "--locale=C"}
+	if fast {
+		args = append(args, "--no-sync")
+	}
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "initdb"), args...)
+	cmd.Dir = c.dataDir
+	cmd.Stdout, cmd.Stderr = c.logFile, c.logFile
+	// SIGTERM, not the default SIGKILL, so that initdb removes what it
+	// created and the next start does not find a half-made cluster.
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 30 * time.Second
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGTERM}
+	p, err := spawn(cmd)
+	if err != nil {
+		return fmt.Errorf("initialise PostgreSQL data directory: run %s: %w", cmd.Path, err)
+	}
+	<-p.done
+	if p.err != nil {
+		return fmt.Errorf("initialise PostgreSQL data directory %s: initdb failed (%v); %s", c.dataDir, p.err, logTail(c.logPath, c.logOffset, tailLines))
+	}
+	return nil
+}
+
+// waitReady connects until the server accepts connections, it exits, or the
+// deadline passes.
+func (c *Cluster) waitReady(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
+	dsn := c.DSN("postgres")
+	delay := 5 * time.Millisecond
+	for {
+		attemptCtx, cancelAttempt := context.WithTimeout(ctx, 5*time.Second)
+		conn, err := pgx.Connect(attemptCtx, dsn)
+		cancelAttempt()
+		if err == nil {
+			return conn.Close(ctx)
+		}
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code != "57P03" { // 57P03: starting up or recovering
+			return fmt.Errorf("start PostgreSQL: connect: %w; %s", err, logTail(c.logPath, c.logOffset, tailLines))
+		}
+		timer := time.NewTimer(delay)
+		select {
+		case <-c.proc.done:
+			timer.Stop()
+			return fmt.Errorf("start PostgreSQL: postgres exited before accepting connections (%s); %s", c.proc.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
+		case <-ctx.Done():
+			timer.Stop()
+			return fmt.Errorf("start PostgreSQL: not accepting connections on %s (%w; last error: %v); %s", c.socketDir, ctx.Err(), err, logTail(c.logPath, c.logOffset, tailLines))
+		case <-timer.C:
+		}
+		delay = min(2*delay, 250*time.Millisecond)
+	}
+}
+
+// ensureDatabase creates database unless it exists.
+func (c *Cluster) ensureDatabase(ctx context.Context, database string) error {
+	conn, err := pgx.Connect(ctx, c.DSN("postgres"))
+	if err != nil {
+		return fmt.Errorf("create database %s: connect: %w", database, err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	var exists bool
+	if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)", database).Scan(&exists); err != nil {
+		return fmt.Errorf("create database %s: look it up: %w", database, err)
+	}
+	if exists {
+		return nil
+	}
+	_, err = conn.Exec(ctx, "CREATE DATABASE "+pgx.Identifier{database}.Sanitize())
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42P04" { // duplicate_database: created meanwhile
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("create database %s: %w", database, err)
+	}
+	c.logger.Info("created database", "database", database)
+	return nil
+}
+
+// DSN returns a libpq/pgx connection string for database over the cluster's
+// unix socket.
+func (c *Cluster) DSN(database string) string {
+	return fmt.Sprintf("host=%s port=%d user=%s dbname=%s sslmode=disable",
+		quoteDSN(c.socketDir), port, superuser, quoteDSN(database))
+}
+
+// quoteDSN quotes a keyword/value connection string value when needed.
+func quoteDSN(v string) string {
+	if v != "" && !strings.ContainsAny(v, ` '\`+"\t\n\r") {
+		return v
+	}
+	return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(v) + "'"
+}
+
+// Stop shuts the server down (fast shutdown: clients are disconnected, data
+// is flushed), waits for it to exit and removes the socket directory. It is
+// safe to call more than once; later calls return the first call's result.
+// It returns an error if the server had died before Stop.
+func (c *Cluster) Stop() error {
+	c.stopOnce.Do(func() { c.stopErr = c.stop() })
+	return c.stopErr
+}
+
+func (c *Cluster) stop() error {
+	defer c.release()
+	p := c.proc
+	if p.exited() {
+		return fmt.Errorf("stop PostgreSQL: it had already exited (%s); %s", p.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGINT); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return fmt.Errorf("stop PostgreSQL (pid %d): %w", p.cmd.Process.Pid, err)
+	}
+	timer := time.NewTimer(stopTimeout)
+	defer timer.Stop()
+	select {
+	case <-p.done:
+	case <-timer.C:
+		c.logger.Warn("PostgreSQL did not finish a fast shutdown in time: shutting down immediately",
+			"pid", p.cmd.Process.Pid, "waited", stopTimeout)
+		if err := p.cmd.Process.Signal(syscall.SIGQUIT); err != nil && !errors.Is(err, os.ErrProcessDone) {
+			return fmt.Errorf("stop PostgreSQL (pid %d): %w", p.cmd.Process.Pid, err)
+		}
+		<-p.done
+	}
+	if p.err != nil {
+		return fmt.Errorf("stop PostgreSQL: %w; %s", p.err, logTail(c.logPath, c.logOffset, tailLines))
+	}
+	c.logger.Info("PostgreSQL stopped", "data_dir", c.dataDir)
+	return nil
+}
+
+// release removes the socket directory and closes the log.
+func (c *Cluster) release() {
+	if c.socketDir != "" {
+		if err := os.RemoveAll(c.socketDir); err != nil {
+			c.logger.Warn("remove PostgreSQL socket directory", "dir", c.socketDir, "err", err)
+		}
+	}
+	if c.logFile != nil {
+		if err := c.logFile.Close(); err != nil {
+			c.logger.Warn("close PostgreSQL log", "path", c.logPath, "err", err)
+		}
+	}
+}

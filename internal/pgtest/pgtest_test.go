@@ -1,0 +1,159 @@
+package pgtest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+func TestMain(m *testing.M) { os.Exit(Main(m)) }
+
+// MustConnect connects to dsn and closes the connection when the test ends.
+func MustConnect(tb testing.TB, dsn string) *pgx.Conn {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		tb.Fatalf("connect %q: %v", dsn, err)
+	}
+	tb.Cleanup(func() { conn.Close(context.Background()) })
+	return conn
+}
+
+// MustQueryRow runs sql and scans its single row into dest.
+func MustQueryRow(tb testing.TB, conn *pgx.Conn, sql string, dest ...any) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := conn.QueryRow(ctx, sql).Scan(dest...); err != nil {
+		tb.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// MustExec runs sql.
+func MustExec(tb testing.TB, conn *pgx.Conn, sql string) {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := conn.Exec(ctx, sql); err != nil {
+		tb.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func TestNewDB(t *testing.T) {
+	t.Run("Isolated", func(t *testing.T) {
+		a, b := NewDB(t), NewDB(t)
+		if a == b {
+			t.Fatalf("two NewDB calls returned the same DSN %q", a)
+		}
+		ca, cb := MustConnect(t, a), MustConnect(t, b)
+		MustExec(t, ca, "CREATE TABLE lockers (id text PRIMARY KEY)")
+		MustExec(t, ca, "INSERT INTO lockers VALUES ('L-1')")
+
+		var dbA, dbB string
+		MustQueryRow(t, ca, "SELECT current_database()", &dbA)
+		MustQueryRow(t, cb, "SELECT current_database()", &dbB)
+		if dbA == dbB {
+			t.Errorf("both DSNs lead to database %q", dbA)
+		}
+		var seen *string
+		MustQueryRow(t, cb, "SELECT to_regclass('lockers')::text", &seen)
+		if seen != nil {
+			t.Errorf("table created in %s is visible in %s as %s", dbA, dbB, *seen)
+		}
+		var tables int
+		MustQueryRow(t, cb, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &tables)
+		if tables != 0 {
+			t.Errorf("fresh database %s has %d tables, want 0", dbB, tables)
+		}
+	})
+
+	t.Run("DroppedAfterTest", func(t *testing.T) {
+		var name string
+		t.Run("Inner", func(t *testing.T) {
+			conn := MustConnect(t, NewDB(t))
+			MustQueryRow(t, conn, "SELECT current_database()", &name)
+		})
+		other := MustConnect(t, NewDB(t))
+		var n int
+		MustQueryRow(t, other, fmt.Sprintf("SELECT count(*) FROM pg_database WHERE datname = '%s'", name), &n)
+		if n != 0 {
+			t.Errorf("database %s still exists after its test ended", name)
+		}
+	})
+
+	t.Run("DroppedWithOpenConnection", func(t *testing.T) {
+		var name string
+		var leaked *pgx.Conn
+		t.Run("Inner", func(t *testing.T) {
+			dsn := NewDB(t)
+			var err error
+			leaked, err = pgx.Connect(context.Background(), dsn) // never closed by the test
+			if err != nil {
+				t.Fatal(err)
+			}
+			MustQueryRow(t, leaked, "SELECT current_database()", &name)
+		})
+		defer leaked.Close(context.Background())
+		other := MustConnect(t, NewDB(t))
+		var n int
+		MustQueryRow(t, other, fmt.Sprintf("SELECT count(*) FROM pg_database WHERE datname = '%s'", name), &n)
+		if n != 0 {
+			t.Errorf("database %s with an open connection still exists after its test ended", name)
+		}
+	})
+
+	t.Run("Parallel", func(t *testing.T) {
+		for i := range 4 {
+			t.Run(fmt.Sprint(i), func(t *testing.T) {
+				t.Parallel()
+				conn := MustConnect(t, NewDB(t))
+				MustExec(t, conn, "CREATE TABLE t (n int)")
+				MustExec(t, conn, fmt.Sprintf("INSERT INTO t VALUES (%d)", i))
+				var sum int
+				MustQueryRow(t, conn, "SELECT sum(n) FROM t", &sum)
+				if sum != i {
+					t.Errorf("sum = %d, want %d: databases are shared", sum, i)
+				}
+			})
+		}
+	})
+}
+
+func TestDBName(t *testing.T) {
+	valid := regexp.MustCompile(`^[a-z0-9_]+$`)
+	long := "TestSomething/" + strings.Repeat("Very Long Sub-Test Name ", 10)
+	for _, tc := range []struct {
+		n    int64
+		name string
+		want string
+	}{
+		{1, "TestStore/OK", "t_1_teststore_ok"},
+		{12, "TestX/ünïcode#01", "t_12_testx__n_code_01"},
+		{3, long, ""},
+	} {
+		got := dbName(tc.n, tc.name)
+		if len(got) > maxIdentLen {
+			t.Errorf("dbName(%d, %q) = %q: %d bytes, over %d", tc.n, tc.name, got, len(got), maxIdentLen)
+		}
+		if !valid.MatchString(got) {
+			t.Errorf("dbName(%d, %q) = %q: not a plain identifier", tc.n, tc.name, got)
+		}
+		if prefix := fmt.Sprintf("t_%d_", tc.n); !strings.HasPrefix(got, prefix) {
+			t.Errorf("dbName(%d, %q) = %q, want prefix %q", tc.n, tc.name, got, prefix)
+		}
+		if tc.want != "" && got != tc.want {
+			t.Errorf("dbName(%d, %q) = %q, want %q", tc.n, tc.name, got, tc.want)
+		}
+	}
+	if a, b := dbName(1, long), dbName(2, long); a == b {
+		t.Errorf("names for different sequence numbers collide: %q", a)
+	}
+}
