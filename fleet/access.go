@@ -1,0 +1,38 @@
+package fleet
+
+import "time"
+
+// Roles of API tokens (api-v1.md).
+const (
+	RoleAdmin    = "admin"
+	RoleOperator = "operator"
+	RoleStore    = "store"
+	RolePlatform = "platform"
+)
+
+// ValidRole reports whether r is a role.
+func ValidRole(r string) bool {
+	return r == RoleAdmin || r == RoleOperator || r == RoleStore || r == RolePlatform
+}
+
+// Token is an API token as stored: never the token itself, only its hash.
+type Token struct {
+	ID        string     `json:"id"`
+	Role      string     `json:"role"`
+	Site      string     `json:"site,omitempty"`
+	Name      string     `json:"name"`
+	CreatedAt time.Time  `json:"created_at"`
+	CreatedBy string     `json:"created_by,omitempty"`
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+}
+
+// Actor names the token in audit entries: "role:name".
+func (t *Token) Actor() string { return t.Role + ":" + t.Name }
+
+// Idempotent is a stored answer to a create request sent with an Idempotency-Key.
+type Idempotent struct {
+	Route    string
+	BodyHash []byte
+	Status   int
+	Response []byte
+}

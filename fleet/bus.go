@@ -1,0 +1,29 @@
+package fleet
+
+import "context"
+
+// Message is one MQTT message as the fleet manager sees it.
+type Message struct {
+	Topic   string
+	Payload []byte
+	QoS     byte
+	Retain  bool
+	// ClientID is the publishing client's id when the bus knows it (the
+	// embedded broker does; an external broker does not).
+	ClientID string
+}
+
+// Handler consumes messages from a subscription. Handlers are called on the
+// bus's delivery goroutine (for the embedded broker: the publishing client's
+// goroutine) and must not block; hand work off to a queue.
+type Handler func(Message)
+
+// Bus is how the fleet manager talks MQTT: the embedded broker in process, or
+// an external broker cluster through shared subscriptions.
+type Bus interface {
+	// Publish sends a message to devices. Retained messages with an empty
+	// payload clear the retained message of the topic.
+	Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error
+	// Subscribe delivers every message matching filter to h.
+	Subscribe(filter string, h Handler) error
+}

@@ -1,0 +1,120 @@
+package fleet
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Command statuses. pending → sent → ok | failed | rejected | expired | timed_out;
+// pending → expired when it could not be sent before expires_at.
+const (
+	CmdPending  = "pending"
+	CmdSent     = "sent"
+	CmdOK       = "ok"
+	CmdFailed   = "failed"
+	CmdRejected = "rejected"
+	CmdExpired  = "expired"
+	CmdTimedOut = "timed_out"
+)
+
+// CommandStatuses lists every status (for metrics).
+var CommandStatuses = []string{CmdPending, CmdSent, CmdOK, CmdFailed, CmdRejected, CmdExpired, CmdTimedOut}
+
+// Final reports whether status ends a command.
+func Final(status string) bool { return status != CmdPending && status != CmdSent }
+
+// Command TTL bounds (protocol-v1.md: an unlock must not fire hours later).
+const (
+	DefaultCommandTTL = 30 * time.Second
+	MaxCommandTTL     = 300 * time.Second
+	// MaxAdminCommandTTL bounds even an admin's explicit request.
+	MaxAdminCommandTTL = time.Hour
+	// resultGrace is how long after expires_at a sent command may still be
+	// answered before it is timed_out (a device answers "expired" itself).
+	resultGrace = 5 * time.Second
+)
+
+// Command is a command to one locker and its state.
+type Command struct {
+	ID          string     `json:"id"`
+	DeviceID    string     `json:"locker"`
+	Type        string     `json:"type"`
+	Compartment int        `json:"compartment,omitempty"`
+	Reason      string     `json:"reason,omitempty"`
+	InService   *bool      `json:"in_service,omitempty"`
+	Status      string     `json:"status"`
+	Error       string     `json:"error,omitempty"`
+	Actor       string     `json:"actor,omitempty"`
+	CreatedAt   time.Time  `json:"created_at"`
+	ExpiresAt   time.Time  `json:"expires_at"`
+	SentAt      *time.Time `json:"sent_at,omitempty"`
+	DoneAt      *time.Time `json:"done_at,omitempty"`
+}
+
+// Wire returns the command as the device receives it.
+func (c *Command) Wire() protocol.Command {
+	return protocol.Command{
+		ID: c.ID, Type: c.Type, Compartment: c.Compartment, Reason: c.Reason,
+		InService: c.InService, IssuedAt: protocol.T(c.CreatedAt), ExpiresAt: protocol.T(c.ExpiresAt),
+	}
+}
+
+// CommandRequest asks for a command to a locker.
+type CommandRequest struct {
+	DeviceID    string
+	Type        string
+	Compartment int
+	Reason      string
+	InService   *bool
+	TTL         time.Duration // 0: DefaultCommandTTL
+	Actor       string
+	// AllowLongTTL lifts MaxCommandTTL (admins only).
+	AllowLongTTL bool
+}
+
+// validate checks the request against the locker's compartments and fills defaults.
+func (r *CommandRequest) validate(compartments []Compartment) error {
+	if r.TTL == 0 {
+		r.TTL = DefaultCommandTTL
+	}
+	max := MaxCommandTTL
+	if r.AllowLongTTL {
+		max = MaxAdminCommandTTL
+	}
+	if r.TTL < time.Second || r.TTL > max {
+		return fmt.Errorf("%w: ttl_s must be between 1 and %d", ErrInvalid, int(max/time.Second))
+	}
+	hasComp := func() error {
+		for _, c := range compartments {
+			if c.N == r.Compartment {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: locker %s has no compartment %d", ErrUnprocessable, r.DeviceID, r.Compartment)
+	}
+	switch r.Type {
+	case protocol.CmdUnlock:
+		switch r.Reason {
+		case "":
+			r.Reason = protocol.ReasonRemote
+		case protocol.ReasonStaging, protocol.ReasonPickup, protocol.ReasonRemote, protocol.ReasonService:
+		default:
+			return fmt.Errorf("%w: reason %q: want staging, pickup, remote or service", ErrInvalid, r.Reason)
+		}
+		r.InService = nil
+		return hasComp()
+	case protocol.CmdSetService:
+		if r.InService == nil {
+			return fmt.Errorf("%w: set_service needs in_service", ErrInvalid)
+		}
+		r.Reason = ""
+		return hasComp()
+	case protocol.CmdReboot:
+		r.Compartment, r.Reason, r.InService = 0, "", nil
+		return nil
+	default:
+		return fmt.Errorf("%w: type %q: want unlock, set_service or reboot", ErrInvalid, r.Type)
+	}
+}

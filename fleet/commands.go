@@ -1,0 +1,204 @@
+package fleet
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base32"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// NewID mints an opaque id with a prefix: prefix + "-" + 26 random base32
+// characters (130 bits), well under protocol.MaxIDLen.
+func NewID(prefix string) string {
+	var b [16]byte
+	rand.Read(b[:])
+	return prefix + "-" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
+}
+
+// SendCommand validates and records a command and sends it when the locker is
+// online; an offline locker gets it when it reconnects, if it has not expired.
+func (m *Manager) SendCommand(ctx context.Context, req CommandRequest) (*Command, error) {
+	l, err := m.store.GetLocker(ctx, req.DeviceID)
+	if err != nil {
+		return nil, fmt.Errorf("load locker %s: %w", req.DeviceID, err)
+	}
+	if err := req.validate(l.Compartments); err != nil {
+		return nil, err
+	}
+	now := m.now().UTC().Truncate(time.Millisecond)
+	c := &Command{
+		ID: NewID("c"), DeviceID: l.ID, Type: req.Type, Compartment: req.Compartment,
+		Reason: req.Reason, InService: req.InService, Status: CmdPending, Actor: req.Actor,
+		CreatedAt: now, ExpiresAt: now.Add(req.TTL),
+	}
+	if err := m.store.CreateCommand(ctx, c); err != nil {
+		return nil, fmt.Errorf("create command: %w", err)
+	}
+	if req.Type == protocol.CmdUnlock {
+		if err := m.store.Audit(ctx, AuditEntry{Actor: req.Actor, Action: "unlock", Locker: l.ID, Site: l.Site,
+			Detail: map[string]any{"command": c.ID, "compartment": c.Compartment, "reason": c.Reason, "expires_at": c.ExpiresAt}}); err != nil {
+			return nil, fmt.Errorf("audit unlock: %w", err)
+		}
+	}
+	m.m.commands.WithLabelValues(c.Type, CmdPending).Inc()
+	if l.Online && !l.Disabled {
+		m.deliver(ctx, c)
+	}
+	return c, nil
+}
+
+// deliver publishes a command and marks it sent.
+func (m *Manager) deliver(ctx context.Context, c *Command) {
+	if !m.now().Before(c.ExpiresAt) {
+		return // the sweeper expires it; an expired command is never sent
+	}
+	if err := m.bus.Publish(ctx, protocol.Topic(c.DeviceID, protocol.ChanCmd), protocol.Encode(c.Wire()), 1, false); err != nil {
+		m.log.Error("publish command", "locker", c.DeviceID, "command", c.ID, "err", err)
+		return
+	}
+	if c.Status != CmdPending {
+		return
+	}
+	ok, err := m.store.MarkCommandSent(ctx, c.ID, m.now())
+	if err != nil {
+		m.log.Error("mark command sent", "command", c.ID, "err", err)
+		return
+	}
+	if ok {
+		c.Status = CmdSent
+		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
+		m.notify(c.ID)
+	}
+}
+
+// GetCommand returns a command of a locker.
+func (m *Manager) GetCommand(ctx context.Context, deviceID, id string) (*Command, error) {
+	return m.store.GetCommand(ctx, deviceID, id)
+}
+
+// WaitCommand waits up to d for a command to reach a final status and returns
+// it as it is then. It wakes on the result, not by polling.
+func (m *Manager) WaitCommand(ctx context.Context, deviceID, id string, d time.Duration) (*Command, error) {
+	deadline := m.now().Add(d)
+	for {
+		wake := m.subscribe(id)
+		c, err := m.store.GetCommand(ctx, deviceID, id)
+		if err != nil || Final(c.Status) {
+			m.unsubscribe(id, wake)
+			return c, err
+		}
+		now := m.now()
+		if c.Status == CmdPending && !now.Before(c.ExpiresAt) {
+			// Do not leave a caller waiting on the sweeper's next tick.
+			m.unsubscribe(id, wake)
+			m.sweep(ctx)
+			return m.store.GetCommand(ctx, deviceID, id)
+		}
+		if !now.Before(deadline) {
+			m.unsubscribe(id, wake)
+			return c, nil
+		}
+		until := deadline
+		if c.Status == CmdPending && c.ExpiresAt.Before(until) {
+			until = c.ExpiresAt
+		}
+		t := time.NewTimer(until.Sub(now))
+		select {
+		case <-wake:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			m.unsubscribe(id, wake)
+			return c, ctx.Err()
+		}
+		t.Stop()
+		m.unsubscribe(id, wake)
+	}
+}
+
+func (m *Manager) subscribe(id string) chan struct{} {
+	ch := make(chan struct{}, 1)
+	m.mu.Lock()
+	m.waiters[id] = append(m.waiters[id], ch)
+	m.mu.Unlock()
+	return ch
+}
+
+func (m *Manager) unsubscribe(id string, ch chan struct{}) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ws := m.waiters[id]
+	for i, w := range ws {
+		if w == ch {
+			ws = append(ws[:i], ws[i+1:]...)
+			break
+		}
+	}
+	if len(ws) == 0 {
+		delete(m.waiters, id)
+	} else {
+		m.waiters[id] = ws
+	}
+}
+
+// notify wakes everyone waiting on command id.
+func (m *Manager) notify(id string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, ch := range m.waiters[id] {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// finished accounts for a command that reached a final status.
+func (m *Manager) finished(c *Command) {
+	m.m.commands.WithLabelValues(c.Type, c.Status).Inc()
+	m.notify(c.ID)
+}
+
+// sweep finalises commands past their deadline.
+func (m *Manager) sweep(ctx context.Context) {
+	cmds, err := m.store.ExpireCommands(ctx, m.now(), resultGrace)
+	if err != nil {
+		m.m.dbErrors.WithLabelValues("expire_commands").Inc()
+		m.log.Error("expire commands", "err", err)
+		return
+	}
+	for i := range cmds {
+		m.finished(&cmds[i])
+		m.log.Info("command ended without an answer", "locker", cmds[i].DeviceID, "command", cmds[i].ID, "status", cmds[i].Status)
+	}
+}
+
+// GetLocker returns a locker, with stale computed from the health interval:
+// online but silent for more than 3 health intervals.
+func (m *Manager) GetLocker(ctx context.Context, id string) (*Locker, error) {
+	l, err := m.store.GetLocker(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	m.decorate(l)
+	return l, nil
+}
+
+// ListLockers lists lockers.
+func (m *Manager) ListLockers(ctx context.Context, f LockerFilter) ([]Locker, error) {
+	ls, err := m.store.ListLockers(ctx, f)
+	for i := range ls {
+		m.decorate(&ls[i])
+	}
+	return ls, err
+}
+
+func (m *Manager) decorate(l *Locker) {
+	silent := 3 * time.Duration(m.opts.Config.HealthIntervalS) * time.Second
+	l.Stale = l.Online && (l.LastSeen == nil || m.now().Sub(*l.LastSeen) > silent)
+	l.CredsCurrent = l.CredsAcked == l.CredsVersion
+}

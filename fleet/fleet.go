@@ -1,0 +1,125 @@
+// Package fleet is the domain of Lockergate: sites, lockers and their
+// compartments, presence, health, events, commands and the retained state
+// each locker must hold. It imports no database, broker or HTTP code: those
+// adapters implement the small interfaces declared here (Store, Bus).
+package fleet
+
+import (
+	"encoding/json"
+	"errors"
+	"time"
+)
+
+// Domain errors, checked with errors.Is at the edges (HTTP status, MQTT reason).
+var (
+	ErrNotFound = errors.New("not found")
+	ErrConflict = errors.New("conflict")
+	ErrInvalid  = errors.New("invalid")
+	// ErrUnprocessable is a well-formed request the fleet cannot carry out
+	// (e.g. a compartment the locker does not have).
+	ErrUnprocessable = errors.New("unprocessable")
+)
+
+// Site is a store or restaurant with lockers.
+type Site struct {
+	ID        string    `json:"id"`
+	Name      string    `json:"name"`
+	Timezone  string    `json:"timezone"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// Compartment is one door of a locker with its last known state.
+type Compartment struct {
+	N         int    `json:"n"`
+	Size      string `json:"size"`
+	Zone      string `json:"zone"`
+	InService bool   `json:"in_service"`
+	Occupied  bool   `json:"occupied"`
+	Door      string `json:"door"` // "closed", "open" or "ajar"
+	Pickup    string `json:"pickup,omitempty"`
+}
+
+// Locker is a registered locker unit as operators see it.
+type Locker struct {
+	ID               string          `json:"id"`
+	Serial           string          `json:"serial"`
+	Site             string          `json:"site"`
+	Model            string          `json:"model"`
+	FW               string          `json:"fw"`
+	Online           bool            `json:"online"`
+	Stale            bool            `json:"stale"`
+	Disabled         bool            `json:"disabled"`
+	Replaceable      bool            `json:"replaceable"`
+	BootID           string          `json:"boot_id,omitempty"`
+	LastSeen         *time.Time      `json:"last_seen"`
+	ConnectedAt      *time.Time      `json:"connected_at,omitempty"`
+	DisconnectedAt   *time.Time      `json:"disconnected_at,omitempty"`
+	DisconnectReason string          `json:"disconnect_reason,omitempty"`
+	ConnectCount     int64           `json:"connect_count"`
+	Health           json.RawMessage `json:"health"`
+	HealthAt         *time.Time      `json:"health_at,omitempty"`
+	HealthGaps       int64           `json:"health_gaps"`
+	ConfigVersion    int64           `json:"config_version"`
+	CredsVersion     int64           `json:"creds_version"`
+	CredsAcked       int64           `json:"creds_acked"`
+	CredsCurrent     bool            `json:"creds_current"`
+	Compartments     []Compartment   `json:"compartments,omitempty"`
+	CreatedAt        time.Time       `json:"created_at"`
+}
+
+// LockerFilter selects lockers for a list.
+type LockerFilter struct {
+	Site   string
+	Model  string
+	FW     string
+	Online *bool
+	After  string
+	Limit  int
+}
+
+// HealthRecord is one stored health message.
+type HealthRecord struct {
+	DeviceID   string          `json:"locker"`
+	ReceivedAt time.Time       `json:"received_at"`
+	TS         time.Time       `json:"ts"`
+	Seq        int64           `json:"seq"`
+	Body       json.RawMessage `json:"health"`
+}
+
+// EventRecord is one stored device event.
+type EventRecord struct {
+	DeviceID    string          `json:"locker"`
+	EventID     string          `json:"id"`
+	ReceivedAt  time.Time       `json:"received_at"`
+	TS          time.Time       `json:"ts"`
+	Type        string          `json:"type"`
+	Compartment int             `json:"compartment,omitempty"`
+	Body        json.RawMessage `json:"event"`
+}
+
+// Range bounds a time-ranged list.
+type Range struct {
+	Since time.Time
+	Until time.Time
+	Limit int
+}
+
+// AuditEntry records who did what to which locker.
+type AuditEntry struct {
+	ID     int64          `json:"id"`
+	TS     time.Time      `json:"ts"`
+	Actor  string         `json:"actor"`
+	Action string         `json:"action"`
+	Locker string         `json:"locker,omitempty"`
+	Site   string         `json:"site,omitempty"`
+	Detail map[string]any `json:"detail,omitempty"`
+}
+
+// AuditFilter selects audit entries.
+type AuditFilter struct {
+	Since  time.Time
+	Locker string
+	Actor  string
+	After  int64
+	Limit  int
+}

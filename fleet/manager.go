@@ -1,0 +1,570 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Options configure a Manager.
+type Options struct {
+	Store      Store
+	Bus        Bus
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+	// HealthQueue bounds queued health messages; when full, health (QoS 0
+	// telemetry) is dropped and counted. Default 65536.
+	HealthQueue int
+	// EventQueue bounds queued events; when full, publishers wait (events are
+	// never dropped). Default 16384.
+	EventQueue int
+	// ControlQueue bounds each control shard (presence, results, acks). Default 4096.
+	ControlQueue int
+	// ControlShards is how many workers handle control messages; one locker's
+	// messages always go to the same shard, in order. Default 4.
+	ControlShards int
+	// BatchSize and FlushInterval bound ingest batches. Defaults 2000, 20ms.
+	BatchSize     int
+	FlushInterval time.Duration
+	// Config is the configuration every locker receives.
+	Config protocol.Config
+	// SweepInterval is how often expired commands are finalised. Default 1s.
+	SweepInterval time.Duration
+	// DrainTimeout bounds writing what is queued at shutdown. Default 10s.
+	DrainTimeout time.Duration
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// DefaultConfig is the locker configuration unless one is given.
+var DefaultConfig = protocol.Config{Version: 1, HealthIntervalS: 60, DoorAjarS: 120, Lockout: protocol.DefaultLockout}
+
+// Manager runs the fleet: it ingests device messages, tracks presence,
+// delivers commands and retained state.
+type Manager struct {
+	store  Store
+	bus    Bus
+	log    *slog.Logger
+	m      *metrics
+	opts   Options
+	now    func() time.Time
+	health chan inbound
+	events chan inbound
+	ctrl   []chan control
+
+	mu      sync.Mutex
+	waiters map[string][]chan struct{}
+
+	stopped    atomic.Bool
+	subscribed atomic.Bool
+	done       chan struct{}
+
+	wg sync.WaitGroup
+}
+
+type inbound struct {
+	id      string
+	payload []byte
+	at      time.Time
+}
+
+type controlKind int
+
+const (
+	ctrlConnected controlKind = iota
+	ctrlDisconnected
+	ctrlPresence
+	ctrlResult
+	ctrlCredsAck
+	ctrlFwStatus
+)
+
+type control struct {
+	kind    controlKind
+	id      string
+	reason  string
+	payload []byte
+	at      time.Time
+}
+
+// New returns a Manager; call Run to start it.
+func New(opts Options) (*Manager, error) {
+	if opts.Store == nil || opts.Bus == nil {
+		return nil, errors.New("fleet: Store and Bus are required")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&opts.HealthQueue, 65536)
+	def(&opts.EventQueue, 16384)
+	def(&opts.ControlQueue, 4096)
+	def(&opts.ControlShards, 4)
+	def(&opts.BatchSize, 2000)
+	if opts.FlushInterval <= 0 {
+		opts.FlushInterval = 20 * time.Millisecond
+	}
+	if opts.SweepInterval <= 0 {
+		opts.SweepInterval = time.Second
+	}
+	if opts.Config.Version == 0 {
+		opts.Config = DefaultConfig
+	}
+	if err := opts.Config.Validate(); err != nil {
+		return nil, fmt.Errorf("fleet: config: %w", err)
+	}
+	if opts.DrainTimeout <= 0 {
+		opts.DrainTimeout = 10 * time.Second
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	m := &Manager{
+		store: opts.Store, bus: opts.Bus, log: opts.Logger, opts: opts, now: opts.Now,
+		m:       newMetrics(opts.Registerer),
+		health:  make(chan inbound, opts.HealthQueue),
+		events:  make(chan inbound, opts.EventQueue),
+		waiters: make(map[string][]chan struct{}),
+		done:    make(chan struct{}),
+	}
+	for i := 0; i < opts.ControlShards; i++ {
+		m.ctrl = append(m.ctrl, make(chan control, opts.ControlQueue))
+	}
+	return m, nil
+}
+
+// Config returns the configuration lockers receive.
+func (m *Manager) Config() protocol.Config { return m.opts.Config }
+
+// Subscribe subscribes to the device topics. Call it before devices can
+// connect; Run calls it when it was not called.
+func (m *Manager) Subscribe() error {
+	if m.subscribed.Swap(true) {
+		return nil
+	}
+	for _, c := range []protocol.Channel{protocol.ChanPresence, protocol.ChanHealth, protocol.ChanEvents,
+		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus} {
+		if err := m.bus.Subscribe(protocol.Root+"+/"+string(c), m.receive); err != nil {
+			return fmt.Errorf("subscribe %s: %w", c, err)
+		}
+	}
+	return nil
+}
+
+// Run processes device messages until ctx ends; then it drains what was
+// queued and returns. Stop the bus before ctx ends.
+func (m *Manager) Run(ctx context.Context) error {
+	if err := m.Subscribe(); err != nil {
+		return err
+	}
+	// Workers keep running on their own context so that what is queued when
+	// ctx ends is still written.
+	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	m.wg.Add(2 + len(m.ctrl))
+	go m.batchLoop(wctx, "health", m.health, m.writeHealth)
+	go m.batchLoop(wctx, "events", m.events, m.writeEvents)
+	for _, q := range m.ctrl {
+		go m.controlLoop(wctx, q)
+	}
+	sweep := time.NewTicker(m.opts.SweepInterval)
+	defer sweep.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			// Callers stop the bus first; what was queued before is written.
+			m.stopped.Store(true)
+			close(m.done)
+			// Give the drain a bound so a database that stays down cannot
+			// hold the shutdown forever.
+			t := time.AfterFunc(m.opts.DrainTimeout, cancel)
+			defer t.Stop()
+			m.wg.Wait()
+			return nil
+		case <-sweep.C:
+			m.sweep(wctx)
+		}
+	}
+}
+
+// receive is the bus handler. It runs on the publishing client's goroutine,
+// so it only routes: decoding and storage happen on the workers.
+func (m *Manager) receive(msg Message) {
+	id, ch, ok := protocol.ParseTopic(msg.Topic)
+	if !ok || !ch.DeviceToGateway() || (msg.ClientID != "" && msg.ClientID != id && msg.ClientID != "inline") {
+		m.m.dropped.WithLabelValues("unknown", "wrong_topic").Inc()
+		return
+	}
+	m.m.received.WithLabelValues(string(ch)).Inc()
+	if m.stopped.Load() {
+		m.m.dropped.WithLabelValues(string(ch), "shutdown").Inc()
+		return
+	}
+	if len(msg.Payload) > protocol.MaxPayload {
+		m.m.dropped.WithLabelValues(string(ch), "too_large").Inc()
+		return
+	}
+	at := m.now()
+	in := inbound{id: id, payload: msg.Payload, at: at}
+	switch ch {
+	case protocol.ChanHealth:
+		select {
+		case m.health <- in:
+		default:
+			m.m.dropped.WithLabelValues(string(ch), "queue_full").Inc()
+		}
+	case protocol.ChanEvents:
+		m.events <- in // back-pressure: events are never dropped
+	case protocol.ChanPresence:
+		m.enqueue(control{kind: ctrlPresence, id: id, payload: msg.Payload, at: at})
+	case protocol.ChanCmdResult:
+		m.enqueue(control{kind: ctrlResult, id: id, payload: msg.Payload, at: at})
+	case protocol.ChanCredsAck:
+		m.enqueue(control{kind: ctrlCredsAck, id: id, payload: msg.Payload, at: at})
+	case protocol.ChanFwStatus:
+		m.enqueue(control{kind: ctrlFwStatus, id: id, payload: msg.Payload, at: at})
+	}
+}
+
+func (m *Manager) enqueue(c control) {
+	if m.stopped.Load() {
+		return
+	}
+	h := fnv.New32a()
+	h.Write([]byte(c.id))
+	m.ctrl[h.Sum32()%uint32(len(m.ctrl))] <- c
+}
+
+// DeviceConnected is called by the broker when a locker's session starts.
+func (m *Manager) DeviceConnected(id, remoteAddr string) {
+	m.m.online.Inc()
+	m.m.presenceEvent.WithLabelValues("online").Inc()
+	m.enqueue(control{kind: ctrlConnected, id: id, reason: remoteAddr, at: m.now()})
+}
+
+// DeviceDisconnected is called by the broker when a locker's session ends.
+func (m *Manager) DeviceDisconnected(id, reason string) {
+	m.m.online.Dec()
+	m.m.presenceEvent.WithLabelValues("offline").Inc()
+	m.enqueue(control{kind: ctrlDisconnected, id: id, reason: reason, at: m.now()})
+}
+
+func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, write func(context.Context, []inbound)) {
+	defer m.wg.Done()
+	batch := make([]inbound, 0, m.opts.BatchSize)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	flush := func() {
+		if len(batch) > 0 {
+			write(ctx, batch)
+			batch = batch[:0]
+		}
+		m.m.queueDepth.WithLabelValues(name).Set(float64(len(q)))
+	}
+	for {
+		var in inbound
+		select {
+		case in = <-q:
+		case <-m.done:
+			for {
+				select {
+				case in = <-q:
+					if batch = append(batch, in); len(batch) >= m.opts.BatchSize {
+						flush()
+					}
+				default:
+					flush()
+					return
+				}
+			}
+		}
+		batch = append(batch, in)
+		timer.Reset(m.opts.FlushInterval)
+	fill:
+		for len(batch) < m.opts.BatchSize {
+			select {
+			case in = <-q:
+				batch = append(batch, in)
+			case <-timer.C:
+				break fill
+			case <-m.done:
+				break fill
+			}
+		}
+		timer.Stop()
+		flush()
+	}
+}
+
+// retry runs op until it succeeds or ctx ends, backing off; storage
+// outages must not lose QoS 1 data that was already accepted.
+func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) error) error {
+	backoff := 50 * time.Millisecond
+	for {
+		start := time.Now()
+		err := f(ctx)
+		m.m.dbWrite.WithLabelValues(op).Observe(time.Since(start).Seconds())
+		if err == nil || errors.Is(err, ErrInvalid) || errors.Is(err, ErrNotFound) {
+			return err
+		}
+		m.m.dbErrors.WithLabelValues(op).Inc()
+		m.log.Error("database write failed; retrying", "op", op, "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
+	recs := make([]HealthRecord, 0, len(batch))
+	for _, in := range batch {
+		h, err := protocol.Decode[protocol.Health](in.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanHealth, in.id, err)
+			continue
+		}
+		recs = append(recs, HealthRecord{DeviceID: in.id, ReceivedAt: in.at, TS: h.TS.Time, Seq: h.Seq, Body: in.payload})
+	}
+	if len(recs) == 0 {
+		return
+	}
+	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs) }); err != nil {
+		m.log.Error("health batch lost", "n", len(recs), "err", err)
+		return
+	}
+	m.observeLag(batch)
+}
+
+func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
+	recs := make([]EventRecord, 0, len(batch))
+	for _, in := range batch {
+		e, err := protocol.Decode[protocol.Event](in.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanEvents, in.id, err)
+			continue
+		}
+		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
+			Type: e.Type, Compartment: e.Compartment, Body: in.payload})
+	}
+	if len(recs) == 0 {
+		return
+	}
+	var fresh []EventRecord
+	err := m.retry(ctx, "insert_events", func(ctx context.Context) (err error) {
+		fresh, err = m.store.InsertEvents(ctx, recs)
+		return err
+	})
+	if err != nil {
+		m.log.Error("event batch not stored", "n", len(recs), "err", err)
+		return
+	}
+	m.m.eventsDup.Add(float64(len(recs) - len(fresh)))
+	m.observeLag(batch)
+	for i := range fresh {
+		m.raiseAlerts(ctx, &fresh[i])
+	}
+}
+
+func (m *Manager) observeLag(batch []inbound) {
+	now := m.now()
+	for _, in := range batch {
+		m.m.ingestLag.Observe(now.Sub(in.at).Seconds())
+	}
+}
+
+func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
+	reason := protocol.Reason(err)
+	m.m.dropped.WithLabelValues(string(ch), reason).Inc()
+	m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err)
+}
+
+func (m *Manager) raiseAlerts(ctx context.Context, e *EventRecord) {
+	ev, err := protocol.Decode[protocol.Event](e.Body)
+	if err != nil {
+		return
+	}
+	var kind, detail string
+	switch ev.Type {
+	case protocol.EventDoorAjar:
+		kind, detail = AlertDoorAjar, fmt.Sprintf("open %d s", ev.OpenS)
+	case protocol.EventTamper:
+		kind, detail = AlertTamper, ev.Detail
+	case protocol.EventPower:
+		if ev.Source == protocol.PowerBattery {
+			kind = AlertOnBattery
+		}
+	case protocol.EventCodeRejected:
+		if ev.Reason == protocol.RejectLockedOut {
+			kind = AlertCodeLockout
+		}
+	}
+	if kind == "" {
+		return
+	}
+	m.alert(ctx, Alert{DeviceID: e.DeviceID, Kind: kind, Compartment: ev.Compartment, Detail: detail, RaisedAt: e.ReceivedAt})
+}
+
+func (m *Manager) alert(ctx context.Context, a Alert) {
+	m.m.alerts.WithLabelValues(a.Kind).Inc()
+	if err := m.store.RaiseAlert(ctx, a); err != nil {
+		m.log.Error("raise alert", "locker", a.DeviceID, "kind", a.Kind, "err", err)
+		return
+	}
+	m.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+}
+
+func (m *Manager) controlLoop(ctx context.Context, q chan control) {
+	defer m.wg.Done()
+	for {
+		select {
+		case c := <-q:
+			m.handleControl(ctx, c)
+		case <-m.done:
+			for {
+				select {
+				case c := <-q:
+					m.handleControl(ctx, c)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func (m *Manager) handleControl(ctx context.Context, c control) {
+	switch c.kind {
+	case ctrlConnected:
+		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
+			m.log.Error("mark online", "locker", c.id, "err", err)
+		}
+		m.syncDevice(ctx, c.id)
+	case ctrlDisconnected:
+		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
+			return m.store.MarkOffline(ctx, c.id, c.reason, c.at)
+		}); err != nil {
+			m.log.Error("mark offline", "locker", c.id, "err", err)
+		}
+	case ctrlPresence:
+		if len(c.payload) == 0 {
+			return // a cleared retained message
+		}
+		p, err := protocol.Decode[protocol.Presence](c.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanPresence, c.id, err)
+			return
+		}
+		if !p.Online {
+			// The Last Will: the broker's disconnect (or, on an external
+			// broker, this message) ends the session.
+			if err := m.store.MarkOffline(ctx, c.id, "will", c.at); err != nil {
+				m.log.Error("mark offline", "locker", c.id, "err", err)
+			}
+			return
+		}
+		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirth(ctx, c.id, p, c.at) }); err != nil {
+			m.log.Error("record birth", "locker", c.id, "err", err)
+		}
+	case ctrlResult:
+		r, err := protocol.Decode[protocol.CommandResult](c.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanCmdResult, c.id, err)
+			return
+		}
+		var cmd *Command
+		err = m.retry(ctx, "command_result", func(ctx context.Context) (err error) {
+			cmd, err = m.store.CompleteCommand(ctx, c.id, r.ID, r.Status, r.Error, c.at)
+			return err
+		})
+		if errors.Is(err, ErrNotFound) {
+			// A repeat of an answer already recorded, or a command that is not
+			// this locker's: harmless, but counted.
+			m.m.dropped.WithLabelValues(string(protocol.ChanCmdResult), "unknown_command").Inc()
+			return
+		}
+		if err != nil {
+			m.log.Error("record command result", "locker", c.id, "command", r.ID, "err", err)
+			return
+		}
+		m.finished(cmd)
+		m.m.cmdDuration.WithLabelValues(cmd.Type).Observe(c.at.Sub(cmd.CreatedAt).Seconds())
+	case ctrlCredsAck:
+		a, err := protocol.Decode[protocol.CredsAck](c.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanCredsAck, c.id, err)
+			return
+		}
+		if err := m.retry(ctx, "creds_ack", func(ctx context.Context) error { return m.store.AckCreds(ctx, c.id, a.Version) }); err != nil {
+			m.log.Error("record creds ack", "locker", c.id, "err", err)
+		}
+	case ctrlFwStatus:
+		if _, err := protocol.Decode[protocol.FwStatus](c.payload); err != nil {
+			m.dropInvalid(protocol.ChanFwStatus, c.id, err)
+			return
+		}
+		// Firmware jobs are tracked by the rollout engine (not yet built).
+	}
+}
+
+// syncDevice delivers what a locker must hold after a (re)connect: its
+// retained creds, config and firmware job, and its open commands.
+func (m *Manager) syncDevice(ctx context.Context, id string) {
+	if err := m.PublishRetained(ctx, id); err != nil {
+		m.log.Error("publish retained state", "locker", id, "err", err)
+	}
+	cmds, err := m.store.OpenCommands(ctx, id, m.now())
+	if err != nil {
+		m.log.Error("load open commands", "locker", id, "err", err)
+		return
+	}
+	for i := range cmds {
+		// Sent commands are sent again with the same id: the device runs
+		// each id once and repeats its answer, so a message lost around a
+		// disconnect or a gateway restart is recovered without a second effect.
+		m.deliver(ctx, &cmds[i])
+	}
+}
+
+// PublishRetained publishes a locker's retained creds, config and fw/job.
+func (m *Manager) PublishRetained(ctx context.Context, id string) error {
+	r, err := m.store.Retained(ctx, id)
+	if err != nil {
+		return err
+	}
+	r.Config.HealthIntervalS = m.opts.Config.HealthIntervalS
+	r.Config.DoorAjarS = m.opts.Config.DoorAjarS
+	r.Config.Lockout = m.opts.Config.Lockout
+	var job []byte
+	if r.FwJob != nil {
+		job = protocol.Encode(r.FwJob)
+	}
+	for _, p := range []struct {
+		ch      protocol.Channel
+		payload []byte
+	}{
+		{protocol.ChanCreds, protocol.Encode(r.Creds)},
+		{protocol.ChanConfig, protocol.Encode(r.Config)},
+		{protocol.ChanFwJob, job},
+	} {
+		if err := m.bus.Publish(ctx, protocol.Topic(id, p.ch), p.payload, 1, true); err != nil {
+			return fmt.Errorf("publish %s: %w", p.ch, err)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,91 @@
+package fleet
+
+import (
+	"context"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Store is the fleet's persistent state. The PostgreSQL implementation lives
+// in package postgres; every method is safe for concurrent use.
+type Store interface {
+	// GetLocker returns a locker with its compartments, or ErrNotFound.
+	GetLocker(ctx context.Context, id string) (*Locker, error)
+	// ListLockers returns lockers ordered by id, after f.After.
+	ListLockers(ctx context.Context, f LockerFilter) ([]Locker, error)
+
+	// MarkOnline records a new session of a locker.
+	MarkOnline(ctx context.Context, id string, at time.Time) error
+	// MarkOffline records the end of a session, unless a newer session
+	// started after at.
+	MarkOffline(ctx context.Context, id, reason string, at time.Time) error
+	// RecordBirth stores what a birth message says about the locker.
+	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error
+
+	// InsertHealth stores a batch of health messages and each locker's latest.
+	InsertHealth(ctx context.Context, batch []HealthRecord) error
+	// InsertEvents stores the events of batch not seen before (by locker and
+	// event id), applies them to compartment state, and returns those it stored.
+	InsertEvents(ctx context.Context, batch []EventRecord) ([]EventRecord, error)
+	// ListHealth and ListEvents return a locker's history in a time range.
+	ListHealth(ctx context.Context, id string, r Range) ([]HealthRecord, error)
+	ListEvents(ctx context.Context, id string, r Range) ([]EventRecord, error)
+	// RaiseAlert records an alert about a locker.
+	RaiseAlert(ctx context.Context, a Alert) error
+
+	// CreateCommand inserts a pending command.
+	CreateCommand(ctx context.Context, c *Command) error
+	// GetCommand returns a command of a locker, or ErrNotFound.
+	GetCommand(ctx context.Context, deviceID, id string) (*Command, error)
+	// MarkCommandSent moves a pending command to sent; false when it is no
+	// longer pending.
+	MarkCommandSent(ctx context.Context, id string, at time.Time) (bool, error)
+	// CompleteCommand records a device's answer to a pending or sent command of
+	// that device; it returns the updated command, or ErrNotFound when there is
+	// no such open command (unknown, another device's, or already final).
+	CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*Command, error)
+	// ExpireCommands finalises open commands past their deadline: pending ones
+	// past expires_at become expired, sent ones past expires_at+grace timed_out.
+	ExpireCommands(ctx context.Context, now time.Time, grace time.Duration) ([]Command, error)
+	// OpenCommands returns a locker's pending and sent commands that have not
+	// expired at now, oldest first.
+	OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]Command, error)
+
+	// Retained returns what a locker must hold on its retained topics.
+	Retained(ctx context.Context, deviceID string) (*Retained, error)
+	// AckCreds records the credential-set version a locker applied.
+	AckCreds(ctx context.Context, deviceID string, version int64) error
+
+	// Audit appends to the audit log.
+	Audit(ctx context.Context, e AuditEntry) error
+}
+
+// Retained is the state a locker must receive after every (re)connect.
+type Retained struct {
+	Creds  protocol.CredSet
+	Config protocol.Config
+	// FwJob is nil when the locker has no firmware job.
+	FwJob *protocol.FwJob
+}
+
+// Alert kinds.
+const (
+	AlertDoorAjar      = "door_ajar"
+	AlertTamper        = "tamper"
+	AlertOnBattery     = "on_battery"
+	AlertDoorFault     = "door_fault"
+	AlertCodeLockout   = "code_lockout"
+	AlertStagedEmpty   = "staged_empty"
+	AlertPickupExpired = "pickup_expired"
+)
+
+// Alert is something an operator or store should look at.
+type Alert struct {
+	ID          int64     `json:"id"`
+	DeviceID    string    `json:"locker"`
+	Kind        string    `json:"kind"`
+	Compartment int       `json:"compartment,omitempty"`
+	Detail      string    `json:"detail,omitempty"`
+	RaisedAt    time.Time `json:"raised_at"`
+}

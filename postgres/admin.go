@@ -1,0 +1,151 @@
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// Audit implements fleet.Store.
+func (db *DB) Audit(ctx context.Context, e fleet.AuditEntry) error {
+	return audit(ctx, db.pool, e)
+}
+
+func audit(ctx context.Context, q interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}, e fleet.AuditEntry) error {
+	detail, err := json.Marshal(e.Detail)
+	if err != nil {
+		return fmt.Errorf("audit detail: %w", err)
+	}
+	if e.Detail == nil {
+		detail = []byte("{}")
+	}
+	_, err = q.Exec(ctx, `INSERT INTO audit (actor, action, locker, site, detail) VALUES ($1, $2, $3, $4, $5)`,
+		e.Actor, e.Action, e.Locker, e.Site, detail)
+	return err
+}
+
+// ListAudit returns audit entries in order.
+func (db *DB) ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id, ts, actor, action, locker, site, detail FROM audit
+		WHERE id > $1 AND ts >= $2 AND ($3 = '' OR locker = $3) AND ($4 = '' OR actor = $4)
+		ORDER BY id LIMIT $5`, f.After, f.Since, f.Locker, f.Actor, limit(f.Limit))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.AuditEntry, error) {
+		var e fleet.AuditEntry
+		var detail []byte
+		if err := row.Scan(&e.ID, &e.TS, &e.Actor, &e.Action, &e.Locker, &e.Site, &detail); err != nil {
+			return e, err
+		}
+		return e, json.Unmarshal(detail, &e.Detail)
+	})
+}
+
+// CreateSite stores a site; fleet.ErrConflict when the id exists.
+func (db *DB) CreateSite(ctx context.Context, s *fleet.Site) error {
+	err := db.pool.QueryRow(ctx, `INSERT INTO sites (id, name, timezone) VALUES ($1, $2, $3) RETURNING created_at`,
+		s.ID, s.Name, s.Timezone).Scan(&s.CreatedAt)
+	if isUniqueViolation(err) {
+		return fmt.Errorf("site %s: %w", s.ID, fleet.ErrConflict)
+	}
+	return err
+}
+
+// GetSite returns a site.
+func (db *DB) GetSite(ctx context.Context, id string) (*fleet.Site, error) {
+	var s fleet.Site
+	err := db.pool.QueryRow(ctx, `SELECT id, name, timezone, created_at FROM sites WHERE id = $1`, id).
+		Scan(&s.ID, &s.Name, &s.Timezone, &s.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	return &s, err
+}
+
+// ListSites lists sites by id.
+func (db *DB) ListSites(ctx context.Context, after string, n int) ([]fleet.Site, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id, name, timezone, created_at FROM sites WHERE id > $1 ORDER BY id LIMIT $2`, after, limit(n))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.Site, error) {
+		var s fleet.Site
+		err := row.Scan(&s.ID, &s.Name, &s.Timezone, &s.CreatedAt)
+		return s, err
+	})
+}
+
+// CreateToken stores a token by its hash.
+func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) error {
+	var site *string
+	if t.Site != "" {
+		site = &t.Site
+	}
+	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by) VALUES ($1, $2, $3, $4, $5, $6)
+		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy).Scan(&t.CreatedAt)
+	if isFKViolation(err) {
+		return fmt.Errorf("site %s: %w", t.Site, fleet.ErrNotFound)
+	}
+	return err
+}
+
+// TokenByHash returns the unrevoked token with that hash.
+func (db *DB) TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error) {
+	var t fleet.Token
+	var site *string
+	err := db.pool.QueryRow(ctx, `SELECT id, role, site, name, created_at, created_by FROM tokens
+		WHERE hash = $1 AND revoked_at IS NULL`, hash).Scan(&t.ID, &t.Role, &site, &t.Name, &t.CreatedAt, &t.CreatedBy)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	if site != nil {
+		t.Site = *site
+	}
+	return &t, err
+}
+
+// RevokeToken revokes a token.
+func (db *DB) RevokeToken(ctx context.Context, id string) error {
+	tag, err := db.pool.Exec(ctx, `UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL`, id)
+	if err == nil && tag.RowsAffected() == 0 {
+		return fleet.ErrNotFound
+	}
+	return err
+}
+
+// CountTokens counts unrevoked tokens (first start creates the admin token when zero).
+func (db *DB) CountTokens(ctx context.Context) (int, error) {
+	var n int
+	err := db.pool.QueryRow(ctx, `SELECT count(*) FROM tokens`).Scan(&n)
+	return n, err
+}
+
+// GetIdempotent returns the stored answer for (actor, key), or fleet.ErrNotFound.
+func (db *DB) GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error) {
+	var r fleet.Idempotent
+	err := db.pool.QueryRow(ctx, `SELECT route, body_hash, status, response FROM idempotency WHERE actor = $1 AND key = $2`,
+		actor, key).Scan(&r.Route, &r.BodyHash, &r.Status, &r.Response)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	return &r, err
+}
+
+// PutIdempotent stores an answer; fleet.ErrConflict if one is stored already.
+func (db *DB) PutIdempotent(ctx context.Context, actor, key string, r *fleet.Idempotent) error {
+	_, err := db.pool.Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response) VALUES ($1, $2, $3, $4, $5, $6)`,
+		actor, key, r.Route, r.BodyHash, r.Status, r.Response)
+	if isUniqueViolation(err) {
+		return fleet.ErrConflict
+	}
+	return err
+}

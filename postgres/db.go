@@ -1,0 +1,208 @@
+// Package postgres implements the stores of fleet, provisioning and the HTTP
+// API on PostgreSQL through pgx, with embedded, advisory-locked migrations.
+package postgres
+
+import (
+	"context"
+	"embed"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+//go:embed migrations/*.sql
+var migrations embed.FS
+
+// migrationLock is the advisory lock key that serialises migrations across
+// gateway instances ("lockergt" in ASCII).
+const migrationLock = 0x6c6f636b65726774
+
+// DB is the PostgreSQL store.
+type DB struct {
+	pool *pgxpool.Pool
+	log  *slog.Logger
+}
+
+var (
+	_ fleet.Store        = (*DB)(nil)
+	_ provisioning.Store = (*DB)(nil)
+)
+
+// Options configure Open.
+type Options struct {
+	DSN      string
+	MaxConns int32 // default 16
+	Logger   *slog.Logger
+}
+
+// Open connects, waits for the database to answer, and applies migrations.
+func Open(ctx context.Context, o Options) (*DB, error) {
+	cfg, err := pgxpool.ParseConfig(o.DSN)
+	if err != nil {
+		return nil, fmt.Errorf("parse database url: %w", err)
+	}
+	cfg.MaxConns = 16
+	if o.MaxConns > 0 {
+		cfg.MaxConns = o.MaxConns
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to database: %w", err)
+	}
+	db := &DB{pool: pool, log: o.Logger}
+	if err := db.Migrate(ctx); err != nil {
+		pool.Close()
+		return nil, err
+	}
+	return db, nil
+}
+
+// Pool returns the connection pool (for tests and readiness checks).
+func (db *DB) Pool() *pgxpool.Pool { return db.pool }
+
+// Ping checks the database answers.
+func (db *DB) Ping(ctx context.Context) error { return db.pool.Ping(ctx) }
+
+// Close closes the pool.
+func (db *DB) Close() { db.pool.Close() }
+
+// Migrate applies the embedded migrations not applied yet, each in its own
+// transaction, holding an advisory lock so concurrent instances take turns.
+func (db *DB) Migrate(ctx context.Context) error {
+	conn, err := db.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("migrate: acquire connection: %w", err)
+	}
+	defer conn.Release()
+	if _, err := conn.Exec(ctx, "SELECT pg_advisory_lock($1)", int64(migrationLock)); err != nil {
+		return fmt.Errorf("migrate: advisory lock: %w", err)
+	}
+	defer conn.Exec(context.WithoutCancel(ctx), "SELECT pg_advisory_unlock($1)", int64(migrationLock))
+	if _, err := conn.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+		return fmt.Errorf("migrate: create schema_migrations: %w", err)
+	}
+	names, err := fs.Glob(migrations, "migrations/*.sql")
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		version := strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")
+		var done bool
+		if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", version).Scan(&done); err != nil {
+			return fmt.Errorf("migrate: check %s: %w", version, err)
+		}
+		if done {
+			continue
+		}
+		sql, err := migrations.ReadFile(name)
+		if err != nil {
+			return err
+		}
+		err = pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, string(sql)); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, "INSERT INTO schema_migrations (version) VALUES ($1)", version)
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("migrate: apply %s: %w", version, err)
+		}
+		db.log.Info("applied migration", "version", version)
+	}
+	return nil
+}
+
+// EnsurePartitions creates the daily partitions of health and events for the
+// days from `from` through `days` days later; rows outside land in the
+// default partition.
+func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) error {
+	for _, table := range []string{"health", "events"} {
+		for d := 0; d <= days; d++ {
+			day := from.UTC().Truncate(24*time.Hour).AddDate(0, 0, d)
+			name := fmt.Sprintf("%s_%s", table, day.Format("20060102"))
+			sql := fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s PARTITION OF %s FOR VALUES FROM ('%s') TO ('%s')`,
+				name, table, day.Format(time.RFC3339), day.AddDate(0, 0, 1).Format(time.RFC3339))
+			if _, err := db.pool.Exec(ctx, sql); err != nil {
+				var pgErr *pgconn.PgError
+				// A row already in the default partition for that day blocks
+				// the new partition; it stays in the default partition.
+				if errors.As(err, &pgErr) && pgErr.Code == "23514" {
+					db.log.Warn("partition not created: rows for that day are in the default partition", "table", name)
+					continue
+				}
+				return fmt.Errorf("create partition %s: %w", name, err)
+			}
+		}
+	}
+	return nil
+}
+
+// DropPartitionsBefore drops daily partitions of health and events wholly
+// older than cutoff, and prunes the event dedupe table. It returns the
+// partitions dropped.
+func (db *DB) DropPartitionsBefore(ctx context.Context, cutoff time.Time) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `
+		SELECT c.relname FROM pg_inherits i
+		JOIN pg_class c ON c.oid = i.inhrelid
+		JOIN pg_class p ON p.oid = i.inhparent
+		WHERE p.relname IN ('health', 'events') AND c.relname ~ '_[0-9]{8}$'`)
+	if err != nil {
+		return nil, err
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, err
+	}
+	var dropped []string
+	for _, name := range names {
+		day, err := time.Parse("20060102", name[len(name)-8:])
+		if err != nil || !day.AddDate(0, 0, 1).Before(cutoff) && !day.AddDate(0, 0, 1).Equal(cutoff) {
+			continue
+		}
+		if _, err := db.pool.Exec(ctx, "DROP TABLE IF EXISTS "+pgx.Identifier{name}.Sanitize()); err != nil {
+			return dropped, fmt.Errorf("drop partition %s: %w", name, err)
+		}
+		dropped = append(dropped, name)
+	}
+	if _, err := db.pool.Exec(ctx, "DELETE FROM event_ids WHERE received_at < $1", cutoff); err != nil {
+		return dropped, fmt.Errorf("prune event ids: %w", err)
+	}
+	return dropped, nil
+}
+
+func isUniqueViolation(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "23505"
+}
+
+func isFKViolation(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "23503"
+}
+
+func limit(n int) int {
+	switch {
+	case n <= 0:
+		return 100
+	case n > 1000:
+		return 1000
+	}
+	return n
+}

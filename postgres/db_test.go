@@ -1,0 +1,328 @@
+package postgres_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/postgres"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
+
+// MustOpen opens a migrated store on a fresh database.
+func MustOpen(tb testing.TB) *postgres.DB {
+	tb.Helper()
+	db, err := postgres.Open(context.Background(), postgres.Options{DSN: pgtest.NewDB(tb)})
+	if err != nil {
+		tb.Fatalf("open: %v", err)
+	}
+	tb.Cleanup(db.Close)
+	return db
+}
+
+func TestMigrate(t *testing.T) {
+	t.Run("TwiceAndConcurrently", func(t *testing.T) {
+		dsn := pgtest.NewDB(t)
+		ctx := context.Background()
+		var wg sync.WaitGroup
+		errs := make([]error, 4)
+		for i := range errs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				db, err := postgres.Open(ctx, postgres.Options{DSN: dsn})
+				if err == nil {
+					err = db.Migrate(ctx) // a second run applies nothing
+					db.Close()
+				}
+				errs[i] = err
+			}()
+		}
+		wg.Wait()
+		for i, err := range errs {
+			if err != nil {
+				t.Errorf("instance %d: %v", i, err)
+			}
+		}
+	})
+}
+
+// MustDevice registers a device with compartments 1..n at site via a claim.
+func MustDevice(tb testing.TB, db *postgres.DB, site, serial string, n int) string {
+	tb.Helper()
+	ctx := context.Background()
+	if err := db.CreateSite(ctx, &fleet.Site{ID: site, Name: site, Timezone: "UTC"}); err != nil && !errors.Is(err, fleet.ErrConflict) {
+		tb.Fatal(err)
+	}
+	hash := provisioning.HashSecret("claim-" + serial)
+	c := &provisioning.Claim{ID: "cl-" + serial, Site: site, MaxUses: 1, ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}
+	if err := db.CreateClaim(ctx, c, hash); err != nil {
+		tb.Fatal(err)
+	}
+	req := &protocol.ProvisionRequest{Serial: serial, Model: "LX", FW: "1.0.0"}
+	for i := 1; i <= n; i++ {
+		req.Compartments = append(req.Compartments, protocol.CompartmentSpec{N: i, Size: "M", Zone: "ambient"})
+	}
+	reg, err := db.Register(ctx, hash, provisioning.Registration{DeviceID: "lk-" + serial, SecretHash: provisioning.HashSecret("s"), Request: req, At: time.Now()})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return reg.DeviceID
+}
+
+func TestRegister(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	if err := db.CreateSite(ctx, &fleet.Site{ID: "s1", Name: "S1", Timezone: "UTC"}); err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	mkClaim := func(id string, uses int, exp time.Time, pattern string) []byte {
+		h := provisioning.HashSecret(id)
+		if err := db.CreateClaim(ctx, &provisioning.Claim{ID: id, Site: "s1", MaxUses: uses, SerialPattern: pattern, ExpiresAt: exp, CreatedAt: now}, h); err != nil {
+			t.Fatal(err)
+		}
+		return h
+	}
+	req := func(serial string) *protocol.ProvisionRequest {
+		return &protocol.ProvisionRequest{Serial: serial, Model: "LX", FW: "1.0", Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}}
+	}
+	reg := func(h []byte, serial string) (*provisioning.Registered, error) {
+		return db.Register(ctx, h, provisioning.Registration{DeviceID: "lk-" + serial, SecretHash: provisioning.HashSecret("x" + serial), Request: req(serial), At: time.Now()})
+	}
+	ok := mkClaim("ok", 2, now.Add(time.Hour), "")
+	t.Run("OK", func(t *testing.T) {
+		r, err := reg(ok, "SN-1")
+		if err != nil || r.DeviceID != "lk-SN-1" || r.Replaced {
+			t.Fatalf("got %+v, %v", r, err)
+		}
+		l, err := db.GetLocker(ctx, "lk-SN-1")
+		if err != nil || len(l.Compartments) != 1 || l.Site != "s1" {
+			t.Fatalf("locker %+v, %v", l, err)
+		}
+	})
+	t.Run("ErrSerialTaken", func(t *testing.T) {
+		if _, err := reg(ok, "SN-1"); !errors.Is(err, provisioning.ErrSerialTaken) {
+			t.Fatalf("got %v, want ErrSerialTaken", err)
+		}
+	})
+	t.Run("ErrClaimExhausted", func(t *testing.T) {
+		// One use left after SN-1 (serial_taken does not use it up).
+		if _, err := reg(ok, "SN-2"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reg(ok, "SN-3"); !errors.Is(err, provisioning.ErrClaimExhausted) {
+			t.Fatalf("got %v, want ErrClaimExhausted", err)
+		}
+	})
+	t.Run("ErrClaimExpired", func(t *testing.T) {
+		h := mkClaim("old", 5, now.Add(-time.Second), "")
+		if _, err := reg(h, "SN-4"); !errors.Is(err, provisioning.ErrClaimExpired) {
+			t.Fatalf("got %v, want ErrClaimExpired", err)
+		}
+	})
+	t.Run("ErrSerialRefused", func(t *testing.T) {
+		h := mkClaim("pattern", 5, now.Add(time.Hour), "SN-9*")
+		if _, err := reg(h, "SN-5"); !errors.Is(err, provisioning.ErrSerialRefused) {
+			t.Fatalf("got %v, want ErrSerialRefused", err)
+		}
+		if _, err := reg(h, "SN-91"); err != nil {
+			t.Fatalf("allowed serial: %v", err)
+		}
+	})
+	t.Run("ErrUnknownClaim", func(t *testing.T) {
+		h := mkClaim("revoked", 5, now.Add(time.Hour), "")
+		if err := db.RevokeClaim(ctx, "revoked", "test", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reg(h, "SN-6"); !errors.Is(err, provisioning.ErrUnknownClaim) {
+			t.Fatalf("got %v, want ErrUnknownClaim", err)
+		}
+	})
+	t.Run("Replace", func(t *testing.T) {
+		h := mkClaim("replace", 5, now.Add(time.Hour), "")
+		yes := true
+		if _, err := db.UpdateLocker(ctx, "lk-SN-1", nil, &yes); err != nil {
+			t.Fatal(err)
+		}
+		r, err := db.Register(ctx, h, provisioning.Registration{DeviceID: "lk-new", SecretHash: provisioning.HashSecret("new"), Request: req("SN-1"), At: time.Now()})
+		if err != nil || !r.Replaced || r.DeviceID != "lk-SN-1" || r.KeyGen != 2 {
+			t.Fatalf("got %+v, %v", r, err)
+		}
+		a, err := db.DeviceAuth(ctx, "lk-SN-1")
+		if err != nil || string(a.SecretHash) != string(provisioning.HashSecret("new")) {
+			t.Fatalf("secret not replaced: %v", err)
+		}
+		l, _ := db.GetLocker(ctx, "lk-SN-1")
+		if l.Replaceable {
+			t.Fatal("replaceable flag not cleared")
+		}
+	})
+	t.Run("UsesRecorded", func(t *testing.T) {
+		var n int
+		if err := db.Pool().QueryRow(ctx, "SELECT count(*) FROM claim_uses WHERE claim_id = 'ok'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if got, want := n, 4; got != want { // ok, serial_taken, ok, exhausted
+			t.Fatalf("claim uses: got %d, want %d", got, want)
+		}
+	})
+}
+
+func TestCommands(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-C", 4)
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	mk := func(cid string, exp time.Time) {
+		if err := db.CreateCommand(ctx, &fleet.Command{ID: cid, DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: exp}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("c1", now.Add(time.Minute))
+	mk("c2", now.Add(-time.Second))
+	mk("c3", now.Add(time.Second))
+	t.Run("SentThenOK", func(t *testing.T) {
+		if ok, err := db.MarkCommandSent(ctx, "c1", now); !ok || err != nil {
+			t.Fatalf("mark sent: %v %v", ok, err)
+		}
+		if ok, _ := db.MarkCommandSent(ctx, "c1", now); ok {
+			t.Fatal("second mark sent succeeded")
+		}
+		c, err := db.CompleteCommand(ctx, id, "c1", "ok", "", now)
+		if err != nil || c.Status != "ok" || c.DoneAt == nil {
+			t.Fatalf("complete: %+v %v", c, err)
+		}
+		if _, err := db.CompleteCommand(ctx, id, "c1", "failed", "x", now); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("second answer: got %v, want ErrNotFound", err)
+		}
+	})
+	t.Run("OtherDevicesAnswerIgnored", func(t *testing.T) {
+		if _, err := db.CompleteCommand(ctx, "lk-other", "c3", "ok", "", now); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("got %v, want ErrNotFound", err)
+		}
+	})
+	t.Run("Open", func(t *testing.T) {
+		cs, err := db.OpenCommands(ctx, id, now)
+		if err != nil || len(cs) != 1 || cs[0].ID != "c3" {
+			t.Fatalf("open: %+v %v", cs, err)
+		}
+	})
+	t.Run("Expire", func(t *testing.T) {
+		cs, err := db.ExpireCommands(ctx, now, 5*time.Second)
+		if err != nil || len(cs) != 1 || cs[0].ID != "c2" || cs[0].Status != fleet.CmdExpired {
+			t.Fatalf("expire: %+v %v", cs, err)
+		}
+		db.MarkCommandSent(ctx, "c3", now)
+		cs, err = db.ExpireCommands(ctx, now.Add(10*time.Second), 5*time.Second)
+		if err != nil || len(cs) != 1 || cs[0].Status != fleet.CmdTimedOut {
+			t.Fatalf("time out: %+v %v", cs, err)
+		}
+	})
+}
+
+func TestIngest(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-I", 4)
+	now := time.Now().UTC()
+	if err := db.EnsurePartitions(ctx, now.AddDate(0, 0, -1), 2); err != nil {
+		t.Fatal(err)
+	}
+	t.Run("HealthLatestAndGaps", func(t *testing.T) {
+		var batch []fleet.HealthRecord
+		for _, seq := range []int64{1, 2, 5} {
+			body := fmt.Sprintf(`{"ts":"2026-01-01T00:00:00.000Z","seq":%d,"uptime_s":1}`, seq)
+			batch = append(batch, fleet.HealthRecord{DeviceID: id, ReceivedAt: now, TS: now, Seq: seq, Body: json.RawMessage(body)})
+		}
+		if err := db.InsertHealth(ctx, batch[:2]); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.InsertHealth(ctx, batch[2:]); err != nil {
+			t.Fatal(err)
+		}
+		l, _ := db.GetLocker(ctx, id)
+		var h struct{ Seq int64 }
+		json.Unmarshal(l.Health, &h)
+		if h.Seq != 5 || l.HealthGaps != 2 {
+			t.Fatalf("latest seq %d gaps %d, want 5 and 2", h.Seq, l.HealthGaps)
+		}
+		hs, err := db.ListHealth(ctx, id, fleet.Range{})
+		if err != nil || len(hs) != 3 {
+			t.Fatalf("list: %d %v", len(hs), err)
+		}
+	})
+	t.Run("EventsOnce", func(t *testing.T) {
+		occ := true
+		body, _ := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(now), Type: "door_closed", Compartment: 2, Occupied: &occ})
+		e := fleet.EventRecord{DeviceID: id, EventID: "e-1", ReceivedAt: now, TS: now, Type: "door_closed", Compartment: 2, Body: body}
+		fresh, err := db.InsertEvents(ctx, []fleet.EventRecord{e, e})
+		if err != nil || len(fresh) != 1 {
+			t.Fatalf("first: %d %v", len(fresh), err)
+		}
+		fresh, err = db.InsertEvents(ctx, []fleet.EventRecord{e})
+		if err != nil || len(fresh) != 0 {
+			t.Fatalf("repeat: %d %v", len(fresh), err)
+		}
+		es, _ := db.ListEvents(ctx, id, fleet.Range{})
+		if len(es) != 1 {
+			t.Fatalf("stored %d events, want 1", len(es))
+		}
+		l, _ := db.GetLocker(ctx, id)
+		if c := l.Compartments[1]; !c.Occupied || c.Door != "closed" {
+			t.Fatalf("compartment 2: %+v", c)
+		}
+	})
+	t.Run("Retention", func(t *testing.T) {
+		dropped, err := db.DropPartitionsBefore(ctx, now.AddDate(0, 0, 1).Truncate(24*time.Hour))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(dropped) != 4 { // health and events, yesterday and today
+			t.Fatalf("dropped %v", dropped)
+		}
+		hs, _ := db.ListHealth(ctx, id, fleet.Range{})
+		if len(hs) != 0 {
+			t.Fatalf("%d health rows survived retention", len(hs))
+		}
+	})
+}
+
+func TestPresence(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-P", 1)
+	t0 := time.Now().UTC()
+	if err := db.MarkOnline(ctx, id, t0); err != nil {
+		t.Fatal(err)
+	}
+	// A takeover: the new session starts, then the old one's end arrives with
+	// an earlier time. The locker stays online.
+	if err := db.MarkOnline(ctx, id, t0.Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.MarkOffline(ctx, id, "takeover", t0.Add(500*time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	l, _ := db.GetLocker(ctx, id)
+	if !l.Online || l.ConnectCount != 2 {
+		t.Fatalf("after takeover: online %v connects %d", l.Online, l.ConnectCount)
+	}
+	if err := db.MarkOffline(ctx, id, "keepalive", t0.Add(2*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	l, _ = db.GetLocker(ctx, id)
+	if l.Online || l.DisconnectReason != "keepalive" {
+		t.Fatalf("after disconnect: %+v", l)
+	}
+}

@@ -1,0 +1,342 @@
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+const lockerCols = `d.id, d.serial, d.site, d.model, d.fw, d.online, d.disabled, d.replaceable, d.boot_id,
+	d.last_seen, d.connected_at, d.disconnected_at, d.disconnect_reason, d.connect_count, d.health, d.health_at,
+	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at`
+
+func scanLocker(row pgx.Row) (*fleet.Locker, error) {
+	var l fleet.Locker
+	var health []byte
+	err := row.Scan(&l.ID, &l.Serial, &l.Site, &l.Model, &l.FW, &l.Online, &l.Disabled, &l.Replaceable, &l.BootID,
+		&l.LastSeen, &l.ConnectedAt, &l.DisconnectedAt, &l.DisconnectReason, &l.ConnectCount, &health, &l.HealthAt,
+		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	if health != nil {
+		l.Health = json.RawMessage(health)
+	}
+	return &l, err
+}
+
+// GetLocker implements fleet.Store.
+func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
+	l, err := scanLocker(db.pool.QueryRow(ctx, "SELECT "+lockerCols+" FROM devices d WHERE d.id = $1", id))
+	if err != nil {
+		return nil, err
+	}
+	rows, err := db.pool.Query(ctx, `SELECT n, size, zone, in_service, occupied, door FROM compartments
+		WHERE device_id = $1 ORDER BY n`, id)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c fleet.Compartment
+		if err := rows.Scan(&c.N, &c.Size, &c.Zone, &c.InService, &c.Occupied, &c.Door); err != nil {
+			return nil, err
+		}
+		l.Compartments = append(l.Compartments, c)
+	}
+	return l, rows.Err()
+}
+
+// ListLockers implements fleet.Store.
+func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Locker, error) {
+	var where []string
+	var args []any
+	add := func(cond string, v any) {
+		args = append(args, v)
+		where = append(where, fmt.Sprintf(cond, len(args)))
+	}
+	add("d.id > $%d", f.After)
+	if f.Site != "" {
+		add("d.site = $%d", f.Site)
+	}
+	if f.Model != "" {
+		add("d.model = $%d", f.Model)
+	}
+	if f.FW != "" {
+		add("d.fw = $%d", f.FW)
+	}
+	if f.Online != nil {
+		add("d.online = $%d", *f.Online)
+	}
+	args = append(args, limit(f.Limit))
+	q := fmt.Sprintf("SELECT %s FROM devices d WHERE %s ORDER BY d.id LIMIT $%d", lockerCols, strings.Join(where, " AND "), len(args))
+	rows, err := db.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []fleet.Locker
+	for rows.Next() {
+		l, err := scanLocker(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *l)
+	}
+	return out, rows.Err()
+}
+
+// UpdateLocker sets a locker's disabled and replaceable flags (nil leaves one as is).
+func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error) {
+	tag, err := db.pool.Exec(ctx, `UPDATE devices SET disabled = coalesce($2, disabled),
+		replaceable = coalesce($3, replaceable) WHERE id = $1`, id, disabled, replaceable)
+	if err != nil {
+		return nil, err
+	}
+	if tag.RowsAffected() == 0 {
+		return nil, fleet.ErrNotFound
+	}
+	return db.GetLocker(ctx, id)
+}
+
+// MarkOnline implements fleet.Store.
+func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
+	_, err := db.pool.Exec(ctx, `
+		WITH d AS (
+			UPDATE devices SET online = true, connected_at = $2, last_seen = $2,
+				connect_count = connect_count + 1, disconnect_reason = ''
+			WHERE id = $1 RETURNING id)
+		INSERT INTO presence_log (device_id, ts, online) SELECT id, $2, true FROM d`, id, at)
+	return err
+}
+
+// MarkOffline implements fleet.Store. A session that ended before the
+// current one started (a takeover's old session, a late Last Will) changes nothing.
+func (db *DB) MarkOffline(ctx context.Context, id, reason string, at time.Time) error {
+	_, err := db.pool.Exec(ctx, `
+		WITH d AS (
+			UPDATE devices SET online = false, disconnected_at = $2, disconnect_reason = $3
+			WHERE id = $1 AND online AND (connected_at IS NULL OR connected_at <= $2) RETURNING id)
+		INSERT INTO presence_log (device_id, ts, online, reason) SELECT id, $2, false, $3 FROM d`, id, at, reason)
+	return err
+}
+
+// RecordBirth implements fleet.Store.
+func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error {
+	_, err := db.pool.Exec(ctx, `UPDATE devices SET fw = $2, model = coalesce(nullif($3, ''), model),
+		boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0 WHERE id = $1`, id, p.FW, p.Model, p.BootID, at)
+	return err
+}
+
+// Retained implements fleet.Store.
+func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
+	var r fleet.Retained
+	err := db.pool.QueryRow(ctx, "SELECT config_version, creds_version FROM devices WHERE id = $1", id).
+		Scan(&r.Config.Version, &r.Creds.Version)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	r.Creds.TS = protocol.Now()
+	r.Creds.Creds = []protocol.Credential{}
+	return &r, nil
+}
+
+// AckCreds implements fleet.Store.
+func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
+	_, err := db.pool.Exec(ctx, "UPDATE devices SET creds_acked = greatest(creds_acked, $2) WHERE id = $1", id, version)
+	return err
+}
+
+// InsertHealth implements fleet.Store: rows by COPY, latest health per
+// locker in one UPDATE.
+func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"health"}, []string{"device_id", "received_at", "ts", "seq", "body"},
+			pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
+				h := &batch[i]
+				return []any{h.DeviceID, h.ReceivedAt, h.TS, h.Seq, string(h.Body)}, nil
+			}))
+		if err != nil {
+			return fmt.Errorf("copy health: %w", err)
+		}
+		// Latest per locker only (a batch may hold several of one locker).
+		latest := make(map[string]int, len(batch))
+		for i := range batch {
+			latest[batch[i].DeviceID] = i
+		}
+		ids := make([]string, 0, len(latest))
+		bodies := make([]string, 0, len(latest))
+		ats := make([]time.Time, 0, len(latest))
+		seqs := make([]int64, 0, len(latest))
+		for _, i := range latest {
+			ids = append(ids, batch[i].DeviceID)
+			bodies = append(bodies, string(batch[i].Body))
+			ats = append(ats, batch[i].ReceivedAt)
+			seqs = append(seqs, batch[i].Seq)
+		}
+		_, err = tx.Exec(ctx, `
+			UPDATE devices d SET health = u.body::jsonb, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
+				health_gaps = d.health_gaps + CASE WHEN d.health_seq > 0 AND u.seq > d.health_seq + 1
+					THEN u.seq - d.health_seq - 1 ELSE 0 END,
+				health_seq = u.seq
+			FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) AS u(id, body, at, seq)
+			WHERE d.id = u.id`, ids, bodies, ats, seqs)
+		if err != nil {
+			return fmt.Errorf("update latest health: %w", err)
+		}
+		return nil
+	})
+}
+
+// InsertEvents implements fleet.Store.
+func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fleet.EventRecord, error) {
+	var fresh []fleet.EventRecord
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		fresh = fresh[:0]
+		ids := make([]string, len(batch))
+		eids := make([]string, len(batch))
+		ats := make([]time.Time, len(batch))
+		for i, e := range batch {
+			ids[i], eids[i], ats[i] = e.DeviceID, e.EventID, e.ReceivedAt
+		}
+		rows, err := tx.Query(ctx, `
+			INSERT INTO event_ids (device_id, event_id, received_at)
+			SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+			ON CONFLICT DO NOTHING RETURNING device_id, event_id`, ids, eids, ats)
+		if err != nil {
+			return fmt.Errorf("dedupe events: %w", err)
+		}
+		isNew := make(map[[2]string]bool, len(batch))
+		for rows.Next() {
+			var k [2]string
+			if err := rows.Scan(&k[0], &k[1]); err != nil {
+				return err
+			}
+			isNew[k] = true
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		for _, e := range batch {
+			k := [2]string{e.DeviceID, e.EventID}
+			if isNew[k] {
+				fresh = append(fresh, e)
+				delete(isNew, k) // the same event twice in one batch counts once
+			}
+		}
+		if len(fresh) == 0 {
+			return nil
+		}
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"events"},
+			[]string{"device_id", "event_id", "received_at", "ts", "type", "compartment", "body"},
+			pgx.CopyFromSlice(len(fresh), func(i int) ([]any, error) {
+				e := &fresh[i]
+				var comp *int
+				if e.Compartment > 0 {
+					comp = &e.Compartment
+				}
+				return []any{e.DeviceID, e.EventID, e.ReceivedAt, e.TS, e.Type, comp, string(e.Body)}, nil
+			})); err != nil {
+			return fmt.Errorf("copy events: %w", err)
+		}
+		return applyEvents(ctx, tx, fresh)
+	})
+	return fresh, err
+}
+
+// applyEvents updates compartment state from door events, in order.
+func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) error {
+	b := &pgx.Batch{}
+	for _, e := range events {
+		if e.Compartment < 1 {
+			continue
+		}
+		var ev protocol.Event
+		if err := json.Unmarshal(e.Body, &ev); err != nil {
+			continue
+		}
+		switch ev.Type {
+		case protocol.EventDoorOpened:
+			b.Queue("UPDATE compartments SET door = 'open', updated_at = $3 WHERE device_id = $1 AND n = $2", e.DeviceID, e.Compartment, e.ReceivedAt)
+		case protocol.EventDoorClosed:
+			b.Queue("UPDATE compartments SET door = 'closed', occupied = $4, updated_at = $3 WHERE device_id = $1 AND n = $2",
+				e.DeviceID, e.Compartment, e.ReceivedAt, ev.Occupied != nil && *ev.Occupied)
+		case protocol.EventDoorAjar:
+			b.Queue("UPDATE compartments SET door = 'ajar', updated_at = $3 WHERE device_id = $1 AND n = $2", e.DeviceID, e.Compartment, e.ReceivedAt)
+		}
+	}
+	if b.Len() == 0 {
+		return nil
+	}
+	return tx.SendBatch(ctx, b).Close()
+}
+
+// ListHealth implements fleet.Store.
+func (db *DB) ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error) {
+	rows, err := db.pool.Query(ctx, `SELECT device_id, received_at, ts, seq, body FROM health
+		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 ORDER BY received_at LIMIT $4`,
+		id, r.Since, untilOr(r.Until), limit(r.Limit))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.HealthRecord, error) {
+		var h fleet.HealthRecord
+		var body []byte
+		err := row.Scan(&h.DeviceID, &h.ReceivedAt, &h.TS, &h.Seq, &body)
+		h.Body = body
+		return h, err
+	})
+}
+
+// ListEvents implements fleet.Store.
+func (db *DB) ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error) {
+	rows, err := db.pool.Query(ctx, `SELECT device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body FROM events
+		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 ORDER BY received_at LIMIT $4`,
+		id, r.Since, untilOr(r.Until), limit(r.Limit))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.EventRecord, error) {
+		var e fleet.EventRecord
+		var body []byte
+		err := row.Scan(&e.DeviceID, &e.EventID, &e.ReceivedAt, &e.TS, &e.Type, &e.Compartment, &body)
+		e.Body = body
+		return e, err
+	})
+}
+
+func untilOr(t time.Time) time.Time {
+	if t.IsZero() {
+		return time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)
+	}
+	return t
+}
+
+// RaiseAlert implements fleet.Store.
+func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) error {
+	var comp *int
+	if a.Compartment > 0 {
+		comp = &a.Compartment
+	}
+	_, err := db.pool.Exec(ctx, `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at) VALUES ($1, $2, $3, $4, $5)`,
+		a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt)
+	return err
+}
+
+// MarkSiteReplaceable marks every locker of a site replaceable, so that their
+// serials can provision again (the demo's simulator keeps no identities).
+func (db *DB) MarkSiteReplaceable(ctx context.Context, site string) error {
+	_, err := db.pool.Exec(ctx, `UPDATE devices SET replaceable = true WHERE site = $1`, site)
+	return err
+}

@@ -1,0 +1,199 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+const claimCols = `id, site, max_uses, uses, serial_pattern, expires_at, revoked_at, created_at, created_by`
+
+func scanClaim(row pgx.Row) (*provisioning.Claim, error) {
+	var c provisioning.Claim
+	err := row.Scan(&c.ID, &c.Site, &c.MaxUses, &c.Used, &c.SerialPattern, &c.ExpiresAt, &c.RevokedAt, &c.CreatedAt, &c.CreatedBy)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, provisioning.ErrNotFound
+	}
+	return &c, err
+}
+
+// CreateClaim implements provisioning.Store.
+func (db *DB) CreateClaim(ctx context.Context, c *provisioning.Claim, hash []byte) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `INSERT INTO claims (id, hash, site, max_uses, serial_pattern, expires_at, created_at, created_by)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`, c.ID, hash, c.Site, c.MaxUses, c.SerialPattern, c.ExpiresAt, c.CreatedAt, c.CreatedBy)
+		if isFKViolation(err) {
+			return fmt.Errorf("site %s: %w", c.Site, fleet.ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		return audit(ctx, tx, fleet.AuditEntry{Actor: c.CreatedBy, Action: "claim.create", Site: c.Site,
+			Detail: map[string]any{"claim": c.ID, "uses": c.MaxUses, "expires_at": c.ExpiresAt}})
+	})
+}
+
+// ListClaims implements provisioning.Store.
+func (db *DB) ListClaims(ctx context.Context, site, after string, n int) ([]provisioning.Claim, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+claimCols+` FROM claims WHERE id > $1 AND ($2 = '' OR site = $2)
+		ORDER BY id LIMIT $3`, after, site, limit(n))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []provisioning.Claim
+	for rows.Next() {
+		c, err := scanClaim(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *c)
+	}
+	return out, rows.Err()
+}
+
+// GetClaim implements provisioning.Store.
+func (db *DB) GetClaim(ctx context.Context, id string) (*provisioning.Claim, error) {
+	return scanClaim(db.pool.QueryRow(ctx, `SELECT `+claimCols+` FROM claims WHERE id = $1`, id))
+}
+
+// RevokeClaim implements provisioning.Store.
+func (db *DB) RevokeClaim(ctx context.Context, id, actor string, at time.Time) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var site string
+		err := tx.QueryRow(ctx, `UPDATE claims SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 RETURNING site`, id, at).Scan(&site)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return provisioning.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "claim.revoke", Site: site, Detail: map[string]any{"claim": id}})
+	})
+}
+
+// ClaimByHash implements provisioning.Store.
+func (db *DB) ClaimByHash(ctx context.Context, hash []byte) (*provisioning.Claim, error) {
+	c, err := scanClaim(db.pool.QueryRow(ctx, `SELECT `+claimCols+` FROM claims WHERE hash = $1 AND revoked_at IS NULL`, hash))
+	if errors.Is(err, provisioning.ErrNotFound) {
+		return nil, provisioning.ErrUnknownClaim
+	}
+	return c, err
+}
+
+// Register implements provisioning.Store.
+func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Registration) (*provisioning.Registered, error) {
+	var out *provisioning.Registered
+	var refusal error
+	req := r.Request
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		out, refusal = nil, nil
+		c, err := scanClaim(tx.QueryRow(ctx, `SELECT `+claimCols+` FROM claims WHERE hash = $1 AND revoked_at IS NULL FOR UPDATE`, claimHash))
+		if errors.Is(err, provisioning.ErrNotFound) {
+			refusal = provisioning.ErrUnknownClaim
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		record := func(outcome, deviceID string) error {
+			_, err := tx.Exec(ctx, `INSERT INTO claim_uses (claim_id, ts, serial, device_id, outcome) VALUES ($1, $2, $3, nullif($4, ''), $5)`,
+				c.ID, r.At, req.Serial, deviceID, outcome)
+			return err
+		}
+		switch {
+		case !r.At.Before(c.ExpiresAt):
+			refusal = provisioning.ErrClaimExpired
+		case c.Used >= c.MaxUses:
+			refusal = provisioning.ErrClaimExhausted
+		case !provisioning.SerialAllowed(c.SerialPattern, req.Serial):
+			refusal = provisioning.ErrSerialRefused
+		}
+		if refusal != nil {
+			return record(refusalOutcome(refusal), "")
+		}
+		var existing string
+		var replaceable bool
+		var gen int
+		err = tx.QueryRow(ctx, `SELECT id, replaceable, key_gen FROM devices WHERE serial = $1 FOR UPDATE`, req.Serial).Scan(&existing, &replaceable, &gen)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
+			_, err = tx.Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, key_gen) VALUES ($1, $2, $3, $4, $5, $6, 1)`,
+				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
+		case err != nil:
+			return err
+		case !replaceable:
+			refusal = provisioning.ErrSerialTaken
+			return record(refusalOutcome(refusal), existing)
+		default:
+			out = &provisioning.Registered{DeviceID: existing, KeyGen: gen + 1, Site: c.Site, Replaced: true}
+			_, err = tx.Exec(ctx, `UPDATE devices SET secret_hash = $2, key_gen = $3, replaceable = false, site = $4,
+				model = $5, fw = $6, creds_acked = -1 WHERE id = $1`, existing, r.SecretHash, gen+1, c.Site, req.Model, req.FW)
+			if err == nil {
+				_, err = tx.Exec(ctx, `DELETE FROM compartments WHERE device_id = $1`, existing)
+			}
+		}
+		if err != nil {
+			return err
+		}
+		ns := make([]int32, len(req.Compartments))
+		sizes := make([]string, len(req.Compartments))
+		zones := make([]string, len(req.Compartments))
+		for i, cs := range req.Compartments {
+			ns[i], sizes[i], zones[i] = int32(cs.N), cs.Size, cs.Zone
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone)
+			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])`, out.DeviceID, ns, sizes, zones); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE claims SET uses = uses + 1 WHERE id = $1`, c.ID); err != nil {
+			return err
+		}
+		action := "provision"
+		if out.Replaced {
+			action = "provision.replace"
+		}
+		if err := record(action, out.DeviceID); err != nil {
+			return err
+		}
+		return audit(ctx, tx, fleet.AuditEntry{Actor: "claim:" + c.ID, Action: action, Locker: out.DeviceID, Site: c.Site,
+			Detail: map[string]any{"serial": req.Serial, "model": req.Model, "fw": req.FW}})
+	})
+	if err != nil {
+		return nil, fmt.Errorf("register %s: %w", req.Serial, err)
+	}
+	if refusal != nil {
+		return nil, refusal
+	}
+	return out, nil
+}
+
+func refusalOutcome(err error) string {
+	switch {
+	case errors.Is(err, provisioning.ErrClaimExpired):
+		return "claim_expired"
+	case errors.Is(err, provisioning.ErrClaimExhausted):
+		return "claim_exhausted"
+	case errors.Is(err, provisioning.ErrSerialTaken):
+		return "serial_taken"
+	default:
+		return "invalid"
+	}
+}
+
+// DeviceAuth implements provisioning.Store.
+func (db *DB) DeviceAuth(ctx context.Context, id string) (*provisioning.DeviceAuth, error) {
+	var a provisioning.DeviceAuth
+	err := db.pool.QueryRow(ctx, `SELECT secret_hash, disabled FROM devices WHERE id = $1`, id).Scan(&a.SecretHash, &a.Disabled)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, provisioning.ErrUnknownDevice
+	}
+	return &a, err
+}
