@@ -1,0 +1,174 @@
+package broker
+
+import (
+	"testing"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+const aclDenied = "lockergate_mqtt_acl_denied_total"
+
+// TestDeviceACL is the topic half of the attack suite for a device session.
+func TestDeviceACL(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/#")
+	seenProv := h.subscribe(t, "provision/#")
+	a := h.mustDialDevice(t, "A")
+
+	t.Run("ForbiddenSubscribe", func(t *testing.T) {
+		filters := []string{
+			"#", "+/#", "lockers/#", "lockers/v1/+/cmd", "lockers/v1/+/creds",
+			"lockers/v1/B/cmd", "lockers/v1/B/creds", "lockers/v1/B/events",
+			"lockers/v1/A/#", "lockers/v1/A/+", "lockers/v1/A/events", "lockers/v1/A/cmd/result",
+			"lockers/v1/A/nope", "$SYS/#", "$SYS/broker/clients/connected",
+			"$share/g/lockers/v1/A/cmd", "provision/#", "provision/v1/SN1/response",
+		}
+		for _, f := range filters {
+			if got := a.subscribeResult(t, f, 1); got != 0x80 {
+				t.Errorf("subscribe %q: SUBACK %#x, want 0x80 (refused)", f, got)
+			}
+		}
+		if got := h.metric(t, aclDenied, "action", "subscribe"); got != float64(len(filters)) {
+			t.Errorf("acl_denied{subscribe} = %v, want %d", got, len(filters))
+		}
+	})
+
+	t.Run("AllowedSubscribe", func(t *testing.T) {
+		for _, f := range []string{"lockers/v1/A/cmd", "lockers/v1/A/creds", "lockers/v1/A/config", "lockers/v1/A/fw/job"} {
+			if got := a.subscribeResult(t, f, 1); got != 1 {
+				t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
+			}
+		}
+	})
+
+	t.Run("ForbiddenPublish", func(t *testing.T) {
+		before := h.metric(t, aclDenied, "action", "publish")
+		topics := []string{
+			"lockers/v1/B/events", "lockers/v1/B/cmd/result", "lockers/v1/B/presence", "lockers/v1/B/health",
+			"lockers/v1/A/cmd", "lockers/v1/A/creds", "lockers/v1/A/config", "lockers/v1/A/fw/job",
+			"lockers/v1/A/nope", "lockers/v1/A", "lockers/v1/A/events/x",
+			"provision/v1/SN1/request", "provision/v1/SN1/response", "anything",
+		}
+		for _, topic := range topics {
+			a.mustPublish(t, topic, 0, []byte(`{"forged":true}`))
+		}
+		// The client's packets are handled in order: once the marker arrives,
+		// every forbidden publish before it has been judged.
+		a.mustPublish(t, "lockers/v1/A/events", 0, []byte(`{"marker":true}`))
+		waitFor(t, "marker", func() bool { return len(seen.get()) == 1 })
+		if got := seen.topics(); len(got) != 1 || got[0] != "lockers/v1/A/events" {
+			t.Errorf("inline subscriber saw %v, want only the marker", got)
+		}
+		if got := seenProv.topics(); len(got) != 0 {
+			t.Errorf("provisioning topics saw %v, want nothing", got)
+		}
+		if got := h.metric(t, aclDenied, "action", "publish") - before; got != float64(len(topics)) {
+			t.Errorf("acl_denied{publish} rose by %v, want %d", got, len(topics))
+		}
+	})
+
+	t.Run("ForbiddenQoS1PublishDisconnectsMQTT311", func(t *testing.T) {
+		b := h.mustDialDevice(t, "B")
+		b.Publish("lockers/v1/A/events", 1, false, []byte(`{"forged":true}`)) // no PUBACK will come
+		b.waitLost(t)
+		h.waitMetric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonNotAuthorized, 1)
+	})
+
+	t.Run("OwnCommandsDelivered", func(t *testing.T) {
+		if err := h.b.Publish(t.Context(), "lockers/v1/B/cmd", []byte(`{"id":"c-b"}`), 1, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-a"}`), 1, false); err != nil {
+			t.Fatal(err)
+		}
+		m := a.nextMessage(t)
+		if m.Topic() != "lockers/v1/A/cmd" || string(m.Payload()) != `{"id":"c-a"}` {
+			t.Errorf("device A got %s %s, want its own command", m.Topic(), m.Payload())
+		}
+	})
+}
+
+// TestMQTT5ACL checks the negative acknowledgements MQTT 5 clients get.
+func TestMQTT5ACL(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	r := dialRaw(t, h.addr, 5)
+	if ack := r.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	id := r.publish("lockers/v1/B/events", 1, []byte(`{}`))
+	ack := r.mustRead(packets.Puback)
+	if ack.PacketID != id || ack.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Errorf("PUBACK id %d code %#x, want id %d code %#x", ack.PacketID, ack.ReasonCode, id, packets.ErrNotAuthorized.Code)
+	}
+	sub := r.subscribe("lockers/v1/B/cmd", 1)
+	if len(sub.ReasonCodes) != 1 || sub.ReasonCodes[0] != packets.ErrNotAuthorized.Code {
+		t.Errorf("SUBACK codes %v, want [%#x]", sub.ReasonCodes, packets.ErrNotAuthorized.Code)
+	}
+	// Still connected: an allowed publish is acknowledged.
+	id = r.publish("lockers/v1/A/events", 1, []byte(`{}`))
+	if ack := r.mustRead(packets.Puback); ack.PacketID != id || ack.ReasonCode != 0 {
+		t.Errorf("PUBACK id %d code %#x, want id %d code 0", ack.PacketID, ack.ReasonCode, id)
+	}
+}
+
+// TestClaimACL is the topic half of the attack suite for a claim session.
+func TestClaimACL(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "#")
+	p := h.mustDial(t, "prov-SN1", "claim", claimToken)
+
+	filters := []string{"#", "provision/#", "provision/v1/+/response", "provision/v1/SN2/response",
+		"provision/v1/SN1/request", "lockers/v1/A/cmd", "lockers/v1/SN1/cmd", "lockers/v1/+/creds", "$SYS/#"}
+	for _, f := range filters {
+		if got := p.subscribeResult(t, f, 1); got != 0x80 {
+			t.Errorf("subscribe %q: SUBACK %#x, want 0x80", f, got)
+		}
+	}
+	if got := p.subscribeResult(t, "provision/v1/SN1/response", 1); got != 1 {
+		t.Errorf("own response topic: SUBACK %#x, want 1", got)
+	}
+
+	topics := []string{"lockers/v1/A/events", "lockers/v1/SN1/presence", "provision/v1/SN2/request",
+		"provision/v1/SN1/response", "provision/v1/SN1/request/x"}
+	for _, topic := range topics {
+		p.mustPublish(t, topic, 0, []byte(`{"forged":true}`))
+	}
+	h.waitMetric(t, aclDenied, "action", "publish", float64(len(topics)))
+	for _, m := range seen.get() {
+		if m.ClientID == "prov-SN1" {
+			t.Errorf("claim session's publish reached a subscriber: %s", m.Topic)
+		}
+	}
+	if got := h.metric(t, aclDenied, "action", "subscribe"); got != float64(len(filters)) {
+		t.Errorf("acl_denied{subscribe} = %v, want %d", got, len(filters))
+	}
+	if h.prov.callCount() != 0 {
+		t.Error("forbidden publishes reached the provisioner")
+	}
+}
+
+func TestIdentify(t *testing.T) {
+	tests := []struct {
+		id, user string
+		kind     kind
+		subject  string
+	}{
+		{"A", "A", kindDevice, "A"},
+		{"A", "B", kindNone, ""},
+		{"prov-SN1", "claim", kindProvision, "SN1"},
+		{"prov-SN1", "prov-SN1", kindNone, ""},
+		{"claim", "claim", kindDevice, "claim"},
+		{"inline", "inline", kindNone, ""},
+		{"a/b", "a/b", kindNone, ""},
+		{"", "", kindNone, ""},
+	}
+	for _, tc := range tests {
+		cl := &mqtt.Client{ID: tc.id}
+		cl.Properties.Username = []byte(tc.user)
+		k, s := identify(cl)
+		if k != tc.kind || s != tc.subject {
+			t.Errorf("identify(%q, %q) = %v %q, want %v %q", tc.id, tc.user, k, s, tc.kind, tc.subject)
+		}
+	}
+}

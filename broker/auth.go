@@ -1,0 +1,495 @@
+package broker
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Device authentication outcome reasons (used as metric labels and logs).
+var (
+	ErrUnknownDevice = errors.New("unknown device")
+	ErrBadSecret     = errors.New("bad secret")
+	ErrDisabled      = errors.New("device disabled")
+	ErrUnknownClaim  = errors.New("unknown or revoked claim")
+)
+
+// Authenticator checks CONNECT credentials. The broker caches positive device
+// results for Options.AuthCacheTTL, so an implementation may be slow.
+type Authenticator interface {
+	// AuthDevice returns nil when id is a known, enabled device whose secret
+	// is password; otherwise ErrUnknownDevice, ErrBadSecret or ErrDisabled
+	// (possibly wrapped), or another error when it cannot tell (db down).
+	AuthDevice(ctx context.Context, id string, password []byte) error
+	// AuthClaim returns nil when token names an existing, unrevoked claim.
+	// Expired or exhausted claims are accepted: the provisioning answer tells
+	// the device why it gets no identity. Otherwise ErrUnknownClaim (possibly
+	// wrapped) or another error.
+	AuthClaim(ctx context.Context, token string) error
+}
+
+// Provisioner answers a provisioning request made with a claim token.
+type Provisioner interface {
+	Provision(ctx context.Context, claimToken string, serial string, payload []byte) protocol.ProvisionResponse
+}
+
+// Observer is told about device sessions. For one device, calls alternate
+// DeviceConnected, DeviceDisconnected, DeviceConnected, ... and are made in
+// the order the sessions changed. Calls must return quickly: they run on
+// client goroutines while the broker holds its presence lock.
+type Observer interface {
+	DeviceConnected(id, remoteAddr string)
+	// DeviceDisconnected reports the end of the session last reported
+	// connected; reason is one of the Reason* constants.
+	DeviceDisconnected(id, reason string)
+}
+
+// Refusal reasons: the reason label of lockergate_mqtt_auth_failures_total.
+const (
+	refuseBadCredentials   = "bad_credentials"       // empty credentials or wrong secret
+	refuseUnknownDevice    = "unknown_device"        // no such device
+	refuseDisabled         = "disabled"              // device disabled by an operator
+	refuseClientIDMismatch = "client_id_mismatch"    // username does not match the client id
+	refuseInvalidClientID  = "invalid_client_id"     // not a protocol id or serial, or reserved
+	refuseWillDenied       = "will_denied"           // Last Will on a topic the session may not publish
+	refuseUnknownClaim     = "unknown_claim"         // unknown or revoked claim token
+	refuseNoProvisioning   = "provisioning_disabled" // claim session but no Provisioner configured
+	refuseBackendError     = "backend_error"         // Authenticator failed (db down, timeout)
+	refuseRateLimited      = "rate_limited"          // too many recent failures from the id or address
+)
+
+var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseDisabled,
+	refuseClientIDMismatch, refuseInvalidClientID, refuseWillDenied, refuseUnknownClaim,
+	refuseNoProvisioning, refuseBackendError, refuseRateLimited}
+
+// countsAsFailure reports whether a refusal counts towards rate limiting:
+// wrong or malformed credentials do; our own trouble does not.
+func countsAsFailure(reason string) bool {
+	switch reason {
+	case refuseBackendError, refuseRateLimited, refuseNoProvisioning:
+		return false
+	}
+	return true
+}
+
+// kind is what an authenticated session is.
+type kind uint8
+
+const (
+	kindNone kind = iota
+	kindDevice
+	kindProvision
+)
+
+func (k kind) String() string {
+	switch k {
+	case kindDevice:
+		return "device"
+	case kindProvision:
+		return "provisioning"
+	}
+	return "none"
+}
+
+// identify derives a connected client's identity from its client id and
+// username. authenticate admits a client only when these fields have exactly
+// the shape checked here, so the ACL needs neither a lookup nor the database.
+func identify(cl *mqtt.Client) (kind, string) {
+	if cl.Net.Inline {
+		return kindNone, ""
+	}
+	user := cl.Properties.Username
+	if serial, ok := strings.CutPrefix(cl.ID, protocol.ProvisionClientPrefix); ok {
+		if string(user) == protocol.ProvisionUsername && protocol.ValidSerial(serial) {
+			return kindProvision, serial
+		}
+		return kindNone, ""
+	}
+	if string(user) == cl.ID && validDeviceID(cl.ID) {
+		return kindDevice, cl.ID
+	}
+	return kindNone, ""
+}
+
+// validDeviceID excludes, beyond protocol.ValidID, the names a device can
+// never have: the provisioning client prefix and mochi's inline client.
+func validDeviceID(id string) bool {
+	return protocol.ValidID(id) && id != mqtt.InlineClientId &&
+		!strings.HasPrefix(id, protocol.ProvisionClientPrefix)
+}
+
+// classify checks the shape of a CONNECT without any lookup and returns the
+// session it asks for, or why it cannot be one.
+func classify(clientID string, pk packets.Packet) (k kind, subject, reason string) {
+	user := string(pk.Connect.Username)
+	if user == "" || len(pk.Connect.Password) == 0 {
+		return kindNone, "", refuseBadCredentials
+	}
+	c := pk.Connect
+	if serial, ok := strings.CutPrefix(clientID, protocol.ProvisionClientPrefix); ok {
+		switch {
+		case !protocol.ValidSerial(serial):
+			return kindNone, "", refuseInvalidClientID
+		case user != protocol.ProvisionUsername:
+			return kindNone, "", refuseClientIDMismatch
+		case c.WillFlag: // a claim session has no presence to announce
+			return kindNone, "", refuseWillDenied
+		}
+		return kindProvision, serial, ""
+	}
+	switch {
+	case !validDeviceID(clientID):
+		return kindNone, "", refuseInvalidClientID
+	case user != clientID:
+		return kindNone, "", refuseClientIDMismatch
+	case c.WillFlag && (!protocol.DeviceMayPublish(clientID, c.WillTopic) || len(c.WillPayload) > protocol.MaxPayload):
+		// mochi publishes wills without an ACL check: a will on another
+		// device's topic would be a forged message.
+		return kindNone, "", refuseWillDenied
+	}
+	return kindDevice, clientID, ""
+}
+
+// authenticate is the OnConnectAuthenticate hook.
+//
+// Session takeover: MQTT lets a new connection with a client id replace the
+// live one. That is safe here because both connections had to authenticate as
+// the same identity (client id == username == device id, same secret), so a
+// takeover is the device reconnecting before its old connection was noticed
+// dead, never another party stealing the session.
+func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	now := time.Now()
+	ip := hostOf(cl.Net.Remote)
+	k, subject, reason := classify(cl.ID, pk)
+	var sess *session
+	if reason == "" {
+		switch k {
+		case kindDevice:
+			sess, reason = b.authDevice(cl, subject, pk.Connect.Password, ip, now)
+		case kindProvision:
+			sess, reason = b.authClaim(cl, subject, string(pk.Connect.Password), ip, now)
+		}
+	}
+	if sess == nil {
+		b.refuse(cl, k, reason, ip, now)
+		return false
+	}
+	b.admit(sess)
+	return true
+}
+
+// authDevice checks a device's secret, from the cache when it can.
+//
+// Rate limits guard the backend and slow down guessing; they are checked after
+// the cache, so a device whose secret was verified recently still gets in while
+// someone hammers its id with wrong secrets (device secrets are random and
+// long, so the cache is no practical guessing oracle).
+func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip string, now time.Time) (*session, string) {
+	sum := sha256.Sum256(password)
+	for attempt := 0; attempt < 3; attempt++ {
+		epoch := b.cache.epoch(id)
+		if b.cache.match(id, sum, now) {
+			b.m.authCache.WithLabelValues("hit").Inc()
+		} else {
+			b.m.authCache.WithLabelValues("miss").Inc()
+			if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
+				return nil, refuseRateLimited
+			}
+			if reason := b.checkDevice(id, password); reason != "" {
+				return nil, reason
+			}
+			b.cache.store(id, sum, epoch, now)
+			b.limiter.reset(idKey(cl.ID))
+		}
+		// Register, then look at the epoch again: Kick invalidates first and
+		// then ends registered sessions, so either it sees this session or
+		// this check sees its invalidation and asks the backend again.
+		sess := b.register(cl, kindDevice, id, "")
+		if b.cache.epoch(id) == epoch {
+			return sess, ""
+		}
+		b.unregister(sess)
+	}
+	return nil, refuseBackendError
+}
+
+func (b *Broker) checkDevice(id string, password []byte) string {
+	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
+	defer cancel()
+	start := time.Now()
+	err := b.opts.Auth.AuthDevice(ctx, id, password)
+	b.m.authBackend.Observe(time.Since(start).Seconds())
+	switch {
+	case err == nil:
+		return ""
+	case errors.Is(err, ErrBadSecret):
+		return refuseBadCredentials
+	case errors.Is(err, ErrUnknownDevice):
+		return refuseUnknownDevice
+	case errors.Is(err, ErrDisabled):
+		return refuseDisabled
+	}
+	if b.ctx.Err() == nil {
+		b.log.Warn("mqtt device check failed", "client_id", id, "err", err)
+	}
+	return refuseBackendError
+}
+
+func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.Time) (*session, string) {
+	if b.opts.Provisioner == nil {
+		return nil, refuseNoProvisioning
+	}
+	if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
+		return nil, refuseRateLimited
+	}
+	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
+	defer cancel()
+	start := time.Now()
+	err := b.opts.Auth.AuthClaim(ctx, token)
+	b.m.authBackend.Observe(time.Since(start).Seconds())
+	switch {
+	case err == nil:
+		return b.register(cl, kindProvision, serial, token), ""
+	case errors.Is(err, ErrUnknownClaim):
+		return nil, refuseUnknownClaim
+	}
+	if b.ctx.Err() == nil {
+		b.log.Warn("mqtt claim check failed", "client_id", cl.ID, "err", err)
+	}
+	return nil, refuseBackendError
+}
+
+func (b *Broker) refuse(cl *mqtt.Client, k kind, reason, ip string, now time.Time) {
+	if b.ctx.Err() != nil {
+		return // shutting down: not the client's fault, not worth a metric
+	}
+	b.m.authFailures.WithLabelValues(reason).Inc()
+	if countsAsFailure(reason) {
+		b.limiter.fail(ipKey(ip), b.limiter.ipLimit, now)
+		if k != kindNone { // a malformed id is not worth tracking
+			b.limiter.fail(idKey(cl.ID), b.limiter.idLimit, now)
+		}
+	}
+	if ok, suppressed := b.refusalLog.allow(now); ok {
+		b.log.Warn("mqtt connect refused", "reason", reason, "client_id", logID(cl.ID),
+			"username", logID(string(cl.Properties.Username)), "remote", cl.Net.Remote,
+			"suppressed", suppressed)
+	}
+}
+
+func idKey(clientID string) string { return "id:" + clientID }
+func ipKey(ip string) string       { return "ip:" + ip }
+
+func hostOf(remote string) string {
+	if h, _, err := net.SplitHostPort(remote); err == nil {
+		return h
+	}
+	return remote
+}
+
+// logID bounds attacker-chosen strings before they reach the log.
+func logID(s string) string {
+	const max = 80
+	if len(s) > max {
+		return s[:max] + "..."
+	}
+	return s
+}
+
+// authCache remembers devices whose secret the backend confirmed recently, as
+// id -> sha256(secret). Entries only come from successful checks, so its size
+// is bounded by the fleet; the cap is a backstop.
+type authCache struct {
+	mu      sync.Mutex
+	ttl     time.Duration
+	max     int
+	entries map[string]cacheEntry
+	// epochs count invalidations per stripe of ids. A backend answer is only
+	// cached, and a session only admitted, if no invalidation of its stripe
+	// happened meanwhile: a device disabled during its own check stays out.
+	epochs [64]uint64
+}
+
+type cacheEntry struct {
+	sum     [sha256.Size]byte
+	expires time.Time
+}
+
+func newAuthCache(ttl time.Duration) *authCache {
+	return &authCache{ttl: ttl, max: 1 << 17, entries: make(map[string]cacheEntry)}
+}
+
+func (c *authCache) stripe(id string) *uint64 {
+	h := uint32(2166136261) // FNV-1a
+	for i := 0; i < len(id); i++ {
+		h ^= uint32(id[i])
+		h *= 16777619
+	}
+	return &c.epochs[h%uint32(len(c.epochs))]
+}
+
+func (c *authCache) epoch(id string) uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return *c.stripe(id)
+}
+
+func (c *authCache) match(id string, sum [sha256.Size]byte, now time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.entries[id]
+	if !ok {
+		return false
+	}
+	if !now.Before(e.expires) {
+		delete(c.entries, id)
+		return false
+	}
+	return subtle.ConstantTimeCompare(e.sum[:], sum[:]) == 1
+}
+
+func (c *authCache) store(id string, sum [sha256.Size]byte, epoch uint64, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if *c.stripe(id) != epoch {
+		return
+	}
+	if _, ok := c.entries[id]; !ok && len(c.entries) >= c.max {
+		for k, e := range c.entries {
+			if !now.Before(e.expires) {
+				delete(c.entries, k)
+			}
+		}
+		for k := range c.entries {
+			if len(c.entries) < c.max {
+				break
+			}
+			delete(c.entries, k)
+		}
+	}
+	c.entries[id] = cacheEntry{sum: sum, expires: now.Add(c.ttl)}
+}
+
+func (c *authCache) invalidate(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.entries, id)
+	*c.stripe(id)++
+}
+
+// failLimiter counts refused CONNECTs per client id and per remote address.
+// Reaching the limit within window blocks the key for block: further attempts
+// are refused at once (rate_limited) without asking the backend. The address
+// limit is higher because many lockers may share one (carrier NAT).
+type failLimiter struct {
+	mu      sync.Mutex
+	window  time.Duration
+	block   time.Duration
+	idLimit int
+	ipLimit int
+	max     int
+	m       map[string]*failRecord
+}
+
+type failRecord struct {
+	start time.Time // of the current counting window
+	n     int
+	until time.Time // blocked until
+}
+
+func newFailLimiter() *failLimiter {
+	return &failLimiter{window: time.Minute, block: time.Minute, idLimit: 5, ipLimit: 30,
+		max: 1 << 14, m: make(map[string]*failRecord)}
+}
+
+func (l *failLimiter) blocked(key string, now time.Time) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := l.m[key]
+	return r != nil && now.Before(r.until)
+}
+
+func (l *failLimiter) fail(key string, limit int, now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := l.m[key]
+	if r == nil {
+		l.makeRoom(now)
+		r = &failRecord{start: now}
+		l.m[key] = r
+	}
+	if now.Sub(r.start) > l.window {
+		r.start, r.n = now, 0
+	}
+	r.n++
+	if r.n >= limit {
+		r.until = now.Add(l.block)
+		r.start, r.n = now, 0
+	}
+}
+
+func (l *failLimiter) reset(key string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	delete(l.m, key)
+}
+
+// makeRoom keeps the map bounded: first drop idle records, then arbitrary ones.
+func (l *failLimiter) makeRoom(now time.Time) {
+	if len(l.m) < l.max {
+		return
+	}
+	for k, r := range l.m {
+		if now.Sub(r.start) > l.window && !now.Before(r.until) {
+			delete(l.m, k)
+		}
+	}
+	for k := range l.m {
+		if len(l.m) < l.max-l.max/8 {
+			break
+		}
+		delete(l.m, k)
+	}
+}
+
+// logLimiter is a token bucket for log lines an attacker can trigger.
+type logLimiter struct {
+	mu         sync.Mutex
+	rate       float64 // tokens per second
+	burst      float64
+	tokens     float64
+	last       time.Time
+	suppressed atomic.Int64
+}
+
+func newLogLimiter(rate, burst float64) *logLimiter {
+	return &logLimiter{rate: rate, burst: burst, tokens: burst}
+}
+
+// allow reports whether a line may be logged now, and how many were
+// suppressed since the last one allowed.
+func (l *logLimiter) allow(now time.Time) (bool, int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.last.IsZero() {
+		l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	}
+	l.last = now
+	if l.tokens < 1 {
+		l.suppressed.Add(1)
+		return false, 0
+	}
+	l.tokens--
+	return true, l.suppressed.Swap(0)
+}

@@ -1,0 +1,423 @@
+// Package broker embeds the MQTT broker (mochi-mqtt) that lockers connect to.
+// It owns the listeners (TCP, TLS), authenticates devices and claim sessions,
+// enforces the topic access rules of protocol v1, reports device presence,
+// answers provisioning requests and exports metrics. In process it is the
+// fleet manager's fleet.Bus.
+//
+// Every hook runs on a client's goroutine and receives no context, so the
+// publish path (ACL, OnPublish) never touches the database: identities are
+// established once, at CONNECT, and the ACL is a pure function of the
+// session's identity and the topic (protocol.DeviceMayPublish and friends).
+package broker
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Options configures a Broker. Zero values take the documented defaults.
+type Options struct {
+	TCPAddr   string      // plain MQTT listener, e.g. ":1883" or "127.0.0.1:0"; "" disables it
+	TLSAddr   string      // MQTT over TLS listener, e.g. ":8883"; "" disables it
+	TLSConfig *tls.Config // required when TLSAddr is set
+
+	Auth        Authenticator // required
+	Provisioner Provisioner   // nil: claim sessions are refused
+	Observer    Observer      // may be nil
+	Logger      *slog.Logger  // nil: slog.Default()
+	Registerer  prometheus.Registerer
+
+	MaxClientWritesPending int           // outbound queue per client; default 256
+	MaxSessionExpiry       time.Duration // longest a disconnected persistent session is kept; default 1h
+	ProvisionTimeout       time.Duration // a claim session is disconnected after this; default 30s
+	AuthCacheTTL           time.Duration // how long a positive device check is trusted; default 5m
+}
+
+// Defaults and fixed limits.
+const (
+	DefaultMaxClientWritesPending = 256
+	DefaultMaxSessionExpiry       = time.Hour
+	DefaultProvisionTimeout       = 30 * time.Second
+	DefaultAuthCacheTTL           = 5 * time.Minute
+
+	// MaxPacketSize is the largest MQTT packet accepted: a full protocol
+	// payload plus 1 KiB for the fixed header, topic and properties.
+	MaxPacketSize = protocol.MaxPayload + 1024
+
+	authTimeout          = 5 * time.Second  // one backend credential check
+	provisionCallTimeout = 10 * time.Second // one Provisioner.Provision call, queueing included
+	provisionLinger      = 2 * time.Second  // how long a claim session may stay after its answer
+	provisionConcurrency = 32               // Provision calls in flight
+	connectTimeout       = 10 * time.Second // to finish TLS and send CONNECT after accepting
+	maxKeepalive         = 300              // seconds; larger or zero keep-alives are lowered to this
+	netBufferSize        = 2048             // per-client bufio sizes; device messages are small
+	maxInflight          = 1024             // QoS>0 messages held per client session
+	sysTopicInterval     = 60               // seconds; nobody may read $SYS, keep it cheap
+	closeGrace           = 2 * time.Second  // Close force-closes connections still open after this
+)
+
+// ErrClosed is returned by operations on a closed Broker.
+var ErrClosed = errors.New("broker closed")
+
+// Broker is the embedded MQTT broker.
+type Broker struct {
+	opts   Options
+	log    *slog.Logger
+	server *mqtt.Server
+	m      *metrics
+
+	tcpLn, tlsLn net.Listener
+
+	ctx    context.Context // cancelled by Close: ends backend and provisioning calls
+	cancel context.CancelFunc
+
+	cache                        *authCache
+	limiter                      *failLimiter
+	refusalLog, denyLog, dropLog *logLimiter
+
+	mu       sync.Mutex
+	sessions map[net.Conn]*session // authenticated connections
+
+	presMu   sync.Mutex          // orders Observer calls
+	presence map[string]*session // device id -> the session last reported connected
+
+	connMu  sync.Mutex
+	conns   map[net.Conn]bool // accepted connections; true once a goroutine serves it
+	closing bool
+	connWG  sync.WaitGroup // goroutines serving connections
+
+	provSem chan struct{}
+	provWG  sync.WaitGroup
+
+	subID atomic.Int64
+
+	life      sync.Mutex
+	started   bool
+	closed    bool
+	closeOnce sync.Once
+}
+
+var _ fleet.Bus = (*Broker)(nil)
+
+// New validates opts, builds the mochi server with its hooks and binds the
+// listeners, so address errors surface here rather than in Start.
+func New(opts Options) (*Broker, error) {
+	if opts.Auth == nil {
+		return nil, errors.New("broker: Options.Auth is required")
+	}
+	if opts.TLSAddr != "" && opts.TLSConfig == nil {
+		return nil, errors.New("broker: Options.TLSConfig is required with TLSAddr")
+	}
+	if opts.MaxClientWritesPending <= 0 {
+		opts.MaxClientWritesPending = DefaultMaxClientWritesPending
+	}
+	if opts.MaxClientWritesPending > math.MaxInt32 {
+		return nil, fmt.Errorf("broker: MaxClientWritesPending %d too large", opts.MaxClientWritesPending)
+	}
+	if opts.MaxSessionExpiry <= 0 {
+		opts.MaxSessionExpiry = DefaultMaxSessionExpiry
+	}
+	if opts.ProvisionTimeout <= 0 {
+		opts.ProvisionTimeout = DefaultProvisionTimeout
+	}
+	if opts.AuthCacheTTL <= 0 {
+		opts.AuthCacheTTL = DefaultAuthCacheTTL
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	reg := opts.Registerer
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, fmt.Errorf("broker: register metrics: %w", err)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Broker{
+		opts:       opts,
+		log:        opts.Logger.With("component", "broker"),
+		m:          m,
+		ctx:        ctx,
+		cancel:     cancel,
+		cache:      newAuthCache(opts.AuthCacheTTL),
+		limiter:    newFailLimiter(),
+		refusalLog: newLogLimiter(5, 20),
+		denyLog:    newLogLimiter(1, 5),
+		dropLog:    newLogLimiter(1, 5),
+		sessions:   make(map[net.Conn]*session),
+		presence:   make(map[string]*session),
+		conns:      make(map[net.Conn]bool),
+		provSem:    make(chan struct{}, provisionConcurrency),
+	}
+
+	caps := mqtt.NewDefaultServerCapabilities()
+	caps.MaximumPacketSize = MaxPacketSize
+	caps.MaximumClientWritesPending = int32(opts.MaxClientWritesPending)
+	caps.MaximumSessionExpiryInterval = uint32(min(opts.MaxSessionExpiry/time.Second, math.MaxUint32))
+	caps.MaximumInflight = maxInflight
+	// Retained creds, config and fw/job must outlive a day without traffic;
+	// mochi otherwise force-expires retained and in-flight messages after
+	// 24 h. In-flight messages of offline sessions still go with the session.
+	caps.MaximumMessageExpiryInterval = 0
+	// Inbound topic aliases are not advertised (CONNACK carries none), and an
+	// alias-only PUBLISH would reach the ACL with an empty topic anyway.
+	caps.TopicAliasMaximum = 0
+
+	b.server = mqtt.New(&mqtt.Options{
+		InlineClient:             true,
+		Capabilities:             caps,
+		ClientNetReadBufferSize:  netBufferSize,
+		ClientNetWriteBufferSize: netBufferSize,
+		SysTopicResendInterval:   sysTopicInterval,
+		Logger:                   slog.New(mochiHandler{h: opts.Logger.Handler()}).With("component", "mochi"),
+	})
+	if err := b.server.AddHook(&hook{b: b}, nil); err != nil {
+		cancel()
+		return nil, fmt.Errorf("broker: add hook: %w", err)
+	}
+
+	fail := func(err error) (*Broker, error) {
+		cancel()
+		_ = b.server.Close() // closes the listeners added so far
+		for _, ln := range []net.Listener{b.tcpLn, b.tlsLn} {
+			if ln != nil {
+				_ = ln.Close()
+			}
+		}
+		return nil, err
+	}
+	if opts.TCPAddr != "" {
+		ln, err := net.Listen("tcp", opts.TCPAddr)
+		if err != nil {
+			return fail(fmt.Errorf("broker: listen tcp %s: %w", opts.TCPAddr, err))
+		}
+		b.tcpLn = ln
+		if err := b.addListener("tcp", ln); err != nil {
+			return fail(fmt.Errorf("broker: add tcp listener: %w", err))
+		}
+	}
+	if opts.TLSAddr != "" {
+		ln, err := net.Listen("tcp", opts.TLSAddr)
+		if err != nil {
+			return fail(fmt.Errorf("broker: listen tls %s: %w", opts.TLSAddr, err))
+		}
+		b.tlsLn = ln
+		if err := b.addListener("tls", tls.NewListener(ln, opts.TLSConfig.Clone())); err != nil {
+			return fail(fmt.Errorf("broker: add tls listener: %w", err))
+		}
+	}
+	return b, nil
+}
+
+// Start serves the listeners in the background.
+func (b *Broker) Start() error {
+	b.life.Lock()
+	defer b.life.Unlock()
+	switch {
+	case b.closed:
+		return ErrClosed
+	case b.started:
+		return errors.New("broker: already started")
+	}
+	b.started = true
+	if err := b.server.Serve(); err != nil {
+		return fmt.Errorf("broker: serve: %w", err)
+	}
+	b.log.Info("mqtt broker serving", "tcp", addrString(b.TCPAddr()), "tls", addrString(b.TLSAddr()))
+	return nil
+}
+
+// TCPAddr is the bound address of the plain listener, nil if disabled.
+func (b *Broker) TCPAddr() net.Addr {
+	if b.tcpLn == nil {
+		return nil
+	}
+	return b.tcpLn.Addr()
+}
+
+// TLSAddr is the bound address of the TLS listener, nil if disabled.
+func (b *Broker) TLSAddr() net.Addr {
+	if b.tlsLn == nil {
+		return nil
+	}
+	return b.tlsLn.Addr()
+}
+
+// Close stops the listeners, disconnects every client and waits for their
+// goroutines and pending provisioning calls. It is idempotent.
+func (b *Broker) Close() error {
+	b.closeOnce.Do(func() {
+		b.life.Lock()
+		b.closed = true
+		b.life.Unlock()
+
+		b.cancel() // backend checks and Provision calls return now
+
+		b.connMu.Lock()
+		b.closing = true
+		var pending []net.Conn
+		for c := range b.conns {
+			if b.sessionByConn(c) == nil {
+				pending = append(pending, c) // not past CONNECT: mochi does not know them
+			}
+		}
+		b.connMu.Unlock()
+		for _, c := range pending {
+			closeRaw(c)
+		}
+
+		// mochi disconnects its clients politely and waits for them; a
+		// client that stops reading could hold a write until its deadline.
+		stop := make(chan struct{})
+		watchdogDone := make(chan struct{})
+		go func() {
+			defer close(watchdogDone)
+			select {
+			case <-stop:
+			case <-time.After(closeGrace):
+				b.closeAllConns()
+			}
+		}()
+		_ = b.server.Close()
+		close(stop)
+		<-watchdogDone
+
+		b.connWG.Wait()
+		b.provWG.Wait()
+		b.log.Info("mqtt broker stopped")
+	})
+	return nil
+}
+
+func (b *Broker) closeAllConns() {
+	b.connMu.Lock()
+	defer b.connMu.Unlock()
+	for c := range b.conns {
+		closeRaw(c)
+	}
+}
+
+func (b *Broker) isClosed() bool {
+	b.life.Lock()
+	defer b.life.Unlock()
+	return b.closed
+}
+
+// Publish sends a message from the gateway (the inline client) to the
+// subscribers of topic. It does not wait for delivery.
+func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if b.isClosed() {
+		return ErrClosed
+	}
+	if len(payload) > protocol.MaxPayload {
+		return fmt.Errorf("publish %s: %w: %d bytes", topic, protocol.ErrTooLarge, len(payload))
+	}
+	if qos > 2 {
+		return fmt.Errorf("publish %s: qos %d: want 0, 1 or 2", topic, qos)
+	}
+	if topic == "" || !mqtt.IsValidFilter(topic, true) {
+		return fmt.Errorf("publish %q: invalid topic name", topic)
+	}
+	if err := b.server.Publish(topic, payload, retain, qos); err != nil {
+		return fmt.Errorf("publish %s: %w", topic, err)
+	}
+	return nil
+}
+
+// Subscribe delivers every message matching filter to h, including the
+// retained ones at the time of the call.
+//
+// h is called synchronously on the publishing client's goroutine (mochi
+// delivers inline subscriptions while processing the PUBLISH), so a slow h
+// stalls that client's reads: h must hand the message off to a queue and
+// return. Message.ClientID is the publisher's MQTT client id ("inline" for
+// the gateway's own publishes; device ids can never be "inline"), and
+// Message.Payload is a copy h may keep.
+func (b *Broker) Subscribe(filter string, h fleet.Handler) error {
+	if h == nil {
+		return errors.New("subscribe: nil handler")
+	}
+	if b.isClosed() {
+		return ErrClosed
+	}
+	id := int(b.subID.Add(1))
+	err := b.server.Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+		h(fleet.Message{
+			Topic:    pk.TopicName,
+			Payload:  bytes.Clone(pk.Payload),
+			QoS:      pk.FixedHeader.Qos,
+			Retain:   pk.FixedHeader.Retain,
+			ClientID: pk.Origin,
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("subscribe %q: %w", filter, err)
+	}
+	return nil
+}
+
+// Kick disconnects every live session with client id id and forgets its
+// cached credentials, so the next CONNECT is checked against Auth. Use it
+// when a device is disabled or replaced.
+func (b *Broker) Kick(id string) {
+	b.Invalidate(id)
+	// Sessions are matched in our own table, not only mochi's client map, so a
+	// connection that passed authentication but is not yet registered with
+	// mochi is caught too (see authenticate for the other half of that race).
+	b.mu.Lock()
+	var victims []*session
+	for _, s := range b.sessions {
+		if s.cl.ID == id {
+			victims = append(victims, s)
+		}
+	}
+	b.mu.Unlock()
+	for _, s := range victims {
+		b.endSession(s, ReasonKicked, packets.ErrAdministrativeAction)
+	}
+	if len(victims) > 0 {
+		b.log.Info("mqtt client kicked", "client_id", id, "sessions", len(victims))
+	}
+}
+
+// Invalidate forgets the cached credentials of device id.
+func (b *Broker) Invalidate(id string) {
+	b.cache.invalidate(id)
+}
+
+// ConnectedDevices is the number of devices with a live session (each
+// reported to the Observer as connected and not yet as disconnected).
+func (b *Broker) ConnectedDevices() int {
+	b.presMu.Lock()
+	defer b.presMu.Unlock()
+	return len(b.presence)
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}

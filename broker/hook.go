@@ -1,0 +1,184 @@
+package broker
+
+import (
+	"strings"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// hook connects mochi's events to the Broker. It provides only what it
+// implements; everything else falls through to mqtt.HookBase.
+type hook struct {
+	mqtt.HookBase
+	b *Broker
+}
+
+// ID implements mqtt.Hook.
+func (h *hook) ID() string { return "lockergate" }
+
+// Provides implements mqtt.Hook.
+func (h *hook) Provides(event byte) bool {
+	switch event {
+	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
+		mqtt.OnPublish, mqtt.OnPublishDropped, mqtt.OnPacketEncode, mqtt.OnPacketRead,
+		mqtt.OnPacketSent, mqtt.OnQosPublish, mqtt.OnWill:
+		return true
+	}
+	return false
+}
+
+// OnConnectAuthenticate implements mqtt.Hook.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
+	return h.b.authenticate(cl, pk)
+}
+
+// OnACLCheck implements mqtt.Hook. mochi calls it with write=true for every
+// PUBLISH, with write=false for every SUBSCRIBE filter and again before
+// delivering each message to a subscriber.
+func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
+	return h.b.aclCheck(cl, topic, write)
+}
+
+// OnSessionEstablished implements mqtt.Hook.
+func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
+	h.b.established(cl)
+}
+
+// OnDisconnect implements mqtt.Hook.
+func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
+	if s := h.b.sessionOf(cl); s != nil {
+		h.b.finish(s, err)
+	}
+}
+
+// OnPublish implements mqtt.Hook.
+func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	return h.b.onPublish(cl, pk)
+}
+
+// OnWill implements mqtt.Hook. mochi offers no way to cancel a will from a
+// hook, but a will without a topic reaches no subscriber and is not retained:
+// that is how a replaced session's will is dropped.
+func (h *hook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	if h.b.dropWill(cl) {
+		return mqtt.Will{}, nil
+	}
+	return will, nil
+}
+
+// OnPublishDropped implements mqtt.Hook: the client's outbound queue was full.
+func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
+	b := h.b
+	b.m.dropped.WithLabelValues(dropQueueFull).Inc()
+	if ok, suppressed := b.dropLog.allow(time.Now()); ok {
+		b.log.Warn("mqtt message dropped: client queue full", "client_id", cl.ID, "topic", pk.TopicName,
+			"suppressed", suppressed)
+	}
+}
+
+// OnPacketEncode implements mqtt.Hook: it advertises MaxPacketSize in the
+// CONNACK so MQTT 5 clients refuse oversize packets themselves (mochi does
+// not send the property on its own).
+func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
+	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion == 5 && pk.ReasonCode < packets.ErrUnspecifiedError.Code {
+		pk.Properties.MaximumPacketSize = MaxPacketSize
+	}
+	return pk
+}
+
+// OnQosPublish implements mqtt.Hook; see provisionAnswerQueued.
+func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) {
+	if pk.FixedHeader.Type == packets.Publish && isClaimClient(cl) {
+		h.b.provisionAnswerQueued(cl, pk)
+	}
+}
+
+// OnPacketRead implements mqtt.Hook; see provisionAnswerAcked.
+func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Type == packets.Puback && isClaimClient(cl) {
+		h.b.provisionAnswerAcked(cl, pk)
+	}
+	return pk, nil
+}
+
+// OnPacketSent implements mqtt.Hook; see provisionAnswerSent.
+func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
+	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos == 0 && isClaimClient(cl) {
+		h.b.provisionAnswerSent(cl)
+	}
+}
+
+func isClaimClient(cl *mqtt.Client) bool {
+	return strings.HasPrefix(cl.ID, protocol.ProvisionClientPrefix) && !cl.Net.Inline
+}
+
+// aclCheck applies protocol v1's access rules to the session's identity.
+func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
+	if cl.Net.Inline {
+		return true
+	}
+	var ok bool
+	switch k, id := identify(cl); {
+	case k == kindDevice && write:
+		ok = protocol.DeviceMayPublish(id, topic)
+	case k == kindDevice:
+		ok = protocol.DeviceMaySubscribe(id, topic)
+	case k == kindProvision && write:
+		ok = protocol.ProvisionerMayPublish(id, topic)
+	case k == kindProvision:
+		ok = protocol.ProvisionerMaySubscribe(id, topic)
+	}
+	if !ok {
+		action := "subscribe"
+		if write {
+			action = "publish"
+		}
+		b.m.aclDenied.WithLabelValues(action).Inc()
+		if allowed, suppressed := b.denyLog.allow(time.Now()); allowed {
+			b.log.Warn("mqtt access denied", "action", action, "client_id", logID(cl.ID),
+				"topic", logID(topic), "remote", cl.Net.Remote, "suppressed", suppressed)
+		}
+	}
+	return ok
+}
+
+// errPayloadTooLarge is the reason code of the PUBACK answering an MQTT 5
+// QoS 1 publish over protocol.MaxPayload (0x83 is a valid PUBACK reason code;
+// 0x95 "packet too large" is not).
+var errPayloadTooLarge = packets.Code{Code: packets.ErrImplementationSpecificError.Code, Reason: "payload over 16 KiB"}
+
+// onPublish drops oversize payloads and takes provisioning requests.
+//
+// A payload over protocol.MaxPayload (but within MaxPacketSize) can never be
+// processed, so it is acknowledged and dropped rather than left unacknowledged:
+// a device would otherwise resend it forever. MQTT 5 QoS 1 publishers get a
+// negative PUBACK; MQTT 3.1.1 has none. Packets over MaxPacketSize are refused
+// by mochi while reading, which ends the connection (packet_too_large).
+func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // Broker.Publish checks its own payloads
+	}
+	if len(pk.Payload) > protocol.MaxPayload {
+		b.m.dropped.WithLabelValues(dropTooLarge).Inc()
+		if ok, suppressed := b.dropLog.allow(time.Now()); ok {
+			b.log.Warn("mqtt message dropped: payload too large", "client_id", logID(cl.ID),
+				"topic", logID(pk.TopicName), "bytes", len(pk.Payload), "suppressed", suppressed)
+		}
+		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1 {
+			return pk, errPayloadTooLarge
+		}
+		return pk, packets.CodeSuccessIgnore
+	}
+	if isClaimClient(cl) {
+		if s := b.sessionOf(cl); s != nil && s.kind == kindProvision && pk.TopicName == protocol.ProvisionRequestTopic(s.id) {
+			b.startProvision(s, pk.Payload)
+			// Acknowledged, not forwarded: the request is for the gateway only.
+			return pk, packets.CodeSuccessIgnore
+		}
+	}
+	return pk, nil
+}

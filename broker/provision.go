@@ -1,0 +1,114 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"time"
+
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Provisioning results: the result label of lockergate_mqtt_provisioning_total.
+const (
+	provOK          = "ok"
+	provBusy        = "busy"        // no capacity within the call timeout; no answer sent
+	provUndelivered = "undelivered" // the session ended before the answer was ready
+	provError       = "error"       // an error answer with a code outside the protocol's
+)
+
+var provResults = []string{provOK, protocol.ProvClaimExpired, protocol.ProvClaimExhausted,
+	protocol.ProvSerialTaken, protocol.ProvInvalid, provError, provBusy, provUndelivered}
+
+func provResult(r protocol.ProvisionResponse) string {
+	if r.Status == "ok" {
+		return provOK
+	}
+	switch r.Error {
+	case protocol.ProvClaimExpired, protocol.ProvClaimExhausted, protocol.ProvSerialTaken, protocol.ProvInvalid:
+		return r.Error
+	}
+	return provError
+}
+
+// startProvision runs the session's provisioning request, once per session,
+// off the client's goroutine.
+func (b *Broker) startProvision(s *session, payload []byte) {
+	if !s.provStarted.CompareAndSwap(false, true) {
+		return // a repeat (QoS 1 resend or a second request): the first one answers
+	}
+	payload = bytes.Clone(payload)
+	b.provWG.Add(1) // on a client goroutine, so before Close's Wait (it waits for clients first)
+	go b.provision(s, payload)
+}
+
+func (b *Broker) provision(s *session, payload []byte) {
+	defer b.provWG.Done()
+	ctx, cancel := context.WithTimeout(b.ctx, provisionCallTimeout)
+	defer cancel()
+	select {
+	case b.provSem <- struct{}{}:
+	case <-ctx.Done():
+		b.m.provisioning.WithLabelValues(provBusy).Inc()
+		b.log.Warn("mqtt provisioning request not served: busy", "serial", s.id)
+		b.endSession(s, ReasonProvisionBusy, packets.ErrServerBusy)
+		return
+	}
+	resp := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
+	<-b.provSem
+
+	if s.cl.Closed() {
+		// The Provisioner may have registered the device: a retry by the
+		// locker then depends on it answering the same serial idempotently.
+		b.m.provisioning.WithLabelValues(provUndelivered).Inc()
+		b.log.Warn("mqtt provisioning answer not delivered: session ended", "serial", s.id,
+			"status", resp.Status, "error", resp.Error, "device_id", resp.DeviceID)
+		return
+	}
+	b.m.provisioning.WithLabelValues(provResult(resp)).Inc()
+	b.log.Info("mqtt provisioning answered", "serial", s.id, "status", resp.Status, "error", resp.Error,
+		"device_id", resp.DeviceID)
+	topic := protocol.ProvisionResponseTopic(s.id)
+	if err := b.server.Publish(topic, protocol.Encode(resp), false, 1); err != nil {
+		b.log.Error("mqtt provisioning answer not published", "serial", s.id, "err", err)
+	}
+	// The locker disconnects by itself once it has the answer. If it does
+	// not, end the session when it acknowledges the answer (QoS 1, see
+	// provisionAnswerAcked), once the answer is written (QoS 0, see
+	// provisionAnswerSent), or after provisionLinger at the latest.
+	time.AfterFunc(provisionLinger, func() { b.endSession(s, ReasonProvisioned, packets.CodeDisconnect) })
+}
+
+// provisionAnswerQueued notes the packet id of a QoS 1 answer to a claim
+// session. A claim session may only subscribe to its response topic, so any
+// publish to it is the answer.
+func (b *Broker) provisionAnswerQueued(cl *mqtt.Client, pk packets.Packet) {
+	if pk.FixedHeader.Qos == 0 {
+		return
+	}
+	if s := b.sessionOf(cl); s != nil && s.kind == kindProvision {
+		s.respID.Store(respPending | uint32(pk.PacketID))
+	}
+}
+
+// provisionAnswerAcked ends a claim session when it acknowledges its answer:
+// disconnecting only after the PUBACK cannot lose the answer in flight.
+func (b *Broker) provisionAnswerAcked(cl *mqtt.Client, pk packets.Packet) {
+	s := b.sessionOf(cl)
+	if s == nil || s.kind != kindProvision {
+		return
+	}
+	if s.respID.Load() == respPending|uint32(pk.PacketID) {
+		b.endSession(s, ReasonProvisioned, packets.CodeDisconnect)
+	}
+}
+
+// provisionAnswerSent ends a claim session that subscribed at QoS 0 once its
+// answer has been written.
+func (b *Broker) provisionAnswerSent(cl *mqtt.Client) {
+	if s := b.sessionOf(cl); s != nil && s.kind == kindProvision && s.provStarted.Load() {
+		b.endSession(s, ReasonProvisioned, packets.CodeDisconnect)
+	}
+}

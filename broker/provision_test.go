@@ -1,0 +1,123 @@
+package broker
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+const (
+	provTotal  = "lockergate_mqtt_provisioning_total"
+	provReqRaw = `{"serial":"SN-00042","model":"LX-24","fw":"1.4.2","compartments":[{"n":1,"size":"M","zone":"ambient"}]}`
+)
+
+func TestProvisioning(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	requests := h.subscribe(t, "provision/+/+/request")
+
+	p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+	if got := p.subscribeResult(t, "provision/v1/SN-00042/response", 1); got != 1 {
+		t.Fatalf("SUBACK %#x", got)
+	}
+	p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+
+	m := p.nextMessage(t)
+	if m.Topic() != "provision/v1/SN-00042/response" || m.Retained() || m.Qos() != 1 {
+		t.Errorf("answer on %s retained=%v qos=%d", m.Topic(), m.Retained(), m.Qos())
+	}
+	resp, err := protocol.Decode[protocol.ProvisionResponse](m.Payload())
+	if err != nil {
+		t.Fatalf("answer: %v: %s", err, m.Payload())
+	}
+	if *resp != h.prov.answer {
+		t.Errorf("answer %+v, want %+v", *resp, h.prov.answer)
+	}
+	p.waitLost(t) // the broker ends the claim session once the answer is acknowledged
+	h.waitMetric(t, disconnects, "reason", ReasonProvisioned, 1)
+
+	if got := h.prov.get(); len(got) != 1 || got[0].token != claimToken || got[0].serial != "SN-00042" || string(got[0].payload) != provReqRaw {
+		t.Errorf("Provision calls %+v", got)
+	}
+	if got := requests.get(); len(got) != 0 {
+		t.Errorf("the request reached inline subscribers: %v", got)
+	}
+	if got := h.metric(t, provTotal, "result", "ok"); got != 1 {
+		t.Errorf("provisioning{ok} = %v, want 1", got)
+	}
+	if got := h.obs.get(); len(got) != 0 {
+		t.Errorf("claim session reported as a device: %v", got)
+	}
+	if got := h.logs.String(); jsonHas(got, h.prov.answer.Password) || jsonHas(got, claimToken) {
+		t.Error("the log holds the device secret or the claim token")
+	}
+}
+
+func TestProvisioningQoS0Subscriber(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	h.prov.set(protocol.ProvisionResponse{Status: "error", Error: protocol.ProvClaimExpired}, nil)
+	p := h.mustDial(t, "prov-SN1", "claim", claimToken)
+	p.subscribeResult(t, "provision/v1/SN1/response", 0)
+	p.mustPublish(t, "provision/v1/SN1/request", 0, []byte(provReqRaw))
+
+	var got protocol.ProvisionResponse
+	if err := json.Unmarshal(p.nextMessage(t).Payload(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Status != "error" || got.Error != protocol.ProvClaimExpired {
+		t.Errorf("answer %+v", got)
+	}
+	p.waitLost(t)
+	h.waitMetric(t, disconnects, "reason", ReasonProvisioned, 1)
+	if got := h.metric(t, provTotal, "result", protocol.ProvClaimExpired); got != 1 {
+		t.Errorf("provisioning{claim_expired} = %v, want 1", got)
+	}
+}
+
+func TestProvisioningOneRequestPerSession(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	release := make(chan struct{})
+	h.prov.set(h.prov.answer, release)
+	r := dialRaw(t, h.addr, 4)
+	if ack := r.connect("prov-SN1", "claim", claimToken, 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	r.subscribe("provision/v1/SN1/response", 1)
+	for i := 0; i < 3; i++ {
+		r.publish("provision/v1/SN1/request", 1, []byte(provReqRaw))
+		if ack := r.mustRead(packets.Puback); ack.ReasonCode != 0 {
+			t.Fatalf("PUBACK %#x", ack.ReasonCode)
+		}
+	}
+	close(release)
+	answer := r.mustRead(packets.Publish)
+	if answer.TopicName != "provision/v1/SN1/response" {
+		t.Fatalf("got %s", answer.TopicName)
+	}
+	if got := h.prov.callCount(); got != 1 {
+		t.Errorf("Provision calls = %d, want 1", got)
+	}
+	// Not acknowledging: the session still ends, provisionLinger later.
+	r.waitClosed()
+	h.waitMetric(t, disconnects, "reason", ReasonProvisioned, 1)
+}
+
+func TestProvisionTimeout(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.ProvisionTimeout = 200 * time.Millisecond }, nil)
+	p := h.mustDial(t, "prov-SN1", "claim", claimToken)
+	p.waitLost(t)
+	h.waitMetric(t, disconnects, "reason", ReasonProvisionTimeout, 1)
+	if got := h.metric(t, "lockergate_mqtt_connections", "kind", "provisioning"); got != 0 {
+		t.Errorf("connections{provisioning} = %v, want 0", got)
+	}
+	// Device sessions have no such limit.
+	a := h.mustDialDevice(t, "A")
+	p2 := h.mustDial(t, "prov-SN2", "claim", claimToken)
+	p2.waitLost(t)
+	if !a.IsConnectionOpen() {
+		t.Error("device session ended with the claim session")
+	}
+}

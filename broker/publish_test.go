@@ -1,0 +1,150 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+const dropped = "lockergate_mqtt_messages_dropped_total"
+
+func TestPayloadSize(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/v1/A/events")
+	a := h.mustDialDevice(t, "A")
+
+	full := bytes.Repeat([]byte("x"), protocol.MaxPayload)
+	a.mustPublish(t, "lockers/v1/A/events", 1, full)
+	waitFor(t, "16 KiB payload delivered", func() bool { return len(seen.get()) == 1 })
+	if got := seen.get()[0].Payload; len(got) != protocol.MaxPayload {
+		t.Fatalf("delivered %d bytes, want %d", len(got), protocol.MaxPayload)
+	}
+
+	t.Run("OverMaxPayloadAckedAndDropped", func(t *testing.T) {
+		// Acknowledged (the QoS 1 flow completes, so the device does not
+		// resend a message that can never be processed), but not forwarded.
+		a.mustPublish(t, "lockers/v1/A/events", 1, append(full, 'x'))
+		a.mustPublish(t, "lockers/v1/A/events", 1, []byte(`{"marker":true}`))
+		waitFor(t, "marker", func() bool { return len(seen.get()) == 2 })
+		if got := string(seen.get()[1].Payload); got != `{"marker":true}` {
+			t.Errorf("second delivery %.40q, want the marker", got)
+		}
+		if got := h.metric(t, dropped, "reason", dropTooLarge); got != 1 {
+			t.Errorf("dropped{too_large} = %v, want 1", got)
+		}
+	})
+
+	t.Run("17KiBPacketRefused", func(t *testing.T) {
+		a.Publish("lockers/v1/A/events", 0, false, bytes.Repeat([]byte("x"), 17*1024))
+		a.waitLost(t)
+		h.waitMetric(t, dropped, "reason", dropTooLarge, 2)
+		h.waitMetric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonPacketTooLarge, 1)
+		if got := len(seen.get()); got != 2 {
+			t.Errorf("deliveries = %d, want 2", got)
+		}
+	})
+}
+
+func TestPayloadSizeMQTT5(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	r := dialRaw(t, h.addr, 5)
+	ack := r.connect("A", "A", "secret-A", 30, nil)
+	if ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	if got := ack.Properties.MaximumPacketSize; got != MaxPacketSize {
+		t.Errorf("CONNACK Maximum Packet Size = %d, want %d", got, MaxPacketSize)
+	}
+	id := r.publish("lockers/v1/A/events", 1, bytes.Repeat([]byte("x"), protocol.MaxPayload+1))
+	puback := r.mustRead(packets.Puback)
+	if puback.PacketID != id || puback.ReasonCode != errPayloadTooLarge.Code {
+		t.Errorf("PUBACK id %d code %#x, want id %d code %#x", puback.PacketID, puback.ReasonCode, id, errPayloadTooLarge.Code)
+	}
+	if got := puback.Properties.ReasonString; got != errPayloadTooLarge.Reason {
+		t.Errorf("PUBACK reason string %q, want %q", got, errPayloadTooLarge.Reason)
+	}
+	if got := h.metric(t, dropped, "reason", dropTooLarge); got != 1 {
+		t.Errorf("dropped{too_large} = %v, want 1", got)
+	}
+}
+
+func TestBus(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	ctx := t.Context()
+
+	t.Run("SubscribeReportsPublisher", func(t *testing.T) {
+		seen := h.subscribe(t, "lockers/v1/+/events")
+		a := h.mustDialDevice(t, "A")
+		a.mustPublish(t, "lockers/v1/A/events", 1, []byte(`{"id":"e-1"}`))
+		waitFor(t, "event", func() bool { return len(seen.get()) == 1 })
+		got := seen.get()[0]
+		want := fleet.Message{Topic: "lockers/v1/A/events", Payload: []byte(`{"id":"e-1"}`), QoS: 1, ClientID: "A"}
+		if got.Topic != want.Topic || string(got.Payload) != string(want.Payload) || got.QoS != want.QoS ||
+			got.Retain != want.Retain || got.ClientID != want.ClientID {
+			t.Errorf("got %+v, want %+v", got, want)
+		}
+	})
+
+	t.Run("RetainedReachDeviceOnSubscribe", func(t *testing.T) {
+		if err := h.b.Publish(ctx, "lockers/v1/B/config", []byte(`{"version":7}`), 1, true); err != nil {
+			t.Fatal(err)
+		}
+		b := h.mustDialDevice(t, "B")
+		b.subscribeResult(t, "lockers/v1/B/config", 1)
+		if m := b.nextMessage(t); string(m.Payload()) != `{"version":7}` || !m.Retained() {
+			t.Errorf("got %s retained=%v, want the retained config", m.Payload(), m.Retained())
+		}
+		// An empty retained payload clears it.
+		if err := h.b.Publish(ctx, "lockers/v1/B/config", nil, 1, true); err != nil {
+			t.Fatal(err)
+		}
+		seen := h.subscribe(t, "lockers/v1/B/config")
+		if got := seen.get(); len(got) != 0 {
+			t.Errorf("retained config still there: %v", got)
+		}
+	})
+
+	t.Run("InlineOrigin", func(t *testing.T) {
+		seen := h.subscribe(t, "lockers/v1/C/cmd")
+		if err := h.b.Publish(ctx, "lockers/v1/C/cmd", []byte(`{}`), 1, false); err != nil {
+			t.Fatal(err)
+		}
+		if got := seen.get(); len(got) != 1 || got[0].ClientID != "inline" {
+			t.Errorf("got %+v, want one message from the inline client", got)
+		}
+	})
+
+	t.Run("PublishErrors", func(t *testing.T) {
+		if err := h.b.Publish(ctx, "lockers/v1/A/cmd", make([]byte, protocol.MaxPayload+1), 1, false); !errors.Is(err, protocol.ErrTooLarge) {
+			t.Errorf("oversize: err = %v, want protocol.ErrTooLarge", err)
+		}
+		for _, topic := range []string{"", "lockers/+/cmd", "lockers/#", "$SYS/x"} {
+			if err := h.b.Publish(ctx, topic, []byte(`{}`), 1, false); err == nil {
+				t.Errorf("topic %q accepted", topic)
+			}
+		}
+		if err := h.b.Publish(ctx, "a", nil, 3, false); err == nil {
+			t.Error("qos 3 accepted")
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		if err := h.b.Publish(cctx, "a", nil, 0, false); !errors.Is(err, context.Canceled) {
+			t.Errorf("cancelled: err = %v", err)
+		}
+	})
+
+	t.Run("SubscribeErrors", func(t *testing.T) {
+		if err := h.b.Subscribe("a/#/b", func(fleet.Message) {}); err == nil {
+			t.Error("invalid filter accepted")
+		}
+		if err := h.b.Subscribe("a", nil); err == nil {
+			t.Error("nil handler accepted")
+		}
+	})
+}

@@ -1,0 +1,202 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+const disconnects = "lockergate_mqtt_disconnects_total"
+
+// checkAlternating fails unless events for id alternate +id, -id:..., starting
+// with a connect, and end connected when wantOnline.
+func checkAlternating(t *testing.T, events []string, id string, wantOnline bool) {
+	t.Helper()
+	online := false
+	for i, e := range events {
+		switch {
+		case e == "+"+id && !online:
+			online = true
+		case strings.HasPrefix(e, "-"+id+":") && online:
+			online = false
+		default:
+			t.Fatalf("event %d %q out of order: %v", i, e, events)
+		}
+	}
+	if online != wantOnline {
+		t.Fatalf("ends online=%v, want %v: %v", online, wantOnline, events)
+	}
+}
+
+func TestTakeover(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	presence := h.subscribe(t, "lockers/v1/A/presence")
+	will := func(o *paho.ClientOptions) { o.SetWill("lockers/v1/A/presence", `{"online":false}`, 1, true) }
+
+	first := h.mustDial(t, "A", "A", "secret-A", will)
+	second := h.mustDial(t, "A", "A", "secret-A", will)
+	first.waitLost(t)
+	h.waitMetric(t, disconnects, "reason", ReasonTakeover, 1)
+	waitFor(t, "observer settled", func() bool { return len(h.obs.get()) == 3 })
+
+	if got, want := h.obs.get(), []string{"+A", "-A:takeover", "+A"}; !equal(got, want) {
+		t.Errorf("observer = %v, want %v", got, want)
+	}
+	if got := h.b.ConnectedDevices(); got != 1 {
+		t.Errorf("ConnectedDevices = %d, want 1", got)
+	}
+	if got := presence.get(); len(got) != 0 {
+		t.Errorf("the replaced session's Last Will was published: %s", got[0].Payload)
+	}
+
+	second.Disconnect(50)
+	waitFor(t, "device offline", func() bool { return h.b.ConnectedDevices() == 0 })
+	checkAlternating(t, h.obs.get(), "A", false)
+	if got := h.metric(t, "lockergate_mqtt_connections", "kind", "device"); got != 0 {
+		t.Errorf("connections{device} = %v, want 0", got)
+	}
+}
+
+// TestTakeoverStorm reconnects one device many times without closing the old
+// connections; however the goroutines interleave, the device must end up
+// connected and the observer's calls must alternate.
+func TestTakeoverStorm(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	const n = 20
+	var last *client
+	for i := 0; i < n; i++ {
+		last = h.mustDialDevice(t, "A")
+	}
+	h.waitMetric(t, disconnects, "reason", ReasonTakeover, n-1)
+	waitFor(t, "observer settled", func() bool { return len(h.obs.get()) == 2*n-1 })
+	checkAlternating(t, h.obs.get(), "A", true)
+	if got := h.b.ConnectedDevices(); got != 1 {
+		t.Errorf("ConnectedDevices = %d, want 1", got)
+	}
+	if got := h.metric(t, "lockergate_mqtt_connections", "kind", "device"); got != 1 {
+		t.Errorf("connections{device} = %v, want 1", got)
+	}
+	if !last.IsConnectionOpen() {
+		t.Error("the newest connection was closed")
+	}
+}
+
+func TestWillOnConnectionLoss(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	presence := h.subscribe(t, "lockers/v1/A/presence")
+	r := dialRaw(t, h.addr, 4)
+	ack := r.connect("A", "A", "secret-A", 30, func(pk *packets.Packet) {
+		pk.Connect.WillFlag = true
+		pk.Connect.WillTopic = "lockers/v1/A/presence"
+		pk.Connect.WillPayload = []byte(`{"online":false}`)
+		pk.Connect.WillQos = 1
+		pk.Connect.WillRetain = true
+	})
+	if ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	_ = r.conn.Close()
+	waitFor(t, "will", func() bool { return len(presence.get()) == 1 })
+	if m := presence.get()[0]; string(m.Payload) != `{"online":false}` || m.ClientID != "A" {
+		t.Errorf("will %+v", m)
+	}
+	h.waitMetric(t, disconnects, "reason", ReasonConnectionLost, 1)
+	if got, want := h.obs.get(), []string{"+A", "-A:" + ReasonConnectionLost}; !equal(got, want) {
+		t.Errorf("observer = %v, want %v", got, want)
+	}
+}
+
+func TestKeepalive(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	r := dialRaw(t, h.addr, 4)
+	if ack := r.connect("A", "A", "secret-A", 1, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	// Silent for 1.5 keep-alives: the broker drops the connection.
+	r.waitClosed()
+	h.waitMetric(t, disconnects, "reason", ReasonKeepalive, 1)
+	waitFor(t, "offline", func() bool { return len(h.obs.get()) == 2 })
+	if got, want := h.obs.get(), []string{"+A", "-A:" + ReasonKeepalive}; !equal(got, want) {
+		t.Errorf("observer = %v, want %v", got, want)
+	}
+}
+
+func TestServerKeepalive(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	r := dialRaw(t, h.addr, 5)
+	ack := r.connect("A", "A", "secret-A", 0, nil)
+	if ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	if !ack.Properties.ServerKeepAliveFlag || ack.Properties.ServerKeepAlive != maxKeepalive {
+		t.Errorf("server keep-alive %v %d, want %d", ack.Properties.ServerKeepAliveFlag, ack.Properties.ServerKeepAlive, maxKeepalive)
+	}
+}
+
+func TestCloseEndsSessions(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	a := h.mustDialDevice(t, "A")
+	p := h.mustDial(t, "prov-SN1", "claim", claimToken)
+	idle := dialRaw(t, h.addr, 4) // connected, never sends CONNECT
+	waitFor(t, "connected", func() bool { return h.b.ConnectedDevices() == 1 })
+
+	if err := h.b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.b.Close(); err != nil {
+		t.Fatalf("second Close: %v", err)
+	}
+	a.waitLost(t)
+	p.waitLost(t)
+	idle.waitClosed()
+	if got, want := h.obs.get(), []string{"+A", "-A:" + ReasonShutdown}; !equal(got, want) {
+		t.Errorf("observer = %v, want %v", got, want)
+	}
+	if err := h.b.Publish(t.Context(), "a", nil, 0, false); !errors.Is(err, ErrClosed) {
+		t.Errorf("Publish after Close: %v, want ErrClosed", err)
+	}
+	if err := h.b.Start(); !errors.Is(err, ErrClosed) {
+		t.Errorf("Start after Close: %v, want ErrClosed", err)
+	}
+	if _, err := h.dial(t, "A", "A", "secret-A"); err == nil {
+		t.Error("connected after Close")
+	}
+}
+
+func TestDisconnectReason(t *testing.T) {
+	timeout := &net.OpError{Op: "read", Net: "tcp", Err: os.ErrDeadlineExceeded}
+	tests := []struct {
+		err  error
+		want string
+	}{
+		{nil, ReasonError},
+		{packets.CodeDisconnect, ReasonClientDisconnect},
+		{packets.CodeDisconnectWillMessage, ReasonClientDisconnect},
+		{packets.ErrSessionTakenOver, ReasonTakeover},
+		{packets.ErrAdministrativeAction, ReasonKicked},
+		{packets.ErrServerShuttingDown, ReasonShutdown},
+		{packets.ErrPacketTooLarge, ReasonPacketTooLarge},
+		{packets.ErrNotAuthorized, ReasonNotAuthorized},
+		{timeout, ReasonKeepalive},
+		{fmt.Errorf("read: %w", timeout), ReasonKeepalive},
+		{io.EOF, ReasonConnectionLost},
+		{&net.OpError{Op: "read", Err: syscall.ECONNRESET}, ReasonConnectionLost},
+		{net.ErrClosed, ReasonConnectionLost},
+		{packets.ErrMalformedPacket, ReasonProtocolError},
+		{packets.ErrProtocolViolationSecondConnect, ReasonProtocolError},
+		{errors.New("boom"), ReasonError},
+	}
+	for _, tc := range tests {
+		if got := disconnectReason(tc.err); got != tc.want {
+			t.Errorf("disconnectReason(%v) = %q, want %q", tc.err, got, tc.want)
+		}
+	}
+}
