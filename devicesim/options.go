@@ -1,0 +1,204 @@
+package devicesim
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/url"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Options configures a Fleet. Zero values take the defaults given per field.
+type Options struct {
+	// Broker is the MQTT broker URL: tcp:// or mqtt:// (plain), or mqtts://,
+	// ssl://, tls:// (TLS with TLSConfig). Required.
+	Broker string
+	// ClaimToken provisions lockers that have no identity yet.
+	ClaimToken string
+	// Lockers is how many lockers the fleet runs.
+	Lockers int
+	// Seed makes serials, models and device decisions reproducible.
+	Seed int64
+	// SerialPrefix prefixes serials: fmt.Sprintf("%s-%06d", prefix, index). Default "SIM".
+	SerialPrefix string
+	// FirstIndex is the index of the first locker, so several simulator
+	// processes can run disjoint ranges of one seeded fleet. Default 0.
+	FirstIndex int
+	// Models are the models lockers pick from (deterministically). Default DefaultModels.
+	Models []Model
+	// FW is the firmware version lockers report. Default "1.4.2".
+	FW string
+	// HealthInterval is the default health period until config says otherwise.
+	// Default 60s; negative disables health messages.
+	HealthInterval time.Duration
+	// HealthQoS is the QoS of health messages (0 or 1). Default 0.
+	HealthQoS byte
+	// KeepAlive is the MQTT keep-alive. Default 60s.
+	KeepAlive time.Duration
+	// ConnectRate bounds new connections per second across the fleet
+	// (provisioning and device connections alike). Default 200; negative means
+	// no limit.
+	ConnectRate float64
+	// DoorCloseDelay is how long a door stays open after it was unlocked before
+	// the simulated person closes it. Default 500ms; negative leaves doors open
+	// until Locker.CloseDoor.
+	DoorCloseDelay time.Duration
+	// Behavior tunes simulated people.
+	Behavior Behavior
+	// Identities holds identities of already provisioned lockers, by serial;
+	// those lockers skip provisioning.
+	Identities map[string]Identity
+	// TLSConfig is used for TLS broker URLs.
+	TLSConfig *tls.Config
+	// API is the gateway's HTTP API base URL. The core simulator does not call
+	// it; it is carried for scenarios and reports.
+	API string
+	// ConnectTimeout bounds one connection attempt (dial and MQTT handshake). Default 10s.
+	ConnectTimeout time.Duration
+	// ProvisionTimeout bounds the wait for a provisioning answer. Default 30s.
+	ProvisionTimeout time.Duration
+	// RetryBase and RetryMax shape the reconnect back-off: full jitter over
+	// min(RetryMax, RetryBase·2^attempt). Defaults 500ms and 30s.
+	RetryBase, RetryMax time.Duration
+	// OfflineQueue is how many events and command results a locker keeps
+	// while it is offline; the oldest are dropped beyond it. Default 1000.
+	OfflineQueue int
+	// Logger receives the simulator's logs. Default: discard.
+	Logger *slog.Logger
+}
+
+// Behavior tunes the simulated people at the lockers.
+type Behavior struct {
+	// LeaveItemProb is the probability that a driver who opened compartments
+	// with a code leaves the item in a compartment (door_closed occupied=true).
+	LeaveItemProb float64
+}
+
+// Identity is what provisioning hands a locker.
+type Identity struct {
+	DeviceID string `json:"device_id"`
+	Password string `json:"password"`
+	CredKey  []byte `json:"cred_key"`
+	FwPubkey []byte `json:"fw_pubkey,omitempty"`
+	// Broker is the broker the gateway told the locker to use. The simulator
+	// records it but keeps connecting to Options.Broker.
+	Broker string `json:"broker,omitempty"`
+}
+
+// Defaults.
+const (
+	DefaultSerialPrefix     = "SIM"
+	DefaultFW               = "1.4.2"
+	DefaultHealthInterval   = 60 * time.Second
+	DefaultKeepAlive        = 60 * time.Second
+	DefaultConnectRate      = 200
+	DefaultDoorCloseDelay   = 500 * time.Millisecond
+	DefaultConnectTimeout   = 10 * time.Second
+	DefaultProvisionTimeout = 30 * time.Second
+	DefaultRetryBase        = 500 * time.Millisecond
+	DefaultRetryMax         = 30 * time.Second
+	DefaultOfflineQueue     = 1000
+)
+
+// Timings that are not worth an option yet.
+const (
+	writeTimeout   = 10 * time.Second // paho Publish blocks at most this long
+	ackTimeout     = 30 * time.Second // a QoS 1 publish not acknowledged by then counts as failed
+	subackTimeout  = 10 * time.Second
+	quiesceMillis  = 250 // Disconnect(250)
+	maxRemembered  = 1024
+	maxSendRetries = 3
+)
+
+func (o *Options) setDefaults() {
+	if o.SerialPrefix == "" {
+		o.SerialPrefix = DefaultSerialPrefix
+	}
+	if len(o.Models) == 0 {
+		o.Models = DefaultModels
+	}
+	if o.FW == "" {
+		o.FW = DefaultFW
+	}
+	if o.HealthInterval == 0 {
+		o.HealthInterval = DefaultHealthInterval
+	}
+	if o.KeepAlive == 0 {
+		o.KeepAlive = DefaultKeepAlive
+	}
+	if o.ConnectRate == 0 {
+		o.ConnectRate = DefaultConnectRate
+	}
+	if o.DoorCloseDelay == 0 {
+		o.DoorCloseDelay = DefaultDoorCloseDelay
+	}
+	if o.ConnectTimeout <= 0 {
+		o.ConnectTimeout = DefaultConnectTimeout
+	}
+	if o.ProvisionTimeout <= 0 {
+		o.ProvisionTimeout = DefaultProvisionTimeout
+	}
+	if o.RetryBase <= 0 {
+		o.RetryBase = DefaultRetryBase
+	}
+	if o.RetryMax <= 0 {
+		o.RetryMax = DefaultRetryMax
+	}
+	if o.OfflineQueue <= 0 {
+		o.OfflineQueue = DefaultOfflineQueue
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+func (o *Options) validate() error {
+	var errs []error
+	if o.Lockers < 0 {
+		errs = append(errs, errors.New("lockers must not be negative"))
+	}
+	if o.FirstIndex < 0 {
+		errs = append(errs, errors.New("first index must not be negative"))
+	}
+	if u, err := url.Parse(o.Broker); err != nil || u.Host == "" {
+		errs = append(errs, fmt.Errorf("broker %q: want a URL like tcp://127.0.0.1:1883", o.Broker))
+	} else if _, ok := brokerSchemes[u.Scheme]; !ok {
+		errs = append(errs, fmt.Errorf("broker %q: scheme %q not supported (tcp, mqtt, mqtts, ssl, tls)", o.Broker, u.Scheme))
+	}
+	if !protocol.ValidSerial(serialOf(o.SerialPrefix, o.FirstIndex+max(o.Lockers, 1)-1)) {
+		errs = append(errs, fmt.Errorf("serial prefix %q does not make valid serials", o.SerialPrefix))
+	}
+	for _, m := range o.Models {
+		if err := m.Validate(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(o.FW) > 64 {
+		errs = append(errs, fmt.Errorf("fw %q: longer than 64 bytes", o.FW))
+	}
+	if o.HealthQoS > 1 {
+		errs = append(errs, errors.New("health QoS must be 0 or 1"))
+	}
+	if o.KeepAlive < time.Second {
+		errs = append(errs, errors.New("keep-alive must be at least 1s"))
+	}
+	if math.IsNaN(o.ConnectRate) {
+		errs = append(errs, errors.New("connect rate is NaN"))
+	}
+	if p := o.Behavior.LeaveItemProb; !(p >= 0 && p <= 1) {
+		errs = append(errs, errors.New("leave-item probability must be within 0..1"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("devicesim: options: %w", err)
+	}
+	return nil
+}
+
+// brokerSchemes maps supported broker URL schemes to whether they use TLS.
+var brokerSchemes = map[string]bool{"tcp": false, "mqtt": false, "mqtts": true, "ssl": true, "tls": true}
+
+func serialOf(prefix string, index int) string { return fmt.Sprintf("%s-%06d", prefix, index) }
