@@ -1,0 +1,374 @@
+// Command lockerctl is the operator CLI over the Lockergate HTTP API.
+//
+// It reads LOCKERGATE_URL (default http://127.0.0.1:8080) and
+// LOCKERGATE_TOKEN (default: ./lockergate-data/admin.token when readable).
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+)
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN] COMMAND
+
+commands:
+  lockers list [--site S] [--online true|false] [--model M] [--fw V]
+  lockers show ID
+  lockers disable ID | enable ID | replaceable ID
+  unlock LOCKER COMPARTMENT [--reason remote] [--ttl 30] [--wait 10]
+  sites list | sites create ID [--name N] [--timezone TZ]
+  claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
+  tokens create --role R --name N [--site S] | tokens revoke ID
+  audit [--locker ID] [--actor A] [--since RFC3339]
+
+environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
+             LOCKERGATE_TOKEN (default: ./lockergate-data/admin.token when readable)
+`
+
+type cli struct {
+	c      *client.Client
+	out    io.Writer
+	json   bool
+	ctx    context.Context
+	stderr io.Writer
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("lockerctl", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() { fmt.Fprint(stderr, usage) }
+	output := fs.String("o", "table", "output: table or json")
+	base := fs.String("url", envOr("LOCKERGATE_URL", "http://127.0.0.1:8080"), "gateway API URL")
+	token := fs.String("token", os.Getenv("LOCKERGATE_TOKEN"), "API token")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *output != "table" && *output != "json" {
+		fmt.Fprintln(stderr, "lockerctl: -o must be table or json")
+		return 2
+	}
+	if *token == "" {
+		if b, err := os.ReadFile("lockergate-data/admin.token"); err == nil {
+			*token = strings.TrimSpace(string(b))
+		}
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	c := &cli{c: client.New(*base, *token), out: stdout, json: *output == "json", ctx: ctx, stderr: stderr}
+	rest := fs.Args()
+	if len(rest) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	err := c.dispatch(rest)
+	var ue usageError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ue):
+		fmt.Fprintf(stderr, "lockerctl: %s\n\n%s", ue, usage)
+		return 2
+	default:
+		var ae *client.Error
+		if errors.As(err, &ae) && ae.Status == http.StatusUnauthorized {
+			fmt.Fprintf(stderr, "lockerctl: %v\n(set LOCKERGATE_TOKEN, or run where lockergate-data/admin.token is readable)\n", err)
+			return 1
+		}
+		fmt.Fprintf(stderr, "lockerctl: %v\n", err)
+		return 1
+	}
+}
+
+type usageError string
+
+func (e usageError) Error() string { return string(e) }
+
+func envOr(k, d string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return d
+}
+
+func (c *cli) dispatch(args []string) error {
+	key := args[0]
+	if len(args) > 1 && !strings.HasPrefix(args[1], "-") && key != "unlock" && key != "audit" {
+		key += " " + args[1]
+		args = args[2:]
+	} else {
+		args = args[1:]
+	}
+	switch key {
+	case "lockers list":
+		return c.lockersList(args)
+	case "lockers show":
+		return c.oneArg(args, func(id string) error { return c.show("/v1/lockers/" + url.PathEscape(id)) })
+	case "lockers disable", "lockers enable", "lockers replaceable":
+		return c.oneArg(args, func(id string) error {
+			body := map[string]bool{"disabled": key == "lockers disable"}
+			if key == "lockers replaceable" {
+				body = map[string]bool{"replaceable": true}
+			}
+			var out map[string]any
+			if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPatch, Path: "/v1/lockers/" + url.PathEscape(id), Body: body}, &out); err != nil {
+				return err
+			}
+			return c.print(out, nil)
+		})
+	case "unlock":
+		return c.unlock(args)
+	case "sites list":
+		return c.list("/v1/sites", nil, []string{"id", "name", "timezone"})
+	case "sites create":
+		return c.sitesCreate(args)
+	case "claims list":
+		fs := c.flags("claims list")
+		site := fs.String("site", "", "site")
+		if err := fs.Parse(args); err != nil {
+			return usageError(err.Error())
+		}
+		return c.list("/v1/claims", url.Values{"site": {*site}}, []string{"id", "site", "uses", "used", "expires_at", "revoked_at"})
+	case "claims create":
+		return c.claimsCreate(args)
+	case "claims revoke":
+		return c.oneArg(args, func(id string) error {
+			_, err := c.c.Do(c.ctx, client.Request{Method: http.MethodDelete, Path: "/v1/claims/" + url.PathEscape(id)}, nil)
+			return err
+		})
+	case "tokens create":
+		fs := c.flags("tokens create")
+		role := fs.String("role", "", "admin, operator, store or platform")
+		name := fs.String("name", "", "token name (platform tokens: the platform's name)")
+		site := fs.String("site", "", "site (store tokens)")
+		if err := fs.Parse(args); err != nil {
+			return usageError(err.Error())
+		}
+		var out map[string]any
+		if err := c.c.Post(c.ctx, "/v1/tokens", map[string]string{"role": *role, "name": *name, "site": *site}, &out); err != nil {
+			return err
+		}
+		return c.print(out, nil)
+	case "tokens revoke":
+		return c.oneArg(args, func(id string) error {
+			_, err := c.c.Do(c.ctx, client.Request{Method: http.MethodDelete, Path: "/v1/tokens/" + url.PathEscape(id)}, nil)
+			return err
+		})
+	case "audit":
+		fs := c.flags("audit")
+		locker := fs.String("locker", "", "locker id")
+		actor := fs.String("actor", "", "actor")
+		since := fs.String("since", "", "RFC 3339 time")
+		if err := fs.Parse(args); err != nil {
+			return usageError(err.Error())
+		}
+		return c.list("/v1/audit", url.Values{"locker": {*locker}, "actor": {*actor}, "since": {*since}}, []string{"ts", "actor", "action", "locker", "site"})
+	}
+	return usageError("unknown command: " + key)
+}
+
+func (c *cli) flags(name string) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(c.stderr)
+	return fs
+}
+
+func (c *cli) oneArg(args []string, f func(string) error) error {
+	if len(args) != 1 {
+		return usageError("want exactly one id")
+	}
+	return f(args[0])
+}
+
+func (c *cli) show(path string) error {
+	var out map[string]any
+	if err := c.c.Get(c.ctx, path, nil, &out); err != nil {
+		return err
+	}
+	return c.print(out, nil)
+}
+
+func (c *cli) lockersList(args []string) error {
+	fs := c.flags("lockers list")
+	site := fs.String("site", "", "site")
+	online := fs.String("online", "", "true or false")
+	model := fs.String("model", "", "model")
+	fw := fs.String("fw", "", "firmware version")
+	if err := fs.Parse(args); err != nil {
+		return usageError(err.Error())
+	}
+	q := url.Values{"site": {*site}, "online": {*online}, "model": {*model}, "fw": {*fw}}
+	return c.list("/v1/lockers", q, []string{"id", "serial", "site", "model", "fw", "online", "last_seen"})
+}
+
+// list fetches every page of a list and prints it.
+func (c *cli) list(path string, q url.Values, cols []string) error {
+	if q == nil {
+		q = url.Values{}
+	}
+	for k, v := range q {
+		if len(v) == 1 && v[0] == "" {
+			delete(q, k)
+		}
+	}
+	var items []map[string]any
+	for {
+		var page struct {
+			Items []map[string]any `json:"items"`
+			Next  string           `json:"next"`
+		}
+		if err := c.c.Get(c.ctx, path, q, &page); err != nil {
+			return err
+		}
+		items = append(items, page.Items...)
+		if page.Next == "" {
+			break
+		}
+		q.Set("after", page.Next)
+	}
+	if items == nil {
+		items = []map[string]any{}
+	}
+	return c.print(items, cols)
+}
+
+func (c *cli) unlock(args []string) error {
+	fs := c.flags("unlock")
+	reason := fs.String("reason", "remote", "staging, pickup, remote or service")
+	ttl := fs.Int("ttl", 30, "seconds the unlock stays valid")
+	wait := fs.Int("wait", 10, "seconds to wait for the locker's answer")
+	var pos []string
+	for len(args) > 0 {
+		if err := fs.Parse(args); err != nil {
+			return usageError(err.Error())
+		}
+		if fs.NArg() == 0 {
+			break
+		}
+		pos = append(pos, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
+	if len(pos) != 2 {
+		return usageError("unlock needs LOCKER COMPARTMENT")
+	}
+	n, err := strconv.Atoi(pos[1])
+	if err != nil || n < 1 {
+		return usageError("COMPARTMENT must be a number >= 1")
+	}
+	var out map[string]any
+	err = c.c.Post(c.ctx, "/v1/lockers/"+url.PathEscape(pos[0])+"/commands",
+		map[string]any{"type": "unlock", "compartment": n, "reason": *reason, "ttl_s": *ttl, "wait_s": *wait}, &out)
+	if err != nil {
+		return err
+	}
+	if err := c.print(out, nil); err != nil {
+		return err
+	}
+	if s, _ := out["status"].(string); s != "ok" && !c.json {
+		return fmt.Errorf("unlock %v: status %s", out["id"], s)
+	}
+	return nil
+}
+
+func (c *cli) sitesCreate(args []string) error {
+	fs := c.flags("sites create")
+	name := fs.String("name", "", "display name")
+	tz := fs.String("timezone", "UTC", "IANA time zone")
+	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		return usageError("sites create needs an ID")
+	}
+	id := args[0]
+	if err := fs.Parse(args[1:]); err != nil {
+		return usageError(err.Error())
+	}
+	var out map[string]any
+	if err := c.c.Post(c.ctx, "/v1/sites", map[string]string{"id": id, "name": *name, "timezone": *tz}, &out); err != nil {
+		return err
+	}
+	return c.print(out, nil)
+}
+
+func (c *cli) claimsCreate(args []string) error {
+	fs := c.flags("claims create")
+	site := fs.String("site", "", "site")
+	uses := fs.Int("uses", 1, "how many lockers may use it")
+	exp := fs.Duration("expires-in", 24*time.Hour, "validity")
+	serials := fs.String("serials", "", "comma-separated serial globs allowed (default: any)")
+	if err := fs.Parse(args); err != nil {
+		return usageError(err.Error())
+	}
+	var out map[string]any
+	if err := c.c.Post(c.ctx, "/v1/claims", map[string]any{"site": *site, "uses": *uses,
+		"expires_in_s": int(exp.Seconds()), "serial_pattern": *serials}, &out); err != nil {
+		return err
+	}
+	return c.print(out, nil)
+}
+
+// print writes v as JSON (-o json) or as a table of cols / key-value lines.
+func (c *cli) print(v any, cols []string) error {
+	if c.json {
+		enc := json.NewEncoder(c.out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	tw := tabwriter.NewWriter(c.out, 0, 4, 2, ' ', 0)
+	defer tw.Flush()
+	switch x := v.(type) {
+	case []map[string]any:
+		fmt.Fprintln(tw, strings.ToUpper(strings.Join(cols, "\t")))
+		for _, it := range x {
+			cells := make([]string, len(cols))
+			for i, col := range cols {
+				cells[i] = cell(it[col])
+			}
+			fmt.Fprintln(tw, strings.Join(cells, "\t"))
+		}
+	case map[string]any:
+		keys := make([]string, 0, len(x))
+		for k := range x {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			fmt.Fprintf(tw, "%s\t%s\n", k, cell(x[k]))
+		}
+	}
+	return nil
+}
+
+func cell(v any) string {
+	switch x := v.(type) {
+	case nil:
+		return "-"
+	case string:
+		return x
+	case float64:
+		return strconv.FormatFloat(x, 'f', -1, 64)
+	case bool:
+		return strconv.FormatBool(x)
+	default:
+		b, _ := json.Marshal(x)
+		return string(b)
+	}
+}

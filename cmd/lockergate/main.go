@@ -1,0 +1,116 @@
+// Command lockergate runs the Lockergate gateway: the embedded MQTT broker,
+// the fleet manager and the HTTP API. `lockergate demo` adds a simulated fleet.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/lockergate/lockergate/gateway"
+)
+
+func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+
+const usage = `usage: lockergate [serve|demo] [flags]
+
+  serve   run the gateway (the default)
+  demo    run the gateway with a simulated fleet on the embedded defaults
+
+Run "lockergate serve -h" or "lockergate demo -h" for flags.
+`
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve", "demo":
+	case "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "lockergate: unknown command %q\n%s", cmd, usage)
+		return 2
+	}
+	fs := flag.NewFlagSet("lockergate "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var o gateway.Options
+	var logLevel string
+	fs.StringVar(&o.MQTTAddr, "mqtt-addr", ":1883", "plain MQTT listen address (empty disables)")
+	fs.StringVar(&o.MQTTSAddr, "mqtts-addr", ":8883", "MQTT over TLS listen address (empty disables)")
+	fs.StringVar(&o.TLSCert, "tls-cert", "", "TLS certificate (PEM) for MQTTS; default: a private CA under the data dir")
+	fs.StringVar(&o.TLSKey, "tls-key", "", "TLS private key (PEM) for --tls-cert")
+	fs.StringVar(&o.HTTPAddr, "http-addr", ":8080", "HTTP API listen address")
+	fs.StringVar(&o.DataDir, "data-dir", "./lockergate-data", "data directory: private PostgreSQL, keys, admin token")
+	fs.StringVar(&o.DatabaseURL, "database-url", os.Getenv("DATABASE_URL"), "PostgreSQL URL (env DATABASE_URL); empty starts a private cluster in the data dir")
+	fs.StringVar(&o.BrokerURL, "broker-url", "", "broker address handed to lockers at provisioning (default: from the listeners)")
+	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
+	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	var demo demoOptions
+	if cmd == "demo" {
+		fs.IntVar(&demo.lockers, "lockers", 200, "simulated lockers")
+		fs.Int64Var(&demo.seed, "seed", 1, "simulator seed")
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+		fmt.Fprintf(stderr, "lockergate: --log-level %q: want debug, info, warn or error\n", logLevel)
+		return 2
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	o.Logger = log
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	g, err := gateway.New(ctx, o)
+	if err != nil {
+		log.Error("gateway did not start", "err", err)
+		return 1
+	}
+	defer func() {
+		if err := g.Close(); err != nil {
+			log.Error("close", "err", err)
+		}
+	}()
+	if cmd == "demo" {
+		return runDemo(ctx, g, demo, stdout, log)
+	}
+	printWhere(stdout, g)
+	if err := g.Run(ctx); err != nil {
+		log.Error("gateway stopped with an error", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func printWhere(w io.Writer, g *gateway.Gateway) {
+	fmt.Fprintf(w, "Lockergate is running.\n")
+	fmt.Fprintf(w, "  API:     http://%s/v1/  (health: /healthz, ready: /readyz)\n", g.HTTPAddr())
+	fmt.Fprintf(w, "  Metrics: http://%s/metrics\n", g.HTTPAddr())
+	if a := g.MQTTAddr(); a != "" {
+		fmt.Fprintf(w, "  MQTT:    %s\n", a)
+	}
+	if a := g.MQTTSAddr(); a != "" {
+		fmt.Fprintf(w, "  MQTTS:   %s\n", a)
+	}
+	if g.AdminToken() != "" {
+		fmt.Fprintf(w, "  Admin token (created now): %s\n", g.AdminTokenPath())
+	} else {
+		fmt.Fprintf(w, "  Admin token: created at first start in %s\n", g.AdminTokenPath())
+	}
+}

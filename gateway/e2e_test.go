@@ -1,0 +1,288 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// MustFleet starts n simulated lockers that provision with claim; they stop in tb.Cleanup.
+func MustFleet(tb testing.TB, tg *TestGateway, claim string, n int, mod ...func(*devicesim.Options)) *devicesim.Fleet {
+	tb.Helper()
+	o := devicesim.Options{
+		Broker: "tcp://" + tg.MQTTAddr(), ClaimToken: claim, Lockers: n, Seed: 42,
+		HealthInterval: 200 * time.Millisecond, DoorCloseDelay: 20 * time.Millisecond, ConnectRate: 1000,
+		Logger: testLogger(tb),
+	}
+	for _, f := range mod {
+		f(&o)
+	}
+	f, err := devicesim.NewFleet(o)
+	if err != nil {
+		tb.Fatalf("simulator: %v", err)
+	}
+	tb.Cleanup(f.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if err := f.Start(ctx); err != nil {
+		tb.Fatalf("start simulated fleet: %v", err)
+	}
+	return f
+}
+
+type lockerList struct {
+	Items []fleet.Locker `json:"items"`
+	Next  string         `json:"next"`
+}
+
+// TestWalkingSkeleton walks the thin end-to-end path of issue 2 with the real
+// gateway, PostgreSQL and 50 simulated lockers over TCP.
+func TestWalkingSkeleton(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+
+	// 1. Admin token written at first start, site and claim via the API.
+	st, err := os.Stat(tg.AdminTokenPath())
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("admin token file: %v, mode %v", err, st.Mode())
+	}
+	claim := tg.MustSiteAndClaim(t, "store-042", 50)
+
+	// 2. Lockers provision by claim and reconnect as themselves.
+	sim := MustFleet(t, tg, claim, 50)
+	var hashes int
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM devices WHERE length(secret_hash) = 32 AND site = 'store-042'`).Scan(&hashes); err != nil || hashes != 50 {
+		t.Fatalf("devices with hashed secrets: %d, %v", hashes, err)
+	}
+
+	// 3. Presence: all online with last_seen.
+	Eventually(t, 20*time.Second, "50 lockers online", func() error {
+		var l lockerList
+		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"site": {"store-042"}, "online": {"true"}}, &l); err != nil {
+			return err
+		}
+		if len(l.Items) != 50 {
+			return fmt.Errorf("%d online", len(l.Items))
+		}
+		for _, it := range l.Items {
+			if it.LastSeen == nil {
+				return fmt.Errorf("%s has no last_seen", it.ID)
+			}
+		}
+		return nil
+	})
+	Eventually(t, 5*time.Second, "devices_online metric", func() error {
+		v, err := tg.Metric("lockergate_devices_online")
+		if err == nil && v != 50 {
+			err = fmt.Errorf("lockergate_devices_online = %v", v)
+		}
+		return err
+	})
+
+	// 4. Health stored; the locker shows the latest.
+	first := sim.Lockers()[0]
+	id := first.DeviceID()
+	Eventually(t, 10*time.Second, "latest health", func() error {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id, nil, &l); err != nil {
+			return err
+		}
+		var h struct {
+			Seq int64 `json:"seq"`
+		}
+		if len(l.Health) == 0 || json.Unmarshal(l.Health, &h) != nil || h.Seq < 2 {
+			return fmt.Errorf("health %s", l.Health)
+		}
+		if len(l.Compartments) == 0 {
+			return errors.New("no compartments")
+		}
+		return nil
+	})
+	var rows int
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&rows); err != nil || rows < 2 {
+		t.Fatalf("health rows: %d, %v", rows, err)
+	}
+
+	// 5. Unlock with wait_s: the locker answers ok.
+	var cmd fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands",
+		map[string]any{"type": "unlock", "compartment": 1, "reason": "remote", "ttl_s": 30, "wait_s": 10}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	if cmd.Status != fleet.CmdOK {
+		t.Fatalf("unlock status %q, want ok", cmd.Status)
+	}
+	if got := first.CommandsRun(cmd.ID); got != 1 {
+		t.Fatalf("locker ran the unlock %d times, want 1", got)
+	}
+	var dbStatus string
+	tg.DB().Pool().QueryRow(ctx, `SELECT status FROM commands WHERE id = $1`, cmd.ID).Scan(&dbStatus)
+	if dbStatus != "ok" {
+		t.Fatalf("command row status %q", dbStatus)
+	}
+	Eventually(t, 10*time.Second, "door events recorded", func() error {
+		var evs struct {
+			Items []fleet.EventRecord `json:"items"`
+		}
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id+"/events", nil, &evs); err != nil {
+			return err
+		}
+		seen := map[string]bool{}
+		for _, e := range evs.Items {
+			seen[e.Type] = true
+		}
+		if !seen["door_opened"] || !seen["door_closed"] {
+			return fmt.Errorf("events %v", seen)
+		}
+		return nil
+	})
+
+	// 5b. An unlock to an offline locker is expired after its ttl and never runs.
+	second := sim.Lockers()[1]
+	sid := second.DeviceID()
+	second.Disconnect()
+	Eventually(t, 10*time.Second, "locker offline", func() error {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+sid, nil, &l); err != nil {
+			return err
+		}
+		if l.Online {
+			return errors.New("still online")
+		}
+		return nil
+	})
+	var late fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+sid+"/commands",
+		map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 1, "wait_s": 5}, &late); err != nil {
+		t.Fatal(err)
+	}
+	if late.Status != fleet.CmdExpired {
+		t.Fatalf("offline unlock status %q, want expired", late.Status)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := second.Reconnect(rctx); err != nil {
+		t.Fatal(err)
+	}
+	// A command sent after the reconnect is answered, proving the locker is
+	// listening; the expired one was never delivered.
+	var after fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+sid+"/commands",
+		map[string]any{"type": "unlock", "compartment": 1, "wait_s": 10}, &after); err != nil || after.Status != fleet.CmdOK {
+		t.Fatalf("unlock after reconnect: %+v, %v", after, err)
+	}
+	if got := second.CommandsRun(late.ID); got != 0 {
+		t.Fatalf("expired unlock ran %d times on the locker", got)
+	}
+
+	// 6. Metrics.
+	for series, want := range map[string]float64{
+		`lockergate_commands_total{status="ok",type="unlock"}`:      2,
+		`lockergate_commands_total{status="expired",type="unlock"}`: 1,
+		`lockergate_command_duration_seconds_count{type="unlock"}`:  2,
+	} {
+		if got, err := tg.Metric(series); err != nil || got != want {
+			t.Errorf("%s = %v (%v), want %v", series, got, err, want)
+		}
+	}
+	if v, err := tg.Metric(`lockergate_mqtt_messages_received_total{channel="health"}`); err != nil || v < 50 {
+		t.Errorf("health messages received = %v (%v)", v, err)
+	}
+
+	// The audit log has the provisioning and the unlocks.
+	var audit struct {
+		Items []fleet.AuditEntry `json:"items"`
+	}
+	if err := tg.Admin.Get(ctx, "/v1/audit", url.Values{"locker": {id}}, &audit); err != nil {
+		t.Fatal(err)
+	}
+	actions := map[string]int{}
+	for _, e := range audit.Items {
+		actions[e.Action]++
+	}
+	if actions["provision"] != 1 || actions["unlock"] != 1 {
+		t.Fatalf("audit of %s: %v", id, actions)
+	}
+}
+
+// TestAPIBadInput checks that bad API requests get problem details.
+func TestAPIBadInput(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	sim := MustFleet(t, tg, claim, 1)
+	id := sim.Lockers()[0].DeviceID()
+	anon := client.New("http://"+tg.HTTPAddr(), "")
+	bogus := client.New("http://"+tg.HTTPAddr(), "lgt_not-a-token")
+	cases := []struct {
+		name   string
+		c      *client.Client
+		req    client.Request
+		status int
+	}{
+		{"NoToken", anon, client.Request{Method: "GET", Path: "/v1/lockers"}, 401},
+		{"UnknownToken", bogus, client.Request{Method: "GET", Path: "/v1/lockers"}, 401},
+		{"UnknownLocker", tg.Admin, client.Request{Method: "GET", Path: "/v1/lockers/lk-nope"}, 404},
+		{"CommandUnknownLocker", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/lk-nope/commands", Body: map[string]any{"type": "unlock", "compartment": 1}}, 404},
+		{"NoSuchCompartment", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": 99}}, 422},
+		{"UnknownCommandType", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "self_destruct"}}, 400},
+		{"WrongFieldType", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": "one"}}, 400},
+		{"TTLTooLong", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 100000}}, 400},
+		{"BadLimit", tg.Admin, client.Request{Method: "GET", Path: "/v1/lockers", Query: url.Values{"limit": {"5000"}}}, 400},
+		{"DuplicateSite", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]any{"id": "s1"}}, 409},
+		{"BadTimezone", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]any{"id": "s2", "timezone": "Mars/Olympus"}}, 400},
+		{"ClaimUnknownSite", tg.Admin, client.Request{Method: "POST", Path: "/v1/claims", Body: map[string]any{"site": "nope", "uses": 1}}, 404},
+		{"UnknownRoute", tg.Admin, client.Request{Method: "GET", Path: "/v1/nothing"}, 404},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			status, err := tc.c.Do(ctx, tc.req, nil)
+			var pe *client.Error
+			if !errors.As(err, &pe) {
+				t.Fatalf("got %v, want a problem detail", err)
+			}
+			if status != tc.status || pe.Status != tc.status || pe.Title == "" {
+				t.Fatalf("got %d %+v, want %d", status, pe, tc.status)
+			}
+		})
+	}
+	t.Run("MalformedJSON", func(t *testing.T) {
+		_, err := tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/sites", Body: []byte(`{"id":`)}, nil)
+		var pe *client.Error
+		if !errors.As(err, &pe) || pe.Status != 400 {
+			t.Fatalf("got %v, want 400", err)
+		}
+	})
+	t.Run("IdempotencyKey", func(t *testing.T) {
+		req := client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands",
+			Body: map[string]any{"type": "unlock", "compartment": 1, "wait_s": 5}, Header: map[string][]string{"Idempotency-Key": {"k1"}}}
+		var a, b fleet.Command
+		if _, err := tg.Admin.Do(ctx, req, &a); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tg.Admin.Do(ctx, req, &b); err != nil {
+			t.Fatal(err)
+		}
+		if a.ID != b.ID {
+			t.Fatalf("repeat created a second command: %s and %s", a.ID, b.ID)
+		}
+		req.Body = map[string]any{"type": "unlock", "compartment": 2}
+		if _, err := tg.Admin.Do(ctx, req, nil); err == nil {
+			t.Fatal("same key with another body was accepted")
+		}
+		var n int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&n)
+		if n != 1 {
+			t.Fatalf("%d commands stored, want 1", n)
+		}
+	})
+}

@@ -1,0 +1,404 @@
+// Package gateway wires the Lockergate gateway together: PostgreSQL (given or
+// a private cluster), the embedded broker, the fleet manager, provisioning
+// and the HTTP API. cmd/lockergate and the end-to-end tests run it.
+package gateway
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/lockergate/lockergate/broker"
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/httpapi"
+	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/postgres"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// Options configure the gateway. cmd/lockergate fills them from flags.
+type Options struct {
+	// DataDir holds the private PostgreSQL cluster, keys and the admin token.
+	DataDir string
+	// DatabaseURL selects an existing PostgreSQL; empty starts a private
+	// cluster under DataDir/pg from the machine's PostgreSQL binaries.
+	DatabaseURL string
+	// FastDB turns off durability of the private cluster (tests only).
+	FastDB bool
+	// MQTTAddr is the plain MQTT listener ("" disables it).
+	MQTTAddr string
+	// MQTTSAddr is the MQTT over TLS listener ("" disables it).
+	MQTTSAddr string
+	// TLSCert and TLSKey name a certificate for MQTTS; empty creates a
+	// private CA and certificate under DataDir/tls.
+	TLSCert, TLSKey string
+	// HTTPAddr is the API listener.
+	HTTPAddr string
+	// BrokerURL is the address handed to lockers at provisioning; default
+	// derived from the listeners.
+	BrokerURL string
+	// FirmwareKey is the path of the Ed25519 firmware signing seed; default DataDir/firmware.key.
+	FirmwareKey string
+	// Config is what every locker is configured with (zero: fleet.DefaultConfig).
+	Config protocol.Config
+	// RetentionDays keeps health and events this long (default 30).
+	RetentionDays int
+	Logger        *slog.Logger
+}
+
+// Gateway is one running gateway process.
+type Gateway struct {
+	opts    Options
+	log     *slog.Logger
+	cluster *pgcluster.Cluster
+	db      *postgres.DB
+	reg     *prometheus.Registry
+	broker  *broker.Broker
+	fleet   *fleet.Manager
+	prov    *provisioning.Service
+	api     *httpapi.Server
+	httpLn  net.Listener
+	http    *http.Server
+
+	adminToken     string
+	adminTokenPath string
+
+	closeOnce sync.Once
+}
+
+// New starts the database (and migrates it), loads or creates keys, and binds
+// every listener, so that all start-up errors surface here. Call Run to serve
+// and Close to release everything.
+func New(ctx context.Context, o Options) (_ *Gateway, err error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.DataDir == "" {
+		o.DataDir = "lockergate-data"
+	}
+	if o.RetentionDays <= 0 {
+		o.RetentionDays = 30
+	}
+	if o.DataDir, err = filepath.Abs(o.DataDir); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create data dir: %w", err)
+	}
+	g := &Gateway{opts: o, log: o.Logger, reg: prometheus.NewRegistry()}
+	defer func() {
+		if err != nil {
+			g.Close()
+		}
+	}()
+	g.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	dsn := o.DatabaseURL
+	if dsn == "" && os.Geteuid() == 0 {
+		// The private cluster runs as the postgres user, which must be able
+		// to pass through the data dir; the secrets in it stay 0600.
+		if err := os.Chmod(o.DataDir, 0o711); err != nil {
+			return nil, fmt.Errorf("make data dir traversable for the postgres user: %w", err)
+		}
+	}
+	if dsn == "" {
+		g.log.Info("no database URL: starting a private PostgreSQL cluster", "dir", filepath.Join(o.DataDir, "pg"))
+		g.cluster, err = pgcluster.Start(ctx, pgcluster.Options{DataDir: filepath.Join(o.DataDir, "pg"), Logger: o.Logger, Fast: o.FastDB, Database: "lockergate"})
+		if err != nil {
+			return nil, fmt.Errorf("start private PostgreSQL: %w", err)
+		}
+		dsn = g.cluster.DSN("lockergate")
+	}
+	if g.db, err = postgres.Open(ctx, postgres.Options{DSN: dsn, Logger: o.Logger}); err != nil {
+		return nil, fmt.Errorf("open database: %w", err)
+	}
+	if err := g.maintainPartitions(ctx); err != nil {
+		return nil, err
+	}
+
+	master, err := masterKey(o.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("master key: %w", err)
+	}
+	fwPath := o.FirmwareKey
+	if fwPath == "" {
+		fwPath = filepath.Join(o.DataDir, "firmware.key")
+	}
+	fwKey, err := firmwareKey(fwPath)
+	if err != nil {
+		return nil, fmt.Errorf("firmware key: %w", err)
+	}
+	if err := g.ensureAdminToken(ctx); err != nil {
+		return nil, err
+	}
+
+	obs := &observer{}
+	bo := broker.Options{
+		TCPAddr: o.MQTTAddr, TLSAddr: o.MQTTSAddr,
+		Observer: obs, Logger: o.Logger, Registerer: g.reg,
+	}
+	if o.MQTTSAddr != "" {
+		if o.TLSCert != "" {
+			bo.TLSConfig, err = loadTLS(o.TLSCert, o.TLSKey)
+		} else {
+			bo.TLSConfig, err = selfSignedTLS(filepath.Join(o.DataDir, "tls"), []string{"localhost", "127.0.0.1", "::1"})
+		}
+		if err != nil {
+			return nil, fmt.Errorf("TLS: %w", err)
+		}
+	}
+	auth := &authenticator{}
+	bo.Auth = auth
+	bo.Provisioner = auth
+	if g.broker, err = broker.New(bo); err != nil {
+		return nil, fmt.Errorf("start broker: %w", err)
+	}
+	brokerURL := o.BrokerURL
+	if brokerURL == "" {
+		brokerURL = g.defaultBrokerURL()
+	}
+	g.prov, err = provisioning.New(provisioning.Options{
+		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
+		OnReplace: g.broker.Kick, Logger: o.Logger.With("component", "provisioning"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	auth.prov = g.prov
+	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: g.broker, Logger: o.Logger.With("component", "fleet"),
+		Registerer: g.reg, Config: o.Config})
+	if err != nil {
+		return nil, err
+	}
+	obs.m = g.fleet
+	if err := g.fleet.Subscribe(); err != nil {
+		return nil, err
+	}
+	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: g.broker,
+		Gatherer: g.reg, Ready: g.ready, Logger: o.Logger.With("component", "api")})
+	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
+		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
+	}
+	g.http = &http.Server{Handler: g.api, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
+	return g, nil
+}
+
+// Run serves until ctx ends, then shuts down in order: HTTP, broker, fleet
+// (drains queued writes). It returns the first serving error.
+func (g *Gateway) Run(ctx context.Context) error {
+	if err := g.broker.Start(); err != nil {
+		return fmt.Errorf("serve MQTT: %w", err)
+	}
+	fctx, stopFleet := context.WithCancel(context.WithoutCancel(ctx))
+	fleetDone := make(chan error, 1)
+	go func() { fleetDone <- g.fleet.Run(fctx) }()
+	httpDone := make(chan error, 1)
+	go func() { httpDone <- g.http.Serve(g.httpLn) }()
+	maint := time.NewTicker(time.Hour)
+	defer maint.Stop()
+	g.log.Info("gateway running", "http", g.HTTPAddr(), "mqtt", addrString(g.broker.TCPAddr()), "mqtts", addrString(g.broker.TLSAddr()))
+
+	var runErr error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case err := <-httpDone:
+			runErr = fmt.Errorf("serve HTTP: %w", err)
+			break loop
+		case <-maint.C:
+			if err := g.maintainPartitions(ctx); err != nil {
+				g.log.Error("partition maintenance", "err", err)
+			}
+		}
+	}
+	g.log.Info("shutting down: draining HTTP, closing broker, flushing queued writes")
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := g.http.Shutdown(sctx); err != nil && runErr == nil {
+		runErr = fmt.Errorf("shut down HTTP: %w", err)
+	}
+	if err := g.broker.Close(); err != nil && runErr == nil {
+		runErr = fmt.Errorf("close broker: %w", err)
+	}
+	stopFleet()
+	if err := <-fleetDone; err != nil && runErr == nil {
+		runErr = err
+	}
+	return runErr
+}
+
+// Close releases the database and stops the private cluster. Call after Run returns.
+func (g *Gateway) Close() error {
+	var err error
+	g.closeOnce.Do(func() {
+		if g.httpLn != nil {
+			g.httpLn.Close()
+		}
+		if g.broker != nil {
+			g.broker.Close()
+		}
+		if g.db != nil {
+			g.db.Close()
+		}
+		if g.cluster != nil {
+			err = g.cluster.Stop()
+		}
+	})
+	return err
+}
+
+// HTTPAddr is the bound API address.
+func (g *Gateway) HTTPAddr() string { return g.httpLn.Addr().String() }
+
+// MQTTAddr is the bound plain MQTT address ("" when disabled).
+func (g *Gateway) MQTTAddr() string { return addrString(g.broker.TCPAddr()) }
+
+// MQTTSAddr is the bound MQTT over TLS address ("" when disabled).
+func (g *Gateway) MQTTSAddr() string { return addrString(g.broker.TLSAddr()) }
+
+// AdminToken is the admin token created at first start ("" on later starts).
+func (g *Gateway) AdminToken() string { return g.adminToken }
+
+// AdminTokenPath is where the first admin token was written.
+func (g *Gateway) AdminTokenPath() string { return g.adminTokenPath }
+
+// DB is the gateway's store (for tests and tools).
+func (g *Gateway) DB() *postgres.DB { return g.db }
+
+// Broker is the embedded broker.
+func (g *Gateway) Broker() *broker.Broker { return g.broker }
+
+// Fleet is the fleet manager.
+func (g *Gateway) Fleet() *fleet.Manager { return g.fleet }
+
+// Provisioning is the provisioning service.
+func (g *Gateway) Provisioning() *provisioning.Service { return g.prov }
+
+// Registry is the Prometheus registry behind /metrics.
+func (g *Gateway) Registry() *prometheus.Registry { return g.reg }
+
+func (g *Gateway) ready(ctx context.Context) error {
+	if err := g.db.Ping(ctx); err != nil {
+		return fmt.Errorf("database: %w", err)
+	}
+	if g.broker.TCPAddr() == nil && g.broker.TLSAddr() == nil {
+		return errors.New("broker: no listener")
+	}
+	return nil
+}
+
+// ensureAdminToken creates the first admin token on an empty database and
+// writes it to DataDir/admin.token (0600).
+func (g *Gateway) ensureAdminToken(ctx context.Context) error {
+	g.adminTokenPath = filepath.Join(g.opts.DataDir, "admin.token")
+	n, err := g.db.CountTokens(ctx)
+	if err != nil {
+		return fmt.Errorf("count tokens: %w", err)
+	}
+	if n > 0 {
+		return nil
+	}
+	_, secret, err := httpapi.CreateToken(ctx, g.db, fleet.RoleAdmin, "", "admin", "system")
+	if err != nil {
+		return fmt.Errorf("create admin token: %w", err)
+	}
+	if err := writeFileAtomic(g.adminTokenPath, []byte(secret+"\n"), 0o600); err != nil {
+		return fmt.Errorf("write admin token: %w", err)
+	}
+	g.adminToken = secret
+	g.log.Info("created the first admin token", "path", g.adminTokenPath)
+	return nil
+}
+
+func (g *Gateway) maintainPartitions(ctx context.Context) error {
+	now := time.Now()
+	if err := g.db.EnsurePartitions(ctx, now.AddDate(0, 0, -1), 4); err != nil {
+		return fmt.Errorf("create partitions: %w", err)
+	}
+	dropped, err := g.db.DropPartitionsBefore(ctx, now.AddDate(0, 0, -g.opts.RetentionDays))
+	if err != nil {
+		return fmt.Errorf("retention: %w", err)
+	}
+	if len(dropped) > 0 {
+		g.log.Info("retention dropped partitions", "partitions", dropped)
+	}
+	return nil
+}
+
+func (g *Gateway) defaultBrokerURL() string {
+	if a := g.broker.TLSAddr(); a != nil {
+		return "mqtts://" + hostPort(a)
+	}
+	if a := g.broker.TCPAddr(); a != nil {
+		return "mqtt://" + hostPort(a)
+	}
+	return ""
+}
+
+func hostPort(a net.Addr) string {
+	host, port, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return a.String()
+	}
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		host = "localhost"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+// observer forwards broker session events to the fleet manager (created after the broker).
+type observer struct{ m *fleet.Manager }
+
+func (o *observer) DeviceConnected(id, remote string) { o.m.DeviceConnected(id, remote) }
+func (o *observer) DeviceDisconnected(id, reason string) {
+	o.m.DeviceDisconnected(id, reason)
+}
+
+// authenticator adapts provisioning to the broker's interfaces, mapping errors.
+type authenticator struct{ prov *provisioning.Service }
+
+func (a *authenticator) AuthDevice(ctx context.Context, id string, password []byte) error {
+	err := a.prov.AuthDevice(ctx, id, password)
+	switch {
+	case errors.Is(err, provisioning.ErrUnknownDevice):
+		return broker.ErrUnknownDevice
+	case errors.Is(err, provisioning.ErrBadSecret):
+		return broker.ErrBadSecret
+	case errors.Is(err, provisioning.ErrDisabled):
+		return broker.ErrDisabled
+	}
+	return err
+}
+
+func (a *authenticator) AuthClaim(ctx context.Context, token string) error {
+	err := a.prov.AuthClaim(ctx, token)
+	if errors.Is(err, provisioning.ErrUnknownClaim) {
+		return broker.ErrUnknownClaim
+	}
+	return err
+}
+
+func (a *authenticator) Provision(ctx context.Context, token, serial string, payload []byte) protocol.ProvisionResponse {
+	return a.prov.Provision(ctx, token, serial, payload)
+}

@@ -1,0 +1,184 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// MustConnect connects a raw MQTT client or fails the test.
+func MustConnect(tb testing.TB, addr, clientID, user, pass string) paho.Client {
+	tb.Helper()
+	c, err := Connect(addr, clientID, user, pass)
+	if err != nil {
+		tb.Fatalf("connect %s: %v", clientID, err)
+	}
+	tb.Cleanup(func() { c.Disconnect(50) })
+	return c
+}
+
+// Connect connects a raw MQTT 3.1.1 client.
+func Connect(addr, clientID, user, pass string) (paho.Client, error) {
+	o := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID(clientID).SetUsername(user).SetPassword(pass).
+		SetAutoReconnect(false).SetConnectRetry(false).SetConnectTimeout(5 * time.Second).SetOrderMatters(false)
+	c := paho.NewClient(o)
+	t := c.Connect()
+	if !t.WaitTimeout(10 * time.Second) {
+		return nil, fmt.Errorf("connect timed out")
+	}
+	return c, t.Error()
+}
+
+// MustProvision provisions a locker by hand, as a vendor's firmware would,
+// and returns its identity.
+func MustProvision(tb testing.TB, tg *TestGateway, claim, serial string) protocol.ProvisionResponse {
+	tb.Helper()
+	c := MustConnect(tb, tg.MQTTAddr(), "prov-"+serial, "claim", claim)
+	got := make(chan []byte, 1)
+	if t := c.Subscribe(protocol.ProvisionResponseTopic(serial), 1, func(_ paho.Client, m paho.Message) { got <- m.Payload() }); !t.WaitTimeout(5*time.Second) || t.Error() != nil {
+		tb.Fatalf("subscribe response: %v", t.Error())
+	}
+	req := protocol.ProvisionRequest{Serial: serial, Model: "LX-4", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{
+		{N: 1, Size: "S", Zone: "ambient"}, {N: 2, Size: "M", Zone: "ambient"}, {N: 3, Size: "L", Zone: "chilled"}, {N: 4, Size: "XL", Zone: "heated"}}}
+	if t := c.Publish(protocol.ProvisionRequestTopic(serial), 1, false, protocol.Encode(req)); !t.WaitTimeout(5*time.Second) || t.Error() != nil {
+		tb.Fatalf("publish request: %v", t.Error())
+	}
+	select {
+	case b := <-got:
+		var r protocol.ProvisionResponse
+		if err := json.Unmarshal(b, &r); err != nil || r.Status != "ok" {
+			tb.Fatalf("provisioning answer %s (%v)", b, err)
+		}
+		return r
+	case <-time.After(15 * time.Second):
+		tb.Fatal("no provisioning answer within 15 s")
+	}
+	panic("unreachable")
+}
+
+// TestMQTTBadInput publishes every kind of bad payload from a real device and
+// checks each is dropped and counted while valid messages still land.
+func TestMQTTBadInput(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 2)
+	id := MustProvision(t, tg, claim, "SN-BAD-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	pub := func(ch protocol.Channel, payload string) {
+		t.Helper()
+		if tk := dev.Publish(protocol.Topic(id.DeviceID, ch), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("publish: %v", tk.Error())
+		}
+	}
+	now := protocol.FormatTime(time.Now())
+	bad := []struct {
+		ch      protocol.Channel
+		payload string
+		reason  string
+	}{
+		{protocol.ChanHealth, `{"ts":`, "malformed"},
+		{protocol.ChanHealth, `[1,2]`, "malformed"},
+		{protocol.ChanHealth, `{"ts":"` + now + `","seq":"seven"}`, "invalid"},
+		{protocol.ChanHealth, `{"seq":1}`, "invalid"},
+		{protocol.ChanEvents, `{"id":"e-1","ts":"` + now + `","type":"door_closed","compartment":1}`, "invalid"}, // no occupied
+		{protocol.ChanEvents, `{"id":"e/1","ts":"` + now + `","type":"tamper"}`, "invalid"},
+		{protocol.ChanEvents, `not json`, "malformed"},
+		{protocol.ChanCmdResult, `{"id":"c-1","status":"maybe"}`, "invalid"},
+		{protocol.ChanCredsAck, `{"version":"x"}`, "invalid"},
+	}
+	for _, b := range bad {
+		pub(b.ch, b.payload)
+	}
+	// A valid message after the bad ones still lands.
+	pub(protocol.ChanEvents, `{"id":"e-good","ts":"`+now+`","type":"tamper","detail":"lid","extra_field":{"ignored":true}}`)
+	Eventually(t, 10*time.Second, "valid event stored", func() error {
+		var n int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-good'`, id.DeviceID).Scan(&n)
+		if n != 1 {
+			return fmt.Errorf("%d rows", n)
+		}
+		return nil
+	})
+	want := map[string]float64{}
+	for _, b := range bad {
+		want[fmt.Sprintf(`lockergate_ingest_messages_dropped_total{channel="%s",reason="%s"}`, b.ch, b.reason)]++
+	}
+	for series, n := range want {
+		Eventually(t, 5*time.Second, series, func() error {
+			got, err := tg.Metric(series)
+			if err == nil && got != n {
+				err = fmt.Errorf("got %v, want %v", got, n)
+			}
+			return err
+		})
+	}
+	var n int
+	tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID).Scan(&n)
+	if n != 1 {
+		t.Fatalf("%d events stored, want only the valid one", n)
+	}
+	var alerts int
+	tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID).Scan(&alerts)
+	if alerts != 1 {
+		t.Fatalf("tamper alerts: %d, want 1", alerts)
+	}
+
+	t.Run("DuplicateEventsOnce", func(t *testing.T) {
+		ev := `{"id":"e-dup","ts":"` + now + `","type":"door_opened","compartment":2,"by":"manual"}`
+		for i := 0; i < 3; i++ {
+			pub(protocol.ChanEvents, ev)
+		}
+		pub(protocol.ChanEvents, `{"id":"e-dup-end","ts":"`+now+`","type":"reboot"}`)
+		Eventually(t, 10*time.Second, "events after duplicates", func() error {
+			var n int
+			tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup-end'`, id.DeviceID).Scan(&n)
+			if n != 1 {
+				return fmt.Errorf("%d rows", n)
+			}
+			return nil
+		})
+		var n int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup'`, id.DeviceID).Scan(&n)
+		if n != 1 {
+			t.Fatalf("duplicate event stored %d times", n)
+		}
+		var l fleet.Locker
+		tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l)
+		if l.Compartments[1].Door != "open" {
+			t.Fatalf("compartment 2 door %q, want open", l.Compartments[1].Door)
+		}
+	})
+	t.Run("Oversized", func(t *testing.T) {
+		big := `{"id":"e-big","ts":"` + now + `","type":"tamper","detail":"` + strings.Repeat("x", 17*1024) + `"}`
+		dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, big).WaitTimeout(2 * time.Second)
+		// A valid event published afterwards on a fresh connection lands; the big one never does.
+		dev2, err := Connect(tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer dev2.Disconnect(50)
+		dev2.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, `{"id":"e-after","ts":"`+now+`","type":"reboot"}`).WaitTimeout(5 * time.Second)
+		Eventually(t, 10*time.Second, "event after oversized", func() error {
+			var n int
+			tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-after'`, id.DeviceID).Scan(&n)
+			if n != 1 {
+				return fmt.Errorf("%d rows", n)
+			}
+			return nil
+		})
+		var big_ int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE event_id = 'e-big'`).Scan(&big_)
+		if big_ != 0 {
+			t.Fatal("oversized event was stored")
+		}
+	})
+
+}

@@ -1,0 +1,423 @@
+package httpapi
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+	"unicode/utf8"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+func (s *Server) createSite(w http.ResponseWriter, r *http.Request) error {
+	var in fleet.Site
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if !protocol.ValidID(in.ID) {
+		return badRequest("id must be 1-64 of [A-Za-z0-9._:-]")
+	}
+	if in.Name == "" || !utf8.ValidString(in.Name) || len(in.Name) > 200 {
+		in.Name = in.ID
+	}
+	if in.Timezone == "" {
+		in.Timezone = "UTC"
+	}
+	if _, err := time.LoadLocation(in.Timezone); err != nil {
+		return badRequest("timezone %q is not an IANA time zone", in.Timezone)
+	}
+	if err := s.store.CreateSite(r.Context(), &in); err != nil {
+		return err
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "site.create", Site: in.ID}); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, in)
+	return nil
+}
+
+func (s *Server) listSites(w http.ResponseWriter, r *http.Request) error {
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	if t := principal(r); t.Role == fleet.RoleStore {
+		site, err := s.store.GetSite(r.Context(), t.Site)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, List[fleet.Site]{Items: []fleet.Site{*site}})
+		return nil
+	}
+	sites, err := s.store.ListSites(r.Context(), after, limit)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(sites, limit, func(s fleet.Site) string { return s.ID }))
+	return nil
+}
+
+func (s *Server) getSite(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("site")
+	if err := checkSite(r, id); err != nil {
+		return err
+	}
+	site, err := s.store.GetSite(r.Context(), id)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, site)
+	return nil
+}
+
+type claimIn struct {
+	Site          string `json:"site"`
+	Uses          int    `json:"uses"`
+	ExpiresInS    int64  `json:"expires_in_s"`
+	SerialPattern string `json:"serial_pattern"`
+}
+
+type claimOut struct {
+	*provisioning.Claim
+	Token string `json:"token,omitempty"`
+}
+
+func (s *Server) createClaim(w http.ResponseWriter, r *http.Request) error {
+	var in claimIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if in.Site == "" {
+		return badRequest("site is required")
+	}
+	if in.ExpiresInS == 0 {
+		in.ExpiresInS = 86400
+	}
+	if in.Uses == 0 {
+		in.Uses = 1
+	}
+	c, token, err := s.prov.CreateClaim(r.Context(), provisioning.NewClaim{Site: in.Site, Uses: in.Uses,
+		ExpiresIn: time.Duration(in.ExpiresInS) * time.Second, SerialPattern: in.SerialPattern, Actor: principal(r).Actor()})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, claimOut{Claim: c, Token: token})
+	return nil
+}
+
+func (s *Server) listClaims(w http.ResponseWriter, r *http.Request) error {
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	cs, err := s.prov.ListClaims(r.Context(), r.URL.Query().Get("site"), after, limit)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(cs, limit, func(c provisioning.Claim) string { return c.ID }))
+	return nil
+}
+
+func (s *Server) getClaim(w http.ResponseWriter, r *http.Request) error {
+	c, err := s.prov.GetClaim(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, c)
+	return nil
+}
+
+func (s *Server) revokeClaim(w http.ResponseWriter, r *http.Request) error {
+	if err := s.prov.RevokeClaim(r.Context(), r.PathValue("id"), principal(r).Actor()); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) listLockers(w http.ResponseWriter, r *http.Request) error {
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	q := r.URL.Query()
+	f := fleet.LockerFilter{Site: q.Get("site"), Model: q.Get("model"), FW: q.Get("fw"), After: after, Limit: limit}
+	if t := principal(r); t.Role == fleet.RoleStore {
+		if f.Site != "" && f.Site != t.Site {
+			return errForbidden
+		}
+		f.Site = t.Site
+	}
+	if v := q.Get("online"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return badRequest("online must be true or false")
+		}
+		f.Online = &b
+	}
+	ls, err := s.fleet.ListLockers(r.Context(), f)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(ls, limit, func(l fleet.Locker) string { return l.ID }))
+	return nil
+}
+
+// locker loads the path's locker and checks the caller's site.
+func (s *Server) locker(r *http.Request) (*fleet.Locker, error) {
+	l, err := s.fleet.GetLocker(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return nil, err
+	}
+	if err := checkSite(r, l.Site); err != nil {
+		// Do not tell a store whether another site's locker exists.
+		return nil, fleet.ErrNotFound
+	}
+	return l, nil
+}
+
+func (s *Server) getLocker(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, l)
+	return nil
+}
+
+type lockerPatch struct {
+	Disabled    *bool `json:"disabled"`
+	Replaceable *bool `json:"replaceable"`
+}
+
+func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
+	var in lockerPatch
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if in.Disabled == nil && in.Replaceable == nil {
+		return badRequest("nothing to change: send disabled and/or replaceable")
+	}
+	l, err := s.store.UpdateLocker(r.Context(), r.PathValue("id"), in.Disabled, in.Replaceable)
+	if err != nil {
+		return err
+	}
+	if in.Disabled != nil && *in.Disabled {
+		s.kick.Kick(l.ID)
+	}
+	detail := map[string]any{}
+	if in.Disabled != nil {
+		detail["disabled"] = *in.Disabled
+	}
+	if in.Replaceable != nil {
+		detail["replaceable"] = *in.Replaceable
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "locker.update",
+		Locker: l.ID, Site: l.Site, Detail: detail}); err != nil {
+		return err
+	}
+	l, err = s.fleet.GetLocker(r.Context(), l.ID)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, l)
+	return nil
+}
+
+func rangeParams(r *http.Request) (fleet.Range, error) {
+	limit, _, err := pageParams(r)
+	if err != nil {
+		return fleet.Range{}, err
+	}
+	since, err := timeParam(r, "since")
+	if err != nil {
+		return fleet.Range{}, err
+	}
+	until, err := timeParam(r, "until")
+	if err != nil {
+		return fleet.Range{}, err
+	}
+	if after := r.URL.Query().Get("after"); after != "" {
+		t, err := time.Parse(time.RFC3339Nano, after)
+		if err != nil {
+			return fleet.Range{}, badRequest("after must be a cursor from a previous answer")
+		}
+		since = t.Add(time.Microsecond)
+	}
+	return fleet.Range{Since: since, Until: until, Limit: limit}, nil
+}
+
+func (s *Server) lockerHealth(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	rg, err := rangeParams(r)
+	if err != nil {
+		return err
+	}
+	hs, err := s.store.ListHealth(r.Context(), l.ID, rg)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(hs, rg.Limit, func(h fleet.HealthRecord) string { return h.ReceivedAt.Format(time.RFC3339Nano) }))
+	return nil
+}
+
+func (s *Server) lockerEvents(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	rg, err := rangeParams(r)
+	if err != nil {
+		return err
+	}
+	es, err := s.store.ListEvents(r.Context(), l.ID, rg)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(es, rg.Limit, func(e fleet.EventRecord) string { return e.ReceivedAt.Format(time.RFC3339Nano) }))
+	return nil
+}
+
+type commandIn struct {
+	Type        string `json:"type"`
+	Compartment int    `json:"compartment"`
+	Reason      string `json:"reason"`
+	InService   *bool  `json:"in_service"`
+	TTLS        int    `json:"ttl_s"`
+	WaitS       int    `json:"wait_s"`
+}
+
+// maxWait bounds how long a create-command call may wait for the answer.
+const maxWait = 60
+
+func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
+	var in commandIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if in.WaitS < 0 || in.WaitS > maxWait {
+		return badRequest("wait_s must be 0..%d", maxWait)
+	}
+	if in.TTLS < 0 {
+		return badRequest("ttl_s must not be negative")
+	}
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	tok := principal(r)
+	if tok.Role == fleet.RoleStore && in.Type != protocol.CmdUnlock {
+		return errForbidden
+	}
+	c, err := s.fleet.SendCommand(r.Context(), fleet.CommandRequest{
+		DeviceID: l.ID, Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
+		TTL: time.Duration(in.TTLS) * time.Second, Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
+	})
+	if err != nil {
+		return err
+	}
+	if in.WaitS > 0 {
+		done, err := s.fleet.WaitCommand(r.Context(), l.ID, c.ID, time.Duration(in.WaitS)*time.Second)
+		if err != nil && !errors.Is(err, r.Context().Err()) {
+			return err
+		}
+		if done != nil {
+			c = done
+		}
+	}
+	w.Header().Set("Location", "/v1/lockers/"+l.ID+"/commands/"+c.ID)
+	writeJSON(w, http.StatusCreated, c)
+	return nil
+}
+
+func (s *Server) getCommand(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	c, err := s.fleet.GetCommand(r.Context(), l.ID, r.PathValue("cmd"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, c)
+	return nil
+}
+
+type tokenIn struct {
+	Role string `json:"role"`
+	Site string `json:"site"`
+	Name string `json:"name"`
+}
+
+type tokenOut struct {
+	*fleet.Token
+	Secret string `json:"token"`
+}
+
+func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
+	var in tokenIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if !fleet.ValidRole(in.Role) {
+		return badRequest("role must be admin, operator, store or platform")
+	}
+	if (in.Role == fleet.RoleStore) != (in.Site != "") {
+		return badRequest("a store token needs a site, and only a store token has one")
+	}
+	if !protocol.ValidID(in.Name) {
+		return badRequest("name must be 1-64 of [A-Za-z0-9._:-] (platform tokens: the platform's name)")
+	}
+	t, secret, err := CreateToken(r.Context(), s.store, in.Role, in.Site, in.Name, principal(r).Actor())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, tokenOut{Token: t, Secret: secret})
+	return nil
+}
+
+func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
+	id := r.PathValue("id")
+	if id == principal(r).ID {
+		return badRequest("a token cannot revoke itself; use another admin token")
+	}
+	if err := s.store.RevokeToken(r.Context(), id); err != nil {
+		return err
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.revoke",
+		Detail: map[string]any{"token": id}}); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) listAudit(w http.ResponseWriter, r *http.Request) error {
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	since, err := timeParam(r, "since")
+	if err != nil {
+		return err
+	}
+	var afterID int64
+	if after != "" {
+		if afterID, err = strconv.ParseInt(after, 10, 64); err != nil {
+			return badRequest("after must be a cursor from a previous answer")
+		}
+	}
+	q := r.URL.Query()
+	es, err := s.store.ListAudit(r.Context(), fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), After: afterID, Limit: limit})
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(es, limit, func(e fleet.AuditEntry) string { return strconv.FormatInt(e.ID, 10) }))
+	return nil
+}

@@ -1,0 +1,287 @@
+// Package httpapi serves the Lockergate HTTP API (api-v1.md) for stores,
+// delivery platforms, operators and lockerctl.
+package httpapi
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// Store is what the API reads and writes beyond the fleet manager.
+type Store interface {
+	CreateSite(ctx context.Context, s *fleet.Site) error
+	GetSite(ctx context.Context, id string) (*fleet.Site, error)
+	ListSites(ctx context.Context, after string, limit int) ([]fleet.Site, error)
+	CreateToken(ctx context.Context, t *fleet.Token, hash []byte) error
+	TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error)
+	RevokeToken(ctx context.Context, id string) error
+	UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error)
+	ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error)
+	ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error)
+	Audit(ctx context.Context, e fleet.AuditEntry) error
+	ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error)
+	GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error)
+	PutIdempotent(ctx context.Context, actor, key string, r *fleet.Idempotent) error
+}
+
+// Kicker ends a locker's live session (the broker).
+type Kicker interface {
+	Kick(id string)
+}
+
+// Options configure a Server.
+type Options struct {
+	Store        Store
+	Fleet        *fleet.Manager
+	Provisioning *provisioning.Service
+	Kicker       Kicker
+	Gatherer     prometheus.Gatherer
+	// Ready reports whether the database and broker are ready.
+	Ready  func(ctx context.Context) error
+	Logger *slog.Logger
+}
+
+// Server is the HTTP API.
+type Server struct {
+	store Store
+	fleet *fleet.Manager
+	prov  *provisioning.Service
+	kick  Kicker
+	log   *slog.Logger
+	opts  Options
+	mux   *http.ServeMux
+}
+
+// New returns the API handler.
+func New(o Options) *Server {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Ready == nil {
+		o.Ready = func(context.Context) error { return nil }
+	}
+	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux()}
+	s.routes()
+	return s
+}
+
+// ServeHTTP implements http.Handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+type ctxKey struct{}
+
+// principal returns the token of the request (set by auth).
+func principal(r *http.Request) *fleet.Token { return r.Context().Value(ctxKey{}).(*fleet.Token) }
+
+// handler is an API handler; a returned error becomes a problem detail.
+type handler func(w http.ResponseWriter, r *http.Request) error
+
+// auth wraps h: the request needs a valid token of one of roles.
+func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		raw, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		if !ok || raw == "" {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="lockergate"`)
+			writeProblem(w, http.StatusUnauthorized, "missing bearer token: send Authorization: Bearer <token>")
+			return
+		}
+		tok, err := s.store.TokenByHash(r.Context(), provisioning.HashSecret(raw))
+		if errors.Is(err, fleet.ErrNotFound) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="lockergate", error="invalid_token"`)
+			writeProblem(w, http.StatusUnauthorized, "unknown or revoked token")
+			return
+		}
+		if err != nil {
+			s.writeError(w, r, err)
+			return
+		}
+		allowed := false
+		for _, role := range roles {
+			allowed = allowed || tok.Role == role
+		}
+		if !allowed {
+			writeProblem(w, http.StatusForbidden, "role "+tok.Role+" may not "+r.Method+" "+r.URL.Path)
+			return
+		}
+		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, tok))
+		if err := h(w, r); err != nil {
+			s.writeError(w, r, err)
+		}
+	}
+}
+
+var (
+	fleetRoles = []string{fleet.RoleAdmin, fleet.RoleOperator}
+	siteRoles  = []string{fleet.RoleAdmin, fleet.RoleOperator, fleet.RoleStore}
+	adminOnly  = []string{fleet.RoleAdmin}
+)
+
+// errForbidden is a request outside the token's site or role.
+var errForbidden = errors.New("forbidden")
+
+// checkSite returns errForbidden when a store token asks about another site.
+func checkSite(r *http.Request, site string) error {
+	if t := principal(r); t.Role == fleet.RoleStore && t.Site != site {
+		return errForbidden
+	}
+	return nil
+}
+
+// route is one authenticated API endpoint.
+type route struct {
+	method, pattern string
+	roles           []string
+	idempotent      bool // honours Idempotency-Key
+	h               handler
+}
+
+// table lists every authenticated endpoint; docs/api.md and openapi.json
+// describe the same set (a test holds them together).
+func (s *Server) table() []route {
+	return []route{
+		{"POST", "/v1/sites", fleetRoles, true, s.createSite},
+		{"GET", "/v1/sites", siteRoles, false, s.listSites},
+		{"GET", "/v1/sites/{site}", siteRoles, false, s.getSite},
+		{"POST", "/v1/claims", fleetRoles, true, s.createClaim},
+		{"GET", "/v1/claims", fleetRoles, false, s.listClaims},
+		{"GET", "/v1/claims/{id}", fleetRoles, false, s.getClaim},
+		{"DELETE", "/v1/claims/{id}", fleetRoles, false, s.revokeClaim},
+		{"GET", "/v1/lockers", siteRoles, false, s.listLockers},
+		{"GET", "/v1/lockers/{id}", siteRoles, false, s.getLocker},
+		{"PATCH", "/v1/lockers/{id}", fleetRoles, false, s.patchLocker},
+		{"GET", "/v1/lockers/{id}/health", siteRoles, false, s.lockerHealth},
+		{"GET", "/v1/lockers/{id}/events", siteRoles, false, s.lockerEvents},
+		{"POST", "/v1/lockers/{id}/commands", siteRoles, true, s.createCommand},
+		{"GET", "/v1/lockers/{id}/commands/{cmd}", siteRoles, false, s.getCommand},
+		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
+		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
+		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
+	}
+}
+
+func (s *Server) routes() {
+	m := s.mux
+	m.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	m.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := s.opts.Ready(ctx); err != nil {
+			writeProblem(w, http.StatusServiceUnavailable, "not ready: "+err.Error())
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
+	})
+	if s.opts.Gatherer != nil {
+		m.Handle("GET /metrics", promhttp.HandlerFor(s.opts.Gatherer, promhttp.HandlerOpts{}))
+	}
+	for _, rt := range s.table() {
+		h := rt.h
+		if rt.idempotent {
+			h = s.idempotent(h)
+		}
+		m.HandleFunc(rt.method+" "+rt.pattern, s.auth(rt.roles, h))
+	}
+	m.HandleFunc("GET /v1/openapi.json", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(openapiJSON)
+	})
+	m.HandleFunc("/v1/", func(w http.ResponseWriter, r *http.Request) {
+		writeProblem(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path+" (see GET /v1/openapi.json)")
+	})
+}
+
+// idempotent makes a create handler honour Idempotency-Key: a repeat with the
+// same key and body returns the first answer and creates nothing; the same
+// key with another body is a 409.
+func (s *Server) idempotent(h handler) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		key := r.Header.Get("Idempotency-Key")
+		if key == "" {
+			return h(w, r)
+		}
+		if len(key) > 200 {
+			return badRequest("Idempotency-Key longer than 200 bytes")
+		}
+		body, err := readAllLimited(r)
+		if err != nil {
+			return err
+		}
+		sum := sha256.Sum256(body)
+		route := r.Method + " " + r.URL.Path
+		actor := principal(r).ID
+		prev, err := s.store.GetIdempotent(r.Context(), actor, key)
+		switch {
+		case err == nil:
+			if prev.Route != route || !bytes.Equal(prev.BodyHash, sum[:]) {
+				writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
+				return nil
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.Header().Set("Idempotent-Replayed", "true")
+			w.WriteHeader(prev.Status)
+			w.Write(prev.Response)
+			return nil
+		case !errors.Is(err, fleet.ErrNotFound):
+			return err
+		}
+		rec := &recorder{ResponseWriter: w}
+		r.Body = nopCloser{bytes.NewReader(body)}
+		if err := h(rec, r); err != nil {
+			return err
+		}
+		if rec.status >= 200 && rec.status < 300 {
+			if err := s.store.PutIdempotent(r.Context(), actor, key, &fleet.Idempotent{
+				Route: route, BodyHash: sum[:], Status: rec.status, Response: rec.body.Bytes()}); err != nil && !errors.Is(err, fleet.ErrConflict) {
+				s.log.Error("store idempotent answer", "err", err)
+			}
+		}
+		return nil
+	}
+}
+
+type recorder struct {
+	http.ResponseWriter
+	status int
+	body   bytes.Buffer
+}
+
+func (r *recorder) WriteHeader(status int) {
+	r.status = status
+	r.ResponseWriter.WriteHeader(status)
+}
+
+func (r *recorder) Write(b []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	r.body.Write(b)
+	return r.ResponseWriter.Write(b)
+}
+
+type nopCloser struct{ *bytes.Reader }
+
+func (nopCloser) Close() error { return nil }
+
+func readAllLimited(r *http.Request) ([]byte, error) {
+	var buf bytes.Buffer
+	n, err := buf.ReadFrom(http.MaxBytesReader(nil, r.Body, maxBody))
+	if err != nil {
+		return nil, badRequest("read body: %v", err)
+	}
+	_ = n
+	return buf.Bytes(), nil
+}

@@ -1,0 +1,29 @@
+package httpapi
+
+import (
+	"context"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// TokenStore stores API tokens.
+type TokenStore interface {
+	CreateToken(ctx context.Context, t *fleet.Token, hash []byte) error
+	Audit(ctx context.Context, e fleet.AuditEntry) error
+}
+
+// CreateToken mints a token, stores its hash and audits it; the token itself
+// is returned once and never stored.
+func CreateToken(ctx context.Context, st TokenStore, role, site, name, actor string) (*fleet.Token, string, error) {
+	t := &fleet.Token{ID: fleet.NewID("tk"), Role: role, Site: site, Name: name, CreatedBy: actor}
+	secret := provisioning.NewSecret("lgt_")
+	if err := st.CreateToken(ctx, t, provisioning.HashSecret(secret)); err != nil {
+		return nil, "", err
+	}
+	if err := st.Audit(ctx, fleet.AuditEntry{Actor: actor, Action: "token.create", Site: site,
+		Detail: map[string]any{"token": t.ID, "role": role, "name": name}}); err != nil {
+		return nil, "", err
+	}
+	return t, secret, nil
+}
