@@ -159,6 +159,9 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		// SIGQUIT is an immediate shutdown: the postmaster stops its
 		// backends and exits; crash recovery runs on the next start.
 		Pdeathsig: syscall.SIGQUIT,
+		// Its own process group: a Ctrl-C in the terminal reaches only the
+		// gateway, which flushes its writes and then stops PostgreSQL.
+		Setpgid: true,
 	}
 	logger.Info("starting PostgreSQL", "data_dir", dataDir, "socket_dir", c.socketDir, "log", c.logPath, "fast", opts.Fast)
 	started := time.Now()
@@ -222,7 +225,7 @@ func (c *Cluster) initdb(ctx context.Context, binDir string, acct *account, fast
 	// created and the next start does not find a half-made cluster.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 30 * time.Second
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGTERM}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGTERM, Setpgid: true}
 	p, err := spawn(cmd)
 	if err != nil {
 		return fmt.Errorf("initialise PostgreSQL data directory: run %s: %w", cmd.Path, err)
