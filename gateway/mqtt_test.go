@@ -89,7 +89,7 @@ func TestMQTTBadInput(t *testing.T) {
 		{protocol.ChanHealth, `{"ts":"` + now + `","seq":"seven"}`, "invalid"},
 		{protocol.ChanHealth, `{"seq":1}`, "invalid"},
 		{protocol.ChanEvents, `{"id":"e-1","ts":"` + now + `","type":"door_closed","compartment":1}`, "invalid"}, // no occupied
-		{protocol.ChanEvents, `{"id":"e/1","ts":"` + now + `","type":"tamper"}`, "invalid"},
+		{protocol.ChanEvents, `{"id":"` + strings.Repeat("e", 129) + `","ts":"` + now + `","type":"tamper"}`, "invalid"},
 		{protocol.ChanEvents, `not json`, "malformed"},
 		{protocol.ChanCmdResult, `{"id":"c-1","status":"maybe"}`, "invalid"},
 		{protocol.ChanCredsAck, `{"version":"x"}`, "invalid"},

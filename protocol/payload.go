@@ -9,6 +9,7 @@ import (
 	"math"
 	"strings"
 	"time"
+	"unicode"
 	"unicode/utf8"
 )
 
@@ -293,8 +294,8 @@ type Event struct {
 
 // Validate implements Validator.
 func (e *Event) Validate() error {
-	if !ValidID(e.ID) {
-		return fmt.Errorf("id %q: want 1-64 of [A-Za-z0-9._:-]", e.ID)
+	if !ValidEventID(e.ID) {
+		return fmt.Errorf("id %q: want 1-%d bytes of printable UTF-8", e.ID, MaxEventIDLen)
 	}
 	if e.TS.IsZero() {
 		return errors.New("ts is required")
@@ -690,4 +691,23 @@ func checkLens(pairs ...string) error {
 		}
 	}
 	return nil
+}
+
+// MaxEventIDLen bounds the ids devices mint for their events.
+const MaxEventIDLen = 128
+
+// ValidEventID reports whether s can be a device-minted event id. The
+// protocol puts no alphabet on these (devices may use base64, UUIDs, ...),
+// so any printable UTF-8 up to MaxEventIDLen bytes is accepted; only the
+// gateway's own ids use the narrower ValidID alphabet.
+func ValidEventID(s string) bool {
+	if len(s) == 0 || len(s) > MaxEventIDLen || !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
 }
