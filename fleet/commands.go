@@ -197,7 +197,11 @@ func (m *Manager) ListLockers(ctx context.Context, f LockerFilter) ([]Locker, er
 	return ls, err
 }
 
+// FlappingConnects is how many sessions in 10 minutes make a locker flapping.
+const FlappingConnects = 5
+
 func (m *Manager) decorate(l *Locker) {
+	l.Flapping = l.RecentConnects >= FlappingConnects
 	silent := 3 * time.Duration(m.opts.Config.HealthIntervalS) * time.Second
 	l.Stale = l.Online && (l.LastSeen == nil || m.now().Sub(*l.LastSeen) > silent)
 	l.CredsCurrent = l.CredsAcked == l.CredsVersion

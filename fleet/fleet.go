@@ -41,30 +41,34 @@ type Compartment struct {
 
 // Locker is a registered locker unit as operators see it.
 type Locker struct {
-	ID               string          `json:"id"`
-	Serial           string          `json:"serial"`
-	Site             string          `json:"site"`
-	Model            string          `json:"model"`
-	FW               string          `json:"fw"`
-	Online           bool            `json:"online"`
-	Stale            bool            `json:"stale"`
-	Disabled         bool            `json:"disabled"`
-	Replaceable      bool            `json:"replaceable"`
-	BootID           string          `json:"boot_id,omitempty"`
-	LastSeen         *time.Time      `json:"last_seen"`
-	ConnectedAt      *time.Time      `json:"connected_at,omitempty"`
-	DisconnectedAt   *time.Time      `json:"disconnected_at,omitempty"`
-	DisconnectReason string          `json:"disconnect_reason,omitempty"`
-	ConnectCount     int64           `json:"connect_count"`
-	Health           json.RawMessage `json:"health"`
-	HealthAt         *time.Time      `json:"health_at,omitempty"`
-	HealthGaps       int64           `json:"health_gaps"`
-	ConfigVersion    int64           `json:"config_version"`
-	CredsVersion     int64           `json:"creds_version"`
-	CredsAcked       int64           `json:"creds_acked"`
-	CredsCurrent     bool            `json:"creds_current"`
-	Compartments     []Compartment   `json:"compartments,omitempty"`
-	CreatedAt        time.Time       `json:"created_at"`
+	ID               string     `json:"id"`
+	Serial           string     `json:"serial"`
+	Site             string     `json:"site"`
+	Model            string     `json:"model"`
+	FW               string     `json:"fw"`
+	Online           bool       `json:"online"`
+	Stale            bool       `json:"stale"`
+	Disabled         bool       `json:"disabled"`
+	Replaceable      bool       `json:"replaceable"`
+	BootID           string     `json:"boot_id,omitempty"`
+	LastSeen         *time.Time `json:"last_seen"`
+	ConnectedAt      *time.Time `json:"connected_at,omitempty"`
+	DisconnectedAt   *time.Time `json:"disconnected_at,omitempty"`
+	DisconnectReason string     `json:"disconnect_reason,omitempty"`
+	ConnectCount     int64      `json:"connect_count"`
+	// RecentConnects counts sessions started in the last 10 minutes;
+	// Flapping is set when it reaches FlappingConnects.
+	RecentConnects int64           `json:"recent_connects"`
+	Flapping       bool            `json:"flapping"`
+	Health         json.RawMessage `json:"health"`
+	HealthAt       *time.Time      `json:"health_at,omitempty"`
+	HealthGaps     int64           `json:"health_gaps"`
+	ConfigVersion  int64           `json:"config_version"`
+	CredsVersion   int64           `json:"creds_version"`
+	CredsAcked     int64           `json:"creds_acked"`
+	CredsCurrent   bool            `json:"creds_current"`
+	Compartments   []Compartment   `json:"compartments,omitempty"`
+	CreatedAt      time.Time       `json:"created_at"`
 }
 
 // LockerFilter selects lockers for a list.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,8 @@ type Manager struct {
 
 	mu      sync.Mutex
 	waiters map[string][]chan struct{}
+
+	doorFaults sync.Map // locker id → []int, the last door_faults seen
 
 	stopped    atomic.Bool
 	subscribed atomic.Bool
@@ -333,6 +336,7 @@ func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) 
 
 func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
 	recs := make([]HealthRecord, 0, len(batch))
+	faults := make([][]int, 0, len(batch))
 	for _, in := range batch {
 		h, err := protocol.Decode[protocol.Health](in.payload)
 		if err != nil {
@@ -340,6 +344,7 @@ func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
 			continue
 		}
 		recs = append(recs, HealthRecord{DeviceID: in.id, ReceivedAt: in.at, TS: h.TS.Time, Seq: h.Seq, Body: in.payload})
+		faults = append(faults, h.DoorFaults)
 	}
 	if len(recs) == 0 {
 		return
@@ -349,6 +354,9 @@ func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
 		return
 	}
 	m.observeLag(batch)
+	for i := range recs {
+		m.syncDoorFaults(ctx, recs[i].DeviceID, faults[i], recs[i].ReceivedAt)
+	}
 }
 
 func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
@@ -394,39 +402,81 @@ func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 	m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err)
 }
 
+// raiseAlerts raises (and clears) alerts from a new event.
 func (m *Manager) raiseAlerts(ctx context.Context, e *EventRecord) {
 	ev, err := protocol.Decode[protocol.Event](e.Body)
 	if err != nil {
 		return
 	}
-	var kind, detail string
+	a := Alert{DeviceID: e.DeviceID, Compartment: ev.Compartment, RaisedAt: e.ReceivedAt}
 	switch ev.Type {
 	case protocol.EventDoorAjar:
-		kind, detail = AlertDoorAjar, fmt.Sprintf("open %d s", ev.OpenS)
+		a.Kind, a.Detail = AlertDoorAjar, fmt.Sprintf("open %d s", ev.OpenS)
+	case protocol.EventDoorClosed:
+		m.clearAlerts(ctx, e.DeviceID, AlertDoorAjar, e.ReceivedAt, except(ev.Compartment))
 	case protocol.EventTamper:
-		kind, detail = AlertTamper, ev.Detail
+		a.Kind, a.Detail = AlertTamper, ev.Detail
 	case protocol.EventPower:
 		if ev.Source == protocol.PowerBattery {
-			kind = AlertOnBattery
+			a.Kind = AlertOnBattery
+		} else {
+			m.clearAlerts(ctx, e.DeviceID, AlertOnBattery, e.ReceivedAt, nil)
 		}
 	case protocol.EventCodeRejected:
 		if ev.Reason == protocol.RejectLockedOut {
-			kind = AlertCodeLockout
+			a.Kind = AlertCodeLockout
 		}
 	}
-	if kind == "" {
-		return
+	if a.Kind != "" {
+		m.alert(ctx, a)
 	}
-	m.alert(ctx, Alert{DeviceID: e.DeviceID, Kind: kind, Compartment: ev.Compartment, Detail: detail, RaisedAt: e.ReceivedAt})
+}
+
+// except returns every compartment number but n, as a keep list that clears
+// only n's alert.
+func except(n int) []int {
+	keep := make([]int, 0, protocol.MaxCompartments+1)
+	for i := 0; i <= protocol.MaxCompartments; i++ {
+		if i != n {
+			keep = append(keep, i)
+		}
+	}
+	return keep
 }
 
 func (m *Manager) alert(ctx context.Context, a Alert) {
-	m.m.alerts.WithLabelValues(a.Kind).Inc()
-	if err := m.store.RaiseAlert(ctx, a); err != nil {
+	raised, err := m.store.RaiseAlert(ctx, a)
+	if err != nil {
 		m.log.Error("raise alert", "locker", a.DeviceID, "kind", a.Kind, "err", err)
 		return
 	}
+	if !raised {
+		return // already open
+	}
+	m.m.alerts.WithLabelValues(a.Kind).Inc()
 	m.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+}
+
+func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time, keep []int) {
+	if _, err := m.store.ClearAlerts(ctx, id, kind, keep, at); err != nil {
+		m.log.Error("clear alerts", "locker", id, "kind", kind, "err", err)
+	}
+}
+
+// syncDoorFaults raises an alert per newly failing door and clears those
+// that recovered. Only changes cost a database round trip: the last fault
+// list of each locker is remembered (per instance; after a restart a fault
+// is raised again, which the open-alert index turns into a no-op).
+func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, at time.Time) {
+	prev, _ := m.doorFaults.Load(id)
+	if prevList, ok := prev.([]int); (ok && slices.Equal(prevList, faults)) || (!ok && len(faults) == 0) {
+		return
+	}
+	m.doorFaults.Store(id, slices.Clone(faults))
+	for _, n := range faults {
+		m.alert(ctx, Alert{DeviceID: id, Kind: AlertDoorFault, Compartment: n, Detail: "door sensor or latch fails", RaisedAt: at})
+	}
+	m.clearAlerts(ctx, id, AlertDoorFault, at, faults)
 }
 
 func (m *Manager) controlLoop(ctx context.Context, q chan control) {

@@ -31,8 +31,14 @@ type Store interface {
 	// ListHealth and ListEvents return a locker's history in a time range.
 	ListHealth(ctx context.Context, id string, r Range) ([]HealthRecord, error)
 	ListEvents(ctx context.Context, id string, r Range) ([]EventRecord, error)
-	// RaiseAlert records an alert about a locker.
-	RaiseAlert(ctx context.Context, a Alert) error
+	// RaiseAlert records an alert about a locker; false when the same
+	// stateful alert is already open.
+	RaiseAlert(ctx context.Context, a Alert) (bool, error)
+	// ClearAlerts clears a locker's open alerts of kind, except those of the
+	// compartments in keep (0 stands for "no compartment").
+	ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error)
+	// ListAlerts returns a locker's alerts, newest first.
+	ListAlerts(ctx context.Context, deviceID string, open bool) ([]Alert, error)
 
 	// CreateCommand inserts a pending command.
 	CreateCommand(ctx context.Context, c *Command) error
@@ -82,10 +88,11 @@ const (
 
 // Alert is something an operator or store should look at.
 type Alert struct {
-	ID          int64     `json:"id"`
-	DeviceID    string    `json:"locker"`
-	Kind        string    `json:"kind"`
-	Compartment int       `json:"compartment,omitempty"`
-	Detail      string    `json:"detail,omitempty"`
-	RaisedAt    time.Time `json:"raised_at"`
+	ID          int64      `json:"id"`
+	DeviceID    string     `json:"locker"`
+	Kind        string     `json:"kind"`
+	Compartment int        `json:"compartment,omitempty"`
+	Detail      string     `json:"detail,omitempty"`
+	RaisedAt    time.Time  `json:"raised_at"`
+	ClearedAt   *time.Time `json:"cleared_at,omitempty"`
 }

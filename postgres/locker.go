@@ -16,14 +16,15 @@ import (
 
 const lockerCols = `d.id, d.serial, d.site, d.model, d.fw, d.online, d.disabled, d.replaceable, d.boot_id,
 	d.last_seen, d.connected_at, d.disconnected_at, d.disconnect_reason, d.connect_count, d.health, d.health_at,
-	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at`
+	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at,
+	(SELECT count(*) FROM presence_log p WHERE p.device_id = d.id AND p.online AND p.ts > now() - interval '10 minutes')`
 
 func scanLocker(row pgx.Row) (*fleet.Locker, error) {
 	var l fleet.Locker
 	var health []byte
 	err := row.Scan(&l.ID, &l.Serial, &l.Site, &l.Model, &l.FW, &l.Online, &l.Disabled, &l.Replaceable, &l.BootID,
 		&l.LastSeen, &l.ConnectedAt, &l.DisconnectedAt, &l.DisconnectReason, &l.ConnectCount, &health, &l.HealthAt,
-		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt)
+		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt, &l.RecentConnects)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -324,14 +325,38 @@ func untilOr(t time.Time) time.Time {
 }
 
 // RaiseAlert implements fleet.Store.
-func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) error {
+func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
 	var comp *int
 	if a.Compartment > 0 {
 		comp = &a.Compartment
 	}
-	_, err := db.pool.Exec(ctx, `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at) VALUES ($1, $2, $3, $4, $5)`,
-		a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt)
-	return err
+	tag, err := db.pool.Exec(ctx, `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT DO NOTHING`, a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt)
+	return tag.RowsAffected() == 1, err
+}
+
+// ClearAlerts implements fleet.Store.
+func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error) {
+	if keep == nil {
+		keep = []int{}
+	}
+	tag, err := db.pool.Exec(ctx, `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
+		AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`, deviceID, kind, keep, at)
+	return int(tag.RowsAffected()), err
+}
+
+// ListAlerts implements fleet.Store.
+func (db *DB) ListAlerts(ctx context.Context, deviceID string, open bool) ([]fleet.Alert, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id, device_id, kind, coalesce(compartment, 0), detail, raised_at, cleared_at
+		FROM alerts WHERE device_id = $1 AND (NOT $2 OR cleared_at IS NULL) ORDER BY id DESC LIMIT 1000`, deviceID, open)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.Alert, error) {
+		var a fleet.Alert
+		err := row.Scan(&a.ID, &a.DeviceID, &a.Kind, &a.Compartment, &a.Detail, &a.RaisedAt, &a.ClearedAt)
+		return a, err
+	})
 }
 
 // MarkSiteReplaceable marks every locker of a site replaceable, so that their
