@@ -1,0 +1,153 @@
+package gateway_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// pgProxy forwards TCP connections to a PostgreSQL unix socket that may
+// change when the cluster restarts, so the gateway keeps one DSN.
+type pgProxy struct {
+	ln     net.Listener
+	target atomic.Value // string: unix socket path
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func newPGProxy(tb testing.TB) *pgProxy {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p := &pgProxy{ln: ln}
+	tb.Cleanup(func() { ln.Close(); p.dropAll() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go p.serve(c)
+		}
+	}()
+	return p
+}
+
+func (p *pgProxy) setCluster(tb testing.TB, c *pgcluster.Cluster) {
+	cfg, err := pgconn.ParseConfig(c.DSN("lockergate"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	p.target.Store(filepath.Join(cfg.Host, fmt.Sprintf(".s.PGSQL.%d", cfg.Port)))
+}
+
+func (p *pgProxy) serve(c net.Conn) {
+	up, err := net.Dial("unix", p.target.Load().(string))
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns = append(p.conns, c, up)
+	p.mu.Unlock()
+	go func() { io.Copy(up, c); up.Close() }()
+	io.Copy(c, up)
+	c.Close()
+}
+
+func (p *pgProxy) dropAll() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+func (p *pgProxy) dsn() string {
+	a := p.ln.Addr().(*net.TCPAddr)
+	return fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=lockergate sslmode=disable", a.Port)
+}
+
+// TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends
+// QoS 1 events: the gateway reconnects and stores every one of them.
+func TestDatabaseRestartDuringIngest(t *testing.T) {
+	base := t.TempDir()
+	for _, d := range []string{filepath.Dir(base), base} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx := context.Background()
+	copts := pgcluster.Options{DataDir: filepath.Join(base, "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)}
+	cluster, err := pgcluster.Start(ctx, copts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cluster.Stop() })
+	proxy := newPGProxy(t)
+	proxy.setCluster(t, cluster)
+
+	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = proxy.dsn() })
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-DB-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	publish := func(from, to int) {
+		for i := from; i < to; i++ {
+			p := fmt.Sprintf(`{"id":"e-%d","ts":"%s","type":"door_opened","compartment":1,"by":"manual"}`, i, protocol.FormatTime(time.Now()))
+			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, p); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+				t.Fatalf("publish %d: %v", i, tk.Error())
+			}
+		}
+	}
+	count := func() (int, error) {
+		var n int
+		err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID).Scan(&n)
+		return n, err
+	}
+	publish(0, 50)
+	Eventually(t, 10*time.Second, "first 50 events", func() error {
+		n, err := count()
+		if err == nil && n != 50 {
+			err = fmt.Errorf("%d stored", n)
+		}
+		return err
+	})
+
+	// PostgreSQL goes away; the broker keeps accepting QoS 1 events.
+	if err := cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	proxy.dropAll()
+	publish(50, 150)
+	cluster, err = pgcluster.Start(ctx, copts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy.setCluster(t, cluster)
+
+	Eventually(t, 30*time.Second, "all 150 events after the restart", func() error {
+		n, err := count()
+		if err == nil && n != 150 {
+			err = fmt.Errorf("%d stored", n)
+		}
+		return err
+	})
+	if v, err := tg.Metric(`lockergate_db_errors_total{op="insert_events"}`); err != nil || v < 1 {
+		t.Errorf("database errors during the outage were not counted: %v (%v)", v, err)
+	}
+}
