@@ -36,6 +36,8 @@ type Options struct {
 	// BatchSize and FlushInterval bound ingest batches. Defaults 2000, 20ms.
 	BatchSize     int
 	FlushInterval time.Duration
+	// Firmware follows firmware jobs (nil: fw/status is validated and dropped).
+	Firmware FirmwareTracker
 	// Config is the configuration every locker receives.
 	Config protocol.Config
 	// SweepInterval is how often expired commands are finalised. Default 1s.
@@ -531,6 +533,9 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirth(ctx, c.id, p, c.at) }); err != nil {
 			m.log.Error("record birth", "locker", c.id, "err", err)
 		}
+		if m.opts.Firmware != nil {
+			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
+		}
 	case ctrlResult:
 		r, err := protocol.Decode[protocol.CommandResult](c.payload)
 		if err != nil {
@@ -564,11 +569,14 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			m.log.Error("record creds ack", "locker", c.id, "err", err)
 		}
 	case ctrlFwStatus:
-		if _, err := protocol.Decode[protocol.FwStatus](c.payload); err != nil {
+		st, err := protocol.Decode[protocol.FwStatus](c.payload)
+		if err != nil {
 			m.dropInvalid(protocol.ChanFwStatus, c.id, err)
 			return
 		}
-		// Firmware jobs are tracked by the rollout engine (not yet built).
+		if m.opts.Firmware != nil {
+			m.opts.Firmware.JobStatus(ctx, c.id, st, c.at)
+		}
 	}
 }
 

@@ -140,16 +140,21 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 // Retained implements fleet.Store.
 func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
 	var r fleet.Retained
-	err := db.pool.QueryRow(ctx, "SELECT config_version, creds_version FROM devices WHERE id = $1", id).
-		Scan(&r.Config.Version, &r.Creds.Version)
+	err := db.pool.QueryRow(ctx, "SELECT config_version FROM devices WHERE id = $1", id).Scan(&r.Config.Version)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
 	if err != nil {
 		return nil, err
 	}
-	r.Creds.TS = protocol.Now()
-	r.Creds.Creds = []protocol.Credential{}
+	creds, err := db.CredSet(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("credential set: %w", err)
+	}
+	r.Creds = *creds
+	if r.FwJob, err = db.currentFwJob(ctx, id); err != nil {
+		return nil, fmt.Errorf("firmware job: %w", err)
+	}
 	return &r, nil
 }
 
