@@ -28,6 +28,7 @@ type ProvisionError struct {
 	Code string
 }
 
+// Error implements error.
 func (e *ProvisionError) Error() string { return "provisioning refused: " + e.Code }
 
 // Is makes errors.Is(err, ErrProvisionRefused) hold.
@@ -74,6 +75,7 @@ func (e *StartError) groups() []errGroup {
 	return out
 }
 
+// Error summarises the failures by reason, most frequent first.
 func (e *StartError) Error() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "devicesim: %d of %d lockers not connected", len(e.Failed), e.Total)

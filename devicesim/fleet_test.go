@@ -224,12 +224,13 @@ func TestFleetEndToEnd(t *testing.T) {
 	t.Run("BirthRetained", func(t *testing.T) {
 		for _, l := range ls {
 			id := l.DeviceID()
-			var p protocol.Presence
-			env.Wait(t, "retained birth of "+id, func() bool {
-				var ok bool
-				p, ok = retainedPresence(t, env, id)
-				return ok
-			})
+			// Connected means the broker acknowledged the birth; mochi acks
+			// before it delivers, so the recorder may still be behind.
+			p, ok := retainedPresence(t, env, id)
+			if !ok {
+				t.Fatalf("%s: connected without a retained birth", id)
+			}
+			env.Wait(t, "birth of "+id+" delivered", func() bool { return len(births(t, env, id)) == 1 })
 			if !p.Online || p.FW != "1.4.2" || p.Model != l.Model().Name || p.BootID != l.BootID() || p.BootID == "" {
 				t.Errorf("%s: retained presence %+v; want online, fw 1.4.2, model %s, boot %s", id, p, l.Model().Name, l.BootID())
 			}
@@ -537,6 +538,11 @@ func TestFleetEndToEnd(t *testing.T) {
 		if got := l.FwJob(); *got != job {
 			t.Errorf("FwJob = %+v, want %+v", got, job)
 		}
+		// The empty retained payload clears the job.
+		if err := env.Publish(protocol.Topic(id, protocol.ChanFwJob), nil, true); err != nil {
+			t.Fatal(err)
+		}
+		env.Wait(t, "job cleared", func() bool { return l.FwJob() == nil })
 		// The config's lockout policy applies: 2 failures lock.
 		l.EnterCode("1")
 		l.EnterCode("2")

@@ -86,15 +86,10 @@ func (l *Locker) handleConfig(payload []byte) action {
 	return actRescheduleHealth
 }
 
-// handleFwJob stores the job; running it is the firmware updater's work.
+// handleFwJob stores the job (nil for the empty payload: no job); running it
+// is the firmware updater's work.
 func (l *Locker) handleFwJob(payload []byte) {
-	if len(payload) == 0 {
-		l.mu.Lock()
-		l.fwJob = nil
-		l.mu.Unlock()
-		return
-	}
-	job, err := protocol.Decode[protocol.FwJob](payload)
+	job, err := protocol.DecodeFwJob(payload)
 	if err != nil {
 		l.decodeFailed("fw/job", err)
 		return

@@ -76,7 +76,7 @@ func dialSession(ctx context.Context, cfg sessionConfig) (*session, error) {
 	s.cl = mqtt.NewClient(o)
 
 	tok := s.cl.Connect()
-	guard := time.NewTimer(cfg.timeout + time.Second)
+	guard := time.NewTimer(2*cfg.timeout + time.Second) // dial and handshake each get cfg.timeout
 	defer guard.Stop()
 	select {
 	case <-tok.Done():

@@ -19,7 +19,7 @@ type Stats struct {
 	CommandRepeats   uint64 `json:"command_repeats"`   // repeated ids answered from memory
 	CodesAccepted    uint64 `json:"codes_accepted"`
 	CodesRejected    uint64 `json:"codes_rejected"`
-	Dropped          uint64 `json:"dropped"` // events/results lost: offline queue full or retries exhausted
+	Dropped          uint64 `json:"dropped"` // lost: offline queue or inbox full, or resends exhausted
 }
 
 // Errors sums the counters that indicate trouble.

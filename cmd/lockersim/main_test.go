@@ -1,0 +1,189 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/devicesim/devicesimtest"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// syncBuffer is a bytes.Buffer safe for the live summary goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func noEnv(string) string { return "" }
+
+// births counts online presence messages seen by the broker.
+func births(env *devicesimtest.Env) int {
+	n := 0
+	for _, m := range env.All() {
+		if _, ch, _ := protocol.ParseTopic(m.Topic); ch == protocol.ChanPresence {
+			if p, err := protocol.Decode[protocol.Presence](m.Payload); err == nil && p.Online {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// runUntil runs lockersim with args until cond holds, then interrupts it
+// (as SIGINT would) and returns its exit code and output.
+func runUntil(t *testing.T, env *devicesimtest.Env, args []string, getenv func(string) string, cond func(stderr string) bool) (int, string, string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var stdout, stderr syncBuffer
+	done := make(chan int, 1)
+	go func() { done <- runArgs(ctx, args, getenv, &stdout, &stderr) }()
+	env.Wait(t, "lockersim to get going", func() bool {
+		select {
+		case code := <-done:
+			t.Fatalf("lockersim exited early with %d:\n%s", code, stderr.String())
+		default:
+		}
+		return cond(stderr.String())
+	})
+	cancel()
+	select {
+	case code := <-done:
+		return code, stdout.String(), stderr.String()
+	case <-time.After(10 * time.Second):
+		t.Fatal("lockersim did not stop after the interrupt")
+	}
+	return 0, "", ""
+}
+
+func TestRun(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	idFile := filepath.Join(t.TempDir(), "ids.json")
+	common := []string{"--lockers", "3", "--broker", env.URL, "--seed", "5", "--identities", idFile,
+		"--summary-interval", "20ms", "--health-interval", "50ms", "--log-level", "warn"}
+
+	t.Run("ProvisionsAndReportsJSON", func(t *testing.T) {
+		args := append([]string{"run", "--claim", env.Claim, "-o", "json", "--api", "http://127.0.0.1:8080"}, common...)
+		code, stdout, stderr := runUntil(t, env, args, noEnv, func(stderr string) bool {
+			return births(env) == 3 && strings.Contains(stderr, "connected 3/3")
+		})
+		if code != 0 {
+			t.Fatalf("exit %d:\n%s", code, stderr)
+		}
+		var rep report
+		if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+			t.Fatalf("stdout is not a JSON report: %v\n%s", err, stdout)
+		}
+		if rep.Lockers != 3 || rep.Seed != 5 || !rep.AllConnected || rep.Stats.Connected != 3 || rep.Stats.Provisioned != 3 ||
+			rep.Stats.Published == 0 || rep.API != "http://127.0.0.1:8080" || rep.Errors != 0 {
+			t.Errorf("report %+v", rep)
+		}
+		if !strings.Contains(stderr, "lockersim: 3 lockers (seed 5)") {
+			t.Errorf("no final summary on stderr:\n%s", stderr)
+		}
+		st, err := os.Stat(idFile)
+		if err != nil || st.Mode().Perm() != 0o600 {
+			t.Fatalf("identities file: %v, mode %v", err, st.Mode())
+		}
+		ids, err := loadIdentities(idFile)
+		if err != nil || len(ids) != 3 {
+			t.Fatalf("identities: %v, %d saved", err, len(ids))
+		}
+		for serial, id := range ids {
+			if gw, ok := env.Identity(serial); !ok || gw.DeviceID != id.DeviceID || !bytes.Equal(gw.CredKey, id.CredKey) {
+				t.Errorf("%s saved as %+v", serial, id)
+			}
+		}
+	})
+
+	t.Run("ReusesIdentitiesWithoutSubcommand", func(t *testing.T) {
+		before := births(env)
+		// No claim token at all: the saved identities must do.
+		code, stdout, stderr := runUntil(t, env, common, noEnv, func(string) bool { return births(env) == before+3 })
+		if code != 0 || stdout != "" {
+			t.Fatalf("exit %d, stdout %q:\n%s", code, stdout, stderr)
+		}
+		if env.Provisioned() != 3 {
+			t.Errorf("provisioned again: %d identities at the gateway", env.Provisioned())
+		}
+	})
+
+	t.Run("ClaimFromEnvironment", func(t *testing.T) {
+		getenv := func(k string) string {
+			if k == "LOCKERSIM_CLAIM" {
+				return env.Claim
+			}
+			return ""
+		}
+		args := []string{"--lockers", "1", "--broker", env.URL, "--serial-prefix", "ENV", "--log-level", "warn"}
+		code, _, stderr := runUntil(t, env, args, getenv, func(string) bool {
+			id, ok := env.Identity("ENV-000000")
+			if !ok {
+				return false
+			}
+			_, online := env.Retained(protocol.Topic(id.DeviceID, protocol.ChanPresence))
+			return online
+		})
+		if code != 0 {
+			t.Fatalf("exit %d:\n%s", code, stderr)
+		}
+	})
+}
+
+func TestRunFailsWhenNothingConnects(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	var stdout, stderr syncBuffer
+	code := runArgs(ctx, []string{"--lockers", "2", "--broker", env.URL, "--claim", "wrong", "-o", "json"}, noEnv, &stdout, &stderr)
+	if code != 1 || ctx.Err() != nil {
+		t.Fatalf("exit %d (ctx %v), want a prompt 1:\n%s", code, ctx.Err(), stderr.String())
+	}
+	var rep report
+	if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil || rep.AllConnected || !strings.Contains(rep.StartError, "refused") {
+		t.Errorf("report %+v (%v)", rep, err)
+	}
+}
+
+func TestUsage(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want int
+	}{
+		{"Help", []string{"help"}, 0},
+		{"HelpFlag", []string{"-h"}, 0},
+		{"UnknownCommand", []string{"fly"}, 2},
+		{"UnknownFlag", []string{"run", "--wings", "2"}, 2},
+		{"StrayArgument", []string{"run", "extra"}, 2},
+		{"BadOutput", []string{"-o", "yaml"}, 2},
+		{"BadOptions", []string{"--lockers", "-1", "--claim", "x"}, 2},
+		{"BadBroker", []string{"--broker", "http://x", "--claim", "x"}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errOut syncBuffer
+			if got := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); got != tc.want {
+				t.Errorf("exit %d, want %d:\n%s", got, tc.want, errOut.String())
+			}
+		})
+	}
+}
