@@ -240,9 +240,7 @@ func (b *Broker) checkDevice(id string, password []byte) string {
 	case errors.Is(err, ErrDisabled):
 		return refuseDisabled
 	}
-	if b.ctx.Err() == nil {
-		b.log.Warn("mqtt device check failed", "client_id", id, "err", err)
-	}
+	b.logBackendError("mqtt device check failed", id, err)
 	return refuseBackendError
 }
 
@@ -264,10 +262,17 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	case errors.Is(err, ErrUnknownClaim):
 		return nil, refuseUnknownClaim
 	}
-	if b.ctx.Err() == nil {
-		b.log.Warn("mqtt claim check failed", "client_id", cl.ID, "err", err)
-	}
+	b.logBackendError("mqtt claim check failed", cl.ID, err)
 	return nil, refuseBackendError
+}
+
+func (b *Broker) logBackendError(msg, clientID string, err error) {
+	if b.ctx.Err() != nil {
+		return // cancelled by Close
+	}
+	if ok, suppressed := b.backendLog.allow(time.Now()); ok {
+		b.log.Warn(msg, "client_id", clientID, "err", err, "suppressed", suppressed)
+	}
 }
 
 func (b *Broker) refuse(cl *mqtt.Client, k kind, reason, ip string, now time.Time) {

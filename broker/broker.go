@@ -87,9 +87,10 @@ type Broker struct {
 	ctx    context.Context // cancelled by Close: ends backend and provisioning calls
 	cancel context.CancelFunc
 
-	cache                        *authCache
-	limiter                      *failLimiter
-	refusalLog, denyLog, dropLog *logLimiter
+	cache   *authCache
+	limiter *failLimiter
+	// Rate limits for log lines clients can trigger.
+	refusalLog, denyLog, dropLog, backendLog *logLimiter
 
 	mu       sync.Mutex
 	sessions map[net.Conn]*session // authenticated connections
@@ -163,6 +164,7 @@ func New(opts Options) (*Broker, error) {
 		refusalLog: newLogLimiter(5, 20),
 		denyLog:    newLogLimiter(1, 5),
 		dropLog:    newLogLimiter(1, 5),
+		backendLog: newLogLimiter(1, 5),
 		sessions:   make(map[net.Conn]*session),
 		presence:   make(map[string]*session),
 		conns:      make(map[net.Conn]bool),
@@ -188,13 +190,8 @@ func New(opts Options) (*Broker, error) {
 		ClientNetReadBufferSize:  netBufferSize,
 		ClientNetWriteBufferSize: netBufferSize,
 		SysTopicResendInterval:   sysTopicInterval,
-		Logger:                   slog.New(mochiHandler{h: opts.Logger.Handler()}).With("component", "mochi"),
+		Logger:                   slog.New(newMochiHandler(opts.Logger.Handler())).With("component", "mochi"),
 	})
-	if err := b.server.AddHook(&hook{b: b}, nil); err != nil {
-		cancel()
-		return nil, fmt.Errorf("broker: add hook: %w", err)
-	}
-
 	fail := func(err error) (*Broker, error) {
 		cancel()
 		_ = b.server.Close() // closes the listeners added so far
@@ -203,7 +200,11 @@ func New(opts Options) (*Broker, error) {
 				_ = ln.Close()
 			}
 		}
+		m.unregister(reg) // so the caller may try again with the same registry
 		return nil, err
+	}
+	if err := b.server.AddHook(&hook{b: b}, nil); err != nil {
+		return fail(fmt.Errorf("broker: add hook: %w", err))
 	}
 	if opts.TCPAddr != "" {
 		ln, err := net.Listen("tcp", opts.TCPAddr)

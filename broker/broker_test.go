@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -36,9 +38,15 @@ func TestNew(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer ln.Close()
-		if _, err := New(Options{TCPAddr: ln.Addr().String(), Auth: newFakeAuth(), Logger: quiet}); err == nil {
+		reg := prometheus.NewRegistry()
+		if _, err := New(Options{TCPAddr: ln.Addr().String(), Auth: newFakeAuth(), Logger: quiet, Registerer: reg}); err == nil {
 			t.Error("New on a used port succeeded")
 		}
+		b, err := New(Options{TCPAddr: "127.0.0.1:0", Auth: newFakeAuth(), Logger: quiet, Registerer: reg})
+		if err != nil {
+			t.Fatalf("retry with the same registry: %v", err)
+		}
+		b.Close()
 	})
 	t.Run("ErrRegisteredTwice", func(t *testing.T) {
 		reg := prometheus.NewRegistry()
@@ -158,4 +166,50 @@ func selfSigned(t *testing.T) (tls.Certificate, *x509.CertPool) {
 	pool := x509.NewCertPool()
 	pool.AddCert(parsed)
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, pool
+}
+
+func TestCloseLeavesNoGoroutines(t *testing.T) {
+	before := runtime.NumGoroutine()
+	b, err := New(Options{TCPAddr: "127.0.0.1:0", TLSAddr: "127.0.0.1:0", TLSConfig: &tls.Config{},
+		Auth: newFakeAuth(), Provisioner: &fakeProv{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Start(); err != nil {
+		t.Fatal(err)
+	}
+	r := dialRaw(t, b.TCPAddr().String(), 4)
+	if ack := r.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	p := dialRaw(t, b.TCPAddr().String(), 4)
+	if ack := p.connect("prov-SN1", "claim", claimToken, 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	idle := dialRaw(t, b.TLSAddr().String(), 4) // TCP only: never completes the TLS handshake
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r.waitClosed()
+	p.waitClosed()
+	idle.waitClosed()
+	waitFor(t, "broker goroutines gone", func() bool { return runtime.NumGoroutine() <= before })
+}
+
+func TestMochiHandler(t *testing.T) {
+	var buf lockedBuffer
+	log := slog.New(newMochiHandler(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	log.Info("added hook", "hook", "x")
+	log.Warn("publish packet error", "error", "payload over 16 KiB")
+	log.With("listener", "t1").Warn("error processing packet", "client", "A", "pk", "SECRET-PAYLOAD")
+	got := buf.String()
+	if strings.Contains(got, "added hook") || strings.Contains(got, "publish packet error") {
+		t.Errorf("info or duplicate lines passed:\n%s", got)
+	}
+	if !strings.Contains(got, "error processing packet") || !strings.Contains(got, "listener=t1") {
+		t.Errorf("warning lost:\n%s", got)
+	}
+	if strings.Contains(got, "SECRET-PAYLOAD") {
+		t.Errorf("packet dump passed:\n%s", got)
+	}
 }

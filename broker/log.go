@@ -6,10 +6,18 @@ import (
 )
 
 // mochiHandler is the slog.Handler given to mochi. It passes warnings and
-// errors only, drops the lines the broker reports better itself, and strips
-// packet dumps: they would carry payloads (provisioning answers hold secrets)
-// into the log and let any client write kilobytes per line.
-type mochiHandler struct{ h slog.Handler }
+// errors only, drops the lines the broker reports better itself, strips
+// packet dumps (they would carry payloads, and provisioning answers hold
+// secrets, into the log and let any client write kilobytes per line), and
+// bounds the rate: several of mochi's warnings fire once per client or packet.
+type mochiHandler struct {
+	h   slog.Handler
+	lim *logLimiter
+}
+
+func newMochiHandler(h slog.Handler) mochiHandler {
+	return mochiHandler{h: h, lim: newLogLimiter(10, 50)}
+}
 
 // mochiDropped are mochi messages that duplicate the broker's own reporting.
 var mochiDropped = map[string]bool{
@@ -28,7 +36,14 @@ func (m mochiHandler) Handle(ctx context.Context, r slog.Record) error {
 	if mochiDropped[r.Message] {
 		return nil
 	}
+	ok, suppressed := m.lim.allow(r.Time)
+	if !ok {
+		return nil
+	}
 	out := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
+	if suppressed > 0 {
+		out.AddAttrs(slog.Int64("suppressed", suppressed))
+	}
 	r.Attrs(func(a slog.Attr) bool {
 		if !mochiPacketKeys[a.Key] {
 			out.AddAttrs(a)
@@ -45,9 +60,9 @@ func (m mochiHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
 			kept = append(kept, a)
 		}
 	}
-	return mochiHandler{h: m.h.WithAttrs(kept)}
+	return mochiHandler{h: m.h.WithAttrs(kept), lim: m.lim}
 }
 
 func (m mochiHandler) WithGroup(name string) slog.Handler {
-	return mochiHandler{h: m.h.WithGroup(name)}
+	return mochiHandler{h: m.h.WithGroup(name), lim: m.lim}
 }

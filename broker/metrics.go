@@ -23,6 +23,8 @@ type metrics struct {
 	authCache    *prometheus.CounterVec // result
 	authBackend  prometheus.Histogram
 	provisioning *prometheus.CounterVec // result
+
+	all []prometheus.Collector
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -89,10 +91,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.provisioning.WithLabelValues(r)
 	}
 
+	m.all = []prometheus.Collector{m.authFailures, m.aclDenied, m.dropped, m.connections,
+		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning}
 	var errs []error
 	var done []prometheus.Collector
-	for _, c := range []prometheus.Collector{m.authFailures, m.aclDenied, m.dropped, m.connections,
-		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning} {
+	for _, c := range m.all {
 		if err := reg.Register(c); err != nil {
 			errs = append(errs, err)
 			continue
@@ -106,4 +109,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// unregister removes the metrics from reg, for a Broker that failed to start.
+func (m *metrics) unregister(reg prometheus.Registerer) {
+	for _, c := range m.all {
+		reg.Unregister(c)
+	}
 }

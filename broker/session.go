@@ -136,8 +136,9 @@ func (b *Broker) established(cl *mqtt.Client) {
 	b.presMu.Lock()
 	if cur, ok := b.server.Clients.Get(s.id); !ok || cur != cl || cl.Closed() {
 		b.presMu.Unlock()
-		// Two connections with one client id raced through CONNECT and mochi
-		// kept the other; this one would get no messages. Drop it unannounced.
+		// Already replaced (or ended): a newer connection with this client id
+		// got through CONNECT first, or two raced and mochi kept the other,
+		// so this one would get no messages. Drop it unannounced.
 		b.endSession(s, ReasonTakeover, packets.ErrSessionTakenOver)
 		return
 	}

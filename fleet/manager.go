@@ -36,6 +36,9 @@ type Options struct {
 	// BatchSize and FlushInterval bound ingest batches. Defaults 2000, 20ms.
 	BatchSize     int
 	FlushInterval time.Duration
+	// PresenceFromWill ends a session on the Last Will message; set it when
+	// the bus reports no session events (an external broker).
+	PresenceFromWill bool
 	// Firmware follows firmware jobs (nil: fw/status is validated and dropped).
 	Firmware FirmwareTracker
 	// Config is the configuration every locker receives.
@@ -523,10 +526,14 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		if !p.Online {
-			// The Last Will: the broker's disconnect (or, on an external
-			// broker, this message) ends the session.
-			if err := m.store.MarkOffline(ctx, c.id, "will", c.at); err != nil {
-				m.log.Error("mark offline", "locker", c.id, "err", err)
+			// The Last Will. The embedded broker reports session ends itself
+			// and knows a takeover from a loss; a will of a taken-over session
+			// can arrive after the new session's birth, so it is only used
+			// where the bus has no session events (an external broker).
+			if m.opts.PresenceFromWill {
+				if err := m.store.MarkOffline(ctx, c.id, "will", c.at); err != nil {
+					m.log.Error("mark offline", "locker", c.id, "err", err)
+				}
 			}
 			return
 		}
@@ -536,6 +543,9 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		if m.opts.Firmware != nil {
 			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
 		}
+		// Lockers subscribe before their birth (docs/protocol.md), so open
+		// commands sent now reach them.
+		m.deliverOpen(ctx, c.id)
 	case ctrlResult:
 		r, err := protocol.Decode[protocol.CommandResult](c.payload)
 		if err != nil {
@@ -550,7 +560,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		if errors.Is(err, ErrNotFound) {
 			// A repeat of an answer already recorded, or a command that is not
 			// this locker's: harmless, but counted.
-			m.m.dropped.WithLabelValues(string(protocol.ChanCmdResult), "unknown_command").Inc()
+			m.m.dropped.WithLabelValues(string(protocol.ChanCmdResult), "unknown_or_repeated").Inc()
 			return
 		}
 		if err != nil {
@@ -581,20 +591,24 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 }
 
 // syncDevice delivers what a locker must hold after a (re)connect: its
-// retained creds, config and firmware job, and its open commands.
+// retained creds, config and firmware job. Open commands follow its birth.
 func (m *Manager) syncDevice(ctx context.Context, id string) {
 	if err := m.PublishRetained(ctx, id); err != nil {
 		m.log.Error("publish retained state", "locker", id, "err", err)
 	}
+}
+
+// deliverOpen sends a locker its open commands. Sent commands are sent again
+// with the same id: the device runs each id once and repeats its answer, so a
+// message lost around a disconnect or a gateway restart is recovered without
+// a second effect.
+func (m *Manager) deliverOpen(ctx context.Context, id string) {
 	cmds, err := m.store.OpenCommands(ctx, id, m.now())
 	if err != nil {
 		m.log.Error("load open commands", "locker", id, "err", err)
 		return
 	}
 	for i := range cmds {
-		// Sent commands are sent again with the same id: the device runs
-		// each id once and repeats its answer, so a message lost around a
-		// disconnect or a gateway restart is recovered without a second effect.
 		m.deliver(ctx, &cmds[i])
 	}
 }
