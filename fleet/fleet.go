@@ -101,11 +101,14 @@ type EventRecord struct {
 	Body        json.RawMessage `json:"event"`
 }
 
-// Range bounds a time-ranged list.
+// Range bounds a time-ranged list. After resumes a list after the row with
+// received_at AfterTS and tie-breaker AfterKey (health: seq; events: id).
 type Range struct {
-	Since time.Time
-	Until time.Time
-	Limit int
+	Since    time.Time
+	Until    time.Time
+	Limit    int
+	AfterTS  time.Time
+	AfterKey string
 }
 
 // AuditEntry records who did what to which locker.

@@ -38,7 +38,7 @@ func TestTLSListener(t *testing.T) {
 	}
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
 	connect := func(id, user, pass string, roots *x509.CertPool) (paho.Client, error) {
-		o := paho.NewClientOptions().AddBroker("ssl://"+tg.MQTTSAddr()).SetClientID(id).SetUsername(user).SetPassword(pass).
+		o := paho.NewClientOptions().AddBroker("ssl://" + tg.MQTTSAddr()).SetClientID(id).SetUsername(user).SetPassword(pass).
 			SetTLSConfig(&tls.Config{RootCAs: roots, ServerName: "localhost", MinVersion: tls.VersionTLS12}).
 			SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
 		c := paho.NewClient(o)

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -20,7 +21,10 @@ func (s *Server) createSite(w http.ResponseWriter, r *http.Request) error {
 	if !protocol.ValidID(in.ID) {
 		return badRequest("id must be 1-64 of [A-Za-z0-9._:-]")
 	}
-	if in.Name == "" || !utf8.ValidString(in.Name) || len(in.Name) > 200 {
+	if !utf8.ValidString(in.Name) || len(in.Name) > 200 {
+		return badRequest("name must be valid UTF-8 of at most 200 bytes")
+	}
+	if in.Name == "" {
 		in.Name = in.ID
 	}
 	if in.Timezone == "" {
@@ -240,14 +244,16 @@ func rangeParams(r *http.Request) (fleet.Range, error) {
 	if err != nil {
 		return fleet.Range{}, err
 	}
+	rg := fleet.Range{Since: since, Until: until, Limit: limit}
 	if after := r.URL.Query().Get("after"); after != "" {
-		t, err := time.Parse(time.RFC3339Nano, after)
-		if err != nil {
+		ts, key, ok := strings.Cut(after, "~")
+		t, err := time.Parse(time.RFC3339Nano, ts)
+		if err != nil || !ok {
 			return fleet.Range{}, badRequest("after must be a cursor from a previous answer")
 		}
-		since = t.Add(time.Microsecond)
+		rg.AfterTS, rg.AfterKey = t, key
 	}
-	return fleet.Range{Since: since, Until: until, Limit: limit}, nil
+	return rg, nil
 }
 
 func (s *Server) lockerHealth(w http.ResponseWriter, r *http.Request) error {
@@ -263,7 +269,9 @@ func (s *Server) lockerHealth(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, listOf(hs, rg.Limit, func(h fleet.HealthRecord) string { return h.ReceivedAt.Format(time.RFC3339Nano) }))
+	writeJSON(w, http.StatusOK, listOf(hs, rg.Limit, func(h fleet.HealthRecord) string {
+		return h.ReceivedAt.Format(time.RFC3339Nano) + "~" + strconv.FormatInt(h.Seq, 10)
+	}))
 	return nil
 }
 
@@ -280,7 +288,9 @@ func (s *Server) lockerEvents(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusOK, listOf(es, rg.Limit, func(e fleet.EventRecord) string { return e.ReceivedAt.Format(time.RFC3339Nano) }))
+	writeJSON(w, http.StatusOK, listOf(es, rg.Limit, func(e fleet.EventRecord) string {
+		return e.ReceivedAt.Format(time.RFC3339Nano) + "~" + e.EventID
+	}))
 	return nil
 }
 

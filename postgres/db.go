@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -58,6 +59,13 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
+	}
+	// Times leave the API in UTC whatever the host's zone (pgx scans
+	// timestamptz into the local zone by default).
+	cfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		c.TypeMap().RegisterType(&pgtype.Type{Name: "timestamptz", OID: pgtype.TimestamptzOID,
+			Codec: &pgtype.TimestamptzCodec{ScanLocation: time.UTC}})
+		return nil
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {

@@ -111,7 +111,19 @@ func TestRegister(t *testing.T) {
 			t.Fatalf("locker %+v, %v", l, err)
 		}
 	})
+	t.Run("RetryBeforeFirstConnect", func(t *testing.T) {
+		// The first answer was lost: the same claim asks again for the
+		// serial before it ever connected, and gets a new secret without
+		// using the claim up.
+		r, err := reg(ok, "SN-1")
+		if err != nil || !r.Retried || r.Replaced || r.DeviceID != "lk-SN-1" || r.KeyGen != 2 {
+			t.Fatalf("got %+v, %v", r, err)
+		}
+	})
 	t.Run("ErrSerialTaken", func(t *testing.T) {
+		if err := db.MarkOnline(ctx, "lk-SN-1", time.Now()); err != nil {
+			t.Fatal(err)
+		}
 		if _, err := reg(ok, "SN-1"); !errors.Is(err, provisioning.ErrSerialTaken) {
 			t.Fatalf("got %v, want ErrSerialTaken", err)
 		}
@@ -156,7 +168,7 @@ func TestRegister(t *testing.T) {
 			t.Fatal(err)
 		}
 		r, err := db.Register(ctx, h, provisioning.Registration{DeviceID: "lk-new", SecretHash: provisioning.HashSecret("new"), Request: req("SN-1"), At: time.Now()})
-		if err != nil || !r.Replaced || r.DeviceID != "lk-SN-1" || r.KeyGen != 2 {
+		if err != nil || !r.Replaced || r.DeviceID != "lk-SN-1" || r.KeyGen != 3 {
 			t.Fatalf("got %+v, %v", r, err)
 		}
 		a, err := db.DeviceAuth(ctx, "lk-SN-1")
@@ -173,7 +185,7 @@ func TestRegister(t *testing.T) {
 		if err := db.Pool().QueryRow(ctx, "SELECT count(*) FROM claim_uses WHERE claim_id = 'ok'").Scan(&n); err != nil {
 			t.Fatal(err)
 		}
-		if got, want := n, 4; got != want { // ok, serial_taken, ok, exhausted
+		if got, want := n, 5; got != want { // ok, retry, serial_taken, ok, exhausted
 			t.Fatalf("claim uses: got %d, want %d", got, want)
 		}
 	})
@@ -260,6 +272,37 @@ func TestIngest(t *testing.T) {
 		hs, err := db.ListHealth(ctx, id, fleet.Range{})
 		if err != nil || len(hs) != 3 {
 			t.Fatalf("list: %d %v", len(hs), err)
+		}
+	})
+	t.Run("PagingWithTies", func(t *testing.T) {
+		// Five rows in one microsecond: pages of two see each exactly once.
+		id := MustDevice(t, db, "s1", "SN-PAGE", 1)
+		tie := now.Truncate(time.Microsecond)
+		var batch []fleet.HealthRecord
+		for seq := int64(10); seq < 15; seq++ {
+			batch = append(batch, fleet.HealthRecord{DeviceID: id, ReceivedAt: tie, TS: tie, Seq: seq, Body: json.RawMessage(`{}`)})
+		}
+		if err := db.InsertHealth(ctx, batch); err != nil {
+			t.Fatal(err)
+		}
+		var seen []int64
+		r := fleet.Range{Since: tie, Limit: 2}
+		for {
+			page, err := db.ListHealth(ctx, id, r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, h := range page {
+				seen = append(seen, h.Seq)
+			}
+			if len(page) < 2 {
+				break
+			}
+			last := page[len(page)-1]
+			r.AfterTS, r.AfterKey = last.ReceivedAt, fmt.Sprint(last.Seq)
+		}
+		if fmt.Sprint(seen) != "[10 11 12 13 14]" {
+			t.Fatalf("pages gave %v", seen)
 		}
 	})
 	t.Run("EventsOnce", func(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -290,9 +291,11 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) err
 
 // ListHealth implements fleet.Store.
 func (db *DB) ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error) {
+	afterSeq, _ := strconv.ParseInt(r.AfterKey, 10, 64)
 	rows, err := db.pool.Query(ctx, `SELECT device_id, received_at, ts, seq, body FROM health
-		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 ORDER BY received_at LIMIT $4`,
-		id, r.Since, untilOr(r.Until), limit(r.Limit))
+		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 AND (received_at, seq) > ($5, $6)
+		ORDER BY received_at, seq LIMIT $4`,
+		id, r.Since, untilOr(r.Until), limit(r.Limit), r.AfterTS, afterSeq)
 	if err != nil {
 		return nil, err
 	}
@@ -308,8 +311,9 @@ func (db *DB) ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet
 // ListEvents implements fleet.Store.
 func (db *DB) ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error) {
 	rows, err := db.pool.Query(ctx, `SELECT device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body FROM events
-		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 ORDER BY received_at LIMIT $4`,
-		id, r.Since, untilOr(r.Until), limit(r.Limit))
+		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 AND (received_at, event_id) > ($5, $6)
+		ORDER BY received_at, event_id LIMIT $4`,
+		id, r.Since, untilOr(r.Until), limit(r.Limit), r.AfterTS, r.AfterKey)
 	if err != nil {
 		return nil, err
 	}

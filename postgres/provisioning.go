@@ -119,9 +119,15 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			return record(refusalOutcome(refusal), "")
 		}
 		var existing string
-		var replaceable bool
+		var replaceable, retry bool
 		var gen int
-		err = tx.QueryRow(ctx, `SELECT id, replaceable, key_gen FROM devices WHERE serial = $1 FOR UPDATE`, req.Serial).Scan(&existing, &replaceable, &gen)
+		// A locker whose answer was lost (it dropped off mid-provisioning)
+		// asks again with the same claim: while its identity was never used
+		// and is fresh, it is issued again instead of serial_taken.
+		err = tx.QueryRow(ctx, `SELECT id, replaceable, key_gen,
+				connect_count = 0 AND created_at > $3::timestamptz - interval '10 minutes' AND EXISTS (
+					SELECT 1 FROM claim_uses u WHERE u.device_id = devices.id AND u.claim_id = $2 AND u.outcome = 'provision')
+			FROM devices WHERE serial = $1 FOR UPDATE`, req.Serial, c.ID, r.At).Scan(&existing, &replaceable, &gen, &retry)
 		switch {
 		case errors.Is(err, pgx.ErrNoRows):
 			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
@@ -129,11 +135,11 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
 		case err != nil:
 			return err
-		case !replaceable:
+		case !replaceable && !retry:
 			refusal = provisioning.ErrSerialTaken
 			return record(refusalOutcome(refusal), existing)
 		default:
-			out = &provisioning.Registered{DeviceID: existing, KeyGen: gen + 1, Site: c.Site, Replaced: true}
+			out = &provisioning.Registered{DeviceID: existing, KeyGen: gen + 1, Site: c.Site, Replaced: !retry, Retried: retry}
 			_, err = tx.Exec(ctx, `UPDATE devices SET secret_hash = $2, key_gen = $3, replaceable = false, site = $4,
 				model = $5, fw = $6, creds_acked = -1 WHERE id = $1`, existing, r.SecretHash, gen+1, c.Site, req.Model, req.FW)
 			if err == nil {
@@ -153,12 +159,17 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])`, out.DeviceID, ns, sizes, zones); err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `UPDATE claims SET uses = uses + 1 WHERE id = $1`, c.ID); err != nil {
-			return err
-		}
 		action := "provision"
-		if out.Replaced {
+		switch {
+		case out.Replaced:
 			action = "provision.replace"
+		case out.Retried:
+			action = "provision.retry" // the same claim use, asked again
+		}
+		if !out.Retried {
+			if _, err := tx.Exec(ctx, `UPDATE claims SET uses = uses + 1 WHERE id = $1`, c.ID); err != nil {
+				return err
+			}
 		}
 		if err := record(action, out.DeviceID); err != nil {
 			return err

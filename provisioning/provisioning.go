@@ -67,6 +67,9 @@ type Registered struct {
 	// Replaced is true when an existing device (marked replaceable) was
 	// re-provisioned: its old secret no longer works.
 	Replaced bool
+	// Retried is true when a locker asked again with the same claim before
+	// ever connecting (its first answer was lost): it gets a new secret.
+	Retried bool
 }
 
 // DeviceAuth is what the broker needs to check a device's CONNECT.
