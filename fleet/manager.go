@@ -36,6 +36,9 @@ type Options struct {
 	// BatchSize and FlushInterval bound ingest batches. Defaults 2000, 20ms.
 	BatchSize     int
 	FlushInterval time.Duration
+	// Events receives each stored batch of new events in order (the pickup
+	// workflow); nil: none.
+	Events EventSink
 	// PresenceFromWill ends a session on the Last Will message; set it when
 	// the bus reports no session events (an external broker).
 	PresenceFromWill bool
@@ -71,6 +74,7 @@ type Manager struct {
 	waiters map[string][]chan struct{}
 
 	doorFaults sync.Map // locker id → []int, the last door_faults seen
+	publishMu  [64]sync.Mutex
 
 	stopped    atomic.Bool
 	subscribed atomic.Bool
@@ -247,6 +251,13 @@ func (m *Manager) receive(msg Message) {
 	}
 }
 
+// lockerLock returns the lock that orders retained publishes of a locker.
+func (m *Manager) lockerLock(id string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &m.publishMu[h.Sum32()%uint32(len(m.publishMu))]
+}
+
 func (m *Manager) enqueue(c control) {
 	if m.stopped.Load() {
 		return
@@ -391,6 +402,9 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	m.observeLag(batch)
 	for i := range fresh {
 		m.raiseAlerts(ctx, &fresh[i])
+	}
+	if m.opts.Events != nil && len(fresh) > 0 {
+		m.opts.Events.DeviceEvents(ctx, fresh)
 	}
 }
 
@@ -613,8 +627,31 @@ func (m *Manager) deliverOpen(ctx context.Context, id string) {
 	}
 }
 
+// EventSink consumes new device events after they were stored.
+type EventSink interface {
+	DeviceEvents(ctx context.Context, events []EventRecord)
+}
+
+// PublishCreds republishes a locker's retained credential set (after any
+// change: the protocol wants it on the locker within a second).
+func (m *Manager) PublishCreds(ctx context.Context, id string) error {
+	// Read and publish under the locker's lock so two changes cannot
+	// publish their sets in the wrong order (retained: the last one wins).
+	mu := m.lockerLock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	r, err := m.store.Retained(ctx, id)
+	if err != nil {
+		return err
+	}
+	return m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanCreds), protocol.Encode(r.Creds), 1, true)
+}
+
 // PublishRetained publishes a locker's retained creds, config and fw/job.
 func (m *Manager) PublishRetained(ctx context.Context, id string) error {
+	mu := m.lockerLock(id)
+	mu.Lock()
+	defer mu.Unlock()
 	r, err := m.store.Retained(ctx, id)
 	if err != nil {
 		return err

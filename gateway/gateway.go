@@ -23,9 +23,11 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/httpapi"
 	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/provisioning"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 // Options configure the gateway. cmd/lockergate fills them from flags.
@@ -53,6 +55,8 @@ type Options struct {
 	FirmwareKey string
 	// Config is what every locker is configured with (zero: fleet.DefaultConfig).
 	Config protocol.Config
+	// WebhookBackoff is the first webhook retry delay (default 5s; tests shorten it).
+	WebhookBackoff time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -68,9 +72,12 @@ type Gateway struct {
 	broker  *broker.Broker
 	fleet   *fleet.Manager
 	prov    *provisioning.Service
-	api     *httpapi.Server
-	httpLn  net.Listener
-	http    *http.Server
+
+	pickups  *pickup.Service
+	webhooks *webhook.Dispatcher
+	api      *httpapi.Server
+	httpLn   net.Listener
+	http     *http.Server
 
 	adminToken     string
 	adminTokenPath string
@@ -177,16 +184,31 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	auth.prov = g.prov
+	// pickups and webhooks
+	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: g.broker, Logger: o.Logger.With("component", "fleet"),
-		Registerer: g.reg, Config: o.Config})
+		Registerer: g.reg, Config: o.Config, Events: pickups})
 	if err != nil {
 		return nil, err
 	}
+	g.webhooks, err = webhook.New(webhook.Options{Store: g.db, MasterKey: master, Logger: o.Logger.With("component", "webhook"),
+		Registerer: g.reg, BackoffBase: o.WebhookBackoff})
+	if err != nil {
+		return nil, err
+	}
+	g.pickups, err = pickup.New(pickup.Options{Store: g.db, Fleet: g.fleet, MasterKey: master,
+		Logger: o.Logger.With("component", "pickup"), Registerer: g.reg, Wake: g.webhooks.Wake})
+	if err != nil {
+		return nil, err
+	}
+	pickups.s = g.pickups
+	g.webhooks.SetExpand(g.pickups.ExpandEvent)
 	obs.m = g.fleet
 	if err := g.fleet.Subscribe(); err != nil {
 		return nil, err
 	}
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: g.broker,
+		Pickups: g.pickups, Webhooks: g.webhooks,
 		Gatherer: g.reg, Ready: g.ready, Logger: o.Logger.With("component", "api")})
 	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
@@ -206,6 +228,17 @@ func (g *Gateway) Run(ctx context.Context) error {
 	go func() { fleetDone <- g.fleet.Run(fctx) }()
 	httpDone := make(chan error, 1)
 	go func() { httpDone <- g.http.Serve(g.httpLn) }()
+	bctx, stopBackground := context.WithCancel(ctx)
+	var background sync.WaitGroup
+	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run} {
+		background.Add(1)
+		go func() {
+			defer background.Done()
+			if err := run(bctx); err != nil {
+				g.log.Error("background worker stopped", "err", err)
+			}
+		}()
+	}
 	maint := time.NewTicker(time.Hour)
 	defer maint.Stop()
 	g.log.Info("gateway running", "http", g.HTTPAddr(), "mqtt", addrString(g.broker.TCPAddr()), "mqtts", addrString(g.broker.TLSAddr()))
@@ -226,6 +259,8 @@ loop:
 		}
 	}
 	g.log.Info("shutting down: draining HTTP, closing broker, flushing queued writes")
+	stopBackground()
+	background.Wait()
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
 	if err := g.http.Shutdown(sctx); err != nil && runErr == nil {
@@ -365,6 +400,13 @@ func addrString(a net.Addr) string {
 		return ""
 	}
 	return a.String()
+}
+
+// pickupSink forwards new events to the pickup workflow (created after the fleet).
+type pickupSink struct{ s *pickup.Service }
+
+func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) {
+	p.s.DeviceEvents(ctx, events)
 }
 
 // observer forwards broker session events to the fleet manager (created after the broker).

@@ -16,7 +16,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/provisioning"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 // Store is what the API reads and writes beyond the fleet manager.
@@ -47,6 +49,8 @@ type Options struct {
 	Fleet        *fleet.Manager
 	Provisioning *provisioning.Service
 	Kicker       Kicker
+	Pickups      *pickup.Service
+	Webhooks     *webhook.Dispatcher
 	Gatherer     prometheus.Gatherer
 	// Ready reports whether the database and broker are ready.
 	Ready  func(ctx context.Context) error
@@ -60,8 +64,11 @@ type Server struct {
 	prov  *provisioning.Service
 	kick  Kicker
 	log   *slog.Logger
-	opts  Options
-	mux   *http.ServeMux
+
+	pickups  *pickup.Service
+	webhooks *webhook.Dispatcher
+	opts     Options
+	mux      *http.ServeMux
 }
 
 // New returns the API handler.
@@ -72,7 +79,8 @@ func New(o Options) *Server {
 	if o.Ready == nil {
 		o.Ready = func(context.Context) error { return nil }
 	}
-	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux()}
+	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
+		pickups: o.Pickups, webhooks: o.Webhooks}
 	s.routes()
 	return s
 }
@@ -150,7 +158,7 @@ type route struct {
 // table lists every authenticated endpoint; docs/api.md and openapi.json
 // describe the same set (a test holds them together).
 func (s *Server) table() []route {
-	return []route{
+	return append([]route{
 		{"POST", "/v1/sites", fleetRoles, true, s.createSite},
 		{"GET", "/v1/sites", siteRoles, false, s.listSites},
 		{"GET", "/v1/sites/{site}", siteRoles, false, s.getSite},
@@ -168,7 +176,7 @@ func (s *Server) table() []route {
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
-	}
+	}, s.pickupTable()...)
 }
 
 func (s *Server) routes() {

@@ -1,0 +1,537 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/webhook"
+)
+
+// receiver is a delivery platform's webhook endpoint that fails its first
+// failFirst requests and verifies every signature.
+type receiver struct {
+	t         testing.TB
+	secret    string
+	failFirst int
+
+	mu     sync.Mutex
+	calls  int
+	events []map[string]any
+	ids    map[string]bool
+	bad    []string
+}
+
+func newReceiver(t testing.TB, failFirst int) (*receiver, *httptest.Server) {
+	r := &receiver{t: t, failFirst: failFirst, ids: map[string]bool{}}
+	srv := httptest.NewServer(r)
+	t.Cleanup(srv.Close)
+	return r, srv
+}
+
+func (rc *receiver) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	rc.calls++
+	if rc.calls <= rc.failFirst {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		return
+	}
+	if err := webhook.Verify(rc.secret, r.Header.Get("Lockergate-Signature"), body, time.Now(), 5*time.Minute); err != nil {
+		rc.bad = append(rc.bad, err.Error())
+		w.WriteHeader(http.StatusUnauthorized)
+		return
+	}
+	var ev map[string]any
+	json.Unmarshal(body, &ev)
+	if id, _ := ev["id"].(string); !rc.ids[id] { // receivers dedupe by id
+		rc.ids[id] = true
+		rc.events = append(rc.events, ev)
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// types returns the event types received so far, in order.
+func (rc *receiver) types() []string {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	var out []string
+	for _, e := range rc.events {
+		out = append(out, e["type"].(string))
+	}
+	return out
+}
+
+func (rc *receiver) event(typ string) map[string]any {
+	rc.mu.Lock()
+	defer rc.mu.Unlock()
+	for _, e := range rc.events {
+		if e["type"] == typ {
+			return e
+		}
+	}
+	return nil
+}
+
+// MustToken creates an API token through the admin API.
+func MustPickupToken(tb testing.TB, tg *TestGateway, role, site, name string) *client.Client {
+	tb.Helper()
+	var out struct {
+		Token string `json:"token"`
+	}
+	if err := tg.Admin.Post(context.Background(), "/v1/tokens", map[string]string{"role": role, "site": site, "name": name}, &out); err != nil {
+		tb.Fatalf("create %s token: %v", role, err)
+	}
+	return client.New("http://"+tg.HTTPAddr(), out.Token)
+}
+
+// pickupEnv is a gateway with one site, simulated lockers, a store token and
+// a platform ("speedy") whose webhook receiver fails its first attempts.
+type pickupEnv struct {
+	tg       *TestGateway
+	sim      *devicesim.Fleet
+	store    *client.Client
+	platform *client.Client
+	rc       *receiver
+}
+
+func newPickupEnv(t *testing.T, lockers int, failFirst int, mod ...func(*devicesim.Options)) *pickupEnv {
+	t.Helper()
+	ctx := context.Background()
+	tg := MustStart(t, func(o *gateway.Options) { o.WebhookBackoff = 20 * time.Millisecond })
+	claim := tg.MustSiteAndClaim(t, "store-042", lockers)
+	sim := MustFleet(t, tg, claim, lockers, mod...)
+	Eventually(t, 20*time.Second, "lockers online", func() error {
+		var l lockerList
+		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
+			return err
+		}
+		if len(l.Items) != lockers {
+			return fmt.Errorf("%d online", len(l.Items))
+		}
+		return nil
+	})
+	e := &pickupEnv{tg: tg, sim: sim,
+		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
+		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
+	rc, srv := newReceiver(t, failFirst)
+	var wh struct {
+		ID     string `json:"id"`
+		Secret string `json:"secret"`
+	}
+	if err := e.platform.Post(ctx, "/v1/webhooks", map[string]any{"url": srv.URL, "events": pickup.EventTypes}, &wh); err != nil {
+		t.Fatal(err)
+	}
+	rc.secret = wh.Secret
+	e.rc = rc
+	return e
+}
+
+func (e *pickupEnv) create(t *testing.T, ref, size string, expires time.Duration) pickup.Pickup {
+	t.Helper()
+	var p pickup.Pickup
+	err := e.store.Post(context.Background(), "/v1/pickups", map[string]any{
+		"site": "store-042", "order_ref": ref, "size": size, "zone": "ambient",
+		"recipient": map[string]string{"kind": "driver", "platform": "speedy"}, "expires_at": time.Now().Add(expires)}, &p)
+	if err != nil {
+		t.Fatalf("create pickup %s: %v", ref, err)
+	}
+	return p
+}
+
+func (e *pickupEnv) waitState(t *testing.T, id, state string) pickup.Pickup {
+	t.Helper()
+	var p pickup.Pickup
+	Eventually(t, 15*time.Second, "pickup "+id+" "+state, func() error {
+		p = pickup.Pickup{}
+		if err := e.platform.Get(context.Background(), "/v1/pickups/"+id, nil, &p); err != nil {
+			return err
+		}
+		if p.State != state {
+			return fmt.Errorf("state %s", p.State)
+		}
+		return nil
+	})
+	return p
+}
+
+// waitCreds waits until the locker applied the current credential set.
+func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
+	t.Helper()
+	Eventually(t, 10*time.Second, "locker has the current credential set", func() error {
+		var l fleet.Locker
+		if err := e.tg.Admin.Get(context.Background(), "/v1/lockers/"+lockerID, nil, &l); err != nil {
+			return err
+		}
+		if !l.CredsCurrent || l.CredsVersion == 0 {
+			return fmt.Errorf("version %d, acked %d", l.CredsVersion, l.CredsAcked)
+		}
+		return nil
+	})
+}
+
+// TestPickupFlow walks one order from staging to picked up, with the
+// platform's webhook receiver failing its first attempts.
+func TestPickupFlow(t *testing.T) {
+	e := newPickupEnv(t, 2, 3)
+	p := e.create(t, "A-1001", "M", time.Hour)
+	if p.State != pickup.Staging || p.Locker == "" || p.Compartment == 0 {
+		t.Fatalf("created %+v", p)
+	}
+	l := e.sim.Locker(p.Locker)
+	if sz := l.Model().Compartments[p.Compartment-1]; protocol.SizeRank(sz.Size) < protocol.SizeRank("M") || sz.Zone != "ambient" {
+		t.Fatalf("allocated compartment %+v for size M ambient", sz)
+	}
+	// Staff load it (the simulator closes a staged compartment occupied).
+	ready := e.waitState(t, p.ID, pickup.Ready)
+	if ready.Credential == nil || len(ready.Credential.Code) != 8 || len(ready.Credential.QR) < 40 {
+		t.Fatalf("platform sees credential %+v", ready.Credential)
+	}
+	e.waitCreds(t, p.Locker)
+
+	// A wrong code is rejected; the right one opens the compartment.
+	if r := l.EnterCode("00000000"); r.Accepted || r.Reason != protocol.RejectUnknown {
+		t.Fatalf("wrong code: %+v", r)
+	}
+	if r := l.EnterCode(ready.Credential.Code); !r.Accepted || len(r.Compartments) != 1 || r.Compartments[0] != p.Compartment {
+		t.Fatalf("right code: %+v", r)
+	}
+	done := e.waitState(t, p.ID, pickup.PickedUp)
+	if done.Credential != nil {
+		t.Fatal("a picked-up pickup still shows a credential")
+	}
+	var states []string
+	for _, tr := range done.Transitions {
+		states = append(states, tr.To)
+		if tr.Actor == "" || tr.TS.IsZero() {
+			t.Fatalf("transition without actor or time: %+v", tr)
+		}
+	}
+	if fmt.Sprint(states) != "[staging ready picked_up]" {
+		t.Fatalf("transitions %v", states)
+	}
+	// The code is single use.
+	e.waitCreds(t, p.Locker)
+	if r := l.EnterCode(ready.Credential.Code); r.Accepted {
+		t.Fatalf("a used code opened again: %+v", r)
+	}
+
+	// Webhooks: delivered after the receiver's failures, in order, signed,
+	// the ready event carrying the code.
+	Eventually(t, 20*time.Second, "webhooks delivered", func() error {
+		if got := fmt.Sprint(e.rc.types()); got != "[pickup.ready pickup.picked_up]" {
+			return fmt.Errorf("received %s", got)
+		}
+		return nil
+	})
+	data := e.rc.event(pickup.EventReady)["data"].(map[string]any)
+	cred, _ := data["credential"].(map[string]any)
+	if cred == nil || cred["code"] != ready.Credential.Code || data["compartment"] != float64(p.Compartment) || data["locker"] != p.Locker {
+		t.Fatalf("pickup.ready data %v", data)
+	}
+	if len(e.rc.bad) > 0 {
+		t.Fatalf("bad signatures: %v", e.rc.bad)
+	}
+	var whs struct {
+		Items []webhook.Webhook `json:"items"`
+	}
+	e.platform.Get(context.Background(), "/v1/webhooks", nil, &whs)
+	var ds struct {
+		Items []webhook.Delivery `json:"items"`
+	}
+	if err := e.platform.Get(context.Background(), "/v1/webhooks/"+whs.Items[0].ID+"/deliveries", nil, &ds); err != nil {
+		t.Fatal(err)
+	}
+	if len(ds.Items) != 2 || ds.Items[0].Attempts != 4 || len(ds.Items[0].Log) != 4 || ds.Items[0].State != "delivered" {
+		t.Fatalf("deliveries %+v", ds.Items)
+	}
+	// No code is stored anywhere in the database.
+	var leaks int
+	e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM webhook_deliveries WHERE body::text LIKE '%' || $1 || '%'`, ready.Credential.Code).Scan(&leaks)
+	if leaks != 0 {
+		t.Fatal("the pickup code is stored in the webhook outbox")
+	}
+	for series, want := range map[string]float64{
+		`lockergate_pickups_total{state="picked_up"}`:                 1,
+		`lockergate_credential_rejections_total{reason="unknown"}`:    2, // the wrong code, then the used one (dropped from the set)
+		`lockergate_pickup_wait_duration_seconds_count`:               1,
+		`lockergate_webhook_deliveries_total{outcome="delivered"}`:    2,
+		`lockergate_credential_rejections_total{reason="locked_out"}`: 0,
+	} {
+		Eventually(t, 5*time.Second, series, func() error {
+			got, err := e.tg.Metric(series)
+			if err == nil && got != want {
+				err = fmt.Errorf("got %v, want %v", got, want)
+			}
+			return err
+		})
+	}
+}
+
+// TestPickupMultiOrder: a driver collects three orders with one code.
+func TestPickupMultiOrder(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	var ids []string
+	var comps = map[int]bool{}
+	for i := 0; i < 3; i++ {
+		p := e.create(t, fmt.Sprintf("M-%d", i), "S", time.Hour)
+		ids = append(ids, p.ID)
+		comps[p.Compartment] = true
+	}
+	var singles []string
+	for _, id := range ids {
+		singles = append(singles, e.waitState(t, id, pickup.Ready).Credential.Code)
+	}
+	var cred pickup.CredentialView
+	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": ids, "kind": "pin"}, &cred); err != nil {
+		t.Fatal(err)
+	}
+	if len(cred.Code) != 8 || cred.QR != "" || len(cred.Compartments) != 3 {
+		t.Fatalf("combined credential %+v", cred)
+	}
+	e.waitCreds(t, e.sim.Lockers()[0].DeviceID())
+	l := e.sim.Lockers()[0]
+	if r := l.EnterCode(singles[0]); r.Accepted {
+		t.Fatal("a retired single code still opens")
+	}
+	r := l.EnterCode(cred.Code)
+	if !r.Accepted || len(r.Compartments) != 3 {
+		t.Fatalf("combined code: %+v", r)
+	}
+	for _, n := range r.Compartments {
+		if !comps[n] {
+			t.Fatalf("opened compartment %d that holds none of the orders", n)
+		}
+	}
+	for _, id := range ids {
+		e.waitState(t, id, pickup.PickedUp)
+	}
+}
+
+// TestPickupOffline: the driver collects while the locker is offline; the
+// pickup is reconciled when its events arrive.
+func TestPickupOffline(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	p := e.create(t, "OFF-1", "S", time.Hour)
+	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+	e.waitCreds(t, p.Locker)
+	l := e.sim.Locker(p.Locker)
+	l.Disconnect()
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	if got := e.waitState(t, p.ID, pickup.Ready); got.State != pickup.Ready {
+		t.Fatal("unreachable")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.waitState(t, p.ID, pickup.PickedUp)
+}
+
+// TestPickupExpiry: an uncollected pickup expires, its code stops working
+// on the locker, staff are alerted and the platform told.
+func TestPickupExpiry(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	p := e.create(t, "EXP-1", "S", 3*time.Second)
+	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+	e.waitState(t, p.ID, pickup.Expired)
+	e.waitCreds(t, p.Locker)
+	if r := e.sim.Locker(p.Locker).EnterCode(code); r.Accepted {
+		t.Fatalf("expired code opened: %+v", r)
+	}
+	var alerts int
+	e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1`, p.Locker).Scan(&alerts)
+	if alerts != 1 {
+		t.Fatalf("pickup_expired alerts: %d", alerts)
+	}
+	Eventually(t, 10*time.Second, "expired webhook", func() error {
+		if got := fmt.Sprint(e.rc.types()); got != "[pickup.ready pickup.expired]" {
+			return fmt.Errorf("received %s", got)
+		}
+		return nil
+	})
+}
+
+// TestPickupEdges: closed empty after staging, the driver leaving the
+// order, cancel, and the platform boundary.
+func TestPickupEdges(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+
+	t.Run("StagedEmpty", func(t *testing.T) {
+		p := e.create(t, "E-1", "S", time.Hour)
+		Eventually(t, 10*time.Second, "door open", func() error {
+			if !l.Compartment(p.Compartment).Open {
+				return errors.New("closed")
+			}
+			return nil
+		})
+		l.SetOccupied(p.Compartment, false) // nothing was put in
+		l.CloseDoor(p.Compartment)
+		Eventually(t, 10*time.Second, "staged_empty alert", func() error {
+			var n int
+			e.tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE kind = 'staged_empty' AND device_id = $1 AND compartment = $2`, p.Locker, p.Compartment).Scan(&n)
+			if n != 1 {
+				return fmt.Errorf("%d alerts", n)
+			}
+			return nil
+		})
+		if got := e.waitState(t, p.ID, pickup.Staging); got.State != pickup.Staging {
+			t.Fatal("unreachable")
+		}
+		// Cancel frees the compartment.
+		var c pickup.Pickup
+		if err := e.store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, &c); err != nil || c.State != pickup.Cancelled {
+			t.Fatalf("cancel: %+v %v", c, err)
+		}
+		if err := e.store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, nil); err == nil {
+			t.Fatal("a cancelled pickup was cancelled again")
+		}
+	})
+
+	t.Run("DriverLeavesOrder", func(t *testing.T) {
+		p := e.create(t, "E-2", "S", time.Hour)
+		Eventually(t, 10*time.Second, "door open", func() error {
+			if !l.Compartment(p.Compartment).Open {
+				return errors.New("closed")
+			}
+			return nil
+		})
+		l.SetOccupied(p.Compartment, true)
+		l.CloseDoor(p.Compartment)
+		first := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+		e.waitCreds(t, p.Locker)
+		if r := l.EnterCode(first); !r.Accepted {
+			t.Fatalf("code: %+v", r)
+		}
+		l.SetOccupied(p.Compartment, true) // the order is still inside
+		l.CloseDoor(p.Compartment)
+		var second string
+		Eventually(t, 10*time.Second, "a fresh code", func() error {
+			got := e.waitState(t, p.ID, pickup.Ready)
+			if got.Credential == nil || got.Credential.Code == first {
+				return errors.New("no new code yet")
+			}
+			second = got.Credential.Code
+			return nil
+		})
+		e.waitCreds(t, p.Locker)
+		if r := l.EnterCode(second); !r.Accepted {
+			t.Fatalf("fresh code: %+v", r)
+		}
+		l.SetOccupied(p.Compartment, false)
+		l.CloseDoor(p.Compartment)
+		e.waitState(t, p.ID, pickup.PickedUp)
+	})
+
+	t.Run("OtherPlatformSeesNothing", func(t *testing.T) {
+		p := e.create(t, "E-3", "S", time.Hour)
+		other := MustPickupToken(t, e.tg, "platform", "", "rival")
+		var got pickup.Pickup
+		err := other.Get(ctx, "/v1/pickups/"+p.ID, nil, &got)
+		var ae *client.Error
+		if !errors.As(err, &ae) || ae.Status != 404 {
+			t.Fatalf("rival platform reading the pickup: %v", err)
+		}
+		var list struct{ Items []pickup.Pickup }
+		if err := other.Get(ctx, "/v1/pickups", nil, &list); err != nil || len(list.Items) != 0 {
+			t.Fatalf("rival platform lists %d pickups (%v)", len(list.Items), err)
+		}
+		if err := other.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{p.ID}}, nil); !errors.As(err, &ae) || ae.Status != 404 {
+			t.Fatalf("rival platform minting a code: %v", err)
+		}
+		var op pickup.Pickup
+		operator := MustPickupToken(t, e.tg, "operator", "", "ops")
+		if err := operator.Get(ctx, "/v1/pickups/"+p.ID, nil, &op); err != nil || op.Credential != nil {
+			t.Fatalf("operator sees %+v (%v)", op.Credential, err)
+		}
+	})
+
+	t.Run("BadRequests", func(t *testing.T) {
+		for name, body := range map[string]map[string]any{
+			"UnknownSize":     {"site": "store-042", "order_ref": "B-1", "size": "XXL", "recipient": map[string]string{"kind": "customer"}},
+			"NoPlatform":      {"site": "store-042", "order_ref": "B-2", "recipient": map[string]string{"kind": "driver"}},
+			"PastExpiry":      {"site": "store-042", "order_ref": "B-3", "recipient": map[string]string{"kind": "customer"}, "expires_at": time.Now().Add(-time.Minute)},
+			"NoOrderRef":      {"site": "store-042", "recipient": map[string]string{"kind": "customer"}},
+			"OtherSite":       {"site": "elsewhere", "order_ref": "B-4", "recipient": map[string]string{"kind": "customer"}},
+			"DuplicateRef":    {"site": "store-042", "order_ref": "E-3", "size": "S", "recipient": map[string]string{"kind": "driver", "platform": "speedy"}},
+			"NothingFitsSize": {"site": "store-042", "order_ref": "B-5", "size": "XL", "zone": "heated", "recipient": map[string]string{"kind": "customer"}},
+		} {
+			want := map[string]int{"OtherSite": 403, "DuplicateRef": 409, "NothingFitsSize": 422}[name]
+			if want == 0 {
+				want = 400
+			}
+			status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: body}, nil)
+			if status != want {
+				t.Errorf("%s: got %d (%v), want %d", name, status, err, want)
+			}
+		}
+	})
+}
+
+// TestPickupAllocationRace: 100 concurrent requests at a site with 20 free
+// compartments get 20 distinct compartments and 80 clear refusals.
+func TestPickupAllocationRace(t *testing.T) {
+	ctx := context.Background()
+	var layout []protocol.CompartmentSpec
+	for n := 1; n <= 10; n++ {
+		layout = append(layout, protocol.CompartmentSpec{N: n, Size: "S", Zone: "ambient"})
+	}
+	e := newPickupEnv(t, 2, 0, func(o *devicesim.Options) {
+		o.Models = []devicesim.Model{{Name: "LX-10", Compartments: layout}}
+	})
+	type result struct {
+		status int
+		p      pickup.Pickup
+	}
+	results := make(chan result, 100)
+	var wg sync.WaitGroup
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var p pickup.Pickup
+			status, _ := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+				"site": "store-042", "order_ref": fmt.Sprintf("R-%03d", i), "size": "S",
+				"recipient": map[string]string{"kind": "customer"}}}, &p)
+			results <- result{status, p}
+		}()
+	}
+	wg.Wait()
+	close(results)
+	taken := map[string]bool{}
+	counts := map[int]int{}
+	for r := range results {
+		counts[r.status]++
+		if r.status == 201 {
+			k := fmt.Sprintf("%s/%d", r.p.Locker, r.p.Compartment)
+			if taken[k] {
+				t.Fatalf("compartment %s allocated twice", k)
+			}
+			taken[k] = true
+		}
+	}
+	if counts[201] != 20 || counts[422] != 80 {
+		t.Fatalf("answers %v, want 20×201 and 80×422", counts)
+	}
+}

@@ -1,0 +1,299 @@
+package httpapi
+
+import (
+	"errors"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/webhook"
+)
+
+var (
+	allRoles        = []string{fleet.RoleAdmin, fleet.RoleOperator, fleet.RoleStore, fleet.RolePlatform}
+	credentialRoles = []string{fleet.RoleAdmin, fleet.RoleStore, fleet.RolePlatform}
+)
+
+func (s *Server) pickupTable() []route {
+	return []route{
+		{"POST", "/v1/pickups", allRoles, true, s.createPickup},
+		{"GET", "/v1/pickups", allRoles, false, s.listPickups},
+		{"GET", "/v1/pickups/{id}", allRoles, false, s.getPickup},
+		{"POST", "/v1/pickups/{id}/cancel", allRoles, false, s.cancelPickup},
+		{"POST", "/v1/credentials", credentialRoles, true, s.createCredential},
+		{"POST", "/v1/webhooks", allRoles, true, s.createWebhook},
+		{"GET", "/v1/webhooks", allRoles, false, s.listWebhooks},
+		{"DELETE", "/v1/webhooks/{id}", allRoles, false, s.deleteWebhook},
+		{"GET", "/v1/webhooks/{id}/deliveries", allRoles, false, s.webhookDeliveries},
+	}
+}
+
+// canSeePickup: admins and operators see all; a store its site's; a
+// platform its own.
+func canSeePickup(t *fleet.Token, p *pickup.Pickup) bool {
+	switch t.Role {
+	case fleet.RoleAdmin, fleet.RoleOperator:
+		return true
+	case fleet.RoleStore:
+		return p.Site == t.Site
+	case fleet.RolePlatform:
+		return p.Platform == t.Name
+	}
+	return false
+}
+
+// mayHoldCode: the credential is shown to the store and the pickup's own
+// platform (and admins), not to fleet operators.
+func mayHoldCode(t *fleet.Token, p *pickup.Pickup) bool {
+	return t.Role != fleet.RoleOperator && canSeePickup(t, p)
+}
+
+type pickupIn struct {
+	Site      string           `json:"site"`
+	OrderRef  string           `json:"order_ref"`
+	Size      string           `json:"size"`
+	Zone      string           `json:"zone"`
+	Recipient pickup.Recipient `json:"recipient"`
+	ExpiresAt *time.Time       `json:"expires_at"`
+}
+
+func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
+	var in pickupIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	t := principal(r)
+	switch t.Role {
+	case fleet.RoleStore:
+		if in.Site != t.Site {
+			return errForbidden
+		}
+	case fleet.RolePlatform:
+		if in.Recipient.Platform == "" {
+			in.Recipient.Platform = t.Name
+		}
+		if in.Recipient.Kind == "" {
+			in.Recipient.Kind = "driver"
+		}
+		if in.Recipient.Platform != t.Name {
+			return errForbidden
+		}
+	}
+	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
+		return err
+	}
+	p := &pickup.Pickup{Site: in.Site, OrderRef: in.OrderRef, Size: in.Size, Zone: in.Zone, Recipient: in.Recipient, CreatedBy: t.Actor()}
+	if in.ExpiresAt != nil {
+		p.ExpiresAt = in.ExpiresAt.UTC()
+	}
+	err := s.pickups.Create(r.Context(), p)
+	if errors.Is(err, pickup.ErrNoCompartment) {
+		writeProblem(w, http.StatusUnprocessableEntity, "no free compartment fits: size "+p.Size+" or larger, zone "+p.Zone+
+			", in service, on an online locker at "+p.Site)
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	w.Header().Set("Location", "/v1/pickups/"+p.ID)
+	writeJSON(w, http.StatusCreated, p)
+	return nil
+}
+
+func (s *Server) pickupOf(r *http.Request) (*pickup.Pickup, error) {
+	p, err := s.pickups.Get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return nil, err
+	}
+	if !canSeePickup(principal(r), p) {
+		return nil, fleet.ErrNotFound // do not tell others it exists
+	}
+	return p, nil
+}
+
+func (s *Server) getPickup(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.pickupOf(r)
+	if err != nil {
+		return err
+	}
+	if mayHoldCode(principal(r), p) {
+		p.Credential = s.pickups.CredentialOf(p)
+	}
+	writeJSON(w, http.StatusOK, p)
+	return nil
+}
+
+func (s *Server) listPickups(w http.ResponseWriter, r *http.Request) error {
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	q := r.URL.Query()
+	f := pickup.Filter{Site: q.Get("site"), State: q.Get("state"), After: after, Limit: limit}
+	if f.State != "" && !validState(f.State) {
+		return badRequest("state must be one of staging, ready, picked_up, expired, cancelled")
+	}
+	switch t := principal(r); t.Role {
+	case fleet.RoleStore:
+		if f.Site != "" && f.Site != t.Site {
+			return errForbidden
+		}
+		f.Site = t.Site
+	case fleet.RolePlatform:
+		f.Platform = t.Name
+	}
+	ps, err := s.pickups.List(r.Context(), f)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(ps, limit, func(p pickup.Pickup) string { return p.ID }))
+	return nil
+}
+
+func validState(s string) bool {
+	for _, v := range pickup.States {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) cancelPickup(w http.ResponseWriter, r *http.Request) error {
+	p, err := s.pickupOf(r)
+	if err != nil {
+		return err
+	}
+	p, err = s.pickups.Cancel(r.Context(), p.ID, principal(r).Actor())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, p)
+	return nil
+}
+
+type credentialIn struct {
+	Pickups []string `json:"pickups"`
+	Kind    string   `json:"kind"`
+}
+
+func (s *Server) createCredential(w http.ResponseWriter, r *http.Request) error {
+	var in credentialIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	t := principal(r)
+	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) bool { return mayHoldCode(t, p) })
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, v)
+	return nil
+}
+
+type webhookIn struct {
+	URL    string   `json:"url"`
+	Events []string `json:"events"`
+}
+
+type webhookOut struct {
+	*webhook.Webhook
+	Secret string `json:"secret"`
+}
+
+func (s *Server) createWebhook(w http.ResponseWriter, r *http.Request) error {
+	var in webhookIn
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if len(in.Events) == 0 {
+		in.Events = pickup.EventTypes
+	}
+	for _, e := range in.Events {
+		known := false
+		for _, k := range pickup.EventTypes {
+			known = known || e == k
+		}
+		if !known {
+			return badRequest("event %q: want pickup.ready, pickup.picked_up, pickup.expired or pickup.cancelled", e)
+		}
+	}
+	t := principal(r)
+	wh := &webhook.Webhook{TokenID: t.ID, Role: t.Role, Site: t.Site, URL: in.URL, Events: in.Events}
+	if t.Role == fleet.RolePlatform {
+		wh.Platform = t.Name
+	}
+	secret, err := s.webhooks.Create(r.Context(), wh)
+	if err != nil {
+		return err
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: t.Actor(), Action: "webhook.create", Site: t.Site,
+		Detail: map[string]any{"webhook": wh.ID, "url": wh.URL}}); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusCreated, webhookOut{Webhook: wh, Secret: secret})
+	return nil
+}
+
+// webhookOf loads the path's webhook: admins see all, others their token's own.
+func (s *Server) webhookOf(r *http.Request) (*webhook.Webhook, error) {
+	wh, err := s.webhooks.Get(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return nil, err
+	}
+	if t := principal(r); t.Role != fleet.RoleAdmin && wh.TokenID != t.ID {
+		return nil, fleet.ErrNotFound
+	}
+	return wh, nil
+}
+
+func (s *Server) listWebhooks(w http.ResponseWriter, r *http.Request) error {
+	t := principal(r)
+	owner := t.ID
+	if t.Role == fleet.RoleAdmin {
+		owner = ""
+	}
+	ws, err := s.webhooks.List(r.Context(), owner)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(ws, 0, func(w webhook.Webhook) string { return w.ID }))
+	return nil
+}
+
+func (s *Server) deleteWebhook(w http.ResponseWriter, r *http.Request) error {
+	wh, err := s.webhookOf(r)
+	if err != nil {
+		return err
+	}
+	if err := s.webhooks.Delete(r.Context(), wh.ID); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (s *Server) webhookDeliveries(w http.ResponseWriter, r *http.Request) error {
+	wh, err := s.webhookOf(r)
+	if err != nil {
+		return err
+	}
+	limit, after, err := pageParams(r)
+	if err != nil {
+		return err
+	}
+	var afterSeq int64
+	if after != "" {
+		if afterSeq, err = strconv.ParseInt(after, 10, 64); err != nil {
+			return badRequest("after must be a cursor from a previous answer")
+		}
+	}
+	ds, err := s.webhooks.Deliveries(r.Context(), wh.ID, afterSeq, limit)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, listOf(ds, limit, func(d webhook.Delivery) string { return strconv.FormatInt(d.Seq, 10) }))
+	return nil
+}

@@ -1,0 +1,163 @@
+// Package pickup is the handoff: staff stage an order in a compartment, the
+// gateway mints an offline-valid credential for the driver, and the pickup
+// ends picked up, expired or cancelled. It drives lockers through the fleet
+// manager and tells delivery platforms through the webhook outbox.
+package pickup
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// Pickup states: staging → ready → picked_up | expired | cancelled.
+const (
+	Staging   = "staging"
+	Ready     = "ready"
+	PickedUp  = "picked_up"
+	Expired   = "expired"
+	Cancelled = "cancelled"
+)
+
+// States lists every state (for metrics).
+var States = []string{Staging, Ready, PickedUp, Expired, Cancelled}
+
+// Live reports whether a pickup in state s still holds its compartment.
+func Live(s string) bool { return s == Staging || s == Ready }
+
+// Errors of the pickup domain.
+var (
+	// ErrNoCompartment: no free compartment fits (size, zone, in service, locker online).
+	ErrNoCompartment = errors.New("no free compartment fits")
+	// ErrPINTaken: the derived PIN collides with an active one at the locker.
+	ErrPINTaken = errors.New("pin collides with an active credential")
+)
+
+// Recipient says who collects a pickup.
+type Recipient struct {
+	Kind     string `json:"kind"` // "driver" or "customer"
+	Platform string `json:"platform,omitempty"`
+	Name     string `json:"name,omitempty"`
+}
+
+// Pickup is one order handed over through a locker compartment.
+type Pickup struct {
+	ID           string          `json:"id"`
+	Site         string          `json:"site"`
+	OrderRef     string          `json:"order_ref"`
+	Platform     string          `json:"platform,omitempty"`
+	Recipient    Recipient       `json:"recipient"`
+	Size         string          `json:"size"`
+	Zone         string          `json:"zone"`
+	Locker       string          `json:"locker"`
+	Compartment  int             `json:"compartment"`
+	State        string          `json:"state"`
+	ExpiresAt    time.Time       `json:"expires_at"`
+	CredentialID string          `json:"-"`
+	CommandID    string          `json:"staging_command,omitempty"`
+	CreatedBy    string          `json:"created_by"`
+	CreatedAt    time.Time       `json:"created_at"`
+	ReadyAt      *time.Time      `json:"ready_at,omitempty"`
+	DoneAt       *time.Time      `json:"done_at,omitempty"`
+	Credential   *CredentialView `json:"credential,omitempty"`
+	Transitions  []Transition    `json:"transitions,omitempty"`
+}
+
+// Transition is one recorded state change.
+type Transition struct {
+	TS     time.Time `json:"ts"`
+	From   string    `json:"from"`
+	To     string    `json:"to"`
+	Actor  string    `json:"actor"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// CredentialView is a credential as the store and the platform see it.
+type CredentialView struct {
+	ID           string    `json:"id"`
+	Code         string    `json:"code,omitempty"`
+	QR           string    `json:"qr,omitempty"`
+	NotAfter     time.Time `json:"not_after"`
+	Locker       string    `json:"locker,omitempty"`
+	Compartments []int     `json:"compartments,omitempty"`
+	Pickups      []string  `json:"pickups,omitempty"`
+}
+
+// Credential is a stored credential: MACs only, never the codes.
+type Credential struct {
+	ID           string
+	DeviceID     string
+	PINMAC       string // "" when the credential has no PIN
+	QRMAC        string // "" when it has no QR token
+	Compartments []int
+	NotAfter     time.Time
+	CreatedAt    time.Time
+}
+
+// Filter selects pickups for a list.
+type Filter struct {
+	Site, State, Platform, After string
+	Limit                        int
+}
+
+// Event is a webhook event about a pickup, queued in the same transaction as
+// the transition it reports.
+type Event struct {
+	ID        string         `json:"id"`
+	Type      string         `json:"type"`
+	CreatedAt time.Time      `json:"created_at"`
+	Data      map[string]any `json:"data"`
+}
+
+// Webhook event types.
+const (
+	EventReady     = "pickup.ready"
+	EventPickedUp  = "pickup.picked_up"
+	EventExpired   = "pickup.expired"
+	EventCancelled = "pickup.cancelled"
+)
+
+// EventTypes lists the webhook event types.
+var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelled}
+
+// Store persists pickups and credentials.
+type Store interface {
+	// Allocate picks the smallest free compartment that fits p (size at
+	// least p.Size, zone, in service, not occupied, no live pickup, locker
+	// online and enabled) and inserts p holding it. Concurrent allocations
+	// never share a compartment. ErrNoCompartment when none fits;
+	// fleet.ErrConflict when the order_ref exists for the site and platform.
+	Allocate(ctx context.Context, p *Pickup) error
+	SetCommand(ctx context.Context, id, commandID string) error
+	GetPickup(ctx context.Context, id string) (*Pickup, error)
+	ListPickups(ctx context.Context, f Filter) ([]Pickup, error)
+	Transitions(ctx context.Context, id string) ([]Transition, error)
+	// LivePickupAt returns the staging or ready pickup of a compartment, or fleet.ErrNotFound.
+	LivePickupAt(ctx context.Context, deviceID string, n int) (*Pickup, error)
+	// Transition moves a pickup from one of from to to, records it and
+	// queues ev (when not nil) for every matching webhook, atomically.
+	// fleet.ErrConflict when the pickup is in none of from.
+	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
+	// MintCredential stores c for the pickups, retiring their previous
+	// credentials, and bumps the locker's credential-set version.
+	// ErrPINTaken when the PIN collides.
+	MintCredential(ctx context.Context, c *Credential, pickupIDs []string) error
+	// UseCredential marks a locker's credential used (single use) and bumps
+	// the set version; it returns the pickups it was for.
+	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// CredentialState returns active, used, revoked or expired.
+	CredentialState(ctx context.Context, id string) (string, error)
+	// RaiseAlert records an alert (see fleet.Store).
+	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
+	// RevokeCredential retires a credential (pickup expired or cancelled).
+	RevokeCredential(ctx context.Context, credID, state string) error
+	// DuePickups returns live pickups past expires_at.
+	DuePickups(ctx context.Context, now time.Time, limit int) ([]Pickup, error)
+	// KeyGen returns the generation of a locker's cred_key.
+	KeyGen(ctx context.Context, deviceID string) (int, error)
+	// Occupancy counts compartments and occupied ones per site.
+	Occupancy(ctx context.Context) (map[string][2]int, error)
+	Audit(ctx context.Context, e fleet.AuditEntry) error
+}

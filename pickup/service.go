@@ -1,0 +1,352 @@
+package pickup
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// Fleet is what pickups need from the fleet manager.
+type Fleet interface {
+	SendCommand(ctx context.Context, req fleet.CommandRequest) (*fleet.Command, error)
+	// PublishCreds republishes a locker's retained credential set.
+	PublishCreds(ctx context.Context, deviceID string) error
+	GetLocker(ctx context.Context, id string) (*fleet.Locker, error)
+}
+
+// Options configure a Service.
+type Options struct {
+	Store Store
+	Fleet Fleet
+	// MasterKey derives pickup codes and lockers' cred_keys.
+	MasterKey  []byte
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+	// Wake is called after webhook events were queued (the dispatcher).
+	Wake func()
+	// SweepInterval is how often expired pickups are ended. Default 1s.
+	SweepInterval time.Duration
+	// StagingTTL bounds the staging unlock. Default 60s.
+	StagingTTL time.Duration
+	Now        func() time.Time
+}
+
+// Service runs the pickup workflow.
+type Service struct {
+	o   Options
+	log *slog.Logger
+	m   *metrics
+	// credMu serialises minting per locker so PIN collisions retry cleanly.
+	credMu sync.Mutex
+}
+
+// New returns a Service.
+func New(o Options) (*Service, error) {
+	if o.Store == nil || o.Fleet == nil || len(o.MasterKey) < 32 {
+		return nil, errors.New("pickup: Store, Fleet and a 32-byte MasterKey are required")
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.SweepInterval <= 0 {
+		o.SweepInterval = time.Second
+	}
+	if o.StagingTTL <= 0 {
+		o.StagingTTL = 60 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Wake == nil {
+		o.Wake = func() {}
+	}
+	return &Service{o: o, log: o.Logger, m: newMetrics(o.Registerer)}, nil
+}
+
+// Create allocates a compartment for a new pickup and opens it for staff to
+// load (a staging unlock).
+func (s *Service) Create(ctx context.Context, p *Pickup) error {
+	if !protocol.ValidID(p.Site) {
+		return fmt.Errorf("%w: site is required", fleet.ErrInvalid)
+	}
+	if p.OrderRef == "" || len(p.OrderRef) > 128 {
+		return fmt.Errorf("%w: order_ref must be 1-128 bytes", fleet.ErrInvalid)
+	}
+	if p.Size == "" {
+		p.Size = "S"
+	}
+	if protocol.SizeRank(p.Size) < 0 {
+		return fmt.Errorf("%w: size %q: want S, M, L or XL", fleet.ErrInvalid, p.Size)
+	}
+	if p.Zone == "" {
+		p.Zone = "ambient"
+	}
+	if !protocol.ValidZone(p.Zone) {
+		return fmt.Errorf("%w: zone %q: want ambient, chilled or heated", fleet.ErrInvalid, p.Zone)
+	}
+	switch p.Recipient.Kind {
+	case "driver":
+		if p.Recipient.Platform == "" {
+			return fmt.Errorf("%w: a driver pickup needs recipient.platform", fleet.ErrInvalid)
+		}
+	case "customer":
+	default:
+		return fmt.Errorf("%w: recipient.kind must be driver or customer", fleet.ErrInvalid)
+	}
+	p.Platform = p.Recipient.Platform
+	now := s.o.Now().UTC().Truncate(time.Millisecond)
+	if p.ExpiresAt.IsZero() {
+		p.ExpiresAt = now.Add(2 * time.Hour)
+	}
+	if !p.ExpiresAt.After(now) || p.ExpiresAt.After(now.Add(7*24*time.Hour)) {
+		return fmt.Errorf("%w: expires_at must be in the future, at most 7 days from now", fleet.ErrInvalid)
+	}
+	p.ID, p.State, p.CreatedAt = fleet.NewID("p"), Staging, now
+	if err := s.o.Store.Allocate(ctx, p); err != nil {
+		return err
+	}
+	s.m.state.WithLabelValues(Staging).Inc()
+	if err := s.o.Store.Audit(ctx, fleet.AuditEntry{Actor: p.CreatedBy, Action: "pickup.create", Locker: p.Locker, Site: p.Site,
+		Detail: map[string]any{"pickup": p.ID, "order_ref": p.OrderRef, "compartment": p.Compartment}}); err != nil {
+		return err
+	}
+	cmd, err := s.o.Fleet.SendCommand(ctx, fleet.CommandRequest{DeviceID: p.Locker, Type: protocol.CmdUnlock,
+		Compartment: p.Compartment, Reason: protocol.ReasonStaging, TTL: s.o.StagingTTL, Actor: p.CreatedBy})
+	if err != nil {
+		// The pickup holds the compartment; staff can open it remotely.
+		s.log.Error("staging unlock", "pickup", p.ID, "locker", p.Locker, "err", err)
+		return nil
+	}
+	p.CommandID = cmd.ID
+	return s.o.Store.SetCommand(ctx, p.ID, cmd.ID)
+}
+
+// Get returns a pickup with its transitions.
+func (s *Service) Get(ctx context.Context, id string) (*Pickup, error) {
+	p, err := s.o.Store.GetPickup(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	p.Transitions, err = s.o.Store.Transitions(ctx, id)
+	return p, err
+}
+
+// List lists pickups.
+func (s *Service) List(ctx context.Context, f Filter) ([]Pickup, error) { return s.o.Store.ListPickups(ctx, f) }
+
+// CredentialOf returns the codes of a pickup's live credential, or nil.
+func (s *Service) CredentialOf(p *Pickup) *CredentialView {
+	if p.CredentialID == "" || p.State != Ready {
+		return nil
+	}
+	return s.View(p.CredentialID, p.ExpiresAt)
+}
+
+// View derives the codes of credential id.
+func (s *Service) View(id string, notAfter time.Time) *CredentialView {
+	return &CredentialView{ID: id, Code: s.pin(id), QR: s.qr(id), NotAfter: notAfter}
+}
+
+// Cancel ends a live pickup and revokes its credential.
+func (s *Service) Cancel(ctx context.Context, id, actor string) (*Pickup, error) {
+	return s.end(ctx, id, Cancelled, actor, "cancelled", EventCancelled)
+}
+
+// end moves a live pickup to a final state, revokes its credential and
+// republishes the locker's set.
+func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string) (*Pickup, error) {
+	p, err := s.o.Store.GetPickup(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	at := s.o.Now()
+	p, err = s.o.Store.Transition(ctx, id, []string{Staging, Ready}, to, actor, detail, at, s.event(evType, p, at))
+	if err != nil {
+		return nil, err
+	}
+	s.transitioned(p, to)
+	if p.CredentialID != "" {
+		if err := s.o.Store.RevokeCredential(ctx, p.CredentialID, "revoked"); err != nil {
+			return p, fmt.Errorf("revoke credential: %w", err)
+		}
+		s.publish(ctx, p.Locker)
+	}
+	return p, nil
+}
+
+// Combine mints one credential for several ready pickups at one locker (a
+// driver collecting several orders); it replaces their own credentials.
+func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowed func(*Pickup) bool) (*CredentialView, error) {
+	if len(ids) == 0 || len(ids) > 32 {
+		return nil, fmt.Errorf("%w: want 1-32 pickups", fleet.ErrInvalid)
+	}
+	if kind != "" && kind != protocol.KindPIN && kind != protocol.KindQR {
+		return nil, fmt.Errorf("%w: kind must be pin or qr", fleet.ErrInvalid)
+	}
+	var locker string
+	var comps []int
+	notAfter := time.Time{}
+	seen := map[string]bool{}
+	for _, id := range ids {
+		if seen[id] {
+			return nil, fmt.Errorf("%w: pickup %s listed twice", fleet.ErrInvalid, id)
+		}
+		seen[id] = true
+		p, err := s.o.Store.GetPickup(ctx, id)
+		if err != nil || !allowed(p) {
+			return nil, fmt.Errorf("pickup %s: %w", id, fleet.ErrNotFound)
+		}
+		if p.State != Ready {
+			return nil, fmt.Errorf("%w: pickup %s is %s, not ready", fleet.ErrConflict, id, p.State)
+		}
+		if locker != "" && p.Locker != locker {
+			return nil, fmt.Errorf("%w: pickups are at different lockers (%s, %s)", fleet.ErrUnprocessable, locker, p.Locker)
+		}
+		locker = p.Locker
+		comps = append(comps, p.Compartment)
+		if notAfter.IsZero() || p.ExpiresAt.Before(notAfter) {
+			notAfter = p.ExpiresAt
+		}
+	}
+	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind)
+	if err != nil {
+		return nil, err
+	}
+	v := s.View(c.ID, notAfter)
+	if kind == protocol.KindPIN {
+		v.QR = ""
+	} else if kind == protocol.KindQR {
+		v.Code = ""
+	}
+	v.Locker, v.Compartments, v.Pickups = locker, comps, ids
+	s.publish(ctx, locker)
+	return v, nil
+}
+
+// mint creates a credential for compartments of a locker; kind "" gives
+// both a PIN and a QR token.
+func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAfter time.Time, pickups []string, kind string) (*Credential, error) {
+	gen, err := s.o.Store.KeyGen(ctx, deviceID)
+	if err != nil {
+		return nil, err
+	}
+	key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
+	s.credMu.Lock()
+	defer s.credMu.Unlock()
+	for attempt := 0; attempt < 8; attempt++ {
+		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
+		if kind != protocol.KindQR {
+			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
+		}
+		if kind != protocol.KindPIN {
+			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
+		}
+		err := s.o.Store.MintCredential(ctx, c, pickups)
+		if errors.Is(err, ErrPINTaken) {
+			continue // another id gives another PIN
+		}
+		return c, err
+	}
+	return nil, errors.New("could not mint a unique PIN in 8 attempts")
+}
+
+// pin derives the 8-digit PIN of credential id.
+func (s *Service) pin(id string) string {
+	h := s.derive("pin", id)
+	return fmt.Sprintf("%08d", binary.BigEndian.Uint64(h[:8])%100_000_000)
+}
+
+// qr derives the QR token (256 bits) of credential id.
+func (s *Service) qr(id string) string {
+	h := s.derive("qr", id)
+	return "lgq_" + base64.RawURLEncoding.EncodeToString(h)
+}
+
+func (s *Service) derive(what, id string) []byte {
+	m := hmac.New(sha256.New, s.o.MasterKey)
+	m.Write([]byte("lockergate/pickup-code/v1|" + what + "|" + id))
+	return m.Sum(nil)
+}
+
+// Wire credential ids: one stored credential appears on the locker as a PIN
+// entry and a QR entry.
+const (
+	pinSuffix = ".p"
+	qrSuffix  = ".q"
+)
+
+// WireCredentials renders stored credentials as the locker's set entries.
+func WireCredentials(cs []Credential) []protocol.Credential {
+	out := make([]protocol.Credential, 0, 2*len(cs))
+	for _, c := range cs {
+		if c.PINMAC != "" {
+			out = append(out, protocol.Credential{ID: c.ID + pinSuffix, Kind: protocol.KindPIN, MAC: c.PINMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter)})
+		}
+		if c.QRMAC != "" {
+			out = append(out, protocol.Credential{ID: c.ID + qrSuffix, Kind: protocol.KindQR, MAC: c.QRMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter)})
+		}
+	}
+	return out
+}
+
+func credentialID(wire string) string {
+	if id, ok := strings.CutSuffix(wire, pinSuffix); ok {
+		return id
+	}
+	id, _ := strings.CutSuffix(wire, qrSuffix)
+	return id
+}
+
+func (s *Service) publish(ctx context.Context, deviceID string) {
+	if err := s.o.Fleet.PublishCreds(ctx, deviceID); err != nil {
+		s.log.Error("publish credential set", "locker", deviceID, "err", err)
+	}
+}
+
+func (s *Service) event(typ string, p *Pickup, at time.Time) *Event {
+	data := map[string]any{
+		"pickup": p.ID, "site": p.Site, "order_ref": p.OrderRef, "platform": p.Platform,
+		"locker": p.Locker, "compartment": p.Compartment, "expires_at": p.ExpiresAt,
+	}
+	return &Event{ID: fleet.NewID("evt"), Type: typ, CreatedAt: at.UTC(), Data: data}
+}
+
+func (s *Service) transitioned(p *Pickup, to string) {
+	s.m.state.WithLabelValues(to).Inc()
+	s.o.Wake()
+	s.log.Info("pickup", "pickup", p.ID, "state", to, "locker", p.Locker, "compartment", p.Compartment)
+}
+
+// ExpandEvent completes a stored webhook body: a pickup.ready event names
+// its credential by id, and the codes are derived here, at send time, so
+// they are never stored.
+func (s *Service) ExpandEvent(_ context.Context, body []byte) ([]byte, error) {
+	var ev map[string]any
+	if err := json.Unmarshal(body, &ev); err != nil {
+		return nil, err
+	}
+	data, _ := ev["data"].(map[string]any)
+	cid, ok := data["credential_id"].(string)
+	if !ok {
+		return body, nil
+	}
+	notAfter, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(data["expires_at"]))
+	delete(data, "credential_id")
+	data["credential"] = s.View(cid, notAfter)
+	return json.Marshal(ev)
+}

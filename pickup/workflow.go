@@ -1,0 +1,185 @@
+package pickup
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// DeviceEvents advances pickups from a locker's new events (called by the
+// fleet manager with each stored batch, in order).
+func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) {
+	for i := range events {
+		e := &events[i]
+		ev, err := protocol.Decode[protocol.Event](e.Body)
+		if err != nil {
+			continue
+		}
+		switch ev.Type {
+		case protocol.EventCodeAccepted:
+			s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt)
+		case protocol.EventCodeRejected:
+			s.m.rejections.WithLabelValues(ev.Reason).Inc()
+		case protocol.EventDoorClosed:
+			s.doorClosed(ctx, e.DeviceID, ev, e.ReceivedAt)
+		}
+	}
+}
+
+// codeAccepted spends the credential: single use, dropped from the next set.
+func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) {
+	ps, err := s.o.Store.UseCredential(ctx, deviceID, credentialID(ev.Credential), at)
+	if err != nil {
+		s.log.Warn("code accepted for an unknown credential", "locker", deviceID, "credential", ev.Credential, "err", err)
+		return
+	}
+	for _, p := range ps {
+		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment)
+	}
+	s.publish(ctx, deviceID)
+}
+
+// doorClosed: staff closed a loaded compartment (ready), or a driver closed
+// it after taking the order (picked up).
+func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) {
+	p, err := s.o.Store.LivePickupAt(ctx, deviceID, ev.Compartment)
+	if errors.Is(err, fleet.ErrNotFound) {
+		return
+	}
+	if err != nil {
+		s.log.Error("find pickup of compartment", "locker", deviceID, "compartment", ev.Compartment, "err", err)
+		return
+	}
+	occupied := ev.Occupied != nil && *ev.Occupied
+	actor := "locker:" + deviceID
+	switch {
+	case p.State == Staging && occupied:
+		s.ready(ctx, p, actor, at)
+	case p.State == Staging:
+		// Closed empty after staging: the order is not in it yet.
+		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertStagedEmpty, Compartment: p.Compartment,
+			Detail: "pickup " + p.ID + " staged but the compartment closed empty", RaisedAt: at})
+	case p.State == Ready && !occupied && s.credentialUsed(ctx, p):
+		done, err := s.o.Store.Transition(ctx, p.ID, []string{Ready}, PickedUp, actor, "opened with its code and closed empty", at, s.event(EventPickedUp, p, at))
+		if err != nil {
+			s.log.Error("pickup picked up", "pickup", p.ID, "err", err)
+			return
+		}
+		s.transitioned(done, PickedUp)
+		if done.ReadyAt != nil {
+			s.m.collect.Observe(at.Sub(*done.ReadyAt).Seconds())
+		}
+	case p.State == Ready && occupied && s.credentialUsed(ctx, p):
+		// The driver opened it and left the order: still to collect, with a
+		// fresh code (the spent one no longer opens it).
+		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotTaken, Compartment: p.Compartment,
+			Detail: "pickup " + p.ID + " opened with its code but the order is still inside", RaisedAt: at})
+		s.issue(ctx, p)
+	case p.State == Ready && !occupied:
+		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertRemoved, Compartment: p.Compartment,
+			Detail: "pickup " + p.ID + " is ready but its compartment closed empty without its code", RaisedAt: at})
+	}
+}
+
+// Alert kinds raised by the pickup workflow.
+const (
+	AlertNotTaken = "pickup_not_taken"
+	AlertRemoved  = "pickup_removed"
+)
+
+// credentialUsed reports whether the pickup's credential was spent at the locker.
+func (s *Service) credentialUsed(ctx context.Context, p *Pickup) bool {
+	if p.CredentialID == "" {
+		return false
+	}
+	st, err := s.o.Store.CredentialState(ctx, p.CredentialID)
+	return err == nil && st == "used"
+}
+
+// ready marks a staged pickup ready, mints its credential and tells the platform.
+func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) {
+	c, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "")
+	if err != nil {
+		s.log.Error("mint credential", "pickup", p.ID, "err", err)
+		return
+	}
+	p.CredentialID = c.ID
+	ev := s.event(EventReady, p, at)
+	ev.Data["credential_id"] = c.ID
+	done, err := s.o.Store.Transition(ctx, p.ID, []string{Staging}, Ready, actor, "closed with the order inside", at, ev)
+	if err != nil {
+		s.log.Error("pickup ready", "pickup", p.ID, "err", err)
+		return
+	}
+	s.transitioned(done, Ready)
+	s.m.stage.Observe(at.Sub(done.CreatedAt).Seconds())
+	s.publish(ctx, p.Locker)
+}
+
+// issue mints a fresh credential for a ready pickup.
+func (s *Service) issue(ctx context.Context, p *Pickup) {
+	if _, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, ""); err != nil {
+		s.log.Error("mint credential", "pickup", p.ID, "err", err)
+		return
+	}
+	s.publish(ctx, p.Locker)
+}
+
+func (s *Service) alert(ctx context.Context, a fleet.Alert) {
+	s.m.alerts.WithLabelValues(a.Kind).Inc()
+	if _, err := s.o.Store.RaiseAlert(ctx, a); err != nil {
+		s.log.Error("raise alert", "kind", a.Kind, "err", err)
+	}
+	s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+}
+
+// Run ends expired pickups until ctx ends, and keeps the occupancy gauges.
+func (s *Service) Run(ctx context.Context) error {
+	t := time.NewTicker(s.o.SweepInterval)
+	defer t.Stop()
+	occ := time.NewTicker(15 * time.Second)
+	defer occ.Stop()
+	s.occupancy(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			s.expire(ctx)
+		case <-occ.C:
+			s.occupancy(ctx)
+		}
+	}
+}
+
+func (s *Service) expire(ctx context.Context) {
+	due, err := s.o.Store.DuePickups(ctx, s.o.Now(), 500)
+	if err != nil {
+		s.log.Error("find expired pickups", "err", err)
+		return
+	}
+	for _, p := range due {
+		done, err := s.end(ctx, p.ID, Expired, "system:expiry", "not collected by expires_at", EventExpired)
+		if errors.Is(err, fleet.ErrConflict) {
+			continue // ended meanwhile
+		}
+		if err != nil {
+			s.log.Error("expire pickup", "pickup", p.ID, "err", err)
+			continue
+		}
+		s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
+			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()})
+	}
+}
+
+func (s *Service) occupancy(ctx context.Context) {
+	occ, err := s.o.Store.Occupancy(ctx)
+	if err != nil {
+		s.log.Error("compartment occupancy", "err", err)
+		return
+	}
+	s.m.setOccupancy(occ)
+}

@@ -1,0 +1,313 @@
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
+)
+
+var _ pickup.Store = (*DB)(nil)
+
+const pickupCols = `id, site, order_ref, platform, recipient, size, zone, device_id, compartment, state, expires_at,
+	coalesce(credential_id, ''), coalesce(command_id, ''), created_by, created_at, ready_at, done_at`
+
+func scanPickup(row pgx.Row) (*pickup.Pickup, error) {
+	var p pickup.Pickup
+	var recipient []byte
+	err := row.Scan(&p.ID, &p.Site, &p.OrderRef, &p.Platform, &recipient, &p.Size, &p.Zone, &p.Locker, &p.Compartment,
+		&p.State, &p.ExpiresAt, &p.CredentialID, &p.CommandID, &p.CreatedBy, &p.CreatedAt, &p.ReadyAt, &p.DoneAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &p, json.Unmarshal(recipient, &p.Recipient)
+}
+
+// sizeRank orders sizes in SQL the way protocol.SizeRank does in Go.
+const sizeRank = `array_position(ARRAY['S','M','L','XL'], %s)`
+
+// Allocate implements pickup.Store. Candidates are locked with SKIP LOCKED
+// so concurrent allocations spread over free compartments; the partial
+// unique index on live pickups catches the rare race that slips through,
+// and the allocation retries.
+func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
+	recipient, err := json.Marshal(p.Recipient)
+	if err != nil {
+		return err
+	}
+	q := fmt.Sprintf(`
+		SELECT c.device_id, c.n FROM compartments c JOIN devices d ON d.id = c.device_id
+		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.occupied AND c.door = 'closed'
+			AND c.zone = $2 AND %s >= %s
+			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
+		ORDER BY %s, c.device_id, c.n
+		LIMIT 1 FOR UPDATE OF c SKIP LOCKED`, fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"), fmt.Sprintf(sizeRank, "c.size"))
+	for attempt := 0; ; attempt++ {
+		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+			if err := tx.QueryRow(ctx, q, p.Site, p.Zone, p.Size).Scan(&p.Locker, &p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+				return pickup.ErrNoCompartment
+			} else if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO pickups (id, site, order_ref, platform, recipient, size, zone, device_id, compartment,
+				state, expires_at, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'staging', $10, $11, $12)`,
+				p.ID, p.Site, p.OrderRef, p.Platform, recipient, p.Size, p.Zone, p.Locker, p.Compartment, p.ExpiresAt, p.CreatedBy, p.CreatedAt); err != nil {
+				return err
+			}
+			_, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
+				VALUES ($1, $2, '', 'staging', $3, 'compartment allocated')`, p.ID, p.CreatedAt, p.CreatedBy)
+			return err
+		})
+		var pgErr *pgconn.PgError
+		switch {
+		case err == nil:
+			return nil
+		case errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "pickups_live_compartment" && attempt < 20:
+			continue // another allocation took it between our read and insert
+		case errors.As(err, &pgErr) && pgErr.Code == "23505":
+			return fmt.Errorf("order %s of platform %q at site %s exists: %w", p.OrderRef, p.Platform, p.Site, fleet.ErrConflict)
+		case isFKViolation(err):
+			return fmt.Errorf("site %s: %w", p.Site, fleet.ErrNotFound)
+		default:
+			return err
+		}
+	}
+}
+
+// SetCommand implements pickup.Store.
+func (db *DB) SetCommand(ctx context.Context, id, commandID string) error {
+	_, err := db.pool.Exec(ctx, `UPDATE pickups SET command_id = $2 WHERE id = $1`, id, commandID)
+	return err
+}
+
+// GetPickup implements pickup.Store.
+func (db *DB) GetPickup(ctx context.Context, id string) (*pickup.Pickup, error) {
+	return scanPickup(db.pool.QueryRow(ctx, `SELECT `+pickupCols+` FROM pickups WHERE id = $1`, id))
+}
+
+// ListPickups implements pickup.Store.
+func (db *DB) ListPickups(ctx context.Context, f pickup.Filter) ([]pickup.Pickup, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups
+		WHERE id > $1 AND ($2 = '' OR site = $2) AND ($3 = '' OR state = $3) AND ($4 = '' OR platform = $4)
+		ORDER BY id LIMIT $5`, f.After, f.Site, f.State, f.Platform, limit(f.Limit))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []pickup.Pickup
+	for rows.Next() {
+		p, err := scanPickup(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *p)
+	}
+	return out, rows.Err()
+}
+
+// Transitions implements pickup.Store.
+func (db *DB) Transitions(ctx context.Context, id string) ([]pickup.Transition, error) {
+	rows, err := db.pool.Query(ctx, `SELECT ts, from_state, to_state, actor, detail FROM pickup_transitions
+		WHERE pickup_id = $1 ORDER BY ts, to_state = 'staging' DESC`, id)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Transition, error) {
+		var t pickup.Transition
+		err := row.Scan(&t.TS, &t.From, &t.To, &t.Actor, &t.Detail)
+		return t, err
+	})
+}
+
+// LivePickupAt implements pickup.Store.
+func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup.Pickup, error) {
+	return scanPickup(db.pool.QueryRow(ctx, `SELECT `+pickupCols+` FROM pickups
+		WHERE device_id = $1 AND compartment = $2 AND state IN ('staging', 'ready')`, deviceID, n))
+}
+
+// Transition implements pickup.Store.
+func (db *DB) Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *pickup.Event) (*pickup.Pickup, error) {
+	var out *pickup.Pickup
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var state string
+		err := tx.QueryRow(ctx, `SELECT state FROM pickups WHERE id = $1 FOR UPDATE`, id).Scan(&state)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fleet.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		allowed := false
+		for _, f := range from {
+			allowed = allowed || f == state
+		}
+		if !allowed {
+			return fmt.Errorf("pickup %s is %s: %w", id, state, fleet.ErrConflict)
+		}
+		out, err = scanPickup(tx.QueryRow(ctx, `UPDATE pickups SET state = $2,
+				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
+				done_at = CASE WHEN $2 IN ('picked_up', 'expired', 'cancelled') THEN $3 ELSE done_at END
+			WHERE id = $1 RETURNING `+pickupCols, id, to, at))
+		if err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
+			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail); err != nil {
+			return err
+		}
+		if err := audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "pickup." + to, Locker: out.Locker, Site: out.Site,
+			Detail: map[string]any{"pickup": id, "from": state}}); err != nil {
+			return err
+		}
+		if ev == nil {
+			return nil
+		}
+		body, err := json.Marshal(ev)
+		if err != nil {
+			return err
+		}
+		_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
+			SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
+			WHERE w.deleted_at IS NULL AND $2 = ANY (w.events)
+				AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
+			ev.ID, ev.Type, id, body, at, out.Site, out.Platform)
+		return err
+	})
+	return out, err
+}
+
+// MintCredential implements pickup.Store.
+func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string) error {
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
+			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
+			VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`,
+			c.ID, c.DeviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, c.DeviceID)
+		return err
+	})
+	if isUniqueViolation(err) {
+		return pickup.ErrPINTaken
+	}
+	return err
+}
+
+// UseCredential implements pickup.Store.
+func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
+	var out []pickup.Pickup
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE credentials SET state = 'used', used_at = $3 WHERE id = $2 AND device_id = $1 AND state = 'active'`,
+			deviceID, credID, at)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID); err != nil {
+			return err
+		}
+		if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+			Detail: map[string]any{"credential": credID}}); err != nil {
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE credential_id = $1`, credID)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		for rows.Next() {
+			p, err := scanPickup(rows)
+			if err != nil {
+				return err
+			}
+			out = append(out, *p)
+		}
+		return rows.Err()
+	})
+	return out, err
+}
+
+// CredentialState implements pickup.Store.
+func (db *DB) CredentialState(ctx context.Context, id string) (string, error) {
+	var s string
+	err := db.pool.QueryRow(ctx, `SELECT state FROM credentials WHERE id = $1`, id).Scan(&s)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fleet.ErrNotFound
+	}
+	return s, err
+}
+
+// RevokeCredential implements pickup.Store.
+func (db *DB) RevokeCredential(ctx context.Context, credID, state string) error {
+	_, err := db.pool.Exec(ctx, `WITH c AS (UPDATE credentials SET state = $2 WHERE id = $1 AND state = 'active' RETURNING device_id)
+		UPDATE devices SET creds_version = creds_version + 1 WHERE id IN (SELECT device_id FROM c)`, credID, state)
+	return err
+}
+
+// DuePickups implements pickup.Store.
+func (db *DB) DuePickups(ctx context.Context, now time.Time, n int) ([]pickup.Pickup, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE state IN ('staging', 'ready') AND expires_at <= $1
+		ORDER BY expires_at LIMIT $2`, now, n)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []pickup.Pickup
+	for rows.Next() {
+		p, err := scanPickup(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *p)
+	}
+	return out, rows.Err()
+}
+
+// KeyGen implements pickup.Store.
+func (db *DB) KeyGen(ctx context.Context, deviceID string) (int, error) {
+	var g int
+	err := db.pool.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1`, deviceID).Scan(&g)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, fleet.ErrNotFound
+	}
+	return g, err
+}
+
+// Occupancy implements pickup.Store.
+func (db *DB) Occupancy(ctx context.Context) (map[string][2]int, error) {
+	rows, err := db.pool.Query(ctx, `SELECT d.site, count(*), count(*) FILTER (WHERE c.occupied)
+		FROM compartments c JOIN devices d ON d.id = c.device_id GROUP BY d.site`)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string][2]int{}
+	for rows.Next() {
+		var site string
+		var total, occ int
+		if err := rows.Scan(&site, &total, &occ); err != nil {
+			return nil, err
+		}
+		out[site] = [2]int{total, occ}
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,175 @@
+package postgres
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/webhook"
+)
+
+var _ webhook.Store = (*DB)(nil)
+
+const webhookCols = `id, token_id, role, site, platform, url, events, created_at`
+
+func scanWebhook(row pgx.Row, extra ...any) (*webhook.Webhook, error) {
+	var w webhook.Webhook
+	err := row.Scan(append([]any{&w.ID, &w.TokenID, &w.Role, &w.Site, &w.Platform, &w.URL, &w.Events, &w.CreatedAt}, extra...)...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	return &w, err
+}
+
+// CreateWebhook implements webhook.Store.
+func (db *DB) CreateWebhook(ctx context.Context, w *webhook.Webhook, secretEnc []byte) error {
+	return db.pool.QueryRow(ctx, `INSERT INTO webhooks (id, token_id, role, site, platform, url, events, secret_enc)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at`,
+		w.ID, w.TokenID, w.Role, w.Site, w.Platform, w.URL, w.Events, secretEnc).Scan(&w.CreatedAt)
+}
+
+// GetWebhook implements webhook.Store.
+func (db *DB) GetWebhook(ctx context.Context, id string) (*webhook.Webhook, []byte, error) {
+	var enc []byte
+	w, err := scanWebhook(db.pool.QueryRow(ctx, `SELECT `+webhookCols+`, secret_enc FROM webhooks WHERE id = $1 AND deleted_at IS NULL`, id), &enc)
+	return w, enc, err
+}
+
+// ListWebhooks implements webhook.Store.
+func (db *DB) ListWebhooks(ctx context.Context, tokenID string) ([]webhook.Webhook, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+webhookCols+` FROM webhooks WHERE deleted_at IS NULL AND ($1 = '' OR token_id = $1) ORDER BY id`, tokenID)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []webhook.Webhook
+	for rows.Next() {
+		w, err := scanWebhook(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, *w)
+	}
+	return out, rows.Err()
+}
+
+// DeleteWebhook implements webhook.Store.
+func (db *DB) DeleteWebhook(ctx context.Context, id string) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		tag, err := tx.Exec(ctx, `UPDATE webhooks SET deleted_at = now() WHERE id = $1 AND deleted_at IS NULL`, id)
+		if err != nil {
+			return err
+		}
+		if tag.RowsAffected() == 0 {
+			return fleet.ErrNotFound
+		}
+		_, err = tx.Exec(ctx, `UPDATE webhook_deliveries SET state = 'failed', last_error = 'webhook deleted' WHERE webhook_id = $1 AND state = 'pending'`, id)
+		return err
+	})
+}
+
+const deliveryCols = `seq, webhook_id, event_id, type, subject, body, state, attempts, next_attempt, last_status, last_error, created_at, delivered_at`
+
+func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
+	var d webhook.Delivery
+	var body []byte
+	err := row.Scan(&d.Seq, &d.WebhookID, &d.EventID, &d.Type, &d.Subject, &body, &d.State, &d.Attempts, &d.NextAttempt,
+		&d.LastStatus, &d.LastError, &d.CreatedAt, &d.DeliveredAt)
+	d.Body = body
+	return d, err
+}
+
+// LeaseDue implements webhook.Store. A delivery is due only when no older
+// delivery of the same webhook and subject (pickup) is pending, so a
+// receiver sees each pickup's events in order even after an outage.
+func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n int) ([]webhook.Delivery, error) {
+	rows, err := db.pool.Query(ctx, `
+		UPDATE webhook_deliveries d SET leased_until = $1::timestamptz + $2::interval
+		WHERE d.seq IN (
+			SELECT c.seq FROM webhook_deliveries c
+			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1
+				AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.webhook_id = c.webhook_id
+					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq)
+			ORDER BY c.seq LIMIT $3 FOR UPDATE SKIP LOCKED)
+		RETURNING `+deliveryCols, now, lease, n)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (webhook.Delivery, error) { return scanDelivery(row) })
+}
+
+// RecordAttempt implements webhook.Store.
+func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO webhook_attempts (delivery_seq, ts, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5)`,
+			seq, o.At, o.Status, o.Error, float64(o.Duration.Microseconds())/1000); err != nil {
+			return err
+		}
+		state := "pending"
+		switch {
+		case o.Delivered:
+			state = "delivered"
+		case o.Next.IsZero():
+			state = "failed"
+		}
+		_, err := tx.Exec(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
+			next_attempt = CASE WHEN $5::timestamptz IS NULL THEN next_attempt ELSE $5 END, leased_until = '-infinity',
+			delivered_at = CASE WHEN $2 = 'delivered' THEN $6::timestamptz ELSE NULL END
+			WHERE seq = $1`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At)
+		return err
+	})
+}
+
+func nullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}
+
+// ListDeliveries implements webhook.Store.
+func (db *DB) ListDeliveries(ctx context.Context, webhookID string, after int64, n int) ([]webhook.Delivery, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+deliveryCols+` FROM webhook_deliveries WHERE webhook_id = $1 AND seq > $2 ORDER BY seq LIMIT $3`,
+		webhookID, after, limit(n))
+	if err != nil {
+		return nil, err
+	}
+	ds, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (webhook.Delivery, error) { return scanDelivery(row) })
+	if err != nil || len(ds) == 0 {
+		return ds, err
+	}
+	idx := make(map[int64]int, len(ds))
+	seqs := make([]int64, len(ds))
+	for i, d := range ds {
+		idx[d.Seq], seqs[i] = i, d.Seq
+	}
+	rows, err = db.pool.Query(ctx, `SELECT delivery_seq, ts, status, error, duration_ms FROM webhook_attempts
+		WHERE delivery_seq = ANY ($1) ORDER BY delivery_seq, ts`, seqs)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var seq int64
+		var a webhook.Attempt
+		if err := rows.Scan(&seq, &a.TS, &a.Status, &a.Error, &a.DurationMS); err != nil {
+			return nil, err
+		}
+		ds[idx[seq]].Log = append(ds[idx[seq]].Log, a)
+	}
+	return ds, rows.Err()
+}
+
+// Backlog implements webhook.Store.
+func (db *DB) Backlog(ctx context.Context, now time.Time) (int, time.Duration, error) {
+	var n int
+	var oldest *time.Time
+	err := db.pool.QueryRow(ctx, `SELECT count(*), min(created_at) FROM webhook_deliveries WHERE state = 'pending'`).Scan(&n, &oldest)
+	if err != nil || oldest == nil {
+		return n, 0, err
+	}
+	return n, now.Sub(*oldest), nil
+}

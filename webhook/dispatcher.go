@@ -1,0 +1,289 @@
+package webhook
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// Options configure a Dispatcher.
+type Options struct {
+	Store     Store
+	MasterKey []byte
+	// Expand completes a stored body before sending (e.g. adds pickup codes
+	// that are never stored). Nil sends bodies as stored.
+	Expand func(ctx context.Context, body []byte) ([]byte, error)
+	Client *http.Client
+	Logger *slog.Logger
+	// Registerer takes the dispatcher's metrics (nil: none).
+	Registerer prometheus.Registerer
+	// BackoffBase is the first retry delay (doubling, capped at BackoffMax,
+	// with jitter). Defaults 5s and 1h.
+	BackoffBase, BackoffMax time.Duration
+	// RetryFor is how long an event is retried before it is given up. Default 25h.
+	RetryFor time.Duration
+	// Workers deliver in parallel. Default 4.
+	Workers int
+	// PollInterval bounds the wait for due deliveries. Default 1s.
+	PollInterval time.Duration
+	Now          func() time.Time
+}
+
+// Dispatcher creates webhooks and delivers the outbox.
+type Dispatcher struct {
+	o    Options
+	log  *slog.Logger
+	seal *sealer
+	wake chan struct{}
+	m    *metrics
+}
+
+// New returns a Dispatcher.
+func New(o Options) (*Dispatcher, error) {
+	if o.Store == nil {
+		return nil, errors.New("webhook: Store is required")
+	}
+	s, err := newSealer(o.MasterKey)
+	if err != nil {
+		return nil, err
+	}
+	if o.Client == nil {
+		o.Client = &http.Client{Timeout: 10 * time.Second}
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.BackoffBase <= 0 {
+		o.BackoffBase = 5 * time.Second
+	}
+	if o.BackoffMax <= 0 {
+		o.BackoffMax = time.Hour
+	}
+	if o.RetryFor <= 0 {
+		o.RetryFor = 25 * time.Hour
+	}
+	if o.Workers <= 0 {
+		o.Workers = 4
+	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Dispatcher{o: o, log: o.Logger, seal: s, wake: make(chan struct{}, 1), m: newMetrics(o.Registerer)}, nil
+}
+
+// Create stores a webhook and returns its signing secret (shown once).
+func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
+	if err := ValidateURL(w.URL); err != nil {
+		return "", fmt.Errorf("%w: %v", fleet.ErrInvalid, err)
+	}
+	if len(w.Events) == 0 {
+		return "", fmt.Errorf("%w: events must list at least one event type", fleet.ErrInvalid)
+	}
+	w.ID = fleet.NewID("wh")
+	secret := provisioning.NewSecret("whsec_")
+	if err := d.o.Store.CreateWebhook(ctx, w, d.seal.seal(secret, w.ID)); err != nil {
+		return "", err
+	}
+	return secret, nil
+}
+
+// SetExpand sets Options.Expand (the pickup service exists after the dispatcher).
+func (d *Dispatcher) SetExpand(f func(ctx context.Context, body []byte) ([]byte, error)) {
+	d.o.Expand = f
+}
+
+// Wake tells the dispatcher new deliveries may be due.
+func (d *Dispatcher) Wake() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run delivers until ctx ends.
+func (d *Dispatcher) Run(ctx context.Context) error {
+	t := time.NewTicker(d.o.PollInterval)
+	defer t.Stop()
+	backlog := time.NewTicker(5 * time.Second)
+	defer backlog.Stop()
+	for {
+		for d.round(ctx) {
+			// A full round: there may be more due right away.
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.wake:
+		case <-t.C:
+		case <-backlog.C:
+			if n, age, err := d.o.Store.Backlog(ctx, d.o.Now()); err == nil {
+				d.m.backlog.Set(float64(n))
+				d.m.oldest.Set(age.Seconds())
+			}
+		}
+	}
+}
+
+// round leases due deliveries and sends them; true when it leased a full batch.
+func (d *Dispatcher) round(ctx context.Context) bool {
+	const batch = 64
+	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, batch)
+	if err != nil {
+		if ctx.Err() == nil {
+			d.log.Error("lease webhook deliveries", "err", err)
+		}
+		return false
+	}
+	sem := make(chan struct{}, d.o.Workers)
+	var wg sync.WaitGroup
+	for i := range due {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func(dl *Delivery) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			d.deliver(ctx, dl)
+		}(&due[i])
+	}
+	wg.Wait()
+	return len(due) == batch
+}
+
+func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
+	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)
+	if err != nil {
+		d.log.Error("load webhook", "webhook", dl.WebhookID, "err", err)
+		return
+	}
+	secret, err := d.seal.open(enc, w.ID)
+	if err != nil {
+		d.log.Error("open webhook secret: was master.key replaced?", "webhook", w.ID, "err", err)
+		return
+	}
+	body := []byte(dl.Body)
+	if d.o.Expand != nil {
+		if body, err = d.o.Expand(ctx, body); err != nil {
+			d.log.Error("complete webhook body", "event", dl.EventID, "err", err)
+			return
+		}
+	}
+	start := d.o.Now()
+	o := Outcome{At: start}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, w.URL, bytes.NewReader(body))
+	if err == nil {
+		req.Header.Set("Content-Type", "application/json")
+		req.Header.Set("User-Agent", "Lockergate-Webhook/1")
+		req.Header.Set("Lockergate-Signature", Sign(secret, start, body))
+		req.Header.Set("Lockergate-Event-Id", dl.EventID)
+		var resp *http.Response
+		resp, err = d.o.Client.Do(req)
+		if err == nil {
+			io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+			status := resp.StatusCode
+			o.Status = &status
+			o.Delivered = status >= 200 && status < 300
+			if !o.Delivered {
+				o.Error = fmt.Sprintf("receiver answered %d", status)
+			}
+		}
+	}
+	if err != nil {
+		o.Error = err.Error()
+	}
+	o.Duration = d.o.Now().Sub(start)
+	d.m.latency.Observe(o.Duration.Seconds())
+	outcome := "delivered"
+	if !o.Delivered {
+		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
+			o.Next = start.Add(d.backoff(dl.Attempts + 1))
+			outcome = "retry"
+		} else {
+			outcome = "given_up"
+			d.log.Error("webhook delivery given up", "webhook", w.ID, "event", dl.EventID, "attempts", dl.Attempts+1, "last_error", o.Error)
+		}
+	}
+	d.m.deliveries.WithLabelValues(outcome).Inc()
+	if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
+		d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
+	}
+}
+
+// backoff is the delay before attempt n+1: base·2^(n-1), capped, with jitter
+// in [50%, 100%] so receivers that come back are not hit all at once.
+func (d *Dispatcher) backoff(n int) time.Duration {
+	b := d.o.BackoffBase
+	for i := 1; i < n && b < d.o.BackoffMax; i++ {
+		b *= 2
+	}
+	b = min(b, d.o.BackoffMax)
+	return b/2 + time.Duration(rand.Int64N(int64(b/2)+1))
+}
+
+// Deliveries lists a webhook's deliveries with their attempt logs.
+func (d *Dispatcher) Deliveries(ctx context.Context, webhookID string, after int64, limit int) ([]Delivery, error) {
+	return d.o.Store.ListDeliveries(ctx, webhookID, after, limit)
+}
+
+// Get returns a webhook.
+func (d *Dispatcher) Get(ctx context.Context, id string) (*Webhook, error) {
+	w, _, err := d.o.Store.GetWebhook(ctx, id)
+	return w, err
+}
+
+// List returns the webhooks of a token ("" for all).
+func (d *Dispatcher) List(ctx context.Context, tokenID string) ([]Webhook, error) {
+	return d.o.Store.ListWebhooks(ctx, tokenID)
+}
+
+// Delete removes a webhook; queued deliveries to it stop.
+func (d *Dispatcher) Delete(ctx context.Context, id string) error {
+	return d.o.Store.DeleteWebhook(ctx, id)
+}
+
+type metrics struct {
+	deliveries *prometheus.CounterVec
+	latency    prometheus.Histogram
+	backlog    prometheus.Gauge
+	oldest     prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lockergate_webhook_deliveries_total", Help: "Webhook delivery attempts, by outcome (delivered, retry, given_up).",
+		}, []string{"outcome"}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "lockergate_webhook_delivery_duration_seconds", Help: "Duration of webhook delivery attempts.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}),
+		backlog: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_webhook_backlog", Help: "Webhook deliveries waiting to be delivered.",
+		}),
+		oldest: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_webhook_oldest_pending_seconds", Help: "Age of the oldest undelivered webhook event.",
+		}),
+	}
+	for _, o := range []string{"delivered", "retry", "given_up"} {
+		m.deliveries.WithLabelValues(o)
+	}
+	if reg != nil {
+		reg.MustRegister(m.deliveries, m.latency, m.backlog, m.oldest)
+	}
+	return m
+}
