@@ -1,0 +1,242 @@
+// Package orders plays the people around the lockers: store staff who stage
+// orders through the API (the simulated lockers close loaded compartments
+// themselves) and delivery drivers who arrive after a delay and type the
+// code, sometimes a wrong one first, or never come. It drives the same API
+// and lockers a real deployment has, so it doubles as the pickup workload of
+// benchmarks.
+package orders
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/pickup"
+)
+
+// Options configure a workload.
+type Options struct {
+	// API creates pickups and reads their codes; an admin token (or a
+	// platform token of Platform, for one site's store token see Sites).
+	API *client.Client
+	// Fleet holds the simulated lockers the orders land in.
+	Fleet *devicesim.Fleet
+	// Sites to place orders at (round robin).
+	Sites []string
+	// Platform is the delivery platform of driver pickups.
+	Platform string
+	// Orders is how many orders to place in all (0: until ctx ends).
+	Orders int
+	// Rate is orders per second across all sites.
+	Rate float64
+	// DriverDelay is the range of driver arrival after ready.
+	DriverDelay [2]time.Duration
+	// WrongCode and NoShow are probabilities per order.
+	WrongCode, NoShow float64
+	// ExpiresIn is the pickups' lifetime. Default 1h.
+	ExpiresIn time.Duration
+	// Concurrency bounds orders in flight. Default 256.
+	Concurrency int
+	Seed        int64
+	Logger      *slog.Logger
+}
+
+// Stats count what happened.
+type Stats struct {
+	Created, NoCompartment, Ready, PickedUp, NoShows, WrongCodes, Failed int64
+	// ReadyLatency and PickupLatency sum the API-observed durations
+	// (create → ready, code → picked up) for means.
+	ReadyLatency, PickupLatency time.Duration
+}
+
+type counters struct {
+	created, noComp, ready, picked, noShow, wrong, failed atomic.Int64
+	readyNS, pickNS                                       atomic.Int64
+}
+
+// Run places orders until Orders are done or ctx ends and returns the counts.
+func Run(ctx context.Context, o Options) (Stats, error) {
+	if o.API == nil || o.Fleet == nil || len(o.Sites) == 0 || o.Rate <= 0 {
+		return Stats{}, errors.New("orders: API, Fleet, Sites and Rate are required")
+	}
+	if o.ExpiresIn <= 0 {
+		o.ExpiresIn = time.Hour
+	}
+	if o.Concurrency <= 0 {
+		o.Concurrency = 256
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	rng := rand.New(rand.NewPCG(uint64(o.Seed), 0x6f72646572))
+	var c counters
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, o.Concurrency)
+	interval := time.Duration(float64(time.Second) / o.Rate)
+	next := time.Now()
+	for i := 0; o.Orders == 0 || i < o.Orders; i++ {
+		if d := time.Until(next); d > 0 {
+			select {
+			case <-ctx.Done():
+				wg.Wait()
+				return c.stats(), nil
+			case <-time.After(d):
+			}
+		}
+		next = next.Add(interval)
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			return c.stats(), nil
+		case sem <- struct{}{}:
+		}
+		// Every decision is drawn here, in order, so a seed gives the same
+		// sequence of orders whatever the timing.
+		ord := order{
+			ref:    fmt.Sprintf("SIM-%d-%06d", o.Seed, i),
+			site:   o.Sites[i%len(o.Sites)],
+			delay:  o.DriverDelay[0] + time.Duration(rng.Float64()*float64(o.DriverDelay[1]-o.DriverDelay[0])),
+			wrong:  rng.Float64() < o.WrongCode,
+			noShow: rng.Float64() < o.NoShow,
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			o.play(ctx, ord, &c)
+		}()
+	}
+	wg.Wait()
+	return c.stats(), nil
+}
+
+type order struct {
+	ref, site     string
+	delay         time.Duration
+	wrong, noShow bool
+}
+
+func (o *Options) play(ctx context.Context, ord order, c *counters) {
+	start := time.Now()
+	var p pickup.Pickup
+	status, err := o.API.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+		"site": ord.site, "order_ref": ord.ref, "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "driver", "platform": o.Platform}, "expires_at": time.Now().Add(o.ExpiresIn),
+	}}, &p)
+	switch {
+	case status == 422:
+		c.noComp.Add(1)
+		return
+	case err != nil:
+		c.failed.Add(1)
+		o.Logger.Warn("create pickup", "order", ord.ref, "err", err)
+		return
+	}
+	c.created.Add(1)
+	ready, err := o.await(ctx, p.ID, pickup.Ready)
+	if err != nil {
+		c.failed.Add(1)
+		return
+	}
+	c.ready.Add(1)
+	c.readyNS.Add(int64(time.Since(start)))
+	if ord.noShow {
+		c.noShow.Add(1)
+		return
+	}
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(ord.delay):
+	}
+	l := o.Fleet.Locker(p.Locker)
+	if l == nil || ready.Credential == nil {
+		c.failed.Add(1)
+		return
+	}
+	// A driver types the code once the locker holds it (the set is pushed
+	// within a second of the change).
+	if err := o.awaitCreds(ctx, l, p.Locker); err != nil {
+		c.failed.Add(1)
+		o.Logger.Warn("locker never got the credential", "order", ord.ref, "err", err)
+		return
+	}
+	if ord.wrong {
+		c.wrong.Add(1)
+		l.EnterCode("99999999")
+	}
+	typed := time.Now()
+	if res := l.EnterCode(ready.Credential.Code); !res.Accepted {
+		c.failed.Add(1)
+		o.Logger.Warn("code not accepted", "order", ord.ref, "reason", res.Reason)
+		return
+	}
+	if _, err := o.await(ctx, p.ID, pickup.PickedUp); err != nil {
+		c.failed.Add(1)
+		return
+	}
+	c.picked.Add(1)
+	c.pickNS.Add(int64(time.Since(typed)))
+}
+
+// awaitCreds waits until the simulated locker applied the credential-set
+// version the gateway has now.
+func (o *Options) awaitCreds(ctx context.Context, l *devicesim.Locker, id string) error {
+	var lk struct {
+		CredsVersion int64 `json:"creds_version"`
+	}
+	if err := o.API.Get(ctx, "/v1/lockers/"+id, nil, &lk); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for l.CredsVersion() < lk.CredsVersion {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("locker at set %d, gateway at %d", l.CredsVersion(), lk.CredsVersion)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// await polls a pickup until it reaches state (a simulated person checking
+// an app), up to a minute.
+func (o *Options) await(ctx context.Context, id, state string) (*pickup.Pickup, error) {
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) {
+		var p pickup.Pickup
+		if err := o.API.Get(ctx, "/v1/pickups/"+id, nil, &p); err != nil {
+			return nil, err
+		}
+		if p.State == state {
+			return &p, nil
+		}
+		if !pickup.Live(p.State) {
+			return nil, fmt.Errorf("pickup %s ended %s", id, p.State)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return nil, fmt.Errorf("pickup %s not %s within a minute", id, state)
+}
+
+func (c *counters) stats() Stats {
+	return Stats{
+		Created: c.created.Load(), NoCompartment: c.noComp.Load(), Ready: c.ready.Load(), PickedUp: c.picked.Load(),
+		NoShows: c.noShow.Load(), WrongCodes: c.wrong.Load(), Failed: c.failed.Load(),
+		ReadyLatency: time.Duration(c.readyNS.Load()), PickupLatency: time.Duration(c.pickNS.Load()),
+	}
+}
