@@ -80,7 +80,9 @@ type Manager struct {
 	subscribed atomic.Bool
 	done       chan struct{}
 
-	wg sync.WaitGroup
+	wg       sync.WaitGroup
+	ctrlWG   sync.WaitGroup
+	ctrlDone chan struct{}
 }
 
 type inbound struct {
@@ -98,6 +100,7 @@ const (
 	ctrlResult
 	ctrlCredsAck
 	ctrlFwStatus
+	ctrlEvents
 )
 
 type control struct {
@@ -106,6 +109,7 @@ type control struct {
 	reason  string
 	payload []byte
 	at      time.Time
+	events  []EventRecord
 }
 
 // New returns a Manager; call Run to start it.
@@ -146,11 +150,12 @@ func New(opts Options) (*Manager, error) {
 	}
 	m := &Manager{
 		store: opts.Store, bus: opts.Bus, log: opts.Logger, opts: opts, now: opts.Now,
-		m:       newMetrics(opts.Registerer),
-		health:  make(chan inbound, opts.HealthQueue),
-		events:  make(chan inbound, opts.EventQueue),
-		waiters: make(map[string][]chan struct{}),
-		done:    make(chan struct{}),
+		m:        newMetrics(opts.Registerer),
+		health:   make(chan inbound, opts.HealthQueue),
+		events:   make(chan inbound, opts.EventQueue),
+		waiters:  make(map[string][]chan struct{}),
+		done:     make(chan struct{}),
+		ctrlDone: make(chan struct{}),
 	}
 	for i := 0; i < opts.ControlShards; i++ {
 		m.ctrl = append(m.ctrl, make(chan control, opts.ControlQueue))
@@ -186,9 +191,10 @@ func (m *Manager) Run(ctx context.Context) error {
 	// ctx ends is still written.
 	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
-	m.wg.Add(2 + len(m.ctrl))
+	m.wg.Add(2)
 	go m.batchLoop(wctx, "health", m.health, m.writeHealth)
 	go m.batchLoop(wctx, "events", m.events, m.writeEvents)
+	m.ctrlWG.Add(len(m.ctrl))
 	for _, q := range m.ctrl {
 		go m.controlLoop(wctx, q)
 	}
@@ -205,6 +211,10 @@ func (m *Manager) Run(ctx context.Context) error {
 			t := time.AfterFunc(m.opts.DrainTimeout, cancel)
 			defer t.Stop()
 			m.wg.Wait()
+			// The event writers hand work to the control shards: stop those
+			// only once the writers are done.
+			close(m.ctrlDone)
+			m.ctrlWG.Wait()
 			return nil
 		case <-sweep.C:
 			m.sweep(wctx)
@@ -262,6 +272,12 @@ func (m *Manager) enqueue(c control) {
 	if m.stopped.Load() {
 		return
 	}
+	m.enqueueSink(c)
+}
+
+// enqueueSink queues c on its locker's shard even while stopping: the
+// events it carries are stored already and their effects must not be lost.
+func (m *Manager) enqueueSink(c control) {
 	h := fnv.New32a()
 	h.Write([]byte(c.id))
 	m.ctrl[h.Sum32()%uint32(len(m.ctrl))] <- c
@@ -404,7 +420,20 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		m.raiseAlerts(ctx, &fresh[i])
 	}
 	if m.opts.Events != nil && len(fresh) > 0 {
-		m.opts.Events.DeviceEvents(ctx, fresh)
+		// The sink's work (pickup transitions) runs on the control shards:
+		// in order per locker, in parallel across lockers, and not holding
+		// up the next batch of inserts.
+		byLocker := map[string][]EventRecord{}
+		var order []string
+		for _, e := range fresh {
+			if _, ok := byLocker[e.DeviceID]; !ok {
+				order = append(order, e.DeviceID)
+			}
+			byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
+		}
+		for _, id := range order {
+			m.enqueueSink(control{kind: ctrlEvents, id: id, events: byLocker[id]})
+		}
 	}
 }
 
@@ -499,12 +528,12 @@ func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, a
 }
 
 func (m *Manager) controlLoop(ctx context.Context, q chan control) {
-	defer m.wg.Done()
+	defer m.ctrlWG.Done()
 	for {
 		select {
 		case c := <-q:
 			m.handleControl(ctx, c)
-		case <-m.done:
+		case <-m.ctrlDone:
 			for {
 				select {
 				case c := <-q:
@@ -519,6 +548,8 @@ func (m *Manager) controlLoop(ctx context.Context, q chan control) {
 
 func (m *Manager) handleControl(ctx context.Context, c control) {
 	switch c.kind {
+	case ctrlEvents:
+		m.opts.Events.DeviceEvents(ctx, c.events)
 	case ctrlConnected:
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
 			m.log.Error("mark online", "locker", c.id, "err", err)

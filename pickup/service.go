@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"strings"
 	"sync"
@@ -51,8 +52,9 @@ type Service struct {
 	o   Options
 	log *slog.Logger
 	m   *metrics
-	// credMu serialises minting per locker so PIN collisions retry cleanly.
-	credMu sync.Mutex
+	// credMu serialises minting per locker (striped) so PIN collisions
+	// retry cleanly.
+	credMu [32]sync.Mutex
 }
 
 // New returns a Service.
@@ -246,8 +248,11 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 		return nil, err
 	}
 	key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
-	s.credMu.Lock()
-	defer s.credMu.Unlock()
+	h := fnv.New32a()
+	h.Write([]byte(deviceID))
+	mu := &s.credMu[h.Sum32()%uint32(len(s.credMu))]
+	mu.Lock()
+	defer mu.Unlock()
 	for attempt := 0; attempt < 8; attempt++ {
 		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
 		if kind != protocol.KindQR {
