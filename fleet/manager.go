@@ -48,6 +48,9 @@ type Options struct {
 	Config protocol.Config
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
+	// CensusInterval is how often the fleet-wide gauges (registered, stale,
+	// flapping lockers, open alerts) are counted. Default 15s.
+	CensusInterval time.Duration
 	// DrainTimeout bounds writing what is queued at shutdown. Default 10s.
 	DrainTimeout time.Duration
 	// Now is the clock; default time.Now.
@@ -136,6 +139,9 @@ func New(opts Options) (*Manager, error) {
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
 	}
+	if opts.CensusInterval <= 0 {
+		opts.CensusInterval = DefaultCensusInterval
+	}
 	if opts.Config.Version == 0 {
 		opts.Config = DefaultConfig
 	}
@@ -198,8 +204,15 @@ func (m *Manager) Run(ctx context.Context) error {
 	for _, q := range m.ctrl {
 		go m.controlLoop(wctx, q)
 	}
+	// Results another instance took (or expiries it swept) wake our waiters.
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	go m.store.WatchCommands(watchCtx, m.notify)
 	sweep := time.NewTicker(m.opts.SweepInterval)
 	defer sweep.Stop()
+	census := time.NewTicker(m.opts.CensusInterval)
+	defer census.Stop()
+	m.census(wctx)
 	for {
 		select {
 		case <-ctx.Done():
@@ -218,6 +231,8 @@ func (m *Manager) Run(ctx context.Context) error {
 			return nil
 		case <-sweep.C:
 			m.sweep(wctx)
+		case <-census.C:
+			m.census(wctx)
 		}
 	}
 }
@@ -581,6 +596,14 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 				}
 			}
 			return
+		}
+		if m.opts.PresenceFromWill {
+			// No session events from an external broker: the birth starts
+			// the session.
+			if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
+				m.log.Error("mark online", "locker", c.id, "err", err)
+			}
+			m.syncDevice(ctx, c.id)
 		}
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirth(ctx, c.id, p, c.at) }); err != nil {
 			m.log.Error("record birth", "locker", c.id, "err", err)

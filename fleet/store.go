@@ -58,6 +58,10 @@ type Store interface {
 	// expired at now, oldest first.
 	OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]Command, error)
 
+	// WatchCommands calls fn with the id of every command whose status
+	// changed on any gateway instance, until ctx ends.
+	WatchCommands(ctx context.Context, fn func(id string)) error
+
 	// Retained returns what a locker must hold on its retained topics.
 	Retained(ctx context.Context, deviceID string) (*Retained, error)
 	// AckCreds records the credential-set version a locker applied.
@@ -65,6 +69,11 @@ type Store interface {
 
 	// Audit appends to the audit log.
 	Audit(ctx context.Context, e AuditEntry) error
+
+	// Census counts the fleet for the fleet-wide gauges: stale lockers are
+	// online but last seen before staleBefore, flapping ones had
+	// FlappingConnects sessions since flapSince; open alerts only of kinds.
+	Census(ctx context.Context, staleBefore, flapSince time.Time, kinds []string) (*Census, error)
 }
 
 // Retained is the state a locker must receive after every (re)connect.

@@ -11,8 +11,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,9 +23,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/lockergate/lockergate/broker"
+	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/httpapi"
 	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/mqttbus"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
@@ -49,14 +54,28 @@ type Options struct {
 	// HTTPAddr is the API listener.
 	HTTPAddr string
 	// BrokerURL is the address handed to lockers at provisioning; default
-	// derived from the listeners.
+	// derived from the listeners (or ExternalBroker).
 	BrokerURL string
 	// FirmwareKey is the path of the Ed25519 firmware signing seed; default DataDir/firmware.key.
 	FirmwareKey string
+	// PublicURL is the gateway's HTTP base URL as lockers reach it, used in
+	// firmware download URLs (firmware); default http://<HTTPAddr>.
+	PublicURL string
 	// Config is what every locker is configured with (zero: fleet.DefaultConfig).
 	Config protocol.Config
 	// WebhookBackoff is the first webhook retry delay (default 5s; tests shorten it).
 	WebhookBackoff time.Duration
+	// ExternalBroker runs the fleet against an existing broker cluster
+	// (mqtt://host:port or mqtts://); "" uses the embedded broker. In that
+	// mode the embedded listeners serve provisioning only and lockers are
+	// told to connect to BrokerURL (default ExternalBroker).
+	ExternalBroker string
+	// ExternalUser and ExternalPassword are this gateway's identity on the
+	// external broker (never a device's); with mosquitto it must hold the
+	// dynamic-security admin role so lockers' identities can be managed.
+	ExternalUser, ExternalPassword string
+	// InstanceID names this instance on the external broker (its client id).
+	InstanceID string
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -75,6 +94,10 @@ type Gateway struct {
 
 	pickups  *pickup.Service
 	webhooks *webhook.Dispatcher
+
+	external *mqttbus.Bus
+	dynsec   *mqttbus.DynSec
+	firmware *firmware.Engine
 	api      *httpapi.Server
 	httpLn   net.Listener
 	http     *http.Server
@@ -160,13 +183,13 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		if o.TLSCert != "" {
 			bo.TLSConfig, err = loadTLS(o.TLSCert, o.TLSKey)
 		} else {
-			bo.TLSConfig, err = selfSignedTLS(filepath.Join(o.DataDir, "tls"), []string{"localhost", "127.0.0.1", "::1"})
+			bo.TLSConfig, err = selfSignedTLS(filepath.Join(o.DataDir, "tls"), certHosts(o))
 		}
 		if err != nil {
 			return nil, fmt.Errorf("TLS: %w", err)
 		}
 	}
-	auth := &authenticator{}
+	auth := &authenticator{external: o.ExternalBroker != ""}
 	bo.Auth = auth
 	bo.Provisioner = auth
 	if g.broker, err = broker.New(bo); err != nil {
@@ -176,18 +199,40 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if brokerURL == "" {
 		brokerURL = g.defaultBrokerURL()
 	}
+	var bus fleet.Bus = g.broker
+	var onIssued func(ctx context.Context, id, secret string) error
+	if o.ExternalBroker != "" {
+		if g.external, g.dynsec, err = dialExternal(ctx, o); err != nil {
+			return nil, err
+		}
+		bus, onIssued = g.external, g.dynsec.PutDevice
+		if brokerURL = o.BrokerURL; brokerURL == "" {
+			brokerURL = o.ExternalBroker
+		}
+		g.log.Info("fleet runs on an external broker; the embedded listeners serve provisioning only",
+			"broker", o.ExternalBroker, "instance", o.InstanceID, "devices_told", brokerURL)
+	}
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
-		OnReplace: g.broker.Kick, Logger: o.Logger.With("component", "provisioning"),
+		OnReplace: g.broker.Kick, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
 	})
 	if err != nil {
 		return nil, err
 	}
 	auth.prov = g.prov
+	// firmware: the rollout engine follows fw/status and births through the
+	// fleet manager and republishes fw/job through it (bound once it exists).
+	g.firmware, err = firmware.New(firmware.Options{Store: g.db, Key: fwKey, URLKey: firmware.DeriveURLKey(master),
+		Fleet:   firmware.FleetFunc(func(ctx context.Context, id string) error { return g.fleet.PublishRetained(ctx, id) }),
+		BaseURL: g.publicURL, Dir: filepath.Join(o.DataDir, "firmware"),
+		Registerer: g.reg, Logger: o.Logger.With("component", "firmware")})
+	if err != nil {
+		return nil, err
+	}
 	// pickups and webhooks
 	pickups := &pickupSink{}
-	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: g.broker, Logger: o.Logger.With("component", "fleet"),
-		Registerer: g.reg, Config: o.Config, Events: pickups})
+	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
+		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil})
 	if err != nil {
 		return nil, err
 	}
@@ -207,8 +252,12 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if err := g.fleet.Subscribe(); err != nil {
 		return nil, err
 	}
-	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: g.broker,
-		Pickups: g.pickups, Webhooks: g.webhooks,
+	var kicker httpapi.Kicker = g.broker
+	if g.dynsec != nil {
+		kicker = &dynsecKicker{d: g.dynsec, log: g.log}
+	}
+	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
+		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware,
 		Gatherer: g.reg, Ready: g.ready, Logger: o.Logger.With("component", "api")})
 	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
@@ -230,7 +279,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	go func() { httpDone <- g.http.Serve(g.httpLn) }()
 	bctx, stopBackground := context.WithCancel(ctx)
 	var background sync.WaitGroup
-	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run} {
+	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run} {
 		background.Add(1)
 		go func() {
 			defer background.Done()
@@ -269,6 +318,9 @@ loop:
 	if err := g.broker.Close(); err != nil && runErr == nil {
 		runErr = fmt.Errorf("close broker: %w", err)
 	}
+	if g.external != nil {
+		g.external.Close()
+	}
 	stopFleet()
 	if err := <-fleetDone; err != nil && runErr == nil {
 		runErr = err
@@ -298,6 +350,17 @@ func (g *Gateway) Close() error {
 
 // HTTPAddr is the bound API address.
 func (g *Gateway) HTTPAddr() string { return g.httpLn.Addr().String() }
+
+// publicURL is the base of firmware download URLs (firmware).
+func (g *Gateway) publicURL() string {
+	if g.opts.PublicURL != "" {
+		return strings.TrimRight(g.opts.PublicURL, "/")
+	}
+	return "http://" + hostPort(g.httpLn.Addr())
+}
+
+// Firmware is the firmware rollout engine.
+func (g *Gateway) Firmware() *firmware.Engine { return g.firmware }
 
 // MQTTAddr is the bound plain MQTT address ("" when disabled).
 func (g *Gateway) MQTTAddr() string { return addrString(g.broker.TCPAddr()) }
@@ -384,6 +447,29 @@ func (g *Gateway) defaultBrokerURL() string {
 	return ""
 }
 
+// certHosts are the names a generated server certificate is valid for:
+// loopback, this machine's host name, the MQTTS listen address when it names
+// one, and the host lockers are told to connect to. (Only used when the
+// certificate is first created.)
+func certHosts(o Options) []string {
+	hosts := []string{"localhost", "127.0.0.1", "::1"}
+	add := func(h string) {
+		if ip := net.ParseIP(h); h != "" && (ip == nil || !ip.IsUnspecified()) && !slices.Contains(hosts, h) {
+			hosts = append(hosts, h)
+		}
+	}
+	if h, err := os.Hostname(); err == nil {
+		add(h)
+	}
+	if h, _, err := net.SplitHostPort(o.MQTTSAddr); err == nil {
+		add(h)
+	}
+	if u, err := url.Parse(o.BrokerURL); err == nil {
+		add(u.Hostname())
+	}
+	return hosts
+}
+
 func hostPort(a net.Addr) string {
 	host, port, err := net.SplitHostPort(a.String())
 	if err != nil {
@@ -418,9 +504,17 @@ func (o *observer) DeviceDisconnected(id, reason string) {
 }
 
 // authenticator adapts provisioning to the broker's interfaces, mapping errors.
-type authenticator struct{ prov *provisioning.Service }
+type authenticator struct {
+	prov *provisioning.Service
+	// external: lockers connect to the external broker; the embedded one
+	// only provisions.
+	external bool
+}
 
 func (a *authenticator) AuthDevice(ctx context.Context, id string, password []byte) error {
+	if a.external {
+		return broker.ErrUnknownDevice
+	}
 	err := a.prov.AuthDevice(ctx, id, password)
 	switch {
 	case errors.Is(err, provisioning.ErrUnknownDevice):

@@ -211,6 +211,8 @@ func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
 	}
 	if in.Disabled != nil && *in.Disabled {
 		s.kick.Kick(l.ID)
+	} else if en, ok := s.kick.(interface{ Enable(string) }); ok && in.Disabled != nil {
+		en.Enable(l.ID) // an external broker keeps its own disabled flag
 	}
 	detail := map[string]any{}
 	if in.Disabled != nil {

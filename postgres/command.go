@@ -69,17 +69,86 @@ func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (boo
 // the command is open; a late "ok" after the gateway gave up is kept too
 // (the door did open), but never overwrites another answer.
 func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*fleet.Command, error) {
-	return scanCommand(db.pool.QueryRow(ctx, `UPDATE commands SET status = $3, error = $4, done_at = $5
-		WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status = 'timed_out' AND $3 <> 'expired'))
-		RETURNING `+commandCols, id, deviceID, status, errText, at))
+	var c *fleet.Command
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) (err error) {
+		c, err = scanCommand(tx.QueryRow(ctx, `UPDATE commands SET status = $3, error = $4, done_at = $5
+			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status = 'timed_out' AND $3 <> 'expired'))
+			RETURNING `+commandCols, id, deviceID, status, errText, at))
+		if err != nil {
+			return err
+		}
+		return notifyCommand(ctx, tx, id)
+	})
+	return c, err
+}
+
+// commandChannel carries the ids of commands that changed, on commit, to
+// every gateway instance (one instance may wait on a result another took).
+const commandChannel = "lockergate_command"
+
+func notifyCommand(ctx context.Context, tx pgx.Tx, ids ...string) error {
+	_, err := tx.Exec(ctx, `SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id`, commandChannel, ids)
+	return err
+}
+
+// WatchCommands implements fleet.Store: it LISTENs on a dedicated
+// connection and calls fn with each changed command id until ctx ends,
+// reconnecting after errors.
+func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		err := db.listen(ctx, commandChannel, fn)
+		if ctx.Err() != nil {
+			break
+		}
+		db.log.Warn("command notifications interrupted; reconnecting", "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+	return nil
+}
+
+func (db *DB) listen(ctx context.Context, channel string, fn func(string)) error {
+	conn, err := db.pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	// The connection is left in LISTEN state: close it rather than return it.
+	defer conn.Release()
+	defer conn.Conn().Close(context.Background())
+	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
+		return err
+	}
+	for {
+		n, err := conn.Conn().WaitForNotification(ctx)
+		if err != nil {
+			return err
+		}
+		fn(n.Payload)
+	}
 }
 
 // ExpireCommands implements fleet.Store.
 func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Duration) ([]fleet.Command, error) {
-	return collectCommands(db.pool.Query(ctx, `UPDATE commands SET
-			status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END, done_at = $1
-		WHERE (status = 'pending' AND expires_at <= $1) OR (status = 'sent' AND expires_at <= $2)
-		RETURNING `+commandCols, now, now.Add(-grace)))
+	var cs []fleet.Command
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) (err error) {
+		cs, err = collectCommands(tx.Query(ctx, `UPDATE commands SET
+				status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END, done_at = $1
+			WHERE (status = 'pending' AND expires_at <= $1) OR (status = 'sent' AND expires_at <= $2)
+			RETURNING `+commandCols, now, now.Add(-grace)))
+		if err != nil || len(cs) == 0 {
+			return err
+		}
+		ids := make([]string, len(cs))
+		for i := range cs {
+			ids[i] = cs[i].ID
+		}
+		return notifyCommand(ctx, tx, ids...)
+	})
+	return cs, err
 }
 
 // OpenCommands implements fleet.Store.

@@ -104,6 +104,10 @@ type Options struct {
 	BrokerURL string
 	// OnReplace is called after a device was re-provisioned, to end its old session.
 	OnReplace func(deviceID string)
+	// OnIssued is called with every identity issued, before the locker is
+	// answered (an external broker learns the credentials here); an error
+	// answers the locker "invalid" so it retries.
+	OnIssued func(ctx context.Context, deviceID, secret string) error
 	Logger    *slog.Logger
 	Now       func() time.Time
 }
@@ -264,7 +268,15 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 	case err != nil:
 		return fail(protocol.ProvInvalid, err)
 	}
-	if reg.Replaced {
+	if s.o.OnIssued != nil {
+		if err := s.o.OnIssued(ctx, reg.DeviceID, secret); err != nil {
+			return fail(protocol.ProvInvalid, fmt.Errorf("hand identity to the broker: %w", err))
+		}
+	}
+	if reg.Replaced || reg.Retried {
+		// Either way the old secret is void. A retry is only granted while
+		// the device has no counted connection, but connections are counted
+		// asynchronously: a session (and a cached secret) may already exist.
 		s.o.OnReplace(reg.DeviceID)
 	}
 	s.o.Logger.Info("locker provisioned", "serial", serial, "locker", reg.DeviceID, "site", reg.Site, "replaced", reg.Replaced)

@@ -1,0 +1,56 @@
+package gateway
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/lockergate/lockergate/mqttbus"
+)
+
+// dialExternal connects the fleet to an external broker cluster and
+// prepares device identity management (mosquitto dynamic security).
+func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec, error) {
+	id := o.InstanceID
+	if id == "" {
+		host, _ := os.Hostname()
+		var b [4]byte
+		rand.Read(b[:])
+		id = "lockergate-" + host + "-" + hex.EncodeToString(b[:])
+	}
+	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: o.ExternalBroker, ClientID: id, Username: o.ExternalUser,
+		Password: o.ExternalPassword, Logger: o.Logger.With("component", "external-broker")})
+	if err != nil {
+		return nil, nil, err
+	}
+	ds, err := mqttbus.NewDynSec(bus)
+	if err == nil {
+		err = ds.SetupGateway(ctx, o.ExternalUser)
+	}
+	if err != nil {
+		bus.Close()
+		return nil, nil, fmt.Errorf("set up device identities on the external broker (mosquitto dynamic security): %w", err)
+	}
+	return bus, ds, nil
+}
+
+// dynsecKicker disables and re-enables lockers on the external broker.
+type dynsecKicker struct {
+	d   *mqttbus.DynSec
+	log *slog.Logger
+}
+
+func (k *dynsecKicker) Kick(id string) {
+	if err := k.d.DisableDevice(context.Background(), id); err != nil {
+		k.log.Error("disable locker on the external broker", "locker", id, "err", err)
+	}
+}
+
+func (k *dynsecKicker) Enable(id string) {
+	if err := k.d.EnableDevice(context.Background(), id); err != nil {
+		k.log.Error("enable locker on the external broker", "locker", id, "err", err)
+	}
+}
