@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/provisioning"
@@ -51,7 +52,9 @@ type Options struct {
 	Kicker       Kicker
 	Pickups      *pickup.Service
 	Webhooks     *webhook.Dispatcher
-	Gatherer     prometheus.Gatherer
+	// Firmware serves firmware and rollouts (httpapi/firmware.go); nil answers 404.
+	Firmware *firmware.Engine
+	Gatherer prometheus.Gatherer
 	// Ready reports whether the database and broker are ready.
 	Ready  func(ctx context.Context) error
 	Logger *slog.Logger
@@ -176,7 +179,7 @@ func (s *Server) table() []route {
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
-	}, s.pickupTable()...)
+	}, append(s.pickupTable(), s.firmwareTable()...)...)
 }
 
 func (s *Server) routes() {
@@ -203,6 +206,7 @@ func (s *Server) routes() {
 		}
 		m.HandleFunc(rt.method+" "+rt.pattern, s.auth(rt.roles, h))
 	}
+	s.firmwareRoutes(m) // the signed image download, outside table()
 	m.HandleFunc("GET /v1/openapi.json", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(openapiJSON)

@@ -2,11 +2,538 @@ package postgres
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
 
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// currentFwJob returns the firmware job a locker should run, or nil.
+var _ firmware.Store = (*DB)(nil)
+
+// fwActive is firmware.ActiveStates as SQL.
+const fwActive = `('sent', 'downloading', 'verifying', 'installing', 'rebooting')`
+
+// currentFwJob returns the firmware job a locker should run, or nil: the
+// payload of its active job, as it was handed out.
 func (db *DB) currentFwJob(ctx context.Context, deviceID string) (*protocol.FwJob, error) {
-	return nil, nil
+	var payload []byte
+	err := db.pool.QueryRow(ctx, `SELECT payload FROM fw_jobs WHERE device_id = $1 AND state IN `+fwActive+`
+		AND payload IS NOT NULL`, deviceID).Scan(&payload)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var j protocol.FwJob
+	if err := json.Unmarshal(payload, &j); err != nil {
+		return nil, fmt.Errorf("stored fw/job of %s: %w", deviceID, err)
+	}
+	return &j, nil
+}
+
+// --- artifacts
+
+const fwArtifactCols = `id, model, version, size, sha256, sig, file, created_at, created_by`
+
+func scanArtifact(row pgx.Row) (*firmware.Artifact, error) {
+	var a firmware.Artifact
+	err := row.Scan(&a.ID, &a.Model, &a.Version, &a.Size, &a.SHA256, &a.Sig, &a.File, &a.CreatedAt, &a.CreatedBy)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	return &a, err
+}
+
+// CreateArtifact implements firmware.Store.
+func (db *DB) CreateArtifact(ctx context.Context, a *firmware.Artifact) error {
+	_, err := db.pool.Exec(ctx, `INSERT INTO firmware (`+fwArtifactCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+		a.ID, a.Model, a.Version, a.Size, a.SHA256, a.Sig, a.File, a.CreatedAt, a.CreatedBy)
+	if isUniqueViolation(err) {
+		return fmt.Errorf("%w: model %s already has firmware %s", fleet.ErrConflict, a.Model, a.Version)
+	}
+	return err
+}
+
+// GetArtifact implements firmware.Store.
+func (db *DB) GetArtifact(ctx context.Context, id string) (*firmware.Artifact, error) {
+	return scanArtifact(db.pool.QueryRow(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE id = $1`, id))
+}
+
+// FindArtifact implements firmware.Store.
+func (db *DB) FindArtifact(ctx context.Context, model, version string) (*firmware.Artifact, error) {
+	return scanArtifact(db.pool.QueryRow(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE model = $1 AND version = $2`, model, version))
+}
+
+// ListArtifacts implements firmware.Store.
+func (db *DB) ListArtifacts(ctx context.Context, after string, n int) ([]firmware.Artifact, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE id > $1 ORDER BY id LIMIT $2`, after, limit(n))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Artifact, error) {
+		a, err := scanArtifact(row)
+		if err != nil {
+			return firmware.Artifact{}, err
+		}
+		return *a, nil
+	})
+}
+
+// --- rollouts
+
+const fwRolloutCols = `id, firmware_id, version, model, selector, waves, wave_sizes, max_failure_pct, min_per_wave,
+	rate_per_min, deadline, step_timeout_s, failure_action, retries, retry_on, install_window, force, status, wave,
+	gate_from, tat, reason, created_by, created_at, updated_at, finished_at`
+
+func scanRollout(row pgx.Row) (*firmware.Rollout, error) {
+	var r firmware.Rollout
+	var sel []byte
+	var tat *time.Time
+	err := row.Scan(&r.ID, &r.Firmware, &r.Version, &r.Model, &sel, &r.Waves, &r.WaveSizes, &r.MaxFailurePct,
+		&r.MinPerWave, &r.RatePerMin, &r.Deadline, &r.StepTimeoutS, &r.FailureAction, &r.Retries, &r.RetryOn,
+		&r.Window, &r.Force, &r.Status, &r.Wave, &r.GateFrom, &tat, &r.Reason, &r.CreatedBy, &r.CreatedAt,
+		&r.UpdatedAt, &r.FinishedAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	if tat != nil {
+		r.TAT = *tat
+	}
+	if err := json.Unmarshal(sel, &r.Selector); err != nil {
+		return nil, fmt.Errorf("rollout %s selector: %w", r.ID, err)
+	}
+	return &r, nil
+}
+
+// CreateRollout implements firmware.Store.
+func (db *DB) CreateRollout(ctx context.Context, r *firmware.Rollout, jobs []firmware.Job) error {
+	sel, err := json.Marshal(r.Selector)
+	if err != nil {
+		return err
+	}
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `INSERT INTO rollouts (`+fwRolloutCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+			$11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)`,
+			r.ID, r.Firmware, r.Version, r.Model, sel, r.Waves, r.WaveSizes, r.MaxFailurePct, r.MinPerWave,
+			r.RatePerMin, r.Deadline, r.StepTimeoutS, r.FailureAction, r.Retries, r.RetryOn, r.Window, r.Force,
+			r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.CreatedBy, r.CreatedAt, r.UpdatedAt, r.FinishedAt)
+		if err != nil {
+			return fmt.Errorf("insert rollout: %w", err)
+		}
+		_, err = tx.CopyFrom(ctx, pgx.Identifier{"fw_jobs"},
+			[]string{"rollout_id", "device_id", "job_id", "wave", "seq", "state", "error", "attempt", "from_fw", "version", "tz", "updated_at", "done_at"},
+			pgx.CopyFromSlice(len(jobs), func(i int) ([]any, error) {
+				j := &jobs[i]
+				return []any{j.RolloutID, j.DeviceID, j.JobID, j.Wave, j.Seq, j.State, j.Error, j.Attempt, j.FromFW, j.Version, j.TZ, j.UpdatedAt, j.DoneAt}, nil
+			}))
+		if err != nil {
+			return fmt.Errorf("insert jobs: %w", err)
+		}
+		return nil
+	})
+}
+
+func fwNullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}
+
+// GetRollout implements firmware.Store.
+func (db *DB) GetRollout(ctx context.Context, id string) (*firmware.Rollout, error) {
+	return scanRollout(db.pool.QueryRow(ctx, `SELECT `+fwRolloutCols+` FROM rollouts WHERE id = $1`, id))
+}
+
+// ListRollouts implements firmware.Store: newest first; after is the id of
+// the last rollout of the previous page.
+func (db *DB) ListRollouts(ctx context.Context, after string, n int) ([]firmware.Rollout, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+fwRolloutCols+` FROM rollouts
+		WHERE $1 = '' OR (created_at, id) < (SELECT created_at, id FROM rollouts WHERE id = $1)
+		ORDER BY created_at DESC, id DESC LIMIT $2`, after, limit(n))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Rollout, error) {
+		r, err := scanRollout(row)
+		if err != nil {
+			return firmware.Rollout{}, err
+		}
+		return *r, nil
+	})
+}
+
+// RunningRollouts implements firmware.Store.
+func (db *DB) RunningRollouts(ctx context.Context) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts WHERE status = 'running' ORDER BY created_at`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+type fwQuerier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+func fwCounts(ctx context.Context, q fwQuerier, id string) ([]firmware.Count, error) {
+	rows, err := q.Query(ctx, `SELECT wave, state, CASE WHEN state = 'skipped' THEN error ELSE '' END, count(*), max(updated_at)
+		FROM fw_jobs WHERE rollout_id = $1 GROUP BY 1, 2, 3`, id)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Count, error) {
+		var c firmware.Count
+		err := row.Scan(&c.Wave, &c.State, &c.Reason, &c.N, &c.Last)
+		return c, err
+	})
+}
+
+// Counts implements firmware.Store.
+func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
+	return fwCounts(ctx, db.pool, id)
+}
+
+// WaveFailures implements firmware.Store.
+func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error) {
+	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out')), count(*)
+		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &size)
+	return failed, size, err
+}
+
+// Targets implements firmware.Store. A locker is busy when another live
+// rollout has an unfinished job for it, or any job of it is on its fw/job.
+func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Target, error) {
+	lockers := sel.Lockers
+	if lockers == nil {
+		lockers = []string{}
+	}
+	rows, err := db.pool.Query(ctx, `
+		SELECT d.id, d.model, d.fw, s.timezone, EXISTS (
+			SELECT 1 FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
+			WHERE j.device_id = d.id AND (j.state IN `+fwActive+`
+				OR (j.state = 'queued' AND r.status IN ('running', 'paused'))))
+		FROM devices d JOIN sites s ON s.id = d.site
+		WHERE ($1 = '' OR d.site = $1) AND ($2 = '' OR d.model = $2) AND ($3 = '' OR d.fw = $3)
+			AND (cardinality($4::text[]) = 0 OR d.id = ANY($4))
+		ORDER BY d.id`, sel.Site, sel.Model, sel.FW, lockers)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Target, error) {
+		var t firmware.Target
+		err := row.Scan(&t.DeviceID, &t.Model, &t.FW, &t.TZ, &t.Busy)
+		return t, err
+	})
+}
+
+// --- jobs
+
+const fwJobCols = `rollout_id, device_id, job_id, wave, seq, state, error, attempt, from_fw, version, tz, progress,
+	sent_at, updated_at, done_at`
+
+func scanFwJob(row pgx.Row) (*firmware.Job, error) {
+	var j firmware.Job
+	err := row.Scan(&j.RolloutID, &j.DeviceID, &j.JobID, &j.Wave, &j.Seq, &j.State, &j.Error, &j.Attempt, &j.FromFW,
+		&j.Version, &j.TZ, &j.Progress, &j.SentAt, &j.UpdatedAt, &j.DoneAt)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
+	return &j, err
+}
+
+func collectFwJobs(rows pgx.Rows, err error) ([]firmware.Job, error) {
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Job, error) {
+		j, err := scanFwJob(row)
+		if err != nil {
+			return firmware.Job{}, err
+		}
+		return *j, nil
+	})
+}
+
+// ListJobs implements firmware.Store.
+func (db *DB) ListJobs(ctx context.Context, id string, f firmware.JobFilter) ([]firmware.Job, error) {
+	return collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
+		WHERE rollout_id = $1 AND ($2 = '' OR state = $2) AND ($3::int IS NULL OR wave = $3) AND device_id > $4
+		ORDER BY device_id LIMIT $5`, id, f.State, f.Wave, f.After, limit(f.Limit)))
+}
+
+// GetJob implements firmware.Store.
+func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job, error) {
+	return scanFwJob(db.pool.QueryRow(ctx, `SELECT `+fwJobCols+` FROM fw_jobs WHERE job_id = $1 AND device_id = $2`, jobID, deviceID))
+}
+
+// ActiveJob implements firmware.Store.
+func (db *DB) ActiveJob(ctx context.Context, deviceID string) (*firmware.Job, error) {
+	j, err := scanFwJob(db.pool.QueryRow(ctx, `SELECT `+fwJobCols+` FROM fw_jobs WHERE device_id = $1 AND state IN `+fwActive, deviceID))
+	if errors.Is(err, fleet.ErrNotFound) {
+		return nil, nil
+	}
+	return j, err
+}
+
+// Apply implements firmware.Store.
+func (db *DB) Apply(ctx context.Context, t firmware.Transition) (*firmware.Job, error) {
+	final := firmware.IsFinal(t.To)
+	var done *time.Time
+	if final {
+		done = &t.At
+	}
+	var j *firmware.Job
+	var err error
+	if t.RetryJobID == "" {
+		j, err = scanFwJob(db.pool.QueryRow(ctx, `UPDATE fw_jobs SET state = $4, error = $5,
+				progress = CASE WHEN $4 = state THEN coalesce($6, progress) ELSE $6 END,
+				updated_at = $7, done_at = $8
+			WHERE job_id = $1 AND device_id = $2 AND state = ANY($3)
+			RETURNING `+fwJobCols, t.JobID, t.DeviceID, t.From, t.To, t.Error, t.Progress, t.At, done))
+	} else {
+		// The failed attempt goes to history; the job is queued again under
+		// a new id, so the locker sees a new job.
+		j, err = scanFwJob(db.pool.QueryRow(ctx, `
+			WITH old AS (
+				SELECT rollout_id, device_id, job_id, attempt, sent_at FROM fw_jobs
+				WHERE job_id = $1 AND device_id = $2 AND state = ANY($3) FOR UPDATE),
+			arch AS (
+				INSERT INTO fw_job_attempts (job_id, rollout_id, device_id, attempt, state, error, sent_at, done_at)
+				SELECT job_id, rollout_id, device_id, attempt, $4, $5, sent_at, $6 FROM old)
+			UPDATE fw_jobs j SET job_id = $7, state = 'queued', error = $5, attempt = j.attempt + 1, progress = NULL,
+				payload = NULL, sent_at = NULL, done_at = NULL, updated_at = $6
+			FROM old WHERE j.rollout_id = old.rollout_id AND j.device_id = old.device_id
+			RETURNING `+fwPrefixed("j", fwJobCols), t.JobID, t.DeviceID, t.From, t.To, t.Error, t.At, t.RetryJobID))
+	}
+	if errors.Is(err, fleet.ErrNotFound) {
+		return nil, nil
+	}
+	return j, err
+}
+
+// fwPrefixed qualifies a column list with a table alias.
+func fwPrefixed(alias, cols string) string {
+	out := ""
+	for i, c := range fwSplitCols(cols) {
+		if i > 0 {
+			out += ", "
+		}
+		out += alias + "." + c
+	}
+	return out
+}
+
+func fwSplitCols(cols string) []string {
+	var out []string
+	cur := ""
+	for _, r := range cols {
+		switch r {
+		case ',':
+			out = append(out, cur)
+			cur = ""
+		case ' ', '\n', '\t':
+		default:
+			cur += string(r)
+		}
+	}
+	return append(out, cur)
+}
+
+// Stale implements firmware.Store.
+func (db *DB) Stale(ctx context.Context, now time.Time) ([]firmware.Stale, error) {
+	jobs, err := collectFwJobs(db.pool.Query(ctx, `
+		SELECT `+fwPrefixed("j", fwJobCols)+` FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
+		WHERE j.state IN `+fwActive+` AND j.updated_at < $1::timestamptz - make_interval(secs => r.step_timeout_s)
+		UNION ALL
+		SELECT `+fwPrefixed("j", fwJobCols)+` FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
+		WHERE r.status IN ('running', 'paused') AND r.deadline <= $1::timestamptz
+			AND (j.state = 'queued' OR (j.state IN `+fwActive+` AND j.updated_at >= $1::timestamptz - make_interval(secs => r.step_timeout_s)))`, now))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]firmware.Stale, 0, len(jobs))
+	rollouts := map[string]*firmware.Rollout{}
+	for _, j := range jobs {
+		r, ok := rollouts[j.RolloutID]
+		if !ok {
+			if r, err = db.GetRollout(ctx, j.RolloutID); err != nil {
+				return nil, err
+			}
+			rollouts[j.RolloutID] = r
+		}
+		out = append(out, firmware.Stale{Job: j, Rollout: r})
+	}
+	return out, nil
+}
+
+// SentDevices implements firmware.Store.
+func (db *DB) SentDevices(ctx context.Context) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT device_id FROM fw_jobs WHERE state = 'sent' ORDER BY device_id`)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
+// Gauges implements firmware.Store.
+func (db *DB) Gauges(ctx context.Context) (*firmware.Gauges, error) {
+	g := &firmware.Gauges{Jobs: map[string]int{}, Rollouts: map[string]int{}}
+	b := &pgx.Batch{}
+	b.Queue(`SELECT j.state, count(*) FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
+		WHERE r.status IN ('running', 'paused') GROUP BY j.state`).Query(func(rows pgx.Rows) error {
+		return scanFwCounts(rows, g.Jobs)
+	})
+	b.Queue(`SELECT status, count(*) FROM rollouts GROUP BY status`).Query(func(rows pgx.Rows) error {
+		return scanFwCounts(rows, g.Rollouts)
+	})
+	b.Queue(`SELECT coalesce(max(wave) + 1, 0) FROM rollouts WHERE status = 'running'`).QueryRow(func(row pgx.Row) error {
+		return row.Scan(&g.MaxWave)
+	})
+	b.Queue(`SELECT coalesce(max(f), 0) FROM (
+			SELECT count(*) FILTER (WHERE j.state IN ('failed', 'rejected', 'timed_out'))::float8
+				/ nullif(count(*) FILTER (WHERE j.state IN ('succeeded', 'failed', 'rejected', 'timed_out')), 0) AS f
+			FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
+			WHERE r.status IN ('running', 'paused') GROUP BY j.rollout_id) s`).QueryRow(func(row pgx.Row) error {
+		return row.Scan(&g.FailureRatio)
+	})
+	if err := db.pool.SendBatch(ctx, b).Close(); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+func scanFwCounts(rows pgx.Rows, into map[string]int) error {
+	for rows.Next() {
+		var k string
+		var n int
+		if err := rows.Scan(&k, &n); err != nil {
+			return err
+		}
+		into[k] = n
+	}
+	return rows.Err()
+}
+
+// --- steps
+
+// Step implements firmware.Store. When another transaction (another
+// gateway instance, an operator action) holds the rollout, this step is
+// skipped: the next tick tries again.
+func (db *DB) Step(ctx context.Context, id string, f func(firmware.StepTx) error) error {
+	return db.lockRollout(ctx, id, "FOR UPDATE SKIP LOCKED", f)
+}
+
+// Update implements firmware.Store: like Step, but waits for the lock.
+func (db *DB) Update(ctx context.Context, id string, f func(firmware.StepTx) error) error {
+	return db.lockRollout(ctx, id, "FOR UPDATE", f)
+}
+
+func (db *DB) lockRollout(ctx context.Context, id, lock string, f func(firmware.StepTx) error) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		r, err := scanRollout(tx.QueryRow(ctx, `SELECT `+fwRolloutCols+` FROM rollouts WHERE id = $1 `+lock, id))
+		if errors.Is(err, fleet.ErrNotFound) && lock != "FOR UPDATE" {
+			return nil // locked elsewhere (or gone)
+		}
+		if err != nil {
+			return err
+		}
+		return f(&rolloutTx{tx: tx, r: r})
+	})
+}
+
+type rolloutTx struct {
+	tx pgx.Tx
+	r  *firmware.Rollout
+}
+
+func (s *rolloutTx) Rollout() *firmware.Rollout { return s.r }
+
+func (s *rolloutTx) Save(ctx context.Context) error {
+	r := s.r
+	_, err := s.tx.Exec(ctx, `UPDATE rollouts SET status = $2, wave = $3, gate_from = $4, tat = $5, reason = $6,
+		finished_at = $7, updated_at = now() WHERE id = $1`, r.ID, r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.FinishedAt)
+	return err
+}
+
+func (s *rolloutTx) Counts(ctx context.Context) ([]firmware.Count, error) {
+	return fwCounts(ctx, s.tx, s.r.ID)
+}
+
+// fwReady is the condition for a queued job j (joined with its device d) to
+// be handed out now.
+const fwReady = `j.state = 'queued' AND d.online AND NOT d.disabled
+	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed')
+	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)`
+
+func (s *rolloutTx) Ready(ctx context.Context, wave int) (int, error) {
+	var n int
+	err := s.tx.QueryRow(ctx, `SELECT count(*) FROM fw_jobs j JOIN devices d ON d.id = j.device_id
+		WHERE j.rollout_id = $1 AND j.wave = $2 AND `+fwReady, s.r.ID, wave).Scan(&n)
+	return n, err
+}
+
+func (s *rolloutTx) Dispatch(ctx context.Context, maxWave, n int, at time.Time, build func(*firmware.Job) (*protocol.FwJob, error)) ([]firmware.Job, error) {
+	jobs, err := collectFwJobs(s.tx.Query(ctx, `SELECT `+fwPrefixed("j", fwJobCols)+` FROM fw_jobs j JOIN devices d ON d.id = j.device_id
+		WHERE j.rollout_id = $1 AND j.wave <= $2 AND `+fwReady+`
+		ORDER BY j.wave, j.seq LIMIT $3 FOR UPDATE OF j SKIP LOCKED`, s.r.ID, maxWave, n))
+	if err != nil || len(jobs) == 0 {
+		return nil, err
+	}
+	ids := make([]string, len(jobs))
+	payloads := make([]string, len(jobs))
+	for i := range jobs {
+		p, err := build(&jobs[i])
+		if err != nil {
+			return nil, fmt.Errorf("job %s: %w", jobs[i].JobID, err)
+		}
+		ids[i], payloads[i] = jobs[i].JobID, string(protocol.Encode(p))
+		jobs[i].State, jobs[i].SentAt, jobs[i].UpdatedAt = firmware.StateSent, &at, at
+	}
+	_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = 'sent', payload = u.payload::jsonb, sent_at = $2, updated_at = $2
+		FROM unnest($1::text[], $3::text[]) AS u(job_id, payload) WHERE j.job_id = u.job_id AND j.state = 'queued'`,
+		ids, at, payloads)
+	if err != nil {
+		return nil, err
+	}
+	return jobs, nil
+}
+
+func (s *rolloutTx) Cancel(ctx context.Context, from []string, at time.Time) ([]firmware.Job, error) {
+	return collectFwJobs(s.tx.Query(ctx, `UPDATE fw_jobs SET state = 'cancelled', updated_at = $3, done_at = $3
+		WHERE rollout_id = $1 AND state = ANY($2) RETURNING `+fwJobCols, s.r.ID, from, at))
+}
+
+func (s *rolloutTx) Requeue(ctx context.Context, at time.Time, newID func(*firmware.Job) string) (int, error) {
+	jobs, err := collectFwJobs(s.tx.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
+		WHERE rollout_id = $1 AND state IN ('failed', 'timed_out') FOR UPDATE`, s.r.ID))
+	if err != nil || len(jobs) == 0 {
+		return 0, err
+	}
+	olds := make([]string, len(jobs))
+	news := make([]string, len(jobs))
+	for i := range jobs {
+		olds[i], news[i] = jobs[i].JobID, newID(&jobs[i])
+	}
+	tag, err := s.tx.Exec(ctx, `
+		WITH u AS (SELECT * FROM unnest($2::text[], $3::text[]) AS u(old, new)),
+		arch AS (
+			INSERT INTO fw_job_attempts (job_id, rollout_id, device_id, attempt, state, error, sent_at, done_at)
+			SELECT j.job_id, j.rollout_id, j.device_id, j.attempt, j.state, j.error, j.sent_at, coalesce(j.done_at, $4)
+			FROM fw_jobs j JOIN u ON u.old = j.job_id WHERE j.rollout_id = $1)
+		UPDATE fw_jobs j SET job_id = u.new, state = 'queued', attempt = j.attempt + 1, progress = NULL, payload = NULL,
+			sent_at = NULL, done_at = NULL, updated_at = $4
+		FROM u WHERE j.job_id = u.old AND j.rollout_id = $1`, s.r.ID, olds, news, at)
+	return int(tag.RowsAffected()), err
 }

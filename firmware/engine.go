@@ -1,0 +1,572 @@
+package firmware
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Options configure an Engine.
+type Options struct {
+	Store Store
+	Fleet Fleet
+	// Key signs images (the gateway's Ed25519 firmware key).
+	Key ed25519.PrivateKey
+	// URLKey signs download URLs (see DeriveURLKey).
+	URLKey []byte
+	// BaseURL returns the gateway's HTTP base URL as lockers reach it,
+	// e.g. https://gw.example; called when a job is handed out.
+	BaseURL func() string
+	// Dir holds the images (DataDir/firmware).
+	Dir string
+	// MaxImageSize bounds an upload. Default DefaultMaxImageSize.
+	MaxImageSize int64
+	// URLTTL is how long a job's download URL stays valid. Default 48h.
+	URLTTL time.Duration
+	// Tick is how often rollouts are stepped (hand-out, waves, timeouts);
+	// reports that may change a wave wake the engine at once. Default 100ms.
+	Tick time.Duration
+	// GaugeInterval is how often the gauges are refreshed. Default 1s.
+	GaugeInterval time.Duration
+	Registerer    prometheus.Registerer
+	Logger        *slog.Logger
+	// Now is the clock; default time.Now.
+	Now func() time.Time
+}
+
+// Engine runs rollouts. It implements fleet.FirmwareTracker.
+type Engine struct {
+	store Store
+	fleet Fleet
+	opts  Options
+	log   *slog.Logger
+	m     *metrics
+	now   func() time.Time
+	wake  chan struct{}
+
+	artifacts sync.Map // id → *Artifact; artifacts never change
+	zones     sync.Map // name → *time.Location
+
+	errMu      sync.Mutex
+	lastErrLog map[string]time.Time
+}
+
+var _ fleet.FirmwareTracker = (*Engine)(nil)
+
+// New returns an Engine; call Run to start it.
+func New(o Options) (*Engine, error) {
+	if o.Store == nil || o.Fleet == nil {
+		return nil, errors.New("firmware: Store and Fleet are required")
+	}
+	if len(o.Key) != ed25519.PrivateKeySize || len(o.URLKey) < 16 || o.Dir == "" {
+		return nil, errors.New("firmware: Key, URLKey and Dir are required")
+	}
+	if o.MaxImageSize <= 0 {
+		o.MaxImageSize = DefaultMaxImageSize
+	}
+	if o.URLTTL <= 0 {
+		o.URLTTL = 48 * time.Hour
+	}
+	if o.Tick <= 0 {
+		o.Tick = 100 * time.Millisecond
+	}
+	if o.GaugeInterval <= 0 {
+		o.GaugeInterval = time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Engine{store: o.Store, fleet: o.Fleet, opts: o, log: o.Logger, m: newMetrics(o.Registerer), now: o.Now,
+		wake: make(chan struct{}, 1), lastErrLog: map[string]time.Time{}}, nil
+}
+
+// Run steps rollouts until ctx ends. On start it re-publishes jobs that were
+// handed out but not reported on: a crash between recording a job as sent
+// and publishing it must not leave a locker without it (lockers ignore a
+// job id they already run).
+func (e *Engine) Run(ctx context.Context) error {
+	ids, err := e.store.SentDevices(ctx)
+	if err != nil {
+		e.fail("republish", err)
+	}
+	for _, id := range ids {
+		e.publish(ctx, id)
+	}
+	tick := time.NewTicker(e.opts.Tick)
+	defer tick.Stop()
+	gauges := time.NewTicker(e.opts.GaugeInterval)
+	defer gauges.Stop()
+	e.refreshGauges(ctx)
+	for {
+		e.Tick(ctx)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		case <-e.wake:
+		case <-gauges.C:
+			e.refreshGauges(ctx)
+		}
+	}
+}
+
+// Tick times out overdue jobs and steps every running rollout once. Run
+// calls it; tests and benchmarks may drive the engine with it directly.
+func (e *Engine) Tick(ctx context.Context) {
+	now := e.now()
+	e.sweep(ctx, now)
+	ids, err := e.store.RunningRollouts(ctx)
+	if err != nil {
+		e.fail("list_rollouts", err)
+		return
+	}
+	for _, id := range ids {
+		if err := e.step(ctx, id); err != nil && ctx.Err() == nil {
+			e.fail("step", fmt.Errorf("rollout %s: %w", id, err))
+		}
+	}
+}
+
+// kick wakes Run for an early step.
+func (e *Engine) kick() {
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+}
+
+// fail counts an error and logs it, at most every 5 s per operation so a
+// database outage does not flood the log at the tick rate.
+func (e *Engine) fail(op string, err error) {
+	e.m.errors.WithLabelValues(op).Inc()
+	e.errMu.Lock()
+	last := e.lastErrLog[op]
+	now := time.Now()
+	quiet := now.Sub(last) < 5*time.Second
+	if !quiet {
+		e.lastErrLog[op] = now
+	}
+	e.errMu.Unlock()
+	if !quiet {
+		e.log.Error("firmware engine", "op", op, "err", err)
+	}
+}
+
+func (e *Engine) refreshGauges(ctx context.Context) {
+	g, err := e.store.Gauges(ctx)
+	if err != nil {
+		if ctx.Err() == nil {
+			e.fail("gauges", err)
+		}
+		return
+	}
+	e.m.set(g)
+}
+
+// publish re-publishes a locker's retained state so its fw/job follows the
+// job's new state (a new job, or none).
+func (e *Engine) publish(ctx context.Context, id string) {
+	if err := e.fleet.PublishRetained(ctx, id); err != nil && ctx.Err() == nil {
+		// The locker gets it on its next connect (retained state is
+		// re-published then), so this is not lost, only late.
+		e.fail("publish", fmt.Errorf("locker %s: %w", id, err))
+	}
+}
+
+func (e *Engine) audit(ctx context.Context, entries ...fleet.AuditEntry) {
+	for _, a := range entries {
+		if a.Actor == "" {
+			a.Actor = "system"
+		}
+		if err := e.store.Audit(ctx, a); err != nil {
+			e.fail("audit", err)
+		}
+	}
+}
+
+// jobID names attempt of the job at seq in rollout: readable, unique, and
+// within the protocol's 64-byte id alphabet.
+func jobID(rollout string, seq, attempt int) string {
+	return rollout + "." + strconv.Itoa(seq) + "." + strconv.Itoa(attempt)
+}
+
+func (e *Engine) artifact(ctx context.Context, id string) (*Artifact, error) {
+	if a, ok := e.artifacts.Load(id); ok {
+		return a.(*Artifact), nil
+	}
+	a, err := e.store.GetArtifact(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	e.artifacts.Store(id, a)
+	return a, nil
+}
+
+func (e *Engine) zone(name string) *time.Location {
+	if l, ok := e.zones.Load(name); ok {
+		return l.(*time.Location)
+	}
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		loc = time.UTC // sites are validated on creation; UTC is the schema's default
+	}
+	e.zones.Store(name, loc)
+	return loc
+}
+
+// payload builds the fw/job a locker receives for j, with a download URL
+// signed for this job.
+func (e *Engine) payload(ctx context.Context, r *Rollout, j *Job, now time.Time) (*protocol.FwJob, error) {
+	a, err := e.artifact(ctx, r.Firmware)
+	if err != nil {
+		return nil, err
+	}
+	fj := &protocol.FwJob{Job: j.JobID, Version: a.Version, URL: e.DownloadURL(a.ID, j.JobID, now.Add(e.opts.URLTTL)),
+		Size: a.Size, SHA256: a.SHA256, Sig: a.Sig}
+	if r.Deadline != nil {
+		fj.Deadline = protocol.T(*r.Deadline)
+	}
+	if r.Window != "" {
+		w, err := ParseWindow(r.Window)
+		if err != nil {
+			return nil, err
+		}
+		open, close := w.Next(now, e.zone(j.TZ))
+		fj.InstallAfter, fj.InstallBefore = protocol.T(open), protocol.T(close)
+	}
+	if r.Force {
+		if c, err := CompareVersions(j.FromFW, a.Version); err != nil || c > 0 {
+			fj.Downgrade = true
+		}
+	}
+	return fj, nil
+}
+
+// waves tallies counts per wave.
+type waves []map[string]int
+
+func tally(counts []Count, n int) (w waves, all map[string]int) {
+	w = make(waves, n)
+	for i := range w {
+		w[i] = map[string]int{}
+	}
+	all = map[string]int{}
+	for _, c := range counts {
+		if c.Wave >= 0 && c.Wave < n {
+			w[c.Wave][c.State] += c.N
+		}
+		all[c.State] += c.N
+	}
+	return w, all
+}
+
+func sumStates(m map[string]int, states []string) int {
+	n := 0
+	for _, s := range states {
+		n += m[s]
+	}
+	return n
+}
+
+// crossedWave returns the first gated wave up to the current one whose
+// failures crossed the threshold.
+func crossedWave(r *Rollout, w waves) (int, bool) {
+	for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
+		if Crossed(sumStates(w[i], FailureStates), r.WaveSizes[i], r.MaxFailurePct) {
+			return i, true
+		}
+	}
+	return 0, false
+}
+
+func gateReason(r *Rollout, wave, failed int) string {
+	size := r.WaveSizes[wave]
+	return fmt.Sprintf("wave %d: %d of %d jobs failed (%.1f%%), over max_failure_pct %g",
+		wave+1, failed, size, float64(failed)*100/float64(size), r.MaxFailurePct)
+}
+
+// stop pauses or aborts a running rollout (by its failure action); an abort
+// withdraws queued and pending jobs like a cancel.
+func (e *Engine) stop(ctx context.Context, tx StepTx, r *Rollout, reason string, now time.Time) ([]Job, fleet.AuditEntry, error) {
+	r.Reason = reason
+	note := fleet.AuditEntry{Action: "rollout.pause", Detail: map[string]any{"rollout": r.ID, "reason": reason}}
+	if r.FailureAction != ActionAbort {
+		r.Status = Paused
+		return nil, note, nil
+	}
+	r.Status, r.FinishedAt = Aborted, &now
+	note.Action = "rollout.abort"
+	cancelled, err := tx.Cancel(ctx, append([]string{StateQueued}, PendingStates...), now)
+	return cancelled, note, err
+}
+
+// step advances one running rollout: gates, deadline, waves, hand-out and
+// completion, under the rollout's row lock. Locker notifications follow the
+// commit.
+func (e *Engine) step(ctx context.Context, id string) error {
+	var sent, cancelled []Job
+	var notes []fleet.AuditEntry
+	var crossedAt time.Time
+	err := e.store.Step(ctx, id, func(tx StepTx) error {
+		sent, cancelled, notes, crossedAt = nil, nil, nil, time.Time{}
+		r := tx.Rollout()
+		if r.Status != Running {
+			return nil
+		}
+		before := *r
+		counts, err := tx.Counts(ctx)
+		if err != nil {
+			return err
+		}
+		// Read the clock after the counts, so that what they include
+		// happened before the times this step records.
+		now := e.now().UTC()
+		w, all := tally(counts, len(r.WaveSizes))
+		last := len(r.WaveSizes) - 1
+
+		// Gates are checked on every failure as it arrives; this catches
+		// a failure this step saw first.
+		if i, ok := crossedWave(r, w); ok {
+			c, note, err := e.stop(ctx, tx, r, gateReason(r, i, sumStates(w[i], FailureStates)), now)
+			if err != nil {
+				return err
+			}
+			cancelled, notes = c, []fleet.AuditEntry{note}
+			crossedAt = lastFailure(counts, i)
+			return tx.Save(ctx)
+		}
+		unfinished := all[StateQueued] + sumStates(all, ActiveStates)
+		if r.pastDeadline(now) {
+			// The sweep has timed out what was left; once nothing is
+			// active the rollout ends.
+			if sumStates(all, ActiveStates) > 0 {
+				return nil
+			}
+			r.FinishedAt = &now
+			r.Status = Completed
+			if n := all[StateTimedOut]; n > 0 {
+				r.Status, r.Reason = Aborted, fmt.Sprintf("deadline passed with %d jobs timed out", n)
+			}
+			notes = append(notes, fleet.AuditEntry{Action: "rollout." + r.Status, Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}})
+			return tx.Save(ctx)
+		}
+
+		for r.Wave < last {
+			done, err := e.waveDone(ctx, tx, r, w[r.Wave])
+			if err != nil {
+				return err
+			}
+			if !done {
+				break
+			}
+			r.Wave++
+			notes = append(notes, fleet.AuditEntry{Action: "rollout.wave", Detail: map[string]any{
+				"rollout": r.ID, "wave": r.Wave + 1, "size": r.WaveSizes[r.Wave]}})
+		}
+
+		rt := newRate(r.RatePerMin, e.opts.Tick)
+		if n := rt.budget(r.TAT, now); n > 0 && all[StateQueued] > 0 {
+			sent, err = tx.Dispatch(ctx, r.Wave, n, now, func(j *Job) (*protocol.FwJob, error) { return e.payload(ctx, r, j, now) })
+			if err != nil {
+				return err
+			}
+			r.TAT = rt.take(r.TAT, now, len(sent))
+		}
+		if r.Wave == last && unfinished == 0 {
+			r.Status, r.FinishedAt = Completed, &now
+			notes = append(notes, fleet.AuditEntry{Action: "rollout.completed", Detail: map[string]any{
+				"rollout": r.ID, "succeeded": all[StateSucceeded], "failed": sumStates(all, FailureStates)}})
+		}
+		if changed(&before, r) {
+			return tx.Save(ctx)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if !crossedAt.IsZero() {
+		e.m.gateLatency.Observe(e.now().Sub(crossedAt).Seconds())
+	}
+	for _, j := range sent {
+		e.publish(ctx, j.DeviceID)
+	}
+	e.withdraw(ctx, cancelled)
+	e.audit(ctx, notes...)
+	return nil
+}
+
+// lastFailure is when the latest failure of a wave was recorded: the report
+// that crossed its threshold.
+func lastFailure(counts []Count, wave int) time.Time {
+	var t time.Time
+	for _, c := range counts {
+		if c.Wave == wave && IsFailure(c.State) && c.Last.After(t) {
+			t = c.Last
+		}
+	}
+	return t
+}
+
+func changed(a, b *Rollout) bool {
+	return a.Status != b.Status || a.Wave != b.Wave || a.GateFrom != b.GateFrom || !a.TAT.Equal(b.TAT) || a.Reason != b.Reason
+}
+
+// waveDone reports whether the next wave may start after this one: nothing
+// of it is on a locker, nothing of it could be handed out now, and enough
+// of it finished to judge it (min_per_wave, or the whole wave if smaller).
+// Jobs of lockers that are offline or busy do not hold the rollout: they
+// are handed out when their locker can take them, while the rollout runs,
+// and their failures still count against their wave.
+func (e *Engine) waveDone(ctx context.Context, tx StepTx, r *Rollout, w map[string]int) (bool, error) {
+	if sumStates(w, ActiveStates) > 0 {
+		return false, nil
+	}
+	finished := w[StateSucceeded] + sumStates(w, FailureStates)
+	if finished < min(r.MinPerWave, r.WaveSizes[r.Wave]) {
+		return false, nil
+	}
+	if w[StateQueued] == 0 {
+		return true, nil
+	}
+	ready, err := tx.Ready(ctx, r.Wave)
+	return ready == 0, err
+}
+
+// withdraw clears the fw/job of cancelled jobs that were on a locker.
+func (e *Engine) withdraw(ctx context.Context, cancelled []Job) {
+	for _, j := range cancelled {
+		e.m.finished.WithLabelValues(StateCancelled).Inc()
+		if j.SentAt != nil {
+			e.publish(ctx, j.DeviceID)
+		}
+	}
+}
+
+// retryable reports whether a failure of kind on attempt gets another attempt.
+func retryable(r *Rollout, kind string, attempt int, now time.Time) bool {
+	if r.Status != Running || attempt > r.Retries || r.pastDeadline(now) {
+		return false
+	}
+	for _, k := range r.RetryOn {
+		if k == kind {
+			return true
+		}
+	}
+	return false
+}
+
+// sweep times out jobs without progress within their step timeout (a job
+// waiting for its maintenance window is measured from the window's opening),
+// and every unfinished job of a live rollout past its deadline.
+func (e *Engine) sweep(ctx context.Context, now time.Time) {
+	stale, err := e.store.Stale(ctx, now)
+	if err != nil {
+		e.fail("sweep", err)
+		return
+	}
+	for _, s := range stale {
+		r, j := s.Rollout, s.Job
+		kind := KindTimeout
+		if r.pastDeadline(now) && (r.Status == Running || r.Status == Paused) {
+			kind = KindDeadline
+		} else {
+			start := j.UpdatedAt
+			if r.Window != "" && j.State == StateVerifying {
+				if w, err := ParseWindow(r.Window); err == nil {
+					start = w.WaitStart(start, e.zone(j.TZ))
+				}
+			}
+			if j.State == StateQueued || now.Sub(start) < r.StepTimeout() {
+				continue
+			}
+		}
+		t := Transition{DeviceID: j.DeviceID, JobID: j.JobID, From: []string{j.State}, To: StateTimedOut, Error: kind, At: now}
+		if kind == KindTimeout && retryable(r, KindTimeout, j.Attempt, now) {
+			t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
+		}
+		nj, err := e.store.Apply(ctx, t)
+		if err != nil {
+			e.fail("timeout", err)
+			continue
+		}
+		if nj != nil {
+			e.finished(ctx, nj, r, IsActive(j.State), now)
+		}
+	}
+}
+
+// finished follows up a job that left its active state: the locker's fw/job
+// is cleared (or, for a retry, replaced when the job goes out again), the
+// gate of its wave is checked on a failure, and the engine is woken for
+// the next step.
+func (e *Engine) finished(ctx context.Context, j *Job, r *Rollout, wasActive bool, receivedAt time.Time) {
+	if j.State == StateQueued {
+		e.m.finished.WithLabelValues(StateFailed).Inc() // a failed attempt, retried
+	} else {
+		e.m.finished.WithLabelValues(j.State).Inc()
+	}
+	if IsFailure(j.State) {
+		e.checkGate(ctx, r, j.Wave, receivedAt) // first: stopping the rollout is what is urgent
+	}
+	if wasActive {
+		e.publish(ctx, j.DeviceID)
+	}
+	e.kick()
+}
+
+// checkGate pauses or aborts the rollout at once when wave's failures
+// crossed the threshold, so that no further job is handed out.
+func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt time.Time) {
+	if wave < 0 || wave >= len(r.WaveSizes) {
+		return
+	}
+	failed, size, err := e.store.WaveFailures(ctx, r.ID, wave)
+	if err != nil {
+		e.fail("gate", err)
+		return
+	}
+	if !Crossed(failed, size, r.MaxFailurePct) {
+		return
+	}
+	var cancelled []Job
+	var note fleet.AuditEntry
+	stopped := false
+	err = e.store.Update(ctx, r.ID, func(tx StepTx) error {
+		cancelled, stopped = nil, false
+		cur := tx.Rollout()
+		if cur.Status != Running || wave < cur.GateFrom {
+			return nil
+		}
+		var err error
+		if cancelled, note, err = e.stop(ctx, tx, cur, gateReason(cur, wave, failed), e.now()); err != nil {
+			return err
+		}
+		stopped = true
+		return tx.Save(ctx)
+	})
+	if err != nil {
+		e.fail("gate", err)
+		return
+	}
+	if !stopped {
+		return
+	}
+	e.m.gateLatency.Observe(e.now().Sub(receivedAt).Seconds())
+	e.log.Warn("rollout stopped by its failure threshold", "rollout", r.ID, "reason", note.Detail["reason"], "action", r.FailureAction)
+	e.withdraw(ctx, cancelled)
+	e.audit(ctx, note)
+}

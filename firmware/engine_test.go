@@ -1,0 +1,346 @@
+package firmware_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/fleet"
+)
+
+func ptr[T any](v T) *T { return &v }
+
+func TestEngineRolloutInWaves(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-a", "LX-24", "1.4.2", 60)
+	h.addLockers("lk-b", "LX-8", "1.4.2", 5) // another model: never targeted
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{5, 50, 100}, MinPerWave: 2, RatePerMin: 60000})
+	if !slices.Equal(st.WaveSizes, []int{3, 27, 30}) || st.WrongModel != 5 || st.Targets != 60 {
+		t.Fatalf("created: waves %v, wrong model %d, targets %d", st.WaveSizes, st.WrongModel, st.Targets)
+	}
+	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
+	if st.Counts[firmware.StateSucceeded] != 60 || st.FinishedAt == nil {
+		t.Fatalf("completed with %v", st.Counts)
+	}
+	for _, id := range ids {
+		if v, _ := h.devs.fw.Load(id); v != "1.5.0" || h.devs.attempts(id) != 1 {
+			t.Fatalf("%s runs %v after %d attempts", id, v, h.devs.attempts(id))
+		}
+	}
+	for i := 1; i <= 5; i++ {
+		if n := h.devs.attempts(fmt.Sprintf("lk-b%05d", i)); n != 0 {
+			t.Fatalf("a locker of another model ran %d jobs", n)
+		}
+	}
+	// Waves ran in order: every job of a wave was sent after the previous
+	// wave's jobs had all finished.
+	jobs := h.jobs(st.ID)
+	lastDone := make([]time.Time, 3)
+	firstSent := make([]time.Time, 3)
+	for _, j := range jobs {
+		if lastDone[j.Wave].Before(*j.DoneAt) {
+			lastDone[j.Wave] = *j.DoneAt
+		}
+		if firstSent[j.Wave].IsZero() || j.SentAt.Before(firstSent[j.Wave]) {
+			firstSent[j.Wave] = *j.SentAt
+		}
+	}
+	for w := 1; w < 3; w++ {
+		if firstSent[w].Before(lastDone[w-1]) {
+			t.Fatalf("wave %d started at %v, before wave %d finished at %v", w+1, firstSent[w], w, lastDone[w-1])
+		}
+	}
+	// Rollout actions are audited.
+	es, err := h.db.ListAudit(context.Background(), fleet.AuditFilter{Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var actions []string
+	for _, e := range es {
+		actions = append(actions, e.Action)
+	}
+	for _, want := range []string{"firmware.upload", "rollout.create", "rollout.wave", "rollout.completed"} {
+		if !slices.Contains(actions, want) {
+			t.Errorf("no %s in the audit log: %v", want, actions)
+		}
+	}
+}
+
+func TestEngineGateStopsAtTheCrossingWave(t *testing.T) {
+	for _, action := range []string{firmware.ActionPause, firmware.ActionAbort} {
+		t.Run(action, func(t *testing.T) {
+			h := newHarness(t, hopt{})
+			ids := h.addLockers("lk-", "LX-24", "1.4.2", 100)
+			bad := map[string]bool{}
+			for i, id := range ids {
+				bad[id] = i%3 == 0 // a third fail to boot
+			}
+			h.devs.outcome = func(id string, _ int) string {
+				if bad[id] {
+					return outBoot
+				}
+				return outOK
+			}
+			a := h.upload("LX-24", "1.5.0")
+			st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 30, 100}, MinPerWave: 5, RatePerMin: 60000,
+				MaxFailurePct: ptr(10.0), FailureAction: action})
+			want := firmware.Paused
+			if action == firmware.ActionAbort {
+				want = firmware.Aborted
+			}
+			st = h.waitStatus(st.ID, want, 20*time.Second)
+			if !strings.Contains(st.Reason, "over max_failure_pct 10") {
+				t.Fatalf("reason %q", st.Reason)
+			}
+			// Let in-flight jobs of the wave finish, then check nothing past
+			// the stopping wave was ever handed out.
+			eventually(t, 10*time.Second, "in-flight jobs done", func() error {
+				s := h.status(st.ID)
+				if n := s.Counts[firmware.StateSent] + s.Counts[firmware.StateRebooting]; n > 0 {
+					return fmt.Errorf("%d in flight", n)
+				}
+				return nil
+			})
+			for _, j := range h.jobs(st.ID) {
+				if j.Wave > st.CurrentWave-1 && (j.SentAt != nil || h.devs.attempts(j.DeviceID) > 0) {
+					t.Fatalf("%s of wave %d got a job; the rollout stopped in wave %d", j.DeviceID, j.Wave+1, st.CurrentWave)
+				}
+				if action == firmware.ActionAbort && j.Wave > st.CurrentWave-1 && j.State != firmware.StateCancelled {
+					t.Fatalf("aborted rollout left %s %s", j.DeviceID, j.State)
+				}
+			}
+			if _, err := h.eng.Resume(context.Background(), st.ID, "test"); action == firmware.ActionAbort && !errors.Is(err, fleet.ErrConflict) {
+				t.Fatalf("resume of an aborted rollout: %v", err)
+			}
+		})
+	}
+}
+
+func TestEngineResumeAcceptsFailuresSoFar(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	h.devs.outcome = func(id string, _ int) string {
+		if id == ids[0] || id == ids[1] || id == ids[2] {
+			return outInstall
+		}
+		return outOK
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.waitStatus(st.ID, firmware.Paused, 20*time.Second)
+	if _, err := h.eng.Resume(context.Background(), st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
+	if st.Counts[firmware.StateSucceeded] != 17 || st.Counts[firmware.StateFailed] != 3 {
+		t.Fatalf("counts %v", st.Counts)
+	}
+	// Retry failed only: the three get a new attempt (and fail again).
+	if _, err := h.eng.RetryFailed(context.Background(), st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	h.waitStatus(st.ID, firmware.Paused, 20*time.Second)
+	for _, id := range ids[:3] {
+		if n := h.devs.attempts(id); n != 2 {
+			t.Fatalf("%s ran %d attempts, want 2", id, n)
+		}
+	}
+	var archived int
+	if err := h.db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM fw_job_attempts WHERE rollout_id = $1`, st.ID).Scan(&archived); err != nil || archived != 3 {
+		t.Fatalf("archived attempts %d, %v", archived, err)
+	}
+}
+
+func TestEngineRetries(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 10)
+	h.devs.outcome = func(id string, attempt int) string {
+		if attempt == 1 && (id == ids[0] || id == ids[1]) {
+			return outInstall
+		}
+		return outOK
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(0.0),
+		Retries: 2, RetryOn: []string{firmware.KindInstall}})
+	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
+	if st.Counts[firmware.StateSucceeded] != 10 {
+		t.Fatalf("counts %v", st.Counts)
+	}
+	for _, j := range h.jobs(st.ID) {
+		want := 1
+		if j.DeviceID == ids[0] || j.DeviceID == ids[1] {
+			want = 2
+		}
+		if j.Attempt != want || !strings.HasSuffix(j.JobID, fmt.Sprintf(".%d", want)) {
+			t.Fatalf("%s: attempt %d job %s, want attempt %d", j.DeviceID, j.Attempt, j.JobID, want)
+		}
+	}
+}
+
+func TestEngineTimeoutAndDeadline(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 6)
+	h.devs.outcome = func(id string, _ int) string {
+		if id == ids[0] {
+			return outSilent
+		}
+		return outOK
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0), StepTimeoutS: 1})
+	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
+	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 5 {
+		t.Fatalf("counts %v", st.Counts)
+	}
+
+	// A locker that stays offline is timed out at the deadline.
+	b := h.upload("LX-24", "1.6.0")
+	if _, err := h.db.Pool().Exec(context.Background(), `UPDATE devices SET online = false WHERE id = $1`, ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	st = h.create(firmware.Spec{Firmware: b.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0),
+		Deadline: ptr(time.Now().Add(1500 * time.Millisecond)), Selector: firmware.Selector{Lockers: ids[1:]}})
+	st = h.waitStatus(st.ID, firmware.Aborted, 20*time.Second)
+	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 4 || !strings.Contains(st.Reason, "deadline") {
+		t.Fatalf("deadline: counts %v, reason %q", st.Counts, st.Reason)
+	}
+}
+
+func TestEngineOfflineAndBusyLockersWait(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 10)
+	ctx := context.Background()
+	pool := h.db.Pool()
+	if _, err := pool.Exec(ctx, `UPDATE devices SET online = false WHERE id = $1`, ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone, door) VALUES ($1, 1, 'M', 'ambient', 'open')`, ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	eventually(t, 10*time.Second, "the others done", func() error {
+		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] != 8 {
+			return fmt.Errorf("counts %v", s.Counts)
+		}
+		return nil
+	})
+	if s := h.status(st.ID); s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 2 {
+		t.Fatalf("with an offline and a busy locker: %s %v", s.Status, s.Counts)
+	}
+	if h.devs.attempts(ids[0])+h.devs.attempts(ids[1]) != 0 {
+		t.Fatal("an offline or busy locker got its job")
+	}
+	// The door closes; the locker comes back.
+	if _, err := pool.Exec(ctx, `UPDATE compartments SET door = 'closed' WHERE device_id = $1`, ids[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `UPDATE devices SET online = true WHERE id = $1`, ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	h.eng.Booted(ctx, ids[0], "1.4.2", time.Now())
+	h.waitStatus(st.ID, firmware.Completed, 10*time.Second)
+}
+
+func TestEngineCancel(t *testing.T) {
+	h := newHarness(t, hopt{})
+	h.addLockers("lk-", "LX-24", "1.4.2", 30)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 120})
+	eventually(t, 10*time.Second, "some jobs done", func() error {
+		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] < 2 {
+			return fmt.Errorf("counts %v", s.Counts)
+		}
+		return nil
+	})
+	c, err := h.eng.Cancel(context.Background(), st.ID, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cancelledAt := time.Now()
+	if c.Status != firmware.Cancelled || c.Counts[firmware.StateCancelled] < 20 || c.Counts[firmware.StateQueued] != 0 {
+		t.Fatalf("after cancel: %s %v", c.Status, c.Counts)
+	}
+	if _, err := h.eng.Cancel(context.Background(), st.ID, "operator"); !errors.Is(err, fleet.ErrConflict) {
+		t.Fatalf("second cancel: %v", err)
+	}
+	for _, j := range h.jobs(st.ID) {
+		if j.SentAt != nil && j.SentAt.After(cancelledAt) {
+			t.Fatalf("%s handed out after the cancel", j.DeviceID)
+		}
+	}
+}
+
+func TestEngineSelectionAndDowngrades(t *testing.T) {
+	h := newHarness(t, hopt{})
+	h.addLockers("lk-old", "LX-24", "1.4.2", 3)
+	h.addLockers("lk-cur", "LX-24", "1.5.0", 2)
+	newer := h.addLockers("lk-new", "LX-24", "2.0.0", 2)
+	a := h.upload("LX-24", "1.5.0")
+	if _, err := h.eng.Upload(context.Background(), "LX-24", "1.5.0", strings.NewReader("x"), "test"); !errors.Is(err, fleet.ErrConflict) {
+		t.Fatalf("duplicate version: %v", err)
+	}
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	if st.Targets != 3 || st.Skipped[firmware.SkipUpToDate] != 2 || st.Skipped[firmware.SkipDowngrade] != 2 {
+		t.Fatalf("targets %d, skipped %v", st.Targets, st.Skipped)
+	}
+	h.waitStatus(st.ID, firmware.Completed, 10*time.Second)
+
+	// Only downgrades left: refused unless forced; forced jobs say so.
+	if _, err := h.eng.Create(context.Background(), firmware.Spec{Firmware: a.ID}, "test"); !errors.Is(err, fleet.ErrUnprocessable) {
+		t.Fatalf("a rollout of only downgrades: %v", err)
+	}
+	if _, err := h.eng.Create(context.Background(), firmware.Spec{Firmware: a.ID, Selector: firmware.Selector{Model: "LX-8"}}, "test"); !errors.Is(err, fleet.ErrUnprocessable) {
+		t.Fatalf("a selector of another model: %v", err)
+	}
+	h.devs.outcome = func(string, int) string { return outSilent }
+	st = h.create(firmware.Spec{Firmware: a.ID, Force: true, Selector: firmware.Selector{Lockers: newer}, Waves: []int{100}, RatePerMin: 60000})
+	eventually(t, 10*time.Second, "forced downgrade handed out", func() error {
+		for _, id := range newer {
+			r, err := h.db.Retained(context.Background(), id)
+			if err != nil {
+				return err
+			}
+			if r.FwJob == nil || !r.FwJob.Downgrade {
+				return fmt.Errorf("%s fw/job %+v", id, r.FwJob)
+			}
+		}
+		return nil
+	})
+}
+
+func TestEngineRestartResumesWithoutDuplicates(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{25, 100}, RatePerMin: 600}) // one job per 100 ms
+	eventually(t, 10*time.Second, "some progress", func() error {
+		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] < 5 {
+			return fmt.Errorf("counts %v", s.Counts)
+		}
+		return nil
+	})
+	h.stop()
+	h.start(hopt{})
+	st = h.waitStatus(st.ID, firmware.Completed, 30*time.Second)
+	if st.Counts[firmware.StateSucceeded] != 40 {
+		t.Fatalf("counts %v", st.Counts)
+	}
+	for _, id := range ids {
+		if n := h.devs.attempts(id); n != 1 {
+			t.Fatalf("%s ran %d jobs", id, n)
+		}
+	}
+	for _, j := range h.jobs(st.ID) {
+		if j.Attempt != 1 {
+			t.Fatalf("%s: attempt %d", j.DeviceID, j.Attempt)
+		}
+	}
+}

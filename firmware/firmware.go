@@ -1,0 +1,351 @@
+// Package firmware is the firmware domain of Lockergate: signed artifacts,
+// rollouts in gated waves, and per-locker jobs. Its Engine implements
+// fleet.FirmwareTracker: it hands jobs out on the retained fw/job topic (via
+// Fleet.PublishRetained), follows fw/status reports and births, and pauses or
+// aborts a rollout as soon as a wave's failures cross the threshold. All state
+// lives in the Store (PostgreSQL), so a restarted gateway resumes where it was.
+package firmware
+
+import (
+	"context"
+	"slices"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// Job states: protocol-v1.md's device states plus the gateway's own.
+const (
+	StateQueued      = "queued" // in a rollout, not handed out yet
+	StateSent        = "sent"   // on the locker's fw/job, no report yet
+	StateDownloading = protocol.FwDownloading
+	StateVerifying   = protocol.FwVerifying
+	StateInstalling  = protocol.FwInstalling
+	StateRebooting   = protocol.FwRebooting
+	StateSucceeded   = protocol.FwSucceeded // confirmed by a birth on the new version
+	StateFailed      = protocol.FwFailed
+	StateRejected    = protocol.FwRejected
+	StateTimedOut    = "timed_out" // no progress within the step timeout, or past the deadline
+	StateCancelled   = "cancelled"
+	StateSkipped     = "skipped" // matched the selector but not updated (Error says why)
+)
+
+// States lists every job state in life-cycle order (for displays).
+var States = []string{StateQueued, StateSent, StateDownloading, StateVerifying, StateInstalling, StateRebooting,
+	StateSucceeded, StateFailed, StateRejected, StateTimedOut, StateCancelled, StateSkipped}
+
+// ActiveStates are the states of a job that is on a locker's fw/job.
+var ActiveStates = []string{StateSent, StateDownloading, StateVerifying, StateInstalling, StateRebooting}
+
+// PendingStates are active states a cancel withdraws; installing and
+// rebooting jobs are left to finish.
+var PendingStates = []string{StateSent, StateDownloading, StateVerifying}
+
+// FailureStates count against a wave's failure threshold.
+var FailureStates = []string{StateFailed, StateRejected, StateTimedOut}
+
+// IsActive reports whether s is an active state.
+func IsActive(s string) bool { return slices.Contains(ActiveStates, s) }
+
+// IsFailure reports whether s counts as a failure.
+func IsFailure(s string) bool { return slices.Contains(FailureStates, s) }
+
+// IsFinal reports whether a job in s is done (success, failure, cancelled or skipped).
+func IsFinal(s string) bool {
+	return s == StateSucceeded || s == StateCancelled || s == StateSkipped || IsFailure(s)
+}
+
+// stage orders the active states: devices only move forward.
+func stage(s string) int { return slices.Index(ActiveStates, s) }
+
+// Failure kinds: the protocol's fw/status errors plus "timeout".
+const (
+	KindDownload  = "download"
+	KindChecksum  = "checksum"
+	KindSignature = "signature"
+	KindInstall   = "install"
+	KindBoot      = "boot"
+	KindDeadline  = "deadline"
+	KindTimeout   = "timeout"
+)
+
+// RetryKinds are the failure kinds a rollout may retry.
+var RetryKinds = []string{KindDownload, KindChecksum, KindSignature, KindInstall, KindBoot, KindTimeout}
+
+// DefaultRetryOn is what retries apply to when retry_on is not given.
+var DefaultRetryOn = []string{KindDownload, KindTimeout}
+
+// Reasons a targeted locker is skipped.
+const (
+	SkipUpToDate  = "up_to_date"       // already runs the version
+	SkipDowngrade = "downgrade"        // runs a newer version and force is off
+	SkipVersion   = "unknown_version"  // runs a version that does not parse; force to include it
+	SkipBusy      = "in_other_rollout" // has an unfinished job of another live rollout
+)
+
+// Rollout statuses.
+const (
+	Running   = "running"
+	Paused    = "paused"
+	Aborted   = "aborted"
+	Completed = "completed"
+	Cancelled = "cancelled"
+)
+
+// Statuses lists the rollout statuses.
+var Statuses = []string{Running, Paused, Aborted, Completed, Cancelled}
+
+// Failure actions.
+const (
+	ActionPause = "pause"
+	ActionAbort = "abort"
+)
+
+// Artifact is an uploaded firmware image, signed by the gateway.
+type Artifact struct {
+	ID        string    `json:"id"`
+	Model     string    `json:"model"`
+	Version   string    `json:"version"`
+	Size      int64     `json:"size"`
+	SHA256    string    `json:"sha256"`
+	Sig       string    `json:"sig"`
+	CreatedAt time.Time `json:"created_at"`
+	CreatedBy string    `json:"created_by"`
+	// File is the image's file name in the firmware directory.
+	File string `json:"-"`
+}
+
+// Selector picks a rollout's lockers; empty fields match everything. The
+// model is always the artifact's.
+type Selector struct {
+	Site    string   `json:"site"`
+	Model   string   `json:"model"`
+	FW      string   `json:"fw"`
+	Lockers []string `json:"lockers"`
+}
+
+// Spec is what an operator asks for when creating a rollout.
+type Spec struct {
+	Firmware      string     `json:"firmware"`
+	Selector      Selector   `json:"selector"`
+	Waves         []int      `json:"waves"`
+	MaxFailurePct *float64   `json:"max_failure_pct"`
+	MinPerWave    int        `json:"min_per_wave"`
+	RatePerMin    int        `json:"rate_per_min"`
+	Deadline      *time.Time `json:"deadline"`
+	StepTimeoutS  int        `json:"step_timeout_s"`
+	FailureAction string     `json:"failure_action"`
+	Retries       int        `json:"retries"`
+	RetryOn       []string   `json:"retry_on"`
+	Window        string     `json:"window"`
+	Force         bool       `json:"force"`
+}
+
+// Rollout is a firmware rollout. Spec fields are fixed at creation; the
+// rest is the engine's progress.
+type Rollout struct {
+	ID            string     `json:"id"`
+	Firmware      string     `json:"firmware"`
+	Version       string     `json:"version"`
+	Model         string     `json:"model"`
+	Selector      Selector   `json:"selector"`
+	Waves         []int      `json:"waves"`
+	WaveSizes     []int      `json:"wave_sizes"`
+	MaxFailurePct float64    `json:"max_failure_pct"`
+	MinPerWave    int        `json:"min_per_wave"`
+	RatePerMin    int        `json:"rate_per_min"`
+	Deadline      *time.Time `json:"deadline"`
+	StepTimeoutS  int        `json:"step_timeout_s"`
+	FailureAction string     `json:"failure_action"`
+	Retries       int        `json:"retries"`
+	RetryOn       []string   `json:"retry_on"`
+	Window        string     `json:"window"`
+	Force         bool       `json:"force"`
+
+	Status string `json:"status"`
+	// Wave is the 0-based index of the current wave (the API shows it 1-based).
+	Wave int `json:"-"`
+	// GateFrom is the first wave whose gate is still checked: resuming a
+	// rollout a gate paused accepts the failures seen so far.
+	GateFrom int `json:"-"`
+	// TAT is the rate limiter's state: when the next job is due.
+	TAT        time.Time  `json:"-"`
+	Reason     string     `json:"reason"`
+	CreatedBy  string     `json:"created_by"`
+	CreatedAt  time.Time  `json:"created_at"`
+	UpdatedAt  time.Time  `json:"updated_at"`
+	FinishedAt *time.Time `json:"finished_at"`
+}
+
+// StepTimeout is how long a job may go without progress.
+func (r *Rollout) StepTimeout() time.Duration { return time.Duration(r.StepTimeoutS) * time.Second }
+
+// pastDeadline reports whether the rollout's deadline has passed at now.
+func (r *Rollout) pastDeadline(now time.Time) bool {
+	return r.Deadline != nil && !now.Before(*r.Deadline)
+}
+
+// Job is one locker's part in a rollout. JobID is the wire id of the
+// current attempt; each retry gets a new one.
+type Job struct {
+	RolloutID string     `json:"rollout"`
+	DeviceID  string     `json:"locker"`
+	JobID     string     `json:"job"`
+	Wave      int        `json:"wave"` // 0-based; -1 for skipped lockers
+	Seq       int        `json:"seq"`
+	State     string     `json:"state"`
+	Error     string     `json:"error,omitempty"`
+	Attempt   int        `json:"attempt"`
+	FromFW    string     `json:"from_fw"`
+	Version   string     `json:"version"`
+	Progress  *float64   `json:"progress,omitempty"`
+	TZ        string     `json:"-"`
+	SentAt    *time.Time `json:"sent_at,omitempty"`
+	UpdatedAt time.Time  `json:"updated_at"`
+	DoneAt    *time.Time `json:"done_at,omitempty"`
+}
+
+// Target is a locker a selector matched.
+type Target struct {
+	DeviceID string
+	Model    string
+	FW       string
+	TZ       string // the site's IANA time zone
+	// Busy is set when the locker has an unfinished job in another live rollout.
+	Busy bool
+}
+
+// Count is how many jobs of a wave are in a state (for skipped jobs, with
+// one reason).
+type Count struct {
+	Wave   int
+	State  string
+	Reason string // skipped jobs only
+	N      int
+	Last   time.Time // the latest change among them
+}
+
+// JobFilter selects jobs of a rollout.
+type JobFilter struct {
+	State string
+	Wave  *int // 0-based
+	After string
+	Limit int
+}
+
+// Transition moves one job, if it is still in one of From.
+type Transition struct {
+	RolloutID, DeviceID, JobID string
+	From                       []string
+	To                         string
+	Error                      string
+	Progress                   *float64
+	At                         time.Time
+	// RetryJobID, when set on a move to a failure, re-queues the job as a
+	// new attempt with this id instead; the failed attempt is kept in history.
+	RetryJobID string
+}
+
+// Stale is an active or queued job a sweep may time out.
+type Stale struct {
+	Job     Job
+	Rollout *Rollout
+}
+
+// Gauges are the figures behind the firmware gauges.
+type Gauges struct {
+	Jobs         map[string]int // jobs of live (running, paused) rollouts by state
+	Rollouts     map[string]int // rollouts by status
+	MaxWave      int            // highest current wave (1-based) of running rollouts
+	FailureRatio float64        // highest failures/finished of live rollouts
+}
+
+// Store keeps artifacts, rollouts and jobs. The PostgreSQL implementation
+// lives in package postgres; every method is safe for concurrent use.
+type Store interface {
+	// CreateArtifact stores a; fleet.ErrConflict when the model has the version.
+	CreateArtifact(ctx context.Context, a *Artifact) error
+	// GetArtifact returns an artifact, or fleet.ErrNotFound.
+	GetArtifact(ctx context.Context, id string) (*Artifact, error)
+	// FindArtifact returns the artifact of a model and version, or fleet.ErrNotFound.
+	FindArtifact(ctx context.Context, model, version string) (*Artifact, error)
+	// ListArtifacts returns artifacts ordered by id, after after.
+	ListArtifacts(ctx context.Context, after string, limit int) ([]Artifact, error)
+
+	// Targets returns the lockers sel matches (of any model: the engine
+	// filters), ordered by id.
+	Targets(ctx context.Context, sel Selector) ([]Target, error)
+	// CreateRollout stores a rollout and its jobs in one transaction.
+	CreateRollout(ctx context.Context, r *Rollout, jobs []Job) error
+	// GetRollout returns a rollout, or fleet.ErrNotFound.
+	GetRollout(ctx context.Context, id string) (*Rollout, error)
+	// ListRollouts returns rollouts newest first, after the rollout id after.
+	ListRollouts(ctx context.Context, after string, limit int) ([]Rollout, error)
+	// RunningRollouts returns the ids of running rollouts.
+	RunningRollouts(ctx context.Context) ([]string, error)
+	// Counts returns a rollout's jobs per wave and state.
+	Counts(ctx context.Context, id string) ([]Count, error)
+	// WaveFailures returns the failures and the size of one wave.
+	WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error)
+	// ListJobs returns a rollout's jobs ordered by locker id.
+	ListJobs(ctx context.Context, id string, f JobFilter) ([]Job, error)
+
+	// Step runs f with the rollout's row locked, in one transaction.
+	Step(ctx context.Context, id string, f func(tx StepTx) error) error
+	// Update runs f with the rollout's row locked, in one transaction, for
+	// operator actions (pause, resume, cancel, retry).
+	Update(ctx context.Context, id string, f func(tx StepTx) error) error
+
+	// GetJob returns a locker's job by wire id, or fleet.ErrNotFound.
+	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
+	// ActiveJob returns the locker's active job, or nil.
+	ActiveJob(ctx context.Context, deviceID string) (*Job, error)
+	// Apply makes a transition; it returns the job as it is afterwards, or
+	// nil when the job was not in one of t.From (nothing changed).
+	Apply(ctx context.Context, t Transition) (*Job, error)
+	// Stale returns jobs of live rollouts that may be overdue at now: active
+	// ones silent for longer than their rollout's step timeout, and queued
+	// or active ones of rollouts past their deadline.
+	Stale(ctx context.Context, now time.Time) ([]Stale, error)
+	// SentDevices returns lockers with a job handed out but not reported on.
+	SentDevices(ctx context.Context) ([]string, error)
+	// Gauges returns the figures of the firmware gauges.
+	Gauges(ctx context.Context) (*Gauges, error)
+
+	// Audit appends to the audit log.
+	Audit(ctx context.Context, e fleet.AuditEntry) error
+}
+
+// StepTx is a rollout locked in a transaction.
+type StepTx interface {
+	// Rollout is the locked rollout; Save writes back its progress fields
+	// (status, wave, gate, rate, reason, finished).
+	Rollout() *Rollout
+	Save(ctx context.Context) error
+	// Counts returns the rollout's jobs per wave and state.
+	Counts(ctx context.Context) ([]Count, error)
+	// Ready counts the queued jobs of a wave whose locker can take a job
+	// now: online, enabled, every door closed, no other active job.
+	Ready(ctx context.Context, wave int) (int, error)
+	// Dispatch hands out up to n ready jobs of waves up to maxWave, in wave
+	// and sequence order: they become sent with the payload job makes.
+	Dispatch(ctx context.Context, maxWave, n int, at time.Time, job func(*Job) (*protocol.FwJob, error)) ([]Job, error)
+	// Cancel moves the rollout's jobs in one of from to cancelled and returns them.
+	Cancel(ctx context.Context, from []string, at time.Time) ([]Job, error)
+	// Requeue makes failed and timed-out jobs new queued attempts; newID
+	// names each attempt. It returns how many.
+	Requeue(ctx context.Context, at time.Time, newID func(j *Job) string) (int, error)
+}
+
+// Fleet is what the engine needs of the fleet manager.
+type Fleet interface {
+	// PublishRetained re-publishes a locker's retained state, fw/job included.
+	PublishRetained(ctx context.Context, id string) error
+}
+
+// FleetFunc adapts a function to Fleet.
+type FleetFunc func(ctx context.Context, id string) error
+
+// PublishRetained implements Fleet.
+func (f FleetFunc) PublishRetained(ctx context.Context, id string) error { return f(ctx, id) }

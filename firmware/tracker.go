@@ -1,0 +1,113 @@
+package firmware
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// JobStatus implements fleet.FirmwareTracker: it applies a locker's
+// fw/status report. Devices move forward only (a repeated or late report of
+// an earlier step changes nothing); "succeeded" is left to the birth; a
+// failure or rejection ends the attempt and is checked against the gate.
+func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time) {
+	switch st.State {
+	case StateDownloading, StateVerifying, StateInstalling, StateRebooting:
+		// Any report, even a repeated step, is progress for the step timeout.
+		j, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: st.Job, From: ActiveStates[:stage(st.State)+1],
+			To: st.State, Progress: st.Progress, At: at})
+		if err != nil {
+			e.fail("report", err)
+			return
+		}
+		e.counted(j != nil)
+	case StateFailed, StateRejected:
+		e.failJob(ctx, deviceID, st.Job, st.State, st.Error, at)
+	default:
+		// succeeded: success is confirmed by the birth on the new version,
+		// which the locker sends first.
+		e.counted(true)
+	}
+}
+
+func (e *Engine) counted(applied bool) {
+	if applied {
+		e.m.reports.WithLabelValues("applied").Inc()
+	} else {
+		e.m.reports.WithLabelValues("ignored").Inc()
+	}
+}
+
+// Booted implements fleet.FirmwareTracker: a birth on the job's version is
+// the job's success; a birth on any other version after "rebooting" is a
+// failed boot. A birth also wakes the engine: a locker that comes back may
+// have a queued job waiting for it.
+func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) {
+	defer e.kick()
+	j, err := e.store.ActiveJob(ctx, deviceID)
+	if err != nil {
+		e.fail("birth", err)
+		return
+	}
+	if j == nil {
+		return
+	}
+	switch {
+	case fw == j.Version:
+		r, err := e.store.GetRollout(ctx, j.RolloutID)
+		if err != nil {
+			e.fail("birth", err)
+			return
+		}
+		nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: j.JobID, From: ActiveStates, To: StateSucceeded, At: at})
+		if err != nil {
+			e.fail("birth", err)
+			return
+		}
+		e.counted(nj != nil)
+		if nj != nil {
+			e.finished(ctx, nj, r, true, at)
+		}
+	case j.State == StateRebooting:
+		e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at)
+	}
+}
+
+// failJob ends the attempt of a job that failed (or was rejected), or
+// re-queues it as a new attempt when the rollout retries that kind.
+func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind string, at time.Time) {
+	j, err := e.store.GetJob(ctx, deviceID, wireID)
+	if errors.Is(err, fleet.ErrNotFound) {
+		e.counted(false)
+		return
+	}
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	if !IsActive(j.State) {
+		e.counted(false) // a repeat, or a report on a job that already ended
+		return
+	}
+	r, err := e.store.GetRollout(ctx, j.RolloutID)
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	t := Transition{DeviceID: deviceID, JobID: wireID, From: ActiveStates, To: state, Error: kind, At: at}
+	if state == StateFailed && retryable(r, kind, j.Attempt, e.now()) {
+		t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
+	}
+	nj, err := e.store.Apply(ctx, t)
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	e.counted(nj != nil)
+	if nj != nil {
+		e.finished(ctx, nj, r, true, at)
+	}
+}

@@ -1,0 +1,204 @@
+package firmware
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestWaveSizes(t *testing.T) {
+	for _, tc := range []struct {
+		n      int
+		pcts   []int
+		minPer int
+		want   []int
+	}{
+		{300, []int{1, 10, 50, 100}, 1, []int{3, 27, 120, 150}},
+		{300, []int{1, 10, 50, 100}, 5, []int{5, 25, 120, 150}},
+		{100, []int{1, 10, 50, 100}, 5, []int{5, 5, 40, 50}},
+		{10000, []int{1, 10, 50, 100}, 5, []int{100, 900, 4000, 5000}},
+		{7, []int{1, 10, 50, 100}, 5, []int{5, 2, 0, 0}},
+		{3, []int{50, 100}, 1, []int{2, 1}},
+		{1, []int{1, 10, 100}, 1, []int{1, 0, 0}},
+		{5, []int{100}, 10, []int{5}},
+		{101, []int{33, 66, 100}, 1, []int{34, 33, 34}},
+	} {
+		t.Run(fmt.Sprintf("%d_%v_min%d", tc.n, tc.pcts, tc.minPer), func(t *testing.T) {
+			got := WaveSizes(tc.n, tc.pcts, tc.minPer)
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+			sum := 0
+			for _, s := range got {
+				sum += s
+			}
+			if sum != tc.n {
+				t.Fatalf("sizes %v sum to %d, want %d", got, sum, tc.n)
+			}
+		})
+	}
+}
+
+func TestValidateWaves(t *testing.T) {
+	for _, ok := range [][]int{{100}, {1, 10, 50, 100}, {50, 100}} {
+		if err := ValidateWaves(ok); err != nil {
+			t.Errorf("%v: %v", ok, err)
+		}
+	}
+	for _, bad := range [][]int{nil, {}, {50}, {10, 10, 100}, {0, 100}, {50, 20, 100}, {10, 101}, {-1, 100}} {
+		if err := ValidateWaves(bad); err == nil {
+			t.Errorf("%v: accepted", bad)
+		}
+	}
+}
+
+func TestCrossed(t *testing.T) {
+	for _, tc := range []struct {
+		failed, size int
+		pct          float64
+		want         bool
+	}{
+		{0, 10, 0, false},
+		{1, 10, 0, true},
+		{1, 20, 5, false}, // exactly 5 % is within the threshold
+		{2, 20, 5, true},
+		{1, 5, 10, true}, // 20 % > 10 %
+		{1, 100, 1, false},
+		{0, 0, 5, false},
+		{10, 10, 100, false},
+	} {
+		if got := Crossed(tc.failed, tc.size, tc.pct); got != tc.want {
+			t.Errorf("Crossed(%d, %d, %g) = %v, want %v", tc.failed, tc.size, tc.pct, got, tc.want)
+		}
+	}
+}
+
+func TestOrderIsAPermutationStablePerRollout(t *testing.T) {
+	ids := []string{"a", "b", "c", "d", "e", "f", "g", "h"}
+	one, two := order("ro-1", ids), order("ro-1", ids)
+	if !slices.Equal(one, two) {
+		t.Fatalf("order differs between calls: %v, %v", one, two)
+	}
+	sorted := slices.Clone(one)
+	slices.Sort(sorted)
+	if !slices.Equal(sorted, ids) {
+		t.Fatalf("order %v is not a permutation of %v", one, ids)
+	}
+	if other := order("ro-2", ids); slices.Equal(other, one) && slices.Equal(order("ro-3", ids), one) {
+		t.Fatalf("order ignores the rollout id")
+	}
+}
+
+func TestRate(t *testing.T) {
+	t0 := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	tick := 100 * time.Millisecond
+	t.Run("PacesAtRate", func(t *testing.T) {
+		r := newRate(600, tick) // one job per 100 ms
+		var tat time.Time
+		sent := 0
+		for now := t0; now.Before(t0.Add(time.Minute)); now = now.Add(tick) {
+			n := r.budget(tat, now)
+			tat = r.take(tat, now, n)
+			sent += n
+		}
+		if sent < 599 || sent > 601 {
+			t.Fatalf("sent %d jobs in a minute at 600/min", sent)
+		}
+	})
+	t.Run("NoBurstAfterIdle", func(t *testing.T) {
+		r := newRate(60, tick) // one job per second
+		tat := t0
+		if n := r.budget(tat, t0.Add(time.Hour)); n != 1 {
+			t.Fatalf("budget after an idle hour = %d, want 1", n)
+		}
+	})
+	t.Run("ZeroWhenAhead", func(t *testing.T) {
+		r := newRate(60, tick)
+		tat := r.take(time.Time{}, t0, 1)
+		if n := r.budget(tat, t0.Add(500*time.Millisecond)); n != 0 {
+			t.Fatalf("budget half an interval later = %d, want 0", n)
+		}
+		if n := r.budget(tat, t0.Add(time.Second)); n != 1 {
+			t.Fatalf("budget one interval later = %d, want 1", n)
+		}
+	})
+	t.Run("FastRatesBatchPerTick", func(t *testing.T) {
+		r := newRate(60000, tick) // 1000/s
+		var tat time.Time
+		total := 0
+		for now := t0; now.Before(t0.Add(10 * time.Second)); now = now.Add(tick) {
+			n := r.budget(tat, now)
+			tat = r.take(tat, now, n)
+			total += n
+		}
+		if total < 9999 || total > 10101 {
+			t.Fatalf("sent %d in 10 s at 1000/s", total)
+		}
+	})
+}
+
+func TestRetryable(t *testing.T) {
+	now := time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)
+	past := now.Add(-time.Minute)
+	r := &Rollout{Status: Running, Retries: 2, RetryOn: []string{KindDownload, KindTimeout}}
+	for _, tc := range []struct {
+		name    string
+		r       Rollout
+		kind    string
+		attempt int
+		want    bool
+	}{
+		{"OK", *r, KindDownload, 1, true},
+		{"LastRetry", *r, KindTimeout, 2, true},
+		{"Exhausted", *r, KindDownload, 3, false},
+		{"KindNotListed", *r, KindBoot, 1, false},
+		{"Paused", Rollout{Status: Paused, Retries: 2, RetryOn: r.RetryOn}, KindDownload, 1, false},
+		{"PastDeadline", Rollout{Status: Running, Retries: 2, RetryOn: r.RetryOn, Deadline: &past}, KindDownload, 1, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := retryable(&tc.r, tc.kind, tc.attempt, now); got != tc.want {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestSpecNormalize(t *testing.T) {
+	now := time.Now()
+	t.Run("Defaults", func(t *testing.T) {
+		s := Spec{Firmware: "fw-1", Retries: 2}
+		if err := s.normalize(now); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(s.Waves, DefaultWaves) || *s.MaxFailurePct != 5 || s.MinPerWave != 1 || s.RatePerMin != 600 ||
+			s.StepTimeoutS != 600 || s.FailureAction != ActionPause || !slices.Equal(s.RetryOn, DefaultRetryOn) {
+			t.Fatalf("defaults: %+v", s)
+		}
+	})
+	zero := 0.0
+	past := now.Add(-time.Hour)
+	for name, s := range map[string]Spec{
+		"NoFirmware":     {},
+		"BadWaves":       {Firmware: "f", Waves: []int{10, 50}},
+		"BadPct":         {Firmware: "f", MaxFailurePct: func() *float64 { v := 101.0; return &v }()},
+		"BadAction":      {Firmware: "f", FailureAction: "explode"},
+		"TooManyRetries": {Firmware: "f", Retries: 11},
+		"BadRetryKind":   {Firmware: "f", Retries: 1, RetryOn: []string{"deadline"}},
+		"BadWindow":      {Firmware: "f", Window: "25:00-26:00"},
+		"PastDeadline":   {Firmware: "f", Deadline: &past},
+		"NegativeRate":   {Firmware: "f", RatePerMin: -1},
+	} {
+		t.Run("Err"+name, func(t *testing.T) {
+			if err := s.normalize(now); err == nil {
+				t.Fatalf("accepted %+v", s)
+			}
+		})
+	}
+	t.Run("ZeroThresholdKept", func(t *testing.T) {
+		s := Spec{Firmware: "f", MaxFailurePct: &zero}
+		if err := s.normalize(now); err != nil || *s.MaxFailurePct != 0 {
+			t.Fatalf("max_failure_pct 0: %v, %v", err, *s.MaxFailurePct)
+		}
+	})
+}
