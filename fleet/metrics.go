@@ -1,6 +1,12 @@
 package fleet
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"slices"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/protocol"
+)
 
 // metrics of the fleet manager. No label takes per-locker values.
 type metrics struct {
@@ -16,7 +22,25 @@ type metrics struct {
 	eventsDup     prometheus.Counter
 	alerts        *prometheus.CounterVec // kind
 	presenceEvent *prometheus.CounterVec // kind
+
+	// Fleet-wide, from the census (the same on every gateway instance).
+	registered prometheus.Gauge
+	stale      prometheus.Gauge
+	flapping   prometheus.Gauge
+	alertsOpen *prometheus.GaugeVec // kind
 }
+
+// Label values that exist from the start, so that rate(), ratios and alert
+// rules see zeros instead of no data. Other values appear when first used.
+var (
+	metricChannels = []protocol.Channel{protocol.ChanPresence, protocol.ChanHealth, protocol.ChanEvents,
+		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
+	metricQueues   = []string{"health", "events"}
+	metricWriteOps = []string{"insert_health", "insert_events", "presence", "command_result", "creds_ack"}
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "census")
+	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
+	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout}
+)
 
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
@@ -71,10 +95,55 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_presence_changes_total",
 			Help: "Locker presence changes, by kind (online, offline).",
 		}, []string{"kind"}),
+		registered: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_devices_registered",
+			Help: "Enabled lockers in the database (fleet-wide: every gateway instance reports the same count).",
+		}),
+		stale: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_devices_stale",
+			Help: "Lockers marked online but silent for more than 3 health intervals (fleet-wide).",
+		}),
+		flapping: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_devices_flapping",
+			Help: "Lockers with 5 or more sessions in the last 10 minutes (fleet-wide).",
+		}),
+		alertsOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "lockergate_alerts_open",
+			Help: "Open stateful alerts (door_ajar, door_fault, on_battery), by kind (fleet-wide).",
+		}, []string{"kind"}),
+	}
+	for _, ch := range metricChannels {
+		m.received.WithLabelValues(string(ch))
+	}
+	m.dropped.WithLabelValues(string(protocol.ChanHealth), "queue_full")
+	for _, q := range metricQueues {
+		m.queueDepth.WithLabelValues(q)
+	}
+	for _, op := range metricWriteOps {
+		m.dbWrite.WithLabelValues(op)
+	}
+	for _, op := range metricErrorOps {
+		m.dbErrors.WithLabelValues(op)
+	}
+	for _, t := range metricCmdTypes {
+		m.cmdDuration.WithLabelValues(t)
+		for _, s := range CommandStatuses {
+			m.commands.WithLabelValues(t, s)
+		}
+	}
+	for _, k := range metricAlerts {
+		m.alerts.WithLabelValues(k)
+	}
+	for _, k := range StatefulAlerts {
+		m.alertsOpen.WithLabelValues(k)
+	}
+	for _, k := range []string{"online", "offline"} {
+		m.presenceEvent.WithLabelValues(k)
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.cmdDuration, m.eventsDup, m.alerts, m.presenceEvent)
+			m.online, m.commands, m.cmdDuration, m.eventsDup, m.alerts, m.presenceEvent,
+			m.registered, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
 }
