@@ -518,6 +518,12 @@ type FwJob struct {
 	SHA256   string `json:"sha256"`
 	Sig      string `json:"sig"`
 	Deadline Time   `json:"deadline,omitzero"`
+	// Lockergate extensions (docs/protocol.md, "Firmware job"): install only
+	// inside [InstallAfter, InstallBefore), a window that repeats every 24 h;
+	// Downgrade marks a downgrade an operator forced.
+	InstallAfter  Time `json:"install_after,omitzero"`
+	InstallBefore Time `json:"install_before,omitzero"`
+	Downgrade     bool `json:"downgrade,omitempty"`
 }
 
 // Validate implements Validator.
@@ -527,6 +533,9 @@ func (j *FwJob) Validate() error {
 	}
 	if _, err := hex.DecodeString(j.SHA256); err != nil {
 		return errors.New("sha256: want 64 hex digits")
+	}
+	if j.InstallAfter.IsZero() != j.InstallBefore.IsZero() || (!j.InstallAfter.IsZero() && !j.InstallBefore.After(j.InstallAfter.Time)) {
+		return errors.New("install_after and install_before: want both, the second later, or neither")
 	}
 	return checkLens("version", j.Version)
 }
