@@ -262,6 +262,25 @@ func TestAPIBadInput(t *testing.T) {
 			t.Fatalf("got %v, want 400", err)
 		}
 	})
+	t.Run("IdempotentReplayHasNoSecret", func(t *testing.T) {
+		req := client.Request{Method: "POST", Path: "/v1/tokens", Body: map[string]any{"role": "operator", "name": "ops"},
+			Header: map[string][]string{"Idempotency-Key": {"tok-1"}}}
+		var first, again map[string]any
+		if _, err := tg.Admin.Do(ctx, req, &first); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tg.Admin.Do(ctx, req, &again); err != nil {
+			t.Fatal(err)
+		}
+		if first["token"] == nil || again["token"] != nil || first["id"] != again["id"] {
+			t.Fatalf("first %v, replay %v: the replay must repeat the answer without the secret", first, again)
+		}
+		var stored int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["token"]).Scan(&stored)
+		if stored != 0 {
+			t.Fatal("a token is stored in clear for idempotent replays")
+		}
+	})
 	t.Run("IdempotencyKey", func(t *testing.T) {
 		req := client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands",
 			Body: map[string]any{"type": "unlock", "compartment": 1, "wait_s": 5}, Header: map[string][]string{"Idempotency-Key": {"k1"}}}

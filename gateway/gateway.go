@@ -63,6 +63,9 @@ type Options struct {
 	PublicURL string
 	// Config is what every locker is configured with (zero: fleet.DefaultConfig).
 	Config protocol.Config
+	// WebhookAllowPrivate lets webhooks target loopback and private
+	// addresses (tests, labs); off by default.
+	WebhookAllowPrivate bool
 	// WebhookBackoff is the first webhook retry delay (default 5s; tests shorten it).
 	WebhookBackoff time.Duration
 	// ExternalBroker runs the fleet against an existing broker cluster
@@ -237,7 +240,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	g.webhooks, err = webhook.New(webhook.Options{Store: g.db, MasterKey: master, Logger: o.Logger.With("component", "webhook"),
-		Registerer: g.reg, BackoffBase: o.WebhookBackoff})
+		Registerer: g.reg, BackoffBase: o.WebhookBackoff, AllowPrivate: o.WebhookAllowPrivate})
 	if err != nil {
 		return nil, err
 	}

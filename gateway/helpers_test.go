@@ -40,7 +40,7 @@ func MustStart(tb testing.TB, mod ...func(*gateway.Options)) *TestGateway {
 	tb.Helper()
 	o := gateway.Options{
 		DataDir: tb.TempDir(), DatabaseURL: pgtest.NewDB(tb),
-		MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(tb),
+		MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(tb), WebhookAllowPrivate: true,
 		Config: protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
 	}
 	for _, f := range mod {

@@ -119,7 +119,7 @@ func (s *Server) getPickup(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if mayHoldCode(principal(r), p) {
-		p.Credential = s.pickups.CredentialOf(p)
+		p.Credential = s.pickups.CredentialOf(r.Context(), p)
 	}
 	writeJSON(w, http.StatusOK, p)
 	return nil
@@ -269,6 +269,10 @@ func (s *Server) deleteWebhook(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if err := s.webhooks.Delete(r.Context(), wh.ID); err != nil {
+		return err
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "webhook.delete",
+		Detail: map[string]any{"webhook": wh.ID}}); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

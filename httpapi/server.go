@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -257,7 +258,7 @@ func (s *Server) idempotent(h handler) handler {
 		}
 		if rec.status >= 200 && rec.status < 300 {
 			if err := s.store.PutIdempotent(r.Context(), actor, key, &fleet.Idempotent{
-				Route: route, BodyHash: sum[:], Status: rec.status, Response: rec.body.Bytes()}); err != nil && !errors.Is(err, fleet.ErrConflict) {
+				Route: route, BodyHash: sum[:], Status: rec.status, Response: scrubSecrets(rec.body.Bytes())}); err != nil && !errors.Is(err, fleet.ErrConflict) {
 				s.log.Error("store idempotent answer", "err", err)
 			}
 		}
@@ -296,4 +297,30 @@ func readAllLimited(r *http.Request) ([]byte, error) {
 	}
 	_ = n
 	return buf.Bytes(), nil
+}
+
+// secretFields are shown once and never stored, not even for an
+// Idempotency-Key replay (which answers without them).
+var secretFields = []string{"token", "secret", "password"}
+
+func scrubSecrets(body []byte) []byte {
+	var m map[string]json.RawMessage
+	if json.Unmarshal(body, &m) != nil {
+		return body
+	}
+	changed := false
+	for _, f := range secretFields {
+		if _, ok := m[f]; ok {
+			delete(m, f)
+			changed = true
+		}
+	}
+	if !changed {
+		return body
+	}
+	out, err := json.Marshal(m)
+	if err != nil {
+		return body
+	}
+	return append(out, '\n')
 }

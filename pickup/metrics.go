@@ -5,6 +5,8 @@ import (
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lockergate/lockergate/fleet"
 )
 
 // MaxSiteLabels bounds the site label of the occupancy gauges; sites past it
@@ -56,6 +58,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	for _, r := range []string{"unknown", "expired", "used", "locked_out"} {
 		m.rejections.WithLabelValues(r)
+	}
+	for _, k := range []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved} {
+		m.alerts.WithLabelValues(k)
 	}
 	if reg != nil {
 		reg.MustRegister(m.state, m.stage, m.collect, m.rejections, m.alerts, m.occupied, m.total)

@@ -147,6 +147,8 @@ type Store interface {
 	// UseCredential marks a locker's credential used (single use) and bumps
 	// the set version; it returns the pickups it was for.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// GetCredential returns a credential and its state.
+	GetCredential(ctx context.Context, id string) (*Credential, string, error)
 	// CredentialState returns active, used, revoked or expired.
 	CredentialState(ctx context.Context, id string) (string, error)
 	// RaiseAlert records an alert (see fleet.Store).

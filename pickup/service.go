@@ -149,14 +149,27 @@ func (s *Service) Get(ctx context.Context, id string) (*Pickup, error) {
 }
 
 // List lists pickups.
-func (s *Service) List(ctx context.Context, f Filter) ([]Pickup, error) { return s.o.Store.ListPickups(ctx, f) }
+func (s *Service) List(ctx context.Context, f Filter) ([]Pickup, error) {
+	return s.o.Store.ListPickups(ctx, f)
+}
 
 // CredentialOf returns the codes of a pickup's live credential, or nil.
-func (s *Service) CredentialOf(p *Pickup) *CredentialView {
+func (s *Service) CredentialOf(ctx context.Context, p *Pickup) *CredentialView {
 	if p.CredentialID == "" || p.State != Ready {
 		return nil
 	}
-	return s.View(p.CredentialID, p.ExpiresAt)
+	c, state, err := s.o.Store.GetCredential(ctx, p.CredentialID)
+	if err != nil || state != "active" {
+		return nil // used (a fresh one follows) or revoked
+	}
+	v := s.View(c.ID, c.NotAfter)
+	if c.PINMAC == "" {
+		v.Code = ""
+	}
+	if c.QRMAC == "" {
+		v.QR = ""
+	}
+	return v
 }
 
 // View derives the codes of credential id.
@@ -340,7 +353,7 @@ func (s *Service) transitioned(p *Pickup, to string) {
 // ExpandEvent completes a stored webhook body: a pickup.ready event names
 // its credential by id, and the codes are derived here, at send time, so
 // they are never stored.
-func (s *Service) ExpandEvent(_ context.Context, body []byte) ([]byte, error) {
+func (s *Service) ExpandEvent(_ context.Context, role string, body []byte) ([]byte, error) {
 	var ev map[string]any
 	if err := json.Unmarshal(body, &ev); err != nil {
 		return nil, err
@@ -352,6 +365,8 @@ func (s *Service) ExpandEvent(_ context.Context, body []byte) ([]byte, error) {
 	}
 	notAfter, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(data["expires_at"]))
 	delete(data, "credential_id")
-	data["credential"] = s.View(cid, notAfter)
+	if role != fleet.RoleOperator { // fleet operators never see codes
+		data["credential"] = s.View(cid, notAfter)
+	}
 	return json.Marshal(ev)
 }

@@ -41,15 +41,16 @@ func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
 	if err != nil {
 		return nil, err
 	}
-	rows, err := db.pool.Query(ctx, `SELECT n, size, zone, in_service, occupied, door FROM compartments
-		WHERE device_id = $1 ORDER BY n`, id)
+	rows, err := db.pool.Query(ctx, `SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, coalesce(p.id, '')
+		FROM compartments c LEFT JOIN pickups p ON p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready')
+		WHERE c.device_id = $1 ORDER BY c.n`, id)
 	if err != nil {
 		return nil, err
 	}
 	defer rows.Close()
 	for rows.Next() {
 		var c fleet.Compartment
-		if err := rows.Scan(&c.N, &c.Size, &c.Zone, &c.InService, &c.Occupied, &c.Door); err != nil {
+		if err := rows.Scan(&c.N, &c.Size, &c.Zone, &c.InService, &c.Occupied, &c.Door, &c.Pickup); err != nil {
 			return nil, err
 		}
 		l.Compartments = append(l.Compartments, c)

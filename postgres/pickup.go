@@ -179,6 +179,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 			SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
 			WHERE w.deleted_at IS NULL AND $2 = ANY (w.events)
+				AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
 				AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
 			ev.ID, ev.Type, id, body, at, out.Site, out.Platform)
 		return err
@@ -244,6 +245,18 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		return rows.Err()
 	})
 	return out, err
+}
+
+// GetCredential implements pickup.Store.
+func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential, string, error) {
+	var c pickup.Credential
+	var state string
+	err := db.pool.QueryRow(ctx, `SELECT id, device_id, coalesce(pin_mac, ''), coalesce(qr_mac, ''), compartments, not_after, created_at, state
+		FROM credentials WHERE id = $1`, id).Scan(&c.ID, &c.DeviceID, &c.PINMAC, &c.QRMAC, &c.Compartments, &c.NotAfter, &c.CreatedAt, &state)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, "", fleet.ErrNotFound
+	}
+	return &c, state, err
 }
 
 // CredentialState implements pickup.Store.

@@ -8,8 +8,10 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,7 +26,8 @@ type Options struct {
 	MasterKey []byte
 	// Expand completes a stored body before sending (e.g. adds pickup codes
 	// that are never stored). Nil sends bodies as stored.
-	Expand func(ctx context.Context, body []byte) ([]byte, error)
+	// It gets the receiving webhook's role: operators get no codes.
+	Expand func(ctx context.Context, role string, body []byte) ([]byte, error)
 	Client *http.Client
 	Logger *slog.Logger
 	// Registerer takes the dispatcher's metrics (nil: none).
@@ -38,6 +41,11 @@ type Options struct {
 	Workers int
 	// PollInterval bounds the wait for due deliveries. Default 1s.
 	PollInterval time.Duration
+	// AllowPrivate lets webhooks reach loopback, private and link-local
+	// addresses (tests, lab setups). Off, the dialer refuses them after DNS
+	// resolution, so a token holder cannot make the gateway probe its own
+	// network.
+	AllowPrivate bool
 	Now          func() time.Time
 }
 
@@ -60,7 +68,8 @@ func New(o Options) (*Dispatcher, error) {
 		return nil, err
 	}
 	if o.Client == nil {
-		o.Client = &http.Client{Timeout: 10 * time.Second}
+		o.Client = &http.Client{Timeout: 10 * time.Second, Transport: transport(o.AllowPrivate),
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -103,7 +112,7 @@ func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
 }
 
 // SetExpand sets Options.Expand (the pickup service exists after the dispatcher).
-func (d *Dispatcher) SetExpand(f func(ctx context.Context, body []byte) ([]byte, error)) {
+func (d *Dispatcher) SetExpand(f func(ctx context.Context, role string, body []byte) ([]byte, error)) {
 	d.o.Expand = f
 }
 
@@ -165,20 +174,33 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 }
 
 func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
+	// A failure before sending is recorded like a failed attempt, so the
+	// delivery backs off (and is given up in time) instead of blocking the
+	// pickup's later events forever.
+	fail := func(what string, err error) {
+		d.log.Error(what, "webhook", dl.WebhookID, "event", dl.EventID, "err", err)
+		o := Outcome{At: d.o.Now(), Error: what + ": " + err.Error()}
+		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
+			o.Next = o.At.Add(d.backoff(dl.Attempts + 1))
+		}
+		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
+			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
+		}
+	}
 	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)
 	if err != nil {
-		d.log.Error("load webhook", "webhook", dl.WebhookID, "err", err)
+		fail("load webhook", err)
 		return
 	}
 	secret, err := d.seal.open(enc, w.ID)
 	if err != nil {
-		d.log.Error("open webhook secret: was master.key replaced?", "webhook", w.ID, "err", err)
+		fail("open webhook secret (was master.key replaced?)", err)
 		return
 	}
 	body := []byte(dl.Body)
 	if d.o.Expand != nil {
-		if body, err = d.o.Expand(ctx, body); err != nil {
-			d.log.Error("complete webhook body", "event", dl.EventID, "err", err)
+		if body, err = d.o.Expand(ctx, w.Role, body); err != nil {
+			fail("complete webhook body", err)
 			return
 		}
 	}
@@ -286,4 +308,27 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		reg.MustRegister(m.deliveries, m.latency, m.backlog, m.oldest)
 	}
 	return m
+}
+
+// transport dials only public addresses unless allowPrivate.
+func transport(allowPrivate bool) *http.Transport {
+	d := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
+		if allowPrivate {
+			return nil
+		}
+		host, _, err := net.SplitHostPort(address)
+		if err != nil {
+			return err
+		}
+		ip := net.ParseIP(host)
+		if ip == nil || ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsUnspecified() ||
+			ip.IsLinkLocalMulticast() || ip.IsMulticast() {
+			return fmt.Errorf("webhook address %s is not public (set --webhook-allow-private for lab setups)", host)
+		}
+		return nil
+	}}
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.DialContext = d.DialContext
+	t.Proxy = nil
+	return t
 }
