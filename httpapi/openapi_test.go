@@ -15,7 +15,9 @@ import (
 	"testing"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/provisioning"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 // oaDoc is the part of an OpenAPI 3 document the tests read.
@@ -60,12 +62,19 @@ type oaSchema struct {
 	Properties map[string]*oaSchema `json:"properties"`
 	AllOf      []*oaSchema          `json:"allOf"`
 	Enum       []string             `json:"enum"`
+	Items      *oaSchema            `json:"items"`
 }
 
 // withoutToken are the documented operations served without a token,
 // outside table().
 var withoutToken = map[string]bool{
 	"GET /healthz": true, "GET /readyz": true, "GET /metrics": true, "GET /v1/openapi.json": true,
+}
+
+// withoutBody are the POST routes that read no request body: actions on the
+// resource their path names.
+var withoutBody = map[string]bool{
+	"POST /v1/pickups/{id}/cancel": true,
 }
 
 func mustDoc(tb testing.TB) (*oaDoc, map[string]any) {
@@ -216,7 +225,12 @@ func TestOpenAPIMatchesRoutes(t *testing.T) {
 					t.Errorf("idempotent route without a 409 response")
 				}
 			}
-			if (rt.method == "POST" || rt.method == "PATCH") && op.RequestBody == nil {
+			switch {
+			case withoutBody[key]:
+				if op.RequestBody != nil {
+					t.Errorf("documents a request body, but the handler reads none")
+				}
+			case (rt.method == "POST" || rt.method == "PATCH") && op.RequestBody == nil:
 				t.Errorf("no request body")
 			}
 			if _, ok := op.Responses["400"]; !ok && (op.RequestBody != nil || hasQuery(t, raw, op)) {
@@ -335,9 +349,27 @@ func TestOpenAPISchemas(t *testing.T) {
 		"HealthList":   List[fleet.HealthRecord]{},
 		"EventList":    List[fleet.EventRecord]{},
 		"AuditList":    List[fleet.AuditEntry]{},
+
+		"Pickup":          pickup.Pickup{},
+		"Recipient":       pickup.Recipient{},
+		"Transition":      pickup.Transition{},
+		"CredentialView":  pickup.CredentialView{},
+		"PickupList":      List[pickup.Pickup]{},
+		"Webhook":         webhook.Webhook{},
+		"WebhookCreated":  webhookOut{},
+		"WebhookList":     List[webhook.Webhook]{},
+		"Delivery":        webhook.Delivery{},
+		"DeliveryAttempt": webhook.Attempt{},
+		"DeliveryList":    List[webhook.Delivery]{},
+		"WebhookEvent":    pickup.Event{},
 	}
 	// alwaysSet are omitempty fields the handler never leaves empty.
-	alwaysSet := map[string][]string{"ClaimCreated": {"token"}}
+	alwaysSet := map[string][]string{
+		"ClaimCreated":   {"token"},
+		"CredentialView": {"locker", "compartments", "pickups"}, // set by POST /v1/credentials
+		"Webhook":        {"token"},
+		"WebhookCreated": {"token"},
+	}
 	for name, v := range answers {
 		t.Run(name, func(t *testing.T) {
 			s, ok := d.Components.Schemas[name]
@@ -375,6 +407,10 @@ func TestOpenAPISchemas(t *testing.T) {
 		"LockerPatch":   {lockerPatch{}, nil},
 		"CommandCreate": {commandIn{}, nil},
 		"TokenCreate":   {tokenIn{}, nil},
+
+		"PickupCreate":     {pickupIn{}, nil},
+		"CredentialCreate": {credentialIn{}, nil},
+		"WebhookCreate":    {webhookIn{}, nil},
 	}
 	for name, r := range requests {
 		t.Run(name, func(t *testing.T) {
@@ -401,6 +437,33 @@ func TestOpenAPISchemas(t *testing.T) {
 		props, _ := flatten(d, d.Components.Schemas["Command"])
 		if got, want := sortedCopy(props["status"].Enum), sortedCopy(fleet.CommandStatuses); !slices.Equal(got, want) {
 			t.Errorf("status enum %v, want %v", got, want)
+		}
+	})
+	t.Run("PickupEnums", func(t *testing.T) {
+		for _, c := range []struct {
+			schema, prop string
+			items        bool // the enum is on the array's items
+			want         []string
+		}{
+			{"Pickup", "state", false, pickup.States},
+			{"Transition", "to", false, pickup.States},
+			{"WebhookEvent", "type", false, pickup.EventTypes},
+			{"Delivery", "type", false, pickup.EventTypes},
+			{"Webhook", "events", true, pickup.EventTypes},
+			{"WebhookCreate", "events", true, pickup.EventTypes},
+		} {
+			props, _ := flatten(d, d.Components.Schemas[c.schema])
+			p := props[c.prop]
+			if p != nil && c.items {
+				p = p.Items
+			}
+			if p == nil {
+				t.Errorf("%s.%s: not documented", c.schema, c.prop)
+				continue
+			}
+			if got, want := sortedCopy(p.Enum), sortedCopy(c.want); !slices.Equal(got, want) {
+				t.Errorf("%s.%s enum %v, want %v", c.schema, c.prop, got, want)
+			}
 		}
 	})
 	t.Run("Roles", func(t *testing.T) {
