@@ -194,19 +194,27 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 // Rate limits guard the backend and slow down guessing; they are checked after
 // the cache, so a device whose secret was verified recently still gets in while
 // someone hammers its id with wrong secrets (device secrets are random and
-// long, so the cache is no practical guessing oracle).
+// long, so the cache is no practical guessing oracle). Nor do they apply to
+// the secret this broker last verified for the id, however long ago: device
+// ids are not secret, and anyone could otherwise keep a locker whose cache
+// entry has expired offline by sending five wrong secrets a minute. The
+// backend still confirms such a secret.
 func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip string, now time.Time) (*session, string) {
 	sum := sha256.Sum256(password)
 	for attempt := 0; attempt < 3; attempt++ {
 		epoch := b.cache.epoch(id)
-		if b.cache.match(id, sum, now) {
+		fresh, known := b.cache.lookup(id, sum, now)
+		if fresh {
 			b.m.authCache.WithLabelValues("hit").Inc()
 		} else {
 			b.m.authCache.WithLabelValues("miss").Inc()
-			if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
+			if !known && (b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now)) {
 				return nil, refuseRateLimited
 			}
 			if reason := b.checkDevice(id, password); reason != "" {
+				if known && reason != refuseBackendError {
+					b.cache.invalidate(id) // the secret changed without a Kick
+				}
 				return nil, reason
 			}
 			b.cache.store(id, sum, epoch, now)
@@ -312,9 +320,9 @@ func logID(s string) string {
 	return s
 }
 
-// authCache remembers devices whose secret the backend confirmed recently, as
-// id -> sha256(secret). Entries only come from successful checks, so its size
-// is bounded by the fleet; the cap is a backstop.
+// authCache remembers devices whose secret the backend confirmed, as
+// id -> sha256(secret), trusted for the TTL. Entries only come from successful
+// checks, so its size is bounded by the fleet; the cap is a backstop.
 type authCache struct {
 	mu      sync.Mutex
 	ttl     time.Duration
@@ -351,17 +359,22 @@ func (c *authCache) epoch(id string) uint64 {
 }
 
 func (c *authCache) match(id string, sum [sha256.Size]byte, now time.Time) bool {
+	fresh, _ := c.lookup(id, sum, now)
+	return fresh
+}
+
+// lookup compares sum with the secret last verified for id. known: it is that
+// secret; fresh: also within the TTL, so the backend need not be asked.
+// Expired entries stay (until invalidated or evicted) to tell known secrets.
+func (c *authCache) lookup(id string, sum [sha256.Size]byte, now time.Time) (fresh, known bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.entries[id]
 	if !ok {
-		return false
+		return false, false
 	}
-	if !now.Before(e.expires) {
-		delete(c.entries, id)
-		return false
-	}
-	return subtle.ConstantTimeCompare(e.sum[:], sum[:]) == 1
+	known = subtle.ConstantTimeCompare(e.sum[:], sum[:]) == 1
+	return known && now.Before(e.expires), known
 }
 
 func (c *authCache) store(id string, sum [sha256.Size]byte, epoch uint64, now time.Time) {

@@ -99,8 +99,14 @@ func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) 
 
 // OnPacketRead implements mqtt.Hook; see provisionAnswerAcked.
 func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	if pk.FixedHeader.Type == packets.Puback && isClaimClient(cl) {
+	switch t := pk.FixedHeader.Type; {
+	case t == packets.Puback && isClaimClient(cl):
 		h.b.provisionAnswerAcked(cl, pk)
+	case t == packets.Publish && !cl.Net.Inline && pk.TopicName != "" && !mqtt.IsValidFilter(pk.TopicName, true):
+		// mochi drops a client's publish to $SYS or to a name with
+		// wildcards before asking the ACL (unacknowledged, even at QoS 1):
+		// refused all the same, so counted and logged like the others.
+		h.b.denied(cl, pk.TopicName, true)
 	}
 	return pk, nil
 }
@@ -133,17 +139,22 @@ func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 		ok = protocol.ProvisionerMaySubscribe(id, topic)
 	}
 	if !ok {
-		action := "subscribe"
-		if write {
-			action = "publish"
-		}
-		b.m.aclDenied.WithLabelValues(action).Inc()
-		if allowed, suppressed := b.denyLog.allow(time.Now()); allowed {
-			b.log.Warn("mqtt access denied", "action", action, "client_id", logID(cl.ID),
-				"topic", logID(topic), "remote", cl.Net.Remote, "suppressed", suppressed)
-		}
+		b.denied(cl, topic, write)
 	}
 	return ok
+}
+
+// denied counts and logs a refused publish (write) or subscription.
+func (b *Broker) denied(cl *mqtt.Client, topic string, write bool) {
+	action := "subscribe"
+	if write {
+		action = "publish"
+	}
+	b.m.aclDenied.WithLabelValues(action).Inc()
+	if allowed, suppressed := b.denyLog.allow(time.Now()); allowed {
+		b.log.Warn("mqtt access denied", "action", action, "client_id", logID(cl.ID),
+			"topic", logID(topic), "remote", cl.Net.Remote, "suppressed", suppressed)
+	}
 }
 
 // errPayloadTooLarge is the reason code of the PUBACK answering an MQTT 5

@@ -188,7 +188,15 @@ func (d *DynSec) PutDevice(ctx context.Context, id, password string) error {
 	err := d.do(ctx, map[string]any{"command": "createClient", "username": id, "password": password, "clientid": id,
 		"roles": []any{map[string]any{"rolename": role}}})
 	if err != nil && strings.Contains(err.Error(), "already exists") {
-		return d.do(ctx, map[string]any{"command": "setClientPassword", "username": id, "password": password})
+		// A replaced (or re-provisioned) locker: the old secret must stop
+		// working at once, and a live session with it must end.
+		if err := d.do(ctx, map[string]any{"command": "setClientPassword", "username": id, "password": password}); err != nil {
+			return err
+		}
+		if err := d.DisableDevice(ctx, id); err != nil {
+			return err
+		}
+		return d.EnableDevice(ctx, id)
 	}
 	return err
 }
