@@ -108,8 +108,8 @@ type Options struct {
 	// answered (an external broker learns the credentials here); an error
 	// answers the locker "invalid" so it retries.
 	OnIssued func(ctx context.Context, deviceID, secret string) error
-	Logger    *slog.Logger
-	Now       func() time.Time
+	Logger   *slog.Logger
+	Now      func() time.Time
 }
 
 // Service provisions lockers and authenticates them.
