@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,7 +37,7 @@ type Options struct {
 	// Tick is how often rollouts are stepped (hand-out, waves, timeouts);
 	// reports that may change a wave wake the engine at once. Default 100ms.
 	Tick time.Duration
-	// GaugeInterval is how often the gauges are refreshed. Default 1s.
+	// GaugeInterval is how often the gauges are refreshed. Default 2s.
 	GaugeInterval time.Duration
 	Registerer    prometheus.Registerer
 	Logger        *slog.Logger
@@ -56,6 +57,12 @@ type Engine struct {
 
 	artifacts sync.Map // id → *Artifact; artifacts never change
 	zones     sync.Map // name → *time.Location
+
+	// dirty is set when something may let a rollout move (a job finished,
+	// a locker came back, a job went out); a clean engine steps rollouts
+	// once a second only. lastStep and lastSweep belong to Tick.
+	dirty               atomic.Bool
+	lastStep, lastSweep time.Time
 
 	errMu      sync.Mutex
 	lastErrLog map[string]time.Time
@@ -81,7 +88,7 @@ func New(o Options) (*Engine, error) {
 		o.Tick = 100 * time.Millisecond
 	}
 	if o.GaugeInterval <= 0 {
-		o.GaugeInterval = time.Second
+		o.GaugeInterval = 2 * time.Second
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -123,25 +130,44 @@ func (e *Engine) Run(ctx context.Context) error {
 	}
 }
 
-// Tick times out overdue jobs and steps every running rollout once. Run
-// calls it; tests and benchmarks may drive the engine with it directly.
+// idleEvery is how often rollouts are stepped and jobs swept when nothing
+// in this process signalled a change (another gateway instance's reports
+// are noticed at this pace).
+const idleEvery = time.Second
+
+// Tick times out overdue jobs (once a second) and steps every running
+// rollout: at once after a change, else once a second. Run calls it.
 func (e *Engine) Tick(ctx context.Context) {
 	now := e.now()
-	e.sweep(ctx, now)
+	if now.Sub(e.lastSweep) >= idleEvery {
+		e.lastSweep = now
+		e.sweep(ctx, now)
+	}
+	if !e.dirty.Swap(false) && now.Sub(e.lastStep) < idleEvery {
+		return
+	}
+	e.lastStep = now
 	ids, err := e.store.RunningRollouts(ctx)
 	if err != nil {
-		e.fail("list_rollouts", err)
+		if ctx.Err() == nil {
+			e.fail("list_rollouts", err)
+		}
 		return
 	}
 	for _, id := range ids {
-		if err := e.step(ctx, id); err != nil && ctx.Err() == nil {
+		more, err := e.step(ctx, id)
+		if err != nil && ctx.Err() == nil {
 			e.fail("step", fmt.Errorf("rollout %s: %w", id, err))
+		}
+		if more {
+			e.dirty.Store(true)
 		}
 	}
 }
 
-// kick wakes Run for an early step.
+// kick marks the engine dirty and wakes Run for an early step.
 func (e *Engine) kick() {
+	e.dirty.Store(true)
 	select {
 	case e.wake <- struct{}{}:
 	default:
@@ -315,13 +341,14 @@ func (e *Engine) stop(ctx context.Context, tx StepTx, r *Rollout, reason string,
 
 // step advances one running rollout: gates, deadline, waves, hand-out and
 // completion, under the rollout's row lock. Locker notifications follow the
-// commit.
-func (e *Engine) step(ctx context.Context, id string) error {
+// commit. more reports whether the next tick should step it again (jobs
+// went out, or wait for the rate limit).
+func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 	var sent, cancelled []Job
 	var notes []fleet.AuditEntry
 	var crossedAt time.Time
-	err := e.store.Step(ctx, id, func(tx StepTx) error {
-		sent, cancelled, notes, crossedAt = nil, nil, nil, time.Time{}
+	err = e.store.Step(ctx, id, func(tx StepTx) error {
+		sent, cancelled, notes, crossedAt, more = nil, nil, nil, time.Time{}, false
 		r := tx.Rollout()
 		if r.Status != Running {
 			return nil
@@ -384,6 +411,9 @@ func (e *Engine) step(ctx context.Context, id string) error {
 				return err
 			}
 			r.TAT = rt.take(r.TAT, now, len(sent))
+			more = len(sent) > 0
+		} else if all[StateQueued] > 0 {
+			more = true // held by the rate limit
 		}
 		if r.Wave == last && unfinished == 0 {
 			r.Status, r.FinishedAt = Completed, &now
@@ -396,17 +426,40 @@ func (e *Engine) step(ctx context.Context, id string) error {
 		return nil
 	})
 	if err != nil {
-		return err
+		return false, err
 	}
 	if !crossedAt.IsZero() {
 		e.m.gateLatency.Observe(e.now().Sub(crossedAt).Seconds())
 	}
-	for _, j := range sent {
-		e.publish(ctx, j.DeviceID)
-	}
+	e.publishJobs(ctx, sent)
 	e.withdraw(ctx, cancelled)
 	e.audit(ctx, notes...)
-	return nil
+	return more || len(notes) > 0, nil
+}
+
+// publishParallel bounds concurrent publishes of a step: each is a few
+// queries and publishes, and a wave can hand out thousands of jobs.
+const publishParallel = 8
+
+// publishJobs publishes the fw/job of each job's locker, several at a time.
+func (e *Engine) publishJobs(ctx context.Context, jobs []Job) {
+	if len(jobs) <= 1 {
+		for _, j := range jobs {
+			e.publish(ctx, j.DeviceID)
+		}
+		return
+	}
+	sem := make(chan struct{}, publishParallel)
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			e.publish(ctx, j.DeviceID)
+		}()
+	}
+	wg.Wait()
 }
 
 // lastFailure is when the latest failure of a wave was recorded: the report
@@ -448,12 +501,14 @@ func (e *Engine) waveDone(ctx context.Context, tx StepTx, r *Rollout, w map[stri
 
 // withdraw clears the fw/job of cancelled jobs that were on a locker.
 func (e *Engine) withdraw(ctx context.Context, cancelled []Job) {
+	var sent []Job
 	for _, j := range cancelled {
 		e.m.finished.WithLabelValues(StateCancelled).Inc()
 		if j.SentAt != nil {
-			e.publish(ctx, j.DeviceID)
+			sent = append(sent, j)
 		}
 	}
+	e.publishJobs(ctx, sent)
 }
 
 // retryable reports whether a failure of kind on attempt gets another attempt.
@@ -475,7 +530,9 @@ func retryable(r *Rollout, kind string, attempt int, now time.Time) bool {
 func (e *Engine) sweep(ctx context.Context, now time.Time) {
 	stale, err := e.store.Stale(ctx, now)
 	if err != nil {
-		e.fail("sweep", err)
+		if ctx.Err() == nil {
+			e.fail("sweep", err)
+		}
 		return
 	}
 	for _, s := range stale {
@@ -509,20 +566,23 @@ func (e *Engine) sweep(ctx context.Context, now time.Time) {
 	}
 }
 
-// finished follows up a job that left its active state: the locker's fw/job
-// is cleared (or, for a retry, replaced when the job goes out again), the
-// gate of its wave is checked on a failure, and the engine is woken for
-// the next step.
+// finished follows up a job that left its active state: on a failure the
+// gate of its wave is checked (r is the job's rollout; nil on a success),
+// the locker's fw/job is cleared (a retry goes out again as a new job), and
+// the engine is woken for the next step. After a success the fw/job is left
+// for the locker's next connect to clear: the locker runs the job's version
+// and ignores a job it finished, and republishing the retained state is most
+// of the database work of a job (docs/firmware.md).
 func (e *Engine) finished(ctx context.Context, j *Job, r *Rollout, wasActive bool, receivedAt time.Time) {
 	if j.State == StateQueued {
 		e.m.finished.WithLabelValues(StateFailed).Inc() // a failed attempt, retried
 	} else {
 		e.m.finished.WithLabelValues(j.State).Inc()
 	}
-	if IsFailure(j.State) {
+	if IsFailure(j.State) && r != nil {
 		e.checkGate(ctx, r, j.Wave, receivedAt) // first: stopping the rollout is what is urgent
 	}
-	if wasActive {
+	if wasActive && j.State != StateSucceeded {
 		e.publish(ctx, j.DeviceID)
 	}
 	e.kick()

@@ -301,6 +301,8 @@ type Store interface {
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
 	// ActiveJob returns the locker's active job, or nil.
 	ActiveJob(ctx context.Context, deviceID string) (*Job, error)
+	// RunningVersion returns the version of the locker's last birth.
+	RunningVersion(ctx context.Context, deviceID string) (string, error)
 	// Apply makes a transition; it returns the job as it is afterwards, or
 	// nil when the job was not in one of t.From (nothing changed).
 	Apply(ctx context.Context, t Transition) (*Job, error)

@@ -22,7 +22,7 @@ const (
 	DefaultRatePerMin   = 600
 	DefaultStepTimeoutS = 600
 	MaxRetries          = 10
-	maxListedLockers    = 100000
+	maxListedLockers    = 20000 // ids in selector.lockers; a request body is at most 1 MiB
 )
 
 // normalize fills defaults into s and checks it.

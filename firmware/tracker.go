@@ -3,6 +3,7 @@ package firmware
 import (
 	"context"
 	"errors"
+	"slices"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -17,7 +18,14 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 	switch st.State {
 	case StateDownloading, StateVerifying, StateInstalling, StateRebooting:
 		// Any report, even a repeated step, is progress for the step timeout.
-		j, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: st.Job, From: ActiveStates[:stage(st.State)+1],
+		from := ActiveStates[:stage(st.State)+1]
+		if st.State == StateInstalling || st.State == StateRebooting {
+			// A cancel that crossed the locker's "installing" on the way
+			// came too late: the locker installs anyway (docs/firmware.md),
+			// so the job follows it to its real outcome.
+			from = append(slices.Clone(from), StateCancelled)
+		}
+		j, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: st.Job, From: from,
 			To: st.State, Progress: st.Progress, At: at})
 		if err != nil {
 			e.fail("report", err)
@@ -26,10 +34,47 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 		e.counted(j != nil)
 	case StateFailed, StateRejected:
 		e.failJob(ctx, deviceID, st.Job, st.State, st.Error, at)
-	default:
-		// succeeded: success is confirmed by the birth on the new version,
-		// which the locker sends first.
-		e.counted(true)
+	case StateSucceeded:
+		e.succeeded(ctx, deviceID, st.Job, at)
+	}
+}
+
+// succeeded takes a locker's "succeeded" report. The birth on the new
+// version is the confirmation and normally settled the job already; but
+// reports queued across the reboot arrive after the birth, so a job still
+// open (or a cancel the install overtook) succeeds here when the birth the
+// gateway recorded shows the job's version.
+func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time.Time) {
+	j, err := e.store.GetJob(ctx, deviceID, wireID)
+	if errors.Is(err, fleet.ErrNotFound) {
+		e.counted(false)
+		return
+	}
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	if !IsActive(j.State) && !(j.State == StateCancelled && j.SentAt != nil) {
+		e.counted(false) // settled by the birth
+		return
+	}
+	fw, err := e.store.RunningVersion(ctx, deviceID)
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	if fw != j.Version {
+		e.counted(false) // not confirmed by a birth: the timeout will judge it
+		return
+	}
+	nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: wireID, From: []string{j.State}, To: StateSucceeded, At: at})
+	if err != nil {
+		e.fail("report", err)
+		return
+	}
+	e.counted(nj != nil)
+	if nj != nil {
+		e.finished(ctx, nj, nil, IsActive(j.State), at)
 	}
 }
 
@@ -57,11 +102,6 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 	}
 	switch {
 	case fw == j.Version:
-		r, err := e.store.GetRollout(ctx, j.RolloutID)
-		if err != nil {
-			e.fail("birth", err)
-			return
-		}
 		nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: j.JobID, From: ActiveStates, To: StateSucceeded, At: at})
 		if err != nil {
 			e.fail("birth", err)
@@ -69,7 +109,7 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 		}
 		e.counted(nj != nil)
 		if nj != nil {
-			e.finished(ctx, nj, r, true, at)
+			e.finished(ctx, nj, nil, true, at)
 		}
 	case j.State == StateRebooting:
 		e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at)

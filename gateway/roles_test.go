@@ -627,6 +627,7 @@ func TestRoles(t *testing.T) {
 		{name: "DELETE /v1/webhooks/{id} other", op: "DELETE /v1/webhooks/{id}",
 			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.otherWebhook) }, want: othersHidden(0, hidden)},
 	}
+	cases = append(cases, firmwareRoleCases(t, tg, lockersA, lockersB)...)
 
 	t.Run("MatrixCoversDocumentedRoles", func(t *testing.T) {
 		checkMatrixAgainstOpenAPI(t, tg, cases)
@@ -748,5 +749,121 @@ func checkMatrixAgainstOpenAPI(t *testing.T, tg *TestGateway, cases []roleCase) 
 	}
 	if n == 0 {
 		t.Fatal("the OpenAPI document has no authenticated operations")
+	}
+}
+
+// firmwareRoleCases are the role cases of firmware and rollouts (admin and
+// operator only). Their fixtures: images for the lockers' models, a rollout
+// held in a far maintenance window (nothing installs), and one whose jobs
+// fail (a corrupted recorded hash), to retry. Cases that need a rollout in
+// a given status put it there through the admin before the request.
+func firmwareRoleCases(t *testing.T, tg *TestGateway, lockersA, lockersB []string) []roleCase {
+	ctx := context.Background()
+	modelOf := func(id string) string {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id, nil, &l); err != nil {
+			t.Fatal(err)
+		}
+		return l.Model
+	}
+	upload := func(c *client.Client, model, version string) (int, string) {
+		var a struct{ ID string }
+		status, _ := c.Do(ctx, client.Request{Method: "POST", Path: "/v1/firmware",
+			Query: url.Values{"model": {model}, "version": {version}}, Body: []byte("image " + version)}, &a)
+		return status, a.ID
+	}
+	loc, _ := time.LoadLocation("America/Chicago")
+	h := time.Now().In(loc).Hour()
+	farWindow := fmt.Sprintf("%02d:00-%02d:00", (h+3)%24, (h+4)%24)
+	rollout := func(fw, locker string, extra map[string]any) string {
+		body := map[string]any{"firmware": fw, "selector": map[string]any{"lockers": []string{locker}}, "waves": []int{100}, "window": farWindow}
+		for k, v := range extra {
+			body[k] = v
+		}
+		var r struct{ ID string }
+		if err := tg.Admin.Post(ctx, "/v1/rollouts", body, &r); err != nil {
+			t.Fatalf("create rollout: %v", err)
+		}
+		return r.ID
+	}
+	statusOf := func(id string) string {
+		var r struct{ Status string }
+		if err := tg.Admin.Get(ctx, "/v1/rollouts/"+id, nil, &r); err != nil {
+			t.Fatal(err)
+		}
+		return r.Status
+	}
+	action := func(id, what string) { tg.Admin.Post(ctx, "/v1/rollouts/"+id+"/"+what, nil, nil) } // errors: already there
+
+	_, fwA := upload(tg.Admin, modelOf(lockersA[0]), "9.0.0")
+	_, fwB := upload(tg.Admin, modelOf(lockersB[0]), "9.1.0")
+	_, fwBad := upload(tg.Admin, modelOf(lockersA[1]), "9.2.0")
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE firmware SET sha256 = repeat('0', 64) WHERE id = $1`, fwBad); err != nil {
+		t.Fatal(err)
+	}
+	held := rollout(fwA, lockersA[0], nil)
+	failing := rollout(fwBad, lockersA[1], map[string]any{"window": "", "max_failure_pct": 100})
+	fleetCan := func(e roleEnv) bool { return e.roleOf() == "admin" || e.roleOf() == "operator" }
+
+	const ok, created, denied = http.StatusOK, http.StatusCreated, http.StatusForbidden
+	fleetOnly := func(s int) map[string]int {
+		return map[string]int{"admin": s, "operator": s, "store": denied, "platform": denied}
+	}
+	get := func(path string) client.Request { return client.Request{Method: "GET", Path: path} }
+	post := func(path string, body any) client.Request {
+		return client.Request{Method: "POST", Path: path, Body: body}
+	}
+	return []roleCase{
+		{name: "POST /v1/firmware", op: "POST /v1/firmware", want: fleetOnly(created),
+			req: func(e roleEnv) client.Request {
+				return client.Request{Method: "POST", Path: "/v1/firmware",
+					Query: url.Values{"model": {"LX-24"}, "version": {"9.9.0-" + e.role}}, Body: []byte("image")}
+			}},
+		{name: "GET /v1/firmware", op: "GET /v1/firmware", req: func(roleEnv) client.Request { return get("/v1/firmware") },
+			want: fleetOnly(ok)},
+		{name: "GET /v1/firmware/{id}", op: "GET /v1/firmware/{id}", req: func(roleEnv) client.Request { return get("/v1/firmware/" + fwA) },
+			want: fleetOnly(ok)},
+		{name: "POST /v1/rollouts", op: "POST /v1/rollouts", want: fleetOnly(created),
+			req: func(roleEnv) client.Request {
+				return post("/v1/rollouts", map[string]any{"firmware": fwB, "selector": map[string]any{"lockers": []string{lockersB[0]}},
+					"waves": []int{100}, "window": farWindow})
+			},
+			check: func(t *testing.T, e roleEnv, body json.RawMessage) {
+				var r struct{ ID, Status string }
+				if err := json.Unmarshal(body, &r); err != nil || r.Status != "running" {
+					t.Fatalf("rollout %s: %v", body, err)
+				}
+				action(r.ID, "cancel") // frees the locker for the next role
+			}},
+		{name: "GET /v1/rollouts", op: "GET /v1/rollouts", req: func(roleEnv) client.Request { return get("/v1/rollouts") },
+			want: fleetOnly(ok)},
+		{name: "GET /v1/rollouts/{id}", op: "GET /v1/rollouts/{id}", req: func(roleEnv) client.Request { return get("/v1/rollouts/" + held) },
+			want: fleetOnly(ok)},
+		{name: "GET /v1/rollouts/{id}/jobs", op: "GET /v1/rollouts/{id}/jobs",
+			req: func(roleEnv) client.Request { return get("/v1/rollouts/" + held + "/jobs") }, want: fleetOnly(ok)},
+		{name: "POST /v1/rollouts/{id}/pause", op: "POST /v1/rollouts/{id}/pause", want: fleetOnly(ok),
+			req: func(roleEnv) client.Request { action(held, "resume"); return post("/v1/rollouts/"+held+"/pause", nil) }},
+		{name: "POST /v1/rollouts/{id}/resume", op: "POST /v1/rollouts/{id}/resume", want: fleetOnly(ok),
+			req: func(roleEnv) client.Request { action(held, "pause"); return post("/v1/rollouts/"+held+"/resume", nil) }},
+		{name: "POST /v1/rollouts/{id}/cancel", op: "POST /v1/rollouts/{id}/cancel", want: fleetOnly(ok),
+			req: func(e roleEnv) client.Request {
+				id := held
+				if fleetCan(e) {
+					id = rollout(fwB, lockersB[0], nil)
+				}
+				return post("/v1/rollouts/"+id+"/cancel", nil)
+			}},
+		{name: "POST /v1/rollouts/{id}/retry-failed", op: "POST /v1/rollouts/{id}/retry-failed", want: fleetOnly(ok),
+			req: func(e roleEnv) client.Request {
+				if fleetCan(e) {
+					Eventually(t, 20*time.Second, "failing rollout completed", func() error {
+						if s := statusOf(failing); s != "completed" {
+							return fmt.Errorf("status %s", s)
+						}
+						return nil
+					})
+				}
+				return post("/v1/rollouts/"+failing+"/retry-failed", nil)
+			}},
 	}
 }

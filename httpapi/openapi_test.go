@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/provisioning"
@@ -362,6 +363,14 @@ func TestOpenAPISchemas(t *testing.T) {
 		"DeliveryAttempt": webhook.Attempt{},
 		"DeliveryList":    List[webhook.Delivery]{},
 		"WebhookEvent":    pickup.Event{},
+
+		"Artifact":       firmware.Artifact{},
+		"ArtifactList":   List[firmware.Artifact]{},
+		"Rollout":        firmware.Status{},
+		"RolloutList":    List[firmware.Status]{},
+		"WaveStatus":     firmware.WaveStatus{},
+		"RolloutJob":     firmware.Job{},
+		"RolloutJobList": List[firmware.Job]{},
 	}
 	// alwaysSet are omitempty fields the handler never leaves empty.
 	alwaysSet := map[string][]string{
@@ -411,6 +420,8 @@ func TestOpenAPISchemas(t *testing.T) {
 		"PickupCreate":     {pickupIn{}, nil},
 		"CredentialCreate": {credentialIn{}, nil},
 		"WebhookCreate":    {webhookIn{}, nil},
+		"RolloutCreate":    {firmware.Spec{}, nil},
+		"RolloutSelector":  {firmware.Selector{}, nil},
 	}
 	for name, r := range requests {
 		t.Run(name, func(t *testing.T) {

@@ -220,11 +220,13 @@ func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Ta
 		lockers = []string{}
 	}
 	rows, err := db.pool.Query(ctx, `
-		SELECT d.id, d.model, d.fw, s.timezone, EXISTS (
-			SELECT 1 FROM fw_jobs j JOIN rollouts r ON r.id = j.rollout_id
-			WHERE j.device_id = d.id AND (j.state IN `+fwActive+`
-				OR (j.state = 'queued' AND r.status IN ('running', 'paused'))))
-		FROM devices d JOIN sites s ON s.id = d.site
+		WITH busy AS (
+			SELECT device_id FROM fw_jobs WHERE state IN `+fwActive+`
+			UNION
+			SELECT j.device_id FROM rollouts r JOIN fw_jobs j ON j.rollout_id = r.id
+			WHERE r.status IN ('running', 'paused') AND j.state = 'queued')
+		SELECT d.id, d.model, d.fw, s.timezone, b.device_id IS NOT NULL
+		FROM devices d JOIN sites s ON s.id = d.site LEFT JOIN busy b ON b.device_id = d.id
 		WHERE ($1 = '' OR d.site = $1) AND ($2 = '' OR d.model = $2) AND ($3 = '' OR d.fw = $3)
 			AND (cardinality($4::text[]) = 0 OR d.id = ANY($4))
 		ORDER BY d.id`, sel.Site, sel.Model, sel.FW, lockers)
@@ -285,6 +287,16 @@ func (db *DB) ActiveJob(ctx context.Context, deviceID string) (*firmware.Job, er
 		return nil, nil
 	}
 	return j, err
+}
+
+// RunningVersion implements firmware.Store.
+func (db *DB) RunningVersion(ctx context.Context, deviceID string) (string, error) {
+	var fw string
+	err := db.pool.QueryRow(ctx, `SELECT fw FROM devices WHERE id = $1`, deviceID).Scan(&fw)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fleet.ErrNotFound
+	}
+	return fw, err
 }
 
 // Apply implements firmware.Store.

@@ -38,7 +38,7 @@ commands:
   claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
   tokens create --role R --name N [--site S] | tokens revoke ID
   audit [--locker ID] [--actor A] [--since RFC3339]
-
+` + firmwareUsage + `
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
              LOCKERGATE_TOKEN (default: ./lockergate-data/admin.token when readable)
 `
@@ -118,6 +118,9 @@ func (c *cli) dispatch(args []string) error {
 		args = args[2:]
 	} else {
 		args = args[1:]
+	}
+	if isFirmwareCommand(key) { // firmware and rollouts: rollout.go
+		return c.firmwareCommand(key, args)
 	}
 	switch key {
 	case "lockers list":

@@ -65,15 +65,13 @@ CREATE TABLE fw_jobs (
     done_at    timestamptz,
     PRIMARY KEY (rollout_id, device_id)
 );
-CREATE INDEX fw_jobs_wave ON fw_jobs (rollout_id, wave, state);
+-- Few indexes: every state change rewrites the row in each index whose
+-- predicate the new state matches (docs/firmware.md, benchmarks). Per-rollout
+-- scans use the primary key's rollout_id prefix.
 CREATE INDEX fw_jobs_queued ON fw_jobs (rollout_id, wave, seq) WHERE state = 'queued';
 -- At most one job per locker is on its fw/job at a time, across rollouts.
 CREATE UNIQUE INDEX fw_jobs_active ON fw_jobs (device_id)
     WHERE state IN ('sent', 'downloading', 'verifying', 'installing', 'rebooting');
-CREATE INDEX fw_jobs_active_age ON fw_jobs (updated_at)
-    WHERE state IN ('sent', 'downloading', 'verifying', 'installing', 'rebooting');
-CREATE INDEX fw_jobs_open_device ON fw_jobs (device_id) WHERE state IN ('queued', 'sent', 'downloading',
-    'verifying', 'installing', 'rebooting');
 
 -- Earlier attempts of retried jobs.
 CREATE TABLE fw_job_attempts (
