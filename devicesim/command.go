@@ -57,7 +57,7 @@ func (l *Locker) handleCommand(payload []byte) action {
 }
 
 func (l *Locker) runCommandLocked(cmd *protocol.Command) (status, errCode string, act action) {
-	if l.f.now().After(cmd.ExpiresAt.Time) {
+	if l.now().After(cmd.ExpiresAt.Time) {
 		return protocol.StatusExpired, "", actNone
 	}
 	switch cmd.Type {
@@ -112,7 +112,7 @@ func (l *Locker) ranLocked(id string) {
 
 // answerLocked remembers and sends the answer to command id.
 func (l *Locker) answerLocked(id, status, errCode string) {
-	r := protocol.CommandResult{ID: id, Status: status, Error: errCode, TS: wireTime(l.f.now())}
+	r := protocol.CommandResult{ID: id, Status: status, Error: errCode, TS: wireTime(l.now())}
 	if len(l.resultOrder) >= maxRemembered {
 		old := l.resultOrder[0]
 		l.resultOrder = l.resultOrder[1:]

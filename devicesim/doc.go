@@ -17,7 +17,14 @@
 // math/rand/v2 sources seeded from (fleet seed, locker index, stream), so the
 // same seed gives the same serials, models and decisions regardless of
 // scheduling. Separate streams keep decisions (model, driver behaviour),
-// sensor noise and network back-off jitter from perturbing each other. Boot
-// ids and event ids are deliberately not seeded: the gateway records each
-// event id once, so a rerun with the same seed must not repeat them.
+// sensor noise, each kind of fault and network back-off jitter from
+// perturbing each other. Boot ids and event ids are deliberately not seeded:
+// the gateway records each event id once, so a rerun with the same seed must
+// not repeat them.
+//
+// Scenarios (scenario.go, docs/simulator.md) describe a fleet in JSON:
+// sites, models, behaviour rates and faults (fault.go). Faults are planned
+// in scenario time from Start (Options.TimeScale compresses it) on timers,
+// not goroutines; every decision can be observed (Options.OnDecision,
+// Decision) to compare runs.
 package devicesim

@@ -111,7 +111,7 @@ func (l *Locker) openDoorLocked(c *compartment, by, ref string, occOnClose bool)
 	if !c.open {
 		c.open = true
 		c.openGen++
-		c.openedAt = l.f.now()
+		c.openedAt = l.now()
 		e := protocol.Event{Type: protocol.EventDoorOpened, Compartment: c.spec.N, By: by}
 		switch by {
 		case protocol.ByCredential:
@@ -161,6 +161,6 @@ func (l *Locker) doorAjar(c *compartment, gen uint64) {
 		return
 	}
 	c.ajarTimer = nil
-	openS := int(l.f.now().Sub(c.openedAt) / time.Second)
+	openS := int(l.now().Sub(c.openedAt) / time.Second)
 	l.emitLocked(protocol.Event{Type: protocol.EventDoorAjar, Compartment: c.spec.N, OpenS: max(openS, 1)})
 }

@@ -3,6 +3,7 @@ package devicesim
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"sort"
 	"strings"
 )
@@ -51,13 +52,23 @@ type errGroup struct {
 	serials []string
 }
 
+// perLocker matches the parts of error messages that differ from locker to
+// locker (device ids, local ports), so failures group by their cause.
+var perLocker = regexp.MustCompile(`\blk-[A-Za-z0-9_-]+|:[0-9]{2,5}->`)
+
 func (e *StartError) groups() []errGroup {
 	by := map[string]*errGroup{}
 	for serial, err := range e.Failed {
-		g := by[err.Error()]
+		key := perLocker.ReplaceAllStringFunc(err.Error(), func(m string) string {
+			if strings.HasPrefix(m, ":") {
+				return ":*->"
+			}
+			return "lk-*"
+		})
+		g := by[key]
 		if g == nil {
-			g = &errGroup{msg: err.Error(), err: err}
-			by[g.msg] = g
+			g = &errGroup{msg: key, err: err}
+			by[key] = g
 		}
 		g.serials = append(g.serials, serial)
 	}

@@ -16,6 +16,7 @@ type Fleet struct {
 	log     *slog.Logger
 	lim     *limiter
 	now     func() time.Time
+	place   *placement
 	lockers []*Locker
 	c       counters
 
@@ -24,6 +25,12 @@ type Fleet struct {
 	started bool
 	closed  bool
 	cancel  context.CancelFunc
+	// Scenario time (fault.go).
+	epoch        time.Time // when Start began: scenario time 0
+	restarts     []GatewayRestart
+	restartNext  int
+	restartTimer *time.Timer
+	hooks        sync.WaitGroup // GatewayRestart calls
 
 	closing   atomic.Bool    // set first thing in Close: failures after it are not errors
 	wg        sync.WaitGroup // locker goroutines
@@ -43,6 +50,7 @@ func NewFleet(opts Options) (*Fleet, error) {
 		log:      opts.Logger,
 		lim:      newLimiter(opts.ConnectRate),
 		now:      time.Now,
+		place:    newPlacement(&opts),
 		byID:     map[string]*Locker{},
 		stopping: make(chan struct{}),
 	}
@@ -50,15 +58,16 @@ func NewFleet(opts Options) (*Fleet, error) {
 	needClaim := 0
 	for i := range f.lockers {
 		l := newLocker(f, opts.FirstIndex+i)
+		l.setupSim(f.place.sites[f.place.site(i)])
 		f.lockers[i] = l
 		if l.hasIdent {
 			f.byID[l.ident.DeviceID] = l
-		} else {
+		} else if l.claimToken() == "" {
 			needClaim++
 		}
 	}
-	if needClaim > 0 && opts.ClaimToken == "" {
-		return nil, fmt.Errorf("devicesim: options: %d lockers have no identity and there is no claim token", needClaim)
+	if needClaim > 0 {
+		return nil, fmt.Errorf("devicesim: options: %d lockers have no identity and there is no claim token for them", needClaim)
 	}
 	return f, nil
 }
@@ -84,11 +93,14 @@ func (f *Fleet) Start(ctx context.Context) error {
 	f.started = true
 	rctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	f.cancel = cancel
+	f.epoch = time.Now()
 	f.wg.Add(len(f.lockers))
 	for _, l := range f.lockers {
 		l.powerOn()
 		go l.run(rctx)
+		l.armFaults()
 	}
+	f.armRestartsLocked(rctx)
 	f.mu.Unlock()
 
 	begin := time.Now()
@@ -132,13 +144,18 @@ func (f *Fleet) Close() {
 		f.mu.Lock()
 		f.closed = true
 		cancel := f.cancel
+		if f.restartTimer != nil {
+			f.restartTimer.Stop()
+		}
 		f.mu.Unlock()
 		for _, l := range f.lockers {
 			l.stop()
+			l.stopSim()
 		}
 		if cancel != nil {
 			cancel()
 		}
+		f.hooks.Wait()
 		f.wg.Wait()
 		close(f.stopping)
 		f.tokens.Wait()

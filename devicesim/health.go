@@ -33,7 +33,7 @@ func (l *Locker) sendHealth() {
 // healthLocked samples the sensors for the next health message.
 func (l *Locker) healthLocked() protocol.Health {
 	l.seq++
-	now := l.f.now()
+	now := l.f.now() // uptime counts from boot on the same clock
 	temp := math.Round((l.baseTempC+0.3*l.sensor.NormFloat64())*10) / 10
 	rssi := l.baseRSSI + l.sensor.IntN(7) - 3
 	battery := 100
@@ -48,9 +48,9 @@ func (l *Locker) healthLocked() protocol.Health {
 		}
 	}
 	return protocol.Health{
-		TS:               wireTime(now),
+		TS:               wireTime(now.Add(l.x.skew)),
 		Seq:              l.seq,
-		FW:               l.f.opts.FW,
+		FW:               l.fwVersionLocked(),
 		UptimeS:          int64(now.Sub(l.bootAt) / time.Second),
 		TempC:            &temp,
 		Power:            protocol.PowerMains,

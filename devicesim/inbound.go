@@ -8,6 +8,9 @@ import (
 
 // handle applies one gateway → device message on the locker's goroutine.
 func (l *Locker) handle(m inMsg) action {
+	if m.topic == fwRebootTopic { // the firmware updater reboots (firmware.go)
+		return actReboot
+	}
 	l.f.c.received.Add(1)
 	_, ch, ok := protocol.ParseTopic(m.topic)
 	if !ok {
@@ -97,4 +100,5 @@ func (l *Locker) handleFwJob(payload []byte) {
 	l.mu.Lock()
 	l.fwJob = job
 	l.mu.Unlock()
+	l.fwJobArrived(job) // the firmware updater (firmware.go)
 }

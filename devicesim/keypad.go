@@ -26,7 +26,7 @@ type CodeResult struct {
 func (l *Locker) EnterCode(code string) CodeResult {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	now := l.f.now()
+	now := l.now()
 	lo := l.cfg.lockout
 	if now.Before(l.lockedUntil) {
 		return l.rejectLocked(protocol.RejectLockedOut, "")
@@ -74,6 +74,7 @@ func (l *Locker) EnterCode(code string) CodeResult {
 		// One draw per compartment whatever the probability, so changing
 		// it does not shift later decisions.
 		leave := l.decide.Float64() < l.f.opts.Behavior.LeaveItemProb
+		l.keypadDecisionLocked(n, leave)
 		open = append(open, opening{c, leave && c.occupied})
 		nums = append(nums, n)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/protocol"
@@ -136,6 +137,11 @@ func (l *Locker) run(ctx context.Context) {
 				return
 			}
 		}
+		if l.networkDown() { // the attempt fails at once: back off and try again
+			delay = backoff(l.jitter, attempt, l.f.opts.RetryBase, l.f.opts.RetryMax)
+			attempt++
+			continue
+		}
 		actx, cancel := context.WithCancel(ctx)
 		l.mu.Lock()
 		l.cancelAttempt = cancel
@@ -146,6 +152,7 @@ func (l *Locker) run(ctx context.Context) {
 		}
 		l.mu.Lock()
 		l.cancelAttempt = nil
+		interrupted := actx.Err() != nil || l.x.holds > 0 // by Disconnect or a network loss
 		l.mu.Unlock()
 		cancel()
 		if err != nil {
@@ -153,6 +160,11 @@ func (l *Locker) run(ctx context.Context) {
 				return
 			}
 			if !l.shouldConnect() { // Disconnect interrupted the attempt
+				continue
+			}
+			if interrupted { // the network went away during the attempt
+				delay = backoff(l.jitter, attempt, l.f.opts.RetryBase, l.f.opts.RetryMax)
+				attempt++
 				continue
 			}
 			l.fail(err)
@@ -226,6 +238,7 @@ func (l *Locker) establish(ctx context.Context) (*session, error) {
 		will:      protocol.Encode(protocol.Presence{Online: false}),
 		keepAlive: l.f.opts.KeepAlive,
 		timeout:   l.f.opts.ConnectTimeout,
+		localAddr: l.localAddr(),
 		onMessage: l.in.push,
 	})
 	if err != nil {
@@ -250,12 +263,12 @@ func (l *Locker) establish(ctx context.Context) (*session, error) {
 // offline follow, in order, and anything sent meanwhile was queued behind them.
 func (l *Locker) announce(ctx context.Context, s *session) error {
 	l.mu.Lock()
-	if !l.wantUp || l.stopped {
+	if !l.wantUp || l.stopped || l.x.holds > 0 {
 		l.mu.Unlock()
 		l.discard(s)
 		return errGoneDown
 	}
-	birth := protocol.Presence{Online: true, TS: wireTime(l.f.now()), FW: l.f.opts.FW, Model: l.model.Name, BootID: l.bootID}
+	birth := protocol.Presence{Online: true, TS: wireTime(l.now()), FW: l.fwVersionLocked(), Model: l.model.Name, BootID: l.bootID}
 	tok := s.cl.Publish(l.topic(protocol.ChanPresence), 1, true, protocol.Encode(birth))
 	l.mu.Unlock()
 	// Safe to wait: paho's dispatch goroutine never blocks on this locker.
@@ -266,7 +279,7 @@ func (l *Locker) announce(ctx context.Context, s *session) error {
 	l.f.c.published.Add(1)
 
 	l.mu.Lock()
-	if !l.wantUp || l.stopped {
+	if !l.wantUp || l.stopped || l.x.holds > 0 {
 		l.mu.Unlock()
 		l.discard(s)
 		return errGoneDown
@@ -280,6 +293,11 @@ func (l *Locker) announce(ctx context.Context, s *session) error {
 	queued := l.offline
 	l.offline = nil
 	for _, m := range queued {
+		// Events raised before provisioning (a fault can strike a locker
+		// that has no identity yet) were queued without a device id.
+		if ch, ok := strings.CutPrefix(m.topic, protocol.Topic("", "")); ok {
+			m.topic = l.topic(protocol.Channel(ch))
+		}
 		l.sendLocked(m)
 	}
 	l.lastErr = nil
@@ -291,10 +309,11 @@ func (l *Locker) announce(ctx context.Context, s *session) error {
 }
 
 // discard ends a session that never became the locker's: as network loss
-// if Disconnect asked for it, cleanly otherwise (closing, broker too slow).
+// if Disconnect or a lost network asked for it, cleanly otherwise (closing,
+// broker too slow).
 func (l *Locker) discard(s *session) {
 	l.mu.Lock()
-	held := !l.wantUp && !l.stopped
+	held := (!l.wantUp || l.x.holds > 0) && !l.stopped
 	l.mu.Unlock()
 	if held {
 		s.abort()

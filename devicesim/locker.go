@@ -61,6 +61,9 @@ type Locker struct {
 	sensor      *rand.Rand
 	baseTempC   float64
 	baseRSSI    int
+
+	x  lockerSim // scenario: site, clock skew, faults (fault.go)
+	fw fwState   // firmware updater (firmware.go)
 }
 
 // settings are the parts of config the locker applies.
@@ -91,7 +94,7 @@ type outMsg struct {
 func newLocker(f *Fleet, index int) *Locker {
 	o := &f.opts
 	decide := newRand(o.Seed, index, streamDecide)
-	model := o.Models[decide.IntN(len(o.Models))]
+	model := f.pickModel(index, decide)
 	l := &Locker{
 		f:         f,
 		index:     index,

@@ -1,11 +1,13 @@
 package devicesim
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"math"
+	"net"
 	"net/url"
 	"time"
 
@@ -69,13 +71,55 @@ type Options struct {
 	OfflineQueue int
 	// Logger receives the simulator's logs. Default: discard.
 	Logger *slog.Logger
+
+	// Sites places the lockers: locker indexes fill the sites in order, each
+	// site with its own claim token and models. Empty means one site with
+	// Lockers lockers, every model and ClaimToken. When set, Lockers is
+	// their sum (0 is filled in).
+	Sites []Site
+	// SourceAddrs are local IP addresses the lockers connect from, by index
+	// round robin. One address pair holds only ~28,000 connections (the
+	// ephemeral port range), so bigger fleets spread over 127.0.0.2,
+	// 127.0.0.3, ... (all of 127/8 is loopback on Linux). Default: the
+	// system's choice.
+	SourceAddrs []string
+	// Faults injects failures, deterministically from Seed. Zero: none.
+	Faults Faults
+	// TimeScale runs fault and behaviour schedules this many times faster
+	// than the scenario says (60: a scenario hour in a minute); protocol
+	// timers (health, keep-alive, back-off) keep real time. Default 1.
+	TimeScale float64
+	// OnDecision, when set, receives every device decision (Decision) as it
+	// is made, from many goroutines: it must be safe for concurrent use and
+	// fast (it runs under the locker's lock).
+	OnDecision func(Decision)
+	// GatewayRestart, when set, is called at the gateway restarts that
+	// Faults.GatewayRestarts plans: the harness (a test, or the operator's
+	// command) restarts the gateway, keeping it down for down (wall-clock:
+	// TimeScale applied), and returns when it is back. ctx ends when the
+	// fleet closes. Without it planned restarts are skipped and counted.
+	GatewayRestart func(ctx context.Context, down time.Duration) error
 }
 
-// Behavior tunes the simulated people at the lockers.
+// Behavior tunes the simulated people at the lockers. Rates other than
+// LeaveItemProb are used by the pickup flow (OrderPlanner); the core
+// simulator only carries them.
 type Behavior struct {
 	// LeaveItemProb is the probability that a driver who opened compartments
 	// with a code leaves the item in a compartment (door_closed occupied=true).
-	LeaveItemProb float64
+	LeaveItemProb float64 `json:"leave_item,omitempty"`
+	// OrdersPerHour is the mean rate of orders per site (Poisson arrivals).
+	OrdersPerHour float64 `json:"orders_per_hour,omitempty"`
+	// StaffDelay is how long staff take from the staging unlock to closing
+	// the loaded compartment.
+	StaffDelay Range `json:"staff_delay,omitzero"`
+	// DriverDelay is how long after staging the driver arrives at the locker.
+	DriverDelay Range `json:"driver_delay,omitzero"`
+	// WrongCodeShare is the share of drivers who type a wrong code before
+	// the right one (each of them gets 1 to 3 wrong tries).
+	WrongCodeShare float64 `json:"wrong_code_share,omitempty"`
+	// NoShowShare is the share of orders nobody collects.
+	NoShowShare float64 `json:"no_show_share,omitempty"`
 }
 
 // Identity is what provisioning hands a locker.
@@ -154,6 +198,12 @@ func (o *Options) setDefaults() {
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
+	if o.TimeScale == 0 {
+		o.TimeScale = 1
+	}
+	if len(o.Sites) > 0 && o.Lockers == 0 {
+		o.Lockers = sitesTotal(o.Sites)
+	}
 }
 
 func (o *Options) validate() error {
@@ -189,8 +239,16 @@ func (o *Options) validate() error {
 	if math.IsNaN(o.ConnectRate) {
 		errs = append(errs, errors.New("connect rate is NaN"))
 	}
-	if p := o.Behavior.LeaveItemProb; !(p >= 0 && p <= 1) {
-		errs = append(errs, errors.New("leave-item probability must be within 0..1"))
+	errs = append(errs, o.Behavior.validate()...)
+	errs = append(errs, o.validateSites()...)
+	errs = append(errs, o.Faults.validate()...)
+	for _, a := range o.SourceAddrs {
+		if ip := net.ParseIP(a); ip == nil {
+			errs = append(errs, fmt.Errorf("source address %q is not an IP address", a))
+		}
+	}
+	if !(o.TimeScale > 0) || math.IsInf(o.TimeScale, 1) {
+		errs = append(errs, errors.New("time scale must be a positive number"))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("devicesim: options: %w", err)

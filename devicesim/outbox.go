@@ -18,7 +18,7 @@ func (l *Locker) topic(c protocol.Channel) string { return protocol.Topic(l.iden
 func (l *Locker) emitLocked(e protocol.Event) {
 	l.eventSeq++
 	e.ID = fmt.Sprintf("e-%s-%d", l.bootID, l.eventSeq)
-	e.TS = wireTime(l.f.now())
+	e.TS = wireTime(l.now())
 	l.sendLocked(outMsg{topic: l.topic(protocol.ChanEvents), payload: protocol.Encode(e), qos: 1, queue: true})
 }
 
@@ -38,6 +38,11 @@ func (l *Locker) sendLocked(m outMsg) {
 	s := l.sess
 	tok := s.cl.Publish(m.topic, m.qos, m.retain, m.payload)
 	l.f.watch(tok, func(err error) {
+		if s.dead(err) {
+			l.f.c.interrupted.Add(1) // the loss itself is counted (or was injected)
+		} else {
+			l.f.c.publishErrors.Add(1)
+		}
 		l.f.log.Debug("publish failed", "serial", l.serial, "topic", m.topic, "err", err)
 		l.sendFailed(s, m, err)
 	})
@@ -62,7 +67,12 @@ func (l *Locker) sendFailed(failed *session, m outMsg, err error) {
 	if l.stopped {
 		return
 	}
-	m.tries++
+	// Only failures on a connection that stayed up count towards giving up:
+	// a locker on a flapping network keeps its events until they get through
+	// (bounded by the offline queue), as QoS 1 promises.
+	if !failed.dead(err) {
+		m.tries++
+	}
 	if m.tries > maxSendRetries {
 		l.f.c.dropped.Add(1)
 		l.f.log.Debug("giving up on message", "serial", l.serial, "topic", m.topic, "err", err)
@@ -75,8 +85,8 @@ func (l *Locker) sendFailed(failed *session, m outMsg, err error) {
 	l.enqueueLocked(m)
 }
 
-// watch counts the outcome of a publish without blocking the caller; onErr
-// runs if it fails while the fleet is open.
+// watch counts a successful publish without blocking the caller; onErr
+// runs (and counts) if it fails while the fleet is open.
 func (f *Fleet) watch(tok mqtt.Token, onErr func(error)) {
 	f.tokens.Add(1)
 	go func() {
@@ -98,7 +108,6 @@ func (f *Fleet) watch(tok mqtt.Token, onErr func(error)) {
 		if f.closing.Load() {
 			return
 		}
-		f.c.publishErrors.Add(1)
 		onErr(err)
 	}()
 }

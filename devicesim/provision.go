@@ -15,7 +15,8 @@ import (
 // and wait for the answer.
 func (l *Locker) provision(ctx context.Context) (Identity, error) {
 	o := &l.f.opts
-	if o.ClaimToken == "" {
+	claim := l.claimToken()
+	if claim == "" {
 		return Identity{}, fmt.Errorf("%w: no claim token", ErrConnRefused)
 	}
 	if err := l.f.lim.wait(ctx); err != nil {
@@ -28,7 +29,8 @@ func (l *Locker) provision(ctx context.Context) (Identity, error) {
 		tls:       o.TLSConfig,
 		clientID:  protocol.ProvisionClientPrefix + l.serial,
 		user:      protocol.ProvisionUsername,
-		password:  o.ClaimToken,
+		password:  claim,
+		localAddr: l.localAddr(),
 		keepAlive: o.KeepAlive,
 		timeout:   o.ConnectTimeout,
 		onMessage: func(topic string, payload []byte) {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -35,6 +36,8 @@ type sessionConfig struct {
 	willTopic                string // "" for no will
 	will                     []byte
 	keepAlive, timeout       time.Duration
+	// localAddr is the source address to dial from; nil lets the system choose.
+	localAddr net.Addr
 	// onMessage receives every inbound message on paho's dispatch goroutine,
 	// in order; it must not block.
 	onMessage func(topic string, payload []byte)
@@ -116,7 +119,7 @@ func (s *session) dial(ctx context.Context, u *url.URL, cfg sessionConfig) (net.
 		}
 		host = net.JoinHostPort(u.Hostname(), port)
 	}
-	d := net.Dialer{Timeout: cfg.timeout}
+	d := net.Dialer{Timeout: cfg.timeout, LocalAddr: cfg.localAddr}
 	raw, err := d.DialContext(ctx, "tcp", host)
 	if err != nil {
 		return nil, err
@@ -205,6 +208,20 @@ func (s *session) markLost(err error) {
 	})
 }
 
+// dead reports whether err, the failure of a publish on s, came from the
+// connection going away rather than from the broker.
+func (s *session) dead(err error) bool {
+	select {
+	case <-s.lost:
+		return true
+	default:
+	}
+	s.mu.Lock()
+	aborted := s.aborted
+	s.mu.Unlock()
+	return aborted || errors.Is(err, mqtt.ErrNotConnected) || strings.Contains(err.Error(), "connection lost")
+}
+
 func (s *session) lostReason() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -246,4 +263,14 @@ func (s *session) subscribe(ctx context.Context, filters ...string) error {
 		}
 	}
 	return nil
+}
+
+// localAddr is the source address of the locker's connections
+// (Options.SourceAddrs, by index round robin), nil for the system's choice.
+func (l *Locker) localAddr() net.Addr {
+	a := l.f.opts.SourceAddrs
+	if len(a) == 0 {
+		return nil
+	}
+	return &net.TCPAddr{IP: net.ParseIP(a[l.index%len(a)])}
 }

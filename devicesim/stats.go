@@ -12,6 +12,7 @@ type Stats struct {
 	ConnectionsLost  uint64 `json:"connections_lost"` // unexpected losses, not Disconnect or reboot
 	Published        uint64 `json:"published"`        // acknowledged (QoS 1) or written (QoS 0)
 	PublishErrors    uint64 `json:"publish_errors"`
+	Interrupted      uint64 `json:"interrupted"` // publishes cut off by a lost connection, resent
 	Received         uint64 `json:"received"`
 	DecodeErrors     uint64 `json:"decode_errors"`
 	CommandsAnswered uint64 `json:"commands_answered"` // results sent, repeats included
@@ -20,19 +21,32 @@ type Stats struct {
 	CodesAccepted    uint64 `json:"codes_accepted"`
 	CodesRejected    uint64 `json:"codes_rejected"`
 	Dropped          uint64 `json:"dropped"` // lost: offline queue or inbox full, or resends exhausted
+	// Faults injected (Options.Faults, LoseNetwork, Tamper).
+	NetworkLosses   uint64 `json:"network_losses"`
+	DoorJams        uint64 `json:"door_jams"`
+	Tampers         uint64 `json:"tampers"`
+	GatewayRestarts uint64 `json:"gateway_restarts"`
+	RestartsSkipped uint64 `json:"gateway_restarts_skipped,omitempty"` // planned, but no GatewayRestart hook
+	RestartErrors   uint64 `json:"gateway_restart_errors,omitempty"`
 }
 
 // Errors sums the counters that indicate trouble.
 func (s Stats) Errors() uint64 {
-	return s.ConnectFailures + s.ConnectionsLost + s.PublishErrors + s.DecodeErrors + s.Dropped
+	return s.ConnectFailures + s.ConnectionsLost + s.PublishErrors + s.DecodeErrors + s.Dropped + s.RestartErrors
 }
+
+// Pickups counts collections at the keypad: codes accepted.
+func (s Stats) Pickups() uint64 { return s.CodesAccepted }
 
 type counters struct {
 	connected                                               atomic.Int64
 	provisioned, connects, connectFailures, connectionsLost atomic.Uint64
 	published, publishErrors, received, decodeErrors        atomic.Uint64
+	interrupted                                             atomic.Uint64
 	commandsAnswered, commandsRun, commandRepeats           atomic.Uint64
 	codesAccepted, codesRejected, dropped                   atomic.Uint64
+	networkLosses, doorJams, tampers                        atomic.Uint64
+	gatewayRestarts, restartsSkipped, restartErrors         atomic.Uint64
 }
 
 func (c *counters) snapshot(lockers int) Stats {
@@ -45,6 +59,7 @@ func (c *counters) snapshot(lockers int) Stats {
 		ConnectionsLost:  c.connectionsLost.Load(),
 		Published:        c.published.Load(),
 		PublishErrors:    c.publishErrors.Load(),
+		Interrupted:      c.interrupted.Load(),
 		Received:         c.received.Load(),
 		DecodeErrors:     c.decodeErrors.Load(),
 		CommandsAnswered: c.commandsAnswered.Load(),
@@ -53,5 +68,11 @@ func (c *counters) snapshot(lockers int) Stats {
 		CodesAccepted:    c.codesAccepted.Load(),
 		CodesRejected:    c.codesRejected.Load(),
 		Dropped:          c.dropped.Load(),
+		NetworkLosses:    c.networkLosses.Load(),
+		DoorJams:         c.doorJams.Load(),
+		Tampers:          c.tampers.Load(),
+		GatewayRestarts:  c.gatewayRestarts.Load(),
+		RestartsSkipped:  c.restartsSkipped.Load(),
+		RestartErrors:    c.restartErrors.Load(),
 	}
 }

@@ -11,6 +11,9 @@ import (
 type Census struct {
 	// Registered counts enabled lockers.
 	Registered int
+	// Connected counts enabled lockers marked online: a session on any
+	// gateway instance or, with an external broker, a birth without a will.
+	Connected int
 	// Stale counts enabled lockers marked online but not heard from since
 	// the staleBefore given to Store.Census.
 	Stale int
@@ -44,6 +47,7 @@ func (m *Manager) census(ctx context.Context) {
 		return
 	}
 	m.m.registered.Set(float64(c.Registered))
+	m.m.connected.Set(float64(c.Connected))
 	m.m.stale.Set(float64(c.Stale))
 	m.m.flapping.Set(float64(c.Flapping))
 	for _, k := range StatefulAlerts {

@@ -635,8 +635,9 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			m.log.Error("record command result", "locker", c.id, "command", r.ID, "err", err)
 			return
 		}
-		m.finished(cmd)
+		// Observed before waiters wake, so a caller that saw the answer sees it counted.
 		m.m.cmdDuration.WithLabelValues(cmd.Type).Observe(c.at.Sub(cmd.CreatedAt).Seconds())
+		m.finished(cmd)
 	case ctrlCredsAck:
 		a, err := protocol.Decode[protocol.CredsAck](c.payload)
 		if err != nil {

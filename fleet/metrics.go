@@ -25,6 +25,7 @@ type metrics struct {
 
 	// Fleet-wide, from the census (the same on every gateway instance).
 	registered prometheus.Gauge
+	connected  prometheus.Gauge
 	stale      prometheus.Gauge
 	flapping   prometheus.Gauge
 	alertsOpen *prometheus.GaugeVec // kind
@@ -99,6 +100,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_devices_registered",
 			Help: "Enabled lockers in the database (fleet-wide: every gateway instance reports the same count).",
 		}),
+		connected: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_devices_connected",
+			Help: "Enabled lockers marked online in the database, on any gateway or broker (fleet-wide).",
+		}),
 		stale: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_devices_stale",
 			Help: "Lockers marked online but silent for more than 3 health intervals (fleet-wide).",
@@ -143,7 +148,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
 			m.online, m.commands, m.cmdDuration, m.eventsDup, m.alerts, m.presenceEvent,
-			m.registered, m.stale, m.flapping, m.alertsOpen)
+			m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
 }

@@ -15,13 +15,13 @@ import (
 func (db *DB) Census(ctx context.Context, staleBefore, flapSince time.Time, kinds []string) (*fleet.Census, error) {
 	c := &fleet.Census{OpenAlerts: map[string]int{}}
 	err := db.pool.QueryRow(ctx, `
-		SELECT count(*),
+		SELECT count(*), count(*) FILTER (WHERE d.online),
 			count(*) FILTER (WHERE d.online AND (d.last_seen IS NULL OR d.last_seen < $1)),
 			count(*) FILTER (WHERE CASE WHEN d.connect_count < $3 THEN false ELSE
 				(SELECT count(*) FROM (SELECT 1 FROM presence_log p
 					WHERE p.device_id = d.id AND p.online AND p.ts > $2 LIMIT $3) r) >= $3 END)
 		FROM devices d WHERE NOT d.disabled`, staleBefore, flapSince, fleet.FlappingConnects).
-		Scan(&c.Registered, &c.Stale, &c.Flapping)
+		Scan(&c.Registered, &c.Connected, &c.Stale, &c.Flapping)
 	if err != nil {
 		return nil, fmt.Errorf("count lockers: %w", err)
 	}

@@ -2,14 +2,19 @@
 // against a Lockergate broker: each locker is a real MQTT client speaking
 // protocol v1.
 //
+//	lockersim run --scenario rush-hour --broker tcp://127.0.0.1:1883 --claim TOKEN
 //	lockersim run --lockers 100 --broker tcp://127.0.0.1:1883 --claim TOKEN --seed 1
+//	lockersim scenarios
+//	lockersim bench connect --lockers 10000
 //
 // "run" is the default command. It prints a one-line summary every few
 // seconds to stderr and a final report on SIGINT/SIGTERM (or after
-// --duration); -o json prints the final report as JSON on stdout.
+// --duration, or the scenario's duration); -o json prints the final report
+// as JSON on stdout. docs/simulator.md describes scenarios and the bench.
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,8 +22,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
+	"os/exec"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -36,21 +44,35 @@ func run() int {
 }
 
 const usage = `usage: lockersim [run] [flags]
+       lockersim scenarios [NAME]
+       lockersim bench connect [flags]
 
-Runs simulated lockers against a Lockergate broker until SIGINT/SIGTERM.
+Runs simulated lockers against a Lockergate broker until SIGINT/SIGTERM, the
+--duration or the scenario's duration. With --scenario, the scenario sets the
+fleet, behaviour and faults; flags given explicitly override it.
 
-Flags:
+Flags of run:
 `
 
 // config is what the flags say.
 type config struct {
 	opts            devicesim.Options
+	scenario        string
+	siteClaims      siteClaims
+	sourceAddrs     string
+	decisions       string
+	restartCmd      string
+	bootstrap       bool
+	apiToken        string
 	identities      string
 	duration        time.Duration
 	startTimeout    time.Duration
 	summaryInterval time.Duration
 	output          string
 	logLevel        slog.Level
+
+	sc  *devicesim.Scenario // loaded --scenario
+	set map[string]bool     // flags given on the command line
 }
 
 // runArgs is the whole program behind main, with its environment passed in.
@@ -59,12 +81,16 @@ func runArgs(ctx context.Context, args []string, getenv func(string) string, std
 		switch args[0] {
 		case "run":
 			args = args[1:]
+		case "bench":
+			return runBench(ctx, args[1:], getenv, stdout, stderr)
+		case "scenarios":
+			return listScenarios(args[1:], stdout, stderr)
 		case "help":
 			fmt.Fprint(stderr, usage)
 			newFlagSet(&config{}, getenv, stderr).PrintDefaults()
 			return 0
 		default:
-			fmt.Fprintf(stderr, "lockersim: unknown command %q (want run)\n", args[0])
+			fmt.Fprintf(stderr, "lockersim: unknown command %q (want run, scenarios or bench)\n", args[0])
 			return 2
 		}
 	}
@@ -84,7 +110,151 @@ func runArgs(ctx context.Context, args []string, getenv func(string) string, std
 		fmt.Fprintf(stderr, "lockersim: -o %q: want text or json\n", cfg.output)
 		return 2
 	}
+	cfg.set = map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { cfg.set[f.Name] = true })
+	if err := cfg.resolve(); err != nil {
+		fmt.Fprintf(stderr, "lockersim: %v\n", err)
+		return 2
+	}
 	return simulate(ctx, cfg, stdout, stderr)
+}
+
+// resolve combines the scenario (if any) with the flags given explicitly.
+func (c *config) resolve() error {
+	addrs, err := parseSourceAddrs(c.sourceAddrs)
+	if err != nil {
+		return err
+	}
+	if c.scenario != "" {
+		sc, err := devicesim.LoadScenario(c.scenario)
+		if err != nil {
+			return err
+		}
+		if c.set["lockers"] {
+			sc.Resize(c.opts.Lockers)
+		}
+		o := sc.Options()
+		f := &c.opts
+		// Flags given on the command line win over the scenario.
+		for name, apply := range map[string]func(){
+			"seed":             func() { o.Seed = f.Seed },
+			"health-interval":  func() { o.HealthInterval = f.HealthInterval },
+			"keepalive":        func() { o.KeepAlive = f.KeepAlive },
+			"connect-rate":     func() { o.ConnectRate = f.ConnectRate },
+			"serial-prefix":    func() { o.SerialPrefix = f.SerialPrefix },
+			"fw":               func() { o.FW = f.FW },
+			"door-close-delay": func() { o.DoorCloseDelay = f.DoorCloseDelay },
+			"leave-item":       func() { o.Behavior.LeaveItemProb = f.Behavior.LeaveItemProb },
+			"time-scale":       func() { o.TimeScale = f.TimeScale },
+		} {
+			if c.set[name] {
+				apply()
+			}
+		}
+		if !c.set["seed"] && sc.Seed == 0 {
+			o.Seed = f.Seed
+		}
+		o.Broker, o.ClaimToken, o.API, o.FirstIndex = f.Broker, f.ClaimToken, f.API, f.FirstIndex
+		if !c.set["duration"] {
+			c.duration = sc.Duration.D()
+		}
+		c.opts, c.sc = o, sc
+	}
+	c.opts.SourceAddrs = addrs
+	for i, s := range c.opts.Sites {
+		if tok, ok := c.siteClaims[s.ID]; ok {
+			c.opts.Sites[i].ClaimToken = tok
+		}
+	}
+	for site := range c.siteClaims {
+		if !slices.ContainsFunc(c.opts.Sites, func(s devicesim.Site) bool { return s.ID == site }) {
+			return fmt.Errorf("--site-claim %s: no such site in the scenario", site)
+		}
+	}
+	if c.bootstrap && (c.opts.API == "" || c.apiToken == "") {
+		return errors.New("--bootstrap needs --api and --token (or $LOCKERSIM_TOKEN)")
+	}
+	return nil
+}
+
+// siteClaims is the repeatable --site-claim SITE=TOKEN flag.
+type siteClaims map[string]string
+
+func (s *siteClaims) String() string { return fmt.Sprint(len(*s), " site claims") }
+
+func (s *siteClaims) Set(v string) error {
+	site, tok, ok := strings.Cut(v, "=")
+	if !ok || site == "" || tok == "" {
+		return errors.New("want SITE=TOKEN")
+	}
+	if *s == nil {
+		*s = siteClaims{}
+	}
+	(*s)[site] = tok
+	return nil
+}
+
+// parseSourceAddrs reads "127.0.0.2-127.0.0.9,10.1.1.1": addresses and
+// inclusive IPv4 ranges, at most 1024 addresses.
+func parseSourceAddrs(v string) ([]string, error) {
+	var out []string
+	for _, part := range strings.Split(v, ",") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(part, "-")
+		a, err := netip.ParseAddr(lo)
+		if err != nil {
+			return nil, fmt.Errorf("source address %q: %w", lo, err)
+		}
+		if !isRange {
+			out = append(out, a.String())
+			continue
+		}
+		b, err := netip.ParseAddr(hi)
+		if err != nil || !a.Is4() || !b.Is4() || b.Less(a) {
+			return nil, fmt.Errorf("source address range %q: want e.g. 127.0.0.2-127.0.0.9", part)
+		}
+		for ; !b.Less(a); a = a.Next() {
+			out = append(out, a.String())
+			if len(out) > 1024 {
+				return nil, errors.New("more than 1024 source addresses")
+			}
+		}
+	}
+	return out, nil
+}
+
+// listScenarios is "lockersim scenarios [NAME]": the shipped scenarios, or
+// one of them as JSON (a starting point for a scenario file).
+func listScenarios(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 1 {
+		fmt.Fprintln(stderr, "usage: lockersim scenarios [NAME]")
+		return 2
+	}
+	if len(args) == 1 {
+		sc, err := devicesim.LoadScenario(args[0])
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(sc); err != nil {
+			return 1
+		}
+		return 0
+	}
+	for _, name := range devicesim.ScenarioNames() {
+		sc, err := devicesim.LoadScenario(name)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		fmt.Fprintf(stdout, "%-14s %6d lockers  %s\n", name, sc.Lockers(), sc.Description)
+	}
+	return 0
 }
 
 func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag.FlagSet {
@@ -108,6 +278,14 @@ func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag
 	fs.StringVar(&o.FW, "fw", devicesim.DefaultFW, "firmware version the lockers report")
 	fs.DurationVar(&o.DoorCloseDelay, "door-close-delay", devicesim.DefaultDoorCloseDelay, "how long a door stays open after an unlock")
 	fs.Float64Var(&o.Behavior.LeaveItemProb, "leave-item", 0, "probability a driver leaves the item after opening with a code")
+	fs.StringVar(&cfg.scenario, "scenario", "", "scenario: a shipped one (lockersim scenarios) or a JSON file")
+	fs.Var(&cfg.siteClaims, "site-claim", "claim token of one site of the scenario: SITE=TOKEN (repeatable; --claim covers the rest)")
+	fs.BoolVar(&cfg.bootstrap, "bootstrap", false, "create the scenario's sites and a claim per site through --api first (needs --token)")
+	fs.StringVar(&cfg.apiToken, "token", getenv("LOCKERSIM_TOKEN"), "API token for --bootstrap (default $LOCKERSIM_TOKEN)")
+	fs.Float64Var(&o.TimeScale, "time-scale", 1, "run fault and behaviour schedules this many times faster")
+	fs.StringVar(&cfg.sourceAddrs, "source-addrs", "", "local addresses to connect from, e.g. 127.0.0.2-127.0.0.5 (for more than ~28,000 lockers)")
+	fs.StringVar(&cfg.decisions, "decisions", "", "write every device decision to this file as JSON lines (compare runs with the same seed)")
+	fs.StringVar(&cfg.restartCmd, "gateway-restart-cmd", "", "shell command that restarts the gateway at the scenario's planned restarts ($LOCKERSIM_DOWN_S: seconds to stay down)")
 	fs.StringVar(&cfg.identities, "identities", "", "JSON file of provisioned identities: loaded if present, saved after start and at exit (mode 0600)")
 	fs.DurationVar(&cfg.duration, "duration", 0, "stop after this long (0: run until SIGINT/SIGTERM)")
 	fs.DurationVar(&cfg.startTimeout, "start-timeout", 0, "give up waiting for all lockers to connect after this long (0: no limit)")
@@ -119,6 +297,7 @@ func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag
 
 // report is the final report.
 type report struct {
+	Scenario     string          `json:"scenario,omitempty"`
 	Lockers      int             `json:"lockers"`
 	Seed         int64           `json:"seed"`
 	Broker       string          `json:"broker"`
@@ -131,7 +310,10 @@ type report struct {
 	OutPerS      float64         `json:"published_per_s"`
 	InPerS       float64         `json:"received_per_s"`
 	Errors       uint64          `json:"errors"`
+	Pickups      uint64          `json:"pickups"`
 	Stats        devicesim.Stats `json:"stats"`
+	// Unmet lists the scenario's expectations the run did not meet.
+	Unmet []string `json:"unmet,omitempty"`
 }
 
 func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
@@ -143,6 +325,28 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 	}
 	cfg.opts.Identities = known
 	cfg.opts.Logger = log
+	if cfg.bootstrap {
+		if err := bootstrap(ctx, &cfg, log); err != nil {
+			log.Error("cannot create sites and claims", "err", err)
+			return 1
+		}
+	}
+	if cfg.opts.Lockers > 1000 {
+		if err := raiseFileLimit(uint64(cfg.opts.Lockers) + 1024); err != nil {
+			log.Warn("cannot raise the open file limit", "err", err)
+		}
+	}
+	var dlog *decisionFile
+	if cfg.decisions != "" {
+		if dlog, err = createDecisionFile(cfg.decisions); err != nil {
+			log.Error("cannot write decisions", "err", err)
+			return 1
+		}
+		cfg.opts.OnDecision = dlog.write
+	}
+	if cfg.restartCmd != "" {
+		cfg.opts.GatewayRestart = restartCommand(cfg.restartCmd, stderr)
+	}
 	fleet, err := devicesim.NewFleet(cfg.opts)
 	if err != nil {
 		log.Error("bad options", "err", err)
@@ -171,7 +375,10 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 	}
 	startErr := fleet.Start(startCtx)
 	cancelStart()
-	rep := report{Lockers: cfg.opts.Lockers, Seed: cfg.opts.Seed, Broker: cfg.opts.Broker, API: cfg.opts.API, Started: began.UTC()}
+	rep := report{Lockers: fleet.Options().Lockers, Seed: cfg.opts.Seed, Broker: cfg.opts.Broker, API: cfg.opts.API, Started: began.UTC()}
+	if cfg.sc != nil {
+		rep.Scenario = cfg.sc.Name
+	}
 	code := 0
 	if startErr != nil {
 		rep.StartError = startErr.Error()
@@ -201,12 +408,25 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 		log.Error("cannot save identities", "err", err)
 		code = 1
 	}
+	if dlog != nil {
+		if err := dlog.close(); err != nil {
+			log.Error("cannot write decisions", "err", err)
+			code = 1
+		}
+	}
 	el := time.Since(began)
 	rep.DurationS = el.Seconds()
 	rep.Stats = st
 	rep.Errors = st.Errors()
+	rep.Pickups = st.Pickups()
 	rep.OutPerS = float64(st.Published) / el.Seconds()
 	rep.InPerS = float64(st.Received) / el.Seconds()
+	if cfg.sc != nil {
+		rep.Unmet = unmet(cfg.sc.Expect, rep)
+		if len(rep.Unmet) > 0 && code == 0 {
+			code = 1
+		}
+	}
 	printReport(stderr, rep)
 	if cfg.output == "json" {
 		enc := json.NewEncoder(stdout)
@@ -234,10 +454,11 @@ func live(ctx context.Context, f *devicesim.Fleet, every time.Duration, w io.Wri
 		case now := <-t.C:
 			st := f.Stats()
 			dt := now.Sub(lastAt).Seconds()
-			fmt.Fprintf(w, "lockersim %s: connected %d/%d | out %.1f msg/s, in %.1f msg/s | commands %d | codes %d/%d | errors %d\n",
+			fmt.Fprintf(w, "lockersim %s: connected %d/%d | out %.1f msg/s, in %.1f msg/s | pickups %d (codes rejected %d) | commands %d | faults %d | errors %d\n",
 				now.Sub(began).Round(time.Second), st.Connected, st.Lockers,
 				float64(st.Published-last.Published)/dt, float64(st.Received-last.Received)/dt,
-				st.CommandsAnswered, st.CodesAccepted, st.CodesRejected, st.Errors())
+				st.Pickups(), st.CodesRejected, st.CommandsAnswered,
+				st.NetworkLosses+st.DoorJams+st.Tampers+st.GatewayRestarts, st.Errors())
 			last, lastAt = st, now
 		}
 	}
@@ -251,13 +472,84 @@ func printReport(w io.Writer, r report) {
 	} else {
 		connected = "NOT all connected: " + r.StartError
 	}
-	fmt.Fprintf(w, "lockersim: %d lockers (seed %d) for %.1fs: %s\n", r.Lockers, r.Seed, r.DurationS, connected)
+	name := ""
+	if r.Scenario != "" {
+		name = "scenario " + r.Scenario + ", "
+	}
+	fmt.Fprintf(w, "lockersim: %s%d lockers (seed %d) for %.1fs: %s\n", name, r.Lockers, r.Seed, r.DurationS, connected)
 	fmt.Fprintf(w, "  provisioned %d, connects %d, published %d (%.1f/s), received %d (%.1f/s)\n",
 		st.Provisioned, st.Connects, st.Published, r.OutPerS, st.Received, r.InPerS)
 	fmt.Fprintf(w, "  commands answered %d (run %d, repeats %d), codes accepted %d, rejected %d\n",
 		st.CommandsAnswered, st.CommandsRun, st.CommandRepeats, st.CodesAccepted, st.CodesRejected)
-	fmt.Fprintf(w, "  errors %d: connect failures %d, connections lost %d, publish errors %d, decode errors %d, dropped %d\n",
-		r.Errors, st.ConnectFailures, st.ConnectionsLost, st.PublishErrors, st.DecodeErrors, st.Dropped)
+	fmt.Fprintf(w, "  faults injected: network losses %d, door jams %d, tampers %d, gateway restarts %d (skipped %d)\n",
+		st.NetworkLosses, st.DoorJams, st.Tampers, st.GatewayRestarts, st.RestartsSkipped)
+	fmt.Fprintf(w, "  errors %d: connect failures %d, connections lost %d, publish errors %d, decode errors %d, dropped %d, restart errors %d\n",
+		r.Errors, st.ConnectFailures, st.ConnectionsLost, st.PublishErrors, st.DecodeErrors, st.Dropped, st.RestartErrors)
+	for _, u := range r.Unmet {
+		fmt.Fprintf(w, "  EXPECTATION NOT MET: %s\n", u)
+	}
+}
+
+// unmet checks a run against the scenario's expectations.
+func unmet(e devicesim.ScenarioExpect, r report) []string {
+	var out []string
+	if e.AllConnected && !r.AllConnected {
+		out = append(out, "all lockers connected")
+	}
+	if e.MaxErrors != nil && r.Errors > *e.MaxErrors {
+		out = append(out, fmt.Sprintf("at most %d errors (got %d)", *e.MaxErrors, r.Errors))
+	}
+	if e.MaxDropped != nil && r.Stats.Dropped > *e.MaxDropped {
+		out = append(out, fmt.Sprintf("at most %d messages dropped (got %d)", *e.MaxDropped, r.Stats.Dropped))
+	}
+	return out
+}
+
+// decisionFile writes decisions as JSON lines, from many goroutines.
+type decisionFile struct {
+	mu  sync.Mutex
+	f   *os.File
+	w   *bufio.Writer
+	enc *json.Encoder
+	err error
+}
+
+func createDecisionFile(path string) (*decisionFile, error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	w := bufio.NewWriterSize(f, 64<<10)
+	return &decisionFile{f: f, w: w, enc: json.NewEncoder(w)}, nil
+}
+
+func (d *decisionFile) write(x devicesim.Decision) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		d.err = d.enc.Encode(x)
+	}
+}
+
+func (d *decisionFile) close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	err := errors.Join(d.err, d.w.Flush(), d.f.Close())
+	d.err = errors.New("closed")
+	return err
+}
+
+// restartCommand carries out planned gateway restarts with a shell command.
+func restartCommand(command string, stderr io.Writer) func(context.Context, time.Duration) error {
+	return func(ctx context.Context, down time.Duration) error {
+		cmd := exec.CommandContext(ctx, "sh", "-c", command)
+		cmd.Env = append(os.Environ(), fmt.Sprintf("LOCKERSIM_DOWN_S=%d", int(down.Round(time.Second)/time.Second)))
+		cmd.Stdout, cmd.Stderr = stderr, stderr
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("%s: %w", command, err)
+		}
+		return nil
+	}
 }
 
 // loadIdentities reads the identities file; a missing file is an empty set.

@@ -6,11 +6,13 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/devicesim/devicesimtest"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -183,6 +185,123 @@ func TestUsage(t *testing.T) {
 			var out, errOut syncBuffer
 			if got := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); got != tc.want {
 				t.Errorf("exit %d, want %d:\n%s", got, tc.want, errOut.String())
+			}
+		})
+	}
+}
+
+// TestMain lets the test binary stand in for lockersim when the bench
+// spawns "lockersim bench broker" (os.Executable is the test binary).
+func TestMain(m *testing.M) {
+	if len(os.Args) > 1 && os.Args[1] == "bench" {
+		os.Exit(run())
+	}
+	os.Exit(m.Run())
+}
+
+func TestRunScenario(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	dir := t.TempDir()
+	decisions := filepath.Join(dir, "decisions.jsonl")
+	args := []string{"run", "--scenario", "smoke", "--broker", env.URL, "--claim", env.Claim, "--site-claim", "store-002=" + env.Claim,
+		"--lockers", "4", "--summary-interval", "20ms", "--log-level", "warn", "-o", "json", "--decisions", decisions}
+	code, stdout, stderr := runUntil(t, env, args, noEnv, func(stderr string) bool {
+		return births(env) == 4 && strings.Contains(stderr, "connected 4/4") && strings.Contains(stderr, "pickups 0")
+	})
+	if code != 0 {
+		t.Fatalf("exit %d:\n%s", code, stderr)
+	}
+	var rep report
+	if err := json.Unmarshal([]byte(stdout), &rep); err != nil {
+		t.Fatalf("stdout is not a JSON report: %v\n%s", err, stdout)
+	}
+	if rep.Scenario != "smoke" || rep.Lockers != 4 || rep.Seed != 1 || !rep.AllConnected || len(rep.Unmet) != 0 {
+		t.Errorf("report %+v", rep)
+	}
+	if !strings.Contains(stderr, "scenario smoke, 4 lockers (seed 1)") {
+		t.Errorf("final summary does not name the scenario:\n%s", stderr)
+	}
+	b, err := os.ReadFile(decisions)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	if len(lines) != 4 || !strings.Contains(lines[0], `"kind":"setup"`) {
+		t.Errorf("decisions file:\n%s", b)
+	}
+	for _, serial := range []string{"SMOKE-000000", "SMOKE-000001", "SMOKE-000002", "SMOKE-000003"} {
+		if _, ok := env.Identity(serial); !ok {
+			t.Errorf("%s not provisioned", serial)
+		}
+	}
+}
+
+func TestRunScenarioErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"Unknown", []string{"--scenario", "nope"}, "shipped"},
+		{"BadFile", []string{"--scenario", "./missing.json"}, "no such file"},
+		{"UnknownSiteClaim", []string{"--scenario", "smoke", "--site-claim", "elsewhere=x"}, "no such site"},
+		{"BadSiteClaim", []string{"--scenario", "smoke", "--site-claim", "store-001"}, "SITE=TOKEN"},
+		{"BadSourceAddrs", []string{"--source-addrs", "127.0.0.9-127.0.0.2"}, "range"},
+		{"BootstrapWithoutAPI", []string{"--scenario", "smoke", "--bootstrap"}, "--api"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errOut syncBuffer
+			if code := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), tc.want) {
+				t.Errorf("exit %d, want 2 mentioning %q:\n%s", code, tc.want, errOut.String())
+			}
+		})
+	}
+}
+
+func TestScenariosCommand(t *testing.T) {
+	var out, errOut syncBuffer
+	if code := runArgs(t.Context(), []string{"scenarios"}, noEnv, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	for _, name := range []string{"smoke", "rush-hour", "flaky-network", "bad-firmware", "storm"} {
+		if !strings.Contains(out.String(), name) {
+			t.Errorf("scenarios does not list %s:\n%s", name, out.String())
+		}
+	}
+	out = syncBuffer{}
+	if code := runArgs(t.Context(), []string{"scenarios", "storm"}, noEnv, &out, &errOut); code != 0 {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	if _, err := devicesim.ParseScenario([]byte(out.String())); err != nil {
+		t.Errorf("printed scenario does not parse back: %v\n%s", err, out.String())
+	}
+}
+
+func TestParseSourceAddrs(t *testing.T) {
+	got, err := parseSourceAddrs("127.0.0.2-127.0.0.4, 10.0.0.1")
+	if want := []string{"127.0.0.2", "127.0.0.3", "127.0.0.4", "10.0.0.1"}; err != nil || !slices.Equal(got, want) {
+		t.Fatalf("got %v, %v; want %v", got, err, want)
+	}
+	if _, err := parseSourceAddrs("127.0.0.1-127.0.255.255"); err == nil {
+		t.Fatal("65k source addresses accepted")
+	}
+}
+
+func TestBench(t *testing.T) {
+	for _, mode := range []string{"--in-process", "--in-process=false"} {
+		t.Run(mode, func(t *testing.T) {
+			var out, errOut syncBuffer
+			args := []string{"bench", "connect", "--lockers", "20", "--settle", "200ms", "--health-interval", "50ms", "--connect-rate", "-1", mode, "-o", "json"}
+			if code := runArgs(t.Context(), args, noEnv, &out, &errOut); code != 0 {
+				t.Fatalf("exit %d:\n%s", code, errOut.String())
+			}
+			var rep benchReport
+			if err := json.Unmarshal([]byte(out.String()), &rep); err != nil {
+				t.Fatalf("%v\n%s", err, out.String())
+			}
+			if rep.Lockers != 20 || rep.Stats.Connected != 20 || rep.GoroutinesPerLocker < 1 || rep.GoKiBPerLocker <= 0 ||
+				rep.MsgsPerS <= 0 || rep.Errors != 0 || rep.GoroutinesAfterClose > rep.GoroutinesBaseline {
+				t.Errorf("report %+v", rep)
 			}
 		})
 	}

@@ -72,6 +72,8 @@ type Env struct {
 	mu        sync.Mutex
 	ids       map[string]Identity // by serial
 	passwords map[string]string   // by device id
+	seen      map[string]bool     // device ids that have logged in
+	remotes   map[string]string   // client id → remote address of its last login
 	msgs      []Message
 	changed   chan struct{}
 	denied    []string
@@ -95,6 +97,8 @@ func Start(tb testing.TB, opts Options) *Env {
 		work:      make(chan []byte, 4096),
 		ids:       map[string]Identity{},
 		passwords: map[string]string{},
+		seen:      map[string]bool{},
+		remotes:   map[string]string{},
 		changed:   make(chan struct{}),
 	}
 	e.Server = mqtt.New(&mqtt.Options{InlineClient: true, Logger: logger})
@@ -183,8 +187,13 @@ func (e *Env) answer(req *protocol.ProvisionRequest) protocol.ProvisionResponse 
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if _, taken := e.ids[req.Serial]; taken {
-		return protocol.ProvisionResponse{Status: "error", Error: protocol.ProvSerialTaken}
+	// Like the gateway, a locker whose answer was lost (it never connected
+	// with its identity) may ask again and gets a new one.
+	if old, taken := e.ids[req.Serial]; taken {
+		if e.seen[old.DeviceID] {
+			return protocol.ProvisionResponse{Status: "error", Error: protocol.ProvSerialTaken}
+		}
+		delete(e.passwords, old.DeviceID)
 	}
 	pub, _, err := ed25519.GenerateKey(rand.Reader)
 	if err != nil {
@@ -330,15 +339,27 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 	} else {
 		e.mu.Lock()
 		want, known := e.passwords[user]
-		e.mu.Unlock()
 		ok = known && cl.ID == user && pass == want
-	}
-	if !ok {
-		e.mu.Lock()
-		e.authFails = append(e.authFails, fmt.Sprintf("login refused: client %q user %q", cl.ID, user))
+		if ok {
+			e.seen[user] = true
+		}
 		e.mu.Unlock()
 	}
+	e.mu.Lock()
+	if ok {
+		e.remotes[cl.ID] = cl.Net.Remote
+	} else {
+		e.authFails = append(e.authFails, fmt.Sprintf("login refused: client %q user %q", cl.ID, user))
+	}
+	e.mu.Unlock()
 	return ok
+}
+
+// Remote returns the remote address (host:port) clientID last logged in from.
+func (e *Env) Remote(clientID string) string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.remotes[clientID]
 }
 
 func (h *authHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {

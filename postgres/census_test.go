@@ -1,0 +1,67 @@
+package postgres_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// TestCensus counts what the fleet-wide gauges show: enabled lockers, those
+// online, online but silent, reconnecting often, and open stateful alerts.
+func TestCensus(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	now := time.Now()
+	quiet, chatty, flapper, disabled := MustDevice(t, db, "s1", "Q", 1), MustDevice(t, db, "s1", "C", 1),
+		MustDevice(t, db, "s1", "F", 1), MustDevice(t, db, "s1", "D", 1)
+	MustDevice(t, db, "s1", "O", 1) // registered, never online
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(db.MarkOnline(ctx, quiet, now.Add(-time.Hour)))
+	must(db.MarkOnline(ctx, chatty, now.Add(-time.Second)))
+	for i := range fleet.FlappingConnects {
+		at := now.Add(-time.Duration(fleet.FlappingConnects-i)*time.Minute + 30*time.Second)
+		must(db.MarkOnline(ctx, flapper, at))
+		if i < fleet.FlappingConnects-1 {
+			must(db.MarkOffline(ctx, flapper, "keepalive", at.Add(time.Second)))
+		}
+	}
+	must(db.MarkOnline(ctx, disabled, now))
+	yes := true
+	if _, err := db.UpdateLocker(ctx, disabled, &yes, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range []fleet.Alert{
+		{DeviceID: chatty, Kind: fleet.AlertDoorAjar, Compartment: 1, RaisedAt: now},
+		{DeviceID: quiet, Kind: fleet.AlertDoorAjar, Compartment: 1, RaisedAt: now},
+		{DeviceID: quiet, Kind: fleet.AlertOnBattery, RaisedAt: now},
+		{DeviceID: quiet, Kind: fleet.AlertTamper, RaisedAt: now},
+	} {
+		if _, err := db.RaiseAlert(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := db.ClearAlerts(ctx, chatty, fleet.AlertDoorAjar, nil, now); err != nil {
+		t.Fatal(err)
+	}
+
+	c, err := db.Census(ctx, now.Add(-time.Minute), now.Add(-10*time.Minute), fleet.StatefulAlerts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The disabled locker counts nowhere, though it is online.
+	if c.Registered != 4 || c.Connected != 3 || c.Stale != 1 || c.Flapping != 1 {
+		t.Fatalf("registered %d, connected %d, stale %d, flapping %d; want 4, 3, 1 (quiet), 1 (flapper)",
+			c.Registered, c.Connected, c.Stale, c.Flapping)
+	}
+	if got, want := c.OpenAlerts, map[string]int{fleet.AlertDoorAjar: 1, fleet.AlertOnBattery: 1}; len(got) != len(want) ||
+		got[fleet.AlertDoorAjar] != 1 || got[fleet.AlertOnBattery] != 1 {
+		t.Fatalf("open alerts %v, want %v (tamper is not asked for, chatty's door_ajar cleared)", got, want)
+	}
+}
