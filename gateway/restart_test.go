@@ -1,0 +1,99 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestGatewayRestartMidCommand: the gateway restarts between sending an
+// unlock and the locker's answer. The result is not lost, and the locker is
+// sent the same command again (same id, which it dedupes), never a second,
+// different one.
+func TestGatewayRestartMidCommand(t *testing.T) {
+	ctx := context.Background()
+	opts := gateway.Options{
+		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
+		Config: protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
+	}
+	tg := MustRun(t, opts)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-RESTART")
+
+	got := make(chan protocol.Command, 16)
+	device := func(addr string) paho.Client {
+		c := MustConnect(t, addr, id.DeviceID, id.DeviceID, id.Password)
+		if tk := c.Subscribe(protocol.Topic(id.DeviceID, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
+			var cmd protocol.Command
+			if json.Unmarshal(m.Payload(), &cmd) == nil {
+				got <- cmd
+			}
+		}); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("subscribe: %v", tk.Error())
+		}
+		birth := protocol.Presence{Online: true, TS: protocol.Now(), FW: "1.0.0", Model: "LX-4", BootID: "b1"}
+		c.Publish(protocol.Topic(id.DeviceID, protocol.ChanPresence), 1, true, protocol.Encode(birth)).WaitTimeout(5 * time.Second)
+		return c
+	}
+	dev := device(tg.MQTTAddr())
+	Eventually(t, 10*time.Second, "locker online", func() error {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+			return err
+		}
+		if !l.Online {
+			return fmt.Errorf("offline")
+		}
+		return nil
+	})
+	var cmd fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 2, "ttl_s": 120}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	first := <-got // the locker has it, and does not answer before the restart
+	if first.ID != cmd.ID {
+		t.Fatalf("locker got %s, want %s", first.ID, cmd.ID)
+	}
+	dev.Disconnect(50)
+	tg.Stop(t)
+
+	tg2 := MustRun(t, opts)
+	tg2.Admin.Token = tg.Admin.Token
+	dev2 := device(tg2.MQTTAddr())
+	var again protocol.Command
+	select {
+	case again = <-got:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the open command was not sent again after the restart")
+	}
+	if again.ID != cmd.ID || again.Compartment != 2 || !again.ExpiresAt.Equal(first.ExpiresAt.Time) {
+		t.Fatalf("after the restart the locker got %+v, want the same command %+v", again, first)
+	}
+	// The locker ran it once and answers (a repeat of its one answer).
+	res := protocol.CommandResult{ID: cmd.ID, Status: protocol.StatusOK, TS: protocol.Now()}
+	dev2.Publish(protocol.Topic(id.DeviceID, protocol.ChanCmdResult), 1, false, protocol.Encode(res)).WaitTimeout(5 * time.Second)
+	Eventually(t, 10*time.Second, "result recorded", func() error {
+		var c fleet.Command
+		if err := tg2.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID+"/commands/"+cmd.ID, nil, &c); err != nil {
+			return err
+		}
+		if c.Status != fleet.CmdOK {
+			return fmt.Errorf("status %s", c.Status)
+		}
+		return nil
+	})
+	var n int
+	tg2.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands WHERE device_id = $1`, id.DeviceID).Scan(&n)
+	if n != 1 {
+		t.Fatalf("%d commands stored, want 1", n)
+	}
+}
