@@ -23,7 +23,8 @@ type Scenario struct {
 	Description string `json:"description,omitempty"`
 	// Seed is the default seed (lockersim --seed overrides it).
 	Seed int64 `json:"seed,omitempty"`
-	// Duration is how long lockersim runs it by default (0: until stopped).
+	// Duration is how long lockersim runs it by default, in scenario time
+	// (0: until stopped).
 	Duration Duration `json:"duration,omitempty"`
 	// TimeScale speeds up fault and behaviour schedules (Options.TimeScale).
 	TimeScale float64         `json:"time_scale,omitempty"`

@@ -155,8 +155,8 @@ func (c *config) resolve() error {
 			o.Seed = f.Seed
 		}
 		o.Broker, o.ClaimToken, o.API, o.FirstIndex = f.Broker, f.ClaimToken, f.API, f.FirstIndex
-		if !c.set["duration"] {
-			c.duration = sc.Duration.D()
+		if !c.set["duration"] && o.TimeScale > 0 {
+			c.duration = time.Duration(float64(sc.Duration) / o.TimeScale) // scenario time
 		}
 		c.opts, c.sc = o, sc
 	}

@@ -306,3 +306,28 @@ func TestBench(t *testing.T) {
 		})
 	}
 }
+
+func TestRunScenarioFileForItsDuration(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	file := filepath.Join(t.TempDir(), "hour.json")
+	// An hour of scenario at 3600× is a second of wall-clock time.
+	sc := `{"name":"an-hour","duration":"1h","time_scale":3600,"seed":9,"fleet":{"lockers":2},
+		"faults":{"tamper":{"per_hour":10}},"expect":{"all_connected":true,"max_errors":0}}`
+	if err := os.WriteFile(file, []byte(sc), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	var stdout, stderr syncBuffer
+	code := runArgs(ctx, []string{"--scenario", file, "--broker", env.URL, "--claim", env.Claim, "-o", "json", "--log-level", "warn"}, noEnv, &stdout, &stderr)
+	if code != 0 || ctx.Err() != nil {
+		t.Fatalf("exit %d (ctx %v):\n%s", code, ctx.Err(), stderr.String())
+	}
+	var rep report
+	if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil {
+		t.Fatal(err)
+	}
+	if rep.Scenario != "an-hour" || rep.Seed != 9 || rep.Stats.Tampers == 0 || rep.DurationS > 20 {
+		t.Errorf("report %+v", rep)
+	}
+}
