@@ -1,0 +1,204 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// IdleOptions configure the idle connections workload.
+type IdleOptions struct {
+	Lockers  int           // default 50,000
+	Hold     time.Duration // after all are connected; default 30s
+	Runs     int
+	Baseline bool // mosquitto (and bare mochi unless NoMochi)
+	NoMochi  bool
+}
+
+type idleRun struct {
+	Connected, Alive int
+	Connect          time.Duration
+	Before, After    Mem   // server
+	GoHeap, GoStack  int64 // delta of go_memstats_heap_inuse_bytes, _stack_inuse_bytes (Go servers)
+	GenDelta         int64 // load generator RSS delta
+	Retries          int64
+}
+
+func (ir idleRun) perConn() float64 {
+	return float64(ir.After.RSS-ir.Before.RSS) / float64(max(ir.Connected, 1))
+}
+
+// Idle runs the idle connections workload.
+func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
+	if o.Lockers <= 0 {
+		o.Lockers = 50000
+	}
+	if o.Hold <= 0 {
+		o.Hold = 30 * time.Second
+	}
+	if o.Runs <= 0 {
+		o.Runs = 3
+	}
+	rep := &Report{Workload: "idle: connected idle lockers at keep-alive 60 s", Runs: o.Runs, LoadAvg: [2]string{Load(), ""}}
+	// Every connection is a descriptor in the server and one in lockerbench.
+	if lim := FileLimit(); o.Lockers > lim-1000-OpenFiles() {
+		capped := (lim - 1000 - OpenFiles()) / 1000 * 1000
+		rep.Notes = append(rep.Notes, fmt.Sprintf("asked for %d lockers but RLIMIT_NOFILE is %d here and cannot be raised "+
+			"(setrlimit needs CAP_SYS_RESOURCE, which this machine does not grant even to root): every connection needs a "+
+			"descriptor in the server process, so no server here can hold more than ~%d; measured %d. Memory per "+
+			"connection is the figure that carries over to 50,000", o.Lockers, lim, lim, capped))
+		r.Log.Warn("idle: lockers capped by the open file limit", "asked", o.Lockers, "limit", lim, "measured", capped)
+		o.Lockers = capped
+	}
+	lab, err := r.Lab(ctx, o.Lockers)
+	if err != nil {
+		return nil, err
+	}
+	kinds := []string{"lockergate"}
+	if o.Baseline {
+		kinds = append(kinds, "mosquitto")
+		if !o.NoMochi {
+			kinds = append(kinds, "bare")
+		}
+	}
+	results := map[string][]idleRun{}
+	for run := 1; run <= o.Runs; run++ {
+		for _, k := range kinds {
+			r.Log.Info("idle run", "server", k, "run", run, "lockers", o.Lockers)
+			res, err := r.idleOnce(ctx, k, lab, o)
+			if err != nil {
+				return nil, fmt.Errorf("%s run %d: %w", k, run, err)
+			}
+			r.Log.Info("idle run done", "server", k, "alive", res.Alive, "connect", res.Connect.Round(time.Millisecond),
+				"per_conn_kib", res.perConn()/1024)
+			results[k] = append(results[k], res)
+		}
+	}
+	rep.LoadAvg[1] = Load()
+	rep.Method = fmt.Sprintf("%d raw MQTT 3.1.1 clients (one goroutine and a 512-byte read buffer each in lockerbench), keep-alive 60 s "+
+		"with PINGREQ after 45 s idle, each behaving as an idle locker: Last Will, subscribe to its cmd, creds, config and "+
+		"fw/job topics, retained birth at QoS 1, creds/ack; no health. Source addresses 127.0.0.2 and up, %d connections "+
+		"each, past one address. Memory per connection = (server VmRSS with all connected and settled 10 s − VmRSS "+
+		"before the first connection) / connections; held %v after all connected; a fresh server process per run. "+
+		"Gateway lockers are provisioned through the gateway (%v for all); baselines accept anyone",
+		o.Lockers, perSourceAddr, o.Hold, lab.Prov.Round(time.Second))
+	rep.Columns = []string{"measure", "lockergate"}
+	names := map[string]string{"mosquitto": "mosquitto " + mosquittoVersion(), "bare": "bare mochi"}
+	for _, k := range kinds[1:] {
+		rep.Columns = append(rep.Columns, names[k])
+	}
+	if len(kinds) > 1 {
+		rep.Columns = append(rep.Columns, "ratio to mosquitto")
+	}
+	row := func(name string, f func(idleRun) float64, format func(float64) string, withRatio bool) {
+		cells := []string{name}
+		var med []float64
+		for _, k := range kinds {
+			var xs []float64
+			for _, res := range results[k] {
+				xs = append(xs, f(res))
+			}
+			s := SpreadOf(xs)
+			med = append(med, s.Median)
+			cells = append(cells, s.Format(format))
+		}
+		if len(kinds) > 1 {
+			if withRatio {
+				cells = append(cells, ratio(med[0], med[1]))
+			} else {
+				cells = append(cells, "")
+			}
+		}
+		rep.Add(cells...)
+	}
+	row("connections held (alive after hold)", func(x idleRun) float64 { return float64(x.Alive) }, fInt, false)
+	row("connect time (all connected)", func(x idleRun) float64 { return x.Connect.Seconds() }, fSec, true)
+	row("memory per connection (RSS delta / connections)", idleRun.perConn, fKiB, true)
+	row("server RSS with all connected", func(x idleRun) float64 { return float64(x.After.RSS) }, fMiB, true)
+	row("server peak RSS (VmHWM)", func(x idleRun) float64 { return float64(x.After.HWM) }, fMiB, true)
+	row("  Go heap in use per connection", func(x idleRun) float64 { return float64(x.GoHeap) / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("  Go stacks per connection", func(x idleRun) float64 { return float64(x.GoStack) / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("load generator RSS per connection", func(x idleRun) float64 { return float64(x.GenDelta) / float64(max(x.Connected, 1)) }, fKiB, false)
+	var alive, per []float64
+	for _, res := range results["lockergate"] {
+		alive = append(alive, float64(res.Alive))
+		per = append(per, res.perConn())
+	}
+	a, p := SpreadOf(alive), SpreadOf(per)
+	rep.Targets = append(rep.Targets,
+		fmt.Sprintf("50,000 connected: %s (%s)", metOrNot(a.Median >= 50000), a.Format(fInt)),
+		fmt.Sprintf("< 20 KiB gateway memory per locker: %s (%s)", metOrNot(p.Median < 20*1024), p.Format(fKiB)))
+	return rep, nil
+}
+
+func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOptions) (idleRun, error) {
+	var res idleRun
+	var srv *Server
+	var ids []Identity
+	var err error
+	switch kind {
+	case "lockergate":
+		if err := lab.FreshGateway(ctx); err != nil {
+			return res, err
+		}
+		srv, ids = lab.GW, lab.IDs
+	case "mosquitto":
+		if srv, err = r.StartMosquitto(ctx); err != nil {
+			return res, err
+		}
+		defer srv.Stop()
+		ids = FakeIdentities(o.Lockers)
+	case "bare":
+		if srv, err = r.StartBare(ctx); err != nil {
+			return res, err
+		}
+		defer srv.Stop()
+		ids = FakeIdentities(o.Lockers)
+	}
+	time.Sleep(3 * time.Second)
+	res.Before = srv.Mem()
+	m0, _ := srv.Metrics(ctx)
+	gen0, _ := ProcMem(selfPid())
+	start := time.Now()
+	f, err := ConnectFleet(ctx, srv.MQTTAddr, ids, FleetOptions{Locker: true, Concurrency: 256})
+	if err != nil {
+		return res, err
+	}
+	defer f.Close()
+	if kind == "lockergate" {
+		if err := lab.WaitOnline(ctx, len(ids), 5*time.Minute); err != nil {
+			return res, err
+		}
+	}
+	res.Connect = time.Since(start)
+	res.Connected = len(f.Conns)
+	res.Retries = f.Retries
+	select {
+	case <-time.After(10 * time.Second):
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
+	res.After = srv.Mem()
+	if kind == "lockergate" {
+		srv.ProfileHeap(ctx, fmt.Sprintf("idle-heap-%d-%s", len(ids), time.Now().Format("150405")))
+	}
+	if m1, err := srv.Metrics(ctx); err == nil && m0 != nil {
+		res.GoHeap = int64(m1.Sum("go_memstats_heap_inuse_bytes") - m0.Sum("go_memstats_heap_inuse_bytes"))
+		res.GoStack = int64(m1.Sum("go_memstats_stack_inuse_bytes") - m0.Sum("go_memstats_stack_inuse_bytes"))
+	}
+	gen1, _ := ProcMem(selfPid())
+	res.GenDelta = gen1.RSS - gen0.RSS
+	hold := o.Hold - 10*time.Second
+	if hold > 0 {
+		select {
+		case <-time.After(hold):
+		case <-ctx.Done():
+			return res, ctx.Err()
+		}
+	}
+	res.Alive = f.Alive()
+	if m := srv.Mem(); m.HWM > res.After.HWM {
+		res.After.HWM = m.HWM
+	}
+	return res, nil
+}

@@ -1,0 +1,149 @@
+package bench
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// markerBase lifts marker sequence numbers far above any ordinary health
+// message of the run, so a query can tell them apart.
+const markerBase = int64(1) << 40
+
+// Markers measures publish → visible in PostgreSQL end to end: marker
+// health messages (ordinary messages with a distinctive seq) are published
+// by a few lockers; a poller queries PostgreSQL every pollEvery for the
+// ones outstanding; a marker's lag is from just before its PUBLISH was
+// written to the start of the first query that returned it. The
+// resolution is therefore the poll interval.
+type Markers struct {
+	conns []*Conn
+	db    *pgxpool.Pool
+	mu    sync.Mutex
+	sent  map[markerKey]time.Time
+	next  int64
+	lags  []time.Duration
+	lost  int
+	// Published counts markers written, all runs.
+	Published atomic.Int64
+}
+
+type markerKey struct {
+	id  string
+	seq int64
+}
+
+const pollEvery = 5 * time.Millisecond
+
+// NewMarkers uses conns to publish markers and db to find them.
+func NewMarkers(conns []*Conn, db *pgxpool.Pool) *Markers {
+	return &Markers{conns: conns, db: db, sent: map[markerKey]time.Time{}, next: markerBase}
+}
+
+// Run publishes rate markers per second for d, then waits (up to grace)
+// for the outstanding ones; it returns the lags found in this call.
+func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration) (lags []time.Duration, lost int) {
+	m.mu.Lock()
+	m.lags, m.lost = nil, 0
+	m.mu.Unlock()
+	since := time.Now().Add(-time.Second)
+	pubDone := make(chan struct{})
+	go func() {
+		defer close(pubDone)
+		t := time.NewTicker(time.Duration(float64(time.Second) / rate))
+		defer t.Stop()
+		end := time.After(d)
+		buf := make([]byte, 0, 512)
+		for i := 0; ; i++ {
+			select {
+			case <-ctx.Done():
+				return
+			case <-end:
+				return
+			case <-t.C:
+			}
+			c := m.conns[i%len(m.conns)]
+			m.mu.Lock()
+			m.next++
+			seq := m.next
+			now := time.Now()
+			m.sent[markerKey{c.ID, seq}] = now
+			m.mu.Unlock()
+			buf = AppendHealth(buf[:0], now, seq, 0)
+			m.Published.Add(1)
+			if c.Publish(protocol.Topic(c.ID, protocol.ChanHealth), buf, 1, false) != nil {
+				m.Published.Add(-1)
+				m.mu.Lock()
+				delete(m.sent, markerKey{c.ID, seq})
+				m.lost++
+				m.mu.Unlock()
+			}
+		}
+	}()
+	ids := make([]string, len(m.conns))
+	for i, c := range m.conns {
+		ids[i] = c.ID
+	}
+	var deadline time.Time
+	for {
+		select {
+		case <-pubDone:
+			if deadline.IsZero() {
+				deadline = time.Now().Add(grace)
+			}
+		default:
+		}
+		m.mu.Lock()
+		pending := len(m.sent)
+		m.mu.Unlock()
+		if !deadline.IsZero() && (pending == 0 || time.Now().After(deadline)) {
+			break
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		if pending > 0 {
+			m.poll(ctx, ids, since)
+		}
+		time.Sleep(pollEvery)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.lost += len(m.sent)
+	clear(m.sent)
+	return m.lags, m.lost
+}
+
+// Pending is how many markers are outstanding.
+func (m *Markers) Pending() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.sent)
+}
+
+func (m *Markers) poll(ctx context.Context, ids []string, since time.Time) {
+	at := time.Now()
+	rows, err := m.db.Query(ctx, "SELECT device_id, seq FROM health WHERE device_id = ANY($1) AND received_at >= $2 AND seq > $3",
+		ids, since, markerBase)
+	if err != nil {
+		return
+	}
+	defer rows.Close()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for rows.Next() {
+		var k markerKey
+		if rows.Scan(&k.id, &k.seq) != nil {
+			continue
+		}
+		if t0, ok := m.sent[k]; ok {
+			m.lags = append(m.lags, at.Sub(t0))
+			delete(m.sent, k)
+		}
+	}
+}
