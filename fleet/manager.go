@@ -258,6 +258,10 @@ func (m *Manager) receive(msg Message) {
 	in := inbound{id: id, payload: msg.Payload, at: at}
 	switch ch {
 	case protocol.ChanHealth:
+		if msg.QoS > 0 {
+			m.health <- in // QoS 1 was acknowledged: back-pressure, never a drop
+			break
+		}
 		select {
 		case m.health <- in:
 		default:
