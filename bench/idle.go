@@ -3,8 +3,20 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math"
+	"runtime"
 	"time"
 )
+
+// goInUse is this process's Go heap and stacks in use, after a GC: what
+// the load generator's connections cost, whatever memory earlier runs left
+// to reuse.
+func goInUse() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapInuse + m.StackInuse)
+}
 
 // IdleOptions configure the idle connections workload.
 type IdleOptions struct {
@@ -18,9 +30,9 @@ type IdleOptions struct {
 type idleRun struct {
 	Connected, Alive int
 	Connect          time.Duration
-	Before, After    Mem   // server
-	GoHeap, GoStack  int64 // delta of go_memstats_heap_inuse_bytes, _stack_inuse_bytes (Go servers)
-	GenDelta         int64 // load generator RSS delta
+	Before, After    Mem     // server
+	GoHeap, GoStack  float64 // delta of go_memstats_heap_inuse_bytes, _stack_inuse_bytes (NaN: not a Go server with metrics)
+	GenDelta         int64   // load generator Go heap and stacks in use, delta
 	Retries          int64
 }
 
@@ -116,9 +128,9 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 	row("memory per connection (RSS delta / connections)", idleRun.perConn, fKiB, true)
 	row("server RSS with all connected", func(x idleRun) float64 { return float64(x.After.RSS) }, fMiB, true)
 	row("server peak RSS (VmHWM)", func(x idleRun) float64 { return float64(x.After.HWM) }, fMiB, true)
-	row("  Go heap in use per connection", func(x idleRun) float64 { return float64(x.GoHeap) / float64(max(x.Connected, 1)) }, fKiB, false)
-	row("  Go stacks per connection", func(x idleRun) float64 { return float64(x.GoStack) / float64(max(x.Connected, 1)) }, fKiB, false)
-	row("load generator RSS per connection", func(x idleRun) float64 { return float64(x.GenDelta) / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("  Go heap in use per connection", func(x idleRun) float64 { return x.GoHeap / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("  Go stacks per connection", func(x idleRun) float64 { return x.GoStack / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("load generator Go heap + stacks per connection", func(x idleRun) float64 { return float64(x.GenDelta) / float64(max(x.Connected, 1)) }, fKiB, false)
 	var alive, per []float64
 	for _, res := range results["lockergate"] {
 		alive = append(alive, float64(res.Alive))
@@ -158,7 +170,7 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 	time.Sleep(3 * time.Second)
 	res.Before = srv.Mem()
 	m0, _ := srv.Metrics(ctx)
-	gen0, _ := ProcMem(selfPid())
+	gen0 := goInUse()
 	start := time.Now()
 	f, err := ConnectFleet(ctx, srv.MQTTAddr, ids, FleetOptions{Locker: true, Concurrency: 256})
 	if err != nil {
@@ -182,12 +194,12 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 	if kind == "lockergate" {
 		srv.ProfileHeap(ctx, fmt.Sprintf("idle-heap-%d-%s", len(ids), time.Now().Format("150405")))
 	}
+	res.GoHeap, res.GoStack = math.NaN(), math.NaN()
 	if m1, err := srv.Metrics(ctx); err == nil && m0 != nil {
-		res.GoHeap = int64(m1.Sum("go_memstats_heap_inuse_bytes") - m0.Sum("go_memstats_heap_inuse_bytes"))
-		res.GoStack = int64(m1.Sum("go_memstats_stack_inuse_bytes") - m0.Sum("go_memstats_stack_inuse_bytes"))
+		res.GoHeap = m1.Sum("go_memstats_heap_inuse_bytes") - m0.Sum("go_memstats_heap_inuse_bytes")
+		res.GoStack = m1.Sum("go_memstats_stack_inuse_bytes") - m0.Sum("go_memstats_stack_inuse_bytes")
 	}
-	gen1, _ := ProcMem(selfPid())
-	res.GenDelta = gen1.RSS - gen0.RSS
+	res.GenDelta = goInUse() - gen0
 	hold := o.Hold - 10*time.Second
 	if hold > 0 {
 		select {

@@ -273,8 +273,6 @@ func tail(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-func selfPid() int { return os.Getpid() }
-
 // FileLimit is this process's RLIMIT_NOFILE (soft), which children inherit.
 func FileLimit() int {
 	var r syscall.Rlimit
