@@ -11,6 +11,11 @@ type Message struct {
 	// ClientID is the publishing client's id when the bus knows it (the
 	// embedded broker does; an external broker does not).
 	ClientID string
+	// Ack, when not nil, acknowledges the message to the bus. The fleet
+	// manager calls it once the message's effect is stored, or when the
+	// message is invalid for good; a message never acknowledged (the
+	// gateway stopped or crashed first) is the bus's to deliver again.
+	Ack func()
 }
 
 // Handler consumes messages from a subscription. Handlers are called on the

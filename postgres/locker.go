@@ -179,6 +179,8 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord) erro
 			return fmt.Errorf("copy health: %w", err)
 		}
 		// Latest per locker only (a batch may hold several of one locker).
+		// Never older than what is stored: with several writers or gateway
+		// instances, a later batch can carry an earlier message.
 		latest := make(map[string]int, len(batch))
 		for i := range batch {
 			latest[batch[i].DeviceID] = i
@@ -199,7 +201,7 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord) erro
 					THEN u.seq - d.health_seq - 1 ELSE 0 END,
 				health_seq = u.seq
 			FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) AS u(id, body, at, seq)
-			WHERE d.id = u.id`, ids, bodies, ats, seqs)
+			WHERE d.id = u.id AND (d.health_at IS NULL OR u.at >= d.health_at)`, ids, bodies, ats, seqs)
 		if err != nil {
 			return fmt.Errorf("update latest health: %w", err)
 		}
