@@ -26,6 +26,14 @@ func (m *Manager) SendCommand(ctx context.Context, req CommandRequest) (*Command
 	if err != nil {
 		return nil, fmt.Errorf("load locker %s: %w", req.DeviceID, err)
 	}
+	return m.SendCommandTo(ctx, l, req, 0)
+}
+
+// SendCommandTo is SendCommand for a locker the caller has loaded (and
+// checked access to). With wait > 0 it then waits like WaitCommand; an
+// answer taken by this instance reaches it without another database read.
+func (m *Manager) SendCommandTo(ctx context.Context, l *Locker, req CommandRequest, wait time.Duration) (*Command, error) {
+	req.DeviceID = l.ID
 	if err := req.validate(l.Compartments); err != nil {
 		return nil, err
 	}
@@ -35,20 +43,30 @@ func (m *Manager) SendCommand(ctx context.Context, req CommandRequest) (*Command
 		Reason: req.Reason, InService: req.InService, Status: CmdPending, Actor: req.Actor,
 		CreatedAt: now, ExpiresAt: now.Add(req.TTL),
 	}
-	if err := m.store.CreateCommand(ctx, c); err != nil {
+	var audit *AuditEntry
+	if req.Type == protocol.CmdUnlock {
+		// Stored with the command, before it can be sent: no door opens
+		// without its audit entry.
+		audit = &AuditEntry{Actor: req.Actor, Action: "unlock", Locker: l.ID, Site: l.Site,
+			Detail: map[string]any{"command": c.ID, "compartment": c.Compartment, "reason": c.Reason, "expires_at": c.ExpiresAt}}
+	}
+	if err := m.store.CreateCommand(ctx, c, audit); err != nil {
 		return nil, fmt.Errorf("create command: %w", err)
 	}
-	if req.Type == protocol.CmdUnlock {
-		if err := m.store.Audit(ctx, AuditEntry{Actor: req.Actor, Action: "unlock", Locker: l.ID, Site: l.Site,
-			Detail: map[string]any{"command": c.ID, "compartment": c.Compartment, "reason": c.Reason, "expires_at": c.ExpiresAt}}); err != nil {
-			return nil, fmt.Errorf("audit unlock: %w", err)
-		}
-	}
 	m.m.commands.WithLabelValues(c.Type, CmdPending).Inc()
+	var wake chan *Command
+	if wait > 0 {
+		// Before sending: the answer can arrive before this call waits.
+		wake = m.subscribe(c.ID)
+	}
 	if l.Online && !l.Disabled {
 		m.deliver(ctx, c)
 	}
-	return c, nil
+	if wait <= 0 {
+		return c, nil
+	}
+	cur := *c
+	return m.waitCommand(ctx, &cur, wake, wait)
 }
 
 // deliver publishes a command and marks it sent.
@@ -63,15 +81,16 @@ func (m *Manager) deliver(ctx context.Context, c *Command) {
 	if c.Status != CmdPending {
 		return
 	}
-	ok, err := m.store.MarkCommandSent(ctx, c.ID, m.now())
+	sentAt := m.now()
+	ok, err := m.store.MarkCommandSent(ctx, c.ID, sentAt)
 	if err != nil {
 		m.log.Error("mark command sent", "command", c.ID, "err", err)
 		return
 	}
 	if ok {
-		c.Status = CmdSent
+		// Waiters wait for a final status; "sent" wakes no one.
+		c.Status, c.SentAt = CmdSent, &sentAt
 		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
-		m.notify(c.ID)
 	}
 }
 
@@ -83,23 +102,32 @@ func (m *Manager) GetCommand(ctx context.Context, deviceID, id string) (*Command
 // WaitCommand waits up to d for a command to reach a final status and returns
 // it as it is then. It wakes on the result, not by polling.
 func (m *Manager) WaitCommand(ctx context.Context, deviceID, id string, d time.Duration) (*Command, error) {
+	wake := m.subscribe(id)
+	c, err := m.store.GetCommand(ctx, deviceID, id)
+	if err != nil {
+		m.unsubscribe(id, wake)
+		return c, err
+	}
+	return m.waitCommand(ctx, c, wake, d)
+}
+
+// waitCommand waits on wake (subscribed before c was read or sent) until c
+// is final, expired unsent, or d has passed, and unsubscribes.
+func (m *Manager) waitCommand(ctx context.Context, c *Command, wake chan *Command, d time.Duration) (*Command, error) {
+	id, deviceID := c.ID, c.DeviceID
+	defer m.unsubscribe(id, wake)
 	deadline := m.now().Add(d)
 	for {
-		wake := m.subscribe(id)
-		c, err := m.store.GetCommand(ctx, deviceID, id)
-		if err != nil || Final(c.Status) {
-			m.unsubscribe(id, wake)
-			return c, err
+		if Final(c.Status) {
+			return c, nil
 		}
 		now := m.now()
 		if c.Status == CmdPending && !now.Before(c.ExpiresAt) {
 			// Do not leave a caller waiting on the sweeper's next tick.
-			m.unsubscribe(id, wake)
 			m.sweep(ctx)
 			return m.store.GetCommand(ctx, deviceID, id)
 		}
 		if !now.Before(deadline) {
-			m.unsubscribe(id, wake)
 			return c, nil
 		}
 		until := deadline
@@ -108,27 +136,35 @@ func (m *Manager) WaitCommand(ctx context.Context, deviceID, id string, d time.D
 		}
 		t := time.NewTimer(until.Sub(now))
 		select {
-		case <-wake:
+		case got := <-wake:
+			t.Stop()
+			if got != nil {
+				c = got // the answer, as this instance stored it
+				continue
+			}
 		case <-t.C:
 		case <-ctx.Done():
 			t.Stop()
-			m.unsubscribe(id, wake)
 			return c, ctx.Err()
 		}
-		t.Stop()
-		m.unsubscribe(id, wake)
+		// Woken by another instance (or the timer): read what is stored.
+		nc, err := m.store.GetCommand(ctx, deviceID, id)
+		if err != nil {
+			return c, err
+		}
+		c = nc
 	}
 }
 
-func (m *Manager) subscribe(id string) chan struct{} {
-	ch := make(chan struct{}, 1)
+func (m *Manager) subscribe(id string) chan *Command {
+	ch := make(chan *Command, 1)
 	m.mu.Lock()
 	m.waiters[id] = append(m.waiters[id], ch)
 	m.mu.Unlock()
 	return ch
 }
 
-func (m *Manager) unsubscribe(id string, ch chan struct{}) {
+func (m *Manager) unsubscribe(id string, ch chan *Command) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	ws := m.waiters[id]
@@ -145,14 +181,33 @@ func (m *Manager) unsubscribe(id string, ch chan struct{}) {
 	}
 }
 
-// notify wakes everyone waiting on command id.
-func (m *Manager) notify(id string) {
+// notify wakes everyone waiting on command id: they read it again.
+func (m *Manager) notify(id string) { m.wake(id, nil) }
+
+// wake hands waiters on id the command as it now is (nil: read it again).
+// A waiter that has a wake-up pending keeps it and reads the store.
+func (m *Manager) wake(id string, c *Command) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, ch := range m.waiters[id] {
+		var cp *Command
+		if c != nil {
+			v := *c
+			cp = &v
+		}
 		select {
-		case ch <- struct{}{}:
+		case ch <- cp:
 		default:
+			// Coalesced with the wake-up already pending; make it a re-read
+			// so the newest state is seen.
+			select {
+			case <-ch:
+			default:
+			}
+			select {
+			case ch <- nil:
+			default:
+			}
 		}
 	}
 }
@@ -160,7 +215,7 @@ func (m *Manager) notify(id string) {
 // finished accounts for a command that reached a final status.
 func (m *Manager) finished(c *Command) {
 	m.m.commands.WithLabelValues(c.Type, c.Status).Inc()
-	m.notify(c.ID)
+	m.wake(c.ID, c)
 }
 
 // sweep finalises commands past their deadline.

@@ -40,8 +40,9 @@ type Store interface {
 	// ListAlerts returns a locker's alerts, newest first.
 	ListAlerts(ctx context.Context, deviceID string, open bool) ([]Alert, error)
 
-	// CreateCommand inserts a pending command.
-	CreateCommand(ctx context.Context, c *Command) error
+	// CreateCommand inserts a pending command and, when audit is not nil,
+	// its audit entry, atomically.
+	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry) error
 	// GetCommand returns a command of a locker, or ErrNotFound.
 	GetCommand(ctx context.Context, deviceID, id string) (*Command, error)
 	// MarkCommandSent moves a pending command to sent; false when it is no

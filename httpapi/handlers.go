@@ -327,21 +327,15 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 	if tok.Role == fleet.RoleStore && in.Type != protocol.CmdUnlock {
 		return errForbidden
 	}
-	c, err := s.fleet.SendCommand(r.Context(), fleet.CommandRequest{
-		DeviceID: l.ID, Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
+	c, err := s.fleet.SendCommandTo(r.Context(), l, fleet.CommandRequest{
+		Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
 		TTL: time.Duration(in.TTLS) * time.Second, Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
-	})
-	if err != nil {
+	}, time.Duration(in.WaitS)*time.Second)
+	if c == nil {
 		return err
 	}
-	if in.WaitS > 0 {
-		done, err := s.fleet.WaitCommand(r.Context(), l.ID, c.ID, time.Duration(in.WaitS)*time.Second)
-		if err != nil && !errors.Is(err, r.Context().Err()) {
-			return err
-		}
-		if done != nil {
-			c = done
-		}
+	if err != nil && !errors.Is(err, r.Context().Err()) {
+		return err
 	}
 	w.Header().Set("Location", "/v1/lockers/"+l.ID+"/commands/"+c.ID)
 	writeJSON(w, http.StatusCreated, c)

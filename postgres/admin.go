@@ -20,16 +20,25 @@ func (db *DB) Audit(ctx context.Context, e fleet.AuditEntry) error {
 func audit(ctx context.Context, q interface {
 	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
 }, e fleet.AuditEntry) error {
+	detail, err := auditDetail(e)
+	if err != nil {
+		return err
+	}
+	_, err = q.Exec(ctx, auditInsert, e.Actor, e.Action, e.Locker, e.Site, detail)
+	return err
+}
+
+const auditInsert = `INSERT INTO audit (actor, action, locker, site, detail) VALUES ($1, $2, $3, $4, $5)`
+
+func auditDetail(e fleet.AuditEntry) ([]byte, error) {
+	if e.Detail == nil {
+		return []byte("{}"), nil
+	}
 	detail, err := json.Marshal(e.Detail)
 	if err != nil {
-		return fmt.Errorf("audit detail: %w", err)
+		return nil, fmt.Errorf("audit detail: %w", err)
 	}
-	if e.Detail == nil {
-		detail = []byte("{}")
-	}
-	_, err = q.Exec(ctx, `INSERT INTO audit (actor, action, locker, site, detail) VALUES ($1, $2, $3, $4, $5)`,
-		e.Actor, e.Action, e.Locker, e.Site, detail)
-	return err
+	return detail, nil
 }
 
 // ListAudit returns audit entries in order.

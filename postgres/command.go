@@ -39,15 +39,26 @@ func collectCommands(rows pgx.Rows, err error) ([]fleet.Command, error) {
 	return out, rows.Err()
 }
 
-// CreateCommand implements fleet.Store.
-func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command) error {
+// CreateCommand implements fleet.Store. The command and its audit entry go
+// in one round trip: a batch is one implicit transaction, so both or neither
+// are stored.
+func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.AuditEntry) error {
 	var comp *int
 	if c.Compartment > 0 {
 		comp = &c.Compartment
 	}
-	_, err := db.pool.Exec(ctx, `INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at)
+	b := &pgx.Batch{}
+	b.Queue(`INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at)
 		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
 		c.ID, c.DeviceID, c.Type, comp, c.Reason, c.InService, c.Status, c.Actor, c.CreatedAt, c.ExpiresAt)
+	if audit != nil {
+		detail, err := auditDetail(*audit)
+		if err != nil {
+			return err
+		}
+		b.Queue(auditInsert, audit.Actor, audit.Action, audit.Locker, audit.Site, detail)
+	}
+	err := db.pool.SendBatch(ctx, b).Close()
 	if isFKViolation(err) {
 		return fleet.ErrNotFound
 	}
@@ -59,37 +70,45 @@ func (db *DB) GetCommand(ctx context.Context, deviceID, id string) (*fleet.Comma
 	return scanCommand(db.pool.QueryRow(ctx, "SELECT "+commandCols+" FROM commands WHERE id = $1 AND device_id = $2", id, deviceID))
 }
 
-// MarkCommandSent implements fleet.Store.
+// MarkCommandSent implements fleet.Store. Its commit does not wait for the
+// disk (synchronous_commit off for this transaction only): if PostgreSQL
+// itself crashes within a fraction of a second, the command is pending
+// again and is sent again by id, which lockers ignore (protocol: commands
+// are idempotent by id). The durable records (the command, its audit entry,
+// its result) are not relaxed.
 func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (bool, error) {
-	tag, err := db.pool.Exec(ctx, "UPDATE commands SET status = 'sent', sent_at = $2 WHERE id = $1 AND status = 'pending'", id, at)
-	return tag.RowsAffected() == 1, err
+	b := &pgx.Batch{}
+	b.Queue("SELECT set_config('synchronous_commit', 'off', true)")
+	b.Queue("UPDATE commands SET status = 'sent', sent_at = $2 WHERE id = $1 AND status = 'pending'", id, at)
+	br := db.pool.SendBatch(ctx, b)
+	defer br.Close()
+	if _, err := br.Exec(); err != nil {
+		return false, err
+	}
+	tag, err := br.Exec()
+	if err != nil {
+		return false, err
+	}
+	return tag.RowsAffected() == 1, br.Close()
 }
 
 // CompleteCommand implements fleet.Store. A device's answer is taken while
 // the command is open; a late "ok" after the gateway gave up is kept too
 // (the door did open), but never overwrites another answer.
 func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*fleet.Command, error) {
-	var c *fleet.Command
-	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) (err error) {
-		c, err = scanCommand(tx.QueryRow(ctx, `UPDATE commands SET status = $3, error = $4, done_at = $5
+	// One statement, one round trip: the update and its notification commit
+	// together.
+	return scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
+			UPDATE commands SET status = $3, error = $4, done_at = $5
 			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status = 'timed_out' AND $3 <> 'expired'))
-			RETURNING `+commandCols, id, deviceID, status, errText, at))
-		if err != nil {
-			return err
-		}
-		return notifyCommand(ctx, tx, id)
-	})
-	return c, err
+			RETURNING *)
+		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
+		id, deviceID, status, errText, at, commandChannel))
 }
 
 // commandChannel carries the ids of commands that changed, on commit, to
 // every gateway instance (one instance may wait on a result another took).
 const commandChannel = "lockergate_command"
-
-func notifyCommand(ctx context.Context, tx pgx.Tx, ids ...string) error {
-	_, err := tx.Exec(ctx, `SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id`, commandChannel, ids)
-	return err
-}
 
 // WatchCommands implements fleet.Store: it LISTENs on a dedicated
 // connection and calls fn with each changed command id until ctx ends,
@@ -133,22 +152,14 @@ func (db *DB) listen(ctx context.Context, channel string, fn func(string)) error
 
 // ExpireCommands implements fleet.Store.
 func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Duration) ([]fleet.Command, error) {
-	var cs []fleet.Command
-	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) (err error) {
-		cs, err = collectCommands(tx.Query(ctx, `UPDATE commands SET
+	// Runs every second on every instance: one statement, one round trip.
+	return collectCommands(db.pool.Query(ctx, `WITH u AS (
+			UPDATE commands SET
 				status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END, done_at = $1
 			WHERE (status = 'pending' AND expires_at <= $1) OR (status = 'sent' AND expires_at <= $2)
-			RETURNING `+commandCols, now, now.Add(-grace)))
-		if err != nil || len(cs) == 0 {
-			return err
-		}
-		ids := make([]string, len(cs))
-		for i := range cs {
-			ids[i] = cs[i].ID
-		}
-		return notifyCommand(ctx, tx, ids...)
-	})
-	return cs, err
+			RETURNING *)
+		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($3, u.id)) n`,
+		now, now.Add(-grace), commandChannel))
 }
 
 // OpenCommands implements fleet.Store.

@@ -197,7 +197,7 @@ func TestCommands(t *testing.T) {
 	id := MustDevice(t, db, "s1", "SN-C", 4)
 	now := time.Now().UTC().Truncate(time.Millisecond)
 	mk := func(cid string, exp time.Time) {
-		if err := db.CreateCommand(ctx, &fleet.Command{ID: cid, DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: exp}); err != nil {
+		if err := db.CreateCommand(ctx, &fleet.Command{ID: cid, DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: exp}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -368,4 +368,124 @@ func TestPresence(t *testing.T) {
 	if l.Online || l.DisconnectReason != "keepalive" {
 		t.Fatalf("after disconnect: %+v", l)
 	}
+}
+
+func TestCommandAuditedAtomically(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-CA", 2)
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	audit := func(locker string) *fleet.AuditEntry {
+		return &fleet.AuditEntry{Actor: "token:t1", Action: "unlock", Locker: locker, Site: "s1", Detail: map[string]any{"command": "x"}}
+	}
+	c := &fleet.Command{ID: "ca1", DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: now.Add(time.Minute)}
+	if err := db.CreateCommand(ctx, c, audit(id)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.GetCommand(ctx, id, "ca1"); err != nil {
+		t.Fatalf("command not stored: %v", err)
+	}
+	// An unknown locker: neither the command nor its audit entry is stored.
+	bad := *c
+	bad.ID, bad.DeviceID = "ca2", "lk-missing"
+	if err := db.CreateCommand(ctx, &bad, audit("lk-missing")); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("unknown locker: got %v, want ErrNotFound", err)
+	}
+	for _, tc := range []struct {
+		locker string
+		want   int
+	}{{id, 1}, {"lk-missing", 0}} {
+		es, err := db.ListAudit(ctx, fleet.AuditFilter{Locker: tc.locker})
+		n := 0
+		for _, e := range es {
+			if e.Action == "unlock" {
+				n++
+			}
+		}
+		if err != nil || n != tc.want {
+			t.Fatalf("unlock audit entries of %s: %d (%v), want %d", tc.locker, n, err, tc.want)
+		}
+	}
+}
+
+func TestCommandChangesAreNotified(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-CN", 2)
+	now := time.Now().UTC().Truncate(time.Millisecond)
+	got := make(chan string, 16)
+	go db.WatchCommands(ctx, func(cid string) { got <- cid })
+	for _, c := range []struct {
+		id  string
+		exp time.Time
+	}{{"cn-ok", now.Add(time.Minute)}, {"cn-exp", now.Add(-time.Second)}} {
+		if err := db.CreateCommand(ctx, &fleet.Command{ID: c.id, DeviceID: id, Type: "reboot", Status: fleet.CmdPending,
+			CreatedAt: now, ExpiresAt: c.exp}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// WatchCommands listens asynchronously: complete commands until the
+	// listener is seen to be up, then check what each change notifies.
+	deadline := time.After(10 * time.Second)
+	expect := func(want string) {
+		t.Helper()
+		for {
+			select {
+			case cid := <-got:
+				if cid == want {
+					return
+				}
+				t.Fatalf("notified %q, want %q", cid, want)
+			case <-deadline:
+				t.Fatalf("no notification for %q", want)
+			}
+		}
+	}
+	if _, err := db.CompleteCommand(ctx, "lk-other", "cn-ok", "ok", "", now); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("other locker's answer: %v", err)
+	}
+	waitListening(t, db, got)
+	if _, err := db.CompleteCommand(ctx, id, "cn-ok", "ok", "", now); err != nil {
+		t.Fatal(err)
+	}
+	expect("cn-ok")
+	if cs, err := db.ExpireCommands(ctx, now, time.Second); err != nil || len(cs) != 1 {
+		t.Fatalf("expire: %v %v", cs, err)
+	}
+	expect("cn-exp")
+	// A refused answer changes nothing and notifies nothing: the next
+	// notification is the probe's, not cn-ok's.
+	if _, err := db.CompleteCommand(ctx, id, "cn-ok", "failed", "x", now); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("second answer: %v", err)
+	}
+	if _, err := db.Pool().Exec(ctx, "SELECT pg_notify('lockergate_command', 'probe')"); err != nil {
+		t.Fatal(err)
+	}
+	expect("probe")
+}
+
+// waitListening notifies probes until the watcher reports one, then drains.
+func waitListening(t *testing.T, db *postgres.DB, got chan string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for time.Now().Before(deadline) {
+		if _, err := db.Pool().Exec(context.Background(), "SELECT pg_notify('lockergate_command', 'ready')"); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-got:
+			for {
+				select {
+				case <-got:
+				case <-time.After(50 * time.Millisecond):
+					return
+				}
+			}
+		case <-tick.C:
+		}
+	}
+	t.Fatal("WatchCommands never started listening")
 }
