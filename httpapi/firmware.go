@@ -16,20 +16,21 @@ import (
 // "Firmware and rollouts"; docs/firmware.md). The image download is served
 // outside the table: lockers fetch it with a signed URL instead of a token.
 func (s *Server) firmwareTable() []route {
+	fw := s.withFirmware
 	return []route{
 		// Not idempotent-wrapped: the image is streamed, never buffered;
 		// a repeated upload of a version is a 409 anyway.
-		{"POST", "/v1/firmware", fleetRoles, false, s.uploadFirmware},
-		{"GET", "/v1/firmware", fleetRoles, false, s.listFirmware},
-		{"GET", "/v1/firmware/{id}", fleetRoles, false, s.getFirmware},
-		{"POST", "/v1/rollouts", fleetRoles, true, s.createRollout},
-		{"GET", "/v1/rollouts", fleetRoles, false, s.listRollouts},
-		{"GET", "/v1/rollouts/{id}", fleetRoles, false, s.getRollout},
-		{"GET", "/v1/rollouts/{id}/jobs", fleetRoles, false, s.rolloutJobs},
-		{"POST", "/v1/rollouts/{id}/pause", fleetRoles, false, s.rolloutAction((*firmware.Engine).Pause)},
-		{"POST", "/v1/rollouts/{id}/resume", fleetRoles, false, s.rolloutAction((*firmware.Engine).Resume)},
-		{"POST", "/v1/rollouts/{id}/cancel", fleetRoles, false, s.rolloutAction((*firmware.Engine).Cancel)},
-		{"POST", "/v1/rollouts/{id}/retry-failed", fleetRoles, false, s.rolloutAction((*firmware.Engine).RetryFailed)},
+		{"POST", "/v1/firmware", fleetRoles, false, fw(uploadFirmware)},
+		{"GET", "/v1/firmware", fleetRoles, false, fw(listFirmware)},
+		{"GET", "/v1/firmware/{id}", fleetRoles, false, fw(getFirmware)},
+		{"POST", "/v1/rollouts", fleetRoles, true, fw(createRollout)},
+		{"GET", "/v1/rollouts", fleetRoles, false, fw(listRollouts)},
+		{"GET", "/v1/rollouts/{id}", fleetRoles, false, fw(getRollout)},
+		{"GET", "/v1/rollouts/{id}/jobs", fleetRoles, false, fw(rolloutJobs)},
+		{"POST", "/v1/rollouts/{id}/pause", fleetRoles, false, fw(rolloutAction((*firmware.Engine).Pause))},
+		{"POST", "/v1/rollouts/{id}/resume", fleetRoles, false, fw(rolloutAction((*firmware.Engine).Resume))},
+		{"POST", "/v1/rollouts/{id}/cancel", fleetRoles, false, fw(rolloutAction((*firmware.Engine).Cancel))},
+		{"POST", "/v1/rollouts/{id}/retry-failed", fleetRoles, false, fw(rolloutAction((*firmware.Engine).RetryFailed))},
 	}
 }
 
@@ -39,19 +40,10 @@ func (s *Server) firmwareTable() []route {
 func (s *Server) firmwareRoutes(m *http.ServeMux) {
 	m.HandleFunc("GET /v1/firmware/{id}/blob", func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Query().Get("sig") == "" {
-			s.auth(fleetRoles, s.serveImage)(w, r)
+			s.auth(fleetRoles, s.withFirmware(serveImage))(w, r)
 			return
 		}
-		fw, err := s.firmware()
-		if err != nil {
-			s.writeError(w, r, err)
-			return
-		}
-		if err := fw.CheckDownload(r.PathValue("id"), r.URL.Query()); err != nil {
-			writeProblem(w, http.StatusForbidden, err.Error())
-			return
-		}
-		if err := s.serveImage(w, r); err != nil {
+		if err := s.withFirmware(serveSigned)(w, r); err != nil {
 			s.writeError(w, r, err)
 		}
 	})
@@ -59,18 +51,21 @@ func (s *Server) firmwareRoutes(m *http.ServeMux) {
 
 var errNoFirmware = fmt.Errorf("%w: firmware is not enabled on this gateway", fleet.ErrNotFound)
 
-func (s *Server) firmware() (*firmware.Engine, error) {
-	if s.opts.Firmware == nil {
-		return nil, errNoFirmware
+// firmwareHandler is an endpoint of the firmware engine.
+type firmwareHandler func(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error
+
+// withFirmware hands h the firmware engine; a gateway without one answers
+// every firmware endpoint 404.
+func (s *Server) withFirmware(h firmwareHandler) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if s.opts.Firmware == nil {
+			return errNoFirmware
+		}
+		return h(s.opts.Firmware, w, r)
 	}
-	return s.opts.Firmware, nil
 }
 
-func (s *Server) uploadFirmware(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
+func uploadFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	if q.Get("version") == "" || q.Get("model") == "" {
 		return badRequest("query parameters version and model are required")
@@ -88,28 +83,11 @@ func (s *Server) uploadFirmware(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) listFirmware(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	as, err := fw.Artifacts(r.Context(), after, limit)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(as, limit, func(a firmware.Artifact) string { return a.ID }))
-	return nil
+func listFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
+	return listPage(w, r, fw.Artifacts, func(a firmware.Artifact) string { return a.ID })
 }
 
-func (s *Server) getFirmware(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
+func getFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	a, err := fw.Artifact(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
@@ -118,13 +96,19 @@ func (s *Server) getFirmware(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// serveSigned serves the image of a signed URL (what a job carries),
+// without a token.
+func serveSigned(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
+	if err := fw.CheckDownload(r.PathValue("id"), r.URL.Query()); err != nil {
+		writeProblem(w, http.StatusForbidden, err.Error())
+		return nil
+	}
+	return serveImage(fw, w, r)
+}
+
 // serveImage sends an image with HTTP Range support (resume), counting
 // the bytes sent.
-func (s *Server) serveImage(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
+func serveImage(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	f, a, err := fw.OpenImage(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
@@ -158,11 +142,7 @@ func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
 	return n, err
 }
 
-func (s *Server) createRollout(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
+func createRollout(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	var in firmware.Spec
 	if err := decode(r, &in); err != nil {
 		return err
@@ -176,28 +156,11 @@ func (s *Server) createRollout(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) listRollouts(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	rs, err := fw.List(r.Context(), after, limit)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(rs, limit, func(st firmware.Status) string { return st.ID }))
-	return nil
+func listRollouts(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
+	return listPage(w, r, fw.List, func(st firmware.Status) string { return st.ID })
 }
 
-func (s *Server) getRollout(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
+func getRollout(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	st, err := fw.Status(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return err
@@ -206,39 +169,24 @@ func (s *Server) getRollout(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (s *Server) rolloutJobs(w http.ResponseWriter, r *http.Request) error {
-	fw, err := s.firmware()
-	if err != nil {
-		return err
-	}
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	f := firmware.JobFilter{State: r.URL.Query().Get("state"), After: after, Limit: limit}
-	if v := r.URL.Query().Get("wave"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			return badRequest("wave must be a wave number, 1 or more")
+func rolloutJobs(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]firmware.Job, error) {
+		f := firmware.JobFilter{State: r.URL.Query().Get("state"), After: after, Limit: limit}
+		if v := r.URL.Query().Get("wave"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return nil, badRequest("wave must be a wave number, 1 or more")
+			}
+			n-- // 1-based in the API
+			f.Wave = &n
 		}
-		n-- // 1-based in the API
-		f.Wave = &n
-	}
-	js, err := fw.Jobs(r.Context(), r.PathValue("id"), f)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(js, limit, func(j firmware.Job) string { return j.DeviceID }))
-	return nil
+		return fw.Jobs(ctx, r.PathValue("id"), f)
+	}, func(j firmware.Job) string { return j.DeviceID })
 }
 
 // rolloutAction serves pause, resume, cancel and retry-failed.
-func (s *Server) rolloutAction(act func(e *firmware.Engine, ctx context.Context, id, actor string) (*firmware.Status, error)) handler {
-	return func(w http.ResponseWriter, r *http.Request) error {
-		fw, err := s.firmware()
-		if err != nil {
-			return err
-		}
+func rolloutAction(act func(e *firmware.Engine, ctx context.Context, id, actor string) (*firmware.Status, error)) firmwareHandler {
+	return func(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 		st, err := act(fw, r.Context(), r.PathValue("id"), principal(r).Actor())
 		if err != nil {
 			return err
