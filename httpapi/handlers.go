@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"context"
 	"errors"
 	"net/http"
 	"strconv"
@@ -44,11 +45,12 @@ func (s *Server) createSite(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listSites(w http.ResponseWriter, r *http.Request) error {
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
 	if t := principal(r); t.Role == fleet.RoleStore {
+		// A store sees its own site: one item, no cursor; a bad limit is
+		// still the 400 of every list.
+		if _, _, err := pageParams(r); err != nil {
+			return err
+		}
 		site, err := s.store.GetSite(r.Context(), t.Site)
 		if err != nil {
 			return err
@@ -56,12 +58,7 @@ func (s *Server) listSites(w http.ResponseWriter, r *http.Request) error {
 		writeJSON(w, http.StatusOK, List[fleet.Site]{Items: []fleet.Site{*site}})
 		return nil
 	}
-	sites, err := s.store.ListSites(r.Context(), after, limit)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(sites, limit, func(s fleet.Site) string { return s.ID }))
-	return nil
+	return listPage(w, r, s.store.ListSites, func(s fleet.Site) string { return s.ID })
 }
 
 func (s *Server) getSite(w http.ResponseWriter, r *http.Request) error {
@@ -113,16 +110,9 @@ func (s *Server) createClaim(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listClaims(w http.ResponseWriter, r *http.Request) error {
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	cs, err := s.prov.ListClaims(r.Context(), r.URL.Query().Get("site"), after, limit)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(cs, limit, func(c provisioning.Claim) string { return c.ID }))
-	return nil
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]provisioning.Claim, error) {
+		return s.prov.ListClaims(ctx, r.URL.Query().Get("site"), after, limit)
+	}, func(c provisioning.Claim) string { return c.ID })
 }
 
 func (s *Server) getClaim(w http.ResponseWriter, r *http.Request) error {
@@ -143,31 +133,24 @@ func (s *Server) revokeClaim(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listLockers(w http.ResponseWriter, r *http.Request) error {
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	q := r.URL.Query()
-	f := fleet.LockerFilter{Site: q.Get("site"), Model: q.Get("model"), FW: q.Get("fw"), After: after, Limit: limit}
-	if t := principal(r); t.Role == fleet.RoleStore {
-		if f.Site != "" && f.Site != t.Site {
-			return errForbidden
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]fleet.Locker, error) {
+		q := r.URL.Query()
+		f := fleet.LockerFilter{Site: q.Get("site"), Model: q.Get("model"), FW: q.Get("fw"), After: after, Limit: limit}
+		if t := principal(r); t.Role == fleet.RoleStore {
+			if f.Site != "" && f.Site != t.Site {
+				return nil, errForbidden
+			}
+			f.Site = t.Site
 		}
-		f.Site = t.Site
-	}
-	if v := q.Get("online"); v != "" {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			return badRequest("online must be true or false")
+		if v := q.Get("online"); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return nil, badRequest("online must be true or false")
+			}
+			f.Online = &b
 		}
-		f.Online = &b
-	}
-	ls, err := s.fleet.ListLockers(r.Context(), f)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(ls, limit, func(l fleet.Locker) string { return l.ID }))
-	return nil
+		return s.fleet.ListLockers(ctx, f)
+	}, func(l fleet.Locker) string { return l.ID })
 }
 
 // locker loads the path's locker and checks the caller's site.
@@ -405,25 +388,18 @@ func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (s *Server) listAudit(w http.ResponseWriter, r *http.Request) error {
-	limit, after, err := pageParams(r)
-	if err != nil {
-		return err
-	}
-	since, err := timeParam(r, "since")
-	if err != nil {
-		return err
-	}
-	var afterID int64
-	if after != "" {
-		if afterID, err = strconv.ParseInt(after, 10, 64); err != nil {
-			return badRequest("after must be a cursor from a previous answer")
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]fleet.AuditEntry, error) {
+		since, err := timeParam(r, "since")
+		if err != nil {
+			return nil, err
 		}
-	}
-	q := r.URL.Query()
-	es, err := s.store.ListAudit(r.Context(), fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), After: afterID, Limit: limit})
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(es, limit, func(e fleet.AuditEntry) string { return strconv.FormatInt(e.ID, 10) }))
-	return nil
+		var afterID int64
+		if after != "" {
+			if afterID, err = strconv.ParseInt(after, 10, 64); err != nil {
+				return nil, badRequest("after must be a cursor from a previous answer")
+			}
+		}
+		q := r.URL.Query()
+		return s.store.ListAudit(ctx, fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), After: afterID, Limit: limit})
+	}, func(e fleet.AuditEntry) string { return strconv.FormatInt(e.ID, 10) })
 }
