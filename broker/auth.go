@@ -67,17 +67,30 @@ const (
 	refuseNoProvisioning   = "provisioning_disabled" // claim session but no Provisioner configured
 	refuseBackendError     = "backend_error"         // Authenticator failed (db down, timeout)
 	refuseRateLimited      = "rate_limited"          // too many recent failures from the id or address
+	refuseBusy             = "busy"                  // every backend check slot taken (a connect storm)
 )
 
 var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseDisabled,
 	refuseClientIDMismatch, refuseInvalidClientID, refuseWillDenied, refuseUnknownClaim,
-	refuseNoProvisioning, refuseBackendError, refuseRateLimited}
+	refuseNoProvisioning, refuseBackendError, refuseRateLimited, refuseBusy}
+
+// retryable reports whether a refusal says "not now" rather than "not you":
+// the CONNACK then says server unavailable (MQTT 3.1.1) or server busy /
+// unavailable (MQTT 5), which devices retry with a back-off, instead of bad
+// credentials, which they must treat as final.
+func retryable(reason string) bool {
+	switch reason {
+	case refuseBackendError, refuseRateLimited, refuseBusy:
+		return true
+	}
+	return false
+}
 
 // countsAsFailure reports whether a refusal counts towards rate limiting:
 // wrong or malformed credentials do; our own trouble does not.
 func countsAsFailure(reason string) bool {
 	switch reason {
-	case refuseBackendError, refuseRateLimited, refuseNoProvisioning:
+	case refuseBackendError, refuseRateLimited, refuseNoProvisioning, refuseBusy:
 		return false
 	}
 	return true
@@ -161,14 +174,15 @@ func classify(clientID string, pk packets.Packet) (k kind, subject, reason strin
 	return kindDevice, clientID, ""
 }
 
-// authenticate is the OnConnectAuthenticate hook.
+// authenticate checks a CONNECT (the OnConnect hook); it returns the reason
+// of a refusal, "" when the session is admitted.
 //
 // Session takeover: MQTT lets a new connection with a client id replace the
 // live one. That is safe here because both connections had to authenticate as
 // the same identity (client id == username == device id, same secret), so a
 // takeover is the device reconnecting before its old connection was noticed
 // dead, never another party stealing the session.
-func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
+func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) string {
 	now := time.Now()
 	ip := hostOf(cl.Net.Remote)
 	k, subject, reason := classify(cl.ID, pk)
@@ -183,10 +197,30 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) bool {
 	}
 	if sess == nil {
 		b.refuse(cl, k, reason, ip, now)
-		return false
+		return reason
 	}
 	b.admit(sess)
-	return true
+	return ""
+}
+
+// backendSlot waits up to authQueueWait for one of the authConcurrency
+// backend check slots; false: the gateway is busy (answer so, at once,
+// rather than let a storm of CONNECTs queue into timeouts).
+func (b *Broker) backendSlot() (release func(), ok bool) {
+	select {
+	case b.authSem <- struct{}{}:
+	default:
+		t := time.NewTimer(authQueueWait)
+		defer t.Stop()
+		select {
+		case b.authSem <- struct{}{}:
+		case <-t.C:
+			return nil, false
+		case <-b.ctx.Done():
+			return nil, false
+		}
+	}
+	return func() { <-b.authSem }, true
 }
 
 // authDevice checks a device's secret, from the cache when it can.
@@ -212,7 +246,7 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 				return nil, refuseRateLimited
 			}
 			if reason := b.checkDevice(id, password); reason != "" {
-				if known && reason != refuseBackendError {
+				if known && !retryable(reason) {
 					b.cache.invalidate(id) // the secret changed without a Kick
 				}
 				return nil, reason
@@ -233,6 +267,11 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 }
 
 func (b *Broker) checkDevice(id string, password []byte) string {
+	release, ok := b.backendSlot()
+	if !ok {
+		return refuseBusy
+	}
+	defer release()
 	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
 	defer cancel()
 	start := time.Now()
@@ -259,6 +298,11 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
 		return nil, refuseRateLimited
 	}
+	release, ok := b.backendSlot()
+	if !ok {
+		return nil, refuseBusy
+	}
+	defer release()
 	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
 	defer cancel()
 	start := time.Now()

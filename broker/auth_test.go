@@ -3,11 +3,13 @@ package broker
 import (
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/mochi-mqtt/server/v2/packets"
 )
 
 const failures = "lockergate_mqtt_auth_failures_total"
@@ -369,4 +371,74 @@ func equal(a, b []string) bool {
 		}
 	}
 	return true
+}
+
+// TestConnackSaysRetryOrNot: a refusal that means "not now" (database
+// unreachable, every check slot taken, too many recent failures) must not be
+// answered "bad user name or password", which devices take as final
+// (protocol: reconnect with a back-off on server unavailable / busy).
+func TestConnackSaysRetryOrNot(t *testing.T) {
+	const (
+		v3Unavailable = 3 // MQTT 3.1.1 return codes
+		v3BadCreds    = 5 // mochi answers 0x86 as "not authorised" to 3.1.1 clients
+	)
+	tests := []struct {
+		name   string
+		setup  func(t *testing.T, h *harness)
+		pass   string
+		reason string
+		v3, v5 byte
+	}{
+		{name: "BadSecret", pass: "wrong", reason: refuseBadCredentials,
+			v3: v3BadCreds, v5: packets.ErrBadUsernameOrPassword.Code},
+		{name: "BackendDown", pass: "secret-A", reason: refuseBackendError,
+			setup: func(t *testing.T, h *harness) {
+				h.auth.mu.Lock()
+				h.auth.failWith = errors.New("connection refused")
+				h.auth.mu.Unlock()
+			},
+			v3: v3Unavailable, v5: packets.ErrServerUnavailable.Code},
+		{name: "AllCheckSlotsTaken", pass: "secret-A", reason: refuseBusy,
+			setup: func(t *testing.T, h *harness) {
+				for range cap(h.b.authSem) {
+					h.b.authSem <- struct{}{}
+				}
+				t.Cleanup(func() {
+					for range cap(h.b.authSem) {
+						<-h.b.authSem
+					}
+				})
+			},
+			v3: v3Unavailable, v5: packets.ErrServerBusy.Code},
+		{name: "RateLimited", pass: "wrong", reason: refuseRateLimited,
+			setup: func(t *testing.T, h *harness) {
+				for range 5 { // the id limit: five failures
+					r := dialRaw(t, h.addr, 4)
+					r.connect("A", "A", "wrong", 30, nil)
+				}
+			},
+			v3: v3Unavailable, v5: packets.ErrServerUnavailable.Code},
+	}
+	for _, tc := range tests {
+		for _, v := range []byte{4, 5} {
+			t.Run(fmt.Sprintf("%s/v%d", tc.name, map[byte]int{4: 3, 5: 5}[v]), func(t *testing.T) {
+				h := newHarness(t, nil, nil)
+				if tc.setup != nil {
+					tc.setup(t, h)
+				}
+				before := h.metric(t, failures, "reason", tc.reason)
+				ack := dialRaw(t, h.addr, v).connect("A", "A", tc.pass, 30, nil)
+				want := map[byte]byte{4: tc.v3, 5: tc.v5}[v]
+				if ack.FixedHeader.Type != packets.Connack || ack.ReasonCode != want {
+					t.Fatalf("CONNACK type %d code %#x, want code %#x", ack.FixedHeader.Type, ack.ReasonCode, want)
+				}
+				if got := h.metric(t, failures, "reason", tc.reason); got != before+1 {
+					t.Errorf("%s{reason=%q} = %v, want %v", failures, tc.reason, got, before+1)
+				}
+				if h.b.ConnectedDevices() != 0 {
+					t.Error("refused device counted as connected")
+				}
+			})
+		}
+	}
 }

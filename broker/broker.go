@@ -43,7 +43,7 @@ type Options struct {
 	Logger      *slog.Logger  // nil: slog.Default()
 	Registerer  prometheus.Registerer
 
-	MaxClientWritesPending int           // outbound queue per client; default 256
+	MaxClientWritesPending int           // outbound queue per client; default 64
 	MaxSessionExpiry       time.Duration // longest a disconnected persistent session is kept; default 1h
 	ProvisionTimeout       time.Duration // a claim session is disconnected after this; default 30s
 	AuthCacheTTL           time.Duration // how long a positive device check is trusted; default 5m
@@ -51,10 +51,14 @@ type Options struct {
 
 // Defaults and fixed limits.
 const (
-	DefaultMaxClientWritesPending = 256
-	DefaultMaxSessionExpiry       = time.Hour
-	DefaultProvisionTimeout       = 30 * time.Second
-	DefaultAuthCacheTTL           = 5 * time.Minute
+	DefaultMaxClientWritesPending = 64 // a locker gets a handful of messages at a time
+	// NetBufferSize is mochi's per-client read buffer and write batch size:
+	// device messages are a few hundred bytes, and every byte here is paid
+	// once per connected locker.
+	NetBufferSize           = 1024
+	DefaultMaxSessionExpiry = time.Hour
+	DefaultProvisionTimeout = 30 * time.Second
+	DefaultAuthCacheTTL     = 5 * time.Minute
 
 	// MaxPacketSize is the largest MQTT packet accepted: a full protocol
 	// payload plus 1 KiB for the fixed header, topic and properties.
@@ -64,9 +68,10 @@ const (
 	provisionCallTimeout = 10 * time.Second // one Provisioner.Provision call, queueing included
 	provisionLinger      = 2 * time.Second  // how long a claim session may stay after its answer
 	provisionConcurrency = 32               // Provision calls in flight
+	authConcurrency      = 16               // backend credential checks in flight (half the database pool)
+	authQueueWait        = time.Second      // wait for a free check before answering "busy"
 	connectTimeout       = 10 * time.Second // to finish TLS and send CONNECT after accepting
 	maxKeepalive         = 300              // seconds; larger or zero keep-alives are lowered to this
-	netBufferSize        = 2048             // per-client bufio sizes; device messages are small
 	maxInflight          = 1024             // QoS>0 messages held per client session
 	sysTopicInterval     = 60               // seconds; nobody may read $SYS, keep it cheap
 	closeGrace           = 2 * time.Second  // Close force-closes connections still open after this
@@ -104,6 +109,7 @@ type Broker struct {
 	connWG  sync.WaitGroup // goroutines serving connections
 
 	provSem chan struct{}
+	authSem chan struct{} // bounds backend credential checks (a connect storm)
 	provWG  sync.WaitGroup
 
 	subID atomic.Int64
@@ -169,6 +175,7 @@ func New(opts Options) (*Broker, error) {
 		presence:   make(map[string]*session),
 		conns:      make(map[net.Conn]bool),
 		provSem:    make(chan struct{}, provisionConcurrency),
+		authSem:    make(chan struct{}, authConcurrency),
 	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
@@ -187,8 +194,8 @@ func New(opts Options) (*Broker, error) {
 	b.server = mqtt.New(&mqtt.Options{
 		InlineClient:             true,
 		Capabilities:             caps,
-		ClientNetReadBufferSize:  netBufferSize,
-		ClientNetWriteBufferSize: netBufferSize,
+		ClientNetReadBufferSize:  NetBufferSize,
+		ClientNetWriteBufferSize: NetBufferSize,
 		SysTopicResendInterval:   sysTopicInterval,
 		Logger:                   slog.New(newMochiHandler(opts.Logger.Handler())).With("component", "mochi"),
 	})

@@ -23,7 +23,7 @@ func (h *hook) ID() string { return "lockergate" }
 // Provides implements mqtt.Hook.
 func (h *hook) Provides(event byte) bool {
 	switch event {
-	case mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
+	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
 		mqtt.OnPublish, mqtt.OnPublishDropped, mqtt.OnPacketEncode, mqtt.OnPacketRead,
 		mqtt.OnPacketSent, mqtt.OnQosPublish, mqtt.OnWill:
 		return true
@@ -31,9 +31,29 @@ func (h *hook) Provides(event byte) bool {
 	return false
 }
 
-// OnConnectAuthenticate implements mqtt.Hook.
-func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
-	return h.b.authenticate(cl, pk)
+// OnConnect implements mqtt.Hook: the credentials are checked here, where a
+// refusal that means "not now" (the database is unreachable, every check
+// slot is taken, too many recent failures) can be answered as such. mochi's
+// OnConnectAuthenticate can only answer "bad user name or password", which
+// devices must take as final.
+func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
+	reason := h.b.authenticate(cl, pk)
+	if !retryable(reason) {
+		return nil // OnConnectAuthenticate admits or refuses
+	}
+	code := packets.ErrServerUnavailable
+	if reason == refuseBusy && cl.Properties.ProtocolVersion == 5 {
+		code = packets.ErrServerBusy
+	}
+	// MQTT 3.1.1 has one code for both: 3, server unavailable.
+	_ = h.b.server.SendConnack(cl, code, false, nil)
+	return code
+}
+
+// OnConnectAuthenticate implements mqtt.Hook: it admits what OnConnect
+// authenticated.
+func (h *hook) OnConnectAuthenticate(cl *mqtt.Client, _ packets.Packet) bool {
+	return h.b.sessionOf(cl) != nil
 }
 
 // OnACLCheck implements mqtt.Hook. mochi calls it with write=true for every

@@ -88,9 +88,16 @@ func mustSecDial(tb testing.TB, addr, src, clientID, user, pass string, mod ...f
 	return c
 }
 
-// refused reports whether err is a CONNACK refusal (not a network error).
+// refused reports whether err is a CONNACK refusal for good (not a network
+// error, not "retry later").
 func refused(err error) bool {
 	return errors.Is(err, pahopackets.ErrorRefusedNotAuthorised) || errors.Is(err, pahopackets.ErrorRefusedBadUsernameOrPassword)
+}
+
+// refusedForNow reports whether err is a CONNACK saying "retry later"
+// (rate limited, database unreachable, busy).
+func refusedForNow(err error) bool {
+	return errors.Is(err, pahopackets.ErrorRefusedServerUnavailable)
 }
 
 // subscribe returns the SUBACK code for filter (0x80: refused).
