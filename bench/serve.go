@@ -39,7 +39,7 @@ func ServeBare(ctx context.Context, mqttAddr, httpAddr string, log *slog.Logger)
 	caps.TopicAliasMaximum = 0
 	s := &bare{waiters: map[string]chan string{}}
 	s.mq = mqtt.New(&mqtt.Options{InlineClient: true, Capabilities: caps,
-		ClientNetReadBufferSize: 2048, ClientNetWriteBufferSize: 2048, SysTopicResendInterval: 60, Logger: log})
+		ClientNetReadBufferSize: broker.NetBufferSize, ClientNetWriteBufferSize: broker.NetBufferSize, SysTopicResendInterval: 60, Logger: log})
 	if err := s.mq.AddHook(new(allowAll), nil); err != nil {
 		return fmt.Errorf("add hook: %w", err)
 	}

@@ -38,7 +38,9 @@ type Options struct {
 	// ControlQueue bounds each control shard (presence, results, acks). Default 4096.
 	ControlQueue int
 	// ControlShards is how many workers handle control messages; one locker's
-	// messages always go to the same shard, in order. Default 4.
+	// messages always go to the same shard, in order. Default 16: each
+	// (re)connect costs several database round trips on its shard, and with
+	// 4 a reconnect storm was held to a few hundred lockers a second.
 	ControlShards int
 	// BatchSize and FlushInterval bound ingest batches. Defaults 2000, 20ms.
 	BatchSize     int
@@ -149,7 +151,7 @@ func New(opts Options) (*Manager, error) {
 	def(&opts.HealthWriters, 2)
 	def(&opts.EventQueue, 16384)
 	def(&opts.ControlQueue, 4096)
-	def(&opts.ControlShards, 4)
+	def(&opts.ControlShards, 16)
 	def(&opts.BatchSize, 2000)
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = 20 * time.Millisecond

@@ -43,7 +43,7 @@ var (
 // Options configure Open.
 type Options struct {
 	DSN      string
-	MaxConns int32 // default 16
+	MaxConns int32 // default 32
 	Logger   *slog.Logger
 }
 
@@ -53,7 +53,7 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("parse database url: %w", err)
 	}
-	cfg.MaxConns = 16
+	cfg.MaxConns = 32 // 16 control shards, 2 health writers, events, API, credential checks
 	if o.MaxConns > 0 {
 		cfg.MaxConns = o.MaxConns
 	}
