@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"os"
 	"regexp"
 	"sort"
 	"strings"
@@ -75,6 +76,19 @@ func ParseCatalogue(doc []byte) (Catalogue, error) {
 		c[e.Name] = e
 	}
 	return c, sc.Err()
+}
+
+// ReadCatalogue reads and parses the catalogue file (docs/metrics.md).
+func ReadCatalogue(path string) (Catalogue, error) {
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	c, err := ParseCatalogue(doc)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
 }
 
 func parseLabels(e *Entry, cell string) error {

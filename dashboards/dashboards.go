@@ -15,7 +15,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path"
+	"path/filepath"
 	"sort"
 )
 
@@ -57,6 +59,29 @@ type Query struct {
 	// Variable is set for a variable's query (label_values(METRIC, LABEL)),
 	// which is not PromQL.
 	Variable bool
+}
+
+// ReadDashboards reads the committed dashboard files, grafana/*.json below
+// dir (the dashboards directory), keyed by file name: what LoadQueries
+// takes. A directory without dashboards is an error.
+func ReadDashboards(dir string) (map[string][]byte, error) {
+	grafana := filepath.Join(dir, "grafana")
+	paths, err := filepath.Glob(filepath.Join(grafana, "*.json"))
+	if err != nil {
+		return nil, err
+	}
+	if len(paths) == 0 {
+		return nil, fmt.Errorf("no dashboards in %s", grafana)
+	}
+	files := make(map[string][]byte, len(paths))
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		files[filepath.Base(p)] = b
+	}
+	return files, nil
 }
 
 // LoadQueries reads Grafana dashboard JSON files and returns every panel

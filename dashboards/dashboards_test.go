@@ -3,7 +3,9 @@ package dashboards_test
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,19 +42,11 @@ func TestGeneratedFilesCommitted(t *testing.T) {
 
 func committedDashboards(t *testing.T) map[string][]byte {
 	t.Helper()
-	paths, err := filepath.Glob("grafana/*.json")
-	if err != nil || len(paths) == 0 {
-		t.Fatalf("no dashboards in grafana/: %v", err)
+	files, err := dashboards.ReadDashboards(".")
+	if err != nil {
+		t.Fatal(err)
 	}
-	out := map[string][]byte{}
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[filepath.Base(p)] = b
-	}
-	return out
+	return files
 }
 
 // TestDashboardsWellFormed checks what Grafana needs to load the files with
@@ -141,13 +135,9 @@ func TestDashboardsWellFormed(t *testing.T) {
 
 func catalogue(t *testing.T) dashboards.Catalogue {
 	t.Helper()
-	b, err := os.ReadFile("../docs/metrics.md")
+	c, err := dashboards.ReadCatalogue("../docs/metrics.md")
 	if err != nil {
 		t.Fatal(err)
-	}
-	c, err := dashboards.ParseCatalogue(b)
-	if err != nil {
-		t.Fatalf("docs/metrics.md: %v", err)
 	}
 	return c
 }
@@ -209,18 +199,61 @@ func TestParseCatalogue(t *testing.T) {
 			t.Fatalf("a counter has no _count series: %+v", e)
 		}
 	})
-	for name, doc := range map[string]string{
-		"ErrType":      "| `a` | countr | — | — | A. |\n",
-		"ErrCells":     "| `a` | counter | — | A. |\n",
-		"ErrDuplicate": "| `a` | counter | — | — | A. |\n| `a` | counter | — | — | A. |\n",
-		"ErrLabel":     "| `a` | counter | kind: x | — | A. |\n",
-		"ErrMeaning":   "| `a` | counter | — | — | |\n",
+	for name, tc := range map[string]struct{ doc, want string }{
+		"ErrType":      {"| `a` | countr | — | — | A. |\n", `line 1: a: type "countr"`},
+		"ErrCells":     {"| `a` | counter | — | A. |\n", "line 1: metric row with 4 cells, want 5"},
+		"ErrDuplicate": {"| `a` | counter | — | — | A. |\n| `a` | counter | — | — | A. |\n", "line 2: a listed again (first on line 1)"},
+		"ErrLabel":     {"| `a` | counter | kind: x | — | A. |\n", "line 1: a: label entry \"kind: x\": the label name must be in backquotes"},
+		"ErrMeaning":   {"| `a` | counter | — | — | |\n", "line 1: a has no meaning"},
 	} {
 		t.Run(name, func(t *testing.T) {
-			if _, err := dashboards.ParseCatalogue([]byte(doc)); err == nil {
-				t.Fatal("parsed")
+			// Each document is wrong in one way only: the error must say which.
+			if _, err := dashboards.ParseCatalogue([]byte(tc.doc)); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want one saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func TestReadCatalogue(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "metrics.md")
+	if err := os.WriteFile(bad, []byte("| `a` | countr | — | — | A. |\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dashboards.ReadCatalogue(bad); err == nil || !strings.Contains(err.Error(), bad+": line 1") {
+		t.Errorf("a bad catalogue: %v, want an error naming the file and line", err)
+	}
+	if _, err := dashboards.ReadCatalogue(filepath.Join(dir, "missing.md")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a missing catalogue: %v", err)
+	}
+}
+
+func TestReadDashboards(t *testing.T) {
+	dir := t.TempDir()
+	if _, err := dashboards.ReadDashboards(dir); err == nil || !strings.Contains(err.Error(), "no dashboards in") {
+		t.Errorf("no grafana directory: %v, want no dashboards", err)
+	}
+	grafana := filepath.Join(dir, "grafana")
+	if err := os.Mkdir(grafana, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(grafana, "a.json"), []byte(`{"panels":[]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(grafana, "notes.txt"), []byte("not a dashboard"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	files, err := dashboards.ReadDashboards(dir)
+	if err != nil || len(files) != 1 || string(files["a.json"]) != `{"panels":[]}` {
+		t.Errorf("got %v, %v; want a.json only, by file name", files, err)
+	}
+	// A directory named like a dashboard cannot be read.
+	if err := os.Mkdir(filepath.Join(grafana, "b.json"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dashboards.ReadDashboards(dir); err == nil {
+		t.Error("an unreadable dashboard was skipped")
 	}
 }
 

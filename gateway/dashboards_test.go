@@ -53,13 +53,9 @@ func needProgram(t *testing.T, name string) string {
 
 func mustCatalogue(t *testing.T) dashboards.Catalogue {
 	t.Helper()
-	b, err := os.ReadFile("../docs/metrics.md")
+	c, err := dashboards.ReadCatalogue("../docs/metrics.md")
 	if err != nil {
 		t.Fatal(err)
-	}
-	c, err := dashboards.ParseCatalogue(b)
-	if err != nil {
-		t.Fatalf("docs/metrics.md: %v", err)
 	}
 	return c
 }
@@ -388,17 +384,9 @@ func promQL(q dashboards.Query) (string, error) {
 
 func loadDashboards(t *testing.T) []dashboards.Query {
 	t.Helper()
-	paths, err := filepath.Glob("../dashboards/grafana/*.json")
-	if err != nil || len(paths) == 0 {
-		t.Fatalf("no dashboards in dashboards/grafana: %v", err)
-	}
-	files := map[string][]byte{}
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files[filepath.Base(p)] = b
+	files, err := dashboards.ReadDashboards("../dashboards")
+	if err != nil {
+		t.Fatal(err)
 	}
 	qs, err := dashboards.LoadQueries(files)
 	if err != nil {
