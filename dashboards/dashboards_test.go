@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/lockergate/lockergate/dashboards"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // TestGeneratedFilesCommitted: the committed dashboards and rule files are
@@ -265,24 +266,10 @@ func TestMetricNames(t *testing.T) {
 	}
 }
 
-// promtool finds promtool, or skips (fails when LOCKERGATE_REQUIRE_ALL=1).
-func promtool(t *testing.T) string {
-	t.Helper()
-	p, err := exec.LookPath("promtool")
-	if err != nil {
-		msg := "promtool not found: install Debian's prometheus package (apt-get install prometheus) to check the alert rules"
-		if os.Getenv("LOCKERGATE_REQUIRE_ALL") == "1" {
-			t.Fatal(msg)
-		}
-		t.Skip("SKIPPED: " + msg)
-	}
-	return p
-}
-
 // TestAlertRules runs promtool's rule check, the rules' unit tests and the
 // check of the Prometheus configuration that loads them.
 func TestAlertRules(t *testing.T) {
-	bin := promtool(t)
+	bin := testtool.Program(t, "promtool", "to check the alert rules", "install Debian's prometheus package (apt-get install prometheus)")
 	for _, args := range [][]string{{"check", "rules", "alerts.yml"}, {"test", "rules", "alerts_test.yml"},
 		{"check", "config", "prometheus.yml"}} {
 		out, err := exec.Command(bin, args...).CombinedOutput()

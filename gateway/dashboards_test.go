@@ -28,6 +28,7 @@ import (
 	"github.com/lockergate/lockergate/dashboards"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -38,17 +39,9 @@ import (
 
 // needProgram finds a program of Debian's prometheus package, or skips the
 // test loudly; with LOCKERGATE_REQUIRE_ALL=1 (CI) it fails instead.
-func needProgram(t *testing.T, name string) string {
+func needProgram(t *testing.T, name, why string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		msg := fmt.Sprintf("%s not found: install Debian's prometheus package (apt-get install prometheus); .ci/run does", name)
-		if os.Getenv("LOCKERGATE_REQUIRE_ALL") == "1" {
-			t.Fatal(msg)
-		}
-		t.Skip("SKIPPED — " + msg)
-	}
-	return p
+	return testtool.Program(t, name, why, "install Debian's prometheus package (apt-get install prometheus); .ci/run does")
 }
 
 func mustCatalogue(t *testing.T) dashboards.Catalogue {
@@ -152,7 +145,7 @@ func scrapeText(t *testing.T, tg *TestGateway) []byte {
 // scrape of /metrics.
 func lintMetrics(t *testing.T, tg *TestGateway) {
 	t.Helper()
-	bin := needProgram(t, "promtool")
+	bin := needProgram(t, "promtool", "to lint the metric names")
 	cmd := exec.Command(bin, "check", "metrics")
 	cmd.Stdin = bytes.NewReader(scrapeText(t, tg))
 	if out, err := cmd.CombinedOutput(); err != nil {
@@ -401,7 +394,7 @@ func loadDashboards(t *testing.T) []dashboards.Query {
 // rollout; then every query of every panel and variable and every rule is
 // evaluated through Prometheus' HTTP API.
 func TestDashboardsOnPrometheus(t *testing.T) {
-	bin := needProgram(t, "prometheus")
+	bin := needProgram(t, "prometheus", "to evaluate every dashboard query and alert rule")
 	cat := mustCatalogue(t)
 	queries := loadDashboards(t)
 	rules := dashboards.Rules()

@@ -1,0 +1,34 @@
+// Package testtool holds what tests share about the outside programs some
+// of them need (promtool, prometheus, mosquitto): found on PATH, or the
+// test skips loudly, except in CI, which sets LOCKERGATE_REQUIRE_ALL=1 and
+// where a missing program fails the test.
+package testtool
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// RequireAll is the environment variable that turns a skip for a missing
+// program into a failure (.ci/run sets it to 1).
+const RequireAll = "LOCKERGATE_REQUIRE_ALL"
+
+// Program returns the path of the program name, or skips the test (fails
+// it under LOCKERGATE_REQUIRE_ALL=1); why says what the test needs it for,
+// install how to get it.
+func Program(t testing.TB, name, why, install string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p
+	}
+	msg := fmt.Sprintf("%s not found (needed %s): %s", name, why, install)
+	if os.Getenv(RequireAll) == "1" {
+		t.Fatal(msg + "; " + RequireAll + "=1 requires it")
+	} else {
+		t.Skip("SKIPPED: " + msg)
+	}
+	return ""
+}
