@@ -103,8 +103,11 @@ func TestRun(t *testing.T) {
 			t.Errorf("no final summary on stderr:\n%s", stderr)
 		}
 		st, err := os.Stat(idFile)
-		if err != nil || st.Mode().Perm() != 0o600 {
-			t.Fatalf("identities file: %v, mode %v", err, st.Mode())
+		if err != nil {
+			t.Fatalf("identities file: %v", err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Fatalf("identities file mode %v, want 0600", st.Mode())
 		}
 		ids, err := loadIdentities(idFile)
 		if err != nil || len(ids) != 3 {
@@ -171,20 +174,34 @@ func TestUsage(t *testing.T) {
 		name string
 		args []string
 		want int
+		say  string // on stderr
 	}{
-		{"Help", []string{"help"}, 0},
-		{"HelpFlag", []string{"-h"}, 0},
-		{"UnknownCommand", []string{"fly"}, 2},
-		{"UnknownFlag", []string{"run", "--wings", "2"}, 2},
-		{"StrayArgument", []string{"run", "extra"}, 2},
-		{"BadOutput", []string{"-o", "yaml"}, 2},
-		{"BadOptions", []string{"--lockers", "-1", "--claim", "x"}, 2},
-		{"BadBroker", []string{"--broker", "http://x", "--claim", "x"}, 2},
+		{"Help", []string{"help"}, 0, "Flags of run:"},
+		{"HelpFlag", []string{"-h"}, 0, "-summary-interval"},
+		{"UnknownCommand", []string{"fly"}, 2, `unknown command "fly"`},
+		{"UnknownFlag", []string{"run", "--wings", "2"}, 2, "flag provided but not defined: -wings"},
+		{"StrayArgument", []string{"run", "extra"}, 2, "unexpected arguments"},
+		{"BadOutput", []string{"-o", "yaml"}, 2, `-o "yaml": want text or json`},
+		{"BadOptions", []string{"--lockers", "-1", "--claim", "x"}, 2, "bad options"},
+		{"BadBroker", []string{"--broker", "http://x", "--claim", "x"}, 2, "bad options"},
+		{"ScenariosTwoNames", []string{"scenarios", "smoke", "storm"}, 2, "usage: lockersim scenarios [NAME]"},
+		{"ScenariosUnknown", []string{"scenarios", "nope"}, 1, "nope"},
+
+		{"BenchUsage", []string{"bench"}, 0, "usage: lockersim bench connect"},
+		{"BenchHelp", []string{"bench", "help"}, 0, "-settle"},
+		{"BenchHelpFlag", []string{"bench", "connect", "-h"}, 0, "-settle"},
+		{"BenchUnknownCommand", []string{"bench", "fly"}, 2, "usage: lockersim bench connect"},
+		{"BenchUnknownFlag", []string{"bench", "connect", "--wings"}, 2, "flag provided but not defined: -wings"},
+		{"BenchStrayArgument", []string{"bench", "connect", "extra"}, 2, "bad arguments"},
+		{"BenchBadOutput", []string{"bench", "connect", "-o", "yaml"}, 2, `-o "yaml"`},
+		{"BenchBadSourceAddrs", []string{"bench", "connect", "--source-addrs", "127.0.0.9-127.0.0.2"}, 2, "source address range"},
+		{"BenchNoLockers", []string{"bench", "connect", "--lockers", "0"}, 1, "--lockers must be positive"},
+		{"BenchBrokerWithoutSecret", []string{"bench", "broker"}, 2, "LOCKERSIM_BENCH_SECRET is not set"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errOut syncBuffer
-			if got := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); got != tc.want {
-				t.Errorf("exit %d, want %d:\n%s", got, tc.want, errOut.String())
+			if got := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); got != tc.want || !strings.Contains(errOut.String(), tc.say) {
+				t.Errorf("exit %d, want %d saying %q:\n%s", got, tc.want, tc.say, errOut.String())
 			}
 		})
 	}
