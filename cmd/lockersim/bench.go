@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -90,10 +89,7 @@ func runBench(ctx context.Context, args []string, getenv func(string) string, st
 	var cfg benchConfig
 	fs := newBenchFlagSet(&cfg, getenv, stderr)
 	if err := fs.Parse(args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+		return flagExit(err)
 	}
 	if fs.NArg() > 0 || (cfg.output != "text" && cfg.output != "json") {
 		fmt.Fprintf(stderr, "lockersim bench: bad arguments %q, -o %q\n", fs.Args(), cfg.output)
@@ -113,9 +109,7 @@ func runBench(ctx context.Context, args []string, getenv func(string) string, st
 	}
 	printBench(stderr, rep)
 	if cfg.output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
+		if err := writeJSON(stdout, rep); err != nil {
 			return 1
 		}
 	}
@@ -127,12 +121,7 @@ func runBench(ctx context.Context, args []string, getenv func(string) string, st
 }
 
 func newBenchFlagSet(cfg *benchConfig, getenv func(string) string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("lockersim bench connect", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprint(stderr, benchUsage)
-		fs.PrintDefaults()
-	}
+	fs := commandFlags("lockersim bench connect", benchUsage, stderr)
 	o := &cfg.opts
 	fs.IntVar(&o.Lockers, "lockers", 1000, "number of lockers")
 	fs.StringVar(&o.Broker, "broker", "", "MQTT broker URL of a running gateway (default: a bench broker in a child process)")

@@ -97,10 +97,7 @@ func runArgs(ctx context.Context, args []string, getenv func(string) string, std
 	var cfg config
 	fs := newFlagSet(&cfg, getenv, stderr)
 	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
+		return flagExit(err)
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "lockersim: unexpected arguments %q\n", fs.Args())
@@ -239,9 +236,7 @@ func listScenarios(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, err)
 			return 1
 		}
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(sc); err != nil {
+		if err := writeJSON(stdout, sc); err != nil {
 			return 1
 		}
 		return 0
@@ -257,13 +252,36 @@ func listScenarios(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("lockersim run", flag.ContinueOnError)
+// commandFlags returns the flag set of a lockersim command: on -h or a bad
+// flag it prints the command's usage and flags to stderr.
+func commandFlags(name, usage string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
 		fmt.Fprint(stderr, usage)
 		fs.PrintDefaults()
 	}
+	return fs
+}
+
+// flagExit is the exit code after the flags did not parse: 0 after -h
+// (the usage is what was asked for), 2 after a bad flag.
+func flagExit(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 2
+}
+
+// writeJSON writes v as indented JSON (reports and scenarios on stdout).
+func writeJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag.FlagSet {
+	fs := commandFlags("lockersim run", usage, stderr)
 	o := &cfg.opts
 	fs.IntVar(&o.Lockers, "lockers", 10, "number of lockers")
 	fs.StringVar(&o.Broker, "broker", "tcp://127.0.0.1:1883", "MQTT broker URL (tcp://, mqtts://)")
@@ -429,9 +447,7 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 	}
 	printReport(stderr, rep)
 	if cfg.output == "json" {
-		enc := json.NewEncoder(stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(rep); err != nil {
+		if err := writeJSON(stdout, rep); err != nil {
 			log.Error("cannot write report", "err", err)
 			code = 1
 		}
