@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/provisioning"
@@ -202,4 +203,43 @@ func TestListLockersChecks(t *testing.T) {
 	call(t, s, "GET", "/v1/lockers?site=b", "store-a").wantProblem(t, 403, "forbidden")
 	call(t, s, "GET", "/v1/lockers", "").wantProblem(t, 401, "missing bearer token: send Authorization: Bearer <token>")
 	call(t, s, "GET", "/v1/lockers", "nobody").wantProblem(t, 401, "unknown or revoked token")
+}
+
+// TestRangeParams: the paging of a locker's health and events, whose
+// cursor is "received-at~key".
+func TestRangeParams(t *testing.T) {
+	at := func(s string) time.Time {
+		ts, err := time.Parse(time.RFC3339Nano, s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ts
+	}
+	for _, tc := range []struct {
+		query string
+		want  fleet.Range
+		err   string
+	}{
+		{"", fleet.Range{Limit: 100}, ""},
+		{"limit=5&since=2026-01-01T00:00:00Z&until=2026-01-02T00:00:00Z",
+			fleet.Range{Limit: 5, Since: at("2026-01-01T00:00:00Z"), Until: at("2026-01-02T00:00:00Z")}, ""},
+		{"after=2026-01-01T10:00:00.123456789Z~42", fleet.Range{Limit: 100, AfterTS: at("2026-01-01T10:00:00.123456789Z"), AfterKey: "42"}, ""},
+		{"after=2026-01-01T10:00:00Z~e-1~x", fleet.Range{Limit: 100, AfterTS: at("2026-01-01T10:00:00Z"), AfterKey: "e-1~x"}, ""},
+		{"after=2026-01-01T10:00:00Z", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
+		{"after=yesterday~1", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
+		{"since=yesterday", fleet.Range{}, "bad request: since must be an RFC 3339 time"},
+		{"until=tomorrow", fleet.Range{}, "bad request: until must be an RFC 3339 time"},
+		{"limit=0&since=yesterday", fleet.Range{}, "bad request: limit must be 1..1000"},
+	} {
+		rg, err := rangeParams(httptest.NewRequest("GET", "/v1/lockers/x/health?"+tc.query, nil))
+		switch {
+		case tc.err == "" && err != nil:
+			t.Errorf("%q: %v", tc.query, err)
+		case tc.err != "" && (err == nil || err.Error() != tc.err):
+			t.Errorf("%q: error %v, want %q", tc.query, err, tc.err)
+		case !rg.Since.Equal(tc.want.Since) || !rg.Until.Equal(tc.want.Until) || !rg.AfterTS.Equal(tc.want.AfterTS) ||
+			rg.Limit != tc.want.Limit || rg.AfterKey != tc.want.AfterKey:
+			t.Errorf("%q: %+v, want %+v", tc.query, rg, tc.want)
+		}
+	}
 }
