@@ -21,8 +21,10 @@ func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec
 		rand.Read(b[:])
 		id = "lockergate-" + host + "-" + hex.EncodeToString(b[:])
 	}
+	// A named instance keeps its session (and what it had not acknowledged)
+	// on the broker across crashes; a random id would never come back for it.
 	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: o.ExternalBroker, ClientID: id, Username: o.ExternalUser,
-		Password: o.ExternalPassword, Logger: o.Logger.With("component", "external-broker")})
+		Password: o.ExternalPassword, Persistent: o.InstanceID != "", Logger: o.Logger.With("component", "external-broker")})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -2,6 +2,13 @@
 // (EMQX, HiveMQ, VerneMQ, mosquitto) through paho: device topics are
 // consumed through shared subscriptions so several gateway instances split
 // the load, and any instance publishes commands and retained state.
+//
+// Delivery is at least once: a QoS 1 message is acknowledged to the broker
+// only when the fleet manager calls fleet.Message.Ack (its effect is
+// stored), never on receipt. With Options.Persistent the broker keeps what
+// an instance had not acknowledged, and what it queued for the instance
+// meanwhile, in the instance's session, and delivers it again when the
+// instance connects with the same client id (docs/deployment.md).
 package mqttbus
 
 import (
@@ -10,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
@@ -31,9 +39,41 @@ type Options struct {
 	TLS      *tls.Config
 	// Group names the shared subscription group (default "lockergate"):
 	// instances in one group split device messages between them.
-	Group  string
-	Logger *slog.Logger
+	Group string
+	// Persistent keeps this instance's session on the broker while it is
+	// disconnected (MQTT clean session off): QoS 1 messages it received but
+	// had not acknowledged, and those the broker queues for it meanwhile,
+	// are delivered when a client with the same ClientID connects again.
+	// Only for a ClientID that is stable across restarts: a session nobody
+	// returns to keeps taking its share of the group's messages.
+	Persistent bool
+	Logger     *slog.Logger
+
+	// openConn replaces paho's dialer (tests: a connection they can cut).
+	openConn func(*url.URL, paho.ClientOptions) (net.Conn, error)
 }
+
+// deliver handles one message; ack is nil for QoS 0 and must otherwise be
+// called once the message's effect is stored (or it is invalid for good).
+type deliver func(m paho.Message, ack func())
+
+type route struct {
+	filter string // as subscribed, maybe $share/<group>/...
+	topic  string // the filter without the shared-subscription prefix
+	h      deliver
+}
+
+type pendingMsg struct {
+	m   paho.Message
+	ack func()
+	at  time.Time
+}
+
+// pendingTTL bounds how long a message no subscription of this process
+// matches is held unacknowledged: with a persistent session the broker
+// delivers right after CONNACK, before the fleet has subscribed; after
+// this long the message is for a topic this version no longer consumes.
+const pendingTTL = time.Minute
 
 // Bus implements fleet.Bus with paho.
 type Bus struct {
@@ -41,8 +81,13 @@ type Bus struct {
 	c   paho.Client
 	log *slog.Logger
 
-	mu   sync.Mutex
-	subs map[string]paho.MessageHandler // filter → handler, restored on reconnect
+	mu      sync.Mutex
+	routes  []route             // dispatch, in subscription order
+	subs    map[string]struct{} // filters restored on reconnect
+	pending []pendingMsg        // arrived before a matching subscription
+	closing bool
+	unacked int           // QoS 1 messages handed out and not acknowledged
+	idle    chan struct{} // closed when unacked drops to 0 (while Close waits)
 }
 
 var _ fleet.Bus = (*Bus)(nil)
@@ -68,9 +113,13 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	default:
 		return nil, fmt.Errorf("broker url %q: scheme must be mqtt or mqtts", o.URL)
 	}
-	b := &Bus{o: o, log: o.Logger, subs: map[string]paho.MessageHandler{}}
+	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}}
+	// Acknowledgements are manual (after the store), and every message
+	// goes through b.receive, which holds those that arrive before their
+	// subscription is made: a resumed session delivers right after CONNACK.
 	opts := paho.NewClientOptions().AddBroker(server).SetClientID(o.ClientID).
-		SetUsername(o.Username).SetPassword(o.Password).SetCleanSession(true).
+		SetUsername(o.Username).SetPassword(o.Password).SetCleanSession(!o.Persistent).
+		SetAutoAckDisabled(true).SetDefaultPublishHandler(b.receive).
 		SetKeepAlive(30 * time.Second).SetOrderMatters(false).SetAutoReconnect(true).
 		SetMaxReconnectInterval(10 * time.Second).SetConnectRetry(false).
 		SetOnConnectHandler(b.resubscribe).
@@ -79,6 +128,9 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		})
 	if o.TLS != nil {
 		opts.SetTLSConfig(o.TLS)
+	}
+	if o.openConn != nil {
+		opts.SetCustomOpenConnectionFn(o.openConn)
 	}
 	b.c = paho.NewClient(opts)
 	t := b.c.Connect()
@@ -105,37 +157,188 @@ func (b *Bus) Publish(ctx context.Context, topic string, payload []byte, qos byt
 }
 
 // Subscribe implements fleet.Bus. Device-to-gateway filters are taken
-// through the shared group.
+// through the shared group. QoS 1 messages carry an Ack that sends the
+// PUBACK; until it is called the broker holds the message for this
+// session.
 func (b *Bus) Subscribe(filter string, h fleet.Handler) error {
 	shared := filter
 	if strings.HasPrefix(filter, "lockers/v1/") {
 		shared = "$share/" + b.o.Group + "/" + filter
 	}
-	return b.subscribe(shared, b.handler(h))
+	return b.subscribe(shared, func(m paho.Message, ack func()) {
+		h(fleet.Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retain: m.Retained(), Ack: ack})
+	})
 }
 
-// subscribe subscribes at QoS 1 and keeps the subscription across reconnects.
-func (b *Bus) subscribe(filter string, h paho.MessageHandler) error {
+// subscribe subscribes at QoS 1, keeps the subscription across reconnects
+// and hands h what arrived for it before.
+func (b *Bus) subscribe(filter string, h deliver) error {
+	r := route{filter: filter, topic: unshare(filter), h: h}
 	b.mu.Lock()
-	b.subs[filter] = h
+	b.routes = append(b.routes, r)
+	b.subs[filter] = struct{}{}
+	var early []pendingMsg
+	kept := b.pending[:0]
+	for _, p := range b.pending {
+		if matches(r.topic, p.m.Topic()) {
+			early = append(early, p)
+		} else {
+			kept = append(kept, p)
+		}
+	}
+	clear(b.pending[len(kept):])
+	b.pending = kept
 	b.mu.Unlock()
-	return wait(context.Background(), b.c.Subscribe(filter, 1, h), 10*time.Second)
+	for _, p := range early {
+		h(p.m, p.ack)
+	}
+	return wait(context.Background(), b.c.Subscribe(filter, 1, nil), 10*time.Second)
 }
 
-func (b *Bus) handler(h fleet.Handler) paho.MessageHandler {
-	return func(_ paho.Client, m paho.Message) {
-		h(fleet.Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retain: m.Retained()})
+// receive is paho's handler for every message (each on its own goroutine:
+// order does not matter).
+func (b *Bus) receive(_ paho.Client, m paho.Message) {
+	ack := b.acker(m)
+	now := time.Now()
+	b.mu.Lock()
+	var stale []pendingMsg
+	for len(b.pending) > 0 && now.Sub(b.pending[0].at) > pendingTTL {
+		stale = append(stale, b.pending[0])
+		b.pending = b.pending[1:]
+	}
+	var h deliver
+	for _, r := range b.routes {
+		if matches(r.topic, m.Topic()) {
+			h = r.h
+			break
+		}
+	}
+	if h == nil {
+		b.pending = append(b.pending, pendingMsg{m: m, ack: ack, at: now})
+	}
+	b.mu.Unlock()
+	for _, p := range stale {
+		b.log.Warn("external broker delivered a message no subscription of this instance takes; dropped",
+			"topic", p.m.Topic())
+		if p.ack != nil {
+			p.ack()
+		}
+	}
+	if h != nil {
+		h(m, ack)
 	}
 }
 
-// resubscribe restores subscriptions after a reconnect (clean sessions).
+// acker returns the acknowledgement of a QoS 1 message (nil for QoS 0):
+// it sends the PUBACK once, however often it is called.
+func (b *Bus) acker(m paho.Message) func() {
+	if m.Qos() == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	b.unacked++
+	b.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			m.Ack() // dropped by paho when the connection it came on is gone
+			b.mu.Lock()
+			if b.unacked--; b.unacked == 0 && b.idle != nil {
+				close(b.idle)
+				b.idle = nil
+			}
+			b.mu.Unlock()
+		})
+	}
+}
+
+// resubscribe restores subscriptions after a reconnect (the broker may
+// have kept them in a persistent session; subscribing again is harmless).
 func (b *Bus) resubscribe(c paho.Client) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	for f, h := range b.subs {
-		c.Subscribe(f, 1, h)
+	if b.closing {
+		return
+	}
+	for f := range b.subs {
+		c.Subscribe(f, 1, nil)
 	}
 }
 
-// Close disconnects.
-func (b *Bus) Close() { b.c.Disconnect(250) }
+// Close leaves the subscriptions, so the broker hands device messages to
+// the other instances and stops queueing them for this one, waits a while
+// for the fleet manager to store and acknowledge what it was given, and
+// disconnects. Call it before stopping the fleet manager. What is still
+// unacknowledged stays in a persistent session for this instance's return.
+func (b *Bus) Close() {
+	b.mu.Lock()
+	b.closing = true
+	filters := make([]string, 0, len(b.subs))
+	for f := range b.subs {
+		filters = append(filters, f)
+	}
+	b.mu.Unlock()
+	if len(filters) > 0 && b.c.IsConnectionOpen() {
+		if err := wait(context.Background(), b.c.Unsubscribe(filters...), 5*time.Second); err != nil {
+			b.log.Warn("leave subscriptions on the external broker", "err", err)
+		}
+	}
+	if n := b.waitAcked(5 * time.Second); n > 0 {
+		b.log.Warn("disconnecting with messages not yet acknowledged; the broker delivers them again",
+			"unacknowledged", n, "persistent_session", b.o.Persistent)
+	}
+	b.c.Disconnect(250)
+}
+
+// waitAcked waits up to d until every message handed out is acknowledged
+// and returns how many are not.
+func (b *Bus) waitAcked(d time.Duration) int {
+	b.mu.Lock()
+	if b.unacked == 0 {
+		b.mu.Unlock()
+		return 0
+	}
+	if b.idle == nil {
+		b.idle = make(chan struct{})
+	}
+	idle := b.idle
+	b.mu.Unlock()
+	select {
+	case <-idle:
+	case <-time.After(d):
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.unacked
+}
+
+// unshare strips a shared-subscription prefix ($share/<group>/).
+func unshare(filter string) string {
+	if rest, ok := strings.CutPrefix(filter, "$share/"); ok {
+		if _, topic, ok := strings.Cut(rest, "/"); ok {
+			return topic
+		}
+	}
+	return filter
+}
+
+// matches reports whether topic matches the MQTT filter (+ and #).
+func matches(filter, topic string) bool {
+	for {
+		f, frest, fmore := strings.Cut(filter, "/")
+		t, trest, tmore := strings.Cut(topic, "/")
+		switch {
+		case f == "#":
+			return true
+		case f != "+" && f != t:
+			return false
+		case !fmore && !tmore:
+			return true
+		case !fmore:
+			return false
+		case !tmore:
+			return frest == "#" // "a/#" matches "a"
+		}
+		filter, topic = frest, trest
+	}
+}

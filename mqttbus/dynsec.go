@@ -43,7 +43,10 @@ type dynsecResponse struct {
 // NewDynSec subscribes to the plugin's responses.
 func NewDynSec(b *Bus) (*DynSec, error) {
 	d := &DynSec{b: b, prefix: b.o.ClientID + "/", pending: map[string]chan dynsecResponse{}}
-	err := b.subscribe(dynsecRespTopic, func(_ paho.Client, m paho.Message) {
+	err := b.subscribe(dynsecRespTopic, func(m paho.Message, ack func()) {
+		if ack != nil {
+			defer ack() // nothing to store: a lost response times its caller out
+		}
 		var r struct {
 			Responses []dynsecResponse `json:"responses"`
 		}
