@@ -54,7 +54,10 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	m.Addr = ln.Addr().String()
 	ln.Close()
 	_, port, _ := net.SplitHostPort(m.Addr)
+	// The queueing limits are docs/deployment.md's: gateways acknowledge
+	// after the store, and their sessions hold messages while they are away.
 	conf := fmt.Sprintf("listener %s 127.0.0.1\nallow_anonymous false\npersistence false\nmax_keepalive 300\n"+
+		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\n"+
 		"plugin %s\nplugin_opt_config_file %s\nlog_dest stderr\n", port, plugin, filepath.Join(dir, "dynsec.json"))
 	if os.Geteuid() == 0 {
 		conf += "user root\n"
