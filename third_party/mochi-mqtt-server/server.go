@@ -1721,6 +1721,9 @@ func (s *Server) clearExpiredClients(dt int64) {
 // job per locker: ~18% of the gateway's CPU and a GC pause every second).
 func (s *Server) clearExpiredRetainedMessages(now int64) {
 	maxExpiry := s.Options.Capabilities.MaximumMessageExpiryInterval
+	if maxExpiry <= 0 && s.Topics.Retained.Expiring() == 0 {
+		return // no limit, and no message with an expiry of its own
+	}
 	for _, filter := range s.Topics.Retained.Matching(func(pk *packets.Packet) bool {
 		expired := pk.ProtocolVersion == 5 && pk.Expiry > 0 && pk.Expiry < now // [MQTT-3.3.2-5]
 

@@ -65,6 +65,7 @@ var (
 // Packets is a concurrency safe map of packets.
 type Packets struct {
 	internal map[string]Packet
+	expiring int // packets with an Expiry (lockergate patch)
 	sync.RWMutex
 }
 
@@ -79,6 +80,12 @@ func NewPackets() *Packets {
 func (p *Packets) Add(id string, val Packet) {
 	p.Lock()
 	defer p.Unlock()
+	if old, ok := p.internal[id]; ok && old.Expiry > 0 {
+		p.expiring--
+	}
+	if val.Expiry > 0 {
+		p.expiring++
+	}
 	p.internal[id] = val
 }
 
@@ -100,13 +107,20 @@ func (p *Packets) Matching(f func(pk *Packet) bool) []string {
 	p.RLock()
 	defer p.RUnlock()
 	var ids []string
-	for k := range p.internal {
-		pk := p.internal[k]
+	for k, pk := range p.internal {
 		if f(&pk) {
 			ids = append(ids, k)
 		}
 	}
 	return ids
+}
+
+// Expiring returns how many packets have an Expiry (lockergate patch): when
+// none has, a sweep for expired packets has nothing to find.
+func (p *Packets) Expiring() int {
+	p.RLock()
+	defer p.RUnlock()
+	return p.expiring
 }
 
 // Get returns a specific packet in the map by packet id.
@@ -129,6 +143,9 @@ func (p *Packets) Len() int {
 func (p *Packets) Delete(id string) {
 	p.Lock()
 	defer p.Unlock()
+	if old, ok := p.internal[id]; ok && old.Expiry > 0 {
+		p.expiring--
+	}
 	delete(p.internal, id)
 }
 
