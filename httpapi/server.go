@@ -73,6 +73,7 @@ type Server struct {
 	webhooks *webhook.Dispatcher
 	opts     Options
 	mux      *http.ServeMux
+	tokens   *tokenCache
 }
 
 // New returns the API handler.
@@ -84,7 +85,7 @@ func New(o Options) *Server {
 		o.Ready = func(context.Context) error { return nil }
 	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
-		pickups: o.Pickups, webhooks: o.Webhooks}
+		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now)}
 	s.routes()
 	return s
 }
@@ -109,7 +110,7 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			writeProblem(w, http.StatusUnauthorized, "missing bearer token: send Authorization: Bearer <token>")
 			return
 		}
-		tok, err := s.store.TokenByHash(r.Context(), provisioning.HashSecret(raw))
+		tok, err := s.token(r, provisioning.HashSecret(raw))
 		if errors.Is(err, fleet.ErrNotFound) {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="lockergate", error="invalid_token"`)
 			writeProblem(w, http.StatusUnauthorized, "unknown or revoked token")
@@ -132,6 +133,18 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			s.writeError(w, r, err)
 		}
 	}
+}
+
+// token returns the live token whose secret hashes to hash.
+func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
+	if tok, ok := s.tokens.get(hash); ok {
+		return tok, nil
+	}
+	tok, err := s.store.TokenByHash(r.Context(), hash)
+	if err == nil {
+		s.tokens.put(hash, tok)
+	}
+	return tok, err
 }
 
 var (

@@ -37,13 +37,19 @@ func scanLocker(row pgx.Row) (*fleet.Locker, error) {
 
 // GetLocker implements fleet.Store.
 func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
-	l, err := scanLocker(db.pool.QueryRow(ctx, "SELECT "+lockerCols+" FROM devices d WHERE d.id = $1", id))
+	// Both queries in one round trip (every API call on a locker starts here).
+	b := &pgx.Batch{}
+	b.Queue("SELECT "+lockerCols+" FROM devices d WHERE d.id = $1", id)
+	b.Queue(`SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, coalesce(p.id, '')
+		FROM compartments c LEFT JOIN pickups p ON p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready')
+		WHERE c.device_id = $1 ORDER BY c.n`, id)
+	br := db.pool.SendBatch(ctx, b)
+	defer br.Close()
+	l, err := scanLocker(br.QueryRow())
 	if err != nil {
 		return nil, err
 	}
-	rows, err := db.pool.Query(ctx, `SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, coalesce(p.id, '')
-		FROM compartments c LEFT JOIN pickups p ON p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready')
-		WHERE c.device_id = $1 ORDER BY c.n`, id)
+	rows, err := br.Query()
 	if err != nil {
 		return nil, err
 	}
