@@ -341,6 +341,9 @@ func (g *Gateway) Close() error {
 		if g.broker != nil {
 			g.broker.Close()
 		}
+		if g.external != nil {
+			g.external.Close() // Run closed it already, unless New failed
+		}
 		if g.db != nil {
 			g.db.Close()
 		}

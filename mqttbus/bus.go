@@ -88,6 +88,8 @@ type Bus struct {
 	closing bool
 	unacked int           // QoS 1 messages handed out and not acknowledged
 	idle    chan struct{} // closed when unacked drops to 0 (while Close waits)
+
+	closeOnce sync.Once
 }
 
 var _ fleet.Bus = (*Bus)(nil)
@@ -270,7 +272,10 @@ func (b *Bus) resubscribe(c paho.Client) {
 // for the fleet manager to store and acknowledge what it was given, and
 // disconnects. Call it before stopping the fleet manager. What is still
 // unacknowledged stays in a persistent session for this instance's return.
-func (b *Bus) Close() {
+// Calling it again does nothing.
+func (b *Bus) Close() { b.closeOnce.Do(b.close) }
+
+func (b *Bus) close() {
 	b.mu.Lock()
 	b.closing = true
 	filters := make([]string, 0, len(b.subs))

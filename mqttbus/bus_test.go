@@ -343,6 +343,7 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	if n := a.waitAcked(0); n != 0 {
 		t.Fatalf("%d unacknowledged after Close", n)
 	}
+	a.Close() // again (Gateway.Close after Run): returns, does nothing
 	before := rb.count()
 	for i := 100; i < 120; i++ {
 		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
