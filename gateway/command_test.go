@@ -2,7 +2,6 @@ package gateway_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -20,13 +19,15 @@ func TestCommandWaitsForReconnect(t *testing.T) {
 	l := sim.Lockers()[0]
 	id := l.DeviceID()
 	l.Disconnect()
+	// Offline after having been online: a locker not yet marked online at
+	// all (its connect still queued) would read as offline too.
 	Eventually(t, 10*time.Second, "locker offline", func() error {
 		var got fleet.Locker
 		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id, nil, &got); err != nil {
 			return err
 		}
-		if got.Online {
-			return errors.New("still online")
+		if got.Online || got.DisconnectedAt == nil {
+			return fmt.Errorf("online %v, disconnected at %v", got.Online, got.DisconnectedAt)
 		}
 		return nil
 	})
