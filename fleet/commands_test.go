@@ -1,0 +1,268 @@
+package fleet
+
+// Unit tests of the command waiters' logic against in-memory fakes. The
+// same paths run end to end over MQTT and PostgreSQL in gateway/
+// (TestWalkingSkeleton, TestCommandWaitsForReconnect,
+// TestGatewayRestartMidCommand).
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// fakeStore keeps commands in memory. The embedded Store is nil: a method a
+// test does not expect panics.
+type fakeStore struct {
+	Store
+	mu     sync.Mutex
+	cmds   map[string]Command
+	audits []AuditEntry
+	gets   int
+}
+
+func newFakeStore() *fakeStore { return &fakeStore{cmds: map[string]Command{}} }
+
+func (f *fakeStore) CreateCommand(_ context.Context, c *Command, a *AuditEntry) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.cmds[c.ID] = *c
+	if a != nil {
+		f.audits = append(f.audits, *a)
+	}
+	return nil
+}
+
+func (f *fakeStore) GetCommand(_ context.Context, deviceID, id string) (*Command, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.gets++
+	c, ok := f.cmds[id]
+	if !ok || c.DeviceID != deviceID {
+		return nil, ErrNotFound
+	}
+	return &c, nil
+}
+
+func (f *fakeStore) MarkCommandSent(_ context.Context, id string, at time.Time) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.cmds[id]
+	if c.Status != CmdPending {
+		return false, nil
+	}
+	c.Status, c.SentAt = CmdSent, &at
+	f.cmds[id] = c
+	return true, nil
+}
+
+func (f *fakeStore) CompleteCommand(_ context.Context, deviceID, id, status, errText string, at time.Time) (*Command, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c, ok := f.cmds[id]
+	if !ok || c.DeviceID != deviceID || Final(c.Status) {
+		return nil, ErrNotFound
+	}
+	c.Status, c.Error, c.DoneAt = status, errText, &at
+	f.cmds[id] = c
+	return &c, nil
+}
+
+func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([]Command, error) {
+	return nil, nil
+}
+
+// set changes a stored command behind the manager's back (another instance).
+func (f *fakeStore) set(id, status string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.cmds[id]
+	c.Status = status
+	f.cmds[id] = c
+}
+
+func (f *fakeStore) reads() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.gets
+}
+
+// fakeBus records publishes; answer, when set, runs inside Publish, before
+// it returns: the fastest locker there can be.
+type fakeBus struct {
+	mu        sync.Mutex
+	published []string
+	answer    func(topic string, payload []byte)
+}
+
+func (b *fakeBus) Publish(_ context.Context, topic string, payload []byte, _ byte, _ bool) error {
+	b.mu.Lock()
+	b.published = append(b.published, topic)
+	answer := b.answer
+	b.mu.Unlock()
+	if answer != nil {
+		answer(topic, payload)
+	}
+	return nil
+}
+
+func (b *fakeBus) Subscribe(string, Handler) error { return nil }
+
+func (b *fakeBus) count() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.published)
+}
+
+func newTestManager(t *testing.T) (*Manager, *fakeStore, *fakeBus) {
+	t.Helper()
+	st, bus := newFakeStore(), &fakeBus{}
+	m, err := New(Options{Store: st, Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, st, bus
+}
+
+var testLocker = &Locker{ID: "lk-1", Site: "s1", Online: true, Compartments: []Compartment{{N: 1}, {N: 2}}}
+
+// answerOK makes the locker answer every command with ok, through the same
+// control handling a result from MQTT gets.
+func answerOK(m *Manager) func(string, []byte) {
+	return func(topic string, payload []byte) {
+		var cmd protocol.Command
+		if err := json.Unmarshal(payload, &cmd); err != nil {
+			panic(err)
+		}
+		res, _ := json.Marshal(map[string]any{"v": 1, "id": cmd.ID, "status": "ok", "ts": time.Now().UTC().Format(time.RFC3339Nano)})
+		m.handleControl(context.Background(), control{kind: ctrlResult, id: testLocker.ID, payload: res, at: time.Now()})
+	}
+}
+
+func TestSendCommandToAnswerBeforeWait(t *testing.T) {
+	m, st, bus := newTestManager(t)
+	bus.answer = answerOK(m) // answered before Publish returns, so before any wait
+	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdUnlock, Compartment: 2, Actor: "t"}, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Status != CmdOK {
+		t.Fatalf("status %q, want ok", c.Status)
+	}
+	// The answer was handed over, not read back.
+	if n := st.reads(); n != 0 {
+		t.Errorf("%d GetCommand calls, want 0", n)
+	}
+	if len(st.audits) != 1 || st.audits[0].Action != "unlock" || st.audits[0].Locker != testLocker.ID {
+		t.Errorf("audit = %+v, want one unlock entry for %s", st.audits, testLocker.ID)
+	}
+	if len(m.waiters) != 0 {
+		t.Errorf("waiters left behind: %v", m.waiters)
+	}
+}
+
+func TestSendCommandToOfflineStaysPending(t *testing.T) {
+	m, _, bus := newTestManager(t)
+	off := *testLocker
+	off.Online = false
+	c, err := m.SendCommandTo(context.Background(), &off, CommandRequest{Type: protocol.CmdUnlock, Compartment: 1}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Status != CmdPending || bus.count() != 0 {
+		t.Fatalf("status %q, %d publishes; want pending and none", c.Status, bus.count())
+	}
+}
+
+func TestSendCommandToRefusesUnknownCompartment(t *testing.T) {
+	m, st, bus := newTestManager(t)
+	_, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdUnlock, Compartment: 9}, time.Second)
+	if !errors.Is(err, ErrUnprocessable) {
+		t.Fatalf("err %v, want ErrUnprocessable", err)
+	}
+	if len(st.cmds) != 0 || len(st.audits) != 0 || bus.count() != 0 {
+		t.Fatalf("stored %d commands, %d audits, published %d; want nothing", len(st.cmds), len(st.audits), bus.count())
+	}
+}
+
+func TestWaitCommandWokenByAnotherInstance(t *testing.T) {
+	m, st, _ := newTestManager(t)
+	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdReboot}, 0)
+	if err != nil || c.Status != CmdSent {
+		t.Fatalf("send: %+v %v", c, err)
+	}
+	done := make(chan *Command, 1)
+	go func() {
+		got, _ := m.WaitCommand(context.Background(), testLocker.ID, c.ID, 10*time.Second)
+		done <- got
+	}()
+	waitUntil(t, "waiter subscribed", func() bool { m.mu.Lock(); defer m.mu.Unlock(); return len(m.waiters[c.ID]) == 1 })
+	// Another instance took the answer: only the id arrives (NOTIFY).
+	st.set(c.ID, CmdOK)
+	m.notify(c.ID)
+	select {
+	case got := <-done:
+		if got == nil || got.Status != CmdOK {
+			t.Fatalf("got %+v, want ok", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("waiter not woken by the notification")
+	}
+}
+
+func TestWaitCommandDeadline(t *testing.T) {
+	m, _, _ := newTestManager(t)
+	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdReboot}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := m.WaitCommand(context.Background(), testLocker.ID, c.ID, 20*time.Millisecond)
+	if err != nil || got.Status != CmdSent {
+		t.Fatalf("got %+v %v, want sent after the deadline", got, err)
+	}
+}
+
+// Two wake-ups before the waiter runs coalesce into a re-read, whatever
+// their order, so the waiter never settles on an older state.
+func TestWakeCoalescesToReread(t *testing.T) {
+	for _, order := range []string{"answer-then-notify", "notify-then-answer"} {
+		t.Run(order, func(t *testing.T) {
+			m, st, _ := newTestManager(t)
+			st.cmds["c1"] = Command{ID: "c1", DeviceID: testLocker.ID, Status: CmdOK}
+			ch := m.subscribe("c1")
+			defer m.unsubscribe("c1", ch)
+			final := &Command{ID: "c1", DeviceID: testLocker.ID, Status: CmdOK}
+			if order == "answer-then-notify" {
+				m.wake("c1", final)
+				m.notify("c1")
+			} else {
+				m.notify("c1")
+				m.wake("c1", final)
+			}
+			if got := <-ch; got != nil {
+				t.Fatalf("pending wake-up carries %+v, want nil (read the store)", got)
+			}
+			select {
+			case extra := <-ch:
+				t.Fatalf("second wake-up %+v queued, want one", extra)
+			default:
+			}
+		})
+	}
+}
+
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+}
