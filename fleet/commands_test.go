@@ -266,3 +266,58 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 		time.Sleep(time.Millisecond) // polling a condition, with a deadline
 	}
 }
+
+// presenceStore records what the control shards write.
+type presenceStore struct {
+	*fakeStore
+	calls []string
+}
+
+func (p *presenceStore) MarkOfflineMany(_ context.Context, ends []SessionEnd) error {
+	s := "offline"
+	for _, e := range ends {
+		s += " " + e.ID
+	}
+	p.calls = append(p.calls, s)
+	return nil
+}
+
+func (p *presenceStore) AckCreds(_ context.Context, id string, _ int64) error {
+	p.calls = append(p.calls, "ack "+id)
+	return nil
+}
+
+func TestSessionEndsBatchedInOrder(t *testing.T) {
+	st := &presenceStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := make(chan control, 8)
+	end := func(id string) control { return control{kind: ctrlDisconnected, id: id, reason: "x", at: time.Now()} }
+	ack := control{kind: ctrlCredsAck, id: "c", payload: []byte(`{"v":1,"version":1}`), at: time.Now()}
+	for _, c := range []control{end("b"), ack, end("d"), end("e")} {
+		q <- c
+	}
+	// As controlLoop does: handle what comes next until the queue is empty.
+	for c, ok := end("a"), true; ok; {
+		m.handleQueued(context.Background(), q, c)
+		select {
+		case c = <-q:
+		default:
+			ok = false
+		}
+	}
+	want := []string{"offline a b", "ack c", "offline d e"}
+	if len(st.calls) != len(want) {
+		t.Fatalf("calls %q, want %q", st.calls, want)
+	}
+	for i := range want {
+		if st.calls[i] != want[i] {
+			t.Fatalf("calls %q, want %q", st.calls, want)
+		}
+	}
+	if len(q) != 0 {
+		t.Fatalf("%d left in the queue", len(q))
+	}
+}

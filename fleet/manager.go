@@ -612,17 +612,60 @@ func (m *Manager) controlLoop(ctx context.Context, q chan control) {
 	for {
 		select {
 		case c := <-q:
-			m.handleControl(ctx, c)
+			m.handleQueued(ctx, q, c)
 		case <-m.ctrlDone:
 			for {
 				select {
 				case c := <-q:
-					m.handleControl(ctx, c)
+					m.handleQueued(ctx, q, c)
 				default:
 					return
 				}
 			}
 		}
+	}
+}
+
+// maxOfflineBatch bounds the session ends written in one statement.
+const maxOfflineBatch = 512
+
+// handleQueued handles c; when c ends a session, the session ends queued
+// right behind it on the shard are written with it in one statement (a
+// gateway shutdown or a network outage queues thousands). A locker's
+// messages keep their order: the batch is written before whatever came
+// after it in the queue.
+func (m *Manager) handleQueued(ctx context.Context, q chan control, c control) {
+	for {
+		if c.kind != ctrlDisconnected {
+			m.handleControl(ctx, c)
+			return
+		}
+		ends := []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}}
+		var next *control
+	collect:
+		for len(ends) < maxOfflineBatch {
+			select {
+			case n := <-q:
+				if n.kind != ctrlDisconnected {
+					next = &n
+					break collect
+				}
+				ends = append(ends, SessionEnd{ID: n.id, Reason: n.reason, At: n.at})
+			default:
+				break collect
+			}
+		}
+		m.markOffline(ctx, ends)
+		if next == nil {
+			return
+		}
+		c = *next
+	}
+}
+
+func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
+	if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOfflineMany(ctx, ends) }); err != nil {
+		m.log.Error("mark offline", "lockers", len(ends), "first", ends[0].ID, "err", err)
 	}
 }
 
@@ -641,11 +684,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		}
 		m.syncDevice(ctx, c.id)
 	case ctrlDisconnected:
-		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
-			return m.store.MarkOffline(ctx, c.id, c.reason, c.at)
-		}); err != nil {
-			m.log.Error("mark offline", "locker", c.id, "err", err)
-		}
+		m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}})
 	case ctrlPresence:
 		if len(c.payload) == 0 {
 			return // a cleared retained message

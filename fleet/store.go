@@ -20,6 +20,9 @@ type Store interface {
 	// MarkOffline records the end of a session, unless a newer session
 	// started after at.
 	MarkOffline(ctx context.Context, id, reason string, at time.Time) error
+	// MarkOfflineMany is MarkOffline for several lockers in one statement (a
+	// shutdown or a network outage ends thousands of sessions at once).
+	MarkOfflineMany(ctx context.Context, ends []SessionEnd) error
 	// RecordBirth stores what a birth message says about the locker.
 	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error
 
@@ -105,4 +108,11 @@ type Alert struct {
 	Detail      string     `json:"detail,omitempty"`
 	RaisedAt    time.Time  `json:"raised_at"`
 	ClearedAt   *time.Time `json:"cleared_at,omitempty"`
+}
+
+// SessionEnd is the end of one locker's session.
+type SessionEnd struct {
+	ID     string
+	Reason string
+	At     time.Time
 }

@@ -489,3 +489,47 @@ func waitListening(t *testing.T, db *postgres.DB, got chan string) {
 	}
 	t.Fatal("WatchCommands never started listening")
 }
+
+// TestMarkOfflineMany: a batch of session ends is applied per locker with
+// the same rules as one: a locker whose newer session began after the end
+// stays online, one already offline is not logged twice.
+func TestMarkOfflineMany(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	a, b, c := MustDevice(t, db, "s1", "SN-MA", 1), MustDevice(t, db, "s1", "SN-MB", 1), MustDevice(t, db, "s1", "SN-MC", 1)
+	for _, id := range []string{a, b} {
+		if err := db.MarkOnline(ctx, id, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.MarkOnline(ctx, b, t0.Add(2*time.Second)); err != nil { // b reconnected after its end below
+		t.Fatal(err)
+	}
+	end := t0.Add(time.Second)
+	if err := db.MarkOfflineMany(ctx, []fleet.SessionEnd{
+		{ID: a, Reason: "server_shutdown", At: end}, {ID: b, Reason: "server_shutdown", At: end}, {ID: c, Reason: "server_shutdown", At: end},
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		id     string
+		online bool
+		reason string
+	}{{a, false, "server_shutdown"}, {b, true, ""}, {c, false, ""}} {
+		l, err := db.GetLocker(ctx, tc.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if l.Online != tc.online || l.DisconnectReason != tc.reason {
+			t.Errorf("%s: online %v reason %q, want %v %q", tc.id, l.Online, l.DisconnectReason, tc.online, tc.reason)
+		}
+	}
+	var logged int
+	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM presence_log WHERE NOT online`).Scan(&logged); err != nil {
+		t.Fatal(err)
+	}
+	if logged != 1 {
+		t.Errorf("%d offline entries in the presence log, want 1 (a's)", logged)
+	}
+}

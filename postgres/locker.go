@@ -130,11 +130,24 @@ func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
 // MarkOffline implements fleet.Store. A session that ended before the
 // current one started (a takeover's old session, a late Last Will) changes nothing.
 func (db *DB) MarkOffline(ctx context.Context, id, reason string, at time.Time) error {
+	return db.MarkOfflineMany(ctx, []fleet.SessionEnd{{ID: id, Reason: reason, At: at}})
+}
+
+// MarkOfflineMany implements fleet.Store: one statement for all of ends.
+func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) error {
+	ids := make([]string, len(ends))
+	reasons := make([]string, len(ends))
+	ats := make([]time.Time, len(ends))
+	for i, e := range ends {
+		ids[i], reasons[i], ats[i] = e.ID, e.Reason, e.At
+	}
 	_, err := db.pool.Exec(ctx, `
 		WITH d AS (
-			UPDATE devices SET online = false, disconnected_at = $2, disconnect_reason = $3
-			WHERE id = $1 AND online AND (connected_at IS NULL OR connected_at <= $2) RETURNING id)
-		INSERT INTO presence_log (device_id, ts, online, reason) SELECT id, $2, false, $3 FROM d`, id, at, reason)
+			UPDATE devices d SET online = false, disconnected_at = e.at, disconnect_reason = e.reason
+			FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS e(id, reason, at)
+			WHERE d.id = e.id AND d.online AND (d.connected_at IS NULL OR d.connected_at <= e.at)
+			RETURNING d.id, e.at, e.reason)
+		INSERT INTO presence_log (device_id, ts, online, reason) SELECT id, at, false, reason FROM d`, ids, reasons, ats)
 	return err
 }
 
