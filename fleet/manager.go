@@ -287,7 +287,7 @@ func (m *Manager) receive(msg Message) {
 	case protocol.ChanHealth:
 		q := m.health[shard(id, len(m.health))]
 		if msg.QoS > 0 {
-			q <- in // QoS 1 was acknowledged: back-pressure, never a drop
+			q <- in // QoS 1: back-pressure, never a drop
 			break
 		}
 		select {
