@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -302,6 +304,46 @@ func TestAPIBadInput(t *testing.T) {
 		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&n)
 		if n != 1 {
 			t.Fatalf("%d commands stored, want 1", n)
+		}
+	})
+	t.Run("IdempotencyKeyConcurrent", func(t *testing.T) {
+		// Eight first requests with one key at once: exactly one runs; the
+		// others are told it is in progress (409) or get its answer replayed.
+		req := client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands",
+			Body: map[string]any{"type": "unlock", "compartment": 2, "wait_s": 5}, Header: map[string][]string{"Idempotency-Key": {"k-race"}}}
+		var before int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&before)
+		type answer struct {
+			status int
+			id     string
+		}
+		answers := make(chan answer, 8)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				var c fleet.Command
+				status, _ := tg.Admin.Do(ctx, req, &c)
+				answers <- answer{status, c.ID}
+			}()
+		}
+		wg.Wait()
+		close(answers)
+		ids := map[string]bool{}
+		for a := range answers {
+			switch a.status {
+			case http.StatusCreated:
+				ids[a.id] = true
+			case http.StatusConflict:
+			default:
+				t.Errorf("status %d, want 201 or 409", a.status)
+			}
+		}
+		var after int
+		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&after)
+		if after-before != 1 || len(ids) != 1 {
+			t.Fatalf("%d commands created, %d distinct ids answered; want 1 and 1", after-before, len(ids))
 		}
 	})
 }

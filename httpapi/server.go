@@ -37,7 +37,9 @@ type Store interface {
 	Audit(ctx context.Context, e fleet.AuditEntry) error
 	ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error)
 	GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error)
-	PutIdempotent(ctx context.Context, actor, key string, r *fleet.Idempotent) error
+	ClaimIdempotent(ctx context.Context, actor, key, route string, bodyHash []byte) (bool, error)
+	FinishIdempotent(ctx context.Context, actor, key string, status int, response []byte) error
+	ReleaseIdempotent(ctx context.Context, actor, key string) error
 }
 
 // Kicker ends a locker's live session (the broker).
@@ -249,33 +251,53 @@ func (s *Server) idempotent(h handler) handler {
 		sum := sha256.Sum256(body)
 		route := r.Method + " " + r.URL.Path
 		actor := principal(r).ID
-		prev, err := s.store.GetIdempotent(r.Context(), actor, key)
-		switch {
-		case err == nil:
-			if prev.Route != route || !bytes.Equal(prev.BodyHash, sum[:]) {
-				writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
+		// Claim the key before running, so that two requests with one key
+		// never both run (a client retrying while the first is in flight).
+		claimed, err := s.store.ClaimIdempotent(r.Context(), actor, key, route, sum[:])
+		if err != nil {
+			return err
+		}
+		if !claimed {
+			prev, err := s.store.GetIdempotent(r.Context(), actor, key)
+			if errors.Is(err, fleet.ErrNotFound) {
+				// Released between the two calls: the other request failed.
+				w.Header().Set("Retry-After", "1")
+				writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key just ended; retry")
 				return nil
 			}
-			w.Header().Set("Content-Type", "application/json")
-			w.Header().Set("Idempotent-Replayed", "true")
-			w.WriteHeader(prev.Status)
-			w.Write(prev.Response)
+			if err != nil {
+				return err
+			}
+			switch {
+			case prev.Route != route || !bytes.Equal(prev.BodyHash, sum[:]):
+				writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
+			case prev.Status == 0:
+				w.Header().Set("Retry-After", "1")
+				writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key is in progress; retry when it has finished")
+			default:
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Idempotent-Replayed", "true")
+				w.WriteHeader(prev.Status)
+				w.Write(prev.Response)
+			}
 			return nil
-		case !errors.Is(err, fleet.ErrNotFound):
-			return err
 		}
 		rec := &recorder{ResponseWriter: w}
 		r.Body = nopCloser{bytes.NewReader(body)}
-		if err := h(rec, r); err != nil {
-			return err
-		}
-		if rec.status >= 200 && rec.status < 300 {
-			if err := s.store.PutIdempotent(r.Context(), actor, key, &fleet.Idempotent{
-				Route: route, BodyHash: sum[:], Status: rec.status, Response: scrubSecrets(rec.body.Bytes())}); err != nil && !errors.Is(err, fleet.ErrConflict) {
+		herr := h(rec, r)
+		// The answer is kept (or the claim given up) even if the client has
+		// gone: it is about what happened, not about this connection.
+		ctx := context.WithoutCancel(r.Context())
+		if herr == nil && rec.status >= 200 && rec.status < 300 {
+			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, scrubSecrets(rec.body.Bytes())); err != nil {
 				s.log.Error("store idempotent answer", "err", err)
 			}
+			return nil
 		}
-		return nil
+		if err := s.store.ReleaseIdempotent(ctx, actor, key); err != nil {
+			s.log.Error("release Idempotency-Key", "err", err)
+		}
+		return herr
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -149,12 +150,33 @@ func (db *DB) GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idem
 	return &r, err
 }
 
-// PutIdempotent stores an answer; fleet.ErrConflict if one is stored already.
-func (db *DB) PutIdempotent(ctx context.Context, actor, key string, r *fleet.Idempotent) error {
-	_, err := db.pool.Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response) VALUES ($1, $2, $3, $4, $5, $6)`,
-		actor, key, r.Route, r.BodyHash, r.Status, r.Response)
-	if isUniqueViolation(err) {
-		return fleet.ErrConflict
-	}
+// IdempotencyAbandoned is how old an unfinished claim on an Idempotency-Key
+// must be before another request may take it over (its request died with
+// its gateway). Far above the longest request (wait_s is at most 60).
+const IdempotencyAbandoned = 5 * time.Minute
+
+// ClaimIdempotent claims (actor, key) for a request about to run: a row
+// with status 0 and no answer yet. It reports false when the key is taken:
+// answered, or claimed by a request still running.
+func (db *DB) ClaimIdempotent(ctx context.Context, actor, key, route string, bodyHash []byte) (bool, error) {
+	tag, err := db.pool.Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response)
+		VALUES ($1, $2, $3, $4, 0, '')
+		ON CONFLICT (actor, key) DO UPDATE SET route = excluded.route, body_hash = excluded.body_hash, created_at = now()
+		WHERE idempotency.status = 0 AND idempotency.created_at < now() - make_interval(secs => $5)`,
+		actor, key, route, bodyHash, IdempotencyAbandoned.Seconds())
+	return tag.RowsAffected() == 1, err
+}
+
+// FinishIdempotent stores the answer of a claimed key.
+func (db *DB) FinishIdempotent(ctx context.Context, actor, key string, status int, response []byte) error {
+	_, err := db.pool.Exec(ctx, `UPDATE idempotency SET status = $3, response = $4 WHERE actor = $1 AND key = $2 AND status = 0`,
+		actor, key, status, response)
+	return err
+}
+
+// ReleaseIdempotent gives up a claim whose request did not succeed, so that
+// it may be retried with the same key.
+func (db *DB) ReleaseIdempotent(ctx context.Context, actor, key string) error {
+	_, err := db.pool.Exec(ctx, `DELETE FROM idempotency WHERE actor = $1 AND key = $2 AND status = 0`, actor, key)
 	return err
 }

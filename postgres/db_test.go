@@ -533,3 +533,57 @@ func TestMarkOfflineMany(t *testing.T) {
 		t.Errorf("%d offline entries in the presence log, want 1 (a's)", logged)
 	}
 }
+
+func TestIdempotencyClaims(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	claim := func() bool {
+		t.Helper()
+		ok, err := db.ClaimIdempotent(ctx, "tok-1", "k", "POST /x", []byte{1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if !claim() {
+		t.Fatal("first claim refused")
+	}
+	if claim() {
+		t.Fatal("second claim of a running request granted")
+	}
+	if r, err := db.GetIdempotent(ctx, "tok-1", "k"); err != nil || r.Status != 0 {
+		t.Fatalf("claimed key reads %+v %v, want status 0 (in progress)", r, err)
+	}
+	// A failed request gives the key back.
+	if err := db.ReleaseIdempotent(ctx, "tok-1", "k"); err != nil {
+		t.Fatal(err)
+	}
+	if !claim() {
+		t.Fatal("claim after release refused")
+	}
+	if err := db.FinishIdempotent(ctx, "tok-1", "k", 201, []byte(`{"id":"c1"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := db.GetIdempotent(ctx, "tok-1", "k"); err != nil || r.Status != 201 || string(r.Response) != `{"id":"c1"}` {
+		t.Fatalf("answered key reads %+v %v", r, err)
+	}
+	if claim() {
+		t.Fatal("answered key claimed again")
+	}
+	if err := db.ReleaseIdempotent(ctx, "tok-1", "k"); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := db.GetIdempotent(ctx, "tok-1", "k"); err != nil || r.Status != 201 {
+		t.Fatalf("release removed an answer: %+v %v", r, err)
+	}
+	// A claim whose request died with its gateway is taken over once old.
+	if ok, err := db.ClaimIdempotent(ctx, "tok-1", "k2", "POST /x", []byte{1}); !ok || err != nil {
+		t.Fatalf("claim k2: %v %v", ok, err)
+	}
+	if _, err := db.Pool().Exec(ctx, `UPDATE idempotency SET created_at = now() - interval '6 minutes' WHERE key = 'k2'`); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := db.ClaimIdempotent(ctx, "tok-1", "k2", "POST /x", []byte{1}); !ok || err != nil {
+		t.Fatalf("abandoned claim not taken over: %v %v", ok, err)
+	}
+}
