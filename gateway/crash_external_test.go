@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -108,20 +107,8 @@ func (p *gatewayProcess) kill() {
 }
 
 func (p *gatewayProcess) metric(series string) (float64, error) {
-	resp, err := http.Get("http://" + p.http + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			var v float64
-			_, err := fmt.Sscan(rest, &v)
-			return v, err
-		}
-	}
-	return 0, nil // not received anything on that channel yet
+	v, _, err := scrapeSeries(p.http, series) // absent: nothing received on that channel yet
+	return v, err
 }
 
 // TestExternalCrash: two gateway instances share lockers' QoS 1 events and

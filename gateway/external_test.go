@@ -20,6 +20,7 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -27,15 +28,7 @@ import (
 // LOCKERGATE_REQUIRE_ALL=1, as in CI).
 func requireTool(t *testing.T, name string) string {
 	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("LOCKERGATE_REQUIRE_ALL") == "1" {
-		t.Fatalf("%s is required (LOCKERGATE_REQUIRE_ALL=1) but not on PATH: apt-get install mosquitto mosquitto-clients", name)
-	}
-	t.Skipf("SKIPPED LOUDLY: %s not on PATH (apt-get install mosquitto mosquitto-clients); this test proves the external-broker mode", name)
-	return ""
+	return testtool.Program(t, name, "to prove the external-broker mode", "apt-get install mosquitto mosquitto-clients")
 }
 
 // Mosquitto is a real mosquitto with the dynamic security plugin on a

@@ -119,20 +119,29 @@ func Eventually(tb testing.TB, d time.Duration, what string, f func() error) {
 // Metric returns the value of the sample line that starts with name+labels
 // in the gateway's /metrics, or an error.
 func (tg *TestGateway) Metric(series string) (float64, error) {
-	resp, err := http.Get("http://" + tg.HTTPAddr() + "/metrics")
+	v, found, err := scrapeSeries(tg.HTTPAddr(), series)
+	if err == nil && !found {
+		err = fmt.Errorf("no series %s in /metrics", series)
+	}
+	return v, err
+}
+
+// scrapeSeries reads one sample line (name+labels) from the /metrics of the
+// gateway at httpAddr; found is false when the series is not there.
+func scrapeSeries(httpAddr, series string) (v float64, found bool, err error) {
+	resp, err := http.Get("http://" + httpAddr + "/metrics")
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	for _, line := range strings.Split(string(b), "\n") {
 		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			var v float64
 			_, err := fmt.Sscan(rest, &v)
-			return v, err
+			return v, true, err
 		}
 	}
-	return 0, fmt.Errorf("no series %s in /metrics", series)
+	return 0, false, nil
 }
 
 // MustSiteAndClaim creates a site and a claim for n lockers through the API.
