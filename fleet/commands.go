@@ -65,8 +65,7 @@ func (m *Manager) SendCommandTo(ctx context.Context, l *Locker, req CommandReque
 	if wait <= 0 {
 		return c, nil
 	}
-	cur := *c
-	return m.waitCommand(ctx, &cur, wake, wait)
+	return m.waitCommand(ctx, c, wake, wait)
 }
 
 // deliver publishes a command and marks it sent.

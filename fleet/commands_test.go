@@ -321,3 +321,41 @@ func TestSessionEndsBatchedInOrder(t *testing.T) {
 		t.Fatalf("%d left in the queue", len(q))
 	}
 }
+
+// credsStore fails AckCreds with err (a database that is down).
+type credsStore struct {
+	*fakeStore
+	err error
+}
+
+func (c *credsStore) AckCreds(context.Context, string, int64) error { return c.err }
+
+// A control message is acknowledged to the bus once stored or refused for
+// good, never when the drain deadline cut its store call short.
+func TestControlAckedOnlyWhenHandled(t *testing.T) {
+	st := &credsStore{fakeStore: newFakeStore(), err: errors.New("database down")}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks := 0
+	msg := func(payload string) control {
+		return control{kind: ctrlCredsAck, id: "lk-1", payload: []byte(payload), at: time.Now(), ack: func() { acks++ }}
+	}
+	const valid = `{"v":1,"version":1}`
+	drained, cancel := context.WithCancel(context.Background())
+	cancel() // the drain deadline has passed
+	m.handleControl(drained, msg(valid))
+	if acks != 0 {
+		t.Fatal("acknowledged although its store call never succeeded")
+	}
+	st.err = nil
+	m.handleControl(context.Background(), msg(valid))
+	if acks != 1 {
+		t.Fatalf("stored: %d acks, want 1", acks)
+	}
+	m.handleControl(context.Background(), msg(`{"v":1`))
+	if acks != 2 {
+		t.Fatalf("invalid for good: %d acks, want 2", acks)
+	}
+}

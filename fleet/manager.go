@@ -270,7 +270,7 @@ func (m *Manager) receive(msg Message) {
 		ackMsg(msg)
 		return
 	}
-	m.m.receivedBy[ch].Inc()
+	m.m.received.WithLabelValues(string(ch)).Inc()
 	if m.stopped.Load() {
 		// Not acknowledged: a bus that redelivers gives it to the next run.
 		m.m.dropped.WithLabelValues(string(ch), "shutdown").Inc()
@@ -671,9 +671,15 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 
 func (m *Manager) handleControl(ctx context.Context, c control) {
 	if c.ack != nil {
-		// Handled (stored, or invalid for good); the store calls retry
-		// until they succeed or the drain deadline passes.
-		defer c.ack()
+		// Acknowledged once handled: stored, or invalid for good. Store
+		// calls are retried until they succeed, unless the drain deadline
+		// cancels ctx: then nothing is acknowledged and a bus that
+		// redelivers gives the message to the next run.
+		defer func() {
+			if ctx.Err() == nil {
+				c.ack()
+			}
+		}()
 	}
 	switch c.kind {
 	case ctrlEvents:
@@ -700,9 +706,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			// can arrive after the new session's birth, so it is only used
 			// where the bus has no session events (an external broker).
 			if m.opts.PresenceFromWill {
-				if err := m.store.MarkOffline(ctx, c.id, "will", c.at); err != nil {
-					m.log.Error("mark offline", "locker", c.id, "err", err)
-				}
+				m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: "will", At: c.at}})
 			}
 			return
 		}

@@ -10,10 +10,9 @@ import (
 
 // metrics of the fleet manager. No label takes per-locker values.
 type metrics struct {
-	received      *prometheus.CounterVec                  // channel
-	receivedBy    map[protocol.Channel]prometheus.Counter // received, resolved once (hot path)
-	dropped       *prometheus.CounterVec                  // channel, reason
-	queueDepth    *prometheus.GaugeVec                    // queue
+	received      *prometheus.CounterVec // channel
+	dropped       *prometheus.CounterVec // channel, reason
+	queueDepth    *prometheus.GaugeVec   // queue
 	ingestLag     prometheus.Histogram
 	dbWrite       *prometheus.HistogramVec // op
 	dbErrors      *prometheus.CounterVec   // op
@@ -118,9 +117,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Open stateful alerts (door_ajar, door_fault, on_battery), by kind (fleet-wide).",
 		}, []string{"kind"}),
 	}
-	m.receivedBy = make(map[protocol.Channel]prometheus.Counter, len(metricChannels))
 	for _, ch := range metricChannels {
-		m.receivedBy[ch] = m.received.WithLabelValues(string(ch))
+		m.received.WithLabelValues(string(ch))
 	}
 	m.dropped.WithLabelValues(string(protocol.ChanHealth), "queue_full")
 	for _, q := range metricQueues {

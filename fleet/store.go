@@ -17,11 +17,9 @@ type Store interface {
 
 	// MarkOnline records a new session of a locker.
 	MarkOnline(ctx context.Context, id string, at time.Time) error
-	// MarkOffline records the end of a session, unless a newer session
-	// started after at.
-	MarkOffline(ctx context.Context, id, reason string, at time.Time) error
-	// MarkOfflineMany is MarkOffline for several lockers in one statement (a
-	// shutdown or a network outage ends thousands of sessions at once).
+	// MarkOfflineMany records the end of sessions in one statement (a
+	// shutdown or a network outage ends thousands at once): each locker goes
+	// offline unless a newer session of it started after its end.
 	MarkOfflineMany(ctx context.Context, ends []SessionEnd) error
 	// RecordBirth stores what a birth message says about the locker.
 	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error
