@@ -87,13 +87,10 @@ func retryable(reason string) bool {
 }
 
 // countsAsFailure reports whether a refusal counts towards rate limiting:
-// wrong or malformed credentials do; our own trouble does not.
+// wrong or malformed credentials do; "not now" refusals (our own trouble,
+// or a lockout already in force) and disabled provisioning do not.
 func countsAsFailure(reason string) bool {
-	switch reason {
-	case refuseBackendError, refuseRateLimited, refuseNoProvisioning, refuseBusy:
-		return false
-	}
-	return true
+	return !retryable(reason) && reason != refuseNoProvisioning
 }
 
 // kind is what an authenticated session is.
