@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 func TestMatches(t *testing.T) {
@@ -48,20 +49,7 @@ func TestMatches(t *testing.T) {
 // loopback port, or skips loudly (fails under LOCKERGATE_REQUIRE_ALL=1).
 func mosquitto(t *testing.T, extraConf string) string {
 	t.Helper()
-	bin, err := exec.LookPath("mosquitto")
-	if err != nil {
-		for _, p := range []string{"/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"} {
-			if _, e := os.Stat(p); e == nil {
-				bin, err = p, nil
-			}
-		}
-	}
-	if err != nil {
-		if os.Getenv("LOCKERGATE_REQUIRE_ALL") == "1" {
-			t.Fatal("mosquitto is required (LOCKERGATE_REQUIRE_ALL=1): apt-get install mosquitto")
-		}
-		t.Skip("SKIPPED LOUDLY: mosquitto not installed (apt-get install mosquitto); this test proves redelivery after a crash")
-	}
+	bin := testtool.Program(t, "mosquitto", "to prove redelivery after a crash", "apt-get install mosquitto")
 	dir := t.TempDir()
 	for attempt := 0; attempt < 4; attempt++ {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
