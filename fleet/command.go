@@ -72,10 +72,15 @@ type CommandRequest struct {
 	Actor       string
 	// AllowLongTTL lifts MaxCommandTTL (admins only).
 	AllowLongTTL bool
+	// Site, when set, scopes the request to one site's lockers (a store
+	// token): a locker of another site is not found.
+	Site string
 }
 
-// validate checks the request against the locker's compartments and fills defaults.
-func (r *CommandRequest) validate(compartments []Compartment) error {
+// validate checks what the request says on its own and fills defaults;
+// whether the locker has the compartment is checked where the command is
+// stored (Store.CreateCommand), in the same round trip.
+func (r *CommandRequest) validate() error {
 	if r.TTL == 0 {
 		r.TTL = DefaultCommandTTL
 	}
@@ -85,14 +90,6 @@ func (r *CommandRequest) validate(compartments []Compartment) error {
 	}
 	if r.TTL < time.Second || r.TTL > max {
 		return fmt.Errorf("%w: ttl_s must be between 1 and %d", ErrInvalid, int(max/time.Second))
-	}
-	hasComp := func() error {
-		for _, c := range compartments {
-			if c.N == r.Compartment {
-				return nil
-			}
-		}
-		return fmt.Errorf("%w: locker %s has no compartment %d", ErrUnprocessable, r.DeviceID, r.Compartment)
 	}
 	switch r.Type {
 	case protocol.CmdUnlock:
@@ -104,17 +101,29 @@ func (r *CommandRequest) validate(compartments []Compartment) error {
 			return fmt.Errorf("%w: reason %q: want staging, pickup, remote or service", ErrInvalid, r.Reason)
 		}
 		r.InService = nil
-		return hasComp()
+		return r.needCompartment()
 	case protocol.CmdSetService:
 		if r.InService == nil {
 			return fmt.Errorf("%w: set_service needs in_service", ErrInvalid)
 		}
 		r.Reason = ""
-		return hasComp()
+		return r.needCompartment()
 	case protocol.CmdReboot:
 		r.Compartment, r.Reason, r.InService = 0, "", nil
 		return nil
 	default:
 		return fmt.Errorf("%w: type %q: want unlock, set_service or reboot", ErrInvalid, r.Type)
 	}
+}
+
+// needCompartment refuses a compartment no locker has.
+func (r *CommandRequest) needCompartment() error {
+	if r.Compartment < 1 {
+		return r.noCompartment()
+	}
+	return nil
+}
+
+func (r *CommandRequest) noCompartment() error {
+	return fmt.Errorf("%w: locker %s has no compartment %d", ErrUnprocessable, r.DeviceID, r.Compartment)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base32"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -22,36 +23,41 @@ func NewID(prefix string) string {
 // SendCommand validates and records a command and sends it when the locker is
 // online; an offline locker gets it when it reconnects, if it has not expired.
 func (m *Manager) SendCommand(ctx context.Context, req CommandRequest) (*Command, error) {
-	l, err := m.store.GetLocker(ctx, req.DeviceID)
-	if err != nil {
-		return nil, fmt.Errorf("load locker %s: %w", req.DeviceID, err)
-	}
-	return m.SendCommandTo(ctx, l, req, 0)
+	return m.SendCommandWait(ctx, req, 0)
 }
 
-// SendCommandTo is SendCommand for a locker the caller has loaded (and
-// checked access to). With wait > 0 it then waits like WaitCommand; an
-// answer taken by this instance reaches it without another database read.
-func (m *Manager) SendCommandTo(ctx context.Context, l *Locker, req CommandRequest, wait time.Duration) (*Command, error) {
-	req.DeviceID = l.ID
-	if err := req.validate(l.Compartments); err != nil {
+// SendCommandWait is SendCommand that, with wait > 0, then waits like
+// WaitCommand. An answer that arrives before the wait starts is not missed.
+// A locker outside req.Site is ErrNotFound.
+func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait time.Duration) (*Command, error) {
+	if err := req.validate(); err != nil {
 		return nil, err
 	}
 	now := m.now().UTC().Truncate(time.Millisecond)
 	c := &Command{
-		ID: NewID("c"), DeviceID: l.ID, Type: req.Type, Compartment: req.Compartment,
+		ID: NewID("c"), DeviceID: req.DeviceID, Type: req.Type, Compartment: req.Compartment,
 		Reason: req.Reason, InService: req.InService, Status: CmdPending, Actor: req.Actor,
 		CreatedAt: now, ExpiresAt: now.Add(req.TTL),
 	}
 	var audit *AuditEntry
 	if req.Type == protocol.CmdUnlock {
 		// Stored with the command, before it can be sent: no door opens
-		// without its audit entry.
-		audit = &AuditEntry{Actor: req.Actor, Action: "unlock", Locker: l.ID, Site: l.Site,
+		// without its audit entry. The store fills in the locker's site.
+		audit = &AuditEntry{Actor: req.Actor, Action: "unlock", Locker: c.DeviceID,
 			Detail: map[string]any{"command": c.ID, "compartment": c.Compartment, "reason": c.Reason, "expires_at": c.ExpiresAt}}
 	}
-	if err := m.store.CreateCommand(ctx, c, audit); err != nil {
+	// The locker is checked where the command is stored: one round trip.
+	t, created, err := m.store.CreateCommand(ctx, c, audit, req.Site)
+	switch {
+	case errors.Is(err, ErrNotFound), err == nil && req.Site != "" && t.Site != req.Site:
+		// A store does not learn whether another site's locker exists.
+		return nil, fmt.Errorf("locker %s: %w", req.DeviceID, ErrNotFound)
+	case err != nil:
 		return nil, fmt.Errorf("create command: %w", err)
+	case !t.HasCompartment:
+		return nil, req.noCompartment()
+	case !created:
+		return nil, fmt.Errorf("create command for %s: not stored, though its locker qualifies", req.DeviceID)
 	}
 	m.m.commands.WithLabelValues(c.Type, CmdPending).Inc()
 	var wake chan *Command
@@ -59,7 +65,7 @@ func (m *Manager) SendCommandTo(ctx context.Context, l *Locker, req CommandReque
 		// Before sending: the answer can arrive before this call waits.
 		wake = m.subscribe(c.ID)
 	}
-	if l.Online && !l.Disabled {
+	if t.Online && !t.Disabled {
 		m.deliver(ctx, c)
 	}
 	if wait <= 0 {

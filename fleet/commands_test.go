@@ -20,22 +20,38 @@ import (
 // test does not expect panics.
 type fakeStore struct {
 	Store
-	mu     sync.Mutex
-	cmds   map[string]Command
-	audits []AuditEntry
-	gets   int
+	mu      sync.Mutex
+	lockers map[string]Locker
+	cmds    map[string]Command
+	audits  []AuditEntry
+	gets    int
 }
 
-func newFakeStore() *fakeStore { return &fakeStore{cmds: map[string]Command{}} }
+func newFakeStore() *fakeStore {
+	return &fakeStore{lockers: map[string]Locker{testLocker.ID: *testLocker}, cmds: map[string]Command{}}
+}
 
-func (f *fakeStore) CreateCommand(_ context.Context, c *Command, a *AuditEntry) error {
+func (f *fakeStore) CreateCommand(_ context.Context, c *Command, a *AuditEntry, site string) (CommandTarget, bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	l, ok := f.lockers[c.DeviceID]
+	if !ok {
+		return CommandTarget{}, false, ErrNotFound
+	}
+	t := CommandTarget{Site: l.Site, Online: l.Online, Disabled: l.Disabled, HasCompartment: c.Compartment == 0}
+	for _, comp := range l.Compartments {
+		t.HasCompartment = t.HasCompartment || comp.N == c.Compartment
+	}
+	if !t.HasCompartment || (site != "" && site != l.Site) {
+		return t, false, nil
+	}
 	f.cmds[c.ID] = *c
 	if a != nil {
-		f.audits = append(f.audits, *a)
+		e := *a
+		e.Site = l.Site
+		f.audits = append(f.audits, e)
 	}
-	return nil
+	return t, true, nil
 }
 
 func (f *fakeStore) GetCommand(_ context.Context, deviceID, id string) (*Command, error) {
@@ -144,10 +160,10 @@ func answerOK(m *Manager) func(string, []byte) {
 	}
 }
 
-func TestSendCommandToAnswerBeforeWait(t *testing.T) {
+func TestSendCommandAnswerBeforeWait(t *testing.T) {
 	m, st, bus := newTestManager(t)
 	bus.answer = answerOK(m) // answered before Publish returns, so before any wait
-	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdUnlock, Compartment: 2, Actor: "t"}, 5*time.Second)
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 2, Actor: "t"}, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -166,11 +182,12 @@ func TestSendCommandToAnswerBeforeWait(t *testing.T) {
 	}
 }
 
-func TestSendCommandToOfflineStaysPending(t *testing.T) {
-	m, _, bus := newTestManager(t)
+func TestSendCommandOfflineStaysPending(t *testing.T) {
+	m, st, bus := newTestManager(t)
 	off := *testLocker
 	off.Online = false
-	c, err := m.SendCommandTo(context.Background(), &off, CommandRequest{Type: protocol.CmdUnlock, Compartment: 1}, 0)
+	st.lockers[off.ID] = off
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: off.ID, Type: protocol.CmdUnlock, Compartment: 1}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,9 +196,9 @@ func TestSendCommandToOfflineStaysPending(t *testing.T) {
 	}
 }
 
-func TestSendCommandToRefusesUnknownCompartment(t *testing.T) {
+func TestSendCommandRefusesUnknownCompartment(t *testing.T) {
 	m, st, bus := newTestManager(t)
-	_, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdUnlock, Compartment: 9}, time.Second)
+	_, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 9}, time.Second)
 	if !errors.Is(err, ErrUnprocessable) {
 		t.Fatalf("err %v, want ErrUnprocessable", err)
 	}
@@ -190,9 +207,44 @@ func TestSendCommandToRefusesUnknownCompartment(t *testing.T) {
 	}
 }
 
+// Refusals that need the locker come back from the store's one round trip;
+// nothing is stored or published for any of them.
+func TestSendCommandRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		req  CommandRequest
+		want error
+	}{
+		{"unknown locker", CommandRequest{DeviceID: "lk-nope", Type: protocol.CmdUnlock, Compartment: 1}, ErrNotFound},
+		{"another site's locker", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Site: "s2"}, ErrNotFound},
+		{"no compartment", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock}, ErrUnprocessable},
+		{"compartment 0 to set out of service", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdSetService, InService: new(bool)}, ErrUnprocessable},
+		{"bad reason", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Reason: "because"}, ErrInvalid},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, st, bus := newTestManager(t)
+			_, err := m.SendCommandWait(context.Background(), tc.req, time.Second)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err %v, want %v", err, tc.want)
+			}
+			if len(st.cmds) != 0 || len(st.audits) != 0 || bus.count() != 0 {
+				t.Fatalf("stored %d commands, %d audits, published %d; want nothing", len(st.cmds), len(st.audits), bus.count())
+			}
+		})
+	}
+	// The locker's own site is in scope.
+	m, st, _ := newTestManager(t)
+	if _, err := m.SendCommand(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Site: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.audits) != 1 || st.audits[0].Site != "s1" {
+		t.Fatalf("audits %+v, want one of site s1", st.audits)
+	}
+}
+
 func TestWaitCommandWokenByAnotherInstance(t *testing.T) {
 	m, st, _ := newTestManager(t)
-	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdReboot}, 0)
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdReboot}, 0)
 	if err != nil || c.Status != CmdSent {
 		t.Fatalf("send: %+v %v", c, err)
 	}
@@ -217,7 +269,7 @@ func TestWaitCommandWokenByAnotherInstance(t *testing.T) {
 
 func TestWaitCommandDeadline(t *testing.T) {
 	m, _, _ := newTestManager(t)
-	c, err := m.SendCommandTo(context.Background(), testLocker, CommandRequest{Type: protocol.CmdReboot}, 0)
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdReboot}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

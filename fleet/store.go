@@ -41,9 +41,13 @@ type Store interface {
 	// ListAlerts returns a locker's alerts, newest first.
 	ListAlerts(ctx context.Context, deviceID string, open bool) ([]Alert, error)
 
-	// CreateCommand inserts a pending command and, when audit is not nil,
-	// its audit entry, atomically.
-	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry) error
+	// CreateCommand inserts the pending command c and, when audit is not
+	// nil, its audit entry (with the locker's site), atomically, if c's
+	// locker is of site (any site when site is "") and has c's compartment
+	// (when c.Compartment > 0). It returns what it saw of the locker and
+	// whether it inserted c, or ErrNotFound when there is no such locker.
+	// One round trip: it is on every unlock's path.
+	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)
 	// GetCommand returns a command of a locker, or ErrNotFound.
 	GetCommand(ctx context.Context, deviceID, id string) (*Command, error)
 	// MarkCommandSent moves a pending command to sent; false when it is no
@@ -113,4 +117,13 @@ type SessionEnd struct {
 	ID     string
 	Reason string
 	At     time.Time
+}
+
+// CommandTarget is what sending a command needs to know of its locker.
+type CommandTarget struct {
+	Site             string
+	Online, Disabled bool
+	// HasCompartment: the locker has the command's compartment (true for a
+	// command without one).
+	HasCompartment bool
 }

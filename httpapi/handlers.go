@@ -302,25 +302,26 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 	if in.TTLS < 0 {
 		return badRequest("ttl_s must not be negative")
 	}
-	l, err := s.locker(r)
-	if err != nil {
-		return err
-	}
 	tok := principal(r)
-	if tok.Role == fleet.RoleStore && in.Type != protocol.CmdUnlock {
-		return errForbidden
-	}
-	c, err := s.fleet.SendCommandTo(r.Context(), l, fleet.CommandRequest{
-		Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
+	req := fleet.CommandRequest{
+		DeviceID: r.PathValue("id"), Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
 		TTL: time.Duration(in.TTLS) * time.Second, Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
-	}, time.Duration(in.WaitS)*time.Second)
+	}
+	if tok.Role == fleet.RoleStore {
+		if in.Type != protocol.CmdUnlock {
+			return errForbidden
+		}
+		req.Site = tok.Site // another site's locker is not found
+	}
+	// The locker is looked up where the command is stored (one round trip).
+	c, err := s.fleet.SendCommandWait(r.Context(), req, time.Duration(in.WaitS)*time.Second)
 	if c == nil {
 		return err
 	}
 	if err != nil && !errors.Is(err, r.Context().Err()) {
 		return err
 	}
-	w.Header().Set("Location", "/v1/lockers/"+l.ID+"/commands/"+c.ID)
+	w.Header().Set("Location", "/v1/lockers/"+c.DeviceID+"/commands/"+c.ID)
 	writeJSON(w, http.StatusCreated, c)
 	return nil
 }

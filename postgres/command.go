@@ -39,30 +39,40 @@ func collectCommands(rows pgx.Rows, err error) ([]fleet.Command, error) {
 	return out, rows.Err()
 }
 
-// CreateCommand implements fleet.Store. The command and its audit entry go
-// in one round trip: a batch is one implicit transaction, so both or neither
-// are stored.
-func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.AuditEntry) error {
-	var comp *int
-	if c.Compartment > 0 {
-		comp = &c.Compartment
-	}
-	b := &pgx.Batch{}
-	b.Queue(`INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)`,
-		c.ID, c.DeviceID, c.Type, comp, c.Reason, c.InService, c.Status, c.Actor, c.CreatedAt, c.ExpiresAt)
+// CreateCommand implements fleet.Store: the locker check, the command and
+// its audit entry are one statement, so one round trip and one commit.
+func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.AuditEntry, site string) (fleet.CommandTarget, bool, error) {
+	var actor, action *string
+	var detail []byte
 	if audit != nil {
-		detail, err := auditDetail(*audit)
+		d, err := auditDetail(*audit)
 		if err != nil {
-			return err
+			return fleet.CommandTarget{}, false, err
 		}
-		b.Queue(auditInsert, audit.Actor, audit.Action, audit.Locker, audit.Site, detail)
+		actor, action, detail = &audit.Actor, &audit.Action, d
 	}
-	err := db.pool.SendBatch(ctx, b).Close()
-	if isFKViolation(err) {
-		return fleet.ErrNotFound
+	var t fleet.CommandTarget
+	var created bool
+	err := db.pool.QueryRow(ctx, `WITH d AS (
+			SELECT id, site, online, disabled,
+				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4) AS has_comp
+			FROM devices WHERE id = $2),
+		ins AS (
+			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at)
+			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, $7, $8, $9, $10 FROM d
+			WHERE d.has_comp AND ($11 = '' OR d.site = $11)
+			RETURNING device_id),
+		aud AS (
+			INSERT INTO audit (actor, action, locker, site, detail)
+			SELECT $12, $13, ins.device_id, d.site, $14 FROM ins, d WHERE $14::jsonb IS NOT NULL)
+		SELECT d.site, d.online, d.disabled, d.has_comp, EXISTS (SELECT 1 FROM ins) FROM d`,
+		c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Status, c.Actor, c.CreatedAt, c.ExpiresAt,
+		site, actor, action, detail).Scan(&t.Site, &t.Online, &t.Disabled, &t.HasCompartment, &created)
+	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
+		// No such locker (or it was deleted between the check and the insert).
+		return t, false, fleet.ErrNotFound
 	}
-	return err
+	return t, created, err
 }
 
 // GetCommand implements fleet.Store.

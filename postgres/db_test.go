@@ -30,6 +30,14 @@ func MustOpen(tb testing.TB) *postgres.DB {
 	return db
 }
 
+// createCommand stores a command that must be accepted.
+func createCommand(tb testing.TB, db *postgres.DB, c *fleet.Command, a *fleet.AuditEntry) {
+	tb.Helper()
+	if _, created, err := db.CreateCommand(context.Background(), c, a, ""); err != nil || !created {
+		tb.Fatalf("create command %s: created %v, %v", c.ID, created, err)
+	}
+}
+
 func TestMigrate(t *testing.T) {
 	t.Run("TwiceAndConcurrently", func(t *testing.T) {
 		dsn := pgtest.NewDB(t)
@@ -197,9 +205,7 @@ func TestCommands(t *testing.T) {
 	id := MustDevice(t, db, "s1", "SN-C", 4)
 	now := time.Now().UTC().Truncate(time.Millisecond)
 	mk := func(cid string, exp time.Time) {
-		if err := db.CreateCommand(ctx, &fleet.Command{ID: cid, DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: exp}, nil); err != nil {
-			t.Fatal(err)
-		}
+		createCommand(t, db, &fleet.Command{ID: cid, DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: exp}, nil)
 	}
 	mk("c1", now.Add(time.Minute))
 	mk("c2", now.Add(-time.Second))
@@ -376,20 +382,44 @@ func TestCommandAuditedAtomically(t *testing.T) {
 	id := MustDevice(t, db, "s1", "SN-CA", 2)
 	now := time.Now().UTC().Truncate(time.Millisecond)
 	audit := func(locker string) *fleet.AuditEntry {
-		return &fleet.AuditEntry{Actor: "token:t1", Action: "unlock", Locker: locker, Site: "s1", Detail: map[string]any{"command": "x"}}
+		return &fleet.AuditEntry{Actor: "token:t1", Action: "unlock", Locker: locker, Detail: map[string]any{"command": "x"}}
 	}
-	c := &fleet.Command{ID: "ca1", DeviceID: id, Type: "unlock", Compartment: 1, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: now.Add(time.Minute)}
-	if err := db.CreateCommand(ctx, c, audit(id)); err != nil {
-		t.Fatal(err)
+	cmd := func(cid, locker string, comp int) *fleet.Command {
+		return &fleet.Command{ID: cid, DeviceID: locker, Type: "unlock", Compartment: comp, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: now.Add(time.Minute)}
+	}
+	tgt, created, err := db.CreateCommand(ctx, cmd("ca1", id, 1), audit(id), "s1")
+	if err != nil || !created {
+		t.Fatalf("create: created %v, %v", created, err)
+	}
+	if want := (fleet.CommandTarget{Site: "s1", HasCompartment: true}); tgt != want {
+		t.Errorf("target %+v, want %+v (a new locker is offline)", tgt, want)
 	}
 	if _, err := db.GetCommand(ctx, id, "ca1"); err != nil {
 		t.Fatalf("command not stored: %v", err)
 	}
-	// An unknown locker: neither the command nor its audit entry is stored.
-	bad := *c
-	bad.ID, bad.DeviceID = "ca2", "lk-missing"
-	if err := db.CreateCommand(ctx, &bad, audit("lk-missing")); !errors.Is(err, fleet.ErrNotFound) {
+	// Refused: neither the command nor its audit entry is stored, and the
+	// caller learns why from the target.
+	if _, _, err := db.CreateCommand(ctx, cmd("ca2", "lk-missing", 1), audit("lk-missing"), ""); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("unknown locker: got %v, want ErrNotFound", err)
+	}
+	tgt, created, err = db.CreateCommand(ctx, cmd("ca3", id, 1), audit(id), "s2")
+	if err != nil || created || tgt.Site != "s1" {
+		t.Fatalf("another site's locker: target %+v, created %v, %v; want not created, site s1", tgt, created, err)
+	}
+	tgt, created, err = db.CreateCommand(ctx, cmd("ca4", id, 3), audit(id), "")
+	if err != nil || created || tgt.HasCompartment {
+		t.Fatalf("compartment 3 of 2: target %+v, created %v, %v; want not created, no compartment", tgt, created, err)
+	}
+	// A command without a compartment and without an audit entry.
+	reboot := cmd("ca5", id, 0)
+	reboot.Type = "reboot"
+	if tgt, created, err := db.CreateCommand(ctx, reboot, nil, ""); err != nil || !created || !tgt.HasCompartment {
+		t.Fatalf("reboot: target %+v, created %v, %v", tgt, created, err)
+	}
+	for _, cid := range []string{"ca3", "ca4"} {
+		if _, err := db.GetCommand(ctx, id, cid); !errors.Is(err, fleet.ErrNotFound) {
+			t.Errorf("refused command %s: %v, want not stored", cid, err)
+		}
 	}
 	for _, tc := range []struct {
 		locker string
@@ -400,6 +430,9 @@ func TestCommandAuditedAtomically(t *testing.T) {
 		for _, e := range es {
 			if e.Action == "unlock" {
 				n++
+				if e.Site != "s1" {
+					t.Errorf("audit entry's site %q, want the locker's (s1)", e.Site)
+				}
 			}
 		}
 		if err != nil || n != tc.want {
@@ -420,10 +453,8 @@ func TestCommandChangesAreNotified(t *testing.T) {
 		id  string
 		exp time.Time
 	}{{"cn-ok", now.Add(time.Minute)}, {"cn-exp", now.Add(-time.Second)}} {
-		if err := db.CreateCommand(ctx, &fleet.Command{ID: c.id, DeviceID: id, Type: "reboot", Status: fleet.CmdPending,
-			CreatedAt: now, ExpiresAt: c.exp}, nil); err != nil {
-			t.Fatal(err)
-		}
+		createCommand(t, db, &fleet.Command{ID: c.id, DeviceID: id, Type: "reboot", Status: fleet.CmdPending,
+			CreatedAt: now, ExpiresAt: c.exp}, nil)
 	}
 	// WatchCommands listens asynchronously: complete commands until the
 	// listener is seen to be up, then check what each change notifies.
