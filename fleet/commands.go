@@ -60,12 +60,18 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		return nil, fmt.Errorf("create command for %s: not stored, though its locker qualifies", req.DeviceID)
 	}
 	m.m.commands.WithLabelValues(c.Type, CmdPending).Inc()
+	sendNow := t.Online && !t.Disabled
+	if sendNow {
+		// Stored as sent already: no second write on the unlock's path.
+		c.Status, c.SentAt = CmdSent, &c.CreatedAt
+		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
+	}
 	var wake chan *Command
 	if wait > 0 {
 		// Before sending: the answer can arrive before this call waits.
 		wake = m.subscribe(c.ID)
 	}
-	if t.Online && !t.Disabled {
+	if sendNow {
 		m.deliver(ctx, c)
 	}
 	if wait <= 0 {
@@ -74,7 +80,7 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	return m.waitCommand(ctx, c, wake, wait)
 }
 
-// deliver publishes a command and marks it sent.
+// deliver publishes a command and marks a pending one sent.
 func (m *Manager) deliver(ctx context.Context, c *Command) {
 	if !m.now().Before(c.ExpiresAt) {
 		return // the sweeper expires it; an expired command is never sent

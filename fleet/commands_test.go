@@ -45,7 +45,11 @@ func (f *fakeStore) CreateCommand(_ context.Context, c *Command, a *AuditEntry, 
 	if !t.HasCompartment || (site != "" && site != l.Site) {
 		return t, false, nil
 	}
-	f.cmds[c.ID] = *c
+	stored := *c
+	if l.Online && !l.Disabled {
+		stored.Status, stored.SentAt = CmdSent, &stored.CreatedAt
+	}
+	f.cmds[c.ID] = stored
 	if a != nil {
 		e := *a
 		e.Site = l.Site

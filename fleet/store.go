@@ -41,10 +41,13 @@ type Store interface {
 	// ListAlerts returns a locker's alerts, newest first.
 	ListAlerts(ctx context.Context, deviceID string, open bool) ([]Alert, error)
 
-	// CreateCommand inserts the pending command c and, when audit is not
-	// nil, its audit entry (with the locker's site), atomically, if c's
-	// locker is of site (any site when site is "") and has c's compartment
-	// (when c.Compartment > 0). It returns what it saw of the locker and
+	// CreateCommand inserts the new command c and, when audit is not nil,
+	// its audit entry (with the locker's site), atomically, if c's locker
+	// is of site (any site when site is "") and has c's compartment (when
+	// c.Compartment > 0). To an online, enabled locker c is stored as sent,
+	// at c.CreatedAt, for the caller to publish at once (a publish that
+	// fails is repeated, by id, when the locker next connects); to others
+	// it is stored as pending. It returns what it saw of the locker and
 	// whether it inserted c, or ErrNotFound when there is no such locker.
 	// One round trip: it is on every unlock's path.
 	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)

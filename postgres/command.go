@@ -40,7 +40,9 @@ func collectCommands(rows pgx.Rows, err error) ([]fleet.Command, error) {
 }
 
 // CreateCommand implements fleet.Store: the locker check, the command and
-// its audit entry are one statement, so one round trip and one commit.
+// its audit entry are one statement, so one round trip and one commit. To
+// an online, enabled locker the command is stored as sent, at its
+// creation time.
 func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.AuditEntry, site string) (fleet.CommandTarget, bool, error) {
 	var actor, action *string
 	var detail []byte
@@ -54,19 +56,20 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 	var t fleet.CommandTarget
 	var created bool
 	err := db.pool.QueryRow(ctx, `WITH d AS (
-			SELECT id, site, online, disabled,
+			SELECT id, site, online, disabled, online AND NOT disabled AS sendable,
 				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4) AS has_comp
 			FROM devices WHERE id = $2),
 		ins AS (
-			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at)
-			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, $7, $8, $9, $10 FROM d
-			WHERE d.has_comp AND ($11 = '' OR d.site = $11)
+			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at, sent_at)
+			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, CASE WHEN d.sendable THEN 'sent' ELSE 'pending' END, $7, $8, $9,
+				CASE WHEN d.sendable THEN $8::timestamptz END
+			FROM d WHERE d.has_comp AND ($10 = '' OR d.site = $10)
 			RETURNING device_id),
 		aud AS (
 			INSERT INTO audit (actor, action, locker, site, detail)
-			SELECT $12, $13, ins.device_id, d.site, $14 FROM ins, d WHERE $14::jsonb IS NOT NULL)
+			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL)
 		SELECT d.site, d.online, d.disabled, d.has_comp, EXISTS (SELECT 1 FROM ins) FROM d`,
-		c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Status, c.Actor, c.CreatedAt, c.ExpiresAt,
+		c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Actor, c.CreatedAt, c.ExpiresAt,
 		site, actor, action, detail).Scan(&t.Site, &t.Online, &t.Disabled, &t.HasCompartment, &created)
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
 		// No such locker (or it was deleted between the check and the insert).
