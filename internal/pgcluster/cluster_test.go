@@ -238,9 +238,9 @@ func TestStart(t *testing.T) {
 		pid := c.proc.cmd.Process.Pid
 
 		conn := MustConnect(t, c.DSN("lockergate")) // the default database
-		var db, user, fsync, listen string
-		MustQueryRow(t, conn, "SELECT current_database(), current_user, current_setting('fsync'), current_setting('listen_addresses')",
-			&db, &user, &fsync, &listen)
+		var db, user, fsync, listen, walZero string
+		MustQueryRow(t, conn, "SELECT current_database(), current_user, current_setting('fsync'), current_setting('listen_addresses'), current_setting('wal_init_zero')",
+			&db, &user, &fsync, &listen, &walZero)
 		if got, want := db, "lockergate"; got != want {
 			t.Errorf("current_database() = %q, want %q", got, want)
 		}
@@ -252,6 +252,9 @@ func TestStart(t *testing.T) {
 		}
 		if listen != "" {
 			t.Errorf("listen_addresses = %q, want none (socket only)", listen)
+		}
+		if walZero != "off" {
+			t.Errorf("wal_init_zero = %q, want off (new WAL segments are not zero-filled under the write lock)", walZero)
 		}
 		if n := len(filepath.Join(c.socketDir, ".s.PGSQL.5432")); n > maxSocketPath {
 			t.Errorf("socket path is %d bytes, over %d", n, maxSocketPath)
