@@ -2,7 +2,9 @@ package postgres
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -12,34 +14,61 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// CredSet returns the full set of pickup credentials valid at a locker, with
-// the locker's current set version.
-func (db *DB) CredSet(ctx context.Context, deviceID string) (*protocol.CredSet, error) {
-	s := &protocol.CredSet{TS: protocol.Now()}
-	var cs []pickup.Credential
-	err := pgx.BeginTxFunc(ctx, db.pool, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly}, func(tx pgx.Tx) error {
-		// One snapshot: the version and the credentials it names.
-		if err := tx.QueryRow(ctx, "SELECT creds_version FROM devices WHERE id = $1", deviceID).Scan(&s.Version); err != nil {
-			if errors.Is(err, pgx.ErrNoRows) {
-				return fleet.ErrNotFound
-			}
-			return err
-		}
-		rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, ''), compartments, not_after FROM credentials
-			WHERE device_id = $1 AND state = 'active' AND not_after > $2 ORDER BY id`, deviceID, time.Now())
-		if err != nil {
-			return err
-		}
-		cs, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Credential, error) {
-			var c pickup.Credential
-			err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC, &c.Compartments, &c.NotAfter)
-			return c, err
-		})
-		return err
-	})
+// Retained implements fleet.Store. It is read on every (re)connect of every
+// locker, so it reads everything the locker's retained topics carry in one
+// round trip and one snapshot: the config version, the credential set
+// version with the credentials it names, and the firmware job. Explicit
+// BEGIN and COMMIT in the batch make its statements one repeatable-read
+// transaction; a failure leaves the connection in a transaction, which
+// pgxpool closes rather than reuse.
+func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
+	b := &pgx.Batch{}
+	b.Queue("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+	b.Queue("SELECT config_version, creds_version FROM devices WHERE id = $1", id)
+	b.Queue(`SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, ''), compartments, not_after FROM credentials
+		WHERE device_id = $1 AND state = 'active' AND not_after > $2 ORDER BY id`, id, time.Now())
+	b.Queue(`SELECT payload FROM fw_jobs WHERE device_id = $1 AND state IN `+fwActive+` AND payload IS NOT NULL`, id)
+	b.Queue("COMMIT")
+	br := db.pool.SendBatch(ctx, b)
+	defer br.Close()
+	r := &fleet.Retained{Creds: protocol.CredSet{TS: protocol.Now()}}
+	if _, err := br.Exec(); err != nil {
+		return nil, err
+	}
+	err := br.QueryRow().Scan(&r.Config.Version, &r.Creds.Version)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fleet.ErrNotFound
+	}
 	if err != nil {
 		return nil, err
 	}
-	s.Creds = pickup.WireCredentials(cs)
-	return s, nil
+	rows, err := br.Query()
+	if err != nil {
+		return nil, fmt.Errorf("credential set: %w", err)
+	}
+	cs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Credential, error) {
+		var c pickup.Credential
+		err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC, &c.Compartments, &c.NotAfter)
+		return c, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("credential set: %w", err)
+	}
+	r.Creds.Creds = pickup.WireCredentials(cs)
+	var job []byte
+	err = br.QueryRow().Scan(&job)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+	case err != nil:
+		return nil, fmt.Errorf("firmware job: %w", err)
+	default:
+		r.FwJob = new(protocol.FwJob)
+		if err := json.Unmarshal(job, r.FwJob); err != nil {
+			return nil, fmt.Errorf("stored fw/job of %s: %w", id, err)
+		}
+	}
+	if _, err := br.Exec(); err != nil {
+		return nil, err
+	}
+	return r, br.Close()
 }

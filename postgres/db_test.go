@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -616,5 +617,59 @@ func TestIdempotencyClaims(t *testing.T) {
 	}
 	if ok, err := db.ClaimIdempotent(ctx, "tok-1", "k2", "POST /x", []byte{1}); !ok || err != nil {
 		t.Fatalf("abandoned claim not taken over: %v %v", ok, err)
+	}
+}
+
+// Retained is one batch with its own BEGIN and COMMIT: its answers, and a
+// pool that still works after batches that found nothing or failed.
+func TestRetained(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-RT", 4)
+	now := time.Now().UTC()
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET creds_version = 7, config_version = 3 WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at) VALUES
+		('cr-b', $1, 'pb', 'qb', '{2}', $2, 'active', $3),
+		('cr-a', $1, 'pa', NULL, '{1,3}', $2, 'active', $3),
+		('cr-old', $1, 'po', 'qo', '{4}', $3, 'active', $3),
+		('cr-used', $1, 'pu', 'qu', '{4}', $2, 'used', $3)`, id, now.Add(time.Hour), now.Add(-time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := db.Retained(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Config.Version != 3 || r.Creds.Version != 7 || r.FwJob != nil {
+		t.Errorf("config v%d, creds v%d, fw job %+v; want 3, 7, none", r.Config.Version, r.Creds.Version, r.FwJob)
+	}
+	var got []string
+	for _, c := range r.Creds.Creds {
+		got = append(got, c.ID)
+	}
+	if want := []string{"cr-a.p", "cr-b.p", "cr-b.q"}; !slices.Equal(got, want) {
+		t.Errorf("wire credentials %v, want %v (active and unexpired, by id; PIN and QR each)", got, want)
+	}
+	// More calls than the pool has connections: a batch that found no
+	// locker must not leave its connection inside the transaction.
+	for i := 0; i < 40; i++ {
+		if _, err := db.Retained(ctx, "lk-missing"); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("unknown locker: %v, want ErrNotFound", err)
+		}
+	}
+	cctx, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := db.Retained(cctx, id); err == nil {
+		t.Fatal("Retained with a cancelled context succeeded")
+	}
+	for i := 0; i < 40; i++ {
+		if r, err := db.Retained(ctx, id); err != nil || r.Creds.Version != 7 {
+			t.Fatalf("after refusals: %+v, %v", r, err)
+		}
+	}
+	var inTx int
+	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
+		t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
 	}
 }

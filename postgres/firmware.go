@@ -19,25 +19,6 @@ var _ firmware.Store = (*DB)(nil)
 // fwActive is firmware.ActiveStates as SQL.
 const fwActive = `('sent', 'downloading', 'verifying', 'installing', 'rebooting')`
 
-// currentFwJob returns the firmware job a locker should run, or nil: the
-// payload of its active job, as it was handed out.
-func (db *DB) currentFwJob(ctx context.Context, deviceID string) (*protocol.FwJob, error) {
-	var payload []byte
-	err := db.pool.QueryRow(ctx, `SELECT payload FROM fw_jobs WHERE device_id = $1 AND state IN `+fwActive+`
-		AND payload IS NOT NULL`, deviceID).Scan(&payload)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var j protocol.FwJob
-	if err := json.Unmarshal(payload, &j); err != nil {
-		return nil, fmt.Errorf("stored fw/job of %s: %w", deviceID, err)
-	}
-	return &j, nil
-}
-
 // --- artifacts
 
 const fwArtifactCols = `id, model, version, size, sha256, sig, file, created_at, created_by`

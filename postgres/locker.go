@@ -160,27 +160,6 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 	return err
 }
 
-// Retained implements fleet.Store.
-func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
-	var r fleet.Retained
-	err := db.pool.QueryRow(ctx, "SELECT config_version FROM devices WHERE id = $1", id).Scan(&r.Config.Version)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, fleet.ErrNotFound
-	}
-	if err != nil {
-		return nil, err
-	}
-	creds, err := db.CredSet(ctx, id)
-	if err != nil {
-		return nil, fmt.Errorf("credential set: %w", err)
-	}
-	r.Creds = *creds
-	if r.FwJob, err = db.currentFwJob(ctx, id); err != nil {
-		return nil, fmt.Errorf("firmware job: %w", err)
-	}
-	return &r, nil
-}
-
 // AckCreds implements fleet.Store.
 func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
 	_, err := db.pool.Exec(ctx, "UPDATE devices SET creds_acked = greatest(creds_acked, $2) WHERE id = $1", id, version)
