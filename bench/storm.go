@@ -167,6 +167,9 @@ func (r *Runner) stormOnce(ctx context.Context, lab *Lab, o StormOptions) (storm
 		return res, err
 	}
 	res.Down = time.Since(t0)
+	// With --profile: where the new process spends the reconnect storm.
+	prof := lab.GW.ProfileCPU(ctx, "storm-"+time.Now().Format("150405"), 20*time.Second)
+	defer func() { <-prof }()
 
 	n := len(lab.IDs)
 	lockers := sim.Lockers()

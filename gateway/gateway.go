@@ -318,16 +318,20 @@ loop:
 	if err := g.http.Shutdown(sctx); err != nil && runErr == nil {
 		runErr = fmt.Errorf("shut down HTTP: %w", err)
 	}
+	start := time.Now()
 	if err := g.broker.Close(); err != nil && runErr == nil {
 		runErr = fmt.Errorf("close broker: %w", err)
 	}
 	if g.external != nil {
 		g.external.Close()
 	}
+	g.log.Info("broker closed; writing the session ends and queued messages", "took", time.Since(start).Round(time.Millisecond))
+	start = time.Now()
 	stopFleet()
 	if err := <-fleetDone; err != nil && runErr == nil {
 		runErr = err
 	}
+	g.log.Info("queued writes flushed", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
 }
 
