@@ -90,6 +90,7 @@ func page[T any](items []T, key func(T) string, after string, limit int) []T {
 // answer is a decoded response: a list envelope or a problem detail.
 type answer struct {
 	status  int
+	header  http.Header
 	raw     string
 	items   []json.RawMessage
 	next    string
@@ -105,7 +106,7 @@ func call(t *testing.T, h http.Handler, method, target, secret string) answer {
 	}
 	rec := httptest.NewRecorder()
 	h.ServeHTTP(rec, req)
-	a := answer{status: rec.Code, raw: rec.Body.String()}
+	a := answer{status: rec.Code, header: rec.Header(), raw: rec.Body.String()}
 	if strings.HasPrefix(rec.Header().Get("Content-Type"), "application/problem+json") {
 		if err := json.Unmarshal(rec.Body.Bytes(), &a.problem); err != nil {
 			t.Fatalf("%s %s: problem detail does not decode: %v\n%s", method, target, err, a.raw)
