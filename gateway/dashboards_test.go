@@ -502,8 +502,8 @@ func TestDashboardsOnPrometheus(t *testing.T) {
 
 // runScenario drives the gateway through what the dashboards show: the
 // handoff (ready, picked up, a wrong code, a no-show, a cancel), commands,
-// a raw device's bad payload and alerts, and a firmware rollout that its
-// failure threshold stops.
+// a raw device's bad payload and alerts, and a firmware rollout with a
+// failure threshold (its series, however it ends).
 func runScenario(t *testing.T, e *pickupEnv) {
 	t.Helper()
 	ctx := context.Background()
@@ -570,8 +570,11 @@ func runScenario(t *testing.T, e *pickupEnv) {
 		return nil
 	})
 
-	// A firmware rollout on lockers that fail to boot half the time: the
-	// threshold of 0 % stops it at the first failure.
+	// A firmware rollout on lockers that fail to boot half the time, with a
+	// threshold of 0 %: it pauses at the first failure, or finishes when all
+	// four happen to boot (1 run in 16). Either way the rollout series the
+	// dashboards query exist; pausing itself is tested in firmware_test.go
+	// (TestFirmwareBootFailuresPauseAtTheCrossingWave).
 	fwFleet(t, tg, "fw-dash", "LX-24", 4, func(o *devicesim.Options) { o.Faults.Firmware.BootFail = 0.5 })
 	a := fwUpload(t, tg, "LX-24", "1.5.0", fwImage("1.5.0"))
 	st := fwCreate(t, tg, map[string]any{"firmware": a.ID, "selector": map[string]any{"site": "fw-dash"},
