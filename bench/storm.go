@@ -28,6 +28,11 @@ type stormRun struct {
 	ConnectFailures, Dropped uint64
 	Errors                   uint64
 	InitialRefused           int // refused at the first connect (then reconnected by the harness)
+	// The new process's own count of CONNECTs it answered "server busy"
+	// (no credential check slot within the wait) and its credential
+	// checks' p99, from its /metrics after the storm.
+	RefusedBusy float64
+	AuthP99     float64
 	GaveUp                   int // refused for good during the storm: never came back
 }
 
@@ -96,6 +101,8 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 	rep.Add("peak / steady", peak.Format(fF2))
 	rep.Add("RSS of the new process once settled", field(func(x stormRun) float64 { return float64(x.AfterRSS) }).Format(fMiB))
 	rep.Add("locker connect attempts refused or failed", field(func(x stormRun) float64 { return float64(x.ConnectFailures) }).Format(fInt))
+	rep.Add("  of which answered 'server busy' by the new process (its metric)", field(func(x stormRun) float64 { return x.RefusedBusy }).Format(fInt))
+	rep.Add("credential check p99 in the new process (its histogram)", field(func(x stormRun) float64 { return x.AuthP99 }).Format(fMs))
 	rep.Add("lockers refused as 'bad username or password' at the initial connect (reconnected by the harness)",
 		field(func(x stormRun) float64 { return float64(x.InitialRefused) }).Format(fInt))
 	rep.Add("lockers that gave up during the storm (refused, never back)", field(func(x stormRun) float64 { return float64(x.GaveUp) }).Format(fInt))
@@ -206,6 +213,13 @@ func (r *Runner) stormOnce(ctx context.Context, lab *Lab, o StormOptions) (storm
 	case <-time.After(o.Settle):
 	case <-ctx.Done():
 		return res, ctx.Err()
+	}
+	if mt, err := lab.GW.Metrics(ctx); err == nil {
+		res.RefusedBusy = mt.Sum("lockergate_mqtt_auth_failures_total", `reason="busy"`)
+		res.AuthP99, _ = mt.Hist("lockergate_mqtt_auth_backend_duration_seconds").Quantile(0.99)
+	} else {
+		r.Log.Warn("storm: scrape the new process's metrics", "err", err)
+		res.RefusedBusy, res.AuthP99 = math.NaN(), math.NaN()
 	}
 	m := lab.GW.Mem()
 	res.PeakRSS, res.AfterRSS = m.HWM, m.RSS
