@@ -33,7 +33,7 @@ type stormRun struct {
 	// checks' p99, from its /metrics after the storm.
 	RefusedBusy float64
 	AuthP99     float64
-	GaveUp                   int // refused for good during the storm: never came back
+	GaveUp      int // refused for good during the storm: never came back
 }
 
 // Storm runs the reconnect storm workload.
