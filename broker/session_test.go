@@ -123,6 +123,39 @@ func TestWillOnConnectionLoss(t *testing.T) {
 	}
 }
 
+// A broker that closes publishes no Last Will: its sessions end with it, and
+// so do its subscribers. The session end itself is still reported.
+func TestNoWillOnClose(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	presence := h.subscribe(t, "lockers/v1/A/presence")
+	r := dialRaw(t, h.addr, 4)
+	ack := r.connect("A", "A", "secret-A", 30, func(pk *packets.Packet) {
+		pk.Connect.WillFlag = true
+		pk.Connect.WillTopic = "lockers/v1/A/presence"
+		pk.Connect.WillPayload = []byte(`{"online":false}`)
+		pk.Connect.WillQos = 1
+		pk.Connect.WillRetain = true
+	})
+	if ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	waitFor(t, "A online", func() bool { return len(h.obs.get()) == 1 })
+	if err := h.b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Close returns after every session's goroutine ended, so a will would
+	// have been delivered (inline) by now.
+	if got := presence.get(); len(got) != 0 {
+		t.Errorf("Last Will published at close: %s", got[0].Payload)
+	}
+	if _, ok := h.b.server.Topics.Retained.Get("lockers/v1/A/presence"); ok {
+		t.Error("Last Will retained at close")
+	}
+	if got := h.obs.get(); len(got) != 2 || got[1][:3] != "-A:" {
+		t.Errorf("observer = %v, want the session's start and end", got)
+	}
+}
+
 func TestKeepalive(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	r := dialRaw(t, h.addr, 4)
