@@ -117,9 +117,19 @@ func (b *Broker) admit(s *session) {
 }
 
 // dropWill reports whether the Last Will of a closing session must not be
-// published: the session was replaced by a newer one of the same identity.
+// published: the session was replaced by a newer one of the same identity,
+// or the broker is closing.
 func (b *Broker) dropWill(cl *mqtt.Client) bool {
 	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return true
+	}
+	if b.isClosed() {
+		// The broker is closing: a will would reach only its own
+		// subscribers, which go away with it (the fleet manager records
+		// session ends from the session events, and no retained message
+		// outlives the process). At a restart with 10,000 lockers that is
+		// 10,000 retained publishes through the hooks, on the downtime's
+		// path.
 		return true
 	}
 	s := b.sessionOf(cl)
@@ -272,12 +282,6 @@ func (l *listener) Close(_ listeners.CloseFn) {
 	l.Net.Close(func(string) {})
 	for _, cl := range l.b.server.Clients.GetAll() {
 		if cl.Net.Listener == l.ID() && !cl.Closed() {
-			// No Last Will: it would reach only this broker's own subscribers,
-			// which go away with it (the fleet manager records session ends
-			// from the session events, and no retained message outlives the
-			// process). At a restart with 10,000 lockers that is 10,000
-			// retained publishes through the hooks, on the downtime's path.
-			atomic.StoreUint32(&cl.Properties.Will.Flag, 0)
 			_ = l.b.server.DisconnectClient(cl, packets.ErrServerShuttingDown)
 		}
 	}
