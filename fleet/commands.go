@@ -60,10 +60,10 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		return nil, fmt.Errorf("create command for %s: not stored, though its locker qualifies", req.DeviceID)
 	}
 	m.m.commands.WithLabelValues(c.Type, CmdPending).Inc()
-	sendNow := t.Online && !t.Disabled
+	// Stored as sent when the locker is online: no second write on the
+	// unlock's path.
+	sendNow := c.Status == CmdSent
 	if sendNow {
-		// Stored as sent already: no second write on the unlock's path.
-		c.Status, c.SentAt = CmdSent, &c.CreatedAt
 		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
 	}
 	var wake chan *Command

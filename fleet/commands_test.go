@@ -38,18 +38,18 @@ func (f *fakeStore) CreateCommand(_ context.Context, c *Command, a *AuditEntry, 
 	if !ok {
 		return CommandTarget{}, false, ErrNotFound
 	}
-	t := CommandTarget{Site: l.Site, Online: l.Online, Disabled: l.Disabled, HasCompartment: c.Compartment == 0}
+	t := CommandTarget{Site: l.Site, HasCompartment: c.Compartment == 0}
 	for _, comp := range l.Compartments {
 		t.HasCompartment = t.HasCompartment || comp.N == c.Compartment
 	}
 	if !t.HasCompartment || (site != "" && site != l.Site) {
 		return t, false, nil
 	}
-	stored := *c
 	if l.Online && !l.Disabled {
-		stored.Status, stored.SentAt = CmdSent, &stored.CreatedAt
+		sent := c.CreatedAt
+		c.Status, c.SentAt = CmdSent, &sent
 	}
-	f.cmds[c.ID] = stored
+	f.cmds[c.ID] = *c
 	if a != nil {
 		e := *a
 		e.Site = l.Site

@@ -47,8 +47,9 @@ type Store interface {
 	// c.Compartment > 0). To an online, enabled locker c is stored as sent,
 	// at c.CreatedAt, for the caller to publish at once (a publish that
 	// fails is repeated, by id, when the locker next connects); to others
-	// it is stored as pending. It returns what it saw of the locker and
-	// whether it inserted c, or ErrNotFound when there is no such locker.
+	// it is stored as pending. c.Status and c.SentAt are set as stored. It
+	// returns what it saw of the locker and whether it inserted c, or
+	// ErrNotFound when there is no such locker.
 	// One round trip: it is on every unlock's path.
 	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)
 	// GetCommand returns a command of a locker, or ErrNotFound.
@@ -124,8 +125,7 @@ type SessionEnd struct {
 
 // CommandTarget is what sending a command needs to know of its locker.
 type CommandTarget struct {
-	Site             string
-	Online, Disabled bool
+	Site string
 	// HasCompartment: the locker has the command's compartment (true for a
 	// command without one).
 	HasCompartment bool

@@ -54,9 +54,10 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 		actor, action, detail = &audit.Actor, &audit.Action, d
 	}
 	var t fleet.CommandTarget
-	var created bool
+	var status *string
+	var sentAt *time.Time
 	err := db.pool.QueryRow(ctx, `WITH d AS (
-			SELECT id, site, online, disabled, online AND NOT disabled AS sendable,
+			SELECT id, site, online AND NOT disabled AS sendable,
 				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4) AS has_comp
 			FROM devices WHERE id = $2),
 		ins AS (
@@ -64,18 +65,22 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, CASE WHEN d.sendable THEN 'sent' ELSE 'pending' END, $7, $8, $9,
 				CASE WHEN d.sendable THEN $8::timestamptz END
 			FROM d WHERE d.has_comp AND ($10 = '' OR d.site = $10)
-			RETURNING device_id),
+			RETURNING device_id, status, sent_at),
 		aud AS (
 			INSERT INTO audit (actor, action, locker, site, detail)
 			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL)
-		SELECT d.site, d.online, d.disabled, d.has_comp, EXISTS (SELECT 1 FROM ins) FROM d`,
+		SELECT d.site, d.has_comp, ins.status, ins.sent_at FROM d LEFT JOIN ins ON true`,
 		c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Actor, c.CreatedAt, c.ExpiresAt,
-		site, actor, action, detail).Scan(&t.Site, &t.Online, &t.Disabled, &t.HasCompartment, &created)
+		site, actor, action, detail).Scan(&t.Site, &t.HasCompartment, &status, &sentAt)
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
 		// No such locker (or it was deleted between the check and the insert).
 		return t, false, fleet.ErrNotFound
 	}
-	return t, created, err
+	if err != nil || status == nil {
+		return t, false, err
+	}
+	c.Status, c.SentAt = *status, sentAt
+	return t, true, nil
 }
 
 // GetCommand implements fleet.Store.

@@ -388,12 +388,13 @@ func TestCommandAuditedAtomically(t *testing.T) {
 	cmd := func(cid, locker string, comp int) *fleet.Command {
 		return &fleet.Command{ID: cid, DeviceID: locker, Type: "unlock", Compartment: comp, Status: fleet.CmdPending, CreatedAt: now, ExpiresAt: now.Add(time.Minute)}
 	}
-	tgt, created, err := db.CreateCommand(ctx, cmd("ca1", id, 1), audit(id), "s1")
+	ca1 := cmd("ca1", id, 1)
+	tgt, created, err := db.CreateCommand(ctx, ca1, audit(id), "s1")
 	if err != nil || !created {
 		t.Fatalf("create: created %v, %v", created, err)
 	}
-	if want := (fleet.CommandTarget{Site: "s1", HasCompartment: true}); tgt != want {
-		t.Errorf("target %+v, want %+v (a new locker is offline)", tgt, want)
+	if want := (fleet.CommandTarget{Site: "s1", HasCompartment: true}); tgt != want || ca1.Status != fleet.CmdPending || ca1.SentAt != nil {
+		t.Errorf("target %+v, status %s, sent_at %v; want %+v, pending, none (a new locker is offline)", tgt, ca1.Status, ca1.SentAt, want)
 	}
 	if _, err := db.GetCommand(ctx, id, "ca1"); err != nil {
 		t.Fatalf("command not stored: %v", err)
@@ -439,6 +440,18 @@ func TestCommandAuditedAtomically(t *testing.T) {
 		if err != nil || n != tc.want {
 			t.Fatalf("unlock audit entries of %s: %d (%v), want %d", tc.locker, n, err, tc.want)
 		}
+	}
+	// To an online locker the command is stored as sent, at its creation.
+	if err := db.MarkOnline(ctx, id, now); err != nil {
+		t.Fatal(err)
+	}
+	ca6 := cmd("ca6", id, 2)
+	if _, created, err := db.CreateCommand(ctx, ca6, audit(id), ""); err != nil || !created ||
+		ca6.Status != fleet.CmdSent || ca6.SentAt == nil || !ca6.SentAt.Equal(ca6.CreatedAt) {
+		t.Fatalf("online locker: created %v, %v, status %s, sent_at %v; want sent at %v", created, err, ca6.Status, ca6.SentAt, ca6.CreatedAt)
+	}
+	if got, err := db.GetCommand(ctx, id, "ca6"); err != nil || got.Status != fleet.CmdSent {
+		t.Fatalf("stored: %+v, %v; want sent", got, err)
 	}
 }
 
