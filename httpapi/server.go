@@ -94,19 +94,20 @@ func New(o Options) *Server {
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if _, pattern := s.mux.Handler(r); pattern == "" {
-		noRoute(s.mux, w, r)
+	if h, pattern := s.mux.Handler(r); pattern == "" {
+		noRoute(h, w, r)
 		return
 	}
 	s.mux.ServeHTTP(w, r)
 }
 
 // noRoute answers a request no pattern takes as a problem: 405 with an Allow
-// header when the path exists for other methods, 404 otherwise. The mux
-// knows which; its plain-text answer is caught and rewritten.
-func noRoute(mux *http.ServeMux, w http.ResponseWriter, r *http.Request) {
+// header when the path exists for other methods, 404 otherwise. h is the
+// mux's own answer for it, which knows which; its plain text is caught and
+// rewritten.
+func noRoute(h http.Handler, w http.ResponseWriter, r *http.Request) {
 	rec := &statusRecorder{header: http.Header{}}
-	mux.ServeHTTP(rec, r)
+	h.ServeHTTP(rec, r)
 	if rec.status == http.StatusMethodNotAllowed {
 		w.Header().Set("Allow", rec.header.Get("Allow"))
 		writeProblem(w, http.StatusMethodNotAllowed, r.Method+" is not allowed on "+r.URL.Path+"; allowed: "+rec.header.Get("Allow"))
