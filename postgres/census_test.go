@@ -29,7 +29,7 @@ func TestCensus(t *testing.T) {
 		at := now.Add(-time.Duration(fleet.FlappingConnects-i)*time.Minute + 30*time.Second)
 		must(db.MarkOnline(ctx, flapper, at))
 		if i < fleet.FlappingConnects-1 {
-			must(db.MarkOffline(ctx, flapper, "keepalive", at.Add(time.Second)))
+			must(markOffline(db, flapper, "keepalive", at.Add(time.Second)))
 		}
 	}
 	must(db.MarkOnline(ctx, disabled, now))

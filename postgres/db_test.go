@@ -31,6 +31,11 @@ func MustOpen(tb testing.TB) *postgres.DB {
 	return db
 }
 
+// markOffline ends one session of a locker.
+func markOffline(db *postgres.DB, id, reason string, at time.Time) error {
+	return db.MarkOfflineMany(context.Background(), []fleet.SessionEnd{{ID: id, Reason: reason, At: at}})
+}
+
 // createCommand stores a command that must be accepted.
 func createCommand(tb testing.TB, db *postgres.DB, c *fleet.Command, a *fleet.AuditEntry) {
 	tb.Helper()
@@ -361,14 +366,14 @@ func TestPresence(t *testing.T) {
 	if err := db.MarkOnline(ctx, id, t0.Add(time.Second)); err != nil {
 		t.Fatal(err)
 	}
-	if err := db.MarkOffline(ctx, id, "takeover", t0.Add(500*time.Millisecond)); err != nil {
+	if err := markOffline(db, id, "takeover", t0.Add(500*time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
 	l, _ := db.GetLocker(ctx, id)
 	if !l.Online || l.ConnectCount != 2 {
 		t.Fatalf("after takeover: online %v connects %d", l.Online, l.ConnectCount)
 	}
-	if err := db.MarkOffline(ctx, id, "keepalive", t0.Add(2*time.Second)); err != nil {
+	if err := markOffline(db, id, "keepalive", t0.Add(2*time.Second)); err != nil {
 		t.Fatal(err)
 	}
 	l, _ = db.GetLocker(ctx, id)

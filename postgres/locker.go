@@ -127,15 +127,9 @@ func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
 	return err
 }
 
-// MarkOffline ends one locker's session: MarkOfflineMany of one. A session
-// that ended before the current one started (a takeover's old session, a
-// late Last Will) changes nothing.
-func (db *DB) MarkOffline(ctx context.Context, id, reason string, at time.Time) error {
-	return db.MarkOfflineMany(ctx, []fleet.SessionEnd{{ID: id, Reason: reason, At: at}})
-}
-
-// MarkOfflineMany implements fleet.Store: one statement for all of ends,
-// each with MarkOffline's rule.
+// MarkOfflineMany implements fleet.Store: one statement for all of ends. A
+// session that ended before the locker's current one started (a takeover's
+// old session, a late Last Will) changes nothing.
 func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) error {
 	ids := make([]string, len(ends))
 	reasons := make([]string, len(ends))
