@@ -98,9 +98,10 @@ func TestTakeoverStorm(t *testing.T) {
 	}
 }
 
-func TestWillOnConnectionLoss(t *testing.T) {
-	h := newHarness(t, nil, nil)
-	presence := h.subscribe(t, "lockers/v1/A/presence")
+// connectWithWill connects locker A over MQTT 3.1.1 with its protocol Last
+// Will (retained {"online":false} on its presence topic).
+func connectWithWill(t *testing.T, h *harness) *raw {
+	t.Helper()
 	r := dialRaw(t, h.addr, 4)
 	ack := r.connect("A", "A", "secret-A", 30, func(pk *packets.Packet) {
 		pk.Connect.WillFlag = true
@@ -112,6 +113,13 @@ func TestWillOnConnectionLoss(t *testing.T) {
 	if ack.ReasonCode != 0 {
 		t.Fatalf("CONNACK %#x", ack.ReasonCode)
 	}
+	return r
+}
+
+func TestWillOnConnectionLoss(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	presence := h.subscribe(t, "lockers/v1/A/presence")
+	r := connectWithWill(t, h)
 	_ = r.conn.Close()
 	waitFor(t, "will", func() bool { return len(presence.get()) == 1 })
 	if m := presence.get()[0]; string(m.Payload) != `{"online":false}` || m.ClientID != "A" {
@@ -128,17 +136,7 @@ func TestWillOnConnectionLoss(t *testing.T) {
 func TestNoWillOnClose(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	presence := h.subscribe(t, "lockers/v1/A/presence")
-	r := dialRaw(t, h.addr, 4)
-	ack := r.connect("A", "A", "secret-A", 30, func(pk *packets.Packet) {
-		pk.Connect.WillFlag = true
-		pk.Connect.WillTopic = "lockers/v1/A/presence"
-		pk.Connect.WillPayload = []byte(`{"online":false}`)
-		pk.Connect.WillQos = 1
-		pk.Connect.WillRetain = true
-	})
-	if ack.ReasonCode != 0 {
-		t.Fatalf("CONNACK %#x", ack.ReasonCode)
-	}
+	connectWithWill(t, h)
 	waitFor(t, "A online", func() bool { return len(h.obs.get()) == 1 })
 	if err := h.b.Close(); err != nil {
 		t.Fatal(err)
