@@ -146,11 +146,16 @@ func TestEngineResumeAcceptsFailuresSoFar(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.waitStatus(st.ID, firmware.Paused, 20*time.Second)
-	for _, id := range ids[:3] {
-		if n := h.devs.attempts(id); n != 2 {
-			t.Fatalf("%s ran %d attempts, want 2", id, n)
+	// The rollout pauses at the second new failure; a retry sent before that
+	// may still be reaching its locker, so wait for each to have run.
+	eventually(t, 10*time.Second, "the three retried", func() error {
+		for _, id := range ids[:3] {
+			if n := h.devs.attempts(id); n != 2 {
+				return fmt.Errorf("%s ran %d attempts, want 2", id, n)
+			}
 		}
-	}
+		return nil
+	})
 	var archived int
 	if err := h.db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM fw_job_attempts WHERE rollout_id = $1`, st.ID).Scan(&archived); err != nil || archived != 3 {
 		t.Fatalf("archived attempts %d, %v", archived, err)
