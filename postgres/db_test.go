@@ -691,3 +691,36 @@ func TestRetained(t *testing.T) {
 		t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
 	}
 }
+
+func TestSessionDefaults(t *testing.T) {
+	ctx := context.Background()
+	setting := func(db *postgres.DB, name string) string {
+		t.Helper()
+		var v string
+		if err := db.Pool().QueryRow(ctx, "SELECT current_setting($1)", name).Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	t.Run("Applied", func(t *testing.T) {
+		db := MustOpen(t)
+		for k, want := range postgres.SessionDefaults {
+			if got := setting(db, k); got != want {
+				t.Errorf("%s = %q, want %q", k, got, want)
+			}
+		}
+	})
+	t.Run("URLWins", func(t *testing.T) {
+		db, err := postgres.Open(ctx, postgres.Options{DSN: pgtest.NewDB(t) + " jit=on"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		if got := setting(db, "jit"); got != "on" {
+			t.Errorf("jit = %q with jit=on in the database URL, want on", got)
+		}
+		if got := setting(db, "max_parallel_workers_per_gather"); got != "0" {
+			t.Errorf("max_parallel_workers_per_gather = %q, want the default 0", got)
+		}
+	})
+}
