@@ -409,6 +409,10 @@ func (s *Server) ProfileHeap(ctx context.Context, name string) {
 }
 
 func (s *Server) save(ctx context.Context, url, name string, timeout time.Duration) {
+	s.saveAs(ctx, url, name+".pprof", timeout)
+}
+
+func (s *Server) saveAs(ctx context.Context, url, file string, timeout time.Duration) {
 	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
 	resp, err := (&http.Client{Timeout: timeout}).Do(req)
 	if err != nil {
@@ -419,7 +423,7 @@ func (s *Server) save(ctx context.Context, url, name string, timeout time.Durati
 	if err := os.MkdirAll(s.r.Profile, 0o755); err != nil {
 		return
 	}
-	f, err := os.Create(filepath.Join(s.r.Profile, name+".pprof"))
+	f, err := os.Create(filepath.Join(s.r.Profile, file))
 	if err != nil {
 		s.r.Log.Warn("profile", "err", err)
 		return
@@ -433,6 +437,21 @@ func (s *Server) save(ctx context.Context, url, name string, timeout time.Durati
 // ProfileCPU saves a CPU profile of the next d of the server to
 // Runner.Profile/name.pprof, in the background; wait on the channel.
 func (s *Server) ProfileCPU(ctx context.Context, name string, d time.Duration) <-chan struct{} {
+	return s.record(ctx, "profile", name+".pprof", d)
+}
+
+// TraceExec saves an execution trace of the next d of the server to
+// Runner.Profile/name.trace (go tool trace), in the background; wait on the
+// channel. It can run alongside ProfileCPU; keep d to a few seconds (the
+// trace of a loaded gateway grows by megabytes per second).
+func (s *Server) TraceExec(ctx context.Context, name string, d time.Duration) <-chan struct{} {
+	return s.record(ctx, "trace", name+".trace", d)
+}
+
+// record saves the next d of /debug/pprof/<kind> to Runner.Profile/file in
+// the background; the channel closes when it is saved (at once without
+// --profile).
+func (s *Server) record(ctx context.Context, kind, file string, d time.Duration) <-chan struct{} {
 	done := make(chan struct{})
 	if s.PprofURL == "" || s.r.Profile == "" {
 		close(done)
@@ -440,7 +459,7 @@ func (s *Server) ProfileCPU(ctx context.Context, name string, d time.Duration) <
 	}
 	go func() {
 		defer close(done)
-		s.save(ctx, fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", s.PprofURL, max(1, int(d.Seconds()))), name, d+30*time.Second)
+		s.saveAs(ctx, fmt.Sprintf("%s/debug/pprof/%s?seconds=%d", s.PprofURL, kind, max(1, int(d.Seconds()))), file, d+30*time.Second)
 	}()
 	return done
 }

@@ -164,9 +164,14 @@ func (r *Runner) unlockGateway(ctx context.Context, lab *Lab, o UnlockOptions) (
 	if err != nil {
 		return res, err
 	}
-	prof := gw.ProfileCPU(ctx, "unlock-"+time.Now().Format("150405"), o.Duration)
+	stamp := time.Now().Format("150405")
+	prof := gw.ProfileCPU(ctx, "unlock-"+stamp, o.Duration)
+	// The tail is a few requests in a thousand: an execution trace of part
+	// of the run shows what they waited for.
+	trace := gw.TraceExec(ctx, "unlock-"+stamp, min(o.Duration, 5*time.Second))
 	res, err = r.unlockLoad(ctx, f, gw, lab.PG, o, call)
 	<-prof
+	<-trace
 	if err != nil {
 		return res, err
 	}
