@@ -246,6 +246,30 @@ func TestSendCommandRefusals(t *testing.T) {
 	}
 }
 
+// unstoredStore refuses to store a command for a locker that qualifies: a
+// store that breaks its contract must not make the manager send an
+// unrecorded command.
+type unstoredStore struct{ *fakeStore }
+
+func (u unstoredStore) CreateCommand(context.Context, *Command, *AuditEntry, string) (CommandTarget, bool, error) {
+	return CommandTarget{Site: testLocker.Site, HasCompartment: true}, false, nil
+}
+
+func TestSendCommandNotStoredIsNotSent(t *testing.T) {
+	bus := &fakeBus{}
+	m, err := New(Options{Store: unstoredStore{newFakeStore()}, Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1}, time.Second)
+	if err == nil || c != nil {
+		t.Fatalf("got %+v, %v; want an error and no command", c, err)
+	}
+	if bus.count() != 0 || len(m.waiters) != 0 {
+		t.Fatalf("published %d, waiters %v; want nothing", bus.count(), m.waiters)
+	}
+}
+
 func TestWaitCommandWokenByAnotherInstance(t *testing.T) {
 	m, st, _ := newTestManager(t)
 	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdReboot}, 0)

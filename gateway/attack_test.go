@@ -906,8 +906,7 @@ func TestAttackACL(t *testing.T) {
 		if got := sp.containing("e-big"); len(got) > 0 {
 			t.Fatalf("17 KiB message reached the gateway: %v", got)
 		}
-		var n int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE event_id = 'e-big'`).Scan(&n)
+		n := tg.Count(t, `SELECT count(*) FROM events WHERE event_id = 'e-big'`)
 		if n != 0 {
 			t.Fatal("17 KiB event stored")
 		}

@@ -122,8 +122,7 @@ func TestSecurityClaims(t *testing.T) {
 		if err := cs.waitLost(5 * time.Second); err != nil {
 			t.Error(err)
 		}
-		var n int
-		db.QueryRow(ctx, `SELECT count(*) FROM devices WHERE serial = 'SN-REVOKED'`).Scan(&n)
+		n := tg.Count(t, `SELECT count(*) FROM devices WHERE serial = 'SN-REVOKED'`)
 		if n != 0 {
 			t.Error("registered with a revoked claim")
 		}

@@ -277,8 +277,7 @@ func TestAPIBadInput(t *testing.T) {
 		if first["token"] == nil || again["token"] != nil || first["id"] != again["id"] {
 			t.Fatalf("first %v, replay %v: the replay must repeat the answer without the secret", first, again)
 		}
-		var stored int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["token"]).Scan(&stored)
+		stored := tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["token"])
 		if stored != 0 {
 			t.Fatal("a token is stored in clear for idempotent replays")
 		}
@@ -300,8 +299,7 @@ func TestAPIBadInput(t *testing.T) {
 		if _, err := tg.Admin.Do(ctx, req, nil); err == nil {
 			t.Fatal("same key with another body was accepted")
 		}
-		var n int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&n)
+		n := tg.Count(t, `SELECT count(*) FROM commands`)
 		if n != 1 {
 			t.Fatalf("%d commands stored, want 1", n)
 		}
@@ -311,8 +309,7 @@ func TestAPIBadInput(t *testing.T) {
 		// others are told it is in progress (409) or get its answer replayed.
 		req := client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands",
 			Body: map[string]any{"type": "unlock", "compartment": 2, "wait_s": 5}, Header: map[string][]string{"Idempotency-Key": {"k-race"}}}
-		var before int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&before)
+		before := tg.Count(t, `SELECT count(*) FROM commands`)
 		type answer struct {
 			status int
 			id     string
@@ -340,8 +337,7 @@ func TestAPIBadInput(t *testing.T) {
 				t.Errorf("status %d, want 201 or 409", a.status)
 			}
 		}
-		var after int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands`).Scan(&after)
+		after := tg.Count(t, `SELECT count(*) FROM commands`)
 		if after-before != 1 || len(ids) != 1 {
 			t.Fatalf("%d commands created, %d distinct ids answered; want 1 and 1", after-before, len(ids))
 		}

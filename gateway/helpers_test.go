@@ -116,6 +116,17 @@ func Eventually(tb testing.TB, d time.Duration, what string, f func() error) {
 	}
 }
 
+// Count runs a query that returns one count and fails the test if it
+// cannot: a failed query must not read as "none stored".
+func (tg *TestGateway) Count(tb testing.TB, query string, args ...any) int {
+	tb.Helper()
+	var n int
+	if err := tg.DB().Pool().QueryRow(context.Background(), query, args...).Scan(&n); err != nil {
+		tb.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
 // Metric returns the value of the sample line that starts with name+labels
 // in the gateway's /metrics, or an error.
 func (tg *TestGateway) Metric(series string) (float64, error) {

@@ -100,8 +100,7 @@ func TestMQTTBadInput(t *testing.T) {
 	// A valid message after the bad ones still lands.
 	pub(protocol.ChanEvents, `{"id":"e-good","ts":"`+now+`","type":"tamper","detail":"lid","extra_field":{"ignored":true}}`)
 	Eventually(t, 10*time.Second, "valid event stored", func() error {
-		var n int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-good'`, id.DeviceID).Scan(&n)
+		n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-good'`, id.DeviceID)
 		if n != 1 {
 			return fmt.Errorf("%d rows", n)
 		}
@@ -120,13 +119,11 @@ func TestMQTTBadInput(t *testing.T) {
 			return err
 		})
 	}
-	var n int
-	tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID).Scan(&n)
+	n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID)
 	if n != 1 {
 		t.Fatalf("%d events stored, want only the valid one", n)
 	}
-	var alerts int
-	tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID).Scan(&alerts)
+	alerts := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID)
 	if alerts != 1 {
 		t.Fatalf("tamper alerts: %d, want 1", alerts)
 	}
@@ -138,15 +135,13 @@ func TestMQTTBadInput(t *testing.T) {
 		}
 		pub(protocol.ChanEvents, `{"id":"e-dup-end","ts":"`+now+`","type":"reboot"}`)
 		Eventually(t, 10*time.Second, "events after duplicates", func() error {
-			var n int
-			tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup-end'`, id.DeviceID).Scan(&n)
+			n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup-end'`, id.DeviceID)
 			if n != 1 {
 				return fmt.Errorf("%d rows", n)
 			}
 			return nil
 		})
-		var n int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup'`, id.DeviceID).Scan(&n)
+		n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-dup'`, id.DeviceID)
 		if n != 1 {
 			t.Fatalf("duplicate event stored %d times", n)
 		}
@@ -167,15 +162,13 @@ func TestMQTTBadInput(t *testing.T) {
 		defer dev2.Disconnect(50)
 		dev2.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, `{"id":"e-after","ts":"`+now+`","type":"reboot"}`).WaitTimeout(5 * time.Second)
 		Eventually(t, 10*time.Second, "event after oversized", func() error {
-			var n int
-			tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-after'`, id.DeviceID).Scan(&n)
+			n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-after'`, id.DeviceID)
 			if n != 1 {
 				return fmt.Errorf("%d rows", n)
 			}
 			return nil
 		})
-		var big_ int
-		tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE event_id = 'e-big'`).Scan(&big_)
+		big_ := tg.Count(t, `SELECT count(*) FROM events WHERE event_id = 'e-big'`)
 		if big_ != 0 {
 			t.Fatal("oversized event was stored")
 		}

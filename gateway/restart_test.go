@@ -91,8 +91,7 @@ func TestGatewayRestartMidCommand(t *testing.T) {
 		}
 		return nil
 	})
-	var n int
-	tg2.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM commands WHERE device_id = $1`, id.DeviceID).Scan(&n)
+	n := tg2.Count(t, `SELECT count(*) FROM commands WHERE device_id = $1`, id.DeviceID)
 	if n != 1 {
 		t.Fatalf("%d commands stored, want 1", n)
 	}

@@ -1,0 +1,107 @@
+package httpapi
+
+import (
+	"context"
+	"crypto/sha256"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// The Idempotency-Key answers that depend on timing between two requests,
+// against a fake store that holds the claim state a test sets. The gateway
+// tests cover the same header against PostgreSQL (replay, another body,
+// concurrent first requests).
+
+// idemStore answers ClaimIdempotent and GetIdempotent from its fields and
+// counts what the create handler would have done.
+type idemStore struct {
+	fakeStore
+	claimed  bool              // ClaimIdempotent's answer
+	prev     *fleet.Idempotent // GetIdempotent's answer; nil: ErrNotFound
+	created  int               // CreateSite calls
+	released int               // ReleaseIdempotent calls
+	finished map[string]int    // FinishIdempotent statuses by key
+}
+
+func (f *idemStore) ClaimIdempotent(context.Context, string, string, string, []byte) (bool, error) {
+	return f.claimed, nil
+}
+
+func (f *idemStore) GetIdempotent(context.Context, string, string) (*fleet.Idempotent, error) {
+	if f.prev == nil {
+		return nil, fleet.ErrNotFound
+	}
+	return f.prev, nil
+}
+
+func (f *idemStore) CreateSite(context.Context, *fleet.Site) error {
+	f.created++
+	return nil
+}
+
+func (f *idemStore) Audit(context.Context, fleet.AuditEntry) error { return nil }
+
+func (f *idemStore) ReleaseIdempotent(context.Context, string, string) error {
+	f.released++
+	return nil
+}
+
+func (f *idemStore) FinishIdempotent(_ context.Context, _, key string, status int, _ []byte) error {
+	if f.finished == nil {
+		f.finished = map[string]int{}
+	}
+	f.finished[key] = status
+	return nil
+}
+
+func postSite(t *testing.T, s *Server, key, body string) *httptest.ResponseRecorder {
+	t.Helper()
+	req := httptest.NewRequest("POST", "/v1/sites", strings.NewReader(body))
+	req.Header.Set("Authorization", "Bearer admin")
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Idempotency-Key", key)
+	w := httptest.NewRecorder()
+	s.ServeHTTP(w, req)
+	return w
+}
+
+func TestIdempotencyKeyRaces(t *testing.T) {
+	const body = `{"id":"s1"}`
+	sum := sha256.Sum256([]byte(body))
+	// Another request holds the key: this one is told to retry and runs
+	// nothing, whether the other is still running or has just failed and
+	// released the key between this request's claim and its read.
+	for _, tc := range []struct {
+		name string
+		prev *fleet.Idempotent
+		want string
+	}{
+		{"ClaimReleasedBeforeTheRead", nil, "just ended"},
+		{"FirstStillRunning", &fleet.Idempotent{Route: "POST /v1/sites", BodyHash: sum[:]}, "in progress"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := &idemStore{claimed: false, prev: tc.prev}
+			w := postSite(t, New(Options{Store: st}), "k1", body)
+			if w.Code != http.StatusConflict || w.Header().Get("Retry-After") != "1" || !strings.Contains(w.Body.String(), tc.want) {
+				t.Fatalf("got %d Retry-After %q %s; want 409, Retry-After 1, %q", w.Code, w.Header().Get("Retry-After"), w.Body, tc.want)
+			}
+			if st.created != 0 || st.released != 0 {
+				t.Errorf("created %d, released %d; want neither (the claim is not ours)", st.created, st.released)
+			}
+		})
+	}
+	t.Run("FailureReleasesTheClaim", func(t *testing.T) {
+		st := &idemStore{claimed: true}
+		w := postSite(t, New(Options{Store: st}), "k1", `{"id":"bad id"}`)
+		if w.Code != http.StatusBadRequest {
+			t.Fatalf("got %d %s, want 400", w.Code, w.Body)
+		}
+		if st.released != 1 || len(st.finished) != 0 {
+			t.Errorf("released %d, finished %v; want the claim released and no answer kept", st.released, st.finished)
+		}
+	})
+}
