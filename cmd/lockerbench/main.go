@@ -6,6 +6,7 @@
 //	lockerbench all                      # every workload, the defaults of docs/benchmarks.md
 //	lockerbench ingest --lockers 10000 --runs 3
 //	lockerbench unlock | idle | pickups | storm [flags]
+//	lockerbench trace-tail profiles/unlock-021000.trace
 package main
 
 import (
@@ -38,6 +39,9 @@ Workloads:
   storm    reconnect storm after a gateway restart: time to online with current creds and config
   all      every workload in turn
 
+  trace-tail FILE  the slowest unlocks in an execution trace saved by --profile,
+                   and what each waited for
+
 Run "lockerbench <workload> -h" for flags.
 `
 
@@ -47,6 +51,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	cmd, args := args[0], args[1:]
+	if cmd == "trace-tail" {
+		return traceTail(args, stdout, stderr)
+	}
 	fs := flag.NewFlagSet("lockerbench "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var c config
@@ -239,4 +246,40 @@ func execute(ctx context.Context, cmd string, c config, log *slog.Logger, stdout
 		rep.Print(out, m)
 	}
 	return firstErr
+}
+
+// traceTail prints the slowest calls of a function in an execution trace.
+func traceTail(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("lockerbench trace-tail", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	frame := fs.String("frame", bench.UnlockFrame, "follow goroutines while this function is on their stack")
+	top := fs.Int("top", 20, "how many of the slowest calls to show")
+	minWait := fs.Duration("min-wait", 500*time.Microsecond, "show waits of at least this long")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "usage: lockerbench trace-tail [flags] FILE.trace (saved by --profile, or from /debug/pprof/trace)")
+		return 2
+	}
+	f, err := os.Open(fs.Arg(0))
+	if err != nil {
+		fmt.Fprintf(stderr, "lockerbench: %v\n", err)
+		return 1
+	}
+	defer f.Close()
+	rep, err := bench.TraceTail(f, *frame)
+	if err != nil {
+		fmt.Fprintf(stderr, "lockerbench: %s: %v\n", fs.Arg(0), err)
+		return 1
+	}
+	if len(rep.Calls) == 0 {
+		fmt.Fprintf(stderr, "lockerbench: no call of %s in %s; is --frame right?\n", *frame, fs.Arg(0))
+		return 1
+	}
+	bench.WriteTraceTail(stdout, rep, *top, *minWait)
+	return 0
 }

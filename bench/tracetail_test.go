@@ -1,0 +1,86 @@
+package bench
+
+import (
+	"bytes"
+	"runtime"
+	"runtime/trace"
+	"strings"
+	"testing"
+	"time"
+)
+
+// tracedWork is the function the test follows: it waits 20 ms on a timer
+// (its workload) and on a channel the test fills.
+//
+//go:noinline
+func tracedWork(in <-chan int) int {
+	time.Sleep(20 * time.Millisecond)
+	return <-in
+}
+
+func TestTraceTail(t *testing.T) {
+	var buf bytes.Buffer
+	if err := trace.Start(&buf); err != nil {
+		t.Skipf("execution tracing unavailable: %v", err)
+	}
+	in, got, release := make(chan int), make(chan int), make(chan struct{})
+	go func() {
+		got <- tracedWork(in)
+		<-release // parks outside tracedWork: the call has ended
+	}()
+	in <- 7
+	<-got
+	// The goroutine parks on release right after sending; stop the trace
+	// only once it has (its state is in the trace by then).
+	deadline := time.Now().Add(5 * time.Second)
+	for !parkedOn(t, "bench.TestTraceTail.func1") {
+		if time.Now().After(deadline) {
+			t.Fatal("traced goroutine never parked")
+		}
+		time.Sleep(time.Millisecond) // polling interval of a condition wait
+	}
+	trace.Stop()
+	close(release)
+
+	rep, err := TraceTail(&buf, "bench.tracedWork")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Calls) != 1 {
+		var out bytes.Buffer
+		WriteTraceTail(&out, rep, 5, 0)
+		t.Fatalf("%d calls traced, want 1:\n%s", len(rep.Calls), out.String())
+	}
+	c := rep.Calls[0]
+	if c.Total < 20*time.Millisecond {
+		t.Errorf("total %v, want at least the 20 ms sleep", c.Total)
+	}
+	var slept time.Duration
+	for why, d := range c.Waits {
+		if strings.Contains(why, "sleep") && strings.Contains(why, "tracedWork") {
+			slept += d
+		}
+	}
+	if slept < 20*time.Millisecond {
+		t.Errorf("waits %v: want ≥ 20 ms asleep in tracedWork", c.Waits)
+	}
+	var out bytes.Buffer
+	WriteTraceTail(&out, rep, 5, time.Millisecond)
+	if !strings.Contains(out.String(), "1 calls traced") || !strings.Contains(out.String(), "tracedWork") {
+		t.Errorf("report:\n%s", out.String())
+	}
+}
+
+// parkedOn reports whether a goroutine whose stack has fn is blocked in a
+// channel receive (from the full goroutine dump).
+func parkedOn(t *testing.T, fn string) bool {
+	t.Helper()
+	buf := make([]byte, 1<<20)
+	n := runtime.Stack(buf, true)
+	for _, g := range strings.Split(string(buf[:n]), "\n\n") {
+		if strings.Contains(g, fn) && strings.Contains(g, "[chan receive") && !strings.Contains(g, "tracedWork") {
+			return true
+		}
+	}
+	return false
+}
