@@ -39,9 +39,13 @@ type Authenticator interface {
 	AuthClaim(ctx context.Context, token string) error
 }
 
-// Provisioner answers a provisioning request made with a claim token.
+// Provisioner answers a provisioning request made with a claim token. An
+// error means it could not decide (its database or identity store did not
+// answer): the locker gets no answer, its session ends as server
+// unavailable, and it tries again as after any lost connection. An answer,
+// even an error answer, is final for the locker.
 type Provisioner interface {
-	Provision(ctx context.Context, claimToken string, serial string, payload []byte) protocol.ProvisionResponse
+	Provision(ctx context.Context, claimToken string, serial string, payload []byte) (protocol.ProvisionResponse, error)
 }
 
 // Observer is told about device sessions. For one device, calls alternate

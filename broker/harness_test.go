@@ -104,6 +104,7 @@ type fakeProv struct {
 	mu      sync.Mutex
 	calls   []provCall
 	answer  protocol.ProvisionResponse
+	err     error         // when set, Provision returns it instead of answer
 	release chan struct{} // when set, Provision waits for it
 }
 
@@ -112,10 +113,10 @@ type provCall struct {
 	payload       []byte
 }
 
-func (p *fakeProv) Provision(ctx context.Context, token, serial string, payload []byte) protocol.ProvisionResponse {
+func (p *fakeProv) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
 	p.mu.Lock()
 	p.calls = append(p.calls, provCall{token, serial, payload})
-	release, answer := p.release, p.answer
+	release, answer, err := p.release, p.answer, p.err
 	p.mu.Unlock()
 	if release != nil {
 		select {
@@ -123,7 +124,7 @@ func (p *fakeProv) Provision(ctx context.Context, token, serial string, payload 
 		case <-ctx.Done():
 		}
 	}
-	return answer
+	return answer, err
 }
 
 func (p *fakeProv) get() []provCall {

@@ -15,12 +15,13 @@ import (
 const (
 	provOK          = "ok"
 	provBusy        = "busy"        // no capacity within the call timeout; no answer sent
+	provUnavailable = "unavailable" // the Provisioner could not decide; no answer sent
 	provUndelivered = "undelivered" // the session ended before the answer was ready
 	provError       = "error"       // an error answer with a code outside the protocol's
 )
 
 var provResults = []string{provOK, protocol.ProvClaimExpired, protocol.ProvClaimExhausted,
-	protocol.ProvSerialTaken, protocol.ProvInvalid, provError, provBusy, provUndelivered}
+	protocol.ProvSerialTaken, protocol.ProvInvalid, provError, provBusy, provUnavailable, provUndelivered}
 
 func provResult(r protocol.ProvisionResponse) string {
 	if r.Status == "ok" {
@@ -56,8 +57,17 @@ func (b *Broker) provision(s *session, payload []byte) {
 		b.endSession(s, ReasonProvisionBusy, packets.ErrServerBusy)
 		return
 	}
-	resp := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
+	resp, err := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	<-b.provSem
+	if err != nil {
+		// Not an answer: "invalid" would be final for the locker. It
+		// retries after the disconnect, and a registration that did commit
+		// is handed out again to the same serial (provisioning: retried).
+		b.m.provisioning.WithLabelValues(provUnavailable).Inc()
+		b.log.Warn("mqtt provisioning request not answered: provisioning unavailable; the locker retries", "serial", s.id, "err", err)
+		b.endSession(s, ReasonProvisionUnavailable, packets.ErrServerUnavailable)
+		return
+	}
 
 	if s.cl.Closed() {
 		// The Provisioner may have registered the device: a retry by the

@@ -2,6 +2,7 @@ package broker
 
 import (
 	"encoding/json"
+	"errors"
 	"testing"
 	"time"
 
@@ -119,5 +120,41 @@ func TestProvisionTimeout(t *testing.T) {
 	p2.waitLost(t)
 	if !a.IsConnectionOpen() {
 		t.Error("device session ended with the claim session")
+	}
+}
+
+// A provisioner that cannot decide (its database is down) must not answer:
+// every answer is final for the locker, so "invalid" would leave it
+// unprovisioned for good. The session ends instead, and the locker retries.
+func TestProvisioningUnavailable(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	h.prov.mu.Lock()
+	h.prov.err = errors.New("register: timeout: context deadline exceeded")
+	h.prov.mu.Unlock()
+
+	p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+	p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+	p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+	p.waitLost(t)
+	h.waitMetric(t, disconnects, "reason", ReasonProvisionUnavailable, 1)
+	if n := len(p.msgs); n != 0 {
+		t.Fatalf("%d answers sent, want none: %s", n, (<-p.msgs).Payload())
+	}
+	if got := h.metric(t, provTotal, "result", "unavailable"); got != 1 {
+		t.Errorf("provisioning{unavailable} = %v, want 1", got)
+	}
+	if got := h.metric(t, provTotal, "result", protocol.ProvInvalid); got != 0 {
+		t.Errorf("provisioning{invalid} = %v, want 0", got)
+	}
+
+	// Once the provisioner answers again, the retry is served.
+	h.prov.mu.Lock()
+	h.prov.err = nil
+	h.prov.mu.Unlock()
+	p2 := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+	p2.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+	p2.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+	if resp, err := protocol.Decode[protocol.ProvisionResponse](p2.nextMessage(t).Payload()); err != nil || resp.Status != "ok" {
+		t.Fatalf("retry answered %+v, %v; want ok", resp, err)
 	}
 }

@@ -31,11 +31,14 @@ const (
 	ReasonProvisioned      = "provisioned"       // claim session ended after its answer
 	ReasonProvisionTimeout = "provision_timeout" // claim session outlived Options.ProvisionTimeout
 	ReasonProvisionBusy    = "provision_busy"    // no provisioning capacity within the call timeout
+
+	ReasonProvisionUnavailable = "provision_unavailable" // the provisioner could not decide (database down)
 )
 
 var disconnectReasons = []string{ReasonClientDisconnect, ReasonKeepalive, ReasonConnectionLost,
 	ReasonKicked, ReasonTakeover, ReasonShutdown, ReasonPacketTooLarge, ReasonNotAuthorized,
-	ReasonProtocolError, ReasonError, ReasonProvisioned, ReasonProvisionTimeout, ReasonProvisionBusy}
+	ReasonProtocolError, ReasonError, ReasonProvisioned, ReasonProvisionTimeout, ReasonProvisionBusy,
+	ReasonProvisionUnavailable}
 
 // session is one authenticated connection.
 type session struct {

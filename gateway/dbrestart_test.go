@@ -2,6 +2,7 @@ package gateway_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/gateway"
@@ -84,7 +86,10 @@ func (p *pgProxy) dsn() string {
 }
 
 // TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends
-// QoS 1 events: the gateway reconnects and stores every one of them.
+// QoS 1 events: the gateway reconnects and stores every one of them. A
+// locker that asks to be provisioned during the outage gets no answer (any
+// answer is final for it) but a closed session, and is provisioned when it
+// tries again after the restart.
 func TestDatabaseRestartDuringIngest(t *testing.T) {
 	base := t.TempDir()
 	for _, d := range []string{filepath.Dir(base), base} {
@@ -103,7 +108,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	proxy.setCluster(t, cluster)
 
 	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = proxy.dsn() })
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	claim := tg.MustSiteAndClaim(t, "s1", 2)
 	id := MustProvision(t, tg, claim, "SN-DB-1")
 	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
 	publish := func(from, to int) {
@@ -128,12 +133,37 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 		return err
 	})
 
+	// A new locker's claim session is accepted while the database is up.
+	prov := MustConnect(t, tg.MQTTAddr(), "prov-SN-DB-2", "claim", claim)
+	answers := make(chan []byte, 1)
+	if tk := prov.Subscribe(protocol.ProvisionResponseTopic("SN-DB-2"), 1, func(_ paho.Client, m paho.Message) { answers <- m.Payload() }); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+		t.Fatalf("subscribe: %v", tk.Error())
+	}
+
 	// PostgreSQL goes away; the broker keeps accepting QoS 1 events.
 	if err := cluster.Stop(); err != nil {
 		t.Fatal(err)
 	}
 	proxy.dropAll()
 	publish(50, 150)
+	req := protocol.ProvisionRequest{Serial: "SN-DB-2", Model: "LX-1", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}}
+	if tk := prov.Publish(protocol.ProvisionRequestTopic("SN-DB-2"), 1, false, protocol.Encode(req)); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+		t.Fatalf("publish provisioning request: %v", tk.Error())
+	}
+	Eventually(t, 30*time.Second, "claim session ended without an answer", func() error {
+		if prov.IsConnectionOpen() {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	select {
+	case b := <-answers:
+		t.Fatalf("answered during the outage: %s", b)
+	default:
+	}
+	if v, err := tg.Metric(`lockergate_mqtt_provisioning_total{result="unavailable"}`); err != nil || v != 1 {
+		t.Errorf("provisioning{unavailable} = %v (%v), want 1", v, err)
+	}
 	cluster, err = pgcluster.Start(ctx, copts)
 	if err != nil {
 		t.Fatal(err)
@@ -150,4 +180,6 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	if v, err := tg.Metric(`lockergate_db_errors_total{op="insert_events"}`); err != nil || v < 1 {
 		t.Errorf("database errors during the outage were not counted: %v (%v)", v, err)
 	}
+	// The locker's retry, as its back-off would make it.
+	MustProvision(t, tg, claim, "SN-DB-2")
 }

@@ -545,6 +545,6 @@ func (a *authenticator) AuthClaim(ctx context.Context, token string) error {
 	return err
 }
 
-func (a *authenticator) Provision(ctx context.Context, token, serial string, payload []byte) protocol.ProvisionResponse {
+func (a *authenticator) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
 	return a.prov.Provision(ctx, token, serial, payload)
 }

@@ -76,7 +76,11 @@ func mustProvisionFleet(tb testing.TB, tg *TestGateway, sc *devicesim.Scenario, 
 			for i := range work {
 				l := ls[i]
 				req := protocol.ProvisionRequest{Serial: l.Serial(), Model: l.Model().Name, FW: probe.Options().FW, Compartments: l.Model().Compartments}
-				r := tg.Provisioning().Provision(context.Background(), claims[l.Site()], l.Serial(), protocol.Encode(req))
+				r, err := tg.Provisioning().Provision(context.Background(), claims[l.Site()], l.Serial(), protocol.Encode(req))
+				if err != nil {
+					errs[i] = fmt.Errorf("provision %s: %w", l.Serial(), err)
+					continue
+				}
 				key, err := base64.StdEncoding.DecodeString(r.CredKey)
 				if r.Status != "ok" || err != nil {
 					errs[i] = fmt.Errorf("provision %s: %+v (%v)", l.Serial(), r, err)

@@ -217,6 +217,23 @@ func isUniqueViolation(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "23505"
 }
 
+// transient reports whether err may pass if the same statement is tried
+// again later: the database could not be reached or did not answer in time,
+// refused for lack of resources, is shutting down, or chose this
+// transaction as a deadlock or serialization victim. A statement the
+// database refuses for its content (a constraint, a bad value) is not.
+func transient(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return true // no answer from PostgreSQL at all: connection, pool, context
+	}
+	switch pgErr.Code[:2] {
+	case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
+		return true
+	}
+	return false
+}
+
 func isFKViolation(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "23503"

@@ -178,6 +178,9 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			Detail: map[string]any{"serial": req.Serial, "model": req.Model, "fw": req.FW}})
 	})
 	if err != nil {
+		if transient(err) {
+			return nil, fmt.Errorf("register %s: %w: %w", req.Serial, provisioning.ErrUnavailable, err)
+		}
 		return nil, fmt.Errorf("register %s: %w", req.Serial, err)
 	}
 	if refusal != nil {

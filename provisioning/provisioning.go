@@ -28,7 +28,10 @@ var (
 	ErrSerialTaken    = errors.New("serial already registered")
 	ErrSerialRefused  = errors.New("serial not allowed by claim")
 	ErrUnknownClaim   = errors.New("unknown or revoked claim")
-	ErrNotFound       = errors.New("not found")
+	// ErrUnavailable (wrapped) is a store failure that may pass if the
+	// locker asks again later: the database did not answer.
+	ErrUnavailable = errors.New("provisioning store unavailable")
+	ErrNotFound    = errors.New("not found")
 )
 
 // Device authentication outcomes.
@@ -88,6 +91,7 @@ type Store interface {
 	ClaimByHash(ctx context.Context, hash []byte) (*Claim, error)
 	// Register checks the claim (locked), the serial, and registers the
 	// device, all in one transaction; every attempt is recorded as a claim use.
+	// A failure that may pass on a later try wraps ErrUnavailable.
 	Register(ctx context.Context, claimHash []byte, r Registration) (*Registered, error)
 	// DeviceAuth returns a device's secret hash, or ErrUnknownDevice.
 	DeviceAuth(ctx context.Context, id string) (*DeviceAuth, error)
@@ -106,7 +110,7 @@ type Options struct {
 	OnReplace func(deviceID string)
 	// OnIssued is called with every identity issued, before the locker is
 	// answered (an external broker learns the credentials here); an error
-	// answers the locker "invalid" so it retries.
+	// sends the locker no answer (Provision's error), so it retries.
 	OnIssued func(ctx context.Context, deviceID, secret string) error
 	Logger   *slog.Logger
 	Now      func() time.Time
@@ -241,11 +245,16 @@ func (s *Service) AuthDevice(ctx context.Context, id string, password []byte) er
 	return nil
 }
 
-// Provision answers a provisioning request made with a claim token.
-func (s *Service) Provision(ctx context.Context, token, serial string, payload []byte) protocol.ProvisionResponse {
-	fail := func(code string, err error) protocol.ProvisionResponse {
+// Provision answers a provisioning request made with a claim token. It
+// returns an error, and no answer, when it cannot decide: the store is
+// unavailable (ErrUnavailable: a database that does not answer in time,
+// say) or OnIssued failed. The
+// locker is then not told anything final and retries; a registration that
+// did commit is handed out again to the same serial then (Retried).
+func (s *Service) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
+	fail := func(code string, err error) (protocol.ProvisionResponse, error) {
 		s.o.Logger.Warn("provisioning refused", "serial", serial, "error", code, "err", err)
-		return protocol.ProvisionResponse{Status: "error", Error: code}
+		return protocol.ProvisionResponse{Status: "error", Error: code}, nil
 	}
 	req, err := protocol.Decode[protocol.ProvisionRequest](payload)
 	if err != nil {
@@ -265,12 +274,16 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 		return fail(protocol.ProvClaimExhausted, err)
 	case errors.Is(err, ErrSerialTaken):
 		return fail(protocol.ProvSerialTaken, err)
+	case errors.Is(err, ErrUnavailable):
+		return protocol.ProvisionResponse{}, err
 	case err != nil:
+		// Refused for good (a serial outside the claim's pattern, a claim
+		// revoked since the session began, a request the database rejects).
 		return fail(protocol.ProvInvalid, err)
 	}
 	if s.o.OnIssued != nil {
 		if err := s.o.OnIssued(ctx, reg.DeviceID, secret); err != nil {
-			return fail(protocol.ProvInvalid, fmt.Errorf("hand identity to the broker: %w", err))
+			return protocol.ProvisionResponse{}, fmt.Errorf("hand the identity of %s to the broker: %w", serial, err)
 		}
 	}
 	if reg.Replaced || reg.Retried {
@@ -285,7 +298,7 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 		CredKey:  base64.StdEncoding.EncodeToString(s.CredKey(reg.DeviceID, reg.KeyGen)),
 		FwPubkey: base64.StdEncoding.EncodeToString(s.o.FwPubkey),
 		Broker:   s.o.BrokerURL,
-	}
+	}, nil
 }
 
 // SerialAllowed reports whether a claim's serial pattern admits serial. The
