@@ -186,7 +186,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		if o.TLSCert != "" {
 			bo.TLSConfig, err = loadTLS(o.TLSCert, o.TLSKey)
 		} else {
-			bo.TLSConfig, err = selfSignedTLS(filepath.Join(o.DataDir, "tls"), certHosts(o))
+			bo.TLSConfig, err = selfSignedTLS(filepath.Join(o.DataDir, "tls"), certHosts(o), o.Logger)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("TLS: %w", err)

@@ -12,10 +12,12 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 )
 
@@ -89,63 +91,197 @@ func firmwareKey(path string) (ed25519.PrivateKey, error) {
 	return ed25519.NewKeyFromSeed(b), nil
 }
 
-// selfSignedTLS returns a server certificate issued by a private CA kept in
-// dir (ca.pem, ca.key, server.pem, server.key), creating them on first use.
-// Lockers pin ca.pem.
-func selfSignedTLS(dir string, hosts []string) (*tls.Config, error) {
-	caPEM, caKeyPEM := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "ca.key")
-	srvPEM, srvKeyPEM := filepath.Join(dir, "server.pem"), filepath.Join(dir, "server.key")
-	if _, err := os.Stat(srvPEM); errors.Is(err, fs.ErrNotExist) {
-		if err := os.MkdirAll(dir, 0o700); err != nil {
+// renewBefore is how long before it expires the generated server
+// certificate is issued again (from the same CA).
+const renewBefore = 30 * 24 * time.Hour
+
+// serverCertLifetime is how long a generated server certificate is valid.
+const serverCertLifetime = 2 * 365 * 24 * time.Hour
+
+// selfSignedTLS serves a server certificate issued by a private CA kept in
+// dir (ca.pem, ca.key, server.pem, server.key), creating the CA on first
+// use. Lockers pin ca.pem, so the CA is never replaced: the server
+// certificate is issued again from it when it is missing, does not chain to
+// the CA, lacks one of hosts, or is within renewBefore of expiry, at start
+// and, for a gateway that runs that long, at the next TLS handshake.
+func selfSignedTLS(dir string, hosts []string, log *slog.Logger) (*tls.Config, error) {
+	ci, err := newCertIssuer(dir, hosts, time.Now, log)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Config{GetCertificate: ci.get, MinVersion: tls.VersionTLS12}, nil
+}
+
+// certIssuer keeps the generated server certificate current.
+type certIssuer struct {
+	dir   string
+	hosts []string
+	now   func() time.Time
+	log   *slog.Logger
+	ca    *x509.Certificate
+	caKey *ecdsa.PrivateKey
+
+	mu   sync.Mutex
+	cert *tls.Certificate // its Leaf is set
+}
+
+func newCertIssuer(dir string, hosts []string, now func() time.Time, log *slog.Logger) (*certIssuer, error) {
+	ci := &certIssuer{dir: dir, hosts: hosts, now: now, log: log}
+	if err := ci.loadCA(); err != nil {
+		return nil, err
+	}
+	cert, why := ci.load()
+	if why != "" {
+		var err error
+		if cert, err = ci.issue(why); err != nil {
 			return nil, err
-		}
-		caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		now := time.Now()
-		caTmpl := &x509.Certificate{
-			SerialNumber: randSerial(), Subject: pkix.Name{CommonName: "Lockergate private CA"},
-			NotBefore: now.Add(-time.Hour), NotAfter: now.AddDate(10, 0, 0),
-			IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		}
-		caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-		if err != nil {
-			return nil, err
-		}
-		ca, _ := x509.ParseCertificate(caDER)
-		srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		if err != nil {
-			return nil, err
-		}
-		srvTmpl := &x509.Certificate{
-			SerialNumber: randSerial(), Subject: pkix.Name{CommonName: "lockergate"},
-			NotBefore: now.Add(-time.Hour), NotAfter: now.AddDate(2, 0, 0),
-			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		}
-		for _, h := range hosts {
-			if ip := net.ParseIP(h); ip != nil {
-				srvTmpl.IPAddresses = append(srvTmpl.IPAddresses, ip)
-			} else {
-				srvTmpl.DNSNames = append(srvTmpl.DNSNames, h)
-			}
-		}
-		srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
-		if err != nil {
-			return nil, err
-		}
-		for path, block := range map[string]*pem.Block{
-			caPEM:     {Type: "CERTIFICATE", Bytes: caDER},
-			caKeyPEM:  mustECKey(caKey),
-			srvPEM:    {Type: "CERTIFICATE", Bytes: srvDER},
-			srvKeyPEM: mustECKey(srvKey),
-		} {
-			if err := writeFileAtomic(path, pem.EncodeToMemory(block), 0o600); err != nil {
-				return nil, err
-			}
 		}
 	}
-	return loadTLS(srvPEM, srvKeyPEM)
+	ci.cert = cert
+	return ci, nil
+}
+
+// get is tls.Config.GetCertificate.
+func (ci *certIssuer) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	ci.mu.Lock()
+	defer ci.mu.Unlock()
+	// Not past the CA's own expiry: nothing issued from it can outlive it.
+	if ci.now().Add(renewBefore).After(ci.cert.Leaf.NotAfter) && ci.cert.Leaf.NotAfter.Before(ci.ca.NotAfter) {
+		cert, err := ci.issue("expires " + ci.cert.Leaf.NotAfter.UTC().Format(time.DateOnly))
+		if err != nil {
+			// Keep serving the old one while it is valid; try again at
+			// the next handshake.
+			ci.log.Error("TLS: renewing the server certificate failed", "dir", ci.dir, "err", err)
+			return ci.cert, nil
+		}
+		ci.cert = cert
+	}
+	return ci.cert, nil
+}
+
+// loadCA reads the CA, creating it when neither of its files exists.
+func (ci *certIssuer) loadCA() error {
+	caPEM, caKeyPEM := filepath.Join(ci.dir, "ca.pem"), filepath.Join(ci.dir, "ca.key")
+	_, errCert := os.Stat(caPEM)
+	_, errKey := os.Stat(caKeyPEM)
+	switch {
+	case errors.Is(errCert, fs.ErrNotExist) && errors.Is(errKey, fs.ErrNotExist):
+		return ci.createCA(caPEM, caKeyPEM)
+	case errCert != nil || errKey != nil:
+		return fmt.Errorf("private CA in %s: one of ca.pem and ca.key is missing or unreadable (%v, %v): restore both from backup; deleting both makes a new CA, which every locker that pinned the old ca.pem rejects", ci.dir, errCert, errKey)
+	}
+	pair, err := tls.LoadX509KeyPair(caPEM, caKeyPEM)
+	if err != nil {
+		return fmt.Errorf("private CA in %s: %w", ci.dir, err)
+	}
+	key, ok := pair.PrivateKey.(*ecdsa.PrivateKey)
+	if !ok || pair.Leaf == nil || !pair.Leaf.IsCA {
+		return fmt.Errorf("private CA in %s: ca.pem is not a CA certificate with an ECDSA key in ca.key", ci.dir)
+	}
+	ci.ca, ci.caKey = pair.Leaf, key
+	return nil
+}
+
+func (ci *certIssuer) createCA(caPEM, caKeyPEM string) error {
+	if err := os.MkdirAll(ci.dir, 0o700); err != nil {
+		return err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	now := ci.now()
+	tmpl := &x509.Certificate{
+		SerialNumber: randSerial(), Subject: pkix.Name{CommonName: "Lockergate private CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.AddDate(10, 0, 0),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return err
+	}
+	// The key first: a CA certificate without its key cannot issue.
+	if err := writeFileAtomic(caKeyPEM, pem.EncodeToMemory(mustECKey(key)), 0o600); err != nil {
+		return err
+	}
+	if err := writeFileAtomic(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	ci.ca, _ = x509.ParseCertificate(der)
+	ci.caKey = key
+	ci.log.Info("TLS: created a private CA; lockers must trust it", "ca", caPEM)
+	return nil
+}
+
+// load returns the stored server certificate, or why it must be issued.
+func (ci *certIssuer) load() (*tls.Certificate, string) {
+	pair, err := tls.LoadX509KeyPair(filepath.Join(ci.dir, "server.pem"), filepath.Join(ci.dir, "server.key"))
+	if err != nil {
+		return nil, "none usable (" + err.Error() + ")"
+	}
+	leaf := pair.Leaf
+	roots := x509.NewCertPool()
+	roots.AddCert(ci.ca)
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: ci.now()}); err != nil {
+		return nil, "not valid from this CA (" + err.Error() + ")"
+	}
+	if ci.now().Add(renewBefore).After(leaf.NotAfter) {
+		return nil, "expires " + leaf.NotAfter.UTC().Format(time.DateOnly)
+	}
+	for _, h := range ci.hosts {
+		if leaf.VerifyHostname(h) != nil {
+			return nil, "does not name " + h
+		}
+	}
+	return &pair, ""
+}
+
+// issue makes and stores a new server certificate for ci.hosts.
+func (ci *certIssuer) issue(why string) (*tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	now := ci.now()
+	notAfter := now.Add(serverCertLifetime)
+	if notAfter.After(ci.ca.NotAfter) {
+		notAfter = ci.ca.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: randSerial(), Subject: pkix.Name{CommonName: "lockergate"},
+		NotBefore: now.Add(-time.Hour), NotAfter: notAfter,
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range ci.hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ci.ca, &key.PublicKey, ci.caKey)
+	if err != nil {
+		return nil, err
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	keyPEM := pem.EncodeToMemory(mustECKey(key))
+	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, err
+	}
+	// The key before the certificate: a crash in between leaves a pair
+	// that does not match, which the next start issues again.
+	if err := writeFileAtomic(filepath.Join(ci.dir, "server.key"), keyPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(filepath.Join(ci.dir, "server.pem"), certPEM, 0o600); err != nil {
+		return nil, err
+	}
+	if notAfter.Before(now.Add(renewBefore)) {
+		ci.log.Warn("TLS: the private CA itself expires soon; the server certificate cannot outlive it", "ca_expires", ci.ca.NotAfter)
+	}
+	ci.log.Info("TLS: issued the server certificate from the private CA", "why", why, "hosts", ci.hosts, "expires", notAfter.UTC())
+	return &pair, nil
 }
 
 func loadTLS(certFile, keyFile string) (*tls.Config, error) {
