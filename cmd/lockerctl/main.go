@@ -1,7 +1,8 @@
 // Command lockerctl is the operator CLI over the Lockergate HTTP API.
 //
 // It reads LOCKERGATE_URL (default http://127.0.0.1:8080) and
-// LOCKERGATE_TOKEN (default: ./lockergate-data/admin.token when readable).
+// LOCKERGATE_TOKEN (default: the admin.token of the gateway's data directory,
+// --data-dir or LOCKERGATE_DATA_DIR, ./lockergate-data by default).
 package main
 
 import (
@@ -15,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -27,7 +29,7 @@ import (
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
-const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN] COMMAND
+const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN | --data-dir DIR] COMMAND
 
 commands:
   lockers list [--site S] [--online true|false] [--model M] [--fw V]
@@ -40,7 +42,8 @@ commands:
   audit [--locker ID] [--actor A] [--since RFC3339]
 ` + firmwareUsage + `
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
-             LOCKERGATE_TOKEN (default: ./lockergate-data/admin.token when readable)
+             LOCKERGATE_TOKEN (default: DIR/admin.token when readable),
+             LOCKERGATE_DATA_DIR (DIR: the gateway's --data-dir, default ./lockergate-data)
 `
 
 type cli struct {
@@ -58,6 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	output := fs.String("o", "table", "output: table or json")
 	base := fs.String("url", envOr("LOCKERGATE_URL", "http://127.0.0.1:8080"), "gateway API URL")
 	token := fs.String("token", os.Getenv("LOCKERGATE_TOKEN"), "API token")
+	dataDir := fs.String("data-dir", envOr("LOCKERGATE_DATA_DIR", "lockergate-data"), "the gateway's data directory, to read admin.token from when no token is given")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -68,8 +72,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lockerctl: -o must be table or json")
 		return 2
 	}
+	tokenFile := filepath.Join(*dataDir, "admin.token")
 	if *token == "" {
-		if b, err := os.ReadFile("lockergate-data/admin.token"); err == nil {
+		if b, err := os.ReadFile(tokenFile); err == nil {
 			*token = strings.TrimSpace(string(b))
 		}
 	}
@@ -92,7 +97,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	default:
 		var ae *client.Error
 		if errors.As(err, &ae) && ae.Status == http.StatusUnauthorized {
-			fmt.Fprintf(stderr, "lockerctl: %v\n(set LOCKERGATE_TOKEN, or run where lockergate-data/admin.token is readable)\n", err)
+			fmt.Fprintf(stderr, "lockerctl: %v\n(set LOCKERGATE_TOKEN or --token; without one, lockerctl reads %s: point --data-dir or LOCKERGATE_DATA_DIR at the gateway's data directory)\n", err, tokenFile)
 			return 1
 		}
 		fmt.Fprintf(stderr, "lockerctl: %v\n", err)

@@ -80,3 +80,38 @@ func TestRolloutWatchUntilTheEnd(t *testing.T) {
 		})
 	}
 }
+
+// Without a token, lockerctl reads the admin token from the gateway's data
+// directory; a 401 says where it looked.
+func TestTokenFromDataDir(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "admin.token"), []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get("Authorization") != "Bearer from-file" {
+			w.Header().Set("Content-Type", "application/problem+json")
+			w.WriteHeader(http.StatusUnauthorized)
+			w.Write([]byte(`{"title":"Unauthorized","status":401,"detail":"missing or bad bearer token"}`))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"items":[]}`))
+	}))
+	defer srv.Close()
+	t.Setenv("LOCKERGATE_TOKEN", "")
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--url", srv.URL, "--data-dir", dir, "sites", "list"}, &out, &errOut); code != 0 {
+		t.Fatalf("--data-dir: exit %d, err %q", code, errOut.String())
+	}
+	t.Setenv("LOCKERGATE_DATA_DIR", dir)
+	if code := run([]string{"--url", srv.URL, "sites", "list"}, &out, &errOut); code != 0 {
+		t.Fatalf("LOCKERGATE_DATA_DIR: exit %d, err %q", code, errOut.String())
+	}
+	errOut.Reset()
+	missing := filepath.Join(t.TempDir(), "nowhere")
+	if code := run([]string{"--url", srv.URL, "--data-dir", missing, "sites", "list"}, &out, &errOut); code != 1 ||
+		!strings.Contains(errOut.String(), filepath.Join(missing, "admin.token")) {
+		t.Fatalf("no token: exit %d, err %q; want 1 and the path it tried", code, errOut.String())
+	}
+}
