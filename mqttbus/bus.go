@@ -51,6 +51,8 @@ type Options struct {
 
 	// openConn replaces paho's dialer (tests: a connection they can cut).
 	openConn func(*url.URL, paho.ClientOptions) (net.Conn, error)
+	// now replaces time.Now (tests of pendingTTL).
+	now func() time.Time
 }
 
 // deliver handles one message; ack is nil for QoS 0 and must otherwise be
@@ -201,7 +203,7 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 // order does not matter).
 func (b *Bus) receive(_ paho.Client, m paho.Message) {
 	ack := b.acker(m)
-	now := time.Now()
+	now := b.now()
 	b.mu.Lock()
 	var stale []pendingMsg
 	for len(b.pending) > 0 && now.Sub(b.pending[0].at) > pendingTTL {
@@ -229,6 +231,13 @@ func (b *Bus) receive(_ paho.Client, m paho.Message) {
 	if h != nil {
 		h(m, ack)
 	}
+}
+
+func (b *Bus) now() time.Time {
+	if b.o.now != nil {
+		return b.o.now()
+	}
+	return time.Now()
 }
 
 // acker returns the acknowledgement of a QoS 1 message (nil for QoS 0):
