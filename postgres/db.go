@@ -7,8 +7,10 @@ import (
 	"embed"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
+	"net"
 	"sort"
 	"strings"
 	"time"
@@ -219,19 +221,25 @@ func isUniqueViolation(err error) bool {
 
 // transient reports whether err may pass if the same statement is tried
 // again later: the database could not be reached or did not answer in time,
-// refused for lack of resources, is shutting down, or chose this
-// transaction as a deadlock or serialization victim. A statement the
-// database refuses for its content (a constraint, a bad value) is not.
+// the connection broke, it refused for lack of resources, is shutting down,
+// or chose this transaction as a deadlock or serialization victim. A
+// statement the database refuses for its content (a constraint, a bad
+// value), or an error of our own, is not.
 func transient(err error) bool {
 	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
-		return true // no answer from PostgreSQL at all: connection, pool, context
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code[:2] {
+		case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
+			return true
+		}
+		return false
 	}
-	switch pgErr.Code[:2] {
-	case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
-		return true
-	}
-	return false
+	var connErr *pgconn.ConnectError
+	var netErr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		errors.As(err, &connErr) || errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		pgconn.Timeout(err) || pgconn.SafeToRetry(err)
 }
 
 func isFKViolation(err error) bool {
