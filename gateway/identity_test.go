@@ -244,7 +244,7 @@ func TestSecurityRetryVoidsOldSecret(t *testing.T) {
 	waitOnline(t, tg, first.DeviceID, true)
 	// The session exists and the secret is cached, but the connection is not
 	// counted yet: the state the retry rule sees during that race.
-	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET connect_count = 0 WHERE id = $1`, first.DeviceID); err != nil {
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET connect_count = 0, connected_at = NULL WHERE id = $1`, first.DeviceID); err != nil {
 		t.Fatal(err)
 	}
 	before := scrape(t, tg)

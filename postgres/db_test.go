@@ -194,6 +194,56 @@ func TestRegister(t *testing.T) {
 			t.Fatal("replaceable flag not cleared")
 		}
 	})
+	t.Run("RetryOfTheLastUse", func(t *testing.T) {
+		// The registration committed but its answer never reached the
+		// locker (the gateway could not answer): the retry is granted
+		// although the claim is used up, and even after it expired.
+		h := mkClaim("single", 1, now.Add(time.Minute), "")
+		at := func(d time.Duration) provisioning.Registration {
+			return provisioning.Registration{DeviceID: "lk-single", SecretHash: provisioning.HashSecret("s"), Request: req("SN-SINGLE"), At: now.Add(d)}
+		}
+		if r, err := db.Register(ctx, h, at(0)); err != nil || r.Retried {
+			t.Fatalf("first: %+v, %v", r, err)
+		}
+		if r, err := db.Register(ctx, h, at(10*time.Second)); err != nil || !r.Retried || r.KeyGen != 2 {
+			t.Fatalf("retry of the claim's only use: %+v, %v; want a retried identity", r, err)
+		}
+		if r, err := db.Register(ctx, h, at(2*time.Minute)); err != nil || !r.Retried {
+			t.Fatalf("retry after the claim expired: %+v, %v; want a retried identity", r, err)
+		}
+		// Another serial with the used-up claim is still refused.
+		other := provisioning.Registration{DeviceID: "lk-other", SecretHash: provisioning.HashSecret("o"), Request: req("SN-OTHER"), At: now.Add(20 * time.Second)}
+		if _, err := db.Register(ctx, h, other); !errors.Is(err, provisioning.ErrClaimExhausted) {
+			t.Fatalf("another serial: %v, want ErrClaimExhausted", err)
+		}
+		// Once the identity has connected, or 10 minutes on, it is taken.
+		if err := db.MarkOnline(ctx, "lk-single", now.Add(3*time.Minute)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := db.Register(ctx, h, at(4*time.Minute)); !errors.Is(err, provisioning.ErrClaimExpired) {
+			t.Fatalf("after it connected: %v, want the claim's own refusal", err)
+		}
+	})
+	t.Run("RetryOfAReplacement", func(t *testing.T) {
+		// A replacement whose answer was lost is granted again too; the
+		// old hardware's last connection predates it.
+		h := mkClaim("replace-retry", 1, now.Add(time.Hour), "")
+		if err := db.MarkOnline(ctx, "lk-SN-2", now); err != nil {
+			t.Fatal(err)
+		}
+		yes := true
+		if _, err := db.UpdateLocker(ctx, "lk-SN-2", nil, &yes); err != nil {
+			t.Fatal(err)
+		}
+		reg2 := provisioning.Registration{DeviceID: "lk-x", SecretHash: provisioning.HashSecret("r"), Request: req("SN-2"), At: now.Add(time.Second)}
+		if r, err := db.Register(ctx, h, reg2); err != nil || !r.Replaced {
+			t.Fatalf("replace: %+v, %v", r, err)
+		}
+		reg2.At = now.Add(5 * time.Second)
+		if r, err := db.Register(ctx, h, reg2); err != nil || !r.Retried || r.DeviceID != "lk-SN-2" {
+			t.Fatalf("retry of the replacement: %+v, %v; want a retried identity", r, err)
+		}
+	})
 	t.Run("UsesRecorded", func(t *testing.T) {
 		var n int
 		if err := db.Pool().QueryRow(ctx, "SELECT count(*) FROM claim_uses WHERE claim_id = 'ok'").Scan(&n); err != nil {

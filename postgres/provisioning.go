@@ -107,34 +107,43 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 				c.ID, r.At, req.Serial, deviceID, outcome)
 			return err
 		}
-		switch {
-		case !r.At.Before(c.ExpiresAt):
-			refusal = provisioning.ErrClaimExpired
-		case c.Used >= c.MaxUses:
-			refusal = provisioning.ErrClaimExhausted
-		case !provisioning.SerialAllowed(c.SerialPattern, req.Serial):
-			refusal = provisioning.ErrSerialRefused
-		}
-		if refusal != nil {
-			return record(refusalOutcome(refusal), "")
-		}
 		var existing string
 		var replaceable, retry bool
 		var gen int
-		// A locker whose answer was lost (it dropped off mid-provisioning)
-		// asks again with the same claim: while its identity was never used
-		// and is fresh, it is issued again instead of serial_taken.
-		err = tx.QueryRow(ctx, `SELECT id, replaceable, key_gen,
-				connect_count = 0 AND created_at > $3::timestamptz - interval '10 minutes' AND EXISTS (
-					SELECT 1 FROM claim_uses u WHERE u.device_id = devices.id AND u.claim_id = $2 AND u.outcome = 'provision')
-			FROM devices WHERE serial = $1 FOR UPDATE`, req.Serial, c.ID, r.At).Scan(&existing, &replaceable, &gen, &retry)
+		// A locker whose answer was lost (it dropped off mid-provisioning,
+		// or the gateway could not answer) asks again with the same claim.
+		// While that claim use is fresh and the identity has not connected
+		// since, it is issued again (a new secret), even if the use was the
+		// claim's last or the claim has expired since: the locker was
+		// admitted then, and a refusal now would be final.
+		err = tx.QueryRow(ctx, `SELECT d.id, d.replaceable, d.key_gen,
+				coalesce(u.ts > $3::timestamptz - interval '10 minutes' AND (d.connected_at IS NULL OR d.connected_at < u.ts), false)
+			FROM devices d LEFT JOIN LATERAL (
+				SELECT ts FROM claim_uses WHERE device_id = d.id AND claim_id = $2
+					AND outcome IN ('provision', 'provision.replace', 'provision.retry')
+				ORDER BY ts DESC LIMIT 1) u ON true
+			WHERE d.serial = $1 FOR UPDATE OF d`, req.Serial, c.ID, r.At).Scan(&existing, &replaceable, &gen, &retry)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		if !retry {
+			switch {
+			case !r.At.Before(c.ExpiresAt):
+				refusal = provisioning.ErrClaimExpired
+			case c.Used >= c.MaxUses:
+				refusal = provisioning.ErrClaimExhausted
+			case !provisioning.SerialAllowed(c.SerialPattern, req.Serial):
+				refusal = provisioning.ErrSerialRefused
+			}
+			if refusal != nil {
+				return record(refusalOutcome(refusal), "")
+			}
+		}
 		switch {
 		case errors.Is(err, pgx.ErrNoRows):
 			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
 			_, err = tx.Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, key_gen) VALUES ($1, $2, $3, $4, $5, $6, 1)`,
 				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
-		case err != nil:
-			return err
 		case !replaceable && !retry:
 			refusal = provisioning.ErrSerialTaken
 			return record(refusalOutcome(refusal), existing)
