@@ -220,26 +220,31 @@ func isUniqueViolation(err error) bool {
 }
 
 // transient reports whether err may pass if the same statement is tried
-// again later: the database could not be reached or did not answer in time,
-// the connection broke, it refused for lack of resources, is shutting down,
-// or chose this transaction as a deadlock or serialization victim. A
-// statement the database refuses for its content (a constraint, a bad
-// value), or an error of our own, is not.
+// again later: the database could not be reached (wrong password after a
+// rotation, a replica during failover, no such database yet), the
+// connection broke, a timeout or cancellation, a lock or resource limit,
+// a shutdown, a deadlock or serialization victim. A statement PostgreSQL
+// refuses for its content (a constraint, a bad value, a bad query) is not,
+// nor is an error of our own (a failed scan).
 func transient(err error) bool {
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) {
+		return true // whatever the server said while we connected
+	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
-		switch pgErr.Code[:2] {
-		case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
-			return true
+		if len(pgErr.Code) < 2 {
+			return true // not a code we know
 		}
-		return false
+		switch pgErr.Code[:2] {
+		case "21", "22", "23", "42": // cardinality, data, integrity, syntax and access rules
+			return false
+		}
+		return true
 	}
-	var connErr *pgconn.ConnectError
 	var netErr net.Error
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
-		errors.As(err, &connErr) || errors.As(err, &netErr) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
-		pgconn.Timeout(err) || pgconn.SafeToRetry(err)
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err) || pgconn.SafeToRetry(err)
 }
 
 func isFKViolation(err error) bool {

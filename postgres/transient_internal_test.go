@@ -26,7 +26,10 @@ func TestTransient(t *testing.T) {
 		{&pgconn.PgError{Code: "40P01"}, true},                                     // deadlock victim
 		{&pgconn.PgError{Code: "53300"}, true},                                     // too many connections
 		{fmt.Errorf("register: %w", &pgconn.PgError{Code: "23505"}), false},        // unique violation
-		{&pgconn.PgError{Code: "22P02"}, false},                                    // bad value
+		{&pgconn.PgError{Code: "22P02"}, false},
+		{&pgconn.PgError{Code: "25006"}, true}, // read-only transaction: a replica during failover
+		{&pgconn.PgError{Code: "55P03"}, true}, // lock not available
+		{&pgconn.PgError{Code: "X"}, true},     // bad value
 	} {
 		if got := transient(tc.err); got != tc.want {
 			t.Errorf("transient(%v) = %v, want %v", tc.err, got, tc.want)
