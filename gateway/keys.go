@@ -17,6 +17,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 )
@@ -121,8 +122,9 @@ type certIssuer struct {
 	ca    *x509.Certificate
 	caKey *ecdsa.PrivateKey
 
-	mu   sync.Mutex
-	cert *tls.Certificate // its Leaf is set
+	mu       sync.Mutex
+	cert     *tls.Certificate // its Leaf is set
+	failedAt time.Time        // the last failed renewal
 }
 
 func newCertIssuer(dir string, hosts []string, now func() time.Time, log *slog.Logger) (*certIssuer, error) {
@@ -131,11 +133,25 @@ func newCertIssuer(dir string, hosts []string, now func() time.Time, log *slog.L
 		return nil, err
 	}
 	cert, why := ci.load()
-	if why != "" {
+	var old *x509.Certificate // names lockers were told before are kept
+	if cert != nil {
+		old = cert.Leaf
+	}
+	switch {
+	case why != "" && ci.caKey == nil:
+		return nil, fmt.Errorf("TLS: the server certificate in %s must be issued again (%s), which needs the CA key: put tls/ca.key back (it may be kept offline between renewals) and start again", ci.dir, why)
+	case why != "":
 		var err error
-		if cert, err = ci.issue(why); err != nil {
+		if cert, err = ci.issue(why, old); err != nil {
 			return nil, err
 		}
+	case ci.caKey == nil:
+		ci.log.Warn("TLS: the CA key is offline; the server certificate cannot be renewed until tls/ca.key is back",
+			"dir", ci.dir, "expires", cert.Leaf.NotAfter.UTC(), "renew_from", cert.Leaf.NotAfter.Add(-renewBefore).UTC())
+	}
+	if now := ci.now(); now.After(ci.ca.NotAfter.Add(-renewBefore)) {
+		ci.log.Error("TLS: the private CA expires soon or has expired; lockers will reject the gateway then: install a new CA on every locker",
+			"ca", filepath.Join(ci.dir, "ca.pem"), "ca_expires", ci.ca.NotAfter.UTC())
 	}
 	ci.cert = cert
 	return ci, nil
@@ -145,13 +161,17 @@ func newCertIssuer(dir string, hosts []string, now func() time.Time, log *slog.L
 func (ci *certIssuer) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	ci.mu.Lock()
 	defer ci.mu.Unlock()
-	// Not past the CA's own expiry: nothing issued from it can outlive it.
-	if ci.now().Add(renewBefore).After(ci.cert.Leaf.NotAfter) && ci.cert.Leaf.NotAfter.Before(ci.ca.NotAfter) {
-		cert, err := ci.issue("expires " + ci.cert.Leaf.NotAfter.UTC().Format(time.DateOnly))
+	now := ci.now()
+	// Not past the CA's own expiry (nothing issued from it can outlive it),
+	// not without the CA key, and not more often than once a minute when
+	// it fails (every handshake would pay for it).
+	if now.Add(renewBefore).After(ci.cert.Leaf.NotAfter) && ci.cert.Leaf.NotAfter.Before(ci.ca.NotAfter) &&
+		ci.caKey != nil && now.Sub(ci.failedAt) >= time.Minute {
+		cert, err := ci.issue("expires "+ci.cert.Leaf.NotAfter.UTC().Format(time.DateOnly), ci.cert.Leaf)
 		if err != nil {
-			// Keep serving the old one while it is valid; try again at
-			// the next handshake.
-			ci.log.Error("TLS: renewing the server certificate failed", "dir", ci.dir, "err", err)
+			// Keep serving the old one while it is valid.
+			ci.failedAt = now
+			ci.log.Error("TLS: renewing the server certificate failed; trying again in a minute", "dir", ci.dir, "err", err)
 			return ci.cert, nil
 		}
 		ci.cert = cert
@@ -167,8 +187,24 @@ func (ci *certIssuer) loadCA() error {
 	switch {
 	case errors.Is(errCert, fs.ErrNotExist) && errors.Is(errKey, fs.ErrNotExist):
 		return ci.createCA(caPEM, caKeyPEM)
-	case errCert != nil || errKey != nil:
-		return fmt.Errorf("private CA in %s: one of ca.pem and ca.key is missing or unreadable (%v, %v): restore both from backup; deleting both makes a new CA, which every locker that pinned the old ca.pem rejects", ci.dir, errCert, errKey)
+	case errCert != nil:
+		return fmt.Errorf("private CA in %s: ca.pem is missing or unreadable (%v) but ca.key is there: restore ca.pem from backup (or from a locker's pinned copy); deleting both makes a new CA, which every locker that pinned the old one rejects", ci.dir, errCert)
+	case errors.Is(errKey, fs.ErrNotExist):
+		// The key is kept offline (docs/security.md): serve what was issued.
+		b, err := os.ReadFile(caPEM)
+		if err != nil {
+			return fmt.Errorf("private CA in %s: %w", ci.dir, err)
+		}
+		block, _ := pem.Decode(b)
+		if block == nil {
+			return fmt.Errorf("private CA in %s: ca.pem holds no certificate", ci.dir)
+		}
+		if ci.ca, err = x509.ParseCertificate(block.Bytes); err != nil {
+			return fmt.Errorf("private CA in %s: ca.pem: %w", ci.dir, err)
+		}
+		return nil
+	case errKey != nil:
+		return fmt.Errorf("private CA in %s: ca.key: %w", ci.dir, errKey)
 	}
 	pair, err := tls.LoadX509KeyPair(caPEM, caKeyPEM)
 	if err != nil {
@@ -213,7 +249,8 @@ func (ci *certIssuer) createCA(caPEM, caKeyPEM string) error {
 	return nil
 }
 
-// load returns the stored server certificate, or why it must be issued.
+// load returns the stored server certificate and, if it must be issued
+// again, why. The certificate is nil when it is missing or not from this CA.
 func (ci *certIssuer) load() (*tls.Certificate, string) {
 	pair, err := tls.LoadX509KeyPair(filepath.Join(ci.dir, "server.pem"), filepath.Join(ci.dir, "server.key"))
 	if err != nil {
@@ -225,19 +262,24 @@ func (ci *certIssuer) load() (*tls.Certificate, string) {
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: ci.now()}); err != nil {
 		return nil, "not valid from this CA (" + err.Error() + ")"
 	}
-	if ci.now().Add(renewBefore).After(leaf.NotAfter) {
-		return nil, "expires " + leaf.NotAfter.UTC().Format(time.DateOnly)
+	if ci.now().Add(renewBefore).After(leaf.NotAfter) && leaf.NotAfter.Before(ci.ca.NotAfter) {
+		return &pair, "expires " + leaf.NotAfter.UTC().Format(time.DateOnly)
 	}
 	for _, h := range ci.hosts {
 		if leaf.VerifyHostname(h) != nil {
-			return nil, "does not name " + h
+			return &pair, "does not name " + h
 		}
 	}
 	return &pair, ""
 }
 
-// issue makes and stores a new server certificate for ci.hosts.
-func (ci *certIssuer) issue(why string) (*tls.Certificate, error) {
+// maxCertNames bounds the names a server certificate keeps across
+// re-issues (a container's host name can change at every start).
+const maxCertNames = 32
+
+// issue makes and stores a new server certificate for ci.hosts and, up to
+// maxCertNames, the names of old (lockers may have been told any of them).
+func (ci *certIssuer) issue(why string, old *x509.Certificate) (*tls.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -252,7 +294,22 @@ func (ci *certIssuer) issue(why string) (*tls.Certificate, error) {
 		NotBefore: now.Add(-time.Hour), NotAfter: notAfter,
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
-	for _, h := range ci.hosts {
+	names := slices.Clone(ci.hosts)
+	if old != nil {
+		for _, ip := range old.IPAddresses {
+			names = append(names, ip.String())
+		}
+		names = append(names, old.DNSNames...)
+	}
+	seen := map[string]bool{}
+	for _, h := range names {
+		if ip := net.ParseIP(h); ip != nil {
+			h = ip.String()
+		}
+		if seen[h] || len(seen) == maxCertNames {
+			continue
+		}
+		seen[h] = true
 		if ip := net.ParseIP(h); ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {

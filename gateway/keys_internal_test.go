@@ -72,6 +72,13 @@ func TestCertIssuerRenews(t *testing.T) {
 		if !bytes.Equal(read("ca.pem"), ca) {
 			t.Error("the CA changed")
 		}
+		// Another name later: lockers told the earlier one still get in.
+		got = served(start(append(hosts, "lockers2.example")))
+		for _, name := range []string{"lockers.example", "lockers2.example", "localhost"} {
+			if err := chains(got, ca, name); err != nil {
+				t.Errorf("after a second new name, %s: %v", name, err)
+			}
+		}
 	})
 	t.Run("NearExpiryAtStart", func(t *testing.T) {
 		cur := served(start(hosts))
@@ -104,13 +111,41 @@ func TestCertIssuerRenews(t *testing.T) {
 			t.Error("the CA changed")
 		}
 	})
-	t.Run("HalfACAIsAnError", func(t *testing.T) {
-		if err := os.Remove(filepath.Join(dir, "ca.key")); err != nil {
+	t.Run("CAKeyOffline", func(t *testing.T) {
+		// docs/security.md: the CA key may be kept offline between renewals.
+		cur := served(start(hosts))
+		keyPath := filepath.Join(dir, "ca.key")
+		key := read("ca.key")
+		if err := os.Remove(keyPath); err != nil {
+			t.Fatal(err)
+		}
+		ci := start(hosts)
+		if got := served(ci); got.SerialNumber.Cmp(cur.SerialNumber) != 0 {
+			t.Fatal("a valid certificate was not served with the CA key offline")
+		}
+		// In the renewal window it keeps serving what it has.
+		clock = cur.NotAfter.Add(-renewBefore / 2)
+		if got := served(ci); got.SerialNumber.Cmp(cur.SerialNumber) != 0 {
+			t.Error("renewed without the CA key")
+		}
+		// A start that must issue says to bring the key back.
+		if _, err := newCertIssuer(dir, hosts, now, log); err == nil || !strings.Contains(err.Error(), "put tls/ca.key back") {
+			t.Fatalf("start in the renewal window without the key: %v, want an error that says to put the key back", err)
+		}
+		if err := os.WriteFile(keyPath, key, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if got := served(start(hosts)); !got.NotAfter.After(cur.NotAfter) {
+			t.Error("not renewed once the key was back")
+		}
+	})
+	t.Run("CACertificateMissing", func(t *testing.T) {
+		if err := os.Remove(filepath.Join(dir, "ca.pem")); err != nil {
 			t.Fatal(err)
 		}
 		_, err := newCertIssuer(dir, hosts, now, log)
-		if err == nil || !strings.Contains(err.Error(), "restore both from backup") {
-			t.Fatalf("err %v, want one that says to restore the CA", err)
+		if err == nil || !strings.Contains(err.Error(), "restore ca.pem") {
+			t.Fatalf("err %v, want one that says to restore ca.pem", err)
 		}
 	})
 }
