@@ -18,8 +18,10 @@ const UnlockFrame = "httpapi.(*Server).createCommand"
 // TracedCall is one call of the followed function found in an execution
 // trace: how long it took and where the time went.
 type TracedCall struct {
-	Start    time.Time     // wall clock
-	Total    time.Duration // first to last state change inside the function
+	Start time.Time // wall clock: when the run slice the call was first seen in began
+	// Total runs from Start to the goroutine's first park (a blocking
+	// wait) outside the function.
+	Total    time.Duration
 	Running  time.Duration
 	Runnable time.Duration // ready but waiting for a processor
 	// Waits is blocked time by reason and the innermost frames outside the
@@ -126,6 +128,15 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 			}
 			g := st.Resource.Goroutine()
 			from, to := st.Goroutine()
+			if from == to || from == trace.GoUndetermined {
+				// The trace (re)announcing a state at its start or at a
+				// generation boundary (about once a second), with no
+				// stack: nothing changed.
+				if _, seen := runFrom[g]; to == trace.GoRunning && !seen {
+					runFrom[g] = ev.Time()
+				}
+				continue
+			}
 			if to == trace.GoRunning {
 				runFrom[g] = ev.Time()
 			}
@@ -133,6 +144,14 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 			if from != trace.GoRunning {
 				// Woken or scheduled by someone else: the event's stack is
 				// theirs, not g's. Only the time counts.
+				if c != nil {
+					c.account(ev.Time(), to, c.why)
+				}
+				continue
+			}
+			if st.Stack == trace.NoStack {
+				// Stopped by the runtime without a stack (a preemption
+				// or stop-the-world): where it is cannot be told.
 				if c != nil {
 					c.account(ev.Time(), to, c.why)
 				}
@@ -153,7 +172,10 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 				calls[g] = c
 			}
 			c.account(ev.Time(), to, waitReason(st.Reason, to, st.Stack))
-			if !inside {
+			// Only parking outside ends a call: a preemption's stack can
+			// miss frames (a leaf function interrupted before it set up
+			// its frame), so "outside" is believed only when g blocks.
+			if !inside && to == trace.GoWaiting {
 				c.Start, c.Total = clock(c.started), time.Duration(ev.Time()-c.started)
 				rep.Calls = append(rep.Calls, c.TracedCall)
 				delete(calls, g)

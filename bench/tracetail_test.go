@@ -18,22 +18,26 @@ func tracedWork(in <-chan int) int {
 	return <-in
 }
 
-func TestTraceTail(t *testing.T) {
+// traceOf runs call on a goroutine of its own under the execution tracer,
+// lets that goroutine park outside call (so the call has visibly ended),
+// and returns the trace.
+func traceOf(t *testing.T, call func()) *bytes.Buffer {
+	t.Helper()
 	var buf bytes.Buffer
 	if err := trace.Start(&buf); err != nil {
 		t.Skipf("execution tracing unavailable: %v", err)
 	}
-	in, got, release := make(chan int), make(chan int), make(chan struct{})
+	done, release := make(chan struct{}), make(chan struct{})
 	go func() {
-		got <- tracedWork(in)
-		<-release // parks outside tracedWork: the call has ended
+		call()
+		close(done)
+		<-release // parks outside call: the call has ended
 	}()
-	in <- 7
-	<-got
-	// The goroutine parks on release right after sending; stop the trace
-	// only once it has (its state is in the trace by then).
+	<-done
+	// Stop the trace only once the goroutine has parked (its state is in
+	// the trace by then).
 	deadline := time.Now().Add(5 * time.Second)
-	for !parkedOn(t, "bench.TestTraceTail.func1") {
+	for !parkedOn(t, "bench.traceOf.func1") {
 		if time.Now().After(deadline) {
 			t.Fatal("traced goroutine never parked")
 		}
@@ -41,8 +45,14 @@ func TestTraceTail(t *testing.T) {
 	}
 	trace.Stop()
 	close(release)
+	return &buf
+}
 
-	rep, err := TraceTail(&buf, "bench.tracedWork")
+func TestTraceTail(t *testing.T) {
+	in := make(chan int, 1)
+	in <- 7
+	buf := traceOf(t, func() { tracedWork(in) })
+	rep, err := TraceTail(buf, "bench.tracedWork")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,4 +93,31 @@ func parkedOn(t *testing.T, fn string) bool {
 		}
 	}
 	return false
+}
+
+// tracedSpin runs on the CPU for d: a call that is running when the trace
+// starts a new generation (about once a second).
+//
+//go:noinline
+func tracedSpin(d time.Duration) int {
+	n := 0
+	for end := time.Now().Add(d); time.Now().Before(end); n++ {
+	}
+	return n
+}
+
+func TestTraceTailAcrossGenerations(t *testing.T) {
+	if testing.Short() {
+		t.Skip("spins for 2.2 s")
+	}
+	buf := traceOf(t, func() { tracedSpin(2200 * time.Millisecond) })
+	rep, err := TraceTail(buf, "bench.tracedSpin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Calls) != 1 || rep.Calls[0].Total < 2200*time.Millisecond {
+		var out bytes.Buffer
+		WriteTraceTail(&out, rep, 5, 0)
+		t.Fatalf("want one call of at least 2.2 s, got:\n%s", out.String())
+	}
 }
