@@ -59,6 +59,14 @@ func (b *Broker) provision(s *session, payload []byte) {
 	}
 	resp, err := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	<-b.provSem
+	if s.cl.Closed() {
+		// The Provisioner may have registered the device: a retry by the
+		// locker then depends on it answering the same serial idempotently.
+		b.m.provisioning.WithLabelValues(provUndelivered).Inc()
+		b.log.Warn("mqtt provisioning answer not delivered: session ended", "serial", s.id,
+			"status", resp.Status, "error", resp.Error, "device_id", resp.DeviceID, "err", err)
+		return
+	}
 	if err != nil {
 		// Not an answer: "invalid" would be final for the locker. It
 		// retries after the disconnect, and a registration that did commit
@@ -66,15 +74,6 @@ func (b *Broker) provision(s *session, payload []byte) {
 		b.m.provisioning.WithLabelValues(provUnavailable).Inc()
 		b.log.Warn("mqtt provisioning request not answered: provisioning unavailable; the locker retries", "serial", s.id, "err", err)
 		b.endSession(s, ReasonProvisionUnavailable, packets.ErrServerUnavailable)
-		return
-	}
-
-	if s.cl.Closed() {
-		// The Provisioner may have registered the device: a retry by the
-		// locker then depends on it answering the same serial idempotently.
-		b.m.provisioning.WithLabelValues(provUndelivered).Inc()
-		b.log.Warn("mqtt provisioning answer not delivered: session ended", "serial", s.id,
-			"status", resp.Status, "error", resp.Error, "device_id", resp.DeviceID)
 		return
 	}
 	b.m.provisioning.WithLabelValues(provResult(resp)).Inc()

@@ -251,7 +251,10 @@ func TestSendCommandRefusals(t *testing.T) {
 // unrecorded command.
 type unstoredStore struct{ *fakeStore }
 
-func (u unstoredStore) CreateCommand(context.Context, *Command, *AuditEntry, string) (CommandTarget, bool, error) {
+func (u unstoredStore) CreateCommand(_ context.Context, c *Command, _ *AuditEntry, _ string) (CommandTarget, bool, error) {
+	// As the store would for an online locker: marked sent, to be published.
+	sent := c.CreatedAt
+	c.Status, c.SentAt = CmdSent, &sent
 	return CommandTarget{Site: testLocker.Site, HasCompartment: true}, false, nil
 }
 
