@@ -61,7 +61,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	output := fs.String("o", "table", "output: table or json")
 	base := fs.String("url", envOr("LOCKERGATE_URL", "http://127.0.0.1:8080"), "gateway API URL")
 	token := fs.String("token", os.Getenv("LOCKERGATE_TOKEN"), "API token")
-	dataDir := fs.String("data-dir", envOr("LOCKERGATE_DATA_DIR", "lockergate-data"), "the gateway's data directory, to read admin.token from when no token is given")
+	dataDir := fs.String("data-dir", envOr("LOCKERGATE_DATA_DIR", "lockergate-data"), "the gateway's data directory (its --data-dir, env LOCKERGATE_DATA_DIR for both), to read admin.token from when no token is given")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0

@@ -50,7 +50,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.TLSCert, "tls-cert", "", "TLS certificate (PEM) for MQTTS; default: a private CA under the data dir")
 	fs.StringVar(&o.TLSKey, "tls-key", "", "TLS private key (PEM) for --tls-cert")
 	fs.StringVar(&o.HTTPAddr, "http-addr", ":8080", "HTTP API listen address")
-	fs.StringVar(&o.DataDir, "data-dir", "./lockergate-data", "data directory: private PostgreSQL, keys, admin token")
+	dataDir := os.Getenv("LOCKERGATE_DATA_DIR")
+	if dataDir == "" {
+		dataDir = "./lockergate-data"
+	}
+	fs.StringVar(&o.DataDir, "data-dir", dataDir, "data directory: private PostgreSQL, keys, admin token (env LOCKERGATE_DATA_DIR; lockerctl reads the admin token from it too)")
 	fs.StringVar(&o.DatabaseURL, "database-url", os.Getenv("DATABASE_URL"), "PostgreSQL URL (env DATABASE_URL); empty starts a private cluster in the data dir")
 	fs.StringVar(&o.BrokerURL, "device-broker-url", "", "broker address handed to lockers at provisioning (default: from the listeners, or --broker-url)")
 	fs.StringVar(&o.ExternalBroker, "broker-url", "", "run on an external broker cluster (mqtt://host:port or mqtts://); the embedded listeners then only provision")
