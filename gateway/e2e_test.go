@@ -186,16 +186,21 @@ func TestWalkingSkeleton(t *testing.T) {
 		t.Fatalf("expired unlock ran %d times on the locker", got)
 	}
 
-	// 6. Metrics.
-	for series, want := range map[string]float64{
-		`lockergate_commands_total{status="ok",type="unlock"}`:      2,
-		`lockergate_commands_total{status="expired",type="unlock"}`: 1,
-		`lockergate_command_duration_seconds_count{type="unlock"}`:  2,
-	} {
-		if got, err := tg.Metric(series); err != nil || got != want {
-			t.Errorf("%s = %v (%v), want %v", series, got, err, want)
+	// 6. Metrics. They follow the stored result: an API waiter woken by
+	// PostgreSQL's NOTIFY can answer before the instance that took the
+	// result has counted it.
+	Eventually(t, 5*time.Second, "command metrics", func() error {
+		for series, want := range map[string]float64{
+			`lockergate_commands_total{status="ok",type="unlock"}`:      2,
+			`lockergate_commands_total{status="expired",type="unlock"}`: 1,
+			`lockergate_command_duration_seconds_count{type="unlock"}`:  2,
+		} {
+			if got, err := tg.Metric(series); err != nil || got != want {
+				return fmt.Errorf("%s = %v (%v), want %v", series, got, err, want)
+			}
 		}
-	}
+		return nil
+	})
 	if v, err := tg.Metric(`lockergate_mqtt_messages_received_total{channel="health"}`); err != nil || v < 50 {
 		t.Errorf("health messages received = %v (%v)", v, err)
 	}
