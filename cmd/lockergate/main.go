@@ -17,7 +17,14 @@ import (
 	"github.com/lockergate/lockergate/gateway"
 )
 
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	// Ctrl-C or SIGTERM: drain and stop (the gateway and, in demo, the
+	// simulated lockers).
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
 
 const usage = `usage: lockergate [serve|demo] [flags]
 
@@ -27,7 +34,7 @@ const usage = `usage: lockergate [serve|demo] [flags]
 Run "lockergate serve -h" or "lockergate demo -h" for flags.
 `
 
-func run(args []string, stdout, stderr io.Writer) int {
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
@@ -85,8 +92,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	o.Logger = log
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	g, err := gateway.New(ctx, o)
 	if err != nil {
 		log.Error("gateway did not start", "err", err)

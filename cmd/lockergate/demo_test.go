@@ -1,0 +1,123 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+)
+
+// lockedBuffer is an io.Writer the test can read while run writes to it.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// waitFor polls cond every 50 ms until it holds or d passes.
+func waitFor(t *testing.T, d time.Duration, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v: %v", what, d, err)
+		}
+		time.Sleep(50 * time.Millisecond) // polling interval of a condition wait
+	}
+}
+
+// TestDemo runs the README's first command, `lockergate demo`, as main
+// does (its own private PostgreSQL in the data directory, the embedded
+// broker, simulated lockers), checks that the lockers provision and come
+// online in the API, and that cancelling (Ctrl-C) stops it cleanly.
+func TestDemo(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a private PostgreSQL and a simulated fleet")
+	}
+	base := t.TempDir()
+	// When the test runs as root, PostgreSQL runs as the postgres user and
+	// must reach its directory.
+	for _, d := range []string{filepath.Dir(base), base} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dataDir := filepath.Join(base, "data")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stdout, stderr := &lockedBuffer{}, &lockedBuffer{}
+	exit := make(chan int, 1)
+	go func() {
+		exit <- run(ctx, []string{"demo", "--data-dir", dataDir, "--lockers", "5", "--log-level", "warn",
+			"--mqtt-addr", "127.0.0.1:0", "--mqtts-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, stdout, stderr)
+	}()
+	api := regexp.MustCompile(`API:\s+http://(\S+)/v1/`)
+	var addr string
+	waitFor(t, 2*time.Minute, "the demo says where it runs", func() error {
+		select {
+		case code := <-exit:
+			t.Fatalf("demo exited %d before it was up:\n%s", code, stderr.String())
+		default:
+		}
+		m := api.FindStringSubmatch(stdout.String())
+		if m == nil || !strings.Contains(stdout.String(), "Press Ctrl-C to stop.") {
+			return fmt.Errorf("stdout so far: %q", stdout.String())
+		}
+		addr = m[1]
+		return nil
+	})
+	token, err := os.ReadFile(filepath.Join(dataDir, "admin.token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := client.New("http://"+addr, strings.TrimSpace(string(token)))
+	waitFor(t, time.Minute, "5 simulated lockers online", func() error {
+		var page struct {
+			Items []struct {
+				ID     string `json:"id"`
+				Online bool   `json:"online"`
+			} `json:"items"`
+		}
+		if err := c.Get(ctx, "/v1/lockers", url.Values{"site": {"demo-site"}, "online": {"true"}}, &page); err != nil {
+			return err
+		}
+		if len(page.Items) != 5 {
+			return fmt.Errorf("%d online", len(page.Items))
+		}
+		return nil
+	})
+
+	cancel() // Ctrl-C
+	select {
+	case code := <-exit:
+		if code != 0 {
+			t.Fatalf("demo exited %d after Ctrl-C:\n%s", code, stderr.String())
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("demo did not stop within a minute of Ctrl-C")
+	}
+}
