@@ -18,6 +18,8 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
+
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 func TestNew(t *testing.T) {
@@ -197,7 +199,7 @@ func TestCloseLeavesNoGoroutines(t *testing.T) {
 }
 
 func TestMochiHandler(t *testing.T) {
-	var buf lockedBuffer
+	var buf testtool.LockedBuffer
 	log := slog.New(newMochiHandler(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	log.Info("added hook", "hook", "x")
 	log.Warn("publish packet error", "error", "payload over 16 KiB")

@@ -20,6 +20,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -169,24 +170,6 @@ func (o *fakeObserver) get() []string {
 	return append([]string(nil), o.events...)
 }
 
-// lockedBuffer collects log output from many goroutines.
-type lockedBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // harness is a started Broker on 127.0.0.1:0 with fakes around it.
 type harness struct {
 	b    *Broker
@@ -194,7 +177,7 @@ type harness struct {
 	auth *fakeAuth
 	prov *fakeProv
 	obs  *fakeObserver
-	logs *lockedBuffer
+	logs *testtool.LockedBuffer
 	addr string
 }
 
@@ -208,7 +191,7 @@ func newHarness(t *testing.T, opt func(*Options), tune func(*Broker)) *harness {
 		prov: &fakeProv{answer: protocol.ProvisionResponse{Status: "ok", DeviceID: "lk-1",
 			Password: "fresh-device-secret", CredKey: "a2V5", Broker: "mqtt://127.0.0.1"}},
 		obs:  &fakeObserver{},
-		logs: &lockedBuffer{},
+		logs: &testtool.LockedBuffer{},
 	}
 	opts := Options{
 		TCPAddr:     "127.0.0.1:0",

@@ -11,6 +11,7 @@ import (
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 func ptr[T any](v T) *T { return &v }
@@ -100,7 +101,7 @@ func TestEngineGateStopsAtTheCrossingWave(t *testing.T) {
 			}
 			// Let in-flight jobs of the wave finish, then check nothing past
 			// the stopping wave was ever handed out.
-			eventually(t, 10*time.Second, "in-flight jobs done", func() error {
+			testtool.Eventually(t, 10*time.Second, "in-flight jobs done", func() error {
 				s := h.status(st.ID)
 				if n := s.Counts[firmware.StateSent] + s.Counts[firmware.StateRebooting]; n > 0 {
 					return fmt.Errorf("%d in flight", n)
@@ -148,7 +149,7 @@ func TestEngineResumeAcceptsFailuresSoFar(t *testing.T) {
 	h.waitStatus(st.ID, firmware.Paused, 20*time.Second)
 	// The rollout pauses at the second new failure; a retry sent before that
 	// may still be reaching its locker, so wait for each to have run.
-	eventually(t, 10*time.Second, "the three retried", func() error {
+	testtool.Eventually(t, 10*time.Second, "the three retried", func() error {
 		for _, id := range ids[:3] {
 			if n := h.devs.attempts(id); n != 2 {
 				return fmt.Errorf("%s ran %d attempts, want 2", id, n)
@@ -231,7 +232,7 @@ func TestEngineOfflineAndBusyLockersWait(t *testing.T) {
 	}
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
-	eventually(t, 10*time.Second, "the others done", func() error {
+	testtool.Eventually(t, 10*time.Second, "the others done", func() error {
 		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] != 8 {
 			return fmt.Errorf("counts %v", s.Counts)
 		}
@@ -259,7 +260,7 @@ func TestEngineCancel(t *testing.T) {
 	h.addLockers("lk-", "LX-24", "1.4.2", 30)
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 120})
-	eventually(t, 10*time.Second, "some jobs done", func() error {
+	testtool.Eventually(t, 10*time.Second, "some jobs done", func() error {
 		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] < 2 {
 			return fmt.Errorf("counts %v", s.Counts)
 		}
@@ -307,7 +308,7 @@ func TestEngineSelectionAndDowngrades(t *testing.T) {
 	}
 	h.devs.outcome = func(string, int) string { return outSilent }
 	st = h.create(firmware.Spec{Firmware: a.ID, Force: true, Selector: firmware.Selector{Lockers: newer}, Waves: []int{100}, RatePerMin: 60000})
-	eventually(t, 10*time.Second, "forced downgrade handed out", func() error {
+	testtool.Eventually(t, 10*time.Second, "forced downgrade handed out", func() error {
 		for _, id := range newer {
 			r, err := h.db.Retained(context.Background(), id)
 			if err != nil {
@@ -326,7 +327,7 @@ func TestEngineRestartResumesWithoutDuplicates(t *testing.T) {
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{25, 100}, RatePerMin: 600}) // one job per 100 ms
-	eventually(t, 10*time.Second, "some progress", func() error {
+	testtool.Eventually(t, 10*time.Second, "some progress", func() error {
 		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] < 5 {
 			return fmt.Errorf("counts %v", s.Counts)
 		}

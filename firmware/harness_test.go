@@ -18,6 +18,7 @@ import (
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -153,7 +154,7 @@ func (h *harness) status(id string) *firmware.Status {
 func (h *harness) waitStatus(id, status string, d time.Duration) *firmware.Status {
 	h.tb.Helper()
 	var st *firmware.Status
-	eventually(h.tb, d, "rollout "+status, func() error {
+	testtool.Eventually(h.tb, d, "rollout "+status, func() error {
 		st = h.status(id)
 		if st.Status != status {
 			return fmt.Errorf("status %s (wave %d, counts %v, reason %q)", st.Status, st.CurrentWave, st.Counts, st.Reason)
@@ -177,23 +178,6 @@ func (h *harness) jobs(id string) []firmware.Job {
 			return all
 		}
 		f.After = js[len(js)-1].DeviceID
-	}
-}
-
-func eventually(tb testing.TB, d time.Duration, what string, f func() error) {
-	tb.Helper()
-	deadline := time.Now().Add(d)
-	wait := 2 * time.Millisecond
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("%s: not within %v: %v", what, d, err)
-		}
-		time.Sleep(wait) // polling interval of a condition wait
-		wait = min(wait*2, 50*time.Millisecond)
 	}
 }
 

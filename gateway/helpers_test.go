@@ -14,6 +14,7 @@ import (
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -101,19 +102,7 @@ func (tg *TestGateway) Stop(tb testing.TB) {
 // how tests wait for conditions (never fixed sleeps).
 func Eventually(tb testing.TB, d time.Duration, what string, f func() error) {
 	tb.Helper()
-	deadline := time.Now().Add(d)
-	backoff := 5 * time.Millisecond
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			tb.Fatalf("%s: not within %v: %v", what, d, err)
-		}
-		time.Sleep(backoff) // polling interval of a condition wait, not synchronisation
-		backoff = min(backoff*2, 200*time.Millisecond)
-	}
+	testtool.Eventually(tb, d, what, f)
 }
 
 // Count runs a query that returns one count and fails the test if it

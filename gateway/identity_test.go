@@ -5,12 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -147,29 +147,11 @@ func TestSecurityReplaceKicks(t *testing.T) {
 	})
 }
 
-// logBuffer collects log output from many goroutines.
-type logBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // TestSecurityRateLimit: repeated failures from one client id or address are
 // refused without asking the database, while the real locker still gets in,
 // and the refusals are logged with the client id but without secrets.
 func TestSecurityRateLimit(t *testing.T) {
-	logs := &logBuffer{}
+	logs := &testtool.LockedBuffer{}
 	tg := MustStart(t, func(o *gateway.Options) {
 		o.Logger = slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	})

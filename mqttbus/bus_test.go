@@ -93,21 +93,6 @@ func mosquitto(t *testing.T, extraConf string) string {
 	return ""
 }
 
-func eventually(t *testing.T, d time.Duration, what string, f func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := f()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v: %v", what, d, err)
-		}
-		time.Sleep(10 * time.Millisecond) // polling interval of a condition wait
-	}
-}
-
 // received collects message payloads; hold keeps their acks instead of
 // calling them (a fleet manager that has not stored them yet).
 type received struct {
@@ -217,7 +202,7 @@ func TestCrashRedelivery(t *testing.T) {
 
 	const n = 100
 	publish(0, n)
-	eventually(t, 10*time.Second, "both instances get their share", func() error {
+	testtool.Eventually(t, 10*time.Second, "both instances get their share", func() error {
 		if ra.count() == 0 || rb.count() < n/2 {
 			return fmt.Errorf("A %d, B %d", ra.count(), rb.count())
 		}
@@ -225,7 +210,7 @@ func TestCrashRedelivery(t *testing.T) {
 	})
 	cut.cut() // A crashes with its messages unacknowledged
 	publish(n, n)
-	eventually(t, 10*time.Second, "B gets its share of the second half", func() error {
+	testtool.Eventually(t, 10*time.Second, "B gets its share of the second half", func() error {
 		if rb.count() < n {
 			return fmt.Errorf("B %d", rb.count())
 		}
@@ -236,7 +221,7 @@ func TestCrashRedelivery(t *testing.T) {
 	// before the fleet subscribes; those messages wait for the subscription.
 	a2 := dial("gw-a", nil)
 	defer a2.Close()
-	eventually(t, 10*time.Second, "the resumed session delivers before the subscription", func() error {
+	testtool.Eventually(t, 10*time.Second, "the resumed session delivers before the subscription", func() error {
 		a2.mu.Lock()
 		defer a2.mu.Unlock()
 		if len(a2.pending) == 0 {
@@ -248,7 +233,7 @@ func TestCrashRedelivery(t *testing.T) {
 	if err := a2.Subscribe(topic, ra2.handler); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "every message delivered", func() error {
+	testtool.Eventually(t, 10*time.Second, "every message delivered", func() error {
 		var missing []int
 		for i := 0; i < 2*n; i++ {
 			k := fmt.Sprint(i)
@@ -300,7 +285,7 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	for i := 0; i < 20; i++ {
 		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
 	}
-	eventually(t, 10*time.Second, "A holds messages", func() error {
+	testtool.Eventually(t, 10*time.Second, "A holds messages", func() error {
 		if ra.count() == 0 {
 			return errors.New("none")
 		}
@@ -309,7 +294,7 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	closed := make(chan struct{})
 	go func() { a.Close(); close(closed) }()
 	// Close waits for the fleet's acknowledgements: give them now.
-	eventually(t, 10*time.Second, "A has left the group", func() error {
+	testtool.Eventually(t, 10*time.Second, "A has left the group", func() error {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if !a.closing {
@@ -336,7 +321,7 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	for i := 100; i < 120; i++ {
 		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
 	}
-	eventually(t, 10*time.Second, "B takes everything after A left", func() error {
+	testtool.Eventually(t, 10*time.Second, "B takes everything after A left", func() error {
 		if rb.count() != before+20 {
 			return fmt.Errorf("B got %d of 20", rb.count()-before)
 		}

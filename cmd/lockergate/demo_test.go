@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net/url"
@@ -9,46 +8,12 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
-
-// lockedBuffer is an io.Writer the test can read while run writes to it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// waitFor polls cond every 50 ms until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() error) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for {
-		err := cond()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v: %v", what, d, err)
-		}
-		time.Sleep(50 * time.Millisecond) // polling interval of a condition wait
-	}
-}
 
 // TestDemo runs the README's first command, `lockergate demo`, as main
 // does (its own private PostgreSQL in the data directory, the embedded
@@ -69,7 +34,7 @@ func TestDemo(t *testing.T) {
 	dataDir := filepath.Join(base, "data")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	stdout, stderr := &lockedBuffer{}, &lockedBuffer{}
+	stdout, stderr := &testtool.LockedBuffer{}, &testtool.LockedBuffer{}
 	exit := make(chan int, 1)
 	go func() {
 		exit <- run(ctx, []string{"demo", "--data-dir", dataDir, "--lockers", "5", "--log-level", "warn",
@@ -77,7 +42,7 @@ func TestDemo(t *testing.T) {
 	}()
 	api := regexp.MustCompile(`API:\s+http://(\S+)/v1/`)
 	var addr string
-	waitFor(t, 2*time.Minute, "the demo says where it runs", func() error {
+	testtool.Eventually(t, 2*time.Minute, "the demo says where it runs", func() error {
 		select {
 		case code := <-exit:
 			t.Fatalf("demo exited %d before it was up:\n%s", code, stderr.String())
@@ -95,7 +60,7 @@ func TestDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := client.New("http://"+addr, strings.TrimSpace(string(token)))
-	waitFor(t, time.Minute, "5 simulated lockers online", func() error {
+	testtool.Eventually(t, time.Minute, "5 simulated lockers online", func() error {
 		var page struct {
 			Items []struct {
 				ID     string `json:"id"`

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 func TestBootstrap(t *testing.T) {
@@ -57,7 +58,7 @@ func TestBootstrap(t *testing.T) {
 }
 
 func TestRestartCommand(t *testing.T) {
-	var out syncBuffer
+	var out testtool.LockedBuffer
 	ok := restartCommand(`test "$LOCKERSIM_DOWN_S" = 3 && echo restarted`, &out)
 	if err := ok(t.Context(), 3*time.Second); err != nil || !strings.Contains(out.String(), "restarted") {
 		t.Fatalf("%v, output %q", err, out.String())

@@ -8,32 +8,14 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/devicesim/devicesimtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
-
-// syncBuffer is a bytes.Buffer safe for the live summary goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func noEnv(string) string { return "" }
 
@@ -56,7 +38,7 @@ func runUntil(t *testing.T, env *devicesimtest.Env, args []string, getenv func(s
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testtool.LockedBuffer
 	done := make(chan int, 1)
 	go func() { done <- runArgs(ctx, args, getenv, &stdout, &stderr) }()
 	env.Wait(t, "lockersim to get going", func() bool {
@@ -158,7 +140,7 @@ func TestRunFailsWhenNothingConnects(t *testing.T) {
 	env := devicesimtest.Start(t, devicesimtest.Options{})
 	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
 	defer cancel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testtool.LockedBuffer
 	code := runArgs(ctx, []string{"--lockers", "2", "--broker", env.URL, "--claim", "wrong", "-o", "json"}, noEnv, &stdout, &stderr)
 	if code != 1 || ctx.Err() != nil {
 		t.Fatalf("exit %d (ctx %v), want a prompt 1:\n%s", code, ctx.Err(), stderr.String())
@@ -199,7 +181,7 @@ func TestUsage(t *testing.T) {
 		{"BenchBrokerWithoutSecret", []string{"bench", "broker"}, 2, "LOCKERSIM_BENCH_SECRET is not set"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var out, errOut syncBuffer
+			var out, errOut testtool.LockedBuffer
 			if got := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); got != tc.want || !strings.Contains(errOut.String(), tc.say) {
 				t.Errorf("exit %d, want %d saying %q:\n%s", got, tc.want, tc.say, errOut.String())
 			}
@@ -267,7 +249,7 @@ func TestRunScenarioErrors(t *testing.T) {
 		{"BootstrapWithoutAPI", []string{"--scenario", "smoke", "--bootstrap"}, "--api"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var out, errOut syncBuffer
+			var out, errOut testtool.LockedBuffer
 			if code := runArgs(t.Context(), tc.args, noEnv, &out, &errOut); code != 2 || !strings.Contains(errOut.String(), tc.want) {
 				t.Errorf("exit %d, want 2 mentioning %q:\n%s", code, tc.want, errOut.String())
 			}
@@ -276,7 +258,7 @@ func TestRunScenarioErrors(t *testing.T) {
 }
 
 func TestScenariosCommand(t *testing.T) {
-	var out, errOut syncBuffer
+	var out, errOut testtool.LockedBuffer
 	if code := runArgs(t.Context(), []string{"scenarios"}, noEnv, &out, &errOut); code != 0 {
 		t.Fatalf("exit %d: %s", code, errOut.String())
 	}
@@ -285,7 +267,7 @@ func TestScenariosCommand(t *testing.T) {
 			t.Errorf("scenarios does not list %s:\n%s", name, out.String())
 		}
 	}
-	out = syncBuffer{}
+	out = testtool.LockedBuffer{}
 	if code := runArgs(t.Context(), []string{"scenarios", "storm"}, noEnv, &out, &errOut); code != 0 {
 		t.Fatalf("exit %d: %s", code, errOut.String())
 	}
@@ -307,7 +289,7 @@ func TestParseSourceAddrs(t *testing.T) {
 func TestBench(t *testing.T) {
 	for _, mode := range []string{"--in-process", "--in-process=false"} {
 		t.Run(mode, func(t *testing.T) {
-			var out, errOut syncBuffer
+			var out, errOut testtool.LockedBuffer
 			args := []string{"bench", "connect", "--lockers", "20", "--settle", "200ms", "--health-interval", "50ms", "--connect-rate", "-1", mode, "-o", "json"}
 			if code := runArgs(t.Context(), args, noEnv, &out, &errOut); code != 0 {
 				t.Fatalf("exit %d:\n%s", code, errOut.String())
@@ -335,7 +317,7 @@ func TestRunScenarioFileForItsDuration(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testtool.LockedBuffer
 	code := runArgs(ctx, []string{"--scenario", file, "--broker", env.URL, "--claim", env.Claim, "-o", "json", "--log-level", "warn"}, noEnv, &stdout, &stderr)
 	if code != 0 || ctx.Err() != nil {
 		t.Fatalf("exit %d (ctx %v):\n%s", code, ctx.Err(), stderr.String())

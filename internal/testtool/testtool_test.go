@@ -1,11 +1,14 @@
 package testtool
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
+	"time"
 )
 
 // fakeT records what Program does to a test instead of ending it.
@@ -17,6 +20,12 @@ type fakeT struct {
 func (f *fakeT) Helper()           {}
 func (f *fakeT) Fatal(args ...any) { f.fatal = fmt.Sprint(args...) }
 func (f *fakeT) Skip(args ...any)  { f.skip = fmt.Sprint(args...) }
+
+// Fatalf records and ends the calling goroutine, as testing's does.
+func (f *fakeT) Fatalf(format string, args ...any) {
+	f.fatal = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
 
 func TestProgram(t *testing.T) {
 	dir := t.TempDir()
@@ -47,4 +56,27 @@ func TestProgram(t *testing.T) {
 			t.Fatalf("path %q, fatal %q, skip %q", p, f.fatal, f.skip)
 		}
 	})
+}
+
+func TestEventually(t *testing.T) {
+	n := 0
+	Eventually(t, time.Second, "third call", func() error {
+		if n++; n < 3 {
+			return fmt.Errorf("call %d", n)
+		}
+		return nil
+	})
+	if n != 3 {
+		t.Fatalf("%d calls, want 3", n)
+	}
+	f := &fakeT{}
+	done := make(chan struct{})
+	go func() { // the fake's Fatalf ends this goroutine
+		defer close(done)
+		Eventually(f, 20*time.Millisecond, "never", func() error { return errors.New("not yet") })
+	}()
+	<-done
+	if !strings.Contains(f.fatal, "never: not within 20ms: not yet") {
+		t.Fatalf("fatal %q", f.fatal)
+	}
 }
