@@ -405,14 +405,11 @@ func (s *Server) ProfileHeap(ctx context.Context, name string) {
 	if s.PprofURL == "" || s.r.Profile == "" {
 		return
 	}
-	s.save(ctx, s.PprofURL+"/debug/pprof/heap?gc=1", name, 30*time.Second)
+	s.save(ctx, s.PprofURL+"/debug/pprof/heap?gc=1", name+".pprof", 30*time.Second)
 }
 
-func (s *Server) save(ctx context.Context, url, name string, timeout time.Duration) {
-	s.saveAs(ctx, url, name+".pprof", timeout)
-}
-
-func (s *Server) saveAs(ctx context.Context, url, file string, timeout time.Duration) {
+// save writes what url answers to Runner.Profile/file.
+func (s *Server) save(ctx context.Context, url, file string, timeout time.Duration) {
 	req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
 	resp, err := (&http.Client{Timeout: timeout}).Do(req)
 	if err != nil {
@@ -459,7 +456,7 @@ func (s *Server) record(ctx context.Context, kind, file string, d time.Duration)
 	}
 	go func() {
 		defer close(done)
-		s.saveAs(ctx, fmt.Sprintf("%s/debug/pprof/%s?seconds=%d", s.PprofURL, kind, max(1, int(d.Seconds()))), file, d+30*time.Second)
+		s.save(ctx, fmt.Sprintf("%s/debug/pprof/%s?seconds=%d", s.PprofURL, kind, max(1, int(d.Seconds()))), file, d+30*time.Second)
 	}()
 	return done
 }
