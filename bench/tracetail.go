@@ -87,9 +87,8 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 		calls   = map[trace.GoID]*open{}
 		runFrom = map[trace.GoID]trace.Time{} // when each goroutine last started running
 		ranges  = map[string]trace.Time{}
-		wall    time.Time
+		wall    time.Time // zero until the first clock snapshot
 		wallAt  trace.Time
-		haveClk bool
 	)
 	clock := func(t trace.Time) time.Time { return wall.Add(time.Duration(t - wallAt)) }
 	for {
@@ -102,8 +101,8 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 		}
 		switch ev.Kind() {
 		case trace.EventSync:
-			if cs := ev.Sync().ClockSnapshot; cs != nil && !haveClk {
-				wall, wallAt, haveClk = cs.Wall, cs.Trace, true
+			if cs := ev.Sync().ClockSnapshot; cs != nil && wall.IsZero() {
+				wall, wallAt = cs.Wall, cs.Trace
 			}
 		case trace.EventRangeBegin:
 			rg := ev.Range()
@@ -141,17 +140,10 @@ func TraceTail(r io.Reader, frame string) (*TraceReport, error) {
 				runFrom[g] = ev.Time()
 			}
 			c := calls[g]
-			if from != trace.GoRunning {
-				// Woken or scheduled by someone else: the event's stack is
-				// theirs, not g's. Only the time counts.
-				if c != nil {
-					c.account(ev.Time(), to, c.why)
-				}
-				continue
-			}
-			if st.Stack == trace.NoStack {
-				// Stopped by the runtime without a stack (a preemption
-				// or stop-the-world): where it is cannot be told.
+			if from != trace.GoRunning || st.Stack == trace.NoStack {
+				// Woken or scheduled by someone else (the event's stack is
+				// theirs, not g's), or stopped by the runtime without a
+				// stack: where g is cannot be told. Only the time counts.
 				if c != nil {
 					c.account(ev.Time(), to, c.why)
 				}
