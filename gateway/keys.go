@@ -162,11 +162,9 @@ func (ci *certIssuer) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	ci.mu.Lock()
 	defer ci.mu.Unlock()
 	now := ci.now()
-	// Not past the CA's own expiry (nothing issued from it can outlive it),
-	// not without the CA key, and not more often than once a minute when
+	// Not without the CA key, and not more often than once a minute when
 	// it fails (every handshake would pay for it).
-	if now.Add(renewBefore).After(ci.cert.Leaf.NotAfter) && ci.cert.Leaf.NotAfter.Before(ci.ca.NotAfter) &&
-		ci.caKey != nil && now.Sub(ci.failedAt) >= time.Minute {
+	if ci.due(ci.cert.Leaf, now) && ci.caKey != nil && now.Sub(ci.failedAt) >= time.Minute {
 		cert, err := ci.issue("expires "+ci.cert.Leaf.NotAfter.UTC().Format(time.DateOnly), ci.cert.Leaf)
 		if err != nil {
 			// Keep serving the old one while it is valid.
@@ -249,6 +247,12 @@ func (ci *certIssuer) createCA(caPEM, caKeyPEM string) error {
 	return nil
 }
 
+// due reports whether leaf is in its renewal window and a renewal would
+// extend it: nothing issued from the CA can outlive the CA.
+func (ci *certIssuer) due(leaf *x509.Certificate, now time.Time) bool {
+	return now.Add(renewBefore).After(leaf.NotAfter) && leaf.NotAfter.Before(ci.ca.NotAfter)
+}
+
 // load returns the stored server certificate and, if it must be issued
 // again, why. The certificate is nil when it is missing or not from this CA.
 func (ci *certIssuer) load() (*tls.Certificate, string) {
@@ -262,7 +266,7 @@ func (ci *certIssuer) load() (*tls.Certificate, string) {
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: ci.now()}); err != nil {
 		return nil, "not valid from this CA (" + err.Error() + ")"
 	}
-	if ci.now().Add(renewBefore).After(leaf.NotAfter) && leaf.NotAfter.Before(ci.ca.NotAfter) {
+	if ci.due(leaf, ci.now()) {
 		return &pair, "expires " + leaf.NotAfter.UTC().Format(time.DateOnly)
 	}
 	for _, h := range ci.hosts {
@@ -303,14 +307,15 @@ func (ci *certIssuer) issue(why string, old *x509.Certificate) (*tls.Certificate
 	}
 	seen := map[string]bool{}
 	for _, h := range names {
-		if ip := net.ParseIP(h); ip != nil {
-			h = ip.String()
+		ip := net.ParseIP(h)
+		if ip != nil {
+			h = ip.String() // one spelling per address
 		}
 		if seen[h] || len(seen) == maxCertNames {
 			continue
 		}
 		seen[h] = true
-		if ip := net.ParseIP(h); ip != nil {
+		if ip != nil {
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		} else {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
@@ -333,9 +338,6 @@ func (ci *certIssuer) issue(why string, old *x509.Certificate) (*tls.Certificate
 	}
 	if err := writeFileAtomic(filepath.Join(ci.dir, "server.pem"), certPEM, 0o600); err != nil {
 		return nil, err
-	}
-	if notAfter.Before(now.Add(renewBefore)) {
-		ci.log.Warn("TLS: the private CA itself expires soon; the server certificate cannot outlive it", "ca_expires", ci.ca.NotAfter)
 	}
 	ci.log.Info("TLS: issued the server certificate from the private CA", "why", why, "hosts", ci.hosts, "expires", notAfter.UTC())
 	return &pair, nil
