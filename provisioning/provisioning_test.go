@@ -1,0 +1,73 @@
+package provisioning
+
+// Unit tests of how Provision turns the store's outcome into an answer or
+// into no answer, against an in-memory store. The same paths run end to
+// end over MQTT and PostgreSQL in gateway/ (TestSecurityClaims,
+// TestDatabaseRestartDuringIngest).
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// registerStore answers Register with err (or a registration when nil).
+// The embedded Store is nil: any other method panics.
+type registerStore struct {
+	Store
+	err error
+}
+
+func (s registerStore) Register(_ context.Context, _ []byte, r Registration) (*Registered, error) {
+	if s.err != nil {
+		return nil, s.err
+	}
+	return &Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: "s1"}, nil
+}
+
+func TestProvisionAnswers(t *testing.T) {
+	req := protocol.Encode(protocol.ProvisionRequest{Serial: "SN-1", Model: "LX", FW: "1.0.0",
+		Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}})
+	issueFailed := func(context.Context, string, string) error { return errors.New("dynsec: connection refused") }
+	for _, tc := range []struct {
+		name     string
+		err      error // Register's
+		onIssued func(context.Context, string, string) error
+		want     string // the answer's error code; "" for ok, "-" for no answer
+	}{
+		{"Registered", nil, nil, ""},
+		{"ClaimExhausted", ErrClaimExhausted, nil, protocol.ProvClaimExhausted},
+		{"SerialRefused", ErrSerialRefused, nil, protocol.ProvInvalid},
+		{"ClaimRevoked", ErrUnknownClaim, nil, protocol.ProvInvalid},
+		{"RejectedByTheDatabase", errors.New("register SN-1: unique violation"), nil, protocol.ProvInvalid},
+		{"StoreUnavailable", fmt.Errorf("register SN-1: %w: connection refused", ErrUnavailable), nil, "-"},
+		{"IdentityNotHandedToTheBroker", nil, issueFailed, "-"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := New(Options{Store: registerStore{err: tc.err}, MasterKey: bytes.Repeat([]byte{7}, 32),
+				OnIssued: tc.onIssued, OnReplace: func(string) {}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp, err := s.Provision(context.Background(), "claim", "SN-1", req)
+			switch tc.want {
+			case "-":
+				if err == nil || resp != (protocol.ProvisionResponse{}) {
+					t.Fatalf("got %+v, %v; want no answer and an error (the locker retries)", resp, err)
+				}
+			case "":
+				if err != nil || resp.Status != "ok" || resp.DeviceID == "" || resp.Password == "" {
+					t.Fatalf("got %+v, %v; want an identity", resp, err)
+				}
+			default:
+				if err != nil || resp.Status != "error" || resp.Error != tc.want {
+					t.Fatalf("got %+v, %v; want the answer %q", resp, err, tc.want)
+				}
+			}
+		})
+	}
+}
