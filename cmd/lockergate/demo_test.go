@@ -32,12 +32,14 @@ func TestDemo(t *testing.T) {
 		}
 	}
 	dataDir := filepath.Join(base, "data")
+	// The data directory from the environment, as lockerctl reads it too.
+	t.Setenv("LOCKERGATE_DATA_DIR", dataDir)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	stdout, stderr := &testtool.LockedBuffer{}, &testtool.LockedBuffer{}
 	exit := make(chan int, 1)
 	go func() {
-		exit <- run(ctx, []string{"demo", "--data-dir", dataDir, "--lockers", "5", "--log-level", "warn",
+		exit <- run(ctx, []string{"demo", "--lockers", "5", "--log-level", "warn",
 			"--mqtt-addr", "127.0.0.1:0", "--mqtts-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, stdout, stderr)
 	}()
 	api := regexp.MustCompile(`API:\s+http://(\S+)/v1/`)
