@@ -248,9 +248,9 @@ func (s *Service) AuthDevice(ctx context.Context, id string, password []byte) er
 // Provision answers a provisioning request made with a claim token. It
 // returns an error, and no answer, when it cannot decide: the store is
 // unavailable (ErrUnavailable: a database that does not answer in time,
-// say) or OnIssued failed. The
-// locker is then not told anything final and retries; a registration that
-// did commit is handed out again to the same serial then (Retried).
+// say) or OnIssued failed. The locker is then told nothing final and
+// retries; a registration that did commit is handed out again to the same
+// serial then (Retried).
 func (s *Service) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
 	fail := func(code string, err error) (protocol.ProvisionResponse, error) {
 		s.o.Logger.Warn("provisioning refused", "serial", serial, "error", code, "err", err)
