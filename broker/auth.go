@@ -189,29 +189,43 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) string {
 	k, subject, reason := classify(cl.ID, pk)
 	var sess *session
 	if reason == "" {
-		switch k {
-		case kindDevice:
+		switch {
+		case k == kindDevice && b.opts.ProvisionOnly:
+			reason = refuseUnknownDevice
+		case k == kindDevice:
 			sess, reason = b.authDevice(cl, subject, pk.Connect.Password, ip, now)
-		case kindProvision:
+		case k == kindProvision:
 			sess, reason = b.authClaim(cl, subject, string(pk.Connect.Password), ip, now)
 		}
 	}
 	if sess == nil {
-		b.refuse(cl, k, reason, ip, now)
+		b.refuse(k, cl.ID, string(cl.Properties.Username), cl.Net.Remote, reason, now)
 		return reason
 	}
 	b.admit(sess)
 	return ""
 }
 
-// backendSlot waits up to authQueueWait for one of the authConcurrency
-// backend check slots; false: the gateway is busy (answer so, at once,
-// rather than let a storm of CONNECTs queue into timeouts).
-func (b *Broker) backendSlot() (release func(), ok bool) {
+// checkLimits bound one backend credential check: the wait for a check slot
+// and the check itself.
+type checkLimits struct{ queue, call time.Duration }
+
+var (
+	// connectLimits: a CONNECT here, which can be answered "busy".
+	connectLimits = checkLimits{queue: authQueueWait, call: authTimeout}
+	// hookLimits: an external broker's auth hook, which cannot say "busy"
+	// and must answer within the broker's request timeout (EMQX: 5 s).
+	hookLimits = checkLimits{queue: 2 * time.Second, call: 2 * time.Second}
+)
+
+// backendSlot waits up to wait for one of the authConcurrency backend
+// check slots; false: the gateway is busy (answer so, at once, rather than
+// let a storm of CONNECTs queue into timeouts).
+func (b *Broker) backendSlot(wait time.Duration) (release func(), ok bool) {
 	select {
 	case b.authSem <- struct{}{}:
 	default:
-		t := time.NewTimer(authQueueWait)
+		t := time.NewTimer(wait)
 		defer t.Stop()
 		select {
 		case b.authSem <- struct{}{}:
@@ -235,25 +249,10 @@ func (b *Broker) backendSlot() (release func(), ok bool) {
 // entry has expired offline by sending five wrong secrets a minute. The
 // backend still confirms such a secret.
 func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip string, now time.Time) (*session, string) {
-	sum := sha256.Sum256(password)
 	for attempt := 0; attempt < 3; attempt++ {
-		epoch := b.cache.epoch(id)
-		fresh, known := b.cache.lookup(id, sum, now)
-		if fresh {
-			b.m.authCache.WithLabelValues("hit").Inc()
-		} else {
-			b.m.authCache.WithLabelValues("miss").Inc()
-			if !known && (b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now)) {
-				return nil, refuseRateLimited
-			}
-			if reason := b.checkDevice(id, password); reason != "" {
-				if known && !retryable(reason) {
-					b.cache.invalidate(id) // the secret changed without a Kick
-				}
-				return nil, reason
-			}
-			b.cache.store(id, sum, epoch, now)
-			b.limiter.reset(idKey(cl.ID))
+		epoch, _, reason := b.verifyDevice(id, password, ip, now, connectLimits)
+		if reason != "" {
+			return nil, reason
 		}
 		// Register, then look at the epoch again: Kick invalidates first and
 		// then ends registered sessions, so either it sees this session or
@@ -267,13 +266,40 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 	return nil, refuseBackendError
 }
 
-func (b *Broker) checkDevice(id string, password []byte) string {
-	release, ok := b.backendSlot()
+// verifyDevice checks id's secret, from the cache when it can; see
+// authDevice. epoch is id's cache epoch from before the check; known: the
+// secret is the one last verified for id, however long ago. ip may be ""
+// (unknown), and then only the per-id limit applies.
+func (b *Broker) verifyDevice(id string, password []byte, ip string, now time.Time, lim checkLimits) (epoch uint64, known bool, reason string) {
+	sum := sha256.Sum256(password)
+	epoch = b.cache.epoch(id)
+	fresh, known := b.cache.lookup(id, sum, now)
+	if fresh {
+		b.m.authCache.WithLabelValues("hit").Inc()
+		return epoch, true, ""
+	}
+	b.m.authCache.WithLabelValues("miss").Inc()
+	if !known && ((ip != "" && b.limiter.blocked(ipKey(ip), now)) || b.limiter.blocked(idKey(id), now)) {
+		return epoch, false, refuseRateLimited
+	}
+	if reason := b.checkDevice(id, password, lim); reason != "" {
+		if known && !retryable(reason) {
+			b.cache.invalidate(id) // the secret changed without a Kick
+		}
+		return epoch, known, reason
+	}
+	b.cache.store(id, sum, epoch, now)
+	b.limiter.reset(idKey(id))
+	return epoch, true, ""
+}
+
+func (b *Broker) checkDevice(id string, password []byte, lim checkLimits) string {
+	release, ok := b.backendSlot(lim.queue)
 	if !ok {
 		return refuseBusy
 	}
 	defer release()
-	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
+	ctx, cancel := context.WithTimeout(b.ctx, lim.call)
 	defer cancel()
 	start := time.Now()
 	err := b.opts.Auth.AuthDevice(ctx, id, password)
@@ -299,7 +325,7 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
 		return nil, refuseRateLimited
 	}
-	release, ok := b.backendSlot()
+	release, ok := b.backendSlot(authQueueWait)
 	if !ok {
 		return nil, refuseBusy
 	}
@@ -328,21 +354,22 @@ func (b *Broker) logBackendError(msg, clientID string, err error) {
 	}
 }
 
-func (b *Broker) refuse(cl *mqtt.Client, k kind, reason, ip string, now time.Time) {
+func (b *Broker) refuse(k kind, clientID, username, remote, reason string, now time.Time) {
 	if b.ctx.Err() != nil {
 		return // shutting down: not the client's fault, not worth a metric
 	}
 	b.m.authFailures.WithLabelValues(reason).Inc()
 	if countsAsFailure(reason) {
-		b.limiter.fail(ipKey(ip), b.limiter.ipLimit, now)
+		if ip := hostOf(remote); ip != "" { // unknown for some external brokers
+			b.limiter.fail(ipKey(ip), b.limiter.ipLimit, now)
+		}
 		if k != kindNone { // a malformed id is not worth tracking
-			b.limiter.fail(idKey(cl.ID), b.limiter.idLimit, now)
+			b.limiter.fail(idKey(clientID), b.limiter.idLimit, now)
 		}
 	}
 	if ok, suppressed := b.refusalLog.allow(now); ok {
-		b.log.Warn("mqtt connect refused", "reason", reason, "client_id", logID(cl.ID),
-			"username", logID(string(cl.Properties.Username)), "remote", cl.Net.Remote,
-			"suppressed", suppressed)
+		b.log.Warn("mqtt connect refused", "reason", reason, "client_id", logID(clientID),
+			"username", logID(username), "remote", remote, "suppressed", suppressed)
 	}
 }
 

@@ -42,6 +42,10 @@ type Options struct {
 	Observer    Observer      // may be nil
 	Logger      *slog.Logger  // nil: slog.Default()
 	Registerer  prometheus.Registerer
+	// ProvisionOnly refuses lockers with an identity (as unknown_device):
+	// they connect to an external broker, whose auth hook asks
+	// CheckExternal; this broker serves claim sessions only.
+	ProvisionOnly bool
 
 	MaxClientWritesPending int           // outbound queue per client; default 64
 	MaxSessionExpiry       time.Duration // longest a disconnected persistent session is kept; default 1h

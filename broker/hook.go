@@ -166,14 +166,21 @@ func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 
 // denied counts and logs a refused publish (write) or subscription.
 func (b *Broker) denied(cl *mqtt.Client, topic string, write bool) {
+	b.deny(cl.ID, cl.Net.Remote, topic, write)
+}
+
+// deny counts and logs a refused publish (write) or subscription by a
+// client of this broker or, through its auth hook, of an external one
+// (remote "").
+func (b *Broker) deny(clientID, remote, topic string, write bool) {
 	action := "subscribe"
 	if write {
 		action = "publish"
 	}
 	b.m.aclDenied.WithLabelValues(action).Inc()
 	if allowed, suppressed := b.denyLog.allow(time.Now()); allowed {
-		b.log.Warn("mqtt access denied", "action", action, "client_id", logID(cl.ID),
-			"topic", logID(topic), "remote", cl.Net.Remote, "suppressed", suppressed)
+		b.log.Warn("mqtt access denied", "action", action, "client_id", logID(clientID),
+			"topic", logID(topic), "remote", remote, "suppressed", suppressed)
 	}
 }
 

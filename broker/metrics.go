@@ -55,7 +55,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{"reason"}),
 		authCache: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lockergate_mqtt_auth_cache_total",
-			Help: "Device credential checks answered from the cache (hit) or not (miss).",
+			Help: "Device credential checks answered from the cache (hit) or not (miss); stale: a miss the database could not confirm, admitted by the auth hook on the secret last verified.",
 		}, []string{"result"}),
 		authBackend: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "lockergate_mqtt_auth_backend_duration_seconds",
@@ -84,7 +84,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range disconnectReasons {
 		m.disconnects.WithLabelValues(r)
 	}
-	for _, r := range []string{"hit", "miss"} {
+	for _, r := range []string{"hit", "miss", "stale"} {
 		m.authCache.WithLabelValues(r)
 	}
 	for _, r := range provResults {

@@ -8,11 +8,14 @@ const (
 	RoleOperator = "operator"
 	RoleStore    = "store"
 	RolePlatform = "platform"
+	// RoleBroker may only call the broker auth hooks: it is the token an
+	// external broker (EMQX) sends when it asks about a locker.
+	RoleBroker = "broker"
 )
 
 // ValidRole reports whether r is a role.
 func ValidRole(r string) bool {
-	return r == RoleAdmin || r == RoleOperator || r == RoleStore || r == RolePlatform
+	return r == RoleAdmin || r == RoleOperator || r == RoleStore || r == RolePlatform || r == RoleBroker
 }
 
 // Token is an API token as stored: never the token itself, only its hash.

@@ -11,6 +11,25 @@ import (
 	"github.com/lockergate/lockergate/mqttbus"
 )
 
+// checkDeviceAuth defaults and checks o.DeviceAuth.
+func checkDeviceAuth(o *Options) error {
+	switch {
+	case o.ExternalBroker == "" && o.DeviceAuth != "":
+		return fmt.Errorf("--device-auth %s needs --broker-url: the embedded broker checks lockers itself", o.DeviceAuth)
+	case o.ExternalBroker == "":
+	case o.DeviceAuth == "":
+		o.DeviceAuth = DeviceAuthDynSec
+	case o.DeviceAuth != DeviceAuthDynSec && o.DeviceAuth != DeviceAuthHTTP:
+		return fmt.Errorf("--device-auth %q: want %s (mosquitto dynamic security) or %s (the broker calls /v1/broker-auth)",
+			o.DeviceAuth, DeviceAuthDynSec, DeviceAuthHTTP)
+	case o.DeviceAuth == DeviceAuthHTTP && o.InstanceID != "" && o.InstanceID == o.ExternalUser:
+		// The hook takes client id == username for a locker identity.
+		return fmt.Errorf("--instance-id %q equals --broker-user: with --device-auth http they must differ, "+
+			"or the auth hook takes the gateway for a locker", o.InstanceID)
+	}
+	return nil
+}
+
 // dialExternal connects the fleet to an external broker cluster and
 // prepares device identity management (mosquitto dynamic security).
 func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec, error) {
@@ -28,6 +47,9 @@ func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec
 	if err != nil {
 		return nil, nil, err
 	}
+	if o.DeviceAuth == DeviceAuthHTTP {
+		return bus, nil, nil // the broker asks /v1/broker-auth
+	}
 	ds, err := mqttbus.NewDynSec(bus)
 	if err == nil {
 		err = ds.SetupGateway(ctx, o.ExternalUser)
@@ -43,9 +65,13 @@ func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec
 type dynsecKicker struct {
 	d   *mqttbus.DynSec
 	log *slog.Logger
+	// local is the embedded broker: its Kick forgets the secret its auth
+	// hook (/v1/broker-auth) may have cached.
+	local interface{ Kick(id string) }
 }
 
 func (k *dynsecKicker) Kick(id string) {
+	k.local.Kick(id)
 	if err := k.d.DisableDevice(context.Background(), id); err != nil {
 		k.log.Error("disable locker on the external broker", "locker", id, "err", err)
 	}

@@ -38,7 +38,8 @@ type Mosquitto struct {
 	cmd                 *exec.Cmd
 }
 
-// start runs mosquitto on a free port; false when it exited before it listened.
+// start runs mosquitto on a free port; false when it exited before it
+// listened. Without plugin it lets anyone connect.
 func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -49,9 +50,13 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	_, port, _ := net.SplitHostPort(m.Addr)
 	// The queueing limits are docs/deployment.md's: gateways acknowledge
 	// after the store, and their sessions hold messages while they are away.
-	conf := fmt.Sprintf("listener %s 127.0.0.1\nallow_anonymous false\npersistence false\nmax_keepalive 300\n"+
-		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\n"+
-		"plugin %s\nplugin_opt_config_file %s\nlog_dest stderr\n", port, plugin, filepath.Join(dir, "dynsec.json"))
+	conf := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_keepalive 300\n"+
+		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\nlog_dest stderr\n", port)
+	if plugin != "" {
+		conf += fmt.Sprintf("allow_anonymous false\nplugin %s\nplugin_opt_config_file %s\n", plugin, filepath.Join(dir, "dynsec.json"))
+	} else {
+		conf += "allow_anonymous true\n"
+	}
 	if os.Geteuid() == 0 {
 		conf += "user root\n"
 	}
@@ -106,6 +111,23 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	}
 	t.Fatal("mosquitto did not listen within 10 s")
 	return false
+}
+
+// MustOpenMosquitto is a real mosquitto that lets anyone connect: a
+// stand-in for a broker whose auth hook is the gateway's (EMQX), which
+// mosquitto cannot call.
+func MustOpenMosquitto(t *testing.T) *Mosquitto {
+	t.Helper()
+	bin := requireTool(t, "mosquitto")
+	dir := t.TempDir()
+	m := &Mosquitto{}
+	for attempt := 0; !m.start(t, bin, "", dir); attempt++ {
+		if attempt == 3 {
+			b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log"))
+			t.Fatalf("mosquitto did not start:\n%s", tail(string(b), 20))
+		}
+	}
+	return m
 }
 
 func MustMosquitto(t *testing.T) *Mosquitto {

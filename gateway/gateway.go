@@ -79,10 +79,27 @@ type Options struct {
 	ExternalUser, ExternalPassword string
 	// InstanceID names this instance on the external broker (its client id).
 	InstanceID string
+	// DeviceAuth is how the external broker authenticates lockers:
+	// DeviceAuthDynSec (default) or DeviceAuthHTTP (docs/deployment.md).
+	DeviceAuth string
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
 }
+
+// Device authentication on an external broker.
+const (
+	// DeviceAuthDynSec: the gateway manages a mosquitto dynamic security
+	// client and role per locker.
+	DeviceAuthDynSec = "dynsec"
+	// DeviceAuthHTTP: the broker asks the gateway's auth hook
+	// (/v1/broker-auth/...) at every CONNECT; nothing is kept on the broker.
+	DeviceAuthHTTP = "http"
+)
+
+// externalAuthCacheTTL bounds how long an instance's auth hook admits a
+// locker disabled through another instance (DeviceAuthHTTP).
+const externalAuthCacheTTL = 10 * time.Second
 
 // Gateway is one running gateway process.
 type Gateway struct {
@@ -123,6 +140,9 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	if o.RetentionDays <= 0 {
 		o.RetentionDays = 30
+	}
+	if err := checkDeviceAuth(&o); err != nil {
+		return nil, err
 	}
 	if o.DataDir, err = filepath.Abs(o.DataDir); err != nil {
 		return nil, err
@@ -192,9 +212,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			return nil, fmt.Errorf("TLS: %w", err)
 		}
 	}
-	auth := &authenticator{external: o.ExternalBroker != ""}
+	auth := &authenticator{}
 	bo.Auth = auth
 	bo.Provisioner = auth
+	bo.ProvisionOnly = o.ExternalBroker != ""
+	if o.DeviceAuth == DeviceAuthHTTP {
+		// Several instances answer the hook, and a Kick (locker disabled)
+		// reaches only the one that served the PATCH: the others trust
+		// their cached answer this long.
+		bo.AuthCacheTTL = externalAuthCacheTTL
+	}
 	if g.broker, err = broker.New(bo); err != nil {
 		return nil, fmt.Errorf("start broker: %w", err)
 	}
@@ -208,12 +235,15 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		if g.external, g.dynsec, err = dialExternal(ctx, o); err != nil {
 			return nil, err
 		}
-		bus, onIssued = g.external, g.dynsec.PutDevice
+		bus = g.external
+		if g.dynsec != nil {
+			onIssued = g.dynsec.PutDevice
+		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
 			brokerURL = o.ExternalBroker
 		}
 		g.log.Info("fleet runs on an external broker; the embedded listeners serve provisioning only",
-			"broker", o.ExternalBroker, "instance", o.InstanceID, "devices_told", brokerURL)
+			"broker", o.ExternalBroker, "instance", o.InstanceID, "devices_told", brokerURL, "device_auth", o.DeviceAuth)
 	}
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
@@ -255,12 +285,14 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if err := g.fleet.Subscribe(); err != nil {
 		return nil, err
 	}
+	// The broker's Kick also invalidates the secret cache its auth hook
+	// answers from (DeviceAuthHTTP).
 	var kicker httpapi.Kicker = g.broker
 	if g.dynsec != nil {
-		kicker = &dynsecKicker{d: g.dynsec, log: g.log}
+		kicker = &dynsecKicker{d: g.dynsec, log: g.log, local: g.broker}
 	}
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
-		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware,
+		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware, BrokerAuth: g.broker,
 		Gatherer: g.reg, Ready: g.ready, Logger: o.Logger.With("component", "api")})
 	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
@@ -516,15 +548,9 @@ func (o *observer) DeviceDisconnected(id, reason string) {
 // authenticator adapts provisioning to the broker's interfaces, mapping errors.
 type authenticator struct {
 	prov *provisioning.Service
-	// external: lockers connect to the external broker; the embedded one
-	// only provisions.
-	external bool
 }
 
 func (a *authenticator) AuthDevice(ctx context.Context, id string, password []byte) error {
-	if a.external {
-		return broker.ErrUnknownDevice
-	}
 	err := a.prov.AuthDevice(ctx, id, password)
 	switch {
 	case errors.Is(err, provisioning.ErrUnknownDevice):

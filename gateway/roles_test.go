@@ -109,6 +109,7 @@ func TestRoles(t *testing.T) {
 	storeAID, storeA := tg.MustToken(t, "store", "site-a", "front-desk-a")
 	storeBID, storeB := tg.MustToken(t, "store", "site-b", "front-desk-b")
 	platformID, platform := tg.MustToken(t, "platform", "", "speedy")
+	brokerID, brokerC := tg.MustToken(t, "broker", "", "emqx")
 	anon := client.New("http://"+tg.HTTPAddr(), "")
 
 	siteA := func(role string, c *client.Client, tokenID string) roleEnv {
@@ -121,6 +122,7 @@ func TestRoles(t *testing.T) {
 		{role: "store-b", c: storeB, tokenID: storeBID, own: "site-b", other: "site-a", ownLockers: lockersB, othLocker: lockersA, ownCmd: cmdB, otherCmd: cmdA},
 		siteA("platform", platform, platformID),
 		siteA("none", anon, ""),
+		siteA("broker", brokerC, brokerID), // may call the broker auth hooks only
 	}
 
 	// Every role's webhooks, made before the pickups so that their
@@ -628,6 +630,28 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.otherWebhook) }, want: othersHidden(0, hidden)},
 	}
 	cases = append(cases, firmwareRoleCases(t, tg, lockersA, lockersB)...)
+	brokerOnly := map[string]int{"admin": denied, "operator": denied, "store": denied, "platform": denied, "broker": ok}
+	cases = append(cases,
+		roleCase{name: "POST /v1/broker-auth/emqx/authn", op: "POST /v1/broker-auth/emqx/authn", want: brokerOnly,
+			req: func(e roleEnv) client.Request {
+				return post("/v1/broker-auth/emqx/authn", map[string]string{"clientid": "gw-x", "username": "lockergate", "password": "x"})
+			},
+			check: func(t *testing.T, e roleEnv, body json.RawMessage) {
+				if !strings.Contains(string(body), `"result":"ignore"`) {
+					t.Errorf("the gateway's own user: %s, want ignore", body)
+				}
+			}},
+		roleCase{name: "POST /v1/broker-auth/emqx/authz", op: "POST /v1/broker-auth/emqx/authz", want: brokerOnly,
+			req: func(e roleEnv) client.Request {
+				return post("/v1/broker-auth/emqx/authz", map[string]string{"clientid": e.ownLockers[0], "username": e.ownLockers[0],
+					"topic": "lockers/v1/" + e.ownLockers[0] + "/health", "action": "publish"})
+			},
+			check: func(t *testing.T, e roleEnv, body json.RawMessage) {
+				if !strings.Contains(string(body), `"result":"allow"`) {
+					t.Errorf("a locker's own health: %s, want allow", body)
+				}
+			}},
+	)
 
 	t.Run("MatrixCoversDocumentedRoles", func(t *testing.T) {
 		checkMatrixAgainstOpenAPI(t, tg, cases)
@@ -636,7 +660,10 @@ func TestRoles(t *testing.T) {
 	for _, e := range envs {
 		t.Run(e.role, func(t *testing.T) {
 			for _, c := range cases {
-				want := c.want[e.roleOf()]
+				want, listed := c.want[e.roleOf()]
+				if !listed && e.role == "broker" {
+					want = denied // a broker token may do nothing else
+				}
 				if e.role == "none" {
 					want = http.StatusUnauthorized
 				}

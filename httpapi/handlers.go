@@ -356,7 +356,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if !fleet.ValidRole(in.Role) {
-		return badRequest("role must be admin, operator, store or platform")
+		return badRequest("role must be admin, operator, store, platform or broker")
 	}
 	if (in.Role == fleet.RoleStore) != (in.Site != "") {
 		return badRequest("a store token needs a site, and only a store token has one")

@@ -33,6 +33,7 @@ type fakeStore struct {
 var testTokens = map[string]*fleet.Token{
 	"admin":   {ID: "t-admin", Role: fleet.RoleAdmin, Name: "root"},
 	"store-a": {ID: "t-store", Role: fleet.RoleStore, Site: "a", Name: "front-desk"},
+	"broker":  {ID: "t-broker", Role: fleet.RoleBroker, Name: "emqx"},
 }
 
 func (f *fakeStore) TokenByHash(_ context.Context, hash []byte) (*fleet.Token, error) {

@@ -371,6 +371,10 @@ func TestOpenAPISchemas(t *testing.T) {
 		"WaveStatus":     firmware.WaveStatus{},
 		"RolloutJob":     firmware.Job{},
 		"RolloutJobList": List[firmware.Job]{},
+
+		"EMQXAuthnAnswer": emqxAuthnOut{},
+		"EMQXRule":        emqxRule{},
+		"EMQXAuthzAnswer": emqxAuthzOut{},
 	}
 	// alwaysSet are omitempty fields the handler never leaves empty.
 	alwaysSet := map[string][]string{
@@ -416,6 +420,9 @@ func TestOpenAPISchemas(t *testing.T) {
 		"LockerPatch":   {lockerPatch{}, nil},
 		"CommandCreate": {commandIn{}, nil},
 		"TokenCreate":   {tokenIn{}, nil},
+
+		"EMQXAuthnRequest": {emqxAuthnIn{}, nil},
+		"EMQXAuthzRequest": {emqxAuthzIn{}, nil},
 
 		"PickupCreate":     {pickupIn{}, nil},
 		"CredentialCreate": {credentialIn{}, nil},

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -57,7 +58,10 @@ type Options struct {
 	Webhooks     *webhook.Dispatcher
 	// Firmware serves firmware and rollouts (httpapi/firmware.go); nil answers 404.
 	Firmware *firmware.Engine
-	Gatherer prometheus.Gatherer
+	// BrokerAuth answers an external broker's auth hooks
+	// (httpapi/brokerauth.go); nil answers 404.
+	BrokerAuth BrokerAuth
+	Gatherer   prometheus.Gatherer
 	// Ready reports whether the database and broker are ready.
 	Ready  func(ctx context.Context) error
 	Logger *slog.Logger
@@ -233,7 +237,7 @@ func (s *Server) table() []route {
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
-	}, append(s.pickupTable(), s.firmwareTable()...)...)
+	}, slices.Concat(s.pickupTable(), s.firmwareTable(), s.brokerAuthTable())...)
 }
 
 func (s *Server) routes() {

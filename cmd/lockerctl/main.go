@@ -166,7 +166,7 @@ func (c *cli) dispatch(args []string) error {
 		})
 	case "tokens create":
 		fs := c.flags("tokens create")
-		role := fs.String("role", "", "admin, operator, store or platform")
+		role := fs.String("role", "", "admin, operator, store, platform or broker")
 		name := fs.String("name", "", "token name (platform tokens: the platform's name)")
 		site := fs.String("site", "", "site (store tokens)")
 		if err := fs.Parse(args); err != nil {

@@ -1,0 +1,177 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestCheckExternal: an external broker's auth hook gets the verdicts of a
+// CONNECT to this broker, with its cache, Kick and rate limits.
+func TestCheckExternal(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	b := h.b
+	for _, c := range []struct {
+		name, id, user, pass, remote string
+		want                         Verdict
+		reason                       string
+	}{
+		{"Locker", "A", "A", "secret-A", "10.0.0.1", Allow, ""},
+		{"WrongSecret", "B", "B", "secret-A", "10.0.0.2:5000", Deny, refuseBadCredentials},
+		{"EmptySecret", "B", "B", "", "10.0.0.2", Deny, refuseBadCredentials},
+		{"UnknownLocker", "Z", "Z", "secret-Z", "", Deny, refuseUnknownDevice},
+		{"Disabled", "D", "D", "secret-D", "10.0.0.3", Deny, refuseDisabled},
+		{"GatewayUser", "gw-a", "lockergate", "its-password", "10.0.0.4", Ignore, ""},
+		{"UsernameNotClientID", "A", "B", "secret-B", "10.0.0.5", Ignore, ""},
+		{"NotAnID", "a/b", "a/b", "x", "10.0.0.5", Ignore, ""},
+		{"ClaimSession", protocol.ProvisionClientPrefix + "SN1", protocol.ProvisionClientPrefix + "SN1", claimToken, "", Ignore, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v, reason := b.CheckExternal(c.id, c.user, []byte(c.pass), c.remote)
+			if v != c.want || reason != c.reason {
+				t.Fatalf("CheckExternal(%q, %q) = %v %q, want %v %q", c.id, c.user, v, reason, c.want, c.reason)
+			}
+		})
+	}
+	if got := h.metric(t, "lockergate_mqtt_auth_failures_total", "reason", refuseDisabled); got != 1 {
+		t.Errorf("auth failures{disabled} = %v, want 1", got)
+	}
+
+	t.Run("CachedUntilKicked", func(t *testing.T) {
+		before := h.auth.calls("A")
+		if v, _ := b.CheckExternal("A", "A", []byte("secret-A"), "10.0.0.1"); v != Allow {
+			t.Fatalf("second check = %v", v)
+		}
+		if n := h.auth.calls("A") - before; n != 0 {
+			t.Fatalf("backend asked %d times for a cached secret", n)
+		}
+		h.auth.setDevice("A", fakeDevice{secret: "secret-A", disabled: true})
+		b.Kick("A") // an operator disabled it
+		if v, reason := b.CheckExternal("A", "A", []byte("secret-A"), "10.0.0.1"); v != Deny || reason != refuseDisabled {
+			t.Fatalf("after Kick = %v %q, want deny disabled", v, reason)
+		}
+	})
+
+	t.Run("BackendDown", func(t *testing.T) {
+		h.auth.mu.Lock()
+		h.auth.failWith = errors.New("connection refused")
+		h.auth.mu.Unlock()
+		t.Cleanup(func() { h.auth.mu.Lock(); h.auth.failWith = nil; h.auth.mu.Unlock() })
+		if v, reason := b.CheckExternal("B", "B", []byte("secret-B"), "10.0.0.6"); v != Retry || reason != refuseBackendError {
+			t.Fatalf("database down = %v %q, want retry backend_error", v, reason)
+		}
+	})
+
+	t.Run("RateLimited", func(t *testing.T) {
+		// Five wrong secrets for one locker within a minute lock its id;
+		// then even its right secret waits (it was never cached here).
+		h.auth.setDevice("R", fakeDevice{secret: "secret-R"})
+		for i := 0; i < 5; i++ {
+			if v, _ := b.CheckExternal("R", "R", []byte(fmt.Sprint("guess-", i)), ""); v != Deny {
+				t.Fatalf("guess %d = %v", i, v)
+			}
+		}
+		calls := h.auth.calls("R")
+		if v, reason := b.CheckExternal("R", "R", []byte("secret-R"), ""); v != Retry || reason != refuseRateLimited {
+			t.Fatalf("after 5 failures = %v %q, want retry rate_limited", v, reason)
+		}
+		if h.auth.calls("R") != calls {
+			t.Fatal("a rate-limited check reached the backend")
+		}
+	})
+
+	t.Run("UnknownAddressIsNotOneAddress", func(t *testing.T) {
+		// Brokers that do not send the peer address must not put every
+		// locker behind one address limit: 30 failures of other ids
+		// without an address leave B's check alone.
+		for i := 0; i < 30; i++ {
+			b.CheckExternal(fmt.Sprint("X", i), fmt.Sprint("X", i), []byte("x"), "")
+		}
+		if v, reason := b.CheckExternal("B", "B", []byte("secret-B"), ""); v != Allow {
+			t.Fatalf("B after others' failures = %v %q", v, reason)
+		}
+	})
+}
+
+func TestCheckExternalACL(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	for _, c := range []struct {
+		id, user, topic string
+		publish         bool
+		want            Verdict
+	}{
+		{"A", "A", protocol.Topic("A", protocol.ChanHealth), true, Allow},
+		{"A", "A", protocol.Topic("A", protocol.ChanCmdResult), true, Allow},
+		{"A", "A", protocol.Topic("A", protocol.ChanCmd), false, Allow},
+		{"A", "A", protocol.Topic("A", protocol.ChanCmd), true, Deny},     // gateway to device only
+		{"A", "A", protocol.Topic("A", protocol.ChanHealth), false, Deny}, // device to gateway only
+		{"A", "A", protocol.Topic("B", protocol.ChanEvents), true, Deny},
+		{"A", "A", protocol.Topic("B", protocol.ChanCmd), false, Deny},
+		{"A", "A", "lockers/v1/+/cmd", false, Deny},
+		{"A", "A", "#", false, Deny},
+		{"A", "A", "$SYS/broker/clients", false, Deny},
+		{"gw-a", "lockergate", "$share/lockergate/lockers/v1/+/health", false, Ignore},
+	} {
+		if got := h.b.CheckExternalACL(c.id, c.user, c.topic, c.publish); got != c.want {
+			t.Errorf("CheckExternalACL(%q, %q, %q, publish %v) = %v, want %v", c.id, c.user, c.topic, c.publish, got, c.want)
+		}
+	}
+	if got := h.metric(t, "lockergate_mqtt_acl_denied_total", "action", "publish"); got != 2 {
+		t.Errorf("acl denied{publish} = %v, want 2", got)
+	}
+	if !strings.Contains(h.logs.String(), "mqtt access denied") {
+		t.Error("no denial logged")
+	}
+}
+
+// TestProvisionOnly: with the fleet on an external broker, this broker
+// refuses lockers with an identity, even with the right secret, and still
+// serves claim sessions.
+func TestProvisionOnly(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.ProvisionOnly = true }, nil)
+	if _, err := h.dial(t, "A", "A", "secret-A"); err == nil {
+		t.Fatal("a locker identity connected to a provisioning-only broker")
+	}
+	if h.auth.calls("A") != 0 {
+		t.Error("the backend was asked about a locker a provisioning-only broker refuses anyway")
+	}
+	h.mustDial(t, protocol.ProvisionClientPrefix+"SN1", protocol.ProvisionUsername, claimToken)
+	// The hook still checks lockers.
+	if v, _ := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
+		t.Fatalf("hook check on a provisioning-only broker = %v", v)
+	}
+}
+
+// TestCheckExternalStaleSecret: when the database cannot answer, the hook
+// admits the secret it last verified for a locker (a broker cannot pass on
+// "not now"), and nothing else; a Kick forgets the secret.
+func TestCheckExternalStaleSecret(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.AuthCacheTTL = time.Nanosecond }, nil) // every check asks
+	b := h.b
+	if v, _ := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
+		t.Fatalf("first check = %v", v)
+	}
+	h.auth.mu.Lock()
+	h.auth.failWith = errors.New("connection refused")
+	h.auth.mu.Unlock()
+	if v, reason := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow || reason != "" {
+		t.Fatalf("last verified secret, database down = %v %q, want allow", v, reason)
+	}
+	if got := h.metric(t, "lockergate_mqtt_auth_cache_total", "result", "stale"); got != 1 {
+		t.Errorf("auth cache{stale} = %v, want 1", got)
+	}
+	if v, reason := b.CheckExternal("A", "A", []byte("another"), ""); v != Retry || reason != refuseBackendError {
+		t.Fatalf("another secret, database down = %v %q, want retry", v, reason)
+	}
+	if v, _ := b.CheckExternal("B", "B", []byte("secret-B"), ""); v != Retry {
+		t.Fatalf("a locker never verified here, database down = %v, want retry", v)
+	}
+	b.Kick("A")
+	if v, _ := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Retry {
+		t.Fatalf("after Kick, database down = %v, want retry", v)
+	}
+}

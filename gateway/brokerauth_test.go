@@ -1,0 +1,247 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/base64"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// hookAnswer is an EMQX hook answer.
+type hookAnswer struct {
+	Result string `json:"result"`
+	Reason string `json:"reason"`
+	ACL    []struct {
+		Permission, Action, Topic string
+	} `json:"acl"`
+}
+
+// brokerHook calls the EMQX auth hooks of a gateway with a broker token.
+type brokerHook struct{ c *client.Client }
+
+func newBrokerHook(tb testing.TB, tg *TestGateway) brokerHook {
+	_, c := tg.MustToken(tb, "broker", "", "emqx")
+	return brokerHook{c}
+}
+
+func (h brokerHook) call(tb testing.TB, path string, body map[string]string) (int, hookAnswer) {
+	tb.Helper()
+	var out hookAnswer
+	status, err := h.c.Do(context.Background(), client.Request{Method: "POST", Path: path, Body: body}, &out)
+	if err != nil && status < 400 {
+		tb.Fatalf("POST %s: %v", path, err)
+	}
+	return status, out
+}
+
+func (h brokerHook) authn(tb testing.TB, id, user, password string) hookAnswer {
+	tb.Helper()
+	status, a := h.call(tb, "/v1/broker-auth/emqx/authn", map[string]string{
+		"clientid": id, "username": user, "password": password, "peerhost": "10.20.30.40"})
+	if status != 200 {
+		tb.Fatalf("authn %s: status %d", id, status)
+	}
+	return a
+}
+
+func (h brokerHook) authz(tb testing.TB, id, topic, action string) string {
+	tb.Helper()
+	status, a := h.call(tb, "/v1/broker-auth/emqx/authz", map[string]string{
+		"clientid": id, "username": id, "topic": topic, "action": action})
+	if status != 200 {
+		tb.Fatalf("authz %s %s %s: status %d", id, action, topic, status)
+	}
+	return a.Result
+}
+
+// TestBrokerAuthHook drives the EMQX hooks with identities issued by real
+// provisioning, checked against PostgreSQL.
+func TestBrokerAuthHook(t *testing.T) {
+	tg := MustStart(t)
+	newSite(t, tg, "s1")
+	_, claim := newClaim(t, tg, map[string]any{"site": "s1", "uses": 5, "expires_in_s": 3600})
+	a := secProvision(t, tg, "127.0.1.1", claim, "SN-HOOK-A")
+	b := secProvision(t, tg, "127.0.1.1", claim, "SN-HOOK-B")
+	hook := newBrokerHook(t, tg)
+
+	got := hook.authn(t, a.DeviceID, a.DeviceID, a.Password)
+	if got.Result != "allow" || len(got.ACL) != len(protocol.Channels)+1 {
+		t.Fatalf("the locker's own secret: %+v", got)
+	}
+	for _, r := range got.ACL[:len(protocol.Channels)] {
+		if id, _, ok := protocol.ParseTopic(r.Topic); !ok || id != a.DeviceID || r.Permission != "allow" {
+			t.Errorf("rule %+v is not an allow on %s's own topic", r, a.DeviceID)
+		}
+	}
+	for _, c := range []struct{ name, id, user, pass, result, reason string }{
+		{"OtherLockersSecret", a.DeviceID, a.DeviceID, b.Password, "deny", "bad_credentials"},
+		{"UnknownLocker", "lk-nobody", "lk-nobody", a.Password, "deny", "unknown_device"},
+		{"GatewayUser", "gw-a", "lockergate", "x", "ignore", ""},
+		{"UsernameOfAnother", a.DeviceID, b.DeviceID, b.Password, "ignore", ""},
+	} {
+		if got := hook.authn(t, c.id, c.user, c.pass); got.Result != c.result || got.Reason != c.reason || got.ACL != nil {
+			t.Errorf("%s: %+v, want %s %q", c.name, got, c.result, c.reason)
+		}
+	}
+	if v, err := tg.Metric(`lockergate_mqtt_auth_failures_total{reason="unknown_device"}`); err != nil || v != 1 {
+		t.Errorf("auth failures{unknown_device} = %v (%v), want 1", v, err)
+	}
+
+	for _, c := range []struct{ topic, action, want string }{
+		{protocol.Topic(a.DeviceID, protocol.ChanEvents), "publish", "allow"},
+		{protocol.Topic(a.DeviceID, protocol.ChanCreds), "subscribe", "allow"},
+		{protocol.Topic(b.DeviceID, protocol.ChanEvents), "publish", "deny"},
+		{protocol.Topic(b.DeviceID, protocol.ChanCmd), "subscribe", "deny"},
+		{"lockers/v1/#", "subscribe", "deny"},
+	} {
+		if got := hook.authz(t, a.DeviceID, c.topic, c.action); got != c.want {
+			t.Errorf("authz %s %s: %s, want %s", c.action, c.topic, got, c.want)
+		}
+	}
+
+	// An operator disables the locker: its cached secret no longer admits
+	// it, at once; enabled again, it is admitted again.
+	patchLocker(t, tg, a.DeviceID, map[string]bool{"disabled": true})
+	if got := hook.authn(t, a.DeviceID, a.DeviceID, a.Password); got.Result != "deny" || got.Reason != "disabled" {
+		t.Fatalf("disabled locker: %+v", got)
+	}
+	patchLocker(t, tg, a.DeviceID, map[string]bool{"disabled": false})
+	if got := hook.authn(t, a.DeviceID, a.DeviceID, a.Password); got.Result != "allow" {
+		t.Fatalf("enabled again: %+v", got)
+	}
+}
+
+// TestExternalHTTPDeviceAuth runs the fleet on a real external broker with
+// --device-auth http: no dynamic security on the broker, identities issued
+// and checked by the gateway alone. mosquitto cannot call an HTTP hook, so
+// it admits anyone here and the test asks the hook what EMQX would.
+func TestExternalHTTPDeviceAuth(t *testing.T) {
+	ctx := context.Background()
+	mq := MustOpenMosquitto(t)
+	gw := MustRun(t, gateway.Options{
+		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
+		Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
+		ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lockergate", InstanceID: "gw-h", DeviceAuth: gateway.DeviceAuthHTTP,
+	})
+	claim := gw.MustSiteAndClaim(t, "s1", 2)
+	r := MustProvision(t, gw, claim, "HTTP-000000")
+	if r.Broker != "mqtt://"+mq.Addr {
+		t.Fatalf("locker told to use %q, want the external broker", r.Broker)
+	}
+	// The embedded listener provisions only, even for the right secret.
+	if c, err := Connect(gw.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password); err == nil {
+		c.Disconnect(50)
+		t.Fatal("a locker identity connected to the provisioning listener")
+	}
+	hook := newBrokerHook(t, gw)
+	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "allow" {
+		t.Fatalf("hook on the issued identity: %+v", got)
+	}
+
+	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
+	sim := MustFleet(t, gw, "", 1, func(o *devicesim.Options) {
+		o.Broker = "tcp://" + mq.Addr
+		o.SerialPrefix = "HTTP"
+		o.Identities = map[string]devicesim.Identity{"HTTP-000000": {DeviceID: r.DeviceID, Password: r.Password, CredKey: key, Broker: r.Broker}}
+	})
+	waitOnline(t, gw, r.DeviceID, true)
+	l := sim.Lockers()[0]
+	var cmd fleet.Command
+	if err := gw.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "wait_s": 15}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	if cmd.Status != fleet.CmdOK || l.CommandsRun(cmd.ID) != 1 {
+		t.Fatalf("unlock through the external broker: status %s, ran %d times", cmd.Status, l.CommandsRun(cmd.ID))
+	}
+
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true})
+	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
+		t.Fatalf("disabled locker: %+v", got)
+	}
+}
+
+// TestDeviceAuthOptions: a device-auth setting that cannot work is a
+// start-up error that says what to change.
+func TestDeviceAuthOptions(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		o    gateway.Options
+		want string
+	}{
+		{"WithoutExternalBroker", gateway.Options{DeviceAuth: gateway.DeviceAuthHTTP}, "needs --broker-url"},
+		{"Unknown", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: "ldap"}, `want dynsec`},
+		{"InstanceIsUser", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
+			ExternalUser: "lockergate", InstanceID: "lockergate"}, "must differ"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			c.o.DataDir, c.o.Logger = t.TempDir(), testLogger(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			g, err := gateway.New(ctx, c.o)
+			if err == nil {
+				g.Close()
+				t.Fatal("started")
+			}
+			if !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("error %q does not say %q", err, c.want)
+			}
+		})
+	}
+}
+
+// TestExternalDisable: on mosquitto with dynamic security, disabling a
+// locker ends its live session and refuses it from then on, and the
+// gateway's own auth hook forgets its secret too; enabling lets it back.
+func TestExternalDisable(t *testing.T) {
+	mq := MustMosquitto(t)
+	gw := MustRun(t, gateway.Options{
+		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
+		Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
+		ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lgadmin", ExternalPassword: mq.AdminPassword, InstanceID: "gw-d",
+	})
+	claim := gw.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, gw, claim, "DIS-000000")
+	c, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
+	if err != nil {
+		t.Fatalf("the issued identity on mosquitto: %v", err)
+	}
+	defer c.Disconnect(50)
+	hook := newBrokerHook(t, gw)
+	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "allow" {
+		t.Fatalf("hook before the disable: %+v", got)
+	}
+
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true})
+	Eventually(t, 10*time.Second, "mosquitto ends the disabled locker's session", func() error {
+		if c.IsConnectionOpen() {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	if c2, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password); err == nil {
+		c2.Disconnect(50)
+		t.Fatal("a disabled locker connected to mosquitto")
+	}
+	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
+		t.Fatalf("hook after the disable: %+v", got)
+	}
+
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": false})
+	Eventually(t, 10*time.Second, "the enabled locker connects again", func() error {
+		c3, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
+		if err != nil {
+			return err
+		}
+		c3.Disconnect(50)
+		return nil
+	})
+}

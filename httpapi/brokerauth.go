@@ -1,0 +1,153 @@
+package httpapi
+
+import (
+	"fmt"
+	"mime"
+	"net/http"
+	"net/url"
+	"strconv"
+
+	"github.com/lockergate/lockergate/broker"
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// BrokerAuth decides for an external broker's auth hooks (broker.Broker).
+type BrokerAuth interface {
+	CheckExternal(clientID, username string, password []byte, remote string) (broker.Verdict, string)
+	CheckExternalACL(clientID, username, topic string, publish bool) broker.Verdict
+}
+
+var brokerRoles = []string{fleet.RoleBroker}
+
+// brokerAuthRetryAfter is what a Retry verdict asks the broker to wait.
+const brokerAuthRetryAfter = 5
+
+func (s *Server) brokerAuthTable() []route {
+	return []route{
+		{"POST", "/v1/broker-auth/emqx/authn", brokerRoles, false, s.emqxAuthn},
+		{"POST", "/v1/broker-auth/emqx/authz", brokerRoles, false, s.emqxAuthz},
+	}
+}
+
+// emqxAuthnIn is what an EMQX 5 HTTP authenticator sends, with the body
+// template of docs/deployment.md.
+type emqxAuthnIn struct {
+	ClientID string `json:"clientid"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+	PeerHost string `json:"peerhost"`
+}
+
+// emqxRule is one entry of the acl an EMQX (5.8+) authenticator may return.
+type emqxRule struct {
+	Permission string `json:"permission"`
+	Action     string `json:"action"`
+	Topic      string `json:"topic"`
+}
+
+type emqxAuthnOut struct {
+	Result      string     `json:"result"`
+	IsSuperuser bool       `json:"is_superuser"`
+	Reason      string     `json:"reason,omitempty"`
+	ACL         []emqxRule `json:"acl,omitempty"`
+}
+
+// emqxAuthn answers EMQX's HTTP authenticator: allow (with the locker's
+// topic rules), deny, or ignore for a client that is no locker. A check
+// that cannot be made now is a 503, which EMQX counts as ignore: it cannot
+// answer "server unavailable" from an HTTP authenticator.
+func (s *Server) emqxAuthn(w http.ResponseWriter, r *http.Request) error {
+	if s.opts.BrokerAuth == nil {
+		return brokerAuthOff
+	}
+	var in emqxAuthnIn
+	if err := decodeHook(r, &in); err != nil {
+		return err
+	}
+	v, reason := s.opts.BrokerAuth.CheckExternal(in.ClientID, in.Username, []byte(in.Password), in.PeerHost)
+	out := emqxAuthnOut{Result: v.String(), Reason: reason}
+	switch v {
+	case broker.Allow:
+		out.ACL = emqxACL(in.ClientID)
+	case broker.Retry:
+		w.Header().Set("Retry-After", strconv.Itoa(brokerAuthRetryAfter))
+		writeProblem(w, http.StatusServiceUnavailable, "cannot check the locker's credentials now ("+reason+"); the broker should refuse it as unavailable")
+		return nil
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+// emqxACL is a locker's whole access: its own topics of protocol v1, and
+// nothing else.
+func emqxACL(id string) []emqxRule {
+	rules := make([]emqxRule, 0, len(protocol.Channels)+1)
+	for _, c := range protocol.Channels {
+		action := "subscribe"
+		if c.DeviceToGateway() {
+			action = "publish"
+		}
+		rules = append(rules, emqxRule{Permission: "allow", Action: action, Topic: protocol.Topic(id, c)})
+	}
+	return append(rules, emqxRule{Permission: "deny", Action: "all", Topic: "#"})
+}
+
+type emqxAuthzIn struct {
+	ClientID string `json:"clientid"`
+	Username string `json:"username"`
+	Topic    string `json:"topic"`
+	Action   string `json:"action"`
+}
+
+type emqxAuthzOut struct {
+	Result string `json:"result"`
+}
+
+// emqxAuthz answers EMQX's HTTP authorizer for one publish or subscribe.
+func (s *Server) emqxAuthz(w http.ResponseWriter, r *http.Request) error {
+	if s.opts.BrokerAuth == nil {
+		return brokerAuthOff
+	}
+	var in emqxAuthzIn
+	if err := decodeHook(r, &in); err != nil {
+		return err
+	}
+	if in.Action != "publish" && in.Action != "subscribe" {
+		return badRequest("action must be publish or subscribe, not %q", in.Action)
+	}
+	if in.Topic == "" {
+		return badRequest("topic is empty")
+	}
+	v := s.opts.BrokerAuth.CheckExternalACL(in.ClientID, in.Username, in.Topic, in.Action == "publish")
+	writeJSON(w, http.StatusOK, emqxAuthzOut{Result: v.String()})
+	return nil
+}
+
+var brokerAuthOff = fmt.Errorf("%w: no broker auth hook on this gateway", fleet.ErrNotFound)
+
+// decodeHook reads a hook request: a JSON object, or a form
+// (application/x-www-form-urlencoded), as EMQX can send either.
+func decodeHook(r *http.Request, in any) error {
+	ct, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
+	if ct != "application/x-www-form-urlencoded" {
+		return decode(r, in)
+	}
+	body, err := readAllLimited(r)
+	if err != nil {
+		return err
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		return badRequest("malformed form: %v", err)
+	}
+	switch in := in.(type) {
+	case *emqxAuthnIn:
+		*in = emqxAuthnIn{ClientID: form.Get("clientid"), Username: form.Get("username"),
+			Password: form.Get("password"), PeerHost: form.Get("peerhost")}
+	case *emqxAuthzIn:
+		*in = emqxAuthzIn{ClientID: form.Get("clientid"), Username: form.Get("username"),
+			Topic: form.Get("topic"), Action: form.Get("action")}
+	}
+	return nil
+}

@@ -1,0 +1,172 @@
+package httpapi
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/lockergate/lockergate/broker"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// fakeBrokerAuth answers with fixed verdicts and records what it was asked.
+type fakeBrokerAuth struct {
+	verdict broker.Verdict
+	reason  string
+	got     []string
+}
+
+func (f *fakeBrokerAuth) CheckExternal(clientID, username string, password []byte, remote string) (broker.Verdict, string) {
+	f.got = append(f.got, clientID, username, string(password), remote)
+	return f.verdict, f.reason
+}
+
+func (f *fakeBrokerAuth) CheckExternalACL(clientID, username, topic string, publish bool) broker.Verdict {
+	action := "subscribe"
+	if publish {
+		action = "publish"
+	}
+	f.got = append(f.got, clientID, username, topic, action)
+	return f.verdict
+}
+
+func hookCall(t *testing.T, s http.Handler, path, contentType, body, secret string) *httptest.ResponseRecorder {
+	t.Helper()
+	req := httptest.NewRequest("POST", path, strings.NewReader(body))
+	req.Header.Set("Content-Type", contentType)
+	if secret != "" {
+		req.Header.Set("Authorization", "Bearer "+secret)
+	}
+	rec := httptest.NewRecorder()
+	s.ServeHTTP(rec, req)
+	return rec
+}
+
+// TestEMQXHooks: each verdict becomes the answer EMQX 5 expects, from JSON
+// and from form bodies; bad requests and tokens get problem details.
+func TestEMQXHooks(t *testing.T) {
+	const authn, authz = "/v1/broker-auth/emqx/authn", "/v1/broker-auth/emqx/authz"
+	const jsonCT, formCT = "application/json", "application/x-www-form-urlencoded"
+	f := &fakeBrokerAuth{}
+	s := New(Options{Store: &fakeStore{}, BrokerAuth: f})
+
+	t.Run("Allow", func(t *testing.T) {
+		f.verdict, f.reason, f.got = broker.Allow, "", nil
+		rec := hookCall(t, s, authn, jsonCT, `{"clientid":"lk-1","username":"lk-1","password":"pw","peerhost":"10.1.2.3","extra":"ignored"}`, "broker")
+		if rec.Code != 200 || rec.Header().Get("Content-Type") != "application/json" {
+			t.Fatalf("status %d, content type %q: %s", rec.Code, rec.Header().Get("Content-Type"), rec.Body)
+		}
+		var out emqxAuthnOut
+		if err := json.Unmarshal(rec.Body.Bytes(), &out); err != nil {
+			t.Fatal(err)
+		}
+		if out.Result != "allow" || out.IsSuperuser {
+			t.Fatalf("answer %+v", out)
+		}
+		if strings.Join(f.got, ",") != "lk-1,lk-1,pw,10.1.2.3" {
+			t.Errorf("asked %v", f.got)
+		}
+		// The locker's whole access: its 10 topics, then deny everything.
+		if len(out.ACL) != len(protocol.Channels)+1 {
+			t.Fatalf("acl %+v", out.ACL)
+		}
+		for _, r := range out.ACL[:len(protocol.Channels)] {
+			_, c, ok := protocol.ParseTopic(r.Topic)
+			want := "subscribe"
+			if ok && c.DeviceToGateway() {
+				want = "publish"
+			}
+			if !ok || r.Permission != "allow" || r.Action != want || !strings.HasPrefix(r.Topic, "lockers/v1/lk-1/") {
+				t.Errorf("rule %+v", r)
+			}
+		}
+		if last := out.ACL[len(out.ACL)-1]; last != (emqxRule{"deny", "all", "#"}) {
+			t.Errorf("last rule %+v, want deny all #", last)
+		}
+	})
+	t.Run("Form", func(t *testing.T) {
+		f.verdict, f.got = broker.Allow, nil
+		rec := hookCall(t, s, authn, formCT, "clientid=lk-1&username=lk-1&password=p%26w&peerhost=10.1.2.3", "broker")
+		if rec.Code != 200 || strings.Join(f.got, ",") != "lk-1,lk-1,p&w,10.1.2.3" {
+			t.Fatalf("status %d, asked %v", rec.Code, f.got)
+		}
+	})
+	for _, c := range []struct {
+		v      broker.Verdict
+		reason string
+		want   string
+	}{{broker.Deny, "bad_credentials", "deny"}, {broker.Ignore, "", "ignore"}} {
+		t.Run(c.want, func(t *testing.T) {
+			f.verdict, f.reason = c.v, c.reason
+			rec := hookCall(t, s, authn, jsonCT, `{"clientid":"lk-1","username":"lk-1","password":"x"}`, "broker")
+			var out emqxAuthnOut
+			json.Unmarshal(rec.Body.Bytes(), &out)
+			if rec.Code != 200 || out.Result != c.want || out.Reason != c.reason || out.ACL != nil {
+				t.Fatalf("status %d, answer %s", rec.Code, rec.Body)
+			}
+		})
+	}
+	t.Run("Retry", func(t *testing.T) {
+		// EMQX reads a 5xx as "ignore": never a final deny for our trouble.
+		f.verdict, f.reason = broker.Retry, "backend_error"
+		rec := hookCall(t, s, authn, jsonCT, `{"clientid":"lk-1","username":"lk-1","password":"x"}`, "broker")
+		if rec.Code != http.StatusServiceUnavailable || rec.Header().Get("Retry-After") == "" ||
+			!strings.Contains(rec.Body.String(), "backend_error") {
+			t.Fatalf("status %d, Retry-After %q: %s", rec.Code, rec.Header().Get("Retry-After"), rec.Body)
+		}
+	})
+	t.Run("Authz", func(t *testing.T) {
+		for _, v := range []broker.Verdict{broker.Allow, broker.Deny, broker.Ignore} {
+			f.verdict, f.got = v, nil
+			rec := hookCall(t, s, authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","topic":"lockers/v1/lk-1/health","action":"publish"}`, "broker")
+			if rec.Code != 200 || strings.TrimSpace(rec.Body.String()) != `{"result":"`+v.String()+`"}` {
+				t.Fatalf("%v: status %d: %s", v, rec.Code, rec.Body)
+			}
+		}
+		f.verdict, f.got = broker.Allow, nil
+		rec := hookCall(t, s, authz, formCT, "clientid=lk-1&username=lk-1&topic=lockers%2Fv1%2Flk-1%2Fcmd&action=subscribe", "broker")
+		if rec.Code != 200 || strings.Join(f.got, ",") != "lk-1,lk-1,lockers/v1/lk-1/cmd,subscribe" {
+			t.Fatalf("form: status %d, asked %v", rec.Code, f.got)
+		}
+	})
+	t.Run("BadRequests", func(t *testing.T) {
+		f.got = nil
+		for _, c := range []struct{ path, ct, body, detail string }{
+			{authn, jsonCT, `{"clientid":`, "malformed JSON"},
+			{authn, jsonCT, `["lk-1"]`, "want"},
+			{authn, jsonCT, `{"clientid":"lk-1","password":"` + strings.Repeat("x", maxBody) + `"}`, "larger than"},
+			{authn, formCT, "clientid=%zz", "malformed form"},
+			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","topic":"t","action":"all"}`, "action must be publish or subscribe"},
+			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","action":"publish"}`, "topic is empty"},
+		} {
+			rec := hookCall(t, s, c.path, c.ct, c.body, "broker")
+			if rec.Code != 400 || !strings.Contains(rec.Body.String(), c.detail) {
+				t.Errorf("%s %.60s: status %d: %.200s, want 400 with %q", c.path, c.body, rec.Code, rec.Body, c.detail)
+			}
+		}
+		if len(f.got) != 0 {
+			t.Errorf("bad requests reached the checks: %v", f.got)
+		}
+	})
+	t.Run("Tokens", func(t *testing.T) {
+		body := `{"clientid":"lk-1","username":"lk-1","password":"x"}`
+		for secret, want := range map[string]int{"": 401, "nope": 401, "admin": 403, "store-a": 403} {
+			if rec := hookCall(t, s, authn, jsonCT, body, secret); rec.Code != want {
+				t.Errorf("token %q: status %d, want %d", secret, rec.Code, want)
+			}
+		}
+		// A broker token can do nothing else.
+		if a := call(t, s, "GET", "/v1/sites", "broker"); a.status != 403 {
+			t.Errorf("broker token on GET /v1/sites: %d, want 403", a.status)
+		}
+	})
+	t.Run("NotConfigured", func(t *testing.T) {
+		s := New(Options{Store: &fakeStore{}})
+		rec := hookCall(t, s, authn, jsonCT, `{"clientid":"lk-1","username":"lk-1","password":"x"}`, "broker")
+		if rec.Code != 404 || !strings.Contains(rec.Body.String(), "no broker auth hook") {
+			t.Fatalf("status %d: %s", rec.Code, rec.Body)
+		}
+	})
+}
