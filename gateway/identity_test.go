@@ -115,6 +115,21 @@ func TestSecurityReplaceKicks(t *testing.T) {
 	patchLocker(t, tg, r.DeviceID, map[string]bool{"replaceable": true})
 	old.birth(t, r.DeviceID) // marking alone ends nothing
 
+	t.Run("NotByAnotherSitesClaim", func(t *testing.T) {
+		// A replacement would move the locker, and the orders in it, under
+		// the other site's staff.
+		newSite(t, tg, "s2")
+		_, other := newClaim(t, tg, map[string]any{"site": "s2", "uses": 5, "expires_in_s": 3600})
+		cs := claimSession(t, tg, "127.0.10.1", other, "SN-REPLACE")
+		if got := cs.ask(t, "SN-REPLACE", provisionRequest("SN-REPLACE")); got.Status != "error" || got.Error != protocol.ProvSerialTaken {
+			t.Fatalf("answer %+v, want serial_taken", got)
+		}
+		old.birth(t, r.DeviceID) // the session is untouched
+		if l := lockerOf(t, tg, r.DeviceID); !l.Replaceable || l.Site != "s1" {
+			t.Fatalf("after another site's claim: replaceable %v, site %s; want still replaceable at s1", l.Replaceable, l.Site)
+		}
+	})
+
 	before := scrape(t, tg)
 	cs := claimSession(t, tg, "127.0.10.1", claim, "SN-REPLACE")
 	got := cs.ask(t, "SN-REPLACE", provisionRequest("SN-REPLACE"))

@@ -107,7 +107,7 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 				c.ID, r.At, req.Serial, deviceID, outcome)
 			return err
 		}
-		var existing string
+		var existing, site string
 		var replaceable, retry bool
 		var gen int
 		// A locker whose answer was lost (it dropped off mid-provisioning,
@@ -116,13 +116,13 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		// since, it is issued again (a new secret), even if the use was the
 		// claim's last or the claim has expired since: the locker was
 		// admitted then, and a refusal now would be final.
-		err = tx.QueryRow(ctx, `SELECT d.id, d.replaceable, d.key_gen,
+		err = tx.QueryRow(ctx, `SELECT d.id, d.site, d.replaceable, d.key_gen,
 				coalesce(u.ts > $3::timestamptz - interval '10 minutes' AND (d.connected_at IS NULL OR d.connected_at < u.ts), false)
 			FROM devices d LEFT JOIN LATERAL (
 				SELECT ts FROM claim_uses WHERE device_id = d.id AND claim_id = $2
 					AND outcome IN ('provision', 'provision.replace', 'provision.retry')
 				ORDER BY ts DESC LIMIT 1) u ON true
-			WHERE d.serial = $1 FOR UPDATE OF d`, req.Serial, c.ID, r.At).Scan(&existing, &replaceable, &gen, &retry)
+			WHERE d.serial = $1 FOR UPDATE OF d`, req.Serial, c.ID, r.At).Scan(&existing, &site, &replaceable, &gen, &retry)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
@@ -144,7 +144,10 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
 			_, err = tx.Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, key_gen) VALUES ($1, $2, $3, $4, $5, $6, 1)`,
 				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
-		case !replaceable && !retry:
+		case !retry && (!replaceable || site != c.Site):
+			// A replacement stays at the locker's site: another site's
+			// claim would move it, with the orders in its compartments,
+			// under that site's staff.
 			refusal = provisioning.ErrSerialTaken
 			return record(refusalOutcome(refusal), existing)
 		default:
