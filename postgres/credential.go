@@ -20,8 +20,18 @@ import (
 // version with the credentials it names, and the firmware job. Explicit
 // BEGIN and COMMIT in the batch make its statements one repeatable-read
 // transaction; a failure leaves the connection in a transaction, which
-// pgxpool closes rather than reuse.
+// pgxpool closes rather than reuse. PostgreSQL sends no result before the
+// batch's end, so a statement that fails or stalls fails the batch as a
+// whole: errors name the locker, not the statement.
 func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
+	r, err := db.retained(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("retained state of %s: %w", id, err)
+	}
+	return r, nil
+}
+
+func (db *DB) retained(ctx context.Context, id string) (*fleet.Retained, error) {
 	b := &pgx.Batch{}
 	b.Queue("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
 	b.Queue("SELECT config_version, creds_version FROM devices WHERE id = $1", id)
@@ -64,7 +74,7 @@ func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) 
 	default:
 		r.FwJob = new(protocol.FwJob)
 		if err := json.Unmarshal(job, r.FwJob); err != nil {
-			return nil, fmt.Errorf("stored fw/job of %s: %w", id, err)
+			return nil, fmt.Errorf("stored fw/job: %w", err)
 		}
 	}
 	if _, err := br.Exec(); err != nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -739,6 +740,58 @@ func TestRetained(t *testing.T) {
 	var inTx int
 	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
 		t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
+	}
+}
+
+// TestRetainedMidBatchError: a statement of the Retained batch that fails
+// after BEGIN (here: cancelled while it waits for a table another session
+// has locked) fails the call, names the locker, and leaves no connection
+// inside the aborted transaction.
+func TestRetainedMidBatchError(t *testing.T) {
+	ctx := context.Background()
+	dsn := pgtest.NewDB(t)
+	setup, err := postgres.Open(ctx, postgres.Options{DSN: dsn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer setup.Close()
+	// One connection: its statements are prepared by the first call, so
+	// the next one runs BEGIN and the locker's row before it blocks.
+	db, err := postgres.Open(ctx, postgres.Options{DSN: dsn, MaxConns: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	id := MustDevice(t, setup, "s1", "SN-RTE", 2)
+	for _, table := range []string{"credentials", "fw_jobs"} {
+		t.Run(table, func(t *testing.T) {
+			if _, err := db.Retained(ctx, id); err != nil {
+				t.Fatal(err)
+			}
+			tx, err := setup.Pool().Begin(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := tx.Exec(ctx, "LOCK TABLE "+table+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+				t.Fatal(err)
+			}
+			cctx, cancel := context.WithTimeout(ctx, time.Second)
+			_, err = db.Retained(cctx, id)
+			cancel()
+			tx.Rollback(ctx)
+			if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "retained state of "+id) {
+				t.Fatalf("blocked on %s: %v, want the deadline, naming the locker", table, err)
+			}
+			for i := 0; i < 10; i++ {
+				if _, err := db.Retained(ctx, id); err != nil {
+					t.Fatalf("after the lock is gone: %v", err)
+				}
+			}
+			var inTx int
+			if err := setup.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
+				t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
+			}
+		})
 	}
 }
 
