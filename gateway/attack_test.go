@@ -455,6 +455,14 @@ func secProvision(tb testing.TB, tg *TestGateway, src, token, serial string) pro
 	if err := c.waitLost(5 * time.Second); err != nil {
 		tb.Fatalf("claim session of %s after its answer: %v", serial, err)
 	}
+	// The client sees the end first; the broker counts it a moment later.
+	// Callers compare counters next, so wait for the broker too.
+	Eventually(tb, 5*time.Second, "claim session of "+serial+" ended at the broker", func() error {
+		if v, err := tg.Metric(`lockergate_mqtt_connections{kind="provisioning"}`); err != nil || v != 0 {
+			return fmt.Errorf("%v provisioning sessions (%v)", v, err)
+		}
+		return nil
+	})
 	return r
 }
 
