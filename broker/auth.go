@@ -191,7 +191,9 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) string {
 	if reason == "" {
 		switch {
 		case k == kindDevice && b.opts.ProvisionOnly:
-			reason = refuseUnknownDevice
+			// Not counted against the id: anyone could otherwise lock a
+			// locker out of the external broker's auth hook from here.
+			k, reason = kindNone, refuseUnknownDevice
 		case k == kindDevice:
 			sess, reason = b.authDevice(cl, subject, pk.Connect.Password, ip, now)
 		case k == kindProvision:
@@ -206,15 +208,23 @@ func (b *Broker) authenticate(cl *mqtt.Client, pk packets.Packet) string {
 	return ""
 }
 
-// checkLimits bound one backend credential check: the wait for a check slot
-// and the check itself.
-type checkLimits struct{ queue, call time.Duration }
+// checkLimits bound one backend credential check: the wait for a check
+// slot and the check itself; rateLimited: refused at once while the id or
+// address is blocked after failures.
+type checkLimits struct {
+	queue, call time.Duration
+	rateLimited bool
+}
 
 var (
-	// connectLimits: a CONNECT here, which can be answered "busy".
-	connectLimits = checkLimits{queue: authQueueWait, call: authTimeout}
-	// hookLimits: an external broker's auth hook, which cannot say "busy"
-	// and must answer within the broker's request timeout (EMQX: 5 s).
+	// connectLimits: a CONNECT here, which can be answered "busy" or
+	// "rate limited, retry later".
+	connectLimits = checkLimits{queue: authQueueWait, call: authTimeout, rateLimited: true}
+	// hookLimits: an external broker's auth hook, which must answer within
+	// the broker's request timeout (EMQX: 5 s) and cannot say "not now":
+	// any refusal is final for the locker, so a rate limit would let anyone
+	// lock lockers out for good. Secrets are random and long; the bounded
+	// check slots protect the database.
 	hookLimits = checkLimits{queue: 2 * time.Second, call: 2 * time.Second}
 )
 
@@ -269,7 +279,7 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 // verifyDevice checks id's secret, from the cache when it can; see
 // authDevice. epoch is id's cache epoch from before the check; known: the
 // secret is the one last verified for id, however long ago. ip may be ""
-// (unknown), and then only the per-id limit applies.
+// (unknown).
 func (b *Broker) verifyDevice(id string, password []byte, ip string, now time.Time, lim checkLimits) (epoch uint64, known bool, reason string) {
 	sum := sha256.Sum256(password)
 	epoch = b.cache.epoch(id)
@@ -279,7 +289,7 @@ func (b *Broker) verifyDevice(id string, password []byte, ip string, now time.Ti
 		return epoch, true, ""
 	}
 	b.m.authCache.WithLabelValues("miss").Inc()
-	if !known && ((ip != "" && b.limiter.blocked(ipKey(ip), now)) || b.limiter.blocked(idKey(id), now)) {
+	if lim.rateLimited && !known && (b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(id), now)) {
 		return epoch, false, refuseRateLimited
 	}
 	if reason := b.checkDevice(id, password, lim); reason != "" {
@@ -358,15 +368,18 @@ func (b *Broker) refuse(k kind, clientID, username, remote, reason string, now t
 	if b.ctx.Err() != nil {
 		return // shutting down: not the client's fault, not worth a metric
 	}
-	b.m.authFailures.WithLabelValues(reason).Inc()
 	if countsAsFailure(reason) {
-		if ip := hostOf(remote); ip != "" { // unknown for some external brokers
-			b.limiter.fail(ipKey(ip), b.limiter.ipLimit, now)
-		}
+		b.limiter.fail(ipKey(hostOf(remote)), b.limiter.ipLimit, now)
 		if k != kindNone { // a malformed id is not worth tracking
 			b.limiter.fail(idKey(clientID), b.limiter.idLimit, now)
 		}
 	}
+	b.refused(clientID, username, remote, reason, now)
+}
+
+// refused counts and logs a refusal.
+func (b *Broker) refused(clientID, username, remote, reason string, now time.Time) {
+	b.m.authFailures.WithLabelValues(reason).Inc()
 	if ok, suppressed := b.refusalLog.allow(now); ok {
 		b.log.Warn("mqtt connect refused", "reason", reason, "client_id", logID(clientID),
 			"username", logID(username), "remote", remote, "suppressed", suppressed)
@@ -476,6 +489,15 @@ func (c *authCache) invalidate(id string) {
 	defer c.mu.Unlock()
 	delete(c.entries, id)
 	*c.stripe(id)++
+}
+
+func (c *authCache) invalidateAll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	clear(c.entries)
+	for i := range c.epochs {
+		c.epochs[i]++
+	}
 }
 
 // failLimiter counts refused CONNECTs per client id and per remote address.

@@ -419,6 +419,12 @@ func (b *Broker) Invalidate(id string) {
 	b.cache.invalidate(id)
 }
 
+// InvalidateAll forgets every cached credential (when kicks may have been
+// missed).
+func (b *Broker) InvalidateAll() {
+	b.cache.invalidateAll()
+}
+
 // ConnectedDevices is the number of devices with a live session (each
 // reported to the Observer as connected and not yet as disconnected).
 func (b *Broker) ConnectedDevices() int {

@@ -50,46 +50,77 @@ func ExternalIdentity(clientID, username string) (id string, ok bool) {
 
 // CheckExternal decides a CONNECT that a client made to an external broker,
 // as that broker's auth hook (httpapi's /v1/broker-auth endpoints) reports
-// it. A locker identity gets the checks of a CONNECT to this broker, with
-// the same secret cache, rate limits, refusal metric and log; Kick
-// invalidates the cache here too, so a disabled locker's next CONNECT is
-// refused. remote is the client's address as the broker saw it (host or
-// host:port; "" when the broker does not say: then only the per-locker
-// limit applies). reason is the refusal reason, a label of
+// it. A locker identity gets the secret check of a CONNECT to this broker,
+// with the same cache, refusal metric and log; Kick forgets a cached secret
+// here too. remote is the client's address as the broker saw it, for the
+// log. reason is the refusal reason, a label of
 // lockergate_mqtt_auth_failures_total.
+//
+// Every refusal is final for the locker (a broker's HTTP authenticator
+// cannot answer "not now"), so unlike a CONNECT here there is no lockout
+// after failed attempts, and a secret this broker verified before is
+// admitted when the database cannot confirm it now.
+//
+// A client that uses a locker's id as its client id with another username
+// is refused (client_id_mismatch): it would take over the locker's session.
+// Other clients are Ignore: for the broker's other authenticators.
 func (b *Broker) CheckExternal(clientID, username string, password []byte, remote string) (v Verdict, reason string) {
-	id, ok := ExternalIdentity(clientID, username)
-	if !ok {
-		return Ignore, ""
-	}
 	now := time.Now()
-	known := false
-	if len(password) == 0 {
-		reason = refuseBadCredentials
-	} else {
-		_, known, reason = b.verifyDevice(id, password, hostOf(remote), now, hookLimits)
-	}
+	id, ok := ExternalIdentity(clientID, username)
 	switch {
-	case reason == "":
-		return Allow, ""
-	case b.ctx.Err() != nil:
-		return Retry, refuseBackendError // closing: not the client's fault
-	case known && retryable(reason):
-		// The secret this gateway last verified for the locker, and the
-		// database cannot confirm it now. A broker's HTTP authenticator
-		// cannot answer "server unavailable": EMQX turns any failure
-		// into "not authorised", which a locker must take as final. So
-		// the secret is admitted (a Kick, from a disable or a
-		// replacement, forgets it).
-		b.m.authCache.WithLabelValues("stale").Inc()
-		b.logBackendError("auth hook admitted a locker on the secret last verified: cannot check it now", clientID, errors.New(reason))
+	case !ok && !validDeviceID(clientID):
+		return Ignore, ""
+	case !ok:
+		v, reason = b.foreignClientID(clientID, password)
+	case len(password) == 0:
+		v, reason = Deny, refuseBadCredentials
+	default:
+		v, reason = b.checkExternalSecret(id, password, now)
+	}
+	if v == Deny || v == Retry {
+		if b.ctx.Err() != nil {
+			return Retry, refuseBackendError // closing: not the client's fault
+		}
+		b.refused(clientID, username, remote, reason, now)
+	}
+	return v, reason
+}
+
+func (b *Broker) checkExternalSecret(id string, password []byte, now time.Time) (Verdict, string) {
+	for attempt := 0; attempt < 3; attempt++ {
+		epoch, known, reason := b.verifyDevice(id, password, "", now, hookLimits)
+		switch {
+		case reason != "" && !(known && retryable(reason)):
+			if retryable(reason) {
+				return Retry, reason
+			}
+			return Deny, reason
+		case b.cache.epoch(id) != epoch:
+			continue // a Kick (disabled, replaced) during the check: ask again
+		case reason != "":
+			// The secret this broker last verified for the locker, and the
+			// database cannot confirm it now: admitted rather than refused
+			// for good. Kicks reach every instance (gateway's NOTIFY), so a
+			// disabled or replaced locker's secret is not among these.
+			b.m.authCache.WithLabelValues("stale").Inc()
+			b.logBackendError("auth hook admitted a locker on the secret last verified: cannot check it now", id, errors.New(reason))
+		}
 		return Allow, ""
 	}
-	b.refuse(kindDevice, clientID, username, remote, reason, now)
-	if retryable(reason) {
+	return Retry, refuseBackendError
+}
+
+// foreignClientID decides a client whose client id is shaped like a
+// locker's but whose username is not that id: refused when a locker has
+// that id, Ignore when none has.
+func (b *Broker) foreignClientID(clientID string, password []byte) (Verdict, string) {
+	switch reason := b.checkDevice(clientID, password, hookLimits); reason {
+	case refuseUnknownDevice:
+		return Ignore, ""
+	case refuseBackendError, refuseBusy:
 		return Retry, reason
 	}
-	return Deny, reason
+	return Deny, refuseClientIDMismatch
 }
 
 // CheckExternalACL decides a publish (publish true) or a subscription by a

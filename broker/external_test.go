@@ -26,7 +26,9 @@ func TestCheckExternal(t *testing.T) {
 		{"UnknownLocker", "Z", "Z", "secret-Z", "", Deny, refuseUnknownDevice},
 		{"Disabled", "D", "D", "secret-D", "10.0.0.3", Deny, refuseDisabled},
 		{"GatewayUser", "gw-a", "lockergate", "its-password", "10.0.0.4", Ignore, ""},
-		{"UsernameNotClientID", "A", "B", "secret-B", "10.0.0.5", Ignore, ""},
+		{"UsernameNotClientID", "A", "B", "secret-B", "10.0.0.5", Deny, refuseClientIDMismatch},
+		{"LockersIDAsClientID", "A", "tool", "secret-A", "10.0.0.5", Deny, refuseClientIDMismatch},
+		{"UnknownIDAsClientID", "tool-1", "tool", "pw", "10.0.0.5", Ignore, ""},
 		{"NotAnID", "a/b", "a/b", "x", "10.0.0.5", Ignore, ""},
 		{"ClaimSession", protocol.ProvisionClientPrefix + "SN1", protocol.ProvisionClientPrefix + "SN1", claimToken, "", Ignore, ""},
 	} {
@@ -66,33 +68,34 @@ func TestCheckExternal(t *testing.T) {
 		}
 	})
 
-	t.Run("RateLimited", func(t *testing.T) {
-		// Five wrong secrets for one locker within a minute lock its id;
-		// then even its right secret waits (it was never cached here).
+	t.Run("NoLockout", func(t *testing.T) {
+		// Every refusal through a hook is final for the locker, so failed
+		// attempts by others must not lock it out: wrong secrets for its id
+		// from one address, and any ids from the same address.
 		h.auth.setDevice("R", fakeDevice{secret: "secret-R"})
-		for i := 0; i < 5; i++ {
-			if v, _ := b.CheckExternal("R", "R", []byte(fmt.Sprint("guess-", i)), ""); v != Deny {
+		for i := 0; i < 40; i++ {
+			if v, _ := b.CheckExternal("R", "R", []byte(fmt.Sprint("guess-", i)), "10.0.0.9"); v != Deny {
 				t.Fatalf("guess %d = %v", i, v)
 			}
+			b.CheckExternal(fmt.Sprint("X", i), fmt.Sprint("X", i), []byte("x"), "10.0.0.9")
 		}
-		calls := h.auth.calls("R")
-		if v, reason := b.CheckExternal("R", "R", []byte("secret-R"), ""); v != Retry || reason != refuseRateLimited {
-			t.Fatalf("after 5 failures = %v %q, want retry rate_limited", v, reason)
-		}
-		if h.auth.calls("R") != calls {
-			t.Fatal("a rate-limited check reached the backend")
+		if v, reason := b.CheckExternal("R", "R", []byte("secret-R"), "10.0.0.9"); v != Allow {
+			t.Fatalf("the right secret after 40 failures = %v %q, want allow", v, reason)
 		}
 	})
 
-	t.Run("UnknownAddressIsNotOneAddress", func(t *testing.T) {
-		// Brokers that do not send the peer address must not put every
-		// locker behind one address limit: 30 failures of other ids
-		// without an address leave B's check alone.
-		for i := 0; i < 30; i++ {
-			b.CheckExternal(fmt.Sprint("X", i), fmt.Sprint("X", i), []byte("x"), "")
+	t.Run("KickDuringCheck", func(t *testing.T) {
+		// The backend says yes, then the locker is disabled before the
+		// answer is used: the check is made again, and refuses.
+		h.auth.setDevice("K", fakeDevice{secret: "secret-K"})
+		h.auth.mu.Lock()
+		h.auth.after = func(id string) {
+			h.auth.setDevice(id, fakeDevice{secret: "secret-K", disabled: true})
+			b.Kick(id)
 		}
-		if v, reason := b.CheckExternal("B", "B", []byte("secret-B"), ""); v != Allow {
-			t.Fatalf("B after others' failures = %v %q", v, reason)
+		h.auth.mu.Unlock()
+		if v, reason := b.CheckExternal("K", "K", []byte("secret-K"), ""); v != Deny || reason != refuseDisabled {
+			t.Fatalf("disabled during its check = %v %q, want deny disabled", v, reason)
 		}
 	})
 }
@@ -136,8 +139,14 @@ func TestProvisionOnly(t *testing.T) {
 	if _, err := h.dial(t, "A", "A", "secret-A"); err == nil {
 		t.Fatal("a locker identity connected to a provisioning-only broker")
 	}
+	for i := 0; i < 5; i++ {
+		h.dial(t, "A", "A", "secret-A")
+	}
 	if h.auth.calls("A") != 0 {
 		t.Error("the backend was asked about a locker a provisioning-only broker refuses anyway")
+	}
+	if h.b.limiter.blocked(idKey("A"), time.Now()) {
+		t.Error("refusals at a provisioning-only broker count against the locker's id")
 	}
 	h.mustDial(t, protocol.ProvisionClientPrefix+"SN1", protocol.ProvisionUsername, claimToken)
 	// The hook still checks lockers.

@@ -37,6 +37,9 @@ type fakeAuth struct {
 	deviceCalls map[string]int
 	claimCalls  int
 	failWith    error // returned by every call when set (backend down)
+	// after, when set, runs once after AuthDevice has decided and before it
+	// returns: the moment a concurrent change races the check.
+	after func(id string)
 }
 
 type fakeDevice struct {
@@ -57,6 +60,18 @@ func newFakeAuth() *fakeAuth {
 }
 
 func (f *fakeAuth) AuthDevice(ctx context.Context, id string, password []byte) error {
+	err := f.authDevice(id, password)
+	f.mu.Lock()
+	after := f.after
+	f.after = nil
+	f.mu.Unlock()
+	if after != nil {
+		after(id)
+	}
+	return err
+}
+
+func (f *fakeAuth) authDevice(id string, password []byte) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.deviceCalls[id]++

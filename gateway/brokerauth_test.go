@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
+	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -74,7 +76,7 @@ func TestBrokerAuthHook(t *testing.T) {
 	hook := newBrokerHook(t, tg)
 
 	got := hook.authn(t, a.DeviceID, a.DeviceID, a.Password)
-	if got.Result != "allow" || len(got.ACL) != len(protocol.Channels)+1 {
+	if got.Result != "allow" || len(got.ACL) != len(protocol.Channels)+2 {
 		t.Fatalf("the locker's own secret: %+v", got)
 	}
 	for _, r := range got.ACL[:len(protocol.Channels)] {
@@ -86,7 +88,8 @@ func TestBrokerAuthHook(t *testing.T) {
 		{"OtherLockersSecret", a.DeviceID, a.DeviceID, b.Password, "deny", "bad_credentials"},
 		{"UnknownLocker", "lk-nobody", "lk-nobody", a.Password, "deny", "unknown_device"},
 		{"GatewayUser", "gw-a", "lockergate", "x", "ignore", ""},
-		{"UsernameOfAnother", a.DeviceID, b.DeviceID, b.Password, "ignore", ""},
+		{"UsernameOfAnother", a.DeviceID, b.DeviceID, b.Password, "deny", "client_id_mismatch"},
+		{"ToolWithALockersClientID", a.DeviceID, "ops-tool", "its-password", "deny", "client_id_mismatch"},
 	} {
 		if got := hook.authn(t, c.id, c.user, c.pass); got.Result != c.result || got.Reason != c.reason || got.ACL != nil {
 			t.Errorf("%s: %+v, want %s %q", c.name, got, c.result, c.reason)
@@ -127,11 +130,16 @@ func TestBrokerAuthHook(t *testing.T) {
 func TestExternalHTTPDeviceAuth(t *testing.T) {
 	ctx := context.Background()
 	mq := MustOpenMosquitto(t)
-	gw := MustRun(t, gateway.Options{
-		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
-		Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
-		ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lockergate", InstanceID: "gw-h", DeviceAuth: gateway.DeviceAuthHTTP,
-	})
+	dataDir, dsn := t.TempDir(), pgtest.NewDB(t) // shared: both instances use one master key
+	opts := func(id string) gateway.Options {
+		return gateway.Options{
+			DataDir: dataDir, DatabaseURL: dsn, MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
+			Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
+			ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lockergate", InstanceID: id, DeviceAuth: gateway.DeviceAuthHTTP,
+		}
+	}
+	gw := MustRun(t, opts("gw-h"))
+	other := MustRun(t, opts("gw-i"))
 	claim := gw.MustSiteAndClaim(t, "s1", 2)
 	r := MustProvision(t, gw, claim, "HTTP-000000")
 	if r.Broker != "mqtt://"+mq.Addr {
@@ -163,10 +171,23 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 		t.Fatalf("unlock through the external broker: status %s, ran %d times", cmd.Status, l.CommandsRun(cmd.ID))
 	}
 
+	// The other instance has the secret cached (trusted for 10 s); the
+	// disable through this one reaches it at once, by NOTIFY.
+	otherHook := brokerHook{client.New("http://"+other.HTTPAddr(), hook.c.Token)}
+	if got := otherHook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "allow" {
+		t.Fatalf("hook at the other instance: %+v", got)
+	}
 	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true})
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
 		t.Fatalf("disabled locker: %+v", got)
 	}
+	// Well inside the 10 s its cache would trust the secret.
+	Eventually(t, 3*time.Second, "the other instance refuses the disabled locker", func() error {
+		if got := otherHook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" {
+			return fmt.Errorf("answer %+v", got)
+		}
+		return nil
+	})
 }
 
 // TestDeviceAuthOptions: a device-auth setting that cannot work is a
@@ -242,6 +263,50 @@ func TestExternalDisable(t *testing.T) {
 			return err
 		}
 		c3.Disconnect(50)
+		return nil
+	})
+}
+
+// TestBrokerAuthHookDatabaseDown: while PostgreSQL is down the broker's
+// token keeps working, a locker verified before is still admitted, and one
+// never verified gets a 503 (EMQX: ignore), not a final deny; after the
+// restart it is admitted.
+func TestBrokerAuthHookDatabaseDown(t *testing.T) {
+	pg := mustRestartablePG(t)
+	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = pg.dsn() })
+	claim := tg.MustSiteAndClaim(t, "s1", 2)
+	seen := MustProvision(t, tg, claim, "SN-HDB-1")
+	unseen := MustProvision(t, tg, claim, "SN-HDB-2")
+	hook := newBrokerHook(t, tg)
+	if got := hook.authn(t, seen.DeviceID, seen.DeviceID, seen.Password); got.Result != "allow" {
+		t.Fatalf("before the outage: %+v", got)
+	}
+
+	pg.stop(t)
+	down := time.Now()
+	// Past the token cache's 1 s, every answer still comes from the hook.
+	Eventually(t, 20*time.Second, "2 s of answers during the outage", func() error {
+		if got := hook.authn(t, seen.DeviceID, seen.DeviceID, seen.Password); got.Result != "allow" {
+			t.Fatalf("verified locker during the outage: %+v", got)
+		}
+		status, _ := hook.call(t, "/v1/broker-auth/emqx/authn", map[string]string{
+			"clientid": unseen.DeviceID, "username": unseen.DeviceID, "password": unseen.Password})
+		if status != http.StatusServiceUnavailable {
+			t.Fatalf("never verified locker during the outage: status %d, want 503", status)
+		}
+		if time.Since(down) < 2*time.Second {
+			return errors.New("not 2 s yet")
+		}
+		return nil
+	})
+
+	pg.start(t)
+	Eventually(t, 30*time.Second, "the never verified locker admitted after the restart", func() error {
+		status, got := hook.call(t, "/v1/broker-auth/emqx/authn", map[string]string{
+			"clientid": unseen.DeviceID, "username": unseen.DeviceID, "password": unseen.Password})
+		if status != 200 || got.Result != "allow" {
+			return fmt.Errorf("status %d, %+v", status, got)
+		}
 		return nil
 	})
 }

@@ -85,29 +85,59 @@ func (p *pgProxy) dsn() string {
 	return fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=lockergate sslmode=disable", a.Port)
 }
 
-// TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends
-// QoS 1 events: the gateway reconnects and stores every one of them. A
-// locker that asks to be provisioned during the outage gets no answer (any
-// answer is final for it) but a closed session, and is provisioned when it
-// tries again after the restart.
-func TestDatabaseRestartDuringIngest(t *testing.T) {
+// restartablePG is a private PostgreSQL cluster behind a pgProxy: a test
+// stops and starts it while the gateway keeps one DSN.
+type restartablePG struct {
+	opts    pgcluster.Options
+	cluster *pgcluster.Cluster
+	proxy   *pgProxy
+}
+
+func mustRestartablePG(t *testing.T) *restartablePG {
+	t.Helper()
 	base := t.TempDir()
 	for _, d := range []string{filepath.Dir(base), base} {
 		if err := os.Chmod(d, 0o711); err != nil {
 			t.Fatal(err)
 		}
 	}
-	ctx := context.Background()
-	copts := pgcluster.Options{DataDir: filepath.Join(base, "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)}
-	cluster, err := pgcluster.Start(ctx, copts)
+	p := &restartablePG{opts: pgcluster.Options{DataDir: filepath.Join(base, "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)},
+		proxy: newPGProxy(t)}
+	p.start(t)
+	t.Cleanup(func() { p.cluster.Stop() })
+	return p
+}
+
+func (p *restartablePG) dsn() string { return p.proxy.dsn() }
+
+// stop stops the cluster and cuts every connection through the proxy.
+func (p *restartablePG) stop(t *testing.T) {
+	t.Helper()
+	if err := p.cluster.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	p.proxy.dropAll()
+}
+
+func (p *restartablePG) start(t *testing.T) {
+	t.Helper()
+	c, err := pgcluster.Start(context.Background(), p.opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cluster.Stop() })
-	proxy := newPGProxy(t)
-	proxy.setCluster(t, cluster)
+	p.cluster = c
+	p.proxy.setCluster(t, c)
+}
 
-	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = proxy.dsn() })
+// TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends
+// QoS 1 events: the gateway reconnects and stores every one of them. A
+// locker that asks to be provisioned during the outage gets no answer (any
+// answer is final for it) but a closed session, and is provisioned when it
+// tries again after the restart.
+func TestDatabaseRestartDuringIngest(t *testing.T) {
+	ctx := context.Background()
+	pg := mustRestartablePG(t)
+	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = pg.dsn() })
 	claim := tg.MustSiteAndClaim(t, "s1", 2)
 	id := MustProvision(t, tg, claim, "SN-DB-1")
 	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
@@ -141,10 +171,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	}
 
 	// PostgreSQL goes away; the broker keeps accepting QoS 1 events.
-	if err := cluster.Stop(); err != nil {
-		t.Fatal(err)
-	}
-	proxy.dropAll()
+	pg.stop(t)
 	publish(50, 150)
 	req := protocol.ProvisionRequest{Serial: "SN-DB-2", Model: "LX-1", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}}
 	if tk := prov.Publish(protocol.ProvisionRequestTopic("SN-DB-2"), 1, false, protocol.Encode(req)); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
@@ -164,11 +191,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	if v, err := tg.Metric(`lockergate_mqtt_provisioning_total{result="unavailable"}`); err != nil || v != 1 {
 		t.Errorf("provisioning{unavailable} = %v (%v), want 1", v, err)
 	}
-	cluster, err = pgcluster.Start(ctx, copts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy.setCluster(t, cluster)
+	pg.start(t)
 
 	Eventually(t, 30*time.Second, "all 150 events after the restart", func() error {
 		n, err := count()

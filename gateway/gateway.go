@@ -314,7 +314,13 @@ func (g *Gateway) Run(ctx context.Context) error {
 	go func() { httpDone <- g.http.Serve(g.httpLn) }()
 	bctx, stopBackground := context.WithCancel(ctx)
 	var background sync.WaitGroup
-	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run} {
+	// A locker disabled or replaced through any instance: every instance
+	// forgets the secret its broker (and auth hook) cached for it.
+	watchKicks := func(ctx context.Context) error {
+		g.db.WatchKicks(ctx, g.broker.Invalidate, g.broker.InvalidateAll)
+		return nil
+	}
+	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run, watchKicks} {
 		background.Add(1)
 		go func() {
 			defer background.Done()

@@ -80,9 +80,10 @@ func (s *Server) emqxAuthn(w http.ResponseWriter, r *http.Request) error {
 }
 
 // emqxACL is a locker's whole access: its own topics of protocol v1, and
-// nothing else.
+// nothing else. "#" does not match topics that start with "$", so $SYS is
+// denied by a rule of its own.
 func emqxACL(id string) []emqxRule {
-	rules := make([]emqxRule, 0, len(protocol.Channels)+1)
+	rules := make([]emqxRule, 0, len(protocol.Channels)+2)
 	for _, c := range protocol.Channels {
 		action := "subscribe"
 		if c.DeviceToGateway() {
@@ -90,7 +91,8 @@ func emqxACL(id string) []emqxRule {
 		}
 		rules = append(rules, emqxRule{Permission: "allow", Action: action, Topic: protocol.Topic(id, c)})
 	}
-	return append(rules, emqxRule{Permission: "deny", Action: "all", Topic: "#"})
+	return append(rules, emqxRule{Permission: "deny", Action: "all", Topic: "$SYS/#"},
+		emqxRule{Permission: "deny", Action: "all", Topic: "#"})
 }
 
 type emqxAuthzIn struct {

@@ -1,13 +1,17 @@
 package httpapi
 
 import (
+	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/broker"
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -69,7 +73,7 @@ func TestEMQXHooks(t *testing.T) {
 			t.Errorf("asked %v", f.got)
 		}
 		// The locker's whole access: its 10 topics, then deny everything.
-		if len(out.ACL) != len(protocol.Channels)+1 {
+		if len(out.ACL) != len(protocol.Channels)+2 {
 			t.Fatalf("acl %+v", out.ACL)
 		}
 		for _, r := range out.ACL[:len(protocol.Channels)] {
@@ -82,8 +86,8 @@ func TestEMQXHooks(t *testing.T) {
 				t.Errorf("rule %+v", r)
 			}
 		}
-		if last := out.ACL[len(out.ACL)-1]; last != (emqxRule{"deny", "all", "#"}) {
-			t.Errorf("last rule %+v, want deny all #", last)
+		if tail := out.ACL[len(protocol.Channels):]; tail[0] != (emqxRule{"deny", "all", "$SYS/#"}) || tail[1] != (emqxRule{"deny", "all", "#"}) {
+			t.Errorf("last rules %+v, want deny all $SYS/# and #", tail)
 		}
 	})
 	t.Run("Form", func(t *testing.T) {
@@ -169,4 +173,55 @@ func TestEMQXHooks(t *testing.T) {
 			t.Fatalf("status %d: %s", rec.Code, rec.Body)
 		}
 	})
+}
+
+// outageStore fails token lookups with err when it is set.
+type outageStore struct {
+	fakeStore
+	err error
+}
+
+func (s *outageStore) TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error) {
+	if s.err != nil {
+		return nil, s.err
+	}
+	return s.fakeStore.TokenByHash(ctx, hash)
+}
+
+// TestHookDuringDatabaseOutage: the broker's token keeps working while the
+// database does not answer, for tokenStaleMax after it was last verified;
+// a token the database no longer has is refused and not trusted again.
+func TestHookDuringDatabaseOutage(t *testing.T) {
+	now := time.Unix(1000, 0)
+	st := &outageStore{}
+	s := New(Options{Store: st, BrokerAuth: &fakeBrokerAuth{verdict: broker.Allow}})
+	s.tokens = newTokenCache(TokenCacheTTL, func() time.Time { return now })
+	ask := func() int {
+		return hookCall(t, s, "/v1/broker-auth/emqx/authn", "application/json", `{"clientid":"lk-1","username":"lk-1","password":"x"}`, "broker").Code
+	}
+	if got := ask(); got != 200 {
+		t.Fatalf("database up: %d", got)
+	}
+	st.err = errors.New("dial tcp: connection refused")
+	now = now.Add(5 * time.Minute)
+	if got := ask(); got != 200 {
+		t.Fatalf("database down, token verified 5 min ago: %d, want 200", got)
+	}
+	now = now.Add(6 * time.Minute)
+	if got := ask(); got != 500 {
+		t.Fatalf("database down, token verified 11 min ago: %d, want 500", got)
+	}
+	st.err = nil
+	if got := ask(); got != 200 {
+		t.Fatalf("database back: %d", got)
+	}
+	st.err = fleet.ErrNotFound // revoked through another instance
+	now = now.Add(2 * time.Second)
+	if got := ask(); got != 401 {
+		t.Fatalf("revoked: %d, want 401", got)
+	}
+	st.err = errors.New("dial tcp: connection refused")
+	if got := ask(); got != 500 {
+		t.Fatalf("revoked, then database down: %d, want 500 (never trusted again)", got)
+	}
 }

@@ -12,6 +12,15 @@ import (
 // once; one revoked through another gateway instance within this time.
 const TokenCacheTTL = time.Second
 
+// When the database does not answer a token lookup within tokenLookupTimeout,
+// a token verified within tokenStaleMax is still trusted: nothing can be
+// revoked while the database is down, and an external broker's auth hook
+// must keep answering then (httpapi/brokerauth.go).
+const (
+	tokenLookupTimeout = 2 * time.Second
+	tokenStaleMax      = 10 * time.Minute
+)
+
 // tokenCache remembers recently verified tokens by the hash of their secret,
 // which takes a database round trip off every API call of a busy client.
 // Only found tokens are kept: an unknown secret always asks the database.
@@ -24,8 +33,8 @@ type tokenCache struct {
 }
 
 type tokenEntry struct {
-	tok     *fleet.Token
-	expires time.Time
+	tok      *fleet.Token
+	verified time.Time
 }
 
 // maxTokenEntries bounds the cache; past it, expired entries are dropped and,
@@ -36,11 +45,13 @@ func newTokenCache(ttl time.Duration, now func() time.Time) *tokenCache {
 	return &tokenCache{ttl: ttl, now: now, entries: make(map[string]tokenEntry)}
 }
 
-func (c *tokenCache) get(hash []byte) (*fleet.Token, bool) {
+// get returns the token whose secret hashes to hash, if it was verified
+// within maxAge.
+func (c *tokenCache) get(hash []byte, maxAge time.Duration) (*fleet.Token, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.entries[string(hash)]
-	if !ok || !c.now().Before(e.expires) {
+	if !ok || c.now().Sub(e.verified) >= maxAge {
 		return nil, false
 	}
 	return e.tok, true
@@ -52,7 +63,7 @@ func (c *tokenCache) put(hash []byte, tok *fleet.Token) {
 	now := c.now()
 	if len(c.entries) >= maxTokenEntries {
 		for k, e := range c.entries {
-			if !now.Before(e.expires) {
+			if now.Sub(e.verified) >= tokenStaleMax {
 				delete(c.entries, k)
 			}
 		}
@@ -60,7 +71,14 @@ func (c *tokenCache) put(hash []byte, tok *fleet.Token) {
 			clear(c.entries)
 		}
 	}
-	c.entries[string(hash)] = tokenEntry{tok: tok, expires: now.Add(c.ttl)}
+	c.entries[string(hash)] = tokenEntry{tok: tok, verified: now}
+}
+
+// forget drops one token (the database no longer has it).
+func (c *tokenCache) forget(hash []byte) {
+	c.mu.Lock()
+	delete(c.entries, string(hash))
+	c.mu.Unlock()
 }
 
 // reset forgets every token (after a revocation).

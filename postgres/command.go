@@ -128,27 +128,49 @@ func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText
 // every gateway instance (one instance may wait on a result another took).
 const commandChannel = "lockergate_command"
 
+// kickChannel carries the ids of lockers disabled or re-provisioned, on
+// commit, to every gateway instance: each forgets the secret it may have
+// cached for them.
+const kickChannel = "lockergate_kick"
+
 // WatchCommands implements fleet.Store: it LISTENs on a dedicated
 // connection and calls fn with each changed command id until ctx ends,
 // reconnecting after errors.
 func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
+	db.watch(ctx, commandChannel, "command", fn, nil)
+	return nil
+}
+
+// WatchKicks calls fn with the id of every locker disabled or re-provisioned
+// (by any instance) until ctx ends. Notifications sent while the listening
+// connection was down are lost, so gap is called each time it is back.
+func (db *DB) WatchKicks(ctx context.Context, fn func(id string), gap func()) {
+	db.watch(ctx, kickChannel, "kick", fn, gap)
+}
+
+// watch LISTENs to channel on a dedicated connection, reconnecting after
+// errors with a back-off, and calls gap (if not nil) after each reconnect.
+func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), gap func()) {
 	backoff := 100 * time.Millisecond
+	var listening func()
 	for ctx.Err() == nil {
-		err := db.listen(ctx, commandChannel, fn)
+		err := db.listen(ctx, channel, fn, listening)
 		if ctx.Err() != nil {
 			break
 		}
-		db.log.Warn("command notifications interrupted; reconnecting", "err", err, "retry_in", backoff)
+		db.log.Warn(what+" notifications interrupted; reconnecting", "err", err, "retry_in", backoff)
 		select {
 		case <-ctx.Done():
 		case <-time.After(backoff):
 		}
 		backoff = min(backoff*2, 5*time.Second)
+		listening = gap
 	}
-	return nil
 }
 
-func (db *DB) listen(ctx context.Context, channel string, fn func(string)) error {
+// listen LISTENs to channel and calls fn with each payload; listening (if
+// not nil) is called once LISTEN is in place.
+func (db *DB) listen(ctx context.Context, channel string, fn func(string), listening func()) error {
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -158,6 +180,9 @@ func (db *DB) listen(ctx context.Context, channel string, fn func(string)) error
 	defer conn.Conn().Close(context.Background())
 	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
 		return err
+	}
+	if listening != nil {
+		listening()
 	}
 	for {
 		n, err := conn.Conn().WaitForNotification(ctx)

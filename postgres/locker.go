@@ -104,9 +104,12 @@ func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Lo
 }
 
 // UpdateLocker sets a locker's disabled and replaceable flags (nil leaves one as is).
+// A locker disabled, it tells every gateway instance (WatchKicks).
 func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error) {
-	tag, err := db.pool.Exec(ctx, `UPDATE devices SET disabled = coalesce($2, disabled),
-		replaceable = coalesce($3, replaceable) WHERE id = $1`, id, disabled, replaceable)
+	tag, err := db.pool.Exec(ctx, `WITH u AS (UPDATE devices SET disabled = coalesce($2, disabled),
+			replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled)
+		SELECT u.id FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true`,
+		id, disabled, replaceable, kickChannel)
 	if err != nil {
 		return nil, err
 	}

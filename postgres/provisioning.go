@@ -157,6 +157,10 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			if err == nil {
 				_, err = tx.Exec(ctx, `DELETE FROM compartments WHERE device_id = $1`, existing)
 			}
+			if err == nil {
+				// Every instance forgets the old secret (WatchKicks).
+				_, err = tx.Exec(ctx, `SELECT pg_notify($1, $2)`, kickChannel, existing)
+			}
 		}
 		if err != nil {
 			return err

@@ -1,0 +1,97 @@
+package postgres_test
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
+)
+
+// TestWatchKicks: disabling a locker and re-issuing its identity reach
+// every listener; enabling does not; a listener that lost its connection
+// says so once it listens again.
+func TestWatchKicks(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	a := MustDevice(t, db, "s1", "SN-KA", 1)
+	b := MustDevice(t, db, "s1", "SN-KB", 1)
+	got := make(chan string, 64)
+	gaps := make(chan struct{}, 4)
+	wctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		db.WatchKicks(wctx, func(id string) { got <- id }, func() { gaps <- struct{}{} })
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	on, off := true, false
+	next := func() string {
+		t.Helper()
+		select {
+		case id := <-got:
+			return id
+		case <-time.After(10 * time.Second):
+			t.Fatal("no kick notification within 10 s")
+		}
+		return ""
+	}
+
+	// Notifications before LISTEN is in place are lost: disable until one
+	// arrives.
+	testtool.Eventually(t, 10*time.Second, "the listener hears a disable", func() error {
+		if _, err := db.UpdateLocker(ctx, a, &on, nil); err != nil {
+			return err
+		}
+		select {
+		case id := <-got:
+			if id != a {
+				t.Fatalf("kick for %s, want %s", id, a)
+			}
+			return nil
+		case <-time.After(200 * time.Millisecond):
+			return errors.New("nothing yet")
+		}
+	})
+	for len(got) > 0 {
+		<-got
+	}
+	// Enabling, or marking replaceable, is no kick: the next one is b's.
+	if _, err := db.UpdateLocker(ctx, a, &off, &on); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.UpdateLocker(ctx, b, &on, nil); err != nil {
+		t.Fatal(err)
+	}
+	if id := next(); id != b {
+		t.Fatalf("kick for %s, want only %s (enabling is no kick)", id, b)
+	}
+	// Re-provisioning a (replaceable) kicks it.
+	req := &protocol.ProvisionRequest{Serial: "SN-KA", Model: "LX", FW: "1.0.0",
+		Compartments: []protocol.CompartmentSpec{{N: 1, Size: "M", Zone: "ambient"}}}
+	claim := provisioning.HashSecret("claim-again")
+	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-again", Site: "s1", MaxUses: 1,
+		ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
+		Request: req, At: time.Now()}); err != nil || !r.Replaced {
+		t.Fatalf("replacement: %+v, %v", r, err)
+	}
+	if id := next(); id != a {
+		t.Fatalf("kick for %s, want %s (replaced)", id, a)
+	}
+	// The listening connection dies: the gap is reported once it is back.
+	if _, err := db.Pool().Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND query LIKE 'LISTEN%'`); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-gaps:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no gap reported within 10 s of the listener's connection ending")
+	}
+}
