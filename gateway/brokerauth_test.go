@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -130,12 +133,33 @@ func TestBrokerAuthHook(t *testing.T) {
 func TestExternalHTTPDeviceAuth(t *testing.T) {
 	ctx := context.Background()
 	mq := MustOpenMosquitto(t)
+	// EMQX's REST API, as far as the gateway uses it: ending a session.
+	var mu sync.Mutex
+	var kicked []string
+	emqxAPI := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		id, ok := strings.CutPrefix(r.URL.Path, "/api/v5/clients/")
+		if user, pass, _ := r.BasicAuth(); r.Method != "DELETE" || !ok || user != "lg" || pass != "api-secret" {
+			http.Error(w, "unexpected "+r.Method+" "+r.URL.Path, http.StatusBadRequest)
+			return
+		}
+		mu.Lock()
+		kicked = append(kicked, id)
+		mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	t.Cleanup(emqxAPI.Close)
+	kicks := func() []string {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(kicked)
+	}
 	dataDir, dsn := t.TempDir(), pgtest.NewDB(t) // shared: both instances use one master key
 	opts := func(id string) gateway.Options {
 		return gateway.Options{
 			DataDir: dataDir, DatabaseURL: dsn, MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
 			Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
 			ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lockergate", InstanceID: id, DeviceAuth: gateway.DeviceAuthHTTP,
+			BrokerAPIURL: emqxAPI.URL, BrokerAPIKey: "lg:api-secret",
 		}
 	}
 	gw := MustRun(t, opts("gw-h"))
@@ -181,6 +205,10 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
 		t.Fatalf("disabled locker: %+v", got)
 	}
+	// Its live session on the broker is ended through EMQX's API, once.
+	if got := kicks(); !slices.Equal(got, []string{r.DeviceID}) {
+		t.Fatalf("sessions ended through EMQX's API: %v, want [%s]", got, r.DeviceID)
+	}
 	// Well inside the 10 s its cache would trust the secret.
 	Eventually(t, 3*time.Second, "the other instance refuses the disabled locker", func() error {
 		if got := otherHook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" {
@@ -188,6 +216,16 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 		}
 		return nil
 	})
+
+	// A replaced locker's old board is put off the broker too.
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": false, "replaceable": true})
+	r2 := MustProvision(t, gw, claim, "HTTP-000000")
+	if r2.DeviceID != r.DeviceID || r2.Password == r.Password {
+		t.Fatalf("replacement: %+v", r2)
+	}
+	if got := kicks(); !slices.Equal(got, []string{r.DeviceID, r.DeviceID}) {
+		t.Fatalf("sessions ended through EMQX's API: %v, want two for %s", got, r.DeviceID)
+	}
 }
 
 // TestDeviceAuthOptions: a device-auth setting that cannot work is a
@@ -198,7 +236,14 @@ func TestDeviceAuthOptions(t *testing.T) {
 		o    gateway.Options
 		want string
 	}{
-		{"WithoutExternalBroker", gateway.Options{DeviceAuth: gateway.DeviceAuthHTTP}, "needs --broker-url"},
+		{"WithoutExternalBroker", gateway.Options{DeviceAuth: gateway.DeviceAuthHTTP}, "need --broker-url"},
+		{"APIWithoutExternalBroker", gateway.Options{BrokerAPIURL: "http://127.0.0.1:18083"}, "need --broker-url"},
+		{"APIWithDynSec", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", BrokerAPIURL: "http://127.0.0.1:18083", BrokerAPIKey: "k:s"},
+			"is for --device-auth http"},
+		{"APIURL", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
+			BrokerAPIURL: "emqx:18083", BrokerAPIKey: "k:s"}, "want http(s)://host:port"},
+		{"APIKey", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
+			BrokerAPIURL: "http://127.0.0.1:18083", BrokerAPIKey: "no-secret"}, "want key:secret"},
 		{"Unknown", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: "ldap"}, `want dynsec`},
 		{"InstanceIsUser", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
 			ExternalUser: "lockergate", InstanceID: "lockergate"}, "must differ"},

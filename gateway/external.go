@@ -11,21 +11,31 @@ import (
 	"github.com/lockergate/lockergate/mqttbus"
 )
 
-// checkDeviceAuth defaults and checks o.DeviceAuth.
+// checkDeviceAuth defaults and checks o.DeviceAuth and the options that
+// go with it.
 func checkDeviceAuth(o *Options) error {
-	switch {
-	case o.ExternalBroker == "" && o.DeviceAuth != "":
-		return fmt.Errorf("--device-auth %s needs --broker-url: the embedded broker checks lockers itself", o.DeviceAuth)
-	case o.ExternalBroker == "":
-	case o.DeviceAuth == "":
+	if o.ExternalBroker == "" {
+		if o.DeviceAuth != "" || o.BrokerAPIURL != "" {
+			return fmt.Errorf("--device-auth and --broker-api-url need --broker-url: the embedded broker checks lockers itself")
+		}
+		return nil
+	}
+	if o.DeviceAuth == "" {
 		o.DeviceAuth = DeviceAuthDynSec
+	}
+	switch {
 	case o.DeviceAuth != DeviceAuthDynSec && o.DeviceAuth != DeviceAuthHTTP:
 		return fmt.Errorf("--device-auth %q: want %s (mosquitto dynamic security) or %s (the broker calls /v1/broker-auth)",
 			o.DeviceAuth, DeviceAuthDynSec, DeviceAuthHTTP)
+	case o.BrokerAPIURL != "" && o.DeviceAuth != DeviceAuthHTTP:
+		return fmt.Errorf("--broker-api-url is for --device-auth http (EMQX); with %s the gateway ends sessions itself", o.DeviceAuth)
 	case o.DeviceAuth == DeviceAuthHTTP && o.InstanceID != "" && o.InstanceID == o.ExternalUser:
 		// The hook takes client id == username for a locker identity.
 		return fmt.Errorf("--instance-id %q equals --broker-user: with --device-auth http they must differ, "+
 			"or the auth hook takes the gateway for a locker", o.InstanceID)
+	case o.BrokerAPIURL != "":
+		_, err := newEMQXKicker(*o, nil) // checks the URL and key before anything starts
+		return err
 	}
 	return nil
 }

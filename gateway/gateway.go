@@ -82,6 +82,10 @@ type Options struct {
 	// DeviceAuth is how the external broker authenticates lockers:
 	// DeviceAuthDynSec (default) or DeviceAuthHTTP (docs/deployment.md).
 	DeviceAuth string
+	// BrokerAPIURL and BrokerAPIKey ("key:secret"), with DeviceAuthHTTP,
+	// let the gateway end a disabled or replaced locker's live session on
+	// EMQX through its REST API; without them it is left to the operator.
+	BrokerAPIURL, BrokerAPIKey string
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -231,6 +235,9 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	var bus fleet.Bus = g.broker
 	var onIssued func(ctx context.Context, id, secret string) error
+	// kicker ends a disabled or replaced locker's live session wherever it
+	// is, and makes the embedded broker forget its cached secret.
+	var kicker httpapi.Kicker = g.broker
 	if o.ExternalBroker != "" {
 		if g.external, g.dynsec, err = dialExternal(ctx, o); err != nil {
 			return nil, err
@@ -238,6 +245,12 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		bus = g.external
 		if g.dynsec != nil {
 			onIssued = g.dynsec.PutDevice
+			kicker = &dynsecKicker{d: g.dynsec, log: g.log, local: g.broker}
+		}
+		if o.BrokerAPIURL != "" {
+			if kicker, err = newEMQXKicker(o, g.broker); err != nil {
+				return nil, err
+			}
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
 			brokerURL = o.ExternalBroker
@@ -247,7 +260,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
-		OnReplace: g.broker.Kick, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
+		OnReplace: kicker.Kick, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
 	})
 	if err != nil {
 		return nil, err
@@ -284,12 +297,6 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	obs.m = g.fleet
 	if err := g.fleet.Subscribe(); err != nil {
 		return nil, err
-	}
-	// The broker's Kick also invalidates the secret cache its auth hook
-	// answers from (DeviceAuthHTTP).
-	var kicker httpapi.Kicker = g.broker
-	if g.dynsec != nil {
-		kicker = &dynsecKicker{d: g.dynsec, log: g.log, local: g.broker}
 	}
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
 		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware, BrokerAuth: g.broker,

@@ -68,6 +68,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.ExternalUser, "broker-user", "lockergate", "this gateway's user on the external broker")
 	fs.StringVar(&o.ExternalPassword, "broker-password", os.Getenv("LOCKERGATE_BROKER_PASSWORD"), "its password (env LOCKERGATE_BROKER_PASSWORD)")
 	fs.StringVar(&o.DeviceAuth, "device-auth", "", "with --broker-url, how the broker checks lockers: dynsec (mosquitto dynamic security, the default) or http (the broker calls /v1/broker-auth; docs/deployment.md)")
+	fs.StringVar(&o.BrokerAPIURL, "broker-api-url", "", "with --device-auth http: EMQX's REST API (https://emqx:18083), to end a disabled or replaced locker's live session")
+	fs.StringVar(&o.BrokerAPIKey, "broker-api-key", os.Getenv("LOCKERGATE_BROKER_API_KEY"), "its API key as key:secret (env LOCKERGATE_BROKER_API_KEY)")
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
