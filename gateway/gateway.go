@@ -261,6 +261,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
 		OnReplace: kicker.Kick, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
+		// The orders in a re-provisioned locker keep their codes.
+		OnRekey: func(ctx context.Context, id string) error { return g.pickups.Rekey(ctx, id) },
 	})
 	if err != nil {
 		return nil, err

@@ -535,3 +535,36 @@ func TestPickupAllocationRace(t *testing.T) {
 		t.Fatalf("answers %v, want 20×201 and 80×422", counts)
 	}
 }
+
+// TestPickupBoardSwap: a locker's controller board is swapped while it
+// holds a ready order. The new board gets a new cred_key at provisioning;
+// the order's code, already with the driver, must still open it.
+func TestPickupBoardSwap(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	p := e.create(t, "A-3001", "M", time.Hour)
+	ready := e.waitState(t, p.ID, pickup.Ready)
+	e.waitCreds(t, p.Locker)
+	old := e.sim.Locker(p.Locker)
+	oldID, _ := old.Identity()
+
+	// The old board goes; an operator marks the locker for replacement and
+	// the new board provisions with a fresh claim of the site.
+	e.sim.Close()
+	patchLocker(t, e.tg, p.Locker, map[string]bool{"replaceable": true})
+	var claim struct{ Token string }
+	if err := e.tg.Admin.Post(ctx, "/v1/claims", map[string]any{"site": "store-042", "uses": 1, "expires_in_s": 600}, &claim); err != nil {
+		t.Fatal(err)
+	}
+	sim := MustFleet(t, e.tg, claim.Token, 1)
+	l := sim.Lockers()[0]
+	newID, _ := l.Identity()
+	if l.DeviceID() != p.Locker || string(newID.CredKey) == string(oldID.CredKey) {
+		t.Fatalf("new board: locker %s (want %s), cred_key changed %v", l.DeviceID(), p.Locker, string(newID.CredKey) != string(oldID.CredKey))
+	}
+	e.waitCreds(t, p.Locker)
+	if r := l.EnterCode(ready.Credential.Code); !r.Accepted || len(r.Compartments) != 1 || r.Compartments[0] != p.Compartment {
+		t.Fatalf("the driver's code on the new board: %+v", r)
+	}
+	e.waitState(t, p.ID, pickup.PickedUp)
+}

@@ -33,6 +33,9 @@ var (
 	ErrNoCompartment = errors.New("no free compartment fits")
 	// ErrPINTaken: the derived PIN collides with an active one at the locker.
 	ErrPINTaken = errors.New("pin collides with an active credential")
+	// ErrKeyChanged: the locker was re-provisioned (a new cred_key) while
+	// a credential was made for the old one.
+	ErrKeyChanged = errors.New("the locker's credential key changed")
 )
 
 // Recipient says who collects a pickup.
@@ -94,6 +97,9 @@ type Credential struct {
 	Compartments []int
 	NotAfter     time.Time
 	CreatedAt    time.Time
+	// KeyGen is the generation of the locker's cred_key the MACs are
+	// made with.
+	KeyGen int
 }
 
 // Filter selects pickups for a list.
@@ -142,8 +148,13 @@ type Store interface {
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
 	// credentials, and bumps the locker's credential-set version.
-	// ErrPINTaken when the PIN collides.
+	// ErrPINTaken when the PIN collides; ErrKeyChanged when the locker's
+	// key generation is no longer c.KeyGen.
 	MintCredential(ctx context.Context, c *Credential, pickupIDs []string) error
+	// RekeyCredentials gives a locker's active credentials new MACs, made
+	// by mac for its current key generation, and bumps its credential-set
+	// version, in one transaction that holds the locker's row.
+	RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *Credential)) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps
 	// the set version; it returns the pickups it was for.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)

@@ -267,7 +267,8 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 	mu.Lock()
 	defer mu.Unlock()
 	for attempt := 0; attempt < 8; attempt++ {
-		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
+		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now(),
+			KeyGen: gen}
 		if kind != protocol.KindQR {
 			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
 		}
@@ -275,12 +276,44 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
 		}
 		err := s.o.Store.MintCredential(ctx, c, pickups)
-		if errors.Is(err, ErrPINTaken) {
+		switch {
+		case errors.Is(err, ErrPINTaken):
 			continue // another id gives another PIN
+		case errors.Is(err, ErrKeyChanged):
+			// Re-provisioned meanwhile: MACs for the new key.
+			if gen, err = s.o.Store.KeyGen(ctx, deviceID); err != nil {
+				return nil, err
+			}
+			key = provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
+			continue
 		}
 		return c, err
 	}
 	return nil, errors.New("could not mint a unique PIN in 8 attempts")
+}
+
+// Rekey gives the active credentials of a re-provisioned locker MACs for
+// its new cred_key (the codes stay the same), so the orders already in it
+// can still be collected with the codes their drivers hold, and publishes
+// the new set. Provisioning calls it before it answers the new board.
+func (s *Service) Rekey(ctx context.Context, deviceID string) error {
+	n, err := s.o.Store.RekeyCredentials(ctx, deviceID, func(gen int, c *Credential) {
+		key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
+		if c.PINMAC != "" {
+			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
+		}
+		if c.QRMAC != "" {
+			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("re-key the credentials of %s: %w", deviceID, err)
+	}
+	if n > 0 {
+		s.log.Info("credentials re-keyed for a re-provisioned locker", "locker", deviceID, "credentials", n)
+		s.publish(ctx, deviceID)
+	}
+	return nil
 }
 
 // pin derives the 8-digit PIN of credential id.

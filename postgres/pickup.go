@@ -202,13 +202,59 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		if _, err := tx.Exec(ctx, `UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID); err != nil {
 			return err
 		}
-		_, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, c.DeviceID)
+		tag, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1 AND key_gen = $2`, c.DeviceID, c.KeyGen)
+		if err == nil && tag.RowsAffected() == 0 {
+			err = pickup.ErrKeyChanged // rolled back: made for the old key
+		}
 		return err
 	})
 	if isUniqueViolation(err) {
 		return pickup.ErrPINTaken
 	}
 	return err
+}
+
+// RekeyCredentials implements pickup.Store.
+func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *pickup.Credential)) (int, error) {
+	var n int
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var gen int
+		// The row lock holds off a replacement until the new MACs are in.
+		if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
+			if errors.Is(err, pgx.ErrNoRows) {
+				return fleet.ErrNotFound
+			}
+			return err
+		}
+		rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, '') FROM credentials
+			WHERE device_id = $1 AND state = 'active'`, deviceID)
+		if err != nil {
+			return err
+		}
+		creds, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Credential, error) {
+			c := pickup.Credential{DeviceID: deviceID}
+			err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC)
+			return c, err
+		})
+		if err != nil || len(creds) == 0 {
+			return err
+		}
+		ids := make([]string, len(creds))
+		pins := make([]string, len(creds))
+		qrs := make([]string, len(creds))
+		for i := range creds {
+			mac(gen, &creds[i])
+			ids[i], pins[i], qrs[i] = creds[i].ID, creds[i].PINMAC, creds[i].QRMAC
+		}
+		if _, err := tx.Exec(ctx, `UPDATE credentials c SET pin_mac = nullif(u.pin, ''), qr_mac = nullif(u.qr, '')
+			FROM unnest($1::text[], $2::text[], $3::text[]) AS u(id, pin, qr) WHERE c.id = u.id`, ids, pins, qrs); err != nil {
+			return err
+		}
+		n = len(creds)
+		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
+		return err
+	})
+	return n, err
 }
 
 // UseCredential implements pickup.Store.

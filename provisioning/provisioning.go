@@ -108,6 +108,11 @@ type Options struct {
 	BrokerURL string
 	// OnReplace is called after a device was re-provisioned, to end its old session.
 	OnReplace func(deviceID string)
+	// OnRekey is called after a device was re-provisioned, before it is
+	// answered: what was made for its old cred_key must be made again for
+	// the new one (pickup credentials). An error means no answer, as for
+	// a store that does not answer; the locker's retry is re-issued.
+	OnRekey func(ctx context.Context, deviceID string) error
 	// OnIssued is called with every identity issued, before the locker is
 	// answered (an external broker learns the credentials here); an error
 	// sends the locker no answer (Provision's error), so it retries.
@@ -248,7 +253,7 @@ func (s *Service) AuthDevice(ctx context.Context, id string, password []byte) er
 // Provision answers a provisioning request made with a claim token. It
 // returns an error, and no answer, when it cannot decide: the store is
 // unavailable (ErrUnavailable: a database that does not answer in time,
-// say) or OnIssued failed. The locker is then told nothing final and
+// say) or OnIssued or OnRekey failed. The locker is then told nothing final and
 // retries; a registration that did commit is handed out again to the same
 // serial then (Retried).
 func (s *Service) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
@@ -291,6 +296,11 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 		// the device has no counted connection, but connections are counted
 		// asynchronously: a session (and a cached secret) may already exist.
 		s.o.OnReplace(reg.DeviceID)
+		if s.o.OnRekey != nil {
+			if err := s.o.OnRekey(ctx, reg.DeviceID); err != nil {
+				return protocol.ProvisionResponse{}, fmt.Errorf("re-provisioned %s: %w", serial, err)
+			}
+		}
 	}
 	s.o.Logger.Info("locker provisioned", "serial", serial, "locker", reg.DeviceID, "site", reg.Site, "replaced", reg.Replaced)
 	return protocol.ProvisionResponse{

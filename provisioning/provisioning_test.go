@@ -19,37 +19,44 @@ import (
 // The embedded Store is nil: any other method panics.
 type registerStore struct {
 	Store
-	err error
+	err      error
+	replaced bool // the registration re-provisions an existing locker
 }
 
 func (s registerStore) Register(_ context.Context, _ []byte, r Registration) (*Registered, error) {
 	if s.err != nil {
 		return nil, s.err
 	}
-	return &Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: "s1"}, nil
+	return &Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: "s1", Replaced: s.replaced}, nil
 }
 
 func TestProvisionAnswers(t *testing.T) {
 	req := protocol.Encode(protocol.ProvisionRequest{Serial: "SN-1", Model: "LX", FW: "1.0.0",
 		Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}})
 	issueFailed := func(context.Context, string, string) error { return errors.New("dynsec: connection refused") }
+	rekeyFailed := func(context.Context, string) error { return errors.New("re-key: connection refused") }
 	for _, tc := range []struct {
 		name     string
 		err      error // Register's
 		onIssued func(context.Context, string, string) error
 		want     string // the answer's error code; "" for ok, "-" for no answer
+		replaced bool
+		onRekey  func(context.Context, string) error
 	}{
-		{"Registered", nil, nil, ""},
-		{"ClaimExhausted", ErrClaimExhausted, nil, protocol.ProvClaimExhausted},
-		{"SerialRefused", ErrSerialRefused, nil, protocol.ProvInvalid},
-		{"ClaimRevoked", ErrUnknownClaim, nil, protocol.ProvInvalid},
-		{"RejectedByTheDatabase", errors.New("register SN-1: unique violation"), nil, protocol.ProvInvalid},
-		{"StoreUnavailable", fmt.Errorf("register SN-1: %w: connection refused", ErrUnavailable), nil, "-"},
-		{"IdentityNotHandedToTheBroker", nil, issueFailed, "-"},
+		{"Registered", nil, nil, "", false, nil},
+		{"ClaimExhausted", ErrClaimExhausted, nil, protocol.ProvClaimExhausted, false, nil},
+		{"SerialRefused", ErrSerialRefused, nil, protocol.ProvInvalid, false, nil},
+		{"ClaimRevoked", ErrUnknownClaim, nil, protocol.ProvInvalid, false, nil},
+		{"RejectedByTheDatabase", errors.New("register SN-1: unique violation"), nil, protocol.ProvInvalid, false, nil},
+		{"StoreUnavailable", fmt.Errorf("register SN-1: %w: connection refused", ErrUnavailable), nil, "-", false, nil},
+		{"IdentityNotHandedToTheBroker", nil, issueFailed, "-", false, nil},
+		{"Replaced", nil, nil, "", true, nil},
+		{"ReplacedButNotReKeyed", nil, nil, "-", true, rekeyFailed},
+		{"NewLockerIsNotReKeyed", nil, nil, "", false, rekeyFailed},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			s, err := New(Options{Store: registerStore{err: tc.err}, MasterKey: bytes.Repeat([]byte{7}, 32),
-				OnIssued: tc.onIssued, OnReplace: func(string) {}})
+			s, err := New(Options{Store: registerStore{err: tc.err, replaced: tc.replaced}, MasterKey: bytes.Repeat([]byte{7}, 32),
+				OnIssued: tc.onIssued, OnReplace: func(string) {}, OnRekey: tc.onRekey})
 			if err != nil {
 				t.Fatal(err)
 			}
