@@ -274,7 +274,7 @@ func TestExternalDisable(t *testing.T) {
 		Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
 		ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lgadmin", ExternalPassword: mq.AdminPassword, InstanceID: "gw-d",
 	})
-	claim := gw.MustSiteAndClaim(t, "s1", 1)
+	claim := gw.MustSiteAndClaim(t, "s1", 2)
 	r := MustProvision(t, gw, claim, "DIS-000000")
 	c, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
 	if err != nil {
@@ -310,6 +310,23 @@ func TestExternalDisable(t *testing.T) {
 		c3.Disconnect(50)
 		return nil
 	})
+
+	// A replacement: the new board gets in with its new secret (and stays
+	// in), the old secret is refused.
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"replaceable": true})
+	r2 := MustProvision(t, gw, claim, "DIS-000000")
+	if r2.DeviceID != r.DeviceID || r2.Password == r.Password {
+		t.Fatalf("replacement: %+v", r2)
+	}
+	c4, err := Connect(mq.Addr, r2.DeviceID, r2.DeviceID, r2.Password)
+	if err != nil {
+		t.Fatalf("the new board on mosquitto: %v", err)
+	}
+	defer c4.Disconnect(50)
+	if c5, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password); err == nil {
+		c5.Disconnect(50)
+		t.Fatal("the old board's secret still works on mosquitto")
+	}
 }
 
 // TestBrokerAuthHookDatabaseDown: while PostgreSQL is down the broker's

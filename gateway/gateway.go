@@ -235,9 +235,11 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	var bus fleet.Bus = g.broker
 	var onIssued func(ctx context.Context, id, secret string) error
-	// kicker ends a disabled or replaced locker's live session wherever it
-	// is, and makes the embedded broker forget its cached secret.
+	// kicker ends a disabled locker's live session wherever it is, and
+	// makes the embedded broker forget its cached secret; onReplace does
+	// the same for a re-provisioned one, whose identity stays enabled.
 	var kicker httpapi.Kicker = g.broker
+	onReplace := g.broker.Kick
 	if o.ExternalBroker != "" {
 		if g.external, g.dynsec, err = dialExternal(ctx, o); err != nil {
 			return nil, err
@@ -245,12 +247,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		bus = g.external
 		if g.dynsec != nil {
 			onIssued = g.dynsec.PutDevice
+			// PutDevice (onIssued) sets the new secret, which ends the
+			// old session on mosquitto; disabling would lock out the new.
 			kicker = &dynsecKicker{d: g.dynsec, log: g.log, local: g.broker}
 		}
 		if o.BrokerAPIURL != "" {
-			if kicker, err = newEMQXKicker(o, g.broker); err != nil {
+			ek, err := newEMQXKicker(o, g.broker)
+			if err != nil {
 				return nil, err
 			}
+			kicker, onReplace = ek, ek.Kick
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
 			brokerURL = o.ExternalBroker
@@ -260,7 +266,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
-		OnReplace: kicker.Kick, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
+		OnReplace: onReplace, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
 		// The orders in a re-provisioned locker keep their codes.
 		OnRekey: func(ctx context.Context, id string) error { return g.pickups.Rekey(ctx, id) },
 	})
