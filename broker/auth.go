@@ -225,7 +225,7 @@ var (
 	// any refusal is final for the locker, so a rate limit would let anyone
 	// lock lockers out for good. Secrets are random and long; the bounded
 	// check slots protect the database.
-	hookLimits = checkLimits{queue: 2 * time.Second, call: 2 * time.Second}
+	hookLimits = checkLimits{queue: 1500 * time.Millisecond, call: 1500 * time.Millisecond}
 )
 
 // backendSlot waits up to wait for one of the authConcurrency backend

@@ -46,6 +46,11 @@ type Options struct {
 	// they connect to an external broker, whose auth hook asks
 	// CheckExternal; this broker serves claim sessions only.
 	ProvisionOnly bool
+	// KicksHeard reports whether Invalidate calls from other gateway
+	// instances are reaching this broker now; when false, the auth hook
+	// does not admit a secret it cannot confirm (CheckExternal). nil: one
+	// instance, nothing to hear.
+	KicksHeard func() bool
 
 	MaxClientWritesPending int           // outbound queue per client; default 64
 	MaxSessionExpiry       time.Duration // longest a disconnected persistent session is kept; default 1h

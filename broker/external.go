@@ -77,10 +77,11 @@ func (b *Broker) CheckExternal(clientID, username string, password []byte, remot
 	default:
 		v, reason = b.checkExternalSecret(id, password, now)
 	}
-	if v == Deny || v == Retry {
-		if b.ctx.Err() != nil {
-			return Retry, refuseBackendError // closing: not the client's fault
-		}
+	switch {
+	case v == Allow || v == Ignore:
+	case b.ctx.Err() != nil:
+		return Retry, refuseBackendError // closing: not the client's fault
+	case v == Deny || ok: // not a client the next authenticator admits anyway
 		b.refused(clientID, username, remote, reason, now)
 	}
 	return v, reason
@@ -89,19 +90,20 @@ func (b *Broker) CheckExternal(clientID, username string, password []byte, remot
 func (b *Broker) checkExternalSecret(id string, password []byte, now time.Time) (Verdict, string) {
 	for attempt := 0; attempt < 3; attempt++ {
 		epoch, known, reason := b.verifyDevice(id, password, "", now, hookLimits)
+		// The secret this broker last verified for the locker, and the
+		// database cannot confirm it now: admitted rather than refused for
+		// good, while kicks from every instance are heard (a disabled or
+		// replaced locker's secret is then not among these).
+		stale := reason != "" && known && retryable(reason) && (b.opts.KicksHeard == nil || b.opts.KicksHeard())
 		switch {
-		case reason != "" && !(known && retryable(reason)):
+		case reason != "" && !stale:
 			if retryable(reason) {
 				return Retry, reason
 			}
 			return Deny, reason
 		case b.cache.epoch(id) != epoch:
 			continue // a Kick (disabled, replaced) during the check: ask again
-		case reason != "":
-			// The secret this broker last verified for the locker, and the
-			// database cannot confirm it now: admitted rather than refused
-			// for good. Kicks reach every instance (gateway's NOTIFY), so a
-			// disabled or replaced locker's secret is not among these.
+		case stale:
 			b.m.authCache.WithLabelValues("stale").Inc()
 			b.logBackendError("auth hook admitted a locker on the secret last verified: cannot check it now", id, errors.New(reason))
 		}

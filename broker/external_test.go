@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -65,6 +66,16 @@ func TestCheckExternal(t *testing.T) {
 		t.Cleanup(func() { h.auth.mu.Lock(); h.auth.failWith = nil; h.auth.mu.Unlock() })
 		if v, reason := b.CheckExternal("B", "B", []byte("secret-B"), "10.0.0.6"); v != Retry || reason != refuseBackendError {
 			t.Fatalf("database down = %v %q, want retry backend_error", v, reason)
+		}
+		// A client with a locker-shaped id and its own username: cannot
+		// tell whether a locker has that id. Not counted as a refusal: the
+		// broker's next authenticator decides it.
+		before := h.metric(t, "lockergate_mqtt_auth_failures_total", "reason", refuseBackendError)
+		if v, reason := b.CheckExternal("gw-b", "lockergate", []byte("pw"), ""); v != Retry || reason != refuseBackendError {
+			t.Fatalf("foreign client id, database down = %v %q, want retry", v, reason)
+		}
+		if got := h.metric(t, "lockergate_mqtt_auth_failures_total", "reason", refuseBackendError); got != before {
+			t.Errorf("a foreign client id's retry counted as a refusal (%v -> %v)", before, got)
 		}
 	})
 
@@ -182,5 +193,27 @@ func TestCheckExternalStaleSecret(t *testing.T) {
 	b.Kick("A")
 	if v, _ := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Retry {
 		t.Fatalf("after Kick, database down = %v, want retry", v)
+	}
+}
+
+// TestCheckExternalStaleNeedsKicks: while kicks from other instances are
+// not heard, a secret the database cannot confirm is not admitted.
+func TestCheckExternalStaleNeedsKicks(t *testing.T) {
+	var heard atomic.Bool
+	h := newHarness(t, func(o *Options) { o.AuthCacheTTL = time.Nanosecond; o.KicksHeard = heard.Load }, nil)
+	heard.Store(true)
+	if v, _ := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
+		t.Fatalf("first check = %v", v)
+	}
+	h.auth.mu.Lock()
+	h.auth.failWith = errors.New("connection refused")
+	h.auth.mu.Unlock()
+	heard.Store(false)
+	if v, reason := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Retry || reason != refuseBackendError {
+		t.Fatalf("kicks not heard, database down = %v %q, want retry", v, reason)
+	}
+	heard.Store(true)
+	if v, _ := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
+		t.Fatalf("kicks heard again, database down = %v, want allow", v)
 	}
 }

@@ -242,6 +242,8 @@ func TestDeviceAuthOptions(t *testing.T) {
 			"is for --device-auth http"},
 		{"APIURL", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
 			BrokerAPIURL: "emqx:18083", BrokerAPIKey: "k:s"}, "want http(s)://host:port"},
+		{"APIURLWithUser", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
+			BrokerAPIURL: "http://k:s@127.0.0.1:18083", BrokerAPIKey: "k:s"}, "no user, query or fragment"},
 		{"APIKey", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
 			BrokerAPIURL: "http://127.0.0.1:18083", BrokerAPIKey: "no-secret"}, "want key:secret"},
 		{"Unknown", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: "ldap"}, `want dynsec`},

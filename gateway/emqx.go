@@ -27,15 +27,16 @@ type emqxKicker struct {
 // newEMQXKicker parses BrokerAPIURL and BrokerAPIKey ("key:secret").
 func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, error) {
 	u, err := url.Parse(o.BrokerAPIURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("--broker-api-url %q: want http(s)://host:port of EMQX's REST API", o.BrokerAPIURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
+		return nil, fmt.Errorf("--broker-api-url %q: want http(s)://host:port of EMQX's REST API (no user, query or fragment; the key goes in --broker-api-key)", o.BrokerAPIURL)
 	}
 	key, secret, ok := strings.Cut(o.BrokerAPIKey, ":")
 	if !ok || key == "" || secret == "" {
 		return nil, fmt.Errorf("--broker-api-key (env LOCKERGATE_BROKER_API_KEY): want key:secret of an EMQX API key")
 	}
 	return &emqxKicker{local: local, base: strings.TrimSuffix(u.String(), "/"), key: key, secret: secret,
-		client: &http.Client{Timeout: 5 * time.Second}, log: o.Logger.With("component", "emqx-api")}, nil
+		// Short: a replacement's answer waits for it (provisioning's 10 s).
+		client: &http.Client{Timeout: 3 * time.Second}, log: o.Logger.With("component", "emqx-api")}, nil
 }
 
 // Kick implements httpapi.Kicker and provisioning's OnReplace.

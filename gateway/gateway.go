@@ -121,6 +121,7 @@ type Gateway struct {
 
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
+	kicks    *kickWatch
 	firmware *firmware.Engine
 	api      *httpapi.Server
 	httpLn   net.Listener
@@ -218,6 +219,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	auth := &authenticator{}
 	bo.Auth = auth
+	g.kicks = &kickWatch{now: time.Now}
+	bo.KicksHeard = g.kicks.trusted
 	bo.Provisioner = auth
 	bo.ProvisionOnly = o.ExternalBroker != ""
 	if o.DeviceAuth == DeviceAuthHTTP {
@@ -229,6 +232,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if g.broker, err = broker.New(bo); err != nil {
 		return nil, fmt.Errorf("start broker: %w", err)
 	}
+	g.kicks.cache = g.broker
 	brokerURL := o.BrokerURL
 	if brokerURL == "" {
 		brokerURL = g.defaultBrokerURL()
@@ -331,10 +335,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	var background sync.WaitGroup
 	// A locker disabled or replaced through any instance: every instance
 	// forgets the secret its broker (and auth hook) cached for it.
-	watchKicks := func(ctx context.Context) error {
-		g.db.WatchKicks(ctx, g.broker.Invalidate, g.broker.InvalidateAll)
-		return nil
-	}
+	watchKicks := func(ctx context.Context) error { return g.runKicks(ctx, g.kicks) }
 	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run, watchKicks} {
 		background.Add(1)
 		go func() {

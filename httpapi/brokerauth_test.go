@@ -202,10 +202,17 @@ func TestHookDuringDatabaseOutage(t *testing.T) {
 	if got := ask(); got != 200 {
 		t.Fatalf("database up: %d", got)
 	}
+	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 200 {
+		t.Fatalf("admin, database up: %d", a.status)
+	}
 	st.err = errors.New("dial tcp: connection refused")
 	now = now.Add(5 * time.Minute)
 	if got := ask(); got != 200 {
 		t.Fatalf("database down, token verified 5 min ago: %d, want 200", got)
+	}
+	// Other roles are never trusted without the database.
+	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 500 {
+		t.Fatalf("admin token, database down: %d, want 500", a.status)
 	}
 	now = now.Add(6 * time.Minute)
 	if got := ask(); got != 500 {

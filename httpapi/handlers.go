@@ -380,7 +380,7 @@ func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
 	if err := s.store.RevokeToken(r.Context(), id); err != nil {
 		return err
 	}
-	s.tokens.reset() // refused from now on here; within TokenCacheTTL elsewhere
+	s.tokens.reset() // refused from now on here; within TokenCacheTTL elsewhere (a broker token: up to tokenStaleMax where the database does not answer)
 	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.revoke",
 		Detail: map[string]any{"token": id}}); err != nil {
 		return err

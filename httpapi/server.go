@@ -198,11 +198,14 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 		s.tokens.forget(hash) // revoked, maybe through another instance
 		return nil, err
 	}
-	if stale, ok := s.tokens.get(hash, tokenStaleMax); ok && r.Context().Err() == nil {
+	// Only the broker's token: an outage must not refuse lockers for good
+	// (brokerauth.go), and it can do nothing else. For every other role a
+	// slow database must not stretch how long a revoked token works.
+	if stale, ok := s.tokens.get(hash, tokenStaleMax); ok && stale.Role == fleet.RoleBroker && r.Context().Err() == nil {
 		// One line per 10 s: an external broker asks many times a second.
 		now := time.Now().UnixNano()
 		if last := s.staleLogged.Load(); now-last > int64(10*time.Second) && s.staleLogged.CompareAndSwap(last, now) {
-			s.log.Warn("token lookup failed; trusting tokens verified in the last 10 minutes until the database answers",
+			s.log.Warn("token lookup failed; trusting broker tokens verified in the last 10 minutes until the database answers",
 				"token", stale.ID, "err", err)
 		}
 		return stale, nil

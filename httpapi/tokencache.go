@@ -13,11 +13,10 @@ import (
 const TokenCacheTTL = time.Second
 
 // When the database does not answer a token lookup within tokenLookupTimeout,
-// a token verified within tokenStaleMax is still trusted: nothing can be
-// revoked while the database is down, and an external broker's auth hook
-// must keep answering then (httpapi/brokerauth.go).
+// a broker token verified within tokenStaleMax is still trusted: an external
+// broker's auth hook must keep answering then (httpapi/brokerauth.go).
 const (
-	tokenLookupTimeout = 2 * time.Second
+	tokenLookupTimeout = time.Second
 	tokenStaleMax      = 10 * time.Minute
 )
 

@@ -142,17 +142,32 @@ func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
 }
 
 // WatchKicks calls fn with the id of every locker disabled or re-provisioned
-// (by any instance) until ctx ends. Notifications sent while the listening
-// connection was down are lost, so gap is called each time it is back.
+// (by any instance), and with "" for every HeartbeatKicks, until ctx ends.
+// Notifications sent while the listening connection was down are lost, so
+// gap is called each time it is back.
 func (db *DB) WatchKicks(ctx context.Context, fn func(id string), gap func()) {
 	db.watch(ctx, kickChannel, "kick", fn, gap)
+}
+
+// HeartbeatKicks sends an empty kick to every instance: one that hears none
+// for a while knows its listener is not hearing kicks either (a half-open
+// connection, a pooler that drops LISTEN).
+func (db *DB) HeartbeatKicks(ctx context.Context) error {
+	_, err := db.pool.Exec(ctx, `SELECT pg_notify($1, '')`, kickChannel)
+	return err
 }
 
 // watch LISTENs to channel on a dedicated connection, reconnecting after
 // errors with a back-off, and calls gap (if not nil) after each reconnect.
 func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), gap func()) {
 	backoff := 100 * time.Millisecond
-	var listening func()
+	reconnect := false
+	listening := func() {
+		backoff = 100 * time.Millisecond
+		if reconnect && gap != nil {
+			gap()
+		}
+	}
 	for ctx.Err() == nil {
 		err := db.listen(ctx, channel, fn, listening)
 		if ctx.Err() != nil {
@@ -164,12 +179,12 @@ func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), 
 		case <-time.After(backoff):
 		}
 		backoff = min(backoff*2, 5*time.Second)
-		listening = gap
+		reconnect = true
 	}
 }
 
-// listen LISTENs to channel and calls fn with each payload; listening (if
-// not nil) is called once LISTEN is in place.
+// listen LISTENs to channel and calls fn with each payload; listening is
+// called once LISTEN is in place.
 func (db *DB) listen(ctx context.Context, channel string, fn func(string), listening func()) error {
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
@@ -181,9 +196,7 @@ func (db *DB) listen(ctx context.Context, channel string, fn func(string), liste
 	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{channel}.Sanitize()); err != nil {
 		return err
 	}
-	if listening != nil {
-		listening()
-	}
+	listening()
 	for {
 		n, err := conn.Conn().WaitForNotification(ctx)
 		if err != nil {

@@ -59,6 +59,16 @@ func TestWatchKicks(t *testing.T) {
 	for len(got) > 0 {
 		<-got
 	}
+	if len(gaps) != 0 {
+		t.Fatal("a gap reported for the first connection")
+	}
+	// A heartbeat is an empty kick.
+	if err := db.HeartbeatKicks(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if id := next(); id != "" {
+		t.Fatalf("heartbeat heard as %q, want \"\"", id)
+	}
 	// Enabling, or marking replaceable, is no kick: the next one is b's.
 	if _, err := db.UpdateLocker(ctx, a, &off, &on); err != nil {
 		t.Fatal(err)
