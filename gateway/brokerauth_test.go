@@ -205,8 +205,9 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
 		t.Fatalf("disabled locker: %+v", got)
 	}
-	// Its live session on the broker is ended through EMQX's API, once.
-	if got := kicks(); !slices.Equal(got, []string{r.DeviceID}) {
+	// Its live session on the broker is ended through EMQX's API (and
+	// again 6 s later, in case a check in flight let it back).
+	if got := kicks(); len(got) == 0 || got[0] != r.DeviceID {
 		t.Fatalf("sessions ended through EMQX's API: %v, want [%s]", got, r.DeviceID)
 	}
 	// Well inside the 10 s its cache would trust the secret.
@@ -219,12 +220,14 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 
 	// A replaced locker's old board is put off the broker too.
 	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": false, "replaceable": true})
+	before := len(kicks())
 	r2 := MustProvision(t, gw, claim, "HTTP-000000")
 	if r2.DeviceID != r.DeviceID || r2.Password == r.Password {
 		t.Fatalf("replacement: %+v", r2)
 	}
-	if got := kicks(); !slices.Equal(got, []string{r.DeviceID, r.DeviceID}) {
-		t.Fatalf("sessions ended through EMQX's API: %v, want two for %s", got, r.DeviceID)
+	// Ended before the new board was answered.
+	if got := kicks(); len(got) <= before || got[len(got)-1] != r.DeviceID {
+		t.Fatalf("sessions ended through EMQX's API: %v, want one more for %s after the replacement", got, r.DeviceID)
 	}
 }
 

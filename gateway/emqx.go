@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -16,13 +17,27 @@ import (
 // replaced (DeviceAuthHTTP): EMQX does not ask the auth hook again for a
 // session it admitted. local is the embedded broker, whose Kick forgets the
 // secret the hook cached.
+//
+// For a disable, a check in flight at another instance may admit the
+// locker just before the disable commits, and EMQX may register that
+// session after the first DELETE; so the session is ended once more after
+// the hook's longest answer. A DELETE that fails is tried again a few times.
 type emqxKicker struct {
 	local       interface{ Kick(id string) }
 	base        string // e.g. https://emqx:18083
 	key, secret string // an EMQX API key, sent as HTTP basic auth
 	client      *http.Client
 	log         *slog.Logger
+	// again are the delays of the follow-up DELETEs.
+	again []time.Duration
+
+	ctx  context.Context // ends the follow-ups (close)
+	stop context.CancelFunc
+	wg   sync.WaitGroup
 }
+
+// emqxFollowUps: once past the hook's longest answer (4 s), then retries.
+var emqxFollowUps = []time.Duration{6 * time.Second, 30 * time.Second, 2 * time.Minute}
 
 // newEMQXKicker parses BrokerAPIURL and BrokerAPIKey ("key:secret").
 func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, error) {
@@ -34,33 +49,79 @@ func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, 
 	if !ok || key == "" || secret == "" {
 		return nil, fmt.Errorf("--broker-api-key (env LOCKERGATE_BROKER_API_KEY): want key:secret of an EMQX API key")
 	}
+	ctx, stop := context.WithCancel(context.Background())
 	return &emqxKicker{local: local, base: strings.TrimSuffix(u.String(), "/"), key: key, secret: secret,
 		// Short: a replacement's answer waits for it (provisioning's 10 s).
-		client: &http.Client{Timeout: 3 * time.Second}, log: o.Logger.With("component", "emqx-api")}, nil
+		client: &http.Client{Timeout: 3 * time.Second}, log: o.Logger.With("component", "emqx-api"),
+		again: emqxFollowUps, ctx: ctx, stop: stop}, nil
 }
 
-// Kick implements httpapi.Kicker and provisioning's OnReplace.
+// Replace is provisioning's OnReplace: the old board's session ends once.
+// No follow-up: the new board, on the same client id, takes over whatever
+// session is left, and a later DELETE would end the new board's.
+func (k *emqxKicker) Replace(id string) {
+	k.local.Kick(id)
+	k.end(id, false)
+}
+
+// Kick implements httpapi.Kicker (a locker disabled).
 func (k *emqxKicker) Kick(id string) {
 	k.local.Kick(id)
-	req, err := http.NewRequestWithContext(context.Background(), http.MethodDelete, k.base+"/api/v5/clients/"+url.PathEscape(id), nil)
+	done := k.end(id, false)
+	k.wg.Add(1)
+	go func() {
+		defer k.wg.Done()
+		for i, d := range k.again {
+			if done && i > 0 {
+				return // ended, and the follow-up is done
+			}
+			t := time.NewTimer(d)
+			select {
+			case <-k.ctx.Done():
+				t.Stop()
+				return
+			case <-t.C:
+			}
+			done = k.end(id, true)
+		}
+	}()
+}
+
+// end asks EMQX to end id's session; true when it is gone.
+func (k *emqxKicker) end(id string, followUp bool) bool {
+	req, err := http.NewRequestWithContext(k.ctx, http.MethodDelete, k.base+"/api/v5/clients/"+url.PathEscape(id), nil)
 	if err != nil {
 		k.log.Error("end locker session on EMQX", "locker", id, "err", err)
-		return
+		return false
 	}
 	req.SetBasicAuth(k.key, k.secret)
 	resp, err := k.client.Do(req)
 	if err != nil {
-		k.log.Error("end locker session on EMQX: its API did not answer; end it by hand", "locker", id, "err", err)
-		return
+		if k.ctx.Err() == nil {
+			k.log.Error("end locker session on EMQX: its API did not answer; tried again later, or end it by hand", "locker", id, "err", err)
+		}
+		return false
 	}
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 	switch resp.StatusCode {
 	case http.StatusNoContent:
-		k.log.Info("locker session ended on EMQX", "locker", id)
+		if followUp {
+			k.log.Warn("locker session ended on EMQX again: it had come back", "locker", id)
+		} else {
+			k.log.Info("locker session ended on EMQX", "locker", id)
+		}
+		return true
 	case http.StatusNotFound: // not connected: nothing to end
-	default:
-		k.log.Error("end locker session on EMQX: refused; check --broker-api-key and the key's permissions, or end it by hand",
-			"locker", id, "status", resp.StatusCode, "body", string(body))
+		return true
 	}
+	k.log.Error("end locker session on EMQX: refused; check --broker-api-key and the key's permissions, or end it by hand",
+		"locker", id, "status", resp.StatusCode, "body", string(body))
+	return false
+}
+
+// close ends the follow-ups and waits for them.
+func (k *emqxKicker) close() {
+	k.stop()
+	k.wg.Wait()
 }

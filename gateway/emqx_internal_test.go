@@ -5,7 +5,9 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/internal/testtool"
 )
@@ -14,24 +16,30 @@ type kickRecorder struct{ ids []string }
 
 func (k *kickRecorder) Kick(id string) { k.ids = append(k.ids, id) }
 
-// TestEMQXKicker: the local broker always forgets the secret; what EMQX
-// answers decides what is logged, and an answer that means the session
-// may still be live says what to do.
+// TestEMQXKicker: the local broker always forgets the secret; a disable
+// ends the session now and once more later (a check in flight elsewhere
+// may have let it back), retrying while EMQX does not confirm; a
+// replacement ends it once. What EMQX answers decides what is logged.
 func TestEMQXKicker(t *testing.T) {
 	for _, c := range []struct {
-		name   string
-		status int // 0: the API is down
-		log    string
+		name    string
+		status  int // 0: the API is down
+		replace bool
+		calls   int32 // DELETEs EMQX sees
+		log     string
 	}{
-		{"Ended", http.StatusNoContent, "locker session ended on EMQX"},
-		{"NotConnected", http.StatusNotFound, ""},
-		{"Refused", http.StatusUnauthorized, "check --broker-api-key"},
-		{"Down", 0, "its API did not answer; end it by hand"},
+		{"Ended", http.StatusNoContent, false, 2, "locker session ended on EMQX again: it had come back"},
+		{"NotConnected", http.StatusNotFound, false, 2, ""},
+		{"Refused", http.StatusUnauthorized, false, 3, "check --broker-api-key"},
+		{"Down", 0, false, 0, "its API did not answer; tried again later, or end it by hand"},
+		{"Replaced", http.StatusNoContent, true, 1, "locker session ended on EMQX"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			var path string
+			var calls atomic.Int32
+			var path atomic.Value
 			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				path = r.Method + " " + r.URL.EscapedPath()
+				calls.Add(1)
+				path.Store(r.Method + " " + r.URL.EscapedPath())
 				w.WriteHeader(c.status)
 			}))
 			defer srv.Close()
@@ -45,12 +53,22 @@ func TestEMQXKicker(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			k.Kick("lk-a/b")
+			k.again = []time.Duration{time.Millisecond, time.Millisecond}
+			if c.replace {
+				k.Replace("lk-a/b")
+			} else {
+				k.Kick("lk-a/b")
+			}
+			k.wg.Wait() // the follow-ups are done
+			k.close()
 			if len(local.ids) != 1 || local.ids[0] != "lk-a/b" {
 				t.Errorf("local kicks %v", local.ids)
 			}
-			if c.status != 0 && path != "DELETE /api/v5/clients/lk-a%2Fb" {
-				t.Errorf("request %q, want the client id escaped in the path", path)
+			if got := calls.Load(); got != c.calls {
+				t.Errorf("%d DELETEs, want %d", got, c.calls)
+			}
+			if c.status != 0 && path.Load() != "DELETE /api/v5/clients/lk-a%2Fb" {
+				t.Errorf("request %q, want the client id escaped in the path", path.Load())
 			}
 			got := logs.String()
 			if c.log == "" && got != "" || c.log != "" && !strings.Contains(got, c.log) {

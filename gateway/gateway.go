@@ -122,6 +122,7 @@ type Gateway struct {
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
 	kicks    *kickWatch
+	emqx     *emqxKicker // nil unless BrokerAPIURL
 	firmware *firmware.Engine
 	api      *httpapi.Server
 	httpLn   net.Listener
@@ -260,7 +261,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			if err != nil {
 				return nil, err
 			}
-			kicker, onReplace = ek, ek.Kick
+			kicker, onReplace, g.emqx = ek, ek.Replace, ek
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
 			brokerURL = o.ExternalBroker
@@ -398,6 +399,9 @@ func (g *Gateway) Close() error {
 		}
 		if g.broker != nil {
 			g.broker.Close()
+		}
+		if g.emqx != nil {
+			g.emqx.close()
 		}
 		if g.external != nil {
 			g.external.Close() // Run closed it already, unless New failed
