@@ -332,6 +332,18 @@ func TestExternalDisable(t *testing.T) {
 		c5.Disconnect(50)
 		t.Fatal("the old board's secret still works on mosquitto")
 	}
+
+	// A disabled locker whose board is replaced stays disabled there.
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true, "replaceable": true})
+	var again struct{ Token string }
+	if err := gw.Admin.Post(context.Background(), "/v1/claims", map[string]any{"site": "s1", "uses": 1, "expires_in_s": 600}, &again); err != nil {
+		t.Fatal(err)
+	}
+	r3 := MustProvision(t, gw, again.Token, "DIS-000000")
+	if c6, err := Connect(mq.Addr, r3.DeviceID, r3.DeviceID, r3.Password); err == nil {
+		c6.Disconnect(50)
+		t.Fatal("a disabled locker's new board connected to mosquitto")
+	}
 }
 
 // TestBrokerAuthHookDatabaseDown: while PostgreSQL is down the broker's

@@ -251,7 +251,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		}
 		bus = g.external
 		if g.dynsec != nil {
-			onIssued = g.dynsec.PutDevice
+			onIssued = g.putDynSecDevice
 			// PutDevice (onIssued) sets the new secret, which ends the
 			// old session on mosquitto; disabling would lock out the new.
 			kicker = &dynsecKicker{d: g.dynsec, log: g.log, local: g.broker}
@@ -561,6 +561,23 @@ type pickupSink struct{ s *pickup.Service }
 
 func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) {
 	p.s.DeviceEvents(ctx, events)
+}
+
+// putDynSecDevice hands an issued identity to mosquitto. PutDevice leaves
+// the client enabled; a re-provisioned locker that an operator disabled
+// stays disabled there too, as on the embedded broker.
+func (g *Gateway) putDynSecDevice(ctx context.Context, id, secret string) error {
+	if err := g.dynsec.PutDevice(ctx, id, secret); err != nil {
+		return err
+	}
+	l, err := g.db.GetLocker(ctx, id)
+	if err != nil {
+		return err
+	}
+	if l.Disabled {
+		return g.dynsec.DisableDevice(ctx, id)
+	}
+	return nil
 }
 
 // observer forwards broker session events to the fleet manager (created after the broker).
