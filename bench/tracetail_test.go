@@ -115,9 +115,12 @@ func TestTraceTailAcrossGenerations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(rep.Calls) != 1 || rep.Calls[0].Total < 2200*time.Millisecond {
+	// One call, not split at the generation boundaries (about one a
+	// second). The trace sees it from its first event, which can come a few
+	// tens of milliseconds after the call began on a loaded machine.
+	if len(rep.Calls) != 1 || rep.Calls[0].Total < 2*time.Second {
 		var out bytes.Buffer
 		WriteTraceTail(&out, rep, 5, 0)
-		t.Fatalf("want one call of at least 2.2 s, got:\n%s", out.String())
+		t.Fatalf("want one call of about 2.2 s, got:\n%s", out.String())
 	}
 }
