@@ -30,10 +30,15 @@ type emqxKicker struct {
 	log         *slog.Logger
 	// again are the delays of the follow-up DELETEs.
 	again []time.Duration
+	// disabled, when set, tells whether the locker is still disabled: a
+	// follow-up for a locker enabled (or replaced) since is dropped.
+	disabled func(ctx context.Context, id string) (bool, error)
 
-	ctx  context.Context // ends the follow-ups (close)
-	stop context.CancelFunc
-	wg   sync.WaitGroup
+	ctx    context.Context // ends the follow-ups (close)
+	stop   context.CancelFunc
+	mu     sync.Mutex
+	closed bool
+	wg     sync.WaitGroup
 }
 
 // emqxFollowUps: once past the hook's longest answer (4 s), then retries.
@@ -68,6 +73,11 @@ func (k *emqxKicker) Replace(id string) {
 func (k *emqxKicker) Kick(id string) {
 	k.local.Kick(id)
 	done := k.end(id, false)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.closed {
+		return
+	}
 	k.wg.Add(1)
 	go func() {
 		defer k.wg.Done()
@@ -81,6 +91,11 @@ func (k *emqxKicker) Kick(id string) {
 				t.Stop()
 				return
 			case <-t.C:
+			}
+			if k.disabled != nil {
+				if still, err := k.disabled(k.ctx, id); err == nil && !still {
+					return // enabled or replaced since: its session is legitimate
+				}
 			}
 			done = k.end(id, true)
 		}
@@ -122,6 +137,9 @@ func (k *emqxKicker) end(id string, followUp bool) bool {
 
 // close ends the follow-ups and waits for them.
 func (k *emqxKicker) close() {
+	k.mu.Lock()
+	k.closed = true
+	k.mu.Unlock()
 	k.stop()
 	k.wg.Wait()
 }

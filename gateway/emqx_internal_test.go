@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -25,14 +26,16 @@ func TestEMQXKicker(t *testing.T) {
 		name    string
 		status  int // 0: the API is down
 		replace bool
+		enabled bool  // the locker is enabled again before the follow-up
 		calls   int32 // DELETEs EMQX sees
 		log     string
 	}{
-		{"Ended", http.StatusNoContent, false, 2, "locker session ended on EMQX again: it had come back"},
-		{"NotConnected", http.StatusNotFound, false, 2, ""},
-		{"Refused", http.StatusUnauthorized, false, 3, "check --broker-api-key"},
-		{"Down", 0, false, 0, "its API did not answer; tried again later, or end it by hand"},
-		{"Replaced", http.StatusNoContent, true, 1, "locker session ended on EMQX"},
+		{"Ended", http.StatusNoContent, false, false, 2, "locker session ended on EMQX again: it had come back"},
+		{"NotConnected", http.StatusNotFound, false, false, 2, ""},
+		{"Refused", http.StatusUnauthorized, false, false, 3, "check --broker-api-key"},
+		{"Down", 0, false, false, 0, "its API did not answer; tried again later, or end it by hand"},
+		{"Replaced", http.StatusNoContent, true, false, 1, "locker session ended on EMQX"},
+		{"EnabledSince", http.StatusNoContent, false, true, 1, "locker session ended on EMQX"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var calls atomic.Int32
@@ -54,6 +57,7 @@ func TestEMQXKicker(t *testing.T) {
 				t.Fatal(err)
 			}
 			k.again = []time.Duration{time.Millisecond, time.Millisecond}
+			k.disabled = func(context.Context, string) (bool, error) { return !c.enabled, nil }
 			if c.replace {
 				k.Replace("lk-a/b")
 			} else {
@@ -61,7 +65,9 @@ func TestEMQXKicker(t *testing.T) {
 			}
 			k.wg.Wait() // the follow-ups are done
 			k.close()
-			if len(local.ids) != 1 || local.ids[0] != "lk-a/b" {
+			k.Kick("after-close") // no follow-up starts once closed
+			k.wg.Wait()
+			if len(local.ids) != 2 || local.ids[0] != "lk-a/b" {
 				t.Errorf("local kicks %v", local.ids)
 			}
 			if got := calls.Load(); got != c.calls {

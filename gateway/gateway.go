@@ -261,6 +261,13 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			if err != nil {
 				return nil, err
 			}
+			ek.disabled = func(ctx context.Context, id string) (bool, error) {
+				l, err := g.db.GetLocker(ctx, id)
+				if err != nil {
+					return false, err
+				}
+				return l.Disabled, nil
+			}
 			kicker, onReplace, g.emqx = ek, ek.Replace, ek
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -48,27 +49,60 @@ func (k *kickWatch) heard(id string) {
 func (k *kickWatch) gap() { k.cache.InvalidateAll() }
 
 // trusted reports whether a notification arrived within kickTrust.
-func (k *kickWatch) trusted() bool {
+func (k *kickWatch) trusted() bool { return k.heardWithin(kickTrust) }
+
+func (k *kickWatch) heardWithin(d time.Duration) bool {
 	last := k.last.Load()
-	return last != 0 && k.now().UnixNano()-last <= int64(kickTrust)
+	return last != 0 && k.now().UnixNano()-last <= int64(d)
 }
 
-// runKicks listens for kicks and sends heartbeats until ctx ends.
+// runKicks listens for kicks and sends heartbeats until ctx ends. A
+// listener that has heard nothing for kickSilence is started again: its
+// connection may be half-open, which TCP keep-alive would notice only
+// after minutes.
 func (g *Gateway) runKicks(ctx context.Context, k *kickWatch) error {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
 	go func() {
-		t := time.NewTicker(kickHeartbeat)
-		defer t.Stop()
-		for {
+		defer wg.Done()
+		every(ctx, kickHeartbeat, func() bool {
 			if err := g.db.HeartbeatKicks(ctx); err != nil && ctx.Err() == nil {
 				g.log.Debug("kick heartbeat", "err", err)
 			}
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-			}
-		}
+			return true
+		})
 	}()
-	g.db.WatchKicks(ctx, k.heard, k.gap)
+	for ctx.Err() == nil {
+		lctx, restart := context.WithCancel(ctx)
+		started := k.now()
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			every(lctx, kickHeartbeat, func() bool {
+				if k.now().Sub(started) > kickSilence && !k.heardWithin(kickSilence) {
+					g.log.Warn("kick listener heard nothing for 10 s; starting it again")
+					restart()
+					return false
+				}
+				return true
+			})
+		}()
+		g.db.WatchKicks(lctx, k.heard, k.gap)
+		restart()
+	}
 	return nil
+}
+
+// every calls f now and then every d until ctx ends or f returns false.
+func every(ctx context.Context, d time.Duration, f func() bool) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for f() {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }

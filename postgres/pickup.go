@@ -218,16 +218,13 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *pickup.Credential)) (int, error) {
 	var n int
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		var gen int
-		// The row lock holds off a replacement until the new MACs are in.
-		if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
-			if errors.Is(err, pgx.ErrNoRows) {
-				return fleet.ErrNotFound
-			}
-			return err
-		}
+		// Credentials first, then the locker's row: the order of
+		// UseCredential, RevokeCredential and MintCredential, so that none
+		// of them deadlocks with this. The row lock holds off a replacement
+		// until the new MACs are in; a credential minted meanwhile for the
+		// old key fails on the key generation (ErrKeyChanged).
 		rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, '') FROM credentials
-			WHERE device_id = $1 AND state = 'active'`, deviceID)
+			WHERE device_id = $1 AND state = 'active' ORDER BY id FOR UPDATE`, deviceID)
 		if err != nil {
 			return err
 		}
@@ -236,8 +233,18 @@ func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(ge
 			err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC)
 			return c, err
 		})
-		if err != nil || len(creds) == 0 {
+		if err != nil {
 			return err
+		}
+		var gen int
+		if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
+			if errors.Is(err, pgx.ErrNoRows) {
+				return fleet.ErrNotFound
+			}
+			return err
+		}
+		if len(creds) == 0 {
+			return nil
 		}
 		ids := make([]string, len(creds))
 		pins := make([]string, len(creds))
