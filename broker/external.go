@@ -17,7 +17,7 @@ const (
 	// another locker's topic.
 	Deny
 	// Retry: cannot tell now (database unreachable, every check slot
-	// taken, too many recent failures); ask again later.
+	// taken); ask again later.
 	Retry
 	// Ignore: not a locker identity (the gateway's own user, an operator's
 	// client); for the broker's other authenticators to decide.
@@ -38,10 +38,10 @@ func (v Verdict) String() string {
 	return "invalid"
 }
 
-// ExternalIdentity returns the locker a client of an external broker claims
+// externalIdentity returns the locker a client of an external broker claims
 // to be: client id and username both the device id, as on the embedded
 // broker. ok is false for any other client.
-func ExternalIdentity(clientID, username string) (id string, ok bool) {
+func externalIdentity(clientID, username string) (id string, ok bool) {
 	if username != clientID || !validDeviceID(clientID) {
 		return "", false
 	}
@@ -66,7 +66,7 @@ func ExternalIdentity(clientID, username string) (id string, ok bool) {
 // Other clients are Ignore: for the broker's other authenticators.
 func (b *Broker) CheckExternal(clientID, username string, password []byte, remote string) (v Verdict, reason string) {
 	now := time.Now()
-	id, ok := ExternalIdentity(clientID, username)
+	id, ok := externalIdentity(clientID, username)
 	switch {
 	case !ok && !validDeviceID(clientID):
 		return Ignore, ""
@@ -130,7 +130,7 @@ func (b *Broker) foreignClientID(clientID string, password []byte) (Verdict, str
 // protocol v1, as on this broker. A refusal is counted and logged like one
 // here (lockergate_mqtt_acl_denied_total).
 func (b *Broker) CheckExternalACL(clientID, username, topic string, publish bool) Verdict {
-	id, ok := ExternalIdentity(clientID, username)
+	id, ok := externalIdentity(clientID, username)
 	if !ok {
 		return Ignore
 	}

@@ -44,18 +44,26 @@ type emqxKicker struct {
 // emqxFollowUps: once past the hook's longest answer (4 s), then retries.
 var emqxFollowUps = []time.Duration{6 * time.Second, 30 * time.Second, 2 * time.Minute}
 
-// newEMQXKicker parses BrokerAPIURL and BrokerAPIKey ("key:secret").
-func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, error) {
+// parseBrokerAPI checks BrokerAPIURL and BrokerAPIKey ("key:secret").
+func parseBrokerAPI(o Options) (base, key, secret string, err error) {
 	u, err := url.Parse(o.BrokerAPIURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		return nil, fmt.Errorf("--broker-api-url %q: want http(s)://host:port of EMQX's REST API (no user, query or fragment; the key goes in --broker-api-key)", o.BrokerAPIURL)
+		return "", "", "", fmt.Errorf("--broker-api-url %q: want http(s)://host:port of EMQX's REST API (no user, query or fragment; the key goes in --broker-api-key)", o.BrokerAPIURL)
 	}
 	key, secret, ok := strings.Cut(o.BrokerAPIKey, ":")
 	if !ok || key == "" || secret == "" {
-		return nil, fmt.Errorf("--broker-api-key (env LOCKERGATE_BROKER_API_KEY): want key:secret of an EMQX API key")
+		return "", "", "", fmt.Errorf("--broker-api-key (env LOCKERGATE_BROKER_API_KEY): want key:secret of an EMQX API key")
+	}
+	return strings.TrimSuffix(u.String(), "/"), key, secret, nil
+}
+
+func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, error) {
+	base, key, secret, err := parseBrokerAPI(o)
+	if err != nil {
+		return nil, err
 	}
 	ctx, stop := context.WithCancel(context.Background())
-	return &emqxKicker{local: local, base: strings.TrimSuffix(u.String(), "/"), key: key, secret: secret,
+	return &emqxKicker{local: local, base: base, key: key, secret: secret,
 		// Short: a replacement's answer waits for it (provisioning's 10 s).
 		client: &http.Client{Timeout: 3 * time.Second}, log: o.Logger.With("component", "emqx-api"),
 		again: emqxFollowUps, ctx: ctx, stop: stop}, nil

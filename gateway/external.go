@@ -34,7 +34,7 @@ func checkDeviceAuth(o *Options) error {
 		return fmt.Errorf("--instance-id %q equals --broker-user: with --device-auth http they must differ, "+
 			"or the auth hook takes the gateway for a locker", o.InstanceID)
 	case o.BrokerAPIURL != "":
-		_, err := newEMQXKicker(*o, nil) // checks the URL and key before anything starts
+		_, _, _, err := parseBrokerAPI(*o) // before anything starts
 		return err
 	}
 	return nil

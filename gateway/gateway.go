@@ -102,7 +102,8 @@ const (
 )
 
 // externalAuthCacheTTL bounds how long an instance's auth hook admits a
-// locker disabled through another instance (DeviceAuthHTTP).
+// locker disabled through another instance whose kick it did not hear
+// (DeviceAuthHTTP).
 const externalAuthCacheTTL = 10 * time.Second
 
 // Gateway is one running gateway process.
@@ -225,9 +226,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	bo.Provisioner = auth
 	bo.ProvisionOnly = o.ExternalBroker != ""
 	if o.DeviceAuth == DeviceAuthHTTP {
-		// Several instances answer the hook, and a Kick (locker disabled)
-		// reaches only the one that served the PATCH: the others trust
-		// their cached answer this long.
+		// Several instances answer the hook. Kicks reach them all
+		// (kicks.go) unless the database is reached through a pooler
+		// that drops LISTEN; then this bounds how long they trust a
+		// disabled locker's cached secret.
 		bo.AuthCacheTTL = externalAuthCacheTTL
 	}
 	if g.broker, err = broker.New(bo); err != nil {
@@ -343,8 +345,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	var background sync.WaitGroup
 	// A locker disabled or replaced through any instance: every instance
 	// forgets the secret its broker (and auth hook) cached for it.
-	watchKicks := func(ctx context.Context) error { return g.runKicks(ctx, g.kicks) }
-	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run, watchKicks} {
+	for _, run := range []func(context.Context) error{g.pickups.Run, g.webhooks.Run, g.firmware.Run, g.runKicks} {
 		background.Add(1)
 		go func() {
 			defer background.Done()

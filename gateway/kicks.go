@@ -60,7 +60,8 @@ func (k *kickWatch) heardWithin(d time.Duration) bool {
 // listener that has heard nothing for kickSilence is started again: its
 // connection may be half-open, which TCP keep-alive would notice only
 // after minutes.
-func (g *Gateway) runKicks(ctx context.Context, k *kickWatch) error {
+func (g *Gateway) runKicks(ctx context.Context) error {
+	k := g.kicks
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Add(1)

@@ -25,8 +25,8 @@ const brokerAuthRetryAfter = 5
 
 func (s *Server) brokerAuthTable() []route {
 	return []route{
-		{"POST", "/v1/broker-auth/emqx/authn", brokerRoles, false, s.emqxAuthn},
-		{"POST", "/v1/broker-auth/emqx/authz", brokerRoles, false, s.emqxAuthz},
+		{"POST", "/v1/broker-auth/emqx/authn", brokerRoles, false, s.withBrokerAuth(emqxAuthn)},
+		{"POST", "/v1/broker-auth/emqx/authz", brokerRoles, false, s.withBrokerAuth(emqxAuthz)},
 	}
 }
 
@@ -57,15 +57,12 @@ type emqxAuthnOut struct {
 // topic rules), deny, or ignore for a client that is no locker. A check
 // that cannot be made now is a 503, which EMQX counts as ignore: it cannot
 // answer "server unavailable" from an HTTP authenticator.
-func (s *Server) emqxAuthn(w http.ResponseWriter, r *http.Request) error {
-	if s.opts.BrokerAuth == nil {
-		return brokerAuthOff
-	}
+func emqxAuthn(ba BrokerAuth, w http.ResponseWriter, r *http.Request) error {
 	var in emqxAuthnIn
 	if err := decodeHook(r, &in); err != nil {
 		return err
 	}
-	v, reason := s.opts.BrokerAuth.CheckExternal(in.ClientID, in.Username, []byte(in.Password), in.PeerHost)
+	v, reason := ba.CheckExternal(in.ClientID, in.Username, []byte(in.Password), in.PeerHost)
 	out := emqxAuthnOut{Result: v.String(), Reason: reason}
 	switch v {
 	case broker.Allow:
@@ -107,10 +104,7 @@ type emqxAuthzOut struct {
 }
 
 // emqxAuthz answers EMQX's HTTP authorizer for one publish or subscribe.
-func (s *Server) emqxAuthz(w http.ResponseWriter, r *http.Request) error {
-	if s.opts.BrokerAuth == nil {
-		return brokerAuthOff
-	}
+func emqxAuthz(ba BrokerAuth, w http.ResponseWriter, r *http.Request) error {
 	var in emqxAuthzIn
 	if err := decodeHook(r, &in); err != nil {
 		return err
@@ -121,12 +115,22 @@ func (s *Server) emqxAuthz(w http.ResponseWriter, r *http.Request) error {
 	if in.Topic == "" {
 		return badRequest("topic is empty")
 	}
-	v := s.opts.BrokerAuth.CheckExternalACL(in.ClientID, in.Username, in.Topic, in.Action == "publish")
+	v := ba.CheckExternalACL(in.ClientID, in.Username, in.Topic, in.Action == "publish")
 	writeJSON(w, http.StatusOK, emqxAuthzOut{Result: v.String()})
 	return nil
 }
 
-var brokerAuthOff = fmt.Errorf("%w: no broker auth hook on this gateway", fleet.ErrNotFound)
+var errNoBrokerAuth = fmt.Errorf("%w: no broker auth hook on this gateway", fleet.ErrNotFound)
+
+// withBrokerAuth makes h an endpoint; without Options.BrokerAuth it is a 404.
+func (s *Server) withBrokerAuth(h func(BrokerAuth, http.ResponseWriter, *http.Request) error) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if s.opts.BrokerAuth == nil {
+			return errNoBrokerAuth
+		}
+		return h(s.opts.BrokerAuth, w, r)
+	}
+}
 
 // decodeHook reads a hook request: a JSON object, or a form
 // (application/x-www-form-urlencoded), as EMQX can send either.

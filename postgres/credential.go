@@ -21,8 +21,8 @@ import (
 // BEGIN and COMMIT in the batch make its statements one repeatable-read
 // transaction; a failure leaves the connection in a transaction, which
 // pgxpool closes rather than reuse. PostgreSQL sends no result before the
-// batch's end, so a statement that fails or stalls fails the batch as a
-// whole: errors name the locker, not the statement.
+// batch's end, so a statement that fails or stalls surfaces at the first
+// read: errors name the locker, and a statement only once its rows are read.
 func (db *DB) Retained(ctx context.Context, id string) (*fleet.Retained, error) {
 	r, err := db.retained(ctx, id)
 	if err != nil {
