@@ -182,7 +182,13 @@ func (ci *certIssuer) loadCA() error {
 	caPEM, caKeyPEM := filepath.Join(ci.dir, "ca.pem"), filepath.Join(ci.dir, "ca.key")
 	_, errCert := os.Stat(caPEM)
 	_, errKey := os.Stat(caKeyPEM)
+	_, errServer := os.Stat(filepath.Join(ci.dir, "server.pem"))
 	switch {
+	case errors.Is(errCert, fs.ErrNotExist) && errors.Is(errKey, fs.ErrNotExist) && errServer == nil:
+		// A CA was made here before (it issued server.pem), and lockers
+		// pinned it: the CA files were lost or moved (ca.key offline
+		// with ca.pem by mistake), not never made.
+		return fmt.Errorf("private CA in %s: ca.pem and ca.key are missing but server.pem is there: restore ca.pem (and ca.key) from backup; to start over with a new CA, which every locker that pinned the old one rejects, delete server.pem too", ci.dir)
 	case errors.Is(errCert, fs.ErrNotExist) && errors.Is(errKey, fs.ErrNotExist):
 		return ci.createCA(caPEM, caKeyPEM)
 	case errCert != nil:

@@ -147,5 +147,17 @@ func TestCertIssuerRenews(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), "restore ca.pem") {
 			t.Fatalf("err %v, want one that says to restore ca.pem", err)
 		}
+		// Both CA files gone (ca.key kept offline, ca.pem lost): still no
+		// new CA behind the lockers' backs while server.pem says one was.
+		if err := os.Remove(filepath.Join(dir, "ca.key")); err != nil {
+			t.Fatal(err)
+		}
+		_, err = newCertIssuer(dir, hosts, now, log)
+		if err == nil || !strings.Contains(err.Error(), "restore ca.pem (and ca.key)") {
+			t.Fatalf("err %v, want one that says to restore the CA", err)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "ca.pem")); err == nil {
+			t.Fatal("a new CA was made")
+		}
 	})
 }
