@@ -2,11 +2,14 @@ package bench
 
 import (
 	"bytes"
+	"errors"
 	"runtime"
 	"runtime/trace"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // tracedWork is the function the test follows: it waits 20 ms on a timer
@@ -36,13 +39,12 @@ func traceOf(t *testing.T, call func()) *bytes.Buffer {
 	<-done
 	// Stop the trace only once the goroutine has parked (its state is in
 	// the trace by then).
-	deadline := time.Now().Add(5 * time.Second)
-	for !parkedOn(t, "bench.traceOf.func1") {
-		if time.Now().After(deadline) {
-			t.Fatal("traced goroutine never parked")
+	testtool.Eventually(t, 5*time.Second, "traced goroutine parked", func() error {
+		if !parkedOn(t, "bench.traceOf.func1") {
+			return errors.New("not parked yet")
 		}
-		time.Sleep(time.Millisecond) // polling interval of a condition wait
-	}
+		return nil
+	})
 	trace.Stop()
 	close(release)
 	return &buf

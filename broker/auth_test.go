@@ -58,9 +58,7 @@ func TestConnectRefused(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			h := newHarness(t, tc.opt, nil)
 			if tc.backendDown {
-				h.auth.mu.Lock()
-				h.auth.failWith = errors.New("connection refused")
-				h.auth.mu.Unlock()
+				h.auth.fail(errors.New("connection refused"))
 			}
 			var mods []func(*paho.ClientOptions)
 			if tc.mod != nil {
@@ -393,9 +391,7 @@ func TestConnackSaysRetryOrNot(t *testing.T) {
 			v3: v3BadCreds, v5: packets.ErrBadUsernameOrPassword.Code},
 		{name: "BackendDown", pass: "secret-A", reason: refuseBackendError,
 			setup: func(t *testing.T, h *harness) {
-				h.auth.mu.Lock()
-				h.auth.failWith = errors.New("connection refused")
-				h.auth.mu.Unlock()
+				h.auth.fail(errors.New("connection refused"))
 			},
 			v3: v3Unavailable, v5: packets.ErrServerUnavailable.Code},
 		{name: "AllCheckSlotsTaken", pass: "secret-A", reason: refuseBusy,

@@ -60,10 +60,8 @@ func TestCheckExternal(t *testing.T) {
 	})
 
 	t.Run("BackendDown", func(t *testing.T) {
-		h.auth.mu.Lock()
-		h.auth.failWith = errors.New("connection refused")
-		h.auth.mu.Unlock()
-		t.Cleanup(func() { h.auth.mu.Lock(); h.auth.failWith = nil; h.auth.mu.Unlock() })
+		h.auth.fail(errors.New("connection refused"))
+		t.Cleanup(func() { h.auth.fail(nil) })
 		if v, reason := b.CheckExternal("B", "B", []byte("secret-B"), "10.0.0.6"); v != Retry || reason != refuseBackendError {
 			t.Fatalf("database down = %v %q, want retry backend_error", v, reason)
 		}
@@ -175,9 +173,7 @@ func TestCheckExternalStaleSecret(t *testing.T) {
 	if v, _ := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
 		t.Fatalf("first check = %v", v)
 	}
-	h.auth.mu.Lock()
-	h.auth.failWith = errors.New("connection refused")
-	h.auth.mu.Unlock()
+	h.auth.fail(errors.New("connection refused"))
 	if v, reason := b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow || reason != "" {
 		t.Fatalf("last verified secret, database down = %v %q, want allow", v, reason)
 	}
@@ -205,9 +201,7 @@ func TestCheckExternalStaleNeedsKicks(t *testing.T) {
 	if v, _ := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Allow {
 		t.Fatalf("first check = %v", v)
 	}
-	h.auth.mu.Lock()
-	h.auth.failWith = errors.New("connection refused")
-	h.auth.mu.Unlock()
+	h.auth.fail(errors.New("connection refused"))
 	heard.Store(false)
 	if v, reason := h.b.CheckExternal("A", "A", []byte("secret-A"), ""); v != Retry || reason != refuseBackendError {
 		t.Fatalf("kicks not heard, database down = %v %q, want retry", v, reason)

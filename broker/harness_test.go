@@ -109,6 +109,13 @@ func (f *fakeAuth) calls(id string) int {
 	return f.deviceCalls[id]
 }
 
+// fail makes every call fail with err (nil: the backend is back).
+func (f *fakeAuth) fail(err error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.failWith = err
+}
+
 func (f *fakeAuth) setDevice(id string, d fakeDevice) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

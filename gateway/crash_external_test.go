@@ -125,10 +125,9 @@ func TestExternalCrash(t *testing.T) {
 	bin := buildLockergate(t)
 	dsn := pgtest.NewDB(t)
 	dataDir := t.TempDir()
-	b := MustRun(t, gateway.Options{
-		DataDir: dataDir, DatabaseURL: dsn, MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
-		Config:         protocol.Config{Version: 1, HealthIntervalS: 60, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
-		ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lgadmin", ExternalPassword: mq.AdminPassword, InstanceID: "gw-b",
+	b := MustStart(t, onExternal(mq, "gw-b"), func(o *gateway.Options) {
+		o.DataDir, o.DatabaseURL = dataDir, dsn
+		o.Config.HealthIntervalS = 60
 	})
 	claim := b.MustSiteAndClaim(t, "s1", lockers)
 	args := []string{"--data-dir", dataDir, "--database-url", dsn, "--mqtt-addr", "127.0.0.1:0", "--mqtts-addr", "",

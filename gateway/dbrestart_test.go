@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -95,13 +95,7 @@ type restartablePG struct {
 
 func mustRestartablePG(t *testing.T) *restartablePG {
 	t.Helper()
-	base := t.TempDir()
-	for _, d := range []string{filepath.Dir(base), base} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	p := &restartablePG{opts: pgcluster.Options{DataDir: filepath.Join(base, "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)},
+	p := &restartablePG{opts: pgcluster.Options{DataDir: filepath.Join(testtool.PostgresDir(t), "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)},
 		proxy: newPGProxy(t)}
 	p.start(t)
 	t.Cleanup(func() { p.cluster.Stop() })

@@ -9,6 +9,7 @@ import (
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // TestEmbeddedDefault runs the gateway with no database URL: it starts its
@@ -16,13 +17,7 @@ import (
 // keeps state across a restart, and stops the cluster on shutdown.
 func TestEmbeddedDefault(t *testing.T) {
 	// The postgres user must be able to reach the data dir when we are root.
-	base := t.TempDir()
-	for _, d := range []string{filepath.Dir(base), base} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	dataDir := filepath.Join(base, "data")
+	dataDir := filepath.Join(testtool.PostgresDir(t), "data")
 	opts := gateway.Options{DataDir: dataDir, FastDB: true, MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t)}
 
 	tg := MustRun(t, opts)

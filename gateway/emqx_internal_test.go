@@ -65,7 +65,7 @@ func TestEMQXKicker(t *testing.T) {
 			}
 			k.wg.Wait() // the follow-ups are done
 			k.close()
-			k.Kick("after-close") // no follow-up starts once closed
+			k.Kick("after-close") // sends no DELETE once closed: the calls below stay as they were
 			k.wg.Wait()
 			if len(local.ids) != 2 || local.ids[0] != "lk-a/b" {
 				t.Errorf("local kicks %v", local.ids)

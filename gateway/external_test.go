@@ -121,13 +121,35 @@ func MustOpenMosquitto(t *testing.T) *Mosquitto {
 	bin := requireTool(t, "mosquitto")
 	dir := t.TempDir()
 	m := &Mosquitto{}
-	for attempt := 0; !m.start(t, bin, "", dir); attempt++ {
+	m.mustStart(t, bin, "", dir)
+	return m
+}
+
+// mustStart starts mosquitto. The port is picked free and handed to
+// mosquitto; another process may take it in between, so a mosquitto that
+// exits at once is started again.
+func (m *Mosquitto) mustStart(t *testing.T, bin, plugin, dir string) {
+	t.Helper()
+	for attempt := 0; !m.start(t, bin, plugin, dir); attempt++ {
 		if attempt == 3 {
 			b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log"))
 			t.Fatalf("mosquitto did not start:\n%s", tail(string(b), 20))
 		}
 	}
-	return m
+}
+
+// onExternal runs a gateway on mq as instance id: with mosquitto's dynamic
+// security when mq has it (MustMosquitto), else with the HTTP auth hook
+// (MustOpenMosquitto, standing in for EMQX).
+func onExternal(mq *Mosquitto, id string) func(*gateway.Options) {
+	return func(o *gateway.Options) {
+		o.ExternalBroker, o.InstanceID = "mqtt://"+mq.Addr, id
+		if mq.AdminPassword != "" {
+			o.ExternalUser, o.ExternalPassword = "lgadmin", mq.AdminPassword
+		} else {
+			o.ExternalUser, o.DeviceAuth = "lockergate", gateway.DeviceAuthHTTP
+		}
+	}
 }
 
 func MustMosquitto(t *testing.T) *Mosquitto {
@@ -146,17 +168,7 @@ func MustMosquitto(t *testing.T) *Mosquitto {
 	if out, err := exec.Command(ctrl, "dynsec", "init", filepath.Join(dir, "dynsec.json"), "lgadmin", m.AdminPassword).CombinedOutput(); err != nil {
 		t.Fatalf("dynsec init: %v: %s", err, out)
 	}
-	// The port is picked free and handed to mosquitto; another process may
-	// take it in between, so a mosquitto that exits at once is started again.
-	for attempt := 0; ; attempt++ {
-		if m.start(t, bin, plugins[0], dir) {
-			break
-		}
-		if attempt == 3 {
-			b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log"))
-			t.Fatalf("mosquitto did not start:\n%s", tail(string(b), 20))
-		}
-	}
+	m.mustStart(t, bin, plugins[0], dir)
 	return m
 }
 
@@ -183,15 +195,9 @@ func TestExternalBroker(t *testing.T) {
 	mq := MustMosquitto(t)
 	dsn := pgtest.NewDB(t)
 	dataDir := t.TempDir() // shared: both instances use one master key
-	opts := func(id string) gateway.Options {
-		return gateway.Options{
-			DataDir: dataDir, DatabaseURL: dsn, MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
-			Config:         protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout},
-			ExternalBroker: "mqtt://" + mq.Addr, ExternalUser: "lgadmin", ExternalPassword: mq.AdminPassword, InstanceID: id,
-		}
-	}
-	a := MustRun(t, opts("gw-a"))
-	b := MustRun(t, opts("gw-b"))
+	shared := func(o *gateway.Options) { o.DataDir, o.DatabaseURL = dataDir, dsn }
+	a := MustStart(t, onExternal(mq, "gw-a"), shared)
+	b := MustStart(t, onExternal(mq, "gw-b"), shared)
 	b.Admin.Token = a.Admin.Token
 	claim := a.MustSiteAndClaim(t, "s1", lockers)
 

@@ -540,7 +540,6 @@ func TestPickupAllocationRace(t *testing.T) {
 // holds a ready order. The new board gets a new cred_key at provisioning;
 // the order's code, already with the driver, must still open it.
 func TestPickupBoardSwap(t *testing.T) {
-	ctx := context.Background()
 	e := newPickupEnv(t, 1, 0)
 	p := e.create(t, "A-3001", "M", time.Hour)
 	ready := e.waitState(t, p.ID, pickup.Ready)
@@ -552,11 +551,8 @@ func TestPickupBoardSwap(t *testing.T) {
 	// the new board provisions with a fresh claim of the site.
 	e.sim.Close()
 	patchLocker(t, e.tg, p.Locker, map[string]bool{"replaceable": true})
-	var claim struct{ Token string }
-	if err := e.tg.Admin.Post(ctx, "/v1/claims", map[string]any{"site": "store-042", "uses": 1, "expires_in_s": 600}, &claim); err != nil {
-		t.Fatal(err)
-	}
-	sim := MustFleet(t, e.tg, claim.Token, 1)
+	_, claim := newClaim(t, e.tg, map[string]any{"site": "store-042", "uses": 1, "expires_in_s": 600})
+	sim := MustFleet(t, e.tg, claim, 1)
 	l := sim.Lockers()[0]
 	newID, _ := l.Identity()
 	if l.DeviceID() != p.Locker || string(newID.CredKey) == string(oldID.CredKey) {

@@ -737,8 +737,16 @@ func TestRetained(t *testing.T) {
 			t.Fatalf("after refusals: %+v, %v", r, err)
 		}
 	}
+	noneIdleInTransaction(t, db)
+}
+
+// noneIdleInTransaction fails the test if a connection to db's database is
+// left inside a transaction.
+func noneIdleInTransaction(t *testing.T, db *postgres.DB) {
+	t.Helper()
 	var inTx int
-	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
+	if err := db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity
+		WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
 		t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
 	}
 }
@@ -787,10 +795,7 @@ func TestRetainedMidBatchError(t *testing.T) {
 					t.Fatalf("after the lock is gone: %v", err)
 				}
 			}
-			var inTx int
-			if err := setup.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&inTx); err != nil || inTx != 0 {
-				t.Fatalf("%d connections idle in a transaction (%v), want 0", inTx, err)
-			}
+			noneIdleInTransaction(t, setup)
 		})
 	}
 }

@@ -23,15 +23,7 @@ func TestDemo(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a private PostgreSQL and a simulated fleet")
 	}
-	base := t.TempDir()
-	// When the test runs as root, PostgreSQL runs as the postgres user and
-	// must reach its directory.
-	for _, d := range []string{filepath.Dir(base), base} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	dataDir := filepath.Join(base, "data")
+	dataDir := filepath.Join(testtool.PostgresDir(t), "data")
 	// The data directory from the environment, as lockerctl reads it too.
 	t.Setenv("LOCKERGATE_DATA_DIR", dataDir)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 )
 
@@ -31,4 +32,18 @@ func Program(t testing.TB, name, why, install string) string {
 		t.Skip("SKIPPED: " + msg)
 	}
 	return ""
+}
+
+// PostgresDir returns a fresh temporary directory a private PostgreSQL
+// cluster can live in: when tests run as root the cluster runs as the
+// postgres user, which must be able to pass through it and its parent.
+func PostgresDir(tb testing.TB) string {
+	tb.Helper()
+	base := tb.TempDir()
+	for _, d := range []string{filepath.Dir(base), base} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return base
 }
