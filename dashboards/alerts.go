@@ -199,5 +199,14 @@ func Rules() []Rule {
 			Description: "MQTT messages are being dropped: too_large means a firmware sends oversize payloads, client_queue_full a slow receiver.",
 			Runbook:     "1. too_large: find the firmware version by the devices' logs and fix it.\n2. client_queue_full: check the gateway's CPU and ingest lag.",
 		},
+		{
+			Alert: "LockergateKicksUnheard", Severity: "warning", For: "2m",
+			Expr:        "time() - lockergate_kicks_last_heard_timestamp_seconds > 30",
+			Summary:     "{{ $labels.instance }} hears no kick notifications from PostgreSQL",
+			Description: "Every instance sends a heartbeat over PostgreSQL NOTIFY every 3 s, and this one has heard none for over 30 s. It may miss disables and replacements made through other instances, so it forgets every cached locker secret (more database load); and during a database outage its auth hook refuses lockers it cannot confirm.",
+			Runbook: "1. Gateway log: \"kick notifications interrupted\" or \"kick listener heard nothing\" carries the error.\n" +
+				"2. A pooler in transaction mode drops LISTEN: connect the gateway directly or in session mode (docs/deployment.md).\n" +
+				"3. Database health (LockergateDatabaseErrors).",
+		},
 	}
 }

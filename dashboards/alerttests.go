@@ -187,5 +187,11 @@ func RuleTests() []RuleTest {
 			Series: []Series{{`lockergate_mqtt_messages_dropped_total{` + testTarget + `, reason="too_large"}`, "0+10x30"}},
 			Evals:  []Eval{fires("20m", "LockergateBrokerDropping", jobInstance("reason", "too_large"))},
 		},
+		{
+			Name:   "A gateway that hears heartbeats is quiet; one that stops hearing them warns after 2 minutes.",
+			Series: []Series{{`lockergate_kicks_last_heard_timestamp_seconds{` + testTarget + `}`, "0+60x5 300x20"}},
+			Evals: []Eval{quiet("5m", "LockergateKicksUnheard"), quiet("7m", "LockergateKicksUnheard"),
+				fires("10m", "LockergateKicksUnheard", jobInstance())},
+		},
 	}
 }

@@ -28,6 +28,7 @@ type hookAnswer struct {
 	ACL    []struct {
 		Permission, Action, Topic string
 	} `json:"acl"`
+	Problem string `json:"-"` // the error answer, if any
 }
 
 // brokerHook calls the EMQX auth hooks of a gateway with a broker token.
@@ -45,6 +46,9 @@ func (h brokerHook) call(tb testing.TB, path string, body map[string]string) (in
 	if err != nil && status < 400 {
 		tb.Fatalf("POST %s: %v", path, err)
 	}
+	if err != nil {
+		out.Problem = err.Error()
+	}
 	return status, out
 }
 
@@ -53,7 +57,7 @@ func (h brokerHook) authn(tb testing.TB, id, user, password string) hookAnswer {
 	status, a := h.call(tb, "/v1/broker-auth/emqx/authn", map[string]string{
 		"clientid": id, "username": user, "password": password, "peerhost": "10.20.30.40"})
 	if status != 200 {
-		tb.Fatalf("authn %s: status %d", id, status)
+		tb.Fatalf("authn %s: status %d: %s", id, status, a.Problem)
 	}
 	return a
 }
@@ -63,7 +67,7 @@ func (h brokerHook) authz(tb testing.TB, id, topic, action string) string {
 	status, a := h.call(tb, "/v1/broker-auth/emqx/authz", map[string]string{
 		"clientid": id, "username": id, "topic": topic, "action": action})
 	if status != 200 {
-		tb.Fatalf("authz %s %s %s: status %d", id, action, topic, status)
+		tb.Fatalf("authz %s %s %s: status %d: %s", id, action, topic, status, a.Problem)
 	}
 	return a.Result
 }
@@ -360,6 +364,15 @@ func TestBrokerAuthHookDatabaseDown(t *testing.T) {
 	seen := MustProvision(t, tg, claim, "SN-HDB-1")
 	unseen := MustProvision(t, tg, claim, "SN-HDB-2")
 	hook := newBrokerHook(t, tg)
+	// The stale rule holds only while kicks are heard: wait for the first
+	// heartbeat (LISTEN is in place by then, so what is verified now stays
+	// cached).
+	Eventually(t, 30*time.Second, "a kick heartbeat heard", func() error {
+		if v, err := tg.Metric("lockergate_kicks_last_heard_timestamp_seconds"); err != nil || v == 0 {
+			return fmt.Errorf("last heard %v (%v)", v, err)
+		}
+		return nil
+	})
 	if got := hook.authn(t, seen.DeviceID, seen.DeviceID, seen.Password); got.Result != "allow" {
 		t.Fatalf("before the outage: %+v", got)
 	}

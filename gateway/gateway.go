@@ -223,6 +223,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	bo.Auth = auth
 	g.kicks = &kickWatch{now: time.Now}
 	bo.KicksHeard = g.kicks.trusted
+	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "lockergate_kicks_last_heard_timestamp_seconds",
+		Help: "When this instance last heard a kick or heartbeat from PostgreSQL (unix seconds; 0: never). Older than 10 s: kicks from other instances may be missed, and after 2 min the auth hook stops admitting secrets it cannot confirm.",
+	}, g.kicks.lastHeard))
 	bo.Provisioner = auth
 	bo.ProvisionOnly = o.ExternalBroker != ""
 	if o.DeviceAuth == DeviceAuthHTTP {

@@ -28,16 +28,18 @@ type kickWatch struct {
 		Invalidate(id string)
 		InvalidateAll()
 	}
-	now  func() time.Time
-	last atomic.Int64 // unix ns of the last notification heard; 0: none yet
+	now      func() time.Time
+	last     atomic.Int64 // unix ns of the last notification heard; 0: none yet
+	listened atomic.Int64 // unix ns when LISTEN was last in place
 }
 
 // heard is called with each notification ("" for a heartbeat). The first
-// one, and the first after a silence, may follow missed kicks: everything
-// cached is forgotten then.
+// after a silence (since the last one, or since LISTEN was in place) may
+// follow kicks missed on a connection that looked alive: everything cached
+// is forgotten then.
 func (k *kickWatch) heard(id string) {
 	now := k.now().UnixNano()
-	if prev := k.last.Swap(now); now-prev > int64(kickSilence) {
+	if prev := max(k.last.Swap(now), k.listened.Load()); now-prev > int64(kickSilence) {
 		k.cache.InvalidateAll()
 	}
 	if id != "" {
@@ -45,8 +47,18 @@ func (k *kickWatch) heard(id string) {
 	}
 }
 
-// gap is called when the listener is back after losing its connection.
-func (k *kickWatch) gap() { k.cache.InvalidateAll() }
+// listening is called each time LISTEN is in place, the first time too:
+// kicks sent before were missed, so everything cached is forgotten. The
+// first heartbeat after it is no silence, so a secret verified in between
+// is kept.
+func (k *kickWatch) listening() {
+	k.listened.Store(k.now().UnixNano())
+	k.cache.InvalidateAll()
+}
+
+// lastHeard is the unix time in seconds of the last notification heard, 0
+// before the first.
+func (k *kickWatch) lastHeard() float64 { return float64(k.last.Load()) / 1e9 }
 
 // trusted reports whether a notification arrived within kickTrust.
 func (k *kickWatch) trusted() bool { return k.heardWithin(kickTrust) }
@@ -89,7 +101,7 @@ func (g *Gateway) runKicks(ctx context.Context) error {
 				return true
 			})
 		}()
-		g.db.WatchKicks(lctx, k.heard, k.gap)
+		g.db.WatchKicks(lctx, k.heard, k.listening)
 		restart()
 	}
 	return nil

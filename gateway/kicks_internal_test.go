@@ -11,9 +11,11 @@ type cacheRecorder struct{ calls []string }
 func (c *cacheRecorder) Invalidate(id string) { c.calls = append(c.calls, id) }
 func (c *cacheRecorder) InvalidateAll()       { c.calls = append(c.calls, "*") }
 
-// TestKickWatch: kicks invalidate one locker; the first notification, the
-// first after a silence and a reconnect invalidate everything (kicks may
-// have been missed); trusted is true only within kickTrust of the last.
+// TestKickWatch: kicks invalidate one locker; LISTEN in place (the first
+// time and after a reconnect) and the first notification after a silence
+// invalidate everything (kicks may have been missed), but the first
+// heartbeat after LISTEN does not; trusted is true only within kickTrust of
+// the last notification.
 func TestKickWatch(t *testing.T) {
 	now := time.Unix(1000, 0)
 	c := &cacheRecorder{}
@@ -21,7 +23,12 @@ func TestKickWatch(t *testing.T) {
 	if k.trusted() {
 		t.Fatal("trusted before anything was heard")
 	}
-	k.heard("") // the first heartbeat
+	k.listening()
+	now = now.Add(time.Second)
+	k.heard("") // the first heartbeat: a secret verified since LISTEN stays
+	if got := k.lastHeard(); got != 1001 {
+		t.Fatalf("last heard %v, want 1001", got)
+	}
 	k.heard("lk-1")
 	now = now.Add(kickSilence)
 	k.heard("lk-2") // not after a silence yet
@@ -34,8 +41,10 @@ func TestKickWatch(t *testing.T) {
 	if k.trusted() {
 		t.Fatal("trusted past kickTrust")
 	}
-	k.gap()
-	if want := []string{"*", "lk-1", "lk-2", "*", "lk-3", "*"}; !slices.Equal(c.calls, want) {
+	k.listening() // back after losing the connection
+	now = now.Add(time.Second)
+	k.heard("lk-4") // long after the last, but just after LISTEN
+	if want := []string{"*", "lk-1", "lk-2", "*", "lk-3", "*", "lk-4"}; !slices.Equal(c.calls, want) {
 		t.Fatalf("cache calls %v, want %v", c.calls, want)
 	}
 }

@@ -143,10 +143,10 @@ func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
 
 // WatchKicks calls fn with the id of every locker disabled or re-provisioned
 // (by any instance), and with "" for every HeartbeatKicks, until ctx ends.
-// Notifications sent while the listening connection was down are lost, so
-// gap is called each time it is back.
-func (db *DB) WatchKicks(ctx context.Context, fn func(id string), gap func()) {
-	db.watch(ctx, kickChannel, "kick", fn, gap)
+// Notifications sent before LISTEN is in place are lost, so listening is
+// called each time it is: the first time, and after every reconnect.
+func (db *DB) WatchKicks(ctx context.Context, fn func(id string), listening func()) {
+	db.watch(ctx, kickChannel, "kick", fn, listening)
 }
 
 // HeartbeatKicks sends an empty kick to every instance: one that hears none
@@ -158,18 +158,18 @@ func (db *DB) HeartbeatKicks(ctx context.Context) error {
 }
 
 // watch LISTENs to channel on a dedicated connection, reconnecting after
-// errors with a back-off, and calls gap (if not nil) after each reconnect.
-func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), gap func()) {
+// errors with a back-off, and calls listening (if not nil) each time LISTEN
+// is in place.
+func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), listening func()) {
 	backoff := 100 * time.Millisecond
-	reconnect := false
-	listening := func() {
+	listen := func() {
 		backoff = 100 * time.Millisecond
-		if reconnect && gap != nil {
-			gap()
+		if listening != nil {
+			listening()
 		}
 	}
 	for ctx.Err() == nil {
-		err := db.listen(ctx, channel, fn, listening)
+		err := db.listen(ctx, channel, fn, listen)
 		if ctx.Err() != nil {
 			break
 		}
@@ -179,7 +179,6 @@ func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), 
 		case <-time.After(backoff):
 		}
 		backoff = min(backoff*2, 5*time.Second)
-		reconnect = true
 	}
 }
 
