@@ -37,6 +37,10 @@ type Compartment struct {
 	Occupied  bool   `json:"occupied"`
 	Door      string `json:"door"` // "closed", "open" or "ajar"
 	Pickup    string `json:"pickup,omitempty"`
+	// Missing: the locker's board, replaced, no longer reports this
+	// compartment; it is kept while a live pickup is in it (Pickup), and
+	// nothing new is put there.
+	Missing bool `json:"missing,omitempty"`
 }
 
 // Locker is a registered locker unit as operators see it.

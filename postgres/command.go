@@ -58,7 +58,7 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 	var sentAt *time.Time
 	err := db.pool.QueryRow(ctx, `WITH d AS (
 			SELECT id, site, online AND NOT disabled AS sendable,
-				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4) AS has_comp
+				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4 AND NOT c.missing) AS has_comp
 			FROM devices WHERE id = $2),
 		ins AS (
 			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at, sent_at)

@@ -47,7 +47,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 	}
 	q := fmt.Sprintf(`
 		SELECT c.device_id, c.n FROM compartments c JOIN devices d ON d.id = c.device_id
-		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.occupied AND c.door = 'closed'
+		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
 		ORDER BY %s, c.device_id, c.n
@@ -361,7 +361,7 @@ func (db *DB) KeyGen(ctx context.Context, deviceID string) (int, error) {
 // Occupancy implements pickup.Store.
 func (db *DB) Occupancy(ctx context.Context) (map[string][2]int, error) {
 	rows, err := db.pool.Query(ctx, `SELECT d.site, count(*), count(*) FILTER (WHERE c.occupied)
-		FROM compartments c JOIN devices d ON d.id = c.device_id GROUP BY d.site`)
+		FROM compartments c JOIN devices d ON d.id = c.device_id WHERE NOT c.missing GROUP BY d.site`)
 	if err != nil {
 		return nil, err
 	}

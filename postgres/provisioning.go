@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -155,9 +156,6 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			_, err = tx.Exec(ctx, `UPDATE devices SET secret_hash = $2, key_gen = $3, replaceable = false, site = $4,
 				model = $5, fw = $6, creds_acked = -1 WHERE id = $1`, existing, r.SecretHash, gen+1, c.Site, req.Model, req.FW)
 			if err == nil {
-				_, err = tx.Exec(ctx, `DELETE FROM compartments WHERE device_id = $1`, existing)
-			}
-			if err == nil {
 				// Every instance forgets the old secret (WatchKicks).
 				_, err = tx.Exec(ctx, `SELECT pg_notify($1, $2)`, kickChannel, existing)
 			}
@@ -171,9 +169,33 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		for i, cs := range req.Compartments {
 			ns[i], sizes[i], zones[i] = int32(cs.N), cs.Size, cs.Zone
 		}
+		// A replaced board keeps what is known of the compartments it
+		// reports (an order inside, a door out of service), with the size
+		// and zone it reports.
 		if _, err := tx.Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone)
-			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])`, out.DeviceID, ns, sizes, zones); err != nil {
+			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])
+			ON CONFLICT (device_id, n) DO UPDATE SET size = excluded.size, zone = excluded.zone, missing = false`,
+			out.DeviceID, ns, sizes, zones); err != nil {
 			return err
+		}
+		if out.Replaced || out.Retried {
+			// One it no longer reports goes, unless a live pickup is in it:
+			// that one stays, marked missing, so that the order keeps its
+			// record until it expires or is cancelled.
+			if _, err := tx.Exec(ctx, `DELETE FROM compartments c WHERE c.device_id = $1 AND NOT c.n = ANY($2)
+				AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n
+					AND p.state IN ('staging', 'ready'))`, out.DeviceID, ns); err != nil {
+				return err
+			}
+			rows, err := tx.Query(ctx, `UPDATE compartments SET missing = true WHERE device_id = $1 AND NOT n = ANY($2)
+				RETURNING n`, out.DeviceID, ns)
+			if err != nil {
+				return err
+			}
+			if out.Missing, err = pgx.CollectRows(rows, pgx.RowTo[int]); err != nil {
+				return err
+			}
+			slices.Sort(out.Missing)
 		}
 		action := "provision"
 		switch {
@@ -190,8 +212,12 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		if err := record(action, out.DeviceID); err != nil {
 			return err
 		}
+		detail := map[string]any{"serial": req.Serial, "model": req.Model, "fw": req.FW}
+		if len(out.Missing) > 0 {
+			detail["missing_compartments"] = out.Missing
+		}
 		return audit(ctx, tx, fleet.AuditEntry{Actor: "claim:" + c.ID, Action: action, Locker: out.DeviceID, Site: c.Site,
-			Detail: map[string]any{"serial": req.Serial, "model": req.Model, "fw": req.FW}})
+			Detail: detail})
 	})
 	if err != nil {
 		if transient(err) {

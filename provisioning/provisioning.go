@@ -73,6 +73,10 @@ type Registered struct {
 	// Retried is true when a locker asked again with the same claim before
 	// ever connecting (its first answer was lost): it gets a new secret.
 	Retried bool
+	// Missing lists the compartments a replaced board did not report that
+	// hold a live pickup: they are kept, marked missing (no new pickup goes
+	// there), until the pickup ends. Staff must see to those orders.
+	Missing []int
 }
 
 // DeviceAuth is what the broker needs to check a device's CONNECT.
@@ -303,6 +307,10 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 		}
 	}
 	s.o.Logger.Info("locker provisioned", "serial", serial, "locker", reg.DeviceID, "site", reg.Site, "replaced", reg.Replaced)
+	if len(reg.Missing) > 0 {
+		s.o.Logger.Warn("replaced board does not report compartments that hold live pickups; they stay until those pickups expire or are cancelled: retrieve the orders, or fix the board's compartment list and provision it again",
+			"locker", reg.DeviceID, "site", reg.Site, "compartments", reg.Missing)
+	}
 	return protocol.ProvisionResponse{
 		Status: "ok", DeviceID: reg.DeviceID, Password: secret,
 		CredKey:  base64.StdEncoding.EncodeToString(s.CredKey(reg.DeviceID, reg.KeyGen)),

@@ -10,6 +10,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"strings"
 	"testing"
 
 	"github.com/lockergate/lockergate/protocol"
@@ -20,14 +22,15 @@ import (
 type registerStore struct {
 	Store
 	err      error
-	replaced bool // the registration re-provisions an existing locker
+	replaced bool  // the registration re-provisions an existing locker
+	missing  []int // compartments the replaced board no longer reports
 }
 
 func (s registerStore) Register(_ context.Context, _ []byte, r Registration) (*Registered, error) {
 	if s.err != nil {
 		return nil, s.err
 	}
-	return &Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: "s1", Replaced: s.replaced}, nil
+	return &Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: "s1", Replaced: s.replaced, Missing: s.missing}, nil
 }
 
 func TestProvisionAnswers(t *testing.T) {
@@ -76,5 +79,25 @@ func TestProvisionAnswers(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestProvisionWarnsOfMissingCompartments: a replaced board that no longer
+// reports compartments holding live pickups is answered, and the gateway
+// warns, naming them, so that staff see to those orders.
+func TestProvisionWarnsOfMissingCompartments(t *testing.T) {
+	var logs bytes.Buffer
+	s, err := New(Options{Store: registerStore{replaced: true, missing: []int{4, 7}}, MasterKey: bytes.Repeat([]byte{7}, 32),
+		OnReplace: func(string) {}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := protocol.Encode(protocol.ProvisionRequest{Serial: "SN-1", Model: "LX", FW: "1.0.0",
+		Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}})
+	if resp, err := s.Provision(context.Background(), "claim", "SN-1", req); err != nil || resp.Status != "ok" {
+		t.Fatalf("got %+v, %v; want an identity", resp, err)
+	}
+	if !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "compartments=\"[4 7]\"") {
+		t.Fatalf("no warning naming the missing compartments 4 and 7 in:\n%s", logs.String())
 	}
 }
