@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -563,4 +564,95 @@ func TestPickupBoardSwap(t *testing.T) {
 		t.Fatalf("the driver's code on the new board: %+v", r)
 	}
 	e.waitState(t, p.ID, pickup.PickedUp)
+}
+
+// TestPickupRotateCodes: rotating a locker's codes gives every ready order a
+// new credential of the same kind; the old codes stop opening, the new ones
+// open, and the platform is told each new code.
+func TestPickupRotateCodes(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	single := e.create(t, "R-1", "M", time.Hour)
+	b, c := e.create(t, "R-2", "S", time.Hour), e.create(t, "R-3", "S", time.Hour)
+	old := e.waitState(t, single.ID, pickup.Ready).Credential
+	e.waitState(t, b.ID, pickup.Ready)
+	e.waitState(t, c.ID, pickup.Ready)
+	var combined pickup.CredentialView
+	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{b.ID, c.ID}, "kind": "pin"}, &combined); err != nil {
+		t.Fatal(err)
+	}
+	locker := single.Locker
+	var out struct {
+		Locker  string `json:"locker"`
+		Rotated int    `json:"rotated"`
+	}
+	if err := e.store.Post(ctx, "/v1/lockers/"+locker+"/rotate-codes", nil, &out); err != nil || out.Locker != locker || out.Rotated != 2 {
+		t.Fatalf("rotate: %+v, %v; want 2 credentials (one single, one combined)", out, err)
+	}
+	e.waitCreds(t, locker)
+	l := e.sim.Lockers()[0]
+	for _, code := range []string{old.Code, old.QR, combined.Code} {
+		if r := l.EnterCode(code); r.Accepted {
+			t.Fatalf("an old code still opens after the rotation: %+v", r)
+		}
+	}
+
+	// The new codes: through the API and the webhook, the same.
+	fresh := e.waitState(t, single.ID, pickup.Ready).Credential
+	if fresh == nil || fresh.Code == "" || fresh.QR == "" || fresh.Code == old.Code || fresh.QR == old.QR || !fresh.NotAfter.Equal(old.NotAfter) {
+		t.Fatalf("credential after the rotation %+v, before %+v; want new codes of both kinds, same expiry", fresh, old)
+	}
+	var changed map[string]map[string]any // pickup → credential
+	Eventually(t, 20*time.Second, "pickup.credential_changed for the three orders", func() error {
+		changed = map[string]map[string]any{}
+		e.rc.mu.Lock()
+		defer e.rc.mu.Unlock()
+		for _, ev := range e.rc.events {
+			if ev["type"] == pickup.EventCredentialChanged {
+				data := ev["data"].(map[string]any)
+				cred, _ := data["credential"].(map[string]any)
+				changed[data["pickup"].(string)] = cred
+			}
+		}
+		if len(changed) != 3 {
+			return fmt.Errorf("events for %d pickups", len(changed))
+		}
+		return nil
+	})
+	if got := changed[single.ID]; got["code"] != fresh.Code || got["qr"] != fresh.QR {
+		t.Fatalf("webhook credential %v, API %+v", got, fresh)
+	}
+	pin, _ := changed[b.ID]["code"].(string)
+	if _, hasQR := changed[b.ID]["qr"]; pin == "" || pin == combined.Code || hasQR || changed[c.ID]["code"] != pin {
+		t.Fatalf("combined credential after the rotation: %v and %v; want one new PIN, no QR token", changed[b.ID], changed[c.ID])
+	}
+	if r := l.EnterCode(pin); !r.Accepted || len(r.Compartments) != 2 {
+		t.Fatalf("the new combined PIN: %+v", r)
+	}
+	if r := l.EnterCode(fresh.Code); !r.Accepted || len(r.Compartments) != 1 || r.Compartments[0] != single.Compartment {
+		t.Fatalf("the new PIN: %+v", r)
+	}
+	for _, id := range []string{single.ID, b.ID, c.ID} {
+		e.waitState(t, id, pickup.PickedUp)
+	}
+
+	// Audited; nothing left to rotate is 0; no such locker is a 404.
+	var audit struct {
+		Items []fleet.AuditEntry `json:"items"`
+	}
+	if err := e.tg.Admin.Get(ctx, "/v1/audit", url.Values{"locker": {locker}}, &audit); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.ContainsFunc(audit.Items, func(a fleet.AuditEntry) bool {
+		return a.Action == "locker.rotate_codes" && a.Actor == "store:front-desk"
+	}) {
+		t.Fatalf("no locker.rotate_codes audit entry by the store in %+v", audit.Items)
+	}
+	if err := e.store.Post(ctx, "/v1/lockers/"+locker+"/rotate-codes", nil, &out); err != nil || out.Rotated != 0 {
+		t.Fatalf("rotate with no live codes: %+v, %v; want 0", out, err)
+	}
+	status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/lockers/lk-none/rotate-codes"}, nil)
+	if status != http.StatusNotFound {
+		t.Fatalf("rotate codes of no locker: status %d (%v), want 404", status, err)
+	}
 }

@@ -381,6 +381,16 @@ func TestRoles(t *testing.T) {
 				return client.Request{Method: "PATCH", Path: "/v1/lockers/" + e.ownLockers[1], Body: map[string]bool{"replaceable": false}}
 			},
 			want: fleetOnly(ok)},
+		{name: "POST /v1/lockers/{id}/rotate-codes own", op: "POST /v1/lockers/{id}/rotate-codes",
+			req: func(e roleEnv) client.Request {
+				return client.Request{Method: "POST", Path: "/v1/lockers/" + e.ownLockers[1] + "/rotate-codes"}
+			},
+			want: siteWide(ok, ok)},
+		{name: "POST /v1/lockers/{id}/rotate-codes other", op: "POST /v1/lockers/{id}/rotate-codes",
+			req: func(e roleEnv) client.Request {
+				return client.Request{Method: "POST", Path: "/v1/lockers/" + e.othLocker[1] + "/rotate-codes"}
+			},
+			want: siteWide(ok, hidden)},
 		{name: "GET /v1/lockers/{id}/health own", op: "GET /v1/lockers/{id}/health",
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[0] + "/health") }, want: siteWide(ok, ok)},
 		{name: "GET /v1/lockers/{id}/health other", op: "GET /v1/lockers/{id}/health",

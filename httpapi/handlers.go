@@ -216,6 +216,21 @@ func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// rotateCodes gives every order in a locker new codes
+// (pickup.Service.RotateCodes).
+func (s *Server) rotateCodes(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	n, err := s.pickups.RotateCodes(r.Context(), l.ID, principal(r).Actor(), l.Site)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"locker": l.ID, "rotated": n})
+	return nil
+}
+
 func rangeParams(r *http.Request) (fleet.Range, error) {
 	limit, _, err := pageParams(r)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -217,7 +218,7 @@ func (s *Server) createWebhook(w http.ResponseWriter, r *http.Request) error {
 			known = known || e == k
 		}
 		if !known {
-			return badRequest("event %q: want pickup.ready, pickup.picked_up, pickup.expired or pickup.cancelled", e)
+			return badRequest("event %q: want one of %s", e, strings.Join(pickup.EventTypes, ", "))
 		}
 	}
 	t := principal(r)

@@ -252,6 +252,7 @@ func (s *Server) table() []route {
 		{"GET", "/v1/lockers", siteRoles, false, s.listLockers},
 		{"GET", "/v1/lockers/{id}", siteRoles, false, s.getLocker},
 		{"PATCH", "/v1/lockers/{id}", fleetRoles, false, s.patchLocker},
+		{"POST", "/v1/lockers/{id}/rotate-codes", siteRoles, true, s.rotateCodes},
 		{"GET", "/v1/lockers/{id}/health", siteRoles, false, s.lockerHealth},
 		{"GET", "/v1/lockers/{id}/events", siteRoles, false, s.lockerEvents},
 		{"POST", "/v1/lockers/{id}/commands", siteRoles, true, s.createCommand},

@@ -123,10 +123,13 @@ const (
 	EventPickedUp  = "pickup.picked_up"
 	EventExpired   = "pickup.expired"
 	EventCancelled = "pickup.cancelled"
+	// EventCredentialChanged: a ready pickup's codes were replaced
+	// (Service.RotateCodes); the old ones no longer open the compartment.
+	EventCredentialChanged = "pickup.credential_changed"
 )
 
 // EventTypes lists the webhook event types.
-var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelled}
+var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelled, EventCredentialChanged}
 
 // Store persists pickups and credentials.
 type Store interface {
@@ -155,6 +158,15 @@ type Store interface {
 	// by mac for its current key generation, and bumps its credential-set
 	// version, in one transaction that holds the locker's row.
 	RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *Credential)) (int, error)
+	// RotateCredentials replaces each active credential of a locker by the
+	// one mint makes of it (for the current key generation): the old ones
+	// are revoked, their pickups point to the new ones, event's event is
+	// queued for each ready pickup of theirs, the set version is bumped and
+	// a is audited, in one transaction that holds the locker's row. It
+	// returns how many were replaced; ErrPINTaken when a new PIN collides
+	// (nothing changed).
+	RotateCredentials(ctx context.Context, deviceID string, at time.Time, mint func(gen int, old *Credential) *Credential,
+		event func(p *Pickup, c *Credential) *Event, a fleet.AuditEntry) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps
 	// the set version; it returns the pickups it was for.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)

@@ -316,6 +316,62 @@ func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 	return nil
 }
 
+// RotateCodes gives every order in a locker new codes: each active
+// credential is replaced by a new one (new PIN and QR token, same
+// compartments and expiry), the old codes stop working, and the platforms
+// and stores are told the new ones (EventCredentialChanged). For a board
+// that was stolen or swapped out, whose cred_key could recover the PINs
+// of the set it held, and for codes that leaked. It returns how many
+// credentials were replaced.
+func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string) (int, error) {
+	h := fnv.New32a()
+	h.Write([]byte(deviceID))
+	mu := &s.credMu[h.Sum32()%uint32(len(s.credMu))]
+	mu.Lock()
+	defer mu.Unlock()
+	at := s.o.Now()
+	mint := func(gen int, old *Credential) *Credential {
+		key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
+		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: old.Compartments, NotAfter: old.NotAfter,
+			CreatedAt: at, KeyGen: gen}
+		if old.PINMAC != "" {
+			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
+		}
+		if old.QRMAC != "" {
+			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
+		}
+		return c
+	}
+	event := func(p *Pickup, c *Credential) *Event {
+		ev := s.event(EventCredentialChanged, p, at)
+		ev.Data["credential_id"] = c.ID
+		switch {
+		case c.QRMAC == "":
+			ev.Data["credential_kind"] = protocol.KindPIN
+		case c.PINMAC == "":
+			ev.Data["credential_kind"] = protocol.KindQR
+		}
+		return ev
+	}
+	a := fleet.AuditEntry{Actor: actor, Action: "locker.rotate_codes", Locker: deviceID, Site: site}
+	for attempt := 0; attempt < 8; attempt++ {
+		n, err := s.o.Store.RotateCredentials(ctx, deviceID, at, mint, event, a)
+		if errors.Is(err, ErrPINTaken) {
+			continue // other ids give other PINs
+		}
+		if err != nil {
+			return 0, fmt.Errorf("rotate the codes of %s: %w", deviceID, err)
+		}
+		if n > 0 {
+			s.log.Info("codes rotated", "locker", deviceID, "credentials", n, "actor", actor)
+			s.o.Wake()
+			s.publish(ctx, deviceID)
+		}
+		return n, nil
+	}
+	return 0, errors.New("could not mint unique PINs in 8 attempts")
+}
+
 // pin derives the 8-digit PIN of credential id.
 func (s *Service) pin(id string) string {
 	h := s.derive("pin", id)
@@ -397,9 +453,18 @@ func (s *Service) ExpandEvent(_ context.Context, role string, body []byte) ([]by
 		return body, nil
 	}
 	notAfter, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(data["expires_at"]))
+	kind, _ := data["credential_kind"].(string) // "": a PIN and a QR token
 	delete(data, "credential_id")
+	delete(data, "credential_kind")
 	if role != fleet.RoleOperator { // fleet operators never see codes
-		data["credential"] = s.View(cid, notAfter)
+		v := s.View(cid, notAfter)
+		switch kind {
+		case protocol.KindPIN:
+			v.QR = ""
+		case protocol.KindQR:
+			v.Code = ""
+		}
+		data["credential"] = v
 	}
 	return json.Marshal(ev)
 }

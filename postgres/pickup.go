@@ -172,19 +172,26 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if ev == nil {
 			return nil
 		}
-		body, err := json.Marshal(ev)
-		if err != nil {
-			return err
-		}
-		_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
-			SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
-			WHERE w.deleted_at IS NULL AND $2 = ANY (w.events)
-				AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
-				AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
-			ev.ID, ev.Type, id, body, at, out.Site, out.Platform)
-		return err
+		return queueEvent(ctx, tx, ev, out, at)
 	})
 	return out, err
+}
+
+// queueEvent queues ev about pickup p for every webhook that may see it:
+// operators' and admins' all, a store's of its site, a platform's of its
+// own orders.
+func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pickup, at time.Time) error {
+	body, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
+		SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
+		WHERE w.deleted_at IS NULL AND $2 = ANY (w.events)
+			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
+			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
+		ev.ID, ev.Type, p.ID, body, at, p.Site, p.Platform)
+	return err
 }
 
 // MintCredential implements pickup.Store.
@@ -214,33 +221,44 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 	return err
 }
 
+// lockCredentials locks a locker's active credentials, then its row, and
+// returns them with its key generation (fleet.ErrNotFound for no locker).
+// Credentials first: the order of UseCredential, RevokeCredential and
+// MintCredential, so that none of them deadlocks with this. The row lock
+// holds off a replacement; a credential minted meanwhile for the old key
+// fails on the key generation (ErrKeyChanged).
+func lockCredentials(ctx context.Context, tx pgx.Tx, deviceID string) ([]pickup.Credential, int, error) {
+	rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, ''), compartments, not_after FROM credentials
+		WHERE device_id = $1 AND state = 'active' ORDER BY id FOR UPDATE`, deviceID)
+	if err != nil {
+		return nil, 0, err
+	}
+	creds, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Credential, error) {
+		c := pickup.Credential{DeviceID: deviceID}
+		err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC, &c.Compartments, &c.NotAfter)
+		return c, err
+	})
+	if err != nil {
+		return nil, 0, err
+	}
+	var gen int
+	if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil, 0, fleet.ErrNotFound
+		}
+		return nil, 0, err
+	}
+	return creds, gen, nil
+}
+
 // RekeyCredentials implements pickup.Store.
 func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *pickup.Credential)) (int, error) {
 	var n int
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		// Credentials first, then the locker's row: the order of
-		// UseCredential, RevokeCredential and MintCredential, so that none
-		// of them deadlocks with this. The row lock holds off a replacement
-		// until the new MACs are in; a credential minted meanwhile for the
-		// old key fails on the key generation (ErrKeyChanged).
-		rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, '') FROM credentials
-			WHERE device_id = $1 AND state = 'active' ORDER BY id FOR UPDATE`, deviceID)
+		// The locker's row lock holds off a replacement until the new
+		// MACs are in.
+		creds, gen, err := lockCredentials(ctx, tx, deviceID)
 		if err != nil {
-			return err
-		}
-		creds, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Credential, error) {
-			c := pickup.Credential{DeviceID: deviceID}
-			err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC)
-			return c, err
-		})
-		if err != nil {
-			return err
-		}
-		var gen int
-		if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
-			if errors.Is(err, pgx.ErrNoRows) {
-				return fleet.ErrNotFound
-			}
 			return err
 		}
 		if len(creds) == 0 {
@@ -261,6 +279,60 @@ func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(ge
 		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
 		return err
 	})
+	return n, err
+}
+
+// RotateCredentials implements pickup.Store.
+func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Time, mint func(gen int, old *pickup.Credential) *pickup.Credential,
+	event func(p *pickup.Pickup, c *pickup.Credential) *pickup.Event, a fleet.AuditEntry) (int, error) {
+	var n int
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		olds, gen, err := lockCredentials(ctx, tx, deviceID)
+		if err != nil {
+			return err
+		}
+		oldIDs := make([]string, len(olds))
+		newIDs := make([]string, len(olds))
+		minted := make(map[string]*pickup.Credential, len(olds))
+		for i := range olds {
+			c := mint(gen, &olds[i])
+			oldIDs[i], newIDs[i], minted[c.ID] = olds[i].ID, c.ID, c
+			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE id = $1`, olds[i].ID); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
+				VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`,
+				c.ID, deviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt); err != nil {
+				return err
+			}
+		}
+		n = len(olds)
+		a.Detail = map[string]any{"credentials": n}
+		if err := audit(ctx, tx, a); err != nil || n == 0 {
+			return err
+		}
+		rows, err := tx.Query(ctx, `UPDATE pickups p SET credential_id = u.new FROM unnest($1::text[], $2::text[]) AS u(old, new)
+			WHERE p.credential_id = u.old RETURNING `+pickupCols, oldIDs, newIDs)
+		if err != nil {
+			return err
+		}
+		moved, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*pickup.Pickup, error) { return scanPickup(row) })
+		if err != nil {
+			return err
+		}
+		for _, p := range moved {
+			if ev := event(p, minted[p.CredentialID]); ev != nil && p.State == pickup.Ready {
+				if err := queueEvent(ctx, tx, ev, p, at); err != nil {
+					return err
+				}
+			}
+		}
+		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
+		return err
+	})
+	if isUniqueViolation(err) {
+		return 0, pickup.ErrPINTaken
+	}
 	return n, err
 }
 

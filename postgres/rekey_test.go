@@ -65,3 +65,48 @@ func TestRekeyCredentials(t *testing.T) {
 		t.Fatalf("unknown locker: %v, want ErrNotFound", err)
 	}
 }
+
+// TestRotateCredentials: a rotation whose new PIN collides with another
+// active one changes nothing and says so (ErrPINTaken); an unknown locker
+// is ErrNotFound; a rotation replaces each active credential.
+func TestRotateCredentials(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-ROT", 2)
+	for i, pin := range []string{"mac-a", "mac-b"} {
+		if err := db.MintCredential(ctx, &pickup.Credential{ID: "k-" + pin, DeviceID: id, PINMAC: pin, Compartments: []int{i + 1},
+			NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: 1}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rotate := func(device string, pin func(old *pickup.Credential) string) (int, error) {
+		return db.RotateCredentials(ctx, device, time.Now(), func(gen int, old *pickup.Credential) *pickup.Credential {
+			return &pickup.Credential{ID: "new-" + old.ID, DeviceID: device, PINMAC: pin(old), Compartments: old.Compartments,
+				NotAfter: old.NotAfter, CreatedAt: time.Now(), KeyGen: gen}
+		}, func(*pickup.Pickup, *pickup.Credential) *pickup.Event { return nil },
+			fleet.AuditEntry{Actor: "test", Action: "locker.rotate_codes", Locker: device, Site: "s1"})
+	}
+	// Both new PINs the same: the second insert collides.
+	if _, err := rotate(id, func(*pickup.Credential) string { return "mac-same" }); !errors.Is(err, pickup.ErrPINTaken) {
+		t.Fatalf("colliding rotation: %v, want ErrPINTaken", err)
+	}
+	for _, k := range []string{"k-mac-a", "k-mac-b"} {
+		if _, state, err := db.GetCredential(ctx, k); err != nil || state != "active" {
+			t.Fatalf("%s after a failed rotation: %s, %v; want still active", k, state, err)
+		}
+	}
+	if n, err := rotate(id, func(old *pickup.Credential) string { return old.PINMAC + "-2" }); err != nil || n != 2 {
+		t.Fatalf("rotation: %d, %v; want 2", n, err)
+	}
+	for _, k := range []string{"k-mac-a", "k-mac-b"} {
+		if _, state, _ := db.GetCredential(ctx, k); state != "revoked" {
+			t.Fatalf("%s after the rotation: %s, want revoked", k, state)
+		}
+		if c, state, err := db.GetCredential(ctx, "new-"+k); err != nil || state != "active" || c.PINMAC != k[2:]+"-2" {
+			t.Fatalf("new-%s: %+v %s %v", k, c, state, err)
+		}
+	}
+	if _, err := rotate("lk-none", func(*pickup.Credential) string { return "x" }); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("unknown locker: %v, want ErrNotFound", err)
+	}
+}

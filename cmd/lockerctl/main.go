@@ -34,7 +34,7 @@ const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN | --d
 commands:
   lockers list [--site S] [--online true|false] [--model M] [--fw V]
   lockers show ID
-  lockers disable ID | enable ID | replaceable ID
+  lockers disable ID | enable ID | replaceable ID | rotate-codes ID
   unlock LOCKER COMPARTMENT [--reason remote] [--ttl 30] [--wait 10]
   sites list | sites create ID [--name N] [--timezone TZ]
   claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
@@ -140,6 +140,14 @@ func (c *cli) dispatch(args []string) error {
 			}
 			var out map[string]any
 			if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPatch, Path: "/v1/lockers/" + url.PathEscape(id), Body: body}, &out); err != nil {
+				return err
+			}
+			return c.print(out, nil)
+		})
+	case "lockers rotate-codes":
+		return c.oneArg(args, func(id string) error {
+			var out map[string]any
+			if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPost, Path: "/v1/lockers/" + url.PathEscape(id) + "/rotate-codes"}, &out); err != nil {
 				return err
 			}
 			return c.print(out, nil)
