@@ -568,10 +568,19 @@ func TestPickupBoardSwap(t *testing.T) {
 
 // TestPickupRotateCodes: rotating a locker's codes gives every ready order a
 // new credential of the same kind; the old codes stop opening, the new ones
-// open, and the platform is told each new code.
+// open, and the platform is told each new code, as is a webhook that asked
+// only for pickup.ready. One code never spans two platforms' orders.
 func TestPickupRotateCodes(t *testing.T) {
 	ctx := context.Background()
 	e := newPickupEnv(t, 1, 0)
+	storeRC, srv := newReceiver(t, 0)
+	var wh struct {
+		Secret string `json:"secret"`
+	}
+	if err := e.store.Post(ctx, "/v1/webhooks", map[string]any{"url": srv.URL, "events": []string{pickup.EventReady}}, &wh); err != nil {
+		t.Fatal(err)
+	}
+	storeRC.secret = wh.Secret
 	single := e.create(t, "R-1", "M", time.Hour)
 	b, c := e.create(t, "R-2", "S", time.Hour), e.create(t, "R-3", "S", time.Hour)
 	old := e.waitState(t, single.ID, pickup.Ready).Credential
@@ -581,13 +590,29 @@ func TestPickupRotateCodes(t *testing.T) {
 	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{b.ID, c.ID}, "kind": "pin"}, &combined); err != nil {
 		t.Fatal(err)
 	}
+	var other pickup.Pickup
+	if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"site": "store-042", "order_ref": "R-9", "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "driver", "platform": "rapid"}, "expires_at": time.Now().Add(time.Hour)}, &other); err != nil {
+		t.Fatal(err)
+	}
+	Eventually(t, 15*time.Second, "rapid's pickup ready", func() error {
+		if err := e.store.Get(ctx, "/v1/pickups/"+other.ID, nil, &other); err != nil || other.State != pickup.Ready {
+			return fmt.Errorf("state %s (%v)", other.State, err)
+		}
+		return nil
+	})
+	status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/credentials",
+		Body: map[string]any{"pickups": []string{b.ID, other.ID}}}, nil)
+	if status != http.StatusUnprocessableEntity {
+		t.Fatalf("one code for two platforms' orders: status %d (%v), want 422", status, err)
+	}
 	locker := single.Locker
 	var out struct {
 		Locker  string `json:"locker"`
 		Rotated int    `json:"rotated"`
 	}
-	if err := e.store.Post(ctx, "/v1/lockers/"+locker+"/rotate-codes", nil, &out); err != nil || out.Locker != locker || out.Rotated != 2 {
-		t.Fatalf("rotate: %+v, %v; want 2 credentials (one single, one combined)", out, err)
+	if err := e.store.Post(ctx, "/v1/lockers/"+locker+"/rotate-codes", nil, &out); err != nil || out.Locker != locker || out.Rotated != 3 {
+		t.Fatalf("rotate: %+v, %v; want 3 credentials (two single, one combined)", out, err)
 	}
 	e.waitCreds(t, locker)
 	l := e.sim.Lockers()[0]
@@ -603,7 +628,7 @@ func TestPickupRotateCodes(t *testing.T) {
 		t.Fatalf("credential after the rotation %+v, before %+v; want new codes of both kinds, same expiry", fresh, old)
 	}
 	var changed map[string]map[string]any // pickup → credential
-	Eventually(t, 20*time.Second, "pickup.credential_changed for the three orders", func() error {
+	Eventually(t, 20*time.Second, "pickup.credential_changed for speedy's three orders", func() error {
 		changed = map[string]map[string]any{}
 		e.rc.mu.Lock()
 		defer e.rc.mu.Unlock()
@@ -615,13 +640,19 @@ func TestPickupRotateCodes(t *testing.T) {
 			}
 		}
 		if len(changed) != 3 {
-			return fmt.Errorf("events for %d pickups", len(changed))
+			return fmt.Errorf("events for %d pickups", len(changed)) // rapid's goes to rapid only
 		}
 		return nil
 	})
 	if got := changed[single.ID]; got["code"] != fresh.Code || got["qr"] != fresh.QR {
 		t.Fatalf("webhook credential %v, API %+v", got, fresh)
 	}
+	Eventually(t, 20*time.Second, "the store's pickup.ready webhook gets pickup.credential_changed too", func() error {
+		if ev := storeRC.event(pickup.EventCredentialChanged); ev == nil {
+			return fmt.Errorf("events %v", storeRC.types())
+		}
+		return nil
+	})
 	pin, _ := changed[b.ID]["code"].(string)
 	if _, hasQR := changed[b.ID]["qr"]; pin == "" || pin == combined.Code || hasQR || changed[c.ID]["code"] != pin {
 		t.Fatalf("combined credential after the rotation: %v and %v; want one new PIN, no QR token", changed[b.ID], changed[c.ID])
@@ -634,6 +665,9 @@ func TestPickupRotateCodes(t *testing.T) {
 	}
 	for _, id := range []string{single.ID, b.ID, c.ID} {
 		e.waitState(t, id, pickup.PickedUp)
+	}
+	if err := e.store.Post(ctx, "/v1/pickups/"+other.ID+"/cancel", nil, nil); err != nil {
+		t.Fatal(err)
 	}
 
 	// Audited; nothing left to rotate is 0; no such locker is a 404.
@@ -651,7 +685,7 @@ func TestPickupRotateCodes(t *testing.T) {
 	if err := e.store.Post(ctx, "/v1/lockers/"+locker+"/rotate-codes", nil, &out); err != nil || out.Rotated != 0 {
 		t.Fatalf("rotate with no live codes: %+v, %v; want 0", out, err)
 	}
-	status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/lockers/lk-none/rotate-codes"}, nil)
+	status, err = e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/lockers/lk-none/rotate-codes"}, nil)
 	if status != http.StatusNotFound {
 		t.Fatalf("rotate codes of no locker: status %d (%v), want 404", status, err)
 	}

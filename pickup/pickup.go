@@ -146,11 +146,14 @@ type Store interface {
 	// LivePickupAt returns the staging or ready pickup of a compartment, or fleet.ErrNotFound.
 	LivePickupAt(ctx context.Context, deviceID string, n int) (*Pickup, error)
 	// Transition moves a pickup from one of from to to, records it and
-	// queues ev (when not nil) for every matching webhook, atomically.
+	// queues ev (when not nil) for every matching webhook, atomically. A
+	// pickup that ends leaves its active credential: revoked, or narrowed
+	// to the compartments of the other live pickups it opens.
 	// fleet.ErrConflict when the pickup is in none of from.
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
-	// credentials, and bumps the locker's credential-set version.
+	// credentials and any of the locker's that opens no live pickup, and
+	// bumps the locker's credential-set version.
 	// ErrPINTaken when the PIN collides; ErrKeyChanged when the locker's
 	// key generation is no longer c.KeyGen.
 	MintCredential(ctx context.Context, c *Credential, pickupIDs []string) error
@@ -158,17 +161,20 @@ type Store interface {
 	// by mac for its current key generation, and bumps its credential-set
 	// version, in one transaction that holds the locker's row.
 	RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *Credential)) (int, error)
-	// RotateCredentials replaces each active credential of a locker by the
-	// one mint makes of it (for the current key generation): the old ones
-	// are revoked, their pickups point to the new ones, event's event is
-	// queued for each ready pickup of theirs, the set version is bumped and
-	// a is audited, in one transaction that holds the locker's row. It
-	// returns how many were replaced; ErrPINTaken when a new PIN collides
-	// (nothing changed).
+	// RotateCredentials replaces each active credential of a locker that
+	// opens live pickups by the one mint makes of it (for the current key
+	// generation, given the old one narrowed to those pickups'
+	// compartments): the old ones are revoked and name their replacement,
+	// the pickups point to the new ones, event's event is queued for each
+	// ready pickup, credentials of no live pickup are revoked, the set
+	// version is bumped and a is audited, in one transaction that holds the
+	// locker's row. It returns how many were replaced; ErrPINTaken when a
+	// new PIN collides (nothing changed).
 	RotateCredentials(ctx context.Context, deviceID string, at time.Time, mint func(gen int, old *Credential) *Credential,
 		event func(p *Pickup, c *Credential) *Event, a fleet.AuditEntry) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps
-	// the set version; it returns the pickups it was for.
+	// the set version; it returns the pickups it was for. A credential that
+	// was rotated counts as its replacement.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)
@@ -176,8 +182,6 @@ type Store interface {
 	CredentialState(ctx context.Context, id string) (string, error)
 	// RaiseAlert records an alert (see fleet.Store).
 	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
-	// RevokeCredential retires a credential (pickup expired or cancelled).
-	RevokeCredential(ctx context.Context, credID, state string) error
 	// DuePickups returns live pickups past expires_at.
 	DuePickups(ctx context.Context, now time.Time, limit int) ([]Pickup, error)
 	// KeyGen returns the generation of a locker's cred_key.

@@ -182,8 +182,8 @@ func (s *Service) Cancel(ctx context.Context, id, actor string) (*Pickup, error)
 	return s.end(ctx, id, Cancelled, actor, "cancelled", EventCancelled)
 }
 
-// end moves a live pickup to a final state, revokes its credential and
-// republishes the locker's set.
+// end moves a live pickup to a final state, which takes its compartment out
+// of its credential (Store.Transition), and republishes the locker's set.
 func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string) (*Pickup, error) {
 	p, err := s.o.Store.GetPickup(ctx, id)
 	if err != nil {
@@ -196,9 +196,6 @@ func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string)
 	}
 	s.transitioned(p, to)
 	if p.CredentialID != "" {
-		if err := s.o.Store.RevokeCredential(ctx, p.CredentialID, "revoked"); err != nil {
-			return p, fmt.Errorf("revoke credential: %w", err)
-		}
 		s.publish(ctx, p.Locker)
 	}
 	return p, nil
@@ -213,7 +210,7 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 	if kind != "" && kind != protocol.KindPIN && kind != protocol.KindQR {
 		return nil, fmt.Errorf("%w: kind must be pin or qr", fleet.ErrInvalid)
 	}
-	var locker string
+	var locker, platform string
 	var comps []int
 	notAfter := time.Time{}
 	seen := map[string]bool{}
@@ -232,7 +229,12 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 		if locker != "" && p.Locker != locker {
 			return nil, fmt.Errorf("%w: pickups are at different lockers (%s, %s)", fleet.ErrUnprocessable, locker, p.Locker)
 		}
-		locker = p.Locker
+		if locker != "" && p.Platform != platform {
+			// One code goes to one driver: it would open another
+			// platform's order, and be sent to that platform too.
+			return nil, fmt.Errorf("%w: pickups are for different platforms (%q, %q)", fleet.ErrUnprocessable, platform, p.Platform)
+		}
+		locker, platform = p.Locker, p.Platform
 		comps = append(comps, p.Compartment)
 		if notAfter.IsZero() || p.ExpiresAt.Before(notAfter) {
 			notAfter = p.ExpiresAt
@@ -345,6 +347,7 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 	event := func(p *Pickup, c *Credential) *Event {
 		ev := s.event(EventCredentialChanged, p, at)
 		ev.Data["credential_id"] = c.ID
+		ev.Data["credential_not_after"] = c.NotAfter // a combined one ends with its first order
 		switch {
 		case c.QRMAC == "":
 			ev.Data["credential_kind"] = protocol.KindPIN
@@ -365,7 +368,9 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 		if n > 0 {
 			s.log.Info("codes rotated", "locker", deviceID, "credentials", n, "actor", actor)
 			s.o.Wake()
-			s.publish(ctx, deviceID)
+			// Committed: the old codes must stop working even if the
+			// caller is gone (a reconnect republishes the set too).
+			s.publish(context.WithoutCancel(ctx), deviceID)
 		}
 		return n, nil
 	}
@@ -453,9 +458,13 @@ func (s *Service) ExpandEvent(_ context.Context, role string, body []byte) ([]by
 		return body, nil
 	}
 	notAfter, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(data["expires_at"]))
+	if na, ok := data["credential_not_after"].(string); ok {
+		notAfter, _ = time.Parse(time.RFC3339Nano, na)
+	}
 	kind, _ := data["credential_kind"].(string) // "": a PIN and a QR token
 	delete(data, "credential_id")
 	delete(data, "credential_kind")
+	delete(data, "credential_not_after")
 	if role != fleet.RoleOperator { // fleet operators never see codes
 		v := s.View(cid, notAfter)
 		switch kind {

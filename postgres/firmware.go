@@ -467,7 +467,7 @@ func (s *rolloutTx) Counts(ctx context.Context) ([]firmware.Count, error) {
 // fwReady is the condition for a queued job j (joined with its device d) to
 // be handed out now.
 const fwReady = `j.state = 'queued' AND d.online AND NOT d.disabled
-	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed')
+	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
 	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)`
 
 func (s *rolloutTx) Ready(ctx context.Context, wave int) (int, error) {

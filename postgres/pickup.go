@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -135,16 +136,39 @@ func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup
 		WHERE device_id = $1 AND compartment = $2 AND state IN ('staging', 'ready')`, deviceID, n))
 }
 
+// Every transaction that changes a locker's credentials, or ends one of its
+// pickups, locks the locker's row first (lockLocker): they run one at a time
+// per locker, so none deadlocks with another and each sees the others'
+// outcome. A replacement (Register) holds the same row.
+
+// lockLocker locks a locker's row and returns its key generation
+// (fleet.ErrNotFound for no locker).
+func lockLocker(ctx context.Context, tx pgx.Tx, deviceID string) (int, error) {
+	var gen int
+	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR NO KEY UPDATE`, deviceID).Scan(&gen)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return 0, fmt.Errorf("locker %s: %w", deviceID, fleet.ErrNotFound)
+	}
+	return gen, err
+}
+
 // Transition implements pickup.Store.
 func (db *DB) Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *pickup.Event) (*pickup.Pickup, error) {
 	var out *pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		var state string
-		err := tx.QueryRow(ctx, `SELECT state FROM pickups WHERE id = $1 FOR UPDATE`, id).Scan(&state)
+		var deviceID string
+		err := tx.QueryRow(ctx, `SELECT device_id FROM pickups WHERE id = $1`, id).Scan(&deviceID)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fleet.ErrNotFound
 		}
 		if err != nil {
+			return err
+		}
+		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
+			return err
+		}
+		var state string
+		if err := tx.QueryRow(ctx, `SELECT state FROM pickups WHERE id = $1 FOR UPDATE`, id).Scan(&state); err != nil {
 			return err
 		}
 		allowed := false
@@ -160,6 +184,17 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			WHERE id = $1 RETURNING `+pickupCols, id, to, at))
 		if err != nil {
 			return err
+		}
+		if !pickup.Live(to) {
+			if err := releaseCredential(ctx, tx, out); err != nil {
+				return err
+			}
+			// A compartment a replaced board no longer reports was kept
+			// for this order only.
+			if _, err := tx.Exec(ctx, `DELETE FROM compartments WHERE device_id = $1 AND n = $2 AND missing`,
+				out.Locker, out.Compartment); err != nil {
+				return err
+			}
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
 			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail); err != nil {
@@ -177,9 +212,31 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 	return out, err
 }
 
+// releaseCredential takes an ended pickup's compartment out of its active
+// credential: the credential is revoked, or, when it also opens other live
+// pickups (a combined code), it no longer opens this compartment. The
+// locker's row is locked.
+func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
+	if p.CredentialID == "" {
+		return nil
+	}
+	tag, err := tx.Exec(ctx, `UPDATE credentials c SET
+			state = CASE WHEN o.live THEN c.state ELSE 'revoked' END,
+			compartments = CASE WHEN o.live THEN array_remove(c.compartments, $3) ELSE c.compartments END
+		FROM (SELECT EXISTS (SELECT 1 FROM pickups WHERE device_id = $2 AND credential_id = $1 AND state IN ('staging', 'ready'))
+			AS live) o
+		WHERE c.id = $1 AND c.state = 'active'`, p.CredentialID, p.Locker, p.Compartment)
+	if err != nil || tag.RowsAffected() == 0 {
+		return err
+	}
+	_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, p.Locker)
+	return err
+}
+
 // queueEvent queues ev about pickup p for every webhook that may see it:
 // operators' and admins' all, a store's of its site, a platform's of its
-// own orders.
+// own orders. A webhook that gets pickup.ready (the codes) also gets
+// pickup.credential_changed, so that no one keeps a code that was replaced.
 func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pickup, at time.Time) error {
 	body, err := json.Marshal(ev)
 	if err != nil {
@@ -187,7 +244,7 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 	}
 	_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 		SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
-		WHERE w.deleted_at IS NULL AND $2 = ANY (w.events)
+		WHERE w.deleted_at IS NULL AND ($2 = ANY (w.events) OR ($2 = 'pickup.credential_changed' AND 'pickup.ready' = ANY (w.events)))
 			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
 			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
 		ev.ID, ev.Type, p.ID, body, at, p.Site, p.Platform)
@@ -197,6 +254,13 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 // MintCredential implements pickup.Store.
 func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string) error {
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		gen, err := lockLocker(ctx, tx, c.DeviceID)
+		if err != nil {
+			return err
+		}
+		if gen != c.KeyGen {
+			return pickup.ErrKeyChanged // made for the old key
+		}
 		if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
 			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs); err != nil {
 			return err
@@ -209,10 +273,10 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		if _, err := tx.Exec(ctx, `UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID); err != nil {
 			return err
 		}
-		tag, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1 AND key_gen = $2`, c.DeviceID, c.KeyGen)
-		if err == nil && tag.RowsAffected() == 0 {
-			err = pickup.ErrKeyChanged // rolled back: made for the old key
+		if err := revokeOrphans(ctx, tx, c.DeviceID); err != nil {
+			return err
 		}
+		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, c.DeviceID)
 		return err
 	})
 	if isUniqueViolation(err) {
@@ -221,13 +285,25 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 	return err
 }
 
-// lockCredentials locks a locker's active credentials, then its row, and
+// revokeOrphans revokes a locker's active credentials that no live pickup
+// holds: a pickup that ended while its credential was being replaced. A
+// code must never outlive its order: the compartment may hold the next
+// one. The locker's row is locked.
+func revokeOrphans(ctx context.Context, tx pgx.Tx, deviceID string) error {
+	_, err := tx.Exec(ctx, `UPDATE credentials c SET state = 'revoked' WHERE c.device_id = $1 AND c.state = 'active'
+		AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.credential_id = c.id
+			AND p.state IN ('staging', 'ready'))`, deviceID)
+	return err
+}
+
+// lockCredentials locks a locker's row, then its active credentials, and
 // returns them with its key generation (fleet.ErrNotFound for no locker).
-// Credentials first: the order of UseCredential, RevokeCredential and
-// MintCredential, so that none of them deadlocks with this. The row lock
-// holds off a replacement; a credential minted meanwhile for the old key
-// fails on the key generation (ErrKeyChanged).
+// The row lock also holds off a replacement until the caller commits.
 func lockCredentials(ctx context.Context, tx pgx.Tx, deviceID string) ([]pickup.Credential, int, error) {
+	gen, err := lockLocker(ctx, tx, deviceID)
+	if err != nil {
+		return nil, 0, err
+	}
 	rows, err := tx.Query(ctx, `SELECT id, coalesce(pin_mac, ''), coalesce(qr_mac, ''), compartments, not_after FROM credentials
 		WHERE device_id = $1 AND state = 'active' ORDER BY id FOR UPDATE`, deviceID)
 	if err != nil {
@@ -238,31 +314,16 @@ func lockCredentials(ctx context.Context, tx pgx.Tx, deviceID string) ([]pickup.
 		err := row.Scan(&c.ID, &c.PINMAC, &c.QRMAC, &c.Compartments, &c.NotAfter)
 		return c, err
 	})
-	if err != nil {
-		return nil, 0, err
-	}
-	var gen int
-	if err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR UPDATE`, deviceID).Scan(&gen); err != nil {
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil, 0, fleet.ErrNotFound
-		}
-		return nil, 0, err
-	}
-	return creds, gen, nil
+	return creds, gen, err
 }
 
 // RekeyCredentials implements pickup.Store.
 func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *pickup.Credential)) (int, error) {
 	var n int
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		// The locker's row lock holds off a replacement until the new
-		// MACs are in.
 		creds, gen, err := lockCredentials(ctx, tx, deviceID)
-		if err != nil {
+		if err != nil || len(creds) == 0 {
 			return err
-		}
-		if len(creds) == 0 {
-			return nil
 		}
 		ids := make([]string, len(creds))
 		pins := make([]string, len(creds))
@@ -287,17 +348,38 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 	event func(p *pickup.Pickup, c *pickup.Credential) *pickup.Event, a fleet.AuditEntry) (int, error) {
 	var n int
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		n = 0
 		olds, gen, err := lockCredentials(ctx, tx, deviceID)
 		if err != nil {
 			return err
 		}
-		oldIDs := make([]string, len(olds))
-		newIDs := make([]string, len(olds))
+		// The live pickups each credential opens: one whose pickups all
+		// ended is only revoked (revokeOrphans), and a new one opens only
+		// the compartments of live pickups.
+		rows, err := tx.Query(ctx, `SELECT credential_id, array_agg(compartment ORDER BY compartment) FROM pickups
+			WHERE device_id = $1 AND state IN ('staging', 'ready') AND credential_id IS NOT NULL GROUP BY credential_id`, deviceID)
+		if err != nil {
+			return err
+		}
+		live := map[string][]int{}
+		var id string
+		var comps []int
+		if _, err := pgx.ForEachRow(rows, []any{&id, &comps}, func() error {
+			live[id] = slices.Clone(comps)
+			return nil
+		}); err != nil {
+			return err
+		}
+		var oldIDs, newIDs []string
 		minted := make(map[string]*pickup.Credential, len(olds))
 		for i := range olds {
-			c := mint(gen, &olds[i])
-			oldIDs[i], newIDs[i], minted[c.ID] = olds[i].ID, c.ID, c
-			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE id = $1`, olds[i].ID); err != nil {
+			old := &olds[i]
+			if live[old.ID] == nil {
+				continue
+			}
+			old.Compartments = live[old.ID]
+			c := mint(gen, old)
+			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked', replaced_by = $2 WHERE id = $1`, old.ID, c.ID); err != nil {
 				return err
 			}
 			if _, err := tx.Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
@@ -305,29 +387,38 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 				c.ID, deviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt); err != nil {
 				return err
 			}
+			oldIDs, newIDs, minted[c.ID] = append(oldIDs, old.ID), append(newIDs, c.ID), c
 		}
-		n = len(olds)
+		n = len(newIDs)
 		a.Detail = map[string]any{"credentials": n}
-		if err := audit(ctx, tx, a); err != nil || n == 0 {
+		if err := audit(ctx, tx, a); err != nil {
 			return err
 		}
-		rows, err := tx.Query(ctx, `UPDATE pickups p SET credential_id = u.new FROM unnest($1::text[], $2::text[]) AS u(old, new)
-			WHERE p.credential_id = u.old RETURNING `+pickupCols, oldIDs, newIDs)
-		if err != nil {
-			return err
-		}
-		moved, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*pickup.Pickup, error) { return scanPickup(row) })
-		if err != nil {
-			return err
-		}
-		for _, p := range moved {
-			if ev := event(p, minted[p.CredentialID]); ev != nil && p.State == pickup.Ready {
-				if err := queueEvent(ctx, tx, ev, p, at); err != nil {
-					return err
+		if n > 0 {
+			rows, err = tx.Query(ctx, `UPDATE pickups p SET credential_id = u.new FROM unnest($1::text[], $2::text[]) AS u(old, new)
+				WHERE p.device_id = $3 AND p.credential_id = u.old AND p.state IN ('staging', 'ready') RETURNING `+pickupCols,
+				oldIDs, newIDs, deviceID)
+			if err != nil {
+				return err
+			}
+			moved, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*pickup.Pickup, error) { return scanPickup(row) })
+			if err != nil {
+				return err
+			}
+			for _, p := range moved {
+				if ev := event(p, minted[p.CredentialID]); ev != nil && p.State == pickup.Ready {
+					if err := queueEvent(ctx, tx, ev, p, at); err != nil {
+						return err
+					}
 				}
 			}
 		}
-		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
+		if err := revokeOrphans(ctx, tx, deviceID); err != nil {
+			return err
+		}
+		if len(olds) > 0 {
+			_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
+		}
 		return err
 	})
 	if isUniqueViolation(err) {
@@ -336,38 +427,53 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 	return n, err
 }
 
-// UseCredential implements pickup.Store.
+// UseCredential implements pickup.Store. A code the locker accepted from a
+// set it held before a rotation (RotateCredentials) counts as a use of the
+// credential that replaced it: the door did open.
 func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
 	var out []pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		tag, err := tx.Exec(ctx, `UPDATE credentials SET state = 'used', used_at = $3 WHERE id = $2 AND device_id = $1 AND state = 'active'`,
-			deviceID, credID, at)
-		if err != nil {
+		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
 			return err
 		}
-		if tag.RowsAffected() == 0 {
+		var used string
+		err := tx.QueryRow(ctx, `WITH RECURSIVE chain (id, depth) AS (
+				SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
+				UNION ALL
+				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
+				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32)
+			UPDATE credentials SET state = 'used', used_at = $3
+			WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id`,
+			deviceID, credID, at).Scan(&used)
+		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
+		}
+		if err != nil {
+			return err
 		}
 		if _, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID); err != nil {
 			return err
 		}
+		detail := map[string]any{"credential": credID}
+		if used != credID {
+			detail["replaced_by"] = used // an old code, from before a rotation
+		}
 		if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
-			Detail: map[string]any{"credential": credID}}); err != nil {
+			Detail: detail}); err != nil {
 			return err
 		}
-		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE credential_id = $1`, credID)
+		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE device_id = $1 AND credential_id = $2`, deviceID, used)
 		if err != nil {
 			return err
 		}
-		defer rows.Close()
-		for rows.Next() {
-			p, err := scanPickup(rows)
+		out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Pickup, error) {
+			p, err := scanPickup(row)
 			if err != nil {
-				return err
+				return pickup.Pickup{}, err
 			}
-			out = append(out, *p)
-		}
-		return rows.Err()
+			return *p, nil
+		})
+		return err
 	})
 	return out, err
 }
@@ -392,13 +498,6 @@ func (db *DB) CredentialState(ctx context.Context, id string) (string, error) {
 		return "", fleet.ErrNotFound
 	}
 	return s, err
-}
-
-// RevokeCredential implements pickup.Store.
-func (db *DB) RevokeCredential(ctx context.Context, credID, state string) error {
-	_, err := db.pool.Exec(ctx, `WITH c AS (UPDATE credentials SET state = $2 WHERE id = $1 AND state = 'active' RETURNING device_id)
-		UPDATE devices SET creds_version = creds_version + 1 WHERE id IN (SELECT device_id FROM c)`, credID, state)
-	return err
 }
 
 // DuePickups implements pickup.Store.

@@ -123,7 +123,7 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 				SELECT ts FROM claim_uses WHERE device_id = d.id AND claim_id = $2
 					AND outcome IN ('provision', 'provision.replace', 'provision.retry')
 				ORDER BY ts DESC LIMIT 1) u ON true
-			WHERE d.serial = $1 FOR UPDATE OF d`, req.Serial, c.ID, r.At).Scan(&existing, &site, &replaceable, &gen, &retry)
+			WHERE d.serial = $1 FOR NO KEY UPDATE OF d`, req.Serial, c.ID, r.At).Scan(&existing, &site, &replaceable, &gen, &retry)
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
@@ -169,19 +169,29 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		for i, cs := range req.Compartments {
 			ns[i], sizes[i], zones[i] = int32(cs.N), cs.Size, cs.Zone
 		}
+		if out.Replaced || out.Retried {
+			// Wait for allocations in flight (they lock the compartment
+			// they take): the statements below then see their pickups.
+			if _, err := tx.Exec(ctx, `SELECT 1 FROM compartments WHERE device_id = $1 FOR UPDATE`, out.DeviceID); err != nil {
+				return err
+			}
+		}
 		// A replaced board keeps what is known of the compartments it
 		// reports (an order inside, a door out of service), with the size
-		// and zone it reports.
+		// and zone it reports. The door is taken as closed: the old board's
+		// last report may be from when it was pulled out, and the new one
+		// reports each change.
 		if _, err := tx.Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone)
 			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])
-			ON CONFLICT (device_id, n) DO UPDATE SET size = excluded.size, zone = excluded.zone, missing = false`,
+			ON CONFLICT (device_id, n) DO UPDATE SET size = excluded.size, zone = excluded.zone, missing = false,
+				door = 'closed'`,
 			out.DeviceID, ns, sizes, zones); err != nil {
 			return err
 		}
 		if out.Replaced || out.Retried {
 			// One it no longer reports goes, unless a live pickup is in it:
 			// that one stays, marked missing, so that the order keeps its
-			// record until it expires or is cancelled.
+			// record until it ends (Transition removes it then).
 			if _, err := tx.Exec(ctx, `DELETE FROM compartments c WHERE c.device_id = $1 AND NOT c.n = ANY($2)
 				AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n
 					AND p.state IN ('staging', 'ready'))`, out.DeviceID, ns); err != nil {

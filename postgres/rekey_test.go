@@ -3,108 +3,242 @@ package postgres_test
 import (
 	"context"
 	"errors"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/postgres"
 )
+
+// credEnv is a locker online with live pickups, for the credential tests.
+type credEnv struct {
+	t   *testing.T
+	db  *postgres.DB
+	id  string // the locker
+	seq int
+}
+
+func newCredEnv(t *testing.T, serial string, compartments int) *credEnv {
+	db := MustOpen(t)
+	e := &credEnv{t: t, db: db, id: MustDevice(t, db, "s1", serial, compartments)}
+	e.exec(`UPDATE devices SET online = true WHERE id = $1`, e.id)
+	return e
+}
+
+func (e *credEnv) exec(sql string, args ...any) {
+	e.t.Helper()
+	if _, err := e.db.Pool().Exec(context.Background(), sql, args...); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// pickup stages a pickup in the next free compartment and makes it ready.
+func (e *credEnv) pickup(ref string) *pickup.Pickup {
+	e.t.Helper()
+	p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
+		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
+	if err := e.db.Allocate(context.Background(), p); err != nil {
+		e.t.Fatal(err)
+	}
+	e.transition(p.ID, pickup.Ready)
+	return p
+}
+
+func (e *credEnv) transition(id, to string) *pickup.Pickup {
+	e.t.Helper()
+	p, err := e.db.Transition(context.Background(), id, []string{pickup.Staging, pickup.Ready}, to, "test", "", time.Now(), nil)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return p
+}
+
+// mint makes credential cid (PIN MAC pin) for pickups ps.
+func (e *credEnv) mint(cid, pin string, gen int, ps ...*pickup.Pickup) error {
+	var ids []string
+	var comps []int
+	for _, p := range ps {
+		ids, comps = append(ids, p.ID), append(comps, p.Compartment)
+	}
+	return e.db.MintCredential(context.Background(), &pickup.Credential{ID: cid, DeviceID: e.id, PINMAC: pin, QRMAC: "qr-" + pin,
+		Compartments: comps, NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: gen}, ids)
+}
+
+func (e *credEnv) mustMint(cid, pin string, ps ...*pickup.Pickup) {
+	e.t.Helper()
+	if err := e.mint(cid, pin, 1, ps...); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+func (e *credEnv) cred(cid string) (*pickup.Credential, string) {
+	e.t.Helper()
+	c, state, err := e.db.GetCredential(context.Background(), cid)
+	if err != nil {
+		e.t.Fatalf("credential %s: %v", cid, err)
+	}
+	return c, state
+}
+
+func (e *credEnv) version() (v int64) {
+	e.t.Helper()
+	if err := e.db.Pool().QueryRow(context.Background(), `SELECT creds_version FROM devices WHERE id = $1`, e.id).Scan(&v); err != nil {
+		e.t.Fatal(err)
+	}
+	return v
+}
 
 // TestRekeyCredentials: a credential made for a locker's old key is
 // refused once the locker was re-provisioned, and re-keying gives the
 // active credentials MACs for the current key and a new set version.
 func TestRekeyCredentials(t *testing.T) {
 	ctx := context.Background()
-	db := MustOpen(t)
-	id := MustDevice(t, db, "s1", "SN-RK", 2)
-	cred := func(cid, pin string, gen int) *pickup.Credential {
-		return &pickup.Credential{ID: cid, DeviceID: id, PINMAC: pin, QRMAC: "qr-" + pin, Compartments: []int{1},
-			NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: gen}
-	}
-	version := func() (v int64) {
-		t.Helper()
-		if err := db.Pool().QueryRow(ctx, `SELECT creds_version FROM devices WHERE id = $1`, id).Scan(&v); err != nil {
-			t.Fatal(err)
-		}
-		return v
-	}
-	if err := db.MintCredential(ctx, cred("k-1", "mac-old", 1), nil); err != nil {
-		t.Fatal(err)
-	}
+	e := newCredEnv(t, "SN-RK", 2)
+	p := e.pickup("RK-1")
+	e.mustMint("k-1", "mac-old", p)
 	// Re-provisioned (what Register does to key_gen).
-	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET key_gen = 2 WHERE id = $1`, id); err != nil {
-		t.Fatal(err)
-	}
-	before := version()
-	if err := db.MintCredential(ctx, cred("k-2", "mac-stale", 1), nil); !errors.Is(err, pickup.ErrKeyChanged) {
+	e.exec(`UPDATE devices SET key_gen = 2 WHERE id = $1`, e.id)
+	before := e.version()
+	if err := e.mint("k-2", "mac-stale", 1, p); !errors.Is(err, pickup.ErrKeyChanged) {
 		t.Fatalf("credential for the old key: %v, want ErrKeyChanged", err)
 	}
-	if _, _, err := db.GetCredential(ctx, "k-2"); !errors.Is(err, fleet.ErrNotFound) {
+	if _, _, err := e.db.GetCredential(ctx, "k-2"); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("the refused credential was stored: %v", err)
 	}
-	if version() != before {
+	if e.version() != before {
 		t.Fatal("a refused credential bumped the set version")
 	}
 
 	var gens []int
-	n, err := db.RekeyCredentials(ctx, id, func(gen int, c *pickup.Credential) {
+	n, err := e.db.RekeyCredentials(ctx, e.id, func(gen int, c *pickup.Credential) {
 		gens = append(gens, gen)
 		c.PINMAC, c.QRMAC = "mac-new", "" // the QR token dropped, to see "" stored as none
 	})
 	if err != nil || n != 1 || len(gens) != 1 || gens[0] != 2 {
 		t.Fatalf("re-key: %d credentials, generations %v, %v; want 1 at generation 2", n, gens, err)
 	}
-	c, state, err := db.GetCredential(ctx, "k-1")
-	if err != nil || state != "active" || c.PINMAC != "mac-new" || c.QRMAC != "" {
-		t.Fatalf("after re-key: %+v %s %v", c, state, err)
+	if c, state := e.cred("k-1"); state != "active" || c.PINMAC != "mac-new" || c.QRMAC != "" {
+		t.Fatalf("after re-key: %+v %s", c, state)
 	}
-	if version() != before+1 {
+	if e.version() != before+1 {
 		t.Fatal("re-key did not bump the set version: the locker would not get the new MACs")
 	}
-	if _, err := db.RekeyCredentials(ctx, "lk-none", func(int, *pickup.Credential) {}); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.RekeyCredentials(ctx, "lk-none", func(int, *pickup.Credential) {}); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("unknown locker: %v, want ErrNotFound", err)
 	}
 }
 
-// TestRotateCredentials: a rotation whose new PIN collides with another
-// active one changes nothing and says so (ErrPINTaken); an unknown locker
-// is ErrNotFound; a rotation replaces each active credential.
+// TestCredentialEndsWithItsOrders: a pickup that ends takes its
+// compartment out of its credential (a combined code keeps opening the
+// other orders' compartments only) and the last one revokes it; a
+// credential whose pickup ended while it was replaced is revoked by the
+// next mint. A code never outlives its orders.
+func TestCredentialEndsWithItsOrders(t *testing.T) {
+	e := newCredEnv(t, "SN-END", 4)
+	a, b, c := e.pickup("E-1"), e.pickup("E-2"), e.pickup("E-3")
+	e.mustMint("k-ab", "mac-ab", a, b)
+	before := e.version()
+	e.transition(a.ID, pickup.Cancelled)
+	if cr, state := e.cred("k-ab"); state != "active" || !slices.Equal(cr.Compartments, []int{b.Compartment}) {
+		t.Fatalf("combined credential after one order was cancelled: %+v %s; want active for compartment %d only", cr, state, b.Compartment)
+	}
+	if e.version() != before+1 {
+		t.Fatal("narrowing the credential did not bump the set version")
+	}
+	e.transition(b.ID, pickup.Expired)
+	if _, state := e.cred("k-ab"); state != "revoked" {
+		t.Fatalf("credential after its last order expired: %s, want revoked", state)
+	}
+
+	// c's pickup ends without its credential being released (as when a
+	// rotation raced the cancel): the next mint at the locker revokes it.
+	e.mustMint("k-c", "mac-c", c)
+	e.exec(`UPDATE pickups SET state = 'cancelled' WHERE id = $1`, c.ID)
+	d := e.pickup("E-4")
+	e.mustMint("k-d", "mac-d", d)
+	if _, state := e.cred("k-c"); state != "revoked" {
+		t.Fatalf("credential of an ended pickup after the next mint: %s, want revoked", state)
+	}
+	if _, state := e.cred("k-d"); state != "active" {
+		t.Fatalf("the new credential: %s, want active", state)
+	}
+}
+
+// TestRotateCredentials: a rotation replaces each credential that opens
+// live pickups (narrowed to them), revokes one that opens none, and a code
+// the locker accepted from its old set is a use of the new credential. A
+// rotation whose new PIN collides changes nothing (ErrPINTaken); an
+// unknown locker is ErrNotFound.
 func TestRotateCredentials(t *testing.T) {
 	ctx := context.Background()
-	db := MustOpen(t)
-	id := MustDevice(t, db, "s1", "SN-ROT", 2)
-	for i, pin := range []string{"mac-a", "mac-b"} {
-		if err := db.MintCredential(ctx, &pickup.Credential{ID: "k-" + pin, DeviceID: id, PINMAC: pin, Compartments: []int{i + 1},
-			NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: 1}, nil); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e := newCredEnv(t, "SN-ROT", 4)
+	a, b, c := e.pickup("R-1"), e.pickup("R-2"), e.pickup("R-3")
+	e.mustMint("k-a", "mac-a", a)
+	e.mustMint("k-bc", "mac-bc", b, c)
+	// c ended without its compartment leaving the combined credential, and
+	// an orphan: both as a race with a cancel would leave them.
+	e.exec(`UPDATE pickups SET state = 'cancelled' WHERE id = $1`, c.ID)
+	e.exec(`INSERT INTO credentials (id, device_id, pin_mac, compartments, not_after, state, created_at)
+		VALUES ('k-orphan', $1, 'mac-orphan', '{4}', now() + interval '1 hour', 'active', now())`, e.id)
+
+	var events []string
 	rotate := func(device string, pin func(old *pickup.Credential) string) (int, error) {
-		return db.RotateCredentials(ctx, device, time.Now(), func(gen int, old *pickup.Credential) *pickup.Credential {
+		events = nil
+		return e.db.RotateCredentials(ctx, device, time.Now(), func(gen int, old *pickup.Credential) *pickup.Credential {
 			return &pickup.Credential{ID: "new-" + old.ID, DeviceID: device, PINMAC: pin(old), Compartments: old.Compartments,
 				NotAfter: old.NotAfter, CreatedAt: time.Now(), KeyGen: gen}
-		}, func(*pickup.Pickup, *pickup.Credential) *pickup.Event { return nil },
-			fleet.AuditEntry{Actor: "test", Action: "locker.rotate_codes", Locker: device, Site: "s1"})
+		}, func(p *pickup.Pickup, c *pickup.Credential) *pickup.Event {
+			events = append(events, p.ID+"="+c.ID)
+			return &pickup.Event{ID: fleet.NewID("evt"), Type: pickup.EventCredentialChanged, CreatedAt: time.Now()}
+		}, fleet.AuditEntry{Actor: "test", Action: "locker.rotate_codes", Locker: device, Site: "s1"})
 	}
 	// Both new PINs the same: the second insert collides.
-	if _, err := rotate(id, func(*pickup.Credential) string { return "mac-same" }); !errors.Is(err, pickup.ErrPINTaken) {
+	if _, err := rotate(e.id, func(*pickup.Credential) string { return "mac-same" }); !errors.Is(err, pickup.ErrPINTaken) {
 		t.Fatalf("colliding rotation: %v, want ErrPINTaken", err)
 	}
-	for _, k := range []string{"k-mac-a", "k-mac-b"} {
-		if _, state, err := db.GetCredential(ctx, k); err != nil || state != "active" {
-			t.Fatalf("%s after a failed rotation: %s, %v; want still active", k, state, err)
+	for _, k := range []string{"k-a", "k-bc", "k-orphan"} {
+		if _, state := e.cred(k); state != "active" {
+			t.Fatalf("%s after a failed rotation: %s; want still active", k, state)
 		}
 	}
-	if n, err := rotate(id, func(old *pickup.Credential) string { return old.PINMAC + "-2" }); err != nil || n != 2 {
-		t.Fatalf("rotation: %d, %v; want 2", n, err)
+	before := e.version()
+	if n, err := rotate(e.id, func(old *pickup.Credential) string { return old.PINMAC + "-2" }); err != nil || n != 2 {
+		t.Fatalf("rotation: %d, %v; want 2 (the orphan is only revoked)", n, err)
 	}
-	for _, k := range []string{"k-mac-a", "k-mac-b"} {
-		if _, state, _ := db.GetCredential(ctx, k); state != "revoked" {
+	slices.Sort(events)
+	if want := []string{a.ID + "=new-k-a", b.ID + "=new-k-bc"}; !slices.Equal(events, want) {
+		t.Fatalf("events %v, want %v", events, want)
+	}
+	for k, want := range map[string][]int{"k-a": {a.Compartment}, "k-bc": {b.Compartment}} {
+		if _, state := e.cred(k); state != "revoked" {
 			t.Fatalf("%s after the rotation: %s, want revoked", k, state)
 		}
-		if c, state, err := db.GetCredential(ctx, "new-"+k); err != nil || state != "active" || c.PINMAC != k[2:]+"-2" {
-			t.Fatalf("new-%s: %+v %s %v", k, c, state, err)
+		if cr, state := e.cred("new-" + k); state != "active" || cr.PINMAC != "mac-"+k[2:]+"-2" || !slices.Equal(cr.Compartments, want) {
+			t.Fatalf("new-%s: %+v %s; want active for %v", k, cr, state, want)
 		}
+	}
+	if _, state := e.cred("k-orphan"); state != "revoked" {
+		t.Fatalf("orphan after the rotation: %s, want revoked", state)
+	}
+	if _, _, err := e.db.GetCredential(ctx, "new-k-orphan"); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("a credential of no live pickup was re-minted: %v", err)
+	}
+	if e.version() != before+1 {
+		t.Fatal("the rotation did not bump the set version once")
+	}
+
+	// The locker had not got the new set: it accepts the old code of a.
+	ps, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now())
+	if err != nil || len(ps) != 1 || ps[0].ID != a.ID {
+		t.Fatalf("old code used after the rotation: %+v, %v; want pickup %s", ps, err, a.ID)
+	}
+	if _, state := e.cred("new-k-a"); state != "used" {
+		t.Fatalf("the replacement after the old code was used: %s, want used", state)
+	}
+	if _, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the old code used twice: %v, want ErrNotFound", err)
 	}
 	if _, err := rotate("lk-none", func(*pickup.Credential) string { return "x" }); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("unknown locker: %v, want ErrNotFound", err)

@@ -15,8 +15,9 @@ import (
 
 // TestReplacementKeepsCompartments: a replaced board keeps what is known of
 // the compartments it reports (an order inside, a door out of service), with
-// its own size and zone; one it no longer reports goes, unless a live pickup
-// is in it: that one stays, marked missing, and nothing new is put there.
+// its own size and zone, and their doors taken as closed; one it no longer
+// reports goes, unless a live pickup is in it: that one stays, marked
+// missing, nothing new is put there, and it goes when the pickup ends.
 func TestReplacementKeepsCompartments(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
@@ -30,12 +31,14 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 	exec(`UPDATE devices SET online = true WHERE id = $1`, id)
 	exec(`UPDATE compartments SET occupied = true WHERE device_id = $1 AND n = 1`, id)
 	exec(`UPDATE compartments SET in_service = false WHERE device_id = $1 AND n = 2`, id)
+	exec(`UPDATE compartments SET door = 'ajar' WHERE device_id = $1 AND n = 3`, id)
 	allocate := func(ref string) (*pickup.Pickup, error) {
 		p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
 			Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour),
 			CreatedBy: "test", CreatedAt: time.Now()}
 		return p, db.Allocate(ctx, p)
 	}
+	exec(`UPDATE compartments SET door = 'closed' WHERE device_id = $1 AND n = 3`, id)
 	for ref, want := range map[string]int{"A-3": 3, "A-4": 4} {
 		if p, err := allocate(ref); err != nil || p.Compartment != want {
 			t.Fatalf("pickup %s in compartment %d (%v), want %d", ref, p.Compartment, err, want)
@@ -69,6 +72,7 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 		}
 		return r
 	}
+	exec(`UPDATE compartments SET door = 'open' WHERE device_id = $1 AND n IN (3, 4)`, id) // the old board's last report
 	if r := replace(1, 2, 3, 6); !slices.Equal(r.Missing, []int{4}) {
 		t.Fatalf("missing compartments %v, want [4]", r.Missing)
 	}
@@ -80,7 +84,7 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 		{N: 1, Size: "M", Zone: "ambient", InService: true, Occupied: true, Door: "closed"},
 		{N: 2, Size: "M", Zone: "ambient", InService: false, Door: "closed"},
 		{N: 3, Size: "L", Zone: "ambient", InService: true, Door: "closed", Pickup: "p-A-3"},
-		{N: 4, Size: "M", Zone: "ambient", InService: true, Door: "closed", Pickup: "p-A-4", Missing: true},
+		{N: 4, Size: "M", Zone: "ambient", InService: true, Door: "open", Pickup: "p-A-4", Missing: true},
 		{N: 6, Size: "M", Zone: "ambient", InService: true, Door: "closed"},
 	}
 	if !slices.Equal(l.Compartments, want) {
@@ -92,25 +96,28 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 		t.Fatalf("audit of the replacement: missing_compartments %q (%v), want [4]", detail, err)
 	}
 
+	occ, err := db.Occupancy(ctx)
+	if err != nil || occ["s1"][0] != 4 {
+		t.Fatalf("occupancy %v (%v): want 4 compartments at s1, the missing one not counted", occ, err)
+	}
 	// A command to the missing compartment is refused like one to none.
 	cmd := &fleet.Command{ID: "c-miss", DeviceID: id, Type: "unlock", Compartment: 4, Status: fleet.CmdPending,
 		Actor: "test", CreatedAt: time.Now(), ExpiresAt: time.Now().Add(time.Minute)}
 	if target, _, err := db.CreateCommand(ctx, cmd, nil, ""); err != nil || target.HasCompartment {
 		t.Fatalf("unlock of the missing compartment: %+v, %v; want no such compartment", target, err)
 	}
-	// Its pickup ends: still nothing new goes there, only into 6.
+	// Its pickup ends: the compartment goes, and new pickups go into 6.
 	if _, err := db.Transition(ctx, "p-A-4", []string{"staging", "ready"}, "cancelled", "test", "", time.Now(), nil); err != nil {
 		t.Fatal(err)
+	}
+	if l, err = db.GetLocker(ctx, id); err != nil || len(l.Compartments) != 4 || l.Compartments[3].N != 6 {
+		t.Fatalf("compartments after the missing one's pickup ended: %+v (%v); want 1, 2, 3, 6", l.Compartments, err)
 	}
 	if p, err := allocate("B-1"); err != nil || p.Compartment != 6 {
 		t.Fatalf("next pickup in compartment %d (%v), want 6", p.Compartment, err)
 	}
 	if _, err := allocate("B-2"); !errors.Is(err, pickup.ErrNoCompartment) {
-		t.Fatalf("a pickup with only the missing compartment free: %v, want ErrNoCompartment", err)
-	}
-	occ, err := db.Occupancy(ctx)
-	if err != nil || occ["s1"][0] != 4 {
-		t.Fatalf("occupancy %v (%v): want 4 compartments at s1, the missing one not counted", occ, err)
+		t.Fatalf("a pickup with no compartment free: %v, want ErrNoCompartment", err)
 	}
 
 	// A board that reports it again brings it back.
