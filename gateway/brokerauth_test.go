@@ -278,6 +278,10 @@ func TestDeviceAuthOptions(t *testing.T) {
 		{"Unknown", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: "ldap"}, `want dynsec`},
 		{"InstanceIsUser", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
 			ExternalUser: "lockergate", InstanceID: "lockergate"}, "must differ"},
+		{"StaleWindowWithoutHook", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", AuthStaleWindow: time.Minute},
+			"is for --device-auth http"},
+		{"StaleWindowTooLong", gateway.Options{ExternalBroker: "mqtt://127.0.0.1:1", DeviceAuth: gateway.DeviceAuthHTTP,
+			AuthStaleWindow: 25 * time.Hour}, "at most 24h0m0s"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			c.o.DataDir, c.o.Logger = t.TempDir(), testLogger(t)

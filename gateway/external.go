@@ -14,6 +14,13 @@ import (
 // checkDeviceAuth defaults and checks o.DeviceAuth and the options that
 // go with it.
 func checkDeviceAuth(o *Options) error {
+	switch {
+	case o.AuthStaleWindow > maxAuthStaleWindow:
+		return fmt.Errorf("--auth-stale-window %s: at most %s (it is also how long an instance cut off from the database may admit a disabled locker)",
+			o.AuthStaleWindow, maxAuthStaleWindow)
+	case o.AuthStaleWindow != 0 && o.DeviceAuth != DeviceAuthHTTP:
+		return fmt.Errorf("--auth-stale-window is for --device-auth http: the embedded broker and mosquitto answer \"server unavailable\" instead")
+	}
 	if o.ExternalBroker == "" {
 		if o.DeviceAuth != "" || o.BrokerAPIURL != "" {
 			return fmt.Errorf("--device-auth and --broker-api-url need --broker-url: the embedded broker checks lockers itself")

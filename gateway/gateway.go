@@ -4,6 +4,7 @@
 package gateway
 
 import (
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"errors"
@@ -86,6 +87,13 @@ type Options struct {
 	// let the gateway end a disabled or replaced locker's live session on
 	// EMQX through its REST API; without them it is left to the operator.
 	BrokerAPIURL, BrokerAPIKey string
+	// AuthStaleWindow, with DeviceAuthHTTP, is how long after this instance
+	// last heard a kick its auth hook still admits a locker on the secret
+	// it last verified when the database cannot confirm it (0: the default,
+	// DefaultAuthStaleWindow; negative: never; at most 24 h). Longer keeps
+	// lockers online through a longer database outage; it is also how long
+	// an instance cut off alone may admit a locker disabled elsewhere.
+	AuthStaleWindow time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -221,7 +229,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	auth := &authenticator{}
 	bo.Auth = auth
-	g.kicks = &kickWatch{now: time.Now}
+	g.kicks = &kickWatch{now: time.Now, trust: cmp.Or(o.AuthStaleWindow, DefaultAuthStaleWindow)}
 	bo.KicksHeard = g.kicks.trusted
 	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "lockergate_kicks_last_heard_timestamp_seconds",

@@ -11,12 +11,9 @@ import (
 const (
 	kickHeartbeat = 3 * time.Second  // every instance sends an empty kick this often
 	kickSilence   = 10 * time.Second // heard nothing this long: kicks may be missed
-	// kickTrust bounds how long after the last notification heard the auth
-	// hook still admits a secret it cannot confirm. During an outage of the
-	// whole database no kick can be made, so the rule keeps lockers online;
-	// when only this instance is cut off, another may disable a locker that
-	// this one then admits, for at most this long after it last heard.
-	kickTrust = 2 * time.Minute
+	// DefaultAuthStaleWindow is Options.AuthStaleWindow's default.
+	DefaultAuthStaleWindow = 2 * time.Minute
+	maxAuthStaleWindow     = 24 * time.Hour
 )
 
 // kickWatch applies kicks heard from every instance (a locker disabled or
@@ -28,7 +25,14 @@ type kickWatch struct {
 		Invalidate(id string)
 		InvalidateAll()
 	}
-	now      func() time.Time
+	now func() time.Time
+	// trust bounds how long after the last notification heard the auth
+	// hook still admits a secret it cannot confirm (Options.AuthStaleWindow;
+	// negative: never). During an outage of the whole database no kick can
+	// be made, so the rule keeps lockers online; when only this instance is
+	// cut off, another may disable a locker that this one then admits, for
+	// at most this long after it last heard.
+	trust    time.Duration
 	last     atomic.Int64 // unix ns of the last notification heard; 0: none yet
 	listened atomic.Int64 // unix ns when LISTEN was last in place
 }
@@ -60,8 +64,8 @@ func (k *kickWatch) listening() {
 // before the first.
 func (k *kickWatch) lastHeard() float64 { return float64(k.last.Load()) / 1e9 }
 
-// trusted reports whether a notification arrived within kickTrust.
-func (k *kickWatch) trusted() bool { return k.heardWithin(kickTrust) }
+// trusted reports whether a notification arrived within the trust window.
+func (k *kickWatch) trusted() bool { return k.trust >= 0 && k.heardWithin(k.trust) }
 
 func (k *kickWatch) heardWithin(d time.Duration) bool {
 	last := k.last.Load()

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/lockergate/lockergate/gateway"
 )
@@ -70,6 +71,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.DeviceAuth, "device-auth", "", "with --broker-url, how the broker checks lockers: dynsec (mosquitto dynamic security, the default) or http (the broker calls /v1/broker-auth; docs/deployment.md)")
 	fs.StringVar(&o.BrokerAPIURL, "broker-api-url", "", "with --device-auth http: EMQX's REST API (https://emqx:18083), to end a disabled or replaced locker's live session")
 	fs.StringVar(&o.BrokerAPIKey, "broker-api-key", os.Getenv("LOCKERGATE_BROKER_API_KEY"), "its API key as key:secret (env LOCKERGATE_BROKER_API_KEY)")
+	fs.Func("auth-stale-window", "with --device-auth http: how long after it last heard a kick the auth hook admits a locker on the secret it last verified while the database does not answer (default 2m; never: refuse with 503; at most 24h)",
+		func(v string) error {
+			if v == "never" {
+				o.AuthStaleWindow = -1
+				return nil
+			}
+			d, err := time.ParseDuration(v)
+			if err != nil || d <= 0 {
+				return fmt.Errorf("want a positive duration such as 5m, or never")
+			}
+			o.AuthStaleWindow = d
+			return nil
+		})
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")

@@ -1,0 +1,30 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+)
+
+// TestBadFlags: a flag value that cannot work stops the gateway before it
+// starts anything, with exit code 2 and a message that says what to give.
+func TestBadFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--auth-stale-window", "soon"}, "want a positive duration such as 5m, or never"},
+		{[]string{"--auth-stale-window", "0s"}, "want a positive duration such as 5m, or never"},
+		{[]string{"--auth-stale-window", "-5m"}, "want a positive duration such as 5m, or never"},
+		{[]string{"--no-such-flag"}, "flag provided but not defined"},
+	} {
+		var stderr bytes.Buffer
+		if code := run(context.Background(), append([]string{"serve"}, c.args...), &bytes.Buffer{}, &stderr); code != 2 {
+			t.Errorf("%v: exit code %d, want 2", c.args, code)
+		}
+		if !strings.Contains(stderr.String(), c.want) {
+			t.Errorf("%v: stderr %q, want %q", c.args, stderr.String(), c.want)
+		}
+	}
+}
