@@ -1,10 +1,12 @@
 package postgres
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -262,8 +264,14 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 	return fresh, err
 }
 
-// applyEvents updates compartment state from door events, in order.
+// applyEvents updates compartment state from door events: by locker and
+// compartment, the order in which a replacement (Register) locks them, so
+// the two cannot deadlock; each compartment's events in the order they came.
 func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) error {
+	events = slices.Clone(events)
+	slices.SortStableFunc(events, func(a, b fleet.EventRecord) int {
+		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), cmp.Compare(a.Compartment, b.Compartment))
+	})
 	b := &pgx.Batch{}
 	for _, e := range events {
 		if e.Compartment < 1 {

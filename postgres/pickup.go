@@ -207,6 +207,11 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if ev == nil {
 			return nil
 		}
+		if _, ok := ev.Data["credential_id"]; ok && out.CredentialID != "" {
+			// The credential as of now: a rotation may have replaced the
+			// one the caller minted.
+			ev.Data["credential_id"] = out.CredentialID
+		}
 		return queueEvent(ctx, tx, ev, out, at)
 	})
 	return out, err
@@ -220,11 +225,14 @@ func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	if p.CredentialID == "" {
 		return nil
 	}
+	// A combined code lasts until the first of its orders expires: with
+	// that one ended, until the first of the others does.
 	tag, err := tx.Exec(ctx, `UPDATE credentials c SET
 			state = CASE WHEN o.live THEN c.state ELSE 'revoked' END,
-			compartments = CASE WHEN o.live THEN array_remove(c.compartments, $3) ELSE c.compartments END
-		FROM (SELECT EXISTS (SELECT 1 FROM pickups WHERE device_id = $2 AND credential_id = $1 AND state IN ('staging', 'ready'))
-			AS live) o
+			compartments = CASE WHEN o.live THEN array_remove(c.compartments, $3) ELSE c.compartments END,
+			not_after = coalesce(o.expires, c.not_after)
+		FROM (SELECT count(*) > 0 AS live, min(expires_at) AS expires FROM pickups
+			WHERE device_id = $2 AND credential_id = $1 AND state IN ('staging', 'ready')) o
 		WHERE c.id = $1 AND c.state = 'active'`, p.CredentialID, p.Locker, p.Compartment)
 	if err != nil || tag.RowsAffected() == 0 {
 		return err
@@ -261,6 +269,22 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		if gen != c.KeyGen {
 			return pickup.ErrKeyChanged // made for the old key
 		}
+		// The pickups must still be live, and the code opens their
+		// compartments only: one ended since the caller looked has freed
+		// its compartment for the next order.
+		rows, err := tx.Query(ctx, `SELECT compartment FROM pickups WHERE id = ANY ($1) AND device_id = $2
+			AND state IN ('staging', 'ready') ORDER BY compartment FOR UPDATE`, pickupIDs, c.DeviceID)
+		if err != nil {
+			return err
+		}
+		comps, err := pgx.CollectRows(rows, pgx.RowTo[int])
+		if err != nil {
+			return err
+		}
+		if len(comps) != len(pickupIDs) {
+			return fmt.Errorf("a pickup of %v at %s ended or is not there: %w", pickupIDs, c.DeviceID, fleet.ErrConflict)
+		}
+		c.Compartments = comps
 		if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
 			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs); err != nil {
 			return err
@@ -462,7 +486,8 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 			Detail: detail}); err != nil {
 			return err
 		}
-		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE device_id = $1 AND credential_id = $2`, deviceID, used)
+		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE device_id = $1 AND credential_id = $2
+			AND state IN ('staging', 'ready')`, deviceID, used)
 		if err != nil {
 			return err
 		}

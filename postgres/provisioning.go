@@ -172,7 +172,8 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		if out.Replaced || out.Retried {
 			// Wait for allocations in flight (they lock the compartment
 			// they take): the statements below then see their pickups.
-			if _, err := tx.Exec(ctx, `SELECT 1 FROM compartments WHERE device_id = $1 FOR UPDATE`, out.DeviceID); err != nil {
+			// In the order of n, as applyEvents updates them.
+			if _, err := tx.Exec(ctx, `SELECT 1 FROM compartments WHERE device_id = $1 ORDER BY n FOR UPDATE`, out.DeviceID); err != nil {
 				return err
 			}
 		}

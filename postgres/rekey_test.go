@@ -10,6 +10,7 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/postgres"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 // credEnv is a locker online with live pickups, for the credential tests.
@@ -132,17 +133,29 @@ func TestRekeyCredentials(t *testing.T) {
 
 // TestCredentialEndsWithItsOrders: a pickup that ends takes its
 // compartment out of its credential (a combined code keeps opening the
-// other orders' compartments only) and the last one revokes it; a
+// other orders' compartments only, until the first of them expires) and the
+// last one revokes it; no credential is minted for a pickup that ended; a
 // credential whose pickup ended while it was replaced is revoked by the
 // next mint. A code never outlives its orders.
 func TestCredentialEndsWithItsOrders(t *testing.T) {
+	ctx := context.Background()
 	e := newCredEnv(t, "SN-END", 4)
 	a, b, c := e.pickup("E-1"), e.pickup("E-2"), e.pickup("E-3")
+	e.exec(`UPDATE pickups SET expires_at = now() + interval '10 minutes' WHERE id = $1`, a.ID)
+	e.exec(`UPDATE pickups SET expires_at = date_trunc('second', now()) + interval '50 minutes' WHERE id = $1`, b.ID)
 	e.mustMint("k-ab", "mac-ab", a, b)
 	before := e.version()
 	e.transition(a.ID, pickup.Cancelled)
-	if cr, state := e.cred("k-ab"); state != "active" || !slices.Equal(cr.Compartments, []int{b.Compartment}) {
-		t.Fatalf("combined credential after one order was cancelled: %+v %s; want active for compartment %d only", cr, state, b.Compartment)
+	bNow, err := e.db.GetPickup(ctx, b.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cr, state := e.cred("k-ab"); state != "active" || !slices.Equal(cr.Compartments, []int{b.Compartment}) || !cr.NotAfter.Equal(bNow.ExpiresAt) {
+		t.Fatalf("combined credential after one order was cancelled: %+v %s; want active for compartment %d only, until %s",
+			cr, state, b.Compartment, bNow.ExpiresAt)
+	}
+	if err := e.mint("k-late", "mac-late", 1, a, b); !errors.Is(err, fleet.ErrConflict) {
+		t.Fatalf("a code for an ended pickup and a live one: %v, want ErrConflict", err)
 	}
 	if e.version() != before+1 {
 		t.Fatal("narrowing the credential did not bump the set version")
@@ -242,5 +255,36 @@ func TestRotateCredentials(t *testing.T) {
 	}
 	if _, err := rotate("lk-none", func(*pickup.Credential) string { return "x" }); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("unknown locker: %v, want ErrNotFound", err)
+	}
+}
+
+// TestReadyEventNamesTheCurrentCredential: the pickup.ready event names the
+// pickup's credential as of its transition, not the one its caller minted
+// (a rotation may have replaced it in between).
+func TestReadyEventNamesTheCurrentCredential(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-EVT", 1)
+	tok := &fleet.Token{ID: "t-ops", Role: fleet.RoleOperator, Name: "ops", CreatedAt: time.Now()}
+	if err := e.db.CreateToken(ctx, tok, []byte("hash-ops")); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.db.CreateWebhook(ctx, &webhook.Webhook{ID: "wh-1", TokenID: tok.ID, Role: fleet.RoleOperator,
+		URL: "https://example.com/hook", Events: []string{pickup.EventReady}, CreatedAt: time.Now()}, []byte("secret")); err != nil {
+		t.Fatal(err)
+	}
+	p := &pickup.Pickup{ID: "p-evt", Site: "s1", OrderRef: "EVT-1", Size: "M", Zone: "ambient",
+		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
+	if err := e.db.Allocate(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	e.mustMint("k-minted", "mac-1", p)
+	e.mustMint("k-current", "mac-2", p) // as a rotation would have
+	ev := &pickup.Event{ID: "evt-1", Type: pickup.EventReady, CreatedAt: time.Now(), Data: map[string]any{"credential_id": "k-minted"}}
+	if _, err := e.db.Transition(ctx, p.ID, []string{pickup.Staging}, pickup.Ready, "test", "", time.Now(), ev); err != nil {
+		t.Fatal(err)
+	}
+	var cid string
+	if err := e.db.Pool().QueryRow(ctx, `SELECT body::jsonb->'data'->>'credential_id' FROM webhook_deliveries WHERE event_id = 'evt-1'`).Scan(&cid); err != nil || cid != "k-current" {
+		t.Fatalf("queued ready event names credential %q (%v), want k-current", cid, err)
 	}
 }
