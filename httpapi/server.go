@@ -83,6 +83,8 @@ type Server struct {
 	tokens   *tokenCache
 	// staleLogged is when a stale token was last logged (unix ns).
 	staleLogged atomic.Int64
+	// lookups holds a slot for each token lookup in the database.
+	lookups chan struct{}
 }
 
 // New returns the API handler.
@@ -94,7 +96,8 @@ func New(o Options) *Server {
 		o.Ready = func(context.Context) error { return nil }
 	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
-		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now)}
+		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now),
+		lookups: make(chan struct{}, maxTokenLookups)}
 	s.routes()
 	return s
 }
@@ -163,6 +166,11 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			writeProblem(w, http.StatusUnauthorized, "unknown or revoked token")
 			return
 		}
+		if errors.Is(err, errTokenLookupsBusy) {
+			w.Header().Set("Retry-After", "1")
+			writeProblem(w, http.StatusServiceUnavailable, "too many token checks in flight; retry in a second")
+			return
+		}
 		if err != nil {
 			s.writeError(w, r, err)
 			return
@@ -189,7 +197,15 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), tokenLookupTimeout)
 	defer cancel()
-	tok, err := s.store.TokenByHash(ctx, hash)
+	var tok *fleet.Token
+	var err error
+	select {
+	case s.lookups <- struct{}{}:
+		tok, err = s.store.TokenByHash(ctx, hash)
+		<-s.lookups
+	case <-ctx.Done():
+		err = errTokenLookupsBusy
+	}
 	switch {
 	case err == nil:
 		s.tokens.put(hash, tok)

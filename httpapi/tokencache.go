@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"errors"
 	"sync"
 	"time"
 
@@ -19,6 +20,16 @@ const (
 	tokenLookupTimeout = time.Second
 	tokenStaleMax      = 10 * time.Minute
 )
+
+// maxTokenLookups bounds the token lookups in the database at once. Only
+// found tokens are cached, so every request with an unknown token is a
+// lookup: a flood of them waits for these slots (and gets a 503 after
+// tokenLookupTimeout) instead of taking the connection pool from the
+// fleet. Cached tokens do not need a slot.
+const maxTokenLookups = 8
+
+// errTokenLookupsBusy: no lookup slot came free within tokenLookupTimeout.
+var errTokenLookupsBusy = errors.New("too many token lookups in flight")
 
 // tokenCache remembers recently verified tokens by the hash of their secret,
 // which takes a database round trip off every API call of a busy client.

@@ -1,7 +1,11 @@
 package httpapi
 
 import (
+	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,5 +49,66 @@ func TestTokenCache(t *testing.T) {
 	}
 	if n := len(c.entries); n > maxTokenEntries {
 		t.Fatalf("%d entries, want at most %d", n, maxTokenEntries)
+	}
+}
+
+// slowStore holds every lookup of an unknown token until release is
+// closed, and says when one started.
+type slowStore struct {
+	fakeStore
+	started chan struct{}
+	release chan struct{}
+}
+
+func (s *slowStore) TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error) {
+	tok, err := s.fakeStore.TokenByHash(ctx, hash)
+	if err == nil {
+		return tok, nil
+	}
+	s.started <- struct{}{}
+	<-s.release
+	return nil, err
+}
+
+// TestTokenLookupsBounded: requests with unknown tokens (each a database
+// lookup) take at most maxTokenLookups lookups at once; the next one gets a
+// 503 with Retry-After once tokenLookupTimeout passes, while a cached token
+// keeps working.
+func TestTokenLookupsBounded(t *testing.T) {
+	st := &slowStore{started: make(chan struct{}, maxTokenLookups+1), release: make(chan struct{})}
+	s := New(Options{Store: st})
+	now := time.Unix(1000, 0) // the cache's clock stands still: the 1 s wait below is not its TTL
+	s.tokens = newTokenCache(TokenCacheTTL, func() time.Time { return now })
+	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 200 { // now cached
+		t.Fatalf("admin: %d", a.status)
+	}
+	var wg sync.WaitGroup
+	codes := make(chan int, maxTokenLookups)
+	for i := range maxTokenLookups {
+		wg.Go(func() {
+			req := httptest.NewRequest("GET", "/v1/sites", nil)
+			req.Header.Set("Authorization", fmt.Sprintf("Bearer guess-%d", i))
+			rec := httptest.NewRecorder()
+			s.ServeHTTP(rec, req)
+			codes <- rec.Code
+		})
+	}
+	for range maxTokenLookups {
+		<-st.started
+	}
+	a := call(t, s, "GET", "/v1/sites", "guess-more")
+	if a.status != http.StatusServiceUnavailable || a.header.Get("Retry-After") != "1" {
+		t.Fatalf("one lookup past the bound: %d, Retry-After %q; want 503, 1", a.status, a.header.Get("Retry-After"))
+	}
+	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 200 {
+		t.Fatalf("cached admin token while the lookups are taken: %d, want 200", a.status)
+	}
+	close(st.release)
+	wg.Wait()
+	close(codes)
+	for c := range codes {
+		if c != http.StatusUnauthorized {
+			t.Fatalf("an unknown token answered %d, want 401", c)
+		}
 	}
 }
