@@ -159,7 +159,8 @@ type Store interface {
 	MintCredential(ctx context.Context, c *Credential, pickupIDs []string) error
 	// RekeyCredentials gives a locker's active credentials new MACs, made
 	// by mac for its current key generation, and bumps its credential-set
-	// version, in one transaction that holds the locker's row.
+	// version, in one transaction; ErrKeyChanged when the locker was
+	// re-provisioned meanwhile.
 	RekeyCredentials(ctx context.Context, deviceID string, mac func(gen int, c *Credential)) (int, error)
 	// RotateCredentials replaces each active credential of a locker that
 	// opens live pickups by the one mint makes of it (for the current key
@@ -168,8 +169,9 @@ type Store interface {
 	// the pickups point to the new ones, event's event is queued for each
 	// ready pickup, credentials of no live pickup are revoked, the set
 	// version is bumped and a is audited, in one transaction that holds the
-	// locker's row. It returns how many were replaced; ErrPINTaken when a
-	// new PIN collides (nothing changed).
+	// locker's lock. It returns how many were replaced; ErrPINTaken when a
+	// new PIN collides, ErrKeyChanged when the locker was re-provisioned
+	// meanwhile (nothing changed either way).
 	RotateCredentials(ctx context.Context, deviceID string, at time.Time, mint func(gen int, old *Credential) *Credential,
 		event func(p *Pickup, c *Credential) *Event, a fleet.AuditEntry) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps

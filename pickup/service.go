@@ -359,8 +359,8 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 	a := fleet.AuditEntry{Actor: actor, Action: "locker.rotate_codes", Locker: deviceID, Site: site}
 	for attempt := 0; attempt < 8; attempt++ {
 		n, err := s.o.Store.RotateCredentials(ctx, deviceID, at, mint, event, a)
-		if errors.Is(err, ErrPINTaken) {
-			continue // other ids give other PINs
+		if errors.Is(err, ErrPINTaken) || errors.Is(err, ErrKeyChanged) {
+			continue // other ids give other PINs; the next try reads the new key
 		}
 		if err != nil {
 			return 0, fmt.Errorf("rotate the codes of %s: %w", deviceID, err)

@@ -137,19 +137,39 @@ func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup
 }
 
 // Every transaction that changes a locker's credentials, or ends one of its
-// pickups, locks the locker's row first (lockLocker): they run one at a time
-// per locker, so none deadlocks with another and each sees the others'
-// outcome. A replacement (Register) holds the same row.
+// pickups, takes the locker's advisory lock first (lockLocker): they run one
+// at a time per locker, so none deadlocks with another and each sees the
+// others' outcome. An advisory lock, not the devices row: health and
+// presence writes update that row all the time, in batches across the
+// fleet, and would queue behind (and hold up) these transactions. The row
+// is updated last (bumpCreds), and its key generation tells a credential
+// made for a key that a replacement (Register) changed meanwhile.
 
-// lockLocker locks a locker's row and returns its key generation
-// (fleet.ErrNotFound for no locker).
+// lockLocker takes a locker's advisory lock for the transaction and
+// returns its key generation (fleet.ErrNotFound for no locker). The
+// statements after it see what the lock's last holder committed; the key
+// generation is not under the lock (bumpCreds checks it at the end).
 func lockLocker(ctx context.Context, tx pgx.Tx, deviceID string) (int, error) {
 	var gen int
-	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices WHERE id = $1 FOR NO KEY UPDATE`, deviceID).Scan(&gen)
+	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices, pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || $1, 0))
+		WHERE id = $1`, deviceID).Scan(&gen)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, fmt.Errorf("locker %s: %w", deviceID, fleet.ErrNotFound)
 	}
 	return gen, err
+}
+
+// bumpCreds bumps a locker's credential-set version, so that it gets the
+// set again: ErrKeyChanged when its key generation is no longer gen (a
+// replacement committed meanwhile; the transaction must roll back). gen 0
+// skips that check.
+func bumpCreds(ctx context.Context, tx pgx.Tx, deviceID string, gen int) error {
+	tag, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1 AND ($2 = 0 OR key_gen = $2)`,
+		deviceID, gen)
+	if err == nil && tag.RowsAffected() == 0 {
+		err = pickup.ErrKeyChanged
+	}
+	return err
 }
 
 // Transition implements pickup.Store.
@@ -220,7 +240,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 // releaseCredential takes an ended pickup's compartment out of its active
 // credential: the credential is revoked, or, when it also opens other live
 // pickups (a combined code), it no longer opens this compartment. The
-// locker's row is locked.
+// locker is locked (lockLocker).
 func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	if p.CredentialID == "" {
 		return nil
@@ -237,8 +257,7 @@ func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	if err != nil || tag.RowsAffected() == 0 {
 		return err
 	}
-	_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, p.Locker)
-	return err
+	return bumpCreds(ctx, tx, p.Locker, 0)
 }
 
 // queueEvent queues ev about pickup p for every webhook that may see it:
@@ -300,8 +319,7 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		if err := revokeOrphans(ctx, tx, c.DeviceID); err != nil {
 			return err
 		}
-		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, c.DeviceID)
-		return err
+		return bumpCreds(ctx, tx, c.DeviceID, gen)
 	})
 	if isUniqueViolation(err) {
 		return pickup.ErrPINTaken
@@ -312,7 +330,7 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 // revokeOrphans revokes a locker's active credentials that no live pickup
 // holds: a pickup that ended while its credential was being replaced. A
 // code must never outlive its order: the compartment may hold the next
-// one. The locker's row is locked.
+// one. The locker is locked (lockLocker).
 func revokeOrphans(ctx context.Context, tx pgx.Tx, deviceID string) error {
 	_, err := tx.Exec(ctx, `UPDATE credentials c SET state = 'revoked' WHERE c.device_id = $1 AND c.state = 'active'
 		AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.credential_id = c.id
@@ -320,9 +338,9 @@ func revokeOrphans(ctx context.Context, tx pgx.Tx, deviceID string) error {
 	return err
 }
 
-// lockCredentials locks a locker's row, then its active credentials, and
-// returns them with its key generation (fleet.ErrNotFound for no locker).
-// The row lock also holds off a replacement until the caller commits.
+// lockCredentials locks a locker (lockLocker), then its active credentials,
+// and returns them with its key generation (fleet.ErrNotFound for no
+// locker).
 func lockCredentials(ctx context.Context, tx pgx.Tx, deviceID string) ([]pickup.Credential, int, error) {
 	gen, err := lockLocker(ctx, tx, deviceID)
 	if err != nil {
@@ -361,8 +379,7 @@ func (db *DB) RekeyCredentials(ctx context.Context, deviceID string, mac func(ge
 			return err
 		}
 		n = len(creds)
-		_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
-		return err
+		return bumpCreds(ctx, tx, deviceID, gen)
 	})
 	return n, err
 }
@@ -441,9 +458,9 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 			return err
 		}
 		if len(olds) > 0 {
-			_, err = tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID)
+			return bumpCreds(ctx, tx, deviceID, gen)
 		}
-		return err
+		return nil
 	})
 	if isUniqueViolation(err) {
 		return 0, pickup.ErrPINTaken
@@ -475,7 +492,7 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		if err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, deviceID); err != nil {
+		if err := bumpCreds(ctx, tx, deviceID, 0); err != nil {
 			return err
 		}
 		detail := map[string]any{"credential": credID}
