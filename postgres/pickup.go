@@ -152,7 +152,7 @@ func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup
 func lockLocker(ctx context.Context, tx pgx.Tx, deviceID string) (int, error) {
 	var gen int
 	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices, pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || $1, 0))
-		WHERE id = $1`, deviceID).Scan(&gen)
+		WHERE id = $1`, deviceID).Scan(&gen) // the same key as Transition's
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, fmt.Errorf("locker %s: %w", deviceID, fleet.ErrNotFound)
 	}
@@ -164,8 +164,13 @@ func lockLocker(ctx context.Context, tx pgx.Tx, deviceID string) (int, error) {
 // replacement committed meanwhile; the transaction must roll back). gen 0
 // skips that check.
 func bumpCreds(ctx context.Context, tx pgx.Tx, deviceID string, gen int) error {
-	tag, err := tx.Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1 AND ($2 = 0 OR key_gen = $2)`,
-		deviceID, gen)
+	return bumped(tx.Exec(ctx, bumpCredsSQL, deviceID, gen))
+}
+
+const bumpCredsSQL = `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1 AND ($2 = 0 OR key_gen = $2)`
+
+// bumped is the outcome of bumpCredsSQL.
+func bumped(tag pgconn.CommandTag, err error) error {
 	if err == nil && tag.RowsAffected() == 0 {
 		err = pickup.ErrKeyChanged
 	}
@@ -176,15 +181,13 @@ func bumpCreds(ctx context.Context, tx pgx.Tx, deviceID string, gen int) error {
 func (db *DB) Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *pickup.Event) (*pickup.Pickup, error) {
 	var out *pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		var deviceID string
-		err := tx.QueryRow(ctx, `SELECT device_id FROM pickups WHERE id = $1`, id).Scan(&deviceID)
+		// The pickup's locker, locked (lockLocker) in the same round trip.
+		err := tx.QueryRow(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || device_id, 0))
+			FROM pickups WHERE id = $1`, id).Scan(nil)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fleet.ErrNotFound
 		}
 		if err != nil {
-			return err
-		}
-		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
 			return err
 		}
 		var state string
@@ -198,21 +201,20 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if !allowed {
 			return fmt.Errorf("pickup %s is %s: %w", id, state, fleet.ErrConflict)
 		}
-		out, err = scanPickup(tx.QueryRow(ctx, `UPDATE pickups SET state = $2,
+		// A pickup that ends takes with it the compartment a replaced
+		// board no longer reports, kept for this order only.
+		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
 				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
 				done_at = CASE WHEN $2 IN ('picked_up', 'expired', 'cancelled') THEN $3 ELSE done_at END
-			WHERE id = $1 RETURNING `+pickupCols, id, to, at))
+			WHERE id = $1 RETURNING *),
+			gone AS (DELETE FROM compartments c USING u WHERE u.state NOT IN ('staging', 'ready')
+				AND c.device_id = u.device_id AND c.n = u.compartment AND c.missing)
+			SELECT `+pickupCols+` FROM u`, id, to, at))
 		if err != nil {
 			return err
 		}
 		if !pickup.Live(to) {
 			if err := releaseCredential(ctx, tx, out); err != nil {
-				return err
-			}
-			// A compartment a replaced board no longer reports was kept
-			// for this order only.
-			if _, err := tx.Exec(ctx, `DELETE FROM compartments WHERE device_id = $1 AND n = $2 AND missing`,
-				out.Locker, out.Compartment); err != nil {
 				return err
 			}
 		}
@@ -304,22 +306,24 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 			return fmt.Errorf("a pickup of %v at %s ended or is not there: %w", pickupIDs, c.DeviceID, fleet.ErrConflict)
 		}
 		c.Compartments = comps
-		if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
-			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs); err != nil {
-			return err
-		}
-		if _, err := tx.Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
+		// The writes in one round trip: the pickups' previous credentials
+		// retired, the new one stored and named, the set version bumped.
+		b := &pgx.Batch{}
+		b.Queue(`UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
+			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs)
+		b.Queue(`INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
 			VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`,
-			c.ID, c.DeviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt); err != nil {
-			return err
+			c.ID, c.DeviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt)
+		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
+		b.Queue(bumpCredsSQL, c.DeviceID, gen)
+		br := tx.SendBatch(ctx, b)
+		defer br.Close()
+		for range 3 {
+			if _, err := br.Exec(); err != nil {
+				return err
+			}
 		}
-		if _, err := tx.Exec(ctx, `UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID); err != nil {
-			return err
-		}
-		if err := revokeOrphans(ctx, tx, c.DeviceID); err != nil {
-			return err
-		}
-		return bumpCreds(ctx, tx, c.DeviceID, gen)
+		return bumped(br.Exec())
 	})
 	if isUniqueViolation(err) {
 		return pickup.ErrPINTaken
@@ -328,9 +332,10 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 }
 
 // revokeOrphans revokes a locker's active credentials that no live pickup
-// holds: a pickup that ended while its credential was being replaced. A
-// code must never outlive its order: the compartment may hold the next
-// one. The locker is locked (lockLocker).
+// holds. Under the locker's lock none should be left (a pickup that ends
+// releases its credential), so a rotation sweeps them as a safety net: a
+// code must never outlive its order, the compartment may hold the next one.
+// The locker is locked (lockLocker).
 func revokeOrphans(ctx context.Context, tx pgx.Tx, deviceID string) error {
 	_, err := tx.Exec(ctx, `UPDATE credentials c SET state = 'revoked' WHERE c.device_id = $1 AND c.state = 'active'
 		AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.credential_id = c.id

@@ -134,9 +134,9 @@ func TestRekeyCredentials(t *testing.T) {
 // TestCredentialEndsWithItsOrders: a pickup that ends takes its
 // compartment out of its credential (a combined code keeps opening the
 // other orders' compartments only, until the first of them expires) and the
-// last one revokes it; no credential is minted for a pickup that ended; a
-// credential whose pickup ended while it was replaced is revoked by the
-// next mint. A code never outlives its orders.
+// last one revokes it; no credential is minted for a pickup that ended. A
+// code never outlives its orders (TestRotateCredentials: a rotation also
+// sweeps one left over).
 func TestCredentialEndsWithItsOrders(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-END", 4)
@@ -165,17 +165,10 @@ func TestCredentialEndsWithItsOrders(t *testing.T) {
 		t.Fatalf("credential after its last order expired: %s, want revoked", state)
 	}
 
-	// c's pickup ends without its credential being released (as when a
-	// rotation raced the cancel): the next mint at the locker revokes it.
 	e.mustMint("k-c", "mac-c", c)
-	e.exec(`UPDATE pickups SET state = 'cancelled' WHERE id = $1`, c.ID)
-	d := e.pickup("E-4")
-	e.mustMint("k-d", "mac-d", d)
+	e.transition(c.ID, pickup.Cancelled)
 	if _, state := e.cred("k-c"); state != "revoked" {
-		t.Fatalf("credential of an ended pickup after the next mint: %s, want revoked", state)
-	}
-	if _, state := e.cred("k-d"); state != "active" {
-		t.Fatalf("the new credential: %s, want active", state)
+		t.Fatalf("credential of a cancelled pickup: %s, want revoked", state)
 	}
 }
 
