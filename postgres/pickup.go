@@ -145,14 +145,21 @@ func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup
 // is updated last (bumpCreds), and its key generation tells a credential
 // made for a key that a replacement (Register) changed meanwhile.
 
+// lockerLock is the SQL that takes the advisory lock of the locker whose id
+// is the expression id, for the transaction. Register takes it too, before
+// the devices row: the lock order is this lock, then pickups and
+// credentials, then compartments, then the devices row.
+func lockerLock(id string) string {
+	return `pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || ` + id + `, 0))`
+}
+
 // lockLocker takes a locker's advisory lock for the transaction and
 // returns its key generation (fleet.ErrNotFound for no locker). The
 // statements after it see what the lock's last holder committed; the key
 // generation is not under the lock (bumpCreds checks it at the end).
 func lockLocker(ctx context.Context, tx pgx.Tx, deviceID string) (int, error) {
 	var gen int
-	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices, pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || $1, 0))
-		WHERE id = $1`, deviceID).Scan(&gen) // the same key as Transition's
+	err := tx.QueryRow(ctx, `SELECT key_gen FROM devices, `+lockerLock("$1")+` WHERE id = $1`, deviceID).Scan(&gen)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return 0, fmt.Errorf("locker %s: %w", deviceID, fleet.ErrNotFound)
 	}
@@ -182,8 +189,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 	var out *pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		// The pickup's locker, locked (lockLocker) in the same round trip.
-		err := tx.QueryRow(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || device_id, 0))
-			FROM pickups WHERE id = $1`, id).Scan(nil)
+		err := tx.QueryRow(ctx, `SELECT `+lockerLock("device_id")+` FROM pickups WHERE id = $1`, id).Scan(nil)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fleet.ErrNotFound
 		}
@@ -318,7 +324,7 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)
 		br := tx.SendBatch(ctx, b)
 		defer br.Close()
-		for range 3 {
+		for range b.Len() - 1 {
 			if _, err := br.Exec(); err != nil {
 				return err
 			}

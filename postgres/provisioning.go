@@ -117,6 +117,12 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		// since, it is issued again (a new secret), even if the use was the
 		// claim's last or the claim has expired since: the locker was
 		// admitted then, and a refusal now would be final.
+		// The locker's lock first (lockerLock): a pickup that ends holds
+		// it while it drops a missing compartment and then updates the
+		// devices row, the reverse of this transaction's row order.
+		if _, err := tx.Exec(ctx, `SELECT `+lockerLock("id")+` FROM devices WHERE serial = $1`, req.Serial); err != nil {
+			return err
+		}
 		err = tx.QueryRow(ctx, `SELECT d.id, d.site, d.replaceable, d.key_gen,
 				coalesce(u.ts > $3::timestamptz - interval '10 minutes' AND (d.connected_at IS NULL OR d.connected_at < u.ts), false)
 			FROM devices d LEFT JOIN LATERAL (

@@ -3,6 +3,7 @@ package postgres_test
 import (
 	"context"
 	"errors"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -279,5 +280,31 @@ func TestReadyEventNamesTheCurrentCredential(t *testing.T) {
 	var cid string
 	if err := e.db.Pool().QueryRow(ctx, `SELECT body::jsonb->'data'->>'credential_id' FROM webhook_deliveries WHERE event_id = 'evt-1'`).Scan(&cid); err != nil || cid != "k-current" {
 		t.Fatalf("queued ready event names credential %q (%v), want k-current", cid, err)
+	}
+}
+
+// TestMigrationRevokesOrphans: migration 009 revokes active credentials
+// that open no live pickup (left by the races fixed in 008) and bumps their
+// lockers' set versions; live ones stay.
+func TestMigrationRevokesOrphans(t *testing.T) {
+	sql, err := os.ReadFile("migrations/009_revoke_orphan_credentials.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newCredEnv(t, "SN-ORPH", 2)
+	p := e.pickup("O-1")
+	e.mustMint("k-live", "mac-live", p)
+	e.exec(`INSERT INTO credentials (id, device_id, pin_mac, compartments, not_after, state, created_at)
+		VALUES ('k-orphan', $1, 'mac-orphan', '{2}', now() + interval '1 hour', 'active', now())`, e.id)
+	before := e.version()
+	e.exec(string(sql))
+	if _, state := e.cred("k-orphan"); state != "revoked" {
+		t.Fatalf("orphan after the migration: %s, want revoked", state)
+	}
+	if _, state := e.cred("k-live"); state != "active" {
+		t.Fatalf("live credential after the migration: %s, want active", state)
+	}
+	if e.version() != before+1 {
+		t.Fatal("the migration did not bump the set version of the orphan's locker")
 	}
 }
