@@ -237,6 +237,9 @@ func newHarness(t *testing.T, opt func(*Options), tune func(*Broker)) *harness {
 		if err := b.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
+		if t.Failed() {
+			t.Logf("broker log:\n%s", h.logs.String())
+		}
 	})
 	if err := b.Start(); err != nil {
 		t.Fatalf("Start: %v", err)
@@ -421,6 +424,20 @@ func (c *client) mustPublish(t *testing.T, topic string, qos byte, payload []byt
 		t.Fatalf("publish %s timed out", topic)
 	}
 	if err := tok.Error(); err != nil {
+		t.Fatalf("publish %s: %v", topic, err)
+	}
+}
+
+// publishEnding publishes a message after which the broker ends the session:
+// its PUBACK may or may not be written before the connection closes, so a
+// lost connection is no failure.
+func (c *client) publishEnding(t *testing.T, topic string, qos byte, payload []byte) {
+	t.Helper()
+	tok := c.Publish(topic, qos, false, payload)
+	if !tok.WaitTimeout(waitTimeout) {
+		t.Fatalf("publish %s timed out", topic)
+	}
+	if err := tok.Error(); err != nil && !strings.Contains(err.Error(), "connection lost") {
 		t.Fatalf("publish %s: %v", topic, err)
 	}
 }
