@@ -39,9 +39,12 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 		return p, db.Allocate(ctx, p)
 	}
 	exec(`UPDATE compartments SET door = 'closed' WHERE device_id = $1 AND n = 3`, id)
-	for ref, want := range map[string]int{"A-3": 3, "A-4": 4} {
-		if p, err := allocate(ref); err != nil || p.Compartment != want {
-			t.Fatalf("pickup %s in compartment %d (%v), want %d", ref, p.Compartment, err, want)
+	for _, c := range []struct {
+		ref  string
+		want int
+	}{{"A-3", 3}, {"A-4", 4}} { // in order: each takes the smallest free compartment
+		if p, err := allocate(c.ref); err != nil || p.Compartment != c.want {
+			t.Fatalf("pickup %s in compartment %d (%v), want %d", c.ref, p.Compartment, err, c.want)
 		}
 	}
 
