@@ -9,10 +9,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"log/slog"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,9 +50,6 @@ type Service struct {
 	o   Options
 	log *slog.Logger
 	m   *metrics
-	// credMu serialises minting per locker (striped) so PIN collisions
-	// retry cleanly.
-	credMu [32]sync.Mutex
 }
 
 // New returns a Service.
@@ -162,19 +157,31 @@ func (s *Service) CredentialOf(ctx context.Context, p *Pickup) *CredentialView {
 	if err != nil || state != "active" {
 		return nil // used (a fresh one follows) or revoked
 	}
-	v := s.View(c.ID, c.NotAfter)
-	if c.PINMAC == "" {
-		v.Code = ""
+	return s.View(c.ID, c.NotAfter, credKind(c))
+}
+
+// View derives the codes of credential id: a PIN and a QR token for kind
+// "", else only the one of that kind.
+func (s *Service) View(id string, notAfter time.Time, kind string) *CredentialView {
+	v := &CredentialView{ID: id, NotAfter: notAfter}
+	if kind != protocol.KindQR {
+		v.Code = s.pin(id)
 	}
-	if c.QRMAC == "" {
-		v.QR = ""
+	if kind != protocol.KindPIN {
+		v.QR = s.qr(id)
 	}
 	return v
 }
 
-// View derives the codes of credential id.
-func (s *Service) View(id string, notAfter time.Time) *CredentialView {
-	return &CredentialView{ID: id, Code: s.pin(id), QR: s.qr(id), NotAfter: notAfter}
+// credKind is the kind of codes a credential has: "" for both.
+func credKind(c *Credential) string {
+	switch {
+	case c.QRMAC == "":
+		return protocol.KindPIN
+	case c.PINMAC == "":
+		return protocol.KindQR
+	}
+	return ""
 }
 
 // Cancel ends a live pickup and revokes its credential.
@@ -244,12 +251,7 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 	if err != nil {
 		return nil, err
 	}
-	v := s.View(c.ID, notAfter)
-	if kind == protocol.KindPIN {
-		v.QR = ""
-	} else if kind == protocol.KindQR {
-		v.Code = ""
-	}
+	v := s.View(c.ID, notAfter, kind)
 	v.Locker, v.Compartments, v.Pickups = locker, comps, ids
 	s.publish(ctx, locker)
 	return v, nil
@@ -262,21 +264,11 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 	if err != nil {
 		return nil, err
 	}
-	key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
-	h := fnv.New32a()
-	h.Write([]byte(deviceID))
-	mu := &s.credMu[h.Sum32()%uint32(len(s.credMu))]
-	mu.Lock()
-	defer mu.Unlock()
+	// The store serialises mints per locker; a PIN that collides, or a key
+	// a replacement changed meanwhile, is tried again.
 	for attempt := 0; attempt < 8; attempt++ {
-		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now(),
-			KeyGen: gen}
-		if kind != protocol.KindQR {
-			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
-		}
-		if kind != protocol.KindPIN {
-			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
-		}
+		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
+		s.setMACs(c, gen, kind != protocol.KindQR, kind != protocol.KindPIN)
 		err := s.o.Store.MintCredential(ctx, c, pickups)
 		switch {
 		case errors.Is(err, ErrPINTaken):
@@ -286,7 +278,6 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 			if gen, err = s.o.Store.KeyGen(ctx, deviceID); err != nil {
 				return nil, err
 			}
-			key = provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
 			continue
 		}
 		return c, err
@@ -300,13 +291,7 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 // the new set. Provisioning calls it before it answers the new board.
 func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 	n, err := s.o.Store.RekeyCredentials(ctx, deviceID, func(gen int, c *Credential) {
-		key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
-		if c.PINMAC != "" {
-			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
-		}
-		if c.QRMAC != "" {
-			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
-		}
+		s.setMACs(c, gen, c.PINMAC != "", c.QRMAC != "")
 	})
 	if err != nil {
 		return fmt.Errorf("re-key the credentials of %s: %w", deviceID, err)
@@ -326,33 +311,19 @@ func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 // of the set it held, and for codes that leaked. It returns how many
 // credentials were replaced.
 func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string) (int, error) {
-	h := fnv.New32a()
-	h.Write([]byte(deviceID))
-	mu := &s.credMu[h.Sum32()%uint32(len(s.credMu))]
-	mu.Lock()
-	defer mu.Unlock()
 	at := s.o.Now()
 	mint := func(gen int, old *Credential) *Credential {
-		key := provisioning.DeriveCredKey(s.o.MasterKey, deviceID, gen)
 		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: old.Compartments, NotAfter: old.NotAfter,
-			CreatedAt: at, KeyGen: gen}
-		if old.PINMAC != "" {
-			c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
-		}
-		if old.QRMAC != "" {
-			c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
-		}
+			CreatedAt: at}
+		s.setMACs(c, gen, old.PINMAC != "", old.QRMAC != "")
 		return c
 	}
 	event := func(p *Pickup, c *Credential) *Event {
 		ev := s.event(EventCredentialChanged, p, at)
 		ev.Data["credential_id"] = c.ID
 		ev.Data["credential_not_after"] = c.NotAfter // a combined one ends with its first order
-		switch {
-		case c.QRMAC == "":
-			ev.Data["credential_kind"] = protocol.KindPIN
-		case c.PINMAC == "":
-			ev.Data["credential_kind"] = protocol.KindQR
+		if kind := credKind(c); kind != "" {
+			ev.Data["credential_kind"] = kind
 		}
 		return ev
 	}
@@ -375,6 +346,19 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 		return n, nil
 	}
 	return 0, errors.New("could not mint unique PINs in 8 attempts")
+}
+
+// setMACs gives c the MACs of its codes (a PIN, a QR token, or both) for
+// generation gen of its locker's cred_key, and records gen.
+func (s *Service) setMACs(c *Credential, gen int, pin, qr bool) {
+	key := provisioning.DeriveCredKey(s.o.MasterKey, c.DeviceID, gen)
+	c.KeyGen, c.PINMAC, c.QRMAC = gen, "", ""
+	if pin {
+		c.PINMAC = protocol.CredMAC(key, s.pin(c.ID))
+	}
+	if qr {
+		c.QRMAC = protocol.CredMAC(key, s.qr(c.ID))
+	}
 }
 
 // pin derives the 8-digit PIN of credential id.
@@ -466,14 +450,7 @@ func (s *Service) ExpandEvent(_ context.Context, role string, body []byte) ([]by
 	delete(data, "credential_kind")
 	delete(data, "credential_not_after")
 	if role != fleet.RoleOperator { // fleet operators never see codes
-		v := s.View(cid, notAfter)
-		switch kind {
-		case protocol.KindPIN:
-			v.QR = ""
-		case protocol.KindQR:
-			v.Code = ""
-		}
-		data["credential"] = v
+		data["credential"] = s.View(cid, notAfter, kind)
 	}
 	return json.Marshal(ev)
 }

@@ -34,6 +34,25 @@ func scanPickup(row pgx.Row) (*pickup.Pickup, error) {
 	return &p, json.Unmarshal(recipient, &p.Recipient)
 }
 
+// collectPickups reads rows of pickupCols.
+func collectPickups(rows pgx.Rows) ([]pickup.Pickup, error) {
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Pickup, error) {
+		p, err := scanPickup(row)
+		if err != nil {
+			return pickup.Pickup{}, err
+		}
+		return *p, nil
+	})
+}
+
+// insertCredential stores an active credential (credentialArgs).
+const insertCredential = `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
+	VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`
+
+func credentialArgs(c *pickup.Credential) []any {
+	return []any{c.ID, c.DeviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt}
+}
+
 // sizeRank orders sizes in SQL the way protocol.SizeRank does in Go.
 const sizeRank = `array_position(ARRAY['S','M','L','XL'], %s)`
 
@@ -104,16 +123,7 @@ func (db *DB) ListPickups(ctx context.Context, f pickup.Filter) ([]pickup.Pickup
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
-	var out []pickup.Pickup
-	for rows.Next() {
-		p, err := scanPickup(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, *p)
-	}
-	return out, rows.Err()
+	return collectPickups(rows)
 }
 
 // Transitions implements pickup.Store.
@@ -317,9 +327,7 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		b := &pgx.Batch{}
 		b.Queue(`UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
 			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs)
-		b.Queue(`INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
-			VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`,
-			c.ID, c.DeviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt)
+		b.Queue(insertCredential, credentialArgs(c)...)
 		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)
 		br := tx.SendBatch(ctx, b)
@@ -434,9 +442,7 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'revoked', replaced_by = $2 WHERE id = $1`, old.ID, c.ID); err != nil {
 				return err
 			}
-			if _, err := tx.Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at)
-				VALUES ($1, $2, nullif($3, ''), nullif($4, ''), $5, $6, 'active', $7)`,
-				c.ID, deviceID, c.PINMAC, c.QRMAC, c.Compartments, c.NotAfter, c.CreatedAt); err != nil {
+			if _, err := tx.Exec(ctx, insertCredential, credentialArgs(c)...); err != nil {
 				return err
 			}
 			oldIDs, newIDs, minted[c.ID] = append(oldIDs, old.ID), append(newIDs, c.ID), c
@@ -453,11 +459,12 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 			if err != nil {
 				return err
 			}
-			moved, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*pickup.Pickup, error) { return scanPickup(row) })
+			moved, err := collectPickups(rows)
 			if err != nil {
 				return err
 			}
-			for _, p := range moved {
+			for i := range moved {
+				p := &moved[i]
 				if ev := event(p, minted[p.CredentialID]); ev != nil && p.State == pickup.Ready {
 					if err := queueEvent(ctx, tx, ev, p, at); err != nil {
 						return err
@@ -519,13 +526,7 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		if err != nil {
 			return err
 		}
-		out, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (pickup.Pickup, error) {
-			p, err := scanPickup(row)
-			if err != nil {
-				return pickup.Pickup{}, err
-			}
-			return *p, nil
-		})
+		out, err = collectPickups(rows)
 		return err
 	})
 	return out, err
@@ -560,16 +561,7 @@ func (db *DB) DuePickups(ctx context.Context, now time.Time, n int) ([]pickup.Pi
 	if err != nil {
 		return nil, err
 	}
-	defer rows.Close()
-	var out []pickup.Pickup
-	for rows.Next() {
-		p, err := scanPickup(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, *p)
-	}
-	return out, rows.Err()
+	return collectPickups(rows)
 }
 
 // KeyGen implements pickup.Store.
