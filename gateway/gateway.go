@@ -111,7 +111,7 @@ const (
 
 // externalAuthCacheTTL bounds how long an instance's auth hook admits a
 // locker disabled through another instance whose kick it did not hear
-// (DeviceAuthHTTP).
+// (DeviceAuthHTTP), should the kick watch (kicks.go) fail to notice.
 const externalAuthCacheTTL = 10 * time.Second
 
 // Gateway is one running gateway process.
@@ -233,15 +233,15 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	bo.KicksHeard = g.kicks.trusted
 	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "lockergate_kicks_last_heard_timestamp_seconds",
-		Help: "When this instance last heard a kick or heartbeat from PostgreSQL (unix seconds; 0: never). Older than 10 s: kicks from other instances may be missed, and after 2 min the auth hook stops admitting secrets it cannot confirm.",
+		Help: "When this instance last heard a kick or heartbeat from PostgreSQL (unix seconds; 0: never). Older than 10 s: kicks from other instances may be missed, and past --auth-stale-window (2 min by default) the auth hook stops admitting secrets it cannot confirm.",
 	}, g.kicks.lastHeard))
 	bo.Provisioner = auth
 	bo.ProvisionOnly = o.ExternalBroker != ""
 	if o.DeviceAuth == DeviceAuthHTTP {
 		// Several instances answer the hook. Kicks reach them all
-		// (kicks.go) unless the database is reached through a pooler
-		// that drops LISTEN; then this bounds how long they trust a
-		// disabled locker's cached secret.
+		// (kicks.go), and an instance that stops hearing them forgets
+		// its cache (every ~12 s while its listener is restarted); this
+		// short TTL is defence in depth on top of that.
 		bo.AuthCacheTTL = externalAuthCacheTTL
 	}
 	if g.broker, err = broker.New(bo); err != nil {
@@ -275,13 +275,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			if err != nil {
 				return nil, err
 			}
-			ek.disabled = func(ctx context.Context, id string) (bool, error) {
-				l, err := g.db.GetLocker(ctx, id)
-				if err != nil {
-					return false, err
-				}
-				return l.Disabled, nil
-			}
+			ek.disabled = g.lockerDisabled
 			kicker, onReplace, g.emqx = ek, ek.Replace, ek
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
@@ -590,14 +584,20 @@ func (g *Gateway) putDynSecDevice(ctx context.Context, id, secret string) error 
 	if err := g.dynsec.PutDevice(ctx, id, secret); err != nil {
 		return err
 	}
-	l, err := g.db.GetLocker(ctx, id)
-	if err != nil {
+	if disabled, err := g.lockerDisabled(ctx, id); err != nil || !disabled {
 		return err
 	}
-	if l.Disabled {
-		return g.dynsec.DisableDevice(ctx, id)
+	return g.dynsec.DisableDevice(ctx, id)
+}
+
+// lockerDisabled reports whether an operator disabled locker id (one row,
+// not the whole locker with its compartments).
+func (g *Gateway) lockerDisabled(ctx context.Context, id string) (bool, error) {
+	a, err := g.db.DeviceAuth(ctx, id)
+	if err != nil {
+		return false, err
 	}
-	return nil
+	return a.Disabled, nil
 }
 
 // observer forwards broker session events to the fleet manager (created after the broker).
