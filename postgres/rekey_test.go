@@ -250,6 +250,33 @@ func TestRotateCredentials(t *testing.T) {
 	if _, err := rotate("lk-none", func(*pickup.Credential) string { return "x" }); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("unknown locker: %v, want ErrNotFound", err)
 	}
+	var detail string
+	if err := e.db.Pool().QueryRow(ctx, `SELECT detail->>'replaced_by' FROM audit WHERE locker = $1 AND action = 'credential.use'`,
+		e.id).Scan(&detail); err != nil || detail != "new-k-a" {
+		t.Fatalf("audit of the old code's use: replaced_by %q (%v), want new-k-a", detail, err)
+	}
+
+	// b's order is cancelled after the rotation: its old code, from the set
+	// before, opens nothing any more.
+	e.transition(b.ID, pickup.Cancelled)
+	if _, err := e.db.UseCredential(ctx, e.id, "k-bc", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("old code of a rotated, then cancelled order: %v, want ErrNotFound", err)
+	}
+
+	// A replacement that commits while the rotation runs: nothing changes,
+	// ErrKeyChanged (the service tries again with the new key).
+	d := e.pickup("R-4")
+	e.mustMint("k-d", "mac-d", d)
+	_, err = rotate(e.id, func(old *pickup.Credential) string {
+		e.exec(`UPDATE devices SET key_gen = key_gen + 1 WHERE id = $1`, e.id) // another connection
+		return old.PINMAC + "-2"
+	})
+	if !errors.Is(err, pickup.ErrKeyChanged) {
+		t.Fatalf("rotation across a replacement: %v, want ErrKeyChanged", err)
+	}
+	if _, state := e.cred("k-d"); state != "active" {
+		t.Fatalf("k-d after the failed rotation: %s, want still active", state)
+	}
 }
 
 // TestReadyEventNamesTheCurrentCredential: the pickup.ready event names the

@@ -20,15 +20,8 @@ import (
 // missing, nothing new is put there, and it goes when the pickup ends.
 func TestReplacementKeepsCompartments(t *testing.T) {
 	ctx := context.Background()
-	db := MustOpen(t)
-	id := MustDevice(t, db, "s1", "SN-RC", 5)
-	exec := func(sql string, args ...any) {
-		t.Helper()
-		if _, err := db.Pool().Exec(ctx, sql, args...); err != nil {
-			t.Fatal(err)
-		}
-	}
-	exec(`UPDATE devices SET online = true WHERE id = $1`, id)
+	e := newCredEnv(t, "SN-RC", 5) // online
+	db, id, exec := e.db, e.id, e.exec
 	exec(`UPDATE compartments SET occupied = true WHERE device_id = $1 AND n = 1`, id)
 	exec(`UPDATE compartments SET in_service = false WHERE device_id = $1 AND n = 2`, id)
 	exec(`UPDATE compartments SET door = 'ajar' WHERE device_id = $1 AND n = 3`, id)
