@@ -195,7 +195,7 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord) erro
 			seqs = append(seqs, batch[i].Seq)
 		}
 		_, err = tx.Exec(ctx, `
-			UPDATE devices d SET health = u.body::jsonb, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
+			UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
 				health_gaps = d.health_gaps + CASE WHEN d.health_seq > 0 AND u.seq > d.health_seq + 1
 					THEN u.seq - d.health_seq - 1 ELSE 0 END,
 				health_seq = u.seq
