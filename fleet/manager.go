@@ -32,6 +32,12 @@ type Options struct {
 	// the rows of one, and four no more than two (postgres
 	// BenchmarkInsertHealth).
 	HealthWriters int
+	// LatestHealthEvery bounds how often one locker's latest health (the
+	// devices row) is rewritten: a report within this long of the last
+	// write is held and written, merged with any after it, when the time
+	// is up (or at shutdown). Every report is stored as a health row at
+	// once either way. Default 1s.
+	LatestHealthEvery time.Duration
 	// EventQueue bounds queued events; when full, publishers wait (events are
 	// never dropped). Default 16384.
 	EventQueue int
@@ -156,6 +162,9 @@ func New(opts Options) (*Manager, error) {
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = 20 * time.Millisecond
 	}
+	if opts.LatestHealthEvery <= 0 {
+		opts.LatestHealthEvery = time.Second
+	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
 	}
@@ -221,9 +230,10 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer cancel()
 	m.wg.Add(1 + len(m.health))
 	for _, q := range m.health {
-		go m.batchLoop(wctx, "health", q, m.writeHealth)
+		w := &healthWriter{m: m, latest: newLatestThrottle(m.opts.LatestHealthEvery)}
+		go m.batchLoop(wctx, "health", q, w.write, w.tick)
 	}
-	go m.batchLoop(wctx, "events", m.events, m.writeEvents)
+	go m.batchLoop(wctx, "events", m.events, m.writeEvents, nil)
 	m.ctrlWG.Add(len(m.ctrl))
 	for _, q := range m.ctrl {
 		go m.controlLoop(wctx, q)
@@ -354,11 +364,21 @@ func (m *Manager) DeviceDisconnected(id, reason string) {
 	m.enqueue(control{kind: ctrlDisconnected, id: id, reason: reason, at: m.now()})
 }
 
-func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, write func(context.Context, []inbound)) {
+// batchLoop writes what arrives on q in batches. tick, when not nil, is
+// also called every quarter of LatestHealthEvery while the loop waits, and
+// once with final set after the last batch at shutdown.
+func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, write func(context.Context, []inbound),
+	tick func(ctx context.Context, final bool)) {
 	defer m.wg.Done()
 	batch := make([]inbound, 0, m.opts.BatchSize)
 	timer := time.NewTimer(time.Hour)
 	timer.Stop()
+	var ticks <-chan time.Time
+	if tick != nil {
+		t := time.NewTicker(m.opts.LatestHealthEvery / 4)
+		defer t.Stop()
+		ticks = t.C
+	}
 	flush := func() {
 		if len(batch) > 0 {
 			write(ctx, batch)
@@ -370,6 +390,9 @@ func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, wr
 		var in inbound
 		select {
 		case in = <-q:
+		case <-ticks:
+			tick(ctx, false)
+			continue
 		case <-m.done:
 			for {
 				select {
@@ -379,6 +402,9 @@ func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, wr
 					}
 				default:
 					flush()
+					if tick != nil {
+						tick(ctx, true)
+					}
 					return
 				}
 			}
@@ -423,7 +449,15 @@ func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) 
 	}
 }
 
-func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
+// healthWriter is one health writer's state: the latest health it holds
+// back (one locker's health always goes to the same writer).
+type healthWriter struct {
+	m      *Manager
+	latest *latestThrottle
+}
+
+func (w *healthWriter) write(ctx context.Context, batch []inbound) {
+	m := w.m
 	recs := make([]HealthRecord, 0, len(batch))
 	faults := make([][]int, 0, len(batch))
 	for _, in := range batch {
@@ -439,7 +473,8 @@ func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
 	if len(recs) == 0 {
 		return
 	}
-	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs) }); err != nil {
+	latest := w.latest.take(time.Now(), recs)
+	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) }); err != nil {
 		m.log.Error("health batch lost", "n", len(recs), "err", err)
 		return
 	}
@@ -447,6 +482,22 @@ func (m *Manager) writeHealth(ctx context.Context, batch []inbound) {
 	ackAll(batch)
 	for i := range recs {
 		m.syncDoorFaults(ctx, recs[i].DeviceID, faults[i], recs[i].ReceivedAt)
+	}
+}
+
+// tick writes the latest health held back whose time has come, or all of
+// it when final (shutdown).
+func (w *healthWriter) tick(ctx context.Context, final bool) {
+	latest := w.latest.due(time.Now())
+	if final {
+		latest = append(latest, w.latest.all()...)
+	}
+	if len(latest) == 0 {
+		return
+	}
+	if err := w.m.retry(ctx, "insert_health", func(ctx context.Context) error { return w.m.store.InsertHealth(ctx, nil, latest) }); err != nil {
+		// Only the devices row's copy is behind; every health row is stored.
+		w.m.log.Warn("latest health not updated", "lockers", len(latest), "err", err)
 	}
 }
 

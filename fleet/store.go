@@ -24,8 +24,10 @@ type Store interface {
 	// RecordBirth stores what a birth message says about the locker.
 	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error
 
-	// InsertHealth stores a batch of health messages and each locker's latest.
-	InsertHealth(ctx context.Context, batch []HealthRecord) error
+	// InsertHealth stores a batch of health messages and, in the same
+	// transaction, the latest health of the lockers in latest (either may
+	// be empty). A latest older than the one stored is ignored.
+	InsertHealth(ctx context.Context, batch []HealthRecord, latest []LatestHealth) error
 	// InsertEvents stores the events of batch not seen before (by locker and
 	// event id), applies them to compartment state, and returns those it stored.
 	InsertEvents(ctx context.Context, batch []EventRecord) ([]EventRecord, error)

@@ -94,6 +94,9 @@ type Options struct {
 	// lockers online through a longer database outage; it is also how long
 	// an instance cut off alone may admit a locker disabled elsewhere.
 	AuthStaleWindow time.Duration
+	// LatestHealthEvery bounds how often one locker's latest health is
+	// rewritten (fleet.Options.LatestHealthEvery; 0: one second).
+	LatestHealthEvery time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -306,7 +309,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	// pickups and webhooks
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
-		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil})
+		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
+		LatestHealthEvery: o.LatestHealthEvery})
 	if err != nil {
 		return nil, err
 	}

@@ -53,7 +53,8 @@ func BenchmarkInsertHealth(b *testing.B) {
 				go func() {
 					defer wg.Done()
 					for next.Add(1) <= int64(b.N) {
-						if err := db.InsertHealth(ctx, mkBatch(w)); err != nil {
+						recs := mkBatch(w)
+						if err := db.InsertHealth(ctx, recs, fleet.LatestOf(recs)); err != nil {
 							b.Error(err)
 							return
 						}

@@ -320,20 +320,49 @@ func TestIngest(t *testing.T) {
 			body := fmt.Sprintf(`{"ts":"2026-01-01T00:00:00.000Z","seq":%d,"uptime_s":1}`, seq)
 			batch = append(batch, fleet.HealthRecord{DeviceID: id, ReceivedAt: now, TS: now, Seq: seq, Body: json.RawMessage(body)})
 		}
-		if err := db.InsertHealth(ctx, batch[:2]); err != nil {
-			t.Fatal(err)
+		insert := func(recs []fleet.HealthRecord, latest []fleet.LatestHealth) {
+			t.Helper()
+			if err := db.InsertHealth(ctx, recs, latest); err != nil {
+				t.Fatal(err)
+			}
 		}
-		if err := db.InsertHealth(ctx, batch[2:]); err != nil {
-			t.Fatal(err)
+		check := func(seq, gaps int64) {
+			t.Helper()
+			l, err := db.GetLocker(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var h struct{ Seq int64 }
+			if err := json.Unmarshal(l.Health, &h); err != nil {
+				t.Fatalf("latest health %q: %v", l.Health, err)
+			}
+			if h.Seq != seq || l.HealthGaps != gaps {
+				t.Fatalf("latest seq %d gaps %d, want %d and %d", h.Seq, l.HealthGaps, seq, gaps)
+			}
 		}
-		l, _ := db.GetLocker(ctx, id)
-		var h struct{ Seq int64 }
-		json.Unmarshal(l.Health, &h)
-		if h.Seq != 5 || l.HealthGaps != 2 {
-			t.Fatalf("latest seq %d gaps %d, want 5 and 2", h.Seq, l.HealthGaps)
+		insert(batch[:2], fleet.LatestOf(batch[:2]))
+		insert(batch[2:], fleet.LatestOf(batch[2:]))
+		check(5, 2) // 3 and 4 missing
+		// Rows without a latest update; then one update standing for
+		// 6, 9 and 10: 7 and 8 are missing inside the run.
+		var run []fleet.HealthRecord
+		for _, seq := range []int64{6, 9, 10} {
+			body := fmt.Sprintf(`{"ts":"2026-01-01T00:00:00.000Z","seq":%d,"uptime_s":1}`, seq)
+			run = append(run, fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Millisecond), TS: now, Seq: seq, Body: json.RawMessage(body)})
 		}
+		insert(run, nil)
+		check(5, 2)
+		latest := fleet.LatestOf(run)
+		if len(latest) != 1 || latest[0].FirstSeq != 6 || latest[0].Seq != 10 || latest[0].Gaps != 2 {
+			t.Fatalf("LatestOf: %+v", latest)
+		}
+		insert(nil, latest)
+		check(10, 4)
+		// An older latest (another instance's late batch) changes nothing.
+		insert(nil, fleet.LatestOf(batch[:1]))
+		check(10, 4)
 		hs, err := db.ListHealth(ctx, id, fleet.Range{})
-		if err != nil || len(hs) != 3 {
+		if err != nil || len(hs) != 6 {
 			t.Fatalf("list: %d %v", len(hs), err)
 		}
 	})
@@ -345,7 +374,7 @@ func TestIngest(t *testing.T) {
 		for seq := int64(10); seq < 15; seq++ {
 			batch = append(batch, fleet.HealthRecord{DeviceID: id, ReceivedAt: tie, TS: tie, Seq: seq, Body: json.RawMessage(`{}`)})
 		}
-		if err := db.InsertHealth(ctx, batch); err != nil {
+		if err := db.InsertHealth(ctx, batch, fleet.LatestOf(batch)); err != nil {
 			t.Fatal(err)
 		}
 		var seen []int64

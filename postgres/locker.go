@@ -165,42 +165,47 @@ func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
 	return err
 }
 
-// InsertHealth implements fleet.Store: rows by COPY, latest health per
-// locker in one UPDATE.
-func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord) error {
+// InsertHealth implements fleet.Store: rows by COPY, latest health in one
+// UPDATE, in one transaction.
+func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, latest []fleet.LatestHealth) error {
+	if len(batch) == 0 && len(latest) == 0 {
+		return nil
+	}
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"health"}, []string{"device_id", "received_at", "ts", "seq", "body"},
-			pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
-				h := &batch[i]
-				return []any{h.DeviceID, h.ReceivedAt, h.TS, h.Seq, string(h.Body)}, nil
-			}))
-		if err != nil {
-			return fmt.Errorf("copy health: %w", err)
+		if len(batch) > 0 {
+			_, err := tx.CopyFrom(ctx, pgx.Identifier{"health"}, []string{"device_id", "received_at", "ts", "seq", "body"},
+				pgx.CopyFromSlice(len(batch), func(i int) ([]any, error) {
+					h := &batch[i]
+					return []any{h.DeviceID, h.ReceivedAt, h.TS, h.Seq, string(h.Body)}, nil
+				}))
+			if err != nil {
+				return fmt.Errorf("copy health: %w", err)
+			}
 		}
-		// Latest per locker only (a batch may hold several of one locker).
+		if len(latest) == 0 {
+			return nil
+		}
+		ids := make([]string, len(latest))
+		bodies := make([]string, len(latest))
+		ats := make([]time.Time, len(latest))
+		seqs := make([]int64, len(latest))
+		firsts := make([]int64, len(latest))
+		gaps := make([]int64, len(latest))
+		for i := range latest {
+			l := &latest[i]
+			ids[i], bodies[i], ats[i], seqs[i], firsts[i], gaps[i] = l.DeviceID, string(l.Body), l.ReceivedAt, l.Seq, l.FirstSeq, l.Gaps
+		}
 		// Never older than what is stored: with several writers or gateway
-		// instances, a later batch can carry an earlier message.
-		latest := make(map[string]int, len(batch))
-		for i := range batch {
-			latest[batch[i].DeviceID] = i
-		}
-		ids := make([]string, 0, len(latest))
-		bodies := make([]string, 0, len(latest))
-		ats := make([]time.Time, 0, len(latest))
-		seqs := make([]int64, 0, len(latest))
-		for _, i := range latest {
-			ids = append(ids, batch[i].DeviceID)
-			bodies = append(bodies, string(batch[i].Body))
-			ats = append(ats, batch[i].ReceivedAt)
-			seqs = append(seqs, batch[i].Seq)
-		}
-		_, err = tx.Exec(ctx, `
+		// instances, a later batch can carry an earlier message. Gaps are
+		// those inside the run plus any before its first message.
+		_, err := tx.Exec(ctx, `
 			UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
-				health_gaps = d.health_gaps + CASE WHEN d.health_seq > 0 AND u.seq > d.health_seq + 1
-					THEN u.seq - d.health_seq - 1 ELSE 0 END,
+				health_gaps = d.health_gaps + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq + 1
+					THEN u.first - d.health_seq - 1 ELSE 0 END,
 				health_seq = u.seq
-			FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[]) AS u(id, body, at, seq)
-			WHERE d.id = u.id AND (d.health_at IS NULL OR u.at >= d.health_at)`, ids, bodies, ats, seqs)
+			FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
+				AS u(id, body, at, seq, first, gaps)
+			WHERE d.id = u.id AND (d.health_at IS NULL OR u.at >= d.health_at)`, ids, bodies, ats, seqs, firsts, gaps)
 		if err != nil {
 			return fmt.Errorf("update latest health: %w", err)
 		}

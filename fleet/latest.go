@@ -1,0 +1,132 @@
+package fleet
+
+import (
+	"slices"
+	"strings"
+	"time"
+)
+
+// LatestHealth is a locker's newest health message standing for a run of
+// its messages written as one latest-health update: Seq and Body are the
+// newest's, FirstSeq is the oldest's, and Gaps counts the sequence numbers
+// missing between them.
+type LatestHealth struct {
+	HealthRecord
+	FirstSeq int64
+	Gaps     int64
+}
+
+func newLatest(r HealthRecord) *LatestHealth {
+	return &LatestHealth{HealthRecord: r, FirstSeq: r.Seq}
+}
+
+// merge makes r, the locker's next message, the newest of l. A sequence
+// number that does not follow (a reboot starts again at 1) counts no gap.
+func (l *LatestHealth) merge(r HealthRecord) {
+	if r.Seq > l.Seq+1 {
+		l.Gaps += r.Seq - l.Seq - 1
+	}
+	l.HealthRecord = r
+}
+
+// LatestOf returns each locker's latest health in recs, which are in the
+// order they arrived, sorted by locker.
+func LatestOf(recs []HealthRecord) []LatestHealth {
+	by := make(map[string]*LatestHealth, len(recs))
+	for _, r := range recs {
+		if l := by[r.DeviceID]; l != nil {
+			l.merge(r)
+		} else {
+			by[r.DeviceID] = newLatest(r)
+		}
+	}
+	return sortedLatest(by)
+}
+
+func sortedLatest(by map[string]*LatestHealth) []LatestHealth {
+	out := make([]LatestHealth, 0, len(by))
+	for _, l := range by {
+		out = append(out, *l)
+	}
+	// One order for every writer and instance, so that two updates of
+	// the same lockers lock their rows in the same order.
+	slices.SortFunc(out, func(a, b LatestHealth) int { return strings.Compare(a.DeviceID, b.DeviceID) })
+	return out
+}
+
+// latestThrottle decides when a locker's latest health is written. Health
+// rows are all stored; the latest-health update is what a locker's
+// frequent reports make expensive (one row rewritten per message). A locker
+// whose latest was written more than every ago is written with its batch,
+// so one that reports once a minute is never held back; a newer report
+// within every is held, merged with those after it, and written once every
+// has passed. Each health writer has its own (one locker, one writer).
+type latestThrottle struct {
+	every   time.Duration
+	written map[string]time.Time // lockers written within every, and when
+	held    map[string]*LatestHealth
+}
+
+func newLatestThrottle(every time.Duration) *latestThrottle {
+	return &latestThrottle{every: every, written: map[string]time.Time{}, held: map[string]*LatestHealth{}}
+}
+
+// take returns the latest health to write with recs, a batch in arrival
+// order, at now, and holds back the rest.
+func (t *latestThrottle) take(now time.Time, recs []HealthRecord) []LatestHealth {
+	out := make(map[string]*LatestHealth)
+	for _, r := range recs {
+		id := r.DeviceID
+		switch {
+		case out[id] != nil:
+			out[id].merge(r)
+		case t.held[id] != nil:
+			t.held[id].merge(r)
+		case t.recent(now, id):
+			t.held[id] = newLatest(r)
+		default:
+			out[id] = newLatest(r)
+		}
+	}
+	t.releaseDue(now, out)
+	for id := range out {
+		t.written[id] = now
+	}
+	return sortedLatest(out)
+}
+
+// due returns the held latest health whose time has come, at now.
+func (t *latestThrottle) due(now time.Time) []LatestHealth {
+	out := make(map[string]*LatestHealth)
+	t.releaseDue(now, out)
+	for id := range out {
+		t.written[id] = now
+	}
+	for id, at := range t.written {
+		if now.Sub(at) >= t.every && t.held[id] == nil {
+			delete(t.written, id)
+		}
+	}
+	return sortedLatest(out)
+}
+
+// all returns everything held (at shutdown).
+func (t *latestThrottle) all() []LatestHealth {
+	out := t.held
+	t.held = map[string]*LatestHealth{}
+	return sortedLatest(out)
+}
+
+func (t *latestThrottle) recent(now time.Time, id string) bool {
+	at, ok := t.written[id]
+	return ok && now.Sub(at) < t.every
+}
+
+func (t *latestThrottle) releaseDue(now time.Time, out map[string]*LatestHealth) {
+	for id, l := range t.held {
+		if !t.recent(now, id) {
+			out[id] = l
+			delete(t.held, id)
+		}
+	}
+}

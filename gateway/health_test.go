@@ -1,0 +1,97 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestLatestHealthHeld: a locker's first report is its latest health as
+// soon as its row is stored; reports right after it are stored as rows at
+// once but held for the latest, and written as one update standing for the
+// run (gaps inside it counted) when the interval is up, here at shutdown.
+func TestLatestHealthHeld(t *testing.T) {
+	ctx := context.Background()
+	dsn := pgtest.NewDB(t)
+	tg := MustStart(t, func(o *gateway.Options) {
+		o.DatabaseURL = dsn
+		o.LatestHealthEvery = time.Hour // held until shutdown, whatever the machine's pace
+	})
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-LH-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	pub := func(seq int) {
+		t.Helper()
+		payload := fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":%d}`, seq, protocol.FormatTime(time.Now()), seq)
+		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false, payload); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+			t.Fatalf("publish seq %d: %v", seq, tk.Error())
+		}
+	}
+	latest := func(q interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) (seq, gaps int64) {
+		t.Helper()
+		var body []byte
+		if err := q.QueryRow(ctx, `SELECT health, health_gaps FROM devices WHERE id = $1`, id.DeviceID).Scan(&body, &gaps); err != nil {
+			t.Fatal(err)
+		}
+		var h struct{ Seq int64 }
+		if err := json.Unmarshal(body, &h); err != nil {
+			t.Fatalf("latest health %q: %v", body, err)
+		}
+		return h.Seq, gaps
+	}
+
+	rows := func(want int) {
+		t.Helper()
+		Eventually(t, 10*time.Second, fmt.Sprintf("%d health rows", want), func() error {
+			if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1`, id.DeviceID); n != want {
+				return fmt.Errorf("%d rows", n)
+			}
+			return nil
+		})
+	}
+	pub(1)
+	rows(1)
+	// The first report's latest is written with its row, in one transaction.
+	if seq, gaps := latest(tg.DB().Pool()); seq != 1 || gaps != 0 {
+		t.Fatalf("after the first report: latest seq %d gaps %d, want 1 and 0", seq, gaps)
+	}
+	for _, seq := range []int{2, 3, 6} {
+		pub(seq)
+	}
+	rows(4)
+	if seq, gaps := latest(tg.DB().Pool()); seq != 1 || gaps != 0 {
+		t.Fatalf("reports within the interval were not held: latest seq %d gaps %d", seq, gaps)
+	}
+	// The API reads the same row.
+	var l struct {
+		Health json.RawMessage `json:"health"`
+	}
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+		t.Fatal(err)
+	}
+	if want := `"seq":1`; !strings.Contains(string(l.Health), want) {
+		t.Fatalf("API health %s, want %s", l.Health, want)
+	}
+
+	dev.Disconnect(0)
+	tg.Stop(t)
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if seq, gaps := latest(conn); seq != 6 || gaps != 2 {
+		t.Fatalf("after shutdown: latest seq %d gaps %d, want 6 and 2 (4 and 5 missing)", seq, gaps)
+	}
+}
