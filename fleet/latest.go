@@ -65,6 +65,16 @@ type latestThrottle struct {
 	every   time.Duration
 	written map[string]time.Time // lockers written within every, and when
 	held    map[string]*LatestHealth
+	// writes lists the writes in the order they were made (so by time),
+	// from head on: what comes due is found at the front, without a
+	// look at every held locker for each batch.
+	writes []latestWrite
+	head   int
+}
+
+type latestWrite struct {
+	id string
+	at time.Time
 }
 
 func newLatestThrottle(every time.Duration) *latestThrottle {
@@ -88,26 +98,12 @@ func (t *latestThrottle) take(now time.Time, recs []HealthRecord) []LatestHealth
 			out[id] = newLatest(r)
 		}
 	}
-	t.releaseDue(now, out)
-	for id := range out {
-		t.written[id] = now
-	}
-	return sortedLatest(out)
+	return t.release(now, out)
 }
 
 // due returns the held latest health whose time has come, at now.
 func (t *latestThrottle) due(now time.Time) []LatestHealth {
-	out := make(map[string]*LatestHealth)
-	t.releaseDue(now, out)
-	for id := range out {
-		t.written[id] = now
-	}
-	for id, at := range t.written {
-		if now.Sub(at) >= t.every && t.held[id] == nil {
-			delete(t.written, id)
-		}
-	}
-	return sortedLatest(out)
+	return t.release(now, make(map[string]*LatestHealth))
 }
 
 // all returns everything held (at shutdown).
@@ -122,11 +118,30 @@ func (t *latestThrottle) recent(now time.Time, id string) bool {
 	return ok && now.Sub(at) < t.every
 }
 
-func (t *latestThrottle) releaseDue(now time.Time, out map[string]*LatestHealth) {
-	for id, l := range t.held {
-		if !t.recent(now, id) {
-			out[id] = l
-			delete(t.held, id)
+// release adds to out the held latest health whose last write is every
+// old, forgets lockers written that long ago with nothing held, and records
+// the writes of out at now.
+func (t *latestThrottle) release(now time.Time, out map[string]*LatestHealth) []LatestHealth {
+	for ; t.head < len(t.writes) && now.Sub(t.writes[t.head].at) >= t.every; t.head++ {
+		w := t.writes[t.head]
+		t.writes[t.head] = latestWrite{}
+		if at := t.written[w.id]; !at.Equal(w.at) {
+			continue // written again since
+		}
+		if l := t.held[w.id]; l != nil {
+			out[w.id] = l
+			delete(t.held, w.id)
+		} else {
+			delete(t.written, w.id)
 		}
 	}
+	if t.head > len(t.writes)/2 {
+		t.writes = t.writes[:copy(t.writes, t.writes[t.head:])]
+		t.head = 0
+	}
+	for id := range out {
+		t.written[id] = now
+		t.writes = append(t.writes, latestWrite{id: id, at: now})
+	}
+	return sortedLatest(out)
 }

@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"testing"
 	"time"
@@ -70,5 +71,79 @@ func TestLatestOf(t *testing.T) {
 	}
 	if len(LatestOf(nil)) != 0 {
 		t.Fatal("LatestOf(nil) not empty")
+	}
+}
+
+// naiveThrottle is latestThrottle's rule written the obvious way (every
+// held locker looked at on each call), to check the real one against.
+type naiveThrottle struct {
+	every   time.Duration
+	written map[string]time.Time
+	held    map[string]*LatestHealth
+}
+
+func (n *naiveThrottle) release(now time.Time, out map[string]*LatestHealth) []LatestHealth {
+	for id, l := range n.held {
+		if now.Sub(n.written[id]) >= n.every {
+			out[id] = l
+			delete(n.held, id)
+		}
+	}
+	for id := range out {
+		n.written[id] = now
+	}
+	return sortedLatest(out)
+}
+
+func (n *naiveThrottle) take(now time.Time, recs []HealthRecord) []LatestHealth {
+	out := map[string]*LatestHealth{}
+	for _, r := range recs {
+		at, written := n.written[r.DeviceID]
+		switch id := r.DeviceID; {
+		case out[id] != nil:
+			out[id].merge(r)
+		case n.held[id] != nil:
+			n.held[id].merge(r)
+		case written && now.Sub(at) < n.every:
+			n.held[id] = newLatest(r)
+		default:
+			out[id] = newLatest(r)
+		}
+	}
+	return n.release(now, out)
+}
+
+// TestLatestThrottleAgainstNaive drives both with the same random batches
+// and ticks: the same latest health must come out of each at each step.
+func TestLatestThrottleAgainstNaive(t *testing.T) {
+	const every = time.Second
+	rng := rand.New(rand.NewPCG(1, 2))
+	real := newLatestThrottle(every)
+	naive := &naiveThrottle{every: every, written: map[string]time.Time{}, held: map[string]*LatestHealth{}}
+	now := time.Date(2026, 12, 3, 10, 0, 0, 0, time.UTC)
+	seq := map[string]int64{}
+	for step := range 5000 {
+		now = now.Add(time.Duration(rng.IntN(300)) * time.Millisecond)
+		if rng.IntN(4) == 0 {
+			if g, w := seqs(real.due(now)), seqs(naive.release(now, map[string]*LatestHealth{})); !slices.Equal(g, w) {
+				t.Fatalf("step %d due: got %q, want %q", step, g, w)
+			}
+			continue
+		}
+		var recs []HealthRecord
+		for range rng.IntN(8) {
+			id := fmt.Sprintf("lk-%d", rng.IntN(12))
+			seq[id] += 1 + int64(rng.IntN(3)) // sometimes a gap
+			recs = append(recs, rec(id, seq[id]))
+		}
+		if g, w := seqs(real.take(now, recs)), seqs(naive.take(now, recs)); !slices.Equal(g, w) {
+			t.Fatalf("step %d take: got %q, want %q", step, g, w)
+		}
+		if len(real.writes)-real.head > 4*len(real.written)+16 {
+			t.Fatalf("step %d: %d writes queued for %d lockers", step, len(real.writes)-real.head, len(real.written))
+		}
+	}
+	if g, w := seqs(real.all()), seqs(sortedLatest(naive.held)); !slices.Equal(g, w) {
+		t.Fatalf("all: got %q, want %q", g, w)
 	}
 }
