@@ -180,11 +180,7 @@ func (pg *PG) CPU() CPU {
 	if pg == nil {
 		return 0
 	}
-	pid, err := postmasterPid(pg.dir)
-	if err != nil {
-		return 0
-	}
-	c, _ := TreeCPU(pid)
+	c, _ := PostgresCPU(pg.dir)
 	return c
 }
 

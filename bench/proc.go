@@ -222,6 +222,16 @@ func SelfCPU() CPU {
 }
 
 // postmasterPid reads the pid of the PostgreSQL server in dataDir.
+// PostgresCPU is the CPU time so far of the whole PostgreSQL server whose
+// data directory is dataDir.
+func PostgresCPU(dataDir string) (CPU, error) {
+	pid, err := postmasterPid(dataDir)
+	if err != nil {
+		return 0, err
+	}
+	return TreeCPU(pid)
+}
+
 func postmasterPid(dataDir string) (int, error) {
 	b, err := os.ReadFile(filepath.Join(dataDir, "postmaster.pid"))
 	if err != nil {
