@@ -221,7 +221,6 @@ func SelfCPU() CPU {
 	return CPU(time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds())
 }
 
-// postmasterPid reads the pid of the PostgreSQL server in dataDir.
 // PostgresCPU is the CPU time so far of the whole PostgreSQL server whose
 // data directory is dataDir.
 func PostgresCPU(dataDir string) (CPU, error) {
@@ -232,6 +231,7 @@ func PostgresCPU(dataDir string) (CPU, error) {
 	return TreeCPU(pid)
 }
 
+// postmasterPid reads the pid of the PostgreSQL server in dataDir.
 func postmasterPid(dataDir string) (int, error) {
 	b, err := os.ReadFile(filepath.Join(dataDir, "postmaster.pid"))
 	if err != nil {

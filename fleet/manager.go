@@ -7,6 +7,7 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,7 +37,10 @@ type Options struct {
 	// devices row) is rewritten: a report within this long of the last
 	// write is held and written, merged with any after it, when the time
 	// is up (or at shutdown). Every report is stored as a health row at
-	// once either way. Default 1s.
+	// once either way. Default (0) 1s; negative: every report is written
+	// through, as several instances sharing one fleet need (each sees only
+	// some of a locker's reports, so a held run would count the others'
+	// as sequence gaps).
 	LatestHealthEvery time.Duration
 	// EventQueue bounds queued events; when full, publishers wait (events are
 	// never dropped). Default 16384.
@@ -162,7 +166,7 @@ func New(opts Options) (*Manager, error) {
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = 20 * time.Millisecond
 	}
-	if opts.LatestHealthEvery <= 0 {
+	if opts.LatestHealthEvery == 0 {
 		opts.LatestHealthEvery = time.Second
 	}
 	if opts.SweepInterval <= 0 {
@@ -230,8 +234,14 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer cancel()
 	m.wg.Add(1 + len(m.health))
 	for _, q := range m.health {
-		w := &healthWriter{m: m, latest: newLatestThrottle(m.opts.LatestHealthEvery)}
-		go m.batchLoop(wctx, "health", q, w.write, w.tick)
+		w := &healthWriter{m: m}
+		tick := w.tick
+		if m.opts.LatestHealthEvery > 0 {
+			w.latest = newLatestThrottle(m.opts.LatestHealthEvery)
+		} else {
+			tick = nil
+		}
+		go m.batchLoop(wctx, "health", q, w.write, tick)
 	}
 	go m.batchLoop(wctx, "events", m.events, m.writeEvents, nil)
 	m.ctrlWG.Add(len(m.ctrl))
@@ -375,7 +385,7 @@ func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, wr
 	timer.Stop()
 	var ticks <-chan time.Time
 	if tick != nil {
-		t := time.NewTicker(m.opts.LatestHealthEvery / 4)
+		t := time.NewTicker(max(m.opts.LatestHealthEvery/4, time.Millisecond))
 		defer t.Stop()
 		ticks = t.C
 	}
@@ -450,7 +460,8 @@ func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) 
 }
 
 // healthWriter is one health writer's state: the latest health it holds
-// back (one locker's health always goes to the same writer).
+// back (one locker's health always goes to the same writer); latest is nil
+// when every report is written through.
 type healthWriter struct {
 	m      *Manager
 	latest *latestThrottle
@@ -473,7 +484,12 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	if len(recs) == 0 {
 		return
 	}
-	latest := w.latest.take(time.Now(), recs)
+	var latest []LatestHealth
+	if w.latest != nil {
+		latest = w.latest.take(time.Now(), recs)
+	} else {
+		latest = LatestOf(recs)
+	}
 	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) }); err != nil {
 		m.log.Error("health batch lost", "n", len(recs), "err", err)
 		return
@@ -490,12 +506,14 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 func (w *healthWriter) tick(ctx context.Context, final bool) {
 	latest := w.latest.due(time.Now())
 	if final {
+		// One order for the whole write (see sortedLatest).
 		latest = append(latest, w.latest.all()...)
+		slices.SortFunc(latest, func(a, b LatestHealth) int { return strings.Compare(a.DeviceID, b.DeviceID) })
 	}
 	if len(latest) == 0 {
 		return
 	}
-	if err := w.m.retry(ctx, "insert_health", func(ctx context.Context) error { return w.m.store.InsertHealth(ctx, nil, latest) }); err != nil {
+	if err := w.m.retry(ctx, "latest_health", func(ctx context.Context) error { return w.m.store.InsertHealth(ctx, nil, latest) }); err != nil {
 		// Only the devices row's copy is behind; every health row is stored.
 		w.m.log.Warn("latest health not updated", "lockers", len(latest), "err", err)
 	}

@@ -95,7 +95,9 @@ type Options struct {
 	// an instance cut off alone may admit a locker disabled elsewhere.
 	AuthStaleWindow time.Duration
 	// LatestHealthEvery bounds how often one locker's latest health is
-	// rewritten (fleet.Options.LatestHealthEvery; 0: one second).
+	// rewritten (fleet.Options.LatestHealthEvery). 0: one second with the
+	// embedded broker; with an external one every report is written
+	// through, since each instance sees only some of a locker's reports.
 	LatestHealthEvery time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
@@ -310,7 +312,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
-		LatestHealthEvery: o.LatestHealthEvery})
+		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil)})
 	if err != nil {
 		return nil, err
 	}
@@ -640,4 +642,16 @@ func (a *authenticator) AuthClaim(ctx context.Context, token string) error {
 
 func (a *authenticator) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {
 	return a.prov.Provision(ctx, token, serial, payload)
+}
+
+// latestHealthEvery is fleet.Options.LatestHealthEvery for the option set
+// and the broker: instances sharing an external broker each see only some
+// of a locker's reports, so unless told otherwise they write every report's
+// latest health through (a held run would count the others' reports as
+// sequence gaps).
+func latestHealthEvery(set time.Duration, external bool) time.Duration {
+	if set == 0 && external {
+		return -1
+	}
+	return set
 }

@@ -95,3 +95,46 @@ func TestLatestHealthHeld(t *testing.T) {
 		t.Fatalf("after shutdown: latest seq %d gaps %d, want 6 and 2 (4 and 5 missing)", seq, gaps)
 	}
 }
+
+// TestLatestHealthWrittenThrough: with holding off (as instances sharing an
+// external broker run), every report's row and latest health are written
+// in one transaction.
+func TestLatestHealthWrittenThrough(t *testing.T) {
+	tg := MustStart(t, func(o *gateway.Options) { o.LatestHealthEvery = -1 })
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-LH-2")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	pub := func(seqs ...int) {
+		t.Helper()
+		for _, seq := range seqs {
+			payload := fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":%d}`, seq, protocol.FormatTime(time.Now()), seq)
+			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false, payload); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+				t.Fatalf("publish seq %d: %v", seq, tk.Error())
+			}
+		}
+	}
+	rows := func(want int) {
+		t.Helper()
+		Eventually(t, 10*time.Second, fmt.Sprintf("%d health rows", want), func() error {
+			if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1`, id.DeviceID); n != want {
+				return fmt.Errorf("%d rows", n)
+			}
+			return nil
+		})
+	}
+	// The first report is written before the next two arrive, which a
+	// throttle would hold; wait for the rows only: the latest must be
+	// there with them.
+	pub(1)
+	rows(1)
+	pub(2, 5)
+	rows(3)
+	var seq, gaps int64
+	if err := tg.DB().Pool().QueryRow(context.Background(), `SELECT (health->>'seq')::bigint, health_gaps FROM devices WHERE id = $1`,
+		id.DeviceID).Scan(&seq, &gaps); err != nil {
+		t.Fatal(err)
+	}
+	if seq != 5 || gaps != 2 {
+		t.Fatalf("latest seq %d gaps %d with every report written through, want 5 and 2", seq, gaps)
+	}
+}
