@@ -8,12 +8,49 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/jackc/pgx/v5"
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/protocol"
 )
+
+// healthLocker is a provisioned, connected locker that reports health.
+type healthLocker struct {
+	t   *testing.T
+	tg  *TestGateway
+	id  string
+	dev paho.Client
+}
+
+func newHealthLocker(t *testing.T, tg *TestGateway, serial string) *healthLocker {
+	t.Helper()
+	id := MustProvision(t, tg, tg.MustSiteAndClaim(t, "s1", 1), serial)
+	return &healthLocker{t: t, tg: tg, id: id.DeviceID, dev: MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)}
+}
+
+// pub publishes health reports with these sequence numbers at QoS 1.
+func (l *healthLocker) pub(seqs ...int) {
+	l.t.Helper()
+	for _, seq := range seqs {
+		payload := fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":%d}`, seq, protocol.FormatTime(time.Now()), seq)
+		if tk := l.dev.Publish(protocol.Topic(l.id, protocol.ChanHealth), 1, false, payload); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
+			l.t.Fatalf("publish seq %d: %v", seq, tk.Error())
+		}
+	}
+}
+
+// rows waits until the locker has want health rows.
+func (l *healthLocker) rows(want int) {
+	l.t.Helper()
+	Eventually(l.t, 10*time.Second, fmt.Sprintf("%d health rows", want), func() error {
+		if n := l.tg.Count(l.t, `SELECT count(*) FROM health WHERE device_id = $1`, l.id); n != want {
+			return fmt.Errorf("%d rows", n)
+		}
+		return nil
+	})
+}
 
 // TestLatestHealthHeld: a locker's first report is its latest health as
 // soon as its row is stored; reports right after it are stored as rows at
@@ -26,22 +63,13 @@ func TestLatestHealthHeld(t *testing.T) {
 		o.DatabaseURL = dsn
 		o.LatestHealthEvery = time.Hour // held until shutdown, whatever the machine's pace
 	})
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	id := MustProvision(t, tg, claim, "SN-LH-1")
-	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-	pub := func(seq int) {
-		t.Helper()
-		payload := fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":%d}`, seq, protocol.FormatTime(time.Now()), seq)
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false, payload); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish seq %d: %v", seq, tk.Error())
-		}
-	}
+	l := newHealthLocker(t, tg, "SN-LH-1")
 	latest := func(q interface {
 		QueryRow(context.Context, string, ...any) pgx.Row
 	}) (seq, gaps int64) {
 		t.Helper()
 		var body []byte
-		if err := q.QueryRow(ctx, `SELECT health, health_gaps FROM devices WHERE id = $1`, id.DeviceID).Scan(&body, &gaps); err != nil {
+		if err := q.QueryRow(ctx, `SELECT health, health_gaps FROM devices WHERE id = $1`, l.id).Scan(&body, &gaps); err != nil {
 			t.Fatal(err)
 		}
 		var h struct{ Seq int64 }
@@ -51,40 +79,29 @@ func TestLatestHealthHeld(t *testing.T) {
 		return h.Seq, gaps
 	}
 
-	rows := func(want int) {
-		t.Helper()
-		Eventually(t, 10*time.Second, fmt.Sprintf("%d health rows", want), func() error {
-			if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1`, id.DeviceID); n != want {
-				return fmt.Errorf("%d rows", n)
-			}
-			return nil
-		})
-	}
-	pub(1)
-	rows(1)
+	l.pub(1)
+	l.rows(1)
 	// The first report's latest is written with its row, in one transaction.
 	if seq, gaps := latest(tg.DB().Pool()); seq != 1 || gaps != 0 {
 		t.Fatalf("after the first report: latest seq %d gaps %d, want 1 and 0", seq, gaps)
 	}
-	for _, seq := range []int{2, 3, 6} {
-		pub(seq)
-	}
-	rows(4)
+	l.pub(2, 3, 6)
+	l.rows(4)
 	if seq, gaps := latest(tg.DB().Pool()); seq != 1 || gaps != 0 {
 		t.Fatalf("reports within the interval were not held: latest seq %d gaps %d", seq, gaps)
 	}
 	// The API reads the same row.
-	var l struct {
+	var api struct {
 		Health json.RawMessage `json:"health"`
 	}
-	if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+l.id, nil, &api); err != nil {
 		t.Fatal(err)
 	}
-	if want := `"seq":1`; !strings.Contains(string(l.Health), want) {
-		t.Fatalf("API health %s, want %s", l.Health, want)
+	if want := `"seq":1`; !strings.Contains(string(api.Health), want) {
+		t.Fatalf("API health %s, want %s", api.Health, want)
 	}
 
-	dev.Disconnect(0)
+	l.dev.Disconnect(0)
 	tg.Stop(t)
 	conn, err := pgx.Connect(ctx, dsn)
 	if err != nil {
@@ -101,37 +118,17 @@ func TestLatestHealthHeld(t *testing.T) {
 // in one transaction.
 func TestLatestHealthWrittenThrough(t *testing.T) {
 	tg := MustStart(t, func(o *gateway.Options) { o.LatestHealthEvery = -1 })
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	id := MustProvision(t, tg, claim, "SN-LH-2")
-	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-	pub := func(seqs ...int) {
-		t.Helper()
-		for _, seq := range seqs {
-			payload := fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":%d}`, seq, protocol.FormatTime(time.Now()), seq)
-			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false, payload); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-				t.Fatalf("publish seq %d: %v", seq, tk.Error())
-			}
-		}
-	}
-	rows := func(want int) {
-		t.Helper()
-		Eventually(t, 10*time.Second, fmt.Sprintf("%d health rows", want), func() error {
-			if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1`, id.DeviceID); n != want {
-				return fmt.Errorf("%d rows", n)
-			}
-			return nil
-		})
-	}
+	l := newHealthLocker(t, tg, "SN-LH-2")
 	// The first report is written before the next two arrive, which a
 	// throttle would hold; wait for the rows only: the latest must be
 	// there with them.
-	pub(1)
-	rows(1)
-	pub(2, 5)
-	rows(3)
+	l.pub(1)
+	l.rows(1)
+	l.pub(2, 5)
+	l.rows(3)
 	var seq, gaps int64
 	if err := tg.DB().Pool().QueryRow(context.Background(), `SELECT (health->>'seq')::bigint, health_gaps FROM devices WHERE id = $1`,
-		id.DeviceID).Scan(&seq, &gaps); err != nil {
+		l.id).Scan(&seq, &gaps); err != nil {
 		t.Fatal(err)
 	}
 	if seq != 5 || gaps != 2 {
