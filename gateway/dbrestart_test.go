@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -199,4 +200,46 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	}
 	// The locker's retry, as its back-off would make it.
 	MustProvision(t, tg, claim, "SN-DB-2")
+}
+
+// TestAPIDatabaseDown: while PostgreSQL is down the API answers 503 with
+// Retry-After (a client retries), not 500, and serves again after it is
+// back.
+func TestAPIDatabaseDown(t *testing.T) {
+	pg := mustRestartablePG(t)
+	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = pg.dsn() })
+	tg.MustSiteAndClaim(t, "s1", 1)
+	get := func() (int, string) {
+		t.Helper()
+		req, err := http.NewRequest("GET", tg.Admin.BaseURL+"/v1/sites", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		io.Copy(io.Discard, resp.Body)
+		return resp.StatusCode, resp.Header.Get("Retry-After")
+	}
+	if status, _ := get(); status != http.StatusOK {
+		t.Fatalf("database up: %d", status)
+	}
+	pg.stop(t)
+	// Every answer during the outage, the first ones included (pooled
+	// connections broken, new ones refused), is a 503 to retry.
+	for i := range 5 {
+		if status, ra := get(); status != http.StatusServiceUnavailable || ra == "" {
+			t.Fatalf("request %d during the outage: status %d, Retry-After %q; want 503 with Retry-After", i, status, ra)
+		}
+	}
+	pg.start(t)
+	Eventually(t, 30*time.Second, "the API serving after the restart", func() error {
+		if status, _ := get(); status != http.StatusOK {
+			return fmt.Errorf("status %d", status)
+		}
+		return nil
+	})
 }

@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -42,6 +43,25 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, fleet.ErrUnprocessable):
 		status = http.StatusUnprocessableEntity
 	}
+	if status == http.StatusInternalServerError && r.Context().Err() != nil &&
+		(errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)) {
+		// The client went away (or its deadline passed) mid-request:
+		// nobody reads the answer, and the database is not to blame.
+		s.log.Debug("request ended by the client", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeProblem(w, http.StatusServiceUnavailable, "request cancelled")
+		return
+	}
+	if status == http.StatusInternalServerError && s.opts.Transient != nil && s.opts.Transient(err) {
+		// One line per 10 s: during an outage every request fails so.
+		now := time.Now().UnixNano()
+		if last := s.unavailableLogged.Load(); now-last > int64(10*time.Second) && s.unavailableLogged.CompareAndSwap(last, now) {
+			s.log.Warn("request refused: the database is unavailable or busy; answering 503 until it recovers",
+				"method", r.Method, "path", r.URL.Path, "err", err)
+		}
+		w.Header().Set("Retry-After", strconv.Itoa(unavailableRetryAfter))
+		writeProblem(w, http.StatusServiceUnavailable, "the database is unavailable or busy; retry in a few seconds")
+		return
+	}
 	if status == http.StatusInternalServerError {
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeProblem(w, status, "internal error; the gateway log has the details")
@@ -49,6 +69,10 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	}
 	writeProblem(w, status, err.Error())
 }
+
+// unavailableRetryAfter is the Retry-After (seconds) of a request refused
+// for a transient store error.
+const unavailableRetryAfter = 2
 
 var errBadRequest = errors.New("bad request")
 

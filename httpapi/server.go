@@ -64,8 +64,13 @@ type Options struct {
 	BrokerAuth BrokerAuth
 	Gatherer   prometheus.Gatherer
 	// Ready reports whether the database and broker are ready.
-	Ready  func(ctx context.Context) error
-	Logger *slog.Logger
+	Ready func(ctx context.Context) error
+	// Transient reports store errors that may pass when the request is
+	// tried again (the database unreachable or restarting, a timeout, a
+	// deadlock victim): they are answered 503 with Retry-After instead of
+	// 500. nil: none is.
+	Transient func(error) bool
+	Logger    *slog.Logger
 }
 
 // Server is the HTTP API.
@@ -81,8 +86,9 @@ type Server struct {
 	opts     Options
 	mux      *http.ServeMux
 	tokens   *tokenCache
-	// staleLogged is when a stale token was last logged (unix ns).
-	staleLogged atomic.Int64
+	// staleLogged is when a stale token was last logged (unix ns), and
+	// unavailableLogged a request refused for a transient store error.
+	staleLogged, unavailableLogged atomic.Int64
 	// lookups holds a slot for each token lookup in the database.
 	lookups chan struct{}
 }

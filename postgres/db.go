@@ -219,14 +219,14 @@ func isUniqueViolation(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "23505"
 }
 
-// transient reports whether err may pass if the same statement is tried
+// Transient reports whether err may pass if the same statement is tried
 // again later: the database could not be reached (wrong password after a
 // rotation, a replica during failover, no such database yet), the
 // connection broke, a timeout or cancellation, a lock or resource limit,
 // a shutdown, a deadlock or serialization victim. A statement PostgreSQL
 // refuses for its content (a constraint, a bad value, a bad query) is not,
 // nor is an error of our own (a failed scan).
-func transient(err error) bool {
+func Transient(err error) bool {
 	var connErr *pgconn.ConnectError
 	if errors.As(err, &connErr) {
 		return true // whatever the server said while we connected
