@@ -96,14 +96,13 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 			return false
 		default:
 		}
-		// Listening, and still the process we started (not another that
-		// took the port).
-		if c, err := net.Dial("tcp", m.Addr); err == nil {
-			c.Close()
-			select {
-			case <-exited:
-				return false
-			case <-time.After(50 * time.Millisecond):
+		// Listening, and the listener is the process we started: it says
+		// "running" only once its listeners are bound, while a process
+		// that lost the port to another exits (that other listener would
+		// answer the dial, then go away).
+		if b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log")); strings.Contains(string(b), " running") {
+			if c, err := net.Dial("tcp", m.Addr); err == nil {
+				c.Close()
 				return true
 			}
 		}
