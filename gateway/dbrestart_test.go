@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -242,4 +243,50 @@ func TestAPIDatabaseDown(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestCommandAnsweredWhenDatabaseGoesDown: a command that was stored is
+// answered 201 with its last known state even when waiting for its result
+// fails (here: PostgreSQL stops while the unlock waits for an offline
+// locker). An error would invite a retry: a second unlock.
+func TestCommandAnsweredWhenDatabaseGoesDown(t *testing.T) {
+	pg := mustRestartablePG(t)
+	tg := MustStart(t, func(o *gateway.Options) { o.DatabaseURL = pg.dsn() })
+	r := MustProvision(t, tg, tg.MustSiteAndClaim(t, "s1", 1), "SN-CMD-DOWN") // never connects
+	type answer struct {
+		status int
+		body   string
+		err    error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		body := strings.NewReader(`{"type":"unlock","compartment":1,"ttl_s":3,"wait_s":10}`)
+		req, _ := http.NewRequest("POST", tg.Admin.BaseURL+"/v1/lockers/"+r.DeviceID+"/commands", body)
+		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+		req.Header.Set("Content-Type", "application/json")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		done <- answer{status: resp.StatusCode, body: string(b)}
+	}()
+	Eventually(t, 10*time.Second, "the command stored", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM commands WHERE device_id = $1`, r.DeviceID); n != 1 {
+			return fmt.Errorf("%d commands", n)
+		}
+		return nil
+	})
+	pg.stop(t) // before the command expires, 3 s after it was stored
+	select {
+	case a := <-done:
+		if a.err != nil || a.status != http.StatusCreated || !strings.Contains(a.body, `"id":"c`) {
+			t.Fatalf("answer %d %q (%v), want 201 with the command", a.status, a.body, a.err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no answer within 30 s")
+	}
+	pg.start(t)
 }

@@ -334,7 +334,11 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if err != nil && !errors.Is(err, r.Context().Err()) {
-		return err
+		// The command is stored and may be on its way: an error would
+		// invite a retry, which would be a second command (a second
+		// unlock). Answer what is known; its Location has the rest.
+		s.log.Warn("command created, but waiting for its result failed; answering its last known state",
+			"command", c.ID, "locker", c.DeviceID, "err", err)
 	}
 	w.Header().Set("Location", "/v1/lockers/"+c.DeviceID+"/commands/"+c.ID)
 	writeJSON(w, http.StatusCreated, c)

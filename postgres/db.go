@@ -247,6 +247,37 @@ func Transient(err error) bool {
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err) || pgconn.SafeToRetry(err)
 }
 
+// Unavailable reports whether err says the database could not serve the
+// statement just now, for reasons of its own state, not the statement's:
+// it is unreachable, the connection broke or timed out, it is starting,
+// shutting down, read-only (a failover) or out of resources, or the
+// statement lost a deadlock or serialization race. Narrower than
+// Transient: an internal error, a failed transaction or a limit the query
+// hit is a fault to look at, not a moment to wait out.
+func Unavailable(err error) bool {
+	var connErr *pgconn.ConnectError
+	if errors.As(err, &connErr) {
+		return true
+	}
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch {
+		case pgErr.Code == "55P03", pgErr.Code == "25006": // lock not available, read-only transaction
+			return true
+		case len(pgErr.Code) != 5:
+			return false
+		}
+		switch pgErr.Code[:2] {
+		case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
+			return true
+		}
+		return false
+	}
+	var netErr net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &netErr) ||
+		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err)
+}
+
 func isFKViolation(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "23503"
