@@ -6,6 +6,8 @@ import (
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
 func rec(id string, seq int64) HealthRecord {
@@ -145,5 +147,31 @@ func TestLatestThrottleAgainstNaive(t *testing.T) {
 	}
 	if g, w := seqs(real.all()), seqs(sortedLatest(naive.held)); !slices.Equal(g, w) {
 		t.Fatalf("all: got %q, want %q", g, w)
+	}
+}
+
+// TestLatestHealthEveryDefault: held latest health moves last_seen late, so
+// by default it is held at most half a health interval (a locker is stale
+// after three silent ones), and at most a second.
+func TestLatestHealthEveryDefault(t *testing.T) {
+	fast := DefaultConfig
+	fast.HealthIntervalS = 1
+	for _, c := range []struct {
+		cfg  protocol.Config
+		set  time.Duration
+		want time.Duration
+	}{
+		{DefaultConfig, 0, time.Second},
+		{fast, 0, 500 * time.Millisecond},
+		{fast, time.Hour, time.Hour}, // set explicitly: as set
+		{fast, -1, -1},
+	} {
+		m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Config: c.cfg, LatestHealthEvery: c.set})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.opts.LatestHealthEvery; got != c.want {
+			t.Errorf("health interval %d s, set %v: LatestHealthEvery %v, want %v", c.cfg.HealthIntervalS, c.set, got, c.want)
+		}
 	}
 }

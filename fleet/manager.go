@@ -37,7 +37,8 @@ type Options struct {
 	// devices row) is rewritten: a report within this long of the last
 	// write is held and written, merged with any after it, when the time
 	// is up (or at shutdown). Every report is stored as a health row at
-	// once either way. Default (0) 1s; negative: every report is written
+	// once either way. Default (0) 1s, or half the configured health
+	// interval when that is shorter; negative: every report is written
 	// through, as several instances sharing one fleet need (each sees only
 	// some of a locker's reports, so a held run would count the others'
 	// as sequence gaps).
@@ -166,9 +167,6 @@ func New(opts Options) (*Manager, error) {
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = 20 * time.Millisecond
 	}
-	if opts.LatestHealthEvery == 0 {
-		opts.LatestHealthEvery = time.Second
-	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
 	}
@@ -180,6 +178,12 @@ func New(opts Options) (*Manager, error) {
 	}
 	if err := opts.Config.Validate(); err != nil {
 		return nil, fmt.Errorf("fleet: config: %w", err)
+	}
+	if opts.LatestHealthEvery == 0 {
+		// last_seen moves with the latest health: held longer than half a
+		// health interval, a locker could look stale (3 intervals silent)
+		// while its reports are arriving.
+		opts.LatestHealthEvery = min(time.Second, time.Duration(opts.Config.HealthIntervalS)*time.Second/2)
 	}
 	if opts.DrainTimeout <= 0 {
 		opts.DrainTimeout = 10 * time.Second
