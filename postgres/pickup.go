@@ -324,9 +324,20 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		c.Compartments = comps
 		// The writes in one round trip: the pickups' previous credentials
 		// retired, the new one stored and named, the set version bumped.
+		// A previous credential that also opens live pickups not given
+		// the new one (a combined code) is narrowed to theirs instead,
+		// lasting until the first of them expires (as releaseCredential).
 		b := &pgx.Batch{}
-		b.Queue(`UPDATE credentials SET state = 'revoked' WHERE state = 'active' AND id IN (
-			SELECT credential_id FROM pickups WHERE id = ANY ($1) AND credential_id IS NOT NULL)`, pickupIDs)
+		b.Queue(`UPDATE credentials c SET
+				state = CASE WHEN o.comps IS NULL THEN 'revoked' ELSE c.state END,
+				compartments = coalesce(o.comps, c.compartments),
+				not_after = coalesce(o.expires, c.not_after)
+			FROM (SELECT DISTINCT credential_id AS id FROM pickups
+				WHERE id = ANY ($1) AND credential_id IS NOT NULL) old
+			CROSS JOIN LATERAL (SELECT array_agg(p.compartment ORDER BY p.compartment) AS comps, min(p.expires_at) AS expires
+				FROM pickups p WHERE p.device_id = $2 AND p.credential_id = old.id
+					AND p.state IN ('staging', 'ready') AND NOT p.id = ANY ($1)) o
+			WHERE c.id = old.id AND c.state = 'active'`, pickupIDs, c.DeviceID)
 		b.Queue(insertCredential, credentialArgs(c)...)
 		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)

@@ -335,3 +335,30 @@ func TestMigrationRevokesOrphans(t *testing.T) {
 		t.Fatal("the migration did not bump the set version of the orphan's locker")
 	}
 }
+
+// TestMintForPartOfCombinedCode: a new code for one pickup of a combined
+// code takes that compartment out of the combined code, which keeps
+// opening the others' (and lasts until the first of them expires); a new
+// code for every pickup of it retires it.
+func TestMintForPartOfCombinedCode(t *testing.T) {
+	e := newCredEnv(t, "SN-PART", 3)
+	a, b, c := e.pickup("PART-A"), e.pickup("PART-B"), e.pickup("PART-C")
+	e.mustMint("k-abc", "mac-abc", a, b, c)
+	before := e.version()
+	e.mustMint("k-a", "mac-a", a)
+	abc, state := e.cred("k-abc")
+	if state != "active" || !slices.Equal(abc.Compartments, []int{b.Compartment, c.Compartment}) {
+		t.Fatalf("combined code after a new code for A: %s, compartments %v; want active for %d and %d",
+			state, abc.Compartments, b.Compartment, c.Compartment)
+	}
+	if v := e.version(); v <= before {
+		t.Fatalf("set version %d, was %d: the locker must fetch the narrowed set", v, before)
+	}
+	if ka, state := e.cred("k-a"); state != "active" || !slices.Equal(ka.Compartments, []int{a.Compartment}) {
+		t.Fatalf("A's own code: %s %v", state, ka.Compartments)
+	}
+	e.mustMint("k-bc", "mac-bc", b, c)
+	if _, state := e.cred("k-abc"); state != "revoked" {
+		t.Fatalf("combined code with every pickup given a new one: %s, want revoked", state)
+	}
+}
