@@ -428,20 +428,6 @@ func (c *client) mustPublish(t *testing.T, topic string, qos byte, payload []byt
 	}
 }
 
-// publishEnding publishes a message after which the broker ends the session:
-// its PUBACK may or may not be written before the connection closes, so a
-// lost connection is no failure.
-func (c *client) publishEnding(t *testing.T, topic string, qos byte, payload []byte) {
-	t.Helper()
-	tok := c.Publish(topic, qos, false, payload)
-	if !tok.WaitTimeout(waitTimeout) {
-		t.Fatalf("publish %s timed out", topic)
-	}
-	if err := tok.Error(); err != nil && !strings.Contains(err.Error(), "connection lost") {
-		t.Fatalf("publish %s: %v", topic, err)
-	}
-}
-
 // subscribeResult returns the SUBACK code paho got for filter.
 func (c *client) subscribeResult(t *testing.T, filter string, qos byte) byte {
 	t.Helper()

@@ -24,7 +24,7 @@ func (h *hook) ID() string { return "lockergate" }
 func (h *hook) Provides(event byte) bool {
 	switch event {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
-		mqtt.OnPublish, mqtt.OnPublishDropped, mqtt.OnPacketEncode, mqtt.OnPacketRead,
+		mqtt.OnPublish, mqtt.OnPublished, mqtt.OnPublishDropped, mqtt.OnPacketEncode, mqtt.OnPacketRead,
 		mqtt.OnPacketSent, mqtt.OnQosPublish, mqtt.OnWill:
 		return true
 	}
@@ -78,6 +78,20 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 // OnPublish implements mqtt.Hook.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	return h.b.onPublish(cl, pk)
+}
+
+// OnPublished implements mqtt.Hook: mochi calls it after the PUBACK of a
+// QoS 1 publish is written. A provisioning request starts here, not in
+// OnPublish: a request that cannot be served (the database is down) ends
+// the session at once, and ended before its PUBACK was written the locker
+// would see its publish lost instead of the session refused.
+func (h *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
+	if len(pk.Payload) > protocol.MaxPayload {
+		return // dropped and counted in OnPublish
+	}
+	if s := h.b.provisionRequest(cl, pk); s != nil {
+		h.b.startProvision(s, pk.Payload)
+	}
 }
 
 // OnWill implements mqtt.Hook. mochi offers no way to cancel a will from a
@@ -211,12 +225,22 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 		}
 		return pk, packets.CodeSuccessIgnore
 	}
-	if isClaimClient(cl) {
-		if s := b.sessionOf(cl); s != nil && s.kind == kindProvision && pk.TopicName == protocol.ProvisionRequestTopic(s.id) {
-			b.startProvision(s, pk.Payload)
-			// Acknowledged, not forwarded: the request is for the gateway only.
-			return pk, packets.CodeSuccessIgnore
-		}
+	if b.provisionRequest(cl, pk) != nil {
+		// Acknowledged, not forwarded: the request is for the gateway
+		// only. It is served from OnPublished, once the PUBACK is written.
+		return pk, packets.CodeSuccessIgnore
 	}
 	return pk, nil
+}
+
+// provisionRequest returns the claim session whose provisioning request pk
+// is, or nil.
+func (b *Broker) provisionRequest(cl *mqtt.Client, pk packets.Packet) *session {
+	if !isClaimClient(cl) {
+		return nil
+	}
+	if s := b.sessionOf(cl); s != nil && s.kind == kindProvision && pk.TopicName == protocol.ProvisionRequestTopic(s.id) {
+		return s
+	}
+	return nil
 }

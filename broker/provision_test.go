@@ -134,7 +134,9 @@ func TestProvisioningUnavailable(t *testing.T) {
 
 	p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
 	p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
-	p.publishEnding(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+	// Acknowledged before the session ends: the locker sees its request
+	// delivered and the session refused, not its publish lost.
+	p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
 	p.waitLost(t)
 	h.waitMetric(t, disconnects, "reason", ReasonProvisionUnavailable, 1)
 	if n := len(p.msgs); n != 0 {
