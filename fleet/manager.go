@@ -7,7 +7,6 @@ import (
 	"hash/fnv"
 	"log/slog"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -508,11 +507,11 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 // tick writes the latest health held back whose time has come, or all of
 // it when final (shutdown).
 func (w *healthWriter) tick(ctx context.Context, final bool) {
-	latest := w.latest.due(time.Now())
+	var latest []LatestHealth
 	if final {
-		// One order for the whole write (see sortedLatest).
-		latest = append(latest, w.latest.all()...)
-		slices.SortFunc(latest, func(a, b LatestHealth) int { return strings.Compare(a.DeviceID, b.DeviceID) })
+		latest = w.latest.all() // the due ones included
+	} else {
+		latest = w.latest.due(time.Now())
 	}
 	if len(latest) == 0 {
 		return
