@@ -334,7 +334,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
 		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware, BrokerAuth: g.broker,
-		Gatherer: g.reg, Ready: g.ready, Transient: postgres.Unavailable, Logger: o.Logger.With("component", "api")})
+		Gatherer: g.reg, Ready: g.ready, Unavailable: postgres.Unavailable, Logger: o.Logger.With("component", "api")})
 	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
 		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
 	}

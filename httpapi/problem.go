@@ -51,7 +51,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		writeProblem(w, http.StatusServiceUnavailable, "request cancelled")
 		return
 	}
-	if status == http.StatusInternalServerError && s.opts.Transient != nil && s.opts.Transient(err) {
+	if status == http.StatusInternalServerError && s.opts.Unavailable != nil && s.opts.Unavailable(err) {
 		// One line per 10 s: during an outage every request fails so.
 		now := time.Now().UnixNano()
 		if last := s.unavailableLogged.Load(); now-last > int64(10*time.Second) && s.unavailableLogged.CompareAndSwap(last, now) {

@@ -65,12 +65,12 @@ type Options struct {
 	Gatherer   prometheus.Gatherer
 	// Ready reports whether the database and broker are ready.
 	Ready func(ctx context.Context) error
-	// Transient reports store errors that may pass when the request is
-	// tried again (the database unreachable or restarting, a timeout, a
+	// Unavailable reports store errors that say the database could not
+	// serve the request just now (unreachable or restarting, a timeout, a
 	// deadlock victim): they are answered 503 with Retry-After instead of
 	// 500. nil: none is.
-	Transient func(error) bool
-	Logger    *slog.Logger
+	Unavailable func(error) bool
+	Logger      *slog.Logger
 }
 
 // Server is the HTTP API.
