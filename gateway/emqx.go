@@ -31,7 +31,8 @@ type emqxKicker struct {
 	// again are the delays of the follow-up DELETEs.
 	again []time.Duration
 	// disabled, when set, tells whether the locker is still disabled: a
-	// follow-up for a locker enabled (or replaced) since is dropped.
+	// follow-up for a locker enabled since is dropped (a replacement does
+	// not enable a disabled locker).
 	disabled func(ctx context.Context, id string) (bool, error)
 
 	ctx    context.Context // ends the follow-ups (close)
@@ -102,7 +103,7 @@ func (k *emqxKicker) Kick(id string) {
 			}
 			if k.disabled != nil {
 				if still, err := k.disabled(k.ctx, id); err == nil && !still {
-					return // enabled or replaced since: its session is legitimate
+					return // enabled since: its session is legitimate
 				}
 			}
 			done = k.end(id, true)

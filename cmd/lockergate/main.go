@@ -87,7 +87,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
-	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: the listen address)")
+	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: http:// and --http-addr, localhost for an unspecified host)")
 	fs.BoolVar(&o.WebhookAllowPrivate, "webhook-allow-private", false, "let webhooks target loopback and private addresses (labs, tests)")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	var demo demoOptions
