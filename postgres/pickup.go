@@ -298,6 +298,9 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 
 // MintCredential implements pickup.Store.
 func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string) error {
+	if len(pickupIDs) == 0 {
+		return fmt.Errorf("%w: a credential must open at least one pickup", fleet.ErrInvalid)
+	}
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		gen, err := lockLocker(ctx, tx, c.DeviceID)
 		if err != nil {
@@ -419,7 +422,6 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 	event func(p *pickup.Pickup, c *pickup.Credential) *pickup.Event, a fleet.AuditEntry) (int, error) {
 	var n int
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		n = 0
 		olds, gen, err := lockCredentials(ctx, tx, deviceID)
 		if err != nil {
 			return err

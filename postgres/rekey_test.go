@@ -277,6 +277,20 @@ func TestRotateCredentials(t *testing.T) {
 	if _, state := e.cred("k-d"); state != "active" {
 		t.Fatalf("k-d after the failed rotation: %s, want still active", state)
 	}
+
+	// Two rotations the locker missed: the code from before both still
+	// counts, as a use of the latest replacement.
+	for range 2 {
+		if n, err := rotate(e.id, func(old *pickup.Credential) string { return old.PINMAC + "-2" }); err != nil || n != 1 {
+			t.Fatalf("rotation of d's code: %d, %v; want 1", n, err)
+		}
+	}
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-d", time.Now()); err != nil || len(ps) != 1 || ps[0].ID != d.ID {
+		t.Fatalf("code from before two rotations: %+v, %v; want pickup %s", ps, err, d.ID)
+	}
+	if _, state := e.cred("new-new-k-d"); state != "used" {
+		t.Fatalf("the latest replacement after the first code was used: %s, want used", state)
+	}
 }
 
 // TestReadyEventNamesTheCurrentCredential: the pickup.ready event names the
@@ -360,5 +374,12 @@ func TestMintForPartOfCombinedCode(t *testing.T) {
 	e.mustMint("k-bc", "mac-bc", b, c)
 	if _, state := e.cred("k-abc"); state != "revoked" {
 		t.Fatalf("combined code with every pickup given a new one: %s, want revoked", state)
+	}
+	// A code for no pickup would open nothing and be held by none.
+	if err := e.mint("k-none", "mac-none", 1); !errors.Is(err, fleet.ErrInvalid) {
+		t.Fatalf("credential for no pickup: %v, want ErrInvalid", err)
+	}
+	if _, _, err := e.db.GetCredential(context.Background(), "k-none"); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the refused credential was stored: %v", err)
 	}
 }
