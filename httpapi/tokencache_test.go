@@ -82,6 +82,10 @@ func TestTokenLookupsBounded(t *testing.T) {
 	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 200 { // now cached
 		t.Fatalf("admin: %d", a.status)
 	}
+	// A broker token may not list sites, but its 403 says it was accepted.
+	if a := call(t, s, "GET", "/v1/sites", "broker"); a.status != http.StatusForbidden { // now cached
+		t.Fatalf("broker: %d", a.status)
+	}
 	var wg sync.WaitGroup
 	codes := make(chan int, maxTokenLookups)
 	for i := range maxTokenLookups {
@@ -102,6 +106,16 @@ func TestTokenLookupsBounded(t *testing.T) {
 	}
 	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != 200 {
 		t.Fatalf("cached admin token while the lookups are taken: %d, want 200", a.status)
+	}
+	// Past the cache's TTL a token needs a lookup, and none is free: a
+	// broker token verified within tokenStaleMax is still accepted (an
+	// external broker must not refuse lockers), any other gets the 503.
+	now = now.Add(TokenCacheTTL + time.Second)
+	if a := call(t, s, "GET", "/v1/sites", "broker"); a.status != http.StatusForbidden {
+		t.Fatalf("stale broker token while the lookups are taken: %d, want it accepted (403 here)", a.status)
+	}
+	if a := call(t, s, "GET", "/v1/sites", "admin"); a.status != http.StatusServiceUnavailable {
+		t.Fatalf("stale admin token while the lookups are taken: %d, want 503", a.status)
 	}
 	close(st.release)
 	wg.Wait()
