@@ -475,7 +475,7 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	recs := make([]HealthRecord, 0, len(batch))
 	faults := make([][]int, 0, len(batch))
 	for _, in := range batch {
-		h, err := protocol.Decode[protocol.Health](in.payload)
+		h, err := protocol.DecodeHealth(in.payload)
 		if err != nil {
 			m.dropInvalid(protocol.ChanHealth, in.id, err)
 			in.done()

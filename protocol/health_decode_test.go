@@ -1,0 +1,114 @@
+package protocol
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// healthCorpus is health as lockers send it, and the shapes around it that
+// the fast path must decline or get exactly right.
+var healthCorpus = []struct {
+	payload string
+	fast    bool // the fast path decodes it (else Decode does)
+}{
+	{`{"ts": "2026-11-24T21:31:00.456Z", "seq": 1234, "fw": "1.4.2", "uptime_s": 86400, "temp_c": 21.5,
+ "power": "mains", "battery_pct": 100, "rssi_dbm": -61,
+ "free_compartments": 12, "door_faults": [4]}`, true},
+	{`{"ts":"2026-11-24T21:30:00Z"}`, true},
+	{` {"ts":"2026-11-24T21:30:00+01:00","seq":0,"uptime_s":0,"temp_c":-0,"door_faults":[]} `, true},
+	{`{"ts":"2026-11-24T21:30:00.123456789Z","temp_c":1e3,"door_faults":[1, 2 ,3]}`, true},
+	{`{"ts":"2026-11-24T21:30:00Z","temp_c":-1.5E-2,"rssi_dbm":-0}`, true},
+	{"{\"ts\":\"2026-11-24T21:30:00Z\",\r\n\t\"seq\":1}", true},
+	// Unknown fields are skipped, whatever their value.
+	{`{"ts":"2026-11-24T21:30:00Z","vendor":{"a":[1,true,false,null,"x",{"b":-2.5e+3}]},"x":null}`, true},
+	{`{"vendor_extra":1,"ts":"2026-11-24T21:30:00Z"}`, true},
+
+	// Valid, but for Decode.
+	{`{"TS":"2026-11-24T21:30:00Z"}`, false},                                  // keys match without case
+	{`{"ts":"2026-11-24T21:30:00Z","Seq":5}`, false},                          // ... every key
+	{`{"ts":"2026-11-24T21:30:00Z","seq":1,"seq":2}`, false},                  // the last one wins
+	{`{"ts":"2026-11-24T21:30:00Z","fw":"caf\u00e9"}`, false},                 // escapes
+	{`{"ts":"2026-11-24T21:30:00Z","fw":"café"}`, false},                      // non-ASCII
+	{`{"ts":"2026-11-24T21:30:00Z","temp_c":null,"door_faults":null}`, false}, // null
+	{`{"ts":"2026-11-24T21:30:00Z","seq":1234567890123456789}`, false},        // 19 digits
+	{`{"ts":"2026-11-24T21:30:00Z","x":` + strings.Repeat("[", 20) + strings.Repeat("]", 20) + `}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","ſeq":1}`, false}, // folds to "seq" in encoding/json
+
+	// Errors, all from Decode.
+	{``, false},
+	{`[]`, false},
+	{`{}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z",}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z"} x`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":1.0}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":1e2}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":01}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":-}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":99999999999999999999}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","seq":-1}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","temp_c":1e400}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","temp_c":.5}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","power":"solar"}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","battery_pct":101}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","door_faults":[0]}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","door_faults":[1,]}`, false},
+	{`{"ts":"2026-11-24 21:30:00Z"}`, false},
+	{`{"ts":1}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","fw":"` + strings.Repeat("x", 257) + `"}`, false},
+	{`{"ts":"2026-11-24T21:30:00Z","x":tru}`, false},
+	{"{\"ts\":\"2026-11-24T21:30:00Z\",\"fw\":\"a\x01\"}", false},
+	{`{"ts":"2026-11-24T21:30:00Z","x":"` + strings.Repeat("x", MaxPayload) + `"}`, false},
+}
+
+func TestDecodeHealthFastPath(t *testing.T) {
+	for _, c := range healthCorpus {
+		got := fastHealth([]byte(c.payload)) != nil
+		if got != c.fast {
+			t.Errorf("fast path took %.60q: %v, want %v", c.payload, got, c.fast)
+		}
+		checkSameAsDecode(t, []byte(c.payload))
+	}
+}
+
+// checkSameAsDecode fails unless DecodeHealth and Decode agree on b: equal
+// values (nil and empty slices told apart), or the same error.
+func checkSameAsDecode(t *testing.T, b []byte) {
+	t.Helper()
+	want, wantErr := Decode[Health](b)
+	got, err := DecodeHealth(b)
+	if (err == nil) != (wantErr == nil) || (err != nil && err.Error() != wantErr.Error()) {
+		t.Fatalf("DecodeHealth(%q): error %v, Decode: %v", b, err, wantErr)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("DecodeHealth(%q):\n got %+v\nwant %+v", b, got, want)
+	}
+}
+
+// FuzzDecodeHealthFast checks the fast path against Decode on any input.
+func FuzzDecodeHealthFast(f *testing.F) {
+	for _, c := range healthCorpus {
+		f.Add([]byte(c.payload))
+	}
+	f.Fuzz(checkSameAsDecode)
+}
+
+func BenchmarkDecodeHealth(b *testing.B) {
+	payload := []byte(healthCorpus[0].payload)
+	b.Run("fast", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := DecodeHealth(payload); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("encoding-json", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := Decode[Health](payload); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
