@@ -203,7 +203,8 @@ func (b *Broker) deny(clientID, remote, topic string, write bool) {
 // 0x95 "packet too large" is not).
 var errPayloadTooLarge = packets.Code{Code: packets.ErrImplementationSpecificError.Code, Reason: "payload over 16 KiB"}
 
-// onPublish drops oversize payloads and takes provisioning requests.
+// onPublish drops oversize payloads, takes provisioning requests and
+// delivers device messages to the gateway (deliverUplink).
 //
 // A payload over protocol.MaxPayload (but within MaxPacketSize) can never be
 // processed, so it is acknowledged and dropped rather than left unacknowledged:
@@ -228,6 +229,10 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 	if b.provisionRequest(cl, pk) != nil {
 		// Acknowledged, not forwarded: the request is for the gateway
 		// only. It is served from OnPublished, once the PUBACK is written.
+		return pk, packets.CodeSuccessIgnore
+	}
+	if b.deliverUplink(cl, &pk) {
+		// Acknowledged by mochi, which routes it no further.
 		return pk, packets.CodeSuccessIgnore
 	}
 	return pk, nil

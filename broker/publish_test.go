@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
@@ -145,6 +147,94 @@ func TestBus(t *testing.T) {
 		}
 		if err := h.b.Subscribe("a", nil); err == nil {
 			t.Error("nil handler accepted")
+		}
+	})
+}
+
+// TestUplinkDelivery covers deliverUplink: a device's messages reach every
+// matching Subscribe once, without mochi's routing, before their PUBACK, in
+// buffers of their own; retained ones and the gateway's own still go through
+// mochi.
+func TestUplinkDelivery(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	ctx := t.Context()
+	plus := h.subscribe(t, "lockers/v1/+/health")
+	hash := h.subscribe(t, "lockers/v1/#")
+	exact := h.subscribe(t, "lockers/v1/A/health")
+	other := h.subscribe(t, "lockers/v1/+/events")
+	a := h.mustDialDevice(t, "A")
+
+	a.mustPublish(t, "lockers/v1/A/health", 0, []byte(`{"seq":1}`))
+	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":2}`))
+	tok := a.Publish("lockers/v1/A/presence", 1, true, []byte(`{"online":true,"fw":"1"}`))
+	if !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+		t.Fatalf("publish presence: %v", tok.Error())
+	}
+	// One client's messages are delivered in order, on its goroutine: once
+	// the last is in, nothing earlier is still on its way.
+	a.mustPublish(t, "lockers/v1/A/events", 1, []byte(`{"last":true}`))
+	waitFor(t, "last message", func() bool { return len(other.get()) == 1 })
+
+	for name, in := range map[string]*inbox{"+": plus, "exact": exact} {
+		got := in.get()
+		if len(got) != 2 || string(got[0].Payload) != `{"seq":1}` || string(got[1].Payload) != `{"seq":2}` ||
+			got[0].QoS != 0 || got[1].QoS != 1 || got[1].ClientID != "A" || got[1].Topic != "lockers/v1/A/health" {
+			t.Errorf("filter %s: got %+v, want the two health messages once each", name, got)
+		}
+	}
+	if got := hash.get(); len(got) != 4 || !got[2].Retain || string(got[2].Payload) != `{"online":true,"fw":"1"}` {
+		t.Errorf("lockers/v1/#: got %+v, want health twice, the retained presence, the event", got)
+	}
+	// The retained presence went through mochi, which keeps it.
+	if got := h.subscribe(t, "lockers/v1/A/presence").get(); len(got) != 1 || !got[0].Retain {
+		t.Errorf("retained presence on a new subscription: %+v", got)
+	}
+	// Inline publishes to an uplink topic take mochi's path as before.
+	if err := h.b.Publish(ctx, "lockers/v1/B/health", []byte(`{"seq":9}`), 1, false); err != nil {
+		t.Fatal(err)
+	}
+	if got := plus.get(); len(got) != 3 || got[2].ClientID != "inline" {
+		t.Errorf("inline publish: got %+v", got)
+	}
+
+	t.Run("PayloadsNotShared", func(t *testing.T) {
+		first := plus.get()[0].Payload
+		a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":3}`))
+		waitFor(t, "seq 3", func() bool { return len(plus.get()) == 4 })
+		if string(first) != `{"seq":1}` {
+			t.Errorf("a kept payload changed to %q", first)
+		}
+	})
+
+	t.Run("HandlerBeforePUBACK", func(t *testing.T) {
+		entered, release := make(chan struct{}), make(chan struct{})
+		var once sync.Once
+		free := func() { once.Do(func() { close(release) }) }
+		t.Cleanup(free) // else a failure leaves the client stuck and Close waiting
+		if err := h.b.Subscribe("lockers/v1/+/fw/status", func(fleet.Message) {
+			close(entered)
+			<-release
+		}); err != nil {
+			t.Fatal(err)
+		}
+		r := dialRaw(t, h.addr, 4)
+		if ack := r.connect("B", "B", "secret-B", 30, nil); ack.ReasonCode != 0 {
+			t.Fatalf("CONNACK %#x", ack.ReasonCode)
+		}
+		id := r.publish("lockers/v1/B/fw/status", 1, []byte(`{}`))
+		select {
+		case <-entered:
+		case <-time.After(waitTimeout):
+			t.Fatal("handler not called")
+		}
+		// A PUBACK written before the handler ran would be here at once.
+		_ = r.conn.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+		if _, err := r.r.Peek(1); err == nil {
+			t.Fatal("PUBACK sent while the handler still holds the message")
+		}
+		free()
+		if ack := r.mustRead(packets.Puback); ack.PacketID != id {
+			t.Errorf("PUBACK for %d, want %d", ack.PacketID, id)
 		}
 	})
 }

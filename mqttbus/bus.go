@@ -26,6 +26,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // Options configure a Bus.
@@ -184,7 +185,7 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 	var early []pendingMsg
 	kept := b.pending[:0]
 	for _, p := range b.pending {
-		if matches(r.topic, p.m.Topic()) {
+		if protocol.TopicMatches(r.topic, p.m.Topic()) {
 			early = append(early, p)
 		} else {
 			kept = append(kept, p)
@@ -212,7 +213,7 @@ func (b *Bus) receive(_ paho.Client, m paho.Message) {
 	}
 	var h deliver
 	for _, r := range b.routes {
-		if matches(r.topic, m.Topic()) {
+		if protocol.TopicMatches(r.topic, m.Topic()) {
 			h = r.h
 			break
 		}
@@ -334,25 +335,4 @@ func unshare(filter string) string {
 		}
 	}
 	return filter
-}
-
-// matches reports whether topic matches the MQTT filter (+ and #).
-func matches(filter, topic string) bool {
-	for {
-		f, frest, fmore := strings.Cut(filter, "/")
-		t, trest, tmore := strings.Cut(topic, "/")
-		switch {
-		case f == "#":
-			return true
-		case f != "+" && f != t:
-			return false
-		case !fmore && !tmore:
-			return true
-		case !fmore:
-			return false
-		case !tmore:
-			return frest == "#" // "a/#" matches "a"
-		}
-		filter, topic = frest, trest
-	}
 }

@@ -126,3 +126,26 @@ func validToken(s string, max int) bool {
 	}
 	return true
 }
+
+// TopicMatches reports whether topic matches the MQTT topic filter (+ and #;
+// "a/#" also matches "a"). It does not treat $ topics or shared
+// subscriptions specially.
+func TopicMatches(filter, topic string) bool {
+	for {
+		f, frest, fmore := strings.Cut(filter, "/")
+		t, trest, tmore := strings.Cut(topic, "/")
+		switch {
+		case f == "#":
+			return true
+		case f != "+" && f != t:
+			return false
+		case !fmore && !tmore:
+			return true
+		case !fmore:
+			return false
+		case !tmore:
+			return frest == "#"
+		}
+		filter, topic = frest, trest
+	}
+}

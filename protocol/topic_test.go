@@ -268,3 +268,34 @@ func TestProvisionerACL(t *testing.T) {
 		}
 	}
 }
+
+func TestTopicMatches(t *testing.T) {
+	for _, c := range []struct {
+		filter, topic string
+		want          bool
+	}{
+		{"a/b", "a/b", true},
+		{"a/b", "a/c", false},
+		{"a/+", "a/b", true},
+		{"a/+", "a/b/c", false},
+		{"a/+", "a/", true},
+		{"a/+/c", "a/b/c", true},
+		{"a/#", "a", true},
+		{"a/#", "a/b/c", true},
+		{"#", "a/b", true},
+		{"a/b/c", "a/b", false},
+		{"a/b", "a", false},
+		{"a", "a/b", false},
+		{"+", "a/b", false},
+		{"lockers/v1/+/events", "lockers/v1/L1/events", true},
+		{"lockers/v1/+/events", "lockers/v1/L1/health", false},
+		{"lockers/v1/+/events", "lockers/v1/L1/events/x", false},
+		{"lockers/v1/+/fw/status", "lockers/v1/L1/fw/status", true},
+		{"lockers/v1/#", "lockers/v1", true},
+		{"$CONTROL/dynamic-security/v1/response", "$CONTROL/dynamic-security/v1/response", true},
+	} {
+		if got := protocol.TopicMatches(c.filter, c.topic); got != c.want {
+			t.Errorf("TopicMatches(%q, %q) = %v, want %v", c.filter, c.topic, got, c.want)
+		}
+	}
+}
