@@ -203,6 +203,10 @@ func (b *Broker) deny(clientID, remote, topic string, write bool) {
 // 0x95 "packet too large" is not).
 var errPayloadTooLarge = packets.Code{Code: packets.ErrImplementationSpecificError.Code, Reason: "payload over 16 KiB"}
 
+// errIgnore is packets.CodeSuccessIgnore as an error, boxed once: converted
+// at each return it was an allocation per message.
+var errIgnore error = packets.CodeSuccessIgnore
+
 // onPublish drops oversize payloads, takes provisioning requests and
 // delivers device messages to the gateway (deliverUplink).
 //
@@ -224,16 +228,16 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1 {
 			return pk, errPayloadTooLarge
 		}
-		return pk, packets.CodeSuccessIgnore
+		return pk, errIgnore
 	}
 	if b.provisionRequest(cl, pk) != nil {
 		// Acknowledged, not forwarded: the request is for the gateway
 		// only. It is served from OnPublished, once the PUBACK is written.
-		return pk, packets.CodeSuccessIgnore
+		return pk, errIgnore
 	}
 	if b.deliverUplink(cl, &pk) {
 		// Acknowledged by mochi, which routes it no further.
-		return pk, packets.CodeSuccessIgnore
+		return pk, errIgnore
 	}
 	return pk, nil
 }

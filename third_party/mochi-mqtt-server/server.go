@@ -965,7 +965,14 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		ack = s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.CodeSuccess) // [MQTT-3.3.4-1] [MQTT-4.3.3-8]
 	}
 
-	if ok := cl.State.Inflight.Set(ack); ok {
+	// Lockergate patch: a QoS 1 PUBACK is not stored in the inflight map
+	// only to be deleted once written: the map holds packets (~800 bytes)
+	// through pointers, so each store was an allocation, a fifth of the
+	// bytes the gateway allocated in health ingest. A PUBACK whose write
+	// fails is not needed again: the client resends the PUBLISH.
+	if pk.FixedHeader.Qos == 1 {
+		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
+	} else if ok := cl.State.Inflight.Set(ack); ok {
 		atomic.AddInt64(&s.Info.Inflight, 1)
 		s.hooks.OnQosPublish(cl, ack, ack.Created, 0)
 	}
@@ -976,9 +983,6 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	}
 
 	if pk.FixedHeader.Qos == 1 {
-		if ok := cl.State.Inflight.Delete(ack.PacketID); ok {
-			atomic.AddInt64(&s.Info.Inflight, -1)
-		}
 		cl.State.Inflight.IncreaseReceiveQuota()
 		s.hooks.OnQosComplete(cl, ack)
 	}
