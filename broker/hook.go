@@ -77,7 +77,11 @@ func (h *hook) OnDisconnect(cl *mqtt.Client, err error, _ bool) {
 
 // OnPublish implements mqtt.Hook.
 func (h *hook) OnPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
-	return h.b.onPublish(cl, pk)
+	// By pointer: the publish path runs on each client's goroutine, and
+	// every ~800-byte copy of a packet on it is stack that grows again after
+	// each collection shrinks it.
+	err := h.b.onPublish(cl, &pk)
+	return pk, err
 }
 
 // OnPublished implements mqtt.Hook: mochi calls it after the PUBACK of a
@@ -89,7 +93,7 @@ func (h *hook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 	if len(pk.Payload) > protocol.MaxPayload {
 		return // dropped and counted in OnPublish
 	}
-	if s := h.b.provisionRequest(cl, pk); s != nil {
+	if s := h.b.provisionRequest(cl, &pk); s != nil {
 		h.b.startProvision(s, pk.Payload)
 	}
 }
@@ -215,9 +219,9 @@ var errIgnore error = packets.CodeSuccessIgnore
 // a device would otherwise resend it forever. MQTT 5 QoS 1 publishers get a
 // negative PUBACK; MQTT 3.1.1 has none. Packets over MaxPacketSize are refused
 // by mochi while reading, which ends the connection (packet_too_large).
-func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
+func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 	if cl.Net.Inline {
-		return pk, nil // Broker.Publish checks its own payloads
+		return nil // Broker.Publish checks its own payloads
 	}
 	if len(pk.Payload) > protocol.MaxPayload {
 		b.m.dropped.WithLabelValues(dropTooLarge).Inc()
@@ -226,25 +230,25 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk packets.Packet) (packets.Packet, 
 				"topic", logID(pk.TopicName), "bytes", len(pk.Payload), "suppressed", suppressed)
 		}
 		if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos == 1 {
-			return pk, errPayloadTooLarge
+			return errPayloadTooLarge
 		}
-		return pk, errIgnore
+		return errIgnore
 	}
 	if b.provisionRequest(cl, pk) != nil {
 		// Acknowledged, not forwarded: the request is for the gateway
 		// only. It is served from OnPublished, once the PUBACK is written.
-		return pk, errIgnore
+		return errIgnore
 	}
-	if b.deliverUplink(cl, &pk) {
+	if b.deliverUplink(cl, pk) {
 		// Acknowledged by mochi, which routes it no further.
-		return pk, errIgnore
+		return errIgnore
 	}
-	return pk, nil
+	return nil
 }
 
 // provisionRequest returns the claim session whose provisioning request pk
 // is, or nil.
-func (b *Broker) provisionRequest(cl *mqtt.Client, pk packets.Packet) *session {
+func (b *Broker) provisionRequest(cl *mqtt.Client, pk *packets.Packet) *session {
 	if !isClaimClient(cl) {
 		return nil
 	}
