@@ -433,6 +433,13 @@ func (s *Server) ProfileCPU(ctx context.Context, name string, d time.Duration) <
 	return s.record(ctx, "profile", name+".pprof", d)
 }
 
+// ProfileAllocs saves what the server allocates in the next d (a delta
+// of /debug/pprof/allocs) to Runner.Profile/name.pprof, in the background;
+// wait on the channel.
+func (s *Server) ProfileAllocs(ctx context.Context, name string, d time.Duration) <-chan struct{} {
+	return s.record(ctx, "allocs", name+".pprof", d)
+}
+
 // TraceExec saves an execution trace of the next d of the server to
 // Runner.Profile/name.trace (go tool trace), in the background; wait on the
 // channel. It can run alongside ProfileCPU; keep d to a few seconds (the

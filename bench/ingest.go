@@ -55,6 +55,7 @@ type ingestStep struct {
 	Markers, MLost  int
 	SrvCPU, PGCPU   float64 // seconds during the step and drain
 	WriteMean       float64 // mean insert_health transaction, seconds
+	WriteP99        float64 // its p99, seconds (from the histogram's buckets)
 	BatchMean       float64 // mean messages per insert_health
 	GenCPU          float64
 	OK              bool
@@ -127,7 +128,7 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 			return res, err
 		}
 		r.Log.Info("ingest step", "target", rate, "offered", int(st.Offered), "stored/s", int(st.Rate), "lost", st.Lost,
-			"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "ok", st.OK, "why", st.Why)
+			"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean, "ok", st.OK, "why", st.Why)
 		res.Steps = append(res.Steps, st)
 		if !res.next(&i) {
 			break
@@ -190,13 +191,16 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 		defer close(markerDone)
 		lags, st.MLost = mk.Run(ctx, o.MarkerRate, o.Step, 10*time.Second)
 	}()
-	prof := gw.ProfileCPU(ctx, fmt.Sprintf("ingest-%s-%.0f", time.Now().Format("150405"), rate), o.Step-time.Second)
+	profName := fmt.Sprintf("ingest-%s-%.0f", time.Now().Format("150405"), rate)
+	prof := gw.ProfileCPU(ctx, profName, o.Step-time.Second)
+	allocs := gw.ProfileAllocs(ctx, profName+"-allocs", o.Step-time.Second)
 	pub.Run(ctx, rate, o.Step)
 	pubEnd := time.Now()
 	st.Sent = pub.Sent.Load() - sent0
 	st.Offered = float64(st.Sent) / o.Step.Seconds()
 	skipped := pub.Skipped.Load() - skip0
 	<-prof
+	<-allocs
 
 	// Drain: wait until every acknowledged message is committed, as the
 	// gateway's lag histogram counts them (it observes after the commit).
@@ -238,6 +242,8 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 	if n := m1.Sum("lockergate_db_write_duration_seconds_count", op) - m0.Sum("lockergate_db_write_duration_seconds_count", op); n > 0 {
 		st.WriteMean = (m1.Sum("lockergate_db_write_duration_seconds_sum", op) - m0.Sum("lockergate_db_write_duration_seconds_sum", op)) / n
 		st.BatchMean = float64(st.Stored) / n
+		wh := m1.Hist("lockergate_db_write_duration_seconds", op).Sub(m0.Hist("lockergate_db_write_duration_seconds", op))
+		st.WriteP99, _ = wh.Quantile(0.99)
 	}
 	st.judge(rate, skipped)
 	return st, nil

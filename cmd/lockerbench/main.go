@@ -101,7 +101,7 @@ func (c *config) register(fs *flag.FlagSet, cmd string) {
 	fs.StringVar(&c.logLevel, "log-level", "info", "progress log level: debug, info, warn, error")
 	fs.StringVar(&c.out, "out", "", "also write the tables to this file")
 	fs.BoolVar(&c.keep, "keep", false, "keep the scratch directory (logs, data) after the run")
-	fs.StringVar(&c.profile, "profile", "", "run the gateway with net/http/pprof (cmd/lockerbench/gwprof) and save CPU profiles of each ingest step, unlock run and reconnect storm (the first 20 s after the restart), an execution trace of the first 5 s of each unlock run, and a heap profile of the idle gateway, in this directory")
+	fs.StringVar(&c.profile, "profile", "", "run the gateway with net/http/pprof (cmd/lockerbench/gwprof) and save CPU profiles (and, for ingest steps, allocation profiles) of each ingest step, unlock run and reconnect storm (the first 20 s after the restart), an execution trace of the first 5 s of each unlock run, and a heap profile of the idle gateway, in this directory")
 	fs.BoolVar(&c.noBaseline, "no-baseline", false, "skip the baseline servers")
 	fs.IntVar(&c.runs, "runs", 3, "runs of each workload (medians and ranges are reported)")
 	all := cmd == "all"
