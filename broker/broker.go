@@ -384,6 +384,9 @@ func (b *Broker) Subscribe(filter string, h fleet.Handler) error {
 	if b.isClosed() {
 		return ErrClosed
 	}
+	if !mqtt.IsValidFilter(filter, false) {
+		return fmt.Errorf("subscribe %q: invalid topic filter", filter)
+	}
 	b.subMu.Lock()
 	defer b.subMu.Unlock()
 	// Direct delivery first: a message published while mochi indexes the

@@ -215,10 +215,12 @@ func (p *scanner) int64To(dst *int64) bool {
 	return ok
 }
 
+// intTo reads an integer into a Go int, which encoding/json refuses (and
+// so declines here) when it does not fit: on 32-bit platforms.
 func (p *scanner) intTo(dst *int) bool {
 	n, ok := p.int()
 	*dst = int(n)
-	return ok
+	return ok && int64(*dst) == n
 }
 
 func (p *scanner) floatTo(dst *float64) bool {
@@ -301,11 +303,11 @@ func (p *scanner) ints() ([]int, bool) {
 	}
 	out := make([]int, 0, 4)
 	for {
-		n, ok := p.int()
-		if !ok {
+		var n int
+		if !p.intTo(&n) {
 			return nil, false
 		}
-		out = append(out, int(n))
+		out = append(out, n)
 		p.ws()
 		if p.eat(']') {
 			return out, true
