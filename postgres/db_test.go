@@ -397,6 +397,67 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("pages gave %v", seen)
 		}
 	})
+	t.Run("HealthCopyRoundTrip", func(t *testing.T) {
+		// The binary COPY is encoded by hand (copyHealth): every column
+		// must read back as pgx would have written it. Times are truncated
+		// to microseconds, also before PostgreSQL's epoch of 2000.
+		at := now.Truncate(time.Second).Add(123456789 * time.Nanosecond)
+		recs := []fleet.HealthRecord{
+			{DeviceID: id, ReceivedAt: at, TS: time.Date(1999, 12, 31, 23, 59, 59, 999999500, time.UTC),
+				Seq: 1 << 40, Body: json.RawMessage(`{"fw":"caf\u00e9 ✓","seq":1099511627776}`)},
+			{DeviceID: id, ReceivedAt: at, TS: time.Date(2038, 1, 19, 3, 14, 8, 1000, time.UTC),
+				Seq: 0, Body: json.RawMessage(` { "a" : [1, 2] } `)},
+		}
+		if err := db.InsertHealth(ctx, recs, nil); err != nil {
+			t.Fatal(err)
+		}
+		rows, err := db.Pool().Query(ctx, `SELECT device_id, received_at, ts, seq, body::text FROM health
+			WHERE device_id = $1 AND seq IN (0, 1099511627776) ORDER BY seq DESC`, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []fleet.HealthRecord
+		for rows.Next() {
+			var h fleet.HealthRecord
+			var body string
+			if err := rows.Scan(&h.DeviceID, &h.ReceivedAt, &h.TS, &h.Seq, &body); err != nil {
+				t.Fatal(err)
+			}
+			h.Body = json.RawMessage(body)
+			got = append(got, h)
+		}
+		if err := rows.Err(); err != nil || len(got) != 2 {
+			t.Fatalf("read back %d rows: %v", len(got), err)
+		}
+		for i, want := range recs {
+			g := got[i]
+			if g.DeviceID != want.DeviceID || !g.ReceivedAt.Equal(want.ReceivedAt.Truncate(time.Microsecond)) ||
+				!g.TS.Equal(want.TS.Truncate(time.Microsecond)) || g.Seq != want.Seq || string(g.Body) != string(want.Body) {
+				t.Errorf("row %d: got %+v (body %s), want %+v (body %s)", i, g, g.Body, want, want.Body)
+			}
+		}
+	})
+	t.Run("HealthCopyRefusesBadBodies", func(t *testing.T) {
+		count := func() (n int) {
+			t.Helper()
+			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		before := count()
+		ok := fleet.HealthRecord{DeviceID: id, ReceivedAt: now, TS: now, Seq: 77, Body: json.RawMessage(`{}`)}
+		for _, body := range []string{"", "{", "nope"} {
+			bad := ok
+			bad.Seq, bad.Body = 78, json.RawMessage(body)
+			if err := db.InsertHealth(ctx, []fleet.HealthRecord{ok, bad}, nil); err == nil {
+				t.Errorf("body %q stored", body)
+			}
+		}
+		if n := count(); n != before {
+			t.Errorf("%d rows stored from failed batches", n-before)
+		}
+	})
 	t.Run("EventsOnce", func(t *testing.T) {
 		occ := true
 		body, _ := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(now), Type: "door_closed", Compartment: 2, Occupied: &occ})

@@ -173,9 +173,7 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, late
 	}
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if len(batch) > 0 {
-			_, err := tx.CopyFrom(ctx, pgx.Identifier{"health"}, []string{"device_id", "received_at", "ts", "seq", "body"},
-				&healthRows{batch: batch})
-			if err != nil {
+			if err := copyHealth(ctx, tx, batch); err != nil {
 				return fmt.Errorf("copy health: %w", err)
 			}
 		}
@@ -209,28 +207,6 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, late
 		return nil
 	})
 }
-
-// healthRows is the COPY source of a health batch. It reuses one row of
-// values (pgx encodes each row before asking for the next) and passes the
-// body as it came, []byte, which pgx writes to a json column as it is.
-type healthRows struct {
-	batch []fleet.HealthRecord
-	i     int
-	row   [5]any
-}
-
-func (r *healthRows) Next() bool {
-	r.i++
-	return r.i <= len(r.batch)
-}
-
-func (r *healthRows) Values() ([]any, error) {
-	h := &r.batch[r.i-1]
-	r.row = [5]any{h.DeviceID, h.ReceivedAt, h.TS, h.Seq, h.Body}
-	return r.row[:], nil
-}
-
-func (r *healthRows) Err() error { return nil }
 
 // InsertEvents implements fleet.Store.
 func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fleet.EventRecord, error) {
