@@ -65,6 +65,17 @@ func (cl *Clients) GetAll() map[string]*Client {
 	return m
 }
 
+// Each calls f for every client, under the read lock: f must not change
+// the clients. Lockergate patch: GetAll copies the map, which the server's
+// once-a-second sweeps did for every client.
+func (cl *Clients) Each(f func(id string, client *Client)) {
+	cl.RLock()
+	defer cl.RUnlock()
+	for k, v := range cl.internal {
+		f(k, v)
+	}
+}
+
 // Get returns the value of a client if it exists.
 func (cl *Clients) Get(id string) (*Client, bool) {
 	cl.RLock()

@@ -1719,11 +1719,20 @@ func (s *Server) loadRetained(v []storage.Message) {
 
 // clearExpiredClients deletes all clients which have been disconnected for longer
 // than their given expiry intervals.
+//
+// Lockergate patch: the expired ones are picked out under the read lock
+// (Clients.Each) instead of copying every client into a new map each
+// second; the hook and the deletion run after it.
 func (s *Server) clearExpiredClients(dt int64) {
-	for id, client := range s.Clients.GetAll() {
+	type idClient struct {
+		id     string
+		client *Client
+	}
+	var expired []idClient
+	s.Clients.Each(func(id string, client *Client) {
 		disconnected := client.StopTime()
 		if disconnected == 0 {
-			continue
+			return
 		}
 
 		expire := s.Options.Capabilities.MaximumSessionExpiryInterval
@@ -1732,9 +1741,12 @@ func (s *Server) clearExpiredClients(dt int64) {
 		}
 
 		if disconnected+int64(expire) < dt {
-			s.hooks.OnClientExpired(client)
-			s.Clients.Delete(id) // [MQTT-4.1.0-2]
+			expired = append(expired, idClient{id, client})
 		}
+	})
+	for _, e := range expired {
+		s.hooks.OnClientExpired(e.client)
+		s.Clients.Delete(e.id) // [MQTT-4.1.0-2]
 	}
 }
 
@@ -1763,8 +1775,18 @@ func (s *Server) clearExpiredRetainedMessages(now int64) {
 }
 
 // clearExpiredInflights deletes any inflight messages which have expired.
+//
+// Lockergate patch: only the clients with inflight messages are picked out
+// (under the read lock, Clients.Each), instead of copying every client into
+// a new map each second.
 func (s *Server) clearExpiredInflights(now int64) {
-	for _, client := range s.Clients.GetAll() {
+	var busy []*Client
+	s.Clients.Each(func(_ string, client *Client) {
+		if client.State.Inflight.Len() > 0 {
+			busy = append(busy, client)
+		}
+	})
+	for _, client := range busy {
 		if deleted := client.ClearExpiredInflights(now, s.Options.Capabilities.MaximumMessageExpiryInterval); len(deleted) > 0 {
 			for _, id := range deleted {
 				s.hooks.OnQosDropped(client, packets.Packet{PacketID: id})
