@@ -60,63 +60,48 @@ func fastHealth(payload []byte) *Health {
 	box := new(healthBox)
 	h := &box.h
 	seen := 0
-	p.ws()
-	if !p.eat('}') {
-		for {
-			key, ok := p.str()
-			if !ok {
-				return nil
-			}
-			p.ws()
-			if !p.eat(':') {
-				return nil
-			}
-			p.ws()
-			var bit int
-			switch string(key) {
-			case "ts":
-				bit, ok = hfTS, p.time(&h.TS)
-			case "seq":
-				bit, ok = hfSeq, p.int64To(&h.Seq)
-			case "fw":
-				bit, ok = hfFW, p.strTo(&h.FW)
-			case "uptime_s":
-				bit, ok = hfUptime, p.int64To(&h.UptimeS)
-			case "temp_c":
-				bit, ok = hfTemp, p.floatTo(&box.temp)
-				h.TempC = &box.temp
-			case "power":
-				bit, ok = hfPower, p.power(&h.Power)
-			case "battery_pct":
-				bit, ok = hfBattery, p.intTo(&box.battery)
-				h.BatteryPct = &box.battery
-			case "rssi_dbm":
-				bit, ok = hfRSSI, p.intTo(&box.rssi)
-				h.RSSIdBm = &box.rssi
-			case "free_compartments":
-				bit, ok = hfFree, p.intTo(&box.free)
-				h.FreeCompartments = &box.free
-			case "door_faults":
-				bit = hfFaults
-				h.DoorFaults, ok = p.ints()
-			default:
-				// encoding/json matches keys without regard to case.
-				ok = !slices.ContainsFunc(healthKeys[:], func(k string) bool { return strings.EqualFold(string(key), k) }) &&
-					p.skip(0)
-			}
-			if !ok || seen&bit != 0 {
-				return nil // a repeated key too: Decode knows which one wins
-			}
-			seen |= bit
-			p.ws()
-			if p.eat('}') {
-				break
-			}
-			if !p.eat(',') {
-				return nil
-			}
-			p.ws()
+	ok := p.object(func(key []byte) bool {
+		var bit int
+		var ok bool
+		switch string(key) {
+		case "ts":
+			bit, ok = hfTS, p.time(&h.TS)
+		case "seq":
+			bit, ok = hfSeq, p.int64To(&h.Seq)
+		case "fw":
+			bit, ok = hfFW, p.strTo(&h.FW)
+		case "uptime_s":
+			bit, ok = hfUptime, p.int64To(&h.UptimeS)
+		case "temp_c":
+			bit, ok = hfTemp, p.floatTo(&box.temp)
+			h.TempC = &box.temp
+		case "power":
+			bit, ok = hfPower, p.power(&h.Power)
+		case "battery_pct":
+			bit, ok = hfBattery, p.intTo(&box.battery)
+			h.BatteryPct = &box.battery
+		case "rssi_dbm":
+			bit, ok = hfRSSI, p.intTo(&box.rssi)
+			h.RSSIdBm = &box.rssi
+		case "free_compartments":
+			bit, ok = hfFree, p.intTo(&box.free)
+			h.FreeCompartments = &box.free
+		case "door_faults":
+			bit = hfFaults
+			h.DoorFaults, ok = p.ints()
+		default:
+			// encoding/json matches keys without regard to case.
+			ok = !slices.ContainsFunc(healthKeys[:], func(k string) bool { return strings.EqualFold(string(key), k) }) &&
+				p.skip(0)
 		}
+		if !ok || seen&bit != 0 {
+			return false // a repeated key too: Decode knows which one wins
+		}
+		seen |= bit
+		return true
+	})
+	if !ok {
+		return nil
 	}
 	p.ws()
 	if p.i != len(p.b) {
@@ -294,29 +279,53 @@ func (p *scanner) digits(integer bool) bool {
 // ints reads an array of integers; "[]" is an empty, non-nil slice, as
 // encoding/json decodes it.
 func (p *scanner) ints() ([]int, bool) {
-	if !p.eat('[') {
-		return nil, false
-	}
-	p.ws()
-	if p.eat(']') {
-		return []int{}, true
-	}
-	out := make([]int, 0, 4)
-	for {
+	out := []int{}
+	ok := p.eat('[') && p.elements(']', func() bool {
 		var n int
-		if !p.intTo(&n) {
-			return nil, false
-		}
+		ok := p.intTo(&n)
 		out = append(out, n)
+		return ok
+	})
+	return out, ok
+}
+
+// elements reads the rest of an array or object whose opening bracket was
+// read: elements, each read by elem, separated by commas, up to close.
+func (p *scanner) elements(close byte, elem func() bool) bool {
+	p.ws()
+	if p.eat(close) {
+		return true
+	}
+	for {
+		if !elem() {
+			return false
+		}
 		p.ws()
-		if p.eat(']') {
-			return out, true
+		if p.eat(close) {
+			return true
 		}
 		if !p.eat(',') {
-			return nil, false
+			return false
 		}
 		p.ws()
 	}
+}
+
+// object reads the rest of an object whose '{' was read; value reads the
+// value of each key.
+func (p *scanner) object(value func(key []byte) bool) bool {
+	return p.elements('}', func() bool {
+		key, ok := p.str()
+		if !ok {
+			return false
+		}
+		p.ws()
+		if !p.eat(':') {
+			return false
+		}
+		p.ws()
+		return value(key)
+	})
 }
 
 // maxSkipDepth bounds the nesting of an unknown field's value that skip
@@ -344,50 +353,10 @@ func (p *scanner) skip(depth int) bool {
 		return p.word("null")
 	case c == '[':
 		p.i++
-		p.ws()
-		if p.eat(']') {
-			return true
-		}
-		for {
-			if !p.skip(depth + 1) {
-				return false
-			}
-			p.ws()
-			if p.eat(']') {
-				return true
-			}
-			if !p.eat(',') {
-				return false
-			}
-			p.ws()
-		}
+		return p.elements(']', func() bool { return p.skip(depth + 1) })
 	case c == '{':
 		p.i++
-		p.ws()
-		if p.eat('}') {
-			return true
-		}
-		for {
-			if _, ok := p.str(); !ok {
-				return false
-			}
-			p.ws()
-			if !p.eat(':') {
-				return false
-			}
-			p.ws()
-			if !p.skip(depth + 1) {
-				return false
-			}
-			p.ws()
-			if p.eat('}') {
-				return true
-			}
-			if !p.eat(',') {
-				return false
-			}
-			p.ws()
-		}
+		return p.object(func([]byte) bool { return p.skip(depth + 1) })
 	}
 	return false
 }
