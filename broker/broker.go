@@ -123,9 +123,10 @@ type Broker struct {
 	authSem chan struct{} // bounds backend credential checks (a connect storm)
 	provWG  sync.WaitGroup
 
-	subID atomic.Int64
-	subMu sync.Mutex                  // serialises Subscribe's updates of subs
-	subs  atomic.Pointer[[]inlineSub] // every Subscribe, for direct delivery (deliverUplink)
+	subID     atomic.Int64
+	subMu     sync.Mutex                  // serialises Subscribe's updates of subs
+	subs      atomic.Pointer[[]inlineSub] // every Subscribe, for direct delivery (deliverUplink)
+	mochiOnly atomic.Bool                 // a $ filter was subscribed: no direct delivery
 
 	life      sync.Mutex
 	started   bool
@@ -398,6 +399,9 @@ func (b *Broker) Subscribe(filter string, h fleet.Handler) error {
 	}
 	subs = append(subs, inlineSub{filter: filter, h: h})
 	b.subs.Store(&subs)
+	if strings.HasPrefix(filter, "$") {
+		b.mochiOnly.Store(true) // never undone: there is no Unsubscribe
+	}
 	id := int(b.subID.Add(1))
 	err := b.server.Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
 		h(fleet.Message{
@@ -440,13 +444,8 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
 		return false
 	}
 	p := b.subs.Load()
-	if p == nil {
+	if p == nil || b.mochiOnly.Load() {
 		return false
-	}
-	for _, s := range *p {
-		if strings.HasPrefix(s.filter, "$") {
-			return false
-		}
 	}
 	// The payload is the packet's own buffer, read for this packet alone
 	// (mochi's Client.ReadPacket), and nothing in mochi keeps it once the

@@ -238,3 +238,22 @@ func TestUplinkDelivery(t *testing.T) {
 		}
 	})
 }
+
+// TestUplinkDeliveryDollarFilter: once a $ filter is subscribed (matches
+// cannot tell what mochi makes of it), device messages go through mochi,
+// and still reach each handler once.
+func TestUplinkDeliveryDollarFilter(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	h.subscribe(t, "$SYS/#")
+	if !h.b.mochiOnly.Load() {
+		t.Fatal("direct delivery still on after a $ filter")
+	}
+	health := h.subscribe(t, "lockers/v1/+/health")
+	a := h.mustDialDevice(t, "A")
+	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":1}`))
+	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":2}`))
+	waitFor(t, "two health messages", func() bool { return len(health.get()) >= 2 })
+	if got := health.get(); len(got) != 2 || string(got[1].Payload) != `{"seq":2}` {
+		t.Errorf("got %+v, want each message once", got)
+	}
+}
