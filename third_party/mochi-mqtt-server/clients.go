@@ -364,11 +364,6 @@ func (cl *Client) ClearInflights() {
 
 // ClearExpiredInflights deletes any inflight messages which have expired.
 func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
-	// Lockergate patch: the server runs this for every client every second;
-	// GetAll's copy and sort allocated even for an empty map (the usual case).
-	if cl.State.Inflight.Len() == 0 {
-		return nil
-	}
 	deleted := []uint16{}
 	for _, tk := range cl.State.Inflight.GetAll(false) {
 		expired := tk.ProtocolVersion == 5 && tk.Expiry > 0 && tk.Expiry < now // [MQTT-3.3.2-5]
