@@ -38,10 +38,15 @@ type Options struct {
 	// is up (or at shutdown). Every report is stored as a health row at
 	// once either way. Default (0) 1s, or half the configured health
 	// interval when that is shorter; negative: every report is written
-	// through, as several instances sharing one fleet need (each sees only
-	// some of a locker's reports, so a held run would count the others'
-	// as sequence gaps).
+	// through (SharedReports needs that).
 	LatestHealthEvery time.Duration
+	// SharedReports says this instance receives only some of each
+	// locker's reports (instances sharing an external broker's shared
+	// subscriptions): reports written through count sequence gaps only
+	// against the stored latest, not between the reports of one batch,
+	// where they are mostly the other instances' reports. Write through
+	// (LatestHealthEvery < 0) with it: a held run would count them too.
+	SharedReports bool
 	// EventQueue bounds queued events; when full, publishers wait (events are
 	// never dropped). Default 16384.
 	EventQueue int
@@ -179,9 +184,9 @@ func New(opts Options) (*Manager, error) {
 		return nil, fmt.Errorf("fleet: config: %w", err)
 	}
 	if opts.LatestHealthEvery == 0 {
-		// last_seen moves with the latest health: held longer than half a
-		// health interval, a locker could look stale (3 intervals silent)
-		// while its reports are arriving.
+		// last_seen and the latest health lag a locker's reports by up to
+		// the hold (and a quarter of it): under half a health interval, so
+		// less than one report behind at any interval.
 		opts.LatestHealthEvery = min(time.Second, time.Duration(opts.Config.HealthIntervalS)*time.Second/2)
 	}
 	if opts.DrainTimeout <= 0 {
@@ -238,11 +243,10 @@ func (m *Manager) Run(ctx context.Context) error {
 	m.wg.Add(1 + len(m.health))
 	for _, q := range m.health {
 		w := &healthWriter{m: m}
-		tick := w.tick
+		var tick func(context.Context, bool)
 		if m.opts.LatestHealthEvery > 0 {
 			w.latest = newLatestThrottle(m.opts.LatestHealthEvery)
-		} else {
-			tick = nil
+			tick = w.tick
 		}
 		go m.batchLoop(wctx, "health", q, w.write, tick)
 	}
@@ -488,9 +492,15 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 		return
 	}
 	var latest []LatestHealth
-	if w.latest != nil {
-		latest = w.latest.take(time.Now(), recs)
-	} else {
+	switch {
+	case w.latest != nil:
+		latest = w.latest.take(m.now(), recs)
+	case m.opts.SharedReports:
+		latest = LatestOf(recs)
+		for i := range latest {
+			latest[i].FirstSeq, latest[i].Gaps = latest[i].Seq, 0
+		}
+	default:
 		latest = LatestOf(recs)
 	}
 	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) }); err != nil {
@@ -511,7 +521,7 @@ func (w *healthWriter) tick(ctx context.Context, final bool) {
 	if final {
 		latest = w.latest.all() // the due ones included
 	} else {
-		latest = w.latest.due(time.Now())
+		latest = w.latest.due(w.m.now())
 	}
 	if len(latest) == 0 {
 		return

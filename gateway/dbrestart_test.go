@@ -257,10 +257,13 @@ func TestCommandAnsweredWhenDatabaseGoesDown(t *testing.T) {
 		status int
 		body   string
 		err    error
+		at     time.Time
 	}
 	done := make(chan answer, 1)
 	go func() {
-		body := strings.NewReader(`{"type":"unlock","compartment":1,"ttl_s":3,"wait_s":10}`)
+		// The wait ends (and the command is read again) with PostgreSQL
+		// down, long before the command could expire.
+		body := strings.NewReader(`{"type":"unlock","compartment":1,"ttl_s":120,"wait_s":8}`)
 		req, _ := http.NewRequest("POST", tg.Admin.BaseURL+"/v1/lockers/"+r.DeviceID+"/commands", body)
 		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
 		req.Header.Set("Content-Type", "application/json")
@@ -271,7 +274,7 @@ func TestCommandAnsweredWhenDatabaseGoesDown(t *testing.T) {
 		}
 		defer resp.Body.Close()
 		b, _ := io.ReadAll(resp.Body)
-		done <- answer{status: resp.StatusCode, body: string(b)}
+		done <- answer{status: resp.StatusCode, body: string(b), at: time.Now()}
 	}()
 	Eventually(t, 10*time.Second, "the command stored", func() error {
 		if n := tg.Count(t, `SELECT count(*) FROM commands WHERE device_id = $1`, r.DeviceID); n != 1 {
@@ -279,11 +282,18 @@ func TestCommandAnsweredWhenDatabaseGoesDown(t *testing.T) {
 		}
 		return nil
 	})
-	pg.stop(t) // before the command expires, 3 s after it was stored
+	pg.stop(t)
+	stopped := time.Now()
 	select {
 	case a := <-done:
 		if a.err != nil || a.status != http.StatusCreated || !strings.Contains(a.body, `"id":"c`) {
 			t.Fatalf("answer %d %q (%v), want 201 with the command", a.status, a.body, a.err)
+		}
+		if !a.at.After(stopped) {
+			t.Fatal("answered before PostgreSQL stopped: the failed read was not exercised")
+		}
+		if !strings.Contains(a.body, `"status":"pending"`) {
+			t.Errorf("answer %s, want the last known state, pending", a.body)
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("no answer within 30 s")

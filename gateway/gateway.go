@@ -95,7 +95,8 @@ type Options struct {
 	// an instance cut off alone may admit a locker disabled elsewhere.
 	AuthStaleWindow time.Duration
 	// LatestHealthEvery bounds how often one locker's latest health is
-	// rewritten (fleet.Options.LatestHealthEvery). 0: one second with the
+	// rewritten (fleet.Options.LatestHealthEvery). 0: the fleet manager's
+	// default (a second, or half the health interval if shorter) with the
 	// embedded broker; with an external one every report is written
 	// through, since each instance sees only some of a locker's reports.
 	LatestHealthEvery time.Duration
@@ -312,7 +313,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
-		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil)})
+		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil})
 	if err != nil {
 		return nil, err
 	}

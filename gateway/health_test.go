@@ -91,14 +91,8 @@ func TestLatestHealthHeld(t *testing.T) {
 		t.Fatalf("reports within the interval were not held: latest seq %d gaps %d", seq, gaps)
 	}
 	// The API reads the same row.
-	var api struct {
-		Health json.RawMessage `json:"health"`
-	}
-	if err := tg.Admin.Get(ctx, "/v1/lockers/"+l.id, nil, &api); err != nil {
-		t.Fatal(err)
-	}
-	if want := `"seq":1`; !strings.Contains(string(api.Health), want) {
-		t.Fatalf("API health %s, want %s", api.Health, want)
+	if api, want := lockerOf(t, tg, l.id).Health, `"seq":1`; !strings.Contains(string(api), want) {
+		t.Fatalf("API health %s, want %s", api, want)
 	}
 
 	l.dev.Disconnect(0)
