@@ -136,7 +136,11 @@ func (m *Manager) waitCommand(ctx context.Context, c *Command, wake chan *Comman
 		if c.Status == CmdPending && !now.Before(c.ExpiresAt) {
 			// Do not leave a caller waiting on the sweeper's next tick.
 			m.sweep(ctx)
-			return m.store.GetCommand(ctx, deviceID, id)
+			nc, err := m.store.GetCommand(ctx, deviceID, id)
+			if err != nil {
+				return c, err // the last known state: the command is stored
+			}
+			return nc, nil
 		}
 		if !now.Before(deadline) {
 			return c, nil

@@ -442,3 +442,26 @@ func TestControlAckedOnlyWhenHandled(t *testing.T) {
 		t.Fatalf("invalid for good: %d acks, want 2", acks)
 	}
 }
+
+// failingGets is a fakeStore whose GetCommand fails.
+type failingGets struct{ *fakeStore }
+
+func (failingGets) GetCommand(context.Context, string, string) (*Command, error) {
+	return nil, errors.New("connection refused")
+}
+
+// TestWaitCommandExpiredReadFails: a command that expired unsent while
+// waited on, whose final read fails, is answered with its last known state
+// (it is stored: the caller must not send another), and the error.
+func TestWaitCommandExpiredReadFails(t *testing.T) {
+	st := failingGets{newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &Command{ID: "c1", DeviceID: "lk-1", Status: CmdPending, ExpiresAt: m.now().Add(-time.Second)}
+	got, err := m.waitCommand(context.Background(), c, m.subscribe(c.ID), time.Minute)
+	if err == nil || got == nil || got.ID != "c1" || got.Status != CmdPending {
+		t.Fatalf("got %+v, %v; want the pending command and the error", got, err)
+	}
+}

@@ -20,7 +20,10 @@ func scanCommand(row pgx.Row) (*fleet.Command, error) {
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
-	return &c, err
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 func collectCommands(rows pgx.Rows, err error) ([]fleet.Command, error) {
