@@ -219,17 +219,16 @@ func isUniqueViolation(err error) bool {
 	return errors.As(err, &pgErr) && pgErr.Code == "23505"
 }
 
-// Transient reports whether err may pass if the same statement is tried
+// transient reports whether err may pass if the same statement is tried
 // again later: the database could not be reached (wrong password after a
 // rotation, a replica during failover, no such database yet), the
 // connection broke, a timeout or cancellation, a lock or resource limit,
 // a shutdown, a deadlock or serialization victim. A statement PostgreSQL
 // refuses for its content (a constraint, a bad value, a bad query) is not,
 // nor is an error of our own (a failed scan).
-func Transient(err error) bool {
-	var connErr *pgconn.ConnectError
-	if errors.As(err, &connErr) {
-		return true // whatever the server said while we connected
+func transient(err error) bool {
+	if connectionFailed(err) {
+		return true
 	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
@@ -242,9 +241,7 @@ func Transient(err error) bool {
 		}
 		return true
 	}
-	var netErr net.Error
-	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.As(err, &netErr) ||
-		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err) || pgconn.SafeToRetry(err)
+	return errors.Is(err, context.Canceled) || pgconn.SafeToRetry(err)
 }
 
 // Unavailable reports whether err says the database could not serve the
@@ -252,29 +249,37 @@ func Transient(err error) bool {
 // it is unreachable, the connection broke or timed out, it is starting,
 // shutting down, read-only (a failover) or out of resources, or the
 // statement lost a deadlock or serialization race. Narrower than
-// Transient: an internal error, a failed transaction or a limit the query
+// transient: an internal error, a failed transaction or a limit the query
 // hit is a fault to look at, not a moment to wait out.
 func Unavailable(err error) bool {
-	var connErr *pgconn.ConnectError
-	if errors.As(err, &connErr) {
+	if connectionFailed(err) {
 		return true
 	}
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch {
-		case pgErr.Code == "55P03", pgErr.Code == "25006": // lock not available, read-only transaction
-			return true
-		case len(pgErr.Code) != 5:
-			return false
-		}
-		switch pgErr.Code[:2] {
-		case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
-			return true
-		}
+	if !errors.As(err, &pgErr) {
 		return false
 	}
+	switch {
+	case pgErr.Code == "55P03", pgErr.Code == "25006": // lock not available, read-only transaction
+		return true
+	case len(pgErr.Code) != 5:
+		return false
+	}
+	switch pgErr.Code[:2] {
+	case "08", "40", "53", "57", "58": // connection, rollback, resources, operator intervention, system
+		return true
+	}
+	return false
+}
+
+// connectionFailed reports an error of reaching the database or of the
+// connection, not an answer to the statement: whatever the server said
+// while we connected, a network error or timeout (context.DeadlineExceeded
+// is a net.Error too), a connection closed under the statement.
+func connectionFailed(err error) bool {
+	var connErr *pgconn.ConnectError
 	var netErr net.Error
-	return errors.Is(err, context.DeadlineExceeded) || errors.As(err, &netErr) ||
+	return errors.As(err, &connErr) || errors.As(err, &netErr) ||
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err)
 }
 

@@ -237,7 +237,7 @@ func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			Detail: detail})
 	})
 	if err != nil {
-		if Transient(err) {
+		if transient(err) {
 			return nil, fmt.Errorf("register %s: %w: %w", req.Serial, provisioning.ErrUnavailable, err)
 		}
 		return nil, fmt.Errorf("register %s: %w", req.Serial, err)

@@ -31,8 +31,8 @@ func TestTransient(t *testing.T) {
 		{&pgconn.PgError{Code: "55P03"}, true}, // lock not available
 		{&pgconn.PgError{Code: "X"}, true},     // not a code we know: provisioning retries
 	} {
-		if got := Transient(tc.err); got != tc.want {
-			t.Errorf("Transient(%v) = %v, want %v", tc.err, got, tc.want)
+		if got := transient(tc.err); got != tc.want {
+			t.Errorf("transient(%v) = %v, want %v", tc.err, got, tc.want)
 		}
 	}
 }
