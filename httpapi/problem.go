@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -43,35 +44,40 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 	case errors.Is(err, fleet.ErrUnprocessable):
 		status = http.StatusUnprocessableEntity
 	}
-	if status == http.StatusInternalServerError && r.Context().Err() != nil &&
-		(errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)) {
+	if status != http.StatusInternalServerError {
+		writeProblem(w, status, err.Error())
+		return
+	}
+	switch {
+	case r.Context().Err() != nil && (errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)):
 		// The client went away (or its deadline passed) mid-request:
 		// nobody reads the answer, and the database is not to blame.
 		s.log.Debug("request ended by the client", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeProblem(w, http.StatusServiceUnavailable, "request cancelled")
-		return
-	}
-	if status == http.StatusInternalServerError && s.opts.Unavailable != nil && s.opts.Unavailable(err) {
+	case s.opts.Unavailable != nil && s.opts.Unavailable(err):
 		// One line per 10 s: during an outage every request fails so.
-		now := time.Now().UnixNano()
-		if last := s.unavailableLogged.Load(); now-last > int64(10*time.Second) && s.unavailableLogged.CompareAndSwap(last, now) {
+		if logDue(&s.unavailableLogged, 10*time.Second) {
 			s.log.Warn("request refused: the database is unavailable or busy; answering 503 until it recovers",
 				"method", r.Method, "path", r.URL.Path, "err", err)
 		}
 		w.Header().Set("Retry-After", strconv.Itoa(unavailableRetryAfter))
 		writeProblem(w, http.StatusServiceUnavailable, "the database is unavailable or busy; retry in a few seconds")
-		return
-	}
-	if status == http.StatusInternalServerError {
+	default:
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 		writeProblem(w, status, "internal error; the gateway log has the details")
-		return
 	}
-	writeProblem(w, status, err.Error())
+}
+
+// logDue reports whether a message logged at most once per every (last
+// holds when, in Unix nanoseconds) is due again, and if so claims it.
+func logDue(last *atomic.Int64, every time.Duration) bool {
+	now := time.Now().UnixNano()
+	l := last.Load()
+	return now-l > int64(every) && last.CompareAndSwap(l, now)
 }
 
 // unavailableRetryAfter is the Retry-After (seconds) of a request refused
-// for a transient store error.
+// because the store is unavailable.
 const unavailableRetryAfter = 2
 
 var errBadRequest = errors.New("bad request")

@@ -225,8 +225,7 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 	// slow database must not stretch how long a revoked token works.
 	if stale, ok := s.tokens.get(hash, tokenStaleMax); ok && stale.Role == fleet.RoleBroker && r.Context().Err() == nil {
 		// One line per 10 s: an external broker asks many times a second.
-		now := time.Now().UnixNano()
-		if last := s.staleLogged.Load(); now-last > int64(10*time.Second) && s.staleLogged.CompareAndSwap(last, now) {
+		if logDue(&s.staleLogged, 10*time.Second) {
 			s.log.Warn("token lookup failed; trusting broker tokens verified in the last 10 minutes until the database answers",
 				"token", stale.ID, "err", err)
 		}
