@@ -84,9 +84,11 @@ func BenchmarkInsertHealth(b *testing.B) {
 				wg.Wait()
 				rows := float64(b.N * batch)
 				b.ReportMetric(rows/time.Since(start).Seconds(), "rows/s")
-				if cpu, err := bench.PostgresCPU(dataDir); err == nil {
-					b.ReportMetric(float64(cpu-cpu0)/rows*1e6, "pg-µs/row")
+				cpu, err := bench.PostgresCPU(dataDir)
+				if err != nil {
+					b.Fatalf("PostgreSQL CPU of %s: %v", dataDir, err)
 				}
+				b.ReportMetric(float64(cpu-cpu0)/rows*1e6, "pg-µs/row")
 			})
 		}
 	}

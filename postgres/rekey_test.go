@@ -357,13 +357,19 @@ func TestMigrationRevokesOrphans(t *testing.T) {
 func TestMintForPartOfCombinedCode(t *testing.T) {
 	e := newCredEnv(t, "SN-PART", 3)
 	a, b, c := e.pickup("PART-A"), e.pickup("PART-B"), e.pickup("PART-C")
+	// C's order ends first of those left once A has its own code.
+	e.exec(`UPDATE pickups SET expires_at = date_trunc('second', now()) + interval '40 minutes' WHERE id = $1`, c.ID)
 	e.mustMint("k-abc", "mac-abc", a, b, c)
 	before := e.version()
 	e.mustMint("k-a", "mac-a", a)
+	cNow, err := e.db.GetPickup(context.Background(), c.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
 	abc, state := e.cred("k-abc")
-	if state != "active" || !slices.Equal(abc.Compartments, []int{b.Compartment, c.Compartment}) {
-		t.Fatalf("combined code after a new code for A: %s, compartments %v; want active for %d and %d",
-			state, abc.Compartments, b.Compartment, c.Compartment)
+	if state != "active" || !slices.Equal(abc.Compartments, []int{b.Compartment, c.Compartment}) || !abc.NotAfter.Equal(cNow.ExpiresAt) {
+		t.Fatalf("combined code after a new code for A: %s, compartments %v until %s; want active for %d and %d until %s",
+			state, abc.Compartments, abc.NotAfter, b.Compartment, c.Compartment, cNow.ExpiresAt)
 	}
 	if v := e.version(); v <= before {
 		t.Fatalf("set version %d, was %d: the locker must fetch the narrowed set", v, before)
