@@ -10,13 +10,17 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 )
 
 // copyHealthSQL is the COPY that copyHealth's data is for.
 const copyHealthSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
+
+// beginCopyHealthSQL opens a transaction and starts the same COPY in one
+// round trip.
+const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 
 // copyBufs holds copyHealth's buffers between batches.
 var copyBufs = sync.Pool{New: func() any { return new([]byte) }}
@@ -30,11 +34,14 @@ const maxKeptCopyBuf = 4 << 20
 // pgx's CopyFrom does the same with an encoder per value (an allocation for
 // most) and a buffer it grows from scratch for every COPY: together a third
 // of what the gateway allocated in health ingest.
-func copyHealth(ctx context.Context, tx pgx.Tx, batch []fleet.HealthRecord) error {
+//
+// sql is copyHealthSQL, alone or after other statements of the same
+// simple query (pgconn sends the data without waiting for the COPY to start).
+func copyHealth(ctx context.Context, pc *pgconn.PgConn, sql string, batch []fleet.HealthRecord) error {
 	p := copyBufs.Get().(*[]byte)
 	b, err := appendHealthCopy((*p)[:0], batch)
 	if err == nil {
-		_, err = tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(b), copyHealthSQL)
+		_, err = pc.CopyFrom(ctx, bytes.NewReader(b), sql)
 	}
 	if cap(b) <= maxKeptCopyBuf {
 		*p = b

@@ -458,6 +458,87 @@ func TestIngest(t *testing.T) {
 			t.Errorf("%d rows stored from failed batches", n-before)
 		}
 	})
+	t.Run("HealthRowsAndLatestTogether", func(t *testing.T) {
+		// Rows and latest health are one transaction over two round trips:
+		// a failure in either statement stores neither, and the connection
+		// goes back to the pool usable.
+		id := MustDevice(t, db, "s1", "SN-ATOMIC", 1)
+		count := func() (n int) {
+			t.Helper()
+			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		latestSeq := func() int64 {
+			t.Helper()
+			l, err := db.GetLocker(ctx, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var h struct{ Seq int64 }
+			if len(l.Health) > 0 {
+				if err := json.Unmarshal(l.Health, &h); err != nil {
+					t.Fatalf("latest health %q: %v", l.Health, err)
+				}
+			}
+			return h.Seq
+		}
+		rec := func(seq int64, body string) fleet.HealthRecord {
+			return fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Millisecond), TS: now,
+				Seq: seq, Body: json.RawMessage(body)}
+		}
+		good := []fleet.HealthRecord{rec(1, `{"seq":1}`), rec(2, `{"seq":2}`)}
+		if err := db.InsertHealth(ctx, good, fleet.LatestOf(good)); err != nil {
+			t.Fatal(err)
+		}
+		if n, seq := count(), latestSeq(); n != 2 || seq != 2 {
+			t.Fatalf("stored %d rows, latest seq %d; want 2 and 2", n, seq)
+		}
+		// The COPY fails: its bad row takes the good one with it.
+		badRow := []fleet.HealthRecord{rec(3, `{"seq":3}`), rec(4, `{`)}
+		if err := db.InsertHealth(ctx, badRow, fleet.LatestOf(badRow[:1])); err == nil || !strings.Contains(err.Error(), "copy health") {
+			t.Fatalf("bad row: got %v, want a copy health error", err)
+		}
+		// The UPDATE fails after the COPY succeeded: the rows go too.
+		rows := []fleet.HealthRecord{rec(5, `{"seq":5}`)}
+		badLatest := fleet.LatestOf(rows)
+		badLatest[0].Body = json.RawMessage(`nope`)
+		if err := db.InsertHealth(ctx, rows, badLatest); err == nil || !strings.Contains(err.Error(), "update latest health") {
+			t.Fatalf("bad latest: got %v, want an update latest health error", err)
+		}
+		if n, seq := count(), latestSeq(); n != 2 || seq != 2 {
+			t.Fatalf("after the failures: %d rows, latest seq %d; want 2 and 2", n, seq)
+		}
+		// Every pooled connection is out of its transaction: a batch on each
+		// of them, at once, stores everything.
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for i := range int64(8) {
+			wg.Go(func() {
+				b := []fleet.HealthRecord{rec(10+i, fmt.Sprintf(`{"seq":%d}`, 10+i))}
+				errs <- db.InsertHealth(ctx, b, fleet.LatestOf(b))
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n, seq := count(), latestSeq(); n != 10 || seq != 17 {
+			t.Fatalf("after the retry: %d rows, latest seq %d; want 10 and 17", n, seq)
+		}
+		var idle int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&idle); err != nil {
+			t.Fatal(err)
+		}
+		if idle != 0 {
+			t.Fatalf("%d connections left idle in a transaction", idle)
+		}
+	})
 	t.Run("EventsOnce", func(t *testing.T) {
 		occ := true
 		body, _ := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(now), Type: "door_closed", Compartment: 2, Occupied: &occ})
