@@ -539,6 +539,47 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("%d connections left idle in a transaction", idle)
 		}
 	})
+	t.Run("HealthLargeBatchAndCancel", func(t *testing.T) {
+		// A batch is one write of several megabytes (more than the pooled
+		// buffers keep) while PostgreSQL answers; a cancelled writer stores
+		// nothing and leaves the pool usable.
+		id := MustDevice(t, db, "s1", "SN-LARGE", 1)
+		count := func() (n int) {
+			t.Helper()
+			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+		pad := strings.Repeat("x", 3000)
+		var big []fleet.HealthRecord
+		for seq := int64(1); seq <= 2000; seq++ {
+			big = append(big, fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Microsecond),
+				TS: now, Seq: seq, Body: json.RawMessage(fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, seq, pad))})
+		}
+		if err := db.InsertHealth(ctx, big, fleet.LatestOf(big)); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(); n != len(big) {
+			t.Fatalf("stored %d rows, want %d", n, len(big))
+		}
+		l, err := db.GetLocker(ctx, id)
+		if err != nil || !strings.Contains(string(l.Health), `"seq":2000`) {
+			t.Fatalf("latest health %.40q: %v", l.Health, err)
+		}
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		more := []fleet.HealthRecord{{DeviceID: id, ReceivedAt: now.Add(time.Second), TS: now, Seq: 2001, Body: json.RawMessage(`{}`)}}
+		if err := db.InsertHealth(cctx, more, fleet.LatestOf(more)); !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled: got %v, want context.Canceled", err)
+		}
+		if err := db.InsertHealth(ctx, more, fleet.LatestOf(more)); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(); n != len(big)+1 {
+			t.Fatalf("stored %d rows, want %d", n, len(big)+1)
+		}
+	})
 	t.Run("EventsOnce", func(t *testing.T) {
 		occ := true
 		body, _ := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(now), Type: "door_closed", Compartment: 2, Occupied: &occ})

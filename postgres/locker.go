@@ -165,84 +165,18 @@ func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
 	return err
 }
 
-// updateLatestSQL writes the latest health of lockers. Never older than
-// what is stored: with several writers or gateway instances, a later batch
-// can carry an earlier message. Gaps are those inside the run plus any
-// before its first message.
-const updateLatestSQL = `
-	UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
-		health_gaps = d.health_gaps + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq + 1
-			THEN u.first - d.health_seq - 1 ELSE 0 END,
-		health_seq = u.seq
-	FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
-		AS u(id, body, at, seq, first, gaps)
-	WHERE d.id = u.id AND (d.health_at IS NULL OR u.at >= d.health_at)`
-
-// latestArgs gives updateLatestSQL's arguments for latest.
-func latestArgs(latest []fleet.LatestHealth) []any {
-	ids := make([]string, len(latest))
-	bodies := make([]string, len(latest))
-	ats := make([]time.Time, len(latest))
-	seqs := make([]int64, len(latest))
-	firsts := make([]int64, len(latest))
-	gaps := make([]int64, len(latest))
-	for i := range latest {
-		l := &latest[i]
-		ids[i], bodies[i], ats[i], seqs[i], firsts[i], gaps[i] = l.DeviceID, string(l.Body), l.ReceivedAt, l.Seq, l.FirstSeq, l.Gaps
-	}
-	return []any{ids, bodies, ats, seqs, firsts, gaps}
-}
-
 // InsertHealth implements fleet.Store: rows by COPY and latest health by
-// one UPDATE, in one transaction.
-//
-// The transaction takes two round trips to PostgreSQL ("BEGIN; COPY", then
-// the UPDATE and COMMIT in one pipeline), one when there is only one of the
-// two statements, instead of the five of BEGIN, COPY, UPDATE and COMMIT one
-// at a time. Each round trip waits for the writer goroutine to be scheduled
-// again among thousands of client goroutines; under load those waits, not
-// PostgreSQL, made most of a batch's time.
+// one UPDATE, in one transaction and one round trip (writeHealth).
 func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, latest []fleet.LatestHealth) error {
 	if len(batch) == 0 && len(latest) == 0 {
-		return nil
-	}
-	if len(batch) == 0 { // one statement: its own transaction
-		if _, err := db.pool.Exec(ctx, updateLatestSQL, latestArgs(latest)...); err != nil {
-			return fmt.Errorf("update latest health: %w", err)
-		}
 		return nil
 	}
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
 		return err
 	}
-	defer conn.Release() // a connection left inside a transaction is closed, not reused
-	pc := conn.Conn().PgConn()
-	if len(latest) == 0 {
-		if err := copyHealth(ctx, pc, copyHealthSQL, batch); err != nil {
-			return fmt.Errorf("copy health: %w", err)
-		}
-		return nil
-	}
-	rollback := func(err error) error {
-		if pc.TxStatus() != 'I' && !pc.IsClosed() {
-			// Not ctx: a cancelled request must still end its transaction.
-			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			defer cancel()
-			_ = pc.Exec(rctx, "ROLLBACK").Close()
-		}
-		return err
-	}
-	if err := copyHealth(ctx, pc, beginCopyHealthSQL, batch); err != nil {
-		return rollback(fmt.Errorf("copy health: %w", err))
-	}
-	b := &pgx.Batch{}
-	b.Queue(updateLatestSQL, latestArgs(latest)...)
-	b.Queue("COMMIT")
-	if err := conn.SendBatch(ctx, b).Close(); err != nil {
-		return rollback(fmt.Errorf("update latest health: %w", err))
-	}
-	return nil
+	defer conn.Release() // one left broken or in a transaction is closed, not reused
+	return writeHealth(ctx, conn.Conn().PgConn(), batch, latest)
 }
 
 // InsertEvents implements fleet.Store.
