@@ -255,23 +255,29 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 	return out, err
 }
 
+// narrowCredentialsSQL takes the pickups $1 at locker $2 out of their
+// active credentials: a credential that opens no other live pickup is
+// revoked; one that does (a combined code) is narrowed to their
+// compartments and lasts until the first of them expires.
+const narrowCredentialsSQL = `UPDATE credentials c SET
+		state = CASE WHEN o.comps IS NULL THEN 'revoked' ELSE c.state END,
+		compartments = coalesce(o.comps, c.compartments),
+		not_after = coalesce(o.expires, c.not_after)
+	FROM (SELECT DISTINCT credential_id AS id FROM pickups
+		WHERE id = ANY ($1) AND credential_id IS NOT NULL) old
+	CROSS JOIN LATERAL (SELECT array_agg(p.compartment ORDER BY p.compartment) AS comps, min(p.expires_at) AS expires
+		FROM pickups p WHERE p.device_id = $2 AND p.credential_id = old.id
+			AND p.state IN ('staging', 'ready') AND NOT p.id = ANY ($1)) o
+	WHERE c.id = old.id AND c.state = 'active'`
+
 // releaseCredential takes an ended pickup's compartment out of its active
-// credential: the credential is revoked, or, when it also opens other live
-// pickups (a combined code), it no longer opens this compartment. The
-// locker is locked (lockLocker).
+// credential (narrowCredentialsSQL) and bumps the set's version if that
+// changed it. The locker is locked (lockLocker).
 func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	if p.CredentialID == "" {
 		return nil
 	}
-	// A combined code lasts until the first of its orders expires: with
-	// that one ended, until the first of the others does.
-	tag, err := tx.Exec(ctx, `UPDATE credentials c SET
-			state = CASE WHEN o.live THEN c.state ELSE 'revoked' END,
-			compartments = CASE WHEN o.live THEN array_remove(c.compartments, $3) ELSE c.compartments END,
-			not_after = coalesce(o.expires, c.not_after)
-		FROM (SELECT count(*) > 0 AS live, min(expires_at) AS expires FROM pickups
-			WHERE device_id = $2 AND credential_id = $1 AND state IN ('staging', 'ready')) o
-		WHERE c.id = $1 AND c.state = 'active'`, p.CredentialID, p.Locker, p.Compartment)
+	tag, err := tx.Exec(ctx, narrowCredentialsSQL, []string{p.ID}, p.Locker)
 	if err != nil || tag.RowsAffected() == 0 {
 		return err
 	}
@@ -326,21 +332,11 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		}
 		c.Compartments = comps
 		// The writes in one round trip: the pickups' previous credentials
-		// retired, the new one stored and named, the set version bumped.
-		// A previous credential that also opens live pickups not given
-		// the new one (a combined code) is narrowed to theirs instead,
-		// lasting until the first of them expires (as releaseCredential).
+		// retired (a combined code that also opens live pickups not given
+		// the new one is narrowed to theirs instead), the new one stored and
+		// named, the set version bumped.
 		b := &pgx.Batch{}
-		b.Queue(`UPDATE credentials c SET
-				state = CASE WHEN o.comps IS NULL THEN 'revoked' ELSE c.state END,
-				compartments = coalesce(o.comps, c.compartments),
-				not_after = coalesce(o.expires, c.not_after)
-			FROM (SELECT DISTINCT credential_id AS id FROM pickups
-				WHERE id = ANY ($1) AND credential_id IS NOT NULL) old
-			CROSS JOIN LATERAL (SELECT array_agg(p.compartment ORDER BY p.compartment) AS comps, min(p.expires_at) AS expires
-				FROM pickups p WHERE p.device_id = $2 AND p.credential_id = old.id
-					AND p.state IN ('staging', 'ready') AND NOT p.id = ANY ($1)) o
-			WHERE c.id = old.id AND c.state = 'active'`, pickupIDs, c.DeviceID)
+		b.Queue(narrowCredentialsSQL, pickupIDs, c.DeviceID)
 		b.Queue(insertCredential, credentialArgs(c)...)
 		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)
