@@ -306,6 +306,15 @@ func TestCommands(t *testing.T) {
 	})
 }
 
+// healthRowsOf counts the stored health rows of locker id.
+func healthRowsOf(t *testing.T, db *postgres.DB, id string) (n int) {
+	t.Helper()
+	if err := db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func TestIngest(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
@@ -438,13 +447,7 @@ func TestIngest(t *testing.T) {
 		}
 	})
 	t.Run("HealthCopyRefusesBadBodies", func(t *testing.T) {
-		count := func() (n int) {
-			t.Helper()
-			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			return n
-		}
+		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		before := count()
 		ok := fleet.HealthRecord{DeviceID: id, ReceivedAt: now, TS: now, Seq: 77, Body: json.RawMessage(`{}`)}
 		for _, body := range []string{"", "{", "nope"} {
@@ -463,13 +466,7 @@ func TestIngest(t *testing.T) {
 		// a failure in either statement stores neither, and the connection
 		// goes back to the pool usable.
 		id := MustDevice(t, db, "s1", "SN-ATOMIC", 1)
-		count := func() (n int) {
-			t.Helper()
-			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			return n
-		}
+		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		latestSeq := func() int64 {
 			t.Helper()
 			l, err := db.GetLocker(ctx, id)
@@ -544,13 +541,7 @@ func TestIngest(t *testing.T) {
 		// buffers keep) while PostgreSQL answers; a cancelled writer stores
 		// nothing and leaves the pool usable.
 		id := MustDevice(t, db, "s1", "SN-LARGE", 1)
-		count := func() (n int) {
-			t.Helper()
-			if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM health WHERE device_id = $1`, id).Scan(&n); err != nil {
-				t.Fatal(err)
-			}
-			return n
-		}
+		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		pad := strings.Repeat("x", 3000)
 		var big []fleet.HealthRecord
 		for seq := int64(1); seq <= 2000; seq++ {
