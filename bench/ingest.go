@@ -57,6 +57,8 @@ type ingestStep struct {
 	WriteMean       float64 // mean insert_health transaction, seconds
 	WriteP99        float64 // its p99, seconds (from the histogram's buckets)
 	BatchMean       float64 // mean messages per insert_health
+	AllocPerMsg     float64 // bytes the gateway allocated per stored message (Go's own count)
+	GCs             float64 // the gateway's garbage collections during the step
 	GenCPU          float64
 	OK              bool
 	Why             string // why not OK
@@ -128,7 +130,8 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 			return res, err
 		}
 		r.Log.Info("ingest step", "target", rate, "offered", int(st.Offered), "stored/s", int(st.Rate), "lost", st.Lost,
-			"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean, "ok", st.OK, "why", st.Why)
+			"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean,
+			"alloc_per_msg", int(st.AllocPerMsg), "gcs", st.GCs, "ok", st.OK, "why", st.Why)
 		res.Steps = append(res.Steps, st)
 		if !res.next(&i) {
 			break
@@ -245,6 +248,13 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 		wh := m1.Hist("lockergate_db_write_duration_seconds", op).Sub(m0.Hist("lockergate_db_write_duration_seconds", op))
 		st.WriteP99, _ = wh.Quantile(0.99)
 	}
+	// Go's allocation counter, exact at any moment; an allocation profile
+	// of the step is not (the runtime publishes a cycle's allocations at
+	// the end of a later one, so it also holds what came before the step).
+	if st.Stored > 0 {
+		st.AllocPerMsg = (m1.Sum("go_memstats_alloc_bytes_total") - m0.Sum("go_memstats_alloc_bytes_total")) / float64(st.Stored)
+	}
+	st.GCs = m1.Sum("go_gc_duration_seconds_count") - m0.Sum("go_gc_duration_seconds_count")
 	st.judge(rate, skipped)
 	return st, nil
 }
@@ -396,6 +406,8 @@ func (r *Runner) ingestReport(rep *Report, o IngestOptions, lab *Lab, gw, bare [
 	gen := func(s *ingestStep) float64 { return s.GenCPU / (o.Step + s.Drain).Seconds() }
 	rep.Add("insert_health: mean rows per transaction / mean duration", best(gw, func(s *ingestStep) float64 { return s.BatchMean }).Format(fInt)+" / "+
 		best(gw, func(s *ingestStep) float64 { return s.WriteMean }).Format(fMs), "—", "")
+	rep.Add("gateway: bytes allocated per message / collections in the step", best(gw, func(s *ingestStep) float64 { return s.AllocPerMsg }).Format(fInt)+" / "+
+		best(gw, func(s *ingestStep) float64 { return s.GCs }).Format(fInt), "—", "")
 	rep.Add("load generator CPU (cores) at that step", best(gw, gen).Format(fF2), best(bare, gen).Format(fF2), "")
 	pr, pb := all(gw, func(r *ingestRun) float64 { return float64(r.PeakRSS) }), all(bare, func(r *ingestRun) float64 { return float64(r.PeakRSS) })
 	rep.Add("peak RSS of the server (VmHWM)", pr.Format(fMiB), pb.Format(fMiB), ratio(pr.Median, pb.Median))
