@@ -3,10 +3,12 @@ package bench
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"math"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -56,6 +58,44 @@ func TestSpread(t *testing.T) {
 	}
 	if got := s.Format(fInt); got != "2 (1–3)" {
 		t.Fatalf("Format = %q", got)
+	}
+}
+
+// TestLadder: a run climbs past the rates asked for while it is sustained
+// (a baseline sustained at the top would give only an upper bound), retries
+// a failed rung once, and stops at twice the top asked for.
+func TestLadder(t *testing.T) {
+	run := func(asked []float64, limit float64) []float64 {
+		t.Helper()
+		var res ingestRun
+		var ran []float64
+		rates := slices.Clone(asked)
+		for i := 0; i < len(rates); i++ {
+			ran = append(ran, rates[i])
+			res.Steps = append(res.Steps, ingestStep{Target: rates[i], OK: rates[i] <= limit})
+			if !res.next(&i) {
+				break
+			}
+			rates = climb(rates, i, asked)
+			if len(ran) > 100 {
+				t.Fatal("the ladder does not end")
+			}
+		}
+		return ran
+	}
+	for _, c := range []struct {
+		asked []float64
+		limit float64
+		want  string
+	}{
+		{[]float64{10000, 20000, 40000}, 25000, "[10000 20000 40000 40000]"},
+		{[]float64{10000, 40000}, 52000, "[10000 40000 45000 50000 55000 55000]"},
+		{[]float64{1000}, 1e9, "[1000 2000]"},
+		{[]float64{30000, 40000}, 1e9, "[30000 40000 45000 50000 55000 60000 65000 70000 75000 80000]"},
+	} {
+		if got := fmt.Sprint(run(c.asked, c.limit)); got != c.want {
+			t.Errorf("ladder %v with limit %v ran %s, want %s", c.asked, c.limit, got, c.want)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"time"
 )
 
@@ -123,8 +124,9 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 	pub := NewPublisher(f, 1)
 	pub.Exclude = func(i int) bool { return i < markerLockers }
 	mk := NewMarkers(f.Conns[:markerLockers], lab.PG.Pool)
-	for i := 0; i < len(o.Rates); i++ {
-		rate := o.Rates[i]
+	rates := slices.Clone(o.Rates)
+	for i := 0; i < len(rates); i++ {
+		rate := rates[i]
 		st, err := r.ingestStepGateway(ctx, lab, f, pub, mk, rate, o)
 		if err != nil {
 			return res, err
@@ -136,6 +138,7 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 		if !res.next(&i) {
 			break
 		}
+		rates = climb(rates, i, o.Rates)
 		time.Sleep(time.Second)
 	}
 	res.PeakRSS = gw.Mem().HWM
@@ -161,6 +164,28 @@ func (res *ingestRun) next(i *int) bool {
 	}
 	*i-- // retry
 	return true
+}
+
+// climbRungs bounds climb: a ladder grows to at most this many times its
+// top rate.
+const climbRungs = 2
+
+// climb adds a rung above the top of the ladder when the run is about to
+// go past it still sustained (i is the rung just run), so that the limit is
+// found and not the ladder's top taken for it: a ratio against a baseline
+// still sustained at its top would only be an upper bound. Each rung is an
+// eighth of the top higher, up to climbRungs times the top asked for.
+func climb(rates []float64, i int, asked []float64) []float64 {
+	n := len(rates)
+	if i+1 < n || n == 0 {
+		return rates
+	}
+	top := asked[len(asked)-1]
+	next := rates[n-1] + math.Max(1000, math.Round(top/8/1000)*1000)
+	if next > climbRungs*top {
+		return rates
+	}
+	return append(rates, next)
 }
 
 func (res *ingestRun) pickBest() {
@@ -293,8 +318,9 @@ func (r *Runner) ingestBare(ctx context.Context, o IngestOptions) (ingestRun, er
 	res.Connect = time.Since(start)
 	pub := NewPublisher(f, 1)
 	pub.Exclude = func(i int) bool { return i < markerLockers }
-	for i := 0; i < len(o.Rates); i++ {
-		rate := o.Rates[i]
+	rates := slices.Clone(o.Rates)
+	for i := 0; i < len(rates); i++ {
+		rate := rates[i]
 		st := ingestStep{Target: rate}
 		s0, err := bareStats(ctx, srv)
 		if err != nil {
@@ -330,6 +356,7 @@ func (r *Runner) ingestBare(ctx context.Context, o IngestOptions) (ingestRun, er
 		if !res.next(&i) {
 			break
 		}
+		rates = climb(rates, i, o.Rates)
 		time.Sleep(time.Second)
 	}
 	res.PeakRSS = srv.Mem().HWM
@@ -441,7 +468,7 @@ func (r *Runner) ingestReport(rep *Report, o IngestOptions, lab *Lab, gw, bare [
 	for _, set := range [][]ingestRun{gw, bare} {
 		for _, run := range set {
 			if run.Truncated {
-				rep.Notes = append(rep.Notes, "a run was still sustained at the top of the ladder: the true limit is higher; add rates with --rates")
+				rep.Notes = append(rep.Notes, "a run was still sustained at the top of the ladder (twice the highest rate asked for): the true limit is higher; add rates with --rates")
 				return
 			}
 		}
