@@ -390,7 +390,8 @@ func (r *Runner) ingestReport(rep *Report, o IngestOptions, lab *Lab, gw, bare [
 		"at an aggregate rate climbing %v msgs/s, %v per step; a step is sustained when every acknowledged message is stored "+
 		"(count(*) of health rows vs messages sent), none dropped, the generator offered ≥95%% of the target and the backlog "+
 		"drained within 1 s after the step; a step that fails without losing anything is tried once more (the machine is shared), "+
-		"a loss or a second failure ends the ladder. Gateway and bare broker are separate processes; gateway CPU is its own "+
+		"a loss or a second failure ends the ladder; past its top a run still sustained climbs on in rungs of an eighth of the top "+
+		"(up to twice the top). Gateway and bare broker are separate processes; gateway CPU is its own "+
 		"utime+stime, PostgreSQL CPU is the postmaster, its live and its exited backends (external cluster started by "+
 		"lockerbench, same settings as the gateway's private one: durable, fsync on)", o.Lockers, lab.Prov.Round(time.Second), o.Rates, o.Step)
 	rep.Columns = []string{"measure", "lockergate", "bare mochi", "ratio"}
