@@ -14,20 +14,21 @@ import (
 // Store is not used by mint.
 type mintStore struct {
 	Store
-	gens     []int   // KeyGen answers, in turn (the last repeats)
-	results  []error // MintCredential answers, in turn (then nil)
-	keyGens  int
-	minted   []*Credential
-	keyGenEr error
+	gens    []int   // KeyGen answers, in turn (the last repeats)
+	results []error // MintCredential answers, in turn (then nil)
+	keyGens int
+	minted  []*Credential
+	// KeyGen fails with keyGenEr after keyGenErFrom calls (0: at once).
+	keyGenEr     error
+	keyGenErFrom int
 }
 
 func (m *mintStore) KeyGen(context.Context, string) (int, error) {
-	if m.keyGenEr != nil {
+	m.keyGens++
+	if m.keyGenEr != nil && m.keyGens > m.keyGenErFrom {
 		return 0, m.keyGenEr
 	}
-	g := m.gens[min(m.keyGens, len(m.gens)-1)]
-	m.keyGens++
-	return g, nil
+	return m.gens[min(m.keyGens-1, len(m.gens)-1)], nil
 }
 
 func (m *mintStore) MintCredential(_ context.Context, c *Credential, _ []string) error {
@@ -113,6 +114,13 @@ func TestMintRetries(t *testing.T) {
 		st = &mintStore{keyGenEr: boom}
 		if _, err := mint(st, ""); !errors.Is(err, boom) || len(st.minted) != 0 {
 			t.Fatalf("key lookup failing: %v after %d tries", err, len(st.minted))
+		}
+		// The new key cannot be read after a re-provisioning: no second try
+		// with MACs of the old key.
+		st = &mintStore{gens: []int{1}, results: []error{ErrKeyChanged}, keyGenEr: boom, keyGenErFrom: 1}
+		if _, err := mint(st, ""); !errors.Is(err, boom) || len(st.minted) != 1 || st.keyGens != 2 {
+			t.Fatalf("key lookup failing after a key change: %v after %d tries and %d lookups, want the error after 1 and 2",
+				err, len(st.minted), st.keyGens)
 		}
 	})
 }
