@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -250,10 +251,20 @@ func TestUplinkDeliveryDollarFilter(t *testing.T) {
 	}
 	health := h.subscribe(t, "lockers/v1/+/health")
 	a := h.mustDialDevice(t, "A")
-	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":1}`))
-	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":2}`))
-	waitFor(t, "two health messages", func() bool { return len(health.get()) >= 2 })
-	if got := health.get(); len(got) != 2 || string(got[1].Payload) != `{"seq":2}` {
-		t.Errorf("got %+v, want each message once", got)
+	for _, p := range []string{`{"seq":1}`, `{"seq":2}`, `{"seq":3}`} {
+		a.mustPublish(t, "lockers/v1/A/health", 1, []byte(p))
+	}
+	// Both paths deliver in the client's reader, one message after the
+	// other: once the third has arrived, every copy of the first two has.
+	waitFor(t, "the third health message", func() bool {
+		got := health.get()
+		return len(got) > 0 && string(got[len(got)-1].Payload) == `{"seq":3}`
+	})
+	var seqs []string
+	for _, m := range health.get() {
+		seqs = append(seqs, string(m.Payload))
+	}
+	if want := []string{`{"seq":1}`, `{"seq":2}`, `{"seq":3}`}; !slices.Equal(seqs, want) {
+		t.Errorf("got %v, want each message once, in order: %v", seqs, want)
 	}
 }
