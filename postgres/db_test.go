@@ -538,8 +538,9 @@ func TestIngest(t *testing.T) {
 	})
 	t.Run("HealthLargeBatchAndCancel", func(t *testing.T) {
 		// A batch is one write of several megabytes (more than the pooled
-		// buffers keep) while PostgreSQL answers; a cancelled writer stores
-		// nothing and leaves the pool usable.
+		// buffers keep) while PostgreSQL answers; a writer cancelled before
+		// it sends stores nothing and leaves the pool usable; one cancelled
+		// after it sent still learns that its batch was stored.
 		id := MustDevice(t, db, "s1", "SN-LARGE", 1)
 		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		pad := strings.Repeat("x", 3000)
@@ -569,6 +570,28 @@ func TestIngest(t *testing.T) {
 		}
 		if n := count(); n != len(big)+1 {
 			t.Fatalf("stored %d rows, want %d", n, len(big)+1)
+		}
+		// This locker's latest-health update now takes a second (a
+		// trigger), far past the writer's deadline: the server has the
+		// whole transaction, COMMIT included, and commits it.
+		if _, err := db.Pool().Exec(ctx, `
+			CREATE FUNCTION test_slow_update() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN PERFORM pg_sleep(1); RETURN NEW; END$$;
+			CREATE TRIGGER test_slow BEFORE UPDATE ON devices FOR EACH ROW WHEN (NEW.serial = 'SN-LARGE')
+				EXECUTE FUNCTION test_slow_update()`); err != nil {
+			t.Fatal(err)
+		}
+		defer db.Pool().Exec(ctx, `DROP TRIGGER test_slow ON devices; DROP FUNCTION test_slow_update()`)
+		dctx, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+		defer cancel()
+		late := []fleet.HealthRecord{{DeviceID: id, ReceivedAt: now.Add(2 * time.Second), TS: now, Seq: 2002, Body: json.RawMessage(`{}`)}}
+		if err := db.InsertHealth(dctx, late, fleet.LatestOf(late)); err != nil {
+			t.Fatalf("deadline passed while PostgreSQL worked: got %v, want the batch reported stored", err)
+		}
+		if dctx.Err() == nil {
+			t.Fatal("the update was not slow: the test proves nothing")
+		}
+		if n := count(); n != len(big)+2 {
+			t.Fatalf("stored %d rows, want %d", n, len(big)+2)
 		}
 	})
 	t.Run("EventsOnce", func(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"slices"
 	"sync"
 	"time"
@@ -41,6 +42,13 @@ import (
 // transaction left open is rolled back before the connection is reused.
 // With only rows the stream is the COPY alone, with only latest health the
 // UPDATE alone: one statement, its own transaction.
+//
+// Once the stream is written the server has the whole transaction, so its
+// answer is awaited even after the caller gives up (for answerGrace): a
+// batch reported lost is retried, and stored twice if it was in fact
+// committed. That can still happen when the answer takes longer, or when a
+// cancelled write was cut off after the COMMIT's Execute (its last bytes
+// are the Sync), as with any answer lost on the way.
 
 // copyHealthSQL is the COPY whose data appendHealthCopy encodes.
 const copyHealthSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
@@ -90,24 +98,32 @@ func writeHealth(ctx context.Context, pc *pgconn.PgConn, rows []fleet.HealthReco
 	return err
 }
 
+// answerGrace is how long exchange still waits for the answer to a batch
+// it has sent once its caller has given up: the server has the whole
+// transaction, COMMIT included, and a batch reported lost that was in fact
+// stored would be stored again (its messages are not acknowledged).
+const answerGrace = 5 * time.Second
+
 // exchange sends stream b (appendHealthTx of rows and latest) and reads
 // the answers up to the last ReadyForQuery.
 func exchange(ctx context.Context, pc *pgconn.PgConn, b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHealth) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	conn := pc.Conn()
-	// pgconn watches ctx while it reads (ReceiveMessage); this write is
-	// ours, so is its deadline.
-	stop := context.AfterFunc(ctx, func() { _ = conn.SetWriteDeadline(time.Now()) })
-	_, werr := conn.Write(b)
-	if !stop() {
-		_ = conn.SetWriteDeadline(time.Time{})
-	}
-	if werr != nil {
+	if err := send(ctx, pc.Conn(), b); err != nil {
 		closeBroken(pc)
-		return fmt.Errorf("send health batch: %w", werr)
+		return fmt.Errorf("send health batch: %w", err)
 	}
+	// Sent: the outcome is awaited past a cancellation, for answerGrace.
+	actx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancel()
+	defer context.AfterFunc(ctx, func() {
+		select {
+		case <-actx.Done(): // answered
+		case <-time.After(answerGrace):
+			cancel()
+		}
+	})()
 	// One ReadyForQuery for a lone statement, two for the simple query and
 	// the pipeline after it.
 	want := 1
@@ -116,7 +132,7 @@ func exchange(ctx context.Context, pc *pgconn.PgConn, b []byte, rows []fleet.Hea
 	}
 	var first error // the first statement's error: it is the cause of the rest
 	for got := 0; got < want; {
-		msg, err := pc.ReceiveMessage(ctx)
+		msg, err := pc.ReceiveMessage(actx)
 		if err != nil {
 			closeBroken(pc) // the rest of the answer would confuse the next user
 			return errors.Join(first, err)
@@ -143,6 +159,35 @@ func exchange(ctx context.Context, pc *pgconn.PgConn, b []byte, rows []fleet.Hea
 		}
 	}
 	return first
+}
+
+// send writes b to conn, giving up when ctx ends. pgconn watches ctx while
+// it reads (ReceiveMessage); this write is ours, so is its deadline. On an
+// error the deadline is left in the past, so that closing the connection
+// does not wait to send its Terminate.
+func send(ctx context.Context, conn net.Conn, b []byte) error {
+	var mu sync.Mutex
+	sent := false
+	stop := context.AfterFunc(ctx, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if !sent { // not after: the connection may be someone else's by then
+			_ = conn.SetWriteDeadline(time.Now())
+		}
+	})
+	_, err := conn.Write(b)
+	mu.Lock()
+	sent = true
+	mu.Unlock()
+	stop()
+	if err != nil {
+		_ = conn.SetWriteDeadline(time.Now())
+		if cerr := ctx.Err(); cerr != nil {
+			err = errors.Join(cerr, err)
+		}
+		return err
+	}
+	return conn.SetWriteDeadline(time.Time{})
 }
 
 // closeBroken closes pc after a failed exchange, so the pool drops it.
