@@ -3,12 +3,12 @@ package bench
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"math"
 	"os"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -69,17 +69,18 @@ func TestLadder(t *testing.T) {
 		t.Helper()
 		var res ingestRun
 		var ran []float64
-		rates := slices.Clone(asked)
-		for i := 0; i < len(rates); i++ {
-			ran = append(ran, rates[i])
-			res.Steps = append(res.Steps, ingestStep{Target: rates[i], OK: rates[i] <= limit})
-			if !res.next(&i) {
-				break
-			}
-			rates = climb(rates, i, asked)
+		err := res.climbLadder(asked, 0, func(rate float64) (ingestStep, error) {
+			ran = append(ran, rate)
 			if len(ran) > 100 {
-				t.Fatal("the ladder does not end")
+				return ingestStep{}, errors.New("the ladder does not end")
 			}
+			return ingestStep{Target: rate, OK: rate <= limit}, nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(res.Steps) != len(ran) {
+			t.Fatalf("%d steps recorded for %d run", len(res.Steps), len(ran))
 		}
 		return ran
 	}

@@ -124,22 +124,17 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 	pub := NewPublisher(f, 1)
 	pub.Exclude = func(i int) bool { return i < markerLockers }
 	mk := NewMarkers(f.Conns[:markerLockers], lab.PG.Pool)
-	rates := slices.Clone(o.Rates)
-	for i := 0; i < len(rates); i++ {
-		rate := rates[i]
+	err = res.climbLadder(o.Rates, time.Second, func(rate float64) (ingestStep, error) {
 		st, err := r.ingestStepGateway(ctx, lab, f, pub, mk, rate, o)
-		if err != nil {
-			return res, err
+		if err == nil {
+			r.Log.Info("ingest step", "target", rate, "offered", int(st.Offered), "stored/s", int(st.Rate), "lost", st.Lost,
+				"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean,
+				"alloc_per_msg", int(st.AllocPerMsg), "gcs", st.GCs, "ok", st.OK, "why", st.Why)
 		}
-		r.Log.Info("ingest step", "target", rate, "offered", int(st.Offered), "stored/s", int(st.Rate), "lost", st.Lost,
-			"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean,
-			"alloc_per_msg", int(st.AllocPerMsg), "gcs", st.GCs, "ok", st.OK, "why", st.Why)
-		res.Steps = append(res.Steps, st)
-		if !res.next(&i) {
-			break
-		}
-		rates = climb(rates, i, o.Rates)
-		time.Sleep(time.Second)
+		return st, err
+	})
+	if err != nil {
+		return res, err
 	}
 	res.PeakRSS = gw.Mem().HWM
 	res.pickBest()
@@ -166,15 +161,36 @@ func (res *ingestRun) next(i *int) bool {
 	return true
 }
 
-// climbRungs bounds climb: a ladder grows to at most this many times its
+// climbLadder runs step at each rung of the ladder asked, pausing between
+// rungs, and records the steps in res: up after a sustained step, the same
+// rate once more after a first failure (next), and past the top while the
+// run is still sustained (climb).
+func (res *ingestRun) climbLadder(asked []float64, pause time.Duration, step func(rate float64) (ingestStep, error)) error {
+	rates := slices.Clone(asked)
+	for i := 0; i < len(rates); i++ {
+		st, err := step(rates[i])
+		if err != nil {
+			return err
+		}
+		res.Steps = append(res.Steps, st)
+		if !res.next(&i) {
+			return nil
+		}
+		rates = climb(rates, i, asked)
+		time.Sleep(pause)
+	}
+	return nil
+}
+
+// climbFactor bounds climb: a ladder grows to at most this many times its
 // top rate.
-const climbRungs = 2
+const climbFactor = 2
 
 // climb adds a rung above the top of the ladder when the run is about to
 // go past it still sustained (i is the rung just run), so that the limit is
 // found and not the ladder's top taken for it: a ratio against a baseline
 // still sustained at its top would only be an upper bound. Each rung is an
-// eighth of the top higher, up to climbRungs times the top asked for.
+// eighth of the top higher, up to climbFactor times the top asked for.
 func climb(rates []float64, i int, asked []float64) []float64 {
 	n := len(rates)
 	if i+1 < n || n == 0 {
@@ -182,7 +198,7 @@ func climb(rates []float64, i int, asked []float64) []float64 {
 	}
 	top := asked[len(asked)-1]
 	next := rates[n-1] + math.Max(1000, math.Round(top/8/1000)*1000)
-	if next > climbRungs*top {
+	if next > climbFactor*top {
 		return rates
 	}
 	return append(rates, next)
@@ -318,13 +334,11 @@ func (r *Runner) ingestBare(ctx context.Context, o IngestOptions) (ingestRun, er
 	res.Connect = time.Since(start)
 	pub := NewPublisher(f, 1)
 	pub.Exclude = func(i int) bool { return i < markerLockers }
-	rates := slices.Clone(o.Rates)
-	for i := 0; i < len(rates); i++ {
-		rate := rates[i]
+	err = res.climbLadder(o.Rates, time.Second, func(rate float64) (ingestStep, error) {
 		st := ingestStep{Target: rate}
 		s0, err := bareStats(ctx, srv)
 		if err != nil {
-			return res, err
+			return st, err
 		}
 		srv0, gen0 := srv.CPU(), SelfCPU()
 		sent0, skip0, ack0 := pub.Sent.Load(), pub.Skipped.Load(), f.Acks.Load()
@@ -335,7 +349,7 @@ func (r *Runner) ingestBare(ctx context.Context, o IngestOptions) (ingestRun, er
 		var s1 bareCounts
 		for {
 			if s1, err = bareStats(ctx, srv); err != nil {
-				return res, err
+				return st, err
 			}
 			if (f.Inflight() == 0 && s1.Health-s0.Health >= st.Sent) || time.Since(pubEnd) > 20*time.Second {
 				break
@@ -352,12 +366,10 @@ func (r *Runner) ingestBare(ctx context.Context, o IngestOptions) (ingestRun, er
 		st.judge(rate, pub.Skipped.Load()-skip0)
 		r.Log.Info("ingest step (bare)", "target", rate, "offered", int(st.Offered), "received/s", int(st.Rate), "lost", st.Lost,
 			"drain", st.Drain.Round(time.Millisecond), "ok", st.OK, "why", st.Why)
-		res.Steps = append(res.Steps, st)
-		if !res.next(&i) {
-			break
-		}
-		rates = climb(rates, i, o.Rates)
-		time.Sleep(time.Second)
+		return st, nil
+	})
+	if err != nil {
+		return res, err
 	}
 	res.PeakRSS = srv.Mem().HWM
 	res.pickBest()
