@@ -20,7 +20,6 @@ import (
 	"math"
 	"net"
 	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -123,10 +122,9 @@ type Broker struct {
 	authSem chan struct{} // bounds backend credential checks (a connect storm)
 	provWG  sync.WaitGroup
 
-	subID     atomic.Int64
-	subMu     sync.Mutex                  // serialises Subscribe's updates of subs
-	subs      atomic.Pointer[[]inlineSub] // every Subscribe, for direct delivery (deliverUplink)
-	mochiOnly atomic.Bool                 // a $ filter was subscribed: no direct delivery
+	subID atomic.Int64
+	subMu sync.Mutex                  // serialises Subscribe's updates of subs
+	subs  atomic.Pointer[[]inlineSub] // every Subscribe, for direct delivery (deliverUplink)
 
 	life      sync.Mutex
 	started   bool
@@ -399,9 +397,6 @@ func (b *Broker) Subscribe(filter string, h fleet.Handler) error {
 	}
 	subs = append(subs, inlineSub{filter: filter, h: h})
 	b.subs.Store(&subs)
-	if strings.HasPrefix(filter, "$") {
-		b.mochiOnly.Store(true) // never undone: there is no Unsubscribe
-	}
 	id := int(b.subID.Add(1))
 	err := b.server.Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
 		h(fleet.Message{
@@ -434,8 +429,9 @@ type inlineSub struct {
 // saved a tenth of the gateway's CPU in health ingest (docs/benchmarks.md).
 //
 // Retained messages (presence) and QoS 2 take mochi's path, which stores or
-// acknowledges them; so do all messages when a filter is shared or a $ topic,
-// which matches tells nothing about.
+// acknowledges them. A filter starting with $ ($SYS, $share) matches no
+// device topic here (protocol.TopicMatches) nor in mochi, which files an
+// inline subscription under a literal $ level.
 func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
 	if pk.FixedHeader.Retain || pk.FixedHeader.Qos > 1 {
 		return false
@@ -444,7 +440,7 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
 		return false
 	}
 	p := b.subs.Load()
-	if p == nil || b.mochiOnly.Load() {
+	if p == nil {
 		return false
 	}
 	// The payload is the packet's own buffer, read for this packet alone

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -240,15 +241,11 @@ func TestUplinkDelivery(t *testing.T) {
 	})
 }
 
-// TestUplinkDeliveryDollarFilter: once a $ filter is subscribed (matches
-// cannot tell what mochi makes of it), device messages go through mochi,
-// and still reach each handler once.
+// TestUplinkDeliveryDollarFilter: a $ filter beside the device filters
+// gets no device message, and the device filter gets each once.
 func TestUplinkDeliveryDollarFilter(t *testing.T) {
 	h := newHarness(t, nil, nil)
-	h.subscribe(t, "$SYS/#")
-	if !h.b.mochiOnly.Load() {
-		t.Fatal("direct delivery still on after a $ filter")
-	}
+	sys := h.subscribe(t, "$SYS/#")
 	health := h.subscribe(t, "lockers/v1/+/health")
 	a := h.mustDialDevice(t, "A")
 	for _, p := range []string{`{"seq":1}`, `{"seq":2}`, `{"seq":3}`} {
@@ -266,5 +263,10 @@ func TestUplinkDeliveryDollarFilter(t *testing.T) {
 	}
 	if want := []string{`{"seq":1}`, `{"seq":2}`, `{"seq":3}`}; !slices.Equal(seqs, want) {
 		t.Errorf("got %v, want each message once, in order: %v", seqs, want)
+	}
+	for _, m := range sys.get() {
+		if strings.HasPrefix(m.Topic, "lockers/") {
+			t.Errorf("the $SYS/# handler got device message %s", m.Topic)
+		}
 	}
 }
