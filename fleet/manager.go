@@ -496,9 +496,11 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	case w.latest != nil:
 		latest = w.latest.take(m.now(), recs)
 	case m.opts.SharedReports:
+		// Gaps inside the run are mostly the other instances' reports;
+		// the run's first report is still checked against the stored one.
 		latest = LatestOf(recs)
 		for i := range latest {
-			latest[i].FirstSeq, latest[i].Gaps = latest[i].Seq, 0
+			latest[i].Gaps = 0
 		}
 	default:
 		latest = LatestOf(recs)
