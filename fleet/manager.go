@@ -185,8 +185,8 @@ func New(opts Options) (*Manager, error) {
 	}
 	if opts.LatestHealthEvery == 0 {
 		// last_seen and the latest health lag a locker's reports by up to
-		// the hold (and a quarter of it): under half a health interval, so
-		// less than one report behind at any interval.
+		// the hold and a quarter of it (the tick): at most 5/8 of a health
+		// interval, so less than one report behind at any interval.
 		opts.LatestHealthEvery = min(time.Second, time.Duration(opts.Config.HealthIntervalS)*time.Second/2)
 	}
 	if opts.DrainTimeout <= 0 {

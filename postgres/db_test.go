@@ -407,7 +407,7 @@ func TestIngest(t *testing.T) {
 		}
 	})
 	t.Run("HealthCopyRoundTrip", func(t *testing.T) {
-		// The binary COPY is encoded by hand (copyHealth): every column
+		// The binary COPY is encoded by hand (appendHealthCopy): every column
 		// must read back as pgx would have written it. Times are truncated
 		// to microseconds, also before PostgreSQL's epoch of 2000.
 		at := now.Truncate(time.Second).Add(123456789 * time.Nanosecond)
@@ -462,9 +462,9 @@ func TestIngest(t *testing.T) {
 		}
 	})
 	t.Run("HealthRowsAndLatestTogether", func(t *testing.T) {
-		// Rows and latest health are one transaction over two round trips:
+		// Rows and latest health are one transaction in one round trip:
 		// a failure in either statement stores neither, and the connection
-		// goes back to the pool usable.
+		// is rolled back and kept, not closed.
 		id := MustDevice(t, db, "s1", "SN-ATOMIC", 1)
 		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		latestSeq := func() int64 {
@@ -492,6 +492,10 @@ func TestIngest(t *testing.T) {
 		if n, seq := count(), latestSeq(); n != 2 || seq != 2 {
 			t.Fatalf("stored %d rows, latest seq %d; want 2 and 2", n, seq)
 		}
+		// Connections the pool closed: a failed batch's must be rolled back
+		// and kept.
+		stat := db.Pool().Stat()
+		closed0 := stat.NewConnsCount() - int64(stat.TotalConns())
 		// The COPY fails: its bad row takes the good one with it.
 		badRow := []fleet.HealthRecord{rec(3, `{"seq":3}`), rec(4, `{`)}
 		if err := db.InsertHealth(ctx, badRow, fleet.LatestOf(badRow[:1])); err == nil || !strings.Contains(err.Error(), "copy health") {
@@ -506,6 +510,10 @@ func TestIngest(t *testing.T) {
 		}
 		if n, seq := count(), latestSeq(); n != 2 || seq != 2 {
 			t.Fatalf("after the failures: %d rows, latest seq %d; want 2 and 2", n, seq)
+		}
+		stat = db.Pool().Stat()
+		if closed := stat.NewConnsCount() - int64(stat.TotalConns()) - closed0; closed != 0 {
+			t.Fatalf("%d connections closed after failed batches, want them rolled back and kept", closed)
 		}
 		// Every pooled connection is out of its transaction: a batch on each
 		// of them, at once, stores everything.
@@ -527,20 +535,13 @@ func TestIngest(t *testing.T) {
 		if n, seq := count(), latestSeq(); n != 10 || seq != 17 {
 			t.Fatalf("after the retry: %d rows, latest seq %d; want 10 and 17", n, seq)
 		}
-		var idle int
-		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
-			WHERE datname = current_database() AND state LIKE 'idle in transaction%'`).Scan(&idle); err != nil {
-			t.Fatal(err)
-		}
-		if idle != 0 {
-			t.Fatalf("%d connections left idle in a transaction", idle)
-		}
+		noneIdleInTransaction(t, db)
 	})
 	t.Run("HealthLargeBatchAndCancel", func(t *testing.T) {
 		// A batch is one write of several megabytes (more than the pooled
-		// buffers keep) while PostgreSQL answers; a writer cancelled before
-		// it sends stores nothing and leaves the pool usable; one cancelled
-		// after it sent still learns that its batch was stored.
+		// buffers keep) while PostgreSQL answers; a cancelled caller stores
+		// nothing (the pool refuses it a connection); one cancelled after
+		// its batch was sent still learns that the batch was stored.
 		id := MustDevice(t, db, "s1", "SN-LARGE", 1)
 		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
 		pad := strings.Repeat("x", 3000)
