@@ -12,8 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/provisioning"
@@ -593,6 +596,94 @@ func TestIngest(t *testing.T) {
 		}
 		if n := count(); n != len(big)+2 {
 			t.Fatalf("stored %d rows, want %d", n, len(big)+2)
+		}
+	})
+	t.Run("HealthWriteCutOff", func(t *testing.T) {
+		// PostgreSQL stops reading the stream: the COPY waits for a lock
+		// another session holds. A writer whose deadline passes during
+		// the write, and one whose backend is terminated while it waits
+		// for the answer, both fail, store nothing, and leave the pool
+		// usable once the lock is gone.
+		id := MustDevice(t, db, "s1", "SN-CUT", 1)
+		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
+		pad := strings.Repeat("x", 3000)
+		var big []fleet.HealthRecord
+		for seq := int64(1); seq <= 2000; seq++ {
+			big = append(big, fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Microsecond),
+				TS: now, Seq: seq, Body: json.RawMessage(fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, seq, pad))})
+		}
+		locker, err := db.Pool().Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer locker.Rollback(ctx)
+		if _, err := locker.Exec(ctx, "LOCK TABLE health IN ACCESS EXCLUSIVE MODE"); err != nil {
+			t.Fatal(err)
+		}
+
+		// Several megabytes against a server that reads none of them.
+		dctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+		defer cancel()
+		if err := db.InsertHealth(dctx, big, fleet.LatestOf(big)); !errors.Is(err, context.DeadlineExceeded) ||
+			!strings.Contains(err.Error(), "send health batch") {
+			t.Fatalf("write cut off: got %v, want a send error wrapping the deadline", err)
+		}
+
+		// That writer's backend still waits for the lock (it has not read
+		// far enough to see its client go): end it first, so that the one
+		// found below is the next writer's.
+		waiting := func() ([]int, error) {
+			rows, err := db.Pool().Query(ctx, `SELECT pid FROM pg_stat_activity
+				WHERE wait_event_type = 'Lock' AND query LIKE '%COPY health%'`)
+			if err != nil {
+				return nil, err
+			}
+			return pgx.CollectRows(rows, pgx.RowTo[int])
+		}
+		testtool.Eventually(t, 10*time.Second, "no writer waiting for the lock", func() error {
+			pids, err := waiting()
+			if err == nil && len(pids) > 0 {
+				_, err = db.Pool().Exec(ctx, "SELECT pg_terminate_backend(p) FROM unnest($1::int[]) AS p", pids)
+				if err == nil {
+					err = fmt.Errorf("%d waiting", len(pids))
+				}
+			}
+			return err
+		})
+
+		// A small batch is sent whole; its backend dies while it waits.
+		small := big[:1]
+		done := make(chan error, 1)
+		go func() { done <- db.InsertHealth(ctx, small, fleet.LatestOf(small)) }()
+		var pid int
+		testtool.Eventually(t, 10*time.Second, "the writer waiting for the lock", func() error {
+			pids, err := waiting()
+			if err == nil && len(pids) != 1 {
+				err = fmt.Errorf("%d writers waiting, want 1", len(pids))
+			}
+			if err == nil {
+				pid = pids[0]
+			}
+			return err
+		})
+		if _, err := db.Pool().Exec(ctx, "SELECT pg_terminate_backend($1)", pid); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err == nil {
+			t.Fatal("a batch whose backend was terminated was reported stored")
+		}
+
+		if err := locker.Rollback(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(); n != 0 {
+			t.Fatalf("%d rows stored by the failed writers", n)
+		}
+		if err := db.InsertHealth(ctx, big, fleet.LatestOf(big)); err != nil {
+			t.Fatal(err)
+		}
+		if n := count(); n != len(big) {
+			t.Fatalf("stored %d rows, want %d", n, len(big))
 		}
 	})
 	t.Run("EventsOnce", func(t *testing.T) {
