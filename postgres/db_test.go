@@ -318,6 +318,18 @@ func healthRowsOf(t *testing.T, db *postgres.DB, id string) (n int) {
 	return n
 }
 
+// largeHealthBatch is 2,000 reports of locker id of ~3 KB each: one write
+// of several megabytes, more than the pooled buffers keep.
+func largeHealthBatch(id string, at time.Time) []fleet.HealthRecord {
+	pad := strings.Repeat("x", 3000)
+	var big []fleet.HealthRecord
+	for seq := int64(1); seq <= 2000; seq++ {
+		big = append(big, fleet.HealthRecord{DeviceID: id, ReceivedAt: at.Add(time.Duration(seq) * time.Microsecond),
+			TS: at, Seq: seq, Body: json.RawMessage(fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, seq, pad))})
+	}
+	return big
+}
+
 func TestIngest(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
@@ -547,12 +559,7 @@ func TestIngest(t *testing.T) {
 		// its batch was sent still learns that the batch was stored.
 		id := MustDevice(t, db, "s1", "SN-LARGE", 1)
 		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
-		pad := strings.Repeat("x", 3000)
-		var big []fleet.HealthRecord
-		for seq := int64(1); seq <= 2000; seq++ {
-			big = append(big, fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Microsecond),
-				TS: now, Seq: seq, Body: json.RawMessage(fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, seq, pad))})
-		}
+		big := largeHealthBatch(id, now)
 		if err := db.InsertHealth(ctx, big, fleet.LatestOf(big)); err != nil {
 			t.Fatal(err)
 		}
@@ -606,12 +613,7 @@ func TestIngest(t *testing.T) {
 		// usable once the lock is gone.
 		id := MustDevice(t, db, "s1", "SN-CUT", 1)
 		count := func() int { t.Helper(); return healthRowsOf(t, db, id) }
-		pad := strings.Repeat("x", 3000)
-		var big []fleet.HealthRecord
-		for seq := int64(1); seq <= 2000; seq++ {
-			big = append(big, fleet.HealthRecord{DeviceID: id, ReceivedAt: now.Add(time.Duration(seq) * time.Microsecond),
-				TS: now, Seq: seq, Body: json.RawMessage(fmt.Sprintf(`{"seq":%d,"pad":"%s"}`, seq, pad))})
-		}
+		big := largeHealthBatch(id, now)
 		locker, err := db.Pool().Begin(ctx)
 		if err != nil {
 			t.Fatal(err)
