@@ -1,21 +1,22 @@
 package protocol
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 )
 
-// healthCorpus is health as lockers send it, and the shapes around it that
-// the fast path must decline or get exactly right.
+// healthCorpus is health as lockers send it (with the protocol's example,
+// healthExample), and the shapes around it that the fast path must decline
+// or get exactly right.
 var healthCorpus = []struct {
 	payload string
 	fast    bool // the fast path decodes it (else Decode does)
 }{
-	{`{"ts": "2026-11-24T21:31:00.456Z", "seq": 1234, "fw": "1.4.2", "uptime_s": 86400, "temp_c": 21.5,
- "power": "mains", "battery_pct": 100, "rssi_dbm": -61,
- "free_compartments": 12, "door_faults": [4]}`, true},
 	{`{"ts":"2026-11-24T21:30:00Z"}`, true},
 	{` {"ts":"2026-11-24T21:30:00+01:00","seq":0,"uptime_s":0,"temp_c":-0,"door_faults":[]} `, true},
 	{`{"ts":"2026-11-24T21:30:00.123456789Z","temp_c":1e3,"door_faults":[1, 2 ,3]}`, true},
@@ -66,7 +67,35 @@ var healthCorpus = []struct {
 	{`{"ts":"2026-11-24T21:30:00Z","x":"` + strings.Repeat("x", MaxPayload) + `"}`, false},
 }
 
+// healthExample is the protocol's example report, testdata/health.json.
+func healthExample(tb testing.TB) []byte {
+	tb.Helper()
+	b, err := os.ReadFile(filepath.Join("testdata", "health.json"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
+
+// TestHealthKeys: the fast path knows every field of Health. One it did
+// not know would be skipped as unknown, and the report accepted without it.
+func TestHealthKeys(t *testing.T) {
+	var tags []string
+	ht := reflect.TypeFor[Health]()
+	for i := range ht.NumField() {
+		name, _, _ := strings.Cut(ht.Field(i).Tag.Get("json"), ",")
+		tags = append(tags, name)
+	}
+	if !slices.Equal(tags, healthKeys[:]) {
+		t.Fatalf("Health's JSON keys are %v, the fast path's %v", tags, healthKeys)
+	}
+}
+
 func TestDecodeHealthFastPath(t *testing.T) {
+	if fastHealth(healthExample(t)) == nil {
+		t.Error("fast path declined the protocol's example")
+	}
+	checkSameAsDecode(t, healthExample(t))
 	for _, c := range healthCorpus {
 		got := fastHealth([]byte(c.payload)) != nil
 		if got != c.fast {
@@ -92,6 +121,7 @@ func checkSameAsDecode(t *testing.T, b []byte) {
 
 // FuzzDecodeHealthFast checks the fast path against Decode on any input.
 func FuzzDecodeHealthFast(f *testing.F) {
+	f.Add(healthExample(f))
 	for _, c := range healthCorpus {
 		f.Add([]byte(c.payload))
 	}
@@ -99,7 +129,7 @@ func FuzzDecodeHealthFast(f *testing.F) {
 }
 
 func BenchmarkDecodeHealth(b *testing.B) {
-	payload := []byte(healthCorpus[0].payload)
+	payload := healthExample(b)
 	b.Run("fast", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
