@@ -262,7 +262,9 @@ func TestCommandAnsweredWhenDatabaseGoesDown(t *testing.T) {
 	done := make(chan answer, 1)
 	go func() {
 		// The wait ends (and the command is read again) with PostgreSQL
-		// down, long before the command could expire.
+		// down, long before the command could expire. The other failed read,
+		// of a command expired while pending, is fleet's
+		// TestWaitCommandExpiredReadFails.
 		body := strings.NewReader(`{"type":"unlock","compartment":1,"ttl_s":120,"wait_s":8}`)
 		req, _ := http.NewRequest("POST", tg.Admin.BaseURL+"/v1/lockers/"+r.DeviceID+"/commands", body)
 		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
