@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"math"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -137,5 +138,11 @@ func TestSmoke(t *testing.T) {
 	}
 	if strings.Contains(out.String(), "no: lost") {
 		t.Errorf("messages lost at 300/s:\n%s", out.String())
+	}
+	// The markers' poller found them: the step's publish → visible column
+	// ends with how many ("… ms (20)").
+	found := regexp.MustCompile(`(?m)^\| lockergate +\| 1 +\| 300 .* ms \((\d+)\)`).FindStringSubmatch(out.String())
+	if found == nil || found[1] == "0" {
+		t.Errorf("no end-to-end marker found in the step (%q):\n%s", found, out.String())
 	}
 }

@@ -123,7 +123,11 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 	time.Sleep(min(2*time.Second, time.Duration(len(lab.IDs))*time.Millisecond))
 	pub := NewPublisher(f, 1)
 	pub.Exclude = func(i int) bool { return i < markerLockers }
-	mk := NewMarkers(f.Conns[:markerLockers], lab.PG.Pool)
+	mk, err := NewMarkers(ctx, f.Conns[:markerLockers], lab.PG.Pool)
+	if err != nil {
+		return res, err
+	}
+	defer mk.Close()
 	err = res.climbLadder(o.Rates, time.Second, func(rate float64) (ingestStep, error) {
 		st, err := r.ingestStepGateway(ctx, lab, f, pub, mk, rate, o)
 		if err == nil {
@@ -224,7 +228,7 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 	if err != nil {
 		return st, err
 	}
-	srv0, pg0, gen0 := gw.CPU(), lab.PG.CPU(), SelfCPU()
+	srv0, pg0, gen0 := gw.CPU(), lab.PG.CPU()-mk.PollerCPU(), SelfCPU()
 	sent0, skip0, ack0 := pub.Sent.Load(), pub.Skipped.Load(), f.Acks.Load()
 	committed0 := m0.Hist("lockergate_ingest_lag_seconds").Total()
 	marks0 := mk.Published.Load()
@@ -264,7 +268,7 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 		time.Sleep(20 * time.Millisecond)
 	}
 	st.Drain = time.Since(pubEnd)
-	srv1, pg1, gen1 := gw.CPU(), lab.PG.CPU(), SelfCPU()
+	srv1, pg1, gen1 := gw.CPU(), lab.PG.CPU()-mk.PollerCPU(), SelfCPU()
 	<-markerDone
 	st.Acked = f.Acks.Load() - ack0
 	rows1, err := lab.HealthRows(ctx)
@@ -404,7 +408,8 @@ func (r *Runner) ingestReport(rep *Report, o IngestOptions, lab *Lab, gw, bare [
 		"drained within 1 s after the step; a step that fails without losing anything is tried once more (the machine is shared), "+
 		"a loss or a second failure ends the ladder; past its top a run still sustained climbs on in rungs of an eighth of the top "+
 		"(up to twice the top). Gateway and bare broker are separate processes; gateway CPU is its own "+
-		"utime+stime, PostgreSQL CPU is the postmaster, its live and its exited backends (external cluster started by "+
+		"utime+stime, PostgreSQL CPU is the postmaster, its live and its exited backends, less the marker poller's "+
+		"backend (external cluster started by "+
 		"lockerbench, same settings as the gateway's private one: durable, fsync on)", o.Lockers, lab.Prov.Round(time.Second), o.Rates, o.Step)
 	rep.Columns = []string{"measure", "lockergate", "bare mochi", "ratio"}
 	best := func(runs []ingestRun, f func(*ingestStep) float64) Spread {
