@@ -30,14 +30,7 @@ func BenchmarkInsertHealth(b *testing.B) {
 	const lockers, batch = 10000, 2000
 	ctx := context.Background()
 	db := MustOpen(b)
-	if err := db.CreateSite(ctx, &fleet.Site{ID: "s1", Name: "s1", Timezone: "UTC"}); err != nil {
-		b.Fatal(err)
-	}
-	// Lockers straight into the table: provisioning is not measured here.
-	if _, err := db.Pool().Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash)
-		SELECT 'lk-' || i, 'SN-' || i, 's1', 'LX', '1.0.0', '\x00' FROM generate_series(1, $1) AS i`, lockers); err != nil {
-		b.Fatal(err)
-	}
+	seedFleet(b, db, lockers)
 	var dataDir string
 	if err := db.Pool().QueryRow(ctx, "SHOW data_directory").Scan(&dataDir); err != nil {
 		b.Fatal(err)

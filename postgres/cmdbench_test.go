@@ -22,11 +22,8 @@ func BenchmarkCommandPath(b *testing.B) {
 	const lockers = 1000
 	ctx := context.Background()
 	db := MustOpen(b)
-	if err := db.CreateSite(ctx, &fleet.Site{ID: "s1", Name: "s1", Timezone: "UTC"}); err != nil {
-		b.Fatal(err)
-	}
-	if _, err := db.Pool().Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, online)
-		SELECT 'lk-' || i, 'SN-' || i, 's1', 'LX', '1.0.0', '\x00', i % 2 = 0 FROM generate_series(1, $1) AS i`, lockers); err != nil {
+	seedFleet(b, db, lockers)
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET online = split_part(id, '-', 2)::int % 2 = 0`); err != nil {
 		b.Fatal(err)
 	}
 	if _, err := db.Pool().Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone)

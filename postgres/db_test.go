@@ -35,6 +35,21 @@ func MustOpen(tb testing.TB) *postgres.DB {
 	return db
 }
 
+// seedFleet adds site s1 and n lockers lk-1 … lk-n straight into the
+// tables, for benchmarks and plan tests: provisioning is not what they
+// measure.
+func seedFleet(tb testing.TB, db *postgres.DB, n int) {
+	tb.Helper()
+	ctx := context.Background()
+	if err := db.CreateSite(ctx, &fleet.Site{ID: "s1", Name: "s1", Timezone: "UTC"}); err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash)
+		SELECT 'lk-' || i, 'SN-' || i, 's1', 'LX', '1.0.0', '\x00' FROM generate_series(1, $1) AS i`, n); err != nil {
+		tb.Fatal(err)
+	}
+}
+
 // markOffline ends one session of a locker.
 func markOffline(db *postgres.DB, id, reason string, at time.Time) error {
 	return db.MarkOfflineMany(context.Background(), []fleet.SessionEnd{{ID: id, Reason: reason, At: at}})

@@ -60,6 +60,12 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 // what is stored: with several writers or gateway instances, a later batch
 // can carry an earlier message. Gaps are those inside the run plus any
 // before its first message.
+//
+// "d.id = ANY($1)" repeats the join condition for the planner: it makes
+// the batch's lockers an index condition on devices. Without it, a batch
+// of a few hundred lockers was a hash join over a sequential scan of the
+// whole devices table (10,000 rows: 24-32 ms against 6-9 ms under load),
+// a cost that grows with the fleet rather than with the batch.
 const updateLatestSQL = `
 	UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
 		health_gaps = d.health_gaps + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq + 1
@@ -67,7 +73,7 @@ const updateLatestSQL = `
 		health_seq = u.seq
 	FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
 		AS u(id, body, at, seq, first, gaps)
-	WHERE d.id = u.id AND (d.health_at IS NULL OR u.at >= d.health_at)`
+	WHERE d.id = u.id AND d.id = ANY($1::text[]) AND (d.health_at IS NULL OR u.at >= d.health_at)`
 
 // Type OIDs of updateLatestSQL's arrays and their elements.
 const (
