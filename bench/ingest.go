@@ -228,16 +228,24 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 	if err != nil {
 		return st, err
 	}
-	srv0, pg0, gen0 := gw.CPU(), lab.PG.CPU()-mk.PollerCPU(), SelfCPU()
+	srv0, pg0, poll0, gen0 := gw.CPU(), lab.PG.CPU(), mk.PollerCPU(), SelfCPU()
 	sent0, skip0, ack0 := pub.Sent.Load(), pub.Skipped.Load(), f.Acks.Load()
 	committed0 := m0.Hist("lockergate_ingest_lag_seconds").Total()
 	marks0 := mk.Published.Load()
 
+	// The markers' Run uses their session until it returns: every return
+	// from here on stops it and waits (mk.Close follows the last step).
 	markerDone := make(chan struct{})
+	mctx, stopMarkers := context.WithCancel(ctx)
+	defer func() {
+		stopMarkers()
+		<-markerDone
+	}()
 	var lags []time.Duration
+	var pollErr error
 	go func() {
 		defer close(markerDone)
-		lags, st.MLost = mk.Run(ctx, o.MarkerRate, o.Step, 10*time.Second)
+		lags, st.MLost, pollErr = mk.Run(mctx, o.MarkerRate, o.Step, 10*time.Second)
 	}()
 	profName := fmt.Sprintf("ingest-%s-%.0f", time.Now().Format("150405"), rate)
 	prof := gw.ProfileCPU(ctx, profName, o.Step-time.Second)
@@ -268,8 +276,11 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 		time.Sleep(20 * time.Millisecond)
 	}
 	st.Drain = time.Since(pubEnd)
-	srv1, pg1, gen1 := gw.CPU(), lab.PG.CPU()-mk.PollerCPU(), SelfCPU()
+	srv1, pg1, poll1, gen1 := gw.CPU(), lab.PG.CPU(), mk.PollerCPU(), SelfCPU()
 	<-markerDone
+	if pollErr != nil {
+		r.Log.Warn("ingest: the end-to-end markers' poller failed; markers it missed count as lost", "err", pollErr)
+	}
 	st.Acked = f.Acks.Load() - ack0
 	rows1, err := lab.HealthRows(ctx)
 	if err != nil {
@@ -286,6 +297,12 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 	st.E2EP50 = Percentile(Durations(lags), 50)
 	st.E2EP99 = Percentile(Durations(lags), 99)
 	st.SrvCPU, st.PGCPU, st.GenCPU = float64(srv1-srv0), float64(pg1-pg0), float64(gen1-gen0)
+	if poll0.OK && poll1.OK && poll0.PID == poll1.PID {
+		st.PGCPU -= float64(poll1.CPU - poll0.CPU) // lockerbench's own queries
+	} else {
+		r.Log.Warn("ingest: PostgreSQL CPU of this step includes the markers' poller (its backend could not be followed)",
+			"target", rate, "pid_before", poll0.PID, "pid_after", poll1.PID)
+	}
 	op := `op="insert_health"`
 	if n := m1.Sum("lockergate_db_write_duration_seconds_count", op) - m0.Sum("lockergate_db_write_duration_seconds_count", op); n > 0 {
 		st.WriteMean = (m1.Sum("lockergate_db_write_duration_seconds_sum", op) - m0.Sum("lockergate_db_write_duration_seconds_sum", op)) / n

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -24,8 +25,9 @@ const markerBase = int64(1) << 40
 // resolution is therefore the poll interval.
 type Markers struct {
 	conns []*Conn
-	db    *pgxpool.Conn // the poller's own session (see NewMarkers)
-	pid   int           // its backend
+	pool  *pgxpool.Pool
+	db    *pgxpool.Conn // the poller's own session (see NewMarkers); Run's alone
+	pid   atomic.Int64  // its backend
 	mu    sync.Mutex
 	sent  map[markerKey]time.Time
 	next  int64
@@ -51,32 +53,60 @@ const pollEvery = 5 * time.Millisecond
 // plan would save the planning but is a sequential scan of the day's
 // health partition: the parameters hide how few rows qualify.)
 func NewMarkers(ctx context.Context, conns []*Conn, pool *pgxpool.Pool) (*Markers, error) {
-	db, err := pool.Acquire(ctx)
+	m := &Markers{conns: conns, pool: pool, sent: map[markerKey]time.Time{}, next: markerBase}
+	if err := m.connect(ctx); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// connect takes the poller's session from the pool and finds its backend.
+func (m *Markers) connect(ctx context.Context) error {
+	db, err := m.pool.Acquire(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("markers: %w", err)
+		return fmt.Errorf("markers: take a PostgreSQL session for the poller: %w", err)
 	}
 	var pid int
 	if err := db.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
 		db.Release()
-		return nil, fmt.Errorf("markers: find the poller's backend: %w", err)
+		return fmt.Errorf("markers: find the poller's PostgreSQL backend: %w", err)
 	}
-	return &Markers{conns: conns, db: db, pid: pid, sent: map[markerKey]time.Time{}, next: markerBase}, nil
+	m.db = db
+	m.pid.Store(int64(pid))
+	return nil
 }
 
-// Close returns the poller's session to its pool.
+// Close returns the poller's session to its pool. No Run may be in
+// progress.
 func (m *Markers) Close() {
-	m.db.Release()
+	if m.db != nil {
+		m.db.Release()
+		m.db = nil
+	}
 }
 
-// PollerCPU is the CPU time the poller's PostgreSQL backend has used.
-func (m *Markers) PollerCPU() CPU {
-	c, _ := ProcCPU(m.pid, false)
-	return c
+// PollerSample is the CPU time the poller's PostgreSQL backend had used
+// at one moment; OK is false when it could not be read.
+type PollerSample struct {
+	PID int
+	CPU CPU
+	OK  bool
+}
+
+// PollerCPU samples the poller's backend. Two samples of the same backend
+// give the poller's share of PostgreSQL's CPU between them; across a new
+// session they give nothing (the old backend's time moved to its parent).
+func (m *Markers) PollerCPU() PollerSample {
+	pid := int(m.pid.Load())
+	c, err := ProcCPU(pid, false)
+	return PollerSample{PID: pid, CPU: c, OK: err == nil}
 }
 
 // Run publishes rate markers per second for d, then waits (up to grace)
-// for the outstanding ones; it returns the lags found in this call.
-func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration) (lags []time.Duration, lost int) {
+// for the outstanding ones; it returns the lags found in this call, the
+// markers not found, and the first error of the poller's queries (a
+// broken session is replaced).
+func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration) (lags []time.Duration, lost int, pollErr error) {
 	m.mu.Lock()
 	m.lags, m.lost = nil, 0
 	m.mu.Unlock()
@@ -136,7 +166,19 @@ func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration)
 			break
 		}
 		if pending > 0 {
-			m.poll(ctx, ids)
+			if err := m.poll(ctx, ids); err != nil && ctx.Err() == nil {
+				if pollErr == nil {
+					pollErr = err
+				}
+				if m.db.Conn().IsClosed() {
+					m.db.Release()
+					m.db = nil
+					if err := m.connect(ctx); err != nil {
+						pollErr = errors.Join(pollErr, err)
+						break
+					}
+				}
+			}
 		}
 		time.Sleep(pollEvery)
 	}
@@ -144,7 +186,7 @@ func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration)
 	defer m.mu.Unlock()
 	m.lost += len(m.sent)
 	clear(m.sent)
-	return m.lags, m.lost
+	return m.lags, m.lost, pollErr
 }
 
 // Pending is how many markers are outstanding.
@@ -157,8 +199,9 @@ func (m *Markers) Pending() int {
 // poll asks only for rows from the oldest outstanding marker on: asking
 // for every marker of the step read a growing set again on every poll.
 // The gateway stamps received_at on arrival, after the marker's sent
-// time on this machine's clock; the second of slack covers a clock step.
-func (m *Markers) poll(ctx context.Context, ids []string) {
+// time on this machine's clock; the second of slack covers a step of the
+// clock up to a second back.
+func (m *Markers) poll(ctx context.Context, ids []string) error {
 	m.mu.Lock()
 	oldest, minSeq := time.Time{}, int64(0)
 	for k, t0 := range m.sent {
@@ -171,25 +214,29 @@ func (m *Markers) poll(ctx context.Context, ids []string) {
 	}
 	m.mu.Unlock()
 	if minSeq == 0 {
-		return
+		return nil
 	}
 	at := time.Now()
 	rows, err := m.db.Query(ctx, "SELECT device_id, seq FROM health WHERE device_id = ANY($1) AND received_at >= $2 AND seq >= $3",
 		ids, oldest.Add(-time.Second), minSeq)
 	if err != nil {
-		return
+		return fmt.Errorf("markers: poll PostgreSQL: %w", err)
 	}
 	defer rows.Close()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for rows.Next() {
 		var k markerKey
-		if rows.Scan(&k.id, &k.seq) != nil {
-			continue
+		if err := rows.Scan(&k.id, &k.seq); err != nil {
+			return fmt.Errorf("markers: read a polled row: %w", err)
 		}
 		if t0, ok := m.sent[k]; ok {
 			m.lags = append(m.lags, at.Sub(t0))
 			delete(m.sent, k)
 		}
 	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("markers: poll PostgreSQL: %w", err)
+	}
+	return nil
 }
