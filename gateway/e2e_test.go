@@ -286,6 +286,23 @@ func TestAPIBadInput(t *testing.T) {
 		if stored != 0 {
 			t.Fatal("a token is stored in clear for idempotent replays")
 		}
+		// A webhook's secret is left out too, but its "token" is the owner's
+		// token id, not a secret: the replay keeps it.
+		req = client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]any{"url": "http://127.0.0.1:9/hook", "events": []string{"pickup.ready"}},
+			Header: map[string][]string{"Idempotency-Key": {"wh-1"}}}
+		first, again = nil, nil
+		if _, err := tg.Admin.Do(ctx, req, &first); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tg.Admin.Do(ctx, req, &again); err != nil {
+			t.Fatal(err)
+		}
+		if first["secret"] == nil || again["secret"] != nil || first["id"] != again["id"] || again["token"] == nil || again["token"] != first["token"] {
+			t.Fatalf("webhook: first %v, replay %v: the replay must repeat the answer, owner token id included, without the secret", first, again)
+		}
+		if tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["secret"]) != 0 {
+			t.Fatal("a webhook secret is stored in clear for idempotent replays")
+		}
 	})
 	t.Run("IdempotencyKey", func(t *testing.T) {
 		req := client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands",

@@ -299,12 +299,22 @@ func TestPickupMultiOrder(t *testing.T) {
 	for _, id := range ids {
 		singles = append(singles, e.waitState(t, id, pickup.Ready).Credential.Code)
 	}
-	var cred pickup.CredentialView
-	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": ids, "kind": "pin"}, &cred); err != nil {
+	var cred, replay pickup.CredentialView
+	req := client.Request{Method: "POST", Path: "/v1/credentials", Body: map[string]any{"pickups": ids, "kind": "pin"},
+		Header: map[string][]string{"Idempotency-Key": {"combine-1"}}}
+	if _, err := e.platform.Do(ctx, req, &cred); err != nil {
 		t.Fatal(err)
 	}
 	if len(cred.Code) != 8 || cred.QR != "" || len(cred.Compartments) != 3 {
 		t.Fatalf("combined credential %+v", cred)
+	}
+	// Codes are stored as MACs only: an Idempotency-Key replay answers
+	// without the code (GET /v1/pickups/{id} shows it again).
+	if status, err := e.platform.Do(ctx, req, &replay); err != nil || status != http.StatusCreated || replay.ID != cred.ID || replay.Code != "" {
+		t.Fatalf("replay: %d %+v (%v), want 201, the same credential, no code", status, replay, err)
+	}
+	if e.tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, cred.Code) != 0 {
+		t.Fatal("a pickup code is stored in clear for idempotent replays")
 	}
 	e.waitCreds(t, e.sim.Lockers()[0].DeviceID())
 	l := e.sim.Lockers()[0]

@@ -105,3 +105,27 @@ func TestIdempotencyKeyRaces(t *testing.T) {
 		}
 	})
 }
+
+// Every route with secret fields is an idempotent create (a misspelt
+// pattern would store its secrets in clear), and scrubbing removes only
+// those fields.
+func TestSecretFields(t *testing.T) {
+	idem := map[string]bool{}
+	for _, rt := range (&Server{}).table() {
+		if rt.idempotent && rt.method == "POST" {
+			idem[rt.pattern] = true
+		}
+	}
+	for pattern := range secretFields {
+		if !idem[pattern] {
+			t.Errorf("secretFields names %s, which is not an idempotent POST route", pattern)
+		}
+	}
+	got := string(scrubSecrets([]byte(`{"id":"wh-1","token":"tok-9","secret":"s3cr3t"}`), secretFields["/v1/webhooks"]))
+	if strings.Contains(got, "s3cr3t") || !strings.Contains(got, `"token":"tok-9"`) || !strings.Contains(got, `"id":"wh-1"`) {
+		t.Errorf("webhook answer scrubbed to %s: want the secret gone, the owner token id and id kept", got)
+	}
+	if body := `{"id":"c-1","code":"12345678"}`; string(scrubSecrets([]byte(body), nil)) != body {
+		t.Error("a route without secret fields had its answer changed")
+	}
+}

@@ -245,3 +245,27 @@ func TestRangeParams(t *testing.T) {
 		}
 	}
 }
+
+// TestAuthScheme: the scheme of Authorization is case-insensitive; a
+// header that is not a bearer token is refused as missing.
+func TestAuthScheme(t *testing.T) {
+	s := New(Options{Store: &fakeStore{}})
+	for _, h := range []string{"bearer admin", "BEARER admin", "Bearer admin"} {
+		req := httptest.NewRequest("GET", "/v1/lockers?online=maybe", nil)
+		req.Header.Set("Authorization", h)
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, req)
+		if rec.Code != 400 { // past authentication, to the parameter check
+			t.Errorf("Authorization %q: %d %s, want it accepted", h, rec.Code, rec.Body)
+		}
+	}
+	for _, h := range []string{"Basic YWRtaW46eA==", "Bearer", "Bearer ", "Beareradmin"} {
+		req := httptest.NewRequest("GET", "/v1/lockers", nil)
+		req.Header.Set("Authorization", h)
+		rec := httptest.NewRecorder()
+		s.ServeHTTP(rec, req)
+		if rec.Code != 401 || !strings.Contains(rec.Body.String(), "missing bearer token") {
+			t.Errorf("Authorization %q: %d %s, want 401 missing bearer token", h, rec.Code, rec.Body)
+		}
+	}
+}

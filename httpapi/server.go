@@ -160,8 +160,9 @@ type handler func(w http.ResponseWriter, r *http.Request) error
 // auth wraps h: the request needs a valid token of one of roles.
 func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		raw, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if !ok || raw == "" {
+		// The scheme is case-insensitive (RFC 9110, section 11.1).
+		scheme, raw, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		if !strings.EqualFold(scheme, "Bearer") || raw == "" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="lockergate"`)
 			writeProblem(w, http.StatusUnauthorized, "missing bearer token: send Authorization: Bearer <token>")
 			return
@@ -304,7 +305,7 @@ func (s *Server) routes() {
 	for _, rt := range s.table() {
 		h := rt.h
 		if rt.idempotent {
-			h = s.idempotent(h)
+			h = s.idempotent(h, secretFields[rt.pattern])
 		}
 		m.HandleFunc(rt.method+" "+rt.pattern, s.auth(rt.roles, h))
 	}
@@ -318,7 +319,7 @@ func (s *Server) routes() {
 // idempotent makes a create handler honour Idempotency-Key: a repeat with the
 // same key and body returns the first answer and creates nothing; the same
 // key with another body is a 409.
-func (s *Server) idempotent(h handler) handler {
+func (s *Server) idempotent(h handler, secrets []string) handler {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		key := r.Header.Get("Idempotency-Key")
 		if key == "" {
@@ -372,7 +373,7 @@ func (s *Server) idempotent(h handler) handler {
 		// gone: it is about what happened, not about this connection.
 		ctx := context.WithoutCancel(r.Context())
 		if herr == nil && rec.status >= 200 && rec.status < 300 {
-			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, scrubSecrets(rec.body.Bytes())); err != nil {
+			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, scrubSecrets(rec.body.Bytes(), secrets)); err != nil {
 				s.log.Error("store idempotent answer", "err", err)
 			}
 			return nil
@@ -417,17 +418,28 @@ func readAllLimited(r *http.Request) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// secretFields are shown once and never stored, not even for an
-// Idempotency-Key replay (which answers without them).
-var secretFields = []string{"token", "secret", "password"}
+// secretFields are, per create route, the fields of its answer that are
+// secrets or pickup codes: shown to the caller, never stored in clear, so
+// an Idempotency-Key replay answers without them (GET shows a pickup's
+// code again to those who may hold it). Per route: a webhook's "token" is
+// its owner's token id, not a secret.
+var secretFields = map[string][]string{
+	"/v1/tokens":      {"token"},
+	"/v1/claims":      {"token"},
+	"/v1/webhooks":    {"secret"},
+	"/v1/credentials": {"code", "qr"},
+}
 
-func scrubSecrets(body []byte) []byte {
+func scrubSecrets(body []byte, secrets []string) []byte {
+	if len(secrets) == 0 {
+		return body
+	}
 	var m map[string]json.RawMessage
 	if json.Unmarshal(body, &m) != nil {
 		return body
 	}
 	changed := false
-	for _, f := range secretFields {
+	for _, f := range secrets {
 		if _, ok := m[f]; ok {
 			delete(m, f)
 			changed = true
