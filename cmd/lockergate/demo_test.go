@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -69,6 +71,29 @@ func TestDemo(t *testing.T) {
 		}
 		return nil
 	})
+
+	// The demo's webhooks reach a receiver on this machine (serve refuses
+	// loopback targets unless --webhook-allow-private).
+	got := make(chan string, 16)
+	rcv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case got <- r.Header.Get("Content-Type"):
+		default:
+		}
+	}))
+	defer rcv.Close()
+	if err := c.Post(ctx, "/v1/webhooks", map[string]any{"url": rcv.URL, "events": []string{"pickup.ready"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Post(ctx, "/v1/pickups", map[string]any{"site": "demo-site", "order_ref": "D-1", "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "driver", "platform": "speedy"}, "expires_at": time.Now().Add(time.Hour)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-got:
+	case <-time.After(time.Minute):
+		t.Fatal("no webhook delivery to a loopback receiver within a minute of a pickup")
+	}
 
 	cancel() // Ctrl-C
 	select {

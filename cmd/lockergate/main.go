@@ -88,7 +88,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
 	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: http:// and --http-addr, localhost for an unspecified host)")
-	fs.BoolVar(&o.WebhookAllowPrivate, "webhook-allow-private", false, "let webhooks target loopback and private addresses (labs, tests)")
+	// The demo is a lab on this machine: its webhooks may call receivers
+	// on it (a serve refuses them, against requests into private networks).
+	fs.BoolVar(&o.WebhookAllowPrivate, "webhook-allow-private", cmd == "demo", "let webhooks target loopback and private addresses (labs, tests; on in demo)")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	var demo demoOptions
 	if cmd == "demo" {
