@@ -289,7 +289,7 @@ func (b *Broker) verifyDevice(id string, password []byte, ip string, now time.Ti
 		return epoch, true, ""
 	}
 	b.m.authCache.WithLabelValues("miss").Inc()
-	if lim.rateLimited && !known && (b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(id), now)) {
+	if lim.rateLimited && !known && (b.limiter.blocked(b.limiter.addrKey(ip), now) || b.limiter.blocked(idKey(id), now)) {
 		return epoch, false, refuseRateLimited
 	}
 	if reason := b.checkDevice(id, password, lim); reason != "" {
@@ -332,7 +332,7 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	if b.opts.Provisioner == nil {
 		return nil, refuseNoProvisioning
 	}
-	if b.limiter.blocked(ipKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
+	if b.limiter.blocked(b.limiter.addrKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
 		return nil, refuseRateLimited
 	}
 	release, ok := b.backendSlot(authQueueWait)
@@ -369,7 +369,7 @@ func (b *Broker) refuse(k kind, clientID, username, remote, reason string, now t
 		return // shutting down: not the client's fault, not worth a metric
 	}
 	if countsAsFailure(reason) {
-		b.limiter.fail(ipKey(hostOf(remote)), b.limiter.ipLimit, now)
+		b.limiter.fail(b.limiter.addrKey(hostOf(remote)), b.limiter.ipLimit, now)
 		if k != kindNone { // a malformed id is not worth tracking
 			b.limiter.fail(idKey(clientID), b.limiter.idLimit, now)
 		}
@@ -504,14 +504,23 @@ func (c *authCache) invalidateAll() {
 // Reaching the limit within window blocks the key for block: further attempts
 // are refused at once (rate_limited) without asking the backend. The address
 // limit is higher because many lockers may share one (carrier NAT).
+//
+// This host's own address, 127.0.0.1 or ::1, is not limited as an address
+// (the client id limit still applies): every client of a TLS terminator or
+// proxy on this host arrives from it, so thirty wrong guesses by anyone
+// would refuse every new locker and claim session for a minute; and a test
+// suite or an operator's tool on the gateway's host is not a remote
+// guesser. The rest of 127.0.0.0/8 is limited like any address.
 type failLimiter struct {
 	mu      sync.Mutex
 	window  time.Duration
 	block   time.Duration
 	idLimit int
 	ipLimit int
-	max     int
-	m       map[string]*failRecord
+	// limitLocalhost limits 127.0.0.1 and ::1 too (tests).
+	limitLocalhost bool
+	max            int
+	m              map[string]*failRecord
 }
 
 type failRecord struct {
@@ -525,7 +534,20 @@ func newFailLimiter() *failLimiter {
 		max: 1 << 14, m: make(map[string]*failRecord)}
 }
 
+// addrKey is ip's key in the limiter, "" for an address not limited.
+func (l *failLimiter) addrKey(ip string) string {
+	if !l.limitLocalhost {
+		if a := net.ParseIP(ip); a != nil && (a.Equal(net.IPv4(127, 0, 0, 1)) || a.Equal(net.IPv6loopback)) {
+			return ""
+		}
+	}
+	return ipKey(ip)
+}
+
 func (l *failLimiter) blocked(key string, now time.Time) bool {
+	if key == "" {
+		return false
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	r := l.m[key]
@@ -533,6 +555,9 @@ func (l *failLimiter) blocked(key string, now time.Time) bool {
 }
 
 func (l *failLimiter) fail(key string, limit int, now time.Time) {
+	if key == "" {
+		return
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	r := l.m[key]

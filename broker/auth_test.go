@@ -244,7 +244,7 @@ func TestRateLimit(t *testing.T) {
 		h.mustDialDevice(t, "A") // its verified secret is not locked out by someone else's guesses
 	})
 	t.Run("ByAddress", func(t *testing.T) {
-		h := newHarness(t, nil, func(b *Broker) { b.limiter.ipLimit = 3 })
+		h := newHarness(t, nil, func(b *Broker) { b.limiter.ipLimit, b.limiter.limitLocalhost = 3, true })
 		for _, id := range []string{"X1", "X2", "X3"} {
 			if _, err := h.dial(t, id, id, "x"); err == nil {
 				t.Fatalf("%s accepted", id)
@@ -262,6 +262,28 @@ func TestRateLimit(t *testing.T) {
 		if _, err := h.dial(t, "prov-SN1", "claim", claimToken); err == nil {
 			t.Error("claim session accepted from a blocked address")
 		}
+	})
+	t.Run("LocalhostIsNotLimitedAsAnAddress", func(t *testing.T) {
+		// A proxy on this host makes every client loopback: wrong guesses
+		// must not refuse everyone else. The client id limit still holds.
+		h := newHarness(t, nil, func(b *Broker) { b.limiter.ipLimit = 3 })
+		for _, id := range []string{"X1", "X2", "X3", "X4"} {
+			if _, err := h.dial(t, id, id, "x"); err == nil {
+				t.Fatalf("%s accepted", id)
+			}
+		}
+		if got := h.auth.calls("X4"); got != 1 {
+			t.Errorf("AuthDevice(X4) calls = %d, want 1 (127.0.0.1 is not blocked as an address)", got)
+		}
+		if got := h.metric(t, failures, "reason", refuseRateLimited); got != 0 {
+			t.Errorf("rate_limited = %v, want 0", got)
+		}
+		h.mustDialDevice(t, "B")
+		c, err := h.dial(t, "prov-SN1", "claim", claimToken)
+		if err != nil {
+			t.Fatalf("claim session from 127.0.0.1 after others' wrong guesses: %v", err)
+		}
+		c.Disconnect(50)
 	})
 }
 

@@ -37,7 +37,7 @@ func TestRateLimitSparesKnownSecret(t *testing.T) {
 	})
 	t.Run("ByAddress", func(t *testing.T) {
 		h := newHarness(t, func(o *Options) { o.AuthCacheTTL = time.Nanosecond },
-			func(b *Broker) { b.limiter.ipLimit = 3 })
+			func(b *Broker) { b.limiter.ipLimit, b.limiter.limitLocalhost = 3, true })
 		h.mustDialDevice(t, "A").Disconnect(50)
 		for _, id := range []string{"X1", "X2", "X3"} {
 			if _, err := h.dial(t, id, id, "x"); err == nil {
