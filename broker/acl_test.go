@@ -20,7 +20,7 @@ func TestDeviceACL(t *testing.T) {
 		filters := []string{
 			"#", "+/#", "lockers/#", "lockers/v1/+/cmd", "lockers/v1/+/creds",
 			"lockers/v1/B/cmd", "lockers/v1/B/creds", "lockers/v1/B/events",
-			"lockers/v1/A/#", "lockers/v1/A/+", "lockers/v1/A/events", "lockers/v1/A/cmd/result",
+			"lockers/v1/A/+/+/+", "lockers/v1/A/nope/#",
 			"lockers/v1/A/nope", "$SYS/#", "$SYS/broker/clients/connected",
 			"$share/g/lockers/v1/A/cmd", "provision/#", "provision/v1/SN1/response",
 		}
@@ -35,6 +35,8 @@ func TestDeviceACL(t *testing.T) {
 	})
 
 	t.Run("AllowedSubscribe", func(t *testing.T) {
+		// Its own topics in the other direction and wildcards are allowed
+		// too (TestOwnUplinkEcho); this session keeps to its inbound ones.
 		for _, f := range []string{"lockers/v1/A/cmd", "lockers/v1/A/creds", "lockers/v1/A/config", "lockers/v1/A/fw/job"} {
 			if got := a.subscribeResult(t, f, 1); got != 1 {
 				t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
@@ -87,6 +89,41 @@ func TestDeviceACL(t *testing.T) {
 			t.Errorf("device A got %s %s, want its own command", m.Topic(), m.Payload())
 		}
 	})
+}
+
+// TestOwnUplinkEcho: a device may subscribe to its own topics in either
+// direction and with wildcards under its own root (protocol v1: "its own
+// topics"). It then gets its own messages back, as MQTT delivers them to
+// every matching subscription, and the gateway still gets each once.
+func TestOwnUplinkEcho(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/v1/+/health")
+	a, b := h.mustDialDevice(t, "A"), h.mustDialDevice(t, "B")
+	for _, f := range []string{"lockers/v1/A/events", "lockers/v1/A/cmd/result", "lockers/v1/A/+", "lockers/v1/A/fw/+", "lockers/v1/A/#"} {
+		if got := a.subscribeResult(t, f, 1); got != 1 {
+			t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
+		}
+	}
+	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"from":"A"}`))
+	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/health" || string(m.Payload()) != `{"from":"A"}` {
+		t.Errorf("A got %s %s, want its own health back", m.Topic(), m.Payload())
+	}
+	b.mustPublish(t, "lockers/v1/B/health", 1, []byte(`{"from":"B"}`)) // the direct path
+	waitFor(t, "both healths", func() bool { return len(seen.get()) >= 2 })
+	if got := seen.topics(); len(got) != 2 || got[0] != "lockers/v1/A/health" || got[1] != "lockers/v1/B/health" {
+		t.Errorf("the gateway's handler saw %v, want each health once", got)
+	}
+	if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-a"}`), 1, false); err != nil {
+		t.Fatal(err)
+	}
+	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/cmd" {
+		t.Errorf("A got %s, want its command through the wildcard", m.Topic())
+	}
+	if got := h.b.echoes.Load(); got != 1 {
+		t.Errorf("sessions echoed = %d, want 1 (A)", got)
+	}
+	a.Disconnect(50)
+	waitFor(t, "A's echo forgotten", func() bool { return h.b.echoes.Load() == 0 })
 }
 
 // TestMQTT5ACL checks the negative acknowledgements MQTT 5 clients get.

@@ -125,6 +125,12 @@ type Broker struct {
 	subID atomic.Int64
 	subMu sync.Mutex                  // serialises Subscribe's updates of subs
 	subs  atomic.Pointer[[]inlineSub] // every Subscribe, for direct delivery (deliverUplink)
+	// echo holds the device sessions (*mqtt.Client) subscribed to one of
+	// their own device-to-gateway topics, whose messages then go through
+	// mochi, which delivers them back; echoes counts them, so the common
+	// case costs deliverUplink one atomic load.
+	echo   sync.Map
+	echoes atomic.Int64
 
 	life      sync.Mutex
 	started   bool
@@ -422,9 +428,10 @@ type inlineSub struct {
 
 // deliverUplink hands a device's message on one of its own device-to-gateway
 // topics to the matching Subscribe handlers, and reports whether it did;
-// then mochi need not route it. It is what mochi would do: no MQTT client
-// can subscribe to such a topic (protocol.DeviceMaySubscribe), so the
-// gateway's inline subscriptions are its only subscribers. Skipping mochi's
+// then mochi need not route it. It is what mochi would do: only the device
+// itself may subscribe to such a topic (protocol.DeviceMaySubscribe), and
+// one that has is left to mochi (echo), so otherwise the gateway's inline
+// subscriptions are its only subscribers. Skipping mochi's
 // topic tree, which allocates four maps per message, and the payload copy
 // saved a tenth of the gateway's CPU in health ingest (docs/benchmarks.md).
 //
@@ -438,6 +445,11 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
 	}
 	if k, _ := identify(cl); k != kindDevice {
 		return false
+	}
+	if b.echoes.Load() > 0 {
+		if _, ok := b.echo.Load(cl); ok {
+			return false
+		}
 	}
 	p := b.subs.Load()
 	if p == nil {

@@ -119,8 +119,10 @@ func TestCheckExternalACL(t *testing.T) {
 		{"A", "A", protocol.Topic("A", protocol.ChanHealth), true, Allow},
 		{"A", "A", protocol.Topic("A", protocol.ChanCmdResult), true, Allow},
 		{"A", "A", protocol.Topic("A", protocol.ChanCmd), false, Allow},
-		{"A", "A", protocol.Topic("A", protocol.ChanCmd), true, Deny},     // gateway to device only
-		{"A", "A", protocol.Topic("A", protocol.ChanHealth), false, Deny}, // device to gateway only
+		{"A", "A", protocol.Topic("A", protocol.ChanCmd), true, Deny},      // gateway to device only
+		{"A", "A", protocol.Topic("A", protocol.ChanHealth), false, Allow}, // its own topics, either direction
+		{"A", "A", "lockers/v1/A/#", false, Allow},
+		{"A", "A", "lockers/v1/A/nope/#", false, Deny},
 		{"A", "A", protocol.Topic("B", protocol.ChanEvents), true, Deny},
 		{"A", "A", protocol.Topic("B", protocol.ChanCmd), false, Deny},
 		{"A", "A", "lockers/v1/+/cmd", false, Deny},

@@ -171,6 +171,11 @@ func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 		ok = protocol.DeviceMayPublish(id, topic)
 	case k == kindDevice:
 		ok = protocol.DeviceMaySubscribe(id, topic)
+		if ok && protocol.SubscribesUplink(id, topic) {
+			if _, had := b.echo.LoadOrStore(cl, struct{}{}); !had {
+				b.echoes.Add(1)
+			}
+		}
 	case k == kindProvision && write:
 		ok = protocol.ProvisionerMayPublish(id, topic)
 	case k == kindProvision:

@@ -188,6 +188,9 @@ func (b *Broker) finish(s *session, cause error) {
 		delete(b.sessions, s.cl.Net.Conn)
 	}
 	b.mu.Unlock()
+	if _, had := b.echo.LoadAndDelete(s.cl); had {
+		b.echoes.Add(-1)
+	}
 	if s.timer != nil {
 		s.timer.Stop()
 	}

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
@@ -253,10 +255,29 @@ func TestExternalBroker(t *testing.T) {
 		return nil
 	})
 
-	// A device cannot act as another on mosquitto either (dynsec ACL).
+	// A device cannot act as another on mosquitto either (dynsec ACL), but
+	// may subscribe to its own topics with a wildcard.
 	first, second := sim.Lockers()[0], sim.Lockers()[1]
 	spy, err := Connect(mq.Addr, first.DeviceID(), first.DeviceID(), ids[first.Serial()].Password)
 	if err == nil {
+		own := make(chan string, 16)
+		tok := spy.Subscribe(protocol.Root+first.DeviceID()+"/#", 1, func(_ paho.Client, m paho.Message) {
+			select {
+			case own <- m.Topic():
+			default:
+			}
+		})
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe to its own topics with a wildcard: %v", tok.Error())
+		}
+		select {
+		case topic := <-own: // its retained creds, config or fw/job
+			if !strings.HasPrefix(topic, protocol.Root+first.DeviceID()+"/") {
+				t.Fatalf("the wildcard brought %s", topic)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("no retained message of its own through lockers/v1/{id}/# on mosquitto")
+		}
 		// Connected with the same id (a takeover of the sim's session is
 		// fine here); publishing as the second locker must not land.
 		spy.Publish(protocol.Topic(second.DeviceID(), protocol.ChanEvents), 1, false,

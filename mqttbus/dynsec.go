@@ -174,18 +174,26 @@ func (d *DynSec) SetupGateway(ctx context.Context, username string) error {
 }
 
 // PutDevice creates (or re-keys) a locker's broker identity: client id and
-// username are its id, and its role allows exactly its own topics.
+// username are its id, and its role allows exactly its own topics: it
+// publishes its device-to-gateway ones and subscribes to any filter under
+// lockers/v1/{id}/ (protocol.DeviceMaySubscribe; mosquitto also lets
+// through a filter there that matches none of them, which is harmless).
 func (d *DynSec) PutDevice(ctx context.Context, id, password string) error {
 	role := "dev-" + id
 	var acls []map[string]any
 	for _, c := range protocol.Channels {
 		if c.DeviceToGateway() {
 			acls = append(acls, map[string]any{"acltype": "publishClientSend", "topic": protocol.Topic(id, c), "allow": true})
-		} else {
-			acls = append(acls, map[string]any{"acltype": "subscribeLiteral", "topic": protocol.Topic(id, c), "allow": true})
 		}
 	}
+	acls = append(acls, map[string]any{"acltype": "subscribePattern", "topic": protocol.Root + id + "/#", "allow": true})
 	if err := d.do(ctx, map[string]any{"command": "createRole", "rolename": role, "acls": acls}, "already exists"); err != nil {
+		return err
+	}
+	// A role made before subscriptions were a pattern (3 December 2026)
+	// gets it when its locker is provisioned again.
+	if err := d.do(ctx, map[string]any{"command": "addRoleACL", "rolename": role, "acltype": "subscribePattern",
+		"topic": protocol.Root + id + "/#", "allow": true}, "already exists"); err != nil {
 		return err
 	}
 	err := d.do(ctx, map[string]any{"command": "createClient", "username": id, "password": password, "clientid": id,

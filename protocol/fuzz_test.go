@@ -195,14 +195,29 @@ func FuzzParseTopic(f *testing.F) {
 		}
 
 		pub, sub := protocol.DeviceMayPublish(session, topic), protocol.DeviceMaySubscribe(session, topic)
-		if pub && sub {
-			t.Fatalf("%s may both publish and subscribe %q", session, topic)
+		if pub && (!ok || id != session) {
+			t.Fatalf("%s may publish %q, not its own topic", session, topic)
 		}
-		if (pub || sub) && (!ok || id != session) {
-			t.Fatalf("%s may use %q, not its own topic", session, topic)
+		if pub != (ok && id == session && c.DeviceToGateway()) {
+			t.Fatalf("ACL of %s on %q: pub %v", session, topic, pub)
 		}
-		if pub != (ok && id == session && c.DeviceToGateway()) || sub != (ok && id == session && !c.DeviceToGateway()) {
-			t.Fatalf("ACL of %s on %q: pub %v sub %v", session, topic, pub, sub)
+		if wild := strings.ContainsAny(topic, "+#"); !wild && sub != (ok && id == session) {
+			t.Fatalf("ACL of %s on literal %q: sub %v", session, topic, sub)
+		}
+		if sub {
+			// A filter allowed matches an own topic and no other device's.
+			own := false
+			for _, ch := range protocol.Channels {
+				own = own || protocol.TopicMatches(topic, protocol.Topic(session, ch))
+				for _, other := range []string{"lk-other", session + "x", "x" + session} {
+					if other != session && protocol.TopicMatches(topic, protocol.Topic(other, ch)) {
+						t.Fatalf("%s may subscribe %q, which matches %s's %s", session, topic, other, ch)
+					}
+				}
+			}
+			if !own {
+				t.Fatalf("%s may subscribe %q, which matches none of its topics", session, topic)
+			}
 		}
 
 		ppub, psub := protocol.ProvisionerMayPublish(session, topic), protocol.ProvisionerMaySubscribe(session, topic)

@@ -154,13 +154,14 @@ func TestDeviceACL(t *testing.T) {
 		pub, sub bool
 	}
 	rules := []rule{
-		// Own topics, each in its direction only.
-		{"lockers/v1/lk-1/presence", true, false},
-		{"lockers/v1/lk-1/health", true, false},
-		{"lockers/v1/lk-1/events", true, false},
-		{"lockers/v1/lk-1/cmd/result", true, false},
-		{"lockers/v1/lk-1/creds/ack", true, false},
-		{"lockers/v1/lk-1/fw/status", true, false},
+		// Own topics: published in their direction only, subscribed in
+		// both (protocol v1: "its own topics").
+		{"lockers/v1/lk-1/presence", true, true},
+		{"lockers/v1/lk-1/health", true, true},
+		{"lockers/v1/lk-1/events", true, true},
+		{"lockers/v1/lk-1/cmd/result", true, true},
+		{"lockers/v1/lk-1/creds/ack", true, true},
+		{"lockers/v1/lk-1/fw/status", true, true},
 		{"lockers/v1/lk-1/cmd", false, true},
 		{"lockers/v1/lk-1/creds", false, true},
 		{"lockers/v1/lk-1/config", false, true},
@@ -168,11 +169,21 @@ func TestDeviceACL(t *testing.T) {
 		// Own unknown channels and extra levels.
 		{"lockers/v1/lk-1/debug", false, false},
 		{"lockers/v1/lk-1/cmd/x", false, false},
-		// Wildcards, even ones that match only own topics.
-		{"lockers/v1/lk-1/#", false, false},
-		{"lockers/v1/lk-1/+", false, false},
-		{"lockers/v1/lk-1/fw/+", false, false},
-		{"lockers/v1/lk-1/+/result", false, false},
+		// Wildcards under the own root that match own topics; none that
+		// match nothing, are malformed, or leave the own root.
+		{"lockers/v1/lk-1/#", false, true},
+		{"lockers/v1/lk-1/+", false, true},
+		{"lockers/v1/lk-1/fw/+", false, true},
+		{"lockers/v1/lk-1/+/result", false, true},
+		{"lockers/v1/lk-1/+/+", false, true},
+		{"lockers/v1/lk-1/+/+/+", false, false},
+		{"lockers/v1/lk-1/debug/#", false, false},
+		{"lockers/v1/lk-1/#/cmd", false, false},
+		{"lockers/v1/lk-1/fw+", false, false},
+		{"lockers/v1/lk-1/c#", false, false},
+		{"lockers/v1/lk-1//#", false, false},
+		{"lockers/v1/lk-1+/#", false, false},
+		{"lockers/v1/lk-1#", false, false},
 		{"lockers/v1/+/cmd", false, false},
 		{"lockers/v1/+/health", false, false},
 		{"lockers/v1/#", false, false},
