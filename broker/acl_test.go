@@ -209,3 +209,35 @@ func TestIdentify(t *testing.T) {
 		}
 	}
 }
+
+// TestLateCmdSubscription: protocol v1 has the birth "right after
+// connecting", so a device may subscribe to its cmd topic after it; the
+// observer then hears of it, to send the open commands again. A device
+// that subscribes first, a subscription to another topic, and one refused
+// are not reported.
+func TestLateCmdSubscription(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/v1/+/presence")
+	a, b := h.mustDialDevice(t, "A"), h.mustDialDevice(t, "B")
+	if got := b.subscribeResult(t, "lockers/v1/B/cmd", 1); got != 1 {
+		t.Fatalf("B: SUBACK %#x", got)
+	}
+	for id, c := range map[string]*client{"A": a, "B": b} {
+		if tok := c.Publish("lockers/v1/"+id+"/presence", 1, true, []byte(`{"online":true}`)); !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+			t.Fatalf("%s birth: %v", id, tok.Error())
+		}
+	}
+	waitFor(t, "both births", func() bool { return len(seen.get()) == 2 })
+	for _, f := range []string{"lockers/v1/A/config", "lockers/v1/B/cmd"} {
+		a.subscribeResult(t, f, 1) // not its cmd; refused
+	}
+	if got := h.obs.lateSubscribed(); len(got) != 0 {
+		t.Fatalf("reported %v before A subscribed to its cmd", got)
+	}
+	if got := a.subscribeResult(t, "lockers/v1/A/#", 1); got != 1 {
+		t.Fatalf("A: SUBACK %#x", got)
+	}
+	if got := h.obs.lateSubscribed(); len(got) != 1 || got[0] != "A" {
+		t.Fatalf("late subscriptions reported: %v, want [A]", got)
+	}
+}

@@ -59,6 +59,14 @@ type Observer interface {
 	DeviceDisconnected(id, reason string)
 }
 
+// LateSubscribeObserver is an Observer that also learns when a device
+// subscribes to its cmd topic after its birth in the same session. Its open
+// commands, sent at the birth, could not reach it then (protocol v1 has
+// the birth "right after connecting", before any subscription).
+type LateSubscribeObserver interface {
+	DeviceSubscribedAfterBirth(id string)
+}
+
 // Refusal reasons: the reason label of lockergate_mqtt_auth_failures_total.
 const (
 	refuseBadCredentials   = "bad_credentials"       // empty credentials or wrong secret

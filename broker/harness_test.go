@@ -172,6 +172,19 @@ func (p *fakeProv) callCount() int {
 type fakeObserver struct {
 	mu     sync.Mutex
 	events []string
+	late   []string // DeviceSubscribedAfterBirth calls
+}
+
+func (o *fakeObserver) DeviceSubscribedAfterBirth(id string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.late = append(o.late, id)
+}
+
+func (o *fakeObserver) lateSubscribed() []string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return append([]string(nil), o.late...)
 }
 
 func (o *fakeObserver) DeviceConnected(id, remote string) {

@@ -25,7 +25,7 @@ func (h *hook) Provides(event byte) bool {
 	switch event {
 	case mqtt.OnConnect, mqtt.OnConnectAuthenticate, mqtt.OnACLCheck, mqtt.OnSessionEstablished, mqtt.OnDisconnect,
 		mqtt.OnPublish, mqtt.OnPublished, mqtt.OnPublishDropped, mqtt.OnPacketEncode, mqtt.OnPacketRead,
-		mqtt.OnPacketSent, mqtt.OnQosPublish, mqtt.OnWill:
+		mqtt.OnPacketSent, mqtt.OnQosPublish, mqtt.OnWill, mqtt.OnSubscribed:
 		return true
 	}
 	return false
@@ -66,6 +66,12 @@ func (h *hook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 // OnSessionEstablished implements mqtt.Hook.
 func (h *hook) OnSessionEstablished(cl *mqtt.Client, _ packets.Packet) {
 	h.b.established(cl)
+}
+
+// OnSubscribed implements mqtt.Hook: mochi calls it once the filters are
+// in place, before the SUBACK.
+func (h *hook) OnSubscribed(cl *mqtt.Client, pk packets.Packet, codes []byte) {
+	h.b.subscribed(cl, &pk, codes)
 }
 
 // OnDisconnect implements mqtt.Hook.
@@ -239,6 +245,9 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 		}
 		return errIgnore
 	}
+	if strings.HasSuffix(pk.TopicName, "/"+string(protocol.ChanPresence)) {
+		b.noteBirth(cl, pk.TopicName)
+	}
 	if b.provisionRequest(cl, pk) != nil {
 		// Acknowledged, not forwarded: the request is for the gateway
 		// only. It is served from OnPublished, once the PUBACK is written.
@@ -249,6 +258,39 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 		return errIgnore
 	}
 	return nil
+}
+
+// noteBirth records that a device published its own presence (the ACL let
+// only its own topic through).
+func (b *Broker) noteBirth(cl *mqtt.Client, topic string) {
+	if k, id := identify(cl); k == kindDevice && topic == protocol.Topic(id, protocol.ChanPresence) {
+		if s := b.sessionOf(cl); s != nil {
+			s.born.Store(true)
+		}
+	}
+}
+
+// subscribed tells a LateSubscribeObserver about a device that subscribed
+// to its cmd topic after its birth.
+func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
+	obs, ok := b.opts.Observer.(LateSubscribeObserver)
+	if !ok {
+		return
+	}
+	k, id := identify(cl)
+	if k != kindDevice {
+		return
+	}
+	if s := b.sessionOf(cl); s == nil || !s.born.Load() {
+		return
+	}
+	cmd := protocol.Topic(id, protocol.ChanCmd)
+	for i, f := range pk.Filters {
+		if i < len(codes) && codes[i] < packets.ErrUnspecifiedError.Code && protocol.TopicMatches(f.Filter, cmd) {
+			obs.DeviceSubscribedAfterBirth(id)
+			return
+		}
+	}
 }
 
 // provisionRequest returns the claim session whose provisioning request pk

@@ -53,6 +53,7 @@ type session struct {
 	timer     *time.Timer            // ProvisionTimeout (claim sessions); set before the session is shared
 
 	superseded  atomic.Bool   // a newer session with the same client id authenticated
+	born        atomic.Bool   // the device published its presence (birth) in this session
 	provStarted atomic.Bool   // the one provisioning request of the session was taken
 	respID      atomic.Uint32 // respPending | packet id of the answer in flight
 }

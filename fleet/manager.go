@@ -137,6 +137,7 @@ const (
 	ctrlCredsAck
 	ctrlFwStatus
 	ctrlEvents
+	ctrlResend // send the open commands again (a late cmd subscription)
 )
 
 type control struct {
@@ -365,6 +366,14 @@ func (m *Manager) enqueue(c control) {
 // events it carries are stored already and their effects must not be lost.
 func (m *Manager) enqueueSink(c control) {
 	m.ctrl[shard(c.id, len(m.ctrl))] <- c
+}
+
+// DeviceSubscribedAfterBirth is called by the broker when a locker
+// subscribes to its cmd topic after its birth: the open commands sent at the
+// birth could not reach it, so they are sent again (the same ids: a locker
+// runs each once).
+func (m *Manager) DeviceSubscribedAfterBirth(id string) {
+	m.enqueue(control{kind: ctrlResend, id: id, at: m.now()})
 }
 
 // DeviceConnected is called by the broker when a locker's session starts.
@@ -808,8 +817,11 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		if m.opts.Firmware != nil {
 			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
 		}
-		// Lockers subscribe before their birth (docs/protocol.md), so open
-		// commands sent now reach them.
+		// Lockers that subscribe before their birth get their open
+		// commands now; one that subscribes to cmd after it gets them
+		// again then (ctrlResend, from the embedded broker).
+		m.deliverOpen(ctx, c.id)
+	case ctrlResend:
 		m.deliverOpen(ctx, c.id)
 	case ctrlResult:
 		r, err := protocol.Decode[protocol.CommandResult](c.payload)

@@ -2,11 +2,15 @@ package gateway_test
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestCommandWaitsForReconnect: an unlock to a locker that is offline for
@@ -55,5 +59,50 @@ func TestCommandWaitsForReconnect(t *testing.T) {
 	})
 	if n := l.CommandsRun(cmd.ID); n != 1 {
 		t.Fatalf("ran %d times, want 1", n)
+	}
+}
+
+// TestCommandReachesLateSubscriber: protocol v1 has the birth "right after
+// connecting", so a plain client may publish it before it subscribes to
+// its cmd topic. An unlock sent before that subscription (at the birth,
+// or to the online locker) still reaches it once it subscribes.
+func TestCommandReachesLateSubscriber(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "SN-LATE-1")
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	birth := fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-1"}`, protocol.FormatTime(time.Now()))
+	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, true, birth); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("birth: %v", tok.Error())
+	}
+	Eventually(t, 10*time.Second, "locker online", func() error {
+		var got fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &got); err != nil || !got.Online {
+			return fmt.Errorf("online %v (%v)", got.Online, err)
+		}
+		return nil
+	})
+	var cmd fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan protocol.Command, 4)
+	tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
+		var in protocol.Command
+		if json.Unmarshal(m.Payload(), &in) == nil {
+			got <- in
+		}
+	})
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	select {
+	case in := <-got:
+		if in.ID != cmd.ID {
+			t.Fatalf("got command %s, want %s", in.ID, cmd.ID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the unlock sent before the locker subscribed never reached it")
 	}
 }

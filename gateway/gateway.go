@@ -614,6 +614,9 @@ func (o *observer) DeviceConnected(id, remote string) { o.m.DeviceConnected(id, 
 func (o *observer) DeviceDisconnected(id, reason string) {
 	o.m.DeviceDisconnected(id, reason)
 }
+func (o *observer) DeviceSubscribedAfterBirth(id string) { o.m.DeviceSubscribedAfterBirth(id) }
+
+var _ broker.LateSubscribeObserver = (*observer)(nil)
 
 // authenticator adapts provisioning to the broker's interfaces, mapping errors.
 type authenticator struct {
