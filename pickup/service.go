@@ -386,6 +386,35 @@ const (
 	qrSuffix  = ".q"
 )
 
+// MaxLivePerLocker bounds the live pickups (staging or ready) at one
+// locker. Its whole credential set, a PIN and a QR entry per pickup, goes
+// out as one retained creds message, which protocol v1 limits to
+// protocol.MaxPayload bytes: a set past that could not be sent, and no new
+// code would open the locker. A locker at the bound takes no new pickup
+// (Allocate passes over it). A combined code takes less room than the
+// single ones it replaces.
+var MaxLivePerLocker = maxLiveFor(protocol.MaxPayload)
+
+// maxLiveFor is the most pickups whose largest possible credential set
+// encodes within limit bytes.
+func maxLiveFor(limit int) int {
+	worst := func(n int) int {
+		mac := protocol.CredMAC(make([]byte, 32), "")
+		set := protocol.CredSet{Version: 1 << 62, TS: protocol.T(time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC))}
+		for i := range n {
+			c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{protocol.MaxCompartments - i%10},
+				NotAfter: time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC)}
+			set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
+		}
+		return len(protocol.Encode(set))
+	}
+	n := 0
+	for n < protocol.MaxCompartments && worst(n+1) <= limit {
+		n++
+	}
+	return n
+}
+
 // WireCredentials renders stored credentials as the locker's set entries.
 func WireCredentials(cs []Credential) []protocol.Credential {
 	out := make([]protocol.Credential, 0, 2*len(cs))

@@ -56,26 +56,43 @@ func credentialArgs(c *pickup.Credential) []any {
 // sizeRank orders sizes in SQL the way protocol.SizeRank does in Go.
 const sizeRank = `array_position(ARRAY['S','M','L','XL'], %s)`
 
-// Allocate implements pickup.Store. Candidates are locked with SKIP LOCKED
-// so concurrent allocations spread over free compartments; the partial
-// unique index on live pickups catches the rare race that slips through,
-// and the allocation retries.
+// Allocate implements pickup.Store. A candidate locker is found first,
+// then its advisory lock is taken (the order of every path that changes a
+// locker's pickups) and the compartment chosen under it: allocations at one
+// locker take turns, so none passes pickup.MaxLivePerLocker, and those at
+// different lockers do not wait for each other. Compartments are locked
+// with SKIP LOCKED; the partial unique index on live pickups catches the
+// rare race that slips through, and the allocation retries.
 func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 	recipient, err := json.Marshal(p.Recipient)
 	if err != nil {
 		return err
 	}
-	q := fmt.Sprintf(`
-		SELECT c.device_id, c.n FROM compartments c JOIN devices d ON d.id = c.device_id
+	free := fmt.Sprintf(`
+		FROM compartments c JOIN devices d ON d.id = c.device_id
 		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
-		ORDER BY %s, c.device_id, c.n
-		LIMIT 1 FOR UPDATE OF c SKIP LOCKED`, fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"), fmt.Sprintf(sizeRank, "c.size"))
+			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
+		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
+	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
+	candidate := `SELECT c.device_id` + free + order
+	// The same, at one locker, under its lock: what the lock's last holder
+	// committed is counted.
+	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5` + order + ` FOR UPDATE OF c SKIP LOCKED`
+	errRetry := errors.New("locker taken meanwhile")
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, q, p.Site, p.Zone, p.Size).Scan(&p.Locker, &p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
+			} else if err != nil {
+				return err
+			}
+			if _, err := lockLocker(ctx, tx, p.Locker); err != nil {
+				return err
+			}
+			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+				return errRetry // filled (or at its bound) while we waited: look again
 			} else if err != nil {
 				return err
 			}
@@ -88,6 +105,9 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 				VALUES ($1, $2, '', 'staging', $3, 'compartment allocated')`, p.ID, p.CreatedAt, p.CreatedBy)
 			return err
 		})
+		if errors.Is(err, errRetry) && attempt < 20 {
+			continue
+		}
 		var pgErr *pgconn.PgError
 		switch {
 		case err == nil:
@@ -98,6 +118,8 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 			return fmt.Errorf("order %s of platform %q at site %s exists: %w", p.OrderRef, p.Platform, p.Site, fleet.ErrConflict)
 		case isFKViolation(err):
 			return fmt.Errorf("site %s: %w", p.Site, fleet.ErrNotFound)
+		case errors.Is(err, errRetry):
+			return fmt.Errorf("site %s: every locker found filled up while this allocation waited for it: %w", p.Site, pickup.ErrNoCompartment)
 		default:
 			return err
 		}

@@ -1,0 +1,57 @@
+package postgres_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/pickup"
+)
+
+// TestAllocateBoundPerLocker: a locker takes at most
+// pickup.MaxLivePerLocker live pickups, whatever its compartments and
+// however many allocations race for it, so that its credential set always
+// fits one creds message; a second locker at the site takes the rest.
+func TestAllocateBoundPerLocker(t *testing.T) {
+	ctx := context.Background()
+	max := pickup.MaxLivePerLocker
+	e := newCredEnv(t, "SN-BIG", max+10)
+	allocate := func(ref string) (*pickup.Pickup, error) {
+		p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
+			Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
+		return p, e.db.Allocate(ctx, p)
+	}
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	placed, refused := 0, 0
+	for i := range max + 5 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := allocate(fmt.Sprintf("R-%d", i))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				placed++
+			case errors.Is(err, pickup.ErrNoCompartment):
+				refused++
+			default:
+				t.Errorf("allocate: %v", err)
+			}
+		}()
+	}
+	wg.Wait()
+	if placed != max || refused != 5 {
+		t.Fatalf("%d placed, %d refused at a locker of %d compartments; want %d and 5", placed, refused, max+10, max)
+	}
+	// Another locker at the site still takes pickups.
+	other := MustDevice(t, e.db, "s1", "SN-SMALL", 2)
+	e.exec(`UPDATE devices SET online = true WHERE id = $1`, other)
+	if p, err := allocate("R-next"); err != nil || p.Locker != other {
+		t.Fatalf("next pickup at %v (%v), want locker %s", p.Locker, err, other)
+	}
+}
