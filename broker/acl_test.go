@@ -3,6 +3,7 @@ package broker
 import (
 	"testing"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -239,5 +240,50 @@ func TestLateCmdSubscription(t *testing.T) {
 	}
 	if got := h.obs.lateSubscribed(); len(got) != 1 || got[0] != "A" {
 		t.Fatalf("late subscriptions reported: %v, want [A]", got)
+	}
+	// Once per session: subscribing again asks for nothing more.
+	a.subscribeResult(t, "lockers/v1/A/cmd", 1)
+	if got := h.obs.lateSubscribed(); len(got) != 1 {
+		t.Fatalf("late subscriptions reported: %v, want one", got)
+	}
+}
+
+// TestEchoEndsWithTheSession: the echo mark of a session goes when it
+// ends, and stays gone while messages go to its kept session afterwards
+// (its own Last Will, here). Only a SUBSCRIBE (or a resumed session)
+// marks; a mark from mochi's delivery-time ACL check, which also runs for
+// kept sessions, would stay forever after the session's end (an MQTT 5
+// will delay is such a path; this MQTT 3.1.1 case does not reach it).
+func TestEchoEndsWithTheSession(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	presence := h.subscribe(t, "lockers/v1/A/presence")
+	a := h.mustDial(t, "A", "A", "secret-A", func(o *paho.ClientOptions) {
+		o.SetCleanSession(false).SetWill("lockers/v1/A/presence", `{"online":false}`, 1, true)
+	})
+	if got := a.subscribeResult(t, "lockers/v1/A/#", 1); got != 1 {
+		t.Fatalf("SUBACK %#x", got)
+	}
+	if got := h.b.echoes.Load(); got != 1 {
+		t.Fatalf("echoes = %d after the subscription, want 1", got)
+	}
+	h.b.Kick("A") // an unclean end: the will goes out, to A's kept session too
+	waitFor(t, "the will", func() bool { return len(presence.get()) == 1 })
+	waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
+	// One more message to A's kept session, after the session ended.
+	b := h.mustDialDevice(t, "B")
+	b.mustPublish(t, "lockers/v1/B/health", 1, []byte(`{}`))
+	if got := h.b.echoes.Load(); got != 0 {
+		t.Errorf("echoes = %d after the session ended, want 0", got)
+	}
+	// Resumed, the session inherits its subscriptions without a SUBSCRIBE,
+	// and its own messages come back again.
+	a = h.mustDial(t, "A", "A", "secret-A", func(o *paho.ClientOptions) { o.SetCleanSession(false) })
+	waitFor(t, "the resumed session's echo", func() bool { return h.b.echoes.Load() == 1 })
+	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"again":true}`))
+	for {
+		m := a.nextMessage(t)
+		if m.Topic() == "lockers/v1/A/health" {
+			break
+		}
 	}
 }

@@ -177,11 +177,6 @@ func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 		ok = protocol.DeviceMayPublish(id, topic)
 	case k == kindDevice:
 		ok = protocol.DeviceMaySubscribe(id, topic)
-		if ok && protocol.SubscribesUplink(id, topic) {
-			if _, had := b.echo.LoadOrStore(cl, struct{}{}); !had {
-				b.echoes.Add(1)
-			}
-		}
 	case k == kindProvision && write:
 		ok = protocol.ProvisionerMayPublish(id, topic)
 	case k == kindProvision:
@@ -270,26 +265,49 @@ func (b *Broker) noteBirth(cl *mqtt.Client, topic string) {
 	}
 }
 
-// subscribed tells a LateSubscribeObserver about a device that subscribed
-// to its cmd topic after its birth.
+// subscribed follows a device's granted subscriptions: one to its own
+// device-to-gateway topics turns on the echo of its messages (echoOn), and
+// the first one covering its cmd topic after its birth is reported to a
+// LateSubscribeObserver (once per session: a device that subscribes again
+// and again does not make the fleet manager reread its commands each time).
 func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
-	obs, ok := b.opts.Observer.(LateSubscribeObserver)
-	if !ok {
-		return
-	}
 	k, id := identify(cl)
 	if k != kindDevice {
 		return
 	}
-	if s := b.sessionOf(cl); s == nil || !s.born.Load() {
+	s := b.sessionOf(cl)
+	if s == nil {
 		return
 	}
 	cmd := protocol.Topic(id, protocol.ChanCmd)
+	late := false
 	for i, f := range pk.Filters {
-		if i < len(codes) && codes[i] < packets.ErrUnspecifiedError.Code && protocol.TopicMatches(f.Filter, cmd) {
-			obs.DeviceSubscribedAfterBirth(id)
-			return
+		if i >= len(codes) || codes[i] >= packets.ErrUnspecifiedError.Code {
+			continue
 		}
+		if protocol.SubscribesUplink(id, f.Filter) {
+			b.echoOn(s)
+		}
+		late = late || protocol.TopicMatches(f.Filter, cmd)
+	}
+	if late && s.born.Load() && s.resent.CompareAndSwap(false, true) {
+		if obs, ok := b.opts.Observer.(LateSubscribeObserver); ok {
+			obs.DeviceSubscribedAfterBirth(id)
+		}
+	}
+}
+
+// echoOn routes the session's own messages through mochi, which delivers
+// them back to it (deliverUplink), until the session ends. Marked only for
+// a live session: finish clears it once, and a mark after that would stay.
+func (b *Broker) echoOn(s *session) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s.done {
+		return
+	}
+	if _, had := b.echo.LoadOrStore(s.cl, struct{}{}); !had {
+		b.echoes.Add(1)
 	}
 }
 

@@ -13,6 +13,8 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // Reasons a session ended: Observer.DeviceDisconnected's reason and the reason
@@ -54,6 +56,7 @@ type session struct {
 
 	superseded  atomic.Bool   // a newer session with the same client id authenticated
 	born        atomic.Bool   // the device published its presence (birth) in this session
+	resent      atomic.Bool   // its open commands were asked for again after a late cmd subscription
 	provStarted atomic.Bool   // the one provisioning request of the session was taken
 	respID      atomic.Uint32 // respPending | packet id of the answer in flight
 }
@@ -167,6 +170,13 @@ func (b *Broker) established(cl *mqtt.Client) {
 		b.opts.Observer.DeviceConnected(s.id, s.remote)
 	}
 	b.presMu.Unlock()
+	// A resumed session inherits its subscriptions without a SUBSCRIBE.
+	for filter := range cl.State.Subscriptions.GetAll() {
+		if protocol.SubscribesUplink(s.id, filter) {
+			b.echoOn(s)
+			break
+		}
+	}
 }
 
 func (b *Broker) notifyDisconnected(id, reason string) {
@@ -188,10 +198,10 @@ func (b *Broker) finish(s *session, cause error) {
 	if b.sessions[s.cl.Net.Conn] == s {
 		delete(b.sessions, s.cl.Net.Conn)
 	}
-	b.mu.Unlock()
-	if _, had := b.echo.LoadAndDelete(s.cl); had {
+	if _, had := b.echo.LoadAndDelete(s.cl); had { // under mu: echoOn checks done
 		b.echoes.Add(-1)
 	}
+	b.mu.Unlock()
 	if s.timer != nil {
 		s.timer.Stop()
 	}

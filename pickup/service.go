@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strings"
 	"time"
 
@@ -400,9 +401,11 @@ var MaxLivePerLocker = maxLiveFor(protocol.MaxPayload)
 func maxLiveFor(limit int) int {
 	worst := func(n int) int {
 		mac := protocol.CredMAC(make([]byte, 32), "")
-		set := protocol.CredSet{Version: 1 << 62, TS: protocol.T(time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC))}
-		for i := range n {
-			c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{protocol.MaxCompartments - i%10},
+		set := protocol.CredSet{Version: math.MaxInt64, TS: protocol.T(time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC))}
+		for range n {
+			// Compartment numbers are any positive int (a vendor's own
+			// numbering), so the longest is assumed.
+			c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt64},
 				NotAfter: time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC)}
 			set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
 		}

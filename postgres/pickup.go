@@ -76,14 +76,17 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
 	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
-	candidate := `SELECT c.device_id` + free + order
+	// Lockers tried in this call are not candidates again: one whose free
+	// compartment another transaction holds would be found again and again.
+	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])` + order
 	// The same, at one locker, under its lock: what the lock's last holder
 	// committed is counted.
 	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5` + order + ` FOR UPDATE OF c SKIP LOCKED`
 	errRetry := errors.New("locker taken meanwhile")
+	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err
@@ -106,6 +109,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 			return err
 		})
 		if errors.Is(err, errRetry) && attempt < 20 {
+			tried = append(tried, p.Locker)
 			continue
 		}
 		var pgErr *pgconn.PgError
