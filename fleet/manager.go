@@ -814,7 +814,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirth(ctx, c.id, p, c.at) }); err != nil {
 			m.log.Error("record birth", "locker", c.id, "err", err)
 		}
-		if m.opts.Firmware != nil {
+		if m.opts.Firmware != nil && p.FW != "" { // no version, nothing to confirm
 			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
 		}
 		// Lockers that subscribe before their birth get their open

@@ -106,3 +106,42 @@ func TestCommandReachesLateSubscriber(t *testing.T) {
 		t.Fatal("the unlock sent before the locker subscribed never reached it")
 	}
 }
+
+// TestCommandAfterMinimalBirth: a birth of {"online":true} alone (protocol
+// v1 shows the other fields but does not require them) still brings the
+// locker its open commands, and keeps the firmware version known before.
+func TestCommandAfterMinimalBirth(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "SN-MIN-1")
+	var cmd fleet.Command // to the locker before it ever connected: pending
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	got := make(chan string, 4)
+	if tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
+		var in protocol.Command
+		if json.Unmarshal(m.Payload(), &in) == nil {
+			got <- in.ID
+		}
+	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, true, `{"online":true}`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("birth: %v", tok.Error())
+	}
+	select {
+	case id := <-got:
+		if id != cmd.ID {
+			t.Fatalf("got command %s, want %s", id, cmd.ID)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no open command after a birth without fw")
+	}
+	var l fleet.Locker
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &l); err != nil || l.FW != "1.0.0" {
+		t.Fatalf("fw %q (%v), want the provisioned 1.0.0 kept", l.FW, err)
+	}
+}

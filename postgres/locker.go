@@ -154,7 +154,7 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 
 // RecordBirth implements fleet.Store.
 func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error {
-	_, err := db.pool.Exec(ctx, `UPDATE devices SET fw = $2, model = coalesce(nullif($3, ''), model),
+	_, err := db.pool.Exec(ctx, `UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
 		boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0 WHERE id = $1`, id, p.FW, p.Model, p.BootID, at)
 	return err
 }

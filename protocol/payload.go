@@ -192,11 +192,11 @@ type Presence struct {
 	BootID string `json:"boot_id,omitempty"`
 }
 
-// Validate implements Validator.
+// Validate implements Validator. Every field but online is optional
+// (protocol v1 shows them but does not require them): a birth without fw
+// still starts the session's work (open commands), and the version known
+// before is kept.
 func (p *Presence) Validate() error {
-	if p.Online && p.FW == "" {
-		return errors.New("birth without fw")
-	}
 	return checkLens("fw", p.FW, "model", p.Model, "boot_id", p.BootID)
 }
 

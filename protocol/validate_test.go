@@ -71,7 +71,8 @@ var validationCases = []struct {
 	ok     bool
 }{
 	// Presence.
-	{"Presence/BirthWithoutFW", decPresence, "presence_birth.json", del("fw"), false},
+	{"Presence/BirthWithoutFW", decPresence, "presence_birth.json", del("fw"), true},
+	{"Presence/OnlineOnly", decPresence, "presence_birth.json", edits(del("fw"), del("model"), del("boot_id"), del("ts")), true},
 	{"Presence/FWTooLong", decPresence, "presence_birth.json", set("fw", long(257)), false},
 	{"Presence/ModelTooLong", decPresence, "presence_birth.json", set("model", long(257)), false},
 	{"Presence/BootIDTooLong", decPresence, "presence_birth.json", set("boot_id", long(257)), false},
@@ -287,7 +288,7 @@ func TestValidate_NotOnTheWire(t *testing.T) {
 		"HealthTempInf":     func() *protocol.Health { h := base(); h.TempC = ptr(math.Inf(-1)); return &h }(),
 		"FwStatusNaN":       &protocol.FwStatus{Job: "j-1", State: protocol.FwDownloading, Progress: ptr(math.NaN())},
 		"FwStatusInf":       &protocol.FwStatus{Job: "j-1", State: protocol.FwDownloading, Progress: ptr(math.Inf(1))},
-		"PresenceZeroBirth": &protocol.Presence{Online: true},
+		"PresenceFWTooLong": &protocol.Presence{Online: true, FW: strings.Repeat("9", 257)},
 	} {
 		t.Run(name+"/Error", func(t *testing.T) {
 			if err := v.Validate(); err == nil {
