@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/pgtest"
 )
 
 // childEnv marks a test binary started as a server by TestSmoke: it saves
@@ -22,7 +23,7 @@ func TestMain(m *testing.M) {
 	if os.Getenv(childEnv) != "" {
 		os.Exit(child(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	os.Exit(pgtest.Main(m))
 }
 
 // child serves as the gateway (args start with "serve", as for

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -166,18 +165,8 @@ func (m *Markers) Run(ctx context.Context, rate float64, d, grace time.Duration)
 			break
 		}
 		if pending > 0 {
-			if err := m.poll(ctx, ids); err != nil && ctx.Err() == nil {
-				if pollErr == nil {
-					pollErr = err
-				}
-				if m.db.Conn().IsClosed() {
-					m.db.Release()
-					m.db = nil
-					if err := m.connect(ctx); err != nil {
-						pollErr = errors.Join(pollErr, err)
-						break
-					}
-				}
+			if err := m.pollOnce(ctx, ids); err != nil && ctx.Err() == nil && pollErr == nil {
+				pollErr = err
 			}
 		}
 		time.Sleep(pollEvery)
@@ -196,26 +185,44 @@ func (m *Markers) Pending() int {
 	return len(m.sent)
 }
 
+// pollOnce polls with the poller's session, taking a new one first if the
+// last was found broken (its backend ended): the poll after a failure
+// works again.
+func (m *Markers) pollOnce(ctx context.Context, ids []string) error {
+	if m.db == nil {
+		if err := m.connect(ctx); err != nil {
+			return err
+		}
+	}
+	err := m.poll(ctx, ids)
+	if err != nil && m.db.Conn().IsClosed() {
+		m.db.Release()
+		m.db = nil
+	}
+	return err
+}
+
 // poll asks only for rows from the oldest outstanding marker on: asking
 // for every marker of the step read a growing set again on every poll.
 // The gateway stamps received_at on arrival, after the marker's sent
 // time on this machine's clock; the second of slack covers a step of the
 // clock up to a second back.
 func (m *Markers) poll(ctx context.Context, ids []string) error {
+	// Sequence numbers and sent times are taken together under mu, so
+	// the lowest outstanding seq is also the oldest marker.
 	m.mu.Lock()
-	oldest, minSeq := time.Time{}, int64(0)
-	for k, t0 := range m.sent {
-		if oldest.IsZero() || t0.Before(oldest) {
-			oldest = t0
-		}
-		if minSeq == 0 || k.seq < minSeq {
-			minSeq = k.seq
+	var first markerKey
+	for k := range m.sent {
+		if first.seq == 0 || k.seq < first.seq {
+			first = k
 		}
 	}
+	oldest := m.sent[first]
 	m.mu.Unlock()
-	if minSeq == 0 {
+	if first.seq == 0 {
 		return nil
 	}
+	minSeq := first.seq
 	at := time.Now()
 	rows, err := m.db.Query(ctx, "SELECT device_id, seq FROM health WHERE device_id = ANY($1) AND received_at >= $2 AND seq >= $3",
 		ids, oldest.Add(-time.Second), minSeq)
