@@ -1,12 +1,10 @@
 package postgres_test
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/lockergate/lockergate/pickup"
 )
@@ -16,14 +14,9 @@ import (
 // however many allocations race for it, so that its credential set always
 // fits one creds message; a second locker at the site takes the rest.
 func TestAllocateBoundPerLocker(t *testing.T) {
-	ctx := context.Background()
 	max := pickup.MaxLivePerLocker
 	e := newCredEnv(t, "SN-BIG", max+10)
-	allocate := func(ref string) (*pickup.Pickup, error) {
-		p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
-			Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
-		return p, e.db.Allocate(ctx, p)
-	}
+	allocate := e.allocate
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	placed, refused := 0, 0

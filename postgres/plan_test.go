@@ -48,17 +48,12 @@ func TestUpdateLatestPlan(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var plan []string
-		for rows.Next() {
-			var line string
-			if err := rows.Scan(&line); err != nil {
-				t.Fatal(err)
-			}
-			line, _, _ = strings.Cut(line, "(") // the node, without its costs and array
-			plan = append(plan, line)
-		}
-		if err := rows.Err(); err != nil {
+		plan, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
 			t.Fatal(err)
+		}
+		for i, line := range plan {
+			plan[i], _, _ = strings.Cut(line, "(") // the node, without its costs and array
 		}
 		text := strings.Join(plan, "\n")
 		if strings.Contains(text, "Seq Scan on devices") || !strings.Contains(text, "devices_pkey") {

@@ -36,12 +36,19 @@ func (e *credEnv) exec(sql string, args ...any) {
 	}
 }
 
+// allocate stages a pickup for an ambient M compartment at site s1 (safe
+// from several goroutines).
+func (e *credEnv) allocate(ref string) (*pickup.Pickup, error) {
+	p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
+		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
+	return p, e.db.Allocate(context.Background(), p)
+}
+
 // pickup stages a pickup in the next free compartment and makes it ready.
 func (e *credEnv) pickup(ref string) *pickup.Pickup {
 	e.t.Helper()
-	p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
-		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
-	if err := e.db.Allocate(context.Background(), p); err != nil {
+	p, err := e.allocate(ref)
+	if err != nil {
 		e.t.Fatal(err)
 	}
 	e.transition(p.ID, pickup.Ready)

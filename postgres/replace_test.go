@@ -25,12 +25,7 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 	exec(`UPDATE compartments SET occupied = true WHERE device_id = $1 AND n = 1`, id)
 	exec(`UPDATE compartments SET in_service = false WHERE device_id = $1 AND n = 2`, id)
 	exec(`UPDATE compartments SET door = 'ajar' WHERE device_id = $1 AND n = 3`, id)
-	allocate := func(ref string) (*pickup.Pickup, error) {
-		p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
-			Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour),
-			CreatedBy: "test", CreatedAt: time.Now()}
-		return p, db.Allocate(ctx, p)
-	}
+	allocate := e.allocate
 	exec(`UPDATE compartments SET door = 'closed' WHERE device_id = $1 AND n = 3`, id)
 	for _, c := range []struct {
 		ref  string
