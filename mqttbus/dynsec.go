@@ -186,12 +186,12 @@ func (d *DynSec) PutDevice(ctx context.Context, id, password string) error {
 			acls = append(acls, map[string]any{"acltype": "publishClientSend", "topic": protocol.Topic(id, c), "allow": true})
 		}
 	}
-	acls = append(acls, map[string]any{"acltype": "subscribePattern", "topic": protocol.Root + id + "/#", "allow": true})
 	if err := d.do(ctx, map[string]any{"command": "createRole", "rolename": role, "acls": acls}, "already exists"); err != nil {
 		return err
 	}
-	// A role made before subscriptions were a pattern (3 December 2026)
-	// gets it when its locker is provisioned again.
+	// The subscriptions on their own, so that a role made before they were
+	// a pattern (3 December 2026) gets it too when its locker is
+	// provisioned again.
 	if err := d.do(ctx, map[string]any{"command": "addRoleACL", "rolename": role, "acltype": "subscribePattern",
 		"topic": protocol.Root + id + "/#", "allow": true}, "already exists"); err != nil {
 		return err
