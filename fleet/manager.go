@@ -373,7 +373,7 @@ func (m *Manager) enqueueSink(c control) {
 // birth could not reach it, so they are sent again (the same ids: a locker
 // runs each once).
 func (m *Manager) DeviceSubscribedAfterBirth(id string) {
-	m.enqueue(control{kind: ctrlResend, id: id, at: m.now()})
+	m.enqueue(control{kind: ctrlResend, id: id})
 }
 
 // DeviceConnected is called by the broker when a locker's session starts.

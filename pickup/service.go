@@ -399,23 +399,19 @@ var MaxLivePerLocker = maxLiveFor(protocol.MaxPayload)
 // maxLiveFor is the most pickups whose largest possible credential set
 // encodes within limit bytes.
 func maxLiveFor(limit int) int {
-	worst := func(n int) int {
-		mac := protocol.CredMAC(make([]byte, 32), "")
-		set := protocol.CredSet{Version: math.MaxInt64, TS: protocol.T(time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC))}
-		for range n {
-			// Compartment numbers are any positive int (a vendor's own
-			// numbering), so the longest is assumed.
-			c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt64},
-				NotAfter: time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC)}
-			set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
+	mac := protocol.CredMAC(make([]byte, 32), "")
+	at := time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC) // every digit of the milliseconds
+	set := protocol.CredSet{Version: math.MaxInt64, TS: protocol.T(at)}
+	for n := 0; n < protocol.MaxCompartments; n++ {
+		// Compartment numbers are any positive int (a vendor's own
+		// numbering), so the longest is assumed.
+		c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt64}, NotAfter: at}
+		set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
+		if len(protocol.Encode(set)) > limit {
+			return n
 		}
-		return len(protocol.Encode(set))
 	}
-	n := 0
-	for n < protocol.MaxCompartments && worst(n+1) <= limit {
-		n++
-	}
-	return n
+	return protocol.MaxCompartments
 }
 
 // WireCredentials renders stored credentials as the locker's set entries.
