@@ -87,23 +87,36 @@ func TestCommandReachesLateSubscriber(t *testing.T) {
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
 		t.Fatal(err)
 	}
-	got := make(chan protocol.Command, 4)
-	tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
+	wantCommand(t, subscribeCommands(t, c, r.DeviceID), cmd.ID, "the unlock sent before the locker subscribed")
+}
+
+// subscribeCommands subscribes c to locker id's cmd topic and returns the
+// ids of the commands that arrive.
+func subscribeCommands(t *testing.T, c paho.Client, id string) <-chan string {
+	t.Helper()
+	got := make(chan string, 4)
+	tok := c.Subscribe(protocol.Topic(id, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
 		var in protocol.Command
 		if json.Unmarshal(m.Payload(), &in) == nil {
-			got <- in
+			got <- in.ID
 		}
 	})
 	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("subscribe: %v", tok.Error())
 	}
+	return got
+}
+
+// wantCommand waits for the next command on got and checks it is id.
+func wantCommand(t *testing.T, got <-chan string, id, what string) {
+	t.Helper()
 	select {
 	case in := <-got:
-		if in.ID != cmd.ID {
-			t.Fatalf("got command %s, want %s", in.ID, cmd.ID)
+		if in != id {
+			t.Fatalf("got command %s, want %s", in, id)
 		}
 	case <-time.After(10 * time.Second):
-		t.Fatal("the unlock sent before the locker subscribed never reached it")
+		t.Fatalf("%s never reached the locker", what)
 	}
 }
 
@@ -120,26 +133,11 @@ func TestCommandAfterMinimalBirth(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
-	got := make(chan string, 4)
-	if tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCmd), 1, func(_ paho.Client, m paho.Message) {
-		var in protocol.Command
-		if json.Unmarshal(m.Payload(), &in) == nil {
-			got <- in.ID
-		}
-	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscribe: %v", tok.Error())
-	}
+	got := subscribeCommands(t, c, r.DeviceID)
 	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, true, `{"online":true}`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("birth: %v", tok.Error())
 	}
-	select {
-	case id := <-got:
-		if id != cmd.ID {
-			t.Fatalf("got command %s, want %s", id, cmd.ID)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no open command after a birth without fw")
-	}
+	wantCommand(t, got, cmd.ID, "the open command, after a birth without fw,")
 	var l fleet.Locker
 	if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &l); err != nil || l.FW != "1.0.0" {
 		t.Fatalf("fw %q (%v), want the provisioned 1.0.0 kept", l.FW, err)
