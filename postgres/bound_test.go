@@ -48,3 +48,24 @@ func TestAllocateBoundPerLocker(t *testing.T) {
 		t.Fatalf("next pickup at %v (%v), want locker %s", p.Locker, err, other)
 	}
 }
+
+// TestAllocatePassesOverHeldLocker: a locker whose only free compartment
+// another transaction holds (a door event being applied) is passed over
+// for the next one, not tried again until the allocation gives up.
+func TestAllocatePassesOverHeldLocker(t *testing.T) {
+	e := newCredEnv(t, "SN-A1", 1)
+	other := MustDevice(t, e.db, "s1", "SN-B1", 1)
+	e.exec(`UPDATE devices SET online = true WHERE id = $1`, other)
+	ctx := t.Context()
+	tx, err := e.db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `SELECT 1 FROM compartments WHERE device_id = $1 FOR UPDATE`, e.id); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := e.allocate("H-1"); err != nil || p.Locker != other {
+		t.Fatalf("pickup at %v (%v), want %s: %s's compartment is held", p.Locker, err, other, e.id)
+	}
+}
