@@ -71,13 +71,6 @@ func TestDeviceACL(t *testing.T) {
 		}
 	})
 
-	t.Run("ForbiddenQoS1PublishDisconnectsMQTT311", func(t *testing.T) {
-		b := h.mustDialDevice(t, "B")
-		b.Publish("lockers/v1/A/events", 1, false, []byte(`{"forged":true}`)) // no PUBACK will come
-		b.waitLost(t)
-		h.waitMetric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonNotAuthorized, 1)
-	})
-
 	t.Run("OwnCommandsDelivered", func(t *testing.T) {
 		if err := h.b.Publish(t.Context(), "lockers/v1/B/cmd", []byte(`{"id":"c-b"}`), 1, false); err != nil {
 			t.Fatal(err)
@@ -127,6 +120,52 @@ func TestOwnUplinkEcho(t *testing.T) {
 	waitFor(t, "A's echo forgotten", func() bool { return h.b.echoes.Load() == 0 })
 }
 
+// TestRefusedPublishAcknowledged: MQTT 3.1.1 has no negative
+// acknowledgement, so a refused QoS 1 or 2 publish is acknowledged as usual
+// and dropped, and the session goes on. Hung up on instead, a locker with a
+// persistent session would send the unacknowledged publish again after every
+// reconnect and never get back into service. A publish to $SYS is refused the
+// same way.
+func TestRefusedPublishAcknowledged(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "#")
+	before := h.metric(t, aclDenied, "action", "publish")
+	r := dialRaw(t, h.addr, 4)
+	if ack := r.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	for _, topic := range []string{"lockers/v1/B/events", "lockers/v1/A/cmd", "$SYS/broker/x"} {
+		id := r.publish(topic, 1, []byte(`{"forged":true}`))
+		if ack := r.mustRead(packets.Puback); ack.PacketID != id {
+			t.Errorf("%s: PUBACK id %d, want %d", topic, ack.PacketID, id)
+		}
+	}
+	// QoS 2: PUBREC, then the PUBCOMP that answers the PUBREL.
+	id := r.publish("lockers/v1/B/events", 2, []byte(`{"forged":true}`))
+	if rec := r.mustRead(packets.Pubrec); rec.PacketID != id {
+		t.Errorf("PUBREC id %d, want %d", rec.PacketID, id)
+	}
+	r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: id})
+	if comp := r.mustRead(packets.Pubcomp); comp.PacketID != id {
+		t.Errorf("PUBCOMP id %d, want %d", comp.PacketID, id)
+	}
+	// Still connected, and nothing forged went anywhere.
+	id = r.publish("lockers/v1/A/events", 1, []byte(`{"marker":true}`))
+	if ack := r.mustRead(packets.Puback); ack.PacketID != id {
+		t.Errorf("marker PUBACK id %d, want %d", ack.PacketID, id)
+	}
+	waitFor(t, "marker", func() bool { return len(seen.get()) > 0 })
+	if got := seen.topics(); len(got) != 1 || got[0] != "lockers/v1/A/events" {
+		t.Errorf("subscriber saw %v, want only the marker", got)
+	}
+	if got := h.metric(t, aclDenied, "action", "publish") - before; got != 4 {
+		t.Errorf("acl_denied{publish} rose by %v, want 4", got)
+	}
+	if got := h.metric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonNotAuthorized); got != 0 {
+		t.Errorf("disconnects{not_authorized} = %v, want 0", got)
+	}
+}
+
 // TestMQTT5ACL checks the negative acknowledgements MQTT 5 clients get.
 func TestMQTT5ACL(t *testing.T) {
 	h := newHarness(t, nil, nil)
@@ -134,10 +173,16 @@ func TestMQTT5ACL(t *testing.T) {
 	if ack := r.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
 		t.Fatalf("CONNACK %#x", ack.ReasonCode)
 	}
-	id := r.publish("lockers/v1/B/events", 1, []byte(`{}`))
-	ack := r.mustRead(packets.Puback)
-	if ack.PacketID != id || ack.ReasonCode != packets.ErrNotAuthorized.Code {
-		t.Errorf("PUBACK id %d code %#x, want id %d code %#x", ack.PacketID, ack.ReasonCode, id, packets.ErrNotAuthorized.Code)
+	for _, topic := range []string{"lockers/v1/B/events", "$SYS/broker/x"} {
+		id := r.publish(topic, 1, []byte(`{}`))
+		ack := r.mustRead(packets.Puback)
+		if ack.PacketID != id || ack.ReasonCode != packets.ErrNotAuthorized.Code {
+			t.Errorf("%s: PUBACK id %d code %#x, want id %d code %#x", topic, ack.PacketID, ack.ReasonCode, id, packets.ErrNotAuthorized.Code)
+		}
+	}
+	id := r.publish("lockers/v1/B/events", 2, []byte(`{}`))
+	if rec := r.mustRead(packets.Pubrec); rec.PacketID != id || rec.ReasonCode != packets.ErrNotAuthorized.Code {
+		t.Errorf("PUBREC id %d code %#x, want id %d code %#x", rec.PacketID, rec.ReasonCode, id, packets.ErrNotAuthorized.Code)
 	}
 	sub := r.subscribe("lockers/v1/B/cmd", 1)
 	if len(sub.ReasonCodes) != 1 || sub.ReasonCodes[0] != packets.ErrNotAuthorized.Code {

@@ -147,9 +147,9 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 	case t == packets.Puback && isClaimClient(cl):
 		h.b.provisionAnswerAcked(cl, pk)
 	case t == packets.Publish && !cl.Net.Inline && pk.TopicName != "" && !mqtt.IsValidFilter(pk.TopicName, true):
-		// mochi drops a client's publish to $SYS or to a name with
-		// wildcards before asking the ACL (unacknowledged, even at QoS 1):
-		// refused all the same, so counted and logged like the others.
+		// mochi refuses a client's publish to $SYS (acknowledged like any
+		// refused publish) and drops one to a name with wildcards before
+		// asking the ACL: counted and logged like the others.
 		h.b.denied(cl, pk.TopicName, true)
 	}
 	return pk, nil

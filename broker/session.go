@@ -27,7 +27,7 @@ const (
 	ReasonTakeover         = "takeover"          // a new connection with the same client id replaced it
 	ReasonShutdown         = "shutdown"          // the broker is closing
 	ReasonPacketTooLarge   = "packet_too_large"  // a packet over MaxPacketSize
-	ReasonNotAuthorized    = "not_authorized"    // a QoS>0 publish the ACL refused (MQTT 3.1.1 has no negative PUBACK)
+	ReasonNotAuthorized    = "not_authorized"    // ended as not authorised (a refused publish no longer ends a session: mochi patch 7)
 	ReasonProtocolError    = "protocol_error"    // malformed packet or protocol violation
 	ReasonError            = "error"             // anything else
 	ReasonProvisioned      = "provisioned"       // claim session ended after its answer

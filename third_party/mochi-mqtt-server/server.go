@@ -878,7 +878,13 @@ func (s *Server) InjectPacket(cl *Client, pk packets.Packet) error {
 // processPublish processes a Publish packet.
 func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	if !cl.Net.Inline && !IsValidFilter(pk.TopicName, true) {
-		return nil
+		// Lockergate patch: a publish to $SYS is refused like any other
+		// the ACL refuses (refusePublish); a topic name with wildcards is
+		// a protocol error and still dropped unanswered.
+		if strings.ContainsAny(pk.TopicName, "+#") {
+			return nil
+		}
+		return s.refusePublish(cl, pk)
 	}
 
 	if atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
@@ -886,21 +892,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	}
 
 	if !cl.Net.Inline && !s.hooks.OnACLCheck(cl, pk.TopicName, true) {
-		if pk.FixedHeader.Qos == 0 {
-			return nil
-		}
-
-		if cl.Properties.ProtocolVersion != 5 {
-			return s.DisconnectClient(cl, packets.ErrNotAuthorized)
-		}
-
-		ackType := packets.Puback
-		if pk.FixedHeader.Qos == 2 {
-			ackType = packets.Pubrec
-		}
-
-		ack := s.buildAck(pk.PacketID, ackType, 0, pk.Properties, packets.ErrNotAuthorized)
-		return cl.WritePacket(ack)
+		return s.refusePublish(cl, pk)
 	}
 
 	pk.Origin = cl.ID
@@ -991,6 +983,32 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	s.hooks.OnPublished(cl, pk)
 
 	return nil
+}
+
+// refusePublish answers a client's publish that is not allowed and drops it.
+//
+// Lockergate patch: MQTT 3.1.1 has no negative acknowledgement, and mochi
+// ended the connection of a 3.1.1 client whose QoS 1 or 2 publish the ACL
+// refused. A client with a persistent session sends its unacknowledged
+// publish again after it reconnects, so one refused message locked such a
+// client out for good: refused, disconnected, reconnected, resent, refused.
+// MQTT-3.3.5 allows either answer; this one acknowledges as usual (as
+// mosquitto does) and the message goes nowhere. MQTT 5 clients get the
+// negative PUBACK or PUBREC (0x87, not authorised), as before. A QoS 2
+// exchange ends with the PUBCOMP mochi sends for a PUBREL it has no record of.
+func (s *Server) refusePublish(cl *Client, pk packets.Packet) error {
+	if pk.FixedHeader.Qos == 0 {
+		return nil
+	}
+	ackType := packets.Puback
+	if pk.FixedHeader.Qos == 2 {
+		ackType = packets.Pubrec
+	}
+	reason := packets.ErrNotAuthorized
+	if cl.Properties.ProtocolVersion != 5 {
+		reason = packets.CodeSuccess
+	}
+	return cl.WritePacket(s.buildAck(pk.PacketID, ackType, 0, pk.Properties, reason))
 }
 
 // retainMessage adds a message to a topic, and if a persistent store is provided,
