@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -63,21 +64,87 @@ var (
 )
 
 // Packets is a concurrency safe map of packets.
+//
+// Lockergate patch 9: the map held whole Packet values (800 bytes each, most
+// of them the CONNECT parameters and v5 properties a retained publish does
+// not have) in every slot, four retained messages per locker. A packet that
+// carries neither is kept in a compact form of ~150 bytes (stored), and Get
+// rebuilds the same Packet from it; any other packet is kept whole.
 type Packets struct {
-	internal map[string]Packet
+	internal map[string]*stored
 	expiring int // packets with an Expiry (lockergate patch)
 	sync.RWMutex
 }
 
+// stored is a Packet as Packets keeps it: full when the packet has CONNECT
+// parameters, reason codes or filters, else the fields a publish can have.
+type stored struct {
+	full            *Packet
+	props           *Properties // nil when the packet has no properties
+	Payload         []byte
+	TopicName       string
+	Origin          string
+	FixedHeader     FixedHeader
+	Created         int64
+	Expiry          int64
+	Mods            Mods
+	PacketID        uint16
+	ProtocolVersion byte
+	SessionPresent  bool
+	ReasonCode      byte
+	ReservedBit     byte
+	Ignore          bool
+}
+
+func store(pk *Packet) *stored {
+	if !isZero(&pk.Connect) || pk.ReasonCodes != nil || pk.Filters != nil {
+		full := *pk
+		return &stored{full: &full, Expiry: pk.Expiry}
+	}
+	s := &stored{
+		Payload: pk.Payload, TopicName: pk.TopicName, Origin: pk.Origin, FixedHeader: pk.FixedHeader,
+		Created: pk.Created, Expiry: pk.Expiry, Mods: pk.Mods, PacketID: pk.PacketID,
+		ProtocolVersion: pk.ProtocolVersion, SessionPresent: pk.SessionPresent, ReasonCode: pk.ReasonCode,
+		ReservedBit: pk.ReservedBit, Ignore: pk.Ignore,
+	}
+	if !isZero(&pk.Properties) {
+		props := pk.Properties
+		s.props = &props
+	}
+	return s
+}
+
+// packet returns the Packet that was stored.
+func (s *stored) packet() Packet {
+	if s.full != nil {
+		return *s.full
+	}
+	pk := Packet{
+		Payload: s.Payload, TopicName: s.TopicName, Origin: s.Origin, FixedHeader: s.FixedHeader,
+		Created: s.Created, Expiry: s.Expiry, Mods: s.Mods, PacketID: s.PacketID,
+		ProtocolVersion: s.ProtocolVersion, SessionPresent: s.SessionPresent, ReasonCode: s.ReasonCode,
+		ReservedBit: s.ReservedBit, Ignore: s.Ignore,
+	}
+	if s.props != nil {
+		pk.Properties = *s.props
+	}
+	return pk
+}
+
+// isZero reports whether *v is its type's zero value. (reflect.ValueOf
+// does not move *v to the heap.)
+func isZero[T any](v *T) bool { return reflect.ValueOf(v).Elem().IsZero() }
+
 // NewPackets returns a new instance of Packets.
 func NewPackets() *Packets {
 	return &Packets{
-		internal: map[string]Packet{},
+		internal: map[string]*stored{},
 	}
 }
 
 // Add adds a new packet to the map.
 func (p *Packets) Add(id string, val Packet) {
+	s := store(&val)
 	p.Lock()
 	defer p.Unlock()
 	if old, ok := p.internal[id]; ok && old.Expiry > 0 {
@@ -86,7 +153,7 @@ func (p *Packets) Add(id string, val Packet) {
 	if val.Expiry > 0 {
 		p.expiring++
 	}
-	p.internal[id] = val
+	p.internal[id] = s
 }
 
 // GetAll returns all packets in the map.
@@ -95,20 +162,20 @@ func (p *Packets) GetAll() map[string]Packet {
 	defer p.RUnlock()
 	m := map[string]Packet{}
 	for k, v := range p.internal {
-		m[k] = v
+		m[k] = v.packet()
 	}
 	return m
 }
 
 // Matching returns the ids of the packets f reports true for. f runs under
-// the read lock and must not call back into p; unlike GetAll, nothing is
-// copied (lockergate patch).
+// the read lock and must not call back into p; unlike GetAll, no map is
+// built (lockergate patch).
 func (p *Packets) Matching(f func(pk *Packet) bool) []string {
 	p.RLock()
 	defer p.RUnlock()
 	var ids []string
-	for k, pk := range p.internal {
-		if f(&pk) {
+	for k, s := range p.internal {
+		if pk := s.packet(); f(&pk) {
 			ids = append(ids, k)
 		}
 	}
@@ -127,8 +194,11 @@ func (p *Packets) Expiring() int {
 func (p *Packets) Get(id string) (val Packet, ok bool) {
 	p.RLock()
 	defer p.RUnlock()
-	val, ok = p.internal[id]
-	return val, ok
+	s, ok := p.internal[id]
+	if !ok {
+		return val, false
+	}
+	return s.packet(), true
 }
 
 // Len returns the number of packets in the map.
