@@ -61,3 +61,57 @@ func TestPacketsKeepWhatWasAdded(t *testing.T) {
 		t.Error("deleted packet still there")
 	}
 }
+
+// TestPacketsKeepEveryField fills every field of a Packet, nested ones too,
+// so a field a later mochi adds cannot be lost by the compact form unseen.
+func TestPacketsKeepEveryField(t *testing.T) {
+	var full Packet
+	fill(reflect.ValueOf(&full).Elem())
+	compact := full
+	compact.Connect, compact.ReasonCodes, compact.Filters = ConnectParams{}, nil, nil
+
+	p := NewPackets()
+	for id, want := range map[string]Packet{"full": full, "compact": compact} {
+		p.Add(id, want)
+		got, ok := p.Get(id)
+		if !ok || !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: Get = %+v, %v; want %+v", id, got, ok, want)
+		}
+	}
+	if s := p.internal["compact"]; s.full != nil {
+		t.Error("a packet without CONNECT parameters, reason codes or filters was kept whole")
+	}
+}
+
+// fill sets every settable field under v to a value other than its zero.
+func fill(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Bool:
+		v.SetBool(true)
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		v.SetInt(7)
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		v.SetUint(7)
+	case reflect.String:
+		v.SetString("x")
+	case reflect.Slice:
+		v.Set(reflect.MakeSlice(v.Type(), 1, 1))
+		fill(v.Index(0))
+	case reflect.Map:
+		m := reflect.MakeMap(v.Type())
+		k, e := reflect.New(v.Type().Key()).Elem(), reflect.New(v.Type().Elem()).Elem()
+		fill(k)
+		fill(e)
+		m.SetMapIndex(k, e)
+		v.Set(m)
+	case reflect.Pointer:
+		v.Set(reflect.New(v.Type().Elem()))
+		fill(v.Elem())
+	case reflect.Struct:
+		for i := 0; i < v.NumField(); i++ {
+			if f := v.Field(i); f.CanSet() {
+				fill(f)
+			}
+		}
+	}
+}

@@ -169,13 +169,15 @@ func (p *Packets) GetAll() map[string]Packet {
 
 // Matching returns the ids of the packets f reports true for. f runs under
 // the read lock and must not call back into p; unlike GetAll, no map is
-// built (lockergate patch).
+// built, and each packet is rebuilt into the same value (lockergate patch).
 func (p *Packets) Matching(f func(pk *Packet) bool) []string {
 	p.RLock()
 	defer p.RUnlock()
 	var ids []string
+	var pk Packet // one for the whole sweep: f takes its address, so it is on the heap
 	for k, s := range p.internal {
-		if pk := s.packet(); f(&pk) {
+		pk = s.packet()
+		if f(&pk) {
 			ids = append(ids, k)
 		}
 	}
