@@ -4,7 +4,11 @@
 package mqtt
 
 import (
+	"bytes"
+	"io"
+	"net"
 	"testing"
+	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -98,5 +102,85 @@ func TestLazyMaps(t *testing.T) {
 	}
 	if !fl.Set(packets.Packet{PacketID: 1}) || fl.Clone().Len() != 1 {
 		t.Error("Inflight.Set or Clone lost the packet")
+	}
+}
+
+// stopOnPublish admits everyone and stops each client at the end of the
+// handling of its QoS 0 PUBLISH, after which nothing more is written to
+// it: as an operator's kick can land between two packets of the client.
+type stopOnPublish struct{ HookBase }
+
+func (h *stopOnPublish) ID() string { return "stop-on-publish" }
+
+func (h *stopOnPublish) Provides(b byte) bool {
+	return b == OnConnectAuthenticate || b == OnACLCheck || b == OnPublished
+}
+
+func (h *stopOnPublish) OnConnectAuthenticate(*Client, packets.Packet) bool { return true }
+
+func (h *stopOnPublish) OnACLCheck(*Client, string, bool) bool { return true }
+
+func (h *stopOnPublish) OnPublished(cl *Client, _ packets.Packet) {
+	if !cl.Net.Inline {
+		cl.Stop(packets.ErrAdministrativeAction)
+	}
+}
+
+// TestWillOfClientStoppedBetweenPackets: patch 10. A client the server
+// stops while its reader is between packets (not blocked in a read) must
+// still have its Last Will published; before, Read returned nil there and
+// the will was dropped as after a DISCONNECT.
+func TestWillOfClientStoppedBetweenPackets(t *testing.T) {
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(stopOnPublish), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	wills := make(chan packets.Packet, 1)
+	if err := s.Subscribe("will/A", 1, func(_ *Client, _ packets.Subscription, pk packets.Packet) {
+		wills <- pk
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _ = cli.Close() })
+	done := make(chan error, 1)
+	go func() { done <- s.EstablishConnection("t", srv) }()
+	go func() { _, _ = io.Copy(io.Discard, cli) }() // CONNACK
+
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{
+			ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "A",
+			WillFlag: true, WillTopic: "will/A", WillPayload: []byte(`{"online":false}`), WillQos: 1,
+		},
+	}
+	publish := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish}, ProtocolVersion: 4,
+		TopicName: "a", Payload: []byte("x"),
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := publish.PublishEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stopped client's connection did not end")
+	}
+	select {
+	case pk := <-wills:
+		if string(pk.Payload) != `{"online":false}` {
+			t.Errorf("will payload %q", pk.Payload)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the will of a client stopped between packets was not published")
 	}
 }

@@ -419,6 +419,18 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	}
 
 	err = cl.Read(s.receivePacket)
+	if err == nil {
+		// Lockergate patch 10: Read returns nil also when it finds the
+		// client already stopped at the top of its loop. That is how a
+		// client the server stopped (kicked by DisconnectClient, say) ends
+		// when its reader was between packets rather than blocked in a
+		// read, so whether its Last Will went out depended on timing. Only
+		// the client's own DISCONNECT (stop cause CodeDisconnect) ends a
+		// session without its will.
+		if cause := cl.StopCause(); cause != nil && !errors.Is(cause, packets.CodeDisconnect) {
+			err = cause
+		}
+	}
 	if err != nil {
 		s.sendLWT(cl)
 		cl.Stop(err)
