@@ -307,25 +307,44 @@ func (l *listener) Close(_ listeners.CloseFn) {
 // Serve implements listeners.Listener.
 func (l *listener) Serve(establish listeners.EstablishFn) {
 	l.Net.Serve(func(id string, c net.Conn) error {
-		if !l.b.startServing(c) {
-			closeRaw(c)
-			return nil
-		}
-		defer l.b.untrackConn(c)
-		// mochi sets no deadline until CONNECT arrives; a silent connection
-		// (or a stalled TLS handshake) would hold its goroutines forever.
-		_ = c.SetDeadline(time.Now().Add(connectTimeout))
-		err := establish(id, c)
-		if s := l.b.sessionByConn(c); s != nil {
-			l.b.finish(s, err)
-		}
-		if err != nil {
-			// Refusals and lost connections are counted and logged by the
-			// hooks; mochi would log each at warn level.
-			l.b.log.Debug("mqtt connection closed", "listener", id, "remote", c.RemoteAddr().String(), "err", err)
+		// Only what establish needs stays in this frame: a connection's
+		// reader parks under it for the session's whole life, and the
+		// runtime shrinks a parked stack only while less than a quarter of
+		// it is in use (see third_party/mochi-mqtt-server/PATCHES.md, 3).
+		if l.starting(c) {
+			l.ended(id, c, establish(id, c))
 		}
 		return nil
 	})
+}
+
+// starting admits a new connection and bounds its wait for CONNECT.
+//
+//go:noinline
+func (l *listener) starting(c net.Conn) bool {
+	if !l.b.startServing(c) {
+		closeRaw(c)
+		return false
+	}
+	// mochi sets no deadline until CONNECT arrives; a silent connection
+	// (or a stalled TLS handshake) would hold its goroutines forever.
+	_ = c.SetDeadline(time.Now().Add(connectTimeout))
+	return true
+}
+
+// ended ends the session of a connection whose establish returned err.
+//
+//go:noinline
+func (l *listener) ended(id string, c net.Conn, err error) {
+	defer l.b.untrackConn(c)
+	if s := l.b.sessionByConn(c); s != nil {
+		l.b.finish(s, err)
+	}
+	if err != nil {
+		// Refusals and lost connections are counted and logged by the
+		// hooks; mochi would log each at warn level.
+		l.b.log.Debug("mqtt connection closed", "listener", id, "remote", c.RemoteAddr().String(), "err", err)
+	}
 }
 
 // acceptor is the net.Listener mochi accepts from. It tracks every accepted

@@ -403,22 +403,47 @@ func (s *Server) EstablishConnection(listener string, c net.Conn) error {
 
 // attachClient validates an incoming client connection and if viable, attaches the client
 // to the server, performs session housekeeping, and reads incoming packets.
+//
+// Lockergate patch 11: the client's reader parks in Read under this frame
+// for the whole connection, and the runtime halves a parked stack only while
+// less than a quarter of it is in use. With the defers and the code after
+// Read in it, this frame (368 bytes) and the listener's kept every reader on
+// an 8 KiB stack; the work before and after Read is in functions of their
+// own, the defers' work in detachClient.
 func (s *Server) attachClient(cl *Client, listener string) error {
-	defer s.Listeners.ClientsWg.Done()
+	counted, err := s.startClient(cl, listener)
+	if err == nil {
+		err = s.endSession(cl, listener, cl.Read(s.receivePacket))
+	}
+	s.detachClient(cl, counted)
+	return err
+}
+
+// startClient starts the client's writer and establishes its session;
+// counted reports that the client was counted in ClientsConnected.
+//
+//go:noinline
+func (s *Server) startClient(cl *Client, listener string) (counted bool, err error) {
 	s.Listeners.ClientsWg.Add(1)
-
 	go cl.WriteLoop()
-	defer cl.Stop(nil)
+	return s.establishSession(cl, listener)
+}
 
-	counted, err := s.establishSession(cl, listener)
+// detachClient does what attachClient's defers did, in their order.
+//
+//go:noinline
+func (s *Server) detachClient(cl *Client, counted bool) {
 	if counted {
-		defer atomic.AddInt64(&s.Info.ClientsConnected, -1)
+		atomic.AddInt64(&s.Info.ClientsConnected, -1)
 	}
-	if err != nil {
-		return err
-	}
+	cl.Stop(nil)
+	s.Listeners.ClientsWg.Done()
+}
 
-	err = cl.Read(s.receivePacket)
+// endSession ends an established session whose Read returned err.
+//
+//go:noinline
+func (s *Server) endSession(cl *Client, listener string, err error) error {
 	if err == nil {
 		// Lockergate patch 10: Read returns nil also when it finds the
 		// client already stopped at the top of its loop. That is how a

@@ -1,0 +1,51 @@
+package broker
+
+import (
+	"fmt"
+	"runtime"
+	"testing"
+)
+
+// TestParkedStacksShrink: an idle client's goroutines must park on stacks
+// the runtime can shrink to their minimum: 4 KiB for the reader (parked in
+// a read under mochi's attachClient and the broker's listener), 2 KiB for
+// the writer. The runtime halves a parked stack only while less than a
+// quarter of it is in use, so a few hundred bytes more in those frames keep
+// every reader on 8 KiB (mochi patch 11; 10 KiB per client before it).
+func TestParkedStacksShrink(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector changes frame sizes; .ci/run runs this test without -race")
+	}
+	h := newHarness(t, nil, nil)
+	const n = 300
+	for i := range n {
+		h.auth.setDevice(fmt.Sprintf("S%d", i), fakeDevice{secret: "s"})
+	}
+	settled := func() (stack uint64, goroutines int) {
+		// Each collection halves a stack at most once.
+		for range 6 {
+			runtime.GC()
+		}
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.StackInuse, runtime.NumGoroutine()
+	}
+	s0, g0 := settled()
+	for i := range n {
+		r := dialRaw(t, h.addr, 4)
+		id := fmt.Sprintf("S%d", i)
+		if ack := r.connect(id, id, "s", 60, nil); ack.ReasonCode != 0 {
+			t.Fatalf("%s: CONNACK %#x", id, ack.ReasonCode)
+		}
+		r.subscribe("lockers/v1/"+id+"/cmd", 1)
+	}
+	s1, g1 := settled()
+	if g1-g0 != 2*n {
+		t.Fatalf("%d goroutines more with %d idle clients, want %d", g1-g0, n, 2*n)
+	}
+	perClient := float64(s1-s0) / n / 1024
+	t.Logf("goroutine stacks per idle client: %.2f KiB", perClient)
+	if perClient > 7 {
+		t.Errorf("goroutine stacks per idle client: %.2f KiB, want 6 (a 4 KiB reader and a 2 KiB writer)", perClient)
+	}
+}
