@@ -76,13 +76,7 @@ func TestCommandReachesLateSubscriber(t *testing.T) {
 	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, true, birth); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("birth: %v", tok.Error())
 	}
-	Eventually(t, 10*time.Second, "locker online", func() error {
-		var got fleet.Locker
-		if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &got); err != nil || !got.Online {
-			return fmt.Errorf("online %v (%v)", got.Online, err)
-		}
-		return nil
-	})
+	waitOnline(t, tg, r.DeviceID, true)
 	var cmd fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
 		t.Fatal(err)
