@@ -168,6 +168,7 @@ type ClientState struct {
 	open            context.Context      // indicate that the client is open for packet exchange
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
+	writing         atomic.Bool          // a goroutine is writing the outbound queue (Lockergate patch 12)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -203,13 +204,62 @@ func newClient(c net.Conn, o *ops) *Client {
 	return cl
 }
 
-// WriteLoop ranges over pending outbound messages and writes them to the client connection.
+// WriteLoop ranges over pending outbound messages and writes them to the
+// client connection until the client closes.
+//
+// Lockergate patch 12: the server no longer runs a WriteLoop for every
+// client. An idle client's writer parked on its channel for the whole
+// connection (a goroutine and a 2–4 KiB stack per connection that nearly
+// never writes); publishToClient now starts a writer when it queues a packet
+// and none is running (kickWriter), and the writer ends when the queue is
+// empty. WriteLoop is kept for callers that run a writer of their own (mochi's
+// tests): while it runs, no other writer is started.
 func (cl *Client) WriteLoop() {
+	cl.State.writing.Store(true)
 	for {
 		select {
 		case pk := <-cl.State.outbound:
 			cl.writeOutbound(pk)
 		case <-cl.State.open.Done():
+			return
+		}
+	}
+}
+
+// testHookQueueEmpty, when set by a test, runs where drainOutbound has found
+// the queue empty and not yet cleared its flag: the window a packet queued
+// concurrently falls in.
+var testHookQueueEmpty func(*Client)
+
+// kickWriter starts a writer for the outbound queue unless one is running.
+// Called after a packet is queued (patch 12).
+func (cl *Client) kickWriter() {
+	if cl.State.writing.CompareAndSwap(false, true) {
+		go cl.drainOutbound()
+	}
+}
+
+// drainOutbound writes queued packets until the queue is empty, then ends.
+// At most one runs per client (the writing flag), so packets are written in
+// the order they were queued. A packet queued after the queue was found
+// empty but before the flag was cleared started no writer (kickWriter saw
+// the flag set), so the queue is looked at again after clearing it.
+// Packets queued for a closed client are taken off the queue unwritten
+// (WritePacket refuses them), as the reader of a closed connection would
+// never have written them either.
+func (cl *Client) drainOutbound() {
+	for {
+		select {
+		case pk := <-cl.State.outbound:
+			cl.writeOutbound(pk)
+			continue
+		default:
+		}
+		if testHookQueueEmpty != nil {
+			testHookQueueEmpty(cl)
+		}
+		cl.State.writing.Store(false)
+		if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
 			return
 		}
 	}

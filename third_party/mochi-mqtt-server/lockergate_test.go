@@ -4,9 +4,12 @@
 package mqtt
 
 import (
+	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -183,4 +186,199 @@ func TestWillOfClientStoppedBetweenPackets(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the will of a client stopped between packets was not published")
 	}
+}
+
+// allowAll admits every client to every topic.
+type allowAll struct{ HookBase }
+
+func (h *allowAll) ID() string { return "allow-all" }
+
+func (h *allowAll) Provides(b byte) bool {
+	return b == OnConnectAuthenticate || b == OnACLCheck
+}
+
+func (h *allowAll) OnConnectAuthenticate(*Client, packets.Packet) bool { return true }
+
+func (h *allowAll) OnACLCheck(*Client, string, bool) bool { return true }
+
+// readPacket reads one MQTT packet: its type nibble and its body.
+func readPacket(r *bufio.Reader) (byte, []byte, error) {
+	h, err := r.ReadByte()
+	if err != nil {
+		return 0, nil, err
+	}
+	n, shift := 0, 0
+	for {
+		b, err := r.ReadByte()
+		if err != nil {
+			return 0, nil, err
+		}
+		n |= int(b&0x7f) << shift
+		if b&0x80 == 0 {
+			break
+		}
+		shift += 7
+	}
+	body := make([]byte, n)
+	_, err = io.ReadFull(r, body)
+	return h >> 4, body, err
+}
+
+// TestWriterOnDemand: patch 12. No writer goroutine waits on an idle
+// client's queue; one is started when a packet is queued and ends when the
+// queue is empty. Every packet must still arrive, in the order queued,
+// including one queued just as a writer finds the queue empty (the writer
+// looks again after clearing its flag, or the packet waits for the next one).
+func TestWriterOnDemand(t *testing.T) {
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _ = cli.Close() })
+	go func() { _ = s.EstablishConnection("t", srv) }()
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "A"},
+	}
+	subscribe := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: 4, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "t"}},
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := subscribe.SubscribeEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = cli.Write(buf.Bytes()) }()
+
+	// One reader for the whole test; publishes arrive on received.
+	received := make(chan string, 4096)
+	acks := make(chan byte, 2)
+	go func() {
+		defer close(received)
+		r := bufio.NewReader(cli)
+		for {
+			typ, body, err := readPacket(r)
+			if err != nil {
+				return
+			}
+			switch typ {
+			case packets.Connack, packets.Suback:
+				acks <- typ
+			case packets.Publish:
+				n := int(body[0])<<8 | int(body[1])
+				received <- string(body[2+n:])
+			}
+		}
+	}()
+	for _, want := range []byte{packets.Connack, packets.Suback} {
+		select {
+		case got := <-acks:
+			if got != want {
+				t.Fatalf("got packet type %d, want %d", got, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no packet of type %d", want)
+		}
+	}
+	cl, ok := s.Clients.Get("A")
+	if !ok {
+		t.Fatal("client A not registered")
+	}
+	idle := func(when string) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for cl.State.writing.Load() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: a writer still runs with an empty queue", when)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	idle("after connecting")
+
+	next := func() string {
+		t.Helper()
+		select {
+		case p, ok := <-received:
+			if !ok {
+				t.Fatal("connection closed")
+			}
+			return p
+		case <-time.After(10 * time.Second):
+			t.Fatal("a queued packet was never written")
+		}
+		return ""
+	}
+	// One at a time: every packet is queued when the last writer has just
+	// ended or is ending, the window a lost wake-up would fall in.
+	for i := 0; i < 3000; i++ {
+		want := fmt.Sprint(i)
+		if err := s.Publish("t", []byte(want), false, 0); err != nil {
+			t.Fatal(err)
+		}
+		if got := next(); got != want {
+			t.Fatalf("received %q, want %q", got, want)
+		}
+	}
+	idle("after single publishes")
+
+	// Several publishers at once: each one's packets arrive in its order.
+	const publishers, each = 4, 500
+	var wg sync.WaitGroup
+	for p := 0; p < publishers; p++ {
+		wg.Add(1)
+		go func(p int) { // go 1.21: p is one variable for the whole loop
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if err := s.Publish("t", []byte(fmt.Sprintf("%d/%d", p, i)), false, 0); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}(p)
+	}
+	last := make([]int, publishers)
+	for p := range last {
+		last[p] = -1
+	}
+	for n := 0; n < publishers*each; n++ {
+		var p, i int
+		if _, err := fmt.Sscanf(next(), "%d/%d", &p, &i); err != nil {
+			t.Fatal(err)
+		}
+		if i != last[p]+1 {
+			t.Fatalf("publisher %d: packet %d after %d", p, i, last[p])
+		}
+		last[p] = i
+	}
+	wg.Wait()
+	idle("after concurrent publishes")
+
+	// Deterministically, the window itself: a packet queued (by a publisher
+	// that sees the flag still set, so starts no writer) after the writer
+	// found the queue empty and before it cleared the flag.
+	var once sync.Once
+	testHookQueueEmpty = func(*Client) {
+		once.Do(func() {
+			if err := s.Publish("t", []byte("in the window"), false, 0); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(func() { testHookQueueEmpty = nil })
+	if err := s.Publish("t", []byte("before"), false, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"before", "in the window"} {
+		if got := next(); got != want {
+			t.Fatalf("received %q, want %q", got, want)
+		}
+	}
+	idle("after the window")
 }

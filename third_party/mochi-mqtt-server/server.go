@@ -419,13 +419,13 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	return err
 }
 
-// startClient starts the client's writer and establishes its session;
-// counted reports that the client was counted in ClientsConnected.
+// startClient establishes the client's session; counted reports that the
+// client was counted in ClientsConnected. (Its writer is started when a
+// packet is queued for it: patch 12.)
 //
 //go:noinline
 func (s *Server) startClient(cl *Client, listener string) (counted bool, err error) {
 	s.Listeners.ClientsWg.Add(1)
-	go cl.WriteLoop()
 	return s.establishSession(cl, listener)
 }
 
@@ -1180,6 +1180,7 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	select {
 	case cl.State.outbound <- &out:
 		atomic.AddInt32(&cl.State.outboundQty, 1)
+		cl.kickWriter() // Lockergate patch 12
 	default:
 		atomic.AddInt64(&s.Info.MessagesDropped, 1)
 		cl.ops.hooks.OnPublishDropped(cl, pk)
