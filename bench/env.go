@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -201,13 +202,46 @@ type Server struct {
 	dataDir string
 }
 
+// freePort returns a free loopback port below the kernel's ephemeral range.
+// A port the kernel hands out (127.0.0.1:0) is an ephemeral one, and a
+// server restarted on it between runs could find it taken by one of the
+// thousands of outgoing connections a run makes (the load generator's, the
+// pool's to PostgreSQL): "bind: address already in use", seen once.
 func freePort() (int, error) {
+	lo := ephemeralLow()
+	if lo > listenPortBase+1000 {
+		for range 100 {
+			p := listenPortBase + rand.IntN(lo-listenPortBase)
+			ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
+			if err == nil {
+				ln.Close()
+				return p, nil
+			}
+		}
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// listenPortBase is the lowest port freePort picks.
+const listenPortBase = 20000
+
+// ephemeralLow is the first port of the kernel's ephemeral range (Linux
+// default 32768; 0 when unknown).
+func ephemeralLow() int {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		return 0
+	}
+	var lo, hi int
+	if _, err := fmt.Sscan(string(b), &lo, &hi); err != nil {
+		return 0
+	}
+	return lo
 }
 
 func freeAddrs(n int) ([]string, error) {

@@ -31,13 +31,22 @@ type idleRun struct {
 	Connected, Alive int
 	Connect          time.Duration
 	Before, After    Mem     // server
+	End              Mem     // server, at the end of the hold
 	GoHeap, GoStack  float64 // delta of go_memstats_heap_inuse_bytes, _stack_inuse_bytes (NaN: not a Go server with metrics)
+	EndStack         float64 // the stacks' delta at the end of the hold
 	GenDelta         int64   // load generator Go heap and stacks in use, delta
 	Retries          int64
 }
 
 func (ir idleRun) perConn() float64 {
 	return float64(ir.After.RSS-ir.Before.RSS) / float64(max(ir.Connected, 1))
+}
+
+// perConnEnd is perConn at the end of the hold: after the runtime's forced
+// collections (one every 2 minutes in an idle Go server) and its scavenger
+// have had the hold's time, the figure a settled fleet would see.
+func (ir idleRun) perConnEnd() float64 {
+	return float64(ir.End.RSS-ir.Before.RSS) / float64(max(ir.Connected, 1))
 }
 
 // Idle runs the idle connections workload.
@@ -91,7 +100,8 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 		"with PINGREQ after 45 s idle, each behaving as an idle locker: Last Will, subscribe to its cmd, creds, config and "+
 		"fw/job topics, retained birth at QoS 1, creds/ack; no health. Source addresses 127.0.0.2 and up, %d connections "+
 		"each, past one address. Memory per connection = (server VmRSS with all connected and settled 10 s − VmRSS "+
-		"before the first connection) / connections; held %v after all connected; a fresh server process per run. "+
+		"before the first connection) / connections, and the same at the end of the hold; held %v after all connected; "+
+		"a fresh server process per run. "+
 		"Gateway lockers are provisioned through the gateway (%v for all); baselines accept anyone",
 		o.Lockers, perSourceAddr, o.Hold, lab.Prov.Round(time.Second))
 	rep.Columns = []string{"measure", "lockergate"}
@@ -126,20 +136,24 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 	row("connections held (alive after hold)", func(x idleRun) float64 { return float64(x.Alive) }, fInt, false)
 	row("connect time (all connected)", func(x idleRun) float64 { return x.Connect.Seconds() }, fSec, true)
 	row("memory per connection (RSS delta / connections)", idleRun.perConn, fKiB, true)
+	row("memory per connection at the end of the hold", idleRun.perConnEnd, fKiB, true)
 	row("server RSS with all connected", func(x idleRun) float64 { return float64(x.After.RSS) }, fMiB, true)
 	row("server peak RSS (VmHWM)", func(x idleRun) float64 { return float64(x.After.HWM) }, fMiB, true)
 	row("  Go heap in use per connection", func(x idleRun) float64 { return x.GoHeap / float64(max(x.Connected, 1)) }, fKiB, false)
 	row("  Go stacks per connection", func(x idleRun) float64 { return x.GoStack / float64(max(x.Connected, 1)) }, fKiB, false)
+	row("  Go stacks per connection at the end of the hold", func(x idleRun) float64 { return x.EndStack / float64(max(x.Connected, 1)) }, fKiB, false)
 	row("load generator Go heap + stacks per connection", func(x idleRun) float64 { return float64(x.GenDelta) / float64(max(x.Connected, 1)) }, fKiB, false)
-	var alive, per []float64
+	var alive, per, perEnd []float64
 	for _, res := range results["lockergate"] {
 		alive = append(alive, float64(res.Alive))
 		per = append(per, res.perConn())
+		perEnd = append(perEnd, res.perConnEnd())
 	}
-	a, p := SpreadOf(alive), SpreadOf(per)
+	a, p, pe := SpreadOf(alive), SpreadOf(per), SpreadOf(perEnd)
 	rep.Targets = append(rep.Targets,
 		fmt.Sprintf("50,000 connected: %s (%s)", metOrNot(a.Median >= 50000), a.Format(fInt)),
-		fmt.Sprintf("< 20 KiB gateway memory per locker: %s (%s)", metOrNot(p.Median < 20*1024), p.Format(fKiB)))
+		fmt.Sprintf("< 20 KiB gateway memory per locker (10 s after the last connect): %s (%s; at the end of the hold %s)",
+			metOrNot(p.Median < 20*1024), p.Format(fKiB), pe.Format(fKiB)))
 	return rep, nil
 }
 
@@ -209,8 +223,13 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 		}
 	}
 	res.Alive = f.Alive()
-	if m := srv.Mem(); m.HWM > res.After.HWM {
-		res.After.HWM = m.HWM
+	res.End = srv.Mem()
+	if res.End.HWM > res.After.HWM {
+		res.After.HWM = res.End.HWM
+	}
+	res.EndStack = math.NaN()
+	if m2, err := srv.Metrics(ctx); err == nil && m0 != nil {
+		res.EndStack = m2.Sum("go_memstats_stack_inuse_bytes") - m0.Sum("go_memstats_stack_inuse_bytes")
 	}
 	return res, nil
 }
