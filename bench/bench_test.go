@@ -107,7 +107,7 @@ func TestSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the gateway: not under -short")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	wd, _ := os.Getwd()
 	mod, err := FindModule(wd)
@@ -144,5 +144,24 @@ func TestSmoke(t *testing.T) {
 	found := regexp.MustCompile(`(?m)^\| lockergate +\| 1 +\| 300 .* ms \((\d+)\)`).FindStringSubmatch(out.String())
 	if found == nil {
 		t.Errorf("no end-to-end marker found in the step (check Markers.poll's bounds in bench/markers.go and the gateway log):\n%s", out.String())
+	}
+
+	// The idle workload in miniature, its lockers reporting health while
+	// held: both memory readings and the health sent are in the report.
+	out.Reset()
+	rep, err = r.Idle(ctx, IdleOptions{Lockers: 20, Hold: 12 * time.Second, Health: 2 * time.Second, Runs: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep.Print(&out, ThisMachine())
+	t.Log(out.String())
+	for _, want := range []string{"memory per connection at the end of the hold", "each locker publishes health"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("idle report lacks %q", want)
+		}
+	}
+	sent := regexp.MustCompile(`(?m)^\| health messages published while held +\| (\d+)`).FindStringSubmatch(out.String())
+	if sent == nil || sent[1] == "0" {
+		t.Errorf("no health published while the idle lockers were held:\n%s", out.String())
 	}
 }

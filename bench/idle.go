@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"runtime"
+	"sync"
 	"time"
 )
 
@@ -20,8 +21,14 @@ func goInUse() int64 {
 
 // IdleOptions configure the idle connections workload.
 type IdleOptions struct {
-	Lockers  int           // default 50,000
-	Hold     time.Duration // after all are connected; default 30s
+	Lockers int           // default 50,000
+	Hold    time.Duration // after all are connected; default 30s
+	// Health, if positive, has every locker publish a health message (QoS 1)
+	// at this interval from the moment all are connected, as real lockers
+	// do (60 s by default): a locker that is idle for commands is not
+	// silent, and what handling a message leaves behind (a grown stack)
+	// is part of its memory.
+	Health   time.Duration
 	Runs     int
 	Baseline bool // mosquitto (and bare mochi unless NoMochi)
 	NoMochi  bool
@@ -34,6 +41,7 @@ type idleRun struct {
 	End              Mem     // server, at the end of the hold
 	GoHeap, GoStack  float64 // delta of go_memstats_heap_inuse_bytes, _stack_inuse_bytes (NaN: not a Go server with metrics)
 	EndStack         float64 // the stacks' delta at the end of the hold
+	HealthSent       uint64  // health messages published while held (IdleOptions.Health)
 	GenDelta         int64   // load generator Go heap and stacks in use, delta
 	Retries          int64
 }
@@ -98,12 +106,12 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 	rep.LoadAvg[1] = Load()
 	rep.Method = fmt.Sprintf("%d raw MQTT 3.1.1 clients (one goroutine and a 512-byte read buffer each in lockerbench), keep-alive 60 s "+
 		"with PINGREQ after 45 s idle, each behaving as an idle locker: Last Will, subscribe to its cmd, creds, config and "+
-		"fw/job topics, retained birth at QoS 1, creds/ack; no health. Source addresses 127.0.0.2 and up, %d connections "+
-		"each, past one address. Memory per connection = (server VmRSS with all connected and settled 10 s − VmRSS "+
+		"fw/job topics, retained birth at QoS 1, creds/ack. Source addresses 127.0.0.2 and up, %d connections "+
+		"each, past one address. %s Memory per connection = (server VmRSS with all connected and settled 10 s − VmRSS "+
 		"before the first connection) / connections, and the same at the end of the hold; held %v after all connected; "+
 		"a fresh server process per run. "+
 		"Gateway lockers are provisioned through the gateway (%v for all); baselines accept anyone",
-		o.Lockers, perSourceAddr, o.Hold, lab.Prov.Round(time.Second))
+		o.Lockers, perSourceAddr, idleHealthMethod(o.Health), o.Hold, lab.Prov.Round(time.Second))
 	rep.Columns = []string{"measure", "lockergate"}
 	names := map[string]string{"mosquitto": "mosquitto " + mosquittoVersion(), "bare": "bare mochi"}
 	for _, k := range kinds[1:] {
@@ -142,6 +150,9 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 	row("  Go heap in use per connection", func(x idleRun) float64 { return x.GoHeap / float64(max(x.Connected, 1)) }, fKiB, false)
 	row("  Go stacks per connection", func(x idleRun) float64 { return x.GoStack / float64(max(x.Connected, 1)) }, fKiB, false)
 	row("  Go stacks per connection at the end of the hold", func(x idleRun) float64 { return x.EndStack / float64(max(x.Connected, 1)) }, fKiB, false)
+	if o.Health > 0 {
+		row("health messages published while held", func(x idleRun) float64 { return float64(x.HealthSent) }, fInt, false)
+	}
 	row("load generator Go heap + stacks per connection", func(x idleRun) float64 { return float64(x.GenDelta) / float64(max(x.Connected, 1)) }, fKiB, false)
 	var alive, per, perEnd []float64
 	for _, res := range results["lockergate"] {
@@ -155,6 +166,13 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 		fmt.Sprintf("< 20 KiB gateway memory per locker (10 s after the last connect): %s (%s; at the end of the hold %s)",
 			metOrNot(p.Median < 20*1024), p.Format(fKiB), pe.Format(fKiB)))
 	return rep, nil
+}
+
+func idleHealthMethod(every time.Duration) string {
+	if every <= 0 {
+		return "No health messages."
+	}
+	return fmt.Sprintf("From the moment all are connected, each locker publishes health (QoS 1, ~190 bytes) every %v, paced over the fleet.", every)
 }
 
 func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOptions) (idleRun, error) {
@@ -199,6 +217,26 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 	res.Connect = time.Since(start)
 	res.Connected = len(f.Conns)
 	res.Retries = f.Retries
+	stopHealth := func() {}
+	if o.Health > 0 {
+		pub := NewPublisher(f, 1)
+		pctx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			pub.Run(pctx, float64(len(f.Conns))/o.Health.Seconds(), 24*time.Hour)
+		}()
+		var once sync.Once
+		stopHealth = func() {
+			once.Do(func() {
+				stop()
+				<-done
+				res.HealthSent = pub.Sent.Load()
+				r.Log.Info("idle health published", "server", kind, "sent", res.HealthSent, "skipped", pub.Skipped.Load())
+			})
+		}
+		defer stopHealth() // on the error paths
+	}
 	select {
 	case <-time.After(10 * time.Second):
 	case <-ctx.Done():
@@ -224,6 +262,7 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 	}
 	res.Alive = f.Alive()
 	res.End = srv.Mem()
+	stopHealth()
 	if res.End.HWM > res.After.HWM {
 		res.After.HWM = res.End.HWM
 	}

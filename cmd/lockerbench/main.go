@@ -123,6 +123,7 @@ func (c *config) register(fs *flag.FlagSet, cmd string) {
 		fs.IntVar(&c.idle.Lockers, "idle-lockers", 50000, "idle: connected idle lockers")
 		fs.DurationVar(&c.idle.Hold, "hold", 30*time.Second, "idle: how long to hold them after all are connected")
 		fs.BoolVar(&c.idle.NoMochi, "no-bare-idle", false, "idle: skip the bare mochi baseline (mosquitto only)")
+		fs.DurationVar(&c.idle.Health, "idle-health", 0, "idle: each locker publishes health at this interval (QoS 1) while held, as real lockers do every 60s; 0: none")
 	}
 	if cmd == "pickups" || all {
 		fs.IntVar(&c.pickups.SiteLockers, "site-lockers", 20, "pickups: lockers at the one-site case")
