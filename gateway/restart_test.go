@@ -45,21 +45,17 @@ func TestGatewayRestartMidCommand(t *testing.T) {
 		return c
 	}
 	dev := device(tg.MQTTAddr())
-	Eventually(t, 10*time.Second, "locker online", func() error {
-		var l fleet.Locker
-		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
-			return err
-		}
-		if !l.Online {
-			return fmt.Errorf("offline")
-		}
-		return nil
-	})
+	waitOnline(t, tg, id.DeviceID, true)
 	var cmd fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 2, "ttl_s": 120}, &cmd); err != nil {
 		t.Fatal(err)
 	}
-	first := <-got // the locker has it, and does not answer before the restart
+	var first protocol.Command // the locker has it, and does not answer before the restart
+	select {
+	case first = <-got:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the locker did not get the command")
+	}
 	if first.ID != cmd.ID {
 		t.Fatalf("locker got %s, want %s", first.ID, cmd.ID)
 	}
