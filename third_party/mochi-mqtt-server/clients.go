@@ -169,6 +169,7 @@ type ClientState struct {
 	cancelOpen      context.CancelFunc   // cancel function for open context
 	outboundQty     int32                // number of messages currently in the outbound queue
 	writing         atomic.Bool          // a goroutine is writing the outbound queue (Lockergate patch 12)
+	ownWriter       atomic.Bool          // a WriteLoop writes the queue: start no writer (patch 12)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -213,8 +214,10 @@ func newClient(c net.Conn, o *ops) *Client {
 // never writes); publishToClient now starts a writer when it queues a packet
 // and none is running (kickWriter), and the writer ends when the queue is
 // empty. WriteLoop is kept for callers that run a writer of their own (mochi's
-// tests): while it runs, no other writer is started.
+// tests): once it runs, no other writer is started, and one started before
+// it stops at the next empty queue.
 func (cl *Client) WriteLoop() {
+	cl.State.ownWriter.Store(true)
 	cl.State.writing.Store(true)
 	for {
 		select {
@@ -234,6 +237,9 @@ var testHookQueueEmpty func(*Client)
 // kickWriter starts a writer for the outbound queue unless one is running.
 // Called after a packet is queued (patch 12).
 func (cl *Client) kickWriter() {
+	if cl.State.ownWriter.Load() {
+		return
+	}
 	if cl.State.writing.CompareAndSwap(false, true) {
 		go cl.drainOutbound()
 	}
@@ -243,7 +249,10 @@ func (cl *Client) kickWriter() {
 // At most one runs per client (the writing flag), so packets are written in
 // the order they were queued. A packet queued after the queue was found
 // empty but before the flag was cleared started no writer (kickWriter saw
-// the flag set), so the queue is looked at again after clearing it.
+// the flag set), so the queue is looked at again after clearing it: through
+// outboundQty, which publishToClient raises (atomically) before kickWriter,
+// so that either its CompareAndSwap sees the flag cleared or this load sees
+// the packet counted (len of a channel is no synchronising read).
 // Packets queued for a closed client are taken off the queue unwritten
 // (WritePacket refuses them), as the reader of a closed connection would
 // never have written them either.
@@ -258,8 +267,11 @@ func (cl *Client) drainOutbound() {
 		if testHookQueueEmpty != nil {
 			testHookQueueEmpty(cl)
 		}
+		if cl.State.ownWriter.Load() {
+			return // a WriteLoop took over; the flag stays set for it
+		}
 		cl.State.writing.Store(false)
-		if len(cl.State.outbound) == 0 || !cl.State.writing.CompareAndSwap(false, true) {
+		if atomic.LoadInt32(&cl.State.outboundQty) <= 0 || !cl.State.writing.CompareAndSwap(false, true) {
 			return
 		}
 	}
