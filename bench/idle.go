@@ -260,15 +260,16 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 			return res, ctx.Err()
 		}
 	}
+	// Both end-of-hold readings while the lockers still report health.
 	res.Alive = f.Alive()
 	res.End = srv.Mem()
-	stopHealth()
-	if res.End.HWM > res.After.HWM {
-		res.After.HWM = res.End.HWM
-	}
 	res.EndStack = math.NaN()
 	if m2, err := srv.Metrics(ctx); err == nil && m0 != nil {
 		res.EndStack = m2.Sum("go_memstats_stack_inuse_bytes") - m0.Sum("go_memstats_stack_inuse_bytes")
+	}
+	stopHealth()
+	if res.End.HWM > res.After.HWM {
+		res.After.HWM = res.End.HWM
 	}
 	return res, nil
 }
