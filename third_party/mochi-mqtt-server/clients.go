@@ -254,8 +254,8 @@ func (cl *Client) kickWriter() {
 // so that either its CompareAndSwap sees the flag cleared or this load sees
 // the packet counted (len of a channel is no synchronising read).
 // Packets queued for a closed client are taken off the queue unwritten
-// (WritePacket refuses them), as the reader of a closed connection would
-// never have written them either.
+// (WritePacket refuses them); the WriteLoop this replaces ended with the
+// connection and left them unwritten too.
 func (cl *Client) drainOutbound() {
 	for {
 		select {
