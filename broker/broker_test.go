@@ -95,19 +95,29 @@ func TestNew(t *testing.T) {
 	})
 }
 
-func TestTLS(t *testing.T) {
+// newTLSHarness is a harness whose broker listens on TLS only; dial
+// connects a paho client to it that trusts its certificate.
+func newTLSHarness(t *testing.T) (h *harness, dial func(id, pass string) (*client, error)) {
+	t.Helper()
 	cert, pool := selfSigned(t)
-	h := newHarness(t, func(o *Options) {
+	h = newHarness(t, func(o *Options) {
 		o.TCPAddr = ""
 		o.TLSAddr = "127.0.0.1:0"
 		o.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}, nil)
+	return h, func(id, pass string) (*client, error) {
+		return dialPaho(t, "ssl://"+h.b.TLSAddr().String(), id, id, pass, func(o *paho.ClientOptions) {
+			o.SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
+		})
+	}
+}
+
+func TestTLS(t *testing.T) {
+	h, dial := newTLSHarness(t)
 	if h.b.TCPAddr() != nil {
 		t.Errorf("TCPAddr = %v, want nil", h.b.TCPAddr())
 	}
-	c, err := dialPaho(t, "ssl://"+h.b.TLSAddr().String(), "A", "A", "secret-A", func(o *paho.ClientOptions) {
-		o.SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
-	})
+	c, err := dial("A", "secret-A")
 	if err != nil {
 		t.Fatalf("connect over TLS: %v", err)
 	}
@@ -115,9 +125,7 @@ func TestTLS(t *testing.T) {
 	c.Disconnect(50)
 	waitFor(t, "disconnected", func() bool { return h.b.ConnectedDevices() == 0 })
 
-	if _, err := dialPaho(t, "ssl://"+h.b.TLSAddr().String(), "A", "A", "wrong", func(o *paho.ClientOptions) {
-		o.SetTLSConfig(&tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12})
-	}); err == nil {
+	if _, err := dial("A", "wrong"); err == nil {
 		t.Error("wrong secret accepted over TLS")
 	}
 }

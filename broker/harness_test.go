@@ -235,6 +235,9 @@ func newHarness(t *testing.T, opt func(*Options), tune func(*Broker)) *harness {
 		Observer:    h.obs,
 		Logger:      slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 		Registerer:  h.reg,
+		// Readers rest (move to a new goroutine) after 20 ms without a
+		// packet, so every test here runs across many hand-offs.
+		ReaderRest: 20 * time.Millisecond,
 	}
 	if opt != nil {
 		opt(&opts)

@@ -23,11 +23,12 @@ type metrics struct {
 	authCache    *prometheus.CounterVec // result
 	authBackend  prometheus.Histogram
 	provisioning *prometheus.CounterVec // result
+	readerRests  prometheus.CounterFunc
 
 	all []prometheus.Collector
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, readerRests func() float64) (*metrics, error) {
 	m := &metrics{
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lockergate_mqtt_auth_failures_total",
@@ -66,6 +67,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "lockergate_mqtt_provisioning_total",
 			Help: "Provisioning requests handled, by result (ok, a protocol error code, busy, undelivered).",
 		}, []string{"result"}),
+		readerRests: prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "lockergate_mqtt_reader_rests_total",
+			Help: "Times an idle connection's reader moved to a new goroutine, freeing the stack it grew handling packets (Options.ReaderRest).",
+		}, readerRests),
 	}
 	// Every label value exists from the start, so rate() and alerts see zeros.
 	for _, r := range refusalReasons {
@@ -92,7 +97,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 
 	m.all = []prometheus.Collector{m.authFailures, m.aclDenied, m.dropped, m.connections,
-		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning}
+		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning, m.readerRests}
 	var errs []error
 	var done []prometheus.Collector
 	for _, c := range m.all {

@@ -304,15 +304,19 @@ func (l *listener) Close(_ listeners.CloseFn) {
 	}
 }
 
-// Serve implements listeners.Listener.
-func (l *listener) Serve(establish listeners.EstablishFn) {
+// Serve implements listeners.Listener. Connections are served through
+// mochi's ServeConnection rather than the establish function it passes (its
+// EstablishConnection), so that an idle locker's reader can move to a fresh
+// goroutine on a small stack (Options.ReaderRest; PATCHES.md, 13): ended
+// runs on whichever goroutine ends the connection.
+func (l *listener) Serve(_ listeners.EstablishFn) {
 	l.Net.Serve(func(id string, c net.Conn) error {
-		// Only what establish needs stays in this frame: a connection's
-		// reader parks under it for the session's whole life, and the
+		// Only what ServeConnection needs stays in this frame: a
+		// connection's first reader parks under it until it rests, and the
 		// runtime shrinks a parked stack only while less than a quarter of
 		// it is in use (see third_party/mochi-mqtt-server/PATCHES.md, 3).
 		if l.starting(c) {
-			l.ended(id, c, establish(id, c))
+			l.b.server.ServeConnection(id, c, l.b.opts.ReaderRest, func(err error) { l.ended(id, c, err) })
 		}
 		return nil
 	})

@@ -4,6 +4,10 @@ import (
 	"fmt"
 	"runtime"
 	"testing"
+
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // TestParkedStacksShrink: an idle client has one goroutine, its reader,
@@ -50,4 +54,50 @@ func TestParkedStacksShrink(t *testing.T) {
 	if perClient > 5 {
 		t.Errorf("goroutine stacks per idle client: %.2f KiB, want 4 (a 4 KiB reader)", perClient)
 	}
+}
+
+// TestIdleReadersRest: a reader that has handled packets rests (moves to a
+// new goroutine) once its connection is idle for Options.ReaderRest, so an
+// idle fleet's stacks are small without waiting for collections. Each
+// client's CONNECT, SUBSCRIBE and QoS 1 PUBLISH grow its reader to 16 KiB
+// or more; the runtime would halve that once per collection, and no
+// collection is forced here.
+func TestIdleReadersRest(t *testing.T) {
+	if raceEnabled {
+		t.Skip("the race detector changes frame sizes; .ci/run runs this test without -race")
+	}
+	h := newHarness(t, nil, nil) // ReaderRest: 20 ms
+	const n = 300
+	for i := range n {
+		h.auth.setDevice(fmt.Sprintf("R%d", i), fakeDevice{secret: "s"})
+	}
+	for range 6 {
+		runtime.GC()
+	}
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	s0, g0 := m.StackInuse, runtime.NumGoroutine()
+	for i := range n {
+		r := dialRaw(t, h.addr, 4)
+		id := fmt.Sprintf("R%d", i)
+		if ack := r.connect(id, id, "s", 60, nil); ack.ReasonCode != 0 {
+			t.Fatalf("%s: CONNACK %#x", id, ack.ReasonCode)
+		}
+		r.subscribe("lockers/v1/"+id+"/cmd", 1)
+		r.publish("lockers/v1/"+id+"/health", 1, []byte(`{"seq":1}`))
+		r.mustRead(packets.Puback)
+	}
+	var perClient float64
+	testtool.Eventually(t, waitTimeout, "idle readers on small stacks", func() error {
+		runtime.ReadMemStats(&m)
+		perClient = float64(int64(m.StackInuse)-int64(s0)) / n / 1024
+		if perClient > 5 {
+			return fmt.Errorf("goroutine stacks per idle client: %.2f KiB, want 4 or less", perClient)
+		}
+		if g := runtime.NumGoroutine() - g0; g != n {
+			return fmt.Errorf("%d goroutines more with %d idle clients, want %d (one reader each)", g, n, n)
+		}
+		return nil
+	})
+	t.Logf("goroutine stacks per idle client, no collection forced: %.2f KiB (%d collections ran)", perClient, m.NumGC)
 }

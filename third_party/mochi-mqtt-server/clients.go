@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -170,6 +171,10 @@ type ClientState struct {
 	outboundQty     int32                // number of messages currently in the outbound queue
 	writing         atomic.Bool          // a goroutine is writing the outbound queue (Lockergate patch 12)
 	ownWriter       atomic.Bool          // a WriteLoop writes the queue: start no writer (patch 12)
+	restAfter       time.Duration        // an idle reader moves to a new goroutine after this; 0: never (patch 13)
+	readExpiry      time.Time            // the keepalive read deadline; zero: none (patch 13)
+	readSet         time.Time            // the read deadline set on the connection (patch 13)
+	writeSet        time.Time            // the write deadline set on the connection (patch 13)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -350,6 +355,8 @@ func (cl *Client) refreshDeadline(keepalive uint16) {
 	if keepalive > 0 {
 		expiry = time.Now().Add(time.Duration(keepalive+(keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
 	}
+	// Lockergate patch 13: what prepareRead goes on from.
+	cl.State.readExpiry, cl.State.readSet, cl.State.writeSet = expiry, expiry, expiry
 
 	if cl.Net.Conn != nil {
 		_ = cl.Net.Conn.SetDeadline(expiry) // [MQTT-3.1.2-22]
@@ -449,14 +456,46 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 // Read reads incoming packets from the connected client and transforms them into
 // packets to be handled by the packetHandler.
 func (cl *Client) Read(packetHandler ReadFn) error {
-	var err error
+	return cl.read(packetHandler, false)
+}
 
+// errReaderRested is returned by read when the client's reader has been
+// idle for restAfter: its caller goes on reading in a new goroutine.
+var errReaderRested = errors.New("reader rested")
+
+// read is Read. Lockergate patch 13: a goroutine's stack grows to handle a
+// packet (mochi passes 800-byte packets by value, so a PUBLISH takes a
+// reader to 16 KiB) and the runtime only halves it once per collection
+// afterwards, so a locker that reports every minute keeps its reader on
+// 8–16 KiB for good. With restAfter set, a reader that has handled a packet
+// (or, the first one, the CONNECT) and then sees no byte for restAfter
+// returns errReaderRested, and Server.serveClient goes on in a new
+// goroutine, which starts on a small stack; the old one is freed at once.
+// resumed is set in that new goroutine: it reads with the keepalive
+// deadline the rested reader computed, not one refreshed from now, so
+// resting never extends a keepalive.
+func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
+	var err error
+	// A goroutine that has handled packets (CONNECT, in the first one) may
+	// rest; a resumed one not before it handles one.
+	handled := !resumed
 	for {
 		if cl.Closed() {
 			return nil
 		}
 
-		cl.refreshDeadline(cl.State.Keepalive)
+		if cl.State.restAfter > 0 {
+			rested, err := cl.prepareRead(handled)
+			if err != nil {
+				return err
+			}
+			if rested {
+				return errReaderRested
+			}
+		} else {
+			cl.refreshDeadline(cl.State.Keepalive)
+		}
+
 		fh := new(packets.FixedHeader)
 		err = cl.ReadFixedHeader(fh)
 		if err != nil {
@@ -467,7 +506,81 @@ func (cl *Client) Read(packetHandler ReadFn) error {
 		if err != nil {
 			return err
 		}
+		handled = true
 	}
+}
+
+// prepareRead sets the deadlines for the next packet of a client whose
+// reader may rest (patch 13) and waits up to restAfter for its first byte.
+// handled: a packet was handled since the keepalive deadline was last
+// computed, so it moves. rested reports that no byte came in restAfter,
+// well before the keepalive deadline: the reader may move to a new
+// goroutine. An error other than that wait's own timeout (the connection
+// closed or reset) is returned as the next read would have returned it.
+//
+// Deadlines cost about 350 ns each to set, and mochi sets both on every
+// packet (refreshDeadline), so here a packet costs one, as before: the
+// short read deadline of the wait, which stays in place when the packet
+// then arrives whole (nothing is read from the connection for it); the
+// keepalive read deadline is set only before reading from the connection,
+// and the write deadline only when the keepalive deadline has moved
+// restAfter past it (it may lag mochi's by that much).
+//
+//go:noinline
+func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
+	c := cl.Net.Conn
+	if c == nil || cl.Net.bconn == nil {
+		return false, nil // ReadFixedHeader reports it
+	}
+	st := &cl.State
+	if handled {
+		now := time.Now()
+		var expiry time.Time // zero: no keepalive, no deadline
+		if st.Keepalive > 0 {
+			expiry = now.Add(time.Duration(st.Keepalive+(st.Keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
+		}
+		st.readExpiry = expiry
+		if expiry.IsZero() != st.writeSet.IsZero() || expiry.Sub(st.writeSet) >= st.restAfter {
+			_ = c.SetWriteDeadline(expiry)
+			st.writeSet = expiry
+		}
+		wake := now.Add(st.restAfter)
+		if cl.Net.bconn.Buffered() == 0 && (expiry.IsZero() || wake.Before(expiry)) {
+			_ = c.SetReadDeadline(wake)
+			st.readSet = wake
+			if _, err := cl.Net.bconn.Peek(1); err != nil {
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					// Rested, unless the keepalive deadline has come since:
+					// the new reader then times out as this one would have.
+					// A client stopped meanwhile ends there, through read's
+					// Closed check.
+					return true, nil
+				}
+				return false, err
+			}
+		}
+	}
+	if !st.readSet.Equal(st.readExpiry) && !cl.packetBuffered() {
+		_ = c.SetReadDeadline(st.readExpiry)
+		st.readSet = st.readExpiry
+	}
+	return false, nil
+}
+
+// packetBuffered reports that the whole of the next packet is in the read
+// buffer, so reading it does not touch the connection or its deadline.
+func (cl *Client) packetBuffered() bool {
+	n := cl.Net.bconn.Buffered()
+	b, _ := cl.Net.bconn.Peek(min(n, 5)) // never reads: n bytes are buffered
+	remaining, mul := 0, 1
+	for i := 1; i < len(b); i++ {
+		remaining += int(b[i]&0x7f) * mul
+		if b[i]&0x80 == 0 {
+			return 1+i+remaining <= n
+		}
+		mul *= 128
+	}
+	return false
 }
 
 // readAndHandle reads the packet whose fixed header is fh and handles it.

@@ -382,3 +382,178 @@ func TestWriterOnDemand(t *testing.T) {
 	}
 	idle("after the window")
 }
+
+// TestServeConnectionRests: patch 13. A reader idle for restAfter moves to
+// a new goroutine; the connection goes on being served (a PINGREQ is
+// answered, a message is delivered), rest after rest, and done is called
+// once, when the connection ends.
+func TestServeConnectionRests(t *testing.T) {
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _ = cli.Close() })
+	ended := make(chan error, 2)
+	go s.ServeConnection("t", srv, 5*time.Millisecond, func(err error) { ended <- err })
+
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "A"},
+	}
+	subscribe := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, ProtocolVersion: 4, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: "t"}},
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if err := subscribe.SubscribeEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = cli.Write(buf.Bytes()) }()
+
+	got := make(chan byte, 16)
+	go func() {
+		r := bufio.NewReader(cli)
+		for {
+			typ, _, err := readPacket(r)
+			if err != nil {
+				return
+			}
+			got <- typ
+		}
+	}()
+	expect := func(want byte) {
+		t.Helper()
+		select {
+		case typ := <-got:
+			if typ != want {
+				t.Fatalf("got packet type %d, want %d", typ, want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no packet of type %d", want)
+		}
+	}
+	rested := func(more int64) {
+		t.Helper()
+		want := s.ReadersRested() + more
+		deadline := time.Now().Add(10 * time.Second)
+		for s.ReadersRested() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d rests, want %d", s.ReadersRested(), want)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	expect(packets.Connack)
+	expect(packets.Suback)
+	rested(1) // the first reader, after CONNECT and SUBSCRIBE
+	for i := 0; i < 3; i++ {
+		// A resumed reader rests again only after it has handled a packet.
+		go func() { _, _ = cli.Write([]byte{packets.Pingreq << 4, 0}) }()
+		expect(packets.Pingresp)
+		rested(1)
+		if err := s.Publish("t", []byte("x"), false, 0); err != nil {
+			t.Fatal(err)
+		}
+		expect(packets.Publish)
+	}
+	if _, ok := s.Clients.Get("A"); !ok {
+		t.Fatal("client A not registered after its reader rested")
+	}
+
+	_ = cli.Close()
+	select {
+	case err := <-ended:
+		if err == nil {
+			t.Error("done called with nil for a connection closed by the client")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("done not called after the connection closed")
+	}
+	select {
+	case err := <-ended:
+		t.Fatalf("done called a second time (%v)", err)
+	default:
+	}
+}
+
+// TestServeConnectionNoRest: restAfter 0 is EstablishConnection: done is
+// called before ServeConnection returns, and no reader rests.
+func TestServeConnectionNoRest(t *testing.T) {
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	srv, cli := net.Pipe()
+	returned := make(chan bool, 1)
+	var doneErr error
+	called := false
+	go func() {
+		s.ServeConnection("t", srv, 0, func(err error) { doneErr, called = err, true })
+		returned <- called
+	}()
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "A"},
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _, _ = cli.Write(buf.Bytes()) }()
+	if typ, _, err := readPacket(bufio.NewReader(cli)); err != nil || typ != packets.Connack {
+		t.Fatalf("CONNACK: type %d, %v", typ, err)
+	}
+	_ = cli.Close()
+	select {
+	case ok := <-returned:
+		if !ok {
+			t.Fatal("ServeConnection returned before calling done")
+		}
+		if doneErr == nil {
+			t.Error("done called with nil for a connection closed by the client")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("ServeConnection did not return after the connection closed")
+	}
+	if n := s.ReadersRested(); n != 0 {
+		t.Fatalf("%d rests with restAfter 0", n)
+	}
+}
+
+// TestPacketBuffered: patch 13's check that the next packet is wholly in
+// the read buffer (so it is read without the connection's deadline).
+func TestPacketBuffered(t *testing.T) {
+	long := append([]byte{0x30, 0x81, 0x01}, make([]byte, 129)...) // remaining length 129
+	cases := []struct {
+		name string
+		in   []byte
+		want bool
+	}{
+		{"PINGREQ", []byte{0xc0, 0x00}, true},
+		{"whole", []byte{0x30, 0x02, 'a', 'b'}, true},
+		{"whole and more", []byte{0x30, 0x02, 'a', 'b', 0xc0}, true},
+		{"one byte short", []byte{0x30, 0x03, 'a', 'b'}, false},
+		{"header byte only", []byte{0x30}, false},
+		{"length unfinished", []byte{0x30, 0x81}, false},
+		{"two-byte length, whole", long, true},
+		{"two-byte length, short", long[:len(long)-1], false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cl := &Client{Net: ClientConnection{bconn: bufio.NewReader(bytes.NewReader(c.in))}}
+			if _, err := cl.Net.bconn.Peek(1); err != nil {
+				t.Fatal(err)
+			}
+			if got := cl.packetBuffered(); got != c.want {
+				t.Errorf("packetBuffered(% x) = %v, want %v", c.in, got, c.want)
+			}
+		})
+	}
+}

@@ -134,16 +134,17 @@ type Options struct {
 // Server is an MQTT broker server. It should be created with server.New()
 // in order to ensure all the internal fields are correctly populated.
 type Server struct {
-	Options      *Options             // configurable server options
-	Listeners    *listeners.Listeners // listeners are network interfaces which listen for new connections
-	Clients      *Clients             // clients known to the broker
-	Topics       *TopicsIndex         // an index of topic filter subscriptions and retained messages
-	Info         *system.Info         // values about the server commonly known as $SYS topics
-	loop         *loop                // loop contains tickers for the system event loop
-	done         chan bool            // indicate that the server is ending
-	Log          *slog.Logger         // minimal no-alloc logger
-	hooks        *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
-	inlineClient *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
+	Options       *Options             // configurable server options
+	Listeners     *listeners.Listeners // listeners are network interfaces which listen for new connections
+	Clients       *Clients             // clients known to the broker
+	Topics        *TopicsIndex         // an index of topic filter subscriptions and retained messages
+	Info          *system.Info         // values about the server commonly known as $SYS topics
+	loop          *loop                // loop contains tickers for the system event loop
+	done          chan bool            // indicate that the server is ending
+	Log           *slog.Logger         // minimal no-alloc logger
+	hooks         *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
+	inlineClient  *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
+	readersRested atomic.Int64         // readers moved to a new goroutine (Lockergate patch 13)
 }
 
 // loop contains interval tickers for the system events loop.
@@ -417,6 +418,58 @@ func (s *Server) attachClient(cl *Client, listener string) error {
 	}
 	s.detachClient(cl, counted)
 	return err
+}
+
+// ServeConnection is EstablishConnection for a caller that lets an idle
+// client's reader move to a new goroutine (Lockergate patch 13): a reader
+// that has handled a packet and then waited restAfter for the next one
+// hands the connection to a new goroutine, on a small stack, and ends, so
+// the stack it grew handling packets is freed at once instead of halving
+// once per collection. ServeConnection returns when the connection ends or
+// its first reader rests; done is called once, with what
+// EstablishConnection would have returned, by whichever goroutine ends the
+// connection. restAfter <= 0 never rests (EstablishConnection's behaviour,
+// done called before ServeConnection returns).
+func (s *Server) ServeConnection(listener string, c net.Conn, restAfter time.Duration, done func(error)) {
+	cl := s.NewClient(c, listener, "", false)
+	cl.State.restAfter = max(restAfter, 0)
+	counted, err := s.startClient(cl, listener)
+	if err != nil {
+		s.detachClient(cl, counted)
+		done(err)
+		return
+	}
+	s.serveClient(cl, listener, counted, done, false)
+}
+
+// serveClient reads an established client's packets until the connection
+// ends or the reader rests, then ends the session or goes on in a new
+// goroutine (patch 13). resumed: this goroutine follows a rested reader.
+//
+//go:noinline
+func (s *Server) serveClient(cl *Client, listener string, counted bool, done func(error), resumed bool) {
+	err := cl.read(s.receivePacket, resumed)
+	if err == errReaderRested {
+		s.readersRested.Add(1)
+		go s.serveClient(cl, listener, counted, done, true)
+		return
+	}
+	s.endClient(cl, listener, counted, done, err)
+}
+
+// endClient is attachClient's end for a served connection.
+//
+//go:noinline
+func (s *Server) endClient(cl *Client, listener string, counted bool, done func(error), err error) {
+	err = s.endSession(cl, listener, err)
+	s.detachClient(cl, counted)
+	done(err)
+}
+
+// ReadersRested returns how many times a client's reader has rested, moving
+// to a new goroutine (ServeConnection; Lockergate patch 13).
+func (s *Server) ReadersRested() int64 {
+	return s.readersRested.Load()
 }
 
 // startClient establishes the client's session; counted reports that the
