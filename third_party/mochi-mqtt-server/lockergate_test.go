@@ -557,3 +557,73 @@ func TestPacketBuffered(t *testing.T) {
 		})
 	}
 }
+
+// TestLazySubscriptionHolders: patch 14. A topic-tree node makes its
+// subscription holders on their first Add: the nodes of a locker's topics
+// that hold no subscription have none, and matching goes on as before.
+func TestLazySubscriptionHolders(t *testing.T) {
+	x := NewTopicsIndex()
+	x.Subscribe("lk-1", packets.Subscription{Filter: "lockers/v1/lk-1/cmd", Qos: 1})
+	x.Subscribe("gw", packets.Subscription{Filter: "$share/g/lockers/v1/+/health"})
+	x.InlineSubscribe(InlineSubscription{Subscription: packets.Subscription{Filter: "lockers/v1/+/events", Identifier: 7}})
+	x.RetainMessage(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true},
+		TopicName: "lockers/v1/lk-1/config", Payload: []byte("{}")})
+
+	made := func(p *particle) (n int) {
+		if p.subscriptions.p.Load() != nil {
+			n++
+		}
+		if p.shared.p.Load() != nil {
+			n++
+		}
+		if p.inlineSubscriptions.p.Load() != nil {
+			n++
+		}
+		return n
+	}
+	lk := x.root.particles.get("lockers").particles.get("v1").particles.get("lk-1")
+	for _, p := range []*particle{x.root, x.root.particles.get("lockers"), lk, lk.particles.get("config")} {
+		if n := made(p); n != 0 {
+			t.Errorf("node %q: %d subscription holders made, want none", p.key, n)
+		}
+	}
+	if n := made(lk.particles.get("cmd")); n != 1 {
+		t.Errorf("node cmd: %d holders, want 1", n)
+	}
+
+	if subs := x.Subscribers("lockers/v1/lk-1/cmd"); len(subs.Subscriptions) != 1 || len(subs.Shared) != 0 {
+		t.Errorf("cmd subscribers %+v", subs)
+	}
+	if subs := x.Subscribers("lockers/v1/lk-1/health"); len(subs.Shared) != 1 || len(subs.Subscriptions) != 0 {
+		t.Errorf("health subscribers %+v", subs)
+	}
+	if subs := x.Subscribers("lockers/v1/lk-1/events"); len(subs.InlineSubscriptions) != 1 {
+		t.Errorf("events subscribers %+v", subs)
+	}
+	if !x.Unsubscribe("lockers/v1/lk-1/cmd", "lk-1") || len(x.Subscribers("lockers/v1/lk-1/cmd").Subscriptions) != 0 {
+		t.Error("unsubscribe left the subscription")
+	}
+
+	// Holders made while publishes are matched (go test -race: the
+	// pointers are read without the index lock).
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 200; i++ {
+			x.Subscribe(fmt.Sprint("c", i), packets.Subscription{Filter: fmt.Sprintf("a/%d", i)})
+		}
+	}()
+	go func() {
+		defer wg.Done()
+		for i := 0; i < 200; i++ {
+			x.Subscribers(fmt.Sprintf("a/%d", i))
+		}
+	}()
+	wg.Wait()
+	for i := 0; i < 200; i++ {
+		if got := len(x.Subscribers(fmt.Sprintf("a/%d", i)).Subscriptions); got != 1 {
+			t.Fatalf("a/%d: %d subscribers, want 1", i, got)
+		}
+	}
+}

@@ -371,8 +371,7 @@ func NewTopicsIndex() *TopicsIndex {
 	return &TopicsIndex{
 		Retained: packets.NewPackets(),
 		root: &particle{
-			particles:     newParticles(),
-			subscriptions: NewSubscriptions(),
+			particles: newParticles(),
 		},
 	}
 }
@@ -760,25 +759,161 @@ func IsValidFilter(filter string, forPublish bool) bool {
 
 // particle is a child node on the tree.
 type particle struct {
-	key                 string               // the key of the particle
-	parent              *particle            // a pointer to the parent of the particle
-	particles           particles            // a map of child particles
-	subscriptions       *Subscriptions       // a map of subscriptions made by clients to this ending address
-	shared              *SharedSubscriptions // a map of shared subscriptions keyed on group name
-	inlineSubscriptions *InlineSubscriptions // a map of inline subscriptions for this particle
-	retainPath          string               // path of a retained message
-	sync.Mutex                               // mutex for when making changes to the particle
+	key                 string                  // the key of the particle
+	parent              *particle               // a pointer to the parent of the particle
+	particles           particles               // a map of child particles
+	subscriptions       lazySubscriptions       // a map of subscriptions made by clients to this ending address
+	shared              lazySharedSubscriptions // a map of shared subscriptions keyed on group name
+	inlineSubscriptions lazyInlineSubscriptions // a map of inline subscriptions for this particle
+	retainPath          string                  // path of a retained message
+	sync.Mutex                                  // mutex for when making changes to the particle
+}
+
+// Lockergate patch 14: a particle's three subscription holders are made on
+// their first Add. Each was a 32-byte allocation per topic-tree node, and a
+// locker's topics make about eleven nodes, nearly all of which never hold a
+// shared or inline subscription and most no subscription at all (retained
+// topics, the levels above the leaves). An empty holder reads as empty, and
+// the matching of a publish skips it instead of copying its empty map.
+// Readers (Subscribers) take no index lock, so the pointers are atomic; a
+// holder is never removed once made.
+
+type lazySubscriptions struct{ p atomic.Pointer[Subscriptions] }
+
+// made returns the holder, making it first if need be.
+func (l *lazySubscriptions) made() *Subscriptions {
+	if s := l.p.Load(); s != nil {
+		return s
+	}
+	l.p.CompareAndSwap(nil, NewSubscriptions())
+	return l.p.Load()
+}
+
+func (l *lazySubscriptions) Add(id string, val packets.Subscription) { l.made().Add(id, val) }
+
+func (l *lazySubscriptions) Get(id string) (val packets.Subscription, ok bool) {
+	if s := l.p.Load(); s != nil {
+		return s.Get(id)
+	}
+	return val, false
+}
+
+// GetAll returns nil when the holder was never made.
+func (l *lazySubscriptions) GetAll() map[string]packets.Subscription {
+	if s := l.p.Load(); s != nil {
+		return s.GetAll()
+	}
+	return nil
+}
+
+func (l *lazySubscriptions) Len() int {
+	if s := l.p.Load(); s != nil {
+		return s.Len()
+	}
+	return 0
+}
+
+func (l *lazySubscriptions) Delete(id string) {
+	if s := l.p.Load(); s != nil {
+		s.Delete(id)
+	}
+}
+
+type lazySharedSubscriptions struct {
+	p atomic.Pointer[SharedSubscriptions]
+}
+
+// made returns the holder, making it first if need be.
+func (l *lazySharedSubscriptions) made() *SharedSubscriptions {
+	if s := l.p.Load(); s != nil {
+		return s
+	}
+	l.p.CompareAndSwap(nil, NewSharedSubscriptions())
+	return l.p.Load()
+}
+
+func (l *lazySharedSubscriptions) Add(group, id string, val packets.Subscription) {
+	l.made().Add(group, id, val)
+}
+
+func (l *lazySharedSubscriptions) Get(group, id string) (val packets.Subscription, ok bool) {
+	if s := l.p.Load(); s != nil {
+		return s.Get(group, id)
+	}
+	return val, false
+}
+
+// GetAll returns nil when the holder was never made.
+func (l *lazySharedSubscriptions) GetAll() map[string]map[string]packets.Subscription {
+	if s := l.p.Load(); s != nil {
+		return s.GetAll()
+	}
+	return nil
+}
+
+func (l *lazySharedSubscriptions) Len() int {
+	if s := l.p.Load(); s != nil {
+		return s.Len()
+	}
+	return 0
+}
+
+func (l *lazySharedSubscriptions) Delete(group, id string) {
+	if s := l.p.Load(); s != nil {
+		s.Delete(group, id)
+	}
+}
+
+type lazyInlineSubscriptions struct {
+	p atomic.Pointer[InlineSubscriptions]
+}
+
+// made returns the holder, making it first if need be.
+func (l *lazyInlineSubscriptions) made() *InlineSubscriptions {
+	if s := l.p.Load(); s != nil {
+		return s
+	}
+	l.p.CompareAndSwap(nil, NewInlineSubscriptions())
+	return l.p.Load()
+}
+
+func (l *lazyInlineSubscriptions) Add(val InlineSubscription) { l.made().Add(val) }
+
+func (l *lazyInlineSubscriptions) Get(id int) (val InlineSubscription, ok bool) {
+	if s := l.p.Load(); s != nil {
+		return s.Get(id)
+	}
+	return val, false
+}
+
+// GetAll returns nil when the holder was never made.
+func (l *lazyInlineSubscriptions) GetAll() map[int]InlineSubscription {
+	if s := l.p.Load(); s != nil {
+		return s.GetAll()
+	}
+	return nil
+}
+
+func (l *lazyInlineSubscriptions) Len() int {
+	if s := l.p.Load(); s != nil {
+		return s.Len()
+	}
+	return 0
+}
+
+func (l *lazyInlineSubscriptions) Delete(id int) {
+	if s := l.p.Load(); s != nil {
+		s.Delete(id)
+	}
 }
 
 // newParticle returns a pointer to a new instance of particle.
 func newParticle(key string, parent *particle) *particle {
 	return &particle{
-		key:                 key,
-		parent:              parent,
-		particles:           newParticles(),
-		subscriptions:       NewSubscriptions(),
-		shared:              NewSharedSubscriptions(),
-		inlineSubscriptions: NewInlineSubscriptions(),
+		key:       key,
+		parent:    parent,
+		particles: newParticles(),
+		// Subscription holders: made on their first Add (patch 14).
 	}
 }
 
