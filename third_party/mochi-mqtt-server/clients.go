@@ -175,6 +175,7 @@ type ClientState struct {
 	readExpiry      time.Time            // the keepalive read deadline; zero: none (patch 13)
 	readSet         time.Time            // the read deadline set on the connection (patch 13)
 	writeSet        time.Time            // the write deadline set on the connection (patch 13)
+	bufferReleased  bool                 // a resting reader gave its read buffer back (patch 15)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -484,6 +485,12 @@ func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
 			return nil
 		}
 
+		if cl.State.bufferReleased && cl.Net.Conn != nil {
+			// Patch 15: this reader follows one that gave its buffer back.
+			if err := cl.awaitInput(); err != nil {
+				return err
+			}
+		}
 		if cl.State.restAfter > 0 {
 			rested, err := cl.prepareRead(handled)
 			if err != nil {
@@ -529,10 +536,10 @@ func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
 //go:noinline
 func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
 	c := cl.Net.Conn
+	st := &cl.State
 	if c == nil || cl.Net.bconn == nil {
 		return false, nil // ReadFixedHeader reports it
 	}
-	st := &cl.State
 	if handled {
 		now := time.Now()
 		var expiry time.Time // zero: no keepalive, no deadline
@@ -554,6 +561,7 @@ func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
 					// the new reader then times out as this one would have.
 					// A client stopped meanwhile ends there, through read's
 					// Closed check.
+					cl.releaseBuffer(c)
 					return true, nil
 				}
 				return false, err
@@ -565,6 +573,73 @@ func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
 		st.readSet = st.readExpiry
 	}
 	return false, nil
+}
+
+// readBuffers holds the read buffers of resting readers (patch 15).
+var readBuffers sync.Pool
+
+// releaseBuffer gives a resting reader's empty read buffer back, when the
+// connection can be waited on without one (awaitReadable): an idle locker
+// then holds no read buffer (1 KiB in the gateway) until its next packet.
+func (cl *Client) releaseBuffer(c net.Conn) {
+	if !canAwaitReadable(c) || cl.Net.bconn.Buffered() > 0 {
+		return
+	}
+	cl.Net.bconn.Reset(nil)
+	readBuffers.Put(cl.Net.bconn)
+	cl.Net.bconn = nil
+	cl.State.bufferReleased = true
+	if testHookBufferReleased != nil {
+		testHookBufferReleased()
+	}
+}
+
+// testHookBufferReleased, when set by a test, runs when a resting reader
+// has given its buffer back.
+var testHookBufferReleased func()
+
+// awaitInput is how a reader that follows one which gave its buffer back
+// begins: it waits, under the keepalive read deadline, until the connection
+// has something to read (or is closed, or the deadline passes: that error
+// is returned as a read would have returned it), then gives the client a
+// read buffer again. The wait is called from here, with nothing of the
+// deadline's or the buffer's work in this frame: the reader parks under it,
+// and it must fit the 2 KiB a new goroutine starts with.
+//
+//go:noinline
+func (cl *Client) awaitInput() error {
+	cl.restoreReadDeadline()
+	if err := awaitReadable(cl.Net.Conn); err != nil {
+		return err
+	}
+	cl.reacquireBuffer()
+	return nil
+}
+
+// restoreReadDeadline puts the keepalive read deadline back in place.
+//
+//go:noinline
+func (cl *Client) restoreReadDeadline() {
+	st := &cl.State
+	if !st.readSet.Equal(st.readExpiry) {
+		_ = cl.Net.Conn.SetReadDeadline(st.readExpiry)
+		st.readSet = st.readExpiry
+	}
+}
+
+// reacquireBuffer gives the client a read buffer again.
+//
+//go:noinline
+func (cl *Client) reacquireBuffer() {
+	c, st := cl.Net.Conn, &cl.State
+	size := cl.ops.options.ClientNetReadBufferSize
+	if r, ok := readBuffers.Get().(*bufio.Reader); ok && r.Size() == size {
+		r.Reset(c)
+		cl.Net.bconn = r
+	} else {
+		cl.Net.bconn = bufio.NewReaderSize(c, size)
+	}
+	st.bufferReleased = false
 }
 
 // packetBuffered reports that the whole of the next packet is in the read

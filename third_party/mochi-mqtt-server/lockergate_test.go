@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -625,5 +626,97 @@ func TestLazySubscriptionHolders(t *testing.T) {
 		if got := len(x.Subscribers(fmt.Sprintf("a/%d", i)).Subscriptions); got != 1 {
 			t.Fatalf("a/%d: %d subscribers, want 1", i, got)
 		}
+	}
+}
+
+// TestRestingReaderReleasesBuffer: patch 15. Over TCP, a resting reader
+// gives its read buffer back and the next one waits for input without one;
+// what arrives then (two packets in one write) is read whole, and a
+// connection closed while no buffer is held ends as any other.
+func TestRestingReaderReleasesBuffer(t *testing.T) {
+	var released int64
+	testHookBufferReleased = func() { atomic.AddInt64(&released, 1) }
+	t.Cleanup(func() { testHookBufferReleased = nil })
+
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	ended := make(chan error, 2)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		s.ServeConnection("t", c, 5*time.Millisecond, func(err error) { ended <- err })
+	}()
+	cli, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cli.Close() })
+
+	var buf bytes.Buffer
+	connect := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30, ClientIdentifier: "A"},
+	}
+	if err := connect.ConnectEncode(&buf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli.Write(buf.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(cli)
+	expect := func(want byte) {
+		t.Helper()
+		_ = cli.SetReadDeadline(time.Now().Add(10 * time.Second))
+		typ, _, err := readPacket(r)
+		if err != nil || typ != want {
+			t.Fatalf("got packet type %d (%v), want %d", typ, err, want)
+		}
+	}
+	releasedMore := func() {
+		t.Helper()
+		want := atomic.LoadInt64(&released) + 1
+		deadline := time.Now().Add(10 * time.Second)
+		for atomic.LoadInt64(&released) < want {
+			if time.Now().After(deadline) {
+				t.Fatal("the resting reader kept its buffer")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	expect(packets.Connack)
+	for i := 0; i < 3; i++ {
+		releasedMore()
+		publish := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+			ProtocolVersion: 4, TopicName: "a", Payload: []byte("x"), PacketID: uint16(i + 1)}
+		buf.Reset()
+		if err := publish.PublishEncode(&buf); err != nil {
+			t.Fatal(err)
+		}
+		buf.Write([]byte{packets.Pingreq << 4, 0})
+		if _, err := cli.Write(buf.Bytes()); err != nil {
+			t.Fatal(err)
+		}
+		expect(packets.Puback)
+		expect(packets.Pingresp)
+	}
+	releasedMore()
+	_ = cli.Close()
+	select {
+	case err := <-ended:
+		if err == nil {
+			t.Error("done called with nil for a connection closed by the client")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a connection closed while its reader held no buffer did not end")
 	}
 }
