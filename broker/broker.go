@@ -181,14 +181,21 @@ func New(opts Options) (*Broker, error) {
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 	}
-	var b *Broker // set below; the reader-rest counter reads it at scrape time
-	m, err := newMetrics(reg, func() float64 { return float64(b.server.ReadersRested()) })
+	// The reader-rest counter reads the mochi server, made below; a scrape
+	// of a registry already served may come before it is.
+	var server atomic.Pointer[mqtt.Server]
+	m, err := newMetrics(reg, func() float64 {
+		if s := server.Load(); s != nil {
+			return float64(s.ReadersRested())
+		}
+		return 0
+	})
 	if err != nil {
 		return nil, fmt.Errorf("broker: register metrics: %w", err)
 	}
 
 	ctx, cancel := context.WithCancel(context.Background())
-	b = &Broker{
+	b := &Broker{
 		opts:       opts,
 		log:        opts.Logger.With("component", "broker"),
 		m:          m,
@@ -228,6 +235,7 @@ func New(opts Options) (*Broker, error) {
 		SysTopicResendInterval:   sysTopicInterval,
 		Logger:                   slog.New(newMochiHandler(opts.Logger.Handler())).With("component", "mochi"),
 	})
+	server.Store(b.server)
 	fail := func(err error) (*Broker, error) {
 		cancel()
 		_ = b.server.Close() // closes the listeners added so far

@@ -153,3 +153,28 @@ func TestReaderRestSlowPacket(t *testing.T) {
 		t.Fatalf("presence events %v, want one connect and no disconnect", got)
 	}
 }
+
+// TestReaderRestShortKeepalive: with a keep-alive shorter than ReaderRest,
+// a locker that sends more often than it must is never cut off. The write
+// deadline is refreshed lazily, and it must lag late, never early: a
+// PUBACK written after the deadline set at an earlier packet failed with
+// "i/o timeout" and ended the session (review of patch 13).
+func TestReaderRestShortKeepalive(t *testing.T) {
+	h := newHarness(t, func(o *Options) { o.ReaderRest = 2 * time.Second }, nil)
+	r := dialRaw(t, h.addr, 4)
+	if ack := r.connect("A", "A", "secret-A", 1, nil); ack.ReasonCode != 0 { // read deadline 1 s after each packet
+		t.Fatalf("CONNACK %#x", ack.ReasonCode)
+	}
+	for i := range 6 {
+		// The locker's own schedule, inside its keep-alive: the wait is
+		// the scenario, not synchronisation.
+		time.Sleep(600 * time.Millisecond)
+		id := r.publish("lockers/v1/A/health", 1, []byte(`{"seq":1}`))
+		if ack := r.mustRead(packets.Puback); ack.PacketID != id {
+			t.Fatalf("publish %d: PUBACK for %d, want %d", i, ack.PacketID, id)
+		}
+	}
+	if got := h.obs.get(); !slices.Equal(got, []string{"+A"}) {
+		t.Fatalf("presence events %v, want one connect and no disconnect", got)
+	}
+}

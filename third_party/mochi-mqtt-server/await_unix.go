@@ -34,7 +34,9 @@ func awaitReadable(c net.Conn) error {
 	var b [1]byte
 	return rc.Read(func(fd uintptr) bool {
 		for {
-			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			// Go's sockets are non-blocking, so no MSG_DONTWAIT (which
+			// some Unix systems, AIX, do not define).
+			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK)
 			switch {
 			case errors.Is(err, syscall.EINTR):
 				continue

@@ -530,8 +530,9 @@ func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
 // short read deadline of the wait, which stays in place when the packet
 // then arrives whole (nothing is read from the connection for it); the
 // keepalive read deadline is set only before reading from the connection,
-// and the write deadline only when the keepalive deadline has moved
-// restAfter past it (it may lag mochi's by that much).
+// and the write deadline only when the keepalive deadline has passed it,
+// to restAfter beyond (it is up to restAfter later than mochi's, never
+// earlier).
 //
 //go:noinline
 func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
@@ -547,9 +548,17 @@ func (cl *Client) prepareRead(handled bool) (rested bool, err error) {
 			expiry = now.Add(time.Duration(st.Keepalive+(st.Keepalive/2)) * time.Second) // [MQTT-3.1.2-22]
 		}
 		st.readExpiry = expiry
-		if expiry.IsZero() != st.writeSet.IsZero() || expiry.Sub(st.writeSet) >= st.restAfter {
-			_ = c.SetWriteDeadline(expiry)
-			st.writeSet = expiry
+		// The write deadline may lag late, never early: when the keepalive
+		// deadline passes it, it is set restAfter beyond, so it is set
+		// once per restAfter at most and never cuts a write that mochi's
+		// would have allowed.
+		if expiry.IsZero() != st.writeSet.IsZero() || expiry.After(st.writeSet) {
+			w := expiry
+			if !w.IsZero() {
+				w = w.Add(st.restAfter)
+			}
+			_ = c.SetWriteDeadline(w)
+			st.writeSet = w
 		}
 		wake := now.Add(st.restAfter)
 		if cl.Net.bconn.Buffered() == 0 && (expiry.IsZero() || wake.Before(expiry)) {
