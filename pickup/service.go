@@ -405,7 +405,7 @@ func maxLiveFor(limit int) int {
 	for n := 0; n < protocol.MaxCompartments; n++ {
 		// Compartment numbers are any positive int (a vendor's own
 		// numbering), so the longest is assumed.
-		c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt64}, NotAfter: at}
+		c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt}, NotAfter: at}
 		set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
 		if len(protocol.Encode(set)) > limit {
 			return n
