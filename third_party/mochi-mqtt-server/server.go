@@ -397,26 +397,15 @@ func (s *Server) eventLoop() {
 }
 
 // EstablishConnection establishes a new client when a listener accepts a new connection.
-func (s *Server) EstablishConnection(listener string, c net.Conn) error {
-	cl := s.NewClient(c, listener, "", false)
-	return s.attachClient(cl, listener)
-}
-
-// attachClient validates an incoming client connection and if viable, attaches the client
-// to the server, performs session housekeeping, and reads incoming packets.
 //
-// Lockergate patch 11: the client's reader parks in Read under this frame
-// for the whole connection, and the runtime halves a parked stack only while
-// less than a quarter of it is in use. With the defers and the code after
-// Read in it, this frame (368 bytes) and the listener's kept every reader on
-// an 8 KiB stack; the work before and after Read is in functions of their
-// own, the defers' work in detachClient.
-func (s *Server) attachClient(cl *Client, listener string) error {
-	counted, err := s.startClient(cl, listener)
-	if err == nil {
-		err = s.endSession(cl, listener, cl.Read(s.receivePacket))
-	}
-	s.detachClient(cl, counted)
+// Lockergate patch 13: it is ServeConnection without resting, so that a
+// connection's life (startClient, read, endSession, detachClient) is written
+// once; done runs before ServeConnection returns. Patch 11 moved the work
+// before and after the read out of the frame the reader parks under (368
+// bytes there kept every reader on an 8 KiB stack); serveClient keeps it so.
+func (s *Server) EstablishConnection(listener string, c net.Conn) error {
+	var err error
+	s.ServeConnection(listener, c, 0, func(e error) { err = e })
 	return err
 }
 
@@ -457,7 +446,7 @@ func (s *Server) serveClient(cl *Client, listener string, counted bool, done fun
 	s.endClient(cl, listener, counted, done, err)
 }
 
-// endClient is attachClient's end for a served connection.
+// endClient ends a served connection: its session, the client, then done.
 //
 //go:noinline
 func (s *Server) endClient(cl *Client, listener string, counted bool, done func(error), err error) {
@@ -482,7 +471,7 @@ func (s *Server) startClient(cl *Client, listener string) (counted bool, err err
 	return s.establishSession(cl, listener)
 }
 
-// detachClient does what attachClient's defers did, in their order.
+// detachClient does what upstream's attachClient's defers did, in their order.
 //
 //go:noinline
 func (s *Server) detachClient(cl *Client, counted bool) {
@@ -532,7 +521,7 @@ func (s *Server) endSession(cl *Client, listener string, err error) error {
 // establishSession reads and answers a client's CONNECT, up to the
 // session being established; counted reports that the client was counted
 // in ClientsConnected, and must be uncounted when it ends. Lockergate
-// patch: the body of attachClient before Read, moved out so that its
+// patch: the body of upstream's attachClient before Read, moved out so that its
 // packet values (several KiB of locals) are not in the frame under Read
 // for the whole connection: that frame kept every client's reader on a
 // 16 KiB stack the runtime could never shrink.
