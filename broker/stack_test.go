@@ -24,9 +24,6 @@ func TestParkedStacksShrink(t *testing.T) {
 	}
 	h := newHarness(t, nil, nil)
 	const n = 300
-	for i := range n {
-		h.auth.setDevice(fmt.Sprintf("S%d", i), fakeDevice{secret: "s"})
-	}
 	settled := func() (stack uint64, goroutines int) {
 		// Each collection halves a stack at most once.
 		for range 6 {
@@ -37,14 +34,7 @@ func TestParkedStacksShrink(t *testing.T) {
 		return m.StackInuse, runtime.NumGoroutine()
 	}
 	s0, g0 := settled()
-	for i := range n {
-		r := dialRaw(t, h.addr, 4)
-		id := fmt.Sprintf("S%d", i)
-		if ack := r.connect(id, id, "s", 60, nil); ack.ReasonCode != 0 {
-			t.Fatalf("%s: CONNACK %#x", id, ack.ReasonCode)
-		}
-		r.subscribe("lockers/v1/"+id+"/cmd", 1)
-	}
+	connectIdle(t, h, n, false)
 	s1, g1 := settled()
 	if g1-g0 != n {
 		t.Fatalf("%d goroutines more with %d idle clients, want %d (one reader each)", g1-g0, n, n)
@@ -68,25 +58,13 @@ func TestIdleReadersRest(t *testing.T) {
 	}
 	h := newHarness(t, nil, nil) // ReaderRest: 20 ms
 	const n = 300
-	for i := range n {
-		h.auth.setDevice(fmt.Sprintf("R%d", i), fakeDevice{secret: "s"})
-	}
 	for range 6 {
 		runtime.GC()
 	}
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
-	s0, g0 := m.StackInuse, runtime.NumGoroutine()
-	for i := range n {
-		r := dialRaw(t, h.addr, 4)
-		id := fmt.Sprintf("R%d", i)
-		if ack := r.connect(id, id, "s", 60, nil); ack.ReasonCode != 0 {
-			t.Fatalf("%s: CONNACK %#x", id, ack.ReasonCode)
-		}
-		r.subscribe("lockers/v1/"+id+"/cmd", 1)
-		r.publish("lockers/v1/"+id+"/health", 1, []byte(`{"seq":1}`))
-		r.mustRead(packets.Puback)
-	}
+	s0, g0, gc0 := m.StackInuse, runtime.NumGoroutine(), m.NumGC
+	connectIdle(t, h, n, true)
 	var perClient float64
 	testtool.Eventually(t, waitTimeout, "idle readers on small stacks", func() error {
 		runtime.ReadMemStats(&m)
@@ -99,5 +77,25 @@ func TestIdleReadersRest(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("goroutine stacks per idle client, no collection forced: %.2f KiB (%d collections ran)", perClient, m.NumGC)
+	t.Logf("goroutine stacks per idle client, no collection forced: %.2f KiB (%d collections ran meanwhile)", perClient, m.NumGC-gc0)
+}
+
+// connectIdle connects n lockers the way a locker starts: CONNECT and a
+// SUBSCRIBE to its cmd topic, and, with health, one QoS 1 health message
+// (which grows its reader's stack to 16 KiB).
+func connectIdle(t *testing.T, h *harness, n int, health bool) {
+	t.Helper()
+	for i := range n {
+		id := fmt.Sprintf("S%d", i)
+		h.auth.setDevice(id, fakeDevice{secret: "s"})
+		r := dialRaw(t, h.addr, 4)
+		if ack := r.connect(id, id, "s", 60, nil); ack.ReasonCode != 0 {
+			t.Fatalf("%s: CONNACK %#x", id, ack.ReasonCode)
+		}
+		r.subscribe("lockers/v1/"+id+"/cmd", 1)
+		if health {
+			r.publish("lockers/v1/"+id+"/health", 1, []byte(`{"seq":1}`))
+			r.mustRead(packets.Puback)
+		}
+	}
 }
