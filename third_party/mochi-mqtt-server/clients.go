@@ -485,7 +485,7 @@ func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
 			return nil
 		}
 
-		if cl.State.bufferReleased && cl.Net.Conn != nil {
+		if cl.State.bufferReleased {
 			// Patch 15: this reader follows one that gave its buffer back.
 			if err := cl.awaitInput(); err != nil {
 				return err
