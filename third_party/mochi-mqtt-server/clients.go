@@ -684,13 +684,16 @@ func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) e
 // Stop instructs the client to shut down all processing goroutines and disconnect.
 func (cl *Client) Stop(err error) {
 	cl.State.endOnce.Do(func() {
+		// Lockergate patch 16: the cause is stored before the connection
+		// is closed. The reader wakes on the close and ends the session;
+		// storing after it let the reader find no cause, so hooks (OnWill,
+		// OnDisconnect) could not tell a session taken over from one lost.
+		if err != nil {
+			cl.State.stopCause.Store(err)
+		}
 
 		if cl.Net.Conn != nil {
 			_ = cl.Net.Conn.Close() // omit close error
-		}
-
-		if err != nil {
-			cl.State.stopCause.Store(err)
 		}
 
 		if cl.State.cancelOpen != nil {

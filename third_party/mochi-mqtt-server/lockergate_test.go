@@ -720,3 +720,34 @@ func TestRestingReaderReleasesBuffer(t *testing.T) {
 		t.Fatal("a connection closed while its reader held no buffer did not end")
 	}
 }
+
+// causeAtClose records the client's stop cause when its connection closes.
+type causeAtClose struct {
+	net.Conn
+	cl    *Client
+	cause error
+}
+
+func (c *causeAtClose) Close() error {
+	c.cause = c.cl.StopCause()
+	return c.Conn.Close()
+}
+
+// TestStopCauseBeforeClose: patch 16. A reader that wakes on the closed
+// connection must find why the client was stopped: its session's end, and
+// whether its will is published (a session taken over), depend on it.
+func TestStopCauseBeforeClose(t *testing.T) {
+	s := New(nil)
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _ = cli.Close() })
+	conn := &causeAtClose{Conn: srv}
+	cl := s.NewClient(conn, "t", "A", false)
+	conn.cl = cl
+	cl.Stop(packets.ErrSessionTakenOver)
+	if conn.cause != packets.ErrSessionTakenOver {
+		t.Errorf("stop cause when the connection closed: %v, want %v", conn.cause, packets.ErrSessionTakenOver)
+	}
+	if got := cl.StopCause(); got != packets.ErrSessionTakenOver {
+		t.Errorf("StopCause() = %v", got)
+	}
+}
