@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -79,6 +80,10 @@ type Env struct {
 	denied    []string
 	authFails []string
 	dropped   int
+	ended     map[string]int // client id → sessions ended
+	// superseded holds the sessions a newer login with the same client id
+	// replaces; their wills are dropped (see OnWill).
+	superseded map[*mqtt.Client]bool
 }
 
 // Start starts the broker and the stand-in; tb.Cleanup closes them.
@@ -92,14 +97,16 @@ func Start(tb testing.TB, opts Options) *Env {
 		logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	e := &Env{
-		Claim:     opts.ClaimToken,
-		refuse:    opts.Refuse,
-		work:      make(chan []byte, 4096),
-		ids:       map[string]Identity{},
-		passwords: map[string]string{},
-		seen:      map[string]bool{},
-		remotes:   map[string]string{},
-		changed:   make(chan struct{}),
+		Claim:      opts.ClaimToken,
+		refuse:     opts.Refuse,
+		work:       make(chan []byte, 4096),
+		ids:        map[string]Identity{},
+		passwords:  map[string]string{},
+		seen:       map[string]bool{},
+		remotes:    map[string]string{},
+		ended:      map[string]int{},
+		superseded: map[*mqtt.Client]bool{},
+		changed:    make(chan struct{}),
 	}
 	e.Server = mqtt.New(&mqtt.Options{InlineClient: true, Logger: logger})
 	if err := e.Server.AddHook(&authHook{env: e}, nil); err != nil {
@@ -326,7 +333,42 @@ type authHook struct {
 func (h *authHook) ID() string { return "devicesimtest-auth" }
 
 func (h *authHook) Provides(b byte) bool {
-	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
+	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck || b == mqtt.OnWill || b == mqtt.OnDisconnect
+}
+
+// OnWill drops the Last Will of a session replaced by a newer login with the
+// same client id, as the gateway's broker does (broker.dropWill). mochi
+// publishes it from the old connection's reader, which may run after the new
+// session's birth, and a retained "offline" would then overwrite the birth of
+// a locker that is online (a locker that reboots and reconnects before its
+// DISCONNECT is read). A will without a topic is neither retained nor
+// delivered.
+func (h *authHook) OnWill(cl *mqtt.Client, will mqtt.Will) (mqtt.Will, error) {
+	h.env.mu.Lock()
+	superseded := h.env.superseded[cl]
+	h.env.mu.Unlock()
+	if superseded || errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+		return mqtt.Will{}, nil
+	}
+	return will, nil
+}
+
+// OnDisconnect counts the sessions that ended; it runs after the session's
+// will, if any, was published.
+func (h *authHook) OnDisconnect(cl *mqtt.Client, _ error, _ bool) {
+	e := h.env
+	e.mu.Lock()
+	e.ended[cl.ID]++
+	delete(e.superseded, cl)
+	e.notifyLocked()
+	e.mu.Unlock()
+}
+
+// SessionsEnded returns how many MQTT sessions of clientID have ended.
+func (e *Env) SessionsEnded(clientID string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.ended[clientID]
 }
 
 func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) bool {
@@ -348,6 +390,9 @@ func (h *authHook) OnConnectAuthenticate(cl *mqtt.Client, pk packets.Packet) boo
 	e.mu.Lock()
 	if ok {
 		e.remotes[cl.ID] = cl.Net.Remote
+		if old, found := e.Server.Clients.Get(cl.ID); found && old != cl {
+			e.superseded[old] = true
+		}
 	} else {
 		e.authFails = append(e.authFails, fmt.Sprintf("login refused: client %q user %q", cl.ID, user))
 	}
