@@ -377,9 +377,12 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		}
 		unfinished := all[StateQueued] + sumStates(all, ActiveStates)
 		if r.pastDeadline(now) {
-			// The sweep has timed out what was left; once nothing is
-			// active the rollout ends.
-			if sumStates(all, ActiveStates) > 0 {
+			// The sweep times out what is left, queued jobs too; once
+			// nothing is left the rollout ends. A step can come first (the
+			// sweep runs once a second, a step at any change): a rollout
+			// ended then would keep its queued jobs queued for good, and
+			// read "completed" although they never ran.
+			if unfinished > 0 {
 				return nil
 			}
 			r.FinishedAt = &now

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -190,6 +191,10 @@ func TestEngineRetries(t *testing.T) {
 	}
 }
 
+// TestEngineTimeoutAndDeadline: a silent locker times out at its step
+// timeout, an offline one at the rollout's deadline. The step timeout (3 s)
+// and the deadline (5 s) leave the lockers that answer time to finish on a
+// loaded machine.
 func TestEngineTimeoutAndDeadline(t *testing.T) {
 	h := newHarness(t, hopt{})
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 6)
@@ -200,7 +205,7 @@ func TestEngineTimeoutAndDeadline(t *testing.T) {
 		return outOK
 	}
 	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0), StepTimeoutS: 1})
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0), StepTimeoutS: 3})
 	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
 	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 5 {
 		t.Fatalf("counts %v", st.Counts)
@@ -212,10 +217,52 @@ func TestEngineTimeoutAndDeadline(t *testing.T) {
 		t.Fatal(err)
 	}
 	st = h.create(firmware.Spec{Firmware: b.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0),
-		Deadline: ptr(time.Now().Add(1500 * time.Millisecond)), Selector: firmware.Selector{Lockers: ids[1:]}})
+		// Long enough for the four online lockers on a loaded machine
+		// (each step is several transactions), short for the test.
+		Deadline: ptr(time.Now().Add(5 * time.Second)), Selector: firmware.Selector{Lockers: ids[1:]}})
 	st = h.waitStatus(st.ID, firmware.Aborted, 20*time.Second)
 	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 4 || !strings.Contains(st.Reason, "deadline") {
 		t.Fatalf("deadline: counts %v, reason %q", st.Counts, st.Reason)
+	}
+}
+
+// TestEngineDeadlineStepBeforeSweep: the sweep (once a second) times out
+// the jobs a deadline leaves; a step (at every change, or once a second) can
+// see the deadline passed first. It must wait for the sweep, not end the
+// rollout "completed" with a locker's job left queued for good. The engine
+// runs on a test clock here, one Tick at a time.
+func TestEngineDeadlineStepBeforeSweep(t *testing.T) {
+	var mu sync.Mutex
+	clock := time.Now().Truncate(time.Second)
+	now := func() time.Time { mu.Lock(); defer mu.Unlock(); return clock }
+	advance := func(d time.Duration) { mu.Lock(); clock = clock.Add(d); mu.Unlock() }
+	h := newHarness(t, hopt{now: now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	if _, err := h.db.Pool().Exec(ctx, `UPDATE devices SET online = false WHERE id = $1`, ids[0]); err != nil {
+		t.Fatal(err)
+	}
+	a := h.upload("LX-24", "1.5.0")
+	t0 := now()
+	h.eng.Tick(ctx) // t0: sweep and step, no rollout yet
+	advance(500 * time.Millisecond)
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
+		Deadline: ptr(t0.Add(1200 * time.Millisecond))})
+	h.eng.Tick(ctx) // t0+0.5 s: a step (the creation kicked), no sweep; the offline locker stays queued
+	advance(500 * time.Millisecond)
+	h.eng.Tick(ctx) // t0+1.0 s: a sweep, before the deadline; no step
+	advance(500 * time.Millisecond)
+	h.eng.Tick(ctx) // t0+1.5 s: past the deadline, a step, no sweep
+	if s := h.status(st.ID); s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 1 {
+		t.Fatalf("after the deadline, before the sweep: status %s, counts %v; want running with the job queued", s.Status, s.Counts)
+	}
+	advance(500 * time.Millisecond)
+	h.eng.Tick(ctx) // t0+2.0 s: the sweep times the job out
+	advance(time.Second)
+	h.eng.Tick(ctx)
+	s := h.status(st.ID)
+	if s.Status != firmware.Aborted || s.Counts[firmware.StateTimedOut] != 1 || !strings.Contains(s.Reason, "deadline") {
+		t.Fatalf("status %s, counts %v, reason %q; want aborted at the deadline with the job timed out", s.Status, s.Counts, s.Reason)
 	}
 }
 

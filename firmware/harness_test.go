@@ -50,6 +50,9 @@ type harness struct {
 
 type hopt struct {
 	tick time.Duration
+	// now, when set, is the engine's clock, and the engine is not run: the
+	// test calls h.eng.Tick itself.
+	now func() time.Time
 }
 
 func newHarness(tb testing.TB, o hopt) *harness {
@@ -80,13 +83,16 @@ func (h *harness) start(o hopt) {
 	eng, err := firmware.New(firmware.Options{
 		Store: h.db, Fleet: h.devs, Key: h.key, URLKey: firmware.DeriveURLKey([]byte("master key for tests, 32 bytes!")),
 		BaseURL: func() string { return "http://gw.test" }, Dir: h.dir, Tick: o.tick, GaugeInterval: 50 * time.Millisecond,
-		Registerer: h.reg, Logger: slog.New(slog.DiscardHandler),
+		Registerer: h.reg, Logger: slog.New(slog.DiscardHandler), Now: o.now,
 	})
 	if err != nil {
 		h.tb.Fatal(err)
 	}
 	h.eng = eng
 	h.devs.eng.Store(eng)
+	if o.now != nil {
+		return
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel, h.done = cancel, make(chan struct{})
 	go func() {
