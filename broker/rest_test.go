@@ -18,6 +18,15 @@ func (h *harness) rests(t *testing.T) float64 {
 	return h.metric(t, "lockergate_mqtt_reader_rests_total", "", "")
 }
 
+// waitRests waits until the readers have rested n times in all. The tests
+// count from the harness's start, not from before each wait: a rest can come
+// before the test looks, and a resumed reader rests again only after it
+// has handled a packet, so waiting for "one more" could wait forever.
+func (h *harness) waitRests(t *testing.T, n float64) {
+	t.Helper()
+	waitFor(t, "the reader to rest", func() bool { return h.rests(t) >= n })
+}
+
 // TestReaderRestServesOn: a connection whose reader has rested goes on
 // being served by the new one, rest after rest: its messages are
 // acknowledged, a command reaches it, and its session neither ends nor
@@ -30,15 +39,13 @@ func TestReaderRestServesOn(t *testing.T) {
 	}
 	r.subscribe("lockers/v1/A/cmd", 1)
 	for i := range 3 {
-		before := h.rests(t)
-		waitFor(t, "the reader to rest", func() bool { return h.rests(t) > before })
+		h.waitRests(t, float64(i+1)) // after the SUBSCRIBE, then each PUBLISH
 		id := r.publish("lockers/v1/A/health", 1, []byte(`{"seq":1}`))
 		if ack := r.mustRead(packets.Puback); ack.PacketID != id {
 			t.Fatalf("cycle %d: PUBACK for %d, want %d", i, ack.PacketID, id)
 		}
 	}
-	before := h.rests(t)
-	waitFor(t, "the reader to rest", func() bool { return h.rests(t) > before })
+	h.waitRests(t, 4)
 	if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c1"}`), 1, false); err != nil {
 		t.Fatalf("Publish: %v", err)
 	}
@@ -104,9 +111,8 @@ func TestReaderRestTLS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("connect over TLS: %v", err)
 	}
-	for range 3 {
-		before := h.rests(t)
-		waitFor(t, "the reader to rest", func() bool { return h.rests(t) > before })
+	for i := range 3 {
+		h.waitRests(t, float64(i+1)) // after the SUBSCRIBEs, then each PUBLISH
 		c.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"seq":1}`))
 	}
 	if n := h.b.ConnectedDevices(); n != 1 {

@@ -126,6 +126,8 @@ func TestWillOnConnectionLoss(t *testing.T) {
 		t.Errorf("will %+v", m)
 	}
 	h.waitMetric(t, disconnects, "reason", ReasonConnectionLost, 1)
+	// The metric is counted before the observer is told.
+	waitFor(t, "offline", func() bool { return len(h.obs.get()) == 2 })
 	if got, want := h.obs.get(), []string{"+A", "-A:" + ReasonConnectionLost}; !equal(got, want) {
 		t.Errorf("observer = %v, want %v", got, want)
 	}
