@@ -554,14 +554,16 @@ func (f *Fleet) restartGateway(ctx context.Context) {
 	}
 	i := f.restartNext
 	r := f.restarts[i]
+	// Logged before PlannedThrough can move past it (as a locker's
+	// decisions are, under its lock).
+	if fn := f.opts.OnDecision; fn != nil {
+		fn(Decision{Locker: -1, Stream: streamNameRestart, N: i, At: r.At, Kind: DecideRestart, Duration: r.Down})
+	}
 	f.restartNext++
 	f.hooks.Add(1)
 	f.mu.Unlock()
 	defer f.hooks.Done()
 
-	if fn := f.opts.OnDecision; fn != nil {
-		fn(Decision{Locker: -1, Stream: streamNameRestart, N: i, At: r.At, Kind: DecideRestart, Duration: r.Down})
-	}
 	switch hook := f.opts.GatewayRestart; {
 	case hook == nil:
 		f.c.restartsSkipped.Add(1)

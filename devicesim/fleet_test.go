@@ -626,6 +626,11 @@ func TestFleetEndToEnd(t *testing.T) {
 			t.Errorf("%s connected after Close", l.Serial())
 		}
 	}
+	// A will, if any, is published before the broker forgets the session.
+	env.Wait(t, "the broker to end the session", func() bool {
+		_, ok := env.Server.Clients.Get(ls[0].DeviceID())
+		return !ok
+	})
 	if p, _ := retainedPresence(t, env, ls[0].DeviceID()); !p.Online {
 		t.Errorf("clean Close published the Last Will: %+v", p)
 	}

@@ -301,9 +301,10 @@ func (l *Locker) announce(ctx context.Context, s *session) error {
 		l.sendLocked(m)
 	}
 	l.lastErr = nil
-	l.connected.Store(true)
+	// Counted first: whoever sees Connected() sees the connect counted.
 	l.f.c.connected.Add(1)
 	l.f.c.connects.Add(1)
+	l.connected.Store(true)
 	l.notifyLocked()
 	return nil
 }

@@ -91,7 +91,8 @@ type Options struct {
 	TimeScale float64
 	// OnDecision, when set, receives every device decision (Decision) as it
 	// is made, from many goroutines: it must be safe for concurrent use and
-	// fast (it runs under the locker's lock).
+	// fast (it runs under the locker's lock, or the fleet's for a gateway
+	// restart).
 	OnDecision func(Decision)
 	// GatewayRestart, when set, is called at the gateway restarts that
 	// Faults.GatewayRestarts plans: the harness (a test, or the operator's
