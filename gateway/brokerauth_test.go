@@ -236,7 +236,7 @@ func TestExternalHTTPDeviceAuth(t *testing.T) {
 		t.Fatalf("sessions ended through EMQX's API: %v, want [%s]", got, r.DeviceID)
 	}
 	// Well inside the 10 s its cache would trust the secret.
-	Eventually(t, 3*time.Second, "the other instance refuses the disabled locker", func() error {
+	Eventually(t, 8*time.Second, "the other instance refuses the disabled locker", func() error {
 		if got := otherHook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" {
 			return fmt.Errorf("answer %+v", got)
 		}

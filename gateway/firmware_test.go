@@ -403,8 +403,14 @@ func TestFirmwareCancel(t *testing.T) {
 			state[j.DeviceID] = j
 		}
 		for _, l := range sim.Lockers() {
-			if j := state[l.DeviceID()]; j.State == firmware.StateCancelled && l.FwJob() != nil {
+			j := state[l.DeviceID()]
+			if j.State == firmware.StateCancelled && l.FwJob() != nil {
 				return fmt.Errorf("%s still holds %s", l.Serial(), l.FwJob().Job)
+			}
+			// A locker that started installing as the cancel crossed it
+			// reads cancelled until its "installing" report is processed.
+			if j.State == firmware.StateCancelled && l.FwInstalls() != 0 {
+				return fmt.Errorf("%s installing, its job still cancelled", l.Serial())
 			}
 		}
 		return nil

@@ -123,6 +123,13 @@ func TestMQTTBadInput(t *testing.T) {
 	if n != 1 {
 		t.Fatalf("%d events stored, want only the valid one", n)
 	}
+	// Alerts are raised after the events' batch commits.
+	Eventually(t, 5*time.Second, "the tamper alert", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID); n == 0 {
+			return fmt.Errorf("no tamper alert")
+		}
+		return nil
+	})
 	alerts := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID)
 	if alerts != 1 {
 		t.Fatalf("tamper alerts: %d, want 1", alerts)

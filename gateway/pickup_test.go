@@ -362,15 +362,26 @@ func TestPickupOffline(t *testing.T) {
 // on the locker, staff are alerted and the platform told.
 func TestPickupExpiry(t *testing.T) {
 	e := newPickupEnv(t, 1, 0)
-	p := e.create(t, "EXP-1", "S", 3*time.Second)
+	// Long enough to be ready first on a loaded machine (staging, door
+	// events and credentials are a dozen round trips to PostgreSQL).
+	p := e.create(t, "EXP-1", "S", 8*time.Second)
 	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
 	e.waitState(t, p.ID, pickup.Expired)
 	e.waitCreds(t, p.Locker)
 	if r := e.sim.Locker(p.Locker).EnterCode(code); r.Accepted {
 		t.Fatalf("expired code opened: %+v", r)
 	}
+	// The sweeper raises the alert after the transition and the credentials.
 	var alerts int
-	e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1`, p.Locker).Scan(&alerts)
+	Eventually(t, 10*time.Second, "the pickup_expired alert", func() error {
+		if err := e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1`, p.Locker).Scan(&alerts); err != nil {
+			return err
+		}
+		if alerts == 0 {
+			return fmt.Errorf("no alert")
+		}
+		return nil
+	})
 	if alerts != 1 {
 		t.Fatalf("pickup_expired alerts: %d", alerts)
 	}
