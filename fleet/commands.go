@@ -80,28 +80,87 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	return m.waitCommand(ctx, c, wake, wait)
 }
 
-// deliver publishes a command and marks a pending one sent.
+// deliverTimeout bounds a command's delivery, which does not end with the
+// request that asked for it.
+const deliverTimeout = 10 * time.Second
+
+// deliver publishes a command, marking a pending one sent first.
+//
+// The delivery does not end with the caller's context: a command stored as
+// sent whose request went away before the publish would otherwise reach
+// the locker only by the resend (Options.CommandResend). A pending command
+// is marked sent before it is published, and only while it has not
+// expired: published first, it could expire pending in between (the
+// sweeper), and the locker's answer to a command it ran would be refused.
 func (m *Manager) deliver(ctx context.Context, c *Command) {
-	if !m.now().Before(c.ExpiresAt) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), deliverTimeout)
+	defer cancel()
+	now := m.now()
+	if !now.Before(c.ExpiresAt) {
 		return // the sweeper expires it; an expired command is never sent
 	}
+	if c.Status == CmdPending {
+		ok, err := m.store.MarkCommandSent(ctx, c.ID, now)
+		if err != nil {
+			m.log.Error("mark command sent", "command", c.ID, "err", err)
+			return
+		}
+		if !ok {
+			return // answered, expired or sent meanwhile
+		}
+		// Waiters wait for a final status; "sent" wakes no one.
+		c.Status, c.SentAt = CmdSent, &now
+		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
+	}
+	m.publishCommand(ctx, c)
+}
+
+func (m *Manager) publishCommand(ctx context.Context, c *Command) bool {
 	if err := m.bus.Publish(ctx, protocol.Topic(c.DeviceID, protocol.ChanCmd), protocol.Encode(c.Wire()), 1, false); err != nil {
 		m.log.Error("publish command", "locker", c.DeviceID, "command", c.ID, "err", err)
+		return false
+	}
+	return true
+}
+
+// resendLimit bounds the commands one sweep sends again.
+const resendLimit = 500
+
+// resend sends again, by id, the commands sent at least CommandResend ago
+// to lockers that are online and have not answered: a publish lost on its
+// way (a request that ended before it, an external broker that failed it)
+// or a session that dropped the message. Lockers run a command id at most
+// once and repeat their answer, so a locker that has it only answers
+// again. Each command is sent again at most once per CommandResend by
+// this instance.
+func (m *Manager) resend(ctx context.Context) {
+	if m.opts.CommandResend < 0 {
 		return
 	}
-	if c.Status != CmdPending {
-		return
-	}
-	sentAt := m.now()
-	ok, err := m.store.MarkCommandSent(ctx, c.ID, sentAt)
+	now := m.now()
+	cmds, err := m.store.UnansweredCommands(ctx, now, now.Add(-m.opts.CommandResend), resendLimit)
 	if err != nil {
-		m.log.Error("mark command sent", "command", c.ID, "err", err)
+		m.m.dbErrors.WithLabelValues("unanswered_commands").Inc()
+		m.log.Error("load unanswered commands", "err", err)
 		return
 	}
-	if ok {
-		// Waiters wait for a final status; "sent" wakes no one.
-		c.Status, c.SentAt = CmdSent, &sentAt
-		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
+	seen := make(map[string]bool, len(cmds))
+	for i := range cmds {
+		c := &cmds[i]
+		seen[c.ID] = true
+		if last, ok := m.resent[c.ID]; ok && now.Sub(last) < m.opts.CommandResend {
+			continue
+		}
+		m.resent[c.ID] = now
+		if m.publishCommand(ctx, c) {
+			m.m.resent.Inc()
+			m.log.Info("command sent again: no answer yet", "locker", c.DeviceID, "command", c.ID, "sent_at", c.SentAt)
+		}
+	}
+	for id := range m.resent {
+		if !seen[id] {
+			delete(m.resent, id)
+		}
 	}
 }
 
@@ -233,8 +292,10 @@ func (m *Manager) finished(c *Command) {
 	m.wake(c.ID, c)
 }
 
-// sweep finalises commands past their deadline.
+// sweep finalises commands past their deadline and sends again those
+// without an answer.
 func (m *Manager) sweep(ctx context.Context) {
+	defer m.resend(ctx)
 	cmds, err := m.store.ExpireCommands(ctx, m.now(), resultGrace)
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("expire_commands").Inc()

@@ -73,7 +73,7 @@ func (f *fakeStore) MarkCommandSent(_ context.Context, id string, at time.Time) 
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	c := f.cmds[id]
-	if c.Status != CmdPending {
+	if c.Status != CmdPending || !at.Before(c.ExpiresAt) {
 		return false, nil
 	}
 	c.Status, c.SentAt = CmdSent, &at
@@ -94,6 +94,10 @@ func (f *fakeStore) CompleteCommand(_ context.Context, deviceID, id, status, err
 }
 
 func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([]Command, error) {
+	return nil, nil
+}
+
+func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, int) ([]Command, error) {
 	return nil, nil
 }
 
@@ -465,3 +469,70 @@ func TestWaitCommandExpiredReadFails(t *testing.T) {
 		t.Fatalf("got %+v, %v; want the pending command and the error", got, err)
 	}
 }
+
+// TestDeliverMarksSentBeforePublishing: a pending command is marked sent
+// before it is published (the locker may run it at once), and is not
+// published when the mark fails: answered, expired or sent meanwhile.
+func TestDeliverMarksSentBeforePublishing(t *testing.T) {
+	m, st, bus := newTestManager(t)
+	now := time.Now()
+	pending := func(id string, exp time.Time) *Command {
+		c := Command{ID: id, DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Status: CmdPending, CreatedAt: now, ExpiresAt: exp}
+		st.mu.Lock()
+		st.cmds[id] = c
+		st.mu.Unlock()
+		return &c
+	}
+	var statusAtPublish string
+	bus.answer = func(string, []byte) {
+		st.mu.Lock()
+		statusAtPublish = st.cmds["c-1"].Status
+		st.mu.Unlock()
+	}
+	c := pending("c-1", now.Add(time.Minute))
+	m.deliver(context.Background(), c)
+	if bus.count() != 1 || statusAtPublish != CmdSent || c.Status != CmdSent {
+		t.Fatalf("%d publishes, stored status at the publish %q, status %q; want 1, sent, sent", bus.count(), statusAtPublish, c.Status)
+	}
+	bus.answer = nil
+
+	answered := pending("c-2", now.Add(time.Minute))
+	st.set("c-2", CmdOK) // answered on another instance meanwhile
+	m.deliver(context.Background(), answered)
+	expired := pending("c-3", now.Add(-time.Millisecond))
+	m.deliver(context.Background(), expired)
+	if bus.count() != 1 {
+		t.Fatalf("%d publishes, want none for a command answered meanwhile or expired", bus.count()-1)
+	}
+}
+
+// TestDeliverOutlivesTheRequest: a command stored as sent is published even
+// when the request that asked for it has gone away meanwhile.
+func TestDeliverOutlivesTheRequest(t *testing.T) {
+	st, bus := newFakeStore(), &ctxBus{}
+	m, err := New(Options{Store: st, Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	m.deliver(ctx, &Command{ID: "c-1", DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Status: CmdSent,
+		ExpiresAt: time.Now().Add(time.Minute)})
+	if bus.sent != 1 {
+		t.Fatalf("%d publishes with a live context, want 1", bus.sent)
+	}
+}
+
+// ctxBus publishes only while the context is live, as the embedded
+// broker's Publish does.
+type ctxBus struct{ sent int }
+
+func (b *ctxBus) Publish(ctx context.Context, _ string, _ []byte, _ byte, _ bool) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	b.sent++
+	return nil
+}
+
+func (b *ctxBus) Subscribe(string, Handler) error { return nil }

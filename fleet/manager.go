@@ -72,6 +72,11 @@ type Options struct {
 	Config protocol.Config
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
+	// CommandResend is how long a sent command may go unanswered by an
+	// online locker before it is sent again (by id; then again each
+	// CommandResend until it is answered or expires). Default 5s; negative:
+	// never.
+	CommandResend time.Duration
 	// CensusInterval is how often the fleet-wide gauges (registered, stale,
 	// flapping lockers, open alerts) are counted. Default 15s.
 	CensusInterval time.Duration
@@ -99,6 +104,8 @@ type Manager struct {
 
 	mu      sync.Mutex
 	waiters map[string][]chan *Command
+
+	resent map[string]time.Time // command id → last sent again by resend (sweep's goroutine only)
 
 	doorFaults sync.Map // locker id → []int, the last door_faults seen
 	publishMu  [64]sync.Mutex
@@ -172,6 +179,9 @@ func New(opts Options) (*Manager, error) {
 	if opts.FlushInterval <= 0 {
 		opts.FlushInterval = 20 * time.Millisecond
 	}
+	if opts.CommandResend == 0 {
+		opts.CommandResend = 5 * time.Second
+	}
 	if opts.SweepInterval <= 0 {
 		opts.SweepInterval = time.Second
 	}
@@ -201,6 +211,7 @@ func New(opts Options) (*Manager, error) {
 		m:        newMetrics(opts.Registerer),
 		events:   make(chan inbound, opts.EventQueue),
 		waiters:  make(map[string][]chan *Command),
+		resent:   make(map[string]time.Time),
 		done:     make(chan struct{}),
 		ctrlDone: make(chan struct{}),
 	}

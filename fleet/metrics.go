@@ -19,6 +19,7 @@ type metrics struct {
 	online        prometheus.Gauge
 	commands      *prometheus.CounterVec // type, status
 	cmdDuration   *prometheus.HistogramVec
+	resent        prometheus.Counter
 	eventsDup     prometheus.Counter
 	alerts        *prometheus.CounterVec // kind
 	presenceEvent *prometheus.CounterVec // kind
@@ -38,7 +39,7 @@ var (
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack"}
-	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "census")
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout}
 )
@@ -84,6 +85,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time from issuing a command to the device's answer, by type.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}, []string{"type"}),
+		resent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_commands_resent_total",
+			Help: "Commands sent again, by id, to online lockers that had not answered them.",
+		}),
 		eventsDup: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_events_duplicates_total",
 			Help: "Device events received again (MQTT repeats) and recorded once.",
@@ -147,7 +152,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.cmdDuration, m.eventsDup, m.alerts, m.presenceEvent,
+			m.online, m.commands, m.cmdDuration, m.resent, m.eventsDup, m.alerts, m.presenceEvent,
 			m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m

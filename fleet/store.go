@@ -56,8 +56,10 @@ type Store interface {
 	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)
 	// GetCommand returns a command of a locker, or ErrNotFound.
 	GetCommand(ctx context.Context, deviceID, id string) (*Command, error)
-	// MarkCommandSent moves a pending command to sent; false when it is no
-	// longer pending.
+	// MarkCommandSent moves a pending command that has not expired at at to
+	// sent; false when it is no longer pending or has expired. It is called
+	// before the command is published, so that no command the locker may
+	// hold is then expired as never sent.
 	MarkCommandSent(ctx context.Context, id string, at time.Time) (bool, error)
 	// CompleteCommand records a device's answer to a pending or sent command of
 	// that device; it returns the updated command, or ErrNotFound when there is
@@ -69,6 +71,10 @@ type Store interface {
 	// OpenCommands returns a locker's pending and sent commands that have not
 	// expired at now, oldest first.
 	OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]Command, error)
+	// UnansweredCommands returns up to limit sent commands of online,
+	// enabled lockers that were sent at or before sentBefore and have not
+	// expired at now, oldest sent first.
+	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]Command, error)
 
 	// WatchCommands calls fn with the id of every command whose status
 	// changed on any gateway instance, until ctx ends.

@@ -869,16 +869,7 @@ func TestAttackACL(t *testing.T) {
 		atk.until(t, own.ID)
 		atk.mustPublish(t, at(protocol.ChanCmdResult), 1, false, []byte(`{"id":"`+vcmd.ID+`","status":"ok","ts":"`+now+`"}`))
 		atk.mustPublish(t, at(protocol.ChanCmdResult), 1, false, []byte(`{"id":"`+own.ID+`","status":"ok","ts":"`+now+`"}`))
-		Eventually(t, 10*time.Second, "own command answered", func() error {
-			var c fleet.Command
-			if err := tg.Admin.Get(ctx, "/v1/lockers/"+a.DeviceID+"/commands/"+own.ID, nil, &c); err != nil {
-				return err
-			}
-			if c.Status != fleet.CmdOK {
-				return fmt.Errorf("status %s", c.Status)
-			}
-			return nil
-		})
+		waitCommandStatus(t, tg, a.DeviceID, own.ID, fleet.CmdOK, "own command answered")
 		var c fleet.Command
 		if err := tg.Admin.Get(ctx, "/v1/lockers/"+v.DeviceID+"/commands/"+vcmd.ID, nil, &c); err != nil {
 			t.Fatal(err)

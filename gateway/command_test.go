@@ -10,6 +10,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -47,16 +48,7 @@ func TestCommandWaitsForReconnect(t *testing.T) {
 	if err := l.Reconnect(rctx); err != nil {
 		t.Fatal(err)
 	}
-	Eventually(t, 10*time.Second, "command answered after reconnect", func() error {
-		var got fleet.Command
-		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id+"/commands/"+cmd.ID, nil, &got); err != nil {
-			return err
-		}
-		if got.Status != fleet.CmdOK {
-			return fmt.Errorf("status %s", got.Status)
-		}
-		return nil
-	})
+	waitCommandStatus(t, tg, id, cmd.ID, fleet.CmdOK, "command answered after reconnect")
 	if n := l.CommandsRun(cmd.ID); n != 1 {
 		t.Fatalf("ran %d times, want 1", n)
 	}
@@ -72,11 +64,7 @@ func TestCommandReachesLateSubscriber(t *testing.T) {
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
 	r := MustProvision(t, tg, claim, "SN-LATE-1")
 	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
-	birth := fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-1"}`, protocol.FormatTime(time.Now()))
-	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, true, birth); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("birth: %v", tok.Error())
-	}
-	waitOnline(t, tg, r.DeviceID, true)
+	publishBirth(t, tg, c, r.DeviceID)
 	var cmd fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
 		t.Fatal(err)
@@ -136,4 +124,83 @@ func TestCommandAfterMinimalBirth(t *testing.T) {
 	if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &l); err != nil || l.FW != "1.0.0" {
 		t.Fatalf("fw %q (%v), want the provisioned 1.0.0 kept", l.FW, err)
 	}
+}
+
+// TestCommandSentAgainUntilAnswered: a sent command that an online locker
+// has not answered (its publish lost, or dropped by the session) is sent
+// again, by the same id, until the locker answers; then no more.
+func TestCommandSentAgainUntilAnswered(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t, func(o *gateway.Options) { o.CommandResend = 200 * time.Millisecond })
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "SN-RESEND-1")
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	var cmd fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	// The locker takes the command and does not answer: it comes again.
+	wantCommand(t, got, cmd.ID, "the unlock")
+	wantCommand(t, got, cmd.ID, "the unlock sent again")
+	wantCommand(t, got, cmd.ID, "the unlock sent a third time")
+	Eventually(t, 5*time.Second, "the resends counted", func() error { // counted after the publish
+		if n, err := tg.Metric("lockergate_commands_resent_total"); err != nil || n < 2 {
+			return fmt.Errorf("lockergate_commands_resent_total = %v (%v), want 2 or more", n, err)
+		}
+		return nil
+	})
+	result := fmt.Sprintf(`{"id":"%s","status":"ok","ts":"%s"}`, cmd.ID, protocol.FormatTime(time.Now()))
+	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanCmdResult), 1, false, result); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("result: %v", tok.Error())
+	}
+	waitCommandStatus(t, tg, r.DeviceID, cmd.ID, fleet.CmdOK, "the answer stored")
+	// Answered: not sent again. Anything already on its way arrives
+	// within a few resend periods; then nothing more comes.
+	quiet := time.NewTimer(time.Second)
+	defer quiet.Stop()
+	for drained := false; !drained; {
+		select {
+		case <-got:
+			quiet.Reset(time.Second)
+		case <-quiet.C:
+			drained = true
+		}
+	}
+	before, _ := tg.Metric("lockergate_commands_resent_total")
+	select {
+	case id := <-got:
+		t.Fatalf("command %s sent again after its answer", id)
+	case <-time.After(time.Second): // five resend periods
+	}
+	if after, _ := tg.Metric("lockergate_commands_resent_total"); after != before {
+		t.Fatalf("resent %v more times after the answer", after-before)
+	}
+}
+
+// waitCommandStatus waits for command cmdID of locker deviceID to read status.
+func waitCommandStatus(t *testing.T, tg *TestGateway, deviceID, cmdID, status, what string) {
+	t.Helper()
+	Eventually(t, 10*time.Second, what, func() error {
+		var c fleet.Command
+		if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+deviceID+"/commands/"+cmdID, nil, &c); err != nil {
+			return err
+		}
+		if c.Status != status {
+			return fmt.Errorf("status %s", c.Status)
+		}
+		return nil
+	})
+}
+
+// publishBirth publishes a plain client's birth as locker id and waits for
+// the gateway to show it online.
+func publishBirth(t *testing.T, tg *TestGateway, c paho.Client, id string) {
+	t.Helper()
+	birth := fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-1"}`, protocol.FormatTime(time.Now()))
+	if tok := c.Publish(protocol.Topic(id, protocol.ChanPresence), 1, true, birth); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("birth: %v", tok.Error())
+	}
+	waitOnline(t, tg, id, true)
 }

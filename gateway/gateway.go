@@ -100,6 +100,10 @@ type Options struct {
 	// embedded broker; with an external one every report is written
 	// through, since each instance sees only some of a locker's reports.
 	LatestHealthEvery time.Duration
+	// CommandResend is how long a sent command may go unanswered by an
+	// online locker before it is sent again (fleet.Options.CommandResend;
+	// 0: 5 s).
+	CommandResend time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -313,7 +317,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
-		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil})
+		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
+		CommandResend: o.CommandResend})
 	if err != nil {
 		return nil, err
 	}

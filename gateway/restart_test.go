@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"testing"
 	"time"
 
@@ -77,16 +76,7 @@ func TestGatewayRestartMidCommand(t *testing.T) {
 	// The locker ran it once and answers (a repeat of its one answer).
 	res := protocol.CommandResult{ID: cmd.ID, Status: protocol.StatusOK, TS: protocol.Now()}
 	dev2.Publish(protocol.Topic(id.DeviceID, protocol.ChanCmdResult), 1, false, protocol.Encode(res)).WaitTimeout(5 * time.Second)
-	Eventually(t, 10*time.Second, "result recorded", func() error {
-		var c fleet.Command
-		if err := tg2.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID+"/commands/"+cmd.ID, nil, &c); err != nil {
-			return err
-		}
-		if c.Status != fleet.CmdOK {
-			return fmt.Errorf("status %s", c.Status)
-		}
-		return nil
-	})
+	waitCommandStatus(t, tg2, id.DeviceID, cmd.ID, fleet.CmdOK, "result recorded")
 	n := tg2.Count(t, `SELECT count(*) FROM commands WHERE device_id = $1`, id.DeviceID)
 	if n != 1 {
 		t.Fatalf("%d commands stored, want 1", n)

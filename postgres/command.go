@@ -95,12 +95,13 @@ func (db *DB) GetCommand(ctx context.Context, deviceID, id string) (*fleet.Comma
 // disk (synchronous_commit off for this transaction only): if PostgreSQL
 // itself crashes within a fraction of a second, the command is pending
 // again and is sent again by id, which lockers ignore (protocol: commands
-// are idempotent by id). The durable records (the command, its audit entry,
-// its result) are not relaxed.
+// are idempotent by id), and should it expire pending, the locker's answer
+// is still taken (CompleteCommand). The durable records (the command, its
+// audit entry, its result) are not relaxed.
 func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (bool, error) {
 	b := &pgx.Batch{}
 	b.Queue("SELECT set_config('synchronous_commit', 'off', true)")
-	b.Queue("UPDATE commands SET status = 'sent', sent_at = $2 WHERE id = $1 AND status = 'pending'", id, at)
+	b.Queue("UPDATE commands SET status = 'sent', sent_at = $2 WHERE id = $1 AND status = 'pending' AND expires_at > $2", id, at)
 	br := db.pool.SendBatch(ctx, b)
 	defer br.Close()
 	if _, err := br.Exec(); err != nil {
@@ -114,14 +115,15 @@ func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (boo
 }
 
 // CompleteCommand implements fleet.Store. A device's answer is taken while
-// the command is open; a late "ok" after the gateway gave up is kept too
-// (the door did open), but never overwrites another answer.
+// the command is open; a late "ok" after the gateway gave up (timed_out, or
+// expired when a sent mark was lost to a database crash) is kept too (the
+// door did open), but never overwrites another answer.
 func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*fleet.Command, error) {
 	// One statement, one round trip: the update and its notification commit
 	// together.
 	return scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
 			UPDATE commands SET status = $3, error = $4, done_at = $5
-			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status = 'timed_out' AND $3 <> 'expired'))
+			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status IN ('timed_out', 'expired') AND $3 <> 'expired'))
 			RETURNING *)
 		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
 		id, deviceID, status, errText, at, commandChannel))
@@ -218,6 +220,16 @@ func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Dura
 			RETURNING *)
 		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($3, u.id)) n`,
 		now, now.Add(-grace), commandChannel))
+}
+
+// UnansweredCommands implements fleet.Store. It runs every second on every
+// instance; the partial index on open commands' expires_at keeps it to the
+// commands still open.
+func (db *DB) UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]fleet.Command, error) {
+	return collectCommands(db.pool.Query(ctx, `SELECT `+commandCols+` FROM commands
+		WHERE status = 'sent' AND expires_at > $1 AND sent_at <= $2
+			AND EXISTS (SELECT 1 FROM devices d WHERE d.id = commands.device_id AND d.online AND NOT d.disabled)
+		ORDER BY sent_at LIMIT $3`, now, sentBefore, limit))
 }
 
 // OpenCommands implements fleet.Store.

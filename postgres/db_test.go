@@ -322,6 +322,75 @@ func TestCommands(t *testing.T) {
 			t.Fatalf("time out: %+v %v", cs, err)
 		}
 	})
+	t.Run("NeverMarkedSentOnceExpired", func(t *testing.T) {
+		mk("c4", now.Add(time.Second))
+		if ok, err := db.MarkCommandSent(ctx, "c4", now.Add(time.Second)); ok || err != nil {
+			t.Fatalf("mark sent at its expiry: %v %v, want false", ok, err)
+		}
+		if ok, err := db.MarkCommandSent(ctx, "c4", now); !ok || err != nil {
+			t.Fatalf("mark sent before its expiry: %v %v", ok, err)
+		}
+	})
+	t.Run("AnswerOverExpired", func(t *testing.T) {
+		// c2 expired pending; a locker that ran it all the same (its sent
+		// mark lost to a database crash) is believed, but an "expired"
+		// answer changes nothing.
+		if _, err := db.CompleteCommand(ctx, id, "c2", "expired", "", now); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("expired over expired: got %v, want ErrNotFound", err)
+		}
+		if c, err := db.CompleteCommand(ctx, id, "c2", "ok", "", now); err != nil || c.Status != "ok" {
+			t.Fatalf("ok over expired: %+v %v", c, err)
+		}
+	})
+	t.Run("Unanswered", func(t *testing.T) {
+		mk("c5", now.Add(time.Minute))
+		if ok, err := db.MarkCommandSent(ctx, "c5", now); !ok || err != nil {
+			t.Fatalf("mark sent: %v %v", ok, err)
+		}
+		unanswered := func(at, sentBefore time.Time) []string {
+			t.Helper()
+			cs, err := db.UnansweredCommands(ctx, at, sentBefore, 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []string
+			for _, c := range cs {
+				ids = append(ids, c.ID)
+			}
+			return ids
+		}
+		setLocker := func(online, disabled bool) {
+			t.Helper()
+			if _, err := db.Pool().Exec(ctx, `UPDATE devices SET online = $2, disabled = $3 WHERE id = $1`, id, online, disabled); err != nil {
+				t.Fatal(err)
+			}
+		}
+		setLocker(false, false)
+		if got := unanswered(now.Add(5*time.Second), now); got != nil {
+			t.Fatalf("offline locker: %v, want none", got)
+		}
+		setLocker(true, false)
+		if got := unanswered(now.Add(5*time.Second), now); !slices.Equal(got, []string{"c5"}) {
+			t.Fatalf("online locker: %v, want [c5]", got)
+		}
+		if got := unanswered(now, now.Add(-time.Second)); got != nil {
+			t.Fatalf("sent after the cut-off: %v, want none", got)
+		}
+		if got := unanswered(now.Add(time.Minute), now); got != nil {
+			t.Fatalf("expired: %v, want none", got)
+		}
+		setLocker(true, true)
+		if got := unanswered(now.Add(5*time.Second), now); got != nil {
+			t.Fatalf("disabled locker: %v, want none", got)
+		}
+		setLocker(true, false)
+		if _, err := db.CompleteCommand(ctx, id, "c5", "ok", "", now); err != nil {
+			t.Fatal(err)
+		}
+		if got := unanswered(now.Add(5*time.Second), now); got != nil {
+			t.Fatalf("answered: %v, want none", got)
+		}
+	})
 }
 
 // healthRowsOf counts the stored health rows of locker id.
