@@ -54,3 +54,58 @@ func (m *Manager) census(ctx context.Context) {
 		m.m.alertsOpen.WithLabelValues(k).Set(float64(c.OpenAlerts[k]))
 	}
 }
+
+const (
+	// credsRepublishLimit bounds the lockers one census republishes to.
+	credsRepublishLimit = 500
+	// credsRepublishTries bounds how often one set is republished to a
+	// locker that does not acknowledge it.
+	credsRepublishTries = 5
+)
+
+// credsLagSeen is a locker found behind on its credential set at a census.
+type credsLagSeen struct {
+	version int64
+	tries   int
+}
+
+// reconcileCreds republishes the credential set of every online locker
+// that was behind on the same version at the previous census too: a set
+// whose publish failed (a database or broker error after the change was
+// committed) or that the locker lost. Until then the locker would keep the
+// codes of pickups since cancelled or expired, up to their own not_after.
+// A locker that still does not acknowledge after credsRepublishTries is
+// left alone until its set changes; its locker record shows creds_current
+// false. It runs on Run's goroutine only.
+func (m *Manager) reconcileCreds(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	lags, err := m.store.CredsBehind(ctx, credsRepublishLimit)
+	if err != nil {
+		m.m.dbErrors.WithLabelValues("creds_behind").Inc()
+		m.log.Error("load lockers behind on credentials", "err", err)
+		return
+	}
+	next := make(map[string]credsLagSeen, len(lags))
+	for _, l := range lags {
+		cur := credsLagSeen{version: l.Version}
+		if prev, ok := m.credsLag[l.DeviceID]; ok && prev.version == l.Version {
+			cur.tries = prev.tries
+			if cur.tries < credsRepublishTries {
+				cur.tries++
+				if err := m.PublishCreds(ctx, l.DeviceID); err != nil {
+					m.log.Error("republish credential set", "locker", l.DeviceID, "version", l.Version, "err", err)
+				} else {
+					m.m.credsRepublished.Inc()
+					m.log.Info("credential set republished: not acknowledged", "locker", l.DeviceID, "version", l.Version, "try", cur.tries)
+				}
+				if cur.tries == credsRepublishTries {
+					m.log.Warn("locker does not acknowledge its credential set; republishing stops until it changes",
+						"locker", l.DeviceID, "version", l.Version, "tries", cur.tries)
+				}
+			}
+		}
+		next[l.DeviceID] = cur
+	}
+	m.credsLag = next
+}

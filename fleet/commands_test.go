@@ -101,6 +101,8 @@ func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, in
 	return nil, nil
 }
 
+func (f *fakeStore) CredsBehind(context.Context, int) ([]CredsLag, error) { return nil, nil }
+
 // set changes a stored command behind the manager's back (another instance).
 func (f *fakeStore) set(id, status string) {
 	f.mu.Lock()

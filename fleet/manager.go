@@ -105,7 +105,8 @@ type Manager struct {
 	mu      sync.Mutex
 	waiters map[string][]chan *Command
 
-	resent map[string]time.Time // command id → last sent again by resend (sweep's goroutine only)
+	resent   map[string]time.Time    // command id → last sent again by resend (Run's goroutine only)
+	credsLag map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
 	doorFaults sync.Map // locker id → []int, the last door_faults seen
 	publishMu  [64]sync.Mutex
@@ -212,6 +213,7 @@ func New(opts Options) (*Manager, error) {
 		events:   make(chan inbound, opts.EventQueue),
 		waiters:  make(map[string][]chan *Command),
 		resent:   make(map[string]time.Time),
+		credsLag: make(map[string]credsLagSeen),
 		done:     make(chan struct{}),
 		ctrlDone: make(chan struct{}),
 	}
@@ -296,6 +298,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			m.sweep(wctx)
 		case <-census.C:
 			m.census(wctx)
+			m.reconcileCreds(wctx)
 		}
 	}
 }

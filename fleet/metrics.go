@@ -10,19 +10,20 @@ import (
 
 // metrics of the fleet manager. No label takes per-locker values.
 type metrics struct {
-	received      *prometheus.CounterVec // channel
-	dropped       *prometheus.CounterVec // channel, reason
-	queueDepth    *prometheus.GaugeVec   // queue
-	ingestLag     prometheus.Histogram
-	dbWrite       *prometheus.HistogramVec // op
-	dbErrors      *prometheus.CounterVec   // op
-	online        prometheus.Gauge
-	commands      *prometheus.CounterVec // type, status
-	cmdDuration   *prometheus.HistogramVec
-	resent        prometheus.Counter
-	eventsDup     prometheus.Counter
-	alerts        *prometheus.CounterVec // kind
-	presenceEvent *prometheus.CounterVec // kind
+	received         *prometheus.CounterVec // channel
+	dropped          *prometheus.CounterVec // channel, reason
+	queueDepth       *prometheus.GaugeVec   // queue
+	ingestLag        prometheus.Histogram
+	dbWrite          *prometheus.HistogramVec // op
+	dbErrors         *prometheus.CounterVec   // op
+	online           prometheus.Gauge
+	commands         *prometheus.CounterVec // type, status
+	cmdDuration      *prometheus.HistogramVec
+	resent           prometheus.Counter
+	credsRepublished prometheus.Counter
+	eventsDup        prometheus.Counter
+	alerts           *prometheus.CounterVec // kind
+	presenceEvent    *prometheus.CounterVec // kind
 
 	// Fleet-wide, from the census (the same on every gateway instance).
 	registered prometheus.Gauge
@@ -39,7 +40,7 @@ var (
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack"}
-	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census")
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout}
 )
@@ -85,6 +86,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time from issuing a command to the device's answer, by type.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}, []string{"type"}),
+		credsRepublished: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_creds_republished_total",
+			Help: "Credential sets republished to online lockers that had not acknowledged them by two censuses.",
+		}),
 		resent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_commands_resent_total",
 			Help: "Commands sent again, by id, to online lockers that had not answered them.",
@@ -152,7 +157,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.cmdDuration, m.resent, m.eventsDup, m.alerts, m.presenceEvent,
+			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.eventsDup, m.alerts, m.presenceEvent,
 			m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m

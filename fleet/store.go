@@ -7,6 +7,12 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
+// CredsLag is a locker that has not acknowledged its current credential set.
+type CredsLag struct {
+	DeviceID string
+	Version  int64 // the current version
+}
+
 // Store is the fleet's persistent state. The PostgreSQL implementation lives
 // in package postgres; every method is safe for concurrent use.
 type Store interface {
@@ -84,6 +90,10 @@ type Store interface {
 	Retained(ctx context.Context, deviceID string) (*Retained, error)
 	// AckCreds records the credential-set version a locker applied.
 	AckCreds(ctx context.Context, deviceID string, version int64) error
+	// CredsBehind returns up to limit online, enabled lockers whose last
+	// acknowledged credential set is older than their current one, with the
+	// current version.
+	CredsBehind(ctx context.Context, limit int) ([]CredsLag, error)
 
 	// Audit appends to the audit log.
 	Audit(ctx context.Context, e AuditEntry) error

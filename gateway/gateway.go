@@ -104,6 +104,10 @@ type Options struct {
 	// online locker before it is sent again (fleet.Options.CommandResend;
 	// 0: 5 s).
 	CommandResend time.Duration
+	// CensusInterval is how often the fleet-wide gauges are counted and
+	// lockers behind on their credential set are found (republished to at
+	// the next census if still behind) (fleet.Options.CensusInterval; 0: 15 s).
+	CensusInterval time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	Logger        *slog.Logger
@@ -318,7 +322,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
 		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
-		CommandResend: o.CommandResend})
+		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval})
 	if err != nil {
 		return nil, err
 	}

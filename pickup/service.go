@@ -342,7 +342,7 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 			s.o.Wake()
 			// Committed: the old codes must stop working even if the
 			// caller is gone (a reconnect republishes the set too).
-			s.publish(context.WithoutCancel(ctx), deviceID)
+			s.publish(ctx, deviceID)
 		}
 		return n, nil
 	}
@@ -436,7 +436,13 @@ func credentialID(wire string) string {
 	return id
 }
 
+// publish pushes a locker's credential set after a change. It does not end
+// with the request that made the change: a cancel whose client hung up after
+// the commit must still take the code off the locker. (A set whose publish
+// fails all the same is republished at the fleet's next censuses.)
 func (s *Service) publish(ctx context.Context, deviceID string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
 	if err := s.o.Fleet.PublishCreds(ctx, deviceID); err != nil {
 		s.log.Error("publish credential set", "locker", deviceID, "err", err)
 	}

@@ -353,3 +353,18 @@ func (db *DB) MarkSiteReplaceable(ctx context.Context, site string) error {
 	_, err := db.pool.Exec(ctx, `UPDATE devices SET replaceable = true WHERE site = $1`, site)
 	return err
 }
+
+// CredsBehind implements fleet.Store. It runs at each census (every 15 s
+// by default) on every instance: one scan of devices.
+func (db *DB) CredsBehind(ctx context.Context, limit int) ([]fleet.CredsLag, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id, creds_version FROM devices
+		WHERE online AND NOT disabled AND creds_acked < creds_version ORDER BY id LIMIT $1`, limit)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.CredsLag, error) {
+		var l fleet.CredsLag
+		err := row.Scan(&l.DeviceID, &l.Version)
+		return l, err
+	})
+}
