@@ -129,7 +129,10 @@ const resendLimit = 500
 // resend sends again, by id, the commands sent at least CommandResend ago
 // to lockers that are online and have not answered: a publish lost on its
 // way (a request that ended before it, an external broker that failed it)
-// or a session that dropped the message. Lockers run a command id at most
+// or a session that dropped the message. It also delivers a command left
+// pending for CommandResend while its locker is online: one created as the
+// locker came online, stored pending after the birth had read the open
+// commands. Lockers run a command id at most
 // once and repeat their answer, so a locker that has it only answers
 // again. Each command is sent again at most once per CommandResend by
 // this instance.
@@ -152,6 +155,11 @@ func (m *Manager) resend(ctx context.Context) {
 			continue
 		}
 		m.resent[c.ID] = now
+		if c.Status == CmdPending {
+			m.log.Info("pending command delivered to an online locker", "locker", c.DeviceID, "command", c.ID)
+			m.deliver(ctx, c)
+			continue
+		}
 		if m.publishCommand(ctx, c) {
 			m.m.resent.Inc()
 			m.log.Info("command sent again: no answer yet", "locker", c.DeviceID, "command", c.ID, "sent_at", c.SentAt)

@@ -77,9 +77,11 @@ type Store interface {
 	// OpenCommands returns a locker's pending and sent commands that have not
 	// expired at now, oldest first.
 	OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]Command, error)
-	// UnansweredCommands returns up to limit sent commands of online,
-	// enabled lockers that were sent at or before sentBefore and have not
-	// expired at now, oldest sent first.
+	// UnansweredCommands returns up to limit open commands of online,
+	// enabled lockers that have not expired at now: sent ones sent at or
+	// before sentBefore, and pending ones created at or before it (a
+	// command stored pending as its locker came online, after the birth's
+	// delivery had read the open commands); oldest first.
 	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]Command, error)
 
 	// WatchCommands calls fn with the id of every command whose status

@@ -204,3 +204,38 @@ func publishBirth(t *testing.T, tg *TestGateway, c paho.Client, id string) {
 	}
 	waitOnline(t, tg, id, true)
 }
+
+// TestPendingCommandDeliveredToOnlineLocker: a command stored pending while
+// its locker came online (the create read the locker offline, and committed
+// after the birth's delivery had read the open commands) is delivered all
+// the same, while it has not expired.
+func TestPendingCommandDeliveredToOnlineLocker(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t, func(o *gateway.Options) { o.CommandResend = 200 * time.Millisecond })
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "SN-PENDING-1")
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	// The birth's delivery of open commands runs on the locker's control
+	// shard; an answer to an unknown command queued behind it shows it done.
+	stray := fmt.Sprintf(`{"id":"c-none","status":"ok","ts":"%s"}`, protocol.FormatTime(time.Now()))
+	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanCmdResult), 1, false, stray); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("result: %v", tok.Error())
+	}
+	Eventually(t, 10*time.Second, "the birth handled", func() error {
+		n, err := tg.Metric(`lockergate_ingest_messages_dropped_total{channel="cmd/result",reason="unknown_or_repeated"}`)
+		if err == nil && n != 1 {
+			err = fmt.Errorf("unknown results dropped: %v, want 1", n)
+		}
+		return err
+	})
+	// The command as that create stored it.
+	now := time.Now()
+	if _, err := tg.DB().Pool().Exec(ctx, `INSERT INTO commands (id, device_id, type, compartment, reason, status, actor, created_at, expires_at)
+		VALUES ('c-late', $1, 'unlock', 1, 'remote', 'pending', 'test', $2, $3)`, r.DeviceID, now, now.Add(time.Minute)); err != nil {
+		t.Fatal(err)
+	}
+	wantCommand(t, got, "c-late", "the pending command")
+	waitCommandStatus(t, tg, r.DeviceID, "c-late", fleet.CmdSent, "the command marked sent")
+}

@@ -227,9 +227,9 @@ func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Dura
 // commands still open.
 func (db *DB) UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]fleet.Command, error) {
 	return collectCommands(db.pool.Query(ctx, `SELECT `+commandCols+` FROM commands
-		WHERE status = 'sent' AND expires_at > $1 AND sent_at <= $2
+		WHERE status IN ('pending', 'sent') AND expires_at > $1 AND coalesce(sent_at, created_at) <= $2
 			AND EXISTS (SELECT 1 FROM devices d WHERE d.id = commands.device_id AND d.online AND NOT d.disabled)
-		ORDER BY sent_at LIMIT $3`, now, sentBefore, limit))
+		ORDER BY coalesce(sent_at, created_at) LIMIT $3`, now, sentBefore, limit))
 }
 
 // OpenCommands implements fleet.Store.

@@ -390,6 +390,19 @@ func TestCommands(t *testing.T) {
 		if got := unanswered(now.Add(5*time.Second), now); got != nil {
 			t.Fatalf("answered: %v, want none", got)
 		}
+		// Left pending while its locker is online (stored pending as the
+		// locker came online): delivered too.
+		mk("c6", now.Add(time.Minute))
+		if got := unanswered(now.Add(5*time.Second), now); !slices.Equal(got, []string{"c6"}) {
+			t.Fatalf("pending at an online locker: %v, want [c6]", got)
+		}
+		if got := unanswered(now, now.Add(-time.Second)); got != nil {
+			t.Fatalf("created after the cut-off: %v, want none", got)
+		}
+		setLocker(false, false)
+		if got := unanswered(now.Add(5*time.Second), now); got != nil {
+			t.Fatalf("pending at an offline locker: %v, want none", got)
+		}
 	})
 }
 
