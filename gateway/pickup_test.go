@@ -393,6 +393,53 @@ func TestPickupExpiry(t *testing.T) {
 	})
 }
 
+// TestPickupCollectedAcrossExpiry: a driver who opens the compartment with
+// the code a moment before the pickup expires and closes it after has
+// picked the order up. The expiry sweep must not end it as expired (and
+// tell the platform and staff so) while its door is open.
+func TestPickupCollectedAcrossExpiry(t *testing.T) {
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+	expires := 10 * time.Second
+	p := e.create(t, "X-1", "S", expires)
+	expiresAt := time.Now().Add(expires)
+	Eventually(t, 10*time.Second, "door open for staging", func() error {
+		if !l.Compartment(p.Compartment).Open {
+			return errors.New("closed")
+		}
+		return nil
+	})
+	l.SetOccupied(p.Compartment, true)
+	l.CloseDoor(p.Compartment)
+	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+	e.waitCreds(t, p.Locker)
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("code: %+v", r)
+	}
+	Eventually(t, 10*time.Second, "the code recorded used", func() error {
+		var n int
+		if err := e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM credentials c JOIN pickups p ON p.credential_id = c.id
+			WHERE p.id = $1 AND c.state = 'used'`, p.ID).Scan(&n); err != nil || n != 1 {
+			return fmt.Errorf("%d used (%v)", n, err)
+		}
+		return nil
+	})
+	// The scenario: the door is still open when the pickup expires, and
+	// sweeps (every second) run past it.
+	time.Sleep(time.Until(expiresAt.Add(3 * time.Second)))
+	if got := e.waitState(t, p.ID, pickup.Ready); got.State != pickup.Ready {
+		t.Fatal("unreachable")
+	}
+	l.SetOccupied(p.Compartment, false)
+	l.CloseDoor(p.Compartment)
+	e.waitState(t, p.ID, pickup.PickedUp)
+	var alerts int
+	if err := e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1`,
+		p.Locker).Scan(&alerts); err != nil || alerts != 0 {
+		t.Fatalf("pickup_expired alerts: %d (%v), want none", alerts, err)
+	}
+}
+
 // TestPickupEdges: closed empty after staging, the driver leaving the
 // order, cancel, and the platform boundary.
 func TestPickupEdges(t *testing.T) {

@@ -132,6 +132,14 @@ const (
 var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelled, EventCredentialChanged}
 
 // Store persists pickups and credentials.
+// CollectGrace is how long after a pickup's code opened its compartment
+// the pickup is being collected: the driver has the door open, and its
+// door_closed decides (picked up, or not taken). Until then it does not
+// expire, even past expires_at: a code accepted a moment before expiry must
+// not leave an order taken as "expired: retrieve the order". Past it (a door
+// left open, an event lost) the pickup expires as any other.
+const CollectGrace = 15 * time.Minute
+
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
@@ -149,7 +157,8 @@ type Store interface {
 	// queues ev (when not nil) for every matching webhook, atomically. A
 	// pickup that ends leaves its active credential: revoked, or narrowed
 	// to the compartments of the other live pickups it opens.
-	// fleet.ErrConflict when the pickup is in none of from.
+	// fleet.ErrConflict when the pickup is in none of from, or, to Expired,
+	// while it is being collected (CollectGrace).
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
 	// credentials and any of the locker's that opens no live pickup, and
@@ -184,7 +193,8 @@ type Store interface {
 	CredentialState(ctx context.Context, id string) (string, error)
 	// RaiseAlert records an alert (see fleet.Store).
 	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
-	// DuePickups returns live pickups past expires_at.
+	// DuePickups returns live pickups past expires_at, except those being
+	// collected (CollectGrace).
 	DuePickups(ctx context.Context, now time.Time, limit int) ([]Pickup, error)
 	// KeyGen returns the generation of a locker's cred_key.
 	KeyGen(ctx context.Context, deviceID string) (int, error)

@@ -243,6 +243,18 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if !allowed {
 			return fmt.Errorf("pickup %s is %s: %w", id, state, fleet.ErrConflict)
 		}
+		if to == pickup.Expired {
+			// Under the locker's lock, so a code accepted since the caller
+			// found the pickup due is seen (UseCredential takes it too).
+			var collecting bool
+			if err := tx.QueryRow(ctx, `SELECT `+beingCollected("p", "$2", "$3")+` FROM pickups p WHERE p.id = $1`,
+				id, at, pickup.CollectGrace).Scan(&collecting); err != nil {
+				return err
+			}
+			if collecting {
+				return fmt.Errorf("pickup %s is being collected (its code was used): %w", id, fleet.ErrConflict)
+			}
+		}
 		// A pickup that ends takes with it the compartment a replaced
 		// board no longer reports, kept for this order only.
 		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
@@ -279,6 +291,14 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		return queueEvent(ctx, tx, ev, out, at)
 	})
 	return out, err
+}
+
+// beingCollected is the SQL condition that pickup alias's credential was
+// used (its code opened the compartment) within grace before now
+// (pickup.CollectGrace).
+func beingCollected(alias, now, grace string) string {
+	return `EXISTS (SELECT 1 FROM credentials c WHERE c.id = ` + alias + `.credential_id AND c.state = 'used'
+		AND c.used_at > ` + now + `::timestamptz - ` + grace + `::interval)`
 }
 
 // narrowCredentialsSQL takes the pickups $1 at locker $2 out of their
@@ -591,8 +611,9 @@ func (db *DB) CredentialState(ctx context.Context, id string) (string, error) {
 
 // DuePickups implements pickup.Store.
 func (db *DB) DuePickups(ctx context.Context, now time.Time, n int) ([]pickup.Pickup, error) {
-	rows, err := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE state IN ('staging', 'ready') AND expires_at <= $1
-		ORDER BY expires_at LIMIT $2`, now, n)
+	rows, err := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups p WHERE state IN ('staging', 'ready') AND expires_at <= $1
+		AND NOT `+beingCollected("p", "$1", "$3")+`
+		ORDER BY expires_at LIMIT $2`, now, n, pickup.CollectGrace)
 	if err != nil {
 		return nil, err
 	}

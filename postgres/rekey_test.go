@@ -396,3 +396,36 @@ func TestMintForPartOfCombinedCode(t *testing.T) {
 		t.Fatalf("the refused credential was stored: %v", err)
 	}
 }
+
+// TestExpiryWaitsForCollection: a pickup whose code opened its compartment
+// is being collected for pickup.CollectGrace: not due, and its transition
+// to expired refused, even past expires_at; past the grace it expires.
+func TestExpiryWaitsForCollection(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-COLLECT", 2)
+	a, b := e.pickup("C-1"), e.pickup("C-2")
+	e.mustMint("k-a", "mac-a", a)
+	e.mustMint("k-b", "mac-b", b)
+	used := time.Now()
+	if _, err := e.db.UseCredential(ctx, e.id, "k-a", used); err != nil {
+		t.Fatal(err)
+	}
+	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = ANY($1)`, []string{a.ID, b.ID}, used.Add(-time.Second))
+
+	due, err := e.db.DuePickups(ctx, used.Add(time.Minute), 10)
+	if err != nil || len(due) != 1 || due[0].ID != b.ID {
+		t.Fatalf("due a minute after the code was used: %+v %v; want only %s", due, err, b.ID)
+	}
+	// The sweep found a due a moment before its code was used.
+	_, err = e.db.Transition(ctx, a.ID, []string{pickup.Staging, pickup.Ready}, pickup.Expired, "system:expiry", "", used.Add(time.Minute), nil)
+	if !errors.Is(err, fleet.ErrConflict) {
+		t.Fatalf("expire while being collected: %v, want ErrConflict", err)
+	}
+	past := used.Add(pickup.CollectGrace + time.Minute)
+	if due, err := e.db.DuePickups(ctx, past, 10); err != nil || len(due) != 2 {
+		t.Fatalf("due past the grace: %+v %v; want both", due, err)
+	}
+	if p, err := e.db.Transition(ctx, a.ID, []string{pickup.Staging, pickup.Ready}, pickup.Expired, "system:expiry", "", past, nil); err != nil || p.State != pickup.Expired {
+		t.Fatalf("expire past the grace: %+v %v", p, err)
+	}
+}
