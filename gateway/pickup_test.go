@@ -171,6 +171,24 @@ func (e *pickupEnv) waitState(t *testing.T, id, state string) pickup.Pickup {
 	return p
 }
 
+// stage plays the staff with doors that close only by hand: it waits for
+// pickup p's compartment to be unlocked, puts the order in, closes the door,
+// and returns the pickup's code once the locker holds it.
+func (e *pickupEnv) stage(t *testing.T, l *devicesim.Locker, p pickup.Pickup) string {
+	t.Helper()
+	Eventually(t, 10*time.Second, "door open for staging", func() error {
+		if !l.Compartment(p.Compartment).Open {
+			return errors.New("closed")
+		}
+		return nil
+	})
+	l.SetOccupied(p.Compartment, true)
+	l.CloseDoor(p.Compartment)
+	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+	e.waitCreds(t, p.Locker)
+	return code
+}
+
 // waitCreds waits until the locker applied the current credential set.
 func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
 	t.Helper()
@@ -403,16 +421,7 @@ func TestPickupCollectedAcrossExpiry(t *testing.T) {
 	expires := 10 * time.Second
 	p := e.create(t, "X-1", "S", expires)
 	expiresAt := time.Now().Add(expires)
-	Eventually(t, 10*time.Second, "door open for staging", func() error {
-		if !l.Compartment(p.Compartment).Open {
-			return errors.New("closed")
-		}
-		return nil
-	})
-	l.SetOccupied(p.Compartment, true)
-	l.CloseDoor(p.Compartment)
-	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
-	e.waitCreds(t, p.Locker)
+	code := e.stage(t, l, p)
 	if r := l.EnterCode(code); !r.Accepted {
 		t.Fatalf("code: %+v", r)
 	}
@@ -480,16 +489,7 @@ func TestPickupEdges(t *testing.T) {
 
 	t.Run("DriverLeavesOrder", func(t *testing.T) {
 		p := e.create(t, "E-2", "S", time.Hour)
-		Eventually(t, 10*time.Second, "door open", func() error {
-			if !l.Compartment(p.Compartment).Open {
-				return errors.New("closed")
-			}
-			return nil
-		})
-		l.SetOccupied(p.Compartment, true)
-		l.CloseDoor(p.Compartment)
-		first := e.waitState(t, p.ID, pickup.Ready).Credential.Code
-		e.waitCreds(t, p.Locker)
+		first := e.stage(t, l, p)
 		if r := l.EnterCode(first); !r.Accepted {
 			t.Fatalf("code: %+v", r)
 		}
