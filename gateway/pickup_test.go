@@ -411,6 +411,49 @@ func TestPickupExpiry(t *testing.T) {
 	})
 }
 
+// TestWebhookOfRevokedTokenGetsNothing: events queued for a platform's
+// webhook before its token was revoked (a pickup.ready carries the code)
+// are not delivered after the revocation, and not tried again.
+func TestWebhookOfRevokedTokenGetsNothing(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 1<<30) // the receiver fails every attempt until told otherwise
+	p := e.create(t, "RV-1", "S", time.Hour)
+	e.waitState(t, p.ID, pickup.Ready)
+	Eventually(t, 10*time.Second, "a failed attempt at pickup.ready", func() error {
+		e.rc.mu.Lock()
+		defer e.rc.mu.Unlock()
+		if e.rc.calls == 0 {
+			return errors.New("no attempt yet")
+		}
+		return nil
+	})
+	var tokenID string
+	if err := e.tg.DB().Pool().QueryRow(ctx, `SELECT id FROM tokens WHERE role = 'platform' AND name = 'speedy'`).Scan(&tokenID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + tokenID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	e.rc.mu.Lock()
+	e.rc.failFirst = 0 // the receiver would take it now
+	e.rc.mu.Unlock()
+	Eventually(t, 10*time.Second, "the queued deliveries given up", func() error {
+		var pending, failed int
+		if err := e.tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FILTER (WHERE d.state = 'pending'),
+				count(*) FILTER (WHERE d.state = 'failed' AND d.last_error LIKE '%token revoked%')
+			FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE w.token_id = $1`, tokenID).Scan(&pending, &failed); err != nil {
+			return err
+		}
+		if pending != 0 || failed == 0 {
+			return fmt.Errorf("%d pending, %d given up", pending, failed)
+		}
+		return nil
+	})
+	if got := e.rc.types(); len(got) != 0 {
+		t.Fatalf("delivered after the revocation: %v", got)
+	}
+}
+
 // TestPickupCollectedAcrossExpiry: a driver who opens the compartment with
 // the code a moment before the pickup expires and closes it after has
 // picked the order up. The expiry sweep must not end it as expired (and

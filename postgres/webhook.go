@@ -31,10 +31,14 @@ func (db *DB) CreateWebhook(ctx context.Context, w *webhook.Webhook, secretEnc [
 		w.ID, w.TokenID, w.Role, w.Site, w.Platform, w.URL, w.Events, secretEnc).Scan(&w.CreatedAt)
 }
 
-// GetWebhook implements webhook.Store.
+// GetWebhook implements webhook.Store: a webhook whose token was revoked
+// is gone too (the dispatcher reads it before each delivery, so events
+// queued before the revocation, codes and all, are not sent).
 func (db *DB) GetWebhook(ctx context.Context, id string) (*webhook.Webhook, []byte, error) {
 	var enc []byte
-	w, err := scanWebhook(db.pool.QueryRow(ctx, `SELECT `+webhookCols+`, secret_enc FROM webhooks WHERE id = $1 AND deleted_at IS NULL`, id), &enc)
+	w, err := scanWebhook(db.pool.QueryRow(ctx, `SELECT `+webhookCols+`, secret_enc FROM webhooks
+		WHERE id = $1 AND deleted_at IS NULL
+			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = webhooks.token_id AND t.revoked_at IS NULL)`, id), &enc)
 	return w, enc, err
 }
 

@@ -188,6 +188,16 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 		}
 	}
 	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)
+	if errors.Is(err, fleet.ErrNotFound) {
+		// Deleted, or its token revoked since the event was queued: the
+		// event (with its codes) goes nowhere, and is not tried again.
+		d.log.Warn("webhook delivery dropped: webhook deleted or its token revoked", "webhook", dl.WebhookID, "event", dl.EventID)
+		o := Outcome{At: d.o.Now(), Error: "webhook deleted or its token revoked"}
+		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
+			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
+		}
+		return
+	}
 	if err != nil {
 		fail("load webhook", err)
 		return
