@@ -547,6 +547,20 @@ func TestPickupEdges(t *testing.T) {
 			second = got.Credential.Code
 			return nil
 		})
+		// The platform's driver holds the spent code: the platform is told
+		// the fresh one.
+		Eventually(t, 10*time.Second, "pickup.credential_changed with the fresh code", func() error {
+			e.rc.mu.Lock()
+			defer e.rc.mu.Unlock()
+			for _, ev := range e.rc.events {
+				data, _ := ev["data"].(map[string]any)
+				cred, _ := data["credential"].(map[string]any)
+				if ev["type"] == pickup.EventCredentialChanged && data["pickup"] == p.ID && cred["code"] == second {
+					return nil
+				}
+			}
+			return errors.New("not received")
+		})
 		e.waitCreds(t, p.Locker)
 		if r := l.EnterCode(second); !r.Accepted {
 			t.Fatalf("fresh code: %+v", r)
@@ -701,6 +715,26 @@ func TestPickupRotateCodes(t *testing.T) {
 	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{b.ID, c.ID}, "kind": "pin"}, &combined); err != nil {
 		t.Fatal(err)
 	}
+	// The combined code replaced b's and c's own: the platform is told.
+	var sinceCombine int
+	Eventually(t, 20*time.Second, "pickup.credential_changed for the combined orders", func() error {
+		e.rc.mu.Lock()
+		defer e.rc.mu.Unlock()
+		got := map[string]string{}
+		for _, ev := range e.rc.events {
+			if ev["type"] == pickup.EventCredentialChanged {
+				data := ev["data"].(map[string]any)
+				cred, _ := data["credential"].(map[string]any)
+				code, _ := cred["code"].(string)
+				got[data["pickup"].(string)] = code
+			}
+		}
+		if got[b.ID] != combined.Code || got[c.ID] != combined.Code || len(got) != 2 {
+			return fmt.Errorf("codes announced %v, want %s for %s and %s", got, combined.Code, b.ID, c.ID)
+		}
+		sinceCombine = len(e.rc.events)
+		return nil
+	})
 	var other pickup.Pickup
 	if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"site": "store-042", "order_ref": "R-9", "size": "S", "zone": "ambient",
 		"recipient": map[string]string{"kind": "driver", "platform": "rapid"}, "expires_at": time.Now().Add(time.Hour)}, &other); err != nil {
@@ -743,7 +777,7 @@ func TestPickupRotateCodes(t *testing.T) {
 		changed = map[string]map[string]any{}
 		e.rc.mu.Lock()
 		defer e.rc.mu.Unlock()
-		for _, ev := range e.rc.events {
+		for _, ev := range e.rc.events[sinceCombine:] {
 			if ev["type"] == pickup.EventCredentialChanged {
 				data := ev["data"].(map[string]any)
 				cred, _ := data["credential"].(map[string]any)

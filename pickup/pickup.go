@@ -124,7 +124,9 @@ const (
 	EventExpired   = "pickup.expired"
 	EventCancelled = "pickup.cancelled"
 	// EventCredentialChanged: a ready pickup's codes were replaced
-	// (Service.RotateCodes); the old ones no longer open the compartment.
+	// (Service.RotateCodes; a fresh code after the order was left inside;
+	// a combined code, Service.Combine); the old ones no longer open the
+	// compartment.
 	EventCredentialChanged = "pickup.credential_changed"
 )
 
@@ -164,8 +166,10 @@ type Store interface {
 	// credentials and any of the locker's that opens no live pickup, and
 	// bumps the locker's credential-set version.
 	// ErrPINTaken when the PIN collides; ErrKeyChanged when the locker's
-	// key generation is no longer c.KeyGen.
-	MintCredential(ctx context.Context, c *Credential, pickupIDs []string) error
+	// key generation is no longer c.KeyGen. With announce, the event it
+	// makes for each of the pickups that is ready (their codes changed) is
+	// queued in the same transaction.
+	MintCredential(ctx context.Context, c *Credential, pickupIDs []string, announce func(*Pickup, *Credential) *Event) error
 	// RekeyCredentials gives a locker's active credentials new MACs, made
 	// by mac for its current key generation, and bumps its credential-set
 	// version, in one transaction; ErrKeyChanged when the locker was

@@ -248,7 +248,7 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 			notAfter = p.ExpiresAt
 		}
 	}
-	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind)
+	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, s.credentialChanged)
 	if err != nil {
 		return nil, err
 	}
@@ -259,8 +259,10 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 }
 
 // mint creates a credential for compartments of a locker; kind "" gives
-// both a PIN and a QR token.
-func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAfter time.Time, pickups []string, kind string) (*Credential, error) {
+// both a PIN and a QR token. announce, when set, makes the event queued for
+// each ready pickup whose codes this replaces (MintCredential).
+func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAfter time.Time, pickups []string, kind string,
+	announce func(*Pickup, *Credential) *Event) (*Credential, error) {
 	gen, err := s.o.Store.KeyGen(ctx, deviceID)
 	if err != nil {
 		return nil, err
@@ -270,7 +272,7 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 	for attempt := 0; attempt < 8; attempt++ {
 		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
 		s.setMACs(c, gen, kind != protocol.KindQR, kind != protocol.KindPIN)
-		err := s.o.Store.MintCredential(ctx, c, pickups)
+		err := s.o.Store.MintCredential(ctx, c, pickups, announce)
 		switch {
 		case errors.Is(err, ErrPINTaken):
 			continue // another id gives another PIN
@@ -304,6 +306,18 @@ func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 	return nil
 }
 
+// credentialChanged is the event that tells the webhooks of ready pickup p
+// its new credential c: its codes, derived at send time (ExpandEvent).
+func (s *Service) credentialChanged(p *Pickup, c *Credential) *Event {
+	ev := s.event(EventCredentialChanged, p, c.CreatedAt)
+	ev.Data["credential_id"] = c.ID
+	ev.Data["credential_not_after"] = c.NotAfter // a combined one ends with its first order
+	if kind := credKind(c); kind != "" {
+		ev.Data["credential_kind"] = kind
+	}
+	return ev
+}
+
 // RotateCodes gives every order in a locker new codes: each active
 // credential is replaced by a new one (new PIN and QR token, same
 // compartments and expiry), the old codes stop working, and the platforms
@@ -319,18 +333,9 @@ func (s *Service) RotateCodes(ctx context.Context, deviceID, actor, site string)
 		s.setMACs(c, gen, old.PINMAC != "", old.QRMAC != "")
 		return c
 	}
-	event := func(p *Pickup, c *Credential) *Event {
-		ev := s.event(EventCredentialChanged, p, at)
-		ev.Data["credential_id"] = c.ID
-		ev.Data["credential_not_after"] = c.NotAfter // a combined one ends with its first order
-		if kind := credKind(c); kind != "" {
-			ev.Data["credential_kind"] = kind
-		}
-		return ev
-	}
 	a := fleet.AuditEntry{Actor: actor, Action: "locker.rotate_codes", Locker: deviceID, Site: site}
 	for attempt := 0; attempt < 8; attempt++ {
-		n, err := s.o.Store.RotateCredentials(ctx, deviceID, at, mint, event, a)
+		n, err := s.o.Store.RotateCredentials(ctx, deviceID, at, mint, s.credentialChanged, a)
 		if errors.Is(err, ErrPINTaken) || errors.Is(err, ErrKeyChanged) {
 			continue // other ids give other PINs; the next try reads the new key
 		}

@@ -101,7 +101,7 @@ func (s *Service) credentialUsed(ctx context.Context, p *Pickup) bool {
 
 // ready marks a staged pickup ready, mints its credential and tells the platform.
 func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) {
-	c, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "")
+	c, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", nil)
 	if err != nil {
 		s.log.Error("mint credential", "pickup", p.ID, "err", err)
 		return
@@ -119,9 +119,10 @@ func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Ti
 	s.publish(ctx, p.Locker)
 }
 
-// issue mints a fresh credential for a ready pickup.
+// issue mints a fresh credential for a ready pickup, and tells its
+// webhooks the new codes.
 func (s *Service) issue(ctx context.Context, p *Pickup) {
-	if _, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, ""); err != nil {
+	if _, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", s.credentialChanged); err != nil {
 		s.log.Error("mint credential", "pickup", p.ID, "err", err)
 		return
 	}

@@ -349,7 +349,7 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 }
 
 // MintCredential implements pickup.Store.
-func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string) error {
+func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string, announce func(*pickup.Pickup, *pickup.Credential) *pickup.Event) error {
 	if len(pickupIDs) == 0 {
 		return fmt.Errorf("%w: a credential must open at least one pickup", fleet.ErrInvalid)
 	}
@@ -387,13 +387,36 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)
 		br := tx.SendBatch(ctx, b)
-		defer br.Close()
 		for range b.Len() - 1 {
 			if _, err := br.Exec(); err != nil {
+				br.Close()
 				return err
 			}
 		}
-		return bumped(br.Exec())
+		if err := bumped(br.Exec()); err != nil {
+			br.Close()
+			return err
+		}
+		if err := br.Close(); err != nil {
+			return err
+		}
+		if announce == nil {
+			return nil
+		}
+		rows, err = tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE id = ANY ($1) AND state = 'ready' ORDER BY id`, pickupIDs)
+		if err != nil {
+			return err
+		}
+		ready, err := collectPickups(rows)
+		if err != nil {
+			return err
+		}
+		for i := range ready {
+			if err := queueEvent(ctx, tx, announce(&ready[i], c), &ready[i], c.CreatedAt); err != nil {
+				return err
+			}
+		}
+		return nil
 	})
 	if isUniqueViolation(err) {
 		return pickup.ErrPINTaken
