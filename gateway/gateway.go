@@ -36,6 +36,11 @@ import (
 	"github.com/lockergate/lockergate/webhook"
 )
 
+// ReasonGatewayRestart is the disconnect reason of a locker session that a
+// previous run of the gateway (embedded broker) left open: it ended
+// without recording its sessions' ends, and the next start ends them.
+const ReasonGatewayRestart = "gateway_restart"
+
 // Options configure the gateway. cmd/lockergate fills them from flags.
 type Options struct {
 	// DataDir holds the private PostgreSQL cluster, keys and the admin token.
@@ -224,6 +229,19 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	if err := g.ensureAdminToken(ctx); err != nil {
 		return nil, err
+	}
+	if o.ExternalBroker == "" {
+		// The embedded broker has not started: no locker is connected to
+		// it, and one the database shows online was left so by a previous
+		// process that ended without recording its sessions' ends.
+		n, err := g.db.EndOpenSessions(ctx, ReasonGatewayRestart, time.Now())
+		if err != nil {
+			return nil, fmt.Errorf("end the sessions a previous run left open: %w", err)
+		}
+		if n > 0 {
+			g.log.Warn("lockers shown online by a previous run that did not record their sessions' ends: marked offline",
+				"lockers", n, "reason", ReasonGatewayRestart)
+		}
 	}
 
 	obs := &observer{}

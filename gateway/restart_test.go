@@ -7,6 +7,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
@@ -80,5 +81,45 @@ func TestGatewayRestartMidCommand(t *testing.T) {
 	n := tg2.Count(t, `SELECT count(*) FROM commands WHERE device_id = $1`, id.DeviceID)
 	if n != 1 {
 		t.Fatalf("%d commands stored, want 1", n)
+	}
+}
+
+// TestRestartEndsSessionsLeftOpen: a gateway that ended without recording
+// its sessions' ends (killed, crashed) left lockers online in the database.
+// With the embedded broker none can be connected before the next start
+// opens its listeners: that start ends them, as gateway_restart.
+func TestRestartEndsSessionsLeftOpen(t *testing.T) {
+	ctx := context.Background()
+	opts := gateway.Options{
+		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
+	}
+	tg := MustRun(t, opts)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-LEFT-OPEN")
+	tg.Stop(t)
+	// What a killed process leaves: online, no end recorded.
+	conn, err := pgx.Connect(ctx, opts.DatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, `UPDATE devices SET online = true, connected_at = now(), disconnected_at = NULL,
+		disconnect_reason = '' WHERE id = $1`, id.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+
+	tg2 := MustRun(t, opts)
+	tg2.Admin.Token = tg.Admin.Token
+	var l fleet.Locker
+	if err := tg2.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+		t.Fatal(err)
+	}
+	if l.Online || l.DisconnectReason != gateway.ReasonGatewayRestart || l.DisconnectedAt == nil {
+		t.Fatalf("after the restart: online %v, reason %q, disconnected at %v; want offline, %s", l.Online, l.DisconnectReason,
+			l.DisconnectedAt, gateway.ReasonGatewayRestart)
+	}
+	if n := tg2.Count(t, `SELECT count(*) FROM presence_log WHERE device_id = $1 AND NOT online AND reason = $2`,
+		id.DeviceID, gateway.ReasonGatewayRestart); n != 1 {
+		t.Fatalf("%d presence history rows for the session's end, want 1", n)
 	}
 }

@@ -368,3 +368,18 @@ func (db *DB) CredsBehind(ctx context.Context, limit int) ([]fleet.CredsLag, err
 		return l, err
 	})
 }
+
+// EndOpenSessions ends every locker session the database still shows open,
+// with reason, at at, and returns how many. A gateway with the embedded
+// broker calls it at start, before its listeners open: no locker can be
+// connected to it yet, so a locker still online was left so by a process
+// that ended without recording its sessions' ends (killed, crashed, its
+// host lost).
+func (db *DB) EndOpenSessions(ctx context.Context, reason string, at time.Time) (int64, error) {
+	tag, err := db.pool.Exec(ctx, `
+		WITH d AS (
+			UPDATE devices SET online = false, disconnected_at = $2, disconnect_reason = $1
+			WHERE online RETURNING id)
+		INSERT INTO presence_log (device_id, ts, online, reason) SELECT id, $2, false, $1 FROM d`, reason, at)
+	return tag.RowsAffected(), err
+}
