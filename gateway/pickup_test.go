@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -374,6 +375,44 @@ func TestPickupOffline(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.waitState(t, p.ID, pickup.PickedUp)
+}
+
+// TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
+// is offline still opens with its code there (the locker validates codes
+// itself, from the set it holds). When the locker reports the use, staff
+// are alerted: the order may have gone to someone it was no longer for.
+func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	p := e.create(t, "OFF-2", "S", time.Hour)
+	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
+	e.waitCreds(t, p.Locker)
+	l := e.sim.Locker(p.Locker)
+	l.Disconnect()
+	var c pickup.Pickup
+	if err := e.store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, &c); err != nil || c.State != pickup.Cancelled {
+		t.Fatalf("cancel: %+v %v", c, err)
+	}
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code, stale set: %+v", r)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(rctx); err != nil {
+		t.Fatal(err)
+	}
+	var detail string
+	Eventually(t, 10*time.Second, "a code_not_live alert", func() error {
+		err := e.tg.DB().Pool().QueryRow(ctx, `SELECT detail FROM alerts WHERE kind = 'code_not_live' AND device_id = $1 AND compartment = $2`,
+			p.Locker, p.Compartment).Scan(&detail)
+		return err
+	})
+	if !strings.Contains(detail, "revoked") {
+		t.Fatalf("alert detail %q, want the credential's state (revoked)", detail)
+	}
+	if got := e.waitState(t, p.ID, pickup.Cancelled); got.State != pickup.Cancelled {
+		t.Fatal("unreachable")
+	}
 }
 
 // TestPickupExpiry: an uncollected pickup expires, its code stops working

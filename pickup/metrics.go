@@ -59,7 +59,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, r := range []string{"unknown", "expired", "used", "locked_out"} {
 		m.rejections.WithLabelValues(r)
 	}
-	for _, k := range []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved} {
+	for _, k := range []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive} {
 		m.alerts.WithLabelValues(k)
 	}
 	if reg != nil {

@@ -193,8 +193,9 @@ type Store interface {
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)
-	// CredentialState returns active, used, revoked or expired.
-	CredentialState(ctx context.Context, id string) (string, error)
+	// CredentialState returns the state of a locker's credential: active,
+	// used, revoked or expired; fleet.ErrNotFound when it has none by id.
+	CredentialState(ctx context.Context, deviceID, id string) (string, error)
 	// RaiseAlert records an alert (see fleet.Store).
 	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
 	// DuePickups returns live pickups past expires_at, except those being

@@ -3,6 +3,7 @@ package pickup
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -31,14 +32,41 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 
 // codeAccepted spends the credential: single use, dropped from the next set.
 func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) {
-	ps, err := s.o.Store.UseCredential(ctx, deviceID, credentialID(ev.Credential), at)
+	id := credentialID(ev.Credential)
+	ps, err := s.o.Store.UseCredential(ctx, deviceID, id, at)
+	if errors.Is(err, fleet.ErrNotFound) {
+		s.codeNotLive(ctx, deviceID, id, ev, at)
+		return
+	}
 	if err != nil {
-		s.log.Warn("code accepted for an unknown credential", "locker", deviceID, "credential", ev.Credential, "err", err)
+		s.log.Error("record a code's use", "locker", deviceID, "credential", ev.Credential, "err", err)
 		return
 	}
 	for _, p := range ps {
 		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment)
 	}
+	s.publish(ctx, deviceID)
+}
+
+// codeNotLive: the locker opened compartments for a code the gateway does
+// not hold live: revoked (its pickup cancelled, expired or given another
+// code while the locker was offline or had not applied the new set), used
+// already, or unknown. Staff must look: the order may have gone to someone
+// it was no longer meant for. The locker is sent its current set again.
+func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time) {
+	state, err := s.o.Store.CredentialState(ctx, deviceID, id)
+	switch {
+	case errors.Is(err, fleet.ErrNotFound):
+		state = "unknown"
+	case err != nil:
+		state = "unreadable"
+	}
+	a := fleet.Alert{DeviceID: deviceID, Kind: AlertCodeNotLive, RaisedAt: at,
+		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, ev.Compartments)}
+	if len(ev.Compartments) > 0 {
+		a.Compartment = ev.Compartments[0]
+	}
+	s.alert(ctx, a)
 	s.publish(ctx, deviceID)
 }
 
@@ -88,6 +116,9 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 const (
 	AlertNotTaken = "pickup_not_taken"
 	AlertRemoved  = "pickup_removed"
+	// AlertCodeNotLive: a locker reported opening compartments with a code
+	// the gateway had revoked, spent already, or never issued.
+	AlertCodeNotLive = "code_not_live"
 )
 
 // credentialUsed reports whether the pickup's credential was spent at the locker.
@@ -95,7 +126,7 @@ func (s *Service) credentialUsed(ctx context.Context, p *Pickup) bool {
 	if p.CredentialID == "" {
 		return false
 	}
-	st, err := s.o.Store.CredentialState(ctx, p.CredentialID)
+	st, err := s.o.Store.CredentialState(ctx, p.Locker, p.CredentialID)
 	return err == nil && st == "used"
 }
 

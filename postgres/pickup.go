@@ -623,9 +623,9 @@ func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential,
 }
 
 // CredentialState implements pickup.Store.
-func (db *DB) CredentialState(ctx context.Context, id string) (string, error) {
+func (db *DB) CredentialState(ctx context.Context, deviceID, id string) (string, error) {
 	var s string
-	err := db.pool.QueryRow(ctx, `SELECT state FROM credentials WHERE id = $1`, id).Scan(&s)
+	err := db.pool.QueryRow(ctx, `SELECT state FROM credentials WHERE id = $1 AND device_id = $2`, id, deviceID).Scan(&s)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return "", fleet.ErrNotFound
 	}
