@@ -354,15 +354,24 @@ func TestPickupMultiOrder(t *testing.T) {
 	}
 }
 
-// TestPickupOffline: the driver collects while the locker is offline; the
-// pickup is reconciled when its events arrive.
-func TestPickupOffline(t *testing.T) {
-	e := newPickupEnv(t, 1, 0)
-	p := e.create(t, "OFF-1", "S", time.Hour)
+// readyThenOffline makes a pickup ready, waits for its locker to hold the
+// code, and takes the locker offline; it returns the pickup, its code and
+// the locker.
+func (e *pickupEnv) readyThenOffline(t *testing.T, ref string) (pickup.Pickup, string, *devicesim.Locker) {
+	t.Helper()
+	p := e.create(t, ref, "S", time.Hour)
 	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
 	e.waitCreds(t, p.Locker)
 	l := e.sim.Locker(p.Locker)
 	l.Disconnect()
+	return p, code, l
+}
+
+// TestPickupOffline: the driver collects while the locker is offline; the
+// pickup is reconciled when its events arrive.
+func TestPickupOffline(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	p, code, l := e.readyThenOffline(t, "OFF-1")
 	if r := l.EnterCode(code); !r.Accepted {
 		t.Fatalf("offline code: %+v", r)
 	}
@@ -384,11 +393,7 @@ func TestPickupOffline(t *testing.T) {
 func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
 	ctx := context.Background()
 	e := newPickupEnv(t, 1, 0)
-	p := e.create(t, "OFF-2", "S", time.Hour)
-	code := e.waitState(t, p.ID, pickup.Ready).Credential.Code
-	e.waitCreds(t, p.Locker)
-	l := e.sim.Locker(p.Locker)
-	l.Disconnect()
+	p, code, l := e.readyThenOffline(t, "OFF-2")
 	var c pickup.Pickup
 	if err := e.store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, &c); err != nil || c.State != pickup.Cancelled {
 		t.Fatalf("cancel: %+v %v", c, err)
