@@ -103,6 +103,9 @@ type EventRecord struct {
 	Type        string          `json:"type"`
 	Compartment int             `json:"compartment,omitempty"`
 	Body        json.RawMessage `json:"event"`
+	// Pending: the event has effects to apply (EventSink.Wants); it is kept
+	// in the store's outbox until they are (EffectsApplied).
+	Pending bool `json:"-"`
 }
 
 // Range bounds a time-ranged list. After resumes a list after the row with

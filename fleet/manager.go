@@ -105,8 +105,11 @@ type Manager struct {
 	mu      sync.Mutex
 	waiters map[string][]chan *Command
 
-	resent   map[string]time.Time    // command id → last sent again by resend (Run's goroutine only)
-	credsLag map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
+	resent map[string]time.Time // command id → last sent again by resend (Run's goroutine only)
+	// effectsBusy holds the events (effectKey) handed to the sink and not
+	// yet done with.
+	effectsBusy sync.Map
+	credsLag    map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
 	doorFaults sync.Map // locker id → []int, the last door_faults seen
 	publishMu  [64]sync.Mutex
@@ -264,11 +267,14 @@ func (m *Manager) Run(ctx context.Context) error {
 		}
 		go m.batchLoop(wctx, "health", q, w.write, tick)
 	}
-	go m.batchLoop(wctx, "events", m.events, m.writeEvents, nil)
 	m.ctrlWG.Add(len(m.ctrl))
 	for _, q := range m.ctrl {
 		go m.controlLoop(wctx, q)
 	}
+	// Effects a previous run stored but did not apply go to the control
+	// shards before any new event, so each locker's stay in order.
+	m.replayEvents(wctx, true)
+	go m.batchLoop(wctx, "events", m.events, m.writeEvents, nil)
 	// Results another instance took (or expiries it swept) wake our waiters.
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
@@ -299,6 +305,7 @@ func (m *Manager) Run(ctx context.Context) error {
 		case <-census.C:
 			m.census(wctx)
 			m.reconcileCreds(wctx)
+			m.replayEvents(wctx, false)
 		}
 	}
 }
@@ -380,6 +387,115 @@ func (m *Manager) enqueue(c control) {
 // events it carries are stored already and their effects must not be lost.
 func (m *Manager) enqueueSink(c control) {
 	m.ctrl[shard(c.id, len(m.ctrl))] <- c
+}
+
+// effectKey names a locker's event among those whose effects are on their
+// way to the sink.
+func effectKey(e *EventRecord) string { return e.DeviceID + "\x00" + e.EventID }
+
+// markEffectsBusy notes events handed to the sink, so that replayEvents
+// does not offer them a second time meanwhile.
+func (m *Manager) markEffectsBusy(events []EventRecord) {
+	for i := range events {
+		if events[i].Pending {
+			m.effectsBusy.Store(effectKey(&events[i]), struct{}{})
+		}
+	}
+}
+
+// applyEffects hands a locker's events to the sink, then drops from the
+// outbox those it applied; the rest stay for replayEvents.
+func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
+	defer func() {
+		for i := range events {
+			m.effectsBusy.Delete(effectKey(&events[i]))
+		}
+	}()
+	n := m.opts.Events.DeviceEvents(ctx, events)
+	var done []string
+	for i := range events[:max(0, min(n, len(events)))] {
+		if events[i].Pending {
+			done = append(done, events[i].EventID)
+		}
+	}
+	if n < len(events) {
+		m.log.Warn("device events not applied yet: offered again later", "locker", id, "pending", len(events)-n)
+	}
+	if len(done) == 0 {
+		return
+	}
+	if err := m.retry(ctx, "effects_applied", func(ctx context.Context) error { return m.store.EffectsApplied(ctx, id, done) }); err != nil {
+		m.log.Error("record applied event effects (they will be offered again)", "locker", id, "err", err)
+	}
+}
+
+const (
+	// replayAfter is how long an event's effects may wait to be applied
+	// before a census offers it again: far past any queue's normal delay
+	// (the sink retries a failing step itself, in order).
+	replayAfter = 5 * time.Minute
+	// replayAtStartAfter is replayAfter at start with an external broker:
+	// other instances are applying the events they received just now.
+	replayAtStartAfter = time.Minute
+	// replayLimit bounds the events one replay offers.
+	replayLimit = 2000
+)
+
+// replayEvents offers the sink again the events whose effects were not
+// applied: left by a crash between storing them and applying them, or by
+// a shutdown in the middle of a step. It runs at start, before new events
+// are taken (atStart: all of them with the embedded broker, in order), and
+// at each census for what is older than replayAfter, on Run's goroutine; a
+// full control queue is tried again next time.
+func (m *Manager) replayEvents(ctx context.Context, atStart bool) {
+	if m.opts.Events == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	before := m.now().Add(-replayAfter)
+	if atStart {
+		before = m.now()
+		if m.opts.SharedReports {
+			before = before.Add(-replayAtStartAfter)
+		}
+	}
+	evs, err := m.store.PendingEffects(ctx, before, replayLimit)
+	if err != nil {
+		m.m.dbErrors.WithLabelValues("pending_effects").Inc()
+		m.log.Error("load event effects not applied", "err", err)
+		return
+	}
+	byLocker := map[string][]EventRecord{}
+	var order []string
+	for _, e := range evs {
+		if _, busy := m.effectsBusy.Load(effectKey(&e)); busy {
+			continue
+		}
+		if _, ok := byLocker[e.DeviceID]; !ok {
+			order = append(order, e.DeviceID)
+		}
+		byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
+	}
+	for _, id := range order {
+		c := control{kind: ctrlEvents, id: id, events: byLocker[id]}
+		m.markEffectsBusy(c.events)
+		q := m.ctrl[shard(id, len(m.ctrl))]
+		if atStart {
+			q <- c // the shards run; nothing else is queued yet
+		} else {
+			select {
+			case q <- c:
+			default:
+				for i := range c.events {
+					m.effectsBusy.Delete(effectKey(&c.events[i]))
+				}
+				continue
+			}
+		}
+		m.m.effectsReplayed.Add(float64(len(c.events)))
+		m.log.Info("device events offered again: their effects were not applied", "locker", id, "events", len(c.events))
+	}
 }
 
 // DeviceSubscribedAfterBirth is called by the broker when a locker
@@ -567,7 +683,8 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			continue
 		}
 		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
-			Type: e.Type, Compartment: e.Compartment, Body: in.payload})
+			Type: e.Type, Compartment: e.Compartment, Body: in.payload,
+			Pending: m.opts.Events != nil && m.opts.Events.Wants(e.Type)})
 	}
 	if len(recs) == 0 {
 		return
@@ -600,6 +717,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
 		}
 		for _, id := range order {
+			m.markEffectsBusy(byLocker[id])
 			m.enqueueSink(control{kind: ctrlEvents, id: id, events: byLocker[id]})
 		}
 	}
@@ -790,7 +908,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 	}
 	switch c.kind {
 	case ctrlEvents:
-		m.opts.Events.DeviceEvents(ctx, c.events)
+		m.applyEffects(ctx, c.id, c.events)
 	case ctrlConnected:
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
 			m.log.Error("mark online", "locker", c.id, "err", err)
@@ -907,7 +1025,15 @@ func (m *Manager) deliverOpen(ctx context.Context, id string) {
 
 // EventSink consumes new device events after they were stored.
 type EventSink interface {
-	DeviceEvents(ctx context.Context, events []EventRecord)
+	// Wants reports whether events of type typ have effects for it to
+	// apply: such events are kept in the store's outbox until it has
+	// applied them, and offered again after a crash or a failure.
+	Wants(typ string) bool
+	// DeviceEvents applies a locker's new events, in order, and returns how
+	// many it applied (or found applied already); the events after those
+	// are offered again later (replayEvents). An event offered again may
+	// have been applied already: applying one must be idempotent.
+	DeviceEvents(ctx context.Context, events []EventRecord) int
 }
 
 // PublishCreds republishes a locker's retained credential set (after any

@@ -21,6 +21,7 @@ type metrics struct {
 	cmdDuration      *prometheus.HistogramVec
 	resent           prometheus.Counter
 	credsRepublished prometheus.Counter
+	effectsReplayed  prometheus.Counter
 	eventsDup        prometheus.Counter
 	alerts           *prometheus.CounterVec // kind
 	presenceEvent    *prometheus.CounterVec // kind
@@ -40,7 +41,7 @@ var (
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack"}
-	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind")
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout}
 )
@@ -86,6 +87,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help:    "Time from issuing a command to the device's answer, by type.",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
 		}, []string{"type"}),
+		effectsReplayed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_events_replayed_total",
+			Help: "Device events offered to the pickup workflow again because their effects had not been applied (a crash or a failed step).",
+		}),
 		credsRepublished: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_creds_republished_total",
 			Help: "Credential sets republished to online lockers that had not acknowledged them by two censuses.",
@@ -157,7 +162,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.eventsDup, m.alerts, m.presenceEvent,
+			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
 			m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m

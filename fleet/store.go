@@ -92,6 +92,12 @@ type Store interface {
 	Retained(ctx context.Context, deviceID string) (*Retained, error)
 	// AckCreds records the credential-set version a locker applied.
 	AckCreds(ctx context.Context, deviceID string, version int64) error
+	// EffectsApplied drops a locker's events from the outbox of effects to
+	// apply (InsertEvents writes there the fresh events marked Pending).
+	EffectsApplied(ctx context.Context, deviceID string, eventIDs []string) error
+	// PendingEffects returns up to limit events of the outbox received before
+	// before, oldest first, marked Pending.
+	PendingEffects(ctx context.Context, before time.Time, limit int) ([]EventRecord, error)
 	// CredsBehind returns up to limit online, enabled lockers whose last
 	// acknowledged credential set is older than their current one, with the
 	// current version.

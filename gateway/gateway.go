@@ -607,8 +607,10 @@ func addrString(a net.Addr) string {
 // pickupSink forwards new events to the pickup workflow (created after the fleet).
 type pickupSink struct{ s *pickup.Service }
 
-func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) {
-	p.s.DeviceEvents(ctx, events)
+func (p *pickupSink) Wants(typ string) bool { return p.s.Wants(typ) }
+
+func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) int {
+	return p.s.DeviceEvents(ctx, events)
 }
 
 // putDynSecDevice hands an issued identity to mosquitto. PutDevice leaves

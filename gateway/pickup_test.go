@@ -114,8 +114,19 @@ type pickupEnv struct {
 
 func newPickupEnv(t *testing.T, lockers int, failFirst int, mod ...func(*devicesim.Options)) *pickupEnv {
 	t.Helper()
+	return newPickupEnvWith(t, nil, lockers, failFirst, mod...)
+}
+
+// newPickupEnvWith is newPickupEnv with gw applied to the gateway's options.
+func newPickupEnvWith(t *testing.T, gw func(*gateway.Options), lockers int, failFirst int, mod ...func(*devicesim.Options)) *pickupEnv {
+	t.Helper()
 	ctx := context.Background()
-	tg := MustStart(t, func(o *gateway.Options) { o.WebhookBackoff = 20 * time.Millisecond })
+	tg := MustStart(t, func(o *gateway.Options) {
+		o.WebhookBackoff = 20 * time.Millisecond
+		if gw != nil {
+			gw(o)
+		}
+	})
 	claim := tg.MustSiteAndClaim(t, "store-042", lockers)
 	sim := MustFleet(t, tg, claim, lockers, mod...)
 	Eventually(t, 20*time.Second, "lockers online", func() error {
@@ -417,6 +428,85 @@ func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
 	}
 	if got := e.waitState(t, p.ID, pickup.Cancelled); got.State != pickup.Cancelled {
 		t.Fatal("unreachable")
+	}
+}
+
+// TestEventEffectsAppliedAfterACrash: a gateway that stored a locker's
+// events and stopped before applying them (killed) left them in the
+// outbox; the locker's resend is a duplicate by then. They are applied
+// later all the same: the code used, the pickup picked up. A replay of an
+// event applied already changes nothing.
+func TestEventEffectsAppliedAfterACrash(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnvWith(t, func(o *gateway.Options) { o.CensusInterval = 100 * time.Millisecond }, 1, 0,
+		func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+	p := e.create(t, "CR-1", "S", time.Hour)
+	e.stage(t, l, p)
+	ready := e.waitState(t, p.ID, pickup.Ready)
+	// What the killed run stored: the driver's code and the door closing
+	// empty, received an hour ago, their effects not applied.
+	at := time.Now().Add(-time.Hour).UTC().Truncate(time.Microsecond)
+	events := []struct {
+		id, typ, body string
+		comp          int
+		at            time.Time
+	}{
+		{"e-crash-1", "code_accepted", fmt.Sprintf(`{"id":"e-crash-1","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+			protocol.FormatTime(at), ready.Credential.ID+".p", p.Compartment), 0, at},
+		{"e-crash-2", "door_closed", fmt.Sprintf(`{"id":"e-crash-2","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+			protocol.FormatTime(at.Add(time.Second)), p.Compartment), p.Compartment, at.Add(time.Second)},
+	}
+	pool := e.tg.DB().Pool()
+	for _, ev := range events {
+		var comp *int
+		if ev.comp > 0 {
+			comp = &ev.comp
+		}
+		for _, q := range []string{
+			`INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`,
+			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
+			`INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
+		} {
+			args := []any{p.Locker, ev.id, ev.at, ev.typ, comp, ev.body}
+			if strings.HasPrefix(q, "INSERT INTO event_ids") {
+				args = args[:3]
+			}
+			if _, err := pool.Exec(ctx, q, args...); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+		}
+	}
+	e.waitState(t, p.ID, pickup.PickedUp)
+	Eventually(t, 10*time.Second, "the outbox emptied", func() error {
+		if n := e.tg.Count(t, `SELECT count(*) FROM event_outbox`); n != 0 {
+			return fmt.Errorf("%d events left", n)
+		}
+		return nil
+	})
+	if n, err := e.tg.Metric("lockergate_events_replayed_total"); err != nil || n < 2 {
+		t.Fatalf("lockergate_events_replayed_total = %v (%v), want 2 or more", n, err)
+	}
+
+	// The code_accepted offered again (a crash after its effect, before
+	// the outbox row went): applied already, so no alert.
+	body := events[0].body
+	if _, err := pool.Exec(ctx, `INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, body) VALUES ($1, 'e-crash-1', $2, $2, 'code_accepted', $3)`,
+		p.Locker, at, body); err != nil {
+		t.Fatal(err)
+	}
+	Eventually(t, 10*time.Second, "the replayed event done with", func() error {
+		if n := e.tg.Count(t, `SELECT count(*) FROM event_outbox`); n != 0 {
+			return fmt.Errorf("%d events left", n)
+		}
+		return nil
+	})
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live'`); n != 0 {
+		t.Fatalf("%d code_not_live alerts for a replay of an applied use", n)
+	}
+	// Events applied as they come leave nothing in the outbox either.
+	if got := e.tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND type IN ('code_accepted', 'door_closed')`, p.Locker); got < 3 {
+		t.Fatalf("%d door and code events stored, want the staging's and the two above", got)
 	}
 }
 

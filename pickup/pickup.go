@@ -189,7 +189,9 @@ type Store interface {
 		event func(p *Pickup, c *Credential) *Event, a fleet.AuditEntry) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps
 	// the set version; it returns the pickups it was for. A credential that
-	// was rotated counts as its replacement.
+	// was rotated counts as its replacement. A use recorded already at the
+	// same at (the same event, offered again) returns no pickups and no
+	// error; any other use of a credential not active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)

@@ -10,9 +10,18 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
+// Wants implements fleet.EventSink: the events that move pickups.
+func (s *Service) Wants(typ string) bool {
+	return typ == protocol.EventCodeAccepted || typ == protocol.EventDoorClosed
+}
+
 // DeviceEvents advances pickups from a locker's new events (called by the
-// fleet manager with each stored batch, in order).
-func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) {
+// fleet manager with each stored batch, in order). A step that fails on the
+// database is tried again until it succeeds, so a locker's events keep
+// their order; it returns how many events it applied, fewer only when ctx
+// ends first (the rest are offered again at the next start). An event
+// offered again may have been applied already: each step is idempotent.
+func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) int {
 	for i := range events {
 		e := &events[i]
 		ev, err := protocol.Decode[protocol.Event](e.Body)
@@ -21,31 +30,59 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 		}
 		switch ev.Type {
 		case protocol.EventCodeAccepted:
-			s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt)
+			err = s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt)
 		case protocol.EventCodeRejected:
 			s.m.rejections.WithLabelValues(ev.Reason).Inc()
 		case protocol.EventDoorClosed:
-			s.doorClosed(ctx, e.DeviceID, ev, e.ReceivedAt)
+			err = s.doorClosed(ctx, e.DeviceID, ev, e.ReceivedAt)
 		}
+		if err != nil {
+			s.log.Error("device event not applied; it is offered again at the next start", "locker", e.DeviceID, "event", e.EventID, "err", err)
+			return i
+		}
+	}
+	return len(events)
+}
+
+// retry runs a step until it succeeds, fails for good (the state moved:
+// not found, a conflict, invalid), or ctx ends.
+func (s *Service) retry(ctx context.Context, op string, f func(context.Context) error) error {
+	backoff := 50 * time.Millisecond
+	for {
+		err := f(ctx)
+		if err == nil || errors.Is(err, fleet.ErrNotFound) || errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrInvalid) {
+			return err
+		}
+		s.log.Error("pickup step failed; retrying", "op", op, "err", err, "retry_in", backoff)
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(backoff*2, 5*time.Second)
 	}
 }
 
 // codeAccepted spends the credential: single use, dropped from the next set.
-func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) {
+func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) error {
 	id := credentialID(ev.Credential)
-	ps, err := s.o.Store.UseCredential(ctx, deviceID, id, at)
+	var ps []Pickup
+	err := s.retry(ctx, "use_credential", func(ctx context.Context) (err error) {
+		ps, err = s.o.Store.UseCredential(ctx, deviceID, id, at)
+		return err
+	})
 	if errors.Is(err, fleet.ErrNotFound) {
 		s.codeNotLive(ctx, deviceID, id, ev, at)
-		return
+		return nil
 	}
 	if err != nil {
-		s.log.Error("record a code's use", "locker", deviceID, "credential", ev.Credential, "err", err)
-		return
+		return err
 	}
 	for _, p := range ps {
 		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment)
 	}
 	s.publish(ctx, deviceID)
+	return nil
 }
 
 // codeNotLive: the locker opened compartments for a code the gateway does
@@ -72,44 +109,61 @@ func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *prot
 
 // doorClosed: staff closed a loaded compartment (ready), or a driver closed
 // it after taking the order (picked up).
-func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) {
-	p, err := s.o.Store.LivePickupAt(ctx, deviceID, ev.Compartment)
+func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) error {
+	var p *Pickup
+	err := s.retry(ctx, "live_pickup", func(ctx context.Context) (err error) {
+		p, err = s.o.Store.LivePickupAt(ctx, deviceID, ev.Compartment)
+		return err
+	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return
+		return nil
 	}
 	if err != nil {
-		s.log.Error("find pickup of compartment", "locker", deviceID, "compartment", ev.Compartment, "err", err)
-		return
+		return err
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
-	switch {
-	case p.State == Staging && occupied:
-		s.ready(ctx, p, actor, at)
-	case p.State == Staging:
+	if p.State == Staging && occupied {
+		return s.ready(ctx, p, actor, at)
+	}
+	if p.State == Staging {
 		// Closed empty after staging: the order is not in it yet.
 		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertStagedEmpty, Compartment: p.Compartment,
 			Detail: "pickup " + p.ID + " staged but the compartment closed empty", RaisedAt: at})
-	case p.State == Ready && !occupied && s.credentialUsed(ctx, p):
-		done, err := s.o.Store.Transition(ctx, p.ID, []string{Ready}, PickedUp, actor, "opened with its code and closed empty", at, s.event(EventPickedUp, p, at))
+		return nil
+	}
+	used, err := s.credentialUsed(ctx, p)
+	if err != nil {
+		return err
+	}
+	switch {
+	case !occupied && used:
+		var done *Pickup
+		err := s.retry(ctx, "picked_up", func(ctx context.Context) (err error) {
+			done, err = s.o.Store.Transition(ctx, p.ID, []string{Ready}, PickedUp, actor, "opened with its code and closed empty", at, s.event(EventPickedUp, p, at))
+			return err
+		})
+		if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
+			return nil // ended meanwhile
+		}
 		if err != nil {
-			s.log.Error("pickup picked up", "pickup", p.ID, "err", err)
-			return
+			return err
 		}
 		s.transitioned(done, PickedUp)
 		if done.ReadyAt != nil {
 			s.m.collect.Observe(at.Sub(*done.ReadyAt).Seconds())
 		}
-	case p.State == Ready && occupied && s.credentialUsed(ctx, p):
+	case occupied && used:
 		// The driver opened it and left the order: still to collect, with a
 		// fresh code (the spent one no longer opens it).
 		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotTaken, Compartment: p.Compartment,
 			Detail: "pickup " + p.ID + " opened with its code but the order is still inside", RaisedAt: at})
-		s.issue(ctx, p)
-	case p.State == Ready && !occupied:
+		return s.issue(ctx, p)
+	case !occupied:
 		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertRemoved, Compartment: p.Compartment,
 			Detail: "pickup " + p.ID + " is ready but its compartment closed empty without its code", RaisedAt: at})
 	}
+	return nil
 }
 
 // Alert kinds raised by the pickup workflow.
@@ -122,42 +176,69 @@ const (
 )
 
 // credentialUsed reports whether the pickup's credential was spent at the locker.
-func (s *Service) credentialUsed(ctx context.Context, p *Pickup) bool {
+func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {
 	if p.CredentialID == "" {
-		return false
+		return false, nil
 	}
-	st, err := s.o.Store.CredentialState(ctx, p.Locker, p.CredentialID)
-	return err == nil && st == "used"
+	var st string
+	err := s.retry(ctx, "credential_state", func(ctx context.Context) (err error) {
+		st, err = s.o.Store.CredentialState(ctx, p.Locker, p.CredentialID)
+		return err
+	})
+	if errors.Is(err, fleet.ErrNotFound) {
+		return false, nil
+	}
+	return st == "used", err
 }
 
 // ready marks a staged pickup ready, mints its credential and tells the platform.
-func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) {
-	c, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", nil)
+func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) error {
+	var c *Credential
+	err := s.retry(ctx, "mint", func(ctx context.Context) (err error) {
+		c, err = s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", nil)
+		return err
+	})
+	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
+		return nil // ended meanwhile
+	}
 	if err != nil {
-		s.log.Error("mint credential", "pickup", p.ID, "err", err)
-		return
+		return err
 	}
 	p.CredentialID = c.ID
 	ev := s.event(EventReady, p, at)
 	ev.Data["credential_id"] = c.ID
-	done, err := s.o.Store.Transition(ctx, p.ID, []string{Staging}, Ready, actor, "closed with the order inside", at, ev)
+	var done *Pickup
+	err = s.retry(ctx, "ready", func(ctx context.Context) (err error) {
+		done, err = s.o.Store.Transition(ctx, p.ID, []string{Staging}, Ready, actor, "closed with the order inside", at, ev)
+		return err
+	})
+	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
+		return nil // ready already (a replay), or ended meanwhile
+	}
 	if err != nil {
-		s.log.Error("pickup ready", "pickup", p.ID, "err", err)
-		return
+		return err
 	}
 	s.transitioned(done, Ready)
 	s.m.stage.Observe(at.Sub(done.CreatedAt).Seconds())
 	s.publish(ctx, p.Locker)
+	return nil
 }
 
 // issue mints a fresh credential for a ready pickup, and tells its
 // webhooks the new codes.
-func (s *Service) issue(ctx context.Context, p *Pickup) {
-	if _, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", s.credentialChanged); err != nil {
-		s.log.Error("mint credential", "pickup", p.ID, "err", err)
-		return
+func (s *Service) issue(ctx context.Context, p *Pickup) error {
+	err := s.retry(ctx, "mint", func(ctx context.Context) error {
+		_, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", s.credentialChanged)
+		return err
+	})
+	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
+		return nil // ended meanwhile
+	}
+	if err != nil {
+		return err
 	}
 	s.publish(ctx, p.Locker)
+	return nil
 }
 
 func (s *Service) alert(ctx context.Context, a fleet.Alert) {

@@ -785,6 +785,52 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("stored %d rows, want %d", n, len(big))
 		}
 	})
+	t.Run("EffectsOutbox", func(t *testing.T) {
+		id := MustDevice(t, db, "s1", "SN-OUTBOX", 2) // its own events
+		at := now.Add(time.Minute).Truncate(time.Microsecond)
+		mk := func(eid string, pending bool) fleet.EventRecord {
+			body, _ := json.Marshal(protocol.Event{ID: eid, TS: protocol.T(at), Type: "door_closed", Compartment: 1})
+			return fleet.EventRecord{DeviceID: id, EventID: eid, ReceivedAt: at, TS: at, Type: "door_closed", Compartment: 1, Body: body, Pending: pending}
+		}
+		fresh, err := db.InsertEvents(ctx, []fleet.EventRecord{mk("o-1", true), mk("o-2", false), mk("o-3", true)})
+		if err != nil || len(fresh) != 3 {
+			t.Fatalf("insert: %d %v", len(fresh), err)
+		}
+		// A repeat is a duplicate: not queued again.
+		if _, err := db.InsertEvents(ctx, []fleet.EventRecord{mk("o-1", true)}); err != nil {
+			t.Fatal(err)
+		}
+		pending := func(before time.Time) []string {
+			t.Helper()
+			es, err := db.PendingEffects(ctx, before, 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ids []string
+			for _, e := range es {
+				if !e.Pending || e.DeviceID != id || e.Compartment != 1 || len(e.Body) == 0 || !e.ReceivedAt.Equal(at) {
+					t.Fatalf("pending effect %+v", e)
+				}
+				ids = append(ids, e.EventID)
+			}
+			return ids
+		}
+		if got := pending(at); got != nil {
+			t.Fatalf("received at or after the cut-off: %v, want none", got)
+		}
+		if got := pending(at.Add(time.Second)); !slices.Equal(got, []string{"o-1", "o-3"}) {
+			t.Fatalf("pending: %v, want [o-1 o-3]", got)
+		}
+		if err := db.EffectsApplied(ctx, id, []string{"o-1"}); err != nil {
+			t.Fatal(err)
+		}
+		if got := pending(at.Add(time.Second)); !slices.Equal(got, []string{"o-3"}) {
+			t.Fatalf("pending after o-1 was applied: %v, want [o-3]", got)
+		}
+		if err := db.EffectsApplied(ctx, id, []string{"o-3"}); err != nil {
+			t.Fatal(err)
+		}
+	})
 	t.Run("EventsOnce", func(t *testing.T) {
 		occ := true
 		body, _ := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(now), Type: "door_closed", Compartment: 2, Occupied: &occ})

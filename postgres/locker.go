@@ -230,9 +230,63 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 			})); err != nil {
 			return fmt.Errorf("copy events: %w", err)
 		}
+		if err := queueEffects(ctx, tx, fresh); err != nil {
+			return err
+		}
 		return applyEvents(ctx, tx, fresh)
 	})
 	return fresh, err
+}
+
+// queueEffects writes the fresh events whose effects are still to apply
+// (EventRecord.Pending) to the outbox, with them.
+func queueEffects(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) error {
+	var pending []*fleet.EventRecord
+	for i := range fresh {
+		if fresh[i].Pending {
+			pending = append(pending, &fresh[i])
+		}
+	}
+	if len(pending) == 0 {
+		return nil
+	}
+	_, err := tx.CopyFrom(ctx, pgx.Identifier{"event_outbox"},
+		[]string{"device_id", "event_id", "received_at", "ts", "type", "compartment", "body"},
+		pgx.CopyFromSlice(len(pending), func(i int) ([]any, error) {
+			e := pending[i]
+			var comp *int
+			if e.Compartment > 0 {
+				comp = &e.Compartment
+			}
+			return []any{e.DeviceID, e.EventID, e.ReceivedAt, e.TS, e.Type, comp, string(e.Body)}, nil
+		}))
+	if err != nil {
+		return fmt.Errorf("queue event effects: %w", err)
+	}
+	return nil
+}
+
+// EffectsApplied implements fleet.Store.
+func (db *DB) EffectsApplied(ctx context.Context, deviceID string, eventIDs []string) error {
+	_, err := db.pool.Exec(ctx, `DELETE FROM event_outbox WHERE device_id = $1 AND event_id = ANY($2)`, deviceID, eventIDs)
+	return err
+}
+
+// PendingEffects implements fleet.Store: the oldest first, so a locker's
+// events come in their order.
+func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int) ([]fleet.EventRecord, error) {
+	rows, err := db.pool.Query(ctx, `SELECT device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body
+		FROM event_outbox WHERE received_at < $1 ORDER BY received_at, device_id, event_id LIMIT $2`, before, limit)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.EventRecord, error) {
+		e := fleet.EventRecord{Pending: true}
+		var body []byte
+		err := row.Scan(&e.DeviceID, &e.EventID, &e.ReceivedAt, &e.TS, &e.Type, &e.Compartment, &body)
+		e.Body = body
+		return e, err
+	})
 }
 
 // applyEvents updates compartment state from door events: by locker and

@@ -574,16 +574,27 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 			return err
 		}
 		var used string
+		var applied bool
 		err := tx.QueryRow(ctx, `WITH RECURSIVE chain (id, depth) AS (
 				SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
 				UNION ALL
 				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
-				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32)
-			UPDATE credentials SET state = 'used', used_at = $3
-			WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id`,
-			deviceID, credID, at).Scan(&used)
+				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32),
+			u AS (UPDATE credentials SET state = 'used', used_at = $3
+				WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id)
+			SELECT id, false FROM u
+			UNION ALL
+			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3
+				AND id IN (SELECT id FROM chain) AND NOT EXISTS (SELECT 1 FROM u)
+			LIMIT 1`,
+			deviceID, credID, at).Scan(&used, &applied)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
+		}
+		if err == nil && applied {
+			// This very use, recorded already: an event offered again.
+			out = nil
+			return errAlreadyApplied
 		}
 		if err != nil {
 			return err
@@ -607,8 +618,14 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		out, err = collectPickups(rows)
 		return err
 	})
+	if errors.Is(err, errAlreadyApplied) {
+		return nil, nil
+	}
 	return out, err
 }
+
+// errAlreadyApplied rolls back a transaction that found its work done.
+var errAlreadyApplied = errors.New("already applied")
 
 // GetCredential implements pickup.Store.
 func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential, string, error) {
