@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"math"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -403,14 +404,16 @@ func (m *Manager) markEffectsBusy(events []EventRecord) {
 	}
 }
 
+func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
+	for i := range events {
+		m.effectsBusy.Delete(effectKey(&events[i]))
+	}
+}
+
 // applyEffects hands a locker's events to the sink, then drops from the
 // outbox those it applied; the rest stay for replayEvents.
 func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
-	defer func() {
-		for i := range events {
-			m.effectsBusy.Delete(effectKey(&events[i]))
-		}
-	}()
+	defer m.unmarkEffectsBusy(events)
 	n := m.opts.Events.DeviceEvents(ctx, events)
 	var done []string
 	for i := range events[:max(0, min(n, len(events)))] {
@@ -424,7 +427,11 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 	if len(done) == 0 {
 		return
 	}
-	if err := m.retry(ctx, "effects_applied", func(ctx context.Context) error { return m.store.EffectsApplied(ctx, id, done) }); err != nil {
+	// Recorded even when the drain's time is up: otherwise the next start
+	// applies them again (harmless, but avoidable).
+	actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if err := m.retry(actx, "effects_applied", func(ctx context.Context) error { return m.store.EffectsApplied(ctx, id, done) }); err != nil {
 		m.log.Error("record applied event effects (they will be offered again)", "locker", id, "err", err)
 	}
 }
@@ -437,8 +444,10 @@ const (
 	// replayAtStartAfter is replayAfter at start with an external broker:
 	// other instances are applying the events they received just now.
 	replayAtStartAfter = time.Minute
-	// replayLimit bounds the events one replay offers.
+	// replayLimit bounds the events one census offers.
 	replayLimit = 2000
+	// replayLease is how long a replay claims the events it offers.
+	replayLease = 10 * time.Minute
 )
 
 // replayEvents offers the sink again the events whose effects were not
@@ -451,18 +460,31 @@ func (m *Manager) replayEvents(ctx context.Context, atStart bool) {
 	if m.opts.Events == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	before := m.now().Add(-replayAfter)
+	before, limit := m.now().Add(-replayAfter), replayLimit
 	if atStart {
-		before = m.now()
+		before, limit = m.now(), math.MaxInt32 // all, before any new event
 		if m.opts.SharedReports {
 			before = before.Add(-replayAtStartAfter)
 		}
 	}
-	evs, err := m.store.PendingEffects(ctx, before, replayLimit)
-	if err != nil {
+	var evs []EventRecord
+	load := func(ctx context.Context) (err error) {
+		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		// A single instance's start takes back what its previous run had
+		// claimed and not applied.
+		evs, err = m.store.PendingEffects(ctx, before, limit, replayLease, atStart && !m.opts.SharedReports)
+		return err
+	}
+	var err error
+	if atStart {
+		// New events wait for this: a leftover applied after them would
+		// be applied against a state they changed.
+		err = m.retry(ctx, "pending_effects", load)
+	} else if err = load(ctx); err != nil {
 		m.m.dbErrors.WithLabelValues("pending_effects").Inc()
+	}
+	if err != nil {
 		m.log.Error("load event effects not applied", "err", err)
 		return
 	}
@@ -482,14 +504,16 @@ func (m *Manager) replayEvents(ctx context.Context, atStart bool) {
 		m.markEffectsBusy(c.events)
 		q := m.ctrl[shard(id, len(m.ctrl))]
 		if atStart {
-			q <- c // the shards run; nothing else is queued yet
+			select { // before any new event of the locker
+			case q <- c:
+			case <-ctx.Done():
+				return
+			}
 		} else {
 			select {
 			case q <- c:
 			default:
-				for i := range c.events {
-					m.effectsBusy.Delete(effectKey(&c.events[i]))
-				}
+				m.unmarkEffectsBusy(c.events) // claimed until the lease ends, then offered again
 				continue
 			}
 		}
@@ -689,14 +713,30 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	if len(recs) == 0 {
 		return
 	}
+	// In flight from before they are stored: a census must not offer them
+	// meanwhile (after a long outage they are old when they commit).
+	m.markEffectsBusy(recs)
 	var fresh []EventRecord
 	err := m.retry(ctx, "insert_events", func(ctx context.Context) (err error) {
 		fresh, err = m.store.InsertEvents(ctx, recs)
 		return err
 	})
 	if err != nil {
+		m.unmarkEffectsBusy(recs)
 		m.log.Error("event batch not stored", "n", len(recs), "err", err)
 		return
+	}
+	if len(fresh) < len(recs) {
+		// Duplicates are not handed on; the fresh stay marked.
+		isFresh := make(map[string]bool, len(fresh))
+		for i := range fresh {
+			isFresh[effectKey(&fresh[i])] = true
+		}
+		for i := range recs {
+			if !isFresh[effectKey(&recs[i])] {
+				m.effectsBusy.Delete(effectKey(&recs[i]))
+			}
+		}
 	}
 	m.m.eventsDup.Add(float64(len(recs) - len(fresh)))
 	m.observeLag(batch)
@@ -717,7 +757,6 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
 		}
 		for _, id := range order {
-			m.markEffectsBusy(byLocker[id])
 			m.enqueueSink(control{kind: ctrlEvents, id: id, events: byLocker[id]})
 		}
 	}

@@ -95,9 +95,11 @@ type Store interface {
 	// EffectsApplied drops a locker's events from the outbox of effects to
 	// apply (InsertEvents writes there the fresh events marked Pending).
 	EffectsApplied(ctx context.Context, deviceID string, eventIDs []string) error
-	// PendingEffects returns up to limit events of the outbox received before
-	// before, oldest first, marked Pending.
-	PendingEffects(ctx context.Context, before time.Time, limit int) ([]EventRecord, error)
+	// PendingEffects claims for lease up to limit events of the outbox
+	// received before before and not claimed by another caller (with
+	// reclaim, claimed or not: a single instance's start), and returns them
+	// oldest first, marked Pending.
+	PendingEffects(ctx context.Context, before time.Time, limit int, lease time.Duration, reclaim bool) ([]EventRecord, error)
 	// CredsBehind returns up to limit online, enabled lockers whose last
 	// acknowledged credential set is older than their current one, with the
 	// current version.

@@ -15,6 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
@@ -431,6 +434,102 @@ func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
 	}
 }
 
+// storedEvent is a device event as a run stored it.
+type storedEvent struct {
+	id, typ, body string
+	comp          int
+	at            time.Time
+}
+
+// collectedEvents are a driver's code use and the door closing empty after
+// it, for ready pickup p, received at at; ids start with prefix.
+func collectedEvents(prefix string, p pickup.Pickup, at time.Time) []storedEvent {
+	return []storedEvent{
+		{prefix + "-1", "code_accepted", fmt.Sprintf(`{"id":"%s-1","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+			prefix, protocol.FormatTime(at), p.Credential.ID+".p", p.Compartment), 0, at},
+		{prefix + "-2", "door_closed", fmt.Sprintf(`{"id":"%s-2","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+			prefix, protocol.FormatTime(at.Add(time.Second)), p.Compartment), p.Compartment, at.Add(time.Second)},
+	}
+}
+
+// storeUnapplied writes events of locker as a run that stored them and
+// stopped before applying their effects leaves them: recorded, deduplicated,
+// and in the outbox.
+func storeUnapplied(t *testing.T, pool interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}, locker string, events []storedEvent) {
+	t.Helper()
+	for _, ev := range events {
+		var comp *int
+		if ev.comp > 0 {
+			comp = &ev.comp
+		}
+		for _, q := range []string{
+			`INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`,
+			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
+			`INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
+		} {
+			args := []any{locker, ev.id, ev.at, ev.typ, comp, ev.body}
+			if strings.HasPrefix(q, "INSERT INTO event_ids") {
+				args = args[:3]
+			}
+			if _, err := pool.Exec(context.Background(), q, args...); err != nil {
+				t.Fatalf("%s: %v", q, err)
+			}
+		}
+	}
+}
+
+// backdate makes pickup id two hours old, so that events stored as
+// received before now are about it (a closing from before a pickup
+// existed is ignored).
+func backdate(t *testing.T, pool interface {
+	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
+}, id string) {
+	t.Helper()
+	if _, err := pool.Exec(context.Background(), `UPDATE pickups SET created_at = created_at - interval '2 hours' WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestEventEffectsReplayedAtStart: what a stopped run stored and did not
+// apply is applied by the next start before any new event, however recent
+// (a census offers only what is older than 5 minutes).
+func TestEventEffectsReplayedAtStart(t *testing.T) {
+	ctx := context.Background()
+	var opts gateway.Options
+	e := newPickupEnvWith(t, func(o *gateway.Options) { opts = *o }, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+	p := e.create(t, "ST-1", "S", time.Hour)
+	e.stage(t, l, p)
+	ready := e.waitState(t, p.ID, pickup.Ready)
+	e.sim.Close()
+	e.tg.Stop(t)
+	conn, err := pgx.Connect(ctx, opts.DatabaseURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	backdate(t, conn, p.ID)
+	storeUnapplied(t, conn, p.Locker, collectedEvents("e-start", ready, time.Now().Add(-10*time.Second).UTC().Truncate(time.Microsecond)))
+
+	tg2 := MustRun(t, opts)
+	tg2.Admin.Token = e.tg.Admin.Token
+	Eventually(t, 15*time.Second, "the pickup picked up by the replay", func() error {
+		var got pickup.Pickup
+		if err := tg2.Admin.Get(ctx, "/v1/pickups/"+p.ID, nil, &got); err != nil {
+			return err
+		}
+		if got.State != pickup.PickedUp {
+			return fmt.Errorf("state %s", got.State)
+		}
+		return nil
+	})
+	if n := tg2.Count(t, `SELECT count(*) FROM event_outbox`); n != 0 {
+		t.Fatalf("%d events left in the outbox", n)
+	}
+}
+
 // TestEventEffectsAppliedAfterACrash: a gateway that stored a locker's
 // events and stopped before applying them (killed) left them in the
 // outbox; the locker's resend is a duplicate by then. They are applied
@@ -447,36 +546,10 @@ func TestEventEffectsAppliedAfterACrash(t *testing.T) {
 	// What the killed run stored: the driver's code and the door closing
 	// empty, received an hour ago, their effects not applied.
 	at := time.Now().Add(-time.Hour).UTC().Truncate(time.Microsecond)
-	events := []struct {
-		id, typ, body string
-		comp          int
-		at            time.Time
-	}{
-		{"e-crash-1", "code_accepted", fmt.Sprintf(`{"id":"e-crash-1","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
-			protocol.FormatTime(at), ready.Credential.ID+".p", p.Compartment), 0, at},
-		{"e-crash-2", "door_closed", fmt.Sprintf(`{"id":"e-crash-2","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
-			protocol.FormatTime(at.Add(time.Second)), p.Compartment), p.Compartment, at.Add(time.Second)},
-	}
+	events := collectedEvents("e-crash", ready, at)
 	pool := e.tg.DB().Pool()
-	for _, ev := range events {
-		var comp *int
-		if ev.comp > 0 {
-			comp = &ev.comp
-		}
-		for _, q := range []string{
-			`INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`,
-			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
-			`INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
-		} {
-			args := []any{p.Locker, ev.id, ev.at, ev.typ, comp, ev.body}
-			if strings.HasPrefix(q, "INSERT INTO event_ids") {
-				args = args[:3]
-			}
-			if _, err := pool.Exec(ctx, q, args...); err != nil {
-				t.Fatalf("%s: %v", q, err)
-			}
-		}
-	}
+	backdate(t, pool, p.ID)
+	storeUnapplied(t, pool, p.Locker, events)
 	e.waitState(t, p.ID, pickup.PickedUp)
 	Eventually(t, 10*time.Second, "the outbox emptied", func() error {
 		if n := e.tg.Count(t, `SELECT count(*) FROM event_outbox`); n != 0 {
@@ -503,6 +576,28 @@ func TestEventEffectsAppliedAfterACrash(t *testing.T) {
 	})
 	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live'`); n != 0 {
 		t.Fatalf("%d code_not_live alerts for a replay of an applied use", n)
+	}
+	// A closing stored from before a pickup existed (the compartment's last
+	// order) does not make the new one ready.
+	p2 := e.create(t, "CR-2", "S", time.Hour)
+	Eventually(t, 10*time.Second, "door open for staging", func() error {
+		if !l.Compartment(p2.Compartment).Open {
+			return errors.New("closed")
+		}
+		return nil
+	})
+	old := at.Add(time.Minute)
+	storeUnapplied(t, pool, p2.Locker, []storedEvent{{"e-old-close", "door_closed",
+		fmt.Sprintf(`{"id":"e-old-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":true}`, protocol.FormatTime(old), p2.Compartment),
+		p2.Compartment, old}})
+	Eventually(t, 10*time.Second, "the old closing done with", func() error {
+		if n := e.tg.Count(t, `SELECT count(*) FROM event_outbox`); n != 0 {
+			return fmt.Errorf("%d events left", n)
+		}
+		return nil
+	})
+	if got := e.waitState(t, p2.ID, pickup.Staging); got.State != pickup.Staging {
+		t.Fatal("unreachable")
 	}
 	// Events applied as they come leave nothing in the outbox either.
 	if got := e.tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND type IN ('code_accepted', 'door_closed')`, p.Locker); got < 3 {

@@ -121,6 +121,11 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if err != nil {
 		return err
 	}
+	if at.Before(p.CreatedAt) {
+		// A closing from before this pickup existed (an event offered
+		// again after a stop): it was about the compartment's last order.
+		return nil
+	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
 	if p.State == Staging && occupied {

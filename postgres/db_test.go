@@ -802,7 +802,7 @@ func TestIngest(t *testing.T) {
 		}
 		pending := func(before time.Time) []string {
 			t.Helper()
-			es, err := db.PendingEffects(ctx, before, 10)
+			es, err := db.PendingEffects(ctx, before, 10, 0, true)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -817,6 +817,21 @@ func TestIngest(t *testing.T) {
 		}
 		if got := pending(at); got != nil {
 			t.Fatalf("received at or after the cut-off: %v, want none", got)
+		}
+		// A claim holds the rows from other callers for its lease.
+		claim := func(reclaim bool) int {
+			t.Helper()
+			es, err := db.PendingEffects(ctx, at.Add(time.Second), 10, time.Hour, reclaim)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(es)
+		}
+		if n := claim(false); n != 2 {
+			t.Fatalf("first claim: %d rows, want 2", n)
+		}
+		if n := claim(false); n != 0 {
+			t.Fatalf("claimed again within the lease: %d rows, want none", n)
 		}
 		if got := pending(at.Add(time.Second)); !slices.Equal(got, []string{"o-1", "o-3"}) {
 			t.Fatalf("pending: %v, want [o-1 o-3]", got)

@@ -272,21 +272,31 @@ func (db *DB) EffectsApplied(ctx context.Context, deviceID string, eventIDs []st
 	return err
 }
 
-// PendingEffects implements fleet.Store: the oldest first, so a locker's
-// events come in their order.
-func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int) ([]fleet.EventRecord, error) {
-	rows, err := db.pool.Query(ctx, `SELECT device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body
-		FROM event_outbox WHERE received_at < $1 ORDER BY received_at, device_id, event_id LIMIT $2`, before, limit)
+// PendingEffects implements fleet.Store: it claims the rows for lease
+// (rows another instance holds are skipped, unless reclaim), and returns
+// them oldest first, so a locker's events come in their order.
+func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int, lease time.Duration, reclaim bool) ([]fleet.EventRecord, error) {
+	rows, err := db.pool.Query(ctx, `WITH c AS (
+			SELECT device_id, event_id FROM event_outbox
+			WHERE received_at < $1 AND ($4 OR claimed_until IS NULL OR claimed_until < now())
+			ORDER BY received_at, device_id, event_id LIMIT $2 FOR UPDATE SKIP LOCKED)
+		UPDATE event_outbox o SET claimed_until = now() + $3::interval FROM c
+		WHERE o.device_id = c.device_id AND o.event_id = c.event_id
+		RETURNING o.device_id, o.event_id, o.received_at, o.ts, o.type, coalesce(o.compartment, 0), o.body`, before, limit, lease, reclaim)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.EventRecord, error) {
+	evs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.EventRecord, error) {
 		e := fleet.EventRecord{Pending: true}
 		var body []byte
 		err := row.Scan(&e.DeviceID, &e.EventID, &e.ReceivedAt, &e.TS, &e.Type, &e.Compartment, &body)
 		e.Body = body
 		return e, err
 	})
+	slices.SortFunc(evs, func(a, b fleet.EventRecord) int {
+		return cmp.Or(a.ReceivedAt.Compare(b.ReceivedAt), strings.Compare(a.DeviceID, b.DeviceID), strings.Compare(a.EventID, b.EventID))
+	})
+	return evs, err
 }
 
 // applyEvents updates compartment state from door events: by locker and

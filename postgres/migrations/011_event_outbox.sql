@@ -12,6 +12,9 @@ CREATE TABLE event_outbox (
     type        text NOT NULL,
     compartment int,
     body        jsonb NOT NULL,
+    -- A replay claims a row until then, so two gateway instances (or two
+    -- censuses) do not offer it at once.
+    claimed_until timestamptz,
     PRIMARY KEY (device_id, event_id)
 );
 CREATE INDEX event_outbox_received ON event_outbox (received_at);
