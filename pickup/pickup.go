@@ -133,7 +133,6 @@ const (
 // EventTypes lists the webhook event types.
 var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelled, EventCredentialChanged}
 
-// Store persists pickups and credentials.
 // CollectGrace is how long after a pickup's code opened its compartment
 // the pickup is being collected: the driver has the door open, and its
 // door_closed decides (picked up, or not taken). Until then it does not
@@ -142,6 +141,7 @@ var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelle
 // left open, an event lost) the pickup expires as any other.
 const CollectGrace = 15 * time.Minute
 
+// Store persists pickups and credentials.
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
