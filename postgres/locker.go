@@ -218,16 +218,8 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		if len(fresh) == 0 {
 			return nil
 		}
-		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"events"},
-			[]string{"device_id", "event_id", "received_at", "ts", "type", "compartment", "body"},
-			pgx.CopyFromSlice(len(fresh), func(i int) ([]any, error) {
-				e := &fresh[i]
-				var comp *int
-				if e.Compartment > 0 {
-					comp = &e.Compartment
-				}
-				return []any{e.DeviceID, e.EventID, e.ReceivedAt, e.TS, e.Type, comp, string(e.Body)}, nil
-			})); err != nil {
+		if _, err := tx.CopyFrom(ctx, pgx.Identifier{"events"}, eventCopyCols,
+			pgx.CopyFromSlice(len(fresh), func(i int) ([]any, error) { return eventCopyRow(&fresh[i]), nil })); err != nil {
 			return fmt.Errorf("copy events: %w", err)
 		}
 		if err := queueEffects(ctx, tx, fresh); err != nil {
@@ -236,6 +228,18 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		return applyEvents(ctx, tx, fresh)
 	})
 	return fresh, err
+}
+
+// eventCopyCols are the columns events and event_outbox are copied in by,
+// and eventCopyRow an event's values for them.
+var eventCopyCols = []string{"device_id", "event_id", "received_at", "ts", "type", "compartment", "body"}
+
+func eventCopyRow(e *fleet.EventRecord) []any {
+	var comp *int
+	if e.Compartment > 0 {
+		comp = &e.Compartment
+	}
+	return []any{e.DeviceID, e.EventID, e.ReceivedAt, e.TS, e.Type, comp, string(e.Body)}
 }
 
 // queueEffects writes the fresh events whose effects are still to apply
@@ -250,16 +254,8 @@ func queueEffects(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) err
 	if len(pending) == 0 {
 		return nil
 	}
-	_, err := tx.CopyFrom(ctx, pgx.Identifier{"event_outbox"},
-		[]string{"device_id", "event_id", "received_at", "ts", "type", "compartment", "body"},
-		pgx.CopyFromSlice(len(pending), func(i int) ([]any, error) {
-			e := pending[i]
-			var comp *int
-			if e.Compartment > 0 {
-				comp = &e.Compartment
-			}
-			return []any{e.DeviceID, e.EventID, e.ReceivedAt, e.TS, e.Type, comp, string(e.Body)}, nil
-		}))
+	_, err := tx.CopyFrom(ctx, pgx.Identifier{"event_outbox"}, eventCopyCols,
+		pgx.CopyFromSlice(len(pending), func(i int) ([]any, error) { return eventCopyRow(pending[i]), nil }))
 	if err != nil {
 		return fmt.Errorf("queue event effects: %w", err)
 	}
