@@ -132,10 +132,10 @@ const resendLimit = 500
 // or a session that dropped the message. It also delivers a command left
 // pending for CommandResend while its locker is online: one created as the
 // locker came online, stored pending after the birth had read the open
-// commands. Lockers run a command id at most
-// once and repeat their answer, so a locker that has it only answers
-// again. Each command is sent again at most once per CommandResend by
-// this instance.
+// commands. Lockers run a command id at most once and repeat their answer,
+// so a locker that has it only answers again. Each command is sent again at
+// most once per CommandResend by this instance. Run calls it after each
+// sweep.
 func (m *Manager) resend(ctx context.Context) {
 	if m.opts.CommandResend < 0 {
 		return
@@ -300,10 +300,8 @@ func (m *Manager) finished(c *Command) {
 	m.wake(c.ID, c)
 }
 
-// sweep finalises commands past their deadline and sends again those
-// without an answer.
+// sweep finalises commands past their deadline.
 func (m *Manager) sweep(ctx context.Context) {
-	defer m.resend(ctx)
 	cmds, err := m.store.ExpireCommands(ctx, m.now(), resultGrace)
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("expire_commands").Inc()

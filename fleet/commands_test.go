@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -24,6 +25,7 @@ type fakeStore struct {
 	lockers map[string]Locker
 	cmds    map[string]Command
 	audits  []AuditEntry
+	applied []string // locker/event ids recorded by EffectsApplied
 	gets    int
 }
 
@@ -102,6 +104,15 @@ func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, in
 }
 
 func (f *fakeStore) CredsBehind(context.Context, int) ([]CredsLag, error) { return nil, nil }
+
+func (f *fakeStore) EffectsApplied(_ context.Context, deviceID string, ids []string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, id := range ids {
+		f.applied = append(f.applied, deviceID+"/"+id)
+	}
+	return nil
+}
 
 // set changes a stored command behind the manager's back (another instance).
 func (f *fakeStore) set(id, status string) {
@@ -538,3 +549,42 @@ func (b *ctxBus) Publish(ctx context.Context, _ string, _ []byte, _ byte, _ bool
 }
 
 func (b *ctxBus) Subscribe(string, Handler) error { return nil }
+
+// partialSink applies the first n events it is offered.
+type partialSink struct{ n int }
+
+func (partialSink) Wants(string) bool { return true }
+
+func (s partialSink) DeviceEvents(context.Context, []EventRecord) int { return s.n }
+
+// TestEffectsAppliedOnlyForAppliedEvents: the outbox loses only the events
+// the sink applied, and only those it keeps (Pending); the rest stay to be
+// offered again.
+func TestEffectsAppliedOnlyForAppliedEvents(t *testing.T) {
+	st := newFakeStore()
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Events: partialSink{n: 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := []EventRecord{
+		{DeviceID: "lk-1", EventID: "e-1", Pending: true},
+		{DeviceID: "lk-1", EventID: "e-2"}, // no effects to keep
+		{DeviceID: "lk-1", EventID: "e-3", Pending: true},
+	}
+	m.markEffectsBusy(evs) // as writeEvents does
+	m.applyEffects(context.Background(), "lk-1", evs)
+	if want := []string{"lk-1/e-1"}; !slices.Equal(st.applied, want) {
+		t.Fatalf("recorded applied %v, want %v", st.applied, want)
+	}
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-3"); busy {
+		t.Fatal("an event not applied is still marked in flight: no replay would offer it")
+	}
+}
+
+func TestByLocker(t *testing.T) {
+	evs := []EventRecord{{DeviceID: "b", EventID: "1"}, {DeviceID: "a", EventID: "2"}, {DeviceID: "b", EventID: "3"}}
+	got := byLocker(evs)
+	if len(got) != 2 || len(got[0]) != 2 || got[0][0].EventID != "1" || got[0][1].EventID != "3" || got[1][0].EventID != "2" {
+		t.Fatalf("byLocker = %+v", got)
+	}
+}

@@ -303,6 +303,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			return nil
 		case <-sweep.C:
 			m.sweep(wctx)
+			m.resend(wctx)
 		case <-census.C:
 			m.census(wctx)
 			m.reconcileCreds(wctx)
@@ -390,6 +391,23 @@ func (m *Manager) enqueueSink(c control) {
 	m.ctrl[shard(c.id, len(m.ctrl))] <- c
 }
 
+// byLocker splits events by locker, in the order each locker first appears,
+// keeping each locker's events in their order.
+func byLocker(events []EventRecord) [][]EventRecord {
+	at := map[string]int{}
+	var out [][]EventRecord
+	for _, e := range events {
+		i, ok := at[e.DeviceID]
+		if !ok {
+			i = len(out)
+			at[e.DeviceID] = i
+			out = append(out, nil)
+		}
+		out[i] = append(out[i], e)
+	}
+	return out
+}
+
 // effectKey names a locker's event among those whose effects are on their
 // way to the sink.
 func effectKey(e *EventRecord) string { return e.DeviceID + "\x00" + e.EventID }
@@ -414,11 +432,11 @@ func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 // outbox those it applied; the rest stay for replayEvents.
 func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
 	defer m.unmarkEffectsBusy(events)
-	n := m.opts.Events.DeviceEvents(ctx, events)
+	n := min(m.opts.Events.DeviceEvents(ctx, events), len(events))
 	var done []string
-	for i := range events[:max(0, min(n, len(events)))] {
-		if events[i].Pending {
-			done = append(done, events[i].EventID)
+	for _, e := range events[:n] {
+		if e.Pending {
+			done = append(done, e.EventID)
 		}
 	}
 	if n < len(events) {
@@ -488,19 +506,13 @@ func (m *Manager) replayEvents(ctx context.Context, atStart bool) {
 		m.log.Error("load event effects not applied", "err", err)
 		return
 	}
-	byLocker := map[string][]EventRecord{}
-	var order []string
-	for _, e := range evs {
-		if _, busy := m.effectsBusy.Load(effectKey(&e)); busy {
-			continue
-		}
-		if _, ok := byLocker[e.DeviceID]; !ok {
-			order = append(order, e.DeviceID)
-		}
-		byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
-	}
-	for _, id := range order {
-		c := control{kind: ctrlEvents, id: id, events: byLocker[id]}
+	evs = slices.DeleteFunc(evs, func(e EventRecord) bool {
+		_, busy := m.effectsBusy.Load(effectKey(&e))
+		return busy
+	})
+	for _, group := range byLocker(evs) {
+		id := group[0].DeviceID
+		c := control{kind: ctrlEvents, id: id, events: group}
 		m.markEffectsBusy(c.events)
 		q := m.ctrl[shard(id, len(m.ctrl))]
 		if atStart {
@@ -748,16 +760,8 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		// The sink's work (pickup transitions) runs on the control shards:
 		// in order per locker, in parallel across lockers, and not holding
 		// up the next batch of inserts.
-		byLocker := map[string][]EventRecord{}
-		var order []string
-		for _, e := range fresh {
-			if _, ok := byLocker[e.DeviceID]; !ok {
-				order = append(order, e.DeviceID)
-			}
-			byLocker[e.DeviceID] = append(byLocker[e.DeviceID], e)
-		}
-		for _, id := range order {
-			m.enqueueSink(control{kind: ctrlEvents, id: id, events: byLocker[id]})
+		for _, evs := range byLocker(fresh) {
+			m.enqueueSink(control{kind: ctrlEvents, id: evs[0].DeviceID, events: evs})
 		}
 	}
 }
