@@ -61,9 +61,7 @@ func TestCommandWaitsForReconnect(t *testing.T) {
 func TestCommandReachesLateSubscriber(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "SN-LATE-1")
-	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	r, c := rawLocker(t, tg, "SN-LATE-1")
 	publishBirth(t, tg, c, r.DeviceID)
 	var cmd fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
@@ -132,9 +130,7 @@ func TestCommandAfterMinimalBirth(t *testing.T) {
 func TestCommandSentAgainUntilAnswered(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t, func(o *gateway.Options) { o.CommandResend = 200 * time.Millisecond })
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "SN-RESEND-1")
-	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	r, c := rawLocker(t, tg, "SN-RESEND-1")
 	got := subscribeCommands(t, c, r.DeviceID)
 	publishBirth(t, tg, c, r.DeviceID)
 	var cmd fleet.Command
@@ -151,10 +147,7 @@ func TestCommandSentAgainUntilAnswered(t *testing.T) {
 		}
 		return nil
 	})
-	result := fmt.Sprintf(`{"id":"%s","status":"ok","ts":"%s"}`, cmd.ID, protocol.FormatTime(time.Now()))
-	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanCmdResult), 1, false, result); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("result: %v", tok.Error())
-	}
+	publishResult(t, c, r.DeviceID, cmd.ID)
 	waitCommandStatus(t, tg, r.DeviceID, cmd.ID, fleet.CmdOK, "the answer stored")
 	// Answered: not sent again. Anything already on its way arrives
 	// within a few resend periods; then nothing more comes.
@@ -194,6 +187,25 @@ func waitCommandStatus(t *testing.T, tg *TestGateway, deviceID, cmdID, status, w
 	})
 }
 
+// rawLocker provisions locker serial at a new site of tg and connects it as
+// a plain MQTT client (no birth yet).
+func rawLocker(t *testing.T, tg *TestGateway, serial string) (protocol.ProvisionResponse, paho.Client) {
+	t.Helper()
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, serial)
+	return r, MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+}
+
+// publishResult publishes a plain client's answer ok to command id as
+// locker deviceID.
+func publishResult(t *testing.T, c paho.Client, deviceID, id string) {
+	t.Helper()
+	res := fmt.Sprintf(`{"id":"%s","status":"ok","ts":"%s"}`, id, protocol.FormatTime(time.Now()))
+	if tok := c.Publish(protocol.Topic(deviceID, protocol.ChanCmdResult), 1, false, res); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("result: %v", tok.Error())
+	}
+}
+
 // publishBirth publishes a plain client's birth as locker id and waits for
 // the gateway to show it online.
 func publishBirth(t *testing.T, tg *TestGateway, c paho.Client, id string) {
@@ -212,17 +224,12 @@ func publishBirth(t *testing.T, tg *TestGateway, c paho.Client, id string) {
 func TestPendingCommandDeliveredToOnlineLocker(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t, func(o *gateway.Options) { o.CommandResend = 200 * time.Millisecond })
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "SN-PENDING-1")
-	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	r, c := rawLocker(t, tg, "SN-PENDING-1")
 	got := subscribeCommands(t, c, r.DeviceID)
 	publishBirth(t, tg, c, r.DeviceID)
 	// The birth's delivery of open commands runs on the locker's control
 	// shard; an answer to an unknown command queued behind it shows it done.
-	stray := fmt.Sprintf(`{"id":"c-none","status":"ok","ts":"%s"}`, protocol.FormatTime(time.Now()))
-	if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanCmdResult), 1, false, stray); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("result: %v", tok.Error())
-	}
+	publishResult(t, c, r.DeviceID, "c-none")
 	Eventually(t, 10*time.Second, "the birth handled", func() error {
 		n, err := tg.Metric(`lockergate_ingest_messages_dropped_total{channel="cmd/result",reason="unknown_or_repeated"}`)
 		if err == nil && n != 1 {

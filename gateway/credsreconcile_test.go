@@ -22,9 +22,7 @@ import (
 func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t, func(o *gateway.Options) { o.CensusInterval = 100 * time.Millisecond })
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "SN-CREDS-1")
-	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	r, c := rawLocker(t, tg, "SN-CREDS-1")
 	var mu sync.Mutex
 	var versions []int64
 	tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCreds), 1, func(_ paho.Client, m paho.Message) {
