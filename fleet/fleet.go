@@ -106,6 +106,9 @@ type EventRecord struct {
 	// Pending: the event has effects to apply (EventSink.Wants); it is kept
 	// in the store's outbox until they are (EffectsApplied).
 	Pending bool `json:"-"`
+	// Alert is the event's effect on its locker's alerts, applied with it
+	// (see AlertChange); nil: none.
+	Alert *AlertChange `json:"-"`
 }
 
 // Range bounds a time-ranged list. After resumes a list after the row with

@@ -112,7 +112,7 @@ type Manager struct {
 	effectsBusy sync.Map
 	credsLag    map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
-	doorFaults sync.Map // locker id → []int, the last door_faults seen
+	doorFaults sync.Map // locker id → []int, the last door_faults seen (or faultsUnsynced)
 	publishMu  [64]sync.Mutex
 
 	stopped    atomic.Bool
@@ -720,7 +720,8 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		}
 		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
 			Type: e.Type, Compartment: e.Compartment, Body: in.payload,
-			Pending: m.opts.Events != nil && m.opts.Events.Wants(e.Type)})
+			Pending: m.opts.Events != nil && m.opts.Events.Wants(e.Type),
+			Alert:   eventAlert(in.id, in.at, e)})
 	}
 	if len(recs) == 0 {
 		return
@@ -754,7 +755,9 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	m.observeLag(batch)
 	ackAll(batch)
 	for i := range fresh {
-		m.raiseAlerts(ctx, &fresh[i])
+		if a := fresh[i].Alert; a != nil && a.Raised {
+			m.alertRaised(a.Raise)
+		}
 	}
 	if m.opts.Events != nil && len(fresh) > 0 {
 		// The sink's work (pickup transitions) runs on the control shards:
@@ -798,34 +801,31 @@ func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 	m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err)
 }
 
-// raiseAlerts raises (and clears) alerts from a new event.
-func (m *Manager) raiseAlerts(ctx context.Context, e *EventRecord) {
-	ev, err := protocol.Decode[protocol.Event](e.Body)
-	if err != nil {
-		return
-	}
-	a := Alert{DeviceID: e.DeviceID, Compartment: ev.Compartment, RaisedAt: e.ReceivedAt}
+// eventAlert is what event ev of locker id, received at at, does to the
+// locker's alerts; nil: nothing.
+func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
+	a := Alert{DeviceID: id, Compartment: ev.Compartment, RaisedAt: at}
 	switch ev.Type {
 	case protocol.EventDoorAjar:
 		a.Kind, a.Detail = AlertDoorAjar, fmt.Sprintf("open %d s", ev.OpenS)
 	case protocol.EventDoorClosed:
-		m.clearAlerts(ctx, e.DeviceID, AlertDoorAjar, e.ReceivedAt, except(ev.Compartment))
+		return &AlertChange{ClearKind: AlertDoorAjar, Keep: except(ev.Compartment)}
 	case protocol.EventTamper:
 		a.Kind, a.Detail = AlertTamper, ev.Detail
 	case protocol.EventPower:
-		if ev.Source == protocol.PowerBattery {
-			a.Kind = AlertOnBattery
-		} else {
-			m.clearAlerts(ctx, e.DeviceID, AlertOnBattery, e.ReceivedAt, nil)
+		if ev.Source != protocol.PowerBattery {
+			return &AlertChange{ClearKind: AlertOnBattery}
 		}
+		a.Kind = AlertOnBattery
 	case protocol.EventCodeRejected:
 		if ev.Reason == protocol.RejectLockedOut {
 			a.Kind = AlertCodeLockout
 		}
 	}
-	if a.Kind != "" {
-		m.alert(ctx, a)
+	if a.Kind == "" {
+		return nil
 	}
+	return &AlertChange{Raise: &a}
 }
 
 // except returns every compartment number but n, as a keep list that clears
@@ -840,40 +840,60 @@ func except(n int) []int {
 	return keep
 }
 
-func (m *Manager) alert(ctx context.Context, a Alert) {
+// alert raises a, and reports whether it was stored (raised, or open
+// already); a failure is logged.
+func (m *Manager) alert(ctx context.Context, a Alert) bool {
 	raised, err := m.store.RaiseAlert(ctx, a)
 	if err != nil {
 		m.log.Error("raise alert", "locker", a.DeviceID, "kind", a.Kind, "err", err)
-		return
+		return false
 	}
-	if !raised {
-		return // already open
+	if raised {
+		m.alertRaised(&a)
 	}
+	return true
+}
+
+// alertRaised counts and logs a newly raised alert.
+func (m *Manager) alertRaised(a *Alert) {
 	m.m.alerts.WithLabelValues(a.Kind).Inc()
 	m.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
 }
 
-func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time, keep []int) {
+// clearAlerts clears alerts (see Store.ClearAlerts), and reports whether it
+// did; a failure is logged.
+func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time, keep []int) bool {
 	if _, err := m.store.ClearAlerts(ctx, id, kind, keep, at); err != nil {
 		m.log.Error("clear alerts", "locker", id, "kind", kind, "err", err)
+		return false
 	}
+	return true
 }
 
 // syncDoorFaults raises an alert per newly failing door and clears those
 // that recovered. Only changes cost a database round trip: the last fault
 // list of each locker is remembered (per instance; after a restart a fault
-// is raised again, which the open-alert index turns into a no-op).
+// is raised again, which the open-alert index turns into a no-op). When the
+// database fails, the list is marked unsynced, so the next report tries
+// again whatever it says.
 func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, at time.Time) {
-	prev, _ := m.doorFaults.Load(id)
-	if prevList, ok := prev.([]int); (ok && slices.Equal(prevList, faults)) || (!ok && len(faults) == 0) {
+	prev, known := m.doorFaults.Load(id)
+	if prevList, ok := prev.([]int); (ok && slices.Equal(prevList, faults)) || (!known && len(faults) == 0) {
 		return
 	}
 	m.doorFaults.Store(id, slices.Clone(faults))
+	stored := true
 	for _, n := range faults {
-		m.alert(ctx, Alert{DeviceID: id, Kind: AlertDoorFault, Compartment: n, Detail: "door sensor or latch fails", RaisedAt: at})
+		stored = m.alert(ctx, Alert{DeviceID: id, Kind: AlertDoorFault, Compartment: n, Detail: "door sensor or latch fails", RaisedAt: at}) && stored
 	}
-	m.clearAlerts(ctx, id, AlertDoorFault, at, faults)
+	if !m.clearAlerts(ctx, id, AlertDoorFault, at, faults) || !stored {
+		m.doorFaults.Store(id, faultsUnsynced{})
+	}
 }
+
+// faultsUnsynced stands in doorFaults for a locker whose door-fault alerts
+// could not be written.
+type faultsUnsynced struct{}
 
 func (m *Manager) controlLoop(ctx context.Context, q chan control) {
 	defer m.ctrlWG.Done()

@@ -35,13 +35,15 @@ type Store interface {
 	// be empty). A latest older than the one stored is ignored.
 	InsertHealth(ctx context.Context, batch []HealthRecord, latest []LatestHealth) error
 	// InsertEvents stores the events of batch not seen before (by locker and
-	// event id), applies them to compartment state, and returns those it stored.
+	// event id), applies them to compartment state and their alert changes
+	// (EventRecord.Alert), and returns those it stored.
 	InsertEvents(ctx context.Context, batch []EventRecord) ([]EventRecord, error)
 	// ListHealth and ListEvents return a locker's history in a time range.
 	ListHealth(ctx context.Context, id string, r Range) ([]HealthRecord, error)
 	ListEvents(ctx context.Context, id string, r Range) ([]EventRecord, error)
 	// RaiseAlert records an alert about a locker; false when the same
-	// stateful alert is already open.
+	// stateful alert is already open, or the same alert (locker, kind,
+	// compartment and time) was raised already.
 	RaiseAlert(ctx context.Context, a Alert) (bool, error)
 	// ClearAlerts clears a locker's open alerts of kind, except those of the
 	// compartments in keep (0 stands for "no compartment").
@@ -142,6 +144,20 @@ type Alert struct {
 	Detail      string     `json:"detail,omitempty"`
 	RaisedAt    time.Time  `json:"raised_at"`
 	ClearedAt   *time.Time `json:"cleared_at,omitempty"`
+}
+
+// AlertChange is what an event does to its locker's alerts: Raise opens an
+// alert (none when one of its kind is open already, for the kinds that
+// hold one open at a time), and ClearKind, if set, clears the open alerts
+// of that kind at every compartment but those in Keep. InsertEvents applies
+// it in the transaction that stores the event, so a stored event never
+// loses its alert, and a duplicate event (not stored again) raises none.
+type AlertChange struct {
+	Raise     *Alert
+	ClearKind string
+	Keep      []int
+	// Raised is set by the store: Raise opened a new alert.
+	Raised bool
 }
 
 // SessionEnd is the end of one locker's session.

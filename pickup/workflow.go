@@ -72,8 +72,7 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		s.codeNotLive(ctx, deviceID, id, ev, at)
-		return nil
+		return s.codeNotLive(ctx, deviceID, id, ev, at)
 	}
 	if err != nil {
 		return err
@@ -90,21 +89,28 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 // code while the locker was offline or had not applied the new set), used
 // already, or unknown. Staff must look: the order may have gone to someone
 // it was no longer meant for. The locker is sent its current set again.
-func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time) {
-	state, err := s.o.Store.CredentialState(ctx, deviceID, id)
+func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time) error {
+	var state string
+	err := s.retry(ctx, "credential_state", func(ctx context.Context) (err error) {
+		state, err = s.o.Store.CredentialState(ctx, deviceID, id)
+		return err
+	})
 	switch {
 	case errors.Is(err, fleet.ErrNotFound):
 		state = "unknown"
 	case err != nil:
-		state = "unreadable"
+		return err
 	}
 	a := fleet.Alert{DeviceID: deviceID, Kind: AlertCodeNotLive, RaisedAt: at,
 		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, ev.Compartments)}
 	if len(ev.Compartments) > 0 {
 		a.Compartment = ev.Compartments[0]
 	}
-	s.alert(ctx, a)
+	if err := s.alert(ctx, a); err != nil {
+		return err
+	}
 	s.publish(ctx, deviceID)
+	return nil
 }
 
 // doorClosed: staff closed a loaded compartment (ready), or a driver closed
@@ -133,9 +139,8 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	}
 	if p.State == Staging {
 		// Closed empty after staging: the order is not in it yet.
-		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertStagedEmpty, Compartment: p.Compartment,
+		return s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertStagedEmpty, Compartment: p.Compartment,
 			Detail: "pickup " + p.ID + " staged but the compartment closed empty", RaisedAt: at})
-		return nil
 	}
 	used, err := s.credentialUsed(ctx, p)
 	if err != nil {
@@ -161,11 +166,13 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	case occupied && used:
 		// The driver opened it and left the order: still to collect, with a
 		// fresh code (the spent one no longer opens it).
-		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotTaken, Compartment: p.Compartment,
-			Detail: "pickup " + p.ID + " opened with its code but the order is still inside", RaisedAt: at})
+		if err := s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotTaken, Compartment: p.Compartment,
+			Detail: "pickup " + p.ID + " opened with its code but the order is still inside", RaisedAt: at}); err != nil {
+			return err
+		}
 		return s.issue(ctx, p)
 	case !occupied:
-		s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertRemoved, Compartment: p.Compartment,
+		return s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertRemoved, Compartment: p.Compartment,
 			Detail: "pickup " + p.ID + " is ready but its compartment closed empty without its code", RaisedAt: at})
 	}
 	return nil
@@ -246,12 +253,24 @@ func (s *Service) issue(ctx context.Context, p *Pickup) error {
 	return nil
 }
 
-func (s *Service) alert(ctx context.Context, a fleet.Alert) {
-	s.m.alerts.WithLabelValues(a.Kind).Inc()
-	if _, err := s.o.Store.RaiseAlert(ctx, a); err != nil {
-		s.log.Error("raise alert", "kind", a.Kind, "err", err)
+// alert raises a, trying again while the database fails; an error means
+// ctx ended first (a step then fails, and its event is offered again: the
+// same alert raised twice is one).
+func (s *Service) alert(ctx context.Context, a fleet.Alert) error {
+	var raised bool
+	err := s.retry(ctx, "raise_alert", func(ctx context.Context) (err error) {
+		raised, err = s.o.Store.RaiseAlert(ctx, a)
+		return err
+	})
+	if err != nil {
+		s.log.Error("alert not raised", "locker", a.DeviceID, "kind", a.Kind, "detail", a.Detail, "err", err)
+		return err
 	}
-	s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+	if raised {
+		s.m.alerts.WithLabelValues(a.Kind).Inc()
+		s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+	}
+	return nil
 }
 
 // Run ends expired pickups until ctx ends, and keeps the occupancy gauges.
@@ -288,8 +307,8 @@ func (s *Service) expire(ctx context.Context) {
 			s.log.Error("expire pickup", "pickup", p.ID, "err", err)
 			continue
 		}
-		s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
-			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()})
+		_ = s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
+			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()}) // logged; only a stop ends it
 	}
 }
 

@@ -867,6 +867,106 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("compartment 2: %+v", c)
 		}
 	})
+	t.Run("EventAlerts", func(t *testing.T) {
+		id := MustDevice(t, db, "s1", "SN-ALERTS", 2) // its own alerts
+		at := now.Add(2 * time.Minute).Truncate(time.Microsecond)
+		ev := func(eid, typ string, comp int, change *fleet.AlertChange) fleet.EventRecord {
+			body, _ := json.Marshal(protocol.Event{ID: eid, TS: protocol.T(at), Type: typ, Compartment: comp})
+			return fleet.EventRecord{DeviceID: id, EventID: eid, ReceivedAt: at, TS: at, Type: typ, Compartment: comp, Body: body, Alert: change}
+		}
+		raise := func(kind string, comp int) *fleet.AlertChange {
+			return &fleet.AlertChange{Raise: &fleet.Alert{DeviceID: id, Kind: kind, Compartment: comp, RaisedAt: at}}
+		}
+		clearing := func(kind string, keep ...int) *fleet.AlertChange {
+			return &fleet.AlertChange{ClearKind: kind, Keep: keep}
+		}
+		insert := func(es ...fleet.EventRecord) {
+			t.Helper()
+			if _, err := db.InsertEvents(ctx, es); err != nil {
+				t.Fatal(err)
+			}
+		}
+		open := func() []string {
+			t.Helper()
+			as, err := db.ListAlerts(ctx, id, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, a := range as {
+				got = append(got, fmt.Sprintf("%s/%d", a.Kind, a.Compartment))
+			}
+			slices.Sort(got)
+			return got
+		}
+		ajar, tamper := ev("a-1", "door_ajar", 1, raise(fleet.AlertDoorAjar, 1)), ev("a-2", "tamper", 0, raise(fleet.AlertTamper, 0))
+		insert(ajar, tamper)
+		if !ajar.Alert.Raised || !tamper.Alert.Raised {
+			t.Fatalf("raised: ajar %v, tamper %v; want both", ajar.Alert.Raised, tamper.Alert.Raised)
+		}
+		// A repeated event is not stored again, so its alert is not raised
+		// again; a new event of an open stateful kind raises none.
+		again, ajar2 := ev("a-2", "tamper", 0, raise(fleet.AlertTamper, 0)), ev("a-3", "door_ajar", 1, raise(fleet.AlertDoorAjar, 1))
+		insert(again, ajar2)
+		if again.Alert.Raised || ajar2.Alert.Raised {
+			t.Fatalf("raised again: tamper %v, ajar %v", again.Alert.Raised, ajar2.Alert.Raised)
+		}
+		if got := open(); !slices.Equal(got, []string{"door_ajar/1", "tamper/0"}) {
+			t.Fatalf("open alerts %v", got)
+		}
+		// In one batch, in order: compartment 2 ajar then closed ends
+		// cleared; compartment 1's closing clears its own alert only.
+		insert(ev("a-4", "door_ajar", 2, raise(fleet.AlertDoorAjar, 2)), ev("a-5", "door_closed", 2, clearing(fleet.AlertDoorAjar, 0, 1)))
+		if got := open(); !slices.Equal(got, []string{"door_ajar/1", "tamper/0"}) {
+			t.Fatalf("after compartment 2 opened and closed: %v", got)
+		}
+		insert(ev("a-6", "door_closed", 1, clearing(fleet.AlertDoorAjar, 0, 2)))
+		if got := open(); !slices.Equal(got, []string{"tamper/0"}) {
+			t.Fatalf("after compartment 1 closed: %v", got)
+		}
+		// The event and its alert are stored together or not at all.
+		if _, err := db.Pool().Exec(ctx, fmt.Sprintf(`
+			CREATE FUNCTION refuse_alert() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN IF NEW.device_id = '%s' THEN RAISE EXCEPTION 'alerts refused'; END IF; RETURN NEW; END $$;
+			CREATE TRIGGER refuse_alert BEFORE INSERT ON alerts FOR EACH ROW EXECUTE FUNCTION refuse_alert()`, id)); err != nil {
+			t.Fatal(err)
+		}
+		lockout := ev("a-7", "code_rejected", 0, raise(fleet.AlertCodeLockout, 0))
+		if _, err := db.InsertEvents(ctx, []fleet.EventRecord{lockout}); err == nil || !strings.Contains(err.Error(), "alerts refused") {
+			t.Fatalf("insert with its alert refused: %v, want the trigger's error", err)
+		}
+		if es, _ := db.ListEvents(ctx, id, fleet.Range{}); len(es) != 6 {
+			t.Fatalf("%d events stored after a refused alert, want 6", len(es))
+		}
+		if _, err := db.Pool().Exec(ctx, `DROP TRIGGER refuse_alert ON alerts; DROP FUNCTION refuse_alert()`); err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := db.InsertEvents(ctx, []fleet.EventRecord{lockout})
+		if err != nil || len(fresh) != 1 || !lockout.Alert.Raised {
+			t.Fatalf("insert again: %d fresh, raised %v, %v", len(fresh), lockout.Alert.Raised, err)
+		}
+		if got := open(); !slices.Equal(got, []string{"code_lockout/0", "tamper/0"}) {
+			t.Fatalf("open alerts %v", got)
+		}
+	})
+	t.Run("AlertRaisedAgain", func(t *testing.T) {
+		// A step offered again raises the same alert (same locker, kind,
+		// compartment and time): one row. Another time is another alert.
+		id := MustDevice(t, db, "s1", "SN-ALERTS-2", 2)
+		a := fleet.Alert{DeviceID: id, Kind: "pickup_removed", Compartment: 2, Detail: "gone", RaisedAt: now.Truncate(time.Microsecond)}
+		for i, want := range []bool{true, false} {
+			if raised, err := db.RaiseAlert(ctx, a); err != nil || raised != want {
+				t.Fatalf("raise %d: %v %v, want %v", i+1, raised, err, want)
+			}
+		}
+		a.RaisedAt = a.RaisedAt.Add(time.Second)
+		if raised, err := db.RaiseAlert(ctx, a); err != nil || !raised {
+			t.Fatalf("raise at another time: %v %v, want raised", raised, err)
+		}
+		if as, _ := db.ListAlerts(ctx, id, true); len(as) != 2 {
+			t.Fatalf("%d alerts, want 2", len(as))
+		}
+	})
 	t.Run("Retention", func(t *testing.T) {
 		dropped, err := db.DropPartitionsBefore(ctx, now.AddDate(0, 0, 1).Truncate(24*time.Hour))
 		if err != nil {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
@@ -225,7 +226,10 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		if err := queueEffects(ctx, tx, fresh); err != nil {
 			return err
 		}
-		return applyEvents(ctx, tx, fresh)
+		if err := applyEvents(ctx, tx, fresh); err != nil {
+			return err
+		}
+		return applyAlerts(ctx, tx, fresh)
 	})
 	return fresh, err
 }
@@ -328,6 +332,35 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) err
 	return tx.SendBatch(ctx, b).Close()
 }
 
+// applyAlerts applies the fresh events' alert changes (fleet.AlertChange)
+// in their order, and marks the raises that opened an alert.
+func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) error {
+	b := &pgx.Batch{}
+	for i := range fresh {
+		e, a := &fresh[i], fresh[i].Alert
+		if a == nil {
+			continue
+		}
+		a.Raised = false // a previous try's mark
+		if a.ClearKind != "" {
+			b.Queue(clearAlertsSQL, e.DeviceID, a.ClearKind, keepList(a.Keep), e.ReceivedAt)
+		}
+		if a.Raise != nil {
+			b.Queue(raiseAlertSQL, raiseAlertArgs(a.Raise)...).Exec(func(ct pgconn.CommandTag) error {
+				a.Raised = ct.RowsAffected() == 1
+				return nil
+			})
+		}
+	}
+	if b.Len() == 0 {
+		return nil
+	}
+	if err := tx.SendBatch(ctx, b).Close(); err != nil {
+		return fmt.Errorf("apply alerts: %w", err)
+	}
+	return nil
+}
+
 // ListHealth implements fleet.Store.
 func (db *DB) ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error) {
 	afterSeq, _ := strconv.ParseInt(r.AfterKey, 10, 64)
@@ -373,24 +406,43 @@ func untilOr(t time.Time) time.Time {
 }
 
 // RaiseAlert implements fleet.Store.
+// The same alert raised again (its locker, kind, compartment and time: a
+// replayed event's) is a no-op, as is one of a kind already open where the
+// kind holds one open at a time (the alerts_open index).
 func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
+	tag, err := db.pool.Exec(ctx, raiseAlertSQL, raiseAlertArgs(&a)...)
+	return tag.RowsAffected() == 1, err
+}
+
+const raiseAlertSQL = `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
+	SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
+		WHERE device_id = $1 AND raised_at = $5 AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
+	ON CONFLICT DO NOTHING`
+
+func raiseAlertArgs(a *fleet.Alert) []any {
 	var comp *int
 	if a.Compartment > 0 {
 		comp = &a.Compartment
 	}
-	tag, err := db.pool.Exec(ctx, `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at) VALUES ($1, $2, $3, $4, $5)
-		ON CONFLICT DO NOTHING`, a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt)
-	return tag.RowsAffected() == 1, err
+	return []any{a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt}
 }
 
 // ClearAlerts implements fleet.Store.
 func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error) {
-	if keep == nil {
-		keep = []int{}
-	}
-	tag, err := db.pool.Exec(ctx, `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
-		AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`, deviceID, kind, keep, at)
+	tag, err := db.pool.Exec(ctx, clearAlertsSQL, deviceID, kind, keepList(keep), at)
 	return int(tag.RowsAffected()), err
+}
+
+const clearAlertsSQL = `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
+	AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`
+
+// keepList is keep as ClearAlerts' array parameter (never NULL, which
+// would clear nothing).
+func keepList(keep []int) []int {
+	if keep == nil {
+		return []int{}
+	}
+	return keep
 }
 
 // ListAlerts implements fleet.Store.

@@ -1,0 +1,114 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// alertStore records alert writes, and fails them while down.
+type alertStore struct {
+	*fakeStore
+	down    bool
+	calls   int
+	raised  []int // compartments
+	cleared [][]int
+}
+
+func (s *alertStore) RaiseAlert(_ context.Context, a Alert) (bool, error) {
+	s.calls++
+	if s.down {
+		return false, errors.New("database down")
+	}
+	s.raised = append(s.raised, a.Compartment)
+	return true, nil
+}
+
+func (s *alertStore) ClearAlerts(_ context.Context, _, _ string, keep []int, _ time.Time) (int, error) {
+	s.calls++
+	if s.down {
+		return 0, errors.New("database down")
+	}
+	s.cleared = append(s.cleared, keep)
+	return 1, nil
+}
+
+// TestDoorFaultsSyncedAfterADatabaseError: a door fault (or its recovery)
+// whose alert could not be written is written at the locker's next report,
+// though the report says the same; once written, a repeat costs nothing.
+func TestDoorFaultsSyncedAfterADatabaseError(t *testing.T) {
+	st := &alertStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, at := context.Background(), time.Now()
+
+	st.down = true
+	m.syncDoorFaults(ctx, "lk-1", []int{2}, at) // door 2 fails: not written
+	st.down = false
+	m.syncDoorFaults(ctx, "lk-1", []int{2}, at)
+	if !slices.Equal(st.raised, []int{2}) {
+		t.Fatalf("raised %v after the database came back, want [2]", st.raised)
+	}
+	calls := st.calls
+	m.syncDoorFaults(ctx, "lk-1", []int{2}, at)
+	if st.calls != calls {
+		t.Fatalf("%d writes for an unchanged report, want none", st.calls-calls)
+	}
+
+	st.down = true
+	m.syncDoorFaults(ctx, "lk-1", nil, at) // door 2 recovers: not written
+	st.down = false
+	cleared := len(st.cleared)
+	m.syncDoorFaults(ctx, "lk-1", nil, at)
+	if len(st.cleared) != cleared+1 || len(st.cleared[cleared]) != 0 {
+		t.Fatalf("clears %v after the database came back, want one clearing every door", st.cleared[cleared:])
+	}
+}
+
+// TestEventAlert: what each event does to its locker's alerts, applied by
+// the store with the event.
+func TestEventAlert(t *testing.T) {
+	at := time.Now()
+	occupied := false
+	for _, c := range []struct {
+		ev        protocol.Event
+		raise     string
+		clearKind string
+		keep      []int
+	}{
+		{ev: protocol.Event{Type: protocol.EventDoorAjar, Compartment: 3, OpenS: 90}, raise: AlertDoorAjar},
+		{ev: protocol.Event{Type: protocol.EventDoorClosed, Compartment: 3, Occupied: &occupied}, clearKind: AlertDoorAjar, keep: except(3)},
+		{ev: protocol.Event{Type: protocol.EventTamper, Detail: "shock"}, raise: AlertTamper},
+		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerBattery}, raise: AlertOnBattery},
+		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerMains}, clearKind: AlertOnBattery},
+		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: protocol.RejectLockedOut}, raise: AlertCodeLockout},
+		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: "unknown"}},
+		{ev: protocol.Event{Type: protocol.EventDoorOpened, Compartment: 3}},
+	} {
+		got := eventAlert("lk-1", at, &c.ev)
+		if c.raise == "" && c.clearKind == "" {
+			if got != nil {
+				t.Errorf("%s %s: %+v, want nothing", c.ev.Type, c.ev.Reason, got)
+			}
+			continue
+		}
+		switch {
+		case got == nil:
+			t.Errorf("%s: nothing, want raise %q clear %q", c.ev.Type, c.raise, c.clearKind)
+		case c.raise != "" && (got.Raise == nil || got.Raise.Kind != c.raise || got.Raise.DeviceID != "lk-1" ||
+			got.Raise.Compartment != c.ev.Compartment || !got.Raise.RaisedAt.Equal(at)):
+			t.Errorf("%s: raise %+v, want %s", c.ev.Type, got.Raise, c.raise)
+		case c.raise == "" && got.Raise != nil:
+			t.Errorf("%s: raise %+v, want none", c.ev.Type, got.Raise)
+		case got.ClearKind != c.clearKind || !slices.Equal(got.Keep, c.keep):
+			t.Errorf("%s: clear %q keep %v, want %q keep %v", c.ev.Type, got.ClearKind, got.Keep, c.clearKind, c.keep)
+		}
+	}
+}

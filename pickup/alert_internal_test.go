@@ -1,0 +1,117 @@
+package pickup
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+var errDown = errors.New("database down")
+
+// notLiveStore answers a code use as not live (the code was revoked), and
+// fails the reads and alerts of codeNotLive as scripted.
+type notLiveStore struct {
+	Store
+	stateFails, raiseFails int // failures left
+	onRaiseFail            func()
+	raised                 []fleet.Alert
+}
+
+func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
+	return nil, fleet.ErrNotFound
+}
+
+func (s *notLiveStore) CredentialState(context.Context, string, string) (string, error) {
+	if s.stateFails > 0 {
+		s.stateFails--
+		return "", errDown
+	}
+	return "revoked", nil
+}
+
+func (s *notLiveStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error) {
+	if s.raiseFails > 0 {
+		s.raiseFails--
+		if s.onRaiseFail != nil {
+			s.onRaiseFail()
+		}
+		return false, errDown
+	}
+	s.raised = append(s.raised, a)
+	return true, nil
+}
+
+type countingFleet struct {
+	Fleet
+	publishes int
+}
+
+func (f *countingFleet) PublishCreds(context.Context, string) error {
+	f.publishes++
+	return nil
+}
+
+func notLiveService(t *testing.T, st *notLiveStore, f *countingFleet) *Service {
+	t.Helper()
+	s, err := New(Options{Store: st, Fleet: f, MasterKey: bytes.Repeat([]byte{7}, 32), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func codeAcceptedEvent(t *testing.T) fleet.EventRecord {
+	t.Helper()
+	at := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+	body, err := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(at), Type: protocol.EventCodeAccepted,
+		Credential: "cr-1" + pinSuffix, Compartments: []int{3}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at, TS: at, Type: protocol.EventCodeAccepted, Body: body}
+}
+
+// TestAlertOutlastsDatabaseErrors: a step's alert (here code_not_live) and
+// the read it needs are tried again while the database fails, not lost
+// after one failure, and the locker gets its set once the alert is in.
+func TestAlertOutlastsDatabaseErrors(t *testing.T) {
+	st, f := &notLiveStore{stateFails: 2, raiseFails: 2}, &countingFleet{}
+	s := notLiveService(t, st, f)
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{codeAcceptedEvent(t)}); n != 1 {
+		t.Fatalf("applied %d events, want 1", n)
+	}
+	if len(st.raised) != 1 {
+		t.Fatalf("%d alerts raised, want 1", len(st.raised))
+	}
+	a := st.raised[0]
+	if a.Kind != AlertCodeNotLive || a.Compartment != 3 || !strings.Contains(a.Detail, "cr-1 (revoked") {
+		t.Fatalf("alert %+v", a)
+	}
+	if f.publishes != 1 {
+		t.Fatalf("%d publishes, want 1", f.publishes)
+	}
+}
+
+// TestStepWithoutItsAlertIsNotApplied: when the step stops (ctx ends)
+// before its alert could be raised, its event does not count as applied,
+// so it stays in the outbox and is offered again.
+func TestStepWithoutItsAlertIsNotApplied(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, f := &notLiveStore{raiseFails: 1 << 30, onRaiseFail: cancel}, &countingFleet{}
+	s := notLiveService(t, st, f)
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{codeAcceptedEvent(t)}); n != 0 {
+		t.Fatalf("applied %d events, want 0", n)
+	}
+	if len(st.raised) != 0 || f.publishes != 0 {
+		t.Fatalf("%d alerts, %d publishes; want none", len(st.raised), f.publishes)
+	}
+}
