@@ -28,7 +28,7 @@ func (m *Manager) SendCommand(ctx context.Context, req CommandRequest) (*Command
 
 // SendCommandWait is SendCommand that, with wait > 0, then waits like
 // WaitCommand. An answer that arrives before the wait starts is not missed.
-// A locker outside req.Site is ErrNotFound.
+// A locker outside req.Site is ErrForbidden.
 func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait time.Duration) (*Command, error) {
 	if err := req.validate(); err != nil {
 		return nil, err
@@ -49,9 +49,10 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	// The locker is checked where the command is stored: one round trip.
 	t, created, err := m.store.CreateCommand(ctx, c, audit, req.Site)
 	switch {
-	case errors.Is(err, ErrNotFound), err == nil && req.Site != "" && t.Site != req.Site:
-		// A store does not learn whether another site's locker exists.
+	case errors.Is(err, ErrNotFound):
 		return nil, fmt.Errorf("locker %s: %w", req.DeviceID, ErrNotFound)
+	case err == nil && req.Site != "" && t.Site != req.Site:
+		return nil, fmt.Errorf("locker %s is at another site: %w", req.DeviceID, ErrForbidden)
 	case err != nil:
 		return nil, fmt.Errorf("create command: %w", err)
 	case !t.HasCompartment:

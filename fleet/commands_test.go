@@ -237,7 +237,7 @@ func TestSendCommandRefusals(t *testing.T) {
 		want error
 	}{
 		{"unknown locker", CommandRequest{DeviceID: "lk-nope", Type: protocol.CmdUnlock, Compartment: 1}, ErrNotFound},
-		{"another site's locker", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Site: "s2"}, ErrNotFound},
+		{"another site's locker", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Site: "s2"}, ErrForbidden},
 		{"no compartment", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock}, ErrUnprocessable},
 		{"compartment 0 to set out of service", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdSetService, InService: new(bool)}, ErrUnprocessable},
 		{"bad reason", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Reason: "because"}, ErrInvalid},

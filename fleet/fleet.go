@@ -18,6 +18,9 @@ var (
 	// ErrUnprocessable is a well-formed request the fleet cannot carry out
 	// (e.g. a compartment the locker does not have).
 	ErrUnprocessable = errors.New("unprocessable")
+	// ErrForbidden is a resource that exists but is another site's,
+	// platform's or token's (the API's 403).
+	ErrForbidden = errors.New("forbidden")
 )
 
 // Site is a store or restaurant with lockers.

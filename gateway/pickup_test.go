@@ -681,6 +681,16 @@ func TestWebhookOfRevokedTokenGetsNothing(t *testing.T) {
 	if got := e.rc.types(); len(got) != 0 {
 		t.Fatalf("delivered after the revocation: %v", got)
 	}
+	// Gone for the admin too: listed, it could be neither read nor deleted.
+	var list struct{ Items []webhook.Webhook }
+	if err := e.tg.Admin.Get(ctx, "/v1/webhooks", nil, &list); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range list.Items {
+		if w.TokenID == tokenID {
+			t.Errorf("the revoked token's webhook %s is still listed", w.ID)
+		}
+	}
 }
 
 // TestPickupCollectedAcrossExpiry: a driver who opens the compartment with
@@ -693,18 +703,7 @@ func TestPickupCollectedAcrossExpiry(t *testing.T) {
 	expires := 10 * time.Second
 	p := e.create(t, "X-1", "S", expires)
 	expiresAt := time.Now().Add(expires)
-	code := e.stage(t, l, p)
-	if r := l.EnterCode(code); !r.Accepted {
-		t.Fatalf("code: %+v", r)
-	}
-	Eventually(t, 10*time.Second, "the code recorded used", func() error {
-		var n int
-		if err := e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM credentials c JOIN pickups p ON p.credential_id = c.id
-			WHERE p.id = $1 AND c.state = 'used'`, p.ID).Scan(&n); err != nil || n != 1 {
-			return fmt.Errorf("%d used (%v)", n, err)
-		}
-		return nil
-	})
+	e.collect(t, l, p)
 	// The scenario: the door is still open when the pickup expires, and
 	// sweeps (every second) run past it.
 	time.Sleep(time.Until(expiresAt.Add(3 * time.Second)))
@@ -719,6 +718,48 @@ func TestPickupCollectedAcrossExpiry(t *testing.T) {
 		p.Locker).Scan(&alerts); err != nil || alerts != 0 {
 		t.Fatalf("pickup_expired alerts: %d (%v), want none", alerts, err)
 	}
+}
+
+// collect stages p and has its driver open the compartment with its code,
+// recorded used; the door stays open.
+func (e *pickupEnv) collect(t *testing.T, l *devicesim.Locker, p pickup.Pickup) {
+	t.Helper()
+	code := e.stage(t, l, p)
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("code: %+v", r)
+	}
+	Eventually(t, 10*time.Second, "the code recorded used", func() error {
+		var n int
+		if err := e.tg.DB().Pool().QueryRow(context.Background(), `SELECT count(*) FROM credentials c JOIN pickups p ON p.credential_id = c.id
+			WHERE p.id = $1 AND c.state = 'used'`, p.ID).Scan(&n); err != nil || n != 1 {
+			return fmt.Errorf("%d used (%v)", n, err)
+		}
+		return nil
+	})
+}
+
+// TestPickupChangedWhileCollected: while a driver has the compartment open
+// with the pickup's code, the pickup can be neither cancelled nor given a
+// new (combined) code: 409, and the door's closing decides. Before, the
+// cancel recorded a collected order as cancelled, and the new code made
+// the closing look like an order removed without its code.
+func TestPickupChangedWhileCollected(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+	p := e.create(t, "W-1", "S", time.Hour)
+	e.collect(t, l, p)
+	for _, req := range []client.Request{
+		{Method: "POST", Path: "/v1/credentials", Body: map[string]any{"pickups": []string{p.ID}}},
+		{Method: "POST", Path: "/v1/pickups/" + p.ID + "/cancel"},
+	} {
+		if status, err := e.store.Do(ctx, req, nil); status != 409 || !strings.Contains(err.Error(), "being collected") {
+			t.Errorf("%s %s while collected: %d %v, want 409 being collected", req.Method, req.Path, status, err)
+		}
+	}
+	l.SetOccupied(p.Compartment, false)
+	l.CloseDoor(p.Compartment)
+	e.waitState(t, p.ID, pickup.PickedUp)
 }
 
 // TestPickupEdges: closed empty after staging, the driver leaving the
@@ -805,14 +846,14 @@ func TestPickupEdges(t *testing.T) {
 		var got pickup.Pickup
 		err := other.Get(ctx, "/v1/pickups/"+p.ID, nil, &got)
 		var ae *client.Error
-		if !errors.As(err, &ae) || ae.Status != 404 {
-			t.Fatalf("rival platform reading the pickup: %v", err)
+		if !errors.As(err, &ae) || ae.Status != 403 {
+			t.Fatalf("rival platform reading the pickup: %v, want 403", err)
 		}
 		var list struct{ Items []pickup.Pickup }
 		if err := other.Get(ctx, "/v1/pickups", nil, &list); err != nil || len(list.Items) != 0 {
 			t.Fatalf("rival platform lists %d pickups (%v)", len(list.Items), err)
 		}
-		if err := other.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{p.ID}}, nil); !errors.As(err, &ae) || ae.Status != 404 {
+		if err := other.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{p.ID}}, nil); !errors.As(err, &ae) || ae.Status != 403 {
 			t.Fatalf("rival platform minting a code: %v", err)
 		}
 		var op pickup.Pickup
@@ -831,6 +872,9 @@ func TestPickupEdges(t *testing.T) {
 			"OtherSite":       {"site": "elsewhere", "order_ref": "B-4", "recipient": map[string]string{"kind": "customer"}},
 			"DuplicateRef":    {"site": "store-042", "order_ref": "E-3", "size": "S", "recipient": map[string]string{"kind": "driver", "platform": "speedy"}},
 			"NothingFitsSize": {"site": "store-042", "order_ref": "B-5", "size": "XL", "zone": "heated", "recipient": map[string]string{"kind": "customer"}},
+			// A platform no token can have: nobody could see or collect it.
+			"BadPlatform": {"site": "store-042", "order_ref": "B-6", "recipient": map[string]string{"kind": "driver", "platform": "Speedy Eats!"}},
+			"LongName":    {"site": "store-042", "order_ref": "B-7", "recipient": map[string]string{"kind": "customer", "name": strings.Repeat("n", pickup.MaxRecipientName+1)}},
 		} {
 			want := map[string]int{"OtherSite": 403, "DuplicateRef": 409, "NothingFitsSize": 422}[name]
 			if want == 0 {
@@ -840,6 +884,12 @@ func TestPickupEdges(t *testing.T) {
 			if status != want {
 				t.Errorf("%s: got %d (%v), want %d", name, status, err, want)
 			}
+		}
+		// No site, from a token not bound to one: malformed, not a 404.
+		status, err := e.tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups",
+			Body: map[string]any{"order_ref": "B-8", "recipient": map[string]string{"kind": "customer"}}}, nil)
+		if status != 400 {
+			t.Errorf("NoSite: got %d (%v), want 400", status, err)
 		}
 	})
 }

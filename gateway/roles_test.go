@@ -212,10 +212,10 @@ func TestRoles(t *testing.T) {
 	everyone := func(s int) map[string]int {
 		return map[string]int{"admin": s, "operator": s, "store": s, "platform": s}
 	}
-	// othersHidden is for another's pickup or webhook: stores and platforms
-	// get 404, as if it did not exist (0 skips a role).
-	othersHidden := func(admin, operator int) map[string]int {
-		return map[string]int{"admin": admin, "operator": operator, "store": hidden, "platform": hidden}
+	// othersDenied is for another's pickup or webhook: stores and platforms
+	// get 403 (0 skips a role).
+	othersDenied := func(admin, operator int) map[string]int {
+		return map[string]int{"admin": admin, "operator": operator, "store": denied, "platform": denied}
 	}
 	// codeHolders may hold pickup codes; operators may not.
 	codeHolders := func(s int) map[string]int {
@@ -375,7 +375,7 @@ func TestRoles(t *testing.T) {
 		{name: "GET /v1/lockers/{id} own", op: "GET /v1/lockers/{id}",
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[1]) }, want: siteWide(ok, ok)},
 		{name: "GET /v1/lockers/{id} other", op: "GET /v1/lockers/{id}",
-			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[1]) }, want: siteWide(ok, hidden)},
+			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[1]) }, want: siteWide(ok, denied)},
 		{name: "PATCH /v1/lockers/{id}", op: "PATCH /v1/lockers/{id}",
 			req: func(e roleEnv) client.Request {
 				return client.Request{Method: "PATCH", Path: "/v1/lockers/" + e.ownLockers[1], Body: map[string]bool{"replaceable": false}}
@@ -390,20 +390,20 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request {
 				return client.Request{Method: "POST", Path: "/v1/lockers/" + e.othLocker[1] + "/rotate-codes"}
 			},
-			want: siteWide(ok, hidden)},
+			want: siteWide(ok, denied)},
 		{name: "GET /v1/lockers/{id}/health own", op: "GET /v1/lockers/{id}/health",
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[0] + "/health") }, want: siteWide(ok, ok)},
 		{name: "GET /v1/lockers/{id}/health other", op: "GET /v1/lockers/{id}/health",
-			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/health") }, want: siteWide(ok, hidden)},
+			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/health") }, want: siteWide(ok, denied)},
 		{name: "GET /v1/lockers/{id}/events own", op: "GET /v1/lockers/{id}/events",
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[0] + "/events") }, want: siteWide(ok, ok)},
 		{name: "GET /v1/lockers/{id}/events other", op: "GET /v1/lockers/{id}/events",
-			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/events") }, want: siteWide(ok, hidden)},
+			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/events") }, want: siteWide(ok, denied)},
 
 		{name: "POST /v1/lockers/{id}/commands unlock own", op: "POST /v1/lockers/{id}/commands",
 			req: func(e roleEnv) client.Request { return command(e.ownLockers[0], unlock) }, want: siteWide(created, created)},
 		{name: "POST /v1/lockers/{id}/commands unlock other", op: "POST /v1/lockers/{id}/commands",
-			req: func(e roleEnv) client.Request { return command(e.othLocker[0], unlock) }, want: siteWide(created, hidden)},
+			req: func(e roleEnv) client.Request { return command(e.othLocker[0], unlock) }, want: siteWide(created, denied)},
 		{name: "POST /v1/lockers/{id}/commands set_service own", op: "POST /v1/lockers/{id}/commands",
 			req: func(e roleEnv) client.Request {
 				return command(e.ownLockers[0], map[string]any{"type": "set_service", "compartment": 1, "in_service": true})
@@ -421,7 +421,7 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request {
 				return get("/v1/lockers/" + e.othLocker[0] + "/commands/" + e.otherCmd)
 			},
-			want: siteWide(ok, hidden)},
+			want: siteWide(ok, denied)},
 
 		{name: "POST /v1/tokens", op: "POST /v1/tokens",
 			req: func(e roleEnv) client.Request {
@@ -502,7 +502,7 @@ func TestRoles(t *testing.T) {
 			check: seesPickup(func(e roleEnv) pickup.Pickup { return e.ownPickup })},
 		{name: "GET /v1/pickups/{id} other", op: "GET /v1/pickups/{id}",
 			req:   func(e roleEnv) client.Request { return get("/v1/pickups/" + e.otherPickup.ID) },
-			want:  othersHidden(ok, ok),
+			want:  othersDenied(ok, ok),
 			check: seesPickup(func(e roleEnv) pickup.Pickup { return e.otherPickup })},
 		{name: "POST /v1/pickups/{id}/cancel own", op: "POST /v1/pickups/{id}/cancel",
 			req:  func(e roleEnv) client.Request { return post("/v1/pickups/"+madeBy(e)+"/cancel", nil) },
@@ -522,7 +522,7 @@ func TestRoles(t *testing.T) {
 		// Admins and operators are not asked: it would end the fixture.
 		{name: "POST /v1/pickups/{id}/cancel other", op: "POST /v1/pickups/{id}/cancel",
 			req:  func(e roleEnv) client.Request { return post("/v1/pickups/"+e.otherPickup.ID+"/cancel", nil) },
-			want: othersHidden(0, 0)},
+			want: othersDenied(0, 0)},
 
 		// Credentials: whoever may hold a pickup's code may combine it.
 		{name: "POST /v1/credentials own", op: "POST /v1/credentials",
@@ -545,7 +545,7 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request {
 				return post("/v1/credentials", map[string]any{"pickups": []string{e.otherPickup.ID}})
 			},
-			want: map[string]int{"admin": created, "operator": denied, "store": hidden, "platform": hidden}},
+			want: map[string]int{"admin": created, "operator": denied, "store": denied, "platform": denied}},
 		{name: "POST /v1/credentials not ready", op: "POST /v1/credentials",
 			req: func(e roleEnv) client.Request {
 				return post("/v1/credentials", map[string]any{"pickups": []string{madeBy(e)}})
@@ -630,14 +630,14 @@ func TestRoles(t *testing.T) {
 			}},
 		{name: "GET /v1/webhooks/{id}/deliveries other", op: "GET /v1/webhooks/{id}/deliveries",
 			req:  func(e roleEnv) client.Request { return get("/v1/webhooks/" + e.otherWebhook + "/deliveries") },
-			want: othersHidden(ok, hidden)},
+			want: othersDenied(ok, denied)},
 		{name: "DELETE /v1/webhooks/{id} own", op: "DELETE /v1/webhooks/{id}",
 			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.spare) }, want: everyone(gone)},
 		{name: "DELETE /v1/webhooks/{id} again", op: "DELETE /v1/webhooks/{id}",
 			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.spare) }, want: everyone(hidden)},
 		// The admin is not asked: it would delete the platform's webhook.
 		{name: "DELETE /v1/webhooks/{id} other", op: "DELETE /v1/webhooks/{id}",
-			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.otherWebhook) }, want: othersHidden(0, hidden)},
+			req: func(e roleEnv) client.Request { return del("/v1/webhooks/" + e.otherWebhook) }, want: othersDenied(0, denied)},
 	}
 	cases = append(cases, firmwareRoleCases(t, tg, lockersA, lockersB)...)
 	brokerOnly := map[string]int{"admin": denied, "operator": denied, "store": denied, "platform": denied, "broker": ok}
@@ -704,15 +704,16 @@ func TestRoles(t *testing.T) {
 		})
 	}
 
-	// A store asking about another site's locker gets exactly what it gets
-	// for a locker that does not exist.
-	t.Run("store/OtherSiteLockerLooksAbsent", func(t *testing.T) {
+	// A store asking about another site's locker gets 403, as the
+	// contract says ("a token outside its role or site"); about a locker
+	// that does not exist, 404.
+	t.Run("store/OtherSiteLockerForbidden", func(t *testing.T) {
 		for _, path := range []string{"", "/health", "/events", "/commands/" + cmdB} {
 			_, errOther := storeA.Do(ctx, get("/v1/lockers/"+lockersB[0]+path), nil)
 			_, errNone := storeA.Do(ctx, get("/v1/lockers/lk-does-not-exist"+path), nil)
 			var po, pn *client.Error
-			if !errors.As(errOther, &po) || !errors.As(errNone, &pn) || *po != *pn {
-				t.Errorf("%s: other site's locker: %v; no such locker: %v", path, errOther, errNone)
+			if !errors.As(errOther, &po) || !errors.As(errNone, &pn) || po.Status != denied || pn.Status != hidden {
+				t.Errorf("%s: other site's locker: %v (want 403); no such locker: %v (want 404)", path, errOther, errNone)
 			}
 		}
 	})

@@ -3,6 +3,7 @@ package httpapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -101,7 +102,7 @@ func (s *Server) createClaim(w http.ResponseWriter, r *http.Request) error {
 		in.Uses = 1
 	}
 	c, token, err := s.prov.CreateClaim(r.Context(), provisioning.NewClaim{Site: in.Site, Uses: in.Uses,
-		ExpiresIn: time.Duration(in.ExpiresInS) * time.Second, SerialPattern: in.SerialPattern, Actor: principal(r).Actor()})
+		ExpiresIn: seconds(in.ExpiresInS), SerialPattern: in.SerialPattern, Actor: principal(r).Actor()})
 	if err != nil {
 		return err
 	}
@@ -154,14 +155,20 @@ func (s *Server) listLockers(w http.ResponseWriter, r *http.Request) error {
 }
 
 // locker loads the path's locker and checks the caller's site.
+// seconds is n seconds as a Duration, past any bound a caller checks (a
+// billion seconds, 31 years) clamped rather than wrapped around: 2^64/10^9
+// + 30 seconds would otherwise pass as 30.
+func seconds(n int64) time.Duration {
+	return time.Duration(max(min(n, 1e9), -1e9)) * time.Second
+}
+
 func (s *Server) locker(r *http.Request) (*fleet.Locker, error) {
 	l, err := s.fleet.GetLocker(r.Context(), r.PathValue("id"))
 	if err != nil {
 		return nil, err
 	}
 	if err := checkSite(r, l.Site); err != nil {
-		// Do not tell a store whether another site's locker exists.
-		return nil, fleet.ErrNotFound
+		return nil, fmt.Errorf("%w: locker %s is at another site", errForbidden, l.ID)
 	}
 	return l, nil
 }
@@ -320,7 +327,7 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 	tok := principal(r)
 	req := fleet.CommandRequest{
 		DeviceID: r.PathValue("id"), Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
-		TTL: time.Duration(in.TTLS) * time.Second, Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
+		TTL: seconds(int64(in.TTLS)), Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
 	}
 	if tok.Role == fleet.RoleStore {
 		if in.Type != protocol.CmdUnlock {

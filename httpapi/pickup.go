@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/webhook"
 )
 
@@ -82,6 +84,9 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 			return errForbidden
 		}
 	}
+	if !protocol.ValidID(in.Site) {
+		return badRequest("site is required: 1-64 of [A-Za-z0-9._:-]")
+	}
 	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
 		return err
 	}
@@ -109,7 +114,7 @@ func (s *Server) pickupOf(r *http.Request) (*pickup.Pickup, error) {
 		return nil, err
 	}
 	if !canSeePickup(principal(r), p) {
-		return nil, fleet.ErrNotFound // do not tell others it exists
+		return nil, fmt.Errorf("%w: pickup %s is another site's or platform's", errForbidden, p.ID)
 	}
 	return p, nil
 }
@@ -245,7 +250,7 @@ func (s *Server) webhookOf(r *http.Request) (*webhook.Webhook, error) {
 		return nil, err
 	}
 	if t := principal(r); t.Role != fleet.RoleAdmin && wh.TokenID != t.ID {
-		return nil, fleet.ErrNotFound
+		return nil, fmt.Errorf("%w: webhook %s belongs to another token", errForbidden, wh.ID)
 	}
 	return wh, nil
 }

@@ -1,15 +1,19 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/provisioning"
@@ -104,6 +108,56 @@ func decode(r *http.Request, v any) error {
 			return badRequest("field %q: want %s", te.Field, te.Type)
 		}
 		return badRequest("malformed JSON: %v", err)
+	}
+	if bytes.Contains(body, []byte(`\u0000`)) && jsonHasNUL(body) {
+		return badRequest("a string holds a NUL character (\\u0000), which no field accepts")
+	}
+	return nil
+}
+
+// jsonHasNUL reports whether a JSON value (valid) holds a NUL character in
+// any string, key or value. Text columns refuse it (PostgreSQL cannot store
+// it), so it is refused here with a 400 instead of failing there with a 500.
+// encoding/json already replaces invalid UTF-8 in strings.
+func jsonHasNUL(body []byte) bool {
+	var v any
+	if json.Unmarshal(body, &v) != nil {
+		return false
+	}
+	var walk func(v any) bool
+	walk = func(v any) bool {
+		switch v := v.(type) {
+		case string:
+			return strings.ContainsRune(v, 0)
+		case []any:
+			return slices.ContainsFunc(v, walk)
+		case map[string]any:
+			for k, e := range v {
+				if strings.ContainsRune(k, 0) || walk(e) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	return walk(v)
+}
+
+// checkText refuses a request whose path or query holds a NUL character or
+// invalid UTF-8 (say /v1/lockers/%00 or ?site=%FF): no id, name or filter
+// can, and PostgreSQL refuses such text, which would be a 500.
+func checkText(r *http.Request) error {
+	bad := func(s string) bool { return strings.ContainsRune(s, 0) || !utf8.ValidString(s) }
+	if bad(r.URL.Path) {
+		return badRequest("the path holds a NUL character or invalid UTF-8")
+	}
+	for k, vs := range r.URL.Query() {
+		if bad(k) || slices.ContainsFunc(vs, bad) {
+			return badRequest("query parameter %q holds a NUL character or invalid UTF-8", k)
+		}
+	}
+	if bad(r.Header.Get("Idempotency-Key")) {
+		return badRequest("Idempotency-Key holds a NUL character or invalid UTF-8")
 	}
 	return nil
 }

@@ -190,6 +190,10 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			writeProblem(w, http.StatusForbidden, "role "+tok.Role+" may not "+r.Method+" "+r.URL.Path)
 			return
 		}
+		if err := checkText(r); err != nil {
+			writeProblem(w, http.StatusBadRequest, err.Error())
+			return
+		}
 		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, tok))
 		if err := h(w, r); err != nil {
 			s.writeError(w, r, err)
@@ -242,7 +246,7 @@ var (
 )
 
 // errForbidden is a request outside the token's site or role.
-var errForbidden = errors.New("forbidden")
+var errForbidden = fleet.ErrForbidden
 
 // checkSite returns errForbidden when a store token asks about another site.
 func checkSite(r *http.Request, site string) error {

@@ -31,7 +31,7 @@ func (m *mintStore) KeyGen(context.Context, string) (int, error) {
 	return m.gens[min(m.keyGens-1, len(m.gens)-1)], nil
 }
 
-func (m *mintStore) MintCredential(_ context.Context, c *Credential, _ []string, _ func(*Pickup, *Credential) *Event) error {
+func (m *mintStore) MintCredential(_ context.Context, c *Credential, _ []string, _ bool, _ func(*Pickup, *Credential) *Event) error {
 	cp := *c
 	m.minted = append(m.minted, &cp)
 	if len(m.minted) <= len(m.results) {
@@ -58,7 +58,7 @@ func TestMintRetries(t *testing.T) {
 	ctx := context.Background()
 	until := time.Now().Add(time.Hour)
 	mint := func(st *mintStore, kind string) (*Credential, error) {
-		return newMintService(t, st).mint(ctx, "lk-1", []int{3}, until, []string{"p-1"}, kind, nil)
+		return newMintService(t, st).mint(ctx, "lk-1", []int{3}, until, []string{"p-1"}, kind, false, nil)
 	}
 
 	t.Run("PINTaken", func(t *testing.T) {

@@ -159,8 +159,8 @@ type Store interface {
 	// queues ev (when not nil) for every matching webhook, atomically. A
 	// pickup that ends leaves its active credential: revoked, or narrowed
 	// to the compartments of the other live pickups it opens.
-	// fleet.ErrConflict when the pickup is in none of from, or, to Expired,
-	// while it is being collected (CollectGrace).
+	// fleet.ErrConflict when the pickup is in none of from, or, to Expired
+	// or Cancelled, while it is being collected (CollectGrace).
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
 	// credentials and any of the locker's that opens no live pickup, and
@@ -168,8 +168,11 @@ type Store interface {
 	// ErrPINTaken when the PIN collides; ErrKeyChanged when the locker's
 	// key generation is no longer c.KeyGen. With announce, the event it
 	// makes for each of the pickups that is ready (their codes changed) is
-	// queued in the same transaction.
-	MintCredential(ctx context.Context, c *Credential, pickupIDs []string, announce func(*Pickup, *Credential) *Event) error
+	// queued in the same transaction. Unless replaceUsed (the fresh code
+	// for an order left inside after its code was used), fleet.ErrConflict
+	// when a pickup's code was used and its door has not closed since: its
+	// driver is collecting it, and the door's closing must find that code.
+	MintCredential(ctx context.Context, c *Credential, pickupIDs []string, replaceUsed bool, announce func(*Pickup, *Credential) *Event) error
 	// RekeyCredentials gives a locker's active credentials new MACs, made
 	// by mac for its current key generation, and bumps its credential-set
 	// version, in one transaction; ErrKeyChanged when the locker was

@@ -76,6 +76,9 @@ func New(o Options) (*Service, error) {
 	return &Service{o: o, log: o.Logger, m: newMetrics(o.Registerer)}, nil
 }
 
+// MaxRecipientName bounds a pickup's recipient.name, in bytes.
+const MaxRecipientName = 200
+
 // Create allocates a compartment for a new pickup and opens it for staff to
 // load (a staging unlock).
 func (s *Service) Create(ctx context.Context, p *Pickup) error {
@@ -105,6 +108,14 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	case "customer":
 	default:
 		return fmt.Errorf("%w: recipient.kind must be driver or customer", fleet.ErrInvalid)
+	}
+	if p.Recipient.Platform != "" && !protocol.ValidID(p.Recipient.Platform) {
+		// The name of the platform's token: any other would be a pickup no
+		// platform can see or collect.
+		return fmt.Errorf("%w: recipient.platform %q: want a platform token's name, 1-64 of [A-Za-z0-9._:-]", fleet.ErrInvalid, p.Recipient.Platform)
+	}
+	if len(p.Recipient.Name) > MaxRecipientName {
+		return fmt.Errorf("%w: recipient.name longer than %d bytes", fleet.ErrInvalid, MaxRecipientName)
 	}
 	p.Platform = p.Recipient.Platform
 	now := s.o.Now().UTC().Truncate(time.Millisecond)
@@ -228,8 +239,11 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 		}
 		seen[id] = true
 		p, err := s.o.Store.GetPickup(ctx, id)
-		if err != nil || !allowed(p) {
-			return nil, fmt.Errorf("pickup %s: %w", id, fleet.ErrNotFound)
+		if err != nil {
+			return nil, fmt.Errorf("pickup %s: %w", id, err)
+		}
+		if !allowed(p) {
+			return nil, fmt.Errorf("pickup %s is another site's or platform's: %w", id, fleet.ErrForbidden)
 		}
 		if p.State != Ready {
 			return nil, fmt.Errorf("%w: pickup %s is %s, not ready", fleet.ErrConflict, id, p.State)
@@ -248,7 +262,7 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 			notAfter = p.ExpiresAt
 		}
 	}
-	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, s.credentialChanged)
+	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, false, s.credentialChanged)
 	if err != nil {
 		return nil, err
 	}
@@ -260,9 +274,10 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 
 // mint creates a credential for compartments of a locker; kind "" gives
 // both a PIN and a QR token. announce, when set, makes the event queued for
-// each ready pickup whose codes this replaces (MintCredential).
+// each ready pickup whose codes this replaces; replaceUsed lets it replace
+// a used code (MintCredential).
 func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAfter time.Time, pickups []string, kind string,
-	announce func(*Pickup, *Credential) *Event) (*Credential, error) {
+	replaceUsed bool, announce func(*Pickup, *Credential) *Event) (*Credential, error) {
 	gen, err := s.o.Store.KeyGen(ctx, deviceID)
 	if err != nil {
 		return nil, err
@@ -272,7 +287,7 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 	for attempt := 0; attempt < 8; attempt++ {
 		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
 		s.setMACs(c, gen, kind != protocol.KindQR, kind != protocol.KindPIN)
-		err := s.o.Store.MintCredential(ctx, c, pickups, announce)
+		err := s.o.Store.MintCredential(ctx, c, pickups, replaceUsed, announce)
 		switch {
 		case errors.Is(err, ErrPINTaken):
 			continue // another id gives another PIN

@@ -207,7 +207,7 @@ func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {
 func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) error {
 	var c *Credential
 	err := s.retry(ctx, "mint", func(ctx context.Context) (err error) {
-		c, err = s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", nil)
+		c, err = s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", false, nil)
 		return err
 	})
 	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
@@ -240,7 +240,7 @@ func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Ti
 // webhooks the new codes.
 func (s *Service) issue(ctx context.Context, p *Pickup) error {
 	err := s.retry(ctx, "mint", func(ctx context.Context) error {
-		_, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", s.credentialChanged)
+		_, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", true, s.credentialChanged)
 		return err
 	})
 	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -243,9 +244,11 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if !allowed {
 			return fmt.Errorf("pickup %s is %s: %w", id, state, fleet.ErrConflict)
 		}
-		if to == pickup.Expired {
+		if to == pickup.Expired || to == pickup.Cancelled {
 			// Under the locker's lock, so a code accepted since the caller
-			// found the pickup due is seen (UseCredential takes it too).
+			// found the pickup due is seen (UseCredential takes it too). A
+			// cancel then would record an order its driver took as
+			// cancelled; the door's closing decides instead.
 			var collecting bool
 			if err := tx.QueryRow(ctx, `SELECT `+beingCollected("p", "$2", "$3")+` FROM pickups p WHERE p.id = $1`,
 				id, at, pickup.CollectGrace).Scan(&collecting); err != nil {
@@ -349,7 +352,7 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 }
 
 // MintCredential implements pickup.Store.
-func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string, announce func(*pickup.Pickup, *pickup.Credential) *pickup.Event) error {
+func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupIDs []string, replaceUsed bool, announce func(*pickup.Pickup, *pickup.Credential) *pickup.Event) error {
 	if len(pickupIDs) == 0 {
 		return fmt.Errorf("%w: a credential must open at least one pickup", fleet.ErrInvalid)
 	}
@@ -375,6 +378,23 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		}
 		if len(comps) != len(pickupIDs) {
 			return fmt.Errorf("a pickup of %v at %s ended or is not there: %w", pickupIDs, c.DeviceID, fleet.ErrConflict)
+		}
+		if !replaceUsed {
+			// A live pickup whose code is used is being collected: its
+			// door's closing decides, by that code (doorClosed).
+			var busy []string
+			rows, err := tx.Query(ctx, `SELECT p.id FROM pickups p JOIN credentials c ON c.id = p.credential_id
+				WHERE p.id = ANY ($1) AND c.state = 'used' ORDER BY p.id`, pickupIDs)
+			if err == nil {
+				busy, err = pgx.CollectRows(rows, pgx.RowTo[string])
+			}
+			if err != nil {
+				return err
+			}
+			if len(busy) > 0 {
+				return fmt.Errorf("pickup %s is being collected (its code opened the compartment); its door's closing decides: %w",
+					strings.Join(busy, ", "), fleet.ErrConflict)
+			}
 		}
 		c.Compartments = comps
 		// The writes in one round trip: the pickups' previous credentials

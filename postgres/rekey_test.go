@@ -72,7 +72,7 @@ func (e *credEnv) mint(cid, pin string, gen int, ps ...*pickup.Pickup) error {
 		ids, comps = append(ids, p.ID), append(comps, p.Compartment)
 	}
 	return e.db.MintCredential(context.Background(), &pickup.Credential{ID: cid, DeviceID: e.id, PINMAC: pin, QRMAC: "qr-" + pin,
-		Compartments: comps, NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: gen}, ids, nil)
+		Compartments: comps, NotAfter: time.Now().Add(time.Hour), CreatedAt: time.Now(), KeyGen: gen}, ids, false, nil)
 }
 
 func (e *credEnv) mustMint(cid, pin string, ps ...*pickup.Pickup) {

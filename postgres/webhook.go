@@ -42,9 +42,11 @@ func (db *DB) GetWebhook(ctx context.Context, id string) (*webhook.Webhook, []by
 	return w, enc, err
 }
 
-// ListWebhooks implements webhook.Store.
+// ListWebhooks implements webhook.Store: like GetWebhook, without those of
+// revoked tokens (listed, an admin could neither read nor delete them).
 func (db *DB) ListWebhooks(ctx context.Context, tokenID string) ([]webhook.Webhook, error) {
-	rows, err := db.pool.Query(ctx, `SELECT `+webhookCols+` FROM webhooks WHERE deleted_at IS NULL AND ($1 = '' OR token_id = $1) ORDER BY id`, tokenID)
+	rows, err := db.pool.Query(ctx, `SELECT `+webhookCols+` FROM webhooks WHERE deleted_at IS NULL AND ($1 = '' OR token_id = $1)
+		AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = webhooks.token_id AND t.revoked_at IS NULL) ORDER BY id`, tokenID)
 	if err != nil {
 		return nil, err
 	}
