@@ -693,6 +693,30 @@ func TestWebhookOfRevokedTokenGetsNothing(t *testing.T) {
 	}
 }
 
+// TestWebhooksPerTokenBounded: a token may have webhook.MaxPerToken
+// webhooks; one more is a 422 until one is deleted.
+func TestWebhooksPerTokenBounded(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	c := MustPickupToken(t, tg, "platform", "", "speedy")
+	var last struct{ ID string }
+	for i := range webhook.MaxPerToken {
+		if err := c.Post(ctx, "/v1/webhooks", map[string]any{"url": fmt.Sprintf("https://hooks.example/%d", i)}, &last); err != nil {
+			t.Fatalf("webhook %d: %v", i+1, err)
+		}
+	}
+	more := client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]any{"url": "https://hooks.example/more"}}
+	if status, err := c.Do(ctx, more, nil); status != 422 || !strings.Contains(err.Error(), "at most") {
+		t.Fatalf("one webhook too many: %d %v, want 422", status, err)
+	}
+	if _, err := c.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/webhooks/" + last.ID}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if status, err := c.Do(ctx, more, nil); status != 201 {
+		t.Fatalf("after a delete: %d %v, want 201", status, err)
+	}
+}
+
 // TestPickupCollectedAcrossExpiry: a driver who opens the compartment with
 // the code a moment before the pickup expires and closes it after has
 // picked the order up. The expiry sweep must not end it as expired (and

@@ -90,17 +90,21 @@ func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
 
 // LeaseDue implements webhook.Store. A delivery is due only when no older
 // delivery of the same webhook and subject (pickup) is pending, so a
-// receiver sees each pickup's events in order even after an outage.
-func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n int) ([]webhook.Delivery, error) {
+// receiver sees each pickup's events in order even after an outage. The
+// update checks the lease again on each row it takes, so of two callers
+// at once the second skips what the first leased.
+func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int) ([]webhook.Delivery, error) {
 	rows, err := db.pool.Query(ctx, `
-		UPDATE webhook_deliveries d SET leased_until = $1::timestamptz + $2::interval
-		WHERE d.seq IN (
-			SELECT c.seq FROM webhook_deliveries c
+		WITH due AS (
+			SELECT c.seq, row_number() OVER (PARTITION BY c.webhook_id ORDER BY c.seq) AS k
+			FROM webhook_deliveries c
 			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1
 				AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.webhook_id = c.webhook_id
-					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq)
-			ORDER BY c.seq LIMIT $3 FOR UPDATE SKIP LOCKED)
-		RETURNING `+deliveryCols, now, lease, n)
+					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq))
+		UPDATE webhook_deliveries d SET leased_until = $1::timestamptz + $2::interval
+		WHERE d.seq IN (SELECT seq FROM due WHERE k <= $4 ORDER BY seq LIMIT $3)
+			AND d.state = 'pending' AND d.leased_until < $1
+		RETURNING `+deliveryCols, now, lease, n, perWebhook)
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +128,7 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 		_, err := tx.Exec(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
 			next_attempt = CASE WHEN $5::timestamptz IS NULL THEN next_attempt ELSE $5 END, leased_until = '-infinity',
 			delivered_at = CASE WHEN $2 = 'delivered' THEN $6::timestamptz ELSE NULL END
-			WHERE seq = $1`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At)
+			WHERE seq = $1 AND state = 'pending'`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At)
 		return err
 	})
 }

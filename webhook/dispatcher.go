@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"syscall"
 	"time"
@@ -58,6 +59,11 @@ type Dispatcher struct {
 	m    *metrics
 }
 
+// MaxPerToken bounds the webhooks of one token: each is sent every event
+// its token may see, so a token with many (or many that hang) would hold up
+// everyone's deliveries.
+const MaxPerToken = 20
+
 // New returns a Dispatcher.
 func New(o Options) (*Dispatcher, error) {
 	if o.Store == nil {
@@ -102,6 +108,11 @@ func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
 	}
 	if len(w.Events) == 0 {
 		return "", fmt.Errorf("%w: events must list at least one event type", fleet.ErrInvalid)
+	}
+	if ws, err := d.o.Store.ListWebhooks(ctx, w.TokenID); err != nil {
+		return "", err
+	} else if len(ws) >= MaxPerToken {
+		return "", fmt.Errorf("%w: a token may have at most %d webhooks; delete one first", fleet.ErrUnprocessable, MaxPerToken)
 	}
 	w.ID = fleet.NewID("wh")
 	secret := provisioning.NewSecret("whsec_")
@@ -148,10 +159,15 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 }
 
-// round leases due deliveries and sends them; true when it leased a full batch.
+// round leases due deliveries and sends them; true when it leased a full
+// batch. A batch is what the workers send within its lease even when every
+// receiver takes the client's whole timeout (4 each: 40 s of the minute),
+// so no delivery is leased again by another instance while it waits here;
+// and one webhook gets at most two of it, so a receiver that hangs holds up
+// two workers, not all.
 func (d *Dispatcher) round(ctx context.Context) bool {
-	const batch = 64
-	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, batch)
+	batch := 4 * d.o.Workers
+	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, batch, 2)
 	if err != nil {
 		if ctx.Err() == nil {
 			d.log.Error("lease webhook deliveries", "err", err)
@@ -320,20 +336,62 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	return m
 }
 
+// notGlobal are ranges a webhook must not reach that netip.Addr's own
+// predicates (loopback, private, link-local, multicast, unspecified) do
+// not cover.
+var notGlobal = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),       // this network
+	netip.MustParsePrefix("100.64.0.0/10"),   // carrier-grade NAT; also some clouds' metadata (100.100.100.200)
+	netip.MustParsePrefix("192.0.0.0/24"),    // IETF protocol assignments
+	netip.MustParsePrefix("192.0.2.0/24"),    // documentation
+	netip.MustParsePrefix("198.18.0.0/15"),   // benchmarking
+	netip.MustParsePrefix("198.51.100.0/24"), // documentation
+	netip.MustParsePrefix("203.0.113.0/24"),  // documentation
+	netip.MustParsePrefix("240.0.0.0/4"),     // reserved, and the broadcast address
+	netip.MustParsePrefix("100::/64"),        // discard-only
+	netip.MustParsePrefix("2001:db8::/32"),   // documentation
+	netip.MustParsePrefix("fec0::/10"),       // site-local (deprecated)
+	netip.MustParsePrefix("64:ff9b:1::/48"),  // local-use NAT64
+}
+
+var (
+	nat64  = netip.MustParsePrefix("64:ff9b::/96") // well-known NAT64: the IPv4 address in the last 4 bytes
+	sixTo4 = netip.MustParsePrefix("2002::/16")    // 6to4: the IPv4 address in bytes 2-5
+)
+
+// public reports whether a webhook may be delivered to a: a global unicast
+// address in none of the ranges above. An IPv6 address that embeds an IPv4
+// one (mapped, NAT64, 6to4) is judged by the IPv4 address it reaches.
+func public(a netip.Addr) bool {
+	a = a.Unmap()
+	if b := a.As16(); nat64.Contains(a) {
+		a = netip.AddrFrom4([4]byte(b[12:16]))
+	} else if sixTo4.Contains(a) {
+		a = netip.AddrFrom4([4]byte(b[2:6]))
+	}
+	if !a.IsGlobalUnicast() || a.IsPrivate() {
+		return false
+	}
+	for _, p := range notGlobal {
+		if p.Contains(a) {
+			return false
+		}
+	}
+	return true
+}
+
 // transport dials only public addresses unless allowPrivate.
 func transport(allowPrivate bool) *http.Transport {
 	d := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
 		if allowPrivate {
 			return nil
 		}
-		host, _, err := net.SplitHostPort(address)
+		ap, err := netip.ParseAddrPort(address)
 		if err != nil {
 			return err
 		}
-		ip := net.ParseIP(host)
-		if ip == nil || ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsUnspecified() ||
-			ip.IsLinkLocalMulticast() || ip.IsMulticast() {
-			return fmt.Errorf("webhook address %s is not public (set --webhook-allow-private for lab setups)", host)
+		if !public(ap.Addr()) {
+			return fmt.Errorf("webhook address %s is not public (set --webhook-allow-private for lab setups)", ap.Addr())
 		}
 		return nil
 	}}

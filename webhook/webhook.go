@@ -75,8 +75,13 @@ type Store interface {
 	ListWebhooks(ctx context.Context, tokenID string) ([]Webhook, error)
 	DeleteWebhook(ctx context.Context, id string) error
 	// LeaseDue leases up to n pending deliveries that are due and are the
-	// oldest pending one of their (webhook, subject), for lease.
-	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n int) ([]Delivery, error)
+	// oldest pending one of their (webhook, subject), at most perWebhook
+	// of one webhook (a slow receiver does not take every worker), for
+	// lease.
+	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int) ([]Delivery, error)
+	// RecordAttempt records an attempt at a delivery and, if the delivery
+	// is still pending (a copy sent under an expired lease may finish
+	// after another), its new state.
 	RecordAttempt(ctx context.Context, seq int64, o Outcome) error
 	ListDeliveries(ctx context.Context, webhookID string, after int64, limit int) ([]Delivery, error)
 	// Backlog counts pending deliveries and the age of the oldest.

@@ -3,6 +3,7 @@ package webhook
 import (
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -52,6 +53,30 @@ func TestTransportRefusesPrivate(t *testing.T) {
 		t.Fatalf("with AllowPrivate: %v", err)
 	}
 	resp.Body.Close()
+}
+
+// TestPublic: the addresses a webhook may reach. Besides loopback and the
+// private ranges, carrier-grade NAT (where some clouds keep their metadata
+// service), reserved and documentation ranges are refused, and IPv6 forms
+// that reach an IPv4 address (mapped, NAT64, 6to4) are judged by it.
+func TestPublic(t *testing.T) {
+	for addr, want := range map[string]bool{
+		"93.184.216.34": true, "2606:2800:220:1:248:1893:25c8:1946": true,
+		"64:ff9b::5db8:d822": true, // NAT64 of 93.184.216.34
+		"127.0.0.1":          false, "10.1.2.3": false, "172.16.0.1": false, "192.168.1.1": false,
+		"169.254.169.254": false, "0.0.0.0": false, "0.1.2.3": false,
+		"100.100.100.200": false, "100.64.0.1": false, "198.18.0.1": false, "240.0.0.1": false,
+		"255.255.255.255": false, "224.0.0.1": false, "192.0.2.1": false,
+		"::1": false, "::": false, "fe80::1": false, "fc00::1": false, "fec0::1": false, "ff02::1": false,
+		"::ffff:127.0.0.1": false, "::ffff:10.0.0.1": false,
+		"64:ff9b::a9fe:a9fe": false, "64:ff9b::7f00:1": false, // NAT64 of 169.254.169.254, 127.0.0.1
+		"2002:a9fe:a9fe::1": false, "2002:c0a8:101::1": false, // 6to4 of 169.254.169.254, 192.168.1.1
+		"64:ff9b:1::1": false, "2001:db8::1": false,
+	} {
+		if got := public(netip.MustParseAddr(addr)); got != want {
+			t.Errorf("public(%s) = %v, want %v", addr, got, want)
+		}
+	}
 }
 
 func TestBackoff(t *testing.T) {

@@ -1,0 +1,82 @@
+package postgres_test
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/webhook"
+)
+
+// TestWebhookLeases: a lease takes at most perWebhook deliveries of one
+// webhook (one whose receiver hangs does not take every worker), the oldest
+// pending one per pickup; what is leased is not leased again until the
+// lease ends; and an attempt recorded after the delivery was settled (a
+// copy sent under an expired lease, finishing late) changes nothing.
+func TestWebhookLeases(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy');
+		INSERT INTO webhooks (id, token_id, role, platform, url, events, secret_enc) VALUES
+			('wh-slow', 't-1', 'platform', 'speedy', 'https://slow.example/', '{pickup.ready}', '\x00'),
+			('wh-ok', 't-1', 'platform', 'speedy', 'https://ok.example/', '{pickup.ready}', '\x00')`); err != nil {
+		t.Fatal(err)
+	}
+	// wh-slow: four pickups, the first with two events; wh-ok: one.
+	for i, d := range []struct{ webhook, subject string }{
+		{"wh-slow", "p-1"}, {"wh-slow", "p-1"}, {"wh-slow", "p-2"}, {"wh-slow", "p-3"}, {"wh-slow", "p-4"}, {"wh-ok", "p-9"},
+	} {
+		if _, err := db.Pool().Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
+			VALUES ($1, $2, 'pickup.ready', $3, '{}', $4, $4)`, d.webhook, fmt.Sprintf("ev-%d", i), d.subject, now); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lease := func(at time.Time) []string {
+		t.Helper()
+		ds, err := db.LeaseDue(ctx, at, time.Minute, 16, 2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for _, d := range ds {
+			got = append(got, d.WebhookID+"/"+d.Subject+"/"+d.EventID)
+		}
+		slices.Sort(got)
+		return got
+	}
+	first := lease(now)
+	if want := []string{"wh-ok/p-9/ev-5", "wh-slow/p-1/ev-0", "wh-slow/p-2/ev-2"}; !slices.Equal(first, want) {
+		t.Fatalf("leased %v, want %v", first, want)
+	}
+	if got := lease(now.Add(time.Second)); len(got) != 2 || got[0] != "wh-slow/p-3/ev-3" || got[1] != "wh-slow/p-4/ev-4" {
+		t.Fatalf("leased next %v, want the other two of wh-slow's pickups, and nothing leased already", got)
+	}
+	if got := lease(now.Add(2 * time.Second)); len(got) != 0 {
+		t.Fatalf("leased while every due delivery is leased: %v", got)
+	}
+
+	var seq int64
+	if err := db.Pool().QueryRow(ctx, `SELECT seq FROM webhook_deliveries WHERE event_id = 'ev-5'`).Scan(&seq); err != nil {
+		t.Fatal(err)
+	}
+	ok, failed := 200, 500
+	if err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now.Add(time.Second), Status: &failed, Error: "receiver answered 500",
+		Next: now.Add(time.Minute)}); err != nil {
+		t.Fatal(err)
+	}
+	var state string
+	var attempts int
+	if err := db.Pool().QueryRow(ctx, `SELECT state, (SELECT count(*) FROM webhook_attempts WHERE delivery_seq = $1)
+		FROM webhook_deliveries WHERE seq = $1`, seq).Scan(&state, &attempts); err != nil {
+		t.Fatal(err)
+	}
+	if state != "delivered" || attempts != 2 {
+		t.Fatalf("after a late failed copy: %s with %d attempts logged, want delivered with 2", state, attempts)
+	}
+}
