@@ -311,7 +311,13 @@ func TestEchoEndsWithTheSession(t *testing.T) {
 	if got := h.b.echoes.Load(); got != 1 {
 		t.Fatalf("echoes = %d after the subscription, want 1", got)
 	}
-	h.b.Kick("A") // an unclean end: the will goes out, to A's kept session too
+	// An unclean end (the connection lost): the will goes out, to A's kept
+	// session too. (A kicked session's will is dropped.)
+	cl, ok := h.b.server.Clients.Get("A")
+	if !ok {
+		t.Fatal("A not connected")
+	}
+	_ = cl.Net.Conn.Close()
 	waitFor(t, "the will", func() bool { return len(presence.get()) == 1 })
 	waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
 	// One more message to A's kept session, after the session ended.

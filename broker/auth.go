@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"log/slog"
 	"net"
 	"strings"
 	"sync"
@@ -175,9 +176,12 @@ func classify(clientID string, pk packets.Packet) (k kind, subject, reason strin
 		return kindNone, "", refuseInvalidClientID
 	case user != clientID:
 		return kindNone, "", refuseClientIDMismatch
-	case c.WillFlag && (!protocol.DeviceMayPublish(clientID, c.WillTopic) || len(c.WillPayload) > protocol.MaxPayload):
+	case c.WillFlag && (c.WillTopic != protocol.Topic(clientID, protocol.ChanPresence) || len(c.WillPayload) > protocol.MaxPayload):
 		// mochi publishes wills without an ACL check: a will on another
-		// device's topic would be a forged message.
+		// device's topic would be a forged message. And protocol v1's Last
+		// Will is its presence, nothing else: a will on its events or
+		// cmd/result topic would be a message the device never sent while
+		// it was connected, delivered when it is gone (kicked, disabled).
 		return kindNone, "", refuseWillDenied
 	}
 	return kindDevice, clientID, ""
@@ -340,7 +344,10 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	if b.opts.Provisioner == nil {
 		return nil, refuseNoProvisioning
 	}
-	if b.limiter.blocked(b.limiter.addrKey(ip), now) || b.limiter.blocked(idKey(cl.ID), now) {
+	// Only the address is limited: a wrong token is not counted against
+	// the client id (see refuse), or five guesses with anyone's serial
+	// would keep that locker from provisioning with its valid token.
+	if b.limiter.blocked(b.limiter.addrKey(ip), now) {
 		return nil, refuseRateLimited
 	}
 	release, ok := b.backendSlot(authQueueWait)
@@ -378,7 +385,13 @@ func (b *Broker) refuse(k kind, clientID, username, remote, reason string, now t
 	}
 	if countsAsFailure(reason) {
 		b.limiter.fail(b.limiter.addrKey(hostOf(remote)), b.limiter.ipLimit, now)
-		if k != kindNone { // a malformed id is not worth tracking
+		// Only device ids are tracked: a malformed id is not worth it, and
+		// a claim client id (prov-{serial}) names a serial anyone may know,
+		// so wrong tokens counted against it would lock the locker with
+		// that serial out of provisioning (claim tokens are 256 random
+		// bits: the address limit and the bounded backend checks are
+		// enough against guessing).
+		if k == kindDevice {
 			b.limiter.fail(idKey(clientID), b.limiter.idLimit, now)
 		}
 	}
@@ -390,8 +403,19 @@ func (b *Broker) refused(clientID, username, remote, reason string, now time.Tim
 	b.m.authFailures.WithLabelValues(reason).Inc()
 	if ok, suppressed := b.refusalLog.allow(now); ok {
 		b.log.Warn("mqtt connect refused", "reason", reason, "client_id", logID(clientID),
-			"username", logID(username), "remote", remote, "suppressed", suppressed)
+			logUsername(clientID, username), "remote", remote, "suppressed", suppressed)
 	}
+}
+
+// logUsername is the log attribute of a refused CONNECT's username: the
+// username itself only when it is one a locker sends (its client id, or
+// "claim"), else its length. A firmware that swaps the fields sends its
+// secret or a claim token as the username, and neither may reach the log.
+func logUsername(clientID, username string) slog.Attr {
+	if username == clientID || username == protocol.ProvisionUsername {
+		return slog.String("username", logID(username))
+	}
+	return slog.Int("username_len", len(username))
 }
 
 func idKey(clientID string) string { return "id:" + clientID }

@@ -138,6 +138,10 @@ type Broker struct {
 	// case costs deliverUplink one atomic load.
 	echo   sync.Map
 	echoes atomic.Int64
+	// answering maps a serial to the claim session whose provisioning
+	// answer is being published: only that session's client may receive
+	// it (aclCheck), not a newer CONNECT with the same client id.
+	answering sync.Map
 
 	life      sync.Mutex
 	started   bool
@@ -492,7 +496,8 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
 
 // Kick disconnects every live session with client id id and forgets its
 // cached credentials, so the next CONNECT is checked against Auth. Use it
-// when a device is disabled or replaced.
+// when a device is disabled or replaced. A kicked session's Last Will is
+// not published (dropWill).
 func (b *Broker) Kick(id string) {
 	b.Invalidate(id)
 	// Sessions are matched in our own table, not only mochi's client map, so a

@@ -130,6 +130,12 @@ func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion == 5 && pk.ReasonCode < packets.ErrUnspecifiedError.Code {
 		pk.Properties.MaximumPacketSize = MaxPacketSize
+		if isClaimClient(cl) {
+			// Tells the client its session ends with the connection
+			// (MQTT-3.2.2.3.2), whatever expiry it asked for: see
+			// cleanClaimSession.
+			pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 0, true
+		}
 	}
 	return pk
 }
@@ -144,6 +150,8 @@ func (h *hook) OnQosPublish(cl *mqtt.Client, pk packets.Packet, _ int64, _ int) 
 // OnPacketRead implements mqtt.Hook; see provisionAnswerAcked.
 func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	switch t := pk.FixedHeader.Type; {
+	case t == packets.Connect:
+		cleanClaimSession(&pk)
 	case t == packets.Puback && isClaimClient(cl):
 		h.b.provisionAnswerAcked(cl, pk)
 	case t == packets.Publish && !cl.Net.Inline && pk.TopicName != "" && !mqtt.IsValidFilter(pk.TopicName, true):
@@ -160,6 +168,25 @@ func (h *hook) OnPacketSent(cl *mqtt.Client, pk packets.Packet, _ []byte) {
 	if pk.FixedHeader.Type == packets.Publish && pk.FixedHeader.Qos == 0 && isClaimClient(cl) {
 		h.b.provisionAnswerSent(cl)
 	}
+}
+
+// cleanClaimSession makes the session a claim CONNECT asks for clean and
+// short-lived, whatever its flags say: clean session (MQTT 3.1.1) or clean
+// start (MQTT 5), and no session expiry. A kept claim session would hold
+// its provisioning answer (the device secret and cred_key, QoS 1 in
+// flight) for whoever connects next as prov-{serial} with clean session
+// off, and any claim token lets anyone do that; a claim session must
+// neither outlive its connection nor inherit another's. It runs on the
+// CONNECT as read, before mochi parses it into the client, which is the
+// only place the flag mochi's session takeover reads can be changed (the
+// OnConnect hooks get a copy). A locker loses nothing: a claim session has
+// nothing to resume, and one that ends before its answer asks again.
+func cleanClaimSession(pk *packets.Packet) {
+	if !strings.HasPrefix(pk.Connect.ClientIdentifier, protocol.ProvisionClientPrefix) {
+		return
+	}
+	pk.Connect.Clean = true
+	pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 0, false
 }
 
 func isClaimClient(cl *mqtt.Client) bool {
@@ -180,12 +207,23 @@ func (b *Broker) aclCheck(cl *mqtt.Client, topic string, write bool) bool {
 	case k == kindProvision && write:
 		ok = protocol.ProvisionerMayPublish(id, topic)
 	case k == kindProvision:
-		ok = protocol.ProvisionerMaySubscribe(id, topic)
+		ok = protocol.ProvisionerMaySubscribe(id, topic) && b.mayReceiveAnswer(cl, id)
 	}
 	if !ok {
 		b.denied(cl, topic, write)
 	}
 	return ok
+}
+
+// mayReceiveAnswer reports whether the claim client cl of serial may get
+// a message on its response topic now: not while the answer of another
+// session with the same client id is being published (provision). The
+// check runs when mochi delivers, and for a SUBSCRIBE at that moment too,
+// which is then refused: such a session replaced the locker's own just as
+// it was answered.
+func (b *Broker) mayReceiveAnswer(cl *mqtt.Client, serial string) bool {
+	v, ok := b.answering.Load(serial)
+	return !ok || v.(*session).cl == cl
 }
 
 // denied counts and logs a refused publish (write) or subscription.

@@ -80,7 +80,13 @@ func (b *Broker) provision(s *session, payload []byte) {
 	b.log.Info("mqtt provisioning answered", "serial", s.id, "status", resp.Status, "error", resp.Error,
 		"device_id", resp.DeviceID)
 	topic := protocol.ProvisionResponseTopic(s.id)
-	if err := b.server.Publish(topic, protocol.Encode(resp), false, 1); err != nil {
+	// mochi delivers to whichever client holds the subscriber's client id
+	// when it publishes: the locker's session may have been replaced (and
+	// the topic subscribed again) since it was checked above.
+	b.answering.Store(s.id, s)
+	err = b.server.Publish(topic, protocol.Encode(resp), false, 1)
+	b.answering.CompareAndDelete(s.id, s)
+	if err != nil {
 		b.log.Error("mqtt provisioning answer not published", "serial", s.id, "err", err)
 	}
 	// The locker disconnects by itself once it has the answer. If it does

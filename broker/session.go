@@ -102,6 +102,13 @@ func (b *Broker) admit(s *session) {
 		cl.State.ServerKeepalive = true // told to MQTT 5 clients in CONNACK
 	}
 	if s.kind == kindDevice {
+		// No MQTT 5 will delay: a will held back would go out after the
+		// session is over, when the device may have been disabled or
+		// replaced since (and then follow the new board's birth). The
+		// protocol's will is "offline", true the moment the connection
+		// ends. MQTT 5 has no way to tell the client; it sees its will
+		// sooner than it asked for, never later.
+		cl.Properties.Will.WillDelayInterval = 0
 		// The device is back before its old connection was noticed dead.
 		// mochi is about to end that connection, and its Last Will
 		// ({"online":false}) would follow this session's birth; the fleet
@@ -125,9 +132,11 @@ func (b *Broker) admit(s *session) {
 
 // dropWill reports whether the Last Will of a closing session must not be
 // published: the session was replaced by a newer one of the same identity,
-// or the broker is closing.
+// it was kicked (its device disabled or replaced: nothing more is taken
+// from it, and a replaced board's "offline" would follow the new board's
+// birth), or the broker is closing.
 func (b *Broker) dropWill(cl *mqtt.Client) bool {
-	if errors.Is(cl.StopCause(), packets.ErrSessionTakenOver) {
+	if c := cl.StopCause(); errors.Is(c, packets.ErrSessionTakenOver) || errors.Is(c, packets.ErrAdministrativeAction) {
 		return true
 	}
 	if b.isClosed() {
@@ -140,7 +149,13 @@ func (b *Broker) dropWill(cl *mqtt.Client) bool {
 		return true
 	}
 	s := b.sessionOf(cl)
-	return s != nil && s.superseded.Load()
+	if s == nil {
+		return false
+	}
+	if r := s.endReason.Load(); r != nil && *r == ReasonKicked {
+		return true
+	}
+	return s.superseded.Load()
 }
 
 // established is the OnSessionEstablished hook: the CONNACK is sent and any

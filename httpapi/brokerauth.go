@@ -76,9 +76,18 @@ func emqxAuthn(ba BrokerAuth, w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// emqxACL is a locker's whole access: its own topics of protocol v1, and
-// nothing else. "#" does not match topics that start with "$", so $SYS is
-// denied by a rule of its own.
+// emqxACL is a locker's whole access, in EMQX rules checked in order:
+// publish on its own device-to-gateway topics, subscribe on its own
+// gateway-to-device topics, subscribe on any filter under its own root
+// (protocol.DeviceMaySubscribe allows its device-to-gateway topics too, and
+// wildcard filters there: lockers/v1/{id}/#, .../+, .../fw/+), then deny
+// everything. The subscribe rule also admits filters under the root that
+// match none of its topics (lockers/v1/{id}/nope), which DeviceMaySubscribe
+// refuses: nothing is ever published there, and no filter it admits reaches
+// another locker (the id level is literal). EMQX checks a rule's topic
+// against a topic or filter word by word, where "#" covers "$SYS/..." too,
+// so the last rule denies $SYS (the "$" exception of MQTT is one of
+// subscription matching, not of EMQX's authorization).
 func emqxACL(id string) []emqxRule {
 	rules := make([]emqxRule, 0, len(protocol.Channels)+2)
 	for _, c := range protocol.Channels {
@@ -88,7 +97,7 @@ func emqxACL(id string) []emqxRule {
 		}
 		rules = append(rules, emqxRule{Permission: "allow", Action: action, Topic: protocol.Topic(id, c)})
 	}
-	return append(rules, emqxRule{Permission: "deny", Action: "all", Topic: "$SYS/#"},
+	return append(rules, emqxRule{Permission: "allow", Action: "subscribe", Topic: protocol.Root + id + "/#"},
 		emqxRule{Permission: "deny", Action: "all", Topic: "#"})
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -72,7 +73,8 @@ func TestEMQXHooks(t *testing.T) {
 		if strings.Join(f.got, ",") != "lk-1,lk-1,pw,10.1.2.3" {
 			t.Errorf("asked %v", f.got)
 		}
-		// The locker's whole access: its 10 topics, then deny everything.
+		// The locker's whole access: its 10 topics, filters under its own
+		// root, then deny everything (TestEMQXACL).
 		if len(out.ACL) != len(protocol.Channels)+2 {
 			t.Fatalf("acl %+v", out.ACL)
 		}
@@ -86,8 +88,8 @@ func TestEMQXHooks(t *testing.T) {
 				t.Errorf("rule %+v", r)
 			}
 		}
-		if tail := out.ACL[len(protocol.Channels):]; tail[0] != (emqxRule{"deny", "all", "$SYS/#"}) || tail[1] != (emqxRule{"deny", "all", "#"}) {
-			t.Errorf("last rules %+v, want deny all $SYS/# and #", tail)
+		if tail := out.ACL[len(protocol.Channels):]; tail[0] != (emqxRule{"allow", "subscribe", "lockers/v1/lk-1/#"}) || tail[1] != (emqxRule{"deny", "all", "#"}) {
+			t.Errorf("last rules %+v, want allow subscribe lockers/v1/lk-1/# and deny all #", tail)
 		}
 	})
 	t.Run("Form", func(t *testing.T) {
@@ -230,5 +232,114 @@ func TestHookDuringDatabaseOutage(t *testing.T) {
 	st.err = errors.New("dial tcp: connection refused")
 	if got := ask(); got != 500 {
 		t.Fatalf("revoked, then database down: %d, want 500 (never trusted again)", got)
+	}
+}
+
+// emqxDecide applies acl as EMQX 5.8 does to a locker's publish (publish
+// true) or subscription (emqx_authz_rule): the first rule whose action and
+// topic match decides; a rule's topic matches as in emqx_topic:match/2 on
+// words, where a wildcard in the client's filter is matched by the same
+// wildcard in the rule or a covering one, and "#" covers "$SYS/..." too. A
+// shared subscription is checked by its real filter. No match is "".
+func emqxDecide(acl []emqxRule, topic string, publish bool) string {
+	if rest, ok := strings.CutPrefix(topic, "$share/"); ok && !publish {
+		if _, real, ok := strings.Cut(rest, "/"); ok {
+			topic = real
+		}
+	}
+	action := "subscribe"
+	if publish {
+		action = "publish"
+	}
+	for _, r := range acl {
+		if (r.Action == "all" || r.Action == action) && emqxMatch(strings.Split(topic, "/"), strings.Split(r.Topic, "/")) {
+			return r.Permission
+		}
+	}
+	return ""
+}
+
+// emqxMatch is emqx_topic:match/2 on words.
+func emqxMatch(name, filter []string) bool {
+	switch {
+	case len(filter) == 1 && filter[0] == "#":
+		return true
+	case len(name) == 0 || len(filter) == 0:
+		return len(name) == 0 && len(filter) == 0
+	case name[0] == filter[0], filter[0] == "+":
+		return emqxMatch(name[1:], filter[1:])
+	}
+	return false
+}
+
+// TestEMQXACL: the acl of an EMQX authn answer allows what
+// protocol.DeviceMayPublish and DeviceMaySubscribe allow, over the
+// protocol's ACL table (protocol.TestDeviceACL) and every filter of up to
+// four levels under the locker's root made of its topics' level names,
+// wildcards, an unknown name and an empty level. Publishing agrees exactly;
+// a subscription may also be allowed where DeviceMaySubscribe refuses it
+// only under the locker's own root and matching none of its topics:
+// nothing is published there.
+func TestEMQXACL(t *testing.T) {
+	const me = "lk-1"
+	acl := emqxACL(me)
+	topics := []string{
+		"lockers/v1/lk-1/debug", "lockers/v1/lk-1/cmd/x", "lockers/v1/lk-1/#", "lockers/v1/lk-1/+",
+		"lockers/v1/lk-1/fw/+", "lockers/v1/lk-1/+/result", "lockers/v1/lk-1/+/+", "lockers/v1/lk-1/+/+/+",
+		"lockers/v1/lk-1/debug/#", "lockers/v1/lk-1//#", "lockers/v1/+/cmd", "lockers/v1/+/health",
+		"lockers/v1/#", "lockers/#", "#", "+", "+/v1/lk-1/cmd", "+/+/+/cmd", "$SYS/#", "$SYS/broker/clients/connected",
+		"lockers/v1/lk-10/health", "lockers/v1/lk/health", "provision/v1/lk-1/request",
+		"provision/v1/lk-1/response", "provision/v1/+/request", "lockers/v2/lk-1/health", "lockers/v1/lk-1",
+		"$share/g/lockers/v1/lk-2/cmd", "$share/g/lockers/v1/#",
+	}
+	alphabet := []string{"+", "#", "", "nope"}
+	var own []string // the locker's topics
+	for _, c := range protocol.Channels {
+		own = append(own, protocol.Topic(me, c))
+		topics = append(topics, protocol.Topic(me, c), protocol.Topic("lk-2", c))
+		for _, w := range strings.Split(string(c), "/") {
+			if !slices.Contains(alphabet, w) {
+				alphabet = append(alphabet, w)
+			}
+		}
+	}
+	var walk func(prefix string, depth int)
+	walk = func(prefix string, depth int) {
+		for _, w := range alphabet {
+			topics = append(topics, prefix+w)
+			if depth < 3 && w != "#" { // "#" only last: EMQX refuses others before any ACL
+				walk(prefix+w+"/", depth+1)
+			}
+		}
+	}
+	walk("lockers/v1/"+me+"/", 0)
+
+	verdict := func(ok bool) string {
+		if ok {
+			return "allow"
+		}
+		return "deny"
+	}
+	for _, topic := range topics {
+		if !strings.ContainsAny(topic, "+#") { // a PUBLISH's topic name has no wildcards
+			if got, want := emqxDecide(acl, topic, true), verdict(protocol.DeviceMayPublish(me, topic)); got != want {
+				t.Errorf("publish %q: EMQX %q, DeviceMayPublish %s", topic, got, want)
+			}
+		}
+		got, want := emqxDecide(acl, topic, false), verdict(protocol.DeviceMaySubscribe(me, topic))
+		if got == want {
+			continue
+		}
+		matchesOwn := slices.ContainsFunc(own, func(o string) bool { return protocol.TopicMatches(topic, o) })
+		underRoot := strings.HasPrefix(topic, "lockers/v1/"+me+"/") || topic == "lockers/v1/"+me
+		if got != "allow" || matchesOwn || !underRoot {
+			t.Errorf("subscribe %q: EMQX %q, DeviceMaySubscribe %s", topic, got, want)
+		}
+	}
+	// EMQX checks a shared subscription by its real filter, so a locker may
+	// share-subscribe to its own topics there (the embedded broker refuses
+	// shared subscriptions); never to another locker's.
+	if got := emqxDecide(acl, "$share/g/lockers/v1/lk-1/cmd", false); got != "allow" {
+		t.Errorf("shared subscription to its own cmd: EMQX %q", got)
 	}
 }

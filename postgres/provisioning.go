@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/provisioning"
@@ -89,7 +90,28 @@ func (db *DB) ClaimByHash(ctx context.Context, hash []byte) (*provisioning.Claim
 }
 
 // Register implements provisioning.Store.
+//
+// Two claims registering the same new serial at once both find no device
+// with it; the second INSERT then waits for the first and fails on the
+// serial's unique index. That registration is run again, and sees the
+// device: serial_taken (and recorded as a claim use), like any later one.
 func (db *DB) Register(ctx context.Context, claimHash []byte, r provisioning.Registration) (*provisioning.Registered, error) {
+	for attempt := 0; ; attempt++ {
+		out, err := db.register(ctx, claimHash, r)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "devices_serial_key" {
+			if attempt == 0 {
+				continue
+			}
+			// Free again on the second look and taken once more
+			// meanwhile: answered as taken, without a third look.
+			return nil, fmt.Errorf("register %s: %w", r.Request.Serial, provisioning.ErrSerialTaken)
+		}
+		return out, err
+	}
+}
+
+func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Registration) (*provisioning.Registered, error) {
 	var out *provisioning.Registered
 	var refusal error
 	req := r.Request

@@ -619,6 +619,11 @@ type CompartmentSpec struct {
 // MaxCompartments bounds the compartments of one locker.
 const MaxCompartments = 256
 
+// MaxCompartmentNumber is the largest compartment number: the largest the
+// gateway stores (a PostgreSQL integer). Numbers are the vendor's own, not
+// 1 to the count, so they are not bounded by MaxCompartments.
+const MaxCompartmentNumber = math.MaxInt32
+
 // ProvisionRequest is what a new locker publishes on provision/v1/{serial}/request.
 type ProvisionRequest struct {
 	Serial       string            `json:"serial"`
@@ -640,8 +645,8 @@ func (r *ProvisionRequest) Validate() error {
 	}
 	seen := make(map[int]bool, len(r.Compartments))
 	for _, c := range r.Compartments {
-		if c.N < 1 || seen[c.N] {
-			return fmt.Errorf("compartment n=%d: want unique numbers >= 1", c.N)
+		if c.N < 1 || c.N > MaxCompartmentNumber || seen[c.N] {
+			return fmt.Errorf("compartment n=%d: want unique numbers from 1 to %d", c.N, MaxCompartmentNumber)
 		}
 		seen[c.N] = true
 		if SizeRank(c.Size) < 0 {
