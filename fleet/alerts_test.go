@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"testing"
@@ -110,5 +111,47 @@ func TestEventAlert(t *testing.T) {
 		case got.ClearKind != c.clearKind || !slices.Equal(got.Keep, c.keep):
 			t.Errorf("%s: clear %q keep %v, want %q keep %v", c.ev.Type, got.ClearKind, got.Keep, c.clearKind, c.keep)
 		}
+	}
+}
+
+// refusingStore fails every InsertEvents batch that holds event "bad" as
+// ErrInvalid, as PostgreSQL does a value it cannot store, and records the
+// events it stores.
+type refusingStore struct {
+	*fakeStore
+	stored []string
+}
+
+func (s *refusingStore) InsertEvents(_ context.Context, batch []EventRecord) ([]EventRecord, error) {
+	for _, e := range batch {
+		if e.EventID == "bad" {
+			return nil, fmt.Errorf("%w: invalid byte sequence", ErrInvalid)
+		}
+	}
+	for _, e := range batch {
+		s.stored = append(s.stored, e.EventID)
+	}
+	return batch, nil
+}
+
+// TestEventTheStoreRefusesDropped: one event the store cannot take fails
+// its batch every time; the others of the batch are stored one by one,
+// it alone is dropped, and every message is acknowledged (before, the
+// batch was retried for ever and every locker's events waited behind it).
+func TestEventTheStoreRefusesDropped(t *testing.T) {
+	st := &refusingStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks := 0
+	var batch []inbound
+	for i, id := range []string{"e-1", "bad", "e-2"} {
+		batch = append(batch, inbound{id: fmt.Sprintf("lk-%d", i), at: time.Now(), ack: func() { acks++ },
+			payload: fmt.Appendf(nil, `{"id":%q,"ts":"2026-12-04T12:00:00Z","type":"reboot"}`, id)})
+	}
+	m.writeEvents(context.Background(), batch)
+	if !slices.Equal(st.stored, []string{"e-1", "e-2"}) || acks != 3 {
+		t.Fatalf("stored %v with %d acknowledgements, want [e-1 e-2] and 3", st.stored, acks)
 	}
 }

@@ -729,11 +729,38 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	// In flight from before they are stored: a census must not offer them
 	// meanwhile (after a long outage they are old when they commit).
 	m.markEffectsBusy(recs)
-	var fresh []EventRecord
-	err := m.retry(ctx, "insert_events", func(ctx context.Context) (err error) {
-		fresh, err = m.store.InsertEvents(ctx, recs)
-		return err
-	})
+	insert := func(recs []EventRecord) (fresh []EventRecord, err error) {
+		err = m.retry(ctx, "insert_events", func(ctx context.Context) (err error) {
+			fresh, err = m.store.InsertEvents(ctx, recs)
+			return err
+		})
+		return fresh, err
+	}
+	fresh, err := insert(recs)
+	dropped := 0
+	if errors.Is(err, ErrInvalid) {
+		// An event the store cannot take (a value PostgreSQL refuses)
+		// fails its whole batch, every time: store them one at a time,
+		// and drop only what fails so, rather than hold up every
+		// locker's events behind it.
+		fresh, err = nil, nil
+		for i := range recs {
+			f, ierr := insert(recs[i : i+1])
+			if errors.Is(ierr, ErrInvalid) {
+				m.dropInvalid(protocol.ChanEvents, recs[i].DeviceID, ierr)
+				dropped++
+				continue
+			}
+			if ierr != nil {
+				// Stopped part way: nothing is acknowledged, so the lockers
+				// send the batch again; what was stored is then a duplicate,
+				// and its effects wait in the outbox for the next start.
+				err = ierr
+				break
+			}
+			fresh = append(fresh, f...)
+		}
+	}
 	if err != nil {
 		m.unmarkEffectsBusy(recs)
 		m.log.Error("event batch not stored", "n", len(recs), "err", err)
@@ -751,7 +778,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			}
 		}
 	}
-	m.m.eventsDup.Add(float64(len(recs) - len(fresh)))
+	m.m.eventsDup.Add(float64(len(recs) - len(fresh) - dropped))
 	m.observeLag(batch)
 	ackAll(batch)
 	for i := range fresh {

@@ -93,6 +93,13 @@ func TestMQTTBadInput(t *testing.T) {
 		{protocol.ChanEvents, `not json`, "malformed"},
 		{protocol.ChanCmdResult, `{"id":"c-1","status":"maybe"}`, "invalid"},
 		{protocol.ChanCredsAck, `{"version":"x"}`, "invalid"},
+		// Valid JSON PostgreSQL cannot store: each one held up every
+		// locker's events (or a control shard), retried for ever.
+		{protocol.ChanEvents, `{"id":"e-nul","ts":"` + now + `","type":"tamper","vendor":"a\u0000b"}`, "invalid"},
+		{protocol.ChanEvents, `{"id":"e-sur","ts":"` + now + `","type":"tamper","detail":"\ud800"}`, "invalid"},
+		{protocol.ChanEvents, `{"id":"e-big","ts":"` + now + `","type":"door_opened","compartment":3000000000}`, "invalid"},
+		{protocol.ChanPresence, `{"online":true,"fw":"1.0\u0000"}`, "invalid"},
+		{protocol.ChanCmdResult, `{"id":"c-1","status":"failed","error":"jam\u0000"}`, "invalid"},
 	}
 	for _, b := range bad {
 		pub(b.ch, b.payload)

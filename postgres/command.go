@@ -121,12 +121,13 @@ func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (boo
 func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*fleet.Command, error) {
 	// One statement, one round trip: the update and its notification commit
 	// together.
-	return scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
+	c, err := scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
 			UPDATE commands SET status = $3, error = $4, done_at = $5
 			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status IN ('timed_out', 'expired') AND $3 <> 'expired'))
 			RETURNING *)
 		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
 		id, deviceID, status, errText, at, commandChannel))
+	return c, dataError(err)
 }
 
 // commandChannel carries the ids of commands that changed, on commit, to

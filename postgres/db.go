@@ -283,6 +283,18 @@ func connectionFailed(err error) bool {
 		errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || pgconn.Timeout(err)
 }
 
+// dataError marks an error of a value PostgreSQL cannot take (class 22,
+// data exception: NUL in text, a number out of range, a bad escape in
+// jsonb) as fleet.ErrInvalid: the same write fails every time, so the
+// fleet drops the message instead of retrying it forever.
+func dataError(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && strings.HasPrefix(pgErr.Code, "22") {
+		return fmt.Errorf("%w: %v", fleet.ErrInvalid, err)
+	}
+	return err
+}
+
 func isFKViolation(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && pgErr.Code == "23503"

@@ -157,7 +157,7 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error {
 	_, err := db.pool.Exec(ctx, `UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
 		boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0 WHERE id = $1`, id, p.FW, p.Model, p.BootID, at)
-	return err
+	return dataError(err)
 }
 
 // AckCreds implements fleet.Store.
@@ -231,7 +231,7 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		}
 		return applyAlerts(ctx, tx, fresh)
 	})
-	return fresh, err
+	return fresh, dataError(err)
 }
 
 // eventCopyCols are the columns events and event_outbox are copied in by,

@@ -123,6 +123,9 @@ func Decode[T any, PT interface {
 	if !utf8.Valid(payload) {
 		return nil, fmt.Errorf("%w: not UTF-8", ErrMalformed)
 	}
+	if err := checkEscapes(payload); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
 	trimmed := bytes.TrimLeft(payload, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
 		return nil, fmt.Errorf("%w: not a JSON object", ErrMalformed)
@@ -299,6 +302,14 @@ func (e *Event) Validate() error {
 	}
 	if e.TS.IsZero() {
 		return errors.New("ts is required")
+	}
+	if e.Compartment < 0 || e.Compartment > MaxCompartmentNumber {
+		return fmt.Errorf("compartment %d: want 1 to %d", e.Compartment, MaxCompartmentNumber)
+	}
+	for _, n := range e.Compartments {
+		if n < 1 || n > MaxCompartmentNumber {
+			return fmt.Errorf("compartments: %d: want 1 to %d", n, MaxCompartmentNumber)
+		}
 	}
 	needComp := func() error {
 		if e.Compartment < 1 {
