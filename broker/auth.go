@@ -49,6 +49,13 @@ type Provisioner interface {
 	Provision(ctx context.Context, claimToken string, serial string, payload []byte) (protocol.ProvisionResponse, error)
 }
 
+// AnswerRecorder is implemented by a Provisioner that wants to know when an
+// "ok" answer reached its locker (PUBACK at QoS 1, written at QoS 0): a
+// registration whose answer was delivered is not handed out again.
+type AnswerRecorder interface {
+	AnswerDelivered(ctx context.Context, deviceID string) error
+}
+
 // Observer is told about device sessions. For one device, calls alternate
 // DeviceConnected, DeviceDisconnected, DeviceConnected, ... and are made in
 // the order the sessions changed. Calls must return quickly: they run on

@@ -83,6 +83,9 @@ func (b *Broker) provision(s *session, payload []byte) {
 	// mochi delivers to whichever client holds the subscriber's client id
 	// when it publishes: the locker's session may have been replaced (and
 	// the topic subscribed again) since it was checked above.
+	if resp.Status == "ok" {
+		s.answered.Store(&resp.DeviceID)
+	}
 	b.answering.Store(s.id, s)
 	err = b.server.Publish(topic, protocol.Encode(resp), false, 1)
 	b.answering.CompareAndDelete(s.id, s)
@@ -116,14 +119,36 @@ func (b *Broker) provisionAnswerAcked(cl *mqtt.Client, pk packets.Packet) {
 		return
 	}
 	if s.respID.Load() == respPending|uint32(pk.PacketID) {
+		b.answerDelivered(s)
 		b.endSession(s, ReasonProvisioned, packets.CodeDisconnect)
 	}
+}
+
+// answerDelivered tells the Provisioner, once per session, that its "ok"
+// answer reached the locker (AnswerRecorder).
+func (b *Broker) answerDelivered(s *session) {
+	id := s.answered.Load()
+	rec, ok := b.opts.Provisioner.(AnswerRecorder)
+	if id == nil || !ok || !s.delivered.CompareAndSwap(false, true) {
+		return
+	}
+	b.provWG.Add(1)
+	go func() {
+		defer b.provWG.Done()
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), provisionCallTimeout)
+		defer cancel()
+		if err := rec.AnswerDelivered(ctx, *id); err != nil {
+			// The registration stays open to a retry for its 10 minutes.
+			b.log.Warn("provisioning answer delivered but not recorded", "serial", s.id, "locker", *id, "err", err)
+		}
+	}()
 }
 
 // provisionAnswerSent ends a claim session that subscribed at QoS 0 once its
 // answer has been written.
 func (b *Broker) provisionAnswerSent(cl *mqtt.Client) {
 	if s := b.sessionOf(cl); s != nil && s.kind == kindProvision && s.provStarted.Load() {
+		b.answerDelivered(s)
 		b.endSession(s, ReasonProvisioned, packets.CodeDisconnect)
 	}
 }

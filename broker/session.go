@@ -59,6 +59,10 @@ type session struct {
 	resent      atomic.Bool   // its open commands were asked for again after a late cmd subscription
 	provStarted atomic.Bool   // the one provisioning request of the session was taken
 	respID      atomic.Uint32 // respPending | packet id of the answer in flight
+	// answered is the device id of the session's "ok" answer, set before
+	// it is published; answerDelivered records it once.
+	answered  atomic.Pointer[string]
+	delivered atomic.Bool
 }
 
 const respPending = 1 << 16

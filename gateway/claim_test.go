@@ -102,6 +102,25 @@ func TestSecurityClaims(t *testing.T) {
 		// The registered locker keeps its identity.
 		mustSecDial(t, tg.MQTTAddr(), "127.0.11.201", first.DeviceID, first.DeviceID, first.Password)
 	})
+	t.Run("SerialTakenOnceAnswered", func(t *testing.T) {
+		// The contract: a registered serial is not handed a new identity
+		// by claim alone. Once the locker acknowledged its answer, asking
+		// again (before it ever connected) is serial_taken, and the
+		// identity it was given keeps working.
+		id, token := newClaim(t, tg, map[string]any{"site": "s1", "uses": 10, "expires_in_s": 3600})
+		first := secProvision(t, tg, "127.0.11.200", token, "SN-ASKED")
+		Eventually(t, 10*time.Second, "the answer recorded delivered", func() error {
+			var n int
+			if err := db.QueryRow(ctx, `SELECT count(*) FROM claim_uses WHERE claim_id = $1 AND serial = 'SN-ASKED'
+				AND outcome = 'provision.delivered'`, id).Scan(&n); err != nil || n != 1 {
+				return fmt.Errorf("%d delivered marks (%v)", n, err)
+			}
+			return nil
+		})
+		refusedWith(t, token, "SN-ASKED", protocol.ProvSerialTaken, nil)
+		recorded(t, id, "SN-ASKED", "serial_taken")
+		mustSecDial(t, tg.MQTTAddr(), "127.0.11.201", first.DeviceID, first.DeviceID, first.Password)
+	})
 	t.Run("PayloadForAnotherSerial", func(t *testing.T) {
 		_, token := newClaim(t, tg, map[string]any{"site": "s1", "uses": 10, "expires_in_s": 3600})
 		refusedWith(t, token, "SN-TOPIC", protocol.ProvInvalid, provisionRequest("SN-PAYLOAD"))

@@ -677,6 +677,11 @@ func (a *authenticator) Provision(ctx context.Context, token, serial string, pay
 	return a.prov.Provision(ctx, token, serial, payload)
 }
 
+// AnswerDelivered implements broker.AnswerRecorder.
+func (a *authenticator) AnswerDelivered(ctx context.Context, deviceID string) error {
+	return a.prov.AnswerDelivered(ctx, deviceID)
+}
+
 // latestHealthEvery is fleet.Options.LatestHealthEvery for the option set
 // and the broker: instances sharing an external broker each see only some
 // of a locker's reports, so unless told otherwise they write every report's

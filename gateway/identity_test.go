@@ -247,9 +247,20 @@ func TestSecurityRetryVoidsOldSecret(t *testing.T) {
 	live := mustSecDial(t, addr, "127.0.13.2", first.DeviceID, first.DeviceID, first.Password)
 	waitOnline(t, tg, first.DeviceID, true)
 	// The session exists and the secret is cached, but the connection is not
-	// counted yet: the state the retry rule sees during that race.
-	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET connect_count = 0, connected_at = NULL WHERE id = $1`, first.DeviceID); err != nil {
-		t.Fatal(err)
+	// counted yet, and the answer counts as lost (no delivered mark): the
+	// state the retry rule sees when the acknowledgement of the answer was
+	// lost with the connection and the locker reconnects at once.
+	Eventually(t, 10*time.Second, "the answer recorded delivered", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM claim_uses WHERE device_id = $1 AND outcome = 'provision.delivered'`, first.DeviceID); n != 1 {
+			return fmt.Errorf("%d delivered marks", n)
+		}
+		return nil
+	})
+	for _, q := range []string{`UPDATE devices SET connect_count = 0, connected_at = NULL WHERE id = $1`,
+		`DELETE FROM claim_uses WHERE device_id = $1 AND outcome = 'provision.delivered'`} {
+		if _, err := tg.DB().Pool().Exec(ctx, q, first.DeviceID); err != nil {
+			t.Fatal(err)
+		}
 	}
 	before := scrape(t, tg)
 	again := secProvision(t, tg, "127.0.13.1", claim, "SN-RETRY")

@@ -153,6 +153,27 @@ func TestRegister(t *testing.T) {
 			t.Fatalf("got %+v, %v", r, err)
 		}
 	})
+	t.Run("NoRetryOnceDelivered", func(t *testing.T) {
+		// The answer reached the locker (it acknowledged it): asking again
+		// is serial_taken, though it has not connected yet, and a used-up
+		// claim does not change that.
+		if err := db.AnswerDelivered(ctx, "lk-SN-1", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reg(ok, "SN-1"); !errors.Is(err, provisioning.ErrSerialTaken) {
+			t.Fatalf("after the answer was delivered: %v, want ErrSerialTaken", err)
+		}
+		spent := mkClaim("spent", 1, now.Add(time.Hour), "")
+		if _, err := reg(spent, "SN-SPENT"); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.AnswerDelivered(ctx, "lk-SN-SPENT", time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reg(spent, "SN-SPENT"); !errors.Is(err, provisioning.ErrSerialTaken) {
+			t.Fatalf("a registered serial with a used-up claim: %v, want ErrSerialTaken", err)
+		}
+	})
 	t.Run("ErrSerialTaken", func(t *testing.T) {
 		if err := db.MarkOnline(ctx, "lk-SN-1", time.Now()); err != nil {
 			t.Fatal(err)
@@ -239,8 +260,10 @@ func TestRegister(t *testing.T) {
 		if err := db.MarkOnline(ctx, "lk-single", now.Add(3*time.Minute)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := db.Register(ctx, h, at(4*time.Minute)); !errors.Is(err, provisioning.ErrClaimExpired) {
-			t.Fatalf("after it connected: %v, want the claim's own refusal", err)
+		// The serial is taken: that comes before the claim's own
+		// refusals (expired here), as the contract's serial_taken rule.
+		if _, err := db.Register(ctx, h, at(4*time.Minute)); !errors.Is(err, provisioning.ErrSerialTaken) {
+			t.Fatalf("after it connected: %v, want ErrSerialTaken", err)
 		}
 	})
 	t.Run("RetryOfAReplacement", func(t *testing.T) {
@@ -268,7 +291,7 @@ func TestRegister(t *testing.T) {
 		if err := db.Pool().QueryRow(ctx, "SELECT count(*) FROM claim_uses WHERE claim_id = 'ok'").Scan(&n); err != nil {
 			t.Fatal(err)
 		}
-		if got, want := n, 5; got != want { // ok, retry, serial_taken, ok, exhausted
+		if got, want := n, 7; got != want { // ok, retry, delivered, serial_taken twice, ok, exhausted
 			t.Fatalf("claim uses: got %d, want %d", got, want)
 		}
 	})

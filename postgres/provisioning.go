@@ -135,10 +135,12 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		var gen int
 		// A locker whose answer was lost (it dropped off mid-provisioning,
 		// or the gateway could not answer) asks again with the same claim.
-		// While that claim use is fresh and the identity has not connected
-		// since, it is issued again (a new secret), even if the use was the
-		// claim's last or the claim has expired since: the locker was
-		// admitted then, and a refusal now would be final.
+		// While that claim use is fresh, its answer was not delivered
+		// (AnswerDelivered) and the identity has not connected since, it
+		// is issued again (a new secret), even if the use was the claim's
+		// last or the claim has expired since: the locker was admitted
+		// then, and a refusal now would be final. Once the answer was
+		// delivered, asking again is serial_taken, as the contract says.
 		// The locker's lock first (lockerLock): a pickup that ends holds
 		// it while it drops a missing compartment and then updates the
 		// devices row, the reverse of this transaction's row order.
@@ -146,7 +148,9 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			return err
 		}
 		err = tx.QueryRow(ctx, `SELECT d.id, d.site, d.replaceable, d.key_gen,
-				coalesce(u.ts > $3::timestamptz - interval '10 minutes' AND (d.connected_at IS NULL OR d.connected_at < u.ts), false)
+				coalesce(u.ts > $3::timestamptz - interval '10 minutes' AND (d.connected_at IS NULL OR d.connected_at < u.ts)
+					AND NOT EXISTS (SELECT 1 FROM claim_uses x WHERE x.device_id = d.id AND x.outcome = 'provision.delivered'
+						AND x.ts >= u.ts), false)
 			FROM devices d LEFT JOIN LATERAL (
 				SELECT ts FROM claim_uses WHERE device_id = d.id AND claim_id = $2
 					AND outcome IN ('provision', 'provision.replace', 'provision.retry')
@@ -155,8 +159,13 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
+		taken := err == nil && !retry && (!replaceable || site != c.Site)
 		if !retry {
 			switch {
+			case taken:
+				// First: a registered serial is taken whatever the claim.
+				refusal = provisioning.ErrSerialTaken
+				return record(refusalOutcome(refusal), existing)
 			case !r.At.Before(c.ExpiresAt):
 				refusal = provisioning.ErrClaimExpired
 			case c.Used >= c.MaxUses:
@@ -173,7 +182,7 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
 			_, err = tx.Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, key_gen) VALUES ($1, $2, $3, $4, $5, $6, 1)`,
 				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
-		case !retry && (!replaceable || site != c.Site):
+		case taken:
 			// A replacement stays at the locker's site: another site's
 			// claim would move it, with the orders in its compartments,
 			// under that site's staff.
@@ -268,6 +277,16 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		return nil, refusal
 	}
 	return out, nil
+}
+
+// AnswerDelivered implements provisioning.Store: a claim use of its own
+// ("provision.delivered"), of the claim of the device's latest registration.
+func (db *DB) AnswerDelivered(ctx context.Context, deviceID string, at time.Time) error {
+	_, err := db.pool.Exec(ctx, `INSERT INTO claim_uses (claim_id, ts, serial, device_id, outcome)
+		SELECT claim_id, $2, serial, device_id, 'provision.delivered' FROM claim_uses
+		WHERE device_id = $1 AND outcome IN ('provision', 'provision.replace', 'provision.retry')
+		ORDER BY ts DESC LIMIT 1`, deviceID, at)
+	return err
 }
 
 func refusalOutcome(err error) string {

@@ -70,8 +70,10 @@ type Registered struct {
 	// Replaced is true when an existing device (marked replaceable) was
 	// re-provisioned: its old secret no longer works.
 	Replaced bool
-	// Retried is true when a locker asked again with the same claim before
-	// ever connecting (its first answer was lost): it gets a new secret.
+	// Retried is true when a locker asked again with the same claim, within
+	// 10 minutes, before ever connecting and before its first answer was
+	// delivered (AnswerDelivered): that answer was lost, and it gets a new
+	// secret.
 	Retried bool
 	// Missing lists the compartments a replaced board did not report that
 	// hold a live pickup: they are kept, marked missing (no new pickup goes
@@ -97,6 +99,11 @@ type Store interface {
 	// device, all in one transaction; every attempt is recorded as a claim use.
 	// A failure that may pass on a later try wraps ErrUnavailable.
 	Register(ctx context.Context, claimHash []byte, r Registration) (*Registered, error)
+	// AnswerDelivered records that the locker acknowledged (QoS 1) or was
+	// sent (QoS 0) the answer of its latest registration at at: from then
+	// on that registration is not handed out again (Retried), and asking
+	// again is serial_taken.
+	AnswerDelivered(ctx context.Context, deviceID string, at time.Time) error
 	// DeviceAuth returns a device's secret hash, or ErrUnknownDevice.
 	DeviceAuth(ctx context.Context, id string) (*DeviceAuth, error)
 }
@@ -317,6 +324,12 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 		FwPubkey: base64.StdEncoding.EncodeToString(s.o.FwPubkey),
 		Broker:   s.o.BrokerURL,
 	}, nil
+}
+
+// AnswerDelivered records that the answer of a locker's registration
+// reached it (see Store.AnswerDelivered).
+func (s *Service) AnswerDelivered(ctx context.Context, deviceID string) error {
+	return s.o.Store.AnswerDelivered(ctx, deviceID, s.o.Now())
 }
 
 // SerialAllowed reports whether a claim's serial pattern admits serial. The
