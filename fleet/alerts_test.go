@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -153,5 +154,49 @@ func TestEventTheStoreRefusesDropped(t *testing.T) {
 	m.writeEvents(context.Background(), batch)
 	if !slices.Equal(st.stored, []string{"e-1", "e-2"}) || acks != 3 {
 		t.Fatalf("stored %v with %d acknowledgements, want [e-1 e-2] and 3", st.stored, acks)
+	}
+}
+
+// retainedStore fails Retained fails times, then answers config version 1.
+type retainedStore struct {
+	*fakeStore
+	fails, calls int
+}
+
+func (s *retainedStore) Retained(context.Context, string) (*Retained, error) {
+	s.calls++
+	if s.calls <= s.fails {
+		return nil, errors.New("database down")
+	}
+	return &Retained{Config: protocol.Config{Version: 1}}, nil
+}
+
+// TestRetainedStateOutlastsDatabaseErrors: what a locker must hold after a
+// (re)connect (creds, config, firmware job) is published once the store
+// answers again, not given up after one failure; and the configuration
+// goes out under the gateway's version when that is newer than the
+// locker's (changed across a restart).
+func TestRetainedStateOutlastsDatabaseErrors(t *testing.T) {
+	st := &retainedStore{fakeStore: newFakeStore(), fails: 2}
+	bus := &fakeBus{}
+	var config []byte
+	bus.answer = func(topic string, payload []byte) {
+		if strings.HasSuffix(topic, "/config") {
+			config = payload
+		}
+	}
+	cfg := DefaultConfig
+	cfg.Version = 7
+	m, err := New(Options{Store: st, Bus: bus, Config: cfg, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.syncDevice(context.Background(), "lk-1")
+	if st.calls != 3 || bus.count() != 3 {
+		t.Fatalf("%d reads, %d publishes; want 3 reads (two failed) and creds, config, fw/job published", st.calls, bus.count())
+	}
+	c, err := protocol.Decode[protocol.Config](config)
+	if err != nil || c.Version != 7 {
+		t.Fatalf("config %s (%v), want version 7", config, err)
 	}
 }

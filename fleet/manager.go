@@ -1092,8 +1092,13 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 
 // syncDevice delivers what a locker must hold after a (re)connect: its
 // retained creds, config and firmware job. Open commands follow its birth.
+//
+// The contract guarantees this after every (re)connect, and after a restart
+// the embedded broker holds nothing retained: a failure is tried again
+// (backing off, as the control shard's other writes are) until it passes
+// or the manager stops, not only logged.
 func (m *Manager) syncDevice(ctx context.Context, id string) {
-	if err := m.PublishRetained(ctx, id); err != nil {
+	if err := m.retry(ctx, "publish_retained", func(ctx context.Context) error { return m.PublishRetained(ctx, id) }); err != nil {
 		m.log.Error("publish retained state", "locker", id, "err", err)
 	}
 }
@@ -1150,6 +1155,10 @@ func (m *Manager) PublishRetained(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	// The version is the locker's (bumped in the store) or the gateway's
+	// configuration's, whichever is newer: a configuration changed across
+	// a restart goes out under a newer version than the one it replaces.
+	r.Config.Version = max(r.Config.Version, m.opts.Config.Version)
 	r.Config.HealthIntervalS = m.opts.Config.HealthIntervalS
 	r.Config.DoorAjarS = m.opts.Config.DoorAjarS
 	r.Config.Lockout = m.opts.Config.Lockout
