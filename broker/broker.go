@@ -77,13 +77,9 @@ const (
 	DefaultAuthCacheTTL     = 5 * time.Minute
 	DefaultReaderRest       = 5 * time.Second
 
-	// MaxPacketSize is the largest MQTT packet accepted. Payloads are at
-	// most 16 KiB (protocol.MaxPayload); one over that but within this
-	// limit is acknowledged, counted and dropped, and the session goes on
-	// (a locker whose firmware sends one report too large keeps its
-	// others). A packet over it ends the connection: mochi refuses it
-	// while reading, before it is buffered.
-	MaxPacketSize = 256 << 10
+	// MaxPacketSize is the largest MQTT packet accepted: a full protocol
+	// payload plus 1 KiB for the fixed header, topic and properties.
+	MaxPacketSize = protocol.MaxPayload + 1024
 
 	authTimeout          = 5 * time.Second  // one backend credential check
 	provisionCallTimeout = 10 * time.Second // one Provisioner.Provision call, queueing included
