@@ -91,20 +91,26 @@ func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
 // LeaseDue implements webhook.Store. A delivery is due only when no older
 // delivery of the same webhook and subject (pickup) is pending, so a
 // receiver sees each pickup's events in order even after an outage. The
-// update checks the lease again on each row it takes, so of two callers
-// at once the second skips what the first leased.
-func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int) ([]webhook.Delivery, error) {
+// oldest due deliveries are looked at (64 per delivery asked for, so a
+// backlog costs a bounded scan), and the update checks the lease again on
+// each row it takes, so of two callers at once the second skips what the
+// first leased.
+func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]webhook.Delivery, error) {
+	if busy == nil {
+		busy = []string{}
+	}
 	rows, err := db.pool.Query(ctx, `
-		WITH due AS (
-			SELECT c.seq, row_number() OVER (PARTITION BY c.webhook_id ORDER BY c.seq) AS k
-			FROM webhook_deliveries c
-			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1
+		WITH cand AS (
+			SELECT c.seq, c.webhook_id FROM webhook_deliveries c
+			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1 AND c.webhook_id <> ALL($5)
 				AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.webhook_id = c.webhook_id
-					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq))
+					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq)
+			ORDER BY c.seq LIMIT $3 * 64),
+		due AS (SELECT seq, row_number() OVER (PARTITION BY webhook_id ORDER BY seq) AS k FROM cand)
 		UPDATE webhook_deliveries d SET leased_until = $1::timestamptz + $2::interval
 		WHERE d.seq IN (SELECT seq FROM due WHERE k <= $4 ORDER BY seq LIMIT $3)
 			AND d.state = 'pending' AND d.leased_until < $1
-		RETURNING `+deliveryCols, now, lease, n, perWebhook)
+		RETURNING `+deliveryCols, now, lease, n, perWebhook, busy)
 	if err != nil {
 		return nil, err
 	}

@@ -34,9 +34,9 @@ func TestWebhookLeases(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	lease := func(at time.Time) []string {
+	lease := func(at time.Time, busy ...string) []string {
 		t.Helper()
-		ds, err := db.LeaseDue(ctx, at, time.Minute, 16, 2)
+		ds, err := db.LeaseDue(ctx, at, time.Minute, 16, 2, busy)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -56,6 +56,10 @@ func TestWebhookLeases(t *testing.T) {
 	}
 	if got := lease(now.Add(2 * time.Second)); len(got) != 0 {
 		t.Fatalf("leased while every due delivery is leased: %v", got)
+	}
+	// Leases past: a webhook the caller is still sending to is left out.
+	if got := lease(now.Add(2*time.Minute), "wh-slow"); !slices.Equal(got, []string{"wh-ok/p-9/ev-5"}) {
+		t.Fatalf("leased with wh-slow busy: %v, want wh-ok's only", got)
 	}
 
 	var seq int64

@@ -57,7 +57,19 @@ type Dispatcher struct {
 	seal *sealer
 	wake chan struct{}
 	m    *metrics
+
+	// The workers: deliveries in flight, at most Workers, and at most
+	// perWebhook of one webhook (Run's goroutine starts them).
+	mu       sync.Mutex
+	running  int
+	inflight map[string]int
+	wg       sync.WaitGroup
 }
+
+// perWebhook bounds the deliveries of one webhook in flight at once (and
+// leased at once): a receiver that hangs holds up that many workers, not
+// all of them.
+const perWebhook = 2
 
 // MaxPerToken bounds the webhooks of one token: each is sent every event
 // its token may see, so a token with many (or many that hang) would hold up
@@ -98,7 +110,8 @@ func New(o Options) (*Dispatcher, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
-	return &Dispatcher{o: o, log: o.Logger, seal: s, wake: make(chan struct{}, 1), m: newMetrics(o.Registerer)}, nil
+	return &Dispatcher{o: o, log: o.Logger, seal: s, wake: make(chan struct{}, 1), m: newMetrics(o.Registerer),
+		inflight: map[string]int{}}, nil
 }
 
 // Create stores a webhook and returns its signing secret (shown once).
@@ -141,9 +154,10 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	defer t.Stop()
 	backlog := time.NewTicker(5 * time.Second)
 	defer backlog.Stop()
+	defer d.wg.Wait()
 	for {
 		for d.round(ctx) {
-			// A full round: there may be more due right away.
+			// Workers free and deliveries leased: more may be due now.
 		}
 		select {
 		case <-ctx.Done():
@@ -159,34 +173,60 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	}
 }
 
-// round leases due deliveries and sends them; true when it leased a full
-// batch. A batch is what the workers send within its lease even when every
-// receiver takes the client's whole timeout (4 each: 40 s of the minute),
-// so no delivery is leased again by another instance while it waits here;
-// and one webhook gets at most two of it, so a receiver that hangs holds up
-// two workers, not all.
+// round leases as many due deliveries as there are free workers and starts
+// them; true when it filled every free worker (more may be due). Workers
+// run on: a slow receiver holds up its own deliveries, not a round. Each
+// delivery ends within the client's timeout, well inside its one-minute
+// lease, so no other instance leases it meanwhile. A lease takes at most
+// perWebhook of one webhook, and none of a webhook still in flight here,
+// so a receiver that hangs holds up perWebhook workers and the others go
+// on. (The check when starting is a guard: the lease already keeps to it.)
 func (d *Dispatcher) round(ctx context.Context) bool {
-	batch := 4 * d.o.Workers
-	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, batch, 2)
+	d.mu.Lock()
+	free := d.o.Workers - d.running
+	busy := make([]string, 0, len(d.inflight))
+	for id := range d.inflight {
+		busy = append(busy, id)
+	}
+	d.mu.Unlock()
+	if free <= 0 || ctx.Err() != nil {
+		return false // a worker that ends wakes Run
+	}
+	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, free, perWebhook, busy)
 	if err != nil {
 		if ctx.Err() == nil {
 			d.log.Error("lease webhook deliveries", "err", err)
 		}
 		return false
 	}
-	sem := make(chan struct{}, d.o.Workers)
-	var wg sync.WaitGroup
+	started := 0
 	for i := range due {
-		sem <- struct{}{}
-		wg.Add(1)
-		go func(dl *Delivery) {
-			defer wg.Done()
-			defer func() { <-sem }()
+		dl := &due[i]
+		d.mu.Lock()
+		busy := d.inflight[dl.WebhookID] >= perWebhook
+		if !busy {
+			d.inflight[dl.WebhookID]++
+			d.running++
+		}
+		d.mu.Unlock()
+		if busy {
+			continue
+		}
+		started++
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
 			d.deliver(ctx, dl)
-		}(&due[i])
+			d.mu.Lock()
+			if d.inflight[dl.WebhookID]--; d.inflight[dl.WebhookID] == 0 {
+				delete(d.inflight, dl.WebhookID)
+			}
+			d.running--
+			d.mu.Unlock()
+			d.Wake()
+		}()
 	}
-	wg.Wait()
-	return len(due) == batch
+	return started > 0 && len(due) == free
 }
 
 func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {

@@ -76,9 +76,10 @@ type Store interface {
 	DeleteWebhook(ctx context.Context, id string) error
 	// LeaseDue leases up to n pending deliveries that are due and are the
 	// oldest pending one of their (webhook, subject), at most perWebhook
-	// of one webhook (a slow receiver does not take every worker), for
+	// of one webhook (a slow receiver does not take every worker) and none
+	// of the webhooks in busy (those the caller is still sending to), for
 	// lease.
-	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int) ([]Delivery, error)
+	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]Delivery, error)
 	// RecordAttempt records an attempt at a delivery and, if the delivery
 	// is still pending (a copy sent under an expired lease may finish
 	// after another), its new state.
