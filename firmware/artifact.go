@@ -10,10 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 	"unicode"
 
@@ -24,8 +26,26 @@ import (
 // DefaultMaxImageSize bounds an uploaded image unless Options say otherwise.
 const DefaultMaxImageSize = 4 << 30
 
+// DefaultMaxUploads bounds the uploads in progress at once unless Options
+// say otherwise: each holds a connection, disk bandwidth and up to
+// MaxImageSize of disk until it ends.
+const DefaultMaxUploads = 2
+
 // ErrTooLarge is an upload over the size limit.
 var ErrTooLarge = errors.New("image too large")
+
+// ErrUploadsBusy is an upload refused because MaxUploads are in progress.
+var ErrUploadsBusy = errors.New("too many firmware uploads in progress")
+
+// uploadPrefix starts the names of images being uploaded.
+const uploadPrefix = ".upload-"
+
+// leftoverIdle is how long an upload's temporary file must have gone
+// unwritten before it is taken for a leftover (of an upload a crash cut
+// short) and removed; an upload in progress writes all the time. With
+// several gateways sharing the firmware directory it keeps one from
+// removing another's upload. It is also how often leftovers are looked for.
+const leftoverIdle = 15 * time.Minute
 
 // DeriveURLKey derives the key that signs download URLs from the gateway's
 // master key, so no new secret has to be kept.
@@ -49,9 +69,11 @@ func validModel(s string) bool {
 
 // Upload streams an image to the firmware directory, hashing it on the
 // way (it is never held in memory), signs sha256 || version with the
-// firmware key and records it. A model that has the version already is
-// fleet.ErrConflict; an image over the limit is ErrTooLarge (wrapped in
-// fleet.ErrInvalid).
+// firmware key and records it. The version is stored, signed and handed
+// out in its canonical form ("v1.5" is 1.5.0). A model that has the version
+// already (compared as semantic versions) is fleet.ErrConflict; an image
+// over the limit is ErrTooLarge (wrapped in fleet.ErrInvalid); one upload
+// more than MaxUploads at once is ErrUploadsBusy.
 func (e *Engine) Upload(ctx context.Context, model, version string, body io.Reader, actor string) (*Artifact, error) {
 	if !validModel(model) {
 		return nil, fmt.Errorf("%w: model must be 1-64 printable bytes", fleet.ErrInvalid)
@@ -59,20 +81,27 @@ func (e *Engine) Upload(ctx context.Context, model, version string, body io.Read
 	if len(version) > 64 {
 		return nil, fmt.Errorf("%w: version longer than 64 bytes", fleet.ErrInvalid)
 	}
-	if _, err := ParseVersion(version); err != nil {
+	version, err := CanonicalVersion(version)
+	if err != nil {
 		return nil, fmt.Errorf("%w: %v (want a semantic version such as 1.5.0)", fleet.ErrInvalid, err)
 	}
 	// Refuse a duplicate before reading a large body; the unique index
-	// settles a race between two uploads.
+	// settles a race between two uploads (both canonical).
 	if _, err := e.store.FindArtifact(ctx, model, version); err == nil {
 		return nil, fmt.Errorf("%w: model %s already has firmware %s", fleet.ErrConflict, model, version)
 	} else if !errors.Is(err, fleet.ErrNotFound) {
 		return nil, err
 	}
+	select {
+	case e.uploads <- struct{}{}:
+		defer func() { <-e.uploads }()
+	default:
+		return nil, fmt.Errorf("%w (at most %d at once); retry when one has ended", ErrUploadsBusy, e.opts.MaxUploads)
+	}
 	if err := os.MkdirAll(e.opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("firmware directory: %w", err)
 	}
-	tmp, err := os.CreateTemp(e.opts.Dir, ".upload-*")
+	tmp, err := os.CreateTemp(e.opts.Dir, uploadPrefix+"*")
 	if err != nil {
 		return nil, fmt.Errorf("firmware directory: %w", err)
 	}
@@ -119,6 +148,32 @@ func (e *Engine) Upload(ctx context.Context, model, version string, body io.Read
 	}
 	e.log.Info("firmware uploaded", "firmware", a.ID, "model", model, "version", version, "size", n)
 	return a, nil
+}
+
+// removeLeftovers removes the temporary files of uploads a crash cut short
+// (unwritten for leftoverIdle), which nothing else would ever remove.
+func (e *Engine) removeLeftovers() {
+	entries, err := os.ReadDir(e.opts.Dir)
+	if err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			e.fail("leftovers", err)
+		}
+		return
+	}
+	for _, de := range entries {
+		if !strings.HasPrefix(de.Name(), uploadPrefix) || !de.Type().IsRegular() {
+			continue
+		}
+		fi, err := de.Info()
+		if err != nil || time.Since(fi.ModTime()) < leftoverIdle {
+			continue // gone meanwhile, or an upload in progress
+		}
+		if err := os.Remove(filepath.Join(e.opts.Dir, de.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			e.fail("leftovers", err)
+			continue
+		}
+		e.log.Info("removed the leftover of an interrupted firmware upload", "file", de.Name(), "size", fi.Size())
+	}
 }
 
 // Artifact returns an artifact.

@@ -32,7 +32,14 @@ type Options struct {
 	Dir string
 	// MaxImageSize bounds an upload. Default DefaultMaxImageSize.
 	MaxImageSize int64
+	// MaxUploads bounds the uploads in progress at once (each streams up
+	// to MaxImageSize to disk); one more is refused with ErrUploadsBusy.
+	// Default DefaultMaxUploads.
+	MaxUploads int
 	// URLTTL is how long a job's download URL stays valid. Default 48h.
+	// A handed-out job's URL is signed afresh when less than half of it is
+	// left (and its locker's fw/job republished), so a locker never holds
+	// or gets an expired one while the engine runs.
 	URLTTL time.Duration
 	// Tick is how often rollouts are stepped (hand-out, waves, timeouts);
 	// reports that may change a wave wake the engine at once. Default 100ms.
@@ -58,11 +65,14 @@ type Engine struct {
 	artifacts sync.Map // id → *Artifact; artifacts never change
 	zones     sync.Map // name → *time.Location
 
+	// uploads holds a token per upload in progress (MaxUploads).
+	uploads chan struct{}
+
 	// dirty is set when something may let a rollout move (a job finished,
 	// a locker came back, a job went out); a clean engine steps rollouts
-	// once a second only. lastStep and lastSweep belong to Tick.
-	dirty               atomic.Bool
-	lastStep, lastSweep time.Time
+	// once a second only. lastStep, lastSweep and lastRefresh belong to Tick.
+	dirty                            atomic.Bool
+	lastStep, lastSweep, lastRefresh time.Time
 
 	errMu      sync.Mutex
 	lastErrLog map[string]time.Time
@@ -81,6 +91,9 @@ func New(o Options) (*Engine, error) {
 	if o.MaxImageSize <= 0 {
 		o.MaxImageSize = DefaultMaxImageSize
 	}
+	if o.MaxUploads <= 0 {
+		o.MaxUploads = DefaultMaxUploads
+	}
 	if o.URLTTL <= 0 {
 		o.URLTTL = 48 * time.Hour
 	}
@@ -97,14 +110,23 @@ func New(o Options) (*Engine, error) {
 		o.Now = time.Now
 	}
 	return &Engine{store: o.Store, fleet: o.Fleet, opts: o, log: o.Logger, m: newMetrics(o.Registerer), now: o.Now,
-		wake: make(chan struct{}, 1), lastErrLog: map[string]time.Time{}}, nil
+		wake: make(chan struct{}, 1), uploads: make(chan struct{}, o.MaxUploads), lastErrLog: map[string]time.Time{}}, nil
 }
 
-// Run steps rollouts until ctx ends. On start it re-publishes jobs that were
+// Run steps rollouts until ctx ends. On start it removes what uploads cut
+// short by a crash left in the firmware directory, renews the payloads
+// that expired while the gateway was down, and re-publishes jobs that were
 // handed out but not reported on: a crash between recording a job as sent
 // and publishing it must not leave a locker without it (lockers ignore a
 // job id they already run).
 func (e *Engine) Run(ctx context.Context) error {
+	e.removeLeftovers()
+	tidy := time.NewTicker(leftoverIdle)
+	defer tidy.Stop()
+	e.lastRefresh = e.now()
+	if e.refresh(ctx, e.lastRefresh) {
+		e.lastRefresh = e.lastRefresh.Add(idleEvery - refreshEvery) // more are due
+	}
 	ids, err := e.store.SentDevices(ctx)
 	if err != nil {
 		e.fail("republish", err)
@@ -126,6 +148,8 @@ func (e *Engine) Run(ctx context.Context) error {
 		case <-e.wake:
 		case <-gauges.C:
 			e.refreshGauges(ctx)
+		case <-tidy.C:
+			e.removeLeftovers()
 		}
 	}
 }
@@ -135,19 +159,36 @@ func (e *Engine) Run(ctx context.Context) error {
 // are noticed at this pace).
 const idleEvery = time.Second
 
-// Tick times out overdue jobs (once a second) and steps every running
-// rollout: at once after a change, else once a second. Run calls it.
+// refreshEvery is how often handed-out jobs are checked for a payload due
+// for renewal (URL half expired, install window closed); refreshBatch
+// bounds the renewals of one pass (each is an update and a republish of the
+// locker's retained state), and a full pass is followed by the next one a
+// second later. A wave handed out at once falls due at once a day later.
+const (
+	refreshEvery = 10 * time.Second
+	refreshBatch = 500
+)
+
+// Tick times out overdue jobs (once a second), renews payloads (every
+// refreshEvery) and steps every running rollout (and paused ones past their
+// deadline): at once after a change, else once a second. Run calls it.
 func (e *Engine) Tick(ctx context.Context) {
 	now := e.now()
 	if now.Sub(e.lastSweep) >= idleEvery {
 		e.lastSweep = now
 		e.sweep(ctx, now)
 	}
+	if now.Sub(e.lastRefresh) >= refreshEvery {
+		e.lastRefresh = now
+		if e.refresh(ctx, now) {
+			e.lastRefresh = now.Add(idleEvery - refreshEvery) // more are due
+		}
+	}
 	if !e.dirty.Swap(false) && now.Sub(e.lastStep) < idleEvery {
 		return
 	}
 	e.lastStep = now
-	ids, err := e.store.RunningRollouts(ctx)
+	ids, err := e.store.LiveRollouts(ctx, now)
 	if err != nil {
 		if ctx.Err() == nil {
 			e.fail("list_rollouts", err)
@@ -254,31 +295,118 @@ func (e *Engine) zone(name string) *time.Location {
 }
 
 // payload builds the fw/job a locker receives for j, with a download URL
-// signed for this job.
-func (e *Engine) payload(ctx context.Context, r *Rollout, j *Job, now time.Time) (*protocol.FwJob, error) {
+// signed for this job, and says when it must be renewed.
+func (e *Engine) payload(ctx context.Context, r *Rollout, j *Job, now time.Time) (*protocol.FwJob, time.Time, error) {
 	a, err := e.artifact(ctx, r.Firmware)
 	if err != nil {
-		return nil, err
+		return nil, time.Time{}, err
 	}
-	fj := &protocol.FwJob{Job: j.JobID, Version: a.Version, URL: e.DownloadURL(a.ID, j.JobID, now.Add(e.opts.URLTTL)),
-		Size: a.Size, SHA256: a.SHA256, Sig: a.Sig}
+	fj := &protocol.FwJob{Job: j.JobID, Version: a.Version, Size: a.Size, SHA256: a.SHA256, Sig: a.Sig}
 	if r.Deadline != nil {
 		fj.Deadline = protocol.T(*r.Deadline)
 	}
-	if r.Window != "" {
-		w, err := ParseWindow(r.Window)
-		if err != nil {
-			return nil, err
-		}
-		open, close := w.Next(now, e.zone(j.TZ))
-		fj.InstallAfter, fj.InstallBefore = protocol.T(open), protocol.T(close)
-	}
 	if r.Force {
-		if c, err := CompareVersions(j.FromFW, a.Version); err != nil || c > 0 {
+		from := j.FromFW
+		if j.LockerFW != "" {
+			from = j.LockerFW // what it runs now
+		}
+		if c, err := CompareVersions(from, a.Version); err != nil || c > 0 {
 			fj.Downgrade = true
 		}
 	}
-	return fj, nil
+	next, err := e.renew(fj, r, j, now)
+	return fj, next, err
+}
+
+// renew signs fj's download URL afresh and sets its install window to the
+// occurrence open at now or the next one; everything else, the job id
+// included, stays. It returns when fj must be renewed again: when half of
+// the URL's validity is left, or when the window closes.
+func (e *Engine) renew(fj *protocol.FwJob, r *Rollout, j *Job, now time.Time) (time.Time, error) {
+	fj.URL = e.DownloadURL(r.Firmware, j.JobID, now.Add(e.opts.URLTTL))
+	next := now.Add(e.opts.URLTTL / 2)
+	if r.Window != "" {
+		w, err := ParseWindow(r.Window)
+		if err != nil {
+			return time.Time{}, err
+		}
+		open, close := w.Next(now, e.zone(j.TZ))
+		fj.InstallAfter, fj.InstallBefore = protocol.T(open), protocol.T(close)
+		if close.Before(next) {
+			next = close
+		}
+	}
+	return next.UTC(), nil
+}
+
+// refresh renews the payloads of handed-out jobs that are due (a URL half
+// expired, an install window closed) and republishes their lockers'
+// retained state, so that the broker's retained fw/job, and what a locker
+// gets on its next connect, carry a valid URL and the window's next times.
+// A locker running the job ignores the repeat of its id. It reports
+// whether the pass was full (more may be due).
+func (e *Engine) refresh(ctx context.Context, now time.Time) (full bool) {
+	due, err := e.store.Refreshable(ctx, now, refreshBatch)
+	if err != nil {
+		if ctx.Err() == nil {
+			e.fail("refresh", err)
+		}
+		return false
+	}
+	var renewed []Job
+	for _, s := range due {
+		fj := *s.Payload
+		next, err := e.renew(&fj, s.Rollout, &s.Job, now)
+		if err != nil {
+			e.fail("refresh", fmt.Errorf("job %s: %w", s.Job.JobID, err))
+			continue
+		}
+		ok, err := e.store.RefreshPayload(ctx, s.Job.DeviceID, s.Job.JobID, &fj, next)
+		if err != nil {
+			e.fail("refresh", err)
+			continue
+		}
+		if ok {
+			renewed = append(renewed, s.Job)
+		}
+	}
+	e.publishJobs(ctx, renewed)
+	return len(due) == refreshBatch
+}
+
+// handOut checks a job again as it is about to go out, against its locker
+// as it is now: a locker disabled or of another model since the rollout was
+// created does not get it, and one that runs the version already has what
+// the job would give it. Such a job ends (final state and error set on j,
+// true returned) instead of going out; none of these counts as a failure.
+func handOut(r *Rollout, j *Job) (ended bool) {
+	switch {
+	case j.LockerDisabled:
+		j.State, j.Error = StateSkipped, SkipDisabled
+	case j.LockerModel != r.Model:
+		j.State, j.Error = StateSkipped, SkipModelChanged
+	case SameVersion(j.LockerFW, r.Version):
+		// A retry of a job handed out before: the earlier attempt
+		// installed after all (a birth the engine missed, or one that came
+		// after the step timeout). Otherwise the locker was updated by
+		// other means while the job waited.
+		j.State, j.Error = StateSkipped, SkipUpToDate
+		if j.Attempt > 1 {
+			j.State, j.Error = StateSucceeded, ""
+		}
+	case !r.Force && newer(j.LockerFW, r.Version):
+		j.State, j.Error = StateSkipped, SkipDowngrade // it would refuse it
+	default:
+		return false
+	}
+	return true
+}
+
+// newer reports whether version a is newer than b (false when either does
+// not parse).
+func newer(a, b string) bool {
+	c, err := CompareVersions(a, b)
+	return err == nil && c > 0
 }
 
 // waves tallies counts per wave.
@@ -307,19 +435,25 @@ func sumStates(m map[string]int, states []string) int {
 	return n
 }
 
+// waveSize is the number of a wave's jobs that count: its size less those
+// skipped when they were about to go out (their locker changed since the
+// rollout was created: see handOut).
+func waveSize(r *Rollout, w waves, i int) int {
+	return r.WaveSizes[i] - w[i][StateSkipped]
+}
+
 // crossedWave returns the first gated wave up to the current one whose
 // failures crossed the threshold.
 func crossedWave(r *Rollout, w waves) (int, bool) {
 	for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-		if Crossed(sumStates(w[i], FailureStates), r.WaveSizes[i], r.MaxFailurePct) {
+		if Crossed(sumStates(w[i], FailureStates), waveSize(r, w, i), r.MaxFailurePct) {
 			return i, true
 		}
 	}
 	return 0, false
 }
 
-func gateReason(r *Rollout, wave, failed int) string {
-	size := r.WaveSizes[wave]
+func gateReason(r *Rollout, wave, failed, size int) string {
 	return fmt.Sprintf("wave %d: %d of %d jobs failed (%.1f%%), over max_failure_pct %g",
 		wave+1, failed, size, float64(failed)*100/float64(size), r.MaxFailurePct)
 }
@@ -344,13 +478,13 @@ func (e *Engine) stop(ctx context.Context, tx StepTx, r *Rollout, reason string,
 // commit. more reports whether the next tick should step it again (jobs
 // went out, or wait for the rate limit).
 func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
-	var sent, cancelled []Job
+	var sent, settled, cancelled []Job
 	var notes []fleet.AuditEntry
 	var crossedAt time.Time
 	err = e.store.Step(ctx, id, func(tx StepTx) error {
-		sent, cancelled, notes, crossedAt, more = nil, nil, nil, time.Time{}, false
+		sent, settled, cancelled, notes, crossedAt, more = nil, nil, nil, nil, time.Time{}, false
 		r := tx.Rollout()
-		if r.Status != Running {
+		if r.Status != Running && r.Status != Paused {
 			return nil
 		}
 		before := *r
@@ -361,13 +495,16 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		// Read the clock after the counts, so that what they include
 		// happened before the times this step records.
 		now := e.now().UTC()
+		if r.Status == Paused && !r.pastDeadline(now) {
+			return nil // a paused rollout moves only to end at its deadline
+		}
 		w, all := tally(counts, len(r.WaveSizes))
 		last := len(r.WaveSizes) - 1
 
 		// Gates are checked on every failure as it arrives; this catches
 		// a failure this step saw first.
-		if i, ok := crossedWave(r, w); ok {
-			c, note, err := e.stop(ctx, tx, r, gateReason(r, i, sumStates(w[i], FailureStates)), now)
+		if i, ok := crossedWave(r, w); ok && r.Status == Running {
+			c, note, err := e.stop(ctx, tx, r, gateReason(r, i, sumStates(w[i], FailureStates), waveSize(r, w, i)), now)
 			if err != nil {
 				return err
 			}
@@ -385,10 +522,17 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 			if unfinished > 0 {
 				return nil
 			}
+			// A paused rollout ends too: its deadline is when it stops
+			// trying, whoever paused it.
+			paused := r.Status == Paused
 			r.FinishedAt = &now
 			r.Status = Completed
 			if n := all[StateTimedOut]; n > 0 {
-				r.Status, r.Reason = Aborted, fmt.Sprintf("deadline passed with %d jobs timed out", n)
+				reason := fmt.Sprintf("deadline passed with %d jobs timed out", n)
+				if paused && r.Reason != "" {
+					reason += " (paused: " + r.Reason + ")"
+				}
+				r.Status, r.Reason = Aborted, reason
 			}
 			notes = append(notes, fleet.AuditEntry{Action: "rollout." + r.Status, Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}})
 			return tx.Save(ctx)
@@ -409,16 +553,30 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 
 		rt := newRate(r.RatePerMin, e.opts.Tick)
 		if n := rt.budget(r.TAT, now); n > 0 && all[StateQueued] > 0 {
-			sent, err = tx.Dispatch(ctx, r.Wave, n, now, func(j *Job) (*protocol.FwJob, error) { return e.payload(ctx, r, j, now) })
+			taken, err := tx.Dispatch(ctx, r.Wave, n, now, func(j *Job) (*protocol.FwJob, error) {
+				if handOut(r, j) {
+					return nil, nil
+				}
+				p, next, err := e.payload(ctx, r, j, now)
+				j.RefreshAt = &next
+				return p, err
+			})
 			if err != nil {
 				return err
 			}
+			for _, j := range taken {
+				if j.State == StateSent {
+					sent = append(sent, j)
+				} else {
+					settled = append(settled, j)
+				}
+			}
 			r.TAT = rt.take(r.TAT, now, len(sent))
-			more = len(sent) > 0
+			more = len(taken) > 0
 		} else if all[StateQueued] > 0 {
 			more = true // held by the rate limit
 		}
-		if r.Wave == last && unfinished == 0 {
+		if r.Wave == last && unfinished-len(settled) == 0 {
 			r.Status, r.FinishedAt = Completed, &now
 			notes = append(notes, fleet.AuditEntry{Action: "rollout.completed", Detail: map[string]any{
 				"rollout": r.ID, "succeeded": all[StateSucceeded], "failed": sumStates(all, FailureStates)}})
@@ -433,6 +591,9 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 	}
 	if !crossedAt.IsZero() {
 		e.m.gateLatency.Observe(e.now().Sub(crossedAt).Seconds())
+	}
+	for _, j := range settled {
+		e.m.finished.WithLabelValues(j.State).Inc()
 	}
 	e.publishJobs(ctx, sent)
 	e.withdraw(ctx, cancelled)
@@ -492,7 +653,8 @@ func (e *Engine) waveDone(ctx context.Context, tx StepTx, r *Rollout, w map[stri
 		return false, nil
 	}
 	finished := w[StateSucceeded] + sumStates(w, FailureStates)
-	if finished < min(r.MinPerWave, r.WaveSizes[r.Wave]) {
+	// Jobs skipped at hand-out can give no result: they do not hold it.
+	if finished < min(r.MinPerWave, r.WaveSizes[r.Wave]-w[StateSkipped]) {
 		return false, nil
 	}
 	if w[StateQueued] == 0 {
@@ -615,7 +777,7 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 			return nil
 		}
 		var err error
-		if cancelled, note, err = e.stop(ctx, tx, cur, gateReason(cur, wave, failed), e.now()); err != nil {
+		if cancelled, note, err = e.stop(ctx, tx, cur, gateReason(cur, wave, failed, size), e.now()); err != nil {
 			return err
 		}
 		stopped = true

@@ -76,12 +76,17 @@ var RetryKinds = []string{KindDownload, KindChecksum, KindSignature, KindInstall
 // DefaultRetryOn is what retries apply to when retry_on is not given.
 var DefaultRetryOn = []string{KindDownload, KindTimeout}
 
-// Reasons a targeted locker is skipped.
+// Reasons a targeted locker is skipped: at creation, or when its job is
+// about to be handed out (the locker changed since) and, for a replaced
+// board, at the replacement.
 const (
-	SkipUpToDate  = "up_to_date"       // already runs the version
-	SkipDowngrade = "downgrade"        // runs a newer version and force is off
-	SkipVersion   = "unknown_version"  // runs a version that does not parse; force to include it
-	SkipBusy      = "in_other_rollout" // has an unfinished job of another live rollout
+	SkipUpToDate     = "up_to_date"       // already runs the version
+	SkipDowngrade    = "downgrade"        // runs a newer version and force is off
+	SkipVersion      = "unknown_version"  // runs a version that does not parse; force to include it
+	SkipBusy         = "in_other_rollout" // has an unfinished job of another live rollout
+	SkipDisabled     = "disabled"         // disabled by an operator: it cannot connect to take a job
+	SkipModelChanged = "model_changed"    // reports another model than the image's now
+	SkipReplaced     = "replaced"         // its board was replaced (re-provisioned) while the job was open
 )
 
 // Rollout statuses.
@@ -204,6 +209,14 @@ type Job struct {
 	SentAt    *time.Time `json:"sent_at,omitempty"`
 	UpdatedAt time.Time  `json:"updated_at"`
 	DoneAt    *time.Time `json:"done_at,omitempty"`
+
+	// The locker as it is when Dispatch takes the job (set by Dispatch
+	// only): what the hand-out checks again.
+	LockerFW, LockerModel string `json:"-"`
+	LockerDisabled        bool   `json:"-"`
+	// RefreshAt is when the payload's signed URL or install window must be
+	// renewed; Dispatch's payload function sets it.
+	RefreshAt *time.Time `json:"-"`
 }
 
 // Target is a locker a selector matched.
@@ -214,6 +227,8 @@ type Target struct {
 	TZ       string // the site's IANA time zone
 	// Busy is set when the locker has an unfinished job in another live rollout.
 	Busy bool
+	// Disabled is set when an operator disabled the locker.
+	Disabled bool
 }
 
 // Count is how many jobs of a wave are in a state (for skipped jobs, with
@@ -247,10 +262,13 @@ type Transition struct {
 	RetryJobID string
 }
 
-// Stale is an active or queued job a sweep may time out.
+// Stale is a job with its rollout, for the sweeps: an active or queued job
+// that may be overdue, or a handed-out one whose payload is due for renewal.
 type Stale struct {
 	Job     Job
 	Rollout *Rollout
+	// Payload is the job's fw/job as stored (Refreshable only).
+	Payload *protocol.FwJob
 }
 
 // Gauges are the figures behind the firmware gauges.
@@ -268,7 +286,8 @@ type Store interface {
 	CreateArtifact(ctx context.Context, a *Artifact) error
 	// GetArtifact returns an artifact, or fleet.ErrNotFound.
 	GetArtifact(ctx context.Context, id string) (*Artifact, error)
-	// FindArtifact returns the artifact of a model and version, or fleet.ErrNotFound.
+	// FindArtifact returns the artifact of a model and version, compared as
+	// semantic versions ("v1.5" finds 1.5.0), or fleet.ErrNotFound.
 	FindArtifact(ctx context.Context, model, version string) (*Artifact, error)
 	// ListArtifacts returns artifacts ordered by id, after after.
 	ListArtifacts(ctx context.Context, after string, limit int) ([]Artifact, error)
@@ -282,8 +301,9 @@ type Store interface {
 	GetRollout(ctx context.Context, id string) (*Rollout, error)
 	// ListRollouts returns rollouts newest first, after the rollout id after.
 	ListRollouts(ctx context.Context, after string, limit int) ([]Rollout, error)
-	// RunningRollouts returns the ids of running rollouts.
-	RunningRollouts(ctx context.Context) ([]string, error)
+	// LiveRollouts returns the ids of the rollouts a step may move at now:
+	// running ones, and paused ones past their deadline (which end then).
+	LiveRollouts(ctx context.Context, now time.Time) ([]string, error)
 	// Counts returns a rollout's jobs per wave and state.
 	Counts(ctx context.Context, id string) ([]Count, error)
 	// WaveFailures returns the failures and the size of one wave.
@@ -301,6 +321,9 @@ type Store interface {
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
 	// ActiveJob returns the locker's active job, or nil.
 	ActiveJob(ctx context.Context, deviceID string) (*Job, error)
+	// SettleableJobs returns the locker's jobs a birth may settle: queued
+	// ones, and timed-out ones (a success that came after the timeout).
+	SettleableJobs(ctx context.Context, deviceID string) ([]Job, error)
 	// RunningVersion returns the version of the locker's last birth.
 	RunningVersion(ctx context.Context, deviceID string) (string, error)
 	// Apply makes a transition; it returns the job as it is afterwards, or
@@ -310,6 +333,14 @@ type Store interface {
 	// ones silent for longer than their rollout's step timeout, and queued
 	// or active ones of rollouts past their deadline.
 	Stale(ctx context.Context, now time.Time) ([]Stale, error)
+	// Refreshable returns up to n handed-out jobs (sent, downloading,
+	// verifying) whose payload is due for renewal at now (RefreshAt), the
+	// longest due first, with the payload.
+	Refreshable(ctx context.Context, now time.Time, n int) ([]Stale, error)
+	// RefreshPayload replaces the payload of a job still handed out under
+	// jobID (nothing else changes, the step timeout's clock included); it
+	// reports whether it did.
+	RefreshPayload(ctx context.Context, deviceID, jobID string, p *protocol.FwJob, next time.Time) (bool, error)
 	// SentDevices returns lockers with a job handed out but not reported on.
 	SentDevices(ctx context.Context) ([]string, error)
 	// Gauges returns the figures of the firmware gauges.
@@ -328,10 +359,16 @@ type StepTx interface {
 	// Counts returns the rollout's jobs per wave and state.
 	Counts(ctx context.Context) ([]Count, error)
 	// Ready counts the queued jobs of a wave whose locker can take a job
-	// now: online, enabled, every door closed, no other active job.
+	// now (online, enabled, every door closed, no other active job), or
+	// whose locker cannot take it at all (disabled, or of another model
+	// than the rollout's): Dispatch settles those.
 	Ready(ctx context.Context, wave int) (int, error)
-	// Dispatch hands out up to n ready jobs of waves up to maxWave, in wave
-	// and sequence order: they become sent with the payload job makes.
+	// Dispatch takes up to n ready jobs of waves up to maxWave, in wave and
+	// sequence order, with their lockers as they are now (Job.Locker*),
+	// and hands each out with the payload job makes: it becomes sent. When
+	// job returns a nil payload, the job is not handed out but ends in the
+	// final state (and error) job set on it. It returns the jobs taken, in
+	// their new states.
 	Dispatch(ctx context.Context, maxWave, n int, at time.Time, job func(*Job) (*protocol.FwJob, error)) ([]Job, error)
 	// Cancel moves the rollout's jobs in one of from to cancelled and returns them.
 	Cancel(ctx context.Context, from []string, at time.Time) ([]Job, error)

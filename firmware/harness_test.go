@@ -199,6 +199,9 @@ type devices struct {
 	seen    sync.Map // job id → times received
 	runs    sync.Map // id → jobs run (attempts started)
 	outcome func(id string, attempt int) string
+	// spell, when set, is how a device spells the version it runs after an
+	// install (its image's own spelling): job.Version by default.
+	spell func(version string) string
 	// failAt is when the engine got the failure report the harness sent last.
 	published atomic.Int64
 	mu        sync.Mutex
@@ -302,6 +305,9 @@ func (d *devices) handle(ctx context.Context, id string) {
 	v, _ := d.fw.Load(id)
 	if out == outOK {
 		v = job.Version
+		if d.spell != nil {
+			v = d.spell(job.Version)
+		}
 		d.fw.Store(id, v)
 	}
 	if err := d.h.db.RecordBirth(ctx, id, &protocol.Presence{Online: true, FW: v.(string)}, time.Now()); err != nil {
@@ -331,4 +337,44 @@ func (d *devices) attempts(id string) int {
 		return 0
 	}
 	return int(n.(*atomic.Int32).Load())
+}
+
+// clock is a test clock for an engine run one Tick at a time (hopt.now).
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func newClock() *clock { return &clock{t: time.Now().UTC().Truncate(time.Second)} }
+
+func (c *clock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *clock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// exec runs a statement on the harness's database.
+func (h *harness) exec(sql string, args ...any) {
+	h.tb.Helper()
+	if _, err := h.db.Pool().Exec(context.Background(), sql, args...); err != nil {
+		h.tb.Fatal(err)
+	}
+}
+
+// job returns a locker's job in a rollout.
+func (h *harness) job(rollout, id string) firmware.Job {
+	h.tb.Helper()
+	for _, j := range h.jobs(rollout) {
+		if j.DeviceID == id {
+			return j
+		}
+	}
+	h.tb.Fatalf("no job for %s in %s", id, rollout)
+	return firmware.Job{}
 }

@@ -130,8 +130,9 @@ type WaveStatus struct {
 }
 
 // Create starts a rollout of spec. Lockers of other models are never
-// targeted; lockers on the version are skipped, and so are downgrades unless
-// spec.Force. It is fleet.ErrUnprocessable when no locker is left to update.
+// targeted; lockers on the version or disabled are skipped, and so are
+// downgrades unless spec.Force. It is fleet.ErrUnprocessable when no locker
+// is left to update.
 func (e *Engine) Create(ctx context.Context, spec Spec, actor string) (*Status, error) {
 	now := e.now().UTC()
 	if err := spec.normalize(now); err != nil {
@@ -194,6 +195,10 @@ func (e *Engine) Create(ctx context.Context, spec Spec, actor string) (*Status, 
 	for _, t := range targets {
 		if t.Model != a.Model {
 			wrongModel++
+			continue
+		}
+		if t.Disabled {
+			skip(t, SkipDisabled) // it cannot connect: its job would never go out
 			continue
 		}
 		if t.Busy {
@@ -293,8 +298,8 @@ func status(r *Rollout, counts []Count) *Status {
 				ws.Counts[s] = w[i][s]
 			}
 		}
-		if size > 0 {
-			ws.FailurePct = float64(ws.Failed) * 100 / float64(size)
+		if n := waveSize(r, w, i); n > 0 {
+			ws.FailurePct = float64(ws.Failed) * 100 / float64(n)
 		}
 		switch {
 		case i < r.Wave:

@@ -151,3 +151,35 @@ func CompareVersions(a, b string) (int, error) {
 	}
 	return va.Compare(vb), nil
 }
+
+// String renders v canonically: MAJOR.MINOR.PATCH[-PRE], without a leading
+// "v" or build metadata (which has no precedence). Versions that compare
+// equal render the same.
+func (v Version) String() string {
+	s := strconv.FormatUint(v.Major, 10) + "." + strconv.FormatUint(v.Minor, 10) + "." + strconv.FormatUint(v.Patch, 10)
+	if len(v.Pre) > 0 {
+		s += "-" + strings.Join(v.Pre, ".")
+	}
+	return s
+}
+
+// CanonicalVersion parses s and renders it canonically ("v1.5" is "1.5.0").
+func CanonicalVersion(s string) (string, error) {
+	v, err := ParseVersion(s)
+	if err != nil {
+		return "", err
+	}
+	return v.String(), nil
+}
+
+// SameVersion reports whether a locker's version a is the version b: equal
+// as semantic versions ("v1.5" is 1.5.0), or as text when one of them does
+// not parse. Lockers report their version as their image spells it, which
+// need not be how it was uploaded.
+func SameVersion(a, b string) bool {
+	c, err := CompareVersions(a, b)
+	if err != nil {
+		return a == b
+	}
+	return c == 0
+}

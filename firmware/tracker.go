@@ -42,8 +42,9 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 // succeeded takes a locker's "succeeded" report. The birth on the new
 // version is the confirmation and normally settled the job already; but
 // reports queued across the reboot arrive after the birth, so a job still
-// open (or a cancel the install overtook) succeeds here when the birth the
-// gateway recorded shows the job's version.
+// open (or a cancel the install overtook, or a step timeout a long reboot
+// overtook) succeeds here when the birth the gateway recorded shows the
+// job's version.
 func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time.Time) {
 	j, err := e.store.GetJob(ctx, deviceID, wireID)
 	if errors.Is(err, fleet.ErrNotFound) {
@@ -54,7 +55,7 @@ func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time
 		e.fail("report", err)
 		return
 	}
-	if !IsActive(j.State) && !(j.State == StateCancelled && j.SentAt != nil) {
+	if !IsActive(j.State) && !((j.State == StateCancelled || j.State == StateTimedOut) && j.SentAt != nil) {
 		e.counted(false) // settled by the birth
 		return
 	}
@@ -63,7 +64,7 @@ func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time
 		e.fail("report", err)
 		return
 	}
-	if fw != j.Version {
+	if !SameVersion(fw, j.Version) {
 		e.counted(false) // not confirmed by a birth: the timeout will judge it
 		return
 	}
@@ -88,8 +89,12 @@ func (e *Engine) counted(applied bool) {
 
 // Booted implements fleet.FirmwareTracker: a birth on the job's version is
 // the job's success; a birth on any other version after "rebooting" is a
-// failed boot. A birth also wakes the engine: a locker that comes back may
-// have a queued job waiting for it.
+// failed boot. A birth on the version of a job that timed out (a reboot
+// that outlasted the step timeout) or waits queued (re-queued after such a
+// timeout, or a locker updated by other means) settles that job too: the
+// locker would ignore the job, and it would time out again. A birth also
+// wakes the engine: a locker that comes back may have a queued job waiting
+// for it.
 func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) {
 	defer e.kick()
 	j, err := e.store.ActiveJob(ctx, deviceID)
@@ -97,22 +102,57 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 		e.fail("birth", err)
 		return
 	}
-	if j == nil {
+	switch {
+	case j != nil && SameVersion(fw, j.Version):
+		e.bootSucceeded(ctx, j, at)
+		return
+	case j != nil && j.State == StateRebooting:
+		e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at)
+	}
+	late, err := e.store.SettleableJobs(ctx, deviceID)
+	if err != nil {
+		e.fail("birth", err)
 		return
 	}
-	switch {
-	case fw == j.Version:
-		nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: j.JobID, From: ActiveStates, To: StateSucceeded, At: at})
+	for i := range late {
+		j := &late[i]
+		if !SameVersion(fw, j.Version) || (j.State == StateTimedOut && j.SentAt == nil) {
+			continue // another version; or timed out at the deadline, never handed out
+		}
+		t := Transition{DeviceID: deviceID, JobID: j.JobID, From: []string{j.State}, To: StateSucceeded, At: at}
+		if j.State == StateQueued && j.Attempt == 1 {
+			// Never handed out: updated by other means, as at creation.
+			t.To, t.Error = StateSkipped, SkipUpToDate
+		}
+		nj, err := e.store.Apply(ctx, t)
 		if err != nil {
 			e.fail("birth", err)
-			return
+			continue
+		}
+		if nj == nil && j.State == StateQueued {
+			// Handed out meanwhile: the birth confirms it like any other.
+			if cur, err := e.store.GetJob(ctx, deviceID, j.JobID); err == nil && IsActive(cur.State) {
+				e.bootSucceeded(ctx, cur, at)
+			}
+			continue
 		}
 		e.counted(nj != nil)
 		if nj != nil {
-			e.finished(ctx, nj, nil, true, at)
+			e.finished(ctx, nj, nil, false, at)
 		}
-	case j.State == StateRebooting:
-		e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at)
+	}
+}
+
+// bootSucceeded settles an active job a birth on its version confirmed.
+func (e *Engine) bootSucceeded(ctx context.Context, j *Job, at time.Time) {
+	nj, err := e.store.Apply(ctx, Transition{DeviceID: j.DeviceID, JobID: j.JobID, From: ActiveStates, To: StateSucceeded, At: at})
+	if err != nil {
+		e.fail("birth", err)
+		return
+	}
+	e.counted(nj != nil)
+	if nj != nil {
+		e.finished(ctx, nj, nil, true, at)
 	}
 }
 

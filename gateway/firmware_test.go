@@ -591,3 +591,66 @@ func TestFirmwareInstallWindow(t *testing.T) {
 		return nil
 	})
 }
+
+// TestFirmwareUploadsBounded: two uploads stream at once; a third is
+// answered 429 with Retry-After before its body is read, and goes through
+// once one has ended.
+func TestFirmwareUploadsBounded(t *testing.T) {
+	dataDir := t.TempDir()
+	tg := MustStart(t, func(o *gateway.Options) { o.DataDir = dataDir })
+	// upload answers nil when the request failed (not a test error: the
+	// streaming ones run on their own goroutines).
+	upload := func(version string, body io.Reader) *http.Response {
+		req, err := http.NewRequest(http.MethodPost, "http://"+tg.HTTPAddr()+"/v1/firmware?model=LX-24&version="+version, body)
+		if err != nil {
+			return nil
+		}
+		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return nil
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	var writers []*io.PipeWriter
+	answers := make(chan *http.Response, 2)
+	for i := range 2 {
+		pr, pw := io.Pipe()
+		writers = append(writers, pw)
+		t.Cleanup(func() { pw.CloseWithError(errors.New("test over")) })
+		go func() { answers <- upload(fmt.Sprintf("2.0.%d", i), pr) }()
+	}
+	Eventually(t, 10*time.Second, "two uploads streaming", func() error {
+		if es, _ := filepath.Glob(filepath.Join(dataDir, "firmware", ".upload-*")); len(es) != 2 {
+			return fmt.Errorf("%d streaming", len(es))
+		}
+		return nil
+	})
+	resp := upload("2.0.9", bytes.NewReader(fwImage("2.0.9")))
+	if resp == nil || resp.StatusCode != http.StatusTooManyRequests || resp.Header.Get("Retry-After") == "" ||
+		resp.Header.Get("Content-Type") != "application/problem+json" {
+		t.Fatalf("a third upload at once: %+v", resp)
+	}
+	finish := func(pw *io.PipeWriter, version string) {
+		if _, err := pw.Write(fwImage(version)); err != nil {
+			t.Fatal(err)
+		}
+		pw.Close()
+	}
+	finish(writers[0], "2.0.0")
+	if resp := <-answers; resp == nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("first upload: %+v", resp)
+	}
+	if resp := upload("2.0.9", bytes.NewReader(fwImage("2.0.9"))); resp == nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("the third, after one ended: %+v", resp)
+	}
+	finish(writers[1], "2.0.1")
+	if resp := <-answers; resp == nil || resp.StatusCode != http.StatusCreated {
+		t.Fatalf("second upload: %+v", resp)
+	}
+	if es, _ := filepath.Glob(filepath.Join(dataDir, "firmware", ".upload-*")); len(es) != 0 {
+		t.Fatalf("temporary files left: %v", es)
+	}
+}

@@ -65,6 +65,10 @@ func (s *Server) withFirmware(h firmwareHandler) handler {
 	}
 }
 
+// uploadRetryAfter is the Retry-After (seconds) of an upload refused
+// because others are in progress: an image takes seconds to minutes.
+const uploadRetryAfter = 30
+
 func uploadFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	if q.Get("version") == "" || q.Get("model") == "" {
@@ -73,6 +77,12 @@ func uploadFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request)
 	a, err := fw.Upload(r.Context(), q.Get("model"), q.Get("version"), r.Body, principal(r).Actor())
 	if errors.Is(err, firmware.ErrTooLarge) {
 		writeProblem(w, http.StatusRequestEntityTooLarge, err.Error())
+		return nil
+	}
+	if errors.Is(err, firmware.ErrUploadsBusy) {
+		// Refused before the body is read: the client sends it again later.
+		w.Header().Set("Retry-After", strconv.Itoa(uploadRetryAfter))
+		writeProblem(w, http.StatusTooManyRequests, err.Error())
 		return nil
 	}
 	if err != nil {

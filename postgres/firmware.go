@@ -47,9 +47,24 @@ func (db *DB) GetArtifact(ctx context.Context, id string) (*firmware.Artifact, e
 	return scanArtifact(db.pool.QueryRow(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE id = $1`, id))
 }
 
-// FindArtifact implements firmware.Store.
+// FindArtifact implements firmware.Store. Versions are compared in Go, as
+// semantic versions: uploads store them canonically, but images uploaded
+// before that may spell one otherwise ("v1.5"). A model has few images.
 func (db *DB) FindArtifact(ctx context.Context, model, version string) (*firmware.Artifact, error) {
-	return scanArtifact(db.pool.QueryRow(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE model = $1 AND version = $2`, model, version))
+	rows, err := db.pool.Query(ctx, `SELECT `+fwArtifactCols+` FROM firmware WHERE model = $1 ORDER BY created_at, id`, model)
+	if err != nil {
+		return nil, err
+	}
+	all, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*firmware.Artifact, error) { return scanArtifact(row) })
+	if err != nil {
+		return nil, err
+	}
+	for _, a := range all {
+		if firmware.SameVersion(a.Version, version) {
+			return a, nil
+		}
+	}
+	return nil, fleet.ErrNotFound
 }
 
 // ListArtifacts implements firmware.Store.
@@ -154,9 +169,10 @@ func (db *DB) ListRollouts(ctx context.Context, after string, n int) ([]firmware
 	})
 }
 
-// RunningRollouts implements firmware.Store.
-func (db *DB) RunningRollouts(ctx context.Context) ([]string, error) {
-	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts WHERE status = 'running' ORDER BY created_at`)
+// LiveRollouts implements firmware.Store.
+func (db *DB) LiveRollouts(ctx context.Context, now time.Time) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts
+		WHERE status = 'running' OR (status = 'paused' AND deadline <= $1) ORDER BY created_at`, now)
 	if err != nil {
 		return nil, err
 	}
@@ -186,9 +202,11 @@ func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
 	return fwCounts(ctx, db.pool, id)
 }
 
-// WaveFailures implements firmware.Store.
+// WaveFailures implements firmware.Store. The size leaves out jobs skipped
+// at hand-out (their locker changed since the rollout was created).
 func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error) {
-	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out')), count(*)
+	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out')),
+			count(*) FILTER (WHERE state <> 'skipped')
 		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &size)
 	return failed, size, err
 }
@@ -206,7 +224,7 @@ func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Ta
 			UNION
 			SELECT j.device_id FROM rollouts r JOIN fw_jobs j ON j.rollout_id = r.id
 			WHERE r.status IN ('running', 'paused') AND j.state = 'queued')
-		SELECT d.id, d.model, d.fw, s.timezone, b.device_id IS NOT NULL
+		SELECT d.id, d.model, d.fw, s.timezone, b.device_id IS NOT NULL, d.disabled
 		FROM devices d JOIN sites s ON s.id = d.site LEFT JOIN busy b ON b.device_id = d.id
 		WHERE ($1 = '' OR d.site = $1) AND ($2 = '' OR d.model = $2) AND ($3 = '' OR d.fw = $3)
 			AND (cardinality($4::text[]) = 0 OR d.id = ANY($4))
@@ -216,7 +234,7 @@ func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Ta
 	}
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Target, error) {
 		var t firmware.Target
-		err := row.Scan(&t.DeviceID, &t.Model, &t.FW, &t.TZ, &t.Busy)
+		err := row.Scan(&t.DeviceID, &t.Model, &t.FW, &t.TZ, &t.Busy, &t.Disabled)
 		return t, err
 	})
 }
@@ -268,6 +286,12 @@ func (db *DB) ActiveJob(ctx context.Context, deviceID string) (*firmware.Job, er
 		return nil, nil
 	}
 	return j, err
+}
+
+// SettleableJobs implements firmware.Store (index fw_jobs_settle).
+func (db *DB) SettleableJobs(ctx context.Context, deviceID string) ([]firmware.Job, error) {
+	return collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
+		WHERE device_id = $1 AND state IN ('queued', 'timed_out') ORDER BY rollout_id`, deviceID))
 }
 
 // RunningVersion implements firmware.Store.
@@ -371,6 +395,61 @@ func (db *DB) Stale(ctx context.Context, now time.Time) ([]firmware.Stale, error
 	return out, nil
 }
 
+// fwPending is firmware.PendingStates as SQL: the jobs whose payload a
+// locker still uses (to download, or to wait for its window).
+const fwPending = `('sent', 'downloading', 'verifying')`
+
+// Refreshable implements firmware.Store. Jobs handed out before refresh_at
+// existed have it set by the migration that added it, so they are renewed
+// once too.
+func (db *DB) Refreshable(ctx context.Context, now time.Time, n int) ([]firmware.Stale, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+fwJobCols+`, payload FROM fw_jobs
+		WHERE state IN `+fwPending+` AND refresh_at <= $1 AND payload IS NOT NULL
+		ORDER BY refresh_at LIMIT $2`, now, n)
+	if err != nil {
+		return nil, err
+	}
+	type due struct {
+		job     firmware.Job
+		payload []byte
+	}
+	jobs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (due, error) {
+		var d due
+		j := &d.job
+		err := row.Scan(&j.RolloutID, &j.DeviceID, &j.JobID, &j.Wave, &j.Seq, &j.State, &j.Error, &j.Attempt, &j.FromFW,
+			&j.Version, &j.TZ, &j.Progress, &j.SentAt, &j.UpdatedAt, &j.DoneAt, &d.payload)
+		return d, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := make([]firmware.Stale, 0, len(jobs))
+	rollouts := map[string]*firmware.Rollout{}
+	for _, d := range jobs {
+		r, ok := rollouts[d.job.RolloutID]
+		if !ok {
+			if r, err = db.GetRollout(ctx, d.job.RolloutID); err != nil {
+				return nil, err
+			}
+			rollouts[d.job.RolloutID] = r
+		}
+		p := new(protocol.FwJob)
+		if err := json.Unmarshal(d.payload, p); err != nil {
+			return nil, fmt.Errorf("stored fw/job of %s: %w", d.job.JobID, err)
+		}
+		out = append(out, firmware.Stale{Job: d.job, Rollout: r, Payload: p})
+	}
+	return out, nil
+}
+
+// RefreshPayload implements firmware.Store. updated_at stays: it is the
+// step timeout's clock, which only the locker's reports move.
+func (db *DB) RefreshPayload(ctx context.Context, deviceID, jobID string, p *protocol.FwJob, next time.Time) (bool, error) {
+	tag, err := db.pool.Exec(ctx, `UPDATE fw_jobs SET payload = $3::jsonb, refresh_at = $4
+		WHERE device_id = $1 AND job_id = $2 AND state IN `+fwPending, deviceID, jobID, string(protocol.Encode(p)), next)
+	return tag.RowsAffected() == 1, err
+}
+
 // SentDevices implements firmware.Store.
 func (db *DB) SentDevices(ctx context.Context) ([]string, error) {
 	rows, err := db.pool.Query(ctx, `SELECT device_id FROM fw_jobs WHERE state = 'sent' ORDER BY device_id`)
@@ -465,40 +544,76 @@ func (s *rolloutTx) Counts(ctx context.Context) ([]firmware.Count, error) {
 }
 
 // fwReady is the condition for a queued job j (joined with its device d) to
-// be handed out now.
-const fwReady = `j.state = 'queued' AND d.online AND NOT d.disabled
+// be taken by Dispatch now (modelParam is the query parameter holding the
+// rollout's model): its locker can take it now, or never will (disabled, or
+// of another model now: Dispatch ends those).
+func fwReady(modelParam string) string {
+	return `j.state = 'queued' AND (d.disabled OR d.model <> ` + modelParam + ` OR (d.online
 	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
-	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)`
+	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)))`
+}
 
 func (s *rolloutTx) Ready(ctx context.Context, wave int) (int, error) {
 	var n int
 	err := s.tx.QueryRow(ctx, `SELECT count(*) FROM fw_jobs j JOIN devices d ON d.id = j.device_id
-		WHERE j.rollout_id = $1 AND j.wave = $2 AND `+fwReady, s.r.ID, wave).Scan(&n)
+		WHERE j.rollout_id = $1 AND j.wave = $2 AND `+fwReady("$3"), s.r.ID, wave, s.r.Model).Scan(&n)
 	return n, err
 }
 
 func (s *rolloutTx) Dispatch(ctx context.Context, maxWave, n int, at time.Time, build func(*firmware.Job) (*protocol.FwJob, error)) ([]firmware.Job, error) {
-	jobs, err := collectFwJobs(s.tx.Query(ctx, `SELECT `+fwPrefixed("j", fwJobCols)+` FROM fw_jobs j JOIN devices d ON d.id = j.device_id
-		WHERE j.rollout_id = $1 AND j.wave <= $2 AND `+fwReady+`
-		ORDER BY j.wave, j.seq LIMIT $3 FOR UPDATE OF j SKIP LOCKED`, s.r.ID, maxWave, n))
+	rows, err := s.tx.Query(ctx, `SELECT `+fwPrefixed("j", fwJobCols)+`, d.fw, d.model, d.disabled
+		FROM fw_jobs j JOIN devices d ON d.id = j.device_id
+		WHERE j.rollout_id = $1 AND j.wave <= $2 AND `+fwReady("$4")+`
+		ORDER BY j.wave, j.seq LIMIT $3 FOR UPDATE OF j SKIP LOCKED`, s.r.ID, maxWave, n, s.r.Model)
+	if err != nil {
+		return nil, err
+	}
+	jobs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Job, error) {
+		var j firmware.Job
+		err := row.Scan(&j.RolloutID, &j.DeviceID, &j.JobID, &j.Wave, &j.Seq, &j.State, &j.Error, &j.Attempt, &j.FromFW,
+			&j.Version, &j.TZ, &j.Progress, &j.SentAt, &j.UpdatedAt, &j.DoneAt, &j.LockerFW, &j.LockerModel, &j.LockerDisabled)
+		return j, err
+	})
 	if err != nil || len(jobs) == 0 {
 		return nil, err
 	}
-	ids := make([]string, len(jobs))
-	payloads := make([]string, len(jobs))
+	var sent, sentPayloads, ended, endStates, endErrors []string
+	var refresh []*time.Time
 	for i := range jobs {
-		p, err := build(&jobs[i])
+		j := &jobs[i]
+		p, err := build(j)
 		if err != nil {
-			return nil, fmt.Errorf("job %s: %w", jobs[i].JobID, err)
+			return nil, fmt.Errorf("job %s: %w", j.JobID, err)
 		}
-		ids[i], payloads[i] = jobs[i].JobID, string(protocol.Encode(p))
-		jobs[i].State, jobs[i].SentAt, jobs[i].UpdatedAt = firmware.StateSent, &at, at
+		if p == nil {
+			if !firmware.IsFinal(j.State) {
+				return nil, fmt.Errorf("job %s: neither handed out nor ended (state %q)", j.JobID, j.State)
+			}
+			ended, endStates, endErrors = append(ended, j.JobID), append(endStates, j.State), append(endErrors, j.Error)
+			j.UpdatedAt, j.DoneAt = at, &at
+			continue
+		}
+		sent, sentPayloads, refresh = append(sent, j.JobID), append(sentPayloads, string(protocol.Encode(p))), append(refresh, j.RefreshAt)
+		j.State, j.SentAt, j.UpdatedAt = firmware.StateSent, &at, at
 	}
-	_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = 'sent', payload = u.payload::jsonb, sent_at = $2, updated_at = $2
-		FROM unnest($1::text[], $3::text[]) AS u(job_id, payload) WHERE j.job_id = u.job_id AND j.state = 'queued'`,
-		ids, at, payloads)
-	if err != nil {
-		return nil, err
+	if len(sent) > 0 {
+		_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = 'sent', payload = u.payload::jsonb, refresh_at = u.refresh_at,
+				sent_at = $2, updated_at = $2
+			FROM unnest($1::text[], $3::text[], $4::timestamptz[]) AS u(job_id, payload, refresh_at)
+			WHERE j.job_id = u.job_id AND j.state = 'queued'`,
+			sent, at, sentPayloads, refresh)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if len(ended) > 0 {
+		_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = u.state, error = u.error, updated_at = $2, done_at = $2
+			FROM unnest($1::text[], $3::text[], $4::text[]) AS u(job_id, state, error)
+			WHERE j.job_id = u.job_id AND j.state = 'queued'`,
+			ended, at, endStates, endErrors)
+		if err != nil {
+			return nil, err
+		}
 	}
 	return jobs, nil
 }

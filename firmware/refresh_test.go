@@ -1,0 +1,126 @@
+package firmware_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// retainedJob is the fw/job a locker gets on its next connect.
+func (h *harness) retainedJob(id string) *protocol.FwJob {
+	h.tb.Helper()
+	r, err := h.db.Retained(context.Background(), id)
+	if err != nil {
+		h.tb.Fatal(err)
+	}
+	if r.FwJob == nil {
+		h.tb.Fatalf("%s has no fw/job", id)
+	}
+	return r.FwJob
+}
+
+func urlExp(tb testing.TB, raw string) (url.Values, time.Time) {
+	tb.Helper()
+	u, err := url.Parse(raw)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	exp, err := strconv.ParseInt(u.Query().Get("exp"), 10, 64)
+	if err != nil {
+		tb.Fatalf("url %s: %v", raw, err)
+	}
+	return u.Query(), time.Unix(exp, 0)
+}
+
+// TestEngineRenewsURLAndWindow: a locker away for longer than the download
+// URL's validity (the step timeout allows up to 7 days) gets, with the same
+// job, a freshly signed URL that works and the install window's next times,
+// on the broker's retained fw/job and on its next connect; the step
+// timeout's clock does not move.
+func TestEngineRenewsURLAndWindow(t *testing.T) {
+	// Noon in Chicago (the site's zone), far from the window's ends and
+	// from a DST change.
+	clk := &clock{t: time.Date(2027, 1, 12, 18, 0, 0, 0, time.UTC)}
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent } // away: it never reports
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	deadline := clk.now().Add(10 * 24 * time.Hour)
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 7 * 86400,
+		Window: "02:00-05:00", Deadline: &deadline})
+	h.eng.Tick(ctx)
+	first := h.retainedJob(ids[0])
+	testtool.Eventually(t, 5*time.Second, "the job reached the locker", func() error {
+		if n := h.devs.received(first.Job); n != 1 {
+			return fmt.Errorf("received %d times", n)
+		}
+		return nil
+	})
+	q, exp := urlExp(t, first.URL)
+	if err := h.eng.CheckDownload(a.ID, q); err != nil || !exp.After(clk.now()) {
+		t.Fatalf("the first URL (exp %v): %v", exp, err)
+	}
+	sent := h.job(st.ID, ids[0])
+	published := h.devs.published.Load()
+
+	clk.advance(72 * time.Hour) // the locker is back after three days
+	if err := h.eng.CheckDownload(a.ID, q); !errors.Is(err, firmware.ErrURLExpired) {
+		t.Fatalf("the first URL three days later: %v, want expired", err)
+	}
+	h.eng.Tick(ctx)
+	got := h.retainedJob(ids[0])
+	q, exp = urlExp(t, got.URL)
+	if !exp.After(clk.now()) {
+		t.Fatalf("URL expires %v, before now %v: not renewed", exp, clk.now())
+	}
+	if err := h.eng.CheckDownload(a.ID, q); err != nil {
+		t.Fatalf("the renewed URL: %v", err)
+	}
+	if q.Get("job") != first.Job {
+		t.Fatalf("renewed URL signed for job %q, want %q", q.Get("job"), first.Job)
+	}
+	if want := first.InstallAfter.Add(72 * time.Hour); !got.InstallAfter.Equal(want) || !got.InstallBefore.After(clk.now()) {
+		t.Fatalf("window %v-%v at %v (first %v-%v): want the next occurrence, opening %v", got.InstallAfter, got.InstallBefore,
+			clk.now(), first.InstallAfter, first.InstallBefore, want)
+	}
+	// Everything else is the job as handed out.
+	same := *got
+	same.URL, same.InstallAfter, same.InstallBefore = first.URL, first.InstallAfter, first.InstallBefore
+	if string(protocol.Encode(&same)) != string(protocol.Encode(first)) {
+		t.Fatalf("renewed job %s\nwas %s", protocol.Encode(got), protocol.Encode(first))
+	}
+	// The broker's retained copy is renewed too (a locker may get that one
+	// first on its connect).
+	testtool.Eventually(t, 5*time.Second, "fw/job republished", func() error {
+		if n := h.devs.received(first.Job); h.devs.published.Load() == published || n < 2 {
+			return fmt.Errorf("not republished (the locker got it %d times)", n)
+		}
+		return nil
+	})
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSent || !j.UpdatedAt.Equal(sent.UpdatedAt) || j.JobID != sent.JobID {
+		t.Fatalf("job after the renewal: %s %s updated %v, want sent %s updated %v", j.JobID, j.State, j.UpdatedAt, sent.JobID, sent.UpdatedAt)
+	}
+	if n := h.devs.attempts(ids[0]); n != 1 {
+		t.Fatalf("the locker started %d jobs; want the repeat ignored", n)
+	}
+
+	// Not renewed again before it is due.
+	published = h.devs.published.Load()
+	clk.advance(time.Minute)
+	h.eng.Tick(ctx)
+	if again := h.retainedJob(ids[0]); again.URL != got.URL {
+		t.Fatalf("renewed again a minute later")
+	}
+	if h.devs.published.Load() != published {
+		t.Fatal("republished again a minute later")
+	}
+}

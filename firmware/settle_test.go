@@ -1,0 +1,318 @@
+package firmware_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// tickUntil ticks the engine on its test clock (a second a tick) until the
+// rollout has status.
+func (h *harness) tickUntil(clk *clock, id, status string) *firmware.Status {
+	h.tb.Helper()
+	var st *firmware.Status
+	testtool.Eventually(h.tb, 10*time.Second, "rollout "+status, func() error {
+		clk.advance(time.Second)
+		h.eng.Tick(context.Background())
+		if st = h.status(id); st.Status != status {
+			return fmt.Errorf("status %s, counts %v, skipped %v, reason %q", st.Status, st.Counts, st.Skipped, st.Reason)
+		}
+		return nil
+	})
+	return st
+}
+
+// report plays a locker's fw/status reports of a job.
+func (h *harness) report(clk *clock, id, job string, states ...string) {
+	for _, s := range states {
+		h.eng.JobStatus(context.Background(), id, &protocol.FwStatus{Job: job, State: s}, clk.now())
+	}
+}
+
+// birth records a locker's birth on fw, as the fleet manager does; with
+// booted false the engine is not told (a birth it missed).
+func (h *harness) birth(clk *clock, id, fw string, booted bool) {
+	h.tb.Helper()
+	if err := h.db.RecordBirth(context.Background(), id, &protocol.Presence{Online: true, FW: fw}, clk.now()); err != nil {
+		h.tb.Fatal(err)
+	}
+	if booted {
+		h.eng.Booted(context.Background(), id, fw, clk.now())
+	}
+}
+
+// TestEngineLateBootSucceeds: a reboot that outlasts the step timeout times
+// the job out, or re-queues it when timeouts are retried; the birth on the
+// new version that follows is the job's success (the locker would ignore a
+// retry for the version it runs, and time out again), and no retry goes out.
+func TestEngineLateBootSucceeds(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		retries int
+		after   string // the job's state after the timeout
+	}{
+		{"TimedOut", 0, firmware.StateTimedOut},
+		{"Requeued", 1, firmware.StateQueued},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newClock()
+			h := newHarness(t, hopt{now: clk.now})
+			ctx := context.Background()
+			h.devs.outcome = func(string, int) string { return outSilent } // the test reports for it
+			ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+			a := h.upload("LX-24", "1.5.0")
+			st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 60,
+				MaxFailurePct: ptr(100.0), Retries: tc.retries, RetryOn: []string{firmware.KindTimeout}})
+			h.eng.Tick(ctx)
+			j := h.job(st.ID, ids[0])
+			h.report(clk, ids[0], j.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+				firmware.StateRebooting)
+			// It reboots (offline) for longer than the step timeout.
+			h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
+			clk.advance(61 * time.Second)
+			h.eng.Tick(ctx)
+			if got := h.job(st.ID, ids[0]); got.State != tc.after {
+				t.Fatalf("after the step timeout: %s, want %s", got.State, tc.after)
+			}
+			clk.advance(time.Second)
+			h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0]) // back, on the new version
+			h.birth(clk, ids[0], "1.5.0", true)
+			got := h.job(st.ID, ids[0])
+			if got.State != firmware.StateSucceeded || got.Error != "" {
+				t.Fatalf("after the birth on 1.5.0: %s %q, want succeeded", got.State, got.Error)
+			}
+			s := h.tickUntil(clk, st.ID, firmware.Completed)
+			if s.Counts[firmware.StateSucceeded] != 1 || s.Counts[firmware.StateTimedOut] != 0 {
+				t.Fatalf("counts %v", s.Counts)
+			}
+			if n := h.devs.received(got.JobID); got.JobID != j.JobID && n != 0 {
+				t.Fatalf("the retry %s went to a locker on the version (%d times)", got.JobID, n)
+			}
+		})
+	}
+}
+
+// TestEngineHandOutSettlesLockersOnTheVersion: a queued job whose locker
+// runs the version by the time it would go out is not handed out (the
+// locker would ignore it and time out): skipped up_to_date when it was never
+// handed out (updated by other means), succeeded when it is a retry (an
+// earlier attempt installed, its birth was missed). Neither counts against
+// the wave.
+func TestEngineHandOutSettlesLockersOnTheVersion(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 3)
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
+	h.devs.outcome = func(id string, _ int) string {
+		if id == ids[1] {
+			return outSilent
+		}
+		return outOK
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 60,
+		MaxFailurePct: ptr(0.0), Retries: 1, RetryOn: []string{firmware.KindTimeout}})
+	h.eng.Tick(ctx)
+	silent := h.job(st.ID, ids[1])
+	testtool.Eventually(t, 5*time.Second, "the first attempt reached ids[1]", func() error {
+		if h.devs.received(silent.JobID) != 1 {
+			return fmt.Errorf("not received")
+		}
+		return nil
+	})
+	// ids[0], offline, is updated by other means; it comes back.
+	h.birth(clk, ids[0], "1.5.0", false)
+	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
+	// ids[1] reboots for longer than the step timeout: it times out
+	// (re-queued, and offline it keeps it), then comes back on the version;
+	// its birth reaches the database but not this engine.
+	h.report(clk, ids[1], silent.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+		firmware.StateRebooting)
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[1])
+	clk.advance(61 * time.Second)
+	h.eng.Tick(ctx)
+	if j := h.job(st.ID, ids[1]); j.State != firmware.StateQueued || j.Attempt != 2 {
+		t.Fatalf("after the timeout: %s attempt %d", j.State, j.Attempt)
+	}
+	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[1])
+	h.birth(clk, ids[1], "1.5.0", false)
+
+	s := h.tickUntil(clk, st.ID, firmware.Completed)
+	if s.Counts[firmware.StateSucceeded] != 2 || s.Skipped[firmware.SkipUpToDate] != 1 || s.Counts[firmware.StateTimedOut] != 0 {
+		t.Fatalf("counts %v, skipped %v; want 2 succeeded, 1 up to date", s.Counts, s.Skipped)
+	}
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSkipped || j.Error != firmware.SkipUpToDate || j.SentAt != nil {
+		t.Fatalf("%s: %s %q sent %v", ids[0], j.State, j.Error, j.SentAt)
+	}
+	retry := h.job(st.ID, ids[1])
+	if retry.State != firmware.StateSucceeded || retry.SentAt != nil {
+		t.Fatalf("%s: %s sent %v", ids[1], retry.State, retry.SentAt)
+	}
+	if h.devs.attempts(ids[0]) != 0 || h.devs.received(retry.JobID) != 0 {
+		t.Fatalf("a locker on the version got a job: %d, %d", h.devs.attempts(ids[0]), h.devs.received(retry.JobID))
+	}
+}
+
+// TestEngineBirthSettlesQueuedJob: an offline locker updated by other means
+// comes back with a birth on the version: its queued job ends at once
+// (skipped up_to_date), in a paused rollout too.
+func TestEngineBirthSettlesQueuedJob(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 2)
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	if _, err := h.eng.Pause(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	h.birth(clk, ids[0], "v1.5.0", true)
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSkipped || j.Error != firmware.SkipUpToDate {
+		t.Fatalf("after the birth: %s %q, want skipped up_to_date", j.State, j.Error)
+	}
+	if j := h.job(st.ID, ids[1]); j.State != firmware.StateQueued {
+		t.Fatalf("the other locker's job: %s", j.State)
+	}
+}
+
+// TestEngineVersionSpelling: an image uploaded as "v1.5" is 1.5.0 (stored,
+// signed and handed out so), a locker whose birth spells it otherwise has
+// succeeded, and the same version spelled otherwise is a duplicate.
+func TestEngineVersionSpelling(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	h.devs.spell = func(v string) string { return "v" + v + "+build.7" }
+	a := h.upload("LX-24", "v1.5")
+	if a.Version != "1.5.0" {
+		t.Fatalf("uploaded v1.5 as %q, want 1.5.0", a.Version)
+	}
+	for _, dup := range []string{"1.5.0", "v1.5.0", "1.5", "1.5.0+other"} {
+		_, err := h.eng.Upload(ctx, "LX-24", dup, bytesOf(1), "test")
+		if !isConflict(err) {
+			t.Errorf("upload of %s after v1.5: %v, want a conflict", dup, err)
+		}
+	}
+	// An image recorded before versions were stored canonically.
+	if err := h.db.CreateArtifact(ctx, &firmware.Artifact{ID: "fw-old", Model: "LX-24", Version: "v1.6", Size: 1,
+		SHA256: "00", Sig: "s", File: "fw-old.bin", CreatedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.eng.Upload(ctx, "LX-24", "1.6.0", bytesOf(1), "test"); !isConflict(err) {
+		t.Errorf("upload of 1.6.0 with v1.6 recorded: %v, want a conflict", err)
+	}
+	if _, err := h.eng.Upload(ctx, "LX-8", "1.5.0", bytesOf(1), "test"); err != nil {
+		t.Errorf("the version for another model: %v", err)
+	}
+
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MinPerWave: 2})
+	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
+	if st.Counts[firmware.StateSucceeded] != 20 || st.Counts[firmware.StateFailed] != 0 {
+		t.Fatalf("counts %v, reason %q", st.Counts, st.Reason)
+	}
+	if j := h.job(st.ID, ids[0]); j.Version != "1.5.0" {
+		t.Fatalf("job version %q", j.Version)
+	}
+	// A succeeded report that arrives after the birth (queued across the
+	// reboot) is taken on the spelled version too.
+	b := h.upload("LX-24", "1.7.0")
+	h.devs.outcome = func(string, int) string { return outSilent }
+	st = h.create(firmware.Spec{Firmware: b.ID, Waves: []int{100}, RatePerMin: 60000, Selector: firmware.Selector{Lockers: ids[:1]}})
+	var job string
+	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
+		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
+			return fmt.Errorf("not received")
+		}
+		return nil
+	})
+	h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateRebooting}, time.Now())
+	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "v1.7"}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateSucceeded}, time.Now())
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSucceeded {
+		t.Fatalf("succeeded report after a birth on v1.7: %s", j.State)
+	}
+}
+
+// TestEngineLockerChangedBeforeHandOut: a locker whose model changed since
+// the rollout was created (a birth reporting another model), or that an
+// operator disabled, does not get its job: the job ends skipped with the
+// reason, not as a failure, and the rollout completes. A disabled locker
+// is skipped at creation too.
+func TestEngineLockerChangedBeforeHandOut(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 4)
+	h.exec(`UPDATE devices SET disabled = true, online = false WHERE id = $1`, ids[0])
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(0.0)})
+	if st.Targets != 3 || st.Skipped[firmware.SkipDisabled] != 1 {
+		t.Fatalf("created: targets %d, skipped %v; want the disabled locker skipped", st.Targets, st.Skipped)
+	}
+	// Before the first hand-out: a birth reports another model; an
+	// operator disables another locker.
+	if err := h.db.RecordBirth(ctx, ids[1], &protocol.Presence{Online: true, FW: "1.4.2", Model: "LX-8"}, clk.now()); err != nil {
+		t.Fatal(err)
+	}
+	h.exec(`UPDATE devices SET disabled = true, online = false WHERE id = $1`, ids[2])
+	s := h.tickUntil(clk, st.ID, firmware.Completed)
+	if s.Counts[firmware.StateSucceeded] != 1 || s.Skipped[firmware.SkipModelChanged] != 1 || s.Skipped[firmware.SkipDisabled] != 2 ||
+		s.WaveStatus[0].Failed != 0 {
+		t.Fatalf("counts %v, skipped %v, reason %q", s.Counts, s.Skipped, s.Reason)
+	}
+	for _, id := range ids[:3] {
+		if n := h.devs.attempts(id); n != 0 {
+			t.Fatalf("%s got %d jobs", id, n)
+		}
+	}
+	if j := h.job(st.ID, ids[1]); j.State != firmware.StateSkipped || j.Error != firmware.SkipModelChanged || j.Wave != 0 {
+		t.Fatalf("%s: %s %q wave %d", ids[1], j.State, j.Error, j.Wave)
+	}
+}
+
+// TestEnginePausedRolloutEndsAtDeadline: a paused rollout does not outlive
+// its deadline: its jobs time out and it ends, aborted, with the reason it
+// was paused for.
+func TestEnginePausedRolloutEndsAtDeadline(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 3)
+	h.exec(`UPDATE devices SET online = false WHERE id = ANY($1)`, ids[1:])
+	a := h.upload("LX-24", "1.5.0")
+	deadline := clk.now().Add(time.Hour)
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, Deadline: &deadline})
+	h.tickUntil(clk, st.ID, firmware.Running) // one tick
+	testtool.Eventually(t, 5*time.Second, "the online locker done", func() error {
+		if j := h.job(st.ID, ids[0]); j.State != firmware.StateSucceeded {
+			return fmt.Errorf("%s", j.State)
+		}
+		return nil
+	})
+	if _, err := h.eng.Pause(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	clk.advance(2 * time.Hour)
+	s := h.tickUntil(clk, st.ID, firmware.Aborted)
+	if s.Counts[firmware.StateTimedOut] != 2 || s.Counts[firmware.StateQueued] != 0 || s.FinishedAt == nil ||
+		s.Reason != "deadline passed with 2 jobs timed out (paused: paused by operator)" {
+		t.Fatalf("counts %v, reason %q, finished %v", s.Counts, s.Reason, s.FinishedAt)
+	}
+}
+
+func bytesOf(n int) io.Reader { return bytes.NewReader(bytes.Repeat([]byte{1}, n)) }
+
+func isConflict(err error) bool { return errors.Is(err, fleet.ErrConflict) }
