@@ -83,10 +83,11 @@ func TestEventAlert(t *testing.T) {
 		ev        protocol.Event
 		raise     string
 		clearKind string
-		keep      []int
+		clearAt   int
 	}{
 		{ev: protocol.Event{Type: protocol.EventDoorAjar, Compartment: 3, OpenS: 90}, raise: AlertDoorAjar},
-		{ev: protocol.Event{Type: protocol.EventDoorClosed, Compartment: 3, Occupied: &occupied}, clearKind: AlertDoorAjar, keep: except(3)},
+		{ev: protocol.Event{Type: protocol.EventDoorClosed, Compartment: 3, Occupied: &occupied}, clearKind: AlertDoorAjar, clearAt: 3},
+		{ev: protocol.Event{Type: protocol.EventDoorClosed, Compartment: 1001, Occupied: &occupied}, clearKind: AlertDoorAjar, clearAt: 1001},
 		{ev: protocol.Event{Type: protocol.EventTamper, Detail: "shock"}, raise: AlertTamper},
 		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerBattery}, raise: AlertOnBattery},
 		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerMains}, clearKind: AlertOnBattery},
@@ -109,8 +110,8 @@ func TestEventAlert(t *testing.T) {
 			t.Errorf("%s: raise %+v, want %s", c.ev.Type, got.Raise, c.raise)
 		case c.raise == "" && got.Raise != nil:
 			t.Errorf("%s: raise %+v, want none", c.ev.Type, got.Raise)
-		case got.ClearKind != c.clearKind || !slices.Equal(got.Keep, c.keep):
-			t.Errorf("%s: clear %q keep %v, want %q keep %v", c.ev.Type, got.ClearKind, got.Keep, c.clearKind, c.keep)
+		case got.ClearKind != c.clearKind || got.ClearAt != c.clearAt:
+			t.Errorf("%s: clear %q at %d, want %q at %d", c.ev.Type, got.ClearKind, got.ClearAt, c.clearKind, c.clearAt)
 		}
 	}
 }

@@ -836,7 +836,7 @@ func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
 	case protocol.EventDoorAjar:
 		a.Kind, a.Detail = AlertDoorAjar, fmt.Sprintf("open %d s", ev.OpenS)
 	case protocol.EventDoorClosed:
-		return &AlertChange{ClearKind: AlertDoorAjar, Keep: except(ev.Compartment)}
+		return &AlertChange{ClearKind: AlertDoorAjar, ClearAt: ev.Compartment}
 	case protocol.EventTamper:
 		a.Kind, a.Detail = AlertTamper, ev.Detail
 	case protocol.EventPower:
@@ -853,18 +853,6 @@ func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
 		return nil
 	}
 	return &AlertChange{Raise: &a}
-}
-
-// except returns every compartment number but n, as a keep list that clears
-// only n's alert.
-func except(n int) []int {
-	keep := make([]int, 0, protocol.MaxCompartments+1)
-	for i := 0; i <= protocol.MaxCompartments; i++ {
-		if i != n {
-			keep = append(keep, i)
-		}
-	}
-	return keep
 }
 
 // alert raises a, and reports whether it was stored (raised, or open

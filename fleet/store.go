@@ -149,13 +149,14 @@ type Alert struct {
 // AlertChange is what an event does to its locker's alerts: Raise opens an
 // alert (none when one of its kind is open already, for the kinds that
 // hold one open at a time), and ClearKind, if set, clears the open alerts
-// of that kind at every compartment but those in Keep. InsertEvents applies
-// it in the transaction that stores the event, so a stored event never
-// loses its alert, and a duplicate event (not stored again) raises none.
+// of that kind at compartment ClearAt (0: at every compartment).
+// InsertEvents applies it in the transaction that stores the event, so a
+// stored event never loses its alert, and a duplicate event (not stored
+// again) raises none.
 type AlertChange struct {
 	Raise     *Alert
 	ClearKind string
-	Keep      []int
+	ClearAt   int
 	// Raised is set by the store: Raise opened a new alert.
 	Raised bool
 }

@@ -900,8 +900,8 @@ func TestIngest(t *testing.T) {
 		raise := func(kind string, comp int) *fleet.AlertChange {
 			return &fleet.AlertChange{Raise: &fleet.Alert{DeviceID: id, Kind: kind, Compartment: comp, RaisedAt: at}}
 		}
-		clearing := func(kind string, keep ...int) *fleet.AlertChange {
-			return &fleet.AlertChange{ClearKind: kind, Keep: keep}
+		clearing := func(kind string, at int) *fleet.AlertChange {
+			return &fleet.AlertChange{ClearKind: kind, ClearAt: at}
 		}
 		insert := func(es ...fleet.EventRecord) {
 			t.Helper()
@@ -930,6 +930,8 @@ func TestIngest(t *testing.T) {
 		// A repeated event is not stored again, so its alert is not raised
 		// again; a new event of an open stateful kind raises none.
 		again, ajar2 := ev("a-2", "tamper", 0, raise(fleet.AlertTamper, 0)), ev("a-3", "door_ajar", 1, raise(fleet.AlertDoorAjar, 1))
+		ajar2.ReceivedAt = at.Add(time.Second) // not the same alert again: the open one holds it off
+		ajar2.Alert.Raise.RaisedAt = ajar2.ReceivedAt
 		insert(again, ajar2)
 		if again.Alert.Raised || ajar2.Alert.Raised {
 			t.Fatalf("raised again: tamper %v, ajar %v", again.Alert.Raised, ajar2.Alert.Raised)
@@ -939,13 +941,19 @@ func TestIngest(t *testing.T) {
 		}
 		// In one batch, in order: compartment 2 ajar then closed ends
 		// cleared; compartment 1's closing clears its own alert only.
-		insert(ev("a-4", "door_ajar", 2, raise(fleet.AlertDoorAjar, 2)), ev("a-5", "door_closed", 2, clearing(fleet.AlertDoorAjar, 0, 1)))
+		insert(ev("a-4", "door_ajar", 2, raise(fleet.AlertDoorAjar, 2)), ev("a-5", "door_closed", 2, clearing(fleet.AlertDoorAjar, 2)))
 		if got := open(); !slices.Equal(got, []string{"door_ajar/1", "tamper/0"}) {
 			t.Fatalf("after compartment 2 opened and closed: %v", got)
 		}
-		insert(ev("a-6", "door_closed", 1, clearing(fleet.AlertDoorAjar, 0, 2)))
+		insert(ev("a-6", "door_closed", 1, clearing(fleet.AlertDoorAjar, 1)))
 		if got := open(); !slices.Equal(got, []string{"tamper/0"}) {
 			t.Fatalf("after compartment 1 closed: %v", got)
+		}
+		// Compartments are the vendor's numbers: a closing clears its own.
+		insert(ev("a-6a", "door_ajar", 1001, raise(fleet.AlertDoorAjar, 1001)), ev("a-6b", "door_ajar", 1002, raise(fleet.AlertDoorAjar, 1002)),
+			ev("a-6c", "door_closed", 1001, clearing(fleet.AlertDoorAjar, 1001)))
+		if got := open(); !slices.Equal(got, []string{"door_ajar/1002", "tamper/0"}) {
+			t.Fatalf("after compartment 1001 closed: %v", got)
 		}
 		// The event and its alert are stored together or not at all.
 		if _, err := db.Pool().Exec(ctx, fmt.Sprintf(`
@@ -958,8 +966,8 @@ func TestIngest(t *testing.T) {
 		if _, err := db.InsertEvents(ctx, []fleet.EventRecord{lockout}); err == nil || !strings.Contains(err.Error(), "alerts refused") {
 			t.Fatalf("insert with its alert refused: %v, want the trigger's error", err)
 		}
-		if es, _ := db.ListEvents(ctx, id, fleet.Range{}); len(es) != 6 {
-			t.Fatalf("%d events stored after a refused alert, want 6", len(es))
+		if es, _ := db.ListEvents(ctx, id, fleet.Range{}); len(es) != 9 {
+			t.Fatalf("%d events stored after a refused alert, want 9", len(es))
 		}
 		if _, err := db.Pool().Exec(ctx, `DROP TRIGGER refuse_alert ON alerts; DROP FUNCTION refuse_alert()`); err != nil {
 			t.Fatal(err)
@@ -968,7 +976,7 @@ func TestIngest(t *testing.T) {
 		if err != nil || len(fresh) != 1 || !lockout.Alert.Raised {
 			t.Fatalf("insert again: %d fresh, raised %v, %v", len(fresh), lockout.Alert.Raised, err)
 		}
-		if got := open(); !slices.Equal(got, []string{"code_lockout/0", "tamper/0"}) {
+		if got := open(); !slices.Equal(got, []string{"code_lockout/0", "door_ajar/1002", "tamper/0"}) {
 			t.Fatalf("open alerts %v", got)
 		}
 	})

@@ -343,7 +343,8 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) erro
 		}
 		a.Raised = false // a previous try's mark
 		if a.ClearKind != "" {
-			b.Queue(clearAlertsSQL, e.DeviceID, a.ClearKind, keepList(a.Keep), e.ReceivedAt)
+			b.Queue(`UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL
+				AND ($3 = 0 OR compartment = $3)`, e.DeviceID, a.ClearKind, a.ClearAt, e.ReceivedAt)
 		}
 		if a.Raise != nil {
 			b.Queue(raiseAlertSQL, raiseAlertArgs(a.Raise)...).Exec(func(ct pgconn.CommandTag) error {

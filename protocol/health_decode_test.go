@@ -50,7 +50,8 @@ var healthCorpus = []struct {
 	{`{"ts":"2026-11-24T21:30:00Z","seq":99999999999999999999}`, false},
 	// Past 32 bits: Go's int on 32-bit platforms cannot hold them
 	// (GOARCH=386 in CI), where Decode refuses them.
-	{`{"ts":"2026-11-24T21:30:00Z","rssi_dbm":4294967295,"door_faults":[4294967297]}`, strconv.IntSize == 64},
+	{`{"ts":"2026-11-24T21:30:00Z","rssi_dbm":4294967295,"door_faults":[2147483647]}`, strconv.IntSize == 64},
+	{`{"ts":"2026-11-24T21:30:00Z","door_faults":[4294967297]}`, false}, // past what is stored: invalid
 	{`{"ts":"2026-11-24T21:30:00Z","free_compartments":4294967297}`, strconv.IntSize == 64},
 	{`{"ts":"2026-11-24T21:30:00Z","seq":-1}`, false},
 	{`{"ts":"2026-11-24T21:30:00Z","temp_c":1e400}`, false},

@@ -244,8 +244,8 @@ func (h *Health) Validate() error {
 		return errors.New("free_compartments must not be negative")
 	}
 	for _, n := range h.DoorFaults {
-		if n < 1 {
-			return errors.New("door_faults: compartment numbers start at 1")
+		if n < 1 || n > MaxCompartmentNumber {
+			return fmt.Errorf("door_faults: compartment %d: want 1 to %d", n, MaxCompartmentNumber)
 		}
 	}
 	return checkLens("fw", h.FW)
