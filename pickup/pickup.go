@@ -170,8 +170,8 @@ type Store interface {
 	// makes for each of the pickups that is ready (their codes changed) is
 	// queued in the same transaction. Unless replaceUsed (the fresh code
 	// for an order left inside after its code was used), fleet.ErrConflict
-	// when a pickup's code was used and its door has not closed since: its
-	// driver is collecting it, and the door's closing must find that code.
+	// while a pickup is being collected (its code used within CollectGrace):
+	// its door's closing must find that code.
 	MintCredential(ctx context.Context, c *Credential, pickupIDs []string, replaceUsed bool, announce func(*Pickup, *Credential) *Event) error
 	// RekeyCredentials gives a locker's active credentials new MACs, made
 	// by mac for its current key generation, and bumps its credential-set

@@ -380,11 +380,13 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 			return fmt.Errorf("a pickup of %v at %s ended or is not there: %w", pickupIDs, c.DeviceID, fleet.ErrConflict)
 		}
 		if !replaceUsed {
-			// A live pickup whose code is used is being collected: its
-			// door's closing decides, by that code (doorClosed).
+			// A live pickup whose code opened it within CollectGrace is
+			// being collected: its door's closing decides, by that code
+			// (doorClosed). Past the grace it may be replaced, as it may
+			// be cancelled (Transition): a closing that never came.
 			var busy []string
-			rows, err := tx.Query(ctx, `SELECT p.id FROM pickups p JOIN credentials c ON c.id = p.credential_id
-				WHERE p.id = ANY ($1) AND c.state = 'used' ORDER BY p.id`, pickupIDs)
+			rows, err := tx.Query(ctx, `SELECT p.id FROM pickups p WHERE p.id = ANY ($1)
+				AND `+beingCollected("p", "statement_timestamp()", "$2")+` ORDER BY p.id`, pickupIDs, pickup.CollectGrace)
 			if err == nil {
 				busy, err = pgx.CollectRows(rows, pgx.RowTo[string])
 			}
