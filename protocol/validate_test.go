@@ -242,8 +242,8 @@ var validationCases = []struct {
 	// hold (an int32 would take 1<<32+3 for 3) is refused.
 	{"ProvisionRequest/NVendorNumbering", decProvisionRequest, "provision_request.json", compartment(1, "n", 1204), true},
 	{"ProvisionRequest/NMaxInt32", decProvisionRequest, "provision_request.json", compartment(1, "n", math.MaxInt32), true},
-	{"ProvisionRequest/NOverInt32", decProvisionRequest, "provision_request.json", compartment(1, "n", math.MaxInt32+1), false},
-	{"ProvisionRequest/NWrapsTo3", decProvisionRequest, "provision_request.json", compartment(1, "n", 1<<32+3), false},
+	{"ProvisionRequest/NOverInt32", decProvisionRequest, "provision_request.json", compartment(1, "n", int64(math.MaxInt32)+1), false},
+	{"ProvisionRequest/NWrapsTo3", decProvisionRequest, "provision_request.json", compartment(1, "n", int64(1)<<32+3), false},
 	{"ProvisionRequest/BadSize", decProvisionRequest, "provision_request.json", compartment(0, "size", "XXL"), false},
 	{"ProvisionRequest/LowercaseSize", decProvisionRequest, "provision_request.json", compartment(0, "size", "m"), false},
 	{"ProvisionRequest/BadZone", decProvisionRequest, "provision_request.json", compartment(1, "zone", "frozen"), false},
