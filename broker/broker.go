@@ -77,9 +77,20 @@ const (
 	DefaultAuthCacheTTL     = 5 * time.Minute
 	DefaultReaderRest       = 5 * time.Second
 
-	// MaxPacketSize is the largest MQTT packet accepted: a full protocol
-	// payload plus 1 KiB for the fixed header, topic and properties.
-	MaxPacketSize = protocol.MaxPayload + 1024
+	// MaxPacketSize is the largest MQTT packet a device session may send.
+	// Payloads are at most 16 KiB (protocol.MaxPayload); one over that but
+	// within this limit is acknowledged, counted and dropped, and the
+	// session goes on (a locker whose firmware sends one report too large
+	// keeps its others). A packet over it ends the connection: mochi refuses
+	// it while reading, before it is buffered.
+	MaxPacketSize = 256 << 10
+	// MaxPacketSizeUnauthenticated bounds every packet until the CONNECT is
+	// admitted, and a claim session's: a full payload plus 1 KiB for the
+	// fixed header, topic and properties. mochi allocates a packet's buffer
+	// from its fixed header, before the packet is checked, so a connection
+	// that has not authenticated can make it allocate no more than this
+	// (mochi patch 17 raises the limit of a device session once admitted).
+	MaxPacketSizeUnauthenticated = protocol.MaxPayload + 1024
 
 	authTimeout          = 5 * time.Second  // one backend credential check
 	provisionCallTimeout = 10 * time.Second // one Provisioner.Provision call, queueing included
@@ -219,7 +230,7 @@ func New(opts Options) (*Broker, error) {
 	}
 
 	caps := mqtt.NewDefaultServerCapabilities()
-	caps.MaximumPacketSize = MaxPacketSize
+	caps.MaximumPacketSize = MaxPacketSizeUnauthenticated
 	caps.MaximumClientWritesPending = int32(opts.MaxClientWritesPending)
 	caps.MaximumSessionExpiryInterval = uint32(min(opts.MaxSessionExpiry/time.Second, math.MaxUint32))
 	caps.MaximumInflight = maxInflight

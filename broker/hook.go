@@ -124,12 +124,12 @@ func (h *hook) OnPublishDropped(cl *mqtt.Client, pk packets.Packet) {
 	}
 }
 
-// OnPacketEncode implements mqtt.Hook: it advertises MaxPacketSize in the
+// OnPacketEncode implements mqtt.Hook: it advertises the client's packet limit in the
 // CONNACK so MQTT 5 clients refuse oversize packets themselves (mochi does
 // not send the property on its own).
 func (h *hook) OnPacketEncode(cl *mqtt.Client, pk packets.Packet) packets.Packet {
 	if pk.FixedHeader.Type == packets.Connack && cl.Properties.ProtocolVersion == 5 && pk.ReasonCode < packets.ErrUnspecifiedError.Code {
-		pk.Properties.MaximumPacketSize = MaxPacketSize
+		pk.Properties.MaximumPacketSize = cl.MaxPacketSize()
 		if isClaimClient(cl) {
 			// Tells the client its session ends with the connection
 			// (MQTT-3.2.2.3.2), whatever expiry it asked for: see

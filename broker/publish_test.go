@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,13 +47,24 @@ func TestPayloadSize(t *testing.T) {
 		}
 	})
 
-	t.Run("17KiBPacketRefused", func(t *testing.T) {
-		a.Publish("lockers/v1/A/events", 0, false, bytes.Repeat([]byte("x"), 17*1024))
+	t.Run("64KiBPayloadAckedAndDropped", func(t *testing.T) {
+		// Over the payload limit, within the packet limit: the session
+		// goes on, and the next message is delivered.
+		a.mustPublish(t, "lockers/v1/A/events", 1, bytes.Repeat([]byte("x"), 64*1024))
+		a.mustPublish(t, "lockers/v1/A/events", 1, []byte(`{"marker":2}`))
+		waitFor(t, "second marker", func() bool { return len(seen.get()) == 3 })
+		if got := h.metric(t, dropped, "reason", dropTooLarge); got != 2 {
+			t.Errorf("dropped{too_large} = %v, want 2", got)
+		}
+	})
+
+	t.Run("PacketOverLimitRefused", func(t *testing.T) {
+		a.Publish("lockers/v1/A/events", 0, false, bytes.Repeat([]byte("x"), MaxPacketSize+1))
 		a.waitLost(t)
-		h.waitMetric(t, dropped, "reason", dropTooLarge, 2)
+		h.waitMetric(t, dropped, "reason", dropTooLarge, 3)
 		h.waitMetric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonPacketTooLarge, 1)
-		if got := len(seen.get()); got != 2 {
-			t.Errorf("deliveries = %d, want 2", got)
+		if got := len(seen.get()); got != 3 {
+			t.Errorf("deliveries = %d, want 3", got)
 		}
 	})
 }
@@ -268,5 +282,29 @@ func TestUplinkDeliveryDollarFilter(t *testing.T) {
 		if strings.HasPrefix(m.Topic, "lockers/") {
 			t.Errorf("the $SYS/# handler got device message %s", m.Topic)
 		}
+	}
+}
+
+// TestUnauthenticatedPacketLimit: until its CONNECT is admitted a
+// connection may send no packet over MaxPacketSizeUnauthenticated, so it
+// cannot make the reader allocate a device session's larger limit: a fixed
+// header that announces more ends the connection at once, before any of
+// the body is sent (mochi patch 17). Without the per-session limit the
+// reader waited for the 64 KiB body until the CONNECT deadline (10 s).
+func TestUnauthenticatedPacketLimit(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	c, err := net.DialTimeout("tcp", h.addr, waitTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// CONNECT, remaining length 64 KiB (variable-length integer).
+	header := []byte{0x10, 0x80, 0x80, 0x04}
+	if _, err := c.Write(header); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(connectTimeout / 2))
+	if _, err := c.Read(make([]byte, 16)); !errors.Is(err, io.EOF) && !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("after a CONNECT header announcing 64 KiB: %v, want the connection closed before the body", err)
 	}
 }

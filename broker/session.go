@@ -106,6 +106,7 @@ func (b *Broker) admit(s *session) {
 		cl.State.ServerKeepalive = true // told to MQTT 5 clients in CONNACK
 	}
 	if s.kind == kindDevice {
+		cl.SetMaxPacketSize(MaxPacketSize)
 		// No MQTT 5 will delay: a will held back would go out after the
 		// session is over, when the device may have been disabled or
 		// replaced since (and then follow the new board's birth). The

@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	pahopackets "github.com/eclipse/paho.mqtt.golang/packets"
 
+	"github.com/lockergate/lockergate/broker"
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
@@ -879,26 +881,26 @@ func TestAttackACL(t *testing.T) {
 		}
 	})
 
-	t.Run("Payload17KiB", func(t *testing.T) {
+	t.Run("PacketOverLimit", func(t *testing.T) {
 		before, state := scrape(t, tg), dbState(t, tg, a.DeviceID)
 		atk := mustSecDial(t, addr, "127.0.3.4", a.DeviceID, a.DeviceID, a.Password)
 		big := `{"id":"e-big","ts":"` + now + `","type":"tamper","detail":"`
-		big += strings.Repeat("x", 17*1024-len(big)-2) + `"}`
+		big += strings.Repeat("x", broker.MaxPacketSize+1-len(big)-2) + `"}`
 		atk.Publish(at(protocol.ChanEvents), 1, false, big)
 		// Over the packet limit: mochi refuses it while reading and hangs up.
 		if err := atk.waitLost(10 * time.Second); err != nil {
-			t.Fatalf("17 KiB publish: %v", err)
+			t.Fatalf("oversize publish: %v", err)
 		}
 		atk = mustSecDial(t, addr, "127.0.3.4", a.DeviceID, a.DeviceID, a.Password)
 		atk.mustPublish(t, at(protocol.ChanEvents), 1, false, []byte(`{"id":"m-big","ts":"`+now+`","type":"reboot"}`))
 		sp.waitFor(t, "m-big")
 		waitEvent(t, tg, a.DeviceID, "m-big")
 		if got := sp.containing("e-big"); len(got) > 0 {
-			t.Fatalf("17 KiB message reached the gateway: %v", got)
+			t.Fatalf("oversize message reached the gateway: %v", got)
 		}
 		n := tg.Count(t, `SELECT count(*) FROM events WHERE event_id = 'e-big'`)
 		if n != 0 {
-			t.Fatal("17 KiB event stored")
+			t.Fatal("oversize event stored")
 		}
 		wantDeltas(t, tg, before, map[string]float64{mqttDropped("too_large"): 1,
 			mqttDisconnects("packet_too_large"): 1, `lockergate_mqtt_connects_total{kind="device"}`: 2},
@@ -915,13 +917,15 @@ func TestAttackACL(t *testing.T) {
 		big := `{"id":"e-big2","ts":"` + now + `","type":"tamper","detail":"`
 		big += strings.Repeat("x", protocol.MaxPayload+1-len(big)-2) + `"}`
 		atk.mustPublish(t, at(protocol.ChanEvents), 1, false, []byte(big))
+		// Far over, as firmware with a bug might send: the session goes on.
+		atk.mustPublish(t, at(protocol.ChanEvents), 1, false, bytes.Repeat([]byte("x"), 64<<10))
 		atk.mustPublish(t, at(protocol.ChanEvents), 1, false, []byte(`{"id":"m-big2","ts":"`+now+`","type":"reboot"}`))
 		sp.waitFor(t, "m-big2")
 		waitEvent(t, tg, a.DeviceID, "m-big2")
 		if got := sp.containing("e-big2"); len(got) > 0 {
 			t.Fatalf("oversized message reached the gateway: %v", got)
 		}
-		wantDeltas(t, tg, before, map[string]float64{mqttDropped("too_large"): 1,
+		wantDeltas(t, tg, before, map[string]float64{mqttDropped("too_large"): 2,
 			`lockergate_mqtt_connects_total{kind="device"}`: 1},
 			append(refusalCounters, "lockergate_mqtt_messages_dropped_total")...)
 	})

@@ -176,6 +176,7 @@ type ClientState struct {
 	readSet         time.Time            // the read deadline set on the connection (patch 13)
 	writeSet        time.Time            // the write deadline set on the connection (patch 13)
 	bufferReleased  bool                 // a resting reader gave its read buffer back (patch 15)
+	maxPacketSize   atomic.Uint32        // the client's own packet limit; 0: the server's (patch 17)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -748,12 +749,32 @@ func (cl *Client) ReadFixedHeader(fh *packets.FixedHeader) error {
 		return err
 	}
 
-	if cl.ops.options.Capabilities.MaximumPacketSize > 0 && uint32(fh.Remaining+1) > cl.ops.options.Capabilities.MaximumPacketSize {
+	if max := cl.MaxPacketSize(); max > 0 && uint32(fh.Remaining+1) > max {
 		return packets.ErrPacketTooLarge // [MQTT-3.2.2-15]
 	}
 
 	atomic.AddInt64(&cl.ops.info.BytesReceived, int64(bu+1))
 	return nil
+}
+
+// Lockergate patch 17: a client's own packet limit. The reader allocates a
+// packet's whole buffer once it has read the fixed header, before the
+// packet is looked at, so the server's limit bounds what a connection that
+// has not authenticated can make it allocate. A hook that authenticates a
+// client may raise that client's limit (SetMaxPacketSize) for the packets
+// that follow its CONNECT.
+
+// SetMaxPacketSize sets the largest packet the client may send from now on;
+// 0 restores the server's limit.
+func (cl *Client) SetMaxPacketSize(n uint32) { cl.State.maxPacketSize.Store(n) }
+
+// MaxPacketSize is the largest packet the client may send: its own limit,
+// or the server's (0: none).
+func (cl *Client) MaxPacketSize() uint32 {
+	if n := cl.State.maxPacketSize.Load(); n > 0 {
+		return n
+	}
+	return cl.ops.options.Capabilities.MaximumPacketSize
 }
 
 // ReadPacket reads the remaining buffer into an MQTT packet.
