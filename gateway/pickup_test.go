@@ -918,6 +918,44 @@ func TestPickupEdges(t *testing.T) {
 	})
 }
 
+// TestOutOfServiceNotAllocated: a set_service the locker carried out takes
+// the compartment out of allocation (and back in): the contract's "false
+// takes it out of allocation and locks it". Before, the command was
+// recorded and the compartment still handed to the next order.
+func TestOutOfServiceNotAllocated(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) {
+		o.Models = []devicesim.Model{{Name: "LX-2", Compartments: []protocol.CompartmentSpec{
+			{N: 1, Size: "S", Zone: "ambient"}, {N: 2, Size: "S", Zone: "ambient"}}}}
+	})
+	lockerID := e.sim.Lockers()[0].DeviceID()
+	setService := func(in bool) {
+		t.Helper()
+		var c fleet.Command
+		if err := e.tg.Admin.Post(ctx, "/v1/lockers/"+lockerID+"/commands",
+			map[string]any{"type": "set_service", "compartment": 1, "in_service": in, "wait_s": 10}, &c); err != nil || c.Status != fleet.CmdOK {
+			t.Fatalf("set_service %v: %+v %v", in, c, err)
+		}
+		var l fleet.Locker
+		if err := e.tg.Admin.Get(ctx, "/v1/lockers/"+lockerID, nil, &l); err != nil || l.Compartments[0].InService != in {
+			t.Fatalf("compartment 1 after set_service %v: %+v %v", in, l.Compartments, err)
+		}
+	}
+	setService(false)
+	if p := e.create(t, "OOS-1", "S", time.Hour); p.Compartment != 2 {
+		t.Fatalf("allocated compartment %d, want 2 (1 is out of service)", p.Compartment)
+	}
+	status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups",
+		Body: map[string]any{"site": "store-042", "order_ref": "OOS-2", "size": "S", "recipient": map[string]string{"kind": "customer"}}}, nil)
+	if status != 422 {
+		t.Fatalf("a second order with compartment 1 out of service: %d %v, want 422", status, err)
+	}
+	setService(true)
+	if p := e.create(t, "OOS-3", "S", time.Hour); p.Compartment != 1 {
+		t.Fatalf("allocated compartment %d, want 1 (back in service)", p.Compartment)
+	}
+}
+
 // TestPickupAllocationRace: 100 concurrent requests at a site with 20 free
 // compartments get 20 distinct compartments and 80 clear refusals.
 func TestPickupAllocationRace(t *testing.T) {

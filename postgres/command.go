@@ -121,10 +121,16 @@ func (db *DB) MarkCommandSent(ctx context.Context, id string, at time.Time) (boo
 func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText string, at time.Time) (*fleet.Command, error) {
 	// One statement, one round trip: the update and its notification commit
 	// together.
+	// A set_service the locker carried out takes its compartment out of
+	// allocation (or back), in the same statement.
 	c, err := scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
 			UPDATE commands SET status = $3, error = $4, done_at = $5
 			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status IN ('timed_out', 'expired') AND $3 <> 'expired'))
-			RETURNING *)
+			RETURNING *),
+		s AS (
+			UPDATE compartments c SET in_service = u.in_service, updated_at = $5 FROM u
+			WHERE u.type = 'set_service' AND u.status = 'ok' AND u.in_service IS NOT NULL
+				AND c.device_id = u.device_id AND c.n = u.compartment)
 		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
 		id, deviceID, status, errText, at, commandChannel))
 	return c, dataError(err)
