@@ -65,3 +65,38 @@ func TestCensus(t *testing.T) {
 		t.Fatalf("open alerts %v, want %v (tamper is not asked for, chatty's door_ajar cleared)", got, want)
 	}
 }
+
+// TestCredsAckedIsTheLatest: a locker that acknowledges an older set after
+// a newer one (it applied them in that order: two instances published
+// them out of order) holds the older set, so it is behind and gets the
+// current set again.
+func TestCredsAckedIsTheLatest(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "ACK", 1)
+	if err := db.MarkOnline(ctx, id, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET creds_version = 6 WHERE id = $1`, id); err != nil {
+		t.Fatal(err)
+	}
+	behind := func() bool {
+		t.Helper()
+		ls, err := db.CredsBehind(ctx, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range ls {
+			if l.DeviceID == id {
+				return true
+			}
+		}
+		return false
+	}
+	if err := db.AckCreds(ctx, id, 6); err != nil || behind() {
+		t.Fatalf("after ack 6: behind %v (%v), want current", behind(), err)
+	}
+	if err := db.AckCreds(ctx, id, 5); err != nil || !behind() {
+		t.Fatalf("after ack 5 (an older set applied last): behind %v (%v), want behind", behind(), err)
+	}
+}

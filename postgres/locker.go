@@ -160,10 +160,14 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 	return dataError(err)
 }
 
-// AckCreds implements fleet.Store.
+// AckCreds implements fleet.Store: the version a locker acknowledged last,
+// not the highest it ever did. A locker applies each set it gets, so one
+// that applied an older set after a newer (two instances publishing one
+// after the other out of order) holds the older one, and must show as
+// behind (CredsBehind) to be sent the current set again.
 func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
-	_, err := db.pool.Exec(ctx, "UPDATE devices SET creds_acked = greatest(creds_acked, $2) WHERE id = $1", id, version)
-	return err
+	_, err := db.pool.Exec(ctx, "UPDATE devices SET creds_acked = $2 WHERE id = $1", id, version)
+	return dataError(err)
 }
 
 // InsertHealth implements fleet.Store: rows by COPY and latest health by
