@@ -127,6 +127,11 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		SetAutoAckDisabled(true).SetDefaultPublishHandler(b.receive).
 		SetKeepAlive(30 * time.Second).SetOrderMatters(false).SetAutoReconnect(true).
 		SetMaxReconnectInterval(10 * time.Second).SetConnectRetry(false).
+		// Publishes still queued when the connection drops are sent again
+		// on the next, in the order they were made: paho's default store
+		// is a map, and a locker's retained creds, config or fw/job sent
+		// out of order would leave an older one retained.
+		SetStore(paho.NewOrderedMemoryStore()).
 		SetOnConnectHandler(b.resubscribe).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
 			b.log.Warn("external broker connection lost; reconnecting", "err", err)
