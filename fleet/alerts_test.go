@@ -201,3 +201,49 @@ func TestRetainedStateOutlastsDatabaseErrors(t *testing.T) {
 		t.Fatalf("config %s (%v), want version 7", config, err)
 	}
 }
+
+// lagStore has lockers "a" and "b" behind on credential set 2 for ever,
+// and a window of one: CredsBehind returns the first by id not skipped,
+// as a full window of 500 lockers that never acknowledge would.
+type lagStore struct{ *fakeStore }
+
+func (s *lagStore) CredsBehind(_ context.Context, _ int, skip []CredsLag) ([]CredsLag, error) {
+	for _, id := range []string{"a", "b"} {
+		if !slices.Contains(skip, CredsLag{DeviceID: id, Version: 2}) {
+			return []CredsLag{{DeviceID: id, Version: 2}}, nil
+		}
+	}
+	return nil, nil
+}
+
+func (s *lagStore) Retained(context.Context, string) (*Retained, error) {
+	return &Retained{Creds: protocol.CredSet{Version: 2}}, nil
+}
+
+// TestCredsReconcilerNotStarvedByLockersThatNeverAck: lockers the census
+// gave up on (no ack after credsRepublishTries) no longer fill the window
+// of lockers behind, so one after them still gets its set again.
+func TestCredsReconcilerNotStarvedByLockersThatNeverAck(t *testing.T) {
+	bus := &fakeBus{}
+	m, err := New(Options{Store: &lagStore{fakeStore: newFakeStore()}, Bus: bus, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range credsRepublishTries + 3 {
+		m.reconcileCreds(context.Background())
+	}
+	bus.mu.Lock()
+	defer bus.mu.Unlock()
+	toA, toB := 0, 0
+	for _, topic := range bus.published {
+		switch topic {
+		case protocol.Topic("a", protocol.ChanCreds):
+			toA++
+		case protocol.Topic("b", protocol.ChanCreds):
+			toB++
+		}
+	}
+	if toA != credsRepublishTries || toB == 0 {
+		t.Fatalf("republished to a %d times, to b %d; want a %d times, then b", toA, toB, credsRepublishTries)
+	}
+}

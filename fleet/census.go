@@ -78,24 +78,42 @@ type credsLagSeen struct {
 // left alone until its set changes; its locker record shows creds_current
 // false. It runs on Run's goroutine only.
 func (m *Manager) reconcileCreds(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	lags, err := m.store.CredsBehind(ctx, credsRepublishLimit)
+	// Those given up on are left out of the query, so that however many
+	// never acknowledge, the lockers behind after them are still found.
+	var gaveUp []CredsLag
+	for id, s := range m.credsLag {
+		if s.tries >= credsRepublishTries {
+			gaveUp = append(gaveUp, CredsLag{DeviceID: id, Version: s.version})
+		}
+	}
+	lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	lags, err := m.store.CredsBehind(lctx, credsRepublishLimit, gaveUp)
+	cancel()
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("creds_behind").Inc()
 		m.log.Error("load lockers behind on credentials", "err", err)
 		return
 	}
-	next := make(map[string]credsLagSeen, len(lags))
+	next := make(map[string]credsLagSeen, len(lags)+len(gaveUp))
+	for _, l := range gaveUp {
+		// Kept until the set changes: the query then finds the locker
+		// at its new version, and it starts over.
+		next[l.DeviceID] = m.credsLag[l.DeviceID]
+	}
 	for _, l := range lags {
 		cur := credsLagSeen{version: l.Version}
 		if prev, ok := m.credsLag[l.DeviceID]; ok && prev.version == l.Version {
 			cur.tries = prev.tries
 			if cur.tries < credsRepublishTries {
-				cur.tries++
-				if err := m.PublishCreds(ctx, l.DeviceID); err != nil {
+				// Each publish has its own deadline, and only one that
+				// went out counts as a try.
+				pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+				err := m.PublishCreds(pctx, l.DeviceID)
+				cancel()
+				if err != nil {
 					m.log.Error("republish credential set", "locker", l.DeviceID, "version", l.Version, "err", err)
 				} else {
+					cur.tries++
 					m.m.credsRepublished.Inc()
 					m.log.Info("credential set republished: not acknowledged", "locker", l.DeviceID, "version", l.Version, "try", cur.tries)
 				}

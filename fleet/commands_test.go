@@ -103,7 +103,9 @@ func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, in
 	return nil, nil
 }
 
-func (f *fakeStore) CredsBehind(context.Context, int) ([]CredsLag, error) { return nil, nil }
+func (f *fakeStore) CredsBehind(context.Context, int, []CredsLag) ([]CredsLag, error) {
+	return nil, nil
+}
 
 func (f *fakeStore) EffectsApplied(_ context.Context, deviceID string, ids []string) error {
 	f.mu.Lock()

@@ -104,8 +104,9 @@ type Store interface {
 	PendingEffects(ctx context.Context, before time.Time, limit int, lease time.Duration, reclaim bool) ([]EventRecord, error)
 	// CredsBehind returns up to limit online, enabled lockers whose last
 	// acknowledged credential set is older than their current one, with the
-	// current version.
-	CredsBehind(ctx context.Context, limit int) ([]CredsLag, error)
+	// current version, leaving out those in skip at the version given
+	// there (lockers the caller gave up on until their set changes).
+	CredsBehind(ctx context.Context, limit int, skip []CredsLag) ([]CredsLag, error)
 
 	// Audit appends to the audit log.
 	Audit(ctx context.Context, e AuditEntry) error

@@ -2,6 +2,7 @@ package postgres_test
 
 import (
 	"context"
+	"slices"
 	"testing"
 	"time"
 
@@ -82,7 +83,7 @@ func TestCredsAckedIsTheLatest(t *testing.T) {
 	}
 	behind := func() bool {
 		t.Helper()
-		ls, err := db.CredsBehind(ctx, 100)
+		ls, err := db.CredsBehind(ctx, 100, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -98,5 +99,18 @@ func TestCredsAckedIsTheLatest(t *testing.T) {
 	}
 	if err := db.AckCreds(ctx, id, 5); err != nil || !behind() {
 		t.Fatalf("after ack 5 (an older set applied last): behind %v (%v), want behind", behind(), err)
+	}
+	// Left out when the caller gave up on it at its current version only.
+	for _, c := range []struct {
+		skip []fleet.CredsLag
+		want bool
+	}{{[]fleet.CredsLag{{DeviceID: id, Version: 6}}, false}, {[]fleet.CredsLag{{DeviceID: id, Version: 5}}, true}} {
+		ls, err := db.CredsBehind(ctx, 100, c.skip)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := slices.ContainsFunc(ls, func(l fleet.CredsLag) bool { return l.DeviceID == id }); got != c.want {
+			t.Errorf("skipping %+v: listed %v, want %v", c.skip, got, c.want)
+		}
 	}
 }

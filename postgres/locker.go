@@ -473,9 +473,15 @@ func (db *DB) MarkSiteReplaceable(ctx context.Context, site string) error {
 
 // CredsBehind implements fleet.Store. It runs at each census (every 15 s
 // by default) on every instance: one scan of devices.
-func (db *DB) CredsBehind(ctx context.Context, limit int) ([]fleet.CredsLag, error) {
+func (db *DB) CredsBehind(ctx context.Context, limit int, skip []fleet.CredsLag) ([]fleet.CredsLag, error) {
+	ids, versions := make([]string, len(skip)), make([]int64, len(skip))
+	for i, s := range skip {
+		ids[i], versions[i] = s.DeviceID, s.Version
+	}
 	rows, err := db.pool.Query(ctx, `SELECT id, creds_version FROM devices
-		WHERE online AND NOT disabled AND creds_acked < creds_version ORDER BY id LIMIT $1`, limit)
+		WHERE online AND NOT disabled AND creds_acked < creds_version
+			AND (id, creds_version) NOT IN (SELECT * FROM unnest($2::text[], $3::bigint[]))
+		ORDER BY id LIMIT $1`, limit, ids, versions)
 	if err != nil {
 		return nil, err
 	}
