@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -113,5 +114,63 @@ func TestStepWithoutItsAlertIsNotApplied(t *testing.T) {
 	}
 	if len(st.raised) != 0 || f.publishes != 0 {
 		t.Fatalf("%d alerts, %d publishes; want none", len(st.raised), f.publishes)
+	}
+}
+
+// dueStore has four ready pickups past expires_at, three at lk-1 and one
+// at lk-2, each with a credential; every transition succeeds.
+type dueStore struct {
+	Store
+	due []Pickup
+}
+
+func (s *dueStore) DuePickups(context.Context, time.Time, int) ([]Pickup, error) { return s.due, nil }
+
+func (s *dueStore) GetPickup(_ context.Context, id string) (*Pickup, error) {
+	for _, p := range s.due {
+		if p.ID == id {
+			return &p, nil
+		}
+	}
+	return nil, fleet.ErrNotFound
+}
+
+func (s *dueStore) Transition(_ context.Context, id string, _ []string, to, _, _ string, _ time.Time, _ *Event) (*Pickup, error) {
+	p, err := s.GetPickup(context.Background(), id)
+	if err == nil {
+		p.State = to
+	}
+	return p, err
+}
+
+func (s *dueStore) RaiseAlert(context.Context, fleet.Alert) (bool, error) { return true, nil }
+
+type publishCounter struct {
+	Fleet
+	by map[string]int
+}
+
+func (f *publishCounter) PublishCreds(_ context.Context, id string) error {
+	f.by[id]++
+	return nil
+}
+
+// TestExpirySweepPublishesOncePerLocker: a sweep that ends several pickups
+// of one locker publishes its set once, after ending them (each publish
+// waits up to 10 s on a broker that is down: one per pickup made a pass of
+// 500 take very long).
+func TestExpirySweepPublishesOncePerLocker(t *testing.T) {
+	st := &dueStore{}
+	for i, locker := range []string{"lk-1", "lk-1", "lk-2", "lk-1"} {
+		st.due = append(st.due, Pickup{ID: "p-" + strconv.Itoa(i), Locker: locker, State: Ready, CredentialID: "k-" + strconv.Itoa(i)})
+	}
+	f := &publishCounter{by: map[string]int{}}
+	s, err := New(Options{Store: st, Fleet: f, MasterKey: bytes.Repeat([]byte{7}, 32), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.expire(context.Background())
+	if f.by["lk-1"] != 1 || f.by["lk-2"] != 1 || len(f.by) != 2 {
+		t.Fatalf("publishes by locker %v, want one each for lk-1 and lk-2", f.by)
 	}
 }

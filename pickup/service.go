@@ -198,11 +198,16 @@ func credKind(c *Credential) string {
 
 // Cancel ends a live pickup and revokes its credential.
 func (s *Service) Cancel(ctx context.Context, id, actor string) (*Pickup, error) {
-	return s.end(ctx, id, Cancelled, actor, "cancelled", EventCancelled)
+	p, err := s.end(ctx, id, Cancelled, actor, "cancelled", EventCancelled)
+	if err == nil && p.CredentialID != "" {
+		s.publish(ctx, p.Locker)
+	}
+	return p, err
 }
 
 // end moves a live pickup to a final state, which takes its compartment out
-// of its credential (Store.Transition), and republishes the locker's set.
+// of its credential (Store.Transition). The caller republishes the locker's
+// set when the pickup had a credential.
 func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string) (*Pickup, error) {
 	p, err := s.o.Store.GetPickup(ctx, id)
 	if err != nil {
@@ -214,9 +219,6 @@ func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string)
 		return nil, err
 	}
 	s.transitioned(p, to)
-	if p.CredentialID != "" {
-		s.publish(ctx, p.Locker)
-	}
 	return p, nil
 }
 

@@ -298,6 +298,16 @@ func (s *Service) expire(ctx context.Context) {
 		s.log.Error("find expired pickups", "err", err)
 		return
 	}
+	// Each locker's set is published once, after its pickups are ended:
+	// one publish per pickup (each waiting up to 10 s on a broker that is
+	// down) made a pass of 500 take very long.
+	var lockers []string
+	seen := map[string]bool{}
+	defer func() {
+		for _, id := range lockers {
+			s.publish(ctx, id)
+		}
+	}()
 	for _, p := range due {
 		done, err := s.end(ctx, p.ID, Expired, "system:expiry", "not collected by expires_at", EventExpired)
 		if errors.Is(err, fleet.ErrConflict) {
@@ -306,6 +316,10 @@ func (s *Service) expire(ctx context.Context) {
 		if err != nil {
 			s.log.Error("expire pickup", "pickup", p.ID, "err", err)
 			continue
+		}
+		if done.CredentialID != "" && !seen[done.Locker] {
+			seen[done.Locker] = true
+			lockers = append(lockers, done.Locker)
 		}
 		_ = s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
 			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()}) // logged; only a stop ends it
