@@ -1,7 +1,6 @@
 package httpapi
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +15,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/provisioning"
 )
 
@@ -109,38 +109,10 @@ func decode(r *http.Request, v any) error {
 		}
 		return badRequest("malformed JSON: %v", err)
 	}
-	if bytes.Contains(body, []byte(`\u0000`)) && jsonHasNUL(body) {
-		return badRequest("a string holds a NUL character (\\u0000), which no field accepts")
+	if err := protocol.CheckEscapes(body); err != nil {
+		return badRequest("%v, which no field accepts", err)
 	}
 	return nil
-}
-
-// jsonHasNUL reports whether a JSON value (valid) holds a NUL character in
-// any string, key or value. Text columns refuse it (PostgreSQL cannot store
-// it), so it is refused here with a 400 instead of failing there with a 500.
-// encoding/json already replaces invalid UTF-8 in strings.
-func jsonHasNUL(body []byte) bool {
-	var v any
-	if json.Unmarshal(body, &v) != nil {
-		return false
-	}
-	var walk func(v any) bool
-	walk = func(v any) bool {
-		switch v := v.(type) {
-		case string:
-			return strings.ContainsRune(v, 0)
-		case []any:
-			return slices.ContainsFunc(v, walk)
-		case map[string]any:
-			for k, e := range v {
-				if strings.ContainsRune(k, 0) || walk(e) {
-					return true
-				}
-			}
-		}
-		return false
-	}
-	return walk(v)
 }
 
 // checkText refuses a request whose path or query holds a NUL character or

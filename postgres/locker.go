@@ -434,20 +434,12 @@ func raiseAlertArgs(a *fleet.Alert) []any {
 
 // ClearAlerts implements fleet.Store.
 func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error) {
-	tag, err := db.pool.Exec(ctx, clearAlertsSQL, deviceID, kind, keepList(keep), at)
-	return int(tag.RowsAffected()), err
-}
-
-const clearAlertsSQL = `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
-	AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`
-
-// keepList is keep as ClearAlerts' array parameter (never NULL, which
-// would clear nothing).
-func keepList(keep []int) []int {
 	if keep == nil {
-		return []int{}
+		keep = []int{} // a NULL array would clear nothing
 	}
-	return keep
+	tag, err := db.pool.Exec(ctx, `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
+		AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`, deviceID, kind, keep, at)
+	return int(tag.RowsAffected()), err
 }
 
 // ListAlerts implements fleet.Store.

@@ -5,14 +5,15 @@ import (
 	"errors"
 )
 
-// checkEscapes refuses a JSON text whose strings (values or keys, known
+// CheckEscapes refuses a JSON text whose strings (values or keys, known
 // fields or not) hold a NUL character (\u0000) or a UTF-16 surrogate escape
 // that is not half of a pair (\ud800 alone). Both are valid JSON, but
 // PostgreSQL stores neither (text columns refuse NUL, jsonb both), so a
 // payload with one would fail every time it is written: it is invalid here,
-// counted and dropped, instead of holding up the messages queued behind it.
-// Raw NUL bytes and invalid UTF-8 are malformed already.
-func checkEscapes(b []byte) error {
+// counted and dropped, instead of holding up the messages queued behind it
+// (and an HTTP body with one is a 400, not a 500). Raw NUL bytes and
+// invalid UTF-8 are malformed already.
+func CheckEscapes(b []byte) error {
 	if bytes.IndexByte(b, '\\') < 0 {
 		return nil
 	}

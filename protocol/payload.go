@@ -123,7 +123,7 @@ func Decode[T any, PT interface {
 	if !utf8.Valid(payload) {
 		return nil, fmt.Errorf("%w: not UTF-8", ErrMalformed)
 	}
-	if err := checkEscapes(payload); err != nil {
+	if err := CheckEscapes(payload); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	trimmed := bytes.TrimLeft(payload, " \t\r\n")
