@@ -58,10 +58,9 @@ type Dispatcher struct {
 	wake chan struct{}
 	m    *metrics
 
-	// The workers: deliveries in flight, at most Workers, and at most
-	// perWebhook of one webhook (Run's goroutine starts them).
+	// The workers: deliveries in flight by webhook, at most Workers in
+	// all and perWebhook of one (Run's goroutine starts them).
 	mu       sync.Mutex
-	running  int
 	inflight map[string]int
 	wg       sync.WaitGroup
 }
@@ -180,12 +179,13 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 // lease, so no other instance leases it meanwhile. A lease takes at most
 // perWebhook of one webhook, and none of a webhook still in flight here,
 // so a receiver that hangs holds up perWebhook workers and the others go
-// on. (The check when starting is a guard: the lease already keeps to it.)
+// on.
 func (d *Dispatcher) round(ctx context.Context) bool {
 	d.mu.Lock()
-	free := d.o.Workers - d.running
+	free := d.o.Workers
 	busy := make([]string, 0, len(d.inflight))
-	for id := range d.inflight {
+	for id, n := range d.inflight {
+		free -= n
 		busy = append(busy, id)
 	}
 	d.mu.Unlock()
@@ -199,20 +199,11 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 		}
 		return false
 	}
-	started := 0
 	for i := range due {
 		dl := &due[i]
 		d.mu.Lock()
-		busy := d.inflight[dl.WebhookID] >= perWebhook
-		if !busy {
-			d.inflight[dl.WebhookID]++
-			d.running++
-		}
+		d.inflight[dl.WebhookID]++
 		d.mu.Unlock()
-		if busy {
-			continue
-		}
-		started++
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
@@ -221,12 +212,11 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 			if d.inflight[dl.WebhookID]--; d.inflight[dl.WebhookID] == 0 {
 				delete(d.inflight, dl.WebhookID)
 			}
-			d.running--
 			d.mu.Unlock()
 			d.Wake()
 		}()
 	}
-	return started > 0 && len(due) == free
+	return len(due) == free
 }
 
 func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
