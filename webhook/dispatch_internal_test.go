@@ -3,12 +3,15 @@ package webhook
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // memStore is an outbox in memory for the dispatcher's own logic (the
@@ -117,13 +120,12 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	go func() { done <- d.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	deadline := time.Now().Add(5 * time.Second)
-	for st.delivered("wh-ok") < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("wh-ok: %d of 2 events delivered within 5 s while wh-hang hangs", st.delivered("wh-ok"))
+	testtool.Eventually(t, 5*time.Second, "wh-ok's two events delivered while wh-hang hangs", func() error {
+		if n := st.delivered("wh-ok"); n < 2 {
+			return fmt.Errorf("%d of 2 delivered", n)
 		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return nil
+	})
 	d.mu.Lock()
 	inHang := d.inflight["wh-hang"]
 	d.mu.Unlock()
