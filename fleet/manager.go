@@ -754,7 +754,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			if ierr != nil {
 				// Stopped part way: nothing is acknowledged, so the lockers
 				// send the batch again; what was stored is then a duplicate,
-				// and its effects wait in the outbox for the next start.
+				// and its effects wait in the outbox for a replay.
 				err = ierr
 				break
 			}

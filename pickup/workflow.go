@@ -18,9 +18,11 @@ func (s *Service) Wants(typ string) bool {
 // DeviceEvents advances pickups from a locker's new events (called by the
 // fleet manager with each stored batch, in order). A step that fails on the
 // database is tried again until it succeeds, so a locker's events keep
-// their order; it returns how many events it applied, fewer only when ctx
-// ends first (the rest are offered again at the next start). An event
-// offered again may have been applied already: each step is idempotent.
+// their order; it returns how many events it applied, fewer when ctx ends
+// first or a step fails for good (the rest stay in the outbox and are
+// offered again: at the next census once 5 minutes old, or at the next
+// start). An event offered again may have been applied already: each step
+// is idempotent.
 func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) int {
 	for i := range events {
 		e := &events[i]
@@ -37,7 +39,7 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 			err = s.doorClosed(ctx, e.DeviceID, ev, e.ReceivedAt)
 		}
 		if err != nil {
-			s.log.Error("device event not applied; it is offered again at the next start", "locker", e.DeviceID, "event", e.EventID, "err", err)
+			s.log.Error("device event not applied; it is offered again later (a census past 5 min, or the next start)", "locker", e.DeviceID, "event", e.EventID, "err", err)
 			return i
 		}
 	}
@@ -303,11 +305,6 @@ func (s *Service) expire(ctx context.Context) {
 	// down) made a pass of 500 take very long.
 	var lockers []string
 	seen := map[string]bool{}
-	defer func() {
-		for _, id := range lockers {
-			s.publish(ctx, id)
-		}
-	}()
 	for _, p := range due {
 		done, err := s.end(ctx, p.ID, Expired, "system:expiry", "not collected by expires_at", EventExpired)
 		if errors.Is(err, fleet.ErrConflict) {
@@ -323,6 +320,9 @@ func (s *Service) expire(ctx context.Context) {
 		}
 		_ = s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
 			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()}) // logged; only a stop ends it
+	}
+	for _, id := range lockers {
+		s.publish(ctx, id)
 	}
 }
 

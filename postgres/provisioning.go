@@ -159,11 +159,13 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
 			return err
 		}
-		taken := err == nil && !retry && (!replaceable || site != c.Site)
 		if !retry {
 			switch {
-			case taken:
+			case err == nil && (!replaceable || site != c.Site):
 				// First: a registered serial is taken whatever the claim.
+				// A replacement stays at the locker's site: another site's
+				// claim would move it, with the orders in its compartments,
+				// under that site's staff.
 				refusal = provisioning.ErrSerialTaken
 				return record(refusalOutcome(refusal), existing)
 			case !r.At.Before(c.ExpiresAt):
@@ -182,12 +184,6 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			out = &provisioning.Registered{DeviceID: r.DeviceID, KeyGen: 1, Site: c.Site}
 			_, err = tx.Exec(ctx, `INSERT INTO devices (id, serial, site, model, fw, secret_hash, key_gen) VALUES ($1, $2, $3, $4, $5, $6, 1)`,
 				r.DeviceID, req.Serial, c.Site, req.Model, req.FW, r.SecretHash)
-		case taken:
-			// A replacement stays at the locker's site: another site's
-			// claim would move it, with the orders in its compartments,
-			// under that site's staff.
-			refusal = provisioning.ErrSerialTaken
-			return record(refusalOutcome(refusal), existing)
 		default:
 			out = &provisioning.Registered{DeviceID: existing, KeyGen: gen + 1, Site: c.Site, Replaced: !retry, Retried: retry}
 			_, err = tx.Exec(ctx, `UPDATE devices SET secret_hash = $2, key_gen = $3, replaceable = false, site = $4,
