@@ -43,6 +43,8 @@ func TestBadTextRefused(t *testing.T) {
 			Body: []byte(`{"role":"store","site":"\u0000","name":"x"}`)}},
 		{"site name NUL", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites",
 			Body: []byte(`{"id":"store-2","name":"Main\u0000Street","timezone":"UTC"}`)}},
+		{"site name invalid UTF-8", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites",
+			Body: []byte("{\"id\":\"store-5\",\"name\":\"Main\xffStreet\",\"timezone\":\"UTC\"}")}},
 		{"NUL as a key", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites",
 			Body: []byte(`{"id":"store-2","name":"Main","timezone":"UTC","\u0000":1}`)}},
 		{"Idempotency-Key invalid UTF-8", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites",

@@ -154,7 +154,6 @@ func (s *Server) listLockers(w http.ResponseWriter, r *http.Request) error {
 	}, func(l fleet.Locker) string { return l.ID })
 }
 
-// locker loads the path's locker and checks the caller's site.
 // seconds is n seconds as a Duration, past any bound a caller checks (a
 // billion seconds, 31 years) clamped rather than wrapped around: 2^64/10^9
 // + 30 seconds would otherwise pass as 30.
@@ -162,6 +161,7 @@ func seconds(n int64) time.Duration {
 	return time.Duration(max(min(n, 1e9), -1e9)) * time.Second
 }
 
+// locker loads the path's locker and checks the caller's site.
 func (s *Server) locker(r *http.Request) (*fleet.Locker, error) {
 	l, err := s.fleet.GetLocker(r.Context(), r.PathValue("id"))
 	if err != nil {
@@ -333,7 +333,7 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 		if in.Type != protocol.CmdUnlock {
 			return errForbidden
 		}
-		req.Site = tok.Site // another site's locker is not found
+		req.Site = tok.Site // another site's locker is forbidden
 	}
 	// The locker is looked up where the command is stored (one round trip).
 	c, err := s.fleet.SendCommandWait(r.Context(), req, time.Duration(in.WaitS)*time.Second)

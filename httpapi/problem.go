@@ -102,6 +102,10 @@ func decode(r *http.Request, v any) error {
 	if len(body) > maxBody {
 		return badRequest("body larger than %d bytes", maxBody)
 	}
+	if !utf8.Valid(body) {
+		// encoding/json would store U+FFFD in place of each bad byte.
+		return badRequest("body is not UTF-8")
+	}
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
