@@ -127,9 +127,12 @@ func (b *Broker) provisionAnswerAcked(cl *mqtt.Client, pk packets.Packet) {
 // answerDelivered tells the Provisioner, once per session, that its "ok"
 // answer reached the locker (AnswerRecorder).
 func (b *Broker) answerDelivered(s *session) {
-	id := s.answered.Load()
 	rec, ok := b.opts.Provisioner.(AnswerRecorder)
-	if id == nil || !ok || !s.delivered.CompareAndSwap(false, true) {
+	if !ok {
+		return
+	}
+	id := s.answered.Swap(nil)
+	if id == nil {
 		return
 	}
 	b.provWG.Add(1)

@@ -60,9 +60,8 @@ type session struct {
 	provStarted atomic.Bool   // the one provisioning request of the session was taken
 	respID      atomic.Uint32 // respPending | packet id of the answer in flight
 	// answered is the device id of the session's "ok" answer, set before
-	// it is published; answerDelivered records it once.
-	answered  atomic.Pointer[string]
-	delivered atomic.Bool
+	// it is published; answerDelivered takes it, so it is recorded once.
+	answered atomic.Pointer[string]
 }
 
 const respPending = 1 << 16
