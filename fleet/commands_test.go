@@ -583,6 +583,31 @@ func TestEffectsAppliedOnlyForAppliedEvents(t *testing.T) {
 	}
 }
 
+// TestDuplicateLeavesOriginalMarked: a duplicate of an event whose original
+// is still on its way to the sink neither takes over nor clears the
+// original's in-flight mark, so a census does not offer it meanwhile.
+func TestDuplicateLeavesOriginalMarked(t *testing.T) {
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Events: partialSink{n: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := []EventRecord{{DeviceID: "lk-1", EventID: "e-1", Pending: true}}
+	m.markEffectsBusy(orig)
+	dup := []EventRecord{{DeviceID: "lk-1", EventID: "e-1", Pending: true}}
+	m.markEffectsBusy(dup)
+	if dup[0].claimed {
+		t.Fatal("the duplicate claimed a mark its original holds")
+	}
+	m.unmarkEffectsBusy(dup) // as writeEvents does for a duplicate
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); !busy {
+		t.Fatal("the duplicate cleared its original's mark")
+	}
+	m.unmarkEffectsBusy(orig)
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
+		t.Fatal("the original's own unmark left the event marked")
+	}
+}
+
 func TestByLocker(t *testing.T) {
 	evs := []EventRecord{{DeviceID: "b", EventID: "1"}, {DeviceID: "a", EventID: "2"}, {DeviceID: "b", EventID: "3"}}
 	got := byLocker(evs)

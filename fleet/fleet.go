@@ -112,6 +112,9 @@ type EventRecord struct {
 	// Alert is the event's effect on its locker's alerts, applied with it
 	// (see AlertChange); nil: none.
 	Alert *AlertChange `json:"-"`
+	// claimed: this copy's holder marked it in flight to the sink
+	// (Manager.markEffectsBusy) and is the one to clear the mark.
+	claimed bool
 }
 
 // Range bounds a time-ranged list. After resumes a list after the row with

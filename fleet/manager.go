@@ -413,18 +413,26 @@ func byLocker(events []EventRecord) [][]EventRecord {
 func effectKey(e *EventRecord) string { return e.DeviceID + "\x00" + e.EventID }
 
 // markEffectsBusy notes events handed to the sink, so that replayEvents
-// does not offer them a second time meanwhile.
+// does not offer them a second time meanwhile. An event already marked by
+// another holder (the original of a duplicate, still on its way) stays
+// that holder's: only the events it claims here are this caller's to
+// unmark.
 func (m *Manager) markEffectsBusy(events []EventRecord) {
 	for i := range events {
 		if events[i].Pending {
-			m.effectsBusy.Store(effectKey(&events[i]), struct{}{})
+			_, held := m.effectsBusy.LoadOrStore(effectKey(&events[i]), struct{}{})
+			events[i].claimed = !held
 		}
 	}
 }
 
+// unmarkEffectsBusy clears the marks the caller's copies claimed.
 func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 	for i := range events {
-		m.effectsBusy.Delete(effectKey(&events[i]))
+		if events[i].claimed {
+			m.effectsBusy.Delete(effectKey(&events[i]))
+			events[i].claimed = false
+		}
 	}
 }
 
@@ -506,14 +514,11 @@ func (m *Manager) replayEvents(ctx context.Context, atStart bool) {
 		m.log.Error("load event effects not applied", "err", err)
 		return
 	}
-	evs = slices.DeleteFunc(evs, func(e EventRecord) bool {
-		_, busy := m.effectsBusy.Load(effectKey(&e))
-		return busy
-	})
+	m.markEffectsBusy(evs)
+	evs = slices.DeleteFunc(evs, func(e EventRecord) bool { return !e.claimed }) // on their way already
 	for _, group := range byLocker(evs) {
 		id := group[0].DeviceID
 		c := control{kind: ctrlEvents, id: id, events: group}
-		m.markEffectsBusy(c.events)
 		q := m.ctrl[shard(id, len(m.ctrl))]
 		if atStart {
 			select { // before any new event of the locker
@@ -773,7 +778,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 			isFresh[effectKey(&fresh[i])] = true
 		}
 		for i := range recs {
-			if !isFresh[effectKey(&recs[i])] {
+			if recs[i].claimed && !isFresh[effectKey(&recs[i])] {
 				m.effectsBusy.Delete(effectKey(&recs[i]))
 			}
 		}
