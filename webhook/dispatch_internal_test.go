@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/testtool"
 )
 
@@ -24,12 +27,17 @@ type memStore struct {
 	enc    map[string][]byte
 	ds     []Delivery
 	leased map[int64]time.Time
+	tried  map[int64][]Outcome // by delivery, when non-nil
 }
 
 func (s *memStore) GetWebhook(_ context.Context, id string) (*Webhook, []byte, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.hooks[id], s.enc[id], nil
+	w, ok := s.hooks[id]
+	if !ok {
+		return nil, nil, fleet.ErrNotFound // as the store answers for a deleted webhook or a revoked token
+	}
+	return w, s.enc[id], nil
 }
 
 func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]Delivery, error) {
@@ -56,6 +64,9 @@ func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duratio
 func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.tried != nil {
+		s.tried[seq] = append(s.tried[seq], o)
+	}
 	for i := range s.ds {
 		if s.ds[i].Seq == seq && o.Delivered {
 			s.ds[i].State = "delivered"
@@ -139,5 +150,39 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	})
 	if n := hanging.Load(); n > perWebhook {
 		t.Fatalf("the hanging receiver got %d requests, want %d (the rest wait for their lease)", n, perWebhook)
+	}
+}
+
+// TestDroppedWhenWebhookGone: a delivery whose webhook was deleted, or
+// whose token was revoked, after its event was queued is recorded as a
+// last attempt (no retry) and counted as dropped; nothing is sent.
+func TestDroppedWhenWebhookGone(t *testing.T) {
+	var sent atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { sent.Add(1) }))
+	defer srv.Close()
+	key := bytes.Repeat([]byte{1}, 32)
+	st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}, leased: map[int64]time.Time{},
+		tried: map[int64][]Outcome{}}
+	now := time.Now()
+	dl := Delivery{Seq: 1, WebhookID: "wh-gone", EventID: "ev", Subject: "p-1", Body: []byte(`{}`),
+		State: "pending", NextAttempt: now, CreatedAt: now}
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, Client: srv.Client()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.deliver(context.Background(), &dl)
+	got := st.tried[1]
+	if len(got) != 1 || got[0].Delivered || !got[0].Next.IsZero() || got[0].Error != "webhook deleted or its token revoked" {
+		t.Fatalf("recorded %+v, want one last attempt: not delivered, no retry, the reason", got)
+	}
+	var m dto.Metric
+	if err := d.m.deliveries.WithLabelValues("dropped").Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.GetCounter().GetValue(); n != 1 {
+		t.Fatalf("dropped counted %v times, want 1", n)
+	}
+	if n := sent.Load(); n != 0 {
+		t.Fatalf("%d requests sent for a webhook that is gone", n)
 	}
 }

@@ -223,25 +223,26 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	// A failure before sending is recorded like a failed attempt, so the
 	// delivery backs off (and is given up in time) instead of blocking the
 	// pickup's later events forever.
+	record := func(o Outcome) {
+		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
+			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
+		}
+	}
 	fail := func(what string, err error) {
 		d.log.Error(what, "webhook", dl.WebhookID, "event", dl.EventID, "err", err)
 		o := Outcome{At: d.o.Now(), Error: what + ": " + err.Error()}
 		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
 			o.Next = o.At.Add(d.backoff(dl.Attempts + 1))
 		}
-		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
-			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
-		}
+		record(o)
 	}
 	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)
 	if errors.Is(err, fleet.ErrNotFound) {
 		// Deleted, or its token revoked since the event was queued: the
 		// event (with its codes) goes nowhere, and is not tried again.
 		d.log.Warn("webhook delivery dropped: webhook deleted or its token revoked", "webhook", dl.WebhookID, "event", dl.EventID)
-		o := Outcome{At: d.o.Now(), Error: "webhook deleted or its token revoked"}
-		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
-			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
-		}
+		d.m.deliveries.WithLabelValues("dropped").Inc()
+		record(Outcome{At: d.o.Now(), Error: "webhook deleted or its token revoked"})
 		return
 	}
 	if err != nil {
@@ -297,9 +298,7 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 		}
 	}
 	d.m.deliveries.WithLabelValues(outcome).Inc()
-	if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
-		d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
-	}
+	record(o)
 }
 
 // backoff is the delay before attempt n+1: base·2^(n-1), capped, with jitter
@@ -344,7 +343,7 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "lockergate_webhook_deliveries_total", Help: "Webhook delivery attempts, by outcome (delivered, retry, given_up).",
+			Name: "lockergate_webhook_deliveries_total", Help: "Webhook delivery attempts, by outcome (delivered, retry, given_up, dropped).",
 		}, []string{"outcome"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "lockergate_webhook_delivery_duration_seconds", Help: "Duration of webhook delivery attempts.",
@@ -357,7 +356,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_webhook_oldest_pending_seconds", Help: "Age of the oldest undelivered webhook event.",
 		}),
 	}
-	for _, o := range []string{"delivered", "retry", "given_up"} {
+	for _, o := range []string{"delivered", "retry", "given_up", "dropped"} {
 		m.deliveries.WithLabelValues(o)
 	}
 	if reg != nil {
