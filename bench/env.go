@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -40,7 +41,10 @@ type Runner struct {
 	module  string
 	labs    map[int]*Lab
 	env     []string // extra environment of started servers
-	groups  []int    // process groups of started servers and PostgreSQL
+	// GatewayEnv is added to the gateway's environment only (KEY=VALUE),
+	// for A/B runs of runtime settings such as GOGC.
+	GatewayEnv []string
+	groups     []int // process groups of started servers and PostgreSQL
 }
 
 // NewRunner creates the scratch directory; binaries are built from the
@@ -343,7 +347,11 @@ func (r *Runner) StartMosquitto(ctx context.Context) (*Server, error) {
 }
 
 func (s *Server) start(ctx context.Context) error {
-	p, err := StartProc(s.Kind, s.bin, s.args, s.logPath, s.r.env...)
+	env := s.r.env
+	if s.Kind == "lockergate" {
+		env = append(slices.Clip(env), s.r.GatewayEnv...)
+	}
+	p, err := StartProc(s.Kind, s.bin, s.args, s.logPath, env...)
 	if err != nil {
 		return err
 	}

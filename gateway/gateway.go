@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -190,7 +191,11 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			g.Close()
 		}
 	}()
-	g.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	g.reg.MustRegister(collectors.NewGoCollector(
+		// The size new goroutines start with: each resting MQTT reader
+		// is a new goroutine, so it sets an idle locker's stack.
+		collectors.WithGoCollectorRuntimeMetrics(collectors.GoRuntimeMetricsRule{Matcher: startingStack}),
+	), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	dsn := o.DatabaseURL
 	if dsn == "" && os.Geteuid() == 0 {
@@ -646,6 +651,10 @@ func (o *observer) DeviceDisconnected(id, reason string) {
 func (o *observer) DeviceSubscribedAfterBirth(id string) { o.m.DeviceSubscribedAfterBirth(id) }
 
 var _ broker.LateSubscribeObserver = (*observer)(nil)
+
+// startingStack picks the runtime's starting goroutine stack size
+// (go_gc_stack_starting_size_bytes) on top of the Go collector's default set.
+var startingStack = regexp.MustCompile(`^/gc/stack/starting-size:bytes$`)
 
 // authenticator adapts provisioning to the broker's interfaces, mapping errors.
 type authenticator struct {

@@ -89,6 +89,7 @@ type config struct {
 	module, logLevel, rates, out, profile string
 	keep, noBaseline                      bool
 	runs                                  int
+	gatewayEnv                            []string
 	ingest                                bench.IngestOptions
 	unlock                                bench.UnlockOptions
 	idle                                  bench.IdleOptions
@@ -101,6 +102,14 @@ func (c *config) register(fs *flag.FlagSet, cmd string) {
 	fs.StringVar(&c.logLevel, "log-level", "info", "progress log level: debug, info, warn, error")
 	fs.StringVar(&c.out, "out", "", "also write the tables to this file")
 	fs.BoolVar(&c.keep, "keep", false, "keep the scratch directory (logs, data) after the run")
+	fs.Func("gateway-env", "KEY=VALUE added to the gateway's environment only, not the baselines' nor the load generator's (repeatable; e.g. GOGC=50)",
+		func(v string) error {
+			if k, _, ok := strings.Cut(v, "="); !ok || k == "" {
+				return fmt.Errorf("want KEY=VALUE, got %q", v)
+			}
+			c.gatewayEnv = append(c.gatewayEnv, v)
+			return nil
+		})
 	fs.StringVar(&c.profile, "profile", "", "run the gateway with net/http/pprof (cmd/lockerbench/gwprof) and save CPU profiles (and, for ingest steps, allocation profiles) of each ingest step, unlock run and reconnect storm (the first 20 s after the restart), an execution trace of the first 5 s of each unlock run, and a heap profile of the idle gateway, in this directory")
 	fs.BoolVar(&c.noBaseline, "no-baseline", false, "skip the baseline servers")
 	fs.IntVar(&c.runs, "runs", 3, "runs of each workload (medians and ranges are reported)")
@@ -198,6 +207,7 @@ func execute(ctx context.Context, cmd string, c config, log *slog.Logger, stdout
 		return err
 	}
 	r.Keep = c.keep
+	r.GatewayEnv = c.gatewayEnv
 	if c.profile != "" {
 		if r.Profile, err = filepath.Abs(c.profile); err != nil {
 			return err
