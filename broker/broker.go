@@ -60,8 +60,12 @@ type Options struct {
 	// ReaderRest: a connection's reader that has handled a packet and then
 	// waited this long for the next one moves to a new goroutine, freeing
 	// the stack that handling packets grew (to 16 KiB for a PUBLISH; the
-	// runtime would give it back one halving per collection). Default 5s;
-	// negative: never.
+	// runtime would give it back one halving per collection). Default 2s:
+	// a keep-alive's PINGREQ every 45 s or a health report every minute
+	// then leaves its reader on a grown stack for 2 s of every 45–60, not
+	// 5 (docs/benchmarks.md, 5 December: 18.7 KiB per settled idle locker
+	// instead of 22.7); a rest per gap shorter than that would cost CPU on
+	// lockers that send every second. Negative: never.
 	ReaderRest time.Duration
 }
 
@@ -75,7 +79,7 @@ const (
 	DefaultMaxSessionExpiry = time.Hour
 	DefaultProvisionTimeout = 30 * time.Second
 	DefaultAuthCacheTTL     = 5 * time.Minute
-	DefaultReaderRest       = 5 * time.Second
+	DefaultReaderRest       = 2 * time.Second
 
 	// MaxPacketSize is the largest MQTT packet a device session may send.
 	// Payloads are at most 16 KiB (protocol.MaxPayload); one over that but

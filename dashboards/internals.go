@@ -33,7 +33,7 @@ func GatewayInternals() *Dashboard {
 				withMin0(ts("Provisioning requests", "Provisioning requests by result: ok, claim_expired, claim_exhausted, serial_taken, invalid, error, busy, undelivered.", "ops",
 					q("sum by (result) ("+rate("lockergate_mqtt_provisioning_total", "")+")", "{{result}}"))),
 				withMin0(ts("Readers resting", "Idle connections whose reader moved to a fresh goroutine (freeing the stack and read buffer "+
-					"it held) after 5 s without a packet. About one per locker per message gap longer than that: a fleet reporting "+
+					"it held) after 2 s without a packet. About one per locker per message gap longer than that: a fleet reporting "+
 					"health every 60 s rests about once per locker per minute.", "ops",
 					q("sum by (instance) ("+rate("lockergate_mqtt_reader_rests_total", "")+")", "{{instance}}"))),
 			}},
