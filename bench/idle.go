@@ -126,7 +126,7 @@ func (r *Runner) Idle(ctx context.Context, o IdleOptions) (*Report, error) {
 		"with PINGREQ after 45 s idle, each behaving as an idle locker: Last Will, subscribe to its cmd, creds, config and "+
 		"fw/job topics, retained birth at QoS 1, creds/ack. Source addresses 127.0.0.2 and up, %d connections "+
 		"each, past one address. %s Memory per connection = (server VmRSS with all connected and settled 10 s − VmRSS "+
-		"before the first connection) / connections, and the same at the end of the hold; held %v after all connected; "+
+		"before the first connection) / connections, and the same at the end of the hold and at the highest of RSS samples taken every 5 s in its second half (the settled figure the target is judged on); held %v after all connected; "+
 		"a fresh server process per run. "+
 		"Gateway lockers are provisioned through the gateway (%v for all); baselines accept anyone",
 		o.Lockers, perSourceAddr, idleHealthMethod(o.Health), o.Hold, lab.Prov.Round(time.Second))
@@ -278,17 +278,20 @@ func (r *Runner) idleOnce(ctx context.Context, kind string, lab *Lab, o IdleOpti
 	}
 	res.GenDelta = goInUse() - gen0
 	if hold := o.Hold - 10*time.Second; hold > 0 {
-		end := time.Now().Add(hold)
-		late := end.Add(-o.Hold / 2)
+		late := time.Now().Add(hold - o.Hold/2)
+		done := time.NewTimer(hold)
+		defer done.Stop()
 		tick := time.NewTicker(5 * time.Second)
 		defer tick.Stop()
-		for now := time.Now(); now.Before(end); now = time.Now() {
-			if !now.Before(late) {
-				res.LateMax = max(res.LateMax, srv.Mem().RSS)
-			}
+	sample:
+		for {
 			select {
-			case <-tick.C:
-			case <-time.After(time.Until(end)):
+			case now := <-tick.C:
+				if !now.Before(late) {
+					res.LateMax = max(res.LateMax, srv.Mem().RSS)
+				}
+			case <-done.C:
+				break sample
 			case <-ctx.Done():
 				return res, ctx.Err()
 			}
