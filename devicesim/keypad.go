@@ -19,8 +19,9 @@ type CodeResult struct {
 }
 
 // EnterCode types code on the keypad. The locker checks it offline against
-// its credential set (HMAC with cred_key), not_after, single use and the
-// lockout policy; it reports code_accepted or code_rejected, and on accept
+// its credential set (HMAC with cred_key), not_after, single use (across
+// the forms of one credential: the set's group extension) and the lockout
+// policy; it reports code_accepted or code_rejected, and on accept
 // opens the credential's compartments. The driver takes the items (the doors
 // close unoccupied after DoorCloseDelay) unless Behavior says they leave one.
 func (l *Locker) EnterCode(code string) CodeResult {
@@ -59,6 +60,14 @@ func (l *Locker) EnterCode(code string) CodeResult {
 	}
 
 	l.used[match.ID] = true
+	if match.Group > 0 {
+		// The other forms of the same code are spent with it.
+		for _, c := range l.creds.Creds {
+			if c.Group == match.Group {
+				l.used[c.ID] = true
+			}
+		}
+	}
 	l.failures = l.failures[:0]
 	type opening struct {
 		c   *compartment

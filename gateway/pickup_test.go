@@ -400,6 +400,38 @@ func TestPickupOffline(t *testing.T) {
 	e.waitState(t, p.ID, pickup.PickedUp)
 }
 
+// TestPINAndQROneUseOffline: a pickup's PIN and QR token are two forms of
+// one single-use credential. Offline, the locker itself must refuse the QR
+// once the PIN opened the compartment (the set's group extension), and the
+// gateway, told later, raises no alert.
+func TestPINAndQROneUseOffline(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	p := e.create(t, "OFF-3", "S", time.Hour)
+	cred := e.waitState(t, p.ID, pickup.Ready).Credential
+	if cred == nil || cred.Code == "" || cred.QR == "" {
+		t.Fatalf("credential %+v: want a PIN and a QR token", cred)
+	}
+	e.waitCreds(t, p.Locker)
+	l := e.sim.Locker(p.Locker)
+	l.Disconnect()
+	if r := l.EnterCode(cred.Code); !r.Accepted {
+		t.Fatalf("offline PIN: %+v", r)
+	}
+	if r := l.EnterCode(cred.QR); r.Accepted || r.Reason != protocol.RejectUsed {
+		t.Fatalf("offline QR after its PIN: %+v, want rejected as used", r)
+	}
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(rctx); err != nil {
+		t.Fatal(err)
+	}
+	e.waitState(t, p.ID, pickup.PickedUp)
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, p.Locker); n != 0 {
+		t.Fatalf("%d code_not_live alerts, want none", n)
+	}
+}
+
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
 // is offline still opens with its code there (the locker validates codes
 // itself, from the set it holds). When the locker reports the use, staff

@@ -424,11 +424,12 @@ func maxLiveFor(limit int) int {
 	mac := protocol.CredMAC(make([]byte, 32), "")
 	at := time.Date(2026, 12, 31, 23, 59, 59, 999e6, time.UTC) // every digit of the milliseconds
 	set := protocol.CredSet{Version: math.MaxInt64, TS: protocol.T(at)}
+	var cs []Credential
 	for n := 0; n < protocol.MaxCompartments; n++ {
 		// Compartment numbers are any positive int (a vendor's own
 		// numbering), so the longest is assumed.
-		c := Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt}, NotAfter: at}
-		set.Creds = append(set.Creds, WireCredentials([]Credential{c})...)
+		cs = append(cs, Credential{ID: fleet.NewID("k"), PINMAC: mac, QRMAC: mac, Compartments: []int{math.MaxInt}, NotAfter: at})
+		set.Creds = WireCredentials(cs) // group numbers grow with the set
 		if len(protocol.Encode(set)) > limit {
 			return n
 		}
@@ -439,15 +440,37 @@ func maxLiveFor(limit int) int {
 // WireCredentials renders stored credentials as the locker's set entries.
 func WireCredentials(cs []Credential) []protocol.Credential {
 	out := make([]protocol.Credential, 0, 2*len(cs))
+	groups := 0
 	for _, c := range cs {
+		// The two forms of one code are one credential: a locker that
+		// honours group stops taking the QR once the PIN was used, offline
+		// too.
+		group := 0
+		if c.PINMAC != "" && c.QRMAC != "" {
+			groups++
+			group = groups
+		}
 		if c.PINMAC != "" {
-			out = append(out, protocol.Credential{ID: c.ID + pinSuffix, Kind: protocol.KindPIN, MAC: c.PINMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter)})
+			out = append(out, protocol.Credential{ID: c.ID + pinSuffix, Kind: protocol.KindPIN, MAC: c.PINMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter), Group: group})
 		}
 		if c.QRMAC != "" {
-			out = append(out, protocol.Credential{ID: c.ID + qrSuffix, Kind: protocol.KindQR, MAC: c.QRMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter)})
+			out = append(out, protocol.Credential{ID: c.ID + qrSuffix, Kind: protocol.KindQR, MAC: c.QRMAC, Compartments: c.Compartments, NotAfter: protocol.T(c.NotAfter), Group: group})
 		}
 	}
 	return out
+}
+
+// FitSet keeps a set within protocol.MaxPayload: a set past it (more live
+// pickups than MaxLivePerLocker, left from a release whose entries were
+// shorter) goes out without the groups, which only the offline single use
+// across a code's two forms needs, rather than not at all.
+func FitSet(set *protocol.CredSet) {
+	if len(set.Creds) <= 2*MaxLivePerLocker || len(protocol.Encode(set)) <= protocol.MaxPayload {
+		return
+	}
+	for i := range set.Creds {
+		set.Creds[i].Group = 0
+	}
 }
 
 func credentialID(wire string) string {

@@ -65,6 +65,7 @@ func (db *DB) retained(ctx context.Context, id string) (*fleet.Retained, error) 
 		return nil, fmt.Errorf("credential set: %w", err)
 	}
 	r.Creds.Creds = pickup.WireCredentials(cs)
+	pickup.FitSet(&r.Creds)
 	var job []byte
 	err = br.QueryRow().Scan(&job)
 	switch {

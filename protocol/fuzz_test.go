@@ -139,7 +139,8 @@ func FuzzDecodeCommandResult(f *testing.F) {
 func FuzzDecodeCredSet(f *testing.F) {
 	fuzzDecode[protocol.CredSet](f, seeds(f, []string{"creds.json"},
 		`{"version":1,"creds":[]}`, `{"version":1,"creds":null}`,
-		`{"version":2,"creds":[{"id":"k-1","kind":"qr","mac":"x","compartments":[1]},{"id":"k-2","kind":"pin","mac":"y","compartments":[2,3]}]}`)...)
+		`{"version":2,"creds":[{"id":"k-1","kind":"qr","mac":"x","compartments":[1]},{"id":"k-2","kind":"pin","mac":"y","compartments":[2,3]}]}`,
+		`{"version":3,"creds":[{"id":"k-1.p","kind":"pin","mac":"x","compartments":[1],"group":1},{"id":"k-1.q","kind":"qr","mac":"y","compartments":[1],"group":1}]}`)...)
 }
 
 func FuzzDecodeCredsAck(f *testing.F) {

@@ -451,6 +451,13 @@ type Credential struct {
 	MAC          string `json:"mac"`
 	Compartments []int  `json:"compartments"`
 	NotAfter     Time   `json:"not_after"`
+	// Group (an extension of v1) joins the entries of one set that are
+	// forms of one credential: the gateway hands a pickup's code out as a
+	// PIN and as a QR token, two entries with the same group number (1 and
+	// up, meaningful within the set; 0 or absent: none). Using one uses
+	// all; a locker that ignores the field keeps each entry single use on
+	// its own.
+	Group int `json:"group,omitempty"`
 }
 
 // CredSet is the full set of credentials valid at a locker (retained on creds).
@@ -468,6 +475,9 @@ func (s *CredSet) Validate() error {
 	for i, c := range s.Creds {
 		if !ValidID(c.ID) || (c.Kind != KindPIN && c.Kind != KindQR) || c.MAC == "" || len(c.Compartments) == 0 {
 			return fmt.Errorf("creds[%d]: want id, kind pin|qr, mac and compartments", i)
+		}
+		if c.Group < 0 {
+			return fmt.Errorf("creds[%d]: group must not be negative", i)
 		}
 		for _, n := range c.Compartments {
 			if n < 1 {

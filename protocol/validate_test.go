@@ -174,6 +174,9 @@ var validationCases = []struct {
 	{"CredSet/CredNoMAC", decCredSet, "creds.json", cred("mac", nil), false},
 	{"CredSet/CredNoCompartments", decCredSet, "creds.json", cred("compartments", []any{}), false},
 	{"CredSet/CredCompartment0", decCredSet, "creds.json", cred("compartments", []any{3, 0}), false},
+	{"CredSet/CredGroup", decCredSet, "creds.json", cred("group", 7), true},
+	{"CredSet/CredGroupNegative", decCredSet, "creds.json", cred("group", -1), false},
+	{"CredSet/CredGroupString", decCredSet, "creds.json", cred("group", "k-91a"), false},
 	{"CredsAck/Zero", decCredsAck, "creds_ack.json", set("version", 0), true},
 	{"CredsAck/NegativeVersion", decCredsAck, "creds_ack.json", set("version", -1), false},
 
