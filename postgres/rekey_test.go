@@ -311,7 +311,7 @@ func TestReadyEventNamesTheCurrentCredential(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := e.db.CreateWebhook(ctx, &webhook.Webhook{ID: "wh-1", TokenID: tok.ID, Role: fleet.RoleOperator,
-		URL: "https://example.com/hook", Events: []string{pickup.EventReady}, CreatedAt: time.Now()}, []byte("secret")); err != nil {
+		URL: "https://example.com/hook", Events: []string{pickup.EventReady}, CreatedAt: time.Now()}, []byte("secret"), webhook.MaxPerToken); err != nil {
 		t.Fatal(err)
 	}
 	p := &pickup.Pickup{ID: "p-evt", Site: "s1", OrderRef: "EVT-1", Size: "M", Zone: "ambient",

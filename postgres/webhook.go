@@ -24,11 +24,26 @@ func scanWebhook(row pgx.Row, extra ...any) (*webhook.Webhook, error) {
 	return &w, err
 }
 
-// CreateWebhook implements webhook.Store.
-func (db *DB) CreateWebhook(ctx context.Context, w *webhook.Webhook, secretEnc []byte) error {
-	return db.pool.QueryRow(ctx, `INSERT INTO webhooks (id, token_id, role, site, platform, url, events, secret_enc)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at`,
-		w.ID, w.TokenID, w.Role, w.Site, w.Platform, w.URL, w.Events, secretEnc).Scan(&w.CreatedAt)
+// CreateWebhook implements webhook.Store. The token's advisory lock makes
+// the count and the insert one step: concurrent creates (on any instance)
+// take turns. The count is a statement of its own after the lock, so that
+// its snapshot holds what the lock's last holder committed.
+func (db *DB) CreateWebhook(ctx context.Context, w *webhook.Webhook, secretEnc []byte, limit int) error {
+	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/webhooks/' || $1, 0))`, w.TokenID); err != nil {
+			return err
+		}
+		var n int
+		if err := tx.QueryRow(ctx, `SELECT count(*) FROM webhooks WHERE token_id = $1 AND deleted_at IS NULL`, w.TokenID).Scan(&n); err != nil {
+			return err
+		}
+		if n >= limit {
+			return webhook.ErrTooMany
+		}
+		return tx.QueryRow(ctx, `INSERT INTO webhooks (id, token_id, role, site, platform, url, events, secret_enc)
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at`,
+			w.ID, w.TokenID, w.Role, w.Site, w.Platform, w.URL, w.Events, secretEnc).Scan(&w.CreatedAt)
+	})
 }
 
 // GetWebhook implements webhook.Store: a webhook whose token was revoked

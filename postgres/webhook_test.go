@@ -2,6 +2,7 @@ package postgres_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -82,5 +83,51 @@ func TestWebhookLeases(t *testing.T) {
 	}
 	if state != "delivered" || attempts != 2 {
 		t.Fatalf("after a late failed copy: %s with %d attempts logged, want delivered with 2", state, attempts)
+	}
+}
+
+// TestWebhookCapConcurrent: creates racing for one token stop at the
+// limit, whichever connections they run on.
+func TestWebhookCapConcurrent(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy')`); err != nil {
+		t.Fatal(err)
+	}
+	const limit, tries = 5, 24
+	errs := make(chan error, tries)
+	start := make(chan struct{})
+	for i := range tries {
+		go func() {
+			<-start
+			w := &webhook.Webhook{ID: fmt.Sprintf("wh-%d", i), TokenID: "t-1", Role: "platform", Platform: "speedy",
+				URL: "https://hooks.example/", Events: []string{"pickup.ready"}}
+			errs <- db.CreateWebhook(ctx, w, []byte{0}, limit)
+		}()
+	}
+	close(start)
+	created := 0
+	for range tries {
+		switch err := <-errs; {
+		case err == nil:
+			created++
+		case !errors.Is(err, webhook.ErrTooMany):
+			t.Errorf("create: %v, want nil or ErrTooMany", err)
+		}
+	}
+	if created != limit {
+		t.Fatalf("%d webhooks created, want %d", created, limit)
+	}
+	ws, err := db.ListWebhooks(ctx, "t-1")
+	if err != nil || len(ws) != limit {
+		t.Fatalf("listed %d (%v), want %d", len(ws), err, limit)
+	}
+	// A deleted one frees its place.
+	if err := db.DeleteWebhook(ctx, ws[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.CreateWebhook(ctx, &webhook.Webhook{ID: "wh-again", TokenID: "t-1", Role: "platform", Platform: "speedy",
+		URL: "https://hooks.example/", Events: []string{"pickup.ready"}}, []byte{0}, limit); err != nil {
+		t.Fatalf("after a delete: %v", err)
 	}
 }

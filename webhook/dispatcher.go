@@ -75,6 +75,9 @@ const perWebhook = 2
 // everyone's deliveries.
 const MaxPerToken = 20
 
+// ErrTooMany is the store's answer to a create past MaxPerToken.
+var ErrTooMany = errors.New("too many webhooks for one token")
+
 // New returns a Dispatcher.
 func New(o Options) (*Dispatcher, error) {
 	if o.Store == nil {
@@ -121,14 +124,13 @@ func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
 	if len(w.Events) == 0 {
 		return "", fmt.Errorf("%w: events must list at least one event type", fleet.ErrInvalid)
 	}
-	if ws, err := d.o.Store.ListWebhooks(ctx, w.TokenID); err != nil {
-		return "", err
-	} else if len(ws) >= MaxPerToken {
-		return "", fmt.Errorf("%w: a token may have at most %d webhooks; delete one first", fleet.ErrUnprocessable, MaxPerToken)
-	}
 	w.ID = fleet.NewID("wh")
 	secret := provisioning.NewSecret("whsec_")
-	if err := d.o.Store.CreateWebhook(ctx, w, d.seal.seal(secret, w.ID)); err != nil {
+	err := d.o.Store.CreateWebhook(ctx, w, d.seal.seal(secret, w.ID), MaxPerToken)
+	if errors.Is(err, ErrTooMany) {
+		return "", fmt.Errorf("%w: a token may have at most %d webhooks; delete one first", fleet.ErrUnprocessable, MaxPerToken)
+	}
+	if err != nil {
 		return "", err
 	}
 	return secret, nil

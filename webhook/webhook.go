@@ -70,7 +70,10 @@ type Outcome struct {
 
 // Store is the outbox.
 type Store interface {
-	CreateWebhook(ctx context.Context, w *Webhook, secretEnc []byte) error
+	// CreateWebhook stores w unless its token has limit live webhooks
+	// already (ErrTooMany); concurrent creates for one token take turns, so
+	// none passes the limit.
+	CreateWebhook(ctx context.Context, w *Webhook, secretEnc []byte, limit int) error
 	GetWebhook(ctx context.Context, id string) (*Webhook, []byte, error)
 	ListWebhooks(ctx context.Context, tokenID string) ([]Webhook, error)
 	DeleteWebhook(ctx context.Context, id string) error
