@@ -185,6 +185,15 @@ func Rules() []Rule {
 				"2. Call the site; consider disabling affected compartments (set_service command) until inspected.",
 		},
 		{
+			Alert: "LockergateLockerClocksWrong", Severity: "warning", For: "15m",
+			Expr:        `max by (job) (lockergate_alerts_open{kind="clock_skew"}) > 0`,
+			Summary:     "Lockers run with a clock too far off",
+			Description: "At least one locker's clock was more than 30 s from the gateway's at its last connect. A locker judges pickup codes' not_after and commands' expires_at by its own clock: one behind takes codes and commands past their expiry.",
+			Runbook: "1. Which lockers: SELECT device_id, detail, raised_at FROM alerts WHERE kind = 'clock_skew' AND cleared_at IS NULL; GET /v1/lockers/{id} shows clock_offset_ms.\n" +
+				"2. Many at one site: the store network blocks NTP. One model or firmware: its clock or time sync is broken.\n" +
+				"3. The alert clears at the locker's next connect with its clock right (a reboot command reconnects it).",
+		},
+		{
 			Alert: "LockergateCredentialGuessing", Severity: "warning", For: "10m",
 			Expr:        `sum by (job) (rate(lockergate_mqtt_auth_failures_total{reason=~"bad_credentials|unknown_device|client_id_mismatch|unknown_claim"}[5m])) > 1`,
 			Summary:     "MQTT CONNECTs with wrong credentials keep arriving",

@@ -175,6 +175,14 @@ func RuleTests() []RuleTest {
 			Evals:  []Eval{fires("20m", "LockergateTamperSpike", jobOnly())},
 		},
 		{
+			Name: "A locker's clock is off for 20 minutes; other open alerts do not count.",
+			Series: []Series{
+				{`lockergate_alerts_open{` + testTarget + `, kind="clock_skew"}`, "0 1x30"},
+				{`lockergate_alerts_open{` + testTarget + `, kind="door_ajar"}`, "5x30"},
+			},
+			Evals: []Eval{quiet("10m", "LockergateLockerClocksWrong"), fires("20m", "LockergateLockerClocksWrong", jobOnly())},
+		},
+		{
 			Name: "Two refused CONNECTs a second with bad credentials; backend errors do not count.",
 			Series: []Series{
 				{`lockergate_mqtt_auth_failures_total{` + testTarget + `, reason="bad_credentials"}`, "0+120x30"},

@@ -26,6 +26,9 @@ func FleetOverview() *Dashboard {
 				{Kind: Stat, Title: "Doors ajar now", Unit: "short", Thresholds: warnAt(1, 10),
 					Description: "Open door_ajar alerts (fleet-wide): compartments left open past the configured time.",
 					Targets:     []Target{{Expr: "max(" + vec("lockergate_alerts_open", `kind="door_ajar"`) + ")"}}},
+				{Kind: Stat, Title: "Clocks off", Unit: "short", Thresholds: warnAt(1, 10),
+					Description: "Open clock_skew alerts (fleet-wide): lockers whose clock was more than 30 s from the gateway's at their last connect. They judge code and command expiry by it.",
+					Targets:     []Target{{Expr: "max(" + vec("lockergate_alerts_open", `kind="clock_skew"`) + ")"}}},
 			}},
 			{Title: "Presence", Panels: []Panel{
 				withMin0(ts("Online, registered, stale", "Fleet-wide counts from the database, refreshed every 15 s.", "short",
@@ -55,7 +58,7 @@ func FleetOverview() *Dashboard {
 					q("sum("+rate("lockergate_events_duplicates_total", "")+")", "duplicates"))),
 			}},
 			{Title: "Alerts", Panels: []Panel{
-				withMin0(ts("Locker alerts raised in the last hour", "Alerts raised from events and health, by kind: door_ajar, tamper, on_battery, door_fault, code_lockout.", "short",
+				withMin0(ts("Locker alerts raised in the last hour", "Alerts raised from events, health and births, by kind: door_ajar, tamper, on_battery, door_fault, code_lockout, clock_skew.", "short",
 					q("sum by (kind) (increase("+vec("lockergate_alerts_raised_total", "")+"[1h]))", "{{kind}}"))),
 				withMin0(ts("Pickup alerts raised in the last hour", "Alerts of the handoff: staged_empty, pickup_expired (a no-show to retrieve), pickup_not_taken, pickup_removed, code_not_live (opened by a code no longer live).", "short",
 					q("sum by (kind) (increase("+vec("lockergate_pickup_alerts_total", "")+"[1h]))", "{{kind}}"))),

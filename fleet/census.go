@@ -26,7 +26,7 @@ type Census struct {
 
 // StatefulAlerts are the alert kinds that clear when their condition ends,
 // so that an open count means "now" (the others stay open for a person).
-var StatefulAlerts = []string{AlertDoorAjar, AlertDoorFault, AlertOnBattery}
+var StatefulAlerts = []string{AlertDoorAjar, AlertDoorFault, AlertOnBattery, AlertClockSkew}
 
 // DefaultCensusInterval is how often the census gauges are refreshed.
 const DefaultCensusInterval = 15 * time.Second

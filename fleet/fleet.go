@@ -73,9 +73,13 @@ type Locker struct {
 	ConfigVersion  int64           `json:"config_version"`
 	CredsVersion   int64           `json:"creds_version"`
 	CredsAcked     int64           `json:"creds_acked"`
-	CredsCurrent   bool            `json:"creds_current"`
-	Compartments   []Compartment   `json:"compartments,omitempty"`
-	CreatedAt      time.Time       `json:"created_at"`
+	// ClockOffsetMS is how far the locker's clock was ahead of the
+	// gateway's (negative: behind) at its last birth; nil when that birth
+	// had no ts.
+	ClockOffsetMS *int64        `json:"clock_offset_ms,omitempty"`
+	CredsCurrent  bool          `json:"creds_current"`
+	Compartments  []Compartment `json:"compartments,omitempty"`
+	CreatedAt     time.Time     `json:"created_at"`
 }
 
 // LockerFilter selects lockers for a list.

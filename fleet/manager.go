@@ -81,6 +81,11 @@ type Options struct {
 	// CensusInterval is how often the fleet-wide gauges (registered, stale,
 	// flapping lockers, open alerts) are counted. Default 15s.
 	CensusInterval time.Duration
+	// MaxClockSkew is how far a locker's clock may be from the gateway's,
+	// as its birth shows, before a clock_skew alert is raised (a locker
+	// judges codes' not_after and commands' expires_at by its own clock).
+	// Default DefaultMaxClockSkew; negative: never judged.
+	MaxClockSkew time.Duration
 	// DrainTimeout bounds writing what is queued at shutdown. Default 10s.
 	DrainTimeout time.Duration
 	// Now is the clock; default time.Now.
@@ -192,6 +197,9 @@ func New(opts Options) (*Manager, error) {
 	}
 	if opts.CensusInterval <= 0 {
 		opts.CensusInterval = DefaultCensusInterval
+	}
+	if opts.MaxClockSkew == 0 {
+		opts.MaxClockSkew = DefaultMaxClockSkew
 	}
 	if opts.Config.Version == 0 {
 		opts.Config = DefaultConfig
@@ -860,6 +868,32 @@ func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
 	return &AlertChange{Raise: &a}
 }
 
+// DefaultMaxClockSkew is Options.MaxClockSkew's default: the default
+// unlock lifetime, 30 s. A locker further off than that could run a
+// command well past its expiry, or take a code for longer than it is good.
+const DefaultMaxClockSkew = 30 * time.Second
+
+// checkClock raises a clock_skew alert when a birth's ts is further than
+// MaxClockSkew from its arrival. A birth is sent right after connecting, so
+// its arrival is the best reading of the locker's clock the gateway gets;
+// a birth within the bound clears the alert (Store.RecordBirth).
+func (m *Manager) checkClock(ctx context.Context, id string, p *protocol.Presence, at time.Time) {
+	if p.TS.IsZero() || m.opts.MaxClockSkew < 0 {
+		return
+	}
+	off := p.TS.Sub(at)
+	if off.Abs() <= m.opts.MaxClockSkew {
+		return
+	}
+	way := "ahead of"
+	if off < 0 {
+		way = "behind"
+	}
+	m.alert(ctx, Alert{DeviceID: id, Kind: AlertClockSkew, RaisedAt: at,
+		Detail: fmt.Sprintf("clock %s %s the gateway's (birth ts %s): the locker judges code and command expiry by it; set its time (NTP)",
+			off.Abs().Round(time.Second), way, protocol.FormatTime(p.TS.Time))})
+}
+
 // alert raises a, and reports whether it was stored (raised, or open
 // already); a failure is logged.
 func (m *Manager) alert(ctx context.Context, a Alert) bool {
@@ -1026,9 +1060,12 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			m.syncDevice(ctx, c.id)
 		}
-		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirth(ctx, c.id, p, c.at) }); err != nil {
+		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
+			return m.store.RecordBirth(ctx, c.id, p, c.at, m.opts.MaxClockSkew)
+		}); err != nil {
 			m.log.Error("record birth", "locker", c.id, "err", err)
 		}
+		m.checkClock(ctx, c.id, p, c.at)
 		if m.opts.Firmware != nil && p.FW != "" { // no version, nothing to confirm
 			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
 		}

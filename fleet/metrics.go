@@ -43,7 +43,7 @@ var (
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "publish_retained"}
 	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
-	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout}
+	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout, AlertClockSkew}
 )
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -129,7 +129,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		alertsOpen: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "lockergate_alerts_open",
-			Help: "Open stateful alerts (door_ajar, door_fault, on_battery), by kind (fleet-wide).",
+			Help: "Open stateful alerts (door_ajar, door_fault, on_battery, clock_skew), by kind (fleet-wide).",
 		}, []string{"kind"}),
 	}
 	for _, ch := range metricChannels {

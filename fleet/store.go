@@ -27,8 +27,10 @@ type Store interface {
 	// shutdown or a network outage ends thousands at once): each locker goes
 	// offline unless a newer session of it started after its end.
 	MarkOfflineMany(ctx context.Context, ends []SessionEnd) error
-	// RecordBirth stores what a birth message says about the locker.
-	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error
+	// RecordBirth stores what a birth message, received at at, says about
+	// the locker, with its clock offset (p.TS - at; none when p has no ts).
+	// An offset within maxSkew clears the locker's clock_skew alert.
+	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, maxSkew time.Duration) error
 
 	// InsertHealth stores a batch of health messages and, in the same
 	// transaction, the latest health of the lockers in latest (either may
@@ -134,6 +136,9 @@ const (
 	AlertCodeLockout   = "code_lockout"
 	AlertStagedEmpty   = "staged_empty"
 	AlertPickupExpired = "pickup_expired"
+	// AlertClockSkew: a locker's clock is further than
+	// Options.MaxClockSkew from the gateway's.
+	AlertClockSkew = "clock_skew"
 )
 
 // Alert is something an operator or store should look at.

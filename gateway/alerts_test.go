@@ -3,9 +3,13 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -68,4 +72,98 @@ func TestAlerts(t *testing.T) {
 	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="door_ajar"}`); err != nil || v != 2 {
 		t.Fatalf("door_ajar alerts raised: %v (%v), want 2", v, err)
 	}
+}
+
+// TestClockSkewAlert: a birth whose ts is further from the gateway's clock
+// than fleet.DefaultMaxClockSkew opens one clock_skew alert (the locker
+// judges code and command expiry by that clock); the locker's offset shows
+// in the API; a birth within the bound clears the alert, and one without a
+// ts tells nothing.
+func TestClockSkewAlert(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-CLK-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	birth := func(payload string) {
+		t.Helper()
+		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanPresence), 1, true, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("publish birth: %v", tk.Error())
+		}
+	}
+	offset := func(want func(*int64) error) {
+		t.Helper()
+		Eventually(t, 10*time.Second, "the locker's clock offset", func() error {
+			var l fleet.Locker
+			if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+				return err
+			}
+			return want(l.ClockOffsetMS)
+		})
+	}
+	near := func(want time.Duration) func(*int64) error {
+		return func(got *int64) error {
+			if got == nil || (time.Duration(*got)*time.Millisecond-want).Abs() > 5*time.Second {
+				return fmt.Errorf("clock_offset_ms %v, want about %d", got, want.Milliseconds())
+			}
+			return nil
+		}
+	}
+	openAlerts := func() []string {
+		t.Helper()
+		rows, err := tg.DB().Pool().Query(ctx, `SELECT detail FROM alerts WHERE device_id = $1 AND kind = 'clock_skew' AND cleared_at IS NULL`, id.DeviceID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		details, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return details
+	}
+	// The alert is raised right after the offset is stored.
+	waitOpen := func(saying string) {
+		t.Helper()
+		Eventually(t, 10*time.Second, "one open clock_skew alert saying "+saying, func() error {
+			if d := openAlerts(); len(d) != 1 || !strings.Contains(d[0], saying) {
+				return fmt.Errorf("open: %q", d)
+			}
+			return nil
+		})
+	}
+
+	behind := -10 * time.Minute
+	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now().Add(behind))))
+	offset(near(behind))
+	waitOpen(" behind the gateway")
+	// Still off at the next birth: the same alert stays open, counted once.
+	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now().Add(behind+time.Minute))))
+	offset(near(behind + time.Minute))
+	if d := openAlerts(); len(d) != 1 {
+		t.Fatalf("%d open clock_skew alerts after a second skewed birth, want 1", len(d))
+	}
+	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="clock_skew"}`); err != nil || v != 1 {
+		t.Fatalf("clock_skew alerts raised: %v (%v), want 1", v, err)
+	}
+	// A birth without ts: offset unknown, the alert left as it is.
+	birth(`{"online":true,"fw":"1.4.2"}`)
+	offset(func(got *int64) error {
+		if got != nil {
+			return fmt.Errorf("clock_offset_ms %d after a birth without ts, want none", *got)
+		}
+		return nil
+	})
+	if d := openAlerts(); len(d) != 1 {
+		t.Fatalf("%d open clock_skew alerts after a birth without ts, want 1", len(d))
+	}
+	// Set right: cleared.
+	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now())))
+	offset(near(0))
+	if d := openAlerts(); len(d) != 0 {
+		t.Fatalf("open clock_skew alerts %q after a birth on time, want none", d)
+	}
+	// Ahead is as wrong as behind.
+	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now().Add(2*time.Minute))))
+	offset(near(2 * time.Minute))
+	waitOpen(" ahead of the gateway")
 }

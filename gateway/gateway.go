@@ -116,7 +116,11 @@ type Options struct {
 	CensusInterval time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
-	Logger        *slog.Logger
+	// MaxClockSkew is how far a locker's clock may be off at its birth
+	// before a clock_skew alert (fleet.Options.MaxClockSkew; 0: 30 s;
+	// negative: never judged).
+	MaxClockSkew time.Duration
+	Logger       *slog.Logger
 }
 
 // Device authentication on an external broker.
@@ -345,7 +349,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
 		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
-		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval})
+		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew})
 	if err != nil {
 		return nil, err
 	}

@@ -20,7 +20,7 @@ import (
 
 const lockerCols = `d.id, d.serial, d.site, d.model, d.fw, d.online, d.disabled, d.replaceable, d.boot_id,
 	d.last_seen, d.connected_at, d.disconnected_at, d.disconnect_reason, d.connect_count, d.health, d.health_at,
-	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at,
+	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at, d.clock_offset_ms,
 	(SELECT count(*) FROM presence_log p WHERE p.device_id = d.id AND p.online AND p.ts > now() - interval '10 minutes')`
 
 func scanLocker(row pgx.Row) (*fleet.Locker, error) {
@@ -28,7 +28,7 @@ func scanLocker(row pgx.Row) (*fleet.Locker, error) {
 	var health []byte
 	err := row.Scan(&l.ID, &l.Serial, &l.Site, &l.Model, &l.FW, &l.Online, &l.Disabled, &l.Replaceable, &l.BootID,
 		&l.LastSeen, &l.ConnectedAt, &l.DisconnectedAt, &l.DisconnectReason, &l.ConnectCount, &health, &l.HealthAt,
-		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt, &l.RecentConnects)
+		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt, &l.ClockOffsetMS, &l.RecentConnects)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -153,10 +153,21 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 	return err
 }
 
-// RecordBirth implements fleet.Store.
-func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time) error {
-	_, err := db.pool.Exec(ctx, `UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
-		boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0 WHERE id = $1`, id, p.FW, p.Model, p.BootID, at)
+// RecordBirth implements fleet.Store: one statement, the alert's clearing
+// in it (an index probe of the open-alert index) rather than a round trip
+// more for every birth of a reconnect storm.
+func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, maxSkew time.Duration) error {
+	var off *int64
+	if !p.TS.IsZero() {
+		ms := p.TS.Sub(at).Milliseconds()
+		off = &ms
+	}
+	_, err := db.pool.Exec(ctx, `WITH clear AS (UPDATE alerts SET cleared_at = $5
+			WHERE device_id = $1 AND kind = '`+fleet.AlertClockSkew+`' AND cleared_at IS NULL
+				AND $6::bigint IS NOT NULL AND abs($6::bigint) <= $7::bigint)
+		UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
+			boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0, clock_offset_ms = $6 WHERE id = $1`,
+		id, p.FW, p.Model, p.BootID, at, off, maxSkew.Milliseconds())
 	return dataError(err)
 }
 

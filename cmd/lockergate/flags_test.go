@@ -17,6 +17,8 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--auth-stale-window", "soon"}, "want a positive duration such as 5m, or never"},
 		{[]string{"--auth-stale-window", "0s"}, "want a positive duration such as 5m, or never"},
 		{[]string{"--auth-stale-window", "-5m"}, "want a positive duration such as 5m, or never"},
+		{[]string{"--max-clock-skew", "0"}, "want a positive duration such as 30s, or never"},
+		{[]string{"--max-clock-skew", "a while"}, "want a positive duration such as 30s, or never"},
 		{[]string{"--no-such-flag"}, "flag provided but not defined"},
 	} {
 		var stderr bytes.Buffer

@@ -72,21 +72,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.BrokerAPIURL, "broker-api-url", "", "with --device-auth http: EMQX's REST API (https://emqx:18083), to end a disabled or replaced locker's live session")
 	fs.StringVar(&o.BrokerAPIKey, "broker-api-key", os.Getenv("LOCKERGATE_BROKER_API_KEY"), "its API key as key:secret (env LOCKERGATE_BROKER_API_KEY)")
 	fs.Func("auth-stale-window", "with --device-auth http: how long after it last heard a kick the auth hook admits a locker on the secret it last verified while the database does not answer (default 2m; never: refuse with 503; at most 24h)",
-		func(v string) error {
-			if v == "never" {
-				o.AuthStaleWindow = -1
-				return nil
-			}
-			d, err := time.ParseDuration(v)
-			if err != nil || d <= 0 {
-				return fmt.Errorf("want a positive duration such as 5m, or never")
-			}
-			o.AuthStaleWindow = d
-			return nil
-		})
+		durationOrNever(&o.AuthStaleWindow, "5m"))
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
+	fs.Func("max-clock-skew", "how far a locker's clock may be from the gateway's at its connect before a clock_skew alert (default 30s; never: not checked)",
+		durationOrNever(&o.MaxClockSkew, "30s"))
 	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: http:// and --http-addr, localhost for an unspecified host)")
 	// The demo is a lab on this machine: its webhooks may call receivers
 	// on it (a serve refuses them, against requests into private networks).
@@ -146,5 +137,22 @@ func printWhere(w io.Writer, g *gateway.Gateway) {
 		fmt.Fprintf(w, "  Admin token (created now): %s\n", g.AdminTokenPath())
 	} else {
 		fmt.Fprintf(w, "  Admin token: created at first start in %s\n", g.AdminTokenPath())
+	}
+}
+
+// durationOrNever parses a flag that takes a positive duration, or never
+// (stored as -1); example is shown in the error.
+func durationOrNever(dst *time.Duration, example string) func(string) error {
+	return func(v string) error {
+		if v == "never" {
+			*dst = -1
+			return nil
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			return fmt.Errorf("want a positive duration such as %s, or never", example)
+		}
+		*dst = d
+		return nil
 	}
 }
