@@ -145,11 +145,26 @@ const (
 type Alert struct {
 	ID          int64      `json:"id"`
 	DeviceID    string     `json:"locker"`
+	Site        string     `json:"site,omitempty"` // the locker's site (read only)
 	Kind        string     `json:"kind"`
 	Compartment int        `json:"compartment,omitempty"`
 	Detail      string     `json:"detail,omitempty"`
 	RaisedAt    time.Time  `json:"raised_at"`
 	ClearedAt   *time.Time `json:"cleared_at,omitempty"`
+	// ClearedBy is who cleared it by hand (an API token's actor); empty
+	// when the gateway cleared it (its condition ended) or it is open.
+	ClearedBy string `json:"cleared_by,omitempty"`
+}
+
+// AlertFilter selects alerts for a list, newest first.
+type AlertFilter struct {
+	Site, Locker, Kind string
+	// Open, when set, keeps only open (true) or only cleared (false) alerts.
+	Open  *bool
+	Since time.Time // raised at or after
+	// Before is the cursor: alerts with a smaller id (0: from the newest).
+	Before int64
+	Limit  int
 }
 
 // AlertChange is what an event does to its locker's alerts: Raise opens an

@@ -3,12 +3,15 @@ package gateway_test
 import (
 	"context"
 	"fmt"
+	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -166,4 +169,139 @@ func TestClockSkewAlert(t *testing.T) {
 	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now().Add(2*time.Minute))))
 	offset(near(2 * time.Minute))
 	waitOpen(" ahead of the gateway")
+}
+
+// alertPage is a GET /v1/alerts answer.
+type alertPage struct {
+	Items []fleet.Alert `json:"items"`
+	Next  string        `json:"next"`
+}
+
+// TestAlertsAPI: alerts raised by lockers at two sites are listed newest
+// first with filters and pages; a store sees and clears its site's only;
+// a clear is recorded with who did it and audited, and a second one is a
+// 409; bad filters are 400s.
+func TestAlertsAPI(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	raise := func(site, serial string, events ...string) string {
+		t.Helper()
+		id := MustProvision(t, tg, tg.MustSiteAndClaim(t, site, 1), serial)
+		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		for i, ev := range events {
+			payload := fmt.Sprintf(ev, fmt.Sprintf("e-%d", i), protocol.FormatTime(time.Now()))
+			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+				t.Fatalf("publish: %v", tk.Error())
+			}
+		}
+		return id.DeviceID
+	}
+	ajar := `{"id":"%s","ts":"%s","type":"door_ajar","compartment":2,"open_s":130}`
+	tamper := `{"id":"%s","ts":"%s","type":"tamper","detail":"housing opened"}`
+	lockerA := raise("site-a", "SN-ALA-1", ajar, tamper)
+	lockerB := raise("site-b", "SN-ALB-1", tamper)
+	Eventually(t, 10*time.Second, "three alerts", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM alerts`); n != 3 {
+			return fmt.Errorf("%d alerts", n)
+		}
+		return nil
+	})
+	list := func(c *client.Client, query string) alertPage {
+		t.Helper()
+		var p alertPage
+		q, err := url.ParseQuery(query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Get(ctx, "/v1/alerts", q, &p); err != nil {
+			t.Fatalf("GET /v1/alerts?%s: %v", query, err)
+		}
+		return p
+	}
+	kinds := func(p alertPage) []string {
+		var out []string
+		for _, a := range p.Items {
+			out = append(out, a.Site+"/"+a.Kind)
+		}
+		return out
+	}
+
+	all := list(tg.Admin, "")
+	if got, want := kinds(all), []string{"site-b/tamper", "site-a/tamper", "site-a/door_ajar"}; !slices.Equal(got, want) {
+		t.Fatalf("admin's list %v, want %v (newest first)", got, want)
+	}
+	if a := all.Items[2]; a.DeviceID != lockerA || a.Compartment != 2 || a.Detail != "open 130 s" || a.ClearedAt != nil {
+		t.Fatalf("door_ajar alert %+v", a)
+	}
+	// Pages of one.
+	first := list(tg.Admin, "limit=1")
+	second := list(tg.Admin, "limit=1&after="+first.Next)
+	if len(first.Items) != 1 || first.Next == "" || len(second.Items) != 1 || second.Items[0].ID != all.Items[1].ID {
+		t.Fatalf("pages %+v then %+v, want the list one by one", first, second)
+	}
+	if got := kinds(list(tg.Admin, "locker="+lockerB)); !slices.Equal(got, []string{"site-b/tamper"}) {
+		t.Fatalf("locker=%s: %v", lockerB, got)
+	}
+	if got := kinds(list(tg.Admin, "kind=door_ajar&site=site-a")); !slices.Equal(got, []string{"site-a/door_ajar"}) {
+		t.Fatalf("kind=door_ajar&site=site-a: %v", got)
+	}
+	if got := list(tg.Admin, "since="+url.QueryEscape(protocol.FormatTime(time.Now().Add(time.Hour)))); len(got.Items) != 0 {
+		t.Fatalf("since an hour from now: %v", kinds(got))
+	}
+
+	_, storeA := tg.MustToken(t, "store", "site-a", "front-desk-a")
+	_, platform := tg.MustToken(t, "platform", "", "speedy")
+	if got := kinds(list(storeA, "")); !slices.Equal(got, []string{"site-a/tamper", "site-a/door_ajar"}) {
+		t.Fatalf("site-a store's list %v, want its site's only", got)
+	}
+	tamperA, tamperB := all.Items[1].ID, all.Items[0].ID
+	clear := func(c *client.Client, id string) (int, fleet.Alert, error) {
+		var a fleet.Alert
+		status, err := c.Do(ctx, client.Request{Method: "POST", Path: "/v1/alerts/" + id + "/clear"}, &a)
+		return status, a, err
+	}
+	for _, tc := range []struct {
+		name   string
+		c      *client.Client
+		path   string
+		status int
+	}{
+		{"another site's list", storeA, "/v1/alerts?site=site-b", 403},
+		{"a platform", platform, "/v1/alerts", 403},
+		{"an unknown kind", tg.Admin, "/v1/alerts?kind=fire", 400},
+		{"open not a bool", tg.Admin, "/v1/alerts?open=maybe", 400},
+		{"since not a time", tg.Admin, "/v1/alerts?since=yesterday", 400},
+		{"a cursor not from an answer", tg.Admin, "/v1/alerts?after=x", 400},
+		{"a limit out of range", tg.Admin, "/v1/alerts?limit=0", 400},
+	} {
+		if status, err := tc.c.Do(ctx, client.Request{Method: "GET", Path: tc.path}, nil); status != tc.status {
+			t.Errorf("%s (%s): %d %v, want %d", tc.name, tc.path, status, err, tc.status)
+		}
+	}
+	if status, _, err := clear(storeA, fmt.Sprint(tamperB)); status != 403 {
+		t.Fatalf("site-a store clears site-b's alert: %d %v, want 403", status, err)
+	}
+	for _, id := range []string{"999999", "abc", "-1"} {
+		if status, _, err := clear(tg.Admin, id); status != 404 {
+			t.Errorf("clear alert %q: %d %v, want 404", id, status, err)
+		}
+	}
+
+	status, cleared, err := clear(storeA, fmt.Sprint(tamperA))
+	if status != 200 || cleared.ID != tamperA || cleared.ClearedAt == nil || cleared.ClearedBy != "store:front-desk-a" || cleared.Site != "site-a" {
+		t.Fatalf("clear: %d %+v %v; want 200, cleared by store:front-desk-a", status, cleared, err)
+	}
+	if status, _, err := clear(tg.Admin, fmt.Sprint(tamperA)); status != 409 || !strings.Contains(err.Error(), "was cleared at") {
+		t.Fatalf("clear again: %d %v, want 409 saying when", status, err)
+	}
+	if got := kinds(list(storeA, "open=true")); !slices.Equal(got, []string{"site-a/door_ajar"}) {
+		t.Fatalf("open=true: %v", got)
+	}
+	if got := list(storeA, "open=false"); len(got.Items) != 1 || got.Items[0].ID != tamperA || got.Items[0].ClearedBy != "store:front-desk-a" {
+		t.Fatalf("open=false: %+v", got.Items)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'store:front-desk-a'
+		AND locker = $1 AND site = 'site-a' AND detail->>'alert' = $2`, lockerA, fmt.Sprint(tamperA)); n != 1 {
+		t.Fatalf("%d alert.clear audit entries, want 1", n)
+	}
 }

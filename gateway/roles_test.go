@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -222,6 +223,15 @@ func TestRoles(t *testing.T) {
 		return map[string]int{"admin": s, "operator": denied, "store": s, "platform": s}
 	}
 	get := func(path string) client.Request { return client.Request{Method: "GET", Path: path} }
+	// newAlert opens an alert at locker, as an event would, and returns its id.
+	newAlert := func(locker string) string {
+		var id int64
+		if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'tamper', 'role matrix') RETURNING id`,
+			locker).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		return strconv.FormatInt(id, 10)
+	}
 	command := func(locker string, body map[string]any) client.Request {
 		return client.Request{Method: "POST", Path: "/v1/lockers/" + locker + "/commands", Body: body}
 	}
@@ -432,6 +442,27 @@ func TestRoles(t *testing.T) {
 			req:  func(roleEnv) client.Request { return client.Request{Method: "DELETE", Path: "/v1/tokens/" + victim} },
 			want: map[string]int{"admin": gone, "operator": denied, "store": denied, "platform": denied}},
 		{name: "GET /v1/audit", op: "GET /v1/audit", req: func(roleEnv) client.Request { return get("/v1/audit") }, want: fleetOnly(ok)},
+
+		// Alerts: stores see and clear their site's. Each clear is of an
+		// alert made for that request, so every role that may clear can.
+		{name: "GET /v1/alerts", op: "GET /v1/alerts", req: func(roleEnv) client.Request { return get("/v1/alerts") }, want: siteWide(ok, ok),
+			check: func(t *testing.T, e roleEnv, body json.RawMessage) {
+				var l struct{ Items []fleet.Alert }
+				if err := json.Unmarshal(body, &l); err != nil {
+					t.Fatal(err)
+				}
+				for _, a := range l.Items {
+					if e.roleOf() == "store" && a.Site != e.own {
+						t.Errorf("alert %d of %s in a list for a store of %s", a.ID, a.Site, e.own)
+					}
+				}
+			}},
+		{name: "GET /v1/alerts?site=other", op: "GET /v1/alerts",
+			req: func(e roleEnv) client.Request { return get("/v1/alerts?site=" + e.other) }, want: siteWide(ok, denied)},
+		{name: "POST /v1/alerts/{id}/clear own", op: "POST /v1/alerts/{id}/clear",
+			req: func(e roleEnv) client.Request { return post("/v1/alerts/"+newAlert(e.ownLockers[0])+"/clear", nil) }, want: siteWide(ok, ok)},
+		{name: "POST /v1/alerts/{id}/clear other", op: "POST /v1/alerts/{id}/clear",
+			req: func(e roleEnv) client.Request { return post("/v1/alerts/"+newAlert(e.othLocker[0])+"/clear", nil) }, want: siteWide(ok, denied)},
 
 		// Pickups: every role may create them; stores at their site, the
 		// platform for itself.

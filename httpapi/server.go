@@ -38,6 +38,9 @@ type Store interface {
 	ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error)
 	Audit(ctx context.Context, e fleet.AuditEntry) error
 	ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error)
+	QueryAlerts(ctx context.Context, f fleet.AlertFilter) ([]fleet.Alert, error)
+	GetAlert(ctx context.Context, id int64) (*fleet.Alert, error)
+	ClearAlert(ctx context.Context, id int64, actor string, at time.Time) (*fleet.Alert, error)
 	GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error)
 	ClaimIdempotent(ctx context.Context, actor, key, route string, bodyHash []byte) (bool, error)
 	FinishIdempotent(ctx context.Context, actor, key string, status int, response []byte) error
@@ -286,6 +289,8 @@ func (s *Server) table() []route {
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
+		{"GET", "/v1/alerts", siteRoles, false, s.listAlerts},
+		{"POST", "/v1/alerts/{id}/clear", siteRoles, false, s.clearAlert},
 	}, slices.Concat(s.pickupTable(), s.firmwareTable(), s.brokerAuthTable())...)
 }
 

@@ -40,6 +40,7 @@ commands:
   claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
   tokens create --role R --name N [--site S] | tokens revoke ID
   audit [--locker ID] [--actor A] [--since RFC3339]
+  alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339] | alerts clear ID
 ` + firmwareUsage + `
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
              LOCKERGATE_TOKEN (default: DIR/admin.token when readable),
@@ -145,13 +146,7 @@ func (c *cli) dispatch(args []string) error {
 			return c.print(out, nil)
 		})
 	case "lockers rotate-codes":
-		return c.oneArg(args, func(id string) error {
-			var out map[string]any
-			if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPost, Path: "/v1/lockers/" + url.PathEscape(id) + "/rotate-codes"}, &out); err != nil {
-				return err
-			}
-			return c.print(out, nil)
-		})
+		return c.postOne(args, "/v1/lockers/%s/rotate-codes")
 	case "unlock":
 		return c.unlock(args)
 	case "sites list":
@@ -199,6 +194,20 @@ func (c *cli) dispatch(args []string) error {
 			return usageError(err.Error())
 		}
 		return c.list("/v1/audit", url.Values{"locker": {*locker}, "actor": {*actor}, "since": {*since}}, []string{"ts", "actor", "action", "locker", "site"})
+	case "alerts list":
+		fs := c.flags("alerts list")
+		site := fs.String("site", "", "site")
+		locker := fs.String("locker", "", "locker id")
+		kind := fs.String("kind", "", "alert kind")
+		open := fs.String("open", "", "true (open only) or false (cleared only)")
+		since := fs.String("since", "", "RFC 3339 time")
+		if err := fs.Parse(args); err != nil {
+			return usageError(err.Error())
+		}
+		q := url.Values{"site": {*site}, "locker": {*locker}, "kind": {*kind}, "open": {*open}, "since": {*since}}
+		return c.list("/v1/alerts", q, []string{"id", "raised_at", "site", "locker", "compartment", "kind", "detail", "cleared_at"})
+	case "alerts clear":
+		return c.postOne(args, "/v1/alerts/%s/clear")
 	}
 	return usageError("unknown command: " + key)
 }
@@ -214,6 +223,18 @@ func (c *cli) oneArg(args []string, f func(string) error) error {
 		return usageError("want exactly one id")
 	}
 	return f(args[0])
+}
+
+// postOne posts without a body to pathFmt with the one id in args (its %s)
+// and prints the answer.
+func (c *cli) postOne(args []string, pathFmt string) error {
+	return c.oneArg(args, func(id string) error {
+		var out map[string]any
+		if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPost, Path: fmt.Sprintf(pathFmt, url.PathEscape(id))}, &out); err != nil {
+			return err
+		}
+		return c.print(out, nil)
+	})
 }
 
 func (c *cli) show(path string) error {
