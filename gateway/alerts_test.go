@@ -13,7 +13,9 @@ import (
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 // TestAlerts: events and health raise alerts once while the condition lasts,
@@ -303,5 +305,102 @@ func TestAlertsAPI(t *testing.T) {
 	if n := tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'store:front-desk-a'
 		AND locker = $1 AND site = 'site-a' AND detail->>'alert' = $2`, lockerA, fmt.Sprint(tamperA)); n != 1 {
 		t.Fatalf("%d alert.clear audit entries, want 1", n)
+	}
+}
+
+// TestAlertWebhooks: a webhook that asks for alert.raised gets each new
+// alert in its scope, signed, once: an operator's every alert, a site-a
+// store's site-a's only; a webhook that did not ask gets none, and a
+// platform may not ask (403).
+func TestAlertWebhooks(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claimA, claimB := tg.MustSiteAndClaim(t, "site-a", 1), tg.MustSiteAndClaim(t, "site-b", 1)
+	_, storeA := tg.MustToken(t, "store", "site-a", "front-desk-a")
+	_, operator := tg.MustToken(t, "operator", "", "ops")
+	_, platform := tg.MustToken(t, "platform", "", "speedy")
+	hook := func(c *client.Client, events ...string) *receiver {
+		t.Helper()
+		rc, srv := newReceiver(t, 0)
+		var out struct {
+			Secret string `json:"secret"`
+		}
+		if err := c.Post(ctx, "/v1/webhooks", map[string]any{"url": srv.URL, "events": events}, &out); err != nil {
+			t.Fatalf("create webhook: %v", err)
+		}
+		rc.secret = out.Secret
+		return rc
+	}
+	storeHook := hook(storeA, webhook.EventAlertRaised)
+	opsHook := hook(operator, webhook.EventAlertRaised, pickup.EventReady)
+	pickupsOnly := hook(operator) // the default: pickup events only
+	if status, err := platform.Do(ctx, client.Request{Method: "POST", Path: "/v1/webhooks",
+		Body: map[string]any{"url": "https://hooks.example/", "events": []string{webhook.EventAlertRaised}}}, nil); status != 403 {
+		t.Fatalf("a platform's alert.raised webhook: %d %v, want 403", status, err)
+	}
+
+	raise := func(claim, serial, event string) string {
+		t.Helper()
+		id := MustProvision(t, tg, claim, serial)
+		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		payload := fmt.Sprintf(event, protocol.FormatTime(time.Now()))
+		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+			t.Fatalf("publish: %v", tk.Error())
+		}
+		return id.DeviceID
+	}
+	lockerA := raise(claimA, "SN-WHA-1", `{"id":"e-1","ts":"%s","type":"door_ajar","compartment":3,"open_s":130}`)
+	lockerB := raise(claimB, "SN-WHB-1", `{"id":"e-1","ts":"%s","type":"tamper","detail":"housing opened"}`)
+
+	Eventually(t, 15*time.Second, "both alerts at the operator's webhook", func() error {
+		if got := opsHook.types(); len(got) != 2 {
+			return fmt.Errorf("got %v", got)
+		}
+		return nil
+	})
+	Eventually(t, 15*time.Second, "site-a's alert at the store's webhook", func() error {
+		if got := storeHook.types(); len(got) != 1 {
+			return fmt.Errorf("got %v", got)
+		}
+		return nil
+	})
+	ev := storeHook.event(webhook.EventAlertRaised)
+	data, _ := ev["data"].(map[string]any)
+	var alertID int64
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT id FROM alerts WHERE device_id = $1`, lockerA).Scan(&alertID); err != nil {
+		t.Fatal(err)
+	}
+	if data["locker"] != lockerA || data["site"] != "site-a" || data["kind"] != "door_ajar" || data["compartment"] != float64(3) ||
+		data["detail"] != "open 130 s" || data["alert"] != float64(alertID) || ev["id"] != fmt.Sprintf("evt-alert-%d", alertID) {
+		t.Fatalf("store's alert event %v", ev)
+	}
+	if _, err := time.Parse(time.RFC3339Nano, fmt.Sprint(data["raised_at"])); err != nil {
+		t.Fatalf("raised_at %v: %v", data["raised_at"], err)
+	}
+	opsHook.mu.Lock()
+	lockers := map[any]any{}
+	for _, e := range opsHook.events {
+		d, _ := e["data"].(map[string]any)
+		lockers[d["locker"]] = d["kind"]
+	}
+	opsHook.mu.Unlock()
+	if lockers[lockerA] != "door_ajar" || lockers[lockerB] != "tamper" {
+		t.Fatalf("operator's alert events by locker: %v", lockers)
+	}
+	for _, rc := range []*receiver{storeHook, opsHook} {
+		rc.mu.Lock()
+		bad := rc.bad
+		rc.mu.Unlock()
+		if bad != nil {
+			t.Fatalf("bad signatures: %v", bad)
+		}
+	}
+	// Nothing queued for the webhook that did not ask (deliveries are
+	// queued with the alert, so none can still be on its way).
+	if n := tg.Count(t, `SELECT count(*) FROM webhook_deliveries WHERE type = 'alert.raised'`); n != 3 {
+		t.Fatalf("%d alert.raised deliveries queued, want 3 (two to the operator, one to the store)", n)
+	}
+	if got := pickupsOnly.types(); len(got) != 0 {
+		t.Fatalf("a pickup-events webhook got %v", got)
 	}
 }

@@ -467,10 +467,10 @@ func TestOpenAPISchemas(t *testing.T) {
 		}{
 			{"Pickup", "state", false, pickup.States},
 			{"Transition", "to", false, pickup.States},
-			{"WebhookEvent", "type", false, pickup.EventTypes},
-			{"Delivery", "type", false, pickup.EventTypes},
-			{"Webhook", "events", true, pickup.EventTypes},
-			{"WebhookCreate", "events", true, pickup.EventTypes},
+			{"WebhookEvent", "type", false, webhookEvents},
+			{"Delivery", "type", false, webhookEvents},
+			{"Webhook", "events", true, webhookEvents},
+			{"WebhookCreate", "events", true, webhookEvents},
 		} {
 			props, _ := flatten(d, d.Components.Schemas[c.schema])
 			p := props[c.prop]

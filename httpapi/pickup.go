@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -199,6 +200,9 @@ func (s *Server) createCredential(w http.ResponseWriter, r *http.Request) error 
 	return nil
 }
 
+// webhookEvents are the event types a webhook may ask for.
+var webhookEvents = append(slices.Clone(pickup.EventTypes), webhook.EventAlertRaised)
+
 type webhookIn struct {
 	URL    string   `json:"url"`
 	Events []string `json:"events"`
@@ -215,18 +219,17 @@ func (s *Server) createWebhook(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if len(in.Events) == 0 {
-		in.Events = pickup.EventTypes
-	}
-	for _, e := range in.Events {
-		known := false
-		for _, k := range pickup.EventTypes {
-			known = known || e == k
-		}
-		if !known {
-			return badRequest("event %q: want one of %s", e, strings.Join(pickup.EventTypes, ", "))
-		}
+		in.Events = pickup.EventTypes // alert.raised only when asked for
 	}
 	t := principal(r)
+	for _, e := range in.Events {
+		if !slices.Contains(webhookEvents, e) {
+			return badRequest("event %q: want one of %s", e, strings.Join(webhookEvents, ", "))
+		}
+		if e == webhook.EventAlertRaised && t.Role == fleet.RolePlatform {
+			return fmt.Errorf("%w: %s is for admin, operator and store tokens (alerts are about lockers)", errForbidden, e)
+		}
+	}
 	wh := &webhook.Webhook{TokenID: t.ID, Role: t.Role, Site: t.Site, URL: in.URL, Events: in.Events}
 	if t.Role == fleet.RolePlatform {
 		wh.Platform = t.Name

@@ -12,10 +12,10 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/webhook"
 )
 
 const lockerCols = `d.id, d.serial, d.site, d.model, d.fw, d.online, d.disabled, d.replaceable, d.boot_id,
@@ -362,9 +362,11 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) erro
 				AND ($3 = 0 OR compartment = $3)`, e.DeviceID, a.ClearKind, a.ClearAt, e.ReceivedAt)
 		}
 		if a.Raise != nil {
-			b.Queue(raiseAlertSQL, raiseAlertArgs(a.Raise)...).Exec(func(ct pgconn.CommandTag) error {
-				a.Raised = ct.RowsAffected() == 1
-				return nil
+			b.Queue(raiseAlertSQL, raiseAlertArgs(a.Raise)...).QueryRow(func(row pgx.Row) error {
+				var n int
+				err := row.Scan(&n)
+				a.Raised = n == 1
+				return err
 			})
 		}
 	}
@@ -426,14 +428,41 @@ func untilOr(t time.Time) time.Time {
 // replayed event's) is a no-op, as is one of a kind already open where the
 // kind holds one open at a time (the alerts_open index).
 func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
-	tag, err := db.pool.Exec(ctx, raiseAlertSQL, raiseAlertArgs(&a)...)
-	return tag.RowsAffected() == 1, err
+	var n int
+	err := db.pool.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n)
+	return n == 1, err
 }
 
-const raiseAlertSQL = `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
-	SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
-		WHERE device_id = $1 AND raised_at = $5 AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
-	ON CONFLICT DO NOTHING`
+// raiseAlertSQL opens an alert and, in the same statement, queues an
+// alert.raised event to the webhooks that asked for it in its scope (admin
+// and operator webhooks: every alert; a store's: its site's), as pickup
+// events are queued with their transitions. Its one row counts the alerts
+// opened (0 or 1).
+var raiseAlertSQL = `WITH raised AS (
+		INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
+		SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
+			WHERE device_id = $1 AND raised_at = $5 AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
+		ON CONFLICT DO NOTHING
+		RETURNING id),
+	ev AS (
+		SELECT r.id, coalesce(d.site, '') AS site, jsonb_build_object(
+			'id', 'evt-alert-' || r.id, 'type', '` + webhook.EventAlertRaised + `', 'created_at', ` + sqlTime("now()") + `,
+			'data', jsonb_strip_nulls(jsonb_build_object('alert', r.id, 'locker', $1::text, 'site', coalesce(d.site, ''),
+				'kind', $2::text, 'compartment', $3::int, 'detail', nullif($4::text, ''), 'raised_at', ` + sqlTime("$5::timestamptz") + `))) AS body
+		FROM raised r LEFT JOIN devices d ON d.id = $1::text),
+	queued AS (
+		INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
+		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, now(), now() FROM ev JOIN webhooks w
+			ON w.deleted_at IS NULL AND '` + webhook.EventAlertRaised + `' = ANY (w.events)
+			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
+			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = ev.site)))
+	SELECT count(*) FROM raised`
+
+// sqlTime renders a timestamptz expression as protocol v1 writes times
+// (RFC 3339, UTC, milliseconds).
+func sqlTime(expr string) string {
+	return `to_char(` + expr + ` AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')`
+}
 
 func raiseAlertArgs(a *fleet.Alert) []any {
 	var comp *int

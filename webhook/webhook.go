@@ -19,6 +19,11 @@ import (
 	"time"
 )
 
+// EventAlertRaised is the event of an alert opened on a locker (GET
+// /v1/alerts): admin and operator webhooks get every one, a store's those
+// of its site; platforms get none. Webhooks get it only when they list it.
+const EventAlertRaised = "alert.raised"
+
 // Webhook is a subscription: events of its owner's scope go to URL.
 type Webhook struct {
 	ID        string    `json:"id"`
