@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -116,6 +117,11 @@ type Options struct {
 	CensusInterval time.Duration
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
+	// HistoryRetentionDays keeps presence changes, cleared alerts,
+	// finished commands, settled webhook deliveries and Idempotency-Key
+	// answers this long (default 365; negative: forever). Pickups, the
+	// audit log and rollouts are kept.
+	HistoryRetentionDays int
 	// MaxClockSkew is how far a locker's clock may be off at its birth
 	// before a clock_skew alert (fleet.Options.MaxClockSkew; 0: 30 s;
 	// negative: never judged).
@@ -179,6 +185,9 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	if o.RetentionDays <= 0 {
 		o.RetentionDays = 30
+	}
+	if o.HistoryRetentionDays == 0 {
+		o.HistoryRetentionDays = 365
 	}
 	if err := checkDeviceAuth(&o); err != nil {
 		return nil, err
@@ -420,6 +429,9 @@ loop:
 			if err := g.maintainPartitions(ctx); err != nil {
 				g.log.Error("partition maintenance", "err", err)
 			}
+			if err := g.pruneHistory(ctx); err != nil {
+				g.log.Error("history retention; the next hour's pass goes on from where this one stopped", "err", err)
+			}
 		}
 	}
 	g.log.Info("shutting down: draining HTTP, closing broker, flushing queued writes")
@@ -560,6 +572,28 @@ func (g *Gateway) maintainPartitions(ctx context.Context) error {
 		g.log.Info("retention dropped partitions", "partitions", dropped)
 	}
 	return nil
+}
+
+// pruneHistory deletes history past HistoryRetentionDays (hourly, not at
+// start: the first pass after an upgrade may have years to delete).
+func (g *Gateway) pruneHistory(ctx context.Context) error {
+	if g.opts.HistoryRetentionDays < 0 {
+		return nil
+	}
+	start := time.Now()
+	n, err := g.db.PruneHistory(ctx, start.AddDate(0, 0, -g.opts.HistoryRetentionDays))
+	var total int64
+	for _, v := range n {
+		total += v
+	}
+	if total > 0 {
+		args := []any{"days", g.opts.HistoryRetentionDays, "took", time.Since(start).Round(time.Millisecond)}
+		for _, k := range slices.Sorted(maps.Keys(n)) {
+			args = append(args, k, n[k])
+		}
+		g.log.Info("history retention pruned rows", args...)
+	}
+	return err
 }
 
 func (g *Gateway) defaultBrokerURL() string {

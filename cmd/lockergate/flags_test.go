@@ -19,6 +19,8 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--auth-stale-window", "-5m"}, "want a positive duration such as 5m, or never"},
 		{[]string{"--max-clock-skew", "0"}, "want a positive duration such as 30s, or never"},
 		{[]string{"--max-clock-skew", "a while"}, "want a positive duration such as 30s, or never"},
+		{[]string{"--history-retention-days", "-3"}, "want a number of days, 0 for forever"},
+		{[]string{"--history-retention-days", "a year"}, "want a number of days, 0 for forever"},
 		{[]string{"--no-such-flag"}, "flag provided but not defined"},
 	} {
 		var stderr bytes.Buffer

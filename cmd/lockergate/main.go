@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -76,6 +77,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
+	fs.Func("history-retention-days", "days of presence changes, cleared alerts, finished commands, settled webhook deliveries and Idempotency-Key answers to keep (default 365; 0: forever)",
+		func(v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 0 {
+				return fmt.Errorf("want a number of days, 0 for forever")
+			}
+			o.HistoryRetentionDays = n
+			if n == 0 {
+				o.HistoryRetentionDays = -1
+			}
+			return nil
+		})
 	fs.Func("max-clock-skew", "how far a locker's clock may be from the gateway's at its connect before a clock_skew alert (default 30s; never: not checked)",
 		durationOrNever(&o.MaxClockSkew, "30s"))
 	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: http:// and --http-addr, localhost for an unspecified host)")

@@ -1,0 +1,47 @@
+package gateway
+
+import (
+	"context"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/postgres"
+)
+
+// TestPruneHistoryWiring: the hourly pass prunes by HistoryRetentionDays
+// and logs what it deleted; a negative setting keeps everything.
+func TestPruneHistoryWiring(t *testing.T) {
+	ctx := context.Background()
+	db, err := postgres.Open(ctx, postgres.Options{DSN: pgtest.NewDB(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO presence_log (device_id, ts, online) VALUES
+		('lk-1', now() - interval '40 days', true), ('lk-1', now() - interval '20 days', false)`); err != nil {
+		t.Fatal(err)
+	}
+	var logs testtool.LockedBuffer
+	g := &Gateway{db: db, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	count := func() int {
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM presence_log`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	g.opts.HistoryRetentionDays = -1
+	if err := g.pruneHistory(ctx); err != nil || count() != 2 {
+		t.Fatalf("kept forever: %v, %d rows left, want 2", err, count())
+	}
+	g.opts.HistoryRetentionDays = 30
+	if err := g.pruneHistory(ctx); err != nil || count() != 1 {
+		t.Fatalf("30 days: %v, %d rows left, want 1", err, count())
+	}
+	if !strings.Contains(logs.String(), "history retention pruned rows") || !strings.Contains(logs.String(), "presence_log=1") {
+		t.Fatalf("log %q, want the rows pruned per table", logs.String())
+	}
+}
