@@ -188,7 +188,7 @@ func Rules() []Rule {
 			Alert: "LockergateLockerClocksWrong", Severity: "warning", For: "15m",
 			Expr:        `max by (job) (lockergate_alerts_open{kind="clock_skew"}) > 0`,
 			Summary:     "Lockers run with a clock too far off",
-			Description: "At least one locker's clock was more than 30 s from the gateway's at its last connect. A locker judges pickup codes' not_after and commands' expires_at by its own clock: one behind takes codes and commands past their expiry.",
+			Description: "At least one locker's clock was further from the gateway's than --max-clock-skew (30 s by default) at its last connect. A locker judges pickup codes' not_after and commands' expires_at by its own clock: one behind takes codes and commands past their expiry.",
 			Runbook: "1. Which lockers: SELECT device_id, detail, raised_at FROM alerts WHERE kind = 'clock_skew' AND cleared_at IS NULL; GET /v1/lockers/{id} shows clock_offset_ms.\n" +
 				"2. Many at one site: the store network blocks NTP. One model or firmware: its clock or time sync is broken.\n" +
 				"3. The alert clears at the locker's next connect with its clock right (a reboot command reconnects it).",

@@ -27,7 +27,7 @@ func FleetOverview() *Dashboard {
 					Description: "Open door_ajar alerts (fleet-wide): compartments left open past the configured time.",
 					Targets:     []Target{{Expr: "max(" + vec("lockergate_alerts_open", `kind="door_ajar"`) + ")"}}},
 				{Kind: Stat, Title: "Clocks off", Unit: "short", Thresholds: warnAt(1, 10),
-					Description: "Open clock_skew alerts (fleet-wide): lockers whose clock was more than 30 s from the gateway's at their last connect. They judge code and command expiry by it.",
+					Description: "Open clock_skew alerts (fleet-wide): lockers whose clock was further from the gateway's than --max-clock-skew (30 s by default) at their last connect. They judge code and command expiry by it.",
 					Targets:     []Target{{Expr: "max(" + vec("lockergate_alerts_open", `kind="clock_skew"`) + ")"}}},
 			}},
 			{Title: "Presence", Panels: []Panel{

@@ -17,7 +17,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lockergate/lockergate/firmware"
-	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
@@ -311,7 +310,7 @@ func (d *devices) handle(ctx context.Context, id string) {
 		}
 		d.fw.Store(id, v)
 	}
-	if err := d.h.db.RecordBirth(ctx, id, &protocol.Presence{Online: true, FW: v.(string)}, time.Now(), fleet.DefaultMaxClockSkew); err != nil {
+	if err := d.h.db.RecordBirth(ctx, id, &protocol.Presence{Online: true, FW: v.(string)}, time.Now(), false); err != nil {
 		return
 	}
 	eng.Booted(ctx, id, v.(string), time.Now())

@@ -42,7 +42,7 @@ func (h *harness) report(clk *clock, id, job string, states ...string) {
 // booted false the engine is not told (a birth it missed).
 func (h *harness) birth(clk *clock, id, fw string, booted bool) {
 	h.tb.Helper()
-	if err := h.db.RecordBirth(context.Background(), id, &protocol.Presence{Online: true, FW: fw}, clk.now(), fleet.DefaultMaxClockSkew); err != nil {
+	if err := h.db.RecordBirth(context.Background(), id, &protocol.Presence{Online: true, FW: fw}, clk.now(), false); err != nil {
 		h.tb.Fatal(err)
 	}
 	if booted {
@@ -237,7 +237,7 @@ func TestEngineVersionSpelling(t *testing.T) {
 		return nil
 	})
 	h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateRebooting}, time.Now())
-	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "v1.7"}, time.Now(), fleet.DefaultMaxClockSkew); err != nil {
+	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "v1.7"}, time.Now(), false); err != nil {
 		t.Fatal(err)
 	}
 	h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateSucceeded}, time.Now())
@@ -264,7 +264,7 @@ func TestEngineLockerChangedBeforeHandOut(t *testing.T) {
 	}
 	// Before the first hand-out: a birth reports another model; an
 	// operator disables another locker.
-	if err := h.db.RecordBirth(ctx, ids[1], &protocol.Presence{Online: true, FW: "1.4.2", Model: "LX-8"}, clk.now(), fleet.DefaultMaxClockSkew); err != nil {
+	if err := h.db.RecordBirth(ctx, ids[1], &protocol.Presence{Online: true, FW: "1.4.2", Model: "LX-8"}, clk.now(), false); err != nil {
 		t.Fatal(err)
 	}
 	h.exec(`UPDATE devices SET disabled = true, online = false WHERE id = $1`, ids[2])

@@ -873,18 +873,36 @@ func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
 // command well past its expiry, or take a code for longer than it is good.
 const DefaultMaxClockSkew = 30 * time.Second
 
-// checkClock raises a clock_skew alert when a birth's ts is further than
-// MaxClockSkew from its arrival. A birth is sent right after connecting, so
-// its arrival is the best reading of the locker's clock the gateway gets;
-// a birth within the bound clears the alert (Store.RecordBirth).
-func (m *Manager) checkClock(ctx context.Context, id string, p *protocol.Presence, at time.Time) {
-	if p.TS.IsZero() || m.opts.MaxClockSkew < 0 {
-		return
+// judgeClock reads a locker's clock from birth p, received at at: a birth
+// is sent right after connecting, so its arrival is the best reading the
+// gateway gets. judged is false when the birth says nothing either way (no
+// ts), and skewed is true when ts is further than MaxClockSkew from at.
+// With the check off (MaxClockSkew < 0) every birth is judged right, so
+// alerts left open from before clear. Through an external broker a birth
+// may be delivered late (queued in the gateway's session while it was down,
+// or sent again), which makes a clock look behind: there only a clock ahead
+// is judged skewed, and one that reads behind is not judged at all.
+func (m *Manager) judgeClock(p *protocol.Presence, at time.Time) (skewed, judged bool) {
+	if m.opts.MaxClockSkew < 0 {
+		return false, true
+	}
+	if p.TS.IsZero() {
+		return false, false
 	}
 	off := p.TS.Sub(at)
 	if off.Abs() <= m.opts.MaxClockSkew {
-		return
+		return false, true
 	}
+	if off < 0 && m.opts.PresenceFromWill {
+		return false, false
+	}
+	return true, true
+}
+
+// raiseClockSkew raises the clock_skew alert of a birth judgeClock found
+// skewed.
+func (m *Manager) raiseClockSkew(ctx context.Context, id string, p *protocol.Presence, at time.Time) {
+	off := p.TS.Sub(at)
 	way := "ahead of"
 	if off < 0 {
 		way = "behind"
@@ -1060,12 +1078,15 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			m.syncDevice(ctx, c.id)
 		}
+		skewed, judged := m.judgeClock(p, c.at)
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
-			return m.store.RecordBirth(ctx, c.id, p, c.at, m.opts.MaxClockSkew)
+			return m.store.RecordBirth(ctx, c.id, p, c.at, judged && !skewed)
 		}); err != nil {
 			m.log.Error("record birth", "locker", c.id, "err", err)
 		}
-		m.checkClock(ctx, c.id, p, c.at)
+		if skewed {
+			m.raiseClockSkew(ctx, c.id, p, c.at)
+		}
 		if m.opts.Firmware != nil && p.FW != "" { // no version, nothing to confirm
 			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
 		}

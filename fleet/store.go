@@ -29,8 +29,8 @@ type Store interface {
 	MarkOfflineMany(ctx context.Context, ends []SessionEnd) error
 	// RecordBirth stores what a birth message, received at at, says about
 	// the locker, with its clock offset (p.TS - at; none when p has no ts).
-	// An offset within maxSkew clears the locker's clock_skew alert.
-	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, maxSkew time.Duration) error
+	// clearSkew clears the locker's clock_skew alert in the same step.
+	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, clearSkew bool) error
 
 	// InsertHealth stores a batch of health messages and, in the same
 	// transaction, the latest health of the lockers in latest (either may

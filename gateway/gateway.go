@@ -574,14 +574,23 @@ func (g *Gateway) maintainPartitions(ctx context.Context) error {
 	return nil
 }
 
+// pruneBudget bounds one hourly pass of history retention: a backlog (the
+// first pass after an upgrade may have years to delete) is taken on hour by
+// hour.
+const pruneBudget = 2 * time.Minute
+
 // pruneHistory deletes history past HistoryRetentionDays (hourly, not at
-// start: the first pass after an upgrade may have years to delete).
+// start), unless another instance is at it.
 func (g *Gateway) pruneHistory(ctx context.Context) error {
 	if g.opts.HistoryRetentionDays < 0 {
 		return nil
 	}
 	start := time.Now()
-	n, err := g.db.PruneHistory(ctx, start.AddDate(0, 0, -g.opts.HistoryRetentionDays))
+	n, busy, err := g.db.PruneHistory(ctx, start.AddDate(0, 0, -g.opts.HistoryRetentionDays), pruneBudget)
+	if busy {
+		g.log.Debug("history retention: another instance is pruning")
+		return nil
+	}
 	var total int64
 	for _, v := range n {
 		total += v

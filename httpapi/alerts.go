@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
@@ -31,6 +32,17 @@ func (s *Server) listAlerts(w http.ResponseWriter, r *http.Request) error {
 				return nil, errForbidden
 			}
 			f.Site = t.Site
+			if f.Locker != "" {
+				// Another site's locker is a 403, as everywhere else; an
+				// unknown one lists nothing.
+				l, err := s.fleet.GetLocker(ctx, f.Locker)
+				if err == nil && l.Site != t.Site {
+					return nil, fmt.Errorf("%w: locker %s is at another site", errForbidden, l.ID)
+				}
+				if err != nil && !errors.Is(err, fleet.ErrNotFound) {
+					return nil, err
+				}
+			}
 		}
 		if f.Kind != "" && !slices.Contains(alertKinds, f.Kind) {
 			return nil, badRequest("kind %q: want one of %s", f.Kind, strings.Join(alertKinds, ", "))

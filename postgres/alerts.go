@@ -5,12 +5,28 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/lockergate/lockergate/fleet"
 )
+
+// conds builds a WHERE clause of the filters given, numbering their
+// parameters in order.
+type conds struct {
+	where []string
+	args  []any
+}
+
+// add appends cond, whose %d is the parameter number of v.
+func (c *conds) add(cond string, v any) {
+	c.args = append(c.args, v)
+	c.where = append(c.where, fmt.Sprintf(cond, len(c.args)))
+}
+
+func (c *conds) and() string { return strings.Join(c.where, " AND ") }
 
 const alertCols = `a.id, a.device_id, coalesce(d.site, ''), a.kind, coalesce(a.compartment, 0), a.detail, a.raised_at, a.cleared_at, a.cleared_by`
 
@@ -20,13 +36,33 @@ func scanAlert(row pgx.Row) (fleet.Alert, error) {
 	return a, err
 }
 
-// QueryAlerts lists alerts newest first (by id, the cursor).
+// QueryAlerts lists alerts newest first (by id, the cursor). The WHERE
+// clause holds only the filters given, so each shape of query gets a plan
+// of its own (a catch-all "$n = ” OR ..." plan, once generic, would walk
+// the whole primary key for a filter that matches little).
 func (db *DB) QueryAlerts(ctx context.Context, f fleet.AlertFilter) ([]fleet.Alert, error) {
+	var w conds
+	w.add("a.raised_at >= $%d", f.Since)
+	if f.Before > 0 {
+		w.add("a.id < $%d::bigint", f.Before)
+	}
+	if f.Site != "" {
+		w.add("d.site = $%d", f.Site)
+	}
+	if f.Locker != "" {
+		w.add("a.device_id = $%d", f.Locker)
+	}
+	if f.Kind != "" {
+		w.add("a.kind = $%d", f.Kind)
+	}
+	if f.Open != nil && *f.Open {
+		w.where = append(w.where, "a.cleared_at IS NULL")
+	} else if f.Open != nil {
+		w.where = append(w.where, "a.cleared_at IS NOT NULL")
+	}
+	w.args = append(w.args, limit(f.Limit))
 	rows, err := db.pool.Query(ctx, `SELECT `+alertCols+` FROM alerts a LEFT JOIN devices d ON d.id = a.device_id
-		WHERE ($1 = 0 OR a.id < $1) AND ($2 = '' OR d.site = $2) AND ($3 = '' OR a.device_id = $3) AND ($4 = '' OR a.kind = $4)
-			AND ($5::bool IS NULL OR (a.cleared_at IS NULL) = $5) AND a.raised_at >= $6
-		ORDER BY a.id DESC LIMIT $7`,
-		f.Before, f.Site, f.Locker, f.Kind, f.Open, f.Since, limit(f.Limit))
+		WHERE `+w.and()+fmt.Sprintf(` ORDER BY a.id DESC LIMIT $%d`, len(w.args)), w.args...)
 	if err != nil {
 		return nil, err
 	}

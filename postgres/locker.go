@@ -69,28 +69,23 @@ func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
 
 // ListLockers implements fleet.Store.
 func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Locker, error) {
-	var where []string
-	var args []any
-	add := func(cond string, v any) {
-		args = append(args, v)
-		where = append(where, fmt.Sprintf(cond, len(args)))
-	}
-	add("d.id > $%d", f.After)
+	var w conds
+	w.add("d.id > $%d", f.After)
 	if f.Site != "" {
-		add("d.site = $%d", f.Site)
+		w.add("d.site = $%d", f.Site)
 	}
 	if f.Model != "" {
-		add("d.model = $%d", f.Model)
+		w.add("d.model = $%d", f.Model)
 	}
 	if f.FW != "" {
-		add("d.fw = $%d", f.FW)
+		w.add("d.fw = $%d", f.FW)
 	}
 	if f.Online != nil {
-		add("d.online = $%d", *f.Online)
+		w.add("d.online = $%d", *f.Online)
 	}
-	args = append(args, limit(f.Limit))
-	q := fmt.Sprintf("SELECT %s FROM devices d WHERE %s ORDER BY d.id LIMIT $%d", lockerCols, strings.Join(where, " AND "), len(args))
-	rows, err := db.pool.Query(ctx, q, args...)
+	w.args = append(w.args, limit(f.Limit))
+	q := fmt.Sprintf("SELECT %s FROM devices d WHERE %s ORDER BY d.id LIMIT $%d", lockerCols, w.and(), len(w.args))
+	rows, err := db.pool.Query(ctx, q, w.args...)
 	if err != nil {
 		return nil, err
 	}
@@ -156,18 +151,17 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 // RecordBirth implements fleet.Store: one statement, the alert's clearing
 // in it (an index probe of the open-alert index) rather than a round trip
 // more for every birth of a reconnect storm.
-func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, maxSkew time.Duration) error {
+func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, clearSkew bool) error {
 	var off *int64
 	if !p.TS.IsZero() {
 		ms := p.TS.Sub(at).Milliseconds()
 		off = &ms
 	}
 	_, err := db.pool.Exec(ctx, `WITH clear AS (UPDATE alerts SET cleared_at = $5
-			WHERE device_id = $1 AND kind = '`+fleet.AlertClockSkew+`' AND cleared_at IS NULL
-				AND $6::bigint IS NOT NULL AND abs($6::bigint) <= $7::bigint)
+			WHERE device_id = $1 AND kind = '`+fleet.AlertClockSkew+`' AND cleared_at IS NULL AND $7)
 		UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
 			boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0, clock_offset_ms = $6 WHERE id = $1`,
-		id, p.FW, p.Model, p.BootID, at, off, maxSkew.Milliseconds())
+		id, p.FW, p.Model, p.BootID, at, off, clearSkew)
 	return dataError(err)
 }
 

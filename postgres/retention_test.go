@@ -47,12 +47,12 @@ func TestPruneHistory(t *testing.T) {
 	exec(`INSERT INTO idempotency (actor, key, route, body_hash, status, response, created_at) VALUES
 		('admin:a', 'k-old', 'POST /v1/sites', '\x00', 201, '', $1), ('admin:a', 'k-new', 'POST /v1/sites', '\x00', 201, '', $2)`, old, recent)
 
-	got, err := db.PruneHistory(ctx, cutoff)
-	if err != nil {
-		t.Fatal(err)
+	got, busy, err := db.PruneHistory(ctx, cutoff, time.Minute)
+	if err != nil || busy {
+		t.Fatal(err, busy)
 	}
 	want := map[string]int64{"presence_log": int64(postgres.PruneHistoryBatch + 7), "alerts": 1, "commands": 1,
-		"webhook_attempts": 4, "webhook_deliveries": 2, "idempotency": 1}
+		"webhook_deliveries": 2, "idempotency": 1}
 	for k, v := range want {
 		if got[k] != v {
 			t.Errorf("pruned %d %s, want %d (all: %v)", got[k], k, v, got)
@@ -74,6 +74,7 @@ func TestPruneHistory(t *testing.T) {
 		`SELECT count(*) FROM commands`:                                      2,
 		`SELECT count(*) FROM webhook_deliveries WHERE seq IN (3, 4)`:        2,
 		`SELECT count(*) FROM webhook_attempts WHERE delivery_seq IN (3, 4)`: 4,
+		`SELECT count(*) FROM webhook_attempts`:                              4,
 		`SELECT count(*) FROM idempotency WHERE key = 'k-new'`:               1,
 	} {
 		if n := count(sql); n != want {
@@ -81,7 +82,7 @@ func TestPruneHistory(t *testing.T) {
 		}
 	}
 	// Nothing left to prune: a second pass deletes nothing.
-	if again, err := db.PruneHistory(ctx, cutoff); err != nil {
+	if again, _, err := db.PruneHistory(ctx, cutoff, time.Minute); err != nil {
 		t.Fatal(err)
 	} else {
 		for k, v := range again {
@@ -89,5 +90,39 @@ func TestPruneHistory(t *testing.T) {
 				t.Errorf("second pass pruned %d %s", v, k)
 			}
 		}
+	}
+}
+
+// TestPruneHistoryTakesTurns: while another instance prunes (holds the
+// lock) a pass does nothing and says so; a pass without budget deletes
+// nothing, the next one goes on.
+func TestPruneHistoryTakesTurns(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	dev := MustDevice(t, db, "s1", "SN-RET-2", 1)
+	old := time.Now().AddDate(-2, 0, 0)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO presence_log (device_id, ts, online) VALUES ($1, $2, true)`, dev, old); err != nil {
+		t.Fatal(err)
+	}
+	cutoff := time.Now().AddDate(-1, 0, 0)
+	other, err := db.Pool().Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.Exec(ctx, `SELECT pg_advisory_lock($1)`, int64(0x4c475052554e45)); err != nil {
+		t.Fatal(err)
+	}
+	if n, busy, err := db.PruneHistory(ctx, cutoff, time.Minute); err != nil || !busy || n["presence_log"] != 0 {
+		t.Fatalf("while another prunes: %v busy=%v err=%v; want nothing done, busy", n, busy, err)
+	}
+	if _, err := other.Exec(ctx, `SELECT pg_advisory_unlock($1)`, int64(0x4c475052554e45)); err != nil {
+		t.Fatal(err)
+	}
+	other.Release()
+	if n, busy, err := db.PruneHistory(ctx, cutoff, 0); err != nil || busy || n["presence_log"] != 0 {
+		t.Fatalf("no budget: %v busy=%v err=%v; want nothing deleted", n, busy, err)
+	}
+	if n, _, err := db.PruneHistory(ctx, cutoff, time.Minute); err != nil || n["presence_log"] != 1 {
+		t.Fatalf("next pass: %v %v; want the old row deleted", n, err)
 	}
 }
