@@ -368,7 +368,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		return nil, err
 	}
 	g.pickups, err = pickup.New(pickup.Options{Store: g.db, Fleet: g.fleet, MasterKey: master,
-		Logger: o.Logger.With("component", "pickup"), Registerer: g.reg, Wake: g.webhooks.Wake})
+		Logger: o.Logger.With("component", "pickup"), Registerer: g.reg, Wake: g.webhooks.Wake,
+		SilentAfter: silentAfter(o.Config)})
 	if err != nil {
 		return nil, err
 	}
@@ -572,6 +573,16 @@ func (g *Gateway) maintainPartitions(ctx context.Context) error {
 		g.log.Info("retention dropped partitions", "partitions", dropped)
 	}
 	return nil
+}
+
+// silentAfter is how long a locker may go unheard before it gets no new
+// pickup: three health intervals, as it shows stale, but never under two
+// minutes (a short test interval must not turn a busy moment into a 422).
+func silentAfter(c protocol.Config) time.Duration {
+	if c.Version == 0 {
+		c = fleet.DefaultConfig // what the fleet manager applies
+	}
+	return max(3*time.Duration(c.HealthIntervalS)*time.Second, 2*time.Minute)
 }
 
 // pruneBudget bounds one hourly pass of history retention: a backlog (the

@@ -1209,3 +1209,46 @@ func TestPickupRotateCodes(t *testing.T) {
 		t.Fatalf("rotate codes of no locker: status %d (%v), want 404", status, err)
 	}
 }
+
+// TestStaleLockerGetsNoPickup: a locker whose session looks alive but that
+// has not been heard from for longer than the silence bound (it shows
+// stale) is passed over; once it reports again it takes orders.
+func TestStaleLockerGetsNoPickup(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "store-042", 1)
+	id := MustProvision(t, tg, claim, "SN-STALE-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	Eventually(t, 10*time.Second, "locker online", func() error {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
+			return err
+		}
+		if !l.Online {
+			return errors.New("offline")
+		}
+		return nil
+	})
+	// Silent for an hour, as far as the gateway knows.
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET last_seen = now() - interval '1 hour' WHERE id = $1`, id.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	store := MustPickupToken(t, tg, "store", "store-042", "front-desk")
+	order := func(ref string) (int, error) {
+		return store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+			"site": "store-042", "order_ref": ref, "size": "S", "recipient": map[string]string{"kind": "customer"}}}, nil)
+	}
+	if status, err := order("STALE-1"); status != http.StatusUnprocessableEntity {
+		t.Fatalf("order at a stale locker: %d %v, want 422", status, err)
+	}
+	if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false,
+		fmt.Sprintf(`{"seq":1,"ts":"%s","uptime_s":5}`, protocol.FormatTime(time.Now()))); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+		t.Fatalf("publish health: %v", tk.Error())
+	}
+	Eventually(t, 10*time.Second, "the order placed once the locker reported", func() error {
+		if status, err := order("STALE-2"); status != http.StatusCreated {
+			return fmt.Errorf("%d %v", status, err)
+		}
+		return nil
+	})
+}

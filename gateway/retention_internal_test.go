@@ -5,10 +5,12 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestPruneHistoryWiring: the hourly pass prunes by HistoryRetentionDays
@@ -43,5 +45,22 @@ func TestPruneHistoryWiring(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "history retention pruned rows") || !strings.Contains(logs.String(), "presence_log=1") {
 		t.Fatalf("log %q, want the rows pruned per table", logs.String())
+	}
+}
+
+// TestSilentAfter: three health intervals, never under two minutes, and
+// the fleet's default configuration when none is given.
+func TestSilentAfter(t *testing.T) {
+	for _, c := range []struct {
+		cfg  protocol.Config
+		want time.Duration
+	}{
+		{protocol.Config{}, 3 * time.Minute},
+		{protocol.Config{Version: 1, HealthIntervalS: 300}, 15 * time.Minute},
+		{protocol.Config{Version: 1, HealthIntervalS: 1}, 2 * time.Minute},
+	} {
+		if got := silentAfter(c.cfg); got != c.want {
+			t.Errorf("health interval %d s: %v, want %v", c.cfg.HealthIntervalS, got, c.want)
+		}
 	}
 }

@@ -145,10 +145,11 @@ const CollectGrace = 15 * time.Minute
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
-	// online and enabled) and inserts p holding it. Concurrent allocations
-	// never share a compartment. ErrNoCompartment when none fits;
-	// fleet.ErrConflict when the order_ref exists for the site and platform.
-	Allocate(ctx context.Context, p *Pickup) error
+	// online, heard from since heardSince (zero: not checked) and enabled)
+	// and inserts p holding it. Concurrent allocations never share a
+	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
+	// the order_ref exists for the site and platform.
+	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error
 	SetCommand(ctx context.Context, id, commandID string) error
 	GetPickup(ctx context.Context, id string) (*Pickup, error)
 	ListPickups(ctx context.Context, f Filter) ([]Pickup, error)

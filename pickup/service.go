@@ -21,6 +21,10 @@ import (
 	"github.com/lockergate/lockergate/provisioning"
 )
 
+// DefaultSilentAfter is Options.SilentAfter's default: three health
+// intervals at the default 60 s, when a locker shows as stale.
+const DefaultSilentAfter = 3 * time.Minute
+
 // Fleet is what pickups need from the fleet manager.
 type Fleet interface {
 	SendCommand(ctx context.Context, req fleet.CommandRequest) (*fleet.Command, error)
@@ -43,7 +47,12 @@ type Options struct {
 	SweepInterval time.Duration
 	// StagingTTL bounds the staging unlock. Default 60s.
 	StagingTTL time.Duration
-	Now        func() time.Time
+	// SilentAfter: a locker not heard from for this long (online, but
+	// stale: its session may be dead, its firmware hung) gets no new
+	// pickup, whose staging unlock would not reach it. Default
+	// DefaultSilentAfter.
+	SilentAfter time.Duration
+	Now         func() time.Time
 }
 
 // Service runs the pickup workflow.
@@ -66,6 +75,9 @@ func New(o Options) (*Service, error) {
 	}
 	if o.StagingTTL <= 0 {
 		o.StagingTTL = 60 * time.Second
+	}
+	if o.SilentAfter <= 0 {
+		o.SilentAfter = DefaultSilentAfter
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -126,7 +138,7 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 		return fmt.Errorf("%w: expires_at must be in the future, at most 7 days from now", fleet.ErrInvalid)
 	}
 	p.ID, p.State, p.CreatedAt = fleet.NewID("p"), Staging, now
-	if err := s.o.Store.Allocate(ctx, p); err != nil {
+	if err := s.o.Store.Allocate(ctx, p, now.Add(-s.o.SilentAfter)); err != nil {
 		return err
 	}
 	s.m.state.WithLabelValues(Staging).Inc()

@@ -64,14 +64,18 @@ const sizeRank = `array_position(ARRAY['S','M','L','XL'], %s)`
 // different lockers do not wait for each other. Compartments are locked
 // with SKIP LOCKED; the partial unique index on live pickups catches the
 // rare race that slips through, and the allocation retries.
-func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
+func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Time) error {
 	recipient, err := json.Marshal(p.Recipient)
 	if err != nil {
 		return err
 	}
+	var heard *time.Time // nil: not checked
+	if !heardSince.IsZero() {
+		heard = &heardSince
+	}
 	free := fmt.Sprintf(`
 		FROM compartments c JOIN devices d ON d.id = c.device_id
-		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
+		WHERE d.site = $1 AND d.online AND ($6::timestamptz IS NULL OR d.last_seen >= $6) AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
@@ -87,7 +91,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err
@@ -95,7 +99,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup) error {
 			if _, err := lockLocker(ctx, tx, p.Locker); err != nil {
 				return err
 			}
-			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
 				return errRetry // filled (or at its bound) while we waited: look again
 			} else if err != nil {
 				return err

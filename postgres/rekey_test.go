@@ -41,7 +41,7 @@ func (e *credEnv) exec(sql string, args ...any) {
 func (e *credEnv) allocate(ref string) (*pickup.Pickup, error) {
 	p := &pickup.Pickup{ID: "p-" + ref, Site: "s1", OrderRef: ref, Size: "M", Zone: "ambient",
 		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
-	return p, e.db.Allocate(context.Background(), p)
+	return p, e.db.Allocate(context.Background(), p, time.Time{})
 }
 
 // pickup stages a pickup in the next free compartment and makes it ready.
@@ -316,7 +316,7 @@ func TestReadyEventNamesTheCurrentCredential(t *testing.T) {
 	}
 	p := &pickup.Pickup{ID: "p-evt", Site: "s1", OrderRef: "EVT-1", Size: "M", Zone: "ambient",
 		Recipient: pickup.Recipient{Kind: "customer"}, ExpiresAt: time.Now().Add(time.Hour), CreatedBy: "test", CreatedAt: time.Now()}
-	if err := e.db.Allocate(ctx, p); err != nil {
+	if err := e.db.Allocate(ctx, p, time.Time{}); err != nil {
 		t.Fatal(err)
 	}
 	e.mustMint("k-minted", "mac-1", p)
