@@ -36,7 +36,7 @@ const DefaultCensusInterval = 15 * time.Second
 // one over the open-alert index, every CensusInterval.
 func (m *Manager) census(ctx context.Context) {
 	now := m.now()
-	silent := 3 * time.Duration(m.opts.Config.HealthIntervalS) * time.Second
+	silent := m.SilentAfter()
 	// A database that hangs must not hold up the sweeps and the shutdown.
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()

@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"log/slog"
 	"testing"
 	"time"
 
@@ -35,6 +36,27 @@ func TestJudgeClock(t *testing.T) {
 		m := &Manager{opts: Options{MaxClockSkew: c.max, PresenceFromWill: c.external}}
 		if skewed, judged := m.judgeClock(c.p, at); skewed != c.wantSkewed || judged != c.wantJudged {
 			t.Errorf("%s: skewed %v judged %v, want %v %v", c.name, skewed, judged, c.wantSkewed, c.wantJudged)
+		}
+	}
+}
+
+// TestSilentAfter: a locker is stale after three health intervals of the
+// configuration given, or of the default one.
+func TestSilentAfter(t *testing.T) {
+	for _, c := range []struct {
+		cfg  protocol.Config
+		want time.Duration
+	}{
+		{protocol.Config{}, 3 * time.Minute},
+		{protocol.Config{Version: 1, HealthIntervalS: 300, DoorAjarS: 120, Lockout: protocol.DefaultLockout}, 15 * time.Minute},
+		{protocol.Config{Version: 1, HealthIntervalS: 1, DoorAjarS: 120, Lockout: protocol.DefaultLockout}, 3 * time.Second},
+	} {
+		m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Config: c.cfg, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.SilentAfter(); got != c.want {
+			t.Errorf("health interval %d s: %v, want %v", c.cfg.HealthIntervalS, got, c.want)
 		}
 	}
 }

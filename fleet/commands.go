@@ -335,12 +335,17 @@ func (m *Manager) ListLockers(ctx context.Context, f LockerFilter) ([]Locker, er
 	return ls, err
 }
 
+// SilentAfter is how long an online locker may go unheard before it is
+// stale: three health intervals of the configuration lockers are given.
+func (m *Manager) SilentAfter() time.Duration {
+	return 3 * time.Duration(m.opts.Config.HealthIntervalS) * time.Second
+}
+
 // FlappingConnects is how many sessions in 10 minutes make a locker flapping.
 const FlappingConnects = 5
 
 func (m *Manager) decorate(l *Locker) {
 	l.Flapping = l.RecentConnects >= FlappingConnects
-	silent := 3 * time.Duration(m.opts.Config.HealthIntervalS) * time.Second
-	l.Stale = l.Online && (l.LastSeen == nil || m.now().Sub(*l.LastSeen) > silent)
+	l.Stale = l.Online && (l.LastSeen == nil || m.now().Sub(*l.LastSeen) > m.SilentAfter())
 	l.CredsCurrent = l.CredsAcked == l.CredsVersion
 }

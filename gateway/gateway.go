@@ -369,7 +369,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.pickups, err = pickup.New(pickup.Options{Store: g.db, Fleet: g.fleet, MasterKey: master,
 		Logger: o.Logger.With("component", "pickup"), Registerer: g.reg, Wake: g.webhooks.Wake,
-		SilentAfter: silentAfter(o.Config)})
+		SilentAfter: pickupSilence(g.fleet.SilentAfter())})
 	if err != nil {
 		return nil, err
 	}
@@ -575,14 +575,12 @@ func (g *Gateway) maintainPartitions(ctx context.Context) error {
 	return nil
 }
 
-// silentAfter is how long a locker may go unheard before it gets no new
-// pickup: three health intervals, as it shows stale, but never under two
-// minutes (a short test interval must not turn a busy moment into a 422).
-func silentAfter(c protocol.Config) time.Duration {
-	if c.Version == 0 {
-		c = fleet.DefaultConfig // what the fleet manager applies
-	}
-	return max(3*time.Duration(c.HealthIntervalS)*time.Second, 2*time.Minute)
+// pickupSilence is how long a locker may go unheard before it gets no new
+// pickup: as long as it takes to show stale (fleet.Manager.SilentAfter),
+// but never under two minutes (a short health interval, the tests' 1 s,
+// must not turn a busy moment into a 422).
+func pickupSilence(staleAfter time.Duration) time.Duration {
+	return max(staleAfter, 2*time.Minute)
 }
 
 // pruneBudget bounds one hourly pass of history retention: a backlog (the

@@ -10,7 +10,6 @@ import (
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
-	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestPruneHistoryWiring: the hourly pass prunes by HistoryRetentionDays
@@ -48,19 +47,17 @@ func TestPruneHistoryWiring(t *testing.T) {
 	}
 }
 
-// TestSilentAfter: three health intervals, never under two minutes, and
-// the fleet's default configuration when none is given.
-func TestSilentAfter(t *testing.T) {
-	for _, c := range []struct {
-		cfg  protocol.Config
-		want time.Duration
-	}{
-		{protocol.Config{}, 3 * time.Minute},
-		{protocol.Config{Version: 1, HealthIntervalS: 300}, 15 * time.Minute},
-		{protocol.Config{Version: 1, HealthIntervalS: 1}, 2 * time.Minute},
+// TestPickupSilence: a locker's silence bound for new pickups is its
+// staleness (three health intervals: fleet's TestSilentAfter), never
+// under two minutes.
+func TestPickupSilence(t *testing.T) {
+	for _, c := range []struct{ stale, want time.Duration }{
+		{3 * time.Minute, 3 * time.Minute},   // the default 60 s interval
+		{15 * time.Minute, 15 * time.Minute}, // 300 s
+		{3 * time.Second, 2 * time.Minute},   // 1 s
 	} {
-		if got := silentAfter(c.cfg); got != c.want {
-			t.Errorf("health interval %d s: %v, want %v", c.cfg.HealthIntervalS, got, c.want)
+		if got := pickupSilence(c.stale); got != c.want {
+			t.Errorf("stale after %v: %v, want %v", c.stale, got, c.want)
 		}
 	}
 }
