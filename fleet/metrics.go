@@ -43,7 +43,6 @@ var (
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "publish_retained"}
 	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
-	metricAlerts   = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout, AlertClockSkew}
 )
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -151,7 +150,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			m.commands.WithLabelValues(t, s)
 		}
 	}
-	for _, k := range metricAlerts {
+	for _, k := range AlertKinds {
 		m.alerts.WithLabelValues(k)
 	}
 	for _, k := range StatefulAlerts {

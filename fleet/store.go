@@ -141,6 +141,11 @@ const (
 	AlertClockSkew = "clock_skew"
 )
 
+// AlertKinds are the kinds the fleet manager raises (the pickup workflow
+// raises pickup.AlertKinds, among them AlertStagedEmpty and
+// AlertPickupExpired).
+var AlertKinds = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout, AlertClockSkew}
+
 // Alert is something an operator or store should look at.
 type Alert struct {
 	ID          int64      `json:"id"`

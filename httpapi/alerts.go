@@ -16,11 +16,7 @@ import (
 
 // alertKinds are the kinds the gateway raises; a list filter on another
 // kind is a typo, answered 400 rather than an empty list.
-var alertKinds = []string{
-	fleet.AlertDoorAjar, fleet.AlertTamper, fleet.AlertOnBattery, fleet.AlertDoorFault, fleet.AlertCodeLockout,
-	fleet.AlertStagedEmpty, fleet.AlertPickupExpired, fleet.AlertClockSkew,
-	pickup.AlertNotTaken, pickup.AlertRemoved, pickup.AlertCodeNotLive,
-}
+var alertKinds = slices.Concat(fleet.AlertKinds, pickup.AlertKinds)
 
 // listAlerts: GET /v1/alerts, newest first. A store sees its site's.
 func (s *Server) listAlerts(w http.ResponseWriter, r *http.Request) error {

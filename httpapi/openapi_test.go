@@ -50,10 +50,11 @@ type oaOperation struct {
 }
 
 type oaParameter struct {
-	Ref      string `json:"$ref"`
-	Name     string `json:"name"`
-	In       string `json:"in"`
-	Required bool   `json:"required"`
+	Ref      string    `json:"$ref"`
+	Name     string    `json:"name"`
+	In       string    `json:"in"`
+	Required bool      `json:"required"`
+	Schema   *oaSchema `json:"schema"`
 }
 
 type oaSchema struct {
@@ -453,6 +454,21 @@ func TestOpenAPISchemas(t *testing.T) {
 			}
 		})
 	}
+	t.Run("AlertKinds", func(t *testing.T) {
+		props, _ := flatten(d, d.Components.Schemas["Alert"])
+		if got, want := sortedCopy(props["kind"].Enum), sortedCopy(alertKinds); !slices.Equal(got, want) {
+			t.Errorf("Alert.kind enum %v, want %v", got, want)
+		}
+		var listKinds []string
+		for _, p := range d.Paths["/v1/alerts"]["get"].Parameters {
+			if p.Name == "kind" && p.Schema != nil {
+				listKinds = p.Schema.Enum
+			}
+		}
+		if got, want := sortedCopy(listKinds), sortedCopy(alertKinds); !slices.Equal(got, want) {
+			t.Errorf("GET /v1/alerts kind enum %v, want %v", got, want)
+		}
+	})
 	t.Run("CommandStatus", func(t *testing.T) {
 		props, _ := flatten(d, d.Components.Schemas["Command"])
 		if got, want := sortedCopy(props["status"].Enum), sortedCopy(fleet.CommandStatuses); !slices.Equal(got, want) {

@@ -5,8 +5,6 @@ import (
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/lockergate/lockergate/fleet"
 )
 
 // MaxSiteLabels bounds the site label of the occupancy gauges; sites past it
@@ -59,7 +57,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	for _, r := range []string{"unknown", "expired", "used", "locked_out"} {
 		m.rejections.WithLabelValues(r)
 	}
-	for _, k := range []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive} {
+	for _, k := range AlertKinds {
 		m.alerts.WithLabelValues(k)
 	}
 	if reg != nil {

@@ -189,6 +189,10 @@ const (
 	AlertCodeNotLive = "code_not_live"
 )
 
+// AlertKinds are the kinds the pickup workflow raises (the two defined in
+// fleet as well).
+var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive}
+
 // credentialUsed reports whether the pickup's credential was spent at the locker.
 func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {
 	if p.CredentialID == "" {
