@@ -50,8 +50,6 @@ type Store interface {
 	// ClearAlerts clears a locker's open alerts of kind, except those of the
 	// compartments in keep (0 stands for "no compartment").
 	ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error)
-	// ListAlerts returns a locker's alerts, newest first.
-	ListAlerts(ctx context.Context, deviceID string, open bool) ([]Alert, error)
 
 	// CreateCommand inserts the new command c and, when audit is not nil,
 	// its audit entry (with the locker's site), atomically, if c's locker

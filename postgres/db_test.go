@@ -911,7 +911,7 @@ func TestIngest(t *testing.T) {
 		}
 		open := func() []string {
 			t.Helper()
-			as, err := db.ListAlerts(ctx, id, true)
+			as, err := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -994,7 +994,7 @@ func TestIngest(t *testing.T) {
 		if raised, err := db.RaiseAlert(ctx, a); err != nil || !raised {
 			t.Fatalf("raise at another time: %v %v, want raised", raised, err)
 		}
-		if as, _ := db.ListAlerts(ctx, id, true); len(as) != 2 {
+		if as, _ := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)}); len(as) != 2 {
 			t.Fatalf("%d alerts, want 2", len(as))
 		}
 	})

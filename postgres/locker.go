@@ -476,20 +476,6 @@ func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int
 	return int(tag.RowsAffected()), err
 }
 
-// ListAlerts implements fleet.Store.
-func (db *DB) ListAlerts(ctx context.Context, deviceID string, open bool) ([]fleet.Alert, error) {
-	rows, err := db.pool.Query(ctx, `SELECT id, device_id, kind, coalesce(compartment, 0), detail, raised_at, cleared_at
-		FROM alerts WHERE device_id = $1 AND (NOT $2 OR cleared_at IS NULL) ORDER BY id DESC LIMIT 1000`, deviceID, open)
-	if err != nil {
-		return nil, err
-	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.Alert, error) {
-		var a fleet.Alert
-		err := row.Scan(&a.ID, &a.DeviceID, &a.Kind, &a.Compartment, &a.Detail, &a.RaisedAt, &a.ClearedAt)
-		return a, err
-	})
-}
-
 // MarkSiteReplaceable marks every locker of a site replaceable, so that their
 // serials can provision again (the demo's simulator keeps no identities).
 func (db *DB) MarkSiteReplaceable(ctx context.Context, site string) error {
