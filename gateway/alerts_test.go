@@ -30,10 +30,7 @@ func TestAlerts(t *testing.T) {
 	pub := func(ch protocol.Channel, payload string) {
 		t.Helper()
 		n++
-		payload = fmt.Sprintf(payload, n, protocol.FormatTime(time.Now()))
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, ch), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish: %v", tk.Error())
-		}
+		MustPublish(t, dev, protocol.Topic(id.DeviceID, ch), false, fmt.Sprintf(payload, n, protocol.FormatTime(time.Now())))
 	}
 	open := func(kind string) func() (int, error) {
 		return func() (int, error) {
@@ -92,9 +89,7 @@ func TestClockSkewAlert(t *testing.T) {
 	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
 	birth := func(payload string) {
 		t.Helper()
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanPresence), 1, true, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish birth: %v", tk.Error())
-		}
+		MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanPresence), true, payload)
 	}
 	offset := func(want func(*int64) error) {
 		t.Helper()
@@ -188,22 +183,10 @@ type alertPage struct {
 func TestAlertsAPI(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	raise := func(site, serial string, events ...string) string {
-		t.Helper()
-		id := MustProvision(t, tg, tg.MustSiteAndClaim(t, site, 1), serial)
-		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-		for i, ev := range events {
-			payload := fmt.Sprintf(ev, fmt.Sprintf("e-%d", i), protocol.FormatTime(time.Now()))
-			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-				t.Fatalf("publish: %v", tk.Error())
-			}
-		}
-		return id.DeviceID
-	}
-	ajar := `{"id":"%s","ts":"%s","type":"door_ajar","compartment":2,"open_s":130}`
-	tamper := `{"id":"%s","ts":"%s","type":"tamper","detail":"housing opened"}`
-	lockerA := raise("site-a", "SN-ALA-1", ajar, tamper)
-	lockerB := raise("site-b", "SN-ALB-1", tamper)
+	ajar := `{"id":"e-1","ts":"%s","type":"door_ajar","compartment":2,"open_s":130}`
+	tamper := `{"id":"e-2","ts":"%s","type":"tamper","detail":"housing opened"}`
+	lockerA := MustLockerEvents(t, tg, tg.MustSiteAndClaim(t, "site-a", 1), "SN-ALA-1", ajar, tamper)
+	lockerB := MustLockerEvents(t, tg, tg.MustSiteAndClaim(t, "site-b", 1), "SN-ALB-1", tamper)
 	Eventually(t, 10*time.Second, "three alerts", func() error {
 		if n := tg.Count(t, `SELECT count(*) FROM alerts`); n != 3 {
 			return fmt.Errorf("%d alerts", n)
@@ -344,18 +327,8 @@ func TestAlertWebhooks(t *testing.T) {
 		t.Fatalf("a platform's alert.raised webhook: %d %v, want 403", status, err)
 	}
 
-	raise := func(claim, serial, event string) string {
-		t.Helper()
-		id := MustProvision(t, tg, claim, serial)
-		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-		payload := fmt.Sprintf(event, protocol.FormatTime(time.Now()))
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish: %v", tk.Error())
-		}
-		return id.DeviceID
-	}
-	lockerA := raise(claimA, "SN-WHA-1", `{"id":"e-1","ts":"%s","type":"door_ajar","compartment":3,"open_s":130}`)
-	lockerB := raise(claimB, "SN-WHB-1", `{"id":"e-1","ts":"%s","type":"tamper","detail":"housing opened"}`)
+	lockerA := MustLockerEvents(t, tg, claimA, "SN-WHA-1", `{"id":"e-1","ts":"%s","type":"door_ajar","compartment":3,"open_s":130}`)
+	lockerB := MustLockerEvents(t, tg, claimB, "SN-WHB-1", `{"id":"e-1","ts":"%s","type":"tamper","detail":"housing opened"}`)
 
 	Eventually(t, 15*time.Second, "both alerts at the operator's webhook", func() error {
 		if got := opsHook.types(); len(got) != 2 {

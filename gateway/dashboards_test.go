@@ -556,9 +556,7 @@ func runScenario(t *testing.T, e *pickupEnv) {
 		{protocol.ChanEvents, `{"id":"d-1","ts":"` + now + `","type":"door_ajar","compartment":2,"open_s":130}`},
 		{protocol.ChanEvents, `{"id":"d-2","ts":"` + now + `","type":"tamper","detail":"housing opened"}`},
 	} {
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, m.ch), 1, false, m.payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish: %v", tk.Error())
-		}
+		MustPublish(t, dev, protocol.Topic(id.DeviceID, m.ch), false, m.payload)
 	}
 	Eventually(t, 10*time.Second, "alerts raised", func() error {
 		for _, s := range []string{`lockergate_alerts_raised_total{kind="door_ajar"}`, `lockergate_alerts_raised_total{kind="tamper"}`,

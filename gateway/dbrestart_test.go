@@ -170,9 +170,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	pg.stop(t)
 	publish(50, 150)
 	req := protocol.ProvisionRequest{Serial: "SN-DB-2", Model: "LX-1", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}}
-	if tk := prov.Publish(protocol.ProvisionRequestTopic("SN-DB-2"), 1, false, protocol.Encode(req)); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-		t.Fatalf("publish provisioning request: %v", tk.Error())
-	}
+	MustPublish(t, prov, protocol.ProvisionRequestTopic("SN-DB-2"), false, protocol.Encode(req))
 	Eventually(t, 30*time.Second, "claim session ended without an answer", func() error {
 		if prov.IsConnectionOpen() {
 			return errors.New("still connected")

@@ -37,6 +37,28 @@ func Connect(addr, clientID, user, pass string) (paho.Client, error) {
 	return c, t.Error()
 }
 
+// MustPublish publishes payload (a string or []byte) from c at QoS 1 and
+// waits for the broker's acknowledgement.
+func MustPublish(tb testing.TB, c paho.Client, topic string, retained bool, payload any) {
+	tb.Helper()
+	if tk := c.Publish(topic, 1, retained, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
+		tb.Fatalf("publish %s: %v", topic, tk.Error())
+	}
+}
+
+// MustLockerEvents provisions a locker by hand with claim, connects it as a
+// raw MQTT client and publishes events, each a format whose one %s is the
+// time; it returns the locker's id.
+func MustLockerEvents(tb testing.TB, tg *TestGateway, claim, serial string, events ...string) string {
+	tb.Helper()
+	id := MustProvision(tb, tg, claim, serial)
+	dev := MustConnect(tb, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	for _, ev := range events {
+		MustPublish(tb, dev, protocol.Topic(id.DeviceID, protocol.ChanEvents), false, fmt.Sprintf(ev, protocol.FormatTime(time.Now())))
+	}
+	return id.DeviceID
+}
+
 // MustProvision provisions a locker by hand, as a vendor's firmware would,
 // and returns its identity.
 func MustProvision(tb testing.TB, tg *TestGateway, claim, serial string) protocol.ProvisionResponse {
@@ -48,9 +70,7 @@ func MustProvision(tb testing.TB, tg *TestGateway, claim, serial string) protoco
 	}
 	req := protocol.ProvisionRequest{Serial: serial, Model: "LX-4", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{
 		{N: 1, Size: "S", Zone: "ambient"}, {N: 2, Size: "M", Zone: "ambient"}, {N: 3, Size: "L", Zone: "chilled"}, {N: 4, Size: "XL", Zone: "heated"}}}
-	if t := c.Publish(protocol.ProvisionRequestTopic(serial), 1, false, protocol.Encode(req)); !t.WaitTimeout(5*time.Second) || t.Error() != nil {
-		tb.Fatalf("publish request: %v", t.Error())
-	}
+	MustPublish(tb, c, protocol.ProvisionRequestTopic(serial), false, protocol.Encode(req))
 	select {
 	case b := <-got:
 		var r protocol.ProvisionResponse
@@ -74,9 +94,7 @@ func TestMQTTBadInput(t *testing.T) {
 	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
 	pub := func(ch protocol.Channel, payload string) {
 		t.Helper()
-		if tk := dev.Publish(protocol.Topic(id.DeviceID, ch), 1, false, payload); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-			t.Fatalf("publish: %v", tk.Error())
-		}
+		MustPublish(t, dev, protocol.Topic(id.DeviceID, ch), false, payload)
 	}
 	now := protocol.FormatTime(time.Now())
 	bad := []struct {

@@ -1241,10 +1241,8 @@ func TestStaleLockerGetsNoPickup(t *testing.T) {
 	if status, err := order("STALE-1"); status != http.StatusUnprocessableEntity {
 		t.Fatalf("order at a stale locker: %d %v, want 422", status, err)
 	}
-	if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanHealth), 1, false,
-		fmt.Sprintf(`{"seq":1,"ts":"%s","uptime_s":5}`, protocol.FormatTime(time.Now()))); !tk.WaitTimeout(5*time.Second) || tk.Error() != nil {
-		t.Fatalf("publish health: %v", tk.Error())
-	}
+	MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanHealth), false,
+		fmt.Sprintf(`{"seq":1,"ts":"%s","uptime_s":5}`, protocol.FormatTime(time.Now())))
 	Eventually(t, 10*time.Second, "the order placed once the locker reported", func() error {
 		if status, err := order("STALE-2"); status != http.StatusCreated {
 			return fmt.Errorf("%d %v", status, err)
