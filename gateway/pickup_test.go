@@ -432,6 +432,69 @@ func TestPINAndQROneUseOffline(t *testing.T) {
 	}
 }
 
+// TestCodeUseAppliedAfterItsClosing: a locker's events can be applied out
+// of their order (through an external broker they are shared among the
+// gateway instances, and those held for an instance that was down arrive
+// late). A driver's code use that arrives after the door's closing it came
+// before still ends the pickup as the two in order do: picked up when the
+// door closed empty, not taken (with a fresh code) when the order is still
+// inside.
+func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	taken, left := e.create(t, "ORD-1", "S", time.Hour), e.create(t, "ORD-2", "M", time.Hour)
+	taken, left = e.waitState(t, taken.ID, pickup.Ready), e.waitState(t, left.ID, pickup.Ready)
+	e.waitCreds(t, taken.Locker)
+	l := e.sim.Locker(taken.Locker)
+	id, _ := l.Identity()
+	l.Disconnect()
+	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	topic := protocol.Topic(id.DeviceID, protocol.ChanEvents)
+	used := time.Now().UTC()
+	for _, p := range []struct {
+		pickup.Pickup
+		occupied bool
+	}{{taken, false}, {left, true}} {
+		// The closing first, then the code use that came before it.
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":%t}`,
+			p.ID, protocol.FormatTime(used.Add(3*time.Second)), p.Compartment, p.occupied))
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+			p.ID, protocol.FormatTime(used), p.Credential.ID+".p", p.Compartment))
+	}
+	e.waitState(t, taken.ID, pickup.PickedUp)
+	// The closing, judged without the code at first, alerted staff that the
+	// order went without it; that alert is withdrawn.
+	Eventually(t, 10*time.Second, "the pickup_removed alert withdrawn", func() error {
+		var by string
+		err := e.tg.DB().Pool().QueryRow(ctx, `SELECT coalesce(cleared_by, '') FROM alerts WHERE kind = 'pickup_removed' AND device_id = $1 AND compartment = $2`,
+			taken.Locker, taken.Compartment).Scan(&by)
+		if err != nil {
+			return err
+		}
+		if by != "gateway" {
+			return fmt.Errorf("cleared by %q", by)
+		}
+		return nil
+	})
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'gateway'`); n != 1 {
+		t.Fatalf("%d alert.clear audit entries by the gateway, want 1", n)
+	}
+	Eventually(t, 10*time.Second, "the order left inside given a fresh code", func() error {
+		var got pickup.Pickup
+		if err := e.store.Get(ctx, "/v1/pickups/"+left.ID, nil, &got); err != nil {
+			return err
+		}
+		if got.State != pickup.Ready || got.Credential == nil || got.Credential.ID == left.Credential.ID {
+			return fmt.Errorf("state %s, credential %+v", got.State, got.Credential)
+		}
+		if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_not_taken' AND device_id = $1 AND compartment = $2`,
+			left.Locker, left.Compartment); n != 1 {
+			return fmt.Errorf("%d pickup_not_taken alerts", n)
+		}
+		return nil
+	})
+}
+
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
 // is offline still opens with its code there (the locker validates codes
 // itself, from the set it holds). When the locker reports the use, staff

@@ -192,11 +192,16 @@ type Store interface {
 	RotateCredentials(ctx context.Context, deviceID string, at time.Time, mint func(gen int, old *Credential) *Credential,
 		event func(p *Pickup, c *Credential) *Event, a fleet.AuditEntry) (int, error)
 	// UseCredential marks a locker's credential used (single use) and bumps
-	// the set version; it returns the pickups it was for. A credential that
-	// was rotated counts as its replacement. A use recorded already at the
-	// same at (the same event, offered again) returns no pickups and no
-	// error; any other use of a credential not active is fleet.ErrNotFound.
+	// the set version; it returns the live pickups it was for. A credential
+	// that was rotated counts as its replacement. A use recorded already at
+	// the same at (the same event, offered again) changes nothing and
+	// returns those pickups all the same; any other use of a credential not
+	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// DoorClosedAfter returns the latest door_closed event of a locker's
+	// compartment received after since whose device time is after after,
+	// or fleet.ErrNotFound.
+	DoorClosedAfter(ctx context.Context, deviceID string, n int, since, after time.Time) (*fleet.EventRecord, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)
 	// CredentialState returns the state of a locker's credential: active,
@@ -204,6 +209,10 @@ type Store interface {
 	CredentialState(ctx context.Context, deviceID, id string) (string, error)
 	// RaiseAlert records an alert (see fleet.Store).
 	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
+	// WithdrawAlert clears, as actor and audited with reason, the open
+	// alert a names (its locker, kind, compartment and raised_at); false
+	// when there is none.
+	WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason string, at time.Time) (bool, error)
 	// DuePickups returns live pickups past expires_at, except those being
 	// collected (CollectGrace).
 	DuePickups(ctx context.Context, now time.Time, limit int) ([]Pickup, error)

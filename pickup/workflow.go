@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -32,7 +33,7 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 		}
 		switch ev.Type {
 		case protocol.EventCodeAccepted:
-			err = s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt)
+			err = s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt, events[i+1:])
 		case protocol.EventCodeRejected:
 			s.m.rejections.WithLabelValues(ev.Reason).Inc()
 		case protocol.EventDoorClosed:
@@ -66,7 +67,8 @@ func (s *Service) retry(ctx context.Context, op string, f func(context.Context) 
 }
 
 // codeAccepted spends the credential: single use, dropped from the next set.
-func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) error {
+// later are the locker's events applied after this one.
+func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
 	var ps []Pickup
 	err := s.retry(ctx, "use_credential", func(ctx context.Context) (err error) {
@@ -83,6 +85,72 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment)
 	}
 	s.publish(ctx, deviceID)
+	for i := range ps {
+		if err := s.closedBeforeCode(ctx, &ps[i], ev, later); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// closedBeforeCode applies again the closing of ready pickup p's door that
+// the locker reported after the code's use (ev) but that was applied before
+// it. A locker's events may be applied out of their order: through an
+// external broker they are shared among the gateway instances, and one held
+// for an instance that was down arrives late. The closing then found the
+// code unused: it raised pickup_removed (or nothing, closed occupied) and
+// left the pickup ready, where with the code it is picked up (or not taken).
+// A closing still to come among later is applied in its turn.
+func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.Event, later []fleet.EventRecord) error {
+	if p.State != Ready {
+		return nil
+	}
+	// Only a closing received after the pickup became ready (not the
+	// staging's, which made it ready) can be the driver's.
+	since := p.CreatedAt
+	if p.ReadyAt != nil {
+		since = *p.ReadyAt
+	}
+	var dc *fleet.EventRecord
+	err := s.retry(ctx, "door_closed_after", func(ctx context.Context) (err error) {
+		dc, err = s.o.Store.DoorClosedAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
+		return err
+	})
+	if errors.Is(err, fleet.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if slices.ContainsFunc(later, func(e fleet.EventRecord) bool { return e.EventID == dc.EventID }) {
+		return nil
+	}
+	closed, err := protocol.Decode[protocol.Event](dc.Body)
+	if err != nil {
+		return nil // stored valid; not a closing to judge again
+	}
+	s.log.Info("door closing judged again: the code used before it was applied after it",
+		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", dc.EventID)
+	if err := s.doorClosed(ctx, p.Locker, closed, dc.ReceivedAt); err != nil {
+		return err
+	}
+	if closed.Occupied != nil && *closed.Occupied {
+		return nil
+	}
+	// Judged without the code, the closing raised pickup_removed: the
+	// order was taken with its code after all.
+	removed := fleet.Alert{DeviceID: p.Locker, Kind: AlertRemoved, Compartment: p.Compartment, RaisedAt: dc.ReceivedAt}
+	var withdrawn bool
+	err = s.retry(ctx, "withdraw_alert", func(ctx context.Context) (err error) {
+		withdrawn, err = s.o.Store.WithdrawAlert(ctx, removed, "gateway", "its code's use before the closing arrived after it", s.o.Now())
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if withdrawn {
+		s.log.Info("alert withdrawn: the order was taken with its code", "locker", p.Locker, "kind", AlertRemoved, "compartment", p.Compartment, "pickup", p.ID)
+	}
 	return nil
 }
 

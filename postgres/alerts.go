@@ -110,3 +110,27 @@ func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Ti
 	}
 	return &a, nil
 }
+
+// WithdrawAlert implements pickup.Store.
+func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason string, at time.Time) (bool, error) {
+	withdrawn := false
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var id int64
+		var site string
+		err := tx.QueryRow(ctx, `WITH u AS (UPDATE alerts SET cleared_at = $5, cleared_by = $6
+				WHERE device_id = $1 AND kind = $2 AND coalesce(compartment, 0) = $3 AND raised_at = $4 AND cleared_at IS NULL
+				RETURNING id)
+			SELECT u.id, coalesce(d.site, '') FROM u LEFT JOIN devices d ON d.id = $1`,
+			a.DeviceID, a.Kind, a.Compartment, a.RaisedAt, at, actor).Scan(&id, &site)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		withdrawn = true
+		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "alert.clear", Locker: a.DeviceID, Site: site,
+			Detail: map[string]any{"alert": strconv.FormatInt(id, 10), "kind": a.Kind, "reason": reason}})
+	})
+	return withdrawn, err
+}

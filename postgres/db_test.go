@@ -998,6 +998,72 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("%d alerts, want 2", len(as))
 		}
 	})
+	t.Run("DoorClosedAfter", func(t *testing.T) {
+		id := MustDevice(t, db, "s1", "SN-CLOSED", 2) // its own events
+		base := now.Add(2 * time.Minute).Truncate(time.Microsecond)
+		mk := func(eid, typ string, comp int, ts, at time.Time) fleet.EventRecord {
+			body, _ := json.Marshal(protocol.Event{ID: eid, TS: protocol.T(ts), Type: typ, Compartment: comp})
+			return fleet.EventRecord{DeviceID: id, EventID: eid, ReceivedAt: at, TS: ts, Type: typ, Compartment: comp, Body: body}
+		}
+		if _, err := db.InsertEvents(ctx, []fleet.EventRecord{
+			mk("c-old", "door_closed", 1, base.Add(-time.Hour), base.Add(-time.Hour)), // received before since
+			mk("c-1", "door_closed", 1, base.Add(2*time.Second), base),                // the latest by the device's clock,
+			mk("c-2", "door_closed", 1, base.Add(time.Second), base.Add(time.Second)), // though received before this one
+			mk("c-other", "door_closed", 2, base.Add(5*time.Second), base),
+			mk("o-1", "door_opened", 1, base.Add(6*time.Second), base),
+		}); err != nil {
+			t.Fatal(err)
+		}
+		since := base.Add(-time.Minute)
+		got, err := db.DoorClosedAfter(ctx, id, 1, since, base)
+		if err != nil || got.EventID != "c-1" || got.Compartment != 1 || !got.ReceivedAt.Equal(base) || len(got.Body) == 0 {
+			t.Fatalf("closing after: %+v %v, want c-1", got, err)
+		}
+		if _, err := db.DoorClosedAfter(ctx, id, 1, since, base.Add(2*time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("none after the last: %v, want not found", err)
+		}
+		if got, err := db.DoorClosedAfter(ctx, id, 1, base.Add(-2*time.Hour), base.Add(-2*time.Hour)); err != nil || got.EventID != "c-1" {
+			t.Fatalf("with the old one in range: %+v %v, want c-1 still", got, err)
+		}
+		if got, err := db.DoorClosedAfter(ctx, id, 1, base, base); err != nil || got.EventID != "c-2" {
+			t.Fatalf("received after c-1: %+v %v, want c-2 (since is exclusive)", got, err)
+		}
+		if _, err := db.DoorClosedAfter(ctx, id, 3, since, base); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("compartment without closings: %v, want not found", err)
+		}
+	})
+	t.Run("WithdrawAlert", func(t *testing.T) {
+		id := MustDevice(t, db, "s1", "SN-WITHDRAW", 2)
+		at := now.Add(3 * time.Minute).Truncate(time.Microsecond)
+		a := fleet.Alert{DeviceID: id, Kind: "pickup_removed", Compartment: 1, Detail: "closed empty", RaisedAt: at}
+		other := a
+		other.Compartment = 2
+		for _, x := range []fleet.Alert{a, other} {
+			if raised, err := db.RaiseAlert(ctx, x); err != nil || !raised {
+				t.Fatalf("raise: %v %v", raised, err)
+			}
+		}
+		miss := a
+		miss.RaisedAt = at.Add(time.Millisecond)
+		if ok, err := db.WithdrawAlert(ctx, miss, "gateway", "test", now); err != nil || ok {
+			t.Fatalf("withdraw of another time: %v %v, want nothing", ok, err)
+		}
+		if ok, err := db.WithdrawAlert(ctx, a, "gateway", "test", now); err != nil || !ok {
+			t.Fatalf("withdraw: %v %v", ok, err)
+		}
+		if ok, err := db.WithdrawAlert(ctx, a, "gateway", "test", now); err != nil || ok {
+			t.Fatalf("withdraw again: %v %v, want nothing", ok, err)
+		}
+		open, err := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)})
+		if err != nil || len(open) != 1 || open[0].Compartment != 2 {
+			t.Fatalf("open alerts %+v %v, want compartment 2's only", open, err)
+		}
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM audit WHERE locker = $1 AND action = 'alert.clear' AND actor = 'gateway'
+			AND detail->>'reason' = 'test'`, id).Scan(&n); err != nil || n != 1 {
+			t.Fatalf("%d audit entries (%v), want 1", n, err)
+		}
+	})
 	t.Run("Retention", func(t *testing.T) {
 		dropped, err := db.DropPartitionsBefore(ctx, now.AddDate(0, 0, 1).Truncate(24*time.Hour))
 		if err != nil {

@@ -394,20 +394,40 @@ func (db *DB) ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet
 
 // ListEvents implements fleet.Store.
 func (db *DB) ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error) {
-	rows, err := db.pool.Query(ctx, `SELECT device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body FROM events
+	rows, err := db.pool.Query(ctx, `SELECT `+eventCols+` FROM events
 		WHERE device_id = $1 AND received_at >= $2 AND received_at < $3 AND (received_at, event_id) > ($5, $6)
 		ORDER BY received_at, event_id LIMIT $4`,
 		id, r.Since, untilOr(r.Until), limit(r.Limit), r.AfterTS, r.AfterKey)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.EventRecord, error) {
-		var e fleet.EventRecord
-		var body []byte
-		err := row.Scan(&e.DeviceID, &e.EventID, &e.ReceivedAt, &e.TS, &e.Type, &e.Compartment, &body)
-		e.Body = body
-		return e, err
-	})
+	return pgx.CollectRows(rows, scanEvent)
+}
+
+// eventCols are the columns scanEvent reads.
+const eventCols = `device_id, event_id, received_at, ts, type, coalesce(compartment, 0), body`
+
+func scanEvent(row pgx.CollectableRow) (fleet.EventRecord, error) {
+	var e fleet.EventRecord
+	var body []byte
+	err := row.Scan(&e.DeviceID, &e.EventID, &e.ReceivedAt, &e.TS, &e.Type, &e.Compartment, &body)
+	e.Body = body
+	return e, err
+}
+
+// DoorClosedAfter implements pickup.Store.
+func (db *DB) DoorClosedAfter(ctx context.Context, deviceID string, n int, since, after time.Time) (*fleet.EventRecord, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+eventCols+` FROM events
+		WHERE device_id = $1 AND received_at > $2 AND type = '`+protocol.EventDoorClosed+`' AND compartment = $3 AND ts > $4
+		ORDER BY ts DESC, received_at DESC LIMIT 1`, deviceID, since, n, after)
+	if err != nil {
+		return nil, err
+	}
+	e, err := pgx.CollectExactlyOneRow(rows, scanEvent)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("door closing of %s compartment %d after %s: %w", deviceID, n, after.Format(time.RFC3339Nano), fleet.ErrNotFound)
+	}
+	return &e, err
 }
 
 func untilOr(t time.Time) time.Time {

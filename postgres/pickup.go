@@ -617,24 +617,23 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
 		}
-		if err == nil && applied {
-			// This very use, recorded already: an event offered again.
-			out = nil
-			return errAlreadyApplied
-		}
 		if err != nil {
 			return err
 		}
-		if err := bumpCreds(ctx, tx, deviceID, 0); err != nil {
-			return err
-		}
-		detail := map[string]any{"credential": credID}
-		if used != credID {
-			detail["replaced_by"] = used // an old code, from before a rotation
-		}
-		if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
-			Detail: detail}); err != nil {
-			return err
+		// applied: this very use, recorded already (an event offered
+		// again); only its pickups are read.
+		if !applied {
+			if err := bumpCreds(ctx, tx, deviceID, 0); err != nil {
+				return err
+			}
+			detail := map[string]any{"credential": credID}
+			if used != credID {
+				detail["replaced_by"] = used // an old code, from before a rotation
+			}
+			if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+				Detail: detail}); err != nil {
+				return err
+			}
 		}
 		rows, err := tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE device_id = $1 AND credential_id = $2
 			AND state IN ('staging', 'ready')`, deviceID, used)
@@ -644,14 +643,8 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		out, err = collectPickups(rows)
 		return err
 	})
-	if errors.Is(err, errAlreadyApplied) {
-		return nil, nil
-	}
 	return out, err
 }
-
-// errAlreadyApplied rolls back a transaction that found its work done.
-var errAlreadyApplied = errors.New("already applied")
 
 // GetCredential implements pickup.Store.
 func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential, string, error) {

@@ -1,0 +1,118 @@
+package pickup
+
+import (
+	"context"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// orderStore holds one ready pickup at lk-1, compartment 3, whose code cr-1
+// the locker used; closing is its door's closing after that use, stored.
+type orderStore struct {
+	Store
+	p                           Pickup
+	closing                     fleet.EventRecord
+	used                        bool
+	reads, transitions, removed int
+	withdrawn                   []fleet.Alert
+}
+
+func (s *orderStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
+	s.used = true
+	return []Pickup{s.p}, nil
+}
+
+func (s *orderStore) DoorClosedAfter(_ context.Context, _ string, n int, _, after time.Time) (*fleet.EventRecord, error) {
+	if n != s.p.Compartment || !s.closing.TS.After(after) {
+		return nil, fleet.ErrNotFound
+	}
+	return &s.closing, nil
+}
+
+func (s *orderStore) LivePickupAt(context.Context, string, int) (*Pickup, error) {
+	s.reads++
+	if s.p.State != Ready {
+		return nil, fleet.ErrNotFound
+	}
+	p := s.p
+	return &p, nil
+}
+
+func (s *orderStore) CredentialState(context.Context, string, string) (string, error) {
+	if s.used {
+		return "used", nil
+	}
+	return "active", nil
+}
+
+func (s *orderStore) Transition(_ context.Context, _ string, _ []string, to, _, _ string, _ time.Time, _ *Event) (*Pickup, error) {
+	s.transitions++
+	s.p.State = to
+	p := s.p
+	return &p, nil
+}
+
+func (s *orderStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error) {
+	if a.Kind == AlertRemoved {
+		s.removed++
+	}
+	return true, nil
+}
+
+func (s *orderStore) WithdrawAlert(_ context.Context, a fleet.Alert, _, _ string, _ time.Time) (bool, error) {
+	s.withdrawn = append(s.withdrawn, a)
+	return true, nil
+}
+
+func newOrderStore(t *testing.T) (*orderStore, fleet.EventRecord) {
+	t.Helper()
+	used := codeAcceptedEvent(t)
+	at := used.TS.Add(3 * time.Second)
+	body, err := json.Marshal(protocol.Event{ID: "e-2", TS: protocol.T(at), Type: protocol.EventDoorClosed, Compartment: 3, Occupied: new(false)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &orderStore{
+		p: Pickup{ID: "p-1", Locker: "lk-1", Compartment: 3, State: Ready, CredentialID: "cr-1", CreatedAt: used.TS.Add(-time.Hour)},
+		closing: fleet.EventRecord{DeviceID: "lk-1", EventID: "e-2", ReceivedAt: at, TS: at, Type: protocol.EventDoorClosed,
+			Compartment: 3, Body: body},
+	}, used
+}
+
+// TestClosingAppliedBeforeItsCode: a code use applied after the closing
+// that followed it judges that closing again: the pickup is picked up and
+// the pickup_removed alert the closing raised without the code withdrawn.
+func TestClosingAppliedBeforeItsCode(t *testing.T) {
+	st, used := newOrderStore(t)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.removed != 1 || st.transitions != 0 {
+		t.Fatalf("the closing alone: applied %d, %d pickup_removed, %d transitions; want 1, 1, 0", n, st.removed, st.transitions)
+	}
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || st.transitions != 1 || st.p.State != PickedUp {
+		t.Fatalf("the code after it: applied %d, %d transitions, state %s; want picked up", n, st.transitions, st.p.State)
+	}
+	if len(st.withdrawn) != 1 || st.withdrawn[0].Kind != AlertRemoved || !st.withdrawn[0].RaisedAt.Equal(st.closing.ReceivedAt) || st.withdrawn[0].Compartment != 3 {
+		t.Fatalf("withdrawn %+v, want the closing's pickup_removed", st.withdrawn)
+	}
+}
+
+// TestClosingAfterItsCodeInOneBatch: a closing that comes after the code in
+// the same batch is applied in its turn, not judged a second time by the
+// code's step.
+func TestClosingAfterItsCodeInOneBatch(t *testing.T) {
+	st, used := newOrderStore(t)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used, st.closing}); n != 2 {
+		t.Fatalf("applied %d, want 2", n)
+	}
+	if st.reads != 1 || st.transitions != 1 || len(st.withdrawn) != 0 || st.removed != 0 {
+		t.Fatalf("%d live-pickup reads, %d transitions, %d withdrawn, %d pickup_removed; want the closing judged once, no alert",
+			st.reads, st.transitions, len(st.withdrawn), st.removed)
+	}
+}
