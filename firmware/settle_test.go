@@ -316,3 +316,45 @@ func TestEnginePausedRolloutEndsAtDeadline(t *testing.T) {
 func bytesOf(n int) io.Reader { return bytes.NewReader(bytes.Repeat([]byte{1}, n)) }
 
 func isConflict(err error) bool { return errors.Is(err, fleet.ErrConflict) }
+
+// TestEngineReportNotRecordedIsAnError: a report the database did not take
+// returns its error (the fleet manager tries it again) and changes nothing;
+// the same report tried again is recorded once, and a repeat after that is
+// no error.
+func TestEngineReportNotRecordedIsAnError(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	h.devs.outcome = func(string, int) string { return outSilent }
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	var job string
+	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
+		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
+			return fmt.Errorf("not received")
+		}
+		return nil
+	})
+	for _, state := range []string{firmware.StateDownloading, firmware.StateFailed, firmware.StateSucceeded} {
+		down, cancel := context.WithCancel(context.Background())
+		cancel() // the database cannot be reached
+		report := &protocol.FwStatus{Job: job, State: state, Error: "download"}
+		if state != firmware.StateFailed {
+			report.Error = ""
+		}
+		if err := h.eng.JobStatus(down, ids[0], report, time.Now()); err == nil {
+			t.Fatalf("%s report without a database: no error", state)
+		}
+	}
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSent {
+		t.Fatalf("after reports not recorded: %s, want sent", j.State)
+	}
+	failed := &protocol.FwStatus{Job: job, State: firmware.StateFailed, Error: "download"}
+	for i := range 2 {
+		if err := h.eng.JobStatus(context.Background(), ids[0], failed, time.Now()); err != nil {
+			t.Fatalf("report %d: %v", i+1, err)
+		}
+	}
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateFailed || j.Error != "download" {
+		t.Fatalf("after the report: %s %q, want failed download", j.State, j.Error)
+	}
+}

@@ -14,7 +14,10 @@ import (
 // fw/status report. Devices move forward only (a repeated or late report of
 // an earlier step changes nothing); "succeeded" is left to the birth; a
 // failure or rejection ends the attempt and is checked against the gate.
-func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time) {
+// It returns the database's error when the report was not recorded (the
+// caller tries again); what follows a recorded report (the gate, the
+// locker's job) reports its own errors, and the engine's ticks catch up.
+func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time) error {
 	switch st.State {
 	case StateDownloading, StateVerifying, StateInstalling, StateRebooting:
 		// Any report, even a repeated step, is progress for the step timeout.
@@ -28,15 +31,22 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 		j, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: st.Job, From: from,
 			To: st.State, Progress: st.Progress, At: at})
 		if err != nil {
-			e.fail("report", err)
-			return
+			return e.reportFailed(err)
 		}
 		e.counted(j != nil)
 	case StateFailed, StateRejected:
-		e.failJob(ctx, deviceID, st.Job, st.State, st.Error, at)
+		return e.failJob(ctx, deviceID, st.Job, st.State, st.Error, at)
 	case StateSucceeded:
-		e.succeeded(ctx, deviceID, st.Job, at)
+		return e.succeeded(ctx, deviceID, st.Job, at)
 	}
+	return nil
+}
+
+// reportFailed counts a report not recorded and returns err for the
+// caller's retry, which logs it.
+func (e *Engine) reportFailed(err error) error {
+	e.m.errors.WithLabelValues("report").Inc()
+	return err
 }
 
 // succeeded takes a locker's "succeeded" report. The birth on the new
@@ -45,38 +55,36 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 // open (or a cancel the install overtook, or a step timeout a long reboot
 // overtook) succeeds here when the birth the gateway recorded shows the
 // job's version.
-func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time.Time) {
+func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time.Time) error {
 	j, err := e.store.GetJob(ctx, deviceID, wireID)
 	if errors.Is(err, fleet.ErrNotFound) {
 		e.counted(false)
-		return
+		return nil
 	}
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	if !IsActive(j.State) && !((j.State == StateCancelled || j.State == StateTimedOut) && j.SentAt != nil) {
 		e.counted(false) // settled by the birth
-		return
+		return nil
 	}
 	fw, err := e.store.RunningVersion(ctx, deviceID)
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	if !SameVersion(fw, j.Version) {
 		e.counted(false) // not confirmed by a birth: the timeout will judge it
-		return
+		return nil
 	}
 	nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: wireID, From: []string{j.State}, To: StateSucceeded, At: at})
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	e.counted(nj != nil)
 	if nj != nil {
 		e.finished(ctx, nj, nil, IsActive(j.State), at)
 	}
+	return nil
 }
 
 func (e *Engine) counted(applied bool) {
@@ -158,24 +166,22 @@ func (e *Engine) bootSucceeded(ctx context.Context, j *Job, at time.Time) {
 
 // failJob ends the attempt of a job that failed (or was rejected), or
 // re-queues it as a new attempt when the rollout retries that kind.
-func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind string, at time.Time) {
+func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind string, at time.Time) error {
 	j, err := e.store.GetJob(ctx, deviceID, wireID)
 	if errors.Is(err, fleet.ErrNotFound) {
 		e.counted(false)
-		return
+		return nil
 	}
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	if !IsActive(j.State) {
 		e.counted(false) // a repeat, or a report on a job that already ended
-		return
+		return nil
 	}
 	r, err := e.store.GetRollout(ctx, j.RolloutID)
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	t := Transition{DeviceID: deviceID, JobID: wireID, From: ActiveStates, To: state, Error: kind, At: at}
 	if state == StateFailed && retryable(r, kind, j.Attempt, e.now()) {
@@ -183,11 +189,11 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 	}
 	nj, err := e.store.Apply(ctx, t)
 	if err != nil {
-		e.fail("report", err)
-		return
+		return e.reportFailed(err)
 	}
 	e.counted(nj != nil)
 	if nj != nil {
 		e.finished(ctx, nj, r, true, at)
 	}
+	return nil
 }

@@ -9,10 +9,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -613,5 +616,50 @@ func TestByLocker(t *testing.T) {
 	got := byLocker(evs)
 	if len(got) != 2 || len(got[0]) != 2 || got[0][0].EventID != "1" || got[0][1].EventID != "3" || got[1][0].EventID != "2" {
 		t.Fatalf("byLocker = %+v", got)
+	}
+}
+
+// flakyFirmware fails its first fails reports, as a database that is down.
+type flakyFirmware struct {
+	FirmwareTracker
+	fails    int
+	err      error
+	recorded []protocol.FwStatus
+}
+
+func (f *flakyFirmware) JobStatus(_ context.Context, _ string, st *protocol.FwStatus, _ time.Time) error {
+	if f.fails > 0 {
+		f.fails--
+		return f.err
+	}
+	f.recorded = append(f.recorded, *st)
+	return nil
+}
+
+// TestFirmwareReportOutlastsDatabaseErrors: a fw/status report the engine
+// could not record is tried again, not acknowledged and lost (a lost
+// "failed" would be seen only at the job's step timeout); one the
+// database can never take is dropped as invalid.
+func TestFirmwareReportOutlastsDatabaseErrors(t *testing.T) {
+	fw := &flakyFirmware{fails: 2, err: errors.New("connection refused")}
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Firmware: fw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks := 0
+	report := control{kind: ctrlFwStatus, id: "lk-1", payload: []byte(`{"job":"j-1","state":"failed","error":"checksum","ts":"2026-12-05T07:00:00.000Z"}`),
+		at: time.Now(), ack: func() { acks++ }}
+	m.handleControl(context.Background(), report)
+	if len(fw.recorded) != 1 || fw.recorded[0].State != "failed" || acks != 1 {
+		t.Fatalf("recorded %+v, %d acks; want the report once, acknowledged", fw.recorded, acks)
+	}
+	fw.fails, fw.err = 1, fmt.Errorf("%w: invalid byte sequence", ErrInvalid)
+	m.handleControl(context.Background(), report)
+	if len(fw.recorded) != 1 || acks != 2 {
+		t.Fatalf("recorded %d, %d acks; want a value the database refuses dropped and acknowledged", len(fw.recorded), acks)
+	}
+	var dropped dto.Metric
+	if err := m.m.dropped.WithLabelValues(string(protocol.ChanFwStatus), protocol.Reason(fw.err)).Write(&dropped); err != nil || dropped.GetCounter().GetValue() != 1 {
+		t.Fatalf("dropped counter %v (%v), want 1", dropped.GetCounter().GetValue(), err)
 	}
 }

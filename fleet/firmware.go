@@ -11,8 +11,10 @@ import (
 // Calls come from the fleet's control workers, in order per locker, and may
 // block briefly on the database.
 type FirmwareTracker interface {
-	// JobStatus records a locker's fw/status report.
-	JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time)
+	// JobStatus records a locker's fw/status report. An error means the
+	// report was not recorded (the database failed): the call may be made
+	// again with the same report, which is then recorded once.
+	JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time) error
 	// Booted records a birth message: the version a locker runs after it
 	// (re)connected. Success of a job is confirmed only by this.
 	Booted(ctx context.Context, deviceID, fw string, at time.Time)

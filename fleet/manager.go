@@ -1135,8 +1135,18 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			m.dropInvalid(protocol.ChanFwStatus, c.id, err)
 			return
 		}
-		if m.opts.Firmware != nil {
-			m.opts.Firmware.JobStatus(ctx, c.id, st, c.at)
+		if m.opts.Firmware == nil {
+			return
+		}
+		// Tried again as the other reports are: a lost "failed" would
+		// otherwise be noticed only by the job's step timeout, and the
+		// rollout's failure threshold would count it late.
+		err = m.retry(ctx, "fw_status", func(ctx context.Context) error { return m.opts.Firmware.JobStatus(ctx, c.id, st, c.at) })
+		switch {
+		case errors.Is(err, ErrInvalid):
+			m.dropInvalid(protocol.ChanFwStatus, c.id, err)
+		case err != nil:
+			m.log.Error("record firmware report", "locker", c.id, "job", st.Job, "state", st.State, "err", err)
 		}
 	}
 }

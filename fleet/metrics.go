@@ -40,7 +40,7 @@ var (
 	metricChannels = []protocol.Channel{protocol.ChanPresence, protocol.ChanHealth, protocol.ChanEvents,
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
-	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "publish_retained"}
+	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "fw_status", "publish_retained"}
 	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 )

@@ -276,7 +276,8 @@ func (db *DB) ListJobs(ctx context.Context, id string, f firmware.JobFilter) ([]
 
 // GetJob implements firmware.Store.
 func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job, error) {
-	return scanFwJob(db.pool.QueryRow(ctx, `SELECT `+fwJobCols+` FROM fw_jobs WHERE job_id = $1 AND device_id = $2`, jobID, deviceID))
+	j, err := scanFwJob(db.pool.QueryRow(ctx, `SELECT `+fwJobCols+` FROM fw_jobs WHERE job_id = $1 AND device_id = $2`, jobID, deviceID))
+	return j, dataError(err) // a job id from a device that text cannot hold
 }
 
 // ActiveJob implements firmware.Store.
@@ -337,7 +338,7 @@ func (db *DB) Apply(ctx context.Context, t firmware.Transition) (*firmware.Job, 
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil, nil
 	}
-	return j, err
+	return j, dataError(err)
 }
 
 // fwPrefixed qualifies a column list with a table alias.
