@@ -247,3 +247,25 @@ func TestCredsReconcilerNotStarvedByLockersThatNeverAck(t *testing.T) {
 		t.Fatalf("republished to a %d times, to b %d; want a %d times, then b", toA, toB, credsRepublishTries)
 	}
 }
+
+// TestAlertWakesWebhooks: an alert opened wakes the webhook dispatcher (its
+// alert.raised deliveries are queued with it); one not written does not.
+func TestAlertWakesWebhooks(t *testing.T) {
+	st := &alertStore{fakeStore: newFakeStore()}
+	wakes := 0
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler), AlertRaised: func() { wakes++ }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := Alert{DeviceID: "lk-1", Kind: AlertTamper, RaisedAt: time.Now()}
+	st.down = true
+	m.alert(context.Background(), a)
+	if wakes != 0 {
+		t.Fatalf("%d wakes for an alert not written, want 0", wakes)
+	}
+	st.down = false
+	m.alert(context.Background(), a)
+	if wakes != 1 {
+		t.Fatalf("%d wakes for an alert opened, want 1", wakes)
+	}
+}

@@ -86,6 +86,10 @@ type Options struct {
 	// judges codes' not_after and commands' expires_at by its own clock).
 	// Default DefaultMaxClockSkew; negative: never judged.
 	MaxClockSkew time.Duration
+	// AlertRaised, when set, is called after an alert was opened (the
+	// webhook dispatcher's Wake: the alert.raised deliveries are queued
+	// with the alert).
+	AlertRaised func()
 	// DrainTimeout bounds writing what is queued at shutdown. Default 10s.
 	DrainTimeout time.Duration
 	// Now is the clock; default time.Now.
@@ -930,6 +934,9 @@ func (m *Manager) alert(ctx context.Context, a Alert) bool {
 func (m *Manager) alertRaised(a *Alert) {
 	m.m.alerts.WithLabelValues(a.Kind).Inc()
 	m.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+	if m.opts.AlertRaised != nil {
+		m.opts.AlertRaised()
+	}
 }
 
 // clearAlerts clears alerts (see Store.ClearAlerts), and reports whether it

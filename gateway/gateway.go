@@ -353,17 +353,18 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if err != nil {
 		return nil, err
 	}
-	// pickups and webhooks
+	// webhooks, the fleet and pickups
+	g.webhooks, err = webhook.New(webhook.Options{Store: g.db, MasterKey: master, Logger: o.Logger.With("component", "webhook"),
+		Registerer: g.reg, BackoffBase: o.WebhookBackoff, AllowPrivate: o.WebhookAllowPrivate})
+	if err != nil {
+		return nil, err
+	}
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
 		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
-		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew})
-	if err != nil {
-		return nil, err
-	}
-	g.webhooks, err = webhook.New(webhook.Options{Store: g.db, MasterKey: master, Logger: o.Logger.With("component", "webhook"),
-		Registerer: g.reg, BackoffBase: o.WebhookBackoff, AllowPrivate: o.WebhookAllowPrivate})
+		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew,
+		AlertRaised: g.webhooks.Wake})
 	if err != nil {
 		return nil, err
 	}

@@ -174,3 +174,18 @@ func TestExpirySweepPublishesOncePerLocker(t *testing.T) {
 		t.Fatalf("publishes by locker %v, want one each for lk-1 and lk-2", f.by)
 	}
 }
+
+// TestAlertWakesWebhooks: an alert the workflow opened wakes the webhook
+// dispatcher, as its transitions do.
+func TestAlertWakesWebhooks(t *testing.T) {
+	st, f := &notLiveStore{}, &countingFleet{}
+	s := notLiveService(t, st, f)
+	wakes := 0
+	s.o.Wake = func() { wakes++ }
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{codeAcceptedEvent(t)}); n != 1 || len(st.raised) != 1 {
+		t.Fatalf("applied %d, raised %d; want 1, 1", n, len(st.raised))
+	}
+	if wakes != 1 {
+		t.Fatalf("%d wakes, want 1", wakes)
+	}
+}

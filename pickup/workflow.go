@@ -343,6 +343,7 @@ func (s *Service) alert(ctx context.Context, a fleet.Alert) error {
 	if raised {
 		s.m.alerts.WithLabelValues(a.Kind).Inc()
 		s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+		s.o.Wake() // its alert.raised deliveries, queued with it
 	}
 	return nil
 }

@@ -450,7 +450,9 @@ func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
 // raiseAlertSQL opens an alert and, in the same statement, queues an
 // alert.raised event to the webhooks that asked for it in its scope (admin
 // and operator webhooks: every alert; a store's: its site's), as pickup
-// events are queued with their transitions. Its one row counts the alerts
+// events are queued with their transitions. The delivery is due from the
+// alert's raised_at, the gateway's clock that the dispatcher leases by (not
+// the database's, which may run ahead). Its one row counts the alerts
 // opened (0 or 1).
 var raiseAlertSQL = `WITH raised AS (
 		INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
@@ -466,7 +468,7 @@ var raiseAlertSQL = `WITH raised AS (
 		FROM raised r LEFT JOIN devices d ON d.id = $1::text),
 	queued AS (
 		INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
-		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, now(), now() FROM ev JOIN webhooks w
+		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, $5::timestamptz, now() FROM ev JOIN webhooks w
 			ON w.deleted_at IS NULL AND '` + webhook.EventAlertRaised + `' = ANY (w.events)
 			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
 			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = ev.site)))
