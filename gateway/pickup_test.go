@@ -1005,6 +1005,20 @@ func TestPickupEdges(t *testing.T) {
 				t.Errorf("%s: got %d (%v), want %d", name, status, err, want)
 			}
 		}
+		// An order whose pickup ended may be staged again; while one is
+		// live its reference is taken.
+		first := e.create(t, "R-1", "S", time.Hour)
+		again := map[string]any{"site": "store-042", "order_ref": "R-1", "size": "S", "zone": "ambient",
+			"recipient": map[string]string{"kind": "driver", "platform": "speedy"}}
+		if status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: again}, nil); status != 409 {
+			t.Errorf("R-1 again while live: got %d (%v), want 409", status, err)
+		}
+		if err := e.store.Post(ctx, "/v1/pickups/"+first.ID+"/cancel", nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		if second := e.create(t, "R-1", "S", time.Hour); second.ID == first.ID {
+			t.Errorf("R-1 after its pickup was cancelled: the same pickup %s", second.ID)
+		}
 		// No site, from a token not bound to one: malformed, not a 404.
 		status, err := e.tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups",
 			Body: map[string]any{"order_ref": "B-8", "recipient": map[string]string{"kind": "customer"}}}, nil)
