@@ -157,6 +157,11 @@ type Broker struct {
 	// answer is being published: only that session's client may receive
 	// it (aclCheck), not a newer CONNECT with the same client id.
 	answering sync.Map
+	// delivering maps a serial to a channel closed once the Provisioner has
+	// recorded that its last answer was delivered (answerDelivered): a
+	// second request for the serial waits for that record, or it could be
+	// taken for the retry of a lost answer.
+	delivering sync.Map
 
 	life      sync.Mutex
 	started   bool

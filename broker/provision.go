@@ -57,6 +57,7 @@ func (b *Broker) provision(s *session, payload []byte) {
 		b.endSession(s, ReasonProvisionBusy, packets.ErrServerBusy)
 		return
 	}
+	b.awaitDelivered(ctx, s.id)
 	resp, err := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	<-b.provSem
 	if s.cl.Closed() {
@@ -135,9 +136,15 @@ func (b *Broker) answerDelivered(s *session) {
 	if id == nil {
 		return
 	}
+	done := make(chan struct{})
+	b.delivering.Store(s.id, done)
 	b.provWG.Add(1)
 	go func() {
 		defer b.provWG.Done()
+		defer func() {
+			b.delivering.CompareAndDelete(s.id, done)
+			close(done)
+		}()
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), provisionCallTimeout)
 		defer cancel()
 		if err := rec.AnswerDelivered(ctx, *id); err != nil {
@@ -145,6 +152,20 @@ func (b *Broker) answerDelivered(s *session) {
 			b.log.Warn("provisioning answer delivered but not recorded", "serial", s.id, "locker", *id, "err", err)
 		}
 	}()
+}
+
+// awaitDelivered waits, until ctx ends, for the record that the serial's
+// last answer was delivered, should it still be on its way. A locker (or a
+// test) that got its answer and asks again at once is then told
+// serial_taken, as the contract says, instead of being taken for the retry
+// of a lost answer because its acknowledgement was not written yet.
+func (b *Broker) awaitDelivered(ctx context.Context, serial string) {
+	if v, ok := b.delivering.Load(serial); ok {
+		select {
+		case <-v.(chan struct{}):
+		case <-ctx.Done():
+		}
+	}
 }
 
 // provisionAnswerSent ends a claim session that subscribed at QoS 0 once its

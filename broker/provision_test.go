@@ -1,13 +1,16 @@
 package broker
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -167,4 +170,73 @@ func TestProvisioningUnavailable(t *testing.T) {
 	if resp, err := protocol.Decode[protocol.ProvisionResponse](p2.nextMessage(t).Payload()); err != nil || resp.Status != "ok" {
 		t.Fatalf("retry answered %+v, %v; want ok", resp, err)
 	}
+}
+
+// recordingProv is a fakeProv that records delivered answers, each record
+// held until release is closed.
+type recordingProv struct {
+	*fakeProv
+	release   chan struct{}
+	delivered chan string
+}
+
+func (p *recordingProv) AnswerDelivered(ctx context.Context, deviceID string) error {
+	p.delivered <- deviceID
+	select {
+	case <-p.release:
+	case <-ctx.Done():
+	}
+	return nil
+}
+
+// TestProvisioningWaitsForTheDeliveredRecord: a second request for a serial
+// whose answer was acknowledged is decided only once the Provisioner has
+// recorded that delivery. Otherwise a locker (or a test) that asks again at
+// once could be taken for the retry of a lost answer and handed a second
+// identity, where the contract says serial_taken.
+func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
+	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 1)}
+	h := newHarness(t, func(o *Options) {
+		rec.fakeProv = o.Provisioner.(*fakeProv)
+		o.Provisioner = rec
+	}, nil)
+	ask := func() *client {
+		p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+		p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+		return p
+	}
+	first := ask()
+	first.nextMessage(t) // acknowledged by the client: the record starts
+	select {
+	case id := <-rec.delivered:
+		if id != "lk-1" {
+			t.Fatalf("delivered %q, want lk-1", id)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the delivery was not recorded")
+	}
+	ask()
+	// The second request is not decided while the record is on its way
+	// (watched for 200 ms: without the wait it is decided within a few).
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for end := time.After(200 * time.Millisecond); ; {
+		if n := h.prov.callCount(); n != 1 {
+			t.Fatalf("%d Provision calls before the first answer's delivery was recorded, want 1", n)
+		}
+		select {
+		case <-tick.C:
+			continue
+		case <-end:
+		}
+		break
+	}
+	close(rec.release)
+	testtool.Eventually(t, 5*time.Second, "the second request decided", func() error {
+		if n := h.prov.callCount(); n != 2 {
+			return fmt.Errorf("%d Provision calls", n)
+		}
+		return nil
+	})
 }
