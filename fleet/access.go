@@ -1,6 +1,11 @@
 package fleet
 
-import "time"
+import (
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+)
 
 // Roles of API tokens (api-v1.md).
 const (
@@ -16,6 +21,25 @@ const (
 // ValidRole reports whether r is a role.
 func ValidRole(r string) bool {
 	return r == RoleAdmin || r == RoleOperator || r == RoleStore || r == RolePlatform || r == RoleBroker
+}
+
+// MaxNameLen bounds a token's name.
+const MaxNameLen = 64
+
+// ValidName reports whether s can be a token's name (for a platform token,
+// the platform's name that pickups give as recipient.platform): 1 to
+// MaxNameLen bytes of UTF-8 text without control characters, and without
+// spaces at either end (which would make two names look the same).
+func ValidName(s string) bool {
+	if len(s) == 0 || len(s) > MaxNameLen || !utf8.ValidString(s) || strings.TrimSpace(s) != s {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
 }
 
 // Token is an API token as stored: never the token itself, only its hash.

@@ -983,6 +983,27 @@ func TestPickupEdges(t *testing.T) {
 		}
 	})
 
+	t.Run("PlatformNamedInWords", func(t *testing.T) {
+		// A token's name is text: a platform may be called "Speedy Eats".
+		words := MustPickupToken(t, e.tg, "platform", "", "Speedy Eats")
+		var p pickup.Pickup
+		if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"site": "store-042", "order_ref": "W-1", "size": "S",
+			"recipient": map[string]string{"kind": "driver", "platform": "Speedy Eats"}}, &p); err != nil {
+			t.Fatalf("create for \"Speedy Eats\": %v", err)
+		}
+		var got pickup.Pickup
+		if err := words.Get(ctx, "/v1/pickups/"+p.ID, nil, &got); err != nil || got.Platform != "Speedy Eats" {
+			t.Fatalf("the platform reading its pickup: %+v %v", got, err)
+		}
+		for _, name := range []string{"", " padded", "tab\tin", strings.Repeat("n", fleet.MaxNameLen+1)} {
+			status, err := e.tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/tokens",
+				Body: map[string]string{"role": "platform", "name": name}}, nil)
+			if status != 400 {
+				t.Errorf("token name %q: got %d (%v), want 400", name, status, err)
+			}
+		}
+	})
+
 	t.Run("BadRequests", func(t *testing.T) {
 		for name, body := range map[string]map[string]any{
 			"UnknownSize":     {"site": "store-042", "order_ref": "B-1", "size": "XXL", "recipient": map[string]string{"kind": "customer"}},
@@ -993,7 +1014,7 @@ func TestPickupEdges(t *testing.T) {
 			"DuplicateRef":    {"site": "store-042", "order_ref": "E-3", "size": "S", "recipient": map[string]string{"kind": "driver", "platform": "speedy"}},
 			"NothingFitsSize": {"site": "store-042", "order_ref": "B-5", "size": "XL", "zone": "heated", "recipient": map[string]string{"kind": "customer"}},
 			// A platform no token can have: nobody could see or collect it.
-			"BadPlatform": {"site": "store-042", "order_ref": "B-6", "recipient": map[string]string{"kind": "driver", "platform": "Speedy Eats!"}},
+			"BadPlatform": {"site": "store-042", "order_ref": "B-6", "recipient": map[string]string{"kind": "driver", "platform": "speedy\x07"}},
 			"LongName":    {"site": "store-042", "order_ref": "B-7", "recipient": map[string]string{"kind": "customer", "name": strings.Repeat("n", pickup.MaxRecipientName+1)}},
 		} {
 			want := map[string]int{"OtherSite": 403, "DuplicateRef": 409, "NothingFitsSize": 422}[name]

@@ -387,8 +387,8 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	if (in.Role == fleet.RoleStore) != (in.Site != "") {
 		return badRequest("a store token needs a site, and only a store token has one")
 	}
-	if !protocol.ValidID(in.Name) {
-		return badRequest("name must be 1-64 of [A-Za-z0-9._:-] (platform tokens: the platform's name)")
+	if !fleet.ValidName(in.Name) {
+		return badRequest("name must be 1-64 bytes of text, no control characters or spaces at either end (platform tokens: the platform's name)")
 	}
 	t, secret, err := CreateToken(r.Context(), s.store, in.Role, in.Site, in.Name, principal(r).Actor())
 	if err != nil {

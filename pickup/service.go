@@ -121,10 +121,10 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	default:
 		return fmt.Errorf("%w: recipient.kind must be driver or customer", fleet.ErrInvalid)
 	}
-	if p.Recipient.Platform != "" && !protocol.ValidID(p.Recipient.Platform) {
+	if p.Recipient.Platform != "" && !fleet.ValidName(p.Recipient.Platform) {
 		// The name of the platform's token: any other would be a pickup no
 		// platform can see or collect.
-		return fmt.Errorf("%w: recipient.platform %q: want a platform token's name, 1-64 of [A-Za-z0-9._:-]", fleet.ErrInvalid, p.Recipient.Platform)
+		return fmt.Errorf("%w: recipient.platform %q: want a platform token's name, 1-64 bytes of text", fleet.ErrInvalid, p.Recipient.Platform)
 	}
 	if len(p.Recipient.Name) > MaxRecipientName {
 		return fmt.Errorf("%w: recipient.name longer than %d bytes", fleet.ErrInvalid, MaxRecipientName)
