@@ -747,7 +747,9 @@ func (e *Engine) finished(ctx context.Context, j *Job, r *Rollout, wasActive boo
 	if IsFailure(j.State) && r != nil {
 		e.checkGate(ctx, r, j.Wave, receivedAt) // first: stopping the rollout is what is urgent
 	}
-	if wasActive && j.State != StateSucceeded {
+	if wasActive {
+		// The locker's retained fw/job goes empty (no job to run), after a
+		// success too: the contract's "empty retained payload = none".
 		e.publish(ctx, j.DeviceID)
 	}
 	e.kick()

@@ -358,3 +358,40 @@ func TestEngineReportNotRecordedIsAnError(t *testing.T) {
 		t.Fatalf("after the report: %s %q, want failed download", j.State, j.Error)
 	}
 }
+
+// TestEngineSuccessClearsTheJob: a job the locker's birth confirmed leaves
+// fw/job at once (the contract: an empty retained payload is no job), not
+// at the locker's next connect.
+func TestEngineSuccessClearsTheJob(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	h.devs.outcome = func(string, int) string { return outSilent }
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	var job string
+	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
+		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
+			return fmt.Errorf("not received")
+		}
+		return nil
+	})
+	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateRebooting}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "1.5.0"}, time.Now(), false); err != nil {
+		t.Fatal(err)
+	}
+	before := h.devs.published.Load()
+	h.eng.Booted(ctx, ids[0], "1.5.0", time.Now())
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSucceeded {
+		t.Fatalf("after the birth: %s, want succeeded", j.State)
+	}
+	if h.devs.published.Load() == before {
+		t.Fatal("the locker's retained state was not published after its job succeeded")
+	}
+	r, err := h.db.Retained(ctx, ids[0])
+	if err != nil || r.FwJob != nil {
+		t.Fatalf("retained fw/job after the success: %+v %v, want none", r.FwJob, err)
+	}
+}
