@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
@@ -338,4 +340,32 @@ func TestExternalBroker(t *testing.T) {
 		map[string]any{"type": "unlock", "compartment": 1, "wait_s": 15}, &cmd); err != nil || cmd.Status != fleet.CmdOK {
 		t.Fatalf("unlock after A stopped: %+v, %v", cmd, err)
 	}
+}
+
+// TestExternalBrokerReadiness: /readyz says not ready while the external
+// broker cannot be reached (the contract: "database and broker are ready").
+func TestExternalBrokerReadiness(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-ready"))
+	readyz := func() (int, string) {
+		resp, err := http.Get("http://" + tg.HTTPAddr() + "/readyz")
+		if err != nil {
+			return 0, err.Error()
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := readyz(); code != http.StatusOK {
+		t.Fatalf("/readyz with the broker up: %d %s", code, body)
+	}
+	if err := mq.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 15*time.Second, "/readyz not ready without the broker", func() error {
+		if code, body := readyz(); code != http.StatusServiceUnavailable || !strings.Contains(body, "external broker") {
+			return fmt.Errorf("%d %s", code, body)
+		}
+		return nil
+	})
 }

@@ -535,6 +535,9 @@ func (g *Gateway) ready(ctx context.Context) error {
 	if g.broker.TCPAddr() == nil && g.broker.TLSAddr() == nil {
 		return errors.New("broker: no listener")
 	}
+	if g.external != nil && !g.external.Connected() {
+		return errors.New("external broker: not connected (reconnecting; check --broker-url and the broker)")
+	}
 	return nil
 }
 

@@ -282,6 +282,10 @@ func (b *Bus) resubscribe(c paho.Client) {
 	}
 }
 
+// Connected reports whether the connection to the broker is up (not lost,
+// nor being re-established).
+func (b *Bus) Connected() bool { return b.c.IsConnectionOpen() }
+
 // Close leaves the subscriptions, so the broker hands device messages to
 // the other instances and stops queueing them for this one, waits a while
 // for the fleet manager to store and acknowledge what it was given, and
