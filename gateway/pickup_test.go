@@ -524,6 +524,10 @@ func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
 	if !strings.Contains(detail, "revoked") {
 		t.Fatalf("alert detail %q, want the credential's state (revoked)", detail)
 	}
+	// Audited like every use of a code.
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND locker = $1 AND detail->>'state' = 'revoked'`, p.Locker); n != 1 {
+		t.Fatalf("%d credential.use audit entries for the revoked code, want 1", n)
+	}
 	if got := e.waitState(t, p.ID, pickup.Cancelled); got.State != pickup.Cancelled {
 		t.Fatal("unreachable")
 	}

@@ -24,6 +24,12 @@ type notLiveStore struct {
 	stateFails, raiseFails int // failures left
 	onRaiseFail            func()
 	raised                 []fleet.Alert
+	audited                []fleet.AuditEntry
+}
+
+func (s *notLiveStore) Audit(_ context.Context, e fleet.AuditEntry) error {
+	s.audited = append(s.audited, e)
+	return nil
 }
 
 func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
@@ -98,6 +104,9 @@ func TestAlertOutlastsDatabaseErrors(t *testing.T) {
 	}
 	if f.publishes != 1 {
 		t.Fatalf("%d publishes, want 1", f.publishes)
+	}
+	if len(st.audited) != 1 || st.audited[0].Action != "credential.use" || st.audited[0].Detail["state"] != "revoked" {
+		t.Fatalf("audited %+v, want the use with the credential's state", st.audited)
 	}
 }
 
