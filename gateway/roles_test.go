@@ -69,6 +69,8 @@ type roleCase struct {
 	req   func(e roleEnv) client.Request
 	want  map[string]int
 	check func(t *testing.T, e roleEnv, body json.RawMessage)
+	// binary: the answer is not JSON (a firmware image), so it is not decoded.
+	binary bool
 }
 
 // TestRoles checks each role against each endpoint over a real gateway with
@@ -718,7 +720,11 @@ func TestRoles(t *testing.T) {
 				}
 				t.Run(c.name, func(t *testing.T) {
 					var body json.RawMessage
-					status, err := e.c.Do(ctx, c.req(e), &body)
+					var out any = &body
+					if c.binary {
+						out = nil
+					}
+					status, err := e.c.Do(ctx, c.req(e), out)
 					if status != want {
 						t.Fatalf("got %d (%v), want %d", status, err, want)
 					}
@@ -897,6 +903,8 @@ func firmwareRoleCases(t *testing.T, tg *TestGateway, lockersA, lockersB []strin
 			want: fleetOnly(ok)},
 		{name: "GET /v1/firmware/{id}", op: "GET /v1/firmware/{id}", req: func(roleEnv) client.Request { return get("/v1/firmware/" + fwA) },
 			want: fleetOnly(ok)},
+		{name: "GET /v1/firmware/{id}/blob", op: "GET /v1/firmware/{id}/blob", binary: true,
+			req: func(roleEnv) client.Request { return get("/v1/firmware/" + fwA + "/blob") }, want: fleetOnly(ok)},
 		{name: "POST /v1/rollouts", op: "POST /v1/rollouts", want: fleetOnly(created),
 			req: func(roleEnv) client.Request {
 				return post("/v1/rollouts", map[string]any{"firmware": fwB, "selector": map[string]any{"lockers": []string{lockersB[0]}},
