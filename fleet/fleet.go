@@ -133,7 +133,8 @@ type Range struct {
 
 // AuditEntry records who did what to which locker.
 type AuditEntry struct {
-	ID     int64          `json:"id"`
+	// ID is sent as a string: ids are opaque strings (api-v1).
+	ID     int64          `json:"id,string"`
 	TS     time.Time      `json:"ts"`
 	Actor  string         `json:"actor"`
 	Action string         `json:"action"`

@@ -146,7 +146,8 @@ var AlertKinds = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorF
 
 // Alert is something an operator or store should look at.
 type Alert struct {
-	ID          int64      `json:"id"`
+	// ID is sent as a string: ids are opaque strings (api-v1).
+	ID          int64      `json:"id,string"`
 	DeviceID    string     `json:"locker"`
 	Site        string     `json:"site,omitempty"` // the locker's site (read only)
 	Kind        string     `json:"kind"`
@@ -154,8 +155,10 @@ type Alert struct {
 	Detail      string     `json:"detail,omitempty"`
 	RaisedAt    time.Time  `json:"raised_at"`
 	ClearedAt   *time.Time `json:"cleared_at,omitempty"`
-	// ClearedBy is who cleared it by hand (an API token's actor); empty
-	// when the gateway cleared it (its condition ended) or it is open.
+	// ClearedBy is who cleared it by hand (an API token's actor), or
+	// "gateway" when the gateway withdrew it (a pickup_removed that the
+	// late report of its code's use disproved); empty when its condition
+	// ended or it is open.
 	ClearedBy string `json:"cleared_by,omitempty"`
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -349,7 +350,7 @@ func TestAlertWebhooks(t *testing.T) {
 		t.Fatal(err)
 	}
 	if data["locker"] != lockerA || data["site"] != "site-a" || data["kind"] != "door_ajar" || data["compartment"] != float64(3) ||
-		data["detail"] != "open 130 s" || data["alert"] != float64(alertID) || ev["id"] != fmt.Sprintf("evt-alert-%d", alertID) {
+		data["detail"] != "open 130 s" || data["alert"] != strconv.FormatInt(alertID, 10) || ev["id"] != fmt.Sprintf("evt-alert-%d", alertID) {
 		t.Fatalf("store's alert event %v", ev)
 	}
 	if _, err := time.Parse(time.RFC3339Nano, fmt.Sprint(data["raised_at"])); err != nil {

@@ -463,7 +463,7 @@ var raiseAlertSQL = `WITH raised AS (
 	ev AS (
 		SELECT r.id, coalesce(d.site, '') AS site, jsonb_build_object(
 			'id', 'evt-alert-' || r.id, 'type', '` + webhook.EventAlertRaised + `', 'created_at', ` + sqlTime("now()") + `,
-			'data', jsonb_strip_nulls(jsonb_build_object('alert', r.id, 'locker', $1::text, 'site', coalesce(d.site, ''),
+			'data', jsonb_strip_nulls(jsonb_build_object('alert', r.id::text, 'locker', $1::text, 'site', coalesce(d.site, ''),
 				'kind', $2::text, 'compartment', $3::int, 'detail', nullif($4::text, ''), 'raised_at', ` + sqlTime("$5::timestamptz") + `))) AS body
 		FROM raised r LEFT JOIN devices d ON d.id = $1::text),
 	queued AS (
