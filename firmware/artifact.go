@@ -202,6 +202,18 @@ func (e *Engine) OpenImage(ctx context.Context, id string) (*os.File, *Artifact,
 // ServedBytes counts image bytes sent to lockers and operators.
 func (e *Engine) ServedBytes(n int64) { e.m.bytesServed.Add(float64(n)) }
 
+// SameImage reports whether body is the image whose SHA-256 is sha (hex),
+// reading all of it (an upload repeated under its Idempotency-Key); a body
+// over the size limit is not.
+func (e *Engine) SameImage(sha string, body io.Reader) (bool, error) {
+	h := sha256.New()
+	n, err := io.Copy(h, io.LimitReader(body, e.opts.MaxImageSize+1))
+	if err != nil {
+		return false, fmt.Errorf("%w: read the image: %v", fleet.ErrInvalid, err)
+	}
+	return n <= e.opts.MaxImageSize && hex.EncodeToString(h.Sum(nil)) == sha, nil
+}
+
 // Errors of download URL checks.
 var (
 	ErrURLExpired = errors.New("download URL expired")

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -652,5 +653,52 @@ func TestFirmwareUploadsBounded(t *testing.T) {
 	}
 	if es, _ := filepath.Glob(filepath.Join(dataDir, "firmware", ".upload-*")); len(es) != 0 {
 		t.Fatalf("temporary files left: %v", es)
+	}
+}
+
+// TestFirmwareUploadIdempotent: POST /v1/firmware honours Idempotency-Key
+// (the contract's "POST that creates") without holding the image: a repeat
+// with the same key, query and image answers the first artifact and stores
+// nothing; the same key with another image or another version is a 409.
+func TestFirmwareUploadIdempotent(t *testing.T) {
+	tg := MustStart(t)
+	upload := func(key, version string, image []byte) (int, map[string]any, http.Header) {
+		t.Helper()
+		req, err := http.NewRequest(http.MethodPost, "http://"+tg.HTTPAddr()+"/v1/firmware?version="+version+"&model=LX-24", bytes.NewReader(image))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+		req.Header.Set("Idempotency-Key", key)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var out map[string]any
+		json.NewDecoder(resp.Body).Decode(&out)
+		return resp.StatusCode, out, resp.Header
+	}
+	image := fwImage("3.0.0")
+	status, first, _ := upload("fw-300", "3.0.0", image)
+	if status != http.StatusCreated || first["id"] == nil {
+		t.Fatalf("first upload: %d %v", status, first)
+	}
+	status, again, h := upload("fw-300", "3.0.0", image)
+	if status != http.StatusCreated || again["id"] != first["id"] || again["sha256"] != first["sha256"] || h.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("repeat: %d %v (%s), want the first answer %v", status, again, h.Get("Idempotent-Replayed"), first)
+	}
+	if status, body, _ := upload("fw-300", "3.0.0", fwImage("3.0.1")); status != http.StatusConflict {
+		t.Fatalf("the key with another image: %d %v, want 409", status, body)
+	}
+	if status, body, _ := upload("fw-300", "3.0.1", image); status != http.StatusConflict {
+		t.Fatalf("the key with another version: %d %v, want 409", status, body)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM firmware`); n != 1 {
+		t.Fatalf("%d artifacts stored, want 1", n)
+	}
+	// Without a key a repeat is what it always was: the version exists.
+	if status, body, _ := upload("", "3.0.0", image); status != http.StatusConflict {
+		t.Fatalf("a repeat without a key: %d %v, want 409", status, body)
 	}
 }

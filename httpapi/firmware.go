@@ -2,6 +2,8 @@ package httpapi
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,9 +20,8 @@ import (
 func (s *Server) firmwareTable() []route {
 	fw := s.withFirmware
 	return []route{
-		// Not idempotent-wrapped: the image is streamed, never buffered;
-		// a repeated upload of a version is a 409 anyway.
-		{"POST", "/v1/firmware", fleetRoles, false, fw(uploadFirmware)},
+		// Idempotent without buffering the image (streamedBodies).
+		{"POST", "/v1/firmware", fleetRoles, true, fw(uploadFirmware)},
 		{"GET", "/v1/firmware", fleetRoles, false, fw(listFirmware)},
 		{"GET", "/v1/firmware/{id}", fleetRoles, false, fw(getFirmware)},
 		{"POST", "/v1/rollouts", fleetRoles, true, fw(createRollout)},
@@ -63,6 +64,24 @@ func (s *Server) withFirmware(h firmwareHandler) handler {
 		}
 		return h(s.opts.Firmware, w, r)
 	}
+}
+
+// idempotentUpload makes the firmware upload honour Idempotency-Key. The
+// image is streamed to disk, never held, so the key is claimed for the route
+// and its query (model and version), and a repeat's body is compared with
+// the first by its SHA-256, against the first answer's sha256, as it is
+// read.
+func (s *Server) idempotentUpload(h handler) handler {
+	return s.idempotentBy(h, nil, func(r *http.Request) (*request, error) {
+		sum := sha256.Sum256([]byte(r.URL.Query().Encode())) // sorted: one query in any order
+		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:], sameBody: func(first []byte) (bool, error) {
+			var a firmware.Artifact
+			if err := json.Unmarshal(first, &a); err != nil || a.SHA256 == "" || s.opts.Firmware == nil {
+				return false, nil
+			}
+			return s.opts.Firmware.SameImage(a.SHA256, r.Body)
+		}}, nil
+	})
 }
 
 // uploadRetryAfter is the Retry-After (seconds) of an upload refused

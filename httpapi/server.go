@@ -313,7 +313,10 @@ func (s *Server) routes() {
 	}
 	for _, rt := range s.table() {
 		h := rt.h
-		if rt.idempotent {
+		switch {
+		case rt.idempotent && streamedBodies[rt.method+" "+rt.pattern]:
+			h = s.idempotentUpload(h)
+		case rt.idempotent:
 			h = s.idempotent(h, secretFields[rt.pattern])
 		}
 		m.HandleFunc(rt.method+" "+rt.pattern, s.auth(rt.roles, h))
@@ -329,6 +332,29 @@ func (s *Server) routes() {
 // same key and body returns the first answer and creates nothing; the same
 // key with another body is a 409.
 func (s *Server) idempotent(h handler, secrets []string) handler {
+	return s.idempotentBy(h, secrets, func(r *http.Request) (*request, error) {
+		body, err := readAllLimited(r)
+		if err != nil {
+			return nil, err
+		}
+		sum := sha256.Sum256(body)
+		r.Body = nopCloser{bytes.NewReader(body)}
+		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:]}, nil
+	})
+}
+
+// request is what Idempotency-Key compares a repeat by: its route, a hash
+// stored with the key's claim, and, for a body too large to hold and hash
+// first (a firmware image), sameBody, which reads the repeat's body and
+// compares it with the first answer.
+type request struct {
+	route    string
+	hash     []byte
+	sameBody func(first []byte) (bool, error)
+}
+
+// idempotentBy is idempotent with identify telling what a request is.
+func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.Request) (*request, error)) handler {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		key := r.Header.Get("Idempotency-Key")
 		if key == "" {
@@ -337,46 +363,21 @@ func (s *Server) idempotent(h handler, secrets []string) handler {
 		if len(key) > 200 {
 			return badRequest("Idempotency-Key longer than 200 bytes")
 		}
-		body, err := readAllLimited(r)
+		req, err := identify(r)
 		if err != nil {
 			return err
 		}
-		sum := sha256.Sum256(body)
-		route := r.Method + " " + r.URL.Path
 		actor := principal(r).ID
 		// Claim the key before running, so that two requests with one key
 		// never both run (a client retrying while the first is in flight).
-		claimed, err := s.store.ClaimIdempotent(r.Context(), actor, key, route, sum[:])
+		claimed, err := s.store.ClaimIdempotent(r.Context(), actor, key, req.route, req.hash)
 		if err != nil {
 			return err
 		}
 		if !claimed {
-			prev, err := s.store.GetIdempotent(r.Context(), actor, key)
-			if errors.Is(err, fleet.ErrNotFound) {
-				// Released between the two calls: the other request failed.
-				w.Header().Set("Retry-After", "1")
-				writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key just ended; retry")
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			switch {
-			case prev.Route != route || !bytes.Equal(prev.BodyHash, sum[:]):
-				writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
-			case prev.Status == 0:
-				w.Header().Set("Retry-After", "1")
-				writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key is in progress; retry when it has finished")
-			default:
-				w.Header().Set("Content-Type", "application/json")
-				w.Header().Set("Idempotent-Replayed", "true")
-				w.WriteHeader(prev.Status)
-				w.Write(prev.Response)
-			}
-			return nil
+			return s.repeat(w, r, actor, key, req)
 		}
 		rec := &recorder{ResponseWriter: w}
-		r.Body = nopCloser{bytes.NewReader(body)}
 		herr := h(rec, r)
 		// The answer is kept (or the claim given up) even if the client has
 		// gone: it is about what happened, not about this connection.
@@ -392,6 +393,45 @@ func (s *Server) idempotent(h handler, secrets []string) handler {
 		}
 		return herr
 	}
+}
+
+// repeat answers a request whose Idempotency-Key was claimed before: with
+// the first answer when it is the same request and that one has finished.
+func (s *Server) repeat(w http.ResponseWriter, r *http.Request, actor, key string, req *request) error {
+	prev, err := s.store.GetIdempotent(r.Context(), actor, key)
+	if errors.Is(err, fleet.ErrNotFound) {
+		// Released between the two calls: the other request failed.
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key just ended; retry")
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	switch {
+	case prev.Route != req.route || !bytes.Equal(prev.BodyHash, req.hash):
+		writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
+		return nil
+	case prev.Status == 0:
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, http.StatusConflict, "a request with this Idempotency-Key is in progress; retry when it has finished")
+		return nil
+	}
+	if req.sameBody != nil {
+		same, err := req.sameBody(prev.Response)
+		if err != nil {
+			return err
+		}
+		if !same {
+			writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
+			return nil
+		}
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Idempotent-Replayed", "true")
+	w.WriteHeader(prev.Status)
+	w.Write(prev.Response)
+	return nil
 }
 
 type recorder struct {
@@ -426,6 +466,11 @@ func readAllLimited(r *http.Request) ([]byte, error) {
 	_ = n
 	return buf.Bytes(), nil
 }
+
+// streamedBodies are the create routes whose body is streamed, never held
+// (a firmware image of up to gigabytes): Idempotency-Key compares their
+// repeats without buffering (idempotentUpload).
+var streamedBodies = map[string]bool{"POST /v1/firmware": true}
 
 // secretFields are, per create route, the fields of its answer that are
 // secrets or pickup codes: shown to the caller, never stored in clear, so
