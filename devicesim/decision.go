@@ -16,7 +16,7 @@ type Decision struct {
 	Locker int    `json:"locker"`
 	Serial string `json:"serial,omitempty"`
 	// Stream names the random stream that made the decision (setup, drop,
-	// flap, outage, jam, tamper, restart, keypad, order); N counts the
+	// flap, outage, jam, tamper, power, restart, keypad, order); N counts the
 	// decisions of that stream, from 0.
 	Stream string `json:"stream"`
 	N      int    `json:"n"`
@@ -41,6 +41,7 @@ const (
 	DecideOutage      = "outage"       // Duration: down time
 	DecideDoorJam     = "door_jam"     // Compartment; Duration: until repaired (0: never)
 	DecideTamper      = "tamper"       // Value: detail
+	DecidePowerCut    = "power_cut"    // Duration: until mains is back (0: never)
 	DecideRestart     = "gateway_restart"
 	DecideLeaveItem   = "leave_item" // Compartment; Value: "true"/"false"
 	DecideOrder       = "order"      // see OrderPlanner

@@ -30,6 +30,9 @@ type Faults struct {
 	DoorJams DoorJams `json:"door_jams,omitzero"`
 	// Tamper raises tamper events.
 	Tamper Tamper `json:"tamper,omitzero"`
+	// PowerCuts put lockers on their battery (power events; health reports
+	// the battery draining).
+	PowerCuts PowerCuts `json:"power_cuts,omitzero"`
 	// ClockSkew sets a share of lockers' clocks wrong (timestamps, command
 	// expiry and credential not_after are judged by the skewed clock).
 	ClockSkew ClockSkew `json:"clock_skew,omitzero"`
@@ -76,6 +79,15 @@ type DoorJams struct {
 // Tamper raises tamper events, PerHour an hour per locker on average.
 type Tamper struct {
 	PerHour float64 `json:"per_hour"`
+}
+
+// PowerCuts cut a locker's mains PerHour times an hour per locker on
+// average: it reports a power event (source battery), its health says
+// battery with the charge falling, and after Restore (zero: never) mains
+// is back (a power event, source mains).
+type PowerCuts struct {
+	PerHour float64 `json:"per_hour"`
+	Restore Range   `json:"restore,omitzero"`
 }
 
 // ClockSkew puts the clocks of a share of lockers off by up to ±Max.
@@ -148,6 +160,8 @@ func (fs *Faults) validate() []error {
 		rate("faults.door_jams.per_hour", fs.DoorJams.PerHour),
 		fs.DoorJams.Repair.validate("faults.door_jams.repair"),
 		rate("faults.tamper.per_hour", fs.Tamper.PerHour),
+		rate("faults.power_cuts.per_hour", fs.PowerCuts.PerHour),
+		fs.PowerCuts.Restore.validate("faults.power_cuts.restore"),
 		share("faults.clock_skew.share", fs.ClockSkew.Share),
 		share("faults.firmware.download_fail", fs.Firmware.DownloadFail),
 		share("faults.firmware.corrupt", fs.Firmware.Corrupt),
@@ -190,6 +204,7 @@ const (
 	streamTamper
 	streamRestart // fleet-wide: index -1
 	streamOrders  // per site: index = site number
+	streamPower   // after the others: adding it moved none of their draws
 )
 
 // lockerSim is a locker's scenario state: where it stands, its clock, the
@@ -198,11 +213,14 @@ const (
 type lockerSim struct {
 	site, claim string
 	skew        time.Duration
-	holds       int  // network losses in force; > 0: no connection gets through
-	manualHold  bool // LoseNetwork is one of them
-	streams     []*faultStream
-	pending     []*time.Timer // hold releases and door repairs to come
-	keypadN     int           // keypad decisions made
+	holds       int // network losses in force; > 0: no connection gets through
+	// onBattery: mains cut (LosePower, PowerCuts) since batterySince.
+	onBattery    bool
+	batterySince time.Time
+	manualHold   bool // LoseNetwork is one of them
+	streams      []*faultStream
+	pending      []*time.Timer // hold releases and door repairs to come
+	keypadN      int           // keypad decisions made
 }
 
 // faultStream is one kind of fault of one locker: a random stream and the
@@ -278,6 +296,10 @@ func (l *Locker) setupSim(site Site) {
 		r := newRand(o.Seed, l.index, streamTamper)
 		l.x.streams = append(l.x.streams, &faultStream{name: "tamper", r: r, next: expDraw(r, fs.Tamper.PerHour)})
 	}
+	if fs.PowerCuts.PerHour > 0 {
+		r := newRand(o.Seed, l.index, streamPower)
+		l.x.streams = append(l.x.streams, &faultStream{name: "power", r: r, next: expDraw(r, fs.PowerCuts.PerHour)})
+	}
 }
 
 // armFaults starts the fault schedules; Start calls it.
@@ -348,6 +370,13 @@ func (l *Locker) fire(s *faultStream) {
 		l.f.c.tampers.Add(1)
 		l.emitLocked(protocol.Event{Type: protocol.EventTamper, Detail: detail})
 		s.next = at + expDraw(s.r, fs.Tamper.PerHour)
+	case "power":
+		restore := fs.PowerCuts.Restore.draw(s.r)
+		l.decideLocked(s.name, s.n, at, DecidePowerCut, Decision{Duration: Duration(restore)})
+		if l.setPowerLocked(true) && restore > 0 {
+			l.afterLocked(restore, l.RestorePower)
+		}
+		s.next = at + expDraw(s.r, fs.PowerCuts.PerHour)
 	}
 	s.n++
 	l.armLocked(s)
@@ -470,6 +499,59 @@ func (l *Locker) Tamper(detail string) {
 	l.f.c.tampers.Add(1)
 	l.emitLocked(protocol.Event{Type: protocol.EventTamper, Detail: detail})
 }
+
+// LosePower cuts the locker's mains: it runs on its battery, reports a
+// power event (source battery) and health with the battery draining, until
+// RestorePower. A locker on its battery already is left alone.
+func (l *Locker) LosePower() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.setPowerLocked(true)
+}
+
+// RestorePower brings the mains back (a power event, source mains).
+func (l *Locker) RestorePower() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.setPowerLocked(false)
+}
+
+// OnBattery reports whether the locker runs on its battery.
+func (l *Locker) OnBattery() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.x.onBattery
+}
+
+// setPowerLocked switches the locker to its battery (or back to mains) and
+// reports the change; false when it was so already.
+func (l *Locker) setPowerLocked(battery bool) bool {
+	if l.x.onBattery == battery || l.stopped {
+		return false
+	}
+	l.x.onBattery = battery
+	src := protocol.PowerMains
+	if battery {
+		l.f.c.powerCuts.Add(1)
+		l.x.batterySince = l.f.now()
+		src = protocol.PowerBattery
+	}
+	l.emitLocked(protocol.Event{Type: protocol.EventPower, Source: src})
+	return true
+}
+
+// batteryLocked is the battery's charge: full on mains, and on the battery
+// down 1 % every batteryDrain of scenario time, to 5 % at the least.
+func (l *Locker) batteryLocked() int {
+	if !l.x.onBattery {
+		return 100
+	}
+	return max(5, 100-int(l.f.now().Sub(l.x.batterySince)/batteryDrain))
+}
+
+// batteryDrain is how long the battery takes to lose 1 % (a locker lasts
+// about 8 hours on it).
+const batteryDrain = 5 * time.Minute
 
 // ClockSkew is how far the locker's clock is off (positive: ahead).
 func (l *Locker) ClockSkew() time.Duration { return l.x.skew }

@@ -58,6 +58,7 @@ func faultyFleet(seed int64, log *decisionLog, restarts *atomic.Int32) func(*dev
 			Outages:         []devicesim.Outage{{At: devicesim.Duration(40 * time.Minute), Share: 1, Down: devicesim.Between(time.Minute, 2*time.Minute)}, {At: devicesim.Duration(20 * time.Minute), Share: 0.5, Down: devicesim.Between(time.Minute, 3*time.Minute)}},
 			DoorJams:        devicesim.DoorJams{PerHour: 2, Repair: devicesim.Between(5*time.Minute, 20*time.Minute)},
 			Tamper:          devicesim.Tamper{PerHour: 2},
+			PowerCuts:       devicesim.PowerCuts{PerHour: 2, Restore: devicesim.Between(5*time.Minute, 20*time.Minute)},
 			ClockSkew:       devicesim.ClockSkew{Share: 1, Max: devicesim.Duration(2 * time.Hour)},
 			GatewayRestarts: []devicesim.GatewayRestart{{At: devicesim.Duration(30 * time.Minute), Down: devicesim.Duration(36 * time.Second)}},
 		}
@@ -101,7 +102,8 @@ func runFaulty(t *testing.T, seed int64) []devicesim.Decision {
 		want[d.Kind]++
 	}
 	if want[devicesim.DecideDrop] == 0 || want[devicesim.DecideFlap] == 0 || want[devicesim.DecideOutage] == 0 ||
-		want[devicesim.DecideDoorJam] == 0 || want[devicesim.DecideTamper] == 0 || want[devicesim.DecideRestart] != 1 {
+		want[devicesim.DecideDoorJam] == 0 || want[devicesim.DecideTamper] == 0 || want[devicesim.DecidePowerCut] == 0 ||
+		want[devicesim.DecideRestart] != 1 {
 		t.Fatalf("an hour of faults decided only %v", want)
 	}
 	// The restart is decided before its hook runs.
@@ -110,15 +112,26 @@ func runFaulty(t *testing.T, seed int64) []devicesim.Decision {
 	})
 	for _, l := range f.Lockers() {
 		id := l.DeviceID()
-		var tampers, lost int
+		var tampers, cuts, lost int
 		for _, d := range ds {
-			if d.Locker == l.Index() && d.Kind == devicesim.DecideTamper {
+			switch {
+			case d.Locker == l.Index() && d.Kind == devicesim.DecideTamper:
 				tampers++
+			case d.Locker == l.Index() && d.Kind == devicesim.DecidePowerCut:
+				cuts++
 			}
 		}
 		env.WaitTimeout(t, 20*time.Second, fmt.Sprintf("%s: %d tamper events", l.Serial(), tampers), func() bool {
 			return len(eventsWhere(t, env, id, func(e protocol.Event) bool { return e.Type == protocol.EventTamper })) >= tampers
 		})
+		if cuts > 0 {
+			// A cut decided while the mains was still off changes nothing.
+			env.WaitTimeout(t, 20*time.Second, fmt.Sprintf("%s: power events for %d cuts", l.Serial(), cuts), func() bool {
+				return len(eventsWhere(t, env, id, func(e protocol.Event) bool {
+					return e.Type == protocol.EventPower && e.Source == protocol.PowerBattery
+				})) >= 1
+			})
+		}
 		for _, m := range env.Messages(protocol.Topic(id, protocol.ChanPresence)) {
 			if p, err := protocol.Decode[protocol.Presence](m.Payload); err == nil && !p.Online {
 				lost++ // the Last Will: the losses were abrupt
@@ -133,7 +146,7 @@ func runFaulty(t *testing.T, seed int64) []devicesim.Decision {
 		}
 	}
 	st := f.Stats()
-	if st.NetworkLosses == 0 || st.DoorJams == 0 || st.Tampers == 0 || st.GatewayRestarts != 1 {
+	if st.NetworkLosses == 0 || st.DoorJams == 0 || st.Tampers == 0 || st.PowerCuts == 0 || st.GatewayRestarts != 1 {
 		t.Errorf("fault counters %+v", st)
 	}
 	if st.ConnectionsLost != 0 || st.ConnectFailures != 0 || st.Dropped != 0 || st.PublishErrors != 0 {
@@ -218,5 +231,43 @@ func TestSourceAddrs(t *testing.T) {
 		if want := fmt.Sprintf("127.0.0.%d", 2+l.Index()%2); err != nil || host != want {
 			t.Errorf("%s connected from %q (%v), want %s", l.Serial(), env.Remote(l.DeviceID()), err, want)
 		}
+	}
+}
+
+// TestPowerCut: a locker whose mains is cut reports a power event (battery)
+// and health on its battery, queued while offline like any event, and a
+// power event (mains) when it is back; the cut is counted.
+func TestPowerCut(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	f := MustFleet(t, env, 2, nil)
+	MustStart(t, f)
+	l := f.Lockers()[0]
+	id := l.DeviceID()
+	power := func(src string) func(protocol.Event) bool {
+		return func(e protocol.Event) bool { return e.Type == protocol.EventPower && e.Source == src }
+	}
+	l.LosePower()
+	l.LosePower() // on the battery already: nothing more
+	if !l.OnBattery() {
+		t.Fatal("not on the battery after LosePower")
+	}
+	env.Wait(t, "a power event, source battery", func() bool { return len(eventsWhere(t, env, id, power(protocol.PowerBattery))) == 1 })
+	topic := protocol.Topic(id, protocol.ChanHealth)
+	seen := len(env.Messages(topic))
+	env.Wait(t, "health on the battery", func() bool { return len(env.Messages(topic)) > seen })
+	hs := decodeAll[protocol.Health](t, env.Messages(topic))
+	if h := hs[len(hs)-1]; h.Power != protocol.PowerBattery || h.BatteryPct == nil || *h.BatteryPct > 100 || *h.BatteryPct < 5 {
+		t.Fatalf("health on the battery: power %q, battery %v", h.Power, h.BatteryPct)
+	}
+	l.RestorePower()
+	env.Wait(t, "a power event, source mains", func() bool { return len(eventsWhere(t, env, id, power(protocol.PowerMains))) == 1 })
+	if l.OnBattery() {
+		t.Fatal("on the battery after RestorePower")
+	}
+	if st := f.Stats(); st.PowerCuts != 1 {
+		t.Errorf("power cuts %d, want 1", st.PowerCuts)
+	}
+	if got := len(eventsWhere(t, env, f.Lockers()[1].DeviceID(), func(e protocol.Event) bool { return e.Type == protocol.EventPower })); got != 0 {
+		t.Errorf("the other locker reported %d power events", got)
 	}
 }

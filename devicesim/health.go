@@ -36,7 +36,11 @@ func (l *Locker) healthLocked() protocol.Health {
 	now := l.f.now() // uptime counts from boot on the same clock
 	temp := math.Round((l.baseTempC+0.3*l.sensor.NormFloat64())*10) / 10
 	rssi := l.baseRSSI + l.sensor.IntN(7) - 3
-	battery := 100
+	battery := l.batteryLocked()
+	power := protocol.PowerMains
+	if l.x.onBattery {
+		power = protocol.PowerBattery
+	}
 	free := 0
 	var faults []int
 	for _, c := range l.comps {
@@ -53,7 +57,7 @@ func (l *Locker) healthLocked() protocol.Health {
 		FW:               l.fwVersionLocked(),
 		UptimeS:          int64(now.Sub(l.bootAt) / time.Second),
 		TempC:            &temp,
-		Power:            protocol.PowerMains,
+		Power:            power,
 		BatteryPct:       &battery,
 		RSSIdBm:          &rssi,
 		FreeCompartments: &free,

@@ -59,7 +59,8 @@ func TestScenarioFile(t *testing.T) {
 		s, err := devicesim.ParseScenario([]byte(`{"name":"x","fleet":{"lockers":3,
 			"models":[{"name":"M-2","compartments":[{"count":2,"size":"S","zone":"chilled"}]}]},
 			"network":{"retry_max":"5s","connect_rate":10},
-			"faults":{"drops":{"per_hour":2,"down":"30s"},"clock_skew":{"share":0.5,"max":90}}}`))
+			"faults":{"drops":{"per_hour":2,"down":"30s"},"clock_skew":{"share":0.5,"max":90},
+				"power_cuts":{"per_hour":0.5,"restore":{"min":"5m","max":"1h"}}}}`))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -68,7 +69,8 @@ func TestScenarioFile(t *testing.T) {
 			len(o.Models[0].Compartments) != 2 || o.Models[0].Compartments[1].N != 2 {
 			t.Errorf("options %+v", o)
 		}
-		if o.Faults.Drops.Down != devicesim.Fixed(30*time.Second) || o.Faults.ClockSkew.Max.D() != 90*time.Second {
+		if o.Faults.Drops.Down != devicesim.Fixed(30*time.Second) || o.Faults.ClockSkew.Max.D() != 90*time.Second ||
+			o.Faults.PowerCuts.PerHour != 0.5 || o.Faults.PowerCuts.Restore != devicesim.Between(5*time.Minute, time.Hour) {
 			t.Errorf("faults %+v", o.Faults)
 		}
 	})
@@ -77,6 +79,7 @@ func TestScenarioFile(t *testing.T) {
 		{"NoName", `{"fleet":{"lockers":1}}`, "name is required"},
 		{"BadShare", `{"name":"x","fleet":{"lockers":1},"faults":{"flapping":{"share":2,"up":"1m","down":"1s"}}}`, "flapping.share"},
 		{"BadDuration", `{"name":"x","fleet":{"lockers":1},"duration":"soon"}`, "duration"},
+		{"BadPowerCuts", `{"name":"x","fleet":{"lockers":1},"faults":{"power_cuts":{"per_hour":-1}}}`, "power_cuts.per_hour"},
 		{"BadRange", `{"name":"x","fleet":{"lockers":1},"faults":{"drops":{"per_hour":1,"down":{"min":"1m","max":"1s"}}}}`, "min <= max"},
 		{"UnknownModel", `{"name":"x","fleet":{"sites":[{"id":"a","lockers":1,"models":["nope"]}]}}`, "no model"},
 		{"BadLayout", `{"name":"x","fleet":{"lockers":1,"models":[{"name":"M","compartments":[{"count":1,"size":"XXL","zone":"ambient"}]}]}}`, "XXL"},

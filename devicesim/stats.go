@@ -21,10 +21,11 @@ type Stats struct {
 	CodesAccepted    uint64 `json:"codes_accepted"`
 	CodesRejected    uint64 `json:"codes_rejected"`
 	Dropped          uint64 `json:"dropped"` // lost: offline queue or inbox full, or resends exhausted
-	// Faults injected (Options.Faults, LoseNetwork, Tamper).
+	// Faults injected (Options.Faults, LoseNetwork, Tamper, LosePower).
 	NetworkLosses   uint64 `json:"network_losses"`
 	DoorJams        uint64 `json:"door_jams"`
 	Tampers         uint64 `json:"tampers"`
+	PowerCuts       uint64 `json:"power_cuts"`
 	GatewayRestarts uint64 `json:"gateway_restarts"`
 	RestartsSkipped uint64 `json:"gateway_restarts_skipped,omitempty"` // planned, but no GatewayRestart hook
 	RestartErrors   uint64 `json:"gateway_restart_errors,omitempty"`
@@ -45,7 +46,7 @@ type counters struct {
 	interrupted                                             atomic.Uint64
 	commandsAnswered, commandsRun, commandRepeats           atomic.Uint64
 	codesAccepted, codesRejected, dropped                   atomic.Uint64
-	networkLosses, doorJams, tampers                        atomic.Uint64
+	networkLosses, doorJams, tampers, powerCuts             atomic.Uint64
 	gatewayRestarts, restartsSkipped, restartErrors         atomic.Uint64
 }
 
@@ -71,6 +72,7 @@ func (c *counters) snapshot(lockers int) Stats {
 		NetworkLosses:    c.networkLosses.Load(),
 		DoorJams:         c.doorJams.Load(),
 		Tampers:          c.tampers.Load(),
+		PowerCuts:        c.powerCuts.Load(),
 		GatewayRestarts:  c.gatewayRestarts.Load(),
 		RestartsSkipped:  c.restartsSkipped.Load(),
 		RestartErrors:    c.restartErrors.Load(),

@@ -383,3 +383,44 @@ func TestAlertWebhooks(t *testing.T) {
 		t.Fatalf("a pickup-events webhook got %v", got)
 	}
 }
+
+// TestSimulatedPowerCut: a simulated locker whose mains is cut reports it
+// as the protocol says (a power event, health on the battery); the gateway
+// raises on_battery and clears it when the mains is back.
+func TestSimulatedPowerCut(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	sim := MustFleet(t, tg, tg.MustSiteAndClaim(t, "s1", 1), 1)
+	l := sim.Lockers()[0]
+	onBattery := func() (int, error) {
+		var n int
+		err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'on_battery' AND cleared_at IS NULL`,
+			l.DeviceID()).Scan(&n)
+		return n, err
+	}
+	l.LosePower()
+	Eventually(t, 15*time.Second, "on_battery raised, health on the battery", func() error {
+		if n, err := onBattery(); err != nil || n != 1 {
+			return fmt.Errorf("%d open on_battery alerts (%v)", n, err)
+		}
+		var lk struct {
+			Health struct {
+				Power string `json:"power"`
+			} `json:"health"`
+		}
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+l.DeviceID(), nil, &lk); err != nil {
+			return err
+		}
+		if lk.Health.Power != protocol.PowerBattery {
+			return fmt.Errorf("latest health power %q", lk.Health.Power)
+		}
+		return nil
+	})
+	l.RestorePower()
+	Eventually(t, 15*time.Second, "on_battery cleared", func() error {
+		if n, err := onBattery(); err != nil || n != 0 {
+			return fmt.Errorf("%d open on_battery alerts (%v)", n, err)
+		}
+		return nil
+	})
+}

@@ -474,7 +474,7 @@ func live(ctx context.Context, f *devicesim.Fleet, every time.Duration, w io.Wri
 				now.Sub(began).Round(time.Second), st.Connected, st.Lockers,
 				float64(st.Published-last.Published)/dt, float64(st.Received-last.Received)/dt,
 				st.Pickups(), st.CodesRejected, st.CommandsAnswered,
-				st.NetworkLosses+st.DoorJams+st.Tampers+st.GatewayRestarts, st.Errors())
+				st.NetworkLosses+st.DoorJams+st.Tampers+st.PowerCuts+st.GatewayRestarts, st.Errors())
 			last, lastAt = st, now
 		}
 	}
@@ -497,8 +497,8 @@ func printReport(w io.Writer, r report) {
 		st.Provisioned, st.Connects, st.Published, r.OutPerS, st.Received, r.InPerS)
 	fmt.Fprintf(w, "  commands answered %d (run %d, repeats %d), codes accepted %d, rejected %d\n",
 		st.CommandsAnswered, st.CommandsRun, st.CommandRepeats, st.CodesAccepted, st.CodesRejected)
-	fmt.Fprintf(w, "  faults injected: network losses %d, door jams %d, tampers %d, gateway restarts %d (skipped %d)\n",
-		st.NetworkLosses, st.DoorJams, st.Tampers, st.GatewayRestarts, st.RestartsSkipped)
+	fmt.Fprintf(w, "  faults injected: network losses %d, door jams %d, tampers %d, power cuts %d, gateway restarts %d (skipped %d)\n",
+		st.NetworkLosses, st.DoorJams, st.Tampers, st.PowerCuts, st.GatewayRestarts, st.RestartsSkipped)
 	fmt.Fprintf(w, "  errors %d: connect failures %d, connections lost %d, publish errors %d, decode errors %d, dropped %d, restart errors %d\n",
 		r.Errors, st.ConnectFailures, st.ConnectionsLost, st.PublishErrors, st.DecodeErrors, st.Dropped, st.RestartErrors)
 	for _, u := range r.Unmet {
