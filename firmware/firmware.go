@@ -319,11 +319,10 @@ type Store interface {
 
 	// GetJob returns a locker's job by wire id, or fleet.ErrNotFound.
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
-	// ActiveJob returns the locker's active job, or nil.
-	ActiveJob(ctx context.Context, deviceID string) (*Job, error)
-	// SettleableJobs returns the locker's jobs a birth may settle: queued
-	// ones, and timed-out ones (a success that came after the timeout).
-	SettleableJobs(ctx context.Context, deviceID string) ([]Job, error)
+	// BirthJobs returns, in one read, what a locker's birth may settle: its
+	// active job (nil: none), and its queued and timed-out jobs (a success
+	// that came after the timeout).
+	BirthJobs(ctx context.Context, deviceID string) (active *Job, settleable []Job, err error)
 	// RunningVersion returns the version of the locker's last birth.
 	RunningVersion(ctx context.Context, deviceID string) (string, error)
 	// Apply makes a transition; it returns the job as it is afterwards, or

@@ -105,7 +105,7 @@ func (e *Engine) counted(applied bool) {
 // for it.
 func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) {
 	defer e.kick()
-	j, err := e.store.ActiveJob(ctx, deviceID)
+	j, late, err := e.store.BirthJobs(ctx, deviceID)
 	if err != nil {
 		e.fail("birth", err)
 		return
@@ -115,12 +115,13 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 		e.bootSucceeded(ctx, j, at)
 		return
 	case j != nil && j.State == StateRebooting:
-		e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at)
-	}
-	late, err := e.store.SettleableJobs(ctx, deviceID)
-	if err != nil {
-		e.fail("birth", err)
-		return
+		// A retry it queues is for the version that did not boot, which
+		// the loop below would skip: the jobs read before serve.
+		if err := e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at); err != nil {
+			// Counted as a report not recorded (reportFailed); the step
+			// timeout ends the job instead.
+			e.log.Error("firmware engine: boot failure not recorded", "locker", deviceID, "job", j.JobID, "err", err)
+		}
 	}
 	for i := range late {
 		j := &late[i]

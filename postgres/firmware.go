@@ -280,19 +280,23 @@ func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job
 	return j, dataError(err) // a job id from a device that text cannot hold
 }
 
-// ActiveJob implements firmware.Store.
-func (db *DB) ActiveJob(ctx context.Context, deviceID string) (*firmware.Job, error) {
-	j, err := scanFwJob(db.pool.QueryRow(ctx, `SELECT `+fwJobCols+` FROM fw_jobs WHERE device_id = $1 AND state IN `+fwActive, deviceID))
-	if errors.Is(err, fleet.ErrNotFound) {
-		return nil, nil
+// BirthJobs implements firmware.Store.
+func (db *DB) BirthJobs(ctx context.Context, deviceID string) (*firmware.Job, []firmware.Job, error) {
+	jobs, err := collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
+		WHERE device_id = $1 AND (state IN `+fwActive+` OR state IN ('queued', 'timed_out')) ORDER BY rollout_id`, deviceID))
+	if err != nil {
+		return nil, nil, err
 	}
-	return j, err
-}
-
-// SettleableJobs implements firmware.Store (index fw_jobs_settle).
-func (db *DB) SettleableJobs(ctx context.Context, deviceID string) ([]firmware.Job, error) {
-	return collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
-		WHERE device_id = $1 AND state IN ('queued', 'timed_out') ORDER BY rollout_id`, deviceID))
+	var active *firmware.Job
+	var settleable []firmware.Job
+	for i := range jobs {
+		if firmware.IsActive(jobs[i].State) {
+			active = &jobs[i]
+		} else {
+			settleable = append(settleable, jobs[i])
+		}
+	}
+	return active, settleable, nil
 }
 
 // RunningVersion implements firmware.Store.

@@ -139,7 +139,7 @@ func TestFirmwareStore(t *testing.T) {
 		if err != nil || len(cancelled) != 2 {
 			t.Fatalf("cancelled %d, %v", len(cancelled), err)
 		}
-		if j, _ := db.ActiveJob(ctx, "lk-2"); j != nil {
+		if j, _, _ := db.BirthJobs(ctx, "lk-2"); j != nil {
 			t.Fatalf("lk-2 still has an active job: %+v", j)
 		}
 		if _, err := db.Apply(ctx, firmware.Transition{DeviceID: "lk-2", JobID: "ro-a.lk-2", From: []string{firmware.StateCancelled},
