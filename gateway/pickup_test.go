@@ -435,10 +435,12 @@ func TestPINAndQROneUseOffline(t *testing.T) {
 // TestCodeUseAppliedAfterItsClosing: a locker's events can be applied out
 // of their order (through an external broker they are shared among the
 // gateway instances, and those held for an instance that was down arrive
-// late). A driver's code use that arrives after the door's closing it came
-// before still ends the pickup as the two in order do: picked up when the
-// door closed empty, not taken (with a fresh code) when the order is still
-// inside.
+// late). A driver's code use that arrives after the door's closings it came
+// before still ends the pickup as the events in order do. The driver's
+// closing (the first after the code) decides: closed empty, picked up, and
+// the pickup_removed alerts raised by that closing and by a staff check after
+// it are withdrawn; closed with the order inside, not taken with a fresh
+// code, and a staff closing empty after that keeps its pickup_removed.
 func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
 	ctx := context.Background()
 	e := newPickupEnv(t, 1, 0)
@@ -453,31 +455,32 @@ func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
 	used := time.Now().UTC()
 	for _, p := range []struct {
 		pickup.Pickup
-		occupied bool
+		driverLeftIt bool
 	}{{taken, false}, {left, true}} {
-		// The closing first, then the code use that came before it.
+		// The closings first (the driver's, then a staff check closing
+		// it empty), then the code use that came before them.
 		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":%t}`,
-			p.ID, protocol.FormatTime(used.Add(3*time.Second)), p.Compartment, p.occupied))
+			p.ID, protocol.FormatTime(used.Add(3*time.Second)), p.Compartment, p.driverLeftIt))
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-check","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+			p.ID, protocol.FormatTime(used.Add(5*time.Second)), p.Compartment))
 		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
 			p.ID, protocol.FormatTime(used), p.Credential.ID+".p", p.Compartment))
 	}
 	e.waitState(t, taken.ID, pickup.PickedUp)
-	// The closing, judged without the code at first, alerted staff that the
-	// order went without it; that alert is withdrawn.
-	Eventually(t, 10*time.Second, "the pickup_removed alert withdrawn", func() error {
-		var by string
-		err := e.tg.DB().Pool().QueryRow(ctx, `SELECT coalesce(cleared_by, '') FROM alerts WHERE kind = 'pickup_removed' AND device_id = $1 AND compartment = $2`,
-			taken.Locker, taken.Compartment).Scan(&by)
-		if err != nil {
-			return err
-		}
-		if by != "gateway" {
-			return fmt.Errorf("cleared by %q", by)
+	removed := func(p pickup.Pickup, clearedBy string) int {
+		return e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_removed' AND device_id = $1 AND compartment = $2
+			AND coalesce(cleared_by, '') = $3`, p.Locker, p.Compartment, clearedBy)
+	}
+	// Both closings, judged without the code at first, alerted staff that
+	// the order went without it; both alerts are withdrawn.
+	Eventually(t, 10*time.Second, "the pickup_removed alerts withdrawn", func() error {
+		if open, gone := removed(taken, ""), removed(taken, "gateway"); open != 0 || gone != 2 {
+			return fmt.Errorf("%d open, %d withdrawn", open, gone)
 		}
 		return nil
 	})
-	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'gateway'`); n != 1 {
-		t.Fatalf("%d alert.clear audit entries by the gateway, want 1", n)
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'gateway'`); n != 2 {
+		t.Fatalf("%d alert.clear audit entries by the gateway, want 2", n)
 	}
 	Eventually(t, 10*time.Second, "the order left inside given a fresh code", func() error {
 		var got pickup.Pickup
@@ -493,6 +496,10 @@ func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
 		}
 		return nil
 	})
+	// The staff check after the driver left the order: its alert stands.
+	if open, gone := removed(left, ""), removed(left, "gateway"); open != 1 || gone != 0 {
+		t.Fatalf("the order left inside: %d pickup_removed open, %d withdrawn; want 1, 0", open, gone)
+	}
 }
 
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker

@@ -26,11 +26,11 @@ func (s *orderStore) UseCredential(context.Context, string, string, time.Time) (
 	return []Pickup{s.p}, nil
 }
 
-func (s *orderStore) DoorClosedAfter(_ context.Context, _ string, n int, _, after time.Time) (*fleet.EventRecord, error) {
+func (s *orderStore) DoorClosingsAfter(_ context.Context, _ string, n int, _, after time.Time) ([]fleet.EventRecord, error) {
 	if n != s.p.Compartment || !s.closing.TS.After(after) {
-		return nil, fleet.ErrNotFound
+		return nil, nil
 	}
-	return &s.closing, nil
+	return []fleet.EventRecord{s.closing}, nil
 }
 
 func (s *orderStore) LivePickupAt(context.Context, string, int) (*Pickup, error) {

@@ -148,7 +148,7 @@ type Store interface {
 	// online, heard from since heardSince (zero: not checked) and enabled)
 	// and inserts p holding it. Concurrent allocations never share a
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
-	// the order_ref exists for the site and platform.
+	// a live pickup of the site and platform has the order_ref.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error
 	SetCommand(ctx context.Context, id, commandID string) error
 	GetPickup(ctx context.Context, id string) (*Pickup, error)
@@ -198,10 +198,10 @@ type Store interface {
 	// returns those pickups all the same; any other use of a credential not
 	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
-	// DoorClosedAfter returns the latest door_closed event of a locker's
+	// DoorClosingsAfter returns the door_closed events of a locker's
 	// compartment received after since whose device time is after after,
-	// or fleet.ErrNotFound.
-	DoorClosedAfter(ctx context.Context, deviceID string, n int, since, after time.Time) (*fleet.EventRecord, error)
+	// in the locker's order (its ts), the first at most 100.
+	DoorClosingsAfter(ctx context.Context, deviceID string, n int, since, after time.Time) ([]fleet.EventRecord, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)
 	// CredentialState returns the state of a locker's credential: active,

@@ -100,7 +100,11 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 // for an instance that was down arrives late. The closing then found the
 // code unused: it raised pickup_removed (or nothing, closed occupied) and
 // left the pickup ready, where with the code it is picked up (or not taken).
-// A closing still to come among later is applied in its turn.
+// The closing judged again is the first after the code's use, by the
+// locker's clock: the driver's. When it ends the pickup, the pickup_removed
+// alerts that it and the closings after it raised without the code are
+// withdrawn (in the locker's order those found no live pickup). A first
+// closing still to come among later is applied in its turn.
 func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.Event, later []fleet.EventRecord) error {
 	if p.State != Ready {
 		return nil
@@ -111,47 +115,52 @@ func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.
 	if p.ReadyAt != nil {
 		since = *p.ReadyAt
 	}
-	var dc *fleet.EventRecord
-	err := s.retry(ctx, "door_closed_after", func(ctx context.Context) (err error) {
-		dc, err = s.o.Store.DoorClosedAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
+	var closings []fleet.EventRecord
+	err := s.retry(ctx, "door_closings_after", func(ctx context.Context) (err error) {
+		closings, err = s.o.Store.DoorClosingsAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
 		return err
 	})
-	if errors.Is(err, fleet.ErrNotFound) {
-		return nil
-	}
-	if err != nil {
+	if err != nil || len(closings) == 0 {
 		return err
 	}
-	if slices.ContainsFunc(later, func(e fleet.EventRecord) bool { return e.EventID == dc.EventID }) {
+	first := &closings[0]
+	if slices.ContainsFunc(later, func(e fleet.EventRecord) bool { return e.EventID == first.EventID }) {
 		return nil
 	}
-	closed, err := protocol.Decode[protocol.Event](dc.Body)
+	closed, err := protocol.Decode[protocol.Event](first.Body)
 	if err != nil {
 		return nil // stored valid; not a closing to judge again
 	}
 	s.log.Info("door closing judged again: the code used before it was applied after it",
-		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", dc.EventID)
-	if err := s.doorClosed(ctx, p.Locker, closed, dc.ReceivedAt); err != nil {
+		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", first.EventID)
+	if err := s.doorClosed(ctx, p.Locker, closed, first.ReceivedAt); err != nil {
 		return err
 	}
 	if closed.Occupied != nil && *closed.Occupied {
-		return nil
+		return nil // not taken: a fresh code; the closings after it were judged against the pickup still live
 	}
-	// Judged without the code, the closing raised pickup_removed: the
-	// order was taken with its code after all.
-	removed := fleet.Alert{DeviceID: p.Locker, Kind: AlertRemoved, Compartment: p.Compartment, RaisedAt: dc.ReceivedAt}
+	for i := range closings {
+		if err := s.withdrawRemoved(ctx, p, &closings[i]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// withdrawRemoved withdraws the pickup_removed alert that closing c of
+// pickup p's compartment raised, judged without the code used before it.
+func (s *Service) withdrawRemoved(ctx context.Context, p *Pickup, c *fleet.EventRecord) error {
+	removed := fleet.Alert{DeviceID: p.Locker, Kind: AlertRemoved, Compartment: p.Compartment, RaisedAt: c.ReceivedAt}
 	var withdrawn bool
-	err = s.retry(ctx, "withdraw_alert", func(ctx context.Context) (err error) {
+	err := s.retry(ctx, "withdraw_alert", func(ctx context.Context) (err error) {
 		withdrawn, err = s.o.Store.WithdrawAlert(ctx, removed, "gateway", "its code's use before the closing arrived after it", s.o.Now())
 		return err
 	})
-	if err != nil {
-		return err
-	}
 	if withdrawn {
-		s.log.Info("alert withdrawn: the order was taken with its code", "locker", p.Locker, "kind", AlertRemoved, "compartment", p.Compartment, "pickup", p.ID)
+		s.log.Info("alert withdrawn: the order was taken with its code", "locker", p.Locker, "kind", AlertRemoved,
+			"compartment", p.Compartment, "pickup", p.ID, "closing", c.EventID)
 	}
-	return nil
+	return err
 }
 
 // codeNotLive: the locker opened compartments for a code the gateway does

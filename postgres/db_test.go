@@ -998,7 +998,7 @@ func TestIngest(t *testing.T) {
 			t.Fatalf("%d alerts, want 2", len(as))
 		}
 	})
-	t.Run("DoorClosedAfter", func(t *testing.T) {
+	t.Run("DoorClosingsAfter", func(t *testing.T) {
 		id := MustDevice(t, db, "s1", "SN-CLOSED", 2) // its own events
 		base := now.Add(2 * time.Minute).Truncate(time.Microsecond)
 		mk := func(eid, typ string, comp int, ts, at time.Time) fleet.EventRecord {
@@ -1007,29 +1007,46 @@ func TestIngest(t *testing.T) {
 		}
 		if _, err := db.InsertEvents(ctx, []fleet.EventRecord{
 			mk("c-old", "door_closed", 1, base.Add(-time.Hour), base.Add(-time.Hour)), // received before since
-			mk("c-1", "door_closed", 1, base.Add(2*time.Second), base),                // the latest by the device's clock,
-			mk("c-2", "door_closed", 1, base.Add(time.Second), base.Add(time.Second)), // though received before this one
+			mk("c-1", "door_closed", 1, base.Add(2*time.Second), base),                // the second by the locker's clock,
+			mk("c-2", "door_closed", 1, base.Add(time.Second), base.Add(time.Second)), // though received after c-1
 			mk("c-other", "door_closed", 2, base.Add(5*time.Second), base),
 			mk("o-1", "door_opened", 1, base.Add(6*time.Second), base),
 		}); err != nil {
 			t.Fatal(err)
 		}
+		ids := func(since, after time.Time, n int) []string {
+			t.Helper()
+			es, err := db.DoorClosingsAfter(ctx, id, n, since, after)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out []string
+			for _, e := range es {
+				if e.Compartment != n || len(e.Body) == 0 {
+					t.Fatalf("closing %+v", e)
+				}
+				out = append(out, e.EventID)
+			}
+			return out
+		}
 		since := base.Add(-time.Minute)
-		got, err := db.DoorClosedAfter(ctx, id, 1, since, base)
-		if err != nil || got.EventID != "c-1" || got.Compartment != 1 || !got.ReceivedAt.Equal(base) || len(got.Body) == 0 {
-			t.Fatalf("closing after: %+v %v, want c-1", got, err)
+		if got := ids(since, base, 1); !slices.Equal(got, []string{"c-2", "c-1"}) {
+			t.Fatalf("closings after: %v, want c-2, c-1 (the locker's order)", got)
 		}
-		if _, err := db.DoorClosedAfter(ctx, id, 1, since, base.Add(2*time.Second)); !errors.Is(err, fleet.ErrNotFound) {
-			t.Fatalf("none after the last: %v, want not found", err)
+		if got := ids(since, base.Add(time.Second), 1); !slices.Equal(got, []string{"c-1"}) {
+			t.Fatalf("closings after c-2's ts: %v, want c-1", got)
 		}
-		if got, err := db.DoorClosedAfter(ctx, id, 1, base.Add(-2*time.Hour), base.Add(-2*time.Hour)); err != nil || got.EventID != "c-1" {
-			t.Fatalf("with the old one in range: %+v %v, want c-1 still", got, err)
+		if got := ids(since, base.Add(2*time.Second), 1); len(got) != 0 {
+			t.Fatalf("closings after the last: %v, want none", got)
 		}
-		if got, err := db.DoorClosedAfter(ctx, id, 1, base, base); err != nil || got.EventID != "c-2" {
-			t.Fatalf("received after c-1: %+v %v, want c-2 (since is exclusive)", got, err)
+		if got := ids(base.Add(-2*time.Hour), base.Add(-2*time.Hour), 1); !slices.Equal(got, []string{"c-old", "c-2", "c-1"}) {
+			t.Fatalf("with the old one in range: %v", got)
 		}
-		if _, err := db.DoorClosedAfter(ctx, id, 3, since, base); !errors.Is(err, fleet.ErrNotFound) {
-			t.Fatalf("compartment without closings: %v, want not found", err)
+		if got := ids(base, base, 1); !slices.Equal(got, []string{"c-2"}) {
+			t.Fatalf("received after c-1: %v, want c-2 (since is exclusive)", got)
+		}
+		if got := ids(since, base, 3); len(got) != 0 {
+			t.Fatalf("compartment without closings: %v", got)
 		}
 	})
 	t.Run("WithdrawAlert", func(t *testing.T) {

@@ -415,20 +415,20 @@ func scanEvent(row pgx.CollectableRow) (fleet.EventRecord, error) {
 	return e, err
 }
 
-// DoorClosedAfter implements pickup.Store.
-func (db *DB) DoorClosedAfter(ctx context.Context, deviceID string, n int, since, after time.Time) (*fleet.EventRecord, error) {
+// DoorClosingsAfter implements pickup.Store.
+func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, since, after time.Time) ([]fleet.EventRecord, error) {
 	rows, err := db.pool.Query(ctx, `SELECT `+eventCols+` FROM events
 		WHERE device_id = $1 AND received_at > $2 AND type = '`+protocol.EventDoorClosed+`' AND compartment = $3 AND ts > $4
-		ORDER BY ts DESC, received_at DESC LIMIT 1`, deviceID, since, n, after)
+		ORDER BY ts, received_at LIMIT $5`, deviceID, since, n, after, maxClosingsAfter)
 	if err != nil {
 		return nil, err
 	}
-	e, err := pgx.CollectExactlyOneRow(rows, scanEvent)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return nil, fmt.Errorf("door closing of %s compartment %d after %s: %w", deviceID, n, after.Format(time.RFC3339Nano), fleet.ErrNotFound)
-	}
-	return &e, err
+	return pgx.CollectRows(rows, scanEvent)
 }
+
+// maxClosingsAfter bounds DoorClosingsAfter: a compartment closed this
+// often between a code's use and its report is not a pickup's story.
+const maxClosingsAfter = 100
 
 func untilOr(t time.Time) time.Time {
 	if t.IsZero() {
