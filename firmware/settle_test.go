@@ -395,3 +395,42 @@ func TestEngineSuccessClearsTheJob(t *testing.T) {
 		t.Fatalf("retained fw/job after the success: %+v %v, want none", r.FwJob, err)
 	}
 }
+
+// TestEngineLateReportOfACancelledJob: a late "installing" of a job that
+// was cancelled while the locker was handed another rollout's job cannot
+// make it active again (one active job per locker). The report is not
+// applied, and it is no error: the fleet manager retries errors, and this
+// one would never pass.
+func TestEngineLateReportOfACancelledJob(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	h.devs.outcome = func(string, int) string { return outSilent }
+	sent := func(st *firmware.Status) string {
+		t.Helper()
+		var job string
+		testtool.Eventually(t, 5*time.Second, "job sent", func() error {
+			if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
+				return fmt.Errorf("not received")
+			}
+			return nil
+		})
+		return job
+	}
+	first := h.create(firmware.Spec{Firmware: h.upload("LX-24", "1.5.0").ID, Waves: []int{100}, RatePerMin: 60000})
+	old := sent(first)
+	if _, err := h.eng.Cancel(ctx, first.ID, "test"); err != nil {
+		t.Fatal(err)
+	}
+	second := h.create(firmware.Spec{Firmware: h.upload("LX-24", "1.6.0").ID, Waves: []int{100}, RatePerMin: 60000})
+	current := sent(second)
+	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: old, State: firmware.StateInstalling}, time.Now()); err != nil {
+		t.Fatalf("late installing of the cancelled job: %v, want no error (nothing to apply)", err)
+	}
+	if j := h.job(first.ID, ids[0]); j.State != firmware.StateCancelled {
+		t.Fatalf("the cancelled job after its late report: %s", j.State)
+	}
+	if j := h.job(second.ID, ids[0]); j.JobID != current || j.State != firmware.StateSent {
+		t.Fatalf("the locker's current job: %s %s, want %s sent", j.JobID, j.State, current)
+	}
+}

@@ -342,6 +342,13 @@ func (db *DB) Apply(ctx context.Context, t firmware.Transition) (*firmware.Job, 
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil, nil
 	}
+	if isUniqueViolation(err) {
+		// The job cannot take the state while another of the locker's is
+		// active (fw_jobs_active): a late report of a cancelled job after
+		// the locker was handed another one. Nothing applied, for good; an
+		// error here would be retried for ever by the report's caller.
+		return nil, nil
+	}
 	return j, dataError(err)
 }
 
