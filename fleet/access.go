@@ -28,14 +28,15 @@ const MaxNameLen = 64
 
 // ValidName reports whether s can be a token's name (for a platform token,
 // the platform's name that pickups give as recipient.platform): 1 to
-// MaxNameLen bytes of UTF-8 text without control characters, and without
-// spaces at either end (which would make two names look the same).
+// MaxNameLen bytes of UTF-8 text without control or format characters
+// (zero-width spaces, bidi overrides), and without spaces at either end:
+// none of which would let two names that look the same differ.
 func ValidName(s string) bool {
 	if len(s) == 0 || len(s) > MaxNameLen || !utf8.ValidString(s) || strings.TrimSpace(s) != s {
 		return false
 	}
 	for _, r := range s {
-		if unicode.IsControl(r) {
+		if unicode.IsControl(r) || unicode.Is(unicode.Cf, r) {
 			return false
 		}
 	}

@@ -22,6 +22,8 @@ func TestValidName(t *testing.T) {
 		{"line\nbreak", false},
 		{"nul\x00", false},
 		{"bad\xffutf8", false},
+		{"speedy\u200b", false}, // a zero-width space
+		{"\u202espeedy", false}, // a bidi override
 	} {
 		if got := ValidName(tc.name); got != tc.ok {
 			t.Errorf("ValidName(%q) = %v, want %v", tc.name, got, tc.ok)
