@@ -469,9 +469,7 @@ var raiseAlertSQL = `WITH raised AS (
 	queued AS (
 		INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, $5::timestamptz, now() FROM ev JOIN webhooks w
-			ON w.deleted_at IS NULL AND '` + webhook.EventAlertRaised + `' = ANY (w.events)
-			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
-			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = ev.site)))
+			ON '` + webhook.EventAlertRaised + `' = ANY (w.events) AND ` + webhookSees("ev.site", "") + `)
 	SELECT count(*) FROM raised`
 
 // sqlTime renders a timestamptz expression as protocol v1 writes times

@@ -348,9 +348,8 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 	}
 	_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 		SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
-		WHERE w.deleted_at IS NULL AND ($2 = ANY (w.events) OR ($2 = 'pickup.credential_changed' AND 'pickup.ready' = ANY (w.events)))
-			AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
-			AND (w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = $6) OR (w.role = 'platform' AND w.platform = $7))`,
+		WHERE ($2 = ANY (w.events) OR ($2 = 'pickup.credential_changed' AND 'pickup.ready' = ANY (w.events)))
+			AND `+webhookSees("$6", "$7"),
 		ev.ID, ev.Type, p.ID, body, at, p.Site, p.Platform)
 	return err
 }

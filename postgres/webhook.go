@@ -24,6 +24,21 @@ func scanWebhook(row pgx.Row, extra ...any) (*webhook.Webhook, error) {
 	return &w, err
 }
 
+// webhookSees is the condition on webhooks w that an event at a site (the
+// SQL expression site) may go to: a live webhook of a token not revoked, in
+// that token's scope (admins and operators see every site, a store its
+// own). platform, when not empty, is the expression of the pickup's
+// platform, whose webhooks see their own orders; events about a locker
+// itself (alerts) have none.
+func webhookSees(site, platform string) string {
+	scope := `w.role IN ('admin', 'operator') OR (w.role = 'store' AND w.site = ` + site + `)`
+	if platform != "" {
+		scope += ` OR (w.role = 'platform' AND w.platform = ` + platform + `)`
+	}
+	return `w.deleted_at IS NULL AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = w.token_id AND t.revoked_at IS NULL)
+		AND (` + scope + `)`
+}
+
 // CreateWebhook implements webhook.Store. The token's advisory lock makes
 // the count and the insert one step: concurrent creates (on any instance)
 // take turns. The count is a statement of its own after the lock, so that
