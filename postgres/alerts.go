@@ -83,6 +83,11 @@ func (db *DB) GetAlert(ctx context.Context, id int64) (*fleet.Alert, error) {
 // fleet.ErrNotFound for no such alert, fleet.ErrConflict when it is
 // cleared already (by hand or because its condition ended).
 func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Time) (*fleet.Alert, error) {
+	return db.clearAlert(ctx, id, actor, "", at)
+}
+
+// clearAlert is ClearAlert, with reason (when not empty) in the audit entry.
+func (db *DB) clearAlert(ctx context.Context, id int64, actor, reason string, at time.Time) (*fleet.Alert, error) {
 	var a fleet.Alert
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		var err error
@@ -102,8 +107,11 @@ func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Ti
 		if err != nil {
 			return err
 		}
-		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "alert.clear", Locker: a.DeviceID, Site: a.Site,
-			Detail: map[string]any{"alert": strconv.FormatInt(a.ID, 10), "kind": a.Kind}})
+		detail := map[string]any{"alert": strconv.FormatInt(a.ID, 10), "kind": a.Kind}
+		if reason != "" {
+			detail["reason"] = reason
+		}
+		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "alert.clear", Locker: a.DeviceID, Site: a.Site, Detail: detail})
 	})
 	if err != nil {
 		return nil, err
@@ -113,24 +121,18 @@ func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Ti
 
 // WithdrawAlert implements pickup.Store.
 func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason string, at time.Time) (bool, error) {
-	withdrawn := false
-	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		var id int64
-		var site string
-		err := tx.QueryRow(ctx, `WITH u AS (UPDATE alerts SET cleared_at = $5, cleared_by = $6
-				WHERE device_id = $1 AND kind = $2 AND coalesce(compartment, 0) = $3 AND raised_at = $4 AND cleared_at IS NULL
-				RETURNING id)
-			SELECT u.id, coalesce(d.site, '') FROM u LEFT JOIN devices d ON d.id = $1`,
-			a.DeviceID, a.Kind, a.Compartment, a.RaisedAt, at, actor).Scan(&id, &site)
-		if errors.Is(err, pgx.ErrNoRows) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		withdrawn = true
-		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "alert.clear", Locker: a.DeviceID, Site: site,
-			Detail: map[string]any{"alert": strconv.FormatInt(id, 10), "kind": a.Kind, "reason": reason}})
-	})
-	return withdrawn, err
+	var id int64
+	err := db.pool.QueryRow(ctx, `SELECT id FROM alerts WHERE device_id = $1 AND kind = $2 AND coalesce(compartment, 0) = $3
+		AND raised_at = $4 AND cleared_at IS NULL`, a.DeviceID, a.Kind, a.Compartment, a.RaisedAt).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	_, err = db.clearAlert(ctx, id, actor, reason, at)
+	if errors.Is(err, fleet.ErrConflict) {
+		return false, nil // cleared meanwhile
+	}
+	return err == nil, err
 }
