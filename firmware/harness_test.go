@@ -368,6 +368,20 @@ func (h *harness) exec(sql string, args ...any) {
 }
 
 // job returns a locker's job in a rollout.
+// sentJob waits until locker id received its job of rollout, and returns
+// the job's id.
+func (h *harness) sentJob(rollout, id string) string {
+	h.tb.Helper()
+	var job string
+	testtool.Eventually(h.tb, 5*time.Second, "job sent", func() error {
+		if job = h.job(rollout, id).JobID; h.devs.received(job) == 0 {
+			return fmt.Errorf("not received")
+		}
+		return nil
+	})
+	return job
+}
+
 func (h *harness) job(rollout, id string) firmware.Job {
 	h.tb.Helper()
 	for _, j := range h.jobs(rollout) {

@@ -229,13 +229,7 @@ func TestEngineVersionSpelling(t *testing.T) {
 	b := h.upload("LX-24", "1.7.0")
 	h.devs.outcome = func(string, int) string { return outSilent }
 	st = h.create(firmware.Spec{Firmware: b.ID, Waves: []int{100}, RatePerMin: 60000, Selector: firmware.Selector{Lockers: ids[:1]}})
-	var job string
-	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
-		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
-			return fmt.Errorf("not received")
-		}
-		return nil
-	})
+	job := h.sentJob(st.ID, ids[0])
 	h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateRebooting}, time.Now())
 	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "v1.7"}, time.Now(), false); err != nil {
 		t.Fatal(err)
@@ -327,13 +321,7 @@ func TestEngineReportNotRecordedIsAnError(t *testing.T) {
 	a := h.upload("LX-24", "1.5.0")
 	h.devs.outcome = func(string, int) string { return outSilent }
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
-	var job string
-	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
-		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
-			return fmt.Errorf("not received")
-		}
-		return nil
-	})
+	job := h.sentJob(st.ID, ids[0])
 	for _, state := range []string{firmware.StateDownloading, firmware.StateFailed, firmware.StateSucceeded} {
 		down, cancel := context.WithCancel(context.Background())
 		cancel() // the database cannot be reached
@@ -369,13 +357,7 @@ func TestEngineSuccessClearsTheJob(t *testing.T) {
 	a := h.upload("LX-24", "1.5.0")
 	h.devs.outcome = func(string, int) string { return outSilent }
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
-	var job string
-	testtool.Eventually(t, 5*time.Second, "job sent", func() error {
-		if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
-			return fmt.Errorf("not received")
-		}
-		return nil
-	})
+	job := h.sentJob(st.ID, ids[0])
 	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateRebooting}, time.Now()); err != nil {
 		t.Fatal(err)
 	}
@@ -406,24 +388,13 @@ func TestEngineLateReportOfACancelledJob(t *testing.T) {
 	ctx := context.Background()
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
 	h.devs.outcome = func(string, int) string { return outSilent }
-	sent := func(st *firmware.Status) string {
-		t.Helper()
-		var job string
-		testtool.Eventually(t, 5*time.Second, "job sent", func() error {
-			if job = h.job(st.ID, ids[0]).JobID; h.devs.received(job) == 0 {
-				return fmt.Errorf("not received")
-			}
-			return nil
-		})
-		return job
-	}
 	first := h.create(firmware.Spec{Firmware: h.upload("LX-24", "1.5.0").ID, Waves: []int{100}, RatePerMin: 60000})
-	old := sent(first)
+	old := h.sentJob(first.ID, ids[0])
 	if _, err := h.eng.Cancel(ctx, first.ID, "test"); err != nil {
 		t.Fatal(err)
 	}
 	second := h.create(firmware.Spec{Firmware: h.upload("LX-24", "1.6.0").ID, Waves: []int{100}, RatePerMin: 60000})
-	current := sent(second)
+	current := h.sentJob(second.ID, ids[0])
 	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: old, State: firmware.StateInstalling}, time.Now()); err != nil {
 		t.Fatalf("late installing of the cancelled job: %v, want no error (nothing to apply)", err)
 	}
