@@ -733,11 +733,9 @@ func (e *Engine) sweep(ctx context.Context, now time.Time) {
 
 // finished follows up a job that left its active state: on a failure the
 // gate of its wave is checked (r is the job's rollout; nil on a success),
-// the locker's fw/job is cleared (a retry goes out again as a new job), and
-// the engine is woken for the next step. After a success the fw/job is left
-// for the locker's next connect to clear: the locker runs the job's version
-// and ignores a job it finished, and republishing the retained state is most
-// of the database work of a job (docs/firmware.md).
+// the locker's fw/job is cleared, after a success too (a retry goes out
+// again as a new job; protocol v1: an empty retained payload is no job),
+// and the engine is woken for the next step.
 func (e *Engine) finished(ctx context.Context, j *Job, r *Rollout, wasActive bool, receivedAt time.Time) {
 	if j.State == StateQueued {
 		e.m.finished.WithLabelValues(StateFailed).Inc() // a failed attempt, retried
