@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -196,6 +197,8 @@ func (p *recordingProv) AnswerDelivered(ctx context.Context, deviceID string) er
 // identity, where the contract says serial_taken.
 func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 1)}
+	release := sync.OnceFunc(func() { close(rec.release) })
+	t.Cleanup(release) // a failure does not hold the broker's Close for the call timeout
 	h := newHarness(t, func(o *Options) {
 		rec.fakeProv = o.Provisioner.(*fakeProv)
 		o.Provisioner = rec
@@ -232,7 +235,7 @@ func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 		}
 		break
 	}
-	close(rec.release)
+	release()
 	testtool.Eventually(t, 5*time.Second, "the second request decided", func() error {
 		if n := h.prov.callCount(); n != 2 {
 			return fmt.Errorf("%d Provision calls", n)

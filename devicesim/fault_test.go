@@ -267,6 +267,11 @@ func TestPowerCut(t *testing.T) {
 	if st := f.Stats(); st.PowerCuts != 1 {
 		t.Errorf("power cuts %d, want 1", st.PowerCuts)
 	}
+	// Counted again now that a later event arrived: the second LosePower
+	// sent none.
+	if got := len(eventsWhere(t, env, id, power(protocol.PowerBattery))); got != 1 {
+		t.Errorf("%d power events with source battery, want 1", got)
+	}
 	if got := len(eventsWhere(t, env, f.Lockers()[1].DeviceID(), func(e protocol.Event) bool { return e.Type == protocol.EventPower })); got != 0 {
 		t.Errorf("the other locker reported %d power events", got)
 	}

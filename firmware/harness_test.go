@@ -288,7 +288,10 @@ func (d *devices) handle(ctx context.Context, id string) {
 	attempt := int(runs.(*atomic.Int32).Add(1))
 	eng := d.eng.Load()
 	report := func(state, kind string) {
-		eng.JobStatus(ctx, id, &protocol.FwStatus{Job: job.Job, State: state, Error: kind}, time.Now())
+		err := eng.JobStatus(ctx, id, &protocol.FwStatus{Job: job.Job, State: state, Error: kind}, time.Now())
+		if err != nil && ctx.Err() == nil {
+			d.h.tb.Errorf("report %s of %s: %v", state, job.Job, err)
+		}
 	}
 	out := d.outcome(id, attempt)
 	if out == outSilent {

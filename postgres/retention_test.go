@@ -109,13 +109,13 @@ func TestPruneHistoryTakesTurns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := other.Exec(ctx, `SELECT pg_advisory_lock($1)`, int64(0x4c475052554e45)); err != nil {
+	if _, err := other.Exec(ctx, `SELECT pg_advisory_lock($1)`, int64(postgres.PruneLock)); err != nil {
 		t.Fatal(err)
 	}
 	if n, busy, err := db.PruneHistory(ctx, cutoff, time.Minute); err != nil || !busy || n["presence_log"] != 0 {
 		t.Fatalf("while another prunes: %v busy=%v err=%v; want nothing done, busy", n, busy, err)
 	}
-	if _, err := other.Exec(ctx, `SELECT pg_advisory_unlock($1)`, int64(0x4c475052554e45)); err != nil {
+	if _, err := other.Exec(ctx, `SELECT pg_advisory_unlock($1)`, int64(postgres.PruneLock)); err != nil {
 		t.Fatal(err)
 	}
 	other.Release()
