@@ -22,12 +22,17 @@ var errDown = errors.New("database down")
 type notLiveStore struct {
 	Store
 	stateFails, raiseFails int // failures left
+	auditFails             int
 	onRaiseFail            func()
 	raised                 []fleet.Alert
 	audited                []fleet.AuditEntry
 }
 
 func (s *notLiveStore) Audit(_ context.Context, e fleet.AuditEntry) error {
+	if s.auditFails > 0 {
+		s.auditFails--
+		return errDown
+	}
 	s.audited = append(s.audited, e)
 	return nil
 }
@@ -87,10 +92,11 @@ func codeAcceptedEvent(t *testing.T) fleet.EventRecord {
 }
 
 // TestAlertOutlastsDatabaseErrors: a step's alert (here code_not_live) and
-// the read it needs are tried again while the database fails, not lost
-// after one failure, and the locker gets its set once the alert is in.
+// the read and the audit entry it needs are tried again while the database
+// fails, not lost after one failure, and the locker gets its set once the
+// alert is in.
 func TestAlertOutlastsDatabaseErrors(t *testing.T) {
-	st, f := &notLiveStore{stateFails: 2, raiseFails: 2}, &countingFleet{}
+	st, f := &notLiveStore{stateFails: 2, raiseFails: 2, auditFails: 2}, &countingFleet{}
 	s := notLiveService(t, st, f)
 	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{codeAcceptedEvent(t)}); n != 1 {
 		t.Fatalf("applied %d events, want 1", n)

@@ -19,6 +19,21 @@ type orderStore struct {
 	used                        bool
 	reads, transitions, removed int
 	withdrawn                   []fleet.Alert
+	// closingsFails and withdrawFails: failures left, as of a database
+	// that is down; onFail is called at each.
+	closingsFails, withdrawFails int
+	onFail                       func()
+}
+
+func (s *orderStore) fail(left *int) bool {
+	if *left == 0 {
+		return false
+	}
+	*left--
+	if s.onFail != nil {
+		s.onFail()
+	}
+	return true
 }
 
 func (s *orderStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
@@ -27,6 +42,9 @@ func (s *orderStore) UseCredential(context.Context, string, string, time.Time) (
 }
 
 func (s *orderStore) DoorClosingsAfter(_ context.Context, _ string, n int, _, after time.Time) ([]fleet.EventRecord, error) {
+	if s.fail(&s.closingsFails) {
+		return nil, errDown
+	}
 	if n != s.p.Compartment || !s.closing.TS.After(after) {
 		return nil, nil
 	}
@@ -64,6 +82,9 @@ func (s *orderStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error) 
 }
 
 func (s *orderStore) WithdrawAlert(_ context.Context, a fleet.Alert, _, _ string, _ time.Time) (bool, error) {
+	if s.fail(&s.withdrawFails) {
+		return false, errDown
+	}
 	s.withdrawn = append(s.withdrawn, a)
 	return true, nil
 }
@@ -114,5 +135,29 @@ func TestClosingAfterItsCodeInOneBatch(t *testing.T) {
 	if st.reads != 1 || st.transitions != 1 || len(st.withdrawn) != 0 || st.removed != 0 {
 		t.Fatalf("%d live-pickup reads, %d transitions, %d withdrawn, %d pickup_removed; want the closing judged once, no alert",
 			st.reads, st.transitions, len(st.withdrawn), st.removed)
+	}
+}
+
+// TestClosingJudgedAgainOutlastsDatabaseErrors: the reads and the
+// withdrawal of judging a closing again are tried again while the database
+// fails, and the code's event counts as applied only once they passed; a
+// stop in the middle leaves it to be offered again.
+func TestClosingJudgedAgainOutlastsDatabaseErrors(t *testing.T) {
+	st, used := newOrderStore(t)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}) // pickup_removed, without the code
+	st.closingsFails, st.withdrawFails = 1, 1
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || st.p.State != PickedUp || len(st.withdrawn) != 1 {
+		t.Fatalf("applied %d, state %s, %d withdrawn; want 1, picked up, 1", n, st.p.State, len(st.withdrawn))
+	}
+
+	st, used = newOrderStore(t)
+	s.o.Store = st
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st.closingsFails, st.onFail = 1<<30, cancel
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || st.transitions != 0 {
+		t.Fatalf("stopped while the closings could not be read: applied %d, %d transitions; want 0, 0", n, st.transitions)
 	}
 }
