@@ -160,6 +160,10 @@ type Alert struct {
 	// late report of its code's use disproved); empty when its condition
 	// ended or it is open.
 	ClearedBy string `json:"cleared_by,omitempty"`
+	// Audit, when set, is written with the alert, in its transaction, and
+	// only when the alert is opened: an event applied again (a replay)
+	// neither raises its alert twice nor audits it twice.
+	Audit *AuditEntry `json:"-"`
 }
 
 // AlertFilter selects alerts for a list, newest first.

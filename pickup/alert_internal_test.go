@@ -22,19 +22,9 @@ var errDown = errors.New("database down")
 type notLiveStore struct {
 	Store
 	stateFails, raiseFails int // failures left
-	auditFails             int
 	onRaiseFail            func()
 	raised                 []fleet.Alert
 	audited                []fleet.AuditEntry
-}
-
-func (s *notLiveStore) Audit(_ context.Context, e fleet.AuditEntry) error {
-	if s.auditFails > 0 {
-		s.auditFails--
-		return errDown
-	}
-	s.audited = append(s.audited, e)
-	return nil
 }
 
 func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
@@ -57,7 +47,15 @@ func (s *notLiveStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error
 		}
 		return false, errDown
 	}
+	for _, r := range s.raised {
+		if r.Kind == a.Kind && r.Compartment == a.Compartment && r.RaisedAt.Equal(a.RaisedAt) {
+			return false, nil // raised already: its audit entry too (postgres.RaiseAlert)
+		}
+	}
 	s.raised = append(s.raised, a)
+	if a.Audit != nil {
+		s.audited = append(s.audited, *a.Audit)
+	}
 	return true, nil
 }
 
@@ -91,12 +89,12 @@ func codeAcceptedEvent(t *testing.T) fleet.EventRecord {
 	return fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at, TS: at, Type: protocol.EventCodeAccepted, Body: body}
 }
 
-// TestAlertOutlastsDatabaseErrors: a step's alert (here code_not_live) and
-// the read and the audit entry it needs are tried again while the database
-// fails, not lost after one failure, and the locker gets its set once the
-// alert is in.
+// TestAlertOutlastsDatabaseErrors: a step's alert (here code_not_live,
+// with its audit entry) and the read it needs are tried again while the
+// database fails, not lost after one failure, and the locker gets its set
+// once the alert is in.
 func TestAlertOutlastsDatabaseErrors(t *testing.T) {
-	st, f := &notLiveStore{stateFails: 2, raiseFails: 2, auditFails: 2}, &countingFleet{}
+	st, f := &notLiveStore{stateFails: 2, raiseFails: 2}, &countingFleet{}
 	s := notLiveService(t, st, f)
 	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{codeAcceptedEvent(t)}); n != 1 {
 		t.Fatalf("applied %d events, want 1", n)
@@ -113,6 +111,23 @@ func TestAlertOutlastsDatabaseErrors(t *testing.T) {
 	}
 	if len(st.audited) != 1 || st.audited[0].Action != "credential.use" || st.audited[0].Detail["state"] != "revoked" {
 		t.Fatalf("audited %+v, want the use with the credential's state", st.audited)
+	}
+}
+
+// TestNotLiveUseAuditedOnce: the use of a code not live, offered again
+// (an outbox replay), is audited once: with its alert, which the replay
+// does not raise again.
+func TestNotLiveUseAuditedOnce(t *testing.T) {
+	st, f := &notLiveStore{}, &countingFleet{}
+	s := notLiveService(t, st, f)
+	ev := codeAcceptedEvent(t)
+	for i := range 2 {
+		if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{ev}); n != 1 {
+			t.Fatalf("offer %d: applied %d events, want 1", i+1, n)
+		}
+	}
+	if len(st.raised) != 1 || len(st.audited) != 1 {
+		t.Fatalf("%d alerts, %d audit entries after a replay; want 1 each", len(st.raised), len(st.audited))
 	}
 }
 

@@ -185,14 +185,12 @@ func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *prot
 	if len(ev.Compartments) > 0 {
 		a.Compartment = ev.Compartments[0]
 	}
-	if err := s.alert(ctx, a); err != nil {
-		return err
-	}
 	// Audited as every use is (api-v1: "every ... credential use"), with
-	// what the gateway held it for.
-	use := fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+	// what the gateway held it for; with the alert, so that a replayed
+	// event is audited once.
+	a.Audit = &fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
 		Detail: map[string]any{"credential": id, "state": state, "compartments": ev.Compartments}}
-	if err := s.retry(ctx, "audit", func(ctx context.Context) error { return s.o.Store.Audit(ctx, use) }); err != nil {
+	if err := s.alert(ctx, a); err != nil {
 		return err
 	}
 	s.publish(ctx, deviceID)

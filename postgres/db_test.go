@@ -997,6 +997,27 @@ func TestIngest(t *testing.T) {
 		if as, _ := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)}); len(as) != 2 {
 			t.Fatalf("%d alerts, want 2", len(as))
 		}
+		// With an audit entry: written when the alert opens, not again.
+		a.Kind, a.RaisedAt = "code_not_live", a.RaisedAt.Add(time.Second)
+		a.Audit = &fleet.AuditEntry{Actor: "locker:" + id, Action: "credential.use", Locker: id, Detail: map[string]any{"state": "revoked"}}
+		for i, want := range []bool{true, false} {
+			if raised, err := db.RaiseAlert(ctx, a); err != nil || raised != want {
+				t.Fatalf("raise audited %d: %v %v, want %v", i+1, raised, err, want)
+			}
+		}
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM audit WHERE locker = $1 AND action = 'credential.use'`, id).Scan(&n); err != nil || n != 1 {
+			t.Fatalf("%d audit entries (%v), want 1", n, err)
+		}
+		// An audit entry that cannot be written takes its alert with it.
+		a.RaisedAt = a.RaisedAt.Add(time.Second)
+		a.Audit.Detail = map[string]any{"bad": func() {}}
+		if raised, err := db.RaiseAlert(ctx, a); err == nil || raised {
+			t.Fatalf("raise with an unwritable audit entry: %v %v, want an error", raised, err)
+		}
+		if as, _ := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Kind: "code_not_live"}); len(as) != 1 {
+			t.Fatalf("%d code_not_live alerts, want 1 (the failed one rolled back)", len(as))
+		}
 	})
 	t.Run("DoorClosingsAfter", func(t *testing.T) {
 		id := MustDevice(t, db, "s1", "SN-CLOSED", 2) // its own events

@@ -441,10 +441,24 @@ func untilOr(t time.Time) time.Time {
 // The same alert raised again (its locker, kind, compartment and time: a
 // replayed event's) is a no-op, as is one of a kind already open where the
 // kind holds one open at a time (the alerts_open index).
+// An alert with an audit entry writes it in the same transaction when the
+// alert is opened.
 func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
-	var n int
-	err := db.pool.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n)
-	return n == 1, err
+	if a.Audit == nil {
+		var n int
+		err := db.pool.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n)
+		return n == 1, err
+	}
+	var raised bool
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var n int
+		if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil || n == 0 {
+			return err
+		}
+		raised = true
+		return audit(ctx, tx, *a.Audit)
+	})
+	return raised && err == nil, err
 }
 
 // raiseAlertSQL opens an alert and, in the same statement, queues an
