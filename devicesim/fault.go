@@ -217,6 +217,7 @@ type lockerSim struct {
 	// onBattery: mains cut (LosePower, PowerCuts) since batterySince.
 	onBattery    bool
 	batterySince time.Time
+	powerCuts    int  // cuts so far: a scheduled restore ends only its own cut
 	manualHold   bool // LoseNetwork is one of them
 	streams      []*faultStream
 	pending      []*time.Timer // hold releases and door repairs to come
@@ -372,9 +373,13 @@ func (l *Locker) fire(s *faultStream) {
 		s.next = at + expDraw(s.r, fs.Tamper.PerHour)
 	case "power":
 		restore := fs.PowerCuts.Restore.draw(s.r)
+		// Logged even when the locker is on its battery already (the cut
+		// then changes nothing): the log is the seed's draws, and whether an
+		// earlier restore came first is a matter of timers, not of the seed.
 		l.decideLocked(s.name, s.n, at, DecidePowerCut, Decision{Duration: Duration(restore)})
 		if l.setPowerLocked(true) && restore > 0 {
-			l.afterLocked(restore, l.RestorePower)
+			cut := l.x.powerCuts
+			l.afterLocked(restore, func() { l.restorePower(cut) })
 		}
 		s.next = at + expDraw(s.r, fs.PowerCuts.PerHour)
 	}
@@ -516,6 +521,17 @@ func (l *Locker) RestorePower() {
 	l.setPowerLocked(false)
 }
 
+// restorePower ends power cut number cut (PowerCuts' restore), unless the
+// mains came back meanwhile and a later cut is in force: that one is not
+// this restore's to end.
+func (l *Locker) restorePower(cut int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.x.powerCuts == cut {
+		l.setPowerLocked(false)
+	}
+}
+
 // OnBattery reports whether the locker runs on its battery.
 func (l *Locker) OnBattery() bool {
 	l.mu.Lock()
@@ -532,6 +548,7 @@ func (l *Locker) setPowerLocked(battery bool) bool {
 	l.x.onBattery = battery
 	src := protocol.PowerMains
 	if battery {
+		l.x.powerCuts++
 		l.f.c.powerCuts.Add(1)
 		l.x.batterySince = l.f.now()
 		src = protocol.PowerBattery

@@ -250,3 +250,28 @@ func TestStartAfterClose(t *testing.T) {
 		t.Errorf("Start after Close = %v", err)
 	}
 }
+
+// TestScheduledRestoreEndsOnlyItsCut: a PowerCuts restore that comes due
+// after the mains came back and was cut again (by hand) leaves the later
+// cut in force; the later cut's own restore ends it.
+func TestScheduledRestoreEndsOnlyItsCut(t *testing.T) {
+	f := offlineFleet(t, 1, nil)
+	l := f.lockers[0]
+	cuts := func() int {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.x.powerCuts
+	}
+	l.LosePower()
+	first := cuts()
+	l.RestorePower()
+	l.LosePower()
+	l.restorePower(first)
+	if !l.OnBattery() {
+		t.Fatal("the first cut's restore ended the second cut")
+	}
+	l.restorePower(cuts())
+	if l.OnBattery() {
+		t.Fatal("the second cut's restore left it in force")
+	}
+}
