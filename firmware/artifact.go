@@ -92,12 +92,11 @@ func (e *Engine) Upload(ctx context.Context, model, version string, body io.Read
 	} else if !errors.Is(err, fleet.ErrNotFound) {
 		return nil, err
 	}
-	select {
-	case e.uploads <- struct{}{}:
-		defer func() { <-e.uploads }()
-	default:
-		return nil, fmt.Errorf("%w (at most %d at once); retry when one has ended", ErrUploadsBusy, e.opts.MaxUploads)
+	release, err := e.uploadSlot()
+	if err != nil {
+		return nil, err
 	}
+	defer release()
 	if err := os.MkdirAll(e.opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("firmware directory: %w", err)
 	}
@@ -202,16 +201,37 @@ func (e *Engine) OpenImage(ctx context.Context, id string) (*os.File, *Artifact,
 // ServedBytes counts image bytes sent to lockers and operators.
 func (e *Engine) ServedBytes(n int64) { e.m.bytesServed.Add(float64(n)) }
 
+// uploadSlot takes one of the MaxUploads slots that bound the images being
+// read at once, or answers ErrUploadsBusy without waiting.
+func (e *Engine) uploadSlot() (release func(), err error) {
+	select {
+	case e.uploads <- struct{}{}:
+		return func() { <-e.uploads }, nil
+	default:
+		return nil, fmt.Errorf("%w (at most %d at once); retry when one has ended", ErrUploadsBusy, e.opts.MaxUploads)
+	}
+}
+
 // SameImage reports whether body is the image whose SHA-256 is sha (hex),
-// reading all of it (an upload repeated under its Idempotency-Key); a body
-// over the size limit is not.
+// reading all of it (an upload repeated under its Idempotency-Key). It is
+// read as an upload is: in one of the MaxUploads slots (ErrUploadsBusy
+// before reading when none is free) and up to the size limit (ErrTooLarge,
+// wrapped in fleet.ErrInvalid).
 func (e *Engine) SameImage(sha string, body io.Reader) (bool, error) {
+	release, err := e.uploadSlot()
+	if err != nil {
+		return false, err
+	}
+	defer release()
 	h := sha256.New()
 	n, err := io.Copy(h, io.LimitReader(body, e.opts.MaxImageSize+1))
 	if err != nil {
 		return false, fmt.Errorf("%w: read the image: %v", fleet.ErrInvalid, err)
 	}
-	return n <= e.opts.MaxImageSize && hex.EncodeToString(h.Sum(nil)) == sha, nil
+	if n > e.opts.MaxImageSize {
+		return false, fmt.Errorf("%w: %w: over %d bytes", fleet.ErrInvalid, ErrTooLarge, e.opts.MaxImageSize)
+	}
+	return hex.EncodeToString(h.Sum(nil)) == sha, nil
 }
 
 // Errors of download URL checks.

@@ -65,6 +65,10 @@ func TestEngineUploadsBounded(t *testing.T) {
 	if third.n != 0 {
 		t.Fatalf("the refused upload's body was read (%d bytes)", third.n)
 	}
+	// A repeat under an Idempotency-Key reads an image too: in a slot.
+	if _, err := h.eng.SameImage("00", third); !errors.Is(err, firmware.ErrUploadsBusy) || third.n != 0 {
+		t.Fatalf("an image compared at once: %v (%d bytes read), want ErrUploadsBusy before reading", err, third.n)
+	}
 	// One ends; the third goes through.
 	if _, err := writers[0].Write([]byte("image 0")); err != nil {
 		t.Fatal(err)

@@ -70,9 +70,9 @@ func (s *Server) withFirmware(h firmwareHandler) handler {
 // image is streamed to disk, never held, so the key is claimed for the route
 // and its query (model and version), and a repeat's body is compared with
 // the first by its SHA-256, against the first answer's sha256, as it is
-// read.
+// read: within the uploads' bounds, refused as an upload would be.
 func (s *Server) idempotentUpload(h handler) handler {
-	return s.idempotentBy(h, nil, func(r *http.Request) (*request, error) {
+	upload := s.idempotentBy(h, nil, func(r *http.Request) (*request, error) {
 		sum := sha256.Sum256([]byte(r.URL.Query().Encode())) // sorted: one query in any order
 		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:], sameBody: func(first []byte) (bool, error) {
 			var a firmware.Artifact
@@ -82,6 +82,26 @@ func (s *Server) idempotentUpload(h handler) handler {
 			return s.opts.Firmware.SameImage(a.SHA256, r.Body)
 		}}, nil
 	})
+	return func(w http.ResponseWriter, r *http.Request) error {
+		return uploadRefused(w, upload(w, r))
+	}
+}
+
+// uploadRefused answers an upload's refusals that have statuses of their
+// own: an image over the size limit (413) and all upload slots taken (429,
+// refused before the body is read: the client sends it again later).
+// Other errors are returned.
+func uploadRefused(w http.ResponseWriter, err error) error {
+	switch {
+	case errors.Is(err, firmware.ErrTooLarge):
+		writeProblem(w, http.StatusRequestEntityTooLarge, err.Error())
+		return nil
+	case errors.Is(err, firmware.ErrUploadsBusy):
+		w.Header().Set("Retry-After", strconv.Itoa(uploadRetryAfter))
+		writeProblem(w, http.StatusTooManyRequests, err.Error())
+		return nil
+	}
+	return err
 }
 
 // uploadRetryAfter is the Retry-After (seconds) of an upload refused
@@ -94,18 +114,8 @@ func uploadFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request)
 		return badRequest("query parameters version and model are required")
 	}
 	a, err := fw.Upload(r.Context(), q.Get("model"), q.Get("version"), r.Body, principal(r).Actor())
-	if errors.Is(err, firmware.ErrTooLarge) {
-		writeProblem(w, http.StatusRequestEntityTooLarge, err.Error())
-		return nil
-	}
-	if errors.Is(err, firmware.ErrUploadsBusy) {
-		// Refused before the body is read: the client sends it again later.
-		w.Header().Set("Retry-After", strconv.Itoa(uploadRetryAfter))
-		writeProblem(w, http.StatusTooManyRequests, err.Error())
-		return nil
-	}
 	if err != nil {
-		return err
+		return uploadRefused(w, err)
 	}
 	w.Header().Set("Location", "/v1/firmware/"+a.ID)
 	writeJSON(w, http.StatusCreated, a)

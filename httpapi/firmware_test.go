@@ -1,15 +1,23 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/fleet"
 )
 
 // TestFirmwareDisabled: without a firmware engine every firmware and
@@ -126,4 +134,91 @@ func TestFirmwareLists(t *testing.T) {
 	// A signed download checks the signature before anything else.
 	call(t, s, "GET", "/v1/firmware/fw-1/blob?sig=AAAA&exp=99999999999", "").wantProblem(t, http.StatusForbidden, "download URL signature invalid")
 	call(t, s, "GET", "/v1/firmware/fw-9/blob", "admin").wantProblem(t, http.StatusNotFound, "not found")
+}
+
+// FindArtifact: no model has the version yet (an upload may go on).
+func (f *fakeFirmwareStore) FindArtifact(context.Context, string, string) (*firmware.Artifact, error) {
+	return nil, fleet.ErrNotFound
+}
+
+// TestFirmwareUploadRefusals: an image over the size limit is a 413, and
+// all upload slots taken a 429 with Retry-After before the body is read;
+// the same for a repeat under its Idempotency-Key, whose image is read to
+// be compared with the first (before: outside the slots, and a 409 when
+// too large).
+func TestFirmwareUploadRefusals(t *testing.T) {
+	_, key, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fw, err := firmware.New(firmware.Options{Store: &fakeFirmwareStore{}, Fleet: firmware.FleetFunc(func(context.Context, string) error { return nil }),
+		Key: key, URLKey: []byte("0123456789abcdef"), Dir: t.TempDir(), Registerer: prometheus.NewRegistry(), MaxImageSize: 16, MaxUploads: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := []byte("image 1.0.0")
+	sum := sha256.Sum256(image)
+	const query = "model=LX-24&version=1.0.0"
+	qsum := sha256.Sum256([]byte(query))
+	first, err := json.Marshal(firmware.Artifact{ID: "fw-1", SHA256: hex.EncodeToString(sum[:])})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &idemStore{prev: &fleet.Idempotent{Route: "POST /v1/firmware", BodyHash: qsum[:], Status: http.StatusCreated, Response: first}}
+	s := New(Options{Store: st, Firmware: fw})
+	post := func(key string, body io.Reader) *httptest.ResponseRecorder {
+		t.Helper()
+		req := httptest.NewRequest("POST", "/v1/firmware?"+query, body)
+		req.Header.Set("Authorization", "Bearer admin")
+		if key != "" {
+			req.Header.Set("Idempotency-Key", key)
+		}
+		w := httptest.NewRecorder()
+		s.ServeHTTP(w, req)
+		return w
+	}
+	big := bytes.Repeat([]byte("x"), 17)
+	for _, key := range []string{"", "fw-key"} {
+		if w := post(key, bytes.NewReader(big)); w.Code != http.StatusRequestEntityTooLarge || !strings.Contains(w.Body.String(), "over 16 bytes") {
+			t.Errorf("key %q, an image over the limit: %d %s, want 413", key, w.Code, w.Body)
+		}
+	}
+	if w := post("fw-key", bytes.NewReader(image)); w.Code != http.StatusCreated || w.Header().Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("the repeat with the first image: %d %s, want the first answer", w.Code, w.Body)
+	}
+
+	// The one slot taken by an upload streaming.
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		_, err := fw.Upload(context.Background(), "LX-24", "2.0.0", pr, "test")
+		pr.CloseWithError(err)
+		done <- err
+	}()
+	t.Cleanup(func() {
+		pw.CloseWithError(errors.New("test over"))
+		<-done
+	})
+	if _, err := pw.Write([]byte("2.0")); err != nil { // read: the upload holds its slot
+		t.Fatal(err)
+	}
+	for _, key := range []string{"", "fw-key"} {
+		body := &countingReader{r: bytes.NewReader(image)}
+		w := post(key, body)
+		if w.Code != http.StatusTooManyRequests || w.Header().Get("Retry-After") == "" || body.n != 0 {
+			t.Errorf("key %q, with the slot taken: %d %s (Retry-After %q, %d bytes read), want 429 before reading",
+				key, w.Code, w.Body, w.Header().Get("Retry-After"), body.n)
+		}
+	}
+}
+
+type countingReader struct {
+	r io.Reader
+	n int
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += n
+	return n, err
 }
