@@ -535,8 +535,10 @@ func (g *Gateway) ready(ctx context.Context) error {
 	if g.broker.TCPAddr() == nil && g.broker.TLSAddr() == nil {
 		return errors.New("broker: no listener")
 	}
-	if g.external != nil && !g.external.Connected() {
-		return errors.New("external broker: not connected (reconnecting; check --broker-url and the broker)")
+	if g.external != nil {
+		if err := g.external.Ready(); err != nil {
+			return fmt.Errorf("external broker: %w", err)
+		}
 	}
 	return nil
 }

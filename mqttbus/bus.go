@@ -84,13 +84,19 @@ type Bus struct {
 	c   paho.Client
 	log *slog.Logger
 
-	mu      sync.Mutex
-	routes  []route             // dispatch, in subscription order
-	subs    map[string]struct{} // filters restored on reconnect
-	pending []pendingMsg        // arrived before a matching subscription
+	mu     sync.Mutex
+	routes []route             // dispatch, in subscription order
+	subs   map[string]struct{} // filters restored on reconnect
+	// missing holds the filters the broker has not confirmed on the
+	// current connection (refused or not answered), with why; a
+	// resubscription loop tries them until they are in.
+	missing map[string]error
+	conns   int          // connections made: a loop of an older one stops
+	pending []pendingMsg // arrived before a matching subscription
 	closing bool
 	unacked int           // QoS 1 messages handed out and not acknowledged
 	idle    chan struct{} // closed when unacked drops to 0 (while Close waits)
+	closed  chan struct{} // closed by Close: resubscription loops end
 
 	closeOnce sync.Once
 }
@@ -118,7 +124,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	default:
 		return nil, fmt.Errorf("broker url %q: scheme must be mqtt or mqtts", o.URL)
 	}
-	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}}
+	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}, missing: map[string]error{}, closed: make(chan struct{})}
 	// Acknowledgements are manual (after the store), and every message
 	// goes through b.receive, which holds those that arrive before their
 	// subscription is made: a resumed session delivers right after CONNACK.
@@ -202,7 +208,42 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 	for _, p := range early {
 		h(p.m, p.ack)
 	}
-	return wait(context.Background(), b.c.Subscribe(filter, 1, nil), 10*time.Second)
+	err := b.subscribeOnce(filter)
+	b.mu.Lock()
+	if err != nil {
+		b.missing[filter] = err
+	} else {
+		delete(b.missing, filter)
+	}
+	b.mu.Unlock()
+	return err
+}
+
+// subscribeTimeout bounds the wait for a SUBACK.
+const subscribeTimeout = 10 * time.Second
+
+// subscribeOnce subscribes to filter at QoS 1 and waits for the broker's
+// answer: an error when it does not come, or refuses (a SUBACK return code
+// of 0x80: mosquitto's dynamic security, for one, refuses a filter the
+// user's roles do not allow).
+func (b *Bus) subscribeOnce(filter string) error {
+	t := b.c.Subscribe(filter, 1, nil)
+	if err := wait(context.Background(), t, subscribeTimeout); err != nil {
+		return fmt.Errorf("subscribe to %s on the external broker: %w", filter, err)
+	}
+	st, ok := t.(*paho.SubscribeToken)
+	if !ok {
+		return nil
+	}
+	// One filter, so one code; paho keys it by the filter without the
+	// $share/<group>/ prefix.
+	for _, code := range st.Result() {
+		if code >= 0x80 {
+			return fmt.Errorf("the external broker refused the subscription to %s (SUBACK 0x%02x): "+
+				"let the gateway's broker user subscribe to it (docs/deployment.md)", filter, code)
+		}
+	}
+	return nil
 }
 
 // receive is paho's handler for every message (each on its own goroutine:
@@ -270,21 +311,82 @@ func (b *Bus) acker(m paho.Message) func() {
 }
 
 // resubscribe restores subscriptions after a reconnect (the broker may
-// have kept them in a persistent session; subscribing again is harmless).
-func (b *Bus) resubscribe(c paho.Client) {
+// have kept them in a persistent session; subscribing again is harmless),
+// and keeps trying those it refuses or does not answer, with a back-off,
+// until they are in, the connection is replaced or the bus closes. Paho
+// runs it on a goroutine of its own for each connection.
+func (b *Bus) resubscribe(paho.Client) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closing {
+	b.conns++
+	conn := b.conns
+	if conn == 1 {
+		// Dial's own connection: Subscribe makes its subscriptions (this
+		// may run after some of them, and must not race them).
+		b.mu.Unlock()
 		return
 	}
 	for f := range b.subs {
-		c.Subscribe(f, 1, nil)
+		b.missing[f] = errors.New("not yet subscribed on this connection")
+	}
+	b.mu.Unlock()
+	for backoff := resubscribeBackoff; ; backoff = min(2*backoff, maxResubscribeBackoff) {
+		b.mu.Lock()
+		current := conn == b.conns && !b.closing
+		todo := make([]string, 0, len(b.missing))
+		for f := range b.missing {
+			todo = append(todo, f)
+		}
+		b.mu.Unlock()
+		if !current || len(todo) == 0 {
+			return
+		}
+		for _, f := range todo {
+			err := b.subscribeOnce(f)
+			b.mu.Lock()
+			if conn == b.conns {
+				if err != nil {
+					b.missing[f] = err
+				} else {
+					delete(b.missing, f)
+				}
+			}
+			b.mu.Unlock()
+			if err != nil {
+				b.log.Error("external broker subscription not restored; trying again", "filter", f, "retry_in", backoff, "err", err)
+			}
+		}
+		select {
+		case <-time.After(backoff):
+		case <-b.closed:
+			return
+		}
 	}
 }
+
+// Back-off between attempts to restore refused subscriptions.
+const (
+	resubscribeBackoff    = time.Second
+	maxResubscribeBackoff = 30 * time.Second
+)
 
 // Connected reports whether the connection to the broker is up (not lost,
 // nor being re-established).
 func (b *Bus) Connected() bool { return b.c.IsConnectionOpen() }
+
+// Ready reports why the bus cannot take device messages: its connection
+// is down, or a subscription is not in (the broker refused it or has not
+// answered). nil when both are fine.
+func (b *Bus) Ready() error {
+	if !b.Connected() {
+		return errors.New("not connected (reconnecting; check --broker-url and the broker)")
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for f, err := range b.missing {
+		return fmt.Errorf("subscription to %s missing: %w", f, err)
+	}
+	return nil
+}
 
 // Close leaves the subscriptions, so the broker hands device messages to
 // the other instances and stops queueing them for this one, waits a while
@@ -297,6 +399,7 @@ func (b *Bus) Close() { b.closeOnce.Do(b.close) }
 func (b *Bus) close() {
 	b.mu.Lock()
 	b.closing = true
+	close(b.closed)
 	filters := make([]string, 0, len(b.subs))
 	for f := range b.subs {
 		filters = append(filters, f)

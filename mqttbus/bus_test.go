@@ -127,6 +127,16 @@ func (c *cuttable) open(u *url.URL, _ paho.ClientOptions) (net.Conn, error) {
 	return conn, err
 }
 
+// drop ends the connection without a DISCONNECT, as the network or the
+// broker would (the client reads the end of its stream: paho takes a
+// socket closed under it for its own close and would not notice); the
+// client may dial again.
+func (c *cuttable) drop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.conn.(*net.TCPConn).CloseRead()
+}
+
 func (c *cuttable) cut() {
 	c.mu.Lock()
 	defer c.mu.Unlock()

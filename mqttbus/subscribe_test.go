@@ -1,0 +1,130 @@
+package mqttbus
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/internal/testtool"
+)
+
+// dynsecMosquitto runs mosquitto with its dynamic security plugin, whose
+// admin user is lgadmin, and returns its address and lgadmin's password.
+func dynsecMosquitto(t *testing.T) (addr, adminPassword string) {
+	t.Helper()
+	ctrl := testtool.Program(t, "mosquitto_ctrl", "to prove subscriptions refused by the broker", "apt-get install mosquitto-clients")
+	plugins, _ := filepath.Glob("/usr/lib/*/mosquitto_dynamic_security.so")
+	if len(plugins) == 0 {
+		plugins, _ = filepath.Glob("/usr/lib/mosquitto_dynamic_security.so")
+	}
+	if len(plugins) == 0 {
+		t.Fatal("mosquitto_dynamic_security.so not found (Debian ships it with the mosquitto package)")
+	}
+	dir := t.TempDir()
+	cf := filepath.Join(dir, "dynsec.json")
+	adminPassword = fmt.Sprint("admin-", time.Now().UnixNano())
+	if out, err := exec.Command(ctrl, "dynsec", "init", cf, "lgadmin", adminPassword).CombinedOutput(); err != nil {
+		t.Fatalf("dynsec init: %v: %s", err, out)
+	}
+	return mosquitto(t, fmt.Sprintf("plugin %s\nplugin_opt_config_file %s\n", plugins[0], cf)), adminPassword
+}
+
+// TestSubscriptionRefusedThenRestored: a subscription the broker refuses
+// (SUBACK 0x80: the user's roles do not allow it) is an error, not a
+// subscription that silently takes nothing, and the bus is not ready. Once
+// allowed it is restored on the next connection, and one refused on a
+// reconnect is tried again while connected until it is in.
+func TestSubscriptionRefusedThenRestored(t *testing.T) {
+	addr, adminPassword := dynsecMosquitto(t)
+	ctx := context.Background()
+	dial := func(id, user, password string, cut *cuttable) *Bus {
+		t.Helper()
+		o := Options{URL: "mqtt://" + addr, ClientID: id, Username: user, Password: password, Group: "g", Logger: quiet()}
+		if cut != nil {
+			o.openConn = cut.open
+		}
+		b, err := Dial(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		return b
+	}
+	ds, err := NewDynSec(dial("admin", "lgadmin", adminPassword, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	do := func(cmd map[string]any) {
+		t.Helper()
+		if err := ds.do(ctx, cmd); err != nil {
+			t.Fatalf("%s: %v", cmd["command"], err)
+		}
+	}
+	// The gateway's user, with a role that does not yet let it subscribe
+	// to device topics; a locker that publishes its events.
+	do(map[string]any{"command": "createRole", "rolename": "gw"})
+	do(map[string]any{"command": "createClient", "username": "gw", "password": "gw-pw", "roles": []any{map[string]any{"rolename": "gw"}}})
+	if err := ds.PutDevice(ctx, "lk-1", "lk-pw"); err != nil {
+		t.Fatal(err)
+	}
+	locker := dial("lk-1", "lk-1", "lk-pw", nil)
+	publish := func(payload string) {
+		t.Helper()
+		if err := locker.Publish(ctx, "lockers/v1/lk-1/events", []byte(payload), 1, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	allow := map[string]any{"rolename": "gw", "acltype": "subscribePattern", "topic": "$share/+/lockers/v1/#"}
+
+	cut := &cuttable{}
+	gw := dial("gw-1", "gw", "gw-pw", cut)
+	drop := cut.drop
+	r := &received{got: map[string]int{}}
+	err = gw.Subscribe("lockers/v1/+/events", r.handler)
+	if err == nil || !strings.Contains(err.Error(), "refused the subscription to $share/g/lockers/v1/+/events (SUBACK 0x80)") {
+		t.Fatalf("subscribe without the right: %v, want refused", err)
+	}
+	if err := gw.Ready(); err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("ready with the subscription refused: %v", err)
+	}
+
+	// Allowed: the next connection restores it.
+	do(map[string]any{"command": "addRoleACL", "rolename": "gw", "acltype": "subscribePattern", "topic": allow["topic"], "allow": true})
+	drop()
+	waitReady := func(what string) {
+		t.Helper()
+		testtool.Eventually(t, 20*time.Second, what, gw.Ready)
+	}
+	waitReady("the subscription restored on the next connection")
+	publish("e-1")
+	testtool.Eventually(t, 10*time.Second, "the event delivered", func() error {
+		if r.count() != 1 {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+
+	// Refused on a reconnect: tried again while connected.
+	do(map[string]any{"command": "removeRoleACL", "rolename": "gw", "acltype": "subscribePattern", "topic": allow["topic"]})
+	drop()
+	testtool.Eventually(t, 20*time.Second, "the refusal on the reconnect seen", func() error {
+		if err := gw.Ready(); err == nil || !strings.Contains(err.Error(), "refused") || !gw.Connected() {
+			return fmt.Errorf("ready: %v, connected %v", err, gw.Connected())
+		}
+		return nil
+	})
+	do(map[string]any{"command": "addRoleACL", "rolename": "gw", "acltype": "subscribePattern", "topic": allow["topic"], "allow": true})
+	waitReady("the subscription restored without a new connection")
+	publish("e-2")
+	testtool.Eventually(t, 10*time.Second, "the event after the restore delivered", func() error {
+		if r.count() != 2 {
+			return fmt.Errorf("%d delivered", r.count())
+		}
+		return nil
+	})
+}
