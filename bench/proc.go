@@ -10,11 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/lockergate/lockergate/internal/subproc"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat.
@@ -26,14 +27,14 @@ const clockTicks = 100
 type Proc struct {
 	Name string
 	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	ch   *subproc.Process
+	done <-chan struct{}
 	log  *os.File
 }
 
 // StartProc starts bin with args, output appended to logPath. The child gets
 // SIGKILL if this process dies (Pdeathsig, from a thread that stays alive
-// for as long as the child: see internal/pgcluster/process.go for why).
+// for as long as the child: see internal/subproc for why).
 func StartProc(name, bin string, args []string, logPath string, env ...string) (*Proc, error) {
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -45,37 +46,19 @@ func StartProc(name, bin string, args []string, logPath string, env ...string) (
 		cmd.Env = append(os.Environ(), env...)
 	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	p := &Proc{Name: name, cmd: cmd, done: make(chan struct{}), log: lf}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread lives as long as the child
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
+	c, err := subproc.Start(cmd)
+	if err != nil {
 		lf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	return p, nil
+	return &Proc{Name: name, cmd: cmd, ch: c, done: c.Done(), log: lf}, nil
 }
 
 // Pid is the child's process id.
 func (p *Proc) Pid() int { return p.cmd.Process.Pid }
 
 // Exited reports whether the child has ended.
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *Proc) Exited() bool { return p.ch.Exited() }
 
 // Stop asks the child to stop (SIGTERM), waits up to grace, then kills its
 // process group. It is safe to call more than once.
@@ -97,17 +80,17 @@ func (p *Proc) Stop(grace time.Duration) error {
 	_ = syscall.Kill(-p.Pid(), syscall.SIGKILL) // anything left in its group
 	p.log.Close()
 	var ee *exec.ExitError
-	if errors.As(p.err, &ee) && ee.Sys().(syscall.WaitStatus).Signaled() {
+	if errors.As(p.ch.Err(), &ee) && ee.Sys().(syscall.WaitStatus).Signaled() {
 		return nil // stopped by us
 	}
-	return p.err
+	return p.ch.Err()
 }
 
 // Wait waits for the child to exit or ctx to end.
 func (p *Proc) Wait(ctx context.Context) error {
 	select {
 	case <-p.done:
-		return p.err
+		return p.ch.Err()
 	case <-ctx.Done():
 		return ctx.Err()
 	}

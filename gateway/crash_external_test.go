@@ -19,6 +19,7 @@ import (
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -28,7 +29,7 @@ import (
 type gatewayProcess struct {
 	cmd    *exec.Cmd
 	http   string
-	exited chan struct{}
+	exited <-chan struct{}
 }
 
 // buildLockergate builds cmd/lockergate once per test into a temp dir.
@@ -45,7 +46,7 @@ func buildLockergate(t *testing.T) string {
 
 func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProcess {
 	t.Helper()
-	p := &gatewayProcess{cmd: exec.Command(bin, append([]string{"serve"}, args...)...), exited: make(chan struct{})}
+	p := &gatewayProcess{cmd: exec.Command(bin, append([]string{"serve"}, args...)...)}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdout, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -56,7 +57,7 @@ func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProce
 		t.Fatal(err)
 	}
 	p.cmd.Stderr = logf
-	if err := p.cmd.Start(); err != nil {
+	if p.exited, err = testtool.Start(p.cmd); err != nil {
 		t.Fatal(err)
 	}
 	addr := make(chan string, 1)
@@ -70,7 +71,6 @@ func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProce
 			}
 		}
 	}()
-	go func() { p.cmd.Wait(); close(p.exited) }()
 	t.Cleanup(func() {
 		p.kill()
 		if t.Failed() {

@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"sort"
 	"strings"
@@ -168,7 +167,7 @@ type Prometheus struct {
 	URL string
 
 	cmd    *exec.Cmd
-	done   chan struct{}
+	done   <-chan struct{}
 	logMu  sync.Mutex
 	logBuf bytes.Buffer
 }
@@ -223,27 +222,18 @@ scrape_configs:
 	if err := os.WriteFile(filepath.Join(dir, "prometheus.yml"), []byte(conf), 0o600); err != nil {
 		return nil, err
 	}
-	p := &Prometheus{URL: "http://" + addr, done: make(chan struct{})}
+	p := &Prometheus{URL: "http://" + addr}
 	p.cmd = exec.Command(bin, "--config.file="+filepath.Join(dir, "prometheus.yml"),
 		"--storage.tsdb.path="+filepath.Join(dir, "data"), "--web.listen-address="+addr, "--log.level=warn")
 	p.cmd.Stdout, p.cmd.Stderr = p, p
 	// Killed with this process, even when it dies without cleanups. The
 	// signal is tied to the thread that forks, so that thread stays.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := p.cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
+	exited, err := testtool.Start(p.cmd)
+	if err != nil {
 		return nil, err
 	}
+	p.done = exited
 	t.Cleanup(func() {
 		p.cmd.Process.Kill()
 		<-p.done

@@ -74,14 +74,14 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 		t.Fatal(err)
 	}
 	m.cmd.Stdout, m.cmd.Stderr = logf, logf
-	if err := m.cmd.Start(); err != nil {
+	exited, err := testtool.Start(m.cmd)
+	if err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan struct{})
-	go func() { m.cmd.Wait(); logf.Close(); close(exited) }()
 	t.Cleanup(func() {
 		m.cmd.Process.Kill()
 		<-exited
+		logf.Close()
 		if t.Failed() {
 			b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log"))
 			var keep []string
@@ -159,19 +159,13 @@ func MustMosquitto(t *testing.T) *Mosquitto {
 	t.Helper()
 	bin := requireTool(t, "mosquitto")
 	ctrl := requireTool(t, "mosquitto_ctrl")
-	plugins, _ := filepath.Glob("/usr/lib/*/mosquitto_dynamic_security.so")
-	if len(plugins) == 0 {
-		plugins, _ = filepath.Glob("/usr/lib/mosquitto_dynamic_security.so")
-	}
-	if len(plugins) == 0 {
-		t.Fatal("mosquitto_dynamic_security.so not found (Debian ships it with the mosquitto package)")
-	}
+	plugin := testtool.DynsecPlugin(t)
 	dir := t.TempDir()
 	m := &Mosquitto{AdminPassword: "admin-" + fmt.Sprint(time.Now().UnixNano())}
 	if out, err := exec.Command(ctrl, "dynsec", "init", filepath.Join(dir, "dynsec.json"), "lgadmin", m.AdminPassword).CombinedOutput(); err != nil {
 		t.Fatalf("dynsec init: %v: %s", err, out)
 	}
-	m.mustStart(t, bin, plugins[0], dir)
+	m.mustStart(t, bin, plugin, dir)
 	return m
 }
 

@@ -52,11 +52,10 @@ func mosquitto(t *testing.T, extraConf string) string {
 		}
 		cmd := exec.Command(bin, "-c", cf)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		if err := cmd.Start(); err != nil {
+		exited, err := testtool.Start(cmd)
+		if err != nil {
 			t.Fatal(err)
 		}
-		exited := make(chan struct{})
-		go func() { cmd.Wait(); close(exited) }()
 		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
 			select {

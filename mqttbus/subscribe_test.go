@@ -18,20 +18,14 @@ import (
 func dynsecMosquitto(t *testing.T) (addr, adminPassword string) {
 	t.Helper()
 	ctrl := testtool.Program(t, "mosquitto_ctrl", "to prove subscriptions refused by the broker", "apt-get install mosquitto-clients")
-	plugins, _ := filepath.Glob("/usr/lib/*/mosquitto_dynamic_security.so")
-	if len(plugins) == 0 {
-		plugins, _ = filepath.Glob("/usr/lib/mosquitto_dynamic_security.so")
-	}
-	if len(plugins) == 0 {
-		t.Fatal("mosquitto_dynamic_security.so not found (Debian ships it with the mosquitto package)")
-	}
+	plugin := testtool.DynsecPlugin(t)
 	dir := t.TempDir()
 	cf := filepath.Join(dir, "dynsec.json")
 	adminPassword = fmt.Sprint("admin-", time.Now().UnixNano())
 	if out, err := exec.Command(ctrl, "dynsec", "init", cf, "lgadmin", adminPassword).CombinedOutput(); err != nil {
 		t.Fatalf("dynsec init: %v: %s", err, out)
 	}
-	return mosquitto(t, fmt.Sprintf("plugin %s\nplugin_opt_config_file %s\n", plugins[0], cf)), adminPassword
+	return mosquitto(t, fmt.Sprintf("plugin %s\nplugin_opt_config_file %s\n", plugin, cf)), adminPassword
 }
 
 // TestSubscriptionRefusedThenRestored: a subscription the broker refuses

@@ -238,8 +238,8 @@ func (c *Cluster) initdb(ctx context.Context, binDir string, acct *account, fast
 		return fmt.Errorf("initialise PostgreSQL data directory: run %s: %w", cmd.Path, err)
 	}
 	<-p.done
-	if p.err != nil {
-		return fmt.Errorf("initialise PostgreSQL data directory %s: initdb failed (%v); %s", c.dataDir, p.err, logTail(c.logPath, c.logOffset, tailLines))
+	if err := p.err(); err != nil {
+		return fmt.Errorf("initialise PostgreSQL data directory %s: initdb failed (%v); %s", c.dataDir, err, logTail(c.logPath, c.logOffset, tailLines))
 	}
 	return nil
 }
@@ -347,8 +347,8 @@ func (c *Cluster) stop() error {
 		}
 		<-p.done
 	}
-	if p.err != nil {
-		return fmt.Errorf("stop PostgreSQL: %w; %s", p.err, logTail(c.logPath, c.logOffset, tailLines))
+	if err := p.err(); err != nil {
+		return fmt.Errorf("stop PostgreSQL: %w; %s", err, logTail(c.logPath, c.logOffset, tailLines))
 	}
 	c.logger.Info("PostgreSQL stopped", "data_dir", c.dataDir)
 	return nil

@@ -443,12 +443,13 @@ func startSleeper(t testing.TB) int {
 	cmd := exec.Command("sleep", "600")
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	p, err := spawn(cmd) // Pdeathsig from a thread that stays
+	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
 		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		<-p.done
 	})
 	return cmd.Process.Pid
 }

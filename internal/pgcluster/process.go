@@ -6,65 +6,39 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
+
+	"github.com/lockergate/lockergate/internal/subproc"
 )
 
-// process is a started child and the outcome of waiting for it.
+// process is a started child (internal/subproc: its Pdeathsig comes when
+// this whole process dies, not before) and its command.
 type process struct {
 	cmd  *exec.Cmd
-	done chan struct{} // closed once the child has exited and been reaped
-	err  error         // cmd.Wait's result; read only after done is closed
+	ch   *subproc.Process
+	done <-chan struct{} // closed once the child has exited and been reaped
 }
 
 // spawn starts cmd so that its SysProcAttr.Pdeathsig fires when this whole
 // process dies and not before.
-//
-// The kernel sends Pdeathsig when the OS *thread* that forked the child exits,
-// not when the process does (go.dev/issue/27505). Go moves goroutines between
-// threads freely and terminates a thread when a goroutine locked to it exits
-// without unlocking, so a child forked from an arbitrary goroutine could be
-// signalled while we still need it, for example if the caller happened to be
-// locked to its thread. Therefore the fork happens in a goroutine of our own
-// that locks itself to its thread first and then stays there, blocked in
-// cmd.Wait, for as long as the child lives. The thread is thus alive exactly
-// as long as the child is needed; it ends only when this process dies (crash,
-// SIGKILL, a test binary killed by its timeout), and then the kernel signals
-// the child. The goroutine never unlocks: when it returns, the runtime
-// discards the thread, which is harmless because the child is gone by then.
 func spawn(cmd *exec.Cmd) (*process, error) {
-	p := &process{cmd: cmd, done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
+	c, err := subproc.Start(cmd)
+	if err != nil {
 		return nil, err
 	}
-	return p, nil
+	return &process{cmd: cmd, ch: c, done: c.Done()}, nil
 }
 
 // exited reports whether the child has exited.
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *process) exited() bool { return p.ch.Exited() }
+
+// err is cmd.Wait's result; call after done is closed.
+func (p *process) err() error { return p.ch.Err() }
 
 // exitStatus describes how the child ended; call after done is closed.
 func (p *process) exitStatus() string {
-	if p.err != nil {
-		return p.err.Error()
+	if err := p.err(); err != nil {
+		return err.Error()
 	}
 	return "exit status 0"
 }

@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"github.com/lockergate/lockergate/internal/subproc"
 )
 
 // RequireAll is the environment variable that turns a skip for a missing
@@ -34,6 +36,20 @@ func Program(t testing.TB, name, why, install string) string {
 	return ""
 }
 
+// DynsecPlugin returns the path of mosquitto's dynamic security plugin
+// (Debian ships it with the mosquitto package), or fails the test.
+func DynsecPlugin(t testing.TB) string {
+	t.Helper()
+	plugins, _ := filepath.Glob("/usr/lib/*/mosquitto_dynamic_security.so")
+	if len(plugins) == 0 {
+		plugins, _ = filepath.Glob("/usr/lib/mosquitto_dynamic_security.so")
+	}
+	if len(plugins) == 0 {
+		t.Fatal("mosquitto_dynamic_security.so not found (Debian ships it with the mosquitto package)")
+	}
+	return plugins[0]
+}
+
 // PostgresDir returns a fresh temporary directory a private PostgreSQL
 // cluster can live in: when tests run as root the cluster runs as the
 // postgres user, which must be able to pass through it and its parent.
@@ -46,4 +62,18 @@ func PostgresDir(tb testing.TB) string {
 		}
 	}
 	return base
+}
+
+// Start starts cmd, whose SysProcAttr.Pdeathsig should kill it with the
+// test process, so that the signal comes then and not before
+// (internal/subproc says why: a mosquitto forked from an arbitrary goroutine
+// was killed at the start of a test now and then, when the same binary
+// started its PostgreSQL cluster). exited is closed once the child has
+// exited and been reaped.
+func Start(cmd *exec.Cmd) (exited <-chan struct{}, err error) {
+	c, err := subproc.Start(cmd)
+	if err != nil {
+		return nil, err
+	}
+	return c.Done(), nil
 }
