@@ -30,6 +30,23 @@ type fakeStore struct {
 	audits  []AuditEntry
 	applied []string // locker/event ids recorded by EffectsApplied
 	gets    int
+	locked  map[string]bool // effects locks held (LockEffects)
+	locks   int             // LockEffects calls
+}
+
+func (f *fakeStore) LockEffects(_ context.Context, deviceID string) (func(), error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.locked == nil {
+		f.locked = map[string]bool{}
+	}
+	f.locks++
+	f.locked[deviceID] = true
+	return func() {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		delete(f.locked, deviceID)
+	}, nil
 }
 
 func newFakeStore() *fakeStore {
@@ -583,6 +600,57 @@ func TestEffectsAppliedOnlyForAppliedEvents(t *testing.T) {
 	}
 	if _, busy := m.effectsBusy.Load("lk-1\x00e-3"); busy {
 		t.Fatal("an event not applied is still marked in flight: no replay would offer it")
+	}
+}
+
+// lockCheckingSink applies every event and records whether the store's
+// effects lock of the locker was held meanwhile.
+type lockCheckingSink struct {
+	st   *fakeStore
+	held []bool
+}
+
+func (*lockCheckingSink) Wants(string) bool { return true }
+
+func (s *lockCheckingSink) DeviceEvents(_ context.Context, evs []EventRecord) int {
+	s.st.mu.Lock()
+	defer s.st.mu.Unlock()
+	s.held = append(s.held, s.st.locked[evs[0].DeviceID])
+	return len(evs)
+}
+
+// TestEffectsLockedWhenShared: an instance that shares a broker's group
+// (SharedReports) applies a locker's effects under the store's effects
+// lock, and releases it after; a single instance, and events with no
+// effects to keep, take no lock.
+func TestEffectsLockedWhenShared(t *testing.T) {
+	withEffects := []EventRecord{{DeviceID: "lk-1", EventID: "e-1", Pending: true}}
+	noEffects := []EventRecord{{DeviceID: "lk-1", EventID: "e-2"}}
+	for _, tc := range []struct {
+		name   string
+		shared bool
+		evs    []EventRecord
+		locked bool
+	}{
+		{"Shared", true, withEffects, true},
+		{"SharedNothingToKeep", true, noEffects, false},
+		{"Single", false, withEffects, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := newFakeStore()
+			sink := &lockCheckingSink{st: st}
+			m, err := New(Options{Store: st, Bus: &fakeBus{}, Events: sink, SharedReports: tc.shared})
+			if err != nil {
+				t.Fatal(err)
+			}
+			m.applyEffects(context.Background(), "lk-1", slices.Clone(tc.evs))
+			if len(sink.held) != 1 || sink.held[0] != tc.locked {
+				t.Fatalf("effects applied with the lock held: %v, want [%v]", sink.held, tc.locked)
+			}
+			if want := map[bool]int{true: 1}[tc.locked]; st.locks != want || len(st.locked) != 0 {
+				t.Fatalf("%d locks taken, %d still held; want %d, none held", st.locks, len(st.locked), want)
+			}
+		})
 	}
 }
 

@@ -450,8 +450,26 @@ func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 
 // applyEffects hands a locker's events to the sink, then drops from the
 // outbox those it applied; the rest stay for replayEvents.
+//
+// With SharedReports other instances apply this locker's other events at
+// the same time, so the steps take the locker's effects lock: a code use
+// judging again a closing that another instance is applying could
+// otherwise issue two fresh codes, or leave an alert that the re-judging
+// withdrew before it was raised.
 func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
 	defer m.unmarkEffectsBusy(events)
+	if m.opts.SharedReports && slices.ContainsFunc(events, func(e EventRecord) bool { return e.Pending }) {
+		var release func()
+		err := m.retry(ctx, "effects_lock", func(ctx context.Context) (err error) {
+			release, err = m.store.LockEffects(ctx, id)
+			return err
+		})
+		if err != nil {
+			m.log.Warn("device events not applied yet: offered again later", "locker", id, "pending", len(events), "err", err)
+			return
+		}
+		defer release()
+	}
 	n := min(m.opts.Events.DeviceEvents(ctx, events), len(events))
 	var done []string
 	for _, e := range events[:n] {

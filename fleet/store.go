@@ -102,6 +102,11 @@ type Store interface {
 	// reclaim, claimed or not: a single instance's start), and returns them
 	// oldest first, marked Pending.
 	PendingEffects(ctx context.Context, before time.Time, limit int, lease time.Duration, reclaim bool) ([]EventRecord, error)
+	// LockEffects waits for, and holds until release, a lock on applying
+	// a locker's event effects. Instances sharing a broker's group get
+	// one locker's events in turns, and take it so that their effects
+	// (one judging a closing that another is applying) do not interleave.
+	LockEffects(ctx context.Context, deviceID string) (release func(), err error)
 	// CredsBehind returns up to limit online, enabled lockers whose last
 	// acknowledged credential set is older than their current one, with the
 	// current version, leaving out those in skip at the version given

@@ -25,6 +25,7 @@ import (
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -359,6 +360,78 @@ func TestExternalBrokerReadiness(t *testing.T) {
 	testtool.Eventually(t, 15*time.Second, "/readyz not ready without the broker", func() error {
 		if code, body := readyz(); code != http.StatusServiceUnavailable || !strings.Contains(body, "external broker") {
 			return fmt.Errorf("%d %s", code, body)
+		}
+		return nil
+	})
+}
+
+// TestExternalEffectsTakeTurns: with an external broker a locker's events
+// are shared among instances, so an instance applies their effects under
+// the locker's effects lock in PostgreSQL. While another holder has it (as
+// a second instance applying the closing that a code's use judges again
+// would), the code's use and the closing wait, and are applied once it is
+// released: the pickup is picked up and no alert stands.
+func TestExternalEffectsTakeTurns(t *testing.T) {
+	ctx := context.Background()
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-a"))
+	claim := tg.MustSiteAndClaim(t, "store-042", 1)
+	r := MustProvision(t, tg, claim, "EFX-000000")
+	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
+	sim := MustFleet(t, tg, "", 1, func(o *devicesim.Options) {
+		o.Broker = "tcp://" + mq.Addr
+		o.SerialPrefix = "EFX"
+		o.Identities = map[string]devicesim.Identity{"EFX-000000": {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
+	})
+	e := &pickupEnv{tg: tg, sim: sim,
+		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
+		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
+	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM devices WHERE online`); n != 1 {
+			return fmt.Errorf("%d online", n)
+		}
+		return nil
+	})
+	p := e.waitState(t, e.create(t, "ORD-1", "S", time.Hour).ID, pickup.Ready)
+	e.waitCreds(t, p.Locker)
+
+	release, err := tg.DB().LockEffects(ctx, p.Locker)
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := true
+	defer func() {
+		if held {
+			release()
+		}
+	}()
+	sim.Locker(p.Locker).Disconnect()
+	dev := MustConnect(t, mq.Addr, r.DeviceID, r.DeviceID, r.Password)
+	topic := protocol.Topic(r.DeviceID, protocol.ChanEvents)
+	used := time.Now().UTC()
+	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+		protocol.FormatTime(used.Add(3*time.Second)), p.Compartment))
+	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+		protocol.FormatTime(used), p.Credential.ID+".p", p.Compartment))
+	Eventually(t, 10*time.Second, "the gateway waiting for the locker's effects lock", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`); n != 1 {
+			return fmt.Errorf("%d waiting", n)
+		}
+		return nil
+	})
+	if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id IN ('e-close', 'e-code')`, r.DeviceID); n == 0 {
+		t.Fatal("no event stored while the effects wait")
+	}
+	if got := e.waitState(t, p.ID, pickup.Ready); got.State != pickup.Ready {
+		t.Fatalf("pickup %s while its effects wait", got.State)
+	}
+	held = false
+	release()
+	e.waitState(t, p.ID, pickup.PickedUp)
+	Eventually(t, 10*time.Second, "no pickup_removed alert open", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_removed' AND cleared_at IS NULL`); n != 0 {
+			return fmt.Errorf("%d open", n)
 		}
 		return nil
 	})

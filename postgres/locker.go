@@ -426,6 +426,38 @@ func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, sin
 	return pgx.CollectRows(rows, scanEvent)
 }
 
+// LockEffects implements fleet.Store with a session advisory lock, held on
+// a pooled connection of its own until release. Its key is not
+// lockerLock's, which the effects' own transactions take on other
+// connections. A lock whose release cannot be sent goes with its session:
+// the connection is closed, not pooled.
+func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) {
+	conn, err := db.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	drop := func() {
+		conn.Conn().Close(context.Background())
+		conn.Release()
+	}
+	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock(`+effectsLock+`)`, deviceID); err != nil {
+		drop() // it may have been granted as ctx ended
+		return nil, err
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := conn.Exec(ctx, `SELECT pg_advisory_unlock(`+effectsLock+`)`, deviceID); err != nil {
+			drop()
+			return
+		}
+		conn.Release()
+	}, nil
+}
+
+// effectsLock is the key of LockEffects' lock for the locker $1.
+const effectsLock = `hashtextextended('lockergate/effects/' || $1, 0)`
+
 // maxClosingsAfter bounds DoorClosingsAfter: a compartment closed this
 // often between a code's use and its report is not a pickup's story.
 const maxClosingsAfter = 100
