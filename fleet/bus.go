@@ -32,3 +32,12 @@ type Bus interface {
 	// Subscribe delivers every message matching filter to h.
 	Subscribe(filter string, h Handler) error
 }
+
+// RetainedReader is a Bus that can read a topic's retained message: an
+// external broker's (mqttbus), where a locker's retained presence is the
+// truth about its session while instances see its presence messages in
+// no particular order.
+type RetainedReader interface {
+	// Retained returns topic's retained payload, nil when there is none.
+	Retained(ctx context.Context, topic string) ([]byte, error)
+}

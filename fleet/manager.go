@@ -831,6 +831,37 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	}
 }
 
+// staleWill reports whether a Last Will is an earlier session's, delivered
+// late: the broker's retained presence of the locker is a birth. Through
+// an external broker a will can wait in a crashed instance's session while
+// the locker connects again through another instance; applied when that
+// instance comes back, it would mark an online locker offline (and its
+// commands would wait). The broker retained the will when it published it,
+// so a later birth in its place means a later session. When the retained
+// presence cannot be read the will is applied.
+func (m *Manager) staleWill(ctx context.Context, id string) bool {
+	rr, ok := m.bus.(RetainedReader)
+	if !ok {
+		return false
+	}
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	payload, err := rr.Retained(rctx, protocol.Topic(id, protocol.ChanPresence))
+	if err != nil {
+		m.log.Warn("retained presence not read; the Last Will is applied", "locker", id, "err", err)
+		return false
+	}
+	if len(payload) == 0 {
+		return false
+	}
+	if p, err := protocol.Decode[protocol.Presence](payload); err != nil || !p.Online {
+		return false
+	}
+	m.m.staleWills.Inc()
+	m.log.Info("Last Will of an earlier session not applied: the locker's retained presence is a later birth", "locker", id)
+	return true
+}
+
 // ackAll acknowledges a stored batch (acknowledging twice is harmless).
 func ackAll(batch []inbound) {
 	for i := range batch {
@@ -1090,7 +1121,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			// and knows a takeover from a loss; a will of a taken-over session
 			// can arrive after the new session's birth, so it is only used
 			// where the bus has no session events (an external broker).
-			if m.opts.PresenceFromWill {
+			if m.opts.PresenceFromWill && !m.staleWill(ctx, c.id) {
 				m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: "will", At: c.at}})
 			}
 			return

@@ -25,6 +25,7 @@ type metrics struct {
 	eventsDup        prometheus.Counter
 	alerts           *prometheus.CounterVec // kind
 	presenceEvent    *prometheus.CounterVec // kind
+	staleWills       prometheus.Counter
 
 	// Fleet-wide, from the census (the same on every gateway instance).
 	registered prometheus.Gauge
@@ -41,7 +42,7 @@ var (
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "fw_status", "publish_retained"}
-	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied")
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied", "effects_lock")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 )
 
@@ -110,6 +111,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_presence_changes_total",
 			Help: "Locker presence changes, by kind (online, offline).",
 		}, []string{"kind"}),
+		staleWills: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_presence_stale_wills_total",
+			Help: "Last Will messages not applied: an earlier session's, delivered late by an external broker after the locker's next birth.",
+		}),
 		registered: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_devices_registered",
 			Help: "Enabled lockers in the database (fleet-wide: every gateway instance reports the same count).",
@@ -162,7 +167,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
 			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
-			m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
+			m.staleWills, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -435,4 +436,52 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestExternalLateWill: through an external broker a Last Will can reach
+// the gateway after the locker's next birth (held in a crashed instance's
+// session until it returns). Such a will, here published again by hand
+// after the birth (not retained, as a late delivery is), leaves the locker
+// online: the broker's retained presence is the later birth. A real
+// connection loss still marks it offline.
+func TestExternalLateWill(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-a"))
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "WIL-000000")
+	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
+	sim := MustFleet(t, tg, "", 1, func(o *devicesim.Options) {
+		o.Broker = "tcp://" + mq.Addr
+		o.SerialPrefix = "WIL"
+		o.Identities = map[string]devicesim.Identity{"WIL-000000": {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
+	})
+	online := func() int { return tg.Count(t, `SELECT count(*) FROM devices WHERE id = $1 AND online`, r.DeviceID) }
+	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
+		if online() != 1 {
+			return errors.New("offline")
+		}
+		return nil
+	})
+	const stale = "lockergate_presence_stale_wills_total"
+	late := MustConnect(t, mq.Addr, "late-delivery", "", "")
+	MustPublish(t, late, protocol.Topic(r.DeviceID, protocol.ChanPresence), false, `{"online":false}`)
+	Eventually(t, 10*time.Second, "the late will judged", func() error {
+		if v, err := tg.Metric(stale); err != nil || v != 1 {
+			return fmt.Errorf("%s = %v (%v)", stale, v, err)
+		}
+		return nil
+	})
+	if online() != 1 {
+		t.Fatal("a will older than the locker's birth marked it offline")
+	}
+	sim.Lockers()[0].LoseNetwork()
+	Eventually(t, 10*time.Second, "the real will marks it offline", func() error {
+		if online() != 0 {
+			return errors.New("online")
+		}
+		return nil
+	})
+	if v, err := tg.Metric(stale); err != nil || v != 1 {
+		t.Fatalf("%s = %v (%v) after a real will, want 1", stale, v, err)
+	}
 }

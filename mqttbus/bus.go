@@ -52,6 +52,8 @@ type Options struct {
 
 	// openConn replaces paho's dialer (tests: a connection they can cut).
 	openConn func(*url.URL, paho.ClientOptions) (net.Conn, error)
+	// peekWait replaces retainedWait (tests).
+	peekWait time.Duration
 	// now replaces time.Now (tests of pendingTTL).
 	now func() time.Time
 }
@@ -99,6 +101,12 @@ type Bus struct {
 	closed  chan struct{} // closed by Close: resubscription loops end
 
 	closeOnce sync.Once
+
+	// peek is the connection Retained reads through, dialled at its first
+	// use; peekMu makes the reads one at a time.
+	peekMu sync.Mutex
+	peek   paho.Client
+	server string
 }
 
 var _ fleet.Bus = (*Bus)(nil)
@@ -148,6 +156,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	if o.openConn != nil {
 		opts.SetCustomOpenConnectionFn(o.openConn)
 	}
+	b.server = server
 	b.c = paho.NewClient(opts)
 	t := b.c.Connect()
 	if err := wait(ctx, t, 10*time.Second); err != nil {
@@ -227,8 +236,12 @@ const subscribeTimeout = 10 * time.Second
 // of 0x80: mosquitto's dynamic security, for one, refuses a filter the
 // user's roles do not allow).
 func (b *Bus) subscribeOnce(filter string) error {
-	t := b.c.Subscribe(filter, 1, nil)
-	if err := wait(context.Background(), t, subscribeTimeout); err != nil {
+	return subscribed(context.Background(), b.c.Subscribe(filter, 1, nil), filter)
+}
+
+// subscribed waits for the answer to a subscription to filter.
+func subscribed(ctx context.Context, t paho.Token, filter string) error {
+	if err := wait(ctx, t, subscribeTimeout); err != nil {
 		return fmt.Errorf("subscribe to %s on the external broker: %w", filter, err)
 	}
 	st, ok := t.(*paho.SubscribeToken)
@@ -363,6 +376,67 @@ func (b *Bus) resubscribe(paho.Client) {
 	}
 }
 
+// Retained returns topic's retained message on the broker, nil when it
+// holds none (or an empty one). It reads through a connection of its own
+// (a clean session outside the shared group, dialled at the first call),
+// so the group's share of messages is untouched: a subscription to the
+// topic, the retained message the broker sends for it, and the
+// subscription left. The broker sends what it retains right after its
+// SUBACK; nothing within a short wait means none. Reads are one at a time.
+func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
+	b.peekMu.Lock()
+	defer b.peekMu.Unlock()
+	if b.peek == nil {
+		opts := paho.NewClientOptions().AddBroker(b.server).SetClientID(b.o.ClientID + "-peek").
+			SetUsername(b.o.Username).SetPassword(b.o.Password).SetCleanSession(true).
+			SetKeepAlive(30 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(10 * time.Second)
+		if b.o.TLS != nil {
+			opts.SetTLSConfig(b.o.TLS)
+		}
+		if b.o.openConn != nil {
+			opts.SetCustomOpenConnectionFn(b.o.openConn)
+		}
+		c := paho.NewClient(opts)
+		if err := wait(ctx, c.Connect(), subscribeTimeout); err != nil {
+			c.Disconnect(0)
+			return nil, fmt.Errorf("connect to read retained messages as %s-peek: %w", b.o.ClientID, err)
+		}
+		b.peek = c
+	}
+	got := make(chan []byte, 1)
+	t := b.peek.Subscribe(topic, 0, func(_ paho.Client, m paho.Message) {
+		if m.Retained() { // not a message published meanwhile
+			select {
+			case got <- m.Payload():
+			default:
+			}
+		}
+	})
+	if err := subscribed(ctx, t, topic); err != nil {
+		return nil, err
+	}
+	defer b.peek.Unsubscribe(topic) // not waited for: the next read is another topic's
+	d := b.o.peekWait
+	if d == 0 {
+		d = retainedWait
+	}
+	select {
+	case p := <-got:
+		if len(p) == 0 {
+			return nil, nil
+		}
+		return p, nil
+	case <-time.After(d):
+		return nil, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// retainedWait is how long Retained waits after the SUBACK for a retained
+// message before it takes the topic to have none.
+const retainedWait = 2 * time.Second
+
 // Back-off between attempts to restore refused subscriptions.
 const (
 	resubscribeBackoff    = time.Second
@@ -415,6 +489,11 @@ func (b *Bus) close() {
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
 	b.c.Disconnect(250)
+	b.peekMu.Lock()
+	if b.peek != nil {
+		b.peek.Disconnect(250)
+	}
+	b.peekMu.Unlock()
 }
 
 // waitAcked waits up to d until every message handed out is acknowledged

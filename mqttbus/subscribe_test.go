@@ -122,3 +122,63 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 		return nil
 	})
 }
+
+// TestRetained: Retained reads a topic's retained message through a
+// connection of its own, without taking from the shared group (whose
+// handler gets every message once): nil for a topic with none, or with its
+// retained message cleared and a message published since not retained.
+func TestRetained(t *testing.T) {
+	addr := mosquitto(t, "")
+	ctx := context.Background()
+	dial := func(id string, o Options) *Bus {
+		t.Helper()
+		o.URL, o.ClientID, o.Group, o.Logger = "mqtt://"+addr, id, "g", quiet()
+		b, err := Dial(ctx, o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		return b
+	}
+	pub := dial("pub", Options{})
+	gw := dial("gw", Options{peekWait: 200 * time.Millisecond})
+	r := &received{got: map[string]int{}}
+	if err := gw.Subscribe("lockers/v1/+/presence", r.handler); err != nil {
+		t.Fatal(err)
+	}
+	const topic = "lockers/v1/lk-1/presence"
+	if err := pub.Publish(ctx, topic, []byte(`{"online":true}`), 1, true); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 10*time.Second, "the birth through the group", func() error {
+		if r.count() != 1 {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	got, err := gw.Retained(ctx, topic)
+	if err != nil || string(got) != `{"online":true}` {
+		t.Fatalf("retained: %q %v", got, err)
+	}
+	if got, err := gw.Retained(ctx, "lockers/v1/lk-2/presence"); err != nil || got != nil {
+		t.Fatalf("a topic with nothing retained: %q %v, want nil", got, err)
+	}
+	if err := pub.Publish(ctx, topic, nil, 1, true); err != nil { // cleared
+		t.Fatal(err)
+	}
+	if err := pub.Publish(ctx, topic, []byte(`{"online":false}`), 1, false); err != nil { // not retained
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 10*time.Second, "both through the group", func() error {
+		if r.count() != 3 {
+			return fmt.Errorf("%d through the group", r.count())
+		}
+		return nil
+	})
+	if got, err := gw.Retained(ctx, topic); err != nil || got != nil {
+		t.Fatalf("after the retained message was cleared: %q %v, want nil", got, err)
+	}
+	if r.dups != 0 {
+		t.Fatalf("%d messages delivered twice to the group's handler", r.dups)
+	}
+}

@@ -1,0 +1,74 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	dto "github.com/prometheus/client_model/go"
+)
+
+// retainedBus answers Retained with its fields.
+type retainedBus struct {
+	fakeBus
+	payload []byte
+	err     error
+	asked   []string
+}
+
+func (b *retainedBus) Retained(_ context.Context, topic string) ([]byte, error) {
+	b.asked = append(b.asked, topic)
+	return b.payload, b.err
+}
+
+// TestStaleWill: a Last Will is an earlier session's (not applied) only
+// when the broker's retained presence of the locker is a birth; a retained
+// will, nothing retained, something unreadable, an error reading it, or a
+// bus that cannot read retained messages, and it is applied.
+func TestStaleWill(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		payload string
+		err     error
+		stale   bool
+	}{
+		{"LaterBirth", `{"online":true,"ts":"2026-12-05T09:00:00.000Z","fw":"1.4.2","model":"LX-24","boot_id":"b-2"}`, nil, true},
+		{"TheWillItself", `{"online":false}`, nil, false},
+		{"NothingRetained", "", nil, false},
+		{"Unreadable", `{"online":`, nil, false},
+		{"ReadFailed", "", errors.New("broker down"), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bus := &retainedBus{err: tc.err}
+			if tc.payload != "" {
+				bus.payload = []byte(tc.payload)
+			}
+			m, err := New(Options{Store: newFakeStore(), Bus: bus, PresenceFromWill: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := m.staleWill(context.Background(), "lk-1"); got != tc.stale {
+				t.Fatalf("stale %v, want %v", got, tc.stale)
+			}
+			if len(bus.asked) != 1 || bus.asked[0] != "lockers/v1/lk-1/presence" {
+				t.Fatalf("read %v, want the locker's presence topic", bus.asked)
+			}
+			var pb dto.Metric
+			if err := m.m.staleWills.Write(&pb); err != nil {
+				t.Fatal(err)
+			}
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale] {
+				t.Fatalf("stale wills counted %v", n)
+			}
+		})
+	}
+	t.Run("NoRetainedReader", func(t *testing.T) {
+		m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, PresenceFromWill: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if m.staleWill(context.Background(), "lk-1") {
+			t.Fatal("stale without a way to read the retained presence")
+		}
+	})
+}
