@@ -366,6 +366,27 @@ func TestExternalBrokerReadiness(t *testing.T) {
 	})
 }
 
+// oneExternalLocker provisions a locker at site through tg's embedded
+// listener and runs it as a simulated locker on mq, online once returned.
+func oneExternalLocker(t *testing.T, tg *TestGateway, mq *Mosquitto, site string) (protocol.ProvisionResponse, *devicesim.Fleet) {
+	t.Helper()
+	const serial = "ONE-000000"
+	r := MustProvision(t, tg, tg.MustSiteAndClaim(t, site, 1), serial)
+	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
+	sim := MustFleet(t, tg, "", 1, func(o *devicesim.Options) {
+		o.Broker = "tcp://" + mq.Addr
+		o.SerialPrefix = "ONE"
+		o.Identities = map[string]devicesim.Identity{serial: {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
+	})
+	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM devices WHERE id = $1 AND online`, r.DeviceID); n != 1 {
+			return errors.New("offline")
+		}
+		return nil
+	})
+	return r, sim
+}
+
 // TestExternalEffectsTakeTurns: with an external broker a locker's events
 // are shared among instances, so an instance applies their effects under
 // the locker's effects lock in PostgreSQL. While another holder has it (as
@@ -376,23 +397,10 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	ctx := context.Background()
 	mq := MustOpenMosquitto(t)
 	tg := MustStart(t, onExternal(mq, "gw-a"))
-	claim := tg.MustSiteAndClaim(t, "store-042", 1)
-	r := MustProvision(t, tg, claim, "EFX-000000")
-	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
-	sim := MustFleet(t, tg, "", 1, func(o *devicesim.Options) {
-		o.Broker = "tcp://" + mq.Addr
-		o.SerialPrefix = "EFX"
-		o.Identities = map[string]devicesim.Identity{"EFX-000000": {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
-	})
+	r, sim := oneExternalLocker(t, tg, mq, "store-042")
 	e := &pickupEnv{tg: tg, sim: sim,
 		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
 		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
-	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
-		if n := tg.Count(t, `SELECT count(*) FROM devices WHERE online`); n != 1 {
-			return fmt.Errorf("%d online", n)
-		}
-		return nil
-	})
 	p := e.waitState(t, e.create(t, "ORD-1", "S", time.Hour).ID, pickup.Ready)
 	e.waitCreds(t, p.Locker)
 
@@ -447,21 +455,8 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 func TestExternalLateWill(t *testing.T) {
 	mq := MustOpenMosquitto(t)
 	tg := MustStart(t, onExternal(mq, "gw-a"))
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "WIL-000000")
-	key, _ := base64.StdEncoding.DecodeString(r.CredKey)
-	sim := MustFleet(t, tg, "", 1, func(o *devicesim.Options) {
-		o.Broker = "tcp://" + mq.Addr
-		o.SerialPrefix = "WIL"
-		o.Identities = map[string]devicesim.Identity{"WIL-000000": {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
-	})
+	r, sim := oneExternalLocker(t, tg, mq, "s1")
 	online := func() int { return tg.Count(t, `SELECT count(*) FROM devices WHERE id = $1 AND online`, r.DeviceID) }
-	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
-		if online() != 1 {
-			return errors.New("offline")
-		}
-		return nil
-	})
 	const stale = "lockergate_presence_stale_wills_total"
 	late := MustConnect(t, mq.Addr, "late-delivery", "", "")
 	MustPublish(t, late, protocol.Topic(r.DeviceID, protocol.ChanPresence), false, `{"online":false}`)
