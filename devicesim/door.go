@@ -12,7 +12,8 @@ type compartment struct {
 	open      bool
 	occupied  bool // occupancy sensor, as of the last door close
 	inService bool
-	fault     bool // door sensor or latch fails: the door cannot be opened
+	fault     bool   // door sensor or latch fails: the door cannot be opened
+	faultGen  uint64 // bumped whenever a fault starts; a jam's repair ends only its own
 	// occOnClose is what the sensor will report when the door closes: it
 	// records what the person at the open door did.
 	occOnClose bool
@@ -86,8 +87,16 @@ func (l *Locker) SetDoorFault(n int, fault bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if c := l.compLocked(n); c != nil {
-		c.fault = fault
+		c.setFault(fault)
 	}
+}
+
+// setFault starts (or ends) the compartment's door fault.
+func (c *compartment) setFault(fault bool) {
+	if fault && !c.fault {
+		c.faultGen++
+	}
+	c.fault = fault
 }
 
 // CloseDoor closes compartment n's open door now (door_closed); it reports

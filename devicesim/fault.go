@@ -360,9 +360,11 @@ func (l *Locker) fire(s *faultStream) {
 		repair := fs.DoorJams.Repair.draw(s.r)
 		l.decideLocked(s.name, s.n, at, DecideDoorJam, Decision{Compartment: n, Duration: Duration(repair)})
 		l.f.c.doorJams.Add(1)
-		l.comps[n-1].fault = true
-		if repair > 0 {
-			l.afterLocked(repair, func() { l.SetDoorFault(n, false) })
+		c := l.comps[n-1]
+		started := !c.fault // a jam of a faulty door changes nothing, and repairs nothing
+		c.setFault(true)
+		if gen := c.faultGen; started && repair > 0 {
+			l.afterLocked(repair, func() { l.repairDoor(n, gen) })
 		}
 		s.next = at + expDraw(s.r, fs.DoorJams.PerHour)
 	case "tamper":
@@ -519,6 +521,16 @@ func (l *Locker) RestorePower() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.setPowerLocked(false)
+}
+
+// repairDoor ends compartment n's door fault number gen (DoorJams'
+// repair), unless it ended meanwhile and a later one is in force.
+func (l *Locker) repairDoor(n int, gen uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if c := l.compLocked(n); c != nil && c.faultGen == gen {
+		c.setFault(false)
+	}
 }
 
 // restorePower ends power cut number cut (PowerCuts' restore), unless the

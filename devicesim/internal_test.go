@@ -275,3 +275,28 @@ func TestScheduledRestoreEndsOnlyItsCut(t *testing.T) {
 		t.Fatal("the second cut's restore left it in force")
 	}
 }
+
+// TestScheduledRepairEndsOnlyItsJam: a DoorJams repair that comes due
+// after the door was mended and failed again (by hand) leaves the later
+// fault in force; the later fault's own end ends it.
+func TestScheduledRepairEndsOnlyItsJam(t *testing.T) {
+	f := offlineFleet(t, 1, nil)
+	l := f.lockers[0]
+	gen := func() uint64 {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.comps[0].faultGen
+	}
+	l.SetDoorFault(1, true)
+	first := gen()
+	l.SetDoorFault(1, false)
+	l.SetDoorFault(1, true)
+	l.repairDoor(1, first)
+	if !l.Compartment(1).Fault {
+		t.Fatal("the first jam's repair ended the second fault")
+	}
+	l.repairDoor(1, gen())
+	if l.Compartment(1).Fault {
+		t.Fatal("the second fault's repair left it in force")
+	}
+}
