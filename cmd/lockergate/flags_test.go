@@ -32,3 +32,25 @@ func TestBadFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestRetentionFlags: --history-retention-days 0 keeps history for ever
+// (the gateway's negative setting), a number keeps that many days, and
+// without the flag the gateway's default applies (its zero value).
+func TestRetentionFlags(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want int
+	}{
+		{nil, 0},
+		{[]string{"--history-retention-days", "0"}, -1},
+		{[]string{"--history-retention-days", "90"}, 90},
+	} {
+		st, code := parseSettings("serve", c.args, &bytes.Buffer{})
+		if st == nil {
+			t.Fatalf("%v: exit %d", c.args, code)
+		}
+		if st.o.HistoryRetentionDays != c.want {
+			t.Errorf("%v: HistoryRetentionDays %d, want %d", c.args, st.o.HistoryRetentionDays, c.want)
+		}
+	}
+}

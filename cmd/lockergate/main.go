@@ -50,6 +50,46 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "lockergate: unknown command %q\n%s", cmd, usage)
 		return 2
 	}
+	st, code := parseSettings(cmd, args, stderr)
+	if st == nil {
+		return code
+	}
+	o, demo := st.o, st.demo
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: st.level}))
+	o.Logger = log
+
+	g, err := gateway.New(ctx, o)
+	if err != nil {
+		log.Error("gateway did not start", "err", err)
+		return 1
+	}
+	defer func() {
+		if err := g.Close(); err != nil {
+			log.Error("close", "err", err)
+		}
+	}()
+	if cmd == "demo" {
+		return runDemo(ctx, g, demo, stdout, log)
+	}
+	printWhere(stdout, g)
+	if err := g.Run(ctx); err != nil {
+		log.Error("gateway stopped with an error", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// settings are what the flags of serve or demo say.
+type settings struct {
+	o     gateway.Options
+	demo  demoOptions
+	level slog.Level
+}
+
+// parseSettings parses the flags of cmd (serve or demo); nil and the exit
+// code when run should end here (-h, or a flag that cannot work: said on
+// stderr).
+func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int) {
 	fs := flag.NewFlagSet("lockergate "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var o gateway.Options
@@ -103,37 +143,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			return 0
+			return nil, 0
 		}
-		return 2
+		return nil, 2
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(logLevel)); err != nil {
 		fmt.Fprintf(stderr, "lockergate: --log-level %q: want debug, info, warn or error\n", logLevel)
-		return 2
+		return nil, 2
 	}
-	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	o.Logger = log
-
-	g, err := gateway.New(ctx, o)
-	if err != nil {
-		log.Error("gateway did not start", "err", err)
-		return 1
-	}
-	defer func() {
-		if err := g.Close(); err != nil {
-			log.Error("close", "err", err)
-		}
-	}()
-	if cmd == "demo" {
-		return runDemo(ctx, g, demo, stdout, log)
-	}
-	printWhere(stdout, g)
-	if err := g.Run(ctx); err != nil {
-		log.Error("gateway stopped with an error", "err", err)
-		return 1
-	}
-	return 0
+	return &settings{o: o, demo: demo, level: level}, 0
 }
 
 func printWhere(w io.Writer, g *gateway.Gateway) {
