@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -185,6 +186,11 @@ func TestFirmwareUploadRefusals(t *testing.T) {
 	}
 	if w := post("fw-key", bytes.NewReader(image)); w.Code != http.StatusCreated || w.Header().Get("Idempotent-Replayed") != "true" {
 		t.Fatalf("the repeat with the first image: %d %s, want the first answer", w.Code, w.Body)
+	}
+	// A repeat whose body breaks off is a bad request, not the first answer.
+	cut := io.MultiReader(bytes.NewReader(image[:4]), iotest.ErrReader(errors.New("connection reset")))
+	if w := post("fw-key", cut); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "read the image: connection reset") {
+		t.Errorf("a repeat cut short: %d %s, want 400", w.Code, w.Body)
 	}
 
 	// The one slot taken by an upload streaming.
