@@ -32,11 +32,15 @@ type fakeStore struct {
 	gets    int
 	locked  map[string]bool // effects locks held (LockEffects)
 	locks   int             // LockEffects calls
+	lockErr error           // LockEffects' answer when set
 }
 
 func (f *fakeStore) LockEffects(_ context.Context, deviceID string) (func(), error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.lockErr != nil {
+		return nil, f.lockErr
+	}
 	if f.locked == nil {
 		f.locked = map[string]bool{}
 	}
@@ -651,6 +655,34 @@ func TestEffectsLockedWhenShared(t *testing.T) {
 				t.Fatalf("%d locks taken, %d still held; want %d, none held", st.locks, len(st.locked), want)
 			}
 		})
+	}
+}
+
+// TestEffectsWithoutTheLock: when the effects lock cannot be taken within
+// its bound (another instance holds it, or the database fails), the events
+// are not applied, stay in the outbox (not recorded applied) and are no
+// longer marked in flight, so a replay offers them again; the token for
+// the lock is given back.
+func TestEffectsWithoutTheLock(t *testing.T) {
+	st := newFakeStore()
+	st.lockErr = errors.New("database down")
+	sink := &lockCheckingSink{st: st}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Events: sink, SharedReports: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.effectsWait = 100 * time.Millisecond
+	evs := []EventRecord{{DeviceID: "lk-1", EventID: "e-1", Pending: true}}
+	m.markEffectsBusy(evs)
+	m.applyEffects(context.Background(), "lk-1", evs)
+	if len(sink.held) != 0 || len(st.applied) != 0 {
+		t.Fatalf("applied %d times, recorded applied %v; want neither", len(sink.held), st.applied)
+	}
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
+		t.Fatal("the event is still marked in flight: no replay would offer it")
+	}
+	if n := len(m.effectsLocks); n != 0 {
+		t.Fatalf("%d lock tokens kept", n)
 	}
 }
 

@@ -119,7 +119,11 @@ type Manager struct {
 	// effectsBusy holds the events (effectKey) handed to the sink and not
 	// yet done with.
 	effectsBusy sync.Map
-	credsLag    map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
+	// effectsLocks holds a token per effects lock held (SharedReports):
+	// each takes a pool connection while its steps take others.
+	effectsLocks chan struct{}
+	effectsWait  time.Duration           // bounds the wait for one (effectsLockWait)
+	credsLag     map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
 	doorFaults sync.Map // locker id → []int, the last door_faults seen (or faultsUnsynced)
 	publishMu  [64]sync.Mutex
@@ -225,6 +229,7 @@ func New(opts Options) (*Manager, error) {
 	}
 	m := &Manager{
 		store: opts.Store, bus: opts.Bus, log: opts.Logger, opts: opts, now: opts.Now,
+		effectsLocks: make(chan struct{}, maxEffectsLocks), effectsWait: effectsLockWait,
 		m:        newMetrics(opts.Registerer),
 		events:   make(chan inbound, opts.EventQueue),
 		waiters:  make(map[string][]chan *Command),
@@ -459,13 +464,10 @@ func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
 	defer m.unmarkEffectsBusy(events)
 	if m.opts.SharedReports && slices.ContainsFunc(events, func(e EventRecord) bool { return e.Pending }) {
-		var release func()
-		err := m.retry(ctx, "effects_lock", func(ctx context.Context) (err error) {
-			release, err = m.store.LockEffects(ctx, id)
-			return err
-		})
+		release, err := m.lockEffects(ctx, id)
 		if err != nil {
-			m.log.Warn("device events not applied yet: offered again later", "locker", id, "pending", len(events), "err", err)
+			m.log.Warn("device events not applied yet: their locker's effects lock was not taken; offered again later",
+				"locker", id, "pending", len(events), "err", err)
 			return
 		}
 		defer release()
@@ -491,6 +493,42 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 		m.log.Error("record applied event effects (they will be offered again)", "locker", id, "err", err)
 	}
 }
+
+// lockEffects takes locker id's effects lock, waiting at most
+// m.effectsWait: its holder (another instance) normally has it for
+// milliseconds, and this runs on a control shard, which every locker
+// hashed to it waits for. A lock not taken leaves the events in the
+// outbox, to be offered again (replayEvents). At most maxEffectsLocks are
+// held at once, each on a pool connection of its own.
+func (m *Manager) lockEffects(ctx context.Context, id string) (func(), error) {
+	ctx, cancel := context.WithTimeout(ctx, m.effectsWait)
+	defer cancel()
+	select {
+	case m.effectsLocks <- struct{}{}:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	var release func()
+	err := m.retry(ctx, "effects_lock", func(ctx context.Context) (err error) {
+		release, err = m.store.LockEffects(ctx, id)
+		return err
+	})
+	if err != nil {
+		<-m.effectsLocks
+		return nil, err
+	}
+	return func() {
+		release()
+		<-m.effectsLocks
+	}, nil
+}
+
+const (
+	// effectsLockWait bounds the wait for a locker's effects lock.
+	effectsLockWait = 10 * time.Second
+	// maxEffectsLocks bounds the effects locks an instance holds at once.
+	maxEffectsLocks = 4
+)
 
 const (
 	// replayAfter is how long an event's effects may wait to be applied

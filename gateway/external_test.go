@@ -432,8 +432,9 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id IN ('e-close', 'e-code')`, r.DeviceID); n == 0 {
 		t.Fatal("no event stored while the effects wait")
 	}
-	if got := e.waitState(t, p.ID, pickup.Ready); got.State != pickup.Ready {
-		t.Fatalf("pickup %s while its effects wait", got.State)
+	var got pickup.Pickup
+	if err := e.platform.Get(ctx, "/v1/pickups/"+p.ID, nil, &got); err != nil || got.State != pickup.Ready {
+		t.Fatalf("pickup %q (%v) while its effects wait, want ready", got.State, err)
 	}
 	held = false
 	release()

@@ -8,11 +8,36 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/postgres"
 )
 
 // thisDB keeps to the locks taken in the test's own database (the cluster
 // is shared with other tests).
 const thisDB = `database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+
+// advisoryLocks counts the advisory locks in the test's database, granted
+// or waited for.
+func advisoryLocks(t *testing.T, db *postgres.DB, granted bool) int {
+	t.Helper()
+	var n int
+	if err := db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = $1 AND `+thisDB,
+		granted).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// waitLocks waits until the test's database has n advisory locks waited
+// for and held.
+func waitLocks(t *testing.T, db *postgres.DB, what string, waiting, held int) {
+	t.Helper()
+	testtool.Eventually(t, 10*time.Second, what, func() error {
+		if w, h := advisoryLocks(t, db, false), advisoryLocks(t, db, true); w != waiting || h != held {
+			return fmt.Errorf("%d waiting, %d held", w, h)
+		}
+		return nil
+	})
+}
 
 // TestLockEffects: a locker's effects lock is held by one caller at a
 // time (a second waits in PostgreSQL until the first releases it); another
@@ -21,40 +46,31 @@ const thisDB = `database = (SELECT oid FROM pg_database WHERE datname = current_
 func TestLockEffects(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
-	waiting := func() int {
-		var n int
-		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND `+thisDB).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
 	release, err := db.LockEffects(ctx, "lk-1")
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(release)
 	other, err := db.LockEffects(ctx, "lk-2")
 	if err != nil {
 		t.Fatalf("another locker's lock: %v", err)
 	}
 	other()
+	waitLocks(t, db, "one lock held", 0, 1)
 
-	// A wait given up: its session goes, and the lock with it.
+	// A wait given up: its session goes, and the wait with it.
 	cctx, cancel := context.WithCancel(ctx)
 	gaveUp := make(chan error, 1)
 	go func() {
 		_, err := db.LockEffects(cctx, "lk-1")
 		gaveUp <- err
 	}()
-	testtool.Eventually(t, 10*time.Second, "the second caller waiting", func() error {
-		if n := waiting(); n != 1 {
-			return fmt.Errorf("%d waiting", n)
-		}
-		return nil
-	})
+	waitLocks(t, db, "the second caller waiting", 1, 1)
 	cancel()
 	if err := <-gaveUp; !errors.Is(err, context.Canceled) {
 		t.Fatalf("a wait cancelled: %v, want context.Canceled", err)
 	}
+	waitLocks(t, db, "the cancelled wait gone", 0, 1)
 
 	second := make(chan func(), 1)
 	go func() {
@@ -64,25 +80,39 @@ func TestLockEffects(t *testing.T) {
 		}
 		second <- r
 	}()
-	testtool.Eventually(t, 10*time.Second, "the third caller waiting", func() error {
-		if n := waiting(); n != 1 {
-			return fmt.Errorf("%d waiting", n)
-		}
-		return nil
-	})
-	select {
-	case <-second:
-		t.Fatal("the lock was granted twice")
-	default:
-	}
+	waitLocks(t, db, "the third caller waiting", 1, 1)
 	release()
-	r := <-second
-	if r == nil {
-		t.FailNow()
+	select {
+	case r := <-second:
+		if r == nil {
+			t.FailNow()
+		}
+		r()
+	case <-time.After(10 * time.Second):
+		t.Fatal("the lock was not granted within 10 s of its release")
 	}
-	r()
-	var held int
-	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND `+thisDB).Scan(&held); err != nil || held != 0 {
-		t.Fatalf("%d advisory locks left (%v), want none", held, err)
+	waitLocks(t, db, "no lock left", 0, 0)
+}
+
+// TestLockEffectsIdleHolder: a holder that leaves its lock idle past the
+// bound (a hung instance) loses it, to PostgreSQL ending its session; its
+// release afterwards is harmless.
+func TestLockEffectsIdleHolder(t *testing.T) {
+	postgres.SetEffectsLockIdle(t, "300ms")
+	ctx := context.Background()
+	db := MustOpen(t)
+	hung, err := db.LockEffects(ctx, "lk-1")
+	if err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(hung) // before the pool closes, whatever happens
+	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	next, err := db.LockEffects(wctx, "lk-1")
+	if err != nil {
+		t.Fatalf("the lock of an idle holder: %v, want it granted once PostgreSQL ends the holder's session", err)
+	}
+	hung()
+	next()
+	waitLocks(t, db, "no lock left", 0, 0)
 }

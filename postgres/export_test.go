@@ -5,3 +5,11 @@ const UpdateLatestSQL = updateLatestSQL
 
 // PruneLock is the advisory lock PruneHistory takes, for the test that holds it.
 const PruneLock = pruneLock
+
+// SetEffectsLockIdle sets the idle bound of effects locks taken from now
+// on, until the test ends.
+func SetEffectsLockIdle(t interface{ Cleanup(func()) }, d string) {
+	old := effectsLockIdle
+	effectsLockIdle = d
+	t.Cleanup(func() { effectsLockIdle = old })
+}

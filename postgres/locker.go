@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -426,37 +427,55 @@ func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, sin
 	return pgx.CollectRows(rows, scanEvent)
 }
 
-// LockEffects implements fleet.Store with a session advisory lock, held on
-// a pooled connection of its own until release. Its key is not
-// lockerLock's, which the effects' own transactions take on other
-// connections. A lock whose release cannot be sent goes with its session:
-// the connection is closed, not pooled.
+// LockEffects implements fleet.Store with a transaction advisory lock,
+// taken in a transaction left open on a pooled connection of its own until
+// release (which rolls it back). A transaction rather than a session lock,
+// so that it holds through a transaction-pooling PgBouncer, and so that
+// PostgreSQL ends it when its holder stops answering: the transaction is
+// idle while the holder's steps run on other connections, and a holder
+// idle longer than effectsLockIdle (a hung instance whose socket is still
+// open) has its session ended, and the lock with it. Its key is not
+// lockerLock's, which the effects' own transactions take. Releasing twice
+// is harmless.
 func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) {
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
-	drop := func() {
+	drop := func() { // the session's end ends the transaction and its lock
 		conn.Conn().Close(context.Background())
 		conn.Release()
 	}
-	if _, err := conn.Exec(ctx, `SELECT pg_advisory_lock(`+effectsLock+`)`, deviceID); err != nil {
+	// One round trip: the transaction, its idle bound and the lock.
+	b := &pgx.Batch{}
+	b.Queue(`BEGIN`)
+	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`, deviceID, effectsLockIdle)
+	if err := conn.SendBatch(ctx, b).Close(); err != nil {
 		drop() // it may have been granted as ctx ended
 		return nil, err
 	}
+	var once sync.Once
 	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if _, err := conn.Exec(ctx, `SELECT pg_advisory_unlock(`+effectsLock+`)`, deviceID); err != nil {
-			drop()
-			return
-		}
-		conn.Release()
+		once.Do(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if _, err := conn.Exec(ctx, `ROLLBACK`); err != nil {
+				drop()
+				return
+			}
+			conn.Release()
+		})
 	}, nil
 }
 
 // effectsLock is the key of LockEffects' lock for the locker $1.
 const effectsLock = `hashtextextended('lockergate/effects/' || $1, 0)`
+
+// effectsLockIdle bounds how long a holder of an effects lock may leave
+// its transaction idle: far past a batch of pickup steps, short enough
+// that a hung instance does not hold a locker's effects for long. A
+// variable for the test of the bound.
+var effectsLockIdle = "2min"
 
 // maxClosingsAfter bounds DoorClosingsAfter: a compartment closed this
 // often between a code's use and its report is not a pickup's story.
