@@ -103,10 +103,10 @@ type Bus struct {
 	closeOnce sync.Once
 
 	// peek is the connection Retained reads through, dialled at its first
-	// use; peekMu makes the reads one at a time.
-	peekMu sync.Mutex
-	peek   paho.Client
-	server string
+	// use; peekSem (one token) makes the reads one at a time and guards it.
+	peekSem chan struct{}
+	peek    paho.Client
+	server  string
 }
 
 var _ fleet.Bus = (*Bus)(nil)
@@ -132,7 +132,8 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	default:
 		return nil, fmt.Errorf("broker url %q: scheme must be mqtt or mqtts", o.URL)
 	}
-	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}, missing: map[string]error{}, closed: make(chan struct{})}
+	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}, missing: map[string]error{}, closed: make(chan struct{}),
+		peekSem: make(chan struct{}, 1)}
 	// Acknowledgements are manual (after the store), and every message
 	// goes through b.receive, which holds those that arrive before their
 	// subscription is made: a resumed session delivers right after CONNACK.
@@ -217,12 +218,17 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 	for _, p := range early {
 		h(p.m, p.ack)
 	}
+	b.mu.Lock()
+	conn := max(b.conns, 1) // 0: Dial's connection, whose handler has not run yet
+	b.mu.Unlock()
 	err := b.subscribeOnce(filter)
 	b.mu.Lock()
-	if err != nil {
-		b.missing[filter] = err
-	} else {
-		delete(b.missing, filter)
+	if conn == b.conns { // else a reconnect's loop has it
+		if err != nil {
+			b.missing[filter] = err
+		} else {
+			delete(b.missing, filter)
+		}
 	}
 	b.mu.Unlock()
 	return err
@@ -356,7 +362,8 @@ func (b *Bus) resubscribe(paho.Client) {
 		for _, f := range todo {
 			err := b.subscribeOnce(f)
 			b.mu.Lock()
-			if conn == b.conns {
+			current := conn == b.conns
+			if current {
 				if err != nil {
 					b.missing[f] = err
 				} else {
@@ -364,6 +371,9 @@ func (b *Bus) resubscribe(paho.Client) {
 				}
 			}
 			b.mu.Unlock()
+			if !current {
+				return // a newer connection's loop takes over
+			}
 			if err != nil {
 				b.log.Error("external broker subscription not restored; trying again", "filter", f, "retry_in", backoff, "err", err)
 			}
@@ -384,8 +394,18 @@ func (b *Bus) resubscribe(paho.Client) {
 // subscription left. The broker sends what it retains right after its
 // SUBACK; nothing within a short wait means none. Reads are one at a time.
 func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
-	b.peekMu.Lock()
-	defer b.peekMu.Unlock()
+	select {
+	case b.peekSem <- struct{}{}:
+		defer func() { <-b.peekSem }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	b.mu.Lock()
+	closing := b.closing
+	b.mu.Unlock()
+	if closing {
+		return nil, errors.New("the external broker connection is closed")
+	}
 	if b.peek == nil {
 		opts := paho.NewClientOptions().AddBroker(b.server).SetClientID(b.o.ClientID + "-peek").
 			SetUsername(b.o.Username).SetPassword(b.o.Password).SetCleanSession(true).
@@ -412,10 +432,13 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 			}
 		}
 	})
+	// Left whatever the answer (a subscription made after a SUBACK timeout
+	// would otherwise stay), not waited for: the broker takes packets in
+	// order, so a next read of the topic subscribes after this leaves.
+	defer b.peek.Unsubscribe(topic)
 	if err := subscribed(ctx, t, topic); err != nil {
 		return nil, err
 	}
-	defer b.peek.Unsubscribe(topic) // not waited for: the next read is another topic's
 	d := b.o.peekWait
 	if d == 0 {
 		d = retainedWait
@@ -489,11 +512,11 @@ func (b *Bus) close() {
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
 	b.c.Disconnect(250)
-	b.peekMu.Lock()
+	b.peekSem <- struct{}{} // the read in progress ends first; later ones see closing
 	if b.peek != nil {
 		b.peek.Disconnect(250)
 	}
-	b.peekMu.Unlock()
+	<-b.peekSem
 }
 
 // waitAcked waits up to d until every message handed out is acknowledged

@@ -112,8 +112,19 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 		}
 		return nil
 	})
+	conns := func() int {
+		gw.mu.Lock()
+		defer gw.mu.Unlock()
+		return gw.conns
+	}
+	before := conns()
 	do(map[string]any{"command": "addRoleACL", "rolename": "gw", "acltype": "subscribePattern", "topic": allow["topic"], "allow": true})
 	waitReady("the subscription restored without a new connection")
+	if n := conns(); n != before {
+		// A broker that ends a role's sessions when its ACL changes would
+		// restore it through a reconnect, which proves nothing here.
+		t.Fatalf("connection %d after the grant, %d before: restored by a reconnect, not by the retries", n, before)
+	}
 	publish("e-2")
 	testtool.Eventually(t, 10*time.Second, "the event after the restore delivered", func() error {
 		if r.count() != 2 {
@@ -141,7 +152,7 @@ func TestRetained(t *testing.T) {
 		return b
 	}
 	pub := dial("pub", Options{})
-	gw := dial("gw", Options{peekWait: 200 * time.Millisecond})
+	gw := dial("gw", Options{peekWait: time.Second})
 	r := &received{got: map[string]int{}}
 	if err := gw.Subscribe("lockers/v1/+/presence", r.handler); err != nil {
 		t.Fatal(err)
@@ -180,5 +191,14 @@ func TestRetained(t *testing.T) {
 	}
 	if r.dups != 0 {
 		t.Fatalf("%d messages delivered twice to the group's handler", r.dups)
+	}
+	// After Close nothing is read, and no connection is made for it.
+	fresh := dial("gw-2", Options{})
+	fresh.Close()
+	if got, err := fresh.Retained(ctx, topic); err == nil || got != nil {
+		t.Fatalf("a read after Close: %q %v, want an error", got, err)
+	}
+	if fresh.peek != nil {
+		t.Fatal("a read after Close dialled the broker")
 	}
 }
