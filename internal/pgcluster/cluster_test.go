@@ -613,7 +613,14 @@ func TestNotRoot(t *testing.T) {
 	cmd.Dir = home
 	cmd.Env = append(os.Environ(), "HOME="+home, helperModeEnv+"=roundtrip", helperDirEnv+"="+filepath.Join(home, "data"))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.CombinedOutput()
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	p, err := spawn(cmd) // Pdeathsig from a thread that stays
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-p.done
+	out, err := buf.Bytes(), p.err()
 	if err != nil {
 		t.Fatalf("helper as %s: %v; output:\n%s", acct.name, err, out)
 	}
