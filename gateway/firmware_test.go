@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/firmware"
@@ -700,5 +702,73 @@ func TestFirmwareUploadIdempotent(t *testing.T) {
 	// Without a key a repeat is what it always was: the version exists.
 	if status, body, _ := upload("", "3.0.0", image); status != http.StatusConflict {
 		t.Fatalf("a repeat without a key: %d %v, want 409", status, body)
+	}
+}
+
+// TestFirmwareJobClearedForAReplacedBoard: a locker whose board is
+// replaced (re-provisioned) while a firmware job is out for the old board
+// has no fw/job on the broker by the time the new board, which connects
+// with the provisioning answer, subscribes: the job ended in the
+// replacement and its retained copy is cleared before the answer. Before,
+// the new board could run the old board's job (a model's image) until its
+// first connect made the gateway republish.
+func TestFirmwareJobClearedForAReplacedBoard(t *testing.T) {
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "fw-swap", 2)
+	r := MustProvision(t, tg, claim, "SWAP-1")
+	fwJob, creds := protocol.Topic(r.DeviceID, protocol.ChanFwJob), protocol.Topic(r.DeviceID, protocol.ChanCreds)
+	old := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	MustPublish(t, old, protocol.Topic(r.DeviceID, protocol.ChanPresence), true,
+		fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-old"}`, protocol.FormatTime(time.Now())))
+	waitOnline(t, tg, r.DeviceID, true)
+	a := fwUpload(t, tg, "LX-4", "1.5.0", fwImage("1.5.0"))
+	st := fwCreate(t, tg, map[string]any{"firmware": a.ID, "waves": []int{100}, "rate_per_min": 60000})
+	Eventually(t, 20*time.Second, "the job sent to the old board (which never answers it)", func() error {
+		if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSent {
+			return fmt.Errorf("jobs %+v", js)
+		}
+		return nil
+	})
+	// firstRetained subscribes c to the locker's fw/job, then to its creds,
+	// and reports the fw/job payload that came before the creds (the
+	// broker handles a client's packets in order and sends a filter's
+	// retained message with its subscription; the creds are always there);
+	// nil when none did.
+	firstRetained := func(c paho.Client) []byte {
+		t.Helper()
+		got := make(chan paho.Message, 4)
+		tok := c.Subscribe(fwJob, 1, func(_ paho.Client, m paho.Message) { got <- m })
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+		tok = c.Subscribe(creds, 1, func(_ paho.Client, m paho.Message) { got <- m })
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+		var job []byte
+		for {
+			select {
+			case m := <-got:
+				if m.Topic() == creds {
+					return job
+				}
+				job = m.Payload()
+			case <-time.After(10 * time.Second):
+				t.Fatal("no retained creds within 10 s")
+			}
+		}
+	}
+	if job := firstRetained(old); len(job) == 0 {
+		t.Fatal("no retained fw/job for the old board: the test proves nothing")
+	}
+
+	patchLocker(t, tg, r.DeviceID, map[string]bool{"replaceable": true})
+	nr := MustProvision(t, tg, claim, "SWAP-1")
+	board := MustConnect(t, tg.MQTTAddr(), nr.DeviceID, nr.DeviceID, nr.Password)
+	if job := firstRetained(board); len(job) != 0 {
+		t.Fatalf("the new board's first subscription got the old board's job: %s", job)
+	}
+	if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSkipped {
+		t.Fatalf("jobs after the replacement %+v, want the old board's skipped", js)
 	}
 }

@@ -337,8 +337,17 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
 		OnReplace: onReplace, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
-		// The orders in a re-provisioned locker keep their codes.
-		OnRekey: func(ctx context.Context, id string) error { return g.pickups.Rekey(ctx, id) },
+		OnRekey: func(ctx context.Context, id string) error {
+			// The orders in a re-provisioned locker keep their codes.
+			if err := g.pickups.Rekey(ctx, id); err != nil {
+				return err
+			}
+			// The old board's firmware jobs ended in the registration (the
+			// firmware store's trigger): its fw/job goes empty on the broker
+			// now, before the new board, which connects with this answer,
+			// can subscribe and run a job meant for the board it replaced.
+			return g.fleet.PublishRetained(ctx, id)
+		},
 	})
 	if err != nil {
 		return nil, err
