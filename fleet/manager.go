@@ -495,11 +495,14 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 }
 
 // lockEffects takes locker id's effects lock, waiting at most
-// m.effectsWait: its holder (another instance) normally has it for
-// milliseconds, and this runs on a control shard, which every locker
-// hashed to it waits for. A lock not taken leaves the events in the
-// outbox, to be offered again (replayEvents). At most maxEffectsLocks are
-// held at once, each on a pool connection of its own.
+// m.effectsWait. Its holder (another instance) normally has it for
+// milliseconds, and one that stops answering loses it to the store's idle
+// bound; meanwhile this control shard, and every locker hashed to it,
+// waits. A lock not taken leaves the events in the outbox, to be offered
+// again (replayEvents), after the locker's later batches: a locker's
+// effects stay in order only while locks are taken. At most
+// maxEffectsLocks are held at once, each on a pool connection of its
+// own. Releasing twice is harmless.
 func (m *Manager) lockEffects(ctx context.Context, id string) (func(), error) {
 	ctx, cancel := context.WithTimeout(ctx, m.effectsWait)
 	defer cancel()
@@ -517,17 +520,25 @@ func (m *Manager) lockEffects(ctx context.Context, id string) (func(), error) {
 		<-m.effectsLocks
 		return nil, err
 	}
+	var once sync.Once
 	return func() {
-		release()
-		<-m.effectsLocks
+		once.Do(func() {
+			release()
+			<-m.effectsLocks
+		})
 	}, nil
 }
 
 const (
-	// effectsLockWait bounds the wait for a locker's effects lock.
-	effectsLockWait = 10 * time.Second
-	// maxEffectsLocks bounds the effects locks an instance holds at once.
-	maxEffectsLocks = 4
+	// effectsLockWait bounds the wait for a locker's effects lock. Past
+	// the store's idle bound on a holder (postgres: 2 min), so that it
+	// runs out only when the database fails: a batch left for a replay is
+	// applied after the locker's later batches.
+	effectsLockWait = 3 * time.Minute
+	// maxEffectsLocks bounds the effects locks an instance holds at once
+	// (half the default 16 control shards: with their steps, half the
+	// default 32 pool connections).
+	maxEffectsLocks = 8
 )
 
 const (

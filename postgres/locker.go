@@ -460,6 +460,10 @@ func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) 
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
 			if _, err := conn.Exec(ctx, `ROLLBACK`); err != nil {
+				// Its session ended first (idle past the bound while the
+				// holder's steps ran, or the database went away): another
+				// holder may have had the lock meanwhile.
+				db.log.Warn("effects lock lost before its release", "locker", deviceID, "err", err)
 				drop()
 				return
 			}
