@@ -362,7 +362,7 @@ func (b *Bus) resubscribe(paho.Client) {
 		for _, f := range todo {
 			err := b.subscribeOnce(f)
 			b.mu.Lock()
-			current := conn == b.conns
+			current := conn == b.conns && !b.closing // Close left the filters: none comes back
 			if current {
 				if err != nil {
 					b.missing[f] = err
@@ -409,7 +409,8 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	if b.peek == nil {
 		opts := paho.NewClientOptions().AddBroker(b.server).SetClientID(b.o.ClientID + "-peek").
 			SetUsername(b.o.Username).SetPassword(b.o.Password).SetCleanSession(true).
-			SetKeepAlive(30 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(10 * time.Second)
+			SetKeepAlive(30 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(10 * time.Second).
+			SetWriteTimeout(5 * time.Second) // paho's default (30 s per packet) would hold Close up
 		if b.o.TLS != nil {
 			opts.SetTLSConfig(b.o.TLS)
 		}
