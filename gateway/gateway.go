@@ -346,7 +346,15 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			// firmware store's trigger): its fw/job goes empty on the broker
 			// now, before the new board, which connects with this answer,
 			// can subscribe and run a job meant for the board it replaced.
-			return g.fleet.PublishRetained(ctx, id)
+			// Not a reason to withhold the answer: a broker that does not
+			// take it now gets it at the new board's first connect, as
+			// before (an external broker may be slow while provisioning,
+			// on the embedded listener, is not).
+			if err := g.fleet.PublishRetained(ctx, id); err != nil {
+				g.log.Warn("replaced locker's retained state not republished before its answer; the new board may see the old board's fw/job until it connects",
+					"locker", id, "err", err)
+			}
+			return nil
 		},
 	})
 	if err != nil {
