@@ -724,16 +724,39 @@ type flakyFirmware struct {
 	FirmwareTracker
 	fails    int
 	err      error
+	onFail   func()
 	recorded []protocol.FwStatus
 }
 
 func (f *flakyFirmware) JobStatus(_ context.Context, _ string, st *protocol.FwStatus, _ time.Time) error {
 	if f.fails > 0 {
 		f.fails--
+		if f.onFail != nil {
+			f.onFail()
+		}
 		return f.err
 	}
 	f.recorded = append(f.recorded, *st)
 	return nil
+}
+
+// TestFirmwareReportKeptAtStop: a fw/status report still failing when the
+// manager stops (the drain deadline cancels its work) is not acknowledged,
+// so a broker that holds it delivers it to the next run.
+func TestFirmwareReportKeptAtStop(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	fw := &flakyFirmware{fails: 1 << 30, err: errors.New("connection refused"), onFail: cancel}
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Firmware: fw})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks := 0
+	m.handleControl(ctx, control{kind: ctrlFwStatus, id: "lk-1", payload: []byte(`{"job":"j-1","state":"failed","error":"checksum","ts":"2026-12-05T07:00:00.000Z"}`),
+		at: time.Now(), ack: func() { acks++ }})
+	if acks != 0 || len(fw.recorded) != 0 {
+		t.Fatalf("%d acks, %d recorded; want the report neither recorded nor acknowledged", acks, len(fw.recorded))
+	}
 }
 
 // TestFirmwareReportOutlastsDatabaseErrors: a fw/status report the engine

@@ -45,6 +45,12 @@ func TestPruneHistoryWiring(t *testing.T) {
 	if !strings.Contains(logs.String(), "history retention pruned rows") || !strings.Contains(logs.String(), "presence_log=1") {
 		t.Fatalf("log %q, want the rows pruned per table", logs.String())
 	}
+	// A pass that cannot reach the database says so (the hourly loop logs
+	// it and tries at the next hour).
+	db.Close()
+	if err := g.pruneHistory(ctx); err == nil {
+		t.Fatal("a pass on a closed database reported no error")
+	}
 }
 
 // TestPickupSilence: a locker's silence bound for new pickups is its
