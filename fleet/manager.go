@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -889,18 +890,8 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 // so a later birth in its place means a later session. When the retained
 // presence cannot be read the will is applied.
 func (m *Manager) staleWill(ctx context.Context, id string) bool {
-	rr, ok := m.bus.(RetainedReader)
-	if !ok {
-		return false
-	}
-	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-	defer cancel()
-	payload, err := rr.Retained(rctx, protocol.Topic(id, protocol.ChanPresence))
-	if err != nil {
-		m.log.Warn("retained presence not read; the Last Will is applied", "locker", id, "err", err)
-		return false
-	}
-	if len(payload) == 0 {
+	payload, ok := m.retainedPresence(ctx, id)
+	if !ok || len(payload) == 0 {
 		return false
 	}
 	if p, err := protocol.Decode[protocol.Presence](payload); err != nil || !p.Online {
@@ -909,6 +900,53 @@ func (m *Manager) staleWill(ctx context.Context, id string) bool {
 	m.m.staleWills.Inc()
 	m.log.Info("Last Will of an earlier session not applied: the locker's retained presence is a later birth", "locker", id)
 	return true
+}
+
+// lateBirthAfter is how far behind its arrival a birth's ts must be for
+// the birth to be checked against the broker (staleBirth): one that waited
+// in a crashed instance's session is minutes behind; one on time, seconds
+// at most, unless the locker's clock is off (then it is checked, and
+// found current).
+const lateBirthAfter = 30 * time.Second
+
+// staleBirth reports whether a birth is an earlier session's, delivered
+// late (as a will can be: staleWill): its ts is well behind its arrival
+// and the broker's retained presence of the locker is no longer this
+// birth (a will since, or a later birth). Applied, it would mark a locker
+// online that went away since, and report a version it may no longer run
+// to the firmware engine. A birth on time is not checked (a reconnect
+// storm's births cost nothing more); nothing retained, or a read that
+// fails, and the birth is applied.
+func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time) bool {
+	if p.TS.IsZero() || at.Sub(p.TS.Time) < lateBirthAfter {
+		return false
+	}
+	retained, ok := m.retainedPresence(ctx, id)
+	if !ok || len(retained) == 0 || bytes.Equal(retained, payload) {
+		return false
+	}
+	m.m.staleBirths.Inc()
+	m.log.Info("birth of an earlier session not applied: the locker's retained presence has changed since",
+		"locker", id, "birth_ts", p.TS.Time, "boot_id", p.BootID)
+	return true
+}
+
+// retainedPresence reads the broker's retained presence of locker id,
+// when the bus can (RetainedReader); false when it cannot, or the read
+// failed (logged).
+func (m *Manager) retainedPresence(ctx context.Context, id string) ([]byte, bool) {
+	rr, ok := m.bus.(RetainedReader)
+	if !ok {
+		return nil, false
+	}
+	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	payload, err := rr.Retained(rctx, protocol.Topic(id, protocol.ChanPresence))
+	if err != nil {
+		m.log.Warn("retained presence not read; the presence message is applied as it came", "locker", id, "err", err)
+		return nil, false
+	}
+	return payload, true
 }
 
 // ackAll acknowledges a stored batch (acknowledging twice is harmless).
@@ -1176,6 +1214,9 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		if m.opts.PresenceFromWill {
+			if m.staleBirth(ctx, c.id, p, c.payload, c.at) {
+				return
+			}
 			// No session events from an external broker: the birth starts
 			// the session.
 			if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {

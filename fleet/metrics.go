@@ -26,6 +26,7 @@ type metrics struct {
 	alerts           *prometheus.CounterVec // kind
 	presenceEvent    *prometheus.CounterVec // kind
 	staleWills       prometheus.Counter
+	staleBirths      prometheus.Counter
 
 	// Fleet-wide, from the census (the same on every gateway instance).
 	registered prometheus.Gauge
@@ -115,6 +116,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_presence_stale_wills_total",
 			Help: "Last Will messages not applied: an earlier session's, delivered late by an external broker after the locker's next birth.",
 		}),
+		staleBirths: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_presence_stale_births_total",
+			Help: "Births not applied: an earlier session's, delivered late by an external broker after the locker's presence changed again.",
+		}),
 		registered: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_devices_registered",
 			Help: "Enabled lockers in the database (fleet-wide: every gateway instance reports the same count).",
@@ -167,7 +172,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
 			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
-			m.staleWills, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
+			m.staleWills, m.staleBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
 }

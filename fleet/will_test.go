@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"testing"
+	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // retainedBus answers Retained with its fields.
@@ -71,4 +74,56 @@ func TestStaleWill(t *testing.T) {
 			t.Fatal("stale without a way to read the retained presence")
 		}
 	})
+}
+
+// TestStaleBirth: a birth is an earlier session's (not applied) only when
+// its ts is well behind its arrival and the broker's retained presence is
+// no longer this birth; a birth on time is not even checked.
+func TestStaleBirth(t *testing.T) {
+	at := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
+	birth := func(ts time.Time, boot string) []byte {
+		return protocol.Encode(protocol.Presence{Online: true, TS: protocol.T(ts), FW: "1.4.2", Model: "LX-24", BootID: boot})
+	}
+	late := birth(at.Add(-10*time.Minute), "b-1")
+	for _, tc := range []struct {
+		name     string
+		payload  []byte
+		retained []byte
+		err      error
+		stale    bool
+		asked    bool
+	}{
+		{"OnTime", birth(at.Add(-2*time.Second), "b-1"), []byte(`{"online":false}`), nil, false, false},
+		{"LateWillSince", late, []byte(`{"online":false}`), nil, true, true},
+		{"LateLaterBirth", late, birth(at.Add(-time.Minute), "b-2"), nil, true, true},
+		{"LateButCurrent", late, late, nil, false, true}, // a clock behind
+		{"LateNothingRetained", late, nil, nil, false, true},
+		{"LateReadFailed", late, nil, errors.New("broker down"), false, true},
+		{"NoTS", []byte(`{"online":true}`), []byte(`{"online":false}`), nil, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			bus := &retainedBus{payload: tc.retained, err: tc.err}
+			m, err := New(Options{Store: newFakeStore(), Bus: bus, PresenceFromWill: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p, err := protocol.Decode[protocol.Presence](tc.payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := m.staleBirth(context.Background(), "lk-1", p, tc.payload, at); got != tc.stale {
+				t.Fatalf("stale %v, want %v", got, tc.stale)
+			}
+			if asked := len(bus.asked) == 1; asked != tc.asked {
+				t.Fatalf("retained presence read %v, want %v", bus.asked, tc.asked)
+			}
+			var pb dto.Metric
+			if err := m.m.staleBirths.Write(&pb); err != nil {
+				t.Fatal(err)
+			}
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale] {
+				t.Fatalf("stale births counted %v", n)
+			}
+		})
+	}
 }

@@ -452,7 +452,8 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 // session until it returns). Such a will, here published again by hand
 // after the birth (not retained, as a late delivery is), leaves the locker
 // online: the broker's retained presence is the later birth. A real
-// connection loss still marks it offline.
+// connection loss still marks it offline, and a late birth of an earlier
+// session does not mark it online again; its next birth on time does.
 func TestExternalLateWill(t *testing.T) {
 	mq := MustOpenMosquitto(t)
 	tg := MustStart(t, onExternal(mq, "gw-a"))
@@ -480,4 +481,26 @@ func TestExternalLateWill(t *testing.T) {
 	if v, err := tg.Metric(stale); err != nil || v != 1 {
 		t.Fatalf("%s = %v (%v) after a real will, want 1", stale, v, err)
 	}
+
+	// A birth of the session before, delivered late (its ts minutes old):
+	// the locker stays offline, its retained presence being the will.
+	const staleBirths = "lockergate_presence_stale_births_total"
+	MustPublish(t, late, protocol.Topic(r.DeviceID, protocol.ChanPresence), false,
+		fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2","model":"LX-24","boot_id":"b-before"}`, protocol.FormatTime(time.Now().Add(-10*time.Minute))))
+	Eventually(t, 10*time.Second, "the late birth judged", func() error {
+		if v, err := tg.Metric(staleBirths); err != nil || v != 1 {
+			return fmt.Errorf("%s = %v (%v)", staleBirths, v, err)
+		}
+		return nil
+	})
+	if online() != 0 {
+		t.Fatal("a birth older than the locker's last will marked it online")
+	}
+	sim.Lockers()[0].RestoreNetwork()
+	Eventually(t, 20*time.Second, "a birth on time marks it online", func() error {
+		if online() != 1 {
+			return errors.New("offline")
+		}
+		return nil
+	})
 }
