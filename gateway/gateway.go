@@ -342,16 +342,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			if err := g.pickups.Rekey(ctx, id); err != nil {
 				return err
 			}
-			// The old board's firmware jobs ended in the registration (the
-			// firmware store's trigger): its fw/job goes empty on the broker
-			// now, before the new board, which connects with this answer,
-			// can subscribe and run a job meant for the board it replaced.
-			// Not a reason to withhold the answer: a broker that does not
-			// take it now gets it at the new board's first connect, as
-			// before (an external broker may be slow while provisioning,
-			// on the embedded listener, is not).
+			// The re-keyed set goes out, and the old board's firmware jobs
+			// ended in the registration (the firmware store's trigger): its
+			// fw/job goes empty on the broker now, before the new board,
+			// which connects with this answer, can subscribe and run a job
+			// meant for the board it replaced. Not a reason to withhold the
+			// answer: a broker that does not take it now gets it at the new
+			// board's first connect (an external broker may be slow while
+			// provisioning, on the embedded listener, is not).
 			if err := g.fleet.PublishRetained(ctx, id); err != nil {
-				g.log.Warn("replaced locker's retained state not republished before its answer; the new board may see the old board's fw/job until it connects",
+				g.log.Warn("replaced locker's retained state not republished before its answer; the new board may see the old set and fw/job until it connects",
 					"locker", id, "err", err)
 			}
 			return nil

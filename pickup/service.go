@@ -319,8 +319,10 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 
 // Rekey gives the active credentials of a re-provisioned locker MACs for
 // its new cred_key (the codes stay the same), so the orders already in it
-// can still be collected with the codes their drivers hold, and publishes
-// the new set. Provisioning calls it before it answers the new board.
+// can still be collected with the codes their drivers hold. Provisioning
+// calls it before it answers the new board; the caller then publishes the
+// locker's retained state, the new set with it (the gateway does, with
+// its fw/job).
 func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 	n, err := s.o.Store.RekeyCredentials(ctx, deviceID, func(gen int, c *Credential) {
 		s.setMACs(c, gen, c.PINMAC != "", c.QRMAC != "")
@@ -330,7 +332,6 @@ func (s *Service) Rekey(ctx context.Context, deviceID string) error {
 	}
 	if n > 0 {
 		s.log.Info("credentials re-keyed for a re-provisioned locker", "locker", deviceID, "credentials", n)
-		s.publish(ctx, deviceID)
 	}
 	return nil
 }

@@ -446,7 +446,8 @@ func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) 
 		conn.Conn().Close(context.Background())
 		conn.Release()
 	}
-	// One round trip: the transaction, its idle bound and the lock.
+	// One batch: the transaction, its idle bound and the lock (one round
+	// trip once the connection has the statement prepared).
 	b := &pgx.Batch{}
 	b.Queue(`BEGIN`)
 	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`, deviceID, effectsLockIdle)
