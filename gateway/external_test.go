@@ -462,22 +462,12 @@ func TestExternalLateWill(t *testing.T) {
 	const stale = "lockergate_presence_stale_wills_total"
 	late := MustConnect(t, mq.Addr, "late-delivery", "", "")
 	MustPublish(t, late, protocol.Topic(r.DeviceID, protocol.ChanPresence), false, `{"online":false}`)
-	Eventually(t, 10*time.Second, "the late will judged", func() error {
-		if v, err := tg.Metric(stale); err != nil || v != 1 {
-			return fmt.Errorf("%s = %v (%v)", stale, v, err)
-		}
-		return nil
-	})
+	tg.WaitMetric(t, 10*time.Second, stale, 1) // the late will judged
 	if online() != 1 {
 		t.Fatal("a will older than the locker's birth marked it offline")
 	}
 	sim.Lockers()[0].LoseNetwork()
-	Eventually(t, 10*time.Second, "the real will marks it offline", func() error {
-		if online() != 0 {
-			return errors.New("online")
-		}
-		return nil
-	})
+	waitOnline(t, tg, r.DeviceID, false) // the real will marks it offline
 	if v, err := tg.Metric(stale); err != nil || v != 1 {
 		t.Fatalf("%s = %v (%v) after a real will, want 1", stale, v, err)
 	}
@@ -487,12 +477,7 @@ func TestExternalLateWill(t *testing.T) {
 	const staleBirths = "lockergate_presence_stale_births_total"
 	MustPublish(t, late, protocol.Topic(r.DeviceID, protocol.ChanPresence), false,
 		fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2","model":"LX-24","boot_id":"b-before"}`, protocol.FormatTime(time.Now().Add(-10*time.Minute))))
-	Eventually(t, 10*time.Second, "the late birth judged", func() error {
-		if v, err := tg.Metric(staleBirths); err != nil || v != 1 {
-			return fmt.Errorf("%s = %v (%v)", staleBirths, v, err)
-		}
-		return nil
-	})
+	tg.WaitMetric(t, 10*time.Second, staleBirths, 1) // the late birth judged
 	if online() != 0 {
 		t.Fatal("a birth older than the locker's last will marked it online")
 	}

@@ -126,6 +126,19 @@ func (tg *TestGateway) Metric(series string) (float64, error) {
 	return v, err
 }
 
+// WaitMetric waits up to d until the sample line series in the gateway's
+// /metrics reads want.
+func (tg *TestGateway) WaitMetric(tb testing.TB, d time.Duration, series string, want float64) {
+	tb.Helper()
+	Eventually(tb, d, series, func() error {
+		got, err := tg.Metric(series)
+		if err == nil && got != want {
+			err = fmt.Errorf("%s = %v, want %v", series, got, want)
+		}
+		return err
+	})
+}
+
 // scrapeSeries reads one sample line (name+labels) from the /metrics of the
 // gateway at httpAddr; found is false when the series is not there.
 func scrapeSeries(httpAddr, series string) (v float64, found bool, err error) {

@@ -136,13 +136,7 @@ func TestMQTTBadInput(t *testing.T) {
 		want[fmt.Sprintf(`lockergate_ingest_messages_dropped_total{channel="%s",reason="%s"}`, b.ch, b.reason)]++
 	}
 	for series, n := range want {
-		Eventually(t, 5*time.Second, series, func() error {
-			got, err := tg.Metric(series)
-			if err == nil && got != n {
-				err = fmt.Errorf("got %v, want %v", got, n)
-			}
-			return err
-		})
+		tg.WaitMetric(t, 5*time.Second, series, n)
 	}
 	n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID)
 	if n != 1 {
