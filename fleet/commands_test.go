@@ -659,7 +659,8 @@ func TestEffectsLockedWhenShared(t *testing.T) {
 }
 
 // TestEffectsWithoutTheLock: when the effects lock cannot be taken within
-// its bound (another instance holds it, or the database fails), the events
+// its bound (another instance holds it, the database fails, or this
+// instance holds its maximum of locks for other lockers), the events
 // are not applied, stay in the outbox (not recorded applied) and are no
 // longer marked in flight, so a replay offers them again; the token for
 // the lock is given back.
@@ -683,6 +684,21 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 	}
 	if n := len(m.effectsLocks); n != 0 {
 		t.Fatalf("%d lock tokens kept", n)
+	}
+
+	// Every token taken (other lockers' locks held): the same, without
+	// asking the store.
+	st.lockErr = nil
+	for range cap(m.effectsLocks) {
+		m.effectsLocks <- struct{}{}
+	}
+	m.markEffectsBusy(evs)
+	m.applyEffects(context.Background(), "lk-1", evs)
+	if len(sink.held) != 0 || len(st.applied) != 0 || st.locks != 0 {
+		t.Fatalf("with no token free: applied %d times, recorded %v, %d locks asked for; want none", len(sink.held), st.applied, st.locks)
+	}
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
+		t.Fatal("with no token free, the event is still marked in flight")
 	}
 }
 
@@ -724,15 +740,17 @@ type flakyFirmware struct {
 	FirmwareTracker
 	fails    int
 	err      error
-	onFail   func()
+	calls    int
+	onFail   func(calls int)
 	recorded []protocol.FwStatus
 }
 
 func (f *flakyFirmware) JobStatus(_ context.Context, _ string, st *protocol.FwStatus, _ time.Time) error {
+	f.calls++
 	if f.fails > 0 {
 		f.fails--
 		if f.onFail != nil {
-			f.onFail()
+			f.onFail(f.calls)
 		}
 		return f.err
 	}
@@ -740,13 +758,18 @@ func (f *flakyFirmware) JobStatus(_ context.Context, _ string, st *protocol.FwSt
 	return nil
 }
 
-// TestFirmwareReportKeptAtStop: a fw/status report still failing when the
-// manager stops (the drain deadline cancels its work) is not acknowledged,
-// so a broker that holds it delivers it to the next run.
+// TestFirmwareReportKeptAtStop: a fw/status report is tried again while
+// the database fails, and one still failing when the manager stops (the
+// drain deadline cancels its work) is not acknowledged, so a broker that
+// holds it delivers it to the next run.
 func TestFirmwareReportKeptAtStop(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	fw := &flakyFirmware{fails: 1 << 30, err: errors.New("connection refused"), onFail: cancel}
+	fw := &flakyFirmware{fails: 1 << 30, err: errors.New("connection refused"), onFail: func(calls int) {
+		if calls == 3 {
+			cancel()
+		}
+	}}
 	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Firmware: fw})
 	if err != nil {
 		t.Fatal(err)
@@ -754,8 +777,9 @@ func TestFirmwareReportKeptAtStop(t *testing.T) {
 	acks := 0
 	m.handleControl(ctx, control{kind: ctrlFwStatus, id: "lk-1", payload: []byte(`{"job":"j-1","state":"failed","error":"checksum","ts":"2026-12-05T07:00:00.000Z"}`),
 		at: time.Now(), ack: func() { acks++ }})
-	if acks != 0 || len(fw.recorded) != 0 {
-		t.Fatalf("%d acks, %d recorded; want the report neither recorded nor acknowledged", acks, len(fw.recorded))
+	if fw.calls != 3 || acks != 0 || len(fw.recorded) != 0 {
+		t.Fatalf("%d tries, %d acks, %d recorded; want 3 tries (the third at the stop), no record, no acknowledgement",
+			fw.calls, acks, len(fw.recorded))
 	}
 }
 
