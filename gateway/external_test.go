@@ -423,8 +423,7 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
 		protocol.FormatTime(used), p.Credential.ID+".p", p.Compartment))
 	Eventually(t, 10*time.Second, "the gateway waiting for the locker's effects lock", func() error {
-		if n := tg.Count(t, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
-			AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`); n != 1 {
+		if n := tg.Count(t, pgtest.AdvisoryLocksSQL, false); n != 1 {
 			return fmt.Errorf("%d waiting", n)
 		}
 		return nil

@@ -7,21 +7,17 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
 )
-
-// thisDB keeps to the locks taken in the test's own database (the cluster
-// is shared with other tests).
-const thisDB = `database = (SELECT oid FROM pg_database WHERE datname = current_database())`
 
 // advisoryLocks counts the advisory locks in the test's database, granted
 // or waited for.
 func advisoryLocks(t *testing.T, db *postgres.DB, granted bool) int {
 	t.Helper()
 	var n int
-	if err := db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = $1 AND `+thisDB,
-		granted).Scan(&n); err != nil {
+	if err := db.Pool().QueryRow(context.Background(), pgtest.AdvisoryLocksSQL, granted).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n
@@ -67,8 +63,13 @@ func TestLockEffects(t *testing.T) {
 	}()
 	waitLocks(t, db, "the second caller waiting", 1, 1)
 	cancel()
-	if err := <-gaveUp; !errors.Is(err, context.Canceled) {
-		t.Fatalf("a wait cancelled: %v, want context.Canceled", err)
+	select {
+	case err := <-gaveUp:
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("a wait cancelled: %v, want context.Canceled", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a cancelled wait did not return within 10 s")
 	}
 	waitLocks(t, db, "the cancelled wait gone", 0, 1)
 

@@ -25,6 +25,12 @@ import (
 	"github.com/lockergate/lockergate/internal/pgcluster"
 )
 
+// AdvisoryLocksSQL counts the advisory locks in the current database
+// (the cluster is shared with other tests' databases), granted ($1 true)
+// or waited for ($1 false).
+const AdvisoryLocksSQL = `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted = $1
+	AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+
 // maxIdentLen is PostgreSQL's identifier limit (NAMEDATALEN-1) in bytes.
 const maxIdentLen = 63
 
