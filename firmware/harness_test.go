@@ -370,7 +370,6 @@ func (h *harness) exec(sql string, args ...any) {
 	}
 }
 
-// job returns a locker's job in a rollout.
 // sentJob waits until locker id received its job of rollout, and returns
 // the job's id.
 func (h *harness) sentJob(rollout, id string) string {
@@ -385,6 +384,7 @@ func (h *harness) sentJob(rollout, id string) string {
 	return job
 }
 
+// job returns a locker's job in a rollout.
 func (h *harness) job(rollout, id string) firmware.Job {
 	h.tb.Helper()
 	for _, j := range h.jobs(rollout) {

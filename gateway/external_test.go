@@ -378,12 +378,7 @@ func oneExternalLocker(t *testing.T, tg *TestGateway, mq *Mosquitto, site string
 		o.SerialPrefix = "ONE"
 		o.Identities = map[string]devicesim.Identity{serial: {DeviceID: r.DeviceID, Password: r.Password, CredKey: key}}
 	})
-	Eventually(t, 20*time.Second, "the locker online through mosquitto", func() error {
-		if n := tg.Count(t, `SELECT count(*) FROM devices WHERE id = $1 AND online`, r.DeviceID); n != 1 {
-			return errors.New("offline")
-		}
-		return nil
-	})
+	waitOnline(t, tg, r.DeviceID, true)
 	return r, sim
 }
 

@@ -718,9 +718,7 @@ func TestFirmwareJobClearedForAReplacedBoard(t *testing.T) {
 	r := MustProvision(t, tg, claim, "SWAP-1")
 	fwJob, creds := protocol.Topic(r.DeviceID, protocol.ChanFwJob), protocol.Topic(r.DeviceID, protocol.ChanCreds)
 	old := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
-	MustPublish(t, old, protocol.Topic(r.DeviceID, protocol.ChanPresence), true,
-		fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-old"}`, protocol.FormatTime(time.Now())))
-	waitOnline(t, tg, r.DeviceID, true)
+	publishBirth(t, tg, old, r.DeviceID) // on 1.0.0, model LX-4
 	a := fwUpload(t, tg, "LX-4", "1.5.0", fwImage("1.5.0"))
 	st := fwCreate(t, tg, map[string]any{"firmware": a.ID, "waves": []int{100}, "rate_per_min": 60000})
 	Eventually(t, 20*time.Second, "the job sent to the old board (which never answers it)", func() error {
