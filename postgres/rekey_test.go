@@ -244,12 +244,26 @@ func TestRotateCredentials(t *testing.T) {
 	}
 
 	// The locker had not got the new set: it accepts the old code of a.
-	ps, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now())
+	usedAt := time.Now()
+	ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt)
 	if err != nil || len(ps) != 1 || ps[0].ID != a.ID {
 		t.Fatalf("old code used after the rotation: %+v, %v; want pickup %s", ps, err, a.ID)
 	}
 	if _, state := e.cred("new-k-a"); state != "used" {
 		t.Fatalf("the replacement after the old code was used: %s, want used", state)
+	}
+	// The same use offered again (an event replayed): its pickups all the
+	// same (the late-code step needs them), and nothing recorded twice.
+	version := e.version()
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt); err != nil || len(ps) != 1 || ps[0].ID != a.ID {
+		t.Fatalf("the use replayed: %+v, %v; want pickup %s again", ps, err, a.ID)
+	}
+	var n int
+	if err := e.db.Pool().QueryRow(ctx, `SELECT count(*) FROM audit WHERE locker = $1 AND action = 'credential.use'`, e.id).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 || e.version() != version {
+		t.Fatalf("after a replayed use: %d credential.use entries, version %d (was %d); want 1, unchanged", n, e.version(), version)
 	}
 	if _, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("the old code used twice: %v, want ErrNotFound", err)
