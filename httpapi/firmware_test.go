@@ -216,6 +216,14 @@ func TestFirmwareUploadRefusals(t *testing.T) {
 				key, w.Code, w.Body, w.Header().Get("Retry-After"), body.n)
 		}
 	}
+	// A first upload under its key, refused: the key is given up, so the
+	// retry that Retry-After invites runs instead of being told "in
+	// progress" or given the refusal again.
+	st.claimed = true
+	if w := post("fw-first", bytes.NewReader(image)); w.Code != http.StatusTooManyRequests || st.released != 1 || len(st.finished) != 0 {
+		t.Errorf("a first upload refused: %d, %d keys released, answers kept %v; want 429, the key released, nothing kept",
+			w.Code, st.released, st.finished)
+	}
 }
 
 type countingReader struct {
