@@ -204,6 +204,7 @@ type devices struct {
 	spell func(version string) string
 	// failAt is when the engine got the failure report the harness sent last.
 	published atomic.Int64
+	cleared   sync.Map // id → *atomic.Int32: publishes that found no job (the locker's fw/job empty)
 	mu        sync.Mutex
 	closed    bool
 }
@@ -231,6 +232,14 @@ func newDevices(h *harness) *devices {
 		})
 	}
 	return d
+}
+
+// clearedFor counts the publishes for locker id that found no job.
+func (d *devices) clearedFor(id string) int32 {
+	if n, ok := d.cleared.Load(id); ok {
+		return n.(*atomic.Int32).Load()
+	}
+	return 0
 }
 
 // PublishRetained implements firmware.Fleet.
@@ -276,7 +285,12 @@ func (d *devices) work(ctx context.Context, s *shard) {
 
 func (d *devices) handle(ctx context.Context, id string) {
 	r, err := d.h.db.Retained(ctx, id)
-	if err != nil || r.FwJob == nil {
+	if err != nil {
+		return
+	}
+	if r.FwJob == nil {
+		n, _ := d.cleared.LoadOrStore(id, new(atomic.Int32))
+		n.(*atomic.Int32).Add(1)
 		return
 	}
 	job := r.FwJob

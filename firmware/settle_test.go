@@ -364,7 +364,7 @@ func TestEngineSuccessClearsTheJob(t *testing.T) {
 	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "1.5.0"}, time.Now(), false); err != nil {
 		t.Fatal(err)
 	}
-	before := h.devs.published.Load()
+	before, cleared := h.devs.published.Load(), h.devs.clearedFor(ids[0])
 	h.eng.Booted(ctx, ids[0], "1.5.0", time.Now())
 	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSucceeded {
 		t.Fatalf("after the birth: %s, want succeeded", j.State)
@@ -376,6 +376,13 @@ func TestEngineSuccessClearsTheJob(t *testing.T) {
 	if err != nil || r.FwJob != nil {
 		t.Fatalf("retained fw/job after the success: %+v %v, want none", r.FwJob, err)
 	}
+	// What the locker was sent is its state without the job.
+	testtool.Eventually(t, 5*time.Second, "an empty fw/job sent to the locker", func() error {
+		if h.devs.clearedFor(ids[0]) == cleared {
+			return errors.New("not yet")
+		}
+		return nil
+	})
 }
 
 // TestEngineLateReportOfACancelledJob: a late "installing" of a job that
