@@ -162,6 +162,7 @@ type Broker struct {
 	// second request for the serial waits for that record, or it could be
 	// taken for the retry of a lost answer.
 	delivering sync.Map
+	awaiting   atomic.Int32 // requests waiting in awaitDelivered (tests watch it)
 
 	life      sync.Mutex
 	started   bool

@@ -161,6 +161,8 @@ func (b *Broker) answerDelivered(s *session) {
 // of a lost answer because its acknowledgement was not written yet.
 func (b *Broker) awaitDelivered(ctx context.Context, serial string) {
 	if v, ok := b.delivering.Load(serial); ok {
+		b.awaiting.Add(1)
+		defer b.awaiting.Add(-1)
 		select {
 		case <-v.(chan struct{}):
 		case <-ctx.Done():

@@ -220,20 +220,15 @@ func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 		t.Fatal("the delivery was not recorded")
 	}
 	ask()
-	// The second request is not decided while the record is on its way
-	// (watched for 200 ms: without the wait it is decided within a few).
-	tick := time.NewTicker(time.Millisecond)
-	defer tick.Stop()
-	for end := time.After(200 * time.Millisecond); ; {
-		if n := h.prov.callCount(); n != 1 {
-			t.Fatalf("%d Provision calls before the first answer's delivery was recorded, want 1", n)
+	// The second request waits for the record on its way, undecided.
+	testtool.Eventually(t, 5*time.Second, "the second request waiting for the delivery record", func() error {
+		if n := h.b.awaiting.Load(); n != 1 {
+			return fmt.Errorf("%d waiting", n)
 		}
-		select {
-		case <-tick.C:
-			continue
-		case <-end:
-		}
-		break
+		return nil
+	})
+	if n := h.prov.callCount(); n != 1 {
+		t.Fatalf("%d Provision calls before the first answer's delivery was recorded, want 1", n)
 	}
 	release()
 	testtool.Eventually(t, 5*time.Second, "the second request decided", func() error {
