@@ -28,6 +28,19 @@ func dynsecMosquitto(t *testing.T) (addr, adminPassword string) {
 	return mosquitto(t, fmt.Sprintf("plugin %s\nplugin_opt_config_file %s\n", plugin, cf)), adminPassword
 }
 
+// dialBus connects a Bus to the broker at addr as client id, in group g,
+// with the rest of o; it is closed when the test ends.
+func dialBus(t *testing.T, addr, id string, o Options) *Bus {
+	t.Helper()
+	o.URL, o.ClientID, o.Group, o.Logger = "mqtt://"+addr, id, "g", quiet()
+	b, err := Dial(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	return b
+}
+
 // TestSubscriptionRefusedThenRestored: a subscription the broker refuses
 // (SUBACK 0x80: the user's roles do not allow it) is an error, not a
 // subscription that silently takes nothing, and the bus is not ready. Once
@@ -38,16 +51,11 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 	ctx := context.Background()
 	dial := func(id, user, password string, cut *cuttable) *Bus {
 		t.Helper()
-		o := Options{URL: "mqtt://" + addr, ClientID: id, Username: user, Password: password, Group: "g", Logger: quiet()}
+		o := Options{Username: user, Password: password}
 		if cut != nil {
 			o.openConn = cut.open
 		}
-		b, err := Dial(ctx, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(b.Close)
-		return b
+		return dialBus(t, addr, id, o)
 	}
 	ds, err := NewDynSec(dial("admin", "lgadmin", adminPassword, nil))
 	if err != nil {
@@ -141,18 +149,8 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 func TestRetained(t *testing.T) {
 	addr := mosquitto(t, "")
 	ctx := context.Background()
-	dial := func(id string, o Options) *Bus {
-		t.Helper()
-		o.URL, o.ClientID, o.Group, o.Logger = "mqtt://"+addr, id, "g", quiet()
-		b, err := Dial(ctx, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(b.Close)
-		return b
-	}
-	pub := dial("pub", Options{})
-	gw := dial("gw", Options{peekWait: time.Second})
+	pub := dialBus(t, addr, "pub", Options{})
+	gw := dialBus(t, addr, "gw", Options{peekWait: time.Second})
 	r := &received{got: map[string]int{}}
 	if err := gw.Subscribe("lockers/v1/+/presence", r.handler); err != nil {
 		t.Fatal(err)
@@ -193,7 +191,7 @@ func TestRetained(t *testing.T) {
 		t.Fatalf("%d messages delivered twice to the group's handler", r.dups)
 	}
 	// After Close nothing is read, and no connection is made for it.
-	fresh := dial("gw-2", Options{})
+	fresh := dialBus(t, addr, "gw-2", Options{})
 	fresh.Close()
 	if got, err := fresh.Retained(ctx, topic); err == nil || got != nil {
 		t.Fatalf("a read after Close: %q %v, want an error", got, err)
