@@ -719,8 +719,21 @@ func TestFirmwareJobClearedForAReplacedBoard(t *testing.T) {
 	fwJob, creds := protocol.Topic(r.DeviceID, protocol.ChanFwJob), protocol.Topic(r.DeviceID, protocol.ChanCreds)
 	old := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
 	publishBirth(t, tg, old, r.DeviceID) // on 1.0.0, model LX-4
+	sent := make(chan []byte, 4)
+	if tok := old.Subscribe(fwJob, 1, func(_ paho.Client, m paho.Message) { sent <- m.Payload() }); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
 	a := fwUpload(t, tg, "LX-4", "1.5.0", fwImage("1.5.0"))
 	st := fwCreate(t, tg, map[string]any{"firmware": a.ID, "waves": []int{100}, "rate_per_min": 60000})
+	// The job is recorded sent, then published (retained): wait for the
+	// publish, so that the broker holds it before the checks below.
+	for job := []byte(nil); len(job) == 0; {
+		select {
+		case job = <-sent:
+		case <-time.After(20 * time.Second):
+			t.Fatal("no fw/job published to the old board within 20 s")
+		}
+	}
 	Eventually(t, 20*time.Second, "the job sent to the old board (which never answers it)", func() error {
 		if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSent {
 			return fmt.Errorf("jobs %+v", js)
