@@ -33,20 +33,32 @@ type fakeStore struct {
 	locked  map[string]bool // effects locks held (LockEffects)
 	locks   int             // LockEffects calls
 	lockErr error           // LockEffects' answer when set
+	lockFor time.Duration   // how long a lock is sure (default an hour)
+	lockOut bool            // LockEffects waits for its ctx (another holder)
 }
 
-func (f *fakeStore) LockEffects(_ context.Context, deviceID string) (func(), error) {
+func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.lockOut {
+		f.mu.Unlock()
+		<-ctx.Done()
+		f.mu.Lock()
+		return time.Time{}, nil, ctx.Err()
+	}
 	if f.lockErr != nil {
-		return nil, f.lockErr
+		return time.Time{}, nil, f.lockErr
 	}
 	if f.locked == nil {
 		f.locked = map[string]bool{}
 	}
 	f.locks++
 	f.locked[deviceID] = true
-	return func() {
+	until := time.Now().Add(time.Hour)
+	if f.lockFor != 0 {
+		until = time.Now().Add(f.lockFor)
+	}
+	return until, func() {
 		f.mu.Lock()
 		defer f.mu.Unlock()
 		delete(f.locked, deviceID)
@@ -659,8 +671,8 @@ func TestEffectsLockedWhenShared(t *testing.T) {
 }
 
 // TestEffectsWithoutTheLock: when the effects lock cannot be taken within
-// its bound (another instance holds it, the database fails, or this
-// instance holds its maximum of locks for other lockers), the events
+// its bound (the database fails, this instance holds its maximum of locks
+// for other lockers, or another instance holds it), the events
 // are not applied, stay in the outbox (not recorded applied) and are no
 // longer marked in flight, so a replay offers them again; the token for
 // the lock is given back.
@@ -699,6 +711,73 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 	}
 	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
 		t.Fatal("with no token free, the event is still marked in flight")
+	}
+	for range cap(m.effectsLocks) {
+		<-m.effectsLocks
+	}
+
+	// Another holder keeping the lock past the wait: the same, and not
+	// counted as a failing database, which the first case was.
+	failures := func() float64 {
+		var c dto.Metric
+		if err := m.m.dbErrors.WithLabelValues("effects_lock").Write(&c); err != nil {
+			t.Fatal(err)
+		}
+		return c.GetCounter().GetValue()
+	}
+	before := failures()
+	if before == 0 {
+		t.Fatal("db_errors_total{op=effects_lock} 0 after the database failed")
+	}
+	st.lockOut = true
+	m.markEffectsBusy(evs)
+	m.applyEffects(context.Background(), "lk-1", evs)
+	if len(sink.held) != 0 || len(st.applied) != 0 {
+		t.Fatalf("with the lock held elsewhere: applied %d times, recorded %v; want neither", len(sink.held), st.applied)
+	}
+	if after := failures(); after != before {
+		t.Fatalf("db_errors_total{op=effects_lock} %v after a wait that ran out, want %v: the database did not fail", after, before)
+	}
+}
+
+// stuckSink's steps fail until their context ends, as pickup steps do
+// while the database is down; it then reports none applied.
+type stuckSink struct{}
+
+func (stuckSink) Wants(string) bool { return true }
+
+func (stuckSink) DeviceEvents(ctx context.Context, _ []EventRecord) int {
+	<-ctx.Done()
+	return 0
+}
+
+// TestEffectsStopWhenTheLockMayPass: a holder whose steps still fail when
+// the store's lock is no longer sure stops them, leaving the events to a
+// replay, rather than go on applying them beside the lock's next holder.
+func TestEffectsStopWhenTheLockMayPass(t *testing.T) {
+	st := newFakeStore()
+	st.lockFor = 100 * time.Millisecond
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Events: stuckSink{}, SharedReports: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	evs := []EventRecord{{DeviceID: "lk-1", EventID: "e-1", Pending: true}}
+	m.markEffectsBusy(evs)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		m.applyEffects(context.Background(), "lk-1", evs)
+	}()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the steps went on 10 s past the lock's sure time")
+	}
+	if len(st.applied) != 0 || len(st.locked) != 0 {
+		t.Fatalf("recorded applied %v, locks still held %v; want neither", st.applied, st.locked)
+	}
+	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
+		t.Fatal("the event is still marked in flight: no replay would offer it")
 	}
 }
 

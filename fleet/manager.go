@@ -464,16 +464,22 @@ func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 // withdrew before it was raised.
 func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRecord) {
 	defer m.unmarkEffectsBusy(events)
+	applyCtx := ctx
 	if m.opts.SharedReports && slices.ContainsFunc(events, func(e EventRecord) bool { return e.Pending }) {
-		release, err := m.lockEffects(ctx, id)
+		until, release, err := m.lockEffects(ctx, id)
 		if err != nil {
 			m.log.Warn("device events not applied yet: their locker's effects lock was not taken; offered again later",
 				"locker", id, "pending", len(events), "err", err)
 			return
 		}
 		defer release()
+		// Steps still failing when the lock may pass to another holder
+		// stop, and leave their events for a replay.
+		held, cancel := context.WithDeadline(ctx, until)
+		defer cancel()
+		applyCtx = held
 	}
-	n := min(m.opts.Events.DeviceEvents(ctx, events), len(events))
+	n := min(m.opts.Events.DeviceEvents(applyCtx, events), len(events))
 	var done []string
 	for _, e := range events[:n] {
 		if e.Pending {
@@ -503,26 +509,28 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 // again (replayEvents), after the locker's later batches: a locker's
 // effects stay in order only while locks are taken. At most
 // maxEffectsLocks are held at once, each on a pool connection of its
-// own. Releasing twice is harmless.
-func (m *Manager) lockEffects(ctx context.Context, id string) (func(), error) {
+// own. The lock is sure until the time returned. Releasing twice is
+// harmless.
+func (m *Manager) lockEffects(ctx context.Context, id string) (time.Time, func(), error) {
 	ctx, cancel := context.WithTimeout(ctx, m.effectsWait)
 	defer cancel()
 	select {
 	case m.effectsLocks <- struct{}{}:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return time.Time{}, nil, ctx.Err()
 	}
+	var until time.Time
 	var release func()
 	err := m.retry(ctx, "effects_lock", func(ctx context.Context) (err error) {
-		release, err = m.store.LockEffects(ctx, id)
+		until, release, err = m.store.LockEffects(ctx, id)
 		return err
 	})
 	if err != nil {
 		<-m.effectsLocks
-		return nil, err
+		return time.Time{}, nil, err
 	}
 	var once sync.Once
-	return func() {
+	return until, func() {
 		once.Do(func() {
 			release()
 			<-m.effectsLocks
@@ -705,7 +713,8 @@ func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, wr
 }
 
 // retry runs op until it succeeds or ctx ends, backing off; storage
-// outages must not lose QoS 1 data that was already accepted.
+// outages must not lose QoS 1 data that was already accepted. An attempt
+// that ctx's end cut short is not counted as a database error.
 func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) error) error {
 	backoff := 50 * time.Millisecond
 	for {
@@ -714,6 +723,9 @@ func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) 
 		m.m.dbWrite.WithLabelValues(op).Observe(time.Since(start).Seconds())
 		if err == nil || errors.Is(err, ErrInvalid) || errors.Is(err, ErrNotFound) {
 			return err
+		}
+		if ctx.Err() != nil { // cut short by the caller, not a failure
+			return ctx.Err()
 		}
 		m.m.dbErrors.WithLabelValues(op).Inc()
 		m.log.Error("database write failed; retrying", "op", op, "err", err, "retry_in", backoff)

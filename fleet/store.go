@@ -106,7 +106,10 @@ type Store interface {
 	// a locker's event effects. Instances sharing a broker's group get
 	// one locker's events in turns, and take it so that their effects
 	// (one judging a closing that another is applying) do not interleave.
-	LockEffects(ctx context.Context, deviceID string) (release func(), err error)
+	// The lock is sure to hold until until (unless released): past it the
+	// store may have given it to another holder (postgres: a holder idle
+	// past a bound loses it), so the holder stops its steps by then.
+	LockEffects(ctx context.Context, deviceID string) (until time.Time, release func(), err error)
 	// CredsBehind returns up to limit online, enabled lockers whose last
 	// acknowledged credential set is older than their current one, with the
 	// current version, leaving out those in skip at the version given

@@ -399,7 +399,7 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	p := e.waitState(t, e.create(t, "ORD-1", "S", time.Hour).ID, pickup.Ready)
 	e.waitCreds(t, p.Locker)
 
-	release, err := tg.DB().LockEffects(ctx, p.Locker)
+	_, release, err := tg.DB().LockEffects(ctx, p.Locker)
 	if err != nil {
 		t.Fatal(err)
 	}

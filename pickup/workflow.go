@@ -48,13 +48,17 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 }
 
 // retry runs a step until it succeeds, fails for good (the state moved:
-// not found, a conflict, invalid), or ctx ends.
+// not found, a conflict, invalid), or ctx ends (an attempt that ends cut
+// short by it is not logged as a failure).
 func (s *Service) retry(ctx context.Context, op string, f func(context.Context) error) error {
 	backoff := 50 * time.Millisecond
 	for {
 		err := f(ctx)
 		if err == nil || errors.Is(err, fleet.ErrNotFound) || errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrInvalid) {
 			return err
+		}
+		if ctx.Err() != nil { // cut short by the caller, not a failure
+			return ctx.Err()
 		}
 		s.log.Error("pickup step failed; retrying", "op", op, "err", err, "retry_in", backoff)
 		select {

@@ -42,12 +42,17 @@ func waitLocks(t *testing.T, db *postgres.DB, what string, waiting, held int) {
 func TestLockEffects(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
-	release, err := db.LockEffects(ctx, "lk-1")
+	asked := time.Now()
+	until, release, err := db.LockEffects(ctx, "lk-1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(release)
-	other, err := db.LockEffects(ctx, "lk-2")
+	// Sure for three quarters of the 2 min idle bound, counted from the ask.
+	if want := asked.Add(90 * time.Second); until.Before(want) || until.After(time.Now().Add(90*time.Second)) {
+		t.Errorf("lock sure until %v after the ask, want 90 s", until.Sub(asked))
+	}
+	_, other, err := db.LockEffects(ctx, "lk-2")
 	if err != nil {
 		t.Fatalf("another locker's lock: %v", err)
 	}
@@ -58,7 +63,7 @@ func TestLockEffects(t *testing.T) {
 	cctx, cancel := context.WithCancel(ctx)
 	gaveUp := make(chan error, 1)
 	go func() {
-		_, err := db.LockEffects(cctx, "lk-1")
+		_, _, err := db.LockEffects(cctx, "lk-1")
 		gaveUp <- err
 	}()
 	waitLocks(t, db, "the second caller waiting", 1, 1)
@@ -75,7 +80,7 @@ func TestLockEffects(t *testing.T) {
 
 	second := make(chan func(), 1)
 	go func() {
-		r, err := db.LockEffects(ctx, "lk-1")
+		_, r, err := db.LockEffects(ctx, "lk-1")
 		if err != nil {
 			t.Error(err)
 		}
@@ -96,22 +101,26 @@ func TestLockEffects(t *testing.T) {
 }
 
 // TestLockEffectsIdleHolder: a holder that leaves its lock idle past the
-// bound (a hung instance) loses it, to PostgreSQL ending its session; its
-// release afterwards is harmless.
+// bound (a hung instance) loses it, to PostgreSQL ending its session, but
+// not before the time its grant said it was sure until; its release
+// afterwards is harmless.
 func TestLockEffectsIdleHolder(t *testing.T) {
-	postgres.SetEffectsLockIdle(t, "300ms")
+	postgres.SetEffectsLockIdle(t, 400*time.Millisecond)
 	ctx := context.Background()
 	db := MustOpen(t)
-	hung, err := db.LockEffects(ctx, "lk-1")
+	until, hung, err := db.LockEffects(ctx, "lk-1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(hung) // before the pool closes, whatever happens
 	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	next, err := db.LockEffects(wctx, "lk-1")
+	_, next, err := db.LockEffects(wctx, "lk-1")
 	if err != nil {
 		t.Fatalf("the lock of an idle holder: %v, want it granted once PostgreSQL ends the holder's session", err)
+	}
+	if granted := time.Now(); granted.Before(until) {
+		t.Errorf("granted to the next holder %v before the first's grant ran out", until.Sub(granted))
 	}
 	hung()
 	next()

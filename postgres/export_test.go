@@ -1,5 +1,7 @@
 package postgres
 
+import "time"
+
 // UpdateLatestSQL is exported for the plan test in package postgres_test.
 const UpdateLatestSQL = updateLatestSQL
 
@@ -8,7 +10,7 @@ const PruneLock = pruneLock
 
 // SetEffectsLockIdle sets the idle bound of effects locks taken from now
 // on, until the test ends.
-func SetEffectsLockIdle(t interface{ Cleanup(func()) }, d string) {
+func SetEffectsLockIdle(t interface{ Cleanup(func()) }, d time.Duration) {
 	old := effectsLockIdle
 	effectsLockIdle = d
 	t.Cleanup(func() { effectsLockIdle = old })

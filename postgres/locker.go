@@ -434,13 +434,14 @@ func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, sin
 // PostgreSQL ends it when its holder stops answering: the transaction is
 // idle while the holder's steps run on other connections, and a holder
 // idle longer than effectsLockIdle (a hung instance whose socket is still
-// open) has its session ended, and the lock with it. Its key is not
-// lockerLock's, which the effects' own transactions take. Releasing twice
-// is harmless.
-func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) {
+// open) has its session ended, and the lock with it. So the lock is sure
+// only for a part of that bound, counted from before the request (the
+// session is not idle while it waits): until. Its key is not lockerLock's,
+// which the effects' own transactions take. Releasing twice is harmless.
+func (db *DB) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
-		return nil, err
+		return time.Time{}, nil, err
 	}
 	drop := func() { // the session's end ends the transaction and its lock
 		conn.Conn().Close(context.Background())
@@ -450,13 +451,15 @@ func (db *DB) LockEffects(ctx context.Context, deviceID string) (func(), error) 
 	// trip once the connection has the statement prepared).
 	b := &pgx.Batch{}
 	b.Queue(`BEGIN`)
-	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`, deviceID, effectsLockIdle)
+	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`,
+		deviceID, strconv.FormatInt(effectsLockIdle.Milliseconds(), 10))
+	asked := time.Now()
 	if err := conn.SendBatch(ctx, b).Close(); err != nil {
 		drop() // it may have been granted as ctx ended
-		return nil, err
+		return time.Time{}, nil, err
 	}
 	var once sync.Once
-	return func() {
+	return asked.Add(effectsLockIdle * 3 / 4), func() {
 		once.Do(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -480,7 +483,7 @@ const effectsLock = `hashtextextended('lockergate/effects/' || $1, 0)`
 // its transaction idle: far past a batch of pickup steps, short enough
 // that a hung instance does not hold a locker's effects for long. A
 // variable for the test of the bound.
-var effectsLockIdle = "2min"
+var effectsLockIdle = 2 * time.Minute
 
 // maxClosingsAfter bounds DoorClosingsAfter: a compartment closed this
 // often between a code's use and its report is not a pickup's story.
