@@ -359,9 +359,11 @@ func (l *Locker) fire(s *faultStream) {
 		n := 1 + s.r.IntN(len(l.comps))
 		repair := fs.DoorJams.Repair.draw(s.r)
 		l.decideLocked(s.name, s.n, at, DecideDoorJam, Decision{Compartment: n, Duration: Duration(repair)})
-		l.f.c.doorJams.Add(1)
 		c := l.comps[n-1]
 		started := !c.fault // a jam of a faulty door changes nothing, and repairs nothing
+		if started {
+			l.f.c.doorJams.Add(1)
+		}
 		c.setFault(true)
 		if gen := c.faultGen; started && repair > 0 {
 			l.afterLocked(repair, func() { l.repairDoor(n, gen) })

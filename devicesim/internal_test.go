@@ -300,3 +300,33 @@ func TestScheduledRepairEndsOnlyItsJam(t *testing.T) {
 		t.Fatal("the second fault's repair left it in force")
 	}
 }
+
+// TestJamOfAFaultyDoorNotCounted: a scheduled jam that finds its door
+// already failing changes nothing and is not counted in door_jams; one
+// that jams a working door is.
+func TestJamOfAFaultyDoorNotCounted(t *testing.T) {
+	f := offlineFleet(t, 1, func(o *Options) {
+		o.Lockers = 1
+		o.Faults.DoorJams = DoorJams{PerHour: 0.001, Repair: Between(time.Hour, 2*time.Hour)}
+	})
+	l := f.lockers[0]
+	i := slices.IndexFunc(l.x.streams, func(s *faultStream) bool { return s.name == "jam" })
+	if i < 0 {
+		t.Fatal("no jam stream")
+	}
+	jam := l.x.streams[i]
+	for _, c := range l.comps {
+		l.SetDoorFault(c.spec.N, true)
+	}
+	l.fire(jam)
+	if n := f.Stats().DoorJams; n != 0 {
+		t.Fatalf("door_jams %d after a jam of a door already failing, want 0", n)
+	}
+	for _, c := range l.comps {
+		l.SetDoorFault(c.spec.N, false)
+	}
+	l.fire(jam)
+	if n := f.Stats().DoorJams; n != 1 {
+		t.Fatalf("door_jams %d after a jam of a working door, want 1", n)
+	}
+}
