@@ -48,26 +48,40 @@ func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProce
 	t.Helper()
 	p := &gatewayProcess{cmd: exec.Command(bin, append([]string{"serve"}, args...)...)}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdout, err := p.cmd.StdoutPipe()
+	// A pipe of the test's own, not StdoutPipe: exec's Wait (in
+	// testtool.Start) closes that one, possibly under the reader.
+	stdout, w, err := os.Pipe()
 	if err != nil {
 		t.Fatal(err)
 	}
+	p.cmd.Stdout = w
 	logf, err := os.CreateTemp(t.TempDir(), "gateway-*.log")
 	if err != nil {
 		t.Fatal(err)
 	}
 	p.cmd.Stderr = logf
-	if p.exited, err = testtool.Start(p.cmd); err != nil {
+	p.exited, err = testtool.Start(p.cmd)
+	w.Close() // the child has its copy; EOF once it exits
+	if err != nil {
+		stdout.Close()
 		t.Fatal(err)
 	}
 	addr := make(chan string, 1)
 	go func() {
+		defer stdout.Close()
 		sc := bufio.NewScanner(stdout)
 		for sc.Scan() {
-			if rest, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "API:"); ok {
-				u := strings.TrimSpace(rest)
-				u = strings.TrimPrefix(u, "http://")
-				addr <- u[:strings.Index(u, "/")]
+			rest, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "API:")
+			if !ok {
+				continue
+			}
+			u := strings.TrimPrefix(strings.TrimSpace(rest), "http://")
+			if i := strings.Index(u, "/"); i > 0 {
+				u = u[:i]
+			}
+			select {
+			case addr <- u:
+			default: // a later line: the first one counts
 			}
 		}
 	}()
