@@ -483,3 +483,36 @@ func TestExternalLateWill(t *testing.T) {
 		return nil
 	})
 }
+
+// TestExternalReplacementWithTheBrokerDown: a board replaced while the
+// external broker is down gets its provisioning answer (on the embedded
+// listener) after a short wait on the broker, not the provisioning call's
+// whole bound (the re-keyed retained state that could not go out is
+// published at the board's first connect, as for any locker).
+func TestExternalReplacementWithTheBrokerDown(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-swap"))
+	claim := tg.MustSiteAndClaim(t, "swap-site", 2)
+	r := MustProvision(t, tg, claim, "SWAP-EXT-1")
+	patchLocker(t, tg, r.DeviceID, map[string]bool{"replaceable": true})
+	if err := mq.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 15*time.Second, "the gateway's broker connection lost", func() error {
+		resp, err := http.Get("http://" + tg.HTTPAddr() + "/readyz")
+		if err != nil {
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			return fmt.Errorf("/readyz %d", resp.StatusCode)
+		}
+		return nil
+	})
+	// The publish's wait is 2 s; without the bound the answer waited for
+	// the provisioning call's own 10 s.
+	nr := provisionWithin(t, tg, claim, "SWAP-EXT-1", 7*time.Second)
+	if nr.DeviceID != r.DeviceID || nr.Password == r.Password {
+		t.Fatalf("replacement answer %s with a new secret: %v; want the same locker, re-keyed", nr.DeviceID, nr.Password != r.Password)
+	}
+}

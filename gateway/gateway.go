@@ -144,6 +144,11 @@ const (
 // (DeviceAuthHTTP), should the kick watch (kicks.go) fail to notice.
 const externalAuthCacheTTL = 10 * time.Second
 
+// rekeyPublishWait bounds the wait for a re-provisioned locker's retained
+// state to go out before its answer: a fifth of the provisioning call's
+// 10 s, so that a broker that is down delays the answer, not withholds it.
+const rekeyPublishWait = 2 * time.Second
+
 // Gateway is one running gateway process.
 type Gateway struct {
 	opts    Options
@@ -348,9 +353,12 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			// which connects with this answer, can subscribe and run a job
 			// meant for the board it replaced. Not a reason to withhold the
 			// answer: a broker that does not take it now gets it at the new
-			// board's first connect (an external broker may be slow while
-			// provisioning, on the embedded listener, is not).
-			if err := g.fleet.PublishRetained(ctx, id); err != nil {
+			// board's first connect (an external broker may be slow or down
+			// while provisioning, on the embedded listener, is not), so the
+			// wait for it is short.
+			pctx, cancel := context.WithTimeout(ctx, rekeyPublishWait)
+			defer cancel()
+			if err := g.fleet.PublishRetained(pctx, id); err != nil {
 				g.log.Warn("replaced locker's retained state not republished before its answer; the new board may see the old set and fw/job until it connects",
 					"locker", id, "err", err)
 			}

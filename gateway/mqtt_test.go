@@ -63,6 +63,13 @@ func MustLockerEvents(tb testing.TB, tg *TestGateway, claim, serial string, even
 // and returns its identity.
 func MustProvision(tb testing.TB, tg *TestGateway, claim, serial string) protocol.ProvisionResponse {
 	tb.Helper()
+	return provisionWithin(tb, tg, claim, serial, 15*time.Second)
+}
+
+// provisionWithin is MustProvision with the wait for the answer bounded
+// by d.
+func provisionWithin(tb testing.TB, tg *TestGateway, claim, serial string, d time.Duration) protocol.ProvisionResponse {
+	tb.Helper()
 	c := MustConnect(tb, tg.MQTTAddr(), "prov-"+serial, "claim", claim)
 	got := make(chan []byte, 1)
 	if t := c.Subscribe(protocol.ProvisionResponseTopic(serial), 1, func(_ paho.Client, m paho.Message) { got <- m.Payload() }); !t.WaitTimeout(5*time.Second) || t.Error() != nil {
@@ -78,8 +85,8 @@ func MustProvision(tb testing.TB, tg *TestGateway, claim, serial string) protoco
 			tb.Fatalf("provisioning answer %s (%v)", b, err)
 		}
 		return r
-	case <-time.After(15 * time.Second):
-		tb.Fatal("no provisioning answer within 15 s")
+	case <-time.After(d):
+		tb.Fatalf("no provisioning answer within %v", d)
 	}
 	panic("unreachable")
 }
