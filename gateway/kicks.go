@@ -105,7 +105,12 @@ func (g *Gateway) runKicks(ctx context.Context) error {
 				return true
 			})
 		}()
-		g.db.WatchKicks(lctx, k.heard, k.listening)
+		g.db.WatchKicks(lctx, k.heard, func() {
+			k.listening()
+			if g.opts.ExternalBroker == "" { // the embedded broker serves the lockers
+				g.warmAuthCache(lctx)
+			}
+		})
 		restart()
 	}
 	return nil
