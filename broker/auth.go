@@ -455,10 +455,8 @@ type authCache struct {
 	// epochs count invalidations per stripe of ids. A backend answer is only
 	// cached, and a session only admitted, if no invalidation of its stripe
 	// happened meanwhile: a device disabled during its own check stays out.
-	epochs [authStripes]uint64
+	epochs [64]uint64
 }
-
-const authStripes = 64
 
 type cacheEntry struct {
 	sum     [sha256.Size]byte
@@ -470,17 +468,12 @@ func newAuthCache(ttl time.Duration) *authCache {
 }
 
 func (c *authCache) stripe(id string) *uint64 {
-	return &c.epochs[stripeOf(id)]
-}
-
-// stripeOf is the index of id's stripe in authCache.epochs.
-func stripeOf(id string) int {
 	h := uint32(2166136261) // FNV-1a
 	for i := 0; i < len(id); i++ {
 		h ^= uint32(id[i])
 		h *= 16777619
 	}
-	return int(h % authStripes)
+	return &c.epochs[h%uint32(len(c.epochs))]
 }
 
 func (c *authCache) epoch(id string) uint64 {
@@ -528,35 +521,6 @@ func (c *authCache) store(id string, sum [sha256.Size]byte, epoch uint64, now ti
 		}
 	}
 	c.entries[id] = cacheEntry{sum: sum, expires: now.Add(c.ttl)}
-}
-
-// size is how many entries the cache holds, as a metric's value.
-func (c *authCache) size() float64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return float64(len(c.entries))
-}
-
-// snapshot returns every stripe's epoch, for warm.
-func (c *authCache) snapshot() [authStripes]uint64 {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.epochs
-}
-
-// warm stores id's secret sum as a backend would confirm it, unless id
-// is cached already (a check since the snapshot knows better), its stripe
-// was invalidated since the snapshot, or the cache is full. It reports
-// whether it stored.
-func (c *authCache) warm(id string, sum [sha256.Size]byte, snap *[authStripes]uint64, now time.Time) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	i := stripeOf(id)
-	if _, ok := c.entries[id]; ok || c.epochs[i] != snap[i] || len(c.entries) >= c.max {
-		return false
-	}
-	c.entries[id] = cacheEntry{sum: sum, expires: now.Add(c.ttl)}
-	return true
 }
 
 func (c *authCache) invalidate(id string) {

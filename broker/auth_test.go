@@ -1,7 +1,6 @@
 package broker
 
 import (
-	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -173,61 +172,6 @@ func TestAuthCache(t *testing.T) {
 	})
 }
 
-// TestWarmAuthCache: secrets read into the cache before lockers connect
-// are trusted like confirmed ones (no backend check), a wrong one listed
-// costs only a check, a wrong password is still refused, and an id
-// invalidated while the list is read, or checked meanwhile, is not
-// overwritten by the list.
-func TestWarmAuthCache(t *testing.T) {
-	h := newHarness(t, nil, nil)
-	h.auth.setDevice("E", fakeDevice{secret: "secret-E"})
-	h.auth.setDevice("F", fakeDevice{secret: "secret-F"})
-	h.mustDialDevice(t, "F").Disconnect(50) // checked, and cached, before the list
-	n, err := h.b.WarmAuthCache(context.Background(), func(_ context.Context, max int, yield func(string, [sha256.Size]byte)) error {
-		if max <= 0 {
-			t.Errorf("max %d", max)
-		}
-		yield("A", sha256.Sum256([]byte("secret-A")))
-		h.b.Invalidate("B") // disabled or re-keyed while the list is read
-		yield("B", sha256.Sum256([]byte("secret-B")))
-		yield("E", sha256.Sum256([]byte("an-older-secret")))
-		yield("F", sha256.Sum256([]byte("an-older-secret")))
-		return nil
-	})
-	if err != nil || n != 2 {
-		t.Fatalf("WarmAuthCache = %d, %v; want 2 stored (A, E), nil", n, err)
-	}
-	h.mustDialDevice(t, "A").Disconnect(50)
-	if got := h.auth.calls("A"); got != 0 {
-		t.Errorf("AuthDevice(A) calls = %d, want 0: its listed secret is trusted", got)
-	}
-	if _, err := h.dial(t, "A", "A", "guess"); err == nil {
-		t.Error("a wrong password accepted for a listed locker")
-	}
-	for id, want := range map[string]int{"B": 1, "E": 1, "F": 1} {
-		h.mustDialDevice(t, id).Disconnect(50)
-		if got := h.auth.calls(id); got != want {
-			t.Errorf("AuthDevice(%s) calls = %d, want %d", id, got, want)
-		}
-	}
-
-	t.Run("ListFails", func(t *testing.T) {
-		h := newHarness(t, nil, nil)
-		down := errors.New("database down")
-		n, err := h.b.WarmAuthCache(context.Background(), func(_ context.Context, _ int, yield func(string, [sha256.Size]byte)) error {
-			yield("A", sha256.Sum256([]byte("secret-A")))
-			return down
-		})
-		if !errors.Is(err, down) || n != 1 {
-			t.Fatalf("WarmAuthCache = %d, %v; want 1 (what came before the error) and the error", n, err)
-		}
-		h.mustDialDevice(t, "B").Disconnect(50)
-		if got := h.auth.calls("B"); got != 1 {
-			t.Errorf("AuthDevice(B) calls = %d, want 1: a locker not listed is checked", got)
-		}
-	})
-}
-
 func TestAuthCacheUnit(t *testing.T) {
 	now := time.Unix(1000, 0)
 	c := newAuthCache(time.Minute)
@@ -251,17 +195,6 @@ func TestAuthCacheUnit(t *testing.T) {
 		c.store("B", sum, e, now)
 		if c.match("B", sum, now) {
 			t.Error("answer from before the invalidation was cached")
-		}
-	})
-	t.Run("WarmBounded", func(t *testing.T) {
-		c := newAuthCache(time.Minute)
-		c.max = 2
-		snap := c.snapshot()
-		for _, id := range []string{"a", "b", "c"} {
-			c.warm(id, sum, &snap, now)
-		}
-		if len(c.entries) != 2 {
-			t.Errorf("warmed cache holds %d entries, max 2", len(c.entries))
 		}
 	})
 	t.Run("Bounded", func(t *testing.T) {

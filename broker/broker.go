@@ -13,7 +13,6 @@ package broker
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -210,13 +209,12 @@ func New(opts Options) (*Broker, error) {
 	// The reader-rest counter reads the mochi server, made below; a scrape
 	// of a registry already served may come before it is.
 	var server atomic.Pointer[mqtt.Server]
-	cache := newAuthCache(opts.AuthCacheTTL)
 	m, err := newMetrics(reg, func() float64 {
 		if s := server.Load(); s != nil {
 			return float64(s.ReadersRested())
 		}
 		return 0
-	}, cache.size)
+	})
 	if err != nil {
 		return nil, fmt.Errorf("broker: register metrics: %w", err)
 	}
@@ -228,7 +226,7 @@ func New(opts Options) (*Broker, error) {
 		m:          m,
 		ctx:        ctx,
 		cancel:     cancel,
-		cache:      cache,
+		cache:      newAuthCache(opts.AuthCacheTTL),
 		limiter:    newFailLimiter(),
 		refusalLog: newLogLimiter(5, 20),
 		denyLog:    newLogLimiter(1, 5),
@@ -545,30 +543,6 @@ func (b *Broker) Kick(id string) {
 // Invalidate forgets the cached credentials of device id.
 func (b *Broker) Invalidate(id string) {
 	b.cache.invalidate(id)
-}
-
-// DeviceSecrets lists devices that may connect, each by its id and the
-// SHA-256 of its secret, calling yield for each, at most max of them.
-type DeviceSecrets func(ctx context.Context, max int, yield func(id string, secretSum [sha256.Size]byte)) error
-
-// WarmAuthCache fills the credential cache from list before lockers
-// connect: a restarted gateway's fleet reconnects within seconds, and
-// without it every CONNECT waits for a backend check of its own (the
-// check slots fill up and lockers are answered "server busy" and back
-// off). An entry is trusted for AuthCacheTTL like one the Authenticator
-// confirmed; a Kick or Invalidate while the list is read leaves its id
-// out, and an id checked meanwhile keeps that check's answer. It returns
-// how many it stored, up to the cache's bound.
-func (b *Broker) WarmAuthCache(ctx context.Context, list DeviceSecrets) (int, error) {
-	snap := b.cache.snapshot()
-	now := time.Now()
-	n := 0
-	err := list(ctx, b.cache.max, func(id string, sum [sha256.Size]byte) {
-		if b.cache.warm(id, sum, &snap, now) {
-			n++
-		}
-	})
-	return n, err
 }
 
 // InvalidateAll forgets every cached credential (when kicks may have been

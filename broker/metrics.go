@@ -24,12 +24,11 @@ type metrics struct {
 	authBackend  prometheus.Histogram
 	provisioning *prometheus.CounterVec // result
 	readerRests  prometheus.CounterFunc
-	cacheSize    prometheus.GaugeFunc
 
 	all []prometheus.Collector
 }
 
-func newMetrics(reg prometheus.Registerer, readerRests, cacheSize func() float64) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, readerRests func() float64) (*metrics, error) {
 	m := &metrics{
 		authFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lockergate_mqtt_auth_failures_total",
@@ -72,10 +71,6 @@ func newMetrics(reg prometheus.Registerer, readerRests, cacheSize func() float64
 			Name: "lockergate_mqtt_reader_rests_total",
 			Help: "Times an idle connection's reader moved to a new goroutine, freeing the stack it grew handling packets (Options.ReaderRest).",
 		}, readerRests),
-		cacheSize: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "lockergate_mqtt_auth_cache_entries",
-			Help: "Device secrets in the credential cache: confirmed at a CONNECT, or read from the database at start (and after the kick listener reconnects) so that a reconnect storm is not checked one by one.",
-		}, cacheSize),
 	}
 	// Every label value exists from the start, so rate() and alerts see zeros.
 	for _, r := range refusalReasons {
@@ -102,7 +97,7 @@ func newMetrics(reg prometheus.Registerer, readerRests, cacheSize func() float64
 	}
 
 	m.all = []prometheus.Collector{m.authFailures, m.aclDenied, m.dropped, m.connections,
-		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning, m.readerRests, m.cacheSize}
+		m.connects, m.disconnects, m.authCache, m.authBackend, m.provisioning, m.readerRests}
 	var errs []error
 	var done []prometheus.Collector
 	for _, c := range m.all {

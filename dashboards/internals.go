@@ -28,9 +28,6 @@ func GatewayInternals() *Dashboard {
 					Description: "Device credential checks answered from the cache; misses cost a database round trip.",
 					Targets: []Target{{Expr: "sum(" + rate("lockergate_mqtt_auth_cache_total", `result="hit"`) + ") / clamp_min(sum(" +
 						rate("lockergate_mqtt_auth_cache_total", "") + "), 1e-9)", Legend: "hit ratio"}}},
-				withMin0(ts("Credential cache entries", "Device secrets the broker can confirm without the database: read at start (and after the kick listener "+
-					"reconnects), and added at each CONNECT checked. Far below the fleet's size after a restart: reconnects are checked one by one.", "short",
-					q("max by (instance) ("+vec("lockergate_mqtt_auth_cache_entries", "")+")", "{{instance}}"))),
 				withMin0(ts("Credential backend latency", "Device and claim credential checks against the database.", "s",
 					quantiles("lockergate_mqtt_auth_backend_duration_seconds", "", "")...)),
 				withMin0(ts("Provisioning requests", "Provisioning requests by result: ok, claim_expired, claim_exhausted, serial_taken, invalid, error, busy, undelivered.", "ops",

@@ -415,26 +415,6 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	return g, nil
 }
 
-// warmAuthCache reads the enabled lockers' secrets into the embedded
-// broker's credential cache: after a restart the whole fleet reconnects
-// at once, and each CONNECT would otherwise wait for a database check of
-// its own. Called once the kick listener is in place (kicks.go), which
-// forgets the cache, since a kick made before then could be missed: the
-// read then sees every change made before, and the broker's cache leaves
-// out an id that a kick heard since the read began names. Without it
-// lockers still connect, checked one by one.
-func (g *Gateway) warmAuthCache(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	start := time.Now()
-	n, err := g.broker.WarmAuthCache(ctx, g.prov.DeviceSecrets)
-	if err != nil {
-		g.log.Warn("credential cache not warmed; reconnecting lockers are checked against the database one by one", "cached", n, "err", err)
-		return
-	}
-	g.log.Info("credential cache warmed", "lockers", n, "took", time.Since(start).Round(time.Millisecond))
-}
-
 // Run serves until ctx ends, then shuts down in order: HTTP, broker, fleet
 // (drains queued writes). It returns the first serving error.
 func (g *Gateway) Run(ctx context.Context) error {

@@ -105,12 +105,7 @@ func (g *Gateway) runKicks(ctx context.Context) error {
 				return true
 			})
 		}()
-		g.db.WatchKicks(lctx, k.heard, func() {
-			k.listening()
-			if g.opts.ExternalBroker == "" { // the embedded broker serves the lockers
-				g.warmAuthCache(lctx)
-			}
-		})
+		g.db.WatchKicks(lctx, k.heard, k.listening)
 		restart()
 	}
 	return nil

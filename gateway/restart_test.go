@@ -123,39 +123,3 @@ func TestRestartEndsSessionsLeftOpen(t *testing.T) {
 		t.Fatalf("%d presence history rows for the session's end, want 1", n)
 	}
 }
-
-// TestRestartWarmsCredentialCache: a restarted gateway reads its lockers'
-// secrets before it serves, so the fleet's reconnects are not checked
-// against the database one by one; a locker disabled before the restart,
-// and a wrong secret, are still refused.
-func TestRestartWarmsCredentialCache(t *testing.T) {
-	opts := gateway.Options{
-		DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0", Logger: testLogger(t),
-	}
-	tg := MustRun(t, opts)
-	claim := tg.MustSiteAndClaim(t, "s1", 2)
-	on, off := MustProvision(t, tg, claim, "SN-WARM-1"), MustProvision(t, tg, claim, "SN-WARM-2")
-	patchLocker(t, tg, off.DeviceID, map[string]bool{"disabled": true})
-	tg.Stop(t)
-
-	tg2 := MustRun(t, opts)
-	// Read once the kick listener is in place, which comes with the start.
-	tg2.WaitMetric(t, 10*time.Second, "lockergate_mqtt_auth_cache_entries", 1)
-	MustConnect(t, tg2.MQTTAddr(), on.DeviceID, on.DeviceID, on.Password)
-	for series, want := range map[string]float64{
-		`lockergate_mqtt_auth_cache_total{result="hit"}`:  1,
-		`lockergate_mqtt_auth_cache_total{result="miss"}`: 0,
-	} {
-		if got, err := tg2.Metric(series); err != nil || got != want {
-			t.Errorf("after the first reconnect: %s = %v (%v), want %v", series, got, err, want)
-		}
-	}
-	if c, err := Connect(tg2.MQTTAddr(), on.DeviceID, on.DeviceID, "not-its-secret"); err == nil {
-		c.Disconnect(50)
-		t.Error("a wrong secret accepted after the restart")
-	}
-	if c, err := Connect(tg2.MQTTAddr(), off.DeviceID, off.DeviceID, off.Password); err == nil {
-		c.Disconnect(50)
-		t.Error("a locker disabled before the restart connected")
-	}
-}

@@ -1,10 +1,8 @@
 package postgres_test
 
 import (
-	"bytes"
 	"context"
 	"errors"
-	"slices"
 	"testing"
 	"time"
 
@@ -111,43 +109,5 @@ func TestWatchKicks(t *testing.T) {
 	case <-listens:
 	case <-time.After(10 * time.Second):
 		t.Fatal("LISTEN not back within 10 s of the listener's connection ending")
-	}
-}
-
-// TestDeviceSecrets: the list that warms the broker's credential cache
-// holds the enabled lockers with their secret hashes, the most recently
-// seen first, up to max; a disabled locker is not in it.
-func TestDeviceSecrets(t *testing.T) {
-	ctx := context.Background()
-	db := MustOpen(t)
-	never, recent, older, off := MustDevice(t, db, "s1", "N", 1), MustDevice(t, db, "s1", "R", 1), MustDevice(t, db, "s1", "O", 1), MustDevice(t, db, "s1", "D", 1)
-	now := time.Now()
-	for id, at := range map[string]time.Time{recent: now, older: now.Add(-time.Hour), off: now} {
-		if err := db.MarkOnline(ctx, id, at); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if _, err := db.UpdateLocker(ctx, off, new(true), nil); err != nil {
-		t.Fatal(err)
-	}
-	list := func(max int) []string {
-		t.Helper()
-		var ids []string
-		err := db.DeviceSecrets(ctx, max, func(id string, h []byte) {
-			if !bytes.Equal(h, provisioning.HashSecret("s")) {
-				t.Errorf("%s listed with hash %x, want its secret's", id, h)
-			}
-			ids = append(ids, id)
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return ids
-	}
-	if got, want := list(10), []string{recent, older, never}; !slices.Equal(got, want) {
-		t.Errorf("listed %v, want %v", got, want)
-	}
-	if got, want := list(1), []string{recent}; !slices.Equal(got, want) {
-		t.Errorf("listed with max 1: %v, want %v", got, want)
 	}
 }

@@ -298,22 +298,6 @@ func refusalOutcome(err error) string {
 	}
 }
 
-// DeviceSecrets implements provisioning.Store.
-func (db *DB) DeviceSecrets(ctx context.Context, max int, yield func(id string, secretHash []byte)) error {
-	rows, err := db.pool.Query(ctx, `SELECT id, secret_hash FROM devices WHERE NOT disabled
-		ORDER BY last_seen DESC NULLS LAST LIMIT $1`, max)
-	if err != nil {
-		return err
-	}
-	var id string
-	var h []byte
-	_, err = pgx.ForEachRow(rows, []any{&id, &h}, func() error {
-		yield(id, h)
-		return nil
-	})
-	return err
-}
-
 // DeviceAuth implements provisioning.Store.
 func (db *DB) DeviceAuth(ctx context.Context, id string) (*provisioning.DeviceAuth, error) {
 	var a provisioning.DeviceAuth

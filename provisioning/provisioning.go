@@ -106,9 +106,6 @@ type Store interface {
 	AnswerDelivered(ctx context.Context, deviceID string, at time.Time) error
 	// DeviceAuth returns a device's secret hash, or ErrUnknownDevice.
 	DeviceAuth(ctx context.Context, id string) (*DeviceAuth, error)
-	// DeviceSecrets calls yield with the id and secret hash of up to max
-	// enabled devices, the most recently seen first.
-	DeviceSecrets(ctx context.Context, max int, yield func(id string, secretHash []byte)) error
 }
 
 // Options configure a Service.
@@ -246,18 +243,6 @@ func (s *Service) RevokeClaim(ctx context.Context, id, actor string) error {
 func (s *Service) AuthClaim(ctx context.Context, token string) error {
 	_, err := s.o.Store.ClaimByHash(ctx, HashSecret(token))
 	return err
-}
-
-// DeviceSecrets lists up to max enabled devices with the SHA-256 of their
-// secret (what AuthDevice compares a password's with), the most recently
-// seen first: enough to confirm their passwords without asking the store
-// for each.
-func (s *Service) DeviceSecrets(ctx context.Context, max int, yield func(id string, secretSum [sha256.Size]byte)) error {
-	return s.o.Store.DeviceSecrets(ctx, max, func(id string, h []byte) {
-		if len(h) == sha256.Size {
-			yield(id, [sha256.Size]byte(h))
-		}
-	})
 }
 
 // AuthDevice checks a device's secret in constant time.
