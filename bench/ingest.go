@@ -60,6 +60,7 @@ type ingestStep struct {
 	BatchMean       float64 // mean messages per insert_health
 	AllocPerMsg     float64 // bytes the gateway allocated per stored message (Go's own count)
 	GCs             float64 // the gateway's garbage collections during the step
+	Rests           float64 // the gateway's MQTT readers that rested during the step (a change to resting shows here first)
 	GenCPU          float64
 	OK              bool
 	Why             string // why not OK
@@ -133,7 +134,7 @@ func (r *Runner) ingestGateway(ctx context.Context, lab *Lab, o IngestOptions) (
 		if err == nil {
 			r.Log.Info("ingest step", "target", rate, "offered", int(st.Offered), "stored/s", int(st.Rate), "lost", st.Lost,
 				"drain", st.Drain.Round(time.Millisecond), "lag_p99", st.LagP99, "e2e_p99", st.E2EP99, "write_p99", st.WriteP99, "write_mean", st.WriteMean,
-				"alloc_per_msg", int(st.AllocPerMsg), "gcs", st.GCs, "ok", st.OK, "why", st.Why)
+				"alloc_per_msg", int(st.AllocPerMsg), "gcs", st.GCs, "reader_rests", st.Rests, "ok", st.OK, "why", st.Why)
 		}
 		return st, err
 	})
@@ -317,6 +318,7 @@ func (r *Runner) ingestStepGateway(ctx context.Context, lab *Lab, f *Fleet, pub 
 		st.AllocPerMsg = (m1.Sum("go_memstats_alloc_bytes_total") - m0.Sum("go_memstats_alloc_bytes_total")) / float64(st.Stored)
 	}
 	st.GCs = m1.Sum("go_gc_duration_seconds_count") - m0.Sum("go_gc_duration_seconds_count")
+	st.Rests = m1.Sum("lockergate_mqtt_reader_rests_total") - m0.Sum("lockergate_mqtt_reader_rests_total")
 	st.judge(rate, skipped)
 	return st, nil
 }
