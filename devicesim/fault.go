@@ -220,6 +220,7 @@ type lockerSim struct {
 	powerCuts    int  // cuts so far: a scheduled restore ends only its own cut
 	manualHold   bool // LoseNetwork is one of them
 	streams      []*faultStream
+	armed        bool          // Start armed the streams: a decision made before then plans no timer
 	pending      []*time.Timer // hold releases and door repairs to come
 	keypadN      int           // keypad decisions made
 }
@@ -307,13 +308,14 @@ func (l *Locker) setupSim(site Site) {
 func (l *Locker) armFaults() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.x.armed = true
 	for _, s := range l.x.streams {
 		l.armLocked(s)
 	}
 }
 
 func (l *Locker) armLocked(s *faultStream) {
-	if s.next < 0 || l.stopped {
+	if s.next < 0 || l.stopped || !l.x.armed {
 		return
 	}
 	d := time.Until(l.f.realTime(s.next))
