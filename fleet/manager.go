@@ -511,13 +511,22 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 // maxEffectsLocks are held at once, each on a pool connection of its
 // own. The lock is sure until the time returned. Releasing twice is
 // harmless.
-func (m *Manager) lockEffects(ctx context.Context, id string) (time.Time, func(), error) {
-	ctx, cancel := context.WithTimeout(ctx, m.effectsWait)
+func (m *Manager) lockEffects(parent context.Context, id string) (time.Time, func(), error) {
+	ctx, cancel := context.WithTimeout(parent, m.effectsWait)
 	defer cancel()
+	// A wait that runs out while the caller still wants the lock means
+	// the database failing (or holders hung past their idle bound):
+	// counted once, where retry leaves out the attempt it cut short.
+	ranOut := func(err error) error {
+		if parent.Err() == nil {
+			m.m.dbErrors.WithLabelValues("effects_lock").Inc()
+		}
+		return err
+	}
 	select {
 	case m.effectsLocks <- struct{}{}:
 	case <-ctx.Done():
-		return time.Time{}, nil, ctx.Err()
+		return time.Time{}, nil, ranOut(ctx.Err())
 	}
 	var until time.Time
 	var release func()
@@ -527,7 +536,7 @@ func (m *Manager) lockEffects(ctx context.Context, id string) (time.Time, func()
 	})
 	if err != nil {
 		<-m.effectsLocks
-		return time.Time{}, nil, err
+		return time.Time{}, nil, ranOut(err)
 	}
 	var once sync.Once
 	return until, func() {

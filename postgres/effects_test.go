@@ -48,9 +48,9 @@ func TestLockEffects(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(release)
-	// Sure for three quarters of the 2 min idle bound, counted from the ask.
+	// Sure for three quarters of the 2 min idle bound, counted from the grant.
 	if want := asked.Add(90 * time.Second); until.Before(want) || until.After(time.Now().Add(90*time.Second)) {
-		t.Errorf("lock sure until %v after the ask, want 90 s", until.Sub(asked))
+		t.Errorf("lock sure until %v after the ask, want 90 s after the grant", until.Sub(asked))
 	}
 	_, other, err := db.LockEffects(ctx, "lk-2")
 	if err != nil {
@@ -102,10 +102,11 @@ func TestLockEffects(t *testing.T) {
 
 // TestLockEffectsIdleHolder: a holder that leaves its lock idle past the
 // bound (a hung instance) loses it, to PostgreSQL ending its session, but
-// not before the time its grant said it was sure until; its release
-// afterwards is harmless.
+// not before the time its grant said it was sure until; the next holder,
+// which waited that long, is still given its whole time; the first's
+// release afterwards is harmless.
 func TestLockEffectsIdleHolder(t *testing.T) {
-	postgres.SetEffectsLockIdle(t, 400*time.Millisecond)
+	postgres.SetEffectsLockIdle(t, 2*time.Second)
 	ctx := context.Background()
 	db := MustOpen(t)
 	until, hung, err := db.LockEffects(ctx, "lk-1")
@@ -115,12 +116,16 @@ func TestLockEffectsIdleHolder(t *testing.T) {
 	t.Cleanup(hung) // before the pool closes, whatever happens
 	wctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
-	_, next, err := db.LockEffects(wctx, "lk-1")
+	nextUntil, next, err := db.LockEffects(wctx, "lk-1")
 	if err != nil {
 		t.Fatalf("the lock of an idle holder: %v, want it granted once PostgreSQL ends the holder's session", err)
 	}
-	if granted := time.Now(); granted.Before(until) {
+	granted := time.Now()
+	if granted.Before(until) {
 		t.Errorf("granted to the next holder %v before the first's grant ran out", until.Sub(granted))
+	}
+	if !nextUntil.After(granted) {
+		t.Errorf("the next holder, which waited 2 s, was given a lock sure until %v before its grant: its steps would be cut at once", granted.Sub(nextUntil))
 	}
 	hung()
 	next()

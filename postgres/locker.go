@@ -435,8 +435,9 @@ func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, sin
 // idle while the holder's steps run on other connections, and a holder
 // idle longer than effectsLockIdle (a hung instance whose socket is still
 // open) has its session ended, and the lock with it. So the lock is sure
-// only for a part of that bound, counted from before the request (the
-// session is not idle while it waits): until. Its key is not lockerLock's,
+// only for a part of that bound, counted from the grant (the session is
+// not idle while it waits for the lock; the rest of the bound covers the
+// grant's way back): until. Its key is not lockerLock's,
 // which the effects' own transactions take. Releasing twice is harmless.
 func (db *DB) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
 	conn, err := db.pool.Acquire(ctx)
@@ -453,13 +454,13 @@ func (db *DB) LockEffects(ctx context.Context, deviceID string) (time.Time, func
 	b.Queue(`BEGIN`)
 	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`,
 		deviceID, strconv.FormatInt(effectsLockIdle.Milliseconds(), 10))
-	asked := time.Now()
 	if err := conn.SendBatch(ctx, b).Close(); err != nil {
 		drop() // it may have been granted as ctx ended
 		return time.Time{}, nil, err
 	}
+	granted := time.Now()
 	var once sync.Once
-	return asked.Add(effectsLockIdle * 3 / 4), func() {
+	return granted.Add(effectsLockIdle * 3 / 4), func() {
 		once.Do(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
