@@ -890,3 +890,33 @@ func TestFirmwareReportOutlastsDatabaseErrors(t *testing.T) {
 		t.Fatalf("dropped counter %v (%v), want 1", dropped.GetCounter().GetValue(), err)
 	}
 }
+
+// TestPublishRetainedLockWaitEnds: a publish of a locker's retained state
+// waiting for its shard's publish lock, which another publish holds (one
+// an external broker that is down keeps waiting), gives up when its
+// context ends rather than wait for that publish.
+func TestPublishRetainedLockWaitEnds(t *testing.T) {
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := m.lockLocker(context.Background(), testLocker.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		defer cancel()
+		done <- m.PublishRetained(ctx, testLocker.ID)
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("PublishRetained = %v, want the context's end", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("PublishRetained still waiting for the lock 10 s after its context ended")
+	}
+}

@@ -126,8 +126,8 @@ type Manager struct {
 	effectsWait  time.Duration           // bounds the wait for one (effectsLockWait)
 	credsLag     map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
-	doorFaults sync.Map // locker id → []int, the last door_faults seen (or faultsUnsynced)
-	publishMu  [64]sync.Mutex
+	doorFaults sync.Map          // locker id → []int, the last door_faults seen (or faultsUnsynced)
+	publishMu  [64]chan struct{} // lockLocker's locks, one slot each
 
 	stopped    atomic.Bool
 	subscribed atomic.Bool
@@ -244,6 +244,9 @@ func New(opts Options) (*Manager, error) {
 	}
 	for i := 0; i < opts.ControlShards; i++ {
 		m.ctrl = append(m.ctrl, make(chan control, opts.ControlQueue))
+	}
+	for i := range m.publishMu {
+		m.publishMu[i] = make(chan struct{}, 1)
 	}
 	return m, nil
 }
@@ -391,9 +394,18 @@ func shard(id string, n int) int {
 	return int(h.Sum32() % uint32(n))
 }
 
-// lockerLock returns the lock that orders retained publishes of a locker.
-func (m *Manager) lockerLock(id string) *sync.Mutex {
-	return &m.publishMu[shard(id, len(m.publishMu))]
+// lockLocker takes the lock that orders retained publishes of a locker
+// (shared with the lockers of its shard), waiting until ctx ends at most:
+// a publish that holds it can take as long as the bus lets it (an
+// external broker that is down: 10 s). It returns the unlock.
+func (m *Manager) lockLocker(ctx context.Context, id string) (func(), error) {
+	l := m.publishMu[shard(id, len(m.publishMu))]
+	select {
+	case l <- struct{}{}:
+		return func() { <-l }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func (m *Manager) enqueue(c control) {
@@ -1364,9 +1376,11 @@ type EventSink interface {
 func (m *Manager) PublishCreds(ctx context.Context, id string) error {
 	// Read and publish under the locker's lock so two changes cannot
 	// publish their sets in the wrong order (retained: the last one wins).
-	mu := m.lockerLock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	unlock, err := m.lockLocker(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	r, err := m.store.Retained(ctx, id)
 	if err != nil {
 		return err
@@ -1376,9 +1390,11 @@ func (m *Manager) PublishCreds(ctx context.Context, id string) error {
 
 // PublishRetained publishes a locker's retained creds, config and fw/job.
 func (m *Manager) PublishRetained(ctx context.Context, id string) error {
-	mu := m.lockerLock(id)
-	mu.Lock()
-	defer mu.Unlock()
+	unlock, err := m.lockLocker(ctx, id)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	r, err := m.store.Retained(ctx, id)
 	if err != nil {
 		return err
