@@ -697,6 +697,17 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 	if n := len(m.effectsLocks); n != 0 {
 		t.Fatalf("%d lock tokens kept", n)
 	}
+	failures := func() float64 {
+		var c dto.Metric
+		if err := m.m.dbErrors.WithLabelValues("effects_lock").Write(&c); err != nil {
+			t.Fatal(err)
+		}
+		return c.GetCounter().GetValue()
+	}
+	failed := failures()
+	if failed == 0 {
+		t.Fatal("db_errors_total{op=effects_lock} 0 after the database failed")
+	}
 
 	// Every token taken (other lockers' locks held): the same, without
 	// asking the store.
@@ -712,6 +723,9 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 	if _, busy := m.effectsBusy.Load("lk-1\x00e-1"); busy {
 		t.Fatal("with no token free, the event is still marked in flight")
 	}
+	if now := failures(); now != failed {
+		t.Fatalf("db_errors_total{op=effects_lock} %v after a wait for a token, want %v: no database call was made", now, failed)
+	}
 	for range cap(m.effectsLocks) {
 		<-m.effectsLocks
 	}
@@ -719,17 +733,7 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 	// Another holder keeping the lock past the wait (by design only a
 	// failing database does): the same, counted once as a database error,
 	// not per attempt.
-	failures := func() float64 {
-		var c dto.Metric
-		if err := m.m.dbErrors.WithLabelValues("effects_lock").Write(&c); err != nil {
-			t.Fatal(err)
-		}
-		return c.GetCounter().GetValue()
-	}
 	before := failures()
-	if before == 0 {
-		t.Fatal("db_errors_total{op=effects_lock} 0 after the database failed")
-	}
 	st.lockOut = true
 	m.markEffectsBusy(evs)
 	m.applyEffects(context.Background(), "lk-1", evs)

@@ -404,7 +404,7 @@ func (m *Manager) lockLocker(ctx context.Context, id string) (func(), error) {
 	case l <- struct{}{}:
 		return func() { <-l }, nil
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, fmt.Errorf("publish lock of locker %s: %w", id, ctx.Err())
 	}
 }
 
@@ -526,29 +526,28 @@ func (m *Manager) applyEffects(ctx context.Context, id string, events []EventRec
 func (m *Manager) lockEffects(parent context.Context, id string) (time.Time, func(), error) {
 	ctx, cancel := context.WithTimeout(parent, m.effectsWait)
 	defer cancel()
-	// A wait that runs out while the caller still wants the lock means
-	// the database failing (or holders hung past their idle bound):
-	// counted once, where retry leaves out the attempt it cut short.
-	ranOut := func(err error) error {
-		if parent.Err() == nil {
-			m.m.dbErrors.WithLabelValues("effects_lock").Inc()
-		}
-		return err
-	}
 	select {
 	case m.effectsLocks <- struct{}{}:
 	case <-ctx.Done():
-		return time.Time{}, nil, ranOut(ctx.Err())
+		return time.Time{}, nil, ctx.Err() // logged by the caller: no database call made
 	}
 	var until time.Time
 	var release func()
+	var cut bool // the last attempt was cut short by the wait's end
 	err := m.retry(ctx, "effects_lock", func(ctx context.Context) (err error) {
 		until, release, err = m.store.LockEffects(ctx, id)
+		cut = err != nil && ctx.Err() != nil
 		return err
 	})
 	if err != nil {
 		<-m.effectsLocks
-		return time.Time{}, nil, ranOut(err)
+		// A wait for the lock that runs out while the caller still wants
+		// it means the database failing (or holders hung past their idle
+		// bound): counted once, as retry leaves out the attempt it cut.
+		if cut && parent.Err() == nil {
+			m.m.dbErrors.WithLabelValues("effects_lock").Inc()
+		}
+		return time.Time{}, nil, err
 	}
 	var once sync.Once
 	return until, func() {

@@ -435,9 +435,9 @@ func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, sin
 // idle while the holder's steps run on other connections, and a holder
 // idle longer than effectsLockIdle (a hung instance whose socket is still
 // open) has its session ended, and the lock with it. So the lock is sure
-// only for a part of that bound, counted from the grant (the session is
-// not idle while it waits for the lock; the rest of the bound covers the
-// grant's way back): until. Its key is not lockerLock's,
+// only for a part of that bound, counted from a moment before the
+// server's last answer (the request, or a query made after a long wait):
+// until. Its key is not lockerLock's,
 // which the effects' own transactions take. Releasing twice is harmless.
 func (db *DB) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
 	conn, err := db.pool.Acquire(ctx)
@@ -454,13 +454,27 @@ func (db *DB) LockEffects(ctx context.Context, deviceID string) (time.Time, func
 	b.Queue(`BEGIN`)
 	b.Queue(`SELECT set_config('idle_in_transaction_session_timeout', $2, true), pg_advisory_xact_lock(`+effectsLock+`)`,
 		deviceID, strconv.FormatInt(effectsLockIdle.Milliseconds(), 10))
+	asked := time.Now()
 	if err := conn.SendBatch(ctx, b).Close(); err != nil {
 		drop() // it may have been granted as ctx ended
 		return time.Time{}, nil, err
 	}
-	granted := time.Now()
+	until := asked.Add(effectsLockIdle * 3 / 4)
+	if time.Since(asked) > effectsLockIdle/8 {
+		// A long wait (behind a hung holder, say) would leave little of
+		// that: the bound runs from the last answer the server sent, so
+		// one more query, asked after t0, restarts it no earlier than t0.
+		// Counting from the grant as read here instead would add any
+		// stall of this instance after the server's answer.
+		t0 := time.Now()
+		if _, err := conn.Exec(ctx, `SELECT 1`); err != nil {
+			drop()
+			return time.Time{}, nil, err
+		}
+		until = t0.Add(effectsLockIdle * 3 / 4)
+	}
 	var once sync.Once
-	return granted.Add(effectsLockIdle * 3 / 4), func() {
+	return until, func() {
 		once.Do(func() {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
