@@ -111,6 +111,9 @@ func sharedCluster() (*pgcluster.Cluster, error) {
 }
 
 func start() (*pgcluster.Cluster, string, error) {
+	if gone := sweep(os.TempDir()); len(gone) > 0 {
+		fmt.Fprintf(os.Stderr, "pgtest: removed %d cluster directories left by test binaries that were killed: %s\n", len(gone), strings.Join(gone, " "))
+	}
 	dir, err := os.MkdirTemp("", "lgtest")
 	if err != nil {
 		return nil, "", err
@@ -118,6 +121,11 @@ func start() (*pgcluster.Cluster, string, error) {
 	// When tests run as root the server runs as the postgres system user,
 	// which must be able to traverse this directory to its data directory.
 	if err := os.Chmod(dir, 0o711); err != nil {
+		os.RemoveAll(dir)
+		return nil, "", err
+	}
+	self := os.Getpid()
+	if err := os.WriteFile(filepath.Join(dir, ownerFile), fmt.Appendf(nil, "%d %s\n", self, procStart(self)), 0o644); err != nil {
 		os.RemoveAll(dir)
 		return nil, "", err
 	}
@@ -135,6 +143,55 @@ func start() (*pgcluster.Cluster, string, error) {
 		return nil, "", err
 	}
 	return c, dir, nil
+}
+
+// ownerFile, in a cluster's base directory, names the test binary that
+// owns it: its pid and its start time, so that a directory left by a
+// binary killed mid-run (by its timeout: Main's cleanup never ran, and the
+// cluster died with it, by its parent-death signal) can be told from one
+// in use, whatever the pid is used for since.
+const ownerFile = "owner"
+
+// procStart is process pid's start time in clock ticks since boot
+// (/proc/<pid>/stat, field 22); "" when there is no such process.
+func procStart(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	// Field 2, the command name, is in parentheses and may hold spaces.
+	i := strings.LastIndexByte(string(b), ')')
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(string(b[i+1:])) // from field 3 on
+	if len(f) < 20 {
+		return ""
+	}
+	return f[19]
+}
+
+// sweep removes the lgtest* directories under root whose owner is gone,
+// and returns them. One without an owner file (being made, or from an
+// older binary) is left alone.
+func sweep(root string) []string {
+	dirs, _ := filepath.Glob(filepath.Join(root, "lgtest*"))
+	var gone []string
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, ownerFile))
+		if err != nil {
+			continue
+		}
+		var pid int
+		var started string
+		if _, err := fmt.Sscan(string(b), &pid, &started); err != nil || procStart(pid) == started {
+			continue
+		}
+		if os.RemoveAll(d) == nil {
+			gone = append(gone, d)
+		}
+	}
+	return gone
 }
 
 // stop stops the cluster, if it was started, and removes its files.

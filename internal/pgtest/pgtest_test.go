@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -155,5 +158,52 @@ func TestDBName(t *testing.T) {
 	}
 	if a, b := dbName(1, long), dbName(2, long); a == b {
 		t.Errorf("names for different sequence numbers collide: %q", a)
+	}
+}
+
+// TestSweep: a cluster directory whose owner process is gone (or whose pid
+// now names another process) is removed; one whose owner lives, and one
+// with no owner file yet, are not.
+func TestSweep(t *testing.T) {
+	root := t.TempDir()
+	ended := exec.Command("true")
+	if err := ended.Run(); err != nil {
+		t.Fatal(err)
+	}
+	self := os.Getpid()
+	if procStart(self) == "" {
+		t.Fatal("no start time for this process: /proc/self/stat unreadable")
+	}
+	owners := map[string]string{
+		"lgtest-ended":  fmt.Sprintf("%d %s", ended.Process.Pid, "1"),
+		"lgtest-reused": fmt.Sprintf("%d %s", self, "0"),
+		"lgtest-live":   fmt.Sprintf("%d %s", self, procStart(self)),
+		"lgtest-new":    "",
+	}
+	for name, owner := range owners {
+		dir := filepath.Join(root, name)
+		if err := os.MkdirAll(filepath.Join(dir, "data"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if owner != "" {
+			if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(owner+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	gone := sweep(root)
+	slices.Sort(gone)
+	if want := []string{filepath.Join(root, "lgtest-ended"), filepath.Join(root, "lgtest-reused")}; !slices.Equal(gone, want) {
+		t.Fatalf("swept %v, want %v", gone, want)
+	}
+	for _, name := range []string{"lgtest-live", "lgtest-new"} {
+		if _, err := os.Stat(filepath.Join(root, name, "data")); err != nil {
+			t.Errorf("%s: %v, want it kept", name, err)
+		}
+	}
+
+	NewDB(t) // the shared cluster's directory names this binary as its owner
+	if b, err := os.ReadFile(filepath.Join(baseDir, ownerFile)); err != nil || string(b) != fmt.Sprintf("%d %s\n", self, procStart(self)) {
+		t.Errorf("the shared cluster's owner file: %q (%v), want this binary's pid and start", b, err)
 	}
 }
