@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -179,6 +180,7 @@ type recordingProv struct {
 	*fakeProv
 	release   chan struct{}
 	delivered chan string
+	err       error // AnswerDelivered's answer once released
 }
 
 func (p *recordingProv) AnswerDelivered(ctx context.Context, deviceID string) error {
@@ -187,7 +189,42 @@ func (p *recordingProv) AnswerDelivered(ctx context.Context, deviceID string) er
 	case <-p.release:
 	case <-ctx.Done():
 	}
-	return nil
+	return p.err
+}
+
+// TestDeliveredRecordFailing: a delivery the Provisioner could not record
+// is logged, and the next request for the serial is decided at once (the
+// registration stays open to a retry) rather than wait for a record that
+// will not come.
+func TestDeliveredRecordFailing(t *testing.T) {
+	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 1), err: errors.New("database down")}
+	close(rec.release)
+	h := newHarness(t, func(o *Options) {
+		rec.fakeProv = o.Provisioner.(*fakeProv)
+		o.Provisioner = rec
+	}, nil)
+	ask := func() {
+		p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+		p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+		p.nextMessage(t)
+	}
+	ask()
+	select {
+	case <-rec.delivered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the delivery was not reported")
+	}
+	testtool.Eventually(t, 5*time.Second, "the failed record logged", func() error {
+		if !strings.Contains(h.logs.String(), "provisioning answer delivered but not recorded") {
+			return errors.New("not logged")
+		}
+		return nil
+	})
+	ask() // answered: a wait for the record would hold it for the 10 s call bound
+	if n := h.prov.callCount(); n != 2 {
+		t.Fatalf("%d Provision calls, want 2", n)
+	}
 }
 
 // TestProvisioningWaitsForTheDeliveredRecord: a second request for a serial
