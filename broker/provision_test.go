@@ -83,6 +83,36 @@ func TestProvisioningQoS0Subscriber(t *testing.T) {
 	}
 }
 
+// TestProvisioningQoS0Delivered: an "ok" answer to a claim session that
+// subscribed at QoS 0 counts as delivered once it is written (there is no
+// PUBACK to wait for): the Provisioner is told, once.
+func TestProvisioningQoS0Delivered(t *testing.T) {
+	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 2)}
+	close(rec.release)
+	h := newHarness(t, func(o *Options) {
+		rec.fakeProv = o.Provisioner.(*fakeProv)
+		o.Provisioner = rec
+	}, nil)
+	p := h.mustDial(t, "prov-SN1", "claim", claimToken)
+	p.subscribeResult(t, "provision/v1/SN1/response", 0)
+	p.mustPublish(t, "provision/v1/SN1/request", 0, []byte(provReqRaw))
+	p.nextMessage(t)
+	select {
+	case id := <-rec.delivered:
+		if id != "lk-1" {
+			t.Fatalf("delivered %q, want lk-1", id)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a QoS 0 answer written was not reported delivered")
+	}
+	p.waitLost(t) // the session ends once the answer is written
+	select {
+	case id := <-rec.delivered:
+		t.Fatalf("delivered reported twice (%s)", id)
+	default:
+	}
+}
+
 func TestProvisioningOneRequestPerSession(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	release := make(chan struct{})
