@@ -35,6 +35,9 @@ type fakeStore struct {
 	lockErr error           // LockEffects' answer when set
 	lockFor time.Duration   // how long a lock is sure (default an hour)
 	lockOut bool            // LockEffects waits for its ctx (another holder)
+	// unanswered are the ids of cmds UnansweredCommands returns while
+	// they are not final (the store's choice of online lockers and ages).
+	unanswered []string
 }
 
 func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
@@ -136,7 +139,15 @@ func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([
 }
 
 func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, int) ([]Command, error) {
-	return nil, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []Command
+	for _, id := range f.unanswered {
+		if c, ok := f.cmds[id]; ok && !Final(c.Status) {
+			out = append(out, c)
+		}
+	}
+	return out, nil
 }
 
 func (f *fakeStore) CredsBehind(context.Context, int, []CredsLag) ([]CredsLag, error) {
@@ -922,5 +933,48 @@ func TestPublishRetainedLockWaitEnds(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("PublishRetained still waiting for the lock 10 s after its context ended")
+	}
+}
+
+// TestResend: an unanswered sent command is published again by id at most
+// once per CommandResend; a pending one is marked sent and delivered; an
+// answered one is no longer sent, and forgotten.
+func TestResend(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	st, bus := newFakeStore(), &fakeBus{}
+	m, err := New(Options{Store: st, Bus: bus, CommandResend: 5 * time.Second, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sentAt := now.Add(-10 * time.Second)
+	st.cmds["c-sent"] = Command{ID: "c-sent", DeviceID: "lk-1", Type: "unlock", Compartment: 1, Status: CmdSent, SentAt: &sentAt, ExpiresAt: now.Add(time.Minute)}
+	st.cmds["c-pend"] = Command{ID: "c-pend", DeviceID: "lk-1", Type: "unlock", Compartment: 2, Status: CmdPending, ExpiresAt: now.Add(time.Minute)}
+	st.unanswered = []string{"c-sent", "c-pend"}
+	resent := func() float64 {
+		var c dto.Metric
+		if err := m.m.resent.Write(&c); err != nil {
+			t.Fatal(err)
+		}
+		return c.GetCounter().GetValue()
+	}
+	sweep := func(after time.Duration, wantPublishes int, wantResent float64) {
+		t.Helper()
+		now = now.Add(after)
+		before := bus.count()
+		m.resend(context.Background())
+		if n := bus.count() - before; n != wantPublishes || resent() != wantResent {
+			t.Fatalf("after %v: %d publishes, resent counter %v; want %d, %v", after, n, resent(), wantPublishes, wantResent)
+		}
+	}
+	sweep(0, 2, 1) // c-sent again, c-pend delivered (not counted as resent)
+	if c := st.cmds["c-pend"]; c.Status != CmdSent || c.SentAt == nil {
+		t.Fatalf("the pending command is %s, want it marked sent", c.Status)
+	}
+	sweep(time.Second, 0, 1)   // within CommandResend of the last send
+	sweep(5*time.Second, 2, 3) // both sent again, by id
+	st.set("c-sent", CmdOK)
+	sweep(5*time.Second, 1, 4) // the answered one is not
+	if _, kept := m.resent["c-sent"]; kept || len(m.resent) != 1 {
+		t.Fatalf("resend times kept %v, want only c-pend's", m.resent)
 	}
 }
