@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"sync"
 	"testing"
@@ -38,6 +39,8 @@ type fakeStore struct {
 	// unanswered are the ids of cmds UnansweredCommands returns while
 	// they are not final (the store's choice of online lockers and ages).
 	unanswered []string
+	pending    []EventRecord // PendingEffects' answer
+	pendingAsk []pendingAsk  // PendingEffects' calls
 }
 
 func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
@@ -146,6 +149,23 @@ func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, in
 		if c, ok := f.cmds[id]; ok && !Final(c.Status) {
 			out = append(out, c)
 		}
+	}
+	return out, nil
+}
+
+type pendingAsk struct {
+	before  time.Time
+	limit   int
+	reclaim bool
+}
+
+func (f *fakeStore) PendingEffects(_ context.Context, before time.Time, limit int, _ time.Duration, reclaim bool) ([]EventRecord, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pendingAsk = append(f.pendingAsk, pendingAsk{before, limit, reclaim})
+	out := slices.Clone(f.pending)
+	for i := range out {
+		out[i].Pending = true
 	}
 	return out, nil
 }
@@ -976,5 +996,73 @@ func TestResend(t *testing.T) {
 	sweep(5*time.Second, 1, 4) // the answered one is not
 	if _, kept := m.resent["c-sent"]; kept || len(m.resent) != 1 {
 		t.Fatalf("resend times kept %v, want only c-pend's", m.resent)
+	}
+}
+
+// TestReplayEvents: the outbox's leftovers are offered again per locker,
+// in order, on the locker's control shard, marked in flight; one in
+// flight already (the original still on its way) is not offered twice;
+// a census that finds the shard full leaves its batch for later. A start
+// reads everything before now (a single instance taking back what its
+// previous run had claimed), a census only what is past replayAfter.
+func TestReplayEvents(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	st := newFakeStore()
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Events: partialSink{n: 1}, ControlShards: 1, ControlQueue: 2,
+		Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.pending = []EventRecord{
+		{DeviceID: "lk-1", EventID: "e-1"}, {DeviceID: "lk-2", EventID: "e-2"},
+		{DeviceID: "lk-1", EventID: "e-3"}, {DeviceID: "lk-3", EventID: "e-4"},
+	}
+	inFlight := []EventRecord{{DeviceID: "lk-3", EventID: "e-4", Pending: true}}
+	m.markEffectsBusy(inFlight)
+	m.replayEvents(context.Background(), false)
+	if got, want := st.pendingAsk, []pendingAsk{{now.Add(-replayAfter), replayLimit, false}}; !slices.Equal(got, want) {
+		t.Fatalf("census asked %+v, want %+v", got, want)
+	}
+	var offered []string
+	for range len(m.ctrl[0]) {
+		c := <-m.ctrl[0]
+		for _, e := range c.events {
+			offered = append(offered, c.id+":"+e.EventID)
+		}
+	}
+	if want := []string{"lk-1:e-1", "lk-1:e-3", "lk-2:e-2"}; !slices.Equal(offered, want) {
+		t.Fatalf("offered %v, want %v (lk-3's is in flight already)", offered, want)
+	}
+	for _, key := range []string{"lk-1\x00e-1", "lk-2\x00e-2"} {
+		if _, busy := m.effectsBusy.Load(key); !busy {
+			t.Errorf("%q offered but not marked in flight", key)
+		}
+	}
+
+	// The shard full: nothing is offered, and nothing stays marked.
+	m.unmarkEffectsBusy(inFlight)
+	m.effectsBusy.Clear()
+	m.ctrl[0] <- control{kind: ctrlResend, id: "lk-9"}
+	m.ctrl[0] <- control{kind: ctrlResend, id: "lk-9"}
+	m.replayEvents(context.Background(), false)
+	if n := len(m.ctrl[0]); n != 2 {
+		t.Fatalf("%d items queued on a full shard, want the 2 that were there", n)
+	}
+	m.effectsBusy.Range(func(k, _ any) bool {
+		t.Errorf("%q marked in flight though not offered", k)
+		return true
+	})
+	for range 2 {
+		<-m.ctrl[0]
+	}
+
+	// A single instance's start: everything before now, taken back.
+	st.pending = st.pending[:1]
+	m.replayEvents(context.Background(), true)
+	if got := st.pendingAsk[len(st.pendingAsk)-1]; got != (pendingAsk{now, math.MaxInt32, true}) {
+		t.Fatalf("start asked %+v, want everything before now, reclaimed", got)
+	}
+	if n := len(m.ctrl[0]); n != 1 {
+		t.Fatalf("%d batches offered at the start, want 1", n)
 	}
 }
