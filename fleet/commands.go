@@ -267,6 +267,19 @@ func (m *Manager) unsubscribe(id string, ch chan *Command) {
 // notify wakes everyone waiting on command id: they read it again.
 func (m *Manager) notify(id string) { m.wake(id, nil) }
 
+// notifyAll wakes everyone waiting on any command: they read it again.
+func (m *Manager) notifyAll() {
+	m.mu.Lock()
+	ids := make([]string, 0, len(m.waiters))
+	for id := range m.waiters {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+	for _, id := range ids {
+		m.notify(id)
+	}
+}
+
 // wake hands waiters on id the command as it now is (nil: read it again).
 // A waiter that has a wake-up pending keeps it and reads the store.
 func (m *Manager) wake(id string, c *Command) {
@@ -307,6 +320,10 @@ func (m *Manager) sweep(ctx context.Context) {
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("expire_commands").Inc()
 		m.log.Error("expire commands", "err", err)
+		// It may have committed, and the store does not tell this
+		// instance of its own changes (WatchCommands): every waiter reads
+		// its command again.
+		m.notifyAll()
 		return
 	}
 	for i := range cmds {

@@ -40,7 +40,11 @@ type fakeStore struct {
 	// they are not final (the store's choice of online lockers and ages).
 	unanswered []string
 	pending    []EventRecord // PendingEffects' answer
-	pendingAsk []pendingAsk  // PendingEffects' calls
+	// lostAnswers CompleteCommand calls commit and then fail, as when the
+	// connection breaks before the answer; expireErr is ExpireCommands'.
+	lostAnswers int
+	expireErr   error
+	pendingAsk  []pendingAsk // PendingEffects' calls
 }
 
 func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
@@ -134,11 +138,17 @@ func (f *fakeStore) CompleteCommand(_ context.Context, deviceID, id, status, err
 	}
 	c.Status, c.Error, c.DoneAt = status, errText, &at
 	f.cmds[id] = c
+	if f.lostAnswers > 0 { // committed, but the answer lost on the way
+		f.lostAnswers--
+		return nil, errors.New("connection reset after commit")
+	}
 	return &c, nil
 }
 
 func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([]Command, error) {
-	return nil, nil
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return nil, f.expireErr
 }
 
 func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, int) ([]Command, error) {
@@ -1064,5 +1074,43 @@ func TestReplayEvents(t *testing.T) {
 	}
 	if n := len(m.ctrl[0]); n != 1 {
 		t.Fatalf("%d batches offered at the start, want 1", n)
+	}
+}
+
+// TestOwnChangeOfUnknownOutcomeWakesWaiters: the store does not tell an
+// instance of its own command changes (WatchCommands), so where a write
+// may have committed without the manager knowing, its waiters are woken
+// to read the command again: a result recorded but reported failed (the
+// retry then finds it final), and a sweep that failed.
+func TestOwnChangeOfUnknownOutcomeWakesWaiters(t *testing.T) {
+	m, st, _ := newTestManager(t)
+	now := time.Now()
+	st.cmds["c-1"] = Command{ID: "c-1", DeviceID: testLocker.ID, Type: "unlock", Compartment: 1, Status: CmdSent, ExpiresAt: now.Add(time.Minute)}
+	st.lostAnswers = 1
+	wake := m.subscribe("c-1")
+	defer m.unsubscribe("c-1", wake)
+	res, _ := json.Marshal(map[string]any{"id": "c-1", "status": "ok", "ts": now.UTC().Format(time.RFC3339Nano)})
+	m.handleControl(context.Background(), control{kind: ctrlResult, id: testLocker.ID, payload: res, at: now})
+	select {
+	case got := <-wake:
+		if got != nil {
+			t.Fatalf("woken with %+v, want a re-read", got)
+		}
+	default:
+		t.Fatal("a result recorded with its answer lost woke no waiter")
+	}
+	if c := st.cmds["c-1"]; c.Status != CmdOK {
+		t.Fatalf("stored %s, want ok", c.Status)
+	}
+
+	st.expireErr = errors.New("connection reset")
+	m.sweep(context.Background())
+	select {
+	case got := <-wake:
+		if got != nil {
+			t.Fatalf("woken with %+v, want a re-read", got)
+		}
+	default:
+		t.Fatal("a failed sweep woke no waiter")
 	}
 }

@@ -1281,10 +1281,18 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		var cmd *Command
+		uncertain := false // an attempt failed: it may have committed
 		err = m.retry(ctx, "command_result", func(ctx context.Context) (err error) {
 			cmd, err = m.store.CompleteCommand(ctx, c.id, r.ID, r.Status, r.Error, c.at)
+			uncertain = uncertain || (err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrInvalid))
 			return err
 		})
+		if err != nil && uncertain {
+			// The store leaves out this instance's own changes when it
+			// tells of changed commands (WatchCommands): waiters here read
+			// the command again themselves.
+			m.notify(r.ID)
+		}
 		if errors.Is(err, ErrNotFound) {
 			// A repeat of an answer already recorded, or a command that is not
 			// this locker's: harmless, but counted.
