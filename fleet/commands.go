@@ -267,16 +267,32 @@ func (m *Manager) unsubscribe(id string, ch chan *Command) {
 // notify wakes everyone waiting on command id: they read it again.
 func (m *Manager) notify(id string) { m.wake(id, nil) }
 
-// notifyAll wakes everyone waiting on any command: they read it again.
-func (m *Manager) notifyAll() {
+// changed is told by the store of every command changed by any instance,
+// this one included (WatchCommands). While this instance records a
+// result for the command, the recording wakes the waiters with the
+// command it stored: the notification of its own commit, which races
+// that, would only have them read it again.
+func (m *Manager) changed(id string) {
 	m.mu.Lock()
-	ids := make([]string, 0, len(m.waiters))
-	for id := range m.waiters {
-		ids = append(ids, id)
-	}
+	recording := m.completing[id] > 0
 	m.mu.Unlock()
-	for _, id := range ids {
+	if !recording {
 		m.notify(id)
+	}
+}
+
+// completingStart notes that a result for command id is being recorded
+// (see changed); call the function it returns once its waiters are woken.
+func (m *Manager) completingStart(id string) (done func()) {
+	m.mu.Lock()
+	m.completing[id]++
+	m.mu.Unlock()
+	return func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if m.completing[id]--; m.completing[id] <= 0 {
+			delete(m.completing, id)
+		}
 	}
 }
 
@@ -320,10 +336,6 @@ func (m *Manager) sweep(ctx context.Context) {
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("expire_commands").Inc()
 		m.log.Error("expire commands", "err", err)
-		// It may have committed, and the store does not tell this
-		// instance of its own changes (WatchCommands): every waiter reads
-		// its command again.
-		m.notifyAll()
 		return
 	}
 	for i := range cmds {

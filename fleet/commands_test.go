@@ -40,11 +40,11 @@ type fakeStore struct {
 	// they are not final (the store's choice of online lockers and ages).
 	unanswered []string
 	pending    []EventRecord // PendingEffects' answer
-	// lostAnswers CompleteCommand calls commit and then fail, as when the
-	// connection breaks before the answer; expireErr is ExpireCommands'.
-	lostAnswers int
-	expireErr   error
-	pendingAsk  []pendingAsk // PendingEffects' calls
+	// committed, when set, is called by CompleteCommand once its change is
+	// stored, before it returns: the store's notification of the change
+	// arriving before the answer.
+	committed  func(id string)
+	pendingAsk []pendingAsk // PendingEffects' calls
 }
 
 func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time, func(), error) {
@@ -131,24 +131,23 @@ func (f *fakeStore) MarkCommandSent(_ context.Context, id string, at time.Time) 
 
 func (f *fakeStore) CompleteCommand(_ context.Context, deviceID, id, status, errText string, at time.Time) (*Command, error) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	c, ok := f.cmds[id]
 	if !ok || c.DeviceID != deviceID || Final(c.Status) {
+		f.mu.Unlock()
 		return nil, ErrNotFound
 	}
 	c.Status, c.Error, c.DoneAt = status, errText, &at
 	f.cmds[id] = c
-	if f.lostAnswers > 0 { // committed, but the answer lost on the way
-		f.lostAnswers--
-		return nil, errors.New("connection reset after commit")
+	committed := f.committed
+	f.mu.Unlock()
+	if committed != nil {
+		committed(id)
 	}
 	return &c, nil
 }
 
 func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([]Command, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return nil, f.expireErr
+	return nil, nil
 }
 
 func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, int) ([]Command, error) {
@@ -1077,40 +1076,53 @@ func TestReplayEvents(t *testing.T) {
 	}
 }
 
-// TestOwnChangeOfUnknownOutcomeWakesWaiters: the store does not tell an
-// instance of its own command changes (WatchCommands), so where a write
-// may have committed without the manager knowing, its waiters are woken
-// to read the command again: a result recorded but reported failed (the
-// retry then finds it final), and a sweep that failed.
-func TestOwnChangeOfUnknownOutcomeWakesWaiters(t *testing.T) {
+// TestOwnResultNotification: the store's notification of a result this
+// instance is recording, arriving before the recording returns, is left
+// to the recording, which wakes the waiter with the command (a re-read
+// saved); notifications of other changes are passed on, as is one for a
+// result another instance recorded first (this one's attempt finds it
+// final), so that its waiters read it.
+func TestOwnResultNotification(t *testing.T) {
 	m, st, _ := newTestManager(t)
 	now := time.Now()
-	st.cmds["c-1"] = Command{ID: "c-1", DeviceID: testLocker.ID, Type: "unlock", Compartment: 1, Status: CmdSent, ExpiresAt: now.Add(time.Minute)}
-	st.lostAnswers = 1
+	for _, id := range []string{"c-1", "c-2"} {
+		st.cmds[id] = Command{ID: id, DeviceID: testLocker.ID, Type: "unlock", Compartment: 1, Status: CmdSent, ExpiresAt: now.Add(time.Minute)}
+	}
+	st.committed = m.changed
+	answer := func(id string) {
+		res, _ := json.Marshal(map[string]any{"id": id, "status": "ok", "ts": now.UTC().Format(time.RFC3339Nano)})
+		m.handleControl(context.Background(), control{kind: ctrlResult, id: testLocker.ID, payload: res, at: now})
+	}
+	woken := func(wake chan *Command) (*Command, bool) {
+		select {
+		case got := <-wake:
+			return got, true
+		default:
+			return nil, false
+		}
+	}
 	wake := m.subscribe("c-1")
 	defer m.unsubscribe("c-1", wake)
-	res, _ := json.Marshal(map[string]any{"id": "c-1", "status": "ok", "ts": now.UTC().Format(time.RFC3339Nano)})
-	m.handleControl(context.Background(), control{kind: ctrlResult, id: testLocker.ID, payload: res, at: now})
-	select {
-	case got := <-wake:
-		if got != nil {
-			t.Fatalf("woken with %+v, want a re-read", got)
-		}
-	default:
-		t.Fatal("a result recorded with its answer lost woke no waiter")
+	answer("c-1")
+	if got, ok := woken(wake); !ok || got == nil || got.Status != CmdOK {
+		t.Fatalf("waiter woken %v with %+v, want the command, ok: its own notification made it read again", ok, got)
 	}
-	if c := st.cmds["c-1"]; c.Status != CmdOK {
-		t.Fatalf("stored %s, want ok", c.Status)
+	m.changed("c-1") // a later change: passed on
+	if got, ok := woken(wake); !ok || got != nil {
+		t.Fatalf("a notification after the recording: woken %v with %+v, want a re-read", ok, got)
 	}
 
-	st.expireErr = errors.New("connection reset")
-	m.sweep(context.Background())
-	select {
-	case got := <-wake:
-		if got != nil {
-			t.Fatalf("woken with %+v, want a re-read", got)
-		}
-	default:
-		t.Fatal("a failed sweep woke no waiter")
+	st.committed = nil
+	st.set("c-2", CmdOK) // another instance recorded the answer first
+	wake2 := m.subscribe("c-2")
+	defer m.unsubscribe("c-2", wake2)
+	st.committed = m.changed
+	m.completingStart("c-2")() // no recording left behind
+	answer("c-2")
+	if got, ok := woken(wake2); !ok || got != nil {
+		t.Fatalf("a result found recorded: woken %v with %+v, want a re-read", ok, got)
+	}
+	if len(m.completing) != 0 {
+		t.Fatalf("recordings left marked: %v", m.completing)
 	}
 }

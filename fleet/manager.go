@@ -115,6 +115,10 @@ type Manager struct {
 
 	mu      sync.Mutex
 	waiters map[string][]chan *Command
+	// completing counts the results being recorded per command id: the
+	// store's notification of such a change (changed) is left to the
+	// recording, which wakes the waiters with the command.
+	completing map[string]int
 
 	resent map[string]time.Time // command id → last sent again by resend (Run's goroutine only)
 	// effectsBusy holds the events (effectKey) handed to the sink and not
@@ -231,13 +235,14 @@ func New(opts Options) (*Manager, error) {
 	m := &Manager{
 		store: opts.Store, bus: opts.Bus, log: opts.Logger, opts: opts, now: opts.Now,
 		effectsLocks: make(chan struct{}, maxEffectsLocks), effectsWait: effectsLockWait,
-		m:        newMetrics(opts.Registerer),
-		events:   make(chan inbound, opts.EventQueue),
-		waiters:  make(map[string][]chan *Command),
-		resent:   make(map[string]time.Time),
-		credsLag: make(map[string]credsLagSeen),
-		done:     make(chan struct{}),
-		ctrlDone: make(chan struct{}),
+		m:          newMetrics(opts.Registerer),
+		events:     make(chan inbound, opts.EventQueue),
+		waiters:    make(map[string][]chan *Command),
+		completing: make(map[string]int),
+		resent:     make(map[string]time.Time),
+		credsLag:   make(map[string]credsLagSeen),
+		done:       make(chan struct{}),
+		ctrlDone:   make(chan struct{}),
 	}
 	for i := 0; i < opts.HealthWriters; i++ {
 		m.health = append(m.health, make(chan inbound, max(1, opts.HealthQueue/opts.HealthWriters)))
@@ -300,7 +305,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	// Results another instance took (or expiries it swept) wake our waiters.
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go m.store.WatchCommands(watchCtx, m.notify)
+	go m.store.WatchCommands(watchCtx, m.changed)
 	sweep := time.NewTicker(m.opts.SweepInterval)
 	defer sweep.Stop()
 	census := time.NewTicker(m.opts.CensusInterval)
@@ -1281,17 +1286,20 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		var cmd *Command
-		uncertain := false // an attempt failed: it may have committed
+		done := m.completingStart(r.ID)
 		err = m.retry(ctx, "command_result", func(ctx context.Context) (err error) {
 			cmd, err = m.store.CompleteCommand(ctx, c.id, r.ID, r.Status, r.Error, c.at)
-			uncertain = uncertain || (err != nil && !errors.Is(err, ErrNotFound) && !errors.Is(err, ErrInvalid))
 			return err
 		})
-		if err != nil && uncertain {
-			// The store leaves out this instance's own changes when it
-			// tells of changed commands (WatchCommands): waiters here read
-			// the command again themselves.
+		if err != nil {
+			// Not recorded here, or not known to be: another instance's
+			// answer, or a write that may have committed, whose
+			// notification completingStart had left out. Waiters read the
+			// command again.
+			done()
 			m.notify(r.ID)
+		} else {
+			defer done() // after finished has woken the waiters
 		}
 		if errors.Is(err, ErrNotFound) {
 			// A repeat of an answer already recorded, or a command that is not

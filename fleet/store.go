@@ -87,10 +87,7 @@ type Store interface {
 	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]Command, error)
 
 	// WatchCommands calls fn with the id of every command whose status
-	// another gateway instance changed, until ctx ends. Changes made
-	// through this store may be left out: the manager wakes its own
-	// waiters for those (finished), and reads again where a write's
-	// outcome is unknown.
+	// changed on any gateway instance, until ctx ends.
 	WatchCommands(ctx context.Context, fn func(id string)) error
 
 	// Retained returns what a locker must hold on its retained topics.

@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 )
@@ -147,17 +146,10 @@ const commandChannel = "lockergate_command"
 const kickChannel = "lockergate_kick"
 
 // WatchCommands implements fleet.Store: it LISTENs on a dedicated
-// connection and calls fn with the id of each command another instance
-// changed until ctx ends, reconnecting after errors. A change made
-// through this DB's own pool is left out (PostgreSQL names the sending
-// backend): its caller has the command, and a notification racing the
-// caller's own wake-up would have a waiter read the command again.
+// connection and calls fn with each changed command id until ctx ends,
+// reconnecting after errors.
 func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
-	db.watch(ctx, commandChannel, "command", func(n *pgconn.Notification) {
-		if _, mine := db.own.Load(n.PID); !mine {
-			fn(n.Payload)
-		}
-	}, nil)
+	db.watch(ctx, commandChannel, "command", fn, nil)
 	return nil
 }
 
@@ -166,8 +158,7 @@ func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
 // Notifications sent before LISTEN is in place are lost, so listening is
 // called each time it is: the first time, and after every reconnect.
 func (db *DB) WatchKicks(ctx context.Context, fn func(id string), listening func()) {
-	// Its own too: a single instance hears its own heartbeats.
-	db.watch(ctx, kickChannel, "kick", func(n *pgconn.Notification) { fn(n.Payload) }, listening)
+	db.watch(ctx, kickChannel, "kick", fn, listening)
 }
 
 // HeartbeatKicks sends an empty kick to every instance: one that hears none
@@ -181,7 +172,7 @@ func (db *DB) HeartbeatKicks(ctx context.Context) error {
 // watch LISTENs to channel on a dedicated connection, reconnecting after
 // errors with a back-off, and calls listening (if not nil) each time LISTEN
 // is in place.
-func (db *DB) watch(ctx context.Context, channel, what string, fn func(*pgconn.Notification), listening func()) {
+func (db *DB) watch(ctx context.Context, channel, what string, fn func(string), listening func()) {
 	backoff := 100 * time.Millisecond
 	listen := func() {
 		backoff = 100 * time.Millisecond
@@ -203,9 +194,9 @@ func (db *DB) watch(ctx context.Context, channel, what string, fn func(*pgconn.N
 	}
 }
 
-// listen LISTENs to channel and calls fn with each notification;
-// listening is called once LISTEN is in place.
-func (db *DB) listen(ctx context.Context, channel string, fn func(*pgconn.Notification), listening func()) error {
+// listen LISTENs to channel and calls fn with each payload; listening is
+// called once LISTEN is in place.
+func (db *DB) listen(ctx context.Context, channel string, fn func(string), listening func()) error {
 	conn, err := db.pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -222,7 +213,7 @@ func (db *DB) listen(ctx context.Context, channel string, fn func(*pgconn.Notifi
 		if err != nil {
 			return err
 		}
-		fn(n)
+		fn(n.Payload)
 	}
 }
 

@@ -13,7 +13,6 @@ import (
 	"net"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -36,13 +35,6 @@ const migrationLock = 0x6c6f636b65726774
 type DB struct {
 	pool *pgxpool.Pool
 	log  *slog.Logger
-	// own holds the backend PIDs of the pool's connections, to tell this
-	// DB's own notifications from another instance's (WatchCommands). A
-	// connection the server ended keeps its PID here until the pool
-	// notices (its health check: a minute); another instance's backend
-	// taking that PID meanwhile would go unheard, the kernel's PID space
-	// (millions) makes that unlikely.
-	own *sync.Map
 }
 
 var (
@@ -89,19 +81,16 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	}
 	// Times leave the API in UTC whatever the host's zone (pgx scans
 	// timestamptz into the local zone by default).
-	own := &sync.Map{}
 	cfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
 		c.TypeMap().RegisterType(&pgtype.Type{Name: "timestamptz", OID: pgtype.TimestamptzOID,
 			Codec: &pgtype.TimestamptzCodec{ScanLocation: time.UTC}})
-		own.Store(c.PgConn().PID(), struct{}{})
 		return nil
 	}
-	cfg.BeforeClose = func(c *pgx.Conn) { own.Delete(c.PgConn().PID()) }
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
-	db := &DB{pool: pool, log: o.Logger, own: own}
+	db := &DB{pool: pool, log: o.Logger}
 	if err := db.Migrate(ctx); err != nil {
 		pool.Close()
 		return nil, err
