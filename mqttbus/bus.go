@@ -103,11 +103,21 @@ type Bus struct {
 	closeOnce sync.Once
 
 	// peek is the connection Retained reads through, dialled at its first
-	// use; peekSem (one token) makes the reads one at a time and guards it.
-	peekSem chan struct{}
-	peek    paho.Client
-	server  string
+	// use under peekDial. peekSem bounds the reads in progress (Close takes
+	// every token to wait for them), and peeking holds a channel for each
+	// topic being read (under mu), closed when its read ends: reads of one
+	// topic take turns.
+	peekSem  chan struct{}
+	peekDial sync.Mutex
+	peek     paho.Client
+	peeking  map[string]chan struct{}
+	server   string
 }
+
+// maxPeeks bounds the retained reads in progress at once: one for each of
+// the fleet manager's control shards (16 by default; a will is judged on
+// its locker's shard).
+const maxPeeks = 16
 
 var _ fleet.Bus = (*Bus)(nil)
 
@@ -133,7 +143,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		return nil, fmt.Errorf("broker url %q: scheme must be mqtt or mqtts", o.URL)
 	}
 	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}, missing: map[string]error{}, closed: make(chan struct{}),
-		peekSem: make(chan struct{}, 1)}
+		peekSem: make(chan struct{}, maxPeeks), peeking: map[string]chan struct{}{}}
 	// Acknowledgements are manual (after the store), and every message
 	// goes through b.receive, which holds those that arrive before their
 	// subscription is made: a resumed session delivers right after CONNACK.
@@ -392,8 +402,16 @@ func (b *Bus) resubscribe(paho.Client) {
 // so the group's share of messages is untouched: a subscription to the
 // topic, the retained message the broker sends for it, and the
 // subscription left. The broker sends what it retains right after its
-// SUBACK; nothing within a short wait means none. Reads are one at a time.
+// SUBACK; nothing within a short wait means none. Reads of different
+// topics run at the same time (up to maxPeeks: a burst of wills, one per
+// locker, is judged in parallel); reads of one topic take turns, since a
+// subscription to a topic replaces the handler of the one before it.
 func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
+	done, err := b.peekTurn(ctx, topic)
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	select {
 	case b.peekSem <- struct{}{}:
 		defer func() { <-b.peekSem }()
@@ -406,26 +424,12 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	if closing {
 		return nil, errors.New("the external broker connection is closed")
 	}
-	if b.peek == nil {
-		opts := paho.NewClientOptions().AddBroker(b.server).SetClientID(b.o.ClientID + "-peek").
-			SetUsername(b.o.Username).SetPassword(b.o.Password).SetCleanSession(true).
-			SetKeepAlive(30 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(10 * time.Second).
-			SetWriteTimeout(5 * time.Second) // paho's default (30 s per packet) would hold Close up
-		if b.o.TLS != nil {
-			opts.SetTLSConfig(b.o.TLS)
-		}
-		if b.o.openConn != nil {
-			opts.SetCustomOpenConnectionFn(b.o.openConn)
-		}
-		c := paho.NewClient(opts)
-		if err := wait(ctx, c.Connect(), subscribeTimeout); err != nil {
-			c.Disconnect(0)
-			return nil, fmt.Errorf("connect to read retained messages as %s-peek: %w", b.o.ClientID, err)
-		}
-		b.peek = c
+	c, err := b.peekConn(ctx)
+	if err != nil {
+		return nil, err
 	}
 	got := make(chan []byte, 1)
-	t := b.peek.Subscribe(topic, 0, func(_ paho.Client, m paho.Message) {
+	t := c.Subscribe(topic, 0, func(_ paho.Client, m paho.Message) {
 		if m.Retained() { // not a message published meanwhile
 			select {
 			case got <- m.Payload():
@@ -435,8 +439,9 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	})
 	// Left whatever the answer (a subscription made after a SUBACK timeout
 	// would otherwise stay), not waited for: the broker takes packets in
-	// order, so a next read of the topic subscribes after this leaves.
-	defer b.peek.Unsubscribe(topic)
+	// order, so the topic's next read (its turn comes after this defer)
+	// subscribes after this leaves.
+	defer c.Unsubscribe(topic)
 	if err := subscribed(ctx, t, topic); err != nil {
 		return nil, err
 	}
@@ -454,7 +459,62 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 		return nil, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	case <-b.closed:
+		return nil, errors.New("the external broker connection was closed during the read")
 	}
+}
+
+// peekTurn waits until no other read of topic is in progress and makes
+// this one the topic's; done ends the turn.
+func (b *Bus) peekTurn(ctx context.Context, topic string) (done func(), err error) {
+	for {
+		b.mu.Lock()
+		busy, ok := b.peeking[topic]
+		if !ok {
+			mine := make(chan struct{})
+			b.peeking[topic] = mine
+			b.mu.Unlock()
+			return func() {
+				b.mu.Lock()
+				delete(b.peeking, topic)
+				b.mu.Unlock()
+				close(mine)
+			}, nil
+		}
+		b.mu.Unlock()
+		select {
+		case <-busy:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// peekConn returns the connection Retained reads through, dialled at its
+// first use (by one caller; the others wait for it).
+func (b *Bus) peekConn(ctx context.Context) (paho.Client, error) {
+	b.peekDial.Lock()
+	defer b.peekDial.Unlock()
+	if b.peek != nil {
+		return b.peek, nil
+	}
+	opts := paho.NewClientOptions().AddBroker(b.server).SetClientID(b.o.ClientID + "-peek").
+		SetUsername(b.o.Username).SetPassword(b.o.Password).SetCleanSession(true).
+		SetKeepAlive(30 * time.Second).SetAutoReconnect(true).SetMaxReconnectInterval(10 * time.Second).
+		SetWriteTimeout(5 * time.Second) // paho's default (30 s per packet) would hold Close up
+	if b.o.TLS != nil {
+		opts.SetTLSConfig(b.o.TLS)
+	}
+	if b.o.openConn != nil {
+		opts.SetCustomOpenConnectionFn(b.o.openConn)
+	}
+	c := paho.NewClient(opts)
+	if err := wait(ctx, c.Connect(), subscribeTimeout); err != nil {
+		c.Disconnect(0)
+		return nil, fmt.Errorf("connect to read retained messages as %s-peek: %w", b.o.ClientID, err)
+	}
+	b.peek = c
+	return c, nil
 }
 
 // retainedWait is how long Retained waits after the SUBACK for a retained
@@ -513,11 +573,17 @@ func (b *Bus) close() {
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
 	b.c.Disconnect(250)
-	b.peekSem <- struct{}{} // the read in progress ends first; later ones see closing
+	// The reads in progress end first (closed ends their waits); later
+	// ones see closing.
+	for range cap(b.peekSem) {
+		b.peekSem <- struct{}{}
+	}
 	if b.peek != nil {
 		b.peek.Disconnect(250)
 	}
-	<-b.peekSem
+	for range cap(b.peekSem) {
+		<-b.peekSem
+	}
 }
 
 // waitAcked waits up to d until every message handed out is acknowledged

@@ -200,3 +200,61 @@ func TestRetained(t *testing.T) {
 		t.Fatal("a read after Close dialled the broker")
 	}
 }
+
+// TestRetainedReadsInParallel: a read waiting on a topic with nothing
+// retained holds up neither reads of other topics nor several reads of
+// one topic (they take turns), and Close ends it.
+func TestRetainedReadsInParallel(t *testing.T) {
+	addr := mosquitto(t, "")
+	ctx := context.Background()
+	pub := dialBus(t, addr, "pub", Options{})
+	gw := dialBus(t, addr, "gw", Options{peekWait: time.Hour})
+	const birth = `{"online":true}`
+	if err := pub.Publish(ctx, "lockers/v1/lk-b/presence", []byte(birth), 1, true); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		got []byte
+		err error
+	}
+	waiting := make(chan result, 1)
+	go func() {
+		got, err := gw.Retained(ctx, "lockers/v1/lk-a/presence") // nothing retained: waits its hour
+		waiting <- result{got, err}
+	}()
+	testtool.Eventually(t, 10*time.Second, "the read of lk-a in progress", func() error {
+		if len(gw.peekSem) != 1 {
+			return fmt.Errorf("%d reads in progress", len(gw.peekSem))
+		}
+		return nil
+	})
+	const n = 3
+	results := make(chan result, n)
+	for range n {
+		go func() {
+			ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			got, err := gw.Retained(ctx, "lockers/v1/lk-b/presence")
+			results <- result{got, err}
+		}()
+	}
+	for range n {
+		if r := <-results; r.err != nil || string(r.got) != birth {
+			t.Fatalf("a read of lk-b beside the waiting one: %q %v, want %s", r.got, r.err, birth)
+		}
+	}
+	select {
+	case r := <-waiting:
+		t.Fatalf("the read of lk-a ended before Close: %q %v", r.got, r.err)
+	default:
+	}
+	gw.Close()
+	select {
+	case r := <-waiting:
+		if r.err == nil || r.got != nil {
+			t.Fatalf("the read of lk-a at Close: %q %v, want an error", r.got, r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not end the read of lk-a in progress")
+	}
+}
