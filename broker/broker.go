@@ -140,9 +140,10 @@ type Broker struct {
 	closing bool
 	connWG  sync.WaitGroup // goroutines serving connections
 
-	provSem chan struct{}
-	authSem chan struct{} // bounds backend credential checks (a connect storm)
-	provWG  sync.WaitGroup
+	provSem         chan struct{}
+	provCallTimeout time.Duration // provisionCallTimeout (tests shorten it)
+	authSem         chan struct{} // bounds backend credential checks (a connect storm)
+	provWG          sync.WaitGroup
 
 	subID atomic.Int64
 	subMu sync.Mutex                  // serialises Subscribe's updates of subs
@@ -237,6 +238,8 @@ func New(opts Options) (*Broker, error) {
 		conns:      make(map[net.Conn]bool),
 		provSem:    make(chan struct{}, provisionConcurrency),
 		authSem:    make(chan struct{}, authConcurrency),
+
+		provCallTimeout: provisionCallTimeout,
 	}
 
 	caps := mqtt.NewDefaultServerCapabilities()

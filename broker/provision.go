@@ -47,7 +47,7 @@ func (b *Broker) startProvision(s *session, payload []byte) {
 
 func (b *Broker) provision(s *session, payload []byte) {
 	defer b.provWG.Done()
-	ctx, cancel := context.WithTimeout(b.ctx, provisionCallTimeout)
+	ctx, cancel := context.WithTimeout(b.ctx, b.provCallTimeout)
 	defer cancel()
 	select {
 	case b.provSem <- struct{}{}:
@@ -57,7 +57,16 @@ func (b *Broker) provision(s *session, payload []byte) {
 		b.endSession(s, ReasonProvisionBusy, packets.ErrServerBusy)
 		return
 	}
-	b.awaitDelivered(ctx, s.id)
+	if !b.awaitDelivered(ctx, s.id) {
+		// Deciding now could take the locker that got the last answer for
+		// the retry of a lost one; there is no time left to decide anyway.
+		<-b.provSem
+		b.m.provisioning.WithLabelValues(provUnavailable).Inc()
+		b.log.Warn("mqtt provisioning request not answered: the delivery of this serial's last answer is still being recorded; the locker retries",
+			"serial", s.id)
+		b.endSession(s, ReasonProvisionUnavailable, packets.ErrServerUnavailable)
+		return
+	}
 	resp, err := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	<-b.provSem
 	if s.cl.Closed() {
@@ -145,7 +154,7 @@ func (b *Broker) answerDelivered(s *session) {
 			b.delivering.CompareAndDelete(s.id, done)
 			close(done)
 		}()
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), provisionCallTimeout)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(b.ctx), b.provCallTimeout)
 		defer cancel()
 		if err := rec.AnswerDelivered(ctx, *id); err != nil {
 			// The registration stays open to a retry for its 10 minutes.
@@ -158,15 +167,20 @@ func (b *Broker) answerDelivered(s *session) {
 // last answer was delivered, should it still be on its way. A locker (or a
 // test) that got its answer and asks again at once is then told
 // serial_taken, as the contract says, instead of being taken for the retry
-// of a lost answer because its acknowledgement was not written yet.
-func (b *Broker) awaitDelivered(ctx context.Context, serial string) {
-	if v, ok := b.delivering.Load(serial); ok {
-		b.awaiting.Add(1)
-		defer b.awaiting.Add(-1)
-		select {
-		case <-v.(chan struct{}):
-		case <-ctx.Done():
-		}
+// of a lost answer because its acknowledgement was not written yet. false:
+// ctx ended first, and the request must not be decided.
+func (b *Broker) awaitDelivered(ctx context.Context, serial string) bool {
+	v, ok := b.delivering.Load(serial)
+	if !ok {
+		return true
+	}
+	b.awaiting.Add(1)
+	defer b.awaiting.Add(-1)
+	select {
+	case <-v.(chan struct{}):
+		return true
+	case <-ctx.Done():
+		return false
 	}
 }
 

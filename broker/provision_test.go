@@ -211,15 +211,58 @@ type recordingProv struct {
 	release   chan struct{}
 	delivered chan string
 	err       error // AnswerDelivered's answer once released
+	stuck     bool  // AnswerDelivered waits for release past its context
 }
 
 func (p *recordingProv) AnswerDelivered(ctx context.Context, deviceID string) error {
 	p.delivered <- deviceID
+	done := ctx.Done()
+	if p.stuck {
+		done = nil
+	}
 	select {
 	case <-p.release:
-	case <-ctx.Done():
+	case <-done:
 	}
 	return p.err
+}
+
+// TestProvisioningDeliveredRecordTooSlow: a request that waited its whole
+// call timeout for the record of the serial's last answer is not decided
+// (the decision could take the locker that got that answer for the retry
+// of a lost one): the session ends unanswered, and the locker retries.
+func TestProvisioningDeliveredRecordTooSlow(t *testing.T) {
+	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 1), stuck: true}
+	h := newHarness(t, func(o *Options) {
+		rec.fakeProv = o.Provisioner.(*fakeProv)
+		o.Provisioner = rec
+	}, func(b *Broker) { b.provCallTimeout = 300 * time.Millisecond })
+	release := sync.OnceFunc(func() { close(rec.release) })
+	t.Cleanup(release) // before the broker's Close, which waits for the record
+	ask := func() *client {
+		p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+		p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+		return p
+	}
+	ask().nextMessage(t) // acknowledged by the client: the record starts, and sticks
+	select {
+	case <-rec.delivered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the delivery was not recorded")
+	}
+	second := ask()
+	second.waitLost(t)
+	h.waitMetric(t, disconnects, "reason", ReasonProvisionUnavailable, 1)
+	if n := len(second.msgs); n != 0 {
+		t.Fatalf("%d answers sent to the second request, want none: %s", n, (<-second.msgs).Payload())
+	}
+	if n := h.prov.callCount(); n != 1 {
+		t.Fatalf("%d Provision calls, want 1: the second request was decided", n)
+	}
+	if got := h.metric(t, provTotal, "result", "unavailable"); got != 1 {
+		t.Fatalf("provisioning{result=unavailable} = %v, want 1", got)
+	}
 }
 
 // TestDeliveredRecordFailing: a delivery the Provisioner could not record
@@ -264,12 +307,14 @@ func TestDeliveredRecordFailing(t *testing.T) {
 // identity, where the contract says serial_taken.
 func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 	rec := &recordingProv{release: make(chan struct{}), delivered: make(chan string, 1)}
-	release := sync.OnceFunc(func() { close(rec.release) })
-	t.Cleanup(release) // a failure does not hold the broker's Close for the call timeout
 	h := newHarness(t, func(o *Options) {
 		rec.fakeProv = o.Provisioner.(*fakeProv)
 		o.Provisioner = rec
 	}, nil)
+	release := sync.OnceFunc(func() { close(rec.release) })
+	// Registered after the harness, so it runs before the broker's Close: a
+	// failure does not hold Close for the call timeout.
+	t.Cleanup(release)
 	ask := func() *client {
 		p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
 		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
