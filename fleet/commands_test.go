@@ -936,11 +936,13 @@ func TestFirmwareReportOutlastsDatabaseErrors(t *testing.T) {
 }
 
 // TestPublishRetainedLockWaitEnds: a publish of a locker's retained state
-// waiting for its shard's publish lock, which another publish holds (one
-// an external broker that is down keeps waiting), gives up when its
-// context ends rather than wait for that publish.
+// (all of it, or its credential set) waiting for its shard's publish lock,
+// which another publish holds (one an external broker that is down keeps
+// waiting), gives up when its context ends rather than wait for that
+// publish, and publishes nothing.
 func TestPublishRetainedLockWaitEnds(t *testing.T) {
-	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}})
+	bus := &fakeBus{}
+	m, err := New(Options{Store: newFakeStore(), Bus: bus})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -949,19 +951,27 @@ func TestPublishRetainedLockWaitEnds(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer unlock()
-	done := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
-		defer cancel()
-		done <- m.PublishRetained(ctx, testLocker.ID)
-	}()
-	select {
-	case err := <-done:
-		if !errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("PublishRetained = %v, want the context's end", err)
+	for name, publish := range map[string]func(context.Context, string) error{
+		"PublishRetained": m.PublishRetained,
+		"PublishCreds":    m.PublishCreds,
+	} {
+		done := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+			defer cancel()
+			done <- publish(ctx, testLocker.ID)
+		}()
+		select {
+		case err := <-done:
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("%s = %v, want the context's end", name, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s still waiting for the lock 10 s after its context ended", name)
 		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("PublishRetained still waiting for the lock 10 s after its context ended")
+	}
+	if n := bus.count(); n != 0 {
+		t.Fatalf("%d publishes without the lock, want none", n)
 	}
 }
 

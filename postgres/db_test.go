@@ -1086,6 +1086,11 @@ func TestIngest(t *testing.T) {
 		if ok, err := db.WithdrawAlert(ctx, miss, "gateway", "test", now); err != nil || ok {
 			t.Fatalf("withdraw of another time: %v %v, want nothing", ok, err)
 		}
+		gone, cancel := context.WithCancel(ctx)
+		cancel()
+		if ok, err := db.WithdrawAlert(gone, a, "gateway", "test", now); !errors.Is(err, context.Canceled) || ok {
+			t.Fatalf("withdraw that cannot read the alert: %v %v, want the read's error", ok, err)
+		}
 		if ok, err := db.WithdrawAlert(ctx, a, "gateway", "test", now); err != nil || !ok {
 			t.Fatalf("withdraw: %v %v", ok, err)
 		}
