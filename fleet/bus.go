@@ -1,6 +1,9 @@
 package fleet
 
-import "context"
+import (
+	"context"
+	"errors"
+)
 
 // Message is one MQTT message as the fleet manager sees it.
 type Message struct {
@@ -39,5 +42,13 @@ type Bus interface {
 // no particular order.
 type RetainedReader interface {
 	// Retained returns topic's retained payload, nil when there is none.
+	// An error wrapping ErrBusClosed: the bus is closing and can no
+	// longer acknowledge what it delivered.
 	Retained(ctx context.Context, topic string) ([]byte, error)
 }
+
+// ErrBusClosed is a RetainedReader's answer once its bus can no longer
+// acknowledge the messages it delivered: a message judged by the read is
+// left alone, for the broker to deliver again (to this instance's next run
+// or to another).
+var ErrBusClosed = errors.New("the bus is closed")

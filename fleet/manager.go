@@ -925,10 +925,15 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 // instance comes back, it would mark an online locker offline (and its
 // commands would wait). The broker retained the will when it published it,
 // so a later birth in its place means a later session. When the retained
-// presence cannot be read the will is applied.
+// presence cannot be read the will is applied; when the bus is closing
+// (ErrBusClosed) it is not, nor judged: the broker delivers it again.
 func (m *Manager) staleWill(ctx context.Context, id string) bool {
-	payload, ok := m.retainedPresence(ctx, id)
-	if !ok || len(payload) == 0 {
+	payload, err := m.retainedPresence(ctx, id)
+	if errors.Is(err, ErrBusClosed) {
+		m.log.Info("Last Will not judged: the bus is closing; left for the broker to deliver again", "locker", id)
+		return true
+	}
+	if err != nil || len(payload) == 0 {
 		return false
 	}
 	if p, err := protocol.Decode[protocol.Presence](payload); err != nil || !p.Online {
@@ -953,13 +958,17 @@ const lateBirthAfter = 30 * time.Second
 // online that went away since, and report a version it may no longer run
 // to the firmware engine. A birth on time is not checked (a reconnect
 // storm's births cost nothing more); nothing retained, or a read that
-// fails, and the birth is applied.
+// fails, and the birth is applied (a bus closing: as staleWill).
 func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time) bool {
 	if p.TS.IsZero() || at.Sub(p.TS.Time) < lateBirthAfter {
 		return false
 	}
-	retained, ok := m.retainedPresence(ctx, id)
-	if !ok || len(retained) == 0 || bytes.Equal(retained, payload) {
+	retained, err := m.retainedPresence(ctx, id)
+	if errors.Is(err, ErrBusClosed) {
+		m.log.Info("late birth not judged: the bus is closing; left for the broker to deliver again", "locker", id)
+		return true
+	}
+	if err != nil || len(retained) == 0 || bytes.Equal(retained, payload) {
 		return false
 	}
 	m.m.staleBirths.Inc()
@@ -968,22 +977,24 @@ func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presenc
 	return true
 }
 
+// errNoRetainedReader: the bus cannot read retained messages.
+var errNoRetainedReader = errors.New("the bus cannot read retained messages")
+
 // retainedPresence reads the broker's retained presence of locker id,
-// when the bus can (RetainedReader); false when it cannot, or the read
-// failed (logged).
-func (m *Manager) retainedPresence(ctx context.Context, id string) ([]byte, bool) {
+// when the bus can (RetainedReader). A read that failed is logged, unless
+// the bus is closing (ErrBusClosed: the caller's message is left).
+func (m *Manager) retainedPresence(ctx context.Context, id string) ([]byte, error) {
 	rr, ok := m.bus.(RetainedReader)
 	if !ok {
-		return nil, false
+		return nil, errNoRetainedReader
 	}
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	payload, err := rr.Retained(rctx, protocol.Topic(id, protocol.ChanPresence))
-	if err != nil {
+	if err != nil && !errors.Is(err, ErrBusClosed) {
 		m.log.Warn("retained presence not read; the presence message is applied as it came", "locker", id, "err", err)
-		return nil, false
 	}
-	return payload, true
+	return payload, err
 }
 
 // ackAll acknowledges a stored batch (acknowledging twice is harmless).

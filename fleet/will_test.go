@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -27,7 +28,9 @@ func (b *retainedBus) Retained(_ context.Context, topic string) ([]byte, error) 
 // TestStaleWill: a Last Will is an earlier session's (not applied) only
 // when the broker's retained presence of the locker is a birth; a retained
 // will, nothing retained, something unreadable, an error reading it, or a
-// bus that cannot read retained messages, and it is applied.
+// bus that cannot read retained messages, and it is applied. A bus that is
+// closing leaves it (not applied, not counted), for the broker to deliver
+// again.
 func TestStaleWill(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
@@ -40,6 +43,7 @@ func TestStaleWill(t *testing.T) {
 		{"NothingRetained", "", nil, false},
 		{"Unreadable", `{"online":`, nil, false},
 		{"ReadFailed", "", errors.New("broker down"), false},
+		{"BusClosing", "", fmt.Errorf("read: %w", ErrBusClosed), true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bus := &retainedBus{err: tc.err}
@@ -60,7 +64,7 @@ func TestStaleWill(t *testing.T) {
 			if err := m.m.staleWills.Write(&pb); err != nil {
 				t.Fatal(err)
 			}
-			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale] {
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale && tc.err == nil] {
 				t.Fatalf("stale wills counted %v", n)
 			}
 		})
@@ -78,7 +82,8 @@ func TestStaleWill(t *testing.T) {
 
 // TestStaleBirth: a birth is an earlier session's (not applied) only when
 // its ts is well behind its arrival and the broker's retained presence is
-// no longer this birth; a birth on time is not even checked.
+// no longer this birth; a birth on time is not even checked. A late one
+// read while the bus is closing is left (not applied, not counted).
 func TestStaleBirth(t *testing.T) {
 	at := time.Date(2026, 12, 5, 10, 0, 0, 0, time.UTC)
 	birth := func(ts time.Time, boot string) []byte {
@@ -99,6 +104,7 @@ func TestStaleBirth(t *testing.T) {
 		{"LateButCurrent", late, late, nil, false, true}, // a clock behind
 		{"LateNothingRetained", late, nil, nil, false, true},
 		{"LateReadFailed", late, nil, errors.New("broker down"), false, true},
+		{"LateBusClosing", late, nil, fmt.Errorf("read: %w", ErrBusClosed), true, true},
 		{"NoTS", []byte(`{"online":true}`), []byte(`{"online":false}`), nil, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -121,7 +127,7 @@ func TestStaleBirth(t *testing.T) {
 			if err := m.m.staleBirths.Write(&pb); err != nil {
 				t.Fatal(err)
 			}
-			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale] {
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale && tc.err == nil] {
 				t.Fatalf("stale births counted %v", n)
 			}
 		})

@@ -21,6 +21,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -103,15 +104,19 @@ type Bus struct {
 	closeOnce sync.Once
 
 	// peek is the connection Retained reads through, dialled at its first
-	// use under peekDial. peekSem bounds the reads in progress (Close takes
-	// every token to wait for them), and peeking holds a channel for each
-	// topic being read (under mu), closed when its read ends: reads of one
-	// topic take turns.
-	peekSem  chan struct{}
-	peekDial sync.Mutex
-	peek     paho.Client
-	peeking  map[string]chan struct{}
-	server   string
+	// use by the holder of peekDial's token. peekSem bounds the reads in
+	// progress (Close takes every token to wait for them), and peeking holds
+	// a channel for each topic being read (under mu), closed when its read
+	// ends: reads of one topic take turns. Close cancels peekCtx once the
+	// bus can no longer acknowledge messages, which ends every read.
+	peekSem     chan struct{}
+	peekDial    chan struct{}
+	peek        paho.Client
+	peeking     map[string]chan struct{}
+	peekCtx     context.Context
+	peekStop    context.CancelFunc
+	peekWaiting atomic.Int32 // reads past their SUBACK, waiting for the message (tests)
+	server      string
 }
 
 // maxPeeks bounds the retained reads in progress at once: one for each of
@@ -143,7 +148,8 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		return nil, fmt.Errorf("broker url %q: scheme must be mqtt or mqtts", o.URL)
 	}
 	b := &Bus{o: o, log: o.Logger, subs: map[string]struct{}{}, missing: map[string]error{}, closed: make(chan struct{}),
-		peekSem: make(chan struct{}, maxPeeks), peeking: map[string]chan struct{}{}}
+		peekSem: make(chan struct{}, maxPeeks), peekDial: make(chan struct{}, 1), peeking: map[string]chan struct{}{}}
+	b.peekCtx, b.peekStop = context.WithCancel(context.Background())
 	// Acknowledgements are manual (after the store), and every message
 	// goes through b.receive, which holds those that arrive before their
 	// subscription is made: a resumed session delivers right after CONNACK.
@@ -406,7 +412,24 @@ func (b *Bus) resubscribe(paho.Client) {
 // topics run at the same time (up to maxPeeks: a burst of wills, one per
 // locker, is judged in parallel); reads of one topic take turns, since a
 // subscription to a topic replaces the handler of the one before it.
+// Reads work while Close waits for acknowledgements; once the bus can no
+// longer acknowledge, the error wraps fleet.ErrBusClosed.
 func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(b.peekCtx, cancel)
+	defer stop()
+	p, err := b.retained(ctx, topic)
+	if err != nil && b.peekCtx.Err() != nil {
+		// Whatever the read reached: its answer could no longer be acted
+		// on and acknowledged.
+		return nil, fmt.Errorf("retained message of %s not read: %w", topic, fleet.ErrBusClosed)
+	}
+	return p, err
+}
+
+// retained is Retained; ctx ends at Close too.
+func (b *Bus) retained(ctx context.Context, topic string) ([]byte, error) {
 	done, err := b.peekTurn(ctx, topic)
 	if err != nil {
 		return nil, err
@@ -418,11 +441,8 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
-	b.mu.Lock()
-	closing := b.closing
-	b.mu.Unlock()
-	if closing {
-		return nil, errors.New("the external broker connection is closed")
+	if err := b.peekCtx.Err(); err != nil {
+		return nil, err // Close has begun waiting for the reads: none starts now
 	}
 	c, err := b.peekConn(ctx)
 	if err != nil {
@@ -449,6 +469,8 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	if d == 0 {
 		d = retainedWait
 	}
+	b.peekWaiting.Add(1)
+	defer b.peekWaiting.Add(-1)
 	select {
 	case p := <-got:
 		if len(p) == 0 {
@@ -459,8 +481,6 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 		return nil, nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
-	case <-b.closed:
-		return nil, errors.New("the external broker connection was closed during the read")
 	}
 }
 
@@ -493,8 +513,12 @@ func (b *Bus) peekTurn(ctx context.Context, topic string) (done func(), err erro
 // peekConn returns the connection Retained reads through, dialled at its
 // first use (by one caller; the others wait for it).
 func (b *Bus) peekConn(ctx context.Context) (paho.Client, error) {
-	b.peekDial.Lock()
-	defer b.peekDial.Unlock()
+	select {
+	case b.peekDial <- struct{}{}:
+		defer func() { <-b.peekDial }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	if b.peek != nil {
 		return b.peek, nil
 	}
@@ -573,8 +597,10 @@ func (b *Bus) close() {
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
 	b.c.Disconnect(250)
-	// The reads in progress end first (closed ends their waits); later
-	// ones see closing.
+	// Nothing delivered can be acknowledged from here on: the reads in
+	// progress end (ErrBusClosed), and Close waits for them; later ones
+	// start none.
+	b.peekStop()
 	for range cap(b.peekSem) {
 		b.peekSem <- struct{}{}
 	}

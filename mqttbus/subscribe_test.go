@@ -7,9 +7,11 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/testtool"
 )
 
@@ -203,12 +205,30 @@ func TestRetained(t *testing.T) {
 
 // TestRetainedReadsInParallel: a read waiting on a topic with nothing
 // retained holds up neither reads of other topics nor several reads of
-// one topic (they take turns), and Close ends it.
+// one topic (they take turns), and Close ends it with fleet.ErrBusClosed.
 func TestRetainedReadsInParallel(t *testing.T) {
 	addr := mosquitto(t, "")
 	ctx := context.Background()
 	pub := dialBus(t, addr, "pub", Options{})
-	gw := dialBus(t, addr, "gw", Options{peekWait: time.Hour})
+	gw, err := Dial(ctx, Options{URL: "mqtt://" + addr, ClientID: "gw", Group: "g", Logger: quiet(), peekWait: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan struct{})
+	closeBus := sync.OnceFunc(func() {
+		go func() {
+			gw.Close()
+			close(closed)
+		}()
+	})
+	t.Cleanup(func() {
+		closeBus()
+		select {
+		case <-closed:
+		case <-time.After(10 * time.Second):
+			t.Error("Close still waiting 10 s on")
+		}
+	})
 	const birth = `{"online":true}`
 	if err := pub.Publish(ctx, "lockers/v1/lk-b/presence", []byte(birth), 1, true); err != nil {
 		t.Fatal(err)
@@ -222,9 +242,9 @@ func TestRetainedReadsInParallel(t *testing.T) {
 		got, err := gw.Retained(ctx, "lockers/v1/lk-a/presence") // nothing retained: waits its hour
 		waiting <- result{got, err}
 	}()
-	testtool.Eventually(t, 10*time.Second, "the read of lk-a in progress", func() error {
-		if len(gw.peekSem) != 1 {
-			return fmt.Errorf("%d reads in progress", len(gw.peekSem))
+	testtool.Eventually(t, 10*time.Second, "the read of lk-a subscribed and waiting", func() error {
+		if n := gw.peekWaiting.Load(); n != 1 {
+			return fmt.Errorf("%d reads waiting", n)
 		}
 		return nil
 	})
@@ -248,13 +268,16 @@ func TestRetainedReadsInParallel(t *testing.T) {
 		t.Fatalf("the read of lk-a ended before Close: %q %v", r.got, r.err)
 	default:
 	}
-	gw.Close()
+	closeBus()
 	select {
 	case r := <-waiting:
-		if r.err == nil || r.got != nil {
-			t.Fatalf("the read of lk-a at Close: %q %v, want an error", r.got, r.err)
+		if !errors.Is(r.err, fleet.ErrBusClosed) || r.got != nil {
+			t.Fatalf("the read of lk-a at Close: %q %v, want fleet.ErrBusClosed", r.got, r.err)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close did not end the read of lk-a in progress")
+	}
+	if got, err := gw.Retained(ctx, "lockers/v1/lk-b/presence"); !errors.Is(err, fleet.ErrBusClosed) || got != nil {
+		t.Fatalf("a read after Close: %q %v, want fleet.ErrBusClosed", got, err)
 	}
 }
