@@ -62,8 +62,11 @@ func (b *Broker) provision(s *session, payload []byte) {
 		// the retry of a lost one; there is no time left to decide anyway.
 		<-b.provSem
 		b.m.provisioning.WithLabelValues(provUnavailable).Inc()
-		b.log.Warn("mqtt provisioning request not answered: the delivery of this serial's last answer is still being recorded; the locker retries",
-			"serial", s.id)
+		why := "the delivery of this serial's last answer is still being recorded"
+		if b.ctx.Err() != nil {
+			why = "the broker is stopping"
+		}
+		b.log.Warn("mqtt provisioning request not answered: "+why+"; the locker retries", "serial", s.id)
 		b.endSession(s, ReasonProvisionUnavailable, packets.ErrServerUnavailable)
 		return
 	}

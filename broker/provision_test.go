@@ -236,7 +236,7 @@ func TestProvisioningDeliveredRecordTooSlow(t *testing.T) {
 	h := newHarness(t, func(o *Options) {
 		rec.fakeProv = o.Provisioner.(*fakeProv)
 		o.Provisioner = rec
-	}, func(b *Broker) { b.provCallTimeout = 300 * time.Millisecond })
+	}, func(b *Broker) { b.provCallTimeout = time.Second })
 	release := sync.OnceFunc(func() { close(rec.release) })
 	t.Cleanup(release) // before the broker's Close, which waits for the record
 	ask := func() *client {
