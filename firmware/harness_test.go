@@ -53,6 +53,10 @@ type hopt struct {
 	// now, when set, is the engine's clock, and the engine is not run: the
 	// test calls h.eng.Tick itself.
 	now func() time.Time
+	// store, when set, wraps the engine's store (faults for a test).
+	store func(firmware.Store) firmware.Store
+	// log, when set, is the engine's logger.
+	log *slog.Logger
 }
 
 func newHarness(tb testing.TB, o hopt) *harness {
@@ -80,10 +84,17 @@ func (h *harness) start(o hopt) {
 		o.tick = 20 * time.Millisecond
 	}
 	h.reg = prometheus.NewRegistry()
+	var store firmware.Store = h.db
+	if o.store != nil {
+		store = o.store(store)
+	}
+	if o.log == nil {
+		o.log = slog.New(slog.DiscardHandler)
+	}
 	eng, err := firmware.New(firmware.Options{
-		Store: h.db, Fleet: h.devs, Key: h.key, URLKey: firmware.DeriveURLKey([]byte("master key for tests, 32 bytes!")),
+		Store: store, Fleet: h.devs, Key: h.key, URLKey: firmware.DeriveURLKey([]byte("master key for tests, 32 bytes!")),
 		BaseURL: func() string { return "http://gw.test" }, Dir: h.dir, Tick: o.tick, GaugeInterval: 50 * time.Millisecond,
-		Registerer: h.reg, Logger: slog.New(slog.DiscardHandler), Now: o.now,
+		Registerer: h.reg, Logger: o.log, Now: o.now,
 	})
 	if err != nil {
 		h.tb.Fatal(err)

@@ -3,6 +3,7 @@ package firmware
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 
@@ -31,7 +32,7 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 		j, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: st.Job, From: from,
 			To: st.State, Progress: st.Progress, At: at})
 		if err != nil {
-			return e.reportFailed(err)
+			return e.reportFailed(fmt.Sprintf("record %s of job %s", st.State, st.Job), err)
 		}
 		e.counted(j != nil)
 	case StateFailed, StateRejected:
@@ -42,11 +43,11 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 	return nil
 }
 
-// reportFailed counts a report not recorded and returns err for the
-// caller's retry, which logs it.
-func (e *Engine) reportFailed(err error) error {
+// reportFailed counts a report not recorded and returns err, wrapped with
+// what failed, for the caller's retry, which logs it.
+func (e *Engine) reportFailed(what string, err error) error {
 	e.m.errors.WithLabelValues("report").Inc()
-	return err
+	return fmt.Errorf("firmware report not recorded: %s: %w", what, err)
 }
 
 // succeeded takes a locker's "succeeded" report. The birth on the new
@@ -62,7 +63,7 @@ func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time
 		return nil
 	}
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed("read job "+wireID, err)
 	}
 	if !IsActive(j.State) && !((j.State == StateCancelled || j.State == StateTimedOut) && j.SentAt != nil) {
 		e.counted(false) // settled by the birth
@@ -70,7 +71,7 @@ func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time
 	}
 	fw, err := e.store.RunningVersion(ctx, deviceID)
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed("read the version of locker "+deviceID, err)
 	}
 	if !SameVersion(fw, j.Version) {
 		e.counted(false) // not confirmed by a birth: the timeout will judge it
@@ -78,7 +79,7 @@ func (e *Engine) succeeded(ctx context.Context, deviceID, wireID string, at time
 	}
 	nj, err := e.store.Apply(ctx, Transition{DeviceID: deviceID, JobID: wireID, From: []string{j.State}, To: StateSucceeded, At: at})
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed("record succeeded of job "+wireID, err)
 	}
 	e.counted(nj != nil)
 	if nj != nil {
@@ -140,8 +141,14 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 		}
 		if nj == nil && j.State == StateQueued {
 			// Handed out meanwhile: the birth confirms it like any other.
-			if cur, err := e.store.GetJob(ctx, deviceID, j.JobID); err == nil && IsActive(cur.State) {
+			cur, err := e.store.GetJob(ctx, deviceID, j.JobID)
+			switch {
+			case err == nil && IsActive(cur.State):
 				e.bootSucceeded(ctx, cur, at)
+			case err != nil && !errors.Is(err, fleet.ErrNotFound):
+				// Not confirmed: its succeeded report or its step
+				// timeout judges it.
+				e.fail("birth", fmt.Errorf("read job %s: %w", j.JobID, err))
 			}
 			continue
 		}
@@ -174,7 +181,7 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 		return nil
 	}
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed("read job "+wireID, err)
 	}
 	if !IsActive(j.State) {
 		e.counted(false) // a repeat, or a report on a job that already ended
@@ -182,7 +189,7 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 	}
 	r, err := e.store.GetRollout(ctx, j.RolloutID)
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed("read rollout "+j.RolloutID, err)
 	}
 	t := Transition{DeviceID: deviceID, JobID: wireID, From: ActiveStates, To: state, Error: kind, At: at}
 	if state == StateFailed && retryable(r, kind, j.Attempt, e.now()) {
@@ -190,7 +197,7 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 	}
 	nj, err := e.store.Apply(ctx, t)
 	if err != nil {
-		return e.reportFailed(err)
+		return e.reportFailed(fmt.Sprintf("record %s of job %s", state, wireID), err)
 	}
 	e.counted(nj != nil)
 	if nj != nil {
