@@ -412,3 +412,45 @@ func TestEngineLateReportOfACancelledJob(t *testing.T) {
 		t.Fatalf("the locker's current job: %s %s, want %s sent", j.JobID, j.State, current)
 	}
 }
+
+// TestEngineBirthSettlesLateJobBesideActive: a birth on the version that
+// confirms the active job settles a timed-out job of an earlier rollout on
+// that version too (its reboot outlasted the step timeout, and a second
+// rollout sent the locker the same version): it succeeded, not failed.
+func TestEngineBirthSettlesLateJobBesideActive(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent } // the test reports for it
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	spec := firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 60, MaxFailurePct: ptr(100.0)}
+	first := h.create(spec)
+	h.eng.Tick(ctx)
+	old := h.job(first.ID, ids[0])
+	h.report(clk, ids[0], old.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+		firmware.StateRebooting)
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
+	clk.advance(61 * time.Second)
+	h.eng.Tick(ctx)
+	if got := h.job(first.ID, ids[0]); got.State != firmware.StateTimedOut {
+		t.Fatalf("the first rollout's job after the step timeout: %s, want timed_out", got.State)
+	}
+	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
+	second := h.create(spec)
+	h.eng.Tick(ctx)
+	cur := h.job(second.ID, ids[0])
+	if !firmware.IsActive(cur.State) {
+		t.Fatalf("the second rollout's job: %s, want it handed out", cur.State)
+	}
+	h.report(clk, ids[0], cur.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+		firmware.StateRebooting)
+	clk.advance(time.Second)
+	h.birth(clk, ids[0], "1.5.0", true)
+	if got := h.job(second.ID, ids[0]); got.State != firmware.StateSucceeded {
+		t.Fatalf("the second rollout's job after the birth on 1.5.0: %s, want succeeded", got.State)
+	}
+	if got := h.job(first.ID, ids[0]); got.State != firmware.StateSucceeded {
+		t.Fatalf("the first rollout's timed-out job after the birth on 1.5.0: %s, want succeeded", got.State)
+	}
+}

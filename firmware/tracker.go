@@ -113,8 +113,9 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 	}
 	switch {
 	case j != nil && SameVersion(fw, j.Version):
+		// The late jobs on the version below are settled too (an earlier
+		// rollout's timed-out job for it, say).
 		e.bootSucceeded(ctx, j, at)
-		return
 	case j != nil && j.State == StateRebooting:
 		// A retry it queues is for the version that did not boot, which
 		// the loop below would skip: the jobs read before serve.
