@@ -50,6 +50,18 @@ func (h *harness) birth(clk *clock, id, fw string, booted bool) {
 	}
 }
 
+// rebootPastTimeout plays a locker that reports job up to rebooting and
+// stays offline past the step timeout (60 s in these tests); the engine
+// ticks once after it.
+func (h *harness) rebootPastTimeout(clk *clock, id, job string) {
+	h.tb.Helper()
+	h.mustReport(clk, id, job, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+		firmware.StateRebooting)
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, id)
+	clk.advance(61 * time.Second)
+	h.eng.Tick(context.Background())
+}
+
 // TestEngineLateBootSucceeds: a reboot that outlasts the step timeout times
 // the job out, or re-queues it when timeouts are retried; the birth on the
 // new version that follows is the job's success (the locker would ignore a
@@ -74,12 +86,8 @@ func TestEngineLateBootSucceeds(t *testing.T) {
 				MaxFailurePct: ptr(100.0), Retries: tc.retries, RetryOn: []string{firmware.KindTimeout}})
 			h.eng.Tick(ctx)
 			j := h.job(st.ID, ids[0])
-			h.report(clk, ids[0], j.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
-				firmware.StateRebooting)
 			// It reboots (offline) for longer than the step timeout.
-			h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
-			clk.advance(61 * time.Second)
-			h.eng.Tick(ctx)
+			h.rebootPastTimeout(clk, ids[0], j.JobID)
 			if got := h.job(st.ID, ids[0]); got.State != tc.after {
 				t.Fatalf("after the step timeout: %s, want %s", got.State, tc.after)
 			}
@@ -136,11 +144,7 @@ func TestEngineHandOutSettlesLockersOnTheVersion(t *testing.T) {
 	// ids[1] reboots for longer than the step timeout: it times out
 	// (re-queued, and offline it keeps it), then comes back on the version;
 	// its birth reaches the database but not this engine.
-	h.report(clk, ids[1], silent.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
-		firmware.StateRebooting)
-	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[1])
-	clk.advance(61 * time.Second)
-	h.eng.Tick(ctx)
+	h.rebootPastTimeout(clk, ids[1], silent.JobID)
 	if j := h.job(st.ID, ids[1]); j.State != firmware.StateQueued || j.Attempt != 2 {
 		t.Fatalf("after the timeout: %s attempt %d", j.State, j.Attempt)
 	}
@@ -428,11 +432,7 @@ func TestEngineBirthSettlesLateJobBesideActive(t *testing.T) {
 	first := h.create(spec)
 	h.eng.Tick(ctx)
 	old := h.job(first.ID, ids[0])
-	h.report(clk, ids[0], old.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
-		firmware.StateRebooting)
-	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
-	clk.advance(61 * time.Second)
-	h.eng.Tick(ctx)
+	h.rebootPastTimeout(clk, ids[0], old.JobID)
 	if got := h.job(first.ID, ids[0]); got.State != firmware.StateTimedOut {
 		t.Fatalf("the first rollout's job after the step timeout: %s, want timed_out", got.State)
 	}

@@ -219,11 +219,7 @@ func TestEngineBootFailureNotRecorded(t *testing.T) {
 			old := h.create(spec)
 			h.eng.Tick(ctx)
 			late := h.sentJob(old.ID, ids[0])
-			h.mustReport(clk, ids[0], late, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
-				firmware.StateRebooting)
-			h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
-			clk.advance(61 * time.Second)
-			h.eng.Tick(ctx)
+			h.rebootPastTimeout(clk, ids[0], late)
 			if j := h.job(old.ID, ids[0]); j.State != firmware.StateTimedOut {
 				t.Fatalf("the 1.5.0 job after its step timeout: %s", j.State)
 			}
