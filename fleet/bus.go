@@ -48,7 +48,9 @@ type RetainedReader interface {
 }
 
 // ErrBusClosed is a RetainedReader's answer once its bus can no longer
-// acknowledge the messages it delivered: a message judged by the read is
-// left alone, for the broker to deliver again (to this instance's next run
-// or to another).
+// acknowledge the messages it delivered, and the broker keeps them for this
+// instance's next run (a persistent session): a message judged by the read
+// is then neither applied nor acknowledged, and comes again. A bus whose
+// session ends with it answers with another error, and the message is
+// applied as when a read fails.
 var ErrBusClosed = errors.New("the bus is closed")

@@ -918,7 +918,17 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	}
 }
 
-// staleWill reports whether a Last Will is an earlier session's, delivered
+// verdict is what a check of the broker's retained presence decided about
+// a presence message (staleWill, staleBirth).
+type verdict int
+
+const (
+	verdictApply verdict = iota // current, or not known to be stale: applied
+	verdictStale                // an earlier session's: dropped (acknowledged)
+	verdictLeave                // not judged, the bus is closing: neither applied nor acknowledged
+)
+
+// staleWill judges whether a Last Will is an earlier session's, delivered
 // late: the broker's retained presence of the locker is a birth. Through
 // an external broker a will can wait in a crashed instance's session while
 // the locker connects again through another instance; applied when that
@@ -926,22 +936,22 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 // commands would wait). The broker retained the will when it published it,
 // so a later birth in its place means a later session. When the retained
 // presence cannot be read the will is applied; when the bus is closing
-// (ErrBusClosed) it is not, nor judged: the broker delivers it again.
-func (m *Manager) staleWill(ctx context.Context, id string) bool {
+// (ErrBusClosed) it is left, for the broker to deliver again.
+func (m *Manager) staleWill(ctx context.Context, id string) verdict {
 	payload, err := m.retainedPresence(ctx, id)
 	if errors.Is(err, ErrBusClosed) {
 		m.log.Info("Last Will not judged: the bus is closing; left for the broker to deliver again", "locker", id)
-		return true
+		return verdictLeave
 	}
 	if err != nil || len(payload) == 0 {
-		return false
+		return verdictApply
 	}
 	if p, err := protocol.Decode[protocol.Presence](payload); err != nil || !p.Online {
-		return false
+		return verdictApply
 	}
 	m.m.staleWills.Inc()
 	m.log.Info("Last Will of an earlier session not applied: the locker's retained presence is a later birth", "locker", id)
-	return true
+	return verdictStale
 }
 
 // lateBirthAfter is how far behind its arrival a birth's ts must be for
@@ -951,7 +961,7 @@ func (m *Manager) staleWill(ctx context.Context, id string) bool {
 // found current).
 const lateBirthAfter = 30 * time.Second
 
-// staleBirth reports whether a birth is an earlier session's, delivered
+// staleBirth judges whether a birth is an earlier session's, delivered
 // late (as a will can be: staleWill): its ts is well behind its arrival
 // and the broker's retained presence of the locker is no longer this
 // birth (a will since, or a later birth). Applied, it would mark a locker
@@ -959,22 +969,22 @@ const lateBirthAfter = 30 * time.Second
 // to the firmware engine. A birth on time is not checked (a reconnect
 // storm's births cost nothing more); nothing retained, or a read that
 // fails, and the birth is applied (a bus closing: as staleWill).
-func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time) bool {
+func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time) verdict {
 	if p.TS.IsZero() || at.Sub(p.TS.Time) < lateBirthAfter {
-		return false
+		return verdictApply
 	}
 	retained, err := m.retainedPresence(ctx, id)
 	if errors.Is(err, ErrBusClosed) {
 		m.log.Info("late birth not judged: the bus is closing; left for the broker to deliver again", "locker", id)
-		return true
+		return verdictLeave
 	}
 	if err != nil || len(retained) == 0 || bytes.Equal(retained, payload) {
-		return false
+		return verdictApply
 	}
 	m.m.staleBirths.Inc()
 	m.log.Info("birth of an earlier session not applied: the locker's retained presence has changed since",
 		"locker", id, "birth_ts", p.TS.Time, "boot_id", p.BootID)
-	return true
+	return verdictStale
 }
 
 // errNoRetainedReader: the bus cannot read retained messages.
@@ -1221,13 +1231,15 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 }
 
 func (m *Manager) handleControl(ctx context.Context, c control) {
+	leave := false // set when the message is left for the bus to deliver again
 	if c.ack != nil {
 		// Acknowledged once handled: stored, or invalid for good. Store
 		// calls are retried until they succeed, unless the drain deadline
 		// cancels ctx: then nothing is acknowledged and a bus that
-		// redelivers gives the message to the next run.
+		// redelivers gives the message to the next run. A presence
+		// message left unjudged (verdictLeave) is not acknowledged either.
 		defer func() {
-			if ctx.Err() == nil {
+			if ctx.Err() == nil && !leave {
 				c.ack()
 			}
 		}()
@@ -1256,13 +1268,23 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			// and knows a takeover from a loss; a will of a taken-over session
 			// can arrive after the new session's birth, so it is only used
 			// where the bus has no session events (an external broker).
-			if m.opts.PresenceFromWill && !m.staleWill(ctx, c.id) {
+			if !m.opts.PresenceFromWill {
+				return
+			}
+			switch m.staleWill(ctx, c.id) {
+			case verdictApply:
 				m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: "will", At: c.at}})
+			case verdictLeave:
+				leave = true
 			}
 			return
 		}
 		if m.opts.PresenceFromWill {
-			if m.staleBirth(ctx, c.id, p, c.payload, c.at) {
+			switch m.staleBirth(ctx, c.id, p, c.payload, c.at) {
+			case verdictStale:
+				return
+			case verdictLeave:
+				leave = true
 				return
 			}
 			// No session events from an external broker: the birth starts

@@ -29,21 +29,21 @@ func (b *retainedBus) Retained(_ context.Context, topic string) ([]byte, error) 
 // when the broker's retained presence of the locker is a birth; a retained
 // will, nothing retained, something unreadable, an error reading it, or a
 // bus that cannot read retained messages, and it is applied. A bus that is
-// closing leaves it (not applied, not counted), for the broker to deliver
-// again.
+// closing with a persistent session (ErrBusClosed) leaves it (not applied,
+// not counted), for the broker to deliver again.
 func TestStaleWill(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		payload string
 		err     error
-		stale   bool
+		want    verdict
 	}{
-		{"LaterBirth", `{"online":true,"ts":"2026-12-05T09:00:00.000Z","fw":"1.4.2","model":"LX-24","boot_id":"b-2"}`, nil, true},
-		{"TheWillItself", `{"online":false}`, nil, false},
-		{"NothingRetained", "", nil, false},
-		{"Unreadable", `{"online":`, nil, false},
-		{"ReadFailed", "", errors.New("broker down"), false},
-		{"BusClosing", "", fmt.Errorf("read: %w", ErrBusClosed), true},
+		{"LaterBirth", `{"online":true,"ts":"2026-12-05T09:00:00.000Z","fw":"1.4.2","model":"LX-24","boot_id":"b-2"}`, nil, verdictStale},
+		{"TheWillItself", `{"online":false}`, nil, verdictApply},
+		{"NothingRetained", "", nil, verdictApply},
+		{"Unreadable", `{"online":`, nil, verdictApply},
+		{"ReadFailed", "", errors.New("broker down"), verdictApply},
+		{"BusClosing", "", fmt.Errorf("read: %w", ErrBusClosed), verdictLeave},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bus := &retainedBus{err: tc.err}
@@ -54,8 +54,8 @@ func TestStaleWill(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := m.staleWill(context.Background(), "lk-1"); got != tc.stale {
-				t.Fatalf("stale %v, want %v", got, tc.stale)
+			if got := m.staleWill(context.Background(), "lk-1"); got != tc.want {
+				t.Fatalf("verdict %v, want %v", got, tc.want)
 			}
 			if len(bus.asked) != 1 || bus.asked[0] != "lockers/v1/lk-1/presence" {
 				t.Fatalf("read %v, want the locker's presence topic", bus.asked)
@@ -64,7 +64,7 @@ func TestStaleWill(t *testing.T) {
 			if err := m.m.staleWills.Write(&pb); err != nil {
 				t.Fatal(err)
 			}
-			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale && tc.err == nil] {
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.want == verdictStale] {
 				t.Fatalf("stale wills counted %v", n)
 			}
 		})
@@ -74,8 +74,8 @@ func TestStaleWill(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if m.staleWill(context.Background(), "lk-1") {
-			t.Fatal("stale without a way to read the retained presence")
+		if got := m.staleWill(context.Background(), "lk-1"); got != verdictApply {
+			t.Fatalf("verdict %v without a way to read the retained presence, want it applied", got)
 		}
 	})
 }
@@ -95,17 +95,17 @@ func TestStaleBirth(t *testing.T) {
 		payload  []byte
 		retained []byte
 		err      error
-		stale    bool
+		want     verdict
 		asked    bool
 	}{
-		{"OnTime", birth(at.Add(-2*time.Second), "b-1"), []byte(`{"online":false}`), nil, false, false},
-		{"LateWillSince", late, []byte(`{"online":false}`), nil, true, true},
-		{"LateLaterBirth", late, birth(at.Add(-time.Minute), "b-2"), nil, true, true},
-		{"LateButCurrent", late, late, nil, false, true}, // a clock behind
-		{"LateNothingRetained", late, nil, nil, false, true},
-		{"LateReadFailed", late, nil, errors.New("broker down"), false, true},
-		{"LateBusClosing", late, nil, fmt.Errorf("read: %w", ErrBusClosed), true, true},
-		{"NoTS", []byte(`{"online":true}`), []byte(`{"online":false}`), nil, false, false},
+		{"OnTime", birth(at.Add(-2*time.Second), "b-1"), []byte(`{"online":false}`), nil, verdictApply, false},
+		{"LateWillSince", late, []byte(`{"online":false}`), nil, verdictStale, true},
+		{"LateLaterBirth", late, birth(at.Add(-time.Minute), "b-2"), nil, verdictStale, true},
+		{"LateButCurrent", late, late, nil, verdictApply, true}, // a clock behind
+		{"LateNothingRetained", late, nil, nil, verdictApply, true},
+		{"LateReadFailed", late, nil, errors.New("broker down"), verdictApply, true},
+		{"LateBusClosing", late, nil, fmt.Errorf("read: %w", ErrBusClosed), verdictLeave, true},
+		{"NoTS", []byte(`{"online":true}`), []byte(`{"online":false}`), nil, verdictApply, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bus := &retainedBus{payload: tc.retained, err: tc.err}
@@ -117,8 +117,8 @@ func TestStaleBirth(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := m.staleBirth(context.Background(), "lk-1", p, tc.payload, at); got != tc.stale {
-				t.Fatalf("stale %v, want %v", got, tc.stale)
+			if got := m.staleBirth(context.Background(), "lk-1", p, tc.payload, at); got != tc.want {
+				t.Fatalf("verdict %v, want %v", got, tc.want)
 			}
 			if asked := len(bus.asked) == 1; asked != tc.asked {
 				t.Fatalf("retained presence read %v, want %v", bus.asked, tc.asked)
@@ -127,8 +127,37 @@ func TestStaleBirth(t *testing.T) {
 			if err := m.m.staleBirths.Write(&pb); err != nil {
 				t.Fatal(err)
 			}
-			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.stale && tc.err == nil] {
+			if n := pb.GetCounter().GetValue(); n != map[bool]float64{true: 1}[tc.want == verdictStale] {
 				t.Fatalf("stale births counted %v", n)
+			}
+		})
+	}
+}
+
+// TestWillLeftAtClose: a Last Will whose check the closing bus cut short
+// (ErrBusClosed) is neither applied nor acknowledged, so the broker's
+// persistent session delivers it again; one whose check failed otherwise is
+// applied and acknowledged.
+func TestWillLeftAtClose(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		err     error
+		applied bool
+	}{
+		{"BusClosing", fmt.Errorf("read: %w", ErrBusClosed), false},
+		{"ReadFailed", errors.New("the external broker connection is closed"), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st := &presenceStore{fakeStore: newFakeStore()}
+			m, err := New(Options{Store: st, Bus: &retainedBus{err: tc.err}, PresenceFromWill: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			acks := 0
+			m.handleControl(context.Background(), control{kind: ctrlPresence, id: "lk-1", payload: []byte(`{"online":false}`),
+				at: time.Now(), ack: func() { acks++ }})
+			if applied := len(st.calls) == 1 && st.calls[0] == "offline lk-1"; applied != tc.applied || acks != map[bool]int{true: 1}[tc.applied] {
+				t.Fatalf("writes %v, %d acks; want applied and acknowledged: %v", st.calls, acks, tc.applied)
 			}
 		})
 	}

@@ -413,7 +413,8 @@ func (b *Bus) resubscribe(paho.Client) {
 // locker, is judged in parallel); reads of one topic take turns, since a
 // subscription to a topic replaces the handler of the one before it.
 // Reads work while Close waits for acknowledgements; once the bus can no
-// longer acknowledge, the error wraps fleet.ErrBusClosed.
+// longer acknowledge, reads fail, with an error that wraps
+// fleet.ErrBusClosed when the session is persistent (Options.Persistent).
 func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -421,9 +422,15 @@ func (b *Bus) Retained(ctx context.Context, topic string) ([]byte, error) {
 	defer stop()
 	p, err := b.retained(ctx, topic)
 	if err != nil && b.peekCtx.Err() != nil {
-		// Whatever the read reached: its answer could no longer be acted
-		// on and acknowledged.
-		return nil, fmt.Errorf("retained message of %s not read: %w", topic, fleet.ErrBusClosed)
+		if b.o.Persistent {
+			// Whatever the read reached: the message it was to judge can
+			// no longer be acknowledged, and the broker keeps it for this
+			// instance's next run.
+			return nil, fmt.Errorf("retained message of %s not read: %w", topic, fleet.ErrBusClosed)
+		}
+		// A clean session ends with the bus, and what it was given with
+		// it: the message is better applied unjudged than lost.
+		return nil, fmt.Errorf("retained message of %s not read: the external broker connection is closed", topic)
 	}
 	return p, err
 }
