@@ -47,7 +47,7 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 // what failed, for the caller's retry, which logs it.
 func (e *Engine) reportFailed(what string, err error) error {
 	e.m.errors.WithLabelValues("report").Inc()
-	return fmt.Errorf("firmware report not recorded: %s: %w", what, err)
+	return fmt.Errorf("%s: %w", what, err)
 }
 
 // succeeded takes a locker's "succeeded" report. The birth on the new
@@ -113,9 +113,11 @@ func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) 
 	}
 	switch {
 	case j != nil && SameVersion(fw, j.Version):
-		// The late jobs on the version below are settled too (an earlier
-		// rollout's timed-out job for it, say).
-		e.bootSucceeded(ctx, j, at)
+		// After the late jobs on the version (an earlier rollout's
+		// timed-out job for it, say): while j is active none of them can
+		// be handed out (one active job per locker), so none is sent the
+		// version the locker runs.
+		defer e.bootSucceeded(ctx, j, at)
 	case j != nil && j.State == StateRebooting:
 		// A retry it queues is for the version that did not boot, which
 		// the loop below would skip: the jobs read before serve.
