@@ -3,6 +3,7 @@ package broker
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -57,20 +58,14 @@ func (b *Broker) provision(s *session, payload []byte) {
 		b.endSession(s, ReasonProvisionBusy, packets.ErrServerBusy)
 		return
 	}
-	if !b.awaitDelivered(ctx, s.id) {
-		// Deciding now could take the locker that got the last answer for
-		// the retry of a lost one; there is no time left to decide anyway.
-		<-b.provSem
-		b.m.provisioning.WithLabelValues(provUnavailable).Inc()
-		why := "the delivery of this serial's last answer is still being recorded"
-		if b.ctx.Err() != nil {
-			why = "the broker is stopping"
-		}
-		b.log.Warn("mqtt provisioning request not answered: "+why+"; the locker retries", "serial", s.id)
-		b.endSession(s, ReasonProvisionUnavailable, packets.ErrServerUnavailable)
-		return
+	// Not decided before the record of the serial's last answer is in: it
+	// could take the locker that got that answer for the retry of a lost
+	// one. A wait that runs out is answered as a Provisioner failing.
+	var resp protocol.ProvisionResponse
+	err := b.awaitDelivered(ctx, s.id)
+	if err == nil {
+		resp, err = b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	}
-	resp, err := b.opts.Provisioner.Provision(ctx, s.token, s.id, payload)
 	<-b.provSem
 	if s.cl.Closed() {
 		// The Provisioner may have registered the device: a retry by the
@@ -170,20 +165,23 @@ func (b *Broker) answerDelivered(s *session) {
 // last answer was delivered, should it still be on its way. A locker (or a
 // test) that got its answer and asks again at once is then told
 // serial_taken, as the contract says, instead of being taken for the retry
-// of a lost answer because its acknowledgement was not written yet. false:
-// ctx ended first, and the request must not be decided.
-func (b *Broker) awaitDelivered(ctx context.Context, serial string) bool {
+// of a lost answer because its acknowledgement was not written yet. An
+// error: ctx ended first, and the request must not be decided.
+func (b *Broker) awaitDelivered(ctx context.Context, serial string) error {
 	v, ok := b.delivering.Load(serial)
 	if !ok {
-		return true
+		return nil
 	}
 	b.awaiting.Add(1)
 	defer b.awaiting.Add(-1)
 	select {
 	case <-v.(chan struct{}):
-		return true
+		return nil
 	case <-ctx.Done():
-		return false
+		if b.ctx.Err() != nil {
+			return fmt.Errorf("the broker is stopping while the delivery of serial %s's last answer is recorded", serial)
+		}
+		return fmt.Errorf("the delivery of serial %s's last answer is still being recorded: %w", serial, ctx.Err())
 	}
 }
 
