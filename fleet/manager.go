@@ -940,7 +940,6 @@ const (
 func (m *Manager) staleWill(ctx context.Context, id string) verdict {
 	payload, err := m.retainedPresence(ctx, id)
 	if errors.Is(err, ErrBusClosed) {
-		m.log.Info("Last Will not judged: the bus is closing; left for the broker to deliver again", "locker", id)
 		return verdictLeave
 	}
 	if err != nil || len(payload) == 0 {
@@ -975,7 +974,6 @@ func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presenc
 	}
 	retained, err := m.retainedPresence(ctx, id)
 	if errors.Is(err, ErrBusClosed) {
-		m.log.Info("late birth not judged: the bus is closing; left for the broker to deliver again", "locker", id)
 		return verdictLeave
 	}
 	if err != nil || len(retained) == 0 || bytes.Equal(retained, payload) {
@@ -991,8 +989,9 @@ func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presenc
 var errNoRetainedReader = errors.New("the bus cannot read retained messages")
 
 // retainedPresence reads the broker's retained presence of locker id,
-// when the bus can (RetainedReader). A read that failed is logged, unless
-// the bus is closing (ErrBusClosed: the caller's message is left).
+// when the bus can (RetainedReader). A read that failed is logged: the
+// presence message is applied as it came, or, when the bus is closing
+// (ErrBusClosed), left.
 func (m *Manager) retainedPresence(ctx context.Context, id string) ([]byte, error) {
 	rr, ok := m.bus.(RetainedReader)
 	if !ok {
@@ -1001,7 +1000,10 @@ func (m *Manager) retainedPresence(ctx context.Context, id string) ([]byte, erro
 	rctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	payload, err := rr.Retained(rctx, protocol.Topic(id, protocol.ChanPresence))
-	if err != nil && !errors.Is(err, ErrBusClosed) {
+	switch {
+	case errors.Is(err, ErrBusClosed):
+		m.log.Info("presence message not judged: the bus is closing; left for the broker to deliver again", "locker", id)
+	case err != nil:
 		m.log.Warn("retained presence not read; the presence message is applied as it came", "locker", id, "err", err)
 	}
 	return payload, err

@@ -605,8 +605,8 @@ func (b *Bus) close() {
 	}
 	b.c.Disconnect(250)
 	// Nothing delivered can be acknowledged from here on: the reads in
-	// progress end (ErrBusClosed), and Close waits for them; later ones
-	// start none.
+	// progress end (see Retained for their error), and Close waits for
+	// them; later ones start none.
 	b.peekStop()
 	for range cap(b.peekSem) {
 		b.peekSem <- struct{}{}
