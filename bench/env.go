@@ -44,7 +44,11 @@ type Runner struct {
 	// GatewayEnv is added to the gateway's environment only (KEY=VALUE),
 	// for A/B runs of runtime settings such as GOGC.
 	GatewayEnv []string
-	groups     []int // process groups of started servers and PostgreSQL
+	// HoldSockets: lockerbench holds the gateway's MQTT and HTTP
+	// listening sockets and passes them to every start of the gateway, as
+	// systemd socket activation does, so they outlive a restart.
+	HoldSockets bool
+	groups      []int // process groups of started servers and PostgreSQL
 }
 
 // NewRunner creates the scratch directory; binaries are built from the
@@ -204,6 +208,7 @@ type Server struct {
 	args    []string
 	logPath string
 	dataDir string
+	sockets []namedFile // held across restarts (Runner.HoldSockets)
 }
 
 // freePort returns a free loopback port below the kernel's ephemeral range.
@@ -248,6 +253,16 @@ func ephemeralLow() int {
 	return lo
 }
 
+// listenFile listens on addr and returns the socket as a file to pass on.
+func listenFile(addr string) (*os.File, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close() // the file holds the socket
+	return ln.(*net.TCPListener).File()
+}
+
 func freeAddrs(n int) ([]string, error) {
 	var out []string
 	for range n {
@@ -278,6 +293,16 @@ func (r *Runner) StartGateway(ctx context.Context, pg *PG) (*Server, error) {
 		logPath: filepath.Join(dir, "gateway.log"), MQTTAddr: addrs[0], HTTPURL: "http://" + addrs[1]}
 	s.args = []string{"serve", "--mqtt-addr", addrs[0], "--mqtts-addr", "", "--http-addr", addrs[1],
 		"--data-dir", s.dataDir, "--database-url", pg.DSN, "--log-level", "warn"}
+	if r.HoldSockets {
+		for i, name := range []string{"mqtt", "http"} {
+			f, err := listenFile(addrs[i])
+			if err != nil {
+				return nil, err
+			}
+			r.Defer(func() { f.Close() })
+			s.sockets = append(s.sockets, namedFile{name, f})
+		}
+	}
 	if r.Profile != "" {
 		pp, err := freeAddrs(1)
 		if err != nil {
@@ -351,7 +376,7 @@ func (s *Server) start(ctx context.Context) error {
 	if s.Kind == "lockergate" {
 		env = append(slices.Clip(env), s.r.GatewayEnv...)
 	}
-	p, err := StartProc(s.Kind, s.bin, s.args, s.logPath, env...)
+	p, err := startProc(s.Kind, s.bin, s.args, s.logPath, env, s.sockets)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -36,6 +37,22 @@ type Proc struct {
 // SIGKILL if this process dies (Pdeathsig, from a thread that stays alive
 // for as long as the child: see internal/subproc for why).
 func StartProc(name, bin string, args []string, logPath string, env ...string) (*Proc, error) {
+	return startProc(name, bin, args, logPath, env, nil)
+}
+
+// startProc is StartProc passing sockets as a service manager does (systemd
+// socket activation): from fd 3 on, named, for the child's own pid (a
+// shell sets LISTEN_PID and execs bin in its place).
+func startProc(name, bin string, args []string, logPath string, env []string, sockets []namedFile) (*Proc, error) {
+	if len(sockets) > 0 {
+		args = append([]string{"-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, bin}, args...)
+		bin = "/bin/sh"
+		var names []string
+		for _, f := range sockets {
+			names = append(names, f.name)
+		}
+		env = append(slices.Clip(env), fmt.Sprintf("LISTEN_FDS=%d", len(sockets)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+	}
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -45,6 +62,9 @@ func StartProc(name, bin string, args []string, logPath string, env ...string) (
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
 	}
+	for _, f := range sockets {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, f.f)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	c, err := subproc.Start(cmd)
 	if err != nil {
@@ -52,6 +72,12 @@ func StartProc(name, bin string, args []string, logPath string, env ...string) (
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	return &Proc{Name: name, cmd: cmd, ch: c, done: c.Done(), log: lf}, nil
+}
+
+// namedFile is a socket passed to a child, and its name there.
+type namedFile struct {
+	name string
+	f    *os.File
 }
 
 // Pid is the child's process id.

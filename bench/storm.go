@@ -73,6 +73,11 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 		"(what the API reports as online and creds_current), polled in PostgreSQL every 100 ms; lockers' view: connected "+
 		"with the new creds and config versions applied. Peak = VmHWM of the new process; steady = VmRSS of the old one "+
 		"at the end of the steady state", o.Lockers, o.Settle)
+	if r.HoldSockets {
+		rep.Method += ". The gateway's listening sockets are held by lockerbench and passed to each start, as systemd " +
+			"socket activation does (--hold-sockets): a locker reconnecting while no process runs waits in the accept " +
+			"queue instead of being refused"
+	}
 	rep.Columns = []string{"measure", "lockergate"}
 	field := func(f func(stormRun) float64) Spread {
 		var xs []float64

@@ -36,7 +36,11 @@ import (
 type Options struct {
 	TCPAddr   string      // plain MQTT listener, e.g. ":1883" or "127.0.0.1:0"; "" disables it
 	TLSAddr   string      // MQTT over TLS listener, e.g. ":8883"; "" disables it
-	TLSConfig *tls.Config // required when TLSAddr is set
+	TLSConfig *tls.Config // required when TLSAddr or TLSListener is set
+	// TCPListener and TLSListener are sockets already listening (systemd
+	// socket activation), served in place of TCPAddr and TLSAddr. The
+	// Broker owns them from New on: it closes them, also when New fails.
+	TCPListener, TLSListener net.Listener
 
 	Auth        Authenticator // required
 	Provisioner Provisioner   // nil: claim sessions are refused
@@ -175,12 +179,21 @@ var _ fleet.Bus = (*Broker)(nil)
 
 // New validates opts, builds the mochi server with its hooks and binds the
 // listeners, so address errors surface here rather than in Start.
-func New(opts Options) (*Broker, error) {
+func New(opts Options) (_ *Broker, err error) {
+	defer func() {
+		if err != nil {
+			for _, ln := range []net.Listener{opts.TCPListener, opts.TLSListener} {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+		}
+	}()
 	if opts.Auth == nil {
 		return nil, errors.New("broker: Options.Auth is required")
 	}
-	if opts.TLSAddr != "" && opts.TLSConfig == nil {
-		return nil, errors.New("broker: Options.TLSConfig is required with TLSAddr")
+	if (opts.TLSAddr != "" || opts.TLSListener != nil) && opts.TLSConfig == nil {
+		return nil, errors.New("broker: Options.TLSConfig is required with TLSAddr or TLSListener")
 	}
 	if opts.MaxClientWritesPending <= 0 {
 		opts.MaxClientWritesPending = DefaultMaxClientWritesPending
@@ -278,20 +291,24 @@ func New(opts Options) (*Broker, error) {
 	if err := b.server.AddHook(&hook{b: b}, nil); err != nil {
 		return fail(fmt.Errorf("broker: add hook: %w", err))
 	}
-	if opts.TCPAddr != "" {
-		ln, err := net.Listen("tcp", opts.TCPAddr)
-		if err != nil {
-			return fail(fmt.Errorf("broker: listen tcp %s: %w", opts.TCPAddr, err))
+	if opts.TCPListener != nil || opts.TCPAddr != "" {
+		ln := opts.TCPListener
+		if ln == nil {
+			if ln, err = net.Listen("tcp", opts.TCPAddr); err != nil {
+				return fail(fmt.Errorf("broker: listen tcp %s: %w", opts.TCPAddr, err))
+			}
 		}
 		b.tcpLn = ln
 		if err := b.addListener("tcp", ln); err != nil {
 			return fail(fmt.Errorf("broker: add tcp listener: %w", err))
 		}
 	}
-	if opts.TLSAddr != "" {
-		ln, err := net.Listen("tcp", opts.TLSAddr)
-		if err != nil {
-			return fail(fmt.Errorf("broker: listen tls %s: %w", opts.TLSAddr, err))
+	if opts.TLSListener != nil || opts.TLSAddr != "" {
+		ln := opts.TLSListener
+		if ln == nil {
+			if ln, err = net.Listen("tcp", opts.TLSAddr); err != nil {
+				return fail(fmt.Errorf("broker: listen tls %s: %w", opts.TLSAddr, err))
+			}
 		}
 		b.tlsLn = ln
 		if err := b.addListener("tls", tls.NewListener(ln, opts.TLSConfig.Clone())); err != nil {

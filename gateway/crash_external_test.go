@@ -46,7 +46,13 @@ func buildLockergate(t *testing.T) string {
 
 func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProcess {
 	t.Helper()
-	p := &gatewayProcess{cmd: exec.Command(bin, append([]string{"serve"}, args...)...)}
+	return startGatewayCmd(t, exec.Command(bin, append([]string{"serve"}, args...)...))
+}
+
+// startGatewayCmd starts cmd, a lockergate serve, and waits until it is ready.
+func startGatewayCmd(t *testing.T, cmd *exec.Cmd) *gatewayProcess {
+	t.Helper()
+	p := &gatewayProcess{cmd: cmd}
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	// A pipe of the test's own, not StdoutPipe: exec's Wait (in
 	// testtool.Start) closes that one, possibly under the reader.
@@ -112,6 +118,18 @@ func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProce
 		return nil
 	})
 	return p
+}
+
+// stop is a restart's first half: SIGTERM, then wait for the process to be
+// gone.
+func (p *gatewayProcess) stop(t *testing.T) {
+	t.Helper()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(60 * time.Second):
+		t.Fatal("gateway process did not stop within 60 s of SIGTERM")
+	}
 }
 
 // kill is the crash: SIGKILL, then wait for the process to be gone.

@@ -61,6 +61,11 @@ type Options struct {
 	TLSCert, TLSKey string
 	// HTTPAddr is the API listener.
 	HTTPAddr string
+	// MQTTListener, MQTTSListener and HTTPListener are sockets already
+	// listening (systemd socket activation), served in place of MQTTAddr,
+	// MQTTSAddr and HTTPAddr. The gateway owns them from New on and closes
+	// them, also when New fails.
+	MQTTListener, MQTTSListener, HTTPListener net.Listener
 	// BrokerURL is the address handed to lockers at provisioning; default
 	// derived from the listeners (or ExternalBroker).
 	BrokerURL string
@@ -209,6 +214,18 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			g.Close()
 		}
 	}()
+	// Closed if New fails (a second Close, of one the broker closed
+	// already, is harmless).
+	given := []net.Listener{o.MQTTListener, o.MQTTSListener, o.HTTPListener}
+	defer func() {
+		if err != nil {
+			for _, ln := range given {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+		}
+	}()
 	g.reg.MustRegister(collectors.NewGoCollector(
 		// The size new goroutines start with: each resting MQTT reader
 		// is a new goroutine, so it sets an idle locker's stack.
@@ -269,10 +286,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 
 	obs := &observer{}
 	bo := broker.Options{
-		TCPAddr: o.MQTTAddr, TLSAddr: o.MQTTSAddr,
+		TCPAddr: o.MQTTAddr, TLSAddr: o.MQTTSAddr, TCPListener: o.MQTTListener, TLSListener: o.MQTTSListener,
 		Observer: obs, Logger: o.Logger, Registerer: g.reg,
 	}
-	if o.MQTTSAddr != "" {
+	if o.MQTTSAddr != "" || o.MQTTSListener != nil {
 		if o.TLSCert != "" {
 			bo.TLSConfig, err = loadTLS(o.TLSCert, o.TLSKey)
 		} else {
@@ -408,8 +425,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
 		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware, BrokerAuth: g.broker,
 		Gatherer: g.reg, Ready: g.ready, Unavailable: postgres.Unavailable, Logger: o.Logger.With("component", "api")})
-	if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
-		return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
+	if g.httpLn = o.HTTPListener; g.httpLn == nil {
+		if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
+			return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
+		}
 	}
 	g.http = &http.Server{Handler: g.api, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
 	return g, nil
@@ -671,6 +690,11 @@ func certHosts(o Options) []string {
 	}
 	if h, _, err := net.SplitHostPort(o.MQTTSAddr); err == nil {
 		add(h)
+	}
+	if o.MQTTSListener != nil {
+		if h, _, err := net.SplitHostPort(o.MQTTSListener.Addr().String()); err == nil {
+			add(h)
+		}
 	}
 	if u, err := url.Parse(o.BrokerURL); err == nil {
 		add(u.Hostname())

@@ -87,7 +87,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 // config holds every flag; each workload registers the ones it reads.
 type config struct {
 	module, logLevel, rates, out, profile string
-	keep, noBaseline                      bool
+	keep, noBaseline, holdSockets         bool
 	runs                                  int
 	gatewayEnv                            []string
 	ingest                                bench.IngestOptions
@@ -112,6 +112,7 @@ func (c *config) register(fs *flag.FlagSet, cmd string) {
 		})
 	fs.StringVar(&c.profile, "profile", "", "run the gateway with net/http/pprof (cmd/lockerbench/gwprof) and save CPU profiles (and, for ingest steps, allocation profiles) of each ingest step, unlock run and reconnect storm (the first 20 s after the restart), an execution trace of the first 5 s of each unlock run, and a heap profile of the idle gateway, in this directory")
 	fs.BoolVar(&c.noBaseline, "no-baseline", false, "skip the baseline servers")
+	fs.BoolVar(&c.holdSockets, "hold-sockets", false, "hold the gateway's listening sockets and pass them to each of its starts, as systemd socket activation does, so they outlive a restart (docs/operations.md)")
 	fs.IntVar(&c.runs, "runs", 3, "runs of each workload (medians and ranges are reported)")
 	all := cmd == "all"
 	if cmd == "ingest" || all {
@@ -208,6 +209,7 @@ func execute(ctx context.Context, cmd string, c config, log *slog.Logger, stdout
 	}
 	r.Keep = c.keep
 	r.GatewayEnv = c.gatewayEnv
+	r.HoldSockets = c.holdSockets
 	if c.profile != "" {
 		if r.Profile, err = filepath.Abs(c.profile); err != nil {
 			return err

@@ -57,6 +57,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o, demo := st.o, st.demo
 	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: st.level}))
 	o.Logger = log
+	if err := gateway.TakeSockets(&o); err != nil {
+		log.Error("gateway did not start", "err", err)
+		return 1
+	}
 
 	g, err := gateway.New(ctx, o)
 	if err != nil {
@@ -94,11 +98,11 @@ func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int)
 	fs.SetOutput(stderr)
 	var o gateway.Options
 	var logLevel string
-	fs.StringVar(&o.MQTTAddr, "mqtt-addr", ":1883", "plain MQTT listen address (empty disables)")
-	fs.StringVar(&o.MQTTSAddr, "mqtts-addr", ":8883", "MQTT over TLS listen address (empty disables)")
+	fs.StringVar(&o.MQTTAddr, "mqtt-addr", ":1883", "plain MQTT listen address (empty disables; a socket named mqtt passed by systemd takes its place)")
+	fs.StringVar(&o.MQTTSAddr, "mqtts-addr", ":8883", "MQTT over TLS listen address (empty disables; a socket named mqtts passed by systemd takes its place)")
 	fs.StringVar(&o.TLSCert, "tls-cert", "", "TLS certificate (PEM) for MQTTS; default: a private CA under the data dir")
 	fs.StringVar(&o.TLSKey, "tls-key", "", "TLS private key (PEM) for --tls-cert")
-	fs.StringVar(&o.HTTPAddr, "http-addr", ":8080", "HTTP API listen address")
+	fs.StringVar(&o.HTTPAddr, "http-addr", ":8080", "HTTP API listen address (a socket named http passed by systemd takes its place)")
 	dataDir := os.Getenv("LOCKERGATE_DATA_DIR")
 	if dataDir == "" {
 		dataDir = "./lockergate-data"

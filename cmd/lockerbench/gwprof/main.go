@@ -35,6 +35,10 @@ func run() int {
 		return 2
 	}
 	o.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if err := gateway.TakeSockets(&o); err != nil {
+		o.Logger.Error("gateway", "err", err)
+		return 1
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := bench.ServeGateway(ctx, o, pprofAddr); err != nil {
