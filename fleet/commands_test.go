@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -460,21 +461,59 @@ func (p *presenceStore) MarkOfflineMany(_ context.Context, ends []SessionEnd) er
 	return nil
 }
 
-func (p *presenceStore) AckCreds(_ context.Context, id string, _ int64) error {
-	p.calls = append(p.calls, "ack "+id)
+func (p *presenceStore) MarkOnlineMany(_ context.Context, starts []SessionStart) error {
+	s := "online"
+	for _, e := range starts {
+		s += " " + e.ID
+	}
+	p.calls = append(p.calls, s)
 	return nil
 }
 
-func TestSessionEndsBatchedInOrder(t *testing.T) {
+func (p *presenceStore) AckCredsMany(_ context.Context, acks []CredsAck) error {
+	s := "ack"
+	for _, a := range acks {
+		s += fmt.Sprintf(" %s:%d", a.ID, a.Version)
+	}
+	p.calls = append(p.calls, s)
+	return nil
+}
+
+// Retained and RetainedMany: every locker has the empty state, and no
+// firmware job.
+func (p *presenceStore) Retained(_ context.Context, id string) (*Retained, error) {
+	p.calls = append(p.calls, "retained "+id)
+	return &Retained{}, nil
+}
+
+func (p *presenceStore) RetainedMany(_ context.Context, ids []string) (map[string]*Retained, error) {
+	p.calls = append(p.calls, "retained "+strings.Join(ids, " "))
+	out := make(map[string]*Retained)
+	for _, id := range ids {
+		out[id] = &Retained{}
+	}
+	return out, nil
+}
+
+// A shard writes the session starts, session ends and credential acks
+// queued behind one another together, each locker's in its order.
+func TestControlWindowBatchedInOrder(t *testing.T) {
 	st := &presenceStore{fakeStore: newFakeStore()}
-	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	bus := &fakeBus{}
+	m, err := New(Options{Store: st, Bus: bus})
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := make(chan control, 8)
-	end := func(id string) control { return control{kind: ctrlDisconnected, id: id, reason: "x", at: time.Now()} }
-	ack := control{kind: ctrlCredsAck, id: "c", payload: []byte(`{"v":1,"version":1}`), at: time.Now()}
-	for _, c := range []control{end("b"), ack, end("d"), end("e")} {
+	q := make(chan control, 16)
+	at := time.Now()
+	end := func(id string) control { return control{kind: ctrlDisconnected, id: id, reason: "x", at: at} }
+	start := func(id string) control { return control{kind: ctrlConnected, id: id, at: at} }
+	ack := func(id string, v int) control {
+		return control{kind: ctrlCredsAck, id: id, payload: []byte(fmt.Sprintf(`{"v":1,"version":%d}`, v)), at: at}
+	}
+	acked := 0
+	bad := control{kind: ctrlCredsAck, id: "e", payload: []byte(`{"v":1,`), at: at, ack: func() { acked++ }}
+	for _, c := range []control{start("b"), ack("c", 1), end("b"), start("d"), ack("c", 2), bad, ack("d", 3)} {
 		q <- c
 	}
 	// As controlLoop does: handle what comes next until the queue is empty.
@@ -486,27 +525,47 @@ func TestSessionEndsBatchedInOrder(t *testing.T) {
 			ok = false
 		}
 	}
-	want := []string{"offline a b", "ack c", "offline d e"}
-	if len(st.calls) != len(want) {
-		t.Fatalf("calls %q, want %q", st.calls, want)
+	// Round 1: each locker's first message (a's end, b's and d's starts
+	// with their retained state in one read, c's first ack and e's bad
+	// one); round 2: the second (b's end, c's second ack, d's ack).
+	// b's and d's state is read in one round trip if they share a
+	// publish lock, else one each, in the locks' order.
+	retained := []string{"retained b d"}
+	if lb, ld := shard("b", len(m.publishMu)), shard("d", len(m.publishMu)); lb < ld {
+		retained = []string{"retained b", "retained d"}
+	} else if lb > ld {
+		retained = []string{"retained d", "retained b"}
 	}
-	for i := range want {
-		if st.calls[i] != want[i] {
-			t.Fatalf("calls %q, want %q", st.calls, want)
-		}
+	want := slices.Concat([]string{"offline a", "online b d"}, retained, []string{"ack c:1", "offline b", "ack c:2 d:3"})
+	if !slices.Equal(st.calls, want) {
+		t.Fatalf("calls\n%q\nwant\n%q", st.calls, want)
 	}
 	if len(q) != 0 {
 		t.Fatalf("%d left in the queue", len(q))
 	}
+	if acked != 1 {
+		t.Errorf("the invalid ack was acknowledged %d times, want once (dropped for good)", acked)
+	}
+	// Each started locker was sent its creds, config and fw/job.
+	for _, id := range []string{"b", "d"} {
+		for _, ch := range []protocol.Channel{protocol.ChanCreds, protocol.ChanConfig, protocol.ChanFwJob} {
+			bus.mu.Lock()
+			sent := slices.Contains(bus.published, protocol.Topic(id, ch))
+			bus.mu.Unlock()
+			if !sent {
+				t.Errorf("nothing published to %s", protocol.Topic(id, ch))
+			}
+		}
+	}
 }
 
-// credsStore fails AckCreds with err (a database that is down).
+// credsStore fails AckCredsMany with err (a database that is down).
 type credsStore struct {
 	*fakeStore
 	err error
 }
 
-func (c *credsStore) AckCreds(context.Context, string, int64) error { return c.err }
+func (c *credsStore) AckCredsMany(context.Context, []CredsAck) error { return c.err }
 
 // A control message is acknowledged to the bus once stored or refused for
 // good, never when the drain deadline cut its store call short.

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
 	"math"
 	"slices"
 	"sync"
@@ -404,7 +405,13 @@ func shard(id string, n int) int {
 // a publish that holds it can take as long as the bus lets it (an
 // external broker that is down: 10 s). It returns the unlock.
 func (m *Manager) lockLocker(ctx context.Context, id string) (func(), error) {
-	l := m.publishMu[shard(id, len(m.publishMu))]
+	return m.lockSlot(ctx, shard(id, len(m.publishMu)), id)
+}
+
+// lockSlot takes publish lock i, that of locker id (and of the other
+// lockers hashed to it).
+func (m *Manager) lockSlot(ctx context.Context, i int, id string) (func(), error) {
+	l := m.publishMu[i]
 	select {
 	case l <- struct{}{}:
 		return func() { <-l }, nil
@@ -1189,40 +1196,132 @@ func (m *Manager) controlLoop(ctx context.Context, q chan control) {
 	}
 }
 
-// maxOfflineBatch bounds the session ends written in one statement.
-const maxOfflineBatch = 512
+// maxWindow bounds the control messages a shard takes from its queue at
+// once, and so the lockers whose session starts, session ends or
+// credential acknowledgements are written in one statement.
+const maxWindow = 512
 
-// handleQueued handles c; when c ends a session, the session ends queued
-// right behind it on the shard are written with it in one statement (a
-// gateway shutdown or a network outage queues thousands). A locker's
-// messages keep their order: the batch is written before whatever came
-// after it in the queue.
+// handleQueued handles c and the messages queued right behind it on the
+// shard (up to maxWindow). A locker's messages keep their order; those of
+// different lockers need none among them (other shards run beside this
+// one). So the window is handled in rounds, round k holding each locker's
+// k-th message of the window, and a round's session starts, session ends
+// and credential acknowledgements are each written in one statement: a
+// reconnect storm, a gateway shutdown or a network outage queues thousands,
+// and written one by one, each costs its shard a round trip and a commit.
 func (m *Manager) handleQueued(ctx context.Context, q chan control, c control) {
-	for {
-		if c.kind != ctrlDisconnected {
+	window := []control{c}
+collect:
+	for len(window) < maxWindow {
+		select {
+		case n := <-q:
+			window = append(window, n)
+		default:
+			break collect
+		}
+	}
+	for _, round := range rounds(window) {
+		m.handleRound(ctx, round)
+	}
+}
+
+// rounds splits w into rounds: the k-th holds each locker's k-th message
+// of w, in w's order.
+func rounds(w []control) [][]control {
+	if len(w) == 1 {
+		return [][]control{w}
+	}
+	seen := make(map[string]int, len(w))
+	var out [][]control
+	for _, c := range w {
+		k := seen[c.id]
+		seen[c.id] = k + 1
+		if k == len(out) {
+			out = append(out, nil)
+		}
+		out[k] = append(out[k], c)
+	}
+	return out
+}
+
+// handleRound handles messages of distinct lockers: session starts,
+// session ends and credential acknowledgements together, the rest one by
+// one.
+func (m *Manager) handleRound(ctx context.Context, round []control) {
+	var starts, ends, acks []control
+	for _, c := range round {
+		switch c.kind {
+		case ctrlConnected:
+			starts = append(starts, c)
+		case ctrlDisconnected:
+			ends = append(ends, c)
+		case ctrlCredsAck:
+			acks = append(acks, c)
+		default:
 			m.handleControl(ctx, c)
-			return
 		}
-		ends := []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}}
-		var next *control
-	collect:
-		for len(ends) < maxOfflineBatch {
-			select {
-			case n := <-q:
-				if n.kind != ctrlDisconnected {
-					next = &n
-					break collect
-				}
-				ends = append(ends, SessionEnd{ID: n.id, Reason: n.reason, At: n.at})
-			default:
-				break collect
-			}
+	}
+	if len(ends) > 0 {
+		se := make([]SessionEnd, len(ends))
+		for i, c := range ends {
+			se[i] = SessionEnd{ID: c.id, Reason: c.reason, At: c.at}
 		}
-		m.markOffline(ctx, ends)
-		if next == nil {
-			return
+		m.markOffline(ctx, se)
+		ackHandled(ctx, ends)
+	}
+	if len(starts) > 0 {
+		m.connected(ctx, starts)
+		ackHandled(ctx, starts)
+	}
+	if len(acks) > 0 {
+		m.credsAcked(ctx, acks)
+		ackHandled(ctx, acks)
+	}
+}
+
+// ackHandled acknowledges handled messages to the bus, as handleControl
+// does: unless the drain deadline cut their store calls short.
+func ackHandled(ctx context.Context, cs []control) {
+	if ctx.Err() != nil {
+		return
+	}
+	for _, c := range cs {
+		if c.ack != nil {
+			c.ack()
 		}
-		c = *next
+	}
+}
+
+// connected records the session starts cs (ctrlConnected) and delivers
+// the lockers their retained state.
+func (m *Manager) connected(ctx context.Context, cs []control) {
+	starts := make([]SessionStart, len(cs))
+	ids := make([]string, len(cs))
+	for i, c := range cs {
+		starts[i], ids[i] = SessionStart{ID: c.id, At: c.at}, c.id
+	}
+	if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnlineMany(ctx, starts) }); err != nil {
+		m.log.Error("mark online", "lockers", len(starts), "first", starts[0].ID, "err", err)
+	}
+	m.syncDevices(ctx, ids)
+}
+
+// credsAcked records the credential acknowledgements cs (ctrlCredsAck).
+func (m *Manager) credsAcked(ctx context.Context, cs []control) {
+	acks := make([]CredsAck, 0, len(cs))
+	for _, c := range cs {
+		a, err := protocol.Decode[protocol.CredsAck](c.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanCredsAck, c.id, err)
+			continue
+		}
+		acks = append(acks, CredsAck{ID: c.id, Version: a.Version})
+	}
+	if len(acks) == 0 {
+		return
+	}
+	if err := m.retry(ctx, "creds_ack", func(ctx context.Context) error { return m.store.AckCredsMany(ctx, acks) }); err != nil {
+		m.log.Error("record creds ack", "lockers", len(acks), "first", acks[0].ID, "err", err)
 	}
 }
 
@@ -1250,10 +1349,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 	case ctrlEvents:
 		m.applyEffects(ctx, c.id, c.events)
 	case ctrlConnected:
-		if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
-			m.log.Error("mark online", "locker", c.id, "err", err)
-		}
-		m.syncDevice(ctx, c.id)
+		m.connected(ctx, []control{c})
 	case ctrlDisconnected:
 		m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}})
 	case ctrlPresence:
@@ -1291,10 +1387,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			// No session events from an external broker: the birth starts
 			// the session.
-			if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOnline(ctx, c.id, c.at) }); err != nil {
-				m.log.Error("mark online", "locker", c.id, "err", err)
-			}
-			m.syncDevice(ctx, c.id)
+			m.connected(ctx, []control{c})
 		}
 		skewed, judged := m.judgeClock(p, c.at)
 		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
@@ -1350,14 +1443,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		m.m.cmdDuration.WithLabelValues(cmd.Type).Observe(c.at.Sub(cmd.CreatedAt).Seconds())
 		m.finished(cmd)
 	case ctrlCredsAck:
-		a, err := protocol.Decode[protocol.CredsAck](c.payload)
-		if err != nil {
-			m.dropInvalid(protocol.ChanCredsAck, c.id, err)
-			return
-		}
-		if err := m.retry(ctx, "creds_ack", func(ctx context.Context) error { return m.store.AckCreds(ctx, c.id, a.Version) }); err != nil {
-			m.log.Error("record creds ack", "locker", c.id, "err", err)
-		}
+		m.credsAcked(ctx, []control{c})
 	case ctrlFwStatus:
 		st, err := protocol.Decode[protocol.FwStatus](c.payload)
 		if err != nil {
@@ -1391,6 +1477,59 @@ func (m *Manager) syncDevice(ctx context.Context, id string) {
 	if err := m.retry(ctx, "publish_retained", func(ctx context.Context) error { return m.PublishRetained(ctx, id) }); err != nil {
 		m.log.Error("publish retained state", "locker", id, "err", err)
 	}
+}
+
+// syncDevices is syncDevice for many lockers: their retained state is read
+// in one round trip per publish lock they share. A locker whose state could
+// not be read or published so is synced alone (syncDevice), after.
+func (m *Manager) syncDevices(ctx context.Context, ids []string) {
+	if len(ids) == 1 {
+		m.syncDevice(ctx, ids[0])
+		return
+	}
+	byLock := make(map[int][]string)
+	for _, id := range ids {
+		i := shard(id, len(m.publishMu))
+		byLock[i] = append(byLock[i], id)
+	}
+	var alone []string
+	for _, i := range slices.Sorted(maps.Keys(byLock)) {
+		alone = append(alone, m.publishRetainedGroup(ctx, i, byLock[i])...)
+	}
+	for _, id := range alone {
+		m.syncDevice(ctx, id)
+	}
+}
+
+// publishRetainedGroup publishes the retained state of ids, lockers that
+// share publish lock i, and returns those it could not.
+func (m *Manager) publishRetainedGroup(ctx context.Context, i int, ids []string) (failed []string) {
+	unlock, err := m.lockSlot(ctx, i, ids[0])
+	if err != nil {
+		return ids
+	}
+	defer unlock()
+	start := time.Now()
+	rs, err := m.store.RetainedMany(ctx, ids)
+	m.m.dbWrite.WithLabelValues("publish_retained").Observe(time.Since(start).Seconds())
+	if err != nil {
+		if ctx.Err() == nil {
+			m.m.dbErrors.WithLabelValues("publish_retained").Inc()
+			m.log.Warn("read retained state; reading locker by locker", "lockers", len(ids), "first", ids[0], "err", err)
+		}
+		return ids
+	}
+	for k, id := range ids {
+		r := rs[id]
+		if r == nil {
+			failed = append(failed, id) // gone: syncDevice reports it
+			continue
+		}
+		if err := m.publishState(ctx, id, r); err != nil {
+			return append(failed, ids[k:]...)
+		}
+	}
+	return failed
 }
 
 // deliverOpen sends a locker its open commands. Sent commands are sent again
@@ -1449,6 +1588,12 @@ func (m *Manager) PublishRetained(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	return m.publishState(ctx, id, r)
+}
+
+// publishState publishes r, a locker's retained state, under its publish
+// lock.
+func (m *Manager) publishState(ctx context.Context, id string, r *Retained) error {
 	// The version is the locker's (bumped in the store) or the gateway's
 	// configuration's, whichever is newer: a configuration changed across
 	// a restart goes out under a newer version than the one it replaces.

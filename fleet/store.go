@@ -21,8 +21,9 @@ type Store interface {
 	// ListLockers returns lockers ordered by id, after f.After.
 	ListLockers(ctx context.Context, f LockerFilter) ([]Locker, error)
 
-	// MarkOnline records a new session of a locker.
-	MarkOnline(ctx context.Context, id string, at time.Time) error
+	// MarkOnlineMany records new sessions of lockers, one per locker, in one
+	// statement (a reconnect storm starts thousands).
+	MarkOnlineMany(ctx context.Context, starts []SessionStart) error
 	// MarkOfflineMany records the end of sessions in one statement (a
 	// shutdown or a network outage ends thousands at once): each locker goes
 	// offline unless a newer session of it started after its end.
@@ -92,8 +93,12 @@ type Store interface {
 
 	// Retained returns what a locker must hold on its retained topics.
 	Retained(ctx context.Context, deviceID string) (*Retained, error)
-	// AckCreds records the credential-set version a locker applied.
-	AckCreds(ctx context.Context, deviceID string, version int64) error
+	// RetainedMany is Retained for many lockers at once, in one snapshot;
+	// lockers that do not exist are missing from the map.
+	RetainedMany(ctx context.Context, deviceIDs []string) (map[string]*Retained, error)
+	// AckCredsMany records the credential-set version each locker applied
+	// last, one per locker.
+	AckCredsMany(ctx context.Context, acks []CredsAck) error
 	// EffectsApplied drops a locker's events from the outbox of effects to
 	// apply (InsertEvents writes there the fresh events marked Pending).
 	EffectsApplied(ctx context.Context, deviceID string, eventIDs []string) error
@@ -198,6 +203,18 @@ type AlertChange struct {
 	ClearAt   int
 	// Raised is set by the store: Raise opened a new alert.
 	Raised bool
+}
+
+// SessionStart is the start of one locker's session.
+type SessionStart struct {
+	ID string
+	At time.Time
+}
+
+// CredsAck is the credential-set version a locker acknowledged.
+type CredsAck struct {
+	ID      string
+	Version int64
 }
 
 // SessionEnd is the end of one locker's session.

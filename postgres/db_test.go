@@ -1461,6 +1461,97 @@ func TestRetained(t *testing.T) {
 	noneIdleInTransaction(t, db)
 }
 
+// RetainedMany reads many lockers' state in one snapshot: each locker its
+// own versions and credentials, none of another's.
+func TestRetainedMany(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	a := MustDevice(t, db, "s1", "SN-RMA", 2)
+	b := MustDevice(t, db, "s1", "SN-RMB", 2)
+	c := MustDevice(t, db, "s1", "SN-RMC", 2)
+	now := time.Now().UTC()
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET creds_version = CASE id WHEN $1 THEN 4 ELSE 9 END,
+		config_version = CASE id WHEN $1 THEN 2 ELSE 5 END WHERE id IN ($1, $2, $3)`, a, b, c); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO credentials (id, device_id, pin_mac, qr_mac, compartments, not_after, state, created_at) VALUES
+		('cr-a2', $1, 'pa2', NULL, '{2}', $3, 'active', $4),
+		('cr-a1', $1, 'pa1', 'qa1', '{1}', $3, 'active', $4),
+		('cr-b1', $2, 'pb1', NULL, '{1,2}', $3, 'active', $4)`, a, b, now.Add(time.Hour), now); err != nil {
+		t.Fatal(err)
+	}
+	rs, err := db.RetainedMany(ctx, []string{a, b, c, "lk-missing"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]struct {
+		cfg, creds int64
+		ids        []string
+		comps      [][]int
+	}{
+		a: {2, 4, []string{"cr-a1.p", "cr-a1.q", "cr-a2.p"}, [][]int{{1}, {1}, {2}}},
+		b: {5, 9, []string{"cr-b1.p"}, [][]int{{1, 2}}},
+		c: {5, 9, []string{}, [][]int{}},
+	}
+	for id, w := range want {
+		r := rs[id]
+		if r == nil {
+			t.Fatalf("no retained state of %s", id)
+		}
+		ids, comps := []string{}, [][]int{}
+		for _, cr := range r.Creds.Creds {
+			ids, comps = append(ids, cr.ID), append(comps, cr.Compartments)
+		}
+		if r.Config.Version != w.cfg || r.Creds.Version != w.creds || !slices.Equal(ids, w.ids) ||
+			!slices.EqualFunc(comps, w.comps, slices.Equal) || r.Creds.Creds == nil {
+			t.Errorf("%s: config v%d, creds v%d %v %v; want v%d, v%d %v %v", id, r.Config.Version, r.Creds.Version, ids, comps,
+				w.cfg, w.creds, w.ids, w.comps)
+		}
+	}
+	if r, ok := rs["lk-missing"]; ok || len(rs) != 3 {
+		t.Errorf("state of a locker that does not exist: %+v (%d lockers)", r, len(rs))
+	}
+	noneIdleInTransaction(t, db)
+}
+
+// MarkOnlineMany and AckCredsMany write each locker's own row, in one
+// statement.
+func TestSessionStartsAndAcksMany(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	a := MustDevice(t, db, "s1", "SN-SMA", 2)
+	b := MustDevice(t, db, "s1", "SN-SMB", 2)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	if err := db.MarkOnlineMany(ctx, []fleet.SessionStart{{ID: a, At: t0}, {ID: b, At: t0.Add(time.Second)}, {ID: "lk-missing", At: t0}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.MarkOnlineMany(ctx, []fleet.SessionStart{{ID: a, At: t0.Add(2 * time.Second)}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.AckCredsMany(ctx, []fleet.CredsAck{{ID: a, Version: 3}, {ID: b, Version: 7}, {ID: "lk-missing", Version: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	for id, w := range map[string]struct {
+		at            time.Time
+		count, starts int
+		acked         int64
+	}{a: {t0.Add(2 * time.Second), 2, 2, 3}, b: {t0.Add(time.Second), 1, 1, 7}} {
+		var online bool
+		var at time.Time
+		var count, starts int
+		var acked int64
+		if err := db.Pool().QueryRow(ctx, `SELECT online, connected_at, connect_count, creds_acked,
+			(SELECT count(*) FROM presence_log p WHERE p.device_id = d.id AND p.online) FROM devices d WHERE id = $1`, id).
+			Scan(&online, &at, &count, &acked, &starts); err != nil {
+			t.Fatal(err)
+		}
+		if !online || !at.Equal(w.at) || count != w.count || starts != w.starts || acked != w.acked {
+			t.Errorf("%s: online %v at %v, %d connects, %d logged, creds %d acked; want at %v, %d, %d, %d",
+				id, online, at, count, starts, acked, w.at, w.count, w.starts, w.acked)
+		}
+	}
+}
+
 // noneIdleInTransaction fails the test if a connection to db's database is
 // left inside a transaction.
 func noneIdleInTransaction(t *testing.T, db *postgres.DB) {

@@ -1,6 +1,21 @@
 package postgres
 
-import "time"
+import (
+	"context"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// MarkOnline records one session start (MarkOnlineMany), for tests.
+func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
+	return db.MarkOnlineMany(ctx, []fleet.SessionStart{{ID: id, At: at}})
+}
+
+// AckCreds records one credential acknowledgement (AckCredsMany), for tests.
+func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
+	return db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: version}})
+}
 
 // UpdateLatestSQL is exported for the plan test in package postgres_test.
 const UpdateLatestSQL = updateLatestSQL

@@ -94,6 +94,20 @@ func TestFirmwareStore(t *testing.T) {
 			t.Fatalf("retained %+v, %v", r, err)
 		}
 	})
+	t.Run("RetainedManyJobs", func(t *testing.T) {
+		rs, err := db.RetainedMany(ctx, []string{"lk-1", "lk-2", "lk-missing"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, id := range []string{"lk-1", "lk-2"} {
+			if r := rs[id]; r == nil || r.FwJob == nil || r.FwJob.Job != "ro-a."+id {
+				t.Errorf("retained of %s: %+v, want its own job ro-a.%s", id, r, id)
+			}
+		}
+		if r, ok := rs["lk-missing"]; ok {
+			t.Errorf("a locker that does not exist has retained state %+v", r)
+		}
+	})
 	t.Run("ApplyOnlyFrom", func(t *testing.T) {
 		j, err := db.Apply(ctx, firmware.Transition{DeviceID: "lk-1", JobID: "ro-a.lk-1", From: []string{firmware.StateInstalling},
 			To: firmware.StateRebooting, At: time.Now()})

@@ -118,14 +118,23 @@ func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable
 	return db.GetLocker(ctx, id)
 }
 
-// MarkOnline implements fleet.Store.
-func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
+// MarkOnlineMany implements fleet.Store: one statement for all of starts.
+// "d.id = ANY($1)" makes the lockers an index condition (see
+// updateLatestSQL), which also locks their rows in index order, as the
+// other statements that update many lockers at once do.
+func (db *DB) MarkOnlineMany(ctx context.Context, starts []fleet.SessionStart) error {
+	ids := make([]string, len(starts))
+	ats := make([]time.Time, len(starts))
+	for i, s := range starts {
+		ids[i], ats[i] = s.ID, s.At
+	}
 	_, err := db.pool.Exec(ctx, `
 		WITH d AS (
-			UPDATE devices SET online = true, connected_at = $2, last_seen = $2,
+			UPDATE devices d SET online = true, connected_at = s.at, last_seen = s.at,
 				connect_count = connect_count + 1, disconnect_reason = ''
-			WHERE id = $1 RETURNING id)
-		INSERT INTO presence_log (device_id, ts, online) SELECT id, $2, true FROM d`, id, at)
+			FROM unnest($1::text[], $2::timestamptz[]) AS s(id, at)
+			WHERE d.id = s.id AND d.id = ANY($1::text[]) RETURNING d.id, s.at)
+		INSERT INTO presence_log (device_id, ts, online) SELECT id, at, true FROM d`, ids, ats)
 	return err
 }
 
@@ -166,13 +175,20 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 	return dataError(err)
 }
 
-// AckCreds implements fleet.Store: the version a locker acknowledged last,
-// not the highest it ever did. A locker applies each set it gets, so one
-// that applied an older set after a newer (two instances publishing one
+// AckCredsMany implements fleet.Store: the version each locker acknowledged
+// last, not the highest it ever did. A locker applies each set it gets, so
+// one that applied an older set after a newer (two instances publishing one
 // after the other out of order) holds the older one, and must show as
 // behind (CredsBehind) to be sent the current set again.
-func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
-	_, err := db.pool.Exec(ctx, "UPDATE devices SET creds_acked = $2 WHERE id = $1", id, version)
+func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) error {
+	ids := make([]string, len(acks))
+	versions := make([]int64, len(acks))
+	for i, a := range acks {
+		ids[i], versions[i] = a.ID, a.Version
+	}
+	_, err := db.pool.Exec(ctx, `UPDATE devices d SET creds_acked = a.version
+		FROM unnest($1::text[], $2::bigint[]) AS a(id, version)
+		WHERE d.id = a.id AND d.id = ANY($1::text[])`, ids, versions)
 	return dataError(err)
 }
 
