@@ -279,6 +279,12 @@ type Gauges struct {
 	FailureRatio float64        // highest failures/finished of live rollouts
 }
 
+// LockerJobs is what a locker's birth may settle (Store.BirthJobs).
+type LockerJobs struct {
+	Active     *Job  // nil: none
+	Settleable []Job // queued and timed out
+}
+
 // Store keeps artifacts, rollouts and jobs. The PostgreSQL implementation
 // lives in package postgres; every method is safe for concurrent use.
 type Store interface {
@@ -319,10 +325,11 @@ type Store interface {
 
 	// GetJob returns a locker's job by wire id, or fleet.ErrNotFound.
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
-	// BirthJobs returns, in one read, what a locker's birth may settle: its
-	// active job (nil: none), and its queued and timed-out jobs (a success
-	// that came after the timeout).
-	BirthJobs(ctx context.Context, deviceID string) (active *Job, settleable []Job, err error)
+	// BirthJobs returns, in one read, what the births of lockers may
+	// settle: each one's active job and its queued and timed-out jobs (a
+	// success that came after the timeout). Lockers with none are missing
+	// from the map.
+	BirthJobs(ctx context.Context, deviceIDs []string) (map[string]LockerJobs, error)
 	// RunningVersion returns the version of the locker's last birth.
 	RunningVersion(ctx context.Context, deviceID string) (string, error)
 	// Apply makes a transition; it returns the job as it is afterwards, or

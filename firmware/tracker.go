@@ -105,12 +105,32 @@ func (e *Engine) counted(applied bool) {
 // wakes the engine: a locker that comes back may have a queued job waiting
 // for it.
 func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) {
+	e.BootedMany(ctx, []fleet.Boot{{DeviceID: deviceID, FW: fw, At: at}})
+}
+
+// BootedMany implements fleet.FirmwareTracker: Booted for the births of
+// distinct lockers, their jobs read in one round trip (a reconnect storm
+// brings thousands of births).
+func (e *Engine) BootedMany(ctx context.Context, boots []fleet.Boot) {
 	defer e.kick()
-	j, late, err := e.store.BirthJobs(ctx, deviceID)
+	ids := make([]string, len(boots))
+	for i, b := range boots {
+		ids[i] = b.DeviceID
+	}
+	jobs, err := e.store.BirthJobs(ctx, ids)
 	if err != nil {
 		e.fail("birth", err)
 		return
 	}
+	for _, b := range boots {
+		if lj, ok := jobs[b.DeviceID]; ok {
+			e.booted(ctx, b.DeviceID, b.FW, b.At, lj.Active, lj.Settleable)
+		}
+	}
+}
+
+// booted is Booted for one locker, with its jobs read.
+func (e *Engine) booted(ctx context.Context, deviceID, fw string, at time.Time, j *Job, late []Job) {
 	switch {
 	case j != nil && SameVersion(fw, j.Version):
 		// After the late jobs on the version (an earlier rollout's

@@ -495,6 +495,63 @@ func (p *presenceStore) RetainedMany(_ context.Context, ids []string) (map[strin
 	return out, nil
 }
 
+// RecordBirths refuses a batch with locker "bad" in it, as the database
+// refuses a value (ErrInvalid).
+func (p *presenceStore) RecordBirths(_ context.Context, births []BirthRecord) error {
+	s := "birth"
+	for _, b := range births {
+		if b.ID == "bad" {
+			p.calls = append(p.calls, "refused")
+			return ErrInvalid
+		}
+		s += " " + b.ID
+	}
+	p.calls = append(p.calls, s)
+	return nil
+}
+
+func (p *presenceStore) OpenCommands(_ context.Context, ids []string, _ time.Time) ([]Command, error) {
+	p.calls = append(p.calls, "open "+strings.Join(ids, " "))
+	return nil, nil
+}
+
+// Births queued on a shard are recorded together and their open commands
+// read together; one the database refuses does not cost the others theirs.
+func TestBirthsBatched(t *testing.T) {
+	st := &presenceStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now()
+	presence := func(id, payload string) control {
+		return control{kind: ctrlPresence, id: id, payload: []byte(payload), at: at}
+	}
+	const born = `{"v":1,"online":true,"fw":"1.0.0"}`
+	run := func(cs ...control) {
+		q := make(chan control, len(cs))
+		for _, c := range cs[1:] {
+			q <- c
+		}
+		m.handleQueued(context.Background(), q, cs[0])
+		if len(q) != 0 {
+			t.Fatalf("%d left in the queue", len(q))
+		}
+	}
+	run(presence("a", born), presence("b", `{"v":1,"online":false}`), presence("c", `{"v":1,`), presence("d", born),
+		presence("e", ""))
+	// b's will changes nothing on the embedded broker, c's birth is
+	// invalid, e's a cleared retained message.
+	if want := []string{"birth a d", "open a d"}; !slices.Equal(st.calls, want) {
+		t.Fatalf("calls %q, want %q", st.calls, want)
+	}
+	st.calls = nil
+	run(presence("a", born), presence("bad", born), presence("d", born))
+	if want := []string{"refused", "birth a", "refused", "birth d", "open a bad d"}; !slices.Equal(st.calls, want) {
+		t.Fatalf("calls %q, want %q", st.calls, want)
+	}
+}
+
 // A shard writes the session starts, session ends and credential acks
 // queued behind one another together, each locker's in its order.
 func TestControlWindowBatchedInOrder(t *testing.T) {

@@ -15,7 +15,14 @@ type FirmwareTracker interface {
 	// report was not recorded (the database failed): the call may be made
 	// again with the same report, which is then recorded once.
 	JobStatus(ctx context.Context, deviceID string, st *protocol.FwStatus, at time.Time) error
-	// Booted records a birth message: the version a locker runs after it
-	// (re)connected. Success of a job is confirmed only by this.
-	Booted(ctx context.Context, deviceID, fw string, at time.Time)
+	// BootedMany records birth messages of distinct lockers: the version
+	// each runs after it (re)connected. Success of a job is confirmed only
+	// by this.
+	BootedMany(ctx context.Context, boots []Boot)
+}
+
+// Boot is a birth's news for the firmware tracker.
+type Boot struct {
+	DeviceID, FW string
+	At           time.Time
 }

@@ -1248,9 +1248,15 @@ func rounds(w []control) [][]control {
 // session ends and credential acknowledgements together, the rest one by
 // one.
 func (m *Manager) handleRound(ctx context.Context, round []control) {
-	var starts, ends, acks []control
+	var starts, ends, acks, presences []control
 	for _, c := range round {
 		switch c.kind {
+		case ctrlPresence:
+			if m.opts.PresenceFromWill {
+				m.handleControl(ctx, c) // judged one by one against the broker's retained state
+			} else {
+				presences = append(presences, c)
+			}
 		case ctrlConnected:
 			starts = append(starts, c)
 		case ctrlDisconnected:
@@ -1273,10 +1279,91 @@ func (m *Manager) handleRound(ctx context.Context, round []control) {
 		m.connected(ctx, starts)
 		ackHandled(ctx, starts)
 	}
+	if len(presences) > 0 {
+		m.births(ctx, presences)
+		ackHandled(ctx, presences)
+	}
 	if len(acks) > 0 {
 		m.credsAcked(ctx, acks)
 		ackHandled(ctx, acks)
 	}
+}
+
+// births handles presence messages cs of distinct lockers on the embedded
+// broker, which reports session starts and ends itself: the births
+// together (born); wills and cleared retained messages change nothing
+// (handleControl says why).
+func (m *Manager) births(ctx context.Context, cs []control) {
+	bs := make([]birth, 0, len(cs))
+	for _, c := range cs {
+		if len(c.payload) == 0 {
+			continue // a cleared retained message
+		}
+		p, err := protocol.Decode[protocol.Presence](c.payload)
+		if err != nil {
+			m.dropInvalid(protocol.ChanPresence, c.id, err)
+			continue
+		}
+		if p.Online {
+			bs = append(bs, birth{id: c.id, p: p, at: c.at})
+		}
+	}
+	if len(bs) > 0 {
+		m.born(ctx, bs)
+	}
+}
+
+// birth is a locker's birth message, decoded, received at at.
+type birth struct {
+	id string
+	p  *protocol.Presence
+	at time.Time
+}
+
+// born records the births bs of distinct lockers, each with its clock
+// offset, tells the firmware tracker the versions they run and sends them
+// their open commands: one statement and two reads for all of them.
+func (m *Manager) born(ctx context.Context, bs []birth) {
+	recs := make([]BirthRecord, len(bs))
+	skewed := make([]bool, len(bs))
+	for i, b := range bs {
+		s, judged := m.judgeClock(b.p, b.at)
+		skewed[i] = s
+		recs[i] = BirthRecord{ID: b.id, Presence: b.p, At: b.at, ClearSkew: judged && !s}
+	}
+	record := func(recs []BirthRecord) error {
+		return m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirths(ctx, recs) })
+	}
+	err := record(recs)
+	if errors.Is(err, ErrInvalid) && len(recs) > 1 {
+		// One of them the database refuses: the others are recorded
+		// one by one.
+		for _, r := range recs {
+			if err := record([]BirthRecord{r}); err != nil {
+				m.log.Error("record birth", "locker", r.ID, "err", err)
+			}
+		}
+	} else if err != nil {
+		m.log.Error("record birth", "lockers", len(recs), "first", recs[0].ID, "err", err)
+	}
+	var boots []Boot
+	ids := make([]string, len(bs))
+	for i, b := range bs {
+		ids[i] = b.id
+		if skewed[i] {
+			m.raiseClockSkew(ctx, b.id, b.p, b.at)
+		}
+		if b.p.FW != "" { // no version, nothing to confirm
+			boots = append(boots, Boot{DeviceID: b.id, FW: b.p.FW, At: b.at})
+		}
+	}
+	if m.opts.Firmware != nil && len(boots) > 0 {
+		m.opts.Firmware.BootedMany(ctx, boots)
+	}
+	// Lockers that subscribe before their birth get their open commands
+	// now; one that subscribes to cmd after it gets them again then
+	// (ctrlResend, from the embedded broker).
+	m.deliverOpen(ctx, ids...)
 }
 
 // ackHandled acknowledges handled messages to the bus, as handleControl
@@ -1353,6 +1440,14 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 	case ctrlDisconnected:
 		m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}})
 	case ctrlPresence:
+		if !m.opts.PresenceFromWill {
+			// The embedded broker reports session ends itself and knows a
+			// takeover from a loss; a will of a taken-over session can
+			// arrive after the new session's birth, so wills are only used
+			// where the bus has no session events (an external broker).
+			m.births(ctx, []control{c})
+			return
+		}
 		if len(c.payload) == 0 {
 			return // a cleared retained message
 		}
@@ -1362,13 +1457,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		if !p.Online {
-			// The Last Will. The embedded broker reports session ends itself
-			// and knows a takeover from a loss; a will of a taken-over session
-			// can arrive after the new session's birth, so it is only used
-			// where the bus has no session events (an external broker).
-			if !m.opts.PresenceFromWill {
-				return
-			}
+			// The Last Will.
 			switch m.staleWill(ctx, c.id) {
 			case verdictApply:
 				m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: "will", At: c.at}})
@@ -1377,34 +1466,17 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			return
 		}
-		if m.opts.PresenceFromWill {
-			switch m.staleBirth(ctx, c.id, p, c.payload, c.at) {
-			case verdictStale:
-				return
-			case verdictLeave:
-				leave = true
-				return
-			}
-			// No session events from an external broker: the birth starts
-			// the session.
-			m.connected(ctx, []control{c})
+		switch m.staleBirth(ctx, c.id, p, c.payload, c.at) {
+		case verdictStale:
+			return
+		case verdictLeave:
+			leave = true
+			return
 		}
-		skewed, judged := m.judgeClock(p, c.at)
-		if err := m.retry(ctx, "presence", func(ctx context.Context) error {
-			return m.store.RecordBirth(ctx, c.id, p, c.at, judged && !skewed)
-		}); err != nil {
-			m.log.Error("record birth", "locker", c.id, "err", err)
-		}
-		if skewed {
-			m.raiseClockSkew(ctx, c.id, p, c.at)
-		}
-		if m.opts.Firmware != nil && p.FW != "" { // no version, nothing to confirm
-			m.opts.Firmware.Booted(ctx, c.id, p.FW, c.at)
-		}
-		// Lockers that subscribe before their birth get their open
-		// commands now; one that subscribes to cmd after it gets them
-		// again then (ctrlResend, from the embedded broker).
-		m.deliverOpen(ctx, c.id)
+		// No session events from an external broker: the birth starts the
+		// session.
+		m.connected(ctx, []control{c})
+		m.born(ctx, []birth{{id: c.id, p: p, at: c.at}})
 	case ctrlResend:
 		m.deliverOpen(ctx, c.id)
 	case ctrlResult:
@@ -1536,10 +1608,10 @@ func (m *Manager) publishRetainedGroup(ctx context.Context, i int, ids []string)
 // with the same id: the device runs each id once and repeats its answer, so a
 // message lost around a disconnect or a gateway restart is recovered without
 // a second effect.
-func (m *Manager) deliverOpen(ctx context.Context, id string) {
-	cmds, err := m.store.OpenCommands(ctx, id, m.now())
+func (m *Manager) deliverOpen(ctx context.Context, ids ...string) {
+	cmds, err := m.store.OpenCommands(ctx, ids, m.now())
 	if err != nil {
-		m.log.Error("load open commands", "locker", id, "err", err)
+		m.log.Error("load open commands", "lockers", len(ids), "first", ids[0], "err", err)
 		return
 	}
 	for i := range cmds {

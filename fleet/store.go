@@ -28,10 +28,10 @@ type Store interface {
 	// shutdown or a network outage ends thousands at once): each locker goes
 	// offline unless a newer session of it started after its end.
 	MarkOfflineMany(ctx context.Context, ends []SessionEnd) error
-	// RecordBirth stores what a birth message, received at at, says about
-	// the locker, with its clock offset (p.TS - at; none when p has no ts).
-	// clearSkew clears the locker's clock_skew alert in the same step.
-	RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, clearSkew bool) error
+	// RecordBirths stores what birth messages of distinct lockers say
+	// about them, in one statement; ErrInvalid when the database refuses
+	// one (none is stored then).
+	RecordBirths(ctx context.Context, births []BirthRecord) error
 
 	// InsertHealth stores a batch of health messages and, in the same
 	// transaction, the latest health of the lockers in latest (either may
@@ -77,9 +77,9 @@ type Store interface {
 	// ExpireCommands finalises open commands past their deadline: pending ones
 	// past expires_at become expired, sent ones past expires_at+grace timed_out.
 	ExpireCommands(ctx context.Context, now time.Time, grace time.Duration) ([]Command, error)
-	// OpenCommands returns a locker's pending and sent commands that have not
-	// expired at now, oldest first.
-	OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]Command, error)
+	// OpenCommands returns the pending and sent commands of lockers that
+	// have not expired at now, each locker's oldest first.
+	OpenCommands(ctx context.Context, deviceIDs []string, now time.Time) ([]Command, error)
 	// UnansweredCommands returns up to limit open commands of online,
 	// enabled lockers that have not expired at now: sent ones sent at or
 	// before sentBefore, and pending ones created at or before it (a
@@ -203,6 +203,16 @@ type AlertChange struct {
 	ClearAt   int
 	// Raised is set by the store: Raise opened a new alert.
 	Raised bool
+}
+
+// BirthRecord is a locker's birth message, received at At, to store with
+// its clock offset (Presence.TS - At; none when it has no ts). ClearSkew
+// clears the locker's clock_skew alert in the same step.
+type BirthRecord struct {
+	ID        string
+	Presence  *protocol.Presence
+	At        time.Time
+	ClearSkew bool
 }
 
 // SessionStart is the start of one locker's session.

@@ -240,7 +240,7 @@ func (db *DB) UnansweredCommands(ctx context.Context, now, sentBefore time.Time,
 }
 
 // OpenCommands implements fleet.Store.
-func (db *DB) OpenCommands(ctx context.Context, deviceID string, now time.Time) ([]fleet.Command, error) {
+func (db *DB) OpenCommands(ctx context.Context, deviceIDs []string, now time.Time) ([]fleet.Command, error) {
 	return collectCommands(db.pool.Query(ctx, `SELECT `+commandCols+` FROM commands
-		WHERE device_id = $1 AND status IN ('pending', 'sent') AND expires_at > $2 ORDER BY created_at`, deviceID, now))
+		WHERE device_id = ANY($1) AND status IN ('pending', 'sent') AND expires_at > $2 ORDER BY device_id, created_at`, deviceIDs, now))
 }

@@ -329,7 +329,7 @@ func TestCommands(t *testing.T) {
 		}
 	})
 	t.Run("Open", func(t *testing.T) {
-		cs, err := db.OpenCommands(ctx, id, now)
+		cs, err := db.OpenCommands(ctx, []string{id}, now)
 		if err != nil || len(cs) != 1 || cs[0].ID != "c3" {
 			t.Fatalf("open: %+v %v", cs, err)
 		}
@@ -1513,6 +1513,51 @@ func TestRetainedMany(t *testing.T) {
 	}
 	noneIdleInTransaction(t, db)
 }
+
+// RecordBirths writes each locker's own birth, in one statement, and clears
+// the clock_skew alert of those it is told to.
+func TestRecordBirths(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	a := MustDevice(t, db, "s1", "SN-RBA", 2)
+	b := MustDevice(t, db, "s1", "SN-RBB", 2)
+	at := time.Now().UTC().Truncate(time.Millisecond)
+	for _, id := range []string{a, b} {
+		if _, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: id, Kind: fleet.AlertClockSkew, RaisedAt: at.Add(-time.Hour)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var fwB string
+	if err := db.Pool().QueryRow(ctx, `SELECT fw FROM devices WHERE id = $1`, b).Scan(&fwB); err != nil {
+		t.Fatal(err)
+	}
+	err := db.RecordBirths(ctx, []fleet.BirthRecord{
+		{ID: a, Presence: &protocol.Presence{Online: true, FW: "2.0.0", Model: "LX-9", BootID: "boot-a", TS: protocol.T(at.Add(-1500 * time.Millisecond))}, At: at, ClearSkew: true},
+		{ID: b, Presence: &protocol.Presence{Online: true, BootID: "boot-b"}, At: at},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, w := range map[string]struct {
+		fw, boot string
+		off      *int64
+		open     int
+	}{a: {"2.0.0", "boot-a", ptr(int64(-1500)), 0}, b: {fwB, "boot-b", nil, 1}} {
+		var fw, boot string
+		var off *int64
+		var open int
+		if err := db.Pool().QueryRow(ctx, `SELECT fw, boot_id, clock_offset_ms,
+			(SELECT count(*) FROM alerts WHERE device_id = d.id AND kind = 'clock_skew' AND cleared_at IS NULL)
+			FROM devices d WHERE id = $1`, id).Scan(&fw, &boot, &off, &open); err != nil {
+			t.Fatal(err)
+		}
+		if fw != w.fw || boot != w.boot || (off == nil) != (w.off == nil) || (off != nil && *off != *w.off) || open != w.open {
+			t.Errorf("%s: fw %q boot %q offset %v, %d open clock_skew; want %q %q %v %d", id, fw, boot, off, open, w.fw, w.boot, w.off, w.open)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
 
 // MarkOnlineMany and AckCredsMany write each locker's own row, in one
 // statement.

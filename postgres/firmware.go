@@ -281,22 +281,23 @@ func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job
 }
 
 // BirthJobs implements firmware.Store.
-func (db *DB) BirthJobs(ctx context.Context, deviceID string) (*firmware.Job, []firmware.Job, error) {
+func (db *DB) BirthJobs(ctx context.Context, deviceIDs []string) (map[string]firmware.LockerJobs, error) {
 	jobs, err := collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
-		WHERE device_id = $1 AND (state IN `+fwActive+` OR state IN ('queued', 'timed_out')) ORDER BY rollout_id`, deviceID))
+		WHERE device_id = ANY($1) AND (state IN `+fwActive+` OR state IN ('queued', 'timed_out')) ORDER BY device_id, rollout_id`, deviceIDs))
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	var active *firmware.Job
-	var settleable []firmware.Job
+	out := make(map[string]firmware.LockerJobs)
 	for i := range jobs {
+		lj := out[jobs[i].DeviceID]
 		if firmware.IsActive(jobs[i].State) {
-			active = &jobs[i]
+			lj.Active = &jobs[i]
 		} else {
-			settleable = append(settleable, jobs[i])
+			lj.Settleable = append(lj.Settleable, jobs[i])
 		}
+		out[jobs[i].DeviceID] = lj
 	}
-	return active, settleable, nil
+	return out, nil
 }
 
 // RunningVersion implements firmware.Store.

@@ -108,6 +108,22 @@ func TestFirmwareStore(t *testing.T) {
 			t.Errorf("a locker that does not exist has retained state %+v", r)
 		}
 	})
+	t.Run("BirthJobsMany", func(t *testing.T) {
+		js, err := db.BirthJobs(ctx, []string{"lk-1", "lk-2", "lk-missing"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		one, two := js["lk-1"], js["lk-2"]
+		if one.Active == nil || one.Active.JobID != "ro-a.lk-1" || len(one.Settleable) != 1 || one.Settleable[0].JobID != "ro-b.lk-1" {
+			t.Errorf("lk-1's birth jobs %+v, want ro-a's active and ro-b's queued", one)
+		}
+		if two.Active == nil || two.Active.JobID != "ro-a.lk-2" || len(two.Settleable) != 0 {
+			t.Errorf("lk-2's birth jobs %+v, want ro-a's active only", two)
+		}
+		if _, ok := js["lk-missing"]; ok || len(js) != 2 {
+			t.Errorf("birth jobs of lockers without any: %+v", js)
+		}
+	})
 	t.Run("ApplyOnlyFrom", func(t *testing.T) {
 		j, err := db.Apply(ctx, firmware.Transition{DeviceID: "lk-1", JobID: "ro-a.lk-1", From: []string{firmware.StateInstalling},
 			To: firmware.StateRebooting, At: time.Now()})
@@ -153,8 +169,8 @@ func TestFirmwareStore(t *testing.T) {
 		if err != nil || len(cancelled) != 2 {
 			t.Fatalf("cancelled %d, %v", len(cancelled), err)
 		}
-		if j, _, _ := db.BirthJobs(ctx, "lk-2"); j != nil {
-			t.Fatalf("lk-2 still has an active job: %+v", j)
+		if js, err := db.BirthJobs(ctx, []string{"lk-2"}); err != nil || js["lk-2"].Active != nil {
+			t.Fatalf("lk-2 still has an active job: %+v (%v)", js["lk-2"].Active, err)
 		}
 		if _, err := db.Apply(ctx, firmware.Transition{DeviceID: "lk-2", JobID: "ro-a.lk-2", From: []string{firmware.StateCancelled},
 			To: firmware.StateTimedOut, Error: firmware.KindTimeout, At: time.Now()}); err != nil {

@@ -158,21 +158,36 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 	return err
 }
 
-// RecordBirth implements fleet.Store: one statement, the alert's clearing
+// RecordBirths implements fleet.Store: one statement, each alert's clearing
 // in it (an index probe of the open-alert index) rather than a round trip
 // more for every birth of a reconnect storm.
-func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, clearSkew bool) error {
-	var off *int64
-	if !p.TS.IsZero() {
-		ms := p.TS.Sub(at).Milliseconds()
-		off = &ms
+func (db *DB) RecordBirths(ctx context.Context, births []fleet.BirthRecord) error {
+	n := len(births)
+	ids, fws, models, boots := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
+	ats, offs, clears := make([]time.Time, n), make([]*int64, n), make([]bool, n)
+	for i, b := range births {
+		ids[i], fws[i], models[i], boots[i] = b.ID, b.Presence.FW, b.Presence.Model, b.Presence.BootID
+		ats[i], clears[i] = b.At, b.ClearSkew
+		if !b.Presence.TS.IsZero() {
+			ms := b.Presence.TS.Sub(b.At).Milliseconds()
+			offs[i] = &ms
+		}
 	}
-	_, err := db.pool.Exec(ctx, `WITH clear AS (UPDATE alerts SET cleared_at = $5
-			WHERE device_id = $1 AND kind = '`+fleet.AlertClockSkew+`' AND cleared_at IS NULL AND $7)
-		UPDATE devices SET fw = coalesce(nullif($2, ''), fw), model = coalesce(nullif($3, ''), model),
-			boot_id = $4, last_seen = greatest(last_seen, $5), health_seq = 0, clock_offset_ms = $6 WHERE id = $1`,
-		id, p.FW, p.Model, p.BootID, at, off, clearSkew)
+	_, err := db.pool.Exec(ctx, `WITH b AS (
+			SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bool[])
+				AS b(id, fw, model, boot_id, at, off, clear_skew)),
+		cleared AS (UPDATE alerts a SET cleared_at = b.at FROM b
+			WHERE b.clear_skew AND a.device_id = b.id AND a.kind = '`+fleet.AlertClockSkew+`' AND a.cleared_at IS NULL)
+		UPDATE devices d SET fw = coalesce(nullif(b.fw, ''), d.fw), model = coalesce(nullif(b.model, ''), d.model),
+			boot_id = b.boot_id, last_seen = greatest(d.last_seen, b.at), health_seq = 0, clock_offset_ms = b.off
+		FROM b WHERE d.id = b.id AND d.id = ANY($1::text[])`,
+		ids, fws, models, boots, ats, offs, clears)
 	return dataError(err)
+}
+
+// RecordBirth records one birth (RecordBirths).
+func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, at time.Time, clearSkew bool) error {
+	return db.RecordBirths(ctx, []fleet.BirthRecord{{ID: id, Presence: p, At: at, ClearSkew: clearSkew}})
 }
 
 // AckCredsMany implements fleet.Store: the version each locker acknowledged
