@@ -552,6 +552,46 @@ func TestBirthsBatched(t *testing.T) {
 	}
 }
 
+// Messages handled in batches are acknowledged to the bus once each, and
+// not at all when the drain deadline has passed (as handleControl's).
+func TestBatchedControlAcked(t *testing.T) {
+	st := &presenceStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks := map[string]int{}
+	at := time.Now()
+	msg := func(kind controlKind, id, payload string) control {
+		return control{kind: kind, id: id, payload: []byte(payload), at: at, ack: func() { acks[id]++ }}
+	}
+	window := func(ctx context.Context) {
+		cs := []control{
+			msg(ctrlCredsAck, "a", `{"v":1,"version":1}`), msg(ctrlCredsAck, "b", `{"v":1,"version":2}`),
+			msg(ctrlPresence, "c", `{"v":1,"online":true}`), msg(ctrlPresence, "d", `{"v":1,"online":true}`),
+			msg(ctrlConnected, "e", ""), msg(ctrlConnected, "f", ""),
+			msg(ctrlDisconnected, "g", ""), msg(ctrlDisconnected, "h", ""),
+		}
+		q := make(chan control, len(cs))
+		for _, c := range cs[1:] {
+			q <- c
+		}
+		m.handleQueued(ctx, q, cs[0])
+	}
+	drained, cancel := context.WithCancel(context.Background())
+	cancel()
+	window(drained)
+	if len(acks) != 0 {
+		t.Fatalf("acknowledged after the drain deadline: %v", acks)
+	}
+	window(context.Background())
+	for _, id := range []string{"a", "b", "c", "d", "e", "f", "g", "h"} {
+		if acks[id] != 1 {
+			t.Errorf("%s acknowledged %d times, want once (all: %v)", id, acks[id], acks)
+		}
+	}
+}
+
 // A shard writes the session starts, session ends and credential acks
 // queued behind one another together, each locker's in its order.
 func TestControlWindowBatchedInOrder(t *testing.T) {

@@ -1197,7 +1197,7 @@ func (m *Manager) controlLoop(ctx context.Context, q chan control) {
 }
 
 // maxWindow bounds the control messages a shard takes from its queue at
-// once, and so the lockers whose session starts, session ends or
+// once, and so the lockers whose session starts, births, session ends or
 // credential acknowledgements are written in one statement.
 const maxWindow = 512
 
@@ -1205,10 +1205,11 @@ const maxWindow = 512
 // shard (up to maxWindow). A locker's messages keep their order; those of
 // different lockers need none among them (other shards run beside this
 // one). So the window is handled in rounds, round k holding each locker's
-// k-th message of the window, and a round's session starts, session ends
-// and credential acknowledgements are each written in one statement: a
-// reconnect storm, a gateway shutdown or a network outage queues thousands,
-// and written one by one, each costs its shard a round trip and a commit.
+// k-th message of the window, and a round's session starts, births, session
+// ends and credential acknowledgements are each written in one statement
+// (handleRound): a reconnect storm, a gateway shutdown or a network outage
+// queues thousands, and written one by one, each costs its shard a round
+// trip and a commit.
 func (m *Manager) handleQueued(ctx context.Context, q chan control, c control) {
 	window := []control{c}
 collect:
@@ -1245,8 +1246,8 @@ func rounds(w []control) [][]control {
 }
 
 // handleRound handles messages of distinct lockers: session starts,
-// session ends and credential acknowledgements together, the rest one by
-// one.
+// births (on the embedded broker), session ends and credential
+// acknowledgements each together, the rest one by one.
 func (m *Manager) handleRound(ctx context.Context, round []control) {
 	var starts, ends, acks, presences []control
 	for _, c := range round {

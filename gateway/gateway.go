@@ -187,6 +187,17 @@ type Gateway struct {
 // every listener, so that all start-up errors surface here. Call Run to serve
 // and Close to release everything.
 func New(ctx context.Context, o Options) (_ *Gateway, err error) {
+	// The passed sockets are closed if New fails (a second Close, of one
+	// the broker closed already, is harmless).
+	defer func() {
+		if err != nil {
+			for _, ln := range []net.Listener{o.MQTTListener, o.MQTTSListener, o.HTTPListener} {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+		}
+	}()
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
@@ -212,18 +223,6 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	defer func() {
 		if err != nil {
 			g.Close()
-		}
-	}()
-	// Closed if New fails (a second Close, of one the broker closed
-	// already, is harmless).
-	given := []net.Listener{o.MQTTListener, o.MQTTSListener, o.HTTPListener}
-	defer func() {
-		if err != nil {
-			for _, ln := range given {
-				if ln != nil {
-					_ = ln.Close()
-				}
-			}
 		}
 	}()
 	g.reg.MustRegister(collectors.NewGoCollector(

@@ -1555,6 +1555,19 @@ func TestRecordBirths(t *testing.T) {
 			t.Errorf("%s: fw %q boot %q offset %v, %d open clock_skew; want %q %q %v %d", id, fw, boot, off, open, w.fw, w.boot, w.off, w.open)
 		}
 	}
+	// A value PostgreSQL refuses (a NUL in text) fails the whole batch as
+	// ErrInvalid, for the fleet to record the others one by one.
+	err = db.RecordBirths(ctx, []fleet.BirthRecord{
+		{ID: a, Presence: &protocol.Presence{Online: true, BootID: "boot-a2"}, At: at},
+		{ID: b, Presence: &protocol.Presence{Online: true, FW: "1.0\x00", BootID: "boot-b2"}, At: at},
+	})
+	if !errors.Is(err, fleet.ErrInvalid) {
+		t.Fatalf("a birth with a NUL in its version: %v, want ErrInvalid", err)
+	}
+	var boot string
+	if err := db.Pool().QueryRow(ctx, `SELECT boot_id FROM devices WHERE id = $1`, a).Scan(&boot); err != nil || boot != "boot-a" {
+		t.Fatalf("the refused batch stored a's birth: boot %q (%v)", boot, err)
+	}
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -120,8 +120,17 @@ func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable
 
 // MarkOnlineMany implements fleet.Store: one statement for all of starts.
 // "d.id = ANY($1)" makes the lockers an index condition (see
-// updateLatestSQL), which also locks their rows in index order, as the
-// other statements that update many lockers at once do.
+// updateLatestSQL).
+//
+// Like every statement here that updates many lockers' rows at once
+// (MarkOfflineMany, RecordBirths, AckCredsMany, the health writer's
+// latest health), it locks the rows in its plan's order, not a fixed one:
+// two of them on overlapping lockers can deadlock, and PostgreSQL then
+// fails one after deadlock_timeout (1 s), which the fleet's retry writes
+// again. The control shards' statements never overlap (a locker is on one
+// shard); the health writer's can. Not seen in the reconnect storms
+// measured (docs/benchmarks.md); a fixed order would cost the health path
+// a locking step.
 func (db *DB) MarkOnlineMany(ctx context.Context, starts []fleet.SessionStart) error {
 	ids := make([]string, len(starts))
 	ats := make([]time.Time, len(starts))

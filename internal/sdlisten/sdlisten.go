@@ -36,10 +36,15 @@ func listeners(getenv func(string) string, unsetenv func(string) error, pid, fir
 	for _, k := range []string{"LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"} {
 		_ = unsetenv(k)
 	}
-	if p, err := strconv.Atoi(pidS); err != nil || p != pid || nS == "" {
-		// Nothing passed, or meant for another process (sd_listen_fds(3):
-		// ignored).
-		return nil, nil
+	if pidS == "" || nS == "" {
+		return nil, nil // nothing passed
+	}
+	p, err := strconv.Atoi(pidS)
+	if err != nil {
+		return nil, fmt.Errorf("socket activation: LISTEN_PID=%q: want a process id", pidS)
+	}
+	if p != pid {
+		return nil, nil // meant for another process (sd_listen_fds(3): ignored)
 	}
 	n, err := strconv.Atoi(nS)
 	if err != nil || n < 0 {
@@ -51,14 +56,6 @@ func listeners(getenv func(string) string, unsetenv func(string) error, pid, fir
 	for i := range n {
 		// Not for children, whatever happens next.
 		syscall.CloseOnExec(first + i)
-	}
-	var names []string
-	if namesS != "" {
-		names = strings.Split(namesS, ":")
-	}
-	if len(names) != n {
-		return nil, fmt.Errorf("socket activation: %d sockets passed with %d names (LISTEN_FDNAMES=%q): "+
-			"name each one (FileDescriptorName= in the .socket unit)", n, len(names), namesS)
 	}
 	out := make(map[string]net.Listener, n)
 	fds := make(map[string]int, n)
@@ -72,12 +69,25 @@ func listeners(getenv func(string) string, unsetenv func(string) error, pid, fir
 		}
 		return nil, err
 	}
+	var names []string
+	if namesS != "" {
+		names = strings.Split(namesS, ":")
+	}
+	if len(names) != n {
+		return fail(fmt.Errorf("socket activation: %d sockets passed with %d names (LISTEN_FDNAMES=%q): "+
+			"name each one (FileDescriptorName= in the .socket unit)", n, len(names), namesS))
+	}
 	for i, name := range names {
 		fd := first + i
 		if other, dup := fds[name]; dup {
 			return fail(fmt.Errorf("socket activation: fds %d and %d are both named %q: name each socket once", other, fd, name))
 		}
 		fds[name] = fd
+		// A socket that does not listen would pass as a listener and
+		// then fail every Accept.
+		if on, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil || on == 0 {
+			return fail(fmt.Errorf("socket activation: fd %d (%s) is not a listening socket (%v): want ListenStream=", fd, name, err))
+		}
 		f := os.NewFile(uintptr(fd), name)
 		ln, err := net.FileListener(f)
 		_ = f.Close() // FileListener holds a duplicate

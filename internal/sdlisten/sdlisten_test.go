@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -148,6 +149,23 @@ func TestListenersRefused(t *testing.T) {
 		f, _ := tcpFile(t)
 		return f
 	}
+	connected := func(t *testing.T) *os.File {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		f, err := c.(*net.TCPConn).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
 	for _, tc := range []struct {
 		name  string
 		files []func(*testing.T) *os.File
@@ -158,8 +176,9 @@ func TestListenersRefused(t *testing.T) {
 		// left open for a child, or half served)
 		closes bool
 	}{
-		{"unnamed", []func(*testing.T) *os.File{tcp}, "1", "", "FileDescriptorName=", false},
-		{"fewer names", []func(*testing.T) *os.File{tcp, tcp}, "2", "mqtt", "2 sockets passed with 1 names", false},
+		{"unnamed", []func(*testing.T) *os.File{tcp}, "1", "", "FileDescriptorName=", true},
+		{"fewer names", []func(*testing.T) *os.File{tcp, tcp}, "2", "mqtt", "2 sockets passed with 1 names", true},
+		{"a connected socket", []func(*testing.T) *os.File{tcp, connected}, "2", "mqtt:http", "fd", true},
 		{"count not a number", []func(*testing.T) *os.File{tcp}, "one", "mqtt", `LISTEN_FDS="one"`, false},
 		{"name twice", []func(*testing.T) *os.File{tcp, tcp, tcp}, "3", "mqtt:mqtt:http", `both named "mqtt"`, true},
 		{"a pipe", []func(*testing.T) *os.File{tcp, pipe, tcp}, "3", "mqtt:http:mqtts", "(http)", true},
@@ -172,6 +191,9 @@ func TestListenersRefused(t *testing.T) {
 			}
 			first := passed(t, files...)
 			e := env{"LISTEN_PID": "42", "LISTEN_FDS": tc.count, "LISTEN_FDNAMES": tc.names}
+			if tc.name == "a connected socket" {
+				tc.want = "fd " + strconv.Itoa(first+1) + " (http) is not a listening socket"
+			}
 			lns, err := listeners(e.get, e.unset, 42, first)
 			if err == nil {
 				for _, ln := range lns {
@@ -192,6 +214,13 @@ func TestListenersRefused(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestListenersBadPID(t *testing.T) {
+	e := env{"LISTEN_PID": "4x2", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "mqtt"}
+	if lns, err := listeners(e.get, e.unset, 42, 100); err == nil || !strings.Contains(err.Error(), `LISTEN_PID="4x2"`) {
+		t.Fatalf("got %v, %v; want an error naming LISTEN_PID", lns, err)
 	}
 }
 
