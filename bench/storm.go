@@ -16,6 +16,18 @@ type StormOptions struct {
 	Lockers int           // default 10,000
 	Settle  time.Duration // steady state before the restart; default 10s
 	Runs    int
+	// Baseline runs the same storm on the bare mochi broker: no
+	// authentication, no database, nothing to deliver after a connect.
+	Baseline bool
+}
+
+// bareStormRun is a storm on the bare broker: the lockers' view only.
+type bareStormRun struct {
+	Connect            time.Duration
+	Down               time.Duration // stop signalled → new process ready
+	Dev95, Dev100      time.Duration // from the restart: connected
+	SteadyRSS, PeakRSS int64
+	ConnectFailures    uint64
 }
 
 type stormRun struct {
@@ -53,11 +65,21 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 		return nil, err
 	}
 	var runs []stormRun
+	var bare []bareStormRun
 	for run := 1; run <= o.Runs; run++ {
 		r.Log.Info("storm run", "run", run, "lockers", o.Lockers)
 		res, err := r.stormOnce(ctx, lab, o)
 		if err != nil {
 			return nil, fmt.Errorf("run %d: %w", run, err)
+		}
+		if o.Baseline {
+			r.Log.Info("storm: bare broker run", "run", run)
+			b, err := r.stormBare(ctx, lab, o)
+			if err != nil {
+				return nil, fmt.Errorf("bare run %d: %w", run, err)
+			}
+			r.Log.Info("storm bare run done", "dev95", b.Dev95, "dev100", b.Dev100, "peak/steady", float64(b.PeakRSS)/float64(b.SteadyRSS))
+			bare = append(bare, b)
 		}
 		r.Log.Info("storm run done", "gw95", res.GW95, "gw100", res.GW100, "dev95", res.Dev95, "dev100", res.Dev100,
 			"peak/steady", float64(res.PeakRSS)/float64(res.SteadyRSS))
@@ -79,9 +101,21 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 			"queue instead of being refused"
 	}
 	rep.Columns = []string{"measure", "lockergate"}
+	if o.Baseline {
+		rep.Columns = append(rep.Columns, "bare mochi")
+		rep.Method += ". Baseline: the same lockers and restart on the bare mochi broker (no authentication, no database, " +
+			"nothing retained to deliver), which admits every CONNECT at once; its lockers' view is 'connected'"
+	}
 	field := func(f func(stormRun) float64) Spread {
 		var xs []float64
 		for _, x := range runs {
+			xs = append(xs, f(x))
+		}
+		return SpreadOf(xs)
+	}
+	bareField := func(f func(bareStormRun) float64) Spread {
+		var xs []float64
+		for _, x := range bare {
 			xs = append(xs, f(x))
 		}
 		return SpreadOf(xs)
@@ -92,26 +126,42 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 		}
 		return d.Seconds()
 	}
-	rep.Add("initial connect (all online)", field(func(x stormRun) float64 { return x.Connect.Seconds() }).Format(fSec))
-	rep.Add("gateway down (SIGTERM → new process ready)", field(func(x stormRun) float64 { return x.Down.Seconds() }).Format(fSec))
+	// add adds a row; bareCell is the baseline's, when it runs.
+	add := func(name, gwCell, bareCell string) {
+		if o.Baseline {
+			rep.Add(name, gwCell, bareCell)
+		} else {
+			rep.Add(name, gwCell)
+		}
+	}
+	const none = "—"
+	add("initial connect (all online)", field(func(x stormRun) float64 { return x.Connect.Seconds() }).Format(fSec),
+		bareField(func(x bareStormRun) float64 { return x.Connect.Seconds() }).Format(fSec))
+	add("gateway down (SIGTERM → new process ready)", field(func(x stormRun) float64 { return x.Down.Seconds() }).Format(fSec),
+		bareField(func(x bareStormRun) float64 { return x.Down.Seconds() }).Format(fSec))
 	gw95 := field(func(x stormRun) float64 { return sec(x.GW95) })
-	rep.Add("95% online with creds current (gateway view)", gw95.Format(fSec))
-	rep.Add("100% online with creds current (gateway view)", field(func(x stormRun) float64 { return sec(x.GW100) }).Format(fSec))
+	add("95% online with creds current (gateway view)", gw95.Format(fSec), none)
+	add("100% online with creds current (gateway view)", field(func(x stormRun) float64 { return sec(x.GW100) }).Format(fSec), none)
 	dev95 := field(func(x stormRun) float64 { return sec(x.Dev95) })
-	rep.Add("95% connected with new creds and config (lockers' view)", dev95.Format(fSec))
-	rep.Add("100% connected with new creds and config (lockers' view)", field(func(x stormRun) float64 { return sec(x.Dev100) }).Format(fSec))
-	rep.Add("steady RSS before the restart", field(func(x stormRun) float64 { return float64(x.SteadyRSS) }).Format(fMiB))
-	rep.Add("peak RSS of the new process (VmHWM)", field(func(x stormRun) float64 { return float64(x.PeakRSS) }).Format(fMiB))
+	add("95% connected with new creds and config (lockers' view; bare: connected)", dev95.Format(fSec),
+		bareField(func(x bareStormRun) float64 { return sec(x.Dev95) }).Format(fSec))
+	add("100% connected with new creds and config (lockers' view; bare: connected)", field(func(x stormRun) float64 { return sec(x.Dev100) }).Format(fSec),
+		bareField(func(x bareStormRun) float64 { return sec(x.Dev100) }).Format(fSec))
+	add("steady RSS before the restart", field(func(x stormRun) float64 { return float64(x.SteadyRSS) }).Format(fMiB),
+		bareField(func(x bareStormRun) float64 { return float64(x.SteadyRSS) }).Format(fMiB))
+	add("peak RSS of the new process (VmHWM)", field(func(x stormRun) float64 { return float64(x.PeakRSS) }).Format(fMiB),
+		bareField(func(x bareStormRun) float64 { return float64(x.PeakRSS) }).Format(fMiB))
 	peak := field(func(x stormRun) float64 { return float64(x.PeakRSS) / float64(x.SteadyRSS) })
-	rep.Add("peak / steady", peak.Format(fF2))
-	rep.Add("RSS of the new process once settled", field(func(x stormRun) float64 { return float64(x.AfterRSS) }).Format(fMiB))
-	rep.Add("locker connect attempts refused or failed", field(func(x stormRun) float64 { return float64(x.ConnectFailures) }).Format(fInt))
-	rep.Add("  of which answered 'server busy' by the new process (its metric)", field(func(x stormRun) float64 { return x.RefusedBusy }).Format(fInt))
-	rep.Add("credential check p99 in the new process (its histogram)", field(func(x stormRun) float64 { return x.AuthP99 }).Format(fMs))
-	rep.Add("lockers refused as 'bad username or password' at the initial connect (reconnected by the harness)",
-		field(func(x stormRun) float64 { return float64(x.InitialRefused) }).Format(fInt))
-	rep.Add("lockers that gave up during the storm (refused, never back)", field(func(x stormRun) float64 { return float64(x.GaveUp) }).Format(fInt))
-	rep.Add("messages lost by lockers (devicesim dropped)", field(func(x stormRun) float64 { return float64(x.Dropped) }).Format(fInt))
+	add("peak / steady", peak.Format(fF2), bareField(func(x bareStormRun) float64 { return float64(x.PeakRSS) / float64(x.SteadyRSS) }).Format(fF2))
+	add("RSS of the new process once settled", field(func(x stormRun) float64 { return float64(x.AfterRSS) }).Format(fMiB), none)
+	add("locker connect attempts refused or failed", field(func(x stormRun) float64 { return float64(x.ConnectFailures) }).Format(fInt),
+		bareField(func(x bareStormRun) float64 { return float64(x.ConnectFailures) }).Format(fInt))
+	add("  of which answered 'server busy' by the new process (its metric)", field(func(x stormRun) float64 { return x.RefusedBusy }).Format(fInt), none)
+	add("credential check p99 in the new process (its histogram)", field(func(x stormRun) float64 { return x.AuthP99 }).Format(fMs), none)
+	add("lockers refused as 'bad username or password' at the initial connect (reconnected by the harness)",
+		field(func(x stormRun) float64 { return float64(x.InitialRefused) }).Format(fInt), none)
+	add("lockers that gave up during the storm (refused, never back)", field(func(x stormRun) float64 { return float64(x.GaveUp) }).Format(fInt), none)
+	add("messages lost by lockers (devicesim dropped)", field(func(x stormRun) float64 { return float64(x.Dropped) }).Format(fInt), none)
 	rep.Targets = append(rep.Targets,
 		fmt.Sprintf("95%% within 15 s (gateway view): %s (%s)", metOrNot(gw95.Median <= 15), gw95.Format(fSec)),
 		fmt.Sprintf("peak memory < 1.5× steady: %s (%s)", metOrNot(peak.Median < 1.5), peak.Format(fF2)))
@@ -238,6 +288,83 @@ func (r *Runner) stormOnce(ctx context.Context, lab *Lab, o StormOptions) (storm
 		}
 	}
 	return res, nil
+}
+
+// stormBare is the storm on the bare broker: the same lockers connect,
+// hold the steady state, and reconnect after the broker restarts on the
+// same port. The bare broker authenticates nobody and holds nothing to
+// deliver, so the lockers' view is "connected".
+func (r *Runner) stormBare(ctx context.Context, lab *Lab, o StormOptions) (bareStormRun, error) {
+	res := bareStormRun{Dev95: -1, Dev100: -1}
+	b, err := r.StartBare(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer func() {
+		if err := b.Stop(); err != nil {
+			r.Log.Warn("bare broker stopped with an error", "err", err)
+		}
+	}()
+	ids := map[string]devicesim.Identity{}
+	for _, id := range lab.IDs {
+		ids[id.Serial] = id.Identity
+	}
+	sim, err := devicesim.NewFleet(devicesim.Options{Broker: "tcp://" + b.MQTTAddr, Lockers: len(lab.IDs), Seed: 1,
+		SerialPrefix: SerialPrefix, Models: []devicesim.Model{BenchModel}, Identities: ids, ConnectRate: -1,
+		SourceAddrs: SourceAddrs(len(lab.IDs)), Logger: r.Log.With("component", "devicesim")})
+	if err != nil {
+		return res, err
+	}
+	defer sim.Close()
+	lockers := sim.Lockers()
+	connected := func() int {
+		n := 0
+		for _, l := range lockers {
+			if l.Connected() {
+				n++
+			}
+		}
+		return n
+	}
+	start := time.Now()
+	sctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	err = sim.Start(sctx)
+	cancel()
+	if err != nil {
+		return res, fmt.Errorf("bare broker: initial connect: %w", err)
+	}
+	res.Connect = time.Since(start)
+	select {
+	case <-time.After(o.Settle):
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
+	res.SteadyRSS = b.Mem().RSS
+	st0 := sim.Stats()
+
+	t0 := time.Now()
+	if err := b.Stop(); err != nil {
+		r.Log.Warn("bare broker stopped with an error", "err", err)
+	}
+	if err := b.start(ctx); err != nil {
+		return res, err
+	}
+	res.Down = time.Since(t0)
+	n := len(lockers)
+	for deadline := t0.Add(3 * time.Minute); time.Now().Before(deadline) && ctx.Err() == nil; {
+		el, c := time.Since(t0), connected()
+		if res.Dev95 < 0 && c*100 >= n*95 {
+			res.Dev95 = el
+		}
+		if c >= n {
+			res.Dev100 = el
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	res.PeakRSS = b.Mem().HWM
+	res.ConnectFailures = sim.Stats().ConnectFailures - st0.ConnectFailures
+	return res, ctx.Err()
 }
 
 // reconnectAll calls Reconnect on every locker that is not connected,

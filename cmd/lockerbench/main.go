@@ -164,7 +164,7 @@ func (c *config) finish() error {
 		return errors.New("--runs must be at least 1")
 	}
 	c.ingest.Runs, c.unlock.Runs, c.idle.Runs, c.pickups.Runs, c.storm.Runs = c.runs, c.runs, c.runs, c.runs, c.runs
-	c.ingest.Baseline, c.unlock.Baseline, c.idle.Baseline = !c.noBaseline, !c.noBaseline, !c.noBaseline
+	c.ingest.Baseline, c.unlock.Baseline, c.idle.Baseline, c.storm.Baseline = !c.noBaseline, !c.noBaseline, !c.noBaseline, !c.noBaseline
 	if c.unlock.Lockers == 0 {
 		c.unlock.Lockers = c.ingest.Lockers
 	}
