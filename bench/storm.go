@@ -173,15 +173,11 @@ func (r *Runner) stormOnce(ctx context.Context, lab *Lab, o StormOptions) (storm
 	if err := lab.FreshGateway(ctx); err != nil {
 		return res, err
 	}
-	ids := map[string]devicesim.Identity{}
 	devIDs := make([]string, len(lab.IDs))
 	for i, id := range lab.IDs {
-		ids[id.Serial] = id.Identity
 		devIDs[i] = id.DeviceID
 	}
-	sim, err := devicesim.NewFleet(devicesim.Options{Broker: "tcp://" + lab.GW.MQTTAddr, Lockers: len(lab.IDs), Seed: 1,
-		SerialPrefix: SerialPrefix, Models: []devicesim.Model{BenchModel}, Identities: ids, ConnectRate: -1,
-		SourceAddrs: SourceAddrs(len(lab.IDs)), Logger: r.Log.With("component", "devicesim")})
+	sim, err := r.stormFleet(lab, lab.GW.MQTTAddr)
 	if err != nil {
 		return res, err
 	}
@@ -290,6 +286,18 @@ func (r *Runner) stormOnce(ctx context.Context, lab *Lab, o StormOptions) (storm
 	return res, nil
 }
 
+// stormFleet is the storm's devicesim fleet on the broker at addr: lab's
+// lockers with their identities, connecting as fast as they can.
+func (r *Runner) stormFleet(lab *Lab, addr string) (*devicesim.Fleet, error) {
+	ids := map[string]devicesim.Identity{}
+	for _, id := range lab.IDs {
+		ids[id.Serial] = id.Identity
+	}
+	return devicesim.NewFleet(devicesim.Options{Broker: "tcp://" + addr, Lockers: len(lab.IDs), Seed: 1,
+		SerialPrefix: SerialPrefix, Models: []devicesim.Model{BenchModel}, Identities: ids, ConnectRate: -1,
+		SourceAddrs: SourceAddrs(len(lab.IDs)), Logger: r.Log.With("component", "devicesim")})
+}
+
 // stormBare is the storm on the bare broker: the same lockers connect,
 // hold the steady state, and reconnect after the broker restarts on the
 // same port. The bare broker authenticates nobody and holds nothing to
@@ -305,13 +313,7 @@ func (r *Runner) stormBare(ctx context.Context, lab *Lab, o StormOptions) (bareS
 			r.Log.Warn("bare broker stopped with an error", "err", err)
 		}
 	}()
-	ids := map[string]devicesim.Identity{}
-	for _, id := range lab.IDs {
-		ids[id.Serial] = id.Identity
-	}
-	sim, err := devicesim.NewFleet(devicesim.Options{Broker: "tcp://" + b.MQTTAddr, Lockers: len(lab.IDs), Seed: 1,
-		SerialPrefix: SerialPrefix, Models: []devicesim.Model{BenchModel}, Identities: ids, ConnectRate: -1,
-		SourceAddrs: SourceAddrs(len(lab.IDs)), Logger: r.Log.With("component", "devicesim")})
+	sim, err := r.stormFleet(lab, b.MQTTAddr)
 	if err != nil {
 		return res, err
 	}
