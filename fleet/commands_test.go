@@ -563,7 +563,10 @@ func TestBatchedControlAcked(t *testing.T) {
 	acks := map[string]int{}
 	at := time.Now()
 	msg := func(kind controlKind, id, payload string) control {
-		return control{kind: kind, id: id, payload: []byte(payload), at: at, ack: func() { acks[id]++ }}
+		return control{kind: kind, id: id, payload: []byte(payload), at: at, ack: func() {
+			acks[id]++
+			st.calls = append(st.calls, "acked "+id) // after the store call that wrote it
+		}}
 	}
 	window := func(ctx context.Context) {
 		cs := []control{
@@ -571,6 +574,8 @@ func TestBatchedControlAcked(t *testing.T) {
 			msg(ctrlPresence, "c", `{"v":1,"online":true}`), msg(ctrlPresence, "d", `{"v":1,"online":true}`),
 			msg(ctrlConnected, "e", ""), msg(ctrlConnected, "f", ""),
 			msg(ctrlDisconnected, "g", ""), msg(ctrlDisconnected, "h", ""),
+			// A second round: a's next ack.
+			msg(ctrlCredsAck, "a", `{"v":1,"version":3}`),
 		}
 		q := make(chan control, len(cs))
 		for _, c := range cs[1:] {
@@ -584,11 +589,37 @@ func TestBatchedControlAcked(t *testing.T) {
 	if len(acks) != 0 {
 		t.Fatalf("acknowledged after the drain deadline: %v", acks)
 	}
+	st.calls = nil
 	window(context.Background())
-	for _, id := range []string{"a", "b", "c", "d", "e", "f", "g", "h"} {
-		if acks[id] != 1 {
-			t.Errorf("%s acknowledged %d times, want once (all: %v)", id, acks[id], acks)
+	want := map[string]int{"a": 2, "b": 1, "c": 1, "d": 1, "e": 1, "f": 1, "g": 1, "h": 1}
+	for id, n := range want {
+		if acks[id] != n {
+			t.Errorf("%s acknowledged %d times, want %d (all: %v)", id, acks[id], n, acks)
 		}
+	}
+	// Each acknowledgement comes after the store call that wrote its
+	// message: a's first after "ack a:1 ...", its second after "ack a:3".
+	wrote := map[string][]int{} // id → indexes of the store calls naming it
+	var acked []string
+	for i, c := range st.calls {
+		f := strings.Fields(c)
+		if f[0] == "acked" {
+			acked = append(acked, f[1])
+			if w := wrote[f[1]]; len(w) == 0 || w[0] > i {
+				t.Fatalf("%s acknowledged before its write: %q", f[1], st.calls)
+			}
+			wrote[f[1]] = wrote[f[1]][1:]
+			continue
+		}
+		for _, tok := range f[1:] {
+			id, _, _ := strings.Cut(tok, ":")
+			if f[0] != "retained" && f[0] != "open" {
+				wrote[id] = append(wrote[id], i)
+			}
+		}
+	}
+	if len(acked) != 9 {
+		t.Fatalf("%d acknowledgements, want 9: %q", len(acked), st.calls)
 	}
 }
 

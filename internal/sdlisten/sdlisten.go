@@ -22,6 +22,10 @@ import (
 // firstFD is SD_LISTEN_FDS_START: passed sockets are fds 3, 4, ...
 const firstFD = 3
 
+// maxFDs bounds LISTEN_FDS: the gateway takes three sockets, and a count
+// far beyond that is a mistake, not sockets to mark and close.
+const maxFDs = 64
+
 // Listeners returns the listening TCP sockets passed to this process by
 // name (LISTEN_FDNAMES; systemd's FileDescriptorName=), or nil when none
 // were passed. It unsets LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES and
@@ -47,8 +51,8 @@ func listeners(getenv func(string) string, unsetenv func(string) error, pid, fir
 		return nil, nil // meant for another process (sd_listen_fds(3): ignored)
 	}
 	n, err := strconv.Atoi(nS)
-	if err != nil || n < 0 {
-		return nil, fmt.Errorf("socket activation: LISTEN_FDS=%q: want a count of sockets", nS)
+	if err != nil || n < 0 || n > maxFDs {
+		return nil, fmt.Errorf("socket activation: LISTEN_FDS=%q: want a count of sockets, at most %d", nS, maxFDs)
 	}
 	if n == 0 {
 		return nil, nil
@@ -85,8 +89,10 @@ func listeners(getenv func(string) string, unsetenv func(string) error, pid, fir
 		fds[name] = fd
 		// A socket that does not listen would pass as a listener and
 		// then fail every Accept.
-		if on, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil || on == 0 {
-			return fail(fmt.Errorf("socket activation: fd %d (%s) is not a listening socket (%v): want ListenStream=", fd, name, err))
+		if on, err := syscall.GetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN); err != nil {
+			return fail(fmt.Errorf("socket activation: fd %d (%s): %w: want a listening socket (ListenStream=)", fd, name, err))
+		} else if on == 0 {
+			return fail(fmt.Errorf("socket activation: fd %d (%s) is not a listening socket: want ListenStream=", fd, name))
 		}
 		f := os.NewFile(uintptr(fd), name)
 		ln, err := net.FileListener(f)

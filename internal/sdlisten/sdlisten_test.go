@@ -149,6 +149,18 @@ func TestListenersRefused(t *testing.T) {
 		f, _ := tcpFile(t)
 		return f
 	}
+	unix := func(t *testing.T) *os.File {
+		ln, err := net.Listen("unix", t.TempDir()+"/s")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		f, err := ln.(*net.UnixListener).File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
 	connected := func(t *testing.T) *os.File {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -180,6 +192,8 @@ func TestListenersRefused(t *testing.T) {
 		{"fewer names", []func(*testing.T) *os.File{tcp, tcp}, "2", "mqtt", "2 sockets passed with 1 names", true},
 		{"a connected socket", []func(*testing.T) *os.File{tcp, connected}, "2", "mqtt:http", "fd", true},
 		{"count not a number", []func(*testing.T) *os.File{tcp}, "one", "mqtt", `LISTEN_FDS="one"`, false},
+		{"count too large", []func(*testing.T) *os.File{tcp}, "100000", "mqtt", "at most", false},
+		{"a unix socket", []func(*testing.T) *os.File{tcp, unix}, "2", "mqtt:http", "(http) is a unix socket", true},
 		{"name twice", []func(*testing.T) *os.File{tcp, tcp, tcp}, "3", "mqtt:mqtt:http", `both named "mqtt"`, true},
 		{"a pipe", []func(*testing.T) *os.File{tcp, pipe, tcp}, "3", "mqtt:http:mqtts", "(http)", true},
 		{"a udp socket", []func(*testing.T) *os.File{udp}, "1", "mqtt", "(mqtt)", true},
