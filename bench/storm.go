@@ -67,12 +67,13 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 	var runs []stormRun
 	var bare []bareStormRun
 	for run := 1; run <= o.Runs; run++ {
-		r.Log.Info("storm run", "run", run, "lockers", o.Lockers)
-		res, err := r.stormOnce(ctx, lab, o)
-		if err != nil {
-			return nil, fmt.Errorf("run %d: %w", run, err)
-		}
 		if o.Baseline {
+			// With the gateway stopped (the run below starts a fresh one),
+			// so that it does not write the previous run's 10,000 session
+			// ends beside the bare broker's connects.
+			if err := lab.GW.Stop(); err != nil {
+				r.Log.Warn("gateway stopped with an error", "err", err)
+			}
 			r.Log.Info("storm: bare broker run", "run", run)
 			b, err := r.stormBare(ctx, lab, o)
 			if err != nil {
@@ -80,6 +81,11 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 			}
 			r.Log.Info("storm bare run done", "dev95", b.Dev95, "dev100", b.Dev100, "peak/steady", float64(b.PeakRSS)/float64(b.SteadyRSS))
 			bare = append(bare, b)
+		}
+		r.Log.Info("storm run", "run", run, "lockers", o.Lockers)
+		res, err := r.stormOnce(ctx, lab, o)
+		if err != nil {
+			return nil, fmt.Errorf("run %d: %w", run, err)
 		}
 		r.Log.Info("storm run done", "gw95", res.GW95, "gw100", res.GW100, "dev95", res.Dev95, "dev100", res.Dev100,
 			"peak/steady", float64(res.PeakRSS)/float64(res.SteadyRSS))
@@ -104,7 +110,11 @@ func (r *Runner) Storm(ctx context.Context, o StormOptions) (*Report, error) {
 	if o.Baseline {
 		rep.Columns = append(rep.Columns, "bare mochi")
 		rep.Method += ". Baseline: the same lockers and restart on the bare mochi broker (no authentication, no database, " +
-			"nothing retained to deliver), which admits every CONNECT at once; its lockers' view is 'connected'"
+			"nothing retained to deliver), which admits every CONNECT at once; its lockers' view is 'connected', and its " +
+			"peak is read after the same settle as the gateway's; before each gateway run"
+		if r.HoldSockets {
+			rep.Method += "; its sockets are not held (a plain restart)"
+		}
 	}
 	field := func(f func(stormRun) float64) Spread {
 		var xs []float64
@@ -363,6 +373,11 @@ func (r *Runner) stormBare(ctx context.Context, lab *Lab, o StormOptions) (bareS
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+	select { // as the gateway's run does before it reads its peak
+	case <-time.After(o.Settle):
+	case <-ctx.Done():
+		return res, ctx.Err()
 	}
 	res.PeakRSS = b.Mem().HWM
 	res.ConnectFailures = sim.Stats().ConnectFailures - st0.ConnectFailures
