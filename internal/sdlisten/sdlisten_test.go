@@ -231,6 +231,26 @@ func TestListenersRefused(t *testing.T) {
 	}
 }
 
+// A socket taken before a later one is refused is closed with the rest:
+// nothing is left listening that nobody serves.
+func TestListenersRefusedClosesTaken(t *testing.T) {
+	taken, addr := tcpFile(t)
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	first := passed(t, taken, r)
+	e := env{"LISTEN_PID": "42", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "mqtt:http"}
+	if _, err := listeners(e.get, e.unset, 42, first); err == nil {
+		t.Fatal("a pipe passed as a socket was taken")
+	}
+	if c, err := net.Dial("tcp", addr); err == nil {
+		c.Close()
+		t.Fatalf("%s still accepts connections after the error", addr)
+	}
+}
+
 func TestListenersBadPID(t *testing.T) {
 	e := env{"LISTEN_PID": "4x2", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "mqtt"}
 	if lns, err := listeners(e.get, e.unset, 42, 100); err == nil || !strings.Contains(err.Error(), `LISTEN_PID="4x2"`) {
