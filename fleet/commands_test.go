@@ -710,16 +710,16 @@ func TestControlAckedOnlyWhenHandled(t *testing.T) {
 	const valid = `{"v":1,"version":1}`
 	drained, cancel := context.WithCancel(context.Background())
 	cancel() // the drain deadline has passed
-	m.handleControl(drained, msg(valid))
+	m.handleRound(drained, []control{msg(valid)})
 	if acks != 0 {
 		t.Fatal("acknowledged although its store call never succeeded")
 	}
 	st.err = nil
-	m.handleControl(context.Background(), msg(valid))
+	m.handleRound(context.Background(), []control{msg(valid)})
 	if acks != 1 {
 		t.Fatalf("stored: %d acks, want 1", acks)
 	}
-	m.handleControl(context.Background(), msg(`{"v":1`))
+	m.handleRound(context.Background(), []control{msg(`{"v":1`)})
 	if acks != 2 {
 		t.Fatalf("invalid for good: %d acks, want 2", acks)
 	}

@@ -1291,9 +1291,11 @@ func (m *Manager) handleRound(ctx context.Context, round []control) {
 }
 
 // births handles presence messages cs of distinct lockers on the embedded
-// broker, which reports session starts and ends itself: the births
-// together (born); wills and cleared retained messages change nothing
-// (handleControl says why).
+// broker: the births together (born). Wills and cleared retained messages
+// change nothing: the embedded broker reports session ends itself and
+// knows a takeover from a loss, and a will of a taken-over session can
+// arrive after the new session's birth, so wills are only used where the
+// bus has no session events (an external broker: handleControl).
 func (m *Manager) births(ctx context.Context, cs []control) {
 	bs := make([]birth, 0, len(cs))
 	for _, c := range cs {
@@ -1419,6 +1421,9 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 	}
 }
 
+// handleControl handles a message handleRound does not write together
+// with others': any but session starts and ends, credential
+// acknowledgements and (on the embedded broker) presence.
 func (m *Manager) handleControl(ctx context.Context, c control) {
 	leave := false // set when the message is left for the bus to deliver again
 	if c.ack != nil {
@@ -1436,19 +1441,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 	switch c.kind {
 	case ctrlEvents:
 		m.applyEffects(ctx, c.id, c.events)
-	case ctrlConnected:
-		m.connected(ctx, []control{c})
-	case ctrlDisconnected:
-		m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: c.reason, At: c.at}})
-	case ctrlPresence:
-		if !m.opts.PresenceFromWill {
-			// The embedded broker reports session ends itself and knows a
-			// takeover from a loss; a will of a taken-over session can
-			// arrive after the new session's birth, so wills are only used
-			// where the bus has no session events (an external broker).
-			m.births(ctx, []control{c})
-			return
-		}
+	case ctrlPresence: // from an external broker (handleRound)
 		if len(c.payload) == 0 {
 			return // a cleared retained message
 		}
@@ -1515,8 +1508,6 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		// Observed before waiters wake, so a caller that saw the answer sees it counted.
 		m.m.cmdDuration.WithLabelValues(cmd.Type).Observe(c.at.Sub(cmd.CreatedAt).Seconds())
 		m.finished(cmd)
-	case ctrlCredsAck:
-		m.credsAcked(ctx, []control{c})
 	case ctrlFwStatus:
 		st, err := protocol.Decode[protocol.FwStatus](c.payload)
 		if err != nil {
