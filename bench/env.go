@@ -21,6 +21,7 @@ import (
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/internal/sdlisten"
 )
 
 // Runner owns everything a benchmark run starts: a scratch directory, the
@@ -208,7 +209,7 @@ type Server struct {
 	args    []string
 	logPath string
 	dataDir string
-	sockets []namedFile // held across restarts (Runner.HoldSockets)
+	sockets []sdlisten.Socket // held across restarts (Runner.HoldSockets)
 }
 
 // freePort returns a free loopback port below the kernel's ephemeral range.
@@ -300,7 +301,7 @@ func (r *Runner) StartGateway(ctx context.Context, pg *PG) (*Server, error) {
 				return nil, err
 			}
 			r.Defer(func() { f.Close() })
-			s.sockets = append(s.sockets, namedFile{name, f})
+			s.sockets = append(s.sockets, sdlisten.Socket{Name: name, File: f})
 		}
 	}
 	if r.Profile != "" {

@@ -10,12 +10,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
+	"github.com/lockergate/lockergate/internal/sdlisten"
 	"github.com/lockergate/lockergate/internal/subproc"
 )
 
@@ -41,18 +41,8 @@ func StartProc(name, bin string, args []string, logPath string, env ...string) (
 }
 
 // startProc is StartProc passing sockets as a service manager does (systemd
-// socket activation): from fd 3 on, named, for the child's own pid (a
-// shell sets LISTEN_PID and execs bin in its place).
-func startProc(name, bin string, args []string, logPath string, env []string, sockets []namedFile) (*Proc, error) {
-	if len(sockets) > 0 {
-		args = append([]string{"-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, bin}, args...)
-		bin = "/bin/sh"
-		var names []string
-		for _, f := range sockets {
-			names = append(names, f.name)
-		}
-		env = append(slices.Clip(env), fmt.Sprintf("LISTEN_FDS=%d", len(sockets)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
-	}
+// socket activation: sdlisten.Pass).
+func startProc(name, bin string, args []string, logPath string, env []string, sockets []sdlisten.Socket) (*Proc, error) {
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -62,9 +52,7 @@ func startProc(name, bin string, args []string, logPath string, env []string, so
 	if len(env) > 0 {
 		cmd.Env = append(os.Environ(), env...)
 	}
-	for _, f := range sockets {
-		cmd.ExtraFiles = append(cmd.ExtraFiles, f.f)
-	}
+	sdlisten.Pass(cmd, sockets...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	c, err := subproc.Start(cmd)
 	if err != nil {
@@ -72,12 +60,6 @@ func startProc(name, bin string, args []string, logPath string, env []string, so
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	return &Proc{Name: name, cmd: cmd, ch: c, done: c.Done(), log: lf}, nil
-}
-
-// namedFile is a socket passed to a child, and its name there.
-type namedFile struct {
-	name string
-	f    *os.File
 }
 
 // Pid is the child's process id.

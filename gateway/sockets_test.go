@@ -14,6 +14,7 @@ import (
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/sdlisten"
 )
 
 // TestSocketActivatedRestart: lockergate serves the sockets a service
@@ -46,16 +47,13 @@ func TestSocketActivatedRestart(t *testing.T) {
 	mqttF, mqttAddr := held()
 	httpF, httpAddr := held()
 	start := func() *gatewayProcess {
-		// As systemd starts a socket-activated service: the sockets from
-		// fd 3 on, named, for this very process (LISTEN_PID; the shell
-		// execs the gateway in its own place).
-		cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, bin, "serve",
+		// As systemd starts a socket-activated service.
+		cmd := exec.Command(bin, "serve",
 			"--data-dir", dataDir, "--database-url", dsn, "--mqtts-addr", "", "--log-level", "info",
 			// Taken by the passed sockets: were these used, the
 			// addresses checked below would not answer.
 			"--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
-		cmd.Env = append(os.Environ(), "LISTEN_FDS=2", "LISTEN_FDNAMES=mqtt:http")
-		cmd.ExtraFiles = []*os.File{mqttF, httpF}
+		sdlisten.Pass(cmd, sdlisten.Socket{Name: "mqtt", File: mqttF}, sdlisten.Socket{Name: "http", File: httpF})
 		return startGatewayCmd(t, cmd)
 	}
 	connect := func() (paho.Client, error) {

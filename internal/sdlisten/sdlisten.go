@@ -13,6 +13,7 @@ import (
 	"maps"
 	"net"
 	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -136,4 +137,36 @@ func Take(lns map[string]net.Listener, want ...string) ([]net.Listener, error) {
 		return nil, fmt.Errorf("socket activation: %w %q: want %s", ErrUnknownName, strings.Join(left, ", "), strings.Join(want, ", "))
 	}
 	return out, nil
+}
+
+// Socket is a listening socket to pass to a child process, and its name
+// there (LISTEN_FDNAMES).
+type Socket struct {
+	Name string
+	File *os.File
+}
+
+// Pass makes cmd start its program with sockets as a service manager
+// passes them: from fd 3 on (cmd.ExtraFiles must be empty), named, and for
+// the program's own pid. That pid is known only once it runs, so a shell
+// sets LISTEN_PID to its own and execs the program in its place. For test
+// and benchmark harnesses that stand in for systemd.
+func Pass(cmd *exec.Cmd, sockets ...Socket) {
+	if len(sockets) == 0 {
+		return
+	}
+	if len(cmd.ExtraFiles) > 0 {
+		panic("sdlisten.Pass: cmd.ExtraFiles already in use; the sockets must be fds 3 and on")
+	}
+	cmd.Args = append([]string{"/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$0" "$@"`, cmd.Path}, cmd.Args[1:]...)
+	cmd.Path = "/bin/sh"
+	if cmd.Env == nil {
+		cmd.Env = os.Environ()
+	}
+	names := make([]string, len(sockets))
+	for i, s := range sockets {
+		names[i] = s.Name
+		cmd.ExtraFiles = append(cmd.ExtraFiles, s.File)
+	}
+	cmd.Env = append(cmd.Env, fmt.Sprintf("LISTEN_FDS=%d", len(sockets)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 }

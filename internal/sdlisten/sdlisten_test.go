@@ -2,8 +2,10 @@ package sdlisten
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
@@ -289,5 +291,42 @@ func TestTake(t *testing.T) {
 			c.Close()
 			t.Errorf("%s still accepts connections", ln.Addr())
 		}
+	}
+}
+
+// TestPass: a child started through Pass finds the sockets by name with
+// Listeners, at the addresses they were passed with. The child is this
+// test binary again (TestPassChild).
+func TestPass(t *testing.T) {
+	mqttF, mqttAddr := tcpFile(t)
+	httpF, httpAddr := tcpFile(t)
+	defer mqttF.Close()
+	defer httpF.Close()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestPassChild$")
+	cmd.Env = append(os.Environ(), "SDLISTEN_CHILD=1")
+	Pass(cmd, Socket{"mqtt", mqttF}, Socket{"http", httpF})
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	for _, want := range []string{"mqtt=" + mqttAddr, "http=" + httpAddr} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("child saw %q, want %s", out, want)
+		}
+	}
+}
+
+// TestPassChild is TestPass's child: it prints what Listeners finds.
+func TestPassChild(t *testing.T) {
+	if os.Getenv("SDLISTEN_CHILD") != "1" {
+		return // run by TestPass only
+	}
+	lns, err := Listeners()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, ln := range lns {
+		fmt.Printf("%s=%s\n", name, ln.Addr())
+		ln.Close()
 	}
 }
