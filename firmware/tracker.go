@@ -96,21 +96,20 @@ func (e *Engine) counted(applied bool) {
 	}
 }
 
-// Booted implements fleet.FirmwareTracker: a birth on the job's version is
-// the job's success; a birth on any other version after "rebooting" is a
-// failed boot. A birth on the version of a job that timed out (a reboot
-// that outlasted the step timeout) or waits queued (re-queued after such a
-// timeout, or a locker updated by other means) settles that job too: the
-// locker would ignore the job, and it would time out again. A birth also
-// wakes the engine: a locker that comes back may have a queued job waiting
-// for it.
+// Booted is BootedMany for one locker's birth.
 func (e *Engine) Booted(ctx context.Context, deviceID, fw string, at time.Time) {
 	e.BootedMany(ctx, []fleet.Boot{{DeviceID: deviceID, FW: fw, At: at}})
 }
 
-// BootedMany implements fleet.FirmwareTracker: Booted for the births of
-// distinct lockers, their jobs read in one round trip (a reconnect storm
-// brings thousands of births).
+// BootedMany implements fleet.FirmwareTracker, for the births of distinct
+// lockers, their jobs read in one round trip (a reconnect storm brings
+// thousands of births). A birth on the job's version is the job's success;
+// a birth on any other version after "rebooting" is a failed boot. A birth
+// on the version of a job that timed out (a reboot that outlasted the step
+// timeout) or waits queued (re-queued after such a timeout, or a locker
+// updated by other means) settles that job too: the locker would ignore
+// the job, and it would time out again. Births also wake the engine: a
+// locker that comes back may have a queued job waiting for it.
 func (e *Engine) BootedMany(ctx context.Context, boots []fleet.Boot) {
 	defer e.kick()
 	ids := make([]string, len(boots))
