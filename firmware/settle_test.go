@@ -454,3 +454,37 @@ func TestEngineBirthSettlesLateJobBesideActive(t *testing.T) {
 		t.Fatalf("the first rollout's timed-out job after the birth on 1.5.0: %s, want succeeded", got.State)
 	}
 }
+
+// TestEngineBirthsTogether: births of several lockers handed to the engine
+// at once (as a control shard does in a reconnect storm) settle each
+// locker's own job: a birth on the new version is its job's success, one
+// on the old version after rebooting a failed boot, and a locker without
+// a job changes nothing.
+func TestEngineBirthsTogether(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent } // the test reports for them
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 2)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0)})
+	h.eng.Tick(ctx)
+	for _, id := range ids {
+		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
+			firmware.StateInstalling, firmware.StateRebooting)
+	}
+	clk.advance(time.Second)
+	h.birth(clk, ids[0], "1.5.0", false)
+	h.birth(clk, ids[1], "1.4.2", false)
+	h.eng.BootedMany(ctx, []fleet.Boot{
+		{DeviceID: ids[0], FW: "1.5.0", At: clk.now()},
+		{DeviceID: ids[1], FW: "1.4.2", At: clk.now()},
+		{DeviceID: "lk-without-a-job", FW: "1.4.2", At: clk.now()},
+	})
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSucceeded {
+		t.Errorf("%s, born on the new version: %s %q, want succeeded", ids[0], j.State, j.Error)
+	}
+	if j := h.job(st.ID, ids[1]); j.State != firmware.StateFailed || j.Error != firmware.KindBoot {
+		t.Errorf("%s, born on the old version after rebooting: %s %q, want failed (boot)", ids[1], j.State, j.Error)
+	}
+}
