@@ -17,8 +17,15 @@ func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
 	return db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: version}})
 }
 
-// UpdateLatestSQL is exported for the plan test in package postgres_test.
-const UpdateLatestSQL = updateLatestSQL
+// The statements that update many lockers' rows at once, exported for the
+// plan test in package postgres_test.
+const (
+	UpdateLatestSQL    = updateLatestSQL
+	MarkOnlineManySQL  = markOnlineManySQL
+	MarkOfflineManySQL = markOfflineManySQL
+	RecordBirthsSQL    = recordBirthsSQL
+	AckCredsManySQL    = ackCredsManySQL
+)
 
 // PruneLock is the advisory lock PruneHistory takes, for the test that holds it.
 const PruneLock = pruneLock

@@ -67,13 +67,17 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 // whole devices table (10,000 rows: the join took 12-24 ms under load
 // against 6-9 ms by index), a cost that grows with the fleet rather than
 // with the batch.
+//
+// The rows are locked in id order first (lockDevicesCTE): a control
+// shard's batch of the same lockers would otherwise deadlock with it.
 const updateLatestSQL = `
+	WITH ` + lockDevicesCTE + `
 	UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
 		health_gaps = d.health_gaps + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq + 1
 			THEN u.first - d.health_seq - 1 ELSE 0 END,
 		health_seq = u.seq
 	FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
-		AS u(id, body, at, seq, first, gaps)
+		AS u(id, body, at, seq, first, gaps) JOIN locked l ON l.id = u.id
 	WHERE d.id = u.id AND d.id = ANY($1::text[]) AND (d.health_at IS NULL OR u.at >= d.health_at)`
 
 // Type OIDs of updateLatestSQL's arrays and their elements.
