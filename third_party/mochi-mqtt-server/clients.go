@@ -93,6 +93,20 @@ func (cl *Clients) Len() int {
 	return val
 }
 
+// DeleteClient removes c from the internal map if it is the client kept
+// under its id, and reports whether it was. Lockergate patch 18: Delete by
+// id removed whichever client held the id by then, a newer one that had
+// taken over the session included.
+func (cl *Clients) DeleteClient(c *Client) bool {
+	cl.Lock()
+	defer cl.Unlock()
+	if cur, ok := cl.internal[c.ID]; !ok || cur != c {
+		return false
+	}
+	delete(cl.internal, c.ID)
+	return true
+}
+
 // Delete removes a client from the internal map.
 func (cl *Clients) Delete(id string) {
 	cl.Lock()

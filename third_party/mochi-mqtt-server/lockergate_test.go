@@ -758,3 +758,61 @@ func TestStopCauseBeforeClose(t *testing.T) {
 		t.Errorf("StopCause() = %v", got)
 	}
 }
+
+// TestTakeoverRacesTeardown: patch 18. A client reconnecting with the
+// client id of a connection that is ending at that moment (a locker back
+// before its old TCP connection was torn down) must keep its session: the
+// old connection's teardown looked at whether it was taken over, then
+// removed the client id's subscriptions and its entry in Clients, so a
+// takeover in between lost the new client its entry (the broker then
+// routed nothing to it) and, once it subscribed, its subscriptions.
+func TestTakeoverRacesTeardown(t *testing.T) {
+	s := New(&Options{})
+	t.Cleanup(func() { _ = s.Close() })
+	sub := packets.Subscription{Filter: "cmd/x", Qos: 1}
+	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: "x"}}
+	client := func() *Client {
+		srv, cli := net.Pipe()
+		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+		go func() { _, _ = io.Copy(io.Discard, cli) }()
+		cl := s.NewClient(srv, "t", "x", false)
+		cl.Properties.ProtocolVersion, cl.Properties.Clean = 4, true
+		return cl
+	}
+	for i := 0; i < 5000; i++ {
+		old := client()
+		s.attachSession(old, connect)
+		s.Topics.Subscribe(old.ID, sub)
+		old.State.Subscriptions.Add(sub.Filter, sub)
+
+		cl := client()
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { // the old connection ends
+			defer wg.Done()
+			<-start
+			_ = s.endSession(old, "t", io.EOF)
+		}()
+		go func() { // the new one connects, then subscribes
+			defer wg.Done()
+			<-start
+			s.attachSession(cl, connect)
+			s.Topics.Subscribe(cl.ID, sub)
+			cl.State.Subscriptions.Add(sub.Filter, sub)
+		}()
+		close(start)
+		wg.Wait()
+		if got, ok := s.Clients.Get("x"); !ok || got != cl {
+			t.Fatalf("round %d: the new client is not in Clients (found %v)", i, ok)
+		}
+		if _, ok := s.Topics.Subscribers(sub.Filter).Subscriptions["x"]; !ok {
+			t.Fatalf("round %d: the new client's subscription is gone", i)
+		}
+		s.UnsubscribeClient(cl)
+		s.Clients.Delete("x")
+		_ = old.Net.Conn.Close()
+		_ = cl.Net.Conn.Close()
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -145,6 +146,7 @@ type Server struct {
 	hooks         *Hooks               // hooks contains hooks for extra functionality such as auth and persistent storage
 	inlineClient  *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
 	readersRested atomic.Int64         // readers moved to a new goroutine (Lockergate patch 13)
+	sessionLocks  [64]sync.Mutex       // by client id: a takeover against a session's teardown (Lockergate patch 18)
 }
 
 // loop contains interval tickers for the system events loop.
@@ -510,9 +512,16 @@ func (s *Server) endSession(cl *Client, listener string, err error) error {
 	s.hooks.OnDisconnect(cl, err, expire)
 
 	if expire && !cl.IsTakenOver() {
-		cl.ClearInflights()
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete(cl.ID) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+		// Lockergate patch 18: decided and done under the client id's
+		// session lock, against a takeover (attachSession).
+		mu := s.sessionLock(cl.ID)
+		mu.Lock()
+		if !cl.IsTakenOver() {
+			cl.ClearInflights()
+			s.UnsubscribeClient(cl)
+			s.Clients.DeleteClient(cl) // [MQTT-4.1.0-2] ![MQTT-3.1.2-23]
+		}
+		mu.Unlock()
 	}
 
 	return err
@@ -572,8 +581,7 @@ func (s *Server) establishSession(cl *Client, listener string) (counted bool, er
 
 	s.hooks.OnSessionEstablish(cl, pk)
 
-	sessionPresent := s.inheritClientSession(pk, cl)
-	s.Clients.Add(cl) // [MQTT-4.1.0-1]
+	sessionPresent := s.attachSession(cl, pk)
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
@@ -654,6 +662,34 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 	}
 
 	return code
+}
+
+// attachSession takes over any existing session of the client's id and
+// adds the client to Clients; it reports whether a session was inherited.
+//
+// Lockergate patch 18: under the client id's session lock, which an ending
+// session's teardown takes too (endSession). The teardown looked at whether
+// its client had been taken over, then removed the client id's
+// subscriptions and its entry in Clients: a takeover in between (a client
+// reconnecting as its old connection ends) lost the new client its entry,
+// so the broker routed nothing to it, and, once it had subscribed, its
+// subscriptions.
+func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
+	mu := s.sessionLock(cl.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	sessionPresent := s.inheritClientSession(pk, cl)
+	s.Clients.Add(cl) // [MQTT-4.1.0-1]
+	return sessionPresent
+}
+
+// sessionLock returns the lock of a client id's sessions (patch 18).
+func (s *Server) sessionLock(id string) *sync.Mutex {
+	h := uint32(2166136261) // FNV-1a
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	return &s.sessionLocks[h%uint32(len(s.sessionLocks))]
 }
 
 // inheritClientSession inherits the state of an existing client sharing the same
@@ -1844,7 +1880,9 @@ func (s *Server) clearExpiredClients(dt int64) {
 	})
 	for _, e := range expired {
 		s.hooks.OnClientExpired(e.client)
-		s.Clients.Delete(e.id) // [MQTT-4.1.0-2]
+		// Lockergate patch 18: only the expired client, not one that has
+		// taken over its id since it was picked out.
+		s.Clients.DeleteClient(e.client) // [MQTT-4.1.0-2]
 	}
 }
 
