@@ -816,3 +816,74 @@ func TestTakeoverRacesTeardown(t *testing.T) {
 		_ = cl.Net.Conn.Close()
 	}
 }
+
+// TestTakeoverDoesNotHoldTheLock: patch 18. Taking over a session writes a
+// DISCONNECT to its connection, which blocks while the peer does not read;
+// that must not hold the session lock that other client ids share.
+func TestTakeoverDoesNotHoldTheLock(t *testing.T) {
+	s := New(&Options{})
+	t.Cleanup(func() { _ = s.Close() })
+	// Another client id on the same stripe as "x".
+	other := ""
+	for i := 0; other == ""; i++ {
+		if id := fmt.Sprintf("y%d", i); s.sessionLock(id) == s.sessionLock("x") {
+			other = id
+		}
+	}
+	connect := func(id string) packets.Packet {
+		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: id}}
+	}
+	client := func(id string, conn net.Conn) *Client {
+		cl := s.NewClient(conn, "t", id, false)
+		cl.Properties.ProtocolVersion, cl.Properties.Clean = 5, true
+		return cl
+	}
+	pipe := func() net.Conn {
+		srv, cli := net.Pipe()
+		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+		go func() { _, _ = io.Copy(io.Discard, cli) }()
+		return srv
+	}
+	stuck := &stuckConn{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})}
+	s.attachSession(client("x", stuck), connect("x"))
+	taken := make(chan struct{})
+	go func() {
+		defer close(taken)
+		s.attachSession(client("x", pipe()), connect("x"))
+	}()
+	select {
+	case <-stuck.writing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the takeover wrote nothing to the old connection")
+	}
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		cl := client(other, pipe())
+		s.attachSession(cl, connect(other))
+		_ = s.endSession(cl, "t", io.EOF)
+	}()
+	select {
+	case <-ended:
+	case <-time.After(20 * time.Second):
+		t.Error("while a takeover's DISCONNECT was blocked, a client on the same lock stripe could not connect and end")
+	}
+	close(stuck.release)
+	<-taken
+	<-ended
+}
+
+// stuckConn is a connection whose writes block (a peer that does not read)
+// until release is closed; writing is closed at the first.
+type stuckConn struct {
+	net.Conn
+	once             sync.Once
+	writing, release chan struct{}
+}
+
+func (c *stuckConn) Write(b []byte) (int, error) {
+	c.once.Do(func() { close(c.writing) })
+	<-c.release
+	return len(b), nil
+}

@@ -674,7 +674,17 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 // reconnecting as its old connection ends) lost the new client its entry,
 // so the broker routed nothing to it, and, once it had subscribed, its
 // subscriptions.
+//
+// The session being taken over is disconnected before the lock is taken:
+// that writes to its connection (a DISCONNECT to an MQTT 5 client, behind
+// whatever its writer is sending), which can block until the write
+// deadline on a connection that is dead or not reading, and would hold
+// up every client id of the lock's stripe. inheritClientSession's own
+// DisconnectClient then returns at once (the client is stopped).
 func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
+	if existing, ok := s.Clients.Get(cl.ID); ok {
+		_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+	}
 	mu := s.sessionLock(cl.ID)
 	mu.Lock()
 	defer mu.Unlock()
@@ -1879,10 +1889,16 @@ func (s *Server) clearExpiredClients(dt int64) {
 		}
 	})
 	for _, e := range expired {
-		s.hooks.OnClientExpired(e.client)
 		// Lockergate patch 18: only the expired client, not one that has
-		// taken over its id since it was picked out.
-		s.Clients.DeleteClient(e.client) // [MQTT-4.1.0-2]
+		// taken over its id since it was picked out, and under the id's
+		// session lock (attachSession); its hook only if it was removed.
+		mu := s.sessionLock(e.id)
+		mu.Lock()
+		removed := s.Clients.DeleteClient(e.client) // [MQTT-4.1.0-2]
+		mu.Unlock()
+		if removed {
+			s.hooks.OnClientExpired(e.client)
+		}
 	}
 }
 
