@@ -242,3 +242,48 @@ func TestDisconnectReason(t *testing.T) {
 		}
 	}
 }
+
+// TestReconnectAsOldConnectionEnds: a locker that reconnects as its old
+// connection is being torn down (the broker reading the old one's EOF while
+// the new CONNECT arrives) keeps its new session: it stays connected and
+// gets what is published to it. mochi's teardown used to remove the client
+// id's entry and subscriptions after a takeover it had not seen yet (mochi
+// patch 18); the gateway then ended the new session as taken over, or
+// routed nothing to it.
+func TestReconnectAsOldConnectionEnds(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	const rounds = 300
+	for i := range rounds {
+		old := dialRaw(t, h.addr, 4)
+		if ack := old.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+			t.Fatalf("round %d: CONNACK %#x", i, ack.ReasonCode)
+		}
+		old.subscribe("lockers/v1/A/cmd", 1)
+		// The old connection ends without a DISCONNECT, and at once the
+		// locker is back.
+		_ = old.conn.Close()
+		cur := dialRaw(t, h.addr, 4)
+		if ack := cur.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+			t.Fatalf("round %d: CONNACK %#x", i, ack.ReasonCode)
+		}
+		if sub := cur.subscribe("lockers/v1/A/cmd", 1); len(sub.ReasonCodes) != 1 || sub.ReasonCodes[0] > 1 {
+			t.Fatalf("round %d: SUBACK %v", i, sub.ReasonCodes)
+		}
+		payload := []byte(fmt.Sprintf(`{"round":%d}`, i))
+		if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", payload, 1, false); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			pk, err := cur.read()
+			if err != nil {
+				t.Fatalf("round %d: the new session ended or got nothing: %v", i, err)
+			}
+			if pk.FixedHeader.Type == packets.Publish && string(pk.Payload) == string(payload) {
+				break
+			}
+		}
+		cur.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+		cur.waitClosed()
+		waitFor(t, "locker offline", func() bool { return h.b.ConnectedDevices() == 0 })
+	}
+}
