@@ -887,3 +887,64 @@ func (c *stuckConn) Write(b []byte) (int, error) {
 	<-c.release
 	return len(b), nil
 }
+
+// TestTakeoverRacesSubscribe: patch 18. A SUBSCRIBE or UNSUBSCRIBE that the
+// old connection is still handling as a newer one takes its client id over
+// must not change the newer one's subscriptions: the topic tree keys them
+// by client id, so the old one's SUBSCRIBE subscribed the newer one to a
+// filter it never asked for (kept in neither's list, so no teardown
+// removed it), and its UNSUBSCRIBE took one away.
+func TestTakeoverRacesSubscribe(t *testing.T) {
+	s := New(&Options{})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	kept := packets.Subscription{Filter: "cmd/x", Qos: 1}
+	stray := packets.Subscription{Filter: "other/x", Qos: 1}
+	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: "x"}}
+	client := func() *Client {
+		srv, cli := net.Pipe()
+		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+		go func() { _, _ = io.Copy(io.Discard, cli) }()
+		cl := s.NewClient(srv, "t", "x", false)
+		cl.Properties.ProtocolVersion, cl.Properties.Clean = 4, true
+		return cl
+	}
+	for i := 0; i < 5000; i++ {
+		old := client()
+		s.attachSession(old, connect)
+		cl := client()
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { // the old connection's last packets
+			defer wg.Done()
+			<-start
+			_ = s.processSubscribe(old, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
+				PacketID: 1, Filters: packets.Subscriptions{stray}})
+			_ = s.processUnsubscribe(old, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsubscribe},
+				PacketID: 2, Filters: packets.Subscriptions{kept}})
+		}()
+		go func() { // the new one connects, then subscribes
+			defer wg.Done()
+			<-start
+			s.attachSession(cl, connect)
+			_ = s.processSubscribe(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
+				PacketID: 1, Filters: packets.Subscriptions{kept}})
+		}()
+		close(start)
+		wg.Wait()
+		if _, ok := s.Topics.Subscribers(kept.Filter).Subscriptions["x"]; !ok {
+			t.Fatalf("round %d: the new client's subscription was taken away", i)
+		}
+		if _, ok := s.Topics.Subscribers(stray.Filter).Subscriptions["x"]; ok {
+			t.Fatalf("round %d: the new client got the old one's subscription", i)
+		}
+		s.UnsubscribeClient(cl)
+		s.Clients.Delete("x")
+		_ = old.Net.Conn.Close()
+		_ = cl.Net.Conn.Close()
+	}
+}

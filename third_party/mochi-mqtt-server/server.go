@@ -1429,13 +1429,9 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 			if s.Options.Capabilities.Compatibilities.ObscureNotAuthorized {
 				reasonCodes[i] = packets.ErrUnspecifiedError.Code
 			}
+		} else if isNew, ok := s.subscribeClient(cl, sub); !ok {
+			reasonCodes[i] = packets.ErrUnspecifiedError.Code // taken over meanwhile
 		} else {
-			isNew := s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
-			if isNew {
-				atomic.AddInt64(&s.Info.Subscriptions, 1)
-			}
-			cl.State.Subscriptions.Add(sub.Filter, sub) // [MQTT-3.2.2-10]
-
 			if sub.Qos > s.Options.Capabilities.MaximumQos {
 				sub.Qos = s.Options.Capabilities.MaximumQos // [MQTT-3.2.2-9]
 			}
@@ -1496,14 +1492,11 @@ func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 			continue
 		}
 
-		if q := s.Topics.Unsubscribe(sub.Filter, cl.ID); q {
-			atomic.AddInt64(&s.Info.Subscriptions, -1)
+		if s.unsubscribeClient(cl, sub.Filter) {
 			reasonCodes[i] = packets.CodeSuccess.Code
 		} else {
 			reasonCodes[i] = packets.CodeNoSubscriptionExisted.Code
 		}
-
-		cl.State.Subscriptions.Delete(sub.Filter) // [MQTT-3.10.4-2] [MQTT-3.10.4-2] ~[MQTT-3.10.4-3]
 	}
 
 	ack := packets.Packet{ // [MQTT-3.10.4-4]
@@ -1523,6 +1516,49 @@ func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 
 	s.hooks.OnUnsubscribed(cl, pk)
 	return cl.WritePacket(ack)
+}
+
+// subscribeClient adds sub to the topic tree and to the client's
+// subscriptions, unless the client has been taken over; ok reports
+// whether it was added, isNew whether the tree had no such subscription.
+//
+// Lockergate patch 18: under the client id's session lock (attachSession).
+// The tree keys subscriptions by client id, so a SUBSCRIBE the old
+// connection was still handling as a newer one took its id over subscribed
+// the newer one to a filter it never asked for, kept in neither client's
+// list, so no teardown removed it.
+func (s *Server) subscribeClient(cl *Client, sub packets.Subscription) (isNew, ok bool) {
+	mu := s.sessionLock(cl.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	if cl.IsTakenOver() {
+		return false, false
+	}
+	isNew = s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
+	if isNew {
+		atomic.AddInt64(&s.Info.Subscriptions, 1)
+	}
+	cl.State.Subscriptions.Add(sub.Filter, sub) // [MQTT-3.2.2-10]
+	return isNew, true
+}
+
+// unsubscribeClient removes the client's subscription to filter, unless
+// the client has been taken over (patch 18, as subscribeClient: the old
+// connection's UNSUBSCRIBE took the newer one's subscription away). It
+// reports whether the tree had the subscription.
+func (s *Server) unsubscribeClient(cl *Client, filter string) bool {
+	mu := s.sessionLock(cl.ID)
+	mu.Lock()
+	defer mu.Unlock()
+	if cl.IsTakenOver() {
+		return false
+	}
+	existed := s.Topics.Unsubscribe(filter, cl.ID)
+	if existed {
+		atomic.AddInt64(&s.Info.Subscriptions, -1)
+	}
+	cl.State.Subscriptions.Delete(filter) // [MQTT-3.10.4-2] [MQTT-3.10.4-2] ~[MQTT-3.10.4-3]
+	return existed
 }
 
 // UnsubscribeClient unsubscribes a client from all of their subscriptions.
