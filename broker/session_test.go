@@ -284,6 +284,7 @@ func TestReconnectAsOldConnectionEnds(t *testing.T) {
 		}
 		cur.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 		cur.waitClosed()
+		_ = cur.conn.Close()
 		waitFor(t, "locker offline", func() bool { return h.b.ConnectedDevices() == 0 })
 	}
 }

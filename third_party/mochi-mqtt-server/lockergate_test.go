@@ -870,8 +870,13 @@ func TestTakeoverDoesNotHoldTheLock(t *testing.T) {
 		t.Error("while a takeover's DISCONNECT was blocked, a client on the same lock stripe could not connect and end")
 	}
 	close(stuck.release)
-	<-taken
-	<-ended
+	for _, c := range []chan struct{}{taken, ended} {
+		select {
+		case <-c:
+		case <-time.After(20 * time.Second):
+			t.Fatal("a takeover or a session on the same stripe never finished")
+		}
+	}
 }
 
 // stuckConn is a connection whose writes block (a peer that does not read)
@@ -946,5 +951,89 @@ func TestTakeoverRacesSubscribe(t *testing.T) {
 		s.Clients.Delete("x")
 		_ = old.Net.Conn.Close()
 		_ = cl.Net.Conn.Close()
+	}
+}
+
+// TestTakeoversRaceOutsideTheLock: patch 18. Two connections taking over
+// the same client id at once: the one that comes second finds the first
+// in Clients only once it holds the lock, and must disconnect it (a write
+// that blocks while the peer does not read) outside the lock, as the first
+// disconnected the session before it.
+func TestTakeoversRaceOutsideTheLock(t *testing.T) {
+	s := New(&Options{})
+	t.Cleanup(func() { _ = s.Close() })
+	other := ""
+	for i := 0; other == ""; i++ {
+		if id := fmt.Sprintf("y%d", i); s.sessionLock(id) == s.sessionLock("x") {
+			other = id
+		}
+	}
+	connect := func(id string) packets.Packet {
+		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: id}}
+	}
+	client := func(id string, conn net.Conn) *Client {
+		cl := s.NewClient(conn, "t", id, false)
+		cl.Properties.ProtocolVersion, cl.Properties.Clean = 5, true
+		return cl
+	}
+	pipe := func() net.Conn {
+		srv, cli := net.Pipe()
+		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+		go func() { _, _ = io.Copy(io.Discard, cli) }()
+		return srv
+	}
+	s.attachSession(client("x", pipe()), connect("x"))
+	// Both newcomers' peers read nothing: the one taken over blocks its
+	// taker's DISCONNECT.
+	stuck := []*stuckConn{
+		{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})},
+		{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})},
+	}
+	mu := s.sessionLock("x")
+	mu.Lock() // both get past their first disconnect and wait here
+	var wg sync.WaitGroup
+	for _, c := range stuck {
+		wg.Add(1)
+		go func(c *stuckConn) { // the module's go version shares loop variables
+			defer wg.Done()
+			s.attachSession(client("x", c), connect("x"))
+		}(c)
+	}
+	// Neither can take the lock while the test holds it. Nothing shows
+	// that both are waiting on it, so they are given a second to get there:
+	// the one wait in these tests that is not on a condition. It cannot
+	// fail a correct build; a newcomer slower than that makes the test
+	// pass a broken one (the second newcomer then finds the first before
+	// the lock, as the fix would).
+	time.Sleep(time.Second)
+	mu.Unlock()
+	select {
+	case <-stuck[0].writing:
+	case <-stuck[1].writing:
+	case <-time.After(10 * time.Second):
+		t.Fatal("neither newcomer was disconnected by the other")
+	}
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		cl := client(other, pipe())
+		s.attachSession(cl, connect(other))
+		_ = s.endSession(cl, "t", io.EOF)
+	}()
+	select {
+	case <-ended:
+	case <-time.After(20 * time.Second):
+		t.Error("while one takeover's DISCONNECT to the other was blocked, a client on the same lock stripe could not connect and end")
+	}
+	for _, c := range stuck {
+		close(c.release)
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the takeovers never finished")
 	}
 }

@@ -680,13 +680,24 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 // whatever its writer is sending), which can block until the write
 // deadline on a connection that is dead or not reading, and would hold
 // up every client id of the lock's stripe. inheritClientSession's own
-// DisconnectClient then returns at once (the client is stopped).
+// DisconnectClient then returns at once (the client is stopped). Should
+// another connection have taken the id meanwhile, that one is disconnected
+// the same way, outside the lock, and the lock taken again.
 func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
-	if existing, ok := s.Clients.Get(cl.ID); ok {
-		_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
-	}
 	mu := s.sessionLock(cl.ID)
-	mu.Lock()
+	for {
+		if existing, ok := s.Clients.Get(cl.ID); ok {
+			_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+		}
+		mu.Lock()
+		cur, ok := s.Clients.Get(cl.ID)
+		// With PassiveClientDisconnect, DisconnectClient does not stop
+		// the client: the write under the lock cannot be avoided.
+		if !ok || cur.Closed() || s.Options.Capabilities.Compatibilities.PassiveClientDisconnect {
+			break
+		}
+		mu.Unlock()
+	}
 	defer mu.Unlock()
 	sessionPresent := s.inheritClientSession(pk, cl)
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
