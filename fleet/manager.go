@@ -1299,21 +1299,28 @@ func (m *Manager) handleRound(ctx context.Context, round []control) {
 func (m *Manager) births(ctx context.Context, cs []control) {
 	bs := make([]birth, 0, len(cs))
 	for _, c := range cs {
-		if len(c.payload) == 0 {
-			continue // a cleared retained message
-		}
-		p, err := protocol.Decode[protocol.Presence](c.payload)
-		if err != nil {
-			m.dropInvalid(protocol.ChanPresence, c.id, err)
-			continue
-		}
-		if p.Online {
+		p, ok := m.presence(c)
+		if ok && p.Online {
 			bs = append(bs, birth{id: c.id, p: p, at: c.at})
 		}
 	}
 	if len(bs) > 0 {
 		m.born(ctx, bs)
 	}
+}
+
+// presence decodes a presence message; ok is false for a cleared retained
+// message (empty) and for an invalid one, which is counted and dropped.
+func (m *Manager) presence(c control) (p *protocol.Presence, ok bool) {
+	if len(c.payload) == 0 {
+		return nil, false // a cleared retained message
+	}
+	p, err := protocol.Decode[protocol.Presence](c.payload)
+	if err != nil {
+		m.dropInvalid(protocol.ChanPresence, c.id, err)
+		return nil, false
+	}
+	return p, true
 }
 
 // birth is a locker's birth message, decoded, received at at.
@@ -1442,12 +1449,8 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 	case ctrlEvents:
 		m.applyEffects(ctx, c.id, c.events)
 	case ctrlPresence: // from an external broker (handleRound)
-		if len(c.payload) == 0 {
-			return // a cleared retained message
-		}
-		p, err := protocol.Decode[protocol.Presence](c.payload)
-		if err != nil {
-			m.dropInvalid(protocol.ChanPresence, c.id, err)
+		p, ok := m.presence(c)
+		if !ok {
 			return
 		}
 		if !p.Online {
