@@ -759,6 +759,87 @@ func TestStopCauseBeforeClose(t *testing.T) {
 	}
 }
 
+// takeoverEnv is a server for the tests of patch 18, and its clients:
+// clean sessions of one protocol version, on pipes.
+type takeoverEnv struct {
+	t *testing.T
+	s *Server
+	v byte
+}
+
+func newTakeoverEnv(t *testing.T, version byte) *takeoverEnv {
+	s := New(&Options{})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return &takeoverEnv{t: t, s: s, v: version}
+}
+
+// pipe returns the server's end of a connection whose peer reads all.
+func (e *takeoverEnv) pipe() net.Conn {
+	srv, cli := net.Pipe()
+	e.t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+	go func() { _, _ = io.Copy(io.Discard, cli) }()
+	return srv
+}
+
+// client returns a client with id on conn, or on a new pipe if conn is nil.
+func (e *takeoverEnv) client(id string, conn net.Conn) *Client {
+	if conn == nil {
+		conn = e.pipe()
+	}
+	cl := e.s.NewClient(conn, "t", id, false)
+	cl.Properties.ProtocolVersion, cl.Properties.Clean = e.v, true
+	return cl
+}
+
+// attach takes cl's session as its CONNECT does.
+func (e *takeoverEnv) attach(cl *Client) {
+	e.s.attachSession(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: e.v,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: cl.ID}})
+}
+
+// forget ends a round: the clients' subscriptions, entry and connections.
+func (e *takeoverEnv) forget(old, cl *Client) {
+	e.s.UnsubscribeClient(cl)
+	e.s.Clients.Delete(cl.ID)
+	_ = old.Net.Conn.Close()
+	_ = cl.Net.Conn.Close()
+}
+
+// sameStripe returns another client id whose session lock is id's.
+func (e *takeoverEnv) sameStripe(id string) string {
+	for i := 0; ; i++ {
+		if o := fmt.Sprintf("y%d", i); o != id && e.s.sessionLock(o) == e.s.sessionLock(id) {
+			return o
+		}
+	}
+}
+
+// connectAndEnd connects a client with id and ends its session, in the
+// background; the channel closes once both are done.
+func (e *takeoverEnv) connectAndEnd(id string) <-chan struct{} {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		cl := e.client(id, nil)
+		e.attach(cl)
+		_ = e.s.endSession(cl, "t", io.EOF)
+	}()
+	return done
+}
+
+// awaitClosed fails the test unless ch closes within 20 s.
+func awaitClosed(t *testing.T, ch <-chan struct{}, what string) {
+	t.Helper()
+	select {
+	case <-ch:
+	case <-time.After(20 * time.Second):
+		t.Fatal(what)
+	}
+}
+
 // TestTakeoverRacesTeardown: patch 18. A client reconnecting with the
 // client id of a connection that is ending at that moment (a locker back
 // before its old TCP connection was torn down) must keep its session: the
@@ -767,53 +848,39 @@ func TestStopCauseBeforeClose(t *testing.T) {
 // takeover in between lost the new client its entry (the broker then
 // routed nothing to it) and, once it subscribed, its subscriptions.
 func TestTakeoverRacesTeardown(t *testing.T) {
-	s := New(&Options{})
-	t.Cleanup(func() { _ = s.Close() })
+	e := newTakeoverEnv(t, 4)
 	sub := packets.Subscription{Filter: "cmd/x", Qos: 1}
-	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: "x"}}
-	client := func() *Client {
-		srv, cli := net.Pipe()
-		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
-		go func() { _, _ = io.Copy(io.Discard, cli) }()
-		cl := s.NewClient(srv, "t", "x", false)
-		cl.Properties.ProtocolVersion, cl.Properties.Clean = 4, true
-		return cl
-	}
 	for i := 0; i < 5000; i++ {
-		old := client()
-		s.attachSession(old, connect)
-		s.Topics.Subscribe(old.ID, sub)
+		old := e.client("x", nil)
+		e.attach(old)
+		e.s.Topics.Subscribe(old.ID, sub)
 		old.State.Subscriptions.Add(sub.Filter, sub)
 
-		cl := client()
+		cl := e.client("x", nil)
 		start := make(chan struct{})
 		var wg sync.WaitGroup
 		wg.Add(2)
 		go func() { // the old connection ends
 			defer wg.Done()
 			<-start
-			_ = s.endSession(old, "t", io.EOF)
+			_ = e.s.endSession(old, "t", io.EOF)
 		}()
 		go func() { // the new one connects, then subscribes
 			defer wg.Done()
 			<-start
-			s.attachSession(cl, connect)
-			s.Topics.Subscribe(cl.ID, sub)
+			e.attach(cl)
+			e.s.Topics.Subscribe(cl.ID, sub)
 			cl.State.Subscriptions.Add(sub.Filter, sub)
 		}()
 		close(start)
 		wg.Wait()
-		if got, ok := s.Clients.Get("x"); !ok || got != cl {
+		if got, ok := e.s.Clients.Get("x"); !ok || got != cl {
 			t.Fatalf("round %d: the new client is not in Clients (found %v)", i, ok)
 		}
-		if _, ok := s.Topics.Subscribers(sub.Filter).Subscriptions["x"]; !ok {
+		if _, ok := e.s.Topics.Subscribers(sub.Filter).Subscriptions["x"]; !ok {
 			t.Fatalf("round %d: the new client's subscription is gone", i)
 		}
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete("x")
-		_ = old.Net.Conn.Close()
-		_ = cl.Net.Conn.Close()
+		e.forget(old, cl)
 	}
 }
 
@@ -821,62 +888,25 @@ func TestTakeoverRacesTeardown(t *testing.T) {
 // DISCONNECT to its connection, which blocks while the peer does not read;
 // that must not hold the session lock that other client ids share.
 func TestTakeoverDoesNotHoldTheLock(t *testing.T) {
-	s := New(&Options{})
-	t.Cleanup(func() { _ = s.Close() })
-	// Another client id on the same stripe as "x".
-	other := ""
-	for i := 0; other == ""; i++ {
-		if id := fmt.Sprintf("y%d", i); s.sessionLock(id) == s.sessionLock("x") {
-			other = id
-		}
-	}
-	connect := func(id string) packets.Packet {
-		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
-			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: id}}
-	}
-	client := func(id string, conn net.Conn) *Client {
-		cl := s.NewClient(conn, "t", id, false)
-		cl.Properties.ProtocolVersion, cl.Properties.Clean = 5, true
-		return cl
-	}
-	pipe := func() net.Conn {
-		srv, cli := net.Pipe()
-		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
-		go func() { _, _ = io.Copy(io.Discard, cli) }()
-		return srv
-	}
-	stuck := &stuckConn{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})}
-	s.attachSession(client("x", stuck), connect("x"))
+	e := newTakeoverEnv(t, 5)
+	other := e.sameStripe("x")
+	stuck := newStuckConn(e.pipe())
+	e.attach(e.client("x", stuck))
 	taken := make(chan struct{})
 	go func() {
 		defer close(taken)
-		s.attachSession(client("x", pipe()), connect("x"))
+		e.attach(e.client("x", nil))
 	}()
-	select {
-	case <-stuck.writing:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the takeover wrote nothing to the old connection")
-	}
-	ended := make(chan struct{})
-	go func() {
-		defer close(ended)
-		cl := client(other, pipe())
-		s.attachSession(cl, connect(other))
-		_ = s.endSession(cl, "t", io.EOF)
-	}()
+	awaitClosed(t, stuck.writing, "the takeover wrote nothing to the old connection")
+	ended := e.connectAndEnd(other)
 	select {
 	case <-ended:
 	case <-time.After(20 * time.Second):
 		t.Error("while a takeover's DISCONNECT was blocked, a client on the same lock stripe could not connect and end")
 	}
 	close(stuck.release)
-	for _, c := range []chan struct{}{taken, ended} {
-		select {
-		case <-c:
-		case <-time.After(20 * time.Second):
-			t.Fatal("a takeover or a session on the same stripe never finished")
-		}
-	}
+	awaitClosed(t, taken, "the takeover never finished")
+	awaitClosed(t, ended, "the session on the same stripe never finished")
 }
 
 // stuckConn is a connection whose writes block (a peer that does not read)
@@ -885,6 +915,10 @@ type stuckConn struct {
 	net.Conn
 	once             sync.Once
 	writing, release chan struct{}
+}
+
+func newStuckConn(conn net.Conn) *stuckConn {
+	return &stuckConn{Conn: conn, writing: make(chan struct{}), release: make(chan struct{})}
 }
 
 func (c *stuckConn) Write(b []byte) (int, error) {
@@ -900,57 +934,45 @@ func (c *stuckConn) Write(b []byte) (int, error) {
 // filter it never asked for (kept in neither's list, so no teardown
 // removed it), and its UNSUBSCRIBE took one away.
 func TestTakeoverRacesSubscribe(t *testing.T) {
-	s := New(&Options{})
-	if err := s.AddHook(new(allowAll), nil); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
+	e := newTakeoverEnv(t, 4)
 	kept := packets.Subscription{Filter: "cmd/x", Qos: 1}
 	stray := packets.Subscription{Filter: "other/x", Qos: 1}
-	connect := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: "x"}}
-	client := func() *Client {
-		srv, cli := net.Pipe()
-		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
-		go func() { _, _ = io.Copy(io.Discard, cli) }()
-		cl := s.NewClient(srv, "t", "x", false)
-		cl.Properties.ProtocolVersion, cl.Properties.Clean = 4, true
-		return cl
+	subscribe := func(cl *Client, typ byte, sub packets.Subscription) {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ}, PacketID: 1, Filters: packets.Subscriptions{sub}}
+		if typ == packets.Subscribe {
+			_ = e.s.processSubscribe(cl, pk)
+		} else {
+			_ = e.s.processUnsubscribe(cl, pk)
+		}
 	}
 	for i := 0; i < 5000; i++ {
-		old := client()
-		s.attachSession(old, connect)
-		cl := client()
+		old := e.client("x", nil)
+		e.attach(old)
+		cl := e.client("x", nil)
 		start := make(chan struct{})
 		var wg sync.WaitGroup
 		wg.Add(2)
 		go func() { // the old connection's last packets
 			defer wg.Done()
 			<-start
-			_ = s.processSubscribe(old, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
-				PacketID: 1, Filters: packets.Subscriptions{stray}})
-			_ = s.processUnsubscribe(old, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsubscribe},
-				PacketID: 2, Filters: packets.Subscriptions{kept}})
+			subscribe(old, packets.Subscribe, stray)
+			subscribe(old, packets.Unsubscribe, kept)
 		}()
 		go func() { // the new one connects, then subscribes
 			defer wg.Done()
 			<-start
-			s.attachSession(cl, connect)
-			_ = s.processSubscribe(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe},
-				PacketID: 1, Filters: packets.Subscriptions{kept}})
+			e.attach(cl)
+			subscribe(cl, packets.Subscribe, kept)
 		}()
 		close(start)
 		wg.Wait()
-		if _, ok := s.Topics.Subscribers(kept.Filter).Subscriptions["x"]; !ok {
+		if _, ok := e.s.Topics.Subscribers(kept.Filter).Subscriptions["x"]; !ok {
 			t.Fatalf("round %d: the new client's subscription was taken away", i)
 		}
-		if _, ok := s.Topics.Subscribers(stray.Filter).Subscriptions["x"]; ok {
+		if _, ok := e.s.Topics.Subscribers(stray.Filter).Subscriptions["x"]; ok {
 			t.Fatalf("round %d: the new client got the old one's subscription", i)
 		}
-		s.UnsubscribeClient(cl)
-		s.Clients.Delete("x")
-		_ = old.Net.Conn.Close()
-		_ = cl.Net.Conn.Close()
+		e.forget(old, cl)
 	}
 }
 
@@ -960,53 +982,37 @@ func TestTakeoverRacesSubscribe(t *testing.T) {
 // that blocks while the peer does not read) outside the lock, as the first
 // disconnected the session before it.
 func TestTakeoversRaceOutsideTheLock(t *testing.T) {
-	s := New(&Options{})
-	t.Cleanup(func() { _ = s.Close() })
-	other := ""
-	for i := 0; other == ""; i++ {
-		if id := fmt.Sprintf("y%d", i); s.sessionLock(id) == s.sessionLock("x") {
-			other = id
-		}
-	}
-	connect := func(id string) packets.Packet {
-		return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 5,
-			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, ClientIdentifier: id}}
-	}
-	client := func(id string, conn net.Conn) *Client {
-		cl := s.NewClient(conn, "t", id, false)
-		cl.Properties.ProtocolVersion, cl.Properties.Clean = 5, true
-		return cl
-	}
-	pipe := func() net.Conn {
-		srv, cli := net.Pipe()
-		t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
-		go func() { _, _ = io.Copy(io.Discard, cli) }()
-		return srv
-	}
-	s.attachSession(client("x", pipe()), connect("x"))
+	e := newTakeoverEnv(t, 5)
+	other := e.sameStripe("x")
+	e.attach(e.client("x", nil))
 	// Both newcomers' peers read nothing: the one taken over blocks its
 	// taker's DISCONNECT.
-	stuck := []*stuckConn{
-		{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})},
-		{Conn: pipe(), writing: make(chan struct{}), release: make(chan struct{})},
+	stuck := []*stuckConn{newStuckConn(e.pipe()), newStuckConn(e.pipe())}
+	// Both newcomers disconnect the session they find, then reach for the
+	// lock, which the test holds until both have got there.
+	reached := make(chan struct{}, 2)
+	e.s.beforeSessionLock = func(id string) {
+		if id == "x" {
+			reached <- struct{}{}
+		}
 	}
-	mu := s.sessionLock("x")
-	mu.Lock() // both get past their first disconnect and wait here
+	mu := e.s.sessionLock("x")
+	mu.Lock()
 	var wg sync.WaitGroup
 	for _, c := range stuck {
 		wg.Add(1)
 		go func(c *stuckConn) { // the module's go version shares loop variables
 			defer wg.Done()
-			s.attachSession(client("x", c), connect("x"))
+			e.attach(e.client("x", c))
 		}(c)
 	}
-	// Neither can take the lock while the test holds it. Nothing shows
-	// that both are waiting on it, so they are given a second to get there:
-	// the one wait in these tests that is not on a condition. It cannot
-	// fail a correct build; a newcomer slower than that makes the test
-	// pass a broken one (the second newcomer then finds the first before
-	// the lock, as the fix would).
-	time.Sleep(time.Second)
+	for range stuck {
+		select {
+		case <-reached:
+		case <-time.After(10 * time.Second):
+			t.Fatal("a newcomer never reached the session lock")
+		}
+	}
 	mu.Unlock()
 	select {
 	case <-stuck[0].writing:
@@ -1014,13 +1020,7 @@ func TestTakeoversRaceOutsideTheLock(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("neither newcomer was disconnected by the other")
 	}
-	ended := make(chan struct{})
-	go func() {
-		defer close(ended)
-		cl := client(other, pipe())
-		s.attachSession(cl, connect(other))
-		_ = s.endSession(cl, "t", io.EOF)
-	}()
+	ended := e.connectAndEnd(other)
 	select {
 	case <-ended:
 	case <-time.After(20 * time.Second):
@@ -1031,9 +1031,5 @@ func TestTakeoversRaceOutsideTheLock(t *testing.T) {
 	}
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the takeovers never finished")
-	}
+	awaitClosed(t, done, "the takeovers never finished")
 }

@@ -147,6 +147,8 @@ type Server struct {
 	inlineClient  *Client              // inlineClient is a special client used for inline subscriptions and inline Publish
 	readersRested atomic.Int64         // readers moved to a new goroutine (Lockergate patch 13)
 	sessionLocks  [64]sync.Mutex       // by client id: a takeover against a session's teardown (Lockergate patch 18)
+
+	beforeSessionLock func(id string) // tests only: attachSession is about to take the lock (patch 18)
 }
 
 // loop contains interval tickers for the system events loop.
@@ -688,6 +690,9 @@ func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
 	for {
 		if existing, ok := s.Clients.Get(cl.ID); ok {
 			_ = s.DisconnectClient(existing, packets.ErrSessionTakenOver) // [MQTT-3.1.4-3]
+		}
+		if s.beforeSessionLock != nil {
+			s.beforeSessionLock(cl.ID)
 		}
 		mu.Lock()
 		cur, ok := s.Clients.Get(cl.ID)
