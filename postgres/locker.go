@@ -393,6 +393,8 @@ func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int, l
 // applyEvents updates compartment state from door events: by locker and
 // compartment, the order in which a replacement (Register) locks them, so
 // the two cannot deadlock; each compartment's events in the order they came.
+// An event older by the locker's clock than the one the state came from, in
+// the same boot, changes nothing (applyDoorSQL).
 func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) error {
 	events = slices.Clone(events)
 	slices.SortStableFunc(events, func(a, b fleet.EventRecord) int {
@@ -407,21 +409,38 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) err
 		if err := json.Unmarshal(e.Body, &ev); err != nil {
 			continue
 		}
+		var occupied *bool // unchanged
+		var door string
 		switch ev.Type {
 		case protocol.EventDoorOpened:
-			b.Queue("UPDATE compartments SET door = 'open', updated_at = $3 WHERE device_id = $1 AND n = $2", e.DeviceID, e.Compartment, e.ReceivedAt)
+			door = "open"
 		case protocol.EventDoorClosed:
-			b.Queue("UPDATE compartments SET door = 'closed', occupied = $4, updated_at = $3 WHERE device_id = $1 AND n = $2",
-				e.DeviceID, e.Compartment, e.ReceivedAt, ev.Occupied != nil && *ev.Occupied)
+			occ := ev.Occupied != nil && *ev.Occupied
+			door, occupied = "closed", &occ
 		case protocol.EventDoorAjar:
-			b.Queue("UPDATE compartments SET door = 'ajar', updated_at = $3 WHERE device_id = $1 AND n = $2", e.DeviceID, e.Compartment, e.ReceivedAt)
+			door = "ajar"
+		default:
+			continue
 		}
+		b.Queue(applyDoorSQL, e.DeviceID, e.Compartment, e.ReceivedAt, e.TS, door, occupied)
 	}
 	if b.Len() == 0 {
 		return nil
 	}
 	return tx.SendBatch(ctx, b).Close()
 }
+
+// applyDoorSQL applies a door event ($1 locker, $2 compartment, $3 arrival,
+// $4 the locker's ts, $5 door, $6 occupied or NULL to keep it) unless the
+// compartment's state came from a later event of the locker's current boot
+// (migration 018). A locker whose births carry no boot_id is taken to boot
+// at each session start. The locker's row is read, not locked.
+const applyDoorSQL = `UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3,
+		door_ts = $4, door_boot = b.boot
+	FROM devices d, LATERAL (SELECT CASE WHEN d.boot_id <> '' THEN 'boot ' || d.boot_id
+		ELSE 'session ' || d.connect_count END AS boot) b
+	WHERE d.id = $1 AND c.device_id = $1 AND c.n = $2
+		AND (c.door_ts IS NULL OR c.door_boot IS DISTINCT FROM b.boot OR $4 >= c.door_ts)`
 
 // applyAlerts applies the fresh events' alert changes (fleet.AlertChange)
 // in their order, and marks the raises that opened an alert.
