@@ -121,6 +121,9 @@ type EventRecord struct {
 	claimed bool
 }
 
+// Key names a locker's event: its locker and its id.
+func (e *EventRecord) Key() string { return e.DeviceID + "\x00" + e.EventID }
+
 // Range bounds a time-ranged list. After resumes a list after the row with
 // received_at AfterTS and tie-breaker AfterKey (health: seq; events: id).
 type Range struct {

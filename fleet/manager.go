@@ -122,7 +122,7 @@ type Manager struct {
 	completing map[string]int
 
 	resent map[string]time.Time // command id → last sent again by resend (Run's goroutine only)
-	// effectsBusy holds the events (effectKey) handed to the sink and not
+	// effectsBusy holds the events (EventRecord.Key) handed to the sink and not
 	// yet done with.
 	effectsBusy sync.Map
 	// effectsLocks holds a token per effects lock held (SharedReports):
@@ -450,10 +450,6 @@ func byLocker(events []EventRecord) [][]EventRecord {
 	return out
 }
 
-// effectKey names a locker's event among those whose effects are on their
-// way to the sink.
-func effectKey(e *EventRecord) string { return e.DeviceID + "\x00" + e.EventID }
-
 // markEffectsBusy notes events handed to the sink, so that replayEvents
 // does not offer them a second time meanwhile. An event already marked by
 // another holder (the original of a duplicate, still on its way) stays
@@ -462,7 +458,7 @@ func effectKey(e *EventRecord) string { return e.DeviceID + "\x00" + e.EventID }
 func (m *Manager) markEffectsBusy(events []EventRecord) {
 	for i := range events {
 		if events[i].Pending {
-			_, held := m.effectsBusy.LoadOrStore(effectKey(&events[i]), struct{}{})
+			_, held := m.effectsBusy.LoadOrStore(events[i].Key(), struct{}{})
 			events[i].claimed = !held
 		}
 	}
@@ -472,7 +468,7 @@ func (m *Manager) markEffectsBusy(events []EventRecord) {
 func (m *Manager) unmarkEffectsBusy(events []EventRecord) {
 	for i := range events {
 		if events[i].claimed {
-			m.effectsBusy.Delete(effectKey(&events[i]))
+			m.effectsBusy.Delete(events[i].Key())
 			events[i].claimed = false
 		}
 	}
@@ -899,11 +895,11 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		// Duplicates are not handed on; the fresh stay marked.
 		isFresh := make(map[string]bool, len(fresh))
 		for i := range fresh {
-			isFresh[effectKey(&fresh[i])] = true
+			isFresh[fresh[i].Key()] = true
 		}
 		for i := range recs {
-			if recs[i].claimed && !isFresh[effectKey(&recs[i])] {
-				m.effectsBusy.Delete(effectKey(&recs[i]))
+			if recs[i].claimed && !isFresh[recs[i].Key()] {
+				m.effectsBusy.Delete(recs[i].Key())
 			}
 		}
 	}

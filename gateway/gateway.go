@@ -247,7 +247,8 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		}
 		dsn = g.cluster.DSN("lockergate")
 	}
-	if g.db, err = postgres.Open(ctx, postgres.Options{DSN: dsn, Logger: o.Logger}); err != nil {
+	if g.db, err = postgres.Open(ctx, postgres.Options{DSN: dsn, Logger: o.Logger,
+		DoorEventsByClock: o.ExternalBroker != ""}); err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 	if err := g.maintainPartitions(ctx); err != nil {

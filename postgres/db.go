@@ -33,8 +33,9 @@ const migrationLock = 0x6c6f636b65726774
 
 // DB is the PostgreSQL store.
 type DB struct {
-	pool *pgxpool.Pool
-	log  *slog.Logger
+	pool        *pgxpool.Pool
+	log         *slog.Logger
+	doorByClock bool // Options.DoorEventsByClock
 }
 
 var (
@@ -59,6 +60,13 @@ type Options struct {
 	DSN      string
 	MaxConns int32 // default 32
 	Logger   *slog.Logger
+	// DoorEventsByClock orders each compartment's door events by the
+	// locker's clock (their ts) rather than by their arrival, within
+	// DoorClockWindow: for gateways behind an external broker, where a
+	// locker's events reach several instances and can be applied out of
+	// their order. The embedded broker's single instance applies them in
+	// order, so there arrival order is the locker's.
+	DoorEventsByClock bool
 }
 
 // Open connects, waits for the database to answer, and applies migrations.
@@ -90,7 +98,7 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
-	db := &DB{pool: pool, log: o.Logger}
+	db := &DB{pool: pool, log: o.Logger, doorByClock: o.DoorEventsByClock}
 	if err := db.Migrate(ctx); err != nil {
 		pool.Close()
 		return nil, err

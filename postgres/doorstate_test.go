@@ -4,114 +4,223 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
+	"github.com/lockergate/lockergate/provisioning"
 )
+
+// openByClock opens a database as a gateway behind an external broker
+// does (postgres.Options.DoorEventsByClock).
+func openByClock(t *testing.T) *postgres.DB {
+	t.Helper()
+	db, err := postgres.Open(context.Background(), postgres.Options{DSN: pgtest.NewDB(t), DoorEventsByClock: true})
+	if err != nil {
+		t.Fatalf("open: %v", err)
+	}
+	t.Cleanup(db.Close)
+	return db
+}
+
+// doorEvents makes door events of compartment comp of locker id, the
+// locker's clock reading t0+at, with their alert changes as the fleet
+// manager makes them.
+type doorEvents struct {
+	t   *testing.T
+	id  string
+	t0  time.Time
+	seq int
+}
+
+func (d *doorEvents) ev(typ string, comp int, at time.Duration, occupied bool) fleet.EventRecord {
+	d.seq++
+	received := time.Now().UTC().Truncate(time.Microsecond)
+	e := protocol.Event{ID: fmt.Sprintf("e-%d", d.seq), TS: protocol.T(d.t0.Add(at)), Type: typ, Compartment: comp}
+	var change *fleet.AlertChange
+	switch typ {
+	case protocol.EventDoorClosed:
+		e.Occupied = &occupied
+		change = &fleet.AlertChange{ClearKind: fleet.AlertDoorAjar, ClearAt: comp}
+	case protocol.EventDoorAjar:
+		change = &fleet.AlertChange{Raise: &fleet.Alert{DeviceID: d.id, Kind: fleet.AlertDoorAjar, Compartment: comp, RaisedAt: received}}
+	}
+	body, err := json.Marshal(e)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return fleet.EventRecord{DeviceID: d.id, EventID: e.ID, ReceivedAt: received, TS: e.TS.Time, Type: typ,
+		Compartment: comp, Body: body, Alert: change}
+}
+
+// insertEvents stores evs in one transaction, as one event batch of one
+// gateway instance; each must be new.
+func insertEvents(t *testing.T, db *postgres.DB, evs ...fleet.EventRecord) {
+	t.Helper()
+	if fresh, err := db.InsertEvents(context.Background(), evs); err != nil || len(fresh) != len(evs) {
+		t.Fatalf("insert events: %d fresh of %d, %v", len(fresh), len(evs), err)
+	}
+}
+
+// wantDoor fails unless compartment 1 of locker id is in that state and
+// compartment 2 untouched.
+func wantDoor(t *testing.T, db *postgres.DB, id, door string, occupied bool) {
+	t.Helper()
+	l, err := db.GetLocker(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := l.Compartments[0]; c.Door != door || c.Occupied != occupied {
+		t.Fatalf("compartment 1: door %q occupied %v, want %q %v", c.Door, c.Occupied, door, occupied)
+	}
+	if c := l.Compartments[1]; c.Door != "closed" || c.Occupied {
+		t.Fatalf("compartment 2 changed: %+v", c)
+	}
+}
 
 // TestDoorStateFollowsLockersClock applies a locker's door events out of
 // the locker's order, each batch in its own transaction as two gateway
 // instances behind an external broker would: the compartment ends in the
-// state of the locker's latest event by its own clock, and a reboot starts
-// afresh, since the new boot's clock may be behind the old one's.
+// state of the locker's latest event by its own clock, unless the clock
+// was set back by more than DoorClockWindow.
 func TestDoorStateFollowsLockersClock(t *testing.T) {
-	ctx := context.Background()
-	db := MustOpen(t)
+	db := openByClock(t)
 	id := MustDevice(t, db, "s1", "SN-DOORORDER", 2)
-	t0 := time.Now().UTC().Truncate(time.Millisecond)
-	seq := 0
-	// ev is a door event of compartment 1 the locker stamped at ts;
-	// occupied is for door_closed only.
-	ev := func(typ string, ts time.Time, occupied bool) fleet.EventRecord {
-		seq++
-		e := protocol.Event{ID: fmt.Sprintf("e-%d", seq), TS: protocol.T(ts), Type: typ, Compartment: 1}
-		if typ == protocol.EventDoorClosed {
-			e.Occupied = &occupied
-		}
-		body, err := json.Marshal(e)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return fleet.EventRecord{DeviceID: id, EventID: e.ID, ReceivedAt: time.Now(), TS: ts, Type: typ, Compartment: 1, Body: body}
-	}
-	insert := func(evs ...fleet.EventRecord) {
-		t.Helper()
-		fresh, err := db.InsertEvents(ctx, evs)
-		if err != nil || len(fresh) != len(evs) {
-			t.Fatalf("insert events: %d fresh of %d, %v", len(fresh), len(evs), err)
-		}
-	}
-	want := func(door string, occupied bool) {
-		t.Helper()
-		l, err := db.GetLocker(ctx, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if c := l.Compartments[0]; c.Door != door || c.Occupied != occupied {
-			t.Fatalf("compartment 1: door %q occupied %v, want %q %v", c.Door, c.Occupied, door, occupied)
-		}
-		if c := l.Compartments[1]; c.Door != "closed" || c.Occupied {
-			t.Fatalf("compartment 2 changed: %+v", c)
-		}
-	}
-	birth := func(boot string) {
-		t.Helper()
-		if err := db.RecordBirth(ctx, id, &protocol.Presence{Online: true, BootID: boot}, time.Now(), false); err != nil {
-			t.Fatal(err)
-		}
-	}
-	birth("boot-1")
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	const closed, opened, ajar = protocol.EventDoorClosed, protocol.EventDoorOpened, protocol.EventDoorAjar
 
 	// Staff load an order: opened at t0+1s, closed occupied at t0+2s. The
 	// closing arrives first; the opening, later, changes nothing.
-	insert(ev(protocol.EventDoorClosed, t0.Add(2*time.Second), true))
-	insert(ev(protocol.EventDoorOpened, t0.Add(time.Second), false))
-	want("closed", true)
+	insertEvents(t, db, d.ev(closed, 1, 2*time.Second, true))
+	insertEvents(t, db, d.ev(opened, 1, time.Second, false))
+	wantDoor(t, db, id, "closed", true)
 
-	// Within one batch too, and whatever the events' order in it.
-	insert(ev(protocol.EventDoorClosed, t0.Add(4*time.Second), false), ev(protocol.EventDoorOpened, t0.Add(3*time.Second), false))
-	want("closed", false)
+	// Within one batch too.
+	insertEvents(t, db, d.ev(closed, 1, 4*time.Second, false), d.ev(opened, 1, 3*time.Second, false))
+	wantDoor(t, db, id, "closed", false)
 
 	// A closing from before all of these, delivered late (held in a
-	// crashed instance's session), does not empty or fill the compartment.
-	insert(ev(protocol.EventDoorClosed, t0.Add(500*time.Millisecond), true))
-	want("closed", false)
+	// crashed instance's session), neither fills nor empties it.
+	insertEvents(t, db, d.ev(closed, 1, 500*time.Millisecond, true))
+	wantDoor(t, db, id, "closed", false)
 
-	// Later events still apply, an ajar and a closing at the same
-	// millisecond as the state's included (the later arrival wins, as before).
-	insert(ev(protocol.EventDoorAjar, t0.Add(5*time.Second), false))
-	want("ajar", false)
-	insert(ev(protocol.EventDoorClosed, t0.Add(5*time.Second), true))
-	want("closed", true)
+	// Later events apply, one at the same millisecond as the state's
+	// included (the later arrival wins, as before).
+	insertEvents(t, db, d.ev(ajar, 1, 5*time.Second, false))
+	wantDoor(t, db, id, "ajar", false)
+	insertEvents(t, db, d.ev(closed, 1, 5*time.Second, true))
+	wantDoor(t, db, id, "closed", true)
 
-	// The locker reboots with its clock an hour behind: its events apply
-	// from the new boot's first one on, in the new clock's order.
-	birth("boot-2")
-	behind := t0.Add(-time.Hour)
-	insert(ev(protocol.EventDoorOpened, behind, false))
-	want("open", true)
-	insert(ev(protocol.EventDoorClosed, behind.Add(2*time.Second), false))
-	insert(ev(protocol.EventDoorOpened, behind.Add(time.Second), false))
-	want("closed", false)
+	// The locker's clock is set back by more than the window (a reboot
+	// with its clock reset): its events apply, in the new clock's order.
+	back := -postgres.DoorClockWindow - time.Minute
+	insertEvents(t, db, d.ev(opened, 1, back, false))
+	wantDoor(t, db, id, "open", true)
+	insertEvents(t, db, d.ev(closed, 1, back+2*time.Second, false))
+	insertEvents(t, db, d.ev(opened, 1, back+time.Second, false))
+	wantDoor(t, db, id, "closed", false)
 
-	// A locker whose births carry no boot id: each session start is taken
-	// for a boot, the only time its clock can have been reset unseen.
-	birth("")
-	start := func() {
+	// A clock far ahead, then corrected: the state it set does not hold
+	// the correct clock's events back.
+	insertEvents(t, db, d.ev(opened, 1, 2*time.Hour, false))
+	wantDoor(t, db, id, "open", false)
+	insertEvents(t, db, d.ev(closed, 1, 10*time.Second, true))
+	wantDoor(t, db, id, "closed", true)
+
+	// A replaced board's compartments start from no event: the new board's
+	// clock, 5 minutes behind the old one's, is not held against it.
+	replaceBoard(t, db, id, "SN-DOORORDER", 2)
+	insertEvents(t, db, d.ev(opened, 1, -5*time.Minute, false))
+	wantDoor(t, db, id, "open", true)
+}
+
+// replaceBoard provisions a new board of n compartments in place of locker
+// id's (serial), as staff do after marking it replaceable.
+func replaceBoard(t *testing.T, db *postgres.DB, id, serial string, n int) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := db.UpdateLocker(ctx, id, nil, new(true)); err != nil {
+		t.Fatal(err)
+	}
+	claim := provisioning.HashSecret("claim-replace-" + serial)
+	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-replace-" + serial, Site: "s1", MaxUses: 1,
+		ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
+		t.Fatal(err)
+	}
+	req := &protocol.ProvisionRequest{Serial: serial, Model: "LX", FW: "1.1.0"}
+	for i := 1; i <= n; i++ {
+		req.Compartments = append(req.Compartments, protocol.CompartmentSpec{N: i, Size: "M", Zone: "ambient"})
+	}
+	r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
+		Request: req, At: time.Now()})
+	if err != nil || !r.Replaced || r.DeviceID != id {
+		t.Fatalf("replacement: %+v, %v", r, err)
+	}
+}
+
+// TestDoorStateInArrivalOrder: with the embedded broker (no
+// DoorEventsByClock) a locker's events arrive in its order, and the last
+// one applied sets the state, whatever its clock says.
+func TestDoorStateInArrivalOrder(t *testing.T) {
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SN-DOORARRIVAL", 2)
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	insertEvents(t, db, d.ev(protocol.EventDoorClosed, 1, 2*time.Second, true))
+	insertEvents(t, db, d.ev(protocol.EventDoorOpened, 1, time.Second, false))
+	wantDoor(t, db, id, "open", true)
+	insertEvents(t, db, d.ev(protocol.EventDoorClosed, 1, -time.Second, false))
+	wantDoor(t, db, id, "closed", false)
+}
+
+// TestDoorAjarAlertFollowsDoorState: with DoorEventsByClock a door-ajar
+// alert is raised and cleared only by door events the compartment's state
+// takes, so events applied out of the locker's order neither leave an
+// alert open on a closed door nor clear the alert of a door left ajar.
+func TestDoorAjarAlertFollowsDoorState(t *testing.T) {
+	ctx := context.Background()
+	db := openByClock(t)
+	id := MustDevice(t, db, "s1", "SN-AJARORDER", 2)
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	const closed, opened, ajar = protocol.EventDoorClosed, protocol.EventDoorOpened, protocol.EventDoorAjar
+	wantOpen := func(want ...string) {
 		t.Helper()
-		if err := db.MarkOnlineMany(ctx, []fleet.SessionStart{{ID: id, At: time.Now()}}); err != nil {
+		as, err := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)})
+		if err != nil {
 			t.Fatal(err)
 		}
+		var got []string
+		for _, a := range as {
+			got = append(got, fmt.Sprintf("%s/%d", a.Kind, a.Compartment))
+		}
+		slices.Sort(got)
+		if !slices.Equal(got, want) {
+			t.Fatalf("open alerts %v, want %v", got, want)
+		}
 	}
-	start()
-	further := behind.Add(-time.Hour)
-	insert(ev(protocol.EventDoorOpened, further, false))
-	want("open", false)
-	insert(ev(protocol.EventDoorClosed, further.Add(-time.Second), true)) // older, same session
-	want("open", false)
-	start()
-	insert(ev(protocol.EventDoorClosed, further.Add(-time.Minute), true))
-	want("closed", true)
+
+	// Opened, left ajar, closed: applied backwards, one transaction each.
+	insertEvents(t, db, d.ev(closed, 1, 3*time.Second, false))
+	insertEvents(t, db, d.ev(ajar, 1, 2*time.Second, false))
+	insertEvents(t, db, d.ev(opened, 1, time.Second, false))
+	wantOpen()
+
+	// Opened and left ajar again; a closing from before, delivered late,
+	// does not clear the alert.
+	insertEvents(t, db, d.ev(opened, 1, 4*time.Second, false), d.ev(ajar, 1, 5*time.Second, false))
+	wantOpen("door_ajar/1")
+	insertEvents(t, db, d.ev(closed, 1, 3500*time.Millisecond, false))
+	wantOpen("door_ajar/1")
+
+	// An ajar report for a compartment the gateway does not know is still
+	// raised: there is no state for it to be stale against.
+	insertEvents(t, db, d.ev(ajar, 9, 5*time.Second, false))
+	wantOpen("door_ajar/1", "door_ajar/9")
+
+	// The door's real closing clears its alert.
+	insertEvents(t, db, d.ev(closed, 1, 6*time.Second, false))
+	wantOpen("door_ajar/9")
 }

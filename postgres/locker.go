@@ -317,10 +317,11 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		if err := queueEffects(ctx, tx, fresh); err != nil {
 			return err
 		}
-		if err := applyEvents(ctx, tx, fresh); err != nil {
+		stale, err := applyEvents(ctx, tx, fresh, db.doorByClock)
+		if err != nil {
 			return err
 		}
-		return applyAlerts(ctx, tx, fresh)
+		return applyAlerts(ctx, tx, fresh, stale)
 	})
 	return fresh, dataError(err)
 }
@@ -393,13 +394,15 @@ func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int, l
 // applyEvents updates compartment state from door events: by locker and
 // compartment, the order in which a replacement (Register) locks them, so
 // the two cannot deadlock; each compartment's events in the order they came.
-// An event older by the locker's clock than the one the state came from, in
-// the same boot, changes nothing (applyDoorSQL).
-func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) error {
+// With byClock, an event older by the locker's clock than the one the state
+// came from changes nothing (applyDoorSQL); such stale door events are
+// returned, by EventRecord.Key.
+func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byClock bool) (stale map[string]bool, err error) {
 	events = slices.Clone(events)
 	slices.SortStableFunc(events, func(a, b fleet.EventRecord) int {
 		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), cmp.Compare(a.Compartment, b.Compartment))
 	})
+	stale = make(map[string]bool)
 	b := &pgx.Batch{}
 	for _, e := range events {
 		if e.Compartment < 1 {
@@ -422,29 +425,52 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord) err
 		default:
 			continue
 		}
-		b.Queue(applyDoorSQL, e.DeviceID, e.Compartment, e.ReceivedAt, e.TS, door, occupied)
+		b.Queue(applyDoorSQL, e.DeviceID, e.Compartment, e.ReceivedAt, e.TS, door, occupied,
+			byClock, DoorClockWindow.Milliseconds()).QueryRow(func(row pgx.Row) error {
+			var current bool
+			if err := row.Scan(&current); err != nil {
+				return err
+			}
+			if !current {
+				stale[e.Key()] = true
+			}
+			return nil
+		})
 	}
 	if b.Len() == 0 {
-		return nil
+		return stale, nil
 	}
-	return tx.SendBatch(ctx, b).Close()
+	return stale, tx.SendBatch(ctx, b).Close()
 }
 
+// DoorClockWindow bounds how much older by the locker's clock a door event
+// can be than the compartment's state and still be taken as stale
+// (Options.DoorEventsByClock). One older still is taken for a clock that
+// was set back (a locker that rebooted with its clock reset, or corrected
+// from far ahead) and applies: a clock set back never holds the state for
+// longer than this.
+const DoorClockWindow = 30 * time.Minute
+
 // applyDoorSQL applies a door event ($1 locker, $2 compartment, $3 arrival,
-// $4 the locker's ts, $5 door, $6 occupied or NULL to keep it) unless the
-// compartment's state came from a later event of the locker's current boot
-// (migration 018). A locker whose births carry no boot_id is taken to boot
-// at each session start. The locker's row is read, not locked.
-const applyDoorSQL = `UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3,
-		door_ts = $4, door_boot = b.boot
-	FROM devices d, LATERAL (SELECT CASE WHEN d.boot_id <> '' THEN 'boot ' || d.boot_id
-		ELSE 'session ' || d.connect_count END AS boot) b
-	WHERE d.id = $1 AND c.device_id = $1 AND c.n = $2
-		AND (c.door_ts IS NULL OR c.door_boot IS DISTINCT FROM b.boot OR $4 >= c.door_ts)`
+// $4 the locker's ts, $5 door, $6 occupied or NULL to keep it). With $7
+// (by clock) it leaves the state alone if the state came from a later
+// event by the locker's clock, by less than $8 ms (DoorClockWindow). Its
+// one row says whether the event is current: it was applied, or the
+// compartment is unknown (no state to be stale against).
+const applyDoorSQL = `WITH u AS (
+		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3, door_ts = $4
+		WHERE c.device_id = $1 AND c.n = $2
+			AND (NOT $7 OR c.door_ts IS NULL OR $4 >= c.door_ts OR $4 < c.door_ts - $8::bigint * interval '1 millisecond')
+		RETURNING 1)
+	SELECT EXISTS (SELECT 1 FROM u) OR NOT EXISTS (SELECT 1 FROM compartments WHERE device_id = $1 AND n = $2)`
 
 // applyAlerts applies the fresh events' alert changes (fleet.AlertChange)
-// in their order, and marks the raises that opened an alert.
-func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) error {
+// in their order, and marks the raises that opened an alert. A stale door
+// event (applyEvents) neither raises nor clears a door-ajar alert: the
+// alert follows the door state, so a late closing does not clear the alert
+// of a door left ajar after it, nor a late ajar raise one for a door closed
+// since.
+func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord, stale map[string]bool) error {
 	b := &pgx.Batch{}
 	for i := range fresh {
 		e, a := &fresh[i], fresh[i].Alert
@@ -452,6 +478,9 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord) erro
 			continue
 		}
 		a.Raised = false // a previous try's mark
+		if stale[e.Key()] && (a.ClearKind == fleet.AlertDoorAjar || a.Raise != nil && a.Raise.Kind == fleet.AlertDoorAjar) {
+			continue
+		}
 		if a.ClearKind != "" {
 			b.Queue(`UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL
 				AND ($3 = 0 OR compartment = $3)`, e.DeviceID, a.ClearKind, a.ClearAt, e.ReceivedAt)

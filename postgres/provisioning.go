@@ -214,11 +214,12 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 		// reports (an order inside, a door out of service), with the size
 		// and zone it reports. The door is taken as closed: the old board's
 		// last report may be from when it was pulled out, and the new one
-		// reports each change.
+		// reports each change, by a clock the old board's events are not
+		// compared with (door_ts, applyDoorSQL).
 		if _, err := tx.Exec(ctx, `INSERT INTO compartments (device_id, n, size, zone)
 			SELECT $1, * FROM unnest($2::int[], $3::text[], $4::text[])
 			ON CONFLICT (device_id, n) DO UPDATE SET size = excluded.size, zone = excluded.zone, missing = false,
-				door = 'closed'`,
+				door = 'closed', door_ts = NULL`,
 			out.DeviceID, ns, sizes, zones); err != nil {
 			return err
 		}

@@ -1,11 +1,8 @@
--- A locker's door events can reach the database out of the locker's order:
--- behind an external broker the shared subscription hands them to several
+-- Behind an external broker a locker's events can reach the database out of
+-- the locker's order: the shared subscription hands them to several
 -- instances (a locker back from an outage sends its queued events in a
 -- burst), and events held in a crashed instance's session arrive when it
--- returns. The compartment's door and occupancy follow the locker's own
--- clock: an event older (by its ts) than the one the state came from is
--- recorded but changes nothing. door_boot is the locker's boot the state
--- was set in; a new boot starts afresh, since a rebooted locker's clock
--- may start behind its old one (a new session, for a locker whose births
--- carry no boot_id).
-ALTER TABLE compartments ADD COLUMN door_ts timestamptz, ADD COLUMN door_boot text;
+-- returns. There the compartment's door and occupancy follow the locker's
+-- own clock: door_ts is the ts of the event the state came from, and an
+-- older event is recorded but changes nothing (applyDoorSQL).
+ALTER TABLE compartments ADD COLUMN door_ts timestamptz;
