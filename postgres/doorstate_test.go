@@ -3,6 +3,7 @@ package postgres_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"testing"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/provisioning"
@@ -90,7 +92,7 @@ func wantDoor(t *testing.T, db *postgres.DB, id, door string, occupied bool) {
 func TestDoorStateFollowsLockersClock(t *testing.T) {
 	db := openByClock(t)
 	id := MustDevice(t, db, "s1", "SN-DOORORDER", 2)
-	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Add(-time.Hour).Truncate(time.Millisecond)}
 	const closed, opened, ajar = protocol.EventDoorClosed, protocol.EventDoorOpened, protocol.EventDoorAjar
 
 	// Staff load an order: opened at t0+1s, closed occupied at t0+2s. The
@@ -124,18 +126,22 @@ func TestDoorStateFollowsLockersClock(t *testing.T) {
 	insertEvents(t, db, d.ev(opened, 1, back+time.Second, false))
 	wantDoor(t, db, id, "closed", false)
 
-	// A clock far ahead, then corrected: the state it set does not hold
-	// the correct clock's events back.
-	insertEvents(t, db, d.ev(opened, 1, 2*time.Hour, false))
-	wantDoor(t, db, id, "open", false)
-	insertEvents(t, db, d.ev(closed, 1, 10*time.Second, true))
-	wantDoor(t, db, id, "closed", true)
+	// A clock that reads ahead of the gateway's, then is set back: the
+	// state it set does not hold the corrected clock's events back, by
+	// seconds (the clock_skew alert's bound is 30 s) or by hours.
+	for i, ahead := range []time.Duration{20 * time.Second, 2 * time.Hour} {
+		d.t0 = time.Now().UTC().Truncate(time.Millisecond)
+		insertEvents(t, db, d.ev(opened, 1, ahead, false))
+		wantDoor(t, db, id, "open", i == 1) // occupied as the last closing left it
+		insertEvents(t, db, d.ev(closed, 1, 0, i == 0))
+		wantDoor(t, db, id, "closed", i == 0)
+	}
 
 	// A replaced board's compartments start from no event: the new board's
 	// clock, 5 minutes behind the old one's, is not held against it.
 	replaceBoard(t, db, id, "SN-DOORORDER", 2)
 	insertEvents(t, db, d.ev(opened, 1, -5*time.Minute, false))
-	wantDoor(t, db, id, "open", true)
+	wantDoor(t, db, id, "open", false)
 }
 
 // replaceBoard provisions a new board of n compartments in place of locker
@@ -162,13 +168,60 @@ func replaceBoard(t *testing.T, db *postgres.DB, id, serial string, n int) {
 	}
 }
 
+// TestDoorStateRacingInstances: two instances apply door events of one
+// compartment at the same time. The one that waits for the other's row
+// lock judges its event against the state the other committed, not the one
+// it found before: an opening older than the other's closing changes
+// nothing.
+func TestDoorStateRacingInstances(t *testing.T) {
+	ctx := context.Background()
+	db := openByClock(t)
+	id := MustDevice(t, db, "s1", "SN-DOORRACE", 2)
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Add(-time.Hour).Truncate(time.Millisecond)}
+	insertEvents(t, db, d.ev(protocol.EventDoorOpened, 1, time.Second, false))
+
+	// The other instance: its closing (t0+3s) applied, not yet committed.
+	other, err := db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Rollback(ctx)
+	if _, err := other.Exec(ctx, `UPDATE compartments SET door = 'closed', occupied = true, door_ts = $2
+		WHERE device_id = $1 AND n = 1`, id, d.t0.Add(3*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	late := d.ev(protocol.EventDoorOpened, 1, 2*time.Second, false)
+	go func() {
+		_, err := db.InsertEvents(ctx, []fleet.EventRecord{late})
+		done <- err
+	}()
+	testtool.Eventually(t, 10*time.Second, "the opening waiting for the row lock", func() error {
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted`).Scan(&n); err != nil {
+			return err
+		}
+		if n == 0 {
+			return errors.New("not waiting")
+		}
+		return nil
+	})
+	if err := other.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	wantDoor(t, db, id, "closed", true)
+}
+
 // TestDoorStateInArrivalOrder: with the embedded broker (no
 // DoorEventsByClock) a locker's events arrive in its order, and the last
 // one applied sets the state, whatever its clock says.
 func TestDoorStateInArrivalOrder(t *testing.T) {
 	db := MustOpen(t)
 	id := MustDevice(t, db, "s1", "SN-DOORARRIVAL", 2)
-	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Add(-time.Hour).Truncate(time.Millisecond)}
 	insertEvents(t, db, d.ev(protocol.EventDoorClosed, 1, 2*time.Second, true))
 	insertEvents(t, db, d.ev(protocol.EventDoorOpened, 1, time.Second, false))
 	wantDoor(t, db, id, "open", true)
@@ -184,7 +237,7 @@ func TestDoorAjarAlertFollowsDoorState(t *testing.T) {
 	ctx := context.Background()
 	db := openByClock(t)
 	id := MustDevice(t, db, "s1", "SN-AJARORDER", 2)
-	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Add(-time.Hour).Truncate(time.Millisecond)}
 	const closed, opened, ajar = protocol.EventDoorClosed, protocol.EventDoorOpened, protocol.EventDoorAjar
 	wantOpen := func(want ...string) {
 		t.Helper()

@@ -426,7 +426,7 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 			continue
 		}
 		b.Queue(applyDoorSQL, e.DeviceID, e.Compartment, e.ReceivedAt, e.TS, door, occupied,
-			byClock, DoorClockWindow.Milliseconds()).QueryRow(func(row pgx.Row) error {
+			byClock, DoorClockWindow.Milliseconds(), doorClockAhead.Milliseconds()).QueryRow(func(row pgx.Row) error {
 			var current bool
 			if err := row.Scan(&current); err != nil {
 				return err
@@ -446,19 +446,26 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 // DoorClockWindow bounds how much older by the locker's clock a door event
 // can be than the compartment's state and still be taken as stale
 // (Options.DoorEventsByClock). One older still is taken for a clock that
-// was set back (a locker that rebooted with its clock reset, or corrected
-// from far ahead) and applies: a clock set back never holds the state for
-// longer than this.
+// was set back (a locker that rebooted with its clock reset) and applies.
 const DoorClockWindow = 30 * time.Minute
+
+// doorClockAhead is how far a door event's ts may read ahead of its arrival
+// for the state it sets to hold older events back (by clock). A clock that
+// reads ahead will be set back, and the events it sends after that would
+// read older than the state: such a state holds nothing back (door_ts NULL).
+const doorClockAhead = time.Second
 
 // applyDoorSQL applies a door event ($1 locker, $2 compartment, $3 arrival,
 // $4 the locker's ts, $5 door, $6 occupied or NULL to keep it). With $7
 // (by clock) it leaves the state alone if the state came from a later
-// event by the locker's clock, by less than $8 ms (DoorClockWindow). Its
-// one row says whether the event is current: it was applied, or the
-// compartment is unknown (no state to be stale against).
+// event by the locker's clock, by less than $8 ms (DoorClockWindow). The
+// state keeps its event's ts (door_ts) unless that read more than $9 ms
+// ahead of its arrival (doorClockAhead). Its one row says whether the event
+// is current: it was applied, or the compartment is unknown (no state to be
+// stale against).
 const applyDoorSQL = `WITH u AS (
-		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3, door_ts = $4
+		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3,
+			door_ts = CASE WHEN $4::timestamptz <= $3::timestamptz + $9::bigint * interval '1 millisecond' THEN $4 END
 		WHERE c.device_id = $1 AND c.n = $2
 			AND (NOT $7 OR c.door_ts IS NULL OR $4 >= c.door_ts OR $4 < c.door_ts - $8::bigint * interval '1 millisecond')
 		RETURNING 1)
