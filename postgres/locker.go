@@ -431,7 +431,7 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 			if err := row.Scan(&current); err != nil {
 				return err
 			}
-			if !current {
+			if !current && byClock { // in arrival order, only a row deleted meanwhile
 				stale[e.Key()] = true
 			}
 			return nil
