@@ -446,31 +446,15 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 // compartment's door and occupancy follow the locker's clock. A closing
 // (occupied) applied before the opening that came first leaves the
 // compartment closed and occupied; applied in arrival order it would read
-// open.
+// open (TestDoorStateInArrivalOrder).
 func TestExternalDoorStateByClock(t *testing.T) {
 	mq := MustOpenMosquitto(t)
 	tg := MustStart(t, onExternal(mq, "gw-a"))
 	r, sim := oneExternalLocker(t, tg, mq, "s1")
 	sim.Lockers()[0].Disconnect()
 	dev := MustConnect(t, mq.Addr, r.DeviceID, r.DeviceID, r.Password)
-	topic := protocol.Topic(r.DeviceID, protocol.ChanEvents)
-	at := time.Now().UTC().Add(-time.Minute) // queued while offline: a state from a clock ahead would hold nothing back
-	publish := func(id, body string) {
-		t.Helper()
-		MustPublish(t, dev, topic, false, body)
-		Eventually(t, 10*time.Second, "event "+id+" stored", func() error {
-			if tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = $2`, r.DeviceID, id) != 1 {
-				return errors.New("not yet")
-			}
-			return nil
-		})
-	}
-	publish("e-closed", fmt.Sprintf(`{"id":"e-closed","ts":"%s","type":"door_closed","compartment":1,"occupied":true}`,
-		protocol.FormatTime(at.Add(2*time.Second))))
-	publish("e-opened", fmt.Sprintf(`{"id":"e-opened","ts":"%s","type":"door_opened","compartment":1,"by":"manual"}`,
-		protocol.FormatTime(at.Add(time.Second))))
-	if n := tg.Count(t, `SELECT count(*) FROM compartments WHERE device_id = $1 AND n = 1 AND door = 'closed' AND occupied`, r.DeviceID); n != 1 {
-		t.Fatal("compartment 1 is not closed and occupied: the opening applied after a later closing")
+	if door, occupied := closeThenOpenLate(t, tg, dev, r.DeviceID); door != "closed" || !occupied {
+		t.Fatalf("compartment 1: door %q occupied %v, want closed and occupied: the opening applied after a later closing", door, occupied)
 	}
 }
 
