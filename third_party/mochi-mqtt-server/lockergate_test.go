@@ -1033,3 +1033,46 @@ func TestTakeoversRaceOutsideTheLock(t *testing.T) {
 	go func() { wg.Wait(); close(done) }()
 	awaitClosed(t, done, "the takeovers never finished")
 }
+
+// TestExpiredSessionTakesItsSubscriptions: patch 19. A persistent session
+// that expires leaves nothing in the topic tree. Upstream deleted the
+// client but kept its filters, keyed by its id: they stayed for good, and a
+// client connecting later with that id, with no session present, was sent
+// what matched filters it never subscribed to.
+func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
+	s := New(&Options{})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+	n := time.Now().Unix()
+	cl := s.NewClient(srv, "t", "gone", false)
+	cl.Properties.ProtocolVersion = 5
+	cl.Properties.Props.SessionExpiryInterval, cl.Properties.Props.SessionExpiryIntervalFlag = 5, true
+	const filter = "lockers/v1/gone/cmd"
+	sub := packets.Subscription{Filter: filter, Qos: 1}
+	cl.State.Subscriptions.Add(filter, sub)
+	if s.Topics.Subscribe(cl.ID, sub) {
+		atomic.AddInt64(&s.Info.Subscriptions, 1)
+	}
+	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: filter})
+	s.Clients.Add(cl)
+	cl.Stop(packets.ErrServerShuttingDown)
+	cl.State.disconnected = n - 10 // disconnected 10 s ago, past its 5 s expiry
+
+	s.clearExpiredClients(n)
+	if _, ok := s.Clients.Get("gone"); ok {
+		t.Fatal("the expired session's client is still held")
+	}
+	if subs := s.Topics.Subscribers(filter); len(subs.Subscriptions) != 0 {
+		t.Fatalf("the expired session's filter still routes to %v", subs.Subscriptions)
+	}
+	if v := atomic.LoadInt64(&s.Info.Subscriptions); v != 0 {
+		t.Fatalf("Info.Subscriptions = %d after the expiry, want 0", v)
+	}
+	if cl.State.Subscriptions.Len() != 0 || cl.State.Inflight.Len() != 0 {
+		t.Fatalf("the expired client keeps %d subscriptions and %d inflight messages", cl.State.Subscriptions.Len(), cl.State.Inflight.Len())
+	}
+}

@@ -1944,9 +1944,16 @@ func (s *Server) clearExpiredClients(dt int64) {
 		// Lockergate patch 18: only the expired client, not one that has
 		// taken over its id since it was picked out, and under the id's
 		// session lock (attachSession); its hook only if it was removed.
+		// Lockergate patch 19: its subscriptions and inflight messages
+		// end with its session; upstream left its filters in the topic
+		// tree, which keys them by client id, for good.
 		mu := s.sessionLock(e.id)
 		mu.Lock()
 		removed := s.Clients.DeleteClient(e.client) // [MQTT-4.1.0-2]
+		if removed {
+			e.client.ClearInflights()
+			s.UnsubscribeClient(e.client)
+		}
 		mu.Unlock()
 		if removed {
 			s.hooks.OnClientExpired(e.client)
