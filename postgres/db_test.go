@@ -27,7 +27,14 @@ func TestMain(m *testing.M) { os.Exit(pgtest.Main(m)) }
 // MustOpen opens a migrated store on a fresh database.
 func MustOpen(tb testing.TB) *postgres.DB {
 	tb.Helper()
-	db, err := postgres.Open(context.Background(), postgres.Options{DSN: pgtest.NewDB(tb)})
+	return mustOpenWith(tb, postgres.Options{})
+}
+
+// mustOpenWith is MustOpen with options o (its DSN is the fresh database's).
+func mustOpenWith(tb testing.TB, o postgres.Options) *postgres.DB {
+	tb.Helper()
+	o.DSN = pgtest.NewDB(tb)
+	db, err := postgres.Open(context.Background(), o)
 	if err != nil {
 		tb.Fatalf("open: %v", err)
 	}
@@ -111,6 +118,41 @@ func MustDevice(tb testing.TB, db *postgres.DB, site, serial string, n int) stri
 		tb.Fatal(err)
 	}
 	return reg.DeviceID
+}
+
+// mustReregister provisions req's board, at site s1, with a fresh claim in
+// place of locker want's, which must be replaceable (or the same board
+// asking again); it fails unless the answer is a replacement of want.
+func mustReregister(tb testing.TB, db *postgres.DB, want string, req *protocol.ProvisionRequest) *provisioning.Registered {
+	tb.Helper()
+	ctx := context.Background()
+	n := time.Now()
+	claim := provisioning.HashSecret("claim-" + req.Serial + n.String())
+	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-" + req.Serial + n.String(), Site: "s1", MaxUses: 1,
+		ExpiresAt: n.Add(time.Hour), CreatedAt: n}, claim); err != nil {
+		tb.Fatal(err)
+	}
+	r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
+		Request: req, At: n})
+	if err != nil || !r.Replaced || r.DeviceID != want {
+		tb.Fatalf("replacement of %s: %+v, %v", want, r, err)
+	}
+	return r
+}
+
+// openAlerts lists locker id's open alerts as "kind/compartment", sorted.
+func openAlerts(tb testing.TB, db *postgres.DB, id string) []string {
+	tb.Helper()
+	as, err := db.QueryAlerts(context.Background(), fleet.AlertFilter{Locker: id, Open: new(true)})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	var got []string
+	for _, a := range as {
+		got = append(got, fmt.Sprintf("%s/%d", a.Kind, a.Compartment))
+	}
+	slices.Sort(got)
+	return got
 }
 
 func TestRegister(t *testing.T) {
@@ -911,16 +953,7 @@ func TestIngest(t *testing.T) {
 		}
 		open := func() []string {
 			t.Helper()
-			as, err := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			var got []string
-			for _, a := range as {
-				got = append(got, fmt.Sprintf("%s/%d", a.Kind, a.Compartment))
-			}
-			slices.Sort(got)
-			return got
+			return openAlerts(t, db, id)
 		}
 		ajar, tamper := ev("a-1", "door_ajar", 1, raise(fleet.AlertDoorAjar, 1)), ev("a-2", "tamper", 0, raise(fleet.AlertTamper, 0))
 		insert(ajar, tamper)

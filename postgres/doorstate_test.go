@@ -10,23 +10,16 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
-	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
-	"github.com/lockergate/lockergate/provisioning"
 )
 
 // openByClock opens a database as a gateway behind an external broker
 // does (postgres.Options.DoorEventsByClock).
 func openByClock(t *testing.T) *postgres.DB {
 	t.Helper()
-	db, err := postgres.Open(context.Background(), postgres.Options{DSN: pgtest.NewDB(t), DoorEventsByClock: true})
-	if err != nil {
-		t.Fatalf("open: %v", err)
-	}
-	t.Cleanup(db.Close)
-	return db
+	return mustOpenWith(t, postgres.Options{DoorEventsByClock: true})
 }
 
 // doorEvents makes door events of compartment comp of locker id, the
@@ -148,24 +141,14 @@ func TestDoorStateFollowsLockersClock(t *testing.T) {
 // id's (serial), as staff do after marking it replaceable.
 func replaceBoard(t *testing.T, db *postgres.DB, id, serial string, n int) {
 	t.Helper()
-	ctx := context.Background()
-	if _, err := db.UpdateLocker(ctx, id, nil, new(true)); err != nil {
-		t.Fatal(err)
-	}
-	claim := provisioning.HashSecret("claim-replace-" + serial)
-	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-replace-" + serial, Site: "s1", MaxUses: 1,
-		ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
+	if _, err := db.UpdateLocker(context.Background(), id, nil, new(true)); err != nil {
 		t.Fatal(err)
 	}
 	req := &protocol.ProvisionRequest{Serial: serial, Model: "LX", FW: "1.1.0"}
 	for i := 1; i <= n; i++ {
 		req.Compartments = append(req.Compartments, protocol.CompartmentSpec{N: i, Size: "M", Zone: "ambient"})
 	}
-	r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
-		Request: req, At: time.Now()})
-	if err != nil || !r.Replaced || r.DeviceID != id {
-		t.Fatalf("replacement: %+v, %v", r, err)
-	}
+	mustReregister(t, db, id, req)
 }
 
 // TestDoorStateRacingInstances: two instances apply door events of one
@@ -234,23 +217,13 @@ func TestDoorStateInArrivalOrder(t *testing.T) {
 // takes, so events applied out of the locker's order neither leave an
 // alert open on a closed door nor clear the alert of a door left ajar.
 func TestDoorAjarAlertFollowsDoorState(t *testing.T) {
-	ctx := context.Background()
 	db := openByClock(t)
 	id := MustDevice(t, db, "s1", "SN-AJARORDER", 2)
 	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Add(-time.Hour).Truncate(time.Millisecond)}
 	const closed, opened, ajar = protocol.EventDoorClosed, protocol.EventDoorOpened, protocol.EventDoorAjar
 	wantOpen := func(want ...string) {
 		t.Helper()
-		as, err := db.QueryAlerts(ctx, fleet.AlertFilter{Locker: id, Open: new(true)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var got []string
-		for _, a := range as {
-			got = append(got, fmt.Sprintf("%s/%d", a.Kind, a.Compartment))
-		}
-		slices.Sort(got)
-		if !slices.Equal(got, want) {
+		if got := openAlerts(t, db, id); !slices.Equal(got, want) {
 			t.Fatalf("open alerts %v, want %v", got, want)
 		}
 	}

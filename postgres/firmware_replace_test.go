@@ -7,7 +7,6 @@ import (
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/protocol"
-	"github.com/lockergate/lockergate/provisioning"
 )
 
 // TestFirmwareJobsEndWhenBoardReplaced: a locker re-provisioned with a new
@@ -27,16 +26,7 @@ func TestFirmwareJobsEndWhenBoardReplaced(t *testing.T) {
 	if _, err := db.UpdateLocker(ctx, "lk-1", nil, new(true)); err != nil {
 		t.Fatal(err)
 	}
-	claim := provisioning.HashSecret("claim-replace")
-	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-r", Site: "s1", MaxUses: 1,
-		ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
-		t.Fatal(err)
-	}
-	r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
-		Request: &protocol.ProvisionRequest{Serial: "SN-1", Model: "LX-8", FW: "2.0.0"}, At: time.Now()})
-	if err != nil || !r.Replaced || r.DeviceID != "lk-1" {
-		t.Fatalf("replacement: %+v, %v", r, err)
-	}
+	mustReregister(t, db, "lk-1", &protocol.ProvisionRequest{Serial: "SN-1", Model: "LX-8", FW: "2.0.0"})
 
 	for _, c := range []struct{ rollout, device, state, err string }{
 		{"ro-a", "lk-1", firmware.StateSkipped, firmware.SkipReplaced},

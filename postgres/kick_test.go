@@ -8,7 +8,6 @@ import (
 
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
-	"github.com/lockergate/lockergate/provisioning"
 )
 
 // TestWatchKicks: disabling a locker and re-issuing its identity reach
@@ -88,15 +87,7 @@ func TestWatchKicks(t *testing.T) {
 	// Re-provisioning a (replaceable) kicks it.
 	req := &protocol.ProvisionRequest{Serial: "SN-KA", Model: "LX", FW: "1.0.0",
 		Compartments: []protocol.CompartmentSpec{{N: 1, Size: "M", Zone: "ambient"}}}
-	claim := provisioning.HashSecret("claim-again")
-	if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-again", Site: "s1", MaxUses: 1,
-		ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
-		t.Fatal(err)
-	}
-	if r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused", SecretHash: provisioning.HashSecret("s2"),
-		Request: req, At: time.Now()}); err != nil || !r.Replaced {
-		t.Fatalf("replacement: %+v, %v", r, err)
-	}
+	mustReregister(t, db, a, req)
 	if id := nextKick(); id != a {
 		t.Fatalf("kick for %s, want %s (replaced)", id, a)
 	}

@@ -51,17 +51,7 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 			}
 			req.Compartments = append(req.Compartments, protocol.CompartmentSpec{N: n, Size: size, Zone: "ambient"})
 		}
-		claim := provisioning.HashSecret("claim-" + time.Now().String())
-		if err := db.CreateClaim(ctx, &provisioning.Claim{ID: "cl-" + time.Now().String(), Site: "s1", MaxUses: 1,
-			ExpiresAt: time.Now().Add(time.Hour), CreatedAt: time.Now()}, claim); err != nil {
-			t.Fatal(err)
-		}
-		r, err := db.Register(ctx, claim, provisioning.Registration{DeviceID: "lk-unused",
-			SecretHash: provisioning.HashSecret("s2"), Request: req, At: time.Now()})
-		if err != nil || !r.Replaced {
-			t.Fatalf("replacement: %+v, %v", r, err)
-		}
-		return r
+		return mustReregister(t, db, id, req)
 	}
 	exec(`UPDATE compartments SET door = 'open' WHERE device_id = $1 AND n IN (3, 4)`, id) // the old board's last report
 	if r := replace(1, 2, 3, 6); !slices.Equal(r.Missing, []int{4}) {
