@@ -1040,16 +1040,10 @@ func TestTakeoversRaceOutsideTheLock(t *testing.T) {
 // client connecting later with that id, with no session present, was sent
 // what matched filters it never subscribed to.
 func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
-	s := New(&Options{})
-	if err := s.AddHook(new(allowAll), nil); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
-	srv, cli := net.Pipe()
-	t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+	e := newTakeoverEnv(t, 5)
+	s := e.s
 	n := time.Now().Unix()
-	cl := s.NewClient(srv, "t", "gone", false)
-	cl.Properties.ProtocolVersion = 5
+	cl := e.client("gone", nil)
 	cl.Properties.Props.SessionExpiryInterval, cl.Properties.Props.SessionExpiryIntervalFlag = 5, true
 	const filter = "lockers/v1/gone/cmd"
 	sub := packets.Subscription{Filter: filter, Qos: 1}
@@ -1057,7 +1051,9 @@ func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
 	if s.Topics.Subscribe(cl.ID, sub) {
 		atomic.AddInt64(&s.Info.Subscriptions, 1)
 	}
-	cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: filter})
+	if cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: filter}) {
+		atomic.AddInt64(&s.Info.Inflight, 1) // as the server counts a message it holds for a client
+	}
 	s.Clients.Add(cl)
 	cl.Stop(packets.ErrServerShuttingDown)
 	cl.State.disconnected = n - 10 // disconnected 10 s ago, past its 5 s expiry
@@ -1071,6 +1067,9 @@ func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
 	}
 	if v := atomic.LoadInt64(&s.Info.Subscriptions); v != 0 {
 		t.Fatalf("Info.Subscriptions = %d after the expiry, want 0", v)
+	}
+	if v := atomic.LoadInt64(&s.Info.Inflight); v != 0 {
+		t.Fatalf("Info.Inflight = %d after the expiry, want 0", v)
 	}
 	if cl.State.Subscriptions.Len() != 0 || cl.State.Inflight.Len() != 0 {
 		t.Fatalf("the expired client keeps %d subscriptions and %d inflight messages", cl.State.Subscriptions.Len(), cl.State.Inflight.Len())
