@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
@@ -381,6 +382,22 @@ func (e *pickupEnv) readyThenOffline(t *testing.T, ref string) (pickup.Pickup, s
 	return p, code, l
 }
 
+// twoReadyThenRaw makes two pickups ready at the one locker (an S and an M
+// compartment), waits for it to hold their codes, and puts a raw MQTT
+// client in its place, with its identity: the test sends the locker's
+// events itself. It returns the pickups, the client and the events topic.
+func (e *pickupEnv) twoReadyThenRaw(t *testing.T, ref1, ref2 string) (pickup.Pickup, pickup.Pickup, paho.Client, string) {
+	t.Helper()
+	a, b := e.create(t, ref1, "S", time.Hour), e.create(t, ref2, "M", time.Hour)
+	a, b = e.waitState(t, a.ID, pickup.Ready), e.waitState(t, b.ID, pickup.Ready)
+	e.waitCreds(t, a.Locker)
+	l := e.sim.Locker(a.Locker)
+	id, _ := l.Identity()
+	l.Disconnect()
+	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	return a, b, dev, protocol.Topic(id.DeviceID, protocol.ChanEvents)
+}
+
 // TestPickupOffline: the driver collects while the locker is offline; the
 // pickup is reconciled when its events arrive.
 func TestPickupOffline(t *testing.T) {
@@ -444,14 +461,7 @@ func TestPINAndQROneUseOffline(t *testing.T) {
 func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
 	ctx := context.Background()
 	e := newPickupEnv(t, 1, 0)
-	taken, left := e.create(t, "ORD-1", "S", time.Hour), e.create(t, "ORD-2", "M", time.Hour)
-	taken, left = e.waitState(t, taken.ID, pickup.Ready), e.waitState(t, left.ID, pickup.Ready)
-	e.waitCreds(t, taken.Locker)
-	l := e.sim.Locker(taken.Locker)
-	id, _ := l.Identity()
-	l.Disconnect()
-	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-	topic := protocol.Topic(id.DeviceID, protocol.ChanEvents)
+	taken, left, dev, topic := e.twoReadyThenRaw(t, "ORD-1", "ORD-2")
 	used := time.Now().UTC()
 	for _, p := range []struct {
 		pickup.Pickup
@@ -540,6 +550,220 @@ func TestCodeOfCancelledPickupUsedOffline(t *testing.T) {
 	if got := e.waitState(t, p.ID, pickup.Cancelled); got.State != pickup.Cancelled {
 		t.Fatal("unreachable")
 	}
+}
+
+// expireOffline has the gateway expire pickup p, whose locker is offline,
+// with expires_at moved to at: the sweep ends it and alerts staff.
+func (e *pickupEnv) expireOffline(t *testing.T, p pickup.Pickup, at time.Time) {
+	t.Helper()
+	if _, err := e.tg.DB().Pool().Exec(context.Background(), `UPDATE pickups SET expires_at = $2 WHERE id = $1`, p.ID, at); err != nil {
+		t.Fatal(err)
+	}
+	e.waitState(t, p.ID, pickup.Expired)
+	Eventually(t, 10*time.Second, "the pickup_expired alert", func() error {
+		if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+}
+
+// openAlerts counts the open alerts of kind on pickup p's compartment.
+func (e *pickupEnv) openAlerts(t *testing.T, p pickup.Pickup, kind string) int {
+	t.Helper()
+	return e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = $1 AND device_id = $2 AND compartment = $3 AND cleared_at IS NULL`,
+		kind, p.Locker, p.Compartment)
+}
+
+// reconnect brings simulated locker l back online.
+func reconnect(t *testing.T, l *devicesim.Locker) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// closingsApplied is nil once pickup p's compartment has at least n door
+// closings stored since the pickup was created and its locker has no event
+// left to apply.
+func (e *pickupEnv) closingsApplied(t *testing.T, p pickup.Pickup, n int) error {
+	if got := e.tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND type = 'door_closed' AND compartment = $2
+		AND received_at > $3`, p.Locker, p.Compartment, p.CreatedAt.Add(time.Millisecond)); got < n {
+		return fmt.Errorf("%d door closings stored, want %d", got, n)
+	}
+	if got := e.tg.Count(t, `SELECT count(*) FROM event_outbox WHERE device_id = $1`, p.Locker); got != 0 {
+		return fmt.Errorf("%d events to apply", got)
+	}
+	return nil
+}
+
+// stillExpired checks that pickup p is expired with its pickup_expired
+// alert open.
+func (e *pickupEnv) stillExpired(t *testing.T, p pickup.Pickup) {
+	t.Helper()
+	if got := e.waitState(t, p.ID, pickup.Expired); got.State != pickup.Expired {
+		t.Fatal("unreachable")
+	}
+	if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 1 {
+		t.Fatalf("%d pickup_expired alerts open, want 1", n)
+	}
+}
+
+// TestPickupCollectedOfflineBeforeExpiry: a driver collects with the code
+// while the locker is offline, before expires_at, and the gateway, not yet
+// told, expires the pickup and alerts staff. When the locker's events
+// arrive the pickup is picked up after all: the pickup_expired alert is
+// withdrawn, no code_not_live is raised, and the platform is told.
+func TestPickupCollectedOfflineBeforeExpiry(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	p, code, l := e.readyThenOffline(t, "LATE-1")
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	e.expireOffline(t, p, time.Now().Add(time.Second)) // after the use, by the locker's clock
+	reconnect(t, l)
+	e.waitState(t, p.ID, pickup.PickedUp)
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1 AND cleared_by = 'gateway'`, p.Locker); n != 1 {
+		t.Fatalf("%d pickup_expired alerts withdrawn by the gateway, want 1", n)
+	}
+	if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
+		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, p.Locker); n != 0 {
+		t.Fatalf("%d code_not_live alerts, want none", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM pickup_transitions WHERE pickup_id = $1 AND from_state = 'expired'
+		AND to_state = 'picked_up' AND actor = $2`, p.ID, "locker:"+p.Locker); n != 1 {
+		t.Fatalf("%d expired → picked_up transitions by the locker, want 1", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND locker = $1
+		AND detail->>'before_expiry' = 'true' AND detail->'pickups' ? $2`, p.Locker, p.ID); n != 1 {
+		t.Fatalf("%d credential.use audit entries before expiry, want 1", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM credentials c JOIN pickups p ON p.credential_id = c.id WHERE p.id = $1 AND c.state = 'used'`, p.ID); n != 1 {
+		t.Fatal("the credential is not recorded used")
+	}
+	Eventually(t, 10*time.Second, "the picked_up webhook", func() error {
+		if got := fmt.Sprint(e.rc.types()); got != "[pickup.ready pickup.expired pickup.picked_up]" {
+			return fmt.Errorf("received %s", got)
+		}
+		return nil
+	})
+}
+
+// TestLateCodeUseAppliedAfterItsClosing: a locker's events can be applied
+// out of their order (behind an external broker a reconnecting locker's
+// burst is shared among the instances). A driver's closing applied before
+// the code's use that came first, whether it found the pickup still ready
+// (and raised pickup_removed) or expired already, is judged again by the
+// use, made before the expiry: picked up, and the alerts withdrawn.
+func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	ready, expired, dev, topic := e.twoReadyThenRaw(t, "LATE-4", "LATE-5")
+	used := time.Now().UTC()
+	closing := func(p pickup.Pickup) {
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+			p.ID, protocol.FormatTime(used.Add(3*time.Second)), p.Compartment))
+	}
+	closing(ready)
+	Eventually(t, 10*time.Second, "pickup_removed for the closing without the code", func() error {
+		if n := e.openAlerts(t, ready, pickup.AlertRemoved); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+	e.expireOffline(t, ready, used.Add(time.Second))
+	e.expireOffline(t, expired, used.Add(time.Second))
+	closing(expired)
+	for _, p := range []pickup.Pickup{ready, expired} {
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+			p.ID, protocol.FormatTime(used), p.Credential.ID+".p", p.Compartment))
+	}
+	for _, p := range []pickup.Pickup{ready, expired} {
+		e.waitState(t, p.ID, pickup.PickedUp)
+		if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
+			t.Fatalf("%s: %d pickup_expired alerts open, want none", p.OrderRef, n)
+		}
+	}
+	Eventually(t, 10*time.Second, "pickup_removed withdrawn", func() error {
+		if n := e.openAlerts(t, ready, pickup.AlertRemoved); n != 0 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+}
+
+// TestPickupCollectedOfflineAfterExpiry: a code the locker accepted after
+// the pickup's expires_at (here: the expiry was moved earlier after the
+// locker got its set; docs/api.md) did not collect in time: the pickup
+// stays expired, its alert stands, and staff are told of the use
+// (code_not_live).
+func TestPickupCollectedOfflineAfterExpiry(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	p, code, l := e.readyThenOffline(t, "LATE-2")
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	e.expireOffline(t, p, time.Now().Add(-time.Minute)) // before the use
+	reconnect(t, l)
+	Eventually(t, 10*time.Second, "a code_not_live alert and the events applied", func() error {
+		if n := e.openAlerts(t, p, pickup.AlertCodeNotLive); n != 1 {
+			return fmt.Errorf("%d code_not_live alerts", n)
+		}
+		return e.closingsApplied(t, p, 2) // the staging's, the driver's
+	})
+	e.stillExpired(t, p)
+}
+
+// TestPickupLeftInsideOfflineStaysExpired: the driver opened the
+// compartment with the code before expiry, offline, but left the order:
+// the pickup stays expired and staff are still told to retrieve it. Staff
+// emptying the compartment later is not the driver's collection either.
+func TestPickupLeftInsideOfflineStaysExpired(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 })
+	l := e.sim.Lockers()[0]
+	p := e.create(t, "LATE-3", "S", time.Hour)
+	code := e.stage(t, l, p)
+	l.Disconnect()
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	l.SetOccupied(p.Compartment, true) // the driver left the order
+	l.CloseDoor(p.Compartment)
+	e.expireOffline(t, p, time.Now().Add(time.Second))
+	reconnect(t, l)
+	applied := func(closings int) {
+		t.Helper()
+		Eventually(t, 10*time.Second, "the locker's events applied", func() error {
+			if n := e.tg.Count(t, `SELECT count(*) FROM pickups WHERE id = $1 AND collected_at IS NOT NULL`, p.ID); n != 1 {
+				return errors.New("the use is not recorded")
+			}
+			return e.closingsApplied(t, p, closings)
+		})
+		e.stillExpired(t, p)
+		if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, p.Locker); n != 0 {
+			t.Fatalf("%d code_not_live alerts, want none", n)
+		}
+	}
+	applied(2) // the staging's closing, the driver's
+	// Staff retrieve the order: a remote unlock, and the door closed empty.
+	var cmd fleet.Command
+	if err := e.tg.Admin.Post(ctx, "/v1/lockers/"+p.Locker+"/commands",
+		map[string]any{"type": "unlock", "compartment": p.Compartment, "reason": "service"}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	Eventually(t, 10*time.Second, "door open for staff", func() error {
+		if !l.Compartment(p.Compartment).Open {
+			return errors.New("closed")
+		}
+		return nil
+	})
+	l.SetOccupied(p.Compartment, false)
+	l.CloseDoor(p.Compartment)
+	applied(3)
 }
 
 // storedEvent is a device event as a run stored it.

@@ -60,6 +60,10 @@ func (s *orderStore) LivePickupAt(context.Context, string, int) (*Pickup, error)
 	return &p, nil
 }
 
+func (s *orderStore) LateCollectionAt(context.Context, string, int, time.Time) (*Pickup, time.Time, error) {
+	return nil, time.Time{}, fleet.ErrNotFound
+}
+
 func (s *orderStore) CredentialState(context.Context, string, string) (string, error) {
 	if s.used {
 		return "used", nil

@@ -141,6 +141,17 @@ var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelle
 // left open, an event lost) the pickup expires as any other.
 const CollectGrace = 15 * time.Minute
 
+// ExpiredAlert is the alert that tells staff to retrieve expired pickup
+// p's order, raised at its expiry (p.DoneAt).
+func ExpiredAlert(p *Pickup) fleet.Alert {
+	a := fleet.Alert{DeviceID: p.Locker, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment,
+		Detail: "pickup " + p.ID + " (" + p.OrderRef + ") expired: retrieve the order"}
+	if p.DoneAt != nil {
+		a.RaisedAt = *p.DoneAt
+	}
+	return a
+}
+
 // Store persists pickups and credentials.
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
@@ -161,7 +172,8 @@ type Store interface {
 	// pickup that ends leaves its active credential: revoked, or narrowed
 	// to the compartments of the other live pickups it opens.
 	// fleet.ErrConflict when the pickup is in none of from, or, to Expired
-	// or Cancelled, while it is being collected (CollectGrace).
+	// or Cancelled, while it is being collected (CollectGrace). To Expired
+	// it raises the pickup's ExpiredAlert in the same transaction.
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
 	// credentials and any of the locker's that opens no live pickup, and
@@ -198,9 +210,27 @@ type Store interface {
 	// returns those pickups all the same; any other use of a credential not
 	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// UseExpiredCredential records that a locker's credential that is no
+	// longer active opened, at used by the locker's clock, the
+	// compartments (empty: all of the credential's) of pickups that
+	// expired after used: a driver collected in time while the locker was
+	// offline, and its report came after the expiry. It marks the pickups
+	// collected at at, the credential used and audits the use, and returns
+	// the pickups. A credential that was rotated counts as its replacement.
+	// The same use recorded already (the same at) changes nothing and
+	// returns them all the same, in whatever state they are now.
+	// fleet.ErrNotFound when the credential opened no pickup, or any pickup
+	// that is not expired or expired before used.
+	UseExpiredCredential(ctx context.Context, deviceID, credID string, used, at time.Time, compartments []int) ([]Pickup, error)
+	// LateCollectionAt returns the last pickup created at a locker's
+	// compartment by at when it is expired and marked collected by at
+	// (UseExpiredCredential), with the use's time by the locker's clock;
+	// fleet.ErrNotFound otherwise.
+	LateCollectionAt(ctx context.Context, deviceID string, n int, at time.Time) (*Pickup, time.Time, error)
 	// DoorClosingsAfter returns the door_closed events of a locker's
-	// compartment received after since whose device time is after after,
-	// in the locker's order (its ts), the first at most 100.
+	// compartment received after since whose device time is at or after
+	// after (a closing in the code's own millisecond follows it), in the
+	// locker's order (its ts), the first at most 100.
 	DoorClosingsAfter(ctx context.Context, deviceID string, n int, since, after time.Time) ([]fleet.EventRecord, error)
 	// GetCredential returns a credential and its state.
 	GetCredential(ctx context.Context, id string) (*Credential, string, error)

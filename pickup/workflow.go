@@ -80,6 +80,10 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
+		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, at, later)
+		if err != nil || late {
+			return err
+		}
 		return s.codeNotLive(ctx, deviceID, id, ev, at)
 	}
 	if err != nil {
@@ -113,28 +117,11 @@ func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.
 	if p.State != Ready {
 		return nil
 	}
-	// Only a closing received after the pickup became ready (not the
-	// staging's, which made it ready) can be the driver's.
-	since := p.CreatedAt
-	if p.ReadyAt != nil {
-		since = *p.ReadyAt
-	}
-	var closings []fleet.EventRecord
-	err := s.retry(ctx, "door_closings_after", func(ctx context.Context) (err error) {
-		closings, err = s.o.Store.DoorClosingsAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
-		return err
-	})
-	if err != nil || len(closings) == 0 {
+	closings, closed, err := s.closingApplied(ctx, p, ev, later)
+	if err != nil || closed == nil {
 		return err
 	}
 	first := &closings[0]
-	if slices.ContainsFunc(later, func(e fleet.EventRecord) bool { return e.EventID == first.EventID }) {
-		return nil
-	}
-	closed, err := protocol.Decode[protocol.Event](first.Body)
-	if err != nil {
-		return nil // stored valid; not a closing to judge again
-	}
 	s.log.Info("door closing judged again: the code used before it was applied after it",
 		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", first.EventID)
 	if err := s.doorClosed(ctx, p.Locker, closed, first.ReceivedAt); err != nil {
@@ -151,20 +138,176 @@ func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.
 	return nil
 }
 
+// closingApplied returns the closings of pickup p's door that the locker
+// reported after the code's use ev, in its order, that were applied
+// already, and the first of them decoded when it is to be judged again:
+// nil when there is none, or when it is among later (to be applied in its
+// turn). Only a closing received after the pickup became ready (not the
+// staging's, which made it ready) can be the driver's.
+func (s *Service) closingApplied(ctx context.Context, p *Pickup, ev *protocol.Event, later []fleet.EventRecord) ([]fleet.EventRecord, *protocol.Event, error) {
+	since := p.CreatedAt
+	if p.ReadyAt != nil {
+		since = *p.ReadyAt
+	}
+	var closings []fleet.EventRecord
+	err := s.retry(ctx, "door_closings_after", func(ctx context.Context) (err error) {
+		closings, err = s.o.Store.DoorClosingsAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
+		return err
+	})
+	if err != nil || len(closings) == 0 {
+		return nil, nil, err
+	}
+	first := &closings[0]
+	if slices.ContainsFunc(later, func(e fleet.EventRecord) bool { return e.EventID == first.EventID }) {
+		return nil, nil, nil
+	}
+	closed, err := protocol.Decode[protocol.Event](first.Body)
+	if err != nil {
+		return nil, nil, nil // stored valid; not a closing to judge again
+	}
+	return closings, closed, nil
+}
+
 // withdrawRemoved withdraws the pickup_removed alert that closing c of
 // pickup p's compartment raised, judged without the code used before it.
 func (s *Service) withdrawRemoved(ctx context.Context, p *Pickup, c *fleet.EventRecord) error {
 	removed := fleet.Alert{DeviceID: p.Locker, Kind: AlertRemoved, Compartment: p.Compartment, RaisedAt: c.ReceivedAt}
+	return s.withdraw(ctx, removed, "its code's use before the closing arrived after it", "pickup", p.ID, "closing", c.EventID)
+}
+
+// withdraw withdraws open alert a as the gateway, audited with reason: the
+// order was taken with its code. attrs are logged with it.
+func (s *Service) withdraw(ctx context.Context, a fleet.Alert, reason string, attrs ...any) error {
 	var withdrawn bool
 	err := s.retry(ctx, "withdraw_alert", func(ctx context.Context) (err error) {
-		withdrawn, err = s.o.Store.WithdrawAlert(ctx, removed, "gateway", "its code's use before the closing arrived after it", s.o.Now())
+		withdrawn, err = s.o.Store.WithdrawAlert(ctx, a, "gateway", reason, s.o.Now())
 		return err
 	})
 	if withdrawn {
-		s.log.Info("alert withdrawn: the order was taken with its code", "locker", p.Locker, "kind", AlertRemoved,
-			"compartment", p.Compartment, "pickup", p.ID, "closing", c.EventID)
+		s.log.Info("alert withdrawn: the order was taken with its code", append([]any{"locker", a.DeviceID, "kind", a.Kind,
+			"compartment", a.Compartment}, attrs...)...)
 	}
 	return err
+}
+
+// usedBeforeExpiry reports whether a code that is no longer live opened
+// compartments whose pickups expired after the use, by the locker's clock:
+// a driver collected with it in time while the locker was offline, and the
+// gateway, told only now, had expired them meanwhile. The locker checks a
+// code's not_after (the pickup's expires_at) itself. Those pickups are
+// marked collected; the door's closing after the use decides whether they
+// were picked up (lateCollection), and one applied before the use (out of
+// the locker's order) is judged again now. later are the locker's events
+// applied after this one. Any other use of a code that is not live is for
+// staff to look at (codeNotLive).
+func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) (bool, error) {
+	var ps []Pickup
+	err := s.retry(ctx, "use_expired_credential", func(ctx context.Context) (err error) {
+		ps, err = s.o.Store.UseExpiredCredential(ctx, deviceID, id, ev.TS.Time, at, ev.Compartments)
+		return err
+	})
+	if errors.Is(err, fleet.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	for i := range ps {
+		p := &ps[i]
+		if p.State != Expired {
+			continue // picked up since (this use, offered again)
+		}
+		s.log.Info("pickup code used before expiry, reported after it", "pickup", p.ID, "locker", deviceID,
+			"compartment", p.Compartment, "used", ev.TS.Time, "expires_at", p.ExpiresAt)
+		closings, closed, err := s.closingApplied(ctx, p, ev, later)
+		if err != nil {
+			return true, err
+		}
+		if closed != nil {
+			s.log.Info("door closing judged again: the code used before it was applied after it",
+				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", closings[0].EventID)
+			// Judged as of the code's arrival, which marked it collected.
+			picked, err := s.lateCollection(ctx, deviceID, closed, at)
+			if err != nil {
+				return true, err
+			}
+			if !picked {
+				continue
+			}
+			// Closings applied while the pickup was still ready raised
+			// pickup_removed without the code (later ones raised nothing
+			// for it; one for a pickup staged since is that pickup's).
+			for j := range closings {
+				if p.DoneAt == nil || !closings[j].ReceivedAt.Before(*p.DoneAt) {
+					continue
+				}
+				if err := s.withdrawRemoved(ctx, p, &closings[j]); err != nil {
+					return true, err
+				}
+			}
+		}
+	}
+	return true, nil
+}
+
+// lateCollection applies a door's closing that found no live pickup to the
+// compartment's expired pickup whose code opened it before expires_at
+// (usedBeforeExpiry): closed empty, the driver took the order, so the
+// pickup is picked up after all and its pickup_expired alert withdrawn;
+// closed with the order inside, it stays expired and the alert stands.
+// It reports whether the pickup was picked up.
+func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) (bool, error) {
+	var p *Pickup
+	var used time.Time
+	err := s.retry(ctx, "late_collection", func(ctx context.Context) (err error) {
+		p, used, err = s.o.Store.LateCollectionAt(ctx, deviceID, ev.Compartment, at)
+		return err
+	})
+	if errors.Is(err, fleet.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	// Only the door's first closing after the code's use, by the
+	// locker's clock, is the driver's: a later one (staff emptying the
+	// compartment of an order the driver left) says nothing of the pickup.
+	closings, _, err := s.closingApplied(ctx, p, &protocol.Event{TS: protocol.T(used)}, nil)
+	if err != nil {
+		return false, err
+	}
+	if len(closings) == 0 || closings[0].EventID != ev.ID {
+		return false, nil
+	}
+	if ev.Occupied != nil && *ev.Occupied {
+		s.log.Info("expired pickup opened with its code before expiry, but the order is still inside", "pickup", p.ID,
+			"locker", deviceID, "compartment", p.Compartment)
+		return false, nil
+	}
+	// Withdrawn first: a stop between the two leaves the pickup expired,
+	// and the closing, offered again, finishes it.
+	if p.DoneAt != nil {
+		expired := fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment, RaisedAt: *p.DoneAt}
+		if err := s.withdraw(ctx, expired, "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {
+			return false, err
+		}
+	}
+	pe := s.event(EventPickedUp, p, at)
+	pe.Data["reported_late"] = true
+	var done *Pickup
+	err = s.retry(ctx, "picked_up_late", func(ctx context.Context) (err error) {
+		done, err = s.o.Store.Transition(ctx, p.ID, []string{Expired}, PickedUp, "locker:"+deviceID,
+			"collected with its code before expires_at; the locker reported it after the expiry", at, pe)
+		return err
+	})
+	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
+		return false, nil // done already (a replay)
+	}
+	if err != nil {
+		return false, err
+	}
+	s.transitioned(done, PickedUp)
+	return true, nil
 }
 
 // codeNotLive: the locker opened compartments for a code the gateway does
@@ -210,7 +353,8 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return nil
+		_, err := s.lateCollection(ctx, deviceID, ev, at)
+		return err
 	}
 	if err != nil {
 		return err
@@ -218,7 +362,8 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if at.Before(p.CreatedAt) {
 		// A closing from before this pickup existed (an event offered
 		// again after a stop): it was about the compartment's last order.
-		return nil
+		_, err := s.lateCollection(ctx, deviceID, ev, at)
+		return err
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
@@ -409,8 +554,10 @@ func (s *Service) expire(ctx context.Context) {
 			seen[done.Locker] = true
 			lockers = append(lockers, done.Locker)
 		}
-		_ = s.alert(ctx, fleet.Alert{DeviceID: done.Locker, Kind: fleet.AlertPickupExpired, Compartment: done.Compartment,
-			Detail: "pickup " + done.ID + " (" + done.OrderRef + ") expired: retrieve the order", RaisedAt: s.o.Now()}) // logged; only a stop ends it
+		// Its alert was raised with the expiry (Store.Transition).
+		a := ExpiredAlert(done)
+		s.m.alerts.WithLabelValues(a.Kind).Inc()
+		s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
 	}
 	for _, id := range lockers {
 		s.publish(ctx, id)

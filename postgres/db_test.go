@@ -1087,10 +1087,14 @@ func TestIngest(t *testing.T) {
 		if got := ids(since, base, 1); !slices.Equal(got, []string{"c-2", "c-1"}) {
 			t.Fatalf("closings after: %v, want c-2, c-1 (the locker's order)", got)
 		}
-		if got := ids(since, base.Add(time.Second), 1); !slices.Equal(got, []string{"c-1"}) {
+		if got := ids(since, base.Add(time.Second+time.Millisecond), 1); !slices.Equal(got, []string{"c-1"}) {
 			t.Fatalf("closings after c-2's ts: %v, want c-1", got)
 		}
-		if got := ids(since, base.Add(2*time.Second), 1); len(got) != 0 {
+		// A closing in the code's millisecond counts as after it.
+		if got := ids(since, base.Add(time.Second), 1); !slices.Equal(got, []string{"c-2", "c-1"}) {
+			t.Fatalf("closings at and after c-2's ts: %v, want c-2, c-1", got)
+		}
+		if got := ids(since, base.Add(2*time.Second+time.Millisecond), 1); len(got) != 0 {
 			t.Fatalf("closings after the last: %v, want none", got)
 		}
 		if got := ids(base.Add(-2*time.Hour), base.Add(-2*time.Hour), 1); !slices.Equal(got, []string{"c-old", "c-2", "c-1"}) {

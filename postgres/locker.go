@@ -555,7 +555,7 @@ func scanEvent(row pgx.CollectableRow) (fleet.EventRecord, error) {
 // DoorClosingsAfter implements pickup.Store.
 func (db *DB) DoorClosingsAfter(ctx context.Context, deviceID string, n int, since, after time.Time) ([]fleet.EventRecord, error) {
 	rows, err := db.pool.Query(ctx, `SELECT `+eventCols+` FROM events
-		WHERE device_id = $1 AND received_at > $2 AND type = '`+protocol.EventDoorClosed+`' AND compartment = $3 AND ts > $4
+		WHERE device_id = $1 AND received_at > $2 AND type = '`+protocol.EventDoorClosed+`' AND compartment = $3 AND ts >= $4
 		ORDER BY ts, received_at LIMIT $5`, deviceID, since, n, after, maxClosingsAfter)
 	if err != nil {
 		return nil, err

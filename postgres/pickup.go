@@ -279,6 +279,15 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				return err
 			}
 		}
+		if to == pickup.Expired {
+			// With the expiry, so that a collection the locker reports
+			// late (pickup.Service's lateCollection) finds it to withdraw.
+			a := pickup.ExpiredAlert(out)
+			var n int
+			if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil {
+				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
+			}
+		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
 			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail); err != nil {
 			return err
@@ -644,6 +653,111 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 	})
 	return out, err
 }
+
+// UseExpiredCredential implements pickup.Store.
+func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string, used, at time.Time, compartments []int) ([]pickup.Pickup, error) {
+	if compartments == nil {
+		compartments = []int{}
+	}
+	var out []pickup.Pickup
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
+			return err
+		}
+		// The pickups the code opened, through the credentials that
+		// replaced it (as UseCredential follows them). Each must be marked
+		// collected by this very use already (it may be picked up since),
+		// or have expired after the use: the use's time by the locker's
+		// clock, less the offset of that clock at its last birth, between
+		// the pickup's ready (its code was made then) and the use's
+		// arrival, a second either way for the offset's own error. A
+		// locker whose offset is not known is not judged.
+		rows, err := tx.Query(ctx, `WITH RECURSIVE chain (id, depth) AS (
+				SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
+				UNION ALL
+				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
+				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32),
+			dev AS (SELECT $4::timestamptz - clock_offset_ms * interval '1 millisecond' AS used FROM devices WHERE id = $1)
+			SELECT p.id, p.credential_id, p.compartment,
+				coalesce(p.collected_at = $5, p.state = 'expired' AND dev.used <= p.expires_at
+					AND dev.used >= p.ready_at - interval '1 second' AND dev.used <= $5::timestamptz + interval '1 second', false),
+				p.collected_at IS NOT NULL
+			FROM pickups p CROSS JOIN dev
+			WHERE p.device_id = $1 AND p.credential_id IN (SELECT id FROM chain)
+				AND (cardinality($3::int[]) = 0 OR p.compartment = ANY ($3))
+			ORDER BY p.id FOR UPDATE OF p`, deviceID, credID, compartments, used, at)
+		if err != nil {
+			return err
+		}
+		var ids, creds []string
+		var opened []int
+		replay := true
+		for rows.Next() {
+			var id, cred string
+			var n int
+			var ok, recorded bool
+			if err := rows.Scan(&id, &cred, &n, &ok, &recorded); err != nil {
+				rows.Close()
+				return err
+			}
+			if !ok {
+				rows.Close()
+				return fmt.Errorf("credential %s of %s: pickup %s it opened did not expire after the use: %w", credID, deviceID, id, fleet.ErrNotFound)
+			}
+			ids, creds, opened = append(ids, id), append(creds, cred), append(opened, n)
+			replay = replay && recorded
+		}
+		if err := rows.Err(); err != nil {
+			return err
+		}
+		if len(ids) == 0 {
+			return fmt.Errorf("credential %s of %s: no expired pickup: %w", credID, deviceID, fleet.ErrNotFound)
+		}
+		for _, n := range compartments {
+			if !slices.Contains(opened, n) {
+				return fmt.Errorf("credential %s of %s: compartment %d it opened holds none of its pickups: %w", credID, deviceID, n, fleet.ErrNotFound)
+			}
+		}
+		// replay: this very use, recorded already (an event offered again).
+		if !replay {
+			if _, err := tx.Exec(ctx, `UPDATE pickups SET collected_at = $2, collected_ts = $3 WHERE id = ANY ($1)`, ids, at, used); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'used', used_at = $3
+				WHERE device_id = $1 AND id = ANY ($2) AND state = 'revoked'`, deviceID, creds, at); err != nil {
+				return err
+			}
+			if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+				Detail: map[string]any{"credential": credID, "state": "revoked", "before_expiry": true, "ts": used.UTC(), "pickups": ids}}); err != nil {
+				return err
+			}
+		}
+		rows, err = tx.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE id = ANY ($1) ORDER BY id`, ids)
+		if err != nil {
+			return err
+		}
+		out, err = collectPickups(rows)
+		return err
+	})
+	return out, err
+}
+
+// LateCollectionAt implements pickup.Store.
+func (db *DB) LateCollectionAt(ctx context.Context, deviceID string, n int, at time.Time) (*pickup.Pickup, time.Time, error) {
+	var used time.Time
+	p, err := scanPickup(scanAlso{db.pool.QueryRow(ctx, `SELECT `+pickupCols+`, collected_ts FROM (SELECT * FROM pickups
+			WHERE device_id = $1 AND compartment = $2 AND created_at <= $3 ORDER BY created_at DESC LIMIT 1) p
+		WHERE state = 'expired' AND collected_at <= $3`, deviceID, n, at), []any{&used}})
+	return p, used, err
+}
+
+// scanAlso scans a row of pickupCols followed by more columns into more.
+type scanAlso struct {
+	row  pgx.Row
+	more []any
+}
+
+func (s scanAlso) Scan(dest ...any) error { return s.row.Scan(append(dest, s.more...)...) }
 
 // GetCredential implements pickup.Store.
 func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential, string, error) {

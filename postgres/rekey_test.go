@@ -91,6 +91,15 @@ func (e *credEnv) cred(cid string) (*pickup.Credential, string) {
 	return c, state
 }
 
+// uses counts the locker's credential.use audit entries.
+func (e *credEnv) uses() (n int) {
+	e.t.Helper()
+	if err := e.db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM audit WHERE locker = $1 AND action = 'credential.use'`, e.id).Scan(&n); err != nil {
+		e.t.Fatal(err)
+	}
+	return n
+}
+
 func (e *credEnv) version() (v int64) {
 	e.t.Helper()
 	if err := e.db.Pool().QueryRow(context.Background(), `SELECT creds_version FROM devices WHERE id = $1`, e.id).Scan(&v); err != nil {
@@ -258,11 +267,7 @@ func TestRotateCredentials(t *testing.T) {
 	if ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt); err != nil || len(ps) != 1 || ps[0].ID != a.ID {
 		t.Fatalf("the use replayed: %+v, %v; want pickup %s again", ps, err, a.ID)
 	}
-	var n int
-	if err := e.db.Pool().QueryRow(ctx, `SELECT count(*) FROM audit WHERE locker = $1 AND action = 'credential.use'`, e.id).Scan(&n); err != nil {
-		t.Fatal(err)
-	}
-	if n != 1 || e.version() != version {
+	if n := e.uses(); n != 1 || e.version() != version {
 		t.Fatalf("after a replayed use: %d credential.use entries, version %d (was %d); want 1, unchanged", n, e.version(), version)
 	}
 	if _, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
@@ -441,5 +446,132 @@ func TestExpiryWaitsForCollection(t *testing.T) {
 	}
 	if p, err := e.db.Transition(ctx, a.ID, []string{pickup.Staging, pickup.Ready}, pickup.Expired, "system:expiry", "", past, nil); err != nil || p.State != pickup.Expired {
 		t.Fatalf("expire past the grace: %+v %v", p, err)
+	}
+}
+
+// TestUseExpiredCredential: a code that opened, before their expiry, the
+// compartments of pickups the gateway expired meanwhile (their locker was
+// offline) marks them collected and its credential used, once: the same
+// use offered again changes nothing, even once they are picked up. The
+// use's time is the locker's clock less its offset at the last birth.
+// Not such a use: one after the expiry, by a clock behind, by a locker of
+// unknown offset, from before the pickups were ready, one that opened a
+// cancelled pickup's compartment or a compartment the code was not for,
+// and an unknown code. The compartment's closing finds the collected
+// pickup when it came after the use and before a later pickup took the
+// compartment.
+func TestUseExpiredCredential(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-LATE", 3)
+	a, b, c := e.pickup("L-1"), e.pickup("L-2"), e.pickup("L-3")
+	e.mustMint("k-ab", "mac-ab", a, b) // a combined code
+	e.mustMint("k-c", "mac-c", c)
+	used := time.Now().Truncate(time.Millisecond) // after ready
+	at := used.Add(10 * time.Second)              // when the locker's report arrives
+	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = ANY($1)`, []string{a.ID, b.ID, c.ID}, used.Add(time.Second))
+	e.transition(a.ID, pickup.Expired)
+	e.transition(b.ID, pickup.Expired)
+	e.transition(c.ID, pickup.Cancelled)
+	if _, state := e.cred("k-ab"); state != "revoked" {
+		t.Fatalf("combined code of two expired pickups: %s, want revoked", state)
+	}
+	offset := func(ms *int64) { e.exec(`UPDATE devices SET clock_offset_ms = $2 WHERE id = $1`, e.id, ms) }
+	zero, behind := int64(0), int64(-2000)
+	for _, tc := range []struct {
+		name   string
+		cred   string
+		used   time.Time
+		comps  []int
+		offset *int64
+	}{
+		{"cancelled", "k-c", used, nil, &zero},
+		{"after expiry", "k-ab", used.Add(2 * time.Second), nil, &zero},
+		{"clock 2 s behind", "k-ab", used, nil, &behind},
+		{"offset unknown", "k-ab", used, nil, nil},
+		{"before ready", "k-ab", used.Add(-time.Hour), nil, &zero},
+		{"another compartment", "k-ab", used, []int{a.Compartment, c.Compartment}, &zero},
+		{"unknown", "k-none", used, nil, &zero},
+	} {
+		offset(tc.offset)
+		if ps, err := e.db.UseExpiredCredential(ctx, e.id, tc.cred, tc.used, at, tc.comps); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("%s: %+v %v, want ErrNotFound", tc.name, ps, err)
+		}
+	}
+	if n := e.uses(); n != 0 {
+		t.Fatalf("%d credential.use entries after the refused uses, want 0", n)
+	}
+	ahead := int64(5000) // a clock 5 s ahead: the use, after the expiry as it reads, was before it
+	offset(&ahead)
+	for range 2 { // the event offered again
+		ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used.Add(5*time.Second), at, []int{a.Compartment, b.Compartment})
+		if err != nil || len(ps) != 2 || ps[0].ID != a.ID || ps[1].ID != b.ID {
+			t.Fatalf("use before expiry: %+v %v, want %s and %s", ps, err, a.ID, b.ID)
+		}
+	}
+	if n := e.uses(); n != 1 {
+		t.Fatalf("%d credential.use entries, want 1", n)
+	}
+	if _, state := e.cred("k-ab"); state != "used" {
+		t.Fatalf("the code used: %s", state)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used, at.Add(time.Second), nil); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("another use of the spent code: %+v %v, want ErrNotFound", ps, err)
+	}
+
+	if p, ts, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); err != nil || p.ID != a.ID || !ts.Equal(used.Add(5*time.Second)) {
+		t.Fatalf("closing after the use: %+v %v %v, want %s used at the locker's %v", p, ts, err, a.ID, used.Add(5*time.Second))
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at.Add(-time.Millisecond)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing before the use: %+v %v, want ErrNotFound", p, err)
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, c.Compartment, at); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing of the cancelled pickup's compartment: %+v %v, want ErrNotFound", p, err)
+	}
+	// A later pickup in a's compartment: its closings are its own.
+	e.exec(`UPDATE compartments SET occupied = false, door = 'closed' WHERE device_id = $1`, e.id)
+	d := e.pickup("L-4")
+	if d.Compartment != a.Compartment {
+		t.Fatalf("the next pickup took compartment %d, want a's %d", d.Compartment, a.Compartment)
+	}
+	e.exec(`UPDATE pickups SET created_at = $2 WHERE id = $1`, d.ID, at.Add(time.Minute))
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at.Add(2*time.Minute)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing after a later pickup: %+v %v, want ErrNotFound", p, err)
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); err != nil || p.ID != a.ID {
+		t.Fatalf("closing from before the later pickup: %+v %v, want %s", p, err, a.ID)
+	}
+	// Picked up by its closing; the use offered again after that (a stop
+	// before its event left the outbox) is still this use.
+	if _, err := e.db.Transition(ctx, a.ID, []string{pickup.Expired}, pickup.PickedUp, "test", "", time.Now(), nil); err != nil {
+		t.Fatal(err)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used.Add(5*time.Second), at, nil); err != nil || len(ps) != 2 || ps[0].State != pickup.PickedUp {
+		t.Fatalf("the use offered again once picked up: %+v %v", ps, err)
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing of the pickup picked up: %+v %v, want ErrNotFound", p, err)
+	}
+	if n := e.uses(); n != 1 {
+		t.Fatalf("%d credential.use entries, want 1", n)
+	}
+}
+
+// TestExpiryRaisesItsAlert: a pickup's expiry and its pickup_expired alert
+// (raised at the expiry's time, by which a late collection withdraws it)
+// are one transaction; other transitions raise none.
+func TestExpiryRaisesItsAlert(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-EXPALERT", 2)
+	a, b := e.pickup("X-1"), e.pickup("X-2")
+	done := e.transition(a.ID, pickup.Expired)
+	e.transition(b.ID, pickup.Cancelled)
+	var kind string
+	var comp int
+	var raised time.Time
+	if err := e.db.Pool().QueryRow(ctx, `SELECT kind, compartment, raised_at FROM alerts WHERE device_id = $1`, e.id).Scan(&kind, &comp, &raised); err != nil {
+		t.Fatalf("the one alert: %v", err)
+	}
+	if kind != fleet.AlertPickupExpired || comp != a.Compartment || done.DoneAt == nil || !raised.Equal(*done.DoneAt) {
+		t.Fatalf("alert %s on %d raised %v; want %s on %d raised at the expiry %v", kind, comp, raised, fleet.AlertPickupExpired, a.Compartment, done.DoneAt)
 	}
 }
