@@ -23,6 +23,10 @@ type orderStore struct {
 	// that is down; onFail is called at each.
 	closingsFails, withdrawFails int
 	onFail                       func()
+	// lateUsed: the locker's time of a late-reported use of the expired
+	// pickup's code (LateCollectionAt), until judged.
+	lateUsed *time.Time
+	judged   int
 }
 
 func (s *orderStore) fail(left *int) bool {
@@ -45,7 +49,7 @@ func (s *orderStore) DoorClosingsAfter(_ context.Context, _ string, n int, _, af
 	if s.fail(&s.closingsFails) {
 		return nil, errDown
 	}
-	if n != s.p.Compartment || !s.closing.TS.After(after) {
+	if n != s.p.Compartment || s.closing.TS.Before(after) {
 		return nil, nil
 	}
 	return []fleet.EventRecord{s.closing}, nil
@@ -61,7 +65,17 @@ func (s *orderStore) LivePickupAt(context.Context, string, int) (*Pickup, error)
 }
 
 func (s *orderStore) LateCollectionAt(context.Context, string, int, time.Time) (*Pickup, time.Time, error) {
-	return nil, time.Time{}, fleet.ErrNotFound
+	if s.lateUsed == nil || s.p.State != Expired {
+		return nil, time.Time{}, fleet.ErrNotFound
+	}
+	p := s.p
+	return &p, *s.lateUsed, nil
+}
+
+func (s *orderStore) JudgeLateCollection(context.Context, string) error {
+	s.judged++
+	s.lateUsed = nil
+	return nil
 }
 
 func (s *orderStore) CredentialState(context.Context, string, string) (string, error) {
@@ -96,16 +110,21 @@ func (s *orderStore) WithdrawAlert(_ context.Context, a fleet.Alert, _, _ string
 func newOrderStore(t *testing.T) (*orderStore, fleet.EventRecord) {
 	t.Helper()
 	used := codeAcceptedEvent(t)
-	at := used.TS.Add(3 * time.Second)
-	body, err := json.Marshal(protocol.Event{ID: "e-2", TS: protocol.T(at), Type: protocol.EventDoorClosed, Compartment: 3, Occupied: new(false)})
+	return &orderStore{
+		p:       Pickup{ID: "p-1", Locker: "lk-1", Compartment: 3, State: Ready, CredentialID: "cr-1", CreatedAt: used.TS.Add(-time.Hour)},
+		closing: closingEvent(t, "e-2", used.TS.Add(3*time.Second), false),
+	}, used
+}
+
+// closingEvent is compartment 3's door closing at lk-1, at at by the
+// locker's clock and received then.
+func closingEvent(t *testing.T, id string, at time.Time, occupied bool) fleet.EventRecord {
+	t.Helper()
+	body, err := json.Marshal(protocol.Event{ID: id, TS: protocol.T(at), Type: protocol.EventDoorClosed, Compartment: 3, Occupied: &occupied})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &orderStore{
-		p: Pickup{ID: "p-1", Locker: "lk-1", Compartment: 3, State: Ready, CredentialID: "cr-1", CreatedAt: used.TS.Add(-time.Hour)},
-		closing: fleet.EventRecord{DeviceID: "lk-1", EventID: "e-2", ReceivedAt: at, TS: at, Type: protocol.EventDoorClosed,
-			Compartment: 3, Body: body},
-	}, used
+	return fleet.EventRecord{DeviceID: "lk-1", EventID: id, ReceivedAt: at, TS: at, Type: protocol.EventDoorClosed, Compartment: 3, Body: body}
 }
 
 // TestClosingAppliedBeforeItsCode: a code use applied after the closing
@@ -163,5 +182,38 @@ func TestClosingJudgedAgainOutlastsDatabaseErrors(t *testing.T) {
 	st.closingsFails, st.onFail = 1<<30, cancel
 	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || st.transitions != 0 {
 		t.Fatalf("stopped while the closings could not be read: applied %d, %d transitions; want 0, 0", n, st.transitions)
+	}
+}
+
+// TestLateClosingJudgedOnce: the first closing after a late-reported use
+// of an expired pickup's code decides, once: empty and within
+// CollectGrace of the use, picked up; with the order inside, or past the
+// grace (a door left open: the closing says nothing of who took what),
+// the pickup stays expired, and that verdict is recorded so that no later
+// closing is taken for its driver's.
+func TestLateClosingJudgedOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		after    time.Duration
+		occupied bool
+		want     string
+	}{
+		{"empty in time", 3 * time.Second, false, PickedUp},
+		{"order inside", 3 * time.Second, true, Expired},
+		{"past the grace", CollectGrace + time.Minute, false, Expired},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st, used := newOrderStore(t)
+			st.p.State, st.lateUsed = Expired, &used.TS
+			st.closing = closingEvent(t, "e-2", used.TS.Add(tc.after), tc.occupied)
+			s := notLiveService(t, nil, &countingFleet{})
+			s.o.Store = st
+			if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 {
+				t.Fatalf("applied %d, want 1", n)
+			}
+			if judged := st.judged == 1; st.p.State != tc.want || judged != (tc.want == Expired) {
+				t.Fatalf("state %s, judged %d times; want %s, judged once unless picked up", st.p.State, st.judged, tc.want)
+			}
+		})
 	}
 }

@@ -215,8 +215,8 @@ type Store interface {
 	// compartments (empty: all of the credential's) of pickups that
 	// expired after used: a driver collected in time while the locker was
 	// offline, and its report came after the expiry. It marks the pickups
-	// collected at at, the credential used and audits the use, and returns
-	// the pickups. A credential that was rotated counts as its replacement.
+	// collected at at (the credential stays revoked) and audits the use,
+	// and returns the pickups. A credential that was rotated counts as its replacement.
 	// The same use recorded already (the same at) changes nothing and
 	// returns them all the same, in whatever state they are now.
 	// fleet.ErrNotFound when the credential opened no pickup, or any pickup
@@ -227,6 +227,11 @@ type Store interface {
 	// (UseExpiredCredential), with the use's time by the locker's clock;
 	// fleet.ErrNotFound otherwise.
 	LateCollectionAt(ctx context.Context, deviceID string, n int, at time.Time) (*Pickup, time.Time, error)
+	// JudgeLateCollection records that the first closing after an expired
+	// pickup's late-reported use did not end it (the order left inside, or
+	// the door closed past CollectGrace): LateCollectionAt no longer
+	// returns it.
+	JudgeLateCollection(ctx context.Context, id string) error
 	// DoorClosingsAfter returns the door_closed events of a locker's
 	// compartment received after since whose device time is at or after
 	// after (a closing in the code's own millisecond follows it), in the

@@ -279,13 +279,23 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 	if len(closings) == 0 || closings[0].EventID != ev.ID {
 		return false, nil
 	}
-	if ev.Occupied != nil && *ev.Occupied {
-		s.log.Info("expired pickup opened with its code before expiry, but the order is still inside", "pickup", p.ID,
-			"locker", deviceID, "compartment", p.Compartment)
-		return false, nil
+	// That closing is judged once. The order left inside, or the door
+	// closed past the grace a driver gets (CollectGrace: left open, the
+	// closing says nothing of who took what), the pickup stays expired and
+	// its alert stands; no closing after it can make it picked up.
+	if left, late := ev.Occupied != nil && *ev.Occupied, ev.TS.Time.After(used.Add(CollectGrace)); left || late {
+		err := s.retry(ctx, "judge_late_collection", func(ctx context.Context) error {
+			return s.o.Store.JudgeLateCollection(ctx, p.ID)
+		})
+		if err == nil {
+			s.log.Info("expired pickup opened with its code before expiry, not taken by its driver", "pickup", p.ID,
+				"locker", deviceID, "compartment", p.Compartment, "order_inside", left, "closed_past_grace", late)
+		}
+		return false, err
 	}
 	// Withdrawn first: a stop between the two leaves the pickup expired,
-	// and the closing, offered again, finishes it.
+	// and the event that judged it (the closing, or the code's use that
+	// judged a closing applied before it), offered again, finishes it.
 	if p.DoneAt != nil {
 		expired := fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment, RaisedAt: *p.DoneAt}
 		if err := s.withdraw(ctx, expired, "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {

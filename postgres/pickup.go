@@ -279,15 +279,6 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				return err
 			}
 		}
-		if to == pickup.Expired {
-			// With the expiry, so that a collection the locker reports
-			// late (pickup.Service's lateCollection) finds it to withdraw.
-			a := pickup.ExpiredAlert(out)
-			var n int
-			if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil {
-				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
-			}
-		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
 			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail); err != nil {
 			return err
@@ -296,15 +287,27 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			Detail: map[string]any{"pickup": id, "from": state}}); err != nil {
 			return err
 		}
-		if ev == nil {
-			return nil
+		if ev != nil {
+			if _, ok := ev.Data["credential_id"]; ok && out.CredentialID != "" {
+				// The credential as of now: a rotation may have replaced
+				// the one the caller minted.
+				ev.Data["credential_id"] = out.CredentialID
+			}
+			if err := queueEvent(ctx, tx, ev, out, at); err != nil {
+				return err
+			}
 		}
-		if _, ok := ev.Data["credential_id"]; ok && out.CredentialID != "" {
-			// The credential as of now: a rotation may have replaced the
-			// one the caller minted.
-			ev.Data["credential_id"] = out.CredentialID
+		if to == pickup.Expired {
+			// With the expiry (after its webhook event, as before), so
+			// that a collection the locker reports late (pickup.Service's
+			// lateCollection) finds it to withdraw.
+			a := pickup.ExpiredAlert(out)
+			var n int
+			if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil {
+				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
+			}
 		}
-		return queueEvent(ctx, tx, ev, out, at)
+		return nil
 	})
 	return out, err
 }
@@ -678,7 +681,7 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
 				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32),
 			dev AS (SELECT $4::timestamptz - clock_offset_ms * interval '1 millisecond' AS used FROM devices WHERE id = $1)
-			SELECT p.id, p.credential_id, p.compartment,
+			SELECT p.id, p.compartment,
 				coalesce(p.collected_at = $5, p.state = 'expired' AND dev.used <= p.expires_at
 					AND dev.used >= p.ready_at - interval '1 second' AND dev.used <= $5::timestamptz + interval '1 second', false),
 				p.collected_at IS NOT NULL
@@ -689,14 +692,14 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 		if err != nil {
 			return err
 		}
-		var ids, creds []string
+		var ids []string
 		var opened []int
 		replay := true
 		for rows.Next() {
-			var id, cred string
+			var id string
 			var n int
 			var ok, recorded bool
-			if err := rows.Scan(&id, &cred, &n, &ok, &recorded); err != nil {
+			if err := rows.Scan(&id, &n, &ok, &recorded); err != nil {
 				rows.Close()
 				return err
 			}
@@ -704,7 +707,7 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 				rows.Close()
 				return fmt.Errorf("credential %s of %s: pickup %s it opened did not expire after the use: %w", credID, deviceID, id, fleet.ErrNotFound)
 			}
-			ids, creds, opened = append(ids, id), append(creds, cred), append(opened, n)
+			ids, opened = append(ids, id), append(opened, n)
 			replay = replay && recorded
 		}
 		if err := rows.Err(); err != nil {
@@ -719,12 +722,11 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 			}
 		}
 		// replay: this very use, recorded already (an event offered again).
+		// The credential stays revoked: marked used, the use offered again
+		// would look to UseCredential like its own, recorded, and never
+		// come back here.
 		if !replay {
 			if _, err := tx.Exec(ctx, `UPDATE pickups SET collected_at = $2, collected_ts = $3 WHERE id = ANY ($1)`, ids, at, used); err != nil {
-				return err
-			}
-			if _, err := tx.Exec(ctx, `UPDATE credentials SET state = 'used', used_at = $3
-				WHERE device_id = $1 AND id = ANY ($2) AND state = 'revoked'`, deviceID, creds, at); err != nil {
 				return err
 			}
 			if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
@@ -747,8 +749,14 @@ func (db *DB) LateCollectionAt(ctx context.Context, deviceID string, n int, at t
 	var used time.Time
 	p, err := scanPickup(scanAlso{db.pool.QueryRow(ctx, `SELECT `+pickupCols+`, collected_ts FROM (SELECT * FROM pickups
 			WHERE device_id = $1 AND compartment = $2 AND created_at <= $3 ORDER BY created_at DESC LIMIT 1) p
-		WHERE state = 'expired' AND collected_at <= $3`, deviceID, n, at), []any{&used}})
+		WHERE state = 'expired' AND collected_at <= $3 AND collected_ts IS NOT NULL`, deviceID, n, at), []any{&used}})
 	return p, used, err
+}
+
+// JudgeLateCollection implements pickup.Store.
+func (db *DB) JudgeLateCollection(ctx context.Context, id string) error {
+	_, err := db.pool.Exec(ctx, `UPDATE pickups SET collected_ts = NULL WHERE id = $1 AND state = 'expired'`, id)
+	return err
 }
 
 // scanAlso scans a row of pickupCols followed by more columns into more.

@@ -511,8 +511,11 @@ func TestUseExpiredCredential(t *testing.T) {
 	if n := e.uses(); n != 1 {
 		t.Fatalf("%d credential.use entries, want 1", n)
 	}
-	if _, state := e.cred("k-ab"); state != "used" {
-		t.Fatalf("the code used: %s", state)
+	if _, state := e.cred("k-ab"); state != "revoked" {
+		t.Fatalf("the code used late: %s, want revoked still (UseCredential must not take its use for its own)", state)
+	}
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-ab", at); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("UseCredential of the use offered again: %+v %v, want ErrNotFound (then judged here again)", ps, err)
 	}
 	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used, at.Add(time.Second), nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("another use of the spent code: %+v %v, want ErrNotFound", ps, err)
@@ -526,6 +529,20 @@ func TestUseExpiredCredential(t *testing.T) {
 	}
 	if p, _, err := e.db.LateCollectionAt(ctx, e.id, c.Compartment, at); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("closing of the cancelled pickup's compartment: %+v %v, want ErrNotFound", p, err)
+	}
+	// b's first closing after the use was judged not its driver's: no
+	// closing is, after that, and the use offered again is still this use.
+	if err := e.db.JudgeLateCollection(ctx, b.ID); err != nil {
+		t.Fatal(err)
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, b.Compartment, at.Add(time.Minute)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing after the judged one: %+v %v, want ErrNotFound", p, err)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used.Add(5*time.Second), at, nil); err != nil || len(ps) != 2 {
+		t.Fatalf("the use offered again once judged: %+v %v", ps, err)
+	}
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, b.Compartment, at.Add(time.Minute)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("closing after the judged one, the use offered again: %+v %v, want ErrNotFound", p, err)
 	}
 	// A later pickup in a's compartment: its closings are its own.
 	e.exec(`UPDATE compartments SET occupied = false, door = 'closed' WHERE device_id = $1`, e.id)
