@@ -3,6 +3,7 @@ package pickup
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"testing"
 	"time"
 
@@ -85,7 +86,10 @@ func (s *orderStore) CredentialState(context.Context, string, string) (string, e
 	return "active", nil
 }
 
-func (s *orderStore) Transition(_ context.Context, _ string, _ []string, to, _, _ string, _ time.Time, _ *Event) (*Pickup, error) {
+func (s *orderStore) Transition(_ context.Context, _ string, from []string, to, _, _ string, _ time.Time, _ *Event) (*Pickup, error) {
+	if !slices.Contains(from, s.p.State) {
+		return nil, fleet.ErrConflict
+	}
 	s.transitions++
 	s.p.State = to
 	p := s.p
@@ -204,7 +208,8 @@ func TestLateClosingJudgedOnce(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			st, used := newOrderStore(t)
-			st.p.State, st.lateUsed = Expired, &used.TS
+			expiry := used.TS.Add(-time.Second)
+			st.p.State, st.p.DoneAt, st.lateUsed = Expired, &expiry, &used.TS
 			st.closing = closingEvent(t, "e-2", used.TS.Add(tc.after), tc.occupied)
 			s := notLiveService(t, nil, &countingFleet{})
 			s.o.Store = st
@@ -213,6 +218,12 @@ func TestLateClosingJudgedOnce(t *testing.T) {
 			}
 			if judged := st.judged == 1; st.p.State != tc.want || judged != (tc.want == Expired) {
 				t.Fatalf("state %s, judged %d times; want %s, judged once unless picked up", st.p.State, st.judged, tc.want)
+			}
+			// The pickup_expired alert (raised at the expiry) is withdrawn
+			// exactly when the pickup is picked up.
+			withdrawn := len(st.withdrawn) == 1 && st.withdrawn[0].Kind == fleet.AlertPickupExpired && st.withdrawn[0].RaisedAt.Equal(expiry)
+			if withdrawn != (tc.want == PickedUp) || len(st.withdrawn) > 1 {
+				t.Fatalf("withdrawn %+v", st.withdrawn)
 			}
 		})
 	}

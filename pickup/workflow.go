@@ -227,23 +227,8 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			s.log.Info("door closing judged again: the code used before it was applied after it",
 				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", closings[0].EventID)
 			// Judged as of the code's arrival, which marked it collected.
-			picked, err := s.lateCollection(ctx, deviceID, closed, at)
-			if err != nil {
+			if err := s.lateCollection(ctx, deviceID, closed, at, closings); err != nil {
 				return true, err
-			}
-			if !picked {
-				continue
-			}
-			// Closings applied while the pickup was still ready raised
-			// pickup_removed without the code (later ones raised nothing
-			// for it; one for a pickup staged since is that pickup's).
-			for j := range closings {
-				if p.DoneAt == nil || !closings[j].ReceivedAt.Before(*p.DoneAt) {
-					continue
-				}
-				if err := s.withdrawRemoved(ctx, p, &closings[j]); err != nil {
-					return true, err
-				}
 			}
 		}
 	}
@@ -255,8 +240,11 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 // (usedBeforeExpiry): closed empty, the driver took the order, so the
 // pickup is picked up after all and its pickup_expired alert withdrawn;
 // closed with the order inside, it stays expired and the alert stands.
-// It reports whether the pickup was picked up.
-func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) (bool, error) {
+// applied are closings of the
+// compartment applied before (usedBeforeExpiry): those applied while the
+// pickup was still ready raised pickup_removed without the code, withdrawn
+// with the pickup_expired alert.
+func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, applied []fleet.EventRecord) error {
 	var p *Pickup
 	var used time.Time
 	err := s.retry(ctx, "late_collection", func(ctx context.Context) (err error) {
@@ -264,20 +252,20 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return false, nil
+		return nil
 	}
 	if err != nil {
-		return false, err
+		return err
 	}
 	// Only the door's first closing after the code's use, by the
 	// locker's clock, is the driver's: a later one (staff emptying the
 	// compartment of an order the driver left) says nothing of the pickup.
 	closings, _, err := s.closingApplied(ctx, p, &protocol.Event{TS: protocol.T(used)}, nil)
 	if err != nil {
-		return false, err
+		return err
 	}
 	if len(closings) == 0 || closings[0].EventID != ev.ID {
-		return false, nil
+		return nil
 	}
 	// That closing is judged once. The order left inside, or the door
 	// closed past the grace a driver gets (CollectGrace: left open, the
@@ -291,15 +279,25 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 			s.log.Info("expired pickup opened with its code before expiry, not taken by its driver", "pickup", p.ID,
 				"locker", deviceID, "compartment", p.Compartment, "order_inside", left, "closed_past_grace", late)
 		}
-		return false, err
+		return err
 	}
-	// Withdrawn first: a stop between the two leaves the pickup expired,
-	// and the event that judged it (the closing, or the code's use that
-	// judged a closing applied before it), offered again, finishes it.
+	// Withdrawn first: a stop before the transition leaves the pickup
+	// expired, and the event that judged it (the closing, or the code's
+	// use that judged a closing applied before it), offered again,
+	// finishes it.
 	if p.DoneAt != nil {
 		expired := fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment, RaisedAt: *p.DoneAt}
 		if err := s.withdraw(ctx, expired, "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {
-			return false, err
+			return err
+		}
+		for i := range applied {
+			// Received before the expiry: judged with the pickup ready.
+			if !applied[i].ReceivedAt.Before(*p.DoneAt) {
+				continue
+			}
+			if err := s.withdrawRemoved(ctx, p, &applied[i]); err != nil {
+				return err
+			}
 		}
 	}
 	pe := s.event(EventPickedUp, p, at)
@@ -311,13 +309,13 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 		return err
 	})
 	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
-		return false, nil // done already (a replay)
+		return nil // done already (a replay)
 	}
 	if err != nil {
-		return false, err
+		return err
 	}
 	s.transitioned(done, PickedUp)
-	return true, nil
+	return nil
 }
 
 // codeNotLive: the locker opened compartments for a code the gateway does
@@ -363,8 +361,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		_, err := s.lateCollection(ctx, deviceID, ev, at)
-		return err
+		return s.lateCollection(ctx, deviceID, ev, at, nil)
 	}
 	if err != nil {
 		return err
@@ -372,8 +369,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if at.Before(p.CreatedAt) {
 		// A closing from before this pickup existed (an event offered
 		// again after a stop): it was about the compartment's last order.
-		_, err := s.lateCollection(ctx, deviceID, ev, at)
-		return err
+		return s.lateCollection(ctx, deviceID, ev, at, nil)
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID

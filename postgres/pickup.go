@@ -688,6 +688,9 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 			FROM pickups p CROSS JOIN dev
 			WHERE p.device_id = $1 AND p.credential_id IN (SELECT id FROM chain)
 				AND (cardinality($3::int[]) = 0 OR p.compartment = ANY ($3))
+				-- A code spent already (a second form of it, on a locker
+				-- that does not honour group) is not a first use.
+				AND NOT EXISTS (SELECT 1 FROM credentials c WHERE c.id IN (SELECT id FROM chain) AND c.state <> 'revoked')
 			ORDER BY p.id FOR UPDATE OF p`, deviceID, credID, compartments, used, at)
 		if err != nil {
 			return err
@@ -722,11 +725,15 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 			}
 		}
 		// replay: this very use, recorded already (an event offered again).
-		// The credential stays revoked: marked used, the use offered again
-		// would look to UseCredential like its own, recorded, and never
-		// come back here.
+		// The credential stays revoked, with the use's time (CredentialState
+		// calls it used): in state used, the use offered again would look to
+		// UseCredential like its own, recorded, and never come back here.
 		if !replay {
 			if _, err := tx.Exec(ctx, `UPDATE pickups SET collected_at = $2, collected_ts = $3 WHERE id = ANY ($1)`, ids, at, used); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `UPDATE credentials c SET used_at = $2 FROM pickups p
+				WHERE p.id = ANY ($1) AND c.id = p.credential_id AND c.state = 'revoked' AND c.used_at IS NULL`, ids, at); err != nil {
 				return err
 			}
 			if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
@@ -782,7 +789,10 @@ func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential,
 // CredentialState implements pickup.Store.
 func (db *DB) CredentialState(ctx context.Context, deviceID, id string) (string, error) {
 	var s string
-	err := db.pool.QueryRow(ctx, `SELECT state FROM credentials WHERE id = $1 AND device_id = $2`, id, deviceID).Scan(&s)
+	// A revoked credential with a use was used after its pickups expired
+	// (UseExpiredCredential).
+	err := db.pool.QueryRow(ctx, `SELECT CASE WHEN state = 'revoked' AND used_at IS NOT NULL THEN 'used' ELSE state END
+		FROM credentials WHERE id = $1 AND device_id = $2`, id, deviceID).Scan(&s)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return "", fleet.ErrNotFound
 	}

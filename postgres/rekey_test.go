@@ -451,7 +451,8 @@ func TestExpiryWaitsForCollection(t *testing.T) {
 
 // TestUseExpiredCredential: a code that opened, before their expiry, the
 // compartments of pickups the gateway expired meanwhile (their locker was
-// offline) marks them collected and its credential used, once: the same
+// offline) marks them collected (their credential stays revoked, and reads
+// as used) once: the same
 // use offered again changes nothing, even once they are picked up. The
 // use's time is the locker's clock less its offset at the last birth.
 // Not such a use: one after the expiry, by a clock behind, by a locker of
@@ -516,6 +517,9 @@ func TestUseExpiredCredential(t *testing.T) {
 	}
 	if ps, err := e.db.UseCredential(ctx, e.id, "k-ab", at); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("UseCredential of the use offered again: %+v %v, want ErrNotFound (then judged here again)", ps, err)
+	}
+	if state, err := e.db.CredentialState(ctx, e.id, "k-ab"); err != nil || state != "used" {
+		t.Fatalf("the late-used code's state for code_not_live: %q %v, want used", state, err)
 	}
 	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-ab", used, at.Add(time.Second), nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("another use of the spent code: %+v %v, want ErrNotFound", ps, err)
@@ -590,5 +594,30 @@ func TestExpiryRaisesItsAlert(t *testing.T) {
 	}
 	if kind != fleet.AlertPickupExpired || comp != a.Compartment || done.DoneAt == nil || !raised.Equal(*done.DoneAt) {
 		t.Fatalf("alert %s on %d raised %v; want %s on %d raised at the expiry %v", kind, comp, raised, fleet.AlertPickupExpired, a.Compartment, done.DoneAt)
+	}
+}
+
+// TestSpentCodeIsNoLateCollection: a code the gateway recorded used (its
+// driver opened the compartment in time and left the order) whose pickup
+// expired past the grace, used again (its other form, on a locker that
+// does not honour group), is not a late collection: code_not_live decides.
+func TestSpentCodeIsNoLateCollection(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-SPENT", 1)
+	offset := int64(0)
+	e.exec(`UPDATE devices SET clock_offset_ms = $2 WHERE id = $1`, e.id, offset)
+	p := e.pickup("S-1")
+	e.mustMint("k-s", "mac-s", p)
+	used := time.Now().Truncate(time.Millisecond)
+	if _, err := e.db.UseCredential(ctx, e.id, "k-s", used); err != nil {
+		t.Fatal(err)
+	}
+	past := used.Add(pickup.CollectGrace + time.Minute)
+	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = $1`, p.ID, used.Add(time.Second))
+	if _, err := e.db.Transition(ctx, p.ID, []string{pickup.Ready}, pickup.Expired, "system:expiry", "", past, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(500*time.Millisecond), past, nil); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("a second use of a spent code: %+v %v, want ErrNotFound", ps, err)
 	}
 }
