@@ -622,7 +622,7 @@ func TestPickupCollectedOfflineBeforeExpiry(t *testing.T) {
 	if r := l.EnterCode(code); !r.Accepted {
 		t.Fatalf("offline code: %+v", r)
 	}
-	e.expireOffline(t, p, time.Now().Add(time.Second)) // after the use, by the locker's clock
+	e.expireOffline(t, p, time.Now().Add(3*time.Second)) // after the use, by the locker's clock, with its offset's error
 	reconnect(t, l)
 	e.waitState(t, p.ID, pickup.PickedUp)
 	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1 AND cleared_by = 'gateway'`, p.Locker); n != 1 {
@@ -674,8 +674,8 @@ func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
 		}
 		return nil
 	})
-	e.expireOffline(t, ready, used.Add(time.Second))
-	e.expireOffline(t, expired, used.Add(time.Second))
+	e.expireOffline(t, ready, used.Add(3*time.Second))
+	e.expireOffline(t, expired, used.Add(3*time.Second))
 	closing(expired)
 	for _, p := range []pickup.Pickup{ready, expired} {
 		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
@@ -733,7 +733,7 @@ func TestPickupLeftInsideOfflineStaysExpired(t *testing.T) {
 	}
 	l.SetOccupied(p.Compartment, true) // the driver left the order
 	l.CloseDoor(p.Compartment)
-	e.expireOffline(t, p, time.Now().Add(time.Second))
+	e.expireOffline(t, p, time.Now().Add(3*time.Second))
 	reconnect(t, l)
 	applied := func(closings int) {
 		t.Helper()
@@ -787,20 +787,33 @@ func collectedEvents(prefix string, p pickup.Pickup, at time.Time) []storedEvent
 // storeUnapplied writes events of locker as a run that stored them and
 // stopped before applying their effects leaves them: recorded, deduplicated,
 // and in the outbox.
-func storeUnapplied(t *testing.T, pool interface {
+func storeUnapplied(t *testing.T, pool execer, locker string, events []storedEvent) {
+	t.Helper()
+	storeEvents(t, pool, locker, events, true)
+}
+
+// execer runs a statement: a pool or a connection.
+type execer interface {
 	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
-}, locker string, events []storedEvent) {
+}
+
+// storeEvents writes events of locker as stored: recorded and
+// deduplicated, and, with outbox, their effects still to apply.
+func storeEvents(t *testing.T, pool execer, locker string, events []storedEvent, outbox bool) {
 	t.Helper()
 	for _, ev := range events {
 		var comp *int
 		if ev.comp > 0 {
 			comp = &ev.comp
 		}
-		for _, q := range []string{
+		qs := []string{
 			`INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`,
 			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
-			`INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
-		} {
+		}
+		if outbox {
+			qs = append(qs, `INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`)
+		}
+		for _, q := range qs {
 			args := []any{locker, ev.id, ev.at, ev.typ, comp, ev.body}
 			if strings.HasPrefix(q, "INSERT INTO event_ids") {
 				args = args[:3]
@@ -837,44 +850,60 @@ func newCensusEnv(t *testing.T, ref string) (*pickupEnv, *devicesim.Locker, pick
 	return e, l, e.waitState(t, p.ID, pickup.Ready)
 }
 
-// TestLateCollectionAfterACrash: a run judged an expired pickup's late
-// collection from the code's use (the driver's closing applied before it,
-// out of the locker's order), recorded the use and stopped before ending
-// the pickup. The code's use, offered again from the outbox, finishes it:
-// picked up.
-func TestLateCollectionAfterACrash(t *testing.T) {
-	ctx := context.Background()
-	e, l, ready := newCensusEnv(t, "LATE-6")
-	p := ready
+// lateReport sets up a late collection's report: pickup ready (staged at
+// a census environment's locker l, which goes offline) made two hours old
+// and expired an hour ago, a second after the locker's report says its
+// code was used. It returns the report, received an hour ago (a census
+// offers it): the code's use, then the door's closing empty.
+func (e *pickupEnv) lateReport(t *testing.T, l *devicesim.Locker, ready pickup.Pickup) []storedEvent {
+	t.Helper()
 	l.Disconnect()
-	pool := e.tg.DB().Pool()
-	if _, err := pool.Exec(ctx, `UPDATE pickups SET created_at = created_at - interval '2 hours', ready_at = ready_at - interval '2 hours'
-		WHERE id = $1`, p.ID); err != nil {
+	if _, err := e.tg.DB().Pool().Exec(context.Background(), `UPDATE pickups SET created_at = created_at - interval '2 hours',
+		ready_at = ready_at - interval '2 hours' WHERE id = $1`, ready.ID); err != nil {
 		t.Fatal(err)
 	}
-	// The locker's report, received an hour ago (a census offers it):
-	// the code used, then the door closed empty.
 	at := time.Now().Add(-time.Hour).UTC().Truncate(time.Millisecond)
-	e.expireOffline(t, p, at.Add(time.Second))
-	events := collectedEvents("e-late", ready, at)
-	// The closing was applied before the code's use, and found the pickup
-	// expired and no use: stored, out of the outbox.
-	closing := events[1]
-	if _, err := pool.Exec(ctx, `INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`, p.Locker, closing.id, closing.at); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := pool.Exec(ctx, `INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
-		p.Locker, closing.id, closing.at, closing.typ, closing.comp, closing.body); err != nil {
-		t.Fatal(err)
-	}
-	// The stopped run had recorded the use before it stopped.
-	if _, err := e.tg.DB().UseExpiredCredential(ctx, p.Locker, ready.Credential.ID, at, at, []int{p.Compartment}); err != nil {
-		t.Fatalf("the use as the stopped run recorded it: %v", err)
-	}
-	storeUnapplied(t, pool, p.Locker, events[:1])
-	e.waitState(t, p.ID, pickup.PickedUp)
-	if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
-		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	// Seconds to spare: the locker's clock offset, measured from its
+	// birth's delivery, moves the use later by that delay.
+	e.expireOffline(t, ready, at.Add(5*time.Second))
+	return collectedEvents("e-late", ready, at)
+}
+
+// TestLateCollectionAcrossRuns: the late collection's two events, applied
+// by different runs, end the pickup either way.
+//   - After a crash: a run judged the collection from the code's use (the
+//     driver's closing applied before it, out of the locker's order),
+//     recorded the use and stopped before ending the pickup; the use,
+//     offered again from the outbox, finishes it.
+//   - Behind an external broker the closing and the use before it go to
+//     different instances: the closing's received it first but applies it
+//     after the use's instance recorded the use (and found no closing
+//     then); the closing still finds the use.
+func TestLateCollectionAcrossRuns(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		closingLast bool // the closing is the event left to apply
+	}{{"after a crash", false}, {"closing received before its use", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, l, p := newCensusEnv(t, "LATE-6")
+			events := e.lateReport(t, l, p)
+			use, closing := events[0], events[1]
+			applied, left, recorded := closing, use, use.at
+			if tc.closingLast {
+				// The use's instance received it after the closing's had
+				// received the closing.
+				applied, left, recorded = use, closing, closing.at.Add(time.Second)
+			}
+			storeEvents(t, e.tg.DB().Pool(), p.Locker, []storedEvent{applied}, false)
+			if _, err := e.tg.DB().UseExpiredCredential(context.Background(), p.Locker, p.Credential.ID, use.at, recorded, []int{p.Compartment}); err != nil {
+				t.Fatalf("the use as the other run recorded it: %v", err)
+			}
+			storeUnapplied(t, e.tg.DB().Pool(), p.Locker, []storedEvent{left})
+			e.waitState(t, p.ID, pickup.PickedUp)
+			if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
+				t.Fatalf("%d pickup_expired alerts open, want none", n)
+			}
+		})
 	}
 }
 

@@ -223,9 +223,12 @@ type Store interface {
 	// that is not expired or expired before used.
 	UseExpiredCredential(ctx context.Context, deviceID, credID string, used, at time.Time, compartments []int) ([]Pickup, error)
 	// LateCollectionAt returns the last pickup created at a locker's
-	// compartment by at when it is expired and marked collected by at
-	// (UseExpiredCredential), with the use's time by the locker's clock;
-	// fleet.ErrNotFound otherwise.
+	// compartment by at when it is expired and marked collected
+	// (UseExpiredCredential) and not judged since (JudgeLateCollection),
+	// with the use's time by the locker's clock; fleet.ErrNotFound
+	// otherwise. The use may have arrived after at: behind an external
+	// broker a closing and the use before it are applied by different
+	// instances, in either order.
 	LateCollectionAt(ctx context.Context, deviceID string, n int, at time.Time) (*Pickup, time.Time, error)
 	// JudgeLateCollection records that the first closing after an expired
 	// pickup's late-reported use did not end it (the order left inside, or

@@ -227,7 +227,7 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			s.log.Info("door closing judged again: the code used before it was applied after it",
 				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", closings[0].EventID)
 			// Judged as of the code's arrival, which marked it collected.
-			if err := s.lateCollection(ctx, deviceID, closed, at, closings); err != nil {
+			if err := s.lateCollection(ctx, deviceID, closed, at); err != nil {
 				return true, err
 			}
 		}
@@ -240,11 +240,10 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 // (usedBeforeExpiry): closed empty, the driver took the order, so the
 // pickup is picked up after all and its pickup_expired alert withdrawn;
 // closed with the order inside, it stays expired and the alert stands.
-// applied are closings of the
-// compartment applied before (usedBeforeExpiry): those applied while the
-// pickup was still ready raised pickup_removed without the code, withdrawn
-// with the pickup_expired alert.
-func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, applied []fleet.EventRecord) error {
+// Closings after the use that were applied while the pickup was still
+// ready (out of the locker's order) raised pickup_removed without the
+// code: those alerts are withdrawn with the pickup_expired one.
+func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) error {
 	var p *Pickup
 	var used time.Time
 	err := s.retry(ctx, "late_collection", func(ctx context.Context) (err error) {
@@ -290,12 +289,12 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 		if err := s.withdraw(ctx, expired, "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {
 			return err
 		}
-		for i := range applied {
+		for i := range closings {
 			// Received before the expiry: judged with the pickup ready.
-			if !applied[i].ReceivedAt.Before(*p.DoneAt) {
+			if !closings[i].ReceivedAt.Before(*p.DoneAt) {
 				continue
 			}
-			if err := s.withdrawRemoved(ctx, p, &applied[i]); err != nil {
+			if err := s.withdrawRemoved(ctx, p, &closings[i]); err != nil {
 				return err
 			}
 		}
@@ -361,7 +360,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return s.lateCollection(ctx, deviceID, ev, at, nil)
+		return s.lateCollection(ctx, deviceID, ev, at)
 	}
 	if err != nil {
 		return err
@@ -369,7 +368,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if at.Before(p.CreatedAt) {
 		// A closing from before this pickup existed (an event offered
 		// again after a stop): it was about the compartment's last order.
-		return s.lateCollection(ctx, deviceID, ev, at, nil)
+		return s.lateCollection(ctx, deviceID, ev, at)
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID

@@ -756,7 +756,7 @@ func (db *DB) LateCollectionAt(ctx context.Context, deviceID string, n int, at t
 	var used time.Time
 	p, err := scanPickup(scanAlso{db.pool.QueryRow(ctx, `SELECT `+pickupCols+`, collected_ts FROM (SELECT * FROM pickups
 			WHERE device_id = $1 AND compartment = $2 AND created_at <= $3 ORDER BY created_at DESC LIMIT 1) p
-		WHERE state = 'expired' AND collected_at <= $3 AND collected_ts IS NOT NULL`, deviceID, n, at), []any{&used}})
+		WHERE state = 'expired' AND collected_ts IS NOT NULL`, deviceID, n, at), []any{&used}})
 	return p, used, err
 }
 

@@ -459,8 +459,7 @@ func TestExpiryWaitsForCollection(t *testing.T) {
 // unknown offset, from before the pickups were ready, one that opened a
 // cancelled pickup's compartment or a compartment the code was not for,
 // and an unknown code. The compartment's closing finds the collected
-// pickup when it came after the use and before a later pickup took the
-// compartment.
+// pickup until it is judged or a later pickup took the compartment.
 func TestUseExpiredCredential(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-LATE", 3)
@@ -528,8 +527,11 @@ func TestUseExpiredCredential(t *testing.T) {
 	if p, ts, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); err != nil || p.ID != a.ID || !ts.Equal(used.Add(5*time.Second)) {
 		t.Fatalf("closing after the use: %+v %v %v, want %s used at the locker's %v", p, ts, err, a.ID, used.Add(5*time.Second))
 	}
-	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at.Add(-time.Millisecond)); !errors.Is(err, fleet.ErrNotFound) {
-		t.Fatalf("closing before the use: %+v %v, want ErrNotFound", p, err)
+	// A closing that arrived before the use (applied by another instance,
+	// out of the locker's order) finds it too: which closing is the
+	// driver's is the workflow's to judge, by the locker's clock.
+	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at.Add(-time.Millisecond)); err != nil || p.ID != a.ID {
+		t.Fatalf("closing that arrived before the use: %+v %v, want %s", p, err, a.ID)
 	}
 	if p, _, err := e.db.LateCollectionAt(ctx, e.id, c.Compartment, at); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("closing of the cancelled pickup's compartment: %+v %v, want ErrNotFound", p, err)
