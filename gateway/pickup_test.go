@@ -852,21 +852,26 @@ func newCensusEnv(t *testing.T, ref string) (*pickupEnv, *devicesim.Locker, pick
 
 // lateReport sets up a late collection's report: pickup ready (staged at
 // a census environment's locker l, which goes offline) made two hours old
-// and expired an hour ago, a second after the locker's report says its
-// code was used. It returns the report, received an hour ago (a census
-// offers it): the code's use, then the door's closing empty.
-func (e *pickupEnv) lateReport(t *testing.T, l *devicesim.Locker, ready pickup.Pickup) []storedEvent {
+// and expired an hour ago, seconds after the locker's report says its
+// code was used (used, by the locker's clock). It returns the report,
+// received seconds after it was made, an hour ago (a census offers it):
+// the code's use, then the door's closing empty.
+func (e *pickupEnv) lateReport(t *testing.T, l *devicesim.Locker, ready pickup.Pickup) (events []storedEvent, used time.Time) {
 	t.Helper()
 	l.Disconnect()
 	if _, err := e.tg.DB().Pool().Exec(context.Background(), `UPDATE pickups SET created_at = created_at - interval '2 hours',
 		ready_at = ready_at - interval '2 hours' WHERE id = $1`, ready.ID); err != nil {
 		t.Fatal(err)
 	}
-	at := time.Now().Add(-time.Hour).UTC().Truncate(time.Millisecond)
+	used = time.Now().Add(-time.Hour).UTC().Truncate(time.Millisecond)
 	// Seconds to spare: the locker's clock offset, measured from its
 	// birth's delivery, moves the use later by that delay.
-	e.expireOffline(t, ready, at.Add(5*time.Second))
-	return collectedEvents("e-late", ready, at)
+	e.expireOffline(t, ready, used.Add(5*time.Second))
+	events = collectedEvents("e-late", ready, used)
+	for i := range events {
+		events[i].at = events[i].at.Add(3 * time.Second)
+	}
+	return events, used
 }
 
 // TestLateCollectionAcrossRuns: the late collection's two events, applied
@@ -886,22 +891,29 @@ func TestLateCollectionAcrossRuns(t *testing.T) {
 	}{{"after a crash", false}, {"closing received before its use", true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, l, p := newCensusEnv(t, "LATE-6")
-			events := e.lateReport(t, l, p)
+			events, used := e.lateReport(t, l, p)
 			use, closing := events[0], events[1]
-			applied, left, recorded := closing, use, use.at
+			applied, left := closing, use
 			if tc.closingLast {
 				// The use's instance received it after the closing's had
 				// received the closing.
-				applied, left, recorded = use, closing, closing.at.Add(time.Second)
+				use.at = closing.at.Add(time.Second)
+				applied, left = use, closing
 			}
 			storeEvents(t, e.tg.DB().Pool(), p.Locker, []storedEvent{applied}, false)
-			if _, err := e.tg.DB().UseExpiredCredential(context.Background(), p.Locker, p.Credential.ID, use.at, recorded, []int{p.Compartment}); err != nil {
+			if _, err := e.tg.DB().UseExpiredCredential(context.Background(), p.Locker, p.Credential.ID, used, use.at, []int{p.Compartment}); err != nil {
 				t.Fatalf("the use as the other run recorded it: %v", err)
 			}
 			storeUnapplied(t, e.tg.DB().Pool(), p.Locker, []storedEvent{left})
 			e.waitState(t, p.ID, pickup.PickedUp)
 			if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
 				t.Fatalf("%d pickup_expired alerts open, want none", n)
+			}
+			// Picked up after the expiry, though the events were received
+			// an hour before it.
+			if n := e.tg.Count(t, `SELECT count(*) FROM pickup_transitions x JOIN pickup_transitions u USING (pickup_id)
+				WHERE pickup_id = $1 AND x.to_state = 'expired' AND u.to_state = 'picked_up' AND u.ts >= x.ts`, p.ID); n != 1 {
+				t.Fatal("picked up before its expiry")
 			}
 		})
 	}

@@ -299,6 +299,11 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 			}
 		}
 	}
+	// Dated no earlier than the expiry it follows: the closing judged may
+	// have arrived before it (applied late, or by another instance).
+	if p.DoneAt != nil && at.Before(*p.DoneAt) {
+		at = *p.DoneAt
+	}
 	pe := s.event(EventPickedUp, p, at)
 	pe.Data["reported_late"] = true
 	var done *Pickup

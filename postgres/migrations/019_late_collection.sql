@@ -9,5 +9,7 @@
 --
 -- Its own migration, before 020's index: in one transaction, the index
 -- build's lock followed by this one's deadlocks with an older instance's
--- transaction that read pickups and waits to write them.
-ALTER TABLE pickups ADD COLUMN collected_at timestamptz, ADD COLUMN collected_ts timestamptz;
+-- transaction that read pickups and waits to write them. (IF NOT EXISTS:
+-- a database may have the columns and the index from a first 019 that
+-- did both, on main for an hour on 6 December 2026.)
+ALTER TABLE pickups ADD COLUMN IF NOT EXISTS collected_at timestamptz, ADD COLUMN IF NOT EXISTS collected_ts timestamptz;
