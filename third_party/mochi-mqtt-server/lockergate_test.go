@@ -1074,4 +1074,11 @@ func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
 	if cl.State.Subscriptions.Len() != 0 || cl.State.Inflight.Len() != 0 {
 		t.Fatalf("the expired client keeps %d subscriptions and %d inflight messages", cl.State.Subscriptions.Len(), cl.State.Inflight.Len())
 	}
+	// A SUBSCRIBE its reader was still handling puts nothing back.
+	if _, ok := s.subscribeClient(cl, sub); ok {
+		t.Fatal("the swept client subscribed again")
+	}
+	if subs := s.Topics.Subscribers(filter); len(subs.Subscriptions) != 0 || atomic.LoadInt64(&s.Info.Subscriptions) != 0 {
+		t.Fatalf("a SUBSCRIBE after the sweep routes the filter to %v", subs.Subscriptions)
+	}
 }

@@ -1946,13 +1946,16 @@ func (s *Server) clearExpiredClients(dt int64) {
 		// session lock (attachSession); its hook only if it was removed.
 		// Lockergate patch 19: its subscriptions and inflight messages
 		// end with its session; upstream left its filters in the topic
-		// tree, which keys them by client id, for good.
+		// tree, which keys them by client id, for good. Marked taken over
+		// once they are gone, so that a SUBSCRIBE its reader may still be
+		// handling (subscribeClient) cannot put one back.
 		mu := s.sessionLock(e.id)
 		mu.Lock()
 		removed := s.Clients.DeleteClient(e.client) // [MQTT-4.1.0-2]
 		if removed {
 			e.client.ClearInflights()
 			s.UnsubscribeClient(e.client)
+			e.client.State.isTakenOver.Store(true)
 		}
 		mu.Unlock()
 		if removed {
