@@ -441,6 +441,29 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	})
 }
 
+// TestExternalLateCollection: behind an external broker, a driver collects
+// with the code while the locker is offline, before expires_at, and the
+// gateway expires the pickup meanwhile. The locker's report, a burst that
+// the bus may apply out of its order, makes the pickup picked up after all.
+func TestExternalLateCollection(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-a"))
+	_, sim := oneExternalLocker(t, tg, mq, "store-042")
+	e := &pickupEnv{tg: tg, sim: sim,
+		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
+		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
+	p, code, l := e.readyThenOffline(t, "LATE-X")
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	e.expireOffline(t, p, time.Now().Add(3*time.Second))
+	reconnect(t, l)
+	e.waitState(t, p.ID, pickup.PickedUp)
+	if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
+		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	}
+}
+
 // TestExternalDoorStateByClock: behind an external broker a locker's door
 // events can be applied out of the locker's order, so there a
 // compartment's door and occupancy follow the locker's clock. A closing
