@@ -382,6 +382,17 @@ func oneExternalLocker(t *testing.T, tg *TestGateway, mq *Mosquitto, site string
 	return r, sim
 }
 
+// externalPickupEnv is a pickup environment on gateway tg behind mosquitto
+// mq: one simulated locker at store-042 (oneExternalLocker), a store token
+// and a platform token (speedy), no webhook.
+func externalPickupEnv(t *testing.T, tg *TestGateway, mq *Mosquitto) (*pickupEnv, protocol.ProvisionResponse) {
+	t.Helper()
+	r, sim := oneExternalLocker(t, tg, mq, "store-042")
+	return &pickupEnv{tg: tg, sim: sim,
+		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
+		platform: MustPickupToken(t, tg, "platform", "", "speedy")}, r
+}
+
 // TestExternalEffectsTakeTurns: with an external broker a locker's events
 // are shared among instances, so an instance applies their effects under
 // the locker's effects lock in PostgreSQL. While another holder has it (as
@@ -392,10 +403,8 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 	ctx := context.Background()
 	mq := MustOpenMosquitto(t)
 	tg := MustStart(t, onExternal(mq, "gw-a"))
-	r, sim := oneExternalLocker(t, tg, mq, "store-042")
-	e := &pickupEnv{tg: tg, sim: sim,
-		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
-		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
+	e, r := externalPickupEnv(t, tg, mq)
+	sim := e.sim
 	p := e.waitState(t, e.create(t, "ORD-1", "S", time.Hour).ID, pickup.Ready)
 	e.waitCreds(t, p.Locker)
 
@@ -447,11 +456,7 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 // the bus may apply out of its order, makes the pickup picked up after all.
 func TestExternalLateCollection(t *testing.T) {
 	mq := MustOpenMosquitto(t)
-	tg := MustStart(t, onExternal(mq, "gw-a"))
-	_, sim := oneExternalLocker(t, tg, mq, "store-042")
-	e := &pickupEnv{tg: tg, sim: sim,
-		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
-		platform: MustPickupToken(t, tg, "platform", "", "speedy")}
+	e, _ := externalPickupEnv(t, MustStart(t, onExternal(mq, "gw-a")), mq)
 	p, code, l := e.readyThenOffline(t, "LATE-X")
 	if r := l.EnterCode(code); !r.Accepted {
 		t.Fatalf("offline code: %+v", r)
