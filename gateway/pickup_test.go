@@ -695,6 +695,39 @@ func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
 	})
 }
 
+// TestCombinedCodeCollectedOfflineBeforeExpiry: one code for two orders
+// (a driver collecting both); the locker, offline, opens both compartments
+// with it, and the gateway, not yet told, expires one of the pickups
+// meanwhile (narrowing the code to the other). When the locker reports,
+// the live one is picked up as usual and the expired one after all.
+func TestCombinedCodeCollectedOfflineBeforeExpiry(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	early, late := e.create(t, "LATE-C1", "S", time.Hour), e.create(t, "LATE-C2", "S", time.Hour)
+	e.waitState(t, early.ID, pickup.Ready)
+	e.waitState(t, late.ID, pickup.Ready)
+	var cred pickup.CredentialView
+	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{early.ID, late.ID}, "kind": "pin"}, &cred); err != nil {
+		t.Fatal(err)
+	}
+	e.waitCreds(t, early.Locker)
+	l := e.sim.Locker(early.Locker)
+	l.Disconnect()
+	if r := l.EnterCode(cred.Code); !r.Accepted || len(r.Compartments) != 2 {
+		t.Fatalf("offline combined code: %+v", r)
+	}
+	e.expireOffline(t, early, time.Now().Add(3*time.Second))
+	reconnect(t, l)
+	e.waitState(t, late.ID, pickup.PickedUp)
+	e.waitState(t, early.ID, pickup.PickedUp)
+	if n := e.openAlerts(t, early, fleet.AlertPickupExpired); n != 0 {
+		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, early.Locker); n != 0 {
+		t.Fatalf("%d code_not_live alerts, want none", n)
+	}
+}
+
 // TestPickupCollectedOfflineAfterExpiry: a code the locker accepted after
 // the pickup's expires_at (here: the expiry was moved earlier after the
 // locker got its set; docs/api.md) did not collect in time: the pickup

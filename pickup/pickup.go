@@ -211,16 +211,18 @@ type Store interface {
 	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// UseExpiredCredential records that a locker's credential that is no
-	// longer active opened, at used by the locker's clock, the
-	// compartments (empty: all of the credential's) of pickups that
+	// longer active (or was spent by this very use, at at: a combined code
+	// that opened live pickups too) opened, at used by the locker's clock,
+	// the compartments (empty: all of the credential's) of pickups that
 	// expired after used: a driver collected in time while the locker was
 	// offline, and its report came after the expiry. It marks the pickups
-	// collected at at (the credential stays revoked) and audits the use,
-	// and returns the pickups. A credential that was rotated counts as its replacement.
-	// The same use recorded already (the same at) changes nothing and
-	// returns them all the same, in whatever state they are now.
-	// fleet.ErrNotFound when the credential opened no pickup, or any pickup
-	// that is not expired or expired before used.
+	// collected at at (a revoked credential stays revoked) and audits the
+	// use, and returns the pickups. A credential that was rotated counts as
+	// its replacement. The same use recorded already (the same at) changes
+	// nothing and returns them all the same, in whatever state they are
+	// now. fleet.ErrNotFound when the credential opened no pickup, or any
+	// pickup that is not expired or expired before used, or it was spent
+	// by another use.
 	UseExpiredCredential(ctx context.Context, deviceID, credID string, used, at time.Time, compartments []int) ([]Pickup, error)
 	// LateCollectionAt returns the last pickup created at a locker's
 	// compartment by at when it is expired and marked collected

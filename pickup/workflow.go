@@ -80,7 +80,7 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, at, later)
+		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
 			return err
 		}
@@ -97,6 +97,17 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		if err := s.closedBeforeCode(ctx, &ps[i], ev, later); err != nil {
 			return err
 		}
+	}
+	// A combined code opens the compartments of its pickups that ended
+	// too, on a locker that was offline since (the gateway narrowed the
+	// code to the live ones): those that expired after the use were
+	// collected in time. Others (cancelled ones, or a use offered again
+	// once its pickups were picked up) stay as they are.
+	if rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
+		return slices.ContainsFunc(ps, func(p Pickup) bool { return p.Compartment == n })
+	}); len(rest) > 0 {
+		_, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
+		return err
 	}
 	return nil
 }
@@ -198,12 +209,13 @@ func (s *Service) withdraw(ctx context.Context, a fleet.Alert, reason string, at
 // marked collected; the door's closing after the use decides whether they
 // were picked up (lateCollection), and one applied before the use (out of
 // the locker's order) is judged again now. later are the locker's events
-// applied after this one. Any other use of a code that is not live is for
-// staff to look at (codeNotLive).
-func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) (bool, error) {
+// applied after this one; compartments are those of the use to judge
+// (empty: all of the code's). Any other use of a code that is not live is
+// for staff to look at (codeNotLive).
+func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev *protocol.Event, compartments []int, at time.Time, later []fleet.EventRecord) (bool, error) {
 	var ps []Pickup
 	err := s.retry(ctx, "use_expired_credential", func(ctx context.Context) (err error) {
-		ps, err = s.o.Store.UseExpiredCredential(ctx, deviceID, id, ev.TS.Time, at, ev.Compartments)
+		ps, err = s.o.Store.UseExpiredCredential(ctx, deviceID, id, ev.TS.Time, at, compartments)
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {

@@ -689,8 +689,11 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 			WHERE p.device_id = $1 AND p.credential_id IN (SELECT id FROM chain)
 				AND (cardinality($3::int[]) = 0 OR p.compartment = ANY ($3))
 				-- A code spent already (a second form of it, on a locker
-				-- that does not honour group) is not a first use.
-				AND NOT EXISTS (SELECT 1 FROM credentials c WHERE c.id IN (SELECT id FROM chain) AND c.state <> 'revoked')
+				-- that does not honour group) is not a first use; one
+				-- spent by this very use (a combined code that also
+				-- opened live pickups, UseCredential) is.
+				AND NOT EXISTS (SELECT 1 FROM credentials c WHERE c.id IN (SELECT id FROM chain) AND c.state <> 'revoked'
+					AND NOT (c.state = 'used' AND c.used_at = $5))
 			ORDER BY p.id FOR UPDATE OF p`, deviceID, credID, compartments, used, at)
 		if err != nil {
 			return err
@@ -737,7 +740,7 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 				return err
 			}
 			if err := audit(ctx, tx, fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
-				Detail: map[string]any{"credential": credID, "state": "revoked", "before_expiry": true, "ts": used.UTC(), "pickups": ids}}); err != nil {
+				Detail: map[string]any{"credential": credID, "before_expiry": true, "ts": used.UTC(), "pickups": ids}}); err != nil {
 				return err
 			}
 		}

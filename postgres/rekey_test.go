@@ -603,6 +603,7 @@ func TestExpiryRaisesItsAlert(t *testing.T) {
 // driver opened the compartment in time and left the order) whose pickup
 // expired past the grace, used again (its other form, on a locker that
 // does not honour group), is not a late collection: code_not_live decides.
+// The use that spent it is judged as one.
 func TestSpentCodeIsNoLateCollection(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-SPENT", 1)
@@ -621,5 +622,10 @@ func TestSpentCodeIsNoLateCollection(t *testing.T) {
 	}
 	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(500*time.Millisecond), past, nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("a second use of a spent code: %+v %v, want ErrNotFound", ps, err)
+	}
+	// The use that spent it (a combined code whose live pickups
+	// UseCredential took, judged for its expired ones) is a first use.
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(-500*time.Millisecond), used, nil); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
+		t.Fatalf("the use that spent it: %+v %v, want %s", ps, err, p.ID)
 	}
 }
