@@ -212,7 +212,8 @@ type Store interface {
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// UseExpiredCredential records that a locker's credential that is no
 	// longer active (or was spent by this very use, at at: a combined code
-	// that opened live pickups too) opened, at used by the locker's clock,
+	// that opened live pickups too, whose compartments, those it had when
+	// spent, are then left out) opened, at used by the locker's clock,
 	// the compartments (empty: all of the credential's) of pickups that
 	// expired after used: a driver collected in time while the locker was
 	// offline, and its report came after the expiry. It marks the pickups

@@ -601,6 +601,15 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 	return n, err
 }
 
+// credentialChainCTE is the CTE chain: the ids of credential $2 of locker
+// $1 and of those that replaced it, one after another (RotateCredentials;
+// an old code the locker still held counts as its replacement's).
+const credentialChainCTE = `WITH RECURSIVE chain (id, depth) AS (
+	SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
+	UNION ALL
+	SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
+	WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32)`
+
 // UseCredential implements pickup.Store. A code the locker accepted from a
 // set it held before a rotation (RotateCredentials) counts as a use of the
 // credential that replaced it: the door did open.
@@ -612,11 +621,7 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		}
 		var used string
 		var applied bool
-		err := tx.QueryRow(ctx, `WITH RECURSIVE chain (id, depth) AS (
-				SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
-				UNION ALL
-				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
-				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32),
+		err := tx.QueryRow(ctx, credentialChainCTE+`,
 			u AS (UPDATE credentials SET state = 'used', used_at = $3
 				WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id)
 			SELECT id, false FROM u
@@ -667,6 +672,23 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
 			return err
 		}
+		// A credential spent by this very use (a combined code that also
+		// opened live pickups: UseCredential) keeps the compartments it
+		// had then; those were its live pickups', the use of them
+		// UseCredential's, whatever became of them since.
+		var spent []int
+		if err := tx.QueryRow(ctx, credentialChainCTE+`
+			SELECT coalesce(array_agg(n), '{}') FROM credentials c CROSS JOIN LATERAL unnest(c.compartments) n
+			WHERE c.id IN (SELECT id FROM chain) AND c.state = 'used' AND c.used_at = $3`, deviceID, credID, at).Scan(&spent); err != nil {
+			return err
+		}
+		if len(spent) > 0 {
+			rest := slices.DeleteFunc(slices.Clone(compartments), func(n int) bool { return slices.Contains(spent, n) })
+			if len(compartments) > 0 && len(rest) == 0 {
+				return fmt.Errorf("credential %s of %s: its use opened only its live pickups' compartments: %w", credID, deviceID, fleet.ErrNotFound)
+			}
+			compartments = rest
+		}
 		// The pickups the code opened, through the credentials that
 		// replaced it (as UseCredential follows them). Each must be marked
 		// collected by this very use already (it may be picked up since),
@@ -675,11 +697,7 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 		// the pickup's ready (its code was made then) and the use's
 		// arrival, a second either way for the offset's own error. A
 		// locker whose offset is not known is not judged.
-		rows, err := tx.Query(ctx, `WITH RECURSIVE chain (id, depth) AS (
-				SELECT id, 0 FROM credentials WHERE id = $2 AND device_id = $1
-				UNION ALL
-				SELECT c.replaced_by, chain.depth + 1 FROM credentials c JOIN chain ON c.id = chain.id
-				WHERE c.replaced_by IS NOT NULL AND c.state = 'revoked' AND chain.depth < 32),
+		rows, err := tx.Query(ctx, credentialChainCTE+`,
 			dev AS (SELECT $4::timestamptz - clock_offset_ms * interval '1 millisecond' AS used FROM devices WHERE id = $1)
 			SELECT p.id, p.compartment,
 				coalesce(p.collected_at = $5, p.state = 'expired' AND dev.used <= p.expires_at
@@ -687,14 +705,14 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 				p.collected_at IS NOT NULL
 			FROM pickups p CROSS JOIN dev
 			WHERE p.device_id = $1 AND p.credential_id IN (SELECT id FROM chain)
-				AND (cardinality($3::int[]) = 0 OR p.compartment = ANY ($3))
+				AND (cardinality($3::int[]) = 0 OR p.compartment = ANY ($3)) AND NOT p.compartment = ANY ($6)
 				-- A code spent already (a second form of it, on a locker
 				-- that does not honour group) is not a first use; one
 				-- spent by this very use (a combined code that also
 				-- opened live pickups, UseCredential) is.
 				AND NOT EXISTS (SELECT 1 FROM credentials c WHERE c.id IN (SELECT id FROM chain) AND c.state <> 'revoked'
 					AND NOT (c.state = 'used' AND c.used_at = $5))
-			ORDER BY p.id FOR UPDATE OF p`, deviceID, credID, compartments, used, at)
+			ORDER BY p.id FOR UPDATE OF p`, deviceID, credID, compartments, used, at, append([]int{}, spent...))
 		if err != nil {
 			return err
 		}

@@ -603,7 +603,6 @@ func TestExpiryRaisesItsAlert(t *testing.T) {
 // driver opened the compartment in time and left the order) whose pickup
 // expired past the grace, used again (its other form, on a locker that
 // does not honour group), is not a late collection: code_not_live decides.
-// The use that spent it is judged as one.
 func TestSpentCodeIsNoLateCollection(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-SPENT", 1)
@@ -623,9 +622,46 @@ func TestSpentCodeIsNoLateCollection(t *testing.T) {
 	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(500*time.Millisecond), past, nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("a second use of a spent code: %+v %v, want ErrNotFound", ps, err)
 	}
-	// The use that spent it (a combined code whose live pickups
-	// UseCredential took, judged for its expired ones) is a first use.
-	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(-500*time.Millisecond), used, nil); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
-		t.Fatalf("the use that spent it: %+v %v, want %s", ps, err, p.ID)
+	// Nor is the use that spent it, offered again once its pickup expired:
+	// the pickup was live then, its use UseCredential's.
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-s", used.Add(-500*time.Millisecond), used, []int{p.Compartment}); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the spending use offered again after its pickup expired: %+v %v, want ErrNotFound", ps, err)
+	}
+}
+
+// TestCombinedCodeSpentByItsUse: a combined code that a locker used
+// offline for a live pickup and one that expired meanwhile (the code
+// narrowed to the live one) is spent by UseCredential for the live one;
+// the same use, judged for the expired one's compartment, marks it
+// collected. The live one's compartment is not judged, then or when the
+// use is offered again after that pickup expired too.
+func TestCombinedCodeSpentByItsUse(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-COMBO", 2)
+	e.exec(`UPDATE devices SET clock_offset_ms = 0 WHERE id = $1`, e.id)
+	live, gone := e.pickup("CB-1"), e.pickup("CB-2")
+	e.mustMint("k-cb", "mac-cb", live, gone)
+	used := time.Now().Truncate(time.Millisecond)
+	at := used.Add(2 * time.Second)
+	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = $1`, gone.ID, used.Add(time.Second))
+	e.transition(gone.ID, pickup.Expired) // narrows k-cb to live
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-cb", at); err != nil || len(ps) != 1 || ps[0].ID != live.ID {
+		t.Fatalf("the combined code's live pickup: %+v %v", ps, err)
+	}
+	both := []int{live.Compartment, gone.Compartment}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-cb", used, at, both); err != nil || len(ps) != 1 || ps[0].ID != gone.ID {
+		t.Fatalf("the expired pickup of the same use: %+v %v, want %s", ps, err, gone.ID)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-cb", used, at, []int{live.Compartment}); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the live pickup's compartment alone: %+v %v, want ErrNotFound", ps, err)
+	}
+	// The live one expires past the grace; the use offered again judges
+	// the expired one only, as the first time.
+	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = $1`, live.ID, used.Add(time.Second))
+	if _, err := e.db.Transition(ctx, live.ID, []string{pickup.Ready}, pickup.Expired, "system:expiry", "", at.Add(pickup.CollectGrace+time.Minute), nil); err != nil {
+		t.Fatal(err)
+	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-cb", used, at, both); err != nil || len(ps) != 1 || ps[0].ID != gone.ID {
+		t.Fatalf("the use offered again: %+v %v, want %s only", ps, err, gone.ID)
 	}
 }
