@@ -664,4 +664,7 @@ func TestCombinedCodeSpentByItsUse(t *testing.T) {
 	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-cb", used, at, both); err != nil || len(ps) != 1 || ps[0].ID != gone.ID {
 		t.Fatalf("the use offered again: %+v %v, want %s only", ps, err, gone.ID)
 	}
+	if ps, err := e.db.UseExpiredCredential(ctx, e.id, "k-cb", used, at, nil); err != nil || len(ps) != 1 || ps[0].ID != gone.ID {
+		t.Fatalf("the use offered again, its compartments not listed: %+v %v, want %s only", ps, err, gone.ID)
+	}
 }
