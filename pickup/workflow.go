@@ -296,9 +296,8 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 	// expired, and the event that judged it (the closing, or the code's
 	// use that judged a closing applied before it), offered again,
 	// finishes it.
-	if p.DoneAt != nil {
-		expired := fleet.Alert{DeviceID: deviceID, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment, RaisedAt: *p.DoneAt}
-		if err := s.withdraw(ctx, expired, "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {
+	if p.DoneAt != nil { // set by the expiry
+		if err := s.withdraw(ctx, ExpiredAlert(p), "its code opened the compartment before expires_at; the locker reported it after", "pickup", p.ID); err != nil {
 			return err
 		}
 		for i := range closings {
@@ -310,11 +309,11 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 				return err
 			}
 		}
-	}
-	// Dated no earlier than the expiry it follows: the closing judged may
-	// have arrived before it (applied late, or by another instance).
-	if p.DoneAt != nil && at.Before(*p.DoneAt) {
-		at = *p.DoneAt
+		// Dated no earlier than the expiry it follows: the closing judged
+		// may have arrived before it (applied late, or by another instance).
+		if at.Before(*p.DoneAt) {
+			at = *p.DoneAt
+		}
 	}
 	pe := s.event(EventPickedUp, p, at)
 	pe.Data["reported_late"] = true
@@ -526,11 +525,16 @@ func (s *Service) alert(ctx context.Context, a fleet.Alert) error {
 		return err
 	}
 	if raised {
-		s.m.alerts.WithLabelValues(a.Kind).Inc()
-		s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+		s.alerted(a)
 		s.o.Wake() // its alert.raised deliveries, queued with it
 	}
 	return nil
+}
+
+// alerted counts and logs alert a, raised.
+func (s *Service) alerted(a fleet.Alert) {
+	s.m.alerts.WithLabelValues(a.Kind).Inc()
+	s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
 }
 
 // Run ends expired pickups until ctx ends, and keeps the occupancy gauges.
@@ -576,10 +580,9 @@ func (s *Service) expire(ctx context.Context) {
 			seen[done.Locker] = true
 			lockers = append(lockers, done.Locker)
 		}
-		// Its alert was raised with the expiry (Store.Transition).
-		a := ExpiredAlert(done)
-		s.m.alerts.WithLabelValues(a.Kind).Inc()
-		s.log.Warn("alert", "locker", a.DeviceID, "kind", a.Kind, "compartment", a.Compartment, "detail", a.Detail)
+		// Its alert was raised with the expiry (Store.Transition), and its
+		// deliveries woken by the transition.
+		s.alerted(ExpiredAlert(done))
 	}
 	for _, id := range lockers {
 		s.publish(ctx, id)
