@@ -457,12 +457,7 @@ func TestExternalEffectsTakeTurns(t *testing.T) {
 func TestExternalLateCollection(t *testing.T) {
 	mq := MustOpenMosquitto(t)
 	e, _ := externalPickupEnv(t, MustStart(t, onExternal(mq, "gw-a")), mq)
-	p, code, l := e.readyThenOffline(t, "LATE-X")
-	if r := l.EnterCode(code); !r.Accepted {
-		t.Fatalf("offline code: %+v", r)
-	}
-	e.expireOffline(t, p, time.Now().Add(3*time.Second))
-	reconnect(t, l)
+	p := e.usedOfflineThenExpired(t, "LATE-X", 3*time.Second)
 	e.waitState(t, p.ID, pickup.PickedUp)
 	if n := e.openAlerts(t, p, fleet.AlertPickupExpired); n != 0 {
 		t.Fatalf("%d pickup_expired alerts open, want none", n)

@@ -568,6 +568,21 @@ func (e *pickupEnv) expireOffline(t *testing.T, p pickup.Pickup, at time.Time) {
 	})
 }
 
+// usedOfflineThenExpired makes a pickup ready (ref), has its driver collect
+// it with the code while the locker is offline, has the gateway expire it
+// with expires_at moved to expiresIn from the use (readyThenOffline,
+// expireOffline), and brings the locker back with its report.
+func (e *pickupEnv) usedOfflineThenExpired(t *testing.T, ref string, expiresIn time.Duration) pickup.Pickup {
+	t.Helper()
+	p, code, l := e.readyThenOffline(t, ref)
+	if r := l.EnterCode(code); !r.Accepted {
+		t.Fatalf("offline code: %+v", r)
+	}
+	e.expireOffline(t, p, time.Now().Add(expiresIn))
+	reconnect(t, l)
+	return p
+}
+
 // openAlerts counts the open alerts of kind on pickup p's compartment.
 func (e *pickupEnv) openAlerts(t *testing.T, p pickup.Pickup, kind string) int {
 	t.Helper()
@@ -618,12 +633,7 @@ func (e *pickupEnv) stillExpired(t *testing.T, p pickup.Pickup) {
 // withdrawn, no code_not_live is raised, and the platform is told.
 func TestPickupCollectedOfflineBeforeExpiry(t *testing.T) {
 	e := newPickupEnv(t, 1, 0)
-	p, code, l := e.readyThenOffline(t, "LATE-1")
-	if r := l.EnterCode(code); !r.Accepted {
-		t.Fatalf("offline code: %+v", r)
-	}
-	e.expireOffline(t, p, time.Now().Add(3*time.Second)) // after the use, by the locker's clock, with its offset's error
-	reconnect(t, l)
+	p := e.usedOfflineThenExpired(t, "LATE-1", 3*time.Second) // after the use, by the locker's clock, with its offset's error
 	e.waitState(t, p.ID, pickup.PickedUp)
 	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_expired' AND device_id = $1 AND cleared_by = 'gateway'`, p.Locker); n != 1 {
 		t.Fatalf("%d pickup_expired alerts withdrawn by the gateway, want 1", n)
@@ -735,12 +745,7 @@ func TestCombinedCodeCollectedOfflineBeforeExpiry(t *testing.T) {
 // (code_not_live).
 func TestPickupCollectedOfflineAfterExpiry(t *testing.T) {
 	e := newPickupEnv(t, 1, 0)
-	p, code, l := e.readyThenOffline(t, "LATE-2")
-	if r := l.EnterCode(code); !r.Accepted {
-		t.Fatalf("offline code: %+v", r)
-	}
-	e.expireOffline(t, p, time.Now().Add(-time.Minute)) // before the use
-	reconnect(t, l)
+	p := e.usedOfflineThenExpired(t, "LATE-2", -time.Minute) // before the use
 	Eventually(t, 10*time.Second, "a code_not_live alert and the events applied", func() error {
 		if n := e.openAlerts(t, p, pickup.AlertCodeNotLive); n != 1 {
 			return fmt.Errorf("%d code_not_live alerts", n)
