@@ -426,12 +426,12 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 			continue
 		}
 		b.Queue(applyDoorSQL, e.DeviceID, e.Compartment, e.ReceivedAt, e.TS, door, occupied,
-			byClock, DoorClockWindow.Milliseconds(), doorClockAhead.Milliseconds()).QueryRow(func(row pgx.Row) error {
+			byClock, DoorClockWindow, doorClockAhead).QueryRow(func(row pgx.Row) error {
 			var current bool
 			if err := row.Scan(&current); err != nil {
 				return err
 			}
-			if !current && byClock { // in arrival order, only a row deleted meanwhile
+			if !current {
 				stale[e.Key()] = true
 			}
 			return nil
@@ -458,18 +458,18 @@ const doorClockAhead = time.Second
 // applyDoorSQL applies a door event ($1 locker, $2 compartment, $3 arrival,
 // $4 the locker's ts, $5 door, $6 occupied or NULL to keep it). With $7
 // (by clock) it leaves the state alone if the state came from a later
-// event by the locker's clock, by less than $8 ms (DoorClockWindow). The
-// state keeps its event's ts (door_ts) unless that read more than $9 ms
+// event by the locker's clock, by less than $8 (DoorClockWindow). The
+// state keeps its event's ts (door_ts) unless that read more than $9
 // ahead of its arrival (doorClockAhead). Its one row says whether the event
-// is current: it was applied, or the compartment is unknown (no state to be
-// stale against).
+// is current: in arrival order always; by clock when it was applied, or
+// the compartment is unknown (no state to be stale against).
 const applyDoorSQL = `WITH u AS (
 		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3,
-			door_ts = CASE WHEN $4::timestamptz <= $3::timestamptz + $9::bigint * interval '1 millisecond' THEN $4 END
+			door_ts = CASE WHEN $4::timestamptz <= $3::timestamptz + $9::interval THEN $4 END
 		WHERE c.device_id = $1 AND c.n = $2
-			AND (NOT $7 OR c.door_ts IS NULL OR $4 >= c.door_ts OR $4 < c.door_ts - $8::bigint * interval '1 millisecond')
+			AND (NOT $7 OR c.door_ts IS NULL OR $4 >= c.door_ts OR $4 < c.door_ts - $8::interval)
 		RETURNING 1)
-	SELECT EXISTS (SELECT 1 FROM u) OR NOT EXISTS (SELECT 1 FROM compartments WHERE device_id = $1 AND n = $2)`
+	SELECT NOT $7 OR EXISTS (SELECT 1 FROM u) OR NOT EXISTS (SELECT 1 FROM compartments WHERE device_id = $1 AND n = $2)`
 
 // applyAlerts applies the fresh events' alert changes (fleet.AlertChange)
 // in their order, and marks the raises that opened an alert. A stale door
@@ -485,7 +485,8 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord, stal
 			continue
 		}
 		a.Raised = false // a previous try's mark
-		if stale[e.Key()] && (a.ClearKind == fleet.AlertDoorAjar || a.Raise != nil && a.Raise.Kind == fleet.AlertDoorAjar) {
+		// Only door events are stale; their only alert change is door_ajar's.
+		if stale[e.Key()] {
 			continue
 		}
 		if a.ClearKind != "" {
