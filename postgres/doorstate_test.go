@@ -181,7 +181,8 @@ func TestDoorStateRacingInstances(t *testing.T) {
 	}()
 	testtool.Eventually(t, 10*time.Second, "the opening waiting for the row lock", func() error {
 		var n int
-		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'transactionid' AND NOT granted`).Scan(&n); err != nil {
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+			WHERE l.locktype = 'transactionid' AND NOT l.granted AND a.datname = current_database()`).Scan(&n); err != nil {
 			return err
 		}
 		if n == 0 {

@@ -1047,9 +1047,8 @@ func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
 	cl.Properties.Props.SessionExpiryInterval, cl.Properties.Props.SessionExpiryIntervalFlag = 5, true
 	const filter = "lockers/v1/gone/cmd"
 	sub := packets.Subscription{Filter: filter, Qos: 1}
-	cl.State.Subscriptions.Add(filter, sub)
-	if s.Topics.Subscribe(cl.ID, sub) {
-		atomic.AddInt64(&s.Info.Subscriptions, 1)
+	if _, ok := s.subscribeClient(cl, sub); !ok {
+		t.Fatal("the client did not subscribe")
 	}
 	if cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: filter}) {
 		atomic.AddInt64(&s.Info.Inflight, 1) // as the server counts a message it holds for a client
