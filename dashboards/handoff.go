@@ -6,6 +6,9 @@ func Handoff() *Dashboard {
 	entered := func(state string) string {
 		return "sum(increase(" + vec("lockergate_pickups_total", `state="`+state+`"`) + "[$__range]))"
 	}
+	// A pickup collected in time but reported after its expiry entered
+	// expired, then picked_up: it is no no-show.
+	noShows := "(" + entered("expired") + " - sum(increase(" + vec("lockergate_pickups_reported_late_total", "") + "[$__range])))"
 	return &Dashboard{
 		UID: "lockergate-handoff", File: "handoff.json", Title: "Lockergate / Handoff",
 		Description: "Pickups per state, staging and waiting times, no-shows, wrong codes and occupancy.",
@@ -15,11 +18,11 @@ func Handoff() *Dashboard {
 				stat("Ready", "Pickups loaded by staff and ready to collect.", "short", entered("ready")),
 				stat("Picked up", "Pickups collected with their code.", "short", entered("picked_up")),
 				{Kind: Stat, Title: "No-shows", Unit: "short", Thresholds: []Threshold{{Color: "green"}, {Value: f(1), Color: "orange"}},
-					Description: "Pickups that expired uncollected: staff must retrieve the order (pickup_expired alert). A pickup collected offline in time whose locker reported it after the expiry counts here and in Picked up.",
-					Targets:     []Target{{Expr: entered("expired")}}},
+					Description: "Pickups that expired uncollected: staff must retrieve the order (pickup_expired alert). A pickup collected offline in time whose locker reported it only after the expiry is picked up, not a no-show.",
+					Targets:     []Target{{Expr: noShows}}},
 				{Kind: Stat, Title: "No-show ratio", Unit: "percentunit", Decimals: new(1), Thresholds: warnAt(0.05, 0.15),
-					Description: "Expired over ended (picked up + expired) pickups in the time range. A collection reported after its expiry counts on both sides.",
-					Targets:     []Target{{Expr: entered("expired") + " / clamp_min(" + entered("expired") + " + " + entered("picked_up") + ", 1)"}}},
+					Description: "No-shows over ended (picked up + no-show) pickups in the time range.",
+					Targets:     []Target{{Expr: noShows + " / clamp_min(" + noShows + " + " + entered("picked_up") + ", 1)"}}},
 				stat("Cancelled", "Pickups cancelled by the store or the platform.", "short", entered("cancelled")),
 			}},
 			{Title: "Flow", Panels: []Panel{

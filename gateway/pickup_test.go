@@ -661,6 +661,15 @@ func TestPickupCollectedOfflineBeforeExpiry(t *testing.T) {
 		}
 		return nil
 	})
+	for series, want := range map[string]float64{
+		`lockergate_pickups_reported_late_total`:      1,
+		`lockergate_pickups_total{state="expired"}`:   1,
+		`lockergate_pickups_total{state="picked_up"}`: 1,
+	} {
+		if got, err := e.tg.Metric(series); err != nil || got != want {
+			t.Errorf("%s = %v (%v), want %v", series, got, err, want)
+		}
+	}
 }
 
 // TestLateCodeUseAppliedAfterItsClosing: a locker's events can be applied
@@ -802,6 +811,9 @@ func TestPickupLeftInsideOfflineStaysExpired(t *testing.T) {
 	l.SetOccupied(p.Compartment, false)
 	l.CloseDoor(p.Compartment)
 	applied(3)
+	if got, err := e.tg.Metric(`lockergate_pickups_reported_late_total`); err != nil || got != 0 {
+		t.Errorf("lockergate_pickups_reported_late_total = %v (%v), want 0", got, err)
+	}
 }
 
 // storedEvent is a device event as a run stored it.

@@ -13,6 +13,7 @@ const MaxSiteLabels = 200
 
 type metrics struct {
 	state      *prometheus.CounterVec
+	late       prometheus.Counter
 	stage      prometheus.Histogram
 	collect    prometheus.Histogram
 	rejections *prometheus.CounterVec
@@ -29,6 +30,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		state: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lockergate_pickups_total", Help: "Pickups that entered a state, by state.",
 		}, []string{"state"}),
+		late: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_pickups_reported_late_total",
+			Help: "Pickups collected with their code before expires_at whose locker reported it after the expiry: each counts in lockergate_pickups_total as expired, then picked_up.",
+		}),
 		stage: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "lockergate_pickup_staging_duration_seconds", Help: "Time from creating a pickup to its being ready (staff loaded it).",
 			Buckets: []float64{5, 15, 30, 60, 120, 300, 600, 1200, 3600},
@@ -61,7 +66,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.alerts.WithLabelValues(k)
 	}
 	if reg != nil {
-		reg.MustRegister(m.state, m.stage, m.collect, m.rejections, m.alerts, m.occupied, m.total)
+		reg.MustRegister(m.state, m.late, m.stage, m.collect, m.rejections, m.alerts, m.occupied, m.total)
 	}
 	return m
 }

@@ -330,6 +330,7 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 		return err
 	}
 	s.transitioned(done, PickedUp)
+	s.m.late.Inc()
 	return nil
 }
 
