@@ -847,8 +847,9 @@ type execer interface {
 	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
 }
 
-// storeEvents writes events of locker as stored: recorded and
-// deduplicated, and, with outbox, their effects still to apply.
+// storeEvents writes events of locker as stored: recorded (dated by
+// their bodies' ts) and deduplicated, and, with outbox, their effects
+// still to apply.
 func storeEvents(t *testing.T, pool execer, locker string, events []storedEvent, outbox bool) {
 	t.Helper()
 	for _, ev := range events {
@@ -856,15 +857,19 @@ func storeEvents(t *testing.T, pool execer, locker string, events []storedEvent,
 		if ev.comp > 0 {
 			comp = &ev.comp
 		}
+		body, err := protocol.Decode[protocol.Event]([]byte(ev.body))
+		if err != nil {
+			t.Fatalf("event %s: %v", ev.id, err)
+		}
 		qs := []string{
 			`INSERT INTO event_ids (device_id, event_id, received_at) VALUES ($1, $2, $3)`,
-			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`,
+			`INSERT INTO events (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $7, $4, $5, $6)`,
 		}
 		if outbox {
-			qs = append(qs, `INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $3, $4, $5, $6)`)
+			qs = append(qs, `INSERT INTO event_outbox (device_id, event_id, received_at, ts, type, compartment, body) VALUES ($1, $2, $3, $7, $4, $5, $6)`)
 		}
 		for _, q := range qs {
-			args := []any{locker, ev.id, ev.at, ev.typ, comp, ev.body}
+			args := []any{locker, ev.id, ev.at, ev.typ, comp, ev.body, body.TS.Time}
 			if strings.HasPrefix(q, "INSERT INTO event_ids") {
 				args = args[:3]
 			}
@@ -934,11 +939,16 @@ func (e *pickupEnv) lateReport(t *testing.T, l *devicesim.Locker, ready pickup.P
 //     different instances: the closing's received it first but applies it
 //     after the use's instance recorded the use (and found no closing
 //     then); the closing still finds the use.
+//   - As before, and a later closing of the door (staff's, by the
+//     locker's clock) was applied before the expiry, with the pickup still
+//     ready: its pickup_removed is withdrawn by the driver's closing.
 func TestLateCollectionAcrossRuns(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		closingLast bool // the closing is the event left to apply
-	}{{"after a crash", false}, {"closing received before its use", true}} {
+		removed     bool // a later closing raised pickup_removed before the expiry
+	}{{"after a crash", false, false}, {"closing received before its use", true, false},
+		{"later closing applied before the expiry", true, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, l, p := newCensusEnv(t, "LATE-6")
 			events, used := e.lateReport(t, l, p)
@@ -951,6 +961,18 @@ func TestLateCollectionAcrossRuns(t *testing.T) {
 				applied, left = use, closing
 			}
 			storeEvents(t, e.tg.DB().Pool(), p.Locker, []storedEvent{applied}, false)
+			var removed fleet.Alert
+			if tc.removed {
+				// Dated after the driver's closing, received before it
+				// (and before the use's arrival, and the expiry).
+				later := storedEvent{"e-late-3", "door_closed", fmt.Sprintf(`{"id":"e-late-3","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+					protocol.FormatTime(used.Add(2*time.Second)), p.Compartment), p.Compartment, closing.at.Add(-500 * time.Millisecond)}
+				storeEvents(t, e.tg.DB().Pool(), p.Locker, []storedEvent{later}, false)
+				removed = fleet.Alert{DeviceID: p.Locker, Kind: pickup.AlertRemoved, Compartment: p.Compartment, RaisedAt: later.at}
+				if ok, err := e.tg.DB().RaiseAlert(context.Background(), removed); err != nil || !ok {
+					t.Fatalf("pickup_removed as the later closing raised it: %v %v", ok, err)
+				}
+			}
 			if _, err := e.tg.DB().UseExpiredCredential(context.Background(), p.Locker, p.Credential.ID, used, use.at, []int{p.Compartment}); err != nil {
 				t.Fatalf("the use as the other run recorded it: %v", err)
 			}
@@ -964,6 +986,12 @@ func TestLateCollectionAcrossRuns(t *testing.T) {
 			if n := e.tg.Count(t, `SELECT count(*) FROM pickup_transitions x JOIN pickup_transitions u USING (pickup_id)
 				WHERE pickup_id = $1 AND x.to_state = 'expired' AND u.to_state = 'picked_up' AND u.ts >= x.ts`, p.ID); n != 1 {
 				t.Fatal("picked up before its expiry")
+			}
+			if tc.removed {
+				if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = $2 AND raised_at = $3
+					AND cleared_by = 'gateway'`, p.Locker, removed.Kind, removed.RaisedAt); n != 1 {
+					t.Fatal("the later closing's pickup_removed is not withdrawn")
+				}
 			}
 		})
 	}
