@@ -39,7 +39,9 @@ type Compartment struct {
 	InService bool   `json:"in_service"`
 	Occupied  bool   `json:"occupied"`
 	Door      string `json:"door"` // "closed", "open" or "ajar"
-	Pickup    string `json:"pickup,omitempty"`
+	// Pickup is the id of the live (staging or ready) pickup in it; nil
+	// (null) when there is none.
+	Pickup *string `json:"pickup"`
 	// Missing: the locker's board, replaced, no longer reports this
 	// compartment; it is kept while a live pickup is in it (Pickup), and
 	// nothing new is put there.

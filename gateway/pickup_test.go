@@ -238,6 +238,23 @@ func TestPickupFlow(t *testing.T) {
 		t.Fatalf("platform sees credential %+v", ready.Credential)
 	}
 	e.waitCreds(t, p.Locker)
+	// The locker names the pickup in its compartment, and null in the
+	// others (the key is always there).
+	var lk struct {
+		Compartments []map[string]any `json:"compartments"`
+	}
+	if err := e.tg.Admin.Get(context.Background(), "/v1/lockers/"+p.Locker, nil, &lk); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range lk.Compartments {
+		want := any(nil)
+		if c["n"] == float64(p.Compartment) {
+			want = p.ID
+		}
+		if got, ok := c["pickup"]; !ok || got != want {
+			t.Fatalf("compartment %v: pickup %v (present %v), want %v", c["n"], got, ok, want)
+		}
+	}
 
 	// A wrong code is rejected; the right one opens the compartment.
 	if r := l.EnterCode("00000000"); r.Accepted || r.Reason != protocol.RejectUnknown {

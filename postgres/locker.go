@@ -44,7 +44,7 @@ func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
 	// Both queries in one round trip (every API call on a locker starts here).
 	b := &pgx.Batch{}
 	b.Queue("SELECT "+lockerCols+" FROM devices d WHERE d.id = $1", id)
-	b.Queue(`SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, coalesce(p.id, ''), c.missing
+	b.Queue(`SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, p.id, c.missing
 		FROM compartments c LEFT JOIN pickups p ON p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready')
 		WHERE c.device_id = $1 ORDER BY c.n`, id)
 	br := db.pool.SendBatch(ctx, b)

@@ -3,6 +3,7 @@ package postgres_test
 import (
 	"context"
 	"errors"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -64,11 +65,11 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 	want := []fleet.Compartment{
 		{N: 1, Size: "M", Zone: "ambient", InService: true, Occupied: true, Door: "closed"},
 		{N: 2, Size: "M", Zone: "ambient", InService: false, Door: "closed"},
-		{N: 3, Size: "L", Zone: "ambient", InService: true, Door: "closed", Pickup: "p-A-3"},
-		{N: 4, Size: "M", Zone: "ambient", InService: true, Door: "open", Pickup: "p-A-4", Missing: true},
+		{N: 3, Size: "L", Zone: "ambient", InService: true, Door: "closed", Pickup: new("p-A-3")},
+		{N: 4, Size: "M", Zone: "ambient", InService: true, Door: "open", Pickup: new("p-A-4"), Missing: true},
 		{N: 6, Size: "M", Zone: "ambient", InService: true, Door: "closed"},
 	}
-	if !slices.Equal(l.Compartments, want) {
+	if !reflect.DeepEqual(l.Compartments, want) {
 		t.Fatalf("compartments after the replacement:\n got %+v\nwant %+v", l.Compartments, want)
 	}
 	var detail string
