@@ -65,8 +65,8 @@ func (s *orderStore) LivePickupAt(context.Context, string, int) (*Pickup, error)
 	return &p, nil
 }
 
-func (s *orderStore) LateCollectionAt(context.Context, string, int, time.Time) (*Pickup, time.Time, error) {
-	if s.lateUsed == nil || s.p.State != Expired {
+func (s *orderStore) LateCollectionAt(_ context.Context, deviceID string, n int, at time.Time) (*Pickup, time.Time, error) {
+	if s.lateUsed == nil || s.p.State != Expired || deviceID != s.p.Locker || n != s.p.Compartment || s.p.CreatedAt.After(at) {
 		return nil, time.Time{}, fleet.ErrNotFound
 	}
 	p := s.p
