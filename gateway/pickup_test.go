@@ -1225,6 +1225,24 @@ func TestWebhooksPerTokenBounded(t *testing.T) {
 	}
 }
 
+// TestWebhookToPrivateAddressRefused: a gateway that delivers webhooks to
+// public addresses only (the default outside demo) refuses one for a
+// loopback receiver when it is created, with a 422 that names the flag,
+// instead of storing it and failing every delivery.
+func TestWebhookToPrivateAddressRefused(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t, func(o *gateway.Options) { o.WebhookAllowPrivate = false })
+	req := client.Request{Method: "POST", Path: "/v1/webhooks",
+		Body: map[string]any{"url": "http://127.0.0.1:9/hook", "events": []string{"pickup.ready"}}}
+	status, err := tg.Admin.Do(ctx, req, nil)
+	if status != 422 || err == nil || !strings.Contains(err.Error(), "--webhook-allow-private") {
+		t.Fatalf("loopback webhook: %d %v, want 422 naming the flag", status, err)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM webhooks`); n != 0 {
+		t.Fatalf("%d webhooks stored, want none", n)
+	}
+}
+
 // TestPickupCollectedAcrossExpiry: a driver who opens the compartment with
 // the code a moment before the pickup expires and closes it after has
 // picked the order up. The expiry sweep must not end it as expired (and

@@ -3,10 +3,14 @@ package webhook
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -184,5 +188,70 @@ func TestDroppedWhenWebhookGone(t *testing.T) {
 	}
 	if n := sent.Load(); n != 0 {
 		t.Fatalf("%d requests sent for a webhook that is gone", n)
+	}
+}
+
+func (s *memStore) CreateWebhook(_ context.Context, w *Webhook, secretEnc []byte, _ int) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.hooks[w.ID], s.enc[w.ID] = w, secretEnc
+	return nil
+}
+
+// hosts resolves names from a map; any other name fails to resolve.
+type hosts map[string][]netip.Addr
+
+func (h hosts) LookupNetIP(_ context.Context, _, host string) ([]netip.Addr, error) {
+	if a, ok := h[host]; ok {
+		return a, nil
+	}
+	return nil, &net.DNSError{Err: "no such host", Name: host, IsNotFound: true}
+}
+
+// TestCreateRefusesUnreachableURL: without AllowPrivate, a webhook whose
+// host is, or resolves only to, an address the dialer refuses is refused
+// when it is created (422, saying what to do), not left to fail at every
+// delivery. A host that resolves to a public address among others, or
+// that cannot be resolved now, is taken: the dialer judges each address
+// when it delivers.
+func TestCreateRefusesUnreachableURL(t *testing.T) {
+	res := hosts{
+		"localhost":         {netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("::1")},
+		"receiver.internal": {netip.MustParseAddr("172.18.0.5")},
+		"hooks.example":     {netip.MustParseAddr("10.0.0.9"), netip.MustParseAddr("93.184.215.14")},
+	}
+	for _, tc := range []struct {
+		url, refused string // refused: the address named, "" when taken
+	}{
+		{"http://127.0.0.1:9/hook", "127.0.0.1"},
+		{"http://[::1]:9/hook", "::1"},
+		{"http://[fe80::1%25eth0]/hook", "fe80::1"},
+		{"https://10.1.2.3/hook", "10.1.2.3"},
+		{"http://169.254.169.254/latest", "169.254.169.254"},
+		{"http://localhost:8080/hook", "127.0.0.1"},
+		{"http://receiver.internal/hook", "172.18.0.5"},
+		{"https://hooks.example/hook", ""},
+		{"https://93.184.215.14/hook", ""},
+		{"https://not-resolvable.example/hook", ""},
+	} {
+		t.Run(tc.url, func(t *testing.T) {
+			for _, allow := range []bool{false, true} {
+				st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}}
+				d, err := New(Options{Store: st, MasterKey: bytes.Repeat([]byte{1}, 32), AllowPrivate: allow, Resolver: res})
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, err = d.Create(context.Background(), &Webhook{URL: tc.url, Events: []string{"pickup.ready"}})
+				switch {
+				case tc.refused == "" || allow:
+					if err != nil || len(st.hooks) != 1 {
+						t.Fatalf("allow private %v: %v, %d stored; want it taken", allow, err, len(st.hooks))
+					}
+				case !errors.Is(err, fleet.ErrUnprocessable) || !strings.Contains(err.Error(), "reaches "+tc.refused+",") ||
+					!strings.Contains(err.Error(), "--webhook-allow-private") || len(st.hooks) != 0:
+					t.Fatalf("got %v (%d stored), want it refused as unprocessable, naming %s and the flag", err, len(st.hooks), tc.refused)
+				}
+			}
+		})
 	}
 }

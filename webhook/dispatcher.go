@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
+	"slices"
 	"sync"
 	"syscall"
 	"time"
@@ -47,7 +49,13 @@ type Options struct {
 	// resolution, so a token holder cannot make the gateway probe its own
 	// network.
 	AllowPrivate bool
-	Now          func() time.Time
+	// Resolver looks up a new webhook's host when AllowPrivate is off
+	// (Create refuses one that reaches no public address). Default
+	// net.DefaultResolver.
+	Resolver interface {
+		LookupNetIP(ctx context.Context, network, host string) ([]netip.Addr, error)
+	}
+	Now func() time.Time
 }
 
 // Dispatcher creates webhooks and delivers the outbox.
@@ -112,6 +120,9 @@ func New(o Options) (*Dispatcher, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.Resolver == nil {
+		o.Resolver = net.DefaultResolver
+	}
 	return &Dispatcher{o: o, log: o.Logger, seal: s, wake: make(chan struct{}, 1), m: newMetrics(o.Registerer),
 		inflight: map[string]int{}}, nil
 }
@@ -124,6 +135,9 @@ func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
 	if len(w.Events) == 0 {
 		return "", fmt.Errorf("%w: events must list at least one event type", fleet.ErrInvalid)
 	}
+	if err := d.reachable(ctx, w.URL); err != nil {
+		return "", fmt.Errorf("%w: %v", fleet.ErrUnprocessable, err)
+	}
 	w.ID = fleet.NewID("wh")
 	secret := provisioning.NewSecret("whsec_")
 	err := d.o.Store.CreateWebhook(ctx, w, d.seal.seal(secret, w.ID), MaxPerToken)
@@ -134,6 +148,42 @@ func (d *Dispatcher) Create(ctx context.Context, w *Webhook) (string, error) {
 		return "", err
 	}
 	return secret, nil
+}
+
+// resolveWait bounds Create's lookup of a webhook's host.
+const resolveWait = 2 * time.Second
+
+// reachable refuses, unless Options.AllowPrivate, a webhook URL whose host
+// is, or resolves only to, addresses the dialer would refuse (loopback,
+// private, link-local and the like): every delivery would fail, so the
+// caller is told now rather than finding an empty delivery log later. A
+// host that cannot be resolved now is accepted (deliveries retry it), and
+// the dialer still checks every address it connects to, whatever the
+// name resolves to by then.
+func (d *Dispatcher) reachable(ctx context.Context, raw string) error {
+	if d.o.AllowPrivate {
+		return nil
+	}
+	u, err := url.Parse(raw)
+	if err != nil {
+		return err // ValidateURL refused it already
+	}
+	host := u.Hostname()
+	var addrs []netip.Addr
+	if a, err := netip.ParseAddr(host); err == nil {
+		addrs = []netip.Addr{a.WithZone("")}
+	} else {
+		lctx, cancel := context.WithTimeout(ctx, resolveWait)
+		defer cancel()
+		if addrs, err = d.o.Resolver.LookupNetIP(lctx, "ip", host); err != nil || len(addrs) == 0 {
+			return nil
+		}
+	}
+	if slices.ContainsFunc(addrs, public) {
+		return nil
+	}
+	return fmt.Errorf("url %s reaches %s, not a public address: this gateway delivers webhooks to public addresses only "+
+		"(start it with --webhook-allow-private for a lab or a test setup; demo does)", raw, addrs[0])
 }
 
 // SetExpand sets Options.Expand (the pickup service exists after the dispatcher).
