@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/lockergate/lockergate/client"
@@ -26,7 +25,7 @@ func TestEmbeddedDefault(t *testing.T) {
 		t.Fatal("no admin token at first start")
 	}
 	b, err := os.ReadFile(filepath.Join(dataDir, "admin.token"))
-	if err != nil || strings.TrimSpace(string(b)) != first {
+	if err != nil || string(b) != first { // exactly the token: no newline to strip
 		t.Fatalf("admin.token: %q, %v", b, err)
 	}
 	if err := tg.Admin.Post(context.Background(), "/v1/sites", map[string]string{"id": "kept"}, nil); err != nil {

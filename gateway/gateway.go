@@ -602,7 +602,9 @@ func (g *Gateway) ensureAdminToken(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create admin token: %w", err)
 	}
-	if err := writeFileAtomic(g.adminTokenPath, []byte(secret+"\n"), 0o600); err != nil {
+	// The token alone, no newline: a client that puts the file's bytes
+	// into its Authorization header as they are must not send one.
+	if err := writeFileAtomic(g.adminTokenPath, []byte(secret), 0o600); err != nil {
 		return fmt.Errorf("write admin token: %w", err)
 	}
 	g.adminToken = secret
