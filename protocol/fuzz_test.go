@@ -256,3 +256,26 @@ func TestSameWire(t *testing.T) {
 		}
 	}
 }
+
+// FuzzParseTime: whatever ParseTime takes (RFC 3339 and its near misses)
+// comes out in UTC at millisecond precision, and survives FormatTime and
+// ParseTime unchanged.
+func FuzzParseTime(f *testing.F) {
+	for _, s := range []string{"2026-11-24T21:30:00.123Z", "2026-11-24T22:30:00.123456+01:00", "2026-11-24T21:30:00",
+		"2026-11-24 21:30:00.123", "2026-11-24t21:30:00z", "2026-11-24T22:30:00.123+0100", "0000-01-01T00:30:00+01:00"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		v, err := protocol.ParseTime(s)
+		if err != nil {
+			return
+		}
+		if v.Location() != time.UTC || !v.Equal(v.Truncate(time.Millisecond)) {
+			t.Fatalf("%q: %v is not UTC at millisecond precision", s, v)
+		}
+		again, err := protocol.ParseTime(protocol.FormatTime(v))
+		if err != nil || !again.Equal(v) {
+			t.Fatalf("%q: %v formats as %s, which parses as %v, %v", s, v, protocol.FormatTime(v), again, err)
+		}
+	})
+}

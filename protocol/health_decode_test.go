@@ -60,7 +60,8 @@ var healthCorpus = []struct {
 	{`{"ts":"2026-11-24T21:30:00Z","battery_pct":101}`, false},
 	{`{"ts":"2026-11-24T21:30:00Z","door_faults":[0]}`, false},
 	{`{"ts":"2026-11-24T21:30:00Z","door_faults":[1,]}`, false},
-	{`{"ts":"2026-11-24 21:30:00Z"}`, false},
+	{`{"ts":"2026-11-24 21:30:00Z"}`, true}, // a near miss of RFC 3339 (ParseTime)
+	{`{"ts":"2026-11-24 21:30"}`, false},
 	{`{"ts":1}`, false},
 	{`{"ts":"2026-11-24T21:30:00Z","fw":"` + strings.Repeat("x", 257) + `"}`, false},
 	{`{"ts":"2026-11-24T21:30:00Z","x":tru}`, false},

@@ -25,6 +25,12 @@ func FormatTime(t time.Time) string { return t.UTC().Format(TimeLayout) }
 // ParseTime parses an RFC 3339 timestamp (any offset, any number of fractional
 // digits) and returns it in UTC truncated to milliseconds, the wire precision,
 // so that a parsed time survives FormatTime and ParseTime unchanged.
+//
+// It also takes the near misses that common libraries write for a UTC time
+// (Python's isoformat() of a naive UTC datetime, str(datetime), strftime's
+// %z): no offset, taken as UTC (the contract's timestamps are all UTC); a
+// space or a lower-case t between date and time; a lower-case z; an offset
+// without its colon (+0100). A device's event is not lost for its form.
 func ParseTime(s string) (time.Time, error) {
 	// time.Parse also takes a comma before the fraction and offsets of 24h or
 	// more; RFC 3339 allows neither.
@@ -33,7 +39,9 @@ func ParseTime(s string) (time.Time, error) {
 	}
 	v, err := time.Parse(time.RFC3339Nano, s)
 	if err != nil {
-		return time.Time{}, fmt.Errorf("timestamp %q: not RFC 3339", s)
+		if v, err = parseNearRFC3339(s); err != nil {
+			return time.Time{}, fmt.Errorf("timestamp %q: not RFC 3339", s)
+		}
 	}
 	if _, off := v.Zone(); off <= -24*3600 || off >= 24*3600 {
 		return time.Time{}, fmt.Errorf("timestamp %q: offset out of range", s)
@@ -45,6 +53,39 @@ func ParseTime(s string) (time.Time, error) {
 		return time.Time{}, fmt.Errorf("timestamp %q: year out of range in UTC", s)
 	}
 	return v, nil
+}
+
+// parseNearRFC3339 parses s as ParseTime's near misses of RFC 3339: the
+// date and time separated by a space or a lower-case t, a lower-case z, an
+// offset of four digits without a colon, or none (UTC).
+func parseNearRFC3339(s string) (time.Time, error) {
+	if len(s) < len("2006-01-02T15:04:05") {
+		return time.Time{}, errors.New("too short")
+	}
+	b := []byte(s)
+	if b[10] == ' ' || b[10] == 't' {
+		b[10] = 'T'
+	}
+	switch n := len(b); {
+	case b[n-1] == 'z':
+		b[n-1] = 'Z'
+	case n >= 24 && (b[n-5] == '+' || b[n-5] == '-') && isDigits(b[n-4:]):
+		b = append(b[:n-2:n-2], ':', b[n-2], b[n-1]) // +0100 → +01:00
+	}
+	if v, err := time.Parse(time.RFC3339Nano, string(b)); err == nil {
+		return v, nil
+	}
+	// No offset: UTC. The layout's fraction is optional.
+	return time.ParseInLocation("2006-01-02T15:04:05.999999999", string(b), time.UTC)
+}
+
+func isDigits(b []byte) bool {
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 // Time is a timestamp that marshals in the wire format and accepts any RFC 3339

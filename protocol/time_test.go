@@ -2,6 +2,7 @@ package protocol_test
 
 import (
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -27,27 +28,49 @@ func TestFormatTime(t *testing.T) {
 
 func TestParseTime(t *testing.T) {
 	want := time.Date(2026, 11, 24, 21, 30, 0, 123_000_000, time.UTC)
+	// parse checks that each of ss parses as want, or as want's second
+	// when it has no fraction.
+	parse := func(t *testing.T, ss ...string) {
+		t.Helper()
+		for _, s := range ss {
+			w := want
+			if !strings.Contains(s, ".") {
+				w = want.Truncate(time.Second)
+			}
+			got, err := protocol.ParseTime(s)
+			if err != nil {
+				t.Fatalf("%s: %v", s, err)
+			}
+			if !got.Equal(w) || got.Location() != time.UTC {
+				t.Fatalf("%s: got %v, want %v", s, got, w)
+			}
+		}
+	}
 	t.Run("OK", func(t *testing.T) {
-		for _, s := range []string{
+		parse(t,
 			"2026-11-24T21:30:00.123Z",
 			"2026-11-24T22:30:00.123+01:00",
 			"2026-11-24T16:00:00.123-05:30",
 			"2026-11-24T21:30:00.123456789Z", // truncated to the wire's milliseconds
 			"2026-11-24T21:30:00.1239Z",
-		} {
-			got, err := protocol.ParseTime(s)
-			if err != nil {
-				t.Fatalf("%s: %v", s, err)
-			}
-			if !got.Equal(want) || got.Location() != time.UTC {
-				t.Fatalf("%s: got %v, want %v", s, got, want)
-			}
-		}
-		// Seconds without a fraction are RFC 3339 too.
-		got, err := protocol.ParseTime("2026-11-24T21:30:00Z")
-		if err != nil || !got.Equal(want.Truncate(time.Second)) {
-			t.Fatalf("got %v, %v", got, err)
-		}
+			"2026-11-24T21:30:00Z", // seconds without a fraction are RFC 3339 too
+		)
+	})
+	// Near misses of RFC 3339 that common libraries write for a UTC time
+	// are taken, no offset as UTC.
+	t.Run("NearMiss", func(t *testing.T) {
+		parse(t,
+			"2026-11-24T21:30:00.123",         // Python: datetime.utcnow().isoformat(), milliseconds
+			"2026-11-24T21:30:00.123456",      // ... microseconds
+			"2026-11-24T21:30:00",             // ... none
+			"2026-11-24 21:30:00.123",         // str(datetime)
+			"2026-11-24 21:30:00.123Z",        // a space for the T
+			"2026-11-24t21:30:00.123z",        // lower case
+			"2026-11-24T21:30:00.123+0000",    // strftime's %z
+			"2026-11-24T22:30:00.123+0100",    // ... another offset
+			"2026-11-24T16:00:00.123456-0530", // ... with microseconds
+			"2026-11-24 21:30:00.123+00:00",   // str() of an aware datetime
+		)
 	})
 	t.Run("Error", func(t *testing.T) {
 		for _, s := range []string{
@@ -55,12 +78,7 @@ func TestParseTime(t *testing.T) {
 			"yesterday",
 			"1732483800",
 			"2026-11-24",
-			"2026-11-24 21:30:00Z",
-			"2026-11-24T21:30:00",       // no offset
-			"2026-11-24T21:30:00.123",   // no offset
-			"2026-11-24T21:30:00+0100",  // offset without colon
 			"2026-11-24T21:30:00,123Z",  // comma fraction
-			"2026-11-24t21:30:00Z",      // Go's parser wants upper case
 			"2026-11-24T21:30:00.Z",     // empty fraction
 			"2026-11-24T24:00:00Z",      // hour 24
 			"2026-02-30T00:00:00Z",      // no such day
@@ -69,6 +87,16 @@ func TestParseTime(t *testing.T) {
 			"0000-01-01T00:30:00+01:00", // year -1 in UTC
 			"9999-12-31T23:30:00-01:00", // year 10000 in UTC
 			" 2026-11-24T21:30:00.123Z",
+			"2026-11-24T21:30:00.123 ",    // trailing space
+			"2026-11-24T21:30",            // no seconds
+			"2026-11-24T21:30:00+01",      // offset of hours only
+			"2026-11-24T21:30:00.123+010", // three offset digits
+			"2026-11-24T21:30:00+01:0x",
+			"2026-11-24T21:30:00.123 Z",
+			"2026-11-24  21:30:00",
+			"2026-11-24T24:00:00",          // hour 24, no offset
+			"2026-11-24T21:30:00.123+2400", // offset out of range
+			"2026-11-24X21:30:00Z",
 		} {
 			if got, err := protocol.ParseTime(s); err == nil {
 				t.Errorf("%q: got %v, want error", s, got)
@@ -120,7 +148,7 @@ func TestTime_JSON(t *testing.T) {
 		}
 	})
 	t.Run("Error", func(t *testing.T) {
-		for _, s := range []string{`5`, `true`, `{}`, `[]`, `"2026-11-24"`, `"2026-11-24T21:30:00"`, `""`} {
+		for _, s := range []string{`5`, `true`, `{}`, `[]`, `"2026-11-24"`, `"2026-11-24T21:30"`, `""`} {
 			var out protocol.Time
 			if err := json.Unmarshal([]byte(s), &out); err == nil {
 				t.Errorf("%s: got %v, want error", s, out)
