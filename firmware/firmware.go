@@ -68,6 +68,9 @@ const (
 	KindBoot      = "boot"
 	KindDeadline  = "deadline"
 	KindTimeout   = "timeout"
+	// KindUnknown is a locker's failed report without an error. It, and
+	// any error outside the contract's kinds, is never retried.
+	KindUnknown = "unknown"
 )
 
 // RetryKinds are the failure kinds a rollout may retry.

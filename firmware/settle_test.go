@@ -488,3 +488,30 @@ func TestEngineBirthsTogether(t *testing.T) {
 		t.Errorf("%s, born on the old version after rebooting: %s %q, want failed (boot)", ids[1], j.State, j.Error)
 	}
 }
+
+// TestEngineFailureOfAnyKind: a locker's failed report is the attempt's
+// end whatever its error says: none is recorded as "unknown", one outside
+// the contract's kinds as sent. Neither is retried, though the rollout
+// retries every kind it can name.
+func TestEngineFailureOfAnyKind(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 2)
+	a := h.upload("LX-24", "1.5.0")
+	h.devs.outcome = func(string, int) string { return outSilent }
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
+		Retries: 3, RetryOn: firmware.RetryKinds})
+	for i, kind := range []string{"", "flash_worn"} {
+		job := h.sentJob(st.ID, ids[i])
+		if err := h.eng.JobStatus(ctx, ids[i], &protocol.FwStatus{Job: job, State: firmware.StateFailed, Error: kind}, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		want := kind
+		if kind == "" {
+			want = firmware.KindUnknown
+		}
+		if j := h.job(st.ID, ids[i]); j.State != firmware.StateFailed || j.Error != want || j.Attempt != 1 {
+			t.Fatalf("error %q: job %s %q attempt %d, want failed %q, not retried", kind, j.State, j.Error, j.Attempt, want)
+		}
+	}
+}

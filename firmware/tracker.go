@@ -36,7 +36,11 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 		}
 		e.counted(j != nil)
 	case StateFailed, StateRejected:
-		return e.failJob(ctx, deviceID, st.Job, st.State, st.Error, at)
+		kind := st.Error
+		if kind == "" && st.State == StateFailed {
+			kind = KindUnknown // a failure that does not say which
+		}
+		return e.failJob(ctx, deviceID, st.Job, st.State, kind, at)
 	case StateSucceeded:
 		return e.succeeded(ctx, deviceID, st.Job, at)
 	}

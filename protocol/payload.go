@@ -628,13 +628,11 @@ func (s *FwStatus) Validate() error {
 		return fmt.Errorf("job %q: want 1-64 of [A-Za-z0-9._:-]", s.Job)
 	}
 	switch s.State {
-	case FwDownloading, FwVerifying, FwInstalling, FwRebooting, FwSucceeded, FwRejected:
-	case FwFailed:
-		switch s.Error {
-		case "download", "checksum", "signature", "install", "boot", "deadline":
-		default:
-			return fmt.Errorf("error %q: want download, checksum, signature, install, boot or deadline", s.Error)
-		}
+	// A failure whose error is missing or none of the contract's kinds
+	// (download, checksum, signature, install, boot, deadline) is still
+	// the attempt's end: taken, not dropped (the job would wait for its
+	// step timeout). The engine records it as sent, or "unknown".
+	case FwDownloading, FwVerifying, FwInstalling, FwRebooting, FwSucceeded, FwRejected, FwFailed:
 	default:
 		return fmt.Errorf("state %q is not a firmware job state", s.State)
 	}
