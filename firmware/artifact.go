@@ -238,6 +238,9 @@ func (e *Engine) SameImage(sha string, body io.Reader) (bool, error) {
 var (
 	ErrURLExpired = errors.New("download URL expired")
 	ErrURLInvalid = errors.New("download URL signature invalid")
+	// ErrJobWithdrawn: the URL's job was cancelled (or skipped), or is no
+	// longer the locker's current attempt (retried under a new id).
+	ErrJobWithdrawn = errors.New("download URL's job was withdrawn (cancelled, or replaced by a retry)")
 )
 
 func (e *Engine) urlMAC(artifact, job string, exp int64) []byte {
@@ -256,8 +259,14 @@ func (e *Engine) DownloadURL(artifact, job string, exp time.Time) string {
 	return e.baseURL() + "/v1/firmware/" + url.PathEscape(artifact) + "/blob?" + q.Encode()
 }
 
-// CheckDownload verifies a signed download URL's query for artifact.
-func (e *Engine) CheckDownload(artifact string, q url.Values) error {
+// CheckDownload verifies a signed download URL's query for artifact, and
+// that its job still stands: a locker that missed the cancel (offline
+// then, and told of it only by an empty retained fw/job that a locker
+// subscribing after its birth never gets) cannot go on downloading, and
+// so installing, a withdrawn job. A job that ended otherwise (succeeded,
+// failed, timed out) may still be downloaded: a late success is recorded.
+// Other errors are the database's.
+func (e *Engine) CheckDownload(ctx context.Context, artifact string, q url.Values) error {
 	exp, err := strconv.ParseInt(q.Get("exp"), 10, 64)
 	if err != nil {
 		return ErrURLInvalid
@@ -269,7 +278,11 @@ func (e *Engine) CheckDownload(artifact string, q url.Values) error {
 	if e.now().Unix() >= exp {
 		return ErrURLExpired
 	}
-	return nil
+	state, err := e.store.JobState(ctx, q.Get("job"))
+	if errors.Is(err, fleet.ErrNotFound) || state == StateCancelled || state == StateSkipped {
+		return ErrJobWithdrawn
+	}
+	return err
 }
 
 func (e *Engine) baseURL() string {

@@ -328,6 +328,10 @@ type Store interface {
 
 	// GetJob returns a locker's job by wire id, or fleet.ErrNotFound.
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
+	// JobState returns the state of the job whose current attempt has wire
+	// id jobID, or fleet.ErrNotFound (none: an earlier attempt's id, or
+	// an unknown one).
+	JobState(ctx context.Context, jobID string) (string, error)
 	// BirthJobs returns, in one read, what the births of lockers may
 	// settle: each one's active job and its queued and timed-out jobs (a
 	// success that came after the timeout). Lockers with none are missing

@@ -66,14 +66,14 @@ func TestEngineRenewsURLAndWindow(t *testing.T) {
 		return nil
 	})
 	q, exp := urlExp(t, first.URL)
-	if err := h.eng.CheckDownload(a.ID, q); err != nil || !exp.After(clk.now()) {
+	if err := h.eng.CheckDownload(ctx, a.ID, q); err != nil || !exp.After(clk.now()) {
 		t.Fatalf("the first URL (exp %v): %v", exp, err)
 	}
 	sent := h.job(st.ID, ids[0])
 	published := h.devs.published.Load()
 
 	clk.advance(72 * time.Hour) // the locker is back after three days
-	if err := h.eng.CheckDownload(a.ID, q); !errors.Is(err, firmware.ErrURLExpired) {
+	if err := h.eng.CheckDownload(ctx, a.ID, q); !errors.Is(err, firmware.ErrURLExpired) {
 		t.Fatalf("the first URL three days later: %v, want expired", err)
 	}
 	h.eng.Tick(ctx)
@@ -82,7 +82,7 @@ func TestEngineRenewsURLAndWindow(t *testing.T) {
 	if !exp.After(clk.now()) {
 		t.Fatalf("URL expires %v, before now %v: not renewed", exp, clk.now())
 	}
-	if err := h.eng.CheckDownload(a.ID, q); err != nil {
+	if err := h.eng.CheckDownload(ctx, a.ID, q); err != nil {
 		t.Fatalf("the renewed URL: %v", err)
 	}
 	if q.Get("job") != first.Job {
@@ -122,5 +122,55 @@ func TestEngineRenewsURLAndWindow(t *testing.T) {
 	}
 	if h.devs.published.Load() != published {
 		t.Fatal("republished again a minute later")
+	}
+}
+
+// TestDownloadOfWithdrawnJobRefused: a job's signed URL stops working once
+// the job is withdrawn, so a locker that missed the withdrawal (offline,
+// or subscribed after an empty fw/job went by) cannot go on to download
+// and install it: once its attempt is retried under a new id, and once
+// the rollout is cancelled. A database that cannot answer is not taken
+// for a withdrawal.
+func TestDownloadOfWithdrawnJobRefused(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent }
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
+		Retries: 1, RetryOn: []string{firmware.KindDownload}})
+	first := h.sentJob(st.ID, ids[0])
+	q1, _ := urlExp(t, h.retainedJob(ids[0]).URL)
+	if err := h.eng.CheckDownload(ctx, a.ID, q1); err != nil {
+		t.Fatalf("the sent job's URL: %v", err)
+	}
+	down, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := h.eng.CheckDownload(down, a.ID, q1); err == nil || errors.Is(err, firmware.ErrJobWithdrawn) {
+		t.Fatalf("without a database: %v, want its error", err)
+	}
+
+	// The download fails; the job is retried under a new id.
+	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: first, State: firmware.StateFailed, Error: firmware.KindDownload}, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	h.eng.Tick(ctx)
+	second := h.sentJob(st.ID, ids[0])
+	if second == first {
+		t.Fatal("not retried")
+	}
+	if err := h.eng.CheckDownload(ctx, a.ID, q1); !errors.Is(err, firmware.ErrJobWithdrawn) {
+		t.Fatalf("the first attempt's URL: %v, want withdrawn", err)
+	}
+	q2, _ := urlExp(t, h.retainedJob(ids[0]).URL)
+	if err := h.eng.CheckDownload(ctx, a.ID, q2); err != nil {
+		t.Fatalf("the retry's URL: %v", err)
+	}
+
+	if _, err := h.eng.Cancel(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.eng.CheckDownload(ctx, a.ID, q2); !errors.Is(err, firmware.ErrJobWithdrawn) {
+		t.Fatalf("the cancelled job's URL: %v, want withdrawn", err)
 	}
 }

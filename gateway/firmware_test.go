@@ -433,6 +433,25 @@ func TestFirmwareCancel(t *testing.T) {
 	if s := fwStatus(t, tg, st.ID); s.Status != firmware.Cancelled {
 		t.Fatalf("status %s", s.Status)
 	}
+	// A cancelled job's signed URL is withdrawn with it: a locker that
+	// missed the empty fw/job cannot download it.
+	var payload []byte
+	if err := tg.DB().Pool().QueryRow(context.Background(), `SELECT payload FROM fw_jobs WHERE rollout_id = $1
+		AND state = 'cancelled' AND payload IS NOT NULL LIMIT 1`, st.ID).Scan(&payload); err != nil {
+		t.Fatalf("a cancelled job that was handed out: %v", err)
+	}
+	job, err := protocol.DecodeFwJob(payload)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.Get(job.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusGone || resp.Header.Get("Content-Type") != "application/problem+json" {
+		t.Fatalf("cancelled job's URL: %s %s, want 410 problem", resp.Status, resp.Header.Get("Content-Type"))
+	}
 }
 
 func TestFirmwareOfflineLockersGetTheJobOnReturn(t *testing.T) {

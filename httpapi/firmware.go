@@ -138,9 +138,15 @@ func getFirmware(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) er
 // serveSigned serves the image of a signed URL (what a job carries),
 // without a token.
 func serveSigned(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
-	if err := fw.CheckDownload(r.PathValue("id"), r.URL.Query()); err != nil {
+	switch err := fw.CheckDownload(r.Context(), r.PathValue("id"), r.URL.Query()); {
+	case errors.Is(err, firmware.ErrURLInvalid), errors.Is(err, firmware.ErrURLExpired):
 		writeProblem(w, http.StatusForbidden, err.Error())
 		return nil
+	case errors.Is(err, firmware.ErrJobWithdrawn):
+		writeProblem(w, http.StatusGone, err.Error()+": this locker's fw/job no longer holds it")
+		return nil
+	case err != nil:
+		return err
 	}
 	return serveImage(fw, w, r)
 }

@@ -280,6 +280,16 @@ func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job
 	return j, dataError(err) // a job id from a device that text cannot hold
 }
 
+// JobState implements firmware.Store.
+func (db *DB) JobState(ctx context.Context, jobID string) (string, error) {
+	var state string
+	err := db.pool.QueryRow(ctx, `SELECT state FROM fw_jobs WHERE job_id = $1`, jobID).Scan(&state)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", fleet.ErrNotFound
+	}
+	return state, dataError(err) // an id text cannot hold
+}
+
 // BirthJobs implements firmware.Store.
 func (db *DB) BirthJobs(ctx context.Context, deviceIDs []string) (map[string]firmware.LockerJobs, error) {
 	jobs, err := collectFwJobs(db.pool.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
