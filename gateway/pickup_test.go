@@ -1435,6 +1435,34 @@ func TestPickupEdges(t *testing.T) {
 		}
 	})
 
+	t.Run("RecipientLeftOut", func(t *testing.T) {
+		// Without a kind, a platform named is its driver; without a
+		// recipient at all, the pickup is the store's customer's.
+		for ref, tc := range map[string]struct {
+			recipient any
+			want      pickup.Recipient
+		}{
+			"D-1": {nil, pickup.Recipient{Kind: "customer"}},
+			"D-2": {map[string]string{"platform": "speedy"}, pickup.Recipient{Kind: "driver", Platform: "speedy"}},
+			"D-3": {map[string]string{"name": "Ana"}, pickup.Recipient{Kind: "customer", Name: "Ana"}},
+		} {
+			body := map[string]any{"site": "store-042", "order_ref": ref, "size": "S"}
+			if tc.recipient != nil {
+				body["recipient"] = tc.recipient
+			}
+			var p pickup.Pickup
+			if err := e.store.Post(ctx, "/v1/pickups", body, &p); err != nil {
+				t.Fatalf("%s: %v", ref, err)
+			}
+			if p.Recipient != tc.want {
+				t.Errorf("%s: recipient %+v, want %+v", ref, p.Recipient, tc.want)
+			}
+			if err := e.store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+
 	t.Run("BadRequests", func(t *testing.T) {
 		for name, body := range map[string]map[string]any{
 			"UnknownSize":     {"site": "store-042", "order_ref": "B-1", "size": "XXL", "recipient": map[string]string{"kind": "customer"}},
@@ -1447,6 +1475,7 @@ func TestPickupEdges(t *testing.T) {
 			// A platform no token can have: nobody could see or collect it.
 			"BadPlatform": {"site": "store-042", "order_ref": "B-6", "recipient": map[string]string{"kind": "driver", "platform": "speedy\x07"}},
 			"LongName":    {"site": "store-042", "order_ref": "B-7", "recipient": map[string]string{"kind": "customer", "name": strings.Repeat("n", pickup.MaxRecipientName+1)}},
+			"UnknownKind": {"site": "store-042", "order_ref": "B-9", "recipient": map[string]string{"kind": "robot"}},
 		} {
 			want := map[string]int{"OtherSite": 403, "DuplicateRef": 409, "NothingFitsSize": 422}[name]
 			if want == 0 {

@@ -112,6 +112,14 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	if !protocol.ValidZone(p.Zone) {
 		return fmt.Errorf("%w: zone %q: want ambient, chilled or heated", fleet.ErrInvalid, p.Zone)
 	}
+	if p.Recipient.Kind == "" {
+		// Left out: a platform named is its driver; none, the store's own
+		// customer.
+		p.Recipient.Kind = "customer"
+		if p.Recipient.Platform != "" {
+			p.Recipient.Kind = "driver"
+		}
+	}
 	switch p.Recipient.Kind {
 	case "driver":
 		if p.Recipient.Platform == "" {
