@@ -8,7 +8,10 @@ func Handoff() *Dashboard {
 	}
 	// A pickup collected in time but reported after its expiry entered
 	// expired, then picked_up: it is no no-show.
-	noShows := "(" + entered("expired") + " - sum(increase(" + vec("lockergate_pickups_reported_late_total", "") + "[$__range])))"
+	// The two may fall in different ranges (and increase extrapolates), and
+	// the late counter is missing before an upgrade: never below zero.
+	noShows := "clamp_min(" + entered("expired") + " - (sum(increase(" + vec("lockergate_pickups_reported_late_total", "") +
+		"[$__range])) or vector(0)), 0)"
 	return &Dashboard{
 		UID: "lockergate-handoff", File: "handoff.json", Title: "Lockergate / Handoff",
 		Description: "Pickups per state, staging and waiting times, no-shows, wrong codes and occupancy.",
@@ -26,7 +29,7 @@ func Handoff() *Dashboard {
 				stat("Cancelled", "Pickups cancelled by the store or the platform.", "short", entered("cancelled")),
 			}},
 			{Title: "Flow", Panels: []Panel{
-				withMin0(ts("Pickups entering each state", "Transitions per minute: staging (created), ready (loaded), picked_up, expired (no-show), cancelled.", "opm",
+				withMin0(ts("Pickups entering each state", "Transitions per minute: staging (created), ready (loaded), picked_up, expired (a no-show, or a collection the locker reported only after the expiry, which then enters picked_up too), cancelled.", "opm",
 					q("60 * sum by (state) ("+rate("lockergate_pickups_total", "")+")", "{{state}}"))),
 				withMin0(ts("Wrong codes by reason", "Codes lockers rejected per minute: unknown (typos, guessing), expired, used (a second try), locked_out (keypad lockout).", "opm",
 					q("60 * sum by (reason) ("+rate("lockergate_credential_rejections_total", "")+")", "{{reason}}"))),

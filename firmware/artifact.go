@@ -238,9 +238,9 @@ func (e *Engine) SameImage(sha string, body io.Reader) (bool, error) {
 var (
 	ErrURLExpired = errors.New("download URL expired")
 	ErrURLInvalid = errors.New("download URL signature invalid")
-	// ErrJobWithdrawn: the URL's job was cancelled (or skipped), or is no
-	// longer the locker's current attempt (retried under a new id).
-	ErrJobWithdrawn = errors.New("download URL's job was withdrawn (cancelled, or replaced by a retry)")
+	// ErrJobWithdrawn: the URL's job was cancelled (or skipped), or is
+	// not known.
+	ErrJobWithdrawn = errors.New("download URL's job was withdrawn (its rollout cancelled)")
 )
 
 func (e *Engine) urlMAC(artifact, job string, exp int64) []byte {
@@ -264,8 +264,9 @@ func (e *Engine) DownloadURL(artifact, job string, exp time.Time) string {
 // then, and told of it only by an empty retained fw/job that a locker
 // subscribing after its birth never gets) cannot go on downloading, and
 // so installing, a withdrawn job. A job that ended otherwise (succeeded,
-// failed, timed out) may still be downloaded: a late success is recorded.
-// Other errors are the database's.
+// failed, timed out), and an attempt retried since (the same image: a
+// slow locker's resumed download finishes, and its birth settles the
+// retry), may still be downloaded. Other errors are the database's.
 func (e *Engine) CheckDownload(ctx context.Context, artifact string, q url.Values) error {
 	exp, err := strconv.ParseInt(q.Get("exp"), 10, 64)
 	if err != nil {

@@ -69,9 +69,13 @@ const (
 	KindDeadline  = "deadline"
 	KindTimeout   = "timeout"
 	// KindUnknown is a locker's failed report without an error. It, and
-	// any error outside the contract's kinds, is never retried.
+	// any error outside the contract's kinds (DeviceKinds), is never
+	// retried.
 	KindUnknown = "unknown"
 )
+
+// DeviceKinds are the failure kinds a locker reports (fw/status error).
+var DeviceKinds = []string{KindDownload, KindChecksum, KindSignature, KindInstall, KindBoot, KindDeadline}
 
 // RetryKinds are the failure kinds a rollout may retry.
 var RetryKinds = []string{KindDownload, KindChecksum, KindSignature, KindInstall, KindBoot, KindTimeout}
@@ -328,9 +332,9 @@ type Store interface {
 
 	// GetJob returns a locker's job by wire id, or fleet.ErrNotFound.
 	GetJob(ctx context.Context, deviceID, jobID string) (*Job, error)
-	// JobState returns the state of the job whose current attempt has wire
-	// id jobID, or fleet.ErrNotFound (none: an earlier attempt's id, or
-	// an unknown one).
+	// JobState returns the state of the job one of whose attempts has
+	// wire id jobID (the current one, or one retried since), or
+	// fleet.ErrNotFound.
 	JobState(ctx context.Context, jobID string) (string, error)
 	// BirthJobs returns, in one read, what the births of lockers may
 	// settle: each one's active job and its queued and timed-out jobs (a

@@ -126,11 +126,11 @@ func TestEngineRenewsURLAndWindow(t *testing.T) {
 }
 
 // TestDownloadOfWithdrawnJobRefused: a job's signed URL stops working once
-// the job is withdrawn, so a locker that missed the withdrawal (offline,
-// or subscribed after an empty fw/job went by) cannot go on to download
-// and install it: once its attempt is retried under a new id, and once
-// the rollout is cancelled. A database that cannot answer is not taken
-// for a withdrawal.
+// the rollout is cancelled, so a locker that missed the withdrawal
+// (offline, or subscribed after an empty fw/job went by) cannot go on to
+// download and install it; an attempt retried since still downloads (the
+// same image) until then. A database that cannot answer is not taken for a
+// withdrawal.
 func TestDownloadOfWithdrawnJobRefused(t *testing.T) {
 	h := newHarness(t, hopt{})
 	ctx := context.Background()
@@ -154,23 +154,28 @@ func TestDownloadOfWithdrawnJobRefused(t *testing.T) {
 	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: first, State: firmware.StateFailed, Error: firmware.KindDownload}, time.Now()); err != nil {
 		t.Fatal(err)
 	}
-	h.eng.Tick(ctx)
-	second := h.sentJob(st.ID, ids[0])
+	second := h.sentJob(st.ID, ids[0]) // the running engine hands the retry out
 	if second == first {
 		t.Fatal("not retried")
 	}
-	if err := h.eng.CheckDownload(ctx, a.ID, q1); !errors.Is(err, firmware.ErrJobWithdrawn) {
-		t.Fatalf("the first attempt's URL: %v, want withdrawn", err)
-	}
 	q2, _ := urlExp(t, h.retainedJob(ids[0]).URL)
-	if err := h.eng.CheckDownload(ctx, a.ID, q2); err != nil {
-		t.Fatalf("the retry's URL: %v", err)
+	for i, q := range []url.Values{q1, q2} {
+		if err := h.eng.CheckDownload(ctx, a.ID, q); err != nil {
+			t.Fatalf("attempt %d's URL: %v", i+1, err)
+		}
 	}
 
 	if _, err := h.eng.Cancel(ctx, st.ID, "operator"); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.eng.CheckDownload(ctx, a.ID, q2); !errors.Is(err, firmware.ErrJobWithdrawn) {
-		t.Fatalf("the cancelled job's URL: %v, want withdrawn", err)
+	for i, q := range []url.Values{q1, q2} {
+		if err := h.eng.CheckDownload(ctx, a.ID, q); !errors.Is(err, firmware.ErrJobWithdrawn) {
+			t.Fatalf("the cancelled job's attempt %d's URL: %v, want withdrawn", i+1, err)
+		}
+	}
+	// One no job ever had (signed with the gateway's key all the same).
+	q3, _ := urlExp(t, h.eng.DownloadURL(a.ID, "no-such-job", time.Now().Add(time.Hour)))
+	if err := h.eng.CheckDownload(ctx, a.ID, q3); !errors.Is(err, firmware.ErrJobWithdrawn) {
+		t.Fatalf("an unknown job's URL: %v, want withdrawn", err)
 	}
 }

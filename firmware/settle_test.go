@@ -491,17 +491,17 @@ func TestEngineBirthsTogether(t *testing.T) {
 
 // TestEngineFailureOfAnyKind: a locker's failed report is the attempt's
 // end whatever its error says: none is recorded as "unknown", one outside
-// the contract's kinds as sent. Neither is retried, though the rollout
-// retries every kind it can name.
+// the contract's kinds as sent, "timeout" (the gateway's own kind) too.
+// None is retried, though the rollout retries every kind it can name.
 func TestEngineFailureOfAnyKind(t *testing.T) {
 	h := newHarness(t, hopt{})
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 2)
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 3)
 	a := h.upload("LX-24", "1.5.0")
 	h.devs.outcome = func(string, int) string { return outSilent }
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
 		Retries: 3, RetryOn: firmware.RetryKinds})
-	for i, kind := range []string{"", "flash_worn"} {
+	for i, kind := range []string{"", "flash_worn", firmware.KindTimeout} {
 		job := h.sentJob(st.ID, ids[i])
 		if err := h.eng.JobStatus(ctx, ids[i], &protocol.FwStatus{Job: job, State: firmware.StateFailed, Error: kind}, time.Now()); err != nil {
 			t.Fatal(err)

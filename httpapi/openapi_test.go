@@ -452,6 +452,7 @@ func TestOpenAPISchemas(t *testing.T) {
 		"WebhookCreate":    {webhookIn{}, nil},
 		"RolloutCreate":    {firmware.Spec{}, nil},
 		"RolloutSelector":  {firmware.Selector{}, nil},
+		"RecipientCreate":  {pickup.Recipient{}, nil},
 	}
 	for name, r := range requests {
 		t.Run(name, func(t *testing.T) {

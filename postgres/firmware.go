@@ -280,10 +280,14 @@ func (db *DB) GetJob(ctx context.Context, deviceID, jobID string) (*firmware.Job
 	return j, dataError(err) // a job id from a device that text cannot hold
 }
 
-// JobState implements firmware.Store.
+// JobState implements firmware.Store: an earlier attempt's id answers its
+// job's current state.
 func (db *DB) JobState(ctx context.Context, jobID string) (string, error) {
 	var state string
-	err := db.pool.QueryRow(ctx, `SELECT state FROM fw_jobs WHERE job_id = $1`, jobID).Scan(&state)
+	err := db.pool.QueryRow(ctx, `SELECT state FROM fw_jobs WHERE job_id = $1
+		UNION ALL
+		SELECT j.state FROM fw_job_attempts a JOIN fw_jobs j USING (rollout_id, device_id) WHERE a.job_id = $1
+		LIMIT 1`, jobID).Scan(&state)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return "", fleet.ErrNotFound
 	}

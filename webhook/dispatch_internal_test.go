@@ -221,15 +221,16 @@ func TestCreateRefusesUnreachableURL(t *testing.T) {
 		"hooks.example":     {netip.MustParseAddr("10.0.0.9"), netip.MustParseAddr("93.184.215.14")},
 	}
 	for _, tc := range []struct {
-		url, refused string // refused: the address named, "" when taken
+		url, refused string // refused: the host named, "" when taken
 	}{
 		{"http://127.0.0.1:9/hook", "127.0.0.1"},
 		{"http://[::1]:9/hook", "::1"},
-		{"http://[fe80::1%25eth0]/hook", "fe80::1"},
+		{"http://[fe80::1%25eth0]/hook", "fe80::1%eth0"},
 		{"https://10.1.2.3/hook", "10.1.2.3"},
 		{"http://169.254.169.254/latest", "169.254.169.254"},
-		{"http://localhost:8080/hook", "127.0.0.1"},
-		{"http://receiver.internal/hook", "172.18.0.5"},
+		{"http://0.0.0.0/hook", "0.0.0.0"},
+		{"http://localhost:8080/hook", "localhost"},
+		{"http://receiver.internal/hook", "receiver.internal"},
 		{"https://hooks.example/hook", ""},
 		{"https://93.184.215.14/hook", ""},
 		{"https://not-resolvable.example/hook", ""},
@@ -247,7 +248,8 @@ func TestCreateRefusesUnreachableURL(t *testing.T) {
 					if err != nil || len(st.hooks) != 1 {
 						t.Fatalf("allow private %v: %v, %d stored; want it taken", allow, err, len(st.hooks))
 					}
-				case !errors.Is(err, fleet.ErrUnprocessable) || !strings.Contains(err.Error(), "reaches "+tc.refused+",") ||
+				case !errors.Is(err, fleet.ErrUnprocessable) || !strings.Contains(err.Error(), "host "+tc.refused+" reaches no public") ||
+					strings.Contains(err.Error(), "172.18.0.5") ||
 					!strings.Contains(err.Error(), "--webhook-allow-private") || len(st.hooks) != 0:
 					t.Fatalf("got %v (%d stored), want it refused as unprocessable, naming %s and the flag", err, len(st.hooks), tc.refused)
 				}

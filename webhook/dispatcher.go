@@ -182,8 +182,10 @@ func (d *Dispatcher) reachable(ctx context.Context, raw string) error {
 	if slices.ContainsFunc(addrs, public) {
 		return nil
 	}
-	return fmt.Errorf("url %s reaches %s, not a public address: this gateway delivers webhooks to public addresses only "+
-		"(start it with --webhook-allow-private for a lab or a test setup; demo does)", raw, addrs[0])
+	// The host only, not what it resolved to: a token holder is not told
+	// the private addresses of names inside the gateway's network.
+	return fmt.Errorf("url's host %s reaches no public address: this gateway delivers webhooks to public addresses only "+
+		"(start it with --webhook-allow-private for a lab or a test setup; demo does)", host)
 }
 
 // SetExpand sets Options.Expand (the pickup service exists after the dispatcher).
