@@ -127,6 +127,32 @@ func (m *Manager) publishCommand(ctx context.Context, c *Command) bool {
 // resendLimit bounds the commands one sweep sends again.
 const resendLimit = 500
 
+// ResendMaxWait bounds the growing wait between resends of one command: a
+// locker that never answers (a firmware fault) gets an unanswered command
+// about once a minute, not every CommandResend until it expires.
+const ResendMaxWait = time.Minute
+
+// resent is what resend remembers of a command it sent again.
+type resent struct {
+	last time.Time // the last resend
+	n    int       // resends so far
+}
+
+// wait is how long after its last resend the command is due again:
+// CommandResend doubled for each resend so far (the first came
+// CommandResend after the send), at most ResendMaxWait (or CommandResend,
+// when that is longer).
+func (r resent) wait(base time.Duration) time.Duration {
+	w := base
+	for range r.n {
+		if w >= ResendMaxWait {
+			break
+		}
+		w *= 2
+	}
+	return min(w, max(base, ResendMaxWait))
+}
+
 // resend sends again, by id, the commands sent at least CommandResend ago
 // to lockers that are online and have not answered: a publish lost on its
 // way (a request that ended before it, an external broker that failed it)
@@ -134,9 +160,10 @@ const resendLimit = 500
 // pending for CommandResend while its locker is online: one created as the
 // locker came online, stored pending after the birth had read the open
 // commands. Lockers run a command id at most once and repeat their answer,
-// so a locker that has it only answers again. Each command is sent again at
-// most once per CommandResend by this instance. Run calls it after each
-// sweep.
+// so a locker that has it only answers again. This instance sends a
+// command again CommandResend after it was sent, then after twice as long
+// each time, at most ResendMaxWait apart (resent.wait). Run calls it after
+// each sweep.
 func (m *Manager) resend(ctx context.Context) {
 	if m.opts.CommandResend < 0 {
 		return
@@ -152,10 +179,11 @@ func (m *Manager) resend(ctx context.Context) {
 	for i := range cmds {
 		c := &cmds[i]
 		seen[c.ID] = true
-		if last, ok := m.resent[c.ID]; ok && now.Sub(last) < m.opts.CommandResend {
+		r, ok := m.resent[c.ID]
+		if ok && now.Sub(r.last) < r.wait(m.opts.CommandResend) {
 			continue
 		}
-		m.resent[c.ID] = now
+		m.resent[c.ID] = resent{last: now, n: r.n + 1}
 		if c.Status == CmdPending {
 			m.log.Info("pending command delivered to an online locker", "locker", c.DeviceID, "command", c.ID)
 			m.deliver(ctx, c)

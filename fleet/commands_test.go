@@ -1162,9 +1162,10 @@ func TestPublishRetainedLockWaitEnds(t *testing.T) {
 	}
 }
 
-// TestResend: an unanswered sent command is published again by id at most
-// once per CommandResend; a pending one is marked sent and delivered; an
-// answered one is no longer sent, and forgotten.
+// TestResend: an unanswered sent command is published again by id,
+// CommandResend after it was sent, then after twice as long each time,
+// never more than ResendMaxWait apart; a pending one is marked sent and
+// delivered; an answered one is no longer sent, and forgotten.
 func TestResend(t *testing.T) {
 	now := time.Unix(1_800_000_000, 0)
 	st, bus := newFakeStore(), &fakeBus{}
@@ -1173,8 +1174,8 @@ func TestResend(t *testing.T) {
 		t.Fatal(err)
 	}
 	sentAt := now.Add(-10 * time.Second)
-	st.cmds["c-sent"] = Command{ID: "c-sent", DeviceID: "lk-1", Type: "unlock", Compartment: 1, Status: CmdSent, SentAt: &sentAt, ExpiresAt: now.Add(time.Minute)}
-	st.cmds["c-pend"] = Command{ID: "c-pend", DeviceID: "lk-1", Type: "unlock", Compartment: 2, Status: CmdPending, ExpiresAt: now.Add(time.Minute)}
+	st.cmds["c-sent"] = Command{ID: "c-sent", DeviceID: "lk-1", Type: "unlock", Compartment: 1, Status: CmdSent, SentAt: &sentAt, ExpiresAt: now.Add(time.Hour)}
+	st.cmds["c-pend"] = Command{ID: "c-pend", DeviceID: "lk-1", Type: "unlock", Compartment: 2, Status: CmdPending, ExpiresAt: now.Add(time.Hour)}
 	st.unanswered = []string{"c-sent", "c-pend"}
 	resent := func() float64 {
 		var c dto.Metric
@@ -1196,10 +1197,18 @@ func TestResend(t *testing.T) {
 	if c := st.cmds["c-pend"]; c.Status != CmdSent || c.SentAt == nil {
 		t.Fatalf("the pending command is %s, want it marked sent", c.Status)
 	}
-	sweep(time.Second, 0, 1)   // within CommandResend of the last send
-	sweep(5*time.Second, 2, 3) // both sent again, by id
+	sweep(5*time.Second, 0, 1)  // 10 s are due after the first resend
+	sweep(5*time.Second, 2, 3)  // both sent again, by id
+	sweep(19*time.Second, 0, 3) // then 20 s
+	sweep(time.Second, 2, 5)
+	sweep(39*time.Second, 0, 5) // then 40 s
+	sweep(time.Second, 2, 7)
+	sweep(59*time.Second, 0, 7) // then the bound, 60 s
+	sweep(time.Second, 2, 9)
+	sweep(59*time.Second, 0, 9) // and 60 s from then on
+	sweep(time.Second, 2, 11)
 	st.set("c-sent", CmdOK)
-	sweep(5*time.Second, 1, 4) // the answered one is not
+	sweep(60*time.Second, 1, 12) // the answered one is not
 	if _, kept := m.resent["c-sent"]; kept || len(m.resent) != 1 {
 		t.Fatalf("resend times kept %v, want only c-pend's", m.resent)
 	}

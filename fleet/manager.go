@@ -76,9 +76,9 @@ type Options struct {
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
 	// CommandResend is how long a sent command may go unanswered by an
-	// online locker before it is sent again (by id; then again each
-	// CommandResend until it is answered or expires). Default 5s; negative:
-	// never.
+	// online locker before it is sent again (by id; then again, each wait
+	// twice the last, at most ResendMaxWait, until it is answered or
+	// expires). Default 5s; negative: never.
 	CommandResend time.Duration
 	// CensusInterval is how often the fleet-wide gauges (registered, stale,
 	// flapping lockers, open alerts) are counted. Default 15s.
@@ -121,7 +121,7 @@ type Manager struct {
 	// recording, which wakes the waiters with the command.
 	completing map[string]int
 
-	resent map[string]time.Time // command id → last sent again by resend (Run's goroutine only)
+	resent map[string]resent // command id → its resends by this instance (Run's goroutine only)
 	// effectsBusy holds the events (EventRecord.Key) handed to the sink and not
 	// yet done with.
 	effectsBusy sync.Map
@@ -240,7 +240,7 @@ func New(opts Options) (*Manager, error) {
 		events:     make(chan inbound, opts.EventQueue),
 		waiters:    make(map[string][]chan *Command),
 		completing: make(map[string]int),
-		resent:     make(map[string]time.Time),
+		resent:     make(map[string]resent),
 		credsLag:   make(map[string]credsLagSeen),
 		done:       make(chan struct{}),
 		ctrlDone:   make(chan struct{}),
