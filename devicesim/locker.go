@@ -172,6 +172,17 @@ func (l *Locker) CredsVersion() int64 {
 	return l.creds.Version
 }
 
+// HasCredential reports whether the applied credential set holds
+// credential id: an entry with that id, or one of its forms (the gateway
+// sends a pickup's code as id.p and id.q, a PIN and a QR entry).
+func (l *Locker) HasCredential(id string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.ContainsFunc(l.creds.Creds, func(c protocol.Credential) bool {
+		return c.ID == id || (len(c.ID) > len(id) && c.ID[len(id)] == '.' && c.ID[:len(id)] == id)
+	})
+}
+
 // ConfigVersion returns the version of the applied config (0 before any).
 func (l *Locker) ConfigVersion() int64 {
 	l.mu.Lock()

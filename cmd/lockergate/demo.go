@@ -8,19 +8,27 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/devicesim/orders"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/httpapi"
 	"github.com/lockergate/lockergate/provisioning"
 )
 
 type demoOptions struct {
-	lockers int
-	seed    int64
+	lockers      int
+	seed         int64
+	ordersPerMin float64
 }
 
-// demoSite is the site the demo's simulated lockers belong to.
-const demoSite = "demo-site"
+// demoSite is the site the demo's simulated lockers belong to, and
+// demoPlatform the delivery platform of its orders.
+const (
+	demoSite     = "demo-site"
+	demoPlatform = "demo-platform"
+)
 
 // runDemo runs the gateway with a simulated fleet in one process.
 func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.Writer, log *slog.Logger) int {
@@ -65,14 +73,29 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	if err := sim.Start(ctx); err != nil {
 		log.Error("simulated fleet did not come up", "err", err)
 	}
+	stopOrders := func(bool) {}
+	if o.ordersPerMin > 0 {
+		var err error
+		if stopOrders, err = demoOrders(ctx, g, sim, o, log); err != nil {
+			log.Error("demo orders not started; the lockers run without them", "err", err)
+			stopOrders = func(bool) {}
+		}
+	}
 	printWhere(stdout, g)
-	fmt.Fprintf(stdout, "  Simulated lockers: %d at site %s. Try:\n", o.lockers, demoSite)
+	fmt.Fprintf(stdout, "  Simulated lockers: %d at site %s.\n", o.lockers, demoSite)
+	if o.ordersPerMin > 0 {
+		fmt.Fprintf(stdout, "  Orders: %g a minute, staged by the simulated staff and collected by drivers of %s\n"+
+			"    (some type a wrong code first, some never come: their pickups expire after 10 minutes).\n", o.ordersPerMin, demoPlatform)
+	}
+	fmt.Fprintf(stdout, "  Try:\n")
 	fmt.Fprintf(stdout, "    LOCKERGATE_URL=http://%s go run ./cmd/lockerctl lockers list\n", loopback(g.HTTPAddr()))
+	fmt.Fprintf(stdout, "    curl -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/pickups\n", g.AdminTokenPath(), loopback(g.HTTPAddr()))
 	fmt.Fprintf(stdout, "  Press Ctrl-C to stop.\n")
 
 	select {
 	case <-ctx.Done():
 	case err := <-runErr:
+		stopOrders(false) // the database went with the gateway
 		sim.Close()
 		if err != nil {
 			log.Error("gateway stopped with an error", "err", err)
@@ -80,6 +103,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 		}
 		return 0
 	}
+	stopOrders(true)
 	sim.Close()
 	stopGateway()
 	if err := <-runErr; err != nil {
@@ -87,6 +111,50 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 		return 1
 	}
 	return 0
+}
+
+// demoOrders plays the people around the demo's lockers (devicesim/orders):
+// store staff stage orders through the API, drivers of demoPlatform come
+// after 20 s to 3 min and type the code (one in ten a wrong one first),
+// and one in twenty never comes. They act with a platform token of their
+// own, revoked when the demo stops. The returned func stops them, logs
+// what they did and, with revoke, revokes the token (the gateway still
+// runs).
+func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o demoOptions, log *slog.Logger) (func(revoke bool), error) {
+	tok, secret, err := httpapi.CreateToken(ctx, g.DB(), fleet.RolePlatform, "", demoPlatform, "system:demo")
+	if err != nil {
+		return nil, fmt.Errorf("platform token: %w", err)
+	}
+	octx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		st, err := orders.Run(octx, orders.Options{
+			API: client.New("http://"+loopback(g.HTTPAddr()), secret), Fleet: sim, Sites: []string{demoSite},
+			Platform: demoPlatform, Rate: o.ordersPerMin / 60, DriverDelay: [2]time.Duration{20 * time.Second, 3 * time.Minute},
+			WrongCode: 0.1, NoShow: 0.05, ExpiresIn: 10 * time.Minute, Seed: o.seed, Logger: log.With("component", "orders"),
+		})
+		if err != nil {
+			log.Error("demo orders", "err", err)
+			return
+		}
+		log.Info("demo orders stopped", "created", st.Created, "picked_up", st.PickedUp, "no_shows", st.NoShows,
+			"wrong_codes", st.WrongCodes, "no_compartment", st.NoCompartment, "failed", st.Failed)
+	}()
+	log.Info("demo orders started", "per_minute", o.ordersPerMin, "platform", demoPlatform)
+	return func(revoke bool) {
+		cancel()
+		<-done
+		if !revoke {
+			return
+		}
+		// The demo's context has ended by now: revoke on a short one.
+		rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer rcancel()
+		if err := g.DB().RevokeToken(rctx, tok.ID); err != nil {
+			log.Warn("revoke the demo orders' platform token", "token", tok.ID, "err", err)
+		}
+	}, nil
 }
 
 // loopback turns ":1883" or "[::]:1883" into an address a local client can dial.

@@ -19,8 +19,9 @@ import (
 
 // TestDemo runs the README's first command, `lockergate demo`, as main
 // does (its own private PostgreSQL in the data directory, the embedded
-// broker, simulated lockers), checks that the lockers provision and come
-// online in the API, and that cancelling (Ctrl-C) stops it cleanly.
+// broker, simulated lockers and the people around them), checks that the
+// lockers provision and come online in the API, that the simulated
+// drivers collect orders, and that cancelling (Ctrl-C) stops it cleanly.
 func TestDemo(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts a private PostgreSQL and a simulated fleet")
@@ -33,7 +34,7 @@ func TestDemo(t *testing.T) {
 	stdout, stderr := &testtool.LockedBuffer{}, &testtool.LockedBuffer{}
 	exit := make(chan int, 1)
 	go func() {
-		exit <- run(ctx, []string{"demo", "--lockers", "5", "--log-level", "warn",
+		exit <- run(ctx, []string{"demo", "--lockers", "5", "--orders-per-min", "60", "--log-level", "warn",
 			"--mqtt-addr", "127.0.0.1:0", "--mqtts-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, stdout, stderr)
 	}()
 	api := regexp.MustCompile(`API:\s+http://(\S+)/v1/`)
@@ -68,6 +69,23 @@ func TestDemo(t *testing.T) {
 		}
 		if len(page.Items) != 5 {
 			return fmt.Errorf("%d online", len(page.Items))
+		}
+		return nil
+	})
+
+	// The simulated staff stage orders and their drivers collect them (the
+	// first come 20 s after an order is ready).
+	testtool.Eventually(t, 2*time.Minute, "an order picked up by a simulated driver", func() error {
+		var page struct {
+			Items []struct {
+				Platform string `json:"platform"`
+			} `json:"items"`
+		}
+		if err := c.Get(ctx, "/v1/pickups", url.Values{"site": {"demo-site"}, "state": {"picked_up"}}, &page); err != nil {
+			return err
+		}
+		if len(page.Items) == 0 || page.Items[0].Platform != "demo-platform" {
+			return fmt.Errorf("picked up: %+v", page.Items)
 		}
 		return nil
 	})

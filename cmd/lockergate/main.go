@@ -144,6 +144,7 @@ func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int)
 	if cmd == "demo" {
 		fs.IntVar(&demo.lockers, "lockers", 200, "simulated lockers")
 		fs.Int64Var(&demo.seed, "seed", 1, "simulator seed")
+		fs.Float64Var(&demo.ordersPerMin, "orders-per-min", 6, "orders staged per minute and collected by simulated drivers (0: none)")
 	}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {

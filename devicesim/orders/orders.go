@@ -163,9 +163,9 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	}
 	// A driver types the code once the locker holds it (the set is pushed
 	// within a second of the change).
-	if err := o.awaitCreds(ctx, l, p.Locker); err != nil {
+	if err := awaitCreds(ctx, l, ready.Credential.ID); err != nil {
 		c.failed.Add(1)
-		o.Logger.Warn("locker never got the credential", "order", ord.ref, "err", err)
+		o.Logger.Warn("locker never got the credential", "order", ord.ref, "locker", p.Locker, "err", err)
 		return
 	}
 	if ord.wrong {
@@ -186,19 +186,12 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	c.pickNS.Add(int64(time.Since(typed)))
 }
 
-// awaitCreds waits until the simulated locker applied the credential-set
-// version the gateway has now.
-func (o *Options) awaitCreds(ctx context.Context, l *devicesim.Locker, id string) error {
-	var lk struct {
-		CredsVersion int64 `json:"creds_version"`
-	}
-	if err := o.API.Get(ctx, "/v1/lockers/"+id, nil, &lk); err != nil {
-		return err
-	}
+// awaitCreds waits until simulated locker l holds credential id, up to 30 s.
+func awaitCreds(ctx context.Context, l *devicesim.Locker, id string) error {
 	deadline := time.Now().Add(30 * time.Second)
-	for l.CredsVersion() < lk.CredsVersion {
+	for !l.HasCredential(id) {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("locker at set %d, gateway at %d", l.CredsVersion(), lk.CredsVersion)
+			return fmt.Errorf("credential %s not in the locker's set (version %d) after 30 s", id, l.CredsVersion())
 		}
 		select {
 		case <-ctx.Done():
