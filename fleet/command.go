@@ -116,10 +116,12 @@ func (r *CommandRequest) validate() error {
 	}
 }
 
-// needCompartment refuses a compartment no locker has.
+// needCompartment refuses a request without a compartment (left out, or
+// below 1: no locker numbers one so) as malformed. Whether the locker has
+// it is the store's check (noCompartment).
 func (r *CommandRequest) needCompartment() error {
 	if r.Compartment < 1 {
-		return r.noCompartment()
+		return fmt.Errorf("%w: %s needs compartment, a number from 1", ErrInvalid, r.Type)
 	}
 	return nil
 }

@@ -317,8 +317,9 @@ func TestSendCommandRefusals(t *testing.T) {
 	}{
 		{"unknown locker", CommandRequest{DeviceID: "lk-nope", Type: protocol.CmdUnlock, Compartment: 1}, ErrNotFound},
 		{"another site's locker", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Site: "s2"}, ErrForbidden},
-		{"no compartment", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock}, ErrUnprocessable},
-		{"compartment 0 to set out of service", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdSetService, InService: new(bool)}, ErrUnprocessable},
+		{"no compartment", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock}, ErrInvalid},
+		{"compartment 0 to set out of service", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdSetService, InService: new(bool)}, ErrInvalid},
+		{"negative compartment", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: -3}, ErrInvalid},
 		{"bad reason", CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Reason: "because"}, ErrInvalid},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -241,6 +241,7 @@ func TestAPIBadInput(t *testing.T) {
 		{"UnknownLocker", tg.Admin, client.Request{Method: "GET", Path: "/v1/lockers/lk-nope"}, 404},
 		{"CommandUnknownLocker", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/lk-nope/commands", Body: map[string]any{"type": "unlock", "compartment": 1}}, 404},
 		{"NoSuchCompartment", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": 99}}, 422},
+		{"UnlockWithoutCompartment", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock"}}, 400},
 		{"UnknownCommandType", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "self_destruct"}}, 400},
 		{"WrongFieldType", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": "one"}}, 400},
 		{"TTLTooLong", tg.Admin, client.Request{Method: "POST", Path: "/v1/lockers/" + id + "/commands", Body: map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 100000}}, 400},
