@@ -85,7 +85,8 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 // request that asked for it.
 const deliverTimeout = 10 * time.Second
 
-// deliver publishes a command, marking a pending one sent first.
+// deliver publishes a command, marking a pending one sent first, and
+// reports whether it was published.
 //
 // The delivery does not end with the caller's context: a command stored as
 // sent whose request went away before the publish would otherwise reach
@@ -93,27 +94,27 @@ const deliverTimeout = 10 * time.Second
 // is marked sent before it is published, and only while it has not
 // expired: published first, it could expire pending in between (the
 // sweeper), and the locker's answer to a command it ran would be refused.
-func (m *Manager) deliver(ctx context.Context, c *Command) {
+func (m *Manager) deliver(ctx context.Context, c *Command) bool {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), deliverTimeout)
 	defer cancel()
 	now := m.now()
 	if !now.Before(c.ExpiresAt) {
-		return // the sweeper expires it; an expired command is never sent
+		return false // the sweeper expires it; an expired command is never sent
 	}
 	if c.Status == CmdPending {
 		ok, err := m.store.MarkCommandSent(ctx, c.ID, now)
 		if err != nil {
 			m.log.Error("mark command sent", "command", c.ID, "err", err)
-			return
+			return false
 		}
 		if !ok {
-			return // answered, expired or sent meanwhile
+			return false // answered, expired or sent meanwhile
 		}
 		// Waiters wait for a final status; "sent" wakes no one.
 		c.Status, c.SentAt = CmdSent, &now
 		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
 	}
-	m.publishCommand(ctx, c)
+	return m.publishCommand(ctx, c)
 }
 
 func (m *Manager) publishCommand(ctx context.Context, c *Command) bool {
@@ -169,30 +170,43 @@ func (m *Manager) resend(ctx context.Context) {
 		return
 	}
 	now := m.now()
-	cmds, err := m.store.UnansweredCommands(ctx, now, now.Add(-m.opts.CommandResend), resendLimit)
+	// Those not due are left out of the read: the oldest unanswered
+	// commands, waiting out their back-off, would otherwise fill the
+	// limit and keep newer ones from their first resend.
+	var notDue []string
+	for id, r := range m.resent {
+		if now.Sub(r.last) < r.wait(m.opts.CommandResend) {
+			notDue = append(notDue, id)
+		}
+	}
+	cmds, err := m.store.UnansweredCommands(ctx, now, now.Add(-m.opts.CommandResend), resendLimit, notDue)
 	if err != nil {
 		m.m.dbErrors.WithLabelValues("unanswered_commands").Inc()
 		m.log.Error("load unanswered commands", "err", err)
 		return
 	}
-	seen := make(map[string]bool, len(cmds))
+	seen := make(map[string]bool, len(cmds)+len(notDue))
+	for _, id := range notDue {
+		seen[id] = true // kept until due: a read that then leaves it out (answered, expired) forgets it
+	}
 	for i := range cmds {
 		c := &cmds[i]
 		seen[c.ID] = true
-		r, ok := m.resent[c.ID]
-		if ok && now.Sub(r.last) < r.wait(m.opts.CommandResend) {
-			continue
-		}
-		m.resent[c.ID] = resent{last: now, n: r.n + 1}
+		r := m.resent[c.ID]
+		var sent bool
 		if c.Status == CmdPending {
 			m.log.Info("pending command delivered to an online locker", "locker", c.DeviceID, "command", c.ID)
-			m.deliver(ctx, c)
-			continue
-		}
-		if m.publishCommand(ctx, c) {
+			sent = m.deliver(ctx, c)
+		} else if sent = m.publishCommand(ctx, c); sent {
 			m.m.resent.Inc()
 			m.log.Info("command sent again: no answer yet", "locker", c.DeviceID, "command", c.ID, "sent_at", c.SentAt)
 		}
+		// A send that failed (the broker down) is tried again as soon as
+		// the last one, not after a longer wait.
+		if sent {
+			r.n++
+		}
+		m.resent[c.ID] = resent{last: now, n: r.n}
 	}
 	for id := range m.resent {
 		if !seen[id] {

@@ -40,6 +40,8 @@ type fakeStore struct {
 	// unanswered are the ids of cmds UnansweredCommands returns while
 	// they are not final (the store's choice of online lockers and ages).
 	unanswered []string
+	// skipped is the skip list of the last UnansweredCommands.
+	skipped []string
 	pending    []EventRecord // PendingEffects' answer
 	// committed, when set, is called by CompleteCommand once its change is
 	// stored, before it returns: the store's notification of the change
@@ -151,12 +153,13 @@ func (f *fakeStore) ExpireCommands(context.Context, time.Time, time.Duration) ([
 	return nil, nil
 }
 
-func (f *fakeStore) UnansweredCommands(context.Context, time.Time, time.Time, int) ([]Command, error) {
+func (f *fakeStore) UnansweredCommands(_ context.Context, _, _ time.Time, _ int, skip []string) ([]Command, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.skipped = append(f.skipped[:0], skip...)
 	var out []Command
 	for _, id := range f.unanswered {
-		if c, ok := f.cmds[id]; ok && !Final(c.Status) {
+		if c, ok := f.cmds[id]; ok && !Final(c.Status) && !slices.Contains(skip, id) {
 			out = append(out, c)
 		}
 	}
@@ -214,10 +217,15 @@ type fakeBus struct {
 	mu        sync.Mutex
 	published []string
 	answer    func(topic string, payload []byte)
+	down      bool // every publish fails (a broker that is down)
 }
 
 func (b *fakeBus) Publish(_ context.Context, topic string, payload []byte, _ byte, _ bool) error {
 	b.mu.Lock()
+	if b.down {
+		b.mu.Unlock()
+		return errors.New("broker down")
+	}
 	b.published = append(b.published, topic)
 	answer := b.answer
 	b.mu.Unlock()
@@ -1207,11 +1215,31 @@ func TestResend(t *testing.T) {
 	sweep(59*time.Second, 0, 7) // then the bound, 60 s
 	sweep(time.Second, 2, 9)
 	sweep(59*time.Second, 0, 9) // and 60 s from then on
+	if !slices.Equal(slices.Sorted(slices.Values(st.skipped)), []string{"c-pend", "c-sent"}) {
+		t.Fatalf("read skipping %v, want both (not due)", st.skipped)
+	}
 	sweep(time.Second, 2, 11)
 	st.set("c-sent", CmdOK)
 	sweep(60*time.Second, 1, 12) // the answered one is not
 	if _, kept := m.resent["c-sent"]; kept || len(m.resent) != 1 {
 		t.Fatalf("resend times kept %v, want only c-pend's", m.resent)
+	}
+	// Sends that fail (the broker down) do not lengthen the wait: once it
+	// is back, the command goes out a minute after the last try.
+	before := m.resent["c-pend"].n
+	bus.mu.Lock()
+	bus.down = true
+	bus.mu.Unlock()
+	for range 3 {
+		sweep(60*time.Second, 0, 12)
+	}
+	bus.mu.Lock()
+	bus.down = false
+	bus.mu.Unlock()
+	sweep(59*time.Second, 0, 12)
+	sweep(time.Second, 1, 13)
+	if n := m.resent["c-pend"].n; n != before+1 {
+		t.Fatalf("c-pend resent %d times, want %d (the failed tries not counted)", n, before+1)
 	}
 }
 

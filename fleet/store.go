@@ -84,8 +84,9 @@ type Store interface {
 	// enabled lockers that have not expired at now: sent ones sent at or
 	// before sentBefore, and pending ones created at or before it (a
 	// command stored pending as its locker came online, after the birth's
-	// delivery had read the open commands); oldest first.
-	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]Command, error)
+	// delivery had read the open commands); oldest first, leaving out the
+	// commands in skip (those the caller sent again and that are not due).
+	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int, skip []string) ([]Command, error)
 
 	// WatchCommands calls fn with the id of every command whose status
 	// changed on any gateway instance, until ctx ends.

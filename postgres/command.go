@@ -232,11 +232,12 @@ func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Dura
 // UnansweredCommands implements fleet.Store. It runs every second on every
 // instance; the partial index on open commands' expires_at keeps it to the
 // commands still open.
-func (db *DB) UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int) ([]fleet.Command, error) {
+func (db *DB) UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int, skip []string) ([]fleet.Command, error) {
 	return collectCommands(db.pool.Query(ctx, `SELECT `+commandCols+` FROM commands
 		WHERE status IN ('pending', 'sent') AND expires_at > $1 AND coalesce(sent_at, created_at) <= $2
 			AND EXISTS (SELECT 1 FROM devices d WHERE d.id = commands.device_id AND d.online AND NOT d.disabled)
-		ORDER BY coalesce(sent_at, created_at) LIMIT $3`, now, sentBefore, limit))
+			AND NOT id = ANY(coalesce($4::text[], '{}')) -- nil skips nothing (= ANY(NULL) is NULL)
+		ORDER BY coalesce(sent_at, created_at) LIMIT $3`, now, sentBefore, limit, skip))
 }
 
 // OpenCommands implements fleet.Store.

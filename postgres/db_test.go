@@ -414,7 +414,7 @@ func TestCommands(t *testing.T) {
 		}
 		unanswered := func(at, sentBefore time.Time) []string {
 			t.Helper()
-			cs, err := db.UnansweredCommands(ctx, at, sentBefore, 10)
+			cs, err := db.UnansweredCommands(ctx, at, sentBefore, 10, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -440,6 +440,9 @@ func TestCommands(t *testing.T) {
 		}
 		if got := unanswered(now, now.Add(-time.Second)); got != nil {
 			t.Fatalf("sent after the cut-off: %v, want none", got)
+		}
+		if cs, err := db.UnansweredCommands(ctx, now.Add(5*time.Second), now, 10, []string{"c0", "c5"}); err != nil || len(cs) != 0 {
+			t.Fatalf("skipped: %v %v, want none", cs, err)
 		}
 		if got := unanswered(now.Add(time.Minute), now); got != nil {
 			t.Fatalf("expired: %v, want none", got)
