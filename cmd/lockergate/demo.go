@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"strconv"
 	"time"
 
 	"github.com/lockergate/lockergate/client"
@@ -55,7 +56,9 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	}
 
 	runErr := make(chan error, 1)
-	gctx, stopGateway := context.WithCancel(ctx)
+	// The gateway stops when the demo says, after the orders and the
+	// lockers (Ctrl-C cancels ctx): its API revokes the orders' token.
+	gctx, stopGateway := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopGateway()
 	go func() { runErr <- g.Run(gctx) }()
 
@@ -73,12 +76,12 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	if err := sim.Start(ctx); err != nil {
 		log.Error("simulated fleet did not come up", "err", err)
 	}
-	stopOrders := func(bool) {}
+	stopOrders := func() {}
 	if o.ordersPerMin > 0 {
 		var err error
 		if stopOrders, err = demoOrders(ctx, g, sim, o, log); err != nil {
 			log.Error("demo orders not started; the lockers run without them", "err", err)
-			stopOrders = func(bool) {}
+			stopOrders = func() {}
 		}
 	}
 	printWhere(stdout, g)
@@ -95,7 +98,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	select {
 	case <-ctx.Done():
 	case err := <-runErr:
-		stopOrders(false) // the database went with the gateway
+		stopOrders() // the database stays open until main closes the gateway
 		sim.Close()
 		if err != nil {
 			log.Error("gateway stopped with an error", "err", err)
@@ -103,7 +106,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 		}
 		return 0
 	}
-	stopOrders(true)
+	stopOrders()
 	sim.Close()
 	stopGateway()
 	if err := <-runErr; err != nil {
@@ -118,9 +121,10 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 // after 20 s to 3 min and type the code (one in ten a wrong one first),
 // and one in twenty never comes. They act with a platform token of their
 // own, revoked when the demo stops. The returned func stops them, logs
-// what they did and, with revoke, revokes the token (the gateway still
-// runs).
-func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o demoOptions, log *slog.Logger) (func(revoke bool), error) {
+// what they did and revokes the token (audited). Their order references
+// start with the run's start time: a restart finds the last run's live
+// pickups under other references.
+func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o demoOptions, log *slog.Logger) (func(), error) {
 	tok, secret, err := httpapi.CreateToken(ctx, g.DB(), fleet.RolePlatform, "", demoPlatform, "system:demo")
 	if err != nil {
 		return nil, fmt.Errorf("platform token: %w", err)
@@ -131,7 +135,8 @@ func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o
 		defer close(done)
 		st, err := orders.Run(octx, orders.Options{
 			API: client.New("http://"+loopback(g.HTTPAddr()), secret), Fleet: sim, Sites: []string{demoSite},
-			Platform: demoPlatform, Rate: o.ordersPerMin / 60, DriverDelay: [2]time.Duration{20 * time.Second, 3 * time.Minute},
+			Platform: demoPlatform, RefPrefix: "DEMO-" + strconv.FormatInt(time.Now().Unix(), 36),
+			Rate: o.ordersPerMin / 60, DriverDelay: [2]time.Duration{20 * time.Second, 3 * time.Minute},
 			WrongCode: 0.1, NoShow: 0.05, ExpiresIn: 10 * time.Minute, Seed: o.seed, Logger: log.With("component", "orders"),
 		})
 		if err != nil {
@@ -142,16 +147,17 @@ func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o
 			"wrong_codes", st.WrongCodes, "no_compartment", st.NoCompartment, "failed", st.Failed)
 	}()
 	log.Info("demo orders started", "per_minute", o.ordersPerMin, "platform", demoPlatform)
-	return func(revoke bool) {
+	return func() {
 		cancel()
 		<-done
-		if !revoke {
-			return
-		}
 		// The demo's context has ended by now: revoke on a short one.
 		rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer rcancel()
-		if err := g.DB().RevokeToken(rctx, tok.ID); err != nil {
+		err := g.DB().RevokeToken(rctx, tok.ID)
+		if err == nil {
+			err = g.DB().Audit(rctx, fleet.AuditEntry{Actor: "system:demo", Action: "token.revoke", Detail: map[string]any{"token": tok.ID}})
+		}
+		if err != nil {
 			log.Warn("revoke the demo orders' platform token", "token", tok.ID, "err", err)
 		}
 	}, nil

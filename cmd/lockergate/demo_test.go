@@ -34,7 +34,7 @@ func TestDemo(t *testing.T) {
 	stdout, stderr := &testtool.LockedBuffer{}, &testtool.LockedBuffer{}
 	exit := make(chan int, 1)
 	go func() {
-		exit <- run(ctx, []string{"demo", "--lockers", "5", "--orders-per-min", "60", "--log-level", "warn",
+		exit <- run(ctx, []string{"demo", "--lockers", "5", "--orders-per-min", "20", "--log-level", "warn",
 			"--mqtt-addr", "127.0.0.1:0", "--mqtts-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"}, stdout, stderr)
 	}()
 	api := regexp.MustCompile(`API:\s+http://(\S+)/v1/`)
@@ -73,23 +73,6 @@ func TestDemo(t *testing.T) {
 		return nil
 	})
 
-	// The simulated staff stage orders and their drivers collect them (the
-	// first come 20 s after an order is ready).
-	testtool.Eventually(t, 2*time.Minute, "an order picked up by a simulated driver", func() error {
-		var page struct {
-			Items []struct {
-				Platform string `json:"platform"`
-			} `json:"items"`
-		}
-		if err := c.Get(ctx, "/v1/pickups", url.Values{"site": {"demo-site"}, "state": {"picked_up"}}, &page); err != nil {
-			return err
-		}
-		if len(page.Items) == 0 || page.Items[0].Platform != "demo-platform" {
-			return fmt.Errorf("picked up: %+v", page.Items)
-		}
-		return nil
-	})
-
 	// The demo's webhooks reach a receiver on this machine (serve refuses
 	// loopback targets unless --webhook-allow-private).
 	got := make(chan struct{}, 1)
@@ -112,6 +95,23 @@ func TestDemo(t *testing.T) {
 	case <-time.After(time.Minute):
 		t.Fatal("no webhook delivery to a loopback receiver within a minute of a pickup")
 	}
+
+	// The simulated staff stage orders and their drivers collect them (the
+	// first come 20 s after an order is ready).
+	testtool.Eventually(t, 2*time.Minute, "an order picked up by a simulated driver", func() error {
+		var page struct {
+			Items []struct {
+				Platform string `json:"platform"`
+			} `json:"items"`
+		}
+		if err := c.Get(ctx, "/v1/pickups", url.Values{"site": {"demo-site"}, "state": {"picked_up"}}, &page); err != nil {
+			return err
+		}
+		if len(page.Items) == 0 || page.Items[0].Platform != "demo-platform" {
+			return fmt.Errorf("picked up: %+v", page.Items)
+		}
+		return nil
+	})
 
 	cancel() // Ctrl-C
 	select {

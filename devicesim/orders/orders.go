@@ -32,6 +32,10 @@ type Options struct {
 	Sites []string
 	// Platform is the delivery platform of driver pickups.
 	Platform string
+	// RefPrefix starts every order reference (then -000000, -000001, ...).
+	// Default SIM-<Seed>: runs with one seed use the same references, and
+	// a site refuses one while a pickup under it is live (409).
+	RefPrefix string
 	// Orders is how many orders to place in all (0: until ctx ends).
 	Orders int
 	// Rate is orders per second across all sites.
@@ -75,6 +79,9 @@ func Run(ctx context.Context, o Options) (Stats, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.RefPrefix == "" {
+		o.RefPrefix = fmt.Sprintf("SIM-%d", o.Seed)
+	}
 	rng := rand.New(rand.NewPCG(uint64(o.Seed), 0x6f72646572))
 	var c counters
 	var wg sync.WaitGroup
@@ -100,7 +107,7 @@ func Run(ctx context.Context, o Options) (Stats, error) {
 		// Every decision is drawn here, in order, so a seed gives the same
 		// sequence of orders whatever the timing.
 		ord := order{
-			ref:    fmt.Sprintf("SIM-%d-%06d", o.Seed, i),
+			ref:    fmt.Sprintf("%s-%06d", o.RefPrefix, i),
 			site:   o.Sites[i%len(o.Sites)],
 			delay:  o.DriverDelay[0] + time.Duration(rng.Float64()*float64(o.DriverDelay[1]-o.DriverDelay[0])),
 			wrong:  rng.Float64() < o.WrongCode,
@@ -135,14 +142,14 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 		c.noComp.Add(1)
 		return
 	case err != nil:
-		c.failed.Add(1)
-		o.Logger.Warn("create pickup", "order", ord.ref, "err", err)
+		c.fail(ctx)
+		o.warn(ctx, "create pickup", "order", ord.ref, "err", err)
 		return
 	}
 	c.created.Add(1)
 	ready, err := o.await(ctx, p.ID, pickup.Ready)
 	if err != nil {
-		c.failed.Add(1)
+		c.fail(ctx)
 		return
 	}
 	c.ready.Add(1)
@@ -158,14 +165,14 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	}
 	l := o.Fleet.Locker(p.Locker)
 	if l == nil || ready.Credential == nil {
-		c.failed.Add(1)
+		c.fail(ctx)
 		return
 	}
 	// A driver types the code once the locker holds it (the set is pushed
 	// within a second of the change).
 	if err := awaitCreds(ctx, l, ready.Credential.ID); err != nil {
-		c.failed.Add(1)
-		o.Logger.Warn("locker never got the credential", "order", ord.ref, "locker", p.Locker, "err", err)
+		c.fail(ctx)
+		o.warn(ctx, "locker never got the credential", "order", ord.ref, "locker", p.Locker, "err", err)
 		return
 	}
 	if ord.wrong {
@@ -174,12 +181,12 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	}
 	typed := time.Now()
 	if res := l.EnterCode(ready.Credential.Code); !res.Accepted {
-		c.failed.Add(1)
-		o.Logger.Warn("code not accepted", "order", ord.ref, "reason", res.Reason)
+		c.fail(ctx)
+		o.warn(ctx, "code not accepted", "order", ord.ref, "reason", res.Reason)
 		return
 	}
 	if _, err := o.await(ctx, p.ID, pickup.PickedUp); err != nil {
-		c.failed.Add(1)
+		c.fail(ctx)
 		return
 	}
 	c.picked.Add(1)
@@ -224,6 +231,21 @@ func (o *Options) await(ctx context.Context, id, state string) (*pickup.Pickup, 
 		}
 	}
 	return nil, fmt.Errorf("pickup %s not %s within a minute", id, state)
+}
+
+// warn logs a failed order's cause, unless the workload is stopping.
+func (o *Options) warn(ctx context.Context, msg string, args ...any) {
+	if ctx.Err() == nil {
+		o.Logger.Warn(msg, args...)
+	}
+}
+
+// fail counts an order that failed, unless the workload is stopping (ctx
+// ended): an order cut short is not a failure.
+func (c *counters) fail(ctx context.Context) {
+	if ctx.Err() == nil {
+		c.failed.Add(1)
+	}
 }
 
 func (c *counters) stats() Stats {
