@@ -42,7 +42,7 @@ type fakeStore struct {
 	unanswered []string
 	// skipped is the skip list of the last UnansweredCommands.
 	skipped []string
-	pending    []EventRecord // PendingEffects' answer
+	pending []EventRecord // PendingEffects' answer
 	// committed, when set, is called by CompleteCommand once its change is
 	// stored, before it returns: the store's notification of the change
 	// arriving before the answer.
