@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/big"
+	"strconv"
 	"strings"
 	"time"
 	"unicode"
@@ -181,15 +183,77 @@ func Decode[T any, PT interface {
 			return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
 		}
 		var te *json.UnmarshalTypeError
-		if errors.As(err, &te) && te.Field != "" {
-			return nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
+		// A whole number written as a float (7.0, 7e0: what a JSON library
+		// writes for a float that holds one) where an integer is expected
+		// is taken as that integer; 7.5 is not.
+		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
+			if whole, ok := wholeNumbers(payload); ok {
+				v = new(T)
+				err = json.Unmarshal(whole, v)
+				errors.As(err, &te)
+			}
 		}
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		if err != nil {
+			if te != nil && te.Field != "" {
+				return nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
+			}
+			return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
 	}
 	if err := PT(v).Validate(); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return v, nil
+}
+
+// wholeNumbers rewrites payload (valid JSON) with every number that is a
+// whole number within int64 but written with a fraction or an exponent
+// (7.0, 7e0, 1.5e1) as that integer; ok is false when there is none.
+// Decode asks for it only when a number did not fit an integer field.
+func wholeNumbers(payload []byte) (out []byte, ok bool) {
+	d := json.NewDecoder(bytes.NewReader(payload))
+	d.UseNumber()
+	var doc any
+	if d.Decode(&doc) != nil {
+		return nil, false
+	}
+	var changed bool
+	var walk func(any) any
+	walk = func(x any) any {
+		switch x := x.(type) {
+		case map[string]any:
+			for k, e := range x {
+				x[k] = walk(e)
+			}
+		case []any:
+			for i, e := range x {
+				x[i] = walk(e)
+			}
+		case json.Number:
+			if !strings.ContainsAny(string(x), ".eE") {
+				return x
+			}
+			// An exponent past 10^±40 makes no int64 (and big.Rat would
+			// spell out 1e999999999 digit by digit).
+			if i := strings.IndexAny(string(x), "eE"); i >= 0 {
+				if e, err := strconv.Atoi(string(x[i+1:])); err != nil || e > 40 || e < -40 {
+					return x
+				}
+			}
+			r, ok := new(big.Rat).SetString(string(x))
+			if ok && r.IsInt() && r.Num().IsInt64() {
+				changed = true
+				return json.Number(r.Num().String())
+			}
+		}
+		return x
+	}
+	doc = walk(doc)
+	if !changed {
+		return nil, false
+	}
+	out, err := json.Marshal(doc)
+	return out, err == nil
 }
 
 // Encode marshals v; it is the inverse of Decode for well-formed values. A

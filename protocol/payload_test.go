@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -303,6 +304,41 @@ func TestReason(t *testing.T) {
 	} {
 		if got := protocol.Reason(tt.err); got != tt.want {
 			t.Errorf("Reason(%v): got %q, want %q", tt.err, got, tt.want)
+		}
+	}
+}
+
+// TestDecode_WholeNumbers: a whole number written as a float (what JSON
+// libraries write for a float that holds one: 7.0, 8.64e4) is taken where
+// an integer is expected; a fraction, or a number past int64, is not.
+func TestDecode_WholeNumbers(t *testing.T) {
+	h, err := protocol.Decode[protocol.Health]([]byte(`{"ts":"2026-11-24T21:31:00.456Z","seq":1234.0,"uptime_s":8.64e4,
+		"temp_c":21.0,"battery_pct":100.0,"rssi_dbm":-61.0,"free_compartments":1.2e1,"door_faults":[4.0,5]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Seq != 1234 || h.UptimeS != 86400 || *h.TempC != 21 || *h.BatteryPct != 100 || *h.RSSIdBm != -61 ||
+		*h.FreeCompartments != 12 || !slices.Equal(h.DoorFaults, []int{4, 5}) {
+		t.Fatalf("decoded %+v", h)
+	}
+	if dh, err := protocol.DecodeHealth([]byte(`{"ts":"2026-11-24T21:31:00.456Z","seq":7.0}`)); err != nil || dh.Seq != 7 {
+		t.Fatalf("DecodeHealth: %+v, %v", dh, err)
+	}
+	e, err := protocol.Decode[protocol.Event]([]byte(`{"id":"e-1","ts":"2026-11-24T21:31:00.456Z","type":"code_accepted",
+		"credential":"k-1","compartments":[3.0,5e0]}`))
+	if err != nil || !slices.Equal(e.Compartments, []int{3, 5}) {
+		t.Fatalf("event: %+v, %v", e, err)
+	}
+	for _, p := range []string{
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":1234.5}`,
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":9.3e18}`,       // past int64
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":1e999999999}`,  // not spelled out
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":"7"}`,          // a string is not a number
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":7.0,"fw":1.0}`, // fw is a string
+		`{"ts":"2026-11-24T21:31:00.456Z","battery_pct":1e-3}`, // a fraction
+	} {
+		if h, err := protocol.Decode[protocol.Health]([]byte(p)); !errors.Is(err, protocol.ErrInvalid) {
+			t.Errorf("%s: got %+v, %v; want ErrInvalid", p, h, err)
 		}
 	}
 }
