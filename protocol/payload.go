@@ -188,7 +188,7 @@ func Decode[T any, PT interface {
 		// is taken as that integer; 7.5 is not.
 		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
 			if whole, ok := wholeNumbers(payload); ok {
-				v = new(T)
+				v, te = new(T), nil
 				err = json.Unmarshal(whole, v)
 				errors.As(err, &te)
 			}
