@@ -91,6 +91,33 @@ func provisionWithin(tb testing.TB, tg *TestGateway, claim, serial string, d tim
 	panic("unreachable")
 }
 
+// TestMQTTNearMissPayloads: what common JSON libraries write for the
+// protocol's types (a UTC time without an offset or with a space, a whole
+// number as 7.0) is stored from a real device over MQTT, not dropped.
+func TestMQTTNearMissPayloads(t *testing.T) {
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-NEAR-1")
+	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	at := time.Now().UTC().Truncate(time.Millisecond)
+	naive := at.Format("2006-01-02T15:04:05.000000")        // Python: datetime.utcnow().isoformat()
+	spaced := at.Format("2006-01-02 15:04:05.000000+00:00") // str() of an aware datetime
+	MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanHealth), false,
+		`{"ts":"`+naive+`","seq":7.0,"uptime_s":8.64e4,"battery_pct":100.0}`)
+	MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanEvents), false,
+		`{"id":"e-near","ts":"`+spaced+`","type":"door_opened","compartment":2.0,"by":"manual"}`)
+	Eventually(t, 10*time.Second, "the health and the event stored", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1 AND seq = 7 AND ts = $2`, id.DeviceID, at); n != 1 {
+			return fmt.Errorf("%d health rows", n)
+		}
+		if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-near' AND compartment = 2 AND ts = $2`,
+			id.DeviceID, at); n != 1 {
+			return fmt.Errorf("%d events", n)
+		}
+		return nil
+	})
+}
+
 // TestMQTTBadInput publishes every kind of bad payload from a real device and
 // checks each is dropped and counted while valid messages still land.
 func TestMQTTBadInput(t *testing.T) {
