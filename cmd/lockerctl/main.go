@@ -41,7 +41,7 @@ commands:
   tokens create --role R --name N [--site S] | tokens revoke ID
   audit [--locker ID] [--actor A] [--since RFC3339]
   alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339] | alerts clear ID
-` + firmwareUsage + `
+` + handoffUsage + firmwareUsage + `
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
              LOCKERGATE_TOKEN (default: DIR/admin.token when readable),
              LOCKERGATE_DATA_DIR (DIR: the gateway's --data-dir, default ./lockergate-data)
@@ -127,6 +127,9 @@ func (c *cli) dispatch(args []string) error {
 	}
 	if isFirmwareCommand(key) { // firmware and rollouts: rollout.go
 		return c.firmwareCommand(key, args)
+	}
+	if isHandoffCommand(key) { // pickups, codes and webhooks: pickups.go
+		return c.handoffCommand(key, args)
 	}
 	switch key {
 	case "lockers list":
@@ -294,16 +297,9 @@ func (c *cli) unlock(args []string) error {
 	reason := fs.String("reason", "remote", "staging, pickup, remote or service")
 	ttl := fs.Int("ttl", 30, "seconds the unlock stays valid")
 	wait := fs.Int("wait", 10, "seconds to wait for the locker's answer")
-	var pos []string
-	for len(args) > 0 {
-		if err := fs.Parse(args); err != nil {
-			return usageError(err.Error())
-		}
-		if fs.NArg() == 0 {
-			break
-		}
-		pos = append(pos, fs.Arg(0))
-		args = fs.Args()[1:]
+	pos, err := positional(fs, args)
+	if err != nil {
+		return err
 	}
 	if len(pos) != 2 {
 		return usageError("unlock needs LOCKER COMPARTMENT")
