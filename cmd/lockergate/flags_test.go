@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"go/parser"
+	"go/token"
 	"strings"
 	"testing"
 )
@@ -53,4 +55,21 @@ func TestRetentionFlags(t *testing.T) {
 			t.Errorf("%v: HistoryRetentionDays %d, want %d", c.args, st.o.HistoryRetentionDays, c.want)
 		}
 	}
+}
+
+// TestTimeZonesEmbedded: the binary carries the time zone database, so a
+// site's timezone (America/Chicago in the API contract) is accepted on a
+// host without /usr/share/zoneinfo. Go looks in the system's database
+// first, so the test checks the import rather than a lookup.
+func TestTimeZonesEmbedded(t *testing.T) {
+	f, err := parser.ParseFile(token.NewFileSet(), "main.go", nil, parser.ImportsOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, im := range f.Imports {
+		if im.Path.Value == `"time/tzdata"` {
+			return
+		}
+	}
+	t.Fatal("main.go does not import time/tzdata")
 }

@@ -15,6 +15,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	// Site time zones (API timezone, firmware install windows) load on
+	// hosts without a zoneinfo database too (minimal containers).
+	_ "time/tzdata"
 
 	"github.com/lockergate/lockergate/gateway"
 )
