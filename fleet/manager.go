@@ -779,13 +779,15 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	recs := make([]HealthRecord, 0, len(batch))
 	faults := make([][]int, 0, len(batch))
 	for _, in := range batch {
-		h, err := protocol.DecodeHealth(in.payload)
+		// The body as read: whole numbers written as floats are stored as
+		// integers, for every later reader of it.
+		h, body, err := protocol.DecodeHealthBody(in.payload)
 		if err != nil {
 			m.dropInvalid(protocol.ChanHealth, in.id, err)
 			in.done()
 			continue
 		}
-		recs = append(recs, HealthRecord{DeviceID: in.id, ReceivedAt: in.at, TS: h.TS.Time, Seq: h.Seq, Body: in.payload})
+		recs = append(recs, HealthRecord{DeviceID: in.id, ReceivedAt: in.at, TS: h.TS.Time, Seq: h.Seq, Body: body})
 		faults = append(faults, h.DoorFaults)
 	}
 	if len(recs) == 0 {
@@ -837,14 +839,14 @@ func (w *healthWriter) tick(ctx context.Context, final bool) {
 func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 	recs := make([]EventRecord, 0, len(batch))
 	for _, in := range batch {
-		e, err := protocol.Decode[protocol.Event](in.payload)
+		e, body, err := protocol.DecodeBody[protocol.Event](in.payload) // the body as read (DecodeBody)
 		if err != nil {
 			m.dropInvalid(protocol.ChanEvents, in.id, err)
 			in.done()
 			continue
 		}
 		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
-			Type: e.Type, Compartment: e.Compartment, Body: in.payload,
+			Type: e.Type, Compartment: e.Compartment, Body: body,
 			Pending: m.opts.Events != nil && m.opts.Events.Wants(e.Type),
 			Alert:   eventAlert(in.id, in.at, e)})
 	}

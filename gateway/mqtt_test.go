@@ -93,7 +93,8 @@ func provisionWithin(tb testing.TB, tg *TestGateway, claim, serial string, d tim
 
 // TestMQTTNearMissPayloads: what common JSON libraries write for the
 // protocol's types (a UTC time without an offset or with a space, a whole
-// number as 7.0) is stored from a real device over MQTT, not dropped.
+// number as 7.0) is stored from a real device over MQTT, not dropped; the
+// stored bodies hold integers, and the door event moves the compartment.
 func TestMQTTNearMissPayloads(t *testing.T) {
 	tg := MustStart(t)
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
@@ -114,8 +115,18 @@ func TestMQTTNearMissPayloads(t *testing.T) {
 			id.DeviceID, at); n != 1 {
 			return fmt.Errorf("%d events", n)
 		}
+		if n := tg.Count(t, `SELECT count(*) FROM compartments WHERE device_id = $1 AND n = 2 AND door = 'open'`, id.DeviceID); n != 1 {
+			return fmt.Errorf("compartment 2 not open")
+		}
 		return nil
 	})
+	if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND body->'compartment' = '2'::jsonb
+		AND position('2.0' in body::text) = 0`, id.DeviceID); n != 1 {
+		t.Fatal("the event's body is not stored with its compartment as an integer")
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1 AND body::text LIKE '%"seq":7,%'`, id.DeviceID); n != 1 {
+		t.Fatal("the health body is not stored with its seq as an integer")
+	}
 }
 
 // TestMQTTBadInput publishes every kind of bad payload from a real device and

@@ -2,6 +2,7 @@ package protocol_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"reflect"
 	"strings"
@@ -12,8 +13,10 @@ import (
 )
 
 // fuzzDecode checks, for any input, that Decode does not panic, fails only
-// with its three sentinels and no value, and that what it accepts survives
-// Encode and Decode unchanged (value and bytes).
+// with its three sentinels and no value, that what it accepts survives
+// Encode and Decode unchanged (value and bytes), and that the body
+// DecodeBody returns (what the gateway stores) reads back as the same value
+// with plain json.Unmarshal.
 func fuzzDecode[T any, PT interface {
 	*T
 	protocol.Validator
@@ -31,6 +34,14 @@ func fuzzDecode[T any, PT interface {
 				t.Fatalf("error %v is none of the sentinels", err)
 			}
 			return
+		}
+		_, body, err := protocol.DecodeBody[T, PT](b)
+		if err != nil {
+			t.Fatalf("DecodeBody of %q: %v, where Decode took it", b, err)
+		}
+		stored := new(T)
+		if err := json.Unmarshal(body, stored); err != nil || !sameWire(reflect.ValueOf(v), reflect.ValueOf(stored)) {
+			t.Fatalf("stored body %s (from %q) reads as %+v, %v; want %+v", body, b, stored, err, v)
 		}
 		enc := protocol.Encode(v)
 		v2, err := protocol.Decode[T, PT](enc)
@@ -112,7 +123,8 @@ func FuzzDecodePresence(f *testing.F) {
 
 func FuzzDecodeHealth(f *testing.F) {
 	fuzzDecode[protocol.Health](f, seeds(f, []string{"health.json"},
-		`{"ts":"2026-11-24T21:30:00Z","temp_c":-0,"door_faults":[]}`)...)
+		`{"ts":"2026-11-24T21:30:00Z","temp_c":-0,"door_faults":[]}`,
+		`{"ts":"2026-11-24T21:30:00","seq":7.0,"temp_c":-0.0,"uptime_s":8.64e4,"Seq":7e0,"door_faults":[4.0]}`)...)
 }
 
 func FuzzDecodeEvent(f *testing.F) {
@@ -123,7 +135,8 @@ func FuzzDecodeEvent(f *testing.F) {
 		`{"id":"e-4","ts":"2026-11-24T21:30:00.123Z","type":"code_rejected","reason":"locked_out"}`,
 		`{"id":"e-5","ts":"2026-11-24T21:30:00.123Z","type":"tamper","detail":"case"}`,
 		`{"id":"e-6","ts":"2026-11-24T21:30:00.123Z","type":"power","source":"battery"}`,
-		`{"id":"e-7","ts":"2026-11-24T21:30:00.123Z","type":"reboot","reason":"watchdog"}`)...)
+		`{"id":"e-7","ts":"2026-11-24T21:30:00.123Z","type":"reboot","reason":"watchdog"}`,
+		`{"id":"e-8","ts":"2026-11-24 21:30:00.123","type":"door_closed","compartment":7.0,"occupied":false,"compartments":[1e0]}`)...)
 }
 
 func FuzzDecodeCommand(f *testing.F) {

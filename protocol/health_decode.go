@@ -13,10 +13,18 @@ import (
 // differently cased keys, escapes, non-ASCII text, null, numbers Go's own
 // parser might read differently, and every error) goes to Decode.
 func DecodeHealth(payload []byte) (*Health, error) {
+	h, _, err := DecodeHealthBody(payload)
+	return h, err
+}
+
+// DecodeHealthBody is DecodeHealth that also returns the payload as read
+// (DecodeBody): payload itself on the fast path, which takes integers
+// written as integers only.
+func DecodeHealthBody(payload []byte) (*Health, []byte, error) {
 	if h := fastHealth(payload); h != nil {
-		return h, nil
+		return h, payload, nil
 	}
-	return Decode[Health](payload)
+	return DecodeBody[Health](payload)
 }
 
 // healthBox holds a Health and what its pointer fields point at, so that a

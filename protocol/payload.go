@@ -160,18 +160,31 @@ func Decode[T any, PT interface {
 	*T
 	Validator
 }](payload []byte) (*T, error) {
+	v, _, err := DecodeBody[T, PT](payload)
+	return v, err
+}
+
+// DecodeBody is Decode that also returns the payload as it was read: the
+// payload itself, or, when a whole number written as a float (7.0, 8.64e4)
+// stood where an integer is expected, a copy with those numbers written as
+// integers. Whoever stores or forwards the payload keeps that body, so
+// everything that reads it later reads integers.
+func DecodeBody[T any, PT interface {
+	*T
+	Validator
+}](payload []byte) (*T, []byte, error) {
 	if len(payload) > MaxPayload {
-		return nil, fmt.Errorf("%w: %d bytes", ErrTooLarge, len(payload))
+		return nil, nil, fmt.Errorf("%w: %d bytes", ErrTooLarge, len(payload))
 	}
 	if !utf8.Valid(payload) {
-		return nil, fmt.Errorf("%w: not UTF-8", ErrMalformed)
+		return nil, nil, fmt.Errorf("%w: not UTF-8", ErrMalformed)
 	}
 	if err := CheckEscapes(payload); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	trimmed := bytes.TrimLeft(payload, " \t\r\n")
 	if len(trimmed) == 0 || trimmed[0] != '{' {
-		return nil, fmt.Errorf("%w: not a JSON object", ErrMalformed)
+		return nil, nil, fmt.Errorf("%w: not a JSON object", ErrMalformed)
 	}
 	v := new(T)
 	// Unmarshal checks the syntax of the whole payload, trailing data
@@ -180,7 +193,7 @@ func Decode[T any, PT interface {
 	if err := json.Unmarshal(payload, v); err != nil {
 		var se *json.SyntaxError
 		if errors.As(err, &se) {
-			return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
+			return nil, nil, fmt.Errorf("%w: %v", ErrMalformed, err)
 		}
 		var te *json.UnmarshalTypeError
 		// A whole number written as a float (7.0, 7e0: what a JSON library
@@ -189,71 +202,77 @@ func Decode[T any, PT interface {
 		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
 			if whole, ok := wholeNumbers(payload); ok {
 				v, te = new(T), nil
-				err = json.Unmarshal(whole, v)
+				if err = json.Unmarshal(whole, v); err == nil {
+					payload = whole
+				}
 				errors.As(err, &te)
 			}
 		}
 		if err != nil {
 			if te != nil && te.Field != "" {
-				return nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
+				return nil, nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
 			}
-			return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+			return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 		}
 	}
 	if err := PT(v).Validate(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return v, nil
+	return v, payload, nil
 }
 
-// wholeNumbers rewrites payload (valid JSON) with every number that is a
-// whole number within int64 but written with a fraction or an exponent
-// (7.0, 7e0, 1.5e1) as that integer; ok is false when there is none.
-// Decode asks for it only when a number did not fit an integer field.
+// wholeNumbers rewrites, in a copy of payload (valid JSON), every number
+// literal that is a whole number within int64 but written with a fraction
+// or an exponent (7.0, 7e0, 1.5e1) as that integer, and leaves every other
+// byte as it was: keys, their order and duplicates, strings, other numbers.
+// ok is false when there is none. Decode asks for it only when a number
+// did not fit an integer field.
 func wholeNumbers(payload []byte) (out []byte, ok bool) {
 	d := json.NewDecoder(bytes.NewReader(payload))
 	d.UseNumber()
-	var doc any
-	if d.Decode(&doc) != nil {
-		return nil, false
-	}
-	var changed bool
-	var walk func(any) any
-	walk = func(x any) any {
-		switch x := x.(type) {
-		case map[string]any:
-			for k, e := range x {
-				x[k] = walk(e)
-			}
-		case []any:
-			for i, e := range x {
-				x[i] = walk(e)
-			}
-		case json.Number:
-			if !strings.ContainsAny(string(x), ".eE") {
-				return x
-			}
-			// An exponent past 10^±40 makes no int64 (and big.Rat would
-			// spell out 1e999999999 digit by digit).
-			if i := strings.IndexAny(string(x), "eE"); i >= 0 {
-				if e, err := strconv.Atoi(string(x[i+1:])); err != nil || e > 40 || e < -40 {
-					return x
-				}
-			}
-			r, ok := new(big.Rat).SetString(string(x))
-			if ok && r.IsInt() && r.Num().IsInt64() {
-				changed = true
-				return json.Number(r.Num().String())
-			}
+	last := 0 // payload[last:] is not copied yet
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			break // io.EOF at the end; the payload parsed before, so nothing else
 		}
-		return x
+		n, isNum := tok.(json.Number)
+		if !isNum || !strings.ContainsAny(string(n), ".eE") {
+			continue
+		}
+		whole, isWhole := wholeNumber(string(n))
+		if !isWhole {
+			continue
+		}
+		end := int(d.InputOffset())
+		start := end - len(n)
+		out = append(append(out, payload[last:start]...), whole...)
+		last = end
 	}
-	doc = walk(doc)
-	if !changed {
+	if out == nil {
 		return nil, false
 	}
-	out, err := json.Marshal(doc)
-	return out, err == nil
+	return append(out, payload[last:]...), true
+}
+
+// wholeNumber returns literal n (a JSON number with a fraction or an
+// exponent) as an integer literal when it is a whole number within int64.
+func wholeNumber(n string) (string, bool) {
+	// An exponent past 10^±40 makes no int64 (and big.Rat would spell out
+	// 1e999999999 digit by digit).
+	if i := strings.IndexAny(n, "eE"); i >= 0 {
+		if e, err := strconv.Atoi(n[i+1:]); err != nil || e > 40 || e < -40 {
+			return "", false
+		}
+	}
+	r, ok := new(big.Rat).SetString(n)
+	if !ok || !r.IsInt() || !r.Num().IsInt64() {
+		return "", false
+	}
+	if r.Sign() == 0 && n[0] == '-' {
+		return "-0", true // a float field keeps its sign
+	}
+	return r.Num().String(), true
 }
 
 // Encode marshals v; it is the inverse of Decode for well-formed values. A

@@ -3,6 +3,7 @@ package protocol_test
 import (
 	"bytes"
 	"errors"
+	"math"
 	"reflect"
 	"slices"
 	"strings"
@@ -329,7 +330,21 @@ func TestDecode_WholeNumbers(t *testing.T) {
 	if err != nil || !slices.Equal(e.Compartments, []int{3, 5}) {
 		t.Fatalf("event: %+v, %v", e, err)
 	}
+	// The body as read has the numbers as integers and every other byte
+	// as sent: key order, duplicates (the last one wins, as Decode reads
+	// them), floats, a negative zero.
+	in := `{"ts":"2026-11-24T21:31:00.456Z", "seq":7.0,"temp_c":-0.0,"uptime_s":1.5e1, "seq":8E0 ,"fw":"7.0"}`
+	h, body, err := protocol.DecodeHealthBody([]byte(in))
+	if want := `{"ts":"2026-11-24T21:31:00.456Z", "seq":7,"temp_c":-0,"uptime_s":15, "seq":8 ,"fw":"7.0"}`; err != nil ||
+		string(body) != want || h.Seq != 8 || h.UptimeS != 15 || !math.Signbit(*h.TempC) {
+		t.Fatalf("DecodeHealthBody: %+v, %s, %v; want %s", h, body, err, want)
+	}
+	plain := []byte(`{"ts":"2026-11-24T21:31:00.456Z","seq":7,"temp_c":21.5}`)
+	if _, body, err := protocol.DecodeBody[protocol.Health](plain); err != nil || &body[0] != &plain[0] {
+		t.Fatalf("a payload of integers: %v, body %s not the payload itself", err, body)
+	}
 	for _, p := range []string{
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":7.0,"Seq":-1}`, // the last key wins: -1, refused
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":1234.5}`,
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":9.3e18}`,       // past int64
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":1e999999999}`,  // not spelled out
