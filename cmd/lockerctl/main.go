@@ -222,7 +222,7 @@ func (c *cli) flags(name string) *flag.FlagSet {
 }
 
 func (c *cli) oneArg(args []string, f func(string) error) error {
-	if len(args) != 1 {
+	if len(args) != 1 || args[0] == "" {
 		return usageError("want exactly one id")
 	}
 	return f(args[0])

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
 	"strings"
@@ -13,7 +14,7 @@ import (
 // a store or a delivery platform does through the API, from a terminal.
 
 const handoffUsage = `  pickups list [--site S] [--state S] | pickups show ID | pickups cancel ID
-  pickups create --site S --order REF [--size S] [--zone ambient] [--platform P | --customer NAME] [--expires-in 2h]
+  pickups create --site S --order REF [--size S] [--zone ambient] [--platform P | --customer NAME] [--expires-in D]
   codes create PICKUP [PICKUP...] [--kind pin|qr]
   webhooks list | webhooks create URL [--events pickup.ready,pickup.picked_up] | webhooks delete ID
   webhooks deliveries ID
@@ -35,8 +36,8 @@ func (c *cli) handoffCommand(key string, args []string) error {
 		fs := c.flags("pickups list")
 		site := fs.String("site", "", "site")
 		state := fs.String("state", "", "staging, ready, picked_up, expired or cancelled")
-		if err := fs.Parse(args); err != nil {
-			return usageError(err.Error())
+		if err := parseFlagsOnly(fs, args); err != nil {
+			return err
 		}
 		return c.list("/v1/pickups", url.Values{"site": {*site}, "state": {*state}},
 			[]string{"id", "site", "order_ref", "state", "locker", "compartment", "platform", "expires_at"})
@@ -74,9 +75,9 @@ func (c *cli) pickupsCreate(args []string) error {
 	zone := fs.String("zone", "ambient", "ambient, chilled or heated")
 	platform := fs.String("platform", "", "a driver of this delivery platform collects it")
 	customer := fs.String("customer", "", "the customer (name) collects it")
-	expires := fs.Duration("expires-in", 2*time.Hour, "how long the pickup may wait to be collected")
-	if err := fs.Parse(args); err != nil {
-		return usageError(err.Error())
+	expires := fs.Duration("expires-in", 0, "how long the pickup may wait to be collected (default: the gateway's, 2h)")
+	if err := parseFlagsOnly(fs, args); err != nil {
+		return err
 	}
 	if *site == "" || *ref == "" {
 		return usageError("pickups create needs --site and --order")
@@ -84,16 +85,38 @@ func (c *cli) pickupsCreate(args []string) error {
 	if *platform != "" && *customer != "" {
 		return usageError("--platform and --customer exclude each other")
 	}
-	recipient := map[string]string{"kind": "customer", "name": *customer}
-	if *platform != "" {
-		recipient = map[string]string{"kind": "driver", "platform": *platform}
+	body := map[string]any{"site": *site, "order_ref": *ref, "size": *size, "zone": *zone}
+	// Neither: left to the gateway (a platform token's own driver, else a
+	// customer).
+	switch {
+	case *platform != "":
+		body["recipient"] = map[string]string{"kind": "driver", "platform": *platform}
+	case *customer != "":
+		body["recipient"] = map[string]string{"kind": "customer", "name": *customer}
+	}
+	if *expires > 0 {
+		body["expires_at"] = time.Now().Add(*expires).UTC()
 	}
 	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/pickups", map[string]any{"site": *site, "order_ref": *ref, "size": *size, "zone": *zone,
-		"recipient": recipient, "expires_at": time.Now().Add(*expires).UTC()}, &out); err != nil {
+	if err := c.c.Post(c.ctx, "/v1/pickups", body, &out); err != nil {
 		return err
 	}
 	return c.print(out, nil)
+}
+
+// parseFlagsOnly parses args that hold flags only: a stray argument is a
+// usage error, not silently ignored.
+func parseFlagsOnly(fs interface {
+	Parse([]string) error
+	Args() []string
+}, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		return usageError(err.Error())
+	}
+	if len(fs.Args()) > 0 {
+		return usageError(fmt.Sprintf("unexpected argument %q", fs.Args()[0]))
+	}
+	return nil
 }
 
 func (c *cli) codesCreate(args []string) error {
@@ -120,14 +143,14 @@ func (c *cli) codesCreate(args []string) error {
 func (c *cli) webhooksCreate(args []string) error {
 	fs := c.flags("webhooks create")
 	events := fs.String("events", "", "comma-separated event types (default: every pickup event)")
-	if len(args) == 0 || strings.HasPrefix(args[0], "-") {
-		return usageError("webhooks create needs a URL")
+	pos, err := positional(fs, args)
+	if err != nil {
+		return err
 	}
-	u := args[0]
-	if err := fs.Parse(args[1:]); err != nil {
-		return usageError(err.Error())
+	if len(pos) != 1 {
+		return usageError("webhooks create needs one URL")
 	}
-	body := map[string]any{"url": u}
+	body := map[string]any{"url": pos[0]}
 	if *events != "" {
 		body["events"] = strings.Split(*events, ",")
 	}

@@ -86,6 +86,12 @@ func TestPickupsAndWebhooks(t *testing.T) {
 	if rc, _ := body("POST /v1/pickups")["recipient"].(map[string]any); rc["kind"] != "customer" || rc["name"] != "Ana" {
 		t.Fatalf("a customer's pickup sent recipient %v", rc)
 	}
+	// Neither: the recipient and the expiry are the gateway's to choose (a
+	// platform token's pickup is its own driver's).
+	lockerctl(0, "pickups", "create", "--site", "store-042", "--order", "A-1004")
+	if b := body("POST /v1/pickups"); b["recipient"] != nil || b["expires_at"] != nil {
+		t.Fatalf("a pickup without --platform, --customer or --expires-in sent %v", b)
+	}
 	if out := lockerctl(0, "pickups", "cancel", "p-1"); !strings.Contains(out, "cancelled") {
 		t.Fatalf("pickups cancel: %q", out)
 	}
@@ -95,7 +101,7 @@ func TestPickupsAndWebhooks(t *testing.T) {
 	if b := body("POST /v1/credentials"); b["kind"] != "pin" || len(b["pickups"].([]any)) != 2 {
 		t.Fatalf("codes create sent %v", b)
 	}
-	if out := lockerctl(0, "webhooks", "create", "https://hooks.example/lg", "--events", "pickup.ready,pickup.expired"); !strings.Contains(out, "whsec_x") {
+	if out := lockerctl(0, "webhooks", "create", "--events", "pickup.ready,pickup.expired", "https://hooks.example/lg"); !strings.Contains(out, "whsec_x") {
 		t.Fatalf("webhooks create: %q", out)
 	}
 	if b := body("POST /v1/webhooks"); b["url"] != "https://hooks.example/lg" || len(b["events"].([]any)) != 2 {
@@ -110,5 +116,8 @@ func TestPickupsAndWebhooks(t *testing.T) {
 	lockerctl(2, "pickups", "create", "--site", "s", "--order", "o", "--platform", "p", "--customer", "c") // both
 	lockerctl(2, "codes", "create")                                                                        // no pickups
 	lockerctl(2, "webhooks", "create", "--events", "pickup.ready")                                         // no URL
+	lockerctl(2, "webhooks", "create", "https://a.example", "https://b.example")                           // two
+	lockerctl(2, "pickups", "create", "--site", "s", "--order", "o", "M")                                  // a stray argument
+	lockerctl(2, "pickups", "cancel", "")                                                                  // an empty id
 	lockerctl(1, "pickups", "show", "p-404")                                                               // the API's 404
 }
