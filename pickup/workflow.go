@@ -560,7 +560,9 @@ func (s *Service) Run(ctx context.Context) error {
 func (s *Service) expire(ctx context.Context) {
 	due, err := s.o.Store.DuePickups(ctx, s.o.Now(), 500)
 	if err != nil {
-		s.log.Error("find expired pickups", "err", err)
+		if ctx.Err() == nil { // not a stop cutting the read short
+			s.log.Error("find expired pickups", "err", err)
+		}
 		return
 	}
 	// Each locker's set is published once, after its pickups are ended:
@@ -574,6 +576,9 @@ func (s *Service) expire(ctx context.Context) {
 			continue // ended meanwhile
 		}
 		if err != nil {
+			if ctx.Err() != nil {
+				return // stopping: the next start's sweep ends the rest
+			}
 			s.log.Error("expire pickup", "pickup", p.ID, "err", err)
 			continue
 		}
@@ -593,7 +598,9 @@ func (s *Service) expire(ctx context.Context) {
 func (s *Service) occupancy(ctx context.Context) {
 	occ, err := s.o.Store.Occupancy(ctx)
 	if err != nil {
-		s.log.Error("compartment occupancy", "err", err)
+		if ctx.Err() == nil {
+			s.log.Error("compartment occupancy", "err", err)
+		}
 		return
 	}
 	s.m.setOccupancy(occ)
