@@ -292,8 +292,14 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 		}
 		b.unregister(sess)
 	}
+	b.logBackendError("mqtt device check not settled", id, errUnsettled)
 	return nil, refuseBackendError
 }
+
+// errUnsettled is why authDevice gave a check up: every attempt saw the
+// id's cache stripe invalidated meanwhile.
+var errUnsettled = errors.New("lockers were disabled or re-provisioned during each of 3 checks " +
+	"(they share the auth cache's invalidation stripe with this one); the locker reconnects after its back-off")
 
 // verifyDevice checks id's secret, from the cache when it can; see
 // authDevice. epoch is id's cache epoch from before the check; known: the

@@ -367,6 +367,32 @@ func TestKick(t *testing.T) {
 	})
 }
 
+// TestCheckNotSettled: a device check whose cache stripe is invalidated
+// during each of its three attempts (lockers kicked meanwhile: a burst of
+// re-provisionings) gives up as "not now", and the log says why.
+func TestCheckNotSettled(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	h.auth.mu.Lock()
+	h.auth.afterEach = func(id string) { h.b.Invalidate(id) }
+	h.auth.mu.Unlock()
+	if _, err := h.dial(t, "A", "A", "secret-A"); err == nil {
+		t.Fatal("connected though every check was overtaken")
+	}
+	if got := h.auth.calls("A"); got != 3 {
+		t.Errorf("AuthDevice calls = %d, want 3", got)
+	}
+	if got := h.metric(t, failures, "reason", refuseBackendError); got != 1 {
+		t.Errorf("backend_error refusals = %v, want 1", got)
+	}
+	if logs := h.logs.String(); !strings.Contains(logs, "mqtt device check not settled") || !strings.Contains(logs, "re-provisioned") {
+		t.Errorf("the log does not say why:\n%s", logs)
+	}
+	h.auth.mu.Lock()
+	h.auth.afterEach = nil
+	h.auth.mu.Unlock()
+	h.mustDialDevice(t, "A") // once the kicks stop, it gets in
+}
+
 func TestInvalidate(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	h.mustDialDevice(t, "A").Disconnect(50)

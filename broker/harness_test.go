@@ -40,6 +40,8 @@ type fakeAuth struct {
 	// after, when set, runs once after AuthDevice has decided and before it
 	// returns: the moment a concurrent change races the check.
 	after func(id string)
+	// afterEach is after for every call.
+	afterEach func(id string)
 }
 
 type fakeDevice struct {
@@ -62,11 +64,14 @@ func newFakeAuth() *fakeAuth {
 func (f *fakeAuth) AuthDevice(ctx context.Context, id string, password []byte) error {
 	err := f.authDevice(id, password)
 	f.mu.Lock()
-	after := f.after
+	after, each := f.after, f.afterEach
 	f.after = nil
 	f.mu.Unlock()
 	if after != nil {
 		after(id)
+	}
+	if each != nil {
+		each(id)
 	}
 	return err
 }
