@@ -138,6 +138,15 @@ func TestEngineHandOutSettlesLockersOnTheVersion(t *testing.T) {
 		}
 		return nil
 	})
+	// ids[2] updates as lockers do, in the harness's own goroutine and on
+	// the real clock: done before this clock jumps past the step timeout,
+	// or a loaded machine times it out too (and the gate pauses).
+	testtool.Eventually(t, 10*time.Second, "ids[2] updated", func() error {
+		if j := h.job(st.ID, ids[2]); j.State != firmware.StateSucceeded {
+			return fmt.Errorf("%s", j.State)
+		}
+		return nil
+	})
 	// ids[0], offline, is updated by other means; it comes back.
 	h.birth(clk, ids[0], "1.5.0", false)
 	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
