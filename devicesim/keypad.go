@@ -88,7 +88,11 @@ func (l *Locker) EnterCode(code string) CodeResult {
 		nums = append(nums, n)
 	}
 	l.f.c.codesAccepted.Add(1)
-	l.emitLocked(protocol.Event{Type: protocol.EventCodeAccepted, Credential: match.ID, Compartments: nums})
+	ev := protocol.Event{Type: protocol.EventCodeAccepted, Credential: match.ID, Compartments: nums}
+	if l.f.opts.OmitCodeCompartments {
+		ev.Compartments = nil
+	}
+	l.emitLocked(ev)
 	for _, o := range open {
 		l.openDoorLocked(o.c, protocol.ByCredential, match.ID, o.occ)
 	}

@@ -49,6 +49,9 @@ type Options struct {
 	// the simulated person closes it. Default 500ms; negative leaves doors open
 	// until Locker.CloseDoor.
 	DoorCloseDelay time.Duration
+	// OmitCodeCompartments makes the lockers leave code_accepted's optional
+	// compartments out, as a vendor's firmware may.
+	OmitCodeCompartments bool
 	// Behavior tunes simulated people.
 	Behavior Behavior
 	// Identities holds identities of already provisioned lockers, by serial;

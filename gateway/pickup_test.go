@@ -735,10 +735,19 @@ func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
 // (a driver collecting both); the locker, offline, opens both compartments
 // with it, and the gateway, not yet told, expires one of the pickups
 // meanwhile (narrowing the code to the other). When the locker reports,
-// the live one is picked up as usual and the expired one after all.
+// the live one is picked up as usual and the expired one after all, also
+// from a locker that leaves code_accepted's optional compartments out.
 func TestCombinedCodeCollectedOfflineBeforeExpiry(t *testing.T) {
+	for _, omit := range []bool{false, true} {
+		t.Run(fmt.Sprintf("compartments omitted %v", omit), func(t *testing.T) {
+			combinedCodeCollectedOffline(t, omit)
+		})
+	}
+}
+
+func combinedCodeCollectedOffline(t *testing.T, omit bool) {
 	ctx := context.Background()
-	e := newPickupEnv(t, 1, 0)
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.OmitCodeCompartments = omit })
 	early, late := e.create(t, "LATE-C1", "S", time.Hour), e.create(t, "LATE-C2", "S", time.Hour)
 	e.waitState(t, early.ID, pickup.Ready)
 	e.waitState(t, late.ID, pickup.Ready)

@@ -102,14 +102,17 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	// too, on a locker that was offline since (the gateway narrowed the
 	// code to the live ones): those that expired after the use were
 	// collected in time. Others (cancelled ones, or a use offered again
-	// once its pickups were picked up) stay as they are.
-	if rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
+	// once its pickups were picked up) stay as they are. A locker that
+	// leaves the optional compartments out has them all judged (nil: the
+	// code's, less those this use spent on its live pickups).
+	rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
 		return slices.ContainsFunc(ps, func(p Pickup) bool { return p.Compartment == n })
-	}); len(rest) > 0 {
-		_, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
-		return err
+	})
+	if len(rest) == 0 && len(ev.Compartments) > 0 {
+		return nil
 	}
-	return nil
+	_, err = s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
+	return err
 }
 
 // closedBeforeCode applies again the closing of ready pickup p's door that
