@@ -228,3 +228,26 @@ func TestLateClosingJudgedOnce(t *testing.T) {
 		})
 	}
 }
+
+// TestLateClosingWithdrawsFirst: a late collection withdraws the
+// pickup_expired alert before it ends the pickup, so a stop while the
+// withdrawal fails leaves the pickup expired and its closing not applied;
+// offered again, the closing finishes it.
+func TestLateClosingWithdrawsFirst(t *testing.T) {
+	st, used := newOrderStore(t)
+	expiry := used.TS.Add(-time.Second)
+	st.p.State, st.p.DoneAt, st.lateUsed = Expired, &expiry, &used.TS
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st.withdrawFails, st.onFail = 1<<30, cancel
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{st.closing}); n != 0 || st.p.State != Expired || st.transitions != 0 {
+		t.Fatalf("stopped while the alert could not be withdrawn: applied %d, state %s, %d transitions; want 0, expired, 0",
+			n, st.p.State, st.transitions)
+	}
+	st.withdrawFails, st.onFail = 0, nil
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.p.State != PickedUp || len(st.withdrawn) != 1 {
+		t.Fatalf("offered again: applied %d, state %s, %d withdrawn; want 1, picked up, 1", n, st.p.State, len(st.withdrawn))
+	}
+}

@@ -131,7 +131,7 @@ func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.
 	if p.State != Ready {
 		return nil
 	}
-	closings, closed, err := s.closingApplied(ctx, p, ev, later)
+	closings, closed, err := s.closingApplied(ctx, p, ev.TS.Time, later)
 	if err != nil || closed == nil {
 		return err
 	}
@@ -153,19 +153,20 @@ func (s *Service) closedBeforeCode(ctx context.Context, p *Pickup, ev *protocol.
 }
 
 // closingApplied returns the closings of pickup p's door that the locker
-// reported after the code's use ev, in its order, that were applied
-// already, and the first of them decoded when it is to be judged again:
+// reported after the code's use at used (by its clock), in its order, that
+// were applied already, and the first of them decoded when it is to be
+// judged again:
 // nil when there is none, or when it is among later (to be applied in its
 // turn). Only a closing received after the pickup became ready (not the
 // staging's, which made it ready) can be the driver's.
-func (s *Service) closingApplied(ctx context.Context, p *Pickup, ev *protocol.Event, later []fleet.EventRecord) ([]fleet.EventRecord, *protocol.Event, error) {
+func (s *Service) closingApplied(ctx context.Context, p *Pickup, used time.Time, later []fleet.EventRecord) ([]fleet.EventRecord, *protocol.Event, error) {
 	since := p.CreatedAt
 	if p.ReadyAt != nil {
 		since = *p.ReadyAt
 	}
 	var closings []fleet.EventRecord
 	err := s.retry(ctx, "door_closings_after", func(ctx context.Context) (err error) {
-		closings, err = s.o.Store.DoorClosingsAfter(ctx, p.Locker, p.Compartment, since, ev.TS.Time)
+		closings, err = s.o.Store.DoorClosingsAfter(ctx, p.Locker, p.Compartment, since, used)
 		return err
 	})
 	if err != nil || len(closings) == 0 {
@@ -234,7 +235,7 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 		}
 		s.log.Info("pickup code used before expiry, reported after it", "pickup", p.ID, "locker", deviceID,
 			"compartment", p.Compartment, "used", ev.TS.Time, "expires_at", p.ExpiresAt)
-		closings, closed, err := s.closingApplied(ctx, p, ev, later)
+		closings, closed, err := s.closingApplied(ctx, p, ev.TS.Time, later)
 		if err != nil {
 			return true, err
 		}
@@ -274,7 +275,7 @@ func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *proto
 	// Only the door's first closing after the code's use, by the
 	// locker's clock, is the driver's: a later one (staff emptying the
 	// compartment of an order the driver left) says nothing of the pickup.
-	closings, _, err := s.closingApplied(ctx, p, &protocol.Event{TS: protocol.T(used)}, nil)
+	closings, _, err := s.closingApplied(ctx, p, used, nil)
 	if err != nil {
 		return err
 	}

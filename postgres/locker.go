@@ -656,20 +656,26 @@ func untilOr(t time.Time) time.Time {
 // alert is opened.
 func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
 	if a.Audit == nil {
-		var n int
-		err := db.pool.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n)
-		return n == 1, err
+		return raiseAlert(ctx, db.pool, &a)
 	}
 	var raised bool
-	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		var n int
-		if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil || n == 0 {
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) (err error) {
+		if raised, err = raiseAlert(ctx, tx, &a); err != nil || !raised {
 			return err
 		}
-		raised = true
 		return audit(ctx, tx, *a.Audit)
 	})
 	return raised && err == nil, err
+}
+
+// raiseAlert runs raiseAlertSQL for a on q (the pool, or a transaction the
+// alert belongs to) and reports whether it opened the alert.
+func raiseAlert(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, a *fleet.Alert) (bool, error) {
+	var n int
+	err := q.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(a)...).Scan(&n)
+	return n == 1, err
 }
 
 // raiseAlertSQL opens an alert and, in the same statement, queues an

@@ -302,8 +302,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			// that a collection the locker reports late (pickup.Service's
 			// lateCollection) finds it to withdraw.
 			a := pickup.ExpiredAlert(out)
-			var n int
-			if err := tx.QueryRow(ctx, raiseAlertSQL, raiseAlertArgs(&a)...).Scan(&n); err != nil {
+			if _, err := raiseAlert(ctx, tx, &a); err != nil {
 				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
 			}
 		}

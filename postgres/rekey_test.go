@@ -588,6 +588,10 @@ func TestExpiryRaisesItsAlert(t *testing.T) {
 	a, b := e.pickup("X-1"), e.pickup("X-2")
 	done := e.transition(a.ID, pickup.Expired)
 	e.transition(b.ID, pickup.Cancelled)
+	var n int
+	if err := e.db.Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE device_id = $1`, e.id).Scan(&n); err != nil || n != 1 {
+		t.Fatalf("%d alerts (%v), want the expiry's alone", n, err)
+	}
 	var kind string
 	var comp int
 	var raised time.Time
