@@ -1444,21 +1444,24 @@ func TestPickupEdges(t *testing.T) {
 
 	t.Run("RecipientLeftOut", func(t *testing.T) {
 		// Without a kind, a platform named is its driver; without a
-		// recipient at all, the pickup is the store's customer's.
+		// recipient at all, the pickup is the store's customer's, or, from
+		// a platform token, its own driver's.
 		for ref, tc := range map[string]struct {
+			by        *client.Client
 			recipient any
 			want      pickup.Recipient
 		}{
-			"D-1": {nil, pickup.Recipient{Kind: "customer"}},
-			"D-2": {map[string]string{"platform": "speedy"}, pickup.Recipient{Kind: "driver", Platform: "speedy"}},
-			"D-3": {map[string]string{"name": "Ana"}, pickup.Recipient{Kind: "customer", Name: "Ana"}},
+			"D-1": {e.store, nil, pickup.Recipient{Kind: "customer"}},
+			"D-2": {e.store, map[string]string{"platform": "speedy"}, pickup.Recipient{Kind: "driver", Platform: "speedy"}},
+			"D-3": {e.store, map[string]string{"name": "Ana"}, pickup.Recipient{Kind: "customer", Name: "Ana"}},
+			"D-4": {e.platform, nil, pickup.Recipient{Kind: "driver", Platform: "speedy"}},
 		} {
 			body := map[string]any{"site": "store-042", "order_ref": ref, "size": "S"}
 			if tc.recipient != nil {
 				body["recipient"] = tc.recipient
 			}
 			var p pickup.Pickup
-			if err := e.store.Post(ctx, "/v1/pickups", body, &p); err != nil {
+			if err := tc.by.Post(ctx, "/v1/pickups", body, &p); err != nil {
 				t.Fatalf("%s: %v", ref, err)
 			}
 			if p.Recipient != tc.want {

@@ -76,10 +76,7 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 		}
 	case fleet.RolePlatform:
 		if in.Recipient.Platform == "" {
-			in.Recipient.Platform = t.Name
-		}
-		if in.Recipient.Kind == "" {
-			in.Recipient.Kind = "driver"
+			in.Recipient.Platform = t.Name // and so a driver, unless kind says otherwise (Service.Create)
 		}
 		if in.Recipient.Platform != t.Name {
 			return errForbidden
