@@ -403,12 +403,9 @@ func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
 	if id == principal(r).ID {
 		return badRequest("a token cannot revoke itself; use another admin token")
 	}
-	if err := s.store.RevokeToken(r.Context(), id); err != nil {
-		return err
-	}
+	err := RevokeToken(r.Context(), s.store, id, principal(r).Actor())
 	s.tokens.reset() // refused from now on here; within TokenCacheTTL elsewhere (a broker token: up to tokenStaleMax where the database does not answer)
-	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.revoke",
-		Detail: map[string]any{"token": id}}); err != nil {
+	if err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

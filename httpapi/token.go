@@ -10,6 +10,7 @@ import (
 // TokenStore stores API tokens.
 type TokenStore interface {
 	CreateToken(ctx context.Context, t *fleet.Token, hash []byte) error
+	RevokeToken(ctx context.Context, id string) error
 	Audit(ctx context.Context, e fleet.AuditEntry) error
 }
 
@@ -26,4 +27,13 @@ func CreateToken(ctx context.Context, st TokenStore, role, site, name, actor str
 		return nil, "", err
 	}
 	return t, secret, nil
+}
+
+// RevokeToken revokes token id and audits it. An API that caches tokens
+// forgets them itself (the handler resets its cache).
+func RevokeToken(ctx context.Context, st TokenStore, id, actor string) error {
+	if err := st.RevokeToken(ctx, id); err != nil {
+		return err
+	}
+	return st.Audit(ctx, fleet.AuditEntry{Actor: actor, Action: "token.revoke", Detail: map[string]any{"token": id}})
 }

@@ -153,11 +153,7 @@ func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o
 		// The demo's context has ended by now: revoke on a short one.
 		rctx, rcancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer rcancel()
-		err := g.DB().RevokeToken(rctx, tok.ID)
-		if err == nil {
-			err = g.DB().Audit(rctx, fleet.AuditEntry{Actor: "system:demo", Action: "token.revoke", Detail: map[string]any{"token": tok.ID}})
-		}
-		if err != nil {
+		if err := httpapi.RevokeToken(rctx, g.DB(), tok.ID, "system:demo"); err != nil {
 			log.Warn("revoke the demo orders' platform token", "token", tok.ID, "err", err)
 		}
 	}, nil
