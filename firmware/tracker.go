@@ -40,10 +40,7 @@ func (e *Engine) JobStatus(ctx context.Context, deviceID string, st *protocol.Fw
 		if kind == "" && st.State == StateFailed {
 			kind = KindUnknown // a failure that does not say which
 		}
-		// Only the contract's kinds may be retried: "timeout" is the
-		// gateway's own (a step timeout), not a locker's to claim.
-		retry := slices.Contains(DeviceKinds, kind)
-		return e.failJob(ctx, deviceID, st.Job, st.State, kind, retry, at)
+		return e.failJob(ctx, deviceID, st.Job, st.State, kind, at)
 	case StateSucceeded:
 		return e.succeeded(ctx, deviceID, st.Job, at)
 	}
@@ -147,7 +144,7 @@ func (e *Engine) booted(ctx context.Context, deviceID, fw string, at time.Time, 
 	case j != nil && j.State == StateRebooting:
 		// A retry it queues is for the version that did not boot, which
 		// the loop below would skip: the jobs read before serve.
-		if err := e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, true, at); err != nil {
+		if err := e.failJob(ctx, deviceID, j.JobID, StateFailed, KindBoot, at); err != nil {
 			// Counted as a report not recorded (reportFailed); the step
 			// timeout ends the job instead.
 			e.log.Error("firmware engine: boot failure not recorded", "locker", deviceID, "job", j.JobID, "err", err)
@@ -201,10 +198,12 @@ func (e *Engine) bootSucceeded(ctx context.Context, j *Job, at time.Time) {
 	}
 }
 
-// failJob ends the attempt of a job that failed (or was rejected), or,
-// when mayRetry, re-queues it as a new attempt if the rollout retries that
-// kind.
-func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind string, mayRetry bool, at time.Time) error {
+// failJob ends the attempt of a job a locker failed (its report, or a boot
+// on the old version) or rejected, or re-queues it as a new attempt when
+// the rollout retries that kind. Only the contract's kinds (DeviceKinds)
+// are retried: "timeout" is the gateway's own (the sweep's), not a
+// locker's to claim, and any other error is one no retry_on can name.
+func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind string, at time.Time) error {
 	j, err := e.store.GetJob(ctx, deviceID, wireID)
 	if errors.Is(err, fleet.ErrNotFound) {
 		e.counted(false)
@@ -222,7 +221,7 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 		return e.reportFailed("read rollout "+j.RolloutID, err)
 	}
 	t := Transition{DeviceID: deviceID, JobID: wireID, From: ActiveStates, To: state, Error: kind, At: at}
-	if state == StateFailed && mayRetry && retryable(r, kind, j.Attempt, e.now()) {
+	if state == StateFailed && slices.Contains(DeviceKinds, kind) && retryable(r, kind, j.Attempt, e.now()) {
 		t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
 	}
 	nj, err := e.store.Apply(ctx, t)
