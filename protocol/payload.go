@@ -195,30 +195,34 @@ func DecodeBody[T any, PT interface {
 		if errors.As(err, &se) {
 			return nil, nil, fmt.Errorf("%w: %v", ErrMalformed, err)
 		}
-		var te *json.UnmarshalTypeError
 		// A whole number written as a float (7.0, 7e0: what a JSON library
 		// writes for a float that holds one) where an integer is expected
 		// is taken as that integer; 7.5 is not.
+		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
 			if whole, ok := wholeNumbers(payload); ok {
-				v, te = new(T), nil
-				if err = json.Unmarshal(whole, v); err == nil {
-					payload = whole
-				}
-				errors.As(err, &te)
+				v, payload = new(T), whole
+				err = json.Unmarshal(payload, v)
 			}
 		}
 		if err != nil {
-			if te != nil && te.Field != "" {
-				return nil, nil, fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
-			}
-			return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+			return nil, nil, typeError(err)
 		}
 	}
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return v, payload, nil
+}
+
+// typeError is Decode's ErrInvalid for json.Unmarshal's err: the field and
+// the type it wants, when it says.
+func typeError(err error) error {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) && te.Field != "" {
+		return fmt.Errorf("%w: field %q: want %s", ErrInvalid, te.Field, te.Type)
+	}
+	return fmt.Errorf("%w: %v", ErrInvalid, err)
 }
 
 // wholeNumbers rewrites, in a copy of payload (valid JSON), every number
