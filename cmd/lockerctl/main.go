@@ -178,11 +178,7 @@ func (c *cli) dispatch(args []string) error {
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
 		}
-		var out map[string]any
-		if err := c.c.Post(c.ctx, "/v1/tokens", map[string]string{"role": *role, "name": *name, "site": *site}, &out); err != nil {
-			return err
-		}
-		return c.print(out, nil)
+		return c.create("/v1/tokens", map[string]string{"role": *role, "name": *name, "site": *site})
 	case "tokens revoke":
 		return c.oneArg(args, func(id string) error {
 			_, err := c.c.Do(c.ctx, client.Request{Method: http.MethodDelete, Path: "/v1/tokens/" + url.PathEscape(id)}, nil)
@@ -238,6 +234,15 @@ func (c *cli) postOne(args []string, pathFmt string) error {
 		}
 		return c.print(out, nil)
 	})
+}
+
+// create posts body to path and prints the answer.
+func (c *cli) create(path string, body any) error {
+	var out map[string]any
+	if err := c.c.Post(c.ctx, path, body, &out); err != nil {
+		return err
+	}
+	return c.print(out, nil)
 }
 
 func (c *cli) show(path string) error {
@@ -334,11 +339,7 @@ func (c *cli) sitesCreate(args []string) error {
 	if err := fs.Parse(args[1:]); err != nil {
 		return usageError(err.Error())
 	}
-	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/sites", map[string]string{"id": id, "name": *name, "timezone": *tz}, &out); err != nil {
-		return err
-	}
-	return c.print(out, nil)
+	return c.create("/v1/sites", map[string]string{"id": id, "name": *name, "timezone": *tz})
 }
 
 func (c *cli) claimsCreate(args []string) error {
@@ -350,12 +351,8 @@ func (c *cli) claimsCreate(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return usageError(err.Error())
 	}
-	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/claims", map[string]any{"site": *site, "uses": *uses,
-		"expires_in_s": int(exp.Seconds()), "serial_pattern": *serials}, &out); err != nil {
-		return err
-	}
-	return c.print(out, nil)
+	return c.create("/v1/claims", map[string]any{"site": *site, "uses": *uses,
+		"expires_in_s": int(exp.Seconds()), "serial_pattern": *serials})
 }
 
 // print writes v as JSON (-o json) or as a table of cols / key-value lines.

@@ -97,11 +97,7 @@ func (c *cli) pickupsCreate(args []string) error {
 	if *expires > 0 {
 		body["expires_at"] = time.Now().Add(*expires).UTC()
 	}
-	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/pickups", body, &out); err != nil {
-		return err
-	}
-	return c.print(out, nil)
+	return c.create("/v1/pickups", body)
 }
 
 // parseFlagsOnly parses args that hold flags only: a stray argument is a
@@ -133,11 +129,7 @@ func (c *cli) codesCreate(args []string) error {
 	if *kind != "" {
 		body["kind"] = *kind
 	}
-	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/credentials", body, &out); err != nil {
-		return err
-	}
-	return c.print(out, nil)
+	return c.create("/v1/credentials", body)
 }
 
 func (c *cli) webhooksCreate(args []string) error {
@@ -154,9 +146,5 @@ func (c *cli) webhooksCreate(args []string) error {
 	if *events != "" {
 		body["events"] = strings.Split(*events, ",")
 	}
-	var out map[string]any
-	if err := c.c.Post(c.ctx, "/v1/webhooks", body, &out); err != nil {
-		return err
-	}
-	return c.print(out, nil)
+	return c.create("/v1/webhooks", body)
 }
