@@ -53,7 +53,7 @@ func startProc(name, bin string, args []string, logPath string, env []string, so
 		cmd.Env = append(os.Environ(), env...)
 	}
 	sdlisten.Pass(cmd, sockets...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{Setpgid: true}, syscall.SIGKILL)
 	c, err := subproc.Start(cmd)
 	if err != nil {
 		lf.Close()

@@ -19,6 +19,7 @@ import (
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/subproc"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -53,7 +54,7 @@ func startGatewayProcess(t *testing.T, bin string, args ...string) *gatewayProce
 func startGatewayCmd(t *testing.T, cmd *exec.Cmd) *gatewayProcess {
 	t.Helper()
 	p := &gatewayProcess{cmd: cmd}
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p.cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
 	// A pipe of the test's own, not StdoutPipe: exec's Wait (in
 	// testtool.Start) closes that one, possibly under the reader.
 	stdout, w, err := os.Pipe()

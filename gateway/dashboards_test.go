@@ -27,6 +27,7 @@ import (
 	"github.com/lockergate/lockergate/dashboards"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/internal/subproc"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
@@ -228,7 +229,7 @@ scrape_configs:
 	p.cmd.Stdout, p.cmd.Stderr = p, p
 	// Killed with this process, even when it dies without cleanups. The
 	// signal is tied to the thread that forks, so that thread stays.
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	p.cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
 	exited, err := testtool.Start(p.cmd)
 	if err != nil {
 		return nil, err

@@ -25,6 +25,7 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/subproc"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
@@ -70,7 +71,7 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 		t.Fatal(err)
 	}
 	m.cmd = exec.Command(bin, "-c", filepath.Join(dir, "mosquitto.conf"))
-	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	m.cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
 	logf, err := os.OpenFile(filepath.Join(dir, "mosquitto.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)

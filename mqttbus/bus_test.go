@@ -19,6 +19,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/subproc"
 	"github.com/lockergate/lockergate/internal/testtool"
 )
 
@@ -51,7 +52,7 @@ func mosquitto(t *testing.T, extraConf string) string {
 			t.Fatal(err)
 		}
 		cmd := exec.Command(bin, "-c", cf)
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
 		exited, err := testtool.Start(cmd)
 		if err != nil {
 			t.Fatal(err)

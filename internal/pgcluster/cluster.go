@@ -22,6 +22,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/lockergate/lockergate/internal/subproc"
 )
 
 const (
@@ -161,15 +163,14 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	cmd := exec.Command(filepath.Join(binDir, "postgres"), args...)
 	cmd.Dir = dataDir
 	cmd.Stdout, cmd.Stderr = c.logFile, c.logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{
+	cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{
 		Credential: acct.credential(),
-		// SIGQUIT is an immediate shutdown: the postmaster stops its
-		// backends and exits; crash recovery runs on the next start.
-		Pdeathsig: syscall.SIGQUIT,
 		// Its own process group: a Ctrl-C in the terminal reaches only the
 		// gateway, which flushes its writes and then stops PostgreSQL.
 		Setpgid: true,
-	}
+		// SIGQUIT is an immediate shutdown: the postmaster stops its
+		// backends and exits; crash recovery runs on the next start.
+	}, syscall.SIGQUIT)
 	logger.Info("starting PostgreSQL", "data_dir", dataDir, "socket_dir", c.socketDir, "log", c.logPath, "fast", opts.Fast)
 	started := time.Now()
 	if c.proc, err = spawn(cmd); err != nil {
@@ -232,7 +233,7 @@ func (c *Cluster) initdb(ctx context.Context, binDir string, acct *account, fast
 	// created and the next start does not find a half-made cluster.
 	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
 	cmd.WaitDelay = 30 * time.Second
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: acct.credential(), Pdeathsig: syscall.SIGTERM, Setpgid: true}
+	cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{Credential: acct.credential(), Setpgid: true}, syscall.SIGTERM)
 	p, err := spawn(cmd)
 	if err != nil {
 		return fmt.Errorf("initialise PostgreSQL data directory: run %s: %w", cmd.Path, err)

@@ -9,10 +9,13 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
-// procRoot is where process information lives.
-const procRoot = "/proc"
+// procRoot is where process information lives (Linux). Where there is none
+// (macOS, the BSDs without procfs), a live pid is taken for a running server.
+// A variable so tests can take it away.
+var procRoot = "/proc"
 
 // clearStalePidFile refuses to go on when a server is running on dataDir and
 // removes a postmaster.pid left behind by one that died.
@@ -35,6 +38,10 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 	}
 	first, _, _ := strings.Cut(string(b), "\n")
 	pid, err := strconv.Atoi(strings.TrimSpace(first))
+	if err == nil && pid > 0 && !haveProcfs() && isRunning(pid) {
+		return fmt.Errorf("another PostgreSQL may be running on %s: its postmaster.pid names pid %d, which is running (this system has no /proc to tell what it is): stop that server (kill -INT %d), or if pid %d is not one, delete %s, or use another --data-dir",
+			dataDir, pid, pid, pid, path)
+	}
 	if err == nil && pid > 0 && usesDataDir(pid, dataDir) {
 		return fmt.Errorf("another PostgreSQL is running on %s (pid %d): stop it or use another --data-dir", dataDir, pid)
 	}
@@ -47,6 +54,19 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 	logger.Warn("removed stale postmaster.pid: its server is not running (a previous run did not shut down cleanly)",
 		"data_dir", dataDir, "pid_in_file", strings.TrimSpace(first))
 	return nil
+}
+
+// haveProcfs reports whether processes can be looked at under procRoot.
+func haveProcfs() bool {
+	_, err := os.Stat(filepath.Join(procRoot, "self"))
+	return err == nil
+}
+
+// isRunning reports whether pid is a live process (one we may not signal
+// counts: it exists).
+func isRunning(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
 // usesDataDir reports whether pid is a live postgres process working in

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -172,6 +173,9 @@ func TestSweep(t *testing.T) {
 	}
 	self := os.Getpid()
 	if procStart(self) == "" {
+		if _, err := os.Stat("/proc/self"); err != nil && runtime.GOOS != "linux" {
+			t.Skip("no /proc here: test directories are not swept on this system")
+		}
 		t.Fatal("no start time for this process: /proc/self/stat unreadable")
 	}
 	owners := map[string]string{

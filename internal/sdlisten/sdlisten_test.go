@@ -28,7 +28,7 @@ search:
 		break
 	}
 	for i, f := range files {
-		if err := syscall.Dup3(int(f.Fd()), first+i, 0); err != nil {
+		if err := dupTo(int(f.Fd()), first+i); err != nil {
 			t.Fatal(err)
 		}
 		f.Close()

@@ -28,8 +28,8 @@ type Process struct {
 	err  error
 }
 
-// Start starts cmd (set its SysProcAttr.Pdeathsig for the signal it
-// should get when this process dies).
+// Start starts cmd (set the signal it should get when this process dies
+// with DieWithParent).
 func Start(cmd *exec.Cmd) (*Process, error) {
 	p := &Process{done: make(chan struct{})}
 	started := make(chan error, 1)
