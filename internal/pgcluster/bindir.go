@@ -10,22 +10,35 @@ import (
 	"strings"
 )
 
-// pgLibRoot is where Debian and Ubuntu install the server binaries, one
-// directory per major version. A variable so tests can point it elsewhere.
-var pgLibRoot = "/usr/lib/postgresql"
+// installRoot is a directory that holds PostgreSQL installations side by
+// side, one per major version: entries named prefix+version, with the
+// binaries in entry/bin.
+type installRoot struct{ dir, prefix string }
+
+// installRoots are where packages put the server binaries off the PATH. A
+// variable so tests can point it elsewhere.
+var installRoots = []installRoot{
+	{"/usr/lib/postgresql", ""},                          // Debian, Ubuntu
+	{"/usr", "pgsql-"},                                   // PGDG packages for RHEL, Fedora
+	{"/opt/homebrew/opt", "postgresql@"},                 // Homebrew, Apple silicon (keg-only)
+	{"/usr/local/opt", "postgresql@"},                    // Homebrew, Intel
+	{"/Applications/Postgres.app/Contents/Versions", ""}, // Postgres.app
+}
 
 // errNoBinaries says what to install; it is what an operator without a
 // PostgreSQL installation sees first, so it names the fix.
 var errNoBinaries = errors.New("PostgreSQL server binaries (initdb, postgres) not found on PATH or under " +
-	"/usr/lib/postgresql/*/bin: install them (Debian: apt-get install postgresql) or set --database-url/DATABASE_URL")
+	"/usr/lib/postgresql/*/bin, /usr/pgsql-*/bin, Homebrew's postgresql@* or Postgres.app: install them " +
+	"(Debian, Ubuntu: apt-get install postgresql; Fedora, RHEL: dnf install postgresql-server; macOS: brew install postgresql@15), " +
+	"put their directory on PATH, or set --database-url/DATABASE_URL")
 
 // FindBinDir returns the directory holding initdb and postgres: the PATH
-// first, then the highest version under /usr/lib/postgresql/*/bin.
+// first, then the highest version in installRoots.
 func FindBinDir() (string, error) {
 	if dir, ok := binDirOnPath(); ok {
 		return dir, nil
 	}
-	if dir, ok := highestLibBinDir(pgLibRoot); ok {
+	if dir, ok := highestInstalled(installRoots); ok {
 		return dir, nil
 	}
 	return "", errNoBinaries
@@ -55,33 +68,33 @@ func binDirOnPath() (string, bool) {
 	return "", false
 }
 
-// highestLibBinDir returns root/<version>/bin with the highest version that
-// holds both binaries. Versions compare numerically ("9.6" < "15").
-func highestLibBinDir(root string) (string, bool) {
-	entries, err := os.ReadDir(root)
-	if err != nil {
-		return "", false
-	}
-	type candidate struct {
-		version []int
-		dir     string
-	}
-	var found []candidate
-	for _, e := range entries {
-		v, ok := parseVersion(e.Name())
-		if !ok {
+// highestInstalled returns the bin directory of the highest version in
+// roots that holds both binaries. Versions compare numerically ("9.6" <
+// "15"); on a tie the earlier root wins.
+func highestInstalled(roots []installRoot) (string, bool) {
+	var best []int
+	var dir string
+	for _, r := range roots {
+		entries, err := os.ReadDir(r.dir)
+		if err != nil {
 			continue
 		}
-		dir := filepath.Join(root, e.Name(), "bin")
-		if hasServerBinaries(dir) {
-			found = append(found, candidate{v, dir})
+		for _, e := range entries {
+			name, ok := strings.CutPrefix(e.Name(), r.prefix)
+			if !ok {
+				continue
+			}
+			v, ok := parseVersion(name)
+			if !ok {
+				continue
+			}
+			bin := filepath.Join(r.dir, e.Name(), "bin")
+			if (dir == "" || slices.Compare(v, best) > 0) && hasServerBinaries(bin) {
+				best, dir = v, bin
+			}
 		}
 	}
-	if len(found) == 0 {
-		return "", false
-	}
-	best := slices.MaxFunc(found, func(a, b candidate) int { return slices.Compare(a.version, b.version) })
-	return best.dir, true
+	return dir, dir != ""
 }
 
 func parseVersion(name string) ([]int, bool) {

@@ -7,13 +7,16 @@ import (
 	"testing"
 )
 
-// setLibRoot points FindBinDir's fallback at root for one test.
-func setLibRoot(t *testing.T, root string) {
+// setRoots points FindBinDir's fallback at roots for one test.
+func setRoots(t *testing.T, roots ...installRoot) {
 	t.Helper()
-	old := pgLibRoot
-	pgLibRoot = root
-	t.Cleanup(func() { pgLibRoot = old })
+	old := installRoots
+	installRoots = roots
+	t.Cleanup(func() { installRoots = old })
 }
+
+// setLibRoot points FindBinDir's fallback at one Debian-style root.
+func setLibRoot(t *testing.T, root string) { setRoots(t, installRoot{dir: root}) }
 
 // fakeBinDir creates dir with executable files named after the binaries.
 func fakeBinDir(t *testing.T, dir string, names ...string) {
@@ -36,7 +39,7 @@ func TestFindBinDir(t *testing.T) {
 		if err == nil {
 			t.Fatalf("FindBinDir() = %q, want an error", dir)
 		}
-		for _, want := range []string{"initdb", "postgres", "apt-get install postgresql", "DATABASE_URL"} {
+		for _, want := range []string{"initdb", "postgres", "apt-get install postgresql", "brew install postgresql@15", "DATABASE_URL"} {
 			if !strings.Contains(err.Error(), want) {
 				t.Errorf("error %q does not mention %q", err, want)
 			}
@@ -57,6 +60,29 @@ func TestFindBinDir(t *testing.T) {
 		}
 		if want := filepath.Join(root, "15", "bin"); got != want {
 			t.Errorf("FindBinDir() = %q, want %q", got, want)
+		}
+	})
+
+	t.Run("HighestVersionAcrossRoots", func(t *testing.T) {
+		t.Setenv("PATH", "")
+		deb, brew := t.TempDir(), t.TempDir()
+		setRoots(t, installRoot{dir: filepath.Join(deb, "missing")}, installRoot{dir: deb}, installRoot{brew, "postgresql@"})
+		fakeBinDir(t, filepath.Join(deb, "15", "bin"), "initdb", "postgres")
+		fakeBinDir(t, filepath.Join(brew, "postgresql@16", "bin"), "initdb", "postgres")
+		fakeBinDir(t, filepath.Join(brew, "postgresql@18", "bin"), "postgres") // no initdb
+		fakeBinDir(t, filepath.Join(brew, "postgresql", "bin"), "initdb", "postgres")
+		fakeBinDir(t, filepath.Join(brew, "libpq@17", "bin"), "initdb", "postgres")
+		got, err := FindBinDir()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := filepath.Join(brew, "postgresql@16", "bin"); got != want {
+			t.Errorf("FindBinDir() = %q, want %q", got, want)
+		}
+		// The same version in two roots: the earlier root wins.
+		fakeBinDir(t, filepath.Join(deb, "16", "bin"), "initdb", "postgres")
+		if got, _ := FindBinDir(); got != filepath.Join(deb, "16", "bin") {
+			t.Errorf("FindBinDir() with 16 in both roots = %q, want the first root's", got)
 		}
 	})
 
