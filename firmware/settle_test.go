@@ -275,6 +275,16 @@ func TestEngineLockerChangedBeforeHandOut(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.exec(`UPDATE devices SET disabled = true, online = false WHERE id = $1`, ids[2])
+	h.tickUntil(clk, st.ID, firmware.Running) // one tick: the hand-out
+	// ids[3] updates in the harness's own goroutine, on the real clock:
+	// done before the ticks below pass the step timeout, or a loaded
+	// machine times it out too (and the 0 % gate pauses).
+	testtool.Eventually(t, 10*time.Second, "ids[3] updated", func() error {
+		if j := h.job(st.ID, ids[3]); j.State != firmware.StateSucceeded {
+			return fmt.Errorf("%s", j.State)
+		}
+		return nil
+	})
 	s := h.tickUntil(clk, st.ID, firmware.Completed)
 	if s.Counts[firmware.StateSucceeded] != 1 || s.Skipped[firmware.SkipModelChanged] != 1 || s.Skipped[firmware.SkipDisabled] != 2 ||
 		s.WaveStatus[0].Failed != 0 {
