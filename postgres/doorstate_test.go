@@ -1,11 +1,14 @@
 package postgres_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -211,6 +214,23 @@ func TestDoorStateInArrivalOrder(t *testing.T) {
 	wantDoor(t, db, id, "open", true)
 	insertEvents(t, db, d.ev(protocol.EventDoorClosed, 1, -time.Second, false))
 	wantDoor(t, db, id, "closed", false)
+}
+
+// TestDoorEventUnreadableBodyLogged: a stored door event whose body does
+// not read as an event (ingest validates bodies, so only a bug makes one)
+// is stored and changes no state, and says so in the log.
+func TestDoorEventUnreadableBodyLogged(t *testing.T) {
+	var logs bytes.Buffer
+	db := mustOpenWith(t, postgres.Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	id := MustDevice(t, db, "s1", "SN-DOORBODY", 2)
+	d := &doorEvents{t: t, id: id, t0: time.Now().UTC().Truncate(time.Millisecond)}
+	bad := d.ev(protocol.EventDoorOpened, 1, 0, false)
+	bad.Body = []byte(`{"id":"e-1","type":"door_opened","compartment":"1","ts":"2026-12-06T10:00:00.000Z"}`)
+	insertEvents(t, db, bad)
+	wantDoor(t, db, id, "closed", false)
+	if got := logs.String(); !strings.Contains(got, "stored event body does not read as an event") || !strings.Contains(got, "event=e-1") {
+		t.Fatalf("no error naming the event in the log:\n%s", got)
+	}
 }
 
 // TestDoorAjarAlertFollowsDoorState: with DoorEventsByClock a door-ajar

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
@@ -317,7 +318,7 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		if err := queueEffects(ctx, tx, fresh); err != nil {
 			return err
 		}
-		stale, err := applyEvents(ctx, tx, fresh, db.doorByClock)
+		stale, err := applyEvents(ctx, tx, fresh, db.doorByClock, db.log)
 		if err != nil {
 			return err
 		}
@@ -396,8 +397,9 @@ func (db *DB) PendingEffects(ctx context.Context, before time.Time, limit int, l
 // the two cannot deadlock; each compartment's events in the order they came.
 // With byClock, an event older by the locker's clock than the one the state
 // came from changes nothing (applyDoorSQL); such stale door events are
-// returned, by EventRecord.Key.
-func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byClock bool) (stale map[string]bool, err error) {
+// returned, by EventRecord.Key. A body that does not read as an event
+// (validated at ingest, so a bug) changes nothing and is logged.
+func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byClock bool, log *slog.Logger) (stale map[string]bool, err error) {
 	events = slices.Clone(events)
 	slices.SortStableFunc(events, func(a, b fleet.EventRecord) int {
 		return cmp.Or(strings.Compare(a.DeviceID, b.DeviceID), cmp.Compare(a.Compartment, b.Compartment))
@@ -410,6 +412,8 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 		}
 		var ev protocol.Event
 		if err := json.Unmarshal(e.Body, &ev); err != nil {
+			log.Error("stored event body does not read as an event: its compartment's door state is left as it was (a gateway bug: please report it)",
+				"locker", e.DeviceID, "event", e.EventID, "type", e.Type, "compartment", e.Compartment, "err", err)
 			continue
 		}
 		var occupied *bool // unchanged
