@@ -20,10 +20,11 @@ type orderStore struct {
 	used                        bool
 	reads, transitions, removed int
 	withdrawn                   []fleet.Alert
-	// closingsFails and withdrawFails: failures left, as of a database
-	// that is down; onFail is called at each.
-	closingsFails, withdrawFails int
-	onFail                       func()
+	// closingsFails, withdrawFails, useExpiredFails and judgeFails:
+	// failures left, as of a database that is down; onFail is called at
+	// each.
+	closingsFails, withdrawFails, useExpiredFails, judgeFails int
+	onFail                                                    func()
 	// lateUsed: the locker's time of a late-reported use of the expired
 	// pickup's code (LateCollectionAt), until judged.
 	lateUsed *time.Time
@@ -42,7 +43,23 @@ func (s *orderStore) fail(left *int) bool {
 }
 
 func (s *orderStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
+	if s.p.State == Expired {
+		return nil, fleet.ErrNotFound // no longer live
+	}
 	s.used = true
+	return []Pickup{s.p}, nil
+}
+
+// UseExpiredCredential marks the expired pickup collected when its code
+// was used before it expired.
+func (s *orderStore) UseExpiredCredential(_ context.Context, _, _ string, used, _ time.Time, _ []int) ([]Pickup, error) {
+	if s.fail(&s.useExpiredFails) {
+		return nil, errDown
+	}
+	if s.p.State != Expired || s.p.DoneAt == nil || !used.Before(*s.p.DoneAt) {
+		return nil, fleet.ErrNotFound
+	}
+	s.lateUsed = &used
 	return []Pickup{s.p}, nil
 }
 
@@ -74,6 +91,9 @@ func (s *orderStore) LateCollectionAt(_ context.Context, deviceID string, n int,
 }
 
 func (s *orderStore) JudgeLateCollection(context.Context, string) error {
+	if s.fail(&s.judgeFails) {
+		return errDown
+	}
 	s.judged++
 	s.lateUsed = nil
 	return nil
@@ -249,5 +269,77 @@ func TestLateClosingWithdrawsFirst(t *testing.T) {
 	st.withdrawFails, st.onFail = 0, nil
 	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.p.State != PickedUp || len(st.withdrawn) != 1 {
 		t.Fatalf("offered again: applied %d, state %s, %d withdrawn; want 1, picked up, 1", n, st.p.State, len(st.withdrawn))
+	}
+}
+
+// expiredBeforeItsUseArrived makes the store's pickup one that expired 5 s
+// after its code's use (by the locker's clock) and returns that use as the
+// locker reported it, 10 minutes later; the door's closing 3 s after the
+// use arrived before it.
+func expiredBeforeItsUseArrived(t *testing.T, occupied bool) (*orderStore, fleet.EventRecord) {
+	t.Helper()
+	st, used := newOrderStore(t)
+	expiry := used.TS.Add(5 * time.Second)
+	st.p.State, st.p.DoneAt = Expired, &expiry
+	st.closing = closingEvent(t, "e-2", used.TS.Add(3*time.Second), occupied)
+	st.closing.ReceivedAt = used.TS.Add(9 * time.Minute)
+	used.ReceivedAt = used.TS.Add(10 * time.Minute)
+	return st, used
+}
+
+// TestLateUseJudgesItsClosing: a code use reported after its pickup
+// expired, whose door's closing was applied before it, judges that
+// closing (usedBeforeExpiry's loop): closed empty, the pickup is picked
+// up after all and its pickup_expired alert withdrawn. The store's marking
+// of the use is tried again while the database fails; a stop meanwhile
+// leaves the use to be offered again.
+func TestLateUseJudgesItsClosing(t *testing.T) {
+	st, used := expiredBeforeItsUseArrived(t, false)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.p.State != Expired {
+		t.Fatalf("the closing alone: applied %d, state %s; want 1, expired", n, st.p.State)
+	}
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st.useExpiredFails, st.onFail = 1<<30, cancel
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || st.p.State != Expired || st.lateUsed != nil {
+		t.Fatalf("stopped while the use could not be recorded: applied %d, state %s; want 0, expired", n, st.p.State)
+	}
+
+	st.useExpiredFails, st.onFail = 1, nil
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || st.p.State != PickedUp || st.transitions != 1 {
+		t.Fatalf("offered again: applied %d, state %s, %d transitions; want 1, picked up, 1", n, st.p.State, st.transitions)
+	}
+	if len(st.withdrawn) != 1 || st.withdrawn[0].Kind != fleet.AlertPickupExpired {
+		t.Fatalf("withdrawn %+v, want the pickup_expired alert", st.withdrawn)
+	}
+}
+
+// TestLateClosingVerdictOutlastsDatabaseErrors: a late use's closing with
+// the order inside records its verdict (JudgeLateCollection), tried again
+// while the database fails; a stop meanwhile leaves the closing to be
+// offered again, and it is judged then.
+func TestLateClosingVerdictOutlastsDatabaseErrors(t *testing.T) {
+	st, used := newOrderStore(t)
+	expiry := used.TS.Add(-time.Second)
+	st.p.State, st.p.DoneAt, st.lateUsed = Expired, &expiry, &used.TS
+	st.closing = closingEvent(t, "e-2", used.TS.Add(3*time.Second), true)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st.judgeFails, st.onFail = 1<<30, cancel
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{st.closing}); n != 0 || st.judged != 0 {
+		t.Fatalf("stopped while the verdict could not be recorded: applied %d, judged %d; want 0, 0", n, st.judged)
+	}
+	st.judgeFails, st.onFail = 1, nil
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.judged != 1 || st.p.State != Expired {
+		t.Fatalf("offered again: applied %d, judged %d, state %s; want 1, 1, expired", n, st.judged, st.p.State)
+	}
+	if len(st.withdrawn) != 0 {
+		t.Fatalf("withdrawn %+v: the order was left inside", st.withdrawn)
 	}
 }
