@@ -130,7 +130,7 @@ func (e *Engine) Upload(ctx context.Context, model, version string, body io.Read
 		ID: fleet.NewID("fw"), Model: model, Version: version, Size: n,
 		SHA256:    hex.EncodeToString(sum),
 		Sig:       base64.StdEncoding.EncodeToString(ed25519.Sign(e.opts.Key, protocol.FwSigMessage(sum, version))),
-		CreatedBy: actor, CreatedAt: e.now().UTC(),
+		CreatedBy: actor, CreatedAt: e.now().UTC().Truncate(time.Microsecond),
 	}
 	a.File = a.ID + ".bin"
 	path := filepath.Join(e.opts.Dir, a.File)

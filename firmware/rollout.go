@@ -134,7 +134,7 @@ type WaveStatus struct {
 // downgrades unless spec.Force. It is fleet.ErrUnprocessable when no locker
 // is left to update.
 func (e *Engine) Create(ctx context.Context, spec Spec, actor string) (*Status, error) {
-	now := e.now().UTC()
+	now := e.now().UTC().Truncate(time.Microsecond) // as stored
 	if err := spec.normalize(now); err != nil {
 		return nil, err
 	}

@@ -705,6 +705,14 @@ func TestFirmwareUploadIdempotent(t *testing.T) {
 	if status != http.StatusCreated || first["id"] == nil {
 		t.Fatalf("first upload: %d %v", status, first)
 	}
+	// The answer says what a read says (times as stored: microseconds).
+	var stored map[string]any
+	if err := tg.Admin.Get(context.Background(), "/v1/firmware/"+first["id"].(string), nil, &stored); err != nil {
+		t.Fatal(err)
+	}
+	if stored["created_at"] != first["created_at"] {
+		t.Fatalf("created_at %v in the answer, %v when read", first["created_at"], stored["created_at"])
+	}
 	status, again, h := upload("fw-300", "3.0.0", image)
 	if status != http.StatusCreated || again["id"] != first["id"] || again["sha256"] != first["sha256"] || h.Get("Idempotent-Replayed") != "true" {
 		t.Fatalf("repeat: %d %v (%s), want the first answer %v", status, again, h.Get("Idempotent-Replayed"), first)

@@ -222,6 +222,31 @@ func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
 
 // TestPickupFlow walks one order from staging to picked up, with the
 // platform's webhook receiver failing its first attempts.
+// TestPickupAnswerAsStored: a create's answer says what a read right after
+// it says, for a time given finer than PostgreSQL keeps too.
+func TestPickupAnswerAsStored(t *testing.T) {
+	e := newPickupEnv(t, 1, 3)
+	expires := time.Now().UTC().Add(time.Hour).Truncate(time.Second).Add(123456789)
+	var created, read map[string]any
+	if err := e.store.Post(context.Background(), "/v1/pickups", map[string]any{
+		"site": "store-042", "order_ref": "NS-1", "recipient": map[string]string{"platform": "speedy"},
+		"expires_at": expires.Format(time.RFC3339Nano)}, &created); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.Get(context.Background(), "/v1/pickups/"+created["id"].(string), nil, &read); err != nil {
+		t.Fatal(err)
+	}
+	want := expires.Truncate(time.Microsecond).Format(time.RFC3339Nano)
+	for k, v := range read {
+		if w, ok := created[k]; ok && k != "credential" && fmt.Sprint(w) != fmt.Sprint(v) {
+			t.Errorf("%s: %v in the answer, %v when read", k, w, v)
+		}
+	}
+	if created["expires_at"] != want {
+		t.Errorf("expires_at %v, want %s", created["expires_at"], want)
+	}
+}
+
 func TestPickupFlow(t *testing.T) {
 	e := newPickupEnv(t, 2, 3)
 	p := e.create(t, "A-1001", "M", time.Hour)

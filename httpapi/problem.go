@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -116,7 +117,37 @@ func decode(r *http.Request, v any) error {
 	if err := protocol.CheckEscapes(body); err != nil {
 		return badRequest("%v, which no field accepts", err)
 	}
+	truncateTimes(reflect.ValueOf(v))
 	return nil
+}
+
+// truncateTimes cuts every settable time in v (through pointers, structs,
+// slices and arrays) to whole microseconds, what PostgreSQL keeps: an
+// answer that echoes a time the request gave then says what a later GET
+// will.
+func truncateTimes(v reflect.Value) {
+	switch v.Kind() {
+	case reflect.Pointer:
+		if !v.IsNil() {
+			truncateTimes(v.Elem())
+		}
+	case reflect.Struct:
+		if v.Type() == reflect.TypeFor[time.Time]() {
+			if v.CanSet() {
+				v.Set(reflect.ValueOf(v.Interface().(time.Time).Truncate(time.Microsecond)))
+			}
+			return
+		}
+		for i := range v.NumField() {
+			if v.Type().Field(i).IsExported() {
+				truncateTimes(v.Field(i))
+			}
+		}
+	case reflect.Slice, reflect.Array:
+		for i := range v.Len() {
+			truncateTimes(v.Index(i))
+		}
+	}
 }
 
 // checkText refuses a request whose path or query holds a NUL character or
