@@ -347,7 +347,8 @@ func TestEngineSelectionAndDowngrades(t *testing.T) {
 	h.waitStatus(st.ID, firmware.Completed, 10*time.Second)
 
 	// Only downgrades left: refused unless forced; forced jobs say so.
-	if _, err := h.eng.Create(context.Background(), firmware.Spec{Firmware: a.ID}, "test"); !errors.Is(err, fleet.ErrUnprocessable) {
+	if _, err := h.eng.Create(context.Background(), firmware.Spec{Firmware: a.ID}, "test"); !errors.Is(err, fleet.ErrUnprocessable) ||
+		!strings.Contains(err.Error(), "skipped: 2 "+firmware.SkipDowngrade+", 5 "+firmware.SkipUpToDate+";") {
 		t.Fatalf("a rollout of only downgrades: %v", err)
 	}
 	if _, err := h.eng.Create(context.Background(), firmware.Spec{Firmware: a.ID, Selector: firmware.Selector{Model: "LX-8"}}, "test"); !errors.Is(err, fleet.ErrUnprocessable) {

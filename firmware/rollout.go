@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -225,8 +226,15 @@ func (e *Engine) Create(ctx context.Context, spec Spec, actor string) (*Status, 
 		for _, j := range skipped {
 			why[j.Error]++
 		}
-		return nil, fmt.Errorf("%w: no locker to update (%d matched of model %s; skipped: %v; other models: %d)",
-			fleet.ErrUnprocessable, len(targets)-wrongModel, a.Model, why, wrongModel)
+		var reasons []string
+		for _, k := range slices.Sorted(maps.Keys(why)) {
+			reasons = append(reasons, fmt.Sprintf("%d %s", why[k], k))
+		}
+		if len(reasons) == 0 {
+			reasons = []string{"none"}
+		}
+		return nil, fmt.Errorf("%w: no locker to update (%d matched of model %s; skipped: %s; other models: %d)",
+			fleet.ErrUnprocessable, len(targets)-wrongModel, a.Model, strings.Join(reasons, ", "), wrongModel)
 	}
 	r.WaveSizes = WaveSizes(len(update), r.Waves, r.MinPerWave)
 	jobs := make([]Job, 0, len(update)+len(skipped))

@@ -139,17 +139,21 @@ func TestEMQXHooks(t *testing.T) {
 	})
 	t.Run("BadRequests", func(t *testing.T) {
 		f.got = nil
-		for _, c := range []struct{ path, ct, body, detail string }{
-			{authn, jsonCT, `{"clientid":`, "malformed JSON"},
-			{authn, jsonCT, `["lk-1"]`, "want"},
-			{authn, jsonCT, `{"clientid":"lk-1","password":"` + strings.Repeat("x", maxBody) + `"}`, "larger than"},
-			{authn, formCT, "clientid=%zz", "malformed form"},
-			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","topic":"t","action":"all"}`, "action must be publish or subscribe"},
-			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","action":"publish"}`, "topic is empty"},
+		for _, c := range []struct {
+			path, ct, body string
+			status         int
+			detail         string
+		}{
+			{authn, jsonCT, `{"clientid":`, 400, "malformed JSON"},
+			{authn, jsonCT, `["lk-1"]`, 400, "the body must be an object, not array"},
+			{authn, jsonCT, `{"clientid":"lk-1","password":"` + strings.Repeat("x", maxBody) + `"}`, 413, "larger than"},
+			{authn, formCT, "clientid=%zz", 400, "malformed form"},
+			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","topic":"t","action":"all"}`, 400, "action must be publish or subscribe"},
+			{authz, jsonCT, `{"clientid":"lk-1","username":"lk-1","action":"publish"}`, 400, "topic is empty"},
 		} {
 			rec := hookCall(t, s, c.path, c.ct, c.body, "broker")
-			if rec.Code != 400 || !strings.Contains(rec.Body.String(), c.detail) {
-				t.Errorf("%s %.60s: status %d: %.200s, want 400 with %q", c.path, c.body, rec.Code, rec.Body, c.detail)
+			if rec.Code != c.status || !strings.Contains(rec.Body.String(), c.detail) {
+				t.Errorf("%s %.60s: status %d: %.200s, want %d with %q", c.path, c.body, rec.Code, rec.Body, c.status, c.detail)
 			}
 		}
 		if len(f.got) != 0 {

@@ -20,8 +20,8 @@ func (s *Server) createSite(w http.ResponseWriter, r *http.Request) error {
 	if err := decode(r, &in); err != nil {
 		return err
 	}
-	if !protocol.ValidID(in.ID) {
-		return badRequest("id must be 1-64 of [A-Za-z0-9._:-]")
+	if !protocol.ValidID(in.ID) || in.ID == "." || in.ID == ".." {
+		return badRequest("id must be 1-64 of [A-Za-z0-9._:-], and not . or .. (it names the site in paths)")
 	}
 	if !utf8.ValidString(in.Name) || len(in.Name) > 200 {
 		return badRequest("name must be valid UTF-8 of at most 200 bytes")
@@ -32,7 +32,8 @@ func (s *Server) createSite(w http.ResponseWriter, r *http.Request) error {
 	if in.Timezone == "" {
 		in.Timezone = "UTC"
 	}
-	if _, err := time.LoadLocation(in.Timezone); err != nil {
+	// "Local" loads too, as the host's zone: not a zone a site is in.
+	if _, err := time.LoadLocation(in.Timezone); err != nil || in.Timezone == "Local" {
 		return badRequest("timezone %q is not an IANA time zone", in.Timezone)
 	}
 	if err := s.store.CreateSite(r.Context(), &in); err != nil {

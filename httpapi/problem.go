@@ -48,6 +48,8 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
 		status = http.StatusBadRequest
 	case errors.Is(err, fleet.ErrUnprocessable):
 		status = http.StatusUnprocessableEntity
+	case errors.Is(err, errTooLarge):
+		status = http.StatusRequestEntityTooLarge
 	}
 	if status != http.StatusInternalServerError {
 		writeProblem(w, status, err.Error())
@@ -87,6 +89,9 @@ const unavailableRetryAfter = 2
 
 var errBadRequest = errors.New("bad request")
 
+// errTooLarge is a request body over maxBody (413).
+var errTooLarge = fmt.Errorf("request body larger than %d bytes", maxBody)
+
 func badRequest(format string, args ...any) error {
 	return fmt.Errorf("%w: %s", errBadRequest, fmt.Sprintf(format, args...))
 }
@@ -101,7 +106,7 @@ func decode(r *http.Request, v any) error {
 		return badRequest("read body: %v", err)
 	}
 	if len(body) > maxBody {
-		return badRequest("body larger than %d bytes", maxBody)
+		return errTooLarge
 	}
 	if !utf8.Valid(body) {
 		// encoding/json would store U+FFFD in place of each bad byte.
@@ -110,7 +115,14 @@ func decode(r *http.Request, v any) error {
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
-			return badRequest("field %q: want %s", te.Field, te.Type)
+			if te.Field == "" {
+				return badRequest("the body must be %s, not %s", jsonKind(te.Type), te.Value)
+			}
+			return badRequest("field %q must be %s, not %s", te.Field, jsonKind(te.Type), te.Value)
+		}
+		var pe *time.ParseError
+		if errors.As(err, &pe) {
+			return badRequest("%q is not an RFC 3339 time: write it like 2026-11-24T21:30:00.123Z", pe.Value)
 		}
 		return badRequest("malformed JSON: %v", err)
 	}
@@ -119,6 +131,32 @@ func decode(r *http.Request, v any) error {
 	}
 	truncateTimes(reflect.ValueOf(v))
 	return nil
+}
+
+// jsonKind names what JSON value a field of Go type t takes, for error
+// messages that speak JSON rather than Go.
+func jsonKind(t reflect.Type) string {
+	if t == reflect.TypeFor[time.Time]() {
+		return "an RFC 3339 time string"
+	}
+	switch t.Kind() {
+	case reflect.Pointer:
+		return jsonKind(t.Elem())
+	case reflect.Struct, reflect.Map:
+		return "an object"
+	case reflect.Slice, reflect.Array:
+		return "an array"
+	case reflect.String:
+		return "a string"
+	case reflect.Bool:
+		return "true or false"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "a whole number in range"
+	case reflect.Float32, reflect.Float64:
+		return "a number"
+	}
+	return "another kind of value"
 }
 
 // truncateTimes cuts every settable time in v (through pointers, structs,

@@ -164,7 +164,10 @@ type handler func(w http.ResponseWriter, r *http.Request) error
 func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		// The scheme is case-insensitive (RFC 9110, section 11.1).
+		// The scheme and the token may be apart by more than one space
+		// (RFC 9110, section 11.4: 1*SP).
 		scheme, raw, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+		raw = strings.TrimLeft(raw, " ")
 		if !strings.EqualFold(scheme, "Bearer") || raw == "" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="lockergate"`)
 			writeProblem(w, http.StatusUnauthorized, "missing bearer token: send Authorization: Bearer <token>")
@@ -460,6 +463,9 @@ func (nopCloser) Close() error { return nil }
 func readAllLimited(r *http.Request) ([]byte, error) {
 	var buf bytes.Buffer
 	n, err := buf.ReadFrom(http.MaxBytesReader(nil, r.Body, maxBody))
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		return nil, errTooLarge
+	}
 	if err != nil {
 		return nil, badRequest("read body: %v", err)
 	}

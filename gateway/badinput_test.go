@@ -1,0 +1,66 @@
+package gateway_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/lockergate/lockergate/client"
+)
+
+// TestAPIInputEdges: requests a black-box run of the API found taken or
+// refused wrongly, or refused in Go's words ("want fleet.Site"). A site id that is a path segment (".", "..") could be
+// created but not read back; the time zone "Local" (the host's zone)
+// passed as IANA; a body over 1 MiB was a 400, not a 413; and a bearer
+// token after two spaces (RFC 9110 allows 1*SP) was a 401.
+func TestAPIInputEdges(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	big := `{"id":"store-9","name":"` + strings.Repeat("x", 1<<20) + `"}`
+	for _, c := range []struct {
+		name   string
+		req    client.Request
+		status int
+		detail string
+	}{
+		{"site id .", client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]string{"id": "."}}, 400, "not . or .."},
+		{"site id ..", client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]string{"id": ".."}}, 400, "not . or .."},
+		{"time zone Local", client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]string{"id": "tz", "timezone": "Local"}}, 400,
+			`timezone "Local" is not an IANA time zone`},
+		{"body an array", client.Request{Method: "POST", Path: "/v1/sites", Body: []byte(`[]`)}, 400, "the body must be an object, not array"},
+		{"recipient a string", client.Request{Method: "POST", Path: "/v1/pickups", Body: []byte(`{"site":"s","order_ref":"r","recipient":"speedy"}`)}, 400,
+			`field "recipient" must be an object, not string`},
+		{"expiry not a time", client.Request{Method: "POST", Path: "/v1/pickups", Body: []byte(`{"site":"s","order_ref":"r","expires_at":"tomorrow"}`)}, 400,
+			`"tomorrow" is not an RFC 3339 time`},
+		{"body over 1 MiB", client.Request{Method: "POST", Path: "/v1/pickups", Body: []byte(big)}, 413, "request body larger than 1048576 bytes"},
+		{"body over 1 MiB with Idempotency-Key", client.Request{Method: "POST", Path: "/v1/sites", Body: []byte(big),
+			Header: http.Header{"Idempotency-Key": {"big-1"}}}, 413, "request body larger than 1048576 bytes"},
+	} {
+		status, err := tg.Admin.Do(ctx, c.req, nil)
+		var pe *client.Error
+		if status != c.status || !errors.As(err, &pe) || !strings.Contains(pe.Detail, c.detail) {
+			t.Errorf("%s: %d %v, want %d with a problem detail saying %q", c.name, status, err, c.status, c.detail)
+		}
+	}
+	// Site ids with dots inside are still ids.
+	if err := tg.Admin.Post(ctx, "/v1/sites", map[string]string{"id": "..a.", "timezone": "Europe/Berlin"}, nil); err != nil {
+		t.Errorf("site ..a.: %v", err)
+	}
+
+	req, err := http.NewRequest("GET", "http://"+tg.HTTPAddr()+"/v1/sites", bytes.NewReader(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer  "+tg.Admin.Token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("Bearer, two spaces, token: %d, want 200", resp.StatusCode)
+	}
+}
