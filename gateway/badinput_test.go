@@ -3,7 +3,9 @@ package gateway_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -62,5 +64,60 @@ func TestAPIInputEdges(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("Bearer, two spaces, token: %d, want 200", resp.StatusCode)
+	}
+}
+
+// TestUncleanPathsAndRanges: a path with //, /./ or /../ is a 404 problem
+// naming the clean path, not the mux's HTML redirect (which a client
+// follows with its method and body: the POST below would have created a
+// site), and a firmware Range the image cannot serve is a 416 problem.
+func TestUncleanPathsAndRanges(t *testing.T) {
+	tg := MustStart(t)
+	raw := func(method, path string, body string, header ...string) (*http.Response, map[string]any) {
+		t.Helper()
+		req, err := http.NewRequest(method, "http://"+tg.HTTPAddr()+path, strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+		for i := 0; i+1 < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
+		}
+		c := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var p map[string]any
+		json.NewDecoder(resp.Body).Decode(&p)
+		return resp, p
+	}
+	for _, c := range []struct{ method, path, clean string }{
+		{"GET", "//v1/sites", "/v1/sites"},
+		{"GET", "/v1//sites", "/v1/sites"},
+		{"GET", "/v1/sites/.", "/v1/sites"},
+		{"POST", "/v1/pickups/../sites", "/v1/sites"},
+	} {
+		resp, p := raw(c.method, c.path, `{"id":"from-a-redirect"}`)
+		if resp.StatusCode != http.StatusNotFound || resp.Header.Get("Content-Type") != "application/problem+json" ||
+			!strings.Contains(fmt.Sprint(p["detail"]), "did you mean "+c.clean+"?") {
+			t.Errorf("%s %s: %d %s %v, want a 404 problem naming %s", c.method, c.path, resp.StatusCode, resp.Header.Get("Content-Type"), p, c.clean)
+		}
+	}
+	if err := tg.Admin.Get(context.Background(), "/v1/sites/from-a-redirect", nil, nil); err == nil {
+		t.Error("the POST to an unclean path created a site")
+	}
+
+	a := fwUpload(t, tg, "LX-24", "9.9.9", fwImage("9.9.9"))
+	for _, rng := range []string{"bytes=99999999-", "bytes=abc"} {
+		resp, p := raw("GET", "/v1/firmware/"+a.ID+"/blob", "", "Range", rng)
+		if resp.StatusCode != http.StatusRequestedRangeNotSatisfiable || resp.Header.Get("Content-Type") != "application/problem+json" ||
+			p["status"] != float64(416) || !strings.Contains(fmt.Sprint(p["detail"]), "cannot be served") {
+			t.Errorf("Range %s: %d %s %v, want a 416 problem", rng, resp.StatusCode, resp.Header.Get("Content-Type"), p)
+		}
+	}
+	if resp, _ := raw("GET", "/v1/firmware/"+a.ID+"/blob", "", "Range", "bytes=0-9"); resp.StatusCode != http.StatusPartialContent {
+		t.Errorf("Range bytes=0-9: %d, want 206", resp.StatusCode)
 	}
 }

@@ -162,26 +162,47 @@ func serveImage(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) err
 	w.Header().Set("Content-Type", "application/octet-stream")
 	// A strong validator: If-Range resumes only the same image.
 	w.Header().Set("ETag", `"`+a.SHA256+`"`)
-	cw := &countingWriter{ResponseWriter: w}
+	cw := &countingWriter{ResponseWriter: w, r: r}
 	http.ServeContent(cw, r, a.ID+".bin", a.CreatedAt, f)
 	fw.ServedBytes(cw.n)
 	return nil
 }
 
 // countingWriter counts body bytes. It keeps the ResponseWriter's
-// io.ReaderFrom path, so images still go out with sendfile.
+// io.ReaderFrom path, so images still go out with sendfile. A Range that
+// http.ServeContent cannot serve (its plain-text 416) is answered as a
+// problem, like every other error of the API.
 type countingWriter struct {
 	http.ResponseWriter
-	n int64
+	r       *http.Request
+	n       int64
+	refused bool // the 416 is written; ServeContent's own text is dropped
+}
+
+func (c *countingWriter) WriteHeader(code int) {
+	if code != http.StatusRequestedRangeNotSatisfiable {
+		c.ResponseWriter.WriteHeader(code)
+		return
+	}
+	c.refused = true
+	c.ResponseWriter.Header().Del("X-Content-Type-Options")
+	writeProblem(c.ResponseWriter, code, fmt.Sprintf("Range %q cannot be served from this image (Content-Range: %s): ask for bytes within it, e.g. bytes=0-",
+		c.r.Header.Get("Range"), c.ResponseWriter.Header().Get("Content-Range")))
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.refused {
+		return len(b), nil
+	}
 	n, err := c.ResponseWriter.Write(b)
 	c.n += int64(n)
 	return n, err
 }
 
 func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
+	if c.refused {
+		return io.Copy(io.Discard, src)
+	}
 	n, err := io.Copy(c.ResponseWriter, src)
 	c.n += n
 	return n, err

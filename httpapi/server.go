@@ -10,6 +10,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"path"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -113,11 +114,32 @@ func New(o Options) *Server {
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// The mux redirects a path with //, /./ or /../ to its cleaned form
+	// (an HTML 301 or 307, which a client follows with its method and
+	// body: POST /v1/pickups/../sites would create a site). No endpoint
+	// has such a path.
+	if clean := cleanPath(r.URL.Path); clean != r.URL.Path && r.Method != http.MethodConnect {
+		writeProblem(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path+" is not a clean path (did you mean "+clean+"?)")
+		return
+	}
 	if h, pattern := s.mux.Handler(r); pattern == "" {
 		noRoute(h, w, r)
 		return
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// cleanPath is p as the mux cleans it: no empty, . or .. segments, a
+// trailing slash kept.
+func cleanPath(p string) string {
+	if p == "" {
+		return "/"
+	}
+	c := path.Clean(p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c
 }
 
 // noRoute answers a request no pattern takes as a problem: 405 with an Allow
