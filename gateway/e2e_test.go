@@ -318,6 +318,13 @@ func TestAPIBadInput(t *testing.T) {
 		if a.ID != b.ID {
 			t.Fatalf("repeat created a second command: %s and %s", a.ID, b.ID)
 		}
+		// The same JSON written another way (key order, spaces, an escape)
+		// is the same body.
+		req.Body = []byte(` { "wait_s" : 5, "compartment" : 1, "type" : "unl\u006fck" } `)
+		var c fleet.Command
+		if _, err := tg.Admin.Do(ctx, req, &c); err != nil || c.ID != a.ID {
+			t.Fatalf("repeat written another way: %v, command %q, want the first answer %q", err, c.ID, a.ID)
+		}
 		req.Body = map[string]any{"type": "unlock", "compartment": 2}
 		if _, err := tg.Admin.Do(ctx, req, nil); err == nil {
 			t.Fatal("same key with another body was accepted")

@@ -94,6 +94,23 @@ func TestIdempotencyKeyRaces(t *testing.T) {
 			}
 		})
 	}
+	// A key claimed before bodies were compared by value holds the hash
+	// of the body as written: the same bytes are still the same request.
+	t.Run("KeyFromBeforeBodiesByValue", func(t *testing.T) {
+		const spaced = `{ "id": "s1" }`
+		raw := sha256.Sum256([]byte(spaced))
+		prev := &fleet.Idempotent{Route: "POST /v1/sites", BodyHash: raw[:], Status: http.StatusCreated, Response: []byte(`{"id":"s1"}`)}
+		st := &idemStore{claimed: false, prev: prev}
+		if w := postSite(t, New(Options{Store: st}), "k1", spaced); w.Code != http.StatusCreated || w.Header().Get("Idempotent-Replayed") != "true" {
+			t.Fatalf("the same bytes: %d %s, want the first answer replayed", w.Code, w.Body)
+		}
+		if w := postSite(t, New(Options{Store: st}), "k1", `{"id":"s2"}`); w.Code != http.StatusConflict {
+			t.Fatalf("another body: %d %s, want 409", w.Code, w.Body)
+		}
+		if st.created != 0 {
+			t.Errorf("created %d sites, want none", st.created)
+		}
+	})
 	t.Run("FailureReleasesTheClaim", func(t *testing.T) {
 		st := &idemStore{claimed: true}
 		w := postSite(t, New(Options{Store: st}), "k1", `{"id":"bad id"}`)

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"io"
 	"log/slog"
 	"net/http"
 	"path"
@@ -362,10 +363,32 @@ func (s *Server) idempotent(h handler, secrets []string) handler {
 		if err != nil {
 			return nil, err
 		}
-		sum := sha256.Sum256(body)
+		raw := sha256.Sum256(body)
+		sum := sha256.Sum256(canonicalJSON(body))
 		r.Body = nopCloser{bytes.NewReader(body)}
-		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:]}, nil
+		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:], rawHash: raw[:]}, nil
 	})
+}
+
+// canonicalJSON is body in one spelling of its value, so that a repeat
+// whose client wrote the same JSON another way (key order, spaces, escapes)
+// is the same request: objects with their keys sorted, numbers as written.
+// A body that is not one JSON value is itself.
+func canonicalJSON(body []byte) []byte {
+	d := json.NewDecoder(bytes.NewReader(body))
+	d.UseNumber()
+	var v any
+	if err := d.Decode(&v); err != nil || d.More() {
+		return body
+	}
+	if _, err := d.Token(); err != io.EOF {
+		return body
+	}
+	out, err := json.Marshal(v)
+	if err != nil {
+		return body
+	}
+	return out
 }
 
 // request is what Idempotency-Key compares a repeat by: its route, a hash
@@ -376,6 +399,9 @@ type request struct {
 	route    string
 	hash     []byte
 	sameBody func(first []byte) (bool, error)
+	// rawHash is the body's own hash, which keys claimed before bodies
+	// were compared by value hold.
+	rawHash []byte
 }
 
 // idempotentBy is idempotent with identify telling what a request is.
@@ -434,7 +460,7 @@ func (s *Server) repeat(w http.ResponseWriter, r *http.Request, actor, key strin
 		return err
 	}
 	switch {
-	case prev.Route != req.route || !bytes.Equal(prev.BodyHash, req.hash):
+	case prev.Route != req.route || !bytes.Equal(prev.BodyHash, req.hash) && (req.rawHash == nil || !bytes.Equal(prev.BodyHash, req.rawHash)):
 		writeProblem(w, http.StatusConflict, "Idempotency-Key was used with another request")
 		return nil
 	case prev.Status == 0:
