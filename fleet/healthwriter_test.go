@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -105,7 +107,89 @@ func TestHeldLatestWrittenByTick(t *testing.T) {
 	st.mu.Unlock()
 	advance(time.Second)
 	w.tick(ctx, false)
-	if !bytes.Contains([]byte(logs.String()), []byte("latest health not updated")) {
+	if !bytes.Contains([]byte(logs.String()), []byte("latest health refused by the database")) {
 		t.Errorf("failed tick write not logged; log:\n%s", logs.String())
+	}
+}
+
+// poisonStore refuses, as a value PostgreSQL cannot take (ErrInvalid),
+// every write that holds a row or latest health of locker poison.
+type poisonStore struct {
+	healthStore
+	poison string
+	calls  int
+}
+
+func (s *poisonStore) InsertHealth(ctx context.Context, recs []HealthRecord, latest []LatestHealth) error {
+	s.mu.Lock()
+	s.calls++
+	s.mu.Unlock()
+	for _, r := range recs {
+		if r.DeviceID == s.poison {
+			return fmt.Errorf("bigint out of range: %w", ErrInvalid)
+		}
+	}
+	for _, l := range latest {
+		if l.DeviceID == s.poison {
+			return fmt.Errorf("bigint out of range: %w", ErrInvalid)
+		}
+	}
+	return s.healthStore.InsertHealth(ctx, recs, latest)
+}
+
+// TestRefusedHealthIsolated: a batch the database refuses for one locker's
+// value is split until that locker is alone: every other locker's rows and
+// latest health are stored, the refused row is dropped (and counted),
+// every message is acknowledged, and the write is not retried forever.
+func TestRefusedHealthIsolated(t *testing.T) {
+	st := &poisonStore{healthStore: healthStore{fakeStore: newFakeStore()}, poison: "lk-250"}
+	logs := &testtool.LockedBuffer{}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, LatestHealthEvery: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []inbound
+	acked := 0
+	for i := 1; i <= 500; i++ {
+		for _, in := range healthIn(fmt.Sprintf("lk-%d", i), 1, 2) {
+			in.ack = func() { acked++ }
+			batch = append(batch, in)
+		}
+	}
+	(&healthWriter{m: m}).write(context.Background(), batch)
+	if st.rows != 998 || len(st.latest) != 499 || acked != 1000 {
+		t.Fatalf("stored %d rows, %d latest, acknowledged %d; want 998, 499 (all but lk-250's), 1000", st.rows, len(st.latest), acked)
+	}
+	for _, l := range st.latest {
+		if l.DeviceID == "lk-250" {
+			t.Fatalf("the refused locker's latest was stored: %+v", l)
+		}
+	}
+	// Halving: about 2 log2(n) writes for each side, not one per row.
+	if st.calls > 60 {
+		t.Errorf("%d writes to isolate one locker in 1,000 rows", st.calls)
+	}
+	if got := strings.Count(logs.String(), "dropped device message"); got != 2 || !strings.Contains(logs.String(), "locker=lk-250") {
+		t.Errorf("want lk-250's two rows dropped and logged; log:\n%s", logs)
+	}
+}
+
+// TestSeqGap: gaps are counted only after a known seq, and only for a leap
+// a counter makes by losing messages; no seq overflows the count.
+func TestSeqGap(t *testing.T) {
+	for _, c := range []struct{ prev, next, want int64 }{
+		{1, 2, 0}, {1, 5, 3}, {5, 1, 0}, {0, 9, 0}, {7, 0, 0},
+		{1, MaxSeqGap + 2, MaxSeqGap}, {1, MaxSeqGap + 3, 0},
+		{math.MaxInt64, 1, 0}, {1, math.MaxInt64, 0}, {math.MaxInt64 - 1, math.MaxInt64, 0},
+	} {
+		if got := SeqGap(c.prev, c.next); got != c.want {
+			t.Errorf("SeqGap(%d, %d) = %d, want %d", c.prev, c.next, got, c.want)
+		}
+	}
+	l := newLatest(HealthRecord{Seq: math.MaxInt64})
+	l.merge(HealthRecord{Seq: 1})
+	l.merge(HealthRecord{Seq: 3})
+	if l.Gaps != 1 || l.Seq != 3 || l.FirstSeq != math.MaxInt64 {
+		t.Errorf("run from MaxInt64: %+v, want 1 gap (2 missing), seq 3", l)
 	}
 }

@@ -21,12 +21,35 @@ func newLatest(r HealthRecord) *LatestHealth {
 }
 
 // merge makes r, the locker's next message, the newest of l. A sequence
-// number that does not follow (a reboot starts again at 1) counts no gap.
+// number that does not follow (a reboot starts again at 1) counts no gap,
+// nor one after a message without seq (0: unknown), nor a leap of more
+// than MaxSeqGap (a counter that jumped, not messages lost), as the store
+// counts them against the stored latest.
 func (l *LatestHealth) merge(r HealthRecord) {
-	if r.Seq > l.Seq+1 {
-		l.Gaps += r.Seq - l.Seq - 1
-	}
+	l.Gaps = min(l.Gaps+SeqGap(l.Seq, r.Seq), maxRunGaps)
 	l.HealthRecord = r
+}
+
+// MaxSeqGap is the largest leap of a locker's health seq counted as
+// messages lost: at one a minute, about two years of them. Seqs are never
+// negative (protocol.Health), so no difference of two overflows.
+const MaxSeqGap = 1_000_000
+
+// maxRunGaps bounds the gaps one run of held messages adds: the stored
+// count cannot overflow (postgres adds at most this to at most 2^62).
+const maxRunGaps = 1 << 40
+
+// SeqGap is how many messages were lost between a locker's health seq
+// prev and its next, next: none unless prev is known (not 0) and next
+// leaps ahead of it by 2 to MaxSeqGap+1.
+func SeqGap(prev, next int64) int64 {
+	if prev <= 0 || next <= prev {
+		return 0
+	}
+	if gap := next - prev - 1; gap <= MaxSeqGap {
+		return gap
+	}
+	return 0
 }
 
 // LatestOf returns each locker's latest health in recs, which are in the

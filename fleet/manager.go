@@ -807,7 +807,7 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	default:
 		latest = LatestOf(recs)
 	}
-	if err := m.retry(ctx, "insert_health", func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) }); err != nil {
+	if err := w.store(ctx, "insert_health", recs, latest); err != nil {
 		m.log.Error("health batch lost", "n", len(recs), "err", err)
 		return
 	}
@@ -816,6 +816,42 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 	for i := range recs {
 		m.syncDoorFaults(ctx, recs[i].DeviceID, faults[i], recs[i].ReceivedAt)
 	}
+}
+
+// store writes health rows recs and latest health latest (op names the
+// write in metrics and logs). A batch the database refuses for one of its
+// values (ErrInvalid: the same write fails every time) would otherwise hold
+// up every locker's health behind it: it is split, the rows from the
+// latest health and then in halves, until what is refused is alone. A
+// refused row is dropped and counted as invalid, a refused latest health
+// logged (its rows are stored); the rest is stored.
+func (w *healthWriter) store(ctx context.Context, op string, recs []HealthRecord, latest []LatestHealth) error {
+	m := w.m
+	err := m.retry(ctx, op, func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) })
+	if !errors.Is(err, ErrInvalid) {
+		return err
+	}
+	halves := func(a, b func() error) error {
+		if err := a(); err != nil {
+			return err
+		}
+		return b()
+	}
+	switch {
+	case len(recs) > 0 && len(latest) > 0:
+		return halves(func() error { return w.store(ctx, op, recs, nil) }, func() error { return w.store(ctx, op, nil, latest) })
+	case len(recs) > 1:
+		h := len(recs) / 2
+		return halves(func() error { return w.store(ctx, op, recs[:h], nil) }, func() error { return w.store(ctx, op, recs[h:], nil) })
+	case len(latest) > 1:
+		h := len(latest) / 2
+		return halves(func() error { return w.store(ctx, op, nil, latest[:h]) }, func() error { return w.store(ctx, op, nil, latest[h:]) })
+	case len(recs) == 1:
+		m.dropInvalid(protocol.ChanHealth, recs[0].DeviceID, err)
+	default:
+		m.log.Warn("latest health refused by the database; the locker's health rows are stored", "locker", latest[0].DeviceID, "err", err)
+	}
+	return nil
 }
 
 // tick writes the latest health held back whose time has come, or all of
@@ -830,7 +866,7 @@ func (w *healthWriter) tick(ctx context.Context, final bool) {
 	if len(latest) == 0 {
 		return
 	}
-	if err := w.m.retry(ctx, "latest_health", func(ctx context.Context) error { return w.m.store.InsertHealth(ctx, nil, latest) }); err != nil {
+	if err := w.store(ctx, "latest_health", nil, latest); err != nil {
 		// Only the devices row's copy is behind; every health row is stored.
 		w.m.log.Warn("latest health not updated", "lockers", len(latest), "err", err)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"strings"
@@ -554,6 +555,20 @@ func TestIngest(t *testing.T) {
 		if err != nil || len(hs) != 6 {
 			t.Fatalf("list: %d %v", len(hs), err)
 		}
+		// Whatever seqs a locker sends, no sum overflows (a seq of 2^63-1
+		// followed by another was 'bigint out of range' on every retry,
+		// holding up every locker's health), and a leap past
+		// fleet.MaxSeqGap is a counter that jumped, not messages lost.
+		at := now.Add(time.Second)
+		for _, c := range []struct{ seq, gaps int64 }{
+			{math.MaxInt64, 4}, {1, 4}, {3, 5}, {3 + fleet.MaxSeqGap + 1, 5 + fleet.MaxSeqGap}, {3 + 2*fleet.MaxSeqGap + 3, 5 + fleet.MaxSeqGap},
+		} {
+			at = at.Add(time.Millisecond)
+			one := []fleet.HealthRecord{{DeviceID: id, ReceivedAt: at, TS: at, Seq: c.seq,
+				Body: json.RawMessage(fmt.Sprintf(`{"ts":"2026-01-01T00:00:00.000Z","seq":%d}`, c.seq))}}
+			insert(one, fleet.LatestOf(one))
+			check(c.seq, c.gaps)
+		}
 	})
 	t.Run("PagingWithTies", func(t *testing.T) {
 		// Five rows in one microsecond: pages of two see each exactly once.
@@ -678,14 +693,14 @@ func TestIngest(t *testing.T) {
 		closed0 := stat.NewConnsCount() - int64(stat.TotalConns())
 		// The COPY fails: its bad row takes the good one with it.
 		badRow := []fleet.HealthRecord{rec(3, `{"seq":3}`), rec(4, `{`)}
-		if err := db.InsertHealth(ctx, badRow, fleet.LatestOf(badRow[:1])); err == nil || !strings.Contains(err.Error(), "copy health") {
+		if err := db.InsertHealth(ctx, badRow, fleet.LatestOf(badRow[:1])); !errors.Is(err, fleet.ErrInvalid) || !strings.Contains(err.Error(), "copy health") {
 			t.Fatalf("bad row: got %v, want a copy health error", err)
 		}
 		// The UPDATE fails after the COPY succeeded: the rows go too.
 		rows := []fleet.HealthRecord{rec(5, `{"seq":5}`)}
 		badLatest := fleet.LatestOf(rows)
 		badLatest[0].Body = json.RawMessage(`nope`)
-		if err := db.InsertHealth(ctx, rows, badLatest); err == nil || !strings.Contains(err.Error(), "update latest health") {
+		if err := db.InsertHealth(ctx, rows, badLatest); !errors.Is(err, fleet.ErrInvalid) || !strings.Contains(err.Error(), "update latest health") {
 			t.Fatalf("bad latest: got %v, want an update latest health error", err)
 		}
 		if n, seq := count(), latestSeq(); n != 2 || seq != 2 {

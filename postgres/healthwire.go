@@ -59,7 +59,9 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 // updateLatestSQL writes the latest health of lockers. Never older than
 // what is stored: with several writers or gateway instances, a later batch
 // can carry an earlier message. Gaps are those inside the run plus any
-// before its first message.
+// before its first message, counted as fleet.SeqGap does (1000000 is
+// fleet.MaxSeqGap); no sum overflows, whatever seqs a locker sends (each
+// is 0 to 2^63-1, the run's gaps at most 2^40).
 //
 // "d.id = ANY($1)" repeats the join condition for the planner: it makes
 // the batch's lockers an index condition on devices. Without it, a batch
@@ -73,8 +75,8 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 const updateLatestSQL = `
 	WITH ` + lockDevicesCTE + `
 	UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
-		health_gaps = d.health_gaps + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq + 1
-			THEN u.first - d.health_seq - 1 ELSE 0 END,
+		health_gaps = least(d.health_gaps, 4611686018427387904) + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq
+			AND u.first - d.health_seq - 1 <= 1000000 THEN u.first - d.health_seq - 1 ELSE 0 END,
 		health_seq = u.seq
 	FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
 		AS u(id, body, at, seq, first, gaps) JOIN locked l ON l.id = u.id

@@ -269,7 +269,9 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, late
 		return err
 	}
 	defer conn.Release() // one left broken or in a transaction is closed, not reused
-	return writeHealth(ctx, conn.Conn().PgConn(), batch, latest)
+	// A value PostgreSQL refuses fails the batch every time: ErrInvalid,
+	// which the fleet's health writer splits the batch on.
+	return dataError(writeHealth(ctx, conn.Conn().PgConn(), batch, latest))
 }
 
 // InsertEvents implements fleet.Store.
