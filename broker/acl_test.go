@@ -43,6 +43,7 @@ func TestDeviceACL(t *testing.T) {
 				t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
 			}
 		}
+		a.nextNoJob(t) // it has no firmware job (TestNoJobToNewSubscriber)
 	})
 
 	t.Run("ForbiddenPublish", func(t *testing.T) {
@@ -98,6 +99,8 @@ func TestOwnUplinkEcho(t *testing.T) {
 			t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
 		}
 	}
+	a.nextNoJob(t) // fw/+
+	a.nextNoJob(t) // #
 	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"from":"A"}`))
 	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/health" || string(m.Payload()) != `{"from":"A"}` {
 		t.Errorf("A got %s %s, want its own health back", m.Topic(), m.Payload())
@@ -336,5 +339,54 @@ func TestEchoEndsWithTheSession(t *testing.T) {
 		if m.Topic() == "lockers/v1/A/health" {
 			break
 		}
+	}
+}
+
+// nextNoJob fails unless c's next message is the empty fw/job of device A
+// that says it has no firmware job.
+func (c *client) nextNoJob(t *testing.T) {
+	t.Helper()
+	if m := c.nextMessage(t); m.Topic() != "lockers/v1/A/fw/job" || len(m.Payload()) != 0 || m.Retained() {
+		t.Fatalf("got %s %q (retained %v), want an empty fw/job", m.Topic(), m.Payload(), m.Retained())
+	}
+}
+
+// TestNoJobToNewSubscriber: a device that subscribes to its fw/job with no
+// job retained for it hears "none", an empty message, which the broker
+// sends to it alone (the gateway's own subscriptions hear nothing); with a
+// job retained it gets the job and no "none".
+func TestNoJobToNewSubscriber(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/#")
+	a := h.mustDialDevice(t, "A")
+	if got := a.subscribeResult(t, "lockers/v1/A/fw/job", 1); got != 1 {
+		t.Fatalf("SUBACK %#x, want 1", got)
+	}
+	a.nextNoJob(t)
+	if err := h.b.Publish(t.Context(), "lockers/v1/A/fw/job", []byte(`{"job":"j-1"}`), 1, true); err != nil {
+		t.Fatal(err)
+	}
+	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` {
+		t.Fatalf("got %s %q, want the job", m.Topic(), m.Payload())
+	}
+	// Subscribed again: the retained job, then the command published after
+	// it, and no "none" between or before them.
+	if got := a.subscribeResult(t, "lockers/v1/A/fw/job", 1); got != 1 {
+		t.Fatalf("SUBACK %#x, want 1", got)
+	}
+	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` || !m.Retained() {
+		t.Fatalf("got %s %q (retained %v), want the retained job", m.Topic(), m.Payload(), m.Retained())
+	}
+	if got := a.subscribeResult(t, "lockers/v1/A/cmd", 1); got != 1 {
+		t.Fatalf("SUBACK %#x, want 1", got)
+	}
+	if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-1"}`), 1, false); err != nil {
+		t.Fatal(err)
+	}
+	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/cmd" {
+		t.Fatalf("got %s %q, want the command", m.Topic(), m.Payload())
+	}
+	if got := seen.get(); len(got) != 2 || string(got[0].Payload) != `{"job":"j-1"}` || got[1].Topic != "lockers/v1/A/cmd" {
+		t.Fatalf("the gateway's subscription saw %v, want only its own two publishes", got)
 	}
 }

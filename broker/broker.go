@@ -113,8 +113,10 @@ const (
 	closeGrace           = 2 * time.Second  // Close force-closes connections still open after this
 )
 
-// ErrClosed is returned by operations on a closed Broker.
-var ErrClosed = errors.New("broker closed")
+// ErrClosed is returned by operations on a closed Broker. It is a
+// fleet.ErrBusGone: the fleet manager does not retry what it publishes
+// after the broker closed.
+var ErrClosed = fmt.Errorf("broker closed (%w)", fleet.ErrBusGone)
 
 // Broker is the embedded MQTT broker.
 type Broker struct {
@@ -148,6 +150,10 @@ type Broker struct {
 	provCallTimeout time.Duration // provisionCallTimeout (tests shorten it)
 	authSem         chan struct{} // bounds backend credential checks (a connect storm)
 	provWG          sync.WaitGroup
+
+	// fwJobMu orders the publishes of a device's fw/job (striped by device
+	// id) with the "no job" sent to a new subscriber of it (fwJobNone).
+	fwJobMu [64]sync.Mutex
 
 	subID atomic.Int64
 	subMu sync.Mutex                  // serialises Subscribe's updates of subs
@@ -430,10 +436,47 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 	if topic == "" || !mqtt.IsValidFilter(topic, true) {
 		return fmt.Errorf("publish %q: invalid topic name", topic)
 	}
+	if id, ch, ok := protocol.ParseTopic(topic); ok && ch == protocol.ChanFwJob {
+		mu := b.fwJobLock(id)
+		mu.Lock()
+		defer mu.Unlock()
+	}
 	if err := b.server.Publish(topic, payload, retain, qos); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
 	}
 	return nil
+}
+
+// fwJobLock is the lock that orders device id's fw/job publishes.
+func (b *Broker) fwJobLock(id string) *sync.Mutex {
+	h := uint32(2166136261) // FNV-1a
+	for i := 0; i < len(id); i++ {
+		h = (h ^ uint32(id[i])) * 16777619
+	}
+	return &b.fwJobMu[h%uint32(len(b.fwJobMu))]
+}
+
+// fwJobNone tells a device that subscribed to its fw/job topic that it has
+// no job, when the broker holds none for it. "None" is an empty retained
+// payload (protocol), which a broker does not keep, so a device that
+// subscribes after the gateway published it (its connect's state went out
+// before its SUBSCRIBE was read) would otherwise hear nothing. Under the
+// topic's lock, a job published meanwhile is either retained before the
+// look (nothing is sent) or published after the empty message (the device
+// hears none, then the job).
+func (b *Broker) fwJobNone(cl *mqtt.Client, id string) {
+	topic := protocol.Topic(id, protocol.ChanFwJob)
+	mu := b.fwJobLock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	if cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
+		return
+	}
+	// To this session alone (mochi patch 20): the gateway's own
+	// subscriptions hear only what it publishes.
+	if err := b.server.PublishToClient(cl, topic, nil, 1); err != nil {
+		b.log.Debug("no-job message not sent to a new fw/job subscriber", "locker", id, "err", err)
+	}
 }
 
 // Subscribe delivers every message matching filter to h, including the

@@ -304,8 +304,9 @@ func (b *Broker) noteBirth(cl *mqtt.Client, topic string) {
 }
 
 // subscribed follows a device's granted subscriptions: one to its own
-// device-to-gateway topics turns on the echo of its messages (echoOn), and
-// the first one covering its cmd topic after its birth is reported to a
+// device-to-gateway topics turns on the echo of its messages (echoOn), one
+// covering its fw/job topic gets "no job" when there is none (fwJobNone),
+// and the first one covering its cmd topic after its birth is reported to a
 // LateSubscribeObserver (once per session: a device that subscribes again
 // and again does not make the fleet manager reread its commands each time).
 func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
@@ -317,8 +318,8 @@ func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
 	if s == nil {
 		return
 	}
-	cmd := protocol.Topic(id, protocol.ChanCmd)
-	late := false
+	cmd, fwJob := protocol.Topic(id, protocol.ChanCmd), protocol.Topic(id, protocol.ChanFwJob)
+	late, job := false, false
 	for i, f := range pk.Filters {
 		if i >= len(codes) || codes[i] >= packets.ErrUnspecifiedError.Code {
 			continue
@@ -327,6 +328,12 @@ func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
 			b.echoOn(s)
 		}
 		late = late || protocol.TopicMatches(f.Filter, cmd)
+		job = job || protocol.TopicMatches(f.Filter, fwJob)
+	}
+	if job {
+		// After mochi has sent the SUBACK and any retained job (this hook
+		// runs before both), on the subscription's own goroutine no more.
+		go b.fwJobNone(cl, id)
 	}
 	if late && s.born.Load() && s.resent.CompareAndSwap(false, true) {
 		if obs, ok := b.opts.Observer.(LateSubscribeObserver); ok {

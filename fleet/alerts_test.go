@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -199,6 +200,40 @@ func TestRetainedStateOutlastsDatabaseErrors(t *testing.T) {
 	c, err := protocol.Decode[protocol.Config](config)
 	if err != nil || c.Version != 7 {
 		t.Fatalf("config %s (%v), want version 7", config, err)
+	}
+}
+
+// goneBus answers every publish as a closed broker does.
+type goneBus struct {
+	fakeBus
+	calls int
+}
+
+func (b *goneBus) Publish(context.Context, string, []byte, byte, bool) error {
+	b.calls++
+	return fmt.Errorf("broker closed (%w)", ErrBusGone)
+}
+
+// TestPublishToClosedBusNotRetried: once the bus is closed for good
+// (ErrBusGone), a locker's retained state is not retried (a stop waited
+// out its drain timeout retrying such publishes, logging each at ERROR),
+// and it says so at INFO.
+func TestPublishToClosedBusNotRetried(t *testing.T) {
+	st := &retainedStore{fakeStore: newFakeStore()}
+	bus := &goneBus{}
+	logs := &testtool.LockedBuffer{}
+	m, err := New(Options{Store: st, Bus: bus, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second) // retried: it ends there
+	defer cancel()
+	m.syncDevice(ctx, "lk-1")
+	if bus.calls != 1 || st.calls != 1 {
+		t.Fatalf("%d publishes, %d reads; want one of each", bus.calls, st.calls)
+	}
+	if out := logs.String(); strings.Contains(out, "level=ERROR") || !strings.Contains(out, "retained state not published: the broker has closed") {
+		t.Fatalf("log:\n%s", out)
 	}
 }
 

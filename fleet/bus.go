@@ -47,6 +47,12 @@ type RetainedReader interface {
 	Retained(ctx context.Context, topic string) ([]byte, error)
 }
 
+// ErrBusGone is what a Bus's Publish answers (wrapped) once the bus is
+// closed for good: nothing published then reaches anyone, so the fleet
+// manager does not retry it (a locker's retained state goes out again when
+// it next connects).
+var ErrBusGone = errors.New("the bus is closed for publishing")
+
 // ErrBusClosed is a RetainedReader's answer once its bus can no longer
 // acknowledge the messages it delivered, and the broker keeps them for this
 // instance's next run (a persistent session): a message judged by the read

@@ -749,7 +749,7 @@ func (m *Manager) retry(ctx context.Context, op string, f func(context.Context) 
 		start := time.Now()
 		err := f(ctx)
 		m.m.dbWrite.WithLabelValues(op).Observe(time.Since(start).Seconds())
-		if err == nil || errors.Is(err, ErrInvalid) || errors.Is(err, ErrNotFound) {
+		if err == nil || errors.Is(err, ErrInvalid) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrBusGone) {
 			return err
 		}
 		if ctx.Err() != nil { // cut short by the caller, not a failure
@@ -1575,7 +1575,11 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 // (backing off, as the control shard's other writes are) until it passes
 // or the manager stops, not only logged.
 func (m *Manager) syncDevice(ctx context.Context, id string) {
-	if err := m.retry(ctx, "publish_retained", func(ctx context.Context) error { return m.PublishRetained(ctx, id) }); err != nil {
+	err := m.retry(ctx, "publish_retained", func(ctx context.Context) error { return m.PublishRetained(ctx, id) })
+	switch {
+	case errors.Is(err, ErrBusGone):
+		m.log.Info("retained state not published: the broker has closed; it goes out when the locker next connects", "locker", id)
+	case err != nil:
 		m.log.Error("publish retained state", "locker", id, "err", err)
 	}
 }

@@ -929,6 +929,24 @@ func (s *Server) Publish(topic string, payload []byte, retain bool, qos byte) er
 	})
 }
 
+// PublishToClient sends a message from the inline client to client cl alone,
+// as if it matched a subscription of cl at qos: no other subscriber of the
+// topic gets it, and it is not retained. Lockergate patch 20.
+func (s *Server) PublishToClient(cl *Client, topic string, payload []byte, qos byte) error {
+	if !s.Options.InlineClient {
+		return ErrInlineClientNotEnabled
+	}
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
+		TopicName:   topic,
+		Payload:     payload,
+		Origin:      s.inlineClient.ID,
+		Created:     time.Now().Unix(),
+	}
+	_, err := s.publishToClient(cl, packets.Subscription{Filter: topic, Qos: qos}, pk)
+	return err
+}
+
 // Subscribe adds an inline subscription for the specified topic filter and subscription identifier
 // with the provided handler function.
 func (s *Server) Subscribe(filter string, subscriptionId int, handler InlineSubFn) error {
