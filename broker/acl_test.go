@@ -198,6 +198,31 @@ func TestMQTT5ACL(t *testing.T) {
 	}
 }
 
+// TestWildcardPublishClosesTheConnection: a topic name with + or # in a
+// PUBLISH is a protocol error (MQTT-3.3.2-2), not a refused publish: the
+// connection is closed, over 3.1.1 and 5 alike, and counted.
+func TestWildcardPublishClosesTheConnection(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	seen := h.subscribe(t, "lockers/#")
+	for i, v := range []byte{4, 5} {
+		r := dialRaw(t, h.addr, v)
+		if ack := r.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
+			t.Fatalf("MQTT %d: CONNACK %#x", v, ack.ReasonCode)
+		}
+		r.publish([]string{"lockers/v1/+/events", "lockers/v1/A/#"}[i], 1, []byte(`{}`))
+		if v == 5 {
+			if pk := r.mustRead(packets.Disconnect); pk.ReasonCode != packets.ErrProtocolViolationSurplusWildcard.Code {
+				t.Errorf("MQTT 5: DISCONNECT %#x, want %#x", pk.ReasonCode, packets.ErrProtocolViolationSurplusWildcard.Code)
+			}
+		}
+		r.waitClosed()
+		h.waitMetric(t, "lockergate_mqtt_disconnects_total", "reason", ReasonProtocolError, float64(i+1))
+	}
+	if got := seen.topics(); len(got) != 0 {
+		t.Errorf("the gateway saw %v, want nothing", got)
+	}
+}
+
 // TestClaimACL is the topic half of the attack suite for a claim session.
 func TestClaimACL(t *testing.T) {
 	h := newHarness(t, nil, nil)
