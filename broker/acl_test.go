@@ -43,7 +43,6 @@ func TestDeviceACL(t *testing.T) {
 				t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
 			}
 		}
-		a.nextNoJob(t) // it has no firmware job (TestNoJobToNewSubscriber)
 	})
 
 	t.Run("ForbiddenPublish", func(t *testing.T) {
@@ -99,8 +98,6 @@ func TestOwnUplinkEcho(t *testing.T) {
 			t.Errorf("subscribe %q: SUBACK %#x, want 1", f, got)
 		}
 	}
-	a.nextNoJob(t) // fw/+
-	a.nextNoJob(t) // #
 	a.mustPublish(t, "lockers/v1/A/health", 1, []byte(`{"from":"A"}`))
 	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/health" || string(m.Payload()) != `{"from":"A"}` {
 		t.Errorf("A got %s %s, want its own health back", m.Topic(), m.Payload())
@@ -376,42 +373,62 @@ func (c *client) nextNoJob(t *testing.T) {
 	}
 }
 
-// TestNoJobToNewSubscriber: a device that subscribes to its fw/job with no
-// job retained for it hears "none", an empty message, which the broker
-// sends to it alone (the gateway's own subscriptions hear nothing); with a
-// job retained it gets the job and no "none".
+// TestNoJobToNewSubscriber: a device that subscribes to its fw/job after
+// the gateway published "none" (an empty retained payload, which the broker
+// does not keep) in its session hears "none" from the broker, to it alone
+// (the gateway's own subscriptions hear nothing); one that subscribed
+// before hears the gateway's; with a job retained it gets the job and no
+// "none".
 func TestNoJobToNewSubscriber(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	seen := h.subscribe(t, "lockers/#")
 	a := h.mustDialDevice(t, "A")
-	if got := a.subscribeResult(t, "lockers/v1/A/fw/job", 1); got != 1 {
-		t.Fatalf("SUBACK %#x, want 1", got)
+	publish := func(topic, payload string, retain bool) {
+		t.Helper()
+		if err := h.b.Publish(t.Context(), topic, []byte(payload), 1, retain); err != nil {
+			t.Fatal(err)
+		}
 	}
+	subscribe := func(filter string) {
+		t.Helper()
+		if got := a.subscribeResult(t, filter, 1); got != 1 {
+			t.Fatalf("subscribe %s: SUBACK %#x, want 1", filter, got)
+		}
+	}
+	subscribe("lockers/v1/A/cmd")
+	// Subscribed before the gateway's "none": that one reaches it, and
+	// the command after it comes next (no second "none").
+	subscribe("lockers/v1/A/fw/job")
+	publish("lockers/v1/A/fw/job", "", true)
 	a.nextNoJob(t)
-	if err := h.b.Publish(t.Context(), "lockers/v1/A/fw/job", []byte(`{"job":"j-1"}`), 1, true); err != nil {
-		t.Fatal(err)
-	}
-	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` {
-		t.Fatalf("got %s %q, want the job", m.Topic(), m.Payload())
-	}
-	// Subscribed again: the retained job, then the command published after
-	// it, and no "none" between or before them.
-	if got := a.subscribeResult(t, "lockers/v1/A/fw/job", 1); got != 1 {
-		t.Fatalf("SUBACK %#x, want 1", got)
-	}
-	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` || !m.Retained() {
-		t.Fatalf("got %s %q (retained %v), want the retained job", m.Topic(), m.Payload(), m.Retained())
-	}
-	if got := a.subscribeResult(t, "lockers/v1/A/cmd", 1); got != 1 {
-		t.Fatalf("SUBACK %#x, want 1", got)
-	}
-	if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-1"}`), 1, false); err != nil {
-		t.Fatal(err)
-	}
+	publish("lockers/v1/A/cmd", `{"id":"c-1"}`, false)
 	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/cmd" {
 		t.Fatalf("got %s %q, want the command", m.Topic(), m.Payload())
 	}
-	if got := seen.get(); len(got) != 2 || string(got[0].Payload) != `{"job":"j-1"}` || got[1].Topic != "lockers/v1/A/cmd" {
-		t.Fatalf("the gateway's subscription saw %v, want only its own two publishes", got)
+	// Subscribed after it (again, or a locker whose SUBSCRIBE came late):
+	// the broker's "none".
+	subscribe("lockers/v1/A/fw/job")
+	a.nextNoJob(t)
+	// A job retained: the job, and on a new subscription the job again,
+	// then the command published after it, no "none".
+	publish("lockers/v1/A/fw/job", `{"job":"j-1"}`, true)
+	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` {
+		t.Fatalf("got %s %q, want the job", m.Topic(), m.Payload())
+	}
+	subscribe("lockers/v1/A/fw/job")
+	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` || !m.Retained() {
+		t.Fatalf("got %s %q (retained %v), want the retained job", m.Topic(), m.Payload(), m.Retained())
+	}
+	publish("lockers/v1/A/cmd", `{"id":"c-2"}`, false)
+	if m := a.nextMessage(t); m.Topic() != "lockers/v1/A/cmd" {
+		t.Fatalf("got %s %q, want the command", m.Topic(), m.Payload())
+	}
+	for _, m := range seen.get() {
+		if m.Topic == "lockers/v1/A/fw/job" && len(m.Payload) == 0 && !m.Retain {
+			t.Fatalf("the gateway's subscription heard the broker's 'none': %v", seen.get())
+		}
+	}
+	if got := len(seen.get()); got != 4 {
+		t.Fatalf("the gateway's subscription saw %v, want its own four publishes", seen.get())
 	}
 }

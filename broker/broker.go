@@ -440,6 +440,13 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 		mu := b.fwJobLock(id)
 		mu.Lock()
 		defer mu.Unlock()
+		if len(payload) == 0 {
+			b.presMu.Lock()
+			if s := b.presence[id]; s != nil {
+				s.noJobOut.Store(true)
+			}
+			b.presMu.Unlock()
+		}
 	}
 	if err := b.server.Publish(topic, payload, retain, qos); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
@@ -456,25 +463,31 @@ func (b *Broker) fwJobLock(id string) *sync.Mutex {
 	return &b.fwJobMu[h%uint32(len(b.fwJobMu))]
 }
 
-// fwJobNone tells a device that subscribed to its fw/job topic that it has
-// no job, when the broker holds none for it. "None" is an empty retained
-// payload (protocol), which a broker does not keep, so a device that
-// subscribes after the gateway published it (its connect's state went out
-// before its SUBSCRIBE was read) would otherwise hear nothing. Under the
-// topic's lock, a job published meanwhile is either retained before the
-// look (nothing is sent) or published after the empty message (the device
-// hears none, then the job).
-func (b *Broker) fwJobNone(cl *mqtt.Client, id string) {
+// fwJobNone tells device session s, which subscribed to its fw/job topic,
+// that it has no job, when the broker holds none for it and the gateway
+// has already published "none" in this session. "None" is an empty
+// retained payload (protocol), which a broker does not keep, so a device
+// that subscribes after the gateway published it (its connect's state went
+// out before its SUBSCRIBE was read) would otherwise hear nothing; one that
+// subscribed before hears the gateway's own. Under the topic's lock, a job
+// published meanwhile is either retained before the look (nothing is sent)
+// or published after the empty message (the device hears none, then the
+// job).
+func (b *Broker) fwJobNone(s *session) {
+	cl, id := s.cl, s.id
 	topic := protocol.Topic(id, protocol.ChanFwJob)
 	mu := b.fwJobLock(id)
 	mu.Lock()
 	defer mu.Unlock()
-	if cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
+	if !s.noJobOut.Load() || cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
 		return
 	}
 	// To this session alone (mochi patch 20): the gateway's own
-	// subscriptions hear only what it publishes.
-	if err := b.server.PublishToClient(cl, topic, nil, 1); err != nil {
+	// subscriptions hear only what it publishes. At QoS 0: never above
+	// the QoS the device subscribed at, and never kept in its inflight
+	// messages (resent after a resume, it could come after a job); lost
+	// with the connection, it is sent again at the next SUBSCRIBE.
+	if err := b.server.PublishToClient(cl, topic, nil, 0); err != nil {
 		b.log.Debug("no-job message not sent to a new fw/job subscriber", "locker", id, "err", err)
 	}
 }

@@ -156,8 +156,9 @@ func (h *hook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet,
 		h.b.provisionAnswerAcked(cl, pk)
 	case t == packets.Publish && !cl.Net.Inline && pk.TopicName != "" && !mqtt.IsValidFilter(pk.TopicName, true):
 		// mochi refuses a client's publish to $SYS (acknowledged like any
-		// refused publish) and drops one to a name with wildcards before
-		// asking the ACL: counted and logged like the others.
+		// refused publish) before asking the ACL, and closes the
+		// connection of one to a name with wildcards (a protocol error):
+		// counted and logged like the others.
 		h.b.denied(cl, pk.TopicName, true)
 	}
 	return pk, nil
@@ -330,10 +331,10 @@ func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
 		late = late || protocol.TopicMatches(f.Filter, cmd)
 		job = job || protocol.TopicMatches(f.Filter, fwJob)
 	}
-	if job {
-		// After mochi has sent the SUBACK and any retained job (this hook
-		// runs before both), on the subscription's own goroutine no more.
-		go b.fwJobNone(cl, id)
+	if job && s.noJobOut.Load() {
+		// Off the client's goroutine; it may go out before mochi's SUBACK
+		// (this hook runs before it), which MQTT allows (3.8.4).
+		go b.fwJobNone(s)
 	}
 	if late && s.born.Load() && s.resent.CompareAndSwap(false, true) {
 		if obs, ok := b.opts.Observer.(LateSubscribeObserver); ok {
