@@ -193,3 +193,30 @@ func TestSeqGap(t *testing.T) {
 		t.Errorf("run from MaxInt64: %+v, want 1 gap (2 missing), seq 3", l)
 	}
 }
+
+// TestEveryHealthRecordRefused: when the database refuses every record of
+// a batch, the fault is the gateway's or the schema's (an overflow in its
+// SQL, say), not the lockers': the batch is an error, logged as lost, and
+// nothing is dropped as the lockers' invalid messages or acknowledged.
+func TestEveryHealthRecordRefused(t *testing.T) {
+	st := &healthStore{fakeStore: newFakeStore(), err: fmt.Errorf("bigint out of range: %w", ErrInvalid)}
+	logs := &testtool.LockedBuffer{}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, LatestHealthEvery: -1, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acked := 0
+	var batch []inbound
+	for _, id := range []string{"lk-1", "lk-2", "lk-3"} {
+		for _, in := range healthIn(id, 1, 2) {
+			in.ack = func() { acked++ }
+			batch = append(batch, in)
+		}
+	}
+	(&healthWriter{m: m}).write(context.Background(), batch)
+	out := logs.String()
+	if acked != 0 || strings.Contains(out, "dropped device message") || !strings.Contains(out, "health batch lost") ||
+		!strings.Contains(out, "every one of the batch's 9 records refused") {
+		t.Fatalf("acknowledged %d; log:\n%s", acked, out)
+	}
+}

@@ -824,11 +824,34 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 // up every locker's health behind it: it is split, the rows from the
 // latest health and then in halves, until what is refused is alone. A
 // refused row is dropped and counted as invalid, a refused latest health
-// logged (its rows are stored); the rest is stored.
+// logged (its rows are stored); the rest is stored. When every record of a
+// batch of several is refused, the fault is the gateway's or the schema's,
+// not a locker's: that is an error, and nothing is dropped as invalid.
 func (w *healthWriter) store(ctx context.Context, op string, recs []HealthRecord, latest []LatestHealth) error {
+	var refused []error
+	err := w.split(ctx, op, recs, latest, &refused)
+	if n := len(recs) + len(latest); err == nil && n > 1 && !slices.Contains(refused, nil) {
+		return fmt.Errorf("every one of the batch's %d records refused: %w", n, refused[0])
+	}
+	if err != nil {
+		return err
+	}
+	w.dropRefused(recs, latest, refused)
+	return nil
+}
+
+// split writes recs and latest, halving what the database refuses until
+// each refused record is alone; refused gets its error (nil for each
+// record stored), in the order of recs then latest.
+func (w *healthWriter) split(ctx context.Context, op string, recs []HealthRecord, latest []LatestHealth, refused *[]error) error {
 	m := w.m
 	err := m.retry(ctx, op, func(ctx context.Context) error { return m.store.InsertHealth(ctx, recs, latest) })
 	if !errors.Is(err, ErrInvalid) {
+		if err == nil {
+			for range len(recs) + len(latest) {
+				*refused = append(*refused, nil)
+			}
+		}
 		return err
 	}
 	halves := func(a, b func() error) error {
@@ -839,19 +862,30 @@ func (w *healthWriter) store(ctx context.Context, op string, recs []HealthRecord
 	}
 	switch {
 	case len(recs) > 0 && len(latest) > 0:
-		return halves(func() error { return w.store(ctx, op, recs, nil) }, func() error { return w.store(ctx, op, nil, latest) })
+		return halves(func() error { return w.split(ctx, op, recs, nil, refused) }, func() error { return w.split(ctx, op, nil, latest, refused) })
 	case len(recs) > 1:
 		h := len(recs) / 2
-		return halves(func() error { return w.store(ctx, op, recs[:h], nil) }, func() error { return w.store(ctx, op, recs[h:], nil) })
+		return halves(func() error { return w.split(ctx, op, recs[:h], nil, refused) }, func() error { return w.split(ctx, op, recs[h:], nil, refused) })
 	case len(latest) > 1:
 		h := len(latest) / 2
-		return halves(func() error { return w.store(ctx, op, nil, latest[:h]) }, func() error { return w.store(ctx, op, nil, latest[h:]) })
-	case len(recs) == 1:
-		m.dropInvalid(protocol.ChanHealth, recs[0].DeviceID, err)
-	default:
-		m.log.Warn("latest health refused by the database; the locker's health rows are stored", "locker", latest[0].DeviceID, "err", err)
+		return halves(func() error { return w.split(ctx, op, nil, latest[:h], refused) }, func() error { return w.split(ctx, op, nil, latest[h:], refused) })
 	}
+	*refused = append(*refused, err)
 	return nil
+}
+
+// dropRefused drops and counts the rows the database refused (refused:
+// split's errors), and logs the refused latest health.
+func (w *healthWriter) dropRefused(recs []HealthRecord, latest []LatestHealth, refused []error) {
+	for i, err := range refused {
+		switch {
+		case err == nil:
+		case i < len(recs):
+			w.m.dropInvalid(protocol.ChanHealth, recs[i].DeviceID, err)
+		default:
+			w.m.log.Warn("latest health refused by the database; the locker's health rows are stored", "locker", latest[i-len(recs)].DeviceID, "err", err)
+		}
+	}
 }
 
 // tick writes the latest health held back whose time has come, or all of

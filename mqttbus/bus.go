@@ -100,6 +100,9 @@ type Bus struct {
 	unacked int           // QoS 1 messages handed out and not acknowledged
 	idle    chan struct{} // closed when unacked drops to 0 (while Close waits)
 	closed  chan struct{} // closed by Close: resubscription loops end
+	// disconnected is set once Close has disconnected: a Publish then is
+	// a fleet.ErrBusGone, which the fleet manager does not retry.
+	disconnected atomic.Bool
 
 	closeOnce sync.Once
 
@@ -195,6 +198,9 @@ func wait(ctx context.Context, t paho.Token, d time.Duration) error {
 
 // Publish implements fleet.Bus.
 func (b *Bus) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
+	if b.disconnected.Load() {
+		return fmt.Errorf("publish %s: the external broker connection is closed (%w)", topic, fleet.ErrBusGone)
+	}
 	return wait(ctx, b.c.Publish(topic, qos, retain, payload), 10*time.Second)
 }
 
@@ -604,6 +610,7 @@ func (b *Bus) close() {
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
 	b.c.Disconnect(250)
+	b.disconnected.Store(true) // publishes before this still went out (retained state the broker keeps)
 	// Nothing delivered can be acknowledged from here on: the reads in
 	// progress end (see Retained for their error), and Close waits for
 	// them; later ones start none.

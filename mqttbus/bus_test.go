@@ -310,6 +310,11 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 		t.Fatalf("%d unacknowledged after Close", n)
 	}
 	a.Close() // again (Gateway.Close after Run): returns, does nothing
+	// Closed and disconnected: a publish is a fleet.ErrBusGone, which the
+	// fleet manager does not retry.
+	if err := a.Publish(ctx, "lockers/v1/L1/cmd", []byte("{}"), 1, false); !errors.Is(err, fleet.ErrBusGone) {
+		t.Fatalf("publish after Close: %v, want a fleet.ErrBusGone", err)
+	}
 	before := rb.count()
 	for i := 100; i < 120; i++ {
 		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
