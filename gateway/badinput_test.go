@@ -113,8 +113,9 @@ func TestUncleanPathsAndRanges(t *testing.T) {
 	for _, rng := range []string{"bytes=99999999-", "bytes=abc"} {
 		resp, p := raw("GET", "/v1/firmware/"+a.ID+"/blob", "", "Range", rng)
 		if resp.StatusCode != http.StatusRequestedRangeNotSatisfiable || resp.Header.Get("Content-Type") != "application/problem+json" ||
-			p["status"] != float64(416) || !strings.Contains(fmt.Sprint(p["detail"]), "cannot be served") {
-			t.Errorf("Range %s: %d %s %v, want a 416 problem", rng, resp.StatusCode, resp.Header.Get("Content-Type"), p)
+			p["status"] != float64(416) || !strings.Contains(fmt.Sprint(p["detail"]), "cannot be served") ||
+			resp.Header.Get("Content-Range") != fmt.Sprintf("bytes */%d", a.Size) {
+			t.Errorf("Range %s: %d %s %v (Content-Range %q), want a 416 problem with the size", rng, resp.StatusCode, resp.Header.Get("Content-Type"), p, resp.Header.Get("Content-Range"))
 		}
 	}
 	if resp, _ := raw("GET", "/v1/firmware/"+a.ID+"/blob", "", "Range", "bytes=0-9"); resp.StatusCode != http.StatusPartialContent {

@@ -220,8 +220,6 @@ func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
 	})
 }
 
-// TestPickupFlow walks one order from staging to picked up, with the
-// platform's webhook receiver failing its first attempts.
 // TestPickupAnswerAsStored: a create's answer says what a read right after
 // it says, for a time given finer than PostgreSQL keeps too.
 func TestPickupAnswerAsStored(t *testing.T) {
@@ -247,6 +245,8 @@ func TestPickupAnswerAsStored(t *testing.T) {
 	}
 }
 
+// TestPickupFlow walks one order from staging to picked up, with the
+// platform's webhook receiver failing its first attempts.
 func TestPickupFlow(t *testing.T) {
 	e := newPickupEnv(t, 2, 3)
 	p := e.create(t, "A-1001", "M", time.Hour)

@@ -162,7 +162,7 @@ func serveImage(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) err
 	w.Header().Set("Content-Type", "application/octet-stream")
 	// A strong validator: If-Range resumes only the same image.
 	w.Header().Set("ETag", `"`+a.SHA256+`"`)
-	cw := &countingWriter{ResponseWriter: w, r: r}
+	cw := &countingWriter{ResponseWriter: w, r: r, size: a.Size}
 	http.ServeContent(cw, r, a.ID+".bin", a.CreatedAt, f)
 	fw.ServedBytes(cw.n)
 	return nil
@@ -175,6 +175,7 @@ func serveImage(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) err
 type countingWriter struct {
 	http.ResponseWriter
 	r       *http.Request
+	size    int64 // the image's
 	n       int64
 	refused bool // the 416 is written; ServeContent's own text is dropped
 }
@@ -185,9 +186,12 @@ func (c *countingWriter) WriteHeader(code int) {
 		return
 	}
 	c.refused = true
-	c.ResponseWriter.Header().Del("X-Content-Type-Options")
-	writeProblem(c.ResponseWriter, code, fmt.Sprintf("Range %q cannot be served from this image (Content-Range: %s): ask for bytes within it, e.g. bytes=0-",
-		c.r.Header.Get("Range"), c.ResponseWriter.Header().Get("Content-Range")))
+	h := c.ResponseWriter.Header()
+	h.Del("X-Content-Type-Options")
+	// ServeContent sets it for a range past the end, not for a malformed one.
+	h.Set("Content-Range", fmt.Sprintf("bytes */%d", c.size))
+	writeProblem(c.ResponseWriter, code, fmt.Sprintf("Range %q cannot be served from this image of %d bytes: ask for bytes within it, e.g. bytes=0-",
+		c.r.Header.Get("Range"), c.size))
 }
 
 func (c *countingWriter) Write(b []byte) (int, error) {

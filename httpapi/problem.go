@@ -177,7 +177,9 @@ func truncateTimes(v reflect.Value) {
 			return
 		}
 		for i := range v.NumField() {
-			if v.Type().Field(i).IsExported() {
+			// An unexported embedded struct's exported fields are filled
+			// by encoding/json too.
+			if f := v.Type().Field(i); f.IsExported() || f.Anonymous {
 				truncateTimes(v.Field(i))
 			}
 		}

@@ -381,7 +381,7 @@ func canonicalJSON(body []byte) []byte {
 	if err := d.Decode(&v); err != nil || d.More() {
 		return body
 	}
-	if _, err := d.Token(); err != io.EOF {
+	if _, err := d.Token(); err != io.EOF || foldedKeys(v) {
 		return body
 	}
 	out, err := json.Marshal(v)
@@ -389,6 +389,34 @@ func canonicalJSON(body []byte) []byte {
 		return body
 	}
 	return out
+}
+
+// foldedKeys reports whether an object in v has two keys equal but for
+// case: encoding/json gives a struct field the last of them in the body's
+// order, which sorting the keys would lose.
+func foldedKeys(v any) bool {
+	switch v := v.(type) {
+	case map[string]any:
+		keys := make([]string, 0, len(v))
+		for k, e := range v {
+			for _, o := range keys {
+				if strings.EqualFold(k, o) {
+					return true
+				}
+			}
+			keys = append(keys, k)
+			if foldedKeys(e) {
+				return true
+			}
+		}
+	case []any:
+		for _, e := range v {
+			if foldedKeys(e) {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // request is what Idempotency-Key compares a repeat by: its route, a hash
