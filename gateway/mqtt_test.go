@@ -94,7 +94,8 @@ func provisionWithin(tb testing.TB, tg *TestGateway, claim, serial string, d tim
 // TestMQTTNearMissPayloads: what common JSON libraries write for the
 // protocol's types (a UTC time without an offset or with a space, a whole
 // number as 7.0) is stored from a real device over MQTT, not dropped; the
-// stored bodies hold integers, and the door event moves the compartment.
+// stored bodies hold integers and RFC 3339 UTC times, and the door event
+// moves the compartment.
 func TestMQTTNearMissPayloads(t *testing.T) {
 	tg := MustStart(t)
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
@@ -126,6 +127,14 @@ func TestMQTTNearMissPayloads(t *testing.T) {
 	}
 	if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1 AND body::text LIKE '%"seq":7,%'`, id.DeviceID); n != 1 {
 		t.Fatal("the health body is not stored with its seq as an integer")
+	}
+	// And their ts as RFC 3339 UTC, what the API and webhooks then show.
+	want := `"ts":"` + protocol.FormatTime(at) + `"`
+	if n := tg.Count(t, `SELECT count(*) FROM health WHERE device_id = $1 AND position($2 in body::text) > 0`, id.DeviceID, want); n != 1 {
+		t.Fatalf("the health body's ts is not stored as %s", want)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND body->>'ts' = $2`, id.DeviceID, protocol.FormatTime(at)); n != 1 {
+		t.Fatalf("the event body's ts is not stored as %s", want)
 	}
 }
 

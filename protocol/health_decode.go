@@ -1,9 +1,11 @@
 package protocol
 
 import (
+	"bytes"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 	"unsafe"
 )
 
@@ -22,9 +24,22 @@ func DecodeHealth(payload []byte) (*Health, error) {
 // written as integers only.
 func DecodeHealthBody(payload []byte) (*Health, []byte, error) {
 	if h := fastHealth(payload); h != nil {
+		// Its ts as the wire format writes it, as lockers do: stored as
+		// sent. Another spelling goes through utcTS (DecodeBody's).
+		if !containsTS(payload, h.TS.Time) {
+			payload = utcTS(payload)
+		}
 		return h, payload, nil
 	}
 	return DecodeBody[Health](payload)
+}
+
+// containsTS reports whether payload holds t as FormatTime writes it, in
+// quotes: the common case, which needs no rewrite (utcTS).
+func containsTS(payload []byte, t time.Time) bool {
+	var b [len(TimeLayout) + 2]byte
+	q := append(t.UTC().AppendFormat(append(b[:0], '"'), TimeLayout), '"')
+	return bytes.Contains(payload, q)
 }
 
 // healthBox holds a Health and what its pointer fields point at, so that a

@@ -140,6 +140,14 @@ func BenchmarkDecodeHealth(b *testing.B) {
 			}
 		}
 	})
+	b.Run("fast-body", func(b *testing.B) { // what ingest calls: the body to store too
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, _, err := DecodeHealthBody(payload); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 	b.Run("encoding-json", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {

@@ -212,7 +212,71 @@ func DecodeBody[T any, PT interface {
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return v, payload, nil
+	return v, utcTS(payload), nil
+}
+
+// utcTS rewrites, in a copy of payload (a JSON object that decoded), each
+// top-level "ts" string that ParseTime takes but that is not RFC 3339 in
+// UTC (a near miss, another offset) as the UTC time ParseTime read, and
+// leaves every other byte as it was; payload itself when there is none.
+// What the gateway stores, and the API and webhooks show, is then RFC 3339
+// UTC, as the contract says its times are.
+func utcTS(payload []byte) []byte {
+	if !bytes.Contains(payload, []byte(`"ts"`)) {
+		return payload // no such key (one spelled with escapes is left as sent)
+	}
+	d := json.NewDecoder(bytes.NewReader(payload))
+	var out []byte
+	last, depth, keyEnd := 0, 0, 0
+	key, isTS := false, false
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			break // io.EOF: the payload decoded before
+		}
+		if delim, ok := tok.(json.Delim); ok {
+			switch delim {
+			case '{', '[':
+				depth++
+			default:
+				depth--
+			}
+			key = depth == 1 // in the top-level object, a key comes next
+			continue
+		}
+		if depth != 1 {
+			continue
+		}
+		if key {
+			isTS, key, keyEnd = tok == "ts", false, int(d.InputOffset())
+			continue
+		}
+		key = true
+		s, ok := tok.(string)
+		if !isTS || !ok || isUTC(s) {
+			continue
+		}
+		t, err := ParseTime(s)
+		if err != nil {
+			continue
+		}
+		start := keyEnd + bytes.IndexByte(payload[keyEnd:], '"')
+		out = append(append(append(append(out, payload[last:start]...), '"'), FormatTime(t)...), '"')
+		last = int(d.InputOffset())
+	}
+	if out == nil {
+		return payload
+	}
+	return append(out, payload[last:]...)
+}
+
+// isUTC reports whether s is an RFC 3339 time in UTC as written (with Z).
+func isUTC(s string) bool {
+	if len(s) == 0 || s[len(s)-1] != 'Z' {
+		return false
+	}
+	_, err := time.Parse(time.RFC3339Nano, s)
+	return err == nil
 }
 
 // typeError is Decode's ErrInvalid for json.Unmarshal's err: the field and

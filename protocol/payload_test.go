@@ -357,3 +357,34 @@ func TestDecode_WholeNumbers(t *testing.T) {
 		}
 	}
 }
+
+// TestStoredTSInUTC: a top-level ts that ParseTime takes but that is not
+// RFC 3339 in UTC is stored as the UTC time read, every other byte as
+// sent; one already in UTC, a nested ts and a "ts" inside a string are
+// left alone, and the fast health decoder does the same.
+func TestStoredTSInUTC(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{`{"id":"e-1","ts":"2026-11-24 21:30:00.5","type":"tamper","detail":"\"ts\":\"x\""}`,
+			`{"id":"e-1","ts":"2026-11-24T21:30:00.500Z","type":"tamper","detail":"\"ts\":\"x\""}`},
+		{`{"id":"e-1", "ts" : "2026-11-24T22:30:00.123+01:00" ,"type":"tamper","x":{"ts":"2026-11-24 21:30:00"}}`,
+			`{"id":"e-1", "ts" : "2026-11-24T21:30:00.123Z" ,"type":"tamper","x":{"ts":"2026-11-24 21:30:00"}}`},
+		{`{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`, `{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`},
+		{`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24t21:30:00.1z","type":"tamper"}`,
+			`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24T21:30:00.100Z","type":"tamper"}`},
+	} {
+		_, body, err := protocol.DecodeBody[protocol.Event]([]byte(c.in))
+		if err != nil || string(body) != c.want {
+			t.Errorf("DecodeBody(%s) = %s, %v; want %s", c.in, body, err, c.want)
+		}
+	}
+	for _, c := range []struct{ in, want string }{
+		{`{"ts":"2026-11-24T21:30:00.123Z","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
+		{`{"ts":"2026-11-24T21:30:00.123","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
+		{`{"ts":"2026-11-24T22:30:00.123+0100","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
+	} {
+		_, body, err := protocol.DecodeHealthBody([]byte(c.in))
+		if err != nil || string(body) != c.want {
+			t.Errorf("DecodeHealthBody(%s) = %s, %v; want %s", c.in, body, err, c.want)
+		}
+	}
+}
