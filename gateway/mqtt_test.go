@@ -165,6 +165,7 @@ func TestMQTTBadInput(t *testing.T) {
 		{protocol.ChanEvents, `not json`, "malformed"},
 		{protocol.ChanCmdResult, `{"id":"c-1","status":"maybe"}`, "invalid"},
 		{protocol.ChanCredsAck, `{"version":"x"}`, "invalid"},
+		{protocol.ChanCredsAck, `{}`, "invalid"}, // read as 0 it marked the locker behind
 		// Valid JSON PostgreSQL cannot store: each one held up every
 		// locker's events (or a control shard), retried for ever.
 		{protocol.ChanEvents, `{"id":"e-nul","ts":"` + now + `","type":"tamper","vendor":"a\u0000b"}`, "invalid"},

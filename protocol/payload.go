@@ -683,10 +683,33 @@ func (s *CredSet) Validate() error {
 // CredsAck tells which credential-set version the device applied.
 type CredsAck struct {
 	Version int64 `json:"version"`
+	// noVersion: decoded from an ack without "version" (or null), which
+	// says nothing of which set the locker applied.
+	noVersion bool
+}
+
+// UnmarshalJSON implements json.Unmarshaler: it notes an ack without its
+// version, which Validate refuses (read as 0 it would mark the locker
+// behind on a set it may hold).
+func (a *CredsAck) UnmarshalJSON(b []byte) error {
+	var raw struct {
+		Version *int64 `json:"version"`
+	}
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return err
+	}
+	*a = CredsAck{noVersion: raw.Version == nil}
+	if raw.Version != nil {
+		a.Version = *raw.Version
+	}
+	return nil
 }
 
 // Validate implements Validator.
 func (a *CredsAck) Validate() error {
+	if a.noVersion {
+		return errors.New("version is required")
+	}
 	if a.Version < 0 {
 		return errors.New("version must not be negative")
 	}

@@ -388,3 +388,18 @@ func TestStoredTSInUTC(t *testing.T) {
 		}
 	}
 }
+
+// TestCredsAckNeedsItsVersion: an ack without its version (or with null)
+// says nothing of which set the locker applied: invalid, not version 0.
+func TestCredsAckNeedsItsVersion(t *testing.T) {
+	for _, in := range []string{`{}`, `{"version":null}`, `{"v":3}`} {
+		if _, err := protocol.Decode[protocol.CredsAck]([]byte(in)); !errors.Is(err, protocol.ErrInvalid) || !strings.Contains(err.Error(), "version is required") {
+			t.Errorf("Decode(%s): %v, want invalid: version is required", in, err)
+		}
+	}
+	for in, want := range map[string]int64{`{"version":0}`: 0, `{"version":3.0}`: 3, `{"version":7,"x":1}`: 7} {
+		if a, err := protocol.Decode[protocol.CredsAck]([]byte(in)); err != nil || a.Version != want {
+			t.Errorf("Decode(%s) = %+v, %v; want version %d", in, a, err, want)
+		}
+	}
+}
