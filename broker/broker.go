@@ -152,8 +152,14 @@ type Broker struct {
 	provWG          sync.WaitGroup
 
 	// fwJobMu orders the publishes of a device's fw/job (striped by device
-	// id) with the "no job" sent to a new subscriber of it (fwJobNone).
-	fwJobMu [64]sync.Mutex
+	// id) with the "no job" sent to a new subscriber of it (fwJobNone);
+	// noJobOut[i], under fwJobMu[i], holds for a device id the client that
+	// was its session when the gateway last published "none" (an empty
+	// fw/job). No other lock is taken under fwJobMu: the fleet manager
+	// publishes under it from the goroutine that the broker's presence
+	// calls (under presMu) may wait for.
+	fwJobMu  [64]sync.Mutex
+	noJobOut [64]map[string]*mqtt.Client
 
 	subID atomic.Int64
 	subMu sync.Mutex                  // serialises Subscribe's updates of subs
@@ -437,15 +443,18 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 		return fmt.Errorf("publish %q: invalid topic name", topic)
 	}
 	if id, ch, ok := protocol.ParseTopic(topic); ok && ch == protocol.ChanFwJob {
-		mu := b.fwJobLock(id)
-		mu.Lock()
-		defer mu.Unlock()
-		if len(payload) == 0 {
-			b.presMu.Lock()
-			if s := b.presence[id]; s != nil {
-				s.noJobOut.Store(true)
+		i := b.fwJobStripe(id)
+		b.fwJobMu[i].Lock()
+		defer b.fwJobMu[i].Unlock()
+		out := b.noJobOut[i]
+		if cl, ok := b.server.Clients.Get(id); ok && len(payload) == 0 {
+			if out == nil {
+				out = make(map[string]*mqtt.Client)
+				b.noJobOut[i] = out
 			}
-			b.presMu.Unlock()
+			out[id] = cl
+		} else {
+			delete(out, id)
 		}
 	}
 	if err := b.server.Publish(topic, payload, retain, qos); err != nil {
@@ -454,32 +463,31 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 	return nil
 }
 
-// fwJobLock is the lock that orders device id's fw/job publishes.
-func (b *Broker) fwJobLock(id string) *sync.Mutex {
+// fwJobStripe is the index of device id's fw/job lock.
+func (b *Broker) fwJobStripe(id string) int {
 	h := uint32(2166136261) // FNV-1a
 	for i := 0; i < len(id); i++ {
 		h = (h ^ uint32(id[i])) * 16777619
 	}
-	return &b.fwJobMu[h%uint32(len(b.fwJobMu))]
+	return int(h % uint32(len(b.fwJobMu)))
 }
 
-// fwJobNone tells device session s, which subscribed to its fw/job topic,
-// that it has no job, when the broker holds none for it and the gateway
-// has already published "none" in this session. "None" is an empty
-// retained payload (protocol), which a broker does not keep, so a device
-// that subscribes after the gateway published it (its connect's state went
-// out before its SUBSCRIBE was read) would otherwise hear nothing; one that
-// subscribed before hears the gateway's own. Under the topic's lock, a job
-// published meanwhile is either retained before the look (nothing is sent)
-// or published after the empty message (the device hears none, then the
-// job).
-func (b *Broker) fwJobNone(s *session) {
-	cl, id := s.cl, s.id
+// fwJobNone tells device id's session cl, which subscribed to its fw/job
+// topic, that it has no job, when the broker holds none for it and the
+// gateway has already published "none" in this session (noJobOut). "None"
+// is an empty retained payload (protocol), which a broker does not keep, so
+// a device that subscribes after the gateway published it (its connect's
+// state went out before its SUBSCRIBE was read) would otherwise hear
+// nothing; one that subscribed before hears the gateway's own. Under the
+// topic's lock, a job published meanwhile is either retained before the
+// look (nothing is sent) or published after the empty message (the device
+// hears none, then the job).
+func (b *Broker) fwJobNone(cl *mqtt.Client, id string) {
 	topic := protocol.Topic(id, protocol.ChanFwJob)
-	mu := b.fwJobLock(id)
-	mu.Lock()
-	defer mu.Unlock()
-	if !s.noJobOut.Load() || cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
+	i := b.fwJobStripe(id)
+	b.fwJobMu[i].Lock()
+	defer b.fwJobMu[i].Unlock()
+	if b.noJobOut[i][id] != cl || cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
 		return
 	}
 	// To this session alone (mochi patch 20): the gateway's own

@@ -331,10 +331,10 @@ func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
 		late = late || protocol.TopicMatches(f.Filter, cmd)
 		job = job || protocol.TopicMatches(f.Filter, fwJob)
 	}
-	if job && s.noJobOut.Load() {
+	if job {
 		// Off the client's goroutine; it may go out before mochi's SUBACK
 		// (this hook runs before it), which MQTT allows (3.8.4).
-		go b.fwJobNone(s)
+		go b.fwJobNone(cl, id)
 	}
 	if late && s.born.Load() && s.resent.CompareAndSwap(false, true) {
 		if obs, ok := b.opts.Observer.(LateSubscribeObserver); ok {

@@ -54,12 +54,9 @@ type session struct {
 	endReason atomic.Pointer[string] // set when the broker ends the session itself
 	timer     *time.Timer            // ProvisionTimeout (claim sessions); set before the session is shared
 
-	superseded atomic.Bool // a newer session with the same client id authenticated
-	born       atomic.Bool // the device published its presence (birth) in this session
-	resent     atomic.Bool // its open commands were asked for again after a late cmd subscription
-	// noJobOut: the gateway published "no job" (an empty fw/job) in this
-	// session; a later fw/job SUBSCRIBE did not hear it (fwJobNone).
-	noJobOut    atomic.Bool
+	superseded  atomic.Bool   // a newer session with the same client id authenticated
+	born        atomic.Bool   // the device published its presence (birth) in this session
+	resent      atomic.Bool   // its open commands were asked for again after a late cmd subscription
 	provStarted atomic.Bool   // the one provisioning request of the session was taken
 	respID      atomic.Uint32 // respPending | packet id of the answer in flight
 	// answered is the device id of the session's "ok" answer, set before
