@@ -216,7 +216,7 @@ func TestEveryHealthRecordRefused(t *testing.T) {
 	(&healthWriter{m: m}).write(context.Background(), batch)
 	out := logs.String()
 	if acked != 0 || strings.Contains(out, "dropped device message") || !strings.Contains(out, "health batch lost") ||
-		!strings.Contains(out, "every one of the batch's 9 records refused") {
+		!strings.Contains(out, "every one of the batch's 6 health rows refused") {
 		t.Fatalf("acknowledged %d; log:\n%s", acked, out)
 	}
 }

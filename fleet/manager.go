@@ -824,14 +824,15 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 // up every locker's health behind it: it is split, the rows from the
 // latest health and then in halves, until what is refused is alone. A
 // refused row is dropped and counted as invalid, a refused latest health
-// logged (its rows are stored); the rest is stored. When every record of a
+// logged (its rows are stored); the rest is stored. When every row of a
 // batch of several is refused, the fault is the gateway's or the schema's,
 // not a locker's: that is an error, and nothing is dropped as invalid.
 func (w *healthWriter) store(ctx context.Context, op string, recs []HealthRecord, latest []LatestHealth) error {
 	var refused []error
 	err := w.split(ctx, op, recs, latest, &refused)
-	if n := len(recs) + len(latest); err == nil && n > 1 && !slices.Contains(refused, nil) {
-		return fmt.Errorf("every one of the batch's %d records refused: %w", n, refused[0])
+	// Judged by the rows: the latest health comes from the same messages.
+	if err == nil && len(recs) > 1 && !slices.Contains(refused[:len(recs)], nil) {
+		return fmt.Errorf("every one of the batch's %d health rows refused: %w", len(recs), refused[0])
 	}
 	if err != nil {
 		return err

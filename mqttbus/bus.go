@@ -609,8 +609,10 @@ func (b *Bus) close() {
 		b.log.Warn("disconnecting with messages not yet acknowledged; the broker delivers them again",
 			"unacknowledged", n, "persistent_session", b.o.Persistent)
 	}
+	// Publishes before this still go out (retained state the broker keeps);
+	// paho refuses them once Disconnect starts.
+	b.disconnected.Store(true)
 	b.c.Disconnect(250)
-	b.disconnected.Store(true) // publishes before this still went out (retained state the broker keeps)
 	// Nothing delivered can be acknowledged from here on: the reads in
 	// progress end (see Retained for their error), and Close waits for
 	// them; later ones start none.
