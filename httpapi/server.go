@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -397,14 +398,13 @@ func canonicalJSON(body []byte) []byte {
 func foldedKeys(v any) bool {
 	switch v := v.(type) {
 	case map[string]any:
-		keys := make([]string, 0, len(v))
+		folded := make(map[string]bool, len(v))
 		for k, e := range v {
-			for _, o := range keys {
-				if strings.EqualFold(k, o) {
-					return true
-				}
+			f := foldKey(k)
+			if folded[f] {
+				return true
 			}
-			keys = append(keys, k)
+			folded[f] = true
 			if foldedKeys(e) {
 				return true
 			}
@@ -417,6 +417,19 @@ func foldedKeys(v any) bool {
 		}
 	}
 	return false
+}
+
+// foldKey is k with each letter in one case of its fold class, so that
+// keys strings.EqualFold holds equal (as encoding/json matches fields) are
+// equal.
+func foldKey(k string) string {
+	return strings.Map(func(r rune) rune {
+		least := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			least = min(least, f)
+		}
+		return least
+	}, k)
 }
 
 // request is what Idempotency-Key compares a repeat by: its route, a hash

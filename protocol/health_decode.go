@@ -34,11 +34,11 @@ func DecodeHealthBody(payload []byte) (*Health, []byte, error) {
 	return DecodeBody[Health](payload)
 }
 
-// containsTS reports whether payload holds t as FormatTime writes it, in
-// quotes: the common case, which needs no rewrite (utcTS).
+// containsTS reports whether payload holds "ts":"<t as FormatTime writes
+// it>": the common case, which needs no rewrite (utcTS).
 func containsTS(payload []byte, t time.Time) bool {
-	var b [len(TimeLayout) + 2]byte
-	q := append(t.UTC().AppendFormat(append(b[:0], '"'), TimeLayout), '"')
+	var b [len(TimeLayout) + 8]byte
+	q := append(t.UTC().AppendFormat(append(b[:0], `"ts":"`...), TimeLayout), '"')
 	return bytes.Contains(payload, q)
 }
 

@@ -160,16 +160,30 @@ func Decode[T any, PT interface {
 	*T
 	Validator
 }](payload []byte) (*T, error) {
-	v, _, err := DecodeBody[T, PT](payload)
+	v, _, err := decodeBody[T, PT](payload)
 	return v, err
 }
 
 // DecodeBody is Decode that also returns the payload as it was read: the
 // payload itself, or, when a whole number written as a float (7.0, 8.64e4)
 // stood where an integer is expected, a copy with those numbers written as
-// integers. Whoever stores or forwards the payload keeps that body, so
-// everything that reads it later reads integers.
+// integers, and a top-level ts not written as RFC 3339 UTC written so
+// (utcTS). Whoever stores or forwards the payload keeps that body, so
+// everything that reads it later reads integers and UTC times.
 func DecodeBody[T any, PT interface {
+	*T
+	Validator
+}](payload []byte) (*T, []byte, error) {
+	v, body, err := decodeBody[T, PT](payload)
+	if err != nil {
+		return nil, nil, err
+	}
+	return v, utcTS(body), nil
+}
+
+// decodeBody is DecodeBody without utcTS: what Decode, which keeps no
+// body, needs.
+func decodeBody[T any, PT interface {
 	*T
 	Validator
 }](payload []byte) (*T, []byte, error) {
@@ -212,7 +226,7 @@ func DecodeBody[T any, PT interface {
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	return v, utcTS(payload), nil
+	return v, payload, nil
 }
 
 // utcTS rewrites, in a copy of payload (a JSON object that decoded), each
@@ -222,10 +236,11 @@ func DecodeBody[T any, PT interface {
 // What the gateway stores, and the API and webhooks show, is then RFC 3339
 // UTC, as the contract says its times are.
 func utcTS(payload []byte) []byte {
-	if !bytes.Contains(payload, []byte(`"ts"`)) {
-		return payload // no such key (one spelled with escapes is left as sent)
+	if !mayHoldTS(payload) {
+		return payload
 	}
 	d := json.NewDecoder(bytes.NewReader(payload))
+	d.UseNumber() // a number past float64 (1e400) is no error here either
 	var out []byte
 	last, depth, keyEnd := 0, 0, 0
 	key, isTS := false, false
@@ -248,7 +263,10 @@ func utcTS(payload []byte) []byte {
 			continue
 		}
 		if key {
-			isTS, key, keyEnd = tok == "ts", false, int(d.InputOffset())
+			// Any case: encoding/json gives the field a key that folds to
+			// its name.
+			k, _ := tok.(string)
+			isTS, key, keyEnd = strings.EqualFold(k, "ts"), false, int(d.InputOffset())
 			continue
 		}
 		key = true
@@ -268,6 +286,17 @@ func utcTS(payload []byte) []byte {
 		return payload
 	}
 	return append(out, payload[last:]...)
+}
+
+// mayHoldTS reports whether payload may have a "ts" key, in any case or
+// spelled with an escape.
+func mayHoldTS(payload []byte) bool {
+	for _, k := range []string{`"ts"`, `"TS"`, `"Ts"`, `"tS"`} {
+		if bytes.Contains(payload, []byte(k)) {
+			return true
+		}
+	}
+	return bytes.IndexByte(payload, '\\') >= 0
 }
 
 // isUTC reports whether s is an RFC 3339 time in UTC as written (with Z).

@@ -371,6 +371,12 @@ func TestStoredTSInUTC(t *testing.T) {
 		{`{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`, `{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`},
 		{`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24t21:30:00.1z","type":"tamper"}`,
 			`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24T21:30:00.100Z","type":"tamper"}`},
+		// A number past float64 before it, the key in another case, or
+		// spelled with an escape: still found.
+		{`{"id":"e-1","x":1e400,"ts":"2026-11-24 21:30:00","type":"tamper"}`,
+			`{"id":"e-1","x":1e400,"ts":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
+		{`{"id":"e-1","TS":"2026-11-24 21:30:00","type":"tamper"}`, `{"id":"e-1","TS":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
+		{`{"id":"e-1","t\u0073":"2026-11-24 21:30:00","type":"tamper"}`, `{"id":"e-1","t\u0073":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
 	} {
 		_, body, err := protocol.DecodeBody[protocol.Event]([]byte(c.in))
 		if err != nil || string(body) != c.want {
@@ -381,6 +387,9 @@ func TestStoredTSInUTC(t *testing.T) {
 		{`{"ts":"2026-11-24T21:30:00.123Z","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
 		{`{"ts":"2026-11-24T21:30:00.123","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
 		{`{"ts":"2026-11-24T22:30:00.123+0100","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
+		// Another field holding the UTC spelling does not pass for the ts.
+		{`{"ts":"2026-11-24T22:30:00.123+01:00","seq":1,"x":"2026-11-24T21:30:00.123Z"}`,
+			`{"ts":"2026-11-24T21:30:00.123Z","seq":1,"x":"2026-11-24T21:30:00.123Z"}`},
 	} {
 		_, body, err := protocol.DecodeHealthBody([]byte(c.in))
 		if err != nil || string(body) != c.want {
@@ -401,5 +410,16 @@ func TestCredsAckNeedsItsVersion(t *testing.T) {
 		if a, err := protocol.Decode[protocol.CredsAck]([]byte(in)); err != nil || a.Version != want {
 			t.Errorf("Decode(%s) = %+v, %v; want version %d", in, a, err, want)
 		}
+	}
+}
+
+// TestHealthBodyAllocations: the fast health path costs no allocation for
+// checking a ts written in the wire format.
+func TestHealthBodyAllocations(t *testing.T) {
+	payload := []byte(`{"ts":"2026-11-24T21:30:00.123Z","seq":1234,"fw":"1.4.2","uptime_s":86400}`)
+	plain := testing.AllocsPerRun(100, func() { _, _ = protocol.DecodeHealth(payload) })
+	body := testing.AllocsPerRun(100, func() { _, _, _ = protocol.DecodeHealthBody(payload) })
+	if body != plain {
+		t.Errorf("DecodeHealthBody allocates %v times, DecodeHealth %v", body, plain)
 	}
 }
