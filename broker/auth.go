@@ -474,12 +474,18 @@ func newAuthCache(ttl time.Duration) *authCache {
 }
 
 func (c *authCache) stripe(id string) *uint64 {
-	h := uint32(2166136261) // FNV-1a
+	return &c.epochs[stripeOf(id, len(c.epochs))]
+}
+
+// stripeOf is the stripe of n that device id falls in (FNV-1a of the id):
+// what the auth cache's epochs and the fw/job locks are split by.
+func stripeOf(id string, n int) int {
+	h := uint32(2166136261)
 	for i := 0; i < len(id); i++ {
 		h ^= uint32(id[i])
 		h *= 16777619
 	}
-	return &c.epochs[h%uint32(len(c.epochs))]
+	return int(h % uint32(n))
 }
 
 func (c *authCache) epoch(id string) uint64 {

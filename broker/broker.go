@@ -443,7 +443,7 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 		return fmt.Errorf("publish %q: invalid topic name", topic)
 	}
 	if id, ch, ok := protocol.ParseTopic(topic); ok && ch == protocol.ChanFwJob {
-		i := b.fwJobStripe(id)
+		i := stripeOf(id, len(b.fwJobMu))
 		b.fwJobMu[i].Lock()
 		defer b.fwJobMu[i].Unlock()
 		out := b.noJobOut[i]
@@ -463,15 +463,6 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 	return nil
 }
 
-// fwJobStripe is the index of device id's fw/job lock.
-func (b *Broker) fwJobStripe(id string) int {
-	h := uint32(2166136261) // FNV-1a
-	for i := 0; i < len(id); i++ {
-		h = (h ^ uint32(id[i])) * 16777619
-	}
-	return int(h % uint32(len(b.fwJobMu)))
-}
-
 // fwJobNone tells device id's session cl, which subscribed to its fw/job
 // topic, that it has no job, when the broker holds none for it and the
 // gateway has already published "none" in this session (noJobOut). "None"
@@ -484,7 +475,7 @@ func (b *Broker) fwJobStripe(id string) int {
 // hears none, then the job).
 func (b *Broker) fwJobNone(cl *mqtt.Client, id string) {
 	topic := protocol.Topic(id, protocol.ChanFwJob)
-	i := b.fwJobStripe(id)
+	i := stripeOf(id, len(b.fwJobMu))
 	b.fwJobMu[i].Lock()
 	defer b.fwJobMu[i].Unlock()
 	if b.noJobOut[i][id] != cl || cl.Closed() || b.isClosed() || len(b.server.Topics.Messages(topic)) > 0 {
