@@ -20,7 +20,6 @@ func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
 // The statements that update many lockers' rows at once, exported for the
 // plan test in package postgres_test.
 const (
-	UpdateLatestSQL    = updateLatestSQL
 	MarkOnlineManySQL  = markOnlineManySQL
 	MarkOfflineManySQL = markOfflineManySQL
 	RecordBirthsSQL    = recordBirthsSQL
@@ -37,3 +36,6 @@ func SetEffectsLockIdle(t interface{ Cleanup(func()) }, d time.Duration) {
 	effectsLockIdle = d
 	t.Cleanup(func() { effectsLockIdle = old })
 }
+
+// UpdateLatestSQL is updateLatestSQL (a variable: it spells fleet.MaxSeqGap).
+var UpdateLatestSQL = updateLatestSQL

@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -59,9 +60,9 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 // updateLatestSQL writes the latest health of lockers. Never older than
 // what is stored: with several writers or gateway instances, a later batch
 // can carry an earlier message. Gaps are those inside the run plus any
-// before its first message, counted as fleet.SeqGap does (1000000 is
-// fleet.MaxSeqGap); no sum overflows, whatever seqs a locker sends (each
-// is 0 to 2^63-1, the run's gaps at most 2^40).
+// before its first message, counted as fleet.SeqGap does; no sum
+// overflows, whatever seqs a locker sends (each is 0 to 2^63-1, the run's
+// gaps at most 2^40).
 //
 // "d.id = ANY($1)" repeats the join condition for the planner: it makes
 // the batch's lockers an index condition on devices. Without it, a batch
@@ -72,11 +73,11 @@ const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
 //
 // The rows are locked in id order first (lockDevicesCTE): a control
 // shard's batch of the same lockers would otherwise deadlock with it.
-const updateLatestSQL = `
+var updateLatestSQL = `
 	WITH ` + lockDevicesCTE + `
 	UPDATE devices d SET health = u.body::json, health_at = u.at, last_seen = greatest(d.last_seen, u.at),
 		health_gaps = least(d.health_gaps, 4611686018427387904) + u.gaps + CASE WHEN d.health_seq > 0 AND u.first > d.health_seq
-			AND u.first - d.health_seq - 1 <= 1000000 THEN u.first - d.health_seq - 1 ELSE 0 END,
+			AND u.first - d.health_seq - 1 <= ` + strconv.Itoa(fleet.MaxSeqGap) + ` THEN u.first - d.health_seq - 1 ELSE 0 END,
 		health_seq = u.seq
 	FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], $5::bigint[], $6::bigint[])
 		AS u(id, body, at, seq, first, gaps) JOIN locked l ON l.id = u.id
