@@ -855,23 +855,26 @@ func (w *healthWriter) split(ctx context.Context, op string, recs []HealthRecord
 		}
 		return err
 	}
-	halves := func(a, b func() error) error {
-		if err := a(); err != nil {
+	type part struct {
+		recs   []HealthRecord
+		latest []LatestHealth
+	}
+	var parts []part
+	switch r, l := len(recs)/2, len(latest)/2; {
+	case len(recs) > 0 && len(latest) > 0:
+		parts = []part{{recs, nil}, {nil, latest}}
+	case len(recs) > 1:
+		parts = []part{{recs[:r], nil}, {recs[r:], nil}}
+	case len(latest) > 1:
+		parts = []part{{nil, latest[:l]}, {nil, latest[l:]}}
+	default: // alone: refused
+		*refused = append(*refused, err)
+	}
+	for _, p := range parts {
+		if err := w.split(ctx, op, p.recs, p.latest, refused); err != nil {
 			return err
 		}
-		return b()
 	}
-	switch {
-	case len(recs) > 0 && len(latest) > 0:
-		return halves(func() error { return w.split(ctx, op, recs, nil, refused) }, func() error { return w.split(ctx, op, nil, latest, refused) })
-	case len(recs) > 1:
-		h := len(recs) / 2
-		return halves(func() error { return w.split(ctx, op, recs[:h], nil, refused) }, func() error { return w.split(ctx, op, recs[h:], nil, refused) })
-	case len(latest) > 1:
-		h := len(latest) / 2
-		return halves(func() error { return w.split(ctx, op, nil, latest[:h], refused) }, func() error { return w.split(ctx, op, nil, latest[h:], refused) })
-	}
-	*refused = append(*refused, err)
 	return nil
 }
 
