@@ -166,8 +166,8 @@ func (r *Runner) Pickups(ctx context.Context, o PickupOptions) (*Report, error) 
 	rep.DetailColumns = []string{"case", "run", "offered/s", "picked up/s", "created", "picked up", "failed", "no compartment",
 		"ready mean", "pickup mean", "gw cores", "pg cores", "served"}
 	rep.Detail = detail
-	rep.Notes = append(rep.Notes, "the simulated people poll the API every 50 ms for the pickup's state, and the simulated locker (in "+
-		"process) every 20 ms for the credential; that adds up to that much to each latency and load to the API; the gateway's own "+
-		"timings are in lockergate_pickup_* metrics")
+	rep.Notes = append(rep.Notes, "the simulated people poll the API every 50 ms for the pickup's state (load on the API), and the simulated "+
+		"locker (in process, no API) every 20 ms for the credential; that adds up to that much to each latency; the "+
+		"gateway's own timings are in lockergate_pickup_* metrics")
 	return rep, nil
 }

@@ -57,7 +57,8 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 
 	runErr := make(chan error, 1)
 	// The gateway stops when the demo says, after the orders and the
-	// lockers (Ctrl-C cancels ctx): its API revokes the orders' token.
+	// lockers (Ctrl-C cancels ctx); the orders' token is revoked in its
+	// database (httpapi.RevokeToken) before it stops.
 	gctx, stopGateway := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopGateway()
 	go func() { runErr <- g.Run(gctx) }()
