@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"strings"
@@ -278,7 +279,7 @@ func (b *Broker) backendSlot(wait time.Duration) (release func(), ok bool) {
 // entry has expired offline by sending five wrong secrets a minute. The
 // backend still confirms such a secret.
 func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip string, now time.Time) (*session, string) {
-	for attempt := 0; attempt < 3; attempt++ {
+	for range settleAttempts {
 		epoch, _, reason := b.verifyDevice(id, password, ip, now, connectLimits)
 		if reason != "" {
 			return nil, reason
@@ -296,10 +297,14 @@ func (b *Broker) authDevice(cl *mqtt.Client, id string, password []byte, ip stri
 	return nil, refuseBackendError
 }
 
+// settleAttempts is how many times authDevice checks a locker whose cache
+// stripe is invalidated meanwhile before it gives up (errUnsettled).
+const settleAttempts = 3
+
 // errUnsettled is why authDevice gave a check up: every attempt saw the
 // id's cache stripe invalidated meanwhile.
-var errUnsettled = errors.New("lockers were disabled or re-provisioned during each of 3 checks " +
-	"(they share the auth cache's invalidation stripe with this one); the locker reconnects after its back-off")
+var errUnsettled = fmt.Errorf("lockers were disabled or re-provisioned during each of %d checks "+
+	"(they share the auth cache's invalidation stripe with this one); the locker reconnects after its back-off", settleAttempts)
 
 // verifyDevice checks id's secret, from the cache when it can; see
 // authDevice. epoch is id's cache epoch from before the check; known: the
