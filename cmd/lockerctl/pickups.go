@@ -1,6 +1,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -100,19 +101,14 @@ func (c *cli) pickupsCreate(args []string) error {
 	return c.create("/v1/pickups", body)
 }
 
-// parseFlagsOnly parses args that hold flags only: a stray argument is a
-// usage error, not silently ignored.
-func parseFlagsOnly(fs interface {
-	Parse([]string) error
-	Args() []string
-}, args []string) error {
-	if err := fs.Parse(args); err != nil {
-		return usageError(err.Error())
+// parseFlagsOnly parses args that hold flags only (positional): a stray
+// argument is a usage error, not silently ignored.
+func parseFlagsOnly(fs *flag.FlagSet, args []string) error {
+	pos, err := positional(fs, args)
+	if err == nil && len(pos) > 0 {
+		err = usageError(fmt.Sprintf("unexpected argument %q", pos[0]))
 	}
-	if len(fs.Args()) > 0 {
-		return usageError(fmt.Sprintf("unexpected argument %q", fs.Args()[0]))
-	}
-	return nil
+	return err
 }
 
 func (c *cli) codesCreate(args []string) error {
