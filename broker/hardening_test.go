@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -307,5 +308,57 @@ func TestClaimAnswerOnlyToItsSession(t *testing.T) {
 	answer(h.b.sessionOf(cl), `{"for":"B"}`)
 	if pk := b.mustRead(packets.Publish); string(pk.Payload) != `{"for":"B"}` {
 		t.Fatalf("B got %s on %s", pk.Payload, pk.TopicName)
+	}
+}
+
+// TestDevicePacketIDsAreItsOwn: a locker assigns its packet ids apart from
+// the broker's (MQTT 3.1.1 2.3.1, MQTT 5 2.2.1), so it may use the id of a
+// command it has not yet acknowledged. Its SUBSCRIBE with that id is
+// granted (mochi refused it as "in use", and a locker without its
+// subscription hears nothing there), and its QoS 1 PUBLISH with that id
+// leaves the command in flight: a resumed session gets it again (mochi
+// dropped it from the session). Mochi patch 21.
+func TestDevicePacketIDsAreItsOwn(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
+			h := newHarness(t, nil, nil)
+			keep := func(pk *packets.Packet) {
+				pk.Connect.Clean = false
+				if v == 5 {
+					pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 3600, true
+				}
+			}
+			a := dialRaw(t, h.addr, v)
+			if ack := a.connect("A", "A", "secret-A", 30, keep); ack.ReasonCode != 0 {
+				t.Fatalf("CONNACK %#x", ack.ReasonCode)
+			}
+			if sa := a.subscribe("lockers/v1/A/cmd", 1); sa.ReasonCodes[0] != 1 {
+				t.Fatalf("SUBACK %#x", sa.ReasonCodes)
+			}
+			if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-1"}`), 1, false); err != nil {
+				t.Fatal(err)
+			}
+			cmd := a.mustRead(packets.Publish) // not acknowledged
+			a.next = cmd.PacketID - 1
+			if sa := a.subscribe("lockers/v1/A/config", 1); sa.PacketID != cmd.PacketID || len(sa.ReasonCodes) != 1 || sa.ReasonCodes[0] != 1 {
+				t.Fatalf("SUBSCRIBE %d: SUBACK %d %#x, want QoS 1 granted", cmd.PacketID, sa.PacketID, sa.ReasonCodes)
+			}
+			a.next = cmd.PacketID - 1
+			a.publish("lockers/v1/A/events", 1, []byte(`{}`))
+			if ack := a.mustRead(packets.Puback); ack.PacketID != cmd.PacketID {
+				t.Fatalf("PUBACK %d, want %d", ack.PacketID, cmd.PacketID)
+			}
+			_ = a.conn.Close()
+			h.waitMetric(t, disconnects, "reason", ReasonConnectionLost, 1)
+
+			b := dialRaw(t, h.addr, v)
+			if ack := b.connect("A", "A", "secret-A", 30, keep); ack.ReasonCode != 0 || !ack.SessionPresent {
+				t.Fatalf("CONNACK %#x, session present %v; want the session kept", ack.ReasonCode, ack.SessionPresent)
+			}
+			again := b.mustRead(packets.Publish)
+			if again.TopicName != "lockers/v1/A/cmd" || string(again.Payload) != `{"id":"c-1"}` || again.PacketID != cmd.PacketID {
+				t.Fatalf("resumed session got %s %q (id %d), want the command again (id %d)", again.TopicName, again.Payload, again.PacketID, cmd.PacketID)
+			}
+		})
 	}
 }

@@ -1081,3 +1081,92 @@ func TestExpiredSessionTakesItsSubscriptions(t *testing.T) {
 		t.Fatalf("a SUBSCRIBE after the sweep routes the filter to %v", subs.Subscriptions)
 	}
 }
+
+// TestServerPacketIDsAreNotTheClients: patch 21. The client and the server
+// assign packet ids independently, and the inflight map holds both. A
+// SUBSCRIBE or UNSUBSCRIBE that uses the id of a message the server sent
+// and the client has not yet acknowledged is done, and a QoS 1 PUBLISH with
+// it leaves that message inflight; only the client's own id in use (its
+// QoS 2 message waiting for its PUBREL) is refused, with a code MQTT 3
+// has.
+func TestServerPacketIDsAreNotTheClients(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
+			e := newTakeoverEnv(t, v)
+			srv, cli := net.Pipe()
+			t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+			cl := e.client("x", srv)
+			e.attach(cl)
+			cl.State.Inflight.ResetReceiveQuota(10) // as its CONNECT would
+			r := bufio.NewReader(cli)
+			// process runs pk through the server and returns its answer.
+			process := func(pk packets.Packet) packets.Packet {
+				t.Helper()
+				pk.ProtocolVersion = v
+				done := make(chan error, 1)
+				go func() { done <- e.s.processPacket(cl, pk) }()
+				typ, body, err := readPacket(r)
+				if err != nil {
+					t.Fatalf("reading the answer to %s: %v", packets.PacketNames[pk.FixedHeader.Type], err)
+				}
+				if err := <-done; err != nil {
+					t.Fatalf("%s: %v", packets.PacketNames[pk.FixedHeader.Type], err)
+				}
+				ans := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ, Remaining: len(body)}, ProtocolVersion: v}
+				switch typ {
+				case packets.Suback:
+					err = ans.SubackDecode(body)
+				case packets.Unsuback:
+					err = ans.UnsubackDecode(body)
+				case packets.Puback:
+					err = ans.PubackDecode(body)
+				default:
+					t.Fatalf("%s answered with packet type %d", packets.PacketNames[pk.FixedHeader.Type], typ)
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ans
+			}
+			subscribe := func(id uint16) []byte {
+				t.Helper()
+				ans := process(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: id,
+					Filters: packets.Subscriptions{{Filter: "a/b", Qos: 1}}})
+				if ans.FixedHeader.Type != packets.Suback || ans.PacketID != id {
+					t.Fatalf("SUBSCRIBE %d answered with %s %d", id, packets.PacketNames[ans.FixedHeader.Type], ans.PacketID)
+				}
+				return ans.ReasonCodes
+			}
+
+			// The server's QoS 1 message 7, not yet acknowledged.
+			sent := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: "c/d"}
+			cl.State.Inflight.Set(sent)
+			if got := subscribe(7); len(got) != 1 || got[0] != 1 {
+				t.Fatalf("SUBSCRIBE 7: reason codes %#x, want granted QoS 1", got)
+			}
+			ans := process(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Unsubscribe, Qos: 1}, PacketID: 7,
+				Filters: packets.Subscriptions{{Filter: "a/b"}}})
+			if ans.FixedHeader.Type != packets.Unsuback || ans.PacketID != 7 || v == 5 && (len(ans.ReasonCodes) != 1 || ans.ReasonCodes[0] != 0) {
+				t.Fatalf("UNSUBSCRIBE 7 answered with %s %d %#x, want done", packets.PacketNames[ans.FixedHeader.Type], ans.PacketID, ans.ReasonCodes)
+			}
+			ans = process(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7,
+				TopicName: "e/f", Payload: []byte("x")})
+			if ans.FixedHeader.Type != packets.Puback || ans.PacketID != 7 || ans.ReasonCode != 0 {
+				t.Fatalf("PUBLISH 7 answered with %s %d %#x, want a PUBACK", packets.PacketNames[ans.FixedHeader.Type], ans.PacketID, ans.ReasonCode)
+			}
+			if pk, ok := cl.State.Inflight.Get(7); !ok || pk.FixedHeader.Type != packets.Publish || pk.TopicName != "c/d" {
+				t.Fatalf("the server's message 7 is no longer inflight (found %v: %s %q): it would not be sent again", ok, packets.PacketNames[pk.FixedHeader.Type], pk.TopicName)
+			}
+
+			// The client's own QoS 2 message 9, waiting for its PUBREL.
+			cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: 9})
+			want := packets.ErrPacketIdentifierInUse.Code
+			if v < 5 {
+				want = packets.ErrUnspecifiedError.Code
+			}
+			if got := subscribe(9); len(got) != 1 || got[0] != want {
+				t.Fatalf("SUBSCRIBE 9: reason codes %#x, want %#x", got, want)
+			}
+		})
+	}
+}

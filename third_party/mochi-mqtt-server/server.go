@@ -1068,8 +1068,13 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 				ack := s.buildAck(pk.PacketID, packets.Pubrec, 0, pk.Properties, packets.ErrPacketIdentifierInUse)
 				return cl.WritePacket(ack)
 			}
-			if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
-				atomic.AddInt64(&s.Info.Inflight, -1)
+			// Lockergate patch 21: only an ack of the client's own packet
+			// id; a message the server sent with the same id is still
+			// waiting for its PUBACK.
+			if clientPacketID(pki) {
+				if ok := cl.State.Inflight.Delete(pk.PacketID); ok { // [MQTT-4.3.2-5]
+					atomic.AddInt64(&s.Info.Inflight, -1)
+				}
 			}
 		}
 	}
@@ -1440,11 +1445,26 @@ func (s *Server) processPubcomp(cl *Client, pk packets.Packet) error {
 	return nil
 }
 
+// clientPacketID reports whether inflight packet pk carries one of the
+// client's own packet ids: an ack the server sent for a QoS 1 or 2 publish
+// of the client's. The server's own messages (a PUBLISH waiting for its
+// PUBACK or PUBREC, a PUBREL for its PUBCOMP) carry ids the server chose,
+// which the client may use for its own packets at the same time: the two
+// sides assign ids independently (MQTT 3.1.1 2.3.1, MQTT 5 2.2.1). The
+// inflight map holds both. Lockergate patch 21.
+func clientPacketID(pk packets.Packet) bool {
+	switch pk.FixedHeader.Type {
+	case packets.Puback, packets.Pubrec, packets.Pubcomp:
+		return true
+	}
+	return false
+}
+
 // processSubscribe processes a Subscribe packet.
 func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	pk = s.hooks.OnSubscribe(cl, pk)
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if pki, ok := cl.State.Inflight.Get(pk.PacketID); ok && clientPacketID(pki) { // Lockergate patch 21
 		code = packets.ErrPacketIdentifierInUse
 	}
 
@@ -1453,6 +1473,9 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 	for i, sub := range pk.Filters {
 		if code != packets.CodeSuccess {
 			reasonCodes[i] = code.Code // NB 3.9.3 Non-normative 0x91
+			if cl.Properties.ProtocolVersion < 5 {
+				reasonCodes[i] = packets.ErrUnspecifiedError.Code // Lockergate patch 21: MQTT 3 has 0x80 alone
+			}
 			continue
 		} else if !IsValidFilter(sub.Filter, false) {
 			reasonCodes[i] = packets.ErrTopicFilterInvalid.Code
@@ -1514,7 +1537,7 @@ func (s *Server) processSubscribe(cl *Client, pk packets.Packet) error {
 // processUnsubscribe processes an unsubscribe packet.
 func (s *Server) processUnsubscribe(cl *Client, pk packets.Packet) error {
 	code := packets.CodeSuccess
-	if _, ok := cl.State.Inflight.Get(pk.PacketID); ok {
+	if pki, ok := cl.State.Inflight.Get(pk.PacketID); ok && clientPacketID(pki) { // Lockergate patch 21
 		code = packets.ErrPacketIdentifierInUse
 	}
 
