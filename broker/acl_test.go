@@ -409,6 +409,11 @@ func TestNoJobToNewSubscriber(t *testing.T) {
 	// the broker's "none".
 	subscribe("lockers/v1/A/fw/job")
 	a.nextNoJob(t)
+	// mochi looks up a subscription's retained messages after its SUBACK:
+	// the SUBACK of a SUBSCRIBE after it says that was done (else the job
+	// published next could come twice, as retained for that subscription
+	// too).
+	subscribe("lockers/v1/A/cmd")
 	// A job retained: the job, and on a new subscription the job again,
 	// then the command published after it, no "none".
 	publish("lockers/v1/A/fw/job", `{"job":"j-1"}`, true)

@@ -463,6 +463,22 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 	return nil
 }
 
+// noJobSent reports whether the gateway has published "none" on device
+// id's fw/job in its session cl. The SUBSCRIBE hook asks before it hands
+// the rest to fwJobNone: only a "none" published before the subscription
+// was in place went unheard (one published after it reached the device),
+// and a goroutine started for every fw/job subscription (10,000 in a
+// reconnect storm) could run late enough to find a "none" published after
+// its SUBSCRIBE, and send a second. One published in the moment between
+// mochi's adding the subscription and this hook is heard twice, which a
+// device takes as what it is: no job, again.
+func (b *Broker) noJobSent(cl *mqtt.Client, id string) bool {
+	i := stripeOf(id, len(b.fwJobMu))
+	b.fwJobMu[i].Lock()
+	defer b.fwJobMu[i].Unlock()
+	return b.noJobOut[i][id] == cl
+}
+
 // fwJobNone tells device id's session cl, which subscribed to its fw/job
 // topic, that it has no job, when the broker holds none for it and the
 // gateway has already published "none" in this session (noJobOut). "None"

@@ -306,7 +306,8 @@ func (b *Broker) noteBirth(cl *mqtt.Client, topic string) {
 
 // subscribed follows a device's granted subscriptions: one to its own
 // device-to-gateway topics turns on the echo of its messages (echoOn), one
-// covering its fw/job topic gets "no job" when there is none (fwJobNone),
+// covering its fw/job topic after the gateway said "none" in the session
+// gets "no job" when there is none (noJobSent, fwJobNone),
 // and the first one covering its cmd topic after its birth is reported to a
 // LateSubscribeObserver (once per session: a device that subscribes again
 // and again does not make the fleet manager reread its commands each time).
@@ -331,7 +332,7 @@ func (b *Broker) subscribed(cl *mqtt.Client, pk *packets.Packet, codes []byte) {
 		late = late || protocol.TopicMatches(f.Filter, cmd)
 		job = job || protocol.TopicMatches(f.Filter, fwJob)
 	}
-	if job {
+	if job && b.noJobSent(cl, id) {
 		// Off the client's goroutine; it may go out before mochi's SUBACK
 		// (this hook runs before it), which MQTT allows (3.8.4).
 		go b.fwJobNone(cl, id)
