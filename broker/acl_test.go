@@ -1,7 +1,10 @@
 package broker
 
 import (
+	"slices"
+	"sync"
 	"testing"
+	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -435,5 +438,75 @@ func TestNoJobToNewSubscriber(t *testing.T) {
 	}
 	if got := len(seen.get()); got != 4 {
 		t.Fatalf("the gateway's subscription saw %v, want its own four publishes", seen.get())
+	}
+}
+
+// blockedObserver holds the report of device block's connect, and with it
+// the broker's presence lock, until released: as the fleet manager's report
+// waits when the connect's control shard is full, on the goroutine that
+// publishes fw/job.
+type blockedObserver struct {
+	*fakeObserver
+	block   string
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (o *blockedObserver) DeviceConnected(id, remote string) {
+	o.fakeObserver.DeviceConnected(id, remote)
+	if id == o.block {
+		close(o.entered)
+		<-o.release
+	}
+}
+
+// TestFwJobWhileAConnectIsReported: the gateway's fw/job publishes and the
+// broker's own "none" take no lock that a connect's report holds. That
+// report can wait for the goroutine that publishes fw/job (a full control
+// shard), so such a lock would stop connects and that shard for good (the
+// deadlock 4eac7c0 took out).
+func TestFwJobWhileAConnectIsReported(t *testing.T) {
+	obs := &blockedObserver{fakeObserver: &fakeObserver{}, block: "B",
+		entered: make(chan struct{}), release: make(chan struct{})}
+	h := newHarness(t, func(o *Options) { o.Observer = obs }, nil)
+	var once sync.Once
+	release := func() { once.Do(func() { close(obs.release) }) }
+	t.Cleanup(release) // before the broker's Close, which needs the lock
+	a := h.mustDialDevice(t, "A")
+	// A's report comes after its CONNACK; its reads wait for it.
+	waitFor(t, "A reported connected", func() bool { return slices.Contains(obs.get(), "+A") })
+	publish := func(payload string) error {
+		return h.b.Publish(t.Context(), "lockers/v1/A/fw/job", []byte(payload), 1, true)
+	}
+	if err := publish(""); err != nil { // the gateway's "none" in A's session
+		t.Fatal(err)
+	}
+	h.mustDialDevice(t, "B") // reported after its CONNACK
+	select {
+	case <-obs.entered:
+	case <-time.After(waitTimeout):
+		t.Fatal("B's connect was not reported")
+	}
+	// B's report holds the presence lock from here on.
+	if got := a.subscribeResult(t, "lockers/v1/A/fw/job", 1); got != 1 {
+		t.Fatalf("subscribe: SUBACK %#x, want 1", got)
+	}
+	a.nextNoJob(t)
+	done := make(chan error, 1)
+	go func() { done <- publish(`{"job":"j-1"}`) }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(waitTimeout):
+		t.Fatal("publishing a fw/job waited for the report of another locker's connect")
+	}
+	if m := a.nextMessage(t); string(m.Payload()) != `{"job":"j-1"}` {
+		t.Fatalf("got %s %q, want the job", m.Topic(), m.Payload())
+	}
+	release()
+	if n := h.b.ConnectedDevices(); n != 2 { // takes the presence lock
+		t.Fatalf("%d devices connected, want 2", n)
 	}
 }
