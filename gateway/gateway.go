@@ -116,6 +116,9 @@ type Options struct {
 	// online locker before it is sent again (fleet.Options.CommandResend;
 	// 0: 5 s).
 	CommandResend time.Duration
+	// StagingTTL is how long a pickup's staging unlock stays valid
+	// (pickup.Options.StagingTTL; 0: 60 s).
+	StagingTTL time.Duration
 	// CensusInterval is how often the fleet-wide gauges are counted and
 	// lockers behind on their credential set are found (republished to at
 	// the next census if still behind) (fleet.Options.CensusInterval; 0: 15 s).
@@ -412,7 +415,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.pickups, err = pickup.New(pickup.Options{Store: g.db, Fleet: g.fleet, MasterKey: master,
 		Logger: o.Logger.With("component", "pickup"), Registerer: g.reg, Wake: g.webhooks.Wake,
-		SilentAfter: pickupSilence(g.fleet.SilentAfter())})
+		SilentAfter: pickupSilence(g.fleet.SilentAfter()), StagingTTL: o.StagingTTL})
 	if err != nil {
 		return nil, err
 	}

@@ -1834,3 +1834,94 @@ func TestStaleLockerGetsNoPickup(t *testing.T) {
 		return nil
 	})
 }
+
+// TestCancelledStagingUnlockWithdrawn: a pickup cancelled before its
+// locker answered the staging unlock takes the unlock back. It is not sent
+// again (by the resend, or at the locker's next connect), and the
+// compartment goes to no other order while the unlock could still fire on
+// a locker that held a copy, until it expires: else another platform's
+// order, staged there meanwhile, could be opened by the cancelled order's
+// unlock, with no code used.
+func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
+	ctx := context.Background()
+	const ttl = 3 * time.Second
+	tg := MustStart(t, func(o *gateway.Options) {
+		o.CommandResend = 100 * time.Millisecond
+		o.StagingTTL = ttl
+	})
+	r, c := rawLocker(t, tg, "SN-STAGE-1")
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
+	create := func(ref string) (pickup.Pickup, int) {
+		t.Helper()
+		var p pickup.Pickup
+		status, err := store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+			"site": "s1", "order_ref": ref, "size": "S", "zone": "ambient", "recipient": map[string]string{"kind": "customer"}}}, &p)
+		if status != http.StatusCreated && status != http.StatusUnprocessableEntity {
+			t.Fatalf("create %s: %d %v", ref, status, err)
+		}
+		return p, status
+	}
+
+	// The staging unlock reaches the locker, which does not answer it.
+	first, _ := create("RACE-1")
+	wantCommand(t, got, first.CommandID, "the staging unlock")
+	if err := store.Post(ctx, "/v1/pickups/"+first.ID+"/cancel", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	waitCommandStatus(t, tg, r.DeviceID, first.CommandID, fleet.CmdTimedOut, "the staging unlock withdrawn")
+	var cmd fleet.Command
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID+"/commands/"+first.CommandID, nil, &cmd); err != nil || cmd.Error != "withdrawn: pickup cancelled" {
+		t.Fatalf("the withdrawn unlock reads %+v (%v), want error %q", cmd, err, "withdrawn: pickup cancelled")
+	}
+	if cmd.DoneAt == nil || !cmd.DoneAt.Before(cmd.ExpiresAt) {
+		t.Fatalf("the unlock ended at %v, not before it expired at %v: not withdrawn", cmd.DoneAt, cmd.ExpiresAt)
+	}
+
+	// Its compartment (1, the one small ambient one) is not allocated while
+	// the unlock is valid: the next order gets 2 (M), and one more none.
+	second, _ := create("RACE-2")
+	if second.Compartment == first.Compartment {
+		t.Fatalf("RACE-2 got compartment %d, whose withdrawn unlock has not expired", second.Compartment)
+	}
+	if _, status := create("RACE-3"); status != http.StatusUnprocessableEntity {
+		t.Fatalf("RACE-3: %d, want 422 (no compartment free of an unlock in flight)", status)
+	}
+	wantCommand(t, got, second.CommandID, "RACE-2's staging unlock")
+	publishResult(t, c, r.DeviceID, second.CommandID)
+	waitCommandStatus(t, tg, r.DeviceID, second.CommandID, fleet.CmdOK, "RACE-2's unlock answered")
+
+	// At the next connect the open commands are sent (none now), then a
+	// command made after that: the withdrawn unlock would come first.
+	c.Disconnect(50)
+	waitOnline(t, tg, r.DeviceID, false)
+	c = MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	got = subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	publishResult(t, c, r.DeviceID, "c-none") // behind the birth's delivery on the locker's shard
+	Eventually(t, 10*time.Second, "the birth handled", func() error {
+		n, err := tg.Metric(`lockergate_ingest_messages_dropped_total{channel="cmd/result",reason="unknown_or_repeated"}`)
+		if err == nil && n != 1 {
+			err = fmt.Errorf("unknown results dropped: %v, want 1", n)
+		}
+		return err
+	})
+	var marker fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 4}, &marker); err != nil {
+		t.Fatal(err)
+	}
+	wantCommand(t, got, marker.ID, "the command after the connect")
+
+	// Once the withdrawn unlock has expired, its compartment is free again.
+	Eventually(t, ttl+10*time.Second, "compartment 1 allocated after the unlock expired", func() error {
+		p, status := create("RACE-4")
+		if status != http.StatusCreated {
+			return fmt.Errorf("%d", status)
+		}
+		if p.Compartment != first.Compartment {
+			t.Fatalf("RACE-4 got compartment %d, want %d", p.Compartment, first.Compartment)
+		}
+		return nil
+	})
+}

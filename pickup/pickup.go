@@ -156,12 +156,16 @@ func ExpiredAlert(p *Pickup) fleet.Alert {
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
-	// online, heard from since heardSince (zero: not checked) and enabled)
-	// and inserts p holding it. Concurrent allocations never share a
+	// online, heard from since heardSince (zero: not checked) and enabled,
+	// no unlock of it unanswered that has not expired at p.CreatedAt) and
+	// inserts p holding it. Concurrent allocations never share a
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
 	// a live pickup of the site and platform has the order_ref.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error
-	SetCommand(ctx context.Context, id, commandID string) error
+	// SetCommand records staging unlock commandID of pickup id; if the
+	// pickup ended meanwhile, the command is withdrawn (as Transition does)
+	// at at.
+	SetCommand(ctx context.Context, id, commandID string, at time.Time) error
 	GetPickup(ctx context.Context, id string) (*Pickup, error)
 	ListPickups(ctx context.Context, f Filter) ([]Pickup, error)
 	Transitions(ctx context.Context, id string) ([]Transition, error)
@@ -170,7 +174,9 @@ type Store interface {
 	// Transition moves a pickup from one of from to to, records it and
 	// queues ev (when not nil) for every matching webhook, atomically. A
 	// pickup that ends leaves its active credential: revoked, or narrowed
-	// to the compartments of the other live pickups it opens.
+	// to the compartments of the other live pickups it opens; its staging
+	// unlock, when still unanswered, is withdrawn: not sent again (pending
+	// ones end expired, sent ones timed_out, with the reason in error).
 	// fleet.ErrConflict when the pickup is in none of from, or, to Expired
 	// or Cancelled, while it is being collected (CollectGrace). To Expired
 	// it raises the pickup's ExpiredAlert in the same transaction.

@@ -162,7 +162,7 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 		return nil
 	}
 	p.CommandID = cmd.ID
-	return s.o.Store.SetCommand(ctx, p.ID, cmd.ID)
+	return s.o.Store.SetCommand(ctx, p.ID, cmd.ID, s.o.Now())
 }
 
 // Get returns a pickup with its transitions.

@@ -78,6 +78,8 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 		WHERE d.site = $1 AND d.online AND ($6::timestamptz IS NULL OR d.last_seen >= $6) AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
+			AND NOT EXISTS (SELECT 1 FROM commands k WHERE k.device_id = c.device_id AND k.compartment = c.n AND k.type = 'unlock'
+				AND k.status IN ('pending', 'sent', 'timed_out') AND k.expires_at > $7)
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
 	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
@@ -91,7 +93,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard, p.CreatedAt).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err
@@ -99,7 +101,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			if _, err := lockLocker(ctx, tx, p.Locker); err != nil {
 				return err
 			}
-			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard, p.CreatedAt).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
 				return errRetry // filled (or at its bound) while we waited: look again
 			} else if err != nil {
 				return err
@@ -135,11 +137,32 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	}
 }
 
-// SetCommand implements pickup.Store.
-func (db *DB) SetCommand(ctx context.Context, id, commandID string) error {
-	_, err := db.pool.Exec(ctx, `UPDATE pickups SET command_id = $2 WHERE id = $1`, id, commandID)
+// SetCommand implements pickup.Store. A pickup and its staging unlock are
+// made one after the other: one cancelled in between has its unlock
+// withdrawn here (with the row's lock, a Transition that commits after
+// this update finds the command and withdraws it itself).
+func (db *DB) SetCommand(ctx context.Context, id, commandID string, at time.Time) error {
+	var state string
+	err := db.pool.QueryRow(ctx, `UPDATE pickups SET command_id = $2 WHERE id = $1 RETURNING state`, id, commandID).Scan(&state)
+	if err != nil || pickup.Live(state) {
+		return err
+	}
+	_, err = db.pool.Exec(ctx, withdrawSQL, commandID, state, at, commandChannel)
 	return err
 }
+
+// withdrawSQL withdraws the staging unlock $1 of a pickup that ended as $2
+// at $3, if it is still unanswered: a pending one ends expired (never
+// sent), a sent one timed_out (the gateway stops sending it again: not by
+// the resend, not at the locker's next connect), with the reason in error;
+// every instance hears of it ($4). A late answer is still taken
+// (CompleteCommand): the door may have opened. Until it expires, a sent one
+// may still fire on a locker that held a copy, so Allocate gives its
+// compartment to no other pickup till then.
+const withdrawSQL = `WITH u AS (UPDATE commands SET status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END,
+		error = 'withdrawn: pickup ' || $2::text, done_at = $3
+	WHERE id = $1 AND status IN ('pending', 'sent') RETURNING id)
+	SELECT pg_notify($4, u.id) FROM u`
 
 // GetPickup implements pickup.Store.
 func (db *DB) GetPickup(ctx context.Context, id string) (*pickup.Pickup, error) {
@@ -277,6 +300,11 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		if !pickup.Live(to) {
 			if err := releaseCredential(ctx, tx, out); err != nil {
 				return err
+			}
+			if out.CommandID != "" {
+				if _, err := tx.Exec(ctx, withdrawSQL, out.CommandID, to, at, commandChannel); err != nil {
+					return fmt.Errorf("withdraw staging unlock %s: %w", out.CommandID, err)
+				}
 			}
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)

@@ -672,3 +672,71 @@ func TestCombinedCodeSpentByItsUse(t *testing.T) {
 		t.Fatalf("the use offered again, its compartments not listed: %+v %v, want %s only", ps, err, gone.ID)
 	}
 }
+
+// TestStagingUnlockWithdrawnWithItsPickup: a pickup that ends takes its
+// unanswered staging unlock back (a pending one expired, a sent one
+// timed_out, with the reason), also when it ended before the unlock was
+// recorded on it (SetCommand); a compartment with an unlock that may still
+// fire (unanswered or withdrawn, not expired) is not allocated.
+func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-WD", 2)
+	now := time.Now()
+	unlock := func(id string, p *pickup.Pickup, status string) {
+		t.Helper()
+		e.exec(`INSERT INTO commands (id, device_id, type, compartment, reason, status, actor, created_at, expires_at, sent_at)
+			VALUES ($1, $2, 'unlock', $3, 'staging', $4, 'test', $5, $6, CASE WHEN $4 = 'sent' THEN $5::timestamptz END)`,
+			id, e.id, p.Compartment, status, now, now.Add(time.Minute))
+	}
+	command := func(id string) *fleet.Command {
+		t.Helper()
+		c, err := e.db.GetCommand(ctx, e.id, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	a, err := e.allocate("WD-A")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unlock("c-a", a, "sent")
+	if err := e.db.SetCommand(ctx, a.ID, "c-a", now); err != nil {
+		t.Fatal(err)
+	}
+	if c := command("c-a"); c.Status != fleet.CmdSent {
+		t.Fatalf("the live pickup's unlock is %s, want sent", c.Status)
+	}
+	e.transition(a.ID, pickup.Cancelled)
+	if c := command("c-a"); c.Status != fleet.CmdTimedOut || c.Error != "withdrawn: pickup cancelled" || c.DoneAt == nil {
+		t.Fatalf("the cancelled pickup's sent unlock: %s %q, want timed_out, withdrawn", c.Status, c.Error)
+	}
+	// Withdrawn, it may still fire until it expires: A's compartment is
+	// not given out; B gets the other one, C none.
+	b, err := e.allocate("WD-B")
+	if err != nil || b.Compartment == a.Compartment {
+		t.Fatalf("B: compartment %d (%v), want the one without an unlock in flight", b.Compartment, err)
+	}
+	if _, err := e.allocate("WD-C"); !errors.Is(err, pickup.ErrNoCompartment) {
+		t.Fatalf("C: %v, want no compartment", err)
+	}
+	// B ended before its unlock was recorded on it: recording it withdraws
+	// it (pending: never sent).
+	e.transition(b.ID, pickup.Cancelled)
+	unlock("c-b", b, "pending")
+	if err := e.db.SetCommand(ctx, b.ID, "c-b", now); err != nil {
+		t.Fatal(err)
+	}
+	if c := command("c-b"); c.Status != fleet.CmdExpired || c.Error != "withdrawn: pickup cancelled" {
+		t.Fatalf("the unlock recorded after its pickup ended: %s %q, want expired, withdrawn", c.Status, c.Error)
+	}
+	// B's was never sent: its compartment is free; A's, once its unlock
+	// has expired.
+	if d, err := e.allocate("WD-D"); err != nil || d.Compartment != b.Compartment {
+		t.Fatalf("D: compartment %d (%v), want %d", d.Compartment, err, b.Compartment)
+	}
+	e.exec(`UPDATE commands SET expires_at = $2 WHERE id = $1`, "c-a", now.Add(-time.Second))
+	if f, err := e.allocate("WD-F"); err != nil || f.Compartment != a.Compartment {
+		t.Fatalf("F: compartment %d (%v), want %d (its unlock expired)", f.Compartment, err, a.Compartment)
+	}
+}
