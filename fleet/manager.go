@@ -114,6 +114,11 @@ type Manager struct {
 	events chan inbound
 	ctrl   []chan control
 
+	// ended, under endedMu, is closed and replaced each time session ends
+	// have been written (markOffline): WaitOffline wakes on it.
+	endedMu sync.Mutex
+	ended   chan struct{}
+
 	mu      sync.Mutex
 	waiters map[string][]chan *Command
 	// completing counts the results being recorded per command id: the
@@ -239,6 +244,7 @@ func New(opts Options) (*Manager, error) {
 		m:          newMetrics(opts.Registerer),
 		events:     make(chan inbound, opts.EventQueue),
 		waiters:    make(map[string][]chan *Command),
+		ended:      make(chan struct{}),
 		completing: make(map[string]int),
 		resent:     make(map[string]resent),
 		credsLag:   make(map[string]credsLagSeen),
@@ -1497,6 +1503,35 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 	if err := m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.MarkOfflineMany(ctx, ends) }); err != nil {
 		m.log.Error("mark offline", "lockers", len(ends), "first", ends[0].ID, "err", err)
+	}
+	m.endedMu.Lock()
+	close(m.ended)
+	m.ended = make(chan struct{})
+	m.endedMu.Unlock()
+}
+
+// WaitOffline returns locker id as recorded once it reads offline, or as it
+// is after d: a disable's answer, after the broker ended the session, which
+// the fleet records a moment later. It reads the locker again each time
+// session ends were written, not on a timer.
+func (m *Manager) WaitOffline(ctx context.Context, id string, d time.Duration) (*Locker, error) {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	for {
+		m.endedMu.Lock()
+		ended := m.ended
+		m.endedMu.Unlock()
+		l, err := m.GetLocker(ctx, id)
+		if err != nil || !l.Online {
+			return l, err
+		}
+		select {
+		case <-ended:
+		case <-timer.C:
+			return l, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/testtool"
@@ -52,7 +53,16 @@ func TestSecurityDisableKicks(t *testing.T) {
 	// before the 10 s for which a cached secret is trusted, and the time
 	// it took is logged.
 	asked := time.Now()
-	patchLocker(t, tg, d.DeviceID, map[string]bool{"disabled": true})
+	var answer fleet.Locker
+	if _, err := tg.Admin.Do(context.Background(), client.Request{Method: "PATCH", Path: "/v1/lockers/" + d.DeviceID,
+		Body: map[string]bool{"disabled": true}}, &answer); err != nil {
+		t.Fatal(err)
+	}
+	// The answer is the locker after the change: offline, kicked.
+	if !answer.Disabled || answer.Online || answer.DisconnectReason != "kicked" {
+		t.Errorf("the disable's answer: disabled=%v online=%v disconnect_reason=%q, want true, false and kicked",
+			answer.Disabled, answer.Online, answer.DisconnectReason)
+	}
 	select {
 	case <-dev.lost:
 		t.Logf("live session ended %v after the disable was asked for", time.Since(asked).Round(time.Millisecond))

@@ -216,13 +216,25 @@ func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
 		Locker: l.ID, Site: l.Site, Detail: detail}); err != nil {
 		return err
 	}
-	l, err = s.fleet.GetLocker(r.Context(), l.ID)
+	if in.Disabled != nil && *in.Disabled && l.Online {
+		// The broker ended the session; the answer waits (briefly) for
+		// the fleet to record that, so it says offline, as a GET after it.
+		l, err = s.fleet.WaitOffline(r.Context(), l.ID, kickRecorded)
+	} else {
+		l, err = s.fleet.GetLocker(r.Context(), l.ID)
+	}
 	if err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, l)
 	return nil
 }
+
+// kickRecorded bounds how long a disable's answer waits for the end of the
+// locker's session to be recorded: behind an external broker that reports
+// no session ends (mosquitto) it is recorded from the Last Will, or not at
+// all, and the answer then says what is recorded.
+const kickRecorded = 2 * time.Second
 
 // rotateCodes gives every order in a locker new codes
 // (pickup.Service.RotateCodes).
