@@ -63,6 +63,11 @@ func (c *Command) Wire() protocol.Command {
 
 // CommandRequest asks for a command to a locker.
 type CommandRequest struct {
+	// ID, when set, is the command's id; a command with it made before is
+	// answered instead of a new one (a request retried under one
+	// Idempotency-Key after its first run died with its gateway derives
+	// the same id: it never makes a second command, a second unlock).
+	ID          string
 	DeviceID    string
 	Type        string
 	Compartment int

@@ -17,6 +17,16 @@ import (
 func NewID(prefix string) string {
 	var b [16]byte
 	rand.Read(b[:])
+	return idOf(prefix, b)
+}
+
+// DerivedID is an id of NewID's form made from seed (a hash): the same seed
+// gives the same id.
+func DerivedID(prefix string, seed [32]byte) string {
+	return idOf(prefix, [16]byte(seed[:16]))
+}
+
+func idOf(prefix string, b [16]byte) string {
 	return prefix + "-" + strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(b[:]))
 }
 
@@ -34,8 +44,12 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		return nil, err
 	}
 	now := m.now().UTC().Truncate(time.Millisecond)
+	id := req.ID
+	if id == "" {
+		id = NewID("c")
+	}
 	c := &Command{
-		ID: NewID("c"), DeviceID: req.DeviceID, Type: req.Type, Compartment: req.Compartment,
+		ID: id, DeviceID: req.DeviceID, Type: req.Type, Compartment: req.Compartment,
 		Reason: req.Reason, InService: req.InService, Status: CmdPending, Actor: req.Actor,
 		CreatedAt: now, ExpiresAt: now.Add(req.TTL),
 	}
@@ -49,6 +63,11 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	// The locker is checked where the command is stored: one round trip.
 	t, created, err := m.store.CreateCommand(ctx, c, audit, req.Site)
 	switch {
+	case errors.Is(err, ErrExists) && req.ID != "":
+		// Made by an earlier run of this very request (its answer was lost
+		// with the gateway that ran it): that command, not a second one.
+		m.log.Info("command request run again: answering the command it made before", "command", c.ID, "locker", c.DeviceID)
+		return m.WaitCommand(ctx, req.DeviceID, c.ID, wait)
 	case errors.Is(err, ErrNotFound):
 		return nil, fmt.Errorf("locker %s: %w", req.DeviceID, ErrNotFound)
 	case err == nil && req.Site != "" && t.Site != req.Site:

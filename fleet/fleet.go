@@ -7,6 +7,7 @@ package fleet
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -21,6 +22,9 @@ var (
 	// ErrForbidden is a resource that exists but is another site's,
 	// platform's or token's (the API's 403).
 	ErrForbidden = errors.New("forbidden")
+	// ErrExists is a record whose id is taken (Store.CreateCommand with a
+	// derived id: the request ran before). A conflict, should it reach an edge.
+	ErrExists = fmt.Errorf("exists: %w", ErrConflict)
 )
 
 // Site is a store or restaurant with lockers.

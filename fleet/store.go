@@ -60,7 +60,8 @@ type Store interface {
 	// fails is repeated, by id, when the locker next connects); to others
 	// it is stored as pending. c.Status and c.SentAt are set as stored. It
 	// returns what it saw of the locker and whether it inserted c, or
-	// ErrNotFound when there is no such locker.
+	// ErrNotFound when there is no such locker, ErrExists when a command
+	// with c.ID is stored (nothing is inserted then).
 	// One round trip: it is on every unlock's path.
 	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)
 	// GetCommand returns a command of a locker, or ErrNotFound.

@@ -4,13 +4,16 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -245,4 +248,53 @@ func TestPendingCommandDeliveredToOnlineLocker(t *testing.T) {
 	}
 	wantCommand(t, got, "c-late", "the pending command")
 	waitCommandStatus(t, tg, r.DeviceID, "c-late", fleet.CmdSent, "the command marked sent")
+}
+
+// TestIdempotentUnlockRerunAfterItsGatewayDied: an unlock whose answer was
+// lost with its gateway (the Idempotency-Key claimed, never finished) is run
+// again once the claim is taken over: the run finds the command the first
+// made (its id derives from the key) and answers it. The locker is never
+// unlocked twice.
+func TestIdempotentUnlockRerunAfterItsGatewayDied(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	r, c := rawLocker(t, tg, "SN-IDEM-1")
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	unlock := func() (fleet.Command, int) {
+		t.Helper()
+		var cmd fleet.Command
+		status, err := tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/lockers/" + r.DeviceID + "/commands",
+			Body: map[string]any{"type": "unlock", "compartment": 2}, Header: http.Header{"Idempotency-Key": {"unlock-once"}}}, &cmd)
+		if err != nil {
+			t.Fatalf("unlock: %d %v", status, err)
+		}
+		return cmd, status
+	}
+	first, _ := unlock()
+	wantCommand(t, got, first.ID, "the unlock")
+	publishResult(t, c, r.DeviceID, first.ID)
+	waitCommandStatus(t, tg, r.DeviceID, first.ID, fleet.CmdOK, "the unlock answered")
+	// Its gateway died before it stored the answer: the claim is left
+	// unfinished, and old enough to be taken over.
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE idempotency SET status = 0, response = '', created_at = now() - make_interval(secs => $1)
+		WHERE key = 'unlock-once'`, (postgres.IdempotencyAbandoned + time.Minute).Seconds()); err != nil {
+		t.Fatal(err)
+	}
+	again, status := unlock()
+	if status != http.StatusCreated || again.ID != first.ID || again.Status != fleet.CmdOK {
+		t.Fatalf("the unlock run again answered %d %s %s, want 201 and the first command %s, ok", status, again.ID, again.Status, first.ID)
+	}
+	var commands, unlocks int
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT (SELECT count(*) FROM commands WHERE device_id = $1),
+		(SELECT count(*) FROM audit WHERE locker = $1 AND action = 'unlock')`, r.DeviceID).Scan(&commands, &unlocks); err != nil {
+		t.Fatal(err)
+	}
+	if commands != 1 || unlocks != 1 {
+		t.Fatalf("%d commands, %d unlocks audited; want one of each", commands, unlocks)
+	}
+	// The run's answer is kept: a repeat now is its replay.
+	if replay, status := unlock(); status != http.StatusCreated || replay.ID != first.ID {
+		t.Fatalf("the repeat answered %d %s, want the first command", status, replay.ID)
+	}
 }

@@ -339,7 +339,7 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 	}
 	tok := principal(r)
 	req := fleet.CommandRequest{
-		DeviceID: r.PathValue("id"), Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
+		ID: idempotentID(r, "c"), DeviceID: r.PathValue("id"), Type: in.Type, Compartment: in.Compartment, Reason: in.Reason, InService: in.InService,
 		TTL: seconds(int64(in.TTLS)), Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
 	}
 	if tok.Role == fleet.RoleStore {

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -470,6 +471,11 @@ func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.R
 			return s.repeat(w, r, actor, key, req)
 		}
 		rec := &recorder{ResponseWriter: w}
+		// What the request makes may take its id from the claim
+		// (idempotentID): a run after one that died with its gateway, the
+		// claim taken over, then makes nothing twice.
+		seed := sha256.Sum256(fmt.Appendf(nil, "%s\x00%s\x00%s\x00%x", actor, key, req.route, req.hash))
+		r = r.WithContext(context.WithValue(r.Context(), idemKey{}, seed))
 		herr := h(rec, r)
 		// The answer is kept (or the claim given up) even if the client has
 		// gone: it is about what happened, not about this connection.
@@ -485,6 +491,19 @@ func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.R
 		}
 		return herr
 	}
+}
+
+type idemKey struct{}
+
+// idempotentID is the id, with prefix, of what request r makes, derived from
+// its Idempotency-Key claim (the same for every run of one request), or ""
+// for a request without a key (a fresh id is made).
+func idempotentID(r *http.Request, prefix string) string {
+	seed, ok := r.Context().Value(idemKey{}).([32]byte)
+	if !ok {
+		return ""
+	}
+	return fleet.DerivedID(prefix, seed)
 }
 
 // repeat answers a request whose Idempotency-Key was claimed before: with

@@ -3,9 +3,11 @@ package postgres
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/fleet"
 )
@@ -78,6 +80,9 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
 		// No such locker (or it was deleted between the check and the insert).
 		return t, false, fleet.ErrNotFound
+	}
+	if pgErr := (*pgconn.PgError)(nil); errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "commands_pkey" {
+		return t, false, fmt.Errorf("command %s: %w", c.ID, fleet.ErrExists)
 	}
 	if err != nil || status == nil {
 		return t, false, err
