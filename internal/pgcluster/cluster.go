@@ -58,7 +58,11 @@ type Cluster struct {
 	logOffset int64 // where this run's output starts in the log
 	logFile   *os.File
 	logger    *slog.Logger
-	proc      *process
+	command   func() *exec.Cmd // a new postgres process for the cluster
+
+	mu       sync.Mutex // guards proc and stopping
+	proc     *process   // the server; replaced when supervise restarts it
+	stopping bool
 
 	stopOnce sync.Once
 	stopErr  error
@@ -160,30 +164,101 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if opts.Fast {
 		args = append(args, "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
 	}
-	cmd := exec.Command(filepath.Join(binDir, "postgres"), args...)
-	cmd.Dir = dataDir
-	cmd.Stdout, cmd.Stderr = c.logFile, c.logFile
-	cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{
-		Credential: acct.credential(),
-		// Its own process group: a Ctrl-C in the terminal reaches only the
-		// gateway, which flushes its writes and then stops PostgreSQL.
-		Setpgid: true,
-		// SIGQUIT is an immediate shutdown: the postmaster stops its
-		// backends and exits; crash recovery runs on the next start.
-	}, syscall.SIGQUIT)
+	c.command = func() *exec.Cmd {
+		cmd := exec.Command(filepath.Join(binDir, "postgres"), args...)
+		cmd.Dir = dataDir
+		cmd.Stdout, cmd.Stderr = c.logFile, c.logFile
+		cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{
+			Credential: acct.credential(),
+			// Its own process group: a Ctrl-C in the terminal reaches only the
+			// gateway, which flushes its writes and then stops PostgreSQL.
+			Setpgid: true,
+			// SIGQUIT is an immediate shutdown: the postmaster stops its
+			// backends and exits; crash recovery runs on the next start.
+		}, syscall.SIGQUIT)
+		return cmd
+	}
 	logger.Info("starting PostgreSQL", "data_dir", dataDir, "socket_dir", c.socketDir, "log", c.logPath, "fast", opts.Fast)
 	started := time.Now()
+	cmd := c.command()
 	if c.proc, err = spawn(cmd); err != nil {
 		return fail(fmt.Errorf("start PostgreSQL: run %s: %w", cmd.Path, err))
 	}
-	if err := c.waitReady(ctx); err != nil {
+	if err := c.waitReady(ctx, c.proc); err != nil {
 		return fail(err)
 	}
 	if err := c.ensureDatabase(ctx, database); err != nil {
 		return fail(err)
 	}
 	logger.Info("PostgreSQL ready", "pid", cmd.Process.Pid, "database", database, "took", time.Since(started).Round(time.Millisecond))
+	go c.supervise(c.proc)
 	return c, nil
+}
+
+// supervise starts the server again each time it exits without Stop (it
+// was killed, or crashed): the gateway's connections then reconnect, and
+// what it acknowledged and holds in memory (locker events) is stored, where
+// a gateway left on a dead database would hold it until it stops and lose
+// it. PostgreSQL runs its crash recovery; a start it refuses (backends of
+// the killed server still attached, say) is tried again with a back-off.
+func (c *Cluster) supervise(p *process) {
+	backoff := time.Second
+	for {
+		<-p.done
+		c.mu.Lock()
+		stopping := c.stopping
+		c.mu.Unlock()
+		if stopping {
+			return
+		}
+		c.logger.Error("PostgreSQL exited unexpectedly: starting it again", "status", p.exitStatus(), "data_dir", c.dataDir,
+			"log", c.logPath, "log_tail", logTail(c.logPath, c.logOffset, tailLines))
+		for {
+			next, err := c.restart()
+			if next != nil {
+				p, backoff = next, time.Second
+				break
+			}
+			c.mu.Lock()
+			stopping := c.stopping
+			c.mu.Unlock()
+			if stopping {
+				return
+			}
+			c.logger.Error("PostgreSQL did not start again: retrying", "err", err, "retry_in", backoff,
+				"hint", "the server log says why; the gateway stays unready (/readyz) until the database is back")
+			time.Sleep(backoff)
+			backoff = min(2*backoff, 30*time.Second)
+		}
+	}
+}
+
+// restart starts a new server process and waits until it accepts
+// connections; it returns nil and no error when the cluster is stopping.
+func (c *Cluster) restart() (*process, error) {
+	c.mu.Lock()
+	if c.stopping {
+		c.mu.Unlock()
+		return nil, nil
+	}
+	cmd := c.command()
+	p, err := spawn(cmd)
+	if err == nil {
+		c.proc = p
+	}
+	c.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("run %s: %w", cmd.Path, err)
+	}
+	started := time.Now()
+	if err := c.waitReady(context.Background(), p); err != nil {
+		if !p.exited() {
+			return p, nil // up but not ready in time: supervised like a running server
+		}
+		return nil, err
+	}
+	c.logger.Info("PostgreSQL started again", "pid", cmd.Process.Pid, "took", time.Since(started).Round(time.Millisecond))
+	return p, nil
 }
 
 // prepareDataDir creates dataDir if missing, gives it to acct and reports
@@ -247,7 +322,7 @@ func (c *Cluster) initdb(ctx context.Context, binDir string, acct *account, fast
 
 // waitReady connects until the server accepts connections, it exits, or the
 // deadline passes.
-func (c *Cluster) waitReady(ctx context.Context) error {
+func (c *Cluster) waitReady(ctx context.Context, p *process) error {
 	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
 	defer cancel()
 	dsn := c.DSN("postgres")
@@ -265,9 +340,9 @@ func (c *Cluster) waitReady(ctx context.Context) error {
 		}
 		timer := time.NewTimer(delay)
 		select {
-		case <-c.proc.done:
+		case <-p.done:
 			timer.Stop()
-			return fmt.Errorf("start PostgreSQL: postgres exited before accepting connections (%s); %s", c.proc.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
+			return fmt.Errorf("start PostgreSQL: postgres exited before accepting connections (%s); %s", p.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
 		case <-ctx.Done():
 			timer.Stop()
 			return fmt.Errorf("start PostgreSQL: not accepting connections on %s (%w; last error: %v); %s", c.socketDir, ctx.Err(), err, logTail(c.logPath, c.logOffset, tailLines))
@@ -329,7 +404,10 @@ func (c *Cluster) Stop() error {
 
 func (c *Cluster) stop() error {
 	defer c.release()
+	c.mu.Lock()
+	c.stopping = true
 	p := c.proc
+	c.mu.Unlock()
 	if p.exited() {
 		return fmt.Errorf("stop PostgreSQL: it had already exited (%s); %s", p.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
 	}

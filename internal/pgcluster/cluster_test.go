@@ -689,3 +689,52 @@ func TestDSN(t *testing.T) {
 		t.Errorf("DSN = %q, want %q", got, want)
 	}
 }
+
+// TestKilledServerStartedAgain: a server killed outright (kill -9, the OOM
+// killer) is started again on the same socket, with what it had committed,
+// so its clients reconnect and a gateway's queued writes get stored; Stop
+// then stops the new one.
+func TestKilledServerStartedAgain(t *testing.T) {
+	logger, logs := newLogger(t)
+	c := MustStart(t, Options{DataDir: filepath.Join(traversableDir(t), "data"), Logger: logger})
+	conn := MustConnect(t, c.DSN("lockergate"))
+	MustExec(t, conn, "CREATE TABLE events (id text PRIMARY KEY)")
+	MustExec(t, conn, "INSERT INTO events VALUES ('e-1')")
+	conn.Close(context.Background())
+	c.mu.Lock()
+	killed := c.proc
+	c.mu.Unlock()
+	if err := killed.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-killed.done
+	var n int
+	waitFor(t, 90*time.Second, "the server started again", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, c.DSN("lockergate"))
+		if err != nil {
+			return false
+		}
+		defer conn.Close(ctx)
+		return conn.QueryRow(ctx, "SELECT count(*) FROM events").Scan(&n) == nil
+	})
+	if n != 1 {
+		t.Errorf("%d rows after the restart, want 1", n)
+	}
+	if !strings.Contains(logs.String(), "PostgreSQL exited unexpectedly") {
+		t.Errorf("no error logged for the exit; log:\n%s", logs)
+	}
+	c.mu.Lock()
+	now := c.proc
+	c.mu.Unlock()
+	if now == killed {
+		t.Fatal("the cluster still names the killed process")
+	}
+	if err := c.Stop(); err != nil {
+		t.Fatalf("Stop: %v", err)
+	}
+	if !now.exited() {
+		t.Fatal("Stop left the new server running")
+	}
+}
