@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -302,5 +304,45 @@ func TestAlertWakesWebhooks(t *testing.T) {
 	m.alert(context.Background(), a)
 	if wakes != 1 {
 		t.Fatalf("%d wakes for an alert opened, want 1", wakes)
+	}
+}
+
+// TestQueueDepthCountsHeldBatches: the queue depth counts what waits in a
+// queue and what its writers hold unstored (a batch retried through a
+// database outage), when scraped.
+func TestQueueDepthCountsHeldBatches(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Registerer: reg, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	depth := func(queue string) float64 {
+		t.Helper()
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != "lockergate_ingest_queue_depth" {
+				continue
+			}
+			for _, mt := range mf.GetMetric() {
+				if mt.GetLabel()[0].GetValue() == queue {
+					return mt.GetGauge().GetValue()
+				}
+			}
+		}
+		t.Fatalf("no lockergate_ingest_queue_depth{queue=%q}", queue)
+		return 0
+	}
+	for range 3 {
+		m.events <- inbound{id: "lk-1", at: time.Now()}
+	}
+	m.held[slices.Index(metricQueues, "events")].Store(200) // a batch being retried
+	if got := depth("events"); got != 203 {
+		t.Fatalf("events depth %v, want 203 (3 queued, 200 held)", got)
+	}
+	if got := depth("health"); got != 0 {
+		t.Fatalf("health depth %v, want 0", got)
 	}
 }

@@ -114,6 +114,10 @@ type Manager struct {
 	events chan inbound
 	ctrl   []chan control
 
+	// held counts, per metricQueues entry, the messages its writers have
+	// taken from the queue and not yet stored (queueDepth).
+	held [2]atomic.Int64
+
 	// ended, under endedMu, is closed and replaced each time session ends
 	// have been written (markOffline): WaitOffline wakes on it.
 	endedMu sync.Mutex
@@ -259,6 +263,11 @@ func New(opts Options) (*Manager, error) {
 	}
 	for i := range m.publishMu {
 		m.publishMu[i] = make(chan struct{}, 1)
+	}
+	if opts.Registerer != nil {
+		if err := opts.Registerer.Register(queueDepth{m}); err != nil {
+			return nil, fmt.Errorf("fleet: register the queue depth: %w", err)
+		}
 	}
 	return m, nil
 }
@@ -698,12 +707,14 @@ func (m *Manager) batchLoop(ctx context.Context, name string, q chan inbound, wr
 		defer t.Stop()
 		ticks = t.C
 	}
+	held := &m.held[slices.Index(metricQueues, name)]
 	flush := func() {
 		if len(batch) > 0 {
+			held.Add(int64(len(batch)))
 			write(ctx, batch)
+			held.Add(-int64(len(batch)))
 			batch = batch[:0]
 		}
-		m.m.queueDepth.WithLabelValues(name).Set(float64(m.queued(name)))
 	}
 	for {
 		var in inbound

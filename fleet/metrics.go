@@ -12,7 +12,6 @@ import (
 type metrics struct {
 	received         *prometheus.CounterVec // channel
 	dropped          *prometheus.CounterVec // channel, reason
-	queueDepth       *prometheus.GaugeVec   // queue
 	ingestLag        prometheus.Histogram
 	dbWrite          *prometheus.HistogramVec // op
 	dbErrors         *prometheus.CounterVec   // op
@@ -42,6 +41,9 @@ var (
 	metricChannels = []protocol.Channel{protocol.ChanPresence, protocol.ChanHealth, protocol.ChanEvents,
 		protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus}
 	metricQueues   = []string{"health", "events"}
+	queueDepthDesc = prometheus.NewDesc("lockergate_ingest_queue_depth",
+		"Messages waiting in each ingest queue, with those taken for a write not yet stored (one retried through a database outage).",
+		[]string{"queue"}, nil)
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "fw_status", "publish_retained"}
 	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "creds_behind", "pending_effects", "effects_applied", "effects_lock")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
@@ -57,10 +59,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_ingest_messages_dropped_total",
 			Help: "Device messages dropped by the fleet manager, by channel and reason.",
 		}, []string{"channel", "reason"}),
-		queueDepth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "lockergate_ingest_queue_depth",
-			Help: "Messages waiting in each ingest queue.",
-		}, []string{"queue"}),
 		ingestLag: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "lockergate_ingest_lag_seconds",
 			Help:    "Time from a message's arrival to its commit in PostgreSQL.",
@@ -145,9 +143,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.received.WithLabelValues(string(ch))
 	}
 	m.dropped.WithLabelValues(string(protocol.ChanHealth), "queue_full")
-	for _, q := range metricQueues {
-		m.queueDepth.WithLabelValues(q)
-	}
 	for _, op := range metricWriteOps {
 		m.dbWrite.WithLabelValues(op)
 	}
@@ -170,9 +165,24 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.presenceEvent.WithLabelValues(k)
 	}
 	if reg != nil {
-		reg.MustRegister(m.received, m.dropped, m.queueDepth, m.ingestLag, m.dbWrite, m.dbErrors,
+		reg.MustRegister(m.received, m.dropped, m.ingestLag, m.dbWrite, m.dbErrors,
 			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
 			m.staleWills, m.staleBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
+}
+
+// queueDepth is lockergate_ingest_queue_depth, counted when scraped: what
+// waits in each queue, and what its writers hold while a write (and its
+// retries) runs, so the depth grows through a database outage instead of
+// reading what it was before it.
+type queueDepth struct{ m *Manager }
+
+func (q queueDepth) Describe(ch chan<- *prometheus.Desc) { ch <- queueDepthDesc }
+
+func (q queueDepth) Collect(ch chan<- prometheus.Metric) {
+	for i, name := range metricQueues {
+		n := q.m.queued(name) + int(q.m.held[i].Load())
+		ch <- prometheus.MustNewConstMetric(queueDepthDesc, prometheus.GaugeValue, float64(n), name)
+	}
 }
