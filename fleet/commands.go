@@ -290,6 +290,9 @@ func (m *Manager) waitCommand(ctx context.Context, c *Command, wake chan *Comman
 		case <-ctx.Done():
 			t.Stop()
 			return c, ctx.Err()
+		case <-m.waitsEnded:
+			t.Stop()
+			return c, nil // the last known state; the caller answers it
 		}
 		// Woken by another instance (or the timer): read what is stored.
 		nc, err := m.store.GetCommand(ctx, deviceID, id)
@@ -298,6 +301,16 @@ func (m *Manager) waitCommand(ctx context.Context, c *Command, wake chan *Comman
 		}
 		c = nc
 	}
+}
+
+// EndWaits ends every wait for a command's result, now and from now on:
+// each returns the command as it is then. A gateway that stops calls it
+// before it drains its HTTP requests, so that a wait_s request is answered
+// (the command, with its status and Location) rather than cut off with the
+// connection: its client would not know the command exists, and a retry
+// without an Idempotency-Key would be a second unlock.
+func (m *Manager) EndWaits() {
+	m.endWaitsOnce.Do(func() { close(m.waitsEnded) })
 }
 
 func (m *Manager) subscribe(id string) chan *Command {

@@ -415,6 +415,40 @@ func TestWaitCommandDeadline(t *testing.T) {
 	}
 }
 
+// TestEndWaitsAnswersWaiters: a gateway that stops ends the waits for
+// results (EndWaits): a waiting request gets the command as it is, not an
+// error, and a wait that starts after it returns at once.
+func TestEndWaitsAnswersWaiters(t *testing.T) {
+	m, _, _ := newTestManager(t)
+	type result struct {
+		c   *Command
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1}, time.Hour)
+		done <- result{c, err}
+	}()
+	waitUntil(t, "the waiter subscribed", func() bool {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return len(m.waiters) == 1
+	})
+	m.EndWaits()
+	select {
+	case r := <-done:
+		if r.err != nil || r.c == nil || r.c.Status != CmdSent {
+			t.Fatalf("the ended wait returned %+v %v, want the command, sent", r.c, r.err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the wait did not end")
+	}
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 2}, time.Hour)
+	if err != nil || c.Status != CmdSent {
+		t.Fatalf("a wait after EndWaits returned %+v %v, want the command, sent", c, err)
+	}
+}
+
 // Two wake-ups before the waiter runs coalesce into a re-read, whatever
 // their order, so the waiter never settles on an older state.
 func TestWakeCoalescesToReread(t *testing.T) {

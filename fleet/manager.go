@@ -118,6 +118,10 @@ type Manager struct {
 	// taken from the queue and not yet stored (queueDepth).
 	held [2]atomic.Int64
 
+	// waitsEnded is closed by EndWaits.
+	waitsEnded   chan struct{}
+	endWaitsOnce sync.Once
+
 	// ended, under endedMu, is closed and replaced each time session ends
 	// have been written (markOffline): WaitOffline wakes on it.
 	endedMu sync.Mutex
@@ -249,6 +253,7 @@ func New(opts Options) (*Manager, error) {
 		events:     make(chan inbound, opts.EventQueue),
 		waiters:    make(map[string][]chan *Command),
 		ended:      make(chan struct{}),
+		waitsEnded: make(chan struct{}),
 		completing: make(map[string]int),
 		resent:     make(map[string]resent),
 		credsLag:   make(map[string]credsLagSeen),

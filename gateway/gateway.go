@@ -488,6 +488,7 @@ loop:
 	background.Wait()
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 	defer cancel()
+	g.fleet.EndWaits() // wait_s requests answer what they know instead of holding the drain
 	if err := g.http.Shutdown(sctx); err != nil && runErr == nil {
 		runErr = fmt.Errorf("shut down HTTP: %w", err)
 	}
