@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -344,5 +345,59 @@ func TestQueueDepthCountsHeldBatches(t *testing.T) {
 	}
 	if got := depth("health"); got != 0 {
 		t.Fatalf("health depth %v, want 0", got)
+	}
+}
+
+// stuckStore's sweep does not return until its context ends: a database
+// that stopped answering (SIGSTOP, a network partition), not one that is
+// down.
+type stuckStore struct {
+	*fakeStore
+	entered chan struct{}
+	once    sync.Once
+}
+
+func (s *stuckStore) Census(context.Context, time.Time, time.Time, []string) (*Census, error) {
+	return &Census{}, nil
+}
+
+func (s *stuckStore) CredsBehind(context.Context, int, []CredsLag) ([]CredsLag, error) {
+	return nil, nil
+}
+
+func (s *stuckStore) WatchCommands(ctx context.Context, _ func(string)) error {
+	<-ctx.Done()
+	return nil
+}
+
+func (s *stuckStore) ExpireCommands(ctx context.Context, _ time.Time, _ time.Duration) ([]Command, error) {
+	s.once.Do(func() { close(s.entered) })
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestDrainBoundedWhileASweepIsStuck: the drain's bound starts when Run's
+// context ends, also while its loop is inside a database call that does
+// not answer (it held a stop for as long as PostgreSQL was frozen).
+func TestDrainBoundedWhileASweepIsStuck(t *testing.T) {
+	st := &stuckStore{fakeStore: newFakeStore(), entered: make(chan struct{})}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, SweepInterval: 5 * time.Millisecond, DrainTimeout: 50 * time.Millisecond,
+		Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	select {
+	case <-st.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no sweep ran")
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return: the stuck sweep held the drain off")
 	}
 }

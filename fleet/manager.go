@@ -305,6 +305,18 @@ func (m *Manager) Run(ctx context.Context) error {
 	// ctx ends is still written.
 	wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancel()
+	// The drain's bound starts when ctx ends, whatever the loop below is
+	// doing then: a sweep or census stuck on a database that does not
+	// answer (stopped, not down) would otherwise hold it off for as long.
+	var drain atomic.Pointer[time.Timer]
+	stopDrain := context.AfterFunc(ctx, func() { drain.Store(time.AfterFunc(m.opts.DrainTimeout, cancel)) })
+	defer func() {
+		if !stopDrain() {
+			if t := drain.Load(); t != nil {
+				t.Stop()
+			}
+		}
+	}()
 	m.wg.Add(1 + len(m.health))
 	for _, q := range m.health {
 		w := &healthWriter{m: m}
@@ -338,10 +350,8 @@ func (m *Manager) Run(ctx context.Context) error {
 			// Callers stop the bus first; what was queued before is written.
 			m.stopped.Store(true)
 			close(m.done)
-			// Give the drain a bound so a database that stays down cannot
-			// hold the shutdown forever.
-			t := time.AfterFunc(m.opts.DrainTimeout, cancel)
-			defer t.Stop()
+			// The drain is bounded (above) so a database that stays down
+			// cannot hold the shutdown forever.
 			m.wg.Wait()
 			// The event writers hand work to the control shards: stop those
 			// only once the writers are done.
