@@ -135,7 +135,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 			return fail(err)
 		}
 	}
-	if err := clearStalePidFile(dataDir, logger); err != nil {
+	if err := clearPidFileWhenGone(ctx, dataDir, logger); err != nil {
 		return fail(err)
 	}
 

@@ -35,6 +35,9 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperModeEnv); mode != "" {
 		os.Exit(runHelper(mode, os.Getenv(helperDirEnv)))
 	}
+	// A live server on the data directory is refused after half a second
+	// here, not after the production grace (TestStartWaitsForAServerOnItsWayOut).
+	exitGrace = 500 * time.Millisecond
 	os.Exit(m.Run())
 }
 
@@ -737,4 +740,50 @@ func TestKilledServerStartedAgain(t *testing.T) {
 	if !now.exited() {
 		t.Fatal("Stop left the new server running")
 	}
+}
+
+// TestStartWaitsForAServerOnItsWayOut: a start that finds a server still
+// running on its data directory (that of a gateway killed a moment ago,
+// still shutting down) waits for it to exit and then starts, instead of
+// sending the operator to kill a process that is going away.
+func TestStartWaitsForAServerOnItsWayOut(t *testing.T) {
+	defer func(g time.Duration) { exitGrace = g }(exitGrace)
+	exitGrace = 60 * time.Second
+	dataDir := filepath.Join(traversableDir(t), "data")
+	old, err := Start(context.Background(), Options{DataDir: dataDir, Fast: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	old.mu.Lock()
+	old.stopping = true // its gateway is gone: nothing starts it again
+	p := old.proc
+	old.mu.Unlock()
+	defer old.Stop()
+	pid := p.cmd.Process.Pid
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil { // held alive until the new start waits
+		t.Fatal(err)
+	}
+	defer syscall.Kill(pid, syscall.SIGCONT) // a failed test leaves no stopped server behind
+	logger, logs := newLogger(t)
+	started := make(chan error, 1)
+	var c *Cluster
+	go func() {
+		var err error
+		c, err = Start(context.Background(), Options{DataDir: dataDir, Fast: true, Logger: logger})
+		started <- err
+	}()
+	waitFor(t, 30*time.Second, "the start waiting", func() bool { return strings.Contains(logs.String(), "waiting for it to exit") })
+	// Its immediate shutdown, as the parent-death signal asks.
+	if err := syscall.Kill(pid, syscall.SIGQUIT); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(pid, syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-started; err != nil {
+		t.Fatalf("Start after the old server exited: %v", err)
+	}
+	defer c.Stop()
+	conn := MustConnect(t, c.DSN("lockergate"))
+	MustExec(t, conn, "SELECT 1")
 }

@@ -1,6 +1,7 @@
 package pgcluster
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // procRoot is where process information lives (Linux). Where there is none
@@ -39,14 +41,16 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 	first, _, _ := strings.Cut(string(b), "\n")
 	pid, err := strconv.Atoi(strings.TrimSpace(first))
 	if err == nil && pid > 0 && !haveProcfs() && isRunning(pid) {
-		return fmt.Errorf("another PostgreSQL may be running on %s: its postmaster.pid names pid %d, which is running (this system has no /proc to tell what it is): stop that server (kill -INT %d), or if pid %d is not one, delete %s, or use another --data-dir",
-			dataDir, pid, pid, pid, path)
+		return fmt.Errorf("another PostgreSQL may be running on %s: its postmaster.pid names pid %d, which is running (this system has no /proc to tell what it is): stop that server (kill -INT %d), or if pid %d is not one, delete %s, or use another --data-dir: %w",
+			dataDir, pid, pid, pid, path, errRunning)
 	}
 	if err == nil && pid > 0 && usesDataDir(pid, dataDir) {
-		return fmt.Errorf("another PostgreSQL is running on %s (pid %d): stop it or use another --data-dir", dataDir, pid)
+		return fmt.Errorf("another PostgreSQL is running on %s (pid %d), and it did not exit within %v: stop it (kill -INT %d) or use another --data-dir: %w",
+			dataDir, pid, exitGrace, pid, errRunning)
 	}
 	if other := findServerOn(dataDir); other > 0 {
-		return fmt.Errorf("another PostgreSQL is running on %s (pid %d, not the one in postmaster.pid): stop it or use another --data-dir", dataDir, other)
+		return fmt.Errorf("another PostgreSQL is running on %s (pid %d, not the one in postmaster.pid), and it did not exit within %v: stop it (kill -INT %d) or use another --data-dir: %w",
+			dataDir, other, exitGrace, other, errRunning)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove stale %s: %w", path, err)
@@ -54,6 +58,38 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 	logger.Warn("removed stale postmaster.pid: its server is not running (a previous run did not shut down cleanly)",
 		"data_dir", dataDir, "pid_in_file", strings.TrimSpace(first))
 	return nil
+}
+
+// exitGrace is how long a start waits for a server still running on its
+// data directory to exit before it refuses: that of a gateway killed a
+// moment ago is on its way out (the parent-death signal is an immediate
+// shutdown, which takes a few seconds with busy backends).
+var exitGrace = 15 * time.Second
+
+// errRunning marks clearStalePidFile's refusals of a live server.
+var errRunning = errors.New("server running")
+
+// clearPidFileWhenGone is clearStalePidFile that, while a server runs on
+// dataDir, waits up to exitGrace for it to exit.
+func clearPidFileWhenGone(ctx context.Context, dataDir string, logger *slog.Logger) error {
+	deadline := time.Now().Add(exitGrace)
+	logged := false
+	for {
+		err := clearStalePidFile(dataDir, logger)
+		if !errors.Is(err, errRunning) || !time.Now().Before(deadline) {
+			return err
+		}
+		if !logged {
+			logger.Warn("a PostgreSQL is still running on the data directory: waiting for it to exit", "data_dir", dataDir,
+				"wait", exitGrace)
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // haveProcfs reports whether processes can be looked at under procRoot.
