@@ -32,7 +32,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
+	"github.com/lockergate/lockergate/devicesim/orders"
 )
 
 func main() { os.Exit(run()) }
@@ -315,21 +317,24 @@ func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag
 
 // report is the final report.
 type report struct {
-	Scenario     string          `json:"scenario,omitempty"`
-	Lockers      int             `json:"lockers"`
-	Seed         int64           `json:"seed"`
-	Broker       string          `json:"broker"`
-	API          string          `json:"api,omitempty"`
-	Started      time.Time       `json:"started"`
-	DurationS    float64         `json:"duration_s"`
-	AllConnected bool            `json:"all_connected"`
-	ConnectS     float64         `json:"connect_s,omitempty"` // time until all were connected
-	StartError   string          `json:"start_error,omitempty"`
-	OutPerS      float64         `json:"published_per_s"`
-	InPerS       float64         `json:"received_per_s"`
-	Errors       uint64          `json:"errors"`
-	Pickups      uint64          `json:"pickups"`
-	Stats        devicesim.Stats `json:"stats"`
+	Scenario     string    `json:"scenario,omitempty"`
+	Lockers      int       `json:"lockers"`
+	Seed         int64     `json:"seed"`
+	Broker       string    `json:"broker"`
+	API          string    `json:"api,omitempty"`
+	Started      time.Time `json:"started"`
+	DurationS    float64   `json:"duration_s"`
+	AllConnected bool      `json:"all_connected"`
+	ConnectS     float64   `json:"connect_s,omitempty"` // time until all were connected
+	StartError   string    `json:"start_error,omitempty"`
+	OutPerS      float64   `json:"published_per_s"`
+	InPerS       float64   `json:"received_per_s"`
+	Errors       uint64    `json:"errors"`
+	Pickups      uint64    `json:"pickups"`
+	// Orders is what the scenario's people did through the API
+	// (behavior.orders_per_hour), when it places orders.
+	Orders *orders.Stats   `json:"orders,omitempty"`
+	Stats  devicesim.Stats `json:"stats"`
 	// Unmet lists the scenario's expectations the run did not meet.
 	Unmet []string `json:"unmet,omitempty"`
 }
@@ -412,13 +417,19 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 		log.Error("cannot save identities", "err", err)
 		code = 1
 	}
+	var ordersDone chan orders.Stats
 	if startErr != nil && fleet.Stats().Connected == 0 && runCtx.Err() == nil {
 		log.Error("no locker connected; stopping")
 	} else {
+		ordersDone = placeOrders(runCtx, cfg, fleet, log)
 		<-runCtx.Done()
 	}
 	stopLive()
 	wg.Wait()
+	if ordersDone != nil {
+		st := <-ordersDone
+		rep.Orders = &st
+	}
 
 	st := fleet.Stats() // before Close, while the connected gauge still means something
 	fleet.Close()
@@ -453,6 +464,52 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 		}
 	}
 	return code
+}
+
+// placeOrders plays the scenario's people (behavior.orders_per_hour, per
+// site) through the gateway's API with --token (an admin token: it reads
+// the codes it hands its drivers) until ctx ends: staff stage orders, and
+// drivers come and type the code (devicesim/orders). It returns nil when
+// the scenario places none, or when it cannot (said in the log), else a
+// channel that gets the totals once ctx has ended.
+func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *slog.Logger) chan orders.Stats {
+	o := fleet.Options()
+	b := o.Behavior
+	if b.OrdersPerHour <= 0 {
+		return nil
+	}
+	var sites []string
+	for _, s := range o.Sites {
+		if s.ID != "" {
+			sites = append(sites, s.ID)
+		}
+	}
+	switch {
+	case cfg.opts.API == "" || cfg.apiToken == "":
+		log.Warn("the scenario places orders (behavior.orders_per_hour), but none are placed: give --api and --token (an admin token)")
+		return nil
+	case len(sites) == 0:
+		log.Warn("the scenario places orders (behavior.orders_per_hour), but none are placed: its fleet names no site ids (fleet.sites)")
+		return nil
+	}
+	scale := max(o.TimeScale, 1e-9)
+	driver := [2]time.Duration{time.Duration(float64(b.DriverDelay.Min.D()) / scale), time.Duration(float64(b.DriverDelay.Max.D()) / scale)}
+	if driver[1] <= 0 {
+		driver = [2]time.Duration{20 * time.Second, 3 * time.Minute}
+	}
+	rate := b.OrdersPerHour * float64(len(sites)) / 3600 * scale
+	log.Info("placing orders through the API", "sites", len(sites), "per_hour_per_site", b.OrdersPerHour, "time_scale", o.TimeScale)
+	done := make(chan orders.Stats, 1)
+	go func() {
+		st, err := orders.Run(ctx, orders.Options{API: client.New(cfg.opts.API, cfg.apiToken), Fleet: fleet, Sites: sites,
+			Platform: "lockersim", Rate: rate, DriverDelay: driver, WrongCode: b.WrongCodeShare, NoShow: b.NoShowShare,
+			Seed: o.Seed, Logger: log.With("component", "orders")})
+		if err != nil {
+			log.Error("orders", "err", err)
+		}
+		done <- st
+	}()
+	return done
 }
 
 // live prints a one-line summary every interval until ctx ends.
@@ -501,6 +558,10 @@ func printReport(w io.Writer, r report) {
 		st.NetworkLosses, st.DoorJams, st.Tampers, st.PowerCuts, st.GatewayRestarts, st.RestartsSkipped)
 	fmt.Fprintf(w, "  errors %d: connect failures %d, connections lost %d, publish errors %d, decode errors %d, dropped %d, restart errors %d\n",
 		r.Errors, st.ConnectFailures, st.ConnectionsLost, st.PublishErrors, st.DecodeErrors, st.Dropped, st.RestartErrors)
+	if o := r.Orders; o != nil {
+		fmt.Fprintf(w, "  orders: created %d, ready %d, picked up %d, no-shows %d, wrong codes %d, no compartment %d, failed %d\n",
+			o.Created, o.Ready, o.PickedUp, o.NoShows, o.WrongCodes, o.NoCompartment, o.Failed)
+	}
 	for _, u := range r.Unmet {
 		fmt.Fprintf(w, "  EXPECTATION NOT MET: %s\n", u)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/devicesim/devicesimtest"
+	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -195,7 +196,7 @@ func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "bench" {
 		os.Exit(run())
 	}
-	os.Exit(m.Run())
+	os.Exit(pgtest.Main(m)) // TestRunPlacesTheScenarioOrders runs a gateway on PostgreSQL
 }
 
 func TestRunScenario(t *testing.T) {
