@@ -147,11 +147,15 @@ func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, 
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (webhook.Delivery, error) { return scanDelivery(row) })
 }
 
-// RecordAttempt implements webhook.Store.
+// RecordAttempt implements webhook.Store. Recording one outcome again (a
+// retry after a commit whose answer was lost) changes nothing: an attempt
+// is known by its delivery and time.
 func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) error {
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `INSERT INTO webhook_attempts (delivery_seq, ts, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5)`,
-			seq, o.At, o.Status, o.Error, float64(o.Duration.Microseconds())/1000); err != nil {
+		tag, err := tx.Exec(ctx, `INSERT INTO webhook_attempts (delivery_seq, ts, status, error, duration_ms)
+			SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM webhook_attempts WHERE delivery_seq = $1 AND ts = $2)`,
+			seq, o.At, o.Status, o.Error, float64(o.Duration.Microseconds())/1000)
+		if err != nil || tag.RowsAffected() == 0 {
 			return err
 		}
 		state := "pending"
@@ -161,7 +165,7 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 		case o.Next.IsZero():
 			state = "failed"
 		}
-		_, err := tx.Exec(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
+		_, err = tx.Exec(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
 			next_attempt = CASE WHEN $5::timestamptz IS NULL THEN next_attempt ELSE $5 END, leased_until = '-infinity',
 			delivered_at = CASE WHEN $2 = 'delivered' THEN $6::timestamptz ELSE NULL END
 			WHERE seq = $1 AND state = 'pending'`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At)

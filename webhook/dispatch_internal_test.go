@@ -257,3 +257,48 @@ func TestCreateRefusesUnreachableURL(t *testing.T) {
 		})
 	}
 }
+
+// failingRecordStore fails the first fails RecordAttempt calls, as a
+// database whose backend was killed does.
+type failingRecordStore struct {
+	*memStore
+	fails atomic.Int32
+}
+
+func (s *failingRecordStore) RecordAttempt(ctx context.Context, seq int64, o Outcome) error {
+	if s.fails.Add(-1) >= 0 {
+		return errors.New("conn closed")
+	}
+	return s.memStore.RecordAttempt(ctx, seq, o)
+}
+
+// TestAttemptRecordedThroughADatabaseBlip: an attempt whose outcome the
+// store fails to record at first is recorded once it can be (it was left
+// out of the delivery's log, and the delivered event was sent again when
+// its lease ended).
+func TestAttemptRecordedThroughADatabaseBlip(t *testing.T) {
+	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer ok.Close()
+	key := bytes.Repeat([]byte{1}, 32)
+	seal, err := newSealer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	mem := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: ok.URL}}, enc: map[string][]byte{"wh-1": seal.seal("whsec_x", "wh-1")},
+		leased: map[int64]time.Time{}, tried: map[int64][]Outcome{},
+		ds: []Delivery{{Seq: 1, WebhookID: "wh-1", EventID: "ev", Subject: "p-1", Body: []byte(`{}`), State: "pending", NextAttempt: now, CreatedAt: now}}}
+	st := &failingRecordStore{memStore: mem}
+	st.fails.Store(2)
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, PollInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.deliver(context.Background(), &mem.ds[0])
+	if got := mem.tried[1]; len(got) != 1 || !got[0].Delivered {
+		t.Fatalf("recorded %+v, want the one delivered attempt", got)
+	}
+	if mem.delivered("wh-1") != 1 {
+		t.Fatal("the delivery is still pending")
+	}
+}

@@ -273,13 +273,35 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 	return len(due) == free
 }
 
+// recordFor bounds how long an attempt's outcome is tried to be recorded.
+const recordFor = 30 * time.Second
+
 func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	// A failure before sending is recorded like a failed attempt, so the
 	// delivery backs off (and is given up in time) instead of blocking the
 	// pickup's later events forever.
 	record := func(o Outcome) {
-		if err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o); err != nil {
-			d.log.Error("record webhook attempt", "event", dl.EventID, "err", err)
+		// A database blip (a killed backend, a failover) must not leave the
+		// attempt out of the delivery's log, and a delivered event pending,
+		// to be sent again when its lease ends: tried again for up to
+		// recordFor (well inside the lease), once when stopping.
+		backoff, deadline := 100*time.Millisecond, time.Now().Add(recordFor)
+		for {
+			err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o)
+			if err == nil {
+				return
+			}
+			if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
+				d.log.Error("record webhook attempt: not recorded; the delivery is tried again once its lease ends",
+					"webhook", dl.WebhookID, "event", dl.EventID, "err", err)
+				return
+			}
+			d.log.Warn("record webhook attempt failed; retrying", "webhook", dl.WebhookID, "event", dl.EventID, "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, 5*time.Second)
 		}
 	}
 	fail := func(what string, err error) {
