@@ -51,6 +51,9 @@ type Command struct {
 	ExpiresAt   time.Time  `json:"expires_at"`
 	SentAt      *time.Time `json:"sent_at,omitempty"`
 	DoneAt      *time.Time `json:"done_at,omitempty"`
+	// Pickup is the pickup whose staging unlock this is, when made for one
+	// (CommandRequest.Pickup); not stored with the command.
+	Pickup string `json:"-"`
 }
 
 // Wire returns the command as the device receives it.
@@ -80,6 +83,12 @@ type CommandRequest struct {
 	// Site, when set, scopes the request to one site's lockers (a store
 	// token): a locker of another site is not found.
 	Site string
+	// Pickup, when set, is the pickup whose staging unlock this is: the
+	// command is made only while the pickup is live (staging or ready), and
+	// recorded on it, in the same statement; ErrConflict when it has ended
+	// (a cancel that came first: nothing is sent). A cancel after it finds
+	// the command on the pickup and withdraws it.
+	Pickup string
 }
 
 // validate checks what the request says on its own and fills defaults;

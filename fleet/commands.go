@@ -51,7 +51,7 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	c := &Command{
 		ID: id, DeviceID: req.DeviceID, Type: req.Type, Compartment: req.Compartment,
 		Reason: req.Reason, InService: req.InService, Status: CmdPending, Actor: req.Actor,
-		CreatedAt: now, ExpiresAt: now.Add(req.TTL),
+		CreatedAt: now, ExpiresAt: now.Add(req.TTL), Pickup: req.Pickup,
 	}
 	var audit *AuditEntry
 	if req.Type == protocol.CmdUnlock {
@@ -76,6 +76,8 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		return nil, fmt.Errorf("create command: %w", err)
 	case !t.HasCompartment:
 		return nil, req.noCompartment()
+	case t.PickupEnded:
+		return nil, fmt.Errorf("pickup %s ended before its command was made: %w", req.Pickup, ErrConflict)
 	case !created:
 		return nil, fmt.Errorf("create command for %s: not stored, though its locker qualifies", req.DeviceID)
 	}

@@ -61,7 +61,9 @@ type Store interface {
 	// it is stored as pending. c.Status and c.SentAt are set as stored. It
 	// returns what it saw of the locker and whether it inserted c, or
 	// ErrNotFound when there is no such locker, ErrExists when a command
-	// with c.ID is stored (nothing is inserted then).
+	// with c.ID is stored (nothing is inserted then). With c.Pickup, c is
+	// inserted only while that pickup is live, and recorded on it, with the
+	// pickup's row locked against a concurrent end (PickupEnded otherwise).
 	// One round trip: it is on every unlock's path.
 	CreateCommand(ctx context.Context, c *Command, audit *AuditEntry, site string) (CommandTarget, bool, error)
 	// GetCommand returns a command of a locker, or ErrNotFound.
@@ -242,4 +244,7 @@ type CommandTarget struct {
 	// HasCompartment: the locker has the command's compartment (true for a
 	// command without one).
 	HasCompartment bool
+	// PickupEnded: the command was for a pickup (Command.Pickup) that is
+	// no longer live; nothing was stored.
+	PickupEnded bool
 }

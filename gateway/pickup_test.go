@@ -1844,7 +1844,7 @@ func TestStaleLockerGetsNoPickup(t *testing.T) {
 // unlock, with no code used.
 func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 	ctx := context.Background()
-	const ttl = 3 * time.Second
+	const ttl = 10 * time.Second
 	tg := MustStart(t, func(o *gateway.Options) {
 		o.CommandResend = 100 * time.Millisecond
 		o.StagingTTL = ttl
@@ -1863,6 +1863,13 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		}
 		return p, status
 	}
+	// The checks below can only fail while the withdrawn unlock is valid.
+	valid := func(until time.Time, what string) {
+		t.Helper()
+		if !time.Now().Before(until) {
+			t.Fatalf("%s came after the withdrawn unlock expired (the machine is too slow for this test's %v)", what, ttl)
+		}
+	}
 
 	// The staging unlock reaches the locker, which does not answer it.
 	first, _ := create("RACE-1")
@@ -1879,21 +1886,9 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		t.Fatalf("the unlock ended at %v, not before it expired at %v: not withdrawn", cmd.DoneAt, cmd.ExpiresAt)
 	}
 
-	// Its compartment (1, the one small ambient one) is not allocated while
-	// the unlock is valid: the next order gets 2 (M), and one more none.
-	second, _ := create("RACE-2")
-	if second.Compartment == first.Compartment {
-		t.Fatalf("RACE-2 got compartment %d, whose withdrawn unlock has not expired", second.Compartment)
-	}
-	if _, status := create("RACE-3"); status != http.StatusUnprocessableEntity {
-		t.Fatalf("RACE-3: %d, want 422 (no compartment free of an unlock in flight)", status)
-	}
-	wantCommand(t, got, second.CommandID, "RACE-2's staging unlock")
-	publishResult(t, c, r.DeviceID, second.CommandID)
-	waitCommandStatus(t, tg, r.DeviceID, second.CommandID, fleet.CmdOK, "RACE-2's unlock answered")
-
-	// At the next connect the open commands are sent (none now), then a
-	// command made after that: the withdrawn unlock would come first.
+	// At the next connect the open commands are sent, then a command made
+	// after that: the withdrawn unlock would come first. (Repeats of it
+	// sent before the cancel stay with the old connection's channel.)
 	c.Disconnect(50)
 	waitOnline(t, tg, r.DeviceID, false)
 	c = MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
@@ -1912,6 +1907,21 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		t.Fatal(err)
 	}
 	wantCommand(t, got, marker.ID, "the command after the connect")
+	valid(cmd.ExpiresAt, "the connect")
+
+	// Its compartment (1, the one small ambient one) is not allocated while
+	// the unlock is valid: the next order gets 2 (M), and one more none.
+	second, _ := create("RACE-2")
+	if second.Compartment == first.Compartment {
+		t.Fatalf("RACE-2 got compartment %d, whose withdrawn unlock has not expired", second.Compartment)
+	}
+	if _, status := create("RACE-3"); status != http.StatusUnprocessableEntity {
+		t.Fatalf("RACE-3: %d, want 422 (no compartment free of an unlock in flight)", status)
+	}
+	valid(cmd.ExpiresAt, "the allocations")
+	wantCommand(t, got, second.CommandID, "RACE-2's staging unlock")
+	publishResult(t, c, r.DeviceID, second.CommandID)
+	waitCommandStatus(t, tg, r.DeviceID, second.CommandID, fleet.CmdOK, "RACE-2's unlock answered")
 
 	// Once the withdrawn unlock has expired, its compartment is free again.
 	Eventually(t, ttl+10*time.Second, "compartment 1 allocated after the unlock expired", func() error {

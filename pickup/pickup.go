@@ -162,10 +162,6 @@ type Store interface {
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
 	// a live pickup of the site and platform has the order_ref.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error
-	// SetCommand records staging unlock commandID of pickup id; if the
-	// pickup ended meanwhile, the command is withdrawn (as Transition does)
-	// at at.
-	SetCommand(ctx context.Context, id, commandID string, at time.Time) error
 	GetPickup(ctx context.Context, id string) (*Pickup, error)
 	ListPickups(ctx context.Context, f Filter) ([]Pickup, error)
 	Transitions(ctx context.Context, id string) ([]Transition, error)

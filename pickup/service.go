@@ -154,15 +154,21 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 		Detail: map[string]any{"pickup": p.ID, "order_ref": p.OrderRef, "compartment": p.Compartment}}); err != nil {
 		return err
 	}
+	// Made only while the pickup is live, and recorded on it, in one
+	// statement: a cancel in between leaves nothing to send.
 	cmd, err := s.o.Fleet.SendCommand(ctx, fleet.CommandRequest{DeviceID: p.Locker, Type: protocol.CmdUnlock,
-		Compartment: p.Compartment, Reason: protocol.ReasonStaging, TTL: s.o.StagingTTL, Actor: p.CreatedBy})
+		Compartment: p.Compartment, Reason: protocol.ReasonStaging, TTL: s.o.StagingTTL, Actor: p.CreatedBy, Pickup: p.ID})
+	if errors.Is(err, fleet.ErrConflict) {
+		s.log.Info("pickup ended before its staging unlock was made: none sent", "pickup", p.ID, "locker", p.Locker)
+		return nil
+	}
 	if err != nil {
 		// The pickup holds the compartment; staff can open it remotely.
 		s.log.Error("staging unlock", "pickup", p.ID, "locker", p.Locker, "err", err)
 		return nil
 	}
 	p.CommandID = cmd.ID
-	return s.o.Store.SetCommand(ctx, p.ID, cmd.ID, s.o.Now())
+	return nil
 }
 
 // Get returns a pickup with its transitions.

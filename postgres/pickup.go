@@ -137,20 +137,6 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	}
 }
 
-// SetCommand implements pickup.Store. A pickup and its staging unlock are
-// made one after the other: one cancelled in between has its unlock
-// withdrawn here (with the row's lock, a Transition that commits after
-// this update finds the command and withdraws it itself).
-func (db *DB) SetCommand(ctx context.Context, id, commandID string, at time.Time) error {
-	var state string
-	err := db.pool.QueryRow(ctx, `UPDATE pickups SET command_id = $2 WHERE id = $1 RETURNING state`, id, commandID).Scan(&state)
-	if err != nil || pickup.Live(state) {
-		return err
-	}
-	_, err = db.pool.Exec(ctx, withdrawSQL, commandID, state, at, commandChannel)
-	return err
-}
-
 // withdrawSQL withdraws the staging unlock $1 of a pickup that ended as $2
 // at $3, if it is still unanswered: a pending one ends expired (never
 // sent), a sent one timed_out (the gateway stops sending it again: not by

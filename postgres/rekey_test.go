@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/webhook"
@@ -673,20 +674,25 @@ func TestCombinedCodeSpentByItsUse(t *testing.T) {
 	}
 }
 
-// TestStagingUnlockWithdrawnWithItsPickup: a pickup that ends takes its
-// unanswered staging unlock back (a pending one expired, a sent one
-// timed_out, with the reason), also when it ended before the unlock was
-// recorded on it (SetCommand); a compartment with an unlock that may still
-// fire (unanswered or withdrawn, not expired) is not allocated.
+// TestStagingUnlockWithdrawnWithItsPickup: a pickup's staging unlock is
+// made only while the pickup is live, and recorded on it (CreateCommand
+// with Pickup); a pickup that ends takes it back when unanswered (pending:
+// expired; sent: timed_out, with the reason); a compartment with an unlock
+// that may still fire (unanswered or withdrawn, not expired) is not
+// allocated.
 func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-WD", 2)
 	now := time.Now()
-	unlock := func(id string, p *pickup.Pickup, status string) {
+	unlock := func(id string, p *pickup.Pickup) (fleet.CommandTarget, bool) {
 		t.Helper()
-		e.exec(`INSERT INTO commands (id, device_id, type, compartment, reason, status, actor, created_at, expires_at, sent_at)
-			VALUES ($1, $2, 'unlock', $3, 'staging', $4, 'test', $5, $6, CASE WHEN $4 = 'sent' THEN $5::timestamptz END)`,
-			id, e.id, p.Compartment, status, now, now.Add(time.Minute))
+		c := &fleet.Command{ID: id, DeviceID: e.id, Type: "unlock", Compartment: p.Compartment, Reason: "staging",
+			Actor: "test", CreatedAt: now, ExpiresAt: now.Add(time.Minute), Pickup: p.ID}
+		tg, created, err := e.db.CreateCommand(ctx, c, nil, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tg, created
 	}
 	command := func(id string) *fleet.Command {
 		t.Helper()
@@ -700,12 +706,14 @@ func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unlock("c-a", a, "sent")
-	if err := e.db.SetCommand(ctx, a.ID, "c-a", now); err != nil {
-		t.Fatal(err)
+	if tg, created := unlock("c-a", a); !created || tg.PickupEnded {
+		t.Fatalf("the live pickup's unlock: created %v, pickup ended %v", created, tg.PickupEnded)
 	}
 	if c := command("c-a"); c.Status != fleet.CmdSent {
-		t.Fatalf("the live pickup's unlock is %s, want sent", c.Status)
+		t.Fatalf("the live pickup's unlock is %s, want sent (the locker is online)", c.Status)
+	}
+	if p, err := e.db.GetPickup(ctx, a.ID); err != nil || p.CommandID != "c-a" {
+		t.Fatalf("the pickup's staging command: %q (%v), want c-a", p.CommandID, err)
 	}
 	e.transition(a.ID, pickup.Cancelled)
 	if c := command("c-a"); c.Status != fleet.CmdTimedOut || c.Error != "withdrawn: pickup cancelled" || c.DoneAt == nil {
@@ -720,23 +728,73 @@ func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 	if _, err := e.allocate("WD-C"); !errors.Is(err, pickup.ErrNoCompartment) {
 		t.Fatalf("C: %v, want no compartment", err)
 	}
-	// B ended before its unlock was recorded on it: recording it withdraws
-	// it (pending: never sent).
+	// B ended before its unlock was made: none is made.
 	e.transition(b.ID, pickup.Cancelled)
-	unlock("c-b", b, "pending")
-	if err := e.db.SetCommand(ctx, b.ID, "c-b", now); err != nil {
-		t.Fatal(err)
+	if tg, created := unlock("c-b", b); created || !tg.PickupEnded {
+		t.Fatalf("the ended pickup's unlock: created %v, pickup ended %v; want none made", created, tg.PickupEnded)
 	}
-	if c := command("c-b"); c.Status != fleet.CmdExpired || c.Error != "withdrawn: pickup cancelled" {
-		t.Fatalf("the unlock recorded after its pickup ended: %s %q, want expired, withdrawn", c.Status, c.Error)
+	if _, err := e.db.GetCommand(ctx, e.id, "c-b"); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the ended pickup's unlock is stored: %v", err)
 	}
-	// B's was never sent: its compartment is free; A's, once its unlock
-	// has expired.
+	// B's compartment is free; A's, once its unlock has expired.
 	if d, err := e.allocate("WD-D"); err != nil || d.Compartment != b.Compartment {
 		t.Fatalf("D: compartment %d (%v), want %d", d.Compartment, err, b.Compartment)
 	}
 	e.exec(`UPDATE commands SET expires_at = $2 WHERE id = $1`, "c-a", now.Add(-time.Second))
-	if f, err := e.allocate("WD-F"); err != nil || f.Compartment != a.Compartment {
+	f, err := e.allocate("WD-F")
+	if err != nil || f.Compartment != a.Compartment {
 		t.Fatalf("F: compartment %d (%v), want %d (its unlock expired)", f.Compartment, err, a.Compartment)
+	}
+	// A pending unlock withdrawn is expired: never sent.
+	e.exec(`UPDATE devices SET online = false WHERE id = $1`, e.id)
+	if _, created := unlock("c-f", f); !created {
+		t.Fatal("F's unlock not made")
+	}
+	e.transition(f.ID, pickup.Cancelled)
+	if c := command("c-f"); c.Status != fleet.CmdExpired || c.Error != "withdrawn: pickup cancelled" {
+		t.Fatalf("the cancelled pickup's pending unlock: %s %q, want expired, withdrawn", c.Status, c.Error)
+	}
+
+	// A cancel in progress (the pickup's row locked) when the unlock is
+	// made: the unlock waits for it, and then makes nothing.
+	e.exec(`UPDATE devices SET online = true WHERE id = $1`, e.id)
+	g, err := e.allocate("WD-G")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, err := e.db.Pool().Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `SELECT 1 FROM pickups WHERE id = $1 FOR UPDATE`, g.ID); err != nil {
+		t.Fatal(err)
+	}
+	type made struct {
+		tg      fleet.CommandTarget
+		created bool
+	}
+	done := make(chan made, 1)
+	go func() {
+		tg, created := unlock("c-g", g)
+		done <- made{tg, created}
+	}()
+	testtool.Eventually(t, 10*time.Second, "the unlock waiting for the pickup's row", func() error {
+		var waiting bool
+		err := e.db.Pool().QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+			WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO commands%')`).Scan(&waiting)
+		if err == nil && !waiting {
+			err = errors.New("not waiting")
+		}
+		return err
+	})
+	if _, err := tx.Exec(ctx, `UPDATE pickups SET state = 'cancelled' WHERE id = $1`, g.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if m := <-done; m.created || !m.tg.PickupEnded {
+		t.Fatalf("the unlock made while the pickup was being cancelled: created %v, pickup ended %v; want none made", m.created, m.tg.PickupEnded)
 	}
 }
