@@ -1120,6 +1120,8 @@ func TestServerPacketIDsAreNotTheClients(t *testing.T) {
 					err = ans.UnsubackDecode(body)
 				case packets.Puback:
 					err = ans.PubackDecode(body)
+				case packets.Pubcomp:
+					err = ans.PubcompDecode(body)
 				default:
 					t.Fatalf("%s answered with packet type %d", packets.PacketNames[pk.FixedHeader.Type], typ)
 				}
@@ -1153,6 +1155,12 @@ func TestServerPacketIDsAreNotTheClients(t *testing.T) {
 				TopicName: "e/f", Payload: []byte("x")})
 			if ans.FixedHeader.Type != packets.Puback || ans.PacketID != 7 || ans.ReasonCode != 0 {
 				t.Fatalf("PUBLISH 7 answered with %s %d %#x, want a PUBACK", packets.PacketNames[ans.FixedHeader.Type], ans.PacketID, ans.ReasonCode)
+			}
+			// A PUBREL 7 of the client's (no QoS 2 flow of its own there):
+			// not found, and the server's message stays.
+			ans = process(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrel, Qos: 1}, PacketID: 7})
+			if ans.FixedHeader.Type != packets.Pubcomp || ans.PacketID != 7 || v == 5 && ans.ReasonCode != packets.ErrPacketIdentifierNotFound.Code {
+				t.Fatalf("PUBREL 7 answered with %s %d %#x, want PUBCOMP not found", packets.PacketNames[ans.FixedHeader.Type], ans.PacketID, ans.ReasonCode)
 			}
 			if pk, ok := cl.State.Inflight.Get(7); !ok || pk.FixedHeader.Type != packets.Publish || pk.TopicName != "c/d" {
 				t.Fatalf("the server's message 7 is no longer inflight (found %v: %s %q): it would not be sent again", ok, packets.PacketNames[pk.FixedHeader.Type], pk.TopicName)
