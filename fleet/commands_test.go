@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1393,5 +1394,33 @@ func TestOwnResultNotification(t *testing.T) {
 	}
 	if len(m.completing) != 0 {
 		t.Fatalf("recordings left marked: %v", m.completing)
+	}
+}
+
+// endedElsewhereStore reads a locker online once, then offline: its session's
+// end recorded by another instance (or from its Last Will), which this
+// instance's writes of session ends never announce.
+type endedElsewhereStore struct {
+	*fakeStore
+	reads atomic.Int32
+}
+
+func (s *endedElsewhereStore) GetLocker(_ context.Context, id string) (*Locker, error) {
+	l := *testLocker
+	l.Online = s.reads.Add(1) == 1
+	return &l, nil
+}
+
+// TestWaitOfflineReadsAgainAtItsEnd: a wait that no local write of session
+// ends wakes answers the locker as recorded at its end, not as first read.
+func TestWaitOfflineReadsAgainAtItsEnd(t *testing.T) {
+	st := &endedElsewhereStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := m.WaitOffline(context.Background(), testLocker.ID, 20*time.Millisecond)
+	if err != nil || l.Online {
+		t.Fatalf("WaitOffline: %+v %v, want the locker offline as recorded at the end", l, err)
 	}
 }

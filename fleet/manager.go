@@ -1539,7 +1539,7 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 // WaitOffline returns locker id as recorded once it reads offline, or as it
 // is after d: a disable's answer, after the broker ended the session, which
 // the fleet records a moment later. It reads the locker again each time
-// session ends were written, not on a timer.
+// this instance wrote session ends, not on a timer, and once more at d.
 func (m *Manager) WaitOffline(ctx context.Context, id string, d time.Duration) (*Locker, error) {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
@@ -1554,7 +1554,9 @@ func (m *Manager) WaitOffline(ctx context.Context, id string, d time.Duration) (
 		select {
 		case <-ended:
 		case <-timer.C:
-			return l, nil
+			// As recorded now: another instance (or a Last Will behind an
+			// external broker) may have recorded the end meanwhile.
+			return m.GetLocker(ctx, id)
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
