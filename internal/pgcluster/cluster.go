@@ -63,6 +63,7 @@ type Cluster struct {
 	mu       sync.Mutex // guards proc and stopping
 	proc     *process   // the server; replaced when supervise restarts it
 	stopping bool
+	stopped  chan struct{} // closed by Stop: supervise's back-off ends
 
 	stopOnce sync.Once
 	stopErr  error
@@ -109,7 +110,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 
-	c := &Cluster{dataDir: dataDir, logPath: dataDir + ".log", logger: logger}
+	c := &Cluster{dataDir: dataDir, logPath: dataDir + ".log", logger: logger, stopped: make(chan struct{})}
 	c.logFile, err = os.OpenFile(c.logPath, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("start PostgreSQL: open its log: %w", err)
@@ -203,6 +204,19 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 // the killed server still attached, say) is tried again with a back-off.
 func (c *Cluster) supervise(p *process) {
 	backoff := time.Second
+	started := time.Now()
+	// wait waits out the back-off, or until Stop; false when stopping.
+	wait := func() bool {
+		t := time.NewTimer(backoff)
+		defer t.Stop()
+		select {
+		case <-c.stopped:
+			return false
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 30*time.Second)
+		return true
+	}
 	for {
 		<-p.done
 		c.mu.Lock()
@@ -213,10 +227,18 @@ func (c *Cluster) supervise(p *process) {
 		}
 		c.logger.Error("PostgreSQL exited unexpectedly: starting it again", "status", p.exitStatus(), "data_dir", c.dataDir,
 			"log", c.logPath, "log_tail", logTail(c.logPath, c.logOffset, tailLines))
+		if time.Since(started) < crashLoop {
+			// It died soon after a start: a crash loop is not run flat out.
+			if !wait() {
+				return
+			}
+		} else {
+			backoff = time.Second
+		}
 		for {
 			next, err := c.restart()
 			if next != nil {
-				p, backoff = next, time.Second
+				p, started = next, time.Now()
 				break
 			}
 			c.mu.Lock()
@@ -227,11 +249,16 @@ func (c *Cluster) supervise(p *process) {
 			}
 			c.logger.Error("PostgreSQL did not start again: retrying", "err", err, "retry_in", backoff,
 				"hint", "the server log says why; the gateway stays unready (/readyz) until the database is back")
-			time.Sleep(backoff)
-			backoff = min(2*backoff, 30*time.Second)
+			if !wait() {
+				return
+			}
 		}
 	}
 }
+
+// crashLoop is how soon after a start an exit counts as a crash loop,
+// whose restarts back off.
+const crashLoop = 30 * time.Second
 
 // restart starts a new server process and waits until it accepts
 // connections; it returns nil and no error when the cluster is stopping.
@@ -408,6 +435,7 @@ func (c *Cluster) stop() error {
 	c.stopping = true
 	p := c.proc
 	c.mu.Unlock()
+	close(c.stopped)
 	if p.exited() {
 		return fmt.Errorf("stop PostgreSQL: it had already exited (%s); %s", p.exitStatus(), logTail(c.logPath, c.logOffset, tailLines))
 	}
