@@ -27,6 +27,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -493,17 +494,21 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 		return nil
 	}
 	scale := max(o.TimeScale, 1e-9)
-	driver := [2]time.Duration{time.Duration(float64(b.DriverDelay.Min.D()) / scale), time.Duration(float64(b.DriverDelay.Max.D()) / scale)}
-	if driver[1] <= 0 {
-		driver = [2]time.Duration{20 * time.Second, 3 * time.Minute}
+	delay := [2]time.Duration{b.DriverDelay.Min.D(), b.DriverDelay.Max.D()}
+	if delay[1] <= 0 {
+		delay = [2]time.Duration{20 * time.Second, 3 * time.Minute}
 	}
+	driver := [2]time.Duration{time.Duration(float64(delay[0]) / scale), time.Duration(float64(delay[1]) / scale)}
 	rate := b.OrdersPerHour * float64(len(sites)) / 3600 * scale
 	log.Info("placing orders through the API", "sites", len(sites), "per_hour_per_site", b.OrdersPerHour, "time_scale", o.TimeScale)
 	done := make(chan orders.Stats, 1)
 	go func() {
 		st, err := orders.Run(ctx, orders.Options{API: client.New(cfg.opts.API, cfg.apiToken), Fleet: fleet, Sites: sites,
 			Platform: "lockersim", Rate: rate, DriverDelay: driver, WrongCode: b.WrongCodeShare, NoShow: b.NoShowShare,
-			Seed: o.Seed, Logger: log.With("component", "orders")})
+			// A run's own references: a rerun within the hour finds the
+			// last run's live pickups under other ones (else 409s).
+			RefPrefix: fmt.Sprintf("SIM-%d-%s", o.Seed, strconv.FormatInt(time.Now().Unix(), 36)),
+			Seed:      o.Seed, Logger: log.With("component", "orders")})
 		if err != nil {
 			log.Error("orders", "err", err)
 		}
