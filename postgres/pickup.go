@@ -137,18 +137,20 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	}
 }
 
-// withdrawSQL withdraws the staging unlock $1 of a pickup that ended as $2
-// at $3, if it is still unanswered: a pending one ends expired (never
-// sent), a sent one timed_out (the gateway stops sending it again: not by
-// the resend, not at the locker's next connect), with the reason in error;
-// every instance hears of it ($4). A late answer is still taken
-// (CompleteCommand): the door may have opened. Until it expires, a sent one
-// may still fire on a locker that held a copy, so Allocate gives its
-// compartment to no other pickup till then.
-const withdrawSQL = `WITH u AS (UPDATE commands SET status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END,
+// withdrawCTE, in Transition's statement (u: the pickup as updated, $2 its
+// new state, $3 the time, $4 the command channel), withdraws the staging
+// unlock of a pickup that ended, if it is still unanswered: a pending one
+// ends expired (never sent), a sent one timed_out (the gateway stops
+// sending it again: not by the resend, not at the locker's next connect),
+// with the reason in error; every instance hears of it. A late answer is
+// still taken (CompleteCommand): the door may have opened. Until it
+// expires, a sent one may still fire on a locker that held a copy, so
+// Allocate gives its compartment to no other pickup till then.
+const withdrawCTE = `wd AS (UPDATE commands k SET status = CASE WHEN k.status = 'pending' THEN 'expired' ELSE 'timed_out' END,
 		error = 'withdrawn: pickup ' || $2::text, done_at = $3
-	WHERE id = $1 AND status IN ('pending', 'sent') RETURNING id)
-	SELECT pg_notify($4, u.id) FROM u`
+	FROM u WHERE k.id = u.command_id AND u.state NOT IN ('staging', 'ready') AND k.status IN ('pending', 'sent')
+	RETURNING k.id),
+	wn AS (SELECT pg_notify($4, wd.id) FROM wd)`
 
 // GetPickup implements pickup.Store.
 func (db *DB) GetPickup(ctx context.Context, id string) (*pickup.Pickup, error) {
@@ -272,25 +274,23 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			}
 		}
 		// A pickup that ends takes with it the compartment a replaced
-		// board no longer reports, kept for this order only.
+		// board no longer reports, kept for this order only, and withdraws
+		// its staging unlock if unanswered (withdrawSQL), in the same
+		// statement.
 		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
 				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
 				done_at = CASE WHEN $2 IN ('picked_up', 'expired', 'cancelled') THEN $3 ELSE done_at END
 			WHERE id = $1 RETURNING *),
 			gone AS (DELETE FROM compartments c USING u WHERE u.state NOT IN ('staging', 'ready')
-				AND c.device_id = u.device_id AND c.n = u.compartment AND c.missing)
-			SELECT `+pickupCols+` FROM u`, id, to, at))
+				AND c.device_id = u.device_id AND c.n = u.compartment AND c.missing),
+			`+withdrawCTE+`
+			SELECT `+pickupCols+` FROM u CROSS JOIN (SELECT count(*) FROM wn) n`, id, to, at, commandChannel))
 		if err != nil {
 			return err
 		}
 		if !pickup.Live(to) {
 			if err := releaseCredential(ctx, tx, out); err != nil {
 				return err
-			}
-			if out.CommandID != "" {
-				if _, err := tx.Exec(ctx, withdrawSQL, out.CommandID, to, at, commandChannel); err != nil {
-					return fmt.Errorf("withdraw staging unlock %s: %w", out.CommandID, err)
-				}
 			}
 		}
 		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)

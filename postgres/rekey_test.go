@@ -715,9 +715,27 @@ func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 	if p, err := e.db.GetPickup(ctx, a.ID); err != nil || p.CommandID != "c-a" {
 		t.Fatalf("the pickup's staging command: %q (%v), want c-a", p.CommandID, err)
 	}
+	listener, err := e.db.Pool().Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer listener.Release()
+	if _, err := listener.Exec(ctx, "LISTEN lockergate_command"); err != nil {
+		t.Fatal(err)
+	}
 	e.transition(a.ID, pickup.Cancelled)
 	if c := command("c-a"); c.Status != fleet.CmdTimedOut || c.Error != "withdrawn: pickup cancelled" || c.DoneAt == nil {
 		t.Fatalf("the cancelled pickup's sent unlock: %s %q, want timed_out, withdrawn", c.Status, c.Error)
+	}
+	// Every instance hears of it (a wait_s on it ends).
+	wctx, cancelWait := context.WithTimeout(ctx, 10*time.Second)
+	n, err := listener.Conn().WaitForNotification(wctx)
+	cancelWait()
+	if err != nil || n.Payload != "c-a" {
+		t.Fatalf("notification %+v (%v), want c-a", n, err)
+	}
+	if _, err := listener.Exec(ctx, "UNLISTEN *"); err != nil {
+		t.Fatal(err)
 	}
 	// Withdrawn, it may still fire until it expires: A's compartment is
 	// not given out; B gets the other one, C none.
