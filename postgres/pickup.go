@@ -78,8 +78,6 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 		WHERE d.site = $1 AND d.online AND ($6::timestamptz IS NULL OR d.last_seen >= $6) AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
-			AND NOT EXISTS (SELECT 1 FROM commands k WHERE k.device_id = c.device_id AND k.compartment = c.n AND k.type = 'unlock'
-				AND k.status IN ('pending', 'sent', 'timed_out') AND k.expires_at > $7)
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
 	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
@@ -87,13 +85,22 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	// compartment another transaction holds would be found again and again.
 	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])` + order
 	// The same, at one locker, under its lock: what the lock's last holder
-	// committed is counted.
-	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5` + order + ` FOR UPDATE OF c SKIP LOCKED`
+	// committed is counted. Compartments in $7 are left out: an unlock of
+	// each may still fire (firing, below).
+	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5 AND NOT c.n = ANY($7::int[])` + order + ` FOR UPDATE OF c SKIP LOCKED`
+	// An unlock of compartment $2 of locker $1 that may still fire on the
+	// locker, unanswered (or withdrawn unanswered: a cancelled pickup's
+	// staging unlock) and not expired at $3: a locker that got a copy late
+	// would open the next order's compartment with no code. Asked of the
+	// compartment chosen, not of every candidate (free compartments seldom
+	// have one).
+	const firing = `SELECT EXISTS (SELECT 1 FROM commands k WHERE k.device_id = $1 AND k.compartment = $2 AND k.type = 'unlock'
+		AND k.status IN ('pending', 'sent', 'timed_out') AND k.expires_at > $3)`
 	errRetry := errors.New("locker taken meanwhile")
 	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard, p.CreatedAt).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err
@@ -101,10 +108,21 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			if _, err := lockLocker(ctx, tx, p.Locker); err != nil {
 				return err
 			}
-			if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard, p.CreatedAt).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
-				return errRetry // filled (or at its bound) while we waited: look again
-			} else if err != nil {
-				return err
+			skip := []int{}
+			for {
+				if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard, skip).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+					return errRetry // filled (or at its bound) while we waited, or every free one may be opened: look again
+				} else if err != nil {
+					return err
+				}
+				var busy bool
+				if err := tx.QueryRow(ctx, firing, p.Locker, p.Compartment, p.CreatedAt).Scan(&busy); err != nil {
+					return err
+				}
+				if !busy {
+					break
+				}
+				skip = append(skip, p.Compartment)
 			}
 			if _, err := tx.Exec(ctx, `INSERT INTO pickups (id, site, order_ref, platform, recipient, size, zone, device_id, compartment,
 				state, expires_at, created_by, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'staging', $10, $11, $12)`,
