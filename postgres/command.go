@@ -65,26 +65,35 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 	// its row locked (a cancel holds it too: one waits for the other), and
 	// recorded on it. A cancel that came first leaves nothing to send; one
 	// that comes after finds the command and withdraws it, and Allocate
-	// leaves its compartment alone while it may still fire.
+	// leaves its compartment alone while it may still fire. Other commands
+	// (an unlock through the API: the round trip the unlock waits for) run
+	// the statement without those parts.
+	live, ifLive, recorded, ended := "", "", "", "false"
+	args := []any{c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Actor, c.CreatedAt, c.ExpiresAt,
+		site, actor, action, detail}
+	if c.Pickup != "" {
+		live = `live AS (SELECT id FROM pickups WHERE id = $14 AND state IN ('staging', 'ready') FOR UPDATE),`
+		ifLive = ` AND EXISTS (SELECT 1 FROM live)`
+		recorded = `, pk AS (UPDATE pickups SET command_id = ins.id FROM ins WHERE pickups.id = $14)`
+		ended = `NOT EXISTS (SELECT 1 FROM live)`
+		args = append(args, c.Pickup)
+	}
 	err := db.pool.QueryRow(ctx, `WITH d AS (
 			SELECT id, site, online AND NOT disabled AS sendable,
 				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4 AND NOT c.missing) AS has_comp
 			FROM devices WHERE id = $2),
-		live AS (SELECT id FROM pickups WHERE id = $14 AND state IN ('staging', 'ready') FOR UPDATE),
+		`+live+`
 		ins AS (
 			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at, sent_at)
 			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, CASE WHEN d.sendable THEN 'sent' ELSE 'pending' END, $7, $8, $9,
 				CASE WHEN d.sendable THEN $8::timestamptz END
-			FROM d WHERE d.has_comp AND ($10 = '' OR d.site = $10) AND ($14 = '' OR EXISTS (SELECT 1 FROM live))
+			FROM d WHERE d.has_comp AND ($10 = '' OR d.site = $10)`+ifLive+`
 			RETURNING id, device_id, status, sent_at),
 		aud AS (
 			INSERT INTO audit (actor, action, locker, site, detail)
-			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL),
-		pk AS (UPDATE pickups SET command_id = ins.id FROM ins WHERE pickups.id = $14)
-		SELECT d.site, d.has_comp, ins.status, ins.sent_at, $14 <> '' AND NOT EXISTS (SELECT 1 FROM live)
-		FROM d LEFT JOIN ins ON true`,
-		c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Actor, c.CreatedAt, c.ExpiresAt,
-		site, actor, action, detail, c.Pickup).Scan(&t.Site, &t.HasCompartment, &status, &sentAt, &t.PickupEnded)
+			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL)`+recorded+`
+		SELECT d.site, d.has_comp, ins.status, ins.sent_at, `+ended+`
+		FROM d LEFT JOIN ins ON true`, args...).Scan(&t.Site, &t.HasCompartment, &status, &sentAt, &t.PickupEnded)
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
 		// No such locker (or it was deleted between the check and the insert).
 		return t, false, fleet.ErrNotFound
