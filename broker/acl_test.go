@@ -439,6 +439,24 @@ func TestNoJobToNewSubscriber(t *testing.T) {
 	if got := len(seen.get()); got != 4 {
 		t.Fatalf("the gateway's subscription saw %v, want its own four publishes", seen.get())
 	}
+	// The session's mark goes with it: it would keep the ended client.
+	publish("lockers/v1/A/fw/job", "", true)
+	if n := h.b.noJobMarks(); n != 1 {
+		t.Fatalf("%d no-job marks after the gateway's 'none', want 1", n)
+	}
+	a.Disconnect(50)
+	waitFor(t, "A's no-job mark dropped with its session", func() bool { return h.b.noJobMarks() == 0 })
+}
+
+// noJobMarks counts the sessions marked as having heard the gateway's "none".
+func (b *Broker) noJobMarks() int {
+	n := 0
+	for i := range b.fwJobMu {
+		b.fwJobMu[i].Lock()
+		n += len(b.noJobOut[i])
+		b.fwJobMu[i].Unlock()
+	}
+	return n
 }
 
 // blockedObserver holds the report of device block's connect, and with it

@@ -479,6 +479,19 @@ func (b *Broker) noJobSent(cl *mqtt.Client, id string) bool {
 	return b.noJobOut[i][id] == cl
 }
 
+// forgetNoJob drops device id's "none" mark when it names session cl,
+// which has ended: the mark would otherwise keep the ended client (its
+// state and buffers) for as long as the locker stays away, for good for
+// one taken out of service.
+func (b *Broker) forgetNoJob(id string, cl *mqtt.Client) {
+	i := stripeOf(id, len(b.fwJobMu))
+	b.fwJobMu[i].Lock()
+	defer b.fwJobMu[i].Unlock()
+	if b.noJobOut[i][id] == cl {
+		delete(b.noJobOut[i], id)
+	}
+}
+
 // fwJobNone tells device id's session cl, which subscribed to its fw/job
 // topic, that it has no job, when the broker holds none for it and the
 // gateway has already published "none" in this session (noJobOut). "None"

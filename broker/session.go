@@ -240,6 +240,7 @@ func (b *Broker) finish(s *session, cause error) {
 			b.notifyDisconnected(s.id, reason)
 		}
 		b.presMu.Unlock()
+		b.forgetNoJob(s.id, s.cl)
 	}
 	b.log.Debug("mqtt session ended", "kind", s.kind.String(), "client_id", s.cl.ID, "remote", s.remote, "reason", reason)
 }
