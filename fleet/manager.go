@@ -308,15 +308,8 @@ func (m *Manager) Run(ctx context.Context) error {
 	// The drain's bound starts when ctx ends, whatever the loop below is
 	// doing then: a sweep or census stuck on a database that does not
 	// answer (stopped, not down) would otherwise hold it off for as long.
-	var drain atomic.Pointer[time.Timer]
-	stopDrain := context.AfterFunc(ctx, func() { drain.Store(time.AfterFunc(m.opts.DrainTimeout, cancel)) })
-	defer func() {
-		if !stopDrain() {
-			if t := drain.Load(); t != nil {
-				t.Stop()
-			}
-		}
-	}()
+	// A timer still set when Run returns only cancels what is cancelled.
+	defer context.AfterFunc(ctx, func() { time.AfterFunc(m.opts.DrainTimeout, cancel) })()
 	m.wg.Add(1 + len(m.health))
 	for _, q := range m.health {
 		w := &healthWriter{m: m}
