@@ -219,10 +219,7 @@ func (c *Cluster) supervise(p *process) {
 	}
 	for {
 		<-p.done
-		c.mu.Lock()
-		stopping := c.stopping
-		c.mu.Unlock()
-		if stopping {
+		if c.isStopping() {
 			return
 		}
 		c.logger.Error("PostgreSQL exited unexpectedly: starting it again", "status", p.exitStatus(), "data_dir", c.dataDir,
@@ -241,10 +238,7 @@ func (c *Cluster) supervise(p *process) {
 				p, started = next, time.Now()
 				break
 			}
-			c.mu.Lock()
-			stopping := c.stopping
-			c.mu.Unlock()
-			if stopping {
+			if c.isStopping() {
 				return
 			}
 			c.logger.Error("PostgreSQL did not start again: retrying", "err", err, "retry_in", backoff,
@@ -254,6 +248,12 @@ func (c *Cluster) supervise(p *process) {
 			}
 		}
 	}
+}
+
+func (c *Cluster) isStopping() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.stopping
 }
 
 // crashLoop is how soon after a start an exit counts as a crash loop,
