@@ -293,7 +293,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		}
 		// A pickup that ends takes with it the compartment a replaced
 		// board no longer reports, kept for this order only, and withdraws
-		// its staging unlock if unanswered (withdrawSQL), in the same
+		// its staging unlock if unanswered (withdrawCTE), in the same
 		// statement.
 		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
 				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
