@@ -137,7 +137,7 @@ func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o
 		st, err := orders.Run(octx, orders.Options{
 			API: client.New("http://"+loopback(g.HTTPAddr()), secret), Fleet: sim, Sites: []string{demoSite},
 			Platform: demoPlatform, RefPrefix: "DEMO-" + strconv.FormatInt(time.Now().Unix(), 36),
-			Rate: o.ordersPerMin / 60, DriverDelay: [2]time.Duration{20 * time.Second, 3 * time.Minute},
+			Rate: o.ordersPerMin / 60, DriverDelay: orders.DefaultDriverDelay,
 			WrongCode: 0.1, NoShow: 0.05, ExpiresIn: 10 * time.Minute, Seed: o.seed, Logger: log.With("component", "orders"),
 		})
 		if err != nil {

@@ -496,7 +496,7 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 	scale := max(o.TimeScale, 1e-9)
 	delay := [2]time.Duration{b.DriverDelay.Min.D(), b.DriverDelay.Max.D()}
 	if delay[1] <= 0 {
-		delay = [2]time.Duration{20 * time.Second, 3 * time.Minute}
+		delay = orders.DefaultDriverDelay
 	}
 	driver := [2]time.Duration{time.Duration(float64(delay[0]) / scale), time.Duration(float64(delay[1]) / scale)}
 	rate := b.OrdersPerHour * float64(len(sites)) / 3600 * scale

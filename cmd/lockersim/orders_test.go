@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim/devicesimtest"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
@@ -83,5 +84,42 @@ func TestRunPlacesTheScenarioOrders(t *testing.T) {
 	}
 	if rep.Stats.CodesAccepted == 0 || !strings.Contains(stderr.String(), "orders: created") {
 		t.Errorf("codes accepted %d; report:\n%s", rep.Stats.CodesAccepted, stderr.String())
+	}
+}
+
+// TestRunOrdersNeedTheAPI: a scenario that places orders, run without
+// --api and --token (or without site ids), says that it places none, and
+// runs its fleet all the same.
+func TestRunOrdersNeedTheAPI(t *testing.T) {
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	dir := t.TempDir()
+	for _, tc := range []struct{ name, fleet, want string }{
+		{"NoAPI", `{"sites": [{"id": "ord-1", "lockers": 2}]}`, "none are placed: give --api and --token"},
+		{"NoSiteIDs", `{"lockers": 2}`, "none are placed: its fleet names no site ids"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			scenario := filepath.Join(dir, tc.name+".json")
+			if err := os.WriteFile(scenario, []byte(`{"name": "orders", "fleet": `+tc.fleet+`, "behavior": {"orders_per_hour": 60}}`), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			args := []string{"run", "--scenario", scenario, "--broker", env.URL, "--claim", env.Claim,
+				"--serial-prefix", tc.name, "--duration", "3s", "--log-level", "warn", "-o", "json"}
+			if tc.name == "NoSiteIDs" {
+				args = append(args, "--api", "http://127.0.0.1:9", "--token", "t")
+			} else {
+				args = append(args, "--site-claim", "ord-1="+env.Claim)
+			}
+			var stdout, stderr testtool.LockedBuffer
+			if code := runArgs(t.Context(), args, func(string) string { return "" }, &stdout, &stderr); code != 0 {
+				t.Fatalf("lockersim exited %d:\n%s", code, stderr.String())
+			}
+			if !strings.Contains(stderr.String(), tc.want) {
+				t.Errorf("stderr does not say %q:\n%s", tc.want, stderr.String())
+			}
+			var rep report
+			if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil || rep.Orders != nil || !rep.AllConnected {
+				t.Errorf("report %+v (%v), want all connected and no orders", rep, err)
+			}
+		})
 	}
 }

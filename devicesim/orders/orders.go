@@ -65,6 +65,10 @@ type counters struct {
 	readyNS, pickNS                                       atomic.Int64
 }
 
+// DefaultDriverDelay is when drivers come, after their order is ready, in
+// the demo and in a scenario that does not say.
+var DefaultDriverDelay = [2]time.Duration{20 * time.Second, 3 * time.Minute}
+
 // Run places orders until Orders are done or ctx ends and returns the counts.
 func Run(ctx context.Context, o Options) (Stats, error) {
 	if o.API == nil || o.Fleet == nil || len(o.Sites) == 0 || o.Rate <= 0 {
