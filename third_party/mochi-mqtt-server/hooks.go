@@ -24,6 +24,15 @@ var (
 	errSuccessIgnore error = packets.CodeSuccessIgnore
 )
 
+// ErrAckLater is what an OnPublish hook returns for a client's QoS 1
+// PUBLISH it has taken to handle itself (Lockergate patch 22): the server
+// neither acknowledges the message nor routes it, and the hook calls
+// Server.AckPublish once the message is handled (stored, say), so that a
+// PUBACK never promises what a crash before then would lose. Until then
+// the message counts against the client's receive quota (MQTT 5 Receive
+// Maximum). For QoS 0 and 2 it means what packets.CodeSuccessIgnore does.
+var ErrAckLater = errors.New("publish acknowledged by the hook once handled")
+
 const (
 	SetOptions byte = iota
 	OnSysInfoTick
@@ -413,7 +422,7 @@ func (h *Hooks) OnPublish(cl *Client, pk packets.Packet) (pkx packets.Packet, er
 						"hook", hook.ID(),
 						"packet", pkx)
 					return pk, err
-				} else if errors.Is(err, errSuccessIgnore) {
+				} else if errors.Is(err, errSuccessIgnore) || errors.Is(err, ErrAckLater) {
 					return pk, err
 				}
 				h.Log.Error("publish packet error",

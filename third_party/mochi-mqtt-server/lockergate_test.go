@@ -1178,3 +1178,104 @@ func TestServerPacketIDsAreNotTheClients(t *testing.T) {
 		})
 	}
 }
+
+// ackLater takes every QoS 1 PUBLISH to handle itself (patch 22).
+type ackLater struct {
+	HookBase
+	taken chan uint16
+}
+
+func (h *ackLater) ID() string { return "ack-later" }
+
+func (h *ackLater) Provides(b byte) bool { return b == OnPublish }
+
+func (h *ackLater) OnPublish(_ *Client, pk packets.Packet) (packets.Packet, error) {
+	if pk.FixedHeader.Qos != 1 {
+		return pk, nil
+	}
+	h.taken <- pk.PacketID
+	return pk, ErrAckLater
+}
+
+// TestAckLater: a QoS 1 PUBLISH an OnPublish hook takes with ErrAckLater is
+// not acknowledged (a PINGREQ after it is answered first) and holds one of
+// the client's receive quota until AckPublish, which sends its PUBACK and
+// gives the quota back; a client over its quota meanwhile is disconnected,
+// as before. AckPublish on a closed connection says so.
+func TestAckLater(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
+			e := newTakeoverEnv(t, v)
+			h := &ackLater{taken: make(chan uint16, 4)}
+			if err := e.s.AddHook(h, nil); err != nil {
+				t.Fatal(err)
+			}
+			srv, cli := net.Pipe()
+			t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+			cl := e.client("x", srv)
+			e.attach(cl)
+			cl.State.Inflight.ResetReceiveQuota(2)
+			r := bufio.NewReader(cli)
+			// next reads the client's next packet while process runs.
+			next := func(process func() error) (byte, []byte) {
+				t.Helper()
+				done := make(chan error, 1)
+				go func() { done <- process() }()
+				typ, body, err := readPacket(r)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := <-done; err != nil {
+					t.Fatal(err)
+				}
+				return typ, body
+			}
+			// publish processes a PUBLISH; an answer written (nobody
+			// reads the pipe here) fails it at the deadline.
+			publish := func(id uint16) error {
+				_ = srv.SetWriteDeadline(time.Now().Add(2 * time.Second))
+				defer func() { _ = srv.SetWriteDeadline(time.Time{}) }()
+				return e.s.processPacket(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+					ProtocolVersion: v, PacketID: id, TopicName: "a/b", Payload: []byte("x")})
+			}
+			for _, id := range []uint16{3, 4} {
+				if err := publish(id); err != nil {
+					t.Fatal(err)
+				}
+				if got := <-h.taken; got != id {
+					t.Fatalf("the hook took %d, want %d", got, id)
+				}
+			}
+			typ, _ := next(func() error {
+				return e.s.processPacket(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}, ProtocolVersion: v})
+			})
+			if typ != packets.Pingresp {
+				t.Fatalf("the first packet after two held publishes is %s, want PINGRESP (nothing acknowledged yet)", packets.PacketNames[typ])
+			}
+			if q := atomic.LoadInt32(&cl.State.Inflight.receiveQuota); q != 0 {
+				t.Fatalf("receive quota %d with two publishes held, want 0", q)
+			}
+			typ, body := next(func() error { return e.s.AckPublish(cl, 4) })
+			ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ, Remaining: len(body)}, ProtocolVersion: v}
+			if err := ack.PubackDecode(body); err != nil || typ != packets.Puback || ack.PacketID != 4 || ack.ReasonCode != 0 {
+				t.Fatalf("AckPublish(4) sent %s %d %#x (%v), want PUBACK 4 success", packets.PacketNames[typ], ack.PacketID, ack.ReasonCode, err)
+			}
+			if q := atomic.LoadInt32(&cl.State.Inflight.receiveQuota); q != 1 {
+				t.Fatalf("receive quota %d after one ack, want 1", q)
+			}
+			if err := publish(5); err != nil {
+				t.Fatal(err)
+			}
+			<-h.taken
+			// Over the quota: 3 and 5 are held.
+			go func() { _, _ = io.Copy(io.Discard, r) }()
+			if err := publish(6); err == nil {
+				t.Fatal("a publish over the receive quota was taken")
+			}
+			_ = srv.Close()
+			if err := e.s.AckPublish(cl, 3); err != ErrConnectionClosed {
+				t.Fatalf("AckPublish on a closed connection: %v, want ErrConnectionClosed", err)
+			}
+		})
+	}
+}

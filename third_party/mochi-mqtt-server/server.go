@@ -1094,6 +1094,13 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		return nil
 	} else if errors.Is(err, errSuccessIgnore) {
 		pk.Ignore = true
+	} else if errors.Is(err, ErrAckLater) {
+		// Lockergate patch 22: the hook acknowledges it (AckPublish).
+		if pk.FixedHeader.Qos == 1 && !cl.Net.Inline {
+			cl.State.Inflight.DecreaseReceiveQuota()
+			return nil
+		}
+		pk.Ignore = true
 	} else if cl.Properties.ProtocolVersion == 5 && pk.FixedHeader.Qos > 0 && errors.As(err, new(packets.Code)) {
 		err = cl.WritePacket(s.buildAck(pk.PacketID, packets.Puback, 0, pk.Properties, err.(packets.Code)))
 		if err != nil {
@@ -1147,6 +1154,25 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	s.hooks.OnPublished(cl, pk)
 
 	return nil
+}
+
+// AckPublish sends the PUBACK of the client's QoS 1 PUBLISH packetID, one
+// an OnPublish hook answered with ErrAckLater, and gives the client back the
+// receive quota it held. Call it once per such message. The PUBACK carries
+// no properties (mochi's own copies the PUBLISH's, unless
+// NoInheritedPropertiesOnAck). A connection closed meanwhile gets nothing
+// (ErrConnectionClosed): its client sends the PUBLISH again, as MQTT
+// has it do for every message not acknowledged.
+//
+// Lockergate patch 22.
+func (s *Server) AckPublish(cl *Client, packetID uint16) error {
+	ack := s.buildAck(packetID, packets.Puback, 0, packets.Properties{}, packets.CodeSuccess)
+	// The quota first: the client may send its next message as soon as
+	// it reads the PUBACK, and its reader is not this goroutine.
+	cl.State.Inflight.IncreaseReceiveQuota()
+	err := cl.WritePacket(ack)
+	s.hooks.OnQosComplete(cl, ack)
+	return err
 }
 
 // refusePublish answers a client's publish that is not allowed and drops it.
