@@ -20,6 +20,7 @@ import (
 	"math"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -71,6 +72,16 @@ type Options struct {
 	// instead of 22.7); a rest per gap shorter than that would cost CPU on
 	// lockers that send every second. Negative: never.
 	ReaderRest time.Duration
+	// AckWhenStored: a locker's QoS 1 message on events, cmd/result,
+	// creds/ack or fw/status gets its PUBACK only when the Subscribe
+	// handler it went to calls Message.Ack, as fleet.Manager does once the
+	// message is stored (or judged invalid for good). A PUBACK then never
+	// stands for a message a crash could still lose: until it comes, the
+	// locker keeps the message and sends it again on its next connection.
+	// Health, presence and every message more than one Subscribe handler
+	// takes are acknowledged as they are received, and so is everything
+	// when this is false (a handler need not call Ack).
+	AckWhenStored bool
 }
 
 // Defaults and fixed limits.
@@ -587,36 +598,73 @@ type inlineSub struct {
 // acknowledges them. A filter starting with $ ($SYS, $share) matches no
 // device topic here (protocol.TopicMatches) nor in mochi, which files an
 // inline subscription under a literal $ level.
-func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) bool {
+//
+// ackLater reports that the message went to one handler with an Ack that
+// sends its PUBACK (Options.AckWhenStored); mochi must not send one.
+func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, ackLater bool) {
 	if pk.FixedHeader.Retain || pk.FixedHeader.Qos > 1 {
-		return false
+		return false, false
 	}
 	if k, _ := identify(cl); k != kindDevice {
-		return false
+		return false, false
 	}
 	if b.echoes.Load() > 0 {
 		if _, ok := b.echo.Load(cl); ok {
-			return false
+			return false, false
 		}
 	}
 	p := b.subs.Load()
 	if p == nil {
-		return false
+		return false, false
 	}
 	// The payload is the packet's own buffer, read for this packet alone
 	// (mochi's Client.ReadPacket), and nothing in mochi keeps it once the
 	// packet is ignored: the handlers may keep it without a copy.
+	msg := fleet.Message{
+		Topic:    pk.TopicName,
+		Payload:  pk.Payload,
+		QoS:      pk.FixedHeader.Qos,
+		ClientID: cl.ID,
+	}
+	var first fleet.Handler
+	n := 0
 	for _, s := range *p {
 		if protocol.TopicMatches(s.filter, pk.TopicName) {
-			s.h(fleet.Message{
-				Topic:    pk.TopicName,
-				Payload:  pk.Payload,
-				QoS:      pk.FixedHeader.Qos,
-				ClientID: cl.ID,
-			})
+			if n++; n == 1 {
+				first = s.h
+			}
 		}
 	}
-	return true
+	if n == 1 && pk.FixedHeader.Qos == 1 && b.opts.AckWhenStored && !strings.HasSuffix(pk.TopicName, healthSuffix) {
+		id := pk.PacketID
+		msg.Ack = func() { b.ackPublish(cl, id) }
+		first(msg)
+		return true, true
+	}
+	for _, s := range *p {
+		if protocol.TopicMatches(s.filter, pk.TopicName) {
+			s.h(msg)
+		}
+	}
+	return true, false
+}
+
+// healthSuffix ends a locker's health topic: health is acknowledged as it
+// is received, whatever Options.AckWhenStored says. It comes every minute
+// and the next one stands for it; a report lost in a crash shows as a gap in
+// seq, and holding thousands of PUBACKs a second for their batches' commits
+// would cost the ingest path.
+const healthSuffix = "/" + string(protocol.ChanHealth)
+
+// ackPublish sends the PUBACK of a device's QoS 1 message the fleet has
+// stored (Options.AckWhenStored). On a connection closed meanwhile it sends
+// nothing: the locker sends the message again on its next, and the fleet
+// takes a repeat once (events by id; results, acks and firmware status by
+// what they name).
+func (b *Broker) ackPublish(cl *mqtt.Client, packetID uint16) {
+	if err := b.server.AckPublish(cl, packetID); err != nil && !errors.Is(err, mqtt.ErrConnectionClosed) {
+		b.log.Debug("mqtt PUBACK not sent", "client_id", logID(cl.ID), "packet_id", packetID, "err", err)
+	}
 }
 
 // Kick disconnects every live session with client id id and forgets its

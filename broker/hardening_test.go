@@ -20,10 +20,11 @@ func (h *harness) addClaim(token string) {
 	h.auth.claims[token] = true
 }
 
-// ping sends a PINGREQ and reads up to its PINGRESP, failing on any
-// PUBLISH before it: whatever a kept session had in flight is written
-// right after the CONNACK, so the PINGRESP marks the end of that window.
-func (r *raw) pingExpectingNoPublish(what string) {
+// pingExpectingNo sends a PINGREQ and reads up to its PINGRESP, failing on
+// a packet of type typ before it: one the broker wrote before it read the
+// PINGREQ arrives first. (Whatever a kept session had in flight is written
+// right after the CONNACK, so the PINGRESP marks the end of that window.)
+func (r *raw) pingExpectingNo(typ byte, what string) {
 	r.t.Helper()
 	if _, err := r.conn.Write([]byte{packets.Pingreq << 4, 0}); err != nil {
 		r.t.Fatalf("raw: write PINGREQ: %v", err)
@@ -36,8 +37,8 @@ func (r *raw) pingExpectingNoPublish(what string) {
 		switch pk.FixedHeader.Type {
 		case packets.Pingresp:
 			return
-		case packets.Publish:
-			r.t.Fatalf("%s: got a PUBLISH on %s: %s", what, pk.TopicName, pk.Payload)
+		case typ:
+			r.t.Fatalf("%s: got a %s (%s %q, id %d)", what, packets.PacketNames[typ], pk.TopicName, pk.Payload, pk.PacketID)
 		}
 	}
 }
@@ -104,7 +105,7 @@ func TestClaimSessionNeverKept(t *testing.T) {
 			if ack.SessionPresent {
 				t.Error("B: CONNACK says a session was present")
 			}
-			b.pingExpectingNoPublish("B")
+			b.pingExpectingNo(packets.Publish, "B")
 			if got := h.prov.callCount(); got != 1 {
 				t.Errorf("Provision calls = %d, want 1 (B asked nothing)", got)
 			}

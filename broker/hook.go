@@ -287,7 +287,10 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 		// only. It is served from OnPublished, once the PUBACK is written.
 		return errIgnore
 	}
-	if b.deliverUplink(cl, pk) {
+	if delivered, ackLater := b.deliverUplink(cl, pk); ackLater {
+		// Acknowledged once stored (ackPublish), routed no further.
+		return mqtt.ErrAckLater
+	} else if delivered {
 		// Acknowledged by mochi, which routes it no further.
 		return errIgnore
 	}
