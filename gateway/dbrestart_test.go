@@ -126,7 +126,8 @@ func (p *restartablePG) start(t *testing.T) {
 }
 
 // TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends
-// QoS 1 events: the gateway reconnects and stores every one of them. A
+// QoS 1 events: the gateway reconnects and stores every one of them, and
+// acknowledges none before it is stored. A
 // locker that asks to be provisioned during the outage gets no answer (any
 // answer is final for it) but a closed session, and is provisioned when it
 // tries again after the restart.
@@ -137,11 +138,21 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	claim := tg.MustSiteAndClaim(t, "s1", 2)
 	id := MustProvision(t, tg, claim, "SN-DB-1")
 	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-	publish := func(from, to int) {
+	// publish sends events from..to-1 and returns their tokens, which
+	// complete once each event is stored.
+	publish := func(from, to int) []paho.Token {
+		var toks []paho.Token
 		for i := from; i < to; i++ {
 			p := fmt.Sprintf(`{"id":"e-%d","ts":"%s","type":"door_opened","compartment":1,"by":"manual"}`, i, protocol.FormatTime(time.Now()))
-			if tk := dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, p); !tk.WaitTimeout(10*time.Second) || tk.Error() != nil {
-				t.Fatalf("publish %d: %v", i, tk.Error())
+			toks = append(toks, dev.Publish(protocol.Topic(id.DeviceID, protocol.ChanEvents), 1, false, p))
+		}
+		return toks
+	}
+	acked := func(toks []paho.Token, within time.Duration) {
+		t.Helper()
+		for i, tk := range toks {
+			if !tk.WaitTimeout(within) || tk.Error() != nil {
+				t.Fatalf("event %d of %d: no PUBACK (%v)", i, len(toks), tk.Error())
 			}
 		}
 	}
@@ -150,7 +161,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 		err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1`, id.DeviceID).Scan(&n)
 		return n, err
 	}
-	publish(0, 50)
+	acked(publish(0, 50), 10*time.Second)
 	Eventually(t, 10*time.Second, "first 50 events", func() error {
 		n, err := count()
 		if err == nil && n != 50 {
@@ -166,9 +177,21 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 		t.Fatalf("subscribe: %v", tk.Error())
 	}
 
-	// PostgreSQL goes away; the broker keeps accepting QoS 1 events.
+	// PostgreSQL goes away; the gateway keeps taking QoS 1 events, and
+	// acknowledges each once it is stored.
 	pg.stop(t)
-	publish(50, 150)
+	held := publish(50, 150)
+	Eventually(t, 10*time.Second, "150 events received", func() error {
+		if v, err := tg.Metric(`lockergate_mqtt_messages_received_total{channel="events"}`); err != nil || v != 150 {
+			return fmt.Errorf("%v received (%v)", v, err)
+		}
+		return nil
+	})
+	for i, tk := range held {
+		if tk.WaitTimeout(0) {
+			t.Fatalf("event %d acknowledged while the database is down (%v)", 50+i, tk.Error())
+		}
+	}
 	req := protocol.ProvisionRequest{Serial: "SN-DB-2", Model: "LX-1", FW: "1.0.0", Compartments: []protocol.CompartmentSpec{{N: 1, Size: "S", Zone: "ambient"}}}
 	MustPublish(t, prov, protocol.ProvisionRequestTopic("SN-DB-2"), false, protocol.Encode(req))
 	Eventually(t, 30*time.Second, "claim session ended without an answer", func() error {
@@ -187,6 +210,7 @@ func TestDatabaseRestartDuringIngest(t *testing.T) {
 	}
 	pg.start(t)
 
+	acked(held, 30*time.Second)
 	Eventually(t, 30*time.Second, "all 150 events after the restart", func() error {
 		n, err := count()
 		if err == nil && n != 150 {

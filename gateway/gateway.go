@@ -291,6 +291,9 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	bo := broker.Options{
 		TCPAddr: o.MQTTAddr, TLSAddr: o.MQTTSAddr, TCPListener: o.MQTTListener, TLSListener: o.MQTTSListener,
 		Observer: obs, Logger: o.Logger, Registerer: g.reg,
+		// A locker's event, command result, creds ack and firmware status
+		// are acknowledged once stored: the fleet calls Message.Ack.
+		AckWhenStored: true,
 	}
 	if o.MQTTSAddr != "" || o.MQTTSListener != nil {
 		if o.TLSCert != "" {

@@ -31,21 +31,8 @@ func TestSocketActivatedRestart(t *testing.T) {
 	id := MustProvision(t, b, claim, "SOCK-001")
 	b.Stop(t)
 
-	held := func() (*os.File, string) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close() // f holds the socket
-		f, err := ln.(*net.TCPListener).File()
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		return f, ln.Addr().String()
-	}
-	mqttF, mqttAddr := held()
-	httpF, httpAddr := held()
+	mqttF, mqttAddr := heldSocket(t)
+	httpF, httpAddr := heldSocket(t)
 	start := func() *gatewayProcess {
 		// As systemd starts a socket-activated service.
 		cmd := exec.Command(bin, "serve",
@@ -133,4 +120,22 @@ func TestSocketActivatedRestart(t *testing.T) {
 	case <-time.After(90 * time.Second):
 		t.Fatal("the API request made during the restart got no answer")
 	}
+}
+
+// heldSocket returns a listening socket on 127.0.0.1 that outlives the
+// processes it is passed to (sdlisten.Pass), as systemd holds one, and its
+// address.
+func heldSocket(t *testing.T) (*os.File, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close() // f holds the socket
+	f, err := ln.(*net.TCPListener).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f, ln.Addr().String()
 }
