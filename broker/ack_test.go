@@ -13,7 +13,8 @@ import (
 // its PUBACK when the handler calls Message.Ack, not before; health is
 // acknowledged on receipt, with no Ack to call. An Ack after the
 // connection is gone sends nothing and the session goes on for the next
-// connection. Without the option the event is acknowledged on receipt.
+// connection. An event two handlers take, and every event without the
+// option, is acknowledged on receipt.
 func TestAckWhenStored(t *testing.T) {
 	for _, v := range []byte{4, 5} {
 		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
@@ -70,6 +71,22 @@ func TestAckWhenStored(t *testing.T) {
 			}
 		})
 	}
+	t.Run("two handlers", func(t *testing.T) {
+		h := newHarness(t, func(o *Options) { o.AckWhenStored = true }, nil)
+		events := h.subscribe(t, "lockers/v1/+/events")
+		all := h.subscribe(t, "lockers/v1/A/#")
+		a := dialRaw(t, h.addr, 4)
+		a.connect("A", "A", "secret-A", 30, nil)
+		id := a.publish("lockers/v1/A/events", 1, []byte(`{"id":"e-1"}`))
+		if ack := a.mustRead(packets.Puback); ack.PacketID != id {
+			t.Fatalf("PUBACK %d, want %d on receipt", ack.PacketID, id)
+		}
+		for _, in := range []*inbox{events, all} {
+			if m := in.get(); len(m) != 1 || m[0].Ack != nil {
+				t.Fatalf("a handler got %d messages (Ack set: %v), want 1 without an Ack", len(m), len(m) == 1 && m[0].Ack != nil)
+			}
+		}
+	})
 	t.Run("off", func(t *testing.T) {
 		h := newHarness(t, nil, nil)
 		events := h.subscribe(t, "lockers/v1/+/events")

@@ -626,20 +626,13 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, 
 		QoS:      pk.FixedHeader.Qos,
 		ClientID: cl.ID,
 	}
-	var first fleet.Handler
-	n := 0
-	for _, s := range *p {
-		if protocol.TopicMatches(s.filter, pk.TopicName) {
-			if n++; n == 1 {
-				first = s.h
-			}
+	if pk.FixedHeader.Qos == 1 && b.opts.AckWhenStored && !strings.HasSuffix(pk.TopicName, healthSuffix) {
+		if h := onlyHandler(*p, pk.TopicName); h != nil {
+			id := pk.PacketID
+			msg.Ack = func() { b.ackPublish(cl, id) }
+			h(msg)
+			return true, true
 		}
-	}
-	if n == 1 && pk.FixedHeader.Qos == 1 && b.opts.AckWhenStored && !strings.HasSuffix(pk.TopicName, healthSuffix) {
-		id := pk.PacketID
-		msg.Ack = func() { b.ackPublish(cl, id) }
-		first(msg)
-		return true, true
 	}
 	for _, s := range *p {
 		if protocol.TopicMatches(s.filter, pk.TopicName) {
@@ -647,6 +640,21 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, 
 		}
 	}
 	return true, false
+}
+
+// onlyHandler returns the handler of the one subscription in subs that
+// matches topic, nil when none or several do.
+func onlyHandler(subs []inlineSub, topic string) fleet.Handler {
+	var h fleet.Handler
+	for _, s := range subs {
+		if protocol.TopicMatches(s.filter, topic) {
+			if h != nil {
+				return nil
+			}
+			h = s.h
+		}
+	}
+	return h
 }
 
 // healthSuffix ends a locker's health topic: health is acknowledged as it
