@@ -191,6 +191,9 @@ type ClientState struct {
 	writeSet        time.Time            // the write deadline set on the connection (patch 13)
 	bufferReleased  bool                 // a resting reader gave its read buffer back (patch 15)
 	maxPacketSize   atomic.Uint32        // the client's own packet limit; 0: the server's (patch 17)
+	ackMu           sync.Mutex           // guards held and quotaFreed (patch 22)
+	held            map[uint16]struct{}  // QoS 1 publishes whose PUBACK a hook sends later (patch 22)
+	quotaFreed      chan struct{}        // AckPublish wakes a reader waiting for receive quota (patch 22)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
 }
@@ -311,6 +314,74 @@ func (cl *Client) writeOutbound(pk *packets.Packet) {
 		cl.ops.log.Debug("failed publishing packet", "error", err, "client", cl.ID, "packet", pk)
 	}
 	atomic.AddInt32(&cl.State.outboundQty, -1)
+}
+
+// holdAck records that the PUBACK of the client's QoS 1 publish packetID is
+// a hook's to send (ErrAckLater; Lockergate patch 22).
+func (cl *Client) holdAck(packetID uint16) {
+	cl.State.ackMu.Lock()
+	defer cl.State.ackMu.Unlock()
+	if cl.State.held == nil {
+		cl.State.held = make(map[uint16]struct{})
+		cl.State.quotaFreed = make(chan struct{}, 1)
+	}
+	cl.State.held[packetID] = struct{}{}
+}
+
+// ackHeld reports whether the PUBACK of packetID is held (patch 22).
+func (cl *Client) ackHeld(packetID uint16) bool {
+	cl.State.ackMu.Lock()
+	defer cl.State.ackMu.Unlock()
+	_, ok := cl.State.held[packetID]
+	return ok
+}
+
+// unholdAck forgets a held packetID, reporting whether it was held (patch 22).
+func (cl *Client) unholdAck(packetID uint16) bool {
+	cl.State.ackMu.Lock()
+	defer cl.State.ackMu.Unlock()
+	_, ok := cl.State.held[packetID]
+	delete(cl.State.held, packetID)
+	return ok
+}
+
+// quotaGiven wakes the client's reader if it waits for receive quota
+// (awaitReceiveQuota; patch 22).
+func (cl *Client) quotaGiven() {
+	cl.State.ackMu.Lock()
+	freed := cl.State.quotaFreed
+	cl.State.ackMu.Unlock()
+	select {
+	case freed <- struct{}{}:
+	default:
+	}
+}
+
+// testHookAwaitingQuota, when set by a test, runs when a reader starts to
+// wait for receive quota.
+var testHookAwaitingQuota func(*Client)
+
+// awaitReceiveQuota waits, on the client's reader, until its receive quota
+// is no longer spent; false when the client closed first, or when nothing
+// held can give quota back (patch 22).
+func (cl *Client) awaitReceiveQuota() bool {
+	cl.State.ackMu.Lock()
+	freed := cl.State.quotaFreed
+	cl.State.ackMu.Unlock()
+	if freed == nil {
+		return false
+	}
+	if testHookAwaitingQuota != nil {
+		testHookAwaitingQuota(cl)
+	}
+	for atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
+		select {
+		case <-freed:
+		case <-cl.State.open.Done():
+			return false
+		}
+	}
+	return true
 }
 
 // ParseConnect parses the connect parameters and properties for a client.

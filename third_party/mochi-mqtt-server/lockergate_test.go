@@ -1200,8 +1200,10 @@ func (h *ackLater) OnPublish(_ *Client, pk packets.Packet) (packets.Packet, erro
 // TestAckLater: a QoS 1 PUBLISH an OnPublish hook takes with ErrAckLater is
 // not acknowledged (a PINGREQ after it is answered first) and holds one of
 // the client's receive quota until AckPublish, which sends its PUBACK and
-// gives the quota back; a client over its quota meanwhile is disconnected,
-// as before. AckPublish on a closed connection says so.
+// gives the quota back, once. A resend of a held message is dropped. Over
+// its quota an MQTT 5 client is disconnected, as before; an MQTT 3.1.1
+// client's publish waits for an ack. AckPublish on a closed connection
+// says so.
 func TestAckLater(t *testing.T) {
 	for _, v := range []byte{4, 5} {
 		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
@@ -1230,13 +1232,26 @@ func TestAckLater(t *testing.T) {
 				}
 				return typ, body
 			}
-			// publish processes a PUBLISH; an answer written (nobody
+			// process processes a PUBLISH; an answer written (nobody
 			// reads the pipe here) fails it at the deadline.
-			publish := func(id uint16) error {
+			process := func(id uint16) error {
 				_ = srv.SetWriteDeadline(time.Now().Add(2 * time.Second))
 				defer func() { _ = srv.SetWriteDeadline(time.Time{}) }()
 				return e.s.processPacket(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
 					ProtocolVersion: v, PacketID: id, TopicName: "a/b", Payload: []byte("x")})
+			}
+			// publish is process, failing the test if it does not return.
+			publish := func(id uint16) error {
+				t.Helper()
+				done := make(chan error, 1)
+				go func() { done <- process(id) }()
+				select {
+				case err := <-done:
+					return err
+				case <-time.After(10 * time.Second):
+					t.Fatalf("PUBLISH %d: not processed in 10 s (waiting for receive quota?)", id)
+					return nil
+				}
 			}
 			for _, id := range []uint16{3, 4} {
 				if err := publish(id); err != nil {
@@ -1267,13 +1282,78 @@ func TestAckLater(t *testing.T) {
 				t.Fatal(err)
 			}
 			<-h.taken
-			// Over the quota: 3 and 5 are held.
-			go func() { _, _ = io.Copy(io.Discard, r) }()
-			if err := publish(6); err == nil {
-				t.Fatal("a publish over the receive quota was taken")
+			// A resend of held 5 (its PUBACK not yet out) is dropped: not
+			// taken again, and no quota spent on it.
+			if err := publish(5); err != nil {
+				t.Fatal(err)
 			}
-			_ = srv.Close()
-			if err := e.s.AckPublish(cl, 3); err != ErrConnectionClosed {
+			select {
+			case id := <-h.taken:
+				t.Fatalf("the resend of held 5 was taken again (%d)", id)
+			default:
+			}
+			// Over the quota: 3 and 5 are held.
+			if v == 5 {
+				// An MQTT 5 client was told its Receive Maximum.
+				go func() { _, _ = io.Copy(io.Discard, r) }()
+				if err := publish(6); err == nil {
+					t.Fatal("a publish over the receive quota was taken")
+				}
+				_ = srv.Close()
+				if err := e.s.AckPublish(cl, 3); err != ErrConnectionClosed {
+					t.Fatalf("AckPublish on a closed connection: %v, want ErrConnectionClosed", err)
+				}
+				return
+			}
+			// An MQTT 3.1.1 client never was: its reader waits for an ack.
+			acks := make(chan uint16, 8)
+			go func() {
+				defer close(acks)
+				for {
+					typ, body, err := readPacket(r)
+					if err != nil {
+						return
+					}
+					ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ, Remaining: len(body)}, ProtocolVersion: v}
+					if typ == packets.Puback && ack.PubackDecode(body) == nil {
+						acks <- ack.PacketID
+					}
+				}
+			}()
+			waiting := make(chan struct{})
+			testHookAwaitingQuota = func(*Client) { close(waiting) }
+			t.Cleanup(func() { testHookAwaitingQuota = nil })
+			done := make(chan error, 1)
+			go func() { done <- process(6) }()
+			select {
+			case <-waiting:
+			case err := <-done:
+				t.Fatalf("the publish over the quota did not wait for it: %v", err)
+			}
+			if err := e.s.AckPublish(cl, 3); err != nil {
+				t.Fatal(err)
+			}
+			if got := <-acks; got != 3 {
+				t.Fatalf("PUBACK %d, want 3", got)
+			}
+			if got := <-h.taken; got != 6 {
+				t.Fatalf("the hook took %d, want 6 once 3 was acknowledged", got)
+			}
+			if err := <-done; err != nil {
+				t.Fatalf("the publish over the quota: %v, want it taken once quota was given back", err)
+			}
+			// A second ack of 3 does nothing; 5's comes next.
+			if err := e.s.AckPublish(cl, 3); err != nil {
+				t.Fatal(err)
+			}
+			if err := e.s.AckPublish(cl, 5); err != nil {
+				t.Fatal(err)
+			}
+			if got := <-acks; got != 5 {
+				t.Fatalf("PUBACK %d after acknowledging 3 twice and then 5, want 5", got)
+			}
+			cl.Stop(nil)
+			if err := e.s.AckPublish(cl, 6); err != ErrConnectionClosed {
 				t.Fatalf("AckPublish on a closed connection: %v, want ErrConnectionClosed", err)
 			}
 		})

@@ -1046,8 +1046,20 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		return s.refusePublish(cl, pk)
 	}
 
-	if atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
-		return s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
+	// Lockergate patch 22: a resend of a QoS 1 message whose PUBACK a hook
+	// still holds (ErrAckLater) is dropped; the PUBACK to come answers both.
+	if pk.FixedHeader.Qos == 1 && !cl.Net.Inline && cl.ackHeld(pk.PacketID) {
+		return nil
+	}
+
+	// Lockergate patch 22: only QoS 1 and 2 count against the quota, and
+	// an MQTT 3.1.1 client, which is never told a Receive Maximum, is not
+	// disconnected for running out of it while PUBACKs are held: its
+	// reader waits for one to go out.
+	if pk.FixedHeader.Qos > 0 && atomic.LoadInt32(&cl.State.Inflight.receiveQuota) == 0 {
+		if cl.Properties.ProtocolVersion == 5 || !cl.awaitReceiveQuota() {
+			return s.DisconnectClient(cl, packets.ErrReceiveMaximum) // ~[MQTT-3.3.4-7] ~[MQTT-3.3.4-8]
+		}
 	}
 
 	if !cl.Net.Inline && !s.hooks.OnACLCheck(cl, pk.TopicName, true) {
@@ -1097,6 +1109,7 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	} else if errors.Is(err, ErrAckLater) {
 		// Lockergate patch 22: the hook acknowledges it (AckPublish).
 		if pk.FixedHeader.Qos == 1 && !cl.Net.Inline {
+			cl.holdAck(pk.PacketID)
 			cl.State.Inflight.DecreaseReceiveQuota()
 			return nil
 		}
@@ -1156,23 +1169,41 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 	return nil
 }
 
-// AckPublish sends the PUBACK of the client's QoS 1 PUBLISH packetID, one
+// AckPublish queues the PUBACK of the client's QoS 1 PUBLISH packetID, one
 // an OnPublish hook answered with ErrAckLater, and gives the client back the
-// receive quota it held. Call it once per such message. The PUBACK carries
-// no properties (mochi's own copies the PUBLISH's, unless
+// receive quota it held. It never waits on the client: the PUBACK goes
+// through the client's outbound queue, and a client whose queue is full
+// (it reads nothing) is disconnected instead (ErrPendingClientWritesExceeded),
+// so that it sends the message again on its next connection. A second call
+// for the same message, or one for an id not held, does nothing. The
+// PUBACK carries no properties (mochi's own copies the PUBLISH's, unless
 // NoInheritedPropertiesOnAck). A connection closed meanwhile gets nothing
-// (ErrConnectionClosed): its client sends the PUBLISH again, as MQTT
-// has it do for every message not acknowledged.
+// (ErrConnectionClosed): its client sends the PUBLISH again, as MQTT has it
+// do for every message not acknowledged.
 //
 // Lockergate patch 22.
 func (s *Server) AckPublish(cl *Client, packetID uint16) error {
-	ack := s.buildAck(packetID, packets.Puback, 0, packets.Properties{}, packets.CodeSuccess)
-	// The quota first: the client may send its next message as soon as
-	// it reads the PUBACK, and its reader is not this goroutine.
+	if !cl.unholdAck(packetID) {
+		return nil
+	}
+	// The quota before the PUBACK: the client may send its next message
+	// as soon as it reads it.
 	cl.State.Inflight.IncreaseReceiveQuota()
-	err := cl.WritePacket(ack)
+	cl.quotaGiven()
+	if cl.Closed() {
+		return ErrConnectionClosed
+	}
+	ack := s.buildAck(packetID, packets.Puback, 0, packets.Properties{}, packets.CodeSuccess)
+	select {
+	case cl.State.outbound <- &ack:
+		atomic.AddInt32(&cl.State.outboundQty, 1)
+		cl.kickWriter()
+	default:
+		cl.Stop(packets.ErrPendingClientWritesExceeded)
+		return packets.ErrPendingClientWritesExceeded
+	}
 	s.hooks.OnQosComplete(cl, ack)
-	return err
+	return nil
 }
 
 // refusePublish answers a client's publish that is not allowed and drops it.
