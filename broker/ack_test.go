@@ -41,6 +41,17 @@ func TestAckWhenStored(t *testing.T) {
 			if ack := a.mustRead(packets.Puback); ack.PacketID != id || ack.ReasonCode != 0 {
 				t.Fatalf("after Ack: PUBACK %d %#x, want %d success", ack.PacketID, ack.ReasonCode, id)
 			}
+			// The locker may use the id again at once; a second Ack of the
+			// first message must not acknowledge the new one.
+			a.next = id - 1
+			a.publish("lockers/v1/A/events", 1, []byte(`{"id":"e-1b"}`))
+			reused := took(events, 2)
+			ev.Ack()
+			a.pingExpectingNo(packets.Puback, "a second Ack of the message before")
+			reused.Ack()
+			if ack := a.mustRead(packets.Puback); ack.PacketID != id {
+				t.Fatalf("PUBACK %d, want %d", ack.PacketID, id)
+			}
 
 			id = a.publish("lockers/v1/A/health", 1, []byte(`{"seq":1}`))
 			if ack := a.mustRead(packets.Puback); ack.PacketID != id {
@@ -52,18 +63,18 @@ func TestAckWhenStored(t *testing.T) {
 
 			// Acknowledged after its connection ended: nothing is sent, and
 			// the next connection is served as usual.
-			a.publish("lockers/v1/A/events", 1, []byte(`{"id":"e-2"}`))
-			late := took(events, 2)
+			id = a.publish("lockers/v1/A/events", 1, []byte(`{"id":"e-2"}`))
+			late := took(events, 3)
 			_ = a.conn.Close()
 			h.waitMetric(t, disconnects, "reason", ReasonConnectionLost, 1)
-			late.Ack()
 			b := dialRaw(t, h.addr, v)
 			if ack := b.connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != 0 {
 				t.Fatalf("CONNACK %#x", ack.ReasonCode)
 			}
-			b.next = 40
+			b.next = id - 1
 			id = b.publish("lockers/v1/A/events", 1, []byte(`{"id":"e-2"}`))
-			again := took(events, 3)
+			again := took(events, 4)
+			late.Ack() // the first connection's: nothing for the second
 			b.pingExpectingNo(packets.Puback, "the event sent again")
 			again.Ack()
 			if ack := b.mustRead(packets.Puback); ack.PacketID != id {

@@ -78,9 +78,11 @@ type Options struct {
 	// message is stored (or judged invalid for good). A PUBACK then never
 	// stands for a message a crash could still lose: until it comes, the
 	// locker keeps the message and sends it again on its next connection.
-	// Health, presence and every message more than one Subscribe handler
-	// takes are acknowledged as they are received, and so is everything
-	// when this is false (a handler need not call Ack).
+	// Health, retained messages (presence), QoS 2, every message more than
+	// one Subscribe handler takes and every message of a device subscribed
+	// to one of its own device-to-gateway topics (echo, which goes through
+	// mochi's routing) are acknowledged as they are received, and so is
+	// everything when this is false (a handler need not call Ack).
 	AckWhenStored bool
 }
 
@@ -628,8 +630,14 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, 
 	}
 	if pk.FixedHeader.Qos == 1 && b.opts.AckWhenStored && !strings.HasSuffix(pk.TopicName, healthSuffix) {
 		if h := onlyHandler(*p, pk.TopicName); h != nil {
-			id := pk.PacketID
-			msg.Ack = func() { b.ackPublish(cl, id) }
+			// Once only: after the PUBACK the locker may use the id
+			// for a new message, which a second call would acknowledge.
+			id, acked := pk.PacketID, new(atomic.Bool)
+			msg.Ack = func() {
+				if acked.CompareAndSwap(false, true) {
+					b.ackPublish(cl, id)
+				}
+			}
 			h(msg)
 			return true, true
 		}
@@ -664,13 +672,23 @@ func onlyHandler(subs []inlineSub, topic string) fleet.Handler {
 // would cost the ingest path.
 const healthSuffix = "/" + string(protocol.ChanHealth)
 
-// ackPublish sends the PUBACK of a device's QoS 1 message the fleet has
-// stored (Options.AckWhenStored). On a connection closed meanwhile it sends
-// nothing: the locker sends the message again on its next, and the fleet
-// takes a repeat once (events by id; results, acks and firmware status by
-// what they name).
+// ackPublish queues the PUBACK of a device's QoS 1 message the fleet has
+// stored (Options.AckWhenStored); it never waits on the locker's socket,
+// so one locker that reads nothing cannot hold up the fleet's writers. On a
+// connection closed meanwhile it sends nothing: the locker sends the
+// message again on its next, and the fleet takes a repeat once (events by
+// id; results, acks and firmware status by what they name). A locker whose
+// outbound queue is full is disconnected, for the same resend.
 func (b *Broker) ackPublish(cl *mqtt.Client, packetID uint16) {
-	if err := b.server.AckPublish(cl, packetID); err != nil && !errors.Is(err, mqtt.ErrConnectionClosed) {
+	err := b.server.AckPublish(cl, packetID)
+	switch {
+	case err == nil, errors.Is(err, mqtt.ErrConnectionClosed):
+	case errors.Is(err, packets.ErrPendingClientWritesExceeded):
+		if ok, suppressed := b.dropLog.allow(time.Now()); ok {
+			b.log.Warn("mqtt client disconnected: it reads nothing and its outbound queue is full; it sends its unacknowledged messages again when it reconnects",
+				"client_id", logID(cl.ID), "suppressed", suppressed)
+		}
+	default:
 		b.log.Debug("mqtt PUBACK not sent", "client_id", logID(cl.ID), "packet_id", packetID, "err", err)
 	}
 }
