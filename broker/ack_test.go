@@ -21,6 +21,10 @@ func TestAckWhenStored(t *testing.T) {
 			h := newHarness(t, func(o *Options) { o.AckWhenStored = true }, nil)
 			events := h.subscribe(t, "lockers/v1/+/events")
 			health := h.subscribe(t, "lockers/v1/+/health")
+			// A handler that acknowledges before it returns, as a fast one may.
+			if err := h.b.Subscribe("lockers/v1/+/fw/status", func(m fleet.Message) { m.Ack() }); err != nil {
+				t.Fatal(err)
+			}
 			took := func(in *inbox, n int) fleet.Message {
 				t.Helper()
 				waitFor(t, fmt.Sprintf("message %d delivered", n), func() bool { return len(in.get()) >= n })
@@ -51,6 +55,11 @@ func TestAckWhenStored(t *testing.T) {
 			reused.Ack()
 			if ack := a.mustRead(packets.Puback); ack.PacketID != id {
 				t.Fatalf("PUBACK %d, want %d", ack.PacketID, id)
+			}
+
+			id = a.publish("lockers/v1/A/fw/status", 1, []byte(`{}`))
+			if ack := a.mustRead(packets.Puback); ack.PacketID != id {
+				t.Fatalf("acknowledged within its handler: PUBACK %d, want %d", ack.PacketID, id)
 			}
 
 			id = a.publish("lockers/v1/A/health", 1, []byte(`{"seq":1}`))

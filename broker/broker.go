@@ -633,6 +633,7 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, 
 			// Once only: after the PUBACK the locker may use the id
 			// for a new message, which a second call would acknowledge.
 			id, acked := pk.PacketID, new(atomic.Bool)
+			cl.HoldAck(id) // before the hand-off: the Ack may come first
 			msg.Ack = func() {
 				if acked.CompareAndSwap(false, true) {
 					b.ackPublish(cl, id)

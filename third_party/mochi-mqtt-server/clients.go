@@ -316,16 +316,21 @@ func (cl *Client) writeOutbound(pk *packets.Packet) {
 	atomic.AddInt32(&cl.State.outboundQty, -1)
 }
 
-// holdAck records that the PUBACK of the client's QoS 1 publish packetID is
-// a hook's to send (ErrAckLater; Lockergate patch 22).
-func (cl *Client) holdAck(packetID uint16) {
+// HoldAck makes the PUBACK of the client's QoS 1 PUBLISH packetID an
+// OnPublish hook's to send (Lockergate patch 22): the hook calls it before
+// it hands the message on, returns ErrAckLater, and calls
+// Server.AckPublish once the message is handled, which may be before the
+// hook has returned. The message holds one of the client's receive quota
+// until then.
+func (cl *Client) HoldAck(packetID uint16) {
 	cl.State.ackMu.Lock()
-	defer cl.State.ackMu.Unlock()
 	if cl.State.held == nil {
 		cl.State.held = make(map[uint16]struct{})
 		cl.State.quotaFreed = make(chan struct{}, 1)
 	}
 	cl.State.held[packetID] = struct{}{}
+	cl.State.ackMu.Unlock()
+	cl.State.Inflight.DecreaseReceiveQuota()
 }
 
 // ackHeld reports whether the PUBACK of packetID is held (patch 22).

@@ -25,12 +25,13 @@ var (
 )
 
 // ErrAckLater is what an OnPublish hook returns for a client's QoS 1
-// PUBLISH it has taken to handle itself (Lockergate patch 22): the server
-// neither acknowledges the message nor routes it, and the hook calls
-// Server.AckPublish once the message is handled (stored, say), so that a
-// PUBACK never promises what a crash before then would lose. Until then
-// the message counts against the client's receive quota (MQTT 5 Receive
-// Maximum). For QoS 0 and 2 it means what packets.CodeSuccessIgnore does.
+// PUBLISH it has taken to handle itself (Lockergate patch 22), after
+// Client.HoldAck: the server neither acknowledges the message nor routes
+// it, and the hook calls Server.AckPublish once the message is handled
+// (stored, say), so that a PUBACK never promises what a crash before then
+// would lose. Until then the message counts against the client's receive
+// quota (MQTT 5 Receive Maximum). For QoS 0 and 2 it means what
+// packets.CodeSuccessIgnore does.
 var ErrAckLater = errors.New("publish acknowledged by the hook once handled")
 
 const (

@@ -1179,19 +1179,28 @@ func TestServerPacketIDsAreNotTheClients(t *testing.T) {
 	}
 }
 
-// ackLater takes every QoS 1 PUBLISH to handle itself (patch 22).
+// ackLater takes every QoS 1 PUBLISH to handle itself (patch 22); one with
+// the id ackNow it acknowledges before it returns, as a fast handler may.
 type ackLater struct {
 	HookBase
-	taken chan uint16
+	s      *Server
+	taken  chan uint16
+	ackNow uint16
 }
 
 func (h *ackLater) ID() string { return "ack-later" }
 
 func (h *ackLater) Provides(b byte) bool { return b == OnPublish }
 
-func (h *ackLater) OnPublish(_ *Client, pk packets.Packet) (packets.Packet, error) {
+func (h *ackLater) OnPublish(cl *Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Qos != 1 {
 		return pk, nil
+	}
+	cl.HoldAck(pk.PacketID)
+	if pk.PacketID == h.ackNow {
+		if err := h.s.AckPublish(cl, pk.PacketID); err != nil {
+			return pk, err
+		}
 	}
 	h.taken <- pk.PacketID
 	return pk, ErrAckLater
@@ -1208,7 +1217,7 @@ func TestAckLater(t *testing.T) {
 	for _, v := range []byte{4, 5} {
 		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
 			e := newTakeoverEnv(t, v)
-			h := &ackLater{taken: make(chan uint16, 4)}
+			h := &ackLater{s: e.s, taken: make(chan uint16, 4), ackNow: 9}
 			if err := e.s.AddHook(h, nil); err != nil {
 				t.Fatal(err)
 			}
@@ -1323,6 +1332,16 @@ func TestAckLater(t *testing.T) {
 			waiting := make(chan struct{})
 			testHookAwaitingQuota = func(*Client) { close(waiting) }
 			t.Cleanup(func() { testHookAwaitingQuota = nil })
+			nextAck := func() uint16 {
+				t.Helper()
+				select {
+				case id := <-acks:
+					return id
+				case <-time.After(10 * time.Second):
+					t.Fatal("no PUBACK in 10 s")
+					return 0
+				}
+			}
 			done := make(chan error, 1)
 			go func() { done <- process(6) }()
 			select {
@@ -1333,7 +1352,7 @@ func TestAckLater(t *testing.T) {
 			if err := e.s.AckPublish(cl, 3); err != nil {
 				t.Fatal(err)
 			}
-			if got := <-acks; got != 3 {
+			if got := nextAck(); got != 3 {
 				t.Fatalf("PUBACK %d, want 3", got)
 			}
 			if got := <-h.taken; got != 6 {
@@ -1349,8 +1368,20 @@ func TestAckLater(t *testing.T) {
 			if err := e.s.AckPublish(cl, 5); err != nil {
 				t.Fatal(err)
 			}
-			if got := <-acks; got != 5 {
+			if got := nextAck(); got != 5 {
 				t.Fatalf("PUBACK %d after acknowledging 3 twice and then 5, want 5", got)
+			}
+			// Acknowledged before its hook returned: the PUBACK goes out
+			// once, the quota is given back, and the id is free.
+			if err := publish(9); err != nil {
+				t.Fatal(err)
+			}
+			<-h.taken
+			if got := nextAck(); got != 9 {
+				t.Fatalf("PUBACK %d, want 9 (acknowledged within its hook)", got)
+			}
+			if cl.ackHeld(9) {
+				t.Fatal("9 is still held after its PUBACK: a new message 9 would be dropped")
 			}
 			cl.Stop(nil)
 			if err := e.s.AckPublish(cl, 6); err != ErrConnectionClosed {

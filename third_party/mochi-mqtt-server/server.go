@@ -1108,9 +1108,9 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 		pk.Ignore = true
 	} else if errors.Is(err, ErrAckLater) {
 		// Lockergate patch 22: the hook acknowledges it (AckPublish).
+		// The hook held the PUBACK (Client.HoldAck) before it handed the
+		// message on, so that an AckPublish before this point finds it.
 		if pk.FixedHeader.Qos == 1 && !cl.Net.Inline {
-			cl.holdAck(pk.PacketID)
-			cl.State.Inflight.DecreaseReceiveQuota()
 			return nil
 		}
 		pk.Ignore = true
