@@ -674,22 +674,14 @@ func onlyHandler(subs []inlineSub, topic string) fleet.Handler {
 const healthSuffix = "/" + string(protocol.ChanHealth)
 
 // ackPublish queues the PUBACK of a device's QoS 1 message the fleet has
-// stored (Options.AckWhenStored); it never waits on the locker's socket,
-// so one locker that reads nothing cannot hold up the fleet's writers. On a
-// connection closed meanwhile it sends nothing: the locker sends the
-// message again on its next, and the fleet takes a repeat once (events by
-// id; results, acks and firmware status by what they name). A locker whose
-// outbound queue is full is disconnected, for the same resend.
+// stored (Options.AckWhenStored) for the locker's own writer; it never waits
+// on the locker's socket, so one locker that reads nothing cannot hold up
+// the fleet's writers. On a connection closed meanwhile it sends nothing:
+// the locker sends the message again on its next, and the fleet takes a
+// repeat once (events by id; results, acks and firmware status by what they
+// name).
 func (b *Broker) ackPublish(cl *mqtt.Client, packetID uint16) {
-	err := b.server.AckPublish(cl, packetID)
-	switch {
-	case err == nil, errors.Is(err, mqtt.ErrConnectionClosed):
-	case errors.Is(err, packets.ErrPendingClientWritesExceeded):
-		if ok, suppressed := b.dropLog.allow(time.Now()); ok {
-			b.log.Warn("mqtt client disconnected: it reads nothing and its outbound queue is full; it sends its unacknowledged messages again when it reconnects",
-				"client_id", logID(cl.ID), "suppressed", suppressed)
-		}
-	default:
+	if err := b.server.AckPublish(cl, packetID); err != nil && !errors.Is(err, mqtt.ErrConnectionClosed) {
 		b.log.Debug("mqtt PUBACK not sent", "client_id", logID(cl.ID), "packet_id", packetID, "err", err)
 	}
 }

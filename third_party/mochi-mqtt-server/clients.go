@@ -193,6 +193,7 @@ type ClientState struct {
 	maxPacketSize   atomic.Uint32        // the client's own packet limit; 0: the server's (patch 17)
 	ackMu           sync.Mutex           // guards held and quotaFreed (patch 22)
 	held            map[uint16]struct{}  // QoS 1 publishes whose PUBACK a hook sends later (patch 22)
+	acks            []uint16             // PUBACKs AckPublish queued for the writer (patch 22)
 	quotaFreed      chan struct{}        // AckPublish wakes a reader waiting for receive quota (patch 22)
 	Keepalive       uint16               // the number of seconds the connection can wait
 	ServerKeepalive bool                 // keepalive was set by the server
@@ -287,6 +288,9 @@ func (cl *Client) drainOutbound() {
 			cl.writeOutbound(pk)
 			continue
 		default:
+		}
+		if cl.writeAcks() {
+			continue
 		}
 		if testHookQueueEmpty != nil {
 			testHookQueueEmpty(cl)
@@ -387,6 +391,38 @@ func (cl *Client) awaitReceiveQuota() bool {
 		}
 	}
 	return true
+}
+
+// queueAck queues the PUBACK of packetID for the client's writer (patch 22):
+// unbounded by the outbound queue (a batch may acknowledge many of one
+// client's messages at once), but never more than its held messages.
+// Counted in outboundQty like a queued packet, so that a writer finding
+// the queue empty looks again (drainOutbound). A WriteLoop of the caller's
+// own does not send them (Lockergate runs none).
+func (cl *Client) queueAck(packetID uint16) {
+	cl.State.ackMu.Lock()
+	cl.State.acks = append(cl.State.acks, packetID)
+	cl.State.ackMu.Unlock()
+	atomic.AddInt32(&cl.State.outboundQty, 1)
+	cl.kickWriter()
+}
+
+// writeAcks writes the queued PUBACKs (patch 22), reporting whether there
+// were any. A closed connection refuses them (WritePacket), as it does
+// queued packets.
+func (cl *Client) writeAcks() bool {
+	cl.State.ackMu.Lock()
+	ids := cl.State.acks
+	cl.State.acks = nil
+	cl.State.ackMu.Unlock()
+	for _, id := range ids {
+		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: id}
+		if err := cl.WritePacket(ack); err != nil {
+			cl.ops.log.Debug("failed writing puback", "error", err, "client", cl.ID, "packet_id", id)
+		}
+	}
+	atomic.AddInt32(&cl.State.outboundQty, -int32(len(ids)))
+	return len(ids) > 0
 }
 
 // ParseConnect parses the connect parameters and properties for a client.

@@ -1390,3 +1390,48 @@ func TestAckLater(t *testing.T) {
 		})
 	}
 }
+
+// TestAckLaterMany: a batch that acknowledges more of one client's held
+// messages than its outbound queue holds sends every PUBACK and keeps the
+// connection (patch 22).
+func TestAckLaterMany(t *testing.T) {
+	const n = 40
+	e := newTakeoverEnv(t, 4)
+	e.s.Options.Capabilities.MaximumClientWritesPending = 4
+	h := &ackLater{s: e.s, taken: make(chan uint16, n)}
+	if err := e.s.AddHook(h, nil); err != nil {
+		t.Fatal(err)
+	}
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+	cl := e.client("x", srv)
+	e.attach(cl)
+	cl.State.Inflight.ResetReceiveQuota(n)
+	for id := uint16(1); id <= n; id++ {
+		if err := e.s.processPacket(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1},
+			ProtocolVersion: 4, PacketID: id, TopicName: "a/b", Payload: []byte("x")}); err != nil {
+			t.Fatal(err)
+		}
+		<-h.taken
+	}
+	for id := uint16(1); id <= n; id++ {
+		if err := e.s.AckPublish(cl, id); err != nil {
+			t.Fatalf("AckPublish(%d): %v", id, err)
+		}
+	}
+	r := bufio.NewReader(cli)
+	_ = cli.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for want := uint16(1); want <= n; want++ {
+		typ, body, err := readPacket(r)
+		if err != nil {
+			t.Fatalf("reading PUBACK %d of %d: %v", want, n, err)
+		}
+		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ, Remaining: len(body)}, ProtocolVersion: 4}
+		if err := ack.PubackDecode(body); err != nil || typ != packets.Puback || ack.PacketID != want {
+			t.Fatalf("got %s %d (%v), want PUBACK %d", packets.PacketNames[typ], ack.PacketID, err, want)
+		}
+	}
+	if cl.Closed() {
+		t.Fatal("the client was disconnected")
+	}
+}

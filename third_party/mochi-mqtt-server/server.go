@@ -1170,12 +1170,12 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 }
 
 // AckPublish queues the PUBACK of the client's QoS 1 PUBLISH packetID, one
-// an OnPublish hook answered with ErrAckLater, and gives the client back the
-// receive quota it held. It never waits on the client: the PUBACK goes
-// through the client's outbound queue, and a client whose queue is full
-// (it reads nothing) is disconnected instead (ErrPendingClientWritesExceeded),
-// so that it sends the message again on its next connection. A second call
-// for the same message, or one for an id not held, does nothing. The
+// an OnPublish hook held (Client.HoldAck, ErrAckLater), and gives the
+// client back the receive quota it held. It never waits on the client: the
+// client's writer sends the PUBACK (started if none runs), and the queue of
+// PUBACKs is bounded by the held messages, not by the outbound queue, so a
+// batch may acknowledge many of one client's messages at once. A second
+// call for the same message, or one for an id not held, does nothing. The
 // PUBACK carries no properties (mochi's own copies the PUBLISH's, unless
 // NoInheritedPropertiesOnAck). A connection closed meanwhile gets nothing
 // (ErrConnectionClosed): its client sends the PUBLISH again, as MQTT has it
@@ -1193,16 +1193,8 @@ func (s *Server) AckPublish(cl *Client, packetID uint16) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
-	ack := s.buildAck(packetID, packets.Puback, 0, packets.Properties{}, packets.CodeSuccess)
-	select {
-	case cl.State.outbound <- &ack:
-		atomic.AddInt32(&cl.State.outboundQty, 1)
-		cl.kickWriter()
-	default:
-		cl.Stop(packets.ErrPendingClientWritesExceeded)
-		return packets.ErrPendingClientWritesExceeded
-	}
-	s.hooks.OnQosComplete(cl, ack)
+	cl.queueAck(packetID)
+	s.hooks.OnQosComplete(cl, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: packetID})
 	return nil
 }
 
