@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -192,7 +193,7 @@ type ClientState struct {
 	bufferReleased  bool                 // a resting reader gave its read buffer back (patch 15)
 	maxPacketSize   atomic.Uint32        // the client's own packet limit; 0: the server's (patch 17)
 	ackMu           sync.Mutex           // guards held and quotaFreed (patch 22)
-	held            map[uint16]struct{}  // QoS 1 publishes whose PUBACK a hook sends later (patch 22)
+	held            []uint16             // QoS 1 publishes whose PUBACK a hook sends later; nil when none (patch 22)
 	acks            []uint16             // PUBACKs AckPublish queued for the writer (patch 22)
 	quotaFreed      chan struct{}        // AckPublish wakes a reader waiting for receive quota (patch 22)
 	Keepalive       uint16               // the number of seconds the connection can wait
@@ -328,11 +329,12 @@ func (cl *Client) writeOutbound(pk *packets.Packet) {
 // until then.
 func (cl *Client) HoldAck(packetID uint16) {
 	cl.State.ackMu.Lock()
-	if cl.State.held == nil {
-		cl.State.held = make(map[uint16]struct{})
+	if cl.State.quotaFreed == nil {
 		cl.State.quotaFreed = make(chan struct{}, 1)
 	}
-	cl.State.held[packetID] = struct{}{}
+	// A slice, not a map: usually one or two ids are held, and it is let
+	// go when none is, so that an idle locker keeps nothing.
+	cl.State.held = append(cl.State.held, packetID)
 	cl.State.ackMu.Unlock()
 	cl.State.Inflight.DecreaseReceiveQuota()
 }
@@ -341,17 +343,22 @@ func (cl *Client) HoldAck(packetID uint16) {
 func (cl *Client) ackHeld(packetID uint16) bool {
 	cl.State.ackMu.Lock()
 	defer cl.State.ackMu.Unlock()
-	_, ok := cl.State.held[packetID]
-	return ok
+	return slices.Contains(cl.State.held, packetID)
 }
 
 // unholdAck forgets a held packetID, reporting whether it was held (patch 22).
 func (cl *Client) unholdAck(packetID uint16) bool {
 	cl.State.ackMu.Lock()
 	defer cl.State.ackMu.Unlock()
-	_, ok := cl.State.held[packetID]
-	delete(cl.State.held, packetID)
-	return ok
+	i := slices.Index(cl.State.held, packetID)
+	if i < 0 {
+		return false
+	}
+	cl.State.held = slices.Delete(cl.State.held, i, i+1)
+	if len(cl.State.held) == 0 {
+		cl.State.held = nil
+	}
+	return true
 }
 
 // quotaGiven wakes the client's reader if it waits for receive quota
