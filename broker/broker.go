@@ -636,7 +636,14 @@ func (b *Broker) deliverUplink(cl *mqtt.Client, pk *packets.Packet) (delivered, 
 			cl.HoldAck(id) // before the hand-off: the Ack may come first
 			msg.Ack = func() {
 				if acked.CompareAndSwap(false, true) {
-					b.ackPublish(cl, id)
+					// Queued for the locker's own writer: one locker that
+					// reads nothing holds up no fleet writer. On a
+					// connection closed meanwhile (the only error) nothing
+					// is sent: the locker sends the message again on its
+					// next, and the fleet takes a repeat once (events by
+					// id; results, acks and firmware status by what they
+					// name).
+					_ = b.server.AckPublish(cl, id)
 				}
 			}
 			h(msg)
@@ -672,19 +679,6 @@ func onlyHandler(subs []inlineSub, topic string) fleet.Handler {
 // seq, and holding thousands of PUBACKs a second for their batches' commits
 // would cost the ingest path.
 const healthSuffix = "/" + string(protocol.ChanHealth)
-
-// ackPublish queues the PUBACK of a device's QoS 1 message the fleet has
-// stored (Options.AckWhenStored) for the locker's own writer; it never waits
-// on the locker's socket, so one locker that reads nothing cannot hold up
-// the fleet's writers. On a connection closed meanwhile it sends nothing:
-// the locker sends the message again on its next, and the fleet takes a
-// repeat once (events by id; results, acks and firmware status by what they
-// name).
-func (b *Broker) ackPublish(cl *mqtt.Client, packetID uint16) {
-	if err := b.server.AckPublish(cl, packetID); err != nil && !errors.Is(err, mqtt.ErrConnectionClosed) {
-		b.log.Debug("mqtt PUBACK not sent", "client_id", logID(cl.ID), "packet_id", packetID, "err", err)
-	}
-}
 
 // Kick disconnects every live session with client id id and forgets its
 // cached credentials, so the next CONNECT is checked against Auth. Use it

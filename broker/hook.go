@@ -288,7 +288,7 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 		return errIgnore
 	}
 	if delivered, ackLater := b.deliverUplink(cl, pk); ackLater {
-		// Acknowledged once stored (ackPublish), routed no further.
+		// Acknowledged once stored (Message.Ack), routed no further.
 		return mqtt.ErrAckLater
 	} else if delivered {
 		// Acknowledged by mochi, which routes it no further.
