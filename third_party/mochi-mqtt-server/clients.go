@@ -346,31 +346,21 @@ func (cl *Client) ackHeld(packetID uint16) bool {
 	return slices.Contains(cl.State.held, packetID)
 }
 
-// unholdAck forgets a held packetID, reporting whether it was held (patch 22).
-func (cl *Client) unholdAck(packetID uint16) bool {
+// unholdAck forgets a held packetID, reporting whether it was held, and
+// returns the channel that wakes a reader waiting for receive quota
+// (awaitReceiveQuota; patch 22).
+func (cl *Client) unholdAck(packetID uint16) (freed chan struct{}, ok bool) {
 	cl.State.ackMu.Lock()
 	defer cl.State.ackMu.Unlock()
 	i := slices.Index(cl.State.held, packetID)
 	if i < 0 {
-		return false
+		return nil, false
 	}
 	cl.State.held = slices.Delete(cl.State.held, i, i+1)
 	if len(cl.State.held) == 0 {
 		cl.State.held = nil
 	}
-	return true
-}
-
-// quotaGiven wakes the client's reader if it waits for receive quota
-// (awaitReceiveQuota; patch 22).
-func (cl *Client) quotaGiven() {
-	cl.State.ackMu.Lock()
-	freed := cl.State.quotaFreed
-	cl.State.ackMu.Unlock()
-	select {
-	case freed <- struct{}{}:
-	default:
-	}
+	return cl.State.quotaFreed, true
 }
 
 // testHookAwaitingQuota, when set by a test, runs when a reader starts to

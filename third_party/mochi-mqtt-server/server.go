@@ -1183,13 +1183,17 @@ func (s *Server) processPublish(cl *Client, pk packets.Packet) error {
 //
 // Lockergate patch 22.
 func (s *Server) AckPublish(cl *Client, packetID uint16) error {
-	if !cl.unholdAck(packetID) {
+	freed, ok := cl.unholdAck(packetID)
+	if !ok {
 		return nil
 	}
 	// The quota before the PUBACK: the client may send its next message
-	// as soon as it reads it.
+	// as soon as it reads it. Then a reader waiting for it is woken.
 	cl.State.Inflight.IncreaseReceiveQuota()
-	cl.quotaGiven()
+	select {
+	case freed <- struct{}{}:
+	default:
+	}
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
