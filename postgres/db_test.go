@@ -1757,3 +1757,81 @@ func TestSessionDefaults(t *testing.T) {
 		}
 	})
 }
+
+// A health batch commits without waiting for the disk, whatever its shape,
+// and only its own transaction does: the connection it used goes back to
+// the pool with the session's setting. The test cluster runs with
+// synchronous_commit off for speed, so this database's sessions are set to
+// on; triggers record the setting each write of health ran under.
+func TestHealthCommitsWithoutWaitingForDisk(t *testing.T) {
+	ctx := context.Background()
+	db, err := postgres.Open(ctx, postgres.Options{DSN: pgtest.NewDB(t) + " synchronous_commit=on", MaxConns: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	seedFleet(t, db, 2)
+	now := time.Now().UTC()
+	if err := db.EnsurePartitions(ctx, now.AddDate(0, 0, -1), 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `
+		CREATE TABLE seen (what text, setting text);
+		CREATE FUNCTION note_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN
+				INSERT INTO seen VALUES (TG_TABLE_NAME, current_setting('synchronous_commit'));
+				RETURN NULL;
+			END $$;
+		CREATE TRIGGER note AFTER INSERT ON health FOR EACH STATEMENT EXECUTE FUNCTION note_setting();
+		CREATE TRIGGER note AFTER UPDATE ON devices FOR EACH STATEMENT EXECUTE FUNCTION note_setting();`); err != nil {
+		t.Fatal(err)
+	}
+	setting := func() string {
+		t.Helper()
+		var v string
+		if err := db.Pool().QueryRow(ctx, "SHOW synchronous_commit").Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if got := setting(); got != "on" {
+		t.Fatalf("the session's synchronous_commit is %q, want on", got)
+	}
+	rows := []fleet.HealthRecord{{DeviceID: "lk-1", ReceivedAt: now, TS: now, Seq: 1, Body: json.RawMessage(`{"seq":1}`)}}
+	for _, c := range []struct {
+		name   string
+		rows   []fleet.HealthRecord
+		latest []fleet.LatestHealth
+		want   string // the tables written, in order
+	}{
+		{"rows and latest", rows, fleet.LatestOf(rows), "health devices"},
+		{"rows", rows, nil, "health"},
+		{"latest", nil, fleet.LatestOf(rows), "devices"},
+	} {
+		if _, err := db.Pool().Exec(ctx, "TRUNCATE seen"); err != nil {
+			t.Fatal(err)
+		}
+		if err := db.InsertHealth(ctx, c.rows, c.latest); err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		r, _ := db.Pool().Query(ctx, "SELECT ARRAY[what, setting] FROM seen")
+		seen, err := pgx.CollectRows(r, pgx.RowTo[[]string])
+		if err != nil {
+			t.Fatal(err)
+		}
+		var what []string
+		for _, s := range seen {
+			what = append(what, s[0])
+			if s[1] != "off" {
+				t.Errorf("%s: %s written with synchronous_commit %s, want off", c.name, s[0], s[1])
+			}
+		}
+		if got := strings.Join(what, " "); got != c.want {
+			t.Errorf("%s: wrote %q, want %q", c.name, got, c.want)
+		}
+		// One connection in the pool: the batch's; its session is as it was.
+		if got := setting(); got != "on" {
+			t.Errorf("%s: the connection's synchronous_commit is %q after the batch, want on", c.name, got)
+		}
+	}
+}

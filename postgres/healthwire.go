@@ -28,12 +28,24 @@ import (
 //
 // The stream, for rows and latest health together:
 //
-//	Query     BEGIN; COPY health (...) FROM STDIN BINARY
+//	Query     BEGIN; SET LOCAL synchronous_commit = off; COPY health (...) FROM STDIN BINARY
 //	CopyData  every row (binary COPY format)
 //	CopyDone
 //	Parse, Bind, Execute   updateLatestSQL, its six arrays in binary
 //	Parse, Bind, Execute   COMMIT
 //	Sync
+//
+// A health commit does not wait for its WAL to reach the disk
+// (synchronous_commit off, for that transaction only; the walwriter
+// flushes it within 3 x wal_writer_delay, 0.6 s by default). Waiting made
+// the one writer's batches wait for fsyncs of megabytes of WAL, which
+// capped ingest, while it bought health little: a report is acknowledged
+// to the embedded broker's locker when it is queued, before any commit, and
+// a lost report shows as a gap in seq that the next report stands for.
+// What a crash of PostgreSQL or of the machine loses is at most the health
+// committed in that last fraction of a second; a crash of the gateway
+// loses more (its queue). Everything else (events, commands and their
+// results, the audit) still commits to disk before anyone is answered.
 //
 // The server answers the simple query with ReadyForQuery, then the rest with
 // another after Sync. If anything fails, nothing commits: an error in the
@@ -41,8 +53,10 @@ import (
 // follow an error) and leaves the transaction aborted, so the UPDATE and
 // COMMIT fail too; an error in the UPDATE skips the COMMIT up to Sync. A
 // transaction left open is rolled back before the connection is reused.
-// With only rows the stream is the COPY alone, with only latest health the
-// UPDATE alone: one statement, its own transaction.
+// With only rows the stream is the COPY alone (after the SET LOCAL, in the
+// implicit transaction of a simple query of two statements), with only
+// latest health the UPDATE alone (after asyncCommitSQL, in the implicit
+// transaction of a pipeline): its own transaction, and one ReadyForQuery.
 //
 // Once the stream is written the server has the whole transaction, so its
 // answer is awaited even after the caller gives up (for answerGrace): a
@@ -51,11 +65,22 @@ import (
 // cancelled write was cut off after the COMMIT's Execute (its last bytes
 // are the Sync), as with any answer lost on the way.
 
-// copyHealthSQL is the COPY whose data appendHealthCopy encodes.
-const copyHealthSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
+// copyHealthSQL is the COPY whose data appendHealthCopy encodes, after
+// the statement that lets its commit go without waiting for the disk (see
+// above). Two statements in one simple query run in one implicit
+// transaction, in which SET LOCAL holds.
+const copyHealthSQL = "SET LOCAL synchronous_commit = off; " + copyColumnsSQL
+
+// copyColumnsSQL is the COPY itself.
+const copyColumnsSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
 
 // beginCopyHealthSQL opens a transaction and starts the same COPY.
 const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
+
+// asyncCommitSQL does what copyHealthSQL's SET LOCAL does for a pipeline:
+// the latest health's UPDATE alone, which runs in the pipeline's implicit
+// transaction, committed at Sync.
+const asyncCommitSQL = "SELECT set_config('synchronous_commit', 'off', true)"
 
 // updateLatestSQL writes the latest health of lockers. Never older than
 // what is stored: with several writers or gateway instances, a later batch
@@ -238,6 +263,9 @@ func appendHealthTx(b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHe
 		end(b, at)
 	}
 	if len(latest) > 0 {
+		if len(rows) == 0 {
+			b = appendExec(b, asyncCommitSQL, nil)
+		}
 		b = appendLatestUpdate(b, latest)
 		if len(rows) > 0 {
 			b = appendExec(b, "COMMIT", nil)
@@ -269,11 +297,22 @@ func healthTxSize(rows []fleet.HealthRecord, latest []fleet.LatestHealth) int {
 			header + bind + 2 + latestParamsSize(latest) + 2 + // Bind
 			header + 1 + 4 // Execute
 		if len(rows) > 0 {
-			n += header + 1 + len("COMMIT") + 1 + 2 + header + bind + 2 + 2 + header + 1 + 4
+			n += execSize("COMMIT")
+		} else {
+			n += execSize(asyncCommitSQL)
 		}
 		n += header // Sync
 	}
 	return n
+}
+
+// execSize is the length of appendExec's messages for sql without
+// parameters.
+func execSize(sql string) int {
+	const header = 5
+	return header + 1 + len(sql) + 1 + 2 + // Parse
+		header + 1 + 1 + 2 + 2 + 2 + 2 + // Bind
+		header + 1 + 4 // Execute
 }
 
 // begin starts a message of type t in *b and returns where its length goes.
@@ -401,7 +440,7 @@ func copySize(rows []fleet.HealthRecord) int {
 }
 
 // appendHealthCopy appends rows to b as binary COPY data (header, one tuple
-// per record, trailer) for the columns of copyHealthSQL.
+// per record, trailer) for the columns of copyColumnsSQL.
 func appendHealthCopy(b []byte, rows []fleet.HealthRecord) ([]byte, error) {
 	b = append(b, "PGCOPY\n\xff\r\n\x00"...)
 	b = binary.BigEndian.AppendUint32(b, 0) // flags
