@@ -400,6 +400,14 @@ func (m *Manager) wake(id string, c *Command) {
 	}
 }
 
+// CommandEnded accounts for a command the store ended outside the manager
+// (a pickup's staging unlock withdrawn with its pickup), as finished does
+// for those the manager ends. Waiters hear of it through the store's
+// notification (WatchCommands).
+func (m *Manager) CommandEnded(typ, status string) {
+	m.m.commands.WithLabelValues(typ, status).Inc()
+}
+
 // finished accounts for a command that reached a final status.
 func (m *Manager) finished(c *Command) {
 	m.m.commands.WithLabelValues(c.Type, c.Status).Inc()

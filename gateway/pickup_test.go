@@ -1885,6 +1885,10 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 	if cmd.DoneAt == nil || !cmd.DoneAt.Before(cmd.ExpiresAt) {
 		t.Fatalf("the unlock ended at %v, not before it expired at %v: not withdrawn", cmd.DoneAt, cmd.ExpiresAt)
 	}
+	// Counted as it ended, by the cancel (the fleet manager ended nothing).
+	if n, err := tg.Metric(`lockergate_commands_total{status="timed_out",type="unlock"}`); err != nil || n != 1 {
+		t.Fatalf("unlocks counted as timed_out: %v (%v), want 1", n, err)
+	}
 
 	// At the next connect the open commands are sent, then a command made
 	// after that: the withdrawn unlock would come first. (Repeats of it

@@ -66,6 +66,10 @@ type Pickup struct {
 	DoneAt       *time.Time      `json:"done_at,omitempty"`
 	Credential   *CredentialView `json:"credential,omitempty"`
 	Transitions  []Transition    `json:"transitions,omitempty"`
+	// Withdrawn is the status its staging unlock ended in (expired or
+	// timed_out) when the transition that returned it withdrew that unlock
+	// (Store.Transition); "" otherwise.
+	Withdrawn string `json:"-"`
 }
 
 // Transition is one recorded state change.
@@ -172,7 +176,8 @@ type Store interface {
 	// pickup that ends leaves its active credential: revoked, or narrowed
 	// to the compartments of the other live pickups it opens; its staging
 	// unlock, when still unanswered, is withdrawn: not sent again (pending
-	// ones end expired, sent ones timed_out, with the reason in error).
+	// ones end expired, sent ones timed_out, with the reason in error;
+	// the returned pickup's Withdrawn says which).
 	// fleet.ErrConflict when the pickup is in none of from, or, to Expired
 	// or Cancelled, while it is being collected (CollectGrace). To Expired
 	// it raises the pickup's ExpiredAlert in the same transaction.

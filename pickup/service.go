@@ -31,6 +31,9 @@ type Fleet interface {
 	// PublishCreds republishes a locker's retained credential set.
 	PublishCreds(ctx context.Context, deviceID string) error
 	GetLocker(ctx context.Context, id string) (*fleet.Locker, error)
+	// CommandEnded accounts for a command the store ended outside the
+	// fleet manager: a staging unlock withdrawn with its pickup.
+	CommandEnded(typ, status string)
 }
 
 // Options configure a Service.
@@ -532,6 +535,10 @@ func (s *Service) transitioned(p *Pickup, to string) {
 	s.m.state.WithLabelValues(to).Inc()
 	s.o.Wake()
 	s.log.Info("pickup", "pickup", p.ID, "state", to, "locker", p.Locker, "compartment", p.Compartment)
+	if p.Withdrawn != "" {
+		s.o.Fleet.CommandEnded(protocol.CmdUnlock, p.Withdrawn)
+		s.log.Info("staging unlock withdrawn", "pickup", p.ID, "command", p.CommandID, "status", p.Withdrawn)
+	}
 }
 
 // ExpandEvent completes a stored webhook body: a pickup.ready event names

@@ -21,11 +21,11 @@ var _ pickup.Store = (*DB)(nil)
 const pickupCols = `id, site, order_ref, platform, recipient, size, zone, device_id, compartment, state, expires_at,
 	coalesce(credential_id, ''), coalesce(command_id, ''), created_by, created_at, ready_at, done_at`
 
-func scanPickup(row pgx.Row) (*pickup.Pickup, error) {
+func scanPickup(row pgx.Row, extra ...any) (*pickup.Pickup, error) {
 	var p pickup.Pickup
 	var recipient []byte
-	err := row.Scan(&p.ID, &p.Site, &p.OrderRef, &p.Platform, &recipient, &p.Size, &p.Zone, &p.Locker, &p.Compartment,
-		&p.State, &p.ExpiresAt, &p.CredentialID, &p.CommandID, &p.CreatedBy, &p.CreatedAt, &p.ReadyAt, &p.DoneAt)
+	err := row.Scan(append([]any{&p.ID, &p.Site, &p.OrderRef, &p.Platform, &recipient, &p.Size, &p.Zone, &p.Locker, &p.Compartment,
+		&p.State, &p.ExpiresAt, &p.CredentialID, &p.CommandID, &p.CreatedBy, &p.CreatedAt, &p.ReadyAt, &p.DoneAt}, extra...)...)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -167,7 +167,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 const withdrawCTE = `wd AS (UPDATE commands k SET status = CASE WHEN k.status = 'pending' THEN 'expired' ELSE 'timed_out' END,
 		error = 'withdrawn: pickup ' || $2::text, done_at = $3
 	FROM u WHERE k.id = u.command_id AND u.state NOT IN ('staging', 'ready') AND k.status IN ('pending', 'sent')
-	RETURNING k.id),
+	RETURNING k.id, k.status),
 	wn AS (SELECT pg_notify($4, wd.id) FROM wd)`
 
 // GetPickup implements pickup.Store.
@@ -295,6 +295,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		// board no longer reports, kept for this order only, and withdraws
 		// its staging unlock if unanswered (withdrawCTE), in the same
 		// statement.
+		var withdrawn string
 		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
 				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
 				done_at = CASE WHEN $2 IN ('picked_up', 'expired', 'cancelled') THEN $3 ELSE done_at END
@@ -302,10 +303,12 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			gone AS (DELETE FROM compartments c USING u WHERE u.state NOT IN ('staging', 'ready')
 				AND c.device_id = u.device_id AND c.n = u.compartment AND c.missing),
 			`+withdrawCTE+`
-			SELECT `+pickupCols+` FROM u CROSS JOIN (SELECT count(*) FROM wn) n`, id, to, at, commandChannel))
+			SELECT `+pickupCols+`, coalesce((SELECT status FROM wd), '') FROM u CROSS JOIN (SELECT count(*) FROM wn) n`,
+			id, to, at, commandChannel), &withdrawn)
 		if err != nil {
 			return err
 		}
+		out.Withdrawn = withdrawn
 		if !pickup.Live(to) {
 			if err := releaseCredential(ctx, tx, out); err != nil {
 				return err
