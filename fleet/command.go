@@ -54,6 +54,10 @@ type Command struct {
 	// Pickup is the pickup whose staging unlock this is, when made for one
 	// (CommandRequest.Pickup); not stored with the command.
 	Pickup string `json:"-"`
+	// LateAnswer is set by Store.CompleteCommand when the answer replaced
+	// a status the gateway had ended the command with (timed_out, or
+	// expired): the command was counted as ended then.
+	LateAnswer bool `json:"-"`
 }
 
 // Wire returns the command as the device receives it.

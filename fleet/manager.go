@@ -1638,6 +1638,13 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		}
 		// Observed before waiters wake, so a caller that saw the answer sees it counted.
 		m.m.cmdDuration.WithLabelValues(cmd.Type).Observe(c.at.Sub(cmd.CreatedAt).Seconds())
+		if cmd.LateAnswer {
+			// Counted when it was ended (sweep, withdrawal): once more
+			// here would count one command twice.
+			m.m.lateAnswers.WithLabelValues(cmd.Type, cmd.Status).Inc()
+			m.wake(cmd.ID, cmd)
+			return
+		}
 		m.finished(cmd)
 	case ctrlFwStatus:
 		st, err := protocol.Decode[protocol.FwStatus](c.payload)

@@ -17,6 +17,7 @@ type metrics struct {
 	dbErrors         *prometheus.CounterVec   // op
 	online           prometheus.Gauge
 	commands         *prometheus.CounterVec // type, status
+	lateAnswers      *prometheus.CounterVec // type, status
 	cmdDuration      *prometheus.HistogramVec
 	resent           prometheus.Counter
 	credsRepublished prometheus.Counter
@@ -80,6 +81,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		commands: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "lockergate_commands_total",
 			Help: "Commands that reached a status, by type and status.",
+		}, []string{"type", "status"}),
+		lateAnswers: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "lockergate_command_late_answers_total",
+			Help: "Device answers to commands the gateway had already ended (timed_out or expired, counted in lockergate_commands_total then), by type and the answer's status: the command now reads as the answer says.",
 		}, []string{"type", "status"}),
 		cmdDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "lockergate_command_duration_seconds",
@@ -154,6 +159,9 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		for _, s := range CommandStatuses {
 			m.commands.WithLabelValues(t, s)
 		}
+		for _, s := range []string{CmdOK, CmdFailed, CmdRejected} {
+			m.lateAnswers.WithLabelValues(t, s)
+		}
 	}
 	for _, k := range AlertKinds {
 		m.alerts.WithLabelValues(k)
@@ -166,7 +174,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
+			m.online, m.commands, m.lateAnswers, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
 			m.staleWills, m.staleBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m

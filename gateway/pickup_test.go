@@ -1938,4 +1938,17 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		}
 		return nil
 	})
+
+	// A late answer to the withdrawn unlock is taken (the door may have
+	// opened), and counted apart: the unlock was counted when withdrawn.
+	publishResult(t, c, r.DeviceID, first.CommandID)
+	waitCommandStatus(t, tg, r.DeviceID, first.CommandID, fleet.CmdOK, "the withdrawn unlock answered late")
+	for series, want := range map[string]float64{
+		`lockergate_commands_total{status="ok",type="unlock"}`:             1, // RACE-2's
+		`lockergate_command_late_answers_total{status="ok",type="unlock"}`: 1,
+	} {
+		if n, err := tg.Metric(series); err != nil || n != want {
+			t.Errorf("%s = %v (%v), want %v", series, n, err, want)
+		}
+	}
 }

@@ -145,16 +145,25 @@ func (db *DB) CompleteCommand(ctx context.Context, deviceID, id, status, errText
 	// together.
 	// A set_service the locker carried out takes its compartment out of
 	// allocation (or back), in the same statement.
-	c, err := scanCommand(db.pool.QueryRow(ctx, `WITH u AS (
-			UPDATE commands SET status = $3, error = $4, done_at = $5
-			WHERE id = $1 AND device_id = $2 AND (status IN ('pending', 'sent') OR (status IN ('timed_out', 'expired') AND $3 <> 'expired'))
-			RETURNING *),
+	// The status it replaces is read under the row's lock (old), so that an
+	// answer racing the sweep or a pickup's withdrawal is late exactly when
+	// it came after the other's commit.
+	var was string
+	c, err := scanCommand(scanAlso{db.pool.QueryRow(ctx, `WITH old AS (
+			SELECT status FROM commands WHERE id = $1 AND device_id = $2 FOR UPDATE),
+		u AS (
+			UPDATE commands SET status = $3, error = $4, done_at = $5 FROM old
+			WHERE id = $1 AND device_id = $2 AND (old.status IN ('pending', 'sent') OR (old.status IN ('timed_out', 'expired') AND $3 <> 'expired'))
+			RETURNING commands.*, old.status AS was),
 		s AS (
 			UPDATE compartments c SET in_service = u.in_service, updated_at = $5 FROM u
 			WHERE u.type = 'set_service' AND u.status = 'ok' AND u.in_service IS NOT NULL
 				AND c.device_id = u.device_id AND c.n = u.compartment)
-		SELECT `+commandCols+` FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
-		id, deviceID, status, errText, at, commandChannel))
+		SELECT `+commandCols+`, u.was FROM u CROSS JOIN LATERAL (SELECT pg_notify($6, u.id)) n`,
+		id, deviceID, status, errText, at, commandChannel), []any{&was}})
+	if c != nil {
+		c.LateAnswer = was != "pending" && was != "sent"
+	}
 	return c, dataError(err)
 }
 

@@ -359,7 +359,7 @@ func TestCommands(t *testing.T) {
 			t.Fatal("second mark sent succeeded")
 		}
 		c, err := db.CompleteCommand(ctx, id, "c1", "ok", "", now)
-		if err != nil || c.Status != "ok" || c.DoneAt == nil {
+		if err != nil || c.Status != "ok" || c.DoneAt == nil || c.LateAnswer {
 			t.Fatalf("complete: %+v %v", c, err)
 		}
 		if _, err := db.CompleteCommand(ctx, id, "c1", "failed", "x", now); !errors.Is(err, fleet.ErrNotFound) {
@@ -404,8 +404,8 @@ func TestCommands(t *testing.T) {
 		if _, err := db.CompleteCommand(ctx, id, "c2", "expired", "", now); !errors.Is(err, fleet.ErrNotFound) {
 			t.Fatalf("expired over expired: got %v, want ErrNotFound", err)
 		}
-		if c, err := db.CompleteCommand(ctx, id, "c2", "ok", "", now); err != nil || c.Status != "ok" {
-			t.Fatalf("ok over expired: %+v %v", c, err)
+		if c, err := db.CompleteCommand(ctx, id, "c2", "ok", "", now); err != nil || c.Status != "ok" || !c.LateAnswer {
+			t.Fatalf("ok over expired: %+v %v, want a late answer", c, err)
 		}
 	})
 	t.Run("Unanswered", func(t *testing.T) {

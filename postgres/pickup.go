@@ -21,11 +21,11 @@ var _ pickup.Store = (*DB)(nil)
 const pickupCols = `id, site, order_ref, platform, recipient, size, zone, device_id, compartment, state, expires_at,
 	coalesce(credential_id, ''), coalesce(command_id, ''), created_by, created_at, ready_at, done_at`
 
-func scanPickup(row pgx.Row, extra ...any) (*pickup.Pickup, error) {
+func scanPickup(row pgx.Row) (*pickup.Pickup, error) {
 	var p pickup.Pickup
 	var recipient []byte
-	err := row.Scan(append([]any{&p.ID, &p.Site, &p.OrderRef, &p.Platform, &recipient, &p.Size, &p.Zone, &p.Locker, &p.Compartment,
-		&p.State, &p.ExpiresAt, &p.CredentialID, &p.CommandID, &p.CreatedBy, &p.CreatedAt, &p.ReadyAt, &p.DoneAt}, extra...)...)
+	err := row.Scan(&p.ID, &p.Site, &p.OrderRef, &p.Platform, &recipient, &p.Size, &p.Zone, &p.Locker, &p.Compartment,
+		&p.State, &p.ExpiresAt, &p.CredentialID, &p.CommandID, &p.CreatedBy, &p.CreatedAt, &p.ReadyAt, &p.DoneAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -296,7 +296,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 		// its staging unlock if unanswered (withdrawCTE), in the same
 		// statement.
 		var withdrawn string
-		out, err = scanPickup(tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
+		out, err = scanPickup(scanAlso{tx.QueryRow(ctx, `WITH u AS (UPDATE pickups SET state = $2,
 				ready_at = CASE WHEN $2 = 'ready' THEN $3 ELSE ready_at END,
 				done_at = CASE WHEN $2 IN ('picked_up', 'expired', 'cancelled') THEN $3 ELSE done_at END
 			WHERE id = $1 RETURNING *),
@@ -304,7 +304,7 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				AND c.device_id = u.device_id AND c.n = u.compartment AND c.missing),
 			`+withdrawCTE+`
 			SELECT `+pickupCols+`, coalesce((SELECT status FROM wd), '') FROM u CROSS JOIN (SELECT count(*) FROM wn) n`,
-			id, to, at, commandChannel), &withdrawn)
+			id, to, at, commandChannel), []any{&withdrawn}})
 		if err != nil {
 			return err
 		}
@@ -821,7 +821,8 @@ func (db *DB) JudgeLateCollection(ctx context.Context, id string) error {
 	return err
 }
 
-// scanAlso scans a row of pickupCols followed by more columns into more.
+// scanAlso scans a row (of pickupCols, commandCols…) followed by more
+// columns into more.
 type scanAlso struct {
 	row  pgx.Row
 	more []any
