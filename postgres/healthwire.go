@@ -37,15 +37,17 @@ import (
 //
 // A health commit does not wait for its WAL to reach the disk
 // (synchronous_commit off, for that transaction only; the walwriter
-// flushes it within 3 x wal_writer_delay, 0.6 s by default). Waiting made
-// the one writer's batches wait for fsyncs of megabytes of WAL, which
-// capped ingest, while it bought health little: a report is acknowledged
+// flushes it, usually within 3 x wal_writer_delay, 0.6 s by default, and
+// later while the disk is slow to flush). Waiting made the one writer's
+// batches wait for fsyncs of up to megabytes of WAL, so any slow flush
+// stalled ingest, while it bought health little: a report is acknowledged
 // to the embedded broker's locker when it is queued, before any commit, and
 // a lost report shows as a gap in seq that the next report stands for.
-// What a crash of PostgreSQL or of the machine loses is at most the health
-// committed in that last fraction of a second; a crash of the gateway
-// loses more (its queue). Everything else (events, commands and their
-// results, the audit) still commits to disk before anyone is answered.
+// What a crash of PostgreSQL or of the machine loses is the health
+// committed but not yet flushed, usually under a second's worth; a crash
+// of the gateway loses more (its queue). Everything else (events, commands
+// and their results, the audit) still commits to disk before anyone is
+// answered.
 //
 // The server answers the simple query with ReadyForQuery, then the rest with
 // another after Sync. If anything fails, nothing commits: an error in the
@@ -163,8 +165,9 @@ func exchange(ctx context.Context, pc *pgconn.PgConn, b []byte, rows []fleet.Hea
 			cancel()
 		}
 	})()
-	// One ReadyForQuery for a lone statement, two for the simple query and
-	// the pipeline after it.
+	// One ReadyForQuery for rows alone (one simple query) or latest health
+	// alone (one pipeline), two for the simple query and the pipeline after
+	// it.
 	want := 1
 	if len(rows) > 0 && len(latest) > 0 {
 		want = 2
