@@ -251,7 +251,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		dsn = g.cluster.DSN("lockergate")
 	}
 	if g.db, err = postgres.Open(ctx, postgres.Options{DSN: dsn, Logger: o.Logger,
-		DoorEventsByClock: o.ExternalBroker != ""}); err != nil {
+		DoorEventsByClock: o.ExternalBroker != "", HealthAsyncCommit: o.ExternalBroker == ""}); err != nil {
 		return nil, fmt.Errorf("open database: %w", err)
 	}
 	if err := g.maintainPartitions(ctx); err != nil {

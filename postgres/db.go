@@ -36,6 +36,7 @@ type DB struct {
 	pool        *pgxpool.Pool
 	log         *slog.Logger
 	doorByClock bool // Options.DoorEventsByClock
+	healthAsync bool // Options.HealthAsyncCommit
 }
 
 var (
@@ -67,6 +68,14 @@ type Options struct {
 	// their order. The embedded broker's single instance applies them in
 	// order, so there arrival order is the locker's.
 	DoorEventsByClock bool
+	// HealthAsyncCommit lets health batches commit without waiting for the
+	// disk: for a broker that acknowledges health when it is queued (the
+	// embedded one), where the wait guards nothing a crash of the gateway
+	// would not lose anyway, and a slow flush would stall ingest. Leave it
+	// off behind an external broker, which is acknowledged after the
+	// commit. A crash of PostgreSQL or its machine then loses the health
+	// committed but not yet flushed (postgres/healthwire.go).
+	HealthAsyncCommit bool
 }
 
 // Open connects, waits for the database to answer, and applies migrations.
@@ -98,7 +107,7 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
-	db := &DB{pool: pool, log: o.Logger, doorByClock: o.DoorEventsByClock}
+	db := &DB{pool: pool, log: o.Logger, doorByClock: o.DoorEventsByClock, healthAsync: o.HealthAsyncCommit}
 	if err := db.Migrate(ctx); err != nil {
 		pool.Close()
 		return nil, err

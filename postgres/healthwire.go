@@ -28,25 +28,27 @@ import (
 //
 // The stream, for rows and latest health together:
 //
-//	Query     BEGIN; SET LOCAL synchronous_commit = off; COPY health (...) FROM STDIN BINARY
+//	Query     BEGIN; [SET LOCAL synchronous_commit = off;] COPY health (...) FROM STDIN BINARY
 //	CopyData  every row (binary COPY format)
 //	CopyDone
 //	Parse, Bind, Execute   updateLatestSQL, its six arrays in binary
 //	Parse, Bind, Execute   COMMIT
 //	Sync
 //
-// A health commit does not wait for its WAL to reach the disk
-// (synchronous_commit off, for that transaction only; the walwriter
-// flushes it, usually within 3 x wal_writer_delay, 0.6 s by default, and
-// later while the disk is slow to flush). Waiting made the one writer's
-// batches wait for fsyncs of up to megabytes of WAL, so any slow flush
-// stalled ingest, while it bought health little: a report is acknowledged
-// to the embedded broker's locker when it is queued, before any commit, and
-// a lost report shows as a gap in seq that the next report stands for.
-// What a crash of PostgreSQL or of the machine loses is the health
-// committed but not yet flushed, usually under a second's worth; a crash
-// of the gateway loses more (its queue). Everything else (events, commands
-// and their results, the audit) still commits to disk before anyone is
+// With Options.HealthAsyncCommit (the embedded broker) a health commit
+// does not wait for its WAL to reach the disk (the SET LOCAL above, for
+// that transaction only; the walwriter flushes it, usually within 3 x
+// wal_writer_delay, 0.6 s by default, and later while the disk is slow to
+// flush). Waiting made the one writer's batches wait for fsyncs of up to
+// megabytes of WAL, so a slow flush stalled ingest, while it bought health
+// little there: the embedded broker acknowledges a report to its locker
+// when it is queued, before any commit, and a lost report shows as a gap
+// in seq that the next report stands for. What a crash of PostgreSQL or of
+// the machine loses is the health committed but not yet flushed, usually
+// under a second's worth; a crash of the gateway loses more (its queue).
+// Behind an external broker, which is acknowledged only after the commit,
+// health commits wait for the disk. Everything else (events, commands and
+// their results, the audit) always commits to disk before anyone is
 // answered.
 //
 // The server answers the simple query with ReadyForQuery, then the rest with
@@ -55,10 +57,11 @@ import (
 // follow an error) and leaves the transaction aborted, so the UPDATE and
 // COMMIT fail too; an error in the UPDATE skips the COMMIT up to Sync. A
 // transaction left open is rolled back before the connection is reused.
-// With only rows the stream is the COPY alone (after the SET LOCAL, in the
-// implicit transaction of a simple query of two statements), with only
-// latest health the UPDATE alone (after asyncCommitSQL, in the implicit
-// transaction of a pipeline): its own transaction, and one ReadyForQuery.
+// With only rows the stream is the COPY alone (after the SET LOCAL, if
+// any, in the implicit transaction of a simple query of two statements),
+// with only latest health the UPDATE alone (after asyncCommitSQL, if
+// asynchronous, in the implicit transaction of a pipeline): its own
+// transaction, and one ReadyForQuery.
 //
 // Once the stream is written the server has the whole transaction, so its
 // answer is awaited even after the caller gives up (for answerGrace): a
@@ -67,22 +70,40 @@ import (
 // cancelled write was cut off after the COMMIT's Execute (its last bytes
 // are the Sync), as with any answer lost on the way.
 
-// copyHealthSQL is the COPY whose data appendHealthCopy encodes, after
-// the statement that lets its commit go without waiting for the disk (see
-// above). Two statements in one simple query run in one implicit
-// transaction, in which SET LOCAL holds.
-const copyHealthSQL = "SET LOCAL synchronous_commit = off; " + copyColumnsSQL
+// copyHealthSQL is the COPY whose data appendHealthCopy encodes.
+const copyHealthSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
 
-// copyColumnsSQL is the COPY itself.
-const copyColumnsSQL = `COPY health (device_id, received_at, ts, seq, body) FROM STDIN BINARY`
+// asyncCopyHealthSQL is the same COPY after the statement that lets its
+// commit go without waiting for the disk (see above). Two statements in
+// one simple query run in one implicit transaction, in which SET LOCAL
+// holds.
+const asyncCopyHealthSQL = "SET LOCAL synchronous_commit = off; " + copyHealthSQL
 
-// beginCopyHealthSQL opens a transaction and starts the same COPY.
-const beginCopyHealthSQL = "BEGIN; " + copyHealthSQL
-
-// asyncCommitSQL does what copyHealthSQL's SET LOCAL does for a pipeline:
-// the latest health's UPDATE alone, which runs in the pipeline's implicit
-// transaction, committed at Sync.
+// asyncCommitSQL does what asyncCopyHealthSQL's SET LOCAL does for a
+// pipeline: the latest health's UPDATE alone, which runs in the pipeline's
+// implicit transaction, committed at Sync.
 const asyncCommitSQL = "SELECT set_config('synchronous_commit', 'off', true)"
+
+// healthStatements returns the simple query that starts a batch with rows
+// and the statement a batch of latest health alone runs before its UPDATE
+// ("" for none), for a batch whose commit does not wait for the disk
+// (async) or does.
+func healthStatements(rows, latest, async bool) (query, before string) {
+	switch {
+	case async && latest:
+		query = "BEGIN; " + asyncCopyHealthSQL
+	case async:
+		query = asyncCopyHealthSQL
+	case latest:
+		query = "BEGIN; " + copyHealthSQL
+	default:
+		query = copyHealthSQL
+	}
+	if async && !rows {
+		before = asyncCommitSQL
+	}
+	return query, before
+}
 
 // updateLatestSQL writes the latest health of lockers. Never older than
 // what is stored: with several writers or gateway instances, a later batch
@@ -126,9 +147,9 @@ const maxKeptHealthBuf = 4 << 20
 
 // writeHealth stores rows and latest health (either may be empty, not both)
 // in one transaction over pc, which must be idle.
-func writeHealth(ctx context.Context, pc *pgconn.PgConn, rows []fleet.HealthRecord, latest []fleet.LatestHealth) error {
+func writeHealth(ctx context.Context, pc *pgconn.PgConn, rows []fleet.HealthRecord, latest []fleet.LatestHealth, async bool) error {
 	p := healthBufs.Get().(*[]byte)
-	b, err := appendHealthTx((*p)[:0], rows, latest)
+	b, err := appendHealthTx((*p)[:0], rows, latest, async)
 	if err == nil {
 		err = exchange(ctx, pc, b, rows, latest)
 	}
@@ -241,18 +262,15 @@ func closeBroken(pc *pgconn.PgConn) {
 
 // appendHealthTx appends to b the protocol messages that store rows and
 // latest health in one transaction (see the top of this file).
-func appendHealthTx(b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHealth) ([]byte, error) {
+func appendHealthTx(b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHealth, async bool) ([]byte, error) {
 	if len(rows) == 0 && len(latest) == 0 {
 		return b, errors.New("nothing to write")
 	}
 	// The exact size, so that a buffer the pool lost (it is emptied by
 	// collections) is allocated once, not grown.
-	b = slices.Grow(b, healthTxSize(rows, latest))
+	b = slices.Grow(b, healthTxSize(rows, latest, async))
+	sql, before := healthStatements(len(rows) > 0, len(latest) > 0, async)
 	if len(rows) > 0 {
-		sql := copyHealthSQL
-		if len(latest) > 0 {
-			sql = beginCopyHealthSQL
-		}
 		at := begin(&b, 'Q')
 		b = appendCString(b, sql)
 		end(b, at)
@@ -266,8 +284,8 @@ func appendHealthTx(b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHe
 		end(b, at)
 	}
 	if len(latest) > 0 {
-		if len(rows) == 0 {
-			b = appendExec(b, asyncCommitSQL, nil)
+		if before != "" {
+			b = appendExec(b, before, nil)
 		}
 		b = appendLatestUpdate(b, latest)
 		if len(rows) > 0 {
@@ -280,17 +298,14 @@ func appendHealthTx(b []byte, rows []fleet.HealthRecord, latest []fleet.LatestHe
 }
 
 // healthTxSize is the length of appendHealthTx's messages.
-func healthTxSize(rows []fleet.HealthRecord, latest []fleet.LatestHealth) int {
+func healthTxSize(rows []fleet.HealthRecord, latest []fleet.LatestHealth, async bool) int {
 	const (
 		header = 5             // type and length
 		bind   = 1 + 1 + 2 + 2 // portal, statement, one format for all
 	)
 	n := 0
+	sql, before := healthStatements(len(rows) > 0, len(latest) > 0, async)
 	if len(rows) > 0 {
-		sql := copyHealthSQL
-		if len(latest) > 0 {
-			sql = beginCopyHealthSQL
-		}
 		n += header + len(sql) + 1 + // Query
 			header + copySize(rows) + // CopyData
 			header // CopyDone
@@ -301,8 +316,9 @@ func healthTxSize(rows []fleet.HealthRecord, latest []fleet.LatestHealth) int {
 			header + 1 + 4 // Execute
 		if len(rows) > 0 {
 			n += execSize("COMMIT")
-		} else {
-			n += execSize(asyncCommitSQL)
+		}
+		if before != "" {
+			n += execSize(before)
 		}
 		n += header // Sync
 	}

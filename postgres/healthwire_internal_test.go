@@ -29,15 +29,17 @@ func TestHealthTxSize(t *testing.T) {
 		{"both", rows, latest},
 		{"one of each", rows[:1], latest[:1]},
 	} {
-		b, err := appendHealthTx(nil, c.rows, c.latest)
-		if err != nil {
-			t.Fatalf("%s: %v", c.name, err)
-		}
-		if want := healthTxSize(c.rows, c.latest); len(b) != want {
-			t.Errorf("%s: encoded %d bytes, sized %d", c.name, len(b), want)
+		for _, async := range []bool{false, true} {
+			b, err := appendHealthTx(nil, c.rows, c.latest, async)
+			if err != nil {
+				t.Fatalf("%s: %v", c.name, err)
+			}
+			if want := healthTxSize(c.rows, c.latest, async); len(b) != want {
+				t.Errorf("%s (async %v): encoded %d bytes, sized %d", c.name, async, len(b), want)
+			}
 		}
 	}
-	if _, err := appendHealthTx(nil, nil, nil); err == nil {
+	if _, err := appendHealthTx(nil, nil, nil, true); err == nil {
 		t.Error("an empty transaction was encoded")
 	}
 }

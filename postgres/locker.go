@@ -271,7 +271,7 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, late
 	defer conn.Release() // one left broken or in a transaction is closed, not reused
 	// A value PostgreSQL refuses fails the batch every time: ErrInvalid,
 	// which the fleet's health writer splits the batch on.
-	return dataError(writeHealth(ctx, conn.Conn().PgConn(), batch, latest))
+	return dataError(writeHealth(ctx, conn.Conn().PgConn(), batch, latest, db.healthAsync))
 }
 
 // InsertEvents implements fleet.Store.
