@@ -12,6 +12,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/protocol"
@@ -170,4 +171,55 @@ func TestHealthSeqAtTheLimit(t *testing.T) {
 			})
 		})
 	}
+}
+
+// TestHealthCommitWaitFollowsTheBroker: with the embedded broker, which
+// acknowledges health when it is queued, health batches commit without
+// waiting for the disk; behind an external broker, which is acknowledged
+// only after the commit, they wait. The test cluster runs with
+// synchronous_commit off, so these gateways' sessions are set to on, and a
+// trigger records the setting each health write ran under.
+func TestHealthCommitWaitFollowsTheBroker(t *testing.T) {
+	syncByDefault := func(o *gateway.Options) { o.DatabaseURL += " synchronous_commit=on" }
+	noteSetting := func(t *testing.T, tg *TestGateway) {
+		t.Helper()
+		if _, err := tg.DB().Pool().Exec(context.Background(), `
+			CREATE TABLE seen (setting text);
+			CREATE FUNCTION note_setting() RETURNS trigger LANGUAGE plpgsql AS $$
+				BEGIN
+					INSERT INTO seen VALUES (current_setting('synchronous_commit'));
+					RETURN NULL;
+				END $$;
+			CREATE TRIGGER note AFTER INSERT ON health FOR EACH STATEMENT EXECUTE FUNCTION note_setting();`); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wantSetting := func(t *testing.T, tg *TestGateway, want string) {
+		t.Helper()
+		if n := tg.Count(t, `SELECT count(*) FROM seen`); n == 0 {
+			t.Fatal("no health write recorded")
+		}
+		if n := tg.Count(t, `SELECT count(*) FROM seen WHERE setting <> $1`, want); n != 0 {
+			t.Fatalf("%d health writes ran without synchronous_commit %s", n, want)
+		}
+	}
+	t.Run("Embedded", func(t *testing.T) {
+		tg := MustStart(t, syncByDefault)
+		noteSetting(t, tg)
+		l := newHealthLocker(t, tg, "SN-HW-1")
+		l.pub(1, 2)
+		l.rows(2)
+		wantSetting(t, tg, "off")
+	})
+	t.Run("External", func(t *testing.T) {
+		tg := MustStart(t, onExternal(MustMosquitto(t), "gw-hw"), syncByDefault)
+		noteSetting(t, tg)
+		r := MustProvision(t, tg, tg.MustSiteAndClaim(t, "s1", 1), "SN-HW-2")
+		now := time.Now().UTC()
+		rows := []fleet.HealthRecord{{DeviceID: r.DeviceID, ReceivedAt: now, TS: now, Seq: 1, Body: json.RawMessage(`{"seq":1}`)}}
+		if err := tg.DB().InsertHealth(context.Background(), rows, fleet.LatestOf(rows)); err != nil {
+			t.Fatal(err)
+		}
+		wantSetting(t, tg, "on")
+	})
 }
