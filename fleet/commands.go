@@ -410,7 +410,7 @@ func (m *Manager) CommandEnded(typ, status string) {
 
 // finished accounts for a command that reached a final status.
 func (m *Manager) finished(c *Command) {
-	m.m.commands.WithLabelValues(c.Type, c.Status).Inc()
+	m.CommandEnded(c.Type, c.Status)
 	m.wake(c.ID, c)
 }
 

@@ -459,7 +459,7 @@ func copySize(rows []fleet.HealthRecord) int {
 }
 
 // appendHealthCopy appends rows to b as binary COPY data (header, one tuple
-// per record, trailer) for the columns of copyColumnsSQL.
+// per record, trailer) for the columns of copyHealthSQL.
 func appendHealthCopy(b []byte, rows []fleet.HealthRecord) ([]byte, error) {
 	b = append(b, "PGCOPY\n\xff\r\n\x00"...)
 	b = binary.BigEndian.AppendUint32(b, 0) // flags
