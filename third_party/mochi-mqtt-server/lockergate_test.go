@@ -633,6 +633,154 @@ func TestLazySubscriptionHolders(t *testing.T) {
 	}
 }
 
+// TestSingleEntryHolders: patch 23. A subscription holder with one
+// subscription, and a node with one child, keep it without a map; a second
+// id makes the map, and every method reads both forms alike.
+func TestSingleEntryHolders(t *testing.T) {
+	s := NewSubscriptions()
+	s.Add("a", packets.Subscription{Filter: "f", Qos: 1})
+	s.Add("a", packets.Subscription{Filter: "f", Qos: 2}) // replaces, still one
+	if s.internal != nil {
+		t.Fatal("one subscription made a map")
+	}
+	if got, ok := s.Get("a"); !ok || got.Qos != 2 || s.Len() != 1 {
+		t.Fatalf("Get(a) = %+v, %v, Len %d; want QoS 2, true, 1", got, ok, s.Len())
+	}
+	if _, ok := s.Get("b"); ok {
+		t.Fatal("Get(b) found the other id's subscription")
+	}
+	if all := s.GetAll(); len(all) != 1 || all["a"].Qos != 2 {
+		t.Fatalf("GetAll = %+v", all)
+	}
+	s.Delete("b") // not held: nothing changes
+	if s.Len() != 1 {
+		t.Fatalf("Delete(b) removed a's subscription")
+	}
+	s.Add("b", packets.Subscription{Filter: "f", Qos: 0})
+	if s.internal == nil || s.one != nil || s.Len() != 2 {
+		t.Fatalf("second id: map %v, one %v, Len %d; want the map with both", s.internal, s.one, s.Len())
+	}
+	if got, ok := s.Get("a"); !ok || got.Qos != 2 {
+		t.Fatalf("a lost when the map was made: %+v, %v", got, ok)
+	}
+	s.Delete("a")
+	s.Delete("b")
+	if s.Len() != 0 || len(s.GetAll()) != 0 {
+		t.Fatalf("not empty after deleting both: %+v", s.GetAll())
+	}
+	one := NewSubscriptions()
+	one.Add("a", packets.Subscription{})
+	one.Delete("a")
+	if _, ok := one.Get("a"); ok || one.Len() != 0 || len(one.GetAll()) != 0 {
+		t.Fatal("the only subscription survived its Delete")
+	}
+	one.Add("c", packets.Subscription{}) // and the holder takes a new one
+	if _, ok := one.Get("c"); !ok || one.internal != nil {
+		t.Fatal("a holder emptied by Delete did not take a new only subscription")
+	}
+
+	var p particles
+	p.add(&particle{key: "a"})
+	p.add(&particle{key: "a", retainPath: "x"}) // replaces, still one
+	if p.internal != nil || p.len() != 1 || p.get("a").retainPath != "x" || p.get("b") != nil {
+		t.Fatalf("one child: map %v, len %d", p.internal, p.len())
+	}
+	p.delete("b")
+	if all := p.getAll(); len(all) != 1 || all["a"] == nil {
+		t.Fatalf("getAll = %v", all)
+	}
+	p.add(&particle{key: "b"})
+	if p.internal == nil || p.one != nil || p.len() != 2 || p.get("a") == nil || p.get("b") == nil {
+		t.Fatalf("second child: map %v, one %v", p.internal, p.one)
+	}
+	var q particles
+	q.add(&particle{key: "a"})
+	q.delete("a")
+	if q.get("a") != nil || q.len() != 0 || len(q.getAll()) != 0 {
+		t.Fatal("the only child survived its delete")
+	}
+
+	// A locker's topics in the index: the nodes with one child or one
+	// subscriber hold no map, and matching and unsubscribing work through them.
+	x := NewTopicsIndex()
+	for _, f := range []string{"cmd", "creds", "config", "fw/job"} {
+		x.Subscribe("lk-1", packets.Subscription{Filter: "lockers/v1/lk-1/" + f, Qos: 1})
+	}
+	lk := x.root.particles.get("lockers").particles.get("v1").particles.get("lk-1")
+	fw := lk.particles.get("fw")
+	job := fw.particles.get("job")
+	if fw.particles.internal != nil || job.subscriptions.p.Load().internal != nil {
+		t.Error("a node with one child or one subscriber made a map")
+	}
+	if subs := x.Subscribers("lockers/v1/lk-1/fw/job"); len(subs.Subscriptions) != 1 || subs.Subscriptions["lk-1"].Qos != 1 {
+		t.Errorf("fw/job subscribers %+v", subs)
+	}
+	x.Subscribe("lk-2", packets.Subscription{Filter: "lockers/v1/+/fw/job"})
+	if subs := x.Subscribers("lockers/v1/lk-1/fw/job"); len(subs.Subscriptions) != 2 {
+		t.Errorf("fw/job subscribers with a wildcard beside: %+v", subs)
+	}
+	if !x.Unsubscribe("lockers/v1/lk-1/fw/job", "lk-1") {
+		t.Fatal("unsubscribe fw/job: not found")
+	}
+	if lk.particles.get("fw") != nil {
+		t.Error("the emptied fw node was not trimmed from the tree")
+	}
+	if subs := x.Subscribers("lockers/v1/lk-1/fw/job"); len(subs.Subscriptions) != 1 || subs.Subscriptions["lk-2"].Filter != "lockers/v1/+/fw/job" {
+		t.Errorf("fw/job subscribers after the unsubscribe: %+v", subs)
+	}
+}
+
+// TestSubscriptionCopySharedWithTheTree: patch 23. A SUBSCRIBE, and a
+// session taken over with its subscriptions, give the client's holder and
+// the topic's one copy of each subscription; an UNSUBSCRIBE or a new
+// SUBSCRIBE of the same filter replaces it in both.
+func TestSubscriptionCopySharedWithTheTree(t *testing.T) {
+	e := newTakeoverEnv(t, 4)
+	sub := func(cl *Client, typ byte, qos byte) {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ}, PacketID: 1,
+			Filters: packets.Subscriptions{{Filter: "lk/cmd", Qos: qos}}}
+		if typ == packets.Subscribe {
+			_ = e.s.processSubscribe(cl, pk)
+		} else {
+			_ = e.s.processUnsubscribe(cl, pk)
+		}
+	}
+	same := func(cl *Client, wantQos byte) {
+		t.Helper()
+		node := e.s.Topics.seek("lk/cmd", 0)
+		if node == nil || node.subscriptions.p.Load() == nil {
+			t.Fatal("no node with subscriptions for lk/cmd")
+		}
+		inTree, inClient := node.subscriptions.p.Load().one, cl.State.Subscriptions.one
+		if inTree == nil || inTree != inClient {
+			t.Fatalf("tree holds %p, client %p: want one shared copy", inTree, inClient)
+		}
+		if inTree.Qos != wantQos {
+			t.Fatalf("QoS %d, want %d", inTree.Qos, wantQos)
+		}
+	}
+
+	cl := e.client("x", nil)
+	e.attach(cl)
+	sub(cl, packets.Subscribe, 1)
+	same(cl, 1)
+	sub(cl, packets.Subscribe, 0) // the same filter again: replaced in both
+	same(cl, 0)
+
+	// A session kept (not clean) and taken over: the new client inherits
+	// the subscription, and again the two holders share it.
+	cl.Properties.Clean = false
+	next := e.client("x", nil)
+	e.s.attachSession(next, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: false, ClientIdentifier: "x"}})
+	same(next, 0)
+
+	sub(next, packets.Unsubscribe, 0)
+	if got := len(e.s.Topics.Subscribers("lk/cmd").Subscriptions); got != 0 || next.State.Subscriptions.Len() != 0 {
+		t.Fatalf("after UNSUBSCRIBE: %d in the tree, %d in the client", got, next.State.Subscriptions.Len())
+	}
+}
+
 // TestRestingReaderReleasesBuffer: patch 15. Over TCP, a resting reader
 // gives its read buffer back and the next one waits for input without one;
 // what arrives then (two packets in one write) is read whole, and a

@@ -741,11 +741,11 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		for _, sub := range existing.State.Subscriptions.GetAll() {
-			existed := !s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
+			existed := !s.Topics.subscribe(cl.ID, &sub) // [MQTT-3.8.4-3]
 			if !existed {
 				atomic.AddInt64(&s.Info.Subscriptions, 1)
 			}
-			cl.State.Subscriptions.Add(sub.Filter, sub)
+			cl.State.Subscriptions.add(sub.Filter, &sub) // the tree's copy (patch 23)
 		}
 
 		// Clean the state of the existing client to prevent sequential take-overs
@@ -1647,11 +1647,13 @@ func (s *Server) subscribeClient(cl *Client, sub packets.Subscription) (isNew, o
 	if cl.IsTakenOver() {
 		return false, false
 	}
-	isNew = s.Topics.Subscribe(cl.ID, sub) // [MQTT-3.8.4-3]
+	isNew = s.Topics.subscribe(cl.ID, &sub) // [MQTT-3.8.4-3]
 	if isNew {
 		atomic.AddInt64(&s.Info.Subscriptions, 1)
 	}
-	cl.State.Subscriptions.Add(sub.Filter, sub) // [MQTT-3.2.2-10]
+	// The client's holder keeps the tree's copy, one allocation for both
+	// (patch 23; neither changes it).
+	cl.State.Subscriptions.add(sub.Filter, &sub) // [MQTT-3.2.2-10]
 	return isNew, true
 }
 

@@ -256,31 +256,52 @@ func (s *InlineSubscriptions) Delete(id int) {
 // maps (its own, and one at each of the four topics it subscribes to) with
 // one to four entries each; pointers make the group 208 bytes. Add stores a
 // copy, Get and GetAll return copies, so no caller shares a Subscription.
+//
+// Lockergate patch 23: a holder with one subscription keeps it in oneID and
+// one, without a map. A topic a locker subscribes to has that one
+// subscriber, and its map cost a 48-byte header and a 208-byte group for it;
+// the map is made when a second id is added and kept from then on.
 type Subscriptions struct {
-	internal map[string]*packets.Subscription
+	internal map[string]*packets.Subscription // nil until a second id is added (patches 8, 23)
+	one      *packets.Subscription            // the only subscription while internal is nil (patch 23)
+	oneID    string                           // its id
 	sync.RWMutex
 }
 
 // NewSubscriptions returns a new instance of Subscriptions.
 func NewSubscriptions() *Subscriptions {
-	return &Subscriptions{} // Lockergate patch: the map is made on the first Add (patch 8)
+	return &Subscriptions{} // Lockergate patch: the map is made on the second Add (patches 8, 23)
 }
 
 // Add adds a new subscription for a client. ID can be a filter in the
 // case this map is client state, or a client id if particle state.
 func (s *Subscriptions) Add(id string, val packets.Subscription) {
+	s.add(id, &val)
+}
+
+// add keeps val itself, which no one may change afterwards: the server
+// gives the client's holder and the topic's the same copy (patch 23).
+func (s *Subscriptions) add(id string, val *packets.Subscription) {
 	s.Lock()
 	defer s.Unlock()
-	if s.internal == nil {
-		s.internal = map[string]*packets.Subscription{}
+	switch {
+	case s.internal != nil:
+		s.internal[id] = val
+	case s.one == nil || s.oneID == id:
+		s.one, s.oneID = val, id
+	default:
+		s.internal = map[string]*packets.Subscription{s.oneID: s.one, id: val}
+		s.one, s.oneID = nil, ""
 	}
-	s.internal[id] = &val
 }
 
 // GetAll returns all subscriptions.
 func (s *Subscriptions) GetAll() map[string]packets.Subscription {
 	s.RLock()
 	defer s.RUnlock()
+	if s.one != nil {
+		return map[string]packets.Subscription{s.oneID: *s.one}
+	}
 	m := make(map[string]packets.Subscription, len(s.internal))
 	for k, v := range s.internal {
 		m[k] = *v
@@ -292,6 +313,12 @@ func (s *Subscriptions) GetAll() map[string]packets.Subscription {
 func (s *Subscriptions) Get(id string) (val packets.Subscription, ok bool) {
 	s.RLock()
 	defer s.RUnlock()
+	if s.one != nil {
+		if s.oneID != id {
+			return val, false
+		}
+		return *s.one, true
+	}
 	v, ok := s.internal[id]
 	if !ok {
 		return val, false
@@ -303,6 +330,9 @@ func (s *Subscriptions) Get(id string) (val packets.Subscription, ok bool) {
 func (s *Subscriptions) Len() int {
 	s.RLock()
 	defer s.RUnlock()
+	if s.one != nil {
+		return 1
+	}
 	val := len(s.internal)
 	return val
 }
@@ -311,6 +341,12 @@ func (s *Subscriptions) Len() int {
 func (s *Subscriptions) Delete(id string) {
 	s.Lock()
 	defer s.Unlock()
+	if s.one != nil {
+		if s.oneID == id {
+			s.one, s.oneID = nil, ""
+		}
+		return
+	}
 	delete(s.internal, id)
 }
 
@@ -412,6 +448,12 @@ func (x *TopicsIndex) InlineUnsubscribe(id int, filter string) bool {
 // Subscribe adds a new subscription for a client to a topic filter, returning
 // true if the subscription was new.
 func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription) bool {
+	return x.subscribe(client, &subscription)
+}
+
+// subscribe is Subscribe keeping subscription itself (not a copy) for a
+// filter that is not shared, which no one may change afterwards (patch 23).
+func (x *TopicsIndex) subscribe(client string, subscription *packets.Subscription) bool {
 	x.root.Lock()
 	defer x.root.Unlock()
 
@@ -421,11 +463,11 @@ func (x *TopicsIndex) Subscribe(client string, subscription packets.Subscription
 		group, _ := isolateParticle(subscription.Filter, 1)
 		n := x.set(subscription.Filter, 2)
 		_, existed = n.shared.Get(group, client)
-		n.shared.Add(group, client, subscription)
+		n.shared.Add(group, client, *subscription)
 	} else {
 		n := x.set(subscription.Filter, 0)
 		_, existed = n.subscriptions.Get(client)
-		n.subscriptions.Add(client, subscription)
+		n.subscriptions.made().add(client, subscription)
 	}
 
 	return !existed
@@ -918,23 +960,34 @@ func newParticle(key string, parent *particle) *particle {
 }
 
 // particles is a concurrency safe map of particles.
+//
+// Lockergate patch 23: a node with one child keeps it in one, without a
+// map (a 48-byte header and a 208-byte group for one pointer); the map is
+// made when a second key is added and kept from then on. A locker's topics
+// have several such nodes (fw → job).
 type particles struct {
-	internal map[string]*particle
+	internal map[string]*particle // nil until a second key is added (patches 8, 23)
+	one      *particle            // the only child while internal is nil (patch 23)
 	sync.RWMutex
 }
 
 // newParticles returns a map of particles.
 func newParticles() particles {
-	return particles{} // Lockergate patch: the map is made on the first add (patch 8)
+	return particles{} // Lockergate patch: the map is made on the second add (patches 8, 23)
 }
 
 // add adds a new particle.
 func (p *particles) add(val *particle) {
 	p.Lock()
-	if p.internal == nil {
-		p.internal = map[string]*particle{}
+	switch {
+	case p.internal != nil:
+		p.internal[val.key] = val
+	case p.one == nil || p.one.key == val.key:
+		p.one = val
+	default:
+		p.internal = map[string]*particle{p.one.key: p.one, val.key: val}
+		p.one = nil
 	}
-	p.internal[val.key] = val
 	p.Unlock()
 }
 
@@ -943,6 +996,9 @@ func (p *particles) getAll() map[string]*particle {
 	p.RLock()
 	defer p.RUnlock()
 	m := map[string]*particle{}
+	if p.one != nil {
+		m[p.one.key] = p.one
+	}
 	for k, v := range p.internal {
 		m[k] = v
 	}
@@ -953,6 +1009,12 @@ func (p *particles) getAll() map[string]*particle {
 func (p *particles) get(id string) *particle {
 	p.RLock()
 	defer p.RUnlock()
+	if p.one != nil {
+		if p.one.key == id {
+			return p.one
+		}
+		return nil
+	}
 	return p.internal[id]
 }
 
@@ -960,6 +1022,9 @@ func (p *particles) get(id string) *particle {
 func (p *particles) len() int {
 	p.RLock()
 	defer p.RUnlock()
+	if p.one != nil {
+		return 1
+	}
 	val := len(p.internal)
 	return val
 }
@@ -968,5 +1033,11 @@ func (p *particles) len() int {
 func (p *particles) delete(id string) {
 	p.Lock()
 	defer p.Unlock()
+	if p.one != nil {
+		if p.one.key == id {
+			p.one = nil
+		}
+		return
+	}
 	delete(p.internal, id)
 }
