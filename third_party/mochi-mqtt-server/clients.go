@@ -172,32 +172,34 @@ type Will struct {
 
 // ClientState tracks the state of the client.
 type ClientState struct {
-	TopicAliases    TopicAliases         // a map of topic aliases
-	stopCause       atomic.Value         // reason for stopping
-	Inflight        *Inflight            // a map of in-flight qos messages
-	Subscriptions   *Subscriptions       // a map of the subscription filters a client maintains
-	disconnected    int64                // the time the client disconnected in unix time, for calculating expiry
-	outbound        chan *packets.Packet // queue for pending outbound packets
-	endOnce         sync.Once            // only end once
-	isTakenOver     atomic.Bool          // used to identify orphaned clients
-	packetID        uint32               // the current highest packetID
-	open            context.Context      // indicate that the client is open for packet exchange
-	cancelOpen      context.CancelFunc   // cancel function for open context
-	outboundQty     int32                // number of messages currently in the outbound queue
-	writing         atomic.Bool          // a goroutine is writing the outbound queue (Lockergate patch 12)
-	ownWriter       atomic.Bool          // a WriteLoop writes the queue: start no writer (patch 12)
-	restAfter       time.Duration        // an idle reader moves to a new goroutine after this; 0: never (patch 13)
-	readExpiry      time.Time            // the keepalive read deadline; zero: none (patch 13)
-	readSet         time.Time            // the read deadline set on the connection (patch 13)
-	writeSet        time.Time            // the write deadline set on the connection (patch 13)
-	bufferReleased  bool                 // a resting reader gave its read buffer back (patch 15)
-	maxPacketSize   atomic.Uint32        // the client's own packet limit; 0: the server's (patch 17)
-	ackMu           sync.Mutex           // guards held and quotaFreed (patch 22)
-	held            []uint16             // QoS 1 publishes whose PUBACK a hook sends later; nil when none (patch 22)
-	acks            []uint16             // PUBACKs AckPublish queued for the writer (patch 22)
-	quotaFreed      chan struct{}        // AckPublish wakes a reader waiting for receive quota (patch 22)
-	Keepalive       uint16               // the number of seconds the connection can wait
-	ServerKeepalive bool                 // keepalive was set by the server
+	TopicAliases    TopicAliases       // a map of topic aliases
+	stopCause       atomic.Value       // reason for stopping
+	Inflight        *Inflight          // a map of in-flight qos messages
+	Subscriptions   *Subscriptions     // a map of the subscription filters a client maintains
+	disconnected    int64              // the time the client disconnected in unix time, for calculating expiry
+	queueMu         sync.Mutex         // guards queue and queueWake (Lockergate patch 24)
+	queue           []*packets.Packet  // pending outbound packets; nil when none (patch 24)
+	queueWake       chan struct{}      // wakes a WriteLoop; made by WriteLoop only (patch 24)
+	endOnce         sync.Once          // only end once
+	isTakenOver     atomic.Bool        // used to identify orphaned clients
+	packetID        uint32             // the current highest packetID
+	open            context.Context    // indicate that the client is open for packet exchange
+	cancelOpen      context.CancelFunc // cancel function for open context
+	outboundQty     int32              // number of messages currently in the outbound queue
+	writing         atomic.Bool        // a goroutine is writing the outbound queue (Lockergate patch 12)
+	ownWriter       atomic.Bool        // a WriteLoop writes the queue: start no writer (patch 12)
+	restAfter       time.Duration      // an idle reader moves to a new goroutine after this; 0: never (patch 13)
+	readExpiry      time.Time          // the keepalive read deadline; zero: none (patch 13)
+	readSet         time.Time          // the read deadline set on the connection (patch 13)
+	writeSet        time.Time          // the write deadline set on the connection (patch 13)
+	bufferReleased  bool               // a resting reader gave its read buffer back (patch 15)
+	maxPacketSize   atomic.Uint32      // the client's own packet limit; 0: the server's (patch 17)
+	ackMu           sync.Mutex         // guards held and quotaFreed (patch 22)
+	held            []uint16           // QoS 1 publishes whose PUBACK a hook sends later; nil when none (patch 22)
+	acks            []uint16           // PUBACKs AckPublish queued for the writer (patch 22)
+	quotaFreed      chan struct{}      // AckPublish wakes a reader waiting for receive quota (patch 22)
+	Keepalive       uint16             // the number of seconds the connection can wait
+	ServerKeepalive bool               // keepalive was set by the server
 }
 
 // newClient returns a new instance of Client. This is almost exclusively used by Server
@@ -212,7 +214,7 @@ func newClient(c net.Conn, o *ops) *Client {
 			open:          ctx,
 			cancelOpen:    cancel,
 			Keepalive:     defaultKeepalive,
-			outbound:      make(chan *packets.Packet, o.options.Capabilities.MaximumClientWritesPending),
+			// The outbound queue is a slice made on its first packet (patch 24).
 		},
 		Properties: ClientProperties{
 			ProtocolVersion: defaultClientProtocolVersion, // default protocol version
@@ -243,16 +245,73 @@ func newClient(c net.Conn, o *ops) *Client {
 // tests): once it runs, no other writer is started, and one started before
 // it stops at the next empty queue.
 func (cl *Client) WriteLoop() {
+	wake := make(chan struct{}, 1)
+	cl.State.queueMu.Lock()
+	cl.State.queueWake = wake
+	cl.State.queueMu.Unlock()
 	cl.State.ownWriter.Store(true)
 	cl.State.writing.Store(true)
 	for {
-		select {
-		case pk := <-cl.State.outbound:
+		for pk := cl.nextOutbound(); pk != nil; pk = cl.nextOutbound() {
 			cl.writeOutbound(pk)
+		}
+		select {
+		case <-wake:
 		case <-cl.State.open.Done():
 			return
 		}
 	}
+}
+
+// queueOutbound queues pk for the client's writer, starting one if none
+// runs, unless MaximumClientWritesPending packets are waiting already.
+//
+// Lockergate patch 24: the queue was a channel of that capacity, made with
+// the client: 640 bytes for each idle locker (64 slots), which is sent a
+// handful of messages when it connects and then nearly nothing. It is now
+// a slice made on the first packet and let go when the writer empties it.
+func (cl *Client) queueOutbound(pk *packets.Packet) bool {
+	cl.State.queueMu.Lock()
+	if len(cl.State.queue) >= int(cl.ops.options.Capabilities.MaximumClientWritesPending) {
+		cl.State.queueMu.Unlock()
+		return false
+	}
+	cl.State.queue = append(cl.State.queue, pk)
+	if cl.State.queueWake != nil {
+		select {
+		case cl.State.queueWake <- struct{}{}:
+		default: // a wake-up is pending already
+		}
+	}
+	cl.State.queueMu.Unlock()
+	atomic.AddInt32(&cl.State.outboundQty, 1)
+	cl.kickWriter() // patch 12
+	return true
+}
+
+// nextOutbound takes the next queued packet off the queue, or returns nil
+// when none waits; an emptied queue lets its array go (patch 24).
+func (cl *Client) nextOutbound() *packets.Packet {
+	cl.State.queueMu.Lock()
+	defer cl.State.queueMu.Unlock()
+	if len(cl.State.queue) == 0 {
+		return nil
+	}
+	pk := cl.State.queue[0]
+	cl.State.queue[0] = nil
+	cl.State.queue = cl.State.queue[1:]
+	if len(cl.State.queue) == 0 {
+		cl.State.queue = nil
+	}
+	return pk
+}
+
+// queued returns the number of packets waiting in the outbound queue
+// (patch 24).
+func (cl *Client) queued() int {
+	cl.State.queueMu.Lock()
+	defer cl.State.queueMu.Unlock()
+	return len(cl.State.queue)
 }
 
 // testHookQueueEmpty, when set by a test, runs where drainOutbound has found
@@ -276,19 +335,17 @@ func (cl *Client) kickWriter() {
 // the order they were queued. A packet queued after the queue was found
 // empty but before the flag was cleared started no writer (kickWriter saw
 // the flag set), so the queue is looked at again after clearing it: through
-// outboundQty, which publishToClient raises (atomically) before kickWriter,
+// outboundQty, which queueOutbound raises (atomically) before kickWriter,
 // so that either its CompareAndSwap sees the flag cleared or this load sees
-// the packet counted (len of a channel is no synchronising read).
+// the packet counted.
 // Packets queued for a closed client are taken off the queue unwritten
 // (WritePacket refuses them); the WriteLoop this replaces ended with the
 // connection and left them unwritten too.
 func (cl *Client) drainOutbound() {
 	for {
-		select {
-		case pk := <-cl.State.outbound:
+		if pk := cl.nextOutbound(); pk != nil {
 			cl.writeOutbound(pk)
 			continue
-		default:
 		}
 		if cl.writeAcks() {
 			continue
@@ -1042,7 +1099,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 	n, err := func() (int64, error) {
 		cl.Lock()
 		defer cl.Unlock()
-		if len(cl.State.outbound) == 0 {
+		if cl.queued() == 0 {
 			if cl.Net.outbuf == nil {
 				return buf.WriteTo(cl.Net.Conn)
 			}

@@ -300,6 +300,12 @@ func TestWriterOnDemand(t *testing.T) {
 			}
 			time.Sleep(time.Millisecond)
 		}
+		cl.State.queueMu.Lock() // patch 24: an emptied queue lets its array go
+		q := cl.State.queue
+		cl.State.queueMu.Unlock()
+		if q != nil {
+			t.Fatalf("%s: the empty queue keeps an array of %d", when, cap(q))
+		}
 	}
 	idle("after connecting")
 
@@ -382,6 +388,84 @@ func TestWriterOnDemand(t *testing.T) {
 		}
 	}
 	idle("after the window")
+}
+
+// TestOutboundQueue: patch 24. The outbound queue takes at most
+// MaximumClientWritesPending packets, gives them back in order, keeps no
+// array once empty, and wakes a WriteLoop parked on it.
+func TestOutboundQueue(t *testing.T) {
+	caps := NewDefaultServerCapabilities()
+	caps.MaximumClientWritesPending = 2
+	s := New(&Options{Capabilities: caps})
+	t.Cleanup(func() { _ = s.Close() })
+	srv, cli := net.Pipe()
+	t.Cleanup(func() { _, _ = srv.Close(), cli.Close() })
+	cl := s.NewClient(srv, "t", "q", false)
+	cl.State.ownWriter.Store(true) // no writer starts: the test takes the packets
+
+	pk := func(topic string) *packets.Packet {
+		return &packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish}, TopicName: topic}
+	}
+	if !cl.queueOutbound(pk("a")) || !cl.queueOutbound(pk("b")) {
+		t.Fatal("the queue refused a packet below its bound")
+	}
+	if cl.queueOutbound(pk("c")) {
+		t.Fatal("the queue took a third packet over a bound of 2")
+	}
+	if n := cl.queued(); n != 2 {
+		t.Fatalf("queued() = %d, want 2", n)
+	}
+	for _, want := range []string{"a", "b"} {
+		if got := cl.nextOutbound(); got == nil || got.TopicName != want {
+			t.Fatalf("nextOutbound = %+v, want %s", got, want)
+		}
+	}
+	if got := cl.nextOutbound(); got != nil || cl.State.queue != nil {
+		t.Fatalf("after the last: %+v, queue %v; want nil, nil", got, cl.State.queue)
+	}
+	if !cl.queueOutbound(pk("d")) {
+		t.Fatal("the emptied queue refused a packet")
+	}
+	cl.nextOutbound()
+
+	// A WriteLoop parked on the empty queue writes what is queued next.
+	cl.State.outboundQty = 0
+	go cl.WriteLoop()
+	t.Cleanup(func() { cl.Stop(io.EOF) })
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		cl.State.queueMu.Lock()
+		parked := cl.State.queueWake != nil
+		cl.State.queueMu.Unlock()
+		if parked {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("WriteLoop never made its wake-up channel")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	read := make(chan string, 1)
+	go func() {
+		typ, body, err := readPacket(bufio.NewReader(cli))
+		if err != nil || typ != packets.Publish {
+			read <- fmt.Sprintf("type %d, %v", typ, err)
+			return
+		}
+		n := int(body[0])<<8 | int(body[1])
+		read <- string(body[2 : 2+n])
+	}()
+	if !cl.queueOutbound(pk("e")) {
+		t.Fatal("queue refused a packet for WriteLoop")
+	}
+	select {
+	case got := <-read:
+		if got != "e" {
+			t.Fatalf("WriteLoop wrote %s, want topic e", got)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("WriteLoop was not woken by a queued packet")
+	}
 }
 
 // TestServeConnectionRests: patch 13. A reader idle for restAfter moves to
