@@ -115,6 +115,13 @@ func (i *Inflight) Delete(id uint16) bool {
 
 	_, ok := i.internal[id]
 	delete(i.internal, id)
+	if len(i.internal) == 0 {
+		// Lockergate patch 25: an emptied map is let go (Set makes it
+		// again). Every locker is sent QoS 1 messages when it connects,
+		// and the emptied map kept its header and first group, about
+		// 200 bytes, for as long as the client lived.
+		i.internal = nil
+	}
 
 	return ok
 }

@@ -468,6 +468,29 @@ func TestOutboundQueue(t *testing.T) {
 	}
 }
 
+// TestInflightLetGoWhenEmpty: patch 25. The in-flight map is let go when
+// its last message is deleted and made again by the next Set.
+func TestInflightLetGoWhenEmpty(t *testing.T) {
+	i := NewInflights()
+	i.Set(packets.Packet{PacketID: 1})
+	i.Set(packets.Packet{PacketID: 2})
+	if !i.Delete(1) || i.internal == nil || i.Len() != 1 {
+		t.Fatalf("one of two deleted: map %v, Len %d", i.internal, i.Len())
+	}
+	if !i.Delete(2) || i.internal != nil || i.Len() != 0 {
+		t.Fatalf("last deleted: map %v, Len %d; want nil, 0", i.internal, i.Len())
+	}
+	if i.Delete(2) {
+		t.Fatal("Delete on the let-go map found a message")
+	}
+	if !i.Set(packets.Packet{PacketID: 3}) {
+		t.Fatal("Set after the map was let go reported an existing message")
+	}
+	if pk, ok := i.Get(3); !ok || pk.PacketID != 3 {
+		t.Fatalf("Get(3) = %+v, %v", pk, ok)
+	}
+}
+
 // TestServeConnectionRests: patch 13. A reader idle for restAfter moves to
 // a new goroutine; the connection goes on being served (a PINGREQ is
 // answered, a message is delivered), rest after rest, and done is called
