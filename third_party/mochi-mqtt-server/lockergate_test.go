@@ -839,52 +839,77 @@ func TestSingleEntryHolders(t *testing.T) {
 
 // TestSubscriptionCopySharedWithTheTree: patch 23. A SUBSCRIBE, and a
 // session taken over with its subscriptions, give the client's holder and
-// the topic's one copy of each subscription; an UNSUBSCRIBE or a new
-// SUBSCRIBE of the same filter replaces it in both.
+// the topic's one copy of each subscription, each its own (the takeover's
+// loop once gave every inherited filter the same one); an UNSUBSCRIBE or a
+// new SUBSCRIBE of the same filter replaces it in both.
 func TestSubscriptionCopySharedWithTheTree(t *testing.T) {
 	e := newTakeoverEnv(t, 4)
-	sub := func(cl *Client, typ byte, qos byte) {
+	want := map[string]byte{"lk/cmd": 1, "lk/creds": 0, "lk/config": 2, "lk/fw/job": 1}
+	sub := func(cl *Client, typ byte, filter string, qos byte) {
 		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ}, PacketID: 1,
-			Filters: packets.Subscriptions{{Filter: "lk/cmd", Qos: qos}}}
+			Filters: packets.Subscriptions{{Filter: filter, Qos: qos}}}
 		if typ == packets.Subscribe {
 			_ = e.s.processSubscribe(cl, pk)
 		} else {
 			_ = e.s.processUnsubscribe(cl, pk)
 		}
 	}
-	same := func(cl *Client, wantQos byte) {
+	same := func(cl *Client) {
 		t.Helper()
-		node := e.s.Topics.seek("lk/cmd", 0)
-		if node == nil || node.subscriptions.p.Load() == nil {
-			t.Fatal("no node with subscriptions for lk/cmd")
+		if n := cl.State.Subscriptions.Len(); n != len(want) {
+			t.Fatalf("client holds %d subscriptions, want %d", n, len(want))
 		}
-		inTree, inClient := node.subscriptions.p.Load().one, cl.State.Subscriptions.one
-		if inTree == nil || inTree != inClient {
-			t.Fatalf("tree holds %p, client %p: want one shared copy", inTree, inClient)
-		}
-		if inTree.Qos != wantQos {
-			t.Fatalf("QoS %d, want %d", inTree.Qos, wantQos)
+		for filter, qos := range want {
+			node := e.s.Topics.seek(filter, 0)
+			if node == nil || node.subscriptions.p.Load() == nil {
+				t.Fatalf("no node with subscriptions for %s", filter)
+			}
+			inTree := node.subscriptions.p.Load().one
+			cl.State.Subscriptions.RLock()
+			inClient := cl.State.Subscriptions.internal[filter]
+			cl.State.Subscriptions.RUnlock()
+			if inTree == nil || inTree != inClient {
+				t.Fatalf("%s: tree holds %p, client %p: want one shared copy", filter, inTree, inClient)
+			}
+			if inTree.Filter != filter || inTree.Qos != qos {
+				t.Fatalf("%s: holds %s at QoS %d, want QoS %d", filter, inTree.Filter, inTree.Qos, qos)
+			}
 		}
 	}
 
 	cl := e.client("x", nil)
 	e.attach(cl)
-	sub(cl, packets.Subscribe, 1)
-	same(cl, 1)
-	sub(cl, packets.Subscribe, 0) // the same filter again: replaced in both
-	same(cl, 0)
+	for filter := range want {
+		sub(cl, packets.Subscribe, filter, 2)
+	}
+	for filter, qos := range want { // the same filters again: replaced in both
+		sub(cl, packets.Subscribe, filter, qos)
+	}
+	same(cl)
 
-	// A session kept (not clean) and taken over: the new client inherits
-	// the subscription, and again the two holders share it.
-	cl.Properties.Clean = false
-	next := e.client("x", nil)
-	e.s.attachSession(next, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: false, ClientIdentifier: "x"}})
-	same(next, 0)
+	// A session kept (not clean) and taken over, twice: each new client
+	// inherits every subscription, and again the two holders share each.
+	for round := 0; round < 2; round++ {
+		cl.Properties.Clean = false
+		next := e.client("x", nil)
+		e.s.attachSession(next, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: false, ClientIdentifier: "x"}})
+		same(next)
+		cl = next
+	}
 
-	sub(next, packets.Unsubscribe, 0)
-	if got := len(e.s.Topics.Subscribers("lk/cmd").Subscriptions); got != 0 || next.State.Subscriptions.Len() != 0 {
-		t.Fatalf("after UNSUBSCRIBE: %d in the tree, %d in the client", got, next.State.Subscriptions.Len())
+	sub(cl, packets.Unsubscribe, "lk/cmd", 0)
+	if got := len(e.s.Topics.Subscribers("lk/cmd").Subscriptions); got != 0 {
+		t.Fatalf("after UNSUBSCRIBE: %d in the tree", got)
+	}
+	if _, ok := cl.State.Subscriptions.Get("lk/cmd"); ok || cl.State.Subscriptions.Len() != len(want)-1 {
+		t.Fatalf("after UNSUBSCRIBE: client holds %d", cl.State.Subscriptions.Len())
+	}
+	e.s.UnsubscribeClient(cl)
+	for filter := range want {
+		if got := len(e.s.Topics.Subscribers(filter).Subscriptions); got != 0 {
+			t.Errorf("%s: %d subscribers left after the client's subscriptions were taken away", filter, got)
+		}
 	}
 }
 

@@ -741,11 +741,15 @@ func (s *Server) inheritClientSession(pk packets.Packet, cl *Client) bool {
 		}
 
 		for _, sub := range existing.State.Subscriptions.GetAll() {
-			existed := !s.Topics.subscribe(cl.ID, &sub) // [MQTT-3.8.4-3]
+			// One copy for the tree and the client (patch 23), each
+			// subscription its own: this module's go 1.21 has one loop
+			// variable for the whole loop.
+			own := sub
+			existed := !s.Topics.subscribe(cl.ID, &own) // [MQTT-3.8.4-3]
 			if !existed {
 				atomic.AddInt64(&s.Info.Subscriptions, 1)
 			}
-			cl.State.Subscriptions.add(sub.Filter, &sub) // the tree's copy (patch 23)
+			cl.State.Subscriptions.add(own.Filter, &own)
 		}
 
 		// Clean the state of the existing client to prevent sequential take-overs
@@ -1648,7 +1652,7 @@ func (s *Server) subscribeClient(cl *Client, sub packets.Subscription) (isNew, o
 		atomic.AddInt64(&s.Info.Subscriptions, 1)
 	}
 	// The client's holder keeps the tree's copy, one allocation for both
-	// (patch 23; neither changes it).
+	// (patch 23); nothing writes to it once it is added.
 	cl.State.Subscriptions.add(sub.Filter, &sub) // [MQTT-3.2.2-10]
 	return isNew, true
 }

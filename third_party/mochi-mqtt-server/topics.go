@@ -255,7 +255,9 @@ func (s *InlineSubscriptions) Delete(id int) {
 // first group of eight slots took 704 bytes, and every locker has five such
 // maps (its own, and one at each of the four topics it subscribes to) with
 // one to four entries each; pointers make the group 208 bytes. Add stores a
-// copy, Get and GetAll return copies, so no caller shares a Subscription.
+// copy, Get and GetAll return copies, so no caller shares a Subscription
+// (patch 23: but the server gives a client's holder and the topic's the same
+// copy, through add and TopicsIndex.subscribe, and never writes to it).
 //
 // Lockergate patch 23: a holder with one subscription keeps it in oneID and
 // one, without a map. A topic a locker subscribes to has that one
