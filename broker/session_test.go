@@ -66,6 +66,42 @@ func TestTakeover(t *testing.T) {
 	}
 }
 
+// TestResumedSessionKeepsEachSubscription: a locker that resumes its
+// session (clean session 0) without subscribing again, twice, still gets
+// each of its topics at the QoS it subscribed with. mochi patch 23's first
+// version gave every inherited filter one shared subscription, so one of
+// these two came at the other's QoS, and the second resume lost a filter.
+func TestResumedSessionKeepsEachSubscription(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	kept := func(o *paho.ClientOptions) { o.SetCleanSession(false) }
+	a := h.mustDial(t, "A", "A", "secret-A", kept)
+	want := map[string]byte{"lockers/v1/A/cmd": 1, "lockers/v1/A/config": 0}
+	for filter, qos := range want {
+		if got := a.subscribeResult(t, filter, qos); got != qos {
+			t.Fatalf("subscribe %s: SUBACK %#x, want %d", filter, got, qos)
+		}
+	}
+	for resume := 1; resume <= 2; resume++ {
+		cl, ok := h.b.server.Clients.Get("A")
+		if !ok {
+			t.Fatal("A not connected")
+		}
+		_ = cl.Net.Conn.Close() // the connection lost; the session is kept
+		a.waitLost(t)
+		waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
+		a = h.mustDial(t, "A", "A", "secret-A", kept)
+		for topic, qos := range want {
+			if err := h.b.Publish(t.Context(), topic, []byte("x"), 1, false); err != nil {
+				t.Fatal(err)
+			}
+			m := a.nextMessage(t)
+			if m.Topic() != topic || m.Qos() != qos {
+				t.Fatalf("resume %d: got %s at QoS %d, want %s at QoS %d", resume, m.Topic(), m.Qos(), topic, qos)
+			}
+		}
+	}
+}
+
 // TestTakeoverStorm reconnects one device many times without closing the old
 // connections; however the goroutines interleave, the device must end up
 // connected and the observer's calls must alternate.
