@@ -429,7 +429,6 @@ func TestOutboundQueue(t *testing.T) {
 	cl.nextOutbound()
 
 	// A WriteLoop parked on the empty queue writes what is queued next.
-	cl.State.outboundQty = 0
 	go cl.WriteLoop()
 	t.Cleanup(func() { cl.Stop(io.EOF) })
 	deadline := time.Now().Add(10 * time.Second)
