@@ -638,7 +638,33 @@ func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 // Read reads incoming packets from the connected client and transforms them into
 // packets to be handled by the packetHandler.
 func (cl *Client) Read(packetHandler ReadFn) error {
-	return cl.read(packetHandler, false)
+	return cl.read(receiver{fn: packetHandler}, false)
+}
+
+// receiver handles the packets a client's reader reads (Lockergate patch
+// 26): a server's, which takes them by pointer, or the ReadFn given to
+// Read, which takes them by value. A struct, not a function value: a
+// pointer given to a function value escapes, and every packet read would
+// be moved to the heap.
+type receiver struct {
+	s  *Server
+	fn ReadFn
+}
+
+// receive handles pk, which it does not keep.
+func (r receiver) receive(cl *Client, pk *packets.Packet) error {
+	if r.s != nil {
+		return r.s.receivePacket(cl, pk)
+	}
+	return r.receiveByValue(cl, pk)
+}
+
+// receiveByValue gives r.fn a copy of pk. A function of its own, so the
+// copy is in its frame only, not in the reader's path for the server.
+//
+//go:noinline
+func (r receiver) receiveByValue(cl *Client, pk *packets.Packet) error {
+	return r.fn(cl, *pk)
 }
 
 // errReaderRested is returned by read when the client's reader has been
@@ -656,7 +682,7 @@ var errReaderRested = errors.New("reader rested")
 // resumed is set in that new goroutine: it reads with the keepalive
 // deadline the rested reader computed, not one refreshed from now, so
 // resting never extends a keepalive.
-func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
+func (cl *Client) read(r receiver, resumed bool) error {
 	var err error
 	// A goroutine that has handled packets (CONNECT, in the first one) may
 	// rest; a resumed one not before it handles one.
@@ -690,7 +716,7 @@ func (cl *Client) read(packetHandler ReadFn, resumed bool) error {
 			return err
 		}
 
-		err = cl.readAndHandle(fh, packetHandler)
+		err = cl.readAndHandle(fh, r)
 		if err != nil {
 			return err
 		}
@@ -851,15 +877,19 @@ func (cl *Client) packetBuffered() bool {
 // readAndHandle reads the packet whose fixed header is fh and handles it.
 // Lockergate patch: a function of its own, so that the packet values live
 // in its frame, not in Read's, where the goroutine parks waiting for the
-// next header (see writeOutbound).
+// next header (see writeOutbound). Patch 26: the packet is this frame's
+// only copy; what handles it takes it by pointer.
 //
 //go:noinline
-func (cl *Client) readAndHandle(fh *packets.FixedHeader, packetHandler ReadFn) error {
-	pk, err := cl.ReadPacket(fh)
-	if err != nil {
+func (cl *Client) readAndHandle(fh *packets.FixedHeader, r receiver) error {
+	var pk packets.Packet
+	if err := cl.readPacket(fh, &pk); err != nil {
 		return err
 	}
-	return packetHandler(cl, pk) // Process inbound packet.
+	if err := cl.ops.hooks.onPacketRead(cl, &pk); err != nil {
+		return err
+	}
+	return r.receive(cl, &pk) // Process inbound packet.
 }
 
 // Stop instructs the client to shut down all processing goroutines and disconnect.
@@ -959,6 +989,15 @@ func (cl *Client) MaxPacketSize() uint32 {
 
 // ReadPacket reads the remaining buffer into an MQTT packet.
 func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err error) {
+	if err = cl.readPacket(fh, &pk); err != nil {
+		return pk, err
+	}
+	return cl.ops.hooks.OnPacketRead(cl, pk)
+}
+
+// readPacket reads the packet whose fixed header is fh into pk, a zero
+// packet, without the OnPacketRead hooks: ReadPacket by pointer (patch 26).
+func (cl *Client) readPacket(fh *packets.FixedHeader, pk *packets.Packet) error {
 	atomic.AddInt64(&cl.ops.info.PacketsReceived, 1)
 
 	pk.ProtocolVersion = cl.Properties.ProtocolVersion // inherit client protocol version for decoding
@@ -966,7 +1005,7 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 	p := make([]byte, pk.FixedHeader.Remaining)
 	n, err := io.ReadFull(cl.Net.bconn, p)
 	if err != nil {
-		return pk, err
+		return err
 	}
 
 	atomic.AddInt64(&cl.ops.info.BytesReceived, int64(n))
@@ -1010,17 +1049,19 @@ func (cl *Client) ReadPacket(fh *packets.FixedHeader) (pk packets.Packet, err er
 	default:
 		err = fmt.Errorf("invalid packet type; %v", pk.FixedHeader.Type)
 	}
-
-	if err != nil {
-		return pk, err
-	}
-
-	pk, err = cl.ops.hooks.OnPacketRead(cl, pk)
-	return
+	return err
 }
 
 // WritePacket encodes and writes a packet to the client.
 func (cl *Client) WritePacket(pk packets.Packet) error {
+	return cl.writePacket(&pk)
+}
+
+// writePacket is WritePacket by pointer (Lockergate patch 26): its caller's
+// copy is the only one on the path, down to the hooks. It changes *pk (the
+// protocol version, the encoding's limits, a message's expiry), as
+// WritePacket changed its own copy.
+func (cl *Client) writePacket(pk *packets.Packet) error {
 	if cl.Closed() {
 		return ErrConnectionClosed
 	}
@@ -1050,7 +1091,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 		pk.Mods.AllowResponseInfo = true // [MQTT-3.1.2-28] we need to know which properties we can encode
 	}
 
-	pk = cl.ops.hooks.OnPacketEncode(cl, pk)
+	cl.ops.hooks.onPacketEncode(cl, pk)
 
 	var err error
 	buf := new(bytes.Buffer)
@@ -1136,7 +1177,7 @@ func (cl *Client) WritePacket(pk packets.Packet) error {
 		atomic.AddInt64(&cl.ops.info.MessagesSent, 1)
 	}
 
-	cl.ops.hooks.OnPacketSent(cl, pk, buf.Bytes())
+	cl.ops.hooks.onPacketSent(cl, pk, buf.Bytes())
 
 	return err
 }

@@ -9,10 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime/debug"
+	"runtime/metrics"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/mochi-mqtt/server/v2/packets"
 )
@@ -1712,5 +1715,135 @@ func TestAckLaterMany(t *testing.T) {
 	}
 	if cl.Closed() {
 		t.Fatal("the client was disconnected")
+	}
+}
+
+// packetHooks passes every packet through the hooks the gateway's own
+// hook provides on a reader's path, as the gateway's does.
+type packetHooks struct {
+	allowAll
+}
+
+func (h *packetHooks) ID() string { return "packet-hooks" }
+
+func (h *packetHooks) Provides(b byte) bool {
+	switch b {
+	case OnPacketRead, OnPacketEncode, OnPacketSent, OnPacketProcessed:
+		return true
+	}
+	return h.allowAll.Provides(b)
+}
+
+func (h *packetHooks) OnPacketRead(_ *Client, pk packets.Packet) (packets.Packet, error) {
+	return pk, nil
+}
+
+func (h *packetHooks) OnPacketEncode(_ *Client, pk packets.Packet) packets.Packet { return pk }
+
+func (h *packetHooks) OnPacketSent(*Client, packets.Packet, []byte) {}
+
+func (h *packetHooks) OnPacketProcessed(*Client, packets.Packet, error) {}
+
+// The stack is grown to a size by a frame that fits in it and not in half
+// of it, with the guard the runtime keeps free at its end: 928 bytes, or
+// twice that in a -race build. Each frame's array is written through fill,
+// which the compiler cannot see through, so the frame keeps its size.
+//
+//go:noinline
+func fill(b []byte) { b[len(b)-1] = 1 }
+
+//go:noinline
+func growStack4K() { var b [1400]byte; fill(b[:]) }
+
+//go:noinline
+func growStack8K() { var b [4500]byte; fill(b[:]) }
+
+//go:noinline
+func growStack16K() { var b [10000]byte; fill(b[:]) }
+
+//go:noinline
+func growStack32K() { var b [20000]byte; fill(b[:]) }
+
+// stackNeeded reports the smallest goroutine stack, 4 to 32 KiB (64 for
+// more), on which run ran without the runtime growing it. run is called
+// once per size tried, each time in a new goroutine whose stack is grown
+// to that size first; it must do the same work each time. The runtime
+// moves a stack to grow it, so a local's address changes when it grew.
+// Collections, which may shrink stacks, are off meanwhile.
+func stackNeeded(t *testing.T, run func()) int {
+	t.Helper()
+	defer debug.SetGCPercent(debug.SetGCPercent(-1))
+	sample := []metrics.Sample{{Name: "/gc/stack/starting-size:bytes"}}
+	metrics.Read(sample)
+	if start := sample[0].Value.Uint64(); start > 4096 {
+		t.Fatalf("goroutines start on %d-byte stacks; the test needs 4 KiB at most", start)
+	}
+	for _, size := range []struct {
+		kib  int
+		grow func()
+	}{{4, growStack4K}, {8, growStack8K}, {16, growStack16K}, {32, growStack32K}} {
+		moved := make(chan bool)
+		go func() {
+			size.grow()
+			var mark byte
+			before := uintptr(unsafe.Pointer(&mark))
+			run()
+			moved <- uintptr(unsafe.Pointer(&mark)) != before
+		}()
+		if !<-moved {
+			return size.kib
+		}
+	}
+	return 64
+}
+
+// TestStackNeeded checks that stackNeeded can tell the sizes apart.
+func TestStackNeeded(t *testing.T) {
+	for _, c := range []struct {
+		run  func()
+		want int
+	}{{func() {}, 4}, {growStack8K, 8}, {growStack16K, 16}, {growStack32K, 32}} {
+		if got := stackNeeded(t, c.run); got != c.want {
+			t.Errorf("stackNeeded = %d KiB, want %d", got, c.want)
+		}
+	}
+}
+
+// TestPingreqStack: patch 26. A locker's PINGREQ is handled on its reader's
+// stack; a fleet's pings come in waves, and every reader a wave wakes grows
+// its stack to what the packet's path needs. The path passes the packet by
+// pointer, so it fits in 8 KiB; by value (mochi passes 800-byte packets
+// down five calls and back) it took 16. Under -race it takes 16 either way,
+// so .ci/run runs this test without -race too.
+func TestPingreqStack(t *testing.T) {
+	limit := 8
+	if raceBuild {
+		limit = 16
+	}
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(packetHooks), nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+
+	ping := func() {
+		srv, cli := net.Pipe()
+		defer cli.Close()
+		cl := s.NewClient(srv, "t", "A", false)
+		cl.Properties.ProtocolVersion = 4
+		go func() {
+			_, _ = cli.Write([]byte{packets.Pingreq << 4, 0})
+			typ, _, err := readPacket(bufio.NewReader(cli))
+			if err != nil || typ != packets.Pingresp {
+				t.Errorf("got packet type %d (%v), want PINGRESP", typ, err)
+			}
+			_ = cli.Close() // ends the reader
+		}()
+		if err := cl.read(receiver{s: s}, true); err == nil {
+			t.Error("the reader ended without an error")
+		}
+	}
+	if got := stackNeeded(t, ping); got > limit {
+		t.Errorf("a PINGREQ needs a %d KiB stack, want %d at most", got, limit)
 	}
 }

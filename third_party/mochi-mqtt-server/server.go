@@ -441,7 +441,7 @@ func (s *Server) ServeConnection(listener string, c net.Conn, restAfter time.Dur
 //
 //go:noinline
 func (s *Server) serveClient(cl *Client, listener string, counted bool, done func(error), resumed bool) {
-	err := cl.read(s.receivePacket, resumed)
+	err := cl.read(receiver{s: s}, resumed)
 	if err == errReaderRested {
 		s.readersRested.Add(1)
 		go s.serveClient(cl, listener, counted, done, true)
@@ -627,21 +627,30 @@ func (s *Server) readConnectionPacket(cl *Client) (pk packets.Packet, err error)
 
 // receivePacket processes an incoming packet for a client, and issues a disconnect to the client
 // if an error has occurred (if mqtt v5).
-func (s *Server) receivePacket(cl *Client, pk packets.Packet) error {
-	err := s.processPacket(cl, pk)
+// Lockergate patch 26: by pointer, from the client's reader.
+func (s *Server) receivePacket(cl *Client, pk *packets.Packet) error {
+	err := s.handlePacket(cl, pk)
 	if err != nil {
-		if code, ok := err.(packets.Code); ok &&
-			cl.Properties.ProtocolVersion == 5 &&
-			code.Code >= packets.ErrUnspecifiedError.Code {
-			_ = s.DisconnectClient(cl, code)
-		}
-
-		s.Log.Warn("error processing packet", "error", err, "client", cl.ID, "listener", cl.Net.Listener, "pk", pk)
-
+		s.packetFailed(cl, pk, err)
 		return err
 	}
 
 	return nil
+}
+
+// packetFailed disconnects an MQTT 5 client whose packet failed with a
+// reason code that calls for it, and logs the failure. A function of its
+// own (patch 26): the log's copy of the packet is in its frame only.
+//
+//go:noinline
+func (s *Server) packetFailed(cl *Client, pk *packets.Packet, err error) {
+	if code, ok := err.(packets.Code); ok &&
+		cl.Properties.ProtocolVersion == 5 &&
+		code.Code >= packets.ErrUnspecifiedError.Code {
+		_ = s.DisconnectClient(cl, code)
+	}
+
+	s.Log.Warn("error processing packet", "error", err, "client", cl.ID, "listener", cl.Net.Listener, "pk", *pk)
 }
 
 // validateConnect validates that a connect packet is compliant.
@@ -832,84 +841,116 @@ func (s *Server) SendConnack(cl *Client, reason packets.Code, present bool, prop
 // processPacket processes an inbound packet for a client. Since the method is
 // typically called as a goroutine, errors are primarily for test checking purposes.
 func (s *Server) processPacket(cl *Client, pk packets.Packet) error {
+	return s.handlePacket(cl, &pk)
+}
+
+// handlePacket is processPacket by pointer (Lockergate patch 26), for the
+// client's reader: *pk is not changed or kept. Its frame holds no packet:
+// a PINGREQ's path takes none, and the others' copies are made in byValue,
+// below it.
+func (s *Server) handlePacket(cl *Client, pk *packets.Packet) error {
 	var err error
 
 	switch pk.FixedHeader.Type {
 	case packets.Connect:
-		err = s.processConnect(cl, pk)
+		err = s.processConnect(cl)
 	case packets.Disconnect:
-		err = s.processDisconnect(cl, pk)
+		err = s.byValue((*Server).processDisconnect, cl, pk)
 	case packets.Pingreq:
-		err = s.processPingreq(cl, pk)
+		err = s.processPingreq(cl)
 	case packets.Publish:
 		code := pk.PublishValidate(s.Options.Capabilities.TopicAliasMaximum)
 		if code != packets.CodeSuccess {
 			return code
 		}
-		err = s.processPublish(cl, pk)
+		err = s.byValue((*Server).processPublish, cl, pk)
 	case packets.Puback:
-		err = s.processPuback(cl, pk)
+		err = s.byValue((*Server).processPuback, cl, pk)
 	case packets.Pubrec:
-		err = s.processPubrec(cl, pk)
+		err = s.byValue((*Server).processPubrec, cl, pk)
 	case packets.Pubrel:
-		err = s.processPubrel(cl, pk)
+		err = s.byValue((*Server).processPubrel, cl, pk)
 	case packets.Pubcomp:
-		err = s.processPubcomp(cl, pk)
+		err = s.byValue((*Server).processPubcomp, cl, pk)
 	case packets.Subscribe:
 		code := pk.SubscribeValidate()
 		if code != packets.CodeSuccess {
 			return code
 		}
-		err = s.processSubscribe(cl, pk)
+		err = s.byValue((*Server).processSubscribe, cl, pk)
 	case packets.Unsubscribe:
 		code := pk.UnsubscribeValidate()
 		if code != packets.CodeSuccess {
 			return code
 		}
-		err = s.processUnsubscribe(cl, pk)
+		err = s.byValue((*Server).processUnsubscribe, cl, pk)
 	case packets.Auth:
 		code := pk.AuthValidate()
 		if code != packets.CodeSuccess {
 			return code
 		}
-		err = s.processAuth(cl, pk)
+		err = s.byValue((*Server).processAuth, cl, pk)
 	default:
 		return fmt.Errorf("no valid packet available; %v", pk.FixedHeader.Type)
 	}
 
-	s.hooks.OnPacketProcessed(cl, pk, err)
+	s.hooks.onPacketProcessed(cl, pk, err)
 	if err != nil {
 		return err
 	}
 
 	if cl.State.Inflight.Len() > 0 && atomic.LoadInt32(&cl.State.Inflight.sendQuota) > 0 {
-		next, ok := cl.State.Inflight.NextImmediate()
-		if ok {
-			_ = cl.WritePacket(next)
-			if ok := cl.State.Inflight.Delete(next.PacketID); ok {
-				atomic.AddInt64(&s.Info.Inflight, -1)
-			}
-			cl.State.Inflight.DecreaseSendQuota()
-		}
+		s.sendNextImmediate(cl)
 	}
 
 	return nil
 }
 
+// byValue calls process with a copy of *pk. A function of its own (patch
+// 26): the copy, and the temporary the compiler makes for it, are in its
+// frame, on the paths of the packets that need them only.
+//
+//go:noinline
+func (s *Server) byValue(process func(*Server, *Client, packets.Packet) error, cl *Client, pk *packets.Packet) error {
+	return process(s, cl, *pk)
+}
+
+// sendNextImmediate sends the client the next in-flight message waiting
+// for send quota. A function of its own (patch 26): the message's copy is
+// in its frame, not on every packet's path.
+//
+//go:noinline
+func (s *Server) sendNextImmediate(cl *Client) {
+	next, ok := cl.State.Inflight.NextImmediate()
+	if ok {
+		_ = cl.WritePacket(next)
+		if ok := cl.State.Inflight.Delete(next.PacketID); ok {
+			atomic.AddInt64(&s.Info.Inflight, -1)
+		}
+		cl.State.Inflight.DecreaseSendQuota()
+	}
+}
+
 // processConnect processes a Connect packet. The packet cannot be used to establish
 // a new connection on an existing connection. See EstablishConnection instead.
-func (s *Server) processConnect(cl *Client, _ packets.Packet) error {
+//
+// Lockergate patch 26: without the packet, which it does not read.
+func (s *Server) processConnect(cl *Client) error {
 	s.sendLWT(cl)
 	return packets.ErrProtocolViolationSecondConnect // [MQTT-3.1.0-2]
 }
 
 // processPingreq processes a Pingreq packet.
-func (s *Server) processPingreq(cl *Client, _ packets.Packet) error {
-	return cl.WritePacket(packets.Packet{
+//
+// Lockergate patch 26: without the packet, which it does not read; the
+// answer is written from this frame by pointer.
+func (s *Server) processPingreq(cl *Client) error {
+	pk := packets.Packet{
 		FixedHeader: packets.FixedHeader{
 			Type: packets.Pingresp, // [MQTT-3.12.4-1]
 		},
-	})
+	}
+	return cl.writePacket(&pk)
 }
 
 // Publish publishes a publish packet into the broker as if it were sent from the specified client.

@@ -1,0 +1,6 @@
+//go:build !race
+
+package mqtt
+
+// raceBuild: see lockergate_race_test.go.
+const raceBuild = false
