@@ -209,6 +209,19 @@ func (h *allowAll) OnConnectAuthenticate(*Client, packets.Packet) bool { return 
 
 func (h *allowAll) OnACLCheck(*Client, string, bool) bool { return true }
 
+// waitUntil polls done every millisecond until it holds, and fails the
+// test with fail's message if it does not within 10 s.
+func waitUntil(t *testing.T, done func() bool, fail func() string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !done() {
+		if time.Now().After(deadline) {
+			t.Fatal(fail())
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 // readPacket reads one MQTT packet: its type nibble and its body.
 func readPacket(r *bufio.Reader) (byte, []byte, error) {
 	h, err := r.ReadByte()
@@ -300,13 +313,8 @@ func TestWriterOnDemand(t *testing.T) {
 	}
 	idle := func(when string) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for cl.State.writing.Load() {
-			if time.Now().After(deadline) {
-				t.Fatalf("%s: a writer still runs with an empty queue", when)
-			}
-			time.Sleep(time.Millisecond)
-		}
+		waitUntil(t, func() bool { return !cl.State.writing.Load() },
+			func() string { return when + ": a writer still runs with an empty queue" })
 		cl.State.queueMu.Lock() // patch 24: an emptied queue lets its array go
 		q := cl.State.queue
 		cl.State.queueMu.Unlock()
@@ -438,19 +446,11 @@ func TestOutboundQueue(t *testing.T) {
 	// A WriteLoop parked on the empty queue writes what is queued next.
 	go cl.WriteLoop()
 	t.Cleanup(func() { cl.Stop(io.EOF) })
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	waitUntil(t, func() bool {
 		cl.State.queueMu.Lock()
-		parked := cl.State.queueWake != nil
-		cl.State.queueMu.Unlock()
-		if parked {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("WriteLoop never made its wake-up channel")
-		}
-		time.Sleep(time.Millisecond)
-	}
+		defer cl.State.queueMu.Unlock()
+		return cl.State.queueWake != nil
+	}, func() string { return "WriteLoop never made its wake-up channel" })
 	read := make(chan string, 1)
 	go func() {
 		typ, body, err := readPacket(bufio.NewReader(cli))
@@ -559,13 +559,8 @@ func TestServeConnectionRests(t *testing.T) {
 	rested := func() {
 		t.Helper()
 		want++
-		deadline := time.Now().Add(10 * time.Second)
-		for s.ReadersRested() < want {
-			if time.Now().After(deadline) {
-				t.Fatalf("%d rests, want %d", s.ReadersRested(), want)
-			}
-			time.Sleep(time.Millisecond)
-		}
+		waitUntil(t, func() bool { return s.ReadersRested() >= want },
+			func() string { return fmt.Sprintf("%d rests, want %d", s.ReadersRested(), want) })
 	}
 	expect(packets.Connack)
 	expect(packets.Suback)
@@ -978,13 +973,8 @@ func TestRestingReaderReleasesBuffer(t *testing.T) {
 	releasedMore := func() {
 		t.Helper()
 		want++
-		deadline := time.Now().Add(10 * time.Second)
-		for atomic.LoadInt64(&released) < want {
-			if time.Now().After(deadline) {
-				t.Fatal("the resting reader kept its buffer")
-			}
-			time.Sleep(time.Millisecond)
-		}
+		waitUntil(t, func() bool { return atomic.LoadInt64(&released) >= want },
+			func() string { return "the resting reader kept its buffer" })
 	}
 	expect(packets.Connack)
 	for i := 0; i < 3; i++ {
