@@ -188,6 +188,7 @@ type ClientState struct {
 	outboundQty     int32              // number of messages currently in the outbound queue
 	writing         atomic.Bool        // a goroutine is writing the outbound queue (Lockergate patch 12)
 	ownWriter       atomic.Bool        // a WriteLoop writes the queue: start no writer (patch 12)
+	writesHeld      atomic.Bool        // the CONNACK is not out yet: the queue waits (patch 27)
 	restAfter       time.Duration      // an idle reader moves to a new goroutine after this; 0: never (patch 13)
 	readExpiry      time.Time          // the keepalive read deadline; zero: none (patch 13)
 	readSet         time.Time          // the read deadline set on the connection (patch 13)
@@ -252,7 +253,11 @@ func (cl *Client) WriteLoop() {
 	cl.State.ownWriter.Store(true)
 	cl.State.writing.Store(true)
 	for {
-		for pk := cl.nextOutbound(); pk != nil; pk = cl.nextOutbound() {
+		for !cl.State.writesHeld.Load() { // patch 27
+			pk := cl.nextOutbound()
+			if pk == nil {
+				break
+			}
 			cl.writeOutbound(pk)
 		}
 		select {
@@ -322,12 +327,44 @@ var testHookQueueEmpty func(*Client)
 // kickWriter starts a writer for the outbound queue unless one is running.
 // Called after a packet is queued (patch 12).
 func (cl *Client) kickWriter() {
-	if cl.State.ownWriter.Load() {
+	if cl.State.ownWriter.Load() || cl.State.writesHeld.Load() {
 		return
 	}
 	if cl.State.writing.CompareAndSwap(false, true) {
 		go cl.drainOutbound()
 	}
+}
+
+// holdWrites keeps what is queued for the client unwritten until
+// releaseWrites: the session being established is in Clients, so messages
+// can be queued for it, before its CONNACK is written.
+//
+// Lockergate patch 27: a writer started by a message queued in that window
+// could write it before the CONNACK, which must be the server's first
+// packet [MQTT-3.2.0-1] (a client library reading for its CONNACK fails the
+// connection), and before the session's resent in-flight messages.
+func (cl *Client) holdWrites() {
+	cl.State.writesHeld.Store(true)
+}
+
+// releaseWrites lets the outbound queue be written, starting a writer (or
+// waking a WriteLoop) for what was queued while writes were held. Either
+// queueOutbound's kickWriter sees the hold gone or the load here sees its
+// packet counted (the same pairing as drainOutbound's re-check).
+func (cl *Client) releaseWrites() {
+	cl.State.writesHeld.Store(false)
+	if atomic.LoadInt32(&cl.State.outboundQty) <= 0 {
+		return
+	}
+	cl.State.queueMu.Lock()
+	if cl.State.queueWake != nil {
+		select {
+		case cl.State.queueWake <- struct{}{}:
+		default:
+		}
+	}
+	cl.State.queueMu.Unlock()
+	cl.kickWriter()
 }
 
 // drainOutbound writes queued packets until the queue is empty, then ends.
@@ -580,8 +617,14 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 	if cl.State.Inflight.Len() == 0 {
 		return nil
 	}
+	return cl.resendInflight(cl.State.Inflight.GetAll(false))
+}
 
-	for _, tk := range cl.State.Inflight.GetAll(false) {
+// resendInflight sends the in-flight packets pks again, in their order.
+// Lockergate patch 27: a resumed session resends only what it inherited
+// (establishSession), not what was put in flight for it since.
+func (cl *Client) resendInflight(pks []packets.Packet) error {
+	for _, tk := range pks {
 		if tk.FixedHeader.Type == packets.Publish {
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}

@@ -1927,3 +1927,285 @@ func TestPingreqStack(t *testing.T) {
 		t.Errorf("%d bytes allocated per PINGREQ, want well under the 800 of a packet", per)
 	}
 }
+
+// sessionEnv is a server with a TCP listener for the tests of patch 27:
+// kept sessions resumed and taken over by raw MQTT clients.
+type sessionEnv struct {
+	t  *testing.T
+	s  *Server
+	ln net.Listener
+	v  byte
+}
+
+func newSessionEnv(t *testing.T, version byte) *sessionEnv {
+	s := New(&Options{InlineClient: true})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var served sync.WaitGroup
+	t.Cleanup(func() {
+		_ = ln.Close()
+		_ = s.Close()
+		served.Wait()
+	})
+	served.Add(1)
+	go func() {
+		defer served.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			served.Add(1)
+			go func() {
+				defer served.Done()
+				s.ServeConnection("t", c, 0, func(error) {})
+			}()
+		}
+	}()
+	return &sessionEnv{t: t, s: s, ln: ln, v: version}
+}
+
+// rawClient is an MQTT client written packet by packet.
+type rawClient struct {
+	t    *testing.T
+	conn net.Conn
+	r    *bufio.Reader
+	v    byte
+}
+
+// dial connects a client with id, a kept session unless clean, and returns
+// it with its CONNACK's session present flag; the CONNACK must be the
+// server's first packet.
+func (e *sessionEnv) dial(id string, clean bool) (*rawClient, bool) {
+	e.t.Helper()
+	conn, err := net.Dial("tcp", e.ln.Addr().String())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(func() { _ = conn.Close() })
+	c := &rawClient{t: e.t, conn: conn, r: bufio.NewReader(conn), v: e.v}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: e.v,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: clean, Keepalive: 60, ClientIdentifier: id}}
+	if e.v == 5 && !clean {
+		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 300, true
+	}
+	c.send(pk)
+	ack := c.next()
+	if ack.FixedHeader.Type != packets.Connack {
+		e.t.Fatalf("the server's first packet is %s (%q), want CONNACK [MQTT-3.2.0-1]",
+			packets.PacketNames[ack.FixedHeader.Type], ack.Payload)
+	}
+	if ack.ReasonCode != 0 {
+		e.t.Fatalf("CONNACK reason %#x", ack.ReasonCode)
+	}
+	return c, ack.SessionPresent
+}
+
+// send writes pk.
+func (c *rawClient) send(pk packets.Packet) {
+	c.t.Helper()
+	var buf bytes.Buffer
+	pk.ProtocolVersion = c.v
+	var err error
+	switch pk.FixedHeader.Type {
+	case packets.Connect:
+		err = pk.ConnectEncode(&buf)
+	case packets.Subscribe:
+		err = pk.SubscribeEncode(&buf)
+	case packets.Pingreq:
+		err = pk.PingreqEncode(&buf)
+	default:
+		c.t.Fatalf("send: packet type %d", pk.FixedHeader.Type)
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	if _, err := c.conn.Write(buf.Bytes()); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// next reads and decodes the next packet (CONNACK, SUBACK, PUBLISH or
+// PINGRESP).
+func (c *rawClient) next() packets.Packet {
+	c.t.Helper()
+	_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	h, err := c.r.ReadByte()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	var pk packets.Packet
+	if err := pk.FixedHeader.Decode(h); err != nil {
+		c.t.Fatal(err)
+	}
+	_ = c.r.UnreadByte()
+	_, body, err := readPacket(c.r)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	pk.FixedHeader.Remaining, pk.ProtocolVersion = len(body), c.v
+	switch pk.FixedHeader.Type {
+	case packets.Connack:
+		err = pk.ConnackDecode(body)
+	case packets.Suback:
+		err = pk.SubackDecode(body)
+	case packets.Publish:
+		err = pk.PublishDecode(body)
+	case packets.Pingresp:
+	default:
+		c.t.Fatalf("unexpected packet type %d", pk.FixedHeader.Type)
+	}
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return pk
+}
+
+// subscribe subscribes to filter at QoS 1.
+func (c *rawClient) subscribe(filter string) {
+	c.t.Helper()
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: filter, Qos: 1}}})
+	if pk := c.next(); pk.FixedHeader.Type != packets.Suback || len(pk.ReasonCodes) != 1 || pk.ReasonCodes[0] != 1 {
+		c.t.Fatalf("SUBSCRIBE answered with %s %#x", packets.PacketNames[pk.FixedHeader.Type], pk.ReasonCodes)
+	}
+}
+
+// published returns what the server has sent the client (and it has not
+// read) by the time the server's client with its id has written its
+// outbound queue: the PUBLISHes read before the PINGRESP to a PINGREQ.
+func (c *rawClient) published(s *Server, id string) []packets.Packet {
+	c.t.Helper()
+	waitUntil(c.t, func() bool {
+		cl, ok := s.Clients.Get(id)
+		return ok && cl.queued() == 0 && atomic.LoadInt32(&cl.State.outboundQty) == 0
+	}, func() string { return "the client's outbound queue was never written" })
+	c.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pingreq}})
+	var out []packets.Packet
+	for {
+		pk := c.next()
+		if pk.FixedHeader.Type == packets.Pingresp {
+			return out
+		}
+		if pk.FixedHeader.Type != packets.Publish {
+			c.t.Fatalf("got %s, want PUBLISH or PINGRESP", packets.PacketNames[pk.FixedHeader.Type])
+		}
+		out = append(out, pk)
+	}
+}
+
+// describe lists pks' payloads and DUP flags.
+func describe(pks []packets.Packet) string {
+	var b bytes.Buffer
+	for _, pk := range pks {
+		fmt.Fprintf(&b, "[%s dup=%v id=%d] ", pk.Payload, pk.FixedHeader.Dup, pk.PacketID)
+	}
+	return b.String()
+}
+
+// keptSession connects a client with id and a kept session subscribed to
+// cmd/<id>, has the inline client publish what it is given at QoS 1 (left
+// unacknowledged), and ends the connection; it returns once the server has
+// seen it end.
+func (e *sessionEnv) keptSession(id string, inFlight ...string) {
+	e.t.Helper()
+	c, _ := e.dial(id, false)
+	c.subscribe("cmd/" + id)
+	for _, m := range inFlight {
+		if err := e.s.Publish("cmd/"+id, []byte(m), false, 1); err != nil {
+			e.t.Fatal(err)
+		}
+		if pk := c.next(); pk.FixedHeader.Type != packets.Publish || string(pk.Payload) != m {
+			e.t.Fatalf("got %s %q, want PUBLISH %q", packets.PacketNames[pk.FixedHeader.Type], pk.Payload, m)
+		}
+	}
+	_ = c.conn.Close()
+	waitUntil(e.t, func() bool {
+		cl, ok := e.s.Clients.Get(id)
+		return ok && cl.Closed()
+	}, func() string { return "the server never saw the connection end, or did not keep its session" })
+}
+
+// TestResumedSessionSendsEachMessageOnce: patch 27. A kept session resumed
+// gets its CONNACK first, then each message it had in flight again (DUP),
+// then what was published to it meanwhile, each once. Upstream added the
+// client to Clients before its CONNACK, so a message published to it then
+// could be written before the CONNACK by its writer, and was sent twice:
+// once from the queue, once more with the messages the session inherited,
+// as it was in flight by then.
+func TestResumedSessionSendsEachMessageOnce(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
+			e := newSessionEnv(t, v)
+			e.keptSession("x", "m1")
+			e.s.beforeConnack = func(cl *Client) {
+				if err := e.s.Publish("cmd/x", []byte("m2"), false, 1); err != nil {
+					t.Error(err)
+				}
+				// Held until the CONNACK is out (no writer runs); a writer
+				// that was started is let write it first.
+				waitUntil(t, func() bool {
+					return !cl.State.writing.Load() || cl.queued() == 0 && atomic.LoadInt32(&cl.State.outboundQty) == 0
+				}, func() string { return "a writer was started and never wrote the message" })
+			}
+			c, present := e.dial("x", false)
+			if !present {
+				t.Fatal("CONNACK: no session present")
+			}
+			got := c.published(e.s, "x")
+			if len(got) != 2 || string(got[0].Payload) != "m1" || !got[0].FixedHeader.Dup ||
+				string(got[1].Payload) != "m2" || got[1].FixedHeader.Dup {
+				t.Fatalf("after the CONNACK the client got %s; want m1 again (DUP), then m2, each once", describe(got))
+			}
+		})
+	}
+}
+
+// TestTakeoverKeepsMessagesPublishedMeanwhile: patch 27. A message
+// published to a kept session as a new connection takes it over goes to
+// the new connection. Upstream stored it in the old client's in-flight map
+// when the publisher had looked the old client up before the takeover and
+// stored it after the takeover had copied that map: it was never sent.
+// After a clean start it goes nowhere: the new session did not subscribe.
+func TestTakeoverKeepsMessagesPublishedMeanwhile(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		for _, clean := range []bool{false, true} {
+			t.Run(fmt.Sprintf("v%d/clean=%v", v, clean), func(t *testing.T) {
+				e := newSessionEnv(t, v)
+				e.keptSession("x")
+				var c *rawClient
+				var present bool
+				testHookDeliver = func(cl *Client) {
+					if c == nil && cl.ID == "x" {
+						// The publisher has looked up the kept session; a
+						// new connection takes it over now.
+						c, present = e.dial("x", clean)
+					}
+				}
+				t.Cleanup(func() { testHookDeliver = nil })
+				if err := e.s.Publish("cmd/x", []byte("m"), false, 1); err != nil {
+					t.Fatal(err)
+				}
+				testHookDeliver = nil
+				if c == nil {
+					t.Fatal("the message was not delivered to the kept session")
+				}
+				if present == clean {
+					t.Fatalf("CONNACK session present %v after a CONNECT with clean %v", present, clean)
+				}
+				got := c.published(e.s, "x")
+				if !clean && (len(got) != 1 || string(got[0].Payload) != "m") {
+					t.Fatalf("the session taken over got %s; want m once", describe(got))
+				}
+				if clean && len(got) != 0 {
+					t.Fatalf("a clean start got %s, which its session never subscribed to", describe(got))
+				}
+			})
+		}
+	}
+}

@@ -149,6 +149,7 @@ type Server struct {
 	sessionLocks  [64]sync.Mutex       // by client id: a takeover against a session's teardown (Lockergate patch 18)
 
 	beforeSessionLock func(id string) // tests only: attachSession is about to take the lock (patch 18)
+	beforeConnack     func(*Client)   // tests only: the session is attached, its CONNACK not yet written (patch 27)
 }
 
 // loop contains interval tickers for the system events loop.
@@ -583,7 +584,15 @@ func (s *Server) establishSession(cl *Client, listener string) (counted bool, er
 
 	s.hooks.OnSessionEstablish(cl, pk)
 
-	sessionPresent := s.attachSession(cl, pk)
+	// Lockergate patch 27: from attachSession on, messages can be queued
+	// for the client; they wait for its CONNACK and its resent in-flight
+	// messages. (On an error below the client ends with them unwritten; a
+	// kept session still holds them in flight.)
+	cl.holdWrites()
+	sessionPresent, inherited := s.attachSession(cl, pk)
+	if s.beforeConnack != nil {
+		s.beforeConnack(cl)
+	}
 
 	err = s.SendConnack(cl, code, sessionPresent, nil) // [MQTT-3.1.4-5] [MQTT-3.2.0-1] [MQTT-3.2.0-2] &[MQTT-3.14.0-1]
 	if err != nil {
@@ -593,11 +602,14 @@ func (s *Server) establishSession(cl *Client, listener string) (counted bool, er
 	s.loop.willDelayed.Delete(cl.ID) // [MQTT-3.1.3-9]
 
 	if sessionPresent {
-		err = cl.ResendInflightMessages(true)
+		// Only what the session inherited: a message put in flight for it
+		// since is in the outbound queue too, and was sent twice.
+		err = cl.resendInflight(inherited)
 		if err != nil {
 			return counted, fmt.Errorf("resend inflight: %w", err)
 		}
 	}
+	cl.releaseWrites()
 
 	s.hooks.OnSessionEstablished(cl, pk)
 
@@ -694,7 +706,11 @@ func (s *Server) validateConnect(cl *Client, pk packets.Packet) packets.Code {
 // DisconnectClient then returns at once (the client is stopped). Should
 // another connection have taken the id meanwhile, that one is disconnected
 // the same way, outside the lock, and the lock taken again.
-func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
+//
+// Lockergate patch 27: it also returns the in-flight messages the session
+// inherited, as they were before the client was added to Clients, for
+// establishSession to send again.
+func (s *Server) attachSession(cl *Client, pk packets.Packet) (present bool, inherited []packets.Packet) {
 	mu := s.sessionLock(cl.ID)
 	for {
 		if existing, ok := s.Clients.Get(cl.ID); ok {
@@ -713,9 +729,12 @@ func (s *Server) attachSession(cl *Client, pk packets.Packet) bool {
 		mu.Unlock()
 	}
 	defer mu.Unlock()
-	sessionPresent := s.inheritClientSession(pk, cl)
+	present = s.inheritClientSession(pk, cl)
+	if present && cl.State.Inflight.Len() > 0 {
+		inherited = cl.State.Inflight.GetAll(false)
+	}
 	s.Clients.Add(cl) // [MQTT-4.1.0-1]
-	return sessionPresent
+	return present, inherited
 }
 
 // sessionLock returns the lock of a client id's sessions (patch 18).
@@ -1330,6 +1349,15 @@ func (s *Server) publishToSubscribers(pk packets.Packet) {
 }
 
 func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packets.Packet) (packets.Packet, error) {
+	if testHookDeliver != nil {
+		testHookDeliver(cl)
+	}
+	if pk.FixedHeader.Qos > 0 && sub.Qos > 0 && s.Options.Capabilities.MaximumQos > 0 {
+		var mu *sync.Mutex
+		cl, sub, mu = s.lockDelivery(cl, sub) // patch 27
+		defer mu.Unlock()
+	}
+
 	if sub.NoLocal && pk.Origin == cl.ID {
 		return pk, nil // [MQTT-3.8.3-3]
 	}
@@ -1416,6 +1444,45 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	}
 
 	return out, nil
+}
+
+// testHookDeliver, when set by a test, runs as publishToClient starts:
+// after the subscriber's client was looked up, before its session lock.
+var testHookDeliver func(*Client)
+
+// lockDelivery takes the session lock of cl's id for a message that is
+// kept in flight, and returns the client it must go to with the lock
+// held: cl, or the client that has taken over cl's session, with its copy
+// of sub, when that one holds the subscription.
+//
+// Lockergate patch 27: a message published as a kept session is taken
+// over (a locker reconnecting with clean session 0) was lost: a publisher
+// that had looked cl up before the takeover stored the message in cl's
+// in-flight map after the new client's copy of it was made (or just
+// before the takeover cleared it), and no one ever sent it. The takeover
+// (attachSession) copies the map under this lock, so a message stored
+// under it is either in the copy or finds cl taken over and goes to the
+// client that took over. Nothing may deliver a message while holding a
+// session lock (attachSession, endSession, subscribeClient and
+// clearExpiredClients do not).
+func (s *Server) lockDelivery(cl *Client, sub packets.Subscription) (*Client, packets.Subscription, *sync.Mutex) {
+	for {
+		mu := s.sessionLock(cl.ID)
+		mu.Lock()
+		if !cl.IsTakenOver() {
+			return cl, sub, mu
+		}
+		cur, ok := s.Clients.Get(cl.ID)
+		if !ok || cur == cl {
+			return cl, sub, mu // its session ended: as before, the message goes nowhere
+		}
+		own, subscribed := cur.State.Subscriptions.Get(sub.Filter)
+		if !subscribed {
+			return cl, sub, mu // a clean start: the new session did not ask for it
+		}
+		mu.Unlock()
+		cl, sub = cur, own
+	}
 }
 
 func (s *Server) publishRetainedToClient(cl *Client, sub packets.Subscription, existed bool) {
