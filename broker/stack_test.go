@@ -52,9 +52,17 @@ func TestParkedStacksShrink(t *testing.T) {
 // client's CONNECT, SUBSCRIBE and QoS 1 PUBLISH grow its reader to 16 KiB
 // or more; the runtime would halve that once per collection, and no
 // collection is forced here.
+//
+// It runs in a process of its own with the runtime's adaptive starting
+// stack off: a rested reader is a new goroutine, and other tests'
+// goroutines (TestParkedStacksShrink's collections, say) could make new
+// ones start on more than 2 KiB.
 func TestIdleReadersRest(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector changes frame sizes; .ci/run runs this test without -race")
+	}
+	if !testtool.FreshProcess(t) {
+		return
 	}
 	h := newHarness(t, nil, nil) // ReaderRest: 20 ms
 	const n = 300
