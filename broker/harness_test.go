@@ -485,6 +485,7 @@ type raw struct {
 	r    *bufio.Reader
 	v    byte
 	next uint16
+	id   string // the client id connectIdle gave it
 }
 
 func dialRaw(t *testing.T, addr string, version byte) *raw {
@@ -515,6 +516,8 @@ func (r *raw) send(pk packets.Packet) {
 		err = pk.SubscribeEncode(&buf)
 	case packets.Disconnect:
 		err = pk.DisconnectEncode(&buf)
+	case packets.Pingreq:
+		err = pk.PingreqEncode(&buf)
 	default:
 		r.t.Fatalf("raw: cannot send packet type %d", pk.FixedHeader.Type)
 	}
