@@ -40,6 +40,24 @@ func (i *Inflight) Set(m packets.Packet) bool {
 	return !ok
 }
 
+// setUnless is Set unless stop holds, looked at under the map's lock:
+// stopped reports that m was not stored. Lockergate patch 27: a takeover
+// marks the client it takes over (stop) before it copies the map under the
+// lock, so a message is either in the copy or not stored.
+func (i *Inflight) setUnless(m packets.Packet, stop *atomic.Bool) (set, stopped bool) {
+	i.Lock()
+	defer i.Unlock()
+	if stop.Load() {
+		return false, true
+	}
+	_, ok := i.internal[m.PacketID]
+	if i.internal == nil {
+		i.internal = map[uint16]packets.Packet{}
+	}
+	i.internal[m.PacketID] = m
+	return !ok, false
+}
+
 // Get returns an inflight packet by packet id.
 func (i *Inflight) Get(id uint16) (packets.Packet, bool) {
 	i.RLock()

@@ -2143,15 +2143,20 @@ func TestResumedSessionSendsEachMessageOnce(t *testing.T) {
 		t.Run(fmt.Sprintf("v%d", v), func(t *testing.T) {
 			e := newSessionEnv(t, v)
 			e.keptSession("x", "m1")
+			// On the server's goroutine: failures are t.Error, not Fatal.
 			e.s.beforeConnack = func(cl *Client) {
 				if err := e.s.Publish("cmd/x", []byte("m2"), false, 1); err != nil {
 					t.Error(err)
 				}
 				// Held until the CONNACK is out (no writer runs); a writer
 				// that was started is let write it first.
-				waitUntil(t, func() bool {
-					return !cl.State.writing.Load() || cl.queued() == 0 && atomic.LoadInt32(&cl.State.outboundQty) == 0
-				}, func() string { return "a writer was started and never wrote the message" })
+				for deadline := time.Now().Add(10 * time.Second); cl.State.writing.Load() &&
+					(cl.queued() > 0 || atomic.LoadInt32(&cl.State.outboundQty) > 0); time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Error("a writer was started and never wrote the message")
+						return
+					}
+				}
 			}
 			c, present := e.dial("x", false)
 			if !present {
@@ -2208,4 +2213,87 @@ func TestTakeoverKeepsMessagesPublishedMeanwhile(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestSlowSubscriberHoldsNoSessionLock: patch 27. A message kept in flight
+// for a client whose connection does not drain (its writer blocked in a
+// write, holding the client's lock, up to the write deadline) must not
+// hold up the connects of other client ids that share its session lock:
+// the first form of the patch took that lock for the whole delivery, and a
+// CONNECT on the same stripe waited for the slow client's write deadline.
+func TestSlowSubscriberHoldsNoSessionLock(t *testing.T) {
+	e := newSessionEnv(t, 4)
+	slow, _ := e.dial("slow", true)
+	slow.subscribe("cmd/slow")
+	cl, ok := e.s.Clients.Get("slow")
+	if !ok {
+		t.Fatal("no client slow")
+	}
+	// slow reads nothing from here on: fill its connection until its
+	// writer is stuck in a write and the queue grows, to more than the
+	// socket buffers hold (on Linux at most about 10 MB together).
+	big := bytes.Repeat([]byte("x"), 64<<10)
+	for i := 0; cl.queued() < 300; i++ {
+		if i == 10_000 {
+			t.Fatal("the slow client's queue never grew: its writer is not blocked")
+		}
+		if err := e.s.Publish("cmd/slow", big, false, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	reached := make(chan struct{})
+	var once sync.Once
+	testHookDeliver = func(c *Client) {
+		if c.ID == "slow" {
+			once.Do(func() { close(reached) })
+		}
+	}
+	t.Cleanup(func() { testHookDeliver = nil })
+	published := make(chan struct{})
+	go func() { // blocks until the slow client's write ends
+		defer close(published)
+		_ = e.s.Publish("cmd/slow", []byte("m"), false, 1)
+	}()
+	<-reached
+	other := ""
+	for i := 0; other == ""; i++ {
+		if o := fmt.Sprintf("y%d", i); e.s.sessionLock(o) == e.s.sessionLock("slow") {
+			other = o
+		}
+	}
+	connected := make(chan struct{})
+	go func() {
+		defer close(connected)
+		conn, err := net.Dial("tcp", e.ln.Addr().String())
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		c := &rawClient{t: t, conn: conn, r: bufio.NewReader(conn), v: 4}
+		var buf bytes.Buffer
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: other}}
+		if err := pk.ConnectEncode(&buf); err != nil {
+			t.Error(err)
+			return
+		}
+		if _, err := conn.Write(buf.Bytes()); err != nil {
+			t.Error(err)
+			return
+		}
+		_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		if typ, _, err := readPacket(c.r); err != nil || typ != packets.Connack {
+			t.Errorf("the CONNECT of %s: packet type %d, %v; want a CONNACK", other, typ, err)
+		}
+	}()
+	select {
+	case <-connected:
+	case <-time.After(10 * time.Second):
+		t.Error("a CONNECT on the slow client's session lock stripe waited for its blocked write")
+	}
+	// Unblock the slow client's writer: its connection ends.
+	_ = slow.conn.Close()
+	<-published
+	<-connected
 }

@@ -1352,12 +1352,6 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 	if testHookDeliver != nil {
 		testHookDeliver(cl)
 	}
-	if pk.FixedHeader.Qos > 0 && sub.Qos > 0 && s.Options.Capabilities.MaximumQos > 0 {
-		var mu *sync.Mutex
-		cl, sub, mu = s.lockDelivery(cl, sub) // patch 27
-		defer mu.Unlock()
-	}
-
 	if sub.NoLocal && pk.Origin == cl.ID {
 		return pk, nil // [MQTT-3.8.3-3]
 	}
@@ -1416,7 +1410,15 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 		out.PacketID = uint16(i) // [MQTT-2.2.1-4]
 		sentQuota := atomic.LoadInt32(&cl.State.Inflight.sendQuota)
 
-		if ok := cl.State.Inflight.Set(out); ok { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
+		// Lockergate patch 27: not into the map of a client taken over.
+		set, takenOver := cl.State.Inflight.setUnless(out, &cl.State.isTakenOver)
+		if takenOver {
+			if cur := s.takenOverBy(cl, sub); cur != nil {
+				return s.publishToClient(cur, sub, pk)
+			}
+			return out, packets.CodeDisconnect
+		}
+		if set { // [MQTT-4.3.2-3] [MQTT-4.3.3-3]
 			atomic.AddInt64(&s.Info.Inflight, 1)
 			s.hooks.OnQosPublish(cl, out, out.Created, 0)
 			cl.State.Inflight.DecreaseSendQuota()
@@ -1424,7 +1426,8 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 
 		if sentQuota == 0 && atomic.LoadInt32(&cl.State.Inflight.maximumSendQuota) > 0 {
 			out.Expiry = -1
-			cl.State.Inflight.Set(out)
+			// Taken over meanwhile, the copy of the map has it already.
+			cl.State.Inflight.setUnless(out, &cl.State.isTakenOver)
 			return out, nil
 		}
 	}
@@ -1450,39 +1453,36 @@ func (s *Server) publishToClient(cl *Client, sub packets.Subscription, pk packet
 // after the subscriber's client was looked up, before its session lock.
 var testHookDeliver func(*Client)
 
-// lockDelivery takes the session lock of cl's id for a message that is
-// kept in flight, and returns the client it must go to with the lock
-// held: cl, or the client that has taken over cl's session, with its copy
-// of sub, when that one holds the subscription.
+// takenOverBy returns the client that has taken over cl's session, if it
+// holds sub's filter; nil if cl's session ended or the new one did not
+// subscribe (a clean start, or a new session after cl's expired).
 //
 // Lockergate patch 27: a message published as a kept session is taken
 // over (a locker reconnecting with clean session 0) was lost: a publisher
 // that had looked cl up before the takeover stored the message in cl's
 // in-flight map after the new client's copy of it was made (or just
 // before the takeover cleared it), and no one ever sent it. The takeover
-// (attachSession) copies the map under this lock, so a message stored
-// under it is either in the copy or finds cl taken over and goes to the
-// client that took over. Nothing may deliver a message while holding a
-// session lock (attachSession, endSession, subscribeClient and
-// clearExpiredClients do not).
-func (s *Server) lockDelivery(cl *Client, sub packets.Subscription) (*Client, packets.Subscription, *sync.Mutex) {
-	for {
-		mu := s.sessionLock(cl.ID)
-		mu.Lock()
-		if !cl.IsTakenOver() {
-			return cl, sub, mu
-		}
-		cur, ok := s.Clients.Get(cl.ID)
-		if !ok || cur == cl {
-			return cl, sub, mu // its session ended: as before, the message goes nowhere
-		}
-		own, subscribed := cur.State.Subscriptions.Get(sub.Filter)
-		if !subscribed {
-			return cl, sub, mu // a clean start: the new session did not ask for it
-		}
-		mu.Unlock()
-		cl, sub = cur, own
+// marks cl taken over before it copies the map, and publishToClient stores
+// a message in the map only while cl is not (Inflight.setUnless), so a
+// message is either in the copy or comes here. The takeover holds the
+// session lock of the id from before it marks cl until the new client is
+// in Clients: taking the lock here waits for that (and holds it for
+// nothing else). A hook that runs under a session lock (OnUnsubscribed and
+// OnQosDropped, from endSession, clearExpiredClients and the clean-start
+// takeover) must not publish a message kept in flight synchronously: one
+// to a client being taken over would wait for a lock its caller may hold.
+func (s *Server) takenOverBy(cl *Client, sub packets.Subscription) *Client {
+	mu := s.sessionLock(cl.ID)
+	mu.Lock()
+	cur, ok := s.Clients.Get(cl.ID)
+	mu.Unlock()
+	if !ok || cur == cl {
+		return nil
 	}
+	if _, subscribed := cur.State.Subscriptions.Get(sub.Filter); !subscribed {
+		return nil
+	}
+	return cur
 }
 
 func (s *Server) publishRetainedToClient(cl *Client, sub packets.Subscription, existed bool) {
