@@ -109,6 +109,7 @@ type Manager struct {
 	log    *slog.Logger
 	m      *metrics
 	opts   Options
+	heard  heardSet // lockers heard since the last flush of last_seen
 	now    func() time.Time
 	health []chan inbound
 	events chan inbound
@@ -343,6 +344,7 @@ func (m *Manager) Run(ctx context.Context) error {
 			// Callers stop the bus first; what was queued before is written.
 			m.stopped.Store(true)
 			close(m.done)
+			m.flushHeard(wctx)
 			// The drain is bounded (above) so a database that stays down
 			// cannot hold the shutdown forever.
 			m.wg.Wait()
@@ -354,6 +356,7 @@ func (m *Manager) Run(ctx context.Context) error {
 		case <-sweep.C:
 			m.sweep(wctx)
 			m.resend(wctx)
+			m.flushHeard(wctx)
 		case <-census.C:
 			m.census(wctx)
 			m.reconcileCreds(wctx)
@@ -398,14 +401,18 @@ func (m *Manager) receive(msg Message) {
 			in.done()
 		}
 	case protocol.ChanEvents:
+		m.heard.add(id, at)
 		m.events <- in // back-pressure: events are never dropped
 	case protocol.ChanPresence:
 		m.enqueue(control{kind: ctrlPresence, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanCmdResult:
+		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlResult, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanCredsAck:
+		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlCredsAck, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanFwStatus:
+		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlFwStatus, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	}
 }

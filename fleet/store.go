@@ -103,6 +103,9 @@ type Store interface {
 	// AckCredsMany records the credential-set version each locker applied
 	// last, one per locker.
 	AckCredsMany(ctx context.Context, acks []CredsAck) error
+	// TouchLockers moves each locker's last_seen forward to its time in at
+	// (a message heard from it), never back; ids are distinct.
+	TouchLockers(ctx context.Context, ids []string, at []time.Time) error
 	// EffectsApplied drops a locker's events from the outbox of effects to
 	// apply (InsertEvents writes there the fresh events marked Pending).
 	EffectsApplied(ctx context.Context, deviceID string, eventIDs []string) error

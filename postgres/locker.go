@@ -258,6 +258,19 @@ func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) error {
 	return dataError(err)
 }
 
+// touchLockersSQL moves last_seen forward ($1 ids, $2 times), the rows
+// locked in order (lockDevicesCTE).
+const touchLockersSQL = `WITH ` + lockDevicesCTE + `
+		UPDATE devices d SET last_seen = t.at
+		FROM unnest($1::text[], $2::timestamptz[]) AS t(id, at) JOIN locked l ON l.id = t.id
+		WHERE d.id = t.id AND d.id = ANY($1::text[]) AND (d.last_seen IS NULL OR d.last_seen < t.at)`
+
+// TouchLockers implements fleet.Store.
+func (db *DB) TouchLockers(ctx context.Context, ids []string, at []time.Time) error {
+	_, err := db.pool.Exec(ctx, touchLockersSQL, ids, at)
+	return dataError(err)
+}
+
 // InsertHealth implements fleet.Store: rows by COPY and latest health by
 // one UPDATE, in one transaction and one round trip (writeHealth).
 func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, latest []fleet.LatestHealth) error {
