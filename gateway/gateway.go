@@ -634,10 +634,11 @@ func (g *Gateway) maintainPartitions(ctx context.Context) error {
 	return nil
 }
 
-// pickupSilence is how long a locker may go unheard before it gets no new
-// pickup: as long as it takes to show stale (fleet.Manager.SilentAfter),
-// but never under two minutes (a short health interval, the tests' 1 s,
-// must not turn a busy moment into a 422).
+// pickupSilence is how long a locker may go unheard before new pickups go
+// to lockers heard from since, while one has room: as long as it takes to
+// show stale (fleet.Manager.SilentAfter), but never under two minutes (a
+// short health interval, the tests' 1 s, must not make a busy moment look
+// like silence).
 func pickupSilence(staleAfter time.Duration) time.Duration {
 	return max(staleAfter, 2*time.Minute)
 }

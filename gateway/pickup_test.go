@@ -1803,36 +1803,70 @@ func TestPickupRotateCodes(t *testing.T) {
 	}
 }
 
-// TestStaleLockerGetsNoPickup: a locker whose session looks alive but that
-// has not been heard from for longer than the silence bound (it shows
-// stale) is passed over; once it reports again it takes orders.
-func TestStaleLockerGetsNoPickup(t *testing.T) {
+// TestSilentLockerIsTheLastChoice: a locker whose session looks alive but
+// that has not been heard from for longer than the silence bound (it shows
+// stale: its firmware may be hung) gets new pickups only when no locker
+// heard from since has room: the contract asks only that the locker be
+// online, and a 422 with an online locker free would break it. Any message
+// from the locker counts as hearing from it, not health only: a command
+// result makes the silent locker fresh again, and moves its last_seen.
+func TestSilentLockerIsTheLastChoice(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	claim := tg.MustSiteAndClaim(t, "store-042", 1)
-	id := MustProvision(t, tg, claim, "SN-STALE-1")
-	dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
-	waitOnline(t, tg, id.DeviceID, true)
-	// Silent for an hour, as far as the gateway knows.
-	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET last_seen = now() - interval '1 hour' WHERE id = $1`, id.DeviceID); err != nil {
+	claim := tg.MustSiteAndClaim(t, "store-042", 2)
+	var ids []string
+	devs := map[string]paho.Client{}
+	for _, serial := range []string{"SN-SILENT-1", "SN-SILENT-2"} {
+		id := MustProvision(t, tg, claim, serial)
+		devs[id.DeviceID] = MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		waitOnline(t, tg, id.DeviceID, true)
+		ids = append(ids, id.DeviceID)
+	}
+	// Without a preference the lower id (in the database's order) wins a
+	// tie: that one goes silent.
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT array_agg(id ORDER BY id) FROM devices WHERE id = ANY($1)`, ids).Scan(&ids); err != nil {
 		t.Fatal(err)
 	}
+	silent, heard := ids[0], ids[1]
+	silence := func(id string) {
+		t.Helper()
+		// Silent for an hour, as far as the gateway knows.
+		if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET last_seen = now() - interval '1 hour' WHERE id = $1`, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	silence(silent)
 	store := MustPickupToken(t, tg, "store", "store-042", "front-desk")
-	order := func(ref string) (int, error) {
-		return store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
-			"site": "store-042", "order_ref": ref, "size": "S", "recipient": map[string]string{"kind": "customer"}}}, nil)
+	order := func(ref string) (status int, locker string, err error) {
+		var p struct{ Locker string }
+		status, err = store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+			"site": "store-042", "order_ref": ref, "size": "S", "recipient": map[string]string{"kind": "customer"}}}, &p)
+		return status, p.Locker, err
 	}
-	if status, err := order("STALE-1"); status != http.StatusUnprocessableEntity {
-		t.Fatalf("order at a stale locker: %d %v, want 422", status, err)
+	if status, locker, err := order("SILENT-1"); status != http.StatusCreated || locker != heard {
+		t.Fatalf("order with a silent and a heard locker: %d at %q (%v), want 201 at %s", status, locker, err, heard)
 	}
-	MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanHealth), false,
-		fmt.Sprintf(`{"seq":1,"ts":"%s","uptime_s":5}`, protocol.FormatTime(time.Now())))
-	Eventually(t, 10*time.Second, "the order placed once the locker reported", func() error {
-		if status, err := order("STALE-2"); status != http.StatusCreated {
-			return fmt.Errorf("%d %v", status, err)
+	silence(heard)
+	if status, locker, err := order("SILENT-2"); status != http.StatusCreated || locker != silent {
+		t.Fatalf("order with only silent lockers online: %d at %q (%v), want 201 at %s (the lower id)", status, locker, err, silent)
+	}
+
+	// Both silent: the tie went to the lower id. A command result (of no
+	// command: dropped, but the locker spoke) makes the other fresh again.
+	MustPublish(t, devs[heard], protocol.Topic(heard, protocol.ChanCmdResult), false, `{"id":"c-none","status":"ok"}`)
+	Eventually(t, 10*time.Second, "the locker heard from again", func() error {
+		var l fleet.Locker
+		if err := tg.Admin.Get(ctx, "/v1/lockers/"+heard, nil, &l); err != nil {
+			return err
+		}
+		if l.Stale || l.LastSeen == nil || time.Since(*l.LastSeen) > time.Minute {
+			return fmt.Errorf("stale %v, last_seen %v", l.Stale, l.LastSeen)
 		}
 		return nil
 	})
+	if status, locker, err := order("SILENT-3"); status != http.StatusCreated || locker != heard {
+		t.Fatalf("order once a locker spoke again: %d at %q (%v), want 201 at %s", status, locker, err, heard)
+	}
 }
 
 // TestCancelledStagingUnlockWithdrawn: a pickup cancelled before its

@@ -160,9 +160,9 @@ func ExpiredAlert(p *Pickup) fleet.Alert {
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
-	// online, heard from since heardSince (zero: not checked) and enabled,
-	// no unlock of it unanswered that has not expired at p.CreatedAt) and
-	// inserts p holding it. Concurrent allocations never share a
+	// online and enabled, no unlock of it unanswered that has not expired
+	// at p.CreatedAt), at a locker heard from since heardSince if one has
+	// room (zero: no preference), and inserts p holding it. Concurrent allocations never share a
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
 	// a live pickup of the site and platform has the order_ref.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error

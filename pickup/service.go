@@ -51,9 +51,9 @@ type Options struct {
 	// StagingTTL bounds the staging unlock. Default 60s.
 	StagingTTL time.Duration
 	// SilentAfter: a locker not heard from for this long (online, but
-	// stale: its session may be dead, its firmware hung) gets no new
-	// pickup, whose staging unlock would not reach it. Default
-	// DefaultSilentAfter.
+	// stale: its firmware may be hung, its staging unlock unanswered) gets
+	// a new pickup only when no locker heard from since has room for it.
+	// Default DefaultSilentAfter.
 	SilentAfter time.Duration
 	Now         func() time.Time
 }

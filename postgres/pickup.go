@@ -75,7 +75,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	}
 	free := fmt.Sprintf(`
 		FROM compartments c JOIN devices d ON d.id = c.device_id
-		WHERE d.site = $1 AND d.online AND ($6::timestamptz IS NULL OR d.last_seen >= $6) AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
+		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
@@ -83,11 +83,14 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
 	// Lockers tried in this call are not candidates again: one whose free
 	// compartment another transaction holds would be found again and again.
-	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])` + order
+	// Lockers heard from since $6 come first: one online but silent (its
+	// firmware may be hung) is chosen only when no other has room.
+	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])
+		ORDER BY coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false) DESC,` + strings.TrimPrefix(order, " ORDER BY")
 	// The same, at one locker, under its lock: what the lock's last holder
-	// committed is counted. Compartments in $7 are left out: an unlock of
+	// committed is counted. Compartments in $6 are left out: an unlock of
 	// each may still fire (firing, below).
-	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5 AND NOT c.n = ANY($7::int[])` + order + ` FOR UPDATE OF c SKIP LOCKED`
+	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5 AND NOT c.n = ANY($6::int[])` + order + ` FOR UPDATE OF c SKIP LOCKED`
 	// An unlock of compartment $2 of locker $1 that may still fire on the
 	// locker, unanswered (or withdrawn unanswered: a cancelled pickup's
 	// staging unlock) and not expired at $3: a locker that got a copy late
@@ -110,7 +113,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			}
 			skip := []int{}
 			for {
-				if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, heard, skip).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
+				if err := tx.QueryRow(ctx, atLocker, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, p.Locker, skip).Scan(&p.Compartment); errors.Is(err, pgx.ErrNoRows) {
 					return errRetry // filled (or at its bound) while we waited, or every free one may be opened: look again
 				} else if err != nil {
 					return err
