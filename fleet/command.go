@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"encoding/json"
 	"fmt"
 	"time"
 
@@ -58,6 +59,23 @@ type Command struct {
 	// a status the gateway had ended the command with (timed_out, or
 	// expired): the command was counted as ended then.
 	LateAnswer bool `json:"-"`
+	// TimedOut is set in the JSON form of a command whose Status is
+	// CmdTimedOut (MarshalJSON), which shows Status as CmdExpired.
+	TimedOut bool `json:"timed_out,omitempty"`
+}
+
+// MarshalJSON shows a timed_out command (delivered, never answered) as
+// api-v1 lists it, status expired ("the device did not run it before
+// expires_at"), with timed_out true: api-v1's statuses are the contract's
+// six, and timed_out is this gateway's own. The store and the metrics keep
+// timed_out.
+func (c Command) MarshalJSON() ([]byte, error) {
+	type plain Command // without this method
+	p := plain(c)
+	if p.Status == CmdTimedOut {
+		p.Status, p.TimedOut = CmdExpired, true
+	}
+	return json.Marshal(p)
 }
 
 // Wire returns the command as the device receives it.

@@ -175,13 +175,66 @@ func TestCommandSentAgainUntilAnswered(t *testing.T) {
 	}
 }
 
-// waitCommandStatus waits for command cmdID of locker deviceID to read status.
+// TestUnansweredCommandReadsExpired: a command delivered but never
+// answered ends timed_out in the store and the metrics, and reads as
+// api-v1 lists it, status expired ("the device did not run it before
+// expires_at"), with timed_out true; a late answer still replaces it.
+func TestUnansweredCommandReadsExpired(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	r, c := rawLocker(t, tg, "SN-UNANSWERED-1")
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	var cmd fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 1}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	wantCommand(t, got, cmd.ID, "the unlock")
+	path := "/v1/lockers/" + r.DeviceID + "/commands/" + cmd.ID
+	Eventually(t, 20*time.Second, "the unanswered unlock ended", func() error {
+		var body map[string]any
+		if err := tg.Admin.Get(ctx, path, nil, &body); err != nil {
+			return err
+		}
+		if body["status"] != fleet.CmdExpired || body["timed_out"] != true || body["sent_at"] == nil {
+			return fmt.Errorf("status %v, timed_out %v, sent_at %v; want expired, true, set", body["status"], body["timed_out"], body["sent_at"])
+		}
+		return nil
+	})
+	if n := tg.Count(t, `SELECT count(*) FROM commands WHERE id = $1 AND status = 'timed_out'`, cmd.ID); n != 1 {
+		t.Fatalf("stored as timed_out: %d rows, want 1", n)
+	}
+	if n, err := tg.Metric(`lockergate_commands_total{status="timed_out",type="unlock"}`); err != nil || n != 1 {
+		t.Fatalf("unlocks counted as timed_out: %v (%v), want 1", n, err)
+	}
+	// The door did open after all: the late answer replaces it.
+	publishResult(t, c, r.DeviceID, cmd.ID)
+	Eventually(t, 10*time.Second, "the late answer taken", func() error {
+		var body map[string]any
+		if err := tg.Admin.Get(ctx, path, nil, &body); err != nil {
+			return err
+		}
+		if _, ok := body["timed_out"]; body["status"] != fleet.CmdOK || ok {
+			return fmt.Errorf("status %v, timed_out %v; want ok and no timed_out", body["status"], body["timed_out"])
+		}
+		return nil
+	})
+}
+
+// waitCommandStatus waits for command cmdID of locker deviceID to read
+// status through the API (fleet.CmdTimedOut: expired with timed_out).
 func waitCommandStatus(t *testing.T, tg *TestGateway, deviceID, cmdID, status, what string) {
 	t.Helper()
 	Eventually(t, 10*time.Second, what, func() error {
 		var c fleet.Command
 		if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+deviceID+"/commands/"+cmdID, nil, &c); err != nil {
 			return err
+		}
+		if status == fleet.CmdTimedOut {
+			if c.Status != fleet.CmdExpired || !c.TimedOut {
+				return fmt.Errorf("status %s, timed_out %v; want expired, timed out", c.Status, c.TimedOut)
+			}
+			return nil
 		}
 		if c.Status != status {
 			return fmt.Errorf("status %s", c.Status)
