@@ -1255,6 +1255,39 @@ func TestWebhooksPerTokenBounded(t *testing.T) {
 	if status, err := c.Do(ctx, more, nil); status != 201 {
 		t.Fatalf("after a delete: %d %v, want 201", status, err)
 	}
+
+	// Listed in pages, as every list (api-v1: limit, default 100, max
+	// 1000, and after).
+	seen := map[string]bool{}
+	after := ""
+	for pages := 0; ; pages++ {
+		var page struct {
+			Items []webhook.Webhook
+			Next  string
+		}
+		if err := c.Get(ctx, "/v1/webhooks", url.Values{"limit": {"3"}, "after": {after}}, &page); err != nil {
+			t.Fatal(err)
+		}
+		if len(page.Items) > 3 || pages > webhook.MaxPerToken {
+			t.Fatalf("page %d: %d webhooks with limit 3", pages, len(page.Items))
+		}
+		for _, w := range page.Items {
+			if seen[w.ID] {
+				t.Fatalf("webhook %s listed twice", w.ID)
+			}
+			seen[w.ID] = true
+		}
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	if len(seen) != webhook.MaxPerToken {
+		t.Fatalf("%d webhooks listed over the pages, want %d", len(seen), webhook.MaxPerToken)
+	}
+	if status, err := c.Do(ctx, client.Request{Method: "GET", Path: "/v1/webhooks", Query: url.Values{"limit": {"1001"}}}, nil); status != 400 {
+		t.Fatalf("limit 1001: %d %v, want 400", status, err)
+	}
 }
 
 // TestWebhookToPrivateAddressRefused: a gateway that delivers webhooks to

@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/http"
@@ -261,12 +262,9 @@ func (s *Server) listWebhooks(w http.ResponseWriter, r *http.Request) error {
 	if t.Role == fleet.RoleAdmin {
 		owner = ""
 	}
-	ws, err := s.webhooks.List(r.Context(), owner)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, listOf(ws, 0, func(w webhook.Webhook) string { return w.ID }))
-	return nil
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]webhook.Webhook, error) {
+		return s.webhooks.List(ctx, owner, after, limit)
+	}, func(w webhook.Webhook) string { return w.ID })
 }
 
 func (s *Server) deleteWebhook(w http.ResponseWriter, r *http.Request) error {

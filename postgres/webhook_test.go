@@ -121,7 +121,7 @@ func TestWebhookCapConcurrent(t *testing.T) {
 	if created != limit {
 		t.Fatalf("%d webhooks created, want %d", created, limit)
 	}
-	ws, err := db.ListWebhooks(ctx, "t-1")
+	ws, err := db.ListWebhooks(ctx, "t-1", "", 100)
 	if err != nil || len(ws) != limit {
 		t.Fatalf("listed %d (%v), want %d", len(ws), err, limit)
 	}

@@ -399,9 +399,10 @@ func (d *Dispatcher) Get(ctx context.Context, id string) (*Webhook, error) {
 	return w, err
 }
 
-// List returns the webhooks of a token ("" for all).
-func (d *Dispatcher) List(ctx context.Context, tokenID string) ([]Webhook, error) {
-	return d.o.Store.ListWebhooks(ctx, tokenID)
+// List returns up to limit webhooks of a token ("" for all) after the id
+// after, in id order.
+func (d *Dispatcher) List(ctx context.Context, tokenID, after string, limit int) ([]Webhook, error) {
+	return d.o.Store.ListWebhooks(ctx, tokenID, after, limit)
 }
 
 // Delete removes a webhook; queued deliveries to it stop.

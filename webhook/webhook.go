@@ -80,7 +80,9 @@ type Store interface {
 	// none passes the limit.
 	CreateWebhook(ctx context.Context, w *Webhook, secretEnc []byte, limit int) error
 	GetWebhook(ctx context.Context, id string) (*Webhook, []byte, error)
-	ListWebhooks(ctx context.Context, tokenID string) ([]Webhook, error)
+	// ListWebhooks lists the live webhooks of a token ("" for all) in id
+	// order: up to limit after the id after ("" from the first).
+	ListWebhooks(ctx context.Context, tokenID, after string, limit int) ([]Webhook, error)
 	DeleteWebhook(ctx context.Context, id string) error
 	// LeaseDue leases up to n pending deliveries that are due and are the
 	// oldest pending one of their (webhook, subject), at most perWebhook
