@@ -386,10 +386,11 @@ func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	return bumpCreds(ctx, tx, p.Locker, 0)
 }
 
-// queueEvent queues ev about pickup p for every webhook that may see it:
-// operators' and admins' all, a store's of its site, a platform's of its
-// own orders. A webhook that gets pickup.ready (the codes) also gets
-// pickup.credential_changed, so that no one keeps a code that was replaced.
+// queueEvent queues ev about pickup p for every webhook that asked for its
+// type and may see it: operators' and admins' all, a store's of its site, a
+// platform's of its own orders. (A webhook that asked for pickup.ready but
+// not pickup.credential_changed is not told of replaced codes: api-v1 sends
+// a webhook the events it lists.)
 func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pickup, at time.Time) error {
 	body, err := json.Marshal(ev)
 	if err != nil {
@@ -397,8 +398,7 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 	}
 	_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 		SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
-		WHERE ($2 = ANY (w.events) OR ($2 = 'pickup.credential_changed' AND 'pickup.ready' = ANY (w.events)))
-			AND `+webhookSees("$6", "$7"),
+		WHERE $2 = ANY (w.events) AND `+webhookSees("$6", "$7"),
 		ev.ID, ev.Type, p.ID, body, at, p.Site, p.Platform)
 	return err
 }
