@@ -249,6 +249,8 @@ func TestAPIBadInput(t *testing.T) {
 		{"DuplicateSite", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]any{"id": "s1"}}, 409},
 		{"BadTimezone", tg.Admin, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]any{"id": "s2", "timezone": "Mars/Olympus"}}, 400},
 		{"ClaimUnknownSite", tg.Admin, client.Request{Method: "POST", Path: "/v1/claims", Body: map[string]any{"site": "nope", "uses": 1}}, 404},
+		{"ClaimNegativeLifetime", tg.Admin, client.Request{Method: "POST", Path: "/v1/claims", Body: map[string]any{"site": "s1", "uses": 1, "expires_in_s": -1}}, 400},
+		{"ClaimLifetimeTooLong", tg.Admin, client.Request{Method: "POST", Path: "/v1/claims", Body: map[string]any{"site": "s1", "uses": 1, "expires_in_s": 31536001}}, 400},
 		{"UnknownRoute", tg.Admin, client.Request{Method: "GET", Path: "/v1/nothing"}, 404},
 	}
 	for _, tc := range cases {

@@ -202,8 +202,11 @@ func (s *Service) CreateClaim(ctx context.Context, n NewClaim) (*Claim, string, 
 	if n.Uses < 1 || n.Uses > 1_000_000 {
 		return nil, "", fmt.Errorf("%w: uses must be 1..1000000", ErrInvalidRequest)
 	}
-	if n.ExpiresIn < time.Minute || n.ExpiresIn > MaxClaimLifetime {
-		return nil, "", fmt.Errorf("%w: expires_in_s must be 60..%d", ErrInvalidRequest, int(MaxClaimLifetime/time.Second))
+	// From a second: api-v1 sets no floor, and a claim that expires at once
+	// is how an installer (or a test) checks that lockers are told
+	// claim_expired.
+	if n.ExpiresIn < time.Second || n.ExpiresIn > MaxClaimLifetime {
+		return nil, "", fmt.Errorf("%w: expires_in_s must be 1..%d", ErrInvalidRequest, int(MaxClaimLifetime/time.Second))
 	}
 	for _, p := range strings.Split(n.SerialPattern, ",") {
 		if _, err := path.Match(strings.TrimSpace(p), ""); err != nil {
