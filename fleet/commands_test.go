@@ -79,6 +79,9 @@ func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time
 	}, nil
 }
 
+// TouchLockers: the fleet's last_seen flush, not recorded here.
+func (s *fakeStore) TouchLockers(context.Context, []string, []time.Time) error { return nil }
+
 func newFakeStore() *fakeStore {
 	return &fakeStore{lockers: map[string]Locker{testLocker.ID: *testLocker}, cmds: map[string]Command{}}
 }

@@ -3,24 +3,34 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
-// touchStore records TouchLockers calls, failing the first fail of them.
+// touchStore records TouchLockers calls, failing the first fail of them
+// (with err, or a database that is down).
 type touchStore struct {
 	*fakeStore
 	fail    int
+	err     error
 	touched []map[string]time.Time
 }
 
 func (s *touchStore) TouchLockers(_ context.Context, ids []string, at []time.Time) error {
 	if s.fail > 0 {
 		s.fail--
+		if s.err != nil {
+			return s.err
+		}
 		return errors.New("database down")
 	}
 	m := map[string]time.Time{}
@@ -66,5 +76,44 @@ func TestHeardFlush(t *testing.T) {
 	}
 	if got := c.GetCounter().GetValue(); got != 1 {
 		t.Fatalf("lockergate_db_errors_total{op=last_seen} = %v, want 1", got)
+	}
+}
+
+// TestHeardFlushDropsInvalid: a batch the database refuses as data is not
+// kept (it would be refused again, and hold up every later flush).
+func TestHeardFlushDropsInvalid(t *testing.T) {
+	st := &touchStore{fakeStore: newFakeStore(), fail: 1, err: fmt.Errorf("%w: bad text", ErrInvalid)}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.heard.add("a", time.Now())
+	m.flushHeard(context.Background())
+	m.flushHeard(context.Background())
+	if len(st.touched) != 0 {
+		t.Fatalf("a refused batch written again: %v", st.touched)
+	}
+}
+
+// TestHeardOnEveryUplink: events, command results, creds acks and
+// firmware reports each count as hearing from the locker; health and
+// presence write last_seen themselves and are not recorded here, nor is a
+// message on another locker's topic.
+func TestHeardOnEveryUplink(t *testing.T) {
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ch := range []protocol.Channel{protocol.ChanEvents, protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus,
+		protocol.ChanHealth, protocol.ChanPresence} {
+		id := "lk-" + strings.ReplaceAll(string(ch), "/", "-")
+		m.receive(Message{Topic: protocol.Topic(id, ch), Payload: []byte(`{}`), QoS: 1, ClientID: id})
+	}
+	m.receive(Message{Topic: protocol.Topic("lk-victim", protocol.ChanEvents), Payload: []byte(`{}`), QoS: 1, ClientID: "lk-other"})
+	ids, _ := m.heard.take()
+	slices.Sort(ids)
+	want := []string{"lk-cmd-result", "lk-creds-ack", "lk-events", "lk-fw-status"}
+	if !slices.Equal(ids, want) {
+		t.Fatalf("heard %v, want %v", ids, want)
 	}
 }

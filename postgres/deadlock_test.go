@@ -65,12 +65,12 @@ func TestBatchUpdatesDoNotDeadlock(t *testing.T) {
 	}()
 	go func() {
 		defer wg.Done()
-		r := rand.New(rand.NewPCG(3, 4)) // a control shard: starts, births, acks, ends
+		r := rand.New(rand.NewPCG(3, 4)) // a control shard: starts, births, acks, ends, last seen
 
 		for k := 0; k < rounds && !failed.Load(); k++ {
 			now := time.Now()
 			ids := pick(r)
-			switch k % 4 {
+			switch k % 5 {
 			case 0:
 				s := make([]fleet.SessionStart, len(ids))
 				for i, id := range ids {
@@ -95,6 +95,12 @@ func TestBatchUpdatesDoNotDeadlock(t *testing.T) {
 					s[i] = fleet.SessionEnd{ID: id, At: now, Reason: "x"}
 				}
 				check("ends", db.MarkOfflineMany(ctx, s))
+			case 4:
+				ats := make([]time.Time, len(ids))
+				for i := range ats {
+					ats[i] = now
+				}
+				check("last seen", db.TouchLockers(ctx, ids, ats))
 			}
 		}
 	}()

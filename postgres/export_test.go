@@ -24,6 +24,7 @@ const (
 	MarkOfflineManySQL = markOfflineManySQL
 	RecordBirthsSQL    = recordBirthsSQL
 	AckCredsManySQL    = ackCredsManySQL
+	TouchLockersSQL    = touchLockersSQL
 )
 
 // PruneLock is the advisory lock PruneHistory takes, for the test that holds it.

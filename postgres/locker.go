@@ -122,8 +122,8 @@ func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable
 // lockDevicesCTE locks, in id order, the rows of devices whose ids are the
 // statement's $1 (a text array): the first part of every statement of the
 // running fleet that updates many lockers' rows at once (MarkOnlineMany,
-// MarkOfflineMany, RecordBirths, AckCredsMany, the health writer's latest
-// health), which then updates only rows it joined with "locked". Not of
+// MarkOfflineMany, RecordBirths, AckCredsMany, TouchLockers, the health
+// writer's latest health), which then updates only rows it joined with "locked". Not of
 // EndOpenSessions, which runs before the fleet does, nor of the demo's
 // MarkSiteReplaceable.
 //
@@ -157,7 +157,7 @@ const lockDevicesCTE = `locked AS MATERIALIZED (
 const markOnlineManySQL = `
 		WITH ` + lockDevicesCTE + `,
 		d AS (
-			UPDATE devices d SET online = true, connected_at = s.at, last_seen = s.at,
+			UPDATE devices d SET online = true, connected_at = s.at, last_seen = greatest(d.last_seen, s.at),
 				connect_count = connect_count + 1, disconnect_reason = ''
 			FROM unnest($1::text[], $2::timestamptz[]) AS s(id, at) JOIN locked l ON l.id = s.id
 			WHERE d.id = s.id AND d.id = ANY($1::text[]) RETURNING d.id, s.at)

@@ -78,6 +78,7 @@ func checkBatchPlans(t *testing.T, conn *pgx.Conn, mode string, lockers int) {
 			{"markOfflineManySQL", postgres.MarkOfflineManySQL, []any{ids, texts, ats}},
 			{"recordBirthsSQL", postgres.RecordBirthsSQL, []any{ids, texts, texts, texts, ats, nums, flags}},
 			{"ackCredsManySQL", postgres.AckCredsManySQL, []any{ids, nums}},
+			{"touchLockersSQL", postgres.TouchLockersSQL, []any{ids, ats}},
 		} {
 			q, args := "EXPLAIN (COSTS OFF) "+s.sql, s.args
 			if mode == "force_generic_plan" {
