@@ -167,8 +167,8 @@ func TestWalkingSkeleton(t *testing.T) {
 		map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 1, "wait_s": 5}, &late); err != nil {
 		t.Fatal(err)
 	}
-	if late.Status != fleet.CmdExpired {
-		t.Fatalf("offline unlock status %q, want expired", late.Status)
+	if late.Status != fleet.CmdExpired || late.TimedOut || late.SentAt != nil {
+		t.Fatalf("offline unlock status %q (timed out %v, sent %v), want expired, never sent", late.Status, late.TimedOut, late.SentAt)
 	}
 	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()

@@ -74,10 +74,10 @@ func (db *DB) GetWebhook(ctx context.Context, id string) (*webhook.Webhook, []by
 
 // ListWebhooks implements webhook.Store: like GetWebhook, without those of
 // revoked tokens (listed, an admin could neither read nor delete them).
-func (db *DB) ListWebhooks(ctx context.Context, tokenID, after string, limit int) ([]webhook.Webhook, error) {
+func (db *DB) ListWebhooks(ctx context.Context, tokenID, after string, n int) ([]webhook.Webhook, error) {
 	rows, err := db.pool.Query(ctx, `SELECT `+webhookCols+` FROM webhooks WHERE deleted_at IS NULL AND ($1 = '' OR token_id = $1)
 		AND EXISTS (SELECT 1 FROM tokens t WHERE t.id = webhooks.token_id AND t.revoked_at IS NULL)
-		AND id > $2 ORDER BY id LIMIT $3`, tokenID, after, limit)
+		AND id > $2 ORDER BY id LIMIT $3`, tokenID, after, limit(n))
 	if err != nil {
 		return nil, err
 	}

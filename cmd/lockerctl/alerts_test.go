@@ -55,3 +55,33 @@ func TestAlerts(t *testing.T) {
 		t.Fatalf("alerts clear without an id: exit %d, want 2", code)
 	}
 }
+
+// TestClaimsCreateLifetime: claims create sends --expires-in in seconds; one
+// under a second is a usage error (exit 2), not a request: 0 would be the
+// API's default, a day.
+func TestClaimsCreateLifetime(t *testing.T) {
+	var got map[string]any
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost || r.URL.Path != "/v1/claims" {
+			http.NotFound(w, r)
+			return
+		}
+		if err := json.NewDecoder(r.Body).Decode(&got); err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusCreated)
+		json.NewEncoder(w).Encode(map[string]any{"id": "cl-1", "token": "secret"})
+	}))
+	defer srv.Close()
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "claims", "create", "--site", "s1", "--expires-in", "2s"}, &out, &errOut); code != 0 ||
+		got["expires_in_s"] != float64(2) {
+		t.Fatalf("claims create --expires-in 2s: exit %d, sent %v, err %q", code, got, errOut.String())
+	}
+	got = nil
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "claims", "create", "--site", "s1", "--expires-in", "500ms"}, &out, &errOut); code != 2 || got != nil {
+		t.Fatalf("claims create --expires-in 500ms: exit %d, sent %v; want exit 2 and nothing sent", code, got)
+	}
+}

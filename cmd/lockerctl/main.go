@@ -351,6 +351,10 @@ func (c *cli) claimsCreate(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return usageError(err.Error())
 	}
+	if *exp < time.Second {
+		// 0 s would be the API's default, a day.
+		return usageError("--expires-in must be at least 1s")
+	}
 	return c.create("/v1/claims", map[string]any{"site": *site, "uses": *uses,
 		"expires_in_s": int(exp.Seconds()), "serial_pattern": *serials})
 }

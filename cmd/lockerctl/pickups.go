@@ -17,7 +17,7 @@ import (
 const handoffUsage = `  pickups list [--site S] [--state S] | pickups show ID | pickups cancel ID
   pickups create --site S --order REF [--size S] [--zone ambient] [--platform P | --customer NAME] [--expires-in D]
   codes create PICKUP [PICKUP...] [--kind pin|qr]
-  webhooks list | webhooks create URL [--events pickup.ready,pickup.picked_up] | webhooks delete ID
+  webhooks list | webhooks create URL [--events pickup.ready,pickup.credential_changed,pickup.picked_up] | webhooks delete ID
   webhooks deliveries ID
 `
 
