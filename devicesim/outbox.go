@@ -37,7 +37,12 @@ func (l *Locker) sendLocked(m outMsg) {
 	}
 	s := l.sess
 	tok := s.cl.Publish(m.topic, m.qos, m.retain, m.payload)
-	l.f.watch(tok, func(err error) {
+	var done func()
+	if m.topic == l.topic(protocol.ChanEvents) {
+		l.f.c.eventsInFlight.Add(1)
+		done = func() { l.f.c.eventsInFlight.Add(-1) }
+	}
+	l.f.watch(tok, done, func(err error) {
 		if s.dead(err) {
 			l.f.c.interrupted.Add(1) // the loss itself is counted (or was injected)
 		} else {
@@ -86,11 +91,15 @@ func (l *Locker) sendFailed(failed *session, m outMsg, err error) {
 }
 
 // watch counts a successful publish without blocking the caller; onErr
-// runs (and counts) if it fails while the fleet is open.
-func (f *Fleet) watch(tok mqtt.Token, onErr func(error)) {
+// runs (and counts) if it fails while the fleet is open. done, if not nil,
+// runs once the publish is acknowledged, failed or given up.
+func (f *Fleet) watch(tok mqtt.Token, done func(), onErr func(error)) {
 	f.tokens.Add(1)
 	go func() {
 		defer f.tokens.Done()
+		if done != nil {
+			defer done()
+		}
 		t := time.NewTimer(ackTimeout)
 		defer t.Stop()
 		var err error

@@ -4,15 +4,19 @@ import "sync/atomic"
 
 // Stats are fleet-wide counters since NewFleet (Connected is a gauge).
 type Stats struct {
-	Lockers          int    `json:"lockers"`
-	Connected        int    `json:"connected"`
-	Provisioned      uint64 `json:"provisioned"`
-	Connects         uint64 `json:"connects"`
-	ConnectFailures  uint64 `json:"connect_failures"`
-	ConnectionsLost  uint64 `json:"connections_lost"` // unexpected losses, not Disconnect or reboot
-	Published        uint64 `json:"published"`        // acknowledged (QoS 1) or written (QoS 0)
-	PublishErrors    uint64 `json:"publish_errors"`
-	Interrupted      uint64 `json:"interrupted"` // publishes cut off by a lost connection, resent
+	Lockers         int    `json:"lockers"`
+	Connected       int    `json:"connected"`
+	Provisioned     uint64 `json:"provisioned"`
+	Connects        uint64 `json:"connects"`
+	ConnectFailures uint64 `json:"connect_failures"`
+	ConnectionsLost uint64 `json:"connections_lost"` // unexpected losses, not Disconnect or reboot
+	Published       uint64 `json:"published"`        // acknowledged (QoS 1) or written (QoS 0)
+	PublishErrors   uint64 `json:"publish_errors"`
+	Interrupted     uint64 `json:"interrupted"` // publishes cut off by a lost connection, resent
+	// EventsInFlight counts events handed to the connection and not yet
+	// acknowledged, nor failed: the ones a lost connection would make the
+	// lockers send again.
+	EventsInFlight   int    `json:"events_in_flight"`
 	Received         uint64 `json:"received"`
 	DecodeErrors     uint64 `json:"decode_errors"`
 	CommandsAnswered uint64 `json:"commands_answered"` // results sent, repeats included
@@ -40,7 +44,7 @@ func (s Stats) Errors() uint64 {
 func (s Stats) Pickups() uint64 { return s.CodesAccepted }
 
 type counters struct {
-	connected                                               atomic.Int64
+	connected, eventsInFlight                               atomic.Int64
 	provisioned, connects, connectFailures, connectionsLost atomic.Uint64
 	published, publishErrors, received, decodeErrors        atomic.Uint64
 	interrupted                                             atomic.Uint64
@@ -61,6 +65,7 @@ func (c *counters) snapshot(lockers int) Stats {
 		Published:        c.published.Load(),
 		PublishErrors:    c.publishErrors.Load(),
 		Interrupted:      c.interrupted.Load(),
+		EventsInFlight:   int(c.eventsInFlight.Load()),
 		Received:         c.received.Load(),
 		DecodeErrors:     c.decodeErrors.Load(),
 		CommandsAnswered: c.commandsAnswered.Load(),
