@@ -449,6 +449,8 @@ func (c *secConn) ask(tb testing.TB, serial string, payload []byte) protocol.Pro
 // claim session must end once answered.
 func secProvision(tb testing.TB, tg *TestGateway, src, token, serial string) protocol.ProvisionResponse {
 	tb.Helper()
+	const deliveredQ = `SELECT count(*) FROM claim_uses WHERE serial = $1 AND outcome = 'provision.delivered'`
+	delivered := tg.Count(tb, deliveredQ, serial)
 	c := claimSession(tb, tg, src, token, serial)
 	r := c.ask(tb, serial, provisionRequest(serial))
 	if r.Status != "ok" {
@@ -462,6 +464,14 @@ func secProvision(tb testing.TB, tg *TestGateway, src, token, serial string) pro
 	Eventually(tb, 5*time.Second, "claim session of "+serial+" ended at the broker", func() error {
 		if v, err := tg.Metric(`lockergate_mqtt_connections{kind="provisioning"}`); err != nil || v != 0 {
 			return fmt.Errorf("%v provisioning sessions (%v)", v, err)
+		}
+		return nil
+	})
+	// The answer's delivery is recorded (a claim use of its own) after the
+	// session ends: callers compare database states next.
+	Eventually(tb, 5*time.Second, "the delivery of "+serial+"'s answer recorded", func() error {
+		if n := tg.Count(tb, deliveredQ, serial); n != delivered+1 {
+			return fmt.Errorf("%d deliveries recorded, want %d", n, delivered+1)
 		}
 		return nil
 	})
