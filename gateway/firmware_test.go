@@ -152,11 +152,11 @@ func fwFleetClaim(tb testing.TB, tg *TestGateway, claim, prefix, model string, n
 	return f
 }
 
-// byWave maps device ids to their (0-based) wave.
+// byWave maps device ids to their wave, 0-based (the API's is 1-based).
 func byWave(jobs []firmware.Job) map[string]int {
 	m := map[string]int{}
 	for _, j := range jobs {
-		m[j.DeviceID] = j.Wave
+		m[j.DeviceID] = j.Wave - 1
 	}
 	return m
 }
@@ -195,11 +195,12 @@ func TestFirmwareRolloutInWaves(t *testing.T) {
 	jobs := fwJobs(t, tg, st.ID)
 	lastDone, firstSent := map[int]time.Time{}, map[int]time.Time{}
 	for _, j := range jobs {
-		if j.DoneAt.After(lastDone[j.Wave]) {
-			lastDone[j.Wave] = *j.DoneAt
+		w := j.Wave - 1 // 1-based in the API
+		if j.DoneAt.After(lastDone[w]) {
+			lastDone[w] = *j.DoneAt
 		}
-		if f, ok := firstSent[j.Wave]; !ok || j.SentAt.Before(f) {
-			firstSent[j.Wave] = *j.SentAt
+		if f, ok := firstSent[w]; !ok || j.SentAt.Before(f) {
+			firstSent[w] = *j.SentAt
 		}
 	}
 	for w := 0; w < 4; w++ {

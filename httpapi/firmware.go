@@ -250,7 +250,13 @@ func rolloutJobs(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) er
 			n-- // 1-based in the API
 			f.Wave = &n
 		}
-		return fw.Jobs(ctx, r.PathValue("id"), f)
+		jobs, err := fw.Jobs(ctx, r.PathValue("id"), f)
+		for i := range jobs {
+			// 1-based in the API, as ?wave= and wave_status (0: a skipped
+			// locker, which is in no wave).
+			jobs[i].Wave++
+		}
+		return jobs, err
 	}, func(j firmware.Job) string { return j.DeviceID })
 }
 

@@ -100,7 +100,7 @@ func TestFirmwareLists(t *testing.T) {
 	st := &fakeFirmwareStore{
 		artifacts: []firmware.Artifact{{ID: "fw-1"}, {ID: "fw-2"}},
 		rollouts:  []firmware.Rollout{{ID: "ro-1"}, {ID: "ro-2"}},
-		jobs:      []firmware.Job{{RolloutID: "ro-1", DeviceID: "lk-1"}, {RolloutID: "ro-1", DeviceID: "lk-2"}},
+		jobs:      []firmware.Job{{RolloutID: "ro-1", DeviceID: "lk-1", Wave: 1}, {RolloutID: "ro-1", DeviceID: "lk-2", Wave: -1}},
 	}
 	s := newFirmwareServer(t, st)
 
@@ -114,11 +114,14 @@ func TestFirmwareLists(t *testing.T) {
 
 	// Jobs: the cursor is the locker id; waves are 1-based in the API.
 	a := call(t, s, "GET", "/v1/rollouts/ro-1/jobs?limit=1&state=failed&wave=2", "admin")
-	if a.status != http.StatusOK || len(a.items) != 1 || a.next != "lk-1" {
-		t.Errorf("jobs: %d %s, want one job and next lk-1", a.status, a.raw)
+	if a.status != http.StatusOK || len(a.items) != 1 || a.next != "lk-1" || !strings.Contains(a.raw, `"wave":2`) {
+		t.Errorf("jobs: %d %s, want one job, of wave 2, and next lk-1", a.status, a.raw)
 	}
 	if jf := st.gotJobs; jf.Wave == nil || *jf.Wave != 1 || jf.State != "failed" || jf.Limit != 1 || jf.After != "" {
 		t.Errorf("store asked for jobs %+v, want wave 1 (0-based), state failed, limit 1", jf)
+	}
+	if a := call(t, s, "GET", "/v1/rollouts/ro-1/jobs?after=lk-1", "admin"); !strings.Contains(a.raw, `"wave":0`) {
+		t.Errorf("a skipped locker's job: %s, want wave 0", a.raw)
 	}
 	for _, wave := range []string{"0", "-1", "one"} {
 		call(t, s, "GET", "/v1/rollouts/ro-1/jobs?wave="+wave, "admin").wantProblem(t, http.StatusBadRequest, "bad request: wave must be a wave number, 1 or more")
