@@ -386,6 +386,9 @@ func (m *Manager) receive(msg Message) {
 		return
 	}
 	at := m.now()
+	if ch != protocol.ChanHealth && ch != protocol.ChanPresence {
+		m.heard.add(id, at) // health and births write last_seen themselves
+	}
 	in := inbound{id: id, payload: msg.Payload, at: at, ack: msg.Ack}
 	switch ch {
 	case protocol.ChanHealth:
@@ -401,18 +404,14 @@ func (m *Manager) receive(msg Message) {
 			in.done()
 		}
 	case protocol.ChanEvents:
-		m.heard.add(id, at)
 		m.events <- in // back-pressure: events are never dropped
 	case protocol.ChanPresence:
 		m.enqueue(control{kind: ctrlPresence, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanCmdResult:
-		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlResult, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanCredsAck:
-		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlCredsAck, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanFwStatus:
-		m.heard.add(id, at)
 		m.enqueue(control{kind: ctrlFwStatus, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	}
 }

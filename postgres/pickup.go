@@ -80,17 +80,19 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
-	order := fmt.Sprintf(` ORDER BY %s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
+	// The smallest that fits first; ties to the lower locker id, then
+	// compartment number.
+	smallest := fmt.Sprintf(`%s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
 	// Lockers tried in this call are not candidates again: one whose free
 	// compartment another transaction holds would be found again and again.
 	// Lockers heard from since $6 come first: one online but silent (its
 	// firmware may be hung) is chosen only when no other has room.
 	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])
-		ORDER BY coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false) DESC,` + strings.TrimPrefix(order, " ORDER BY")
+		ORDER BY coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false) DESC, ` + smallest
 	// The same, at one locker, under its lock: what the lock's last holder
 	// committed is counted. Compartments in $6 are left out: an unlock of
 	// each may still fire (firing, below).
-	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5 AND NOT c.n = ANY($6::int[])` + order + ` FOR UPDATE OF c SKIP LOCKED`
+	atLocker := `SELECT c.n` + free + ` AND c.device_id = $5 AND NOT c.n = ANY($6::int[]) ORDER BY ` + smallest + ` FOR UPDATE OF c SKIP LOCKED`
 	// An unlock of compartment $2 of locker $1 that may still fire on the
 	// locker, unanswered (or withdrawn unanswered: a cancelled pickup's
 	// staging unlock) and not expired at $3: a locker that got a copy late
