@@ -213,13 +213,23 @@ func (h *allowAll) OnACLCheck(*Client, string, bool) bool { return true }
 // test with fail's message if it does not within 10 s.
 func waitUntil(t *testing.T, done func() bool, fail func() string) {
 	t.Helper()
+	if !pollUntil(done) {
+		t.Fatal(fail())
+	}
+}
+
+// pollUntil polls done every millisecond until it holds, for 10 s at most,
+// and reports whether it did: waitUntil for code off the test's goroutine,
+// which must not call t.Fatal.
+func pollUntil(done func() bool) bool {
 	deadline := time.Now().Add(10 * time.Second)
 	for !done() {
 		if time.Now().After(deadline) {
-			t.Fatal(fail())
+			return false
 		}
 		time.Sleep(time.Millisecond)
 	}
+	return true
 }
 
 // readPacket reads one MQTT packet: its type nibble and its body.
@@ -1085,9 +1095,12 @@ func (e *takeoverEnv) forget(old, cl *Client) {
 }
 
 // sameStripe returns another client id whose session lock is id's.
-func (e *takeoverEnv) sameStripe(id string) string {
+func (e *takeoverEnv) sameStripe(id string) string { return sameStripe(e.s, id) }
+
+// sameStripe returns another client id whose session lock on s is id's.
+func sameStripe(s *Server, id string) string {
 	for i := 0; ; i++ {
-		if o := fmt.Sprintf("y%d", i); o != id && e.s.sessionLock(o) == e.s.sessionLock(id) {
+		if o := fmt.Sprintf("y%d", i); o != id && s.sessionLock(o) == s.sessionLock(id) {
 			return o
 		}
 	}
@@ -1989,12 +2002,7 @@ func (e *sessionEnv) dial(id string, clean bool) (*rawClient, bool) {
 	}
 	e.t.Cleanup(func() { _ = conn.Close() })
 	c := &rawClient{t: e.t, conn: conn, r: bufio.NewReader(conn), v: e.v}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: e.v,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: clean, Keepalive: 60, ClientIdentifier: id}}
-	if e.v == 5 && !clean {
-		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 300, true
-	}
-	c.send(pk)
+	c.send(connectPacket(e.v, id, clean))
 	ack := c.next()
 	if ack.FixedHeader.Type != packets.Connack {
 		e.t.Fatalf("the server's first packet is %s (%q), want CONNACK [MQTT-3.2.0-1]",
@@ -2004,6 +2012,17 @@ func (e *sessionEnv) dial(id string, clean bool) (*rawClient, bool) {
 		e.t.Fatalf("CONNACK reason %#x", ack.ReasonCode)
 	}
 	return c, ack.SessionPresent
+}
+
+// connectPacket is the CONNECT of client id, a kept session (300 s with
+// MQTT 5) unless clean.
+func connectPacket(v byte, id string, clean bool) packets.Packet {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: v,
+		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: clean, Keepalive: 60, ClientIdentifier: id}}
+	if v == 5 && !clean {
+		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 300, true
+	}
+	return pk
 }
 
 // send writes pk.
@@ -2150,12 +2169,10 @@ func TestResumedSessionSendsEachMessageOnce(t *testing.T) {
 				}
 				// Held until the CONNACK is out (no writer runs); a writer
 				// that was started is let write it first.
-				for deadline := time.Now().Add(10 * time.Second); cl.State.writing.Load() &&
-					(cl.queued() > 0 || atomic.LoadInt32(&cl.State.outboundQty) > 0); time.Sleep(time.Millisecond) {
-					if time.Now().After(deadline) {
-						t.Error("a writer was started and never wrote the message")
-						return
-					}
+				if !pollUntil(func() bool {
+					return !cl.State.writing.Load() || cl.queued() == 0 && atomic.LoadInt32(&cl.State.outboundQty) == 0
+				}) {
+					t.Error("a writer was started and never wrote the message")
 				}
 			}
 			c, present := e.dial("x", false)
@@ -2255,14 +2272,9 @@ func TestSlowSubscriberHoldsNoSessionLock(t *testing.T) {
 		_ = e.s.Publish("cmd/slow", []byte("m"), false, 1)
 	}()
 	<-reached
-	other := ""
-	for i := 0; other == ""; i++ {
-		if o := fmt.Sprintf("y%d", i); e.s.sessionLock(o) == e.s.sessionLock("slow") {
-			other = o
-		}
-	}
+	other := sameStripe(e.s, "slow")
 	connected := make(chan struct{})
-	go func() {
+	go func() { // off the test's goroutine: t.Error, not rawClient's Fatal
 		defer close(connected)
 		conn, err := net.Dial("tcp", e.ln.Addr().String())
 		if err != nil {
@@ -2270,11 +2282,9 @@ func TestSlowSubscriberHoldsNoSessionLock(t *testing.T) {
 			return
 		}
 		defer conn.Close()
-		c := &rawClient{t: t, conn: conn, r: bufio.NewReader(conn), v: 4}
 		var buf bytes.Buffer
-		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-			Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 60, ClientIdentifier: other}}
-		if err := pk.ConnectEncode(&buf); err != nil {
+		connect := connectPacket(4, other, true)
+		if err := connect.ConnectEncode(&buf); err != nil {
 			t.Error(err)
 			return
 		}
@@ -2283,7 +2293,7 @@ func TestSlowSubscriberHoldsNoSessionLock(t *testing.T) {
 			return
 		}
 		_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
-		if typ, _, err := readPacket(c.r); err != nil || typ != packets.Connack {
+		if typ, _, err := readPacket(bufio.NewReader(conn)); err != nil || typ != packets.Connack {
 			t.Errorf("the CONNECT of %s: packet type %d, %v; want a CONNACK", other, typ, err)
 		}
 	}()
