@@ -556,6 +556,60 @@ func TestCodeUseAppliedAfterItsClosing(t *testing.T) {
 	}
 }
 
+// TestPickupCollectedByDoorOpenings: a locker that reports a code's use
+// with the door's opening (door_opened by the credential) instead of
+// code_accepted, or before it, has its pickups picked up all the same: the
+// opening spends the code, and a code_accepted after it reports the same
+// use, not a code that was no longer live. Another code_accepted of the
+// code is a second use, which staff are told of.
+func TestPickupCollectedByDoorOpenings(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	doorOnly, doorFirst, dev, topic := e.twoReadyThenRaw(t, "ORD-1", "ORD-2")
+	at := time.Now().UTC()
+	send := func(id, typ string, p pickup.Pickup, fields string) {
+		t.Helper()
+		at = at.Add(time.Second)
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-%s","ts":"%s","type":"%s",%s}`,
+			p.ID, id, protocol.FormatTime(at), typ, fields))
+	}
+	opened := func(p pickup.Pickup) {
+		send("open", "door_opened", p, fmt.Sprintf(`"compartment":%d,"by":"credential","credential":"%s"`, p.Compartment, p.Credential.ID+".p"))
+	}
+	accepted := func(p pickup.Pickup, id string) {
+		send(id, "code_accepted", p, fmt.Sprintf(`"credential":"%s","compartments":[%d]`, p.Credential.ID+".p", p.Compartment))
+	}
+	closedEmpty := func(p pickup.Pickup) {
+		send("close", "door_closed", p, fmt.Sprintf(`"compartment":%d,"occupied":false`, p.Compartment))
+	}
+	opened(doorOnly)
+	closedEmpty(doorOnly)
+	e.waitState(t, doorOnly.ID, pickup.PickedUp)
+	opened(doorFirst)
+	accepted(doorFirst, "code")
+	closedEmpty(doorFirst)
+	e.waitState(t, doorFirst.ID, pickup.PickedUp)
+	// The locker's events are applied in its order: its code_accepted
+	// before the closing that ended the pickup.
+	for _, p := range []pickup.Pickup{doorOnly, doorFirst} {
+		if n := e.tg.Count(t, `SELECT count(*) FROM credentials WHERE id = $1 AND state = 'used' AND opened_by_door`, p.Credential.ID); n != 1 {
+			t.Fatalf("pickup %s: its credential is not spent by the door's opening", p.ID)
+		}
+		if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND detail->>'credential' = $1`, p.Credential.ID); n != 1 {
+			t.Fatalf("pickup %s: %d credential.use audit entries, want 1", p.ID, n)
+		}
+	}
+	if n := e.openAlerts(t, doorFirst, pickup.AlertCodeNotLive); n != 0 {
+		t.Fatalf("%d code_not_live alerts for the code_accepted after the door's opening, want 0", n)
+	}
+	accepted(doorFirst, "again")
+	Eventually(t, 10*time.Second, "a second use of the code alerted", func() error {
+		if n := e.openAlerts(t, doorFirst, pickup.AlertCodeNotLive); n != 1 {
+			return fmt.Errorf("%d code_not_live alerts", n)
+		}
+		return nil
+	})
+}
+
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
 // is offline still opens with its code there (the locker validates codes
 // itself, from the set it holds). When the locker reports the use, staff

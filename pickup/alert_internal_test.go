@@ -31,6 +31,10 @@ func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time)
 	return nil, fleet.ErrNotFound
 }
 
+func (s *notLiveStore) ReportDoorUse(context.Context, string, string, time.Time) (bool, error) {
+	return false, nil
+}
+
 func (s *notLiveStore) UseExpiredCredential(context.Context, string, string, time.Time, time.Time, []int) ([]Pickup, error) {
 	return nil, fleet.ErrNotFound
 }

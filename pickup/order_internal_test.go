@@ -50,6 +50,16 @@ func (s *orderStore) UseCredential(context.Context, string, string, time.Time) (
 	return []Pickup{s.p}, nil
 }
 
+// UseCredentialByDoor: a door's opening spends the code as its
+// code_accepted does (UseCredential).
+func (s *orderStore) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error) {
+	return s.UseCredential(ctx, deviceID, credID, at)
+}
+
+func (s *orderStore) ReportDoorUse(context.Context, string, string, time.Time) (bool, error) {
+	return false, nil // the tests here send a code_accepted or a door's opening, not both
+}
+
 // UseExpiredCredential marks the expired pickup collected when its code
 // was used before it expired.
 func (s *orderStore) UseExpiredCredential(_ context.Context, _, _ string, used, _ time.Time, _ []int) ([]Pickup, error) {
@@ -166,6 +176,44 @@ func TestClosingAppliedBeforeItsCode(t *testing.T) {
 	}
 	if len(st.withdrawn) != 1 || st.withdrawn[0].Kind != AlertRemoved || !st.withdrawn[0].RaisedAt.Equal(st.closing.ReceivedAt) || st.withdrawn[0].Compartment != 3 {
 		t.Fatalf("withdrawn %+v, want the closing's pickup_removed", st.withdrawn)
+	}
+}
+
+// TestClosingAppliedBeforeItsDoorOpening: a locker that reports a code's
+// use with the door's opening (no code_accepted) has it judge the closing
+// that followed it, applied first, as a code_accepted does.
+func TestClosingAppliedBeforeItsDoorOpening(t *testing.T) {
+	st, used := newOrderStore(t)
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = st
+	body, err := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(used.TS), Type: protocol.EventDoorOpened, Compartment: 3,
+		By: protocol.ByCredential, Credential: "cr-1" + pinSuffix})
+	if err != nil {
+		t.Fatal(err)
+	}
+	opened := fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: used.ReceivedAt, TS: used.TS,
+		Type: protocol.EventDoorOpened, Compartment: 3, Body: body}
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{st.closing}); n != 1 || st.removed != 1 || st.transitions != 0 {
+		t.Fatalf("the closing alone: applied %d, %d pickup_removed, %d transitions; want 1, 1, 0", n, st.removed, st.transitions)
+	}
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{opened}); n != 1 || !st.used || st.transitions != 1 || st.p.State != PickedUp {
+		t.Fatalf("the opening after it: applied %d, code used %t, %d transitions, state %s; want picked up", n, st.used, st.transitions, st.p.State)
+	}
+	if len(st.withdrawn) != 1 || st.withdrawn[0].Kind != AlertRemoved {
+		t.Fatalf("withdrawn %+v, want the closing's pickup_removed", st.withdrawn)
+	}
+}
+
+// TestEventsWithEffectsWanted: the events DeviceEvents applies are wanted:
+// kept in the outbox until applied (offered again after a stop) and,
+// behind an external broker, applied under the locker's effects lock.
+func TestEventsWithEffectsWanted(t *testing.T) {
+	var s Service
+	for typ, want := range map[string]bool{protocol.EventCodeAccepted: true, protocol.EventDoorOpened: true,
+		protocol.EventDoorClosed: true, protocol.EventDoorAjar: false, protocol.EventTamper: false} {
+		if got := s.Wants(typ); got != want {
+			t.Errorf("Wants(%s) = %t, want %t", typ, got, want)
+		}
 	}
 }
 

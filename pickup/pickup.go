@@ -217,6 +217,19 @@ type Store interface {
 	// returns those pickups all the same; any other use of a credential not
 	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// UseCredentialByDoor is UseCredential for a use the locker reported
+	// with a door's opening (door_opened by the credential) before, or
+	// instead of, its code_accepted; the credential is marked spent so.
+	// A credential spent already, by code_accepted or by another opening
+	// (a combined code opens several doors), is fleet.ErrNotFound.
+	UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// ReportDoorUse records the code_accepted, arrived at at, of a use that
+	// a door's opening spent already (UseCredentialByDoor) and reports
+	// whether there was one: each use is reported by one code_accepted, so
+	// a second (at another at) is not (false), nor is a code spent by
+	// code_accepted. A credential that was rotated counts as its
+	// replacement.
+	ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (bool, error)
 	// UseExpiredCredential records that a locker's credential that is no
 	// longer active (or was spent by this very use, at at: a combined code
 	// that opened live pickups too, whose compartments, those it had when

@@ -13,7 +13,7 @@ import (
 
 // Wants implements fleet.EventSink: the events that move pickups.
 func (s *Service) Wants(typ string) bool {
-	return typ == protocol.EventCodeAccepted || typ == protocol.EventDoorClosed
+	return typ == protocol.EventCodeAccepted || typ == protocol.EventDoorClosed || typ == protocol.EventDoorOpened
 }
 
 // DeviceEvents advances pickups from a locker's new events (called by the
@@ -36,6 +36,10 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 			err = s.codeAccepted(ctx, e.DeviceID, ev, e.ReceivedAt, events[i+1:])
 		case protocol.EventCodeRejected:
 			s.m.rejections.WithLabelValues(ev.Reason).Inc()
+		case protocol.EventDoorOpened:
+			if ev.By == protocol.ByCredential && ev.Credential != "" {
+				err = s.doorOpened(ctx, e.DeviceID, ev, e.ReceivedAt, events[i+1:])
+			}
 		case protocol.EventDoorClosed:
 			err = s.doorClosed(ctx, e.DeviceID, ev, e.ReceivedAt)
 		}
@@ -74,12 +78,18 @@ func (s *Service) retry(ctx context.Context, op string, f func(context.Context) 
 // later are the locker's events applied after this one.
 func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
-	var ps []Pickup
-	err := s.retry(ctx, "use_credential", func(ctx context.Context) (err error) {
-		ps, err = s.o.Store.UseCredential(ctx, deviceID, id, at)
-		return err
-	})
+	ps, err := s.use(ctx, "use_credential", s.o.Store.UseCredential, deviceID, id, at)
 	if errors.Is(err, fleet.ErrNotFound) {
+		// The use a door's opening reported first (doorOpened) is this
+		// one: its effects are applied.
+		var reported bool
+		err := s.retry(ctx, "report_door_use", func(ctx context.Context) (err error) {
+			reported, err = s.o.Store.ReportDoorUse(ctx, deviceID, id, at)
+			return err
+		})
+		if err != nil || reported {
+			return err
+		}
 		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
 			return err
@@ -89,14 +99,8 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	if err != nil {
 		return err
 	}
-	for _, p := range ps {
-		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment)
-	}
-	s.publish(ctx, deviceID)
-	for i := range ps {
-		if err := s.closedBeforeCode(ctx, &ps[i], ev, later); err != nil {
-			return err
-		}
+	if err := s.spent(ctx, deviceID, ps, ev, later); err != nil {
+		return err
 	}
 	// A combined code opens the compartments of its pickups that ended
 	// too, on a locker that was offline since (the gateway narrowed the
@@ -113,6 +117,57 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	}
 	_, err = s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
 	return err
+}
+
+// doorOpened: a door opened by a code. A locker reports a code's use with
+// code_accepted, and the protocol's order puts it before the door's
+// opening, which then finds the code spent and changes nothing. A locker
+// that reports the opening first, or only the opening, has the code spent
+// by it (the code_accepted that may follow reports the same use:
+// ReportDoorUse), so that its door's closing empty is a pickup. An opening
+// by a code that is not live changes nothing: its code_accepted alerts
+// staff (codeNotLive), or marks an order collected before it expired
+// (usedBeforeExpiry), which a locker that reports only openings does not
+// get. later are the locker's events applied after this one.
+func (s *Service) doorOpened(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
+	id := credentialID(ev.Credential)
+	ps, err := s.use(ctx, "use_credential_by_door", s.o.Store.UseCredentialByDoor, deviceID, id, at)
+	if errors.Is(err, fleet.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return s.spent(ctx, deviceID, ps, ev, later)
+}
+
+// use spends credential id of a locker with use (UseCredential or
+// UseCredentialByDoor), trying again while the database fails.
+func (s *Service) use(ctx context.Context, op string, use func(context.Context, string, string, time.Time) ([]Pickup, error),
+	deviceID, id string, at time.Time) ([]Pickup, error) {
+	var ps []Pickup
+	err := s.retry(ctx, op, func(ctx context.Context) (err error) {
+		ps, err = use(ctx, deviceID, id, at)
+		return err
+	})
+	return ps, err
+}
+
+// spent applies the use of a code, reported by ev (a code_accepted, or a
+// door's opening), that opened live pickups ps: the locker is sent the set
+// without it, and a closing of their doors applied before the use is
+// judged again (closedBeforeCode).
+func (s *Service) spent(ctx context.Context, deviceID string, ps []Pickup, ev *protocol.Event, later []fleet.EventRecord) error {
+	for _, p := range ps {
+		s.log.Info("pickup code used", "pickup", p.ID, "locker", deviceID, "compartment", p.Compartment, "reported_by", ev.Type)
+	}
+	s.publish(ctx, deviceID)
+	for i := range ps {
+		if err := s.closedBeforeCode(ctx, &ps[i], ev, later); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // closedBeforeCode applies again the closing of ready pickup p's door that

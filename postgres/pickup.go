@@ -14,6 +14,7 @@ import (
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 var _ pickup.Store = (*DB)(nil)
@@ -653,6 +654,17 @@ const credentialChainCTE = `WITH RECURSIVE chain (id, depth) AS (
 // set it held before a rotation (RotateCredentials) counts as a use of the
 // credential that replaced it: the door did open.
 func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
+	return db.useCredential(ctx, deviceID, credID, at, false)
+}
+
+// UseCredentialByDoor implements pickup.Store.
+func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
+	return db.useCredential(ctx, deviceID, credID, at, true)
+}
+
+// useCredential spends credential credID of a locker, as reported by a
+// code_accepted or, byDoor, by a door's opening.
+func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, byDoor bool) ([]pickup.Pickup, error) {
 	var out []pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
@@ -661,14 +673,14 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		var used string
 		var applied bool
 		err := tx.QueryRow(ctx, credentialChainCTE+`,
-			u AS (UPDATE credentials SET state = 'used', used_at = $3
+			u AS (UPDATE credentials SET state = 'used', used_at = $3, opened_by_door = $4
 				WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id)
 			SELECT id, false FROM u
 			UNION ALL
-			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3
+			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3 AND opened_by_door = $4
 				AND id IN (SELECT id FROM chain) AND NOT EXISTS (SELECT 1 FROM u)
 			LIMIT 1`,
-			deviceID, credID, at).Scan(&used, &applied)
+			deviceID, credID, at, byDoor).Scan(&used, &applied)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
 		}
@@ -682,6 +694,9 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 				return err
 			}
 			detail := map[string]any{"credential": credID}
+			if byDoor {
+				detail["reported_by"] = protocol.EventDoorOpened
+			}
 			if used != credID {
 				detail["replaced_by"] = used // an old code, from before a rotation
 			}
@@ -699,6 +714,15 @@ func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at tim
 		return err
 	})
 	return out, err
+}
+
+// ReportDoorUse implements pickup.Store.
+func (db *DB) ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (bool, error) {
+	tag, err := db.pool.Exec(ctx, credentialChainCTE+`
+		UPDATE credentials SET use_reported_at = $3
+		WHERE device_id = $1 AND id IN (SELECT id FROM chain) AND state = 'used' AND opened_by_door
+			AND (use_reported_at IS NULL OR use_reported_at = $3)`, deviceID, credID, at)
+	return tag.RowsAffected() > 0, err
 }
 
 // UseExpiredCredential implements pickup.Store.

@@ -816,3 +816,51 @@ func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 		t.Fatalf("the unlock made while the pickup was being cancelled: created %v, pickup ended %v; want none made", m.created, m.tg.PickupEnded)
 	}
 }
+
+// TestDoorReportedUse: a door's opening by a code spends it (once: a
+// replay of the same opening reads its pickups again, any other use is
+// not found); the code_accepted that follows reports that use (again when
+// replayed), and no other does: a second one, or one of a code that
+// code_accepted spent.
+func TestDoorReportedUse(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-DOOR", 2)
+	p, q := e.pickup("DR-1"), e.pickup("DR-2")
+	e.mustMint("k-door", "mac-door", p)
+	e.mustMint("k-code", "mac-code", q)
+	opened := time.Now().Truncate(time.Millisecond)
+	version := e.version()
+	for range 2 {
+		if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", opened); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
+			t.Fatalf("the door's opening: %+v %v, want pickup %s", ps, err, p.ID)
+		}
+	}
+	if _, state := e.cred("k-door"); state != "used" || e.uses() != 1 || e.version() != version+1 {
+		t.Fatalf("after the opening and its replay: %s, %d credential.use entries, version %d (was %d); want used, 1, bumped once",
+			state, e.uses(), e.version(), version)
+	}
+	if _, err := e.db.UseCredential(ctx, e.id, "k-door", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("code_accepted after the opening: %v, want ErrNotFound", err)
+	}
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("another opening by the spent code: %v, want ErrNotFound", err)
+	}
+	reported := opened.Add(time.Second)
+	for range 2 {
+		if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported); err != nil || !ok {
+			t.Fatalf("the code_accepted of the opening's use: %t %v, want true", ok, err)
+		}
+	}
+	if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported.Add(time.Second)); err != nil || ok {
+		t.Fatalf("a second code_accepted: %t %v, want false", ok, err)
+	}
+	if _, err := e.db.UseCredential(ctx, e.id, "k-code", opened); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-code", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the door's opening after code_accepted: %v, want ErrNotFound", err)
+	}
+	if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-code", opened.Add(2*time.Second)); err != nil || ok {
+		t.Fatalf("a code_accepted of a code code_accepted spent: %t %v, want false", ok, err)
+	}
+}
