@@ -357,19 +357,6 @@ type stuckStore struct {
 	once    sync.Once
 }
 
-func (s *stuckStore) Census(context.Context, time.Time, time.Time, []string) (*Census, error) {
-	return &Census{}, nil
-}
-
-func (s *stuckStore) CredsBehind(context.Context, int, []CredsLag) ([]CredsLag, error) {
-	return nil, nil
-}
-
-func (s *stuckStore) WatchCommands(ctx context.Context, _ func(string)) error {
-	<-ctx.Done()
-	return nil
-}
-
 func (s *stuckStore) ExpireCommands(ctx context.Context, _ time.Time, _ time.Duration) ([]Command, error) {
 	s.once.Do(func() { close(s.entered) })
 	<-ctx.Done()

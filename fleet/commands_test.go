@@ -82,6 +82,18 @@ func (f *fakeStore) LockEffects(ctx context.Context, deviceID string) (time.Time
 // TouchLockers: the fleet's last_seen flush, not recorded here.
 func (s *fakeStore) TouchLockers(context.Context, []string, []time.Time) error { return nil }
 
+// The calls of Run's loop that tests do not look at (a test that does
+// overrides them).
+
+func (f *fakeStore) Census(context.Context, time.Time, time.Time, []string) (*Census, error) {
+	return &Census{}, nil
+}
+
+func (f *fakeStore) WatchCommands(ctx context.Context, _ func(string)) error {
+	<-ctx.Done()
+	return nil
+}
+
 func newFakeStore() *fakeStore {
 	return &fakeStore{lockers: map[string]Locker{testLocker.ID: *testLocker}, cmds: map[string]Command{}}
 }

@@ -117,3 +117,30 @@ func TestHeardOnEveryUplink(t *testing.T) {
 		t.Fatalf("heard %v, want %v", ids, want)
 	}
 }
+
+// TestHeardFlushedAtStop: lockers heard since the last sweep are written
+// when the manager stops, not lost with the process.
+func TestHeardFlushedAtStop(t *testing.T) {
+	st := &touchStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, SweepInterval: time.Hour, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- m.Run(ctx) }()
+	at := time.Date(2026, 12, 7, 2, 0, 0, 0, time.UTC)
+	m.heard.add("a", at)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	if want := map[string]time.Time{"a": at}; len(st.touched) != 1 || !maps.Equal(st.touched[0], want) {
+		t.Fatalf("touched %v, want one call with %v", st.touched, want)
+	}
+}
