@@ -92,9 +92,14 @@ func (l *Locker) EnterCode(code string) CodeResult {
 	if l.f.opts.OmitCodeCompartments {
 		ev.Compartments = nil
 	}
-	l.emitLocked(ev)
+	if l.f.opts.CodeReport == CodeAcceptedFirst {
+		l.emitLocked(ev)
+	}
 	for _, o := range open {
 		l.openDoorLocked(o.c, protocol.ByCredential, match.ID, o.occ)
+	}
+	if l.f.opts.CodeReport == DoorOpenedFirst {
+		l.emitLocked(ev)
 	}
 	return CodeResult{Accepted: true, Credential: match.ID, Compartments: nums}
 }

@@ -52,6 +52,9 @@ type Options struct {
 	// OmitCodeCompartments makes the lockers leave code_accepted's optional
 	// compartments out, as a vendor's firmware may.
 	OmitCodeCompartments bool
+	// CodeReport is how the lockers report a code's use. Default
+	// CodeAcceptedFirst, the protocol's order.
+	CodeReport CodeReport
 	// Behavior tunes simulated people.
 	Behavior Behavior
 	// Identities holds identities of already provisioned lockers, by serial;
@@ -103,6 +106,50 @@ type Options struct {
 	// TimeScale applied), and returns when it is back. ctx ends when the
 	// fleet closes. Without it planned restarts are skipped and counted.
 	GatewayRestart func(ctx context.Context, down time.Duration) error
+}
+
+// CodeReport is how a locker reports that a code opened compartments.
+type CodeReport int
+
+const (
+	// CodeAcceptedFirst: code_accepted, then a door_opened (by credential)
+	// per compartment, as protocol-v1 describes.
+	CodeAcceptedFirst CodeReport = iota
+	// DoorOpenedFirst: the door_opened events, then code_accepted, as a
+	// vendor's firmware that reports its latches first may.
+	DoorOpenedFirst
+	// DoorOpenedOnly: the door_opened events, no code_accepted.
+	DoorOpenedOnly
+)
+
+var codeReportNames = [...]string{CodeAcceptedFirst: "code_accepted", DoorOpenedFirst: "door_first", DoorOpenedOnly: "door_only"}
+
+// String returns the report's name: code_accepted, door_first or door_only.
+func (r CodeReport) String() string {
+	if r < 0 || int(r) >= len(codeReportNames) {
+		return fmt.Sprintf("CodeReport(%d)", int(r))
+	}
+	return codeReportNames[r]
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (r CodeReport) MarshalText() ([]byte, error) {
+	if r < 0 || int(r) >= len(codeReportNames) {
+		return nil, fmt.Errorf("unknown code report %d", int(r))
+	}
+	return []byte(r.String()), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler (a flag's or a JSON
+// string's value).
+func (r *CodeReport) UnmarshalText(b []byte) error {
+	for i, name := range codeReportNames {
+		if string(b) == name {
+			*r = CodeReport(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("code report %q: want code_accepted, door_first or door_only", b)
 }
 
 // Behavior tunes the simulated people at the lockers. Rates other than

@@ -136,3 +136,25 @@ func TestDurationJSON(t *testing.T) {
 		t.Fatalf("marshal: %s, want %s", b, want)
 	}
 }
+
+// TestCodeReportText: a code report reads back from its name (a flag's
+// value), and an unknown name is an error that lists the known ones.
+func TestCodeReportText(t *testing.T) {
+	for _, r := range []devicesim.CodeReport{devicesim.CodeAcceptedFirst, devicesim.DoorOpenedFirst, devicesim.DoorOpenedOnly} {
+		b, err := r.MarshalText()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got devicesim.CodeReport
+		if err := got.UnmarshalText(b); err != nil || got != r {
+			t.Fatalf("%s read back as %v (%v)", b, got, err)
+		}
+	}
+	var r devicesim.CodeReport
+	if err := r.UnmarshalText([]byte("door")); err == nil || !strings.Contains(err.Error(), "door_only") {
+		t.Fatalf("unknown name: %v, want an error listing the names", err)
+	}
+	if _, err := devicesim.CodeReport(7).MarshalText(); err == nil {
+		t.Fatal("an unknown report marshalled")
+	}
+}

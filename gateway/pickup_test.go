@@ -360,10 +360,22 @@ func TestPickupFlow(t *testing.T) {
 	}
 }
 
-// TestPickupMultiOrder: a driver collects three orders with one code.
+// TestPickupMultiOrder: a driver collects three orders with one code, at a
+// locker that reports the code's use in the protocol's order, and at ones
+// that report the doors' openings first or only those.
 func TestPickupMultiOrder(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		report devicesim.CodeReport
+	}{{"code_accepted first", devicesim.CodeAcceptedFirst}, {"door_opened first", devicesim.DoorOpenedFirst},
+		{"door_opened only", devicesim.DoorOpenedOnly}} {
+		t.Run(c.name, func(t *testing.T) { pickupMultiOrder(t, c.report) })
+	}
+}
+
+func pickupMultiOrder(t *testing.T, report devicesim.CodeReport) {
 	ctx := context.Background()
-	e := newPickupEnv(t, 1, 0)
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.CodeReport = report })
 	var ids []string
 	var comps = map[int]bool{}
 	for i := 0; i < 3; i++ {
@@ -408,6 +420,14 @@ func TestPickupMultiOrder(t *testing.T) {
 	}
 	for _, id := range ids {
 		e.waitState(t, id, pickup.PickedUp)
+	}
+	// Its report (code_accepted after the openings, too) is one use of the
+	// code, which was live.
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND detail->>'credential' = $1`, cred.ID); n != 1 {
+		t.Fatalf("%d credential.use audit entries, want 1", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = $2`, l.DeviceID(), pickup.AlertCodeNotLive); n != 0 {
+		t.Fatalf("%d code_not_live alerts, want none", n)
 	}
 }
 

@@ -145,6 +145,7 @@ func (c *config) resolve() error {
 			"fw":               func() { o.FW = f.FW },
 			"door-close-delay": func() { o.DoorCloseDelay = f.DoorCloseDelay },
 			"leave-item":       func() { o.Behavior.LeaveItemProb = f.Behavior.LeaveItemProb },
+			"code-report":      func() { o.CodeReport = f.CodeReport },
 			"time-scale":       func() { o.TimeScale = f.TimeScale },
 		} {
 			if c.set[name] {
@@ -299,6 +300,8 @@ func newFlagSet(cfg *config, getenv func(string) string, stderr io.Writer) *flag
 	fs.StringVar(&o.FW, "fw", devicesim.DefaultFW, "firmware version the lockers report")
 	fs.DurationVar(&o.DoorCloseDelay, "door-close-delay", devicesim.DefaultDoorCloseDelay, "how long a door stays open after an unlock")
 	fs.Float64Var(&o.Behavior.LeaveItemProb, "leave-item", 0, "probability a driver leaves the item after opening with a code")
+	fs.TextVar(&o.CodeReport, "code-report", devicesim.CodeAcceptedFirst,
+		"how lockers report a code's use: code_accepted (then door_opened: the protocol's order), door_first (door_opened, then code_accepted) or door_only")
 	fs.StringVar(&cfg.scenario, "scenario", "", "scenario: a shipped one (lockersim scenarios) or a JSON file")
 	fs.Var(&cfg.siteClaims, "site-claim", "claim token of one site of the scenario: SITE=TOKEN (repeatable; --claim covers the rest)")
 	fs.BoolVar(&cfg.bootstrap, "bootstrap", false, "create the scenario's sites and a claim per site through --api first (needs --token)")

@@ -248,6 +248,7 @@ func TestRunScenarioErrors(t *testing.T) {
 		{"BadSiteClaim", []string{"--scenario", "smoke", "--site-claim", "store-001"}, "SITE=TOKEN"},
 		{"BadSourceAddrs", []string{"--source-addrs", "127.0.0.9-127.0.0.2"}, "range"},
 		{"BootstrapWithoutAPI", []string{"--scenario", "smoke", "--bootstrap"}, "--api"},
+		{"BadCodeReport", []string{"--code-report", "door"}, "want code_accepted, door_first or door_only"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out, errOut testtool.LockedBuffer
