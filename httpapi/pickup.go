@@ -17,17 +17,21 @@ import (
 )
 
 var (
-	allRoles        = []string{fleet.RoleAdmin, fleet.RoleOperator, fleet.RoleStore, fleet.RolePlatform}
-	credentialRoles = []string{fleet.RoleAdmin, fleet.RoleStore, fleet.RolePlatform}
+	allRoles = []string{fleet.RoleAdmin, fleet.RoleOperator, fleet.RoleStore, fleet.RolePlatform}
+	// handoffRoles hand orders over: they create and cancel pickups and
+	// hold their codes. Operators run the fleet (api-v1: lockers,
+	// commands, firmware, rollouts, claims); they read pickups, without
+	// codes.
+	handoffRoles = []string{fleet.RoleAdmin, fleet.RoleStore, fleet.RolePlatform}
 )
 
 func (s *Server) pickupTable() []route {
 	return []route{
-		{"POST", "/v1/pickups", allRoles, true, s.createPickup},
+		{"POST", "/v1/pickups", handoffRoles, true, s.createPickup},
 		{"GET", "/v1/pickups", allRoles, false, s.listPickups},
 		{"GET", "/v1/pickups/{id}", allRoles, false, s.getPickup},
-		{"POST", "/v1/pickups/{id}/cancel", allRoles, false, s.cancelPickup},
-		{"POST", "/v1/credentials", credentialRoles, true, s.createCredential},
+		{"POST", "/v1/pickups/{id}/cancel", handoffRoles, false, s.cancelPickup},
+		{"POST", "/v1/credentials", handoffRoles, true, s.createCredential},
 		{"POST", "/v1/webhooks", allRoles, true, s.createWebhook},
 		{"GET", "/v1/webhooks", allRoles, false, s.listWebhooks},
 		{"DELETE", "/v1/webhooks/{id}", allRoles, false, s.deleteWebhook},
