@@ -227,3 +227,17 @@ func TestAlertWakesWebhooks(t *testing.T) {
 		t.Fatalf("%d wakes, want 1", wakes)
 	}
 }
+
+// TestExpiredAlertSaysWhatToDo: a pickup that expired ready has its order
+// in the locker to retrieve; one that expired staging was never loaded.
+func TestExpiredAlertSaysWhatToDo(t *testing.T) {
+	done, ready := time.Date(2026, 12, 7, 3, 0, 0, 0, time.UTC), time.Date(2026, 12, 7, 2, 0, 0, 0, time.UTC)
+	p := Pickup{ID: "p-1", OrderRef: "A-1", Locker: "lk-1", Compartment: 3, DoneAt: &done, ReadyAt: &ready}
+	if a := ExpiredAlert(&p); !strings.Contains(a.Detail, "retrieve the order") || !a.RaisedAt.Equal(done) || a.Compartment != 3 {
+		t.Fatalf("expired ready: %+v", a)
+	}
+	p.ReadyAt = nil
+	if a := ExpiredAlert(&p); strings.Contains(a.Detail, "retrieve") || !strings.Contains(a.Detail, "before it was loaded") {
+		t.Fatalf("expired staging: %+v", a)
+	}
+}

@@ -146,10 +146,14 @@ var EventTypes = []string{EventReady, EventPickedUp, EventExpired, EventCancelle
 const CollectGrace = 15 * time.Minute
 
 // ExpiredAlert is the alert that tells staff to retrieve expired pickup
-// p's order, raised at its expiry (p.DoneAt).
+// p's order, raised at its expiry (p.DoneAt); or, for one that expired
+// staging, that its order never reached the locker.
 func ExpiredAlert(p *Pickup) fleet.Alert {
-	a := fleet.Alert{DeviceID: p.Locker, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment,
-		Detail: "pickup " + p.ID + " (" + p.OrderRef + ") expired: retrieve the order"}
+	detail := "pickup " + p.ID + " (" + p.OrderRef + ") expired: retrieve the order"
+	if p.ReadyAt == nil {
+		detail = "pickup " + p.ID + " (" + p.OrderRef + ") expired before it was loaded (its compartment never closed with the order inside): hand the order over another way"
+	}
+	a := fleet.Alert{DeviceID: p.Locker, Kind: fleet.AlertPickupExpired, Compartment: p.Compartment, Detail: detail}
 	if p.DoneAt != nil {
 		a.RaisedAt = *p.DoneAt
 	}
