@@ -321,6 +321,10 @@ func TestPickupFlow(t *testing.T) {
 	if cred == nil || cred["code"] != ready.Credential.Code || data["compartment"] != float64(p.Compartment) || data["locker"] != p.Locker {
 		t.Fatalf("pickup.ready data %v", data)
 	}
+	// An event's time is its transition's, as the API shows it.
+	if got, want := e.rc.event(pickup.EventPickedUp)["created_at"], done.Transitions[2].TS.UTC().Format(time.RFC3339Nano); got != want {
+		t.Fatalf("pickup.picked_up created_at %v, the transition's ts %v", got, want)
+	}
 	if len(e.rc.bad) > 0 {
 		t.Fatalf("bad signatures: %v", e.rc.bad)
 	}
@@ -614,8 +618,9 @@ func TestPickupCollectedByDoorOpenings(t *testing.T) {
 		if n := e.tg.Count(t, `SELECT count(*) FROM credentials WHERE id = $1 AND state = 'used' AND opened_by_door`, p.Credential.ID); n != 1 {
 			t.Fatalf("pickup %s: its credential is not spent by the door's opening", p.ID)
 		}
-		if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND detail->>'credential' = $1`, p.Credential.ID); n != 1 {
-			t.Fatalf("pickup %s: %d credential.use audit entries, want 1", p.ID, n)
+		if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND detail->>'credential' = $1 AND site = $2`,
+			p.Credential.ID, p.Site); n != 1 {
+			t.Fatalf("pickup %s: %d credential.use audit entries at site %s, want 1", p.ID, n, p.Site)
 		}
 	}
 	if n := e.openAlerts(t, doorFirst, pickup.AlertCodeNotLive); n != 0 {

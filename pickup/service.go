@@ -528,7 +528,8 @@ func (s *Service) event(typ string, p *Pickup, at time.Time) *Event {
 		"pickup": p.ID, "site": p.Site, "order_ref": p.OrderRef, "platform": p.Platform,
 		"locker": p.Locker, "compartment": p.Compartment, "expires_at": p.ExpiresAt,
 	}
-	return &Event{ID: fleet.NewID("evt"), Type: typ, CreatedAt: at.UTC(), Data: data}
+	// At the precision the transition is stored with (and the API shows).
+	return &Event{ID: fleet.NewID("evt"), Type: typ, CreatedAt: at.UTC().Truncate(time.Microsecond), Data: data}
 }
 
 func (s *Service) transitioned(p *Pickup, to string) {

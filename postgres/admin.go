@@ -29,7 +29,11 @@ func audit(ctx context.Context, q interface {
 	return err
 }
 
-const auditInsert = `INSERT INTO audit (actor, action, locker, site, detail) VALUES ($1, $2, $3, $4, $5)`
+// auditInsert records an entry; one about a locker that names no site
+// (a locker's own doing: a code it accepted, an alert it raised) is filed
+// under the locker's site.
+const auditInsert = `INSERT INTO audit (actor, action, locker, site, detail)
+	SELECT $1, $2, $3::text, CASE WHEN $4::text = '' AND $3::text <> '' THEN coalesce((SELECT site FROM devices WHERE id = $3::text), '') ELSE $4::text END, $5`
 
 func auditDetail(e fleet.AuditEntry) ([]byte, error) {
 	if e.Detail == nil {
