@@ -635,6 +635,51 @@ func TestPickupCollectedByDoorOpenings(t *testing.T) {
 	})
 }
 
+// TestCombinedCodeReportedAfterItsDoors: a locker that reports a combined
+// code's use after its doors opened and closed (code_accepted last), with
+// one of the two pickups expired at the gateway meanwhile: the first
+// opening spends the code for the live one, and the code_accepted, dated
+// later than the expiry by the locker's clock, judges the expired one as of
+// the opening, before the expiry: collected in time, picked up.
+func TestCombinedCodeReportedAfterItsDoors(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	live, gone, dev, topic := e.twoReadyThenRaw(t, "DOOR-C1", "DOOR-C2")
+	var cred pickup.CredentialView
+	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{live.ID, gone.ID}, "kind": "pin"}, &cred); err != nil {
+		t.Fatal(err)
+	}
+	expiry := time.Now().Add(2 * time.Second)
+	e.expireOffline(t, gone, expiry)
+	opened := expiry.Add(-time.Second)
+	for i, ev := range []string{
+		fmt.Sprintf(`"type":"door_opened","compartment":%d,"by":"credential","credential":"%s"`, live.Compartment, cred.ID+".p"),
+		fmt.Sprintf(`"type":"door_opened","compartment":%d,"by":"credential","credential":"%s"`, gone.Compartment, cred.ID+".p"),
+		fmt.Sprintf(`"type":"door_closed","compartment":%d,"occupied":false`, live.Compartment),
+		fmt.Sprintf(`"type":"door_closed","compartment":%d,"occupied":false`, gone.Compartment),
+		fmt.Sprintf(`"type":"code_accepted","credential":"%s","compartments":[%d,%d]`, cred.ID+".p", live.Compartment, gone.Compartment),
+	} {
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-door-c-%d","ts":"%s",%s}`, i,
+			protocol.FormatTime(opened.Add(time.Duration(i)*time.Second)), ev))
+	}
+	e.bothCollected(t, live, gone)
+}
+
+// bothCollected waits for a combined code's live pickup and the one that
+// expired before the locker reported its use to be picked up, and checks
+// that the expired one's alert was withdrawn and no use alerted staff.
+func (e *pickupEnv) bothCollected(t *testing.T, live, expired pickup.Pickup) {
+	t.Helper()
+	e.waitState(t, live.ID, pickup.PickedUp)
+	e.waitState(t, expired.ID, pickup.PickedUp)
+	if n := e.openAlerts(t, expired, fleet.AlertPickupExpired); n != 0 {
+		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, live.Locker); n != 0 {
+		t.Fatalf("%d code_not_live alerts, want none", n)
+	}
+}
+
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
 // is offline still opens with its code there (the locker validates codes
 // itself, from the set it holds). When the locker reports the use, staff
@@ -838,18 +883,23 @@ func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
 // with it, and the gateway, not yet told, expires one of the pickups
 // meanwhile (narrowing the code to the other). When the locker reports,
 // the live one is picked up as usual and the expired one after all, also
-// from a locker that leaves code_accepted's optional compartments out.
+// from a locker that leaves code_accepted's optional compartments out, and
+// from one that reports the doors' openings before code_accepted (the
+// first opening spends the code for the live one; code_accepted then
+// judges the expired one, as of that opening).
 func TestCombinedCodeCollectedOfflineBeforeExpiry(t *testing.T) {
-	for _, omit := range []bool{false, true} {
-		t.Run(fmt.Sprintf("compartments omitted %v", omit), func(t *testing.T) {
-			combinedCodeCollectedOffline(t, omit)
-		})
+	for _, report := range []devicesim.CodeReport{devicesim.CodeAcceptedFirst, devicesim.DoorOpenedFirst} {
+		for _, omit := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, compartments omitted %v", report, omit), func(t *testing.T) {
+				combinedCodeCollectedOffline(t, func(o *devicesim.Options) { o.OmitCodeCompartments, o.CodeReport = omit, report })
+			})
+		}
 	}
 }
 
-func combinedCodeCollectedOffline(t *testing.T, omit bool) {
+func combinedCodeCollectedOffline(t *testing.T, opts func(*devicesim.Options)) {
 	ctx := context.Background()
-	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.OmitCodeCompartments = omit })
+	e := newPickupEnv(t, 1, 0, opts)
 	early, late := e.create(t, "LATE-C1", "S", time.Hour), e.create(t, "LATE-C2", "S", time.Hour)
 	e.waitState(t, early.ID, pickup.Ready)
 	e.waitState(t, late.ID, pickup.Ready)
@@ -865,14 +915,7 @@ func combinedCodeCollectedOffline(t *testing.T, omit bool) {
 	}
 	e.expireOffline(t, early, time.Now().Add(3*time.Second))
 	reconnect(t, l)
-	e.waitState(t, late.ID, pickup.PickedUp)
-	e.waitState(t, early.ID, pickup.PickedUp)
-	if n := e.openAlerts(t, early, fleet.AlertPickupExpired); n != 0 {
-		t.Fatalf("%d pickup_expired alerts open, want none", n)
-	}
-	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'code_not_live' AND device_id = $1`, early.Locker); n != 0 {
-		t.Fatalf("%d code_not_live alerts, want none", n)
-	}
+	e.bothCollected(t, late, early)
 }
 
 // TestPickupCollectedOfflineAfterExpiry: a code the locker accepted after

@@ -31,8 +31,12 @@ func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time)
 	return nil, fleet.ErrNotFound
 }
 
-func (s *notLiveStore) ReportDoorUse(context.Context, string, string, time.Time) (bool, error) {
-	return false, nil
+func (s *notLiveStore) UseCredentialByDoor(context.Context, string, string, time.Time, time.Time) ([]Pickup, error) {
+	return nil, fleet.ErrNotFound
+}
+
+func (s *notLiveStore) ReportDoorUse(context.Context, string, string, time.Time) (*DoorUse, error) {
+	return nil, nil
 }
 
 func (s *notLiveStore) UseExpiredCredential(context.Context, string, string, time.Time, time.Time, []int) ([]Pickup, error) {

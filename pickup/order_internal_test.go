@@ -52,12 +52,12 @@ func (s *orderStore) UseCredential(context.Context, string, string, time.Time) (
 
 // UseCredentialByDoor: a door's opening spends the code as its
 // code_accepted does (UseCredential).
-func (s *orderStore) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error) {
+func (s *orderStore) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, _ time.Time) ([]Pickup, error) {
 	return s.UseCredential(ctx, deviceID, credID, at)
 }
 
-func (s *orderStore) ReportDoorUse(context.Context, string, string, time.Time) (bool, error) {
-	return false, nil // the tests here send a code_accepted or a door's opening, not both
+func (s *orderStore) ReportDoorUse(context.Context, string, string, time.Time) (*DoorUse, error) {
+	return nil, nil // the tests here send a code_accepted or a door's opening, not both
 }
 
 // UseExpiredCredential marks the expired pickup collected when its code

@@ -160,6 +160,14 @@ func ExpiredAlert(p *Pickup) fleet.Alert {
 	return a
 }
 
+// DoorUse is a code's use that a door's opening reported
+// (Store.UseCredentialByDoor): At, when the gateway got it (the
+// credential's used_at), and Opened, when the door opened by the locker's
+// clock.
+type DoorUse struct {
+	At, Opened time.Time
+}
+
 // Store persists pickups and credentials.
 type Store interface {
 	// Allocate picks the smallest free compartment that fits p (size at
@@ -222,18 +230,20 @@ type Store interface {
 	// active is fleet.ErrNotFound.
 	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
 	// UseCredentialByDoor is UseCredential for a use the locker reported
-	// with a door's opening (door_opened by the credential) before, or
-	// instead of, its code_accepted; the credential is marked spent so.
-	// A credential spent already, by code_accepted or by another opening
-	// (a combined code opens several doors), is fleet.ErrNotFound.
-	UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// with a door's opening (door_opened by the credential, at opened by
+	// its clock) before, or instead of, its code_accepted; the credential
+	// is marked spent so. A credential spent already, by code_accepted or
+	// by another opening (a combined code opens several doors), is
+	// fleet.ErrNotFound.
+	UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time) ([]Pickup, error)
 	// ReportDoorUse records the code_accepted, arrived at at, of a use that
-	// a door's opening spent already (UseCredentialByDoor) and reports
-	// whether there was one: each use is reported by one code_accepted, so
-	// a second (at another at) is not (false), nor is a code spent by
-	// code_accepted. A credential that was rotated counts as its
+	// a door's opening spent already (UseCredentialByDoor) and returns that
+	// use; nil when there is none: each use is reported by one
+	// code_accepted, so a second (at another at) is not one, nor is a code
+	// spent by code_accepted. The same at again (the event offered again)
+	// returns the use again. A credential that was rotated counts as its
 	// replacement.
-	ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (bool, error)
+	ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (*DoorUse, error)
 	// UseExpiredCredential records that a locker's credential that is no
 	// longer active (or was spent by this very use, at at: a combined code
 	// that opened live pickups too, whose compartments, those it had when

@@ -80,15 +80,23 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	id := credentialID(ev.Credential)
 	ps, err := s.use(ctx, "use_credential", s.o.Store.UseCredential, deviceID, id, at)
 	if errors.Is(err, fleet.ErrNotFound) {
-		// The use a door's opening reported first (doorOpened) is this
-		// one: its effects are applied.
-		var reported bool
+		var door *DoorUse
 		err := s.retry(ctx, "report_door_use", func(ctx context.Context) (err error) {
-			reported, err = s.o.Store.ReportDoorUse(ctx, deviceID, id, at)
+			door, err = s.o.Store.ReportDoorUse(ctx, deviceID, id, at)
 			return err
 		})
-		if err != nil || reported {
+		if err != nil {
 			return err
+		}
+		if door != nil {
+			// The use a door's opening reported first (doorOpened) is
+			// this one, and its live pickups were applied then. The
+			// compartments it opened of pickups that had expired (a
+			// combined code, at a locker that was offline) are judged
+			// now, as of that opening: its time is the use's.
+			use := *ev
+			use.TS = protocol.T(door.Opened)
+			return s.judgeExpired(ctx, deviceID, id, &use, nil, door.At, later)
 		}
 		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
@@ -102,20 +110,26 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	if err := s.spent(ctx, deviceID, ps, ev, later); err != nil {
 		return err
 	}
-	// A combined code opens the compartments of its pickups that ended
-	// too, on a locker that was offline since (the gateway narrowed the
-	// code to the live ones): those that expired after the use were
-	// collected in time. Others (cancelled ones, or a use offered again
-	// once its pickups were picked up) stay as they are. A locker that
-	// leaves the optional compartments out has them all judged (nil: the
-	// code's, less those this use spent on its live pickups).
+	return s.judgeExpired(ctx, deviceID, id, ev, ps, at, later)
+}
+
+// judgeExpired judges the compartments that use ev of credential id, got
+// at at, opened beyond those of its live pickups ps. A combined code opens
+// the compartments of its pickups that ended too, on a locker that was
+// offline since (the gateway narrowed the code to the live ones): those
+// that expired after the use were collected in time. Others (cancelled
+// ones, or a use offered again once its pickups were picked up) stay as
+// they are. A locker that leaves the optional compartments out has them
+// all judged (nil: the code's, less those this use spent on its live
+// pickups).
+func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *protocol.Event, ps []Pickup, at time.Time, later []fleet.EventRecord) error {
 	rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
 		return slices.ContainsFunc(ps, func(p Pickup) bool { return p.Compartment == n })
 	})
 	if len(rest) == 0 && len(ev.Compartments) > 0 {
 		return nil
 	}
-	_, err = s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
+	_, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
 	return err
 }
 
@@ -131,7 +145,9 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 // get. later are the locker's events applied after this one.
 func (s *Service) doorOpened(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
-	ps, err := s.use(ctx, "use_credential_by_door", s.o.Store.UseCredentialByDoor, deviceID, id, at)
+	ps, err := s.use(ctx, "use_credential_by_door", func(ctx context.Context, deviceID, id string, at time.Time) ([]Pickup, error) {
+		return s.o.Store.UseCredentialByDoor(ctx, deviceID, id, at, ev.TS.Time)
+	}, deviceID, id, at)
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil
 	}

@@ -654,17 +654,19 @@ const credentialChainCTE = `WITH RECURSIVE chain (id, depth) AS (
 // set it held before a rotation (RotateCredentials) counts as a use of the
 // credential that replaced it: the door did open.
 func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
-	return db.useCredential(ctx, deviceID, credID, at, false)
+	return db.useCredential(ctx, deviceID, credID, at, nil)
 }
 
 // UseCredentialByDoor implements pickup.Store.
-func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
-	return db.useCredential(ctx, deviceID, credID, at, true)
+func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time) ([]pickup.Pickup, error) {
+	return db.useCredential(ctx, deviceID, credID, at, &opened)
 }
 
 // useCredential spends credential credID of a locker, as reported by a
-// code_accepted or, byDoor, by a door's opening.
-func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, byDoor bool) ([]pickup.Pickup, error) {
+// code_accepted or, with opened (its time by the locker's clock), by a
+// door's opening.
+func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, opened *time.Time) ([]pickup.Pickup, error) {
+	byDoor := opened != nil
 	var out []pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
@@ -673,14 +675,14 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 		var used string
 		var applied bool
 		err := tx.QueryRow(ctx, credentialChainCTE+`,
-			u AS (UPDATE credentials SET state = 'used', used_at = $3, opened_by_door = $4
+			u AS (UPDATE credentials SET state = 'used', used_at = $3, opened_by_door = $4, opened_ts = $5
 				WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id)
 			SELECT id, false FROM u
 			UNION ALL
 			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3 AND opened_by_door = $4
 				AND id IN (SELECT id FROM chain) AND NOT EXISTS (SELECT 1 FROM u)
 			LIMIT 1`,
-			deviceID, credID, at, byDoor).Scan(&used, &applied)
+			deviceID, credID, at, byDoor, opened).Scan(&used, &applied)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
 		}
@@ -717,12 +719,20 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 }
 
 // ReportDoorUse implements pickup.Store.
-func (db *DB) ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (bool, error) {
-	tag, err := db.pool.Exec(ctx, credentialChainCTE+`
+func (db *DB) ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (*pickup.DoorUse, error) {
+	var u pickup.DoorUse
+	err := db.pool.QueryRow(ctx, credentialChainCTE+`
 		UPDATE credentials SET use_reported_at = $3
 		WHERE device_id = $1 AND id IN (SELECT id FROM chain) AND state = 'used' AND opened_by_door
-			AND (use_reported_at IS NULL OR use_reported_at = $3)`, deviceID, credID, at)
-	return tag.RowsAffected() > 0, err
+			AND (use_reported_at IS NULL OR use_reported_at = $3)
+		RETURNING used_at, opened_ts`, deviceID, credID, at).Scan(&u.At, &u.Opened)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &u, nil
 }
 
 // UseExpiredCredential implements pickup.Store.

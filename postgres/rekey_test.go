@@ -819,19 +819,21 @@ func TestStagingUnlockWithdrawnWithItsPickup(t *testing.T) {
 
 // TestDoorReportedUse: a door's opening by a code spends it (once: a
 // replay of the same opening reads its pickups again, any other use is
-// not found); the code_accepted that follows reports that use (again when
-// replayed), and no other does: a second one, or one of a code that
-// code_accepted spent.
+// not found); the code_accepted that follows reports that use, with the
+// opening's times (again when replayed), and no other does: a second one,
+// or one of a code that code_accepted spent. A code from before a rotation
+// counts as its replacement's, reported by either id.
 func TestDoorReportedUse(t *testing.T) {
 	ctx := context.Background()
-	e := newCredEnv(t, "SN-DOOR", 2)
+	e := newCredEnv(t, "SN-DOOR", 3)
 	p, q := e.pickup("DR-1"), e.pickup("DR-2")
 	e.mustMint("k-door", "mac-door", p)
 	e.mustMint("k-code", "mac-code", q)
-	opened := time.Now().Truncate(time.Millisecond)
+	at := time.Now().Truncate(time.Microsecond)
+	opened := at.Add(-2 * time.Second).Truncate(time.Millisecond) // the locker's clock
 	version := e.version()
 	for range 2 {
-		if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", opened); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
+		if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at, opened); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
 			t.Fatalf("the door's opening: %+v %v, want pickup %s", ps, err, p.ID)
 		}
 	}
@@ -839,28 +841,51 @@ func TestDoorReportedUse(t *testing.T) {
 		t.Fatalf("after the opening and its replay: %s, %d credential.use entries, version %d (was %d); want used, 1, bumped once",
 			state, e.uses(), e.version(), version)
 	}
-	if _, err := e.db.UseCredential(ctx, e.id, "k-door", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
-		t.Fatalf("code_accepted after the opening: %v, want ErrNotFound", err)
+	if _, err := e.db.UseCredential(ctx, e.id, "k-door", at); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("code_accepted arriving with the opening: %v, want ErrNotFound (not the opening's replay)", err)
 	}
-	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at.Add(time.Second), opened); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("another opening by the spent code: %v, want ErrNotFound", err)
 	}
-	reported := opened.Add(time.Second)
+	reported := at.Add(time.Second)
 	for range 2 {
-		if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported); err != nil || !ok {
-			t.Fatalf("the code_accepted of the opening's use: %t %v, want true", ok, err)
+		if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported); err != nil || u == nil || !u.At.Equal(at) || !u.Opened.Equal(opened) {
+			t.Fatalf("the code_accepted of the opening's use: %+v %v, want at %v, opened %v", u, err, at, opened)
 		}
 	}
-	if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported.Add(time.Second)); err != nil || ok {
-		t.Fatalf("a second code_accepted: %t %v, want false", ok, err)
+	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported.Add(time.Second)); err != nil || u != nil {
+		t.Fatalf("a second code_accepted: %+v %v, want none", u, err)
 	}
-	if _, err := e.db.UseCredential(ctx, e.id, "k-code", opened); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-code", at); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-code", opened.Add(time.Second)); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-code", at.Add(time.Second), opened); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("the door's opening after code_accepted: %v, want ErrNotFound", err)
 	}
-	if ok, err := e.db.ReportDoorUse(ctx, e.id, "k-code", opened.Add(2*time.Second)); err != nil || ok {
-		t.Fatalf("a code_accepted of a code code_accepted spent: %t %v, want false", ok, err)
+	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-code", at.Add(2*time.Second)); err != nil || u != nil {
+		t.Fatalf("a code_accepted of a code code_accepted spent: %+v %v, want none", u, err)
+	}
+
+	// A rotation the locker missed: the old code's opening spends the
+	// replacement, and its code_accepted reports that use by the old id.
+	r := e.pickup("DR-3")
+	e.mustMint("k-old", "mac-old", r)
+	rotated, err := e.db.RotateCredentials(ctx, e.id, at, func(gen int, old *pickup.Credential) *pickup.Credential {
+		return &pickup.Credential{ID: "new-" + old.ID, DeviceID: e.id, PINMAC: old.PINMAC + "-2", Compartments: old.Compartments,
+			NotAfter: old.NotAfter, CreatedAt: at, KeyGen: gen}
+	}, func(*pickup.Pickup, *pickup.Credential) *pickup.Event {
+		return &pickup.Event{ID: fleet.NewID("evt"), Type: pickup.EventCredentialChanged, CreatedAt: at}
+	}, fleet.AuditEntry{Actor: "test", Action: "locker.rotate_codes", Locker: e.id})
+	if err != nil || rotated != 1 {
+		t.Fatalf("rotation: %d, %v", rotated, err)
+	}
+	if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-old", at, opened); err != nil || len(ps) != 1 || ps[0].ID != r.ID {
+		t.Fatalf("the old code's opening: %+v %v, want pickup %s", ps, err, r.ID)
+	}
+	if _, state := e.cred("new-k-old"); state != "used" {
+		t.Fatalf("the replacement after the old code's opening: %s, want used", state)
+	}
+	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-old", reported); err != nil || u == nil || !u.At.Equal(at) {
+		t.Fatalf("the old code's code_accepted: %+v %v, want the opening's use", u, err)
 	}
 }
