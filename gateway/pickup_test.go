@@ -680,6 +680,42 @@ func (e *pickupEnv) bothCollected(t *testing.T, live, expired pickup.Pickup) {
 	}
 }
 
+// TestClosingFromBeforeThePickupLoadsNothing: a closing of the compartment
+// with something inside that the locker dates well before the pickup was
+// created (held back from the compartment's earlier use) does not make the
+// staging pickup ready; the staff's closing after the staging unlock does.
+func TestClosingFromBeforeThePickupLoadsNothing(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0, func(o *devicesim.Options) { o.DoorCloseDelay = -1 }) // staff never close it
+	l := e.sim.Lockers()[0]
+	p := e.create(t, "OLD-1", "S", time.Hour)
+	Eventually(t, 10*time.Second, "door open for staging", func() error {
+		if !l.Compartment(p.Compartment).Open {
+			return errors.New("closed")
+		}
+		return nil
+	})
+	id, _ := l.Identity()
+	l.Disconnect()
+	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	topic := protocol.Topic(id.DeviceID, protocol.ChanEvents)
+	closed := func(n string, ts time.Time) {
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-old-%s","ts":"%s","type":"door_closed","compartment":%d,"occupied":true}`,
+			n, protocol.FormatTime(ts), p.Compartment))
+	}
+	closed("held", p.CreatedAt.Add(-time.Hour))
+	loaded := time.Now()
+	closed("staff", time.Now())
+	ready := e.waitState(t, p.ID, pickup.Ready)
+	if ready.ReadyAt == nil || ready.ReadyAt.Before(loaded) {
+		t.Fatalf("ready at %v, before the staff's closing was sent (%v): the closing from before the pickup loaded it", ready.ReadyAt, loaded)
+	}
+	var got pickup.Pickup
+	if err := e.store.Get(ctx, "/v1/pickups/"+p.ID, nil, &got); err != nil || len(got.Transitions) != 2 {
+		t.Fatalf("transitions %+v (%v), want staging and ready", got.Transitions, err)
+	}
+}
+
 // TestCodeOfCancelledPickupUsedOffline: a pickup cancelled while its locker
 // is offline still opens with its code there (the locker validates codes
 // itself, from the set it holds). When the locker reports the use, staff

@@ -465,6 +465,9 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
 	if p.State == Staging && occupied {
+		if old, err := s.closedBeforeCreated(ctx, p, ev); err != nil || old {
+			return err
+		}
 		return s.ready(ctx, p, actor, at)
 	}
 	if p.State == Staging {
@@ -506,6 +509,41 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 			Detail: "pickup " + p.ID + " is ready but its compartment closed empty without its code", RaisedAt: at})
 	}
 	return nil
+}
+
+// staleClosingMargin is how much earlier than a staging pickup's creation
+// a closing of its compartment may be dated, by the locker's clock less
+// its measured offset, and still load the order: the offset's own error
+// and a clock's drift since it was measured.
+const staleClosingMargin = time.Minute
+
+// closedBeforeCreated reports whether closing ev came well before staging
+// pickup p was created, by the locker's clock less its measured offset: a
+// closing the locker held back (offline, or behind an instance that was
+// down) from the compartment's earlier use, which says nothing of this
+// order. A locker whose clock offset is not known is not judged.
+func (s *Service) closedBeforeCreated(ctx context.Context, p *Pickup, ev *protocol.Event) (bool, error) {
+	var l *fleet.Locker
+	err := s.retry(ctx, "get_locker", func(ctx context.Context) (err error) {
+		l, err = s.o.Fleet.GetLocker(ctx, p.Locker)
+		return err
+	})
+	if errors.Is(err, fleet.ErrNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if l.ClockOffsetMS == nil {
+		return false, nil
+	}
+	closed := ev.TS.Time.Add(-time.Duration(*l.ClockOffsetMS) * time.Millisecond)
+	if !closed.Before(p.CreatedAt.Add(-staleClosingMargin)) {
+		return false, nil
+	}
+	s.log.Warn("door closing dated before its pickup was created: not taken as the order's loading",
+		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", ev.ID, "closed", closed, "created", p.CreatedAt)
+	return true, nil
 }
 
 // Alert kinds raised by the pickup workflow.
