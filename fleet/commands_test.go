@@ -877,7 +877,7 @@ func (b *ctxBus) Subscribe(string, Handler) error { return nil }
 // partialSink applies the first n events it is offered.
 type partialSink struct{ n int }
 
-func (partialSink) Wants(string) bool { return true }
+func (partialSink) Wants(*protocol.Event) bool { return true }
 
 func (s partialSink) DeviceEvents(context.Context, []EventRecord) int { return s.n }
 
@@ -912,7 +912,7 @@ type lockCheckingSink struct {
 	held []bool
 }
 
-func (*lockCheckingSink) Wants(string) bool { return true }
+func (*lockCheckingSink) Wants(*protocol.Event) bool { return true }
 
 func (s *lockCheckingSink) DeviceEvents(_ context.Context, evs []EventRecord) int {
 	s.st.mu.Lock()
@@ -1035,7 +1035,7 @@ func TestEffectsWithoutTheLock(t *testing.T) {
 // while the database is down; it then reports none applied.
 type stuckSink struct{}
 
-func (stuckSink) Wants(string) bool { return true }
+func (stuckSink) Wants(*protocol.Event) bool { return true }
 
 func (stuckSink) DeviceEvents(ctx context.Context, _ []EventRecord) int {
 	<-ctx.Done()

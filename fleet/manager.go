@@ -952,7 +952,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		}
 		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
 			Type: e.Type, Compartment: e.Compartment, Body: body,
-			Pending: m.opts.Events != nil && m.opts.Events.Wants(e.Type),
+			Pending: m.opts.Events != nil && m.opts.Events.Wants(e),
 			Alert:   eventAlert(in.id, in.at, e)})
 	}
 	if len(recs) == 0 {
@@ -1761,10 +1761,10 @@ func (m *Manager) deliverOpen(ctx context.Context, ids ...string) {
 
 // EventSink consumes new device events after they were stored.
 type EventSink interface {
-	// Wants reports whether events of type typ have effects for it to
-	// apply: such events are kept in the store's outbox until it has
-	// applied them, and offered again after a crash or a failure.
-	Wants(typ string) bool
+	// Wants reports whether event e has effects for it to apply: such
+	// events are kept in the store's outbox until it has applied them, and
+	// offered again after a crash or a failure.
+	Wants(e *protocol.Event) bool
 	// DeviceEvents applies a locker's new events, in order, and returns how
 	// many it applied (or found applied already); the events after those
 	// are offered again later (replayEvents). An event offered again may

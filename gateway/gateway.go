@@ -733,7 +733,7 @@ func addrString(a net.Addr) string {
 // pickupSink forwards new events to the pickup workflow (created after the fleet).
 type pickupSink struct{ s *pickup.Service }
 
-func (p *pickupSink) Wants(typ string) bool { return p.s.Wants(typ) }
+func (p *pickupSink) Wants(e *protocol.Event) bool { return p.s.Wants(e) }
 
 func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) int {
 	return p.s.DeviceEvents(ctx, events)

@@ -204,15 +204,26 @@ func TestClosingAppliedBeforeItsDoorOpening(t *testing.T) {
 	}
 }
 
-// TestEventsWithEffectsWanted: the events DeviceEvents applies are wanted:
+// TestEventsWithEffectsWanted: the events DeviceEvents applies are wanted
+// (a door opened by a code, not by a command or by hand):
 // kept in the outbox until applied (offered again after a stop) and,
 // behind an external broker, applied under the locker's effects lock.
 func TestEventsWithEffectsWanted(t *testing.T) {
 	var s Service
-	for typ, want := range map[string]bool{protocol.EventCodeAccepted: true, protocol.EventDoorOpened: true,
-		protocol.EventDoorClosed: true, protocol.EventDoorAjar: false, protocol.EventTamper: false} {
-		if got := s.Wants(typ); got != want {
-			t.Errorf("Wants(%s) = %t, want %t", typ, got, want)
+	for _, c := range []struct {
+		e    protocol.Event
+		want bool
+	}{
+		{protocol.Event{Type: protocol.EventCodeAccepted, Credential: "k-1.p"}, true},
+		{protocol.Event{Type: protocol.EventDoorClosed, Compartment: 3}, true},
+		{protocol.Event{Type: protocol.EventDoorOpened, Compartment: 3, By: protocol.ByCredential, Credential: "k-1.p"}, true},
+		{protocol.Event{Type: protocol.EventDoorOpened, Compartment: 3, By: protocol.ByCommand, Command: "c-1"}, false},
+		{protocol.Event{Type: protocol.EventDoorOpened, Compartment: 3, By: protocol.ByManual}, false},
+		{protocol.Event{Type: protocol.EventDoorAjar, Compartment: 3}, false},
+		{protocol.Event{Type: protocol.EventTamper}, false},
+	} {
+		if got := s.Wants(&c.e); got != c.want {
+			t.Errorf("Wants(%+v) = %t, want %t", c.e, got, c.want)
 		}
 	}
 }

@@ -11,9 +11,16 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// Wants implements fleet.EventSink: the events that move pickups.
-func (s *Service) Wants(typ string) bool {
-	return typ == protocol.EventCodeAccepted || typ == protocol.EventDoorClosed || typ == protocol.EventDoorOpened
+// Wants implements fleet.EventSink: the events that move pickups (a door
+// opened by a code, not by a command or by hand).
+func (s *Service) Wants(e *protocol.Event) bool {
+	switch e.Type {
+	case protocol.EventCodeAccepted, protocol.EventDoorClosed:
+		return true
+	case protocol.EventDoorOpened:
+		return e.By == protocol.ByCredential && e.Credential != ""
+	}
+	return false
 }
 
 // DeviceEvents advances pickups from a locker's new events (called by the
