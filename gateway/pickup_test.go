@@ -2029,18 +2029,24 @@ func TestSilentLockerIsTheLastChoice(t *testing.T) {
 	}
 	silence(silent)
 	store := MustPickupToken(t, tg, "store", "store-042", "front-desk")
-	order := func(ref string) (status int, locker string, err error) {
-		var p struct{ Locker string }
+	// order returns the answer's status and locker, and whether the answer
+	// says the locker is silent.
+	order := func(ref string) (status int, locker string, quiet bool, err error) {
+		var p struct {
+			Locker       string
+			LockerSilent bool `json:"locker_silent"`
+		}
 		status, err = store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
 			"site": "store-042", "order_ref": ref, "size": "S", "recipient": map[string]string{"kind": "customer"}}}, &p)
-		return status, p.Locker, err
+		return status, p.Locker, p.LockerSilent, err
 	}
-	if status, locker, err := order("SILENT-1"); status != http.StatusCreated || locker != heard {
-		t.Fatalf("order with a silent and a heard locker: %d at %q (%v), want 201 at %s", status, locker, err, heard)
+	if status, locker, quiet, err := order("SILENT-1"); status != http.StatusCreated || locker != heard || quiet {
+		t.Fatalf("order with a silent and a heard locker: %d at %q, locker_silent %t (%v), want 201 at %s, not silent", status, locker, quiet, err, heard)
 	}
 	silence(heard)
-	if status, locker, err := order("SILENT-2"); status != http.StatusCreated || locker != silent {
-		t.Fatalf("order with only silent lockers online: %d at %q (%v), want 201 at %s (the lower id)", status, locker, err, silent)
+	if status, locker, quiet, err := order("SILENT-2"); status != http.StatusCreated || locker != silent || !quiet {
+		t.Fatalf("order with only silent lockers online: %d at %q, locker_silent %t (%v), want 201 at %s (the lower id), silent",
+			status, locker, quiet, err, silent)
 	}
 
 	// Both silent: the tie went to the lower id. A command result (of no
@@ -2056,8 +2062,8 @@ func TestSilentLockerIsTheLastChoice(t *testing.T) {
 		}
 		return nil
 	})
-	if status, locker, err := order("SILENT-3"); status != http.StatusCreated || locker != heard {
-		t.Fatalf("order once a locker spoke again: %d at %q (%v), want 201 at %s", status, locker, err, heard)
+	if status, locker, quiet, err := order("SILENT-3"); status != http.StatusCreated || locker != heard || quiet {
+		t.Fatalf("order once a locker spoke again: %d at %q, locker_silent %t (%v), want 201 at %s, not silent", status, locker, quiet, err, heard)
 	}
 }
 

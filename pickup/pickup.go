@@ -66,6 +66,10 @@ type Pickup struct {
 	DoneAt       *time.Time      `json:"done_at,omitempty"`
 	Credential   *CredentialView `json:"credential,omitempty"`
 	Transitions  []Transition    `json:"transitions,omitempty"`
+	// LockerSilent, in the answer to its creation only: the locker is
+	// online but was not heard from lately (every locker with room at the
+	// site was so); its staging unlock may go unanswered.
+	LockerSilent bool `json:"locker_silent,omitempty"`
 	// Withdrawn is the status its staging unlock ended in (expired or
 	// timed_out) when the transition that returned it withdrew that unlock
 	// (Store.Transition); "" otherwise.
@@ -174,7 +178,7 @@ type Store interface {
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
 	// online and enabled, no unlock of it unanswered that has not expired
 	// at p.CreatedAt), at a locker heard from since heardSince if one has
-	// room (zero: no preference), and inserts p holding it. Concurrent allocations never share a
+	// room (zero: no preference; p.LockerSilent tells which), and inserts p holding it. Concurrent allocations never share a
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
 	// a live pickup of the site and platform has the order_ref.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error

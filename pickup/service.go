@@ -152,6 +152,10 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	if err := s.o.Store.Allocate(ctx, p, now.Add(-s.o.SilentAfter)); err != nil {
 		return err
 	}
+	if p.LockerSilent {
+		s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
+			"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
+	}
 	s.m.state.WithLabelValues(Staging).Inc()
 	if err := s.o.Store.Audit(ctx, fleet.AuditEntry{Actor: p.CreatedBy, Action: "pickup.create", Locker: p.Locker, Site: p.Site,
 		Detail: map[string]any{"pickup": p.ID, "order_ref": p.OrderRef, "compartment": p.Compartment}}); err != nil {

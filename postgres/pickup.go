@@ -88,8 +88,8 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	// compartment another transaction holds would be found again and again.
 	// Lockers heard from since $6 come first: one online but silent (its
 	// firmware may be hung) is chosen only when no other has room.
-	candidate := `SELECT c.device_id` + free + ` AND c.device_id <> ALL($5::text[])
-		ORDER BY coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false) DESC, ` + smallest
+	candidate := `SELECT c.device_id, NOT coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false)` + free + ` AND c.device_id <> ALL($5::text[])
+		ORDER BY 2, ` + smallest
 	// The same, at one locker, under its lock: what the lock's last holder
 	// committed is counted. Compartments in $6 are left out: an unlock of
 	// each may still fire (firing, below).
@@ -106,7 +106,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker, &p.LockerSilent); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err
