@@ -17,13 +17,22 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// alertStore records alert writes, and fails them while down.
+// alertStore records alert writes, and fails them while down; open is
+// what OpenAlertCompartments answers.
 type alertStore struct {
 	*fakeStore
 	down    bool
 	calls   int
 	raised  []int // compartments
 	cleared [][]int
+	open    map[string][]int
+}
+
+func (s *alertStore) OpenAlertCompartments(context.Context, string) (map[string][]int, error) {
+	if s.down {
+		return nil, errors.New("database down")
+	}
+	return s.open, nil
 }
 
 func (s *alertStore) RaiseAlert(_ context.Context, a Alert) (bool, error) {
@@ -75,6 +84,36 @@ func TestDoorFaultsSyncedAfterADatabaseError(t *testing.T) {
 	m.syncDoorFaults(ctx, "lk-1", nil, at)
 	if len(st.cleared) != cleared+1 || len(st.cleared[cleared]) != 0 {
 		t.Fatalf("clears %v after the database came back, want one clearing every door", st.cleared[cleared:])
+	}
+}
+
+// TestDoorFaultsRecoveredWhileDown: a door_fault alert open when the
+// gateway starts is cleared by its locker's first report without the fault
+// (the door recovered while the gateway was down); a locker with none open
+// costs nothing for reporting none, nor does one still reporting its open
+// faults. Without the open alerts read at start, nothing is cleared.
+func TestDoorFaultsRecoveredWhileDown(t *testing.T) {
+	for _, down := range []bool{false, true} {
+		st := &alertStore{fakeStore: newFakeStore(), open: map[string][]int{"lk-1": {4}, "lk-2": {1, 3}}, down: down}
+		m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, at := context.Background(), time.Now()
+		m.loadDoorFaults(ctx)
+		st.down = false
+		m.syncDoorFaults(ctx, "lk-1", nil, at)
+		m.syncDoorFaults(ctx, "lk-2", []int{1, 3}, at)
+		m.syncDoorFaults(ctx, "lk-3", nil, at)
+		wantCleared, wantRaised := "[[]]", "[]"
+		if down {
+			// Not read: lk-1's alert stays, and lk-2's faults are written
+			// again (no-ops at the store).
+			wantCleared, wantRaised = "[[1 3]]", "[1 3]"
+		}
+		if got, raised := fmt.Sprint(st.cleared), fmt.Sprint(st.raised); got != wantCleared || raised != wantRaised {
+			t.Fatalf("read at start failed %t: cleared %s, raised %s; want %s, %s", down, got, raised, wantCleared, wantRaised)
+		}
 	}
 }
 

@@ -89,6 +89,10 @@ func (f *fakeStore) Census(context.Context, time.Time, time.Time, []string) (*Ce
 	return &Census{}, nil
 }
 
+func (f *fakeStore) OpenAlertCompartments(context.Context, string) (map[string][]int, error) {
+	return nil, nil
+}
+
 func (f *fakeStore) WatchCommands(ctx context.Context, _ func(string)) error {
 	<-ctx.Done()
 	return nil

@@ -145,8 +145,11 @@ type Manager struct {
 	effectsWait  time.Duration           // bounds the wait for one (effectsLockWait)
 	credsLag     map[string]credsLagSeen // lockers behind on credentials at the last census (Run's goroutine only)
 
-	doorFaults sync.Map          // locker id → []int, the last door_faults seen (or faultsUnsynced)
-	publishMu  [64]chan struct{} // lockLocker's locks, one slot each
+	doorFaults sync.Map // locker id → []int, the last door_faults seen (or faultsUnsynced)
+	// faultsLoaded: doorFaults was filled at start with the open door_fault
+	// alerts, so a locker absent from it has none.
+	faultsLoaded atomic.Bool
+	publishMu    [64]chan struct{} // lockLocker's locks, one slot each
 
 	stopped    atomic.Bool
 	subscribed atomic.Bool
@@ -299,6 +302,7 @@ func (m *Manager) Subscribe() error {
 // Run processes device messages until ctx ends; then it drains what was
 // queued and returns. Stop the bus before ctx ends.
 func (m *Manager) Run(ctx context.Context) error {
+	m.loadDoorFaults(ctx)
 	if err := m.Subscribe(); err != nil {
 		return err
 	}
@@ -1257,12 +1261,18 @@ func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time
 
 // syncDoorFaults raises an alert per newly failing door and clears those
 // that recovered. Only changes cost a database round trip: the last fault
-// list of each locker is remembered (per instance; after a restart a fault
-// is raised again, which the open-alert index turns into a no-op). When the
-// database fails, the list is marked unsynced, so the next report tries
-// again whatever it says.
+// list of each locker is remembered, starting from the open door_fault
+// alerts when Run starts (loadDoorFaults: a fault that recovered while the
+// gateway was down is cleared by the first report without it). The list is
+// per instance: behind an external broker another instance's alerts are
+// not in it (a fault raised again is a no-op, by the open-alert index).
+// When the database fails, the list is marked unsynced, so the next report
+// tries again whatever it says.
 func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, at time.Time) {
 	prev, known := m.doorFaults.Load(id)
+	if !known && m.faultsLoaded.Load() {
+		prev, known = []int(nil), true // no open alert at start
+	}
 	if prevList, ok := prev.([]int); (ok && slices.Equal(prevList, faults)) || (!known && len(faults) == 0) {
 		return
 	}
@@ -1274,6 +1284,24 @@ func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, a
 	if !m.clearAlerts(ctx, id, AlertDoorFault, at, faults) || !stored {
 		m.doorFaults.Store(id, faultsUnsynced{})
 	}
+}
+
+// loadDoorFaults fills doorFaults with the open door_fault alerts. Should
+// the read fail, a locker's first report without faults clears nothing
+// (its open alerts stay until a fault is reported and recovers again).
+func (m *Manager) loadDoorFaults(ctx context.Context) {
+	open, err := m.store.OpenAlertCompartments(ctx, AlertDoorFault)
+	if err != nil {
+		if ctx.Err() == nil {
+			m.log.Error("read open door_fault alerts: one whose door recovered while the gateway was down stays open until the fault is reported and recovers again",
+				"err", err)
+		}
+		return
+	}
+	for id, comps := range open {
+		m.doorFaults.LoadOrStore(id, comps)
+	}
+	m.faultsLoaded.Store(true)
 }
 
 // faultsUnsynced stands in doorFaults for a locker whose door-fault alerts

@@ -51,6 +51,9 @@ type Store interface {
 	// ClearAlerts clears a locker's open alerts of kind, except those of the
 	// compartments in keep (0 stands for "no compartment").
 	ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error)
+	// OpenAlertCompartments returns, per locker, the compartments of its
+	// open alerts of kind (0 for "no compartment"), in order.
+	OpenAlertCompartments(ctx context.Context, kind string) (map[string][]int, error)
 
 	// CreateCommand inserts the new command c and, when audit is not nil,
 	// its audit entry (with the locker's site), atomically, if c's locker

@@ -14,10 +14,43 @@ import (
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/webhook"
 )
+
+// TestDoorFaultRecoveredWhileGatewayDown: a door_fault alert open when the
+// gateway stopped is cleared by the locker's first health without the fault
+// after the restart (the gateway no longer remembers the fault list).
+func TestDoorFaultRecoveredWhileGatewayDown(t *testing.T) {
+	var opts gateway.Options
+	tg := MustStart(t, func(o *gateway.Options) { opts = *o })
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-AL-FAULT")
+	health := func(tg *TestGateway, seq int, faults string) {
+		t.Helper()
+		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanHealth), false,
+			fmt.Sprintf(`{"seq":%d,"ts":"%s","uptime_s":5%s}`, seq, protocol.FormatTime(time.Now()), faults))
+		dev.Disconnect(250)
+	}
+	open := func(tg *TestGateway, want int) {
+		t.Helper()
+		Eventually(t, 10*time.Second, fmt.Sprintf("%d door_fault alerts open", want), func() error {
+			if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'door_fault' AND cleared_at IS NULL`, id.DeviceID); n != want {
+				return fmt.Errorf("%d open", n)
+			}
+			return nil
+		})
+	}
+	health(tg, 1, `,"door_faults":[4]`)
+	open(tg, 1)
+	tg.Stop(t)
+	tg = MustRun(t, opts)
+	health(tg, 1, `,"door_faults":[]`)
+	open(tg, 0)
+}
 
 // TestAlerts: events and health raise alerts once while the condition lasts,
 // and clear them when it ends.

@@ -736,6 +736,23 @@ func raiseAlertArgs(a *fleet.Alert) []any {
 	return []any{a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt}
 }
 
+// OpenAlertCompartments implements fleet.Store.
+func (db *DB) OpenAlertCompartments(ctx context.Context, kind string) (map[string][]int, error) {
+	rows, err := db.pool.Query(ctx, `SELECT device_id, array_agg(coalesce(compartment, 0) ORDER BY coalesce(compartment, 0))
+		FROM alerts WHERE kind = $1 AND cleared_at IS NULL GROUP BY device_id`, kind)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string][]int{}
+	var id string
+	var comps []int
+	_, err = pgx.ForEachRow(rows, []any{&id, &comps}, func() error {
+		out[id] = slices.Clone(comps)
+		return nil
+	})
+	return out, err
+}
+
 // ClearAlerts implements fleet.Store.
 func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error) {
 	if keep == nil {
