@@ -10,13 +10,17 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 )
 
-// lockerStore fails every locker read, as a database that is down does.
+// lockerStore answers every locker read with locker, or fails it with err,
+// as a database that is down does.
 type lockerStore struct {
 	fleet.Store
-	err error
+	locker *fleet.Locker
+	err    error
 }
 
-func (s lockerStore) GetLocker(context.Context, string) (*fleet.Locker, error) { return nil, s.err }
+func (s lockerStore) GetLocker(context.Context, string) (*fleet.Locker, error) {
+	return s.locker, s.err
+}
 
 type nopBus struct{}
 

@@ -268,7 +268,7 @@ func rangeParams(r *http.Request) (fleet.Range, error) {
 	if after := r.URL.Query().Get("after"); after != "" {
 		ts, key, ok := strings.Cut(after, "~")
 		t, err := time.Parse(time.RFC3339Nano, ts)
-		if err != nil || !ok {
+		if err != nil || !ok || key == "" {
 			return fleet.Range{}, badRequest("after must be a cursor from a previous answer")
 		}
 		rg.AfterTS, rg.AfterKey = t, key
@@ -284,6 +284,11 @@ func (s *Server) lockerHealth(w http.ResponseWriter, r *http.Request) error {
 	rg, err := rangeParams(r)
 	if err != nil {
 		return err
+	}
+	if rg.AfterKey != "" {
+		if _, err := strconv.ParseInt(rg.AfterKey, 10, 64); err != nil { // a health row's key is its seq
+			return badRequest("after must be a cursor from a previous answer")
+		}
 	}
 	hs, err := s.store.ListHealth(r.Context(), l.ID, rg)
 	if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -228,6 +229,7 @@ func TestRangeParams(t *testing.T) {
 		{"after=2026-01-01T10:00:00.123456789Z~42", fleet.Range{Limit: 100, AfterTS: at("2026-01-01T10:00:00.123456789Z"), AfterKey: "42"}, ""},
 		{"after=2026-01-01T10:00:00Z~e-1~x", fleet.Range{Limit: 100, AfterTS: at("2026-01-01T10:00:00Z"), AfterKey: "e-1~x"}, ""},
 		{"after=2026-01-01T10:00:00Z", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
+		{"after=2026-01-01T10:00:00Z~", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
 		{"after=yesterday~1", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
 		{"since=yesterday", fleet.Range{}, "bad request: since must be an RFC 3339 time"},
 		{"until=tomorrow", fleet.Range{}, "bad request: until must be an RFC 3339 time"},
@@ -243,6 +245,21 @@ func TestRangeParams(t *testing.T) {
 			rg.Limit != tc.want.Limit || rg.AfterKey != tc.want.AfterKey:
 			t.Errorf("%q: %+v, want %+v", tc.query, rg, tc.want)
 		}
+	}
+}
+
+// TestHealthCursorIsASeq: a health page's cursor ends in the last row's
+// seq; another key is no cursor an answer gave.
+func TestHealthCursorIsASeq(t *testing.T) {
+	fm, err := fleet.New(fleet.Options{Store: lockerStore{locker: &fleet.Locker{ID: "lk-1", Site: "a"}}, Bus: nopBus{},
+		Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(Options{Store: &fakeStore{}, Fleet: fm, Logger: slog.New(slog.DiscardHandler)})
+	for _, after := range []string{"2026-01-01T10:00:00Z~abc", "2026-01-01T10:00:00Z~e-1"} {
+		call(t, s, "GET", "/v1/lockers/lk-1/health?after="+after, "admin").
+			wantProblem(t, http.StatusBadRequest, "bad request: after must be a cursor from a previous answer")
 	}
 }
 
