@@ -170,6 +170,8 @@ func TestMQTTBadInput(t *testing.T) {
 		{protocol.ChanEvents, `{"id":"e-nul","ts":"` + now + `","type":"tamper","vendor":"a\u0000b"}`, "invalid"},
 		{protocol.ChanEvents, `{"id":"e-sur","ts":"` + now + `","type":"tamper","detail":"\ud800"}`, "invalid"},
 		{protocol.ChanEvents, `{"id":"e-big","ts":"` + now + `","type":"door_opened","compartment":3000000000}`, "invalid"},
+		// Applied to one compartment, its stored body naming another.
+		{protocol.ChanEvents, `{"id":"e-case","ts":"` + now + `","type":"door_closed","compartment":1,"occupied":true,"Compartment":2}`, "invalid"},
 		{protocol.ChanPresence, `{"online":true,"fw":"1.0\u0000"}`, "invalid"},
 		{protocol.ChanCmdResult, `{"id":"c-1","status":"failed","error":"jam\u0000"}`, "invalid"},
 	}

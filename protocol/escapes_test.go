@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -52,5 +53,32 @@ func TestEventCompartmentBounds(t *testing.T) {
 		if ok != (err == nil) {
 			t.Errorf("%s: %v, want ok %v", body, err, ok)
 		}
+	}
+}
+
+// TestEventNamesDifferingInCase: an event with two names that differ only
+// in letter case is invalid (which one was applied would not be what the
+// stored body shows); one name in another case is read, and the same name
+// twice is the last, as before. Other payloads are not asked.
+func TestEventNamesDifferingInCase(t *testing.T) {
+	for body, want := range map[string]string{
+		`"type":"door_closed","compartment":3,"occupied":true,"Compartment":4`: `fields "Compartment" and "compartment" differ only in letter case`,
+		`"type":"door_closed","Compartment":3,"occupied":true`:                 "",
+		`"type":"door_closed","compartment":3,"occupied":true,"compartment":4`: "",
+		`"type":"tamper","detail":"x","DETAIL":"y"`:                            `fields "DETAIL" and "detail" differ only in letter case`,
+		`"type":"tamper","detail":"x","note":{"a":1,"A":2}`:                    "", // unknown, nested: not read
+	} {
+		e, err := Decode[Event]([]byte(`{"id":"e-1","ts":"2026-12-04T12:00:00Z",` + body + `}`))
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", body, err)
+		case want != "" && (err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), want)):
+			t.Errorf("%s: %v, want invalid: %s", body, err, want)
+		case want == "" && e.Type == EventDoorClosed && e.Compartment == 0:
+			t.Errorf("%s: compartment not read", body)
+		}
+	}
+	if _, err := Decode[Health]([]byte(`{"seq":1,"ts":"2026-12-04T12:00:00Z","uptime_s":5,"Seq":2}`)); err != nil {
+		t.Errorf("health with a name in two cases: %v, want read (not asked)", err)
 	}
 }

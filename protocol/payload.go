@@ -6,8 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"math/big"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -226,7 +228,35 @@ func decodeBody[T any, PT interface {
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
+	if _, stored := any(v).(*Event); stored {
+		if err := caseDuplicates(payload); err != nil {
+			return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
 	return v, payload, nil
+}
+
+// caseDuplicates refuses a top-level object (payload, which decoded) with
+// two member names that differ only in letter case: the decoder takes the
+// last for the field, and a body stored as read would keep both, so what
+// was applied and what is shown would differ. (The same name twice is the
+// same field everywhere: the last.) Asked of events, whose bodies are
+// stored; it costs a second parse.
+func caseDuplicates(payload []byte) error {
+	var members map[string]json.RawMessage
+	if err := json.Unmarshal(payload, &members); err != nil {
+		return nil // decoded before: not an object of members
+	}
+	names := slices.Sorted(maps.Keys(members))
+	seen := make(map[string]string, len(names))
+	for _, name := range names {
+		folded := strings.ToUpper(strings.ToLower(name))
+		if other, ok := seen[folded]; ok {
+			return fmt.Errorf("fields %q and %q differ only in letter case", other, name)
+		}
+		seen[folded] = name
+	}
+	return nil
 }
 
 // utcTS rewrites, in a copy of payload (a JSON object that decoded), each
