@@ -414,6 +414,10 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[0] + "/events") }, want: siteWide(ok, ok)},
 		{name: "GET /v1/lockers/{id}/events other", op: "GET /v1/lockers/{id}/events",
 			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/events") }, want: siteWide(ok, denied)},
+		{name: "GET /v1/lockers/{id}/uptime own", op: "GET /v1/lockers/{id}/uptime",
+			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.ownLockers[0] + "/uptime") }, want: siteWide(ok, ok)},
+		{name: "GET /v1/lockers/{id}/uptime other", op: "GET /v1/lockers/{id}/uptime",
+			req: func(e roleEnv) client.Request { return get("/v1/lockers/" + e.othLocker[0] + "/uptime") }, want: siteWide(ok, denied)},
 
 		{name: "POST /v1/lockers/{id}/commands unlock own", op: "POST /v1/lockers/{id}/commands",
 			req: func(e roleEnv) client.Request { return command(e.ownLockers[0], unlock) }, want: siteWide(created, created)},
@@ -751,7 +755,7 @@ func TestRoles(t *testing.T) {
 	// contract says ("a token outside its role or site"); about a locker
 	// that does not exist, 404.
 	t.Run("store/OtherSiteLockerForbidden", func(t *testing.T) {
-		for _, path := range []string{"", "/health", "/events", "/commands/" + cmdB} {
+		for _, path := range []string{"", "/health", "/events", "/uptime", "/commands/" + cmdB} {
 			_, errOther := storeA.Do(ctx, get("/v1/lockers/"+lockersB[0]+path), nil)
 			_, errNone := storeA.Do(ctx, get("/v1/lockers/lk-does-not-exist"+path), nil)
 			var po, pn *client.Error

@@ -446,3 +446,65 @@ func (s *Server) listAudit(w http.ResponseWriter, r *http.Request) error {
 		return s.store.ListAudit(ctx, fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), After: afterID, Limit: limit})
 	}, func(e fleet.AuditEntry) string { return strconv.FormatInt(e.ID, 10) })
 }
+
+// maxUptimeDays bounds the range of one uptime answer.
+const maxUptimeDays = 93
+
+// uptimeAnswer is a locker's presence over the calendar days of its site.
+type uptimeAnswer struct {
+	Locker   string    `json:"locker"`
+	Site     string    `json:"site"`
+	Timezone string    `json:"timezone"`
+	Since    time.Time `json:"since"`
+	Until    time.Time `json:"until"`
+	fleet.Presence
+	Days []fleet.DayUptime `json:"days"`
+}
+
+// lockerUptime answers a locker's online time per calendar day of its
+// site, from its presence history: since (default: the start of the day
+// six days ago, so seven days with today) until until (default: now).
+func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
+	l, err := s.locker(r)
+	if err != nil {
+		return err
+	}
+	since, err := timeParam(r, "since")
+	if err != nil {
+		return err
+	}
+	until, err := timeParam(r, "until")
+	if err != nil {
+		return err
+	}
+	site, err := s.store.GetSite(r.Context(), l.Site)
+	if err != nil {
+		return err
+	}
+	loc, err := time.LoadLocation(site.Timezone)
+	if err != nil {
+		loc = time.UTC // sites are validated on creation; UTC is the schema's default
+	}
+	now := time.Now()
+	if until.IsZero() {
+		until = now
+	}
+	if since.IsZero() {
+		y, m, d := until.In(loc).Date()
+		since = time.Date(y, m, d-6, 0, 0, 0, 0, loc)
+	}
+	if !since.Before(until) {
+		return badRequest("since must be before until")
+	}
+	if until.Sub(since) > maxUptimeDays*24*time.Hour {
+		return badRequest("at most %d days at once: narrow since and until", maxUptimeDays)
+	}
+	prev, changes, err := s.store.PresenceHistory(r.Context(), l.ID, since, until)
+	if err != nil {
+		return err
+	}
+	days := fleet.Uptime(prev, changes, since, until, l.CreatedAt, now, loc)
+	writeJSON(w, http.StatusOK, uptimeAnswer{Locker: l.ID, Site: l.Site, Timezone: loc.String(), Since: since.UTC(), Until: until.UTC(),
+		Presence: fleet.TotalUptime(days), Days: days})
+	return nil
+}

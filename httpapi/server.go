@@ -40,6 +40,7 @@ type Store interface {
 	UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error)
 	ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error)
 	ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error)
+	PresenceHistory(ctx context.Context, id string, from, to time.Time) (*fleet.PresenceChange, []fleet.PresenceChange, error)
 	Audit(ctx context.Context, e fleet.AuditEntry) error
 	ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error)
 	QueryAlerts(ctx context.Context, f fleet.AlertFilter) ([]fleet.Alert, error)
@@ -312,6 +313,7 @@ func (s *Server) table() []route {
 		{"POST", "/v1/lockers/{id}/rotate-codes", siteRoles, true, s.rotateCodes},
 		{"GET", "/v1/lockers/{id}/health", siteRoles, false, s.lockerHealth},
 		{"GET", "/v1/lockers/{id}/events", siteRoles, false, s.lockerEvents},
+		{"GET", "/v1/lockers/{id}/uptime", siteRoles, false, s.lockerUptime},
 		{"POST", "/v1/lockers/{id}/commands", siteRoles, true, s.createCommand},
 		{"GET", "/v1/lockers/{id}/commands/{cmd}", siteRoles, false, s.getCommand},
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},

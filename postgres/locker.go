@@ -736,6 +736,47 @@ func raiseAlertArgs(a *fleet.Alert) []any {
 	return []any{a.DeviceID, a.Kind, comp, a.Detail, a.RaisedAt}
 }
 
+// maxPresenceChanges bounds the presence history one uptime answer reads:
+// a locker that reconnects every few seconds for months would have more.
+const maxPresenceChanges = 100_000
+
+// PresenceHistory returns a locker's presence changes in [from, to),
+// oldest first, and the last one before from (nil: none kept). More than
+// maxPresenceChanges is fleet.ErrInvalid: the range is to be narrowed.
+func (db *DB) PresenceHistory(ctx context.Context, id string, from, to time.Time) (*fleet.PresenceChange, []fleet.PresenceChange, error) {
+	b := &pgx.Batch{}
+	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts < $2 ORDER BY ts DESC LIMIT 1`, id, from)
+	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4`,
+		id, from, to, maxPresenceChanges+1)
+	br := db.pool.SendBatch(ctx, b)
+	defer br.Close()
+	var before fleet.PresenceChange
+	err := br.QueryRow().Scan(&before.At, &before.Online, &before.Reason)
+	if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil, err
+	}
+	prev := &before
+	if err != nil {
+		prev = nil
+	}
+	rows, err := br.Query()
+	if err != nil {
+		return nil, nil, err
+	}
+	changes, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.PresenceChange, error) {
+		var c fleet.PresenceChange
+		err := row.Scan(&c.At, &c.Online, &c.Reason)
+		return c, err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(changes) > maxPresenceChanges {
+		return nil, nil, fmt.Errorf("%w: more than %d presence changes in the range: ask for fewer days", fleet.ErrInvalid, maxPresenceChanges)
+	}
+	return prev, changes, br.Close()
+}
+
 // OpenAlertCompartments implements fleet.Store.
 func (db *DB) OpenAlertCompartments(ctx context.Context, kind string) (map[string][]int, error) {
 	rows, err := db.pool.Query(ctx, `SELECT device_id, array_agg(coalesce(compartment, 0) ORDER BY coalesce(compartment, 0))

@@ -1,0 +1,71 @@
+package fleet
+
+import (
+	"fmt"
+	"testing"
+	"time"
+)
+
+// TestUptime: presence history split into the site's calendar days: a
+// session open before the range, one across midnight, a takeover (a start
+// while online), an end while offline, the day the locker was registered
+// and today (observed until now), and a day 25 hours long.
+func TestUptime(t *testing.T) {
+	chicago, err := time.LoadLocation("America/Chicago")
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := func(s string) time.Time {
+		ts, err := time.ParseInLocation(time.DateTime, s, chicago)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ts
+	}
+	on := func(s string) PresenceChange { return PresenceChange{At: at(s), Online: true} }
+	off := func(s string) PresenceChange { return PresenceChange{At: at(s), Reason: "connection_lost"} }
+	show := func(days []DayUptime) string {
+		var out string
+		for _, d := range days {
+			u := "-"
+			if d.Uptime != nil {
+				u = fmt.Sprint(*d.Uptime)
+			}
+			out += fmt.Sprintf("%s %gh/%gh %s +%d -%d; ", d.Date, d.OnlineS/3600, d.ObservedS/3600, u, d.Connects, d.Disconnects)
+		}
+		return out
+	}
+	for _, c := range []struct {
+		name                         string
+		before                       *PresenceChange
+		changes                      []PresenceChange
+		from, to, created, now, want string
+	}{
+		{"online all along", &PresenceChange{At: at("2026-11-01 08:00:00"), Online: true}, nil,
+			"2026-12-01 00:00:00", "2026-12-03 00:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
+			"2026-12-01 24h/24h 1 +0 -0; 2026-12-02 24h/24h 1 +0 -0; "},
+		{"across midnight, a takeover, an end while offline", nil,
+			[]PresenceChange{on("2026-12-01 18:00:00"), on("2026-12-01 20:00:00"), off("2026-12-02 06:00:00"), off("2026-12-02 07:00:00")},
+			"2026-12-01 00:00:00", "2026-12-03 00:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
+			"2026-12-01 6h/24h 0.25 +2 -0; 2026-12-02 6h/24h 0.25 +0 -1; "},
+		{"registered in the afternoon, today until now", nil,
+			[]PresenceChange{on("2026-12-04 12:00:00"), off("2026-12-04 18:00:00"), on("2026-12-05 00:00:00")},
+			"2026-12-04 00:00:00", "2026-12-06 00:00:00", "2026-12-04 12:00:00", "2026-12-05 06:00:00",
+			"2026-12-04 6h/12h 0.5 +1 -1; 2026-12-05 6h/6h 1 +1 -0; "},
+		{"not yet registered", nil, nil,
+			"2026-12-01 00:00:00", "2026-12-02 00:00:00", "2026-12-03 00:00:00", "2026-12-05 00:00:00",
+			"2026-12-01 0h/0h - +0 -0; "},
+		{"the day clocks go back", &PresenceChange{At: at("2026-10-01 00:00:00"), Online: true}, nil,
+			"2026-11-01 00:00:00", "2026-11-02 00:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
+			"2026-11-01 25h/25h 1 +0 -0; "},
+		{"a range that starts mid-day", &PresenceChange{At: at("2026-11-30 00:00:00"), Online: true},
+			[]PresenceChange{off("2026-12-01 15:00:00")},
+			"2026-12-01 12:00:00", "2026-12-01 18:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
+			"2026-12-01 3h/6h 0.5 +0 -1; "},
+	} {
+		got := show(Uptime(c.before, c.changes, at(c.from), at(c.to), at(c.created), at(c.now), chicago))
+		if got != c.want {
+			t.Errorf("%s:\n got %s\nwant %s", c.name, got, c.want)
+		}
+	}
+}
