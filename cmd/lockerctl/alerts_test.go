@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestAlerts: alerts list passes its filters and prints every page; alerts
@@ -83,5 +84,72 @@ func TestClaimsCreateLifetime(t *testing.T) {
 	got = nil
 	if code := run([]string{"--url", srv.URL, "--token", "tok", "claims", "create", "--site", "s1", "--expires-in", "500ms"}, &out, &errOut); code != 2 || got != nil {
 		t.Fatalf("claims create --expires-in 500ms: exit %d, sent %v; want exit 2 and nothing sent", code, got)
+	}
+}
+
+// TestLockerHistory: lockers health and events page through the locker's
+// history from --since (a negative duration is from now; the default an
+// hour); lockers uptime prints its days and their total; commands show
+// reads one command; an id is required first.
+func TestLockerHistory(t *testing.T) {
+	var sinces []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		q := r.URL.Query()
+		switch r.URL.Path {
+		case "/v1/lockers/lk-1/events":
+			sinces = append(sinces, q.Get("since"))
+			if q.Get("after") == "" {
+				json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"id": "e-1", "type": "door_opened"}}, "next": "t~e-1"})
+				return
+			}
+			json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"id": "e-2", "type": "door_closed"}}, "next": ""})
+		case "/v1/lockers/lk-1/health":
+			sinces = append(sinces, q.Get("since"))
+			json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"seq": 7}}, "next": ""})
+		case "/v1/lockers/lk-1/uptime":
+			sinces = append(sinces, q.Get("since"))
+			json.NewEncoder(w).Encode(map[string]any{"observed_s": 7200, "online_s": 3600, "uptime": 0.5,
+				"days": []map[string]any{{"date": "2026-12-06", "uptime": 0.25, "connects": 3}, {"date": "2026-12-07", "uptime": 0.75}}})
+		case "/v1/lockers/lk-1/commands/c-1":
+			json.NewEncoder(w).Encode(map[string]any{"id": "c-1", "status": "ok"})
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	lockerctl := func(args ...string) (int, string) {
+		var out, errOut bytes.Buffer
+		code := run(append([]string{"--url", srv.URL, "--token", "tok"}, args...), &out, &errOut)
+		return code, out.String() + errOut.String()
+	}
+	before := time.Now().Add(-2 * time.Hour)
+	if code, out := lockerctl("lockers", "events", "lk-1", "--since", "-2h"); code != 0 || !strings.Contains(out, "door_opened") || !strings.Contains(out, "door_closed") {
+		t.Fatalf("lockers events: exit %d:\n%s", code, out)
+	}
+	if code, out := lockerctl("lockers", "health", "lk-1"); code != 0 || !strings.Contains(out, "7") {
+		t.Fatalf("lockers health: exit %d:\n%s", code, out)
+	}
+	if code, out := lockerctl("lockers", "uptime", "lk-1"); code != 0 || !strings.Contains(out, "2026-12-06") || !strings.Contains(out, "total") ||
+		!strings.Contains(out, "0.5") {
+		t.Fatalf("lockers uptime: exit %d:\n%s", code, out)
+	}
+	// Both pages of events from 2 h ago, health from 1 h ago, uptime from the API's default.
+	if len(sinces) != 4 || sinces[0] != sinces[1] || sinces[3] != "" {
+		t.Fatalf("since sent %q", sinces)
+	}
+	for i, want := range []time.Time{before, before.Add(time.Hour)} {
+		got, err := time.Parse(time.RFC3339Nano, sinces[i*2])
+		if err != nil || got.Before(want.Add(-time.Minute)) || got.After(want.Add(time.Minute)) {
+			t.Fatalf("since %q, want about %v", sinces[i*2], want)
+		}
+	}
+	if code, out := lockerctl("commands", "show", "lk-1", "c-1"); code != 0 || !strings.Contains(out, "ok") {
+		t.Fatalf("commands show: exit %d:\n%s", code, out)
+	}
+	for _, args := range [][]string{{"lockers", "events", "--since", "-1h"}, {"lockers", "health", "lk-1", "--since", "1h"}, {"commands", "show", "lk-1"}} {
+		if code, out := lockerctl(args...); code != 2 {
+			t.Errorf("%q: exit %d, want 2 (usage):\n%s", args, code, out)
+		}
 	}
 }

@@ -34,6 +34,9 @@ const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN | --d
 commands:
   lockers list [--site S] [--online true|false] [--model M] [--fw V]
   lockers show ID
+  lockers health ID | lockers events ID [--since RFC3339|-1h] [--until RFC3339]
+  lockers uptime ID [--since RFC3339] [--until RFC3339]
+  commands show LOCKER COMMAND
   lockers disable ID | enable ID | replaceable ID | rotate-codes ID
   unlock LOCKER COMPARTMENT [--reason remote] [--ttl 30] [--wait 10]
   sites list | sites create ID [--name N] [--timezone TZ]
@@ -136,6 +139,13 @@ func (c *cli) dispatch(args []string) error {
 		return c.lockersList(args)
 	case "lockers show":
 		return c.oneArg(args, func(id string) error { return c.show("/v1/lockers/" + url.PathEscape(id)) })
+	case "lockers health", "lockers events", "lockers uptime":
+		return c.lockerHistory(key, args)
+	case "commands show":
+		if len(args) != 2 || args[0] == "" || args[1] == "" {
+			return usageError("want a locker id and a command id")
+		}
+		return c.show("/v1/lockers/" + url.PathEscape(args[0]) + "/commands/" + url.PathEscape(args[1]))
 	case "lockers disable", "lockers enable", "lockers replaceable":
 		return c.oneArg(args, func(id string) error {
 			body := map[string]bool{"disabled": key == "lockers disable"}
@@ -251,6 +261,60 @@ func (c *cli) show(path string) error {
 		return err
 	}
 	return c.print(out, nil)
+}
+
+// lockerHistory prints a locker's health or events (every page within
+// --since, default the last hour, and --until) or its uptime per day.
+func (c *cli) lockerHistory(key string, args []string) error {
+	if len(args) == 0 || args[0] == "" || strings.HasPrefix(args[0], "-") {
+		return usageError("want a locker id, then the flags")
+	}
+	id := args[0]
+	fs := c.flags(key)
+	def := "-1h"
+	if key == "lockers uptime" {
+		def = "" // the API's: the last seven days
+	}
+	since := fs.String("since", def, "RFC 3339 time, or a negative duration from now (-1h)")
+	until := fs.String("until", "", "RFC 3339 time")
+	if err := fs.Parse(args[1:]); err != nil {
+		return usageError(err.Error())
+	}
+	if d, err := time.ParseDuration(*since); err == nil {
+		if d >= 0 {
+			return usageError("--since: a duration must be negative (-1h: an hour ago)")
+		}
+		*since = time.Now().Add(d).UTC().Format(time.RFC3339Nano)
+	}
+	q := url.Values{"since": {*since}, "until": {*until}}
+	path := "/v1/lockers/" + url.PathEscape(id)
+	switch key {
+	case "lockers health":
+		return c.list(path+"/health", q, []string{"received_at", "seq", "ts"})
+	case "lockers events":
+		return c.list(path+"/events", q, []string{"received_at", "id", "type", "compartment", "ts"})
+	}
+	for k, v := range q {
+		if v[0] == "" {
+			delete(q, k)
+		}
+	}
+	var out map[string]any
+	if err := c.c.Get(c.ctx, path+"/uptime", q, &out); err != nil {
+		return err
+	}
+	if c.json {
+		return c.print(out, nil)
+	}
+	days, _ := out["days"].([]any)
+	rows := make([]map[string]any, 0, len(days)+1)
+	for _, d := range days {
+		if m, ok := d.(map[string]any); ok {
+			rows = append(rows, m)
+		}
+	}
+	rows = append(rows, map[string]any{"date": "total", "observed_s": out["observed_s"], "online_s": out["online_s"], "uptime": out["uptime"]})
+	return c.print(rows, []string{"date", "uptime", "online_s", "observed_s", "connects", "disconnects"})
 }
 
 func (c *cli) lockersList(args []string) error {
