@@ -183,6 +183,11 @@ type Alert struct {
 	// late report of its code's use disproved); empty when its condition
 	// ended or it is open.
 	ClearedBy string `json:"cleared_by,omitempty"`
+	// Repeats is how often the alert was raised again while open (kinds
+	// of which one is open at a time: stateful ones, tamper, code
+	// lockout), the last time at LastRaisedAt; Detail is the latest's.
+	Repeats      int        `json:"repeats,omitempty"`
+	LastRaisedAt *time.Time `json:"last_raised_at,omitempty"`
 	// Audit, when set, is written with the alert, in its transaction, and
 	// only when the alert is opened: an event applied again (a replay)
 	// neither raises its alert twice nor audits it twice.

@@ -88,6 +88,18 @@ func TestAlerts(t *testing.T) {
 	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"door_ajar","compartment":2,"open_s":190}`)
 	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"door_ajar","compartment":3,"open_s":130}`)
 	wait("door_ajar open", open("door_ajar"), 2)
+	// The one reported twice says so, with the latest report's detail.
+	latest := func(kind string) (repeats int, detail string) {
+		t.Helper()
+		if err := tg.DB().Pool().QueryRow(ctx, `SELECT repeats, detail FROM alerts WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL
+			ORDER BY coalesce(compartment, 0) LIMIT 1`, id.DeviceID, kind).Scan(&repeats, &detail); err != nil {
+			t.Fatal(err)
+		}
+		return repeats, detail
+	}
+	if repeats, detail := latest("door_ajar"); repeats != 1 || detail != "open 190 s" {
+		t.Fatalf("door_ajar reported twice: repeats %d, detail %q; want 1, the latest (open 190 s)", repeats, detail)
+	}
 	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"door_closed","compartment":2,"occupied":false}`)
 	wait("door_ajar 2 cleared", open("door_ajar"), 1)
 
@@ -101,6 +113,32 @@ func TestAlerts(t *testing.T) {
 	wait("door faults", open("door_fault"), 2)
 	pub(protocol.ChanHealth, `{"seq":%d,"ts":"%s","uptime_s":7,"door_faults":[4]}`)
 	wait("door fault 1 cleared", open("door_fault"), 1)
+
+	// A tamper reported again while its alert is open adds to it; once
+	// staff cleared it, the next opens a new one.
+	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"tamper","detail":"lid"}`)
+	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"tamper","detail":"door forced"}`)
+	Eventually(t, 10*time.Second, "the second tamper added to the first", func() error {
+		if repeats, detail := latest("tamper"); repeats != 1 || detail != "door forced" {
+			return fmt.Errorf("repeats %d, detail %q", repeats, detail)
+		}
+		return nil
+	})
+	var alertID string
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT id::text FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID).Scan(&alertID); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Admin.Post(ctx, "/v1/alerts/"+alertID+"/clear", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"tamper","detail":"lid"}`)
+	wait("a new tamper alert after the clear", open("tamper"), 1)
+	if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, id.DeviceID); n != 2 {
+		t.Fatalf("%d tamper alerts, want 2 (the cleared one and the new one)", n)
+	}
+	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="tamper"}`); err != nil || v != 2 {
+		t.Fatalf("tamper alerts raised: %v (%v), want 2", v, err)
+	}
 
 	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="door_fault"}`); err != nil || v != 2 {
 		t.Fatalf("door_fault alerts raised: %v (%v), want 2", v, err)

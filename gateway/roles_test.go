@@ -229,7 +229,7 @@ func TestRoles(t *testing.T) {
 	// newAlert opens an alert at locker, as an event would, and returns its id.
 	newAlert := func(locker string) string {
 		var id int64
-		if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'tamper', 'role matrix') RETURNING id`,
+		if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'staged_empty', 'role matrix') RETURNING id`,
 			locker).Scan(&id); err != nil {
 			t.Fatal(err)
 		}

@@ -28,11 +28,13 @@ func (c *conds) add(cond string, v any) {
 
 func (c *conds) and() string { return strings.Join(c.where, " AND ") }
 
-const alertCols = `a.id, a.device_id, coalesce(d.site, ''), a.kind, coalesce(a.compartment, 0), a.detail, a.raised_at, a.cleared_at, a.cleared_by`
+const alertCols = `a.id, a.device_id, coalesce(d.site, ''), a.kind, coalesce(a.compartment, 0), a.detail, a.raised_at, a.cleared_at, a.cleared_by,
+	a.repeats, a.last_raised_at`
 
 func scanAlert(row pgx.Row) (fleet.Alert, error) {
 	var a fleet.Alert
-	err := row.Scan(&a.ID, &a.DeviceID, &a.Site, &a.Kind, &a.Compartment, &a.Detail, &a.RaisedAt, &a.ClearedAt, &a.ClearedBy)
+	err := row.Scan(&a.ID, &a.DeviceID, &a.Site, &a.Kind, &a.Compartment, &a.Detail, &a.RaisedAt, &a.ClearedAt, &a.ClearedBy,
+		&a.Repeats, &a.LastRaisedAt)
 	return a, err
 }
 

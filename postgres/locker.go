@@ -697,30 +697,40 @@ func raiseAlert(ctx context.Context, q interface {
 	return n == 1, err
 }
 
+// openOnceKinds are the alert kinds of which a locker's compartment has at
+// most one open (the alerts_open index, migration 023): one raised again
+// while open adds to it (repeats, last_raised_at, the latest detail).
+const openOnceKinds = `'door_ajar', 'on_battery', 'door_fault', 'clock_skew', 'tamper', 'code_lockout'`
+
 // raiseAlertSQL opens an alert and, in the same statement, queues an
 // alert.raised event to the webhooks that asked for it in its scope (admin
 // and operator webhooks: every alert; a store's: its site's), as pickup
 // events are queued with their transitions. The delivery is due from the
 // alert's raised_at, the gateway's clock that the dispatcher leases by (not
-// the database's, which may run ahead). Its one row counts the alerts
-// opened (0 or 1).
+// the database's, which may run ahead). An alert of openOnceKinds raised
+// again while open, later than it was last, is added to the open one (no
+// event); one raised again at the same time or earlier (a replayed event,
+// or one applied out of order) changes nothing. Its one row counts the
+// alerts opened (0 or 1).
 var raiseAlertSQL = `WITH raised AS (
 		INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
 		SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
 			WHERE device_id = $1 AND raised_at = $5 AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
-		ON CONFLICT DO NOTHING
-		RETURNING id),
+		ON CONFLICT (device_id, kind, coalesce(compartment, 0)) WHERE cleared_at IS NULL AND kind IN (` + openOnceKinds + `)
+		DO UPDATE SET repeats = alerts.repeats + 1, last_raised_at = EXCLUDED.raised_at, detail = EXCLUDED.detail
+		WHERE EXCLUDED.raised_at > coalesce(alerts.last_raised_at, alerts.raised_at)
+		RETURNING id, xmax = 0 AS opened),
 	ev AS (
 		SELECT r.id, coalesce(d.site, '') AS site, jsonb_build_object(
 			'id', 'evt-alert-' || r.id, 'type', '` + webhook.EventAlertRaised + `', 'created_at', ` + sqlTime("now()") + `,
 			'data', jsonb_strip_nulls(jsonb_build_object('alert', r.id::text, 'locker', $1::text, 'site', coalesce(d.site, ''),
 				'kind', $2::text, 'compartment', $3::int, 'detail', nullif($4::text, ''), 'raised_at', ` + sqlTime("$5::timestamptz") + `))) AS body
-		FROM raised r LEFT JOIN devices d ON d.id = $1::text),
+		FROM raised r LEFT JOIN devices d ON d.id = $1::text WHERE r.opened),
 	queued AS (
 		INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, $5::timestamptz, now() FROM ev JOIN webhooks w
 			ON '` + webhook.EventAlertRaised + `' = ANY (w.events) AND ` + webhookSees("ev.site", "") + `)
-	SELECT count(*) FROM raised`
+	SELECT count(*) FROM raised WHERE opened`
 
 // sqlTime renders a timestamptz expression as protocol v1 writes times
 // (RFC 3339, UTC, milliseconds).
