@@ -74,7 +74,11 @@ type Options struct {
 	// PublicURL is the gateway's HTTP base URL as lockers reach it, used in
 	// firmware download URLs (firmware); default http://<HTTPAddr>.
 	PublicURL string
-	// Config is what every locker is configured with (zero: fleet.DefaultConfig).
+	// Config is what every locker is configured with. With no Version
+	// (the flags), its zero fields are fleet.DefaultConfig's and the
+	// version is kept in the database: bumped when a start brings a
+	// different configuration (postgres.LockerConfig), so that every
+	// locker applies it. A Version given is used as it is (tests).
 	Config protocol.Config
 	// WebhookAllowPrivate lets webhooks target loopback and private
 	// addresses (tests, labs); off by default.
@@ -406,6 +410,14 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		Registerer: g.reg, BackoffBase: o.WebhookBackoff, AllowPrivate: o.WebhookAllowPrivate})
 	if err != nil {
 		return nil, err
+	}
+	if o.Config.Version == 0 {
+		if o.Config, err = lockerConfig(ctx, g.db, o.Config); err != nil {
+			return nil, err
+		}
+		o.Logger.Info("locker configuration", "version", o.Config.Version, "health_interval_s", o.Config.HealthIntervalS,
+			"door_ajar_s", o.Config.DoorAjarS, "lockout_max_failures", o.Config.Lockout.MaxFailures,
+			"lockout_window_s", o.Config.Lockout.WindowS, "lockout_lock_s", o.Config.Lockout.LockS)
 	}
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
@@ -822,4 +834,25 @@ func latestHealthEvery(set time.Duration, external bool) time.Duration {
 		return -1
 	}
 	return set
+}
+
+// lockerConfig completes cfg (no version: from the flags) with
+// fleet.DefaultConfig's values for its zero fields, and versions it in the
+// database (postgres.LockerConfig).
+func lockerConfig(ctx context.Context, db *postgres.DB, cfg protocol.Config) (protocol.Config, error) {
+	def := fleet.DefaultConfig
+	cfg.HealthIntervalS = cmp.Or(cfg.HealthIntervalS, def.HealthIntervalS)
+	cfg.DoorAjarS = cmp.Or(cfg.DoorAjarS, def.DoorAjarS)
+	if cfg.Lockout == (protocol.Lockout{}) {
+		cfg.Lockout = def.Lockout
+	}
+	if err := cfg.Validate(); err != nil {
+		return cfg, fmt.Errorf("locker configuration: %w", err)
+	}
+	v, err := db.LockerConfig(ctx, cfg, def)
+	if err != nil {
+		return cfg, fmt.Errorf("locker configuration: %w", err)
+	}
+	cfg.Version = v
+	return cfg, nil
 }

@@ -7,6 +7,8 @@ import (
 	"go/token"
 	"strings"
 	"testing"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestBadFlags: a flag value that cannot work stops the gateway before it
@@ -23,6 +25,12 @@ func TestBadFlags(t *testing.T) {
 		{[]string{"--max-clock-skew", "a while"}, "want a positive duration such as 30s, or never"},
 		{[]string{"--history-retention-days", "-3"}, "want a number of days, 0 for forever"},
 		{[]string{"--history-retention-days", "a year"}, "want a number of days, 0 for forever"},
+		{[]string{"--health-interval", "1s"}, "want whole seconds from 5s to 1h0m0s"},
+		{[]string{"--health-interval", "90.5s"}, "want whole seconds from 5s to 1h0m0s"},
+		{[]string{"--door-ajar", "2d"}, "want whole seconds from 10s to 24h0m0s"},
+		{[]string{"--lockout", "5/5m"}, "want FAILURES/WINDOW/LOCK such as 5/5m/5m"},
+		{[]string{"--lockout", "0/5m/5m"}, "want FAILURES/WINDOW/LOCK such as 5/5m/5m"},
+		{[]string{"--lockout", "5/0s/5m"}, "want FAILURES/WINDOW/LOCK such as 5/5m/5m"},
 		{[]string{"--no-such-flag"}, "flag provided but not defined"},
 	} {
 		var stderr bytes.Buffer
@@ -54,6 +62,23 @@ func TestRetentionFlags(t *testing.T) {
 		if st.o.HistoryRetentionDays != c.want {
 			t.Errorf("%v: HistoryRetentionDays %d, want %d", c.args, st.o.HistoryRetentionDays, c.want)
 		}
+	}
+}
+
+// TestLockerConfigFlags: the flags set the lockers' configuration, in
+// seconds, and leave its version to the database; without them the
+// gateway's defaults apply (zero fields).
+func TestLockerConfigFlags(t *testing.T) {
+	st, code := parseSettings("serve", []string{"--health-interval", "30s", "--door-ajar", "3m", "--lockout", "3/2m/0s"}, &bytes.Buffer{})
+	if st == nil {
+		t.Fatalf("exit %d", code)
+	}
+	want := protocol.Config{HealthIntervalS: 30, DoorAjarS: 180, Lockout: protocol.Lockout{MaxFailures: 3, WindowS: 120, LockS: 0}}
+	if st.o.Config != want {
+		t.Fatalf("config %+v, want %+v", st.o.Config, want)
+	}
+	if st, _ = parseSettings("serve", nil, &bytes.Buffer{}); st.o.Config != (protocol.Config{}) {
+		t.Fatalf("config without the flags %+v, want zero (the defaults)", st.o.Config)
 	}
 }
 

@@ -20,6 +20,7 @@ import (
 	_ "time/tzdata"
 
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 func main() {
@@ -138,6 +139,12 @@ func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int)
 		})
 	fs.Func("max-clock-skew", "how far a locker's clock may be from the gateway's at its connect before a clock_skew alert (default 30s; never: not checked)",
 		durationOrNever(&o.MaxClockSkew, "30s"))
+	fs.Func("health-interval", "how often lockers send health (config health_interval_s; default 60s; a locker silent for three intervals is stale)",
+		wholeSeconds(&o.Config.HealthIntervalS, 5*time.Second, time.Hour))
+	fs.Func("door-ajar", "how long a door may stay open before the locker reports door_ajar (config door_ajar_s; default 2m)",
+		wholeSeconds(&o.Config.DoorAjarS, 10*time.Second, 24*time.Hour))
+	fs.Func("lockout", "keypad lockout as FAILURES/WINDOW/LOCK: after FAILURES rejected codes within WINDOW the keypad locks for LOCK (config lockout; default 5/5m/5m)",
+		func(v string) error { return parseLockout(v, &o.Config.Lockout) })
 	fs.StringVar(&o.PublicURL, "public-url", "", "the HTTP API's address as lockers reach it, for firmware download URLs (default: http:// and --http-addr, localhost for an unspecified host)")
 	// The demo is a lab on this machine: its webhooks may call receivers
 	// on it (a serve refuses them, against requests into private networks).
@@ -195,4 +202,38 @@ func durationOrNever(dst *time.Duration, example string) func(string) error {
 		*dst = d
 		return nil
 	}
+}
+
+// wholeSeconds parses a flag that takes a duration of whole seconds within
+// [lo, hi] into *dst, in seconds.
+func wholeSeconds(dst *int, lo, hi time.Duration) func(string) error {
+	return func(v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < lo || d > hi || d%time.Second != 0 {
+			return fmt.Errorf("want whole seconds from %s to %s, such as %s", lo, hi, lo*6)
+		}
+		*dst = int(d / time.Second)
+		return nil
+	}
+}
+
+// parseLockout parses FAILURES/WINDOW/LOCK (5/5m/5m) into *dst.
+func parseLockout(v string, dst *protocol.Lockout) error {
+	bad := fmt.Errorf("want FAILURES/WINDOW/LOCK such as 5/5m/5m: 1-100 rejected codes within 1s-24h lock the keypad for 0s-24h")
+	parts := strings.Split(v, "/")
+	if len(parts) != 3 {
+		return bad
+	}
+	n, err := strconv.Atoi(parts[0])
+	if err != nil || n < 1 || n > 100 {
+		return bad
+	}
+	window, err1 := time.ParseDuration(parts[1])
+	lock, err2 := time.ParseDuration(parts[2])
+	if err1 != nil || err2 != nil || window < time.Second || window > 24*time.Hour || lock < 0 || lock > 24*time.Hour ||
+		window%time.Second != 0 || lock%time.Second != 0 {
+		return bad
+	}
+	*dst = protocol.Lockout{MaxFailures: n, WindowS: int(window / time.Second), LockS: int(lock / time.Second)}
+	return nil
 }

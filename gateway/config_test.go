@@ -1,0 +1,67 @@
+package gateway_test
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestLockerConfigAcrossRestarts: the lockers' configuration from the
+// flags (no version given) goes out under a version the database keeps:
+// the default's 1 bumped for a configuration other than the default, the
+// same after a restart with the same, the next after a restart with
+// another, which a locker gets when it reconnects.
+func TestLockerConfigAcrossRestarts(t *testing.T) {
+	var opts gateway.Options
+	tg := MustStart(t, func(o *gateway.Options) {
+		o.Config = protocol.Config{HealthIntervalS: 30}
+		opts = *o
+	})
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	id := MustProvision(t, tg, claim, "SN-CFG-1")
+	// config connects as the locker and returns the configuration it gets
+	// first whose version is want.
+	config := func(tg *TestGateway, want int64) protocol.Config {
+		t.Helper()
+		dev := MustConnect(t, tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+		defer dev.Disconnect(250)
+		got := make(chan protocol.Config, 8)
+		tok := dev.Subscribe(protocol.Topic(id.DeviceID, protocol.ChanConfig), 1, func(_ paho.Client, m paho.Message) {
+			var c protocol.Config
+			if json.Unmarshal(m.Payload(), &c) == nil {
+				got <- c
+			}
+		})
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("subscribe: %v", tok.Error())
+		}
+		deadline := time.After(10 * time.Second)
+		for {
+			select {
+			case c := <-got:
+				if c.Version == want {
+					return c
+				}
+			case <-deadline:
+				t.Fatalf("no config version %d within 10 s", want)
+			}
+		}
+	}
+	if c := config(tg, 2); c.HealthIntervalS != 30 || c.DoorAjarS != 120 || c.Lockout != protocol.DefaultLockout {
+		t.Fatalf("first configuration %+v, want health 30 s and the defaults", c)
+	}
+	tg.Stop(t)
+	tg = MustRun(t, opts)
+	config(tg, 2)
+	tg.Stop(t)
+	opts.Config.DoorAjarS = 300
+	tg = MustRun(t, opts)
+	if c := config(tg, 3); c.HealthIntervalS != 30 || c.DoorAjarS != 300 {
+		t.Fatalf("changed configuration %+v, want health 30 s and door ajar 300 s", c)
+	}
+}

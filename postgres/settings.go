@@ -1,0 +1,59 @@
+package postgres
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// LockerConfig records cfg (its Version ignored) as the lockers'
+// configuration and returns the version it goes out under: the stored
+// one while cfg is what was stored, the next one when it differs. Before
+// any was stored, def (a version and its content) stands for it: the
+// configuration lockers got before it was kept. Instances that start
+// together take turns (an advisory lock); instances started with
+// different configurations bump it in turn, so run them with the same.
+func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (int64, error) {
+	cfg.Version = 0
+	value, err := json.Marshal(cfg)
+	if err != nil {
+		return 0, err
+	}
+	var version int64
+	err = pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/settings/locker_config', 0))`); err != nil {
+			return err
+		}
+		var stored []byte
+		err := tx.QueryRow(ctx, `SELECT value, version FROM settings WHERE name = 'locker_config'`).Scan(&stored, &version)
+		kept := err == nil
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			version = def.Version
+			def.Version = 0
+			if stored, err = json.Marshal(def); err != nil {
+				return err
+			}
+		case err != nil:
+			return err
+		}
+		var was protocol.Config
+		if err := json.Unmarshal(stored, &was); err != nil {
+			return err
+		}
+		if was == cfg && kept {
+			return nil
+		}
+		if was != cfg {
+			version++
+		}
+		_, err = tx.Exec(ctx, `INSERT INTO settings (name, value, version) VALUES ('locker_config', $1, $2)
+			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, updated_at = now()`, value, version)
+		return err
+	})
+	return version, err
+}
