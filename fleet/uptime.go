@@ -68,10 +68,10 @@ func Uptime(before *PresenceChange, changes []PresenceChange, from, to, created,
 	}
 	i := 0
 	var days []DayUptime
-	for start := dayStart(from, loc); start.Before(to); {
+	for start := dayStart(from, loc); start.Before(to) && len(days) <= maxDays; {
 		y, m, d := start.Date()
-		end := time.Date(y, m, d+1, 0, 0, 0, 0, loc)
-		day := DayUptime{Date: start.Format(time.DateOnly), Start: start, End: end}
+		end := dayStart(time.Date(y, m, d+1, 12, 0, 0, 0, loc), loc) // the next day's noon exists
+		day := DayUptime{Date: start.Format(time.DateOnly), Start: start.UTC(), End: end.UTC()}
 		a, b := later(start, lo), earlier(end, hi)
 		if b.After(a) {
 			day.ObservedS = seconds(b.Sub(a))
@@ -102,10 +102,22 @@ func Uptime(before *PresenceChange, changes []PresenceChange, from, to, created,
 	return days
 }
 
-// dayStart is the start, in loc, of the day that holds t.
+// maxDays bounds the days Uptime splits a range into (the API asks for 93
+// at most).
+const maxDays = 400
+
+// dayStart is the start, in loc, of the day that holds t: its midnight,
+// or, where the clocks skip midnight (America/Santiago in September), the
+// clock change.
 func dayStart(t time.Time, loc *time.Location) time.Time {
 	y, m, d := t.In(loc).Date()
-	return time.Date(y, m, d, 0, 0, 0, 0, loc)
+	s := time.Date(y, m, d, 0, 0, 0, 0, loc)
+	if s.Day() != d { // a midnight that does not exist: time.Date gave the day before's last hour
+		if _, next := s.ZoneBounds(); !next.IsZero() {
+			s = next
+		}
+	}
+	return s
 }
 
 // clip is how much of [s, e) lies within [a, b).

@@ -58,6 +58,9 @@ func TestUptime(t *testing.T) {
 		{"the day clocks go back", &PresenceChange{At: at("2026-10-01 00:00:00"), Online: true}, nil,
 			"2026-11-01 00:00:00", "2026-11-02 00:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
 			"2026-11-01 25h/25h 1 +0 -0; "},
+		{"the day clocks go forward", &PresenceChange{At: at("2026-03-01 00:00:00"), Online: true}, nil,
+			"2026-03-08 00:00:00", "2026-03-09 00:00:00", "2026-01-01 00:00:00", "2026-12-05 00:00:00",
+			"2026-03-08 23h/23h 1 +0 -0; "},
 		{"a range that starts mid-day", &PresenceChange{At: at("2026-11-30 00:00:00"), Online: true},
 			[]PresenceChange{off("2026-12-01 15:00:00")},
 			"2026-12-01 12:00:00", "2026-12-01 18:00:00", "2026-10-01 00:00:00", "2026-12-05 00:00:00",
@@ -67,5 +70,21 @@ func TestUptime(t *testing.T) {
 		if got != c.want {
 			t.Errorf("%s:\n got %s\nwant %s", c.name, got, c.want)
 		}
+	}
+	// Where the clocks skip midnight (Santiago, 6 September 2026: 00:00
+	// becomes 01:00), that day starts at the change and lasts 23 hours;
+	// days are reported in UTC.
+	santiago, err := time.LoadLocation("America/Santiago")
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := time.Date(2026, 9, 5, 0, 0, 0, 0, santiago)
+	online := &PresenceChange{At: from.AddDate(0, 0, -1), Online: true}
+	days := Uptime(online, nil, from, from.AddDate(0, 0, 3), from.AddDate(0, -1, 0), from.AddDate(0, 1, 0), santiago)
+	if got, want := show(days), "2026-09-05 24h/24h 1 +0 -0; 2026-09-06 23h/23h 1 +0 -0; 2026-09-07 24h/24h 1 +0 -0; "; got != want {
+		t.Errorf("a skipped midnight:\n got %s\nwant %s", got, want)
+	}
+	if days[1].Start.Location() != time.UTC || !days[1].Start.Equal(time.Date(2026, 9, 6, 1, 0, 0, 0, santiago)) {
+		t.Errorf("the day with no midnight starts %v, want 01:00 local, in UTC", days[1].Start)
 	}
 }

@@ -66,6 +66,22 @@ func TestUptimePerDay(t *testing.T) {
 		t.Fatalf("online %v (days) %v (total) of %v s observed, uptime %v", online, u.OnlineS, u.ObservedS, u.Uptime)
 	}
 
+	// History pruned past its retention (an hour-long session whose start
+	// is gone): the locker's session tells the state before the range.
+	if _, err := tg.DB().Pool().Exec(ctx, `DELETE FROM presence_log WHERE device_id = $1`, id.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET connected_at = now() - interval '1 hour', created_at = now() - interval '2 hours' WHERE id = $1`, id.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	q := url.Values{"since": {time.Now().Add(-30 * time.Minute).UTC().Format(time.RFC3339)}}
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID+"/uptime", q, &u); err != nil {
+		t.Fatal(err)
+	}
+	if u.Uptime == nil || *u.Uptime != 1 || u.ObservedS < 1799 {
+		t.Fatalf("the last 30 min of a session whose start was pruned: %v of %v s, uptime %v; want all online", u.OnlineS, u.ObservedS, u.Uptime)
+	}
+
 	now := time.Now().UTC()
 	for _, c := range []struct{ since, until string }{
 		{now.Format(time.RFC3339), now.Add(-time.Hour).Format(time.RFC3339)},

@@ -485,7 +485,7 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		loc = time.UTC // sites are validated on creation; UTC is the schema's default
 	}
-	now := time.Now()
+	now := time.Now().Truncate(time.Millisecond)
 	if until.IsZero() {
 		until = now
 	}
@@ -502,6 +502,17 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 	prev, changes, err := s.store.PresenceHistory(r.Context(), l.ID, since, until)
 	if err != nil {
 		return err
+	}
+	if prev == nil {
+		// None kept before since (pruned past its retention, or none
+		// ever): the first change in the range tells the state before it
+		// (an end: online), else the locker's session does.
+		switch {
+		case len(changes) > 0:
+			prev = &fleet.PresenceChange{At: since, Online: !changes[0].Online}
+		case l.Online && l.ConnectedAt != nil && l.ConnectedAt.Before(since):
+			prev = &fleet.PresenceChange{At: *l.ConnectedAt, Online: true}
+		}
 	}
 	days := fleet.Uptime(prev, changes, since, until, l.CreatedAt, now, loc)
 	writeJSON(w, http.StatusOK, uptimeAnswer{Locker: l.ID, Site: l.Site, Timezone: loc.String(), Since: since.UTC(), Until: until.UTC(),

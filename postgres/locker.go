@@ -755,8 +755,9 @@ const maxPresenceChanges = 100_000
 // maxPresenceChanges is fleet.ErrInvalid: the range is to be narrowed.
 func (db *DB) PresenceHistory(ctx context.Context, id string, from, to time.Time) (*fleet.PresenceChange, []fleet.PresenceChange, error) {
 	b := &pgx.Batch{}
-	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts < $2 ORDER BY ts DESC LIMIT 1`, id, from)
-	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts LIMIT $4`,
+	// At one time, a session's end comes before the next one's start.
+	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts < $2 ORDER BY ts DESC, online DESC LIMIT 1`, id, from)
+	b.Queue(`SELECT ts, online, reason FROM presence_log WHERE device_id = $1 AND ts >= $2 AND ts < $3 ORDER BY ts, online LIMIT $4`,
 		id, from, to, maxPresenceChanges+1)
 	br := db.pool.SendBatch(ctx, b)
 	defer br.Close()
