@@ -180,7 +180,7 @@ func Rules() []Rule {
 			Alert: "LockergateTamperSpike", Severity: "critical", For: "0m",
 			Expr:        `sum by (job) (increase(lockergate_alerts_raised_total{kind="tamper"}[15m])) > 3`,
 			Summary:     "More than 3 tamper alerts in 15 minutes",
-			Description: "Lockers report tampering (forced doors, opened housings) more often than usual.",
+			Description: "Lockers report tampering (forced doors, opened housings) more often than usual. A locker that keeps reporting one tamper counts once until staff clear its alert (its repeats show in GET /v1/alerts).",
 			Runbook: "1. Find the lockers: gateway log lines msg=alert kind=tamper, or SELECT device_id, raised_at, detail FROM alerts WHERE kind = 'tamper' ORDER BY id DESC.\n" +
 				"2. Call the site; consider disabling affected compartments (set_service command) until inspected.",
 		},

@@ -1265,7 +1265,8 @@ func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time
 // alerts when Run starts (loadDoorFaults: a fault that recovered while the
 // gateway was down is cleared by the first report without it). The list is
 // per instance: behind an external broker another instance's alerts are
-// not in it (a fault raised again is a no-op, by the open-alert index).
+// not in it. A change raises the whole list: a fault still open is then
+// counted as a repeat on its alert (raiseAlertSQL).
 // When the database fails, the list is marked unsynced, so the next report
 // tries again whatever it says.
 func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, at time.Time) {

@@ -54,6 +54,10 @@ func TestMigrationFoldsOpenTampers(t *testing.T) {
 	if got := open(); len(got) != 3 || got["old"] != "migration" || got["new"] != "" || got["other compartment"] != "" {
 		t.Fatalf("after the migration: %v, want old cleared by migration, the others open", got)
 	}
+	var folded int
+	if err := db.Pool().QueryRow(ctx, `SELECT repeats FROM alerts WHERE device_id = $1 AND detail = 'new'`, id).Scan(&folded); err != nil || folded != 1 {
+		t.Fatalf("the newest counts %d repeats (%v), want 1: the one folded into it", folded, err)
+	}
 	at := time.Now()
 	if raised, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: id, Kind: fleet.AlertTamper, Detail: "again", RaisedAt: at}); err != nil || raised {
 		t.Fatalf("a tamper while one is open: raised %t (%v), want added to the open one", raised, err)
@@ -61,8 +65,8 @@ func TestMigrationFoldsOpenTampers(t *testing.T) {
 	var repeats int
 	var detail string
 	if err := db.Pool().QueryRow(ctx, `SELECT repeats, detail FROM alerts WHERE device_id = $1 AND kind = 'tamper' AND compartment IS NULL
-		AND cleared_at IS NULL`, id).Scan(&repeats, &detail); err != nil || repeats != 1 || detail != "again" {
-		t.Fatalf("the open tamper: repeats %d, detail %q (%v); want 1, again", repeats, detail, err)
+		AND cleared_at IS NULL`, id).Scan(&repeats, &detail); err != nil || repeats != 2 || detail != "again" {
+		t.Fatalf("the open tamper: repeats %d, detail %q (%v); want 2 (the folded one and this), again", repeats, detail, err)
 	}
 	// The same report again (a replay), or one older than the latest: not counted.
 	for _, when := range []time.Time{at, at.Add(-time.Second)} {
@@ -71,7 +75,14 @@ func TestMigrationFoldsOpenTampers(t *testing.T) {
 		}
 	}
 	if err := db.Pool().QueryRow(ctx, `SELECT repeats, detail FROM alerts WHERE device_id = $1 AND kind = 'tamper' AND compartment IS NULL
-		AND cleared_at IS NULL`, id).Scan(&repeats, &detail); err != nil || repeats != 1 || detail != "again" {
-		t.Fatalf("after a replay and a late report: repeats %d, detail %q (%v); want 1, again", repeats, detail, err)
+		AND cleared_at IS NULL`, id).Scan(&repeats, &detail); err != nil || repeats != 2 || detail != "again" {
+		t.Fatalf("after a replay and a late report: repeats %d, detail %q (%v); want 2, again", repeats, detail, err)
+	}
+	// Cleared by staff, the repeat's report replayed opens nothing.
+	if _, err := db.Pool().Exec(ctx, `UPDATE alerts SET cleared_at = now() WHERE device_id = $1 AND kind = 'tamper'`, id); err != nil {
+		t.Fatal(err)
+	}
+	if raised, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: id, Kind: fleet.AlertTamper, Detail: "again", RaisedAt: at}); err != nil || raised {
+		t.Fatalf("a repeat's report replayed after the clear: raised %t (%v), want nothing", raised, err)
 	}
 }

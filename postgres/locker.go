@@ -710,12 +710,13 @@ const openOnceKinds = `'door_ajar', 'on_battery', 'door_fault', 'clock_skew', 't
 // the database's, which may run ahead). An alert of openOnceKinds raised
 // again while open, later than it was last, is added to the open one (no
 // event); one raised again at the same time or earlier (a replayed event,
-// or one applied out of order) changes nothing. Its one row counts the
-// alerts opened (0 or 1).
+// or one applied out of order) changes nothing, nor does a replay of one
+// that was counted as a repeat, once its alert was cleared. Its one row
+// counts the alerts opened (0 or 1).
 var raiseAlertSQL = `WITH raised AS (
 		INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
 		SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
-			WHERE device_id = $1 AND raised_at = $5 AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
+			WHERE device_id = $1 AND (raised_at = $5 OR last_raised_at = $5) AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
 		ON CONFLICT (device_id, kind, coalesce(compartment, 0)) WHERE cleared_at IS NULL AND kind IN (` + openOnceKinds + `)
 		DO UPDATE SET repeats = alerts.repeats + 1, last_raised_at = EXCLUDED.raised_at, detail = EXCLUDED.detail
 		WHERE EXCLUDED.raised_at > coalesce(alerts.last_raised_at, alerts.raised_at)
