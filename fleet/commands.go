@@ -461,4 +461,6 @@ func (m *Manager) decorate(l *Locker) {
 	l.Flapping = l.RecentConnects >= FlappingConnects
 	l.Stale = l.Online && (l.LastSeen == nil || m.now().Sub(*l.LastSeen) > m.SilentAfter())
 	l.CredsCurrent = l.CredsAcked == l.CredsVersion
+	// The version its config goes out under (publishState).
+	l.ConfigVersion = max(l.ConfigVersion, m.opts.Config.Version)
 }

@@ -1,6 +1,7 @@
 package gateway_test
 
 import (
+	"context"
 	"encoding/json"
 	"testing"
 	"time"
@@ -63,5 +64,12 @@ func TestLockerConfigAcrossRestarts(t *testing.T) {
 	tg = MustRun(t, opts)
 	if c := config(tg, 3); c.HealthIntervalS != 30 || c.DoorAjarS != 300 {
 		t.Fatalf("changed configuration %+v, want health 30 s and door ajar 300 s", c)
+	}
+	// The API shows the version the locker is sent.
+	var l struct {
+		ConfigVersion int64 `json:"config_version"`
+	}
+	if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+id.DeviceID, nil, &l); err != nil || l.ConfigVersion != 3 {
+		t.Fatalf("config_version %d (%v), want 3", l.ConfigVersion, err)
 	}
 }
