@@ -699,13 +699,14 @@ func TestClosingFromBeforeThePickupLoadsNothing(t *testing.T) {
 	l.Disconnect()
 	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
 	topic := protocol.Topic(id.DeviceID, protocol.ChanEvents)
-	closed := func(n string, ts time.Time) {
-		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-old-%s","ts":"%s","type":"door_closed","compartment":%d,"occupied":true}`,
-			n, protocol.FormatTime(ts), p.Compartment))
+	closed := func(n string, ts time.Time, occupied bool) {
+		MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-old-%s","ts":"%s","type":"door_closed","compartment":%d,"occupied":%t}`,
+			n, protocol.FormatTime(ts), p.Compartment, occupied))
 	}
-	closed("held", p.CreatedAt.Add(-time.Hour))
+	closed("held-empty", p.CreatedAt.Add(-2*time.Hour), false)
+	closed("held", p.CreatedAt.Add(-time.Hour), true)
 	loaded := time.Now()
-	closed("staff", time.Now())
+	closed("staff", time.Now(), true)
 	ready := e.waitState(t, p.ID, pickup.Ready)
 	if ready.ReadyAt == nil || ready.ReadyAt.Before(loaded) {
 		t.Fatalf("ready at %v, before the staff's closing was sent (%v): the closing from before the pickup loaded it", ready.ReadyAt, loaded)
@@ -713,6 +714,9 @@ func TestClosingFromBeforeThePickupLoadsNothing(t *testing.T) {
 	var got pickup.Pickup
 	if err := e.store.Get(ctx, "/v1/pickups/"+p.ID, nil, &got); err != nil || len(got.Transitions) != 2 {
 		t.Fatalf("transitions %+v (%v), want staging and ready", got.Transitions, err)
+	}
+	if n := e.openAlerts(t, p, fleet.AlertStagedEmpty); n != 0 {
+		t.Fatalf("%d staged_empty alerts for an empty closing from before the pickup, want none", n)
 	}
 }
 

@@ -469,12 +469,15 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		// again after a stop): it was about the compartment's last order.
 		return s.lateCollection(ctx, deviceID, ev, at)
 	}
+	if old, err := s.closedBeforeCreated(ctx, p, ev); err != nil {
+		return err
+	} else if old {
+		// The same, held back by the locker and dated so by its clock.
+		return s.lateCollection(ctx, deviceID, ev, at)
+	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
 	if p.State == Staging && occupied {
-		if old, err := s.closedBeforeCreated(ctx, p, ev); err != nil || old {
-			return err
-		}
 		return s.ready(ctx, p, actor, at)
 	}
 	if p.State == Staging {
@@ -524,12 +527,20 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 // and a clock's drift since it was measured.
 const staleClosingMargin = time.Minute
 
-// closedBeforeCreated reports whether closing ev came well before staging
+// closedBeforeCreated reports whether closing ev came well before live
 // pickup p was created, by the locker's clock less its measured offset: a
 // closing the locker held back (offline, or behind an instance that was
 // down) from the compartment's earlier use, which says nothing of this
-// order. A locker whose clock offset is not known is not judged.
+// order (not its loading, nor its collection). Only a locker whose clock
+// was within fleet.DefaultMaxClockSkew at its last birth is judged: the
+// offset of one further off may be stale (its clock set right since,
+// without a reconnect), and an unknown one tells nothing. A closing whose
+// own date is later than the creation less the margin plus that skew
+// cannot be so: the locker is not read for it.
 func (s *Service) closedBeforeCreated(ctx context.Context, p *Pickup, ev *protocol.Event) (bool, error) {
+	if !ev.TS.Time.Before(p.CreatedAt.Add(-staleClosingMargin + fleet.DefaultMaxClockSkew)) {
+		return false, nil
+	}
 	var l *fleet.Locker
 	err := s.retry(ctx, "get_locker", func(ctx context.Context) (err error) {
 		l, err = s.o.Fleet.GetLocker(ctx, p.Locker)
@@ -544,11 +555,15 @@ func (s *Service) closedBeforeCreated(ctx context.Context, p *Pickup, ev *protoc
 	if l.ClockOffsetMS == nil {
 		return false, nil
 	}
-	closed := ev.TS.Time.Add(-time.Duration(*l.ClockOffsetMS) * time.Millisecond)
+	offset := time.Duration(*l.ClockOffsetMS) * time.Millisecond
+	if offset.Abs() > fleet.DefaultMaxClockSkew {
+		return false, nil
+	}
+	closed := ev.TS.Time.Add(-offset)
 	if !closed.Before(p.CreatedAt.Add(-staleClosingMargin)) {
 		return false, nil
 	}
-	s.log.Warn("door closing dated before its pickup was created: not taken as the order's loading",
+	s.log.Warn("door closing dated before its pickup was created: taken as about the compartment's earlier order",
 		"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", ev.ID, "closed", closed, "created", p.CreatedAt)
 	return true, nil
 }
