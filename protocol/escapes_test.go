@@ -67,6 +67,9 @@ func TestEventNamesDifferingInCase(t *testing.T) {
 		`"type":"door_closed","compartment":3,"occupied":true,"compartment":4`: "",
 		`"type":"tamper","detail":"x","DETAIL":"y"`:                            `fields "DETAIL" and "detail" differ only in letter case`,
 		`"type":"tamper","detail":"x","note":{"a":1,"A":2}`:                    "", // unknown, nested: not read
+		`"type":"tamper","detail":"x","vendor":1,"Vendor":2`:                   "", // unknown: ignored
+		`"type":"power","source":"battery","ſource":"mains"`:                   `fields "source" and "ſource" differ only in letter case`,
+		`"type":"tamper","detail":"x","detaİl":"y"`:                            "", // İ folds to no i: another name`
 	} {
 		e, err := Decode[Event]([]byte(`{"id":"e-1","ts":"2026-12-04T12:00:00Z",` + body + `}`))
 		switch {

@@ -9,6 +9,7 @@ import (
 	"maps"
 	"math"
 	"math/big"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -236,12 +237,14 @@ func decodeBody[T any, PT interface {
 	return v, payload, nil
 }
 
-// caseDuplicates refuses a top-level object (payload, which decoded) with
-// two member names that differ only in letter case: the decoder takes the
-// last for the field, and a body stored as read would keep both, so what
-// was applied and what is shown would differ. (The same name twice is the
-// same field everywhere: the last.) Asked of events, whose bodies are
-// stored; it costs a second parse.
+// caseDuplicates refuses a top-level object (payload, which decoded) in
+// which two member names match the same Event field as encoding/json
+// matches names (equal under Unicode simple case folding): the decoder
+// takes the last for the field, and a body stored as read would keep both,
+// so what was applied and what is shown would differ. (The same name twice
+// is the same field everywhere: the last. Names of no field are ignored,
+// as unknown fields are.) Asked of events, whose bodies are stored; it
+// costs a second parse.
 func caseDuplicates(payload []byte) error {
 	var members map[string]json.RawMessage
 	if err := json.Unmarshal(payload, &members); err != nil {
@@ -250,13 +253,44 @@ func caseDuplicates(payload []byte) error {
 	names := slices.Sorted(maps.Keys(members))
 	seen := make(map[string]string, len(names))
 	for _, name := range names {
-		folded := strings.ToUpper(strings.ToLower(name))
+		folded := foldName(name)
+		if !eventFields[folded] {
+			continue
+		}
 		if other, ok := seen[folded]; ok {
 			return fmt.Errorf("fields %q and %q differ only in letter case", other, name)
 		}
 		seen[folded] = name
 	}
 	return nil
+}
+
+// eventFields holds the folded (foldName) JSON names of Event's fields.
+var eventFields = func() map[string]bool {
+	out := map[string]bool{}
+	t := reflect.TypeFor[Event]()
+	for i := range t.NumField() {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		if name != "" && name != "-" {
+			out[foldName(name)] = true
+		}
+	}
+	return out
+}()
+
+// foldName maps each rune of s to the smallest of its simple case folding
+// orbit: two names fold alike exactly when strings.EqualFold holds, which
+// is how encoding/json matches a name to a field.
+func foldName(s string) string {
+	var b strings.Builder
+	for _, r := range s {
+		m := r
+		for f := unicode.SimpleFold(r); f != r; f = unicode.SimpleFold(f) {
+			m = min(m, f)
+		}
+		b.WriteRune(m)
+	}
+	return b.String()
 }
 
 // utcTS rewrites, in a copy of payload (a JSON object that decoded), each
