@@ -92,13 +92,14 @@ func TestClaimsCreateLifetime(t *testing.T) {
 // hour); lockers uptime prints its days and their total; commands show
 // reads one command; an id is required first.
 func TestLockerHistory(t *testing.T) {
-	var sinces []string
+	var sinces, untils []string
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		q := r.URL.Query()
 		switch r.URL.Path {
 		case "/v1/lockers/lk-1/events":
 			sinces = append(sinces, q.Get("since"))
+			untils = append(untils, q.Get("until"))
 			if q.Get("after") == "" {
 				json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"id": "e-1", "type": "door_opened"}}, "next": "t~e-1"})
 				return
@@ -143,6 +144,9 @@ func TestLockerHistory(t *testing.T) {
 		if err != nil || got.Before(want.Add(-time.Minute)) || got.After(want.Add(time.Minute)) {
 			t.Fatalf("since %q, want about %v", sinces[i*2], want)
 		}
+	}
+	if len(untils) != 2 || untils[0] == "" || untils[0] != untils[1] {
+		t.Fatalf("until sent %q, want one time for both pages", untils)
 	}
 	if code, out := lockerctl("commands", "show", "lk-1", "c-1"); code != 0 || !strings.Contains(out, "ok") {
 		t.Fatalf("commands show: exit %d:\n%s", code, out)

@@ -286,6 +286,11 @@ func (c *cli) lockerHistory(key string, args []string) error {
 		}
 		*since = time.Now().Add(d).UTC().Format(time.RFC3339Nano)
 	}
+	if *until == "" && key != "lockers uptime" {
+		// Pages end at the first request's time: a busy locker's new rows
+		// must not keep the paging going.
+		*until = time.Now().UTC().Format(time.RFC3339Nano)
+	}
 	q := url.Values{"since": {*since}, "until": {*until}}
 	path := "/v1/lockers/" + url.PathEscape(id)
 	switch key {
