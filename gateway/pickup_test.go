@@ -615,7 +615,7 @@ func TestPickupCollectedByDoorOpenings(t *testing.T) {
 	// The locker's events are applied in its order: its code_accepted
 	// before the closing that ended the pickup.
 	for _, p := range []pickup.Pickup{doorOnly, doorFirst} {
-		if n := e.tg.Count(t, `SELECT count(*) FROM credentials WHERE id = $1 AND state = 'used' AND opened_by_door`, p.Credential.ID); n != 1 {
+		if n := e.tg.Count(t, `SELECT count(*) FROM credentials WHERE id = $1 AND state = 'used' AND opened_ts IS NOT NULL`, p.Credential.ID); n != 1 {
 			t.Fatalf("pickup %s: its credential is not spent by the door's opening", p.ID)
 		}
 		if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND detail->>'credential' = $1 AND site = $2`,

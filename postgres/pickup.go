@@ -666,7 +666,6 @@ func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, 
 // code_accepted or, with opened (its time by the locker's clock), by a
 // door's opening.
 func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, opened *time.Time) ([]pickup.Pickup, error) {
-	byDoor := opened != nil
 	var out []pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
@@ -675,14 +674,15 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 		var used string
 		var applied bool
 		err := tx.QueryRow(ctx, credentialChainCTE+`,
-			u AS (UPDATE credentials SET state = 'used', used_at = $3, opened_by_door = $4, opened_ts = $5
+			u AS (UPDATE credentials SET state = 'used', used_at = $3, opened_ts = $4
 				WHERE device_id = $1 AND state = 'active' AND id IN (SELECT id FROM chain) RETURNING id)
 			SELECT id, false FROM u
 			UNION ALL
-			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3 AND opened_by_door = $4
+			SELECT id, true FROM credentials WHERE device_id = $1 AND state = 'used' AND used_at = $3
+				AND (opened_ts IS NOT NULL) = ($4::timestamptz IS NOT NULL)
 				AND id IN (SELECT id FROM chain) AND NOT EXISTS (SELECT 1 FROM u)
 			LIMIT 1`,
-			deviceID, credID, at, byDoor, opened).Scan(&used, &applied)
+			deviceID, credID, at, opened).Scan(&used, &applied)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("credential %s of %s: %w", credID, deviceID, fleet.ErrNotFound)
 		}
@@ -696,7 +696,7 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 				return err
 			}
 			detail := map[string]any{"credential": credID}
-			if byDoor {
+			if opened != nil {
 				detail["reported_by"] = protocol.EventDoorOpened
 			}
 			if used != credID {
@@ -723,7 +723,7 @@ func (db *DB) ReportDoorUse(ctx context.Context, deviceID, credID string, at tim
 	var u pickup.DoorUse
 	err := db.pool.QueryRow(ctx, credentialChainCTE+`
 		UPDATE credentials SET use_reported_at = $3
-		WHERE device_id = $1 AND id IN (SELECT id FROM chain) AND state = 'used' AND opened_by_door
+		WHERE device_id = $1 AND id IN (SELECT id FROM chain) AND state = 'used' AND opened_ts IS NOT NULL
 			AND (use_reported_at IS NULL OR use_reported_at = $3)
 		RETURNING used_at, opened_ts`, deviceID, credID, at).Scan(&u.At, &u.Opened)
 	if errors.Is(err, pgx.ErrNoRows) {
