@@ -229,13 +229,23 @@ func decodeBody[T any, PT interface {
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if _, stored := any(v).(*Event); stored {
-		if err := caseDuplicates(payload); err != nil {
+	if rc, ok := any(v).(rawChecker); ok {
+		if err := rc.checkRaw(payload); err != nil {
 			return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 		}
 	}
 	return v, payload, nil
 }
+
+// rawChecker is a payload type that also checks its payload as read, once
+// it decoded and validated.
+type rawChecker interface {
+	checkRaw(payload []byte) error
+}
+
+// checkRaw implements rawChecker: an event's body is stored as read, so two
+// names that its decoding took as one field are refused (caseDuplicates).
+func (e *Event) checkRaw(payload []byte) error { return caseDuplicates(payload) }
 
 // caseDuplicates refuses a top-level object (payload, which decoded) in
 // which two member names match the same Event field as encoding/json
