@@ -85,7 +85,9 @@ func (s *Service) retry(ctx context.Context, op string, f func(context.Context) 
 // later are the locker's events applied after this one.
 func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
-	ps, err := s.use(ctx, "use_credential", s.o.Store.UseCredential, deviceID, id, at)
+	ps, err := s.use(ctx, "use_credential", func(ctx context.Context) ([]Pickup, error) {
+		return s.o.Store.UseCredential(ctx, deviceID, id, at)
+	})
 	if errors.Is(err, fleet.ErrNotFound) {
 		var door *DoorUse
 		err := s.retry(ctx, "report_door_use", func(ctx context.Context) (err error) {
@@ -152,9 +154,9 @@ func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *pro
 // get. later are the locker's events applied after this one.
 func (s *Service) doorOpened(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
-	ps, err := s.use(ctx, "use_credential_by_door", func(ctx context.Context, deviceID, id string, at time.Time) ([]Pickup, error) {
+	ps, err := s.use(ctx, "use_credential_by_door", func(ctx context.Context) ([]Pickup, error) {
 		return s.o.Store.UseCredentialByDoor(ctx, deviceID, id, at, ev.TS.Time)
-	}, deviceID, id, at)
+	})
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil
 	}
@@ -164,13 +166,12 @@ func (s *Service) doorOpened(ctx context.Context, deviceID string, ev *protocol.
 	return s.spent(ctx, deviceID, ps, ev, later)
 }
 
-// use spends credential id of a locker with use (UseCredential or
+// use spends a credential with spend (a Store's UseCredential or
 // UseCredentialByDoor), trying again while the database fails.
-func (s *Service) use(ctx context.Context, op string, use func(context.Context, string, string, time.Time) ([]Pickup, error),
-	deviceID, id string, at time.Time) ([]Pickup, error) {
+func (s *Service) use(ctx context.Context, op string, spend func(context.Context) ([]Pickup, error)) ([]Pickup, error) {
 	var ps []Pickup
 	err := s.retry(ctx, op, func(ctx context.Context) (err error) {
-		ps, err = use(ctx, deviceID, id, at)
+		ps, err = spend(ctx)
 		return err
 	})
 	return ps, err
