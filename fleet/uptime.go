@@ -53,6 +53,24 @@ func TotalUptime(days []DayUptime) Presence {
 	return p
 }
 
+// StateBefore returns what stands for locker l's presence just before
+// since: before, the last change kept before it; when none was kept
+// (pruned past the history's retention, or none ever), the first change
+// after it read backwards (a session's end: online before), else the
+// locker's current session when it started before since; else nil
+// (offline).
+func StateBefore(before *PresenceChange, changes []PresenceChange, l *Locker, since time.Time) *PresenceChange {
+	switch {
+	case before != nil:
+		return before
+	case len(changes) > 0:
+		return &PresenceChange{At: since, Online: !changes[0].Online}
+	case l.Online && l.ConnectedAt != nil && l.ConnectedAt.Before(since):
+		return &PresenceChange{At: *l.ConnectedAt, Online: true}
+	}
+	return nil
+}
+
 // Uptime splits a locker's presence history into the calendar days of loc
 // that overlap [from, to). before is the last change before from (nil:
 // none kept, so offline), changes those in [from, to), oldest first. Only

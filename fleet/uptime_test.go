@@ -88,3 +88,34 @@ func TestUptime(t *testing.T) {
 		t.Errorf("the day with no midnight starts %v, want 01:00 local, in UTC", days[1].Start)
 	}
 }
+
+// TestStateBefore: the state before a range is the last change kept before
+// it; with none kept, the first change in it read backwards, else the
+// locker's session if it began before the range, else offline.
+func TestStateBefore(t *testing.T) {
+	since := time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)
+	earlier, later := since.Add(-time.Hour), since.Add(time.Hour)
+	kept := &PresenceChange{At: earlier, Reason: "keepalive"}
+	for _, c := range []struct {
+		name    string
+		before  *PresenceChange
+		changes []PresenceChange
+		locker  Locker
+		want    string // "nil", "online", "offline"
+	}{
+		{"kept", kept, []PresenceChange{{At: later, Online: true}}, Locker{Online: true, ConnectedAt: &earlier}, "offline"},
+		{"first change an end", nil, []PresenceChange{{At: later}}, Locker{}, "online"},
+		{"first change a start", nil, []PresenceChange{{At: later, Online: true}}, Locker{Online: true, ConnectedAt: &later}, "offline"},
+		{"a session from before", nil, nil, Locker{Online: true, ConnectedAt: &earlier}, "online"},
+		{"a session from within", nil, nil, Locker{Online: true, ConnectedAt: &later}, "nil"},
+		{"offline", nil, nil, Locker{}, "nil"},
+	} {
+		got := "nil"
+		if s := StateBefore(c.before, c.changes, &c.locker, since); s != nil {
+			got = map[bool]string{true: "online", false: "offline"}[s.Online]
+		}
+		if got != c.want {
+			t.Errorf("%s: %s, want %s", c.name, got, c.want)
+		}
+	}
+}

@@ -503,18 +503,7 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if prev == nil {
-		// None kept before since (pruned past its retention, or none
-		// ever): the first change in the range tells the state before it
-		// (an end: online), else the locker's session does.
-		switch {
-		case len(changes) > 0:
-			prev = &fleet.PresenceChange{At: since, Online: !changes[0].Online}
-		case l.Online && l.ConnectedAt != nil && l.ConnectedAt.Before(since):
-			prev = &fleet.PresenceChange{At: *l.ConnectedAt, Online: true}
-		}
-	}
-	days := fleet.Uptime(prev, changes, since, until, l.CreatedAt, now, loc)
+	days := fleet.Uptime(fleet.StateBefore(prev, changes, l, since), changes, since, until, l.CreatedAt, now, loc)
 	writeJSON(w, http.StatusOK, uptimeAnswer{Locker: l.ID, Site: l.Site, Timezone: loc.String(), Since: since.UTC(), Until: until.UTC(),
 		Presence: fleet.TotalUptime(days), Days: days})
 	return nil
