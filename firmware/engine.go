@@ -286,10 +286,7 @@ func (e *Engine) zone(name string) *time.Location {
 	if l, ok := e.zones.Load(name); ok {
 		return l.(*time.Location)
 	}
-	loc, err := time.LoadLocation(name)
-	if err != nil {
-		loc = time.UTC // sites are validated on creation; UTC is the schema's default
-	}
+	loc := fleet.SiteLocation(name)
 	e.zones.Store(name, loc)
 	return loc
 }

@@ -124,6 +124,16 @@ func Uptime(before *PresenceChange, changes []PresenceChange, from, to, created,
 // at most).
 const maxDays = 400
 
+// SiteLocation is site time zone name's location; UTC, the schema's
+// default, should it not load (sites are validated on creation).
+func SiteLocation(name string) *time.Location {
+	loc, err := time.LoadLocation(name)
+	if err != nil {
+		return time.UTC
+	}
+	return loc
+}
+
 // dayStart is the start, in loc, of the day that holds t: its midnight,
 // or, where the clocks skip midnight (America/Santiago in September), the
 // clock change.

@@ -481,10 +481,7 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	loc, err := time.LoadLocation(site.Timezone)
-	if err != nil {
-		loc = time.UTC // sites are validated on creation; UTC is the schema's default
-	}
+	loc := fleet.SiteLocation(site.Timezone)
 	now := time.Now().Truncate(time.Millisecond)
 	if until.IsZero() {
 		until = now
