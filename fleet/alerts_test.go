@@ -124,7 +124,9 @@ func TestEventAlert(t *testing.T) {
 	occupied := false
 	for _, c := range []struct {
 		ev        protocol.Event
+		lockout   protocol.Lockout // DefaultLockout when zero
 		raise     string
+		counted   *RejectedCodes // the raise's condition
 		clearKind string
 		clearAt   int
 	}{
@@ -135,10 +137,19 @@ func TestEventAlert(t *testing.T) {
 		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerBattery}, raise: AlertOnBattery},
 		{ev: protocol.Event{Type: protocol.EventPower, Source: protocol.PowerMains}, clearKind: AlertOnBattery},
 		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: protocol.RejectLockedOut}, raise: AlertCodeLockout},
-		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: "unknown"}},
+		// Other rejections raise it when the locker's within the window
+		// reach the policy's failures (the store counts them).
+		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: "unknown"}, raise: AlertCodeLockout,
+			counted: &RejectedCodes{Window: 5 * time.Minute, Min: 5}},
+		{ev: protocol.Event{Type: protocol.EventCodeRejected, Reason: "expired"}, lockout: protocol.Lockout{MaxFailures: 3, WindowS: 60},
+			raise: AlertCodeLockout, counted: &RejectedCodes{Window: time.Minute, Min: 3}},
 		{ev: protocol.Event{Type: protocol.EventDoorOpened, Compartment: 3}},
 	} {
-		got := eventAlert("lk-1", at, &c.ev)
+		lockout := c.lockout
+		if lockout == (protocol.Lockout{}) {
+			lockout = protocol.DefaultLockout
+		}
+		got := eventAlert("lk-1", at, &c.ev, lockout)
 		if c.raise == "" && c.clearKind == "" {
 			if got != nil {
 				t.Errorf("%s %s: %+v, want nothing", c.ev.Type, c.ev.Reason, got)
@@ -153,6 +164,8 @@ func TestEventAlert(t *testing.T) {
 			t.Errorf("%s: raise %+v, want %s", c.ev.Type, got.Raise, c.raise)
 		case c.raise == "" && got.Raise != nil:
 			t.Errorf("%s: raise %+v, want none", c.ev.Type, got.Raise)
+		case (got.IfRejected == nil) != (c.counted == nil) || c.counted != nil && *got.IfRejected != *c.counted:
+			t.Errorf("%s %s: raised if %+v, want if %+v", c.ev.Type, c.ev.Reason, got.IfRejected, c.counted)
 		case got.ClearKind != c.clearKind || got.ClearAt != c.clearAt:
 			t.Errorf("%s: clear %q at %d, want %q at %d", c.ev.Type, got.ClearKind, got.ClearAt, c.clearKind, c.clearAt)
 		}

@@ -957,7 +957,7 @@ func (m *Manager) writeEvents(ctx context.Context, batch []inbound) {
 		recs = append(recs, EventRecord{DeviceID: in.id, EventID: e.ID, ReceivedAt: in.at, TS: e.TS.Time,
 			Type: e.Type, Compartment: e.Compartment, Body: body,
 			Pending: m.opts.Events != nil && m.opts.Events.Wants(e),
-			Alert:   eventAlert(in.id, in.at, e)})
+			Alert:   eventAlert(in.id, in.at, e, m.opts.Config.Lockout)})
 	}
 	if len(recs) == 0 {
 		return
@@ -1156,8 +1156,11 @@ func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 }
 
 // eventAlert is what event ev of locker id, received at at, does to the
-// locker's alerts; nil: nothing.
-func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
+// locker's alerts; nil: nothing. A locker that reports its keypad locked
+// out raises code_lockout, and so does one whose rejected codes reach
+// lockout's failures within its window (RejectedCodes), so that a locker
+// that does not lock its keypad still raises it.
+func eventAlert(id string, at time.Time, ev *protocol.Event, lockout protocol.Lockout) *AlertChange {
 	a := Alert{DeviceID: id, Compartment: ev.Compartment, RaisedAt: at}
 	switch ev.Type {
 	case protocol.EventDoorAjar:
@@ -1172,9 +1175,18 @@ func eventAlert(id string, at time.Time, ev *protocol.Event) *AlertChange {
 		}
 		a.Kind = AlertOnBattery
 	case protocol.EventCodeRejected:
+		a.Kind = AlertCodeLockout
 		if ev.Reason == protocol.RejectLockedOut {
-			a.Kind = AlertCodeLockout
+			a.Detail = "keypad locked out after too many rejected codes (reported by the locker)"
+			break
 		}
+		if lockout.MaxFailures < 1 || lockout.WindowS < 1 {
+			return nil // no policy to count by
+		}
+		window := time.Duration(lockout.WindowS) * time.Second
+		a.Detail = fmt.Sprintf("%d or more codes rejected within %s by the locker's clock (counted by the gateway)",
+			lockout.MaxFailures, window)
+		return &AlertChange{Raise: &a, IfRejected: &RejectedCodes{Window: window, Min: lockout.MaxFailures}}
 	}
 	if a.Kind == "" {
 		return nil

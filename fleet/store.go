@@ -213,11 +213,26 @@ type AlertFilter struct {
 // stored event never loses its alert, and a duplicate event (not stored
 // again) raises none.
 type AlertChange struct {
-	Raise     *Alert
-	ClearKind string
-	ClearAt   int
+	Raise *Alert
+	// IfRejected, when set, makes Raise conditional on the locker's
+	// recently rejected codes (RejectedCodes).
+	IfRejected *RejectedCodes
+	ClearKind  string
+	ClearAt    int
 	// Raised is set by the store: Raise opened a new alert.
 	Raised bool
+}
+
+// RejectedCodes makes an alert's raise conditional: the alert is raised
+// only when the locker's rejected codes (its code_rejected events other
+// than locked_out, which the lockout itself causes), the raising event
+// included, number at least Min with a ts (the locker's clock) within
+// Window up to the raising event's. So the gateway sees too many rejected
+// codes at a locker that does not lock its keypad, as the locker would
+// lock it (protocol.Lockout), whatever its firmware does.
+type RejectedCodes struct {
+	Window time.Duration
+	Min    int
 }
 
 // BirthRecord is a locker's birth message, received at At, to store with

@@ -146,6 +146,42 @@ func TestAlerts(t *testing.T) {
 	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="door_ajar"}`); err != nil || v != 2 {
 		t.Fatalf("door_ajar alerts raised: %v (%v), want 2", v, err)
 	}
+
+	// Too many rejected codes, from a locker that does not lock its keypad:
+	// the gateway counts them by the lockout policy it sends (5 in 5 min).
+	for range 4 {
+		pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"code_rejected","reason":"unknown"}`)
+	}
+	wait("four rejected codes stored", func() (int, error) {
+		var c int
+		err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*) FROM events WHERE device_id = $1 AND type = 'code_rejected'`, id.DeviceID).Scan(&c)
+		return c, err
+	}, 4)
+	if c, err := open("code_lockout")(); err != nil || c != 0 {
+		t.Fatalf("%d code_lockout alerts open after 4 rejected codes (%v), want none before the 5th", c, err)
+	}
+	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"code_rejected","reason":"expired"}`)
+	wait("code_lockout after the 5th rejected code", open("code_lockout"), 1)
+	var lockouts struct {
+		Items []struct{ Kind, Detail string }
+	}
+	if err := tg.Admin.Get(ctx, "/v1/alerts", url.Values{"locker": {id.DeviceID}, "kind": {"code_lockout"}}, &lockouts); err != nil {
+		t.Fatal(err)
+	}
+	if len(lockouts.Items) != 1 || !strings.Contains(lockouts.Items[0].Detail, "5 or more codes rejected within 5m0s") {
+		t.Fatalf("code_lockout alerts %+v, want one saying 5 codes rejected within 5 min", lockouts.Items)
+	}
+	// The keypad's own lockout report adds to it.
+	pub(protocol.ChanEvents, `{"id":"e-%d","ts":"%s","type":"code_rejected","reason":"locked_out"}`)
+	Eventually(t, 10*time.Second, "the locked_out report added to code_lockout", func() error {
+		if repeats, detail := latest("code_lockout"); repeats != 1 || !strings.Contains(detail, "reported by the locker") {
+			return fmt.Errorf("repeats %d, detail %q", repeats, detail)
+		}
+		return nil
+	})
+	if v, err := tg.Metric(`lockergate_alerts_raised_total{kind="code_lockout"}`); err != nil || v != 1 {
+		t.Fatalf("code_lockout alerts raised: %v (%v), want 1", v, err)
+	}
 }
 
 // TestClockSkewAlert: a birth whose ts is further from the gateway's clock

@@ -513,7 +513,11 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord, stal
 				AND ($3 = 0 OR compartment = $3)`, e.DeviceID, a.ClearKind, a.ClearAt, e.ReceivedAt)
 		}
 		if a.Raise != nil {
-			b.Queue(raiseAlertSQL, raiseAlertArgs(a.Raise)...).QueryRow(func(row pgx.Row) error {
+			sql, args := raiseAlertSQL, raiseAlertArgs(a.Raise)
+			if r := a.IfRejected; r != nil {
+				sql, args = raiseIfRejectedSQL, append(args, e.TS, r.Window, r.Min)
+			}
+			b.Queue(sql, args...).QueryRow(func(row pgx.Row) error {
 				var n int
 				err := row.Scan(&n)
 				a.Raised = n == 1
@@ -713,9 +717,23 @@ const openOnceKinds = `'door_ajar', 'on_battery', 'door_fault', 'clock_skew', 't
 // or one applied out of order) changes nothing, nor does a replay of one
 // that was counted as a repeat, once its alert was cleared. Its one row
 // counts the alerts opened (0 or 1).
-var raiseAlertSQL = `WITH raised AS (
+var raiseAlertSQL = raiseAlertWhere("true")
+
+// raiseIfRejectedSQL is raiseAlertSQL that raises only when the locker's
+// rejected codes (fleet.RejectedCodes) with a ts in ($6 - $7, $6] number
+// at least $8. Only events received within a day of the raising one are
+// counted, so that the locker's index bounds the read.
+var raiseIfRejectedSQL = raiseAlertWhere(`(SELECT count(*) FROM events
+		WHERE device_id = $1 AND received_at > $5::timestamptz - interval '1 day'
+			AND type = '` + protocol.EventCodeRejected + `' AND body->>'reason' IS DISTINCT FROM '` + protocol.RejectLockedOut + `'
+			AND ts > $6::timestamptz - $7::interval AND ts <= $6::timestamptz) >= $8`)
+
+// raiseAlertWhere is raiseAlertSQL with cond, an SQL condition, as one
+// more condition for the alert to be raised.
+func raiseAlertWhere(cond string) string {
+	return `WITH raised AS (
 		INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
-		SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM alerts
+		SELECT $1, $2, $3, $4, $5 WHERE (` + cond + `) AND NOT EXISTS (SELECT 1 FROM alerts
 			WHERE device_id = $1 AND (raised_at = $5 OR last_raised_at = $5) AND kind = $2 AND coalesce(compartment, 0) = coalesce($3, 0))
 		ON CONFLICT (device_id, kind, coalesce(compartment, 0)) WHERE cleared_at IS NULL AND kind IN (` + openOnceKinds + `)
 		DO UPDATE SET repeats = alerts.repeats + 1, last_raised_at = EXCLUDED.raised_at, detail = EXCLUDED.detail
@@ -732,6 +750,7 @@ var raiseAlertSQL = `WITH raised AS (
 		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, $5::timestamptz, now() FROM ev JOIN webhooks w
 			ON '` + webhook.EventAlertRaised + `' = ANY (w.events) AND ` + webhookSees("ev.site", "") + `)
 	SELECT count(*) FROM raised WHERE opened`
+}
 
 // sqlTime renders a timestamptz expression as protocol v1 writes times
 // (RFC 3339, UTC, milliseconds).
