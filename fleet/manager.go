@@ -73,6 +73,12 @@ type Options struct {
 	Firmware FirmwareTracker
 	// Config is the configuration every locker receives.
 	Config protocol.Config
+	// RepublishConfig makes Run publish every enabled locker's retained
+	// state (Config among it) once, in the background: set it when Config
+	// changed at this start and lockers keep their sessions across the
+	// restart (an external broker), so that they get it without waiting
+	// for their next connect.
+	RepublishConfig bool
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
 	// CommandResend is how long a sent command may go unanswered by an
@@ -342,9 +348,14 @@ func (m *Manager) Run(ctx context.Context) error {
 	census := time.NewTicker(m.opts.CensusInterval)
 	defer census.Stop()
 	m.census(wctx)
+	var republish sync.WaitGroup
+	if m.opts.RepublishConfig {
+		republish.Go(func() { m.republishAll(ctx) })
+	}
 	for {
 		select {
 		case <-ctx.Done():
+			republish.Wait() // it ends with ctx
 			// Callers stop the bus first; what was queued before is written.
 			m.stopped.Store(true)
 			close(m.done)
@@ -1730,6 +1741,54 @@ func (m *Manager) syncDevice(ctx context.Context, id string) {
 	case err != nil:
 		m.log.Error("publish retained state", "locker", id, "err", err)
 	}
+}
+
+// republishPage is how many lockers republishAll reads at a time.
+const republishPage = 500
+
+// republishAll publishes the retained state of every enabled locker
+// (Options.RepublishConfig), a page at a time, until done or ctx ends,
+// logging its progress. A locker it does not reach (the gateway stopped
+// first) gets its state at its next connect, as always.
+func (m *Manager) republishAll(ctx context.Context) {
+	start, logged := time.Now(), time.Now()
+	m.log.Info("publishing the changed configuration to every locker (their sessions outlive the restart)", "version", m.opts.Config.Version)
+	published := 0
+	for after := ""; ; {
+		var page []Locker
+		err := m.retry(ctx, "list_lockers", func(ctx context.Context) (err error) {
+			page, err = m.store.ListLockers(ctx, LockerFilter{After: after, Limit: republishPage})
+			return err
+		})
+		if err != nil {
+			m.log.Warn("configuration not published to every locker; the rest get it when they next connect",
+				"published", published, "after", after, "err", err)
+			return
+		}
+		ids := make([]string, 0, len(page))
+		for _, l := range page {
+			if !l.Disabled {
+				ids = append(ids, l.ID)
+			}
+		}
+		if len(ids) > 0 {
+			m.syncDevices(ctx, ids)
+		}
+		if ctx.Err() != nil {
+			m.log.Info("configuration publish stopped by the shutdown; the rest get it when they next connect", "published", published)
+			return
+		}
+		published += len(ids)
+		if len(page) < republishPage {
+			break
+		}
+		after = page[len(page)-1].ID
+		if time.Since(logged) > 10*time.Second {
+			m.log.Info("publishing the changed configuration", "published", published)
+			logged = time.Now()
+		}
+	}
+	m.log.Info("changed configuration published to every locker", "lockers", published, "took", time.Since(start).Round(time.Millisecond))
 }
 
 // syncDevices is syncDevice for many lockers: their retained state is read

@@ -3,12 +3,14 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/gateway"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -71,5 +73,50 @@ func TestLockerConfigAcrossRestarts(t *testing.T) {
 	}
 	if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+id.DeviceID, nil, &l); err != nil || l.ConfigVersion != 3 {
 		t.Fatalf("config_version %d (%v), want 3", l.ConfigVersion, err)
+	}
+}
+
+// TestExternalConfigChangeReachesConnectedLockers: behind an external
+// broker a locker's session outlives a gateway restart, so a start that
+// changed the configuration publishes it to every locker: a connected
+// locker applies the new version without reconnecting (before, it kept the
+// old one until its next connect, while the gateway judged its silence by
+// the new interval). mosquitto delivers the lockers' retained births to a
+// gateway's new shared subscription, which syncs each locker anew; brokers
+// that follow MQTT 5 (no retained messages on shared subscriptions, 4.8.2:
+// EMQX, HiveMQ) do not, so the test clears the retained birth first.
+func TestExternalConfigChangeReachesConnectedLockers(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	var opts gateway.Options
+	tg := MustStart(t, onExternal(mq, "gw-cfg"), func(o *gateway.Options) { opts = *o })
+	r, sim := oneExternalLocker(t, tg, mq, "s1")
+	locker := sim.Lockers()[0]
+	testtool.Eventually(t, 10*time.Second, "the locker holds configuration 1", func() error {
+		if v := locker.ConfigVersion(); v != 1 {
+			return fmt.Errorf("version %d", v)
+		}
+		return nil
+	})
+	connects := sim.Stats().Connects
+	other := MustConnect(t, mq.Addr, "clears-retained", "", "")
+	MustPublish(t, other, protocol.Topic(r.DeviceID, protocol.ChanPresence), true, "")
+	tg.Stop(t)
+	opts.Config = protocol.Config{HealthIntervalS: 20}
+	tg = MustRun(t, opts)
+	testtool.Eventually(t, 15*time.Second, "the connected locker applies configuration 2", func() error {
+		if v := locker.ConfigVersion(); v != 2 {
+			return fmt.Errorf("version %d", v)
+		}
+		return nil
+	})
+	if c := sim.Stats().Connects; c != connects {
+		t.Fatalf("the locker connected %d times more: it was to get the configuration in its session", c-connects)
+	}
+	var l struct {
+		ConfigVersion int64 `json:"config_version"`
+		Online        bool  `json:"online"`
+	}
+	if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+r.DeviceID, nil, &l); err != nil || l.ConfigVersion != 2 || !l.Online {
+		t.Fatalf("locker %+v (%v), want online with config_version 2", l, err)
 	}
 }

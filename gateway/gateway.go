@@ -411,17 +411,18 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if err != nil {
 		return nil, err
 	}
+	configChanged := false
 	if o.Config.Version == 0 {
-		if o.Config, err = lockerConfig(ctx, g.db, o.Config); err != nil {
+		if o.Config, configChanged, err = lockerConfig(ctx, g.db, o.Config); err != nil {
 			return nil, err
 		}
-		o.Logger.Info("locker configuration", "version", o.Config.Version, "health_interval_s", o.Config.HealthIntervalS,
+		o.Logger.Info("locker configuration", "version", o.Config.Version, "changed", configChanged, "health_interval_s", o.Config.HealthIntervalS,
 			"door_ajar_s", o.Config.DoorAjarS, "lockout_max_failures", o.Config.Lockout.MaxFailures,
 			"lockout_window_s", o.Config.Lockout.WindowS, "lockout_lock_s", o.Config.Lockout.LockS)
 	}
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
-		Registerer: g.reg, Config: o.Config, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
+		Registerer: g.reg, Config: o.Config, RepublishConfig: configChanged && g.external != nil, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
 		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
 		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew,
 		AlertRaised: g.webhooks.Wake})
@@ -838,8 +839,8 @@ func latestHealthEvery(set time.Duration, external bool) time.Duration {
 
 // lockerConfig completes cfg (no version: from the flags) with
 // fleet.DefaultConfig's values for its zero fields, and versions it in the
-// database (postgres.LockerConfig).
-func lockerConfig(ctx context.Context, db *postgres.DB, cfg protocol.Config) (protocol.Config, error) {
+// database (postgres.LockerConfig); changed: this start bumped the version.
+func lockerConfig(ctx context.Context, db *postgres.DB, cfg protocol.Config) (_ protocol.Config, changed bool, err error) {
 	def := fleet.DefaultConfig
 	cfg.HealthIntervalS = cmp.Or(cfg.HealthIntervalS, def.HealthIntervalS)
 	cfg.DoorAjarS = cmp.Or(cfg.DoorAjarS, def.DoorAjarS)
@@ -847,12 +848,12 @@ func lockerConfig(ctx context.Context, db *postgres.DB, cfg protocol.Config) (pr
 		cfg.Lockout = def.Lockout
 	}
 	if err := cfg.Validate(); err != nil {
-		return cfg, fmt.Errorf("locker configuration: %w", err)
+		return cfg, false, fmt.Errorf("locker configuration: %w", err)
 	}
-	v, err := db.LockerConfig(ctx, cfg, def)
+	v, changed, err := db.LockerConfig(ctx, cfg, def)
 	if err != nil {
-		return cfg, fmt.Errorf("locker configuration: %w", err)
+		return cfg, false, fmt.Errorf("locker configuration: %w", err)
 	}
 	cfg.Version = v
-	return cfg, nil
+	return cfg, changed, nil
 }

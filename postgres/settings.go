@@ -12,19 +12,20 @@ import (
 
 // LockerConfig records cfg (its Version ignored) as the lockers'
 // configuration and returns the version it goes out under: the stored
-// one while cfg is what was stored, the next one when it differs. Before
+// one while cfg is what was stored, the next one when it differs (bumped:
+// lockers hold an older configuration than cfg). Before
 // any was stored, def (a version and its content) stands for it: the
 // configuration lockers got before it was kept. Instances that start
 // together take turns (an advisory lock); instances started with
 // different configurations bump it in turn, so run them with the same.
-func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (int64, error) {
+func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (version int64, bumped bool, err error) {
 	cfg.Version = 0
 	value, err := json.Marshal(cfg)
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	var version int64
 	err = pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		bumped = false // a try before
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/settings/locker_config', 0))`); err != nil {
 			return err
 		}
@@ -50,10 +51,11 @@ func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (int64
 		}
 		if was != cfg {
 			version++
+			bumped = true
 		}
 		_, err = tx.Exec(ctx, `INSERT INTO settings (name, value, version) VALUES ('locker_config', $1, $2)
 			ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, version = EXCLUDED.version, updated_at = now()`, value, version)
 		return err
 	})
-	return version, err
+	return version, bumped && err == nil, err
 }
