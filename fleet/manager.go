@@ -202,6 +202,9 @@ type control struct {
 	at      time.Time
 	events  []EventRecord
 	ack     func()
+	// retained: a presence message an external broker handed a new
+	// subscription (Message.Retain), not one the locker just sent.
+	retained bool
 }
 
 // New returns a Manager; call Run to start it.
@@ -421,7 +424,7 @@ func (m *Manager) receive(msg Message) {
 	case protocol.ChanEvents:
 		m.events <- in // back-pressure: events are never dropped
 	case protocol.ChanPresence:
-		m.enqueue(control{kind: ctrlPresence, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
+		m.enqueue(control{kind: ctrlPresence, id: id, payload: msg.Payload, at: at, ack: msg.Ack, retained: msg.Retain})
 	case protocol.ChanCmdResult:
 		m.enqueue(control{kind: ctrlResult, id: id, payload: msg.Payload, at: at, ack: msg.Ack})
 	case protocol.ChanCredsAck:
@@ -1078,6 +1081,33 @@ func (m *Manager) staleWill(ctx context.Context, id string) verdict {
 	return verdictStale
 }
 
+// recordedBirth reports whether p, a retained birth an external broker
+// handed a new subscription (every instance's start, and a reconnect that
+// subscribes again), is the birth of locker id's session on record: the
+// locker online, on the same boot, and the same ts as recorded (the
+// session's start plus the clock offset its birth gave). Applied again, it
+// would start a second session for a locker that never reconnected: every
+// gateway restart would add one per locker (connect counts, presence
+// history, flapping) and reset each session's start. A read that fails
+// reads as not recorded: the birth is applied, as a birth that is news.
+func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Presence) bool {
+	l, err := m.store.GetLocker(ctx, id)
+	if err != nil {
+		if !errors.Is(err, ErrNotFound) && ctx.Err() == nil {
+			m.log.Warn("retained birth not compared with the session on record; applied as a new one", "locker", id, "err", err)
+		}
+		return false
+	}
+	if !l.Online || l.ConnectedAt == nil || l.BootID != p.BootID || p.TS.IsZero() != (l.ClockOffsetMS == nil) {
+		return false
+	}
+	if p.TS.IsZero() {
+		return true // the same boot, no clock to tell sessions apart
+	}
+	recorded := l.ConnectedAt.Add(time.Duration(*l.ClockOffsetMS) * time.Millisecond)
+	return p.TS.Sub(recorded).Abs() < time.Second
+}
+
 // lateBirthAfter is how far behind its arrival a birth's ts must be for
 // the birth to be checked against the broker (staleBirth): one that waited
 // in a crashed instance's session is minutes behind; one on time, seconds
@@ -1647,6 +1677,10 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			case verdictLeave:
 				leave = true
 			}
+			return
+		}
+		if c.retained && m.recordedBirth(ctx, c.id, p) {
+			m.m.knownBirths.Inc()
 			return
 		}
 		switch m.staleBirth(ctx, c.id, p, c.payload, c.at) {

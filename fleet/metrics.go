@@ -27,6 +27,7 @@ type metrics struct {
 	presenceEvent    *prometheus.CounterVec // kind
 	staleWills       prometheus.Counter
 	staleBirths      prometheus.Counter
+	knownBirths      prometheus.Counter
 
 	// Fleet-wide, from the census (the same on every gateway instance).
 	registered prometheus.Gauge
@@ -123,6 +124,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_presence_stale_births_total",
 			Help: "Births not applied: an earlier session's, delivered late by an external broker after the locker's presence changed again.",
 		}),
+		knownBirths: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_presence_retained_births_known_total",
+			Help: "Retained births an external broker handed a new subscription that were of the session on record: not counted as new sessions.",
+		}),
 		registered: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_devices_registered",
 			Help: "Enabled lockers in the database (fleet-wide: every gateway instance reports the same count).",
@@ -175,7 +180,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.ingestLag, m.dbWrite, m.dbErrors,
 			m.online, m.commands, m.lateAnswers, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
-			m.staleWills, m.staleBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
+			m.staleWills, m.staleBirths, m.knownBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m
 }

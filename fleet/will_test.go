@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -160,5 +161,62 @@ func TestWillLeftAtClose(t *testing.T) {
 				t.Fatalf("writes %v, %d acks; want applied and acknowledged: %v", st.calls, acks, tc.applied)
 			}
 		})
+	}
+}
+
+// lockerStore answers GetLocker with its one locker (ErrNotFound: none).
+type lockerStore struct {
+	*fakeStore
+	l *Locker
+}
+
+func (s *lockerStore) GetLocker(context.Context, string) (*Locker, error) {
+	if s.l == nil {
+		return nil, ErrNotFound
+	}
+	l := *s.l
+	return &l, nil
+}
+
+// TestRecordedBirth: a retained birth is the session on record only when
+// the locker is online on the same boot with the birth's ts as recorded
+// (its start plus the clock offset then, to the millisecond's rounding).
+func TestRecordedBirth(t *testing.T) {
+	start := time.Date(2026, 12, 7, 4, 0, 0, 0, time.UTC)
+	offset := int64(-1500) // the locker's clock 1.5 s behind
+	ts := start.Add(time.Duration(offset) * time.Millisecond)
+	on := Locker{ID: "lk-1", Online: true, BootID: "b-1", ConnectedAt: &start, ClockOffsetMS: &offset}
+	birth := func(boot string, ts time.Time) *protocol.Presence {
+		return &protocol.Presence{Online: true, BootID: boot, TS: protocol.T(ts)}
+	}
+	with := func(f func(l *Locker)) *Locker {
+		l := on
+		f(&l)
+		return &l
+	}
+	for _, c := range []struct {
+		name   string
+		locker *Locker
+		p      *protocol.Presence
+		want   bool
+	}{
+		{"the session on record", &on, birth("b-1", ts), true},
+		{"within the offset's rounding", &on, birth("b-1", ts.Add(400*time.Millisecond)), true},
+		{"a later session of the same boot", &on, birth("b-1", ts.Add(90*time.Second)), false},
+		{"another boot", &on, birth("b-2", ts), false},
+		{"the locker offline", with(func(l *Locker) { l.Online = false }), birth("b-1", ts), false},
+		{"no session start", with(func(l *Locker) { l.ConnectedAt = nil }), birth("b-1", ts), false},
+		{"no ts, none recorded", with(func(l *Locker) { l.ClockOffsetMS = nil }), birth("b-1", time.Time{}), true},
+		{"no ts, one recorded", &on, birth("b-1", time.Time{}), false},
+		{"a ts, none recorded", with(func(l *Locker) { l.ClockOffsetMS = nil }), birth("b-1", ts), false},
+		{"an unknown locker", nil, birth("b-1", ts), false},
+	} {
+		m, err := New(Options{Store: &lockerStore{fakeStore: newFakeStore(), l: c.locker}, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := m.recordedBirth(context.Background(), "lk-1", c.p); got != c.want {
+			t.Errorf("%s: recorded %v, want %v", c.name, got, c.want)
+		}
 	}
 }

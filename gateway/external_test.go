@@ -557,3 +557,37 @@ func TestExternalReplacementWithTheBrokerDown(t *testing.T) {
 		t.Fatalf("replacement answer %s with a new secret: %v; want the same locker, re-keyed", nr.DeviceID, nr.Password != r.Password)
 	}
 }
+
+// TestExternalRestartKeepsSessions: a gateway that subscribes anew behind
+// mosquitto is handed every locker's retained birth. Those are the
+// broker's record of sessions already counted, not new ones: a restart
+// leaves a connected locker's session (its start, its connect count, its
+// presence history) as it was.
+func TestExternalRestartKeepsSessions(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	var opts gateway.Options
+	tg := MustStart(t, onExternal(mq, "gw-sessions"), func(o *gateway.Options) { opts = *o })
+	r, _ := oneExternalLocker(t, tg, mq, "s1")
+	type session struct {
+		Connects, Starts int
+		Since            time.Time
+	}
+	read := func(tg *TestGateway) (s session) {
+		t.Helper()
+		if err := tg.DB().Pool().QueryRow(context.Background(), `SELECT connect_count, connected_at,
+			(SELECT count(*) FROM presence_log WHERE device_id = $1 AND online) FROM devices WHERE id = $1`, r.DeviceID).Scan(&s.Connects, &s.Since, &s.Starts); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	before := read(tg)
+	for i := range 2 {
+		tg.Stop(t)
+		tg = MustRun(t, opts)
+		// The new instance judged the retained birth the one on record.
+		tg.WaitMetric(t, 10*time.Second, "lockergate_presence_retained_births_known_total", 1)
+		if got := read(tg); got != before {
+			t.Fatalf("restart %d: session %+v, want %+v as before", i+1, got, before)
+		}
+	}
+}
