@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"testing"
 	"time"
 
@@ -436,11 +437,75 @@ func TestEngineLateReportOfACancelledJob(t *testing.T) {
 	}
 }
 
-// TestEngineBirthSettlesLateJobBesideActive: a birth on the version that
-// confirms the active job settles a timed-out job of an earlier rollout on
-// that version too (its reboot outlasted the step timeout, and a second
-// rollout sent the locker the same version): it succeeded, not failed.
-func TestEngineBirthSettlesLateJobBesideActive(t *testing.T) {
+// TestEngineBirthCreditsOneJob: a birth on the version credits one job
+// with the install. With a job active on it, that job: an earlier
+// rollout's timed-out job for the version stays timed out, whether it timed
+// out rebooting (its boot failed or was never seen) or at its deadline
+// while downloading (withdrawn), and its ended rollout's counts do not
+// change. Without one, only the timed-out job handed out last succeeds.
+func TestEngineBirthCreditsOneJob(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// timeOut ends the first rollout's job, handed out to locker id.
+		timeOut func(h *harness, clk *clock, id, job string)
+	}{
+		{"RebootPastTimeout", func(h *harness, clk *clock, id, job string) { h.rebootPastTimeout(clk, id, job) }},
+		{"DeadlineWhileDownloading", func(h *harness, clk *clock, id, job string) {
+			h.mustReport(clk, id, job, firmware.StateDownloading)
+			clk.advance(10 * time.Second) // past the deadline
+			h.eng.Tick(context.Background())
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := newClock()
+			h := newHarness(t, hopt{now: clk.now})
+			ctx := context.Background()
+			h.devs.outcome = func(string, int) string { return outSilent } // the test reports for it
+			ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+			a := h.upload("LX-24", "1.5.0")
+			spec := firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 60, MaxFailurePct: ptr(100.0)}
+			firstSpec := spec
+			firstSpec.Deadline = ptr(clk.now().Add(5 * time.Second))
+			if tc.name == "RebootPastTimeout" {
+				firstSpec.Deadline = nil
+			}
+			first := h.create(firstSpec)
+			h.eng.Tick(ctx)
+			old := h.job(first.ID, ids[0])
+			tc.timeOut(h, clk, ids[0], old.JobID)
+			if got := h.job(first.ID, ids[0]); got.State != firmware.StateTimedOut {
+				t.Fatalf("the first rollout's job: %s, want timed_out", got.State)
+			}
+			h.eng.Tick(ctx)
+			ended := h.status(first.ID) // its counts as it ended
+			h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
+			second := h.create(spec)
+			h.eng.Tick(ctx)
+			cur := h.job(second.ID, ids[0])
+			if !firmware.IsActive(cur.State) {
+				t.Fatalf("the second rollout's job: %s, want it handed out", cur.State)
+			}
+			h.mustReport(clk, ids[0], cur.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
+				firmware.StateRebooting)
+			clk.advance(time.Second)
+			h.birth(clk, ids[0], "1.5.0", true)
+			if got := h.job(second.ID, ids[0]); got.State != firmware.StateSucceeded {
+				t.Fatalf("the second rollout's job after the birth on 1.5.0: %s, want succeeded", got.State)
+			}
+			if got := h.job(first.ID, ids[0]); got.State != firmware.StateTimedOut {
+				t.Fatalf("the first rollout's job after the birth on 1.5.0: %s, want timed_out (the install is the second's)", got.State)
+			}
+			if st := h.status(first.ID); !maps.Equal(st.Counts, ended.Counts) {
+				t.Fatalf("the first rollout's counts went from %v to %v", ended.Counts, st.Counts)
+			}
+		})
+	}
+}
+
+// TestEngineBirthCreditsTheLastTimeout: without an active job, a birth on
+// the version credits the timed-out job for it handed out last; an earlier
+// rollout's timed-out job stays as it ended.
+func TestEngineBirthCreditsTheLastTimeout(t *testing.T) {
 	clk := newClock()
 	h := newHarness(t, hopt{now: clk.now})
 	ctx := context.Background()
@@ -448,29 +513,21 @@ func TestEngineBirthSettlesLateJobBesideActive(t *testing.T) {
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
 	a := h.upload("LX-24", "1.5.0")
 	spec := firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, StepTimeoutS: 60, MaxFailurePct: ptr(100.0)}
-	first := h.create(spec)
-	h.eng.Tick(ctx)
-	old := h.job(first.ID, ids[0])
-	h.rebootPastTimeout(clk, ids[0], old.JobID)
-	if got := h.job(first.ID, ids[0]); got.State != firmware.StateTimedOut {
-		t.Fatalf("the first rollout's job after the step timeout: %s, want timed_out", got.State)
+	var rollouts []string
+	for range 2 {
+		st := h.create(spec)
+		h.eng.Tick(ctx)
+		h.rebootPastTimeout(clk, ids[0], h.job(st.ID, ids[0]).JobID)
+		h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
+		rollouts = append(rollouts, st.ID)
+		clk.advance(time.Second)
 	}
-	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
-	second := h.create(spec)
-	h.eng.Tick(ctx)
-	cur := h.job(second.ID, ids[0])
-	if !firmware.IsActive(cur.State) {
-		t.Fatalf("the second rollout's job: %s, want it handed out", cur.State)
-	}
-	h.report(clk, ids[0], cur.JobID, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling,
-		firmware.StateRebooting)
-	clk.advance(time.Second)
 	h.birth(clk, ids[0], "1.5.0", true)
-	if got := h.job(second.ID, ids[0]); got.State != firmware.StateSucceeded {
-		t.Fatalf("the second rollout's job after the birth on 1.5.0: %s, want succeeded", got.State)
+	if got := h.job(rollouts[0], ids[0]); got.State != firmware.StateTimedOut {
+		t.Fatalf("the first rollout's job: %s, want timed_out", got.State)
 	}
-	if got := h.job(first.ID, ids[0]); got.State != firmware.StateSucceeded {
-		t.Fatalf("the first rollout's timed-out job after the birth on 1.5.0: %s, want succeeded", got.State)
+	if got := h.job(rollouts[1], ids[0]); got.State != firmware.StateSucceeded {
+		t.Fatalf("the second rollout's job, handed out last: %s, want succeeded", got.State)
 	}
 }
 

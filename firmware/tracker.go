@@ -134,12 +134,15 @@ func (e *Engine) BootedMany(ctx context.Context, boots []fleet.Boot) {
 
 // booted is Booted for one locker, with its jobs read.
 func (e *Engine) booted(ctx context.Context, deviceID, fw string, at time.Time, j *Job, late []Job) {
+	// One install, one success: the active job on the version, else the
+	// late job on it handed out last (installInOf).
+	credit := installInOf(fw, j, late)
 	switch {
 	case j != nil && SameVersion(fw, j.Version):
-		// After the late jobs on the version (an earlier rollout's
-		// timed-out job for it, say): while j is active none of them can
-		// be handed out (one active job per locker), so none is sent the
-		// version the locker runs.
+		// After the late jobs on the version (an earlier rollout's queued
+		// job for it, say): while j is active none of them can be handed
+		// out (one active job per locker), so none is sent the version the
+		// locker runs.
 		defer e.bootSucceeded(ctx, j, at)
 	case j != nil && j.State == StateRebooting:
 		// A retry it queues is for the version that did not boot, which
@@ -152,12 +155,15 @@ func (e *Engine) booted(ctx context.Context, deviceID, fw string, at time.Time, 
 	}
 	for i := range late {
 		j := &late[i]
-		if !SameVersion(fw, j.Version) || (j.State == StateTimedOut && j.SentAt == nil) {
-			continue // another version; or timed out at the deadline, never handed out
+		if !SameVersion(fw, j.Version) || (j.State == StateTimedOut && j != credit) {
+			// Another version; or a timeout the install is not credited
+			// to (never handed out, or another job's install).
+			continue
 		}
 		t := Transition{DeviceID: deviceID, JobID: j.JobID, From: []string{j.State}, To: StateSucceeded, At: at}
-		if j.State == StateQueued && j.Attempt == 1 {
-			// Never handed out: updated by other means, as at creation.
+		if j != credit {
+			// Never handed out (updated by other means, as at creation),
+			// or a retry of an attempt that is not the install's.
 			t.To, t.Error = StateSkipped, SkipUpToDate
 		}
 		nj, err := e.store.Apply(ctx, t)
@@ -183,6 +189,35 @@ func (e *Engine) booted(ctx context.Context, deviceID, fw string, at time.Time, 
 			e.finished(ctx, nj, nil, false, at)
 		}
 	}
+}
+
+// installInOf is the job a birth on fw credits with the install: the
+// active job j when it is for fw; otherwise the late job (timed out or
+// queued, none active) for fw handed out last: a queued retry (its
+// earlier attempt went out in the locker's live rollout; a locker is in
+// one at a time), else the timed-out job sent last (a reboot that
+// outlasted its step timeout, or whose birth was missed). nil: none (no
+// job for fw was handed out: the locker was updated by other means).
+// Only one is credited: crediting every job for the version would count
+// one install as a success in each rollout that ever sent it (one that
+// timed out at a deadline while downloading, and a later rollout's that
+// installed).
+func installInOf(fw string, j *Job, late []Job) *Job {
+	if j != nil && SameVersion(fw, j.Version) {
+		return j
+	}
+	var credit *Job
+	for i := range late {
+		l := &late[i]
+		switch {
+		case !SameVersion(fw, l.Version):
+		case l.State == StateQueued && l.Attempt > 1:
+			return l
+		case l.State == StateTimedOut && l.SentAt != nil && (credit == nil || l.SentAt.After(*credit.SentAt)):
+			credit = l
+		}
+	}
+	return credit
 }
 
 // bootSucceeded settles an active job a birth on its version confirmed.
