@@ -301,6 +301,51 @@ func TestEngineLockerChangedBeforeHandOut(t *testing.T) {
 	}
 }
 
+// TestEngineWaitsForTheBirth: a locker back online is not handed a job
+// until its birth is recorded: before it, its model and version are its
+// last session's. A board of another model whose birth comes a moment
+// after its connect is skipped (model_changed), never sent the image; one
+// of the rollout's model gets the job once its birth is in.
+func TestEngineWaitsForTheBirth(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 2)
+	// Both connected a moment ago; their last births are an hour old.
+	h.exec(`UPDATE devices SET connected_at = $1, born_at = $2`, clk.now(), clk.now().Add(-time.Hour))
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0)})
+	for range 3 {
+		clk.advance(time.Second)
+		h.eng.Tick(ctx)
+	}
+	for _, id := range ids {
+		if j := h.job(st.ID, id); j.State != firmware.StateQueued || h.devs.attempts(id) != 0 {
+			t.Fatalf("%s before its birth: %s, %d jobs received; want queued, none", id, j.State, h.devs.attempts(id))
+		}
+	}
+	clk.advance(time.Second)
+	if err := h.db.RecordBirth(ctx, ids[0], &protocol.Presence{Online: true, FW: "1.4.2", Model: "LX-8"}, clk.now(), false); err != nil {
+		t.Fatal(err)
+	}
+	h.birth(clk, ids[1], "1.4.2", true)
+	h.eng.Booted(ctx, ids[0], "1.4.2", clk.now())
+	testtool.Eventually(t, 10*time.Second, "the jobs judged after the births", func() error {
+		clk.advance(time.Second)
+		h.eng.Tick(ctx)
+		if j := h.job(st.ID, ids[0]); j.State != firmware.StateSkipped || j.Error != firmware.SkipModelChanged {
+			return fmt.Errorf("%s (now LX-8): %s %q", ids[0], j.State, j.Error)
+		}
+		if j := h.job(st.ID, ids[1]); j.State == firmware.StateQueued {
+			return fmt.Errorf("%s: still queued", ids[1])
+		}
+		return nil
+	})
+	if n := h.devs.attempts(ids[0]); n != 0 {
+		t.Fatalf("the LX-8 board got %d jobs for an LX-24 image", n)
+	}
+}
+
 // TestEnginePausedRolloutEndsAtDeadline: a paused rollout does not outlive
 // its deadline: its jobs time out and it ends, aborted, with the reason it
 // was paused for.

@@ -573,9 +573,12 @@ func (s *rolloutTx) Counts(ctx context.Context) ([]firmware.Count, error) {
 // fwReady is the condition for a queued job j (joined with its device d) to
 // be taken by Dispatch now (modelParam is the query parameter holding the
 // rollout's model): its locker can take it now, or never will (disabled, or
-// of another model now: Dispatch ends those).
+// of another model now: Dispatch ends those). A locker can take it once
+// the birth of its current session is recorded (born_at, migration 025):
+// until then its model and version are the last session's.
 func fwReady(modelParam string) string {
 	return `j.state = 'queued' AND (d.disabled OR d.model <> ` + modelParam + ` OR (d.online
+	AND (d.connected_at IS NULL OR d.born_at >= d.connected_at)
 	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
 	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)))`
 }

@@ -209,7 +209,7 @@ const recordBirthsSQL = `WITH ` + lockDevicesCTE + `,
 		cleared AS (UPDATE alerts a SET cleared_at = b.at FROM b
 			WHERE b.clear_skew AND a.device_id = b.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL)
 		UPDATE devices d SET fw = coalesce(nullif(b.fw, ''), d.fw), model = coalesce(nullif(b.model, ''), d.model),
-			boot_id = b.boot_id, last_seen = greatest(d.last_seen, b.at), health_seq = 0, clock_offset_ms = b.off
+			boot_id = b.boot_id, last_seen = greatest(d.last_seen, b.at), health_seq = 0, clock_offset_ms = b.off, born_at = b.at
 		FROM b JOIN locked l ON l.id = b.id WHERE d.id = b.id AND d.id = ANY($1::text[])`
 
 // RecordBirths implements fleet.Store: one statement, locking its lockers'
