@@ -332,7 +332,13 @@ func (e *Engine) List(ctx context.Context, after string, limit int) ([]Status, e
 	}
 	out := make([]Status, len(rs))
 	for i, r := range rs {
-		out[i] = Status{Rollout: r, CurrentWave: r.Wave + 1}
+		// Its targets are its waves' jobs; counts per state and wave are
+		// read by id (Status), left empty here rather than null.
+		out[i] = Status{Rollout: r, CurrentWave: r.Wave + 1, Counts: map[string]int{}, Skipped: map[string]int{},
+			WaveStatus: []WaveStatus{}}
+		for _, n := range r.WaveSizes {
+			out[i].Targets += n
+		}
 	}
 	return out, nil
 }

@@ -222,6 +222,18 @@ func TestFirmwareRolloutInWaves(t *testing.T) {
 	if v, err := tg.Metric(`lockergate_firmware_jobs_finished_total{state="succeeded"}`); err != nil || v != 300 {
 		t.Fatalf("jobs finished %v, %v", v, err)
 	}
+	// The list shows its targets, and its counts as empty, not null.
+	var list struct {
+		Items []json.RawMessage `json:"items"`
+	}
+	if err := tg.Admin.Get(context.Background(), "/v1/rollouts", nil, &list); err != nil || len(list.Items) != 1 {
+		t.Fatalf("rollouts listed: %d, %v", len(list.Items), err)
+	}
+	for _, want := range []string{`"targets":300`, `"counts":{}`, `"skipped":{}`, `"wave_status":[]`} {
+		if !strings.Contains(string(list.Items[0]), want) {
+			t.Fatalf("listed rollout %s, want %s in it", list.Items[0], want)
+		}
+	}
 	Eventually(t, 5*time.Second, "rollouts gauge", func() error {
 		v, err := tg.Metric(`lockergate_firmware_rollouts{status="completed"}`)
 		if err == nil && v != 1 {

@@ -8,7 +8,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
@@ -242,6 +244,9 @@ func getRollout(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) err
 func rolloutJobs(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {
 	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]firmware.Job, error) {
 		f := firmware.JobFilter{State: r.URL.Query().Get("state"), After: after, Limit: limit}
+		if f.State != "" && !slices.Contains(firmware.States, f.State) {
+			return nil, badRequest("state must be one of %s", strings.Join(firmware.States, ", "))
+		}
 		if v := r.URL.Query().Get("wave"); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 {

@@ -126,6 +126,10 @@ func TestFirmwareLists(t *testing.T) {
 	for _, wave := range []string{"0", "-1", "one"} {
 		call(t, s, "GET", "/v1/rollouts/ro-1/jobs?wave="+wave, "admin").wantProblem(t, http.StatusBadRequest, "bad request: wave must be a wave number, 1 or more")
 	}
+	for _, state := range []string{"bogus", "FAILED", "done"} {
+		call(t, s, "GET", "/v1/rollouts/ro-1/jobs?state="+state, "admin").wantProblem(t, http.StatusBadRequest,
+			"bad request: state must be one of "+strings.Join(firmware.States, ", "))
+	}
 	call(t, s, "GET", "/v1/rollouts/ro-9/jobs", "admin").wantProblem(t, http.StatusNotFound, "not found")
 
 	// One of each by id.
