@@ -8,7 +8,9 @@ package firmware
 
 import (
 	"context"
+	"encoding/json"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -152,6 +154,43 @@ type Spec struct {
 	RetryOn       []string   `json:"retry_on"`
 	Window        string     `json:"window"`
 	Force         bool       `json:"force"`
+
+	// explicit names the fields of zeroSets a JSON body set to 0 (or
+	// waves to []) rather than leaving out: out of range, not the
+	// default (UnmarshalJSON, normalize).
+	explicit []string
+}
+
+// zeroSets are the Spec fields whose zero value stands for "the default"
+// in Go, and is out of range when a request writes it.
+var zeroSets = []string{"waves", "min_per_wave", "rate_per_min", "step_timeout_s"}
+
+// UnmarshalJSON decodes a spec, noting the fields of zeroSets a body set
+// to their zero value (0, or [] for waves), which normalize refuses: a
+// body that asks for rate_per_min 0 (or a step timeout of 0) does not mean
+// the default, and is not given it silently.
+func (s *Spec) UnmarshalJSON(b []byte) error {
+	type plain Spec
+	if err := json.Unmarshal(b, (*plain)(s)); err != nil {
+		return err
+	}
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return err
+	}
+	s.explicit = nil
+	zero := map[string]bool{"waves": len(s.Waves) == 0, "min_per_wave": s.MinPerWave == 0,
+		"rate_per_min": s.RatePerMin == 0, "step_timeout_s": s.StepTimeoutS == 0}
+	for k, v := range raw {
+		for _, name := range zeroSets {
+			// Names as encoding/json matches them: any case.
+			if strings.EqualFold(k, name) && zero[name] && string(v) != "null" && !slices.Contains(s.explicit, name) {
+				s.explicit = append(s.explicit, name)
+			}
+		}
+	}
+	slices.Sort(s.explicit)
+	return nil
 }
 
 // Rollout is a firmware rollout. Spec fields are fixed at creation; the

@@ -34,6 +34,12 @@ func (s *Spec) normalize(now time.Time) error {
 	if s.Firmware == "" {
 		return bad("firmware is required")
 	}
+	for _, name := range s.explicit {
+		if name == "waves" {
+			return bad("waves must not be empty: leave it out for the default %v", DefaultWaves)
+		}
+		return bad("%s must be 1 or more: leave it out for the default", name)
+	}
 	if len(s.Waves) == 0 {
 		s.Waves = slices.Clone(DefaultWaves)
 	}

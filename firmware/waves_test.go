@@ -1,10 +1,15 @@
 package firmware
 
 import (
+	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/lockergate/lockergate/fleet"
 )
 
 func TestWaveSizes(t *testing.T) {
@@ -194,6 +199,32 @@ func TestSpecNormalize(t *testing.T) {
 				t.Fatalf("accepted %+v", s)
 			}
 		})
+	}
+	// From JSON: a field left out (or null) takes its default; one written
+	// as 0 (waves as []) is refused, as any value out of range is.
+	for _, body := range []string{`{"firmware":"f"}`, `{"firmware":"f","rate_per_min":null,"waves":null}`} {
+		var s Spec
+		if err := json.Unmarshal([]byte(body), &s); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.normalize(now); err != nil || s.RatePerMin != DefaultRatePerMin || !slices.Equal(s.Waves, DefaultWaves) {
+			t.Fatalf("%s: %v, rate %d, waves %v; want the defaults", body, err, s.RatePerMin, s.Waves)
+		}
+	}
+	for _, c := range []struct{ body, want string }{
+		{`{"firmware":"f","rate_per_min":0}`, "rate_per_min must be 1 or more"},
+		{`{"firmware":"f","step_timeout_s":0}`, "step_timeout_s must be 1 or more"},
+		{`{"firmware":"f","min_per_wave":0}`, "min_per_wave must be 1 or more"},
+		{`{"firmware":"f","waves":[]}`, "waves must not be empty"},
+		{`{"firmware":"f","Rate_Per_Min":0}`, "rate_per_min must be 1 or more"}, // encoding/json folds case
+	} {
+		var s Spec
+		if err := json.Unmarshal([]byte(c.body), &s); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.normalize(now); err == nil || !errors.Is(err, fleet.ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want invalid: %s", c.body, err, c.want)
+		}
 	}
 	t.Run("ZeroThresholdKept", func(t *testing.T) {
 		s := Spec{Firmware: "f", MaxFailurePct: &zero}
