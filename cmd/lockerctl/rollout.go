@@ -187,7 +187,16 @@ func (c *cli) rolloutCreate(args []string) error {
 		"firmware": *fw,
 		"selector": map[string]any{"site": *site, "model": *model, "fw": *from, "lockers": splitList(*lockers)},
 		"retries":  *retries, "window": *window, "force": *force, "failure_action": *action,
-		"min_per_wave": *minPer, "rate_per_min": *rate, "step_timeout_s": int(step.Seconds()),
+	}
+	// Left out unless given: the gateway's default applies to a field
+	// left out, and 0 is out of range for each.
+	for name, v := range map[string]int{"min_per_wave": *minPer, "rate_per_min": *rate, "step_timeout_s": int(step.Seconds())} {
+		if v != 0 {
+			body[name] = v
+		}
+	}
+	if *step > 0 && *step < time.Second {
+		return usageError("--step-timeout: 1s or more")
 	}
 	if *waves != "" {
 		var ws []int

@@ -115,3 +115,45 @@ func TestTokenFromDataDir(t *testing.T) {
 		t.Fatalf("no token: exit %d, err %q; want 1 and the path it tried", code, errOut.String())
 	}
 }
+
+// TestRolloutCreateLeavesDefaultsOut: flags not given are left out of the
+// body (the gateway's defaults apply to a field left out; 0 is a 400), and
+// those given are sent.
+func TestRolloutCreateLeavesDefaultsOut(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want map[string]float64 // fields of the body; absent: left out
+	}{
+		{nil, map[string]float64{}},
+		{[]string{"--rate", "120", "--step-timeout", "90s", "--min-per-wave", "3"},
+			map[string]float64{"rate_per_min": 120, "step_timeout_s": 90, "min_per_wave": 3}},
+	} {
+		var body map[string]any
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusCreated)
+			json.NewEncoder(w).Encode(map[string]any{"id": "ro-1", "status": "running", "targets": 1})
+		}))
+		var out, errOut bytes.Buffer
+		code := run(append([]string{"--url", srv.URL, "--token", "t", "rollout", "create", "--firmware", "fw-1"}, tc.args...), &out, &errOut)
+		srv.Close()
+		if code != 0 {
+			t.Fatalf("%v: exit %d, stderr %q", tc.args, code, errOut.String())
+		}
+		for _, name := range []string{"rate_per_min", "step_timeout_s", "min_per_wave"} {
+			got, sent := body[name]
+			want, ok := tc.want[name]
+			if sent != ok || ok && got != want {
+				t.Errorf("%v: %s sent %v as %v, want sent %v as %v", tc.args, name, sent, got, ok, want)
+			}
+		}
+	}
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--url", "http://127.0.0.1:1", "--token", "t", "rollout", "create", "--firmware", "fw-1", "--step-timeout", "500ms"}, &out, &errOut); code == 0 {
+		t.Fatal("a step timeout under a second was taken")
+	}
+}
