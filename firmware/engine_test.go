@@ -340,6 +340,15 @@ func TestEngineSelectionAndDowngrades(t *testing.T) {
 	if _, err := h.eng.Upload(context.Background(), "LX-24", "1.5.0", strings.NewReader("x"), "test"); !errors.Is(err, fleet.ErrConflict) {
 		t.Fatalf("duplicate version: %v", err)
 	}
+	// A selector's fw is a version: v1.4.2 selects the lockers on 1.4.2
+	// (one of which reports it as 1.4.2+b7), and no others.
+	h.exec(`UPDATE devices SET fw = '1.4.2+b7' WHERE id = 'lk-old00001'`)
+	for _, fw := range []string{"v1.4.2", "1.4.2"} {
+		got, err := h.db.Targets(context.Background(), firmware.Selector{FW: fw})
+		if err != nil || len(got) != 3 {
+			t.Fatalf("selector fw %s: %d lockers (%v), want the 3 on 1.4.2", fw, len(got), err)
+		}
+	}
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
 	if st.Targets != 3 || st.Skipped[firmware.SkipUpToDate] != 2 || st.Skipped[firmware.SkipDowngrade] != 2 {
 		t.Fatalf("targets %d, skipped %v", st.Targets, st.Skipped)

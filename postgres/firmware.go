@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -213,6 +214,8 @@ func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, si
 
 // Targets implements firmware.Store. A locker is busy when another live
 // rollout has an unfinished job for it, or any job of it is on its fw/job.
+// The selector's fw is compared as a version (firmware.SameVersion: v1.4.2
+// selects lockers that report 1.4.2), so it is judged here, not in SQL.
 func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Target, error) {
 	lockers := sel.Lockers
 	if lockers == nil {
@@ -226,17 +229,21 @@ func (db *DB) Targets(ctx context.Context, sel firmware.Selector) ([]firmware.Ta
 			WHERE r.status IN ('running', 'paused') AND j.state = 'queued')
 		SELECT d.id, d.model, d.fw, s.timezone, b.device_id IS NOT NULL, d.disabled
 		FROM devices d JOIN sites s ON s.id = d.site LEFT JOIN busy b ON b.device_id = d.id
-		WHERE ($1 = '' OR d.site = $1) AND ($2 = '' OR d.model = $2) AND ($3 = '' OR d.fw = $3)
-			AND (cardinality($4::text[]) = 0 OR d.id = ANY($4))
-		ORDER BY d.id`, sel.Site, sel.Model, sel.FW, lockers)
+		WHERE ($1 = '' OR d.site = $1) AND ($2 = '' OR d.model = $2)
+			AND (cardinality($3::text[]) = 0 OR d.id = ANY($3))
+		ORDER BY d.id`, sel.Site, sel.Model, lockers)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Target, error) {
+	ts, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Target, error) {
 		var t firmware.Target
 		err := row.Scan(&t.DeviceID, &t.Model, &t.FW, &t.TZ, &t.Busy, &t.Disabled)
 		return t, err
 	})
+	if err != nil || sel.FW == "" {
+		return ts, err
+	}
+	return slices.DeleteFunc(ts, func(t firmware.Target) bool { return !firmware.SameVersion(t.FW, sel.FW) }), nil
 }
 
 // --- jobs
