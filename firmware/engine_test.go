@@ -191,6 +191,33 @@ func TestEngineRetries(t *testing.T) {
 	}
 }
 
+// TestEngineRetryHandedOutClearsItsError: a retry waits queued with the
+// error its earlier attempt failed with; handed out, it has none (a sent
+// job showed the last attempt's error).
+func TestEngineRetryHandedOutClearsItsError(t *testing.T) {
+	h := newHarness(t, hopt{})
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	h.devs.outcome = func(_ string, attempt int) string {
+		if attempt == 1 {
+			return outInstall
+		}
+		return outSilent
+	}
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
+		Retries: 1, RetryOn: []string{firmware.KindInstall}})
+	testtool.Eventually(t, 10*time.Second, "the retry handed out", func() error {
+		h.eng.Tick(context.Background())
+		if j := h.job(st.ID, ids[0]); j.Attempt != 2 || j.State != firmware.StateSent {
+			return fmt.Errorf("attempt %d %s %q", j.Attempt, j.State, j.Error)
+		}
+		return nil
+	})
+	if j := h.job(st.ID, ids[0]); j.Error != "" {
+		t.Fatalf("the retry, sent, shows error %q", j.Error)
+	}
+}
+
 // TestEngineTimeoutAndDeadline: a silent locker times out at its step
 // timeout, an offline one at the rollout's deadline. The step timeout (3 s)
 // and the deadline (5 s) leave the lockers that answer time to finish on a

@@ -631,10 +631,11 @@ func (s *rolloutTx) Dispatch(ctx context.Context, maxWave, n int, at time.Time, 
 			continue
 		}
 		sent, sentPayloads, refresh = append(sent, j.JobID), append(sentPayloads, string(protocol.Encode(p))), append(refresh, j.RefreshAt)
-		j.State, j.SentAt, j.UpdatedAt = firmware.StateSent, &at, at
+		j.State, j.Error, j.SentAt, j.UpdatedAt = firmware.StateSent, "", &at, at
 	}
 	if len(sent) > 0 {
-		_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = 'sent', payload = u.payload::jsonb, refresh_at = u.refresh_at,
+		// A retry's error (why it was queued again) ends as it goes out.
+		_, err = s.tx.Exec(ctx, `UPDATE fw_jobs j SET state = 'sent', error = '', payload = u.payload::jsonb, refresh_at = u.refresh_at,
 				sent_at = $2, updated_at = $2
 			FROM unnest($1::text[], $3::text[], $4::timestamptz[]) AS u(job_id, payload, refresh_at)
 			WHERE j.job_id = u.job_id AND j.state = 'queued'`,
