@@ -500,7 +500,7 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 
 		// Gates are checked on every failure as it arrives; this catches
 		// a failure this step saw first.
-		if i, ok := crossedWave(r, w); ok && r.Status == Running {
+		if i, ok := crossedWave(r, w); ok && r.Status == Running && !r.pastDeadline(now) {
 			c, note, err := e.stop(ctx, tx, r, gateReason(r, i, sumStates(w[i], FailureStates), waveSize(r, w, i)), now)
 			if err != nil {
 				return err
@@ -770,8 +770,8 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	err = e.store.Update(ctx, r.ID, func(tx StepTx) error {
 		cancelled, stopped = nil, false
 		cur := tx.Rollout()
-		if cur.Status != Running || wave < cur.GateFrom {
-			return nil
+		if cur.Status != Running || wave < cur.GateFrom || cur.pastDeadline(e.now()) {
+			return nil // past its deadline the rollout ends (step), not pauses
 		}
 		var err error
 		if cancelled, note, err = e.stop(ctx, tx, cur, gateReason(cur, wave, failed, size), e.now()); err != nil {

@@ -66,6 +66,10 @@ func TestEngineRolloutInWaves(t *testing.T) {
 	var actions []string
 	for _, e := range es {
 		actions = append(actions, e.Action)
+		// The creation names the waves as asked (percentages) and their sizes.
+		if e.Action == "rollout.create" && (fmt.Sprint(e.Detail["waves"]) != fmt.Sprint(st.Waves) || fmt.Sprint(e.Detail["wave_sizes"]) != fmt.Sprint(st.WaveSizes)) {
+			t.Errorf("rollout.create detail %v, want waves %v and wave_sizes %v", e.Detail, st.Waves, st.WaveSizes)
+		}
 	}
 	for _, want := range []string{"firmware.upload", "rollout.create", "rollout.wave", "rollout.completed"} {
 		if !slices.Contains(actions, want) {

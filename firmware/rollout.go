@@ -266,7 +266,7 @@ func (e *Engine) Create(ctx context.Context, spec Spec, actor string) (*Status, 
 	}
 	e.audit(ctx, fleet.AuditEntry{Actor: actor, Action: "rollout.create", Detail: map[string]any{
 		"rollout": r.ID, "firmware": a.ID, "version": a.Version, "model": a.Model, "jobs": len(update),
-		"skipped": len(skipped), "waves": r.WaveSizes}})
+		"skipped": len(skipped), "waves": r.Waves, "wave_sizes": r.WaveSizes}})
 	e.log.Info("rollout created", "rollout", r.ID, "firmware", a.ID, "version", a.Version, "jobs", len(update), "waves", r.WaveSizes)
 	e.kick()
 	st, err := e.Status(ctx, r.ID)

@@ -346,6 +346,32 @@ func TestEngineWaitsForTheBirth(t *testing.T) {
 	}
 }
 
+// TestEngineDeadlineEndsWithoutAPause: the jobs a deadline times out are
+// failures of their wave, but past its deadline a rollout ends (aborted,
+// the deadline its reason), rather than first pausing at its gate: the
+// reason said "paused" and the audit had a rollout.pause for a rollout no
+// one paused.
+func TestEngineDeadlineEndsWithoutAPause(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent } // the test reports for it
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, Deadline: ptr(clk.now().Add(5 * time.Second))})
+	h.eng.Tick(ctx)
+	h.mustReport(clk, ids[0], h.job(st.ID, ids[0]).JobID, firmware.StateDownloading)
+	clk.advance(6 * time.Second)
+	s := h.tickUntil(clk, st.ID, firmware.Aborted)
+	if s.Reason != "deadline passed with 1 jobs timed out" {
+		t.Fatalf("reason %q, want the deadline's alone", s.Reason)
+	}
+	var pauses int
+	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM audit WHERE action = 'rollout.pause'`).Scan(&pauses); err != nil || pauses != 0 {
+		t.Fatalf("%d rollout.pause audit entries (%v), want none", pauses, err)
+	}
+}
+
 // TestEnginePausedRolloutEndsAtDeadline: a paused rollout does not outlive
 // its deadline: its jobs time out and it ends, aborted, with the reason it
 // was paused for.
