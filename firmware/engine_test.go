@@ -211,7 +211,6 @@ func TestEngineRetryHandedOutClearsItsError(t *testing.T) {
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
 		Retries: 1, RetryOn: []string{firmware.KindInstall}})
 	testtool.Eventually(t, 10*time.Second, "the retry handed out", func() error {
-		h.eng.Tick(context.Background())
 		if j := h.job(st.ID, ids[0]); j.Attempt != 2 || j.State != firmware.StateSent {
 			return fmt.Errorf("attempt %d %s %q", j.Attempt, j.State, j.Error)
 		}
