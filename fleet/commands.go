@@ -76,6 +76,9 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		return nil, fmt.Errorf("create command: %w", err)
 	case !t.HasCompartment:
 		return nil, req.noCompartment()
+	case t.Disabled:
+		return nil, fmt.Errorf("locker %s is disabled: enable it (PATCH /v1/lockers/{id} with disabled false) before sending it commands: %w",
+			req.DeviceID, ErrConflict)
 	case t.PickupEnded:
 		return nil, fmt.Errorf("pickup %s ended before its command was made: %w", req.Pickup, ErrConflict)
 	case !created:

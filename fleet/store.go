@@ -273,4 +273,7 @@ type CommandTarget struct {
 	// PickupEnded: the command was for a pickup (Command.Pickup) that is
 	// no longer live; nothing was stored.
 	PickupEnded bool
+	// Disabled: the locker is disabled; nothing was stored (a disabled
+	// locker is sent no command, now or when it is enabled again).
+	Disabled bool
 }

@@ -3,8 +3,10 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -349,5 +351,57 @@ func TestIdempotentUnlockRerunAfterItsGatewayDied(t *testing.T) {
 	// The run's answer is kept: a repeat now is its replay.
 	if replay, status := unlock(); status != http.StatusCreated || replay.ID != first.ID {
 		t.Fatalf("the repeat answered %d %s, want the first command", status, replay.ID)
+	}
+}
+
+// TestDisabledLockerGetsNoCommands: disabling a locker withdraws its open
+// commands (an unlock queued while it was offline reads expired, withdrawn,
+// and does not run when it is enabled and back), and a command to a
+// disabled locker is refused (409), not queued for after its enabling.
+func TestDisabledLockerGetsNoCommands(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	sim := MustFleet(t, tg, claim, 1)
+	l := sim.Lockers()[0]
+	id := l.DeviceID()
+	l.Disconnect()
+	// Offline after having been online (not a connect still queued).
+	Eventually(t, 10*time.Second, "locker offline", func() error {
+		if got := lockerOf(t, tg, id); got.Online || got.DisconnectedAt == nil {
+			return fmt.Errorf("online %v, disconnected at %v", got.Online, got.DisconnectedAt)
+		}
+		return nil
+	})
+	unlock := map[string]any{"type": "unlock", "compartment": 2, "ttl_s": 120}
+	var queued fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands", unlock, &queued); err != nil || queued.Status != fleet.CmdPending {
+		t.Fatalf("unlock for the offline locker: %s, %v; want pending", queued.Status, err)
+	}
+	patchLocker(t, tg, id, map[string]bool{"disabled": true})
+	var c fleet.Command
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+id+"/commands/"+queued.ID, nil, &c); err != nil ||
+		c.Status != fleet.CmdExpired || c.Error != "withdrawn: locker disabled" {
+		t.Fatalf("the queued unlock after the disable: %s %q (%v), want expired, withdrawn", c.Status, c.Error, err)
+	}
+	var pe *client.Error
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands", unlock, nil); !errors.As(err, &pe) || pe.Status != http.StatusConflict ||
+		!strings.Contains(pe.Detail, "disabled") {
+		t.Fatalf("unlock for the disabled locker: %v, want a 409 saying it is disabled", err)
+	}
+	patchLocker(t, tg, id, map[string]bool{"disabled": false})
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(rctx); err != nil {
+		t.Fatal(err)
+	}
+	waitOnline(t, tg, id, true)
+	unlock["wait_s"] = 10
+	var after fleet.Command
+	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands", unlock, &after); err != nil || after.Status != fleet.CmdOK {
+		t.Fatalf("unlock once enabled: %s, %v; want ok", after.Status, err)
+	}
+	if n := l.CommandsRun(queued.ID); n != 0 {
+		t.Fatalf("the unlock withdrawn at the disable ran %d times", n)
 	}
 }

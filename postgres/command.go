@@ -79,7 +79,7 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 		args = append(args, c.Pickup)
 	}
 	err := db.pool.QueryRow(ctx, `WITH d AS (
-			SELECT id, site, online AND NOT disabled AS sendable,
+			SELECT id, site, disabled, online AND NOT disabled AS sendable,
 				$4::int = 0 OR EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = devices.id AND c.n = $4 AND NOT c.missing) AS has_comp
 			FROM devices WHERE id = $2),
 		`+live+`
@@ -87,13 +87,13 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 			INSERT INTO commands (id, device_id, type, compartment, reason, in_service, status, actor, created_at, expires_at, sent_at)
 			SELECT $1, d.id, $3, nullif($4, 0), $5, $6, CASE WHEN d.sendable THEN 'sent' ELSE 'pending' END, $7, $8, $9,
 				CASE WHEN d.sendable THEN $8::timestamptz END
-			FROM d WHERE d.has_comp AND ($10 = '' OR d.site = $10)`+ifLive+`
+			FROM d WHERE d.has_comp AND NOT d.disabled AND ($10 = '' OR d.site = $10)`+ifLive+`
 			RETURNING id, device_id, status, sent_at),
 		aud AS (
 			INSERT INTO audit (actor, action, locker, site, detail)
 			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL)`+recorded+`
-		SELECT d.site, d.has_comp, ins.status, ins.sent_at, `+ended+`
-		FROM d LEFT JOIN ins ON true`, args...).Scan(&t.Site, &t.HasCompartment, &status, &sentAt, &t.PickupEnded)
+		SELECT d.site, d.has_comp, d.disabled, ins.status, ins.sent_at, `+ended+`
+		FROM d LEFT JOIN ins ON true`, args...).Scan(&t.Site, &t.HasCompartment, &t.Disabled, &status, &sentAt, &t.PickupEnded)
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {
 		// No such locker (or it was deleted between the check and the insert).
 		return t, false, fleet.ErrNotFound

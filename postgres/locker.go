@@ -104,12 +104,23 @@ func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Lo
 }
 
 // UpdateLocker sets a locker's disabled and replaceable flags (nil leaves one as is).
-// A locker disabled, it tells every gateway instance (WatchKicks).
+// A locker disabled, it tells every gateway instance (WatchKicks), and
+// its open commands are withdrawn, as a pickup's staging unlock is when
+// the pickup ends (withdrawCTE): a pending one ends expired, a sent one
+// timed_out, error "withdrawn: locker disabled", so that none runs when
+// the locker is enabled again (a stolen unit found, say, should not open
+// for an unlock queued before it was taken). Their waiters hear of it.
 func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error) {
 	tag, err := db.pool.Exec(ctx, `WITH u AS (UPDATE devices SET disabled = coalesce($2, disabled),
-			replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled)
-		SELECT u.id FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true`,
-		id, disabled, replaceable, kickChannel)
+			replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled),
+		wd AS (UPDATE commands k SET status = CASE WHEN k.status = 'pending' THEN 'expired' ELSE 'timed_out' END,
+				error = 'withdrawn: locker disabled', done_at = $6
+			FROM u WHERE u.disabled AND $2 AND k.device_id = u.id AND k.status IN ('pending', 'sent')
+			RETURNING k.id),
+		wn AS (SELECT pg_notify($5, wd.id) FROM wd)
+		SELECT u.id FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true
+			LEFT JOIN (SELECT count(*) FROM wn) w ON true`,
+		id, disabled, replaceable, kickChannel, commandChannel, time.Now())
 	if err != nil {
 		return nil, err
 	}
