@@ -13,6 +13,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/postgres"
@@ -24,23 +25,8 @@ import (
 func TestCommandWaitsForReconnect(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	sim := MustFleet(t, tg, claim, 1)
-	l := sim.Lockers()[0]
+	l := disconnectedLocker(t, tg)
 	id := l.DeviceID()
-	l.Disconnect()
-	// Offline after having been online: a locker not yet marked online at
-	// all (its connect still queued) would read as offline too.
-	Eventually(t, 10*time.Second, "locker offline", func() error {
-		var got fleet.Locker
-		if err := tg.Admin.Get(ctx, "/v1/lockers/"+id, nil, &got); err != nil {
-			return err
-		}
-		if got.Online || got.DisconnectedAt == nil {
-			return fmt.Errorf("online %v, disconnected at %v", got.Online, got.DisconnectedAt)
-		}
-		return nil
-	})
 	var cmd fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands", map[string]any{"type": "unlock", "compartment": 2, "ttl_s": 60}, &cmd); err != nil {
 		t.Fatal(err)
@@ -57,6 +43,24 @@ func TestCommandWaitsForReconnect(t *testing.T) {
 	if n := l.CommandsRun(cmd.ID); n != 1 {
 		t.Fatalf("ran %d times, want 1", n)
 	}
+}
+
+// disconnectedLocker is a simulated locker of a new site of tg that was
+// online and has disconnected, as the gateway shows it: offline after
+// having been online (a locker not yet marked online at all, its connect
+// still queued, would read as offline too).
+func disconnectedLocker(t *testing.T, tg *TestGateway) *devicesim.Locker {
+	t.Helper()
+	sim := MustFleet(t, tg, tg.MustSiteAndClaim(t, "s1", 1), 1)
+	l := sim.Lockers()[0]
+	l.Disconnect()
+	Eventually(t, 10*time.Second, "locker offline", func() error {
+		if got := lockerOf(t, tg, l.DeviceID()); got.Online || got.DisconnectedAt == nil {
+			return fmt.Errorf("online %v, disconnected at %v", got.Online, got.DisconnectedAt)
+		}
+		return nil
+	})
+	return l
 }
 
 // TestCommandReachesLateSubscriber: protocol v1 has the birth "right after
@@ -361,18 +365,8 @@ func TestIdempotentUnlockRerunAfterItsGatewayDied(t *testing.T) {
 func TestDisabledLockerGetsNoCommands(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	sim := MustFleet(t, tg, claim, 1)
-	l := sim.Lockers()[0]
+	l := disconnectedLocker(t, tg)
 	id := l.DeviceID()
-	l.Disconnect()
-	// Offline after having been online (not a connect still queued).
-	Eventually(t, 10*time.Second, "locker offline", func() error {
-		if got := lockerOf(t, tg, id); got.Online || got.DisconnectedAt == nil {
-			return fmt.Errorf("online %v, disconnected at %v", got.Online, got.DisconnectedAt)
-		}
-		return nil
-	})
 	unlock := map[string]any{"type": "unlock", "compartment": 2, "ttl_s": 120}
 	var queued fleet.Command
 	if err := tg.Admin.Post(ctx, "/v1/lockers/"+id+"/commands", unlock, &queued); err != nil || queued.Status != fleet.CmdPending {
