@@ -274,6 +274,9 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("firmware key: %w", err)
 	}
+	if err := checkKeys(ctx, g.db, master, filepath.Join(o.DataDir, "master.key"), fwKey, fwPath); err != nil {
+		return nil, err
+	}
 	if err := g.ensureAdminToken(ctx); err != nil {
 		return nil, err
 	}

@@ -1,13 +1,17 @@
 package gateway
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/hmac"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -20,6 +24,8 @@ import (
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/lockergate/lockergate/postgres"
 )
 
 // loadOrCreate returns the contents of path, creating it (mode 0600) with
@@ -368,4 +374,26 @@ func mustECKey(k *ecdsa.PrivateKey) *pem.Block {
 func randSerial() *big.Int {
 	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	return n
+}
+
+// checkKeys makes sure this instance's keys are the ones the database was
+// first used with (postgres.CheckKey): the master key by an HMAC of a
+// fixed text, the firmware key by its public half. The error says which
+// file differs and what to do.
+func checkKeys(ctx context.Context, db *postgres.DB, master []byte, masterPath string, fw ed25519.PrivateKey, fwPath string) error {
+	mac := hmac.New(sha256.New, master)
+	mac.Write([]byte("lockergate master key check v1"))
+	for _, k := range []struct{ name, path, fingerprint, what string }{
+		{"master", masterPath, hex.EncodeToString(mac.Sum(nil)), "lockers' credential keys and pickup codes derive from it"},
+		{"firmware", fwPath, hex.EncodeToString(fw.Public().(ed25519.PublicKey)), "lockers check firmware signatures against it"},
+	} {
+		err := db.CheckKey(ctx, k.name, k.fingerprint)
+		if errors.Is(err, postgres.ErrKeyMismatch) {
+			return fmt.Errorf("%s is not the key this database was first used with (%s): every instance on one database must use the same one; copy it from the instance that set the database up (or give every instance the same --data-dir contents) and start again", k.path, k.what)
+		}
+		if err != nil {
+			return fmt.Errorf("check %s against the database: %w", k.path, err)
+		}
+	}
+	return nil
 }

@@ -59,3 +59,37 @@ func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (versi
 	})
 	return version, bumped && err == nil, err
 }
+
+// ErrKeyMismatch is CheckKey's answer for a key other than the one the
+// database was first used with.
+var ErrKeyMismatch = errors.New("key differs from the one this database was first used with")
+
+// CheckKey records fingerprint as key name's the first time and, after,
+// reports ErrKeyMismatch for another: instances that share a database
+// must share its keys (lockers' credential keys and pickup codes derive
+// from the master key, firmware is signed with the firmware key), and an
+// instance started on a data directory of its own would hand out codes no
+// locker accepts. A fingerprint, not the key: the settings table is read
+// by anyone who reads the database.
+func (db *DB) CheckKey(ctx context.Context, name, fingerprint string) error {
+	value, err := json.Marshal(map[string]string{"fingerprint": fingerprint})
+	if err != nil {
+		return err
+	}
+	var stored string
+	err = db.pool.QueryRow(ctx, `WITH ins AS (
+			INSERT INTO settings (name, value, version) VALUES ($1, $2, 1) ON CONFLICT (name) DO NOTHING RETURNING value)
+		SELECT value->>'fingerprint' FROM ins UNION ALL SELECT value->>'fingerprint' FROM settings WHERE name = $1 LIMIT 1`,
+		"key/"+name, value).Scan(&stored)
+	if errors.Is(err, pgx.ErrNoRows) {
+		// Another instance inserted it after this statement's snapshot.
+		err = db.pool.QueryRow(ctx, `SELECT value->>'fingerprint' FROM settings WHERE name = $1`, "key/"+name).Scan(&stored)
+	}
+	if err != nil {
+		return err
+	}
+	if stored != fingerprint {
+		return ErrKeyMismatch
+	}
+	return nil
+}

@@ -180,10 +180,15 @@ func printWhere(w io.Writer, g *gateway.Gateway) {
 	if a := g.MQTTSAddr(); a != "" {
 		fmt.Fprintf(w, "  MQTTS:   %s\n", a)
 	}
-	if g.AdminToken() != "" {
+	switch _, err := os.Stat(g.AdminTokenPath()); {
+	case g.AdminToken() != "":
 		fmt.Fprintf(w, "  Admin token (created now): %s\n", g.AdminTokenPath())
-	} else {
+	case err == nil:
 		fmt.Fprintf(w, "  Admin token: created at first start in %s\n", g.AdminTokenPath())
+	default:
+		// Another instance set the database up (its data directory has
+		// the token), or the file was removed.
+		fmt.Fprintf(w, "  Admin token: not in this data directory; use the one the instance that set the database up wrote, or one made with POST /v1/tokens\n")
 	}
 }
 
