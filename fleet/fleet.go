@@ -82,10 +82,14 @@ type Locker struct {
 	// ClockOffsetMS is how far the locker's clock was ahead of the
 	// gateway's (negative: behind) at its last birth; nil when that birth
 	// had no ts.
-	ClockOffsetMS *int64        `json:"clock_offset_ms,omitempty"`
-	CredsCurrent  bool          `json:"creds_current"`
-	Compartments  []Compartment `json:"compartments,omitempty"`
-	CreatedAt     time.Time     `json:"created_at"`
+	ClockOffsetMS *int64 `json:"clock_offset_ms,omitempty"`
+	// BirthTS is the ts of the birth the current (or last) session was
+	// recorded from; nil when it had none (internal: copies of a birth
+	// are told from a new one by it).
+	BirthTS      *time.Time    `json:"-"`
+	CredsCurrent bool          `json:"creds_current"`
+	Compartments []Compartment `json:"compartments,omitempty"`
+	CreatedAt    time.Time     `json:"created_at"`
 }
 
 // LockerFilter selects lockers for a list.

@@ -1081,15 +1081,17 @@ func (m *Manager) staleWill(ctx context.Context, id string) verdict {
 	return verdictStale
 }
 
-// recordedBirth reports whether p, a retained birth an external broker
-// handed a new subscription (every instance's start, and a reconnect that
-// subscribes again), is the birth of locker id's session on record: the
-// locker online, on the same boot, and the same ts as recorded (the
-// session's start plus the clock offset its birth gave). Applied again, it
-// would start a second session for a locker that never reconnected: every
-// gateway restart would add one per locker (connect counts, presence
-// history, flapping) and reset each session's start. A read that fails
-// reads as not recorded: the birth is applied, as a birth that is news.
+// recordedBirth reports whether p, a birth from an external broker, is
+// the birth of locker id's session on record: the locker online, on the
+// same boot, and the same ts as recorded (to the rounding of one recorded
+// before migration 025). The broker hands a new subscription (every
+// instance's start, a reconnect that subscribes again) each locker's
+// retained birth, and a birth can reach two instances (retained to one,
+// live to the other); applied again, it would start a second session for
+// a locker that never reconnected: every gateway restart would add one
+// per locker (connect counts, presence history, flapping) and reset each
+// session's start. A read that fails reads as not recorded: the birth
+// goes on to StartSessionWithBirth, which checks again as it writes.
 func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Presence) bool {
 	l, err := m.store.GetLocker(ctx, id)
 	if err != nil {
@@ -1098,14 +1100,18 @@ func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Pres
 		}
 		return false
 	}
-	if !l.Online || l.ConnectedAt == nil || l.BootID != p.BootID || p.TS.IsZero() != (l.ClockOffsetMS == nil) {
+	if !l.Online || l.BootID != p.BootID || p.TS.IsZero() != (l.BirthTS == nil) {
 		return false
 	}
-	if p.TS.IsZero() {
-		return true // the same boot, no clock to tell sessions apart
-	}
-	recorded := l.ConnectedAt.Add(time.Duration(*l.ClockOffsetMS) * time.Millisecond)
-	return p.TS.Sub(recorded).Abs() < time.Second
+	// Without a ts: the same boot, no clock to tell sessions apart.
+	return p.TS.IsZero() || p.TS.Sub(*l.BirthTS).Abs() < 2*time.Millisecond
+}
+
+// offlineOnRecord reports whether locker id reads offline in the store
+// (false when it cannot be read: the will goes on to be judged).
+func (m *Manager) offlineOnRecord(ctx context.Context, id string) bool {
+	l, err := m.store.GetLocker(ctx, id)
+	return err == nil && !l.Online
 }
 
 // lateBirthAfter is how far behind its arrival a birth's ts must be for
@@ -1522,9 +1528,7 @@ func (m *Manager) born(ctx context.Context, bs []birth) {
 	recs := make([]BirthRecord, len(bs))
 	skewed := make([]bool, len(bs))
 	for i, b := range bs {
-		s, judged := m.judgeClock(b.p, b.at)
-		skewed[i] = s
-		recs[i] = BirthRecord{ID: b.id, Presence: b.p, At: b.at, ClearSkew: judged && !s}
+		recs[i], skewed[i] = m.birthRecord(b)
 	}
 	record := func(recs []BirthRecord) error {
 		return m.retry(ctx, "presence", func(ctx context.Context) error { return m.store.RecordBirths(ctx, recs) })
@@ -1541,6 +1545,49 @@ func (m *Manager) born(ctx context.Context, bs []birth) {
 	} else if err != nil {
 		m.log.Error("record birth", "lockers", len(recs), "first", recs[0].ID, "err", err)
 	}
+	m.afterBirths(ctx, bs, skewed)
+}
+
+// birthRecord is what birth b records, and whether its clock is judged
+// skewed (judgeClock).
+func (m *Manager) birthRecord(b birth) (BirthRecord, bool) {
+	s, judged := m.judgeClock(b.p, b.at)
+	return BirthRecord{ID: b.id, Presence: b.p, At: b.at, ClearSkew: judged && !s}, s
+}
+
+// startFromBirth starts the session of a locker behind an external broker
+// from its birth b (the broker reports no session events) and records the
+// birth, unless the session on record is that birth's (a copy another
+// instance applied meanwhile: StartSessionWithBirth), then delivers what a
+// (re)connect and a birth bring (connected, born). A birth whose ts is
+// well behind its arrival waited at the broker while no instance ran (or
+// comes from a clock that far behind: the two cannot be told apart here):
+// its arrival is not when it was sent, so it records no clock offset
+// rather than a wrong one.
+func (m *Manager) startFromBirth(ctx context.Context, b birth) {
+	rec, skewed := m.birthRecord(b)
+	rec.NoOffset = !b.p.TS.IsZero() && b.at.Sub(b.p.TS.Time) > lateBirthAfter
+	var started bool
+	err := m.retry(ctx, "presence", func(ctx context.Context) (err error) {
+		started, err = m.store.StartSessionWithBirth(ctx, rec)
+		return err
+	})
+	switch {
+	case err != nil:
+		m.log.Error("record birth", "locker", b.id, "err", err)
+		return
+	case !started:
+		m.m.knownBirths.Inc()
+		return
+	}
+	m.syncDevices(ctx, []string{b.id})
+	m.afterBirths(ctx, []birth{b}, []bool{skewed})
+}
+
+// afterBirths does what births bs (recorded; skewed as judged) bring
+// besides their record: clock_skew alerts, the firmware engine told the
+// versions they run, and their open commands sent.
+func (m *Manager) afterBirths(ctx context.Context, bs []birth, skewed []bool) {
 	var boots []Boot
 	ids := make([]string, len(bs))
 	for i, b := range bs {
@@ -1670,7 +1717,13 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			return
 		}
 		if !p.Online {
-			// The Last Will.
+			// The Last Will. A retained one (handed to a new subscription)
+			// of a locker already offline changes nothing: not worth the
+			// broker read staleWill makes (one per offline locker at every
+			// instance's start).
+			if c.retained && m.offlineOnRecord(ctx, c.id) {
+				return
+			}
 			switch m.staleWill(ctx, c.id) {
 			case verdictApply:
 				m.markOffline(ctx, []SessionEnd{{ID: c.id, Reason: "will", At: c.at}})
@@ -1679,7 +1732,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			return
 		}
-		if c.retained && m.recordedBirth(ctx, c.id, p) {
+		if m.recordedBirth(ctx, c.id, p) {
 			m.m.knownBirths.Inc()
 			return
 		}
@@ -1692,8 +1745,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		}
 		// No session events from an external broker: the birth starts the
 		// session.
-		m.connected(ctx, []control{c})
-		m.born(ctx, []birth{{id: c.id, p: p, at: c.at}})
+		m.startFromBirth(ctx, birth{id: c.id, p: p, at: c.at})
 	case ctrlResend:
 		m.deliverOpen(ctx, c.id)
 	case ctrlResult:

@@ -32,6 +32,12 @@ type Store interface {
 	// about them, in one statement; ErrInvalid when the database refuses
 	// one (none is stored then).
 	RecordBirths(ctx context.Context, births []BirthRecord) error
+	// StartSessionWithBirth starts a session of b's locker from birth b and
+	// records the birth (RecordBirths), atomically, unless the locker is
+	// online from that very birth (a copy of it: its boot id and ts);
+	// false then. Behind an external broker, whose births are the session
+	// starts and may come twice (retained and live, to two instances).
+	StartSessionWithBirth(ctx context.Context, b BirthRecord) (bool, error)
 
 	// InsertHealth stores a batch of health messages and, in the same
 	// transaction, the latest health of the lockers in latest (either may
@@ -243,6 +249,10 @@ type BirthRecord struct {
 	Presence  *protocol.Presence
 	At        time.Time
 	ClearSkew bool
+	// NoOffset records no clock offset (unknown): the birth's arrival is
+	// not when it was sent (one held by a broker while no gateway instance
+	// ran reads minutes behind, clock right or not).
+	NoOffset bool
 }
 
 // SessionStart is the start of one locker's session.

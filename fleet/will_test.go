@@ -178,14 +178,12 @@ func (s *lockerStore) GetLocker(context.Context, string) (*Locker, error) {
 	return &l, nil
 }
 
-// TestRecordedBirth: a retained birth is the session on record only when
-// the locker is online on the same boot with the birth's ts as recorded
-// (its start plus the clock offset then, to the millisecond's rounding).
+// TestRecordedBirth: a birth is the session on record only when the
+// locker is online on the same boot with the same ts as recorded (to 2 ms:
+// the rounding of a ts derived before migration 025).
 func TestRecordedBirth(t *testing.T) {
-	start := time.Date(2026, 12, 7, 4, 0, 0, 0, time.UTC)
-	offset := int64(-1500) // the locker's clock 1.5 s behind
-	ts := start.Add(time.Duration(offset) * time.Millisecond)
-	on := Locker{ID: "lk-1", Online: true, BootID: "b-1", ConnectedAt: &start, ClockOffsetMS: &offset}
+	ts := time.Date(2026, 12, 7, 4, 0, 0, 0, time.UTC)
+	on := Locker{ID: "lk-1", Online: true, BootID: "b-1", BirthTS: &ts}
 	birth := func(boot string, ts time.Time) *protocol.Presence {
 		return &protocol.Presence{Online: true, BootID: boot, TS: protocol.T(ts)}
 	}
@@ -201,14 +199,13 @@ func TestRecordedBirth(t *testing.T) {
 		want   bool
 	}{
 		{"the session on record", &on, birth("b-1", ts), true},
-		{"within the offset's rounding", &on, birth("b-1", ts.Add(400*time.Millisecond)), true},
-		{"a later session of the same boot", &on, birth("b-1", ts.Add(90*time.Second)), false},
+		{"within a derived ts's rounding", &on, birth("b-1", ts.Add(time.Millisecond)), true},
+		{"a later session of the same boot", &on, birth("b-1", ts.Add(400*time.Millisecond)), false},
 		{"another boot", &on, birth("b-2", ts), false},
 		{"the locker offline", with(func(l *Locker) { l.Online = false }), birth("b-1", ts), false},
-		{"no session start", with(func(l *Locker) { l.ConnectedAt = nil }), birth("b-1", ts), false},
-		{"no ts, none recorded", with(func(l *Locker) { l.ClockOffsetMS = nil }), birth("b-1", time.Time{}), true},
+		{"no ts, none recorded", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", time.Time{}), true},
 		{"no ts, one recorded", &on, birth("b-1", time.Time{}), false},
-		{"a ts, none recorded", with(func(l *Locker) { l.ClockOffsetMS = nil }), birth("b-1", ts), false},
+		{"a ts, none recorded", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", ts), false},
 		{"an unknown locker", nil, birth("b-1", ts), false},
 	} {
 		m, err := New(Options{Store: &lockerStore{fakeStore: newFakeStore(), l: c.locker}, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
@@ -217,6 +214,106 @@ func TestRecordedBirth(t *testing.T) {
 		}
 		if got := m.recordedBirth(context.Background(), "lk-1", c.p); got != c.want {
 			t.Errorf("%s: recorded %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// birthStore records the births StartSessionWithBirth is given (started:
+// its answer), and answers what follows a started one.
+type birthStore struct {
+	*fakeStore
+	started bool
+	births  []BirthRecord
+}
+
+func (s *birthStore) StartSessionWithBirth(_ context.Context, b BirthRecord) (bool, error) {
+	s.births = append(s.births, b)
+	return s.started, nil
+}
+
+func (s *birthStore) Retained(context.Context, string) (*Retained, error) { return &Retained{}, nil }
+
+func (s *birthStore) OpenCommands(context.Context, []string, time.Time) ([]Command, error) {
+	return nil, nil
+}
+
+// TestBirthThatWaitedRecordsNoOffset: behind an external broker a birth
+// whose ts is well behind its arrival waited at the broker while no
+// instance ran (its clock may be right): it records no clock offset, where
+// the offset from its late arrival would read minutes behind and judge
+// the locker's late closings by it. One on time records its offset. A
+// birth the store finds recorded already (another instance's copy) is
+// counted as known and brings nothing more (no retained state sent).
+func TestBirthThatWaitedRecordsNoOffset(t *testing.T) {
+	at := time.Date(2026, 12, 7, 5, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		name     string
+		behind   time.Duration
+		noOffset bool
+	}{
+		{"OnTime", time.Second, false},
+		{"Waited", 40 * time.Second, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			st := &birthStore{fakeStore: newFakeStore(), started: true}
+			bus := &fakeBus{}
+			m, err := New(Options{Store: st, Bus: bus, PresenceFromWill: true, Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := &protocol.Presence{Online: true, BootID: "b-1", TS: protocol.T(at.Add(-c.behind))}
+			m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: p, at: at})
+			if len(st.births) != 1 || st.births[0].NoOffset != c.noOffset {
+				t.Fatalf("births recorded %+v, want one with NoOffset %v", st.births, c.noOffset)
+			}
+			if len(bus.published) == 0 {
+				t.Fatal("a started session's retained state was not published")
+			}
+		})
+	}
+	st := &birthStore{fakeStore: newFakeStore()}
+	bus := &fakeBus{}
+	m, err := New(Options{Store: st, Bus: bus, PresenceFromWill: true, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: &protocol.Presence{Online: true, TS: protocol.T(at)}, at: at})
+	var pb dto.Metric
+	if err := m.m.knownBirths.Write(&pb); err != nil {
+		t.Fatal(err)
+	}
+	if known := pb.GetCounter().GetValue(); len(bus.published) != 0 || known != 1 {
+		t.Fatalf("a birth recorded already: %d publishes, %v known; want none and 1", len(bus.published), known)
+	}
+}
+
+// willStore is lockerStore that records the session ends it is given.
+type willStore struct {
+	lockerStore
+	ends []SessionEnd
+}
+
+func (s *willStore) MarkOfflineMany(_ context.Context, ends []SessionEnd) error {
+	s.ends = append(s.ends, ends...)
+	return nil
+}
+
+// TestRetainedWillOfAnOfflineLocker: a retained will handed to a new
+// subscription, of a locker already offline on record, changes nothing
+// and costs no broker read; of one online on record (its will missed), it
+// is judged (a read) and applied.
+func TestRetainedWillOfAnOfflineLocker(t *testing.T) {
+	for _, online := range []bool{false, true} {
+		st := &willStore{lockerStore: lockerStore{fakeStore: newFakeStore(), l: &Locker{ID: "lk-1", Online: online}}}
+		bus := &retainedBus{payload: []byte(`{"online":false}`)}
+		m, err := New(Options{Store: st, Bus: bus, PresenceFromWill: true, Logger: slog.New(slog.DiscardHandler)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.handleControl(context.Background(), control{kind: ctrlPresence, id: "lk-1", payload: []byte(`{"online":false}`),
+			at: time.Now(), retained: true})
+		if reads, ends := len(bus.asked), len(st.ends); online && (reads != 1 || ends != 1) || !online && (reads != 0 || ends != 0) {
+			t.Fatalf("locker online %v on record: %d broker reads, %d session ends", online, reads, ends)
 		}
 	}
 }

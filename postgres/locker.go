@@ -22,7 +22,7 @@ import (
 
 const lockerCols = `d.id, d.serial, d.site, d.model, d.fw, d.online, d.disabled, d.replaceable, d.boot_id,
 	d.last_seen, d.connected_at, d.disconnected_at, d.disconnect_reason, d.connect_count, d.health, d.health_at,
-	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at, d.clock_offset_ms,
+	d.health_gaps, d.config_version, d.creds_version, d.creds_acked, d.created_at, d.clock_offset_ms, d.birth_ts,
 	(SELECT count(*) FROM presence_log p WHERE p.device_id = d.id AND p.online AND p.ts > now() - interval '10 minutes')`
 
 func scanLocker(row pgx.Row) (*fleet.Locker, error) {
@@ -30,7 +30,7 @@ func scanLocker(row pgx.Row) (*fleet.Locker, error) {
 	var health []byte
 	err := row.Scan(&l.ID, &l.Serial, &l.Site, &l.Model, &l.FW, &l.Online, &l.Disabled, &l.Replaceable, &l.BootID,
 		&l.LastSeen, &l.ConnectedAt, &l.DisconnectedAt, &l.DisconnectReason, &l.ConnectCount, &health, &l.HealthAt,
-		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt, &l.ClockOffsetMS, &l.RecentConnects)
+		&l.HealthGaps, &l.ConfigVersion, &l.CredsVersion, &l.CredsAcked, &l.CreatedAt, &l.ClockOffsetMS, &l.BirthTS, &l.RecentConnects)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -212,16 +212,71 @@ func (db *DB) MarkOfflineMany(ctx context.Context, ends []fleet.SessionEnd) erro
 }
 
 // recordBirthsSQL records births ($1 ids, $2 firmware, $3 models, $4 boot
-// ids, $5 times, $6 clock offsets, $7 whether to clear a clock-skew alert).
+// ids, $5 times, $6 clock offsets, $7 whether to clear a clock-skew alert,
+// $8 the births' ts).
 const recordBirthsSQL = `WITH ` + lockDevicesCTE + `,
 		b AS (
-			SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bool[])
-				AS b(id, fw, model, boot_id, at, off, clear_skew)),
+			SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bool[], $8::timestamptz[])
+				AS b(id, fw, model, boot_id, at, off, clear_skew, ts)),
 		cleared AS (UPDATE alerts a SET cleared_at = b.at FROM b
 			WHERE b.clear_skew AND a.device_id = b.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL)
-		UPDATE devices d SET fw = coalesce(nullif(b.fw, ''), d.fw), model = coalesce(nullif(b.model, ''), d.model),
-			boot_id = b.boot_id, last_seen = greatest(d.last_seen, b.at), health_seq = 0, clock_offset_ms = b.off, born_at = b.at
+		UPDATE devices d SET ` + birthSet + `
 		FROM b JOIN locked l ON l.id = b.id WHERE d.id = b.id AND d.id = ANY($1::text[])`
+
+// birthSet is what a birth b (fw, model, boot_id, at, off, ts) sets on its
+// locker's row d.
+const birthSet = `fw = coalesce(nullif(b.fw, ''), d.fw), model = coalesce(nullif(b.model, ''), d.model),
+			boot_id = b.boot_id, last_seen = greatest(d.last_seen, b.at), health_seq = 0, clock_offset_ms = b.off,
+			born_at = b.at, birth_ts = b.ts`
+
+// startWithBirthSQL starts a session from a birth ($1 id, $2 firmware, $3
+// model, $4 boot id, $5 arrival, $6 clock offset, $7 whether to clear a
+// clock-skew alert, $8 the birth's ts) and records the birth, unless the
+// locker is online from that very birth (the same boot id and ts). One
+// UPDATE: a second copy applied at once by another instance waits for the
+// row and, read again after the first commits, finds it recorded. Its one
+// row counts the sessions started (0 or 1).
+const startWithBirthSQL = `WITH b AS (
+			SELECT $1::text AS id, $2::text AS fw, $3::text AS model, $4::text AS boot_id, $5::timestamptz AS at,
+				$6::bigint AS off, $7::bool AS clear_skew, $8::timestamptz AS ts),
+		u AS (UPDATE devices d SET online = true, connected_at = b.at, connect_count = d.connect_count + 1,
+				disconnect_reason = '', ` + birthSet + `
+			FROM b WHERE d.id = b.id AND NOT (d.online AND d.boot_id = b.boot_id AND (d.birth_ts IS NULL AND b.ts IS NULL
+				OR abs(extract(epoch FROM d.birth_ts - b.ts)) < ` + sameBirthWithin + `))
+			RETURNING d.id, b.at, b.clear_skew),
+		cleared AS (UPDATE alerts a SET cleared_at = u.at FROM u
+			WHERE u.clear_skew AND a.device_id = u.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL),
+		logged AS (INSERT INTO presence_log (device_id, ts, online) SELECT id, at, true FROM u)
+		SELECT count(*) FROM u`
+
+// sameBirthWithin is how close, in seconds, a birth's ts must be to the
+// one recorded to be that birth: the same to the millisecond, within the
+// rounding of a ts derived from an offset (migration 025); a reconnect is
+// a new birth, sent well after.
+const sameBirthWithin = `0.002`
+
+// StartSessionWithBirth implements fleet.Store.
+func (db *DB) StartSessionWithBirth(ctx context.Context, b fleet.BirthRecord) (bool, error) {
+	ts, off := birthTimes(&b)
+	var n int
+	err := db.pool.QueryRow(ctx, startWithBirthSQL, b.ID, b.Presence.FW, b.Presence.Model, b.Presence.BootID, b.At,
+		off, b.ClearSkew, ts).Scan(&n)
+	return n == 1, dataError(err)
+}
+
+// birthTimes is what birth b records of the locker's clock: its ts, and
+// the offset from its arrival unless b.NoOffset (nil: none).
+func birthTimes(b *fleet.BirthRecord) (ts *time.Time, off *int64) {
+	if b.Presence.TS.IsZero() {
+		return nil, nil
+	}
+	t := b.Presence.TS.Time
+	if !b.NoOffset {
+		ms := t.Sub(b.At).Milliseconds()
+		off = &ms
+	}
+	return &t, off
+}
 
 // RecordBirths implements fleet.Store: one statement, locking its lockers'
 // rows in order (lockDevicesCTE), each alert's clearing in it (an index
@@ -230,16 +285,13 @@ const recordBirthsSQL = `WITH ` + lockDevicesCTE + `,
 func (db *DB) RecordBirths(ctx context.Context, births []fleet.BirthRecord) error {
 	n := len(births)
 	ids, fws, models, boots := make([]string, n), make([]string, n), make([]string, n), make([]string, n)
-	ats, offs, clears := make([]time.Time, n), make([]*int64, n), make([]bool, n)
+	ats, offs, clears, tss := make([]time.Time, n), make([]*int64, n), make([]bool, n), make([]*time.Time, n)
 	for i, b := range births {
 		ids[i], fws[i], models[i], boots[i] = b.ID, b.Presence.FW, b.Presence.Model, b.Presence.BootID
 		ats[i], clears[i] = b.At, b.ClearSkew
-		if !b.Presence.TS.IsZero() {
-			ms := b.Presence.TS.Sub(b.At).Milliseconds()
-			offs[i] = &ms
-		}
+		tss[i], offs[i] = birthTimes(&births[i])
 	}
-	_, err := db.pool.Exec(ctx, recordBirthsSQL, ids, fws, models, boots, ats, offs, clears)
+	_, err := db.pool.Exec(ctx, recordBirthsSQL, ids, fws, models, boots, ats, offs, clears, tss)
 	return dataError(err)
 }
 

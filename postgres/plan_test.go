@@ -76,7 +76,7 @@ func checkBatchPlans(t *testing.T, conn *pgx.Conn, mode string, lockers int) {
 			{"updateLatestSQL", postgres.UpdateLatestSQL, []any{ids, texts, ats, nums, nums, nums}},
 			{"markOnlineManySQL", postgres.MarkOnlineManySQL, []any{ids, ats}},
 			{"markOfflineManySQL", postgres.MarkOfflineManySQL, []any{ids, texts, ats}},
-			{"recordBirthsSQL", postgres.RecordBirthsSQL, []any{ids, texts, texts, texts, ats, nums, flags}},
+			{"recordBirthsSQL", postgres.RecordBirthsSQL, []any{ids, texts, texts, texts, ats, nums, flags, ats}},
 			{"ackCredsManySQL", postgres.AckCredsManySQL, []any{ids, nums}},
 			{"touchLockersSQL", postgres.TouchLockersSQL, []any{ids, ats}},
 		} {

@@ -2,10 +2,13 @@ package postgres_test
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestPresenceHistory: a locker's presence changes in a range, oldest
@@ -39,5 +42,66 @@ func TestPresenceHistory(t *testing.T) {
 	}
 	if len(changes) != 1 || !changes[0].At.Equal(t0.Add(2*time.Minute)) || !changes[0].Online {
 		t.Fatalf("in the range: %+v, want the session started at +2m (the end at +3m is the range's end)", changes)
+	}
+}
+
+// TestSessionFromBirthOnce: a birth behind an external broker starts a
+// session and is recorded in one statement, once: the same birth applied
+// by two instances at once (retained to one, live to the other) starts one
+// session; a later birth (a reconnect) another; one that waited at the
+// broker (NoOffset) records its ts but no clock offset.
+func TestSessionFromBirthOnce(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	id := MustDevice(t, db, "s1", "SB", 1)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	rec := func(ts, at time.Time, noOffset bool) fleet.BirthRecord {
+		return fleet.BirthRecord{ID: id, At: at, NoOffset: noOffset,
+			Presence: &protocol.Presence{Online: true, FW: "1.4.2", BootID: "b-1", TS: protocol.T(ts)}}
+	}
+	session := func() (connects, starts int, l *fleet.Locker) {
+		t.Helper()
+		if err := db.Pool().QueryRow(ctx, `SELECT connect_count, (SELECT count(*) FROM presence_log WHERE device_id = $1 AND online)
+			FROM devices WHERE id = $1`, id).Scan(&connects, &starts); err != nil {
+			t.Fatal(err)
+		}
+		l, err := db.GetLocker(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return connects, starts, l
+	}
+	var started atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			ok, err := db.StartSessionWithBirth(ctx, rec(t0, t0.Add(time.Duration(i)*time.Millisecond), false))
+			if err != nil {
+				t.Error(err)
+			}
+			if ok {
+				started.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if n := started.Load(); n != 1 {
+		t.Fatalf("one birth applied 8 times at once started %d sessions, want 1", n)
+	}
+	if c, s, l := session(); c != 1 || s != 1 || !l.Online || l.BirthTS == nil || !l.BirthTS.Equal(t0) || l.ClockOffsetMS == nil {
+		t.Fatalf("after the birth: %d connects, %d starts, locker %+v", c, s, l)
+	}
+	// A reconnect: a new birth of the same boot, sent later.
+	later := t0.Add(time.Minute)
+	if ok, err := db.StartSessionWithBirth(ctx, rec(later, later, false)); err != nil || !ok {
+		t.Fatalf("a later birth: %v %v, want a session started", ok, err)
+	}
+	// One that waited at the broker: no offset from its late arrival.
+	last := t0.Add(2 * time.Minute)
+	if ok, err := db.StartSessionWithBirth(ctx, rec(last, last.Add(10*time.Minute), true)); err != nil || !ok {
+		t.Fatalf("a late birth: %v %v, want a session started", ok, err)
+	}
+	if c, s, l := session(); c != 3 || s != 3 || l.ClockOffsetMS != nil || !l.BirthTS.Equal(last) {
+		t.Fatalf("after three births: %d connects, %d starts, offset %v, birth ts %v", c, s, l.ClockOffsetMS, l.BirthTS)
 	}
 }
