@@ -1664,6 +1664,27 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 	m.endedMu.Unlock()
 }
 
+// SessionKicked records the end of locker id's session that the gateway
+// itself ended (a disable), where the broker reports no session ends and
+// publishes no Last Will for a client it disconnects (an external broker:
+// mosquitto's dynamic security, EMQX's API). The session ends "kicked",
+// and the locker's retained presence becomes the will's {"online":false},
+// so that no instance that subscribes later takes its last birth, still
+// retained, for a live session. With the embedded broker (which reports
+// the end itself) it does nothing.
+func (m *Manager) SessionKicked(ctx context.Context, id string) {
+	if !m.opts.PresenceFromWill {
+		return
+	}
+	// Recorded first: the will published next comes back to this very
+	// subscription, and would end the session as "will".
+	m.markOffline(ctx, []SessionEnd{{ID: id, Reason: "kicked", At: m.now()}})
+	if err := m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanPresence), []byte(`{"online":false}`), 1, true); err != nil {
+		m.log.Warn("retained presence of a disabled locker not set offline: an instance that subscribes before it is may take the locker's last birth for a live session",
+			"locker", id, "err", err)
+	}
+}
+
 // WaitOffline returns locker id as recorded once it reads offline, or as it
 // is after d: a disable's answer, after the broker ended the session, which
 // the fleet records a moment later. It reads the locker again each time

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
@@ -314,11 +316,14 @@ func TestExternalDisable(t *testing.T) {
 		t.Fatalf("the issued identity on mosquitto: %v", err)
 	}
 	defer c.Disconnect(50)
+	publishBirth(t, gw, c, r.DeviceID)
 	hook := newBrokerHook(t, gw)
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "allow" {
 		t.Fatalf("hook before the disable: %+v", got)
 	}
 
+	// mosquitto ends the session without a Last Will; the gateway that
+	// ended it records the end, and sets the retained presence offline.
 	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true})
 	Eventually(t, 10*time.Second, "mosquitto ends the disabled locker's session", func() error {
 		if c.IsConnectionOpen() {
@@ -326,6 +331,32 @@ func TestExternalDisable(t *testing.T) {
 		}
 		return nil
 	})
+	if l := lockerOf(t, gw, r.DeviceID); l.Online || l.DisconnectReason != "kicked" {
+		t.Fatalf("the disabled locker: online %v, disconnect_reason %q; want offline, kicked", l.Online, l.DisconnectReason)
+	}
+	// An instance subscribing afresh is handed the retained presence: the
+	// will, not the locker's last birth (which would read as a live session).
+	retained := make(chan string, 1)
+	peek := MustConnect(t, mq.Addr, "retained-reader", "lgadmin", mq.AdminPassword)
+	defer peek.Disconnect(50)
+	if tok := peek.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, func(_ paho.Client, m paho.Message) {
+		if m.Retained() {
+			select {
+			case retained <- string(m.Payload()):
+			default:
+			}
+		}
+	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe to the presence: %v", tok.Error())
+	}
+	select {
+	case p := <-retained:
+		if p != `{"online":false}` {
+			t.Fatalf("retained presence after the disable %s, want the will", p)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no retained presence after the disable")
+	}
 	mustRefuse(t, mq.Addr, r.DeviceID, r.Password, "a disabled locker on mosquitto")
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
 		t.Fatalf("hook after the disable: %+v", got)

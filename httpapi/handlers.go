@@ -202,6 +202,7 @@ func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
 	}
 	if in.Disabled != nil && *in.Disabled {
 		s.kick.Kick(l.ID)
+		s.fleet.SessionKicked(r.Context(), l.ID) // where the broker reports no end
 	} else if en, ok := s.kick.(interface{ Enable(string) }); ok && in.Disabled != nil {
 		en.Enable(l.ID) // an external broker keeps its own disabled flag
 	}

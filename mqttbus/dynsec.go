@@ -135,7 +135,9 @@ func (d *DynSec) hasRole(ctx context.Context, username, rolename string) (bool, 
 }
 
 // SetupGateway grants the gateway's own user the right to publish commands
-// and retained state to lockers.
+// and retained state to lockers, and a locker's retained presence (the
+// will's {"online":false}, for a session it ended itself: the broker
+// publishes no will for a client it disconnects).
 func (d *DynSec) SetupGateway(ctx context.Context, username string) error {
 	var acls []map[string]any
 	for _, c := range protocol.Channels {
@@ -144,6 +146,11 @@ func (d *DynSec) SetupGateway(ctx context.Context, username string) error {
 		}
 	}
 	if err := d.do(ctx, map[string]any{"command": "createRole", "rolename": GatewayRole, "acls": acls}, "already exists"); err != nil {
+		return err
+	}
+	// Added on its own: a role created by an older version lacks it.
+	if err := d.do(ctx, map[string]any{"command": "addRoleACL", "rolename": GatewayRole, "acltype": "publishClientSend",
+		"topic": "lockers/v1/+/" + string(protocol.ChanPresence), "allow": true}, "already exists"); err != nil {
 		return err
 	}
 	if ok, err := d.hasRole(ctx, username, GatewayRole); err != nil || ok {
