@@ -631,8 +631,10 @@ func TestFleetEndToEnd(t *testing.T) {
 		_, ok := env.Server.Clients.Get(ls[0].DeviceID())
 		return !ok
 	})
-	if p, _ := retainedPresence(t, env, ls[0].DeviceID()); !p.Online {
-		t.Errorf("clean Close published the Last Will: %+v", p)
+	// Not the will (the broker drops it at a clean DISCONNECT): the
+	// locker's own goodbye, with its ts.
+	if p, _ := retainedPresence(t, env, ls[0].DeviceID()); p.Online || p.TS.IsZero() {
+		t.Errorf("retained presence after a clean Close %+v, want the locker's own {\"online\":false} with a ts", p)
 	}
 	waitGoroutines(t, baseline)
 }

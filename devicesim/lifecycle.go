@@ -351,7 +351,7 @@ func (l *Locker) serve(ctx context.Context, s *session) ending {
 			l.mu.Lock()
 			l.dropSessionLocked(s, false)
 			l.mu.Unlock()
-			s.closeClean()
+			s.leave(l.DeviceID())
 			return endStop
 		case <-s.lost:
 			l.mu.Lock()
@@ -367,7 +367,7 @@ func (l *Locker) serve(ctx context.Context, s *session) ending {
 					l.mu.Lock()
 					l.dropSessionLocked(s, false)
 					l.mu.Unlock()
-					s.closeClean()
+					s.leave(l.DeviceID())
 					return endReboot
 				case actRescheduleHealth:
 					health.Stop()

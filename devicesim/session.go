@@ -13,6 +13,8 @@ import (
 
 	mqtt "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // session is one MQTT connection of a locker: a fresh paho client per
@@ -197,6 +199,18 @@ func (s *session) abort() {
 // closeClean sends DISCONNECT (the broker drops the will) and stops paho.
 func (s *session) closeClean() {
 	s.cl.Disconnect(quiesceMillis)
+}
+
+// leave ends the session of locker id cleanly, as a locker going away on
+// purpose does (a stop, a reboot): it first publishes {"online":false}
+// itself, retained, with its ts (the broker drops the will at a clean
+// DISCONNECT, and a gateway behind a broker that reports no session ends
+// learns of the end only so: docs/protocol.md); then DISCONNECT.
+func (s *session) leave(id string) {
+	bye := protocol.Encode(protocol.Presence{Online: false, TS: protocol.T(time.Now())})
+	tok := s.cl.Publish(protocol.Topic(id, protocol.ChanPresence), 1, true, bye)
+	tok.WaitTimeout(time.Second) // best effort: the session is ending
+	s.closeClean()
 }
 
 func (s *session) markLost(err error) {

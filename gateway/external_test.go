@@ -591,3 +591,15 @@ func TestExternalRestartKeepsSessions(t *testing.T) {
 		}
 	}
 }
+
+// TestExternalCleanStopReadsOffline: a broker that reports no session
+// ends drops the Last Will at a clean DISCONNECT, so a locker that leaves
+// cleanly says so itself first ({"online":false} on presence, as the
+// simulator does): the gateway marks it offline.
+func TestExternalCleanStopReadsOffline(t *testing.T) {
+	mq := MustOpenMosquitto(t)
+	tg := MustStart(t, onExternal(mq, "gw-bye"))
+	r, sim := oneExternalLocker(t, tg, mq, "s1")
+	sim.Close()
+	waitOnline(t, tg, r.DeviceID, false)
+}
