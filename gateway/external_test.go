@@ -58,7 +58,7 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	// The queueing limits are docs/deployment.md's: gateways acknowledge
 	// after the store, and their sessions hold messages while they are away.
 	conf := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_keepalive 300\n"+
-		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\nlog_dest stderr\n", port)
+		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\nmax_packet_size 262144\nlog_dest stderr\n", port)
 	if plugin != "" {
 		conf += fmt.Sprintf("allow_anonymous false\nplugin %s\nplugin_opt_config_file %s\n", plugin, filepath.Join(dir, "dynsec.json"))
 	} else {
