@@ -1092,7 +1092,7 @@ func (m *Manager) staleWill(ctx context.Context, id string) verdict {
 // per locker (connect counts, presence history, flapping) and reset each
 // session's start. A read that fails reads as not recorded: the birth
 // goes on to StartSessionWithBirth, which checks again as it writes.
-func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Presence) bool {
+func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Presence, retained bool) bool {
 	l, err := m.store.GetLocker(ctx, id)
 	if err != nil {
 		if !errors.Is(err, ErrNotFound) && ctx.Err() == nil {
@@ -1103,8 +1103,10 @@ func (m *Manager) recordedBirth(ctx context.Context, id string, p *protocol.Pres
 	if !l.Online || l.BootID != p.BootID || p.TS.IsZero() != (l.BirthTS == nil) {
 		return false
 	}
-	// Without a ts: the same boot, no clock to tell sessions apart.
-	return p.TS.IsZero() || p.TS.Sub(*l.BirthTS).Abs() < 2*time.Millisecond
+	// Without a ts there is no clock to tell sessions apart: only a
+	// retained copy is taken for the birth on record (a live one may be a
+	// reconnect whose will was missed; protocol v1 allows such births).
+	return p.TS.IsZero() && retained || !p.TS.IsZero() && p.TS.Sub(*l.BirthTS).Abs() < 2*time.Millisecond
 }
 
 // offlineOnRecord reports whether locker id reads offline in the store
@@ -1564,8 +1566,9 @@ func (m *Manager) birthRecord(b birth) (BirthRecord, bool) {
 // comes from a clock that far behind: the two cannot be told apart here):
 // its arrival is not when it was sent, so it records no clock offset
 // rather than a wrong one.
-func (m *Manager) startFromBirth(ctx context.Context, b birth) {
+func (m *Manager) startFromBirth(ctx context.Context, b birth, retained bool) {
 	rec, skewed := m.birthRecord(b)
+	rec.Retained = retained
 	rec.NoOffset = !b.p.TS.IsZero() && b.at.Sub(b.p.TS.Time) > lateBirthAfter
 	var started bool
 	err := m.retry(ctx, "presence", func(ctx context.Context) (err error) {
@@ -1753,7 +1756,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			return
 		}
-		if m.recordedBirth(ctx, c.id, p) {
+		if m.recordedBirth(ctx, c.id, p, c.retained) {
 			m.m.knownBirths.Inc()
 			return
 		}
@@ -1766,7 +1769,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 		}
 		// No session events from an external broker: the birth starts the
 		// session.
-		m.startFromBirth(ctx, birth{id: c.id, p: p, at: c.at})
+		m.startFromBirth(ctx, birth{id: c.id, p: p, at: c.at}, c.retained)
 	case ctrlResend:
 		m.deliverOpen(ctx, c.id)
 	case ctrlResult:

@@ -126,7 +126,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		knownBirths: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_presence_retained_births_known_total",
-			Help: "Retained births an external broker handed a new subscription that were of the session on record: not counted as new sessions.",
+			Help: "Births from an external broker that were copies of the session on record's (retained ones at a new subscription, one that reached two instances): not counted as new sessions.",
 		}),
 		registered: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_devices_registered",

@@ -253,6 +253,9 @@ type BirthRecord struct {
 	// not when it was sent (one held by a broker while no gateway instance
 	// ran reads minutes behind, clock right or not).
 	NoOffset bool
+	// Retained: a copy an external broker handed a new subscription
+	// (StartSessionWithBirth).
+	Retained bool
 }
 
 // SessionStart is the start of one locker's session.

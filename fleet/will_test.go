@@ -193,26 +193,28 @@ func TestRecordedBirth(t *testing.T) {
 		return &l
 	}
 	for _, c := range []struct {
-		name   string
-		locker *Locker
-		p      *protocol.Presence
-		want   bool
+		name     string
+		locker   *Locker
+		p        *protocol.Presence
+		retained bool
+		want     bool
 	}{
-		{"the session on record", &on, birth("b-1", ts), true},
-		{"within a derived ts's rounding", &on, birth("b-1", ts.Add(time.Millisecond)), true},
-		{"a later session of the same boot", &on, birth("b-1", ts.Add(400*time.Millisecond)), false},
-		{"another boot", &on, birth("b-2", ts), false},
-		{"the locker offline", with(func(l *Locker) { l.Online = false }), birth("b-1", ts), false},
-		{"no ts, none recorded", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", time.Time{}), true},
-		{"no ts, one recorded", &on, birth("b-1", time.Time{}), false},
-		{"a ts, none recorded", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", ts), false},
-		{"an unknown locker", nil, birth("b-1", ts), false},
+		{"the session on record", &on, birth("b-1", ts), false, true},
+		{"within a derived ts's rounding", &on, birth("b-1", ts.Add(time.Millisecond)), false, true},
+		{"a later session of the same boot", &on, birth("b-1", ts.Add(400*time.Millisecond)), false, false},
+		{"another boot", &on, birth("b-2", ts), false, false},
+		{"the locker offline", with(func(l *Locker) { l.Online = false }), birth("b-1", ts), true, false},
+		{"no ts, none recorded, retained", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", time.Time{}), true, true},
+		{"no ts, none recorded, live (a reconnect?)", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", time.Time{}), false, false},
+		{"no ts, one recorded", &on, birth("b-1", time.Time{}), true, false},
+		{"a ts, none recorded", with(func(l *Locker) { l.BirthTS = nil }), birth("b-1", ts), true, false},
+		{"an unknown locker", nil, birth("b-1", ts), true, false},
 	} {
 		m, err := New(Options{Store: &lockerStore{fakeStore: newFakeStore(), l: c.locker}, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := m.recordedBirth(context.Background(), "lk-1", c.p); got != c.want {
+		if got := m.recordedBirth(context.Background(), "lk-1", c.p, c.retained); got != c.want {
 			t.Errorf("%s: recorded %v, want %v", c.name, got, c.want)
 		}
 	}
@@ -262,7 +264,7 @@ func TestBirthThatWaitedRecordsNoOffset(t *testing.T) {
 				t.Fatal(err)
 			}
 			p := &protocol.Presence{Online: true, BootID: "b-1", TS: protocol.T(at.Add(-c.behind))}
-			m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: p, at: at})
+			m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: p, at: at}, false)
 			if len(st.births) != 1 || st.births[0].NoOffset != c.noOffset {
 				t.Fatalf("births recorded %+v, want one with NoOffset %v", st.births, c.noOffset)
 			}
@@ -277,7 +279,7 @@ func TestBirthThatWaitedRecordsNoOffset(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: &protocol.Presence{Online: true, TS: protocol.T(at)}, at: at})
+	m.startFromBirth(context.Background(), birth{id: testLocker.ID, p: &protocol.Presence{Online: true, TS: protocol.T(at)}, at: at}, false)
 	var pb dto.Metric
 	if err := m.m.knownBirths.Write(&pb); err != nil {
 		t.Fatal(err)

@@ -231,8 +231,11 @@ const birthSet = `fw = coalesce(nullif(b.fw, ''), d.fw), model = coalesce(nullif
 
 // startWithBirthSQL starts a session from a birth ($1 id, $2 firmware, $3
 // model, $4 boot id, $5 arrival, $6 clock offset, $7 whether to clear a
-// clock-skew alert, $8 the birth's ts) and records the birth, unless the
-// locker is online from that very birth (the same boot id and ts). One
+// clock-skew alert, $8 the birth's ts, $9 whether it is a retained copy)
+// and records the birth, unless the locker is online from that very birth
+// (the same boot id and ts; without a ts, only a retained copy of a birth
+// without one is taken for it: a live one may be a reconnect). A
+// comparison with a NULL on one side only is no match. One
 // UPDATE: a second copy applied at once by another instance waits for the
 // row and, read again after the first commits, finds it recorded. Its one
 // row counts the sessions started (0 or 1).
@@ -241,8 +244,8 @@ const startWithBirthSQL = `WITH b AS (
 				$6::bigint AS off, $7::bool AS clear_skew, $8::timestamptz AS ts),
 		u AS (UPDATE devices d SET online = true, connected_at = b.at, connect_count = d.connect_count + 1,
 				disconnect_reason = '', ` + birthSet + `
-			FROM b WHERE d.id = b.id AND NOT (d.online AND d.boot_id = b.boot_id AND (d.birth_ts IS NULL AND b.ts IS NULL
-				OR abs(extract(epoch FROM d.birth_ts - b.ts)) < ` + sameBirthWithin + `))
+			FROM b WHERE d.id = b.id AND NOT coalesce(d.online AND d.boot_id = b.boot_id AND (d.birth_ts IS NULL AND b.ts IS NULL AND $9
+				OR abs(extract(epoch FROM d.birth_ts - b.ts)) < ` + sameBirthWithin + `), false)
 			RETURNING d.id, b.at, b.clear_skew),
 		cleared AS (UPDATE alerts a SET cleared_at = u.at FROM u
 			WHERE u.clear_skew AND a.device_id = u.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL),
@@ -260,7 +263,7 @@ func (db *DB) StartSessionWithBirth(ctx context.Context, b fleet.BirthRecord) (b
 	ts, off := birthTimes(&b)
 	var n int
 	err := db.pool.QueryRow(ctx, startWithBirthSQL, b.ID, b.Presence.FW, b.Presence.Model, b.Presence.BootID, b.At,
-		off, b.ClearSkew, ts).Scan(&n)
+		off, b.ClearSkew, ts, b.Retained).Scan(&n)
 	return n == 1, dataError(err)
 }
 

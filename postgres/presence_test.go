@@ -104,4 +104,27 @@ func TestSessionFromBirthOnce(t *testing.T) {
 	if c, s, l := session(); c != 3 || s != 3 || l.ClockOffsetMS != nil || !l.BirthTS.Equal(last) {
 		t.Fatalf("after three births: %d connects, %d starts, offset %v, birth ts %v", c, s, l.ClockOffsetMS, l.BirthTS)
 	}
+	// A ts on one side only is no match (NULL must not read as "recorded"):
+	// a birth without one after one with, and one with after one without.
+	bare := func(retained bool) fleet.BirthRecord {
+		return fleet.BirthRecord{ID: id, At: time.Now(), Retained: retained, Presence: &protocol.Presence{Online: true, BootID: "b-1"}}
+	}
+	for i, b := range []fleet.BirthRecord{bare(false), rec(t0.Add(3*time.Minute), time.Now(), false)} {
+		if ok, err := db.StartSessionWithBirth(ctx, b); err != nil || !ok {
+			t.Fatalf("birth %d, a ts on one side only: %v %v, want a session started", i+1, ok, err)
+		}
+		if i == 0 {
+			// Without a ts on either side: a live one may be a reconnect,
+			// a retained copy is the birth on record.
+			if ok, err := db.StartSessionWithBirth(ctx, bare(false)); err != nil || !ok {
+				t.Fatalf("a live birth without a ts after one: %v %v, want a session started", ok, err)
+			}
+			if ok, err := db.StartSessionWithBirth(ctx, bare(true)); err != nil || ok {
+				t.Fatalf("a retained birth without a ts after one: %v %v, want the one on record", ok, err)
+			}
+		}
+	}
+	if c, _, _ := session(); c != 6 {
+		t.Fatalf("%d connects after six births and one retained copy, want 6", c)
+	}
 }
