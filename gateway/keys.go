@@ -376,8 +376,8 @@ func randSerial() *big.Int {
 	return n
 }
 
-// checkKeys makes sure this instance's keys are the ones the database was
-// first used with (postgres.CheckKey): the master key by an HMAC of a
+// checkKeys makes sure this instance's keys are the ones
+// recorded in the database (postgres.CheckKey): the master key by an HMAC of a
 // fixed text, the firmware key by its public half. The error says which
 // file differs and what to do.
 func checkKeys(ctx context.Context, db *postgres.DB, master []byte, masterPath string, fw ed25519.PrivateKey, fwPath string) error {
@@ -389,7 +389,7 @@ func checkKeys(ctx context.Context, db *postgres.DB, master []byte, masterPath s
 	} {
 		err := db.CheckKey(ctx, k.name, k.fingerprint)
 		if errors.Is(err, postgres.ErrKeyMismatch) {
-			return fmt.Errorf("%s is not the key this database was first used with (%s): every instance on one database must use the same one; copy it from the instance that set the database up (or give every instance the same --data-dir contents) and start again", k.path, k.what)
+			return fmt.Errorf("%s is not the key recorded in this database (by the first instance that started on it since keys are checked; %s): every instance on one database must use the same one; copy it from the instance that set the database up (or give every instance the same --data-dir contents) and start again", k.path, k.what)
 		}
 		if err != nil {
 			return fmt.Errorf("check %s against the database: %w", k.path, err)

@@ -264,6 +264,9 @@ func TestRegister(t *testing.T) {
 		if _, err := db.UpdateLocker(ctx, "lk-SN-1", nil, &yes); err != nil {
 			t.Fatal(err)
 		}
+		if _, err := db.UpdateLocker(ctx, "lk-none", &yes, nil); !errors.Is(err, fleet.ErrNotFound) {
+			t.Fatalf("update of an unknown locker: %v, want ErrNotFound", err)
+		}
 		r, err := db.Register(ctx, h, provisioning.Registration{DeviceID: "lk-new", SecretHash: provisioning.HashSecret("new"), Request: req("SN-1"), At: time.Now()})
 		if err != nil || !r.Replaced || r.DeviceID != "lk-SN-1" || r.KeyGen != 3 {
 			t.Fatalf("got %+v, %v", r, err)

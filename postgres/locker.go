@@ -110,22 +110,39 @@ func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Lo
 // timed_out, error "withdrawn: locker disabled", so that none runs when
 // the locker is enabled again (a stolen unit found, say, should not open
 // for an unlock queued before it was taken). Their waiters hear of it.
+//
+// Under the locker's advisory lock (lockerLock), which a pickup's
+// transition takes before it withdraws a command and then touches the
+// devices row: without it the two took those rows in opposite orders. The
+// withdrawal is a statement of its own after the disable, so that it sees
+// a command stored while the disable waited for the row. A command whose
+// statement read the locker enabled and commits after the withdrawal has
+// read the commands (the two a fraction of a millisecond apart) escapes
+// both; CreateCommand takes no lock, being the unlock's path.
 func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error) {
-	tag, err := db.pool.Exec(ctx, `WITH u AS (UPDATE devices SET disabled = coalesce($2, disabled),
-			replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled),
-		wd AS (UPDATE commands k SET status = CASE WHEN k.status = 'pending' THEN 'expired' ELSE 'timed_out' END,
-				error = 'withdrawn: locker disabled', done_at = $6
-			FROM u WHERE u.disabled AND $2 AND k.device_id = u.id AND k.status IN ('pending', 'sent')
-			RETURNING k.id),
-		wn AS (SELECT pg_notify($5, wd.id) FROM wd)
-		SELECT u.id FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true
-			LEFT JOIN (SELECT count(*) FROM wn) w ON true`,
-		id, disabled, replaceable, kickChannel, commandChannel, time.Now())
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT `+lockerLock("$1"), id); err != nil {
+			return err
+		}
+		var now bool
+		err := tx.QueryRow(ctx, `WITH u AS (UPDATE devices SET disabled = coalesce($2, disabled),
+				replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled)
+			SELECT u.disabled FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true`,
+			id, disabled, replaceable, kickChannel).Scan(&now)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fleet.ErrNotFound
+		}
+		if err != nil || disabled == nil || !*disabled {
+			return err
+		}
+		_, err = tx.Exec(ctx, `WITH wd AS (UPDATE commands SET status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END,
+				error = 'withdrawn: locker disabled', done_at = $3
+			WHERE device_id = $1 AND status IN ('pending', 'sent') RETURNING id)
+			SELECT count(pg_notify($2, wd.id)) FROM wd`, id, commandChannel, time.Now())
+		return err
+	})
 	if err != nil {
 		return nil, err
-	}
-	if tag.RowsAffected() == 0 {
-		return nil, fleet.ErrNotFound
 	}
 	return db.GetLocker(ctx, id)
 }

@@ -2,6 +2,7 @@ package postgres_test
 
 import (
 	"context"
+	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -126,5 +127,43 @@ func TestSessionFromBirthOnce(t *testing.T) {
 	}
 	if c, _, _ := session(); c != 6 {
 		t.Fatalf("%d connects after six births and one retained copy, want 6", c)
+	}
+}
+
+// TestMigrationBackfillsBirths: migration 025, on lockers from before it,
+// takes a locker with a session as born at its start, with the birth's ts
+// its start plus the offset it gave (to the millisecond), and leaves one
+// that never connected without either.
+func TestMigrationBackfillsBirths(t *testing.T) {
+	ctx := context.Background()
+	sql, err := os.ReadFile("migrations/025_birth_at.sql")
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := MustOpen(t)
+	seen, never := MustDevice(t, db, "s1", "MB-1", 1), MustDevice(t, db, "s1", "MB-2", 1)
+	start := time.Date(2026, 12, 7, 4, 0, 0, 123456000, time.UTC)
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET born_at = NULL, birth_ts = NULL,
+		connected_at = CASE WHEN id = $1 THEN $2::timestamptz END, clock_offset_ms = CASE WHEN id = $1 THEN -1500 END`, seen, start); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, string(sql)); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		id             string
+		bornAt, birthT *time.Time
+	}{
+		{seen, &start, new(time.Date(2026, 12, 7, 3, 59, 58, 623000000, time.UTC))},
+		{never, nil, nil},
+	} {
+		var born, ts *time.Time
+		if err := db.Pool().QueryRow(ctx, `SELECT born_at, birth_ts FROM devices WHERE id = $1`, c.id).Scan(&born, &ts); err != nil {
+			t.Fatal(err)
+		}
+		same := func(a, b *time.Time) bool { return a == nil && b == nil || a != nil && b != nil && a.Equal(*b) }
+		if !same(born, c.bornAt) || !same(ts, c.birthT) {
+			t.Errorf("%s: born_at %v, birth_ts %v; want %v, %v", c.id, born, ts, c.bornAt, c.birthT)
+		}
 	}
 }

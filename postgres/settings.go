@@ -60,9 +60,10 @@ func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (versi
 	return version, bumped && err == nil, err
 }
 
-// ErrKeyMismatch is CheckKey's answer for a key other than the one the
-// database was first used with.
-var ErrKeyMismatch = errors.New("key differs from the one this database was first used with")
+// ErrKeyMismatch is CheckKey's answer for a key other than the one
+// recorded (by the first instance that started on the database since
+// keys are checked).
+var ErrKeyMismatch = errors.New("key differs from the one recorded in this database")
 
 // CheckKey records fingerprint as key name's the first time and, after,
 // reports ErrKeyMismatch for another: instances that share a database
