@@ -74,10 +74,13 @@ type Options struct {
 	// Config is the configuration every locker receives.
 	Config protocol.Config
 	// RepublishConfig makes Run publish every enabled locker's retained
-	// state (Config among it) once, in the background: set it when Config
-	// changed at this start and lockers keep their sessions across the
-	// restart (an external broker), so that they get it without waiting
-	// for their next connect.
+	// state (Config among it) once, in the background: set it where
+	// lockers keep their sessions across a gateway restart (an external
+	// broker), so that they get a configuration changed at this start, or
+	// at another instance's (whose start this one, still on the old flags,
+	// may have undone for the lockers it synced since), without waiting
+	// for their next connect; and so that the broker's retained copies
+	// are the database's after each start.
 	RepublishConfig bool
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
@@ -1862,7 +1865,7 @@ const republishPage = 500
 // first) gets its state at its next connect, as always.
 func (m *Manager) republishAll(ctx context.Context) {
 	start, logged := time.Now(), time.Now()
-	m.log.Info("publishing the changed configuration to every locker (their sessions outlive the restart)", "version", m.opts.Config.Version)
+	m.log.Info("publishing every locker's retained state and configuration (their sessions outlive the restart)", "config_version", m.opts.Config.Version)
 	published := 0
 	for after := ""; ; {
 		var page []Locker
@@ -1871,7 +1874,7 @@ func (m *Manager) republishAll(ctx context.Context) {
 			return err
 		})
 		if err != nil {
-			m.log.Warn("configuration not published to every locker; the rest get it when they next connect",
+			m.log.Warn("retained state not published to every locker; the rest get it when they next connect",
 				"published", published, "after", after, "err", err)
 			return
 		}
@@ -1885,7 +1888,7 @@ func (m *Manager) republishAll(ctx context.Context) {
 			m.syncDevices(ctx, ids)
 		}
 		if ctx.Err() != nil {
-			m.log.Info("configuration publish stopped by the shutdown; the rest get it when they next connect", "published", published)
+			m.log.Info("retained state publish stopped by the shutdown; the rest get it when they next connect", "published", published)
 			return
 		}
 		published += len(ids)
@@ -1894,11 +1897,11 @@ func (m *Manager) republishAll(ctx context.Context) {
 		}
 		after = page[len(page)-1].ID
 		if time.Since(logged) > 10*time.Second {
-			m.log.Info("publishing the changed configuration", "published", published)
+			m.log.Info("publishing every locker's retained state", "published", published)
 			logged = time.Now()
 		}
 	}
-	m.log.Info("changed configuration published to every locker", "lockers", published, "took", time.Since(start).Round(time.Millisecond))
+	m.log.Info("every locker's retained state published", "lockers", published, "took", time.Since(start).Round(time.Millisecond))
 }
 
 // syncDevices is syncDevice for many lockers: their retained state is read

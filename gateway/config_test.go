@@ -3,6 +3,7 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -119,4 +120,38 @@ func TestExternalConfigChangeReachesConnectedLockers(t *testing.T) {
 	if err := tg.Admin.Get(context.Background(), "/v1/lockers/"+r.DeviceID, nil, &l); err != nil || l.ConfigVersion != 2 || !l.Online {
 		t.Fatalf("locker %+v (%v), want online with config_version 2", l, err)
 	}
+
+	// A start that changes nothing republishes too: in a rolling restart an
+	// instance still on the old flags may have sent lockers the old values
+	// since the change. A retained config gone from the broker is back.
+	MustPublish(t, other, protocol.Topic(r.DeviceID, protocol.ChanConfig), true, "")
+	tg.Stop(t)
+	tg = MustRun(t, opts)
+	got := make(chan protocol.Config, 1)
+	reader := MustConnect(t, mq.Addr, "config-reader", "", "")
+	defer reader.Disconnect(50)
+	testtool.Eventually(t, 15*time.Second, "the retained config back on the broker", func() error {
+		tok := reader.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanConfig), 1, func(_ paho.Client, m paho.Message) {
+			var c protocol.Config
+			if m.Retained() && json.Unmarshal(m.Payload(), &c) == nil {
+				select {
+				case got <- c:
+				default:
+				}
+			}
+		})
+		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			return fmt.Errorf("subscribe: %v", tok.Error())
+		}
+		defer reader.Unsubscribe(protocol.Topic(r.DeviceID, protocol.ChanConfig)).WaitTimeout(5 * time.Second)
+		select {
+		case c := <-got:
+			if c.Version != 2 || c.HealthIntervalS != 20 {
+				return fmt.Errorf("retained config %+v", c)
+			}
+			return nil
+		case <-time.After(500 * time.Millisecond): // a retained message comes with the SUBACK, or not at all
+			return errors.New("no retained config")
+		}
+	})
 }
