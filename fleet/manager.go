@@ -73,15 +73,15 @@ type Options struct {
 	Firmware FirmwareTracker
 	// Config is the configuration every locker receives.
 	Config protocol.Config
-	// RepublishConfig makes Run publish every enabled locker's retained
-	// state (Config among it) once, in the background: set it where
+	// RepublishAtStart makes Run publish every enabled locker's retained
+	// state (creds, Config, fw/job) once, in the background: set it where
 	// lockers keep their sessions across a gateway restart (an external
 	// broker), so that they get a configuration changed at this start, or
 	// at another instance's (whose start this one, still on the old flags,
 	// may have undone for the lockers it synced since), without waiting
 	// for their next connect; and so that the broker's retained copies
 	// are the database's after each start.
-	RepublishConfig bool
+	RepublishAtStart bool
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
 	// CommandResend is how long a sent command may go unanswered by an
@@ -355,7 +355,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer census.Stop()
 	m.census(wctx)
 	var republish sync.WaitGroup
-	if m.opts.RepublishConfig {
+	if m.opts.RepublishAtStart {
 		republish.Go(func() { m.republishAll(ctx) })
 	}
 	for {
@@ -1057,6 +1057,7 @@ const (
 	verdictApply verdict = iota // current, or not known to be stale: applied
 	verdictStale                // an earlier session's: dropped (acknowledged)
 	verdictLeave                // not judged, the bus is closing: neither applied nor acknowledged
+	verdictKnown                // the birth the session on record started from: dropped (acknowledged)
 )
 
 // staleWill judges whether a Last Will is an earlier session's, delivered
@@ -1131,12 +1132,21 @@ const lateBirthAfter = 30 * time.Second
 // and the broker's retained presence of the locker is no longer this
 // birth (a will since, or a later birth). Applied, it would mark a locker
 // online that went away since, and report a version it may no longer run
-// to the firmware engine. A birth on time is not checked (a reconnect
-// storm's births cost nothing more); nothing retained, or a read that
-// fails, and the birth is applied (a bus closing: as staleWill).
-func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time) verdict {
+// to the firmware engine. A late one that is the birth the session on
+// record started from (recordedBirth; isRetained: a retained copy) is
+// verdictKnown. A birth on time is not checked (a reconnect storm's
+// births cost nothing more: StartSessionWithBirth tells a copy of one
+// as it writes); nothing retained, or a read that fails, and the birth is
+// applied (a bus closing: as staleWill).
+func (m *Manager) staleBirth(ctx context.Context, id string, p *protocol.Presence, payload []byte, at time.Time, isRetained bool) verdict {
 	if p.TS.IsZero() || at.Sub(p.TS.Time) < lateBirthAfter {
 		return verdictApply
+	}
+	// A copy of the birth on record (a retained one at every instance's
+	// start: a locker connected for hours has an old birth) is known by
+	// the database before the broker is asked.
+	if m.recordedBirth(ctx, id, p, isRetained) {
+		return verdictKnown
 	}
 	retained, err := m.retainedPresence(ctx, id)
 	if errors.Is(err, ErrBusClosed) {
@@ -1759,11 +1769,10 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			}
 			return
 		}
-		if m.recordedBirth(ctx, c.id, p, c.retained) {
+		switch m.staleBirth(ctx, c.id, p, c.payload, c.at, c.retained) {
+		case verdictKnown:
 			m.m.knownBirths.Inc()
 			return
-		}
-		switch m.staleBirth(ctx, c.id, p, c.payload, c.at) {
 		case verdictStale:
 			return
 		case verdictLeave:
@@ -1860,7 +1869,7 @@ func (m *Manager) syncDevice(ctx context.Context, id string) {
 const republishPage = 500
 
 // republishAll publishes the retained state of every enabled locker
-// (Options.RepublishConfig), a page at a time, until done or ctx ends,
+// (Options.RepublishAtStart), a page at a time, until done or ctx ends,
 // logging its progress. A locker it does not reach (the gateway stopped
 // first) gets its state at its next connect, as always.
 func (m *Manager) republishAll(ctx context.Context) {

@@ -107,10 +107,15 @@ func TestStaleBirth(t *testing.T) {
 		{"LateReadFailed", late, nil, errors.New("broker down"), verdictApply, true},
 		{"LateBusClosing", late, nil, fmt.Errorf("read: %w", ErrBusClosed), verdictLeave, true},
 		{"NoTS", []byte(`{"online":true}`), []byte(`{"online":false}`), nil, verdictApply, false},
+		// The birth the session on record started from (a retained copy at
+		// an instance's start): known from the database, no broker read.
+		{"LateButRecorded", birth(at.Add(-time.Hour), "b-rec"), []byte(`{"online":false}`), nil, verdictKnown, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			bus := &retainedBus{payload: tc.retained, err: tc.err}
-			m, err := New(Options{Store: newFakeStore(), Bus: bus, PresenceFromWill: true})
+			recorded := at.Add(-time.Hour)
+			st := &lockerStore{fakeStore: newFakeStore(), l: &Locker{ID: "lk-1", Online: true, BootID: "b-rec", BirthTS: &recorded}}
+			m, err := New(Options{Store: st, Bus: bus, PresenceFromWill: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -118,7 +123,7 @@ func TestStaleBirth(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if got := m.staleBirth(context.Background(), "lk-1", p, tc.payload, at); got != tc.want {
+			if got := m.staleBirth(context.Background(), "lk-1", p, tc.payload, at, true); got != tc.want {
 				t.Fatalf("verdict %v, want %v", got, tc.want)
 			}
 			if asked := len(bus.asked) == 1; asked != tc.asked {
