@@ -181,16 +181,23 @@ func (s *Spec) UnmarshalJSON(b []byte) error {
 	s.explicit = nil
 	zero := map[string]bool{"waves": len(s.Waves) == 0, "min_per_wave": s.MinPerWave == 0,
 		"rate_per_min": s.RatePerMin == 0, "step_timeout_s": s.StepTimeoutS == 0}
-	for k, v := range raw {
-		for _, name := range zeroSets {
-			// Names as encoding/json matches them: any case.
-			if strings.EqualFold(k, name) && zero[name] && string(v) != "null" && !slices.Contains(s.explicit, name) {
-				s.explicit = append(s.explicit, name)
-			}
+	for _, name := range zeroSets {
+		if zero[name] && written(raw, name) {
+			s.explicit = append(s.explicit, name)
 		}
 	}
-	slices.Sort(s.explicit)
 	return nil
+}
+
+// written reports whether raw has a value other than null for name,
+// matched as encoding/json matches names: in any case.
+func written(raw map[string]json.RawMessage, name string) bool {
+	for k, v := range raw {
+		if strings.EqualFold(k, name) && string(v) != "null" {
+			return true
+		}
+	}
+	return false
 }
 
 // Rollout is a firmware rollout. Spec fields are fixed at creation; the

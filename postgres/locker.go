@@ -124,11 +124,10 @@ func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable
 		if _, err := tx.Exec(ctx, `SELECT `+lockerLock("$1"), id); err != nil {
 			return err
 		}
-		var now bool
 		err := tx.QueryRow(ctx, `WITH u AS (UPDATE devices SET disabled = coalesce($2, disabled),
 				replaceable = coalesce($3, replaceable) WHERE id = $1 RETURNING id, disabled)
-			SELECT u.disabled FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true`,
-			id, disabled, replaceable, kickChannel).Scan(&now)
+			SELECT 1 FROM u LEFT JOIN LATERAL (SELECT pg_notify($4, u.id) WHERE u.disabled) n ON true`,
+			id, disabled, replaceable, kickChannel).Scan(nil) // a row: the locker exists
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fleet.ErrNotFound
 		}
