@@ -3,7 +3,6 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -123,35 +122,38 @@ func TestExternalConfigChangeReachesConnectedLockers(t *testing.T) {
 
 	// A start that changes nothing republishes too: in a rolling restart an
 	// instance still on the old flags may have sent lockers the old values
-	// since the change. A retained config gone from the broker is back.
-	MustPublish(t, other, protocol.Topic(r.DeviceID, protocol.ChanConfig), true, "")
-	tg.Stop(t)
-	tg = MustRun(t, opts)
-	got := make(chan protocol.Config, 1)
+	// since the change. A reader subscribed from before sees the retained
+	// config cleared on the broker, then published again by the start
+	// (both live, not the retained copy its subscription brought).
+	got := make(chan []byte, 8)
 	reader := MustConnect(t, mq.Addr, "config-reader", "", "")
 	defer reader.Disconnect(50)
-	testtool.Eventually(t, 15*time.Second, "the retained config back on the broker", func() error {
-		tok := reader.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanConfig), 1, func(_ paho.Client, m paho.Message) {
-			var c protocol.Config
-			if m.Retained() && json.Unmarshal(m.Payload(), &c) == nil {
-				select {
-				case got <- c:
-				default:
-				}
-			}
-		})
-		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-			return fmt.Errorf("subscribe: %v", tok.Error())
+	if tok := reader.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanConfig), 1, func(_ paho.Client, m paho.Message) {
+		if !m.Retained() { // the copy handed to the new subscription is not news
+			got <- m.Payload()
 		}
-		defer reader.Unsubscribe(protocol.Topic(r.DeviceID, protocol.ChanConfig)).WaitTimeout(5 * time.Second)
+	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	MustPublish(t, other, protocol.Topic(r.DeviceID, protocol.ChanConfig), true, "")
+	deadline := time.After(15 * time.Second)
+	for cleared := false; ; {
 		select {
-		case c := <-got:
-			if c.Version != 2 || c.HealthIntervalS != 20 {
-				return fmt.Errorf("retained config %+v", c)
+		case p := <-got:
+			switch {
+			case len(p) == 0 && !cleared:
+				cleared = true // from here on, only what the restart publishes
+				tg.Stop(t)
+				tg = MustRun(t, opts)
+			case cleared:
+				var c protocol.Config
+				if err := json.Unmarshal(p, &c); err != nil || c.Version != 2 || c.HealthIntervalS != 20 {
+					t.Fatalf("config published at the restart %s (%v), want version 2 with health 20 s", p, err)
+				}
+				return
 			}
-			return nil
-		case <-time.After(500 * time.Millisecond): // a retained message comes with the SUBACK, or not at all
-			return errors.New("no retained config")
+		case <-deadline:
+			t.Fatal("no config published by a start that changed nothing")
 		}
-	})
+	}
 }
