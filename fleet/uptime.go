@@ -134,6 +134,14 @@ func SiteLocation(name string) *time.Location {
 	return loc
 }
 
+// DaysBack is the start, in loc, of the day n days before the one that
+// holds t (dayStart: where that day's midnight is skipped, its first
+// hour): the default start of an uptime range.
+func DaysBack(t time.Time, n int, loc *time.Location) time.Time {
+	y, m, d := t.In(loc).Date()
+	return dayStart(time.Date(y, m, d-n, 12, 0, 0, 0, loc), loc) // that day's noon exists
+}
+
 // dayStart is the start, in loc, of the day that holds t: its midnight,
 // or, where the clocks skip midnight (America/Santiago in September), the
 // clock change.

@@ -87,6 +87,15 @@ func TestUptime(t *testing.T) {
 	if days[1].Start.Location() != time.UTC || !days[1].Start.Equal(time.Date(2026, 9, 6, 1, 0, 0, 0, santiago)) {
 		t.Errorf("the day with no midnight starts %v, want 01:00 local, in UTC", days[1].Start)
 	}
+	// The default range's start, six days back: that day's first hour, not
+	// the day before's last (time.Date's answer for a skipped midnight).
+	until := time.Date(2026, 9, 12, 15, 0, 0, 0, santiago)
+	if got, want := DaysBack(until, 6, santiago), time.Date(2026, 9, 6, 1, 0, 0, 0, santiago); !got.Equal(want) {
+		t.Errorf("six days back from %v: %v, want %v", until, got, want)
+	}
+	if got, want := DaysBack(until, 1, santiago), time.Date(2026, 9, 11, 0, 0, 0, 0, santiago); !got.Equal(want) {
+		t.Errorf("one day back from %v: %v, want %v", until, got, want)
+	}
 }
 
 // TestStateBefore: the state before a range is the last change kept before

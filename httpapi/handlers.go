@@ -488,8 +488,7 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 		until = now
 	}
 	if since.IsZero() {
-		y, m, d := until.In(loc).Date()
-		since = time.Date(y, m, d-6, 0, 0, 0, 0, loc)
+		since = fleet.DaysBack(until, 6, loc)
 	}
 	if !since.Before(until) {
 		return badRequest("since must be before until")
