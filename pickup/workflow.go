@@ -44,7 +44,7 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 		case protocol.EventCodeRejected:
 			s.m.rejections.WithLabelValues(ev.Reason).Inc()
 		case protocol.EventDoorOpened:
-			if ev.By == protocol.ByCredential && ev.Credential != "" {
+			if s.Wants(ev) { // by a code: the openings the outbox keeps
 				err = s.doorOpened(ctx, e.DeviceID, ev, e.ReceivedAt, events[i+1:])
 			}
 		case protocol.EventDoorClosed:
@@ -522,10 +522,11 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	return nil
 }
 
-// staleClosingMargin is how much earlier than a staging pickup's creation
-// a closing of its compartment may be dated, by the locker's clock less
-// its measured offset, and still load the order: the offset's own error
-// and a clock's drift since it was measured.
+// staleClosingMargin is how much earlier than a pickup's creation a
+// closing of its compartment may be dated, by the locker's clock less its
+// measured offset, and still be taken as this pickup's (its loading while
+// staging, its collection once ready): the offset's own error and a
+// clock's drift since it was measured.
 const staleClosingMargin = time.Minute
 
 // closedBeforeCreated reports whether closing ev came well before live

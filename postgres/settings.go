@@ -29,21 +29,14 @@ func (db *DB) LockerConfig(ctx context.Context, cfg, def protocol.Config) (versi
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtextextended('lockergate/settings/locker_config', 0))`); err != nil {
 			return err
 		}
-		var stored []byte
-		err := tx.QueryRow(ctx, `SELECT value, version FROM settings WHERE name = 'locker_config'`).Scan(&stored, &version)
+		var was protocol.Config
+		err := tx.QueryRow(ctx, `SELECT value, version FROM settings WHERE name = 'locker_config'`).Scan(&was, &version)
 		kept := err == nil
 		switch {
 		case errors.Is(err, pgx.ErrNoRows):
-			version = def.Version
-			def.Version = 0
-			if stored, err = json.Marshal(def); err != nil {
-				return err
-			}
+			was, version = def, def.Version
+			was.Version = 0
 		case err != nil:
-			return err
-		}
-		var was protocol.Config
-		if err := json.Unmarshal(stored, &was); err != nil {
 			return err
 		}
 		if was == cfg && kept {
