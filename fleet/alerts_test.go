@@ -87,6 +87,28 @@ func TestDoorFaultsSyncedAfterADatabaseError(t *testing.T) {
 	}
 }
 
+// TestDoorFaultsRaisedOnce: a change of a locker's fault list raises the
+// doors newly listed only; one still listed is not raised again (its
+// alert's repeats are not other doors' changes).
+func TestDoorFaultsRaisedOnce(t *testing.T) {
+	st := &alertStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, at := context.Background(), time.Now()
+	m.loadDoorFaults(ctx) // none open
+	for _, faults := range [][]int{{1}, {1, 4}, {4}, {4, 1}} {
+		m.syncDoorFaults(ctx, "lk-1", faults, at)
+	}
+	if !slices.Equal(st.raised, []int{1, 4, 1}) {
+		t.Fatalf("raised %v, want 1, then 4, then 1 again after it had recovered", st.raised)
+	}
+	if got := fmt.Sprint(st.cleared); got != "[[1] [1 4] [4] [4 1]]" {
+		t.Fatalf("cleared all but %s", got)
+	}
+}
+
 // TestDoorFaultsRecoveredWhileDown: a door_fault alert open when the
 // gateway starts is cleared by its locker's first report without the fault
 // (the door recovered while the gateway was down); a locker with none open

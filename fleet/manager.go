@@ -1339,8 +1339,11 @@ func (m *Manager) clearAlerts(ctx context.Context, id, kind string, at time.Time
 // alerts when Run starts (loadDoorFaults: a fault that recovered while the
 // gateway was down is cleared by the first report without it). The list is
 // per instance: behind an external broker another instance's alerts are
-// not in it. A change raises the whole list: a fault still open is then
-// counted as a repeat on its alert (raiseAlertSQL).
+// not in it. A change raises the doors that were not in the list before
+// (all of them when it is not known: the store keeps one open alert per
+// door, so one raised again is counted as a repeat, raiseAlertSQL), and a
+// door that stays listed is not raised again: its alert's repeats are not
+// the other doors' changes, and one staff cleared stays cleared.
 // When the database fails, the list is marked unsynced, so the next report
 // tries again whatever it says.
 func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, at time.Time) {
@@ -1352,8 +1355,12 @@ func (m *Manager) syncDoorFaults(ctx context.Context, id string, faults []int, a
 		return
 	}
 	m.doorFaults.Store(id, slices.Clone(faults))
+	raise := faults
+	if prevList, ok := prev.([]int); ok {
+		raise = slices.DeleteFunc(slices.Clone(faults), func(n int) bool { return slices.Contains(prevList, n) })
+	}
 	stored := true
-	for _, n := range faults {
+	for _, n := range raise {
 		stored = m.alert(ctx, Alert{DeviceID: id, Kind: AlertDoorFault, Compartment: n, Detail: "door sensor or latch fails", RaisedAt: at}) && stored
 	}
 	if !m.clearAlerts(ctx, id, AlertDoorFault, at, faults) || !stored {
