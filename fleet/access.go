@@ -52,6 +52,23 @@ type Token struct {
 	CreatedAt time.Time  `json:"created_at"`
 	CreatedBy string     `json:"created_by,omitempty"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// LastUsedAt is when the token was last accepted, to within
+	// TokenUseResolution; nil when it has not been since it was made (or
+	// since the upgrade that added it).
+	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+}
+
+// TokenUseResolution is how often a token's use is recorded at most: a
+// use within this time of the recorded one is not written again.
+const TokenUseResolution = time.Minute
+
+// TokenFilter selects tokens to list: by role and site (empty: any), and
+// revoked or live (nil: both).
+type TokenFilter struct {
+	Role, Site string
+	Revoked    *bool
+	After      string
+	Limit      int
 }
 
 // Actor names the token in audit entries: "role:name".

@@ -447,6 +447,10 @@ func TestRoles(t *testing.T) {
 				return client.Request{Method: "POST", Path: "/v1/tokens", Body: map[string]string{"role": "platform", "name": "by-" + e.role}}
 			},
 			want: map[string]int{"admin": created, "operator": denied, "store": denied, "platform": denied}},
+		{name: "GET /v1/tokens", op: "GET /v1/tokens", req: func(roleEnv) client.Request { return get("/v1/tokens") },
+			want: map[string]int{"admin": ok, "operator": denied, "store": denied, "platform": denied}},
+		{name: "GET /v1/tokens/{id}", op: "GET /v1/tokens/{id}", req: func(roleEnv) client.Request { return get("/v1/tokens/" + victim) },
+			want: map[string]int{"admin": ok, "operator": denied, "store": denied, "platform": denied}},
 		{name: "DELETE /v1/tokens/{id}", op: "DELETE /v1/tokens/{id}",
 			req:  func(roleEnv) client.Request { return client.Request{Method: "DELETE", Path: "/v1/tokens/" + victim} },
 			want: map[string]int{"admin": gone, "operator": denied, "store": denied, "platform": denied}},

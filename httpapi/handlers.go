@@ -417,6 +417,33 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) error {
+	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]fleet.Token, error) {
+		q := r.URL.Query()
+		f := fleet.TokenFilter{Role: q.Get("role"), Site: q.Get("site"), After: after, Limit: limit}
+		if f.Role != "" && !fleet.ValidRole(f.Role) {
+			return nil, badRequest("role must be admin, operator, store, platform or broker")
+		}
+		if v := q.Get("revoked"); v != "" {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return nil, badRequest("revoked must be true or false")
+			}
+			f.Revoked = &b
+		}
+		return s.store.ListTokens(ctx, f)
+	}, func(t fleet.Token) string { return t.ID })
+}
+
+func (s *Server) getToken(w http.ResponseWriter, r *http.Request) error {
+	t, err := s.store.GetToken(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, t)
+	return nil
+}
+
 func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
 	id := r.PathValue("id")
 	if id == principal(r).ID {

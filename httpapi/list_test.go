@@ -28,6 +28,17 @@ type fakeStore struct {
 	audit []fleet.AuditEntry
 
 	gotAudit fleet.AuditFilter
+	// used lists the tokens whose use was recorded; usedErr fails that.
+	used    []string
+	usedErr error
+}
+
+func (f *fakeStore) TokenUsed(_ context.Context, id string) error {
+	if f.usedErr != nil {
+		return f.usedErr
+	}
+	f.used = append(f.used, id)
+	return nil
 }
 
 // testTokens are the bearer tokens the tests send, by secret.

@@ -36,6 +36,9 @@ type Store interface {
 	ListSites(ctx context.Context, after string, limit int) ([]fleet.Site, error)
 	CreateToken(ctx context.Context, t *fleet.Token, hash []byte) error
 	TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error)
+	TokenUsed(ctx context.Context, id string) error
+	GetToken(ctx context.Context, id string) (*fleet.Token, error)
+	ListTokens(ctx context.Context, f fleet.TokenFilter) ([]fleet.Token, error)
 	RevokeToken(ctx context.Context, id string) error
 	UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error)
 	ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error)
@@ -94,9 +97,10 @@ type Server struct {
 	opts     Options
 	mux      *http.ServeMux
 	tokens   *tokenCache
-	// staleLogged is when a stale token was last logged (unix ns), and
-	// unavailableLogged a request refused for a transient store error.
-	staleLogged, unavailableLogged atomic.Int64
+	// staleLogged is when a stale token was last logged (unix ns),
+	// unavailableLogged a request refused for a transient store error, and
+	// useLogged a token's use that could not be recorded.
+	staleLogged, unavailableLogged, useLogged atomic.Int64
 	// lookups holds a slot for each token lookup in the database.
 	lookups chan struct{}
 }
@@ -252,6 +256,7 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 	switch {
 	case err == nil:
 		s.tokens.put(hash, tok)
+		s.recordUse(ctx, tok)
 		return tok, nil
 	case errors.Is(err, fleet.ErrNotFound):
 		s.tokens.forget(hash) // revoked, maybe through another instance
@@ -269,6 +274,20 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 		return stale, nil
 	}
 	return nil, err
+}
+
+// recordUse writes tok's last_used_at when the one it was read with is
+// fleet.TokenUseResolution old or more (or there is none): a round trip a
+// minute per token, on the request whose cached check ran out (once a
+// second for a token in use). A failure is logged, and the request goes on:
+// the record is for access reviews, not for access.
+func (s *Server) recordUse(ctx context.Context, tok *fleet.Token) {
+	if tok.LastUsedAt != nil && time.Since(*tok.LastUsedAt) < fleet.TokenUseResolution {
+		return
+	}
+	if err := s.store.TokenUsed(ctx, tok.ID); err != nil && logDue(&s.useLogged, 10*time.Second) {
+		s.log.Warn("could not record a token's use (its last_used_at lags; requests go on)", "token", tok.ID, "err", err)
+	}
 }
 
 var (
@@ -317,6 +336,8 @@ func (s *Server) table() []route {
 		{"POST", "/v1/lockers/{id}/commands", siteRoles, true, s.createCommand},
 		{"GET", "/v1/lockers/{id}/commands/{cmd}", siteRoles, false, s.getCommand},
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
+		{"GET", "/v1/tokens", adminOnly, false, s.listTokens},
+		{"GET", "/v1/tokens/{id}", adminOnly, false, s.getToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
 		{"GET", "/v1/alerts", siteRoles, false, s.listAlerts},

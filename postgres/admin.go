@@ -112,19 +112,61 @@ func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) erro
 	return err
 }
 
-// TokenByHash returns the unrevoked token with that hash.
-func (db *DB) TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error) {
+// tokenCols are the columns scanToken reads.
+const tokenCols = `id, role, site, name, created_at, created_by, revoked_at, last_used_at`
+
+func scanToken(row pgx.Row) (*fleet.Token, error) {
 	var t fleet.Token
 	var site *string
-	err := db.pool.QueryRow(ctx, `SELECT id, role, site, name, created_at, created_by FROM tokens
-		WHERE hash = $1 AND revoked_at IS NULL`, hash).Scan(&t.ID, &t.Role, &site, &t.Name, &t.CreatedAt, &t.CreatedBy)
+	err := row.Scan(&t.ID, &t.Role, &site, &t.Name, &t.CreatedAt, &t.CreatedBy, &t.RevokedAt, &t.LastUsedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
+	}
+	if err != nil {
+		return nil, err
 	}
 	if site != nil {
 		t.Site = *site
 	}
-	return &t, err
+	return &t, nil
+}
+
+// TokenByHash returns the unrevoked token with that hash.
+func (db *DB) TokenByHash(ctx context.Context, hash []byte) (*fleet.Token, error) {
+	return scanToken(db.pool.QueryRow(ctx, `SELECT `+tokenCols+` FROM tokens WHERE hash = $1 AND revoked_at IS NULL`, hash))
+}
+
+// GetToken returns token id, revoked or not.
+func (db *DB) GetToken(ctx context.Context, id string) (*fleet.Token, error) {
+	return scanToken(db.pool.QueryRow(ctx, `SELECT `+tokenCols+` FROM tokens WHERE id = $1`, id))
+}
+
+// ListTokens lists tokens by id after f.After.
+func (db *DB) ListTokens(ctx context.Context, f fleet.TokenFilter) ([]fleet.Token, error) {
+	rows, err := db.pool.Query(ctx, `SELECT `+tokenCols+` FROM tokens
+		WHERE id > $1 AND ($2 = '' OR role = $2) AND ($3 = '' OR site = $3)
+			AND ($4::boolean IS NULL OR (revoked_at IS NOT NULL) = $4)
+		ORDER BY id LIMIT $5`, f.After, f.Role, f.Site, f.Revoked, limit(f.Limit))
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.Token, error) {
+		t, err := scanToken(row)
+		if err != nil {
+			return fleet.Token{}, err
+		}
+		return *t, nil
+	})
+}
+
+// TokenUsed records a use of token id now, unless one within
+// fleet.TokenUseResolution is recorded (by this instance or another): at
+// most one write a minute per token. A revoked or unknown token is left.
+func (db *DB) TokenUsed(ctx context.Context, id string) error {
+	_, err := db.pool.Exec(ctx, `UPDATE tokens SET last_used_at = now()
+		WHERE id = $1 AND revoked_at IS NULL AND (last_used_at IS NULL OR last_used_at <= now() - make_interval(secs => $2))`,
+		id, fleet.TokenUseResolution.Seconds())
+	return err
 }
 
 // RevokeToken revokes a token.

@@ -1,0 +1,59 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+// TestTokensListAndShow: tokens list passes its filters (and leaves out the
+// ones not given), prints every page with last_used_at; tokens show reads
+// one token; a bad filter's 400 exits 1 with the API's detail.
+func TestTokensListAndShow(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		q := r.URL.Query()
+		switch {
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/tokens" && q.Get("revoked") == "maybe":
+			w.Header().Set("Content-Type", "application/problem+json")
+			w.WriteHeader(http.StatusBadRequest)
+			w.Write([]byte(`{"title":"Bad Request","status":400,"detail":"revoked must be true or false"}`))
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/tokens":
+			if q.Get("role") != "store" || q.Get("revoked") != "false" || q.Has("site") {
+				http.Error(w, "bad query "+r.URL.RawQuery, http.StatusBadRequest)
+				return
+			}
+			if q.Get("after") == "" {
+				json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"id": "tk-1", "role": "store", "site": "s1", "name": "front",
+					"last_used_at": "2026-12-07T06:00:00.123Z"}}, "next": "tk-1"})
+				return
+			}
+			json.NewEncoder(w).Encode(map[string]any{"items": []map[string]any{{"id": "tk-2", "role": "store", "site": "s2", "name": "back"}}, "next": ""})
+		case r.Method == http.MethodGet && r.URL.Path == "/v1/tokens/tk-1":
+			json.NewEncoder(w).Encode(map[string]any{"id": "tk-1", "role": "store", "site": "s1", "name": "front"})
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	defer srv.Close()
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "list", "--role", "store", "--revoked", "false"}, &out, &errOut); code != 0 ||
+		!strings.Contains(out.String(), "front") || !strings.Contains(out.String(), "back") || !strings.Contains(out.String(), "2026-12-07T06:00:00.123Z") {
+		t.Fatalf("tokens list: exit %d, out %q, err %q; want both pages with last_used_at", code, out.String(), errOut.String())
+	}
+	out.Reset()
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "show", "tk-1"}, &out, &errOut); code != 0 || !strings.Contains(out.String(), "front") {
+		t.Fatalf("tokens show: exit %d, out %q, err %q", code, out.String(), errOut.String())
+	}
+	errOut.Reset()
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "list", "--revoked", "maybe"}, &out, &errOut); code != 1 ||
+		!strings.Contains(errOut.String(), "revoked must be true or false") {
+		t.Fatalf("tokens list --revoked maybe: exit %d, err %q; want 1 and the detail", code, errOut.String())
+	}
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "show"}, &out, &errOut); code != 2 {
+		t.Fatalf("tokens show without an id: exit %d, want 2", code)
+	}
+}

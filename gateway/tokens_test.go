@@ -1,0 +1,156 @@
+package gateway_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// TestTokenList: GET /v1/tokens lists every token's record page by page,
+// never a secret, filtered by role, site and revoked; bad filters are 400s
+// and an unknown id a 404; last_used_at is written by a token's first use
+// and again once the recorded one is a minute old.
+func TestTokenList(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	newSite(t, tg, "s1")
+	newSite(t, tg, "s2")
+	front, frontC := tg.MustToken(t, "store", "s1", "front")
+	back, _ := tg.MustToken(t, "store", "s2", "back")
+	speedy, _ := tg.MustToken(t, "platform", "", "speedy")
+	ops, _ := tg.MustToken(t, "operator", "", "ops")
+	if _, err := tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + back}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	list := func(t *testing.T, q url.Values) []fleet.Token {
+		t.Helper()
+		var all []fleet.Token
+		q.Set("limit", "2")
+		for {
+			var raw json.RawMessage
+			if err := tg.Admin.Get(ctx, "/v1/tokens", q, &raw); err != nil {
+				t.Fatalf("GET /v1/tokens?%s: %v", q.Encode(), err)
+			}
+			if s := string(raw); strings.Contains(s, "lgt_") || strings.Contains(s, `"hash"`) || strings.Contains(s, `"token"`) {
+				t.Fatalf("a token list shows a secret: %s", s)
+			}
+			var page struct {
+				Items []fleet.Token
+				Next  string
+			}
+			if err := json.Unmarshal(raw, &page); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, page.Items...)
+			if page.Next == "" {
+				return all
+			}
+			q.Set("after", page.Next)
+		}
+	}
+	ids := func(ts []fleet.Token) []string {
+		var out []string
+		for _, tok := range ts {
+			out = append(out, tok.ID)
+		}
+		return out
+	}
+	all := list(t, url.Values{})
+	for _, id := range []string{front, back, speedy, ops} {
+		if !slices.Contains(ids(all), id) {
+			t.Errorf("GET /v1/tokens: %v without %s", ids(all), id)
+		}
+	}
+	if len(all) != 5 || !slices.IsSortedFunc(all, func(a, b fleet.Token) int { return strings.Compare(a.ID, b.ID) }) {
+		t.Errorf("GET /v1/tokens: %v, want the first admin token and the four made here, by id", ids(all))
+	}
+	for _, tok := range all {
+		if revoked := tok.RevokedAt != nil; revoked != (tok.ID == back) {
+			t.Errorf("token %s (%s): revoked_at %v", tok.ID, tok.Name, tok.RevokedAt)
+		}
+		if tok.ID == front && (tok.Role != "store" || tok.Site != "s1" || tok.Name != "front" || tok.CreatedBy != "admin:admin" || tok.CreatedAt.IsZero()) {
+			t.Errorf("token front listed as %+v", tok)
+		}
+	}
+	for _, c := range []struct {
+		q    url.Values
+		want []string
+	}{
+		{url.Values{"role": {"store"}}, []string{front, back}},
+		{url.Values{"role": {"store"}, "revoked": {"false"}}, []string{front}},
+		{url.Values{"revoked": {"true"}}, []string{back}},
+		{url.Values{"site": {"s1"}}, []string{front}},
+		{url.Values{"role": {"platform"}}, []string{speedy}},
+		{url.Values{"role": {"broker"}}, nil},
+	} {
+		want := slices.Clone(c.want)
+		slices.Sort(want)
+		if got := ids(list(t, c.q)); !slices.Equal(got, want) {
+			t.Errorf("GET /v1/tokens?%s: %v, want %v", c.q.Encode(), got, want)
+		}
+	}
+	for _, c := range []struct {
+		path   string
+		q      url.Values
+		status int
+		detail string
+	}{
+		{"/v1/tokens", url.Values{"role": {"owner"}}, http.StatusBadRequest, "role must be"},
+		{"/v1/tokens", url.Values{"revoked": {"maybe"}}, http.StatusBadRequest, "revoked must be true or false"},
+		{"/v1/tokens", url.Values{"limit": {"1001"}}, http.StatusBadRequest, "limit"},
+		{"/v1/tokens/tk-nobody", nil, http.StatusNotFound, ""},
+	} {
+		status, err := tg.Admin.Do(ctx, client.Request{Method: "GET", Path: c.path, Query: c.q}, nil)
+		if status != c.status || err == nil || !strings.Contains(err.Error(), c.detail) {
+			t.Errorf("GET %s?%s: %d %v, want %d with %q", c.path, c.q.Encode(), status, err, c.status, c.detail)
+		}
+	}
+
+	get := func(id string) fleet.Token {
+		t.Helper()
+		var tok fleet.Token
+		if err := tg.Admin.Get(ctx, "/v1/tokens/"+id, nil, &tok); err != nil {
+			t.Fatalf("GET /v1/tokens/%s: %v", id, err)
+		}
+		return tok
+	}
+	if tok := get(back); tok.RevokedAt == nil || tok.Name != "back" {
+		t.Errorf("a revoked token reads %+v, want it with revoked_at", tok)
+	}
+	if tok := get(front); tok.LastUsedAt != nil {
+		t.Fatalf("an unused token's last_used_at = %v, want none", tok.LastUsedAt)
+	}
+	// Its first use checks it in the database, which writes the time
+	// before the answer.
+	before := time.Now().Add(-time.Second)
+	if err := frontC.Get(ctx, "/v1/sites/s1", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if at := get(front).LastUsedAt; at == nil || at.Before(before) || at.After(time.Now().Add(time.Second)) {
+		t.Fatalf("after its first use the token's last_used_at = %v, want about %v", at, before)
+	}
+	// A use recorded long ago is written again by the next check in the
+	// database (the cached check runs out within a second).
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE tokens SET last_used_at = now() - interval '1 hour' WHERE id = $1`, front); err != nil {
+		t.Fatal(err)
+	}
+	Eventually(t, 10*time.Second, "the token's use recorded again", func() error {
+		if err := frontC.Get(ctx, "/v1/sites/s1", nil, nil); err != nil {
+			return err
+		}
+		if at := get(front).LastUsedAt; at == nil || time.Since(*at) > time.Minute {
+			return fmt.Errorf("last_used_at %v", at)
+		}
+		return nil
+	})
+}
