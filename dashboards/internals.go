@@ -56,11 +56,12 @@ func GatewayInternals() *Dashboard {
 					q("sum by (op) ("+rate("lockergate_db_errors_total", "")+")", "{{op}}"))),
 			}},
 			{Title: "Commands", PanelWidth: 8, Panels: []Panel{
-				withMin0(ts("Commands by type and status", "Commands reaching a status per second: pending (created), sent, then ok, failed, rejected, expired (never delivered in time), timed_out (no answer); answers that came after the command had ended (late, counted in their ended status before); and sent again (unanswered by an online locker after 5 s); credential sets republished to lockers that had not acknowledged them; device events whose effects a stopped run had not applied, replayed.", "ops",
+				withMin0(ts("Commands by type and status", "Commands reaching a status per second: pending (created), sent, then ok, failed, rejected, expired (never delivered in time), timed_out (no answer); answers that came after the command had ended (late, counted in their ended status before); and sent again (unanswered by an online locker after 5 s); credential sets republished to lockers that had not acknowledged them, and published again at once because a newer one was committed meanwhile (several instances); device events whose effects a stopped run had not applied, replayed.", "ops",
 					q("sum by (type, status) ("+rate("lockergate_commands_total", "")+")", "{{type}} {{status}}"),
 					q("sum by (type, status) ("+rate("lockergate_command_late_answers_total", "")+")", "{{type}} {{status}} late"),
 					q("sum("+rate("lockergate_commands_resent_total", "")+")", "sent again"),
 					q("sum("+rate("lockergate_creds_republished_total", "")+")", "credential sets republished"),
+					q("sum("+rate("lockergate_creds_caught_up_total", "")+")", "credential sets caught up"),
 					q("sum("+rate("lockergate_events_replayed_total", "")+")", "device events replayed"))),
 				{Kind: TimeSeries, Title: "Command failure ratio by type", Unit: "percentunit", Min: f(0), Max: f(1),
 					Thresholds:  []Threshold{{Color: "green"}, {Value: f(0.1), Color: "red"}},

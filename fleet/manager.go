@@ -82,6 +82,13 @@ type Options struct {
 	// for their next connect; and so that the broker's retained copies
 	// are the database's after each start.
 	RepublishAtStart bool
+	// SharedPublish says other instances publish the same lockers'
+	// retained state (instances sharing an external broker): publish locks
+	// are each instance's own, so a credential set read here may be
+	// published after a newer one another instance published. Each publish
+	// of a set is then followed by a read of the current one, published in
+	// turn while newer (catchUpCreds).
+	SharedPublish bool
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
 	// CommandResend is how long a sent command may go unanswered by an
@@ -1960,6 +1967,7 @@ func (m *Manager) publishRetainedGroup(ctx context.Context, i int, ids []string)
 		}
 		return ids
 	}
+	published := make(map[string]int64, len(ids))
 	for k, id := range ids {
 		r := rs[id]
 		if r == nil {
@@ -1969,6 +1977,11 @@ func (m *Manager) publishRetainedGroup(ctx context.Context, i int, ids []string)
 		if err := m.publishState(ctx, id, r); err != nil {
 			return append(failed, ids[k:]...)
 		}
+		published[id] = r.Creds.Version
+	}
+	if err := m.catchUpCreds(ctx, published); err != nil {
+		// Published as read; the census finds any locker left behind.
+		m.log.Warn("credential sets not checked against newer ones after publishing", "lockers", len(published), "first", ids[0], "err", err)
 	}
 	return failed
 }
@@ -2015,7 +2028,56 @@ func (m *Manager) PublishCreds(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	return m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanCreds), protocol.Encode(r.Creds), 1, true)
+	if err := m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanCreds), protocol.Encode(r.Creds), 1, true); err != nil {
+		return err
+	}
+	return m.catchUpCreds(ctx, map[string]int64{id: r.Creds.Version})
+}
+
+// maxCredsCatchUp bounds how many newer sets catchUpCreds publishes to a
+// locker after one: a locker whose set keeps changing gets the latest from
+// the instance that changed it.
+const maxCredsCatchUp = 3
+
+// catchUpCreds, with SharedPublish, reads the current credential set of
+// the lockers of published (id: the version just published to it) and
+// publishes each that is newer, until none is. Under this instance's
+// publish lock, another instance may have published a newer set between
+// this one's read and its publish, which the older one then replaced at
+// the broker (retained: the last one wins) and at the locker, whose ack of
+// the newer set, stored after that of the older, would then read as
+// current for good, while it holds codes since cancelled, used or rotated.
+// Reading again after each publish closes that: the instance that
+// publishes last has read, after it, that nothing newer was committed, and
+// a set committed after that read is published by its committer.
+func (m *Manager) catchUpCreds(ctx context.Context, published map[string]int64) error {
+	if !m.opts.SharedPublish {
+		return nil
+	}
+	for range maxCredsCatchUp {
+		ids := slices.Sorted(maps.Keys(published))
+		rs, err := m.store.RetainedMany(ctx, ids)
+		if err != nil {
+			return fmt.Errorf("read credential sets again after publishing them: %w", err)
+		}
+		newer := make(map[string]int64)
+		for _, id := range ids {
+			r := rs[id]
+			if r == nil || r.Creds.Version <= published[id] {
+				continue
+			}
+			if err := m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanCreds), protocol.Encode(r.Creds), 1, true); err != nil {
+				return err
+			}
+			m.m.credsCaughtUp.Inc()
+			newer[id] = r.Creds.Version
+		}
+		if len(newer) == 0 {
+			return nil
+		}
+		published = newer
+	}
+	return nil
 }
 
 // PublishRetained publishes a locker's retained creds, config and fw/job.
@@ -2029,7 +2091,10 @@ func (m *Manager) PublishRetained(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	return m.publishState(ctx, id, r)
+	if err := m.publishState(ctx, id, r); err != nil {
+		return err
+	}
+	return m.catchUpCreds(ctx, map[string]int64{id: r.Creds.Version})
 }
 
 // publishState publishes r, a locker's retained state, under its publish

@@ -21,6 +21,7 @@ type metrics struct {
 	cmdDuration      *prometheus.HistogramVec
 	resent           prometheus.Counter
 	credsRepublished prometheus.Counter
+	credsCaughtUp    prometheus.Counter
 	effectsReplayed  prometheus.Counter
 	eventsDup        prometheus.Counter
 	alerts           *prometheus.CounterVec // kind
@@ -99,6 +100,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		credsRepublished: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_creds_republished_total",
 			Help: "Credential sets republished to online lockers that had not acknowledged them by two censuses.",
+		}),
+		credsCaughtUp: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_creds_caught_up_total",
+			Help: "Credential sets published again right after a publish, because a newer one was committed meanwhile (instances sharing an external broker: another's may have gone out first).",
 		}),
 		resent: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_commands_resent_total",
@@ -179,7 +184,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.received, m.dropped, m.ingestLag, m.dbWrite, m.dbErrors,
-			m.online, m.commands, m.lateAnswers, m.cmdDuration, m.resent, m.credsRepublished, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
+			m.online, m.commands, m.lateAnswers, m.cmdDuration, m.resent, m.credsRepublished, m.credsCaughtUp, m.effectsReplayed, m.eventsDup, m.alerts, m.presenceEvent,
 			m.staleWills, m.staleBirths, m.knownBirths, m.registered, m.connected, m.stale, m.flapping, m.alertsOpen)
 	}
 	return m

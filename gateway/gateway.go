@@ -426,7 +426,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	pickups := &pickupSink{}
 	g.fleet, err = fleet.New(fleet.Options{Store: g.db, Bus: bus, Logger: o.Logger.With("component", "fleet"),
 		Registerer: g.reg, Config: o.Config, RepublishAtStart: g.external != nil, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
-		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil,
+		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil, SharedPublish: g.external != nil,
 		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew,
 		AlertRaised: g.webhooks.Wake})
 	if err != nil {

@@ -1,0 +1,153 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// versionStore answers Retained and RetainedMany with each locker's current
+// credential-set version, which a test moves on as another instance's
+// commit would.
+type versionStore struct {
+	*fakeStore
+	mu       sync.Mutex
+	versions map[string]int64
+}
+
+func (s *versionStore) set(id string, v int64) {
+	s.mu.Lock()
+	s.versions[id] = v
+	s.mu.Unlock()
+}
+
+func (s *versionStore) Retained(ctx context.Context, id string) (*Retained, error) {
+	rs, err := s.RetainedMany(ctx, []string{id})
+	return rs[id], err
+}
+
+func (s *versionStore) RetainedMany(_ context.Context, ids []string) (map[string]*Retained, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]*Retained, len(ids))
+	for _, id := range ids {
+		out[id] = &Retained{Creds: protocol.CredSet{Version: s.versions[id]}}
+	}
+	return out, nil
+}
+
+// credsBus records the credential-set versions published to each locker;
+// before the first one to a locker goes out, it runs commitBefore (another
+// instance committing, and publishing, a newer set in between this one's
+// read and its publish).
+type credsBus struct {
+	fakeBus
+	mu           sync.Mutex
+	sets         map[string][]int64
+	commitBefore func(id string)
+}
+
+func (b *credsBus) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
+	id, ch, _ := protocol.ParseTopic(topic)
+	if ch == protocol.ChanCreds {
+		var set protocol.CredSet
+		if err := json.Unmarshal(payload, &set); err != nil {
+			return err
+		}
+		b.mu.Lock()
+		first := len(b.sets[id]) == 0
+		b.sets[id] = append(b.sets[id], set.Version)
+		b.mu.Unlock()
+		if first && b.commitBefore != nil {
+			b.commitBefore(id)
+		}
+	}
+	return b.fakeBus.Publish(ctx, topic, payload, qos, retain)
+}
+
+// TestCredsCaughtUp: with SharedPublish, a credential set published after
+// a newer one was committed (and, by another instance, published) is
+// followed by the newer one, on every path that publishes sets; without
+// it (one instance, whose publish lock orders its publishes) nothing more
+// is read or sent.
+func TestCredsCaughtUp(t *testing.T) {
+	paths := map[string]func(ctx context.Context, m *Manager) error{
+		"PublishCreds":    func(ctx context.Context, m *Manager) error { return m.PublishCreds(ctx, "lk-a") },
+		"PublishRetained": func(ctx context.Context, m *Manager) error { return m.PublishRetained(ctx, "lk-a") },
+		"syncDevices": func(ctx context.Context, m *Manager) error {
+			m.syncDevices(ctx, []string{"lk-a", "lk-b", "lk-c"})
+			return nil
+		},
+	}
+	for name, publish := range paths {
+		for _, shared := range []bool{true, false} {
+			st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4, "lk-c": 7}}
+			bus := &credsBus{sets: map[string][]int64{}}
+			// lk-a's set moves on to 11 just as 10 goes out; lk-b's and
+			// lk-c's do not.
+			bus.commitBefore = func(id string) {
+				if id == "lk-a" {
+					st.set(id, 11)
+				}
+			}
+			m, err := New(Options{Store: st, Bus: bus, SharedPublish: shared, Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := publish(context.Background(), m); err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			want := []int64{10, 11}
+			if !shared {
+				want = []int64{10}
+			}
+			if got := bus.sets["lk-a"]; !slices.Equal(got, want) {
+				t.Errorf("%s, shared %v: lk-a got sets %v, want %v", name, shared, got, want)
+			}
+			if name == "syncDevices" {
+				for id, v := range map[string]int64{"lk-b": 4, "lk-c": 7} {
+					if got := bus.sets[id]; !slices.Equal(got, []int64{v}) {
+						t.Errorf("%s, shared %v: %s got sets %v, want [%d] once", name, shared, id, got, v)
+					}
+				}
+			}
+		}
+	}
+
+	// A set that keeps moving on is followed at most maxCredsCatchUp
+	// times; the instance moving it publishes the rest.
+	st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 1}}
+	bus := &credsBus{sets: map[string][]int64{}}
+	moving := &movingBus{credsBus: bus, st: st}
+	m, err := New(Options{Store: st, Bus: moving, SharedPublish: true, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.PublishCreds(context.Background(), "lk-a"); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := bus.sets["lk-a"], []int64{1, 2, 3, 4}; !slices.Equal(got, want) {
+		t.Errorf("a set moving on at every publish: sets %v, want %v", got, want)
+	}
+}
+
+// movingBus moves the locker's set on by one at every publish.
+type movingBus struct {
+	*credsBus
+	st *versionStore
+}
+
+func (b *movingBus) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
+	err := b.credsBus.Publish(ctx, topic, payload, qos, retain)
+	if id, ch, _ := protocol.ParseTopic(topic); ch == protocol.ChanCreds {
+		b.st.mu.Lock()
+		b.st.versions[id]++
+		b.st.mu.Unlock()
+	}
+	return err
+}
