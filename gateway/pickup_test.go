@@ -918,6 +918,35 @@ func TestLateCodeUseAppliedAfterItsClosing(t *testing.T) {
 	})
 }
 
+// TestLateCodeUseAfterTheCompartmentIsTakenAgain: the driver's closing of
+// an expired pickup's compartment, applied before the code's use (out of
+// the locker's order), frees the compartment, and a new order takes it
+// before the use arrives. The use still judges the closing against its
+// own pickup (the last one created there by the closing's arrival, not by
+// the use's): picked up, its alert withdrawn, the new order untouched.
+func TestLateCodeUseAfterTheCompartmentIsTakenAgain(t *testing.T) {
+	e := newPickupEnv(t, 1, 0)
+	_, expired, dev, topic := e.twoReadyThenRaw(t, "LATE-6", "LATE-7")
+	used := time.Now().UTC()
+	e.expireOffline(t, expired, used.Add(3*time.Second))
+	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
+		expired.ID, protocol.FormatTime(used.Add(3*time.Second)), expired.Compartment))
+	Eventually(t, 10*time.Second, "the closing applied", func() error { return e.closingsApplied(t, expired, 2) })
+	next := e.create(t, "LATE-8", "M", time.Hour)
+	if next.Compartment != expired.Compartment {
+		t.Fatalf("the new order got compartment %d, want the freed %d", next.Compartment, expired.Compartment)
+	}
+	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-code","ts":"%s","type":"code_accepted","credential":"%s","compartments":[%d]}`,
+		expired.ID, protocol.FormatTime(used), expired.Credential.ID+".p", expired.Compartment))
+	e.waitState(t, expired.ID, pickup.PickedUp)
+	if n := e.openAlerts(t, expired, fleet.AlertPickupExpired); n != 0 {
+		t.Fatalf("%d pickup_expired alerts open, want none", n)
+	}
+	if p := e.waitState(t, next.ID, pickup.Staging); p.Compartment != expired.Compartment {
+		t.Fatalf("the new order: %+v", p)
+	}
+}
+
 // TestCombinedCodeCollectedOfflineBeforeExpiry: one code for two orders
 // (a driver collecting both); the locker, offline, opens both compartments
 // with it, and the gateway, not yet told, expires one of the pickups
