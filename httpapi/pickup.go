@@ -93,7 +93,7 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
 		return err
 	}
-	p := &pickup.Pickup{Site: in.Site, OrderRef: in.OrderRef, Size: in.Size, Zone: in.Zone, Recipient: in.Recipient, CreatedBy: t.Actor()}
+	p := &pickup.Pickup{ID: idempotentID(r, "p"), Site: in.Site, OrderRef: in.OrderRef, Size: in.Size, Zone: in.Zone, Recipient: in.Recipient, CreatedBy: t.Actor()}
 	if in.ExpiresAt != nil {
 		p.ExpiresAt = in.ExpiresAt.UTC()
 	}

@@ -178,9 +178,11 @@ type Store interface {
 	// least p.Size, zone, in service, not occupied, no live pickup, locker
 	// online and enabled, no unlock of it unanswered that has not expired
 	// at p.CreatedAt), at a locker heard from since heardSince if one has
-	// room (zero: no preference; p.LockerSilent tells which), and inserts p holding it. Concurrent allocations never share a
+	// room (zero: no preference; p.LockerSilent tells which), and inserts p holding it, with its
+	// pickup.create audit entry. Concurrent allocations never share a
 	// compartment. ErrNoCompartment when none fits; fleet.ErrConflict when
-	// a live pickup of the site and platform has the order_ref.
+	// a live pickup of the site and platform has the order_ref;
+	// fleet.ErrExists when a pickup has p.ID.
 	Allocate(ctx context.Context, p *Pickup, heardSince time.Time) error
 	GetPickup(ctx context.Context, id string) (*Pickup, error)
 	ListPickups(ctx context.Context, f Filter) ([]Pickup, error)

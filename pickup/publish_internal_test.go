@@ -2,8 +2,13 @@ package pickup
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
 	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/fleet"
 )
 
 // liveFleet records whether PublishCreds got a live context.
@@ -31,5 +36,114 @@ func TestPublishOutlivesTheRequest(t *testing.T) {
 	s.publish(ctx, "lk-1")
 	if f.calls != 1 || f.live != 1 {
 		t.Fatalf("%d publishes, %d with a live context; want 1, 1", f.calls, f.live)
+	}
+}
+
+// stagingStore allocates every pickup at lk-1's compartment 3 and then
+// ends the request that asked for it (a client that gave up).
+type stagingStore struct {
+	Store
+	cancel context.CancelFunc
+}
+
+func (s *stagingStore) Allocate(_ context.Context, p *Pickup, _ time.Time) error {
+	p.Locker, p.Compartment = "lk-1", 3
+	s.cancel()
+	return nil
+}
+
+// stagingFleet records the staging unlocks made, and whether with a live
+// context.
+type stagingFleet struct {
+	Fleet
+	live, calls int
+}
+
+func (f *stagingFleet) SendCommand(ctx context.Context, req fleet.CommandRequest) (*fleet.Command, error) {
+	f.calls++
+	if ctx.Err() != nil {
+		return nil, ctx.Err()
+	}
+	f.live++
+	return &fleet.Command{ID: "c-1", DeviceID: req.DeviceID, Type: req.Type, Compartment: req.Compartment}, nil
+}
+
+// TestStagingUnlockOutlivesTheRequest: a pickup stored is opened for staff
+// even when the request that made it has gone away meanwhile; else the
+// compartment would never open, and a retry of the order be refused by its
+// order_ref.
+func TestStagingUnlockOutlivesTheRequest(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	f := &stagingFleet{}
+	s, err := New(Options{Store: &stagingStore{cancel: cancel}, Fleet: f, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Pickup{Site: "s1", OrderRef: "A-1", Recipient: Recipient{Kind: "customer"}}
+	if err := s.Create(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+	if f.calls != 1 || f.live != 1 || p.CommandID != "c-1" {
+		t.Fatalf("%d staging unlocks, %d with a live context, command %q; want 1, 1, c-1", f.calls, f.live, p.CommandID)
+	}
+}
+
+// rerunStore holds pickup p-derived, made by an earlier run of the request
+// (Allocate finds its id taken).
+type rerunStore struct {
+	Store
+	prev Pickup
+}
+
+func (s *rerunStore) Allocate(context.Context, *Pickup, time.Time) error {
+	return fmt.Errorf("pickup %s: %w", s.prev.ID, fleet.ErrExists)
+}
+
+func (s *rerunStore) GetPickup(_ context.Context, id string) (*Pickup, error) {
+	if id != s.prev.ID {
+		return nil, fleet.ErrNotFound
+	}
+	p := s.prev
+	return &p, nil
+}
+
+// TestCreateRunAgain: a request run again (its id derived from its
+// Idempotency-Key) answers the pickup its earlier run made, and makes the
+// staging unlock only when that run ended before making it; a random id
+// that is taken is a conflict, not another request's pickup.
+func TestCreateRunAgain(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		prev     Pickup
+		unlocks  int
+		command  string
+		conflict bool
+	}{
+		{"staging, no unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3}, 1, "c-1", false},
+		{"staging, unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3, CommandID: "c-0"}, 0, "c-0", false},
+		{"ready", Pickup{ID: "p-derived", State: Ready, Locker: "lk-1", Compartment: 3}, 0, "", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			f := &stagingFleet{}
+			s, err := New(Options{Store: &rerunStore{prev: c.prev}, Fleet: f, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := &Pickup{ID: "p-derived", Site: "s1", OrderRef: "A-1", Recipient: Recipient{Kind: "customer"}}
+			if err := s.Create(context.Background(), p); err != nil {
+				t.Fatal(err)
+			}
+			if p.State != c.prev.State || p.Compartment != 3 || f.calls != c.unlocks || p.CommandID != c.command {
+				t.Fatalf("answered %+v after %d staging unlocks; want the earlier run's pickup, %d unlocks, command %q", p, f.calls, c.unlocks, c.command)
+			}
+		})
+	}
+	s, err := New(Options{Store: &rerunStore{prev: Pickup{ID: "p-taken"}}, Fleet: &stagingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Create(context.Background(), &Pickup{Site: "s1", OrderRef: "A-2", Recipient: Recipient{Kind: "customer"}}); !errors.Is(err, fleet.ErrConflict) {
+		t.Fatalf("a random id taken: %v, want a conflict", err)
 	}
 }

@@ -91,6 +91,10 @@ func New(o Options) (*Service, error) {
 	return &Service{o: o, log: o.Logger, m: newMetrics(o.Registerer)}, nil
 }
 
+// stagingUnlockTimeout bounds the making of a new pickup's staging unlock,
+// which does not end with the request that asked for the pickup.
+const stagingUnlockTimeout = 10 * time.Second
+
 // MaxRecipientName bounds a pickup's recipient.name, in bytes.
 const MaxRecipientName = 200
 
@@ -148,19 +152,42 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	if !p.ExpiresAt.After(now) || p.ExpiresAt.After(now.Add(7*24*time.Hour)) {
 		return fmt.Errorf("%w: expires_at must be in the future, at most 7 days from now", fleet.ErrInvalid)
 	}
-	p.ID, p.State, p.CreatedAt = fleet.NewID("p"), Staging, now
-	if err := s.o.Store.Allocate(ctx, p, now.Add(-s.o.SilentAfter)); err != nil {
+	derived := p.ID != "" // from the request's Idempotency-Key
+	if !derived {
+		p.ID = fleet.NewID("p")
+	}
+	p.State, p.CreatedAt = Staging, now
+	err := s.o.Store.Allocate(ctx, p, now.Add(-s.o.SilentAfter))
+	switch {
+	case errors.Is(err, fleet.ErrExists) && derived:
+		// Made by an earlier run of this very request, whose answer was
+		// lost with the gateway that ran it: that pickup, not a second
+		// one (which its order_ref would refuse anyway), and its staging
+		// unlock if that run ended before making it.
+		prev, err := s.o.Store.GetPickup(ctx, p.ID)
+		if err != nil {
+			return err
+		}
+		*p = *prev
+		s.log.Info("pickup request run again: answering the pickup it made before", "pickup", p.ID, "state", p.State)
+		if p.State != Staging || p.CommandID != "" {
+			return nil
+		}
+	case err != nil:
 		return err
+	default:
+		if p.LockerSilent {
+			s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
+				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
+		}
+		s.m.state.WithLabelValues(Staging).Inc()
 	}
-	if p.LockerSilent {
-		s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
-			"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
-	}
-	s.m.state.WithLabelValues(Staging).Inc()
-	if err := s.o.Store.Audit(ctx, fleet.AuditEntry{Actor: p.CreatedBy, Action: "pickup.create", Locker: p.Locker, Site: p.Site,
-		Detail: map[string]any{"pickup": p.ID, "order_ref": p.OrderRef, "compartment": p.Compartment}}); err != nil {
-		return err
-	}
+	// The pickup is stored: its staging unlock is made even if the
+	// request goes away now (a client that gave up), or staff would wait
+	// at a compartment that never opens for an order whose retry the
+	// order_ref refuses.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), stagingUnlockTimeout)
+	defer cancel()
 	// Made only while the pickup is live, and recorded on it, in one
 	// statement: a cancel in between leaves nothing to send.
 	cmd, err := s.o.Fleet.SendCommand(ctx, fleet.CommandRequest{DeviceID: p.Locker, Type: protocol.CmdUnlock,

@@ -135,9 +135,12 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 				p.ID, p.Site, p.OrderRef, p.Platform, recipient, p.Size, p.Zone, p.Locker, p.Compartment, p.ExpiresAt, p.CreatedBy, p.CreatedAt); err != nil {
 				return err
 			}
-			_, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
-				VALUES ($1, $2, '', 'staging', $3, 'compartment allocated')`, p.ID, p.CreatedAt, p.CreatedBy)
-			return err
+			if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
+				VALUES ($1, $2, '', 'staging', $3, 'compartment allocated')`, p.ID, p.CreatedAt, p.CreatedBy); err != nil {
+				return err
+			}
+			return audit(ctx, tx, fleet.AuditEntry{Actor: p.CreatedBy, Action: "pickup.create", Locker: p.Locker, Site: p.Site,
+				Detail: map[string]any{"pickup": p.ID, "order_ref": p.OrderRef, "compartment": p.Compartment}})
 		})
 		if errors.Is(err, errRetry) && attempt < 20 {
 			tried = append(tried, p.Locker)
@@ -149,6 +152,8 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			return nil
 		case errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "pickups_live_compartment" && attempt < 20:
 			continue // another allocation took it between our read and insert
+		case errors.As(err, &pgErr) && pgErr.Code == "23505" && pgErr.ConstraintName == "pickups_pkey":
+			return fmt.Errorf("pickup %s: %w", p.ID, fleet.ErrExists)
 		case errors.As(err, &pgErr) && pgErr.Code == "23505":
 			return fmt.Errorf("order %s of platform %q at site %s exists: %w", p.OrderRef, p.Platform, p.Site, fleet.ErrConflict)
 		case isFKViolation(err):
