@@ -15,6 +15,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -156,8 +157,9 @@ func (c *config) resolve() error {
 			o.Seed = f.Seed
 		}
 		o.Broker, o.ClaimToken, o.API, o.FirstIndex = f.Broker, f.ClaimToken, f.API, f.FirstIndex
-		if !c.set["duration"] && o.TimeScale > 0 {
-			c.duration = time.Duration(float64(sc.Duration) / o.TimeScale) // scenario time
+		if scale := cmp.Or(o.TimeScale, 1); !c.set["duration"] && scale > 0 {
+			// Scenario time; a scenario without time_scale runs at 1.
+			c.duration = time.Duration(float64(sc.Duration) / scale)
 		}
 		c.opts, c.sc = o, sc
 	}

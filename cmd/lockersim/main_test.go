@@ -309,11 +309,27 @@ func TestBench(t *testing.T) {
 }
 
 func TestRunScenarioFileForItsDuration(t *testing.T) {
-	env := devicesimtest.Start(t, devicesimtest.Options{})
-	file := filepath.Join(t.TempDir(), "hour.json")
 	// An hour of scenario at 3600× is a second of wall-clock time.
-	sc := `{"name":"an-hour","duration":"1h","time_scale":3600,"seed":9,"fleet":{"lockers":2},
-		"faults":{"tamper":{"per_hour":10}},"expect":{"all_connected":true,"max_errors":0}}`
+	runScenarioFor(t, `{"name":"an-hour","duration":"1h","time_scale":3600,"seed":9,"fleet":{"lockers":2},
+		"faults":{"tamper":{"per_hour":10}},"expect":{"all_connected":true,"max_errors":0}}`, func(rep report) bool {
+		return rep.Scenario == "an-hour" && rep.Seed == 9 && rep.Stats.Tampers > 0 && rep.DurationS <= 20
+	})
+}
+
+// TestRunScenarioWithoutTimeScale: a scenario that leaves time_scale out
+// (as every shipped one does) runs at 1 and ends at its duration, not at a
+// signal.
+func TestRunScenarioWithoutTimeScale(t *testing.T) {
+	runScenarioFor(t, `{"name":"two-seconds","duration":"2s","seed":9,"fleet":{"lockers":1},"expect":{"all_connected":true}}`,
+		func(rep report) bool { return rep.Scenario == "two-seconds" && rep.DurationS >= 1.5 && rep.DurationS <= 20 })
+}
+
+// runScenarioFor runs scenario sc (JSON) against a test gateway, which
+// must end by itself within 30 s with a report ok accepts.
+func runScenarioFor(t *testing.T, sc string, ok func(report) bool) {
+	t.Helper()
+	env := devicesimtest.Start(t, devicesimtest.Options{})
+	file := filepath.Join(t.TempDir(), "scenario.json")
 	if err := os.WriteFile(file, []byte(sc), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +344,7 @@ func TestRunScenarioFileForItsDuration(t *testing.T) {
 	if err := json.Unmarshal([]byte(stdout.String()), &rep); err != nil {
 		t.Fatal(err)
 	}
-	if rep.Scenario != "an-hour" || rep.Seed != 9 || rep.Stats.Tampers == 0 || rep.DurationS > 20 {
+	if !ok(rep) {
 		t.Errorf("report %+v", rep)
 	}
 }
