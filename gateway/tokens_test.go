@@ -116,6 +116,16 @@ func TestTokenList(t *testing.T) {
 		}
 	}
 
+	// What the errors say: which record, and what to do.
+	if status, err := tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + back}, nil); status != http.StatusNotFound ||
+		err == nil || !strings.Contains(err.Error(), "token "+back+" (unknown, or revoked already") {
+		t.Errorf("revoking a revoked token: %d %v", status, err)
+	}
+	if status, err := tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]string{"id": "s1"}}, nil); status != http.StatusConflict ||
+		err == nil || !strings.Contains(err.Error(), "site s1 exists (GET /v1/sites/s1") {
+		t.Errorf("creating a site that exists: %d %v", status, err)
+	}
+
 	get := func(id string) fleet.Token {
 		t.Helper()
 		var tok fleet.Token

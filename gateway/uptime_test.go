@@ -14,12 +14,14 @@ import (
 
 // uptime is GET /v1/lockers/{id}/uptime's answer.
 type uptime struct {
-	Timezone  string
-	Until     time.Time
-	ObservedS float64 `json:"observed_s"`
-	OnlineS   float64 `json:"online_s"`
-	Uptime    *float64
-	Days      []fleet.DayUptime
+	Timezone    string
+	Until       time.Time
+	ObservedS   float64 `json:"observed_s"`
+	OnlineS     float64 `json:"online_s"`
+	Uptime      *float64
+	Connects    int
+	Disconnects int
+	Days        []fleet.DayUptime
 }
 
 // TestUptimePerDay: a locker's sessions, as the gateway recorded them over
@@ -59,8 +61,8 @@ func TestUptimePerDay(t *testing.T) {
 			t.Fatalf("%s, before the locker existed: %+v", d.Date, d)
 		}
 	}
-	if connects != 3 || disconnects != 2 {
-		t.Fatalf("%d sessions started and %d ended, want 3 and 2", connects, disconnects)
+	if connects != 3 || disconnects != 2 || u.Connects != connects || u.Disconnects != disconnects {
+		t.Fatalf("%d sessions started and %d ended (the days), %d and %d (the total); want 3 and 2", connects, disconnects, u.Connects, u.Disconnects)
 	}
 	if online <= 0 || online != u.OnlineS || u.OnlineS > u.ObservedS || u.Uptime == nil || *u.Uptime <= 0 || *u.Uptime > 1 {
 		t.Fatalf("online %v (days) %v (total) of %v s observed, uptime %v", online, u.OnlineS, u.ObservedS, u.Uptime)

@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"bytes"
 	"fmt"
 	"mime"
 	"net/http"
@@ -151,6 +152,12 @@ func decodeHook(r *http.Request, in any) error {
 	body, err := readAllLimited(r)
 	if err != nil {
 		return err
+	}
+	if bytes.HasPrefix(bytes.TrimSpace(body), []byte("{")) {
+		// No form starts so (EMQX's keys are plain words), but the JSON
+		// `curl -d` sends does: it would read as a form of empty fields,
+		// and get ignore (authn) or an unrelated 400 (authz).
+		return badRequest("the body is JSON, but Content-Type says a form (%s; curl -d sends that): send Content-Type: application/json", ct)
 	}
 	form, err := url.ParseQuery(string(body))
 	if err != nil {

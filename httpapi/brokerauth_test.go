@@ -99,6 +99,17 @@ func TestEMQXHooks(t *testing.T) {
 			t.Fatalf("status %d, asked %v", rec.Code, f.got)
 		}
 	})
+	t.Run("JSONSentAsAForm", func(t *testing.T) {
+		// curl -d sends the form content type: a 400 that says so, not an
+		// ignore for a form of empty fields.
+		for _, path := range []string{authn, authz} {
+			f.verdict, f.got = broker.Allow, nil
+			rec := hookCall(t, s, path, formCT, ` {"clientid":"lk-1","username":"lk-1","password":"pw"}`, "broker")
+			if rec.Code != http.StatusBadRequest || !strings.Contains(rec.Body.String(), "send Content-Type: application/json") || f.got != nil {
+				t.Fatalf("%s: status %d, asked %v: %s", path, rec.Code, f.got, rec.Body)
+			}
+		}
+	})
 	for _, c := range []struct {
 		v      broker.Verdict
 		reason string

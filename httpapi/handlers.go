@@ -486,7 +486,10 @@ type uptimeAnswer struct {
 	Since    time.Time `json:"since"`
 	Until    time.Time `json:"until"`
 	fleet.Presence
-	Days []fleet.DayUptime `json:"days"`
+	// Connects and Disconnects sum the days'.
+	Connects    int               `json:"connects"`
+	Disconnects int               `json:"disconnects"`
+	Days        []fleet.DayUptime `json:"days"`
 }
 
 // lockerUptime answers a locker's online time per calendar day of its
@@ -528,7 +531,11 @@ func (s *Server) lockerUptime(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	days := fleet.Uptime(fleet.StateBefore(prev, changes, l, since), changes, since, until, l.CreatedAt, now, loc)
-	writeJSON(w, http.StatusOK, uptimeAnswer{Locker: l.ID, Site: l.Site, Timezone: loc.String(), Since: since.UTC(), Until: until.UTC(),
-		Presence: fleet.TotalUptime(days), Days: days})
+	ans := uptimeAnswer{Locker: l.ID, Site: l.Site, Timezone: loc.String(), Since: since.UTC(), Until: until.UTC(),
+		Presence: fleet.TotalUptime(days), Days: days}
+	for _, d := range days {
+		ans.Connects, ans.Disconnects = ans.Connects+d.Connects, ans.Disconnects+d.Disconnects
+	}
+	writeJSON(w, http.StatusOK, ans)
 	return nil
 }

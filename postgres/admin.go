@@ -69,7 +69,7 @@ func (db *DB) CreateSite(ctx context.Context, s *fleet.Site) error {
 	err := db.pool.QueryRow(ctx, `INSERT INTO sites (id, name, timezone) VALUES ($1, $2, $3) RETURNING created_at`,
 		s.ID, s.Name, s.Timezone).Scan(&s.CreatedAt)
 	if isUniqueViolation(err) {
-		return fmt.Errorf("site %s: %w", s.ID, fleet.ErrConflict)
+		return fmt.Errorf("site %s exists (GET /v1/sites/%s; pick another id for a new one): %w", s.ID, s.ID, fleet.ErrConflict)
 	}
 	return err
 }
@@ -173,7 +173,7 @@ func (db *DB) TokenUsed(ctx context.Context, id string) error {
 func (db *DB) RevokeToken(ctx context.Context, id string) error {
 	tag, err := db.pool.Exec(ctx, `UPDATE tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL`, id)
 	if err == nil && tag.RowsAffected() == 0 {
-		return fleet.ErrNotFound
+		return fmt.Errorf("token %s (unknown, or revoked already: GET /v1/tokens/%s): %w", id, id, fleet.ErrNotFound)
 	}
 	return err
 }

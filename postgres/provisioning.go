@@ -71,7 +71,7 @@ func (db *DB) RevokeClaim(ctx context.Context, id, actor string, at time.Time) e
 		var site string
 		err := tx.QueryRow(ctx, `UPDATE claims SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1 RETURNING site`, id, at).Scan(&site)
 		if errors.Is(err, pgx.ErrNoRows) {
-			return provisioning.ErrNotFound
+			return fmt.Errorf("claim %s: %w", id, provisioning.ErrNotFound)
 		}
 		if err != nil {
 			return err
