@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/client"
@@ -92,8 +94,10 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 			"    (some type a wrong code first, some never come: their pickups expire after 10 minutes).\n", o.ordersPerMin, demoPlatform)
 	}
 	fmt.Fprintf(stdout, "  Try:\n")
-	fmt.Fprintf(stdout, "    LOCKERGATE_URL=http://%s go run ./cmd/lockerctl lockers list\n", loopback(g.HTTPAddr()))
-	fmt.Fprintf(stdout, "    curl -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/pickups\n", g.AdminTokenPath(), loopback(g.HTTPAddr()))
+	// lockerctl reads the admin token from the data directory it is told.
+	fmt.Fprintf(stdout, "    LOCKERGATE_URL=http://%s LOCKERGATE_DATA_DIR=%s go run ./cmd/lockerctl lockers list\n",
+		loopback(g.HTTPAddr()), shellQuote(filepath.Dir(g.AdminTokenPath())))
+	fmt.Fprintf(stdout, "    curl -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/pickups\n", shellQuote(g.AdminTokenPath()), loopback(g.HTTPAddr()))
 	fmt.Fprintf(stdout, "  Press Ctrl-C to stop.\n")
 
 	select {
@@ -171,4 +175,13 @@ func loopback(addr string) string {
 		return "127.0.0.1" + addr
 	}
 	return addr
+}
+
+// shellQuote is path as a POSIX shell word: as it is when that is safe,
+// else in single quotes.
+func shellQuote(path string) string {
+	if path != "" && strings.Trim(path, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./-:") == "" {
+		return path
+	}
+	return "'" + strings.ReplaceAll(path, "'", `'\''`) + "'"
 }

@@ -52,6 +52,11 @@ func TestDemo(t *testing.T) {
 		addr = m[1]
 		return nil
 	})
+	// Its lockerctl hint names the data directory, whose admin.token
+	// lockerctl reads: a hint without it fails outside the default one.
+	if want := "LOCKERGATE_DATA_DIR=" + shellQuote(dataDir) + " go run ./cmd/lockerctl"; !strings.Contains(stdout.String(), want) {
+		t.Errorf("stdout %q without %q", stdout.String(), want)
+	}
 	token, err := os.ReadFile(filepath.Join(dataDir, "admin.token"))
 	if err != nil {
 		t.Fatal(err)
@@ -121,5 +126,19 @@ func TestDemo(t *testing.T) {
 		}
 	case <-time.After(time.Minute):
 		t.Fatal("demo did not stop within a minute of Ctrl-C")
+	}
+}
+
+func TestShellQuote(t *testing.T) {
+	for in, want := range map[string]string{
+		"/tmp/lockergate-data": "/tmp/lockergate-data",
+		"/tmp/my data":         "'/tmp/my data'",
+		"/tmp/it's":            `'/tmp/it'\''s'`,
+		"$HOME/x":              `'$HOME/x'`,
+		"":                     "''",
+	} {
+		if got := shellQuote(in); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", in, got, want)
+		}
 	}
 }

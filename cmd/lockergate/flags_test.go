@@ -43,6 +43,20 @@ func TestBadFlags(t *testing.T) {
 	}
 }
 
+// TestHelpNamesTheCommands: lockergate -h (serve's flags) and demo -h say
+// which commands there are, then the flags.
+func TestHelpNamesTheCommands(t *testing.T) {
+	for _, args := range [][]string{{"-h"}, {"demo", "-h"}} {
+		var stderr bytes.Buffer
+		if code := run(context.Background(), args, &bytes.Buffer{}, &stderr); code != 0 {
+			t.Errorf("%v: exit code %d, want 0", args, code)
+		}
+		if out := stderr.String(); !strings.Contains(out, "demo    run the gateway with a simulated fleet") || !strings.Contains(out, "-http-addr") {
+			t.Errorf("%v: %q, want the commands and the flags", args, out)
+		}
+	}
+}
+
 // TestRetentionFlags: --history-retention-days 0 keeps history for ever
 // (the gateway's negative setting), a number keeps that many days, and
 // without the flag the gateway's default applies (its zero value).

@@ -100,6 +100,12 @@ type settings struct {
 func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int) {
 	fs := flag.NewFlagSet("lockergate "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		// The commands first: "lockergate -h" is serve's flags, and the
+		// demo is easily missed without them.
+		fmt.Fprintf(stderr, "%s\nFlags of lockergate %s:\n", usage, cmd)
+		fs.PrintDefaults()
+	}
 	var o gateway.Options
 	var logLevel string
 	fs.StringVar(&o.MQTTAddr, "mqtt-addr", ":1883", "plain MQTT listen address (empty disables; a socket named mqtt passed by systemd takes its place)")

@@ -167,6 +167,11 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 		return
 	case <-time.After(ord.delay):
 	}
+	// The driver's app shows the code as it is now: a rotation
+	// (rotate-codes) while the driver was on the way replaced it.
+	if now, err := o.await(ctx, p.ID, pickup.Ready); err == nil {
+		ready = now
+	}
 	l := o.Fleet.Locker(p.Locker)
 	if l == nil || ready.Credential == nil {
 		c.fail(ctx)

@@ -534,8 +534,8 @@ func TestStalePidFile(t *testing.T) {
 			t.Fatal("second Start on a running cluster's data directory succeeded")
 		}
 		want := fmt.Sprintf("another PostgreSQL is running on %s (pid %d)", dataDir, pid)
-		if !strings.Contains(err.Error(), want) {
-			t.Errorf("error %q does not contain %q", err, want)
+		if !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "another lockergate runs with this data directory: stop that gateway") {
+			t.Errorf("error %q does not contain %q and what to stop", err, want)
 		}
 		if _, err := os.Stat(filepath.Join(dataDir, "postmaster.pid")); err != nil {
 			t.Errorf("running server's postmaster.pid: %v", err)

@@ -45,12 +45,12 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 			dataDir, pid, pid, pid, path, errRunning)
 	}
 	if err == nil && pid > 0 && usesDataDir(pid, dataDir) {
-		return fmt.Errorf("another PostgreSQL is running on %s (pid %d), and it did not exit within %v: stop it (kill -INT %d) or use another --data-dir: %w",
-			dataDir, pid, exitGrace, pid, errRunning)
+		return fmt.Errorf("another PostgreSQL is running on %s (pid %d), and it did not exit within %v: %s: %w",
+			dataDir, pid, exitGrace, stopOther(pid), errRunning)
 	}
 	if other := findServerOn(dataDir); other > 0 {
-		return fmt.Errorf("another PostgreSQL is running on %s (pid %d, not the one in postmaster.pid), and it did not exit within %v: stop it (kill -INT %d) or use another --data-dir: %w",
-			dataDir, other, exitGrace, other, errRunning)
+		return fmt.Errorf("another PostgreSQL is running on %s (pid %d, not the one in postmaster.pid), and it did not exit within %v: %s: %w",
+			dataDir, other, exitGrace, stopOther(other), errRunning)
 	}
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove stale %s: %w", path, err)
@@ -58,6 +58,13 @@ func clearStalePidFile(dataDir string, logger *slog.Logger) error {
 	logger.Warn("removed stale postmaster.pid: its server is not running (a previous run did not shut down cleanly)",
 		"data_dir", dataDir, "pid_in_file", strings.TrimSpace(first))
 	return nil
+}
+
+// stopOther says what to do about server pid running on the data
+// directory: most likely another gateway runs on it, whose database that is.
+func stopOther(pid int) string {
+	return fmt.Sprintf("most likely another lockergate runs with this data directory: stop that gateway, or give this one another --data-dir "+
+		"(if no gateway runs, stop the server: kill -INT %d)", pid)
 }
 
 // exitGrace is how long a start waits for a server still running on its
