@@ -164,6 +164,24 @@ func ExpiredAlert(p *Pickup) fleet.Alert {
 	return a
 }
 
+// CancelledAlert is the alert that tells staff to take out the order of
+// pickup p, cancelled by actor (p.DoneAt): every pickup's compartment was
+// opened for its order, which a ready pickup's holds, and a staging one's
+// may (staff may be loading it, or close it in later). Nothing else would
+// tell them: the compartment, occupied, is allocated to no other order, and
+// a closing with the order inside finds no pickup to make ready.
+func CancelledAlert(p *Pickup, actor string) fleet.Alert {
+	detail := "pickup " + p.ID + " (" + p.OrderRef + ") cancelled by " + actor + ": retrieve the order"
+	if p.ReadyAt == nil {
+		detail = "pickup " + p.ID + " (" + p.OrderRef + ") cancelled by " + actor + " while its compartment was open for loading: take the order out if it is inside"
+	}
+	a := fleet.Alert{DeviceID: p.Locker, Kind: AlertCancelled, Compartment: p.Compartment, Detail: detail}
+	if p.DoneAt != nil {
+		a.RaisedAt = *p.DoneAt
+	}
+	return a
+}
+
 // DoorUse is a code's use that a door's opening reported
 // (Store.UseCredentialByDoor): At, when the gateway got it (the
 // credential's used_at), and Opened, when the door opened by the locker's

@@ -259,10 +259,15 @@ func credKind(c *Credential) string {
 // Cancel ends a live pickup and revokes its credential.
 func (s *Service) Cancel(ctx context.Context, id, actor string) (*Pickup, error) {
 	p, err := s.end(ctx, id, Cancelled, actor, "cancelled", EventCancelled)
-	if err == nil && p.CredentialID != "" {
+	if err != nil {
+		return nil, err
+	}
+	// Its alert was raised with the transition (Store.Transition).
+	s.alerted(CancelledAlert(p, actor))
+	if p.CredentialID != "" {
 		s.publish(ctx, p.Locker)
 	}
-	return p, err
+	return p, nil
 }
 
 // end moves a live pickup to a final state, which takes its compartment out

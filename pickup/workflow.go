@@ -581,11 +581,14 @@ const (
 	// AlertCodeNotLive: a locker reported opening compartments with a code
 	// the gateway had revoked, spent already, or never issued.
 	AlertCodeNotLive = "code_not_live"
+	// AlertCancelled: a pickup was cancelled after its compartment was
+	// opened for it (CancelledAlert).
+	AlertCancelled = "pickup_cancelled"
 )
 
 // AlertKinds are the kinds the pickup workflow raises (the two defined in
 // fleet as well).
-var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive}
+var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive, AlertCancelled}
 
 // credentialUsed reports whether the pickup's credential was spent at the locker.
 func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {

@@ -343,12 +343,18 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				return err
 			}
 		}
-		if to == pickup.Expired {
+		var a *fleet.Alert
+		switch to {
+		case pickup.Expired:
 			// With the expiry (after its webhook event, as before), so
 			// that a collection the locker reports late (pickup.Service's
 			// lateCollection) finds it to withdraw.
-			a := pickup.ExpiredAlert(out)
-			if _, err := raiseAlert(ctx, tx, &a); err != nil {
+			a = new(pickup.ExpiredAlert(out))
+		case pickup.Cancelled:
+			a = new(pickup.CancelledAlert(out, actor))
+		}
+		if a != nil {
+			if _, err := raiseAlert(ctx, tx, a); err != nil {
 				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
 			}
 		}
