@@ -5,8 +5,11 @@ import (
 	"errors"
 	"os"
 	"slices"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/testtool"
@@ -582,25 +585,40 @@ func TestUseExpiredCredential(t *testing.T) {
 
 // TestExpiryRaisesItsAlert: a pickup's expiry and its pickup_expired alert
 // (raised at the expiry's time, by which a late collection withdraws it)
-// are one transaction; other transitions raise none.
+// are one transaction, as are a cancel and its pickup_cancelled alert
+// (naming who cancelled); other transitions raise none.
 func TestExpiryRaisesItsAlert(t *testing.T) {
 	ctx := context.Background()
 	e := newCredEnv(t, "SN-EXPALERT", 2)
 	a, b := e.pickup("X-1"), e.pickup("X-2")
-	done := e.transition(a.ID, pickup.Expired)
-	e.transition(b.ID, pickup.Cancelled)
-	var n int
-	if err := e.db.Pool().QueryRow(ctx, `SELECT count(*) FROM alerts WHERE device_id = $1`, e.id).Scan(&n); err != nil || n != 1 {
-		t.Fatalf("%d alerts (%v), want the expiry's alone", n, err)
+	expired := e.transition(a.ID, pickup.Expired)
+	cancelled := e.transition(b.ID, pickup.Cancelled)
+	rows, err := e.db.Pool().Query(ctx, `SELECT kind, compartment, raised_at, detail FROM alerts WHERE device_id = $1 ORDER BY id`, e.id)
+	if err != nil {
+		t.Fatal(err)
 	}
-	var kind string
-	var comp int
-	var raised time.Time
-	if err := e.db.Pool().QueryRow(ctx, `SELECT kind, compartment, raised_at FROM alerts WHERE device_id = $1`, e.id).Scan(&kind, &comp, &raised); err != nil {
-		t.Fatalf("the one alert: %v", err)
+	type alert struct {
+		kind   string
+		comp   int
+		raised time.Time
+		detail string
 	}
-	if kind != fleet.AlertPickupExpired || comp != a.Compartment || done.DoneAt == nil || !raised.Equal(*done.DoneAt) {
-		t.Fatalf("alert %s on %d raised %v; want %s on %d raised at the expiry %v", kind, comp, raised, fleet.AlertPickupExpired, a.Compartment, done.DoneAt)
+	alerts, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (alert, error) {
+		var a alert
+		return a, r.Scan(&a.kind, &a.comp, &a.raised, &a.detail)
+	})
+	if err != nil || len(alerts) != 2 {
+		t.Fatalf("alerts %+v (%v), want the expiry's and the cancel's alone", alerts, err)
+	}
+	for i, w := range []struct {
+		kind   string
+		p      *pickup.Pickup
+		detail string
+	}{{fleet.AlertPickupExpired, expired, "expired"}, {pickup.AlertCancelled, cancelled, "cancelled by test"}} {
+		if got := alerts[i]; got.kind != w.kind || got.comp != w.p.Compartment || w.p.DoneAt == nil || !got.raised.Equal(*w.p.DoneAt) ||
+			!strings.Contains(got.detail, w.detail) {
+			t.Errorf("alert %+v; want %s on %d raised at the transition %v, %q", got, w.kind, w.p.Compartment, w.p.DoneAt, w.detail)
+		}
 	}
 }
 
