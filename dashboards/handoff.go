@@ -37,7 +37,7 @@ func Handoff() *Dashboard {
 					quantiles("lockergate_pickup_staging_duration_seconds", "", "")...)),
 				withMin0(ts("Waiting time (ready → picked up)", "Time from ready to the recipient closing the emptied compartment.", "s",
 					quantiles("lockergate_pickup_wait_duration_seconds", "", "")...)),
-				withMin0(ts("Pickup alerts raised in the last hour", "staged_empty (closed empty after staging), pickup_expired (no-show), pickup_not_taken (opened with the code, order left inside), pickup_removed (emptied without the code), code_not_live (opened by a code the gateway had revoked or spent: a stale set offline), pickup_cancelled (cancelled after its compartment was opened: take the order out).", "short",
+				withMin0(ts("Pickup alerts raised in the last hour", "staged_empty (closed empty after staging), pickup_expired (no-show), pickup_not_taken (opened with the code, order left inside), pickup_removed (emptied without the code), code_not_live (opened by a code the gateway had revoked or spent: a stale set offline), pickup_cancelled (cancelled after its compartment was opened: take the order out), staging_failed (the staging unlock failed, was refused or went unanswered).", "short",
 					q("sum by (kind) (increase("+vec("lockergate_pickup_alerts_total", "")+"[1h]))", "{{kind}}"))),
 				withMin0(ts("Keypad lockouts raised in the last hour", "code_lockout alerts: too many rejected codes at a locker (its keypad locked out, or the gateway counted the lockout policy's failures within its window).", "short",
 					q("sum(increase("+vec("lockergate_alerts_raised_total", `kind="code_lockout"`)+"[1h]))", "code_lockout"))),

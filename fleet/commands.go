@@ -411,10 +411,14 @@ func (m *Manager) CommandEnded(typ, status string) {
 	m.m.commands.WithLabelValues(typ, status).Inc()
 }
 
-// finished accounts for a command that reached a final status.
-func (m *Manager) finished(c *Command) {
+// finished accounts for a command that reached a final status, and tells
+// Options.CommandFinished of one that did not end ok.
+func (m *Manager) finished(ctx context.Context, c *Command) {
 	m.CommandEnded(c.Type, c.Status)
 	m.wake(c.ID, c)
+	if c.Status != CmdOK && m.opts.CommandFinished != nil {
+		m.opts.CommandFinished(ctx, c)
+	}
 }
 
 // sweep finalises commands past their deadline.
@@ -426,7 +430,7 @@ func (m *Manager) sweep(ctx context.Context) {
 		return
 	}
 	for i := range cmds {
-		m.finished(&cmds[i])
+		m.finished(ctx, &cmds[i])
 		m.log.Info("command ended without an answer", "locker", cmds[i].DeviceID, "command", cmds[i].ID, "status", cmds[i].Status)
 	}
 }

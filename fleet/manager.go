@@ -89,6 +89,12 @@ type Options struct {
 	// of a set is then followed by a read of the current one, published in
 	// turn while newer (catchUpCreds).
 	SharedPublish bool
+	// CommandFinished, when set, is told of each command this instance saw
+	// end otherwise than ok: answered failed, rejected or expired, or ended
+	// by the sweep (expired, timed_out). It runs on the goroutine that
+	// recorded the end (a control shard, the sweep): keep it short. The
+	// pickup workflow tells staff of a staging unlock that did not open.
+	CommandFinished func(ctx context.Context, c *Command)
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
 	// CommandResend is how long a sent command may go unanswered by an
@@ -1839,7 +1845,7 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			m.wake(cmd.ID, cmd)
 			return
 		}
-		m.finished(cmd)
+		m.finished(ctx, cmd)
 	case ctrlFwStatus:
 		st, err := protocol.Decode[protocol.FwStatus](c.payload)
 		if err != nil {

@@ -428,7 +428,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		Registerer: g.reg, Config: o.Config, RepublishAtStart: g.external != nil, Events: pickups, Firmware: g.firmware, PresenceFromWill: g.external != nil,
 		LatestHealthEvery: latestHealthEvery(o.LatestHealthEvery, g.external != nil), SharedReports: g.external != nil, SharedPublish: g.external != nil,
 		CommandResend: o.CommandResend, CensusInterval: o.CensusInterval, MaxClockSkew: o.MaxClockSkew,
-		AlertRaised: g.webhooks.Wake})
+		AlertRaised: g.webhooks.Wake, CommandFinished: pickups.CommandFinished})
 	if err != nil {
 		return nil, err
 	}
@@ -753,6 +753,10 @@ func (p *pickupSink) Wants(e *protocol.Event) bool { return p.s.Wants(e) }
 
 func (p *pickupSink) DeviceEvents(ctx context.Context, events []fleet.EventRecord) int {
 	return p.s.DeviceEvents(ctx, events)
+}
+
+func (p *pickupSink) CommandFinished(ctx context.Context, c *fleet.Command) {
+	p.s.StagingUnlockEnded(ctx, c)
 }
 
 // putDynSecDevice hands an issued identity to mosquitto. PutDevice leaves

@@ -584,11 +584,55 @@ const (
 	// AlertCancelled: a pickup was cancelled after its compartment was
 	// opened for it (CancelledAlert).
 	AlertCancelled = "pickup_cancelled"
+	// AlertStagingFailed: a staging pickup's unlock did not end ok
+	// (StagingUnlockEnded).
+	AlertStagingFailed = "staging_failed"
 )
 
 // AlertKinds are the kinds the pickup workflow raises (the two defined in
 // fleet as well).
-var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive, AlertCancelled}
+var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive, AlertCancelled,
+	AlertStagingFailed}
+
+// StagingUnlockEnded tells staff of a staging pickup whose unlock ended
+// otherwise than ok (fleet.Options.CommandFinished): the locker answered
+// failed (a jammed door), rejected or expired (its clock ahead of the
+// gateway's), or never answered in time. The compartment may not have
+// opened, and nothing else would say so: the pickup waits in staging,
+// holding it, until its expires_at. Staff open it remotely or cancel the
+// pickup. A pickup that went on (ready: the door did open and close) or
+// ended is left alone; so is any other command.
+func (s *Service) StagingUnlockEnded(ctx context.Context, c *fleet.Command) {
+	if c.Type != protocol.CmdUnlock || c.Reason != protocol.ReasonStaging || c.Status == fleet.CmdOK {
+		return
+	}
+	var p *Pickup
+	err := s.retry(ctx, "live_pickup", func(ctx context.Context) (err error) {
+		p, err = s.o.Store.LivePickupAt(ctx, c.DeviceID, c.Compartment)
+		return err
+	})
+	if err != nil || p.CommandID != c.ID || p.State != Staging {
+		if err != nil && !errors.Is(err, fleet.ErrNotFound) {
+			s.log.Error("staging unlock ended unopened, but its pickup could not be read: staff are not told", "locker", c.DeviceID,
+				"command", c.ID, "status", c.Status, "err", err)
+		}
+		return
+	}
+	status := c.Status
+	if c.TimedOut || status == fleet.CmdTimedOut {
+		status = "unanswered"
+	}
+	if c.Error != "" {
+		status += ": " + c.Error
+	}
+	at := s.o.Now()
+	if c.DoneAt != nil {
+		at = *c.DoneAt
+	}
+	s.alert(ctx, fleet.Alert{DeviceID: c.DeviceID, Kind: AlertStagingFailed, Compartment: c.Compartment, RaisedAt: at,
+		Detail: "the staging unlock of pickup " + p.ID + " (" + p.OrderRef + ") ended " + status +
+			": its compartment may not have opened for loading; open it remotely, or cancel the pickup"})
+}
 
 // credentialUsed reports whether the pickup's credential was spent at the locker.
 func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {
