@@ -52,7 +52,9 @@ func TestStagingFailedAlert(t *testing.T) {
 	for _, w := range []struct {
 		ref, status, errText string // status "": never answered (timed_out after 2 s and the grace)
 		want                 string
-	}{{"JAM-1", "failed", "door_jammed", "ended failed: door_jammed"}, {"AHEAD-1", "expired", "", "ended expired"}, {"SILENT-1", "", "", "ended unanswered"}} {
+		cancelAlert          bool // cancelled: whether its compartment may hold the order
+	}{{"JAM-1", "failed", "door_jammed", "ended failed: door_jammed", false}, {"AHEAD-1", "expired", "", "ended expired", false},
+		{"SILENT-1", "", "", "ended unanswered", true}} {
 		p := create(w.ref)
 		if w.status != "" {
 			answer(p, w.status, w.errText)
@@ -71,6 +73,12 @@ func TestStagingFailedAlert(t *testing.T) {
 		}
 		if err := store.Post(ctx, "/v1/pickups/"+p.ID+"/cancel", nil, nil); err != nil {
 			t.Fatal(err)
+		}
+		// A compartment whose unlock was refused never opened for the
+		// order: no pickup_cancelled; one unanswered may have.
+		if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'pickup_cancelled' AND device_id = $1 AND compartment = $2
+			AND cleared_at IS NULL`, r.DeviceID, p.Compartment); (n == 1) != w.cancelAlert {
+			t.Errorf("%s cancelled: %d pickup_cancelled alerts, want one: %v", w.ref, n, w.cancelAlert)
 		}
 		if _, err := tg.DB().Pool().Exec(ctx, `UPDATE alerts SET cleared_at = now() WHERE device_id = $1`, r.DeviceID); err != nil {
 			t.Fatal(err)

@@ -74,6 +74,9 @@ type Pickup struct {
 	// timed_out) when the transition that returned it withdrew that unlock
 	// (Store.Transition); "" otherwise.
 	Withdrawn string `json:"-"`
+	// Alerted is the kind of the alert Store.Transition raised with the
+	// transition it returned the pickup from ("": none).
+	Alerted string `json:"-"`
 }
 
 // Transition is one recorded state change.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -89,19 +90,23 @@ func TestStagingUnlockOutlivesTheRequest(t *testing.T) {
 	}
 }
 
-// rerunStore holds pickup p-derived, made by an earlier run of the request
-// (Allocate finds its id taken).
+// rerunStore holds pickup p-derived, made by an earlier run of the request;
+// hidden, GetPickup does not find it at its first call (the earlier run
+// commits it between the lookup and the insert). Allocate answers
+// allocErr (the earlier run may have taken the last compartment).
 type rerunStore struct {
 	Store
-	prev Pickup
+	prev     Pickup
+	hidden   bool
+	lookups  int
+	allocErr error
 }
 
-func (s *rerunStore) Allocate(context.Context, *Pickup, time.Time) error {
-	return fmt.Errorf("pickup %s: %w", s.prev.ID, fleet.ErrExists)
-}
+func (s *rerunStore) Allocate(context.Context, *Pickup, time.Time) error { return s.allocErr }
 
 func (s *rerunStore) GetPickup(_ context.Context, id string) (*Pickup, error) {
-	if id != s.prev.ID {
+	s.lookups++
+	if id != s.prev.ID || (s.hidden && s.lookups == 1) {
 		return nil, fleet.ErrNotFound
 	}
 	p := s.prev
@@ -109,29 +114,48 @@ func (s *rerunStore) GetPickup(_ context.Context, id string) (*Pickup, error) {
 }
 
 // TestCreateRunAgain: a request run again (its id derived from its
-// Idempotency-Key) answers the pickup its earlier run made, and makes the
-// staging unlock only when that run ended before making it; a random id
-// that is taken is a conflict, not another request's pickup.
+// Idempotency-Key) answers the pickup its earlier run made, looked up
+// before any allocation (the earlier run may have taken the last free
+// compartment) or found by the allocation's taken id, and makes the
+// staging unlock only when that run ended before making it. A pickup made
+// over a day before is a new order's key reused: a conflict. A random id
+// that is taken is a conflict too, not another request's pickup.
 func TestCreateRunAgain(t *testing.T) {
+	taken := fmt.Errorf("pickup p-derived: %w", fleet.ErrExists)
+	recent := time.Now().Add(-10 * time.Minute)
 	for _, c := range []struct {
 		name     string
 		prev     Pickup
+		hidden   bool
 		unlocks  int
 		command  string
 		conflict bool
 	}{
-		{"staging, no unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3}, 1, "c-1", false},
-		{"staging, unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3, CommandID: "c-0"}, 0, "c-0", false},
-		{"ready", Pickup{ID: "p-derived", State: Ready, Locker: "lk-1", Compartment: 3}, 0, "", false},
+		{"staging, no unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3, CreatedAt: recent}, false, 1, "c-1", false},
+		{"staging, unlock made", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3, CommandID: "c-0", CreatedAt: recent}, false, 0, "c-0", false},
+		{"ready", Pickup{ID: "p-derived", State: Ready, Locker: "lk-1", Compartment: 3, CreatedAt: recent}, false, 0, "", false},
+		{"committed meanwhile", Pickup{ID: "p-derived", State: Staging, Locker: "lk-1", Compartment: 3, CreatedAt: recent}, true, 1, "c-1", false},
+		{"a day old", Pickup{ID: "p-derived", State: PickedUp, Locker: "lk-1", Compartment: 3, CreatedAt: time.Now().Add(-25 * time.Hour)}, false, 0, "", true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f := &stagingFleet{}
-			s, err := New(Options{Store: &rerunStore{prev: c.prev}, Fleet: f, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+			st := &rerunStore{prev: c.prev, hidden: c.hidden, allocErr: ErrNoCompartment}
+			if c.hidden {
+				st.allocErr = taken
+			}
+			s, err := New(Options{Store: st, Fleet: f, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
 			if err != nil {
 				t.Fatal(err)
 			}
 			p := &Pickup{ID: "p-derived", Site: "s1", OrderRef: "A-1", Recipient: Recipient{Kind: "customer"}}
-			if err := s.Create(context.Background(), p); err != nil {
+			err = s.Create(context.Background(), p)
+			if c.conflict {
+				if !errors.Is(err, fleet.ErrConflict) || !strings.Contains(err.Error(), "use another key") {
+					t.Fatalf("%v, want a conflict that says to use another key", err)
+				}
+				return
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 			if p.State != c.prev.State || p.Compartment != 3 || f.calls != c.unlocks || p.CommandID != c.command {
@@ -139,7 +163,8 @@ func TestCreateRunAgain(t *testing.T) {
 			}
 		})
 	}
-	s, err := New(Options{Store: &rerunStore{prev: Pickup{ID: "p-taken"}}, Fleet: &stagingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+	st := &rerunStore{prev: Pickup{ID: "p-taken"}, allocErr: fmt.Errorf("pickup p-random: %w", fleet.ErrExists)}
+	s, err := New(Options{Store: st, Fleet: &stagingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -101,6 +101,18 @@ const MaxRecipientName = 200
 // Create allocates a compartment for a new pickup and opens it for staff to
 // load (a staging unlock).
 func (s *Service) Create(ctx context.Context, p *Pickup) error {
+	if p.ID != "" {
+		// Derived from the request's Idempotency-Key: a run again of a
+		// request whose answer was lost finds the pickup the first run
+		// made before anything else, which may have taken the last free
+		// compartment, or its expires_at may have passed since.
+		switch prev, err := s.o.Store.GetPickup(ctx, p.ID); {
+		case err == nil:
+			return s.rerun(ctx, p, prev)
+		case !errors.Is(err, fleet.ErrNotFound):
+			return err
+		}
+	}
 	if !protocol.ValidID(p.Site) {
 		return fmt.Errorf("%w: site is required", fleet.ErrInvalid)
 	}
@@ -160,28 +172,51 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 	err := s.o.Store.Allocate(ctx, p, now.Add(-s.o.SilentAfter))
 	switch {
 	case errors.Is(err, fleet.ErrExists) && derived:
-		// Made by an earlier run of this very request, whose answer was
-		// lost with the gateway that ran it: that pickup, not a second
-		// one (which its order_ref would refuse anyway), and its staging
-		// unlock if that run ended before making it.
+		// The earlier run committed it since the lookup above.
 		prev, err := s.o.Store.GetPickup(ctx, p.ID)
 		if err != nil {
 			return err
 		}
-		*p = *prev
-		s.log.Info("pickup request run again: answering the pickup it made before", "pickup", p.ID, "state", p.State)
-		if p.State != Staging || p.CommandID != "" {
-			return nil
-		}
+		return s.rerun(ctx, p, prev)
 	case err != nil:
 		return err
-	default:
-		if p.LockerSilent {
-			s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
-				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
-		}
-		s.m.state.WithLabelValues(Staging).Inc()
 	}
+	if p.LockerSilent {
+		s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
+			"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
+	}
+	s.m.state.WithLabelValues(Staging).Inc()
+	s.stage(ctx, p)
+	return nil
+}
+
+// maxRerunAge bounds how old a pickup may be to be answered to a request
+// run again (rerun): such a run follows its first by minutes (a claim
+// taken over after 5), while a request that reuses an Idempotency-Key
+// whose record was pruned (--history-retention-days) is a new order.
+const maxRerunAge = 24 * time.Hour
+
+// rerun answers request p, run again, with prev, the pickup an earlier run
+// of it made (its id derived from the same Idempotency-Key, token and
+// body), whose answer was lost with the gateway that ran it: that pickup,
+// not a second one (which its order_ref would refuse anyway), with its
+// staging unlock made now if that run ended before making it.
+func (s *Service) rerun(ctx context.Context, p, prev *Pickup) error {
+	if s.o.Now().Sub(prev.CreatedAt) > maxRerunAge {
+		return fmt.Errorf("pickup %s, made %s by an earlier request with this Idempotency-Key and body: use another key for a new order: %w",
+			prev.ID, prev.CreatedAt.UTC().Format(time.RFC3339), fleet.ErrConflict)
+	}
+	*p = *prev
+	s.log.Info("pickup request run again: answering the pickup it made before", "pickup", p.ID, "state", p.State)
+	if p.State == Staging && p.CommandID == "" {
+		s.stage(ctx, p)
+	}
+	return nil
+}
+
+// stage makes new pickup p's staging unlock, which opens its compartment
+// for staff to load the order, and records it on p.
+func (s *Service) stage(ctx context.Context, p *Pickup) {
 	// The pickup is stored: its staging unlock is made even if the
 	// request goes away now (a client that gave up), or staff would wait
 	// at a compartment that never opens for an order whose retry the
@@ -194,15 +229,14 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 		Compartment: p.Compartment, Reason: protocol.ReasonStaging, TTL: s.o.StagingTTL, Actor: p.CreatedBy, Pickup: p.ID})
 	if errors.Is(err, fleet.ErrConflict) {
 		s.log.Info("pickup ended before its staging unlock was made: none sent", "pickup", p.ID, "locker", p.Locker)
-		return nil
+		return
 	}
 	if err != nil {
 		// The pickup holds the compartment; staff can open it remotely.
 		s.log.Error("staging unlock", "pickup", p.ID, "locker", p.Locker, "err", err)
-		return nil
+		return
 	}
 	p.CommandID = cmd.ID
-	return nil
 }
 
 // Get returns a pickup with its transitions.
@@ -262,8 +296,9 @@ func (s *Service) Cancel(ctx context.Context, id, actor string) (*Pickup, error)
 	if err != nil {
 		return nil, err
 	}
-	// Its alert was raised with the transition (Store.Transition).
-	s.alerted(CancelledAlert(p, actor))
+	if p.Alerted != "" { // raised with the transition (Store.Transition)
+		s.alerted(CancelledAlert(p, actor))
+	}
 	if p.CredentialID != "" {
 		s.publish(ctx, p.Locker)
 	}

@@ -351,16 +351,41 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 			// lateCollection) finds it to withdraw.
 			a = new(pickup.ExpiredAlert(out))
 		case pickup.Cancelled:
-			a = new(pickup.CancelledAlert(out, actor))
+			opened, err := mayHaveOpened(ctx, tx, state, out)
+			if err != nil {
+				return err
+			}
+			if opened {
+				a = new(pickup.CancelledAlert(out, actor))
+			}
 		}
 		if a != nil {
 			if _, err := raiseAlert(ctx, tx, a); err != nil {
 				return fmt.Errorf("raise %s alert: %w", a.Kind, err)
 			}
+			out.Alerted = a.Kind
 		}
 		return nil
 	})
 	return out, err
+}
+
+// mayHaveOpened reports whether pickup p, which was in state before it
+// ended, may have its order in its compartment: a ready one does; a
+// staging one may if an unlock of its compartment made since the pickup
+// (its staging unlock, or staff's remote one) was answered ok, or was sent
+// and not answered (timed_out, or withdrawn so with the pickup's end: it
+// may still fire). One whose unlocks were never sent (withdrawn pending:
+// expired) or were refused (failed, rejected, expired by the locker) did
+// not open for it.
+func mayHaveOpened(ctx context.Context, tx pgx.Tx, state string, p *pickup.Pickup) (bool, error) {
+	if state == pickup.Ready {
+		return true, nil
+	}
+	var opened bool
+	err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM commands WHERE device_id = $1 AND compartment = $2 AND type = 'unlock'
+		AND created_at >= $3 AND status IN ('ok', 'timed_out', 'sent'))`, p.Locker, p.Compartment, p.CreatedAt).Scan(&opened)
+	return opened, err
 }
 
 // beingCollected is the SQL condition that pickup alias's credential was
