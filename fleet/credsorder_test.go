@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
 	"slices"
 	"sync"
@@ -26,6 +27,16 @@ func (s *versionStore) set(id string, v int64) {
 	s.mu.Unlock()
 }
 
+func (s *versionStore) CredsVersions(_ context.Context, ids []string) (map[string]int64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]int64, len(ids))
+	for _, id := range ids {
+		out[id] = s.versions[id]
+	}
+	return out, nil
+}
+
 func (s *versionStore) Retained(ctx context.Context, id string) (*Retained, error) {
 	rs, err := s.RetainedMany(ctx, []string{id})
 	return rs[id], err
@@ -44,16 +55,20 @@ func (s *versionStore) RetainedMany(_ context.Context, ids []string) (map[string
 // credsBus records the credential-set versions published to each locker;
 // before the first one to a locker goes out, it runs commitBefore (another
 // instance committing, and publishing, a newer set in between this one's
-// read and its publish).
+// read and its publish). Publishes to failOn fail.
 type credsBus struct {
 	fakeBus
 	mu           sync.Mutex
 	sets         map[string][]int64
 	commitBefore func(id string)
+	failOn       string
 }
 
 func (b *credsBus) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
 	id, ch, _ := protocol.ParseTopic(topic)
+	if id == b.failOn {
+		return errors.New("broker refused the publish")
+	}
 	if ch == protocol.ChanCreds {
 		var set protocol.CredSet
 		if err := json.Unmarshal(payload, &set); err != nil {
@@ -133,6 +148,30 @@ func TestCredsCaughtUp(t *testing.T) {
 	}
 	if got, want := bus.sets["lk-a"], []int64{1, 2, 3, 4}; !slices.Equal(got, want) {
 		t.Errorf("a set moving on at every publish: sets %v, want %v", got, want)
+	}
+}
+
+// TestCredsCaughtUpWhenTheGroupFails: in a group of lockers synced
+// together, a publish that fails part-way leaves the rest to be synced
+// alone, and still catches up the lockers published before it.
+func TestCredsCaughtUpWhenTheGroupFails(t *testing.T) {
+	st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4, "lk-c": 7}}
+	bus := &credsBus{sets: map[string][]int64{}, failOn: "lk-b"}
+	bus.commitBefore = func(id string) {
+		if id == "lk-a" {
+			st.set(id, 11)
+		}
+	}
+	m, err := New(Options{Store: st, Bus: bus, SharedPublish: true, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	failed := m.publishRetainedGroup(context.Background(), 0, []string{"lk-a", "lk-b", "lk-c"})
+	if !slices.Equal(failed, []string{"lk-b", "lk-c"}) {
+		t.Errorf("failed %v, want lk-b and lk-c (to sync alone)", failed)
+	}
+	if got := bus.sets["lk-a"]; !slices.Equal(got, []int64{10, 11}) {
+		t.Errorf("lk-a got sets %v, want [10 11]: caught up though a later publish failed", got)
 	}
 }
 

@@ -1981,11 +1981,13 @@ func (m *Manager) publishRetainedGroup(ctx context.Context, i int, ids []string)
 			continue
 		}
 		if err := m.publishState(ctx, id, r); err != nil {
-			return append(failed, ids[k:]...)
+			failed = append(failed, ids[k:]...)
+			break
 		}
 		published[id] = r.Creds.Version
 	}
-	if err := m.catchUpCreds(ctx, published); err != nil {
+	// Those published, also when a publish after them failed.
+	if err := m.catchUpCreds(ctx, published); err != nil && !errors.Is(err, ErrBusGone) {
 		// Published as read; the census finds any locker left behind.
 		m.log.Warn("credential sets not checked against newer ones after publishing", "lockers", len(published), "first", ids[0], "err", err)
 	}
@@ -2045,29 +2047,44 @@ func (m *Manager) PublishCreds(ctx context.Context, id string) error {
 // the instance that changed it.
 const maxCredsCatchUp = 3
 
-// catchUpCreds, with SharedPublish, reads the current credential set of
+// catchUpCreds, with SharedPublish, reads the credential-set versions of
 // the lockers of published (id: the version just published to it) and
-// publishes each that is newer, until none is. Under this instance's
-// publish lock, another instance may have published a newer set between
-// this one's read and its publish, which the older one then replaced at
-// the broker (retained: the last one wins) and at the locker, whose ack of
-// the newer set, stored after that of the older, would then read as
-// current for good, while it holds codes since cancelled, used or rotated.
-// Reading again after each publish closes that: the instance that
-// publishes last has read, after it, that nothing newer was committed, and
-// a set committed after that read is published by its committer.
+// publishes each set that is newer, reading again after each round, until
+// none is. Under this instance's publish lock, another instance may have
+// published a newer set between this one's read and its publish, which the
+// older one then replaced at the broker (retained: the last one wins) and
+// at the locker, whose ack of the newer set, stored after that of the
+// older, would then read as current for good, while it holds codes since
+// cancelled, used or rotated. Reading again after each publish closes that:
+// the instance that publishes last has read, after it, that nothing newer
+// was committed, and a set committed after that read is published by its
+// committer. Past maxCredsCatchUp rounds (a set changing faster than it is
+// published) it logs and leaves the rest to the committers.
 func (m *Manager) catchUpCreds(ctx context.Context, published map[string]int64) error {
-	if !m.opts.SharedPublish {
+	if !m.opts.SharedPublish || len(published) == 0 {
 		return nil
 	}
-	for range maxCredsCatchUp {
+	for round := 0; ; round++ {
 		ids := slices.Sorted(maps.Keys(published))
-		rs, err := m.store.RetainedMany(ctx, ids)
+		versions, err := m.store.CredsVersions(ctx, ids)
 		if err != nil {
-			return fmt.Errorf("read credential sets again after publishing them: %w", err)
+			return fmt.Errorf("read credential-set versions again after publishing them: %w", err)
 		}
-		newer := make(map[string]int64)
-		for _, id := range ids {
+		moved := slices.DeleteFunc(ids, func(id string) bool { v, ok := versions[id]; return !ok || v <= published[id] })
+		if len(moved) == 0 {
+			return nil
+		}
+		if round == maxCredsCatchUp {
+			m.log.Warn("credential sets still changing after catching up with them; their committers publish the newest",
+				"lockers", len(moved), "first", moved[0], "rounds", round)
+			return nil
+		}
+		rs, err := m.store.RetainedMany(ctx, moved)
+		if err != nil {
+			return fmt.Errorf("read newer credential sets: %w", err)
+		}
+		newer := make(map[string]int64, len(moved))
+		for _, id := range moved {
 			r := rs[id]
 			if r == nil || r.Creds.Version <= published[id] {
 				continue
@@ -2078,12 +2095,8 @@ func (m *Manager) catchUpCreds(ctx context.Context, published map[string]int64) 
 			m.m.credsCaughtUp.Inc()
 			newer[id] = r.Creds.Version
 		}
-		if len(newer) == 0 {
-			return nil
-		}
 		published = newer
 	}
-	return nil
 }
 
 // PublishRetained publishes a locker's retained creds, config and fw/job.

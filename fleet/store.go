@@ -109,6 +109,9 @@ type Store interface {
 	// RetainedMany is Retained for many lockers at once, in one snapshot;
 	// lockers that do not exist are missing from the map.
 	RetainedMany(ctx context.Context, deviceIDs []string) (map[string]*Retained, error)
+	// CredsVersions returns the credential-set version of each locker of
+	// deviceIDs that exists (a read of their devices rows alone).
+	CredsVersions(ctx context.Context, deviceIDs []string) (map[string]int64, error)
 	// AckCredsMany records the credential-set version each locker applied
 	// last, one per locker.
 	AckCredsMany(ctx context.Context, acks []CredsAck) error

@@ -37,6 +37,22 @@ func (db *DB) RetainedMany(ctx context.Context, ids []string) (map[string]*fleet
 	return rs, nil
 }
 
+// CredsVersions implements fleet.Store.
+func (db *DB) CredsVersions(ctx context.Context, ids []string) (map[string]int64, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id, creds_version FROM devices WHERE id = ANY($1)`, ids)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]int64, len(ids))
+	var id string
+	var v int64
+	_, err = pgx.ForEachRow(rows, []any{&id, &v}, func() error {
+		out[id] = v
+		return nil
+	})
+	return out, err
+}
+
 // retained reads the retained state of the lockers of ids that exist: the
 // config version, the credential set version with the credentials it
 // names, and the firmware job. Explicit BEGIN and COMMIT in the batch make

@@ -82,3 +82,25 @@ func TestTokenUsed(t *testing.T) {
 		t.Fatalf("GetToken of an unknown id: %v, want ErrNotFound", err)
 	}
 }
+
+// TestCredsVersions: each existing locker's credential-set version, as
+// Retained reads it; an unknown locker is left out.
+func TestCredsVersions(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	seedFleet(t, db, 2)
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET creds_version = 7 WHERE id = 'lk-2'`); err != nil {
+		t.Fatal(err)
+	}
+	vs, err := db.CredsVersions(ctx, []string{"lk-1", "lk-2", "lk-none"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := db.Retained(ctx, "lk-2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(vs) != 2 || vs["lk-2"] != 7 || vs["lk-2"] != r.Creds.Version || vs["lk-1"] == 7 {
+		t.Fatalf("versions %v (Retained: %d), want lk-1's and lk-2's 7 only", vs, r.Creds.Version)
+	}
+}
