@@ -15,6 +15,7 @@ import (
 	"path"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unicode"
@@ -103,6 +104,9 @@ type Server struct {
 	staleLogged, unavailableLogged, useLogged atomic.Int64
 	// lookups holds a slot for each token lookup in the database.
 	lookups chan struct{}
+	// usedAt holds when this instance last wrote each token's use
+	// (recordUse): token id → time.Time.
+	usedAt sync.Map
 }
 
 // New returns the API handler.
@@ -281,14 +285,31 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 // minute per token, on the request whose cached check ran out (once a
 // second for a token in use). A failure is logged, and the request goes on:
 // the record is for access reviews, not for access.
+//
+// The time read is the database's and the one compared with is this
+// instance's: a gateway clock ahead of the database's would pass the check
+// at every lookup, so the instance also skips tokens it wrote itself within
+// the resolution. The write has its own short deadline: the lookup's may
+// be spent, and a database that takes reads but not writes (a failover)
+// must not hold requests for long.
 func (s *Server) recordUse(ctx context.Context, tok *fleet.Token) {
-	if tok.LastUsedAt != nil && time.Since(*tok.LastUsedAt) < fleet.TokenUseResolution {
+	now := time.Now()
+	if tok.LastUsedAt != nil && now.Sub(*tok.LastUsedAt) < fleet.TokenUseResolution {
 		return
 	}
+	if at, ok := s.usedAt.Load(tok.ID); ok && now.Sub(at.(time.Time)) < fleet.TokenUseResolution {
+		return
+	}
+	s.usedAt.Store(tok.ID, now)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), tokenUseTimeout)
+	defer cancel()
 	if err := s.store.TokenUsed(ctx, tok.ID); err != nil && logDue(&s.useLogged, 10*time.Second) {
 		s.log.Warn("could not record a token's use (its last_used_at lags; requests go on)", "token", tok.ID, "err", err)
 	}
 }
+
+// tokenUseTimeout bounds recordUse's write.
+const tokenUseTimeout = 500 * time.Millisecond
 
 var (
 	fleetRoles = []string{fleet.RoleAdmin, fleet.RoleOperator}

@@ -36,6 +36,16 @@ func TestTokenUseRecorded(t *testing.T) {
 	if want := []string{"t-never", "t-old"}; !slices.Equal(st.used, want) {
 		t.Errorf("uses recorded for %v, want %v", st.used, want)
 	}
+	// Checked in the database again, "old" still reads as used two minutes
+	// ago (as it would with this gateway's clock ahead of the database's):
+	// this instance wrote it a moment ago, and does not again.
+	s.tokens.reset()
+	if a := call(t, s, "GET", "/v1/sites/a", "old"); a.status != http.StatusOK {
+		t.Fatalf("GET with old again: %d %s", a.status, a.raw)
+	}
+	if want := []string{"t-never", "t-old"}; !slices.Equal(st.used, want) {
+		t.Errorf("after a second check of old: uses recorded for %v, want %v", st.used, want)
+	}
 
 	var logs bytes.Buffer
 	st = &fakeStore{sites: []fleet.Site{{ID: "a"}}, usedErr: errors.New("read-only transaction")}
