@@ -100,6 +100,13 @@ func (s *orderStore) LateCollectionAt(_ context.Context, deviceID string, n int,
 	return &p, *s.lateUsed, nil
 }
 
+func (s *orderStore) LateCollectionOf(ctx context.Context, id string) (*Pickup, time.Time, error) {
+	if id != s.p.ID {
+		return nil, time.Time{}, fleet.ErrNotFound
+	}
+	return s.LateCollectionAt(ctx, s.p.Locker, s.p.Compartment, s.p.CreatedAt)
+}
+
 func (s *orderStore) JudgeLateCollection(context.Context, string) error {
 	if s.fail(&s.judgeFails) {
 		return errDown

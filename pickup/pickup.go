@@ -294,6 +294,9 @@ type Store interface {
 	// broker a closing and the use before it are applied by different
 	// instances, in either order.
 	LateCollectionAt(ctx context.Context, deviceID string, n int, at time.Time) (*Pickup, time.Time, error)
+	// LateCollectionOf is LateCollectionAt for pickup id: it when expired,
+	// marked collected and not judged since; fleet.ErrNotFound otherwise.
+	LateCollectionOf(ctx context.Context, id string) (*Pickup, time.Time, error)
 	// JudgeLateCollection records that the first closing after an expired
 	// pickup's late-reported use did not end it (the order left inside, or
 	// the door closed past CollectGrace): LateCollectionAt no longer

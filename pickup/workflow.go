@@ -322,9 +322,11 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			s.log.Info("door closing judged again: the code used before it was applied after it",
 				"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "event", closings[0].EventID)
 			// Judged as of the code's arrival, which marked it collected,
-			// against the pickup the closing was about when it came: a
-			// new order may have taken the compartment it freed since.
-			if err := s.lateCollection(ctx, deviceID, closed, closings[0].ReceivedAt, at); err != nil {
+			// against this pickup: a new order may have taken the
+			// compartment the closing freed since.
+			if err := s.lateCollection(ctx, deviceID, closed, func(ctx context.Context) (*Pickup, time.Time, error) {
+				return s.o.Store.LateCollectionOf(ctx, p.ID)
+			}, at); err != nil {
 				return true, err
 			}
 		}
@@ -339,14 +341,21 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 // closed with the order inside, it stays expired and the alert stands.
 // Closings after the use that were applied while the pickup was still
 // ready (out of the locker's order) raised pickup_removed without the
-// code: those alerts are withdrawn with the pickup_expired one. The
-// closing is about the last pickup created at its compartment by its
-// arrival, received; at dates the transition.
-func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, received, at time.Time) error {
+// code: those alerts are withdrawn with the pickup_expired one. find
+// returns the pickup the closing is about, with the use's time (nil: the
+// last pickup created at its compartment by at, its arrival); at dates the
+// transition.
+func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event,
+	find func(context.Context) (*Pickup, time.Time, error), at time.Time) error {
+	if find == nil {
+		find = func(ctx context.Context) (*Pickup, time.Time, error) {
+			return s.o.Store.LateCollectionAt(ctx, deviceID, ev.Compartment, at)
+		}
+	}
 	var p *Pickup
 	var used time.Time
 	err := s.retry(ctx, "late_collection", func(ctx context.Context) (err error) {
-		p, used, err = s.o.Store.LateCollectionAt(ctx, deviceID, ev.Compartment, received)
+		p, used, err = find(ctx)
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
@@ -464,7 +473,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return s.lateCollection(ctx, deviceID, ev, at, at)
+		return s.lateCollection(ctx, deviceID, ev, nil, at)
 	}
 	if err != nil {
 		return err
@@ -472,13 +481,13 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if at.Before(p.CreatedAt) {
 		// A closing from before this pickup existed (an event offered
 		// again after a stop): it was about the compartment's last order.
-		return s.lateCollection(ctx, deviceID, ev, at, at)
+		return s.lateCollection(ctx, deviceID, ev, nil, at)
 	}
 	if old, err := s.closedBeforeCreated(ctx, p, ev); err != nil {
 		return err
 	} else if old {
 		// The same, held back by the locker and dated so by its clock.
-		return s.lateCollection(ctx, deviceID, ev, at, at)
+		return s.lateCollection(ctx, deviceID, ev, nil, at)
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID

@@ -890,6 +890,14 @@ func (db *DB) LateCollectionAt(ctx context.Context, deviceID string, n int, at t
 	return p, used, err
 }
 
+// LateCollectionOf implements pickup.Store.
+func (db *DB) LateCollectionOf(ctx context.Context, id string) (*pickup.Pickup, time.Time, error) {
+	var used time.Time
+	p, err := scanPickup(scanAlso{db.pool.QueryRow(ctx, `SELECT `+pickupCols+`, collected_ts FROM pickups
+		WHERE id = $1 AND state = 'expired' AND collected_ts IS NOT NULL`, id), []any{&used}})
+	return p, used, err
+}
+
 // JudgeLateCollection implements pickup.Store.
 func (db *DB) JudgeLateCollection(ctx context.Context, id string) error {
 	_, err := db.pool.Exec(ctx, `UPDATE pickups SET collected_ts = NULL WHERE id = $1 AND state = 'expired'`, id)

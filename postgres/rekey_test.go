@@ -567,6 +567,13 @@ func TestUseExpiredCredential(t *testing.T) {
 	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); err != nil || p.ID != a.ID {
 		t.Fatalf("closing from before the later pickup: %+v %v, want %s", p, err, a.ID)
 	}
+	// By its id, whatever pickup came after it.
+	if p, when, err := e.db.LateCollectionOf(ctx, a.ID); err != nil || p.ID != a.ID || when.IsZero() {
+		t.Fatalf("LateCollectionOf(%s): %+v %v %v", a.ID, p, when, err)
+	}
+	if p, _, err := e.db.LateCollectionOf(ctx, d.ID); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("LateCollectionOf a pickup not collected late: %+v %v, want ErrNotFound", p, err)
+	}
 	// Picked up by its closing; the use offered again after that (a stop
 	// before its event left the outbox) is still this use.
 	if _, err := e.db.Transition(ctx, a.ID, []string{pickup.Expired}, pickup.PickedUp, "test", "", time.Now(), nil); err != nil {
@@ -577,6 +584,9 @@ func TestUseExpiredCredential(t *testing.T) {
 	}
 	if p, _, err := e.db.LateCollectionAt(ctx, e.id, a.Compartment, at); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("closing of the pickup picked up: %+v %v, want ErrNotFound", p, err)
+	}
+	if p, _, err := e.db.LateCollectionOf(ctx, a.ID); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("LateCollectionOf the pickup picked up: %+v %v, want ErrNotFound", p, err)
 	}
 	if n := e.uses(); n != 1 {
 		t.Fatalf("%d credential.use entries, want 1", n)
