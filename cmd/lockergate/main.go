@@ -32,11 +32,14 @@ func main() {
 	os.Exit(code)
 }
 
-const usage = `usage: lockergate [serve|demo] [flags]
+// commands is the head of every usage message.
+const commands = `usage: lockergate [serve|demo] [flags]
 
   serve   run the gateway (the default)
   demo    run the gateway with a simulated fleet on the embedded defaults
+`
 
+const usage = commands + `
 Run "lockergate serve -h" or "lockergate demo -h" for flags.
 `
 
@@ -103,7 +106,7 @@ func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int)
 	fs.Usage = func() {
 		// The commands first: "lockergate -h" is serve's flags, and the
 		// demo is easily missed without them.
-		fmt.Fprintf(stderr, "%s\nFlags of lockergate %s:\n", usage, cmd)
+		fmt.Fprintf(stderr, "%s\nFlags of lockergate %s:\n", commands, cmd)
 		fs.PrintDefaults()
 	}
 	var o gateway.Options
