@@ -302,3 +302,42 @@ func TestAttemptRecordedThroughADatabaseBlip(t *testing.T) {
 		t.Fatal("the delivery is still pending")
 	}
 }
+
+// TestRetryWaitsFromTheAttemptsEnd: the next attempt after a failure is
+// due a back-off after the attempt ended, not after it began: a receiver
+// that takes 10 s to fail (a hang until the timeout) is not tried again at
+// once.
+func TestRetryWaitsFromTheAttemptsEnd(t *testing.T) {
+	fail := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusInternalServerError) }))
+	defer fail.Close()
+	key := bytes.Repeat([]byte{1}, 32)
+	seal, err := newSealer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	mem := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: fail.URL}}, enc: map[string][]byte{"wh-1": seal.seal("whsec_x", "wh-1")},
+		leased: map[int64]time.Time{}, tried: map[int64][]Outcome{},
+		ds: []Delivery{{Seq: 1, WebhookID: "wh-1", EventID: "ev", Subject: "p-1", Body: []byte(`{}`), State: "pending", NextAttempt: t0, CreatedAt: t0}}}
+	// The clock reads t0 as the attempt starts and 10 s later after it.
+	var reads atomic.Int32
+	clock := func() time.Time {
+		if reads.Add(1) == 1 {
+			return t0
+		}
+		return t0.Add(10 * time.Second)
+	}
+	d, err := New(Options{Store: mem, MasterKey: key, AllowPrivate: true, PollInterval: time.Hour, BackoffBase: 4 * time.Second, Now: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.deliver(context.Background(), &mem.ds[0])
+	got := mem.tried[1]
+	if len(got) != 1 || got[0].Delivered || got[0].Duration != 10*time.Second {
+		t.Fatalf("recorded %+v, want one failed attempt of 10 s", got)
+	}
+	// The first retry waits 2-4 s (base 4 s, jittered to 50-100 %).
+	if next := got[0].Next; next.Before(t0.Add(12*time.Second)) || next.After(t0.Add(14*time.Second)) {
+		t.Fatalf("next attempt at +%v, want 12-14 s after the start: 2-4 s after the attempt ended", next.Sub(t0))
+	}
+}

@@ -361,12 +361,15 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	if err != nil {
 		o.Error = err.Error()
 	}
-	o.Duration = d.o.Now().Sub(start)
+	end := d.o.Now()
+	o.Duration = end.Sub(start)
 	d.m.latency.Observe(o.Duration.Seconds())
 	outcome := "delivered"
 	if !o.Delivered {
-		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
-			o.Next = start.Add(d.backoff(dl.Attempts + 1))
+		if end.Sub(dl.CreatedAt) < d.o.RetryFor {
+			// From the attempt's end: a receiver that hangs until the
+			// timeout gets the whole wait too, not a retry at once.
+			o.Next = end.Add(d.backoff(dl.Attempts + 1))
 			outcome = "retry"
 		} else {
 			outcome = "given_up"
