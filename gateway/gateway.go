@@ -524,7 +524,8 @@ loop:
 	if err := <-fleetDone; err != nil && runErr == nil {
 		runErr = err
 	}
-	g.log.Info("queued writes flushed", "took", time.Since(start).Round(time.Millisecond))
+	// Writes the database did not take in time are logged (lost) above.
+	g.log.Info("queued writes done", "took", time.Since(start).Round(time.Millisecond))
 	return runErr
 }
 

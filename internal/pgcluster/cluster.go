@@ -35,10 +35,17 @@ const (
 	maxSocketPath = 107
 	// readyTimeout bounds crash recovery plus start-up.
 	readyTimeout = 60 * time.Second
-	// stopTimeout bounds a fast shutdown before falling back to an immediate one.
-	stopTimeout = 30 * time.Second
 	// tailLines is how much of the server log goes into an error.
 	tailLines = 20
+)
+
+// stopTimeout bounds a fast shutdown before falling back to an immediate
+// one, and killTimeout the immediate one before the server's processes are
+// killed (a server that does not run at all: stopped, or hung in the
+// kernel). Variables for the tests.
+var (
+	stopTimeout = 30 * time.Second
+	killTimeout = 10 * time.Second
 )
 
 // Options configure a private cluster.
@@ -452,7 +459,22 @@ func (c *Cluster) stop() error {
 		if err := p.cmd.Process.Signal(syscall.SIGQUIT); err != nil && !errors.Is(err, os.ErrProcessDone) {
 			return fmt.Errorf("stop PostgreSQL (pid %d): %w", p.cmd.Process.Pid, err)
 		}
-		<-p.done
+		kill := time.NewTimer(killTimeout)
+		defer kill.Stop()
+		select {
+		case <-p.done:
+		case <-kill.C:
+			// Its process group: the postmaster and every backend (an
+			// orphaned one holds the shared memory, and the next start
+			// would wait for it). The next start recovers from the WAL.
+			c.logger.Error("PostgreSQL did not finish an immediate shutdown either: killing its processes (the next start recovers from its log)",
+				"pid", p.cmd.Process.Pid, "waited", killTimeout)
+			if err := syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+				return fmt.Errorf("stop PostgreSQL (kill process group %d): %w", p.cmd.Process.Pid, err)
+			}
+			<-p.done
+			return fmt.Errorf("stop PostgreSQL: killed after %v of fast and %v of immediate shutdown", stopTimeout, killTimeout)
+		}
 	}
 	if err := p.err(); err != nil {
 		return fmt.Errorf("stop PostgreSQL: %w; %s", err, logTail(c.logPath, c.logOffset, tailLines))
