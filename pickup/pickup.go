@@ -70,6 +70,11 @@ type Pickup struct {
 	// online but was not heard from lately (every locker with room at the
 	// site was so); its staging unlock may go unanswered.
 	LockerSilent bool `json:"locker_silent,omitempty"`
+	// LockerClockSkewed, in the answer to its creation only: the locker's
+	// clock is off (an open clock_skew alert; every locker with room at the
+	// site was so), and it judges the staging unlock's expires_at and the
+	// code's not_after by it.
+	LockerClockSkewed bool `json:"locker_clock_skewed,omitempty"`
 	// Withdrawn is the status its staging unlock ended in (expired or
 	// timed_out) when the transition that returned it withdrew that unlock
 	// (Store.Transition); "" otherwise.

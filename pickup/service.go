@@ -185,6 +185,10 @@ func (s *Service) Create(ctx context.Context, p *Pickup) error {
 		s.log.Warn("pickup allocated at a locker not heard from lately (no other had room): its staging unlock may go unanswered",
 			"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment, "silent_after", s.o.SilentAfter)
 	}
+	if p.LockerClockSkewed {
+		s.log.Warn("pickup allocated at a locker whose clock is off (no other had room): it may refuse the staging unlock, or take the code late",
+			"pickup", p.ID, "locker", p.Locker, "compartment", p.Compartment)
+	}
 	s.m.state.WithLabelValues(Staging).Inc()
 	s.stage(ctx, p)
 	return nil

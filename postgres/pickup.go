@@ -87,9 +87,14 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	// Lockers tried in this call are not candidates again: one whose free
 	// compartment another transaction holds would be found again and again.
 	// Lockers heard from since $6 come first: one online but silent (its
-	// firmware may be hung) is chosen only when no other has room.
-	candidate := `SELECT c.device_id, NOT coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false)` + free + ` AND c.device_id <> ALL($5::text[])
-		ORDER BY 2, ` + smallest
+	// firmware may be hung) is chosen only when no other has room; so is
+	// one with an open clock_skew alert (it judges the staging unlock's
+	// expires_at, and the code's not_after, by a clock that is off: one
+	// ahead refuses the unlock, one behind takes the code after it ends).
+	silent := `NOT coalesce($6::timestamptz IS NULL OR d.last_seen >= $6, false)`
+	skewed := `EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = d.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL)`
+	candidate := `SELECT c.device_id, ` + silent + `, ` + skewed + free + ` AND c.device_id <> ALL($5::text[])
+		ORDER BY ` + silent + ` OR ` + skewed + `, ` + smallest
 	// The same, at one locker, under its lock: what the lock's last holder
 	// committed is counted. Compartments in $6 are left out: an unlock of
 	// each may still fire (firing, below).
@@ -106,7 +111,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	tried := []string{} // not nil: <> ALL(NULL) is never true
 	for attempt := 0; ; attempt++ {
 		err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker, &p.LockerSilent); errors.Is(err, pgx.ErrNoRows) {
+			if err := tx.QueryRow(ctx, candidate, p.Site, p.Zone, p.Size, pickup.MaxLivePerLocker, tried, heard).Scan(&p.Locker, &p.LockerSilent, &p.LockerClockSkewed); errors.Is(err, pgx.ErrNoRows) {
 				return pickup.ErrNoCompartment
 			} else if err != nil {
 				return err

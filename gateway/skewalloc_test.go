@@ -1,0 +1,57 @@
+package gateway_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestAllocationAvoidsSkewedClocks: a locker whose clock is off (an open
+// clock_skew alert) would refuse the staging unlock (ahead) or take a code
+// after it ends (behind): new pickups go to a locker with a right clock
+// while it has room, and only then to the skewed one, saying so.
+func TestAllocationAvoidsSkewedClocks(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 2)
+	birth := func(serial string, ahead time.Duration) string {
+		t.Helper()
+		r := MustProvision(t, tg, claim, serial)
+		c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+		MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanPresence), true,
+			fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.0.0","model":"LX-4","boot_id":"b-1"}`, protocol.FormatTime(time.Now().Add(ahead))))
+		waitOnline(t, tg, r.DeviceID, true)
+		return r.DeviceID
+	}
+	skewed, right := birth("SN-SKEW-1", 3*time.Hour), birth("SN-SKEW-2", 0)
+	Eventually(t, 10*time.Second, "the clock_skew alert", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'clock_skew' AND device_id = $1 AND cleared_at IS NULL`, skewed); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
+	create := func(ref string) pickup.Pickup {
+		t.Helper()
+		var p pickup.Pickup
+		if err := store.Post(ctx, "/v1/pickups", map[string]any{"site": "s1", "order_ref": ref, "size": "S", "zone": "ambient",
+			"recipient": map[string]string{"kind": "customer"}}, &p); err != nil {
+			t.Fatalf("create %s: %v", ref, err)
+		}
+		return p
+	}
+	// Each LX-4 has two ambient compartments (S and M): the right clock's
+	// both go first, though the skewed one's S is smaller than its M.
+	for _, ref := range []string{"SK-1", "SK-2"} {
+		if p := create(ref); p.Locker != right || p.LockerClockSkewed {
+			t.Fatalf("%s went to %s (clock skewed: %v), want %s, whose clock is right", ref, p.Locker, p.LockerClockSkewed, right)
+		}
+	}
+	if p := create("SK-3"); p.Locker != skewed || !p.LockerClockSkewed {
+		t.Fatalf("SK-3 went to %s (clock skewed: %v), want %s, the one left, said to be skewed", p.Locker, p.LockerClockSkewed, skewed)
+	}
+}
