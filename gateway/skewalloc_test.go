@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -15,7 +16,6 @@ import (
 // after it ends (behind): new pickups go to a locker with a right clock
 // while it has room, and only then to the skewed one, saying so.
 func TestAllocationAvoidsSkewedClocks(t *testing.T) {
-	ctx := context.Background()
 	tg := MustStart(t)
 	claim := tg.MustSiteAndClaim(t, "s1", 2)
 	birth := func(serial string, ahead time.Duration) string {
@@ -35,15 +35,7 @@ func TestAllocationAvoidsSkewedClocks(t *testing.T) {
 		return nil
 	})
 	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
-	create := func(ref string) pickup.Pickup {
-		t.Helper()
-		var p pickup.Pickup
-		if err := store.Post(ctx, "/v1/pickups", map[string]any{"site": "s1", "order_ref": ref, "size": "S", "zone": "ambient",
-			"recipient": map[string]string{"kind": "customer"}}, &p); err != nil {
-			t.Fatalf("create %s: %v", ref, err)
-		}
-		return p
-	}
+	create := func(ref string) pickup.Pickup { return customerPickup(t, store, "s1", ref) }
 	// Each LX-4 has two ambient compartments (S and M): the right clock's
 	// both go first, though the skewed one's S is smaller than its M.
 	for _, ref := range []string{"SK-1", "SK-2"} {
@@ -54,4 +46,16 @@ func TestAllocationAvoidsSkewedClocks(t *testing.T) {
 	if p := create("SK-3"); p.Locker != skewed || !p.LockerClockSkewed {
 		t.Fatalf("SK-3 went to %s (clock skewed: %v), want %s, the one left, said to be skewed", p.Locker, p.LockerClockSkewed, skewed)
 	}
+}
+
+// customerPickup creates a customer's size S ambient pickup ref at site
+// with c.
+func customerPickup(t *testing.T, c *client.Client, site, ref string) pickup.Pickup {
+	t.Helper()
+	var p pickup.Pickup
+	if err := c.Post(context.Background(), "/v1/pickups", map[string]any{"site": site, "order_ref": ref, "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "customer"}}, &p); err != nil {
+		t.Fatalf("create %s: %v", ref, err)
+	}
+	return p
 }

@@ -27,11 +27,7 @@ func TestStagingFailedAlert(t *testing.T) {
 	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
 	create := func(ref string) pickup.Pickup {
 		t.Helper()
-		var p pickup.Pickup
-		if err := store.Post(ctx, "/v1/pickups", map[string]any{"site": "s1", "order_ref": ref, "size": "S", "zone": "ambient",
-			"recipient": map[string]string{"kind": "customer"}}, &p); err != nil {
-			t.Fatalf("create %s: %v", ref, err)
-		}
+		p := customerPickup(t, store, "s1", ref)
 		wantCommand(t, got, p.CommandID, ref+"'s staging unlock")
 		return p
 	}
