@@ -194,6 +194,15 @@ func Rules() []Rule {
 				"3. The alert clears at the locker's next connect with its clock right (a reboot command reconnects it).",
 		},
 		{
+			Alert: "LockergateCredentialsNotApplied", Severity: "warning", For: "5m",
+			Expr:        `max by (job) (lockergate_alerts_open{kind="creds_not_applied"}) > 0`,
+			Summary:     "Lockers do not apply their pickup codes",
+			Description: "At least one locker did not acknowledge its credential set after five republishes: codes made since the last set it applied do not open it, so drivers and customers stand at a locker that refuses them.",
+			Runbook: "1. Which lockers: GET /v1/alerts?kind=creds_not_applied&open=true; GET /v1/lockers/{id} shows creds_version against creds_acked.\n" +
+				"2. One locker: restart it (a reboot command, or power): it gets its set at the next connect. Many of one model or firmware: its creds handling is broken (protocol.md, credentials).\n" +
+				"3. The alert clears when the locker acknowledges its current set.",
+		},
+		{
 			Alert: "LockergateCredentialGuessing", Severity: "warning", For: "10m",
 			Expr:        `sum by (job) (rate(lockergate_mqtt_auth_failures_total{reason=~"bad_credentials|unknown_device|client_id_mismatch|unknown_claim"}[5m])) > 1`,
 			Summary:     "MQTT CONNECTs with wrong credentials keep arriving",

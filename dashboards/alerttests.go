@@ -183,6 +183,14 @@ func RuleTests() []RuleTest {
 			Evals: []Eval{quiet("10m", "LockergateLockerClocksWrong"), fires("20m", "LockergateLockerClocksWrong", jobOnly())},
 		},
 		{
+			Name: "A locker does not apply its credential sets for 10 minutes; a clock_skew does not count.",
+			Series: []Series{
+				{`lockergate_alerts_open{` + testTarget + `, kind="creds_not_applied"}`, "0 1x30"},
+				{`lockergate_alerts_open{` + testTarget + `, kind="clock_skew"}`, "3x30"},
+			},
+			Evals: []Eval{quiet("4m", "LockergateCredentialsNotApplied"), fires("10m", "LockergateCredentialsNotApplied", jobOnly())},
+		},
+		{
 			Name: "Two refused CONNECTs a second with bad credentials; backend errors do not count.",
 			Series: []Series{
 				{`lockergate_mqtt_auth_failures_total{` + testTarget + `, reason="bad_credentials"}`, "0+120x30"},

@@ -317,7 +317,15 @@ func TestPublishToClosedBusNotRetried(t *testing.T) {
 // lagStore has lockers "a" and "b" behind on credential set 2 for ever,
 // and a window of one: CredsBehind returns the first by id not skipped,
 // as a full window of 500 lockers that never acknowledge would.
-type lagStore struct{ *fakeStore }
+type lagStore struct {
+	*fakeStore
+	raised []Alert
+}
+
+func (s *lagStore) RaiseAlert(_ context.Context, a Alert) (bool, error) {
+	s.raised = append(s.raised, a)
+	return true, nil
+}
 
 func (s *lagStore) CredsBehind(_ context.Context, _ int, skip []CredsLag) ([]CredsLag, error) {
 	for _, id := range []string{"a", "b"} {
@@ -337,12 +345,17 @@ func (s *lagStore) Retained(context.Context, string) (*Retained, error) {
 // of lockers behind, so one after them still gets its set again.
 func TestCredsReconcilerNotStarvedByLockersThatNeverAck(t *testing.T) {
 	bus := &fakeBus{}
-	m, err := New(Options{Store: &lagStore{fakeStore: newFakeStore()}, Bus: bus, Logger: slog.New(slog.DiscardHandler)})
+	st := &lagStore{fakeStore: newFakeStore()}
+	m, err := New(Options{Store: st, Bus: bus, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for range credsRepublishTries + 3 {
 		m.reconcileCreds(context.Background())
+	}
+	// Given up on, a is an alert for staff: once, when the tries ran out.
+	if len(st.raised) != 1 || st.raised[0].DeviceID != "a" || st.raised[0].Kind != AlertCredsNotApplied {
+		t.Errorf("alerts raised %+v, want one creds_not_applied for a", st.raised)
 	}
 	bus.mu.Lock()
 	defer bus.mu.Unlock()

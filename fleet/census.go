@@ -2,6 +2,7 @@ package fleet
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -26,7 +27,7 @@ type Census struct {
 
 // StatefulAlerts are the alert kinds that clear when their condition ends,
 // so that an open count means "now" (the others stay open for a person).
-var StatefulAlerts = []string{AlertDoorAjar, AlertDoorFault, AlertOnBattery, AlertClockSkew}
+var StatefulAlerts = []string{AlertDoorAjar, AlertDoorFault, AlertOnBattery, AlertClockSkew, AlertCredsNotApplied}
 
 // DefaultCensusInterval is how often the census gauges are refreshed.
 const DefaultCensusInterval = 15 * time.Second
@@ -120,6 +121,9 @@ func (m *Manager) reconcileCreds(ctx context.Context) {
 				if cur.tries == credsRepublishTries {
 					m.log.Warn("locker does not acknowledge its credential set; republishing stops until it changes",
 						"locker", l.DeviceID, "version", l.Version, "tries", cur.tries)
+					m.alert(ctx, Alert{DeviceID: l.DeviceID, Kind: AlertCredsNotApplied, RaisedAt: m.now(),
+						Detail: fmt.Sprintf("the locker has not acknowledged its credential set (version %d) after %d republishes: "+
+							"codes made since the last set it applied do not open it; check its firmware, or restart it", l.Version, cur.tries)})
 				}
 			}
 		}

@@ -169,12 +169,16 @@ const (
 	// AlertClockSkew: a locker's clock is further than
 	// Options.MaxClockSkew from the gateway's.
 	AlertClockSkew = "clock_skew"
+	// AlertCredsNotApplied: a locker did not acknowledge its credential
+	// set after credsRepublishTries republishes (reconcileCreds); cleared
+	// when it acknowledges its current one.
+	AlertCredsNotApplied = "creds_not_applied"
 )
 
 // AlertKinds are the kinds the fleet manager raises (the pickup workflow
 // raises pickup.AlertKinds, among them AlertStagedEmpty and
 // AlertPickupExpired).
-var AlertKinds = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout, AlertClockSkew}
+var AlertKinds = []string{AlertDoorAjar, AlertTamper, AlertOnBattery, AlertDoorFault, AlertCodeLockout, AlertClockSkew, AlertCredsNotApplied}
 
 // Alert is something an operator or store should look at.
 type Alert struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -66,6 +67,25 @@ func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 	if l.CredsCurrent {
 		t.Fatal("creds_current true for a locker that never acknowledged")
 	}
+	// Staff are told: the codes made since its last set do not open it.
+	openAlert := func() (int, string) {
+		var n int
+		var detail string
+		if err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*), coalesce(max(detail), '') FROM alerts WHERE device_id = $1
+			AND kind = 'creds_not_applied' AND cleared_at IS NULL`, r.DeviceID).Scan(&n, &detail); err != nil {
+			t.Fatal(err)
+		}
+		return n, detail
+	}
+	Eventually(t, 10*time.Second, "the creds_not_applied alert", func() error {
+		if n, _ := openAlert(); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+	if _, detail := openAlert(); !strings.Contains(detail, "after 5 republishes") {
+		t.Errorf("alert detail %q, want the tries", detail)
+	}
 
 	// A change publishes a new set, which the locker acknowledges: current,
 	// and nothing more is republished.
@@ -98,6 +118,13 @@ func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 		}
 		return nil
 	})
+	// Current again: its alert is cleared by the gateway.
+	if n, _ := openAlert(); n != 0 {
+		t.Fatalf("%d creds_not_applied alerts open once the locker acknowledged its set, want none", n)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'creds_not_applied' AND cleared_by = 'gateway'`, r.DeviceID); n != 1 {
+		t.Fatalf("%d creds_not_applied alerts cleared by the gateway, want 1", n)
+	}
 	after, _ := tg.Metric("lockergate_creds_republished_total")
 	n := received()
 	// Ten censuses: a locker still behind would have had its set again.

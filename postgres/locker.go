@@ -319,11 +319,17 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 	return db.RecordBirths(ctx, []fleet.BirthRecord{{ID: id, Presence: p, At: at, ClearSkew: clearSkew}})
 }
 
-// ackCredsManySQL records acknowledged credential sets ($1 ids, $2 versions).
-const ackCredsManySQL = `WITH ` + lockDevicesCTE + `
-		UPDATE devices d SET creds_acked = a.version
-		FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id
-		WHERE d.id = a.id AND d.id = ANY($1::text[])`
+// ackCredsManySQL records acknowledged credential sets ($1 ids, $2 versions)
+// and clears the creds_not_applied alert of each locker that acknowledged
+// its current set (an index probe of the open-alert index each).
+const ackCredsManySQL = `WITH ` + lockDevicesCTE + `,
+		acked AS (UPDATE devices d SET creds_acked = a.version
+			FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id
+			WHERE d.id = a.id AND d.id = ANY($1::text[])
+			RETURNING d.id, d.creds_acked = d.creds_version AS current)
+		UPDATE alerts SET cleared_at = now(), cleared_by = 'gateway'
+		FROM acked WHERE acked.current AND alerts.device_id = acked.id
+			AND alerts.kind = '` + fleet.AlertCredsNotApplied + `' AND alerts.cleared_at IS NULL`
 
 // AckCredsMany implements fleet.Store, locking its lockers' rows in order
 // (lockDevicesCTE): the version each locker acknowledged last, not the highest it ever did. A locker applies each set it gets, so
@@ -786,7 +792,7 @@ func raiseAlert(ctx context.Context, q interface {
 // openOnceKinds are the alert kinds of which a locker's compartment has at
 // most one open (the alerts_open index, migration 023): one raised again
 // while open adds to it (repeats, last_raised_at, the latest detail).
-const openOnceKinds = `'door_ajar', 'on_battery', 'door_fault', 'clock_skew', 'tamper', 'code_lockout'`
+const openOnceKinds = `'door_ajar', 'on_battery', 'door_fault', 'clock_skew', 'tamper', 'code_lockout', 'creds_not_applied'`
 
 // raiseAlertSQL opens an alert and, in the same statement, queues an
 // alert.raised event to the webhooks that asked for it in its scope (admin
