@@ -321,7 +321,9 @@ func TestRunScenarioFileForItsDuration(t *testing.T) {
 // signal.
 func TestRunScenarioWithoutTimeScale(t *testing.T) {
 	runScenarioFor(t, `{"name":"two-seconds","duration":"2s","seed":9,"fleet":{"lockers":1},"expect":{"all_connected":true}}`,
-		func(rep report) bool { return rep.Scenario == "two-seconds" && rep.DurationS >= 1.5 && rep.DurationS <= 20 })
+		func(rep report) bool {
+			return rep.Scenario == "two-seconds" && rep.DurationS >= 1.5 && rep.DurationS <= 20
+		})
 }
 
 // runScenarioFor runs scenario sc (JSON) against a test gateway, which
