@@ -173,9 +173,9 @@ func ExpiredAlert(p *Pickup) fleet.Alert {
 }
 
 // CancelledAlert is the alert that tells staff to take out the order of
-// pickup p, cancelled by actor (p.DoneAt): every pickup's compartment was
-// opened for its order, which a ready pickup's holds, and a staging one's
-// may (staff may be loading it, or close it in later). Nothing else would
+// pickup p, cancelled by actor (p.DoneAt), raised when its compartment may
+// hold it: a ready pickup's does, and a staging one's may when an unlock
+// opened it for loading or may have (Store.Transition). Nothing else would
 // tell them: the compartment, occupied, is allocated to no other order, and
 // a closing with the order inside finds no pickup to make ready.
 func CancelledAlert(p *Pickup, actor string) fleet.Alert {
@@ -224,7 +224,10 @@ type Store interface {
 	// the returned pickup's Withdrawn says which).
 	// fleet.ErrConflict when the pickup is in none of from, or, to Expired
 	// or Cancelled, while it is being collected (CollectGrace). To Expired
-	// it raises the pickup's ExpiredAlert in the same transaction.
+	// it raises the pickup's ExpiredAlert in the same transaction; to
+	// Cancelled its CancelledAlert, when it was ready or an unlock of its
+	// compartment since it was made was answered ok or sent unanswered.
+	// The returned pickup's Alerted names the kind raised.
 	Transition(ctx context.Context, id string, from []string, to, actor, detail string, at time.Time, ev *Event) (*Pickup, error)
 	// MintCredential stores c for the pickups, retiring their previous
 	// credentials and any of the locker's that opens no live pickup, and

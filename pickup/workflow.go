@@ -324,9 +324,9 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			// Judged as of the code's arrival, which marked it collected,
 			// against this pickup: a new order may have taken the
 			// compartment the closing freed since.
-			if err := s.lateCollection(ctx, deviceID, closed, func(ctx context.Context) (*Pickup, time.Time, error) {
+			if err := s.judgeLateClosing(ctx, deviceID, closed, at, func(ctx context.Context) (*Pickup, time.Time, error) {
 				return s.o.Store.LateCollectionOf(ctx, p.ID)
-			}, at); err != nil {
+			}); err != nil {
 				return true, err
 			}
 		}
@@ -341,17 +341,19 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 // closed with the order inside, it stays expired and the alert stands.
 // Closings after the use that were applied while the pickup was still
 // ready (out of the locker's order) raised pickup_removed without the
-// code: those alerts are withdrawn with the pickup_expired one. find
-// returns the pickup the closing is about, with the use's time (nil: the
-// last pickup created at its compartment by at, its arrival); at dates the
-// transition.
-func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event,
-	find func(context.Context) (*Pickup, time.Time, error), at time.Time) error {
-	if find == nil {
-		find = func(ctx context.Context) (*Pickup, time.Time, error) {
-			return s.o.Store.LateCollectionAt(ctx, deviceID, ev.Compartment, at)
-		}
-	}
+// code: those alerts are withdrawn with the pickup_expired one. The
+// closing, arrived at at, is about the last pickup created at its
+// compartment by then.
+func (s *Service) lateCollection(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time) error {
+	return s.judgeLateClosing(ctx, deviceID, ev, at, func(ctx context.Context) (*Pickup, time.Time, error) {
+		return s.o.Store.LateCollectionAt(ctx, deviceID, ev.Compartment, at)
+	})
+}
+
+// judgeLateClosing is lateCollection for the pickup find returns, with the
+// use's time; at dates the transition.
+func (s *Service) judgeLateClosing(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time,
+	find func(context.Context) (*Pickup, time.Time, error)) error {
 	var p *Pickup
 	var used time.Time
 	err := s.retry(ctx, "late_collection", func(ctx context.Context) (err error) {
@@ -473,7 +475,7 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return s.lateCollection(ctx, deviceID, ev, nil, at)
+		return s.lateCollection(ctx, deviceID, ev, at)
 	}
 	if err != nil {
 		return err
@@ -481,13 +483,13 @@ func (s *Service) doorClosed(ctx context.Context, deviceID string, ev *protocol.
 	if at.Before(p.CreatedAt) {
 		// A closing from before this pickup existed (an event offered
 		// again after a stop): it was about the compartment's last order.
-		return s.lateCollection(ctx, deviceID, ev, nil, at)
+		return s.lateCollection(ctx, deviceID, ev, at)
 	}
 	if old, err := s.closedBeforeCreated(ctx, p, ev); err != nil {
 		return err
 	} else if old {
 		// The same, held back by the locker and dated so by its clock.
-		return s.lateCollection(ctx, deviceID, ev, nil, at)
+		return s.lateCollection(ctx, deviceID, ev, at)
 	}
 	occupied := ev.Occupied != nil && *ev.Occupied
 	actor := "locker:" + deviceID
@@ -628,7 +630,7 @@ func (s *Service) StagingUnlockEnded(ctx context.Context, c *fleet.Command) {
 		return
 	}
 	status := c.Status
-	if c.TimedOut || status == fleet.CmdTimedOut {
+	if status == fleet.CmdTimedOut {
 		status = "unanswered"
 	}
 	if c.Error != "" {
