@@ -449,21 +449,13 @@ func (c *Cluster) stop() error {
 	if err := p.cmd.Process.Signal(syscall.SIGINT); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("stop PostgreSQL (pid %d): %w", p.cmd.Process.Pid, err)
 	}
-	timer := time.NewTimer(stopTimeout)
-	defer timer.Stop()
-	select {
-	case <-p.done:
-	case <-timer.C:
+	if !exitedWithin(p, stopTimeout) {
 		c.logger.Warn("PostgreSQL did not finish a fast shutdown in time: shutting down immediately",
 			"pid", p.cmd.Process.Pid, "waited", stopTimeout)
 		if err := p.cmd.Process.Signal(syscall.SIGQUIT); err != nil && !errors.Is(err, os.ErrProcessDone) {
 			return fmt.Errorf("stop PostgreSQL (pid %d): %w", p.cmd.Process.Pid, err)
 		}
-		kill := time.NewTimer(killTimeout)
-		defer kill.Stop()
-		select {
-		case <-p.done:
-		case <-kill.C:
+		if !exitedWithin(p, killTimeout) {
 			// Its process group: the postmaster and every backend (an
 			// orphaned one holds the shared memory, and the next start
 			// would wait for it). The next start recovers from the WAL.
@@ -481,6 +473,18 @@ func (c *Cluster) stop() error {
 	}
 	c.logger.Info("PostgreSQL stopped", "data_dir", c.dataDir)
 	return nil
+}
+
+// exitedWithin reports whether p exits within d.
+func exitedWithin(p *process, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 // release removes the socket directory and closes the log.
