@@ -100,12 +100,16 @@ type rerunStore struct {
 	hidden   bool
 	lookups  int
 	allocErr error
+	getErr   error // GetPickup fails so (the database down)
 }
 
 func (s *rerunStore) Allocate(context.Context, *Pickup, time.Time) error { return s.allocErr }
 
 func (s *rerunStore) GetPickup(_ context.Context, id string) (*Pickup, error) {
 	s.lookups++
+	if s.getErr != nil {
+		return nil, s.getErr
+	}
 	if id != s.prev.ID || (s.hidden && s.lookups == 1) {
 		return nil, fleet.ErrNotFound
 	}
@@ -163,8 +167,19 @@ func TestCreateRunAgain(t *testing.T) {
 			}
 		})
 	}
-	st := &rerunStore{prev: Pickup{ID: "p-taken"}, allocErr: fmt.Errorf("pickup p-random: %w", fleet.ErrExists)}
+	// The lookup of a derived id failing is the request's error: no
+	// allocation under an id that may be taken.
+	down := errors.New("database down")
+	st := &rerunStore{getErr: down, allocErr: errors.New("allocated")}
 	s, err := New(Options{Store: st, Fleet: &stagingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Create(context.Background(), &Pickup{ID: "p-derived", Site: "s1", OrderRef: "A-3", Recipient: Recipient{Kind: "customer"}}); !errors.Is(err, down) {
+		t.Fatalf("a derived id whose lookup fails: %v, want the lookup's error", err)
+	}
+	st = &rerunStore{prev: Pickup{ID: "p-taken"}, allocErr: fmt.Errorf("pickup p-random: %w", fleet.ErrExists)}
+	s, err = New(Options{Store: st, Fleet: &stagingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
