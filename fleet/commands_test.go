@@ -533,13 +533,13 @@ func (p *presenceStore) MarkOnlineMany(_ context.Context, starts []SessionStart)
 	return nil
 }
 
-func (p *presenceStore) AckCredsMany(_ context.Context, acks []CredsAck) error {
+func (p *presenceStore) AckCredsMany(_ context.Context, acks []CredsAck) ([]string, error) {
 	s := "ack"
 	for _, a := range acks {
 		s += fmt.Sprintf(" %s:%d", a.ID, a.Version)
 	}
 	p.calls = append(p.calls, s)
-	return nil
+	return nil, nil
 }
 
 // Retained and RetainedMany: every locker has the empty state, and no
@@ -756,7 +756,7 @@ type credsStore struct {
 	err error
 }
 
-func (c *credsStore) AckCredsMany(context.Context, []CredsAck) error { return c.err }
+func (c *credsStore) AckCredsMany(context.Context, []CredsAck) ([]string, error) { return nil, c.err }
 
 // A control message is acknowledged to the bus once stored or refused for
 // good, never when the drain deadline cut its store call short.

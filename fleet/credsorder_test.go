@@ -6,8 +6,11 @@ import (
 	"errors"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
+
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -189,4 +192,56 @@ func (b *movingBus) Publish(ctx context.Context, topic string, payload []byte, q
 		b.st.mu.Unlock()
 	}
 	return err
+}
+
+// backStore answers AckCredsMany with back: the lockers whose
+// acknowledgement went back to an older set.
+type backStore struct {
+	*versionStore
+	back []string
+}
+
+func (s *backStore) AckCredsMany(context.Context, []CredsAck) ([]string, error) { return s.back, nil }
+
+// TestOlderAckPublishesTheSet: the current set of a locker whose
+// acknowledgement went back is published at once (counted as a
+// republish); one whose publish fails is logged for the census to retry,
+// and the acks of the batch are recorded all the same.
+func TestOlderAckPublishesTheSet(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		st := &backStore{versionStore: &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4}}, back: []string{"lk-a"}}
+		bus := &credsBus{sets: map[string][]int64{}}
+		if fail {
+			bus.failOn = "lk-a"
+		}
+		var logs strings.Builder
+		m, err := New(Options{Store: st, Bus: bus, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.credsAcked(context.Background(), []control{
+			{kind: ctrlCredsAck, id: "lk-a", payload: []byte(`{"version":9}`)},
+			{kind: ctrlCredsAck, id: "lk-b", payload: []byte(`{"version":4}`)},
+		})
+		want, republished := []int64{10}, 1.0
+		if fail {
+			want, republished = nil, 0
+			if !strings.Contains(logs.String(), "the census tries again") || !strings.Contains(logs.String(), "locker=lk-a") {
+				t.Errorf("failed republish not logged for lk-a:\n%s", logs.String())
+			}
+		}
+		if got := bus.sets["lk-a"]; !slices.Equal(got, want) {
+			t.Errorf("fail %v: lk-a got sets %v, want %v", fail, got, want)
+		}
+		if got := bus.sets["lk-b"]; len(got) != 0 {
+			t.Errorf("fail %v: lk-b, whose ack did not go back, got sets %v", fail, got)
+		}
+		var c dto.Metric
+		if err := m.m.credsRepublished.Write(&c); err != nil {
+			t.Fatal(err)
+		}
+		if got := c.GetCounter().GetValue(); got != republished {
+			t.Errorf("fail %v: lockergate_creds_republished_total %v, want %v", fail, got, republished)
+		}
+	}
 }

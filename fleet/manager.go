@@ -1685,8 +1685,30 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 	if len(acks) == 0 {
 		return
 	}
-	if err := m.retry(ctx, "creds_ack", func(ctx context.Context) error { return m.store.AckCredsMany(ctx, acks) }); err != nil {
+	var back []string
+	if err := m.retry(ctx, "creds_ack", func(ctx context.Context) (err error) {
+		back, err = m.store.AckCredsMany(ctx, acks)
+		return err
+	}); err != nil {
 		m.log.Error("record creds ack", "lockers", len(acks), "first", acks[0].ID, "err", err)
+		return
+	}
+	// A locker whose acknowledgement went back holds an older set than
+	// the one it had (a set applied out of order), or its acks were
+	// handled out of order (an external broker's unordered dispatch): its
+	// current set is published now, not after two censuses, while it
+	// could accept codes since cancelled. A locker that has it only
+	// acknowledges it again.
+	for _, id := range back {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := m.PublishCreds(pctx, id)
+		cancel()
+		if err != nil {
+			m.log.Error("republish credential set after an older one was acknowledged: the census tries again", "locker", id, "err", err)
+			continue
+		}
+		m.m.credsRepublished.Inc()
+		m.log.Info("credential set republished: the locker acknowledged an older one than before", "locker", id)
 	}
 }
 

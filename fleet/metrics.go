@@ -99,7 +99,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		}),
 		credsRepublished: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_creds_republished_total",
-			Help: "Credential sets republished to online lockers that had not acknowledged them by two censuses.",
+			Help: "Credential sets republished to online lockers that had not acknowledged them by two censuses, or that acknowledged an older set than they had before.",
 		}),
 		credsCaughtUp: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_creds_caught_up_total",

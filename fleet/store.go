@@ -113,8 +113,10 @@ type Store interface {
 	// deviceIDs that exists (a read of their devices rows alone).
 	CredsVersions(ctx context.Context, deviceIDs []string) (map[string]int64, error)
 	// AckCredsMany records the credential-set version each locker applied
-	// last, one per locker.
-	AckCredsMany(ctx context.Context, acks []CredsAck) error
+	// last, one per locker, and returns the lockers whose acknowledgement
+	// went back to an older set than the one they had acknowledged, leaving
+	// them behind their current set.
+	AckCredsMany(ctx context.Context, acks []CredsAck) (regressed []string, err error)
 	// TouchLockers moves each locker's last_seen forward to its time in at
 	// (a message heard from it), never back; ids are distinct.
 	TouchLockers(ctx context.Context, ids []string, at []time.Time) error

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -24,24 +25,8 @@ func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t, func(o *gateway.Options) { o.CensusInterval = 100 * time.Millisecond })
 	r, c := rawLocker(t, tg, "SN-CREDS-1")
-	var mu sync.Mutex
-	var versions []int64
-	tok := c.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanCreds), 1, func(_ paho.Client, m paho.Message) {
-		var set protocol.CredSet
-		if json.Unmarshal(m.Payload(), &set) == nil {
-			mu.Lock()
-			versions = append(versions, set.Version)
-			mu.Unlock()
-		}
-	})
-	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscribe: %v", tok.Error())
-	}
-	received := func() int {
-		mu.Lock()
-		defer mu.Unlock()
-		return len(versions)
-	}
+	sets := credSets(t, c, r.DeviceID)
+	received := func() int { return len(sets()) }
 	publishBirth(t, tg, c, r.DeviceID)
 	Eventually(t, 10*time.Second, "the set republished, unacknowledged", func() error {
 		if n, err := tg.Metric("lockergate_creds_republished_total"); err != nil || n < 2 {
@@ -89,18 +74,14 @@ func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 
 	// A change publishes a new set, which the locker acknowledges: current,
 	// and nothing more is republished.
-	mu.Lock()
-	last := versions[len(versions)-1]
-	mu.Unlock()
+	last := lastOf(sets())
 	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, r.DeviceID); err != nil {
 		t.Fatal(err)
 	}
 	before, _ := tg.Metric("lockergate_creds_republished_total")
 	Eventually(t, 10*time.Second, "the new version republished", func() error {
-		mu.Lock()
-		defer mu.Unlock()
-		if versions[len(versions)-1] != last+1 {
-			return fmt.Errorf("last set received %d, want %d", versions[len(versions)-1], last+1)
+		if got := lastOf(sets()); got != last+1 {
+			return fmt.Errorf("last set received %d, want %d", got, last+1)
 		}
 		return nil
 	})
@@ -138,4 +119,116 @@ func TestCredsRepublishedUntilAcknowledged(t *testing.T) {
 	if after-before != 1 {
 		t.Logf("the new version was republished %v times before its acknowledgement", after-before)
 	}
+}
+
+// TestOlderAckGetsTheSetAgain: a locker that acknowledges an older
+// credential set than the one it had acknowledged (it applied a stale set
+// last, or an external broker's instance handled its acks out of order)
+// is sent its current set at once, not after two censuses (an hour apart
+// here), and reads current once it acknowledges that.
+func TestOlderAckGetsTheSetAgain(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t, func(o *gateway.Options) { o.CensusInterval = time.Hour })
+	r, c := rawLocker(t, tg, "SN-CREDS-BACK")
+	sets := credSets(t, c, r.DeviceID)
+	received := func(v int64) int {
+		n := 0
+		for _, got := range sets() {
+			if got == v {
+				n++
+			}
+		}
+		return n
+	}
+	publishBirth(t, tg, c, r.DeviceID)
+	// Sets 1 and 2 stand issued (as pickups would have made them); the
+	// locker applies 2.
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE devices SET creds_version = 2 WHERE id = $1`, r.DeviceID); err != nil {
+		t.Fatal(err)
+	}
+	ack := func(v int) {
+		t.Helper()
+		if tok := c.Publish(protocol.Topic(r.DeviceID, protocol.ChanCredsAck), 1, false, fmt.Sprintf(`{"version":%d}`, v)); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+			t.Fatalf("ack %d: %v", v, tok.Error())
+		}
+	}
+	current := func(want bool) func() error {
+		return func() error {
+			var l fleet.Locker
+			if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID, nil, &l); err != nil {
+				return err
+			}
+			if l.CredsCurrent != want {
+				return fmt.Errorf("creds_current %v (acked %d of %d), want %v", l.CredsCurrent, l.CredsAcked, l.CredsVersion, want)
+			}
+			return nil
+		}
+	}
+	ack(2)
+	Eventually(t, 10*time.Second, "the locker current", current(true))
+	if n := received(2); n != 0 {
+		t.Fatalf("set 2 received %d times before any older ack, want 0", n)
+	}
+	ack(1)
+	Eventually(t, 10*time.Second, "set 2 sent again after the ack of 1", func() error {
+		if n := received(2); n != 1 {
+			return fmt.Errorf("set 2 received %d times, want 1", n)
+		}
+		return nil
+	})
+	if n, err := tg.Metric("lockergate_creds_republished_total"); err != nil || n != 1 {
+		t.Fatalf("lockergate_creds_republished_total = %v (%v), want 1", n, err)
+	}
+	if err := current(false)(); err != nil {
+		t.Fatal(err)
+	}
+	ack(2)
+	Eventually(t, 10*time.Second, "the locker current again", current(true))
+	// An ack repeated (QoS 1) is no step back: nothing more is sent.
+	ack(2)
+	ack(1)
+	Eventually(t, 10*time.Second, "set 2 sent again after the second ack of 1", func() error {
+		if n := received(2); n != 2 {
+			return fmt.Errorf("set 2 received %d times, want 2", n)
+		}
+		return nil
+	})
+	ack(1)
+	ack(2)
+	Eventually(t, 10*time.Second, "the locker current at last", current(true))
+	if n, err := tg.Metric("lockergate_creds_republished_total"); err != nil || n != 2 {
+		t.Fatalf("lockergate_creds_republished_total = %v (%v), want 2: a repeated older ack is no second step back", n, err)
+	}
+}
+
+// credSets subscribes plain client c to locker id's credential sets and
+// returns what it has received so far: each set's version, in order.
+func credSets(t *testing.T, c paho.Client, id string) func() []int64 {
+	t.Helper()
+	var mu sync.Mutex
+	var versions []int64
+	tok := c.Subscribe(protocol.Topic(id, protocol.ChanCreds), 1, func(_ paho.Client, m paho.Message) {
+		var set protocol.CredSet
+		if json.Unmarshal(m.Payload(), &set) == nil {
+			mu.Lock()
+			versions = append(versions, set.Version)
+			mu.Unlock()
+		}
+	})
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	return func() []int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		return slices.Clone(versions)
+	}
+}
+
+// lastOf is the last of versions, or -1 when there is none.
+func lastOf(versions []int64) int64 {
+	if len(versions) == 0 {
+		return -1
+	}
+	return versions[len(versions)-1]
 }

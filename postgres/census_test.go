@@ -94,11 +94,36 @@ func TestCredsAckedIsTheLatest(t *testing.T) {
 		}
 		return false
 	}
-	if err := db.AckCreds(ctx, id, 6); err != nil || behind() {
-		t.Fatalf("after ack 6: behind %v (%v), want current", behind(), err)
+	// ack records one acknowledgement and reports whether it went back
+	// (AckCredsMany's answer, which the fleet publishes the set again on).
+	ack := func(v int64) (wentBack bool) {
+		t.Helper()
+		back, err := db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: v}})
+		if err != nil || len(back) > 1 || len(back) == 1 && back[0] != id {
+			t.Fatalf("ack %d: %v went back (%v)", v, back, err)
+		}
+		return len(back) == 1
 	}
-	if err := db.AckCreds(ctx, id, 5); err != nil || !behind() {
-		t.Fatalf("after ack 5 (an older set applied last): behind %v (%v), want behind", behind(), err)
+	if ack(6) || behind() {
+		t.Fatalf("after ack 6: behind %v or went back, want current", behind())
+	}
+	if !ack(5) || !behind() {
+		t.Fatalf("after ack 5 (an older set applied last): behind %v, want behind and gone back", behind())
+	}
+	if ack(5) {
+		t.Fatal("ack 5 repeated (QoS 1) said it went back: it was 5 already")
+	}
+	if ack(7) || ack(6) {
+		t.Fatal("an ack back to the current set (6, after 7, never issued) said the locker was left behind")
+	}
+	if !ack(4) {
+		t.Fatal("ack 4 after 6 did not go back")
+	}
+	if ack(6) || behind() {
+		t.Fatalf("ack of the current set: behind %v or went back, want current", behind())
+	}
+	if !ack(5) {
+		t.Fatal("ack 5 after 6 did not go back")
 	}
 	// Left out when the caller gave up on it at its current version only.
 	for _, c := range []struct {

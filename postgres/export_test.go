@@ -14,7 +14,8 @@ func (db *DB) MarkOnline(ctx context.Context, id string, at time.Time) error {
 
 // AckCreds records one credential acknowledgement (AckCredsMany), for tests.
 func (db *DB) AckCreds(ctx context.Context, id string, version int64) error {
-	return db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: version}})
+	_, err := db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: version}})
+	return err
 }
 
 // The statements that update many lockers' rows at once, exported for the

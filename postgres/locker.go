@@ -319,31 +319,40 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 	return db.RecordBirths(ctx, []fleet.BirthRecord{{ID: id, Presence: p, At: at, ClearSkew: clearSkew}})
 }
 
-// ackCredsManySQL records acknowledged credential sets ($1 ids, $2 versions)
-// and clears the creds_not_applied alert of each locker that acknowledged
-// its current set (an index probe of the open-alert index each).
-const ackCredsManySQL = `WITH ` + lockDevicesCTE + `,
+// ackCredsManySQL records acknowledged credential sets ($1 ids, $2 versions),
+// clears the creds_not_applied alert of each locker that acknowledged its
+// current set (an index probe of the open-alert index each), and returns
+// the lockers whose acknowledgement went back to an older set than the one
+// they had acknowledged and left them behind. Its rows are locked in id
+// order, as lockDevicesCTE does, reading the acknowledgement they had.
+const ackCredsManySQL = `WITH locked AS MATERIALIZED (
+			SELECT id, creds_acked AS was FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE),
 		acked AS (UPDATE devices d SET creds_acked = a.version
 			FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id
 			WHERE d.id = a.id AND d.id = ANY($1::text[])
-			RETURNING d.id, d.creds_acked = d.creds_version AS current)
-		UPDATE alerts SET cleared_at = now(), cleared_by = 'gateway'
-		FROM acked WHERE acked.current AND alerts.device_id = acked.id
-			AND alerts.kind = '` + fleet.AlertCredsNotApplied + `' AND alerts.cleared_at IS NULL`
+			RETURNING d.id, d.creds_acked = d.creds_version AS current,
+				d.creds_acked < l.was AND d.creds_acked < d.creds_version AS regressed),
+		cleared AS (UPDATE alerts SET cleared_at = now(), cleared_by = 'gateway'
+			FROM acked WHERE acked.current AND alerts.device_id = acked.id
+				AND alerts.kind = '` + fleet.AlertCredsNotApplied + `' AND alerts.cleared_at IS NULL)
+		SELECT id FROM acked WHERE regressed`
 
-// AckCredsMany implements fleet.Store, locking its lockers' rows in order
-// (lockDevicesCTE): the version each locker acknowledged last, not the highest it ever did. A locker applies each set it gets, so
-// one that applied an older set after a newer (two instances publishing one
-// after the other out of order) holds the older one, and must show as
-// behind (CredsBehind) to be sent the current set again.
-func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) error {
+// AckCredsMany implements fleet.Store, locking its lockers' rows in order:
+// the version each locker acknowledged last, not the highest it ever did.
+// A locker applies each set it gets, so one that applied an older set after
+// a newer (two instances publishing one after the other out of order) holds
+// the older one, and must show as behind (CredsBehind) to be sent the
+// current set again. It returns the lockers whose acknowledgement went back
+// (fleet.Store).
+func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) ([]string, error) {
 	ids := make([]string, len(acks))
 	versions := make([]int64, len(acks))
 	for i, a := range acks {
 		ids[i], versions[i] = a.ID, a.Version
 	}
-	_, err := db.pool.Exec(ctx, ackCredsManySQL, ids, versions)
-	return dataError(err)
+	rows, _ := db.pool.Query(ctx, ackCredsManySQL, ids, versions)
+	back, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	return back, dataError(err)
 }
 
 // touchLockersSQL moves last_seen forward ($1 ids, $2 times), the rows
