@@ -63,7 +63,7 @@ func FleetOverview() *Dashboard {
 			{Title: "Alerts", Panels: []Panel{
 				withMin0(ts("Locker alerts raised in the last hour", "Alerts raised from events, health and births, by kind: door_ajar, tamper, on_battery, door_fault, code_lockout, clock_skew.", "short",
 					q("sum by (kind) (increase("+vec("lockergate_alerts_raised_total", "")+"[1h]))", "{{kind}}"))),
-				withMin0(ts("Pickup alerts raised in the last hour", "Alerts of the handoff: staged_empty, pickup_expired (a no-show to retrieve), pickup_not_taken, pickup_removed, code_not_live (opened by a code no longer live), pickup_cancelled (an order to take out), staging_failed (a staging unlock that did not open).", "short",
+				withMin0(ts("Pickup alerts raised in the last hour", "Alerts of the handoff: staged_empty, pickup_expired (a no-show to retrieve), pickup_not_taken, pickup_removed, code_not_live (opened by a code no longer live), pickup_cancelled (an order to take out), staging_failed (a staging unlock that did not open), pickup_not_opened (a used code whose door did not open: hand the order over).", "short",
 					q("sum by (kind) (increase("+vec("lockergate_pickup_alerts_total", "")+"[1h]))", "{{kind}}"))),
 			}},
 			{Title: "Occupancy", Panels: []Panel{

@@ -2217,3 +2217,67 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		}
 	}
 }
+
+// TestCombinedCodeOpensOneDoor: a combined code whose use the locker
+// reports with only one of its two compartments opened (the other's door
+// jammed). The code is spent, so the other pickup's driver could not open
+// it again: it stays ready with a fresh code (what its platform reads, and
+// is sent as pickup.credential_changed) and staff get pickup_not_opened.
+// The opened one is collected as usual. A locker that reports the door's
+// opening first is judged the same by its code_accepted.
+func TestCombinedCodeOpensOneDoor(t *testing.T) {
+	for _, doorFirst := range []bool{false, true} {
+		t.Run(fmt.Sprintf("doorFirst=%v", doorFirst), func(t *testing.T) {
+			ctx := context.Background()
+			e := newPickupEnv(t, 1, 0)
+			opened, jammed, dev, topic := e.twoReadyThenRaw(t, "JAM-1", "JAM-2")
+			var cred pickup.CredentialView
+			if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{opened.ID, jammed.ID}}, &cred); err != nil {
+				t.Fatal(err)
+			}
+			at := time.Now()
+			send := func(id, body string) {
+				t.Helper()
+				at = at.Add(time.Second)
+				MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"%s","ts":"%s",%s}`, id, protocol.FormatTime(at), body))
+			}
+			if doorFirst {
+				send("e-jam-open", fmt.Sprintf(`"type":"door_opened","compartment":%d,"by":"credential","credential":"%s"`, opened.Compartment, cred.ID+".p"))
+			}
+			send("e-jam-code", fmt.Sprintf(`"type":"code_accepted","credential":"%s","compartments":[%d]`, cred.ID+".p", opened.Compartment))
+			Eventually(t, 10*time.Second, "pickup_not_opened for the jammed compartment", func() error {
+				if n := e.openAlerts(t, jammed, pickup.AlertNotOpened); n != 1 {
+					return fmt.Errorf("%d open", n)
+				}
+				return nil
+			})
+			var got pickup.Pickup
+			if err := e.platform.Get(ctx, "/v1/pickups/"+jammed.ID, nil, &got); err != nil {
+				t.Fatal(err)
+			}
+			if got.State != pickup.Ready || got.Credential == nil || got.Credential.ID == cred.ID || got.Credential.Code == "" {
+				t.Fatalf("jammed pickup %s with credential %+v, want ready with a fresh code (not %s)", got.State, got.Credential, cred.ID)
+			}
+			if s := e.tg.Count(t, `SELECT count(*) FROM credentials WHERE id = $1 AND state = 'active' AND compartments = ARRAY[$2::int]`,
+				got.Credential.ID, jammed.Compartment); s != 1 {
+				t.Fatalf("fresh credential %s not active for compartment %d alone", got.Credential.ID, jammed.Compartment)
+			}
+			if n := e.openAlerts(t, opened, pickup.AlertNotOpened); n != 0 {
+				t.Fatalf("%d pickup_not_opened alerts for the compartment that opened", n)
+			}
+			var detail string
+			if err := e.tg.DB().Pool().QueryRow(ctx, `SELECT detail FROM alerts WHERE kind = 'pickup_not_opened'`).Scan(&detail); err != nil ||
+				!strings.Contains(detail, jammed.ID) || !strings.Contains(detail, fmt.Sprintf("compartment %d", jammed.Compartment)) {
+				t.Fatalf("alert detail %q (%v), want the pickup and its compartment named", detail, err)
+			}
+			send("e-jam-close", fmt.Sprintf(`"type":"door_closed","compartment":%d,"occupied":false`, opened.Compartment))
+			e.waitState(t, opened.ID, pickup.PickedUp)
+			if err := e.platform.Get(ctx, "/v1/pickups/"+jammed.ID, nil, &got); err != nil || got.State != pickup.Ready {
+				t.Fatalf("jammed pickup %s (%v) after the other's collection, want ready", got.State, err)
+			}
+			if n, err := e.tg.Metric(`lockergate_pickup_alerts_total{kind="pickup_not_opened"}`); err != nil || n != 1 {
+				t.Fatalf(`lockergate_pickup_alerts_total{kind="pickup_not_opened"} = %v (%v), want 1`, n, err)
+			}
+		})
+	}
+}

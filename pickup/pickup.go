@@ -196,6 +196,8 @@ func CancelledAlert(p *Pickup, actor string) fleet.Alert {
 // clock.
 type DoorUse struct {
 	At, Opened time.Time
+	// Ready are the ready pickups the used credential is still for.
+	Ready []Pickup
 }
 
 // Store persists pickups and credentials.
@@ -277,7 +279,8 @@ type Store interface {
 	// code_accepted, so a second (at another at) is not one, nor is a code
 	// spent by code_accepted. The same at again (the event offered again)
 	// returns the use again. A credential that was rotated counts as its
-	// replacement.
+	// replacement. The use comes with the ready pickups the spent
+	// credential is for.
 	ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (*DoorUse, error)
 	// UseExpiredCredential records that a locker's credential that is no
 	// longer active (or was spent by this very use, at at: a combined code

@@ -99,10 +99,14 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		}
 		if door != nil {
 			// The use a door's opening reported first (doorOpened) is
-			// this one, and its live pickups were applied then. The
+			// this one, and its live pickups were applied then; those
+			// whose compartments it did not open are told now. The
 			// compartments it opened of pickups that had expired (a
 			// combined code, at a locker that was offline) are judged
 			// now, as of that opening: its time is the use's.
+			if err := s.notOpened(ctx, deviceID, ev, door.Ready, at); err != nil {
+				return err
+			}
 			use := *ev
 			use.TS = protocol.T(door.Opened)
 			return s.judgeExpired(ctx, deviceID, id, &use, nil, door.At, later)
@@ -119,7 +123,44 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 	if err := s.spent(ctx, deviceID, ps, ev, later); err != nil {
 		return err
 	}
+	if err := s.notOpened(ctx, deviceID, ev, ps, at); err != nil {
+		return err
+	}
 	return s.judgeExpired(ctx, deviceID, id, ev, ps, at, later)
+}
+
+// notOpened tells staff of each ready pickup of ps (those of the code
+// that ev, a code_accepted got at at, reports used) whose compartment the
+// locker did not list among those it opened (a jammed door of a combined
+// code's): the code is spent, so its driver cannot open it again. The
+// pickup gets a fresh code, which its platform is told of
+// (pickup.credential_changed), and a pickup_not_opened alert is raised.
+// A locker that leaves compartments out is taken to have opened them all.
+// A use offered again finds such a pickup on its fresh code, not this
+// one's, and changes nothing more.
+func (s *Service) notOpened(ctx context.Context, deviceID string, ev *protocol.Event, ps []Pickup, at time.Time) error {
+	if len(ev.Compartments) == 0 {
+		return nil
+	}
+	for i := range ps {
+		p := &ps[i]
+		if p.State != Ready || slices.Contains(ev.Compartments, p.Compartment) {
+			continue
+		}
+		s.log.Warn("pickup code used but its compartment did not open: a fresh code is issued", "pickup", p.ID, "locker", deviceID,
+			"compartment", p.Compartment, "opened", ev.Compartments)
+		// The fresh code first: the alert says it was sent.
+		if err := s.issue(ctx, p); err != nil {
+			return err
+		}
+		if err := s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotOpened, Compartment: p.Compartment, RaisedAt: at,
+			Detail: fmt.Sprintf("pickup %s: its code was used but the locker did not open compartment %d (it opened %v): the order is still inside, "+
+				"and a fresh code was issued for it (webhook pickup.credential_changed); if the door is jammed, open it on site or with a remote unlock and hand the order over",
+				p.ID, p.Compartment, ev.Compartments)}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // judgeExpired judges the compartments that use ev of credential id, got
@@ -598,12 +639,15 @@ const (
 	// AlertStagingFailed: a staging pickup's unlock did not end ok
 	// (StagingUnlockEnded).
 	AlertStagingFailed = "staging_failed"
+	// AlertNotOpened: a code was used but the locker did not open a
+	// ready pickup's compartment that it covers (notOpened).
+	AlertNotOpened = "pickup_not_opened"
 )
 
 // AlertKinds are the kinds the pickup workflow raises (the two defined in
 // fleet as well).
 var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive, AlertCancelled,
-	AlertStagingFailed}
+	AlertStagingFailed, AlertNotOpened}
 
 // StagingUnlockEnded tells staff of a staging pickup whose unlock ended
 // otherwise than ok (fleet.Options.CommandFinished): the locker answered

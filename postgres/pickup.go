@@ -762,15 +762,21 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 // ReportDoorUse implements pickup.Store.
 func (db *DB) ReportDoorUse(ctx context.Context, deviceID, credID string, at time.Time) (*pickup.DoorUse, error) {
 	var u pickup.DoorUse
+	var used string
 	err := db.pool.QueryRow(ctx, credentialChainCTE+`
 		UPDATE credentials SET use_reported_at = $3
 		WHERE device_id = $1 AND id IN (SELECT id FROM chain) AND state = 'used' AND opened_ts IS NOT NULL
 			AND (use_reported_at IS NULL OR use_reported_at = $3)
-		RETURNING used_at, opened_ts`, deviceID, credID, at).Scan(&u.At, &u.Opened)
+		RETURNING id, used_at, opened_ts`, deviceID, credID, at).Scan(&used, &u.At, &u.Opened)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, nil
 	}
 	if err != nil {
+		return nil, err
+	}
+	rows, _ := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups WHERE device_id = $1 AND credential_id = $2
+		AND state = 'ready'`, deviceID, used)
+	if u.Ready, err = collectPickups(rows); err != nil {
 		return nil, err
 	}
 	return &u, nil

@@ -877,8 +877,9 @@ func TestDoorReportedUse(t *testing.T) {
 	}
 	reported := at.Add(time.Second)
 	for range 2 {
-		if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported); err != nil || u == nil || !u.At.Equal(at) || !u.Opened.Equal(opened) {
-			t.Fatalf("the code_accepted of the opening's use: %+v %v, want at %v, opened %v", u, err, at, opened)
+		if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported); err != nil || u == nil || !u.At.Equal(at) || !u.Opened.Equal(opened) ||
+			len(u.Ready) != 1 || u.Ready[0].ID != p.ID {
+			t.Fatalf("the code_accepted of the opening's use: %+v %v, want at %v, opened %v, ready pickup %s", u, err, at, opened, p.ID)
 		}
 	}
 	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported.Add(time.Second)); err != nil || u != nil {
@@ -913,7 +914,12 @@ func TestDoorReportedUse(t *testing.T) {
 	if _, state := e.cred("new-k-old"); state != "used" {
 		t.Fatalf("the replacement after the old code's opening: %s, want used", state)
 	}
-	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-old", reported); err != nil || u == nil || !u.At.Equal(at) {
-		t.Fatalf("the old code's code_accepted: %+v %v, want the opening's use", u, err)
+	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-old", reported); err != nil || u == nil || !u.At.Equal(at) || len(u.Ready) != 1 || u.Ready[0].ID != r.ID {
+		t.Fatalf("the old code's code_accepted: %+v %v, want the opening's use, of ready pickup %s", u, err, r.ID)
+	}
+	// Once its pickup ended, the use has no ready pickup left.
+	e.transition(r.ID, pickup.PickedUp)
+	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-old", reported); err != nil || u == nil || len(u.Ready) != 0 {
+		t.Fatalf("the old code's code_accepted again, its pickup picked up: %+v %v, want the use with no ready pickup", u, err)
 	}
 }
