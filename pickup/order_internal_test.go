@@ -3,6 +3,7 @@ package pickup
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -407,5 +408,67 @@ func TestLateClosingVerdictOutlastsDatabaseErrors(t *testing.T) {
 	}
 	if len(st.withdrawn) != 0 {
 		t.Fatalf("withdrawn %+v: the order was left inside", st.withdrawn)
+	}
+}
+
+// jamStore is orderStore whose code the locker reports used with
+// compartment 4 opened, not the pickup's 3 (its door jammed); its mints
+// fail, ending the step's context, while failMint.
+type jamStore struct {
+	*orderStore
+	failMint bool
+	cancel   func()
+	minted   int
+	alerts   []string
+}
+
+func (s *jamStore) KeyGen(context.Context, string) (int, error) { return 1, nil }
+
+func (s *jamStore) MintCredential(_ context.Context, c *Credential, ids []string, replaceUsed bool, _ func(*Pickup, *Credential) *Event) error {
+	if s.failMint {
+		s.cancel() // the database down until the step gives up
+		return errDown
+	}
+	if !replaceUsed || !slices.Equal(ids, []string{s.p.ID}) {
+		return fmt.Errorf("mint for %v (replaceUsed %t), want %s's fresh code replacing the used one", ids, replaceUsed, s.p.ID)
+	}
+	s.minted++
+	return nil
+}
+
+func (s *jamStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error) {
+	s.alerts = append(s.alerts, a.Kind)
+	return true, nil
+}
+
+// TestNotOpenedWaitsForItsFreshCode: a code used without opening a ready
+// pickup's compartment raises pickup_not_opened only once the pickup's
+// fresh code is stored; a mint that fails until the step ends leaves the
+// event unapplied (offered again) and raises nothing, and the next offer
+// mints and alerts.
+func TestNotOpenedWaitsForItsFreshCode(t *testing.T) {
+	st, _ := newOrderStore(t)
+	st.closing = closingEvent(t, "e-2", st.p.CreatedAt.Add(-time.Hour), false) // none after the use
+	js := &jamStore{orderStore: st, failMint: true}
+	s := notLiveService(t, nil, &countingFleet{})
+	s.o.Store = js
+	at := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+	body, err := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(at), Type: protocol.EventCodeAccepted,
+		Credential: "cr-1" + pinSuffix, Compartments: []int{4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	used := fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at, TS: at, Type: protocol.EventCodeAccepted, Body: body}
+	ctx, cancel := context.WithCancel(context.Background())
+	js.cancel = cancel
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || js.minted != 0 || len(js.alerts) != 0 {
+		t.Fatalf("mint failing: applied %d, minted %d, alerts %v; want 0, 0, none", n, js.minted, js.alerts)
+	}
+	js.failMint = false
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || js.minted != 1 || !slices.Equal(js.alerts, []string{AlertNotOpened}) {
+		t.Fatalf("offered again: applied %d, minted %d, alerts %v; want 1, 1, [%s]", n, js.minted, js.alerts, AlertNotOpened)
+	}
+	if st.p.State != Ready {
+		t.Fatalf("pickup %s, want ready", st.p.State)
 	}
 }
