@@ -74,7 +74,7 @@ func (l *Locker) EnterCode(code string) CodeResult {
 		occ bool
 	}
 	var open []opening
-	var nums []int
+	nums := []int{} // none opened (jammed doors) is an empty list, not all
 	for _, n := range match.Compartments {
 		c := l.compLocked(n)
 		if c == nil || c.fault {

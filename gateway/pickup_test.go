@@ -205,6 +205,49 @@ func (e *pickupEnv) stage(t *testing.T, l *devicesim.Locker, p pickup.Pickup) st
 	return code
 }
 
+// freshCode waits for ready pickup p to get a code other than old, and
+// for its platform to be told it (pickup.credential_changed: its driver
+// holds the spent one), and for its locker to hold it; it returns it.
+func (e *pickupEnv) freshCode(t *testing.T, p pickup.Pickup, old string) string {
+	t.Helper()
+	var code string
+	Eventually(t, 10*time.Second, "a fresh code", func() error {
+		got := e.waitState(t, p.ID, pickup.Ready)
+		if got.Credential == nil || got.Credential.Code == old {
+			return errors.New("no new code yet")
+		}
+		code = got.Credential.Code
+		return nil
+	})
+	Eventually(t, 10*time.Second, "pickup.credential_changed with the fresh code", func() error {
+		e.rc.mu.Lock()
+		defer e.rc.mu.Unlock()
+		for _, ev := range e.rc.events {
+			data, _ := ev["data"].(map[string]any)
+			cred, _ := data["credential"].(map[string]any)
+			if ev["type"] == pickup.EventCredentialChanged && data["pickup"] == p.ID && cred["code"] == code {
+				return nil
+			}
+		}
+		return errors.New("not received")
+	})
+	e.waitCreds(t, p.Locker)
+	return code
+}
+
+// collectWith has a driver open pickup p's compartment at locker l with
+// code, take the order and close the door, and waits for it to be picked
+// up.
+func (e *pickupEnv) collectWith(t *testing.T, l *devicesim.Locker, p pickup.Pickup, code string) {
+	t.Helper()
+	if r := l.EnterCode(code); !r.Accepted || !slices.Equal(r.Compartments, []int{p.Compartment}) {
+		t.Fatalf("code %s: %+v, want compartment %d opened", code, r, p.Compartment)
+	}
+	l.SetOccupied(p.Compartment, false)
+	l.CloseDoor(p.Compartment)
+	e.waitState(t, p.ID, pickup.PickedUp)
+}
+
 // waitCreds waits until the locker applied the current credential set.
 func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
 	t.Helper()
@@ -1615,36 +1658,27 @@ func TestPickupEdges(t *testing.T) {
 		}
 		l.SetOccupied(p.Compartment, true) // the order is still inside
 		l.CloseDoor(p.Compartment)
-		var second string
-		Eventually(t, 10*time.Second, "a fresh code", func() error {
-			got := e.waitState(t, p.ID, pickup.Ready)
-			if got.Credential == nil || got.Credential.Code == first {
-				return errors.New("no new code yet")
+		e.collectWith(t, l, p, e.freshCode(t, p, first))
+	})
+
+	t.Run("DoorJammed", func(t *testing.T) {
+		// The code is accepted but the door does not open: the locker
+		// reports code_accepted with no compartment opened.
+		p := e.create(t, "E-JAM", "S", time.Hour)
+		first := e.stage(t, l, p)
+		l.SetDoorFault(p.Compartment, true)
+		if r := l.EnterCode(first); !r.Accepted || len(r.Compartments) != 0 {
+			t.Fatalf("code at a jammed door: %+v, want accepted, nothing opened", r)
+		}
+		second := e.freshCode(t, p, first)
+		Eventually(t, 10*time.Second, "pickup_not_opened", func() error {
+			if n := e.openAlerts(t, p, pickup.AlertNotOpened); n != 1 {
+				return fmt.Errorf("%d open", n)
 			}
-			second = got.Credential.Code
 			return nil
 		})
-		// The platform's driver holds the spent code: the platform is told
-		// the fresh one.
-		Eventually(t, 10*time.Second, "pickup.credential_changed with the fresh code", func() error {
-			e.rc.mu.Lock()
-			defer e.rc.mu.Unlock()
-			for _, ev := range e.rc.events {
-				data, _ := ev["data"].(map[string]any)
-				cred, _ := data["credential"].(map[string]any)
-				if ev["type"] == pickup.EventCredentialChanged && data["pickup"] == p.ID && cred["code"] == second {
-					return nil
-				}
-			}
-			return errors.New("not received")
-		})
-		e.waitCreds(t, p.Locker)
-		if r := l.EnterCode(second); !r.Accepted {
-			t.Fatalf("fresh code: %+v", r)
-		}
-		l.SetOccupied(p.Compartment, false)
-		l.CloseDoor(p.Compartment)
-		e.waitState(t, p.ID, pickup.PickedUp)
+		l.SetDoorFault(p.Compartment, false) // repaired
+		e.collectWith(t, l, p, second)
 	})
 
 	t.Run("OtherPlatformSeesNothing", func(t *testing.T) {

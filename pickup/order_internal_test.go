@@ -472,3 +472,37 @@ func TestNotOpenedWaitsForItsFreshCode(t *testing.T) {
 		t.Fatalf("pickup %s, want ready", st.p.State)
 	}
 }
+
+// TestNothingOpenedCollectsNothing: a code_accepted with an empty list of
+// compartments opened none, so an expired pickup of its code is not taken
+// as collected before its expiry (as a use that leaves the list out
+// would be); staff are told of the use of a code no longer live.
+func TestNothingOpenedCollectsNothing(t *testing.T) {
+	for _, opened := range [][]int{{}, nil} {
+		st, _ := newOrderStore(t)
+		at := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
+		done := at.Add(time.Minute) // expired after the use
+		st.p.State, st.p.DoneAt = Expired, &done
+		js := &jamStore{orderStore: st}
+		s := notLiveService(t, nil, &countingFleet{})
+		s.o.Store = js
+		body, err := json.Marshal(map[string]any{"id": "e-1", "ts": protocol.T(at), "type": protocol.EventCodeAccepted,
+			"credential": "cr-1" + pinSuffix, "compartments": opened})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if opened == nil { // left out
+			body, _ = json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(at), Type: protocol.EventCodeAccepted, Credential: "cr-1" + pinSuffix})
+		}
+		used := fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at.Add(2 * time.Minute), TS: at, Type: protocol.EventCodeAccepted, Body: body}
+		if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 {
+			t.Fatalf("%s: applied %d, want 1", body, n)
+		}
+		if collected := st.lateUsed != nil; collected != (opened == nil) {
+			t.Fatalf("%s: taken as collected before expiry: %t, want %t", body, collected, opened == nil)
+		}
+		if notLive := slices.Contains(js.alerts, AlertCodeNotLive); notLive != (opened != nil) {
+			t.Fatalf("%s: alerts %v, want code_not_live %t", body, js.alerts, opened != nil)
+		}
+	}
+}

@@ -111,6 +111,10 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 			use.TS = protocol.T(door.Opened)
 			return s.judgeExpired(ctx, deviceID, id, &use, nil, door.At, later)
 		}
+		if ev.Compartments != nil && len(ev.Compartments) == 0 {
+			// It opened nothing: no order was collected with it.
+			return s.codeNotLive(ctx, deviceID, id, ev, at)
+		}
 		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
 			return err
@@ -135,11 +139,12 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 // code's): the code is spent, so its driver cannot open it again. The
 // pickup gets a fresh code, which its platform is told of
 // (pickup.credential_changed), and a pickup_not_opened alert is raised.
-// A locker that leaves compartments out is taken to have opened them all.
-// A use offered again finds such a pickup on its fresh code, not this
-// one's, and changes nothing more.
+// A locker that leaves compartments out is taken to have opened them all;
+// an empty list opened none (a single code's door jammed). A use offered
+// again finds such a pickup on its fresh code, not this one's, and
+// changes nothing more.
 func (s *Service) notOpened(ctx context.Context, deviceID string, ev *protocol.Event, ps []Pickup, at time.Time) error {
-	if len(ev.Compartments) == 0 {
+	if ev.Compartments == nil {
 		return nil
 	}
 	for i := range ps {
@@ -176,8 +181,8 @@ func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *pro
 	rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
 		return slices.ContainsFunc(ps, func(p Pickup) bool { return p.Compartment == n })
 	})
-	if len(rest) == 0 && len(ev.Compartments) > 0 {
-		return nil
+	if len(rest) == 0 && ev.Compartments != nil {
+		return nil // none beyond the live ones opened (an empty list: none at all)
 	}
 	_, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
 	return err

@@ -469,6 +469,16 @@ func Encode(v any) []byte {
 			c.Creds = []Credential{}
 			v = &c
 		}
+	case Event:
+		// A code_accepted that opened no compartment (its door jammed)
+		// says so with an empty list: left out, it means all of them.
+		if s.Type == EventCodeAccepted && s.Compartments != nil && len(s.Compartments) == 0 {
+			type plain Event
+			v = struct {
+				plain
+				Compartments []int `json:"compartments"`
+			}{plain(s), s.Compartments}
+		}
 	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)

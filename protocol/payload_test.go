@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -146,6 +147,29 @@ func TestEncode(t *testing.T) {
 		var nilSet *protocol.CredSet
 		if got := string(protocol.Encode(nilSet)); got != "null" {
 			t.Fatalf("nil *CredSet: got %s, want null", got)
+		}
+	})
+	t.Run("CodeAcceptedOpenedNone", func(t *testing.T) {
+		// An empty list says no compartment opened; left out, all did.
+		ts := protocol.T(time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC))
+		for _, c := range []struct {
+			e    protocol.Event
+			want string
+		}{
+			{protocol.Event{ID: "e-1", Type: protocol.EventCodeAccepted, Credential: "k-1", Compartments: []int{}}, `"compartments":[]`},
+			{protocol.Event{ID: "e-1", Type: protocol.EventCodeAccepted, Credential: "k-1", Compartments: []int{3}}, `"compartments":[3]`},
+			{protocol.Event{ID: "e-1", Type: protocol.EventCodeAccepted, Credential: "k-1"}, ""},
+			{protocol.Event{ID: "e-1", Type: protocol.EventDoorOpened, Compartment: 2, Compartments: []int{}}, ""},
+		} {
+			c.e.TS = ts
+			got := string(protocol.Encode(c.e))
+			if c.want == "" && strings.Contains(got, "compartments") || c.want != "" && !strings.Contains(got, c.want) {
+				t.Fatalf("%+v: got %s, want %q", c.e, got, c.want)
+			}
+			back, err := protocol.Decode[protocol.Event](protocol.Encode(c.e))
+			if err != nil || back.Credential != c.e.Credential || (back.Compartments == nil) != (c.want == "") {
+				t.Fatalf("%s read back as %+v (%v)", got, back, err)
+			}
 		}
 	})
 	t.Run("NoHTMLEscaping", func(t *testing.T) {
