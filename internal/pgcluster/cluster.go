@@ -147,9 +147,13 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return fail(err)
 	}
 
+	c.removeStaleSocketDir()
 	c.socketDir, err = os.MkdirTemp("", "lg")
 	if err != nil {
 		return fail(fmt.Errorf("start PostgreSQL: create socket directory: %w", err))
+	}
+	if err := os.WriteFile(c.socketDirRecord(), []byte(c.socketDir+"\n"), 0o600); err != nil {
+		logger.Warn("socket directory not recorded: if this gateway is killed, the next start cannot remove it", "dir", c.socketDir, "err", err)
 	}
 	if n := len(filepath.Join(c.socketDir, fmt.Sprintf(".s.PGSQL.%d", port))); n > maxSocketPath {
 		return fail(fmt.Errorf("start PostgreSQL: socket path in %s is %d bytes, over the %d-byte limit of unix sockets: set TMPDIR to a short directory such as /tmp", c.socketDir, n, maxSocketPath))
@@ -487,11 +491,63 @@ func exitedWithin(p *process, d time.Duration) bool {
 	}
 }
 
+// socketDirRecord is the file, beside the data directory (as the log is),
+// where a start records its socket directory, so that the next start can
+// remove one that a gateway killed with SIGKILL left behind.
+func (c *Cluster) socketDirRecord() string { return c.dataDir + ".socketdir" }
+
+// removeStaleSocketDir removes the socket directory that the previous run
+// on this data directory recorded, if it is still there: that run's server
+// is gone (clearPidFileWhenGone ran first) and, killed, it could not
+// remove it. Only what looks like one of ours is removed: an absolute
+// path named as MkdirTemp names them ("lg..."), a directory and not a
+// symlink, holding nothing but PostgreSQL's socket and lock files.
+func (c *Cluster) removeStaleSocketDir() {
+	b, err := os.ReadFile(c.socketDirRecord())
+	if err != nil {
+		return // none recorded: a first start, or the last one stopped cleanly
+	}
+	dir := strings.TrimSpace(string(b))
+	leave := func(why string) {
+		c.logger.Warn("socket directory of a previous run left in place: "+why, "dir", dir, "record", c.socketDirRecord())
+	}
+	if !filepath.IsAbs(dir) || !strings.HasPrefix(filepath.Base(dir), "lg") {
+		leave("not a name this gateway gives")
+		return
+	}
+	fi, err := os.Lstat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return
+	}
+	if err != nil || !fi.IsDir() {
+		leave("not a directory")
+		return
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		leave(err.Error())
+		return
+	}
+	for _, e := range entries {
+		if !strings.HasPrefix(e.Name(), ".s.PGSQL.") {
+			leave("it holds " + e.Name())
+			return
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		leave(err.Error())
+		return
+	}
+	c.logger.Info("removed the socket directory a previous run left behind (it was stopped without a clean shutdown)", "dir", dir)
+}
+
 // release removes the socket directory and closes the log.
 func (c *Cluster) release() {
 	if c.socketDir != "" {
 		if err := os.RemoveAll(c.socketDir); err != nil {
 			c.logger.Warn("remove PostgreSQL socket directory", "dir", c.socketDir, "err", err)
+		} else if err := os.Remove(c.socketDirRecord()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			c.logger.Warn("remove the record of the PostgreSQL socket directory", "path", c.socketDirRecord(), "err", err)
 		}
 	}
 	if c.logFile != nil {

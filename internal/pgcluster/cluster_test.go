@@ -620,6 +620,73 @@ func TestParentDeathStopsServer(t *testing.T) {
 	c := MustStart(t, Options{DataDir: dataDir, Fast: true})
 	conn := MustConnect(t, c.DSN("lockergate"))
 	MustExec(t, conn, "SELECT 1")
+	// The killed helper's socket directory is removed by that start.
+	if _, err := os.Lstat(socketDir); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the killed run's socket directory %s: %v, want removed by the next start", socketDir, err)
+	}
+}
+
+// TestStaleSocketDir: a start removes the socket directory its data
+// directory's previous run recorded, only when it looks like one of ours
+// (a "lg..." directory, not a symlink, holding PostgreSQL's socket files
+// alone).
+func TestStaleSocketDir(t *testing.T) {
+	base := t.TempDir()
+	logger, logs := newLogger(t)
+	c := &Cluster{dataDir: filepath.Join(base, "pg"), logger: logger}
+	record := func(dir string) {
+		t.Helper()
+		if err := os.WriteFile(c.socketDirRecord(), []byte(dir+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkdir := func(name string, files ...string) string {
+		t.Helper()
+		dir := filepath.Join(base, name)
+		if err := os.Mkdir(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			if err := os.WriteFile(filepath.Join(dir, f), nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return dir
+	}
+	exists := func(p string) bool {
+		_, err := os.Lstat(p)
+		return err == nil
+	}
+	ours := mkdir("lg123", ".s.PGSQL.5432", ".s.PGSQL.5432.lock")
+	record(ours)
+	c.removeStaleSocketDir()
+	if exists(ours) {
+		t.Fatalf("%s left; log:\n%s", ours, logs)
+	}
+	c.removeStaleSocketDir() // gone already: nothing to do, nothing to say
+	if strings.Contains(logs.String(), "left in place") {
+		t.Fatalf("a recorded directory that is gone was reported; log:\n%s", logs)
+	}
+
+	foreign := mkdir("lg456", ".s.PGSQL.5432", "notes.txt")
+	link := filepath.Join(base, "lg789")
+	if err := os.Symlink(mkdir("target"), link); err != nil {
+		t.Fatal(err)
+	}
+	other := mkdir("other", ".s.PGSQL.5432")
+	for _, dir := range []string{foreign, link, other, "lg-relative"} {
+		record(dir)
+		c.removeStaleSocketDir()
+		if filepath.IsAbs(dir) && !exists(dir) {
+			t.Fatalf("%s removed, want left", dir)
+		}
+	}
+	if n := strings.Count(logs.String(), "left in place"); n != 4 {
+		t.Fatalf("%d directories reported left, want 4; log:\n%s", n, logs)
+	}
+	if !exists(filepath.Join(base, "target")) {
+		t.Fatal("a symlink's target was removed")
+	}
 }
 
 // TestNotRoot runs a cluster from a process that is not root, the way
