@@ -137,17 +137,9 @@ func TestCommandAfterMinimalBirth(t *testing.T) {
 // has not answered (its publish lost, or dropped by the session) is sent
 // again, by the same id, until the locker answers; then no more.
 func TestCommandSentAgainUntilAnswered(t *testing.T) {
-	ctx := context.Background()
 	tg := MustStart(t, func(o *gateway.Options) { o.CommandResend = 200 * time.Millisecond })
-	r, c := rawLocker(t, tg, "SN-RESEND-1")
-	got := subscribeCommands(t, c, r.DeviceID)
-	publishBirth(t, tg, c, r.DeviceID)
-	var cmd fleet.Command
-	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 60}, &cmd); err != nil {
-		t.Fatal(err)
-	}
 	// The locker takes the command and does not answer: it comes again.
-	wantCommand(t, got, cmd.ID, "the unlock")
+	r, c, got, cmd := rawLockerUnlocked(t, tg, "SN-RESEND-1", 60)
 	wantCommand(t, got, cmd.ID, "the unlock sent again")
 	wantCommand(t, got, cmd.ID, "the unlock sent a third time")
 	Eventually(t, 5*time.Second, "the resends counted", func() error { // counted after the publish
@@ -188,14 +180,7 @@ func TestCommandSentAgainUntilAnswered(t *testing.T) {
 func TestUnansweredCommandReadsExpired(t *testing.T) {
 	ctx := context.Background()
 	tg := MustStart(t)
-	r, c := rawLocker(t, tg, "SN-UNANSWERED-1")
-	got := subscribeCommands(t, c, r.DeviceID)
-	publishBirth(t, tg, c, r.DeviceID)
-	var cmd fleet.Command
-	if err := tg.Admin.Post(ctx, "/v1/lockers/"+r.DeviceID+"/commands", map[string]any{"type": "unlock", "compartment": 1, "ttl_s": 1}, &cmd); err != nil {
-		t.Fatal(err)
-	}
-	wantCommand(t, got, cmd.ID, "the unlock")
+	r, c, _, cmd := rawLockerUnlocked(t, tg, "SN-UNANSWERED-1", 1)
 	path := "/v1/lockers/" + r.DeviceID + "/commands/" + cmd.ID
 	Eventually(t, 20*time.Second, "the unanswered unlock ended", func() error {
 		var body map[string]any
@@ -256,6 +241,23 @@ func rawLocker(t *testing.T, tg *TestGateway, serial string) (protocol.Provision
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
 	r := MustProvision(t, tg, claim, serial)
 	return r, MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+}
+
+// rawLockerUnlocked is rawLocker online (its birth), subscribed to its
+// commands, and sent an unlock of compartment 1 with ttlS that it
+// received; got has its later commands.
+func rawLockerUnlocked(t *testing.T, tg *TestGateway, serial string, ttlS int) (protocol.ProvisionResponse, paho.Client, <-chan string, fleet.Command) {
+	t.Helper()
+	r, c := rawLocker(t, tg, serial)
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	var cmd fleet.Command
+	if err := tg.Admin.Post(context.Background(), "/v1/lockers/"+r.DeviceID+"/commands",
+		map[string]any{"type": "unlock", "compartment": 1, "ttl_s": ttlS}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	wantCommand(t, got, cmd.ID, "the unlock")
+	return r, c, got, cmd
 }
 
 // publishResult publishes a plain client's answer ok to command id as

@@ -522,8 +522,9 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 		if e.Compartment < 1 {
 			continue
 		}
-		var ev protocol.Event
-		if err := json.Unmarshal(e.Body, &ev); err != nil {
+		// Read as the ingest read it: names exactly (protocol.Decode).
+		ev, err := protocol.Decode[protocol.Event](e.Body)
+		if err != nil {
 			log.Error("stored event body does not read as an event: its compartment's door state is left as it was (a gateway bug: please report it)",
 				"locker", e.DeviceID, "event", e.EventID, "type", e.Type, "compartment", e.Compartment, "err", err)
 			continue

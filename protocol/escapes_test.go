@@ -2,7 +2,8 @@ package protocol
 
 import (
 	"errors"
-	"strings"
+	"reflect"
+	"strconv"
 	"testing"
 )
 
@@ -56,32 +57,110 @@ func TestEventCompartmentBounds(t *testing.T) {
 	}
 }
 
-// TestEventNamesDifferingInCase: an event with two names that differ only
-// in letter case is invalid (which one was applied would not be what the
-// stored body shows); one name in another case is read, and the same name
-// twice is the last, as before. Other payloads are not asked.
-func TestEventNamesDifferingInCase(t *testing.T) {
+// TestNamesDifferingInCase: JSON names are case-sensitive, so a member
+// whose name matches a field only in another letter case is an unknown
+// field, ignored as the contract ignores them: it neither overrides the
+// field nor stands in for a missing one, at the top level or in a nested
+// object, in every payload. The same name twice is the last, as always.
+func TestNamesDifferingInCase(t *testing.T) {
 	for body, want := range map[string]string{
-		`"type":"door_closed","compartment":3,"occupied":true,"Compartment":4`: `fields "Compartment" and "compartment" differ only in letter case`,
-		`"type":"door_closed","Compartment":3,"occupied":true`:                 "",
-		`"type":"door_closed","compartment":3,"occupied":true,"compartment":4`: "",
-		`"type":"tamper","detail":"x","DETAIL":"y"`:                            `fields "DETAIL" and "detail" differ only in letter case`,
-		`"type":"tamper","detail":"x","note":{"a":1,"A":2}`:                    "", // unknown, nested: not read
-		`"type":"tamper","detail":"x","vendor":1,"Vendor":2`:                   "", // unknown: ignored
-		`"type":"power","source":"battery","ſource":"mains"`:                   `fields "source" and "ſource" differ only in letter case`,
-		`"type":"tamper","detail":"x","detaİl":"y"`:                            "", // İ folds to no i: another name`
+		`"type":"door_closed","compartment":3,"occupied":true,"Compartment":4`:    "3",
+		`"type":"door_closed","Compartment":3,"occupied":true`:                    "invalid",
+		`"type":"door_closed","compartment":3,"occupied":true,"compartment":4`:    "4",
+		`"type":"door_closed","compartment":3,"occupied":true,"COMPARTMENT":"A1"`: "3",
+		`"type":"tamper","detail":"x","DETAIL":"y"`:                               "x",
+		`"type":"tamper","detail":"x","note":{"a":1,"A":2}`:                       "x", // unknown, nested: not read
+		`"type":"tamper","detail":"x","vendor":1,"Vendor":2`:                      "x",
+		`"type":"tamper","detail":"x","Type":"vendor-subtype","ID":17`:            "x",
+		`"type":"tamper","detail":"x","TS":"07/12/2026 09:00"`:                    "x",
+		`"type":"power","source":"battery","ſource":"mains"`:                      "battery",
+		`"type":"tamper","detail":"x","detaİl":"y"`:                               "x", // İ folds to no i: another name
 	} {
 		e, err := Decode[Event]([]byte(`{"id":"e-1","ts":"2026-12-04T12:00:00Z",` + body + `}`))
-		switch {
-		case want == "" && err != nil:
+		if want == "invalid" {
+			if !errors.Is(err, ErrInvalid) {
+				t.Errorf("%s: %v, want invalid", body, err)
+			}
+			continue
+		}
+		if err != nil {
 			t.Errorf("%s: %v", body, err)
-		case want != "" && (err == nil || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), want)):
-			t.Errorf("%s: %v, want invalid: %s", body, err, want)
-		case want == "" && e.Type == EventDoorClosed && e.Compartment == 0:
-			t.Errorf("%s: compartment not read", body)
+			continue
+		}
+		if got := map[string]string{EventDoorClosed: strconv.Itoa(e.Compartment), EventTamper: e.Detail, EventPower: e.Source}[e.Type]; got != want || e.ID != "e-1" {
+			t.Errorf("%s: read %q (id %s), want %q", body, got, e.ID, want)
 		}
 	}
-	if _, err := Decode[Health]([]byte(`{"seq":1,"ts":"2026-12-04T12:00:00Z","uptime_s":5,"Seq":2}`)); err != nil {
-		t.Errorf("health with a name in two cases: %v, want read (not asked)", err)
+	const ts = `"ts":"2026-12-04T12:00:00Z"`
+	if r, err := Decode[CommandResult]([]byte(`{"id":"c-1","status":"failed","error":"door_jammed",` + ts + `,"Status":"ok"}`)); err != nil || r.Status != StatusFailed {
+		t.Errorf("a result with Status beside status: %+v %v, want failed", r, err)
 	}
+	if r, err := Decode[CommandResult]([]byte(`{"id":"c-1","status":"ok",` + ts + `,"Status":"LATCH_OPEN"}`)); err != nil || r.Status != StatusOK {
+		t.Errorf("a result with an unknown Status: %+v %v, want ok", r, err)
+	}
+	if s, err := Decode[FwStatus]([]byte(`{"job":"j-1","state":"failed","error":"checksum",` + ts + `,"State":"verifying"}`)); err != nil || s.State != "failed" {
+		t.Errorf("fw/status with State beside state: %+v %v, want failed", s, err)
+	}
+	if a, err := Decode[CredsAck]([]byte(`{"version":0,"Version":7}`)); err != nil || a.Version != 0 {
+		t.Errorf("an ack with Version beside version: %+v %v, want 0", a, err)
+	}
+	if _, err := Decode[CredsAck]([]byte(`{"Version":7}`)); !errors.Is(err, ErrInvalid) {
+		t.Errorf("an ack with Version alone: %v, want invalid (version is required)", err)
+	}
+	if h, _, err := DecodeHealthBody([]byte(`{"seq":1,` + ts + `,"uptime_s":5,"Seq":2,"Power":"solar"}`)); err != nil || h.Seq != 1 || h.Power != "" {
+		t.Errorf("health with Seq and Power: %+v %v, want seq 1, no power", h, err)
+	}
+	req := `{"serial":"SN-1","model":"LX","fw":"1.0.0","compartments":[{"n":1,"size":"S","zone":"ambient","Size":"XL","ZONE":1}]}`
+	if r, err := Decode[ProvisionRequest]([]byte(req)); err != nil || len(r.Compartments) != 1 || r.Compartments[0].Size != "S" || r.Compartments[0].Zone != "ambient" {
+		t.Errorf("a provisioning request with Size beside size in a compartment: %+v %v, want S, ambient", r, err)
+	}
+}
+
+// TestKeyMayFold: the cheap check before exactNames' parse flags every
+// payload with a member name that could fold to a field's without being
+// it (at any depth, after spaces, escaped) and passes plain ones, whatever
+// their values hold; a payload it passes has nothing for exactNames to
+// remove.
+func TestKeyMayFold(t *testing.T) {
+	for payload, want := range map[string]bool{
+		`{"id":"e-1","ts":"2026-12-04T12:00:00Z","type":"tamper","detail":"LID FORCED"}`: false,
+		`{"status":"failed","error":"door_jammed","Status":"ok"}`:                        true,
+		`{"seq":1,"x":{"Seq":2}}`:                  true,
+		`{"seq":1,"Seq" :2}`:                       true,
+		`{"ſource":"mains"}`:                       true,
+		`{"t\u0073":"x"}`:                          true,
+		`{"detail":"say \"Hi\": now","n":[1,"A"]}`: false,
+		`{"detail":"é"}`:                           false,
+		`["A":1]`:                                  true, // not an object: decoding says so
+	} {
+		if got := keyMayFold([]byte(payload)); got != want {
+			t.Errorf("%s: %v, want %v", payload, got, want)
+		}
+		if !keyMayFold([]byte(payload)) {
+			if _, changed := withoutCaseVariants([]byte(payload), reflect.TypeFor[Event](), true); changed {
+				t.Errorf("%s: passed, but exactNames removes a member", payload)
+			}
+		}
+	}
+}
+
+// FuzzKeyMayFold: for any input, a payload keyMayFold passes has no
+// member that exactNames would remove, for any of the messages lockers
+// send.
+func FuzzKeyMayFold(f *testing.F) {
+	for _, s := range []string{`{"status":"ok","Status":"failed"}`, `{"a":{"Seq":1}}`, `{"t\u0073":1}`, `{"x":"\"Y\":"}`, `{"compartments":[{"Size":"S"}]}`} {
+		f.Add([]byte(s))
+	}
+	types := []reflect.Type{reflect.TypeFor[Event](), reflect.TypeFor[Health](), reflect.TypeFor[CommandResult](),
+		reflect.TypeFor[CredsAck](), reflect.TypeFor[Presence](), reflect.TypeFor[FwStatus](), reflect.TypeFor[ProvisionRequest]()}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if keyMayFold(b) {
+			return
+		}
+		for _, typ := range types {
+			if out, changed := withoutCaseVariants(b, typ, true); changed {
+				t.Fatalf("%q passed the check, but %s's exact names make it %s", b, typ, out)
+			}
+		}
+	})
 }

@@ -157,3 +157,33 @@ func BenchmarkDecodeHealth(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkDecodeMessages decodes the other messages a locker sends, as
+// the contract's examples write them: what each costs, the members' parse
+// that reads names exactly (exactNames) included.
+func BenchmarkDecodeMessages(b *testing.B) {
+	const ts = `"ts":"2026-11-24T21:30:00.123Z"`
+	for _, c := range []struct {
+		name    string
+		payload string
+		decode  func([]byte) error
+	}{
+		{"event", `{"id":"e-8f2c","` + ts[1:] + `,"type":"door_closed","compartment":7,"occupied":false}`,
+			func(p []byte) error { _, _, err := DecodeBody[Event](p); return err }},
+		{"result", `{"id":"c-01J","status":"failed","error":"door_jammed",` + ts + `}`,
+			func(p []byte) error { _, err := Decode[CommandResult](p); return err }},
+		{"birth", `{"online":true,` + ts + `,"fw":"1.4.2","model":"LX-24","boot_id":"b-1"}`,
+			func(p []byte) error { _, err := Decode[Presence](p); return err }},
+		{"ack", `{"version":42}`, func(p []byte) error { _, err := Decode[CredsAck](p); return err }},
+	} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			p := []byte(c.payload)
+			for b.Loop() {
+				if err := c.decode(p); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}

@@ -6,13 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"maps"
 	"math"
 	"math/big"
 	"reflect"
-	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -207,7 +206,7 @@ func decodeBody[T any, PT interface {
 	// Unmarshal checks the syntax of the whole payload, trailing data
 	// included, before it decodes anything, so a SyntaxError is the only
 	// error about the JSON itself; the rest are about the values.
-	if err := json.Unmarshal(payload, v); err != nil {
+	if err := json.Unmarshal(exactNames[T](payload), v); err != nil {
 		var se *json.SyntaxError
 		if errors.As(err, &se) {
 			return nil, nil, fmt.Errorf("%w: %v", ErrMalformed, err)
@@ -219,7 +218,7 @@ func decodeBody[T any, PT interface {
 		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
 			if whole, ok := wholeNumbers(payload); ok {
 				v, payload = new(T), whole
-				err = json.Unmarshal(payload, v)
+				err = json.Unmarshal(exactNames[T](payload), v)
 			}
 		}
 		if err != nil {
@@ -229,64 +228,165 @@ func decodeBody[T any, PT interface {
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if rc, ok := any(v).(rawChecker); ok {
-		if err := rc.checkRaw(payload); err != nil {
-			return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
-		}
-	}
 	return v, payload, nil
 }
 
-// rawChecker is a payload type that also checks its payload as read, once
-// it decoded and validated.
-type rawChecker interface {
-	checkRaw(payload []byte) error
-}
-
-// checkRaw implements rawChecker: an event's body is stored as read, so two
-// names that its decoding took as one field are refused (caseDuplicates).
-func (e *Event) checkRaw(payload []byte) error { return caseDuplicates(payload) }
-
-// caseDuplicates refuses a top-level object (payload, which decoded) in
-// which two member names match the same Event field as encoding/json
-// matches names (equal under Unicode simple case folding): the decoder
-// takes the last for the field, and a body stored as read would keep both,
-// so what was applied and what is shown would differ. (The same name twice
-// is the same field everywhere: the last. Names of no field are ignored,
-// as unknown fields are.) Asked of events, whose bodies are stored; it
-// costs a second parse.
-func caseDuplicates(payload []byte) error {
-	var members map[string]json.RawMessage
-	if err := json.Unmarshal(payload, &members); err != nil {
-		return nil // decoded before: not an object of members
+// exactNames returns payload (a JSON object, to be decoded into a T)
+// without the members whose names match a field of T, or of a struct
+// within it, only as encoding/json matches names: equal under Unicode
+// simple case folding, but not equal ("Status" beside "status"). JSON
+// names are case-sensitive, so such a member is an unknown field, which
+// the contract ignores, where encoding/json would take it for the field
+// (the last of the two winning). Payload itself when it has none (or does
+// not parse: the decoding reports that); otherwise a copy, rewritten, that
+// is only decoded. A body kept as read keeps them (unknown fields), and
+// every reader of it that matches names exactly (PostgreSQL's ->>, this
+// package's Decode) reads what was applied. It costs a parse of the
+// members (health's plain reports never get here: DecodeHealth).
+func exactNames[T any](payload []byte) []byte {
+	if !keyMayFold(payload) {
+		return payload
 	}
-	names := slices.Sorted(maps.Keys(members))
-	seen := make(map[string]string, len(names))
-	for _, name := range names {
-		folded := foldName(name)
-		if !eventFields[folded] {
-			continue
-		}
-		if other, ok := seen[folded]; ok {
-			return fmt.Errorf("fields %q and %q differ only in letter case", other, name)
-		}
-		seen[folded] = name
-	}
-	return nil
-}
-
-// eventFields holds the folded (foldName) JSON names of Event's fields.
-var eventFields = func() map[string]bool {
-	out := map[string]bool{}
-	t := reflect.TypeFor[Event]()
-	for i := range t.NumField() {
-		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
-		if name != "" && name != "-" {
-			out[foldName(name)] = true
-		}
+	out, changed := withoutCaseVariants(payload, reflect.TypeFor[T](), true)
+	if !changed {
+		return payload
 	}
 	return out
-}()
+}
+
+// keyMayFold reports whether a member name of payload (any string followed
+// by a colon, at any depth) holds an upper-case ASCII letter, a non-ASCII
+// byte or an escape: what a name needs to fold to a field's name (all
+// lower-case ASCII) without being it. One pass, no allocation: the plain
+// messages lockers send skip the members' parse.
+func keyMayFold(payload []byte) bool {
+	inString, suspect := false, false
+	for i := 0; i < len(payload); i++ {
+		c := payload[i]
+		if inString {
+			switch {
+			case c == '\\':
+				suspect = true
+				i++ // the escaped byte
+			case c == '"':
+				inString = false
+				j := i + 1
+				for j < len(payload) && (payload[j] == ' ' || payload[j] == '\t' || payload[j] == '\r' || payload[j] == '\n') {
+					j++
+				}
+				if suspect && j < len(payload) && payload[j] == ':' {
+					return true
+				}
+			case c >= 'A' && c <= 'Z', c >= 0x80:
+				suspect = true
+			}
+			continue
+		}
+		if c == '"' {
+			inString, suspect = true, false
+		}
+	}
+	return false
+}
+
+// withoutCaseVariants is exactNames for a JSON value raw read as a t: an
+// object for a struct (top: whatever its own UnmarshalJSON, which reads
+// the same names), a list of them for a slice or array; nested structs
+// with their own UnmarshalJSON (Time) are left as they are. It reports
+// whether it removed anything.
+func withoutCaseVariants(raw []byte, t reflect.Type, top bool) ([]byte, bool) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		if !top && reflect.PointerTo(t).Implements(reflect.TypeFor[json.Unmarshaler]()) {
+			return raw, false
+		}
+		var members map[string]json.RawMessage
+		if json.Unmarshal(raw, &members) != nil || members == nil {
+			return raw, false
+		}
+		fs := jsonFieldsOf(t)
+		changed := false
+		for name, v := range members {
+			if ft, ok := fs.exact[name]; ok {
+				if nv, c := withoutCaseVariants(v, ft, false); c {
+					members[name], changed = nv, true
+				}
+			} else if fs.folded[foldName(name)] {
+				delete(members, name)
+				changed = true
+			}
+		}
+		return rewritten(raw, changed, members)
+	case reflect.Slice, reflect.Array:
+		if t.Elem().Kind() != reflect.Struct && t.Elem().Kind() != reflect.Pointer {
+			return raw, false
+		}
+		var items []json.RawMessage
+		if json.Unmarshal(raw, &items) != nil {
+			return raw, false
+		}
+		changed := false
+		for i, v := range items {
+			if nv, c := withoutCaseVariants(v, t.Elem(), false); c {
+				items[i], changed = nv, true
+			}
+		}
+		return rewritten(raw, changed, items)
+	}
+	return raw, false
+}
+
+// rewritten is v (raw's members or items, some replaced or removed)
+// written again when changed, and raw otherwise.
+func rewritten(raw []byte, changed bool, v any) ([]byte, bool) {
+	if !changed {
+		return raw, false
+	}
+	out, err := json.Marshal(v)
+	if err != nil {
+		return raw, false
+	}
+	return out, true
+}
+
+// jsonFields are a struct type's JSON member names: exact, with each
+// field's type, and folded (foldName).
+type jsonFields struct {
+	exact  map[string]reflect.Type
+	folded map[string]bool
+}
+
+// jsonFieldCache holds jsonFields by struct type.
+var jsonFieldCache sync.Map
+
+// jsonFieldsOf returns t's JSON member names: its exported fields' (the
+// tag's name, or the field's name), not those tagged "-".
+func jsonFieldsOf(t reflect.Type) jsonFields {
+	if fs, ok := jsonFieldCache.Load(t); ok {
+		return fs.(jsonFields)
+	}
+	fs := jsonFields{exact: map[string]reflect.Type{}, folded: map[string]bool{}}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		fs.exact[name] = f.Type
+		fs.folded[foldName(name)] = true
+	}
+	jsonFieldCache.Store(t, fs)
+	return fs
+}
 
 // foldName maps each rune of s to the smallest of its simple case folding
 // orbit: two names fold alike exactly when strings.EqualFold holds, which
@@ -337,10 +437,10 @@ func utcTS(payload []byte) []byte {
 			continue
 		}
 		if key {
-			// Any case: encoding/json gives the field a key that folds to
-			// its name.
+			// The name exactly, as decoding reads it (exactNames); an
+			// escape in it is read by the decoder.
 			k, _ := tok.(string)
-			isTS, key, keyEnd = strings.EqualFold(k, "ts"), false, int(d.InputOffset())
+			isTS, key, keyEnd = k == "ts", false, int(d.InputOffset())
 			continue
 		}
 		key = true
@@ -362,15 +462,10 @@ func utcTS(payload []byte) []byte {
 	return append(out, payload[last:]...)
 }
 
-// mayHoldTS reports whether payload may have a "ts" key, in any case or
+// mayHoldTS reports whether payload may have a "ts" key, as written or
 // spelled with an escape.
 func mayHoldTS(payload []byte) bool {
-	for _, k := range []string{`"ts"`, `"TS"`, `"Ts"`, `"tS"`} {
-		if bytes.Contains(payload, []byte(k)) {
-			return true
-		}
-	}
-	return bytes.IndexByte(payload, '\\') >= 0
+	return bytes.Contains(payload, []byte(`"ts"`)) || bytes.IndexByte(payload, '\\') >= 0
 }
 
 // isUTC reports whether s is an RFC 3339 time in UTC as written (with Z).

@@ -368,7 +368,7 @@ func TestDecode_WholeNumbers(t *testing.T) {
 		t.Fatalf("a payload of integers: %v, body %s not the payload itself", err, body)
 	}
 	for _, p := range []string{
-		`{"ts":"2026-11-24T21:31:00.456Z","seq":7.0,"Seq":-1}`, // the last key wins: -1, refused
+		`{"ts":"2026-11-24T21:31:00.456Z","seq":7.0,"seq":-1}`, // the last key wins: -1, refused
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":1234.5}`,
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":9.3e18}`,       // past int64
 		`{"ts":"2026-11-24T21:31:00.456Z","seq":1e999999999}`,  // not spelled out
@@ -395,11 +395,13 @@ func TestStoredTSInUTC(t *testing.T) {
 		{`{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`, `{"id":"e-1","ts":"2026-11-24T21:30:00Z","type":"tamper"}`},
 		{`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24t21:30:00.1z","type":"tamper"}`,
 			`{"id":"e-1","x":[{"a":1}],"ts":"2026-11-24T21:30:00.100Z","type":"tamper"}`},
-		// A number past float64 before it, the key in another case, or
-		// spelled with an escape: still found.
+		// A number past float64 before it, or the key spelled with an
+		// escape: still found.
 		{`{"id":"e-1","x":1e400,"ts":"2026-11-24 21:30:00","type":"tamper"}`,
 			`{"id":"e-1","x":1e400,"ts":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
-		{`{"id":"e-1","TS":"2026-11-24 21:30:00","type":"tamper"}`, `{"id":"e-1","TS":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
+		// Another case is another name (an unknown field): left as sent.
+		{`{"id":"e-1","ts":"2026-11-24 21:30:00","TS":"2026-11-24 21:30:00","type":"tamper"}`,
+			`{"id":"e-1","ts":"2026-11-24T21:30:00.000Z","TS":"2026-11-24 21:30:00","type":"tamper"}`},
 		{`{"id":"e-1","t\u0073":"2026-11-24 21:30:00","type":"tamper"}`, `{"id":"e-1","t\u0073":"2026-11-24T21:30:00.000Z","type":"tamper"}`},
 	} {
 		_, body, err := protocol.DecodeBody[protocol.Event]([]byte(c.in))
