@@ -769,6 +769,32 @@ func TestRoles(t *testing.T) {
 		}
 	})
 
+	// Every 403 says why: the token's site or role, not a bare "forbidden".
+	t.Run("ForbiddenSaysWhy", func(t *testing.T) {
+		for _, c := range []struct {
+			c    *client.Client
+			req  client.Request
+			want string
+		}{
+			{storeA, get("/v1/sites/site-b"), "this store token is for site site-a, not site-b"},
+			{storeA, get("/v1/lockers?site=site-b"), "this store token is for site site-a, not site-b"},
+			{storeB, get("/v1/pickups?site=site-a"), "this store token is for site site-b, not site-a"},
+			{storeA, get("/v1/alerts?site=site-b"), "this store token is for site site-a, not site-b"},
+			{storeA, client.Request{Method: "POST", Path: "/v1/lockers/" + lockersA[0] + "/commands", Body: map[string]any{"type": "reboot"}},
+				"a store token may send unlock commands only (reboot is for operator or admin tokens)"},
+			{storeA, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{"site": "site-b", "order_ref": "X-1",
+				"recipient": map[string]string{"platform": "speedy"}}}, "this store token is for site site-a, not site-b"},
+			{platform, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{"site": "site-a", "order_ref": "X-2",
+				"recipient": map[string]string{"kind": "driver", "platform": "zoom"}}}, "this platform token is speedy's: it makes pickups for speedy only"},
+		} {
+			_, err := c.c.Do(ctx, c.req, nil)
+			var ce *client.Error
+			if !errors.As(err, &ce) || ce.Status != denied || !strings.Contains(ce.Detail, c.want) {
+				t.Errorf("%s %s: %v, want 403 saying %q", c.req.Method, c.req.Path, err, c.want)
+			}
+		}
+	})
+
 	t.Run("RevokedToken", func(t *testing.T) {
 		id, c := tg.MustToken(t, "store", "site-a", "temp")
 		if err := c.Get(ctx, "/v1/lockers", nil, nil); err != nil {

@@ -25,7 +25,7 @@ func (s *Server) listAlerts(w http.ResponseWriter, r *http.Request) error {
 		f := fleet.AlertFilter{Site: q.Get("site"), Locker: q.Get("locker"), Kind: q.Get("kind"), Limit: limit}
 		if t := principal(r); t.Role == fleet.RoleStore {
 			if f.Site != "" && f.Site != t.Site {
-				return nil, errForbidden
+				return nil, otherSite(t, f.Site)
 			}
 			f.Site = t.Site
 			if f.Locker != "" {

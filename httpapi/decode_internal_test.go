@@ -63,3 +63,26 @@ func TestCanonicalJSON(t *testing.T) {
 		}
 	}
 }
+
+// TestDecodeSaysWhatToSend: a form body (curl -d without the JSON content
+// type) and a time given as a number are 400s that say what to send; a
+// JSON body sent as a form is read all the same.
+func TestDecodeSaysWhatToSend(t *testing.T) {
+	var v struct {
+		Type      string    `json:"type"`
+		ExpiresAt time.Time `json:"expires_at"`
+	}
+	for _, c := range []struct{ body, contentType, want string }{
+		{`type=unlock&compartment=2`, "application/x-www-form-urlencoded",
+			`bad request: the body must be a JSON object, sent with Content-Type: application/json; this one reads as a form ("type=unlock&compartment=2")`},
+		{`{"type":"unlock"}`, "application/x-www-form-urlencoded", ""},
+		{`{"expires_at":12345}`, "application/json", `bad request: a time field holds something other than a string: times are RFC 3339 strings`},
+	} {
+		req := httptest.NewRequest("POST", "/", strings.NewReader(c.body))
+		req.Header.Set("Content-Type", c.contentType)
+		err := decode(req, &v)
+		if c.want == "" && err != nil || c.want != "" && (err == nil || !strings.HasPrefix(err.Error(), c.want)) {
+			t.Errorf("%s as %s: %v, want %q", c.body, c.contentType, err, c.want)
+		}
+	}
+}

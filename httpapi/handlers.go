@@ -140,7 +140,7 @@ func (s *Server) listLockers(w http.ResponseWriter, r *http.Request) error {
 		f := fleet.LockerFilter{Site: q.Get("site"), Model: q.Get("model"), FW: q.Get("fw"), After: after, Limit: limit}
 		if t := principal(r); t.Role == fleet.RoleStore {
 			if f.Site != "" && f.Site != t.Site {
-				return nil, errForbidden
+				return nil, otherSite(t, f.Site)
 			}
 			f.Site = t.Site
 		}
@@ -350,7 +350,7 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 	}
 	if tok.Role == fleet.RoleStore {
 		if in.Type != protocol.CmdUnlock {
-			return errForbidden
+			return fmt.Errorf("%w: a store token may send unlock commands only (%s is for operator or admin tokens)", errForbidden, in.Type)
 		}
 		req.Site = tok.Site // another site's locker is forbidden
 	}

@@ -203,7 +203,9 @@ func TestListAuditCursor(t *testing.T) {
 	}
 
 	call(t, s, "GET", "/v1/audit?after=9x", "admin").wantProblem(t, 400, "bad request: after must be a cursor from a previous answer")
-	call(t, s, "GET", "/v1/audit?since=yesterday", "admin").wantProblem(t, 400, "bad request: since must be an RFC 3339 time")
+	call(t, s, "GET", "/v1/audit?since=yesterday", "admin").wantProblem(t, 400, `bad request: since must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "yesterday"`)
+	call(t, s, "GET", "/v1/audit?since=2026-12-07T09:00:00+01:00", "admin").wantProblem(t, 400,
+		`bad request: since must be an RFC 3339 time, not "2026-12-07T09:00:00 01:00": write a + in a URL query as %2B (2026-12-07T09:00:00%2B01:00)`)
 	call(t, s, "GET", "/v1/audit?limit=-1&after=x", "admin").wantProblem(t, 400, "bad request: limit must be 1..1000")
 	call(t, s, "GET", "/v1/audit", "store-a").wantProblem(t, 403, "role store may not GET /v1/audit")
 }
@@ -214,7 +216,7 @@ func TestListLockersChecks(t *testing.T) {
 	s := New(Options{Store: &fakeStore{}})
 	call(t, s, "GET", "/v1/lockers?online=maybe", "admin").wantProblem(t, 400, "bad request: online must be true or false")
 	call(t, s, "GET", "/v1/lockers?online=maybe&limit=0", "admin").wantProblem(t, 400, "bad request: limit must be 1..1000")
-	call(t, s, "GET", "/v1/lockers?site=b", "store-a").wantProblem(t, 403, "forbidden")
+	call(t, s, "GET", "/v1/lockers?site=b", "store-a").wantProblem(t, 403, "forbidden: this store token is for site a, not b")
 	call(t, s, "GET", "/v1/lockers", "").wantProblem(t, 401, "missing bearer token: send Authorization: Bearer <token>")
 	call(t, s, "GET", "/v1/lockers", "nobody").wantProblem(t, 401, "unknown or revoked token")
 }
@@ -242,8 +244,8 @@ func TestRangeParams(t *testing.T) {
 		{"after=2026-01-01T10:00:00Z", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
 		{"after=2026-01-01T10:00:00Z~", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
 		{"after=yesterday~1", fleet.Range{}, "bad request: after must be a cursor from a previous answer"},
-		{"since=yesterday", fleet.Range{}, "bad request: since must be an RFC 3339 time"},
-		{"until=tomorrow", fleet.Range{}, "bad request: until must be an RFC 3339 time"},
+		{"since=yesterday", fleet.Range{}, `bad request: since must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "yesterday"`},
+		{"until=tomorrow", fleet.Range{}, `bad request: until must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "tomorrow"`},
 		{"limit=0&since=yesterday", fleet.Range{}, "bad request: limit must be 1..1000"},
 	} {
 		rg, err := rangeParams(httptest.NewRequest("GET", "/v1/lockers/x/health?"+tc.query, nil))

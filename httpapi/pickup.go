@@ -77,14 +77,15 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	switch t.Role {
 	case fleet.RoleStore:
 		if in.Site != t.Site {
-			return errForbidden
+			return otherSite(t, in.Site)
 		}
 	case fleet.RolePlatform:
 		if in.Recipient.Platform == "" {
 			in.Recipient.Platform = t.Name // and so a driver, unless kind says otherwise (Service.Create)
 		}
 		if in.Recipient.Platform != t.Name {
-			return errForbidden
+			return fmt.Errorf("%w: this platform token is %s's: it makes pickups for %s only (recipient.platform %s)",
+				errForbidden, t.Name, t.Name, in.Recipient.Platform)
 		}
 	}
 	if !protocol.ValidID(in.Site) {
@@ -147,7 +148,7 @@ func (s *Server) listPickups(w http.ResponseWriter, r *http.Request) error {
 	switch t := principal(r); t.Role {
 	case fleet.RoleStore:
 		if f.Site != "" && f.Site != t.Site {
-			return errForbidden
+			return otherSite(t, f.Site)
 		}
 		f.Site = t.Site
 	case fleet.RolePlatform:

@@ -1,6 +1,7 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -112,6 +113,11 @@ func decode(r *http.Request, v any) error {
 		// encoding/json would store U+FFFD in place of each bad byte.
 		return badRequest("body is not UTF-8")
 	}
+	if trimmed := bytes.TrimLeft(body, " \t\r\n"); len(trimmed) > 0 && trimmed[0] != '{' && trimmed[0] != '[' &&
+		strings.HasPrefix(r.Header.Get("Content-Type"), "application/x-www-form-urlencoded") {
+		// What curl -d sends without -H "Content-Type: application/json".
+		return badRequest("the body must be a JSON object, sent with Content-Type: application/json; this one reads as a form (%.40q)", trimmed)
+	}
 	if err := json.Unmarshal(body, v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) {
@@ -123,6 +129,11 @@ func decode(r *http.Request, v any) error {
 		var pe *time.ParseError
 		if errors.As(err, &pe) {
 			return badRequest("%q is not an RFC 3339 time: write it like 2026-11-24T21:30:00.123Z", pe.Value)
+		}
+		if strings.Contains(err.Error(), "Time.UnmarshalJSON") {
+			// A number, true or an object where a time belongs: the
+			// error names no field, so the message says what to send.
+			return badRequest("a time field holds something other than a string: times are RFC 3339 strings, like \"2026-11-24T21:30:00.123Z\" (%v)", err)
 		}
 		return badRequest("malformed JSON: %v", err)
 	}
@@ -251,8 +262,13 @@ func timeParam(r *http.Request, name string) (time.Time, error) {
 		return time.Time{}, nil
 	}
 	t, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil && strings.Contains(v, " ") {
+		// A "+01:00" offset sent unescaped: in a query a + is a space.
+		return time.Time{}, badRequest("%s must be an RFC 3339 time, not %q: write a + in a URL query as %%2B (%s)", name, v,
+			strings.ReplaceAll(v, " ", "%2B"))
+	}
 	if err != nil {
-		return time.Time{}, badRequest("%s must be an RFC 3339 time", name)
+		return time.Time{}, badRequest("%s must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not %q", name, v)
 	}
 	return t, nil
 }

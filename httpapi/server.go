@@ -323,9 +323,14 @@ var errForbidden = fleet.ErrForbidden
 // checkSite returns errForbidden when a store token asks about another site.
 func checkSite(r *http.Request, site string) error {
 	if t := principal(r); t.Role == fleet.RoleStore && t.Site != site {
-		return errForbidden
+		return otherSite(t, site)
 	}
 	return nil
+}
+
+// otherSite is the 403 of store token t asking about another site.
+func otherSite(t *fleet.Token, site string) error {
+	return fmt.Errorf("%w: this store token is for site %s, not %s", errForbidden, t.Site, site)
 }
 
 // route is one authenticated API endpoint.
