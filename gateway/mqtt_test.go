@@ -223,8 +223,10 @@ func TestMQTTBadInput(t *testing.T) {
 	for _, b := range bad {
 		pub(b.ch, b.payload)
 	}
-	// A valid message after the bad ones still lands.
-	pub(protocol.ChanEvents, `{"id":"e-good","ts":"`+now+`","type":"tamper","detail":"lid","extra_field":{"ignored":true}}`)
+	// A valid message after the bad ones still lands, its unknown fields
+	// ignored: a tamper's compartment or occupied (fields of other event
+	// types) too, whatever they hold.
+	pub(protocol.ChanEvents, `{"id":"e-good","ts":"`+now+`","type":"tamper","detail":"lid","extra_field":{"ignored":true},"compartment":"left","occupied":"maybe"}`)
 	Eventually(t, 10*time.Second, "valid event stored", func() error {
 		n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-good'`, id.DeviceID)
 		if n != 1 {

@@ -164,3 +164,38 @@ func FuzzKeyMayFold(f *testing.F) {
 		}
 	})
 }
+
+// TestForeignEventFields: a field of another event type is an unknown
+// field for this one, ignored whatever it holds: of a type the field
+// cannot hold, or a value the type's checks refuse, it is left out; a
+// value they pass is kept (a tamper's compartment, for its alert).
+func TestForeignEventFields(t *testing.T) {
+	const head = `{"id":"e-1","ts":"2026-12-04T12:00:00Z",`
+	for body, want := range map[string]Event{
+		`"type":"tamper","detail":"door forced","compartment":"left"}`:             {Type: EventTamper, Detail: "door forced"},
+		`"type":"tamper","detail":"x","compartment":3,"occupied":"maybe"}`:         {Type: EventTamper, Detail: "x", Compartment: 3},
+		`"type":"code_rejected","reason":"unknown","compartments":["A"]}`:          {Type: EventCodeRejected, Reason: RejectUnknown},
+		`"type":"code_accepted","credential":"k-1","compartments":[1],"reason":5}`: {Type: EventCodeAccepted, Credential: "k-1", Compartments: []int{1}},
+		`"type":"reboot","reason":"watchdog","compartment":-4,"open_s":-1}`:        {Type: EventReboot, Reason: "watchdog"},
+	} {
+		e, err := Decode[Event]([]byte(head + body))
+		if err != nil {
+			t.Errorf("%s: %v", body, err)
+			continue
+		}
+		want.ID, want.TS = "e-1", e.TS
+		if !reflect.DeepEqual(*e, want) {
+			t.Errorf("%s: %+v, want %+v", body, *e, want)
+		}
+	}
+	// Its own fields are checked as before.
+	for _, body := range []string{
+		`"type":"door_closed","compartment":"left","occupied":true}`,
+		`"type":"code_accepted","credential":"k-1","compartments":["A"]}`,
+		`"type":"door_ajar","compartment":2,"open_s":-1}`,
+	} {
+		if _, err := Decode[Event]([]byte(head + body)); !errors.Is(err, ErrInvalid) {
+			t.Errorf("%s: %v, want invalid", body, err)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"math"
 	"math/big"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -206,7 +207,11 @@ func decodeBody[T any, PT interface {
 	// Unmarshal checks the syntax of the whole payload, trailing data
 	// included, before it decodes anything, so a SyntaxError is the only
 	// error about the JSON itself; the rest are about the values.
-	if err := json.Unmarshal(exactNames[T](payload), v); err != nil {
+	err := json.Unmarshal(exactNames[T](payload), v)
+	if f, ok := any(v).(foreignFields); ok && err != nil {
+		err = decodeIgnoringForeign(payload, v, f, err)
+	}
+	if err != nil {
 		var se *json.SyntaxError
 		if errors.As(err, &se) {
 			return nil, nil, fmt.Errorf("%w: %v", ErrMalformed, err)
@@ -225,10 +230,51 @@ func decodeBody[T any, PT interface {
 			return nil, nil, typeError(err)
 		}
 	}
+	if f, ok := any(v).(foreignFields); ok {
+		f.dropForeign()
+	}
 	if err := PT(v).Validate(); err != nil {
 		return nil, nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return v, payload, nil
+}
+
+// foreignFields is a payload type whose fields depend on a kind it names
+// (an event's type): the others are unknown fields for it, ignored
+// whatever they hold.
+type foreignFields interface {
+	// foreign reports whether the top-level member name is not a field of
+	// the kind that members (the payload's) name.
+	foreign(members map[string]json.RawMessage, name string) bool
+	// dropForeign clears, once decoded, the values of fields foreign to
+	// its kind that its checks would refuse.
+	dropForeign()
+}
+
+// decodeIgnoringForeign decodes payload into v again, without each
+// top-level member of a type v cannot hold (err, the first attempt's
+// error, names it) that is foreign to v's kind; it returns the error that
+// stands, err when it was no such member's.
+func decodeIgnoringForeign[T any](payload []byte, v *T, f foreignFields, err error) error {
+	var members map[string]json.RawMessage
+	if json.Unmarshal(payload, &members) != nil {
+		return err
+	}
+	for len(members) > 0 {
+		var te *json.UnmarshalTypeError
+		if !errors.As(err, &te) || te.Field == "" || strings.Contains(te.Field, ".") || !f.foreign(members, te.Field) {
+			return err
+		}
+		delete(members, te.Field)
+		if payload, err = json.Marshal(members); err != nil {
+			return err
+		}
+		*v = *new(T)
+		if err = json.Unmarshal(exactNames[T](payload), v); err == nil {
+			return nil
+		}
+	}
+	return err
 }
 
 // exactNames returns payload (a JSON object, to be decoded into a T)
@@ -693,6 +739,59 @@ type Event struct {
 	Reason       string `json:"reason,omitempty"`
 	Detail       string `json:"detail,omitempty"`
 	Source       string `json:"source,omitempty"`
+}
+
+// eventFields are the fields of each event type beyond id, ts and type
+// (protocol-v1, Events): the others are unknown fields for it.
+var eventFields = map[string][]string{
+	EventDoorOpened:   {"compartment", "by", "credential", "command"},
+	EventDoorClosed:   {"compartment", "occupied"},
+	EventDoorAjar:     {"compartment", "open_s"},
+	EventCodeAccepted: {"credential", "compartments"},
+	EventCodeRejected: {"reason"},
+	EventTamper:       {"detail"},
+	EventPower:        {"source"},
+	EventReboot:       {"reason"},
+}
+
+// foreign implements foreignFields: name is not a field of the event's
+// type (an event of no known type has none: Validate refuses it).
+func (e *Event) foreign(members map[string]json.RawMessage, name string) bool {
+	if name == "id" || name == "ts" || name == "type" {
+		return false
+	}
+	var typ string
+	if json.Unmarshal(members["type"], &typ) != nil {
+		return false
+	}
+	fields, known := eventFields[typ]
+	return known && !slices.Contains(fields, name)
+}
+
+// dropForeign implements foreignFields: a field of another event type
+// that this one's checks would refuse (a tamper's compartment -1, a
+// reboot's 300-byte detail) is cleared, as an unknown field is ignored;
+// one that passes them is kept (a tamper's compartment, for its alert).
+func (e *Event) dropForeign() {
+	fields, known := eventFields[e.Type]
+	if !known {
+		return
+	}
+	uses := func(name string) bool { return slices.Contains(fields, name) }
+	if !uses("compartment") && (e.Compartment < 0 || e.Compartment > MaxCompartmentNumber) {
+		e.Compartment = 0
+	}
+	if !uses("compartments") && slices.ContainsFunc(e.Compartments, func(n int) bool { return n < 1 || n > MaxCompartmentNumber }) {
+		e.Compartments = nil
+	}
+	if !uses("open_s") && e.OpenS < 0 {
+		e.OpenS = 0
+	}
+	for name, f := range map[string]*string{"credential": &e.Credential, "command": &e.Command, "reason": &e.Reason, "detail": &e.Detail} {
+		if !uses(name) && len(*f) > maxField {
+			*f = ""
+		}
+	}
 }
 
 // Validate implements Validator.

@@ -137,8 +137,14 @@ var validationCases = []struct {
 	{"Event/CodeRejectedBadReason", decEvent, "event.json", edits(set("type", "code_rejected"), set("reason", "typo")), false},
 	{"Event/PowerNoSource", decEvent, "event.json", set("type", "power"), false},
 	{"Event/PowerBadSource", decEvent, "event.json", edits(set("type", "power"), set("source", "solar")), false},
-	{"Event/CredentialTooLong", decEvent, "event.json", set("credential", long(257)), false},
-	{"Event/CommandTooLong", decEvent, "event.json", set("command", long(257)), false},
+	{"Event/CredentialTooLong", decEvent, "event.json", edits(set("type", "door_opened"), set("credential", long(257))), false},
+	{"Event/CommandTooLong", decEvent, "event.json", edits(set("type", "door_opened"), set("command", long(257))), false},
+	// A field of another type is an unknown field for this one: ignored,
+	// whatever it holds.
+	{"Event/ForeignTooLong", decEvent, "event.json", set("command", long(257)), true},
+	{"Event/ForeignWrongType", decEvent, "event.json", edits(set("type", "tamper"), set("compartment", "left"), set("occupied", "maybe")), true},
+	{"Event/ForeignOutOfRange", decEvent, "event.json", edits(set("type", "reboot"), set("compartments", []any{0}), set("open_s", -1)), true},
+	{"Event/OwnWrongType", decEvent, "event.json", set("compartment", "left"), false},
 	{"Event/ReasonTooLong", decEvent, "event.json", edits(set("type", "reboot"), set("reason", long(257))), false},
 	{"Event/DetailTooLong", decEvent, "event.json", edits(set("type", "tamper"), set("detail", long(257))), false},
 
