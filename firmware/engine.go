@@ -291,6 +291,12 @@ func (e *Engine) zone(name string) *time.Location {
 	return loc
 }
 
+// DefaultJobDeadline is the deadline a job of a rollout without one gets,
+// from when it is handed out: protocol-v1's job always has a deadline, and
+// one this far off leaves the gateway's step timeouts to judge a job that
+// stalls.
+const DefaultJobDeadline = 30 * 24 * time.Hour
+
 // payload builds the fw/job a locker receives for j, with a download URL
 // signed for this job, and says when it must be renewed.
 func (e *Engine) payload(ctx context.Context, r *Rollout, j *Job, now time.Time) (*protocol.FwJob, time.Time, error) {
@@ -298,7 +304,8 @@ func (e *Engine) payload(ctx context.Context, r *Rollout, j *Job, now time.Time)
 	if err != nil {
 		return nil, time.Time{}, err
 	}
-	fj := &protocol.FwJob{Job: j.JobID, Version: a.Version, Size: a.Size, SHA256: a.SHA256, Sig: a.Sig}
+	fj := &protocol.FwJob{Job: j.JobID, Version: a.Version, Size: a.Size, SHA256: a.SHA256, Sig: a.Sig,
+		Deadline: protocol.T(now.Add(DefaultJobDeadline))}
 	if r.Deadline != nil {
 		fj.Deadline = protocol.T(*r.Deadline)
 	}

@@ -457,6 +457,11 @@ func TestFirmwareCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A rollout without a deadline hands out jobs with one 30 days on
+	// (protocol-v1's job always has one).
+	if left := time.Until(job.Deadline.Time); left <= firmware.DefaultJobDeadline-10*time.Minute || left > firmware.DefaultJobDeadline {
+		t.Fatalf("job deadline %v, %v from now; want %v", job.Deadline, left, firmware.DefaultJobDeadline)
+	}
 	resp, err := http.Get(job.URL)
 	if err != nil {
 		t.Fatal(err)
