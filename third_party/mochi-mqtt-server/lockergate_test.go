@@ -2307,3 +2307,25 @@ func TestSlowSubscriberHoldsNoSessionLock(t *testing.T) {
 	<-published
 	<-connected
 }
+
+// TestDisconnectOnlyToMQTT5: patch 28. DisconnectClient writes the
+// DISCONNECT, with its reason, to an MQTT 5 client only: MQTT 3.1.1 defines
+// it from client to server only, and a 3.1.1 client (mosquitto_sub) takes
+// one from the server for a protocol error. Either connection is closed.
+func TestDisconnectOnlyToMQTT5(t *testing.T) {
+	for _, v := range []byte{3, 4, 5} {
+		s := New(&Options{Logger: nil})
+		srv, cli := net.Pipe()
+		cl := s.NewClient(srv, "t", "x", false)
+		cl.Properties.ProtocolVersion = v
+		go func() { _ = s.DisconnectClient(cl, packets.ErrNotAuthorized) }()
+		got, err := io.ReadAll(cli)
+		if err != nil {
+			t.Fatalf("v%d: %v", v, err)
+		}
+		if wantPacket := v == 5; wantPacket != (len(got) > 0) || wantPacket && got[0]>>4 != packets.Disconnect {
+			t.Fatalf("v%d: read % x before the close, want a DISCONNECT %v", v, got, wantPacket)
+		}
+		_ = s.Close()
+	}
+}

@@ -1857,7 +1857,13 @@ func (s *Server) DisconnectClient(cl *Client, code packets.Code) error {
 
 	// We already have a code we are using to disconnect the client, so we are not
 	// interested if the write packet fails due to a closed connection (as we are closing it).
-	err := cl.WritePacket(out)
+	// Lockergate patch 28: only an MQTT 5 client is sent the DISCONNECT;
+	// MQTT 3.1.1 defines it from client to server only (3.14), and a 3.1.1
+	// client takes one from the server for a protocol error.
+	var err error
+	if cl.Properties.ProtocolVersion == 5 {
+		err = cl.WritePacket(out)
+	}
 	if !s.Options.Capabilities.Compatibilities.PassiveClientDisconnect {
 		cl.Stop(code)
 		if code.Code >= packets.ErrUnspecifiedError.Code {
