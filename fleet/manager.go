@@ -132,6 +132,7 @@ type Manager struct {
 	m      *metrics
 	opts   Options
 	heard  heardSet // lockers heard since the last flush of last_seen
+	drops  dropLog  // rate-limits the log of dropped messages
 	now    func() time.Time
 	health []chan inbound
 	events chan inbound
@@ -1227,6 +1228,15 @@ func (m *Manager) observeLag(batch []inbound) {
 func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 	reason := protocol.Reason(err)
 	m.m.dropped.WithLabelValues(string(ch), reason).Inc()
+	log, quiet := m.drops.allow(dropKey{id: id, ch: ch, reason: reason}, m.now())
+	if !log {
+		return
+	}
+	if quiet > 0 {
+		m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err,
+			"dropped_unlogged", quiet, "hint", "logged once a minute per locker, channel and reason; lockergate_ingest_messages_dropped_total counts them all")
+		return
+	}
 	m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err)
 }
 

@@ -1,0 +1,54 @@
+package fleet
+
+import (
+	"fmt"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/lockergate/lockergate/protocol"
+)
+
+// TestDroppedMessagesLoggedOnceAMinute: a locker's dropped messages of one
+// channel and reason are logged once a minute, the next line saying how
+// many went unlogged; another locker, channel or reason has lines of its
+// own; every drop is counted.
+func TestDroppedMessagesLoggedOnceAMinute(t *testing.T) {
+	var logs strings.Builder
+	now := time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC)
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := fmt.Errorf("%w: seq must not be negative", protocol.ErrInvalid)
+	for range 1000 {
+		m.dropInvalid(protocol.ChanEvents, "lk-1", bad)
+	}
+	m.dropInvalid(protocol.ChanEvents, "lk-2", bad)
+	m.dropInvalid(protocol.ChanHealth, "lk-1", bad)
+	m.dropInvalid(protocol.ChanEvents, "lk-1", fmt.Errorf("%w: not JSON", protocol.ErrMalformed))
+	if got := strings.Count(logs.String(), "dropped device message"); got != 4 {
+		t.Fatalf("%d lines for 4 kinds of drops, want 4:\n%s", got, logs.String())
+	}
+	now = now.Add(time.Minute)
+	m.dropInvalid(protocol.ChanEvents, "lk-1", bad)
+	if !strings.Contains(logs.String(), "dropped_unlogged=999") {
+		t.Fatalf("the line a minute on does not count the 999 unlogged:\n%s", logs.String())
+	}
+	now = now.Add(2 * time.Minute) // swept: a first line again, with nothing unlogged
+	m.dropInvalid(protocol.ChanEvents, "lk-1", bad)
+	if got := strings.Count(logs.String(), "dropped device message"); got != 6 {
+		t.Fatalf("%d lines, want 6:\n%s", got, logs.String())
+	}
+	var c dto.Metric
+	if err := m.m.dropped.WithLabelValues("events", "invalid").Write(&c); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.GetCounter().GetValue(); n != 1003 {
+		t.Fatalf("lockergate_ingest_messages_dropped_total{events,invalid} = %v, want 1003", n)
+	}
+}
