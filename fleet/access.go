@@ -66,9 +66,11 @@ const TokenUseResolution = time.Minute
 // revoked or live (nil: both).
 type TokenFilter struct {
 	Role, Site string
-	Revoked    *bool
-	After      string
-	Limit      int
+	// Name, when set, is the token's name exactly.
+	Name    string
+	Revoked *bool
+	After   string
+	Limit   int
 }
 
 // Actor names the token in audit entries: "role:name".

@@ -263,6 +263,36 @@ func (e *pickupEnv) waitCreds(t *testing.T, lockerID string) {
 	})
 }
 
+// TestPickupForAnUnknownPlatform: a pickup made for a platform no live
+// platform token has the name of (a typo, or a token revoked) is made, and
+// its answer says so (recipient_platform_unknown), so the store can cancel
+// it before its order is stranded; one for a known platform says nothing.
+func TestPickupForAnUnknownPlatform(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	id, _ := e.tg.MustToken(t, "platform", "", "zoom")
+	if _, err := e.tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + id}, nil); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range []struct {
+		platform string
+		unknown  bool
+	}{{"speedy", false}, {"Speedy", true}, {"zoom", true}, {"nobody", true}} {
+		var got map[string]any
+		if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"site": "store-042", "order_ref": fmt.Sprintf("PLAT-%d", i),
+			"recipient": map[string]string{"platform": c.platform}}, &got); err != nil {
+			t.Fatalf("%s: %v", c.platform, err)
+		}
+		if unknown, _ := got["recipient_platform_unknown"].(bool); unknown != c.unknown {
+			t.Errorf("pickup for %s: recipient_platform_unknown %v, want %v", c.platform, got["recipient_platform_unknown"], c.unknown)
+		}
+		var cancelled pickup.Pickup
+		if err := e.store.Post(ctx, "/v1/pickups/"+got["id"].(string)+"/cancel", nil, &cancelled); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestPickupAnswerAsStored: a create's answer says what a read right after
 // it says, for a time given finer than PostgreSQL keeps too.
 func TestPickupAnswerAsStored(t *testing.T) {

@@ -91,6 +91,9 @@ func TestTokenList(t *testing.T) {
 		{url.Values{"site": {"s1"}}, []string{front}},
 		{url.Values{"role": {"platform"}}, []string{speedy}},
 		{url.Values{"role": {"broker"}}, nil},
+		{url.Values{"name": {"speedy"}}, []string{speedy}},
+		{url.Values{"name": {"Speedy"}}, nil}, // names are exact
+		{url.Values{"name": {"back"}, "revoked": {"false"}}, nil},
 	} {
 		want := slices.Clone(c.want)
 		slices.Sort(want)

@@ -420,7 +420,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) error {
 	return listPage(w, r, func(ctx context.Context, after string, limit int) ([]fleet.Token, error) {
 		q := r.URL.Query()
-		f := fleet.TokenFilter{Role: q.Get("role"), Site: q.Get("site"), After: after, Limit: limit}
+		f := fleet.TokenFilter{Role: q.Get("role"), Site: q.Get("site"), Name: q.Get("name"), After: after, Limit: limit}
 		if f.Role != "" && !fleet.ValidRole(f.Role) {
 			return nil, badRequest("role must be admin, operator, store, platform or broker")
 		}

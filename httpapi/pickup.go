@@ -107,9 +107,33 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	s.checkPlatform(r.Context(), p)
 	w.Header().Set("Location", "/v1/pickups/"+p.ID)
 	writeJSON(w, http.StatusCreated, p)
 	return nil
+}
+
+// checkPlatform marks new pickup p RecipientPlatformUnknown, and logs it,
+// when no platform token that is not revoked has its recipient's platform
+// name: the pickup is made all the same (a platform's token may come
+// later, or be rotated meanwhile), but nobody may see its code until then.
+// A failed lookup is logged and leaves the answer as it is.
+func (s *Server) checkPlatform(ctx context.Context, p *pickup.Pickup) {
+	if p.Recipient.Platform == "" {
+		return
+	}
+	revoked := false
+	ts, err := s.store.ListTokens(ctx, fleet.TokenFilter{Role: fleet.RolePlatform, Name: p.Recipient.Platform, Revoked: &revoked, Limit: 1})
+	if err != nil {
+		s.log.Warn("platform of a new pickup not looked up", "pickup", p.ID, "platform", p.Recipient.Platform, "err", err)
+		return
+	}
+	if len(ts) == 0 {
+		p.RecipientPlatformUnknown = true
+		s.log.Warn("pickup made for a platform no token has the name of: no platform can see it or its code until a platform token has that name",
+			"pickup", p.ID, "platform", p.Recipient.Platform, "site", p.Site,
+			"hint", "check recipient.platform against GET /v1/tokens?role=platform, or cancel the pickup")
+	}
 }
 
 func (s *Server) pickupOf(r *http.Request) (*pickup.Pickup, error) {

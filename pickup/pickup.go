@@ -75,6 +75,11 @@ type Pickup struct {
 	// site was so), and it judges the staging unlock's expires_at and the
 	// code's not_after by it.
 	LockerClockSkewed bool `json:"locker_clock_skewed,omitempty"`
+	// RecipientPlatformUnknown, in the answer to its creation only: no
+	// platform token (not revoked) has the name recipient.platform gives,
+	// so no platform can see the pickup or its code until one is made
+	// with that name (a typo strands the order).
+	RecipientPlatformUnknown bool `json:"recipient_platform_unknown,omitempty"`
 	// Withdrawn is the status its staging unlock ended in (expired or
 	// timed_out) when the transition that returned it withdrew that unlock
 	// (Store.Transition); "" otherwise.

@@ -145,8 +145,8 @@ func (db *DB) GetToken(ctx context.Context, id string) (*fleet.Token, error) {
 func (db *DB) ListTokens(ctx context.Context, f fleet.TokenFilter) ([]fleet.Token, error) {
 	rows, err := db.pool.Query(ctx, `SELECT `+tokenCols+` FROM tokens
 		WHERE id > $1 AND ($2 = '' OR role = $2) AND ($3 = '' OR site = $3)
-			AND ($4::boolean IS NULL OR (revoked_at IS NOT NULL) = $4)
-		ORDER BY id LIMIT $5`, f.After, f.Role, f.Site, f.Revoked, limit(f.Limit))
+			AND ($4::boolean IS NULL OR (revoked_at IS NOT NULL) = $4) AND ($6 = '' OR name = $6)
+		ORDER BY id LIMIT $5`, f.After, f.Role, f.Site, f.Revoked, limit(f.Limit), f.Name)
 	if err != nil {
 		return nil, err
 	}

@@ -41,7 +41,7 @@ commands:
   unlock LOCKER COMPARTMENT [--reason remote] [--ttl 30] [--wait 10]
   sites list | sites create ID [--name N] [--timezone TZ]
   claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
-  tokens list [--role R] [--site S] [--revoked true|false] | tokens show ID
+  tokens list [--role R] [--site S] [--name N] [--revoked true|false] | tokens show ID
   tokens create --role R --name N [--site S] | tokens revoke ID
   audit [--locker ID] [--actor A] [--since RFC3339]
   alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339] | alerts clear ID
@@ -194,11 +194,12 @@ func (c *cli) dispatch(args []string) error {
 		fs := c.flags("tokens list")
 		role := fs.String("role", "", "only tokens of this role")
 		site := fs.String("site", "", "only store tokens of this site")
+		name := fs.String("name", "", "only tokens of this name (exactly)")
 		revoked := fs.String("revoked", "", "true: only revoked tokens; false: only live ones (default: both)")
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
 		}
-		return c.list("/v1/tokens", url.Values{"role": {*role}, "site": {*site}, "revoked": {*revoked}},
+		return c.list("/v1/tokens", url.Values{"role": {*role}, "site": {*site}, "name": {*name}, "revoked": {*revoked}},
 			[]string{"id", "role", "site", "name", "created_at", "last_used_at", "revoked_at"})
 	case "tokens show":
 		return c.oneArg(args, func(id string) error { return c.show("/v1/tokens/" + url.PathEscape(id)) })

@@ -22,7 +22,7 @@ func TestTokensListAndShow(t *testing.T) {
 			w.WriteHeader(http.StatusBadRequest)
 			w.Write([]byte(`{"title":"Bad Request","status":400,"detail":"revoked must be true or false"}`))
 		case r.Method == http.MethodGet && r.URL.Path == "/v1/tokens":
-			if q.Get("role") != "store" || q.Get("revoked") != "false" || q.Has("site") {
+			if q.Get("role") != "store" || q.Get("revoked") != "false" || q.Get("name") != "front" || q.Has("site") {
 				http.Error(w, "bad query "+r.URL.RawQuery, http.StatusBadRequest)
 				return
 			}
@@ -40,7 +40,7 @@ func TestTokensListAndShow(t *testing.T) {
 	}))
 	defer srv.Close()
 	var out, errOut bytes.Buffer
-	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "list", "--role", "store", "--revoked", "false"}, &out, &errOut); code != 0 ||
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "list", "--role", "store", "--name", "front", "--revoked", "false"}, &out, &errOut); code != 0 ||
 		!strings.Contains(out.String(), "front") || !strings.Contains(out.String(), "back") || !strings.Contains(out.String(), "2026-12-07T06:00:00.123Z") {
 		t.Fatalf("tokens list: exit %d, out %q, err %q; want both pages with last_used_at", code, out.String(), errOut.String())
 	}
