@@ -292,6 +292,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			g.log.Warn("lockers shown online by a previous run that did not record their sessions' ends: marked offline",
 				"lockers", n, "reason", ReasonGatewayRestart)
 		}
+		// Nor can a request be running yet: an Idempotency-Key claimed and
+		// not finished was claimed by a previous process that died
+		// mid-request. Its retry runs now (a command's or pickup's id
+		// derives from the key, so a run again finds what the first made).
+		if n, err := g.db.ReleaseAbandonedIdempotent(ctx); err != nil {
+			return nil, fmt.Errorf("release the Idempotency-Key claims a previous run left: %w", err)
+		} else if n > 0 {
+			g.log.Warn("Idempotency-Key claims left unfinished by a previous run released: their retries run at once",
+				"claims", n)
+		}
 	}
 
 	obs := &observer{}

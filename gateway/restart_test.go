@@ -3,12 +3,15 @@ package gateway_test
 import (
 	"context"
 	"encoding/json"
+	"net/http"
+	"net/url"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/jackc/pgx/v5"
 
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
@@ -96,6 +99,10 @@ func TestRestartEndsSessionsLeftOpen(t *testing.T) {
 	tg := MustRun(t, opts)
 	claim := tg.MustSiteAndClaim(t, "s1", 1)
 	id := MustProvision(t, tg, claim, "SN-LEFT-OPEN")
+	var admins struct{ Items []fleet.Token }
+	if err := tg.Admin.Get(ctx, "/v1/tokens", url.Values{"role": {"admin"}}, &admins); err != nil || len(admins.Items) != 1 {
+		t.Fatalf("admin tokens: %+v %v", admins, err)
+	}
 	tg.Stop(t)
 	// What a killed process leaves: online, no end recorded.
 	conn, err := pgx.Connect(ctx, opts.DatabaseURL)
@@ -108,8 +115,19 @@ func TestRestartEndsSessionsLeftOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// And an unlock whose Idempotency-Key it claimed and never finished:
+	// the restart releases the claim, so the retry runs at once.
+	if _, err := conn.Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response)
+		VALUES ($1, 'left-claimed', 'POST /v1/sites', '\x00', 0, '')`, admins.Items[0].ID); err != nil {
+		t.Fatal(err)
+	}
+
 	tg2 := MustRun(t, opts)
 	tg2.Admin.Token = tg.Admin.Token
+	if status, err := tg2.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/sites", Body: map[string]any{"id": "s-retried"},
+		Header: http.Header{"Idempotency-Key": {"left-claimed"}}}, nil); status != http.StatusCreated {
+		t.Fatalf("the retry of a request the previous run claimed and never finished: %d %v, want 201 (not 409 for 5 minutes)", status, err)
+	}
 	var l fleet.Locker
 	if err := tg2.Admin.Get(ctx, "/v1/lockers/"+id.DeviceID, nil, &l); err != nil {
 		t.Fatal(err)

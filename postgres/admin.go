@@ -220,6 +220,16 @@ func (db *DB) FinishIdempotent(ctx context.Context, actor, key string, status in
 	return err
 }
 
+// ReleaseAbandonedIdempotent gives up every claim whose request has not
+// finished and returns how many. A gateway with the embedded broker (one
+// instance) calls it at start, before its API serves: such a claim was
+// left by a previous process that died mid-request, and would otherwise
+// answer its key's retries 409 until IdempotencyAbandoned passed.
+func (db *DB) ReleaseAbandonedIdempotent(ctx context.Context) (int64, error) {
+	tag, err := db.pool.Exec(ctx, `DELETE FROM idempotency WHERE status = 0`)
+	return tag.RowsAffected(), err
+}
+
 // ReleaseIdempotent gives up a claim whose request did not succeed, so that
 // it may be retried with the same key.
 func (db *DB) ReleaseIdempotent(ctx context.Context, actor, key string) error {
