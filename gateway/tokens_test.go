@@ -163,3 +163,44 @@ func TestTokenList(t *testing.T) {
 		t.Fatalf("a token used an hour ago, used again: last_used_at %v, want about now", at)
 	}
 }
+
+// TestPlatformTokenSharingAName: a platform token made with the name of a
+// live one (a rotation, or a typo of another platform's name) sees that
+// platform's pickups and codes; its answer says so (shares_platform), and
+// only then: not for a first token, another case, a revoked namesake or
+// another role.
+func TestPlatformTokenSharingAName(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	create := func(role, name string) (string, bool) {
+		t.Helper()
+		var out map[string]any
+		if err := tg.Admin.Post(ctx, "/v1/tokens", map[string]any{"role": role, "name": name}, &out); err != nil {
+			t.Fatalf("token %s %s: %v", role, name, err)
+		}
+		shares, _ := out["shares_platform"].(bool)
+		return out["id"].(string), shares
+	}
+	first, shares := create("platform", "speedy")
+	if shares {
+		t.Fatal("the first speedy token said it shares its platform")
+	}
+	second, shares := create("platform", "speedy")
+	if !shares {
+		t.Fatal("a second live speedy token did not say it shares its platform")
+	}
+	if _, shares := create("platform", "Speedy"); shares {
+		t.Fatal("a Speedy token said it shares speedy's platform (names are exact)")
+	}
+	if _, shares := create("operator", "speedy"); shares {
+		t.Fatal("an operator token named speedy said it shares a platform")
+	}
+	for _, id := range []string{first, second} {
+		if _, err := tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + id}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, shares := create("platform", "speedy"); shares {
+		t.Fatal("a speedy token made after every other was revoked said it shares its platform")
+	}
+}

@@ -393,6 +393,10 @@ type tokenIn struct {
 type tokenOut struct {
 	*fleet.Token
 	Secret string `json:"token"`
+	// SharesPlatform, in the answer to a platform token's creation only:
+	// another live platform token has its name, and both see that
+	// platform's pickups and codes (a rotation; else revoke one).
+	SharesPlatform bool `json:"shares_platform,omitempty"`
 }
 
 func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
@@ -409,11 +413,27 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	if !fleet.ValidName(in.Name) {
 		return badRequest("name must be 1-64 bytes of text, no control characters or spaces at either end (platform tokens: the platform's name)")
 	}
+	shares := false
+	if in.Role == fleet.RolePlatform {
+		// A platform is its tokens' name: a second live one sees the
+		// first's pickups and codes. Right for a rotation, a leak for a
+		// typo of another platform's name, so the answer says so.
+		live := false
+		ts, err := s.store.ListTokens(r.Context(), fleet.TokenFilter{Role: fleet.RolePlatform, Name: in.Name, Revoked: &live, Limit: 1})
+		if err != nil {
+			return err
+		}
+		shares = len(ts) > 0
+	}
 	t, secret, err := CreateToken(r.Context(), s.store, in.Role, in.Site, in.Name, principal(r).Actor())
 	if err != nil {
 		return err
 	}
-	writeJSON(w, http.StatusCreated, tokenOut{Token: t, Secret: secret})
+	if shares {
+		s.log.Warn("platform token made with the name of a live one: both see that platform's pickups and codes",
+			"token", t.ID, "platform", t.Name, "hint", "revoke the older once the platform uses the new one (a rotation), or this one if the name was a mistake")
+	}
+	writeJSON(w, http.StatusCreated, tokenOut{Token: t, Secret: secret, SharesPlatform: shares})
 	return nil
 }
 
