@@ -89,6 +89,7 @@ const (
 	refuseBackendError     = "backend_error"         // Authenticator failed (db down, timeout)
 	refuseRateLimited      = "rate_limited"          // too many recent failures from the id or address
 	refuseBusy             = "busy"                  // every backend check slot taken (a connect storm)
+	refuseAuthMethod       = "auth_method"           // an MQTT 5 Authentication Method: enhanced authentication is not supported
 )
 
 var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseDisabled,
@@ -163,6 +164,12 @@ func validDeviceID(id string) bool {
 // classify checks the shape of a CONNECT without any lookup and returns the
 // session it asks for, or why it cannot be one.
 func classify(clientID string, pk packets.Packet) (k kind, subject, reason string) {
+	if pk.Properties.AuthenticationMethod != "" {
+		// MQTT 5 enhanced authentication (AUTH exchanges): none is
+		// supported, and a server that does not support the method must
+		// refuse the CONNECT [MQTT-4.12.0-1], not read it as a password.
+		return kindNone, "", refuseAuthMethod
+	}
 	user := string(pk.Connect.Username)
 	if user == "" || len(pk.Connect.Password) == 0 {
 		return kindNone, "", refuseBadCredentials

@@ -486,3 +486,26 @@ func TestConnackSaysRetryOrNot(t *testing.T) {
 		}
 	}
 }
+
+// TestEnhancedAuthRefused: an MQTT 5 CONNECT with an Authentication Method
+// asks for enhanced authentication (AUTH exchanges), which the gateway does
+// not support: it is refused with bad authentication method (0x8C), even
+// with the device's right secret, not read as a password login
+// [MQTT-4.12.0-1]; the same CONNECT without the method is admitted.
+func TestEnhancedAuthRefused(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	withMethod := func(pk *packets.Packet) { pk.Properties.AuthenticationMethod = "SCRAM-SHA-256" }
+	ack := dialRaw(t, h.addr, 5).connect("A", "A", "secret-A", 30, withMethod)
+	if ack.FixedHeader.Type != packets.Connack || ack.ReasonCode != packets.ErrBadAuthenticationMethod.Code {
+		t.Fatalf("CONNACK type %d code %#x, want code %#x", ack.FixedHeader.Type, ack.ReasonCode, packets.ErrBadAuthenticationMethod.Code)
+	}
+	if got := h.metric(t, failures, "reason", refuseAuthMethod); got != 1 {
+		t.Errorf("%s{reason=%q} = %v, want 1", failures, refuseAuthMethod, got)
+	}
+	if got := h.auth.calls("A"); got != 0 {
+		t.Errorf("AuthDevice calls = %d, want none for a refused method", got)
+	}
+	if ack := dialRaw(t, h.addr, 5).connect("A", "A", "secret-A", 30, nil); ack.ReasonCode != packets.CodeSuccess.Code {
+		t.Fatalf("the same CONNECT without the method: code %#x, want success", ack.ReasonCode)
+	}
+}

@@ -38,6 +38,10 @@ func (h *hook) Provides(event byte) bool {
 // devices must take as final.
 func (h *hook) OnConnect(cl *mqtt.Client, pk packets.Packet) error {
 	reason := h.b.authenticate(cl, pk)
+	if reason == refuseAuthMethod {
+		_ = h.b.server.SendConnack(cl, packets.ErrBadAuthenticationMethod, false, nil)
+		return packets.ErrBadAuthenticationMethod
+	}
 	if !retryable(reason) {
 		return nil // OnConnectAuthenticate admits or refuses
 	}
