@@ -533,7 +533,7 @@ func (p *presenceStore) MarkOnlineMany(_ context.Context, starts []SessionStart)
 	return nil
 }
 
-func (p *presenceStore) AckCredsMany(_ context.Context, acks []CredsAck) ([]string, error) {
+func (p *presenceStore) AckCredsMany(_ context.Context, acks []CredsAck) ([]CredsLag, error) {
 	s := "ack"
 	for _, a := range acks {
 		s += fmt.Sprintf(" %s:%d", a.ID, a.Version)
@@ -756,7 +756,7 @@ type credsStore struct {
 	err error
 }
 
-func (c *credsStore) AckCredsMany(context.Context, []CredsAck) ([]string, error) { return nil, c.err }
+func (c *credsStore) AckCredsMany(context.Context, []CredsAck) ([]CredsLag, error) { return nil, c.err }
 
 // A control message is acknowledged to the bus once stored or refused for
 // good, never when the drain deadline cut its store call short.

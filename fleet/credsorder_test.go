@@ -195,13 +195,13 @@ func (b *movingBus) Publish(ctx context.Context, topic string, payload []byte, q
 }
 
 // backStore answers AckCredsMany with back: the lockers whose
-// acknowledgement went back to an older set.
+// acknowledgement went back to an older set, at their current version.
 type backStore struct {
 	*versionStore
-	back []string
+	back []CredsLag
 }
 
-func (s *backStore) AckCredsMany(context.Context, []CredsAck) ([]string, error) { return s.back, nil }
+func (s *backStore) AckCredsMany(context.Context, []CredsAck) ([]CredsLag, error) { return s.back, nil }
 
 // TestOlderAckPublishesTheSet: the current set of a locker whose
 // acknowledgement went back is published at once (counted as a
@@ -209,7 +209,8 @@ func (s *backStore) AckCredsMany(context.Context, []CredsAck) ([]string, error) 
 // and the acks of the batch are recorded all the same.
 func TestOlderAckPublishesTheSet(t *testing.T) {
 	for _, fail := range []bool{false, true} {
-		st := &backStore{versionStore: &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4}}, back: []string{"lk-a"}}
+		st := &backStore{versionStore: &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4}},
+			back: []CredsLag{{DeviceID: "lk-a", Version: 10}}}
 		bus := &credsBus{sets: map[string][]int64{}}
 		if fail {
 			bus.failOn = "lk-a"
@@ -242,6 +243,20 @@ func TestOlderAckPublishesTheSet(t *testing.T) {
 		}
 		if got := c.GetCounter().GetValue(); got != republished {
 			t.Errorf("fail %v: lockergate_creds_republished_total %v, want %v", fail, got, republished)
+		}
+		// Going back again at the same version (firmware that re-applies
+		// a stale copy after every set) gets nothing more once it was
+		// sent; at a new version, the set once more. One that failed is
+		// tried at the next.
+		bus.failOn = ""
+		m.credsAcked(context.Background(), []control{{kind: ctrlCredsAck, id: "lk-a", payload: []byte(`{"version":9}`)}})
+		st.set("lk-a", 11)
+		st.back = []CredsLag{{DeviceID: "lk-a", Version: 11}}
+		for range 3 {
+			m.credsAcked(context.Background(), []control{{kind: ctrlCredsAck, id: "lk-a", payload: []byte(`{"version":9}`)}})
+		}
+		if got, want := bus.sets["lk-a"], []int64{10, 11}; !slices.Equal(got, want) {
+			t.Errorf("fail %v: after going back again, at 10 then three times at 11: lk-a got sets %v, want %v", fail, got, want)
 		}
 	}
 }

@@ -126,17 +126,20 @@ var DefaultConfig = protocol.Config{Version: 1, HealthIntervalS: 60, DoorAjarS: 
 // Manager runs the fleet: it ingests device messages, tracks presence,
 // delivers commands and retained state.
 type Manager struct {
-	store  Store
-	bus    Bus
-	log    *slog.Logger
-	m      *metrics
-	opts   Options
-	heard  heardSet // lockers heard since the last flush of last_seen
-	drops  dropLog  // rate-limits the log of dropped messages
-	now    func() time.Time
-	health []chan inbound
-	events chan inbound
-	ctrl   []chan control
+	store Store
+	bus   Bus
+	log   *slog.Logger
+	m     *metrics
+	opts  Options
+	heard heardSet // lockers heard since the last flush of last_seen
+	drops dropLog  // rate-limits the log of dropped messages
+	// backRepublish: the versions published to lockers whose ack went
+	// back (credsAcked), once each.
+	backRepublish versionOnce
+	now           func() time.Time
+	health        []chan inbound
+	events        chan inbound
+	ctrl          []chan control
 
 	// held counts, per metricQueues entry, the messages its writers have
 	// taken from the queue and not yet stored (queueDepth).
@@ -1695,7 +1698,7 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 	if len(acks) == 0 {
 		return
 	}
-	var back []string
+	var back []CredsLag
 	if err := m.retry(ctx, "creds_ack", func(ctx context.Context) (err error) {
 		back, err = m.store.AckCredsMany(ctx, acks)
 		return err
@@ -1708,18 +1711,53 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 	// handled out of order (an external broker's unordered dispatch): its
 	// current set is published now, not after two censuses, while it
 	// could accept codes since cancelled. A locker that has it only
-	// acknowledges it again.
-	for _, id := range back {
-		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		err := m.PublishCreds(pctx, id)
-		cancel()
-		if err != nil {
-			m.log.Error("republish credential set after an older one was acknowledged: the census tries again", "locker", id, "err", err)
+	// acknowledges it again. Once per locker and version: one that keeps
+	// going back (firmware that re-applies a stale copy) is left to the
+	// census, whose republishes are bounded.
+	for _, l := range back {
+		if m.backRepublish.done(l) {
 			continue
 		}
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := m.PublishCreds(pctx, l.DeviceID)
+		cancel()
+		if err != nil {
+			m.log.Error("republish credential set after an older one was acknowledged: the census tries again", "locker", l.DeviceID, "err", err)
+			continue
+		}
+		m.backRepublish.mark(l) // a locker's acks are on one control shard: no other marks it meanwhile
 		m.m.credsRepublished.Inc()
-		m.log.Info("credential set republished: the locker acknowledged an older one than before", "locker", id)
+		m.log.Info("credential set republished: the locker acknowledged an older one than before", "locker", l.DeviceID, "version", l.Version)
 	}
+}
+
+// versionOnce remembers, per locker, the credential-set version something
+// was done for, so that it is done once per version. Bounded: past
+// versionOnceMax lockers it forgets them all (at worst once more each).
+type versionOnce struct {
+	mu   sync.Mutex
+	seen map[string]int64
+}
+
+// versionOnceMax bounds the lockers a versionOnce remembers.
+const versionOnceMax = 100_000
+
+// done reports whether it was done for l's locker at l's version.
+func (o *versionOnce) done(l CredsLag) bool {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	v, ok := o.seen[l.DeviceID]
+	return ok && v == l.Version
+}
+
+// mark records that it was done for l's locker at l's version.
+func (o *versionOnce) mark(l CredsLag) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.seen == nil || len(o.seen) >= versionOnceMax {
+		o.seen = make(map[string]int64)
+	}
+	o.seen[l.DeviceID] = l.Version
 }
 
 func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {

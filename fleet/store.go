@@ -115,8 +115,8 @@ type Store interface {
 	// AckCredsMany records the credential-set version each locker applied
 	// last, one per locker, and returns the lockers whose acknowledgement
 	// went back to an older set than the one they had acknowledged, leaving
-	// them behind their current set.
-	AckCredsMany(ctx context.Context, acks []CredsAck) (regressed []string, err error)
+	// them behind their current set (with its version).
+	AckCredsMany(ctx context.Context, acks []CredsAck) (regressed []CredsLag, err error)
 	// TouchLockers moves each locker's last_seen forward to its time in at
 	// (a message heard from it), never back; ids are distinct.
 	TouchLockers(ctx context.Context, ids []string, at []time.Time) error

@@ -330,12 +330,12 @@ const ackCredsManySQL = `WITH locked AS MATERIALIZED (
 		acked AS (UPDATE devices d SET creds_acked = a.version
 			FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id
 			WHERE d.id = a.id AND d.id = ANY($1::text[])
-			RETURNING d.id, d.creds_acked = d.creds_version AS current,
+			RETURNING d.id, d.creds_version, d.creds_acked = d.creds_version AS current,
 				d.creds_acked < l.was AND d.creds_acked < d.creds_version AS regressed),
 		cleared AS (UPDATE alerts SET cleared_at = now(), cleared_by = 'gateway'
 			FROM acked WHERE acked.current AND alerts.device_id = acked.id
 				AND alerts.kind = '` + fleet.AlertCredsNotApplied + `' AND alerts.cleared_at IS NULL)
-		SELECT id FROM acked WHERE regressed`
+		SELECT id, creds_version FROM acked WHERE regressed`
 
 // AckCredsMany implements fleet.Store, locking its lockers' rows in order:
 // the version each locker acknowledged last, not the highest it ever did.
@@ -344,14 +344,14 @@ const ackCredsManySQL = `WITH locked AS MATERIALIZED (
 // the older one, and must show as behind (CredsBehind) to be sent the
 // current set again. It returns the lockers whose acknowledgement went back
 // (fleet.Store).
-func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) ([]string, error) {
+func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) ([]fleet.CredsLag, error) {
 	ids := make([]string, len(acks))
 	versions := make([]int64, len(acks))
 	for i, a := range acks {
 		ids[i], versions[i] = a.ID, a.Version
 	}
 	rows, _ := db.pool.Query(ctx, ackCredsManySQL, ids, versions)
-	back, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	back, err := pgx.CollectRows(rows, pgx.RowToStructByPos[fleet.CredsLag])
 	return back, dataError(err)
 }
 
