@@ -419,7 +419,7 @@ type jamStore struct {
 	failMint bool
 	cancel   func()
 	minted   int
-	alerts   []string
+	alerts   []fleet.Alert
 }
 
 func (s *jamStore) KeyGen(context.Context, string) (int, error) { return 1, nil }
@@ -437,36 +437,55 @@ func (s *jamStore) MintCredential(_ context.Context, c *Credential, ids []string
 }
 
 func (s *jamStore) RaiseAlert(_ context.Context, a fleet.Alert) (bool, error) {
-	s.alerts = append(s.alerts, a.Kind)
+	s.alerts = append(s.alerts, a)
 	return true, nil
 }
 
-// TestNotOpenedWaitsForItsFreshCode: a code used without opening a ready
-// pickup's compartment raises pickup_not_opened only once the pickup's
-// fresh code is stored; a mint that fails until the step ends leaves the
-// event unapplied (offered again) and raises nothing, and the next offer
-// mints and alerts.
-func TestNotOpenedWaitsForItsFreshCode(t *testing.T) {
+// kinds lists the kinds of the alerts raised.
+func (s *jamStore) kinds() []string {
+	var out []string
+	for _, a := range s.alerts {
+		out = append(out, a.Kind)
+	}
+	return out
+}
+
+// usedWith is a code_accepted of credential cred (its PIN form) that
+// opened compartment 4 alone, at at.
+func usedWith(t *testing.T, cred string, at time.Time) fleet.EventRecord {
+	t.Helper()
+	body, err := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(at), Type: protocol.EventCodeAccepted,
+		Credential: cred + pinSuffix, Compartments: []int{4}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at, TS: at, Type: protocol.EventCodeAccepted, Body: body}
+}
+
+// TestNotOpenedAlertsBeforeItsFreshCode: a code used without opening a
+// ready pickup's compartment raises pickup_not_opened before the pickup's
+// fresh code is minted, so a step cut short in between (the mint failing
+// until the step ends, a crash) still told staff; the event is left
+// unapplied, and offered again it mints, raising the same alert (same
+// key: one alert in the store).
+func TestNotOpenedAlertsBeforeItsFreshCode(t *testing.T) {
 	st, _ := newOrderStore(t)
 	st.closing = closingEvent(t, "e-2", st.p.CreatedAt.Add(-time.Hour), false) // none after the use
 	js := &jamStore{orderStore: st, failMint: true}
 	s := notLiveService(t, nil, &countingFleet{})
 	s.o.Store = js
-	at := time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC)
-	body, err := json.Marshal(protocol.Event{ID: "e-1", TS: protocol.T(at), Type: protocol.EventCodeAccepted,
-		Credential: "cr-1" + pinSuffix, Compartments: []int{4}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	used := fleet.EventRecord{DeviceID: "lk-1", EventID: "e-1", ReceivedAt: at, TS: at, Type: protocol.EventCodeAccepted, Body: body}
+	used := usedWith(t, "cr-1", time.Date(2026, 12, 4, 12, 0, 0, 0, time.UTC))
 	ctx, cancel := context.WithCancel(context.Background())
 	js.cancel = cancel
-	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || js.minted != 0 || len(js.alerts) != 0 {
-		t.Fatalf("mint failing: applied %d, minted %d, alerts %v; want 0, 0, none", n, js.minted, js.alerts)
+	if n := s.DeviceEvents(ctx, []fleet.EventRecord{used}); n != 0 || js.minted != 0 || !slices.Equal(js.kinds(), []string{AlertNotOpened}) {
+		t.Fatalf("mint failing: applied %d, minted %d, alerts %v; want 0, 0, [%s]", n, js.minted, js.kinds(), AlertNotOpened)
 	}
 	js.failMint = false
-	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || js.minted != 1 || !slices.Equal(js.alerts, []string{AlertNotOpened}) {
-		t.Fatalf("offered again: applied %d, minted %d, alerts %v; want 1, 1, [%s]", n, js.minted, js.alerts, AlertNotOpened)
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || js.minted != 1 || len(js.alerts) != 2 {
+		t.Fatalf("offered again: applied %d, minted %d, alerts %v; want 1, 1, the alert again", n, js.minted, js.kinds())
+	}
+	if a, b := js.alerts[0], js.alerts[1]; a.Kind != b.Kind || a.Compartment != b.Compartment || !a.RaisedAt.Equal(b.RaisedAt) || a.Compartment != 3 {
+		t.Fatalf("alerts %+v and %+v: want one key (compartment 3, the use's arrival), so the store keeps one", a, b)
 	}
 	if st.p.State != Ready {
 		t.Fatalf("pickup %s, want ready", st.p.State)
@@ -501,8 +520,8 @@ func TestNothingOpenedCollectsNothing(t *testing.T) {
 		if collected := st.lateUsed != nil; collected != (opened == nil) {
 			t.Fatalf("%s: taken as collected before expiry: %t, want %t", body, collected, opened == nil)
 		}
-		if notLive := slices.Contains(js.alerts, AlertCodeNotLive); notLive != (opened != nil) {
-			t.Fatalf("%s: alerts %v, want code_not_live %t", body, js.alerts, opened != nil)
+		if notLive := slices.Contains(js.kinds(), AlertCodeNotLive); notLive != (opened != nil) {
+			t.Fatalf("%s: alerts %v, want code_not_live %t", body, js.kinds(), opened != nil)
 		}
 	}
 }

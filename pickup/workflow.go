@@ -135,13 +135,17 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 
 // notOpened tells staff of each ready pickup of ps (those of the code
 // that ev, a code_accepted got at at, reports used) whose compartment the
-// locker did not list among those it opened (a jammed door of a combined
-// code's): the code is spent, so its driver cannot open it again. The
-// pickup gets a fresh code, which its platform is told of
-// (pickup.credential_changed), and a pickup_not_opened alert is raised.
-// A locker that leaves compartments out is taken to have opened them all;
-// an empty list opened none (a single code's door jammed). A use offered
-// again finds such a pickup on its fresh code, not this one's, and
+// locker did not list among those it opened (a jammed door): the code is
+// spent, so its driver cannot open it again. A pickup_not_opened alert is
+// raised, and then the pickup gets a fresh code, which its platform is
+// told of (pickup.credential_changed). The alert comes first, so that a
+// step cut short before the mint (a crash) has told staff; offered again,
+// the use raises it again, one alert (its key is the use's arrival), and
+// mints. (A code from before a rotation the locker had not applied counts
+// as its replacement, which opens the same compartments.) A locker that
+// leaves compartments out is taken to have opened them all; an empty list
+// opened none (a single code's door jammed). A use offered again after
+// the mint finds such a pickup on its fresh code, not this one's, and
 // changes nothing more.
 func (s *Service) notOpened(ctx context.Context, deviceID string, ev *protocol.Event, ps []Pickup, at time.Time) error {
 	if ev.Compartments == nil {
@@ -154,14 +158,13 @@ func (s *Service) notOpened(ctx context.Context, deviceID string, ev *protocol.E
 		}
 		s.log.Warn("pickup code used but its compartment did not open: a fresh code is issued", "pickup", p.ID, "locker", deviceID,
 			"compartment", p.Compartment, "opened", ev.Compartments)
-		// The fresh code first: the alert says it was sent.
-		if err := s.issue(ctx, p); err != nil {
-			return err
-		}
 		if err := s.alert(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertNotOpened, Compartment: p.Compartment, RaisedAt: at,
 			Detail: fmt.Sprintf("pickup %s: its code was used but the locker did not open compartment %d (it opened %v): the order is still inside, "+
-				"and a fresh code was issued for it (webhook pickup.credential_changed); if the door is jammed, open it on site or with a remote unlock and hand the order over",
-				p.ID, p.Compartment, ev.Compartments)}); err != nil {
+				"and a fresh code is issued for it while it is ready (webhook pickup.credential_changed); if the door is jammed, "+
+				"open it on site or with a remote unlock and hand the order over", p.ID, p.Compartment, ev.Compartments)}); err != nil {
+			return err
+		}
+		if err := s.issue(ctx, p); err != nil {
 			return err
 		}
 	}
