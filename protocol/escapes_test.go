@@ -177,6 +177,11 @@ func TestForeignEventFields(t *testing.T) {
 		`"type":"code_rejected","reason":"unknown","compartments":["A"]}`:          {Type: EventCodeRejected, Reason: RejectUnknown},
 		`"type":"code_accepted","credential":"k-1","compartments":[1],"reason":5}`: {Type: EventCodeAccepted, Credential: "k-1", Compartments: []int{1}},
 		`"type":"reboot","reason":"watchdog","compartment":-4,"open_s":-1}`:        {Type: EventReboot, Reason: "watchdog"},
+		// With a whole number written as a float, in either order.
+		`"type":"door_ajar","compartment":3.0,"open_s":7,"occupied":"x"}`:                 {Type: EventDoorAjar, Compartment: 3, OpenS: 7},
+		`"type":"door_ajar","occupied":"x","compartment":3.0,"open_s":7}`:                 {Type: EventDoorAjar, Compartment: 3, OpenS: 7},
+		`"type":"code_accepted","credential":"k","compartments":[3.0],"compartment":"x"}`: {Type: EventCodeAccepted, Credential: "k", Compartments: []int{3}},
+		`"type":"door_closed","compartment":7.0,"occupied":true,"credential":5}`:          {Type: EventDoorClosed, Compartment: 7, Occupied: ptrTo(true)},
 	} {
 		e, err := Decode[Event]([]byte(head + body))
 		if err != nil {
@@ -199,3 +204,5 @@ func TestForeignEventFields(t *testing.T) {
 		}
 	}
 }
+
+func ptrTo[T any](v T) *T { return &v }

@@ -207,10 +207,14 @@ func decodeBody[T any, PT interface {
 	// Unmarshal checks the syntax of the whole payload, trailing data
 	// included, before it decodes anything, so a SyntaxError is the only
 	// error about the JSON itself; the rest are about the values.
-	err := json.Unmarshal(exactNames[T](payload), v)
-	if f, ok := any(v).(foreignFields); ok && err != nil {
-		err = decodeIgnoringForeign(payload, v, f, err)
+	decode := func(p []byte) error {
+		err := json.Unmarshal(exactNames[T](p), v)
+		if f, ok := any(v).(foreignFields); ok && err != nil {
+			err = decodeIgnoringForeign(p, v, f, err)
+		}
+		return err
 	}
+	err := decode(payload)
 	if err != nil {
 		var se *json.SyntaxError
 		if errors.As(err, &se) {
@@ -223,7 +227,7 @@ func decodeBody[T any, PT interface {
 		if errors.As(err, &te) && strings.HasPrefix(te.Value, "number") {
 			if whole, ok := wholeNumbers(payload); ok {
 				v, payload = new(T), whole
-				err = json.Unmarshal(exactNames[T](payload), v)
+				err = decode(payload)
 			}
 		}
 		if err != nil {
