@@ -36,6 +36,10 @@ func (s *Service) DeviceEvents(ctx context.Context, events []fleet.EventRecord) 
 		e := &events[i]
 		ev, err := protocol.Decode[protocol.Event](e.Body)
 		if err != nil {
+			// Stored valid: one an older version read (a field name in
+			// another letter case: operations.md, upgrade note 19).
+			s.log.Warn("stored event no longer reads as an event: its pickup effects are not applied", "locker", e.DeviceID,
+				"event", e.EventID, "err", err)
 			continue
 		}
 		switch ev.Type {
