@@ -10,6 +10,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -61,6 +62,9 @@ type Options struct {
 type Cluster struct {
 	dataDir   string
 	socketDir string
+	// socketRecord is the record of socketDir (socketDirRecord), open and
+	// locked while this cluster runs; nil when it could not be.
+	socketRecord *os.File
 	logPath   string
 	logOffset int64 // where this run's output starts in the log
 	logFile   *os.File
@@ -147,13 +151,18 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return fail(err)
 	}
 
-	c.removeStaleSocketDir()
+	c.socketRecord = c.lockSocketDirRecord()
+	if c.socketRecord != nil {
+		c.removeStaleSocketDir(c.socketRecord)
+	}
 	c.socketDir, err = os.MkdirTemp("", "lg")
 	if err != nil {
 		return fail(fmt.Errorf("start PostgreSQL: create socket directory: %w", err))
 	}
-	if err := os.WriteFile(c.socketDirRecord(), []byte(c.socketDir+"\n"), 0o600); err != nil {
-		logger.Warn("socket directory not recorded: if this gateway is killed, the next start cannot remove it", "dir", c.socketDir, "err", err)
+	if c.socketRecord != nil {
+		if err := writeRecord(c.socketRecord, c.socketDir); err != nil {
+			logger.Warn("socket directory not recorded: if this gateway is killed, the next start cannot remove it", "dir", c.socketDir, "err", err)
+		}
 	}
 	if n := len(filepath.Join(c.socketDir, fmt.Sprintf(".s.PGSQL.%d", port))); n > maxSocketPath {
 		return fail(fmt.Errorf("start PostgreSQL: socket path in %s is %d bytes, over the %d-byte limit of unix sockets: set TMPDIR to a short directory such as /tmp", c.socketDir, n, maxSocketPath))
@@ -496,15 +505,45 @@ func exitedWithin(p *process, d time.Duration) bool {
 // remove one that a gateway killed with SIGKILL left behind.
 func (c *Cluster) socketDirRecord() string { return c.dataDir + ".socketdir" }
 
-// removeStaleSocketDir removes the socket directory that the previous run
-// on this data directory recorded, if it is still there: that run's server
-// is gone (clearPidFileWhenGone ran first) and, killed, it could not
-// remove it. Only what looks like one of ours is removed: an absolute
-// path named as MkdirTemp names them ("lg..."), a directory and not a
-// symlink, holding nothing but PostgreSQL's socket and lock files.
-func (c *Cluster) removeStaleSocketDir() {
-	b, err := os.ReadFile(c.socketDirRecord())
+// lockSocketDirRecord opens the socket directory's record, creating it,
+// and locks it (flock) for as long as this cluster runs, so that another
+// start on this data directory (refused later, at the postmaster's pid
+// file) never takes this run's directory for a dead run's. The lock ends
+// with the process however it ends. nil, logged, when it cannot: then no
+// directory is removed or recorded.
+func (c *Cluster) lockSocketDirRecord() *os.File {
+	f, err := os.OpenFile(c.socketDirRecord(), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
+		c.logger.Warn("socket directory record not opened: a directory a killed run left is not removed", "path", c.socketDirRecord(), "err", err)
+		return nil
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		c.logger.Warn("socket directory record held by another start on this data directory: it is left alone", "path", c.socketDirRecord(), "err", err)
+		return nil
+	}
+	return f
+}
+
+// writeRecord replaces the record's content with dir.
+func writeRecord(f *os.File, dir string) error {
+	if err := f.Truncate(0); err != nil {
+		return err
+	}
+	_, err := f.WriteAt([]byte(dir+"\n"), 0)
+	return err
+}
+
+// removeStaleSocketDir removes the socket directory that the previous run
+// on this data directory recorded in rec (locked: that run is gone), if it
+// is still there: that run's server is gone too (clearPidFileWhenGone ran
+// first) and, killed, it could not remove it. Only what looks like one of
+// ours is removed: an absolute path named as MkdirTemp names them
+// ("lg..."), a directory and not a symlink, holding nothing but
+// PostgreSQL's socket and lock files.
+func (c *Cluster) removeStaleSocketDir(rec *os.File) {
+	b, err := io.ReadAll(io.NewSectionReader(rec, 0, 4096))
+	if err != nil || len(b) == 0 {
 		return // none recorded: a first start, or the last one stopped cleanly
 	}
 	dir := strings.TrimSpace(string(b))
@@ -546,9 +585,14 @@ func (c *Cluster) release() {
 	if c.socketDir != "" {
 		if err := os.RemoveAll(c.socketDir); err != nil {
 			c.logger.Warn("remove PostgreSQL socket directory", "dir", c.socketDir, "err", err)
-		} else if err := os.Remove(c.socketDirRecord()); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			c.logger.Warn("remove the record of the PostgreSQL socket directory", "path", c.socketDirRecord(), "err", err)
+		} else if c.socketRecord != nil {
+			if err := os.Remove(c.socketDirRecord()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				c.logger.Warn("remove the record of the PostgreSQL socket directory", "path", c.socketDirRecord(), "err", err)
+			}
 		}
+	}
+	if c.socketRecord != nil {
+		c.socketRecord.Close() // and its lock
 	}
 	if c.logFile != nil {
 		if err := c.logFile.Close(); err != nil {

@@ -627,9 +627,9 @@ func TestParentDeathStopsServer(t *testing.T) {
 }
 
 // TestStaleSocketDir: a start removes the socket directory its data
-// directory's previous run recorded, only when it looks like one of ours
-// (a "lg..." directory, not a symlink, holding PostgreSQL's socket files
-// alone).
+// directory's previous run recorded, only when that run no longer holds
+// the record's lock and the directory looks like one of ours (a "lg..."
+// directory, not a symlink, holding PostgreSQL's socket files alone).
 func TestStaleSocketDir(t *testing.T) {
 	base := t.TempDir()
 	logger, logs := newLogger(t)
@@ -657,13 +657,34 @@ func TestStaleSocketDir(t *testing.T) {
 		_, err := os.Lstat(p)
 		return err == nil
 	}
+	// clean is what a start does: it locks the record, and removes the
+	// directory it names when it may.
+	clean := func() {
+		t.Helper()
+		rec := c.lockSocketDirRecord()
+		if rec == nil {
+			t.Fatalf("record not locked; log:\n%s", logs)
+		}
+		defer rec.Close()
+		c.removeStaleSocketDir(rec)
+	}
 	ours := mkdir("lg123", ".s.PGSQL.5432", ".s.PGSQL.5432.lock")
+	// A run still holding its record (another start on this data
+	// directory, whose server may not be up yet) keeps its directory.
 	record(ours)
-	c.removeStaleSocketDir()
+	live := c.lockSocketDirRecord()
+	if live == nil {
+		t.Fatal("record not locked")
+	}
+	if c.lockSocketDirRecord() != nil || !exists(ours) {
+		t.Fatal("a second start locked a record a running start holds")
+	}
+	live.Close() // that run is gone
+	clean()
 	if exists(ours) {
 		t.Fatalf("%s left; log:\n%s", ours, logs)
 	}
-	c.removeStaleSocketDir() // gone already: nothing to do, nothing to say
+	clean() // gone already: nothing to do, nothing to say
 	if strings.Contains(logs.String(), "left in place") {
 		t.Fatalf("a recorded directory that is gone was reported; log:\n%s", logs)
 	}
@@ -676,13 +697,16 @@ func TestStaleSocketDir(t *testing.T) {
 	other := mkdir("other", ".s.PGSQL.5432")
 	for _, dir := range []string{foreign, link, other, "lg-relative"} {
 		record(dir)
-		c.removeStaleSocketDir()
+		clean()
 		if filepath.IsAbs(dir) && !exists(dir) {
 			t.Fatalf("%s removed, want left", dir)
 		}
 	}
 	if n := strings.Count(logs.String(), "left in place"); n != 4 {
 		t.Fatalf("%d directories reported left, want 4; log:\n%s", n, logs)
+	}
+	if n := strings.Count(logs.String(), "held by another start"); n != 1 {
+		t.Fatalf("%d records reported held, want 1; log:\n%s", n, logs)
 	}
 	if !exists(filepath.Join(base, "target")) {
 		t.Fatal("a symlink's target was removed")
