@@ -39,16 +39,37 @@ func TestDroppedMessagesLoggedOnceAMinute(t *testing.T) {
 	if !strings.Contains(logs.String(), "dropped_unlogged=999") {
 		t.Fatalf("the line a minute on does not count the 999 unlogged:\n%s", logs.String())
 	}
+	for range 5 {
+		m.dropInvalid(protocol.ChanEvents, "lk-2", bad) // a line, then 4 within its minute: unlogged
+	}
 	now = now.Add(2 * time.Minute) // swept: a first line again, with nothing unlogged
 	m.dropInvalid(protocol.ChanEvents, "lk-1", bad)
-	if got := strings.Count(logs.String(), "dropped device message"); got != 6 {
-		t.Fatalf("%d lines, want 6:\n%s", got, logs.String())
+	if got := strings.Count(logs.String(), "msg=\"dropped device message\""); got != 7 {
+		t.Fatalf("%d lines, want 7:\n%s", got, logs.String())
+	}
+	// lk-2 went quiet: the sweep that forgot it told its unlogged drops.
+	if !strings.Contains(logs.String(), `msg="dropped device messages not logged since the last line" locker=lk-2 channel=events reason=invalid dropped_unlogged=4`) {
+		t.Fatalf("lk-2's 4 unlogged drops not told when it was forgotten:\n%s", logs.String())
+	}
+	// Past the bound, drops of lockers it does not follow are counted and
+	// told together at the next sweep.
+	m.drops.max = 1
+	for range 3 {
+		m.dropInvalid(protocol.ChanEvents, "lk-3", bad)
+	}
+	if strings.Contains(logs.String(), "locker=lk-3") {
+		t.Fatalf("a drop past the bound was logged on its own:\n%s", logs.String())
+	}
+	now = now.Add(2 * time.Minute)
+	m.dropInvalid(protocol.ChanEvents, "lk-1", bad)
+	if !strings.Contains(logs.String(), `more lockers sent bad messages than the log follows" dropped_unlogged=3`) {
+		t.Fatalf("the 3 drops past the bound not told at the sweep:\n%s", logs.String())
 	}
 	var c dto.Metric
 	if err := m.m.dropped.WithLabelValues("events", "invalid").Write(&c); err != nil {
 		t.Fatal(err)
 	}
-	if n := c.GetCounter().GetValue(); n != 1003 {
-		t.Fatalf("lockergate_ingest_messages_dropped_total{events,invalid} = %v, want 1003", n)
+	if n := c.GetCounter().GetValue(); n != 1012 {
+		t.Fatalf("lockergate_ingest_messages_dropped_total{events,invalid} = %v, want 1012", n)
 	}
 }

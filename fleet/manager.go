@@ -1231,7 +1231,16 @@ func (m *Manager) observeLag(batch []inbound) {
 func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 	reason := protocol.Reason(err)
 	m.m.dropped.WithLabelValues(string(ch), reason).Inc()
-	log, quiet := m.drops.allow(dropKey{id: id, ch: ch, reason: reason}, m.now())
+	log, quiet, unlogged := m.drops.allow(dropKey{id: id, ch: ch, reason: reason}, m.now())
+	for _, u := range unlogged {
+		if u.key.id == "" {
+			m.log.Warn("dropped device messages not logged: more lockers sent bad messages than the log follows", "dropped_unlogged", u.quiet,
+				"hint", "lockergate_ingest_messages_dropped_total counts them all")
+			continue
+		}
+		m.log.Warn("dropped device messages not logged since the last line", "locker", u.key.id, "channel", u.key.ch, "reason", u.key.reason,
+			"dropped_unlogged", u.quiet)
+	}
 	if !log {
 		return
 	}
