@@ -206,6 +206,9 @@ func TestListAuditCursor(t *testing.T) {
 	call(t, s, "GET", "/v1/audit?since=yesterday", "admin").wantProblem(t, 400, `bad request: since must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "yesterday"`)
 	call(t, s, "GET", "/v1/audit?since=2026-12-07T09:00:00+01:00", "admin").wantProblem(t, 400,
 		`bad request: since must be an RFC 3339 time, not "2026-12-07T09:00:00 01:00": write a + in a URL query as %2B (2026-12-07T09:00:00%2B01:00)`)
+	// A space that a + would not mend (between date and time) gets no such advice.
+	call(t, s, "GET", "/v1/audit?since=2026-12-07%2009:00:00Z", "admin").wantProblem(t, 400,
+		`bad request: since must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "2026-12-07 09:00:00Z"`)
 	call(t, s, "GET", "/v1/audit?limit=-1&after=x", "admin").wantProblem(t, 400, "bad request: limit must be 1..1000")
 	call(t, s, "GET", "/v1/audit", "store-a").wantProblem(t, 403, "role store may not GET /v1/audit")
 }

@@ -262,10 +262,12 @@ func timeParam(r *http.Request, name string) (time.Time, error) {
 		return time.Time{}, nil
 	}
 	t, err := time.Parse(time.RFC3339Nano, v)
-	if err != nil && strings.Contains(v, " ") {
-		// A "+01:00" offset sent unescaped: in a query a + is a space.
-		return time.Time{}, badRequest("%s must be an RFC 3339 time, not %q: write a + in a URL query as %%2B (%s)", name, v,
-			strings.ReplaceAll(v, " ", "%2B"))
+	if plus := strings.ReplaceAll(v, " ", "+"); err != nil && plus != v {
+		if _, perr := time.Parse(time.RFC3339Nano, plus); perr == nil {
+			// A "+01:00" offset sent unescaped: in a query a + is a space.
+			return time.Time{}, badRequest("%s must be an RFC 3339 time, not %q: write a + in a URL query as %%2B (%s)", name, v,
+				strings.ReplaceAll(v, " ", "%2B"))
+		}
 	}
 	if err != nil {
 		return time.Time{}, badRequest("%s must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not %q", name, v)
