@@ -5,7 +5,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"time"
 	"unsafe"
 )
 
@@ -26,26 +25,26 @@ func DecodeHealthBody(payload []byte) (*Health, []byte, error) {
 	if h := fastHealth(payload); h != nil {
 		// Its ts as the wire format writes it, as lockers do: stored as
 		// sent. Another spelling goes through utcTS (DecodeBody's).
-		if !containsTS(payload, h.TS.Time) {
+		if !h.tsAsWritten {
 			payload = utcTS(payload)
 		}
-		return h, payload, nil
+		return &h.Health, payload, nil
 	}
 	return DecodeBody[Health](payload)
 }
 
-// containsTS reports whether payload holds "ts":"<t as FormatTime writes
-// it>": the common case, which needs no rewrite (utcTS).
-func containsTS(payload []byte, t time.Time) bool {
-	var b [len(TimeLayout) + 8]byte
-	q := append(t.UTC().AppendFormat(append(b[:0], `"ts":"`...), TimeLayout), '"')
-	return bytes.Contains(payload, q)
+// fastReport is a report fastHealth decoded, with whether its top-level
+// ts is written as FormatTime writes it (the common case, which needs no
+// rewrite: utcTS).
+type fastReport struct {
+	Health
+	tsAsWritten bool
 }
 
-// healthBox holds a Health and what its pointer fields point at, so that a
+// healthBox holds a report and what its pointer fields point at, so that a
 // decoded report is one allocation.
 type healthBox struct {
-	h                   Health
+	h                   fastReport
 	temp                float64
 	battery, rssi, free int
 }
@@ -71,7 +70,7 @@ var healthKeys = [...]string{"ts", "seq", "fw", "uptime_s", "temp_c", "power",
 // fastHealth returns the decoded, valid report, or nil if payload is
 // anything but plain valid JSON of known fields: the caller then asks Decode,
 // whose answer is authoritative.
-func fastHealth(payload []byte) *Health {
+func fastHealth(payload []byte) *fastReport {
 	if len(payload) > MaxPayload {
 		return nil
 	}
@@ -88,7 +87,7 @@ func fastHealth(payload []byte) *Health {
 		var ok bool
 		switch string(key) {
 		case "ts":
-			bit, ok = hfTS, p.time(&h.TS)
+			bit, ok = hfTS, p.timeWritten(&h.TS, &h.tsAsWritten)
 		case "seq":
 			bit, ok = hfSeq, p.int64To(&h.Seq)
 		case "fw":
@@ -113,7 +112,8 @@ func fastHealth(payload []byte) *Health {
 			bit = hfFaults
 			h.DoorFaults, ok = p.ints()
 		default:
-			// encoding/json matches keys without regard to case.
+			// A field's name in another case is an unknown field that
+			// Decode leaves out (exactNames): it is asked.
 			ok = !slices.ContainsFunc(healthKeys[:], func(k string) bool { return strings.EqualFold(string(key), k) }) &&
 				p.skip(0)
 		}
@@ -190,8 +190,9 @@ func (p *scanner) strTo(dst *string) bool {
 	return ok
 }
 
-// time reads a timestamp as Time.UnmarshalJSON does.
-func (p *scanner) time(dst *Time) bool {
+// timeWritten reads a timestamp as Time.UnmarshalJSON does, and reports
+// in written whether it is written as FormatTime writes it.
+func (p *scanner) timeWritten(dst *Time, written *bool) bool {
 	s, ok := p.str()
 	if !ok {
 		return false
@@ -200,6 +201,10 @@ func (p *scanner) time(dst *Time) bool {
 	// dropped here.
 	t, err := ParseTime(unsafe.String(unsafe.SliceData(s), len(s)))
 	dst.Time = t
+	if err == nil {
+		var b [len(TimeLayout)]byte // longer than any UTC time it writes
+		*written = bytes.Equal(t.UTC().AppendFormat(b[:0], TimeLayout), s)
+	}
 	return err == nil
 }
 

@@ -187,3 +187,26 @@ func BenchmarkDecodeMessages(b *testing.B) {
 		})
 	}
 }
+
+// TestFastHealthTSAsWritten: the fast path keeps a report's body as sent
+// when its own top-level ts is written as FormatTime writes it, and
+// rewrites it (utcTS) otherwise, whatever a nested member holds (a nested
+// "ts" in the wire format once passed for the top-level one).
+func TestFastHealthTSAsWritten(t *testing.T) {
+	for _, c := range []struct{ in, want string }{
+		{`{"ts":"2026-11-24T21:30:00.123Z","seq":1}`, `{"ts":"2026-11-24T21:30:00.123Z","seq":1}`},
+		{`{"ts":"2026-11-24T22:30:00.123+01:00","seq":1,"x":{"ts":"2026-11-24T21:30:00.123Z"}}`,
+			`{"ts":"2026-11-24T21:30:00.123Z","seq":1,"x":{"ts":"2026-11-24T21:30:00.123Z"}}`},
+	} {
+		h := fastHealth([]byte(c.in))
+		if h == nil {
+			t.Fatalf("%s: not on the fast path", c.in)
+		}
+		if _, body, err := DecodeHealthBody([]byte(c.in)); err != nil || string(body) != c.want {
+			t.Errorf("DecodeHealthBody(%s) = %s, %v; want %s", c.in, body, err, c.want)
+		}
+	}
+	if h := fastHealth([]byte(`{"ts":"2026-11-24T21:30:00.123Z","seq":1}`)); h == nil || !h.tsAsWritten {
+		t.Fatal("a report in the wire format not taken as written")
+	}
+}
