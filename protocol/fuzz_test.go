@@ -2,6 +2,7 @@ package protocol_test
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"reflect"
 	"strings"
@@ -43,6 +44,18 @@ func fuzzDecode[T any, PT interface {
 		stored, err := protocol.Decode[T, PT](body)
 		if err != nil || !sameWire(reflect.ValueOf(v), reflect.ValueOf(stored)) {
 			t.Fatalf("stored body %s (from %q) reads as %+v, %v; want %+v", body, b, stored, err, v)
+		}
+		// A reader of the stored body that matches names as encoding/json
+		// does reads the same, when no name could fold to another's and
+		// every member fits its field (else it may read an ignored one).
+		if !protocol.KeyMayFold(body) {
+			plain := new(T)
+			if err := json.Unmarshal(body, plain); err == nil {
+				protocol.DropForeign(plain)
+				if !sameWire(reflect.ValueOf(v), reflect.ValueOf(plain)) {
+					t.Fatalf("stored body %s (from %q) reads with encoding/json as %+v; want %+v", body, b, plain, v)
+				}
+			}
 		}
 		enc := protocol.Encode(v)
 		v2, err := protocol.Decode[T, PT](enc)
