@@ -59,3 +59,40 @@ func customerPickup(t *testing.T, c *client.Client, site, ref string) pickup.Pic
 	}
 	return p
 }
+
+// TestAllocationSkipsFaultyDoors: a compartment whose door the locker
+// reports failing (health door_faults: an open door_fault alert) gets no
+// new order, though it is the smallest that fits; once the locker reports
+// it working again (the alert clears), it does.
+func TestAllocationSkipsFaultyDoors(t *testing.T) {
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, "SN-FAULT-1")
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	publishBirth(t, tg, c, r.DeviceID)
+	health := func(seq int, faults string) {
+		t.Helper()
+		MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanHealth), false,
+			fmt.Sprintf(`{"ts":"%s","seq":%d,"door_faults":[%s]}`, protocol.FormatTime(time.Now()), seq, faults))
+	}
+	openFaults := func(want int) {
+		t.Helper()
+		Eventually(t, 10*time.Second, fmt.Sprintf("%d door_fault alerts open", want), func() error {
+			if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'door_fault' AND device_id = $1 AND cleared_at IS NULL`, r.DeviceID); n != want {
+				return fmt.Errorf("%d open", n)
+			}
+			return nil
+		})
+	}
+	health(1, "1") // compartment 1 (S, ambient: the smallest that fits)
+	openFaults(1)
+	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
+	if p := customerPickup(t, store, "s1", "FAULT-1"); p.Compartment == 1 {
+		t.Fatalf("FAULT-1 went to compartment 1, whose door fails")
+	}
+	health(2, "")
+	openFaults(0)
+	if p := customerPickup(t, store, "s1", "FAULT-2"); p.Compartment != 1 {
+		t.Fatalf("FAULT-2 went to compartment %d, want 1, its door working again", p.Compartment)
+	}
+}

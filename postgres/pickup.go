@@ -79,10 +79,14 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 		WHERE d.site = $1 AND d.online AND NOT d.disabled AND c.in_service AND NOT c.missing AND NOT c.occupied AND c.door = 'closed'
 			AND c.zone = $2 AND %s >= %s
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
+			AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertDoorFault+`'
+				AND a.compartment = c.n AND a.cleared_at IS NULL)
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
-	// The smallest that fits first; ties to the lower locker id, then
-	// compartment number.
+	// A compartment whose door the locker reports failing (an open
+	// door_fault alert: its health's door_faults) is not one: its staging
+	// unlock would fail (door_jammed). The smallest that fits first; ties
+	// to the lower locker id, then compartment number.
 	smallest := fmt.Sprintf(`%s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
 	// Lockers tried in this call are not candidates again: one whose free
 	// compartment another transaction holds would be found again and again.
