@@ -228,7 +228,7 @@ func TestDoorEventUnreadableBodyLogged(t *testing.T) {
 	bad.Body = []byte(`{"id":"e-1","type":"door_opened","compartment":"1","ts":"2026-12-06T10:00:00.000Z"}`)
 	insertEvents(t, db, bad)
 	wantDoor(t, db, id, "closed", false)
-	if got := logs.String(); !strings.Contains(got, "stored event body does not read as an event") || !strings.Contains(got, "event=e-1") {
+	if got := logs.String(); !strings.Contains(got, "stored event no longer reads as an event") || !strings.Contains(got, "event=e-1") {
 		t.Fatalf("no error naming the event in the log:\n%s", got)
 	}
 }
