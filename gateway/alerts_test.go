@@ -113,6 +113,12 @@ func TestAlerts(t *testing.T) {
 	wait("door faults", open("door_fault"), 2)
 	pub(protocol.ChanHealth, `{"seq":%d,"ts":"%s","uptime_s":7,"door_faults":[4]}`)
 	wait("door fault 1 cleared", open("door_fault"), 1)
+	// Cleared by the gateway, their conditions ended: it says so.
+	var cleared, byGateway int
+	if err := tg.DB().Pool().QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE cleared_by = 'gateway') FROM alerts
+		WHERE device_id = $1 AND cleared_at IS NOT NULL`, id.DeviceID).Scan(&cleared, &byGateway); err != nil || cleared != 3 || byGateway != 3 {
+		t.Fatalf("%d alerts cleared, %d by the gateway (%v); want door_ajar 2, on_battery, door_fault 1, all by the gateway", cleared, byGateway, err)
+	}
 
 	// A tamper reported again while its alert is open adds to it; once
 	// staff cleared it, the next opens a new one.
@@ -270,6 +276,9 @@ func TestClockSkewAlert(t *testing.T) {
 	offset(near(0))
 	if d := openAlerts(); len(d) != 0 {
 		t.Fatalf("open clock_skew alerts %q after a birth on time, want none", d)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'clock_skew' AND cleared_by = 'gateway'`, id.DeviceID); n != 1 {
+		t.Fatalf("%d clock_skew alerts cleared by the gateway at the birth on time, want 1", n)
 	}
 	// Ahead is as wrong as behind.
 	birth(fmt.Sprintf(`{"online":true,"ts":"%s","fw":"1.4.2"}`, protocol.FormatTime(time.Now().Add(2*time.Minute))))

@@ -234,7 +234,7 @@ const recordBirthsSQL = `WITH ` + lockDevicesCTE + `,
 		b AS (
 			SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[], $6::bigint[], $7::bool[], $8::timestamptz[])
 				AS b(id, fw, model, boot_id, at, off, clear_skew, ts)),
-		cleared AS (UPDATE alerts a SET cleared_at = b.at FROM b
+		cleared AS (UPDATE alerts a SET cleared_at = b.at, cleared_by = 'gateway' FROM b
 			WHERE b.clear_skew AND a.device_id = b.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL)
 		UPDATE devices d SET ` + birthSet + `
 		FROM b JOIN locked l ON l.id = b.id WHERE d.id = b.id AND d.id = ANY($1::text[])`
@@ -263,7 +263,7 @@ const startWithBirthSQL = `WITH b AS (
 			FROM b WHERE d.id = b.id AND NOT coalesce(d.online AND d.boot_id = b.boot_id AND (d.birth_ts IS NULL AND b.ts IS NULL AND $9
 				OR abs(extract(epoch FROM d.birth_ts - b.ts)) < ` + sameBirthWithin + `), false)
 			RETURNING d.id, b.at, b.clear_skew),
-		cleared AS (UPDATE alerts a SET cleared_at = u.at FROM u
+		cleared AS (UPDATE alerts a SET cleared_at = u.at, cleared_by = 'gateway' FROM u
 			WHERE u.clear_skew AND a.device_id = u.id AND a.kind = '` + fleet.AlertClockSkew + `' AND a.cleared_at IS NULL),
 		logged AS (INSERT INTO presence_log (device_id, ts, online) SELECT id, at, true FROM u)
 		SELECT count(*) FROM u`
@@ -607,7 +607,7 @@ func applyAlerts(ctx context.Context, tx pgx.Tx, fresh []fleet.EventRecord, stal
 			continue
 		}
 		if a.ClearKind != "" {
-			b.Queue(`UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL
+			b.Queue(`UPDATE alerts SET cleared_at = $4, cleared_by = 'gateway' WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL
 				AND ($3 = 0 OR compartment = $3)`, e.DeviceID, a.ClearKind, a.ClearAt, e.ReceivedAt)
 		}
 		if a.Raise != nil {
@@ -928,7 +928,7 @@ func (db *DB) ClearAlerts(ctx context.Context, deviceID, kind string, keep []int
 	if keep == nil {
 		keep = []int{} // a NULL array would clear nothing
 	}
-	tag, err := db.pool.Exec(ctx, `UPDATE alerts SET cleared_at = $4 WHERE device_id = $1 AND kind = $2
+	tag, err := db.pool.Exec(ctx, `UPDATE alerts SET cleared_at = $4, cleared_by = 'gateway' WHERE device_id = $1 AND kind = $2
 		AND cleared_at IS NULL AND coalesce(compartment, 0) <> ALL($3)`, deviceID, kind, keep, at)
 	return int(tag.RowsAffected()), err
 }
