@@ -154,6 +154,7 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	ready, err := o.await(ctx, p.ID, pickup.Ready)
 	if err != nil {
 		c.fail(ctx)
+		o.warn(ctx, "pickup not ready", "order", ord.ref, "pickup", p.ID, "err", err)
 		return
 	}
 	c.ready.Add(1)
@@ -175,6 +176,7 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	l := o.Fleet.Locker(p.Locker)
 	if l == nil || ready.Credential == nil {
 		c.fail(ctx)
+		o.warn(ctx, "pickup's locker not simulated here, or no code to read", "order", ord.ref, "pickup", p.ID, "locker", p.Locker)
 		return
 	}
 	// A driver types the code once the locker holds it (the set is pushed
@@ -196,6 +198,7 @@ func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	}
 	if _, err := o.await(ctx, p.ID, pickup.PickedUp); err != nil {
 		c.fail(ctx)
+		o.warn(ctx, "pickup not picked up after its code", "order", ord.ref, "pickup", p.ID, "err", err)
 		return
 	}
 	c.picked.Add(1)
@@ -219,18 +222,21 @@ func awaitCreds(ctx context.Context, l *devicesim.Locker, id string) error {
 }
 
 // await polls a pickup until it reaches state (a simulated person checking
-// an app), up to a minute.
+// an app), up to a minute. A read that fails (the gateway restarting) is
+// tried again until then, as an app would: it is no answer about the
+// pickup.
 func (o *Options) await(ctx context.Context, id, state string) (*pickup.Pickup, error) {
 	deadline := time.Now().Add(time.Minute)
+	var last error
 	for time.Now().Before(deadline) {
 		var p pickup.Pickup
-		if err := o.API.Get(ctx, "/v1/pickups/"+id, nil, &p); err != nil {
-			return nil, err
-		}
-		if p.State == state {
+		err := o.API.Get(ctx, "/v1/pickups/"+id, nil, &p)
+		switch {
+		case err != nil:
+			last = err
+		case p.State == state:
 			return &p, nil
-		}
-		if !pickup.Live(p.State) {
+		case !pickup.Live(p.State):
 			return nil, fmt.Errorf("pickup %s ended %s", id, p.State)
 		}
 		select {
@@ -238,6 +244,9 @@ func (o *Options) await(ctx context.Context, id, state string) (*pickup.Pickup, 
 			return nil, ctx.Err()
 		case <-time.After(50 * time.Millisecond):
 		}
+	}
+	if last != nil {
+		return nil, fmt.Errorf("pickup %s not %s within a minute (last read failed: %w)", id, state, last)
 	}
 	return nil, fmt.Errorf("pickup %s not %s within a minute", id, state)
 }

@@ -1,0 +1,40 @@
+package orders
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/pickup"
+)
+
+// TestAwaitOutlastsAFailedRead: a read of the pickup that fails (the
+// gateway restarting) is no answer about it: await reads again, and takes
+// the state it then finds; a pickup that ended is an error at once.
+func TestAwaitOutlastsAFailedRead(t *testing.T) {
+	var reads atomic.Int32
+	var state atomic.Value
+	state.Store("ready")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if reads.Add(1) <= 3 {
+			http.Error(w, "restarting", http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"id":"p-1","state":"` + state.Load().(string) + `"}`))
+	}))
+	defer srv.Close()
+	o := &Options{API: client.New(srv.URL, "tok")}
+	p, err := o.await(context.Background(), "p-1", pickup.Ready)
+	if err != nil || p.State != pickup.Ready || reads.Load() != 4 {
+		t.Fatalf("await: %+v %v after %d reads; want ready after 3 failed reads and one more", p, err, reads.Load())
+	}
+	state.Store("expired")
+	if _, err := o.await(context.Background(), "p-1", pickup.PickedUp); err == nil || !strings.Contains(err.Error(), "ended expired") {
+		t.Fatalf("await of an ended pickup: %v, want it ended", err)
+	}
+}
