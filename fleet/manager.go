@@ -91,9 +91,11 @@ type Options struct {
 	SharedPublish bool
 	// CommandFinished, when set, is told of each command this instance saw
 	// end otherwise than ok: answered failed, rejected or expired, or ended
-	// by the sweep (expired, timed_out). It runs on the goroutine that
+	// by the sweep (expired, timed_out); and of one answered ok after such
+	// an end (LateAnswer: the door did open). It runs on the goroutine that
 	// recorded the end (a control shard, the sweep): keep it short. The
-	// pickup workflow tells staff of a staging unlock that did not open.
+	// pickup workflow tells staff of a staging unlock that did not open,
+	// and withdraws that once it did.
 	CommandFinished func(ctx context.Context, c *Command)
 	// SweepInterval is how often expired commands are finalised. Default 1s.
 	SweepInterval time.Duration
@@ -1922,6 +1924,9 @@ func (m *Manager) handleControl(ctx context.Context, c control) {
 			// here would count one command twice.
 			m.m.lateAnswers.WithLabelValues(cmd.Type, cmd.Status).Inc()
 			m.wake(cmd.ID, cmd)
+			if cmd.Status == CmdOK && m.opts.CommandFinished != nil {
+				m.opts.CommandFinished(ctx, cmd) // what was told of its end may be withdrawn
+			}
 			return
 		}
 		m.finished(ctx, cmd)

@@ -8,6 +8,9 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/pickup"
@@ -21,11 +24,7 @@ import (
 // none.
 func TestStagingFailedAlert(t *testing.T) {
 	ctx := context.Background()
-	tg := MustStart(t, func(o *gateway.Options) { o.StagingTTL = 2 * time.Second })
-	r, c := rawLocker(t, tg, "SN-STAGE-F")
-	got := subscribeCommands(t, c, r.DeviceID)
-	publishBirth(t, tg, c, r.DeviceID)
-	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
+	tg, r, c, got, store := stagingEnv(t, "SN-STAGE-F")
 	// Commands reach the locker at least once (QoS 1): a repeat of an
 	// earlier one may come before the next.
 	var seen []string
@@ -121,4 +120,58 @@ func TestStagingFailedAlert(t *testing.T) {
 	if detail, err := alertOf(opened); err == nil {
 		t.Errorf("an alert for %s, whose staging unlock opened: %q", opened.OrderRef, detail)
 	}
+}
+
+// TestStagingFailedWithdrawnWhenItOpenedLate: a staging unlock that went
+// unanswered raised staging_failed; the locker's ok that comes after (a
+// late answer: the door did open for loading) withdraws it, as the
+// gateway and audited. Another pickup's alert on that compartment stays.
+func TestStagingFailedWithdrawnWhenItOpenedLate(t *testing.T) {
+	ctx := context.Background()
+	tg, r, c, got, store := stagingEnv(t, "SN-STAGE-LATE")
+	p := customerPickup(t, store, "s1", "LATE-OK-1")
+	wantCommand(t, got, p.CommandID, "the staging unlock")
+	open := func() int {
+		return tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'staging_failed' AND device_id = $1 AND compartment = $2
+			AND cleared_at IS NULL`, r.DeviceID, p.Compartment)
+	}
+	Eventually(t, 20*time.Second, "the unanswered staging unlock's alert", func() error {
+		if n := open(); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+	// An older alert of another pickup on the compartment, not yet
+	// cleared by staff: not this unlock's.
+	if _, err := tg.DB().Pool().Exec(ctx, `INSERT INTO alerts (device_id, kind, compartment, detail, raised_at)
+		VALUES ($1, 'staging_failed', $2, 'the staging unlock of pickup p-older (X-0) ended unanswered: ...', now() - interval '1 hour')`,
+		r.DeviceID, p.Compartment); err != nil {
+		t.Fatal(err)
+	}
+	publishResult(t, c, r.DeviceID, p.CommandID)
+	Eventually(t, 10*time.Second, "the alert withdrawn by the late ok", func() error {
+		if n := tg.Count(t, `SELECT count(*) FROM alerts WHERE kind = 'staging_failed' AND device_id = $1 AND cleared_by = 'gateway'
+			AND detail LIKE '%' || $2 || '%'`, r.DeviceID, p.ID); n != 1 {
+			return fmt.Errorf("%d withdrawn", n)
+		}
+		return nil
+	})
+	if n := open(); n != 1 {
+		t.Fatalf("%d staging_failed alerts open, want the other pickup's", n)
+	}
+	if n := tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'alert.clear' AND actor = 'gateway' AND locker = $1`, r.DeviceID); n != 1 {
+		t.Fatalf("%d alert.clear audit entries by the gateway, want 1", n)
+	}
+}
+
+// stagingEnv is a gateway whose staging unlocks live 2 s, a plain client
+// online as its one locker (serial) at site s1 with the commands it gets,
+// and a store token of s1.
+func stagingEnv(t *testing.T, serial string) (*TestGateway, protocol.ProvisionResponse, paho.Client, <-chan string, *client.Client) {
+	t.Helper()
+	tg := MustStart(t, func(o *gateway.Options) { o.StagingTTL = 2 * time.Second })
+	r, c := rawLocker(t, tg, serial)
+	got := subscribeCommands(t, c, r.DeviceID)
+	publishBirth(t, tg, c, r.DeviceID)
+	return tg, r, c, got, MustPickupToken(t, tg, "store", "s1", "front-desk")
 }

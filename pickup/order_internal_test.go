@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -523,5 +525,54 @@ func TestNothingOpenedCollectsNothing(t *testing.T) {
 		if notLive := slices.Contains(js.kinds(), AlertCodeNotLive); notLive != (opened != nil) {
 			t.Fatalf("%s: alerts %v, want code_not_live %t", body, js.kinds(), opened != nil)
 		}
+	}
+}
+
+// lateStore answers WithdrawStagingFailed: failing (ending the step's
+// context) while fail, else withdrawn.
+type lateStore struct {
+	Store
+	fail   bool
+	cancel func()
+	calls  []string
+}
+
+func (s *lateStore) WithdrawStagingFailed(_ context.Context, _ string, _ int, command, _ string, _ time.Time) (bool, error) {
+	s.calls = append(s.calls, command)
+	if s.fail {
+		s.cancel()
+		return false, errDown
+	}
+	return true, nil
+}
+
+// TestStagingOpenedLate: a staging unlock answered ok late withdraws its
+// staging_failed alert (by the command); an ok on time, or another
+// command's late ok, asks nothing; a withdrawal the database fails is
+// logged.
+func TestStagingOpenedLate(t *testing.T) {
+	var logs strings.Builder
+	st := &lateStore{}
+	s, err := New(Options{Store: st, Fleet: &countingFleet{}, MasterKey: make([]byte, 32), Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	staging := func(id string, late bool) *fleet.Command {
+		return &fleet.Command{ID: id, DeviceID: "lk-1", Type: protocol.CmdUnlock, Reason: protocol.ReasonStaging, Compartment: 3,
+			Status: fleet.CmdOK, LateAnswer: late}
+	}
+	s.StagingUnlockEnded(context.Background(), staging("c-on-time", false))
+	remote := staging("c-remote", true)
+	remote.Reason = protocol.ReasonRemote
+	s.StagingUnlockEnded(context.Background(), remote)
+	s.StagingUnlockEnded(context.Background(), staging("c-late", true))
+	if !slices.Equal(st.calls, []string{"c-late"}) {
+		t.Fatalf("withdrawals asked for %v, want the late staging unlock's only", st.calls)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	st.fail, st.cancel = true, cancel
+	s.StagingUnlockEnded(ctx, staging("c-late-2", true))
+	if !strings.Contains(logs.String(), "was not withdrawn") || !strings.Contains(logs.String(), "command=c-late-2") {
+		t.Fatalf("a failed withdrawal not logged:\n%s", logs.String())
 	}
 }

@@ -328,6 +328,11 @@ type Store interface {
 	// CredentialState returns the state of a locker's credential: active,
 	// used, revoked or expired; fleet.ErrNotFound when it has none by id.
 	CredentialState(ctx context.Context, deviceID, id string) (string, error)
+	// WithdrawStagingFailed withdraws, as the gateway and audited with
+	// reason, the open staging_failed alert of a locker's compartment n
+	// raised for the pickup whose staging unlock is command; false when
+	// there is none.
+	WithdrawStagingFailed(ctx context.Context, deviceID string, n int, command, reason string, at time.Time) (bool, error)
 	// RaiseAlert records an alert (see fleet.Store).
 	RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error)
 	// WithdrawAlert clears, as actor and audited with reason, the open

@@ -661,6 +661,26 @@ const (
 var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, AlertNotTaken, AlertRemoved, AlertCodeNotLive, AlertCancelled,
 	AlertStagingFailed, AlertNotOpened}
 
+// stagingOpenedLate withdraws the staging_failed alert raised for staging
+// unlock c, which its locker has answered ok after all (late: the door did
+// open for loading).
+func (s *Service) stagingOpenedLate(ctx context.Context, c *fleet.Command) {
+	var withdrawn bool
+	err := s.retry(ctx, "withdraw_staging_failed", func(ctx context.Context) (err error) {
+		withdrawn, err = s.o.Store.WithdrawStagingFailed(ctx, c.DeviceID, c.Compartment, c.ID,
+			"its staging unlock was answered ok after all: the compartment opened", s.o.Now())
+		return err
+	})
+	switch {
+	case err != nil:
+		s.log.Error("staging unlock answered ok late, but its staging_failed alert was not withdrawn", "locker", c.DeviceID,
+			"command", c.ID, "err", err)
+	case withdrawn:
+		s.log.Info("staging_failed alert withdrawn: its staging unlock was answered ok late", "locker", c.DeviceID,
+			"compartment", c.Compartment, "command", c.ID)
+	}
+}
+
 // StagingUnlockEnded tells staff of a staging pickup whose unlock ended
 // otherwise than ok (fleet.Options.CommandFinished): the locker answered
 // failed (a jammed door), rejected or expired (its clock ahead of the
@@ -670,7 +690,13 @@ var AlertKinds = []string{fleet.AlertStagedEmpty, fleet.AlertPickupExpired, Aler
 // pickup. A pickup that went on (ready: the door did open and close) or
 // ended is left alone; so is any other command.
 func (s *Service) StagingUnlockEnded(ctx context.Context, c *fleet.Command) {
-	if c.Type != protocol.CmdUnlock || c.Reason != protocol.ReasonStaging || c.Status == fleet.CmdOK {
+	if c.Type != protocol.CmdUnlock || c.Reason != protocol.ReasonStaging {
+		return
+	}
+	if c.Status == fleet.CmdOK {
+		if c.LateAnswer {
+			s.stagingOpenedLate(ctx, c)
+		}
 		return
 	}
 	var p *Pickup

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 )
 
 // conds builds a WHERE clause of the filters given, numbering their
@@ -133,6 +134,27 @@ func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason st
 		return false, err
 	}
 	_, err = db.clearAlert(ctx, id, actor, reason, at)
+	if errors.Is(err, fleet.ErrConflict) {
+		return false, nil // cleared meanwhile
+	}
+	return err == nil, err
+}
+
+// WithdrawStagingFailed implements pickup.Store: the alert is the one whose
+// detail names the pickup that command staged (pickup.Service raises it so).
+func (db *DB) WithdrawStagingFailed(ctx context.Context, deviceID string, n int, command, reason string, at time.Time) (bool, error) {
+	var id int64
+	err := db.pool.QueryRow(ctx, `SELECT a.id FROM alerts a JOIN pickups p ON p.command_id = $3 AND p.device_id = a.device_id
+		WHERE a.device_id = $1 AND a.kind = '`+pickup.AlertStagingFailed+`' AND a.compartment = $2 AND a.cleared_at IS NULL
+			AND starts_with(a.detail, 'the staging unlock of pickup ' || p.id || ' ')
+		ORDER BY a.id DESC LIMIT 1`, deviceID, n, command).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	_, err = db.clearAlert(ctx, id, "gateway", reason, at)
 	if errors.Is(err, fleet.ErrConflict) {
 		return false, nil // cleared meanwhile
 	}
