@@ -65,11 +65,11 @@ type Cluster struct {
 	// socketRecord is the record of socketDir (socketDirRecord), open and
 	// locked while this cluster runs; nil when it could not be.
 	socketRecord *os.File
-	logPath   string
-	logOffset int64 // where this run's output starts in the log
-	logFile   *os.File
-	logger    *slog.Logger
-	command   func() *exec.Cmd // a new postgres process for the cluster
+	logPath      string
+	logOffset    int64 // where this run's output starts in the log
+	logFile      *os.File
+	logger       *slog.Logger
+	command      func() *exec.Cmd // a new postgres process for the cluster
 
 	mu       sync.Mutex // guards proc and stopping
 	proc     *process   // the server; replaced when supervise restarts it
