@@ -104,19 +104,7 @@ func TestCredsCaughtUp(t *testing.T) {
 	}
 	for name, publish := range paths {
 		for _, shared := range []bool{true, false} {
-			st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4, "lk-c": 7}}
-			bus := &credsBus{sets: map[string][]int64{}}
-			// lk-a's set moves on to 11 just as 10 goes out; lk-b's and
-			// lk-c's do not.
-			bus.commitBefore = func(id string) {
-				if id == "lk-a" {
-					st.set(id, 11)
-				}
-			}
-			m, err := New(Options{Store: st, Bus: bus, SharedPublish: shared, Logger: slog.New(slog.DiscardHandler)})
-			if err != nil {
-				t.Fatal(err)
-			}
+			bus, m := movingOnA(t, shared, "")
 			if err := publish(context.Background(), m); err != nil {
 				t.Fatalf("%s: %v", name, err)
 			}
@@ -158,17 +146,7 @@ func TestCredsCaughtUp(t *testing.T) {
 // together, a publish that fails part-way leaves the rest to be synced
 // alone, and still catches up the lockers published before it.
 func TestCredsCaughtUpWhenTheGroupFails(t *testing.T) {
-	st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4, "lk-c": 7}}
-	bus := &credsBus{sets: map[string][]int64{}, failOn: "lk-b"}
-	bus.commitBefore = func(id string) {
-		if id == "lk-a" {
-			st.set(id, 11)
-		}
-	}
-	m, err := New(Options{Store: st, Bus: bus, SharedPublish: true, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	bus, m := movingOnA(t, true, "lk-b")
 	failed := m.publishRetainedGroup(context.Background(), 0, []string{"lk-a", "lk-b", "lk-c"})
 	if !slices.Equal(failed, []string{"lk-b", "lk-c"}) {
 		t.Errorf("failed %v, want lk-b and lk-c (to sync alone)", failed)
@@ -176,6 +154,26 @@ func TestCredsCaughtUpWhenTheGroupFails(t *testing.T) {
 	if got := bus.sets["lk-a"]; !slices.Equal(got, []int64{10, 11}) {
 		t.Errorf("lk-a got sets %v, want [10 11]: caught up though a later publish failed", got)
 	}
+}
+
+// movingOnA is a manager over lockers lk-a (set 10), lk-b (4) and lk-c
+// (7), with shared, whose bus records the sets published (failing those to
+// failOn) and moves lk-a's set on to 11 just as 10 goes out, as another
+// instance's commit would; lk-b's and lk-c's do not move.
+func movingOnA(t *testing.T, shared bool, failOn string) (*credsBus, *Manager) {
+	t.Helper()
+	st := &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10, "lk-b": 4, "lk-c": 7}}
+	bus := &credsBus{sets: map[string][]int64{}, failOn: failOn}
+	bus.commitBefore = func(id string) {
+		if id == "lk-a" {
+			st.set(id, 11)
+		}
+	}
+	m, err := New(Options{Store: st, Bus: bus, SharedPublish: shared, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return bus, m
 }
 
 // movingBus moves the locker's set on by one at every publish.

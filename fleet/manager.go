@@ -1246,12 +1246,12 @@ func (m *Manager) dropInvalid(ch protocol.Channel, id string, err error) {
 	if !log {
 		return
 	}
+	attrs := []any{"locker", id, "channel", ch, "reason", reason, "err", err}
 	if quiet > 0 {
-		m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err,
-			"dropped_unlogged", quiet, "hint", "logged once a minute per locker, channel and reason; lockergate_ingest_messages_dropped_total counts them all")
-		return
+		attrs = append(attrs, "dropped_unlogged", quiet,
+			"hint", "logged once a minute per locker, channel and reason; lockergate_ingest_messages_dropped_total counts them all")
 	}
-	m.log.Warn("dropped device message", "locker", id, "channel", ch, "reason", reason, "err", err)
+	m.log.Warn("dropped device message", attrs...)
 }
 
 // eventAlert is what event ev of locker id, received at at, does to the
