@@ -418,12 +418,10 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 		// A platform is its tokens' name: a second live one sees the
 		// first's pickups and codes. Right for a rotation, a leak for a
 		// typo of another platform's name, so the answer says so.
-		live := false
-		ts, err := s.store.ListTokens(r.Context(), fleet.TokenFilter{Role: fleet.RolePlatform, Name: in.Name, Revoked: &live, Limit: 1})
-		if err != nil {
+		var err error
+		if shares, err = s.platformExists(r.Context(), in.Name); err != nil {
 			return err
 		}
-		shares = len(ts) > 0
 	}
 	t, secret, err := CreateToken(r.Context(), s.store, in.Role, in.Site, in.Name, principal(r).Actor())
 	if err != nil {

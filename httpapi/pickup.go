@@ -113,6 +113,14 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
+// platformExists reports whether a platform token that is not revoked has
+// name: the platform of that name exists.
+func (s *Server) platformExists(ctx context.Context, name string) (bool, error) {
+	live := false
+	ts, err := s.store.ListTokens(ctx, fleet.TokenFilter{Role: fleet.RolePlatform, Name: name, Revoked: &live, Limit: 1})
+	return len(ts) > 0, err
+}
+
 // checkPlatform marks new pickup p RecipientPlatformUnknown, and logs it,
 // when no platform token that is not revoked has its recipient's platform
 // name: the pickup is made all the same (a platform's token may come
@@ -122,13 +130,12 @@ func (s *Server) checkPlatform(ctx context.Context, p *pickup.Pickup) {
 	if p.Recipient.Platform == "" {
 		return
 	}
-	revoked := false
-	ts, err := s.store.ListTokens(ctx, fleet.TokenFilter{Role: fleet.RolePlatform, Name: p.Recipient.Platform, Revoked: &revoked, Limit: 1})
+	exists, err := s.platformExists(ctx, p.Recipient.Platform)
 	if err != nil {
 		s.log.Warn("platform of a new pickup not looked up", "pickup", p.ID, "platform", p.Recipient.Platform, "err", err)
 		return
 	}
-	if len(ts) == 0 {
+	if !exists {
 		p.RecipientPlatformUnknown = true
 		s.log.Warn("pickup made for a platform no token has the name of: no platform can see it or its code until a platform token has that name",
 			"pickup", p.ID, "platform", p.Recipient.Platform, "site", p.Site,
