@@ -140,13 +140,17 @@ func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason st
 	return err == nil, err
 }
 
-// WithdrawStagingFailed implements pickup.Store: the alert is the one whose
-// detail names the pickup that command staged (pickup.Service raises it so).
+// WithdrawStagingFailed implements pickup.Store: the alert is the one on
+// the compartment raised since the pickup that command staged was made.
+// Another pickup's is older: a compartment goes to no new order while an
+// unlock of it may still fire, so an earlier staging unlock had ended, and
+// raised its alert, before this pickup took it.
 func (db *DB) WithdrawStagingFailed(ctx context.Context, deviceID string, n int, command, reason string, at time.Time) (bool, error) {
 	var id int64
 	err := db.pool.QueryRow(ctx, `SELECT a.id FROM alerts a JOIN pickups p ON p.command_id = $3 AND p.device_id = a.device_id
+			AND p.compartment = a.compartment
 		WHERE a.device_id = $1 AND a.kind = '`+pickup.AlertStagingFailed+`' AND a.compartment = $2 AND a.cleared_at IS NULL
-			AND starts_with(a.detail, 'the staging unlock of pickup ' || p.id || ' ')
+			AND a.raised_at >= p.created_at
 		ORDER BY a.id DESC LIMIT 1`, deviceID, n, command).Scan(&id)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return false, nil
