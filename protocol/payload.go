@@ -292,7 +292,8 @@ func decodeIgnoringForeign[T any](payload []byte, v *T, f foreignFields, err err
 // is only decoded. A body kept as read keeps them (unknown fields), and
 // every reader of it that matches names exactly (PostgreSQL's ->>, this
 // package's Decode) reads what was applied. It costs a parse of the
-// members (health's plain reports never get here: DecodeHealth).
+// members only when keyMayFold finds a name that could fold (health's
+// plain reports never get here: DecodeHealth).
 func exactNames[T any](payload []byte) []byte {
 	if !keyMayFold(payload) {
 		return payload
