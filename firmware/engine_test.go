@@ -222,8 +222,8 @@ func TestEngineRetryHandedOutClearsItsError(t *testing.T) {
 }
 
 // TestEngineTimeoutAndDeadline: a silent locker times out at its step
-// timeout, an offline one at the rollout's deadline. The step timeout (3 s)
-// and the deadline (5 s) leave the lockers that answer time to finish on a
+// timeout, an offline one at the rollout's deadline. The step timeout (5 s)
+// and the deadline (8 s) leave the lockers that answer time to finish on a
 // loaded machine.
 func TestEngineTimeoutAndDeadline(t *testing.T) {
 	h := newHarness(t, hopt{})
@@ -235,7 +235,7 @@ func TestEngineTimeoutAndDeadline(t *testing.T) {
 		return outOK
 	}
 	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0), StepTimeoutS: 3})
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0), StepTimeoutS: 5})
 	st = h.waitStatus(st.ID, firmware.Completed, 20*time.Second)
 	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 5 {
 		t.Fatalf("counts %v", st.Counts)
@@ -249,7 +249,7 @@ func TestEngineTimeoutAndDeadline(t *testing.T) {
 	st = h.create(firmware.Spec{Firmware: b.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(50.0),
 		// Long enough for the four online lockers on a loaded machine
 		// (each step is several transactions), short for the test.
-		Deadline: ptr(time.Now().Add(5 * time.Second)), Selector: firmware.Selector{Lockers: ids[1:]}})
+		Deadline: ptr(time.Now().Add(8 * time.Second)), Selector: firmware.Selector{Lockers: ids[1:]}})
 	st = h.waitStatus(st.ID, firmware.Aborted, 20*time.Second)
 	if st.Counts[firmware.StateTimedOut] != 1 || st.Counts[firmware.StateSucceeded] != 4 || !strings.Contains(st.Reason, "deadline") {
 		t.Fatalf("deadline: counts %v, reason %q", st.Counts, st.Reason)
@@ -336,7 +336,9 @@ func TestEngineCancel(t *testing.T) {
 	h := newHarness(t, hopt{})
 	h.addLockers("lk-", "LX-24", "1.4.2", 30)
 	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 120})
+	// One a second: the cancel finds 20 or more of the 30 queued even
+	// when the first two take a while to succeed.
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60})
 	testtool.Eventually(t, 10*time.Second, "some jobs done", func() error {
 		if s := h.status(st.ID); s.Counts[firmware.StateSucceeded] < 2 {
 			return fmt.Errorf("counts %v", s.Counts)

@@ -277,7 +277,7 @@ func TestSecurityRetryVoidsOldSecret(t *testing.T) {
 	if again.DeviceID != first.DeviceID || again.Password == first.Password {
 		t.Fatalf("retry answer: id %s -> %s, new secret %v", first.DeviceID, again.DeviceID, again.Password != first.Password)
 	}
-	if err := live.waitLost(time.Second); err != nil {
+	if err := live.waitLost(5 * time.Second); err != nil {
 		t.Fatalf("session of the first secret: %v", err)
 	}
 	if _, err := secDial(addr, "127.0.13.2", first.DeviceID, first.DeviceID, first.Password); !refused(err) {

@@ -2101,7 +2101,9 @@ func TestPickupRotateCodes(t *testing.T) {
 // result makes the silent locker fresh again, and moves its last_seen.
 func TestSilentLockerIsTheLastChoice(t *testing.T) {
 	ctx := context.Background()
-	tg := MustStart(t)
+	// The lockers send nothing after their connect and one result: silent
+	// after 3 health intervals, which must outlast the test's steps.
+	tg := MustStart(t, func(o *gateway.Options) { o.Config.HealthIntervalS = 30 })
 	claim := tg.MustSiteAndClaim(t, "store-042", 2)
 	var ids []string
 	devs := map[string]paho.Client{}
@@ -2173,7 +2175,9 @@ func TestSilentLockerIsTheLastChoice(t *testing.T) {
 // unlock, with no code used.
 func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 	ctx := context.Background()
-	const ttl = 10 * time.Second
+	// Long enough for the steps that need the withdrawn unlock valid on a
+	// slow machine; the test waits it out at the end.
+	const ttl = 20 * time.Second
 	tg := MustStart(t, func(o *gateway.Options) {
 		o.CommandResend = 100 * time.Millisecond
 		o.StagingTTL = ttl
@@ -2244,7 +2248,8 @@ func TestCancelledStagingUnlockWithdrawn(t *testing.T) {
 		t.Fatalf("RACE-3: %d, want 422 (no compartment free of an unlock in flight)", status)
 	}
 	valid(cmd.ExpiresAt, "the allocations")
-	wantCommand(t, got, second.CommandID, "RACE-2's staging unlock")
+	// The marker, unanswered, is resent every second from 100 ms on.
+	wantCommand(t, got, second.CommandID, "RACE-2's staging unlock", marker.ID)
 	publishResult(t, c, r.DeviceID, second.CommandID)
 	waitCommandStatus(t, tg, r.DeviceID, second.CommandID, fleet.CmdOK, "RACE-2's unlock answered")
 
