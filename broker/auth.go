@@ -94,7 +94,7 @@ const (
 
 var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseDisabled,
 	refuseClientIDMismatch, refuseInvalidClientID, refuseWillDenied, refuseUnknownClaim,
-	refuseNoProvisioning, refuseBackendError, refuseRateLimited, refuseBusy}
+	refuseNoProvisioning, refuseBackendError, refuseRateLimited, refuseBusy, refuseAuthMethod}
 
 // retryable reports whether a refusal says "not now" rather than "not you":
 // the CONNACK then says server unavailable (MQTT 3.1.1) or server busy /

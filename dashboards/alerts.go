@@ -58,7 +58,7 @@ func Rules() []Rule {
 			Summary:     "More than half of the lockers are offline",
 			Description: "Over 50 % of the enabled lockers have been offline for 5 minutes: a gateway, broker, DNS, certificate or network outage rather than single sites.",
 			Runbook: "1. Check every gateway is up (LockergateDown) and listening on MQTT/MQTTS.\n" +
-				"2. Check the broker address lockers were given (--broker-url) still resolves, and the TLS certificate has not expired.\n" +
+				"2. Check the broker address lockers were given (--device-broker-url) still resolves, and the TLS certificate has not expired.\n" +
 				"3. CONNECTs refused by reason: backend_error means PostgreSQL is failing credential checks.",
 		},
 		{
@@ -111,7 +111,7 @@ func Rules() []Rule {
 			Description: "PostgreSQL has been failing {{ $labels.op }} for 5 minutes. Writes are retried and held in memory, so data is delayed, and lost if the gateway stops before the database is back.",
 			Runbook: "1. Gateway log: \"database write failed; retrying\" carries the error.\n" +
 				"2. PostgreSQL reachable (DATABASE_URL, network, pg_hba.conf), disk not full, not in recovery.\n" +
-				"3. With the embedded database: free disk space in the data dir, and the PostgreSQL log in <data-dir>/pg.",
+				"3. With the embedded database: free disk space in the data dir, and the PostgreSQL log in <data-dir>/pg.log.",
 		},
 		{
 			Alert: "LockergateFirmwareErrors", Severity: "warning", For: "10m",
@@ -129,7 +129,7 @@ func Rules() []Rule {
 			Description: "Over the last 15 minutes more than 10 % of the finished {{ $labels.type }} commands failed, were rejected or got no answer. Remote unlocks by support staff do not work.",
 			Runbook: "1. GET /v1/lockers/{id}/commands/{cid} shows the locker's error text for failed and rejected commands.\n" +
 				"2. timed_out: the locker took the command and never answered (connectivity, firmware).\n" +
-				"3. rejected: the locker refused (compartment out of service, command expired on arrival: check its clock).",
+				"3. rejected: the locker refused it (a compartment out of service, say); a command that reached it expired is answered expired, which this alert does not count.",
 		},
 		{
 			Alert: "LockergateRolloutPaused", Severity: "warning", For: "1m",
