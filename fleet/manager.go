@@ -1981,21 +1981,17 @@ func (m *Manager) republishAll(ctx context.Context) {
 	m.log.Info("publishing every locker's retained state and configuration (their sessions outlive the restart)", "config_version", m.opts.Config.Version)
 	published := 0
 	for after := ""; ; {
-		var page []Locker
+		// Ids alone: a locker's row (its latest health, its recent
+		// connects counted) is not needed here, for a whole fleet.
+		var ids []string
 		err := m.retry(ctx, "list_lockers", func(ctx context.Context) (err error) {
-			page, err = m.store.ListLockers(ctx, LockerFilter{After: after, Limit: republishPage})
+			ids, err = m.store.EnabledLockerIDs(ctx, after, republishPage)
 			return err
 		})
 		if err != nil {
 			m.log.Warn("retained state not published to every locker; the rest get it when they next connect",
 				"published", published, "after", after, "err", err)
 			return
-		}
-		ids := make([]string, 0, len(page))
-		for _, l := range page {
-			if !l.Disabled {
-				ids = append(ids, l.ID)
-			}
 		}
 		if len(ids) > 0 {
 			m.syncDevices(ctx, ids)
@@ -2005,10 +2001,10 @@ func (m *Manager) republishAll(ctx context.Context) {
 			return
 		}
 		published += len(ids)
-		if len(page) < republishPage {
+		if len(ids) < republishPage {
 			break
 		}
-		after = page[len(page)-1].ID
+		after = ids[len(ids)-1]
 		if time.Since(logged) > 10*time.Second {
 			m.log.Info("publishing every locker's retained state", "published", published)
 			logged = time.Now()

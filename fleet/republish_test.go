@@ -10,8 +10,8 @@ import (
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// pagedStore holds a fleet of lockers for republishAll: ListLockers pages
-// through them by id, Retained and RetainedMany answer every one.
+// pagedStore holds a fleet of lockers for republishAll: EnabledLockerIDs
+// pages through them by id, Retained and RetainedMany answer every one.
 type pagedStore struct {
 	*fakeStore
 	ids      []string // sorted
@@ -19,15 +19,17 @@ type pagedStore struct {
 	pages    int
 }
 
-func (s *pagedStore) ListLockers(_ context.Context, f LockerFilter) ([]Locker, error) {
+func (s *pagedStore) EnabledLockerIDs(_ context.Context, after string, limit int) ([]string, error) {
 	s.pages++
-	i, _ := slices.BinarySearch(s.ids, f.After)
-	if i < len(s.ids) && s.ids[i] == f.After {
+	i, _ := slices.BinarySearch(s.ids, after)
+	if i < len(s.ids) && s.ids[i] == after {
 		i++
 	}
-	var out []Locker
-	for ; i < len(s.ids) && len(out) < f.Limit; i++ {
-		out = append(out, Locker{ID: s.ids[i], Disabled: s.disabled[s.ids[i]]})
+	var out []string
+	for ; i < len(s.ids) && len(out) < limit; i++ {
+		if !s.disabled[s.ids[i]] {
+			out = append(out, s.ids[i])
+		}
 	}
 	return out, nil
 }
@@ -43,15 +45,18 @@ func (s *pagedStore) RetainedMany(_ context.Context, ids []string) (map[string]*
 }
 
 // TestRepublishAllPagesThroughTheFleet: a changed configuration goes to
-// every enabled locker once, page by page (a fleet of two pages and a
-// bit), and to no disabled one.
+// every enabled locker once, page by page (two pages and a bit of enabled
+// lockers, every seventh locker besides them disabled), and to no disabled
+// one.
 func TestRepublishAllPagesThroughTheFleet(t *testing.T) {
 	st := &pagedStore{fakeStore: newFakeStore(), disabled: map[string]bool{}}
-	for i := range 2*republishPage + 1 {
+	for i, enabled := 0, 0; enabled < 2*republishPage+1; i++ {
 		id := fmt.Sprintf("lk-%05d", i)
 		st.ids = append(st.ids, id)
 		if i%7 == 0 {
 			st.disabled[id] = true
+		} else {
+			enabled++
 		}
 	}
 	bus := &fakeBus{}

@@ -20,6 +20,9 @@ type Store interface {
 	GetLocker(ctx context.Context, id string) (*Locker, error)
 	// ListLockers returns lockers ordered by id, after f.After.
 	ListLockers(ctx context.Context, f LockerFilter) ([]Locker, error)
+	// EnabledLockerIDs returns the ids of up to limit enabled lockers,
+	// ordered by id, after after: a page of the fleet without its rows.
+	EnabledLockerIDs(ctx context.Context, after string, limit int) ([]string, error)
 
 	// MarkOnlineMany records new sessions of lockers, one per locker, in one
 	// statement (a reconnect storm starts thousands).

@@ -103,6 +103,15 @@ func (db *DB) ListLockers(ctx context.Context, f fleet.LockerFilter) ([]fleet.Lo
 	return out, rows.Err()
 }
 
+// EnabledLockerIDs implements fleet.Store.
+func (db *DB) EnabledLockerIDs(ctx context.Context, after string, limit int) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id FROM devices WHERE id > $1 AND NOT disabled ORDER BY id LIMIT $2`, after, limit)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
 // UpdateLocker sets a locker's disabled and replaceable flags (nil leaves one as is).
 // A locker disabled, it tells every gateway instance (WatchKicks), and
 // its open commands are withdrawn, as a pickup's staging unlock is when
