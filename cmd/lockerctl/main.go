@@ -313,13 +313,8 @@ func (c *cli) lockerHistory(key string, args []string) error {
 	case "lockers events":
 		return c.list(path+"/events", q, []string{"received_at", "id", "type", "compartment", "ts"})
 	}
-	for k, v := range q {
-		if v[0] == "" {
-			delete(q, k)
-		}
-	}
 	var out map[string]any
-	if err := c.c.Get(c.ctx, path+"/uptime", q, &out); err != nil {
+	if err := c.c.Get(c.ctx, path+"/uptime", withoutEmpty(q), &out); err != nil {
 		return err
 	}
 	if c.json {
@@ -349,16 +344,23 @@ func (c *cli) lockersList(args []string) error {
 	return c.list("/v1/lockers", q, []string{"id", "serial", "site", "model", "fw", "online", "last_seen"})
 }
 
-// list fetches every page of a list and prints it.
-func (c *cli) list(path string, q url.Values, cols []string) error {
+// withoutEmpty removes q's parameters that a flag left empty (not
+// given) and returns q, a new one if q is nil.
+func withoutEmpty(q url.Values) url.Values {
 	if q == nil {
-		q = url.Values{}
+		return url.Values{}
 	}
 	for k, v := range q {
 		if len(v) == 1 && v[0] == "" {
 			delete(q, k)
 		}
 	}
+	return q
+}
+
+// list fetches every page of a list and prints it.
+func (c *cli) list(path string, q url.Values, cols []string) error {
+	q = withoutEmpty(q)
 	var items []map[string]any
 	for {
 		var page struct {
