@@ -14,11 +14,13 @@ import (
 
 var _ webhook.Store = (*DB)(nil)
 
-const webhookCols = `id, token_id, role, site, platform, url, events, created_at`
+const webhookCols = `id, token_id, role, site, platform, url, events, created_at, failing,
+	CASE WHEN held_until > now() THEN held_until END`
 
 func scanWebhook(row pgx.Row, extra ...any) (*webhook.Webhook, error) {
 	var w webhook.Webhook
-	err := row.Scan(append([]any{&w.ID, &w.TokenID, &w.Role, &w.Site, &w.Platform, &w.URL, &w.Events, &w.CreatedAt}, extra...)...)
+	err := row.Scan(append([]any{&w.ID, &w.TokenID, &w.Role, &w.Site, &w.Platform, &w.URL, &w.Events, &w.CreatedAt,
+		&w.Failing, &w.HeldUntil}, extra...)...)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -122,7 +124,8 @@ func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
 
 // LeaseDue implements webhook.Store. A delivery is due only when no older
 // delivery of the same webhook and subject (pickup) is pending, so a
-// receiver sees each pickup's events in order even after an outage. The
+// receiver sees each pickup's events in order even after an outage, and
+// while its webhook is not held (Outcome.Hold). The
 // oldest due deliveries are looked at (64 per delivery asked for, so a
 // backlog costs a bounded scan), and the update checks the lease again on
 // each row it takes, so of two callers at once the second skips what the
@@ -135,6 +138,7 @@ func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, 
 		WITH cand AS (
 			SELECT c.seq, c.webhook_id FROM webhook_deliveries c
 			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1 AND c.webhook_id <> ALL($5)
+				AND NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = c.webhook_id AND w.held_until > $1)
 				AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.webhook_id = c.webhook_id
 					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq)
 			ORDER BY c.seq LIMIT $3 * 64),
@@ -167,10 +171,27 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 		case o.Next.IsZero():
 			state = "failed"
 		}
-		_, err = tx.Exec(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
+		var webhookID string
+		err = tx.QueryRow(ctx, `UPDATE webhook_deliveries SET state = $2, attempts = attempts + 1, last_status = $3, last_error = $4,
 			next_attempt = CASE WHEN $5::timestamptz IS NULL THEN next_attempt ELSE $5 END, leased_until = '-infinity',
 			delivered_at = CASE WHEN $2 = 'delivered' THEN $6::timestamptz ELSE NULL END
-			WHERE seq = $1 AND state = 'pending'`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At)
+			WHERE seq = $1 AND state = 'pending' RETURNING webhook_id`, seq, state, o.Status, o.Error, nullTime(o.Next), o.At).Scan(&webhookID)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			return nil // settled already: a copy's late outcome says nothing new of the receiver
+		case err != nil:
+			return err
+		case o.Delivered:
+			_, err = tx.Exec(ctx, `UPDATE webhooks SET failing = 0, held_until = '-infinity' WHERE id = $1 AND failing > 0`, webhookID)
+		case !o.Hold.IsZero():
+			// The hold's give-ups are the receiver's own too: not leased
+			// now, their time is up before the hold ends.
+			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1, held_until = greatest(held_until, $2)
+					WHERE id = $1)
+				UPDATE webhook_deliveries SET state = 'failed', last_error = $4
+				WHERE webhook_id = $1 AND state = 'pending' AND created_at < $3 AND leased_until < $5`,
+				webhookID, o.Hold, nullTime(o.GiveUpBefore), "given up: the receiver was unreachable until its time ran out ("+o.Error+")", o.At)
+		}
 		return err
 	})
 }

@@ -8,8 +8,26 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/postgres"
 	"github.com/lockergate/lockergate/webhook"
 )
+
+// seedWebhooks adds platform token t-1 (speedy) and its webhooks ids, of
+// pickup.ready, at https://{id}.example/ (never called), straight into the
+// tables.
+func seedWebhooks(tb testing.TB, db *postgres.DB, ids ...string) {
+	tb.Helper()
+	ctx := context.Background()
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy')`); err != nil {
+		tb.Fatal(err)
+	}
+	for _, id := range ids {
+		if _, err := db.Pool().Exec(ctx, `INSERT INTO webhooks (id, token_id, role, platform, url, events, secret_enc)
+			VALUES ($1, 't-1', 'platform', 'speedy', 'https://' || $1 || '.example/', '{pickup.ready}', '\x00')`, id); err != nil {
+			tb.Fatal(err)
+		}
+	}
+}
 
 // TestWebhookLeases: a lease takes at most perWebhook deliveries of one
 // webhook (one whose receiver hangs does not take every worker), the oldest
@@ -20,12 +38,7 @@ func TestWebhookLeases(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy');
-		INSERT INTO webhooks (id, token_id, role, platform, url, events, secret_enc) VALUES
-			('wh-slow', 't-1', 'platform', 'speedy', 'https://slow.example/', '{pickup.ready}', '\x00'),
-			('wh-ok', 't-1', 'platform', 'speedy', 'https://ok.example/', '{pickup.ready}', '\x00')`); err != nil {
-		t.Fatal(err)
-	}
+	seedWebhooks(t, db, "wh-slow", "wh-ok")
 	// wh-slow: four pickups, the first with two events; wh-ok: one.
 	for i, d := range []struct{ webhook, subject string }{
 		{"wh-slow", "p-1"}, {"wh-slow", "p-1"}, {"wh-slow", "p-2"}, {"wh-slow", "p-3"}, {"wh-slow", "p-4"}, {"wh-ok", "p-9"},

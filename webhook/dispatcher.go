@@ -40,7 +40,7 @@ type Options struct {
 	BackoffBase, BackoffMax time.Duration
 	// RetryFor is how long an event is retried before it is given up. Default 25h.
 	RetryFor time.Duration
-	// Workers deliver in parallel. Default 4.
+	// Workers deliver in parallel. Default 8.
 	Workers int
 	// PollInterval bounds the wait for due deliveries. Default 1s.
 	PollInterval time.Duration
@@ -75,7 +75,9 @@ type Dispatcher struct {
 
 // perWebhook bounds the deliveries of one webhook in flight at once (and
 // leased at once): a receiver that hangs holds up that many workers, not
-// all of them.
+// all of them, and for one timeout: its webhook is then held (Outcome.Hold),
+// so that a dead receiver costs perWebhook attempts per hold, not one per
+// pending event.
 const perWebhook = 2
 
 // MaxPerToken bounds the webhooks of one token: each is sent every event
@@ -112,7 +114,7 @@ func New(o Options) (*Dispatcher, error) {
 		o.RetryFor = 25 * time.Hour
 	}
 	if o.Workers <= 0 {
-		o.Workers = 4
+		o.Workers = 8
 	}
 	if o.PollInterval <= 0 {
 		o.PollInterval = time.Second
@@ -358,11 +360,19 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 			}
 		}
 	}
+	detail := o.Error // for the log: the request's error in full
 	if err != nil {
-		o.Error = err.Error()
+		o.Error, detail = receiverError(err), err.Error()
 	}
 	end := d.o.Now()
 	o.Duration = end.Sub(start)
+	if unreachable(o) {
+		// Every pending delivery of this webhook waits with this one,
+		// longer the more attempts failed in a row.
+		o.Hold, o.GiveUpBefore = end.Add(d.backoff(w.Failing+1)), end.Add(-d.o.RetryFor)
+		d.log.Warn("webhook receiver unreachable; its deliveries are held", "webhook", w.ID, "failing", w.Failing+1,
+			"held_until", o.Hold, "err", detail)
+	}
 	d.m.latency.Observe(o.Duration.Seconds())
 	outcome := "delivered"
 	if !o.Delivered {
@@ -378,6 +388,13 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	}
 	d.m.deliveries.WithLabelValues(outcome).Inc()
 	record(o)
+}
+
+// unreachable reports whether attempt o found its receiver unreachable
+// rather than refusing the one event: no answer (a timeout, a refused
+// connection, an address not allowed), a 5xx or a 429.
+func unreachable(o Outcome) bool {
+	return !o.Delivered && (o.Status == nil || *o.Status >= 500 || *o.Status == http.StatusTooManyRequests)
 }
 
 // backoff is the delay before attempt n+1: base·2^(n-1), capped, with jitter
@@ -489,6 +506,24 @@ func public(a netip.Addr) bool {
 	return true
 }
 
+// errNotPublic is the dialer's refusal of an address that is not public.
+var errNotPublic = errors.New("webhook address is not public (set --webhook-allow-private for lab setups)")
+
+// receiverError is what the deliveries log, which the webhook's token
+// reads, says of a request that failed: not the address a name resolved to
+// when it is not public (the private address of a name inside the
+// gateway's network, say), nor the address of the gateway's resolver.
+func receiverError(err error) string {
+	var dnsErr *net.DNSError
+	switch {
+	case errors.Is(err, errNotPublic):
+		return "the webhook's host resolved to an address that is not public (set --webhook-allow-private for lab setups)"
+	case errors.As(err, &dnsErr):
+		return "lookup " + dnsErr.Name + ": " + dnsErr.Err
+	}
+	return err.Error()
+}
+
 // transport dials only public addresses unless allowPrivate.
 func transport(allowPrivate bool) *http.Transport {
 	d := &net.Dialer{Timeout: 5 * time.Second, Control: func(_, address string, _ syscall.RawConn) error {
@@ -500,7 +535,7 @@ func transport(allowPrivate bool) *http.Transport {
 			return err
 		}
 		if !public(ap.Addr()) {
-			return fmt.Errorf("webhook address %s is not public (set --webhook-allow-private for lab setups)", ap.Addr())
+			return fmt.Errorf("%w: %s", errNotPublic, ap.Addr())
 		}
 		return nil
 	}}

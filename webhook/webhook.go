@@ -34,6 +34,11 @@ type Webhook struct {
 	URL       string    `json:"url"`
 	Events    []string  `json:"events"`
 	CreatedAt time.Time `json:"created_at"`
+	// Failing counts the attempts that found the receiver unreachable in
+	// a row (no answer, a 5xx or a 429); while HeldUntil is set, none of
+	// the webhook's deliveries is tried (Outcome.Hold).
+	Failing   int        `json:"failing"`
+	HeldUntil *time.Time `json:"held_until,omitempty"`
 }
 
 // Delivery is one event queued for one webhook.
@@ -71,6 +76,13 @@ type Outcome struct {
 	Delivered bool
 	// Next is the next attempt's time; zero with !Delivered means give up.
 	Next time.Time
+	// Hold, when not zero, holds every pending delivery of the webhook
+	// until then and counts the attempt in the webhook's Failing: the
+	// receiver was unreachable, so its other deliveries would fare no
+	// better. Those created before GiveUpBefore are given up then (they
+	// would not be tried again within their time). Delivered sets Failing
+	// back to 0 and lifts a hold.
+	Hold, GiveUpBefore time.Time
 }
 
 // Store is the outbox.

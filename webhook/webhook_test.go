@@ -1,9 +1,12 @@
 package webhook
 
 import (
+	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -44,8 +47,14 @@ func TestTransportRefusesPrivate(t *testing.T) {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	defer srv.Close()
 	c := &http.Client{Transport: transport(false), Timeout: 5 * time.Second}
-	if _, err := c.Post(srv.URL, "application/json", nil); err == nil || !strings.Contains(err.Error(), "not public") {
+	_, err := c.Post(srv.URL, "application/json", nil)
+	if err == nil || !strings.Contains(err.Error(), "not public") {
 		t.Fatalf("loopback webhook: got %v, want a refusal", err)
+	}
+	// The deliveries log, which the webhook's token reads, does not say
+	// which address its host resolved to.
+	if got := receiverError(err); strings.Contains(got, "127.0.0.1") || !strings.Contains(got, "not public") {
+		t.Fatalf("recorded as %q: want the refusal without the address", got)
 	}
 	c = &http.Client{Transport: transport(true), Timeout: 5 * time.Second}
 	resp, err := c.Post(srv.URL, "application/json", nil)
@@ -103,5 +112,18 @@ func TestSealer(t *testing.T) {
 	}
 	if _, err := s.open(enc, "wh-2"); err == nil {
 		t.Fatal("a sealed secret opened under another webhook's id")
+	}
+}
+
+// TestReceiverErrorHidesTheResolver: a failed lookup is recorded without
+// the address of the gateway's resolver.
+func TestReceiverErrorHidesTheResolver(t *testing.T) {
+	err := &url.Error{Op: "Post", URL: "https://hooks.example/", Err: &net.OpError{Op: "dial", Net: "tcp",
+		Err: &net.DNSError{Name: "hooks.example", Server: "10.0.0.2:53", Err: "no such host", IsNotFound: true}}}
+	if got, want := receiverError(err), "lookup hooks.example: no such host"; got != want {
+		t.Fatalf("recorded as %q, want %q", got, want)
+	}
+	if got := receiverError(errors.New("receiver answered 500")); got != "receiver answered 500" {
+		t.Fatalf("another error recorded as %q", got)
 	}
 }

@@ -1,0 +1,211 @@
+package postgres_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/webhook"
+)
+
+// TestUnreachableReceiverHoldsItsWebhook: receivers that hang (each
+// pickup's events are a delivery of their own) cost one round of attempts,
+// after which their webhooks are held: their other deliveries wait rather
+// than each taking a worker for a whole timeout, and an answering
+// receiver's events go out meanwhile. Once a receiver answers again, its
+// held deliveries go out and the hold is lifted. Real HTTP, real
+// PostgreSQL, the real dispatcher.
+func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	var back atomic.Bool // the dead receivers answer again
+	var deadRequests atomic.Int32
+	release := make(chan struct{})
+	dead := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if back.Load() {
+			return
+		}
+		deadRequests.Add(1)
+		io.Copy(io.Discard, r.Body) // the server sees the client give up only once the body is read
+		select {                    // hangs until the dispatcher's timeout
+		case <-r.Context().Done():
+		case <-release:
+		}
+	}))
+	defer dead.Close()
+	defer close(release)
+	ok := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
+	defer ok.Close()
+
+	d, err := webhook.New(webhook.Options{Store: db, MasterKey: bytes.Repeat([]byte{7}, 32), AllowPrivate: true,
+		Workers: 2, PollInterval: 20 * time.Millisecond, BackoffBase: time.Hour,
+		Client: &http.Client{Timeout: 200 * time.Millisecond}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy')`); err != nil {
+		t.Fatal(err)
+	}
+	create := func(url string) string {
+		t.Helper()
+		w := &webhook.Webhook{TokenID: "t-1", Role: "platform", Platform: "speedy", URL: url, Events: []string{"pickup.ready"}}
+		if _, err := d.Create(ctx, w); err != nil {
+			t.Fatal(err)
+		}
+		// Ten pickups' events each.
+		if _, err := db.Pool().Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
+			SELECT $1, $1 || '-ev-' || i, 'pickup.ready', 'p-' || i, '{}', now(), now() FROM generate_series(1, 10) AS i`, w.ID); err != nil {
+			t.Fatal(err)
+		}
+		return w.ID
+	}
+	deadIDs := []string{create(dead.URL + "/a"), create(dead.URL + "/b"), create(dead.URL + "/c")}
+	okID := create(ok.URL)
+	count := func(query string, args ...any) int {
+		t.Helper()
+		var n int
+		if err := db.Pool().QueryRow(ctx, query, args...).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	runCtx, cancel := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- d.Run(runCtx) }()
+	defer func() { cancel(); <-done }()
+
+	testtool.Eventually(t, 20*time.Second, "the answering receiver's ten events delivered", func() error {
+		if n := count(`SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1 AND state = 'delivered'`, okID); n != 10 {
+			return fmt.Errorf("%d of 10 delivered", n)
+		}
+		return nil
+	})
+	testtool.Eventually(t, 20*time.Second, "the three webhooks of hanging receivers held", func() error {
+		if n := count(`SELECT count(*) FROM webhooks WHERE id = ANY($1) AND held_until > now() AND failing > 0`, deadIDs); n != 3 {
+			return fmt.Errorf("%d of 3 held", n)
+		}
+		return nil
+	})
+	// A round of at most two attempts each (perWebhook), then none: the
+	// other eight of each wait, still pending, nothing given up.
+	for _, id := range deadIDs {
+		if n := count(`SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.seq = a.delivery_seq
+			WHERE d.webhook_id = $1`, id); n < 1 || n > 2 {
+			t.Errorf("%s: %d attempts, want 1 or 2 before the hold", id, n)
+		}
+		if n := count(`SELECT count(*) FROM webhook_deliveries WHERE webhook_id = $1 AND state = 'pending'`, id); n != 10 {
+			t.Errorf("%s: %d pending, want all 10", id, n)
+		}
+	}
+	if n := deadRequests.Load(); n > 6 {
+		t.Errorf("the hanging receivers got %d requests, want 6 at most", n)
+	}
+	if w, _, err := db.GetWebhook(ctx, deadIDs[0]); err != nil || w.HeldUntil == nil || w.Failing < 1 {
+		t.Fatalf("a held webhook reads %+v (%v), want failing and held_until", w, err)
+	}
+
+	// The receivers answer again; the hold (an hour) and the tried
+	// deliveries' own back-off are made to pass.
+	back.Store(true)
+	for _, q := range []string{`UPDATE webhooks SET held_until = now() WHERE id = ANY($1)`,
+		`UPDATE webhook_deliveries SET next_attempt = now() WHERE state = 'pending' AND webhook_id = ANY($1)`} {
+		if _, err := db.Pool().Exec(ctx, q, deadIDs); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testtool.Eventually(t, 20*time.Second, "the held deliveries delivered once the receivers answer", func() error {
+		if n := count(`SELECT count(*) FROM webhook_deliveries WHERE webhook_id = ANY($1) AND state = 'delivered'`, deadIDs); n != 30 {
+			return fmt.Errorf("%d of 30 delivered", n)
+		}
+		return nil
+	})
+	if n := count(`SELECT count(*) FROM webhooks WHERE id = ANY($1) AND (failing > 0 OR held_until > '-infinity')`, deadIDs); n != 0 {
+		t.Fatalf("%d webhooks still failing or held after their receivers answered", n)
+	}
+}
+
+// TestWebhookHoldGivesUpWhatIsOutOfTime: an attempt that holds its webhook
+// gives up the webhook's pending deliveries whose time ran out (not the
+// young ones, nor one leased right now), since none would be tried again
+// in time; a late outcome of a settled delivery changes nothing; an
+// answered attempt lifts the hold.
+func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	now := time.Now().UTC().Truncate(time.Microsecond)
+	seedWebhooks(t, db, "wh-1")
+	seqs := map[string]int64{}
+	for _, d := range []struct {
+		event string
+		age   time.Duration
+		lease time.Duration
+	}{{"tried", 26 * time.Hour, time.Minute}, {"old", 26 * time.Hour, 0}, {"old-leased", 26 * time.Hour, time.Minute}, {"young", time.Hour, 0}} {
+		var seq int64
+		if err := db.Pool().QueryRow(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at, leased_until)
+			VALUES ('wh-1', $1, 'pickup.ready', $1, '{}', $2, $2, CASE WHEN $3 THEN $4::timestamptz ELSE '-infinity' END) RETURNING seq`,
+			d.event, now.Add(-d.age), d.lease > 0, now.Add(d.lease)).Scan(&seq); err != nil {
+			t.Fatal(err)
+		}
+		seqs[d.event] = seq
+	}
+	states := func() map[string]string {
+		t.Helper()
+		rows, err := db.Pool().Query(ctx, `SELECT event_id, state FROM webhook_deliveries`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rows.Close()
+		out := map[string]string{}
+		for rows.Next() {
+			var e, s string
+			if err := rows.Scan(&e, &s); err != nil {
+				t.Fatal(err)
+			}
+			out[e] = s
+		}
+		return out
+	}
+	held := func() (int, bool) {
+		t.Helper()
+		w, _, err := db.GetWebhook(ctx, "wh-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return w.Failing, w.HeldUntil != nil
+	}
+	unavailable := 503
+	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now, Status: &unavailable, Error: "receiver answered 503",
+		Hold: now.Add(time.Hour), GiveUpBefore: now.Add(-25 * time.Hour)}); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{"tried": "failed", "old": "failed", "old-leased": "pending", "young": "pending"}
+	if got := states(); !maps.Equal(got, want) {
+		t.Fatalf("states %v, want %v", got, want)
+	}
+	if failing, isHeld := held(); failing != 1 || !isHeld {
+		t.Fatalf("failing %d, held %v; want 1, held", failing, isHeld)
+	}
+	// The settled delivery's outcome again, as a copy finishing late.
+	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now.Add(time.Second), Error: "timeout",
+		Hold: now.Add(2 * time.Hour), GiveUpBefore: now.Add(-time.Minute)}); err != nil {
+		t.Fatal(err)
+	}
+	if failing, _ := held(); failing != 1 || states()["young"] != "pending" {
+		t.Fatalf("a settled delivery's late outcome counted (failing %d) or gave up the young one (%s)", failing, states()["young"])
+	}
+	ok := 200
+	if err := db.RecordAttempt(ctx, seqs["young"], webhook.Outcome{At: now.Add(2 * time.Second), Status: &ok, Delivered: true}); err != nil {
+		t.Fatal(err)
+	}
+	if failing, isHeld := held(); failing != 0 || isHeld {
+		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, isHeld)
+	}
+}
