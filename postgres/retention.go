@@ -30,6 +30,9 @@ var historyTables = []struct{ name, sql string }{
 		a AS (DELETE FROM webhook_attempts WHERE delivery_seq IN (SELECT seq FROM s)),
 		d AS (DELETE FROM webhook_deliveries WHERE seq IN (SELECT seq FROM s) RETURNING created_at)
 		SELECT count(*), max(created_at) FROM d`},
+	{"claim_uses", `WITH d AS (DELETE FROM claim_uses WHERE ctid = ANY (ARRAY(
+			SELECT ctid FROM claim_uses WHERE ts >= $3 AND ts < $1 ORDER BY ts LIMIT $2)) RETURNING ts)
+		SELECT count(*), max(ts) FROM d`},
 	{"idempotency", `WITH d AS (DELETE FROM idempotency WHERE (actor, key) IN (
 			SELECT actor, key FROM idempotency WHERE created_at >= $3 AND created_at < $1 ORDER BY created_at LIMIT $2) RETURNING created_at)
 		SELECT count(*), max(created_at) FROM d`},
@@ -45,7 +48,8 @@ const pruneLock = 0x4c475052554e45 // "LGPRUNE"
 
 // PruneHistory deletes history older than cutoff that day partitions do
 // not cover: presence changes, cleared alerts, finished commands, settled
-// webhook deliveries (with their attempts) and Idempotency-Key answers.
+// webhook deliveries (with their attempts), claim uses (provisioning
+// requests) and Idempotency-Key answers.
 // Pickups, credentials, the audit log, rollouts and firmware are kept. It
 // deletes in batches, for at most budget (a backlog of years is taken on
 // pass by pass), and not at all while another instance prunes (busy). It

@@ -44,6 +44,10 @@ func TestPruneHistory(t *testing.T) {
 			VALUES ($1::bigint, 'wh-1', 'ev-' || $1::bigint, 'pickup.ready', 'p-1', '{}', $2, $3, $3)`, d.seq, d.state, d.at)
 		exec(`INSERT INTO webhook_attempts (delivery_seq, ts, status, duration_ms) VALUES ($1, $2, 500, 1), ($1, $2, 200, 1)`, d.seq, d.at)
 	}
+	// Provisioning requests, refused ones too (MustDevice's is recent).
+	exec(`INSERT INTO claim_uses (claim_id, ts, serial, outcome) VALUES
+		('cl-SN-RET-1', $1, 'SN-X', 'claim_expired'), ('cl-SN-RET-1', $1, 'SN-Y', 'serial_taken'), ('cl-SN-RET-1', $2, 'SN-Z', 'claim_expired')`,
+		old, recent)
 	exec(`INSERT INTO idempotency (actor, key, route, body_hash, status, response, created_at) VALUES
 		('admin:a', 'k-old', 'POST /v1/sites', '\x00', 201, '', $1), ('admin:a', 'k-new', 'POST /v1/sites', '\x00', 201, '', $2)`, old, recent)
 
@@ -52,7 +56,7 @@ func TestPruneHistory(t *testing.T) {
 		t.Fatal(err, busy)
 	}
 	want := map[string]int64{"presence_log": int64(postgres.PruneHistoryBatch + 7), "alerts": 1, "commands": 1,
-		"webhook_deliveries": 2, "idempotency": 1}
+		"webhook_deliveries": 2, "claim_uses": 2, "idempotency": 1}
 	for k, v := range want {
 		if got[k] != v {
 			t.Errorf("pruned %d %s, want %d (all: %v)", got[k], k, v, got)
@@ -67,15 +71,17 @@ func TestPruneHistory(t *testing.T) {
 		return n
 	}
 	for sql, want := range map[string]int{
-		`SELECT count(*) FROM presence_log`:                                  1,
-		`SELECT count(*) FROM alerts WHERE cleared_at IS NULL`:               1,
-		`SELECT count(*) FROM alerts`:                                        2,
-		`SELECT count(*) FROM commands WHERE id IN ('c-old-sent', 'c-new')`:  2,
-		`SELECT count(*) FROM commands`:                                      2,
-		`SELECT count(*) FROM webhook_deliveries WHERE seq IN (3, 4)`:        2,
-		`SELECT count(*) FROM webhook_attempts WHERE delivery_seq IN (3, 4)`: 4,
-		`SELECT count(*) FROM webhook_attempts`:                              4,
-		`SELECT count(*) FROM idempotency WHERE key = 'k-new'`:               1,
+		`SELECT count(*) FROM presence_log`:                                    1,
+		`SELECT count(*) FROM alerts WHERE cleared_at IS NULL`:                 1,
+		`SELECT count(*) FROM alerts`:                                          2,
+		`SELECT count(*) FROM commands WHERE id IN ('c-old-sent', 'c-new')`:    2,
+		`SELECT count(*) FROM commands`:                                        2,
+		`SELECT count(*) FROM webhook_deliveries WHERE seq IN (3, 4)`:          2,
+		`SELECT count(*) FROM webhook_attempts WHERE delivery_seq IN (3, 4)`:   4,
+		`SELECT count(*) FROM webhook_attempts`:                                4,
+		`SELECT count(*) FROM idempotency WHERE key = 'k-new'`:                 1,
+		`SELECT count(*) FROM claim_uses WHERE ts > now() - interval '1 year'`: 2,
+		`SELECT count(*) FROM claim_uses`:                                      2,
 	} {
 		if n := count(sql); n != want {
 			t.Errorf("%s: %d, want %d", sql, n, want)
