@@ -37,8 +37,11 @@ type Authenticator interface {
 	// AuthClaim returns nil when token names an existing, unrevoked claim.
 	// Expired or exhausted claims are accepted: the provisioning answer tells
 	// the device why it gets no identity. Otherwise ErrUnknownClaim (possibly
-	// wrapped) or another error.
-	AuthClaim(ctx context.Context, token string) error
+	// wrapped) or another error. usable reports whether the claim could
+	// provision serial now (not expired, uses left, its serial pattern
+	// allows it): one that could not may not take over a live session of
+	// that serial's client id.
+	AuthClaim(ctx context.Context, token, serial string) (usable bool, err error)
 }
 
 // Provisioner answers a provisioning request made with a claim token. An
@@ -90,11 +93,12 @@ const (
 	refuseRateLimited      = "rate_limited"          // too many recent failures from the id or address
 	refuseBusy             = "busy"                  // every backend check slot taken (a connect storm)
 	refuseAuthMethod       = "auth_method"           // an MQTT 5 Authentication Method: enhanced authentication is not supported
+	refuseClaimInUse       = "claim_session_live"    // a claim that cannot provision the serial, while another connection holds its claim session
 )
 
 var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseDisabled,
 	refuseClientIDMismatch, refuseInvalidClientID, refuseWillDenied, refuseUnknownClaim,
-	refuseNoProvisioning, refuseBackendError, refuseRateLimited, refuseBusy, refuseAuthMethod}
+	refuseNoProvisioning, refuseBackendError, refuseRateLimited, refuseBusy, refuseAuthMethod, refuseClaimInUse}
 
 // retryable reports whether a refusal says "not now" rather than "not you":
 // the CONNACK then says server unavailable (MQTT 3.1.1) or server busy /
@@ -102,7 +106,7 @@ var refusalReasons = []string{refuseBadCredentials, refuseUnknownDevice, refuseD
 // credentials, which they must treat as final.
 func retryable(reason string) bool {
 	switch reason {
-	case refuseBackendError, refuseRateLimited, refuseBusy:
+	case refuseBackendError, refuseRateLimited, refuseBusy, refuseClaimInUse:
 		return true
 	}
 	return false
@@ -110,9 +114,12 @@ func retryable(reason string) bool {
 
 // countsAsFailure reports whether a refusal counts towards rate limiting:
 // wrong or malformed credentials do; "not now" refusals (our own trouble,
-// or a lockout already in force) and disabled provisioning do not.
+// or a lockout already in force) and disabled provisioning do not. A
+// claim refused for a live session of its serial does: it is answered
+// "not now" (a locker whose own earlier connection is still thought alive
+// retries), but one address repeating it is trying to take sessions.
 func countsAsFailure(reason string) bool {
-	return !retryable(reason) && reason != refuseNoProvisioning
+	return (!retryable(reason) && reason != refuseNoProvisioning) || reason == refuseClaimInUse
 }
 
 // kind is what an authenticated session is.
@@ -383,9 +390,16 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	ctx, cancel := context.WithTimeout(b.ctx, authTimeout)
 	defer cancel()
 	start := time.Now()
-	err := b.opts.Auth.AuthClaim(ctx, token)
+	usable, err := b.opts.Auth.AuthClaim(ctx, token, serial)
 	b.m.authBackend.Observe(time.Since(start).Seconds())
 	switch {
+	case err == nil && !usable && b.sessionLive(cl.ID):
+		// The connection would take the live session over (MQTT), ending
+		// it, with a claim that could not provision this serial anyway:
+		// an expired claim pulled from old firmware, used over and over,
+		// would keep a locker that provisions with a valid one from ever
+		// getting its answer.
+		return nil, refuseClaimInUse
 	case err == nil:
 		return b.register(cl, kindProvision, serial, token), ""
 	case errors.Is(err, ErrUnknownClaim):
@@ -393,6 +407,12 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	}
 	b.logBackendError("mqtt claim check failed", cl.ID, err)
 	return nil, refuseBackendError
+}
+
+// sessionLive reports whether a connection holds client id's session now.
+func (b *Broker) sessionLive(id string) bool {
+	c, ok := b.server.Clients.Get(id)
+	return ok && !c.Closed()
 }
 
 func (b *Broker) logBackendError(msg, clientID string, err error) {

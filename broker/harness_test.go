@@ -95,17 +95,17 @@ func (f *fakeAuth) authDevice(id string, password []byte) error {
 	return nil
 }
 
-func (f *fakeAuth) AuthClaim(ctx context.Context, token string) error {
+func (f *fakeAuth) AuthClaim(ctx context.Context, token, serial string) (bool, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.claimCalls++
 	if f.failWith != nil {
-		return f.failWith
+		return false, f.failWith
 	}
 	if !f.claims[token] {
-		return fmt.Errorf("claim: %w", ErrUnknownClaim)
+		return false, fmt.Errorf("claim: %w", ErrUnknownClaim)
 	}
-	return nil
+	return true, nil
 }
 
 func (f *fakeAuth) calls(id string) int {

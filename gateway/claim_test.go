@@ -163,3 +163,39 @@ func TestSecurityClaims(t *testing.T) {
 		secProvision(t, tg, "127.0.11.200", token, "ANYTHING-AT-ALL")
 	})
 }
+
+// TestSpentClaimCannotTakeOverAProvisioning: a claim that could not
+// provision a serial (expired, here: one pulled from old firmware) may not
+// take over a live claim session of that serial (MQTT's session takeover
+// would end it), so it cannot keep a locker that provisions with a valid
+// claim from its answer: refused "not now", the locker's session kept.
+// With no live session it still connects, and its request gets the
+// precise refusal.
+func TestSpentClaimCannotTakeOverAProvisioning(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	valid := tg.MustSiteAndClaim(t, "s1", 1)
+	spentID, spent := newClaim(t, tg, map[string]any{"site": "s1", "uses": 5, "expires_in_s": 3600})
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE claims SET expires_at = now() - interval '1 hour' WHERE id = $1`, spentID); err != nil {
+		t.Fatal(err)
+	}
+	const serial = "SN-VICTIM-1"
+	locker := claimSession(t, tg, "127.0.14.1", valid, serial)
+	before := scrape(t, tg)
+	_, err := secDial(tg.MQTTAddr(), "127.0.14.2", protocol.ProvisionClientPrefix+serial, protocol.ProvisionUsername, spent)
+	if !refusedForNow(err) {
+		t.Fatalf("the spent claim's CONNECT as the live session: %v, want server unavailable", err)
+	}
+	wantDeltas(t, tg, before, map[string]float64{authFailures("claim_session_live"): 1},
+		refusalCounters...)
+	// The locker's session was not taken over: it gets its identity.
+	if r := locker.ask(t, serial, provisionRequest(serial)); r.Status != "ok" || r.DeviceID == "" {
+		t.Fatalf("the locker's answer after the attempt: %+v, want its identity", r)
+	}
+	// No session live: the spent claim connects and is told why it gets
+	// nothing.
+	cs := claimSession(t, tg, "127.0.14.3", spent, "SN-VICTIM-2")
+	if r := cs.ask(t, "SN-VICTIM-2", provisionRequest("SN-VICTIM-2")); r.Status != "error" || r.Error != protocol.ProvClaimExpired {
+		t.Fatalf("the spent claim's own request: %+v, want %s", r, protocol.ProvClaimExpired)
+	}
+}

@@ -826,12 +826,12 @@ func (a *authenticator) AuthDevice(ctx context.Context, id string, password []by
 	return err
 }
 
-func (a *authenticator) AuthClaim(ctx context.Context, token string) error {
-	err := a.prov.AuthClaim(ctx, token)
+func (a *authenticator) AuthClaim(ctx context.Context, token, serial string) (bool, error) {
+	usable, err := a.prov.AuthClaim(ctx, token, serial)
 	if errors.Is(err, provisioning.ErrUnknownClaim) {
-		return broker.ErrUnknownClaim
+		return false, broker.ErrUnknownClaim
 	}
-	return err
+	return usable, err
 }
 
 func (a *authenticator) Provision(ctx context.Context, token, serial string, payload []byte) (protocol.ProvisionResponse, error) {

@@ -243,9 +243,14 @@ func (s *Service) RevokeClaim(ctx context.Context, id, actor string) error {
 
 // AuthClaim reports whether token names an unrevoked claim. Expired and
 // exhausted claims pass: the provisioning answer tells the device why.
-func (s *Service) AuthClaim(ctx context.Context, token string) error {
-	_, err := s.o.Store.ClaimByHash(ctx, HashSecret(token))
-	return err
+// usable reports whether the claim could provision serial now: not
+// expired, uses left, and its serial pattern allows it.
+func (s *Service) AuthClaim(ctx context.Context, token, serial string) (usable bool, err error) {
+	c, err := s.o.Store.ClaimByHash(ctx, HashSecret(token))
+	if err != nil {
+		return false, err
+	}
+	return s.o.Now().Before(c.ExpiresAt) && c.Used < c.MaxUses && SerialAllowed(c.SerialPattern, serial), nil
 }
 
 // AuthDevice checks a device's secret in constant time.

@@ -1,7 +1,8 @@
 package provisioning
 
 // Unit tests of how Provision turns the store's outcome into an answer or
-// into no answer, against an in-memory store. The same paths run end to
+// into no answer, and of what AuthClaim tells the broker, against an
+// in-memory store. The same paths run end to
 // end over MQTT and PostgreSQL in gateway/ (TestSecurityClaims,
 // TestDatabaseRestartDuringIngest).
 
@@ -13,6 +14,7 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/protocol"
 )
@@ -99,5 +101,42 @@ func TestProvisionWarnsOfMissingCompartments(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "compartments=\"[4 7]\"") {
 		t.Fatalf("no warning naming the missing compartments 4 and 7 in:\n%s", logs.String())
+	}
+}
+
+// claimStore answers ClaimByHash with its claim.
+type claimStore struct {
+	Store
+	c *Claim
+}
+
+func (s claimStore) ClaimByHash(context.Context, []byte) (*Claim, error) { return s.c, nil }
+
+// TestAuthClaimUsable: a claim is usable for a serial while it has not
+// expired, has uses left and its pattern allows the serial; any other
+// unrevoked claim still authenticates (its request gets the refusal).
+func TestAuthClaimUsable(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		name string
+		c    Claim
+		want bool
+	}{
+		{"Live", Claim{MaxUses: 2, Used: 1, ExpiresAt: now.Add(time.Hour)}, true},
+		{"Expired", Claim{MaxUses: 2, ExpiresAt: now}, false},
+		{"Exhausted", Claim{MaxUses: 2, Used: 2, ExpiresAt: now.Add(time.Hour)}, false},
+		{"OtherSerials", Claim{MaxUses: 2, ExpiresAt: now.Add(time.Hour), SerialPattern: "SN-9*"}, false},
+		{"ItsSerials", Claim{MaxUses: 2, ExpiresAt: now.Add(time.Hour), SerialPattern: "SN-1*"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := New(Options{Store: claimStore{c: &tc.c}, MasterKey: bytes.Repeat([]byte{7}, 32), Now: func() time.Time { return now }})
+			if err != nil {
+				t.Fatal(err)
+			}
+			usable, err := s.AuthClaim(context.Background(), "token", "SN-123")
+			if err != nil || usable != tc.want {
+				t.Fatalf("usable %v (%v), want %v", usable, err, tc.want)
+			}
+		})
 	}
 }

@@ -314,7 +314,9 @@ func (a benchAuth) AuthDevice(_ context.Context, _ string, password []byte) erro
 	return nil
 }
 
-func (a benchAuth) AuthClaim(context.Context, string) error { return broker.ErrUnknownClaim }
+func (a benchAuth) AuthClaim(context.Context, string, string) (bool, error) {
+	return false, broker.ErrUnknownClaim
+}
 
 // startBenchBroker runs the gateway's broker (without database or fleet
 // manager) on a loopback port; devices log in with secret.
