@@ -113,11 +113,11 @@ func (db *DB) DeleteWebhook(ctx context.Context, id string) error {
 
 const deliveryCols = `seq, webhook_id, event_id, type, subject, body, state, attempts, next_attempt, last_status, last_error, created_at, delivered_at`
 
-func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
+func scanDelivery(row pgx.Row, extra ...any) (webhook.Delivery, error) {
 	var d webhook.Delivery
 	var body []byte
-	err := row.Scan(&d.Seq, &d.WebhookID, &d.EventID, &d.Type, &d.Subject, &body, &d.State, &d.Attempts, &d.NextAttempt,
-		&d.LastStatus, &d.LastError, &d.CreatedAt, &d.DeliveredAt)
+	err := row.Scan(append([]any{&d.Seq, &d.WebhookID, &d.EventID, &d.Type, &d.Subject, &body, &d.State, &d.Attempts, &d.NextAttempt,
+		&d.LastStatus, &d.LastError, &d.CreatedAt, &d.DeliveredAt}, extra...)...)
 	d.Body = body
 	return d, err
 }
@@ -125,32 +125,37 @@ func scanDelivery(row pgx.Row) (webhook.Delivery, error) {
 // LeaseDue implements webhook.Store. A delivery is due only when no older
 // delivery of the same webhook and subject (pickup) is pending, so a
 // receiver sees each pickup's events in order even after an outage, and
-// while its webhook is not held (Outcome.Hold). The
-// oldest due deliveries are looked at (64 per delivery asked for, so a
-// backlog costs a bounded scan), and the update checks the lease again on
-// each row it takes, so of two callers at once the second skips what the
-// first leased.
-func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]webhook.Delivery, error) {
+// while its webhook is not held (Outcome.Hold). The oldest due deliveries
+// of tokens not busy are looked at (64 per delivery asked for, so a
+// backlog costs a bounded scan), the oldest perToken of each token taken,
+// and the update checks the lease again on each row it takes, so of two
+// callers at once the second skips what the first leased.
+func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perToken int, busy []string) ([]webhook.Delivery, error) {
 	if busy == nil {
 		busy = []string{}
 	}
 	rows, err := db.pool.Query(ctx, `
 		WITH cand AS (
-			SELECT c.seq, c.webhook_id FROM webhook_deliveries c
-			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1 AND c.webhook_id <> ALL($5)
-				AND NOT EXISTS (SELECT 1 FROM webhooks w WHERE w.id = c.webhook_id AND w.held_until > $1)
+			SELECT c.seq, w.token_id FROM webhook_deliveries c JOIN webhooks w ON w.id = c.webhook_id
+			WHERE c.state = 'pending' AND c.next_attempt <= $1 AND c.leased_until < $1
+				AND w.token_id <> ALL($5) AND w.held_until <= $1
 				AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.webhook_id = c.webhook_id
 					AND e.subject = c.subject AND e.state = 'pending' AND e.seq < c.seq)
 			ORDER BY c.seq LIMIT $3 * 64),
-		due AS (SELECT seq, row_number() OVER (PARTITION BY webhook_id ORDER BY seq) AS k FROM cand)
+		due AS (SELECT seq AS due_seq, token_id AS due_token, row_number() OVER (PARTITION BY token_id ORDER BY seq) AS k FROM cand),
+		picked AS (SELECT due_seq, due_token FROM due WHERE k <= $4 ORDER BY due_seq LIMIT $3)
 		UPDATE webhook_deliveries d SET leased_until = $1::timestamptz + $2::interval
-		WHERE d.seq IN (SELECT seq FROM due WHERE k <= $4 ORDER BY seq LIMIT $3)
-			AND d.state = 'pending' AND d.leased_until < $1
-		RETURNING `+deliveryCols, now, lease, n, perWebhook, busy)
+		FROM picked WHERE d.seq = picked.due_seq AND d.state = 'pending' AND d.leased_until < $1
+		RETURNING `+deliveryCols+`, due_token`, now, lease, n, perToken, busy)
 	if err != nil {
 		return nil, err
 	}
-	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (webhook.Delivery, error) { return scanDelivery(row) })
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (webhook.Delivery, error) {
+		var token string
+		d, err := scanDelivery(row, &token)
+		d.TokenID = token
+		return d, err
+	})
 }
 
 // RecordAttempt implements webhook.Store. Recording one outcome again (a

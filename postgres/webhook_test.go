@@ -12,36 +12,40 @@ import (
 	"github.com/lockergate/lockergate/webhook"
 )
 
-// seedWebhooks adds platform token t-1 (speedy) and its webhooks ids, of
-// pickup.ready, at https://{id}.example/ (never called), straight into the
-// tables.
-func seedWebhooks(tb testing.TB, db *postgres.DB, ids ...string) {
+// seedWebhooks adds platform token (speedy), unless it exists, and its
+// webhooks ids, of pickup.ready, at https://{id}.example/ (never called),
+// straight into the tables.
+func seedWebhooks(tb testing.TB, db *postgres.DB, token string, ids ...string) {
 	tb.Helper()
 	ctx := context.Background()
-	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy')`); err != nil {
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ($1, decode(md5($1), 'hex'), 'platform', 'speedy')
+		ON CONFLICT DO NOTHING`, token); err != nil {
 		tb.Fatal(err)
 	}
 	for _, id := range ids {
 		if _, err := db.Pool().Exec(ctx, `INSERT INTO webhooks (id, token_id, role, platform, url, events, secret_enc)
-			VALUES ($1, 't-1', 'platform', 'speedy', 'https://' || $1 || '.example/', '{pickup.ready}', '\x00')`, id); err != nil {
+			VALUES ($1, $2, 'platform', 'speedy', 'https://' || $1 || '.example/', '{pickup.ready}', '\x00')`, id, token); err != nil {
 			tb.Fatal(err)
 		}
 	}
 }
 
-// TestWebhookLeases: a lease takes at most perWebhook deliveries of one
-// webhook (one whose receiver hangs does not take every worker), the oldest
-// pending one per pickup; what is leased is not leased again until the
-// lease ends; and an attempt recorded after the delivery was settled (a
-// copy sent under an expired lease, finishing late) changes nothing.
+// TestWebhookLeases: a lease takes at most perToken deliveries of one
+// token's webhooks (receivers that hang, however many webhooks the token
+// made for them, do not take every worker), the oldest pending one per
+// pickup, each with its token; what is leased is not leased again until
+// the lease ends; and an attempt recorded after the delivery was settled
+// (a copy sent under an expired lease, finishing late) changes nothing.
 func TestWebhookLeases(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	seedWebhooks(t, db, "wh-slow", "wh-ok")
-	// wh-slow: four pickups, the first with two events; wh-ok: one.
+	seedWebhooks(t, db, "t-slow", "wh-slow", "wh-slow2")
+	seedWebhooks(t, db, "t-ok", "wh-ok")
+	// t-slow: four pickups, the first with two events, over two webhooks;
+	// t-ok: one.
 	for i, d := range []struct{ webhook, subject string }{
-		{"wh-slow", "p-1"}, {"wh-slow", "p-1"}, {"wh-slow", "p-2"}, {"wh-slow", "p-3"}, {"wh-slow", "p-4"}, {"wh-ok", "p-9"},
+		{"wh-slow", "p-1"}, {"wh-slow", "p-1"}, {"wh-slow", "p-2"}, {"wh-slow2", "p-3"}, {"wh-slow2", "p-4"}, {"wh-ok", "p-9"},
 	} {
 		if _, err := db.Pool().Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
 			VALUES ($1, $2, 'pickup.ready', $3, '{}', $4, $4)`, d.webhook, fmt.Sprintf("ev-%d", i), d.subject, now); err != nil {
@@ -56,6 +60,9 @@ func TestWebhookLeases(t *testing.T) {
 		}
 		var got []string
 		for _, d := range ds {
+			if want := map[string]string{"wh-slow": "t-slow", "wh-slow2": "t-slow", "wh-ok": "t-ok"}[d.WebhookID]; d.TokenID != want {
+				t.Errorf("%s leased with token %q, want %q", d.EventID, d.TokenID, want)
+			}
 			got = append(got, d.WebhookID+"/"+d.Subject+"/"+d.EventID)
 		}
 		slices.Sort(got)
@@ -65,15 +72,16 @@ func TestWebhookLeases(t *testing.T) {
 	if want := []string{"wh-ok/p-9/ev-5", "wh-slow/p-1/ev-0", "wh-slow/p-2/ev-2"}; !slices.Equal(first, want) {
 		t.Fatalf("leased %v, want %v", first, want)
 	}
-	if got := lease(now.Add(time.Second)); len(got) != 2 || got[0] != "wh-slow/p-3/ev-3" || got[1] != "wh-slow/p-4/ev-4" {
-		t.Fatalf("leased next %v, want the other two of wh-slow's pickups, and nothing leased already", got)
+	if got := lease(now.Add(time.Second)); len(got) != 2 || got[0] != "wh-slow2/p-3/ev-3" || got[1] != "wh-slow2/p-4/ev-4" {
+		t.Fatalf("leased next %v, want the other two of t-slow's pickups, and nothing leased already", got)
 	}
 	if got := lease(now.Add(2 * time.Second)); len(got) != 0 {
 		t.Fatalf("leased while every due delivery is leased: %v", got)
 	}
-	// Leases past: a webhook the caller is still sending to is left out.
-	if got := lease(now.Add(2*time.Minute), "wh-slow"); !slices.Equal(got, []string{"wh-ok/p-9/ev-5"}) {
-		t.Fatalf("leased with wh-slow busy: %v, want wh-ok's only", got)
+	// Leases past: a token whose webhooks the caller is still sending to
+	// is left out.
+	if got := lease(now.Add(2*time.Minute), "t-slow"); !slices.Equal(got, []string{"wh-ok/p-9/ev-5"}) {
+		t.Fatalf("leased with t-slow busy: %v, want wh-ok's only", got)
 	}
 
 	var seq int64

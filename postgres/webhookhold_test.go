@@ -51,12 +51,12 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-1', '\x01', 'platform', 'speedy')`); err != nil {
-		t.Fatal(err)
-	}
-	create := func(url string) string {
+	// Each webhook its own token (platform), so that perToken does not
+	// make them take turns.
+	create := func(token, url string) string {
 		t.Helper()
-		w := &webhook.Webhook{TokenID: "t-1", Role: "platform", Platform: "speedy", URL: url, Events: []string{"pickup.ready"}}
+		seedWebhooks(t, db, token)
+		w := &webhook.Webhook{TokenID: token, Role: "platform", Platform: "speedy", URL: url, Events: []string{"pickup.ready"}}
 		if _, err := d.Create(ctx, w); err != nil {
 			t.Fatal(err)
 		}
@@ -67,8 +67,8 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 		}
 		return w.ID
 	}
-	deadIDs := []string{create(dead.URL + "/a"), create(dead.URL + "/b"), create(dead.URL + "/c")}
-	okID := create(ok.URL)
+	deadIDs := []string{create("t-a", dead.URL+"/a"), create("t-b", dead.URL+"/b"), create("t-c", dead.URL+"/c")}
+	okID := create("t-ok", ok.URL)
 	count := func(query string, args ...any) int {
 		t.Helper()
 		var n int
@@ -94,7 +94,7 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 		}
 		return nil
 	})
-	// A round of at most two attempts each (perWebhook), then none: the
+	// A round of at most two attempts each (perToken), then none: the
 	// other eight of each wait, still pending, nothing given up.
 	for _, id := range deadIDs {
 		if n := count(`SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.seq = a.delivery_seq
@@ -141,7 +141,7 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
 	now := time.Now().UTC().Truncate(time.Microsecond)
-	seedWebhooks(t, db, "wh-1")
+	seedWebhooks(t, db, "t-1", "wh-1")
 	seqs := map[string]int64{}
 	for _, d := range []struct {
 		event string

@@ -44,7 +44,7 @@ func (s *memStore) GetWebhook(_ context.Context, id string) (*Webhook, []byte, e
 	return w, s.enc[id], nil
 }
 
-func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]Delivery, error) {
+func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duration, n, perToken int, busy []string) ([]Delivery, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Delivery
@@ -54,13 +54,19 @@ func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duratio
 		older := slices.ContainsFunc(s.ds[:i], func(e Delivery) bool {
 			return e.WebhookID == d.WebhookID && e.Subject == d.Subject && e.State == "pending"
 		})
-		if d.State != "pending" || now.Before(s.leased[d.Seq]) || slices.Contains(busy, d.WebhookID) || older ||
-			per[d.WebhookID] >= perWebhook || len(out) == n {
+		var token string
+		if w := s.hooks[d.WebhookID]; w != nil {
+			token = w.TokenID
+		}
+		if d.State != "pending" || now.Before(s.leased[d.Seq]) || slices.Contains(busy, token) || older ||
+			per[token] >= perToken || len(out) == n {
 			continue
 		}
-		per[d.WebhookID]++
+		per[token]++
 		s.leased[d.Seq] = now.Add(lease)
-		out = append(out, *d)
+		dl := *d
+		dl.TokenID = token
+		out = append(out, dl)
 	}
 	return out, nil
 }
@@ -93,11 +99,12 @@ func (s *memStore) delivered(webhookID string) int {
 	return n
 }
 
-// TestHangingReceiverHoldsUpOnlyItself: a receiver that never answers
-// keeps at most perWebhook workers; another webhook's events, one after
-// the other (the second is due only once the first is delivered), go out
-// while it hangs. Before, every round waited for its slowest delivery, so
-// the second event waited for the hanging one's timeout.
+// TestHangingReceiverHoldsUpOnlyItself: receivers that never answer keep
+// at most perToken workers, however many webhooks their token made for
+// them; another token's webhook's events, one after the other (the second
+// is due only once the first is delivered), go out while they hang.
+// Before, every round waited for its slowest delivery, so the second event
+// waited for the hanging one's timeout; and the limit was per webhook.
 func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	release := make(chan struct{})
 	var hanging atomic.Int32
@@ -116,8 +123,12 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}, leased: map[int64]time.Time{}}
-	for id, url := range map[string]string{"wh-hang": hang.URL, "wh-ok": ok.URL} {
-		st.hooks[id] = &Webhook{ID: id, URL: url}
+	for id, url := range map[string]string{"wh-hang-1": hang.URL, "wh-hang-2": hang.URL, "wh-hang-3": hang.URL, "wh-ok": ok.URL} {
+		token := "t-hang"
+		if id == "wh-ok" {
+			token = "t-ok"
+		}
+		st.hooks[id] = &Webhook{ID: id, URL: url, TokenID: token}
 		st.enc[id] = seal.seal("whsec_x", id)
 	}
 	now := time.Now()
@@ -125,8 +136,8 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 		st.ds = append(st.ds, Delivery{Seq: int64(len(st.ds) + 1), WebhookID: webhook, EventID: "ev", Subject: subject,
 			Body: []byte(`{}`), State: "pending", NextAttempt: now, CreatedAt: now})
 	}
-	for _, p := range []string{"p-1", "p-2", "p-3", "p-4", "p-5", "p-6"} {
-		add("wh-hang", p)
+	for i, p := range []string{"p-1", "p-2", "p-3", "p-4", "p-5", "p-6"} {
+		add(fmt.Sprintf("wh-hang-%d", 1+i/2), p) // two pickups to each
 	}
 	add("wh-ok", "p-9")
 	add("wh-ok", "p-9")
@@ -140,20 +151,20 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	go func() { done <- d.Run(ctx) }()
 	defer func() { cancel(); <-done }()
 
-	testtool.Eventually(t, 5*time.Second, "wh-hang's receiver holding two requests", func() error {
-		if n := hanging.Load(); n < perWebhook {
+	testtool.Eventually(t, 5*time.Second, "the hanging receiver holding two requests", func() error {
+		if n := hanging.Load(); n < perToken {
 			return fmt.Errorf("%d hanging", n)
 		}
 		return nil
 	})
-	testtool.Eventually(t, 5*time.Second, "wh-ok's two events delivered while wh-hang hangs", func() error {
+	testtool.Eventually(t, 5*time.Second, "wh-ok's two events delivered while t-hang's receivers hang", func() error {
 		if n := st.delivered("wh-ok"); n < 2 {
 			return fmt.Errorf("%d of 2 delivered", n)
 		}
 		return nil
 	})
-	if n := hanging.Load(); n > perWebhook {
-		t.Fatalf("the hanging receiver got %d requests, want %d (the rest wait for their lease)", n, perWebhook)
+	if n := hanging.Load(); n > perToken {
+		t.Fatalf("the hanging receiver got %d requests over t-hang's three webhooks, want %d (the rest wait for their lease)", n, perToken)
 	}
 }
 

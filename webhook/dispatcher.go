@@ -66,19 +66,21 @@ type Dispatcher struct {
 	wake chan struct{}
 	m    *metrics
 
-	// The workers: deliveries in flight by webhook, at most Workers in
-	// all and perWebhook of one (Run's goroutine starts them).
+	// The workers: deliveries in flight by token, at most Workers in all
+	// and perToken of one token's webhooks (Run's goroutine starts them).
 	mu       sync.Mutex
 	inflight map[string]int
 	wg       sync.WaitGroup
 }
 
-// perWebhook bounds the deliveries of one webhook in flight at once (and
-// leased at once): a receiver that hangs holds up that many workers, not
-// all of them, and for one timeout: its webhook is then held (Outcome.Hold),
-// so that a dead receiver costs perWebhook attempts per hold, not one per
+// perToken bounds the deliveries in flight at once (and leased at once) to
+// the webhooks of one token: receivers that hang, or answer just inside
+// the timeout, hold up that many workers, not all of them, however many
+// webhooks the token makes (up to MaxPerToken) for them. One that does not
+// answer does so for one timeout: its webhook is then held (Outcome.Hold),
+// so that a dead receiver costs perToken attempts per hold, not one per
 // pending event.
-const perWebhook = 2
+const perToken = 2
 
 // MaxPerToken bounds the webhooks of one token: each is sent every event
 // its token may see, so a token with many (or many that hang) would hold up
@@ -233,9 +235,9 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 // run on: a slow receiver holds up its own deliveries, not a round. Each
 // delivery ends within the client's timeout, well inside its one-minute
 // lease, so no other instance leases it meanwhile. A lease takes at most
-// perWebhook of one webhook, and none of a webhook still in flight here,
-// so a receiver that hangs holds up perWebhook workers and the others go
-// on.
+// perToken of one token's webhooks, and none of a token with a delivery
+// still in flight here, so receivers that hang hold up perToken workers
+// per token and the others go on.
 func (d *Dispatcher) round(ctx context.Context) bool {
 	d.mu.Lock()
 	free := d.o.Workers
@@ -248,7 +250,7 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 	if free <= 0 || ctx.Err() != nil {
 		return false // a worker that ends wakes Run
 	}
-	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, free, perWebhook, busy)
+	due, err := d.o.Store.LeaseDue(ctx, d.o.Now(), time.Minute, free, perToken, busy)
 	if err != nil {
 		if ctx.Err() == nil {
 			d.log.Error("lease webhook deliveries", "err", err)
@@ -258,15 +260,15 @@ func (d *Dispatcher) round(ctx context.Context) bool {
 	for i := range due {
 		dl := &due[i]
 		d.mu.Lock()
-		d.inflight[dl.WebhookID]++
+		d.inflight[dl.TokenID]++
 		d.mu.Unlock()
 		d.wg.Add(1)
 		go func() {
 			defer d.wg.Done()
 			d.deliver(ctx, dl)
 			d.mu.Lock()
-			if d.inflight[dl.WebhookID]--; d.inflight[dl.WebhookID] == 0 {
-				delete(d.inflight, dl.WebhookID)
+			if d.inflight[dl.TokenID]--; d.inflight[dl.TokenID] == 0 {
+				delete(d.inflight, dl.TokenID)
 			}
 			d.mu.Unlock()
 			d.Wake()

@@ -45,6 +45,7 @@ type Webhook struct {
 type Delivery struct {
 	Seq         int64           `json:"seq"`
 	WebhookID   string          `json:"webhook"`
+	TokenID     string          `json:"-"` // its webhook's token (LeaseDue)
 	EventID     string          `json:"event_id"`
 	Type        string          `json:"type"`
 	Subject     string          `json:"subject"`
@@ -97,11 +98,12 @@ type Store interface {
 	ListWebhooks(ctx context.Context, tokenID, after string, limit int) ([]Webhook, error)
 	DeleteWebhook(ctx context.Context, id string) error
 	// LeaseDue leases up to n pending deliveries that are due and are the
-	// oldest pending one of their (webhook, subject), at most perWebhook
-	// of one webhook (a slow receiver does not take every worker) and none
-	// of the webhooks in busy (those the caller is still sending to), for
-	// lease.
-	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perWebhook int, busy []string) ([]Delivery, error)
+	// oldest pending one of their (webhook, subject), at most perToken of
+	// the webhooks of one token (slow receivers, however many webhooks
+	// one token makes for them, do not take every worker) and none of the
+	// tokens in busy (those whose webhooks the caller is still sending
+	// to), for lease. Each delivery comes with its webhook's TokenID.
+	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perToken int, busy []string) ([]Delivery, error)
 	// RecordAttempt records an attempt at a delivery and, if the delivery
 	// is still pending (a copy sent under an expired lease may finish
 	// after another), its new state.
