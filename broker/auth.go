@@ -114,12 +114,12 @@ func retryable(reason string) bool {
 
 // countsAsFailure reports whether a refusal counts towards rate limiting:
 // wrong or malformed credentials do; "not now" refusals (our own trouble,
-// or a lockout already in force) and disabled provisioning do not. A
-// claim refused for a live session of its serial does: it is answered
-// "not now" (a locker whose own earlier connection is still thought alive
-// retries), but one address repeating it is trying to take sessions.
+// a lockout already in force, a claim session live: a locker retrying
+// after a lost answer with its used-up claim while its own earlier
+// connection is still thought alive gets that, and must not get its
+// store's address blocked) and disabled provisioning do not.
 func countsAsFailure(reason string) bool {
-	return (!retryable(reason) && reason != refuseNoProvisioning) || reason == refuseClaimInUse
+	return !retryable(reason) && reason != refuseNoProvisioning
 }
 
 // kind is what an authenticated session is.

@@ -130,8 +130,8 @@ type Options struct {
 	// RetentionDays keeps health and events this long (default 30).
 	RetentionDays int
 	// HistoryRetentionDays keeps presence changes, cleared alerts,
-	// finished commands, settled webhook deliveries and Idempotency-Key
-	// answers this long (default 365; negative: forever). Pickups, the
+	// finished commands, settled webhook deliveries, claim uses and
+	// Idempotency-Key answers this long (default 365; negative: forever). Pickups, the
 	// audit log and rollouts are kept.
 	HistoryRetentionDays int
 	// MaxClockSkew is how far a locker's clock may be off at its birth

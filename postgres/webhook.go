@@ -160,9 +160,14 @@ func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, 
 
 // RecordAttempt implements webhook.Store. Recording one outcome again (a
 // retry after a commit whose answer was lost) changes nothing: an attempt
-// is known by its delivery and time.
+// is known by its delivery and time. The webhook's row is locked first,
+// as DeleteWebhook locks it before the deliveries.
 func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) error {
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT 1 FROM webhooks w JOIN webhook_deliveries d ON d.webhook_id = w.id
+			WHERE d.seq = $1 FOR NO KEY UPDATE OF w`, seq); err != nil {
+			return err
+		}
 		tag, err := tx.Exec(ctx, `INSERT INTO webhook_attempts (delivery_seq, ts, status, error, duration_ms)
 			SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM webhook_attempts WHERE delivery_seq = $1 AND ts = $2)`,
 			seq, o.At, o.Status, o.Error, float64(o.Duration.Microseconds())/1000)
@@ -188,14 +193,18 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 			return err
 		case o.Delivered:
 			_, err = tx.Exec(ctx, `UPDATE webhooks SET failing = 0, held_until = '-infinity' WHERE id = $1 AND failing > 0`, webhookID)
-		case !o.Hold.IsZero():
-			// The hold's give-ups are the receiver's own too: not leased
-			// now, their time is up before the hold ends.
-			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1, held_until = greatest(held_until, $2)
+		case o.Hold != nil:
+			// The hold's length from the failures as they stand now (a
+			// success recorded meanwhile reset them); its give-ups are the
+			// receiver's own too: not leased now, their time is up.
+			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1,
+					held_until = greatest(held_until, $2::timestamptz +
+						least($4::interval, $3::interval * power(2, least(failing, 30))) * (0.5 + random() / 2))
 					WHERE id = $1)
-				UPDATE webhook_deliveries SET state = 'failed', last_error = $4
-				WHERE webhook_id = $1 AND state = 'pending' AND created_at < $3 AND leased_until < $5`,
-				webhookID, o.Hold, nullTime(o.GiveUpBefore), "given up: the receiver was unreachable until its time ran out ("+o.Error+")", o.At)
+				UPDATE webhook_deliveries SET state = 'failed', last_error = $6
+				WHERE webhook_id = $1 AND state = 'pending' AND created_at < $5 AND leased_until < $2`,
+				webhookID, o.At, o.Hold.Base, o.Hold.Max, nullTime(o.Hold.GiveUpBefore),
+				"given up: the receiver was unreachable until its time ran out ("+o.Error+")")
 		}
 		return err
 	})

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -16,10 +15,10 @@ import (
 	"github.com/lockergate/lockergate/webhook"
 )
 
-// TestUnreachableReceiverHoldsItsWebhook: receivers that hang (each
+// TestUnreachableReceiverHoldsItsWebhook: receivers that are down (each
 // pickup's events are a delivery of their own) cost one round of attempts,
 // after which their webhooks are held: their other deliveries wait rather
-// than each taking a worker for a whole timeout, and an answering
+// than each taking a worker (for a whole timeout, if it hangs), and an answering
 // receiver's events go out meanwhile. Once a receiver answers again, its
 // held deliveries go out and the hold is lifted. Real HTTP, real
 // PostgreSQL, the real dispatcher.
@@ -28,26 +27,22 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 	db := MustOpen(t)
 	var back atomic.Bool // the dead receivers answer again
 	var deadRequests atomic.Int32
-	release := make(chan struct{})
+	// Down behind their load balancer: 503 at once (a timeout is the same
+	// to the hold, unreachable's test; a short client timeout here could
+	// also catch the answering receiver on a slow machine).
 	dead := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if back.Load() {
 			return
 		}
 		deadRequests.Add(1)
-		io.Copy(io.Discard, r.Body) // the server sees the client give up only once the body is read
-		select {                    // hangs until the dispatcher's timeout
-		case <-r.Context().Done():
-		case <-release:
-		}
+		w.WriteHeader(http.StatusServiceUnavailable)
 	}))
 	defer dead.Close()
-	defer close(release)
 	ok := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) {}))
 	defer ok.Close()
 
 	d, err := webhook.New(webhook.Options{Store: db, MasterKey: bytes.Repeat([]byte{7}, 32), AllowPrivate: true,
-		Workers: 2, PollInterval: 20 * time.Millisecond, BackoffBase: time.Hour,
-		Client: &http.Client{Timeout: 200 * time.Millisecond}})
+		Workers: 2, PollInterval: 20 * time.Millisecond, BackoffBase: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,9 +83,18 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 		}
 		return nil
 	})
-	testtool.Eventually(t, 20*time.Second, "the three webhooks of hanging receivers held", func() error {
+	testtool.Eventually(t, 20*time.Second, "the three webhooks of dead receivers held, every attempt recorded", func() error {
 		if n := count(`SELECT count(*) FROM webhooks WHERE id = ANY($1) AND held_until > now() AND failing > 0`, deadIDs); n != 3 {
 			return fmt.Errorf("%d of 3 held", n)
+		}
+		// A round's second attempt may still be recording: it ends its
+		// lease, and counts in the attempts.
+		if n := count(`SELECT count(*) FROM webhook_deliveries WHERE webhook_id = ANY($1) AND leased_until > now()`, deadIDs); n != 0 {
+			return fmt.Errorf("%d attempts in flight", n)
+		}
+		if n, sent := count(`SELECT count(*) FROM webhook_attempts a JOIN webhook_deliveries d ON d.seq = a.delivery_seq
+			WHERE d.webhook_id = ANY($1)`, deadIDs), deadRequests.Load(); n != int(sent) {
+			return fmt.Errorf("%d attempts recorded of %d sent", n, sent)
 		}
 		return nil
 	})
@@ -106,7 +110,7 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 		}
 	}
 	if n := deadRequests.Load(); n > 6 {
-		t.Errorf("the hanging receivers got %d requests, want 6 at most", n)
+		t.Errorf("the dead receivers got %d requests, want 6 at most", n)
 	}
 	if w, _, err := db.GetWebhook(ctx, deadIDs[0]); err != nil || w.HeldUntil == nil || w.Failing < 1 {
 		t.Fatalf("a held webhook reads %+v (%v), want failing and held_until", w, err)
@@ -135,8 +139,10 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 // TestWebhookHoldGivesUpWhatIsOutOfTime: an attempt that holds its webhook
 // gives up the webhook's pending deliveries whose time ran out (not the
 // young ones, nor one leased right now), since none would be tried again
-// in time; a late outcome of a settled delivery changes nothing; an
-// answered attempt lifts the hold.
+// in time; a late outcome of a settled delivery changes nothing; the hold
+// doubles with the failures in a row as the store counts them, so that a
+// failure recorded after a success holds briefly; a shorter hold does not
+// shorten a longer one; an answered attempt lifts the hold.
 func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
@@ -147,7 +153,8 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		event string
 		age   time.Duration
 		lease time.Duration
-	}{{"tried", 26 * time.Hour, time.Minute}, {"old", 26 * time.Hour, 0}, {"old-leased", 26 * time.Hour, time.Minute}, {"young", time.Hour, 0}} {
+	}{{"tried", 26 * time.Hour, time.Minute}, {"old", 26 * time.Hour, 0}, {"old-leased", 26 * time.Hour, time.Minute},
+		{"young", time.Hour, 0}, {"young-2", time.Hour, 0}, {"young-3", time.Hour, 0}} {
 		var seq int64
 		if err := db.Pool().QueryRow(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at, leased_until)
 			VALUES ('wh-1', $1, 'pickup.ready', $1, '{}', $2, $2, CASE WHEN $3 THEN $4::timestamptz ELSE '-infinity' END) RETURNING seq`,
@@ -173,39 +180,84 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		}
 		return out
 	}
-	held := func() (int, bool) {
+	// held returns the webhook's failures in a row and how far past now
+	// it is held (0: not held).
+	held := func() (int, time.Duration) {
 		t.Helper()
 		w, _, err := db.GetWebhook(ctx, "wh-1")
 		if err != nil {
 			t.Fatal(err)
 		}
-		return w.Failing, w.HeldUntil != nil
+		if w.HeldUntil == nil {
+			return w.Failing, 0
+		}
+		return w.Failing, w.HeldUntil.Sub(now)
+	}
+	within := func(what string, got, lo, hi time.Duration) {
+		t.Helper()
+		if got < lo || got > hi {
+			t.Fatalf("%s: held %v past the attempt, want %v to %v", what, got, lo, hi)
+		}
+	}
+	hold := func(base time.Duration, giveUpBefore time.Time) *webhook.Hold {
+		return &webhook.Hold{Base: base, Max: 4 * time.Hour, GiveUpBefore: giveUpBefore}
 	}
 	unavailable := 503
 	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now, Status: &unavailable, Error: "receiver answered 503",
-		Hold: now.Add(time.Hour), GiveUpBefore: now.Add(-25 * time.Hour)}); err != nil {
+		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{"tried": "failed", "old": "failed", "old-leased": "pending", "young": "pending"}
+	want := map[string]string{"tried": "failed", "old": "failed", "old-leased": "pending", "young": "pending", "young-2": "pending", "young-3": "pending"}
 	if got := states(); !maps.Equal(got, want) {
 		t.Fatalf("states %v, want %v", got, want)
 	}
-	if failing, isHeld := held(); failing != 1 || !isHeld {
-		t.Fatalf("failing %d, held %v; want 1, held", failing, isHeld)
+	failing, until := held()
+	if failing != 1 {
+		t.Fatalf("failing %d, want 1", failing)
 	}
+	within("the first failure", until, 30*time.Minute, time.Hour)
 	// The settled delivery's outcome again, as a copy finishing late.
 	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now.Add(time.Second), Error: "timeout",
-		Hold: now.Add(2 * time.Hour), GiveUpBefore: now.Add(-time.Minute)}); err != nil {
+		Hold: hold(time.Hour, now.Add(-time.Minute))}); err != nil {
 		t.Fatal(err)
 	}
 	if failing, _ := held(); failing != 1 || states()["young"] != "pending" {
 		t.Fatalf("a settled delivery's late outcome counted (failing %d) or gave up the young one (%s)", failing, states()["young"])
 	}
-	ok := 200
-	if err := db.RecordAttempt(ctx, seqs["young"], webhook.Outcome{At: now.Add(2 * time.Second), Status: &ok, Delivered: true}); err != nil {
+	// A second failure in a row: twice as long (from the same time here).
+	if err := db.RecordAttempt(ctx, seqs["old-leased"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Hour),
+		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
 		t.Fatal(err)
 	}
-	if failing, isHeld := held(); failing != 0 || isHeld {
-		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, isHeld)
+	failing, until = held()
+	if failing != 2 {
+		t.Fatalf("failing %d after two failures, want 2", failing)
+	}
+	within("the second failure", until, time.Hour, 2*time.Hour)
+	ok := 200
+	if err := db.RecordAttempt(ctx, seqs["young"], webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
+		t.Fatal(err)
+	}
+	if failing, until := held(); failing != 0 || until != 0 {
+		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, until)
+	}
+	// A failure recorded after that success (its attempt started before
+	// it) counts from the success's 0: a short hold, not the outage's.
+	if err := db.RecordAttempt(ctx, seqs["young-2"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute),
+		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
+		t.Fatal(err)
+	}
+	failing, until = held()
+	if failing != 1 {
+		t.Fatalf("failing %d after a success and a failure, want 1", failing)
+	}
+	within("a failure after a success", until, 30*time.Minute, time.Hour)
+	// A shorter hold does not shorten the one set.
+	if err := db.RecordAttempt(ctx, seqs["young-3"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute),
+		Hold: hold(time.Millisecond, now.Add(-25*time.Hour))}); err != nil {
+		t.Fatal(err)
+	}
+	if _, after := held(); after != until {
+		t.Fatalf("held %v past the attempt after a shorter hold, want %v as before", after, until)
 	}
 }

@@ -368,12 +368,11 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	}
 	end := d.o.Now()
 	o.Duration = end.Sub(start)
-	if unreachable(o) {
+	if unreachable(o) && ctx.Err() == nil { // a stop cancelling the request says nothing of the receiver
 		// Every pending delivery of this webhook waits with this one,
 		// longer the more attempts failed in a row.
-		o.Hold, o.GiveUpBefore = end.Add(d.backoff(w.Failing+1)), end.Add(-d.o.RetryFor)
-		d.log.Warn("webhook receiver unreachable; its deliveries are held", "webhook", w.ID, "failing", w.Failing+1,
-			"held_until", o.Hold, "err", detail)
+		o.Hold = &Hold{Base: d.o.BackoffBase, Max: d.o.BackoffMax, GiveUpBefore: end.Add(-d.o.RetryFor)}
+		d.log.Warn("webhook receiver unreachable; its deliveries are held", "webhook", w.ID, "failing", w.Failing+1, "err", detail)
 	}
 	d.m.latency.Observe(o.Duration.Seconds())
 	outcome := "delivered"
@@ -521,7 +520,15 @@ func receiverError(err error) string {
 	case errors.Is(err, errNotPublic):
 		return "the webhook's host resolved to an address that is not public (set --webhook-allow-private for lab setups)"
 	case errors.As(err, &dnsErr):
-		return "lookup " + dnsErr.Name + ": " + dnsErr.Err
+		// Its Err can hold the socket's error, with the resolver's and
+		// the gateway's own addresses in it.
+		switch {
+		case dnsErr.IsNotFound:
+			return "lookup " + dnsErr.Name + ": no such host"
+		case dnsErr.IsTimeout:
+			return "lookup " + dnsErr.Name + ": timed out"
+		}
+		return "lookup " + dnsErr.Name + ": failed"
 	}
 	return err.Error()
 }

@@ -77,13 +77,23 @@ type Outcome struct {
 	Delivered bool
 	// Next is the next attempt's time; zero with !Delivered means give up.
 	Next time.Time
-	// Hold, when not zero, holds every pending delivery of the webhook
-	// until then and counts the attempt in the webhook's Failing: the
-	// receiver was unreachable, so its other deliveries would fare no
-	// better. Those created before GiveUpBefore are given up then (they
-	// would not be tried again within their time). Delivered sets Failing
-	// back to 0 and lifts a hold.
-	Hold, GiveUpBefore time.Time
+	// Hold, when set, holds every pending delivery of the webhook and
+	// counts the attempt in the webhook's Failing: the receiver was
+	// unreachable, so its other deliveries would fare no better.
+	// Delivered sets Failing back to 0 and lifts a hold.
+	Hold *Hold
+}
+
+// Hold is how long an unreachable receiver's webhook is held: Base·2^f
+// from the attempt's time, f being the webhook's failures in a row before
+// this one as the store reads them when it records the attempt (so that a
+// success recorded meanwhile, which reset them, is not undone by a longer
+// hold), capped at Max and jittered to 50-100%; a longer hold already set
+// stays. The webhook's pending deliveries created before GiveUpBefore, and
+// not leased, are given up (they would not be tried again in their time).
+type Hold struct {
+	Base, Max    time.Duration
+	GiveUpBefore time.Time
 }
 
 // Store is the outbox.

@@ -2,6 +2,7 @@ package webhook
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -123,7 +124,42 @@ func TestReceiverErrorHidesTheResolver(t *testing.T) {
 	if got, want := receiverError(err), "lookup hooks.example: no such host"; got != want {
 		t.Fatalf("recorded as %q, want %q", got, want)
 	}
+	// A resolver that does not answer: Go puts the socket's error, with
+	// both ends' addresses, in Err.
+	timeout := &net.DNSError{Name: "hooks.example", Server: "10.0.0.2:53", IsTimeout: true,
+		Err: "read udp 10.1.2.3:45012->10.0.0.2:53: i/o timeout"}
+	if got, want := receiverError(&url.Error{Op: "Post", URL: "https://hooks.example/", Err: timeout}), "lookup hooks.example: timed out"; got != want {
+		t.Fatalf("recorded as %q, want %q", got, want)
+	}
 	if got := receiverError(errors.New("receiver answered 500")); got != "receiver answered 500" {
 		t.Fatalf("another error recorded as %q", got)
+	}
+}
+
+// TestUnreachable: what holds a webhook is a receiver that did not answer
+// or said it cannot now (5xx, 429); an answer about the one event (another
+// 4xx, a redirect not followed) or a delivery holds nothing.
+func TestUnreachable(t *testing.T) {
+	status := func(n int) *int { return &n }
+	for _, tc := range []struct {
+		o    Outcome
+		want bool
+	}{
+		{Outcome{Error: "timeout"}, true},
+		{Outcome{Status: status(503)}, true},
+		{Outcome{Status: status(500)}, true},
+		{Outcome{Status: status(429)}, true},
+		{Outcome{Status: status(404)}, false},
+		{Outcome{Status: status(400)}, false},
+		{Outcome{Status: status(302)}, false},
+		{Outcome{Status: status(200), Delivered: true}, false},
+	} {
+		if got := unreachable(tc.o); got != tc.want {
+			st := "none"
+			if tc.o.Status != nil {
+				st = fmt.Sprint(*tc.o.Status)
+			}
+			t.Errorf("status %s, delivered %v: unreachable %v, want %v", st, tc.o.Delivered, got, tc.want)
+		}
 	}
 }

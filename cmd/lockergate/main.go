@@ -134,7 +134,7 @@ func parseSettings(cmd string, args []string, stderr io.Writer) (*settings, int)
 	fs.StringVar(&o.InstanceID, "instance-id", "", "this instance's client id on the external broker (default: lockergate-<host>-<random>)")
 	fs.StringVar(&o.FirmwareKey, "firmware-key", "", "Ed25519 firmware signing seed file (default: <data-dir>/firmware.key)")
 	fs.IntVar(&o.RetentionDays, "retention-days", 30, "days of health and events to keep")
-	fs.Func("history-retention-days", "days of presence changes, cleared alerts, finished commands, settled webhook deliveries and Idempotency-Key answers to keep (default 365; 0: forever)",
+	fs.Func("history-retention-days", "days of presence changes, cleared alerts, finished commands, settled webhook deliveries, claim uses and Idempotency-Key answers to keep (default 365; 0: forever)",
 		func(v string) error {
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 0 {
