@@ -192,17 +192,27 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 		case err != nil:
 			return err
 		case o.Delivered:
-			_, err = tx.Exec(ctx, `UPDATE webhooks SET failing = 0, held_until = '-infinity' WHERE id = $1 AND failing > 0`, webhookID)
+			// The receiver answers: what its hold kept waiting goes now.
+			_, err = tx.Exec(ctx, `WITH w AS (UPDATE webhooks SET failing = 0, held_until = '-infinity'
+					WHERE id = $1 AND failing > 0 RETURNING id)
+				UPDATE webhook_deliveries d SET next_attempt = $2 FROM w
+				WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt > $2`, webhookID, o.At)
 		case o.Hold != nil:
 			// The hold's length from the failures as they stand now (a
-			// success recorded meanwhile reset them); its give-ups are the
-			// receiver's own too: not leased now, their time is up.
+			// success recorded meanwhile reset them). The webhook's
+			// pending deliveries not leased now are given up when their
+			// time is up, else wait for the hold's end, each by its own
+			// next attempt too: that keeps a dead receiver's backlog out
+			// of LeaseDue's scan of due deliveries for the hold.
 			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1,
 					held_until = greatest(held_until, $2::timestamptz +
 						least($4::interval, $3::interval * power(2, least(failing, 30))) * (0.5 + random() / 2))
-					WHERE id = $1)
-				UPDATE webhook_deliveries SET state = 'failed', last_error = $6
-				WHERE webhook_id = $1 AND state = 'pending' AND created_at < $5 AND leased_until < $2`,
+					WHERE id = $1 RETURNING held_until)
+				UPDATE webhook_deliveries d SET
+					state = CASE WHEN d.created_at < $5 THEN 'failed' ELSE d.state END,
+					last_error = CASE WHEN d.created_at < $5 THEN $6 ELSE d.last_error END,
+					next_attempt = CASE WHEN d.created_at < $5 THEN d.next_attempt ELSE greatest(d.next_attempt, h.held_until) END
+				FROM h WHERE d.webhook_id = $1 AND d.state = 'pending' AND d.leased_until < $2`,
 				webhookID, o.At, o.Hold.Base, o.Hold.Max, nullTime(o.Hold.GiveUpBefore),
 				"given up: the receiver was unreachable until its time ran out ("+o.Error+")")
 		}

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/webhook"
 )
@@ -216,6 +217,20 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		t.Fatalf("failing %d, want 1", failing)
 	}
 	within("the first failure", until, 30*time.Minute, time.Hour)
+	// The waiting deliveries wait by their own next attempt too (out of
+	// the due deliveries LeaseDue scans).
+	pushedBack := func() int {
+		t.Helper()
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+			WHERE d.state = 'pending' AND d.event_id LIKE 'young%' AND d.next_attempt >= w.held_until`).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := pushedBack(); n != 3 {
+		t.Fatalf("%d of the 3 young deliveries wait until the hold's end, want all", n)
+	}
 	// The settled delivery's outcome again, as a copy finishing late.
 	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now.Add(time.Second), Error: "timeout",
 		Hold: hold(time.Hour, now.Add(-time.Minute))}); err != nil {
@@ -241,6 +256,13 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	if failing, until := held(); failing != 0 || until != 0 {
 		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, until)
 	}
+	var later int
+	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt > $1`, now).Scan(&later); err != nil {
+		t.Fatal(err)
+	}
+	if later != 0 {
+		t.Fatalf("%d pending deliveries still wait after the receiver answered, want none", later)
+	}
 	// A failure recorded after that success (its attempt started before
 	// it) counts from the success's 0: a short hold, not the outage's.
 	if err := db.RecordAttempt(ctx, seqs["young-2"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute),
@@ -259,5 +281,37 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	}
 	if _, after := held(); after != until {
 		t.Fatalf("held %v past the attempt after a shorter hold, want %v as before", after, until)
+	}
+}
+
+// TestEventForAHeldWebhookWaits: an event queued while its webhook is held
+// is due only at the hold's end (it would otherwise sit among the due
+// deliveries LeaseDue scans, for the whole hold); another webhook's copy
+// is due at once.
+func TestEventForAHeldWebhookWaits(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	dev := MustDevice(t, db, "s1", "SN-HELD-1", 1)
+	heldUntil := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-op', '\x02', 'operator', 'ops')`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO webhooks (id, token_id, role, url, events, secret_enc, held_until) VALUES
+			('wh-held', 't-op', 'operator', 'https://held.example/', '{alert.raised}', '\x00', $1),
+			('wh-live', 't-op', 'operator', 'https://live.example/', '{alert.raised}', '\x00', '-infinity')`, heldUntil); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now().UTC().Truncate(time.Microsecond)
+	if raised, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: dev, Kind: "tamper", RaisedAt: at}); err != nil || !raised {
+		t.Fatalf("raise: %v %v", raised, err)
+	}
+	for id, want := range map[string]time.Time{"wh-held": heldUntil, "wh-live": at} {
+		var next time.Time
+		if err := db.Pool().QueryRow(ctx, `SELECT next_attempt FROM webhook_deliveries WHERE webhook_id = $1`, id).Scan(&next); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		if !next.Equal(want) {
+			t.Errorf("%s: the alert's delivery is due at %v, want %v", id, next, want)
+		}
 	}
 }
