@@ -854,7 +854,7 @@ func raiseAlertWhere(cond string) string {
 		FROM raised r LEFT JOIN devices d ON d.id = $1::text WHERE r.opened),
 	queued AS (
 		INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
-		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, greatest($5::timestamptz, w.held_until), now() FROM ev JOIN webhooks w
+		SELECT w.id, ev.body->>'id', '` + webhook.EventAlertRaised + `', $1::text, ev.body, $5::timestamptz, now() FROM ev JOIN webhooks w
 			ON '` + webhook.EventAlertRaised + `' = ANY (w.events) AND ` + webhookSees("ev.site", "") + `)
 	SELECT count(*) FROM raised WHERE opened`
 }

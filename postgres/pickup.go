@@ -444,9 +444,8 @@ func queueEvent(ctx context.Context, tx pgx.Tx, ev *pickup.Event, p *pickup.Pick
 	if err != nil {
 		return err
 	}
-	// An event for a held webhook waits for the hold's end (Outcome.Hold).
 	_, err = tx.Exec(ctx, `INSERT INTO webhook_deliveries (webhook_id, event_id, type, subject, body, next_attempt, created_at)
-		SELECT w.id, $1, $2, $3, $4, greatest($5, w.held_until), $5 FROM webhooks w
+		SELECT w.id, $1, $2, $3, $4, $5, $5 FROM webhooks w
 		WHERE $2 = ANY (w.events) AND `+webhookSees("$6", "$7"),
 		ev.ID, ev.Type, p.ID, body, at, p.Site, p.Platform)
 	return err

@@ -193,27 +193,36 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 			return err
 		case o.Delivered:
 			// The receiver answers: what its hold kept waiting goes now.
+			// Rows a lease is taking are skipped (they go anyway), in seq
+			// order: LeaseDue's order, so the two cannot deadlock.
 			_, err = tx.Exec(ctx, `WITH w AS (UPDATE webhooks SET failing = 0, held_until = '-infinity'
 					WHERE id = $1 AND failing > 0 RETURNING id)
-				UPDATE webhook_deliveries d SET next_attempt = $2 FROM w
-				WHERE d.webhook_id = w.id AND d.state = 'pending' AND d.next_attempt > $2`, webhookID, o.At)
+				UPDATE webhook_deliveries d SET next_attempt = $2
+				WHERE d.seq IN (SELECT s.seq FROM webhook_deliveries s, w WHERE s.webhook_id = w.id AND s.state = 'pending'
+					AND s.next_attempt > $2 ORDER BY s.seq FOR NO KEY UPDATE OF s SKIP LOCKED)`, webhookID, o.At)
 		case o.Hold != nil:
 			// The hold's length from the failures as they stand now (a
-			// success recorded meanwhile reset them). The webhook's
-			// pending deliveries not leased now are given up when their
-			// time is up, else wait for the hold's end, each by its own
-			// next attempt too: that keeps a dead receiver's backlog out
-			// of LeaseDue's scan of due deliveries for the hold.
+			// success recorded meanwhile reset them), in seconds (an
+			// interval times 2^30 can leave the interval's range). The
+			// webhook's pending deliveries not leased now are given up
+			// when their time is up, else wait for the hold's end, each by
+			// its own next attempt too: that keeps a dead receiver's
+			// backlog out of LeaseDue's scan of due deliveries for the
+			// hold. Rows a lease is taking are skipped, in LeaseDue's
+			// order (no deadlock); rows already waiting as long are not
+			// written again.
 			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1,
 					held_until = greatest(held_until, $2::timestamptz +
-						least($4::interval, $3::interval * power(2, least(failing, 30))) * (0.5 + random() / 2))
+						least($4::float8, $3::float8 * power(2, least(failing, 30))) * (0.5 + random() / 2) * interval '1 second')
 					WHERE id = $1 RETURNING held_until)
 				UPDATE webhook_deliveries d SET
 					state = CASE WHEN d.created_at < $5 THEN 'failed' ELSE d.state END,
 					last_error = CASE WHEN d.created_at < $5 THEN $6 ELSE d.last_error END,
 					next_attempt = CASE WHEN d.created_at < $5 THEN d.next_attempt ELSE greatest(d.next_attempt, h.held_until) END
-				FROM h WHERE d.webhook_id = $1 AND d.state = 'pending' AND d.leased_until < $2`,
-				webhookID, o.At, o.Hold.Base, o.Hold.Max, nullTime(o.Hold.GiveUpBefore),
+				FROM h WHERE d.seq IN (SELECT s.seq FROM webhook_deliveries s, h WHERE s.webhook_id = $1 AND s.state = 'pending'
+					AND s.leased_until < $2 AND (s.created_at < $5 OR s.next_attempt < h.held_until)
+					ORDER BY s.seq FOR NO KEY UPDATE OF s SKIP LOCKED)`,
+				webhookID, o.At, o.Hold.Base.Seconds(), o.Hold.Max.Seconds(), nullTime(o.Hold.GiveUpBefore),
 				"given up: the receiver was unreachable until its time ran out ("+o.Error+")")
 		}
 		return err

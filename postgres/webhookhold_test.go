@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -249,6 +250,9 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		t.Fatalf("failing %d after two failures, want 2", failing)
 	}
 	within("the second failure", until, time.Hour, 2*time.Hour)
+	if s := states()["old-leased"]; s != "failed" {
+		t.Fatalf("old-leased, tried once its lease was over and out of time: %s, want failed", s)
+	}
 	ok := 200
 	if err := db.RecordAttempt(ctx, seqs["young"], webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
 		t.Fatal(err)
@@ -285,33 +289,41 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 }
 
 // TestEventForAHeldWebhookWaits: an event queued while its webhook is held
-// is due only at the hold's end (it would otherwise sit among the due
-// deliveries LeaseDue scans, for the whole hold); another webhook's copy
-// is due at once.
+// is not leased until the hold ends; another webhook's copy is at once.
 func TestEventForAHeldWebhookWaits(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
 	dev := MustDevice(t, db, "s1", "SN-HELD-1", 1)
-	heldUntil := time.Now().Add(time.Hour).UTC().Truncate(time.Microsecond)
 	if _, err := db.Pool().Exec(ctx, `INSERT INTO tokens (id, hash, role, name) VALUES ('t-op', '\x02', 'operator', 'ops')`); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := db.Pool().Exec(ctx, `INSERT INTO webhooks (id, token_id, role, url, events, secret_enc, held_until) VALUES
-			('wh-held', 't-op', 'operator', 'https://held.example/', '{alert.raised}', '\x00', $1),
-			('wh-live', 't-op', 'operator', 'https://live.example/', '{alert.raised}', '\x00', '-infinity')`, heldUntil); err != nil {
+			('wh-held', 't-op', 'operator', 'https://held.example/', '{alert.raised}', '\x00', now() + interval '1 hour'),
+			('wh-live', 't-op', 'operator', 'https://live.example/', '{alert.raised}', '\x00', '-infinity')`); err != nil {
 		t.Fatal(err)
 	}
-	at := time.Now().UTC().Truncate(time.Microsecond)
-	if raised, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: dev, Kind: "tamper", RaisedAt: at}); err != nil || !raised {
+	if raised, err := db.RaiseAlert(ctx, fleet.Alert{DeviceID: dev, Kind: "tamper", RaisedAt: time.Now()}); err != nil || !raised {
 		t.Fatalf("raise: %v %v", raised, err)
 	}
-	for id, want := range map[string]time.Time{"wh-held": heldUntil, "wh-live": at} {
-		var next time.Time
-		if err := db.Pool().QueryRow(ctx, `SELECT next_attempt FROM webhook_deliveries WHERE webhook_id = $1`, id).Scan(&next); err != nil {
-			t.Fatalf("%s: %v", id, err)
+	leased := func() []string {
+		t.Helper()
+		ds, err := db.LeaseDue(ctx, time.Now(), time.Millisecond, 16, 2, nil)
+		if err != nil {
+			t.Fatal(err)
 		}
-		if !next.Equal(want) {
-			t.Errorf("%s: the alert's delivery is due at %v, want %v", id, next, want)
+		var ids []string
+		for _, d := range ds {
+			ids = append(ids, d.WebhookID)
 		}
+		return ids
+	}
+	if got := leased(); !slices.Equal(got, []string{"wh-live"}) {
+		t.Fatalf("leased %v while wh-held is held, want wh-live's only", got)
+	}
+	if _, err := db.Pool().Exec(ctx, `UPDATE webhooks SET held_until = '-infinity' WHERE id = 'wh-held'`); err != nil {
+		t.Fatal(err)
+	}
+	if got := leased(); !slices.Contains(got, "wh-held") {
+		t.Fatalf("leased %v once wh-held's hold ended, want its delivery", got)
 	}
 }

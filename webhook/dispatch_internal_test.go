@@ -99,6 +99,34 @@ func (s *memStore) delivered(webhookID string) int {
 	return n
 }
 
+// hangingReceiver is a receiver that never answers until the test ends,
+// and the count of requests it got.
+func hangingReceiver(t *testing.T) (*httptest.Server, *atomic.Int32) {
+	release := make(chan struct{})
+	hanging := new(atomic.Int32)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		hanging.Add(1)
+		<-release
+	}))
+	t.Cleanup(srv.Close)
+	t.Cleanup(func() { close(release) }) // first: Close waits for the handlers
+	return srv, hanging
+}
+
+// runDispatcher runs a dispatcher of st's deliveries (4 workers, a
+// minute's timeout, rounds only when woken) until the returned stop.
+func runDispatcher(t *testing.T, st Store, key []byte) (stop func()) {
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, Workers: 4, PollInterval: time.Hour,
+		Client: &http.Client{Timeout: time.Minute}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	return func() { cancel(); <-done }
+}
+
 // TestHangingReceiverHoldsUpOnlyItself: receivers that never answer keep
 // at most perToken workers, however many webhooks their token made for
 // them; another token's webhook's events, one after the other (the second
@@ -106,14 +134,7 @@ func (s *memStore) delivered(webhookID string) int {
 // Before, every round waited for its slowest delivery, so the second event
 // waited for the hanging one's timeout; and the limit was per webhook.
 func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
-	release := make(chan struct{})
-	var hanging atomic.Int32
-	hang := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		hanging.Add(1)
-		<-release
-	}))
-	defer hang.Close()
-	defer close(release)
+	hang, hanging := hangingReceiver(t)
 	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	defer ok.Close()
 
@@ -141,15 +162,7 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	}
 	add("wh-ok", "p-9")
 	add("wh-ok", "p-9")
-	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, Workers: 4, PollInterval: time.Hour,
-		Client: &http.Client{Timeout: time.Minute}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	defer runDispatcher(t, st, key)()
 
 	testtool.Eventually(t, 5*time.Second, "the hanging receiver holding two requests", func() error {
 		if n := hanging.Load(); n < perToken {
@@ -199,6 +212,50 @@ func TestDroppedWhenWebhookGone(t *testing.T) {
 	}
 	if n := sent.Load(); n != 0 {
 		t.Fatalf("%d requests sent for a webhook that is gone", n)
+	}
+}
+
+// TestStopHoldsNothing: a request a stop cancels is recorded as a failed
+// attempt, to be tried again, but does not hold its webhook: the receiver
+// was not found unreachable. One that fails on its own does.
+func TestStopHoldsNothing(t *testing.T) {
+	hang, hanging := hangingReceiver(t)
+	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	defer down.Close()
+	key := bytes.Repeat([]byte{1}, 32)
+	seal, err := newSealer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}, leased: map[int64]time.Time{},
+		tried: map[int64][]Outcome{}}
+	now := time.Now()
+	for i, w := range []*Webhook{{ID: "wh-hang", URL: hang.URL, TokenID: "t-1"}, {ID: "wh-down", URL: down.URL, TokenID: "t-2"}} {
+		st.hooks[w.ID], st.enc[w.ID] = w, seal.seal("whsec_x", w.ID)
+		st.ds = append(st.ds, Delivery{Seq: int64(i + 1), WebhookID: w.ID, EventID: "ev", Subject: "p-1", Body: []byte(`{}`),
+			State: "pending", NextAttempt: now, CreatedAt: now})
+	}
+	stop := runDispatcher(t, st, key)
+	tried := func(seq int64) []Outcome {
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		return slices.Clone(st.tried[seq])
+	}
+	testtool.Eventually(t, 5*time.Second, "the hanging receiver called, the down one answered", func() error {
+		if hanging.Load() == 0 || len(tried(2)) == 0 {
+			return fmt.Errorf("hanging %d, down's attempts %d", hanging.Load(), len(tried(2)))
+		}
+		return nil
+	})
+	stop()
+	if got := tried(2); got[0].Hold == nil {
+		t.Errorf("the 503 recorded %+v, want a hold", got[0])
+	}
+	got := tried(1)
+	if len(got) != 1 || got[0].Delivered || got[0].Next.IsZero() || got[0].Hold != nil {
+		t.Fatalf("the attempt the stop cancelled recorded as %+v, want a failed attempt to retry, no hold", got)
 	}
 }
 
