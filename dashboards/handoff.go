@@ -57,6 +57,8 @@ func Handoff() *Dashboard {
 					q("sum by (outcome) ("+rate("lockergate_webhook_deliveries_total", "")+")", "{{outcome}}"))),
 				withMin0(ts("Webhook backlog", "Deliveries waiting, and the age of the oldest undelivered event.", "short",
 					q("max("+vec("lockergate_webhook_backlog", "")+")", "waiting"))),
+				withMin0(ts("Platforms unreachable", "Webhooks held because their receiver did not answer (or answered 5xx/429): those platforms' notifications wait. GET /v1/webhooks shows which.", "short",
+					q("max("+vec("lockergate_webhooks_held", "")+")", "held"))),
 			}},
 		},
 	}

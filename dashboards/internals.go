@@ -80,6 +80,8 @@ func GatewayInternals() *Dashboard {
 					q("max("+vec("lockergate_webhook_backlog", "")+")", "waiting"))),
 				withMin0(ts("Oldest undelivered event", "Age of the oldest undelivered webhook event (fleet-wide). Alert LockergateWebhookBacklog fires above 15 minutes.", "s",
 					q("max("+vec("lockergate_webhook_oldest_pending_seconds", "")+")", "oldest"))),
+				withMin0(ts("Webhooks held", "Webhooks whose receiver was unreachable (no answer, a 5xx or a 429), their events waiting (fleet-wide; GET /v1/webhooks says which).", "short",
+					q("max("+vec("lockergate_webhooks_held", "")+")", "held"))),
 			}},
 			{Title: "Process", Panels: []Panel{
 				withMin0(ts("CPU", "CPU seconds per second used by the gateway process.", "percentunit",

@@ -270,12 +270,14 @@ func (db *DB) ListDeliveries(ctx context.Context, webhookID string, after int64,
 }
 
 // Backlog implements webhook.Store.
-func (db *DB) Backlog(ctx context.Context, now time.Time) (int, time.Duration, error) {
-	var n int
+func (db *DB) Backlog(ctx context.Context, now time.Time) (webhook.Backlog, error) {
+	var b webhook.Backlog
 	var oldest *time.Time
-	err := db.pool.QueryRow(ctx, `SELECT count(*), min(created_at) FROM webhook_deliveries WHERE state = 'pending'`).Scan(&n, &oldest)
-	if err != nil || oldest == nil {
-		return n, 0, err
+	err := db.pool.QueryRow(ctx, `SELECT count(*), min(created_at),
+			(SELECT count(*) FROM webhooks WHERE deleted_at IS NULL AND held_until > $1)
+		FROM webhook_deliveries WHERE state = 'pending'`, now).Scan(&b.Pending, &oldest, &b.Held)
+	if err == nil && oldest != nil {
+		b.Oldest = now.Sub(*oldest)
 	}
-	return n, now.Sub(*oldest), nil
+	return b, err
 }

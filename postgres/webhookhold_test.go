@@ -218,6 +218,17 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		t.Fatalf("failing %d, want 1", failing)
 	}
 	within("the first failure", until, 30*time.Minute, time.Hour)
+	heldNow := func() int {
+		t.Helper()
+		b, err := db.Backlog(ctx, now)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b.Held
+	}
+	if n := heldNow(); n != 1 {
+		t.Fatalf("the backlog counts %d webhooks held, want 1", n)
+	}
 	// The waiting deliveries wait by their own next attempt too (out of
 	// the due deliveries LeaseDue scans).
 	pushedBack := func() int {
@@ -266,6 +277,9 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	}
 	if later != 0 {
 		t.Fatalf("%d pending deliveries still wait after the receiver answered, want none", later)
+	}
+	if n := heldNow(); n != 0 {
+		t.Fatalf("the backlog counts %d webhooks held after the receiver answered, want 0", n)
 	}
 	// A failure recorded after that success (its attempt started before
 	// it) counts from the success's 0: a short hold, not the outage's.

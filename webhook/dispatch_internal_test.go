@@ -85,7 +85,7 @@ func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) error 
 	return nil
 }
 
-func (s *memStore) Backlog(context.Context, time.Time) (int, time.Duration, error) { return 0, 0, nil }
+func (s *memStore) Backlog(context.Context, time.Time) (Backlog, error) { return Backlog{}, nil }
 
 func (s *memStore) delivered(webhookID string) int {
 	s.mu.Lock()

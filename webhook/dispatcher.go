@@ -222,9 +222,10 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		case <-d.wake:
 		case <-t.C:
 		case <-backlog.C:
-			if n, age, err := d.o.Store.Backlog(ctx, d.o.Now()); err == nil {
-				d.m.backlog.Set(float64(n))
-				d.m.oldest.Set(age.Seconds())
+			if b, err := d.o.Store.Backlog(ctx, d.o.Now()); err == nil {
+				d.m.backlog.Set(float64(b.Pending))
+				d.m.oldest.Set(b.Oldest.Seconds())
+				d.m.held.Set(float64(b.Held))
 			}
 		}
 	}
@@ -436,6 +437,7 @@ type metrics struct {
 	latency    prometheus.Histogram
 	backlog    prometheus.Gauge
 	oldest     prometheus.Gauge
+	held       prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) *metrics {
@@ -453,12 +455,15 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		oldest: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "lockergate_webhook_oldest_pending_seconds", Help: "Age of the oldest undelivered webhook event.",
 		}),
+		held: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "lockergate_webhooks_held", Help: "Webhooks held because their receiver was unreachable (no answer, a 5xx or a 429): their events wait.",
+		}),
 	}
 	for _, o := range []string{"delivered", "retry", "given_up", "dropped"} {
 		m.deliveries.WithLabelValues(o)
 	}
 	if reg != nil {
-		reg.MustRegister(m.deliveries, m.latency, m.backlog, m.oldest)
+		reg.MustRegister(m.deliveries, m.latency, m.backlog, m.oldest, m.held)
 	}
 	return m
 }

@@ -96,6 +96,13 @@ type Hold struct {
 	GiveUpBefore time.Time
 }
 
+// Backlog is what waits in the outbox.
+type Backlog struct {
+	Pending int           // deliveries pending
+	Oldest  time.Duration // age of the oldest pending one
+	Held    int           // live webhooks held: their receiver was unreachable
+}
+
 // Store is the outbox.
 type Store interface {
 	// CreateWebhook stores w unless its token has limit live webhooks
@@ -119,8 +126,9 @@ type Store interface {
 	// after another), its new state.
 	RecordAttempt(ctx context.Context, seq int64, o Outcome) error
 	ListDeliveries(ctx context.Context, webhookID string, after int64, limit int) ([]Delivery, error)
-	// Backlog counts pending deliveries and the age of the oldest.
-	Backlog(ctx context.Context, now time.Time) (int, time.Duration, error)
+	// Backlog counts pending deliveries and the age of the oldest, and
+	// the webhooks held at now (Outcome.Hold).
+	Backlog(ctx context.Context, now time.Time) (Backlog, error)
 }
 
 // ValidateURL accepts absolute http and https URLs.
