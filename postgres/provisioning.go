@@ -160,22 +160,15 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 			return err
 		}
 		if !retry {
-			switch {
-			case err == nil && (!replaceable || site != c.Site):
+			if err == nil && (!replaceable || site != c.Site) {
 				// First: a registered serial is taken whatever the claim.
 				// A replacement stays at the locker's site: another site's
 				// claim would move it, with the orders in its compartments,
 				// under that site's staff.
 				refusal = provisioning.ErrSerialTaken
 				return record(refusalOutcome(refusal), existing)
-			case !r.At.Before(c.ExpiresAt):
-				refusal = provisioning.ErrClaimExpired
-			case c.Used >= c.MaxUses:
-				refusal = provisioning.ErrClaimExhausted
-			case !provisioning.SerialAllowed(c.SerialPattern, req.Serial):
-				refusal = provisioning.ErrSerialRefused
 			}
-			if refusal != nil {
+			if refusal = c.Refusal(req.Serial, r.At); refusal != nil {
 				return record(refusalOutcome(refusal), "")
 			}
 		}

@@ -250,7 +250,7 @@ func (s *Service) AuthClaim(ctx context.Context, token, serial string) (usable b
 	if err != nil {
 		return false, err
 	}
-	return s.o.Now().Before(c.ExpiresAt) && c.Used < c.MaxUses && SerialAllowed(c.SerialPattern, serial), nil
+	return c.Refusal(serial, s.o.Now()) == nil, nil
 }
 
 // AuthDevice checks a device's secret in constant time.
@@ -338,6 +338,20 @@ func (s *Service) Provision(ctx context.Context, token, serial string, payload [
 // reached it (see Store.AnswerDelivered).
 func (s *Service) AnswerDelivered(ctx context.Context, deviceID string) error {
 	return s.o.Store.AnswerDelivered(ctx, deviceID, s.o.Now())
+}
+
+// Refusal is why claim c cannot provision serial at at (ErrClaimExpired,
+// ErrClaimExhausted or ErrSerialRefused, checked in that order), or nil.
+func (c *Claim) Refusal(serial string, at time.Time) error {
+	switch {
+	case !at.Before(c.ExpiresAt):
+		return ErrClaimExpired
+	case c.Used >= c.MaxUses:
+		return ErrClaimExhausted
+	case !SerialAllowed(c.SerialPattern, serial):
+		return ErrSerialRefused
+	}
+	return nil
 }
 
 // SerialAllowed reports whether a claim's serial pattern admits serial. The
