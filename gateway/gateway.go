@@ -131,8 +131,8 @@ type Options struct {
 	RetentionDays int
 	// HistoryRetentionDays keeps presence changes, cleared alerts,
 	// finished commands, settled webhook deliveries, claim uses and
-	// Idempotency-Key answers this long (default 365; negative: forever). Pickups, the
-	// audit log and rollouts are kept.
+	// Idempotency-Key answers this long (default 365; negative: forever).
+	// Pickups, the audit log and rollouts are kept.
 	HistoryRetentionDays int
 	// MaxClockSkew is how far a locker's clock may be off at its birth
 	// before a clock_skew alert (fleet.Options.MaxClockSkew; 0: 30 s;

@@ -58,6 +58,16 @@ func seedFleet(tb testing.TB, db *postgres.DB, n int) {
 	}
 }
 
+// countOf runs query, a count, and returns it.
+func countOf(tb testing.TB, db *postgres.DB, query string, args ...any) int {
+	tb.Helper()
+	var n int
+	if err := db.Pool().QueryRow(context.Background(), query, args...).Scan(&n); err != nil {
+		tb.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
 // markOffline ends one session of a locker.
 func markOffline(db *postgres.DB, id, reason string, at time.Time) error {
 	return db.MarkOfflineMany(context.Background(), []fleet.SessionEnd{{ID: id, Reason: reason, At: at}})

@@ -62,14 +62,6 @@ func TestPruneHistory(t *testing.T) {
 			t.Errorf("pruned %d %s, want %d (all: %v)", got[k], k, v, got)
 		}
 	}
-	count := func(sql string) int {
-		t.Helper()
-		var n int
-		if err := db.Pool().QueryRow(ctx, sql).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
 	for sql, want := range map[string]int{
 		`SELECT count(*) FROM presence_log`:                                    1,
 		`SELECT count(*) FROM alerts WHERE cleared_at IS NULL`:                 1,
@@ -83,7 +75,7 @@ func TestPruneHistory(t *testing.T) {
 		`SELECT count(*) FROM claim_uses WHERE ts > now() - interval '1 year'`: 2,
 		`SELECT count(*) FROM claim_uses`:                                      2,
 	} {
-		if n := count(sql); n != want {
+		if n := countOf(t, db, sql); n != want {
 			t.Errorf("%s: %d, want %d", sql, n, want)
 		}
 	}

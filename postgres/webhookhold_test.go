@@ -66,14 +66,7 @@ func TestUnreachableReceiverHoldsItsWebhook(t *testing.T) {
 	}
 	deadIDs := []string{create("t-a", dead.URL+"/a"), create("t-b", dead.URL+"/b"), create("t-c", dead.URL+"/c")}
 	okID := create("t-ok", ok.URL)
-	count := func(query string, args ...any) int {
-		t.Helper()
-		var n int
-		if err := db.Pool().QueryRow(ctx, query, args...).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
+	count := func(query string, args ...any) int { t.Helper(); return countOf(t, db, query, args...) }
 	runCtx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- d.Run(runCtx) }()
@@ -231,16 +224,8 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	}
 	// The waiting deliveries wait by their own next attempt too (out of
 	// the due deliveries LeaseDue scans).
-	pushedBack := func() int {
-		t.Helper()
-		var n int
-		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
-			WHERE d.state = 'pending' AND d.event_id LIKE 'young%' AND d.next_attempt >= w.held_until`).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	if n := pushedBack(); n != 3 {
+	if n := countOf(t, db, `SELECT count(*) FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id
+		WHERE d.state = 'pending' AND d.event_id LIKE 'young%' AND d.next_attempt >= w.held_until`); n != 3 {
 		t.Fatalf("%d of the 3 young deliveries wait until the hold's end, want all", n)
 	}
 	// The settled delivery's outcome again, as a copy finishing late.
@@ -271,11 +256,7 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	if failing, until := held(); failing != 0 || until != 0 {
 		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, until)
 	}
-	var later int
-	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt > $1`, now).Scan(&later); err != nil {
-		t.Fatal(err)
-	}
-	if later != 0 {
+	if later := countOf(t, db, `SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND next_attempt > $1`, now); later != 0 {
 		t.Fatalf("%d pending deliveries still wait after the receiver answered, want none", later)
 	}
 	if n := heldNow(); n != 0 {
