@@ -124,9 +124,16 @@ func (db *DB) clearAlert(ctx context.Context, id int64, actor, reason string, at
 
 // WithdrawAlert implements pickup.Store.
 func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason string, at time.Time) (bool, error) {
+	return db.withdrawFound(ctx, db.pool.QueryRow(ctx, `SELECT id FROM alerts WHERE device_id = $1 AND kind = $2
+		AND coalesce(compartment, 0) = $3 AND raised_at = $4 AND cleared_at IS NULL`, a.DeviceID, a.Kind, a.Compartment, a.RaisedAt),
+		actor, reason, at)
+}
+
+// withdrawFound clears the open alert whose id row holds, if it found one
+// and it is still open: whether it did.
+func (db *DB) withdrawFound(ctx context.Context, row pgx.Row, actor, reason string, at time.Time) (bool, error) {
 	var id int64
-	err := db.pool.QueryRow(ctx, `SELECT id FROM alerts WHERE device_id = $1 AND kind = $2 AND coalesce(compartment, 0) = $3
-		AND raised_at = $4 AND cleared_at IS NULL`, a.DeviceID, a.Kind, a.Compartment, a.RaisedAt).Scan(&id)
+	err := row.Scan(&id)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return false, nil
 	}
@@ -146,21 +153,9 @@ func (db *DB) WithdrawAlert(ctx context.Context, a fleet.Alert, actor, reason st
 // unlock of it may still fire, so an earlier staging unlock had ended, and
 // raised its alert, before this pickup took it.
 func (db *DB) WithdrawStagingFailed(ctx context.Context, deviceID string, n int, command, reason string, at time.Time) (bool, error) {
-	var id int64
-	err := db.pool.QueryRow(ctx, `SELECT a.id FROM alerts a JOIN pickups p ON p.command_id = $3 AND p.device_id = a.device_id
-			AND p.compartment = a.compartment
+	return db.withdrawFound(ctx, db.pool.QueryRow(ctx, `SELECT a.id FROM alerts a JOIN pickups p ON p.command_id = $3
+			AND p.device_id = a.device_id AND p.compartment = a.compartment
 		WHERE a.device_id = $1 AND a.kind = '`+pickup.AlertStagingFailed+`' AND a.compartment = $2 AND a.cleared_at IS NULL
 			AND a.raised_at >= p.created_at
-		ORDER BY a.id DESC LIMIT 1`, deviceID, n, command).Scan(&id)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	_, err = db.clearAlert(ctx, id, "gateway", reason, at)
-	if errors.Is(err, fleet.ErrConflict) {
-		return false, nil // cleared meanwhile
-	}
-	return err == nil, err
+		ORDER BY a.id DESC LIMIT 1`, deviceID, n, command), "gateway", reason, at)
 }
