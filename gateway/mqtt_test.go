@@ -148,10 +148,12 @@ func TestMQTTNamesAreCaseSensitive(t *testing.T) {
 	tg := MustStart(t)
 	r, c, _, cmd := rawLockerUnlocked(t, tg, "SN-CASE-1", 60)
 	now := protocol.FormatTime(time.Now())
+	// The ack first: a locker's control messages are handled in order, so
+	// once the result is, the ack was too.
+	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanCredsAck), false, `{"version":0,"Version":7}`)
 	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanCmdResult), false,
 		`{"id":"`+cmd.ID+`","status":"failed","error":"door_jammed","ts":"`+now+`","Status":"ok"}`)
 	waitCommandStatus(t, tg, r.DeviceID, cmd.ID, fleet.CmdFailed, "the result read by its status")
-	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanCredsAck), false, `{"version":0,"Version":7}`)
 	events := protocol.Topic(r.DeviceID, protocol.ChanEvents)
 	MustPublish(t, c, events, false, `{"id":"e-case-1","ts":"`+now+`","type":"door_closed","compartment":1,"occupied":true,"Compartment":2}`)
 	MustPublish(t, c, events, false, `{"id":"e-case-2","ts":"`+now+`","type":"tamper","detail":"lid","Type":"vendor-subtype","ID":17,"TS":"07/12/2026 09:00"}`)
