@@ -2296,7 +2296,6 @@ func TestCombinedCodeOpensOneDoor(t *testing.T) {
 			if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{opened.ID, jammed.ID}}, &cred); err != nil {
 				t.Fatal(err)
 			}
-			used := cred.ID
 			at := time.Now()
 			send := func(id, body string) {
 				t.Helper()
@@ -2304,9 +2303,9 @@ func TestCombinedCodeOpensOneDoor(t *testing.T) {
 				MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"%s","ts":"%s",%s}`, id, protocol.FormatTime(at), body))
 			}
 			if doorFirst {
-				send("e-jam-open", fmt.Sprintf(`"type":"door_opened","compartment":%d,"by":"credential","credential":"%s"`, opened.Compartment, used+".p"))
+				send("e-jam-open", fmt.Sprintf(`"type":"door_opened","compartment":%d,"by":"credential","credential":"%s"`, opened.Compartment, cred.ID+".p"))
 			}
-			send("e-jam-code", fmt.Sprintf(`"type":"code_accepted","credential":"%s","compartments":[%d]`, used+".p", opened.Compartment))
+			send("e-jam-code", fmt.Sprintf(`"type":"code_accepted","credential":"%s","compartments":[%d]`, cred.ID+".p", opened.Compartment))
 			var got pickup.Pickup
 			Eventually(t, 10*time.Second, "a fresh code for the pickup whose door did not open", func() error {
 				if err := e.platform.Get(ctx, "/v1/pickups/"+jammed.ID, nil, &got); err != nil {

@@ -115,8 +115,9 @@ func TestRestartEndsSessionsLeftOpen(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// And an unlock whose Idempotency-Key it claimed and never finished:
-	// the restart releases the claim, so the retry runs at once.
+	// And a request (a site's create) whose Idempotency-Key it claimed and
+	// never finished: the restart releases the claim, so the retry runs at
+	// once.
 	if _, err := conn.Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response)
 		VALUES ($1, 'left-claimed', 'POST /v1/sites', '\x00', 0, '')`, admins.Items[0].ID); err != nil {
 		t.Fatal(err)

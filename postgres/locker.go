@@ -534,7 +534,7 @@ func applyEvents(ctx context.Context, tx pgx.Tx, events []fleet.EventRecord, byC
 		// Read as the ingest read it: names exactly (protocol.Decode).
 		ev, err := protocol.Decode[protocol.Event](e.Body)
 		if err != nil {
-			log.Error("stored event no longer reads as an event: its compartment's door state is left as it was (stored by a version that read field names in any case, operations.md upgrade note 19; else a gateway bug: please report it)",
+			log.Error("stored event no longer reads as an event: its compartment's door state is left as it was (ingest read it just before: a gateway bug, please report it)",
 				"locker", e.DeviceID, "event", e.EventID, "type", e.Type, "compartment", e.Compartment, "err", err)
 			continue
 		}
