@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"slices"
 	"strings"
 	"time"
 	"unicode"
@@ -56,14 +57,18 @@ type Token struct {
 	// TokenUseResolution; nil when it has not been since it was made (or
 	// since the upgrade that added it).
 	LastUsedAt *time.Time `json:"last_used_at,omitempty"`
+	// Sites, for a platform token, are the sites it may make pickups and
+	// codes at; empty: every site.
+	Sites []string `json:"sites,omitempty"`
 }
 
 // TokenUseResolution is how often a token's use is recorded at most: a
 // use within this time of the recorded one is not written again.
 const TokenUseResolution = time.Minute
 
-// TokenFilter selects tokens to list: by role and site (empty: any), and
-// revoked or live (nil: both).
+// TokenFilter selects tokens to list: by role and site (empty: any; a
+// site matches a store token's site and a platform token's Sites that list
+// it), and revoked or live (nil: both).
 type TokenFilter struct {
 	Role, Site string
 	// Name, when set, is the token's name exactly.
@@ -71,6 +76,16 @@ type TokenFilter struct {
 	Revoked *bool
 	After   string
 	Limit   int
+}
+
+// MaxTokenSites bounds a platform token's Sites (a platform at more sites
+// than this is given every site).
+const MaxTokenSites = 1000
+
+// PlatformAt reports whether a platform token may make pickups and codes
+// at site: one of its Sites, or any when it lists none.
+func (t *Token) PlatformAt(site string) bool {
+	return len(t.Sites) == 0 || slices.Contains(t.Sites, site)
 }
 
 // Actor names the token in audit entries: "role:name".

@@ -632,7 +632,7 @@ func (g *Gateway) ensureAdminToken(ctx context.Context) error {
 	if n > 0 {
 		return nil
 	}
-	_, secret, err := httpapi.CreateToken(ctx, g.db, fleet.RoleAdmin, "", "admin", "system")
+	_, secret, err := httpapi.CreateToken(ctx, g.db, fleet.Token{Role: fleet.RoleAdmin, Name: "admin"}, "system")
 	if err != nil {
 		return fmt.Errorf("create admin token: %w", err)
 	}

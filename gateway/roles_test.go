@@ -99,6 +99,7 @@ func TestRoles(t *testing.T) {
 		t.Fatal(err)
 	}
 	victim, _ := tg.MustToken(t, "platform", "", "victim")
+	scoped, _ := tg.MustToken(t, "platform", "", "scoped") // its sites are changed
 	cmdAt := func(locker string) string {
 		var c fleet.Command
 		if err := tg.Admin.Post(ctx, "/v1/lockers/"+locker+"/commands", map[string]any{"type": "unlock", "compartment": 1}, &c); err != nil {
@@ -450,6 +451,11 @@ func TestRoles(t *testing.T) {
 		{name: "GET /v1/tokens", op: "GET /v1/tokens", req: func(roleEnv) client.Request { return get("/v1/tokens") },
 			want: map[string]int{"admin": ok, "operator": denied, "store": denied, "platform": denied}},
 		{name: "GET /v1/tokens/{id}", op: "GET /v1/tokens/{id}", req: func(roleEnv) client.Request { return get("/v1/tokens/" + victim) },
+			want: map[string]int{"admin": ok, "operator": denied, "store": denied, "platform": denied}},
+		{name: "PATCH /v1/tokens/{id}", op: "PATCH /v1/tokens/{id}",
+			req: func(e roleEnv) client.Request {
+				return client.Request{Method: "PATCH", Path: "/v1/tokens/" + scoped, Body: map[string]any{"sites": []string{e.own}}}
+			},
 			want: map[string]int{"admin": ok, "operator": denied, "store": denied, "platform": denied}},
 		{name: "DELETE /v1/tokens/{id}", op: "DELETE /v1/tokens/{id}",
 			req:  func(roleEnv) client.Request { return client.Request{Method: "DELETE", Path: "/v1/tokens/" + victim} },

@@ -1,8 +1,11 @@
 package gateway_test
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
 	"slices"
@@ -11,7 +14,9 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 )
 
 // TestTokenList: GET /v1/tokens lists every token's record page by page,
@@ -202,5 +207,145 @@ func TestPlatformTokenSharingAName(t *testing.T) {
 	}
 	if _, shares := create("platform", "speedy"); shares {
 		t.Fatal("a speedy token made after every other was revoked said it shares its platform")
+	}
+}
+
+// TestPlatformTokenSites: a platform token made with sites makes pickups
+// and codes there and nowhere else (403 naming what to do); PATCH
+// /v1/tokens/{id} moves it at once, keeping its earlier pickups visible and
+// cancellable but giving them no new code outside its sites; [] gives it
+// every site. Bad sites and tokens are refused with a clear problem, and
+// every change is audited with the sites before and after.
+func TestPlatformTokenSites(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	lockers := map[string]*devicesim.Locker{}
+	for _, site := range []string{"s1", "s2"} {
+		lockers[site] = MustFleet(t, tg, tg.MustSiteAndClaim(t, site, 1), 1, func(o *devicesim.Options) { o.SerialPrefix = site }).Lockers()[0]
+	}
+	Eventually(t, 20*time.Second, "both lockers online", func() error {
+		var l lockerList
+		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
+			return err
+		}
+		if len(l.Items) != 2 {
+			return fmt.Errorf("%d online", len(l.Items))
+		}
+		return nil
+	})
+	storeID, _ := tg.MustToken(t, "store", "s1", "front")
+	gone, _ := tg.MustToken(t, "platform", "", "gone")
+	if _, err := tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + gone}, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	var made struct {
+		fleet.Token
+		Secret string `json:"token"`
+	}
+	if err := tg.Admin.Post(ctx, "/v1/tokens", map[string]any{"role": "platform", "name": "speedy", "sites": []string{"s1", "s1"}}, &made); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(made.Sites, []string{"s1"}) {
+		t.Fatalf("made with sites [s1 s1]: %v, want [s1]", made.Sites)
+	}
+	speedy := client.New("http://"+tg.HTTPAddr(), made.Secret)
+	refused := func(c *client.Client, req client.Request, status int, says string) {
+		t.Helper()
+		got, err := c.Do(ctx, req, nil)
+		var pe *client.Error
+		if got != status || !errors.As(err, &pe) || !strings.Contains(pe.Detail, says) {
+			t.Errorf("%s %s %v: %d %v, want %d saying %q", req.Method, req.Path, req.Body, got, err, status, says)
+		}
+	}
+	pickupAt := func(site, ref string) client.Request {
+		return client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{"site": site, "order_ref": ref, "size": "S", "zone": "ambient"}}
+	}
+	create := func(site, ref string) pickup.Pickup {
+		t.Helper()
+		var p pickup.Pickup
+		if _, err := speedy.Do(ctx, pickupAt(site, ref), &p); err != nil {
+			t.Fatalf("speedy's pickup %s at %s: %v", ref, site, err)
+		}
+		return p
+	}
+	codes := func(p pickup.Pickup) client.Request {
+		return client.Request{Method: "POST", Path: "/v1/credentials", Body: map[string]any{"pickups": []string{p.ID}}}
+	}
+	patch := func(id string, body any) client.Request {
+		return client.Request{Method: "PATCH", Path: "/v1/tokens/" + id, Body: body}
+	}
+
+	at1 := create("s1", "A-1")
+	(&pickupEnv{tg: tg, platform: speedy}).stage(t, lockers["s1"], at1) // ready: codes may be made for it
+	refused(speedy, pickupAt("s2", "A-2"), 403, "makes pickups at s1 only, not at s2 (an admin may add the site: PATCH /v1/tokens/"+made.ID)
+	if _, err := speedy.Do(ctx, codes(at1), nil); err != nil {
+		t.Fatalf("a code for speedy's own pickup at its site: %v", err)
+	}
+
+	var now fleet.Token
+	if _, err := tg.Admin.Do(ctx, patch(made.ID, map[string]any{"sites": []string{"s2"}}), &now); err != nil || !slices.Equal(now.Sites, []string{"s2"}) {
+		t.Fatalf("PATCH sites [s2]: %+v, %v", now, err)
+	}
+	create("s2", "A-3") // at once: the instance forgets its cached tokens
+	refused(speedy, pickupAt("s1", "A-4"), 403, "makes pickups at s2 only, not at s1")
+	refused(speedy, codes(at1), 403, "another site's or platform's")
+	var seen pickup.Pickup
+	if err := speedy.Get(ctx, "/v1/pickups/"+at1.ID, nil, &seen); err != nil || seen.ID != at1.ID {
+		t.Fatalf("speedy's pickup at the site it left: %v (want it still visible)", err)
+	}
+	if err := speedy.Post(ctx, "/v1/pickups/"+at1.ID+"/cancel", nil, nil); err != nil {
+		t.Fatalf("cancel speedy's pickup at the site it left: %v", err)
+	}
+
+	now = fleet.Token{}
+	if _, err := tg.Admin.Do(ctx, patch(made.ID, map[string]any{"sites": []string{}}), &now); err != nil || now.ID != made.ID || now.Sites != nil {
+		t.Fatalf("PATCH sites []: %+v, %v", now, err)
+	}
+	create("s1", "A-5")
+
+	tooMany := make([]string, fleet.MaxTokenSites+1)
+	for i := range tooMany {
+		tooMany[i] = fmt.Sprintf("s%d", i)
+	}
+	tokens := client.Request{Method: "POST", Path: "/v1/tokens"}
+	with := func(r client.Request, body any) client.Request { r.Body = body; return r }
+	for _, c := range []struct {
+		req    client.Request
+		status int
+		says   string
+	}{
+		{with(tokens, map[string]any{"role": "store", "site": "s1", "name": "x", "sites": []string{"s1"}}), 400, "only a platform token has sites"},
+		{with(tokens, map[string]any{"role": "platform", "name": "x", "sites": []string{"s1", "nowhere"}}), 404, "site nowhere"},
+		{with(tokens, map[string]any{"role": "platform", "name": "x", "sites": []string{"a b"}}), 400, `"a b" is not a site id`},
+		{with(tokens, map[string]any{"role": "platform", "name": "x", "sites": tooMany}), 400, "over the limit of 1000"},
+		{with(tokens, map[string]any{"role": "platform", "name": "x", "sites": "s1"}), 400, `"sites"`},
+		{patch(made.ID, map[string]any{}), 400, `nothing to change: give "sites"`},
+		{patch(made.ID, map[string]any{"sites": nil}), 400, `nothing to change`},
+		{patch(made.ID, map[string]any{"sites": []string{"nowhere"}}), 404, "site nowhere"},
+		{patch(storeID, map[string]any{"sites": []string{"s1"}}), 400, "only platform tokens have sites"},
+		{patch(gone, map[string]any{"sites": []string{"s1"}}), 409, "revoked (make a new one)"},
+		{patch("tk-none", map[string]any{"sites": []string{"s1"}}), 404, "token tk-none"},
+	} {
+		refused(tg.Admin, c.req, c.status, c.says)
+	}
+	var tok fleet.Token
+	if err := tg.Admin.Get(ctx, "/v1/tokens/"+made.ID, nil, &tok); err != nil || tok.Sites != nil {
+		t.Fatalf("after the refused changes: %+v, %v; want every site", tok, err)
+	}
+
+	var audit struct{ Items []fleet.AuditEntry }
+	if err := tg.Admin.Get(ctx, "/v1/audit", url.Values{"actor": {"admin:admin"}}, &audit); err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(audit.Items, func(a, b fleet.AuditEntry) int { return cmp.Compare(a.ID, b.ID) })
+	var trail []string
+	for _, e := range audit.Items {
+		if e.Detail["token"] == made.ID {
+			trail = append(trail, fmt.Sprintf("%s %v %v", e.Action, e.Detail["sites_before"], e.Detail["sites"]))
+		}
+	}
+	if want := []string{"token.create <nil> [s1]", "token.update [s1] [s2]", "token.update [s2] []"}; !slices.Equal(trail, want) {
+		t.Errorf("the token's audit trail:\n%s\nwant\n%s", strings.Join(trail, "\n"), strings.Join(want, "\n"))
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -385,9 +386,24 @@ func (s *Server) getCommand(w http.ResponseWriter, r *http.Request) error {
 }
 
 type tokenIn struct {
-	Role string `json:"role"`
-	Site string `json:"site"`
-	Name string `json:"name"`
+	Role  string   `json:"role"`
+	Site  string   `json:"site"`
+	Name  string   `json:"name"`
+	Sites []string `json:"sites"`
+}
+
+// tokenSites checks a platform token's sites and returns them sorted,
+// without repeats.
+func tokenSites(sites []string) ([]string, error) {
+	if len(sites) > fleet.MaxTokenSites {
+		return nil, badRequest("sites: %d of them, over the limit of %d (a platform at more sites may be given every site: leave sites out)", len(sites), fleet.MaxTokenSites)
+	}
+	for _, site := range sites {
+		if !protocol.ValidID(site) {
+			return nil, badRequest("sites: %q is not a site id (1-64 of [A-Za-z0-9._:-])", site)
+		}
+	}
+	return slices.Compact(slices.Sorted(slices.Values(sites))), nil
 }
 
 type tokenOut struct {
@@ -410,6 +426,13 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 	if (in.Role == fleet.RoleStore) != (in.Site != "") {
 		return badRequest("a store token needs a site, and only a store token has one")
 	}
+	if len(in.Sites) > 0 && in.Role != fleet.RolePlatform {
+		return badRequest("only a platform token has sites (a store token has one site: site)")
+	}
+	sites, err := tokenSites(in.Sites)
+	if err != nil {
+		return err
+	}
 	if !fleet.ValidName(in.Name) {
 		return badRequest("name must be 1-64 bytes of text, no control characters or spaces at either end (platform tokens: the platform's name)")
 	}
@@ -418,12 +441,11 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request) error {
 		// A platform is its tokens' name: a second live one sees the
 		// first's pickups and codes. Right for a rotation, a leak for a
 		// typo of another platform's name, so the answer says so.
-		var err error
 		if shares, err = s.platformExists(r.Context(), in.Name); err != nil {
 			return err
 		}
 	}
-	t, secret, err := CreateToken(r.Context(), s.store, in.Role, in.Site, in.Name, principal(r).Actor())
+	t, secret, err := CreateToken(r.Context(), s.store, fleet.Token{Role: in.Role, Site: in.Site, Name: in.Name, Sites: sites}, principal(r).Actor())
 	if err != nil {
 		return err
 	}
@@ -460,6 +482,47 @@ func (s *Server) getToken(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, t)
 	return nil
+}
+
+type tokenPatch struct {
+	// Sites replaces a platform token's sites; [] gives it every site.
+	Sites *[]string `json:"sites"`
+}
+
+// patchToken changes what a platform token may do at once, without a new
+// secret to hand over: its sites.
+func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
+	var in tokenPatch
+	if err := decode(r, &in); err != nil {
+		return err
+	}
+	if in.Sites == nil {
+		return badRequest(`nothing to change: give "sites" (a platform token's sites; [] for every site)`)
+	}
+	sites, err := tokenSites(*in.Sites)
+	if err != nil {
+		return err
+	}
+	id := r.PathValue("id")
+	was, now, err := s.store.SetTokenSites(r.Context(), id, sites)
+	s.tokens.reset() // in force from now on here; within TokenCacheTTL elsewhere
+	if err != nil {
+		return err
+	}
+	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.update",
+		Detail: map[string]any{"token": id, "name": now.Name, "sites": nonNilSites(now.Sites), "sites_before": nonNilSites(was.Sites)}}); err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, now)
+	return nil
+}
+
+// nonNilSites is sites, or [] (every site) for none, for an audit entry.
+func nonNilSites(sites []string) []string {
+	if sites == nil {
+		return []string{}
+	}
+	return sites
 }
 
 func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {

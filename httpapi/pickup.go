@@ -87,6 +87,10 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("%w: this platform token is %s's: it makes pickups for %s only (recipient.platform %s)",
 				errForbidden, t.Name, t.Name, in.Recipient.Platform)
 		}
+		if !t.PlatformAt(in.Site) {
+			return fmt.Errorf("%w: this platform token makes pickups at %s only, not at %s (an admin may add the site: PATCH /v1/tokens/%s)",
+				errForbidden, strings.Join(t.Sites, ", "), in.Site, t.ID)
+		}
 	}
 	if !protocol.ValidID(in.Site) {
 		return badRequest("site is required: 1-64 of [A-Za-z0-9._:-]")
@@ -228,7 +232,11 @@ func (s *Server) createCredential(w http.ResponseWriter, r *http.Request) error 
 		return err
 	}
 	t := principal(r)
-	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) bool { return mayHoldCode(t, p) })
+	// A platform's own pickups at a site its token no longer lists get no
+	// new code: the sites bound what it may open.
+	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) bool {
+		return mayHoldCode(t, p) && (t.Role != fleet.RolePlatform || t.PlatformAt(p.Site))
+	})
 	if err != nil {
 		return err
 	}

@@ -41,6 +41,7 @@ type Store interface {
 	GetToken(ctx context.Context, id string) (*fleet.Token, error)
 	ListTokens(ctx context.Context, f fleet.TokenFilter) ([]fleet.Token, error)
 	RevokeToken(ctx context.Context, id string) error
+	SetTokenSites(ctx context.Context, id string, sites []string) (was, now *fleet.Token, err error)
 	UpdateLocker(ctx context.Context, id string, disabled, replaceable *bool) (*fleet.Locker, error)
 	ListHealth(ctx context.Context, id string, r fleet.Range) ([]fleet.HealthRecord, error)
 	ListEvents(ctx context.Context, id string, r fleet.Range) ([]fleet.EventRecord, error)
@@ -364,6 +365,7 @@ func (s *Server) table() []route {
 		{"POST", "/v1/tokens", adminOnly, true, s.createToken},
 		{"GET", "/v1/tokens", adminOnly, false, s.listTokens},
 		{"GET", "/v1/tokens/{id}", adminOnly, false, s.getToken},
+		{"PATCH", "/v1/tokens/{id}", adminOnly, false, s.patchToken},
 		{"DELETE", "/v1/tokens/{id}", adminOnly, false, s.revokeToken},
 		{"GET", "/v1/audit", fleetRoles, false, s.listAudit},
 		{"GET", "/v1/alerts", siteRoles, false, s.listAlerts},

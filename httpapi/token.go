@@ -14,16 +14,20 @@ type TokenStore interface {
 	Audit(ctx context.Context, e fleet.AuditEntry) error
 }
 
-// CreateToken mints a token, stores its hash and audits it; the token itself
-// is returned once and never stored.
-func CreateToken(ctx context.Context, st TokenStore, role, site, name, actor string) (*fleet.Token, string, error) {
-	t := &fleet.Token{ID: fleet.NewID("tk"), Role: role, Site: site, Name: name, CreatedBy: actor}
+// CreateToken mints a token with spec's role, site, name and sites, stores
+// its hash and audits it; the token itself is returned once and never
+// stored.
+func CreateToken(ctx context.Context, st TokenStore, spec fleet.Token, actor string) (*fleet.Token, string, error) {
+	t := &fleet.Token{ID: fleet.NewID("tk"), Role: spec.Role, Site: spec.Site, Name: spec.Name, Sites: spec.Sites, CreatedBy: actor}
 	secret := provisioning.NewSecret("lgt_")
 	if err := st.CreateToken(ctx, t, provisioning.HashSecret(secret)); err != nil {
 		return nil, "", err
 	}
-	if err := st.Audit(ctx, fleet.AuditEntry{Actor: actor, Action: "token.create", Site: site,
-		Detail: map[string]any{"token": t.ID, "role": role, "name": name}}); err != nil {
+	detail := map[string]any{"token": t.ID, "role": t.Role, "name": t.Name}
+	if len(t.Sites) > 0 {
+		detail["sites"] = t.Sites
+	}
+	if err := st.Audit(ctx, fleet.AuditEntry{Actor: actor, Action: "token.create", Site: t.Site, Detail: detail}); err != nil {
 		return nil, "", err
 	}
 	return t, secret, nil

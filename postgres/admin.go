@@ -104,21 +104,80 @@ func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) erro
 	if t.Site != "" {
 		site = &t.Site
 	}
-	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by) VALUES ($1, $2, $3, $4, $5, $6)
-		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy).Scan(&t.CreatedAt)
+	if err := db.sitesExist(ctx, t.Sites); err != nil {
+		return err
+	}
+	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by, sites) VALUES ($1, $2, $3, $4, $5, $6, $7)
+		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy, nonNil(t.Sites)).Scan(&t.CreatedAt)
 	if isFKViolation(err) {
 		return fmt.Errorf("site %s: %w", t.Site, fleet.ErrNotFound)
 	}
 	return err
 }
 
+// sitesExist returns fleet.ErrNotFound naming the first of sites that is
+// not a site. Sites are never deleted, so a site found stays one.
+func (db *DB) sitesExist(ctx context.Context, sites []string) error {
+	if len(sites) == 0 {
+		return nil
+	}
+	var missing string
+	err := db.pool.QueryRow(ctx, `SELECT s FROM unnest($1::text[]) WITH ORDINALITY AS u (s, n)
+		WHERE NOT EXISTS (SELECT 1 FROM sites WHERE id = u.s) ORDER BY n LIMIT 1`, sites).Scan(&missing)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return fmt.Errorf("site %s (POST /v1/sites makes it): %w", missing, fleet.ErrNotFound)
+}
+
+// nonNil is s, or an empty slice for nil: pgx writes a nil slice as NULL.
+func nonNil(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+// SetTokenSites sets platform token id's sites (empty: every site) and
+// returns the token as it was before and as it is now. An unknown token is
+// fleet.ErrNotFound, a revoked one fleet.ErrConflict, another role's
+// fleet.ErrInvalid.
+func (db *DB) SetTokenSites(ctx context.Context, id string, sites []string) (was, now *fleet.Token, err error) {
+	if err := db.sitesExist(ctx, sites); err != nil {
+		return nil, nil, err
+	}
+	err = pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if was, err = scanToken(tx.QueryRow(ctx, `SELECT `+tokenCols+` FROM tokens WHERE id = $1 FOR UPDATE`, id)); err != nil {
+			if errors.Is(err, fleet.ErrNotFound) {
+				return fmt.Errorf("token %s (GET /v1/tokens lists them): %w", id, err)
+			}
+			return err
+		}
+		switch {
+		case was.RevokedAt != nil:
+			return fmt.Errorf("token %s is revoked (make a new one): %w", id, fleet.ErrConflict)
+		case was.Role != fleet.RolePlatform:
+			return fmt.Errorf("token %s is a %s token: only platform tokens have sites: %w", id, was.Role, fleet.ErrInvalid)
+		}
+		now, err = scanToken(tx.QueryRow(ctx, `UPDATE tokens SET sites = $2 WHERE id = $1 RETURNING `+tokenCols, id, nonNil(sites)))
+		return err
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	return was, now, nil
+}
+
 // tokenCols are the columns scanToken reads.
-const tokenCols = `id, role, site, name, created_at, created_by, revoked_at, last_used_at`
+const tokenCols = `id, role, site, name, created_at, created_by, revoked_at, last_used_at, sites`
 
 func scanToken(row pgx.Row) (*fleet.Token, error) {
 	var t fleet.Token
 	var site *string
-	err := row.Scan(&t.ID, &t.Role, &site, &t.Name, &t.CreatedAt, &t.CreatedBy, &t.RevokedAt, &t.LastUsedAt)
+	err := row.Scan(&t.ID, &t.Role, &site, &t.Name, &t.CreatedAt, &t.CreatedBy, &t.RevokedAt, &t.LastUsedAt, &t.Sites)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -127,6 +186,9 @@ func scanToken(row pgx.Row) (*fleet.Token, error) {
 	}
 	if site != nil {
 		t.Site = *site
+	}
+	if len(t.Sites) == 0 {
+		t.Sites = nil
 	}
 	return &t, nil
 }
@@ -144,7 +206,7 @@ func (db *DB) GetToken(ctx context.Context, id string) (*fleet.Token, error) {
 // ListTokens lists tokens by id after f.After.
 func (db *DB) ListTokens(ctx context.Context, f fleet.TokenFilter) ([]fleet.Token, error) {
 	rows, err := db.pool.Query(ctx, `SELECT `+tokenCols+` FROM tokens
-		WHERE id > $1 AND ($2 = '' OR role = $2) AND ($3 = '' OR site = $3)
+		WHERE id > $1 AND ($2 = '' OR role = $2) AND ($3 = '' OR site = $3 OR $3 = ANY (sites))
 			AND ($4::boolean IS NULL OR (revoked_at IS NOT NULL) = $4) AND ($6 = '' OR name = $6)
 		ORDER BY id LIMIT $5`, f.After, f.Role, f.Site, f.Revoked, limit(f.Limit), f.Name)
 	if err != nil {

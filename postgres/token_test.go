@@ -3,6 +3,8 @@ package postgres_test
 import (
 	"context"
 	"errors"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -102,5 +104,111 @@ func TestCredsVersions(t *testing.T) {
 	}
 	if len(vs) != 2 || vs["lk-2"] != 7 || vs["lk-2"] != r.Creds.Version || vs["lk-1"] == 7 {
 		t.Fatalf("versions %v (Retained: %d), want lk-1's and lk-2's 7 only", vs, r.Creds.Version)
+	}
+}
+
+// TestTokenSites: a platform token is made with sites that exist and gets
+// them back sorted; SetTokenSites replaces them and returns the token before
+// and after; an unknown site, an unknown, revoked or non-platform token are
+// refused with what to do, changing nothing; ListTokens by site finds the
+// platform tokens that list it.
+func TestTokenSites(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	for _, s := range []string{"s1", "s2", "s3"} {
+		if err := db.CreateSite(ctx, &fleet.Site{ID: s, Name: s, Timezone: "UTC"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	create := func(tok *fleet.Token) error { return db.CreateToken(ctx, tok, []byte("hash-"+tok.ID)) }
+	if err := create(&fleet.Token{ID: "tk-p", Role: fleet.RolePlatform, Name: "p", Sites: []string{"s1", "s2"}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tok := range []*fleet.Token{
+		{ID: "tk-any", Role: fleet.RolePlatform, Name: "any"},
+		{ID: "tk-store", Role: fleet.RoleStore, Site: "s1", Name: "front"},
+		{ID: "tk-gone", Role: fleet.RolePlatform, Name: "gone"},
+	} {
+		if err := create(tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := db.RevokeToken(ctx, "tk-gone"); err != nil {
+		t.Fatal(err)
+	}
+	err := create(&fleet.Token{ID: "tk-bad", Role: fleet.RolePlatform, Name: "bad", Sites: []string{"s1", "nowhere", "s2"}})
+	if !errors.Is(err, fleet.ErrNotFound) || !strings.Contains(err.Error(), "site nowhere") {
+		t.Fatalf("a token with an unknown site: %v, want ErrNotFound naming it", err)
+	}
+	if _, err := db.GetToken(ctx, "tk-bad"); !errors.Is(err, fleet.ErrNotFound) {
+		t.Fatalf("the refused token was stored: %v", err)
+	}
+	sitesOf := func(id string) []string {
+		t.Helper()
+		tok, err := db.GetToken(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok.Sites
+	}
+	if got := sitesOf("tk-p"); !slices.Equal(got, []string{"s1", "s2"}) {
+		t.Fatalf("sites = %v, want [s1 s2]", got)
+	}
+	if got := sitesOf("tk-any"); got != nil {
+		t.Fatalf("a token made without sites has %#v, want nil (every site)", got)
+	}
+	listed := func(site string) []string {
+		t.Helper()
+		ts, err := db.ListTokens(ctx, fleet.TokenFilter{Site: site})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ids []string
+		for _, tok := range ts {
+			ids = append(ids, tok.ID)
+		}
+		return ids
+	}
+	if got := listed("s1"); !slices.Equal(got, []string{"tk-p", "tk-store"}) {
+		t.Fatalf("tokens of site s1: %v, want the platform token that lists it and the store's", got)
+	}
+
+	was, now, err := db.SetTokenSites(ctx, "tk-p", []string{"s3"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(was.Sites, []string{"s1", "s2"}) || !slices.Equal(now.Sites, []string{"s3"}) || now.ID != "tk-p" || now.Name != "p" {
+		t.Fatalf("SetTokenSites: was %+v, now %+v", was, now)
+	}
+	if got := listed("s1"); !slices.Equal(got, []string{"tk-store"}) {
+		t.Fatalf("tokens of site s1 after the change: %v, want the store's only", got)
+	}
+	if _, now, err := db.SetTokenSites(ctx, "tk-p", []string{}); err != nil || now.Sites != nil {
+		t.Fatalf("SetTokenSites to every site: %v, %v", now, err)
+	}
+	if got := sitesOf("tk-p"); got != nil {
+		t.Fatalf("sites after []: %v, want none (every site)", got)
+	}
+
+	for _, c := range []struct {
+		id    string
+		sites []string
+		want  error
+		says  string
+	}{
+		{"tk-none", []string{"s1"}, fleet.ErrNotFound, "token tk-none"},
+		{"tk-gone", []string{"s1"}, fleet.ErrConflict, "revoked"},
+		{"tk-store", []string{"s1"}, fleet.ErrInvalid, "only platform tokens"},
+		{"tk-any", []string{"s2", "elsewhere"}, fleet.ErrNotFound, "site elsewhere"},
+	} {
+		if _, _, err := db.SetTokenSites(ctx, c.id, c.sites); !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.says) {
+			t.Errorf("SetTokenSites(%s, %v): %v, want %v saying %q", c.id, c.sites, err, c.want, c.says)
+		}
+	}
+	if got := sitesOf("tk-any"); got != nil {
+		t.Fatalf("a refused change was stored: %v", got)
+	}
+	if n := countOf(t, db, `SELECT count(*) FROM tokens WHERE sites <> '{}'`); n != 0 {
+		t.Fatalf("tokens with sites: %d, want none", n)
 	}
 }

@@ -42,7 +42,8 @@ commands:
   sites list | sites create ID [--name N] [--timezone TZ]
   claims list [--site S] | claims create --site S [--uses N] [--expires-in 24h] [--serials GLOBS] | claims revoke ID
   tokens list [--role R] [--site S] [--name N] [--revoked true|false] | tokens show ID
-  tokens create --role R --name N [--site S] | tokens revoke ID
+  tokens create --role R --name N [--site S] [--sites S1,S2] | tokens revoke ID
+  tokens sites ID S1,S2 | tokens sites ID --all     (a platform token's sites)
   audit [--locker ID] [--actor A] [--since RFC3339]
   alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339] | alerts clear ID
 ` + handoffUsage + firmwareUsage + `
@@ -186,14 +187,17 @@ func (c *cli) dispatch(args []string) error {
 		role := fs.String("role", "", "admin, operator, store, platform or broker")
 		name := fs.String("name", "", "token name (platform tokens: the platform's name)")
 		site := fs.String("site", "", "site (store tokens)")
+		sites := fs.String("sites", "", "comma-separated sites where a platform token may make pickups and codes (default: every site)")
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
 		}
-		return c.create("/v1/tokens", map[string]string{"role": *role, "name": *name, "site": *site})
+		return c.create("/v1/tokens", map[string]any{"role": *role, "name": *name, "site": *site, "sites": splitList(*sites)})
+	case "tokens sites":
+		return c.tokenSites(args)
 	case "tokens list":
 		fs := c.flags("tokens list")
 		role := fs.String("role", "", "only tokens of this role")
-		site := fs.String("site", "", "only store tokens of this site")
+		site := fs.String("site", "", "only store tokens of this site and platform tokens that list it")
 		name := fs.String("name", "", "only tokens of this name (exactly)")
 		revoked := fs.String("revoked", "", "true: only revoked tokens; false: only live ones (default: both)")
 		if err := fs.Parse(args); err != nil {
@@ -411,6 +415,35 @@ func (c *cli) unlock(args []string) error {
 		return fmt.Errorf("unlock %v: status %s", out["id"], s)
 	}
 	return nil
+}
+
+// tokenSites sets a platform token's sites: ID S1,S2, or ID --all for
+// every site.
+func (c *cli) tokenSites(args []string) error {
+	fs := c.flags("tokens sites")
+	all := fs.Bool("all", false, "let the token make pickups and codes at every site")
+	pos, err := positional(fs, args)
+	if err != nil {
+		return err
+	}
+	want := 2 // ID S1,S2
+	if *all {
+		want = 1
+	}
+	if len(pos) != want || pos[0] == "" {
+		return usageError("tokens sites needs ID and a comma-separated list of sites, or ID --all")
+	}
+	sites := []string{} // every site
+	if !*all {
+		if sites = splitList(pos[1]); len(sites) == 0 {
+			return usageError("no site given: name the sites, or --all for every site")
+		}
+	}
+	var out map[string]any
+	if _, err := c.c.Do(c.ctx, client.Request{Method: http.MethodPatch, Path: "/v1/tokens/" + url.PathEscape(pos[0]), Body: map[string]any{"sites": sites}}, &out); err != nil {
+		return err
+	}
+	return c.print(out, nil)
 }
 
 func (c *cli) sitesCreate(args []string) error {

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -55,5 +57,54 @@ func TestTokensListAndShow(t *testing.T) {
 	}
 	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "show"}, &out, &errOut); code != 2 {
 		t.Fatalf("tokens show without an id: exit %d, want 2", code)
+	}
+}
+
+// TestTokenSitesCommands: tokens create --sites sends the list (none when
+// absent), tokens sites sends the new list or [] for --all; a missing id or
+// list exits 2 without a request.
+func TestTokenSitesCommands(t *testing.T) {
+	var bodies []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		bodies = append(bodies, r.Method+" "+r.URL.Path+" "+strings.TrimSpace(string(b)))
+		w.Header().Set("Content-Type", "application/json")
+		if r.Method == http.MethodPost {
+			w.WriteHeader(http.StatusCreated)
+		}
+		w.Write([]byte(`{"id":"tk-1","role":"platform","name":"speedy"}`))
+	}))
+	defer srv.Close()
+	ctl := func(args ...string) int {
+		var out, errOut bytes.Buffer
+		return run(append([]string{"--url", srv.URL, "--token", "tok"}, args...), &out, &errOut)
+	}
+	for _, c := range []struct {
+		args []string
+		code int
+		body string // "": no request
+	}{
+		{[]string{"tokens", "create", "--role", "platform", "--name", "speedy", "--sites", "s1, s2,,"}, 0,
+			`POST /v1/tokens {"name":"speedy","role":"platform","site":"","sites":["s1","s2"]}`},
+		{[]string{"tokens", "create", "--role", "platform", "--name", "speedy"}, 0,
+			`POST /v1/tokens {"name":"speedy","role":"platform","site":"","sites":null}`},
+		{[]string{"tokens", "sites", "tk-1", "s1,s3"}, 0, `PATCH /v1/tokens/tk-1 {"sites":["s1","s3"]}`},
+		{[]string{"tokens", "sites", "tk-1", "--all"}, 0, `PATCH /v1/tokens/tk-1 {"sites":[]}`},
+		{[]string{"tokens", "sites", "tk-1"}, 2, ""},
+		{[]string{"tokens", "sites", "tk-1", ","}, 2, ""},
+		{[]string{"tokens", "sites", "tk-1", "s1", "--all"}, 2, ""},
+		{[]string{"tokens", "sites", "--all"}, 2, ""},
+	} {
+		bodies = nil
+		if code := ctl(c.args...); code != c.code {
+			t.Errorf("lockerctl %s: exit %d, want %d", strings.Join(c.args, " "), code, c.code)
+		}
+		want := []string{}
+		if c.body != "" {
+			want = []string{c.body}
+		}
+		if !slices.Equal(append([]string{}, bodies...), want) {
+			t.Errorf("lockerctl %s sent %q, want %q", strings.Join(c.args, " "), bodies, want)
+		}
 	}
 }

@@ -130,7 +130,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 // start with the run's start time: a restart finds the last run's live
 // pickups under other references.
 func demoOrders(ctx context.Context, g *gateway.Gateway, sim *devicesim.Fleet, o demoOptions, log *slog.Logger) (func(), error) {
-	tok, secret, err := httpapi.CreateToken(ctx, g.DB(), fleet.RolePlatform, "", demoPlatform, "system:demo")
+	tok, secret, err := httpapi.CreateToken(ctx, g.DB(), fleet.Token{Role: fleet.RolePlatform, Name: demoPlatform}, "system:demo")
 	if err != nil {
 		return nil, fmt.Errorf("platform token: %w", err)
 	}
