@@ -580,6 +580,21 @@ func (c *Cluster) removeStaleSocketDir(rec *os.File) {
 	c.logger.Info("removed the socket directory a previous run left behind (it was stopped without a clean shutdown)", "dir", dir)
 }
 
+// RemoveStaleSocketDir removes the socket directory that a run on dataDir
+// recorded and left behind when it was killed, for a caller that deletes a
+// dead run's data directory instead of starting on it again (pgtest's sweep
+// of killed test binaries' clusters). While a run on dataDir holds the
+// record it does nothing; it removes only what a start would.
+func RemoveStaleSocketDir(dataDir string, logger *slog.Logger) {
+	c := &Cluster{dataDir: dataDir, logger: logger}
+	rec := c.lockSocketDirRecord()
+	if rec == nil {
+		return
+	}
+	defer rec.Close()
+	c.removeStaleSocketDir(rec)
+}
+
 // release removes the socket directory and closes the log.
 func (c *Cluster) release() {
 	if c.socketDir != "" {

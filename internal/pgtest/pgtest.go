@@ -135,14 +135,19 @@ func start() (*pgcluster.Cluster, string, error) {
 		DataDir:  filepath.Join(dir, "data"),
 		Fast:     true,
 		Database: "postgres", // tests get their own databases from NewDB
-		// Progress messages would clutter every test binary's output.
-		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:   logger(),
 	})
 	if err != nil {
 		os.RemoveAll(dir)
 		return nil, "", err
 	}
 	return c, dir, nil
+}
+
+// logger logs the cluster's warnings: progress messages would clutter every
+// test binary's output.
+func logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
 // ownerFile, in a cluster's base directory, names the test binary that
@@ -172,8 +177,9 @@ func procStart(pid int) string {
 }
 
 // sweep removes the lgtest* directories under root whose owner is gone,
-// and returns them. One without an owner file (being made, or from an
-// older binary) is left alone.
+// with the socket directory each cluster recorded (outside it, and left
+// behind too), and returns them. One without an owner file (being made, or
+// from an older binary) is left alone.
 func sweep(root string) []string {
 	dirs, _ := filepath.Glob(filepath.Join(root, "lgtest*"))
 	var gone []string
@@ -187,6 +193,7 @@ func sweep(root string) []string {
 		if _, err := fmt.Sscan(string(b), &pid, &started); err != nil || procStart(pid) == started {
 			continue
 		}
+		pgcluster.RemoveStaleSocketDir(filepath.Join(d, "data"), logger())
 		if os.RemoveAll(d) == nil {
 			gone = append(gone, d)
 		}

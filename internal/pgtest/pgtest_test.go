@@ -2,7 +2,9 @@ package pgtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -163,8 +165,9 @@ func TestDBName(t *testing.T) {
 }
 
 // TestSweep: a cluster directory whose owner process is gone (or whose pid
-// now names another process) is removed; one whose owner lives, and one
-// with no owner file yet, are not.
+// now names another process) is removed, with the socket directory its
+// cluster recorded outside it; one whose owner lives, and one with no owner
+// file yet, are not.
 func TestSweep(t *testing.T) {
 	root := t.TempDir()
 	ended := exec.Command("true")
@@ -194,6 +197,18 @@ func TestSweep(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+		// The cluster's socket directory, outside its own (as pgcluster
+		// makes it: "lg" and random), recorded beside its data directory.
+		sock := filepath.Join(root, "lgsock-"+name)
+		if err := os.Mkdir(sock, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(sock, ".s.PGSQL.5432.lock"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, "data.socketdir"), []byte(sock+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	gone := sweep(root)
 	slices.Sort(gone)
@@ -201,8 +216,15 @@ func TestSweep(t *testing.T) {
 		t.Fatalf("swept %v, want %v", gone, want)
 	}
 	for _, name := range []string{"lgtest-live", "lgtest-new"} {
-		if _, err := os.Stat(filepath.Join(root, name, "data")); err != nil {
-			t.Errorf("%s: %v, want it kept", name, err)
+		for _, kept := range []string{filepath.Join(root, name, "data"), filepath.Join(root, "lgsock-"+name)} {
+			if _, err := os.Stat(kept); err != nil {
+				t.Errorf("%s: %v, want it kept", kept, err)
+			}
+		}
+	}
+	for _, name := range []string{"lgtest-ended", "lgtest-reused"} {
+		if _, err := os.Stat(filepath.Join(root, "lgsock-"+name)); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the socket directory of %s: %v, want it removed", name, err)
 		}
 	}
 
