@@ -162,8 +162,8 @@ func (db *DB) LeaseDue(ctx context.Context, now time.Time, lease time.Duration, 
 // retry after a commit whose answer was lost) changes nothing: an attempt
 // is known by its delivery and time. The webhook's row is locked first,
 // as DeleteWebhook locks it before the deliveries.
-func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) error {
-	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) (gaveUp int, err error) {
+	err = pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT 1 FROM webhooks w JOIN webhook_deliveries d ON d.webhook_id = w.id
 			WHERE d.seq = $1 FOR NO KEY UPDATE OF w`, seq); err != nil {
 			return err
@@ -211,22 +211,28 @@ func (db *DB) RecordAttempt(ctx context.Context, seq int64, o webhook.Outcome) e
 			// hold. Rows a lease is taking are skipped, in LeaseDue's
 			// order (no deadlock); rows already waiting as long are not
 			// written again.
-			_, err = tx.Exec(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1,
+			err = tx.QueryRow(ctx, `WITH h AS (UPDATE webhooks SET failing = failing + 1,
 					held_until = greatest(held_until, $2::timestamptz +
 						least($4::float8, $3::float8 * power(2, least(failing, 30))) * (0.5 + random() / 2) * interval '1 second')
-					WHERE id = $1 RETURNING held_until)
-				UPDATE webhook_deliveries d SET
+					WHERE id = $1 RETURNING held_until),
+				u AS (UPDATE webhook_deliveries d SET
 					state = CASE WHEN d.created_at < $5 THEN 'failed' ELSE d.state END,
 					last_error = CASE WHEN d.created_at < $5 THEN $6 ELSE d.last_error END,
 					next_attempt = CASE WHEN d.created_at < $5 THEN d.next_attempt ELSE greatest(d.next_attempt, h.held_until) END
 				FROM h WHERE d.seq IN (SELECT s.seq FROM webhook_deliveries s, h WHERE s.webhook_id = $1 AND s.state = 'pending'
 					AND s.leased_until < $2 AND (s.created_at < $5 OR s.next_attempt < h.held_until)
-					ORDER BY s.seq FOR NO KEY UPDATE OF s SKIP LOCKED)`,
+					ORDER BY s.seq FOR NO KEY UPDATE OF s SKIP LOCKED)
+				RETURNING d.state)
+				SELECT count(*) FILTER (WHERE state = 'failed') FROM u`,
 				webhookID, o.At, o.Hold.Base.Seconds(), o.Hold.Max.Seconds(), nullTime(o.Hold.GiveUpBefore),
-				"given up: the receiver was unreachable until its time ran out ("+o.Error+")")
+				"given up: the receiver was unreachable until its time ran out ("+o.Error+")").Scan(&gaveUp)
 		}
 		return err
 	})
+	if err != nil {
+		return 0, err
+	}
+	return gaveUp, nil
 }
 
 func nullTime(t time.Time) *time.Time {

@@ -91,11 +91,11 @@ func TestWebhookLeases(t *testing.T) {
 	ok, failed := 200, 500
 	// Recorded twice (a retry after a commit whose answer was lost): one attempt.
 	for range 2 {
-		if err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
+		if _, err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now.Add(time.Second), Status: &failed, Error: "receiver answered 500",
+	if _, err := db.RecordAttempt(ctx, seq, webhook.Outcome{At: now.Add(time.Second), Status: &failed, Error: "receiver answered 500",
 		Next: now.Add(time.Minute)}); err != nil {
 		t.Fatal(err)
 	}

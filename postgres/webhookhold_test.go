@@ -197,11 +197,21 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	hold := func(base time.Duration, giveUpBefore time.Time) *webhook.Hold {
 		return &webhook.Hold{Base: base, Max: 4 * time.Hour, GiveUpBefore: giveUpBefore}
 	}
-	unavailable := 503
-	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now, Status: &unavailable, Error: "receiver answered 503",
-		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
-		t.Fatal(err)
+	// record records o for the delivery of event and wants wantGaveUp of
+	// the webhook's other deliveries given up by it.
+	record := func(event string, o webhook.Outcome, wantGaveUp int) {
+		t.Helper()
+		gaveUp, err := db.RecordAttempt(ctx, seqs[event], o)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gaveUp != wantGaveUp {
+			t.Fatalf("recording %s's attempt gave up %d other deliveries, want %d", event, gaveUp, wantGaveUp)
+		}
 	}
+	unavailable := 503
+	record("tried", webhook.Outcome{At: now, Status: &unavailable, Error: "receiver answered 503",
+		Hold: hold(time.Hour, now.Add(-25*time.Hour))}, 1) // "old"; "tried" gives up itself
 	want := map[string]string{"tried": "failed", "old": "failed", "old-leased": "pending", "young": "pending", "young-2": "pending", "young-3": "pending"}
 	if got := states(); !maps.Equal(got, want) {
 		t.Fatalf("states %v, want %v", got, want)
@@ -229,18 +239,13 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		t.Fatalf("%d of the 3 young deliveries wait until the hold's end, want all", n)
 	}
 	// The settled delivery's outcome again, as a copy finishing late.
-	if err := db.RecordAttempt(ctx, seqs["tried"], webhook.Outcome{At: now.Add(time.Second), Error: "timeout",
-		Hold: hold(time.Hour, now.Add(-time.Minute))}); err != nil {
-		t.Fatal(err)
-	}
+	record("tried", webhook.Outcome{At: now.Add(time.Second), Error: "timeout", Hold: hold(time.Hour, now.Add(-time.Minute))}, 0)
 	if failing, _ := held(); failing != 1 || states()["young"] != "pending" {
 		t.Fatalf("a settled delivery's late outcome counted (failing %d) or gave up the young one (%s)", failing, states()["young"])
 	}
 	// A second failure in a row: twice as long (from the same time here).
-	if err := db.RecordAttempt(ctx, seqs["old-leased"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Hour),
-		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
-		t.Fatal(err)
-	}
+	record("old-leased", webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Hour),
+		Hold: hold(time.Hour, now.Add(-25*time.Hour))}, 1) // itself: asked to retry, out of time for the hold
 	failing, until = held()
 	if failing != 2 {
 		t.Fatalf("failing %d after two failures, want 2", failing)
@@ -250,9 +255,7 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		t.Fatalf("old-leased, tried once its lease was over and out of time: %s, want failed", s)
 	}
 	ok := 200
-	if err := db.RecordAttempt(ctx, seqs["young"], webhook.Outcome{At: now, Status: &ok, Delivered: true}); err != nil {
-		t.Fatal(err)
-	}
+	record("young", webhook.Outcome{At: now, Status: &ok, Delivered: true}, 0)
 	if failing, until := held(); failing != 0 || until != 0 {
 		t.Fatalf("after an answered attempt: failing %d, held %v; want 0, not held", failing, until)
 	}
@@ -264,20 +267,14 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 	}
 	// A failure recorded after that success (its attempt started before
 	// it) counts from the success's 0: a short hold, not the outage's.
-	if err := db.RecordAttempt(ctx, seqs["young-2"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute),
-		Hold: hold(time.Hour, now.Add(-25*time.Hour))}); err != nil {
-		t.Fatal(err)
-	}
+	record("young-2", webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute), Hold: hold(time.Hour, now.Add(-25*time.Hour))}, 0)
 	failing, until = held()
 	if failing != 1 {
 		t.Fatalf("failing %d after a success and a failure, want 1", failing)
 	}
 	within("a failure after a success", until, 30*time.Minute, time.Hour)
 	// A shorter hold does not shorten the one set.
-	if err := db.RecordAttempt(ctx, seqs["young-3"], webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute),
-		Hold: hold(time.Millisecond, now.Add(-25*time.Hour))}); err != nil {
-		t.Fatal(err)
-	}
+	record("young-3", webhook.Outcome{At: now, Error: "timeout", Next: now.Add(time.Minute), Hold: hold(time.Millisecond, now.Add(-25*time.Hour))}, 0)
 	if _, after := held(); after != until {
 		t.Fatalf("held %v past the attempt after a shorter hold, want %v as before", after, until)
 	}

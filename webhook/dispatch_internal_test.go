@@ -32,6 +32,7 @@ type memStore struct {
 	ds     []Delivery
 	leased map[int64]time.Time
 	tried  map[int64][]Outcome // by delivery, when non-nil
+	gaveUp int                 // what RecordAttempt says a hold gave up
 }
 
 func (s *memStore) GetWebhook(_ context.Context, id string) (*Webhook, []byte, error) {
@@ -71,7 +72,7 @@ func (s *memStore) LeaseDue(_ context.Context, now time.Time, lease time.Duratio
 	return out, nil
 }
 
-func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) error {
+func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.tried != nil {
@@ -82,7 +83,7 @@ func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) error 
 			s.ds[i].State = "delivered"
 		}
 	}
-	return nil
+	return s.gaveUp, nil
 }
 
 func (s *memStore) Backlog(context.Context, time.Time) (Backlog, error) { return Backlog{}, nil }
@@ -113,6 +114,25 @@ func hangingReceiver(t *testing.T) (*httptest.Server, *atomic.Int32) {
 	return srv, hanging
 }
 
+// testSealer is a master key and a sealer of webhook secrets with it.
+func testSealer(t *testing.T) ([]byte, *sealer) {
+	key := bytes.Repeat([]byte{1}, 32)
+	seal, err := newSealer(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key, seal
+}
+
+// downReceiver is a receiver that answers every request 503.
+func downReceiver(t *testing.T) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
 // runDispatcher runs a dispatcher of st's deliveries (4 workers, a
 // minute's timeout, rounds only when woken) until the returned stop.
 func runDispatcher(t *testing.T, st Store, key []byte) (stop func()) {
@@ -138,11 +158,7 @@ func TestHangingReceiverHoldsUpOnlyItself(t *testing.T) {
 	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	defer ok.Close()
 
-	key := bytes.Repeat([]byte{1}, 32)
-	seal, err := newSealer(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, seal := testSealer(t)
 	st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}, leased: map[int64]time.Time{}}
 	for id, url := range map[string]string{"wh-hang-1": hang.URL, "wh-hang-2": hang.URL, "wh-hang-3": hang.URL, "wh-ok": ok.URL} {
 		token := "t-hang"
@@ -215,20 +231,44 @@ func TestDroppedWhenWebhookGone(t *testing.T) {
 	}
 }
 
+// TestHoldGiveUpsCounted: deliveries a hold gives up (out of time while
+// their receiver was unreachable) are counted as given_up, as an attempt
+// that gives up is, so the alert on give-ups sees them.
+func TestHoldGiveUpsCounted(t *testing.T) {
+	down := downReceiver(t)
+	key, seal := testSealer(t)
+	st := &memStore{hooks: map[string]*Webhook{"wh-down": {ID: "wh-down", URL: down.URL, TokenID: "t-1"}},
+		enc: map[string][]byte{"wh-down": seal.seal("whsec_x", "wh-down")}, leased: map[int64]time.Time{},
+		tried: map[int64][]Outcome{}, gaveUp: 3}
+	now := time.Now()
+	dl := Delivery{Seq: 1, WebhookID: "wh-down", EventID: "ev", Subject: "p-1", Body: []byte(`{}`),
+		State: "pending", NextAttempt: now, CreatedAt: now}
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, Client: down.Client()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.deliver(context.Background(), &dl)
+	if got := st.tried[1]; len(got) != 1 || got[0].Hold == nil || got[0].Next.IsZero() {
+		t.Fatalf("recorded %+v, want one attempt that holds its webhook and is tried again", got)
+	}
+	for outcome, want := range map[string]float64{"given_up": 3, "retry": 1} {
+		var m dto.Metric
+		if err := d.m.deliveries.WithLabelValues(outcome).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		if n := m.GetCounter().GetValue(); n != want {
+			t.Errorf("%s counted %v times, want %v", outcome, n, want)
+		}
+	}
+}
+
 // TestStopHoldsNothing: a request a stop cancels is recorded as a failed
 // attempt, to be tried again, but does not hold its webhook: the receiver
 // was not found unreachable. One that fails on its own does.
 func TestStopHoldsNothing(t *testing.T) {
 	hang, hanging := hangingReceiver(t)
-	down := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.WriteHeader(http.StatusServiceUnavailable)
-	}))
-	defer down.Close()
-	key := bytes.Repeat([]byte{1}, 32)
-	seal, err := newSealer(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	down := downReceiver(t)
+	key, seal := testSealer(t)
 	st := &memStore{hooks: map[string]*Webhook{}, enc: map[string][]byte{}, leased: map[int64]time.Time{},
 		tried: map[int64][]Outcome{}}
 	now := time.Now()
@@ -333,9 +373,9 @@ type failingRecordStore struct {
 	fails atomic.Int32
 }
 
-func (s *failingRecordStore) RecordAttempt(ctx context.Context, seq int64, o Outcome) error {
+func (s *failingRecordStore) RecordAttempt(ctx context.Context, seq int64, o Outcome) (int, error) {
 	if s.fails.Add(-1) >= 0 {
-		return errors.New("conn closed")
+		return 0, errors.New("conn closed")
 	}
 	return s.memStore.RecordAttempt(ctx, seq, o)
 }
@@ -347,11 +387,7 @@ func (s *failingRecordStore) RecordAttempt(ctx context.Context, seq int64, o Out
 func TestAttemptRecordedThroughADatabaseBlip(t *testing.T) {
 	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
 	defer ok.Close()
-	key := bytes.Repeat([]byte{1}, 32)
-	seal, err := newSealer(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, seal := testSealer(t)
 	now := time.Now()
 	mem := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: ok.URL}}, enc: map[string][]byte{"wh-1": seal.seal("whsec_x", "wh-1")},
 		leased: map[int64]time.Time{}, tried: map[int64][]Outcome{},
@@ -378,11 +414,7 @@ func TestAttemptRecordedThroughADatabaseBlip(t *testing.T) {
 func TestRetryWaitsFromTheAttemptsEnd(t *testing.T) {
 	fail := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusInternalServerError) }))
 	defer fail.Close()
-	key := bytes.Repeat([]byte{1}, 32)
-	seal, err := newSealer(key)
-	if err != nil {
-		t.Fatal(err)
-	}
+	key, seal := testSealer(t)
 	t0 := time.Now()
 	mem := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: fail.URL}}, enc: map[string][]byte{"wh-1": seal.seal("whsec_x", "wh-1")},
 		leased: map[int64]time.Time{}, tried: map[int64][]Outcome{},

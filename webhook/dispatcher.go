@@ -292,8 +292,15 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 		// recordFor (well inside the lease), once when stopping.
 		backoff, deadline := 100*time.Millisecond, time.Now().Add(recordFor)
 		for {
-			err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o)
+			gaveUp, err := d.o.Store.RecordAttempt(context.WithoutCancel(ctx), dl.Seq, o)
 			if err == nil {
+				if gaveUp > 0 {
+					// Counted and told as the attempts that give up are:
+					// the same alert covers them.
+					d.m.deliveries.WithLabelValues("given_up").Add(float64(gaveUp))
+					d.log.Error("webhook deliveries given up: their receiver was unreachable until their time ran out",
+						"webhook", dl.WebhookID, "deliveries", gaveUp, "last_error", o.Error)
+				}
 				return
 			}
 			if ctx.Err() != nil || time.Now().Add(backoff).After(deadline) {
@@ -443,7 +450,7 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "lockergate_webhook_deliveries_total", Help: "Webhook delivery attempts, by outcome (delivered, retry, given_up, dropped).",
+			Name: "lockergate_webhook_deliveries_total", Help: "Webhook delivery attempts, by outcome (delivered, retry, given_up, dropped); given_up also counts a held webhook's deliveries given up when their time ran out.",
 		}, []string{"outcome"}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "lockergate_webhook_delivery_duration_seconds", Help: "Duration of webhook delivery attempts.",

@@ -123,8 +123,9 @@ type Store interface {
 	LeaseDue(ctx context.Context, now time.Time, lease time.Duration, n, perToken int, busy []string) ([]Delivery, error)
 	// RecordAttempt records an attempt at a delivery and, if the delivery
 	// is still pending (a copy sent under an expired lease may finish
-	// after another), its new state.
-	RecordAttempt(ctx context.Context, seq int64, o Outcome) error
+	// after another), its new state. It returns how many of the webhook's
+	// other deliveries a hold (o.Hold) gave up: those out of time.
+	RecordAttempt(ctx context.Context, seq int64, o Outcome) (gaveUp int, err error)
 	ListDeliveries(ctx context.Context, webhookID string, after int64, limit int) ([]Delivery, error)
 	// Backlog counts pending deliveries and the age of the oldest, and
 	// the webhooks held at now (Outcome.Hold).
