@@ -395,15 +395,16 @@ type tokenIn struct {
 // tokenSites checks a platform token's sites and returns them sorted,
 // without repeats.
 func tokenSites(sites []string) ([]string, error) {
-	if len(sites) > fleet.MaxTokenSites {
-		return nil, badRequest("sites: %d of them, over the limit of %d (a platform at more sites may be given every site: leave sites out)", len(sites), fleet.MaxTokenSites)
-	}
 	for _, site := range sites {
 		if !protocol.ValidID(site) {
 			return nil, badRequest("sites: %q is not a site id (1-64 of [A-Za-z0-9._:-])", site)
 		}
 	}
-	return slices.Compact(slices.Sorted(slices.Values(sites))), nil
+	sites = slices.Compact(slices.Sorted(slices.Values(sites)))
+	if len(sites) > fleet.MaxTokenSites {
+		return nil, badRequest("sites: %d of them, over the limit of %d (a platform at more sites may be given every site: leave sites out)", len(sites), fleet.MaxTokenSites)
+	}
+	return sites, nil
 }
 
 type tokenOut struct {
@@ -505,7 +506,7 @@ func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
 	}
 	id := r.PathValue("id")
 	was, now, err := s.store.SetTokenSites(r.Context(), id, sites)
-	s.tokens.reset() // in force from now on here; within TokenCacheTTL elsewhere
+	s.tokens.reset() // in force from now on here (a lookup that read the row before is not cached); within TokenCacheTTL elsewhere
 	if err != nil {
 		return err
 	}

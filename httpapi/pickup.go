@@ -87,16 +87,15 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 			return fmt.Errorf("%w: this platform token is %s's: it makes pickups for %s only (recipient.platform %s)",
 				errForbidden, t.Name, t.Name, in.Recipient.Platform)
 		}
-		if !t.PlatformAt(in.Site) {
-			return fmt.Errorf("%w: this platform token makes pickups at %s only, not at %s (an admin may add the site: PATCH /v1/tokens/%s)",
-				errForbidden, strings.Join(t.Sites, ", "), in.Site, t.ID)
-		}
 	}
 	if !protocol.ValidID(in.Site) {
 		return badRequest("site is required: 1-64 of [A-Za-z0-9._:-]")
 	}
 	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
-		return err
+		return fmt.Errorf("site %s (GET /v1/sites lists them): %w", in.Site, err)
+	}
+	if t.Role == fleet.RolePlatform && !t.PlatformAt(in.Site) {
+		return platformElsewhere(t, "pickups", in.Site)
 	}
 	p := &pickup.Pickup{ID: idempotentID(r, "p"), Site: in.Site, OrderRef: in.OrderRef, Size: in.Size, Zone: in.Zone, Recipient: in.Recipient, CreatedBy: t.Actor()}
 	if in.ExpiresAt != nil {
@@ -117,6 +116,17 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	w.Header().Set("Location", "/v1/pickups/"+p.ID)
 	writeJSON(w, http.StatusCreated, p)
 	return nil
+}
+
+// platformElsewhere is the 403 for platform token t making what (pickups,
+// codes) at a site its sites do not list.
+func platformElsewhere(t *fleet.Token, what, site string) error {
+	at := strings.Join(t.Sites, ", ")
+	if len(t.Sites) > 5 {
+		at = fmt.Sprintf("its %d sites", len(t.Sites))
+	}
+	return fmt.Errorf("%w: this platform token makes %s at %s only, not at %s (an admin may add the site: PATCH /v1/tokens/%s)",
+		errForbidden, what, at, site, t.ID)
 }
 
 // platformExists reports whether a platform token that is not revoked has
@@ -232,10 +242,17 @@ func (s *Server) createCredential(w http.ResponseWriter, r *http.Request) error 
 		return err
 	}
 	t := principal(r)
-	// A platform's own pickups at a site its token no longer lists get no
-	// new code: the sites bound what it may open.
-	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) bool {
-		return mayHoldCode(t, p) && (t.Role != fleet.RolePlatform || t.PlatformAt(p.Site))
+	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) error {
+		switch {
+		case !mayHoldCode(t, p):
+			return fmt.Errorf("%w: it is another site's or platform's", errForbidden)
+		case t.Role == fleet.RolePlatform && !t.PlatformAt(p.Site):
+			// Its own pickup (a store there made it for the platform, or
+			// the token's sites changed since): it sees the code, but
+			// makes codes at its sites only.
+			return platformElsewhere(t, "codes", p.Site)
+		}
+		return nil
 	})
 	if err != nil {
 		return err

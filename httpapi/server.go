@@ -247,6 +247,7 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 	if tok, ok := s.tokens.get(hash, s.tokens.ttl); ok {
 		return tok, nil
 	}
+	gen := s.tokens.generation()
 	ctx, cancel := context.WithTimeout(r.Context(), tokenLookupTimeout)
 	defer cancel()
 	var tok *fleet.Token
@@ -260,7 +261,7 @@ func (s *Server) token(r *http.Request, hash []byte) (*fleet.Token, error) {
 	}
 	switch {
 	case err == nil:
-		s.tokens.put(hash, tok)
+		s.tokens.put(hash, tok, gen)
 		s.recordUse(ctx, tok)
 		return tok, nil
 	case errors.Is(err, fleet.ErrNotFound):

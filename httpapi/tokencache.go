@@ -40,6 +40,10 @@ type tokenCache struct {
 
 	mu      sync.Mutex
 	entries map[string]tokenEntry
+	// gen counts resets: a lookup that began before one (and so may have
+	// read a token as it was before a revocation or a change) is not
+	// cached.
+	gen uint64
 }
 
 type tokenEntry struct {
@@ -67,9 +71,22 @@ func (c *tokenCache) get(hash []byte, maxAge time.Duration) (*fleet.Token, bool)
 	return e.tok, true
 }
 
-func (c *tokenCache) put(hash []byte, tok *fleet.Token) {
+// generation is what put needs to know whether a reset came between: read
+// it before looking a token up.
+func (c *tokenCache) generation() uint64 {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.gen
+}
+
+// put caches tok, looked up after generation returned gen, unless a reset
+// came since.
+func (c *tokenCache) put(hash []byte, tok *fleet.Token, gen uint64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if gen != c.gen {
+		return
+	}
 	now := c.now()
 	if len(c.entries) >= maxTokenEntries {
 		for k, e := range c.entries {
@@ -91,9 +108,11 @@ func (c *tokenCache) forget(hash []byte) {
 	c.mu.Unlock()
 }
 
-// reset forgets every token (after a revocation).
+// reset forgets every token (after a revocation or a change), and keeps
+// lookups already under way from caching what they read.
 func (c *tokenCache) reset() {
 	c.mu.Lock()
 	clear(c.entries)
+	c.gen++
 	c.mu.Unlock()
 }

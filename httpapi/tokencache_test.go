@@ -19,7 +19,7 @@ func TestTokenCache(t *testing.T) {
 	if _, ok := c.get([]byte("h1"), c.ttl); ok {
 		t.Fatal("empty cache answered")
 	}
-	c.put([]byte("h1"), tok)
+	c.put([]byte("h1"), tok, c.generation())
 	if got, ok := c.get([]byte("h1"), c.ttl); !ok || got != tok {
 		t.Fatalf("get after put = %v, %v", got, ok)
 	}
@@ -38,14 +38,22 @@ func TestTokenCache(t *testing.T) {
 	if _, ok := c.get([]byte("h1"), tokenStaleMax); ok {
 		t.Fatal("kept after forget (the database no longer has it)")
 	}
-	c.put([]byte("h1"), tok)
+	c.put([]byte("h1"), tok, c.generation())
 	c.reset()
 	if _, ok := c.get([]byte("h1"), tokenStaleMax); ok {
 		t.Fatal("trusted after reset (a revocation)")
 	}
+	// A lookup that began before a reset read the token as it was: not
+	// cached, else a revoked or changed token would be trusted again.
+	gen := c.generation()
+	c.reset()
+	c.put([]byte("h1"), tok, gen)
+	if _, ok := c.get([]byte("h1"), tokenStaleMax); ok {
+		t.Fatal("cached from a lookup that began before a reset")
+	}
 	// Bounded: past maxTokenEntries the cache starts over instead of growing.
 	for i := range maxTokenEntries + 10 {
-		c.put(fmt.Appendf(nil, "k%d", i), tok)
+		c.put(fmt.Appendf(nil, "k%d", i), tok, c.generation())
 	}
 	if n := len(c.entries); n > maxTokenEntries {
 		t.Fatalf("%d entries, want at most %d", n, maxTokenEntries)

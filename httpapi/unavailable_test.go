@@ -62,7 +62,7 @@ func TestUnavailableStoreErrors(t *testing.T) {
 // the client still there is a fault (500).
 func TestRequestCancelledByClient(t *testing.T) {
 	s := New(Options{Store: &downStore{err: fmt.Errorf("list sites: %w", context.Canceled)}, Unavailable: func(error) bool { return true }})
-	s.tokens.put(provisioning.HashSecret("admin"), testTokens["admin"]) // no lookup with a cancelled context
+	s.tokens.put(provisioning.HashSecret("admin"), testTokens["admin"], s.tokens.generation()) // no lookup with a cancelled context
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
 	req := httptest.NewRequest("GET", "/v1/sites", nil).WithContext(ctx)

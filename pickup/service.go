@@ -328,7 +328,9 @@ func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string)
 
 // Combine mints one credential for several ready pickups at one locker (a
 // driver collecting several orders); it replaces their own credentials.
-func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowed func(*Pickup) bool) (*CredentialView, error) {
+// allowed says whether the caller may make a code for a pickup: nil, or
+// why not (wrapping fleet.ErrForbidden).
+func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowed func(*Pickup) error) (*CredentialView, error) {
 	if len(ids) == 0 || len(ids) > 32 {
 		return nil, fmt.Errorf("%w: want 1-32 pickups", fleet.ErrInvalid)
 	}
@@ -348,8 +350,8 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 		if err != nil {
 			return nil, fmt.Errorf("pickup %s: %w", id, err)
 		}
-		if !allowed(p) {
-			return nil, fmt.Errorf("pickup %s is another site's or platform's: %w", id, fleet.ErrForbidden)
+		if err := allowed(p); err != nil {
+			return nil, fmt.Errorf("pickup %s: %w", id, err)
 		}
 		if p.State != Ready {
 			return nil, fmt.Errorf("%w: pickup %s is %s, not ready", fleet.ErrConflict, id, p.State)

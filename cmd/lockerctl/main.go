@@ -191,7 +191,7 @@ func (c *cli) dispatch(args []string) error {
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
 		}
-		return c.create("/v1/tokens", map[string]any{"role": *role, "name": *name, "site": *site, "sites": splitList(*sites)})
+		return c.tokensCreate(map[string]any{"role": *role, "name": *name, "site": *site}, splitList(*sites))
 	case "tokens sites":
 		return c.tokenSites(args)
 	case "tokens list":
@@ -204,7 +204,7 @@ func (c *cli) dispatch(args []string) error {
 			return usageError(err.Error())
 		}
 		return c.list("/v1/tokens", url.Values{"role": {*role}, "site": {*site}, "name": {*name}, "revoked": {*revoked}},
-			[]string{"id", "role", "site", "name", "created_at", "last_used_at", "revoked_at"})
+			[]string{"id", "role", "site", "sites", "name", "created_at", "last_used_at", "revoked_at"})
 	case "tokens show":
 		return c.oneArg(args, func(id string) error { return c.show("/v1/tokens/" + url.PathEscape(id)) })
 	case "tokens revoke":
@@ -413,6 +413,34 @@ func (c *cli) unlock(args []string) error {
 	}
 	if s, _ := out["status"].(string); s != "ok" && !c.json {
 		return fmt.Errorf("unlock %v: status %s", out["id"], s)
+	}
+	return nil
+}
+
+// tokensCreate makes a token; with sites, it checks that the gateway kept
+// them: one older than sites ignores them and makes a token for every site.
+func (c *cli) tokensCreate(body map[string]any, sites []string) error {
+	body["sites"] = sites
+	var out struct {
+		Sites []string `json:"sites"`
+	}
+	var raw json.RawMessage
+	if err := c.c.Post(c.ctx, "/v1/tokens", body, &raw); err != nil {
+		return err
+	}
+	if err := json.Unmarshal(raw, &out); err != nil {
+		return err
+	}
+	var printed map[string]any
+	if err := json.Unmarshal(raw, &printed); err != nil {
+		return err
+	}
+	if err := c.print(printed, nil); err != nil {
+		return err
+	}
+	if want := slices.Compact(slices.Sorted(slices.Values(sites))); !slices.Equal(out.Sites, want) {
+		return fmt.Errorf("the token was made with sites %v, not %v (a gateway older than token sites ignores them: revoke it, upgrade every instance, make it again)",
+			out.Sites, want)
 	}
 	return nil
 }

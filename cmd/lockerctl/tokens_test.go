@@ -61,18 +61,27 @@ func TestTokensListAndShow(t *testing.T) {
 }
 
 // TestTokenSitesCommands: tokens create --sites sends the list (none when
-// absent), tokens sites sends the new list or [] for --all; a missing id or
-// list exits 2 without a request.
+// absent) and fails when the answer lacks it (a gateway older than token
+// sites made a token for every site); tokens sites sends the new list or []
+// for --all; a missing id or list exits 2 without a request.
 func TestTokenSitesCommands(t *testing.T) {
 	var bodies []string
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		bodies = append(bodies, r.Method+" "+r.URL.Path+" "+strings.TrimSpace(string(b)))
+		var in struct {
+			Name  string   `json:"name"`
+			Sites []string `json:"sites"`
+		}
+		json.Unmarshal(b, &in)
+		if in.Name == "old" { // a gateway that does not know sites
+			in.Sites = nil
+		}
 		w.Header().Set("Content-Type", "application/json")
 		if r.Method == http.MethodPost {
 			w.WriteHeader(http.StatusCreated)
 		}
-		w.Write([]byte(`{"id":"tk-1","role":"platform","name":"speedy"}`))
+		json.NewEncoder(w).Encode(map[string]any{"id": "tk-1", "role": "platform", "name": "speedy", "sites": in.Sites})
 	}))
 	defer srv.Close()
 	ctl := func(args ...string) int {
@@ -88,6 +97,8 @@ func TestTokenSitesCommands(t *testing.T) {
 			`POST /v1/tokens {"name":"speedy","role":"platform","site":"","sites":["s1","s2"]}`},
 		{[]string{"tokens", "create", "--role", "platform", "--name", "speedy"}, 0,
 			`POST /v1/tokens {"name":"speedy","role":"platform","site":"","sites":null}`},
+		{[]string{"tokens", "create", "--role", "platform", "--name", "old", "--sites", "s1"}, 1,
+			`POST /v1/tokens {"name":"old","role":"platform","site":"","sites":["s1"]}`},
 		{[]string{"tokens", "sites", "tk-1", "s1,s3"}, 0, `PATCH /v1/tokens/tk-1 {"sites":["s1","s3"]}`},
 		{[]string{"tokens", "sites", "tk-1", "--all"}, 0, `PATCH /v1/tokens/tk-1 {"sites":[]}`},
 		{[]string{"tokens", "sites", "tk-1"}, 2, ""},
