@@ -289,7 +289,7 @@ func TestPlatformTokenSites(t *testing.T) {
 	}
 	create("s2", "A-3") // at once: the instance forgets its cached tokens
 	refused(speedy, pickupAt("s1", "A-4"), 403, "makes pickups at s2 only, not at s1")
-	refused(speedy, pickupAt("nowhere", "A-4"), 404, "nowhere") // what is wrong first
+	refused(speedy, pickupAt("nowhere", "A-4"), 403, "not at nowhere") // not even whether it exists
 	refused(speedy, codes(at1), 403, "makes codes at s2 only, not at s1 (an admin may add the site: PATCH /v1/tokens/"+made.ID)
 	var seen pickup.Pickup
 	if err := speedy.Get(ctx, "/v1/pickups/"+at1.ID, nil, &seen); err != nil || seen.ID != at1.ID || seen.Credential == nil || seen.Credential.Code == "" {
@@ -304,6 +304,7 @@ func TestPlatformTokenSites(t *testing.T) {
 		t.Fatalf("PATCH sites []: %+v, %v", now, err)
 	}
 	create("s1", "A-5")
+	refused(speedy, pickupAt("nowhere", "A-6"), 404, "site nowhere")
 
 	tooMany := make([]string, fleet.MaxTokenSites+1)
 	for i := range tooMany {

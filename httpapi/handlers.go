@@ -505,8 +505,10 @@ func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	id := r.PathValue("id")
-	was, now, err := s.store.SetTokenSites(r.Context(), id, sites)
-	s.tokens.reset() // in force from now on here (a lookup that read the row before is not cached); within TokenCacheTTL elsewhere
+	// Not cut short by a client that gives up: a change whose commit was
+	// sent must be followed by the reset.
+	was, now, err := s.store.SetTokenSites(context.WithoutCancel(r.Context()), id, sites)
+	s.tokensChanged(err) // in force from now on here; within TokenCacheTTL elsewhere
 	if err != nil {
 		return err
 	}
@@ -516,6 +518,18 @@ func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, now)
 	return nil
+}
+
+// tokensChanged forgets every cached token after a token's revocation or
+// change, so that it is in force at once on this instance. A write that
+// failed may still have committed (its answer lost): the cache is then
+// reset again once a lookup that began meanwhile, and read the row as it
+// was, is over.
+func (s *Server) tokensChanged(err error) {
+	s.tokens.reset()
+	if err != nil {
+		time.AfterFunc(tokenLookupTimeout, s.tokens.reset)
+	}
 }
 
 // nonNilSites is sites, or [] (every site) for none, for an audit entry.
@@ -531,8 +545,8 @@ func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {
 	if id == principal(r).ID {
 		return badRequest("a token cannot revoke itself; use another admin token")
 	}
-	err := RevokeToken(r.Context(), s.store, id, principal(r).Actor())
-	s.tokens.reset() // refused from now on here; within TokenCacheTTL elsewhere (a broker token: up to tokenStaleMax where the database does not answer)
+	err := RevokeToken(context.WithoutCancel(r.Context()), s.store, id, principal(r).Actor())
+	s.tokensChanged(err) // refused from now on here; within TokenCacheTTL elsewhere (a broker token: up to tokenStaleMax where the database does not answer)
 	if err != nil {
 		return err
 	}

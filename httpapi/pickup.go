@@ -91,11 +91,13 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	if !protocol.ValidID(in.Site) {
 		return badRequest("site is required: 1-64 of [A-Za-z0-9._:-]")
 	}
-	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
-		return fmt.Errorf("site %s (GET /v1/sites lists them): %w", in.Site, err)
-	}
 	if t.Role == fleet.RolePlatform && !t.PlatformAt(in.Site) {
+		// Before the site is looked up: a token limited to some sites
+		// learns nothing of the others, not even whether they exist.
 		return platformElsewhere(t, "pickups", in.Site)
+	}
+	if _, err := s.store.GetSite(r.Context(), in.Site); err != nil {
+		return fmt.Errorf("site %s: %w", in.Site, err)
 	}
 	p := &pickup.Pickup{ID: idempotentID(r, "p"), Site: in.Site, OrderRef: in.OrderRef, Size: in.Size, Zone: in.Zone, Recipient: in.Recipient, CreatedBy: t.Actor()}
 	if in.ExpiresAt != nil {
