@@ -163,7 +163,7 @@ func Rules() []Rule {
 			Alert: "LockergateWebhooksGivenUp", Severity: "warning", For: "0m",
 			Expr:        `sum by (job) (increase(lockergate_webhook_deliveries_total{outcome="given_up"}[1h])) > 0`,
 			Summary:     "Webhook deliveries were given up",
-			Description: "In the last hour at least one webhook event exhausted its retries and will not be delivered.",
+			Description: "In the last hour at least one webhook event was given up (its 25 hours of retries ran out, also while its webhook was held for an unreachable receiver) and will not be delivered.",
 			Runbook:     "1. Find the receiver: GET /v1/webhooks and GET /v1/webhooks/{id}/deliveries.\n2. The platform must reconcile with GET /v1/pickups for the period.",
 		},
 		{

@@ -53,7 +53,7 @@ func Handoff() *Dashboard {
 						vec("lockergate_compartments_occupied", `site=~"$site"`)+")", "{{site}}"))),
 			}},
 			{Title: "Platform notifications", Panels: []Panel{
-				withMin0(ts("Webhook deliveries by outcome", "Delivery attempts per second: delivered, retry (the receiver failed; tried again later), given_up, dropped (the webhook was deleted or its token revoked).", "ops",
+				withMin0(ts("Webhook deliveries by outcome", "Delivery attempts per second: delivered, retry (the receiver failed; tried again later), given_up (out of time, also a held webhook's waiting deliveries), dropped (the webhook was deleted or its token revoked).", "ops",
 					q("sum by (outcome) ("+rate("lockergate_webhook_deliveries_total", "")+")", "{{outcome}}"))),
 				withMin0(ts("Webhook backlog", "Deliveries waiting, and the age of the oldest undelivered event.", "short",
 					q("max("+vec("lockergate_webhook_backlog", "")+")", "waiting"))),

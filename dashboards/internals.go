@@ -72,7 +72,7 @@ func GatewayInternals() *Dashboard {
 					quantiles("lockergate_command_duration_seconds", "", "type")...)),
 			}},
 			{Title: "Webhooks", Panels: []Panel{
-				withMin0(ts("Deliveries by outcome", "Attempts per second: delivered, retry, given_up, dropped (webhook deleted or token revoked).", "ops",
+				withMin0(ts("Deliveries by outcome", "Attempts per second: delivered, retry, given_up (also a held webhook's deliveries whose time ran out), dropped (webhook deleted or token revoked).", "ops",
 					q("sum by (outcome) ("+rate("lockergate_webhook_deliveries_total", "")+")", "{{outcome}}"))),
 				withMin0(ts("Delivery latency", "Duration of delivery attempts (the receiver's answer time).", "s",
 					quantiles("lockergate_webhook_delivery_duration_seconds", "", "")...)),

@@ -198,7 +198,7 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 		return &webhook.Hold{Base: base, Max: 4 * time.Hour, GiveUpBefore: giveUpBefore}
 	}
 	// record records o for the delivery of event and wants wantGaveUp of
-	// the webhook's other deliveries given up by it.
+	// the webhook's pending deliveries given up by its hold.
 	record := func(event string, o webhook.Outcome, wantGaveUp int) {
 		t.Helper()
 		gaveUp, err := db.RecordAttempt(ctx, seqs[event], o)
@@ -206,7 +206,7 @@ func TestWebhookHoldGivesUpWhatIsOutOfTime(t *testing.T) {
 			t.Fatal(err)
 		}
 		if gaveUp != wantGaveUp {
-			t.Fatalf("recording %s's attempt gave up %d other deliveries, want %d", event, gaveUp, wantGaveUp)
+			t.Fatalf("recording %s's attempt: its hold gave up %d deliveries, want %d", event, gaveUp, wantGaveUp)
 		}
 	}
 	unavailable := 503

@@ -251,15 +251,47 @@ func TestHoldGiveUpsCounted(t *testing.T) {
 	if got := st.tried[1]; len(got) != 1 || got[0].Hold == nil || got[0].Next.IsZero() {
 		t.Fatalf("recorded %+v, want one attempt that holds its webhook and is tried again", got)
 	}
-	for outcome, want := range map[string]float64{"given_up": 3, "retry": 1} {
+	wantDeliveries(t, d, map[string]float64{"given_up": 3, "retry": 1})
+}
+
+// wantDeliveries wants d's deliveries counted by outcome as want says.
+func wantDeliveries(t *testing.T, d *Dispatcher, want map[string]float64) {
+	t.Helper()
+	for outcome, n := range want {
 		var m dto.Metric
 		if err := d.m.deliveries.WithLabelValues(outcome).Write(&m); err != nil {
 			t.Fatal(err)
 		}
-		if n := m.GetCounter().GetValue(); n != want {
-			t.Errorf("%s counted %v times, want %v", outcome, n, want)
+		if got := m.GetCounter().GetValue(); got != n {
+			t.Errorf("%s counted %v times, want %v", outcome, got, n)
 		}
 	}
+}
+
+// TestUnsendableGivenUpCounted: a delivery that cannot be sent (its
+// secret does not open) is tried again while it has time, and given up,
+// counted and logged as such, once it has none: the alert on give-ups
+// sees it.
+func TestUnsendableGivenUpCounted(t *testing.T) {
+	key, _ := testSealer(t)
+	st := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: "http://127.0.0.1:1", TokenID: "t-1"}},
+		enc: map[string][]byte{"wh-1": []byte("not sealed")}, leased: map[int64]time.Time{}, tried: map[int64][]Outcome{}}
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	for seq, age := range map[int64]time.Duration{1: time.Minute, 2: 26 * time.Hour} {
+		d.deliver(context.Background(), &Delivery{Seq: seq, WebhookID: "wh-1", EventID: "ev", Subject: "p-1", Body: []byte(`{}`),
+			State: "pending", NextAttempt: now, CreatedAt: now.Add(-age)})
+	}
+	if got := st.tried[1]; len(got) != 1 || got[0].Next.IsZero() {
+		t.Errorf("the young delivery recorded %+v, want one failed attempt to retry", got)
+	}
+	if got := st.tried[2]; len(got) != 1 || !got[0].Next.IsZero() || !strings.Contains(got[0].Error, "open webhook secret") {
+		t.Errorf("the old delivery recorded %+v, want one last attempt saying why", got)
+	}
+	wantDeliveries(t, d, map[string]float64{"given_up": 1, "retry": 1})
 }
 
 // TestStopHoldsNothing: a request a stop cancels is recorded as a failed

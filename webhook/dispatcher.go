@@ -319,9 +319,14 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	fail := func(what string, err error) {
 		d.log.Error(what, "webhook", dl.WebhookID, "event", dl.EventID, "err", err)
 		o := Outcome{At: d.o.Now(), Error: what + ": " + err.Error()}
+		outcome := "retry"
 		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
 			o.Next = o.At.Add(d.backoff(dl.Attempts + 1))
+		} else {
+			outcome = "given_up"
+			d.log.Error("webhook delivery given up", "webhook", dl.WebhookID, "event", dl.EventID, "attempts", dl.Attempts+1, "last_error", o.Error)
 		}
+		d.m.deliveries.WithLabelValues(outcome).Inc()
 		record(o)
 	}
 	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)

@@ -124,7 +124,10 @@ type Store interface {
 	// RecordAttempt records an attempt at a delivery and, if the delivery
 	// is still pending (a copy sent under an expired lease may finish
 	// after another), its new state. It returns how many of the webhook's
-	// other deliveries a hold (o.Hold) gave up: those out of time.
+	// pending deliveries a hold (o.Hold) gave up, their time being over
+	// (the attempted one too if o asked to retry it past the hold's
+	// GiveUpBefore, which the dispatcher never does); 0 when the attempt
+	// was recorded already.
 	RecordAttempt(ctx context.Context, seq int64, o Outcome) (gaveUp int, err error)
 	ListDeliveries(ctx context.Context, webhookID string, after int64, limit int) ([]Delivery, error)
 	// Backlog counts pending deliveries and the age of the oldest, and
