@@ -581,17 +581,23 @@ func (c *Cluster) removeStaleSocketDir(rec *os.File) {
 }
 
 // RemoveStaleSocketDir removes the socket directory that a run on dataDir
-// recorded and left behind when it was killed, for a caller that deletes a
-// dead run's data directory instead of starting on it again (pgtest's sweep
-// of killed test binaries' clusters). While a run on dataDir holds the
-// record it does nothing; it removes only what a start would.
+// recorded and left behind when it was killed, for a caller that knows the
+// run is over and deletes its data directory instead of starting on it
+// again (pgtest's sweep of killed test binaries' clusters: their servers
+// die with them). It does nothing when there is no record, or while a run
+// holds it (another sweep, or a live run); it removes only what a start
+// would, and says nothing of what it leaves unless it is a directory that
+// is not ours.
 func RemoveStaleSocketDir(dataDir string, logger *slog.Logger) {
 	c := &Cluster{dataDir: dataDir, logger: logger}
-	rec := c.lockSocketDirRecord()
-	if rec == nil {
-		return
+	rec, err := os.OpenFile(c.socketDirRecord(), os.O_RDWR, 0)
+	if err != nil {
+		return // none recorded (a clean stop removes it), or not ours to read
 	}
 	defer rec.Close()
+	if syscall.Flock(int(rec.Fd()), syscall.LOCK_EX|syscall.LOCK_NB) != nil {
+		return
+	}
 	c.removeStaleSocketDir(rec)
 }
 

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -179,11 +180,14 @@ func procStart(pid int) string {
 // sweep removes the lgtest* directories under root whose owner is gone,
 // with the socket directory each cluster recorded (outside it, and left
 // behind too), and returns them. One without an owner file (being made, or
-// from an older binary) is left alone.
+// from an older binary) is left alone, and so is another user's.
 func sweep(root string) []string {
 	dirs, _ := filepath.Glob(filepath.Join(root, "lgtest*"))
 	var gone []string
 	for _, d := range dirs {
+		if fi, err := os.Stat(d); err != nil || !ownedByMe(fi) {
+			continue
+		}
 		b, err := os.ReadFile(filepath.Join(d, ownerFile))
 		if err != nil {
 			continue
@@ -199,6 +203,12 @@ func sweep(root string) []string {
 		}
 	}
 	return gone
+}
+
+// ownedByMe reports whether this process's user owns fi's file.
+func ownedByMe(fi os.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && int(st.Uid) == os.Getuid()
 }
 
 // stop stops the cluster, if it was started, and removes its files.

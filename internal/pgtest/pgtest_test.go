@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -167,7 +168,9 @@ func TestDBName(t *testing.T) {
 // TestSweep: a cluster directory whose owner process is gone (or whose pid
 // now names another process) is removed, with the socket directory its
 // cluster recorded outside it; one whose owner lives, and one with no owner
-// file yet, are not.
+// file yet, are not. A recorded socket directory is kept while another
+// process holds the record (another sweep) or when it holds a file that is
+// not PostgreSQL's.
 func TestSweep(t *testing.T) {
 	root := t.TempDir()
 	ended := exec.Command("true")
@@ -186,6 +189,8 @@ func TestSweep(t *testing.T) {
 		"lgtest-reused": fmt.Sprintf("%d %s", self, "0"),
 		"lgtest-live":   fmt.Sprintf("%d %s", self, procStart(self)),
 		"lgtest-new":    "",
+		"lgtest-held":   fmt.Sprintf("%d %s", ended.Process.Pid, "1"),
+		"lgtest-other":  fmt.Sprintf("%d %s", ended.Process.Pid, "1"),
 	}
 	for name, owner := range owners {
 		dir := filepath.Join(root, name)
@@ -210,10 +215,27 @@ func TestSweep(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if err := os.WriteFile(filepath.Join(root, "lgsock-lgtest-other", "notes.txt"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	held, err := os.Open(filepath.Join(root, "lgtest-held", "data.socketdir"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := syscall.Flock(int(held.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
 	gone := sweep(root)
 	slices.Sort(gone)
-	if want := []string{filepath.Join(root, "lgtest-ended"), filepath.Join(root, "lgtest-reused")}; !slices.Equal(gone, want) {
+	if want := []string{filepath.Join(root, "lgtest-ended"), filepath.Join(root, "lgtest-held"), filepath.Join(root, "lgtest-other"),
+		filepath.Join(root, "lgtest-reused")}; !slices.Equal(gone, want) {
 		t.Fatalf("swept %v, want %v", gone, want)
+	}
+	for _, name := range []string{"lgtest-held", "lgtest-other"} {
+		if _, err := os.Stat(filepath.Join(root, "lgsock-"+name)); err != nil {
+			t.Errorf("the socket directory of %s: %v, want it kept", name, err)
+		}
 	}
 	for _, name := range []string{"lgtest-live", "lgtest-new"} {
 		for _, kept := range []string{filepath.Join(root, name, "data"), filepath.Join(root, "lgsock-"+name)} {
