@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lockergate/lockergate/fleet"
@@ -33,6 +35,9 @@ type memStore struct {
 	leased map[int64]time.Time
 	tried  map[int64][]Outcome // by delivery, when non-nil
 	gaveUp int                 // what RecordAttempt says a hold gave up
+	// backlog is what Backlog answers.
+	backlog    Backlog
+	backlogErr error
 }
 
 func (s *memStore) GetWebhook(_ context.Context, id string) (*Webhook, []byte, error) {
@@ -86,7 +91,11 @@ func (s *memStore) RecordAttempt(_ context.Context, seq int64, o Outcome) (int, 
 	return s.gaveUp, nil
 }
 
-func (s *memStore) Backlog(context.Context, time.Time) (Backlog, error) { return Backlog{}, nil }
+func (s *memStore) Backlog(context.Context, time.Time) (Backlog, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.backlog, s.backlogErr
+}
 
 func (s *memStore) delivered(webhookID string) int {
 	s.mu.Lock()
@@ -265,6 +274,44 @@ func wantDeliveries(t *testing.T, d *Dispatcher, want map[string]float64) {
 		if got := m.GetCounter().GetValue(); got != n {
 			t.Errorf("%s counted %v times, want %v", outcome, got, n)
 		}
+	}
+}
+
+// TestBacklogUnreadLogged: when the store cannot count the backlog, the
+// gauges keep their last values and that is logged, once a minute at most.
+func TestBacklogUnreadLogged(t *testing.T) {
+	key, _ := testSealer(t)
+	st := &memStore{backlog: Backlog{Pending: 7, Oldest: time.Minute, Held: 2}}
+	var logs bytes.Buffer
+	d, err := New(Options{Store: st, MasterKey: key, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logged time.Time
+	gauges := func() (v [3]float64) {
+		for i, g := range []prometheus.Gauge{d.m.backlog, d.m.oldest, d.m.held} {
+			var m dto.Metric
+			if err := g.Write(&m); err != nil {
+				t.Fatal(err)
+			}
+			v[i] = m.GetGauge().GetValue()
+		}
+		return v
+	}
+	d.readBacklog(context.Background(), &logged)
+	if got := gauges(); got != [3]float64{7, 60, 2} {
+		t.Fatalf("gauges %v after a read, want [7 60 2]", got)
+	}
+	st.mu.Lock()
+	st.backlog, st.backlogErr = Backlog{}, errors.New("conn closed")
+	st.mu.Unlock()
+	d.readBacklog(context.Background(), &logged)
+	d.readBacklog(context.Background(), &logged)
+	if got := gauges(); got != [3]float64{7, 60, 2} {
+		t.Errorf("gauges %v after failed reads, want them kept", got)
+	}
+	if n := strings.Count(logs.String(), "webhook backlog not read"); n != 1 {
+		t.Errorf("%d log lines for two failed reads a moment apart, want 1:\n%s", n, logs.String())
 	}
 }
 

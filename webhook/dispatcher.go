@@ -212,6 +212,7 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 	backlog := time.NewTicker(5 * time.Second)
 	defer backlog.Stop()
 	defer d.wg.Wait()
+	var backlogLogged time.Time
 	for {
 		for d.round(ctx) {
 			// Workers free and deliveries leased: more may be due now.
@@ -222,12 +223,24 @@ func (d *Dispatcher) Run(ctx context.Context) error {
 		case <-d.wake:
 		case <-t.C:
 		case <-backlog.C:
-			if b, err := d.o.Store.Backlog(ctx, d.o.Now()); err == nil {
-				d.m.backlog.Set(float64(b.Pending))
-				d.m.oldest.Set(b.Oldest.Seconds())
-				d.m.held.Set(float64(b.Held))
-			}
+			d.readBacklog(ctx, &backlogLogged)
 		}
+	}
+}
+
+// readBacklog sets the backlog gauges. When the store cannot say, they
+// keep their last values, and that is logged at most once a minute
+// (*logged: when it last was).
+func (d *Dispatcher) readBacklog(ctx context.Context, logged *time.Time) {
+	b, err := d.o.Store.Backlog(ctx, d.o.Now())
+	switch {
+	case err == nil:
+		d.m.backlog.Set(float64(b.Pending))
+		d.m.oldest.Set(b.Oldest.Seconds())
+		d.m.held.Set(float64(b.Held))
+	case ctx.Err() == nil && time.Since(*logged) >= time.Minute:
+		*logged = time.Now()
+		d.log.Warn("webhook backlog not read; lockergate_webhook_backlog, lockergate_webhook_oldest_pending_seconds and lockergate_webhooks_held keep their last values", "err", err)
 	}
 }
 
