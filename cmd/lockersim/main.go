@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -414,6 +415,9 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 		if ctx.Err() == nil { // not interrupted by a signal
 			code = 1
 			log.Error("not every locker connected", "err", startErr)
+			if hint := startHint(startErr); hint != "" {
+				log.Error(hint)
+			}
 		}
 	} else {
 		rep.AllConnected = true
@@ -506,10 +510,12 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 	driver := [2]time.Duration{time.Duration(float64(delay[0]) / scale), time.Duration(float64(delay[1]) / scale)}
 	rate := b.OrdersPerHour * float64(len(sites)) / 3600 * scale
 	log.Info("placing orders through the API", "sites", len(sites), "per_hour_per_site", b.OrdersPerHour, "time_scale", o.TimeScale)
+	api, revoke := runPlatform(ctx, client.New(cfg.opts.API, cfg.apiToken), sites, log)
 	done := make(chan orders.Stats, 1)
 	go func() {
-		st, err := orders.Run(ctx, orders.Options{API: client.New(cfg.opts.API, cfg.apiToken), Fleet: fleet, Sites: sites,
-			Platform: "lockersim", Rate: rate, DriverDelay: driver, WrongCode: b.WrongCodeShare, NoShow: b.NoShowShare,
+		defer revoke()
+		st, err := orders.Run(ctx, orders.Options{API: api, Fleet: fleet, Sites: sites,
+			Platform: simPlatform, Rate: rate, DriverDelay: driver, WrongCode: b.WrongCodeShare, NoShow: b.NoShowShare,
 			// A run's own references: a rerun within the hour finds the
 			// last run's live pickups under other ones (else 409s).
 			RefPrefix: fmt.Sprintf("SIM-%d-%s", o.Seed, strconv.FormatInt(time.Now().Unix(), 36)),
@@ -520,6 +526,37 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 		done <- st
 	}()
 	return done
+}
+
+// simPlatform is the delivery platform the simulated orders are for.
+const simPlatform = "lockersim"
+
+// runPlatform makes a platform token named simPlatform for this run's
+// orders, limited to their sites, as a delivery platform's integration
+// holds one (the gateway then knows the orders' platform), and returns a
+// client with it and a func that revokes it. If it cannot (an older
+// gateway, a token that may not make tokens), the orders go through admin,
+// and the gateway logs each as made for a platform it does not know.
+func runPlatform(ctx context.Context, admin *client.Client, sites []string, log *slog.Logger) (*client.Client, func()) {
+	var tok struct {
+		ID    string `json:"id"`
+		Token string `json:"token"`
+	}
+	err := admin.Post(ctx, "/v1/tokens", map[string]any{"role": "platform", "name": simPlatform, "sites": sites}, &tok)
+	if err == nil && (tok.ID == "" || tok.Token == "") {
+		err = errors.New("answer without a token")
+	}
+	if err != nil {
+		log.Warn("orders placed with --token, for platform "+simPlatform+" (no token of that platform could be made: the gateway warns of each order)", "err", err)
+		return admin, func() {}
+	}
+	return client.New(admin.BaseURL, tok.Token), func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if _, err := admin.Do(ctx, client.Request{Method: http.MethodDelete, Path: "/v1/tokens/" + tok.ID}, nil); err != nil {
+			log.Warn("the run's platform token not revoked: revoke it (lockerctl tokens revoke ID)", "id", tok.ID, "err", err)
+		}
+	}
 }
 
 // live prints a one-line summary every interval until ctx ends.
@@ -637,6 +674,29 @@ func restartCommand(command string, stderr io.Writer) func(context.Context, time
 		}
 		return nil
 	}
+}
+
+// startHint says what to do when lockers were refused provisioning because
+// their serials are taken (an earlier run provisioned them and its
+// identities were not kept): "" for other failures.
+func startHint(err error) string {
+	var se *devicesim.StartError
+	if !errors.As(err, &se) {
+		return ""
+	}
+	n := 0
+	for _, e := range se.Failed {
+		var pe *devicesim.ProvisionError
+		if errors.As(e, &pe) && pe.Code == "serial_taken" {
+			n++
+		}
+	}
+	if n == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d lockers' serials were provisioned by an earlier run (serial_taken): run with --identities FILE "+
+		"(the run that provisions them saves their identities there, later runs reuse them), or choose another --serial-prefix, "+
+		"or let the gateway provision them again (lockerctl lockers replaceable ID)", n)
 }
 
 // loadIdentities reads the identities file; a missing file is an empty set.

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -348,5 +350,30 @@ func runScenarioFor(t *testing.T, sc string, ok func(report) bool) {
 	}
 	if !ok(rep) {
 		t.Errorf("report %+v", rep)
+	}
+}
+
+// TestStartHint: a start whose lockers were refused as serial_taken says
+// how to go on (identities, another prefix, re-provisioning); other
+// failures get no hint.
+func TestStartHint(t *testing.T) {
+	taken := &devicesim.StartError{Total: 3, Failed: map[string]error{
+		"SIM-000000": fmt.Errorf("provision: %w", &devicesim.ProvisionError{Code: "serial_taken"}),
+		"SIM-000001": &devicesim.ProvisionError{Code: "serial_taken"},
+		"SIM-000002": errors.New("i/o timeout"),
+	}}
+	hint := startHint(taken)
+	for _, want := range []string{"2 lockers' serials", "--identities FILE", "--serial-prefix", "lockerctl lockers replaceable ID"} {
+		if !strings.Contains(hint, want) {
+			t.Errorf("hint %q lacks %q", hint, want)
+		}
+	}
+	for _, err := range []error{
+		&devicesim.StartError{Total: 1, Failed: map[string]error{"SIM-000000": &devicesim.ProvisionError{Code: "claim_expired"}}},
+		errors.New("context deadline exceeded"),
+	} {
+		if hint := startHint(err); hint != "" {
+			t.Errorf("startHint(%v) = %q, want none", err, hint)
+		}
 	}
 }

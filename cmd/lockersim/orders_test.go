@@ -4,17 +4,21 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim/devicesimtest"
+	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -84,6 +88,25 @@ func TestRunPlacesTheScenarioOrders(t *testing.T) {
 	}
 	if rep.Stats.CodesAccepted == 0 || !strings.Contains(stderr.String(), "orders: created") {
 		t.Errorf("codes accepted %d; report:\n%s", rep.Stats.CodesAccepted, stderr.String())
+	}
+	// The orders came from a platform token of the run's own, limited to
+	// the scenario's sites and revoked at its end.
+	admin := client.New(api, token)
+	var ps struct{ Items []pickup.Pickup }
+	if err := admin.Get(t.Context(), "/v1/pickups", url.Values{"limit": {"1000"}}, &ps); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range ps.Items {
+		if p.CreatedBy != "platform:lockersim" {
+			t.Fatalf("pickup %s created by %q, want platform:lockersim", p.ID, p.CreatedBy)
+		}
+	}
+	var toks struct{ Items []fleet.Token }
+	if err := admin.Get(t.Context(), "/v1/tokens", url.Values{"name": {"lockersim"}}, &toks); err != nil {
+		t.Fatal(err)
+	}
+	if len(toks.Items) != 1 || toks.Items[0].RevokedAt == nil || !slices.Equal(toks.Items[0].Sites, []string{"ord-1", "ord-2"}) {
+		t.Errorf("lockersim's platform tokens: %+v, want one, for the scenario's sites, revoked", toks.Items)
 	}
 }
 
