@@ -110,7 +110,7 @@ func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) erro
 	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by, sites) VALUES ($1, $2, $3, $4, $5, $6, $7)
 		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy, nonNil(t.Sites)).Scan(&t.CreatedAt)
 	if isFKViolation(err) {
-		return fmt.Errorf("site %s: %w", t.Site, fleet.ErrNotFound)
+		return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", t.Site, t.Site, fleet.ErrNotFound)
 	}
 	return err
 }
@@ -130,7 +130,7 @@ func (db *DB) sitesExist(ctx context.Context, sites []string) error {
 	if err != nil {
 		return err
 	}
-	return fmt.Errorf("site %s (POST /v1/sites makes it): %w", missing, fleet.ErrNotFound)
+	return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", missing, missing, fleet.ErrNotFound)
 }
 
 // nonNil is s, or an empty slice for nil: pgx writes a nil slice as NULL.

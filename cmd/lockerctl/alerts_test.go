@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -155,5 +156,41 @@ func TestLockerHistory(t *testing.T) {
 		if code, out := lockerctl(args...); code != 2 {
 			t.Errorf("%q: exit %d, want 2 (usage):\n%s", args, code, out)
 		}
+	}
+}
+
+// TestSinceAsADuration: audit and alerts list take --since as a negative
+// duration, as the locker histories do, and send the time it names; a
+// positive one exits 2 without a request; a time goes as given.
+func TestSinceAsADuration(t *testing.T) {
+	var sinces []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sinces = append(sinces, r.URL.Path+" "+r.URL.Query().Get("since"))
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"items":[],"next":""}`))
+	}))
+	defer srv.Close()
+	ctl := func(args ...string) int {
+		var out, errOut bytes.Buffer
+		return run(append([]string{"--url", srv.URL, "--token", "tok"}, args...), &out, &errOut)
+	}
+	before := time.Now().Add(-time.Hour)
+	for _, cmd := range [][]string{{"audit", "--since", "-1h"}, {"alerts", "list", "--since", "-1h"}} {
+		sinces = nil
+		if code := ctl(cmd...); code != 0 || len(sinces) != 1 {
+			t.Fatalf("lockerctl %s: exit %d, requests %q", strings.Join(cmd, " "), code, sinces)
+		}
+		_, at, _ := strings.Cut(sinces[0], " ")
+		ts, err := time.Parse(time.RFC3339Nano, at)
+		if err != nil || ts.Before(before.Add(-time.Second)) || ts.After(time.Now().Add(-time.Hour).Add(time.Second)) {
+			t.Errorf("lockerctl %s sent since=%q (%v), want about an hour ago", strings.Join(cmd, " "), at, err)
+		}
+	}
+	sinces = nil
+	if code := ctl("audit", "--since", "1h"); code != 2 || len(sinces) != 0 {
+		t.Errorf("audit --since 1h: exit %d, requests %q; want 2 and none", code, sinces)
+	}
+	if code := ctl("audit", "--since", "2026-12-07T10:00:00Z"); code != 0 || !slices.Equal(sinces, []string{"/v1/audit 2026-12-07T10:00:00Z"}) {
+		t.Errorf("audit --since a time: exit %d, requests %q", code, sinces)
 	}
 }

@@ -44,8 +44,8 @@ commands:
   tokens list [--role R] [--site S] [--name N] [--revoked true|false] | tokens show ID
   tokens create --role R --name N [--site S] [--sites S1,S2] | tokens revoke ID
   tokens sites ID S1,S2 | tokens sites ID --all     (a platform token's sites)
-  audit [--locker ID] [--actor A] [--since RFC3339]
-  alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339] | alerts clear ID
+  audit [--locker ID] [--actor A] [--since RFC3339|-1h]
+  alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339|-1h] | alerts clear ID
 ` + handoffUsage + firmwareUsage + `
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
              LOCKERGATE_TOKEN (default: DIR/admin.token when readable),
@@ -216,9 +216,12 @@ func (c *cli) dispatch(args []string) error {
 		fs := c.flags("audit")
 		locker := fs.String("locker", "", "locker id")
 		actor := fs.String("actor", "", "actor")
-		since := fs.String("since", "", "RFC 3339 time")
+		since := fs.String("since", "", "RFC 3339 time, or a negative duration from now (-1h)")
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
+		}
+		if err := sinceArg(since); err != nil {
+			return err
 		}
 		return c.list("/v1/audit", url.Values{"locker": {*locker}, "actor": {*actor}, "since": {*since}}, []string{"ts", "actor", "action", "locker", "site"})
 	case "alerts list":
@@ -227,9 +230,12 @@ func (c *cli) dispatch(args []string) error {
 		locker := fs.String("locker", "", "locker id")
 		kind := fs.String("kind", "", "alert kind")
 		open := fs.String("open", "", "true (open only) or false (cleared only)")
-		since := fs.String("since", "", "RFC 3339 time")
+		since := fs.String("since", "", "RFC 3339 time, or a negative duration from now (-1h)")
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
+		}
+		if err := sinceArg(since); err != nil {
+			return err
 		}
 		q := url.Values{"site": {*site}, "locker": {*locker}, "kind": {*kind}, "open": {*open}, "since": {*since}}
 		return c.list("/v1/alerts", q, []string{"id", "raised_at", "site", "locker", "compartment", "kind", "detail", "cleared_at"})
@@ -283,6 +289,20 @@ func (c *cli) show(path string) error {
 
 // lockerHistory prints a locker's health or events (every page within
 // --since, default the last hour, and --until) or its uptime per day.
+// sinceArg turns a --since given as a negative duration (-1h: an hour
+// ago) into the RFC 3339 time the API takes; a time is left as it is.
+func sinceArg(since *string) error {
+	d, err := time.ParseDuration(*since)
+	if err != nil {
+		return nil // a time, or nothing: the API judges it
+	}
+	if d >= 0 {
+		return usageError("--since: a duration must be negative (-1h: an hour ago)")
+	}
+	*since = time.Now().Add(d).UTC().Format(time.RFC3339Nano)
+	return nil
+}
+
 func (c *cli) lockerHistory(key string, args []string) error {
 	if len(args) == 0 || args[0] == "" || strings.HasPrefix(args[0], "-") {
 		return usageError("want a locker id, then the flags")
@@ -298,11 +318,8 @@ func (c *cli) lockerHistory(key string, args []string) error {
 	if err := fs.Parse(args[1:]); err != nil {
 		return usageError(err.Error())
 	}
-	if d, err := time.ParseDuration(*since); err == nil {
-		if d >= 0 {
-			return usageError("--since: a duration must be negative (-1h: an hour ago)")
-		}
-		*since = time.Now().Add(d).UTC().Format(time.RFC3339Nano)
+	if err := sinceArg(since); err != nil {
+		return err
 	}
 	if *until == "" && key != "lockers uptime" {
 		// Pages end at the first request's time: a busy locker's new rows
@@ -422,7 +439,8 @@ func (c *cli) unlock(args []string) error {
 func (c *cli) tokensCreate(body map[string]any, sites []string) error {
 	body["sites"] = sites
 	var out struct {
-		Sites []string `json:"sites"`
+		Sites          []string `json:"sites"`
+		SharesPlatform bool     `json:"shares_platform"`
 	}
 	var raw json.RawMessage
 	if err := c.c.Post(c.ctx, "/v1/tokens", body, &raw); err != nil {
@@ -437,6 +455,10 @@ func (c *cli) tokensCreate(body map[string]any, sites []string) error {
 	}
 	if err := c.print(printed, nil); err != nil {
 		return err
+	}
+	if out.SharesPlatform {
+		fmt.Fprintf(c.stderr, "lockerctl: warning: another live platform token is named %v: both see that platform's pickups and codes "+
+			"(a rotation: revoke the older one once the platform uses this one; a mistyped name: revoke this one)\n", body["name"])
 	}
 	if want := slices.Compact(slices.Sorted(slices.Values(sites))); !slices.Equal(out.Sites, want) {
 		return fmt.Errorf("the token was made with sites %v, not %v (a gateway older than token sites ignores them: revoke it, upgrade every instance, make it again)",

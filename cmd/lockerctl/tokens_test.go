@@ -81,12 +81,18 @@ func TestTokenSitesCommands(t *testing.T) {
 		if r.Method == http.MethodPost {
 			w.WriteHeader(http.StatusCreated)
 		}
-		json.NewEncoder(w).Encode(map[string]any{"id": "tk-1", "role": "platform", "name": "speedy", "sites": in.Sites})
+		json.NewEncoder(w).Encode(map[string]any{"id": "tk-1", "role": "platform", "name": "speedy", "sites": in.Sites,
+			"shares_platform": in.Name == "twin"})
 	}))
 	defer srv.Close()
 	ctl := func(args ...string) int {
 		var out, errOut bytes.Buffer
 		return run(append([]string{"--url", srv.URL, "--token", "tok"}, args...), &out, &errOut)
+	}
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--url", srv.URL, "--token", "tok", "tokens", "create", "--role", "platform", "--name", "twin"}, &out, &errOut); code != 0 ||
+		!strings.Contains(errOut.String(), "warning: another live platform token is named twin") {
+		t.Errorf("a token sharing a platform's name: exit %d, stderr %q; want 0 and a warning", code, errOut.String())
 	}
 	for _, c := range []struct {
 		args []string

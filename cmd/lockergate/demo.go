@@ -90,7 +90,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	printWhere(stdout, g)
 	fmt.Fprintf(stdout, "  Simulated lockers: %d at site %s.\n", o.lockers, demoSite)
 	if o.ordersPerMin > 0 {
-		fmt.Fprintf(stdout, "  Orders: %g a minute, staged by the simulated staff and collected by drivers of %s\n"+
+		fmt.Fprintf(stdout, "  Orders: %g a minute, placed through the API by the platform %s (its token), loaded by simulated staff and collected by its drivers\n"+
 			"    (some type a wrong code first, some never come: their pickups expire after 10 minutes).\n", o.ordersPerMin, demoPlatform)
 	}
 	fmt.Fprintf(stdout, "  Try:\n")

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -83,6 +84,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return runDemo(ctx, g, demo, stdout, log)
 	}
 	printWhere(stdout, g)
+	if _, err := os.Stat(g.AdminTokenPath()); err == nil {
+		// lockerctl reads the admin token from the data directory it is told.
+		fmt.Fprintf(stdout, "  lockerctl: LOCKERGATE_URL=http://%s LOCKERGATE_DATA_DIR=%s go run ./cmd/lockerctl lockers list\n",
+			loopback(g.HTTPAddr()), shellQuote(filepath.Dir(g.AdminTokenPath())))
+	}
 	if err := g.Run(ctx); err != nil {
 		log.Error("gateway stopped with an error", "err", err)
 		return 1
