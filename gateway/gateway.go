@@ -462,7 +462,13 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 			return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
 		}
 	}
-	g.http = &http.Server{Handler: g.api, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
+	// A connection idle between requests is closed after IdleTimeout (with
+	// none, Go keeps it for ever); a request's body has the API's
+	// BodyReadTimeout to arrive. No ReadTimeout or WriteTimeout: commands
+	// wait up to a minute for their answer (wait_s), and uploads and
+	// firmware downloads take as long as the image needs.
+	g.http = &http.Server{Handler: g.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
 	return g, nil
 }
 

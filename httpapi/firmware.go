@@ -85,6 +85,7 @@ func (s *Server) idempotentUpload(h handler) handler {
 		}}, nil
 	})
 	return func(w http.ResponseWriter, r *http.Request) error {
+		liftBodyTime(w) // an image of up to 4 GiB, from an authenticated operator
 		return uploadRefused(w, upload(w, r))
 	}
 }

@@ -83,8 +83,14 @@ type Options struct {
 	// deadlock victim): they are answered 503 with Retry-After instead of
 	// 500. nil: none is.
 	Unavailable func(error) bool
-	Logger      *slog.Logger
+	// BodyReadTimeout bounds how long a request's body may take to arrive
+	// (0: DefaultBodyReadTimeout); see limitBodyTime.
+	BodyReadTimeout time.Duration
+	Logger          *slog.Logger
 }
+
+// DefaultBodyReadTimeout is Options.BodyReadTimeout's default.
+const DefaultBodyReadTimeout = 30 * time.Second
 
 // Server is the HTTP API.
 type Server struct {
@@ -102,7 +108,7 @@ type Server struct {
 	// staleLogged is when a stale token was last logged (unix ns),
 	// unavailableLogged a request refused for a transient store error, and
 	// useLogged a token's use that could not be recorded.
-	staleLogged, unavailableLogged, useLogged atomic.Int64
+	staleLogged, unavailableLogged, useLogged, notReadyLogged atomic.Int64
 	// lookups holds a slot for each token lookup in the database.
 	lookups chan struct{}
 	// usedAt holds when this instance last wrote each token's use
@@ -118,6 +124,9 @@ func New(o Options) *Server {
 	if o.Ready == nil {
 		o.Ready = func(context.Context) error { return nil }
 	}
+	if o.BodyReadTimeout <= 0 {
+		o.BodyReadTimeout = DefaultBodyReadTimeout
+	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
 		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now),
 		lookups: make(chan struct{}, maxTokenLookups)}
@@ -127,6 +136,7 @@ func New(o Options) *Server {
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	limitBodyTime(w, r, s.opts.BodyReadTimeout)
 	// The mux redirects a path with //, /./ or /../ to its cleaned form
 	// (an HTML 301 or 307, which a client follows with its method and
 	// body: POST /v1/pickups/../sites would create a site). No endpoint
@@ -140,6 +150,50 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// limitBodyTime gives r's body d to arrive, if it has one: a client that
+// sends it slowly, or less of it than its Content-Length says (before any
+// token is checked: the server reads what is left of a refused request's
+// body), loses the connection then instead of holding it, and a goroutine,
+// for ever. The deadline is lifted as the body's end is read, so a handler
+// that then waits (wait_s) is not cut short; one that streams a large body
+// (a firmware upload) lifts it itself (liftBodyTime). Not for a request
+// without a body: the server's read for the next request runs during its
+// handler, and a deadline passing there would end its context.
+func limitBodyTime(w http.ResponseWriter, r *http.Request, d time.Duration) {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return
+	}
+	rc := http.NewResponseController(w)
+	if rc.SetReadDeadline(time.Now().Add(d)) != nil {
+		return // not a connection of its own (a test's recorder)
+	}
+	r.Body = &timedBody{ReadCloser: r.Body, rc: rc}
+}
+
+// liftBodyTime lifts limitBodyTime's deadline, for a handler that streams a
+// large body from a client it has authenticated.
+func liftBodyTime(w http.ResponseWriter) {
+	http.NewResponseController(w).SetReadDeadline(time.Time{})
+}
+
+// timedBody lifts its connection's read deadline once it is read to its
+// end (net/http's server also clears it when it starts reading ahead for
+// the next request; this does not rely on that).
+type timedBody struct {
+	io.ReadCloser
+	rc   *http.ResponseController
+	done bool
+}
+
+func (b *timedBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF && !b.done {
+		b.done = true
+		b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
 }
 
 // cleanPath is p as the mux cleans it: no empty, . or .. segments, a
@@ -383,7 +437,14 @@ func (s *Server) routes() {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
 		if err := s.opts.Ready(ctx); err != nil {
-			writeProblem(w, http.StatusServiceUnavailable, "not ready: "+err.Error())
+			// Which part, not why: the why (a database's user, name and
+			// address, a resolver's) is for the log, not for anyone who
+			// can reach /readyz without a token.
+			part, _, _ := strings.Cut(err.Error(), ":")
+			if logDue(&s.notReadyLogged, 10*time.Second) {
+				s.log.Warn("not ready", "err", err)
+			}
+			writeProblem(w, http.StatusServiceUnavailable, "not ready: "+part+" (the gateway's log says why)")
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ready"})
