@@ -163,3 +163,48 @@ func subtree(plan []string, i int) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestPickupListPlans: a platform's list of its pickups, with or without a
+// state, is an index scan of that platform's rows, not a scan of every
+// pickup (the table keeps them all). Planned for its values, as pgx's
+// cached statement is while a generic plan would cost more.
+func TestPickupListPlans(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	dev := MustDevice(t, db, "s1", "SN-PLAN", 1)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO pickups (id, site, order_ref, platform, size, zone, device_id, compartment, state,
+			expires_at, created_by, created_at)
+		SELECT 'p-' || g, 's1', g::text, CASE WHEN g % 100 = 0 THEN 'small' ELSE 'big' END, 'M', 'ambient', $1, 1, 'picked_up',
+			now(), 'x', now()
+		FROM generate_series(1, 50000) g`, dev); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Pool().Exec(ctx, "ANALYZE pickups"); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ state, index string }{{"", "pickups_platform"}, {"expired", "pickups_platform_state"}} {
+		var plan strings.Builder
+		rows, err := db.Pool().Query(ctx, `EXPLAIN SELECT * FROM pickups
+			WHERE id > '' AND ('' = '' OR site = '') AND ($1 = '' OR state = $1) AND ('small' = '' OR platform = 'small')
+			ORDER BY id LIMIT 100`, c.state)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for rows.Next() {
+			var line string
+			if err := rows.Scan(&line); err != nil {
+				t.Fatal(err)
+			}
+			plan.WriteString(line + "\n")
+		}
+		if err := rows.Err(); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(plan.String(), " "+c.index+" ") {
+			t.Errorf("platform list (state %q) does not use %s:\n%s", c.state, c.index, plan.String())
+		}
+		if strings.Contains(plan.String(), "Seq Scan") || strings.Contains(plan.String(), "pickups_pkey") {
+			t.Errorf("platform list (state %q) scans every pickup:\n%s", c.state, plan.String())
+		}
+	}
+}
