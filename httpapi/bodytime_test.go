@@ -104,3 +104,64 @@ func TestReadyzSaysWhichPart(t *testing.T) {
 		t.Errorf("the log lacks why: %s", logs.String())
 	}
 }
+
+// TestRefusedExpectContinueAnsweredAtOnce: a request that waits for "100
+// Continue" before sending its body, and is refused (no token), is
+// answered at once, not after the body's deadline: the server knows not
+// to wait for a body it never asked for.
+func TestRefusedExpectContinueAnsweredAtOnce(t *testing.T) {
+	srv := httptest.NewServer(New(Options{Store: &fakeStore{}, BodyReadTimeout: time.Hour}))
+	defer srv.Close()
+	conn, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "POST /v1/sites HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"+
+		"Expect: 100-continue\r\nContent-Length: 1000\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second)) // the test's bound; the body's is an hour
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("no answer to a refused request waiting for 100 Continue: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("status %d, want 401", resp.StatusCode)
+	}
+}
+
+// deadlineRecorder is a ResponseWriter that records the write deadlines
+// set on it, as http.ResponseController sets them on a connection.
+type deadlineRecorder struct {
+	*httptest.ResponseRecorder
+	write []time.Time
+}
+
+func (d *deadlineRecorder) SetWriteDeadline(t time.Time) error {
+	d.write = append(d.write, t)
+	return nil
+}
+
+// TestResponseTime: every answer has ResponseTimeout to be written (a
+// client that does not read it loses the connection then), but a firmware
+// image's, which takes what a slow locker's link takes.
+func TestResponseTime(t *testing.T) {
+	s := New(Options{Store: &fakeStore{}, ResponseTimeout: time.Minute})
+	for _, c := range []struct {
+		path  string
+		timed bool
+	}{{"/v1/openapi.json", true}, {"/healthz", true}, {"/v1/firmware/fw-1/blob?sig=x&exp=1&job=j", false}} {
+		w := &deadlineRecorder{ResponseRecorder: httptest.NewRecorder()}
+		before := time.Now()
+		s.ServeHTTP(w, httptest.NewRequest("GET", c.path, nil))
+		if len(w.write) == 0 {
+			t.Fatalf("%s: no write deadline set", c.path)
+		}
+		last := w.write[len(w.write)-1]
+		if timed := !last.IsZero(); timed != c.timed || (timed && (last.Before(before.Add(time.Minute)) || last.After(time.Now().Add(time.Minute)))) {
+			t.Errorf("%s: write deadline %v, want a minute on: %v", c.path, last, c.timed)
+		}
+	}
+}

@@ -42,6 +42,7 @@ func (s *Server) firmwareTable() []route {
 // operator token.
 func (s *Server) firmwareRoutes(m *http.ServeMux) {
 	m.HandleFunc("GET /v1/firmware/{id}/blob", func(w http.ResponseWriter, r *http.Request) {
+		liftResponseTime(w) // an image of up to 4 GiB, to lockers on slow links (resumable)
 		if r.URL.Query().Get("sig") == "" {
 			s.auth(fleetRoles, s.withFirmware(serveImage))(w, r)
 			return

@@ -86,11 +86,18 @@ type Options struct {
 	// BodyReadTimeout bounds how long a request's body may take to arrive
 	// (0: DefaultBodyReadTimeout); see limitBodyTime.
 	BodyReadTimeout time.Duration
+	// ResponseTimeout bounds a request from its start to its answer
+	// written (0: DefaultResponseTimeout); see limitResponseTime.
+	ResponseTimeout time.Duration
 	Logger          *slog.Logger
 }
 
 // DefaultBodyReadTimeout is Options.BodyReadTimeout's default.
 const DefaultBodyReadTimeout = 30 * time.Second
+
+// DefaultResponseTimeout is Options.ResponseTimeout's default: past the
+// longest wait_s (maxWait).
+const DefaultResponseTimeout = 2 * time.Minute
 
 // Server is the HTTP API.
 type Server struct {
@@ -127,6 +134,9 @@ func New(o Options) *Server {
 	if o.BodyReadTimeout <= 0 {
 		o.BodyReadTimeout = DefaultBodyReadTimeout
 	}
+	if o.ResponseTimeout <= 0 {
+		o.ResponseTimeout = DefaultResponseTimeout
+	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
 		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now),
 		lookups: make(chan struct{}, maxTokenLookups)}
@@ -137,6 +147,7 @@ func New(o Options) *Server {
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	limitBodyTime(w, r, s.opts.BodyReadTimeout)
+	limitResponseTime(w, s.opts.ResponseTimeout)
 	// The mux redirects a path with //, /./ or /../ to its cleaned form
 	// (an HTML 301 or 307, which a client follows with its method and
 	// body: POST /v1/pickups/../sites would create a site). No endpoint
@@ -156,20 +167,19 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // sends it slowly, or less of it than its Content-Length says (before any
 // token is checked: the server reads what is left of a refused request's
 // body), loses the connection then instead of holding it, and a goroutine,
-// for ever. The deadline is lifted as the body's end is read, so a handler
+// for ever. net/http's server clears the deadline when the body has been
+// read to its end (it then reads ahead for the next request), so a handler
 // that then waits (wait_s) is not cut short; one that streams a large body
-// (a firmware upload) lifts it itself (liftBodyTime). Not for a request
-// without a body: the server's read for the next request runs during its
-// handler, and a deadline passing there would end its context.
+// (a firmware upload) lifts it itself (liftBodyTime). The body is left as
+// it is: the server judges an unread one (Expect: 100-continue, too large
+// to drain) by its own type. Not for a request without a body: the read
+// ahead runs during its handler, and a deadline passing there would end its
+// context.
 func limitBodyTime(w http.ResponseWriter, r *http.Request, d time.Duration) {
 	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return
 	}
-	rc := http.NewResponseController(w)
-	if rc.SetReadDeadline(time.Now().Add(d)) != nil {
-		return // not a connection of its own (a test's recorder)
-	}
-	r.Body = &timedBody{ReadCloser: r.Body, rc: rc}
+	http.NewResponseController(w).SetReadDeadline(time.Now().Add(d))
 }
 
 // liftBodyTime lifts limitBodyTime's deadline, for a handler that streams a
@@ -178,22 +188,19 @@ func liftBodyTime(w http.ResponseWriter) {
 	http.NewResponseController(w).SetReadDeadline(time.Time{})
 }
 
-// timedBody lifts its connection's read deadline once it is read to its
-// end (net/http's server also clears it when it starts reading ahead for
-// the next request; this does not rely on that).
-type timedBody struct {
-	io.ReadCloser
-	rc   *http.ResponseController
-	done bool
+// limitResponseTime gives the answer d to be written (net/http clears the
+// deadline after each request): a client that does not read what it asked
+// for (a 200 KB /v1/openapi.json, pipelined) loses the connection then. d
+// is longer than any handler waits (wait_s); the firmware image download
+// lifts it (liftResponseTime): an image to a slow locker takes what it
+// takes.
+func limitResponseTime(w http.ResponseWriter, d time.Duration) {
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(d))
 }
 
-func (b *timedBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	if err == io.EOF && !b.done {
-		b.done = true
-		b.rc.SetReadDeadline(time.Time{})
-	}
-	return n, err
+// liftResponseTime lifts limitResponseTime's deadline.
+func liftResponseTime(w http.ResponseWriter) {
+	http.NewResponseController(w).SetWriteDeadline(time.Time{})
 }
 
 // cleanPath is p as the mux cleans it: no empty, . or .. segments, a
@@ -440,7 +447,10 @@ func (s *Server) routes() {
 			// Which part, not why: the why (a database's user, name and
 			// address, a resolver's) is for the log, not for anyone who
 			// can reach /readyz without a token.
-			part, _, _ := strings.Cut(err.Error(), ":")
+			part, _, found := strings.Cut(err.Error(), ":")
+			if !found {
+				part = "see the gateway's log"
+			}
 			if logDue(&s.notReadyLogged, 10*time.Second) {
 				s.log.Warn("not ready", "err", err)
 			}
