@@ -41,3 +41,6 @@ func SetEffectsLockIdle(t interface{ Cleanup(func()) }, d time.Duration) {
 
 // UpdateLatestSQL is updateLatestSQL (a variable: it spells fleet.MaxSeqGap).
 var UpdateLatestSQL = updateLatestSQL
+
+// PickupListSQL is ListPickups' statement for a filter, for plan tests.
+var PickupListSQL = pickupListSQL

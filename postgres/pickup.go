@@ -197,13 +197,29 @@ func (db *DB) GetPickup(ctx context.Context, id string) (*pickup.Pickup, error) 
 
 // ListPickups implements pickup.Store.
 func (db *DB) ListPickups(ctx context.Context, f pickup.Filter) ([]pickup.Pickup, error) {
-	rows, err := db.pool.Query(ctx, `SELECT `+pickupCols+` FROM pickups
-		WHERE id > $1 AND ($2 = '' OR site = $2) AND ($3 = '' OR state = $3) AND ($4 = '' OR platform = $4)
-		ORDER BY id LIMIT $5`, f.After, f.Site, f.State, f.Platform, limit(f.Limit))
+	sql, args := pickupListSQL(f)
+	rows, err := db.pool.Query(ctx, sql, args...)
 	if err != nil {
 		return nil, err
 	}
 	return collectPickups(rows)
+}
+
+// pickupListSQL is ListPickups' statement for f, and its arguments: a
+// condition for each filter given and none for the others, so that a
+// cached statement's generic plan (the same for any values) still uses the
+// index of the columns it filters, which "$n = ” OR col = $n" does not.
+func pickupListSQL(f pickup.Filter) (string, []any) {
+	where, args := []string{"id > $1"}, []any{f.After}
+	for _, c := range []struct{ col, v string }{{"site", f.Site}, {"state", f.State}, {"platform", f.Platform}} {
+		if c.v != "" {
+			args = append(args, c.v)
+			where = append(where, fmt.Sprintf("%s = $%d", c.col, len(args)))
+		}
+	}
+	args = append(args, limit(f.Limit))
+	return `SELECT ` + pickupCols + ` FROM pickups WHERE ` + strings.Join(where, " AND ") +
+		fmt.Sprintf(" ORDER BY id LIMIT $%d", len(args)), args
 }
 
 // Transitions implements pickup.Store.

@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/lockergate/lockergate/pickup"
 	"github.com/lockergate/lockergate/postgres"
 )
 
@@ -33,7 +34,18 @@ func TestBatchUpdatePlans(t *testing.T) {
 	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET health = $1::json, health_at = now()`, string(body)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Pool().Exec(ctx, "ANALYZE devices"); err != nil {
+	// The health writer sends its update unnamed, planned for its
+	// parameters every time; the others are cached statements, which get
+	// a generic plan after five runs.
+	eachPlanMode(t, db, "devices", func(conn *pgx.Conn, mode string) { checkBatchPlans(t, conn, mode, lockers) })
+}
+
+// eachPlanMode analyzes table and calls check with one connection set to
+// plan statements for their values (auto) and then as a cached statement's
+// generic plan (force_generic_plan).
+func eachPlanMode(t *testing.T, db *postgres.DB, table string, check func(conn *pgx.Conn, mode string)) {
+	ctx := context.Background()
+	if _, err := db.Pool().Exec(ctx, "ANALYZE "+table); err != nil {
 		t.Fatal(err)
 	}
 	conn, err := db.Pool().Acquire(ctx)
@@ -41,14 +53,11 @@ func TestBatchUpdatePlans(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Release()
-	// The health writer sends its update unnamed, planned for its
-	// parameters every time; the others are cached statements, which get
-	// a generic plan after five runs.
 	for _, mode := range []string{"auto", "force_generic_plan"} {
 		if _, err := conn.Exec(ctx, "SET plan_cache_mode = "+mode); err != nil {
 			t.Fatal(err)
 		}
-		checkBatchPlans(t, conn.Conn(), mode, lockers)
+		check(conn.Conn(), mode)
 	}
 	if _, err := conn.Exec(ctx, "RESET plan_cache_mode"); err != nil {
 		t.Fatal(err)
@@ -165,9 +174,9 @@ func subtree(plan []string, i int) string {
 }
 
 // TestPickupListPlans: a platform's list of its pickups, with or without a
-// state, is an index scan of that platform's rows, not a scan of every
-// pickup (the table keeps them all). Planned for its values, as pgx's
-// cached statement is while a generic plan would cost more.
+// state, and a store's, are index scans of their rows, not a scan of every
+// pickup (the table keeps them all), planned for their values or as the
+// generic plan a cached statement gets after five runs.
 func TestPickupListPlans(t *testing.T) {
 	ctx := context.Background()
 	db := MustOpen(t)
@@ -179,32 +188,49 @@ func TestPickupListPlans(t *testing.T) {
 		FROM generate_series(1, 50000) g`, dev); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Pool().Exec(ctx, "ANALYZE pickups"); err != nil {
-		t.Fatal(err)
-	}
-	for _, c := range []struct{ state, index string }{{"", "pickups_platform"}, {"expired", "pickups_platform_state"}} {
-		var plan strings.Builder
-		rows, err := db.Pool().Query(ctx, `EXPLAIN SELECT * FROM pickups
-			WHERE id > '' AND ('' = '' OR site = '') AND ($1 = '' OR state = $1) AND ('small' = '' OR platform = 'small')
-			ORDER BY id LIMIT 100`, c.state)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for rows.Next() {
-			var line string
-			if err := rows.Scan(&line); err != nil {
+	eachPlanMode(t, db, "pickups", func(conn *pgx.Conn, mode string) {
+		for _, c := range []struct {
+			f     pickup.Filter
+			index string // the scan's index condition starts with the filters' columns
+		}{
+			{pickup.Filter{Platform: "small"}, "pickups_platform"},
+			{pickup.Filter{Platform: "small", State: "expired"}, "pickups_platform"}, // _state for its values
+			{pickup.Filter{Site: "s1", State: "expired"}, "pickups_site_state"},
+		} {
+			sql, args := postgres.PickupListSQL(c.f)
+			q := "EXPLAIN " + sql
+			if mode == "force_generic_plan" {
+				// As in TestBatchUpdatePlans: EXPLAIN plans for the
+				// values given; a prepared statement's EXECUTE takes the
+				// plan the cache would.
+				if _, err := conn.Exec(ctx, "PREPARE list AS "+sql); err != nil {
+					t.Fatal(err)
+				}
+				q, args = "EXPLAIN EXECUTE list("+strings.Repeat("NULL, ", len(args)-1)+"NULL)", nil
+			}
+			rows, err := conn.Query(ctx, q, append([]any{pgx.QueryExecModeExec}, args...)...)
+			if err != nil {
 				t.Fatal(err)
 			}
-			plan.WriteString(line + "\n")
+			var plan strings.Builder
+			for rows.Next() {
+				var line string
+				if err := rows.Scan(&line); err != nil {
+					t.Fatal(err)
+				}
+				plan.WriteString(line + "\n")
+			}
+			if err := rows.Err(); err != nil {
+				t.Fatal(err)
+			}
+			if mode == "force_generic_plan" {
+				if _, err := conn.Exec(ctx, "DEALLOCATE list"); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if p := plan.String(); !strings.Contains(p, " "+c.index) || strings.Contains(p, "Seq Scan") || strings.Contains(p, "pickups_pkey") {
+				t.Errorf("%s: the list by %+v does not use %s alone:\n%s", mode, c.f, c.index, p)
+			}
 		}
-		if err := rows.Err(); err != nil {
-			t.Fatal(err)
-		}
-		if !strings.Contains(plan.String(), " "+c.index+" ") {
-			t.Errorf("platform list (state %q) does not use %s:\n%s", c.state, c.index, plan.String())
-		}
-		if strings.Contains(plan.String(), "Seq Scan") || strings.Contains(plan.String(), "pickups_pkey") {
-			t.Errorf("platform list (state %q) scans every pickup:\n%s", c.state, plan.String())
-		}
-	}
+	})
 }
