@@ -287,8 +287,6 @@ func (c *cli) show(path string) error {
 	return c.print(out, nil)
 }
 
-// lockerHistory prints a locker's health or events (every page within
-// --since, default the last hour, and --until) or its uptime per day.
 // sinceArg turns a --since given as a negative duration (-1h: an hour
 // ago) into the RFC 3339 time the API takes; a time is left as it is.
 func sinceArg(since *string) error {
@@ -303,6 +301,8 @@ func sinceArg(since *string) error {
 	return nil
 }
 
+// lockerHistory prints a locker's health or events (every page within
+// --since, default the last hour, and --until) or its uptime per day.
 func (c *cli) lockerHistory(key string, args []string) error {
 	if len(args) == 0 || args[0] == "" || strings.HasPrefix(args[0], "-") {
 		return usageError("want a locker id, then the flags")

@@ -96,7 +96,7 @@ func runDemo(ctx context.Context, g *gateway.Gateway, o demoOptions, stdout io.W
 	fmt.Fprintf(stdout, "  Try:\n")
 	// lockerctl reads the admin token from the data directory it is told.
 	fmt.Fprintf(stdout, "    LOCKERGATE_URL=http://%s LOCKERGATE_DATA_DIR=%s go run ./cmd/lockerctl lockers list\n",
-		loopback(g.HTTPAddr()), shellQuote(filepath.Dir(g.AdminTokenPath())))
+		loopback(g.HTTPAddr()), shellQuote(dataDirOf(g)))
 	fmt.Fprintf(stdout, "    curl -H \"Authorization: Bearer $(cat %s)\" http://%s/v1/pickups\n", shellQuote(g.AdminTokenPath()), loopback(g.HTTPAddr()))
 	fmt.Fprintf(stdout, "  Press Ctrl-C to stop.\n")
 
@@ -179,6 +179,16 @@ func loopback(addr string) string {
 
 // shellQuote is path as a POSIX shell word: as it is when that is safe,
 // else in single quotes.
+// dataDirOf is the directory of g's admin token, absolute when it can be
+// made so: the line it goes into may be run from another directory.
+func dataDirOf(g *gateway.Gateway) string {
+	dir := filepath.Dir(g.AdminTokenPath())
+	if abs, err := filepath.Abs(dir); err == nil {
+		return abs
+	}
+	return dir
+}
+
 func shellQuote(path string) string {
 	if path != "" && strings.Trim(path, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_./-:") == "" {
 		return path

@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -87,7 +86,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if _, err := os.Stat(g.AdminTokenPath()); err == nil {
 		// lockerctl reads the admin token from the data directory it is told.
 		fmt.Fprintf(stdout, "  lockerctl: LOCKERGATE_URL=http://%s LOCKERGATE_DATA_DIR=%s go run ./cmd/lockerctl lockers list\n",
-			loopback(g.HTTPAddr()), shellQuote(filepath.Dir(g.AdminTokenPath())))
+			loopback(g.HTTPAddr()), shellQuote(dataDirOf(g)))
 	}
 	if err := g.Run(ctx); err != nil {
 		log.Error("gateway stopped with an error", "err", err)

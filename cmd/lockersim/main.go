@@ -477,8 +477,8 @@ func simulate(ctx context.Context, cfg config, stdout, stderr io.Writer) int {
 }
 
 // placeOrders plays the scenario's people (behavior.orders_per_hour, per
-// site) through the gateway's API with --token (an admin token: it reads
-// the codes it hands its drivers) until ctx ends: staff stage orders, and
+// site) through the gateway's API, as a platform whose token --token (an
+// admin token) makes for the run (runPlatform), until ctx ends: staff stage orders, and
 // drivers come and type the code (devicesim/orders). It returns nil when
 // the scenario places none, or when it cannot (said in the log), else a
 // channel that gets the totals once ctx has ended.
@@ -513,7 +513,6 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 	api, revoke := runPlatform(ctx, client.New(cfg.opts.API, cfg.apiToken), sites, log)
 	done := make(chan orders.Stats, 1)
 	go func() {
-		defer revoke()
 		st, err := orders.Run(ctx, orders.Options{API: api, Fleet: fleet, Sites: sites,
 			Platform: simPlatform, Rate: rate, DriverDelay: driver, WrongCode: b.WrongCodeShare, NoShow: b.NoShowShare,
 			// A run's own references: a rerun within the hour finds the
@@ -523,6 +522,7 @@ func placeOrders(ctx context.Context, cfg config, fleet *devicesim.Fleet, log *s
 		if err != nil {
 			log.Error("orders", "err", err)
 		}
+		revoke() // before the totals: the process may exit once it has them
 		done <- st
 	}()
 	return done
@@ -539,8 +539,10 @@ const simPlatform = "lockersim"
 // and the gateway logs each as made for a platform it does not know.
 func runPlatform(ctx context.Context, admin *client.Client, sites []string, log *slog.Logger) (*client.Client, func()) {
 	var tok struct {
-		ID    string `json:"id"`
-		Token string `json:"token"`
+		ID             string   `json:"id"`
+		Token          string   `json:"token"`
+		Sites          []string `json:"sites"`
+		SharesPlatform bool     `json:"shares_platform"`
 	}
 	err := admin.Post(ctx, "/v1/tokens", map[string]any{"role": "platform", "name": simPlatform, "sites": sites}, &tok)
 	if err == nil && (tok.ID == "" || tok.Token == "") {
@@ -550,13 +552,24 @@ func runPlatform(ctx context.Context, admin *client.Client, sites []string, log 
 		log.Warn("orders placed with --token, for platform "+simPlatform+" (no token of that platform could be made: the gateway warns of each order)", "err", err)
 		return admin, func() {}
 	}
-	return client.New(admin.BaseURL, tok.Token), func() {
+	revoke := func() {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
 		if _, err := admin.Do(ctx, client.Request{Method: http.MethodDelete, Path: "/v1/tokens/" + tok.ID}, nil); err != nil {
 			log.Warn("the run's platform token not revoked: revoke it (lockerctl tokens revoke ID)", "id", tok.ID, "err", err)
 		}
 	}
+	if want := slices.Compact(slices.Sorted(slices.Values(sites))); !slices.Equal(tok.Sites, want) {
+		// A gateway older than token sites made one for every site.
+		revoke()
+		log.Warn("orders placed with --token, for platform "+simPlatform+" (the gateway did not limit its token to the scenario's sites: an older version; it warns of each order)",
+			"sites", tok.Sites)
+		return admin, func() {}
+	}
+	if tok.SharesPlatform {
+		log.Info("another live "+simPlatform+" token exists (another run?): both see the orders of both", "token", tok.ID)
+	}
+	return client.New(admin.BaseURL, tok.Token), revoke
 }
 
 // live prints a one-line summary every interval until ctx ends.
