@@ -12,6 +12,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/lockergate/lockergate/fleet"
 )
 
 // TestSlowBodyLosesTheConnection: a client that sends less of a body than
@@ -163,5 +165,74 @@ func TestResponseTime(t *testing.T) {
 		if timed := !last.IsZero(); timed != c.timed || (timed && (last.Before(before.Add(time.Minute)) || last.After(time.Now().Add(time.Minute)))) {
 			t.Errorf("%s: write deadline %v, want a minute on: %v", c.path, last, c.timed)
 		}
+	}
+}
+
+// heldSites holds every read of sites (a store's GET /v1/sites reads its
+// own, an admin's lists them) until release is closed, and says when one
+// began.
+type heldSites struct {
+	fakeStore
+	began   chan struct{}
+	release chan struct{}
+}
+
+func (s *heldSites) hold() {
+	s.began <- struct{}{}
+	<-s.release
+}
+
+func (s *heldSites) GetSite(ctx context.Context, id string) (*fleet.Site, error) {
+	s.hold()
+	return s.fakeStore.GetSite(ctx, id)
+}
+
+func (s *heldSites) ListSites(ctx context.Context, after string, n int) ([]fleet.Site, error) {
+	s.hold()
+	return s.fakeStore.ListSites(ctx, after, n)
+}
+
+// TestInFlightPerToken: a store token with MaxInFlightPerToken requests in
+// flight gets a 429 with Retry-After for one more, and is served again once
+// one is answered; an admin token is not bounded.
+func TestInFlightPerToken(t *testing.T) {
+	st := &heldSites{fakeStore: fakeStore{sites: []fleet.Site{{ID: "a", Name: "A"}}}, began: make(chan struct{}, 64), release: make(chan struct{})}
+	s := New(Options{Store: st})
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			close(st.release)
+		}
+	}
+	defer release()
+	done := make(chan answer, MaxInFlightPerToken+2)
+	for range MaxInFlightPerToken {
+		go func() { done <- call(t, s, "GET", "/v1/sites", "store-a") }()
+		<-st.began
+	}
+	extra := make(chan answer, 1)
+	go func() { extra <- call(t, s, "GET", "/v1/sites", "store-a") }()
+	select {
+	case a := <-extra:
+		a.wantProblem(t, http.StatusTooManyRequests, "this token has 16 requests in flight on this gateway instance, the most one store token may: "+
+			"retry once one is answered (Retry-After), or send fewer at once")
+		if a.header.Get("Retry-After") != "1" {
+			t.Errorf("429 without Retry-After: %v", a.header)
+		}
+	case <-st.began:
+		release()
+		t.Fatal("a request past the store token's bound reached the store")
+	}
+	go func() { done <- call(t, s, "GET", "/v1/sites", "admin") }()
+	<-st.began // admin's, past the store token's bound
+	release()
+	for range MaxInFlightPerToken + 1 {
+		if a := <-done; a.status != http.StatusOK {
+			t.Fatalf("a held request: %d %s", a.status, a.raw)
+		}
+	}
+	if a := call(t, s, "GET", "/v1/sites", "store-a"); a.status != http.StatusOK {
+		t.Fatalf("once its requests were answered: %d %s", a.status, a.raw)
 	}
 }

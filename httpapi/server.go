@@ -121,6 +121,32 @@ type Server struct {
 	// usedAt holds when this instance last wrote each token's use
 	// (recordUse): token id → time.Time.
 	usedAt sync.Map
+	// inFlight counts each token's requests in flight here (enter):
+	// token id → *atomic.Int32.
+	inFlight sync.Map
+}
+
+// MaxInFlightPerToken bounds the requests one store, platform or operator
+// token may have in flight at once on one gateway instance; more are
+// answered 429. Every request may hold a database connection, and the pool
+// (32) is the fleet's too: one token, leaked or looping, must not take it.
+// Admin tokens (the operator's own) and broker tokens (an external broker
+// asks once per locker connect) are not bounded.
+const MaxInFlightPerToken = 16
+
+// enter counts a request of tok in flight, unless tok has
+// MaxInFlightPerToken already; leave ends it.
+func (s *Server) enter(tok *fleet.Token) (leave func(), ok bool) {
+	if tok.Role == fleet.RoleAdmin || tok.Role == fleet.RoleBroker {
+		return func() {}, true
+	}
+	v, _ := s.inFlight.LoadOrStore(tok.ID, new(atomic.Int32))
+	n := v.(*atomic.Int32)
+	if n.Add(1) > MaxInFlightPerToken {
+		n.Add(-1)
+		return nil, false
+	}
+	return func() { n.Add(-1) }, true
 }
 
 // New returns the API handler.
@@ -296,6 +322,14 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			writeProblem(w, http.StatusBadRequest, err.Error())
 			return
 		}
+		leave, ok := s.enter(tok)
+		if !ok {
+			w.Header().Set("Retry-After", "1")
+			writeProblem(w, http.StatusTooManyRequests, fmt.Sprintf("this token has %d requests in flight on this gateway instance, the most one %s token may: "+
+				"retry once one is answered (Retry-After), or send fewer at once", MaxInFlightPerToken, tok.Role))
+			return
+		}
+		defer leave()
 		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, tok))
 		if err := h(w, r); err != nil {
 			s.writeError(w, r, err)
