@@ -1871,7 +1871,8 @@ func TestOutOfServiceNotAllocated(t *testing.T) {
 }
 
 // TestPickupAllocationRace: 100 concurrent requests at a site with 20 free
-// compartments get 20 distinct compartments and 80 clear refusals.
+// compartments get 20 distinct compartments and 80 clear refusals. They are
+// the admin's: a store token may have 16 in flight at once.
 func TestPickupAllocationRace(t *testing.T) {
 	ctx := context.Background()
 	var layout []protocol.CompartmentSpec
@@ -1892,7 +1893,7 @@ func TestPickupAllocationRace(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			var p pickup.Pickup
-			status, _ := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+			status, _ := e.tg.Admin.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
 				"site": "store-042", "order_ref": fmt.Sprintf("R-%03d", i), "size": "S",
 				"recipient": map[string]string{"kind": "customer"}}}, &p)
 			results <- result{status, p}

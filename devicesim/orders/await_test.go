@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/pickup"
@@ -36,5 +37,31 @@ func TestAwaitOutlastsAFailedRead(t *testing.T) {
 	state.Store("expired")
 	if _, err := o.await(context.Background(), "p-1", pickup.PickedUp); err == nil || !strings.Contains(err.Error(), "ended expired") {
 		t.Fatalf("await of an ended pickup: %v, want it ended", err)
+	}
+}
+
+// TestCreateWaitsOutA429: a create answered 429 (the platform's token has
+// as many requests in flight as the gateway allows) was not acted on and
+// is sent again; other answers are the create's.
+func TestCreateWaitsOutA429(t *testing.T) {
+	var posts atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if posts.Add(1) == 1 {
+			w.Header().Set("Content-Type", "application/problem+json")
+			w.Header().Set("Retry-After", "1")
+			w.WriteHeader(http.StatusTooManyRequests)
+			w.Write([]byte(`{"title":"Too Many Requests","status":429,"detail":"16 in flight"}`))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusCreated)
+		w.Write([]byte(`{"id":"p-1","state":"staging"}`))
+	}))
+	defer srv.Close()
+	o := &Options{API: client.New(srv.URL, "tok"), Platform: "speedy", ExpiresIn: time.Hour}
+	var p pickup.Pickup
+	status, err := o.create(context.Background(), order{ref: "A-1", site: "s1"}, &p)
+	if status != http.StatusCreated || err != nil || p.ID != "p-1" || posts.Load() != 2 {
+		t.Fatalf("create: %d %v %+v after %d posts; want 201 on the second", status, err, p, posts.Load())
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -134,13 +135,30 @@ type order struct {
 	wrong, noShow bool
 }
 
+// create makes ord's pickup. A 429 (the platform's token has as many
+// requests in flight as the gateway allows) was not acted on: it is sent
+// again a second later (the gateway's Retry-After), while ctx lasts.
+func (o *Options) create(ctx context.Context, ord order, p *pickup.Pickup) (int, error) {
+	for {
+		status, err := o.API.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
+			"site": ord.site, "order_ref": ord.ref, "size": "S", "zone": "ambient",
+			"recipient": map[string]string{"kind": "driver", "platform": o.Platform}, "expires_at": time.Now().Add(o.ExpiresIn),
+		}}, p)
+		if status != http.StatusTooManyRequests {
+			return status, err
+		}
+		select {
+		case <-ctx.Done():
+			return status, err
+		case <-time.After(time.Second):
+		}
+	}
+}
+
 func (o *Options) play(ctx context.Context, ord order, c *counters) {
 	start := time.Now()
 	var p pickup.Pickup
-	status, err := o.API.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
-		"site": ord.site, "order_ref": ord.ref, "size": "S", "zone": "ambient",
-		"recipient": map[string]string{"kind": "driver", "platform": o.Platform}, "expires_at": time.Now().Add(o.ExpiresIn),
-	}}, &p)
+	status, err := o.create(ctx, ord, &p)
 	switch {
 	case status == 422:
 		c.noComp.Add(1)
