@@ -82,6 +82,13 @@ type TokenFilter struct {
 // than this is given every site).
 const MaxTokenSites = 1000
 
+// TokenSites is sites as a platform token keeps them: sorted, without
+// repeats (nil for none). A client that asked for sites compares what the
+// gateway answered with this.
+func TokenSites(sites []string) []string {
+	return slices.Compact(slices.Sorted(slices.Values(sites)))
+}
+
 // PlatformAt reports whether a platform token may make pickups and codes
 // at site: one of its Sites, or any when it lists none.
 func (t *Token) PlatformAt(site string) bool {

@@ -464,9 +464,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	// A connection idle between requests is closed after IdleTimeout (with
 	// none, Go keeps it for ever); a request's body has the API's
-	// BodyReadTimeout to arrive. No ReadTimeout or WriteTimeout: commands
-	// wait up to a minute for their answer (wait_s), and uploads and
-	// firmware downloads take as long as the image needs.
+	// BodyReadTimeout to arrive and its answer the API's ResponseTimeout to
+	// be written. No server-wide ReadTimeout or WriteTimeout: a passing
+	// read deadline ends a waiting handler's context (wait_s), and
+	// firmware uploads and downloads take as long as the image needs.
 	g.http = &http.Server{Handler: g.api, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: slog.NewLogLogger(o.Logger.Handler(), slog.LevelWarn)}
 	return g, nil

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -400,7 +399,7 @@ func tokenSites(sites []string) ([]string, error) {
 			return nil, badRequest("sites: %q is not a site id (1-64 of [A-Za-z0-9._:-])", site)
 		}
 	}
-	sites = slices.Compact(slices.Sorted(slices.Values(sites)))
+	sites = fleet.TokenSites(sites)
 	if len(sites) > fleet.MaxTokenSites {
 		return nil, badRequest("sites: %d of them, over the limit of %d (a platform at more sites may be given every site: leave sites out)", len(sites), fleet.MaxTokenSites)
 	}
@@ -506,13 +505,14 @@ func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
 	}
 	id := r.PathValue("id")
 	// Not cut short by a client that gives up: a change whose commit was
-	// sent must be followed by the reset.
-	was, now, err := s.store.SetTokenSites(context.WithoutCancel(r.Context()), id, sites)
+	// sent must be followed by the reset and by its audit entry.
+	ctx := context.WithoutCancel(r.Context())
+	was, now, err := s.store.SetTokenSites(ctx, id, sites)
 	s.tokensChanged(err) // in force from now on here; within TokenCacheTTL elsewhere
 	if err != nil {
 		return err
 	}
-	if err := s.store.Audit(r.Context(), fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.update",
+	if err := s.store.Audit(ctx, fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.update",
 		Detail: map[string]any{"token": id, "name": now.Name, "sites": nonNilSites(now.Sites), "sites_before": nonNilSites(was.Sites)}}); err != nil {
 		return err
 	}

@@ -110,7 +110,7 @@ func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) erro
 	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by, sites) VALUES ($1, $2, $3, $4, $5, $6, $7)
 		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy, nonNil(t.Sites)).Scan(&t.CreatedAt)
 	if isFKViolation(err) {
-		return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", t.Site, t.Site, fleet.ErrNotFound)
+		return noSite(t.Site)
 	}
 	return err
 }
@@ -130,7 +130,13 @@ func (db *DB) sitesExist(ctx context.Context, sites []string) error {
 	if err != nil {
 		return err
 	}
-	return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", missing, missing, fleet.ErrNotFound)
+	return noSite(missing)
+}
+
+// noSite is fleet.ErrNotFound for a site an admin named that does not
+// exist, saying how to make it.
+func noSite(site string) error {
+	return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", site, site, fleet.ErrNotFound)
 }
 
 // nonNil is s, or an empty slice for nil: pgx writes a nil slice as NULL.

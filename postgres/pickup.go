@@ -208,7 +208,8 @@ func (db *DB) ListPickups(ctx context.Context, f pickup.Filter) ([]pickup.Pickup
 // pickupListSQL is ListPickups' statement for f, and its arguments: a
 // condition for each filter given and none for the others, so that a
 // cached statement's generic plan (the same for any values) still uses the
-// index of the columns it filters, which "$n = ” OR col = $n" does not.
+// index of the columns it filters, which a condition that holds for an
+// empty parameter ("$n is empty or col = $n") does not.
 func pickupListSQL(f pickup.Filter) (string, []any) {
 	where, args := []string{"id > $1"}, []any{f.After}
 	for _, c := range []struct{ col, v string }{{"site", f.Site}, {"state", f.State}, {"platform", f.Platform}} {

@@ -31,7 +31,7 @@ func (db *DB) CreateClaim(ctx context.Context, c *provisioning.Claim, hash []byt
 		_, err := tx.Exec(ctx, `INSERT INTO claims (id, hash, site, max_uses, serial_pattern, expires_at, created_at, created_by)
 			VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`, c.ID, hash, c.Site, c.MaxUses, c.SerialPattern, c.ExpiresAt, c.CreatedAt, c.CreatedBy)
 		if isFKViolation(err) {
-			return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", c.Site, c.Site, fleet.ErrNotFound)
+			return noSite(c.Site)
 		}
 		if err != nil {
 			return err

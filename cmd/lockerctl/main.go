@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/lockergate/lockergate/client"
+	"github.com/lockergate/lockergate/fleet"
 )
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
@@ -460,7 +461,7 @@ func (c *cli) tokensCreate(body map[string]any, sites []string) error {
 		fmt.Fprintf(c.stderr, "lockerctl: warning: another live platform token is named %v: both see that platform's pickups and codes "+
 			"(a rotation: revoke the older one once the platform uses this one; a mistyped name: revoke this one)\n", body["name"])
 	}
-	if want := slices.Compact(slices.Sorted(slices.Values(sites))); !slices.Equal(out.Sites, want) {
+	if want := fleet.TokenSites(sites); !slices.Equal(out.Sites, want) {
 		return fmt.Errorf("the token was made with sites %v, not %v (a gateway older than token sites ignores them: revoke it, upgrade every instance, make it again)",
 			out.Sites, want)
 	}

@@ -38,6 +38,7 @@ import (
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/devicesim/orders"
+	"github.com/lockergate/lockergate/fleet"
 )
 
 func main() { os.Exit(run()) }
@@ -559,7 +560,7 @@ func runPlatform(ctx context.Context, admin *client.Client, sites []string, log 
 			log.Warn("the run's platform token not revoked: revoke it (lockerctl tokens revoke ID)", "id", tok.ID, "err", err)
 		}
 	}
-	if want := slices.Compact(slices.Sorted(slices.Values(sites))); !slices.Equal(tok.Sites, want) {
+	if want := fleet.TokenSites(sites); !slices.Equal(tok.Sites, want) {
 		// A gateway older than token sites made one for every site.
 		revoke()
 		log.Warn("orders placed with --token, for platform "+simPlatform+" (the gateway did not limit its token to the scenario's sites: an older version; it warns of each order)",
