@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"testing"
@@ -158,6 +159,21 @@ func scrapeSeries(httpAddr, series string) (v float64, found bool, err error) {
 }
 
 // MustSiteAndClaim creates a site and a claim for n lockers through the API.
+// WaitOnline waits until n lockers read online through the API.
+func (tg *TestGateway) WaitOnline(tb testing.TB, n int) {
+	tb.Helper()
+	Eventually(tb, 20*time.Second, fmt.Sprintf("%d lockers online", n), func() error {
+		var l lockerList
+		if err := tg.Admin.Get(context.Background(), "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
+			return err
+		}
+		if len(l.Items) != n {
+			return fmt.Errorf("%d online", len(l.Items))
+		}
+		return nil
+	})
+}
+
 func (tg *TestGateway) MustSiteAndClaim(tb testing.TB, site string, n int) string {
 	tb.Helper()
 	ctx := context.Background()

@@ -133,16 +133,7 @@ func newPickupEnvWith(t *testing.T, gw func(*gateway.Options), lockers int, fail
 	})
 	claim := tg.MustSiteAndClaim(t, "store-042", lockers)
 	sim := MustFleet(t, tg, claim, lockers, mod...)
-	Eventually(t, 20*time.Second, "lockers online", func() error {
-		var l lockerList
-		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
-			return err
-		}
-		if len(l.Items) != lockers {
-			return fmt.Errorf("%d online", len(l.Items))
-		}
-		return nil
-	})
+	tg.WaitOnline(t, lockers)
 	e := &pickupEnv{tg: tg, sim: sim,
 		store:    MustPickupToken(t, tg, "store", "store-042", "front-desk"),
 		platform: MustPickupToken(t, tg, "platform", "", "speedy")}

@@ -149,16 +149,7 @@ func TestRoles(t *testing.T) {
 	// lockers are online, and used once ready (the simulated staff load a
 	// staged compartment at once). Size M: never compartment 1, which the
 	// command cases unlock.
-	Eventually(t, 20*time.Second, "lockers online", func() error {
-		var l lockerList
-		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
-			return err
-		}
-		if len(l.Items) != len(lockersA)+len(lockersB) {
-			return fmt.Errorf("%d online", len(l.Items))
-		}
-		return nil
-	})
+	tg.WaitOnline(t, len(lockersA)+len(lockersB))
 	newPickup := func(site, ref, platform string) map[string]any {
 		return map[string]any{"site": site, "order_ref": ref, "size": "M", "zone": "ambient",
 			"recipient": map[string]string{"kind": "driver", "platform": platform}}

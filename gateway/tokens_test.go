@@ -223,16 +223,7 @@ func TestPlatformTokenSites(t *testing.T) {
 	for _, site := range []string{"s1", "s2"} {
 		lockers[site] = MustFleet(t, tg, tg.MustSiteAndClaim(t, site, 1), 1, func(o *devicesim.Options) { o.SerialPrefix = site }).Lockers()[0]
 	}
-	Eventually(t, 20*time.Second, "both lockers online", func() error {
-		var l lockerList
-		if err := tg.Admin.Get(ctx, "/v1/lockers", url.Values{"online": {"true"}}, &l); err != nil {
-			return err
-		}
-		if len(l.Items) != 2 {
-			return fmt.Errorf("%d online", len(l.Items))
-		}
-		return nil
-	})
+	tg.WaitOnline(t, 2)
 	storeID, _ := tg.MustToken(t, "store", "s1", "front")
 	gone, _ := tg.MustToken(t, "platform", "", "gone")
 	if _, err := tg.Admin.Do(ctx, client.Request{Method: "DELETE", Path: "/v1/tokens/" + gone}, nil); err != nil {
@@ -335,6 +326,13 @@ func TestPlatformTokenSites(t *testing.T) {
 	if err := tg.Admin.Get(ctx, "/v1/tokens/"+made.ID, nil, &tok); err != nil || tok.Sites != nil {
 		t.Fatalf("after the refused changes: %+v, %v; want every site", tok, err)
 	}
+	defer func() { // after the audit trail is read: kept sorted, without repeats
+		now = fleet.Token{}
+		if _, err := tg.Admin.Do(ctx, patch(made.ID, map[string]any{"sites": []string{"s2", "s1", "s2"}}), &now); err != nil ||
+			!slices.Equal(now.Sites, []string{"s1", "s2"}) {
+			t.Errorf("PATCH sites [s2 s1 s2]: %+v, %v; want [s1 s2]", now, err)
+		}
+	}()
 
 	var audit struct{ Items []fleet.AuditEntry }
 	if err := tg.Admin.Get(ctx, "/v1/audit", url.Values{"actor": {"admin:admin"}}, &audit); err != nil {

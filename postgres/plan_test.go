@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -190,12 +191,12 @@ func TestPickupListPlans(t *testing.T) {
 	}
 	eachPlanMode(t, db, "pickups", func(conn *pgx.Conn, mode string) {
 		for _, c := range []struct {
-			f     pickup.Filter
-			index string // the scan's index condition starts with the filters' columns
+			f       pickup.Filter
+			indexes []string // one of them, its condition on the filters' columns, and no sort
 		}{
-			{pickup.Filter{Platform: "small"}, "pickups_platform"},
-			{pickup.Filter{Platform: "small", State: "expired"}, "pickups_platform"}, // _state for its values
-			{pickup.Filter{Site: "s1", State: "expired"}, "pickups_site_state"},
+			{pickup.Filter{Platform: "small"}, []string{"pickups_platform"}},
+			{pickup.Filter{Platform: "small", State: "expired"}, []string{"pickups_platform_state", "pickups_platform"}},
+			{pickup.Filter{Site: "s1", State: "expired"}, []string{"pickups_site_state"}},
 		} {
 			sql, args := postgres.PickupListSQL(c.f)
 			q := "EXPLAIN " + sql
@@ -228,8 +229,10 @@ func TestPickupListPlans(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if p := plan.String(); !strings.Contains(p, " "+c.index) || strings.Contains(p, "Seq Scan") || strings.Contains(p, "pickups_pkey") {
-				t.Errorf("%s: the list by %+v does not use %s alone:\n%s", mode, c.f, c.index, p)
+			p := plan.String()
+			uses := slices.ContainsFunc(c.indexes, func(index string) bool { return strings.Contains(p, "using "+index+" on ") })
+			if !uses || strings.Contains(p, "Seq Scan") || strings.Contains(p, "pickups_pkey") || strings.Contains(p, "Sort") {
+				t.Errorf("%s: the list by %+v does not use %v alone, unsorted:\n%s", mode, c.f, c.indexes, p)
 			}
 		}
 	})

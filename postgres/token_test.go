@@ -108,7 +108,7 @@ func TestCredsVersions(t *testing.T) {
 }
 
 // TestTokenSites: a platform token is made with sites that exist and gets
-// them back sorted; SetTokenSites replaces them and returns the token before
+// them back as given (the API sorts them: fleet.TokenSites); SetTokenSites replaces them and returns the token before
 // and after; an unknown site, an unknown, revoked or non-platform token are
 // refused with what to do, changing nothing; ListTokens by site finds the
 // platform tokens that list it.

@@ -323,7 +323,8 @@ func TestUnsendableGivenUpCounted(t *testing.T) {
 	key, _ := testSealer(t)
 	st := &memStore{hooks: map[string]*Webhook{"wh-1": {ID: "wh-1", URL: "http://127.0.0.1:1", TokenID: "t-1"}},
 		enc: map[string][]byte{"wh-1": []byte("not sealed")}, leased: map[int64]time.Time{}, tried: map[int64][]Outcome{}}
-	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true})
+	var logs bytes.Buffer
+	d, err := New(Options{Store: st, MasterKey: key, AllowPrivate: true, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,6 +340,9 @@ func TestUnsendableGivenUpCounted(t *testing.T) {
 		t.Errorf("the old delivery recorded %+v, want one last attempt saying why", got)
 	}
 	wantDeliveries(t, d, map[string]float64{"given_up": 1, "retry": 1})
+	if n := strings.Count(logs.String(), "webhook delivery given up"); n != 1 {
+		t.Errorf("%d give-ups logged, want 1:\n%s", n, logs.String())
+	}
 }
 
 // TestStopHoldsNothing: a request a stop cancels is recorded as a failed

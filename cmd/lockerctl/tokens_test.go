@@ -120,7 +120,7 @@ func TestTokenSitesCommands(t *testing.T) {
 		if c.body != "" {
 			want = []string{c.body}
 		}
-		if !slices.Equal(append([]string{}, bodies...), want) {
+		if !slices.Equal(bodies, want) {
 			t.Errorf("lockerctl %s sent %q, want %q", strings.Join(c.args, " "), bodies, want)
 		}
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -42,11 +43,13 @@ func TestAwaitOutlastsAFailedRead(t *testing.T) {
 
 // TestCreateWaitsOutA429: a create answered 429 (the platform's token has
 // as many requests in flight as the gateway allows) was not acted on and
-// is sent again; other answers are the create's.
+// is sent again; other answers are the create's; one that stays busy is
+// given up when ctx ends.
 func TestCreateWaitsOutA429(t *testing.T) {
-	var posts atomic.Int32
+	var posts, busy atomic.Int32
+	busy.Store(1)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if posts.Add(1) == 1 {
+		if posts.Add(1) <= busy.Load() {
 			w.Header().Set("Content-Type", "application/problem+json")
 			w.Header().Set("Retry-After", "1")
 			w.WriteHeader(http.StatusTooManyRequests)
@@ -58,10 +61,23 @@ func TestCreateWaitsOutA429(t *testing.T) {
 		w.Write([]byte(`{"id":"p-1","state":"staging"}`))
 	}))
 	defer srv.Close()
-	o := &Options{API: client.New(srv.URL, "tok"), Platform: "speedy", ExpiresIn: time.Hour}
+	o := &Options{API: client.New(srv.URL, "tok"), Platform: "speedy", ExpiresIn: time.Hour, BusyWait: 10 * time.Millisecond}
 	var p pickup.Pickup
 	status, err := o.create(context.Background(), order{ref: "A-1", site: "s1"}, &p)
 	if status != http.StatusCreated || err != nil || p.ID != "p-1" || posts.Load() != 2 {
 		t.Fatalf("create: %d %v %+v after %d posts; want 201 on the second", status, err, p, posts.Load())
+	}
+	busy.Store(1 << 30)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() {
+		for posts.Load() < 5 { // some retries, then the end of the run
+			runtime.Gosched()
+		}
+		cancel()
+	}()
+	// It returns (the 429, or the request ctx cut short), an error either way.
+	if status, err := o.create(ctx, order{ref: "A-2", site: "s1"}, &p); status == http.StatusCreated || err == nil {
+		t.Fatalf("create while busy until ctx ended: %d %v, want an error", status, err)
 	}
 }

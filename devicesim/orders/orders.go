@@ -47,6 +47,9 @@ type Options struct {
 	WrongCode, NoShow float64
 	// ExpiresIn is the pickups' lifetime. Default 1h.
 	ExpiresIn time.Duration
+	// BusyWait is how long a create answered 429 waits before it is sent
+	// again. Default 1s (the gateway's Retry-After).
+	BusyWait time.Duration
 	// Concurrency bounds orders in flight. Default 256.
 	Concurrency int
 	Seed        int64
@@ -77,6 +80,9 @@ func Run(ctx context.Context, o Options) (Stats, error) {
 	}
 	if o.ExpiresIn <= 0 {
 		o.ExpiresIn = time.Hour
+	}
+	if o.BusyWait <= 0 {
+		o.BusyWait = time.Second
 	}
 	if o.Concurrency <= 0 {
 		o.Concurrency = 256
@@ -137,7 +143,7 @@ type order struct {
 
 // create makes ord's pickup. A 429 (the platform's token has as many
 // requests in flight as the gateway allows) was not acted on: it is sent
-// again a second later (the gateway's Retry-After), while ctx lasts.
+// again BusyWait later, while ctx lasts.
 func (o *Options) create(ctx context.Context, ord order, p *pickup.Pickup) (int, error) {
 	for {
 		status, err := o.API.Do(ctx, client.Request{Method: "POST", Path: "/v1/pickups", Body: map[string]any{
@@ -150,7 +156,7 @@ func (o *Options) create(ctx context.Context, ord order, p *pickup.Pickup) (int,
 		select {
 		case <-ctx.Done():
 			return status, err
-		case <-time.After(time.Second):
+		case <-time.After(o.BusyWait):
 		}
 	}
 }
