@@ -57,6 +57,9 @@ type Options struct {
 	peekWait time.Duration
 	// now replaces time.Now (tests of pendingTTL).
 	now func() time.Time
+	// onConnect runs first in each connection's handler (tests: a handler
+	// that runs late).
+	onConnect func()
 }
 
 // deliver handles one message; ack is nil for QoS 0 and must otherwise be
@@ -240,12 +243,16 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 	for _, p := range early {
 		h(p.m, p.ack)
 	}
+	// Which connection this subscription is made on: 0 connections
+	// counted is Dial's, whose handler (paho runs it on a goroutine of its
+	// own) has not run yet, and may not have when the answer comes.
+	current := func() int { return max(b.conns, 1) }
 	b.mu.Lock()
-	conn := max(b.conns, 1) // 0: Dial's connection, whose handler has not run yet
+	conn := current()
 	b.mu.Unlock()
 	err := b.subscribeOnce(filter)
 	b.mu.Lock()
-	if conn == b.conns { // else a reconnect's loop has it
+	if conn == current() { // else a reconnect's loop has it
 		if err != nil {
 			b.missing[filter] = err
 		} else {
@@ -357,6 +364,9 @@ func (b *Bus) acker(m paho.Message) func() {
 // until they are in, the connection is replaced or the bus closes. Paho
 // runs it on a goroutine of its own for each connection.
 func (b *Bus) resubscribe(paho.Client) {
+	if b.o.onConnect != nil {
+		b.o.onConnect()
+	}
 	b.mu.Lock()
 	b.conns++
 	conn := b.conns

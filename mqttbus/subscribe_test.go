@@ -43,13 +43,64 @@ func dialBus(t *testing.T, addr, id string, o Options) *Bus {
 	return b
 }
 
+// refusingBroker runs mosquitto with dynamic security and a user gw (password
+// gw-pw) whose role gw lets it do nothing yet; do runs a dynsec command.
+func refusingBroker(t *testing.T) (addr string, ds *DynSec, do func(map[string]any)) {
+	t.Helper()
+	addr, adminPassword := dynsecMosquitto(t)
+	ds, err := NewDynSec(dialBus(t, addr, "admin", Options{Username: "lgadmin", Password: adminPassword}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	do = func(cmd map[string]any) {
+		t.Helper()
+		if err := ds.do(context.Background(), cmd); err != nil {
+			t.Fatalf("%s: %v", cmd["command"], err)
+		}
+	}
+	do(map[string]any{"command": "createRole", "rolename": "gw"})
+	do(map[string]any{"command": "createClient", "username": "gw", "password": "gw-pw", "roles": []any{map[string]any{"rolename": "gw"}}})
+	return addr, ds, do
+}
+
+// TestRefusedBeforeTheFirstHandler: paho runs a connection's handler on a
+// goroutine of its own, and Dial's may run only after a subscription's
+// answer came; a refusal then still leaves the bus not ready (it was lost:
+// the subscription took the uncounted connection for a replaced one).
+func TestRefusedBeforeTheFirstHandler(t *testing.T) {
+	addr, _, _ := refusingBroker(t)
+	release := make(chan struct{})
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	t.Cleanup(free)
+	gw := dialBus(t, addr, "gw-1", Options{Username: "gw", Password: "gw-pw", onConnect: func() { <-release }})
+	r := &received{got: map[string]int{}}
+	if err := gw.Subscribe("lockers/v1/+/events", r.handler); err == nil || !strings.Contains(err.Error(), "SUBACK 0x80") {
+		t.Fatalf("subscribe without the right: %v, want refused", err)
+	}
+	free()
+	testtool.Eventually(t, 10*time.Second, "the first connection's handler run", func() error {
+		gw.mu.Lock()
+		defer gw.mu.Unlock()
+		if gw.conns != 1 {
+			return fmt.Errorf("%d connections counted", gw.conns)
+		}
+		return nil
+	})
+	if err := gw.Ready(); err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Fatalf("ready with the subscription refused: %v", err)
+	}
+}
+
 // TestSubscriptionRefusedThenRestored: a subscription the broker refuses
 // (SUBACK 0x80: the user's roles do not allow it) is an error, not a
 // subscription that silently takes nothing, and the bus is not ready. Once
 // allowed it is restored on the next connection, and one refused on a
 // reconnect is tried again while connected until it is in.
 func TestSubscriptionRefusedThenRestored(t *testing.T) {
-	addr, adminPassword := dynsecMosquitto(t)
+	// The gateway's user, with a role that does not yet let it subscribe
+	// to device topics; a locker that publishes its events.
+	addr, ds, do := refusingBroker(t)
 	ctx := context.Background()
 	dial := func(id, user, password string, cut *cuttable) *Bus {
 		t.Helper()
@@ -59,20 +110,6 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 		}
 		return dialBus(t, addr, id, o)
 	}
-	ds, err := NewDynSec(dial("admin", "lgadmin", adminPassword, nil))
-	if err != nil {
-		t.Fatal(err)
-	}
-	do := func(cmd map[string]any) {
-		t.Helper()
-		if err := ds.do(ctx, cmd); err != nil {
-			t.Fatalf("%s: %v", cmd["command"], err)
-		}
-	}
-	// The gateway's user, with a role that does not yet let it subscribe
-	// to device topics; a locker that publishes its events.
-	do(map[string]any{"command": "createRole", "rolename": "gw"})
-	do(map[string]any{"command": "createClient", "username": "gw", "password": "gw-pw", "roles": []any{map[string]any{"rolename": "gw"}}})
 	if err := ds.PutDevice(ctx, "lk-1", "lk-pw"); err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +126,7 @@ func TestSubscriptionRefusedThenRestored(t *testing.T) {
 	gw := dial("gw-1", "gw", "gw-pw", cut)
 	drop := cut.drop
 	r := &received{got: map[string]int{}}
-	err = gw.Subscribe("lockers/v1/+/events", r.handler)
+	err := gw.Subscribe("lockers/v1/+/events", r.handler)
 	if err == nil || !strings.Contains(err.Error(), "refused the subscription to $share/g/lockers/v1/+/events (SUBACK 0x80)") {
 		t.Fatalf("subscribe without the right: %v, want refused", err)
 	}
