@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -192,5 +193,66 @@ func TestSinceAsADuration(t *testing.T) {
 	}
 	if code := ctl("audit", "--since", "2026-12-07T10:00:00Z"); code != 0 || !slices.Equal(sinces, []string{"/v1/audit 2026-12-07T10:00:00Z"}) {
 		t.Errorf("audit --since a time: exit %d, requests %q", code, sinces)
+	}
+}
+
+// TestListLimit: a list reads the API's largest pages; --limit N prints at
+// most N items, asks for no more than it prints, and says on stderr which
+// cursor the rest start after; --after starts there. A negative --limit
+// exits 2 without a request.
+func TestListLimit(t *testing.T) {
+	const total = 2500
+	var asked []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		asked = append(asked, q.Get("limit")+" after "+q.Get("after"))
+		limit, _ := strconv.Atoi(q.Get("limit"))
+		after, _ := strconv.Atoi(q.Get("after"))
+		if limit < 1 || limit > 1000 {
+			http.Error(w, "limit must be 1..1000", http.StatusBadRequest)
+			return
+		}
+		items := []map[string]any{}
+		for id := after + 1; id <= total && len(items) < limit; id++ {
+			items = append(items, map[string]any{"id": id, "action": "unlock"})
+		}
+		next := ""
+		if len(items) == limit { // as the API: a full page has a cursor
+			next = strconv.Itoa(after + limit)
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(map[string]any{"items": items, "next": next})
+	}))
+	defer srv.Close()
+	for _, c := range []struct {
+		args  []string
+		code  int
+		n     int      // items printed
+		asked []string // limit and after of each request
+		hint  string   // on stderr; "": none
+	}{
+		{nil, 0, total, []string{"1000 after ", "1000 after 1000", "1000 after 2000"}, ""},
+		{[]string{"--limit", "100"}, 0, 100, []string{"100 after "}, "stopped at --limit 100; there may be more: go on with --after 100"},
+		{[]string{"--limit", "1500"}, 0, 1500, []string{"1000 after ", "500 after 1000"}, "--after 1500"},
+		{[]string{"--limit", "100", "--after", "2450"}, 0, 50, []string{"100 after 2450"}, ""},
+		{[]string{"--after", "2000"}, 0, 500, []string{"1000 after 2000"}, ""},
+		{[]string{"--limit", "-1"}, 2, 0, nil, ""},
+	} {
+		asked = nil
+		var out, errOut bytes.Buffer
+		args := append(append([]string{"--url", srv.URL, "--token", "tok", "-o", "json"}, c.args...), "audit")
+		code := run(args, &out, &errOut)
+		var items []map[string]any
+		if c.code == 0 {
+			if err := json.Unmarshal(out.Bytes(), &items); err != nil {
+				t.Fatalf("%q: %v in %q", c.args, err, out.String())
+			}
+		}
+		if code != c.code || len(items) != c.n || !slices.Equal(asked, c.asked) {
+			t.Errorf("%q: exit %d, %d items, asked %q; want %d, %d, %q", c.args, code, len(items), asked, c.code, c.n, c.asked)
+		}
+		if got := errOut.String(); (c.hint == "") != !strings.Contains(got, "stopped at") || !strings.Contains(got, c.hint) {
+			t.Errorf("%q: stderr %q, want %q", c.args, got, c.hint)
+		}
 	}
 }

@@ -30,7 +30,7 @@ import (
 
 func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
 
-const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN | --data-dir DIR] COMMAND
+const usage = `usage: lockerctl [-o table|json] [--url URL] [--token TOKEN | --data-dir DIR] [--limit N] [--after CURSOR] COMMAND
 
 commands:
   lockers list [--site S] [--online true|false] [--model M] [--fw V]
@@ -48,6 +48,8 @@ commands:
   audit [--locker ID] [--actor A] [--since RFC3339|-1h]
   alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339|-1h] | alerts clear ID
 ` + handoffUsage + firmwareUsage + `
+lists print every page unless --limit N stops them after N items; the next
+N start at the cursor it prints (--after CURSOR).
 environment: LOCKERGATE_URL (default http://127.0.0.1:8080),
              LOCKERGATE_TOKEN (default: DIR/admin.token when readable),
              LOCKERGATE_DATA_DIR (DIR: the gateway's --data-dir, default ./lockergate-data)
@@ -59,6 +61,10 @@ type cli struct {
 	json   bool
 	ctx    context.Context
 	stderr io.Writer
+	// limit, when above 0, is how many items a list prints at most; after
+	// is the cursor its first page starts after.
+	limit int
+	after string
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -69,6 +75,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	base := fs.String("url", envOr("LOCKERGATE_URL", "http://127.0.0.1:8080"), "gateway API URL")
 	token := fs.String("token", os.Getenv("LOCKERGATE_TOKEN"), "API token")
 	dataDir := fs.String("data-dir", envOr("LOCKERGATE_DATA_DIR", "lockergate-data"), "the gateway's data directory (its --data-dir, env LOCKERGATE_DATA_DIR for both), to read admin.token from when no token is given")
+	limit := fs.Int("limit", 0, "lists: print at most this many items, and the cursor to go on from (0: every page)")
+	after := fs.String("after", "", "lists: start after this cursor (printed by a list that --limit stopped)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -79,6 +87,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "lockerctl: -o must be table or json")
 		return 2
 	}
+	if *limit < 0 {
+		fmt.Fprintln(stderr, "lockerctl: --limit must be 0 (every page) or more")
+		return 2
+	}
 	tokenFile := filepath.Join(*dataDir, "admin.token")
 	if *token == "" {
 		if b, err := os.ReadFile(tokenFile); err == nil {
@@ -87,7 +99,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	c := &cli{c: client.New(*base, *token), out: stdout, json: *output == "json", ctx: ctx, stderr: stderr}
+	c := &cli{c: client.New(*base, *token), out: stdout, json: *output == "json", ctx: ctx, stderr: stderr, limit: *limit, after: *after}
 	rest := fs.Args()
 	if len(rest) == 0 {
 		fmt.Fprint(stderr, usage)
@@ -381,27 +393,48 @@ func withoutEmpty(q url.Values) url.Values {
 }
 
 // list fetches every page of a list and prints it.
+// maxPage is the most items the API answers in one page.
+const maxPage = 1000
+
+// list prints every item of the list at path (with the filters in q),
+// reading it in the largest pages the API gives; with --limit it stops
+// after that many and says on stderr where the rest begin.
 func (c *cli) list(path string, q url.Values, cols []string) error {
 	q = withoutEmpty(q)
+	if c.after != "" {
+		q.Set("after", c.after)
+	}
 	var items []map[string]any
+	next := ""
 	for {
-		var page struct {
+		page := maxPage
+		if c.limit > 0 {
+			page = min(maxPage, c.limit-len(items))
+		}
+		q.Set("limit", strconv.Itoa(page))
+		var p struct {
 			Items []map[string]any `json:"items"`
 			Next  string           `json:"next"`
 		}
-		if err := c.c.Get(c.ctx, path, q, &page); err != nil {
+		if err := c.c.Get(c.ctx, path, q, &p); err != nil {
 			return err
 		}
-		items = append(items, page.Items...)
-		if page.Next == "" {
+		items = append(items, p.Items...)
+		if next = p.Next; next == "" || (c.limit > 0 && len(items) >= c.limit) {
 			break
 		}
-		q.Set("after", page.Next)
+		q.Set("after", next)
 	}
 	if items == nil {
 		items = []map[string]any{}
 	}
-	return c.print(items, cols)
+	if err := c.print(items, cols); err != nil {
+		return err
+	}
+	if c.limit > 0 && next != "" {
+		fmt.Fprintf(c.stderr, "lockerctl: stopped at --limit %d; there may be more: go on with --after %s\n", c.limit, next)
+	}
+	return nil
 }
 
 func (c *cli) unlock(args []string) error {
