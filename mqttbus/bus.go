@@ -60,6 +60,11 @@ type Options struct {
 	// onConnect runs first in each connection's handler (tests: a handler
 	// that runs late).
 	onConnect func()
+	// beforeSubscribe runs before each subscription is sent (tests: one
+	// that comes late).
+	beforeSubscribe func(filter string)
+	// afterFunc replaces time.AfterFunc (tests of pendingTTL).
+	afterFunc func(time.Duration, func()) *time.Timer
 }
 
 // deliver handles one message; ack is nil for QoS 0 and must otherwise be
@@ -90,6 +95,13 @@ type Bus struct {
 	c   paho.Client
 	log *slog.Logger
 
+	// subMu is held for reading from a subscription's check that the bus
+	// is not closing until paho has queued its SUBSCRIBE, and for writing
+	// by Close as it begins: Close's UNSUBSCRIBE goes out after every
+	// SUBSCRIBE, and none follows it (one would put a persistent session
+	// back in the group, taking a share of device messages for nobody).
+	subMu sync.RWMutex
+
 	mu     sync.Mutex
 	routes []route             // dispatch, in subscription order
 	subs   map[string]struct{} // filters restored on reconnect
@@ -99,10 +111,14 @@ type Bus struct {
 	missing map[string]error
 	conns   int          // connections made: a loop of an older one stops
 	pending []pendingMsg // arrived before a matching subscription
-	closing bool
-	unacked int           // QoS 1 messages handed out and not acknowledged
-	idle    chan struct{} // closed when unacked drops to 0 (while Close waits)
-	closed  chan struct{} // closed by Close: resubscription loops end
+	// pendingTimer expires held messages while nothing else arrives (the
+	// broker stops sending QoS 1 messages once its in-flight window is full
+	// of unacknowledged ones); nil when none is held.
+	pendingTimer *time.Timer
+	closing      bool
+	unacked      int           // QoS 1 messages handed out and not acknowledged
+	idle         chan struct{} // closed when unacked drops to 0 (while Close waits)
+	closed       chan struct{} // closed by Close: resubscription loops end
 	// disconnected is set once Close has disconnected: a Publish then is
 	// a fleet.ErrBusGone, which the fleet manager does not retry.
 	disconnected atomic.Bool
@@ -170,6 +186,10 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		// out of order would leave an older one retained.
 		SetStore(paho.NewOrderedMemoryStore()).
 		SetOnConnectHandler(b.resubscribe).
+		// Before each reconnect: paho marks the new connection up before it
+		// starts the connect handler, and until that runs the new session
+		// (a clean one holds no subscriptions) must not look ready.
+		SetReconnectingHandler(func(paho.Client, *paho.ClientOptions) { b.notSubscribed() }).
 		SetConnectionLostHandler(func(_ paho.Client, err error) {
 			b.log.Warn("external broker connection lost; reconnecting", "err", err)
 		})
@@ -183,6 +203,11 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 	b.c = paho.NewClient(opts)
 	t := b.c.Connect()
 	if err := wait(ctx, t, 10*time.Second); err != nil {
+		// paho goes on connecting after the wait gave up: a connection made
+		// then would hold the client id (and, in a persistent session, take
+		// a share of the group's messages) for nobody.
+		b.c.Disconnect(0)
+		b.peekStop()
 		return nil, fmt.Errorf("connect to external broker %s as %s: %w", u.Host, o.ClientID, err)
 	}
 	return b, nil
@@ -271,7 +296,20 @@ const subscribeTimeout = 10 * time.Second
 // of 0x80: mosquitto's dynamic security, for one, refuses a filter the
 // user's roles do not allow).
 func (b *Bus) subscribeOnce(filter string) error {
-	return subscribed(context.Background(), b.c.Subscribe(filter, 1, nil), filter)
+	if b.o.beforeSubscribe != nil {
+		b.o.beforeSubscribe(filter)
+	}
+	b.subMu.RLock()
+	b.mu.Lock()
+	closing := b.closing
+	b.mu.Unlock()
+	if closing {
+		b.subMu.RUnlock()
+		return fmt.Errorf("subscribe to %s: the bus is closing", filter)
+	}
+	t := b.c.Subscribe(filter, 1, nil)
+	b.subMu.RUnlock()
+	return subscribed(context.Background(), t, filter)
 }
 
 // subscribed waits for the answer to a subscription to filter.
@@ -300,11 +338,7 @@ func (b *Bus) receive(_ paho.Client, m paho.Message) {
 	ack := b.acker(m)
 	now := b.now()
 	b.mu.Lock()
-	var stale []pendingMsg
-	for len(b.pending) > 0 && now.Sub(b.pending[0].at) > pendingTTL {
-		stale = append(stale, b.pending[0])
-		b.pending = b.pending[1:]
-	}
+	stale := b.takeStale(now)
 	var h deliver
 	for _, r := range b.routes {
 		if protocol.TopicMatches(r.topic, m.Topic()) {
@@ -314,8 +348,30 @@ func (b *Bus) receive(_ paho.Client, m paho.Message) {
 	}
 	if h == nil {
 		b.pending = append(b.pending, pendingMsg{m: m, ack: ack, at: now})
+		b.armPendingTimer(now)
 	}
 	b.mu.Unlock()
+	b.dropStale(stale)
+	if h != nil {
+		h(m, ack)
+	}
+}
+
+// takeStale removes the held messages older than pendingTTL at now and
+// returns them, oldest first. Called with b.mu held.
+func (b *Bus) takeStale(now time.Time) []pendingMsg {
+	var stale []pendingMsg
+	for len(b.pending) > 0 && now.Sub(b.pending[0].at) > pendingTTL {
+		stale = append(stale, b.pending[0])
+		b.pending[0] = pendingMsg{}
+		b.pending = b.pending[1:]
+	}
+	return stale
+}
+
+// dropStale acknowledges the held messages takeStale returned (the broker
+// stops redelivering them) and says so.
+func (b *Bus) dropStale(stale []pendingMsg) {
 	for _, p := range stale {
 		b.log.Warn("external broker delivered a message no subscription of this instance takes; dropped",
 			"topic", p.m.Topic())
@@ -323,8 +379,46 @@ func (b *Bus) receive(_ paho.Client, m paho.Message) {
 			p.ack()
 		}
 	}
-	if h != nil {
-		h(m, ack)
+}
+
+// armPendingTimer makes sure a timer expires the oldest held message when
+// its time is up. Called with b.mu held.
+func (b *Bus) armPendingTimer(now time.Time) {
+	if b.pendingTimer != nil || len(b.pending) == 0 || b.closing {
+		return
+	}
+	after := time.AfterFunc
+	if b.o.afterFunc != nil {
+		after = b.o.afterFunc
+	}
+	d := pendingTTL - now.Sub(b.pending[0].at) + time.Millisecond
+	b.pendingTimer = after(max(d, time.Millisecond), b.expirePending)
+}
+
+// expirePending is the timer's: it drops what is past pendingTTL and arms
+// the timer again for what is left.
+func (b *Bus) expirePending() {
+	now := b.now()
+	b.mu.Lock()
+	b.pendingTimer = nil
+	stale := b.takeStale(now)
+	b.armPendingTimer(now)
+	b.mu.Unlock()
+	b.dropStale(stale)
+}
+
+// notSubscribed marks every subscription missing: a connection is about
+// to be made again.
+func (b *Bus) notSubscribed() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.markMissing()
+}
+
+// markMissing marks every subscription missing. Called with b.mu held.
+func (b *Bus) markMissing() {
+	for f := range b.subs {
+		b.missing[f] = errors.New("not yet subscribed on this connection")
 	}
 }
 
@@ -376,9 +470,7 @@ func (b *Bus) resubscribe(paho.Client) {
 		b.mu.Unlock()
 		return
 	}
-	for f := range b.subs {
-		b.missing[f] = errors.New("not yet subscribed on this connection")
-	}
+	b.markMissing() // the reconnecting handler did too, before this connection was made
 	b.mu.Unlock()
 	for backoff := resubscribeBackoff; ; backoff = min(2*backoff, maxResubscribeBackoff) {
 		b.mu.Lock()
@@ -481,10 +573,11 @@ func (b *Bus) retained(ctx context.Context, topic string) ([]byte, error) {
 		}
 	})
 	// Left whatever the answer (a subscription made after a SUBACK timeout
-	// would otherwise stay), not waited for: the broker takes packets in
-	// order, so the topic's next read (its turn comes after this defer)
-	// subscribes after this leaves.
-	defer c.Unsubscribe(topic)
+	// would otherwise stay), and the turn ends only once the broker says so
+	// (or a while has passed): what it sent for this read comes before its
+	// UNSUBACK, and finds no route, rather than reaching the topic's next
+	// read as that read's (an older retained message than the topic has).
+	defer func() { wait(context.Background(), c.Unsubscribe(topic), unsubscribeWait) }()
 	if err := subscribed(ctx, t, topic); err != nil {
 		return nil, err
 	}
@@ -564,6 +657,9 @@ func (b *Bus) peekConn(ctx context.Context) (paho.Client, error) {
 	return c, nil
 }
 
+// unsubscribeWait bounds a retained read's wait for its UNSUBACK.
+const unsubscribeWait = 2 * time.Second
+
 // retainedWait is how long Retained waits after the SUBACK for a retained
 // message before it takes the topic to have none.
 const retainedWait = 2 * time.Second
@@ -602,14 +698,20 @@ func (b *Bus) Ready() error {
 func (b *Bus) Close() { b.closeOnce.Do(b.close) }
 
 func (b *Bus) close() {
+	b.subMu.Lock() // after every SUBSCRIBE under way is queued
 	b.mu.Lock()
 	b.closing = true
+	if b.pendingTimer != nil {
+		b.pendingTimer.Stop()
+		b.pendingTimer = nil
+	}
 	close(b.closed)
 	filters := make([]string, 0, len(b.subs))
 	for f := range b.subs {
 		filters = append(filters, f)
 	}
 	b.mu.Unlock()
+	b.subMu.Unlock()
 	if len(filters) > 0 && b.c.IsConnectionOpen() {
 		if err := wait(context.Background(), b.c.Unsubscribe(filters...), 5*time.Second); err != nil {
 			b.log.Warn("leave subscriptions on the external broker", "err", err)

@@ -274,13 +274,79 @@ func TestCrashRedelivery(t *testing.T) {
 	t.Logf("B got %d, crashed A had %d unacknowledged, restarted A got %d (%d twice)", rb.count(), ra.count(), ra2.count(), ra2.dups)
 }
 
+// shareHealth subscribes a and b to health in group g (a's handler
+// holding its acknowledgements), publishes health 0..19 through pub and
+// waits until a holds some.
+func shareHealth(t *testing.T, pub, a, b *Bus) (ra, rb *received) {
+	t.Helper()
+	const topic = "lockers/v1/+/health"
+	ra = &received{got: map[string]int{}, hold: true}
+	if err := a.Subscribe(topic, ra.handler); err != nil {
+		t.Fatal(err)
+	}
+	rb = &received{got: map[string]int{}}
+	if err := b.Subscribe(topic, rb.handler); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 20; i++ {
+		if err := pub.Publish(context.Background(), "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testtool.Eventually(t, 10*time.Second, "A holds messages", func() error {
+		if ra.count() == 0 {
+			return errors.New("none")
+		}
+		return nil
+	})
+	return ra, rb
+}
+
+// closeHolding closes a, whose handler r holds its acknowledgements: once
+// closing says Close has got far enough, it gives them, and waits for Close
+// to return.
+func closeHolding(t *testing.T, a *Bus, r *received, what string, closing func() error) {
+	t.Helper()
+	closed := make(chan struct{})
+	go func() { a.Close(); close(closed) }()
+	// Close waits for the fleet's acknowledgements: give them then.
+	testtool.Eventually(t, 10*time.Second, what, closing)
+	r.mu.Lock()
+	for _, ack := range r.acks {
+		ack()
+	}
+	r.hold = false
+	r.mu.Unlock()
+	select {
+	case <-closed:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close did not return after the acknowledgements")
+	}
+}
+
+// takesAllAfter publishes health 100..119 through pub and waits until r
+// has every one.
+func takesAllAfter(t *testing.T, pub *Bus, r *received) {
+	t.Helper()
+	for i := 100; i < 120; i++ {
+		if err := pub.Publish(context.Background(), "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testtool.Eventually(t, 10*time.Second, "B takes everything after A left", func() error {
+		if missing := r.missing(100, 120); len(missing) > 0 {
+			return fmt.Errorf("B lacks %v", missing)
+		}
+		return nil
+	})
+}
+
 // TestCloseLeavesGroupAndDrains: Close stops the broker from giving the
 // instance more messages, waits for what it holds to be acknowledged, and
 // the other instance takes everything published afterwards.
 func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	addr := mosquitto(t, "")
 	ctx := context.Background()
-	const topic = "lockers/v1/+/health"
 	dial := func(id string) *Bus {
 		b, err := Dial(ctx, Options{URL: "mqtt://" + addr, ClientID: id, Group: "g", Persistent: true, Logger: quiet()})
 		if err != nil {
@@ -292,27 +358,8 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	defer pub.Close()
 	a, b := dial("gw-a"), dial("gw-b")
 	defer b.Close()
-	ra := &received{got: map[string]int{}, hold: true}
-	if err := a.Subscribe(topic, ra.handler); err != nil {
-		t.Fatal(err)
-	}
-	rb := &received{got: map[string]int{}}
-	if err := b.Subscribe(topic, rb.handler); err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < 20; i++ {
-		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
-	}
-	testtool.Eventually(t, 10*time.Second, "A holds messages", func() error {
-		if ra.count() == 0 {
-			return errors.New("none")
-		}
-		return nil
-	})
-	closed := make(chan struct{})
-	go func() { a.Close(); close(closed) }()
-	// Close waits for the fleet's acknowledgements: give them now.
-	testtool.Eventually(t, 10*time.Second, "A has left the group", func() error {
+	ra, rb := shareHealth(t, pub, a, b)
+	closeHolding(t, a, ra, "A has left the group", func() error {
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if !a.closing {
@@ -320,17 +367,6 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 		}
 		return nil
 	})
-	ra.mu.Lock()
-	for _, ack := range ra.acks {
-		ack()
-	}
-	ra.hold = false
-	ra.mu.Unlock()
-	select {
-	case <-closed:
-	case <-time.After(10 * time.Second):
-		t.Fatal("Close did not return after the acknowledgements")
-	}
 	if n := a.waitAcked(0); n != 0 {
 		t.Fatalf("%d unacknowledged after Close", n)
 	}
@@ -340,18 +376,10 @@ func TestCloseLeavesGroupAndDrains(t *testing.T) {
 	if err := a.Publish(ctx, "lockers/v1/L1/cmd", []byte("{}"), 1, false); !errors.Is(err, fleet.ErrBusGone) {
 		t.Fatalf("publish after Close: %v, want a fleet.ErrBusGone", err)
 	}
-	for i := 100; i < 120; i++ {
-		pub.Publish(ctx, "lockers/v1/L1/health", []byte(fmt.Sprint(i)), 1, false)
-	}
 	// By payload: the broker may hand B some of the first 20 again too
 	// (one whose acknowledgement from A it had not read when A left: at
 	// least once), so counts say nothing.
-	testtool.Eventually(t, 10*time.Second, "B takes everything after A left", func() error {
-		if missing := rb.missing(100, 120); len(missing) > 0 {
-			return fmt.Errorf("B lacks %v", missing)
-		}
-		return nil
-	})
+	takesAllAfter(t, pub, rb)
 	if missing := intersect(ra.missing(0, 20), rb.missing(0, 20)); len(missing) > 0 {
 		t.Errorf("first 20: neither A nor B got %v", missing)
 	}

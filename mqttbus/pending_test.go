@@ -69,3 +69,51 @@ func TestPendingMessagesExpire(t *testing.T) {
 		t.Errorf("no warning naming the dropped topic:\n%s", logs.String())
 	}
 }
+
+// TestHeldMessagesExpireWithoutArrivals: held messages expire on a timer,
+// not only when another message arrives (a broker whose in-flight window is
+// full of held QoS 1 messages sends nothing more, so nothing else would
+// come to expire them); the timer is armed for the oldest and again for
+// what is left, and not while nothing is held.
+func TestHeldMessagesExpireWithoutArrivals(t *testing.T) {
+	clock := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	var armed []time.Duration
+	var fire func()
+	after := func(d time.Duration, f func()) *time.Timer {
+		armed, fire = append(armed, d), f
+		tm := time.NewTimer(time.Hour)
+		tm.Stop()
+		return tm
+	}
+	var logs bytes.Buffer
+	b := &Bus{o: Options{now: func() time.Time { return clock }, afterFunc: after},
+		log: slog.New(slog.NewTextHandler(&logs, nil)), subs: map[string]struct{}{}}
+	old := &fakeMsg{topic: "lockers/v1/lk-1/retired-channel"}
+	b.receive(nil, old)
+	clock = clock.Add(30 * time.Second)
+	young := &fakeMsg{topic: "lockers/v1/lk-2/retired-channel"}
+	b.receive(nil, young)
+	if len(armed) != 1 || armed[0] != pendingTTL+time.Millisecond {
+		t.Fatalf("timers armed %v, want one for the oldest's TTL", armed)
+	}
+
+	clock = clock.Add(pendingTTL - 30*time.Second + time.Millisecond) // the oldest's time is up
+	fire()
+	if old.acks.Load() != 1 || young.acks.Load() != 0 || len(b.pending) != 1 {
+		t.Fatalf("after the first timer: acks %d and %d, %d held; want the old one dropped", old.acks.Load(), young.acks.Load(), len(b.pending))
+	}
+	if len(armed) != 2 || armed[1] != 30*time.Second {
+		t.Fatalf("timers armed %v, want a second for the young one's remaining 30s", armed)
+	}
+	clock = clock.Add(30 * time.Second)
+	fire()
+	if young.acks.Load() != 1 || len(b.pending) != 0 || len(armed) != 2 || b.pendingTimer != nil {
+		t.Fatalf("after the second timer: young acked %d, %d held, timers %v; want it dropped and no timer", young.acks.Load(), len(b.pending), armed)
+	}
+	if b.unacked != 0 {
+		t.Errorf("%d unacknowledged, want 0", b.unacked)
+	}
+	if got := strings.Count(logs.String(), "no subscription"); got != 2 {
+		t.Errorf("%d warnings, want one per dropped message:\n%s", got, logs.String())
+	}
+}
