@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -54,11 +55,17 @@ func mosquitto(t *testing.T, extraConf string) string {
 		}
 		cmd := exec.Command(bin, "-c", cf)
 		cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
+		logPath := filepath.Join(dir, fmt.Sprintf("mosquitto-%d.log", attempt))
+		logf, err := os.Create(logPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stdout, cmd.Stderr = logf, logf
 		exited, err := testtool.Start(cmd)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+		t.Cleanup(func() { cmd.Process.Kill(); <-exited; logf.Close() })
 		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
 			select {
 			case <-exited:
@@ -66,9 +73,15 @@ func mosquitto(t *testing.T, extraConf string) string {
 				continue
 			default:
 			}
-			if c, err := net.Dial("tcp", addr); err == nil {
-				c.Close()
-				return addr
+			// Listening, and the listener is the process started here: it
+			// says "running" only once its listener is bound, while one that
+			// lost the port to another process exits (and that other
+			// process would answer a dial).
+			if b, _ := os.ReadFile(logPath); strings.Contains(string(b), " running") {
+				if c, err := net.Dial("tcp", addr); err == nil {
+					c.Close()
+					return addr
+				}
 			}
 			time.Sleep(20 * time.Millisecond) // polling interval of a condition wait
 		}
