@@ -60,6 +60,19 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 		audit = &AuditEntry{Actor: req.Actor, Action: "unlock", Locker: c.DeviceID,
 			Detail: map[string]any{"command": c.ID, "compartment": c.Compartment, "reason": c.Reason, "expires_at": c.ExpiresAt}}
 	}
+	var wake chan *Command
+	if wait > 0 {
+		// Before the command is stored: once it is, the locker may be sent
+		// it (a birth delivers what is pending) and answer before this
+		// call waits.
+		wake = m.subscribe(c.ID)
+	}
+	handedOver := false // to waitCommand, which unsubscribes
+	defer func() {
+		if wake != nil && !handedOver {
+			m.unsubscribe(c.ID, wake)
+		}
+	}()
 	// The locker is checked where the command is stored: one round trip.
 	t, created, err := m.store.CreateCommand(ctx, c, audit, req.Site)
 	switch {
@@ -91,17 +104,13 @@ func (m *Manager) SendCommandWait(ctx context.Context, req CommandRequest, wait 
 	if sendNow {
 		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
 	}
-	var wake chan *Command
-	if wait > 0 {
-		// Before sending: the answer can arrive before this call waits.
-		wake = m.subscribe(c.ID)
-	}
 	if sendNow {
 		m.deliver(ctx, c)
 	}
 	if wait <= 0 {
 		return c, nil
 	}
+	handedOver = true
 	return m.waitCommand(ctx, c, wake, wait)
 }
 
@@ -268,8 +277,14 @@ func (m *Manager) waitCommand(ctx context.Context, c *Command, wake chan *Comman
 		}
 		now := m.now()
 		if c.Status == CmdPending && !now.Before(c.ExpiresAt) {
-			// Do not leave a caller waiting on the sweeper's next tick.
-			m.sweep(ctx)
+			// Do not leave a caller waiting on the sweeper's next tick. The
+			// sweep ends every command due, not only this one, and records
+			// their ends (metrics, staff told of a failed staging unlock):
+			// a caller that goes away meanwhile must not cut it short after
+			// its statement committed.
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), deliverTimeout)
+			m.sweep(sctx)
+			cancel()
 			nc, err := m.store.GetCommand(ctx, deviceID, id)
 			if err != nil {
 				return c, err // the last known state: the command is stored

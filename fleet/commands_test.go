@@ -1443,3 +1443,101 @@ func TestWaitOfflineReadsAgainAtItsEnd(t *testing.T) {
 		t.Fatalf("WaitOffline: %+v %v, want the locker offline as recorded at the end", l, err)
 	}
 }
+
+// earlyAnswerStore stores a command pending (its locker offline) and,
+// before CreateCommand returns, has it delivered and answered ok, as a
+// birth handled meanwhile on the locker's control shard would.
+type earlyAnswerStore struct {
+	*fakeStore
+	m *Manager
+}
+
+func (s earlyAnswerStore) CreateCommand(ctx context.Context, c *Command, a *AuditEntry, site string) (CommandTarget, bool, error) {
+	t, created, err := s.fakeStore.CreateCommand(ctx, c, a, site)
+	if err != nil || !created {
+		return t, created, err
+	}
+	stored := *c
+	s.m.deliver(ctx, &stored)
+	return t, created, err
+}
+
+// TestAnswerBeforeCreateReturnsIsNotMissed: a command stored pending can
+// be sent and answered before CreateCommand has returned (the locker came
+// online meanwhile); the wait is woken with that answer, not left to find
+// it when its time runs out.
+func TestAnswerBeforeCreateReturnsIsNotMissed(t *testing.T) {
+	st, bus := newFakeStore(), &fakeBus{}
+	off := *testLocker
+	off.Online = false
+	st.lockers[off.ID] = off
+	wrapped := earlyAnswerStore{fakeStore: st}
+	m, err := New(Options{Store: &wrapped, Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrapped.m = m
+	bus.answer = answerOK(m)
+	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: off.ID, Type: protocol.CmdUnlock, Compartment: 1, Actor: "t", TTL: 30 * time.Second}, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Status != CmdOK {
+		t.Fatalf("status %q, want the answer given before the create returned (ok)", c.Status)
+	}
+	// Handed over as it was recorded: not read back when the wait ran
+	// out (a wait_s caller would wait its full time for an answer given).
+	if n := st.reads(); n != 0 {
+		t.Errorf("%d GetCommand calls, want 0", n)
+	}
+	if len(m.waiters) != 0 {
+		t.Errorf("waiters left behind: %v", m.waiters)
+	}
+}
+
+// ctxExpiringStore expires its pending commands past their time, as the
+// database would, and fails as pgx does when the context has ended.
+type ctxExpiringStore struct{ *fakeStore }
+
+func (s ctxExpiringStore) ExpireCommands(ctx context.Context, now time.Time, _ time.Duration) ([]Command, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Command
+	for id, c := range s.cmds {
+		if c.Status == CmdPending && !now.Before(c.ExpiresAt) {
+			c.Status = CmdExpired
+			s.cmds[id] = c
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+// TestWaitersSweepOutlivesTheRequest: the sweep a waiter runs for a command
+// that expired pending ends every command due and records their ends; a
+// request gone away meanwhile does not cut it short.
+func TestWaitersSweepOutlivesTheRequest(t *testing.T) {
+	st := ctxExpiringStore{newFakeStore()}
+	var ended []string
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, CommandFinished: func(_ context.Context, c *Command) {
+		ended = append(ended, c.ID+" "+c.Status)
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	past := m.now().Add(-time.Second)
+	for _, id := range []string{"c1", "c2"} {
+		st.cmds[id] = Command{ID: id, DeviceID: "lk-1", Type: protocol.CmdUnlock, Status: CmdPending, ExpiresAt: past}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	c := st.cmds["c1"]
+	m.waitCommand(ctx, &c, m.subscribe(c.ID), time.Minute)
+	slices.Sort(ended)
+	if !slices.Equal(ended, []string{"c1 expired", "c2 expired"}) {
+		t.Fatalf("ends recorded: %q, want both commands expired", ended)
+	}
+}
