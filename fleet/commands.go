@@ -367,6 +367,20 @@ func (m *Manager) notify(id string) { m.wake(id, nil) }
 // command it stored: the notification of its own commit, which races
 // that, would only have them read it again.
 func (m *Manager) changed(id string) {
+	if id == "" {
+		// Notifications may have been missed (the store's listener was
+		// replaced): every waiter reads its command again.
+		m.mu.Lock()
+		ids := make([]string, 0, len(m.waiters))
+		for id := range m.waiters {
+			ids = append(ids, id)
+		}
+		m.mu.Unlock()
+		for _, id := range ids {
+			m.notify(id)
+		}
+		return
+	}
 	m.mu.Lock()
 	recording := m.completing[id] > 0
 	m.mu.Unlock()

@@ -399,27 +399,39 @@ func TestSendCommandNotStoredIsNotSent(t *testing.T) {
 }
 
 func TestWaitCommandWokenByAnotherInstance(t *testing.T) {
-	m, st, _ := newTestManager(t)
-	c, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdReboot}, 0)
-	if err != nil || c.Status != CmdSent {
-		t.Fatalf("send: %+v %v", c, err)
-	}
-	done := make(chan *Command, 1)
-	go func() {
-		got, _ := m.WaitCommand(context.Background(), testLocker.ID, c.ID, 10*time.Second)
-		done <- got
-	}()
-	waitUntil(t, "waiter subscribed", func() bool { m.mu.Lock(); defer m.mu.Unlock(); return len(m.waiters[c.ID]) == 1 })
-	// Another instance took the answer: only the id arrives (NOTIFY).
-	st.set(c.ID, CmdOK)
-	m.notify(c.ID)
-	select {
-	case got := <-done:
-		if got == nil || got.Status != CmdOK {
-			t.Fatalf("got %+v, want ok", got)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("waiter not woken by the notification")
+	for _, c := range []struct {
+		name   string
+		notify func(m *Manager, id string)
+	}{
+		// Another instance took the answer: only the id arrives (NOTIFY).
+		{"its notification", func(m *Manager, id string) { m.changed(id) }},
+		// The store's listener was replaced: notifications may have been
+		// missed, and every waiter reads its command again.
+		{"notifications missed", func(m *Manager, _ string) { m.changed("") }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m, st, _ := newTestManager(t)
+			cmd, err := m.SendCommandWait(context.Background(), CommandRequest{DeviceID: testLocker.ID, Type: protocol.CmdReboot}, 0)
+			if err != nil || cmd.Status != CmdSent {
+				t.Fatalf("send: %+v %v", cmd, err)
+			}
+			done := make(chan *Command, 1)
+			go func() {
+				got, _ := m.WaitCommand(context.Background(), testLocker.ID, cmd.ID, time.Minute) // longer than the test waits
+				done <- got
+			}()
+			waitUntil(t, "waiter subscribed", func() bool { m.mu.Lock(); defer m.mu.Unlock(); return len(m.waiters[cmd.ID]) == 1 })
+			st.set(cmd.ID, CmdOK)
+			c.notify(m, cmd.ID)
+			select {
+			case got := <-done:
+				if got == nil || got.Status != CmdOK {
+					t.Fatalf("got %+v, want ok", got)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("waiter not woken")
+			}
+		})
 	}
 }
 

@@ -104,7 +104,8 @@ type Store interface {
 	UnansweredCommands(ctx context.Context, now, sentBefore time.Time, limit int, skip []string) ([]Command, error)
 
 	// WatchCommands calls fn with the id of every command whose status
-	// changed on any gateway instance, until ctx ends.
+	// changed on any gateway instance, until ctx ends; and with "" when
+	// some may have been missed (every waiter then reads its command again).
 	WatchCommands(ctx context.Context, fn func(id string)) error
 
 	// Retained returns what a locker must hold on its retained topics.

@@ -5,106 +5,40 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgcluster"
+	"github.com/lockergate/lockergate/internal/pgtest"
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
-// pgProxy forwards TCP connections to a PostgreSQL unix socket that may
-// change when the cluster restarts, so the gateway keeps one DSN.
-type pgProxy struct {
-	ln     net.Listener
-	target atomic.Value // string: unix socket path
-	mu     sync.Mutex
-	conns  []net.Conn
-}
-
-func newPGProxy(tb testing.TB) *pgProxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	p := &pgProxy{ln: ln}
-	tb.Cleanup(func() { ln.Close(); p.dropAll() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go p.serve(c)
-		}
-	}()
-	return p
-}
-
-func (p *pgProxy) setCluster(tb testing.TB, c *pgcluster.Cluster) {
-	cfg, err := pgconn.ParseConfig(c.DSN("lockergate"))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	p.target.Store(filepath.Join(cfg.Host, fmt.Sprintf(".s.PGSQL.%d", cfg.Port)))
-}
-
-func (p *pgProxy) serve(c net.Conn) {
-	up, err := net.Dial("unix", p.target.Load().(string))
-	if err != nil {
-		c.Close()
-		return
-	}
-	p.mu.Lock()
-	p.conns = append(p.conns, c, up)
-	p.mu.Unlock()
-	go func() { io.Copy(up, c); up.Close() }()
-	io.Copy(c, up)
-	c.Close()
-}
-
-func (p *pgProxy) dropAll() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-}
-
-func (p *pgProxy) dsn() string {
-	a := p.ln.Addr().(*net.TCPAddr)
-	return fmt.Sprintf("host=127.0.0.1 port=%d user=postgres dbname=lockergate sslmode=disable", a.Port)
-}
-
-// restartablePG is a private PostgreSQL cluster behind a pgProxy: a test
+// restartablePG is a private PostgreSQL cluster behind a pgtest.Proxy: a test
 // stops and starts it while the gateway keeps one DSN.
 type restartablePG struct {
-	opts    pgcluster.Options
-	cluster *pgcluster.Cluster
-	proxy   *pgProxy
+	opts     pgcluster.Options
+	cluster  *pgcluster.Cluster
+	proxy    *pgtest.Proxy
+	viaProxy string // the DSN through the proxy
 }
 
 func mustRestartablePG(t *testing.T) *restartablePG {
 	t.Helper()
 	p := &restartablePG{opts: pgcluster.Options{DataDir: filepath.Join(testtool.PostgresDir(t), "pg"), Fast: true, Database: "lockergate", Logger: testLogger(t)},
-		proxy: newPGProxy(t)}
+		proxy: pgtest.NewProxy(t)}
 	p.start(t)
 	t.Cleanup(func() { p.cluster.Stop() })
 	return p
 }
 
-func (p *restartablePG) dsn() string { return p.proxy.dsn() }
+func (p *restartablePG) dsn() string { return p.viaProxy }
 
 // stop stops the cluster and cuts every connection through the proxy.
 func (p *restartablePG) stop(t *testing.T) {
@@ -112,7 +46,7 @@ func (p *restartablePG) stop(t *testing.T) {
 	if err := p.cluster.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	p.proxy.dropAll()
+	p.proxy.DropAll()
 }
 
 func (p *restartablePG) start(t *testing.T) {
@@ -122,7 +56,8 @@ func (p *restartablePG) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.cluster = c
-	p.proxy.setCluster(t, c)
+	p.proxy.SetTarget(t, c.DSN("lockergate"))
+	p.viaProxy = p.proxy.DSN(t, c.DSN("lockergate"))
 }
 
 // TestDatabaseRestartDuringIngest restarts PostgreSQL while a locker sends

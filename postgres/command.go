@@ -178,9 +178,17 @@ const kickChannel = "lockergate_kick"
 
 // WatchCommands implements fleet.Store: it LISTENs on a dedicated
 // connection and calls fn with each changed command id until ctx ends,
-// reconnecting after errors.
+// reconnecting after errors. Each time LISTEN is in place again it calls
+// fn with "": what was sent meanwhile was missed (PostgreSQL notifies only
+// the sessions listening at the commit).
 func (db *DB) WatchCommands(ctx context.Context, fn func(id string)) error {
-	db.watch(ctx, commandChannel, "command", fn, nil)
+	again := false
+	db.watch(ctx, commandChannel, "command", fn, func() {
+		if again {
+			fn("")
+		}
+		again = true
+	})
 	return nil
 }
 
@@ -240,13 +248,36 @@ func (db *DB) listen(ctx context.Context, channel string, fn func(string), liste
 	}
 	listening()
 	for {
-		n, err := conn.Conn().WaitForNotification(ctx)
+		wctx, cancel := context.WithTimeout(ctx, db.listenQuiet)
+		n, err := conn.Conn().WaitForNotification(wctx)
+		cancel()
+		if err != nil && ctx.Err() == nil && wctx.Err() != nil {
+			// Quiet for a while: a connection that no longer answers
+			// (half-open: the server or a middlebox gone without a word)
+			// would otherwise be waited on until TCP keep-alive gives up,
+			// minutes during which every notification is missed.
+			pctx, cancel := context.WithTimeout(ctx, listenProbeTimeout)
+			_, err = conn.Exec(pctx, "SELECT 1")
+			cancel()
+			if err != nil {
+				return fmt.Errorf("listening connection quiet for %s did not answer within %s: %w", db.listenQuiet, listenProbeTimeout, err)
+			}
+			continue
+		}
 		if err != nil {
 			return err
 		}
 		fn(n.Payload)
 	}
 }
+
+// A listener that has heard nothing for listenQuietDefault asks its
+// connection for an answer, and takes one that gives none within
+// listenProbeTimeout for dead.
+const (
+	listenQuietDefault = 30 * time.Second
+	listenProbeTimeout = 5 * time.Second
+)
 
 // ExpireCommands implements fleet.Store.
 func (db *DB) ExpireCommands(ctx context.Context, now time.Time, grace time.Duration) ([]fleet.Command, error) {

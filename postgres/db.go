@@ -37,6 +37,9 @@ type DB struct {
 	log         *slog.Logger
 	doorByClock bool // Options.DoorEventsByClock
 	healthAsync bool // Options.HealthAsyncCommit
+	// listenQuiet is how long a listener hears nothing before it asks its
+	// connection for an answer (listenQuietDefault; tests shorten it).
+	listenQuiet time.Duration
 }
 
 var (
@@ -107,7 +110,8 @@ func Open(ctx context.Context, o Options) (*DB, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connect to database: %w", err)
 	}
-	db := &DB{pool: pool, log: o.Logger, doorByClock: o.DoorEventsByClock, healthAsync: o.HealthAsyncCommit}
+	db := &DB{pool: pool, log: o.Logger, doorByClock: o.DoorEventsByClock, healthAsync: o.HealthAsyncCommit,
+		listenQuiet: listenQuietDefault}
 	if err := db.Migrate(ctx); err != nil {
 		pool.Close()
 		return nil, err

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"math"
 	"os"
 	"slices"
@@ -1855,4 +1857,71 @@ func testHealthCommitSetting(t *testing.T, async bool, want string) {
 			t.Errorf("%s: the connection's synchronous_commit is %q after the batch, want on", c.name, got)
 		}
 	}
+}
+
+// TestCommandWatchAfterReconnect: once LISTEN is back after its connection
+// ended, WatchCommands says that notifications may have been missed (fn
+// with ""), and not at the first LISTEN; changes are notified again after.
+func TestCommandWatchAfterReconnect(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	db := MustOpen(t)
+	got := make(chan string, 64)
+	go db.WatchCommands(ctx, func(cid string) { got <- cid })
+	waitListening(t, db, got)
+	if _, err := db.Pool().Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND query LIKE 'LISTEN%'`); err != nil {
+		t.Fatal(err)
+	}
+	waitMissed(t, got, "after the listener's connection was ended")
+	waitListening(t, db, got)
+}
+
+// waitMissed waits until the watcher says notifications may have been
+// missed ("").
+func waitMissed(t *testing.T, got chan string, when string) {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		select {
+		case cid := <-got:
+			if cid == "" {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("%s: never told that notifications may have been missed", when)
+		}
+	}
+}
+
+// TestListenerReplacesAHalfOpenConnection: a listening connection that
+// goes silent without closing (half-open, through a proxy that stops
+// forwarding) is found out once it has been quiet a while and does not
+// answer a probe: the listener starts again on a new connection, says what
+// it may have missed, and hears changes again.
+func TestListenerReplacesAHalfOpenConnection(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dsn := pgtest.NewDB(t)
+	proxy := pgtest.NewProxy(t)
+	proxy.SetTarget(t, dsn)
+	db, err := postgres.Open(ctx, postgres.Options{DSN: proxy.DSN(t, dsn), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.SetListenQuiet(200 * time.Millisecond)
+	got := make(chan string, 64)
+	watching := make(chan struct{})
+	go func() { db.WatchCommands(ctx, func(cid string) { got <- cid }); close(watching) }()
+	defer func() {
+		cancel()
+		<-watching      // the pool's Close waits for the listener's connection
+		proxy.DropAll() // frozen connections would each take the pool's close timeout
+		db.Close()
+	}()
+	waitListening(t, db, got)
+	proxy.Freeze() // the listener's connection, and the pool's, go silent
+	db.Pool().Reset()
+	waitMissed(t, got, "after the listener's connection went silent")
+	waitListening(t, db, got)
 }

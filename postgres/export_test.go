@@ -44,3 +44,7 @@ var UpdateLatestSQL = updateLatestSQL
 
 // PickupListSQL is ListPickups' statement for a filter, for plan tests.
 var PickupListSQL = pickupListSQL
+
+// SetListenQuiet shortens how long a listener hears nothing before it asks
+// its connection for an answer, for tests.
+func (db *DB) SetListenQuiet(d time.Duration) { db.listenQuiet = d }
