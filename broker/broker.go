@@ -680,9 +680,12 @@ func onlyHandler(subs []inlineSub, topic string) fleet.Handler {
 // would cost the ingest path.
 const healthSuffix = "/" + string(protocol.ChanHealth)
 
-// Kick disconnects every live session with client id id and forgets its
-// cached credentials, so the next CONNECT is checked against Auth. Use it
-// when a device is disabled or replaced. A kicked session's Last Will is
+// Kick disconnects every live session with client id id, discards the
+// session mochi keeps for it (a client that connected with a clean session
+// off), and forgets its cached credentials, so the next CONNECT is checked
+// against Auth and starts clean: a locker disabled or replaced gets none of
+// the messages queued for it before (an unlock the disable withdrew). Use
+// it when a device is disabled or replaced. A kicked session's Last Will is
 // not published (dropWill).
 func (b *Broker) Kick(id string) {
 	b.Invalidate(id)
@@ -697,11 +700,19 @@ func (b *Broker) Kick(id string) {
 		}
 	}
 	b.mu.Unlock()
+	discarded := 0
 	for _, s := range victims {
 		b.endSession(s, ReasonKicked, packets.ErrAdministrativeAction)
+		if b.server.DiscardSession(s.cl) {
+			discarded++
+		}
 	}
-	if len(victims) > 0 {
-		b.log.Info("mqtt client kicked", "client_id", id, "sessions", len(victims))
+	// A session kept while its client is away is no live session of ours.
+	if cl, ok := b.server.Clients.Get(id); ok && cl.StopTime() != 0 && b.server.DiscardSession(cl) {
+		discarded++
+	}
+	if len(victims) > 0 || discarded > 0 {
+		b.log.Info("mqtt client kicked", "client_id", id, "sessions", len(victims), "kept_sessions_discarded", discarded)
 	}
 }
 

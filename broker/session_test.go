@@ -342,3 +342,58 @@ func TestReconnectAsOldConnectionEnds(t *testing.T) {
 		waitFor(t, "locker offline", func() bool { return h.b.ConnectedDevices() == 0 })
 	}
 }
+
+// TestKickDiscardsTheKeptSession: a locker whose session is kept while it
+// is away (clean session 0) and that is kicked (disabled, or replaced)
+// comes back to a clean session: the unlock queued for it before the kick
+// is not delivered, and its old subscriptions are gone. Kicked while
+// connected, its kept session goes with the connection.
+func TestKickDiscardsTheKeptSession(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	kept := func(o *paho.ClientOptions) { o.SetCleanSession(false) }
+	for _, connected := range []bool{false, true} {
+		a := h.mustDial(t, "A", "A", "secret-A", kept)
+		if got := a.subscribeResult(t, "lockers/v1/A/cmd", 1); got != 1 {
+			t.Fatalf("subscribe: SUBACK %#x", got)
+		}
+		if !connected {
+			a.Disconnect(50) // away; the session is kept
+			waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
+		}
+		// An unlock queued for A (published to a connected A, it may be
+		// in flight when the kick comes).
+		if err := h.b.Publish(t.Context(), "lockers/v1/A/cmd", []byte(`{"id":"c-queued"}`), 1, false); err != nil {
+			t.Fatal(err)
+		}
+		if connected {
+			a.nextMessage(t) // delivered; a kept session holds none now
+		}
+		h.b.Kick("A")
+		if connected {
+			a.waitLost(t)
+		}
+		waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
+		if _, ok := h.b.server.Clients.Get("A"); ok {
+			t.Fatalf("connected %v: the kicked client's session is still kept", connected)
+		}
+		back := h.mustDial(t, "A", "A", "secret-A", kept)
+		cl, ok := h.b.server.Clients.Get("A")
+		if !ok || cl.State.Subscriptions.Len() != 0 {
+			t.Fatalf("connected %v: the locker came back to its old subscriptions", connected)
+		}
+		// Nothing queued comes: a queued message would be sent right after
+		// the CONNACK, before the answer to a new subscription's marker.
+		if got := back.subscribeResult(t, "lockers/v1/A/config", 1); got != 1 {
+			t.Fatalf("subscribe: SUBACK %#x", got)
+		}
+		if err := h.b.Publish(t.Context(), "lockers/v1/A/config", []byte("marker"), 1, false); err != nil {
+			t.Fatal(err)
+		}
+		if m := back.nextMessage(t); string(m.Payload()) != "marker" {
+			t.Fatalf("connected %v: after the kick the locker got %s %s", connected, m.Topic(), m.Payload())
+		}
+		back.Disconnect(50)
+		waitFor(t, "A offline", func() bool { return h.b.ConnectedDevices() == 0 })
+		h.b.Kick("A") // the next round starts without a kept session
+	}
+}

@@ -2329,3 +2329,49 @@ func TestDisconnectOnlyToMQTT5(t *testing.T) {
 		_ = s.Close()
 	}
 }
+
+// TestDiscardSession: patch 29. A kept session is discarded on demand, as
+// an expired one is: its client, subscriptions and inflight messages go, and
+// a SUBSCRIBE its reader may still be handling puts nothing back; a session
+// that has since taken over the id is not touched.
+func TestDiscardSession(t *testing.T) {
+	e := newTakeoverEnv(t, 5)
+	s := e.s
+	cl := e.client("kept", nil)
+	const filter = "lockers/v1/kept/cmd"
+	sub := packets.Subscription{Filter: filter, Qos: 1}
+	if _, ok := s.subscribeClient(cl, sub); !ok {
+		t.Fatal("the client did not subscribe")
+	}
+	if cl.State.Inflight.Set(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: 7, TopicName: filter}) {
+		atomic.AddInt64(&s.Info.Inflight, 1)
+	}
+	s.Clients.Add(cl)
+	cl.Stop(packets.ErrServerShuttingDown) // disconnected; its session kept
+
+	newer := e.client("kept", nil) // has taken over the id meanwhile
+	s.Clients.Add(newer)
+	if s.DiscardSession(cl) {
+		t.Fatal("discarded a client that is no longer the id's")
+	}
+	if got, ok := s.Clients.Get("kept"); !ok || got != newer {
+		t.Fatal("the id's newer client was removed")
+	}
+	s.Clients.Add(cl) // the kept one is the id's again
+
+	if !s.DiscardSession(cl) {
+		t.Fatal("the kept session was not discarded")
+	}
+	if _, ok := s.Clients.Get("kept"); ok {
+		t.Fatal("the discarded session's client is still held")
+	}
+	if subs := s.Topics.Subscribers(filter); len(subs.Subscriptions) != 0 || atomic.LoadInt64(&s.Info.Subscriptions) != 0 {
+		t.Fatalf("the discarded session's filter still routes to %v", subs.Subscriptions)
+	}
+	if v := atomic.LoadInt64(&s.Info.Inflight); v != 0 || cl.State.Inflight.Len() != 0 {
+		t.Fatalf("Info.Inflight = %d, %d held: want the queued message gone", v, cl.State.Inflight.Len())
+	}
+	if _, ok := s.subscribeClient(cl, sub); ok {
+		t.Fatal("the discarded client subscribed again")
+	}
+}

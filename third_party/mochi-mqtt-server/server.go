@@ -737,6 +737,27 @@ func (s *Server) attachSession(cl *Client, pk packets.Packet) (present bool, inh
 	return present, inherited
 }
 
+// DiscardSession ends cl's session for good, connected or not: if cl is
+// still its client id's client, it is removed, with its subscriptions and
+// inflight messages, as an expired session is, so that the id's next
+// CONNECT starts clean whatever it asks for. A connected cl is not stopped
+// here (DisconnectClient first); its teardown then finds it taken over and
+// leaves it. Reports whether cl was removed. Lockergate patch 29: a locker
+// disabled or replaced must not get, at its next connection, the messages
+// its kept session queued (an unlock withdrawn at the disable).
+func (s *Server) DiscardSession(cl *Client) bool {
+	mu := s.sessionLock(cl.ID)
+	mu.Lock()
+	removed := s.Clients.DeleteClient(cl)
+	if removed {
+		cl.ClearInflights()
+		s.UnsubscribeClient(cl)
+		cl.State.isTakenOver.Store(true)
+	}
+	mu.Unlock()
+	return removed
+}
+
 // sessionLock returns the lock of a client id's sessions (patch 18).
 func (s *Server) sessionLock(id string) *sync.Mutex {
 	h := uint32(2166136261) // FNV-1a
