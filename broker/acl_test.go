@@ -2,6 +2,7 @@ package broker
 
 import (
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -526,5 +527,33 @@ func TestFwJobWhileAConnectIsReported(t *testing.T) {
 	release()
 	if n := h.b.ConnectedDevices(); n != 2 { // takes the presence lock
 		t.Fatalf("%d devices connected, want 2", n)
+	}
+}
+
+// TestOnlyPresenceRetained: a locker's publish with the retain flag on any
+// topic but its presence is delivered to the gateway as any other, and not
+// retained (a later subscriber would be handed it), with a warning; its
+// presence is retained as before.
+func TestOnlyPresenceRetained(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	got := h.subscribe(t, "lockers/v1/+/+")
+	results := h.subscribe(t, "lockers/v1/+/cmd/result")
+	a := h.mustDialDevice(t, "A")
+	sent := map[string]byte{"lockers/v1/A/events": 1, "lockers/v1/A/health": 0, "lockers/v1/A/cmd/result": 1, "lockers/v1/A/presence": 1}
+	for topic, qos := range sent {
+		tok := a.Publish(topic, qos, true, []byte(`{"v":1}`))
+		if !tok.WaitTimeout(waitTimeout) || tok.Error() != nil {
+			t.Fatalf("publish %s: %v", topic, tok.Error())
+		}
+	}
+	waitFor(t, "every publish delivered", func() bool { return len(got.get())+len(results.get()) == len(sent) })
+	for topic := range sent {
+		_, kept := h.b.server.Topics.Retained.Get(topic)
+		if want := topic == "lockers/v1/A/presence"; kept != want {
+			t.Errorf("%s retained %v, want %v", topic, kept, want)
+		}
+	}
+	if logs := h.logs.String(); !strings.Contains(logs, "mqtt retain flag ignored") {
+		t.Errorf("no warning about the retain flag:\n%s", logs)
 	}
 }

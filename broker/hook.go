@@ -285,6 +285,8 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 	}
 	if strings.HasSuffix(pk.TopicName, "/"+string(protocol.ChanPresence)) {
 		b.noteBirth(cl, pk.TopicName)
+	} else if pk.FixedHeader.Retain {
+		b.notRetained(cl, pk)
 	}
 	if b.provisionRequest(cl, pk) != nil {
 		// Acknowledged, not forwarded: the request is for the gateway
@@ -299,6 +301,21 @@ func (b *Broker) onPublish(cl *mqtt.Client, pk *packets.Packet) error {
 		return errIgnore
 	}
 	return nil
+}
+
+// notRetained takes the retain flag off a publish on any topic but a
+// presence (the contract retains only those): a locker's events, results or
+// acks kept by the broker would be handed to every later subscriber (and,
+// behind an external broker, to every gateway instance as it starts). The
+// message itself goes on: an event is never lost for a flag. With the flag
+// off it takes the uplink path (deliverUplink); mochi retains no publish a
+// hook had it ignore.
+func (b *Broker) notRetained(cl *mqtt.Client, pk *packets.Packet) {
+	pk.FixedHeader.Retain = false
+	if ok, suppressed := b.dropLog.allow(time.Now()); ok {
+		b.log.Warn("mqtt retain flag ignored: only a locker's presence is retained", "client_id", logID(cl.ID),
+			"topic", logID(pk.TopicName), "suppressed", suppressed)
+	}
 }
 
 // noteBirth records that a device published its own presence (the ACL let

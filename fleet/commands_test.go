@@ -1553,3 +1553,28 @@ func TestWaitersSweepOutlivesTheRequest(t *testing.T) {
 		t.Fatalf("ends recorded: %q, want both commands expired", ended)
 	}
 }
+
+// TestRetainedCopiesDropped: a locker's message that comes with the retain
+// flag on any channel but presence is a copy a broker kept and replays to a
+// new subscription (the message itself was delivered when sent): it is
+// acknowledged, counted and not applied. A retained presence is taken.
+func TestRetainedCopiesDropped(t *testing.T) {
+	m, _, _ := newTestManager(t)
+	for _, ch := range []protocol.Channel{protocol.ChanEvents, protocol.ChanHealth, protocol.ChanCmdResult, protocol.ChanCredsAck, protocol.ChanFwStatus} {
+		acked := false
+		m.receive(Message{Topic: protocol.Topic("lk-1", ch), Payload: []byte(`{"v":1}`), QoS: 1, Retain: true, Ack: func() { acked = true }})
+		if !acked {
+			t.Errorf("%s: a retained copy not acknowledged", ch)
+		}
+		var c dto.Metric
+		if err := m.m.dropped.WithLabelValues(string(ch), "retained_copy").Write(&c); err != nil || c.GetCounter().GetValue() != 1 {
+			t.Errorf("%s: dropped{retained_copy} = %v (%v), want 1", ch, c.GetCounter().GetValue(), err)
+		}
+	}
+	if n := len(m.events) + len(m.health[shard("lk-1", len(m.health))]); n != 0 {
+		t.Errorf("%d retained copies queued, want none", n)
+	}
+	if ids, _ := m.heard.take(); len(ids) != 0 {
+		t.Errorf("retained copies counted as hearing %v", ids)
+	}
+}

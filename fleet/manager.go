@@ -425,6 +425,17 @@ func (m *Manager) receive(msg Message) {
 		ackMsg(msg)
 		return
 	}
+	if msg.Retain && ch != protocol.ChanPresence {
+		// A copy the broker kept of a message a locker published with the
+		// retain flag (only presence is retained), handed over because this
+		// instance subscribed: the message itself was delivered when it was
+		// sent, or waits in this instance's session. An external broker
+		// keeps such a copy (the embedded one does not) and would replay it
+		// at every start, also for a locker disabled since.
+		m.m.dropped.WithLabelValues(string(ch), "retained_copy").Inc()
+		ackMsg(msg)
+		return
+	}
 	at := m.now()
 	if ch != protocol.ChanHealth && ch != protocol.ChanPresence {
 		m.heard.add(id, at) // health and births write last_seen themselves
