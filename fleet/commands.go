@@ -222,9 +222,13 @@ func (m *Manager) resend(ctx context.Context) {
 	for _, id := range notDue {
 		seen[id] = true // kept until due: a read that then leaves it out (answered, expired) forgets it
 	}
+	busDown := false
 	for i := range cmds {
 		c := &cmds[i]
 		seen[c.ID] = true
+		if busDown {
+			continue // the bus refused a publish: the rest wait for the next pass
+		}
 		r := m.resent[c.ID]
 		var sent bool
 		if c.Status == CmdPending {
@@ -233,6 +237,10 @@ func (m *Manager) resend(ctx context.Context) {
 		} else if sent = m.publishCommand(ctx, c); sent {
 			m.m.resent.Inc()
 			m.log.Info("command sent again: no answer yet", "locker", c.DeviceID, "command", c.ID, "sent_at", c.SentAt)
+		} else {
+			// An external broker's connection down refuses every command
+			// at once: one error a pass, not one per unanswered command.
+			busDown = true
 		}
 		// A send that failed (the broker down) is tried again as soon as
 		// the last one, not after a longer wait.

@@ -238,11 +238,13 @@ type fakeBus struct {
 	published []string
 	answer    func(topic string, payload []byte)
 	down      bool // every publish fails (a broker that is down)
+	refused   int  // publishes refused while down
 }
 
 func (b *fakeBus) Publish(_ context.Context, topic string, payload []byte, _ byte, _ bool) error {
 	b.mu.Lock()
 	if b.down {
+		b.refused++
 		b.mu.Unlock()
 		return errors.New("broker down")
 	}
@@ -1293,6 +1295,10 @@ func TestResend(t *testing.T) {
 	// Sends that fail (the broker down) do not lengthen the wait: once it
 	// is back, the command goes out a minute after the last try.
 	before := m.resent["c-pend"].n
+	// A pass stops at the first refusal (one error logged, not one per
+	// command): here, with a second unanswered command due, one try a pass.
+	st.cmds["c-due"] = Command{ID: "c-due", DeviceID: "lk-1", Type: "unlock", Compartment: 1, Status: CmdSent, SentAt: &sentAt, ExpiresAt: now.Add(time.Hour)}
+	st.unanswered = []string{"c-pend", "c-due"}
 	bus.mu.Lock()
 	bus.down = true
 	bus.mu.Unlock()
@@ -1301,7 +1307,12 @@ func TestResend(t *testing.T) {
 	}
 	bus.mu.Lock()
 	bus.down = false
+	refused := bus.refused
 	bus.mu.Unlock()
+	if refused != 3 {
+		t.Fatalf("%d publishes refused in 3 passes with the bus down, want 3 (one a pass)", refused)
+	}
+	st.unanswered = []string{"c-pend"}
 	sweep(59*time.Second, 0, 12)
 	sweep(time.Second, 1, 13)
 	if n := m.resent["c-pend"].n; n != before+1 {

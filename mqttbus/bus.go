@@ -14,6 +14,7 @@ package mqttbus
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -25,6 +26,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
@@ -184,7 +186,7 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		// on the next, in the order they were made: paho's default store
 		// is a map, and a locker's retained creds, config or fw/job sent
 		// out of order would leave an older one retained.
-		SetStore(paho.NewOrderedMemoryStore()).
+		SetStore(commandStore{Store: paho.NewOrderedMemoryStore(), b: b}).
 		SetOnConnectHandler(b.resubscribe).
 		// Before each reconnect: paho marks the new connection up before it
 		// starts the connect handler, and until that runs the new session
@@ -224,10 +226,18 @@ func wait(ctx context.Context, t paho.Token, d time.Duration) error {
 	}
 }
 
-// Publish implements fleet.Bus.
+// Publish implements fleet.Bus. A command is refused while the connection
+// is down, rather than queued for the next: sent when the broker is back it
+// could be past its expiry, or withdrawn meanwhile (the fleet manager sends
+// an unanswered command again, while it is open, once the bus is
+// connected). Anything else (retained state, dynamic security commands) is
+// queued, in order, for the next connection.
 func (b *Bus) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
 	if b.disconnected.Load() {
 		return fmt.Errorf("publish %s: the external broker connection is closed (%w)", topic, fleet.ErrBusGone)
+	}
+	if _, ch, ok := protocol.ParseTopic(topic); ok && ch == protocol.ChanCmd && !b.c.IsConnectionOpen() {
+		return fmt.Errorf("publish %s: not connected to the external broker (reconnecting): a command is not queued", topic)
 	}
 	return wait(ctx, b.c.Publish(topic, qos, retain, payload), 10*time.Second)
 }
@@ -770,4 +780,37 @@ func unshare(filter string) string {
 		}
 	}
 	return filter
+}
+
+// commandStore is the outbound store of the bus's client (paho's ordered
+// one): when a reconnect resumes what it holds, paho sends every stored
+// publish again, and a command (one published as the connection dropped,
+// not yet acknowledged by the broker) may be past its expiry by then. Such
+// a command is dropped instead: an expired command is never sent.
+type commandStore struct {
+	paho.Store
+	b *Bus
+}
+
+// Get implements paho.Store; paho reads the store only to resume it.
+func (s commandStore) Get(key string) packets.ControlPacket {
+	p := s.Store.Get(key)
+	pub, ok := p.(*packets.PublishPacket)
+	if !ok || !strings.HasPrefix(key, "o.") {
+		return p
+	}
+	id, ch, ok := protocol.ParseTopic(pub.TopicName)
+	if !ok || ch != protocol.ChanCmd {
+		return p
+	}
+	var c struct {
+		ID        string    `json:"id"`
+		ExpiresAt time.Time `json:"expires_at"`
+	}
+	if err := json.Unmarshal(pub.Payload, &c); err != nil || c.ExpiresAt.IsZero() || s.b.now().Before(c.ExpiresAt) {
+		return p
+	}
+	s.Store.Del(key)
+	s.b.log.Info("command past its expiry not sent again after the reconnect", "locker", id, "command", c.ID, "expires_at", c.ExpiresAt)
+	return nil
 }

@@ -6,12 +6,15 @@ import (
 	"fmt"
 	"net"
 	"net/url"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/lockergate/lockergate/internal/testtool"
 )
@@ -211,4 +214,54 @@ func (c *slowConn) Read(p []byte) (int, error) {
 		time.Sleep(40 * time.Millisecond) // the network's latency, not a synchronisation
 	}
 	return c.Conn.Read(p)
+}
+
+// TestCommandNotQueuedWhileDown: while the connection is down a command is
+// refused at once, not queued for the next connection (it could be past its
+// expiry by then); retained state is queued as before.
+func TestCommandNotQueuedWhileDown(t *testing.T) {
+	addr := mosquitto(t, "")
+	cut := &cuttable{}
+	gw := dialBus(t, addr, "gw-1", Options{openConn: cut.open})
+	cut.mu.Lock()
+	cut.dead = true // every dial fails from now on
+	cut.mu.Unlock()
+	cut.drop()
+	testtool.Eventually(t, 10*time.Second, "the connection down", func() error {
+		if gw.Connected() {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	err := gw.Publish(context.Background(), "lockers/v1/lk-1/cmd", []byte(`{"id":"c-1"}`), 1, false)
+	if err == nil || !strings.Contains(err.Error(), "not connected") {
+		t.Fatalf("a command while down: %v, want refused as not connected", err)
+	}
+}
+
+// TestExpiredCommandNotResumed: what the client's store holds is sent again
+// when a connection resumes it; a command past its expires_at is dropped
+// from it then, and everything else is kept.
+func TestExpiredCommandNotResumed(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	b := &Bus{o: Options{now: func() time.Time { return now }}, log: quiet()}
+	st := commandStore{Store: paho.NewOrderedMemoryStore(), b: b}
+	st.Open()
+	put := func(key, topic, payload string) {
+		p := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+		p.TopicName, p.Payload, p.Qos = topic, []byte(payload), 1
+		st.Put(key, p)
+	}
+	put("o.1", "lockers/v1/lk-1/cmd", `{"id":"c-old","expires_at":"2026-12-07T11:59:59Z"}`)
+	put("o.2", "lockers/v1/lk-1/cmd", `{"id":"c-live","expires_at":"2026-12-07T12:00:30Z"}`)
+	put("o.3", "lockers/v1/lk-1/creds", `{"expires_at":"2026-12-07T11:00:00Z"}`)
+	put("o.4", "lockers/v1/lk-1/cmd", `not json`)
+	for key, want := range map[string]bool{"o.1": false, "o.2": true, "o.3": true, "o.4": true} {
+		if got := st.Get(key) != nil; got != want {
+			t.Errorf("%s resumed %v, want %v", key, got, want)
+		}
+	}
+	if keys := st.All(); slices.Contains(keys, "o.1") || len(keys) != 3 {
+		t.Errorf("store holds %v, want the expired command gone and the rest kept", keys)
+	}
 }
