@@ -400,6 +400,8 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 		// would keep a locker that provisions with a valid one from ever
 		// getting its answer.
 		return nil, refuseClaimInUse
+	case err == nil && b.claimSessionHeld(cl.ID, token):
+		return nil, refuseClaimInUse
 	case err == nil:
 		return b.register(cl, kindProvision, serial, token), ""
 	case errors.Is(err, ErrUnknownClaim):
@@ -407,6 +409,31 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 	}
 	b.logBackendError("mqtt claim check failed", cl.ID, err)
 	return nil, refuseBackendError
+}
+
+// claimSessionHeld reports whether a live claim session for client id may
+// not be taken over by a CONNECT with token: one made with another claim
+// (any claim for another site's serial, or a batch's token, could otherwise
+// end a provisioning locker's session, and the answer with it), or one whose
+// request is being served (its answer, already committed, is that session's:
+// taken over, it would be lost, and a second request with the same claim
+// within 10 minutes is given the identity again). A locker retrying with
+// its own claim after its connection dropped before it asked takes over as
+// MQTT has it; one whose request was taken waits for its old session to end.
+func (b *Broker) claimSessionHeld(id, token string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, s := range b.sessions {
+		// StopCause: set before the connection is closed, which the
+		// locker may see, and retry upon, before Closed says so.
+		if s.kind != kindProvision || s.cl.ID != id || s.done || s.cl.Closed() || s.cl.StopCause() != nil {
+			continue
+		}
+		if subtle.ConstantTimeCompare([]byte(s.token), []byte(token)) != 1 || s.provStarted.Load() {
+			return true
+		}
+	}
+	return false
 }
 
 // sessionLive reports whether a connection holds client id's session now.

@@ -1,13 +1,17 @@
 package broker
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // otherClaimToken is a second valid claim, as another batch's lockers (or
@@ -46,7 +50,8 @@ func (r *raw) pingExpectingNo(typ byte, what string) {
 // TestClaimSessionNeverKept: a claim session is clean and ends with its
 // connection, whatever its CONNECT asks for, so the provisioning answer it
 // holds in flight (the device secret) cannot be inherited by the next
-// CONNECT as prov-{serial}, which any claim token allows.
+// CONNECT as prov-{serial}, which any claim token allows; while it is
+// connected another claim cannot take it over at all.
 func TestClaimSessionNeverKept(t *testing.T) {
 	const id, serial = "prov-SN-7", "SN-7"
 	reqTopic, respTopic := "provision/v1/"+serial+"/request", "provision/v1/"+serial+"/response"
@@ -96,9 +101,20 @@ func TestClaimSessionNeverKept(t *testing.T) {
 			}
 
 			// B: anyone with another claim token, same client id, asking
-			// for A's session back.
+			// for A's session back. While A is connected it may not even
+			// take it over: A's answer is A's (claim_session_live, "not now").
 			b := dialRaw(t, h.addr, tc.version)
 			ack = b.connect(id, "claim", otherClaimToken, 30, tc.persist)
+			if tc.live {
+				if ack.ReasonCode != 0x03 && ack.ReasonCode != packets.ErrServerUnavailable.Code && ack.ReasonCode != packets.ErrServerBusy.Code { // 0x03: MQTT 3.1.1's server unavailable
+					t.Fatalf("B, A still connected: CONNACK %#x, want server unavailable or busy", ack.ReasonCode)
+				}
+				if got := h.metric(t, failures, "reason", refuseClaimInUse); got != 1 {
+					t.Errorf("claim_session_live refusals = %v, want 1", got)
+				}
+				a.pingExpectingNo(packets.Disconnect, "A, after B was refused")
+				return
+			}
 			if ack.ReasonCode != 0 {
 				t.Fatalf("B: CONNACK %#x", ack.ReasonCode)
 			}
@@ -361,5 +377,62 @@ func TestDevicePacketIDsAreItsOwn(t *testing.T) {
 				t.Fatalf("resumed session got %s %q (id %d), want the command again (id %d)", again.TopicName, again.Payload, again.PacketID, cmd.PacketID)
 			}
 		})
+	}
+}
+
+// TestClaimSessionTakeover: a live claim session may be taken over only by
+// a CONNECT with its own claim, and only before its request is taken: one
+// with another claim (a batch's token, another site's), or any while the
+// request is being served (its answer, committed, is that session's: lost,
+// a second request with the claim would be given the identity again), is
+// refused "not now" (claim_session_live), and the locker gets its answer.
+func TestClaimSessionTakeover(t *testing.T) {
+	const serial = "SN-9"
+	id, reqTopic, respTopic := "prov-"+serial, "provision/v1/"+serial+"/request", "provision/v1/"+serial+"/response"
+	h := newHarness(t, nil, nil)
+	h.addClaim(otherClaimToken)
+	refused := func(token, what string, want float64) {
+		t.Helper()
+		b := dialRaw(t, h.addr, 5)
+		if ack := b.connect(id, "claim", token, 30, nil); ack.ReasonCode != packets.ErrServerUnavailable.Code && ack.ReasonCode != packets.ErrServerBusy.Code {
+			t.Fatalf("%s: CONNACK %#x, want server unavailable or busy", what, ack.ReasonCode)
+		}
+		if got := h.metric(t, failures, "reason", refuseClaimInUse); got != want {
+			t.Fatalf("%s: claim_session_live refusals = %v, want %v", what, got, want)
+		}
+	}
+
+	a := dialRaw(t, h.addr, 5)
+	if ack := a.connect(id, "claim", claimToken, 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("A: CONNACK %#x", ack.ReasonCode)
+	}
+	refused(otherClaimToken, "another claim, A connected", 1)
+	// The same claim before A asked: the locker again, after its first
+	// connection died unnoticed. It takes the session over.
+	a2 := dialRaw(t, h.addr, 5)
+	if ack := a2.connect(id, "claim", claimToken, 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("the same claim before a request: CONNACK %#x, want the session taken over", ack.ReasonCode)
+	}
+	a.mustRead(packets.Disconnect) // taken over (MQTT 5)
+
+	release := make(chan struct{})
+	h.prov.mu.Lock()
+	h.prov.release = release
+	h.prov.mu.Unlock()
+	if sa := a2.subscribe(respTopic, 1); sa.ReasonCodes[0] != 1 {
+		t.Fatalf("SUBACK %v", sa.ReasonCodes)
+	}
+	a2.publish(reqTopic, 1, []byte(provReqRaw))
+	a2.mustRead(packets.Puback)
+	testtool.Eventually(t, 10*time.Second, "the request being served", func() error {
+		if h.prov.callCount() != 1 {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	refused(claimToken, "the same claim while the request is served", 2)
+	close(release)
+	if answer := a2.mustRead(packets.Publish); !strings.Contains(string(answer.Payload), h.prov.answer.Password) {
+		t.Fatalf("the locker's answer: %s", answer.Payload)
 	}
 }

@@ -281,6 +281,7 @@ func TestDeliveredRecordFailing(t *testing.T) {
 		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
 		p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
 		p.nextMessage(t)
+		p.waitLost(t) // answered: the session ends (a CONNECT before that would be refused, claim_session_live)
 	}
 	ask()
 	select {
