@@ -14,7 +14,6 @@ package mqttbus
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -26,7 +25,6 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
@@ -62,9 +60,9 @@ type Options struct {
 	// onConnect runs first in each connection's handler (tests: a handler
 	// that runs late).
 	onConnect func()
-	// beforeSubscribe runs before each subscription is sent (tests: one
-	// that comes late).
-	beforeSubscribe func(filter string)
+	// subscribing runs as each subscription is about to be sent, past its
+	// check that the bus is not closing (tests: one that comes late).
+	subscribing func(filter string)
 	// afterFunc replaces time.AfterFunc (tests of pendingTTL).
 	afterFunc func(time.Duration, func()) *time.Timer
 }
@@ -111,8 +109,12 @@ type Bus struct {
 	// current connection (refused or not answered), with why; a
 	// resubscription loop tries them until they are in.
 	missing map[string]error
-	conns   int          // connections made: a loop of an older one stops
-	pending []pendingMsg // arrived before a matching subscription
+	conns   int // connections made: a loop of an older one stops
+	// reconnects counts reconnections begun (the reconnecting handler): an
+	// answer to a subscription sent before one says nothing of the next
+	// connection, whose handler may not have run yet.
+	reconnects int
+	pending    []pendingMsg // arrived before a matching subscription
 	// pendingTimer expires held messages while nothing else arrives (the
 	// broker stops sending QoS 1 messages once its in-flight window is full
 	// of unacknowledged ones); nil when none is held.
@@ -181,12 +183,16 @@ func Dial(ctx context.Context, o Options) (*Bus, error) {
 		SetUsername(o.Username).SetPassword(o.Password).SetCleanSession(!o.Persistent).
 		SetAutoAckDisabled(true).SetDefaultPublishHandler(b.receive).
 		SetKeepAlive(30 * time.Second).SetOrderMatters(false).SetAutoReconnect(true).
+		// paho's default (30 s to queue a packet, and to write it) would
+		// hold a Publish past its own wait, and Close behind a SUBSCRIBE
+		// being queued on a dying connection.
+		SetWriteTimeout(10 * time.Second).
 		SetMaxReconnectInterval(10 * time.Second).SetConnectRetry(false).
 		// Publishes still queued when the connection drops are sent again
 		// on the next, in the order they were made: paho's default store
 		// is a map, and a locker's retained creds, config or fw/job sent
 		// out of order would leave an older one retained.
-		SetStore(commandStore{Store: paho.NewOrderedMemoryStore(), b: b}).
+		SetStore(paho.NewOrderedMemoryStore()).
 		SetOnConnectHandler(b.resubscribe).
 		// Before each reconnect: paho marks the new connection up before it
 		// starts the connect handler, and until that runs the new session
@@ -283,11 +289,11 @@ func (b *Bus) subscribe(filter string, h deliver) error {
 	// own) has not run yet, and may not have when the answer comes.
 	current := func() int { return max(b.conns, 1) }
 	b.mu.Lock()
-	conn := current()
+	conn, rec := current(), b.reconnects
 	b.mu.Unlock()
 	err := b.subscribeOnce(filter)
 	b.mu.Lock()
-	if conn == current() { // else a reconnect's loop has it
+	if conn == current() && rec == b.reconnects { // else a reconnect's loop has it
 		if err != nil {
 			b.missing[filter] = err
 		} else {
@@ -306,9 +312,6 @@ const subscribeTimeout = 10 * time.Second
 // of 0x80: mosquitto's dynamic security, for one, refuses a filter the
 // user's roles do not allow).
 func (b *Bus) subscribeOnce(filter string) error {
-	if b.o.beforeSubscribe != nil {
-		b.o.beforeSubscribe(filter)
-	}
 	b.subMu.RLock()
 	b.mu.Lock()
 	closing := b.closing
@@ -316,6 +319,9 @@ func (b *Bus) subscribeOnce(filter string) error {
 	if closing {
 		b.subMu.RUnlock()
 		return fmt.Errorf("subscribe to %s: the bus is closing", filter)
+	}
+	if b.o.subscribing != nil {
+		b.o.subscribing(filter)
 	}
 	t := b.c.Subscribe(filter, 1, nil)
 	b.subMu.RUnlock()
@@ -422,6 +428,7 @@ func (b *Bus) expirePending() {
 func (b *Bus) notSubscribed() {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.reconnects++
 	b.markMissing()
 }
 
@@ -473,7 +480,7 @@ func (b *Bus) resubscribe(paho.Client) {
 	}
 	b.mu.Lock()
 	b.conns++
-	conn := b.conns
+	conn, rec := b.conns, b.reconnects
 	if conn == 1 {
 		// Dial's own connection: Subscribe makes its subscriptions (this
 		// may run after some of them, and must not race them).
@@ -484,7 +491,7 @@ func (b *Bus) resubscribe(paho.Client) {
 	b.mu.Unlock()
 	for backoff := resubscribeBackoff; ; backoff = min(2*backoff, maxResubscribeBackoff) {
 		b.mu.Lock()
-		current := conn == b.conns && !b.closing
+		current := conn == b.conns && rec == b.reconnects && !b.closing
 		todo := make([]string, 0, len(b.missing))
 		for f := range b.missing {
 			todo = append(todo, f)
@@ -496,7 +503,7 @@ func (b *Bus) resubscribe(paho.Client) {
 		for _, f := range todo {
 			err := b.subscribeOnce(f)
 			b.mu.Lock()
-			current := conn == b.conns && !b.closing // Close left the filters: none comes back
+			current := conn == b.conns && rec == b.reconnects && !b.closing // Close left the filters: none comes back
 			if current {
 				if err != nil {
 					b.missing[f] = err
@@ -780,37 +787,4 @@ func unshare(filter string) string {
 		}
 	}
 	return filter
-}
-
-// commandStore is the outbound store of the bus's client (paho's ordered
-// one): when a reconnect resumes what it holds, paho sends every stored
-// publish again, and a command (one published as the connection dropped,
-// not yet acknowledged by the broker) may be past its expiry by then. Such
-// a command is dropped instead: an expired command is never sent.
-type commandStore struct {
-	paho.Store
-	b *Bus
-}
-
-// Get implements paho.Store; paho reads the store only to resume it.
-func (s commandStore) Get(key string) packets.ControlPacket {
-	p := s.Store.Get(key)
-	pub, ok := p.(*packets.PublishPacket)
-	if !ok || !strings.HasPrefix(key, "o.") {
-		return p
-	}
-	id, ch, ok := protocol.ParseTopic(pub.TopicName)
-	if !ok || ch != protocol.ChanCmd {
-		return p
-	}
-	var c struct {
-		ID        string    `json:"id"`
-		ExpiresAt time.Time `json:"expires_at"`
-	}
-	if err := json.Unmarshal(pub.Payload, &c); err != nil || c.ExpiresAt.IsZero() || s.b.now().Before(c.ExpiresAt) {
-		return p
-	}
-	s.Store.Del(key)
-	s.b.log.Info("command past its expiry not sent again after the reconnect", "locker", id, "command", c.ID, "expires_at", c.ExpiresAt)
-	return nil
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -14,7 +13,6 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
-	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/lockergate/lockergate/internal/testtool"
 )
@@ -85,16 +83,17 @@ func TestNotReadyUntilResubscribed(t *testing.T) {
 }
 
 // TestCloseSendsNoSubscriptionAfterLeaving: a resubscription that was
-// about to go out when Close began is not sent after Close's UNSUBSCRIBE
-// (it would put the persistent session back in the group, where the broker
-// keeps giving it a share of device messages nobody takes): everything
-// published after Close reaches the other instance.
+// about to go out (past its closing check) when Close began is not sent
+// after Close's UNSUBSCRIBE (it would put the persistent session back in
+// the group, where the broker keeps giving it a share of device messages
+// nobody takes): everything published after Close reaches the other
+// instance.
 func TestCloseSendsNoSubscriptionAfterLeaving(t *testing.T) {
 	addr := mosquitto(t, "")
 	pub := dialBus(t, addr, "pub", Options{})
 	sub := newGate(t)
 	cut := &cuttable{}
-	a := dialBus(t, addr, "gw-a", Options{Persistent: true, openConn: cut.open, beforeSubscribe: func(string) { sub.pass() }})
+	a := dialBus(t, addr, "gw-a", Options{Persistent: true, openConn: cut.open, subscribing: func(string) { sub.pass() }})
 	b := dialBus(t, addr, "gw-b", Options{Persistent: true})
 	ra, rb := shareHealth(t, pub, a, b)
 	// A reconnects; its resubscription waits at the gate.
@@ -107,15 +106,24 @@ func TestCloseSendsNoSubscriptionAfterLeaving(t *testing.T) {
 		}
 		return nil
 	})
-	// Close has left the group and waits for the held messages: the
-	// resubscription goes on now.
+	// Close begins while the resubscription, past its closing check, has
+	// not been queued: Close waits for it (new readers of subMu wait
+	// behind a waiting writer), and its UNSUBSCRIBE goes out after it.
+	released := false
 	closeHolding(t, a, ra, "A's Close past its UNSUBSCRIBE", func() error {
+		if !released {
+			if a.subMu.TryRLock() {
+				a.subMu.RUnlock()
+				return errors.New("Close not waiting for the resubscription")
+			}
+			sub.release()
+			released = true
+		}
 		a.mu.Lock()
 		defer a.mu.Unlock()
 		if a.idle == nil {
 			return errors.New("not waiting for acknowledgements yet")
 		}
-		sub.release()
 		return nil
 	})
 	takesAllAfter(t, pub, rb)
@@ -236,32 +244,5 @@ func TestCommandNotQueuedWhileDown(t *testing.T) {
 	err := gw.Publish(context.Background(), "lockers/v1/lk-1/cmd", []byte(`{"id":"c-1"}`), 1, false)
 	if err == nil || !strings.Contains(err.Error(), "not connected") {
 		t.Fatalf("a command while down: %v, want refused as not connected", err)
-	}
-}
-
-// TestExpiredCommandNotResumed: what the client's store holds is sent again
-// when a connection resumes it; a command past its expires_at is dropped
-// from it then, and everything else is kept.
-func TestExpiredCommandNotResumed(t *testing.T) {
-	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
-	b := &Bus{o: Options{now: func() time.Time { return now }}, log: quiet()}
-	st := commandStore{Store: paho.NewOrderedMemoryStore(), b: b}
-	st.Open()
-	put := func(key, topic, payload string) {
-		p := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
-		p.TopicName, p.Payload, p.Qos = topic, []byte(payload), 1
-		st.Put(key, p)
-	}
-	put("o.1", "lockers/v1/lk-1/cmd", `{"id":"c-old","expires_at":"2026-12-07T11:59:59Z"}`)
-	put("o.2", "lockers/v1/lk-1/cmd", `{"id":"c-live","expires_at":"2026-12-07T12:00:30Z"}`)
-	put("o.3", "lockers/v1/lk-1/creds", `{"expires_at":"2026-12-07T11:00:00Z"}`)
-	put("o.4", "lockers/v1/lk-1/cmd", `not json`)
-	for key, want := range map[string]bool{"o.1": false, "o.2": true, "o.3": true, "o.4": true} {
-		if got := st.Get(key) != nil; got != want {
-			t.Errorf("%s resumed %v, want %v", key, got, want)
-		}
-	}
-	if keys := st.All(); slices.Contains(keys, "o.1") || len(keys) != 3 {
-		t.Errorf("store holds %v, want the expired command gone and the rest kept", keys)
 	}
 }
