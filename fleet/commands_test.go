@@ -1318,6 +1318,19 @@ func TestResend(t *testing.T) {
 	if n := m.resent["c-pend"].n; n != before+1 {
 		t.Fatalf("c-pend resent %d times, want %d (the failed tries not counted)", n, before+1)
 	}
+	// A pending command first in the pass, refused: the pass stops there too.
+	st.cmds["c-new"] = Command{ID: "c-new", DeviceID: "lk-1", Type: "unlock", Compartment: 2, Status: CmdPending, ExpiresAt: now.Add(time.Hour)}
+	st.unanswered = []string{"c-new", "c-due"}
+	bus.mu.Lock()
+	bus.down, bus.refused = true, 0
+	bus.mu.Unlock()
+	sweep(time.Minute, 0, 13)
+	bus.mu.Lock()
+	refused = bus.refused
+	bus.mu.Unlock()
+	if refused != 1 {
+		t.Fatalf("%d publishes refused in a pass led by a pending command, want 1", refused)
+	}
 }
 
 // TestReplayEvents: the outbox's leftovers are offered again per locker,
