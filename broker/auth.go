@@ -419,7 +419,9 @@ func (b *Broker) authClaim(cl *mqtt.Client, serial, token, ip string, now time.T
 // taken over, it would be lost, and a second request with the same claim
 // within 10 minutes is given the identity again). A locker retrying with
 // its own claim after its connection dropped before it asked takes over as
-// MQTT has it; one whose request was taken waits for its old session to end.
+// MQTT has it (and its old session takes no request from then on, should
+// it come in before the takeover); one whose request was taken waits for
+// its old session to end.
 func (b *Broker) claimSessionHeld(id, token string) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -429,7 +431,13 @@ func (b *Broker) claimSessionHeld(id, token string) bool {
 		if s.kind != kindProvision || s.cl.ID != id || s.done || s.cl.Closed() || s.cl.StopCause() != nil {
 			continue
 		}
-		if subtle.ConstantTimeCompare([]byte(s.token), []byte(token)) != 1 || s.provStarted.Load() {
+		if subtle.ConstantTimeCompare([]byte(s.token), []byte(token)) != 1 {
+			return true
+		}
+		// Taken over from here on: the old session takes no request
+		// between this check and the takeover (its request would be
+		// answered to a session about to end). One already taken keeps it.
+		if !s.provStarted.CompareAndSwap(false, true) {
 			return true
 		}
 	}

@@ -436,3 +436,30 @@ func TestClaimSessionTakeover(t *testing.T) {
 		t.Fatalf("the locker's answer: %s", answer.Payload)
 	}
 }
+
+// TestClaimTakeoverClosesTheOldSessionsRequest: once a CONNECT with the
+// session's own claim has been let take a live claim session over, the old
+// session takes no request before the takeover completes: answered there,
+// the answer would go to a session about to end.
+func TestClaimTakeoverClosesTheOldSessionsRequest(t *testing.T) {
+	const serial = "SN-10"
+	id, reqTopic, respTopic := "prov-"+serial, "provision/v1/"+serial+"/request", "provision/v1/"+serial+"/response"
+	h := newHarness(t, nil, nil)
+	a := dialRaw(t, h.addr, 5)
+	if ack := a.connect(id, "claim", claimToken, 30, nil); ack.ReasonCode != 0 {
+		t.Fatalf("A: CONNACK %#x", ack.ReasonCode)
+	}
+	if sa := a.subscribe(respTopic, 1); sa.ReasonCodes[0] != 1 {
+		t.Fatalf("SUBACK %v", sa.ReasonCodes)
+	}
+	// A second connection's check passed (its attach is still to come).
+	if h.b.claimSessionHeld(id, claimToken) {
+		t.Fatal("the session's own claim, before a request: held")
+	}
+	a.publish(reqTopic, 1, []byte(provReqRaw))
+	a.mustRead(packets.Puback)
+	a.pingExpectingNo(packets.Publish, "A, whose request came after the takeover was let through")
+	if n := h.prov.callCount(); n != 0 {
+		t.Fatalf("%d Provision calls, want 0 (the old session takes no request)", n)
+	}
+}
