@@ -198,8 +198,9 @@ func TestSinceAsADuration(t *testing.T) {
 
 // TestListLimit: a list reads the API's largest pages; --limit N prints at
 // most N items, asks for no more than it prints, and says on stderr which
-// cursor the rest start after; --after starts there. A negative --limit
-// exits 2 without a request.
+// cursor the rest start after; --after starts there. JSON is written page
+// by page, the same bytes as the whole list's. A negative --limit exits 2
+// without a request.
 func TestListLimit(t *testing.T) {
 	const total = 2500
 	var asked []string
@@ -236,6 +237,7 @@ func TestListLimit(t *testing.T) {
 		{[]string{"--limit", "1500"}, 0, 1500, []string{"1000 after ", "500 after 1000"}, "--after 1500"},
 		{[]string{"--limit", "100", "--after", "2450"}, 0, 50, []string{"100 after 2450"}, ""},
 		{[]string{"--after", "2000"}, 0, 500, []string{"1000 after 2000"}, ""},
+		{[]string{"--after", "2500"}, 0, 0, []string{"1000 after 2500"}, ""},
 		{[]string{"--limit", "-1"}, 2, 0, nil, ""},
 	} {
 		asked = nil
@@ -246,6 +248,18 @@ func TestListLimit(t *testing.T) {
 		if c.code == 0 {
 			if err := json.Unmarshal(out.Bytes(), &items); err != nil {
 				t.Fatalf("%q: %v in %q", c.args, err, out.String())
+			}
+		}
+		if c.code == 0 { // written page by page, as the whole list would be
+			var whole bytes.Buffer
+			enc := json.NewEncoder(&whole)
+			enc.SetIndent("", "  ")
+			if items == nil {
+				items = []map[string]any{}
+			}
+			enc.Encode(items)
+			if out.String() != whole.String() {
+				t.Errorf("%q: the streamed JSON differs from the whole list's encoding", c.args)
 			}
 		}
 		if code != c.code || len(items) != c.n || !slices.Equal(asked, c.asked) {

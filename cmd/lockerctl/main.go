@@ -398,18 +398,20 @@ const maxPage = 1000
 
 // list prints every item of the list at path (with the filters in q),
 // reading it in the largest pages the API gives; with --limit it stops
-// after that many and says on stderr where the rest begin.
+// after that many and says on stderr where the rest begin. JSON is written
+// page by page; a table needs every row for its widths.
 func (c *cli) list(path string, q url.Values, cols []string) error {
 	q = withoutEmpty(q)
 	if c.after != "" {
 		q.Set("after", c.after)
 	}
-	var items []map[string]any
-	next := ""
+	var items []map[string]any // table rows
+	out := &jsonArray{w: c.out}
+	n, next := 0, ""
 	for {
 		page := maxPage
 		if c.limit > 0 {
-			page = min(maxPage, c.limit-len(items))
+			page = min(maxPage, c.limit-n)
 		}
 		q.Set("limit", strconv.Itoa(page))
 		var p struct {
@@ -419,22 +421,63 @@ func (c *cli) list(path string, q url.Values, cols []string) error {
 		if err := c.c.Get(c.ctx, path, q, &p); err != nil {
 			return err
 		}
-		items = append(items, p.Items...)
-		if next = p.Next; next == "" || (c.limit > 0 && len(items) >= c.limit) {
+		n += len(p.Items)
+		if c.json {
+			if err := out.add(p.Items); err != nil {
+				return err
+			}
+		} else {
+			items = append(items, p.Items...)
+		}
+		if next = p.Next; next == "" || (c.limit > 0 && n >= c.limit) {
 			break
 		}
 		q.Set("after", next)
 	}
-	if items == nil {
-		items = []map[string]any{}
-	}
-	if err := c.print(items, cols); err != nil {
+	if c.json {
+		if err := out.end(); err != nil {
+			return err
+		}
+	} else if err := c.print(items, cols); err != nil {
 		return err
 	}
 	if c.limit > 0 && next != "" {
 		fmt.Fprintf(c.stderr, "lockerctl: stopped at --limit %d; there may be more: go on with --after %s\n", c.limit, next)
 	}
 	return nil
+}
+
+// jsonArray writes a JSON array item by item, as print would write it whole.
+type jsonArray struct {
+	w io.Writer
+	n int
+}
+
+func (a *jsonArray) add(items []map[string]any) error {
+	for _, it := range items {
+		b, err := json.MarshalIndent(it, "  ", "  ")
+		if err != nil {
+			return err
+		}
+		sep := ",\n  "
+		if a.n == 0 {
+			sep = "[\n  "
+		}
+		a.n++
+		if _, err := io.WriteString(a.w, sep+string(b)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (a *jsonArray) end() error {
+	end := "\n]\n"
+	if a.n == 0 {
+		end = "[]\n"
+	}
+	_, err := io.WriteString(a.w, end)
+	return err
 }
 
 func (c *cli) unlock(args []string) error {
