@@ -332,6 +332,7 @@ func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the delivery was not recorded")
 	}
+	first.waitLost(t) // answered: its session ends (a CONNECT before that is claim_session_live)
 	ask()
 	// The second request waits for the record on its way, undecided.
 	testtool.Eventually(t, 5*time.Second, "the second request waiting for the delivery record", func() error {
