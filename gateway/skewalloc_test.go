@@ -2,9 +2,12 @@ package gateway_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/pickup"
@@ -48,6 +51,18 @@ func TestAllocationAvoidsSkewedClocks(t *testing.T) {
 	}
 }
 
+// siteWithALocker starts a gateway with site s1 and one locker, serial,
+// provisioned, connected and born.
+func siteWithALocker(t *testing.T, serial string) (*TestGateway, protocol.ProvisionResponse, paho.Client) {
+	t.Helper()
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "s1", 1)
+	r := MustProvision(t, tg, claim, serial)
+	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	publishBirth(t, tg, c, r.DeviceID)
+	return tg, r, c
+}
+
 // customerPickup creates a customer's size S ambient pickup ref at site
 // with c.
 func customerPickup(t *testing.T, c *client.Client, site, ref string) pickup.Pickup {
@@ -65,11 +80,7 @@ func customerPickup(t *testing.T, c *client.Client, site, ref string) pickup.Pic
 // new order, though it is the smallest that fits; once the locker reports
 // it working again (the alert clears), it does.
 func TestAllocationSkipsFaultyDoors(t *testing.T) {
-	tg := MustStart(t)
-	claim := tg.MustSiteAndClaim(t, "s1", 1)
-	r := MustProvision(t, tg, claim, "SN-FAULT-1")
-	c := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
-	publishBirth(t, tg, c, r.DeviceID)
+	tg, r, c := siteWithALocker(t, "SN-FAULT-1")
 	health := func(seq int, faults string) {
 		t.Helper()
 		MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanHealth), false,
@@ -94,5 +105,33 @@ func TestAllocationSkipsFaultyDoors(t *testing.T) {
 	openFaults(0)
 	if p := customerPickup(t, store, "s1", "FAULT-2"); p.Compartment != 1 {
 		t.Fatalf("FAULT-2 went to compartment %d, want 1, its door working again", p.Compartment)
+	}
+}
+
+// TestAllocationSkipsLockersNotApplyingCredentials: a locker that does not
+// apply its credential sets (an open creds_not_applied alert) gets no new
+// order: it would not know the order's code, and would still take the code
+// of an order that ended in that compartment since the set it holds. Once
+// the alert clears, it does.
+func TestAllocationSkipsLockersNotApplyingCredentials(t *testing.T) {
+	tg, r, _ := siteWithALocker(t, "SN-CREDS-1")
+	ctx := context.Background()
+	var alert int64
+	if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'creds_not_applied', 'test') RETURNING id`,
+		r.DeviceID).Scan(&alert); err != nil {
+		t.Fatal(err)
+	}
+	store := MustPickupToken(t, tg, "store", "s1", "front-desk")
+	var pe *client.Error
+	err := store.Post(ctx, "/v1/pickups", map[string]any{"site": "s1", "order_ref": "CREDS-1", "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "customer"}}, nil)
+	if !errors.As(err, &pe) || pe.Status != 422 {
+		t.Fatalf("a pickup at the only locker, which does not apply its credentials: %v, want 422 (no compartment)", err)
+	}
+	if _, err := tg.DB().Pool().Exec(ctx, `UPDATE alerts SET cleared_at = now() WHERE id = $1`, alert); err != nil {
+		t.Fatal(err)
+	}
+	if p := customerPickup(t, store, "s1", "CREDS-2"); p.Locker != r.DeviceID {
+		t.Fatalf("CREDS-2 went to %q, want %s once its alert cleared", p.Locker, r.DeviceID)
 	}
 }

@@ -81,11 +81,17 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 			AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready'))
 			AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertDoorFault+`'
 				AND a.compartment = c.n AND a.cleared_at IS NULL)
+			AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertCredsNotApplied+`'
+				AND a.cleared_at IS NULL)
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
 	// A compartment whose door the locker reports failing (an open
 	// door_fault alert: its health's door_faults) is not one: its staging
-	// unlock would fail (door_jammed). The smallest that fits first; ties
+	// unlock would fail (door_jammed). Nor is any of a locker that does not
+	// apply its credential sets (an open creds_not_applied alert): it knows
+	// no new order's code, and still takes the codes of orders that ended
+	// since the set it holds, one of which would then open the compartment
+	// on the next order. The smallest that fits first; ties
 	// to the lower locker id, then compartment number.
 	smallest := fmt.Sprintf(`%s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
 	// Lockers tried in this call are not candidates again: one whose free
