@@ -332,14 +332,7 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	fail := func(what string, err error) {
 		d.log.Error(what, "webhook", dl.WebhookID, "event", dl.EventID, "err", err)
 		o := Outcome{At: d.o.Now(), Error: what + ": " + err.Error()}
-		outcome := "retry"
-		if d.o.Now().Sub(dl.CreatedAt) < d.o.RetryFor {
-			o.Next = o.At.Add(d.backoff(dl.Attempts + 1))
-		} else {
-			outcome = "given_up"
-			d.log.Error("webhook delivery given up", "webhook", dl.WebhookID, "event", dl.EventID, "attempts", dl.Attempts+1, "last_error", o.Error)
-		}
-		d.m.deliveries.WithLabelValues(outcome).Inc()
+		d.m.deliveries.WithLabelValues(d.retryOrGiveUp(&o, dl, o.At)).Inc()
 		record(o)
 	}
 	w, enc, err := d.o.Store.GetWebhook(ctx, dl.WebhookID)
@@ -403,18 +396,23 @@ func (d *Dispatcher) deliver(ctx context.Context, dl *Delivery) {
 	d.m.latency.Observe(o.Duration.Seconds())
 	outcome := "delivered"
 	if !o.Delivered {
-		if end.Sub(dl.CreatedAt) < d.o.RetryFor {
-			// From the attempt's end: a receiver that hangs until the
-			// timeout gets the whole wait too, not a retry at once.
-			o.Next = end.Add(d.backoff(dl.Attempts + 1))
-			outcome = "retry"
-		} else {
-			outcome = "given_up"
-			d.log.Error("webhook delivery given up", "webhook", w.ID, "event", dl.EventID, "attempts", dl.Attempts+1, "last_error", o.Error)
-		}
+		outcome = d.retryOrGiveUp(&o, dl, end)
 	}
 	d.m.deliveries.WithLabelValues(outcome).Inc()
 	record(o)
+}
+
+// retryOrGiveUp settles a failed attempt o of dl that ended at end: the
+// next attempt's time while the delivery is within RetryFor (from the
+// attempt's end: a receiver that hangs until the timeout gets the whole
+// wait too, not a retry at once), else given up. It returns the outcome.
+func (d *Dispatcher) retryOrGiveUp(o *Outcome, dl *Delivery, end time.Time) string {
+	if end.Sub(dl.CreatedAt) < d.o.RetryFor {
+		o.Next = end.Add(d.backoff(dl.Attempts + 1))
+		return "retry"
+	}
+	d.log.Error("webhook delivery given up", "webhook", dl.WebhookID, "event", dl.EventID, "attempts", dl.Attempts+1, "last_error", o.Error)
+	return "given_up"
 }
 
 // unreachable reports whether attempt o found its receiver unreachable
