@@ -1867,7 +1867,9 @@ func TestCommandWatchAfterReconnect(t *testing.T) {
 	defer cancel()
 	db := MustOpen(t)
 	got := make(chan string, 64)
-	go db.WatchCommands(ctx, func(cid string) { got <- cid })
+	watching := make(chan struct{})
+	go func() { db.WatchCommands(ctx, func(cid string) { got <- cid }); close(watching) }()
+	defer func() { cancel(); <-watching }() // before MustOpen's cleanup closes the pool
 	waitListening(t, db, got)
 	if _, err := db.Pool().Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
 		WHERE datname = current_database() AND query LIKE 'LISTEN%'`); err != nil {

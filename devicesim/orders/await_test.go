@@ -71,7 +71,7 @@ func TestCreateWaitsOutA429(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {
-		for posts.Load() < 5 { // some retries, then the end of the run
+		for posts.Load() < 5 && ctx.Err() == nil { // some retries, then the end of the run
 			runtime.Gosched()
 		}
 		cancel()
