@@ -89,6 +89,16 @@ func TokenSites(sites []string) []string {
 	return slices.Compact(slices.Sorted(slices.Values(sites)))
 }
 
+// SitesOrEvery is sites, or an empty list (every site) for none: what is
+// written where nil would read otherwise (pgx writes a nil slice as NULL;
+// an audit entry shows [] for every site).
+func SitesOrEvery(sites []string) []string {
+	if sites == nil {
+		return []string{}
+	}
+	return sites
+}
+
 // PlatformAt reports whether a platform token may make pickups and codes
 // at site: one of its Sites, or any when it lists none.
 func (t *Token) PlatformAt(site string) bool {

@@ -128,34 +128,26 @@ const deliverTimeout = 10 * time.Second
 // expired: published first, it could expire pending in between (the
 // sweeper), and the locker's answer to a command it ran would be refused.
 func (m *Manager) deliver(ctx context.Context, c *Command) bool {
-	sent, _ := m.deliverOrRefused(ctx, c)
-	return sent
-}
-
-// deliverOrRefused is deliver, also reporting whether the bus refused the
-// publish (a broker connection down).
-func (m *Manager) deliverOrRefused(ctx context.Context, c *Command) (sent, refused bool) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), deliverTimeout)
 	defer cancel()
 	now := m.now()
 	if !now.Before(c.ExpiresAt) {
-		return false, false // the sweeper expires it; an expired command is never sent
+		return false // the sweeper expires it; an expired command is never sent
 	}
 	if c.Status == CmdPending {
 		ok, err := m.store.MarkCommandSent(ctx, c.ID, now)
 		if err != nil {
 			m.log.Error("mark command sent", "command", c.ID, "err", err)
-			return false, false
+			return false
 		}
 		if !ok {
-			return false, false // answered, expired or sent meanwhile
+			return false // answered, expired or sent meanwhile
 		}
 		// Waiters wait for a final status; "sent" wakes no one.
 		c.Status, c.SentAt = CmdSent, &now
 		m.m.commands.WithLabelValues(c.Type, CmdSent).Inc()
 	}
-	sent = m.publishCommand(ctx, c)
-	return sent, !sent
+	return m.publishCommand(ctx, c)
 }
 
 func (m *Manager) publishCommand(ctx context.Context, c *Command) bool {
@@ -238,19 +230,19 @@ func (m *Manager) resend(ctx context.Context) {
 			continue // the bus refused a publish: the rest wait for the next pass
 		}
 		r := m.resent[c.ID]
-		var sent, refused bool
+		var sent bool
 		if c.Status == CmdPending {
 			m.log.Info("pending command delivered to an online locker", "locker", c.DeviceID, "command", c.ID)
-			sent, refused = m.deliverOrRefused(ctx, c)
+			sent = m.deliver(ctx, c)
 		} else if sent = m.publishCommand(ctx, c); sent {
 			m.m.resent.Inc()
 			m.log.Info("command sent again: no answer yet", "locker", c.DeviceID, "command", c.ID, "sent_at", c.SentAt)
-		} else {
-			refused = true
 		}
-		// An external broker's connection down refuses every command at
-		// once: one error a pass, not one per unanswered command.
-		busDown = refused
+		// Not sent, and sent as far as the database knows: the bus refused
+		// it (deliver marks a pending command sent before it publishes). An
+		// external broker's connection down refuses every command at once:
+		// one error a pass, not one per unanswered command.
+		busDown = !sent && c.Status == CmdSent
 		// A send that failed (the broker down) is tried again as soon as
 		// the last one, not after a longer wait.
 		if sent {

@@ -513,7 +513,7 @@ func (s *Server) patchToken(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	if err := s.store.Audit(ctx, fleet.AuditEntry{Actor: principal(r).Actor(), Action: "token.update",
-		Detail: map[string]any{"token": id, "name": now.Name, "sites": nonNilSites(now.Sites), "sites_before": nonNilSites(was.Sites)}}); err != nil {
+		Detail: map[string]any{"token": id, "name": now.Name, "sites": fleet.SitesOrEvery(now.Sites), "sites_before": fleet.SitesOrEvery(was.Sites)}}); err != nil {
 		return err
 	}
 	writeJSON(w, http.StatusOK, now)
@@ -530,14 +530,6 @@ func (s *Server) tokensChanged(err error) {
 	if err != nil {
 		time.AfterFunc(tokenLookupTimeout, s.tokens.reset)
 	}
-}
-
-// nonNilSites is sites, or [] (every site) for none, for an audit entry.
-func nonNilSites(sites []string) []string {
-	if sites == nil {
-		return []string{}
-	}
-	return sites
 }
 
 func (s *Server) revokeToken(w http.ResponseWriter, r *http.Request) error {

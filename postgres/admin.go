@@ -108,7 +108,7 @@ func (db *DB) CreateToken(ctx context.Context, t *fleet.Token, hash []byte) erro
 		return err
 	}
 	err := db.pool.QueryRow(ctx, `INSERT INTO tokens (id, hash, role, site, name, created_by, sites) VALUES ($1, $2, $3, $4, $5, $6, $7)
-		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy, nonNil(t.Sites)).Scan(&t.CreatedAt)
+		RETURNING created_at`, t.ID, hash, t.Role, site, t.Name, t.CreatedBy, fleet.SitesOrEvery(t.Sites)).Scan(&t.CreatedAt)
 	if isFKViolation(err) {
 		return noSite(t.Site)
 	}
@@ -139,14 +139,6 @@ func noSite(site string) error {
 	return fmt.Errorf("site %s (make it first: POST /v1/sites, lockerctl sites create %s): %w", site, site, fleet.ErrNotFound)
 }
 
-// nonNil is s, or an empty slice for nil: pgx writes a nil slice as NULL.
-func nonNil(s []string) []string {
-	if s == nil {
-		return []string{}
-	}
-	return s
-}
-
 // SetTokenSites sets platform token id's sites (empty: every site) and
 // returns the token as it was before and as it is now. An unknown token is
 // fleet.ErrNotFound, a revoked one fleet.ErrConflict, another role's
@@ -168,7 +160,7 @@ func (db *DB) SetTokenSites(ctx context.Context, id string, sites []string) (was
 		case was.Role != fleet.RolePlatform:
 			return fmt.Errorf("token %s is a %s token: only platform tokens have sites: %w", id, was.Role, fleet.ErrInvalid)
 		}
-		now, err = scanToken(tx.QueryRow(ctx, `UPDATE tokens SET sites = $2 WHERE id = $1 RETURNING `+tokenCols, id, nonNil(sites)))
+		now, err = scanToken(tx.QueryRow(ctx, `UPDATE tokens SET sites = $2 WHERE id = $1 RETURNING `+tokenCols, id, fleet.SitesOrEvery(sites)))
 		return err
 	})
 	if err != nil {
