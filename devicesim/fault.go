@@ -223,6 +223,10 @@ type lockerSim struct {
 	armed        bool          // Start armed the streams: a decision made before then plans no timer
 	pending      []*time.Timer // hold releases and door repairs to come
 	keypadN      int           // keypad decisions made
+	// credsHeld (HoldCreds): credential sets that arrive are kept in
+	// heldCreds (the newest), not applied nor acknowledged.
+	credsHeld bool
+	heldCreds []byte
 }
 
 // faultStream is one kind of fault of one locker: a random stream and the
@@ -500,6 +504,28 @@ func (f *Fleet) LoseNetwork() {
 func (f *Fleet) RestoreNetwork() {
 	for _, l := range f.lockers {
 		l.RestoreNetwork()
+	}
+}
+
+// HoldCreds makes the locker slow to apply its credential sets, as one
+// whose set's delivery was delayed: until ReleaseCreds, a set that arrives
+// is neither applied nor acknowledged, and the locker goes on validating
+// codes by the set it holds.
+func (l *Locker) HoldCreds() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.x.credsHeld = true
+}
+
+// ReleaseCreds ends HoldCreds: the newest set that arrived meanwhile, if
+// any, is applied and acknowledged.
+func (l *Locker) ReleaseCreds() {
+	l.mu.Lock()
+	held := l.x.heldCreds
+	l.x.credsHeld, l.x.heldCreds = false, nil
+	l.mu.Unlock()
+	if held != nil {
+		l.handleCreds(held)
 	}
 }
 

@@ -48,6 +48,10 @@ func (l *Locker) handleCreds(payload []byte) {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.x.credsHeld {
+		l.x.heldCreds = payload
+		return
+	}
 	if !l.haveCreds || set.Version >= l.creds.Version {
 		l.creds, l.haveCreds = *set, true
 		// Forget used marks of credentials the gateway dropped; keep those

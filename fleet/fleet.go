@@ -50,6 +50,11 @@ type Compartment struct {
 	// compartment; it is kept while a live pickup is in it (Pickup), and
 	// nothing new is put there.
 	Missing bool `json:"missing,omitempty"`
+	// AwaitsCreds is the credential-set version the locker must
+	// acknowledge before this compartment takes a new order: the first
+	// without the code of the order that ended there last, which opens it
+	// till then. 0 (omitted) when it waits for none.
+	AwaitsCreds int64 `json:"awaits_creds,omitempty"`
 }
 
 // Locker is a registered locker unit as operators see it.

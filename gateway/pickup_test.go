@@ -528,6 +528,15 @@ func (e *pickupEnv) twoReadyThenRaw(t *testing.T, ref1, ref2 string) (pickup.Pic
 	return a, b, dev, protocol.Topic(id.DeviceID, protocol.ChanEvents)
 }
 
+// rawApplied has raw locker client dev acknowledge its current credential
+// set, and waits for the gateway to record it.
+func (e *pickupEnv) rawApplied(t *testing.T, dev paho.Client, lockerID string) {
+	t.Helper()
+	v := e.tg.Count(t, `SELECT creds_version FROM devices WHERE id = $1`, lockerID)
+	MustPublish(t, dev, protocol.Topic(lockerID, protocol.ChanCredsAck), false, fmt.Sprintf(`{"version":%d}`, v))
+	e.waitCreds(t, lockerID)
+}
+
 // TestPickupOffline: the driver collects while the locker is offline; the
 // pickup is reconciled when its events arrive.
 func TestPickupOffline(t *testing.T) {
@@ -996,6 +1005,7 @@ func TestLateCodeUseAfterTheCompartmentIsTakenAgain(t *testing.T) {
 	MustPublish(t, dev, topic, false, fmt.Sprintf(`{"id":"e-%s-close","ts":"%s","type":"door_closed","compartment":%d,"occupied":false}`,
 		expired.ID, protocol.FormatTime(used.Add(3*time.Second)), expired.Compartment))
 	Eventually(t, 10*time.Second, "the closing applied", func() error { return e.closingsApplied(t, expired, 2) })
+	e.rawApplied(t, dev, expired.Locker) // the set without the expired order's code: its compartment may take the next
 	next := e.create(t, "LATE-8", "M", time.Hour)
 	if next.Compartment != expired.Compartment {
 		t.Fatalf("the new order got compartment %d, want the freed %d", next.Compartment, expired.Compartment)

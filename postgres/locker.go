@@ -45,8 +45,10 @@ func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
 	// Both queries in one round trip (every API call on a locker starts here).
 	b := &pgx.Batch{}
 	b.Queue("SELECT "+lockerCols+" FROM devices d WHERE d.id = $1", id)
-	b.Queue(`SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, p.id, c.missing
+	b.Queue(`SELECT c.n, c.size, c.zone, c.in_service, c.occupied, c.door, p.id, c.missing, coalesce(x.version, 0)
 		FROM compartments c LEFT JOIN pickups p ON p.device_id = c.device_id AND p.compartment = c.n AND p.state IN ('staging', 'ready')
+		LEFT JOIN compartment_clears x ON x.device_id = c.device_id AND x.n = c.n
+			AND x.version > (SELECT creds_acked FROM devices WHERE id = $1)
 		WHERE c.device_id = $1 ORDER BY c.n`, id)
 	br := db.pool.SendBatch(ctx, b)
 	defer br.Close()
@@ -61,7 +63,7 @@ func (db *DB) GetLocker(ctx context.Context, id string) (*fleet.Locker, error) {
 	defer rows.Close()
 	for rows.Next() {
 		var c fleet.Compartment
-		if err := rows.Scan(&c.N, &c.Size, &c.Zone, &c.InService, &c.Occupied, &c.Door, &c.Pickup, &c.Missing); err != nil {
+		if err := rows.Scan(&c.N, &c.Size, &c.Zone, &c.InService, &c.Occupied, &c.Door, &c.Pickup, &c.Missing, &c.AwaitsCreds); err != nil {
 			return nil, err
 		}
 		l.Compartments = append(l.Compartments, c)

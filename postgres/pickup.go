@@ -83,6 +83,7 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 				AND a.compartment = c.n AND a.cleared_at IS NULL)
 			AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertCredsNotApplied+`'
 				AND a.cleared_at IS NULL)
+			AND NOT EXISTS (SELECT 1 FROM compartment_clears x WHERE x.device_id = c.device_id AND x.n = c.n AND x.version > d.creds_acked)
 			AND (SELECT count(*) FROM pickups p WHERE p.device_id = c.device_id AND p.state IN ('staging', 'ready')) < $4`,
 		fmt.Sprintf(sizeRank, "c.size"), fmt.Sprintf(sizeRank, "$3"))
 	// A compartment whose door the locker reports failing (an open
@@ -91,7 +92,12 @@ func (db *DB) Allocate(ctx context.Context, p *pickup.Pickup, heardSince time.Ti
 	// apply its credential sets (an open creds_not_applied alert): it knows
 	// no new order's code, and still takes the codes of orders that ended
 	// since the set it holds, one of which would then open the compartment
-	// on the next order. The smallest that fits first; ties
+	// on the next order. Nor is one whose last order ended since the set
+	// the locker acknowledged (compartment_clears, recordClears): until it
+	// applies the set without that order's code, the code still opens the
+	// compartment, and would open it on the next order (a set whose publish
+	// failed waits for the census's republish; a locker may be slow to
+	// apply one). The smallest that fits first; ties
 	// to the lower locker id, then compartment number.
 	smallest := fmt.Sprintf(`%s, c.device_id, c.n LIMIT 1`, fmt.Sprintf(sizeRank, "c.size"))
 	// Lockers tried in this call are not candidates again: one whose free
@@ -357,8 +363,16 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				return err
 			}
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
-			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail); err != nil {
+		// With the transition, in one round trip: an ended pickup's
+		// compartment waits for the set without its code (a pickup never
+		// given a code leaves none behind).
+		b := &pgx.Batch{}
+		if !pickup.Live(to) && out.CredentialID != "" {
+			b.Queue(recordClearsSQL, out.Locker, []int{out.Compartment})
+		}
+		b.Queue(`INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
+			VALUES ($1, $2, $3, $4, $5, $6)`, id, at, state, to, actor, detail)
+		if err := tx.SendBatch(ctx, b).Close(); err != nil {
 			return err
 		}
 		if err := audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "pickup." + to, Locker: out.Locker, Site: out.Site,
@@ -456,6 +470,23 @@ func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 	}
 	return bumpCreds(ctx, tx, p.Locker, 0)
 }
+
+// recordClears records that no code of an order that ended in compartments
+// comps of a locker opens them from its current credential set on (after
+// this transaction's bump, if any): Allocate gives them no new order until
+// the locker acknowledges that set. Nothing is recorded when the locker
+// holds the current set already. The locker is locked (lockLocker): its
+// set version does not move under this transaction, and no other writes
+// these rows.
+func recordClears(ctx context.Context, tx pgx.Tx, deviceID string, comps []int) error {
+	_, err := tx.Exec(ctx, recordClearsSQL, deviceID, comps)
+	return err
+}
+
+const recordClearsSQL = `INSERT INTO compartment_clears (device_id, n, version)
+	SELECT d.id, n.n, d.creds_version FROM devices d CROSS JOIN (SELECT DISTINCT unnest($2::int[])) n (n)
+	WHERE d.id = $1 AND d.creds_acked < d.creds_version
+	ON CONFLICT (device_id, n) DO UPDATE SET version = greatest(compartment_clears.version, excluded.version)`
 
 // queueEvent queues ev about pickup p for every webhook that asked for its
 // type and may see it: operators' and admins' all, a store's of its site, a
@@ -654,8 +685,10 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 			return err
 		}
 		var oldIDs, newIDs []string
+		var covered []int
 		minted := make(map[string]*pickup.Credential, len(olds))
 		for i := range olds {
+			covered = append(covered, olds[i].Compartments...)
 			old := &olds[i]
 			if live[old.ID] == nil {
 				continue
@@ -698,10 +731,17 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 		if err := revokeOrphans(ctx, tx, deviceID); err != nil {
 			return err
 		}
-		if len(olds) > 0 {
-			return bumpCreds(ctx, tx, deviceID, gen)
+		if len(olds) == 0 {
+			return nil
 		}
-		return nil
+		if err := bumpCreds(ctx, tx, deviceID, gen); err != nil {
+			return err
+		}
+		// Every compartment an old code opened: those of orders that ended
+		// (an orphan's; a combined code's narrowed away) are free, and the
+		// locker takes their codes until it applies this set. (Live ones
+		// get no order anyway.)
+		return recordClears(ctx, tx, deviceID, covered)
 	})
 	if isUniqueViolation(err) {
 		return 0, pickup.ErrPINTaken

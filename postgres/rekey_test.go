@@ -104,6 +104,12 @@ func (e *credEnv) uses() (n int) {
 	return n
 }
 
+// applied is the locker acknowledging its current credential set.
+func (e *credEnv) applied() {
+	e.t.Helper()
+	e.exec(`UPDATE devices SET creds_acked = creds_version WHERE id = $1`, e.id)
+}
+
 func (e *credEnv) version() (v int64) {
 	e.t.Helper()
 	if err := e.db.Pool().QueryRow(context.Background(), `SELECT creds_version FROM devices WHERE id = $1`, e.id).Scan(&v); err != nil {
@@ -255,6 +261,19 @@ func TestRotateCredentials(t *testing.T) {
 	if e.version() != before+1 {
 		t.Fatal("the rotation did not bump the set version once")
 	}
+	// The compartments the old codes opened wait for the locker to apply
+	// the new set: c's and the orphan's are free, and their codes still
+	// open them at the locker till then (a's and b's are live).
+	rows, err := e.db.Pool().Query(ctx, `SELECT n FROM compartment_clears WHERE device_id = $1 AND version = $2 ORDER BY n`, e.id, before+1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleared, err := pgx.CollectRows(rows, pgx.RowTo[int])
+	want := []int{a.Compartment, b.Compartment, c.Compartment, 4}
+	slices.Sort(want)
+	if want = slices.Compact(want); err != nil || !slices.Equal(cleared, want) {
+		t.Fatalf("compartments waiting for the rotation's set: %v %v, want %v", cleared, err, want)
+	}
 
 	// The locker had not got the new set: it accepts the old code of a.
 	usedAt := time.Now()
@@ -294,7 +313,9 @@ func TestRotateCredentials(t *testing.T) {
 	}
 
 	// A replacement that commits while the rotation runs: nothing changes,
-	// ErrKeyChanged (the service tries again with the new key).
+	// ErrKeyChanged (the service tries again with the new key). (The
+	// locker applied the sets so far: every compartment is free again.)
+	e.applied()
 	d := e.pickup("R-4")
 	e.mustMint("k-d", "mac-d", d)
 	_, err = rotate(e.id, func(old *pickup.Credential) string {
@@ -556,6 +577,7 @@ func TestUseExpiredCredential(t *testing.T) {
 	}
 	// A later pickup in a's compartment: its closings are its own.
 	e.exec(`UPDATE compartments SET occupied = false, door = 'closed' WHERE device_id = $1`, e.id)
+	e.applied()
 	d := e.pickup("L-4")
 	if d.Compartment != a.Compartment {
 		t.Fatalf("the next pickup took compartment %d, want a's %d", d.Compartment, a.Compartment)
@@ -921,5 +943,58 @@ func TestDoorReportedUse(t *testing.T) {
 	e.transition(r.ID, pickup.PickedUp)
 	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-old", reported); err != nil || u == nil || len(u.Ready) != 0 {
 		t.Fatalf("the old code's code_accepted again, its pickup picked up: %+v %v, want the use with no ready pickup", u, err)
+	}
+}
+
+// TestAllocationWaitsForTheClearingSet: an order that ends while its
+// locker has not acknowledged the current credential set (its code may
+// still open the compartment there) leaves its compartment out of
+// allocation until the locker acknowledges the set that dropped the code;
+// one that ends while the locker holds the current set records nothing.
+func TestAllocationWaitsForTheClearingSet(t *testing.T) {
+	e := newCredEnv(t, "SN-CLR", 2)
+	a := e.pickup("CLR-A")
+	e.mustMint("k-clr-a", "mac-clr-a", a)
+	e.transition(a.ID, pickup.Cancelled) // revokes k-clr-a: a new set
+	v := e.version()
+	next := func(ref string) *pickup.Pickup {
+		e.t.Helper()
+		p, err := e.allocate(ref)
+		if err != nil {
+			e.t.Fatalf("allocate %s: %v", ref, err)
+		}
+		return p
+	}
+	if b := next("CLR-B"); b.Compartment == a.Compartment {
+		t.Fatalf("CLR-B got compartment %d, whose last code the locker may hold (acked %d < version %d)", b.Compartment, -1, v)
+	}
+	if _, err := e.allocate("CLR-C"); !errors.Is(err, pickup.ErrNoCompartment) {
+		t.Fatalf("CLR-C with one compartment live and the other waiting: %v, want ErrNoCompartment", err)
+	}
+	e.exec(`UPDATE devices SET creds_acked = $2 - 1 WHERE id = $1`, e.id, v) // an older set: still waits
+	if _, err := e.allocate("CLR-C"); !errors.Is(err, pickup.ErrNoCompartment) {
+		t.Fatalf("CLR-C with the set before the revoking one acknowledged: %v, want ErrNoCompartment", err)
+	}
+	e.exec(`UPDATE devices SET creds_acked = $2 WHERE id = $1`, e.id, v)
+	c := next("CLR-C")
+	if c.Compartment != a.Compartment {
+		t.Fatalf("CLR-C got compartment %d, want %d once the locker acknowledged the set without CLR-A's code", c.Compartment, a.Compartment)
+	}
+	// c's code is used at the locker, which applies the set without it:
+	// c's end then records nothing (the locker holds the current set). Nor
+	// does that of d, never given a code.
+	e.mustMint("k-clr-c", "mac-clr-c", c)
+	if _, err := e.db.UseCredential(context.Background(), e.id, "k-clr-c", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	e.applied()
+	e.transition(c.ID, pickup.PickedUp)
+	d := next("CLR-D")
+	e.transition(d.ID, pickup.Cancelled)
+	if n := countOf(t, e.db, `SELECT count(*) FROM compartment_clears WHERE device_id = $1 AND version > $2`, e.id, v); n != 0 {
+		t.Fatalf("%d compartments wait for a set after one the locker holds", n)
+	}
+	if f := next("CLR-F"); f.Compartment != a.Compartment {
+		t.Fatalf("CLR-F got compartment %d, want %d", f.Compartment, a.Compartment)
 	}
 }
