@@ -200,7 +200,7 @@ func Rules() []Rule {
 			Description: "At least one locker did not acknowledge its credential set after five republishes: codes made since the last set it applied do not open it, so drivers and customers stand at a locker that refuses them.",
 			Runbook: "1. Which lockers: GET /v1/alerts?kind=creds_not_applied&open=true; GET /v1/lockers/{id} shows creds_version against creds_acked.\n" +
 				"2. One locker: restart it (a reboot command, or power): it gets its set at the next connect. Many of one model or firmware: its creds handling is broken (protocol.md, credentials).\n" +
-				"3. The alert clears when the locker acknowledges its current set.",
+				"3. The alert clears when the locker acknowledges its current set. Until then the locker gets no new pickup, and its compartments whose orders ended wait for a set without their codes (awaits_creds). Clear the alert by hand only when you know the locker holds its set (its acks are what fails): that also releases those compartments.",
 		},
 		{
 			Alert: "LockergateCredentialGuessing", Severity: "warning", For: "10m",

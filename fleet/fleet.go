@@ -51,9 +51,10 @@ type Compartment struct {
 	// nothing new is put there.
 	Missing bool `json:"missing,omitempty"`
 	// AwaitsCreds is the credential-set version the locker must
-	// acknowledge before this compartment takes a new order: the first
-	// without the code of the order that ended there last, which opens it
-	// till then. 0 (omitted) when it waits for none.
+	// acknowledge (or a later one) before this compartment takes a new
+	// order: the version current when the order that ended there last
+	// lost its code, which opens the compartment at the locker till then.
+	// 0 (omitted) when it waits for none.
 	AwaitsCreds int64 `json:"awaits_creds,omitempty"`
 }
 

@@ -84,7 +84,10 @@ func (db *DB) GetAlert(ctx context.Context, id int64) (*fleet.Alert, error) {
 
 // ClearAlert clears an open alert by hand and audits it as alert.clear:
 // fleet.ErrNotFound for no such alert, fleet.ErrConflict when it is
-// cleared already (by hand or because its condition ended).
+// cleared already (by hand or because its condition ended). Clearing a
+// creds_not_applied alert vouches that the locker holds its set: its
+// compartments waiting for one (compartment_clears) are released with it,
+// counted in the audit entry (compartments_released).
 func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Time) (*fleet.Alert, error) {
 	return db.clearAlert(ctx, id, actor, "", at)
 }
@@ -93,6 +96,17 @@ func (db *DB) ClearAlert(ctx context.Context, id int64, actor string, at time.Ti
 func (db *DB) clearAlert(ctx context.Context, id int64, actor, reason string, at time.Time) (*fleet.Alert, error) {
 	var a fleet.Alert
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		// A creds_not_applied alert's locker is locked first (lockLocker:
+		// the lock order), for its compartment_clears.
+		var locker string
+		if err := tx.QueryRow(ctx, `SELECT device_id FROM alerts WHERE id = $1 AND kind = $2`,
+			id, fleet.AlertCredsNotApplied).Scan(&locker); err == nil {
+			if _, err := lockLocker(ctx, tx, locker); err != nil && !errors.Is(err, fleet.ErrNotFound) {
+				return err
+			}
+		} else if !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
 		var err error
 		a, err = scanAlert(tx.QueryRow(ctx, `WITH u AS (UPDATE alerts SET cleared_at = $2, cleared_by = $3
 				WHERE id = $1 AND cleared_at IS NULL RETURNING *)
@@ -113,6 +127,14 @@ func (db *DB) clearAlert(ctx context.Context, id int64, actor, reason string, at
 		detail := map[string]any{"alert": strconv.FormatInt(a.ID, 10), "kind": a.Kind}
 		if reason != "" {
 			detail["reason"] = reason
+		}
+		if locker != "" {
+			tag, err := tx.Exec(ctx, `DELETE FROM compartment_clears x USING devices d
+				WHERE x.device_id = $1 AND d.id = x.device_id AND x.version > d.creds_acked`, locker)
+			if err != nil {
+				return err
+			}
+			detail["compartments_released"] = tag.RowsAffected()
 		}
 		return audit(ctx, tx, fleet.AuditEntry{Actor: actor, Action: "alert.clear", Locker: a.DeviceID, Site: a.Site, Detail: detail})
 	})

@@ -267,7 +267,8 @@ func (db *DB) LivePickupAt(ctx context.Context, deviceID string, n int) (*pickup
 // lockerLock is the SQL that takes the advisory lock of the locker whose id
 // is the expression id, for the transaction. Register takes it too, before
 // the devices row: the lock order is this lock, then pickups and
-// credentials, then compartments, then the devices row.
+// credentials, then compartments, then the devices row, then
+// compartment_clears (written only under this lock).
 func lockerLock(id string) string {
 	return `pg_advisory_xact_lock(hashtextextended('lockergate/locker/' || ` + id + `, 0))`
 }
@@ -363,11 +364,12 @@ func (db *DB) Transition(ctx context.Context, id string, from []string, to, acto
 				return err
 			}
 		}
-		// With the transition, in one round trip: an ended pickup's
-		// compartment waits for the set without its code (a pickup never
-		// given a code leaves none behind).
+		// With the transition, in one round trip: the compartment of a
+		// pickup that ends waits for the set without its code (a pickup
+		// never given a code leaves none behind; a late collection of an
+		// expired one changes no code).
 		b := &pgx.Batch{}
-		if !pickup.Live(to) && out.CredentialID != "" {
+		if pickup.Live(state) && !pickup.Live(to) && out.CredentialID != "" {
 			b.Queue(recordClearsSQL, out.Locker, []int{out.Compartment})
 		}
 		b.Queue(`INSERT INTO pickup_transitions (pickup_id, ts, from_state, to_state, actor, detail)
@@ -474,10 +476,13 @@ func releaseCredential(ctx context.Context, tx pgx.Tx, p *pickup.Pickup) error {
 // recordClears records that no code of an order that ended in compartments
 // comps of a locker opens them from its current credential set on (after
 // this transaction's bump, if any): Allocate gives them no new order until
-// the locker acknowledges that set. Nothing is recorded when the locker
-// holds the current set already. The locker is locked (lockLocker): its
-// set version does not move under this transaction, and no other writes
-// these rows.
+// the locker acknowledges that set, or a later one. A compartment with a
+// live pickup is left out (it takes no order anyway). Recorded even when
+// the locker holds the current set already: a locker that applies an
+// older set again (a stale copy) takes the code again, and the row then
+// holds the compartment again. The locker is locked (lockLocker): its set
+// version does not move under this transaction, and no other writes these
+// rows.
 func recordClears(ctx context.Context, tx pgx.Tx, deviceID string, comps []int) error {
 	_, err := tx.Exec(ctx, recordClearsSQL, deviceID, comps)
 	return err
@@ -485,7 +490,8 @@ func recordClears(ctx context.Context, tx pgx.Tx, deviceID string, comps []int) 
 
 const recordClearsSQL = `INSERT INTO compartment_clears (device_id, n, version)
 	SELECT d.id, n.n, d.creds_version FROM devices d CROSS JOIN (SELECT DISTINCT unnest($2::int[])) n (n)
-	WHERE d.id = $1 AND d.creds_acked < d.creds_version
+	WHERE d.id = $1 AND NOT EXISTS (SELECT 1 FROM pickups p WHERE p.device_id = d.id AND p.compartment = n.n
+		AND p.state IN ('staging', 'ready'))
 	ON CONFLICT (device_id, n) DO UPDATE SET version = greatest(compartment_clears.version, excluded.version)`
 
 // queueEvent queues ev about pickup p for every webhook that asked for its
@@ -737,10 +743,9 @@ func (db *DB) RotateCredentials(ctx context.Context, deviceID string, at time.Ti
 		if err := bumpCreds(ctx, tx, deviceID, gen); err != nil {
 			return err
 		}
-		// Every compartment an old code opened: those of orders that ended
-		// (an orphan's; a combined code's narrowed away) are free, and the
-		// locker takes their codes until it applies this set. (Live ones
-		// get no order anyway.)
+		// The compartments the old codes opened that no live pickup holds
+		// (an orphan's): the locker takes their codes until it applies
+		// this set.
 		return recordClears(ctx, tx, deviceID, covered)
 	})
 	if isUniqueViolation(err) {

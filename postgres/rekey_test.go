@@ -261,15 +261,15 @@ func TestRotateCredentials(t *testing.T) {
 	if e.version() != before+1 {
 		t.Fatal("the rotation did not bump the set version once")
 	}
-	// The compartments the old codes opened wait for the locker to apply
-	// the new set: c's and the orphan's are free, and their codes still
-	// open them at the locker till then (a's and b's are live).
+	// The compartments the old codes opened that hold no live pickup wait
+	// for the locker to apply the new set: c's and the orphan's are free,
+	// and their codes still open them at the locker till then.
 	rows, err := e.db.Pool().Query(ctx, `SELECT n FROM compartment_clears WHERE device_id = $1 AND version = $2 ORDER BY n`, e.id, before+1)
 	if err != nil {
 		t.Fatal(err)
 	}
 	cleared, err := pgx.CollectRows(rows, pgx.RowTo[int])
-	want := []int{a.Compartment, b.Compartment, c.Compartment, 4}
+	want := []int{c.Compartment, 4}
 	slices.Sort(want)
 	if want = slices.Compact(want); err != nil || !slices.Equal(cleared, want) {
 		t.Fatalf("compartments waiting for the rotation's set: %v %v, want %v", cleared, err, want)
@@ -952,6 +952,7 @@ func TestDoorReportedUse(t *testing.T) {
 // allocation until the locker acknowledges the set that dropped the code;
 // one that ends while the locker holds the current set records nothing.
 func TestAllocationWaitsForTheClearingSet(t *testing.T) {
+	ctx := context.Background()
 	e := newCredEnv(t, "SN-CLR", 2)
 	a := e.pickup("CLR-A")
 	e.mustMint("k-clr-a", "mac-clr-a", a)
@@ -966,7 +967,7 @@ func TestAllocationWaitsForTheClearingSet(t *testing.T) {
 		return p
 	}
 	if b := next("CLR-B"); b.Compartment == a.Compartment {
-		t.Fatalf("CLR-B got compartment %d, whose last code the locker may hold (acked %d < version %d)", b.Compartment, -1, v)
+		t.Fatalf("CLR-B got compartment %d, whose last code the locker may hold (set %d not acknowledged)", b.Compartment, v)
 	}
 	if _, err := e.allocate("CLR-C"); !errors.Is(err, pickup.ErrNoCompartment) {
 		t.Fatalf("CLR-C with one compartment live and the other waiting: %v, want ErrNoCompartment", err)
@@ -981,20 +982,72 @@ func TestAllocationWaitsForTheClearingSet(t *testing.T) {
 		t.Fatalf("CLR-C got compartment %d, want %d once the locker acknowledged the set without CLR-A's code", c.Compartment, a.Compartment)
 	}
 	// c's code is used at the locker, which applies the set without it:
-	// c's end then records nothing (the locker holds the current set). Nor
-	// does that of d, never given a code.
+	// after c's end its compartment is free at once...
 	e.mustMint("k-clr-c", "mac-clr-c", c)
-	if _, err := e.db.UseCredential(context.Background(), e.id, "k-clr-c", time.Now()); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-clr-c", time.Now()); err != nil {
 		t.Fatal(err)
 	}
 	e.applied()
 	e.transition(c.ID, pickup.PickedUp)
+	w := e.version()
+	// ...unless the locker goes back to a set that held c's code (a stale
+	// copy applied last), which takes the code again.
+	e.exec(`UPDATE devices SET creds_acked = $2 WHERE id = $1`, e.id, w-1)
+	if _, err := e.allocate("CLR-D"); !errors.Is(err, pickup.ErrNoCompartment) {
+		t.Fatalf("CLR-D with a set that holds CLR-C's code acknowledged last: %v, want ErrNoCompartment", err)
+	}
+	e.applied()
 	d := next("CLR-D")
-	e.transition(d.ID, pickup.Cancelled)
-	if n := countOf(t, e.db, `SELECT count(*) FROM compartment_clears WHERE device_id = $1 AND version > $2`, e.id, v); n != 0 {
-		t.Fatalf("%d compartments wait for a set after one the locker holds", n)
+	if d.Compartment != a.Compartment {
+		t.Fatalf("CLR-D got compartment %d, want %d", d.Compartment, a.Compartment)
+	}
+	// d's code ends with it (expired); once the locker applied that set, a
+	// late collection of d changes no code and leaves nothing to wait for;
+	// nor does the end of g, never given a code.
+	e.mustMint("k-clr-d", "mac-clr-d", d)
+	e.transition(d.ID, pickup.Expired)
+	e.applied()
+	w = e.version()
+	e.exec(`UPDATE devices SET creds_version = creds_version + 1 WHERE id = $1`, e.id) // a set the locker has not acked
+	if _, err := e.db.Transition(ctx, d.ID, []string{pickup.Expired}, pickup.PickedUp, "test", "collected before expiry", time.Now(), nil); err != nil {
+		t.Fatal(err)
+	}
+	g := next("CLR-G")
+	e.transition(g.ID, pickup.Cancelled)
+	if n := countOf(t, e.db, `SELECT count(*) FROM compartment_clears WHERE device_id = $1 AND version > $2`, e.id, w); n != 0 {
+		t.Fatalf("%d compartments wait for a set that changed no code of theirs", n)
 	}
 	if f := next("CLR-F"); f.Compartment != a.Compartment {
 		t.Fatalf("CLR-F got compartment %d, want %d", f.Compartment, a.Compartment)
+	}
+}
+
+// TestClearingCredsNotAppliedReleasesCompartments: a person who clears a
+// locker's creds_not_applied alert vouches that it holds its set: its
+// compartments waiting for one are released, and the audit says how many.
+func TestClearingCredsNotAppliedReleasesCompartments(t *testing.T) {
+	ctx := context.Background()
+	e := newCredEnv(t, "SN-REL", 1)
+	a := e.pickup("REL-A")
+	e.mustMint("k-rel-a", "mac-rel-a", a)
+	e.transition(a.ID, pickup.Cancelled)
+	if _, err := e.allocate("REL-B"); !errors.Is(err, pickup.ErrNoCompartment) {
+		t.Fatalf("REL-B, the only compartment waiting for a set: %v, want ErrNoCompartment", err)
+	}
+	var id int64
+	if err := e.db.Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'creds_not_applied', 'test') RETURNING id`,
+		e.id).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.db.ClearAlert(ctx, id, "operator:ops", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := e.allocate("REL-B"); err != nil || b.Compartment != a.Compartment {
+		t.Fatalf("REL-B after the alert was cleared by hand: %+v %v, want compartment %d", b, err, a.Compartment)
+	}
+	var released int
+	if err := e.db.Pool().QueryRow(ctx, `SELECT (detail->>'compartments_released')::int FROM audit WHERE action = 'alert.clear' AND locker = $1`,
+		e.id).Scan(&released); err != nil || released != 1 {
+		t.Fatalf("audit of the clear: compartments_released %d (%v), want 1", released, err)
 	}
 }
