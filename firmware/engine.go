@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -171,7 +173,8 @@ const (
 
 // Tick times out overdue jobs (once a second), renews payloads (every
 // refreshEvery) and steps every running rollout (and paused ones past their
-// deadline): at once after a change, else once a second. Run calls it.
+// deadline, or paused by an operator: a gate crossed meanwhile is recorded
+// on them): at once after a change, else once a second. Run calls it.
 func (e *Engine) Tick(ctx context.Context) {
 	now := e.now()
 	if now.Sub(e.lastSweep) >= idleEvery {
@@ -450,16 +453,74 @@ func waveSize(r *Rollout, w waves, i int) int {
 // failures crossed the threshold.
 func crossedWave(r *Rollout, w waves) (int, bool) {
 	for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-		if Crossed(sumStates(w[i], FailureStates), waveSize(r, w, i), r.MaxFailurePct) {
+		if r.crossed(i, sumStates(w[i], FailureStates), waveSize(r, w, i)) {
 			return i, true
 		}
 	}
 	return 0, false
 }
 
+// acceptedIn is the number of wave i's failures a resume accepted.
+func (r *Rollout) acceptedIn(i int) int {
+	if i < len(r.Accepted) {
+		return r.Accepted[i]
+	}
+	return 0
+}
+
+// crossed reports whether wave i's failures beyond those a resume accepted
+// cross the threshold, of its size.
+func (r *Rollout) crossed(i, failed, size int) bool {
+	return Crossed(failed-r.acceptedIn(i), size, r.MaxFailurePct)
+}
+
+// accept records that wave i's failed failures are accepted (a resume).
+func (r *Rollout) accept(i, failed int) {
+	for len(r.Accepted) <= i {
+		r.Accepted = append(r.Accepted, 0)
+	}
+	r.Accepted[i] = failed
+}
+
+// gateReason is the reason of a stop for wave's failures (of which a
+// resume accepted some).
 func gateReason(r *Rollout, wave, failed, size int) string {
-	return fmt.Sprintf("wave %d: %d of %d jobs failed (%.1f%%), over max_failure_pct %g",
-		wave+1, failed, size, float64(failed)*100/float64(size), r.MaxFailurePct)
+	n := failed - r.acceptedIn(wave)
+	reason := fmt.Sprintf("%s%d of %d jobs failed (%.1f%%)", gatePrefix(wave), n, size, float64(n)*100/float64(size))
+	if a := r.acceptedIn(wave); a > 0 {
+		reason += fmt.Sprintf(" beyond the %d a resume accepted", a)
+	}
+	return reason + fmt.Sprintf(", over max_failure_pct %g", r.MaxFailurePct)
+}
+
+// gatePrefix starts the reason of every stop by a wave's gate.
+func gatePrefix(wave int) string { return fmt.Sprintf("wave %d: ", wave+1) }
+
+// gateShown reports whether a paused rollout's reason is a gate's: the
+// status that the operator who resumes it reads says a wave crossed.
+func gateShown(r *Rollout) bool {
+	return strings.HasPrefix(r.Reason, "wave ")
+}
+
+// onCrossing stops rollout r for wave's crossing: a running one pauses or
+// aborts (its failure action); one an operator paused is aborted when that
+// is its failure action, or else stays paused with the gate's reason, so
+// that whoever resumes it sees the crossing they accept. changed: r
+// changed (save it).
+func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
+	reason := gateReason(r, wave, failed, size)
+	switch {
+	case r.Status == Running || (r.Status == Paused && r.FailureAction == ActionAbort):
+		if r.Status == Paused {
+			reason += " while " + r.Reason
+		}
+		cancelled, note, err = e.stop(ctx, tx, r, reason, now)
+		return cancelled, note, true, err
+	case r.Status == Paused && !gateShown(r):
+		r.Reason = reason + " while " + r.Reason
+		return nil, fleet.AuditEntry{Action: "rollout.gate", Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}}, true, nil
+	}
+	return nil, fleet.AuditEntry{}, false, nil
 }
 
 // stop pauses or aborts a running rollout (by its failure action); an abort
@@ -499,22 +560,22 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		// Read the clock after the counts, so that what they include
 		// happened before the times this step records.
 		now := e.now().UTC()
-		if r.Status == Paused && !r.pastDeadline(now) {
-			return nil // a paused rollout moves only to end at its deadline
-		}
 		w, all := tally(counts, len(r.WaveSizes))
 		last := len(r.WaveSizes) - 1
 
 		// Gates are checked on every failure as it arrives; this catches
 		// a failure this step saw first.
-		if i, ok := crossedWave(r, w); ok && r.Status == Running && !r.pastDeadline(now) {
-			c, note, err := e.stop(ctx, tx, r, gateReason(r, i, sumStates(w[i], FailureStates), waveSize(r, w, i)), now)
-			if err != nil {
+		if i, ok := crossedWave(r, w); ok && !r.pastDeadline(now) {
+			c, note, changed, err := e.onCrossing(ctx, tx, r, i, sumStates(w[i], FailureStates), waveSize(r, w, i), now)
+			if err != nil || !changed {
 				return err
 			}
 			cancelled, notes = c, []fleet.AuditEntry{note}
 			crossedAt = lastFailure(counts, i)
 			return tx.Save(ctx)
+		}
+		if r.Status == Paused && !r.pastDeadline(now) {
+			return nil // a paused rollout moves only to end at its deadline
 		}
 		unfinished := all[StateQueued] + sumStates(all, ActiveStates)
 		if r.pastDeadline(now) {
@@ -643,7 +704,8 @@ func lastFailure(counts []Count, wave int) time.Time {
 }
 
 func changed(a, b *Rollout) bool {
-	return a.Status != b.Status || a.Wave != b.Wave || a.GateFrom != b.GateFrom || !a.TAT.Equal(b.TAT) || a.Reason != b.Reason
+	return a.Status != b.Status || a.Wave != b.Wave || a.GateFrom != b.GateFrom || !a.TAT.Equal(b.TAT) || a.Reason != b.Reason ||
+		!slices.Equal(a.Accepted, b.Accepted)
 }
 
 // waveDone reports whether the next wave may start after this one: nothing
@@ -769,7 +831,7 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 		return
 	}
 	if !Crossed(failed, size, r.MaxFailurePct) {
-		return
+		return // a resume's accepted failures only lower the count (checked under the lock)
 	}
 	var cancelled []Job
 	var note fleet.AuditEntry
@@ -777,14 +839,13 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	err = e.store.Update(ctx, r.ID, func(tx StepTx) error {
 		cancelled, stopped = nil, false
 		cur := tx.Rollout()
-		if cur.Status != Running || wave < cur.GateFrom || cur.pastDeadline(e.now()) {
+		if wave < cur.GateFrom || !cur.crossed(wave, failed, size) || cur.pastDeadline(e.now()) {
 			return nil // past its deadline the rollout ends (step), not pauses
 		}
 		var err error
-		if cancelled, note, err = e.stop(ctx, tx, cur, gateReason(cur, wave, failed, size), e.now()); err != nil {
+		if cancelled, note, stopped, err = e.onCrossing(ctx, tx, cur, wave, failed, size, e.now()); err != nil || !stopped {
 			return err
 		}
-		stopped = true
 		return tx.Save(ctx)
 	})
 	if err != nil {

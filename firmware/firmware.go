@@ -224,9 +224,12 @@ type Rollout struct {
 	Status string `json:"status"`
 	// Wave is the 0-based index of the current wave (the API shows it 1-based).
 	Wave int `json:"-"`
-	// GateFrom is the first wave whose gate is still checked: resuming a
-	// rollout a gate paused accepts the failures seen so far.
+	// GateFrom is the first wave whose gate is still checked (set by
+	// resumes before migration 033; 0 since).
 	GateFrom int `json:"-"`
+	// Accepted holds, per wave, the failures a resume accepted: the wave's
+	// gate counts only those beyond them (acceptedIn).
+	Accepted []int `json:"-"`
 	// TAT is the rate limiter's state: when the next job is due.
 	TAT        time.Time  `json:"-"`
 	Reason     string     `json:"reason"`
@@ -361,7 +364,9 @@ type Store interface {
 	// ListRollouts returns rollouts newest first, after the rollout id after.
 	ListRollouts(ctx context.Context, after string, limit int) ([]Rollout, error)
 	// LiveRollouts returns the ids of the rollouts a step may move at now:
-	// running ones, and paused ones past their deadline (which end then).
+	// running ones, paused ones past their deadline (which end then), and
+	// paused ones whose reason is not a gate's (a crossing since is
+	// recorded on them: gateShown).
 	LiveRollouts(ctx context.Context, now time.Time) ([]string, error)
 	// Counts returns a rollout's jobs per wave and state.
 	Counts(ctx context.Context, id string) ([]Count, error)

@@ -398,7 +398,11 @@ func (e *Engine) Pause(ctx context.Context, id, actor string) (*Status, error) {
 }
 
 // Resume continues a paused rollout. Resuming accepts the failures seen so
-// far: the waves up to the current one are not gated again, the next are.
+// far of each wave whose gate they crossed: its gate then counts only the
+// failures after them, so the rest of the wave is gated again. A crossing
+// the rollout's status does not show yet (its gate was crossed while an
+// operator had it paused, and is being recorded) is a conflict: the
+// operator reads the status and resumes again.
 func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) {
 	return e.operate(ctx, id, actor, "resume", func(tx StepTx, r *Rollout, now time.Time) ([]Job, error) {
 		if r.Status != Paused {
@@ -409,8 +413,16 @@ func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) 
 			return nil, err
 		}
 		w, _ := tally(counts, len(r.WaveSizes))
-		if _, crossed := crossedWave(r, w); crossed {
-			r.GateFrom = r.Wave + 1
+		for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
+			failed, size := sumStates(w[i], FailureStates), waveSize(r, w, i)
+			if !r.crossed(i, failed, size) {
+				continue
+			}
+			if !gateShown(r) {
+				return nil, fmt.Errorf("%w: rollout %s: %s since it was paused; read its status, then resume again to accept those failures",
+					fleet.ErrConflict, r.ID, gateReason(r, i, failed, size))
+			}
+			r.accept(i, failed)
 		}
 		r.Status, r.Reason = Running, ""
 		return nil, nil
@@ -451,7 +463,7 @@ func (e *Engine) RetryFailed(ctx context.Context, id, actor string) (*Status, er
 		if n == 0 {
 			return nil, fmt.Errorf("%w: rollout %s has no failed or timed-out job", fleet.ErrConflict, r.ID)
 		}
-		r.Status, r.Reason, r.FinishedAt, r.GateFrom = Running, "", nil, 0
+		r.Status, r.Reason, r.FinishedAt, r.GateFrom, r.Accepted = Running, "", nil, 0, nil
 		return nil, nil
 	})
 }

@@ -87,7 +87,7 @@ func (db *DB) ListArtifacts(ctx context.Context, after string, n int) ([]firmwar
 
 const fwRolloutCols = `id, firmware_id, version, model, selector, waves, wave_sizes, max_failure_pct, min_per_wave,
 	rate_per_min, deadline, step_timeout_s, failure_action, retries, retry_on, install_window, force, status, wave,
-	gate_from, tat, reason, created_by, created_at, updated_at, finished_at`
+	gate_from, gate_accepted, tat, reason, created_by, created_at, updated_at, finished_at`
 
 func scanRollout(row pgx.Row) (*firmware.Rollout, error) {
 	var r firmware.Rollout
@@ -95,7 +95,7 @@ func scanRollout(row pgx.Row) (*firmware.Rollout, error) {
 	var tat *time.Time
 	err := row.Scan(&r.ID, &r.Firmware, &r.Version, &r.Model, &sel, &r.Waves, &r.WaveSizes, &r.MaxFailurePct,
 		&r.MinPerWave, &r.RatePerMin, &r.Deadline, &r.StepTimeoutS, &r.FailureAction, &r.Retries, &r.RetryOn,
-		&r.Window, &r.Force, &r.Status, &r.Wave, &r.GateFrom, &tat, &r.Reason, &r.CreatedBy, &r.CreatedAt,
+		&r.Window, &r.Force, &r.Status, &r.Wave, &r.GateFrom, &r.Accepted, &tat, &r.Reason, &r.CreatedBy, &r.CreatedAt,
 		&r.UpdatedAt, &r.FinishedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
@@ -120,7 +120,7 @@ func (db *DB) CreateRollout(ctx context.Context, r *firmware.Rollout, jobs []fir
 	}
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		_, err := tx.Exec(ctx, `INSERT INTO rollouts (`+fwRolloutCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-			$11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)`,
+			$11, $12, $13, $14, $15, $16, $17, $18, $19, $20, '{}', $21, $22, $23, $24, $25, $26)`,
 			r.ID, r.Firmware, r.Version, r.Model, sel, r.Waves, r.WaveSizes, r.MaxFailurePct, r.MinPerWave,
 			r.RatePerMin, r.Deadline, r.StepTimeoutS, r.FailureAction, r.Retries, r.RetryOn, r.Window, r.Force,
 			r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.CreatedBy, r.CreatedAt, r.UpdatedAt, r.FinishedAt)
@@ -173,7 +173,7 @@ func (db *DB) ListRollouts(ctx context.Context, after string, n int) ([]firmware
 // LiveRollouts implements firmware.Store.
 func (db *DB) LiveRollouts(ctx context.Context, now time.Time) ([]string, error) {
 	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts
-		WHERE status = 'running' OR (status = 'paused' AND deadline <= $1) ORDER BY created_at`, now)
+		WHERE status = 'running' OR (status = 'paused' AND (deadline <= $1 OR reason NOT LIKE 'wave %')) ORDER BY created_at`, now)
 	if err != nil {
 		return nil, err
 	}
@@ -568,8 +568,13 @@ func (s *rolloutTx) Rollout() *firmware.Rollout { return s.r }
 
 func (s *rolloutTx) Save(ctx context.Context) error {
 	r := s.r
+	accepted := r.Accepted
+	if accepted == nil {
+		accepted = []int{} // the column is NOT NULL
+	}
 	_, err := s.tx.Exec(ctx, `UPDATE rollouts SET status = $2, wave = $3, gate_from = $4, tat = $5, reason = $6,
-		finished_at = $7, updated_at = now() WHERE id = $1`, r.ID, r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.FinishedAt)
+		finished_at = $7, gate_accepted = $8, updated_at = now() WHERE id = $1`,
+		r.ID, r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.FinishedAt, accepted)
 	return err
 }
 

@@ -1,0 +1,112 @@
+package firmware_test
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lockergate/lockergate/firmware"
+	"github.com/lockergate/lockergate/fleet"
+)
+
+// TestEnginePausedRolloutShowsItsGate: a gate crossed while an operator has
+// the rollout paused is recorded on it (its reason names the wave), and no
+// wave advances; a resume accepts a crossing only once the status shows it
+// (409 before), and then gates the next wave afresh.
+func TestEnginePausedRolloutShowsItsGate(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent } // the test reports for them
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.eng.Tick(ctx)
+	if _, err := h.eng.Pause(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	var first []string // wave 1's two lockers
+	for _, id := range ids {
+		if j := h.job(st.ID, id); j.State == firmware.StateSent {
+			first = append(first, id)
+			h.report(clk, id, j.JobID, firmware.StateFailed)
+		}
+	}
+	if len(first) != 2 {
+		t.Fatalf("%d jobs went out, want wave 1's 2", len(first))
+	}
+	s := h.status(st.ID)
+	if s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: ") || !strings.HasSuffix(s.Reason, "while paused by operator") {
+		t.Fatalf("after wave 1 failed while paused: %s %q, want paused with the gate's reason", s.Status, s.Reason)
+	}
+	clk.advance(time.Second)
+	h.eng.Tick(ctx)
+	if s := h.status(st.ID); s.Counts[firmware.StateQueued] != 18 {
+		t.Fatalf("counts %v: wave 2 went out from a paused rollout", s.Counts)
+	}
+
+	// A crossing not shown yet (as if its recording were still on its way):
+	// the resume is refused, naming it; the next step records it.
+	h.exec(`UPDATE rollouts SET reason = 'paused by operator' WHERE id = $1`, st.ID)
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); !errors.Is(err, fleet.ErrConflict) || !strings.Contains(err.Error(), "wave 1: 2 of 2 jobs failed") {
+		t.Fatalf("resume over a crossing the status does not show: %v, want a conflict naming it", err)
+	}
+	clk.advance(time.Second)
+	h.eng.Tick(ctx)
+	if s := h.status(st.ID); !strings.HasPrefix(s.Reason, "wave 1: ") {
+		t.Fatalf("after a step: reason %q, want the gate's", s.Reason)
+	}
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatalf("resume once the crossing shows: %v", err)
+	}
+	clk.advance(time.Second)
+	h.eng.Tick(ctx)
+	s = h.status(st.ID)
+	if s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 0 {
+		t.Fatalf("after the resume: %s %v, want wave 2 handed out", s.Status, s.Counts)
+	}
+}
+
+// TestEngineGatesTheRestOfAWaveAfterAResume: a resume accepts the failures
+// seen so far, not the wave's: failures after it are gated afresh against
+// the wave, and stop the rollout again.
+func TestEngineGatesTheRestOfAWaveAfterAResume(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent }
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	for range 10 { // every job out
+		if h.status(st.ID).Counts[firmware.StateQueued] == 0 {
+			break
+		}
+		clk.advance(time.Second)
+		h.eng.Tick(ctx)
+	}
+	fail := func(from, to int) {
+		t.Helper()
+		for _, id := range ids[from:to] {
+			h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
+		}
+	}
+	fail(0, 3) // 7.5 % of 40
+	if s := h.status(st.ID); s.Status != firmware.Paused {
+		t.Fatalf("after 3 of 40 failed: %s %v, want paused", s.Status, s.Counts)
+	}
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	fail(3, 5) // 2 more: 5 %, not over
+	if s := h.status(st.ID); s.Status != firmware.Running {
+		t.Fatalf("after 2 more failed: %s %q, want running", s.Status, s.Reason)
+	}
+	fail(5, 6) // 3 more: 7.5 %
+	s := h.status(st.ID)
+	if s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 3 of 40 jobs failed (7.5%) beyond the 3 a resume accepted") {
+		t.Fatalf("after 3 more failed: %s %q, want paused again", s.Status, s.Reason)
+	}
+}
