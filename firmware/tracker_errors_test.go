@@ -376,3 +376,38 @@ func TestEngineReportDataErrorIsInvalid(t *testing.T) {
 		}
 	}
 }
+
+// TestEngineNoRetryIntoAnEndedRollout: a retryable failure whose rollout is
+// cancelled between the engine's read of it and the failure's write is
+// recorded as final: no retry is queued in a cancelled rollout (it would
+// stay queued there for good, and a later birth could mark it succeeded).
+func TestEngineNoRetryIntoAnEndedRollout(t *testing.T) {
+	h, clk, fs, _ := newFaultHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 1)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(100.0),
+		Retries: 2, RetryOn: []string{firmware.KindInstall}})
+	h.eng.Tick(ctx)
+	job := h.job(st.ID, ids[0]).JobID
+	h.mustReport(clk, ids[0], job, firmware.StateDownloading, firmware.StateVerifying, firmware.StateInstalling)
+	fs.set(func(call, key string) error {
+		if call == "Apply" && key == job {
+			fs.set(nil)
+			if _, err := h.eng.Cancel(ctx, st.ID, "operator"); err != nil { // installing: the job carries on
+				t.Errorf("cancel: %v", err)
+			}
+		}
+		return nil
+	})
+	if err := h.eng.JobStatus(ctx, ids[0], &protocol.FwStatus{Job: job, State: firmware.StateFailed, Error: firmware.KindInstall}, clk.now()); err != nil {
+		t.Fatal(err)
+	}
+	j := h.job(st.ID, ids[0])
+	if j.State != firmware.StateFailed || j.Attempt != 1 || j.JobID != job {
+		t.Fatalf("the failure after the cancel: %s, attempt %d, job %s; want failed, attempt 1, %s (no retry)", j.State, j.Attempt, j.JobID, job)
+	}
+	if s := h.status(st.ID); s.Status != firmware.Cancelled || s.Counts[firmware.StateQueued] != 0 {
+		t.Fatalf("rollout %s %v, want cancelled with nothing queued", s.Status, s.Counts)
+	}
+}

@@ -341,25 +341,9 @@ func (db *DB) Apply(ctx context.Context, t firmware.Transition) (*firmware.Job, 
 	var j *firmware.Job
 	var err error
 	if t.RetryJobID == "" {
-		j, err = scanFwJob(db.pool.QueryRow(ctx, `UPDATE fw_jobs SET state = $4, error = $5,
-				progress = CASE WHEN $4 = state THEN coalesce($6, progress) ELSE $6 END,
-				updated_at = $7, done_at = $8
-			WHERE job_id = $1 AND device_id = $2 AND state = ANY($3)
-			RETURNING `+fwJobCols, t.JobID, t.DeviceID, t.From, t.To, t.Error, t.Progress, t.At, done))
+		j, err = scanFwJob(db.pool.QueryRow(ctx, applySQL, applyArgs(t, done)...))
 	} else {
-		// The failed attempt goes to history; the job is queued again under
-		// a new id, so the locker sees a new job.
-		j, err = scanFwJob(db.pool.QueryRow(ctx, `
-			WITH old AS (
-				SELECT rollout_id, device_id, job_id, attempt, sent_at FROM fw_jobs
-				WHERE job_id = $1 AND device_id = $2 AND state = ANY($3) FOR UPDATE),
-			arch AS (
-				INSERT INTO fw_job_attempts (job_id, rollout_id, device_id, attempt, state, error, sent_at, done_at)
-				SELECT job_id, rollout_id, device_id, attempt, $4, $5, sent_at, $6 FROM old)
-			UPDATE fw_jobs j SET job_id = $7, state = 'queued', error = $5, attempt = j.attempt + 1, progress = NULL,
-				payload = NULL, sent_at = NULL, done_at = NULL, updated_at = $6
-			FROM old WHERE j.rollout_id = old.rollout_id AND j.device_id = old.device_id
-			RETURNING `+fwPrefixed("j", fwJobCols), t.JobID, t.DeviceID, t.From, t.To, t.Error, t.At, t.RetryJobID))
+		j, err = db.applyRetry(ctx, t, done)
 	}
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil, nil
@@ -372,6 +356,55 @@ func (db *DB) Apply(ctx context.Context, t firmware.Transition) (*firmware.Job, 
 		return nil, nil
 	}
 	return j, dataError(err)
+}
+
+// applySQL moves a job to its next state (Apply without a retry).
+const applySQL = `UPDATE fw_jobs SET state = $4, error = $5,
+		progress = CASE WHEN $4 = state THEN coalesce($6, progress) ELSE $6 END,
+		updated_at = $7, done_at = $8
+	WHERE job_id = $1 AND device_id = $2 AND state = ANY($3)
+	RETURNING ` + fwJobCols
+
+func applyArgs(t firmware.Transition, done *time.Time) []any {
+	return []any{t.JobID, t.DeviceID, t.From, t.To, t.Error, t.Progress, t.At, done}
+}
+
+// applyRetry applies a failure t that the caller found retryable: the
+// failed attempt goes to history and the job is queued again under a new
+// id, so the locker sees a new job. The rollout is read again under a
+// share lock first (the order of Step and the operator actions, which lock
+// it before its jobs): one cancelled, aborted or completed since the
+// caller read it gets no retry, and the failure is recorded as final.
+func (db *DB) applyRetry(ctx context.Context, t firmware.Transition, done *time.Time) (*firmware.Job, error) {
+	var j *firmware.Job
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		var live bool
+		err := tx.QueryRow(ctx, `SELECT r.status IN ('running', 'paused') FROM rollouts r
+			WHERE r.id = (SELECT rollout_id FROM fw_jobs WHERE job_id = $1 AND device_id = $2) FOR SHARE`, t.JobID, t.DeviceID).Scan(&live)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fleet.ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		if !live {
+			j, err = scanFwJob(tx.QueryRow(ctx, applySQL, applyArgs(t, done)...))
+			return err
+		}
+		j, err = scanFwJob(tx.QueryRow(ctx, `
+			WITH old AS (
+				SELECT rollout_id, device_id, job_id, attempt, sent_at FROM fw_jobs
+				WHERE job_id = $1 AND device_id = $2 AND state = ANY($3) FOR UPDATE),
+			arch AS (
+				INSERT INTO fw_job_attempts (job_id, rollout_id, device_id, attempt, state, error, sent_at, done_at)
+				SELECT job_id, rollout_id, device_id, attempt, $4, $5, sent_at, $6 FROM old)
+			UPDATE fw_jobs j SET job_id = $7, state = 'queued', error = $5, attempt = j.attempt + 1, progress = NULL,
+				payload = NULL, sent_at = NULL, done_at = NULL, updated_at = $6
+			FROM old WHERE j.rollout_id = old.rollout_id AND j.device_id = old.device_id
+			RETURNING `+fwPrefixed("j", fwJobCols), t.JobID, t.DeviceID, t.From, t.To, t.Error, t.At, t.RetryJobID))
+		return err
+	})
+	return j, err
 }
 
 // fwPrefixed qualifies a column list with a table alias.
