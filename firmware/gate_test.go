@@ -110,3 +110,39 @@ func TestEngineGatesTheRestOfAWaveAfterAResume(t *testing.T) {
 		t.Fatalf("after 3 more failed: %s %q, want paused again", s.Status, s.Reason)
 	}
 }
+
+// TestEngineDisabledLockerIsSkippedNotFailed: a locker disabled after its
+// job went out (stolen, say) cannot report: its job ends skipped
+// (disabled) with the disable, and does not count against the gate.
+func TestEngineDisabledLockerIsSkippedNotFailed(t *testing.T) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	ctx := context.Background()
+	h.devs.outcome = func(string, int) string { return outSilent }
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 10)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
+	for range 10 {
+		if h.status(st.ID).Counts[firmware.StateQueued] == 0 {
+			break
+		}
+		clk.advance(time.Second)
+		h.eng.Tick(ctx)
+	}
+	if _, err := h.db.UpdateLocker(ctx, ids[0], ptr(true), nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids[1:] {
+		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
+			firmware.StateInstalling, firmware.StateRebooting)
+		h.birth(clk, id, "1.5.0", true)
+	}
+	clk.advance(61 * time.Second) // past the step timeout
+	s := h.tickUntil(clk, st.ID, firmware.Completed)
+	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSkipped || j.Error != firmware.SkipDisabled {
+		t.Fatalf("the disabled locker's job: %s %q, want skipped %q", j.State, j.Error, firmware.SkipDisabled)
+	}
+	if s.Counts[firmware.StateSucceeded] != 9 || s.Counts[firmware.StateTimedOut] != 0 {
+		t.Fatalf("counts %v", s.Counts)
+	}
+}

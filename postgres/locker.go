@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/protocol"
 	"github.com/lockergate/lockergate/webhook"
@@ -145,10 +146,20 @@ func (db *DB) UpdateLocker(ctx context.Context, id string, disabled, replaceable
 		if err != nil || disabled == nil || !*disabled {
 			return err
 		}
-		_, err = tx.Exec(ctx, `WITH wd AS (UPDATE commands SET status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END,
+		now := time.Now()
+		if _, err = tx.Exec(ctx, `WITH wd AS (UPDATE commands SET status = CASE WHEN status = 'pending' THEN 'expired' ELSE 'timed_out' END,
 				error = 'withdrawn: locker disabled', done_at = $3
 			WHERE device_id = $1 AND status IN ('pending', 'sent') RETURNING id)
-			SELECT count(pg_notify($2, wd.id)) FROM wd`, id, commandChannel, time.Now())
+			SELECT count(pg_notify($2, wd.id)) FROM wd`, id, commandChannel, now); err != nil {
+			return err
+		}
+		// Its open firmware jobs end skipped, as a replaced board's do
+		// (migration 012's trigger): it can no longer connect to report,
+		// and a job that times out would count against its rollout's
+		// gate as the image's failure.
+		_, err = tx.Exec(ctx, `UPDATE fw_jobs SET state = 'skipped', error = $2, updated_at = $3, done_at = $3
+			WHERE device_id = $1 AND state IN ('queued', 'sent', 'downloading', 'verifying', 'installing', 'rebooting')`,
+			id, firmware.SkipDisabled, now)
 		return err
 	})
 	if err != nil {
