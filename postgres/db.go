@@ -177,9 +177,34 @@ func (db *DB) Migrate(ctx context.Context) error {
 	return nil
 }
 
+// partitionLockWait bounds how long creating or dropping a partition waits
+// for its lock on the parent table (ACCESS EXCLUSIVE): while it waits,
+// every health and event write queues behind it, so one that a long read
+// or a pg_dump holds off gives up and is tried at the next hourly pass
+// (partitions are made 4 days ahead).
+const partitionLockWait = time.Second
+
+// partitionDDL runs sql, a partition's CREATE or DROP, waiting at most
+// partitionLockWait for its locks: false (and no error) when it gave up.
+func (db *DB) partitionDDL(ctx context.Context, sql string) (bool, error) {
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", partitionLockWait.Milliseconds())); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, sql)
+		return err
+	})
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "55P03" { // lock_not_available
+		return false, nil
+	}
+	return err == nil, err
+}
+
 // EnsurePartitions creates the daily partitions of health and events for the
 // days from `from` through `days` days later; rows outside land in the
-// default partition.
+// default partition. One whose lock it cannot get in partitionLockWait is
+// left for the next pass (logged).
 func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) error {
 	for _, table := range []string{"health", "events"} {
 		for d := 0; d <= days; d++ {
@@ -187,14 +212,20 @@ func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) er
 			name := fmt.Sprintf("%s_%s", table, day.Format("20060102"))
 			sql := fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %s PARTITION OF %s FOR VALUES FROM ('%s') TO ('%s')`,
 				name, table, day.Format(time.RFC3339), day.AddDate(0, 0, 1).Format(time.RFC3339))
-			if _, err := db.pool.Exec(ctx, sql); err != nil {
-				var pgErr *pgconn.PgError
+			done, err := db.partitionDDL(ctx, sql)
+			var pgErr *pgconn.PgError
+			switch {
+			case err == nil && !done:
+				db.log.Warn("partition not created: its table is locked (a long read or a dump); trying again at the next hourly pass",
+					"table", name, "waited", partitionLockWait)
+			case errors.As(err, &pgErr) && pgErr.Code == "23514":
 				// A row already in the default partition for that day blocks
 				// the new partition; it stays in the default partition.
-				if errors.As(err, &pgErr) && pgErr.Code == "23514" {
-					db.log.Warn("partition not created: rows for that day are in the default partition", "table", name)
-					continue
-				}
+				db.log.Warn("partition not created: rows for that day are in the default partition", "table", name)
+			case errors.As(err, &pgErr) && (pgErr.Code == "42P07" || pgErr.Code == "23505"):
+				// Another instance created it at the same time (IF NOT
+				// EXISTS checks before it waits for the lock).
+			case err != nil:
 				return fmt.Errorf("create partition %s: %w", name, err)
 			}
 		}
@@ -224,8 +255,14 @@ func (db *DB) DropPartitionsBefore(ctx context.Context, cutoff time.Time) ([]str
 		if err != nil || !day.AddDate(0, 0, 1).Before(cutoff) && !day.AddDate(0, 0, 1).Equal(cutoff) {
 			continue
 		}
-		if _, err := db.pool.Exec(ctx, "DROP TABLE IF EXISTS "+pgx.Identifier{name}.Sanitize()); err != nil {
+		done, err := db.partitionDDL(ctx, "DROP TABLE IF EXISTS "+pgx.Identifier{name}.Sanitize())
+		if err != nil {
 			return dropped, fmt.Errorf("drop partition %s: %w", name, err)
+		}
+		if !done {
+			db.log.Warn("partition not dropped: its table is locked (a long read or a dump); trying again at the next hourly pass",
+				"table", name, "waited", partitionLockWait)
+			continue
 		}
 		dropped = append(dropped, name)
 	}
