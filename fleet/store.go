@@ -48,7 +48,10 @@ type Store interface {
 	InsertHealth(ctx context.Context, batch []HealthRecord, latest []LatestHealth) error
 	// InsertEvents stores the events of batch not seen before (by locker and
 	// event id), applies them to compartment state and their alert changes
-	// (EventRecord.Alert), and returns those it stored.
+	// (EventRecord.Alert), and returns those it stored. An event stored
+	// before with the same ReceivedAt (this very message, by an earlier
+	// try of the call whose commit's answer was lost) is returned too, as
+	// stored, and not applied again.
 	InsertEvents(ctx context.Context, batch []EventRecord) ([]EventRecord, error)
 	// ListHealth and ListEvents return a locker's history in a time range.
 	ListHealth(ctx context.Context, id string, r Range) ([]HealthRecord, error)

@@ -952,9 +952,17 @@ func TestIngest(t *testing.T) {
 		if err != nil || len(fresh) != 1 {
 			t.Fatalf("first: %d %v", len(fresh), err)
 		}
-		fresh, err = db.InsertEvents(ctx, []fleet.EventRecord{e})
+		again := e
+		again.ReceivedAt = now.Add(time.Second) // the locker sent it again
+		fresh, err = db.InsertEvents(ctx, []fleet.EventRecord{again})
 		if err != nil || len(fresh) != 0 {
 			t.Fatalf("repeat: %d %v", len(fresh), err)
+		}
+		// The same message again (a retry of a call whose commit's answer
+		// was lost): returned as stored, not stored or applied again.
+		fresh, err = db.InsertEvents(ctx, []fleet.EventRecord{e})
+		if err != nil || len(fresh) != 1 || fresh[0].EventID != "e-1" {
+			t.Fatalf("the stored call tried again: %+v %v, want e-1 returned", fresh, err)
 		}
 		es, _ := db.ListEvents(ctx, id, fleet.Range{})
 		if len(es) != 1 {

@@ -408,39 +408,53 @@ func (db *DB) InsertHealth(ctx context.Context, batch []fleet.HealthRecord, late
 
 // InsertEvents implements fleet.Store.
 func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fleet.EventRecord, error) {
-	var fresh []fleet.EventRecord
+	var fresh, stored []fleet.EventRecord
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
-		fresh = fresh[:0]
+		fresh, stored = fresh[:0], stored[:0]
 		ids := make([]string, len(batch))
 		eids := make([]string, len(batch))
 		ats := make([]time.Time, len(batch))
 		for i, e := range batch {
 			ids[i], eids[i], ats[i] = e.DeviceID, e.EventID, e.ReceivedAt
 		}
+		// New ones (true), and ones stored before with this very
+		// received_at (false): an earlier try of this call committed them
+		// and its answer was lost. (The statement's snapshot is from
+		// before its insert: the second part sees only those.)
 		rows, err := tx.Query(ctx, `
-			INSERT INTO event_ids (device_id, event_id, received_at)
-			SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
-			ON CONFLICT DO NOTHING RETURNING device_id, event_id`, ids, eids, ats)
+			WITH ins AS (INSERT INTO event_ids (device_id, event_id, received_at)
+				SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+				ON CONFLICT DO NOTHING RETURNING device_id, event_id)
+			SELECT device_id, event_id, true FROM ins
+			UNION ALL
+			SELECT e.device_id, e.event_id, false FROM event_ids e
+				JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) u (d, id, at)
+				ON e.device_id = u.d AND e.event_id = u.id AND e.received_at = u.at`, ids, eids, ats)
 		if err != nil {
 			return fmt.Errorf("dedupe events: %w", err)
 		}
 		isNew := make(map[[2]string]bool, len(batch))
 		for rows.Next() {
 			var k [2]string
-			if err := rows.Scan(&k[0], &k[1]); err != nil {
+			var inserted bool
+			if err := rows.Scan(&k[0], &k[1], &inserted); err != nil {
 				return err
 			}
-			isNew[k] = true
+			isNew[k] = inserted
 		}
 		if err := rows.Err(); err != nil {
 			return err
 		}
 		for _, e := range batch {
 			k := [2]string{e.DeviceID, e.EventID}
-			if isNew[k] {
+			inserted, ok := isNew[k]
+			switch {
+			case ok && inserted:
 				fresh = append(fresh, e)
-				delete(isNew, k) // the same event twice in one batch counts once
+			case ok:
+				stored = append(stored, e)
 			}
+			delete(isNew, k) // the same event twice in one batch counts once
 		}
 		if len(fresh) == 0 {
 			return nil
@@ -458,7 +472,11 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		}
 		return applyAlerts(ctx, tx, fresh, stale)
 	})
-	return fresh, dataError(err)
+	if err != nil {
+		return nil, dataError(err)
+	}
+	// A stored one's Alert is as the try that committed it left it.
+	return append(fresh, stored...), nil
 }
 
 // eventCopyCols are the columns events and event_outbox are copied in by,
