@@ -265,6 +265,9 @@ func rangeParams(r *http.Request) (fleet.Range, error) {
 	if err != nil {
 		return fleet.Range{}, err
 	}
+	if !since.IsZero() && !until.IsZero() && !since.Before(until) {
+		return fleet.Range{}, badRequest("since must be before until")
+	}
 	rg := fleet.Range{Since: since, Until: until, Limit: limit}
 	if after := r.URL.Query().Get("after"); after != "" {
 		ts, key, ok := strings.Cut(after, "~")

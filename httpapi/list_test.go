@@ -250,6 +250,9 @@ func TestRangeParams(t *testing.T) {
 		{"since=yesterday", fleet.Range{}, `bad request: since must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "yesterday"`},
 		{"until=tomorrow", fleet.Range{}, `bad request: until must be an RFC 3339 time, like 2026-11-24T21:30:00Z, not "tomorrow"`},
 		{"limit=0&since=yesterday", fleet.Range{}, "bad request: limit must be 1..1000"},
+		{"since=2026-01-02T00:00:00Z&until=2026-01-01T00:00:00Z", fleet.Range{}, "bad request: since must be before until"},
+		{"since=2026-01-02T00:00:00Z&until=2026-01-02T00:00:00Z", fleet.Range{}, "bad request: since must be before until"},
+		{"since=2026-01-02T00:00:00Z", fleet.Range{Limit: 100, Since: at("2026-01-02T00:00:00Z")}, ""},
 	} {
 		rg, err := rangeParams(httptest.NewRequest("GET", "/v1/lockers/x/health?"+tc.query, nil))
 		switch {
