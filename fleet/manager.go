@@ -438,7 +438,7 @@ func (m *Manager) receive(msg Message) {
 	}
 	at := m.now()
 	if ch != protocol.ChanHealth && ch != protocol.ChanPresence {
-		m.heard.add(id, at) // health and births write last_seen themselves
+		m.heard.add(id, at) // health and births write last_seen themselves (health dropped does not: below)
 	}
 	in := inbound{id: id, payload: msg.Payload, at: at, ack: msg.Ack}
 	switch ch {
@@ -452,6 +452,7 @@ func (m *Manager) receive(msg Message) {
 		case q <- in:
 		default:
 			m.m.dropped.WithLabelValues(string(ch), "queue_full").Inc()
+			m.heard.add(id, at) // heard all the same: not stale
 			in.done()
 		}
 	case protocol.ChanEvents:
@@ -866,6 +867,7 @@ func (w *healthWriter) write(ctx context.Context, batch []inbound) {
 		h, body, err := protocol.DecodeHealthBody(in.payload)
 		if err != nil {
 			m.dropInvalid(protocol.ChanHealth, in.id, err)
+			m.heard.add(in.id, in.at) // heard all the same: a locker that is not silent is not stale
 			in.done()
 			continue
 		}

@@ -223,3 +223,30 @@ func TestHealthCommitWaitFollowsTheBroker(t *testing.T) {
 		wantSetting(t, tg, "on")
 	})
 }
+
+// TestInvalidHealthStillHeard: a locker whose health the gateway rejects
+// (its firmware writes a field wrong) is not silent: each such message
+// moves last_seen (the stale judgement), as any other message does, while
+// it is dropped and counted as invalid.
+func TestInvalidHealthStillHeard(t *testing.T) {
+	tg := MustStart(t)
+	r, c := rawLocker(t, tg, "SN-BADHEALTH-1")
+	publishBirthHandled(t, tg, c, r.DeviceID)
+	const invalid = `lockergate_ingest_messages_dropped_total{channel="health",reason="invalid"}`
+	was, _ := tg.Metric(invalid)
+	// Whatever was heard before arrived before this (last_seen is the
+	// arrival time of the last message).
+	sent := time.Now().Truncate(time.Millisecond)
+	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanHealth), false, `{"ts":"yesterday","seq":1}`)
+	tg.WaitMetric(t, 10*time.Second, invalid, was+1)
+	Eventually(t, 10*time.Second, "last_seen moved by the invalid health", func() error {
+		var seen time.Time
+		if err := tg.DB().Pool().QueryRow(context.Background(), `SELECT last_seen FROM devices WHERE id = $1`, r.DeviceID).Scan(&seen); err != nil {
+			return err
+		}
+		if seen.Before(sent) {
+			return fmt.Errorf("last_seen %v, before the health was sent (%v)", seen, sent)
+		}
+		return nil
+	})
+}
