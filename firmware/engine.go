@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -419,6 +418,10 @@ func newer(a, b string) bool {
 // waves tallies counts per wave.
 type waves []map[string]int
 
+// acceptedKey counts, in a wave's tally, its failures a resume accepted
+// (counted in their states too).
+const acceptedKey = "gate_accepted"
+
 func tally(counts []Count, n int) (w waves, all map[string]int) {
 	w = make(waves, n)
 	for i := range w {
@@ -428,10 +431,19 @@ func tally(counts []Count, n int) (w waves, all map[string]int) {
 	for _, c := range counts {
 		if c.Wave >= 0 && c.Wave < n {
 			w[c.Wave][c.State] += c.N
+			if c.Accepted && IsFailure(c.State) {
+				w[c.Wave][acceptedKey] += c.N
+			}
 		}
 		all[c.State] += c.N
 	}
 	return w, all
+}
+
+// gated is the number of wave i's failures its gate counts: those no
+// resume accepted.
+func gated(w waves, i int) int {
+	return sumStates(w[i], FailureStates) - w[i][acceptedKey]
 }
 
 func sumStates(m map[string]int, states []string) int {
@@ -453,42 +465,19 @@ func waveSize(r *Rollout, w waves, i int) int {
 // failures crossed the threshold.
 func crossedWave(r *Rollout, w waves) (int, bool) {
 	for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-		if r.crossed(i, sumStates(w[i], FailureStates), waveSize(r, w, i)) {
+		if Crossed(gated(w, i), waveSize(r, w, i), r.MaxFailurePct) {
 			return i, true
 		}
 	}
 	return 0, false
 }
 
-// acceptedIn is the number of wave i's failures a resume accepted.
-func (r *Rollout) acceptedIn(i int) int {
-	if i < len(r.Accepted) {
-		return r.Accepted[i]
-	}
-	return 0
-}
-
-// crossed reports whether wave i's failures beyond those a resume accepted
-// cross the threshold, of its size.
-func (r *Rollout) crossed(i, failed, size int) bool {
-	return Crossed(failed-r.acceptedIn(i), size, r.MaxFailurePct)
-}
-
-// accept records that wave i's failed failures are accepted (a resume).
-func (r *Rollout) accept(i, failed int) {
-	for len(r.Accepted) <= i {
-		r.Accepted = append(r.Accepted, 0)
-	}
-	r.Accepted[i] = failed
-}
-
-// gateReason is the reason of a stop for wave's failures (of which a
-// resume accepted some).
-func gateReason(r *Rollout, wave, failed, size int) string {
-	n := failed - r.acceptedIn(wave)
-	reason := fmt.Sprintf("%s%d of %d jobs failed (%.1f%%)", gatePrefix(wave), n, size, float64(n)*100/float64(size))
-	if a := r.acceptedIn(wave); a > 0 {
-		reason += fmt.Sprintf(" beyond the %d a resume accepted", a)
+// gateReason is the reason of a stop for wave's failures (failed: those
+// its gate counts; accepted: those a resume accepted before).
+func gateReason(r *Rollout, wave, failed, accepted, size int) string {
+	reason := fmt.Sprintf("%s%d of %d jobs failed (%.1f%%)", gatePrefix(wave), failed, size, float64(failed)*100/float64(size))
+	if accepted > 0 {
+		reason += fmt.Sprintf(" beyond the %d a resume accepted", accepted)
 	}
 	return reason + fmt.Sprintf(", over max_failure_pct %g", r.MaxFailurePct)
 }
@@ -496,10 +485,10 @@ func gateReason(r *Rollout, wave, failed, size int) string {
 // gatePrefix starts the reason of every stop by a wave's gate.
 func gatePrefix(wave int) string { return fmt.Sprintf("wave %d: ", wave+1) }
 
-// gateShown reports whether a paused rollout's reason is a gate's: the
-// status that the operator who resumes it reads says a wave crossed.
-func gateShown(r *Rollout) bool {
-	return strings.HasPrefix(r.Reason, "wave ")
+// gateShown reports whether a paused rollout's reason names wave's
+// crossing: the status the operator who resumes it reads says so.
+func gateShown(r *Rollout, wave int) bool {
+	return strings.HasPrefix(r.Reason, gatePrefix(wave)) || strings.Contains(r.Reason, "; "+gatePrefix(wave))
 }
 
 // onCrossing stops rollout r for wave's crossing: a running one pauses or
@@ -507,8 +496,8 @@ func gateShown(r *Rollout) bool {
 // is its failure action, or else stays paused with the gate's reason, so
 // that whoever resumes it sees the crossing they accept. changed: r
 // changed (save it).
-func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
-	reason := gateReason(r, wave, failed, size)
+func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, accepted, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
+	reason := gateReason(r, wave, failed, accepted, size)
 	switch {
 	case r.Status == Running || (r.Status == Paused && r.FailureAction == ActionAbort):
 		if r.Status == Paused {
@@ -516,12 +505,20 @@ func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, fa
 		}
 		cancelled, note, err = e.stop(ctx, tx, r, reason, now)
 		return cancelled, note, true, err
-	case r.Status == Paused && !gateShown(r):
-		r.Reason = reason + " while " + r.Reason
-		return nil, fleet.AuditEntry{Action: "rollout.gate", Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}}, true, nil
+	case r.Status == Paused && !gateShown(r, wave):
+		if strings.HasPrefix(r.Reason, "wave ") { // another wave's crossing shown already
+			r.Reason = reason + "; " + r.Reason
+		} else {
+			r.Reason = reason + " while " + r.Reason
+		}
+		return nil, fleet.AuditEntry{Action: gateRecorded, Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}}, true, nil
 	}
 	return nil, fleet.AuditEntry{}, false, nil
 }
+
+// gateRecorded is the audit action of a crossing recorded on a paused
+// rollout (onCrossing): nothing stopped.
+const gateRecorded = "rollout.gate"
 
 // stop pauses or aborts a running rollout (by its failure action); an abort
 // withdraws queued and pending jobs like a cancel.
@@ -566,12 +563,14 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		// Gates are checked on every failure as it arrives; this catches
 		// a failure this step saw first.
 		if i, ok := crossedWave(r, w); ok && !r.pastDeadline(now) {
-			c, note, changed, err := e.onCrossing(ctx, tx, r, i, sumStates(w[i], FailureStates), waveSize(r, w, i), now)
+			c, note, changed, err := e.onCrossing(ctx, tx, r, i, gated(w, i), w[i][acceptedKey], waveSize(r, w, i), now)
 			if err != nil || !changed {
 				return err
 			}
 			cancelled, notes = c, []fleet.AuditEntry{note}
-			crossedAt = lastFailure(counts, i)
+			if note.Action != gateRecorded { // a stop (the gate's latency)
+				crossedAt = lastFailure(counts, i)
+			}
 			return tx.Save(ctx)
 		}
 		if r.Status == Paused && !r.pastDeadline(now) {
@@ -704,8 +703,7 @@ func lastFailure(counts []Count, wave int) time.Time {
 }
 
 func changed(a, b *Rollout) bool {
-	return a.Status != b.Status || a.Wave != b.Wave || a.GateFrom != b.GateFrom || !a.TAT.Equal(b.TAT) || a.Reason != b.Reason ||
-		!slices.Equal(a.Accepted, b.Accepted)
+	return a.Status != b.Status || a.Wave != b.Wave || a.GateFrom != b.GateFrom || !a.TAT.Equal(b.TAT) || a.Reason != b.Reason
 }
 
 // waveDone reports whether the next wave may start after this one: nothing
@@ -825,25 +823,33 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	if wave < 0 || wave >= len(r.WaveSizes) {
 		return
 	}
-	failed, size, err := e.store.WaveFailures(ctx, r.ID, wave)
+	failed, _, size, err := e.store.WaveFailures(ctx, r.ID, wave)
 	if err != nil {
 		e.fail("gate", err)
 		return
 	}
 	if !Crossed(failed, size, r.MaxFailurePct) {
-		return // a resume's accepted failures only lower the count (checked under the lock)
+		return
 	}
 	var cancelled []Job
 	var note fleet.AuditEntry
-	stopped := false
+	changed := false
 	err = e.store.Update(ctx, r.ID, func(tx StepTx) error {
-		cancelled, stopped = nil, false
+		cancelled, changed = nil, false
 		cur := tx.Rollout()
-		if wave < cur.GateFrom || !cur.crossed(wave, failed, size) || cur.pastDeadline(e.now()) {
+		if wave < cur.GateFrom || cur.pastDeadline(e.now()) {
 			return nil // past its deadline the rollout ends (step), not pauses
 		}
-		var err error
-		if cancelled, note, stopped, err = e.onCrossing(ctx, tx, cur, wave, failed, size, e.now()); err != nil || !stopped {
+		// Again under the lock: a resume may have accepted them since.
+		counts, err := tx.Counts(ctx)
+		if err != nil {
+			return err
+		}
+		w, _ := tally(counts, len(cur.WaveSizes))
+		if !Crossed(gated(w, wave), waveSize(cur, w, wave), cur.MaxFailurePct) {
+			return nil
+		}
+		if cancelled, note, changed, err = e.onCrossing(ctx, tx, cur, wave, gated(w, wave), w[wave][acceptedKey], waveSize(cur, w, wave), e.now()); err != nil || !changed {
 			return err
 		}
 		return tx.Save(ctx)
@@ -852,11 +858,16 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 		e.fail("gate", err)
 		return
 	}
-	if !stopped {
+	if !changed {
 		return
 	}
-	e.m.gateLatency.Observe(e.now().Sub(receivedAt).Seconds())
-	e.log.Warn("rollout stopped by its failure threshold", "rollout", r.ID, "reason", note.Detail["reason"], "action", r.FailureAction)
+	if note.Action == gateRecorded {
+		e.log.Warn("rollout's failure threshold crossed while it is paused; resuming it accepts those failures", "rollout", r.ID,
+			"reason", note.Detail["reason"])
+	} else {
+		e.m.gateLatency.Observe(e.now().Sub(receivedAt).Seconds())
+		e.log.Warn("rollout stopped by its failure threshold", "rollout", r.ID, "reason", note.Detail["reason"], "action", r.FailureAction)
+	}
 	e.withdraw(ctx, cancelled)
 	e.audit(ctx, note)
 }

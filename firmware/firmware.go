@@ -225,11 +225,9 @@ type Rollout struct {
 	// Wave is the 0-based index of the current wave (the API shows it 1-based).
 	Wave int `json:"-"`
 	// GateFrom is the first wave whose gate is still checked (set by
-	// resumes before migration 033; 0 since).
+	// resumes before migration 033, which flags the failures a resume
+	// accepts on their jobs instead; 0 since).
 	GateFrom int `json:"-"`
-	// Accepted holds, per wave, the failures a resume accepted: the wave's
-	// gate counts only those beyond them (acceptedIn).
-	Accepted []int `json:"-"`
 	// TAT is the rate limiter's state: when the next job is due.
 	TAT        time.Time  `json:"-"`
 	Reason     string     `json:"reason"`
@@ -293,8 +291,11 @@ type Count struct {
 	Wave   int
 	State  string
 	Reason string // skipped jobs only
-	N      int
-	Last   time.Time // the latest change among them
+	// Accepted: failures a resume accepted (AcceptFailures), which their
+	// wave's gate no longer counts.
+	Accepted bool
+	N        int
+	Last     time.Time // the latest change among them
 }
 
 // JobFilter selects jobs of a rollout.
@@ -364,14 +365,14 @@ type Store interface {
 	// ListRollouts returns rollouts newest first, after the rollout id after.
 	ListRollouts(ctx context.Context, after string, limit int) ([]Rollout, error)
 	// LiveRollouts returns the ids of the rollouts a step may move at now:
-	// running ones, paused ones past their deadline (which end then), and
-	// paused ones whose reason is not a gate's (a crossing since is
-	// recorded on them: gateShown).
+	// running and paused ones (a paused one ends at its deadline, and a
+	// gate crossed while it is paused is recorded on it).
 	LiveRollouts(ctx context.Context, now time.Time) ([]string, error)
 	// Counts returns a rollout's jobs per wave and state.
 	Counts(ctx context.Context, id string) ([]Count, error)
-	// WaveFailures returns the failures and the size of one wave.
-	WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error)
+	// WaveFailures returns the failures of one wave its gate counts, those
+	// a resume accepted, and its size.
+	WaveFailures(ctx context.Context, id string, wave int) (failed, accepted, size int, err error)
 	// ListJobs returns a rollout's jobs ordered by locker id.
 	ListJobs(ctx context.Context, id string, f JobFilter) ([]Job, error)
 
@@ -443,6 +444,9 @@ type StepTx interface {
 	// Requeue makes failed and timed-out jobs new queued attempts; newID
 	// names each attempt. It returns how many.
 	Requeue(ctx context.Context, at time.Time, newID func(j *Job) string) (int, error)
+	// AcceptFailures flags the failed jobs of waves as accepted (a
+	// resume): their gates no longer count them. Requeue clears every flag.
+	AcceptFailures(ctx context.Context, waves []int) error
 }
 
 // Fleet is what the engine needs of the fleet manager.

@@ -3,12 +3,14 @@ package firmware_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/internal/testtool"
 )
 
 // TestEnginePausedRolloutShowsItsGate: a gate crossed while an operator has
@@ -16,10 +18,8 @@ import (
 // wave advances; a resume accepts a crossing only once the status shows it
 // (409 before), and then gates the next wave afresh.
 func TestEnginePausedRolloutShowsItsGate(t *testing.T) {
-	clk := newClock()
-	h := newHarness(t, hopt{now: clk.now})
+	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	h.devs.outcome = func(string, int) string { return outSilent } // the test reports for them
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
@@ -73,20 +73,12 @@ func TestEnginePausedRolloutShowsItsGate(t *testing.T) {
 // seen so far, not the wave's: failures after it are gated afresh against
 // the wave, and stop the rollout again.
 func TestEngineGatesTheRestOfAWaveAfterAResume(t *testing.T) {
-	clk := newClock()
-	h := newHarness(t, hopt{now: clk.now})
+	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	h.devs.outcome = func(string, int) string { return outSilent }
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
-	for range 10 { // every job out
-		if h.status(st.ID).Counts[firmware.StateQueued] == 0 {
-			break
-		}
-		clk.advance(time.Second)
-		h.eng.Tick(ctx)
-	}
+	h.tickWhileQueued(clk, st.ID, 0)
 	fail := func(from, to int) {
 		t.Helper()
 		for _, id := range ids[from:to] {
@@ -115,20 +107,12 @@ func TestEngineGatesTheRestOfAWaveAfterAResume(t *testing.T) {
 // job went out (stolen, say) cannot report: its job ends skipped
 // (disabled) with the disable, and does not count against the gate.
 func TestEngineDisabledLockerIsSkippedNotFailed(t *testing.T) {
-	clk := newClock()
-	h := newHarness(t, hopt{now: clk.now})
+	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	h.devs.outcome = func(string, int) string { return outSilent }
 	ids := h.addLockers("lk-", "LX-24", "1.4.2", 10)
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
-	for range 10 {
-		if h.status(st.ID).Counts[firmware.StateQueued] == 0 {
-			break
-		}
-		clk.advance(time.Second)
-		h.eng.Tick(ctx)
-	}
+	h.tickWhileQueued(clk, st.ID, 0)
 	if _, err := h.db.UpdateLocker(ctx, ids[0], ptr(true), nil); err != nil {
 		t.Fatal(err)
 	}
@@ -145,4 +129,76 @@ func TestEngineDisabledLockerIsSkippedNotFailed(t *testing.T) {
 	if s.Counts[firmware.StateSucceeded] != 9 || s.Counts[firmware.StateTimedOut] != 0 {
 		t.Fatalf("counts %v", s.Counts)
 	}
+}
+
+// TestEngineAcceptedFailureThatSucceedsHidesNoOther: a resume accepts the
+// failures it saw, not a number of them: timed-out jobs it accepted that
+// then succeed (their lockers' late births on the new version) leave no
+// allowance behind, and new failures are gated in full.
+func TestEngineAcceptedFailureThatSucceedsHidesNoOther(t *testing.T) {
+	h, clk := newSilentHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 43)
+	late := ids[40:] // offline: their jobs wait
+	h.exec(`UPDATE devices SET online = false WHERE id = ANY($1)`, late)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
+	h.tickWhileQueued(clk, st.ID, len(late)) // every job of an online locker out
+	for _, id := range ids[3:40] {
+		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
+			firmware.StateInstalling, firmware.StateRebooting)
+		h.birth(clk, id, "1.5.0", true)
+	}
+	// ids[0:3] reboot for longer than the step timeout: timed out, 7 % of 43.
+	for _, id := range ids[:3] {
+		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
+			firmware.StateInstalling, firmware.StateRebooting)
+	}
+	clk.advance(61 * time.Second)
+	h.tickUntil(clk, st.ID, firmware.Paused)
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids[:3] { // they come back on the new version
+		h.birth(clk, id, "1.5.0", true)
+	}
+	if s := h.status(st.ID); s.Counts[firmware.StateTimedOut] != 0 || s.Counts[firmware.StateSucceeded] != 40 {
+		t.Fatalf("after the late births: %v", s.Counts)
+	}
+	// The late three come online and fail: 7 % of 43, none of them accepted.
+	h.exec(`UPDATE devices SET online = true WHERE id = ANY($1)`, late)
+	for _, id := range late {
+		h.birth(clk, id, "1.4.2", true)
+	}
+	h.tickWhileQueued(clk, st.ID, 0)
+	for _, id := range late {
+		h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
+	}
+	s := h.status(st.ID)
+	if s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 3 of 43 jobs failed") {
+		t.Fatalf("after three new failures: %s %q %v, want paused by the gate", s.Status, s.Reason, s.Counts)
+	}
+}
+
+// tickWhileQueued ticks the engine, a second of clk apart, until rollout id
+// has left jobs queued (those whose lockers cannot take one).
+func (h *harness) tickWhileQueued(clk *clock, id string, left int) {
+	h.tb.Helper()
+	testtool.Eventually(h.tb, 10*time.Second, fmt.Sprintf("%d jobs left queued", left), func() error {
+		if n := h.status(id).Counts[firmware.StateQueued]; n != left {
+			clk.advance(time.Second)
+			h.eng.Tick(context.Background())
+			return fmt.Errorf("%d queued", n)
+		}
+		return nil
+	})
+}
+
+// newSilentHarness is a harness on a test clock (the test ticks the
+// engine) whose lockers say nothing: the test reports for them.
+func newSilentHarness(t *testing.T) (*harness, *clock) {
+	clk := newClock()
+	h := newHarness(t, hopt{now: clk.now})
+	h.devs.outcome = func(string, int) string { return outSilent }
+	return h, clk
 }

@@ -413,16 +413,22 @@ func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) 
 			return nil, err
 		}
 		w, _ := tally(counts, len(r.WaveSizes))
+		var accept []int
 		for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-			failed, size := sumStates(w[i], FailureStates), waveSize(r, w, i)
-			if !r.crossed(i, failed, size) {
+			failed, size := gated(w, i), waveSize(r, w, i)
+			if !Crossed(failed, size, r.MaxFailurePct) {
 				continue
 			}
-			if !gateShown(r) {
+			if !gateShown(r, i) {
 				return nil, fmt.Errorf("%w: rollout %s: %s since it was paused; read its status, then resume again to accept those failures",
-					fleet.ErrConflict, r.ID, gateReason(r, i, failed, size))
+					fleet.ErrConflict, r.ID, gateReason(r, i, failed, w[i][acceptedKey], size))
 			}
-			r.accept(i, failed)
+			accept = append(accept, i)
+		}
+		if len(accept) > 0 {
+			if err := tx.AcceptFailures(ctx, accept); err != nil {
+				return nil, err
+			}
 		}
 		r.Status, r.Reason = Running, ""
 		return nil, nil
@@ -463,7 +469,7 @@ func (e *Engine) RetryFailed(ctx context.Context, id, actor string) (*Status, er
 		if n == 0 {
 			return nil, fmt.Errorf("%w: rollout %s has no failed or timed-out job", fleet.ErrConflict, r.ID)
 		}
-		r.Status, r.Reason, r.FinishedAt, r.GateFrom, r.Accepted = Running, "", nil, 0, nil
+		r.Status, r.Reason, r.FinishedAt, r.GateFrom = Running, "", nil, 0
 		return nil, nil
 	})
 }

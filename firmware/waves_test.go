@@ -233,3 +233,26 @@ func TestSpecNormalize(t *testing.T) {
 		}
 	})
 }
+
+// TestGateShown: a paused rollout's reason shows a wave's crossing when it
+// names that wave, first or after another wave's ("; "); wave 1 is not
+// wave 11.
+func TestGateShown(t *testing.T) {
+	r := &Rollout{MaxFailurePct: 5}
+	for _, c := range []struct {
+		reason string
+		wave   int
+		want   bool
+	}{
+		{"paused by operator", 0, false},
+		{gateReason(r, 0, 2, 0, 2) + " while paused by operator", 0, true},
+		{gateReason(r, 0, 2, 0, 2) + " while paused by operator", 1, false},
+		{gateReason(r, 1, 1, 0, 18) + "; " + gateReason(r, 0, 2, 0, 2) + " while paused by operator", 0, true},
+		{gateReason(r, 10, 3, 0, 40), 0, false},
+	} {
+		r.Reason = c.reason
+		if got := gateShown(r, c.wave); got != c.want {
+			t.Errorf("gateShown(%q, wave %d) = %v, want %v", c.reason, c.wave+1, got, c.want)
+		}
+	}
+}

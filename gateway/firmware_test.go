@@ -760,8 +760,44 @@ func TestFirmwareUploadIdempotent(t *testing.T) {
 func TestFirmwareJobClearedForAReplacedBoard(t *testing.T) {
 	tg := MustStart(t)
 	claim := tg.MustSiteAndClaim(t, "fw-swap", 2)
-	r := MustProvision(t, tg, claim, "SWAP-1")
-	fwJob, creds := protocol.Topic(r.DeviceID, protocol.ChanFwJob), protocol.Topic(r.DeviceID, protocol.ChanCreds)
+	r, _, st := rawLockerWithAFwJob(t, tg, claim, "SWAP-1")
+	patchLocker(t, tg, r.DeviceID, map[string]bool{"replaceable": true})
+	nr := MustProvision(t, tg, claim, "SWAP-1")
+	board := MustConnect(t, tg.MQTTAddr(), nr.DeviceID, nr.DeviceID, nr.Password)
+	if job := firstRetainedFwJob(t, board, nr.DeviceID); len(job) != 0 {
+		t.Fatalf("the new board's first subscription got the old board's job: %s", job)
+	}
+	if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSkipped {
+		t.Fatalf("jobs after the replacement %+v, want the old board's skipped", js)
+	}
+}
+
+// TestFirmwareJobClearedForADisabledLocker: disabling a locker ends its
+// job (skipped, disabled) and clears its retained fw/job, so that when it
+// is enabled again its first subscription finds no job the rollout no
+// longer follows (it would install it, and its birth would not count).
+func TestFirmwareJobClearedForADisabledLocker(t *testing.T) {
+	tg := MustStart(t)
+	claim := tg.MustSiteAndClaim(t, "fw-off", 1)
+	r, _, st := rawLockerWithAFwJob(t, tg, claim, "OFF-1")
+	patchLocker(t, tg, r.DeviceID, map[string]bool{"disabled": true})
+	if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSkipped || js[0].Error != firmware.SkipDisabled {
+		t.Fatalf("jobs after the disable %+v, want skipped disabled", js)
+	}
+	patchLocker(t, tg, r.DeviceID, map[string]bool{"disabled": false})
+	back := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
+	if job := firstRetainedFwJob(t, back, r.DeviceID); len(job) != 0 {
+		t.Fatalf("the re-enabled locker's first subscription got its ended job: %s", job)
+	}
+}
+
+// rawLockerWithAFwJob provisions serial with claim, connects it as a plain
+// client born on 1.0.0 (model LX-4), and starts a rollout of 1.5.0 whose
+// job it is sent (retained on its fw/job, never answered).
+func rawLockerWithAFwJob(t *testing.T, tg *TestGateway, claim, serial string) (protocol.ProvisionResponse, paho.Client, firmware.Status) {
+	t.Helper()
+	r := MustProvision(t, tg, claim, serial)
+	fwJob := protocol.Topic(r.DeviceID, protocol.ChanFwJob)
 	old := MustConnect(t, tg.MQTTAddr(), r.DeviceID, r.DeviceID, r.Password)
 	publishBirth(t, tg, old, r.DeviceID) // on 1.0.0, model LX-4
 	sent := make(chan []byte, 4)
@@ -776,55 +812,48 @@ func TestFirmwareJobClearedForAReplacedBoard(t *testing.T) {
 		select {
 		case job = <-sent:
 		case <-time.After(20 * time.Second):
-			t.Fatal("no fw/job published to the old board within 20 s")
+			t.Fatal("no fw/job published to the locker within 20 s")
 		}
 	}
-	Eventually(t, 20*time.Second, "the job sent to the old board (which never answers it)", func() error {
+	Eventually(t, 20*time.Second, "the job sent to the locker (which never answers it)", func() error {
 		if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSent {
 			return fmt.Errorf("jobs %+v", js)
 		}
 		return nil
 	})
-	// firstRetained subscribes c to the locker's fw/job, then to its creds,
-	// and reports the fw/job payload that came before the creds (the
-	// broker handles a client's packets in order and sends a filter's
-	// retained message with its subscription; the creds are always there);
-	// nil when none did.
-	firstRetained := func(c paho.Client) []byte {
-		t.Helper()
-		got := make(chan paho.Message, 4)
-		tok := c.Subscribe(fwJob, 1, func(_ paho.Client, m paho.Message) { got <- m })
-		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-			t.Fatalf("subscribe: %v", tok.Error())
-		}
-		tok = c.Subscribe(creds, 1, func(_ paho.Client, m paho.Message) { got <- m })
-		if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-			t.Fatalf("subscribe: %v", tok.Error())
-		}
-		var job []byte
-		for {
-			select {
-			case m := <-got:
-				if m.Topic() == creds {
-					return job
-				}
-				job = m.Payload()
-			case <-time.After(10 * time.Second):
-				t.Fatal("no retained creds within 10 s")
-			}
-		}
+	if job := firstRetainedFwJob(t, old, r.DeviceID); len(job) == 0 {
+		t.Fatal("no retained fw/job for the locker: the test proves nothing")
 	}
-	if job := firstRetained(old); len(job) == 0 {
-		t.Fatal("no retained fw/job for the old board: the test proves nothing")
-	}
+	return r, old, st
+}
 
-	patchLocker(t, tg, r.DeviceID, map[string]bool{"replaceable": true})
-	nr := MustProvision(t, tg, claim, "SWAP-1")
-	board := MustConnect(t, tg.MQTTAddr(), nr.DeviceID, nr.DeviceID, nr.Password)
-	if job := firstRetained(board); len(job) != 0 {
-		t.Fatalf("the new board's first subscription got the old board's job: %s", job)
+// firstRetainedFwJob subscribes c to locker id's fw/job, then to its creds,
+// and reports the fw/job payload that came before the creds (the broker
+// handles a client's packets in order and sends a filter's retained
+// message with its subscription; the creds are always there); nil when
+// none did.
+func firstRetainedFwJob(t *testing.T, c paho.Client, id string) []byte {
+	t.Helper()
+	fwJob, creds := protocol.Topic(id, protocol.ChanFwJob), protocol.Topic(id, protocol.ChanCreds)
+	got := make(chan paho.Message, 4)
+	tok := c.Subscribe(fwJob, 1, func(_ paho.Client, m paho.Message) { got <- m })
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
 	}
-	if js := fwJobs(t, tg, st.ID); len(js) != 1 || js[0].State != firmware.StateSkipped {
-		t.Fatalf("jobs after the replacement %+v, want the old board's skipped", js)
+	tok = c.Subscribe(creds, 1, func(_ paho.Client, m paho.Message) { got <- m })
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe: %v", tok.Error())
+	}
+	var job []byte
+	for {
+		select {
+		case m := <-got:
+			if m.Topic() == creds {
+				return job
+			}
+			job = m.Payload()
+		case <-time.After(10 * time.Second):
+			t.Fatal("no retained creds within 10 s")
+		}
 	}
 }

@@ -203,6 +203,13 @@ func (s *Server) patchLocker(w http.ResponseWriter, r *http.Request) error {
 	if in.Disabled != nil && *in.Disabled {
 		s.kick.Kick(l.ID)
 		s.fleet.SessionKicked(r.Context(), l.ID) // where the broker reports no end
+		// The disable ended its firmware jobs (skipped): its retained fw/job
+		// goes empty now, not at its next connect, whose subscription the
+		// broker would answer with the ended job first.
+		if err := s.fleet.PublishRetained(context.WithoutCancel(r.Context()), l.ID); err != nil {
+			s.log.Warn("retained state of a disabled locker not republished: its fw/job may still name an ended job until it connects",
+				"locker", l.ID, "err", err)
+		}
 	} else if en, ok := s.kick.(interface{ Enable(string) }); ok && in.Disabled != nil {
 		en.Enable(l.ID) // an external broker keeps its own disabled flag
 	}

@@ -206,6 +206,7 @@ func (db *DB) partitionDDL(ctx context.Context, sql string) (bool, error) {
 // default partition. One whose lock it cannot get in partitionLockWait is
 // left for the next pass (logged).
 func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) error {
+	soon := time.Now().UTC().Truncate(24*time.Hour).AddDate(0, 0, 2) // rows for days before it may come any moment
 	for _, table := range []string{"health", "events"} {
 		for d := 0; d <= days; d++ {
 			day := from.UTC().Truncate(24*time.Hour).AddDate(0, 0, d)
@@ -215,6 +216,12 @@ func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) er
 			done, err := db.partitionDDL(ctx, sql)
 			var pgErr *pgconn.PgError
 			switch {
+			case err == nil && !done && day.Before(soon):
+				// Its rows would go to the default partition, which then
+				// keeps it from being made: an operator should free the lock.
+				db.log.Error("partition for today or tomorrow not created: its table is locked (a long read or a dump); "+
+					"its rows go to the default partition until it is made, and none can be made once they do: end what holds the lock "+
+					"(pg_stat_activity), the next hourly pass tries again", "table", name, "waited", partitionLockWait)
 			case err == nil && !done:
 				db.log.Warn("partition not created: its table is locked (a long read or a dump); trying again at the next hourly pass",
 					"table", name, "waited", partitionLockWait)
@@ -227,6 +234,9 @@ func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) er
 				// EXISTS checks before it waits for the lock).
 			case err != nil:
 				return fmt.Errorf("create partition %s: %w", name, err)
+			}
+			if err == nil && !done {
+				break // the table's other days would wait for the same lock: each wait holds up its writes
 			}
 		}
 	}
@@ -250,9 +260,10 @@ func (db *DB) DropPartitionsBefore(ctx context.Context, cutoff time.Time) ([]str
 		return nil, err
 	}
 	var dropped []string
+	blocked := map[string]bool{} // tables whose lock a drop could not get: their others would wait too
 	for _, name := range names {
 		day, err := time.Parse("20060102", name[len(name)-8:])
-		if err != nil || !day.AddDate(0, 0, 1).Before(cutoff) && !day.AddDate(0, 0, 1).Equal(cutoff) {
+		if err != nil || !day.AddDate(0, 0, 1).Before(cutoff) && !day.AddDate(0, 0, 1).Equal(cutoff) || blocked[name[:strings.LastIndexByte(name, '_')]] {
 			continue
 		}
 		done, err := db.partitionDDL(ctx, "DROP TABLE IF EXISTS "+pgx.Identifier{name}.Sanitize())
@@ -262,6 +273,7 @@ func (db *DB) DropPartitionsBefore(ctx context.Context, cutoff time.Time) ([]str
 		if !done {
 			db.log.Warn("partition not dropped: its table is locked (a long read or a dump); trying again at the next hourly pass",
 				"table", name, "waited", partitionLockWait)
+			blocked[name[:strings.LastIndexByte(name, '_')]] = true
 			continue
 		}
 		dropped = append(dropped, name)

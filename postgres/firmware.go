@@ -87,7 +87,7 @@ func (db *DB) ListArtifacts(ctx context.Context, after string, n int) ([]firmwar
 
 const fwRolloutCols = `id, firmware_id, version, model, selector, waves, wave_sizes, max_failure_pct, min_per_wave,
 	rate_per_min, deadline, step_timeout_s, failure_action, retries, retry_on, install_window, force, status, wave,
-	gate_from, gate_accepted, tat, reason, created_by, created_at, updated_at, finished_at`
+	gate_from, tat, reason, created_by, created_at, updated_at, finished_at`
 
 func scanRollout(row pgx.Row) (*firmware.Rollout, error) {
 	var r firmware.Rollout
@@ -95,7 +95,7 @@ func scanRollout(row pgx.Row) (*firmware.Rollout, error) {
 	var tat *time.Time
 	err := row.Scan(&r.ID, &r.Firmware, &r.Version, &r.Model, &sel, &r.Waves, &r.WaveSizes, &r.MaxFailurePct,
 		&r.MinPerWave, &r.RatePerMin, &r.Deadline, &r.StepTimeoutS, &r.FailureAction, &r.Retries, &r.RetryOn,
-		&r.Window, &r.Force, &r.Status, &r.Wave, &r.GateFrom, &r.Accepted, &tat, &r.Reason, &r.CreatedBy, &r.CreatedAt,
+		&r.Window, &r.Force, &r.Status, &r.Wave, &r.GateFrom, &tat, &r.Reason, &r.CreatedBy, &r.CreatedAt,
 		&r.UpdatedAt, &r.FinishedAt)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
@@ -120,7 +120,7 @@ func (db *DB) CreateRollout(ctx context.Context, r *firmware.Rollout, jobs []fir
 	}
 	return pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		_, err := tx.Exec(ctx, `INSERT INTO rollouts (`+fwRolloutCols+`) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-			$11, $12, $13, $14, $15, $16, $17, $18, $19, $20, '{}', $21, $22, $23, $24, $25, $26)`,
+			$11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)`,
 			r.ID, r.Firmware, r.Version, r.Model, sel, r.Waves, r.WaveSizes, r.MaxFailurePct, r.MinPerWave,
 			r.RatePerMin, r.Deadline, r.StepTimeoutS, r.FailureAction, r.Retries, r.RetryOn, r.Window, r.Force,
 			r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.CreatedBy, r.CreatedAt, r.UpdatedAt, r.FinishedAt)
@@ -173,7 +173,7 @@ func (db *DB) ListRollouts(ctx context.Context, after string, n int) ([]firmware
 // LiveRollouts implements firmware.Store.
 func (db *DB) LiveRollouts(ctx context.Context, now time.Time) ([]string, error) {
 	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts
-		WHERE status = 'running' OR (status = 'paused' AND (deadline <= $1 OR reason NOT LIKE 'wave %')) ORDER BY created_at`, now)
+		WHERE status IN ('running', 'paused') ORDER BY created_at`)
 	if err != nil {
 		return nil, err
 	}
@@ -186,14 +186,14 @@ type fwQuerier interface {
 }
 
 func fwCounts(ctx context.Context, q fwQuerier, id string) ([]firmware.Count, error) {
-	rows, err := q.Query(ctx, `SELECT wave, state, CASE WHEN state = 'skipped' THEN error ELSE '' END, count(*), max(updated_at)
-		FROM fw_jobs WHERE rollout_id = $1 GROUP BY 1, 2, 3`, id)
+	rows, err := q.Query(ctx, `SELECT wave, state, CASE WHEN state = 'skipped' THEN error ELSE '' END, gate_accepted, count(*), max(updated_at)
+		FROM fw_jobs WHERE rollout_id = $1 GROUP BY 1, 2, 3, 4`, id)
 	if err != nil {
 		return nil, err
 	}
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (firmware.Count, error) {
 		var c firmware.Count
-		err := row.Scan(&c.Wave, &c.State, &c.Reason, &c.N, &c.Last)
+		err := row.Scan(&c.Wave, &c.State, &c.Reason, &c.Accepted, &c.N, &c.Last)
 		return c, err
 	})
 }
@@ -205,11 +205,12 @@ func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
 
 // WaveFailures implements firmware.Store. The size leaves out jobs skipped
 // at hand-out (their locker changed since the rollout was created).
-func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error) {
-	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out')),
+func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, accepted, size int, err error) {
+	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out') AND NOT gate_accepted),
+			count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out') AND gate_accepted),
 			count(*) FILTER (WHERE state <> 'skipped')
-		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &size)
-	return failed, size, err
+		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &accepted, &size)
+	return failed, accepted, size, err
 }
 
 // Targets implements firmware.Store. A locker is busy when another live
@@ -601,13 +602,8 @@ func (s *rolloutTx) Rollout() *firmware.Rollout { return s.r }
 
 func (s *rolloutTx) Save(ctx context.Context) error {
 	r := s.r
-	accepted := r.Accepted
-	if accepted == nil {
-		accepted = []int{} // the column is NOT NULL
-	}
 	_, err := s.tx.Exec(ctx, `UPDATE rollouts SET status = $2, wave = $3, gate_from = $4, tat = $5, reason = $6,
-		finished_at = $7, gate_accepted = $8, updated_at = now() WHERE id = $1`,
-		r.ID, r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.FinishedAt, accepted)
+		finished_at = $7, updated_at = now() WHERE id = $1`, r.ID, r.Status, r.Wave, r.GateFrom, fwNullTime(r.TAT), r.Reason, r.FinishedAt)
 	return err
 }
 
@@ -719,5 +715,17 @@ func (s *rolloutTx) Requeue(ctx context.Context, at time.Time, newID func(*firmw
 		UPDATE fw_jobs j SET job_id = u.new, state = 'queued', attempt = j.attempt + 1, progress = NULL, payload = NULL,
 			sent_at = NULL, done_at = NULL, updated_at = $4
 		FROM u WHERE j.job_id = u.old AND j.rollout_id = $1`, s.r.ID, olds, news, at)
+	if err != nil {
+		return 0, err
+	}
+	// Every wave is gated afresh: no failure stays accepted.
+	_, err = s.tx.Exec(ctx, `UPDATE fw_jobs SET gate_accepted = false WHERE rollout_id = $1 AND gate_accepted`, s.r.ID)
 	return int(tag.RowsAffected()), err
+}
+
+// AcceptFailures implements firmware.StepTx.
+func (s *rolloutTx) AcceptFailures(ctx context.Context, waves []int) error {
+	_, err := s.tx.Exec(ctx, `UPDATE fw_jobs SET gate_accepted = true
+		WHERE rollout_id = $1 AND wave = ANY($2) AND state IN ('failed', 'rejected', 'timed_out') AND NOT gate_accepted`, s.r.ID, waves)
+	return err
 }

@@ -417,33 +417,48 @@ func (db *DB) InsertEvents(ctx context.Context, batch []fleet.EventRecord) ([]fl
 		for i, e := range batch {
 			ids[i], eids[i], ats[i] = e.DeviceID, e.EventID, e.ReceivedAt
 		}
-		// New ones (true), and ones stored before with this very
-		// received_at (false): an earlier try of this call committed them
-		// and its answer was lost. (The statement's snapshot is from
-		// before its insert: the second part sees only those.)
 		rows, err := tx.Query(ctx, `
-			WITH ins AS (INSERT INTO event_ids (device_id, event_id, received_at)
-				SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
-				ON CONFLICT DO NOTHING RETURNING device_id, event_id)
-			SELECT device_id, event_id, true FROM ins
-			UNION ALL
-			SELECT e.device_id, e.event_id, false FROM event_ids e
-				JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) u (d, id, at)
-				ON e.device_id = u.d AND e.event_id = u.id AND e.received_at = u.at`, ids, eids, ats)
+			INSERT INTO event_ids (device_id, event_id, received_at)
+			SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[])
+			ON CONFLICT DO NOTHING RETURNING device_id, event_id`, ids, eids, ats)
 		if err != nil {
 			return fmt.Errorf("dedupe events: %w", err)
 		}
-		isNew := make(map[[2]string]bool, len(batch))
+		isNew := make(map[[2]string]bool, len(batch)) // false: stored before with this very received_at
 		for rows.Next() {
 			var k [2]string
-			var inserted bool
-			if err := rows.Scan(&k[0], &k[1], &inserted); err != nil {
+			if err := rows.Scan(&k[0], &k[1]); err != nil {
 				return err
 			}
-			isNew[k] = inserted
+			isNew[k] = true
 		}
 		if err := rows.Err(); err != nil {
 			return err
+		}
+		if len(isNew) < len(batch) {
+			// Those not inserted that were stored with this very
+			// received_at: an earlier try of this call committed them and
+			// its answer was lost. A statement of its own, after the
+			// insert: its snapshot sees a try whose commit the insert
+			// waited for (the insert's own does not).
+			rows, err := tx.Query(ctx, `SELECT e.device_id, e.event_id FROM event_ids e
+				JOIN unnest($1::text[], $2::text[], $3::timestamptz[]) u (d, id, at)
+				ON e.device_id = u.d AND e.event_id = u.id AND e.received_at = u.at`, ids, eids, ats)
+			if err != nil {
+				return fmt.Errorf("dedupe events: %w", err)
+			}
+			for rows.Next() {
+				var k [2]string
+				if err := rows.Scan(&k[0], &k[1]); err != nil {
+					return err
+				}
+				if _, ok := isNew[k]; !ok {
+					isNew[k] = false
+				}
+			}
+			if err := rows.Err(); err != nil {
+				return err
+			}
 		}
 		for _, e := range batch {
 			k := [2]string{e.DeviceID, e.EventID}
