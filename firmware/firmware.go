@@ -441,9 +441,9 @@ type StepTx interface {
 	Dispatch(ctx context.Context, maxWave, n int, at time.Time, job func(*Job) (*protocol.FwJob, error)) ([]Job, error)
 	// Cancel moves the rollout's jobs in one of from to cancelled and returns them.
 	Cancel(ctx context.Context, from []string, at time.Time) ([]Job, error)
-	// Requeue makes failed and timed-out jobs new queued attempts; newID
+	// Requeue makes the jobs in one of states new queued attempts; newID
 	// names each attempt. It returns how many.
-	Requeue(ctx context.Context, at time.Time, newID func(j *Job) string) (int, error)
+	Requeue(ctx context.Context, at time.Time, states []string, newID func(j *Job) string) (int, error)
 	// AcceptFailures flags the failed jobs of waves as accepted (a
 	// resume): their gates no longer count them. Requeue clears every flag.
 	AcceptFailures(ctx context.Context, waves []int) error

@@ -202,3 +202,30 @@ func newSilentHarness(t *testing.T) (*harness, *clock) {
 	h.devs.outcome = func(string, int) string { return outSilent }
 	return h, clk
 }
+
+// TestEngineRetryAfterAnAbortRunsWhatItCancelled: retry-failed on a
+// rollout its gate aborted gives a new attempt to the failed jobs and to
+// those the abort cancelled before they ran; without them the rollout
+// would complete with those lockers never updated.
+func TestEngineRetryAfterAnAbortRunsWhatItCancelled(t *testing.T) {
+	h, clk := newSilentHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0),
+		FailureAction: firmware.ActionAbort})
+	h.tickWhileQueued(clk, st.ID, 0)
+	for _, id := range ids[:2] { // 10 %: aborted, the other 18 withdrawn
+		h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
+	}
+	if s := h.status(st.ID); s.Status != firmware.Aborted || s.Counts[firmware.StateCancelled] != 18 {
+		t.Fatalf("after two failures: %s %v, want aborted with 18 cancelled", s.Status, s.Counts)
+	}
+	s, err := h.eng.RetryFailed(ctx, st.ID, "operator")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 20 || s.Counts[firmware.StateCancelled] != 0 {
+		t.Fatalf("after retry-failed: %s %v, want running with all 20 queued", s.Status, s.Counts)
+	}
+}

@@ -449,8 +449,10 @@ func (e *Engine) Cancel(ctx context.Context, id, actor string) (*Status, error) 
 }
 
 // RetryFailed gives failed and timed-out jobs of a paused, aborted or
-// completed rollout a new attempt and runs the rollout again. Rejected jobs
-// (the locker refused the job) are not retried. Every wave is gated again,
+// completed rollout a new attempt and runs the rollout again, and, of an
+// aborted one, the jobs its abort cancelled (they never ran: the rollout
+// would otherwise complete without them). Rejected jobs (the locker
+// refused the job) are not retried. Every wave is gated again,
 // on the counts after the re-queue: retries that fail again stop it again.
 func (e *Engine) RetryFailed(ctx context.Context, id, actor string) (*Status, error) {
 	return e.operate(ctx, id, actor, "retry_failed", func(tx StepTx, r *Rollout, now time.Time) ([]Job, error) {
@@ -462,12 +464,18 @@ func (e *Engine) RetryFailed(ctx context.Context, id, actor string) (*Status, er
 		if r.pastDeadline(now) {
 			return nil, fmt.Errorf("%w: rollout %s is past its deadline", fleet.ErrConflict, r.ID)
 		}
-		n, err := tx.Requeue(ctx, now, func(j *Job) string { return jobID(r.ID, j.Seq, j.Attempt+1) })
+		states := []string{StateFailed, StateTimedOut}
+		if r.Status == Aborted {
+			// The abort cancelled what had not reached an installer: those
+			// jobs never ran, and go out again with the rest.
+			states = append(states, StateCancelled)
+		}
+		n, err := tx.Requeue(ctx, now, states, func(j *Job) string { return jobID(r.ID, j.Seq, j.Attempt+1) })
 		if err != nil {
 			return nil, err
 		}
 		if n == 0 {
-			return nil, fmt.Errorf("%w: rollout %s has no failed or timed-out job", fleet.ErrConflict, r.ID)
+			return nil, fmt.Errorf("%w: rollout %s has no failed, timed-out or (aborted) cancelled job", fleet.ErrConflict, r.ID)
 		}
 		r.Status, r.Reason, r.FinishedAt, r.GateFrom = Running, "", nil, 0
 		return nil, nil

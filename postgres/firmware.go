@@ -695,9 +695,9 @@ func (s *rolloutTx) Cancel(ctx context.Context, from []string, at time.Time) ([]
 		WHERE rollout_id = $1 AND state = ANY($2) RETURNING `+fwJobCols, s.r.ID, from, at))
 }
 
-func (s *rolloutTx) Requeue(ctx context.Context, at time.Time, newID func(*firmware.Job) string) (int, error) {
+func (s *rolloutTx) Requeue(ctx context.Context, at time.Time, states []string, newID func(*firmware.Job) string) (int, error) {
 	jobs, err := collectFwJobs(s.tx.Query(ctx, `SELECT `+fwJobCols+` FROM fw_jobs
-		WHERE rollout_id = $1 AND state IN ('failed', 'timed_out') FOR UPDATE`, s.r.ID))
+		WHERE rollout_id = $1 AND state = ANY($2) FOR UPDATE`, s.r.ID, states))
 	if err != nil || len(jobs) == 0 {
 		return 0, err
 	}

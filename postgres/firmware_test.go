@@ -179,7 +179,7 @@ func TestFirmwareStore(t *testing.T) {
 		var n int
 		err = db.Update(ctx, "ro-a", func(tx firmware.StepTx) error {
 			var err error
-			n, err = tx.Requeue(ctx, time.Now(), func(j *firmware.Job) string { return j.JobID + ".r" })
+			n, err = tx.Requeue(ctx, time.Now(), []string{firmware.StateFailed, firmware.StateTimedOut}, func(j *firmware.Job) string { return j.JobID + ".r" })
 			return err
 		})
 		if err != nil || n != 1 {
