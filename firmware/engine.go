@@ -171,9 +171,9 @@ const (
 )
 
 // Tick times out overdue jobs (once a second), renews payloads (every
-// refreshEvery) and steps every running rollout (and paused ones past their
-// deadline, or paused by an operator: a gate crossed meanwhile is recorded
-// on them): at once after a change, else once a second. Run calls it.
+// refreshEvery) and steps every running and paused rollout (a paused one
+// ends at its deadline, and shows the gates crossed while it is paused):
+// at once after a change, else once a second. Run calls it.
 func (e *Engine) Tick(ctx context.Context) {
 	now := e.now()
 	if now.Sub(e.lastSweep) >= idleEvery {
@@ -461,17 +461,6 @@ func waveSize(r *Rollout, w waves, i int) int {
 	return r.WaveSizes[i] - w[i][StateSkipped]
 }
 
-// crossedWave returns the first gated wave up to the current one whose
-// failures crossed the threshold.
-func crossedWave(r *Rollout, w waves) (int, bool) {
-	for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-		if Crossed(gated(w, i), waveSize(r, w, i), r.MaxFailurePct) {
-			return i, true
-		}
-	}
-	return 0, false
-}
-
 // gateReason is the reason of a stop for wave's failures (failed: those
 // its gate counts; accepted: those a resume accepted before).
 func gateReason(r *Rollout, wave, failed, accepted, size int) string {
@@ -485,10 +474,50 @@ func gateReason(r *Rollout, wave, failed, accepted, size int) string {
 // gatePrefix starts the reason of every stop by a wave's gate.
 func gatePrefix(wave int) string { return fmt.Sprintf("wave %d: ", wave+1) }
 
-// gateShown reports whether a paused rollout's reason names wave's
-// crossing: the status the operator who resumes it reads says so.
-func gateShown(r *Rollout, wave int) bool {
-	return strings.HasPrefix(r.Reason, gatePrefix(wave)) || strings.Contains(r.Reason, "; "+gatePrefix(wave))
+// A stopped rollout's reason names the crossings it shows, one gate
+// reason per wave, joined by "; ", then, for one an operator paused,
+// " while paused by …": withGate and shownGate read and write it.
+
+// splitReason splits reason into its gate reasons and the rest.
+func splitReason(reason string) (gates []string, rest string) {
+	if !strings.HasPrefix(reason, "wave ") {
+		return nil, reason
+	}
+	head := reason
+	if i := strings.Index(reason, " while "); i >= 0 {
+		head, rest = reason[:i], reason[i:]
+	}
+	return strings.Split(head, "; "), rest
+}
+
+// shownGate returns the gate reason of wave that reason shows ("" none).
+func shownGate(reason string, wave int) string {
+	gates, _ := splitReason(reason)
+	for _, g := range gates {
+		if strings.HasPrefix(g, gatePrefix(wave)) {
+			return g
+		}
+	}
+	return ""
+}
+
+// withGate returns reason showing gate, wave's gate reason, in place of
+// the one it showed for wave before, or first.
+func withGate(reason string, wave int, gate string) string {
+	gates, rest := splitReason(reason)
+	if gates == nil {
+		if reason == "" {
+			return gate
+		}
+		return gate + " while " + reason
+	}
+	for k, g := range gates {
+		if strings.HasPrefix(g, gatePrefix(wave)) {
+			gates[k] = gate
+			return strings.Join(gates, "; ") + rest
+		}
+	}
+	return strings.Join(append([]string{gate}, gates...), "; ") + rest
 }
 
 // onCrossing stops rollout r for wave's crossing: a running one pauses or
@@ -497,20 +526,18 @@ func gateShown(r *Rollout, wave int) bool {
 // that whoever resumes it sees the crossing they accept. changed: r
 // changed (save it).
 func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, accepted, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
-	reason := gateReason(r, wave, failed, accepted, size)
+	gate := gateReason(r, wave, failed, accepted, size)
 	switch {
-	case r.Status == Running || (r.Status == Paused && r.FailureAction == ActionAbort):
-		if r.Status == Paused {
-			reason += " while " + r.Reason
-		}
-		cancelled, note, err = e.stop(ctx, tx, r, reason, now)
+	case r.Status == Running:
+		cancelled, note, err = e.stop(ctx, tx, r, gate, now)
 		return cancelled, note, true, err
-	case r.Status == Paused && !gateShown(r, wave):
-		if strings.HasPrefix(r.Reason, "wave ") { // another wave's crossing shown already
-			r.Reason = reason + "; " + r.Reason
-		} else {
-			r.Reason = reason + " while " + r.Reason
-		}
+	case r.Status == Paused && r.FailureAction == ActionAbort:
+		cancelled, note, err = e.stop(ctx, tx, r, withGate(r.Reason, wave, gate), now)
+		return cancelled, note, true, err
+	case r.Status == Paused && shownGate(r.Reason, wave) != gate:
+		// Shown with the counts as they are now: a resume accepts what
+		// the status says, no more (Resume).
+		r.Reason = withGate(r.Reason, wave, gate)
 		return nil, fleet.AuditEntry{Action: gateRecorded, Detail: map[string]any{"rollout": r.ID, "reason": r.Reason}}, true, nil
 	}
 	return nil, fleet.AuditEntry{}, false, nil
@@ -561,17 +588,33 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		last := len(r.WaveSizes) - 1
 
 		// Gates are checked on every failure as it arrives; this catches
-		// a failure this step saw first.
-		if i, ok := crossedWave(r, w); ok && !r.pastDeadline(now) {
-			c, note, changed, err := e.onCrossing(ctx, tx, r, i, gated(w, i), w[i][acceptedKey], waveSize(r, w, i), now)
-			if err != nil || !changed {
-				return err
+		// a failure this step saw first (or a wave that shrank: a locker
+		// disabled, its job skipped). A running rollout stops at the first
+		// wave crossed; a paused one shows every crossing as it is now.
+		if !r.pastDeadline(now) {
+			for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
+				if !Crossed(gated(w, i), waveSize(r, w, i), r.MaxFailurePct) {
+					continue
+				}
+				wasRunning := r.Status == Running
+				c, note, changed, err := e.onCrossing(ctx, tx, r, i, gated(w, i), w[i][acceptedKey], waveSize(r, w, i), now)
+				if err != nil {
+					return err
+				}
+				if !changed {
+					continue
+				}
+				cancelled, notes = append(cancelled, c...), append(notes, note)
+				if wasRunning { // a stop: the gate's latency
+					crossedAt = lastFailure(counts, i)
+				}
+				if r.Status != Paused || wasRunning {
+					break
+				}
 			}
-			cancelled, notes = c, []fleet.AuditEntry{note}
-			if note.Action != gateRecorded { // a stop (the gate's latency)
-				crossedAt = lastFailure(counts, i)
+			if len(notes) > 0 {
+				return tx.Save(ctx)
 			}
-			return tx.Save(ctx)
 		}
 		if r.Status == Paused && !r.pastDeadline(now) {
 			return nil // a paused rollout moves only to end at its deadline
@@ -833,7 +876,7 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	}
 	var cancelled []Job
 	var note fleet.AuditEntry
-	changed := false
+	changed, wasRunning := false, false
 	err = e.store.Update(ctx, r.ID, func(tx StepTx) error {
 		cancelled, changed = nil, false
 		cur := tx.Rollout()
@@ -849,6 +892,7 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 		if !Crossed(gated(w, wave), waveSize(cur, w, wave), cur.MaxFailurePct) {
 			return nil
 		}
+		wasRunning = cur.Status == Running
 		if cancelled, note, changed, err = e.onCrossing(ctx, tx, cur, wave, gated(w, wave), w[wave][acceptedKey], waveSize(cur, w, wave), e.now()); err != nil || !changed {
 			return err
 		}
@@ -861,9 +905,9 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	if !changed {
 		return
 	}
-	if note.Action == gateRecorded {
-		e.log.Warn("rollout's failure threshold crossed while it is paused; resuming it accepts those failures", "rollout", r.ID,
-			"reason", note.Detail["reason"])
+	if !wasRunning { // recorded on a paused rollout (or it aborted): no stop's latency
+		e.log.Warn("rollout's failure threshold crossed while it is paused", "rollout", r.ID, "reason", note.Detail["reason"],
+			"action", note.Action)
 	} else {
 		e.m.gateLatency.Observe(e.now().Sub(receivedAt).Seconds())
 		e.log.Warn("rollout stopped by its failure threshold", "rollout", r.ID, "reason", note.Detail["reason"], "action", r.FailureAction)

@@ -444,9 +444,10 @@ type StepTx interface {
 	// Requeue makes the jobs in one of states new queued attempts; newID
 	// names each attempt. It returns how many.
 	Requeue(ctx context.Context, at time.Time, states []string, newID func(j *Job) string) (int, error)
-	// AcceptFailures flags the failed jobs of waves as accepted (a
-	// resume): their gates no longer count them. Requeue clears every flag.
-	AcceptFailures(ctx context.Context, waves []int) error
+	// AcceptFailures flags n failed jobs of wave, not flagged yet, as
+	// accepted (a resume): its gate no longer counts them. Requeue clears
+	// every flag.
+	AcceptFailures(ctx context.Context, wave, n int) error
 }
 
 // Fleet is what the engine needs of the fleet manager.

@@ -229,3 +229,94 @@ func TestEngineRetryAfterAnAbortRunsWhatItCancelled(t *testing.T) {
 		t.Fatalf("after retry-failed: %s %v, want running with all 20 queued", s.Status, s.Counts)
 	}
 }
+
+// TestEnginePausedRolloutShowsFailuresAsTheyGrow: a paused rollout's
+// reason follows its wave's failures while it is paused, and a resume
+// accepts the failures its status shows, no more: one that shows fewer
+// (a failure being recorded) is a 409.
+func TestEnginePausedRolloutShowsFailuresAsTheyGrow(t *testing.T) {
+	h, clk := newSilentHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.tickWhileQueued(clk, st.ID, 0)
+	fail := func(from, to int) {
+		t.Helper()
+		for _, id := range ids[from:to] {
+			h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
+		}
+	}
+	fail(0, 3) // paused: 3 of 40
+	fail(3, 5) // 2 more while paused
+	if s := h.status(st.ID); s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 5 of 40 jobs failed") {
+		t.Fatalf("after 5 failures: %s %q, want paused showing 5", s.Status, s.Reason)
+	}
+	// As if the fifth were still being recorded: the status shows 4.
+	h.exec(`UPDATE rollouts SET reason = replace(reason, '5 of 40 jobs failed (12.5%)', '4 of 40 jobs failed (10.0%)') WHERE id = $1`, st.ID)
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); !errors.Is(err, fleet.ErrConflict) || !strings.Contains(err.Error(), "5 of 40") {
+		t.Fatalf("resume over a status showing fewer failures: %v, want a conflict naming 5", err)
+	}
+	clk.advance(time.Second)
+	h.eng.Tick(ctx) // shows them as they are
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	fail(5, 7) // 2 of 40 after the resume: 5 %, not over
+	if s := h.status(st.ID); s.Status != firmware.Running {
+		t.Fatalf("after 2 more: %s %q, want running", s.Status, s.Reason)
+	}
+	fail(7, 8)
+	if s := h.status(st.ID); s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 3 of 40 jobs failed (7.5%) beyond the 5 a resume accepted") {
+		t.Fatalf("after 3 more: %s %q, want paused again", s.Status, s.Reason)
+	}
+}
+
+// TestEnginePausedRolloutShowsEveryWaveCrossed: a paused rollout whose
+// reason shows one wave's crossing gets another wave's added at the next
+// step (no failure report needed: a wave can cross by shrinking), so that
+// a resume, which accepts only what the status shows, is not refused for
+// good.
+func TestEnginePausedRolloutShowsEveryWaveCrossed(t *testing.T) {
+	h, clk := newSilentHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.eng.Tick(ctx)
+	var first []string
+	for _, j := range h.jobs(st.ID) {
+		if j.Wave == 0 {
+			first = append(first, j.DeviceID)
+		}
+	}
+	h.report(clk, first[0], h.job(st.ID, first[0]).JobID, firmware.StateFailed) // wave 1: 1 of 2
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	h.mustReport(clk, first[1], h.job(st.ID, first[1]).JobID, firmware.StateDownloading, firmware.StateVerifying,
+		firmware.StateInstalling, firmware.StateRebooting)
+	h.birth(clk, first[1], "1.5.0", true)
+	h.tickWhileQueued(clk, st.ID, 0) // wave 2 out
+	var second string
+	for _, id := range ids {
+		if j := h.job(st.ID, id); j.Wave == 1 {
+			second = id
+			break
+		}
+	}
+	h.report(clk, second, h.job(st.ID, second).JobID, firmware.StateFailed) // wave 2: 1 of 18: paused
+	// Both waves crossed, the reason showing wave 1's alone (as a wave 1
+	// failure no longer accepted would leave it).
+	h.exec(`UPDATE fw_jobs SET gate_accepted = false WHERE rollout_id = $1`, st.ID)
+	h.exec(`UPDATE rollouts SET reason = 'wave 1: 1 of 2 jobs failed (50.0%), over max_failure_pct 5' WHERE id = $1`, st.ID)
+	clk.advance(time.Second)
+	h.eng.Tick(ctx)
+	s := h.status(st.ID)
+	if !strings.Contains(s.Reason, "wave 2: 1 of 18 jobs failed") || !strings.Contains(s.Reason, "wave 1: 1 of 2 jobs failed") {
+		t.Fatalf("after a step: reason %q, want both waves' crossings", s.Reason)
+	}
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatalf("resume with both shown: %v", err)
+	}
+}

@@ -397,12 +397,13 @@ func (e *Engine) Pause(ctx context.Context, id, actor string) (*Status, error) {
 	})
 }
 
-// Resume continues a paused rollout. Resuming accepts the failures seen so
-// far of each wave whose gate they crossed: its gate then counts only the
-// failures after them, so the rest of the wave is gated again. A crossing
-// the rollout's status does not show yet (its gate was crossed while an
-// operator had it paused, and is being recorded) is a conflict: the
-// operator reads the status and resumes again.
+// Resume continues a paused rollout. Resuming accepts the failures of each
+// wave whose gate they crossed as its status shows them (flagged on their
+// jobs): its gate then counts only the failures after them, so the rest of
+// the wave is gated again. A crossing the status does not show as it is
+// now (crossed, or grown, while the rollout is paused, and being
+// recorded) is a conflict: the operator reads the status and resumes
+// again.
 func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) {
 	return e.operate(ctx, id, actor, "resume", func(tx StepTx, r *Rollout, now time.Time) ([]Job, error) {
 		if r.Status != Paused {
@@ -413,20 +414,20 @@ func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) 
 			return nil, err
 		}
 		w, _ := tally(counts, len(r.WaveSizes))
-		var accept []int
+		accept := map[int]int{}
 		for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
 			failed, size := gated(w, i), waveSize(r, w, i)
 			if !Crossed(failed, size, r.MaxFailurePct) {
 				continue
 			}
-			if !gateShown(r, i) {
-				return nil, fmt.Errorf("%w: rollout %s: %s since it was paused; read its status, then resume again to accept those failures",
-					fleet.ErrConflict, r.ID, gateReason(r, i, failed, w[i][acceptedKey], size))
+			if gate := gateReason(r, i, failed, w[i][acceptedKey], size); shownGate(r.Reason, i) != gate {
+				return nil, fmt.Errorf("%w: rollout %s: %s, which its status does not show yet; read it, then resume again to accept those failures",
+					fleet.ErrConflict, r.ID, gate)
 			}
-			accept = append(accept, i)
+			accept[i] = failed
 		}
-		if len(accept) > 0 {
-			if err := tx.AcceptFailures(ctx, accept); err != nil {
+		for i, n := range accept {
+			if err := tx.AcceptFailures(ctx, i, n); err != nil {
 				return nil, err
 			}
 		}

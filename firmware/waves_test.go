@@ -234,25 +234,40 @@ func TestSpecNormalize(t *testing.T) {
 	})
 }
 
-// TestGateShown: a paused rollout's reason shows a wave's crossing when it
-// names that wave, first or after another wave's ("; "); wave 1 is not
-// wave 11.
-func TestGateShown(t *testing.T) {
+// TestGateReasons: a stopped rollout's reason shows one gate reason per
+// wave crossed, the latest first, before what an operator paused it for;
+// a wave's is replaced as its counts change; wave 1 is not wave 11.
+func TestGateReasons(t *testing.T) {
 	r := &Rollout{MaxFailurePct: 5}
+	w1a, w1b := gateReason(r, 0, 2, 0, 2), gateReason(r, 0, 3, 0, 4)
+	w2, w11 := gateReason(r, 1, 1, 0, 18), gateReason(r, 10, 3, 0, 40)
+	reason := withGate("paused by operator", 0, w1a)
+	if want := w1a + " while paused by operator"; reason != want {
+		t.Fatalf("first gate: %q, want %q", reason, want)
+	}
+	reason = withGate(reason, 1, w2)
+	if want := w2 + "; " + w1a + " while paused by operator"; reason != want {
+		t.Fatalf("second wave: %q, want %q", reason, want)
+	}
+	reason = withGate(reason, 0, w1b)
+	if want := w2 + "; " + w1b + " while paused by operator"; reason != want {
+		t.Fatalf("wave 1 again: %q, want %q", reason, want)
+	}
 	for _, c := range []struct {
 		reason string
 		wave   int
-		want   bool
+		want   string
 	}{
-		{"paused by operator", 0, false},
-		{gateReason(r, 0, 2, 0, 2) + " while paused by operator", 0, true},
-		{gateReason(r, 0, 2, 0, 2) + " while paused by operator", 1, false},
-		{gateReason(r, 1, 1, 0, 18) + "; " + gateReason(r, 0, 2, 0, 2) + " while paused by operator", 0, true},
-		{gateReason(r, 10, 3, 0, 40), 0, false},
+		{reason, 0, w1b},
+		{reason, 1, w2},
+		{reason, 2, ""},
+		{"paused by operator", 0, ""},
+		{w11, 0, ""},
+		{w11, 10, w11},
+		{withGate("", 0, w1a), 0, w1a},
 	} {
-		r.Reason = c.reason
-		if got := gateShown(r, c.wave); got != c.want {
-			t.Errorf("gateShown(%q, wave %d) = %v, want %v", c.reason, c.wave+1, got, c.want)
+		if got := shownGate(c.reason, c.wave); got != c.want {
+			t.Errorf("shownGate(%q, wave %d) = %q, want %q", c.reason, c.wave+1, got, c.want)
 		}
 	}
 }

@@ -219,7 +219,7 @@ func (db *DB) EnsurePartitions(ctx context.Context, from time.Time, days int) er
 			case err == nil && !done && day.Before(soon):
 				// Its rows would go to the default partition, which then
 				// keeps it from being made: an operator should free the lock.
-				db.log.Error("partition for today or tomorrow not created: its table is locked (a long read or a dump); "+
+				db.log.Error("partition for a day begun or beginning tomorrow not created: its table is locked (a long read or a dump); "+
 					"its rows go to the default partition until it is made, and none can be made once they do: end what holds the lock "+
 					"(pg_stat_activity), the next hourly pass tries again", "table", name, "waited", partitionLockWait)
 			case err == nil && !done:

@@ -44,7 +44,8 @@ func TestEventRetryWaitsForTheEarlierTrysCommit(t *testing.T) {
 	}()
 	// The retry waits on the first try's row lock until it commits.
 	testtool.Eventually(t, 10*time.Second, "the retry waiting for the first try", func() error {
-		if countOf(t, db, `SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO event_ids%'`) == 0 {
+		if countOf(t, db, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+			AND query LIKE '%INSERT INTO event_ids%'`) == 0 {
 			return errors.New("not waiting")
 		}
 		return nil

@@ -723,9 +723,11 @@ func (s *rolloutTx) Requeue(ctx context.Context, at time.Time, states []string, 
 	return int(tag.RowsAffected()), err
 }
 
-// AcceptFailures implements firmware.StepTx.
-func (s *rolloutTx) AcceptFailures(ctx context.Context, waves []int) error {
-	_, err := s.tx.Exec(ctx, `UPDATE fw_jobs SET gate_accepted = true
-		WHERE rollout_id = $1 AND wave = ANY($2) AND state IN ('failed', 'rejected', 'timed_out') AND NOT gate_accepted`, s.r.ID, waves)
+// AcceptFailures implements firmware.StepTx: the n earliest to fail (one
+// that failed after the caller counted is left for the gate).
+func (s *rolloutTx) AcceptFailures(ctx context.Context, wave, n int) error {
+	_, err := s.tx.Exec(ctx, `UPDATE fw_jobs SET gate_accepted = true WHERE rollout_id = $1 AND device_id IN (
+		SELECT device_id FROM fw_jobs WHERE rollout_id = $1 AND wave = $2 AND state IN ('failed', 'rejected', 'timed_out') AND NOT gate_accepted
+		ORDER BY done_at, device_id LIMIT $3)`, s.r.ID, wave, n)
 	return err
 }
