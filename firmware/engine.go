@@ -190,7 +190,7 @@ func (e *Engine) Tick(ctx context.Context) {
 		return
 	}
 	e.lastStep = now
-	ids, err := e.store.LiveRollouts(ctx, now)
+	ids, err := e.store.LiveRollouts(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			e.fail("list_rollouts", err)
@@ -521,10 +521,10 @@ func withGate(reason string, wave int, gate string) string {
 }
 
 // onCrossing stops rollout r for wave's crossing: a running one pauses or
-// aborts (its failure action); one an operator paused is aborted when that
-// is its failure action, or else stays paused with the gate's reason, so
-// that whoever resumes it sees the crossing they accept. changed: r
-// changed (save it).
+// aborts (its failure action); a paused one (by an operator, or by a gate)
+// is aborted when that is its failure action, or else stays paused with
+// the wave's gate reason shown as the counts are now, so that whoever
+// resumes it sees the failures they accept. changed: r changed (save it).
 func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, accepted, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
 	gate := gateReason(r, wave, failed, accepted, size)
 	switch {
@@ -547,7 +547,8 @@ func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, fa
 // rollout (onCrossing): nothing stopped.
 const gateRecorded = "rollout.gate"
 
-// stop pauses or aborts a running rollout (by its failure action); an abort
+// stop pauses or aborts a running rollout (by its failure action), or
+// aborts a paused one whose failure action that is; an abort
 // withdraws queued and pending jobs like a cancel.
 func (e *Engine) stop(ctx context.Context, tx StepTx, r *Rollout, reason string, now time.Time) ([]Job, fleet.AuditEntry, error) {
 	r.Reason = reason
@@ -563,7 +564,8 @@ func (e *Engine) stop(ctx context.Context, tx StepTx, r *Rollout, reason string,
 }
 
 // step advances one running rollout: gates, deadline, waves, hand-out and
-// completion, under the rollout's row lock. Locker notifications follow the
+// completion, under the rollout's row lock; of a paused one, it shows the
+// gates crossed and ends it at its deadline. Locker notifications follow the
 // commit. more reports whether the next tick should step it again (jobs
 // went out, or wait for the rate limit).
 func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
@@ -866,7 +868,7 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 	if wave < 0 || wave >= len(r.WaveSizes) {
 		return
 	}
-	failed, _, size, err := e.store.WaveFailures(ctx, r.ID, wave)
+	failed, size, err := e.store.WaveFailures(ctx, r.ID, wave)
 	if err != nil {
 		e.fail("gate", err)
 		return

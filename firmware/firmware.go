@@ -367,12 +367,12 @@ type Store interface {
 	// LiveRollouts returns the ids of the rollouts a step may move at now:
 	// running and paused ones (a paused one ends at its deadline, and a
 	// gate crossed while it is paused is recorded on it).
-	LiveRollouts(ctx context.Context, now time.Time) ([]string, error)
+	LiveRollouts(ctx context.Context) ([]string, error)
 	// Counts returns a rollout's jobs per wave and state.
 	Counts(ctx context.Context, id string) ([]Count, error)
-	// WaveFailures returns the failures of one wave its gate counts, those
-	// a resume accepted, and its size.
-	WaveFailures(ctx context.Context, id string, wave int) (failed, accepted, size int, err error)
+	// WaveFailures returns the failures of one wave its gate counts (not
+	// accepted by a resume) and its size.
+	WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error)
 	// ListJobs returns a rollout's jobs ordered by locker id.
 	ListJobs(ctx context.Context, id string, f JobFilter) ([]Job, error)
 

@@ -181,7 +181,7 @@ func (db *DB) Migrate(ctx context.Context) error {
 // for its lock on the parent table (ACCESS EXCLUSIVE): while it waits,
 // every health and event write queues behind it, so one that a long read
 // or a pg_dump holds off gives up and is tried at the next hourly pass
-// (partitions are made 4 days ahead).
+// (partitions are made 3 days ahead).
 const partitionLockWait = time.Second
 
 // partitionDDL runs sql, a partition's CREATE or DROP, waiting at most

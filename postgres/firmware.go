@@ -171,7 +171,7 @@ func (db *DB) ListRollouts(ctx context.Context, after string, n int) ([]firmware
 }
 
 // LiveRollouts implements firmware.Store.
-func (db *DB) LiveRollouts(ctx context.Context, now time.Time) ([]string, error) {
+func (db *DB) LiveRollouts(ctx context.Context) ([]string, error) {
 	rows, err := db.pool.Query(ctx, `SELECT id FROM rollouts
 		WHERE status IN ('running', 'paused') ORDER BY created_at`)
 	if err != nil {
@@ -205,12 +205,11 @@ func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
 
 // WaveFailures implements firmware.Store. The size leaves out jobs skipped
 // at hand-out (their locker changed since the rollout was created).
-func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, accepted, size int, err error) {
+func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error) {
 	err = db.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out') AND NOT gate_accepted),
-			count(*) FILTER (WHERE state IN ('failed', 'rejected', 'timed_out') AND gate_accepted),
 			count(*) FILTER (WHERE state <> 'skipped')
-		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &accepted, &size)
-	return failed, accepted, size, err
+		FROM fw_jobs WHERE rollout_id = $1 AND wave = $2`, id, wave).Scan(&failed, &size)
+	return failed, size, err
 }
 
 // Targets implements firmware.Store. A locker is busy when another live
