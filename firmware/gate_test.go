@@ -82,11 +82,7 @@ func TestEngineDisabledLockerIsSkippedNotFailed(t *testing.T) {
 	if _, err := h.db.UpdateLocker(ctx, ids[0], ptr(true), nil); err != nil {
 		t.Fatal(err)
 	}
-	for _, id := range ids[1:] {
-		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
-			firmware.StateInstalling, firmware.StateRebooting)
-		h.birth(clk, id, "1.5.0", true)
-	}
+	h.updated(clk, st.ID, ids[1:]...)
 	clk.advance(61 * time.Second) // past the step timeout
 	s := h.tickUntil(clk, st.ID, firmware.Completed)
 	if j := h.job(st.ID, ids[0]); j.State != firmware.StateSkipped || j.Error != firmware.SkipDisabled {
@@ -110,16 +106,8 @@ func TestEngineAcceptedFailureThatSucceedsHidesNoOther(t *testing.T) {
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
 	h.tickWhileQueued(clk, st.ID, len(late)) // every job of an online locker out
-	for _, id := range ids[3:40] {
-		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
-			firmware.StateInstalling, firmware.StateRebooting)
-		h.birth(clk, id, "1.5.0", true)
-	}
-	// ids[0:3] reboot for longer than the step timeout: timed out, 7 % of 43.
-	for _, id := range ids[:3] {
-		h.mustReport(clk, id, h.job(st.ID, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
-			firmware.StateInstalling, firmware.StateRebooting)
-	}
+	h.updated(clk, st.ID, ids[3:40]...)
+	h.rebooting(clk, st.ID, ids[:3]...) // for longer than the step timeout: timed out, 7 % of 43
 	clk.advance(61 * time.Second)
 	h.tickUntil(clk, st.ID, firmware.Paused)
 	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
@@ -137,9 +125,7 @@ func TestEngineAcceptedFailureThatSucceedsHidesNoOther(t *testing.T) {
 		h.birth(clk, id, "1.4.2", true)
 	}
 	h.tickWhileQueued(clk, st.ID, 0)
-	for _, id := range late {
-		h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
-	}
+	h.failed(clk, st.ID, late...)
 	s := h.status(st.ID)
 	if s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 3 of 43 jobs failed") {
 		t.Fatalf("after three new failures: %s %q %v, want paused by the gate", s.Status, s.Reason, s.Counts)
@@ -181,9 +167,7 @@ func TestEngineRetryAfterAnAbortRunsWhatItCancelled(t *testing.T) {
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0),
 		FailureAction: firmware.ActionAbort})
 	h.tickWhileQueued(clk, st.ID, 0)
-	for _, id := range ids[:2] { // 10 %: aborted, the other 18 withdrawn
-		h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
-	}
+	h.failed(clk, st.ID, ids[:2]...) // 10 %: aborted, the other 18 withdrawn
 	if s := h.status(st.ID); s.Status != firmware.Aborted || s.Counts[firmware.StateCancelled] != 18 {
 		t.Fatalf("after two failures: %s %v, want aborted with 18 cancelled", s.Status, s.Counts)
 	}
@@ -208,12 +192,7 @@ func TestEnginePausedRolloutShowsFailuresAsTheyGrow(t *testing.T) {
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.tickWhileQueued(clk, st.ID, 0)
-	fail := func(from, to int) {
-		t.Helper()
-		for _, id := range ids[from:to] {
-			h.report(clk, id, h.job(st.ID, id).JobID, firmware.StateFailed)
-		}
-	}
+	fail := func(from, to int) { h.failed(clk, st.ID, ids[from:to]...) }
 	fail(0, 3) // paused: 3 of 40
 	fail(3, 5) // 2 more while paused
 	if s := h.status(st.ID); s.Status != firmware.Paused || !strings.HasPrefix(s.Reason, "wave 1: 5 of 40 jobs failed") {
@@ -257,13 +236,11 @@ func TestEnginePausedRolloutShowsEveryWaveCrossed(t *testing.T) {
 			first = append(first, j.DeviceID)
 		}
 	}
-	h.report(clk, first[0], h.job(st.ID, first[0]).JobID, firmware.StateFailed) // wave 1: 1 of 2
+	h.failed(clk, st.ID, first[0]) // wave 1: 1 of 2
 	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
 		t.Fatal(err)
 	}
-	h.mustReport(clk, first[1], h.job(st.ID, first[1]).JobID, firmware.StateDownloading, firmware.StateVerifying,
-		firmware.StateInstalling, firmware.StateRebooting)
-	h.birth(clk, first[1], "1.5.0", true)
+	h.updated(clk, st.ID, first[1])
 	h.tickWhileQueued(clk, st.ID, 0) // wave 2 out
 	var second string
 	for _, id := range ids {
@@ -272,7 +249,7 @@ func TestEnginePausedRolloutShowsEveryWaveCrossed(t *testing.T) {
 			break
 		}
 	}
-	h.report(clk, second, h.job(st.ID, second).JobID, firmware.StateFailed) // wave 2: 1 of 18: paused
+	h.failed(clk, st.ID, second) // wave 2: 1 of 18: paused
 	// Both waves crossed, the reason showing wave 1's alone (as a wave 1
 	// failure no longer accepted would leave it).
 	h.exec(`UPDATE fw_jobs SET gate_accepted = false WHERE rollout_id = $1`, st.ID)
@@ -285,5 +262,32 @@ func TestEnginePausedRolloutShowsEveryWaveCrossed(t *testing.T) {
 	}
 	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
 		t.Fatalf("resume with both shown: %v", err)
+	}
+}
+
+// failed reports the current job of rollout's lockers ids failed.
+func (h *harness) failed(clk *clock, rollout string, ids ...string) {
+	for _, id := range ids {
+		h.report(clk, id, h.job(rollout, id).JobID, firmware.StateFailed)
+	}
+}
+
+// rebooting reports the current job of rollout's lockers ids through to
+// rebooting.
+func (h *harness) rebooting(clk *clock, rollout string, ids ...string) {
+	h.tb.Helper()
+	for _, id := range ids {
+		h.mustReport(clk, id, h.job(rollout, id).JobID, firmware.StateDownloading, firmware.StateVerifying,
+			firmware.StateInstalling, firmware.StateRebooting)
+	}
+}
+
+// updated plays lockers ids installing rollout's job (1.5.0 in these
+// tests): its reports through to rebooting, then a birth on 1.5.0.
+func (h *harness) updated(clk *clock, rollout string, ids ...string) {
+	h.tb.Helper()
+	h.rebooting(clk, rollout, ids...)
+	for _, id := range ids {
+		h.birth(clk, id, "1.5.0", true)
 	}
 }
