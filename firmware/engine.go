@@ -471,6 +471,13 @@ func gateReason(r *Rollout, wave, failed, accepted, size int) string {
 	return reason + fmt.Sprintf(", over max_failure_pct %g", r.MaxFailurePct)
 }
 
+// waveGate judges wave's gate by the tally w: the failures it counts,
+// whether they crossed it, and its reason.
+func waveGate(r *Rollout, w waves, wave int) (gate string, failed int, crossed bool) {
+	failed, size := gated(w, wave), waveSize(r, w, wave)
+	return gateReason(r, wave, failed, w[wave][acceptedKey], size), failed, Crossed(failed, size, r.MaxFailurePct)
+}
+
 // gatePrefix starts the reason of every stop by a wave's gate.
 func gatePrefix(wave int) string { return fmt.Sprintf("wave %d: ", wave+1) }
 
@@ -520,13 +527,17 @@ func withGate(reason string, wave int, gate string) string {
 	return strings.Join(append([]string{gate}, gates...), "; ") + rest
 }
 
-// onCrossing stops rollout r for wave's crossing: a running one pauses or
-// aborts (its failure action); a paused one (by an operator, or by a gate)
-// is aborted when that is its failure action, or else stays paused with
-// the wave's gate reason shown as the counts are now, so that whoever
-// resumes it sees the failures they accept. changed: r changed (save it).
-func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, wave, failed, accepted, size int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
-	gate := gateReason(r, wave, failed, accepted, size)
+// onCrossing stops rollout r when its wave crossed its gate by the tally w:
+// a running one pauses or aborts (its failure action); a paused one (by an
+// operator, or by a gate) is aborted when that is its failure action, or
+// else stays paused with the wave's gate reason shown as the counts are
+// now, so that whoever resumes it sees the failures they accept. changed:
+// r changed (save it); false when the wave did not cross.
+func (e *Engine) onCrossing(ctx context.Context, tx StepTx, r *Rollout, w waves, wave int, now time.Time) (cancelled []Job, note fleet.AuditEntry, changed bool, err error) {
+	gate, _, crossed := waveGate(r, w, wave)
+	if !crossed {
+		return nil, fleet.AuditEntry{}, false, nil
+	}
 	switch {
 	case r.Status == Running:
 		cancelled, note, err = e.stop(ctx, tx, r, gate, now)
@@ -595,11 +606,8 @@ func (e *Engine) step(ctx context.Context, id string) (more bool, err error) {
 		// wave crossed; a paused one shows every crossing as it is now.
 		if !r.pastDeadline(now) {
 			for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-				if !Crossed(gated(w, i), waveSize(r, w, i), r.MaxFailurePct) {
-					continue
-				}
 				wasRunning := r.Status == Running
-				c, note, changed, err := e.onCrossing(ctx, tx, r, i, gated(w, i), w[i][acceptedKey], waveSize(r, w, i), now)
+				c, note, changed, err := e.onCrossing(ctx, tx, r, w, i, now)
 				if err != nil {
 					return err
 				}
@@ -891,11 +899,8 @@ func (e *Engine) checkGate(ctx context.Context, r *Rollout, wave int, receivedAt
 			return err
 		}
 		w, _ := tally(counts, len(cur.WaveSizes))
-		if !Crossed(gated(w, wave), waveSize(cur, w, wave), cur.MaxFailurePct) {
-			return nil
-		}
 		wasRunning = cur.Status == Running
-		if cancelled, note, changed, err = e.onCrossing(ctx, tx, cur, wave, gated(w, wave), w[wave][acceptedKey], waveSize(cur, w, wave), e.now()); err != nil || !changed {
+		if cancelled, note, changed, err = e.onCrossing(ctx, tx, cur, w, wave, e.now()); err != nil || !changed {
 			return err
 		}
 		return tx.Save(ctx)

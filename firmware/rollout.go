@@ -416,11 +416,11 @@ func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) 
 		w, _ := tally(counts, len(r.WaveSizes))
 		accept := map[int]int{}
 		for i := r.GateFrom; i <= r.Wave && i < len(w); i++ {
-			failed, size := gated(w, i), waveSize(r, w, i)
-			if !Crossed(failed, size, r.MaxFailurePct) {
+			gate, failed, crossed := waveGate(r, w, i)
+			if !crossed {
 				continue
 			}
-			if gate := gateReason(r, i, failed, w[i][acceptedKey], size); shownGate(r.Reason, i) != gate {
+			if shownGate(r.Reason, i) != gate {
 				return nil, fmt.Errorf("%w: rollout %s: %s, which its status does not show yet; read it, then resume again to accept those failures",
 					fleet.ErrConflict, r.ID, gate)
 			}
