@@ -140,6 +140,15 @@ func TestEngineResumeAcceptsFailuresSoFar(t *testing.T) {
 	a := h.upload("LX-24", "1.5.0")
 	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.waitStatus(st.ID, firmware.Paused, 20*time.Second)
+	// The rollout pauses at the second failure; the third job may still be
+	// on its way. A resume accepts only the failures the status shows, so
+	// read it, as an operator would, until it shows all three.
+	testtool.Eventually(t, 20*time.Second, "the status shows the three failures", func() error {
+		if s := h.status(st.ID); !strings.HasPrefix(s.Reason, "wave 1: 3 of 20 jobs failed") {
+			return fmt.Errorf("%s %v %q", s.Status, s.Counts, s.Reason)
+		}
+		return nil
+	})
 	if _, err := h.eng.Resume(context.Background(), st.ID, "operator"); err != nil {
 		t.Fatal(err)
 	}
