@@ -58,11 +58,20 @@ func TestEngineRolloutInWaves(t *testing.T) {
 			t.Fatalf("wave %d started at %v, before wave %d finished at %v", w+1, firstSent[w], w, lastDone[w-1])
 		}
 	}
-	// Rollout actions are audited.
-	es, err := h.db.ListAudit(context.Background(), fleet.AuditFilter{Limit: 100})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Rollout actions are audited; the completion's entry is written after
+	// the commit the status shows.
+	var es []fleet.AuditEntry
+	testtool.Eventually(t, 10*time.Second, "rollout.completed audited", func() (err error) {
+		if es, err = h.db.ListAudit(context.Background(), fleet.AuditFilter{Limit: 100}); err != nil {
+			return err
+		}
+		for _, e := range es {
+			if e.Action == "rollout.completed" {
+				return nil
+			}
+		}
+		return fmt.Errorf("%d entries, no rollout.completed", len(es))
+	})
 	var actions []string
 	for _, e := range es {
 		actions = append(actions, e.Action)
