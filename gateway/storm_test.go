@@ -251,8 +251,16 @@ func TestReconnectStorm(t *testing.T) {
 	// The storm: every connection dies at once. First every event's PUBACK
 	// must have reached its locker: one still on its way when the network
 	// goes would make the locker send the event again, as MQTT has it, and
-	// the gateway count a duplicate.
+	// the gateway count a duplicate. The unlocks' doors close on timers:
+	// each closing must have been sent before the count is read.
 	Eventually(t, 10*time.Second, "every event acknowledged to its locker", func() error {
+		for _, l := range lockers {
+			for c := 1; l.Compartment(c).N != 0; c++ {
+				if l.Compartment(c).Open {
+					return fmt.Errorf("%s: compartment %d still open", l.Serial(), c)
+				}
+			}
+		}
 		if n := sim.Stats().EventsInFlight; n != 0 {
 			return fmt.Errorf("%d events unacknowledged", n)
 		}
