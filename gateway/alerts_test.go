@@ -538,3 +538,37 @@ func TestSimulatedPowerCut(t *testing.T) {
 		return nil
 	})
 }
+
+// TestLongDescriptiveTextKept: a tamper whose detail, and an answer whose
+// error, run past 256 bytes are taken with the text cut to 256 (the alert
+// is raised, the command ends failed), not dropped as invalid; the event
+// is stored as sent.
+func TestLongDescriptiveTextKept(t *testing.T) {
+	ctx := context.Background()
+	tg := MustStart(t)
+	r, c, _, cmd := rawLockerUnlocked(t, tg, "SN-LONGTEXT-1", 60)
+	long := strings.Repeat("x", 300)
+	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanEvents), false,
+		fmt.Sprintf(`{"id":"e-long-1","ts":"%s","type":"tamper","detail":"%s"}`, protocol.FormatTime(time.Now()), long))
+	MustPublish(t, c, protocol.Topic(r.DeviceID, protocol.ChanCmdResult), false,
+		fmt.Sprintf(`{"id":"%s","status":"failed","error":"%s","ts":"%s"}`, cmd.ID, long, protocol.FormatTime(time.Now())))
+	Eventually(t, 10*time.Second, "the tamper alert with its detail cut", func() error {
+		var detail string
+		err := tg.DB().Pool().QueryRow(ctx, `SELECT detail FROM alerts WHERE device_id = $1 AND kind = 'tamper'`, r.DeviceID).Scan(&detail)
+		if err == nil && detail != long[:256] {
+			err = fmt.Errorf("detail of %d bytes, want 256", len(detail))
+		}
+		return err
+	})
+	if n := tg.Count(t, `SELECT count(*) FROM events WHERE device_id = $1 AND event_id = 'e-long-1' AND body->>'detail' = $2`, r.DeviceID, long); n != 1 {
+		t.Fatalf("%d events stored with the whole detail, want 1", n)
+	}
+	waitCommandStatus(t, tg, r.DeviceID, cmd.ID, fleet.CmdFailed, "the unlock failed")
+	var got fleet.Command
+	if err := tg.Admin.Get(ctx, "/v1/lockers/"+r.DeviceID+"/commands/"+cmd.ID, nil, &got); err != nil || got.Error != long[:256] {
+		t.Fatalf("the command's error: %d bytes, %v; want 256", len(got.Error), err)
+	}
+	if v, err := tg.Metric(`lockergate_ingest_messages_dropped_total{channel="events",reason="invalid"}`); err == nil && v != 0 {
+		t.Fatalf("%v events dropped as invalid", v)
+	}
+}

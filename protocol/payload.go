@@ -868,8 +868,10 @@ func (e *Event) Validate() error {
 			return errors.New("compartments: numbers start at 1")
 		}
 	}
-	return checkLens("credential", e.Credential, "command", e.Command,
-		"reason", e.Reason, "detail", e.Detail)
+	// A tamper's detail and a reboot's reason describe; the event counts
+	// (a tamper raises its alert). Ids are refused when too long.
+	e.Detail, e.Reason = clip(e.Detail), clip(e.Reason)
+	return checkLens("credential", e.Credential, "command", e.Command)
 }
 
 // Command types.
@@ -939,7 +941,8 @@ func (r *CommandResult) Validate() error {
 	default:
 		return fmt.Errorf("status %q: want ok, failed, rejected or expired", r.Status)
 	}
-	return checkLens("error", r.Error)
+	r.Error = clip(r.Error) // the answer counts, whatever it says of itself
+	return nil
 }
 
 // Credential kinds.
@@ -1126,7 +1129,8 @@ func (s *FwStatus) Validate() error {
 	if s.Progress != nil && !(*s.Progress >= 0 && *s.Progress <= 1) {
 		return errors.New("progress out of 0..1")
 	}
-	return checkLens("error", s.Error)
+	s.Error = clip(s.Error) // the report counts: a failure ends its attempt
+	return nil
 }
 
 // Compartment sizes, smallest first.
@@ -1242,6 +1246,22 @@ func (r *ProvisionResponse) Validate() error {
 }
 
 const maxField = 256
+
+// clip cuts descriptive free text (a tamper's detail, a reboot's reason, a
+// command's or a firmware job's error) to maxField bytes at a character
+// boundary, where an id or a version over it is refused: the message it
+// is in is kept (an alert, a command's end, a job's failure), its text
+// cut. A body kept as read keeps the whole text (at most MaxPayload).
+func clip(s string) string {
+	if len(s) <= maxField {
+		return s
+	}
+	cut := maxField
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut]
+}
 
 // checkLens takes name, value pairs and checks each value fits in maxField bytes.
 func checkLens(pairs ...string) error {
