@@ -98,6 +98,15 @@ const (
 	SkipReplaced     = "replaced"         // its board was replaced (re-provisioned) while the job was open
 )
 
+// Why a queued job of a wave under way waits for its locker (Status.Waiting):
+// it goes out when the locker can take it, while the rollout runs.
+const (
+	WaitOffline  = "offline"   // the locker is not connected
+	WaitNoBirth  = "no_birth"  // connected, the birth of its session not recorded (none sent, or on its way)
+	WaitDoorOpen = "door_open" // a compartment door is not closed (staff loading, a pickup under way)
+	WaitOtherJob = "other_job" // another rollout's job is on the locker
+)
+
 // Rollout statuses.
 const (
 	Running   = "running"
@@ -370,6 +379,9 @@ type Store interface {
 	LiveRollouts(ctx context.Context) ([]string, error)
 	// Counts returns a rollout's jobs per wave and state.
 	Counts(ctx context.Context, id string) ([]Count, error)
+	// Waiting counts the queued jobs of rollout r's waves up to its
+	// current one whose locker cannot take them now, by why (Wait*).
+	Waiting(ctx context.Context, r *Rollout) (map[string]int, error)
 	// WaveFailures returns the failures of one wave its gate counts (not
 	// accepted by a resume) and its size.
 	WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error)

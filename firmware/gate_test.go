@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -289,5 +290,42 @@ func (h *harness) updated(clk *clock, rollout string, ids ...string) {
 	h.rebooting(clk, rollout, ids...)
 	for _, id := range ids {
 		h.birth(clk, id, "1.5.0", true)
+	}
+}
+
+// TestEngineStatusShowsWhyJobsWait: a rollout that does not move while
+// nothing fails says why: the queued jobs of its waves begun whose locker
+// cannot take them now, by reason (offline, no birth recorded since it
+// connected, a door not closed, another rollout's job on it).
+func TestEngineStatusShowsWhyJobsWait(t *testing.T) {
+	h, clk := newSilentHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 5)
+	a := h.upload("LX-24", "1.5.0")
+	other := h.create(firmware.Spec{Firmware: a.ID, Selector: firmware.Selector{Lockers: ids[3:4]}, Waves: []int{100}, RatePerMin: 60000})
+	h.tickWhileQueued(clk, other.ID, 0)
+	if _, err := h.eng.Cancel(ctx, other.ID, "operator"); err != nil {
+		t.Fatal(err)
+	}
+	h.exec(`UPDATE devices SET online = false WHERE id = $1`, ids[0])
+	h.exec(`INSERT INTO compartments (device_id, n, size, zone, door) VALUES ($1, 1, 'M', 'ambient', 'open')`, ids[1])
+	h.exec(`UPDATE devices SET connected_at = now(), born_at = NULL WHERE id = $1`, ids[2])
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000})
+	// The other rollout's job on ids[3] again (as its retry-failed would
+	// hand it out), before this rollout's.
+	h.exec(`UPDATE fw_jobs SET state = 'installing' WHERE rollout_id = $1`, other.ID)
+	h.tickWhileQueued(clk, st.ID, 4)
+	want := map[string]int{firmware.WaitOffline: 1, firmware.WaitDoorOpen: 1, firmware.WaitNoBirth: 1, firmware.WaitOtherJob: 1}
+	if s := h.status(st.ID); !maps.Equal(s.Waiting, want) {
+		t.Fatalf("waiting %v, want %v (counts %v, skipped %v)", s.Waiting, want, s.Counts, s.Skipped)
+	}
+
+	h.exec(`UPDATE devices SET online = true WHERE id = $1`, ids[0])
+	h.exec(`UPDATE compartments SET door = 'closed' WHERE device_id = $1`, ids[1])
+	h.exec(`UPDATE devices SET born_at = connected_at WHERE id = $1`, ids[2])
+	h.exec(`UPDATE fw_jobs SET state = 'failed' WHERE rollout_id = $1`, other.ID)
+	h.tickWhileQueued(clk, st.ID, 0)
+	if s := h.status(st.ID); len(s.Waiting) != 0 {
+		t.Fatalf("waiting %v once every locker can take its job", s.Waiting)
 	}
 }

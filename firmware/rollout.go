@@ -123,6 +123,10 @@ type Status struct {
 	// WrongModel counts lockers the selector matched that are of another
 	// model (only in the answer to a create; they get no job).
 	WrongModel int `json:"wrong_model,omitempty"`
+	// Waiting counts, for a running or paused rollout, the queued jobs of
+	// the waves begun whose locker cannot take them now, by why (Wait*):
+	// what keeps a rollout from moving when nothing fails.
+	Waiting map[string]int `json:"waiting,omitempty"`
 }
 
 // WaveStatus is one wave's progress.
@@ -287,7 +291,13 @@ func (e *Engine) Status(ctx context.Context, id string) (*Status, error) {
 	if err != nil {
 		return nil, err
 	}
-	return status(r, counts), nil
+	st := status(r, counts)
+	if (r.Status == Running || r.Status == Paused) && st.Counts[StateQueued] > 0 {
+		if st.Waiting, err = e.store.Waiting(ctx, r); err != nil {
+			return nil, err
+		}
+	}
+	return st, nil
 }
 
 func status(r *Rollout, counts []Count) *Status {

@@ -495,8 +495,8 @@ func TestFirmwareOfflineLockersGetTheJobOnReturn(t *testing.T) {
 		}
 		return nil
 	})
-	if s := fwStatus(t, tg, st.ID); s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 5 {
-		t.Fatalf("with 5 lockers away: %s %v", s.Status, s.Counts)
+	if s := fwStatus(t, tg, st.ID); s.Status != firmware.Running || s.Counts[firmware.StateQueued] != 5 || s.Waiting[firmware.WaitOffline] != 5 {
+		t.Fatalf("with 5 lockers away: %s %v, waiting %v", s.Status, s.Counts, s.Waiting)
 	}
 	for _, l := range away {
 		if err := l.Reconnect(context.Background()); err != nil {

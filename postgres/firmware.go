@@ -203,6 +203,34 @@ func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
 	return fwCounts(ctx, db.pool, id)
 }
 
+// Waiting implements firmware.Store: the queued jobs that fwReady leaves
+// out for their locker, by the first reason that holds.
+func (db *DB) Waiting(ctx context.Context, r *firmware.Rollout) (map[string]int, error) {
+	rows, err := db.pool.Query(ctx, `SELECT why, count(*) FROM (
+			SELECT CASE
+				WHEN NOT d.online THEN '`+firmware.WaitOffline+`'
+				WHEN d.connected_at IS NOT NULL AND (d.born_at IS NULL OR d.born_at < d.connected_at) THEN '`+firmware.WaitNoBirth+`'
+				WHEN EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
+					THEN '`+firmware.WaitDoorOpen+`'
+				WHEN EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN `+fwActive+`)
+					THEN '`+firmware.WaitOtherJob+`'
+			END AS why
+			FROM fw_jobs j JOIN devices d ON d.id = j.device_id
+			WHERE j.rollout_id = $1 AND j.wave <= $2 AND j.state = 'queued' AND NOT d.disabled AND d.model = $3) w
+		WHERE why IS NOT NULL GROUP BY why`, r.ID, r.Wave, r.Model)
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int{}
+	var why string
+	var n int
+	_, err = pgx.ForEachRow(rows, []any{&why, &n}, func() error {
+		out[why] = n
+		return nil
+	})
+	return out, err
+}
+
 // WaveFailures implements firmware.Store. The size leaves out jobs skipped
 // at hand-out (their locker changed since the rollout was created).
 func (db *DB) WaveFailures(ctx context.Context, id string, wave int) (failed, size int, err error) {

@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -246,6 +248,7 @@ type rolloutStatus struct {
 	Counts      map[string]int `json:"counts"`
 	Skipped     map[string]int `json:"skipped"`
 	WrongModel  int            `json:"wrong_model"`
+	Waiting     map[string]int `json:"waiting"`
 	MaxFailure  float64        `json:"max_failure_pct"`
 	Waves       []struct {
 		Wave       int            `json:"wave"`
@@ -310,17 +313,26 @@ func renderRollout(st *rolloutStatus) string {
 	}
 	row("total", "", st.Targets, st.Counts, "", "")
 	tw.Flush()
-	var skipped []string
-	for k, n := range st.Skipped {
-		skipped = append(skipped, fmt.Sprintf("%s %d", k, n))
-	}
+	skipped := byReason(st.Skipped)
 	if st.WrongModel > 0 {
 		skipped = append(skipped, fmt.Sprintf("other model %d", st.WrongModel))
 	}
 	if len(skipped) > 0 {
 		fmt.Fprintf(&b, "not updated: %s\n", strings.Join(skipped, ", "))
 	}
+	if waiting := byReason(st.Waiting); len(waiting) > 0 {
+		fmt.Fprintf(&b, "waiting for their lockers: %s\n", strings.Join(waiting, ", "))
+	}
 	return b.String()
+}
+
+// byReason lists counts by reason as "reason n", in the reasons' order.
+func byReason(m map[string]int) []string {
+	var out []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, fmt.Sprintf("%s %d", k, m[k]))
+	}
+	return out
 }
 
 // rolloutWatch redraws the progress view until the rollout ends (a

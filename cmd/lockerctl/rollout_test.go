@@ -157,3 +157,20 @@ func TestRolloutCreateLeavesDefaultsOut(t *testing.T) {
 		t.Fatal("a step timeout under a second was taken")
 	}
 }
+
+// TestRolloutViewSaysWhatWaits: the view lists skipped lockers and the
+// jobs waiting for their lockers by reason, in the reasons' order.
+func TestRolloutViewSaysWhatWaits(t *testing.T) {
+	st := &rolloutStatus{ID: "ro-1", Status: "running", Targets: 9,
+		Skipped: map[string]int{"up_to_date": 2, "disabled": 1},
+		Waiting: map[string]int{"offline": 3, "door_open": 1}}
+	out := renderRollout(st)
+	for _, want := range []string{"not updated: disabled 1, up_to_date 2\n", "waiting for their lockers: door_open 1, offline 3\n"} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("view without %q:\n%s", want, out)
+		}
+	}
+	if out := renderRollout(&rolloutStatus{ID: "ro-1", Status: "running"}); strings.Contains(out, "waiting") {
+		t.Fatalf("a rollout with nothing waiting:\n%s", out)
+	}
+}
