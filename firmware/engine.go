@@ -77,9 +77,65 @@ type Engine struct {
 
 	errMu      sync.Mutex
 	lastErrLog map[string]time.Time
+
+	gates pendingGates
 }
 
 var _ fleet.FirmwareTracker = (*Engine)(nil)
+
+// pendingGates counts, per rollout, the failures this instance recorded
+// whose gate check (checkGate, a second transaction) has not run yet: a
+// resume waits for them, so that it is not refused for a crossing about
+// to be shown (Resume).
+type pendingGates struct {
+	mu   sync.Mutex
+	n    map[string]int
+	zero map[string]chan struct{} // closed when the rollout's count is back at 0
+}
+
+// add counts one failure of rollout id on its way to its gate check; done
+// uncounts it.
+func (p *pendingGates) add(id string) (done func()) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.n == nil {
+		p.n, p.zero = map[string]int{}, map[string]chan struct{}{}
+	}
+	if p.n[id] == 0 {
+		p.zero[id] = make(chan struct{})
+	}
+	p.n[id]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			if p.n[id]--; p.n[id] == 0 {
+				close(p.zero[id])
+				delete(p.n, id)
+				delete(p.zero, id)
+			}
+		})
+	}
+}
+
+// wait waits until rollout id has no failure on its way to its gate check,
+// for at most d (a check stuck on the database must not hold a resume).
+func (p *pendingGates) wait(ctx context.Context, id string, d time.Duration) {
+	p.mu.Lock()
+	ch := p.zero[id]
+	p.mu.Unlock()
+	if ch == nil {
+		return
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ch:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+}
 
 // New returns an Engine; call Run to start it.
 func New(o Options) (*Engine, error) {
@@ -837,14 +893,17 @@ func (e *Engine) sweep(ctx context.Context, now time.Time) {
 		if kind == KindTimeout && retryable(r, KindTimeout, j.Attempt, now) {
 			t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
 		}
+		gated := e.gates.add(r.ID)
 		nj, err := e.store.Apply(ctx, t)
 		if err != nil {
+			gated()
 			e.fail("timeout", err)
 			continue
 		}
 		if nj != nil {
 			e.finished(ctx, nj, r, IsActive(j.State), now)
 		}
+		gated()
 	}
 }
 

@@ -413,8 +413,10 @@ func (e *Engine) Pause(ctx context.Context, id, actor string) (*Status, error) {
 // the wave is gated again. A crossing the status does not show as it is
 // now (crossed, or grown, while the rollout is paused, and being
 // recorded) is a conflict: the operator reads the status and resumes
-// again.
+// again. Failures this instance is recording are waited for first (up to
+// 5 s), so that one recorded at the same moment is shown, not refused.
 func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) {
+	e.gates.wait(ctx, id, 5*time.Second)
 	return e.operate(ctx, id, actor, "resume", func(tx StepTx, r *Rollout, now time.Time) ([]Job, error) {
 		if r.Status != Paused {
 			return nil, conflict(r, "resume")

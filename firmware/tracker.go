@@ -259,6 +259,7 @@ func (e *Engine) failJob(ctx context.Context, deviceID, wireID, state, kind stri
 	if state == StateFailed && slices.Contains(DeviceKinds, kind) && retryable(r, kind, j.Attempt, e.now()) {
 		t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
 	}
+	defer e.gates.add(r.ID)() // until its gate is checked (finished)
 	nj, err := e.store.Apply(ctx, t)
 	if err != nil {
 		return e.reportFailed(fmt.Sprintf("record %s of job %s", state, wireID), err)

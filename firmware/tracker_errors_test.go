@@ -74,6 +74,13 @@ func (s *faultStore) Apply(ctx context.Context, t firmware.Transition) (*firmwar
 	return s.Store.Apply(ctx, t)
 }
 
+func (s *faultStore) WaveFailures(ctx context.Context, id string, wave int) (int, int, error) {
+	if err := s.check("WaveFailures", id); err != nil {
+		return 0, 0, err
+	}
+	return s.Store.WaveFailures(ctx, id, wave)
+}
+
 // failOn fails the calls named call about key.
 func failOn(call, key string) func(string, string) error {
 	return func(c, k string) error {
@@ -409,5 +416,64 @@ func TestEngineNoRetryIntoAnEndedRollout(t *testing.T) {
 	}
 	if s := h.status(st.ID); s.Status != firmware.Cancelled || s.Counts[firmware.StateQueued] != 0 {
 		t.Fatalf("rollout %s %v, want cancelled with nothing queued", s.Status, s.Counts)
+	}
+}
+
+// TestEngineResumeWaitsForAFailureBeingRecorded: a failure is recorded,
+// then its wave's gate checked, in two transactions; a resume between the
+// two would find a crossing its status does not show yet and be refused.
+// It waits for the check instead, and accepts the failure with the others.
+func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
+	h, clk, fs, _ := newFaultHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.tickWhileQueued(clk, st.ID, 0)
+	h.failed(clk, st.ID, ids[0], ids[1]) // 2 of 20: paused
+	third := h.job(st.ID, ids[2]).JobID
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	fs.set(func(call, key string) error {
+		if call == "WaveFailures" && key == st.ID {
+			once.Do(func() { close(entered); <-release })
+		}
+		return nil
+	})
+	defer func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	}()
+	go h.report(clk, ids[2], third, firmware.StateFailed)
+	select {
+	case <-entered: // recorded; its gate check under way
+	case <-time.After(10 * time.Second):
+		t.Fatal("the third failure's gate check never began")
+	}
+	resumed := make(chan error, 1)
+	go func() {
+		_, err := h.eng.Resume(ctx, st.ID, "operator")
+		resumed <- err
+	}()
+	select {
+	case err := <-resumed:
+		t.Fatalf("resume answered (%v) while a failure's gate check was under way; want it to wait for the check", err)
+	case <-time.After(300 * time.Millisecond): // an observation window for something that must not happen
+	}
+	close(release)
+	select {
+	case err := <-resumed:
+		if err != nil {
+			t.Fatalf("resume once the check ran: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the resume did not answer after the check")
+	}
+	var accepted int
+	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, st.ID).Scan(&accepted); err != nil || accepted != 3 {
+		t.Fatalf("%d failures accepted (%v), want the 3", accepted, err)
 	}
 }
