@@ -18,7 +18,8 @@ import (
 // DecodeBody returns (what the gateway stores) reads back as the same value
 // with Decode (names exactly: plain json.Unmarshal would also read a member
 // named as a field in another letter case, which the body keeps as an
-// unknown field).
+// unknown field; and descriptive text, which Validate cuts, is whole in
+// the body).
 func fuzzDecode[T any, PT interface {
 	*T
 	protocol.Validator
@@ -52,6 +53,7 @@ func fuzzDecode[T any, PT interface {
 			plain := new(T)
 			if err := json.Unmarshal(body, plain); err == nil {
 				protocol.DropForeign(plain)
+				_ = PT(plain).Validate() // cuts descriptive text as Decode did
 				if !sameWire(reflect.ValueOf(v), reflect.ValueOf(plain)) {
 					t.Fatalf("stored body %s (from %q) reads with encoding/json as %+v; want %+v", body, b, plain, v)
 				}
@@ -153,6 +155,7 @@ func FuzzDecodeEvent(f *testing.F) {
 		`{"id":"e-5","ts":"2026-11-24T21:30:00.123Z","type":"tamper","detail":"case"}`,
 		`{"id":"e-6","ts":"2026-11-24T21:30:00.123Z","type":"power","source":"battery"}`,
 		`{"id":"e-7","ts":"2026-11-24T21:30:00.123Z","type":"reboot","reason":"watchdog"}`,
+		`{"id":"e-9","ts":"2026-11-24T21:30:00.123Z","type":"tamper","detail":"`+strings.Repeat("lid ", 70)+`€"}`,
 		`{"id":"e-8","ts":"2026-11-24 21:30:00.123","type":"door_closed","compartment":7.0,"occupied":false,"compartments":[1e0]}`)...)
 }
 
@@ -163,7 +166,8 @@ func FuzzDecodeCommand(f *testing.F) {
 }
 
 func FuzzDecodeCommandResult(f *testing.F) {
-	fuzzDecode[protocol.CommandResult](f, seeds(f, []string{"command_result_ok.json", "command_result_failed.json"})...)
+	fuzzDecode[protocol.CommandResult](f, seeds(f, []string{"command_result_ok.json", "command_result_failed.json"},
+		`{"id":"c-1","status":"failed","error":"`+strings.Repeat("jam ", 70)+`","ts":"2026-11-24T21:30:00.123Z"}`)...)
 }
 
 func FuzzDecodeCredSet(f *testing.F) {
@@ -187,7 +191,8 @@ func FuzzDecodeFwJob(f *testing.F) {
 
 func FuzzDecodeFwStatus(f *testing.F) {
 	fuzzDecode[protocol.FwStatus](f, seeds(f, []string{"fw_status.json"},
-		`{"job":"j-1","state":"failed","error":"boot","ts":"2026-11-24T21:30:00.123Z"}`)...)
+		`{"job":"j-1","state":"failed","error":"boot","ts":"2026-11-24T21:30:00.123Z"}`,
+		`{"job":"j-1","state":"failed","error":"`+strings.Repeat("disk ", 60)+`","ts":"2026-11-24T21:30:00.123Z"}`)...)
 }
 
 func FuzzDecodeProvisionRequest(f *testing.F) {

@@ -291,7 +291,8 @@ func decodeIgnoringForeign[T any](payload []byte, v *T, f foreignFields, err err
 // not parse: the decoding reports that); otherwise a copy, rewritten, that
 // is only decoded. A body kept as read keeps them (unknown fields), and
 // every reader of it that matches names exactly (PostgreSQL's ->>, this
-// package's Decode) reads what was applied. It costs a parse of the
+// package's Decode) reads what was applied (descriptive text that Validate
+// cuts is whole in the body). It costs a parse of the
 // members only when keyMayFold finds a name that could fold (health's
 // plain reports never get here: DecodeHealth).
 func exactNames[T any](payload []byte) []byte {
@@ -774,9 +775,10 @@ func (e *Event) foreign(members map[string]json.RawMessage, name string) bool {
 }
 
 // dropForeign implements foreignFields: a field of another event type
-// that this one's checks would refuse (a tamper's compartment -1, a
-// reboot's 300-byte detail) is cleared, as an unknown field is ignored;
-// one that passes them is kept (a tamper's compartment, for its alert).
+// that this one's checks would refuse or cut (a tamper's compartment -1,
+// a door's 300-byte credential, a reboot's 300-byte detail) is cleared,
+// as an unknown field is ignored; one that passes them is kept (a
+// tamper's compartment, for its alert).
 func (e *Event) dropForeign() {
 	fields, known := eventFields[e.Type]
 	if !known {
