@@ -119,6 +119,14 @@ func (p *pendingGates) add(id string) (done func()) {
 	}
 }
 
+// pending reports whether rollout id has a failure on its way to its gate
+// check.
+func (p *pendingGates) pending(id string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.n[id] > 0
+}
+
 // wait waits until rollout id has no failure on its way to its gate check,
 // for at most d (a check stuck on the database must not hold a resume).
 func (p *pendingGates) wait(ctx context.Context, id string, d time.Duration) {
@@ -893,17 +901,21 @@ func (e *Engine) sweep(ctx context.Context, now time.Time) {
 		if kind == KindTimeout && retryable(r, KindTimeout, j.Attempt, now) {
 			t.RetryJobID = jobID(r.ID, j.Seq, j.Attempt+1)
 		}
-		gated := e.gates.add(r.ID)
-		nj, err := e.store.Apply(ctx, t)
-		if err != nil {
-			gated()
-			e.fail("timeout", err)
-			continue
-		}
-		if nj != nil {
-			e.finished(ctx, nj, r, IsActive(j.State), now)
-		}
-		gated()
+		e.timeOut(ctx, t, r, IsActive(j.State), now)
+	}
+}
+
+// timeOut applies a job's timeout t (sweep), counted as a failure on its
+// way to its gate check (pendingGates) until finished has checked it.
+func (e *Engine) timeOut(ctx context.Context, t Transition, r *Rollout, wasActive bool, now time.Time) {
+	defer e.gates.add(r.ID)()
+	nj, err := e.store.Apply(ctx, t)
+	if err != nil {
+		e.fail("timeout", err)
+		return
+	}
+	if nj != nil {
+		e.finished(ctx, nj, r, wasActive, now)
 	}
 }
 

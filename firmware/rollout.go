@@ -413,10 +413,30 @@ func (e *Engine) Pause(ctx context.Context, id, actor string) (*Status, error) {
 // the wave is gated again. A crossing the status does not show as it is
 // now (crossed, or grown, while the rollout is paused, and being
 // recorded) is a conflict: the operator reads the status and resumes
-// again. Failures this instance is recording are waited for first (up to
-// 5 s), so that one recorded at the same moment is shown, not refused.
+// again. Failures this instance is recording are waited for (up to 5 s in
+// all), before and again after a crossing not shown, so that one recorded
+// at the same moment is shown, not refused: a failure stored before the
+// resume read the counts was counted pending before it was stored, and
+// its gate check waits for the resume's lock.
 func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) {
-	e.gates.wait(ctx, id, 5*time.Second)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		e.gates.wait(ctx, id, time.Until(deadline))
+		st, err := e.resume(ctx, id, actor)
+		var ns notShownError
+		if !errors.As(err, &ns) || !e.gates.pending(id) || time.Until(deadline) <= 0 || ctx.Err() != nil {
+			return st, err
+		}
+	}
+}
+
+// notShownError is a resume refused for a crossing the rollout's status
+// does not show yet.
+type notShownError struct{ error }
+
+func (e notShownError) Unwrap() error { return e.error }
+
+func (e *Engine) resume(ctx context.Context, id, actor string) (*Status, error) {
 	return e.operate(ctx, id, actor, "resume", func(tx StepTx, r *Rollout, now time.Time) ([]Job, error) {
 		if r.Status != Paused {
 			return nil, conflict(r, "resume")
@@ -433,8 +453,8 @@ func (e *Engine) Resume(ctx context.Context, id, actor string) (*Status, error) 
 				continue
 			}
 			if shownGate(r.Reason, i) != gate {
-				return nil, fmt.Errorf("%w: rollout %s: %s, which its status does not show yet; read it, then resume again to accept those failures",
-					fleet.ErrConflict, r.ID, gate)
+				return nil, notShownError{fmt.Errorf("%w: rollout %s: %s, which its status does not show yet; read it, then resume again to accept those failures",
+					fleet.ErrConflict, r.ID, gate)}
 			}
 			accept[i] = failed
 		}

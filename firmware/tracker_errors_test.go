@@ -81,6 +81,17 @@ func (s *faultStore) WaveFailures(ctx context.Context, id string, wave int) (int
 	return s.Store.WaveFailures(ctx, id, wave)
 }
 
+// Update asks its fault once the rollout is locked ("Update", the
+// rollout's id), before f runs.
+func (s *faultStore) Update(ctx context.Context, id string, f func(tx firmware.StepTx) error) error {
+	return s.Store.Update(ctx, id, func(tx firmware.StepTx) error {
+		if err := s.check("Update", id); err != nil {
+			return err
+		}
+		return f(tx)
+	})
+}
+
 // failOn fails the calls named call about key.
 func failOn(call, key string) func(string, string) error {
 	return func(c, k string) error {
@@ -471,6 +482,49 @@ func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the resume did not answer after the check")
+	}
+	var accepted int
+	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, st.ID).Scan(&accepted); err != nil || accepted != 3 {
+		t.Fatalf("%d failures accepted (%v), want the 3", accepted, err)
+	}
+}
+
+// TestEngineResumeWaitsForAFailureStoredAsItBegan: a failure stored just
+// after the resume found none being recorded, and before it read the
+// counts (its gate check then waits for the resume's lock), is waited for
+// once the resume finds its crossing not shown, and the resume goes
+// through.
+func TestEngineResumeWaitsForAFailureStoredAsItBegan(t *testing.T) {
+	h, clk, fs, _ := newFaultHarness(t)
+	ctx := context.Background()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.tickWhileQueued(clk, st.ID, 0)
+	h.failed(clk, st.ID, ids[0], ids[1]) // 2 of 20: paused
+	third := h.job(st.ID, ids[2]).JobID
+	checking := make(chan struct{})
+	var once, checked sync.Once
+	fs.set(func(call, key string) error {
+		switch {
+		case call == "WaveFailures" && key == st.ID:
+			checked.Do(func() { close(checking) })
+		case call == "Update" && key == st.ID:
+			// The resume holds the rollout: the third failure is stored,
+			// and its gate check begins (and waits for the lock).
+			once.Do(func() {
+				go h.report(clk, ids[2], third, firmware.StateFailed)
+				select {
+				case <-checking:
+				case <-time.After(10 * time.Second):
+					t.Error("the third failure's gate check never began")
+				}
+			})
+		}
+		return nil
+	})
+	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
+		t.Fatalf("resume with a failure stored as it began: %v", err)
 	}
 	var accepted int
 	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, st.ID).Scan(&accepted); err != nil || accepted != 3 {
