@@ -435,14 +435,8 @@ func TestEngineNoRetryIntoAnEndedRollout(t *testing.T) {
 // two would find a crossing its status does not show yet and be refused.
 // It waits for the check instead, and accepts the failure with the others.
 func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
-	h, clk, fs, _ := newFaultHarness(t)
+	h, fs, st, third := pausedWithAThirdToFail(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
-	h.tickWhileQueued(clk, st.ID, 0)
-	h.failed(clk, st.ID, ids[0], ids[1]) // 2 of 20: paused
-	third := h.job(st.ID, ids[2]).JobID
 	entered, release := make(chan struct{}), make(chan struct{})
 	var once sync.Once
 	fs.set(func(call, key string) error {
@@ -458,7 +452,7 @@ func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
 			close(release)
 		}
 	}()
-	go h.report(clk, ids[2], third, firmware.StateFailed)
+	go third()
 	select {
 	case <-entered: // recorded; its gate check under way
 	case <-time.After(10 * time.Second):
@@ -483,10 +477,7 @@ func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the resume did not answer after the check")
 	}
-	var accepted int
-	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, st.ID).Scan(&accepted); err != nil || accepted != 3 {
-		t.Fatalf("%d failures accepted (%v), want the 3", accepted, err)
-	}
+	h.wantAccepted(st.ID, 3)
 }
 
 // TestEngineResumeWaitsForAFailureStoredAsItBegan: a failure stored just
@@ -495,14 +486,8 @@ func TestEngineResumeWaitsForAFailureBeingRecorded(t *testing.T) {
 // once the resume finds its crossing not shown, and the resume goes
 // through.
 func TestEngineResumeWaitsForAFailureStoredAsItBegan(t *testing.T) {
-	h, clk, fs, _ := newFaultHarness(t)
+	h, fs, st, third := pausedWithAThirdToFail(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
-	h.tickWhileQueued(clk, st.ID, 0)
-	h.failed(clk, st.ID, ids[0], ids[1]) // 2 of 20: paused
-	third := h.job(st.ID, ids[2]).JobID
 	checking := make(chan struct{})
 	var once, checked sync.Once
 	fs.set(func(call, key string) error {
@@ -513,7 +498,7 @@ func TestEngineResumeWaitsForAFailureStoredAsItBegan(t *testing.T) {
 			// The resume holds the rollout: the third failure is stored,
 			// and its gate check begins (and waits for the lock).
 			once.Do(func() {
-				go h.report(clk, ids[2], third, firmware.StateFailed)
+				go third()
 				select {
 				case <-checking:
 				case <-time.After(10 * time.Second):
@@ -526,8 +511,28 @@ func TestEngineResumeWaitsForAFailureStoredAsItBegan(t *testing.T) {
 	if _, err := h.eng.Resume(ctx, st.ID, "operator"); err != nil {
 		t.Fatalf("resume with a failure stored as it began: %v", err)
 	}
+	h.wantAccepted(st.ID, 3)
+}
+
+// pausedWithAThirdToFail is a fault harness's rollout of 20 lockers paused
+// by its gate at 2 failed (over 5 %), and third, which reports a third
+// locker's job failed.
+func pausedWithAThirdToFail(t *testing.T) (h *harness, fs *faultStore, st *firmware.Status, third func()) {
+	h, clk, fs, _ := newFaultHarness(t)
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
+	a := h.upload("LX-24", "1.5.0")
+	st = h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	h.tickWhileQueued(clk, st.ID, 0)
+	h.failed(clk, st.ID, ids[0], ids[1])
+	job := h.job(st.ID, ids[2]).JobID
+	return h, fs, st, func() { h.report(clk, ids[2], job, firmware.StateFailed) }
+}
+
+// wantAccepted checks that rollout's resumes accepted n failures.
+func (h *harness) wantAccepted(rollout string, n int) {
+	h.tb.Helper()
 	var accepted int
-	if err := h.db.Pool().QueryRow(ctx, `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, st.ID).Scan(&accepted); err != nil || accepted != 3 {
-		t.Fatalf("%d failures accepted (%v), want the 3", accepted, err)
+	if err := h.db.Pool().QueryRow(context.Background(), `SELECT count(*) FROM fw_jobs WHERE rollout_id = $1 AND gate_accepted`, rollout).Scan(&accepted); err != nil || accepted != n {
+		h.tb.Fatalf("%d failures accepted (%v), want %d", accepted, err, n)
 	}
 }
