@@ -2,6 +2,7 @@ package httpapi
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -9,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -148,23 +151,87 @@ func (d *deadlineRecorder) SetWriteDeadline(t time.Time) error {
 
 // TestResponseTime: every answer has ResponseTimeout to be written (a
 // client that does not read it loses the connection then), but a firmware
-// image's, which takes what a slow locker's link takes.
+// image's, which takes what a slow locker's link takes: each of its
+// writes has DownloadStallTimeout (TestDownloadThatStallsIsCut).
 func TestResponseTime(t *testing.T) {
-	s := New(Options{Store: &fakeStore{}, ResponseTimeout: time.Minute})
+	s := New(Options{Store: &fakeStore{}, ResponseTimeout: time.Minute, DownloadStallTimeout: 7 * time.Second})
 	for _, c := range []struct {
-		path  string
-		timed bool
-	}{{"/v1/openapi.json", true}, {"/healthz", true}, {"/v1/firmware/fw-1/blob?sig=x&exp=1&job=j", false}} {
+		path string
+		want time.Duration
+	}{{"/v1/openapi.json", time.Minute}, {"/healthz", time.Minute}, {"/v1/firmware/fw-1/blob?sig=x&exp=1&job=j", 7 * time.Second}} {
 		w := &deadlineRecorder{ResponseRecorder: httptest.NewRecorder()}
 		before := time.Now()
 		s.ServeHTTP(w, httptest.NewRequest("GET", c.path, nil))
 		if len(w.write) == 0 {
 			t.Fatalf("%s: no write deadline set", c.path)
 		}
-		last := w.write[len(w.write)-1]
-		if timed := !last.IsZero(); timed != c.timed || (timed && (last.Before(before.Add(time.Minute)) || last.After(time.Now().Add(time.Minute)))) {
-			t.Errorf("%s: write deadline %v, want a minute on: %v", c.path, last, c.timed)
+		if last := w.write[len(w.write)-1]; last.Before(before.Add(c.want)) || last.After(time.Now().Add(c.want)) {
+			t.Errorf("%s: write deadline %v, want %v on", c.path, last, c.want)
 		}
+	}
+}
+
+// TestDownloadThatStallsIsCut: a client that asks for an image and stops
+// reading loses the connection once a chunk has waited
+// DownloadStallTimeout to be written, and the handler ends (it would hold
+// the connection, a goroutine and the open image for good); one that
+// reads gets the whole image through the chunks.
+func TestDownloadThatStallsIsCut(t *testing.T) {
+	img := make([]byte, 32<<20) // past what loopback's socket buffers hold
+	for i := range img {
+		img[i] = byte(i)
+	}
+	f, err := os.CreateTemp(t.TempDir(), "img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Write(img); err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan int64, 2)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: 200 * time.Millisecond}
+		cw := &countingWriter{ResponseWriter: pw, r: r, size: int64(len(img))}
+		http.ServeContent(cw, r, "img.bin", time.Time{}, io.NewSectionReader(f, 0, int64(len(img))))
+		ended <- cw.n
+	}))
+	defer srv.Close()
+
+	// A client that reads it all.
+	resp, err := http.Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil || !bytes.Equal(got, img) {
+		t.Fatalf("read %d of %d bytes (%v), or not the image", len(got), len(img), err)
+	}
+	if n := <-ended; n != int64(len(img)) {
+		t.Fatalf("counted %d bytes sent, want %d", n, len(img))
+	}
+
+	// A client that asks and never reads, with a small receive buffer.
+	d := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		err := c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return errors.Join(err, serr)
+	}}
+	conn, err := d.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case n := <-ended:
+		if n >= int64(len(img)) {
+			t.Fatalf("all %d bytes sent to a client that reads none", n)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the download to a client that stopped reading never ended")
 	}
 }
 

@@ -7,10 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/lockergate/lockergate/firmware"
 	"github.com/lockergate/lockergate/fleet"
@@ -42,7 +44,10 @@ func (s *Server) firmwareTable() []route {
 // operator token.
 func (s *Server) firmwareRoutes(m *http.ServeMux) {
 	m.HandleFunc("GET /v1/firmware/{id}/blob", func(w http.ResponseWriter, r *http.Request) {
-		liftResponseTime(w) // an image of up to 4 GiB, to lockers on slow links (resumable)
+		// An image of up to 4 GiB, to lockers on slow links (resumable):
+		// no bound on the whole answer, one on each chunk's progress.
+		liftResponseTime(w)
+		w = &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: s.opts.DownloadStallTimeout}
 		if r.URL.Query().Get("sig") == "" {
 			s.auth(fleetRoles, s.withFirmware(serveImage))(w, r)
 			return
@@ -214,6 +219,58 @@ func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
 	n, err := io.Copy(c.ResponseWriter, src)
 	c.n += n
 	return n, err
+}
+
+// downloadChunk is how much of an image progressWriter gives one stall
+// timeout to be written.
+const downloadChunk = 64 << 10
+
+// progressWriter writes a firmware image in chunks of downloadChunk, each
+// with stall to be written: a client that stops reading (a link gone
+// without a FIN, or one that asks and never reads) loses the connection
+// then, instead of holding it, a goroutine and an open image for good; a
+// locker resumes with Range. It keeps the ResponseWriter's io.ReaderFrom
+// path (sendfile) for each chunk.
+type progressWriter struct {
+	http.ResponseWriter
+	rc    *http.ResponseController
+	stall time.Duration
+}
+
+func (p *progressWriter) Unwrap() http.ResponseWriter { return p.ResponseWriter }
+
+func (p *progressWriter) Write(b []byte) (int, error) {
+	var n int
+	for len(b) > 0 {
+		p.rc.SetWriteDeadline(time.Now().Add(p.stall))
+		m, err := p.ResponseWriter.Write(b[:min(len(b), downloadChunk)])
+		n, b = n+m, b[m:]
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+func (p *progressWriter) ReadFrom(src io.Reader) (int64, error) {
+	// What http.ServeContent hands over is the image file under a limit
+	// (io.CopyN): each chunk is a limit on the file itself, for sendfile.
+	lr, ok := src.(*io.LimitedReader)
+	if !ok {
+		lr = &io.LimitedReader{R: src, N: math.MaxInt64}
+	}
+	var total int64
+	for lr.N > 0 {
+		p.rc.SetWriteDeadline(time.Now().Add(p.stall))
+		want := min(lr.N, downloadChunk)
+		n, err := io.Copy(p.ResponseWriter, &io.LimitedReader{R: lr.R, N: want})
+		lr.N -= n
+		total += n
+		if err != nil || n < want { // an error, or the end of the image
+			return total, err
+		}
+	}
+	return total, nil
 }
 
 func createRollout(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) error {

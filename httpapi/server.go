@@ -89,7 +89,11 @@ type Options struct {
 	// ResponseTimeout bounds a request from its start to its answer
 	// written (0: DefaultResponseTimeout); see limitResponseTime.
 	ResponseTimeout time.Duration
-	Logger          *slog.Logger
+	// DownloadStallTimeout bounds how long each 64 KiB of a firmware
+	// image may take to be written (0: DefaultDownloadStallTimeout); see
+	// progressWriter.
+	DownloadStallTimeout time.Duration
+	Logger               *slog.Logger
 }
 
 // DefaultBodyReadTimeout is Options.BodyReadTimeout's default.
@@ -98,6 +102,10 @@ const DefaultBodyReadTimeout = 30 * time.Second
 // DefaultResponseTimeout is Options.ResponseTimeout's default: past the
 // longest wait_s (maxWait).
 const DefaultResponseTimeout = 2 * time.Minute
+
+// DefaultDownloadStallTimeout is Options.DownloadStallTimeout's default:
+// a link slower than about 1 KiB/s for a minute is taken for gone.
+const DefaultDownloadStallTimeout = time.Minute
 
 // Server is the HTTP API.
 type Server struct {
@@ -162,6 +170,9 @@ func New(o Options) *Server {
 	}
 	if o.ResponseTimeout <= 0 {
 		o.ResponseTimeout = DefaultResponseTimeout
+	}
+	if o.DownloadStallTimeout <= 0 {
+		o.DownloadStallTimeout = DefaultDownloadStallTimeout
 	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
 		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now),
