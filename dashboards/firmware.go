@@ -47,6 +47,8 @@ func FirmwareRollouts() *Dashboard {
 			{Title: "Delivery", Panels: []Panel{
 				withMin0(ts("Firmware bytes served", "Image bytes sent by the download endpoint.", "Bps",
 					q("sum("+rate("lockergate_firmware_bytes_served_total", "")+")", "served"))),
+				withMin0(ts("Downloads cut for no progress", "Image downloads per minute the gateway closed because the client took no 64 KiB within a minute (a link gone, a stalled locker); lockers resume with Range.", "opm",
+					q("60 * sum("+rate("lockergate_firmware_downloads_stalled_total", "")+")", "cut"))),
 				withMin0(ts("Gate reaction time", "From the report that crossed a wave's failure threshold to the rollout paused or aborted.", "s",
 					quantiles("lockergate_firmware_gate_stop_seconds", "", "")...)),
 			}},

@@ -201,6 +201,14 @@ func (e *Engine) OpenImage(ctx context.Context, id string) (*os.File, *Artifact,
 // ServedBytes counts image bytes sent to lockers and operators.
 func (e *Engine) ServedBytes(n int64) { e.m.bytesServed.Add(float64(n)) }
 
+// DownloadStalled counts and logs an image download cut for taking no
+// progress (the client stopped reading: a link gone, or a stalled locker).
+func (e *Engine) DownloadStalled(id, job string, sent int64) {
+	e.m.stalled.Inc()
+	e.log.Info("firmware download cut: the client took nothing for the stall timeout; a locker resumes with Range",
+		"firmware", id, "job", job, "bytes_sent", sent)
+}
+
 // uploadSlot takes one of the MaxUploads slots that bound the images being
 // read at once, or answers ErrUploadsBusy without waiting.
 func (e *Engine) uploadSlot() (release func(), err error) {

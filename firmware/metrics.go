@@ -12,6 +12,7 @@ type metrics struct {
 	finished     *prometheus.CounterVec // state
 	reports      *prometheus.CounterVec // result
 	bytesServed  prometheus.Counter
+	stalled      prometheus.Counter
 	gateLatency  prometheus.Histogram
 	errors       *prometheus.CounterVec // op
 }
@@ -42,6 +43,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lockergate_firmware_reports_total",
 			Help: "Firmware reports (fw/status and births with a job) by result: applied, or ignored (stale or unknown job).",
 		}, []string{"result"}),
+		stalled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lockergate_firmware_downloads_stalled_total",
+			Help: "Image downloads cut because the client took no 64 KiB within the stall timeout (it resumes with Range).",
+		}),
 		bytesServed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lockergate_firmware_bytes_served_total",
 			Help: "Firmware image bytes sent by the download endpoint.",
@@ -63,7 +68,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		m.rollouts.WithLabelValues(s)
 	}
 	if reg != nil {
-		reg.MustRegister(m.jobs, m.rollouts, m.wave, m.failureRatio, m.finished, m.reports, m.bytesServed, m.gateLatency, m.errors)
+		reg.MustRegister(m.jobs, m.rollouts, m.wave, m.failureRatio, m.finished, m.reports, m.bytesServed, m.stalled, m.gateLatency, m.errors)
 	}
 	return m
 }

@@ -188,12 +188,12 @@ func TestDownloadThatStallsIsCut(t *testing.T) {
 	if _, err := f.Write(img); err != nil {
 		t.Fatal(err)
 	}
-	ended := make(chan int64, 2)
+	ended := make(chan *countingWriter, 2)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: 200 * time.Millisecond}
 		cw := &countingWriter{ResponseWriter: pw, r: r, size: int64(len(img))}
 		http.ServeContent(cw, r, "img.bin", time.Time{}, io.NewSectionReader(f, 0, int64(len(img))))
-		ended <- cw.n
+		ended <- cw
 	}))
 	defer srv.Close()
 
@@ -207,8 +207,8 @@ func TestDownloadThatStallsIsCut(t *testing.T) {
 	if err != nil || !bytes.Equal(got, img) {
 		t.Fatalf("read %d of %d bytes (%v), or not the image", len(got), len(img), err)
 	}
-	if n := <-ended; n != int64(len(img)) {
-		t.Fatalf("counted %d bytes sent, want %d", n, len(img))
+	if cw := <-ended; cw.n != int64(len(img)) || cw.stalled {
+		t.Fatalf("counted %d bytes sent (stalled %v), want %d", cw.n, cw.stalled, len(img))
 	}
 
 	// A client that asks and never reads, with a small receive buffer.
@@ -226,9 +226,9 @@ func TestDownloadThatStallsIsCut(t *testing.T) {
 		t.Fatal(err)
 	}
 	select {
-	case n := <-ended:
-		if n >= int64(len(img)) {
-			t.Fatalf("all %d bytes sent to a client that reads none", n)
+	case cw := <-ended:
+		if cw.n >= int64(len(img)) || !cw.stalled {
+			t.Fatalf("%d bytes sent to a client that reads none, stalled %v; want fewer, and stalled (counted)", cw.n, cw.stalled)
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("the download to a client that stopped reading never ended")

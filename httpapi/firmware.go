@@ -9,6 +9,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -174,6 +175,9 @@ func serveImage(fw *firmware.Engine, w http.ResponseWriter, r *http.Request) err
 	cw := &countingWriter{ResponseWriter: w, r: r, size: a.Size}
 	http.ServeContent(cw, r, a.ID+".bin", a.CreatedAt, f)
 	fw.ServedBytes(cw.n)
+	if cw.stalled {
+		fw.DownloadStalled(a.ID, r.URL.Query().Get("job"), cw.n)
+	}
 	return nil
 }
 
@@ -187,6 +191,7 @@ type countingWriter struct {
 	size    int64 // the image's
 	n       int64
 	refused bool // the 416 is written; ServeContent's own text is dropped
+	stalled bool // a write ran past progressWriter's stall timeout
 }
 
 func (c *countingWriter) WriteHeader(code int) {
@@ -218,6 +223,7 @@ func (c *countingWriter) ReadFrom(src io.Reader) (int64, error) {
 	}
 	n, err := io.Copy(c.ResponseWriter, src)
 	c.n += n
+	c.stalled = c.stalled || errors.Is(err, os.ErrDeadlineExceeded)
 	return n, err
 }
 
