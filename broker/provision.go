@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	mqtt "github.com/mochi-mqtt/server/v2"
@@ -96,7 +97,10 @@ func (b *Broker) provision(s *session, payload []byte) {
 	}
 	b.answering.Store(s.id, s)
 	err = b.server.Publish(topic, protocol.Encode(resp), false, 1)
-	b.answering.CompareAndDelete(s.id, s)
+	if f := testHookPublished.Load(); f != nil {
+		(*f)(s.id)
+	}
+	b.answering.CompareAndDelete(s.id, s) // if no delivery to s took it out (provisionAnswerQueued)
 	if err != nil {
 		b.log.Error("mqtt provisioning answer not published", "serial", s.id, "err", err)
 	}
@@ -107,15 +111,24 @@ func (b *Broker) provision(s *session, payload []byte) {
 	time.AfterFunc(provisionLinger, func() { b.endSession(s, ReasonProvisioned, packets.CodeDisconnect) })
 }
 
+// testHookPublished, when set by a test, runs after the answer to serial
+// was published, before provision lets go of its guard (answering).
+var testHookPublished atomic.Pointer[func(serial string)]
+
 // provisionAnswerQueued notes the packet id of a QoS 1 answer to a claim
 // session. A claim session may only subscribe to its response topic, so any
-// publish to it is the answer.
+// publish to it is the answer. Queued for its own session, the answer needs
+// the guard against a replacement session (answering) no more: it is let
+// go here, before the locker can have it, so that the locker's next session
+// (asking again at once) is not refused its subscription while provision's
+// goroutine has yet to return from the publish.
 func (b *Broker) provisionAnswerQueued(cl *mqtt.Client, pk packets.Packet) {
 	if pk.FixedHeader.Qos == 0 {
 		return
 	}
 	if s := b.sessionOf(cl); s != nil && s.kind == kindProvision {
 		s.respID.Store(respPending | uint32(pk.PacketID))
+		b.answering.CompareAndDelete(s.id, s)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/lockergate/lockergate/internal/testtool"
@@ -351,4 +352,39 @@ func TestProvisioningWaitsForTheDeliveredRecord(t *testing.T) {
 		}
 		return nil
 	})
+}
+
+// TestAskingAgainWhileTheAnswerIsPublished: a locker that got its answer
+// and asks again at once, while the goroutine that published the answer
+// has yet to return from the publish, is not refused its subscription (the
+// guard against a replacement session taking the answer is let go as the
+// answer is queued for its own session). CI met this once under load.
+func TestAskingAgainWhileTheAnswerIsPublished(t *testing.T) {
+	h := newHarness(t, nil, nil)
+	held, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	hook := func(string) { once.Do(func() { close(held); <-release }) }
+	testHookPublished.Store(&hook)
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+		testHookPublished.Store(nil)
+	})
+	ask := func() paho.Message {
+		p := h.mustDial(t, "prov-SN-00042", "claim", claimToken)
+		p.subscribeResult(t, "provision/v1/SN-00042/response", 1)
+		p.mustPublish(t, "provision/v1/SN-00042/request", 1, []byte(provReqRaw))
+		m := p.nextMessage(t)
+		p.waitLost(t) // answered: the session ends
+		return m
+	}
+	ask()
+	<-held // the first answer's publish has not returned
+	if m := ask(); len(m.Payload()) == 0 {
+		t.Fatal("the second request got an empty answer")
+	}
+	close(release)
 }
