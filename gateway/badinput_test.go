@@ -40,6 +40,12 @@ func TestAPIInputEdges(t *testing.T) {
 		{"body over 1 MiB", client.Request{Method: "POST", Path: "/v1/pickups", Body: []byte(big)}, 413, "request body larger than 1048576 bytes"},
 		{"body over 1 MiB with Idempotency-Key", client.Request{Method: "POST", Path: "/v1/sites", Body: []byte(big),
 			Header: http.Header{"Idempotency-Key": {"big-1"}}}, 413, "request body larger than 1048576 bytes"},
+		{"webhook port out of range", client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]string{"url": "https://hooks.example:99999/x"}}, 400,
+			`url's port "99999": want 1 to 65535`},
+		{"webhook with a password", client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]string{"url": "https://u:p@hooks.example/x"}}, 400,
+			"must not hold a user name or password"},
+		{"webhook to a numeric host", client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]string{"url": "http://2130706433/x"}}, 400,
+			"write it as four decimal numbers"},
 	} {
 		status, err := tg.Admin.Do(ctx, c.req, nil)
 		var pe *client.Error
@@ -64,6 +70,16 @@ func TestAPIInputEdges(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		t.Errorf("Bearer, two spaces, token: %d, want 200", resp.StatusCode)
+	}
+	// Two credentials: which to take would be a guess.
+	req.Header.Set("Authorization", "Bearer "+tg.Admin.Token)
+	req.Header.Add("Authorization", "Bearer "+tg.Admin.Token)
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("two Authorization headers: %d, want 400", resp.StatusCode)
 	}
 }
 

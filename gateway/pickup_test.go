@@ -2342,3 +2342,30 @@ func TestCombinedCodeOpensOneDoor(t *testing.T) {
 		})
 	}
 }
+
+// TestStoreRequestEdges: a store's pickup without a site is made at its
+// site; a command of no known type is a 400 for a store as for anyone (the
+// request is wrong, not the role); a webhook's repeated event types are
+// kept once.
+func TestStoreRequestEdges(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	var p pickup.Pickup
+	if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"order_ref": "NOSITE-1", "size": "S", "zone": "ambient",
+		"recipient": map[string]string{"kind": "driver", "platform": "speedy"}, "expires_at": time.Now().Add(time.Hour)}, &p); err != nil || p.Site != "store-042" {
+		t.Fatalf("a store's pickup without a site: %+v, %v; want it at store-042", p, err)
+	}
+	status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/lockers/" + p.Locker + "/commands",
+		Body: map[string]any{"type": "bogus", "compartment": 1}}, nil)
+	var pe *client.Error
+	if status != http.StatusBadRequest || !errors.As(err, &pe) || !strings.Contains(pe.Detail, `type "bogus": want unlock, set_service or reboot`) {
+		t.Fatalf("a store's command of no known type: %d %v, want 400 naming the types", status, err)
+	}
+	var wh struct {
+		Events []string `json:"events"`
+	}
+	if err := e.store.Post(ctx, "/v1/webhooks", map[string]any{"url": "http://127.0.0.1:9/hooks", "events": []string{"pickup.ready", "pickup.ready", "pickup.expired"}}, &wh); err != nil ||
+		!slices.Equal(wh.Events, []string{"pickup.ready", "pickup.expired"}) {
+		t.Fatalf("a webhook with a repeated event type: %v, %v; want each once, in order", wh.Events, err)
+	}
+}

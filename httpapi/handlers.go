@@ -359,8 +359,12 @@ func (s *Server) createCommand(w http.ResponseWriter, r *http.Request) error {
 		TTL: seconds(int64(in.TTLS)), Actor: tok.Actor(), AllowLongTTL: tok.Role == fleet.RoleAdmin,
 	}
 	if tok.Role == fleet.RoleStore {
-		if in.Type != protocol.CmdUnlock {
+		switch in.Type {
+		case protocol.CmdUnlock:
+		case protocol.CmdSetService, protocol.CmdReboot:
 			return fmt.Errorf("%w: a store token may send unlock commands only (%s is for operator or admin tokens)", errForbidden, in.Type)
+		default: // as for any token: the request is wrong, not the role
+			return badRequest("type %q: want unlock, set_service or reboot", in.Type)
 		}
 		req.Site = tok.Site // another site's locker is forbidden
 	}

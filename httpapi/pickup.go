@@ -76,6 +76,9 @@ func (s *Server) createPickup(w http.ResponseWriter, r *http.Request) error {
 	t := principal(r)
 	switch t.Role {
 	case fleet.RoleStore:
+		if in.Site == "" {
+			in.Site = t.Site // a store's pickups are at its site
+		}
 		if in.Site != t.Site {
 			return otherSite(t, in.Site)
 		}
@@ -285,6 +288,7 @@ func (s *Server) createWebhook(w http.ResponseWriter, r *http.Request) error {
 		in.Events = pickup.EventTypes // alert.raised only when asked for
 	}
 	t := principal(r)
+	in.Events = withoutRepeats(in.Events)
 	for _, e := range in.Events {
 		if !slices.Contains(webhookEvents, e) {
 			return badRequest("event %q: want one of %s", e, strings.Join(webhookEvents, ", "))
@@ -369,4 +373,15 @@ func (s *Server) webhookDeliveries(w http.ResponseWriter, r *http.Request) error
 	}
 	writeJSON(w, http.StatusOK, listOf(ds, limit, func(d webhook.Delivery) string { return strconv.FormatInt(d.Seq, 10) }))
 	return nil
+}
+
+// withoutRepeats is list in its order with each value's repeats left out.
+func withoutRepeats(list []string) []string {
+	var out []string
+	for _, v := range list {
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out
 }

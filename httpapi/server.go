@@ -296,6 +296,12 @@ type handler func(w http.ResponseWriter, r *http.Request) error
 // auth wraps h: the request needs a valid token of one of roles.
 func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
+		// One credential per request (RFC 9110, section 11.6.2: the field
+		// is a singleton): of two, which to take would be a guess.
+		if len(r.Header.Values("Authorization")) > 1 {
+			writeProblem(w, http.StatusBadRequest, "more than one Authorization header: send one, Authorization: Bearer <token>")
+			return
+		}
 		// The scheme is case-insensitive (RFC 9110, section 11.1).
 		// The scheme and the token may be apart by more than one space
 		// (RFC 9110, section 11.4: 1*SP).

@@ -14,8 +14,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -135,13 +137,53 @@ type Store interface {
 	Backlog(ctx context.Context, now time.Time) (Backlog, error)
 }
 
-// ValidateURL accepts absolute http and https URLs.
+// ValidateURL accepts absolute http and https URLs, with a port (if any)
+// from 1 to 65535, no user name or password (a receiver authenticates the
+// gateway by the signature; a password in the URL would be shown back in
+// every listing), and an IPv4 address only in dotted-decimal form: a host
+// like 2130706433, 0x7f000001 or 127.1 is an address spelled the way
+// inet_aton reads it, which the gateway's resolver takes for a name, so
+// the address rules (public only) could not judge it.
 func ValidateURL(raw string) error {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || len(raw) > 2048 {
 		return fmt.Errorf("url must be an absolute http(s) URL of at most 2048 bytes")
 	}
+	if u.User != nil {
+		return fmt.Errorf("url must not hold a user name or password: receivers check the Lockergate-Signature header")
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("url's port %q: want 1 to 65535", p)
+		}
+	}
+	if host := u.Hostname(); numericHost(host) {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return fmt.Errorf("url's host %q is an IPv4 address in a short or numeric form: write it as four decimal numbers (a.b.c.d), or use a name", host)
+		}
+	}
 	return nil
+}
+
+// numericHost reports whether every dot-separated label of host is a
+// decimal number or 0x and hex digits: an IPv4 address in some spelling
+// (no DNS name has an all-numeric top-level label).
+func numericHost(host string) bool {
+	labels := strings.Split(strings.TrimSuffix(host, "."), ".")
+	for _, l := range labels {
+		digits := l
+		if len(l) > 2 && (l[:2] == "0x" || l[:2] == "0X") {
+			digits = l[2:]
+			if strings.Trim(digits, "0123456789abcdefABCDEF") != "" {
+				return false
+			}
+			continue
+		}
+		if digits == "" || strings.Trim(digits, "0123456789") != "" {
+			return false
+		}
+	}
+	return true
 }
 
 // Sign returns the Lockergate-Signature header value for body sent at t:

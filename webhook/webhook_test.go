@@ -163,3 +163,34 @@ func TestUnreachable(t *testing.T) {
 		}
 	}
 }
+
+// TestValidateURL: absolute http(s) URLs with a real port, no credentials,
+// and IPv4 addresses only as four decimal numbers (the short and numeric
+// spellings inet_aton reads are names to the resolver, so the public-only
+// rule could not judge them).
+func TestValidateURL(t *testing.T) {
+	for raw, ok := range map[string]bool{
+		"https://hooks.example/x":              true,
+		"http://hooks.example:8080/x?y=1":      true,
+		"https://203.0.113.7/x":                true,
+		"https://[2001:db8::1]:8443/x":         true,
+		"https://1e100.net/x":                  true,
+		"https://123.example/x":                true,
+		"ftp://hooks.example/x":                false,
+		"/relative":                            false,
+		"https://hooks.example:99999/x":        false,
+		"https://hooks.example:0/x":            false,
+		"https://user:pw@hooks.example/x":      false,
+		"https://user@hooks.example/x":         false,
+		"https://2130706433/x":                 false,
+		"http://0x7f000001/x":                  false,
+		"http://127.1/x":                       false,
+		"http://0x7f.0.0.1/x":                  false,
+		"http://127.0.0.1./x":                  false,
+		"https://" + strings.Repeat("a", 2049): false,
+	} {
+		if err := ValidateURL(raw); (err == nil) != ok {
+			t.Errorf("ValidateURL(%q) = %v, want ok %v", raw, err, ok)
+		}
+	}
+}
