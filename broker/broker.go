@@ -440,20 +440,8 @@ func (b *Broker) isClosed() bool {
 // Publish sends a message from the gateway (the inline client) to the
 // subscribers of topic. It does not wait for delivery.
 func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error {
-	if err := ctx.Err(); err != nil {
+	if err := b.mayPublish(ctx, topic, payload, qos); err != nil {
 		return err
-	}
-	if b.isClosed() {
-		return ErrClosed
-	}
-	if len(payload) > protocol.MaxPayload {
-		return fmt.Errorf("publish %s: %w: %d bytes", topic, protocol.ErrTooLarge, len(payload))
-	}
-	if qos > 2 {
-		return fmt.Errorf("publish %s: qos %d: want 0, 1 or 2", topic, qos)
-	}
-	if topic == "" || !mqtt.IsValidFilter(topic, true) {
-		return fmt.Errorf("publish %q: invalid topic name", topic)
 	}
 	if id, ch, ok := protocol.ParseTopic(topic); ok && ch == protocol.ChanFwJob {
 		i := stripeOf(id, len(b.fwJobMu))
@@ -472,6 +460,50 @@ func (b *Broker) Publish(ctx context.Context, topic string, payload []byte, qos 
 	}
 	if err := b.server.Publish(topic, payload, retain, qos); err != nil {
 		return fmt.Errorf("publish %s: %w", topic, err)
+	}
+	return nil
+}
+
+// PublishExpiring is Publish, not retained, of a message that must not be
+// delivered after expiresAt (a command: protocol v1's expires_at). It
+// carries a Message Expiry Interval: a session kept for a locker (clean
+// session off, or an MQTT 5 session expiry) that holds it, queued or sent
+// and unacknowledged, drops it once it expired instead of sending it again
+// when the locker reconnects; an MQTT 5 locker is sent the interval left.
+// A message already expired is not published (nil).
+func (b *Broker) PublishExpiring(ctx context.Context, topic string, payload []byte, qos byte, expiresAt time.Time) error {
+	if err := b.mayPublish(ctx, topic, payload, qos); err != nil {
+		return err
+	}
+	left := time.Until(expiresAt)
+	if left <= 0 {
+		return nil
+	}
+	// Whole seconds, rounded up: the broker expires by the second.
+	secs := min((left+time.Second-1)/time.Second, math.MaxUint32)
+	if err := b.server.PublishExpiring(topic, payload, qos, uint32(secs)); err != nil {
+		return fmt.Errorf("publish %s: %w", topic, err)
+	}
+	return nil
+}
+
+// mayPublish checks a gateway publish: its context, the broker open, the
+// payload's size, the QoS and the topic.
+func (b *Broker) mayPublish(ctx context.Context, topic string, payload []byte, qos byte) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if b.isClosed() {
+		return ErrClosed
+	}
+	if len(payload) > protocol.MaxPayload {
+		return fmt.Errorf("publish %s: %w: %d bytes", topic, protocol.ErrTooLarge, len(payload))
+	}
+	if qos > 2 {
+		return fmt.Errorf("publish %s: qos %d: want 0, 1 or 2", topic, qos)
+	}
+	if topic == "" || !mqtt.IsValidFilter(topic, true) {
+		return fmt.Errorf("publish %q: invalid topic name", topic)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package broker
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -464,5 +465,78 @@ func TestClaimTakeoverClosesTheOldSessionsRequest(t *testing.T) {
 	h.b.provWG.Wait()
 	if n := h.prov.callCount(); n != 0 {
 		t.Fatalf("%d Provision calls, want 0 (the old session takes no request)", n)
+	}
+}
+
+// TestExpiredCommandNotRedelivered: a command (PublishExpiring) sent to a
+// locker whose session is kept, and not acknowledged before the connection
+// died, is dropped from the session once it expired: the locker's next
+// connection does not get it again, for MQTT 3.1.1 and 5 alike; one that
+// has not expired is sent again. An MQTT 5 locker is sent the interval.
+func TestExpiredCommandNotRedelivered(t *testing.T) {
+	const topic = "lockers/v1/A/cmd"
+	for _, tc := range []struct {
+		name    string
+		version byte
+		persist func(pk *packets.Packet)
+	}{
+		{"MQTT311", 4, func(pk *packets.Packet) { pk.Connect.Clean = false }},
+		{"MQTT5", 5, func(pk *packets.Packet) {
+			pk.Connect.Clean = false
+			pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = 3600, true
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t, nil, nil)
+			ctx := context.Background()
+			inflight := func() int {
+				cl, ok := h.b.server.Clients.Get("A")
+				if !ok {
+					return -1
+				}
+				return cl.State.Inflight.Len()
+			}
+			send := func(payload string, expires time.Time) *raw {
+				c := dialRaw(t, h.addr, tc.version)
+				if ack := c.connect("A", "A", "secret-A", 30, tc.persist); ack.ReasonCode != 0 {
+					t.Fatalf("CONNACK %#x", ack.ReasonCode)
+				}
+				c.subscribe(topic, 1)
+				if err := h.b.PublishExpiring(ctx, topic, []byte(payload), 1, expires); err != nil {
+					t.Fatal(err)
+				}
+				pk := c.mustRead(packets.Publish) // not acknowledged
+				if tc.version == 5 && (pk.Properties.MessageExpiryInterval == 0 || pk.Properties.MessageExpiryInterval > 3600) {
+					t.Fatalf("MQTT 5 command with message expiry %d s, want its interval", pk.Properties.MessageExpiryInterval)
+				}
+				_ = c.conn.Close()
+				return c
+			}
+
+			// Expires in a second: gone from the kept session once expired.
+			send(`{"id":"c-1"}`, time.Now().Add(time.Second))
+			testtool.Eventually(t, 10*time.Second, "the expired command dropped from the kept session", func() error {
+				if n := inflight(); n != 0 {
+					return fmt.Errorf("%d in flight", n)
+				}
+				return nil
+			})
+			back := dialRaw(t, h.addr, tc.version)
+			if ack := back.connect("A", "A", "secret-A", 30, tc.persist); ack.ReasonCode != 0 || !ack.SessionPresent {
+				t.Fatalf("reconnect: CONNACK %#x, session present %v", ack.ReasonCode, ack.SessionPresent)
+			}
+			back.pingExpectingNo(packets.Publish, "the expired command")
+			_ = back.conn.Close()
+
+			// Expires in an hour: sent again on the next connection.
+			send(`{"id":"c-2"}`, time.Now().Add(time.Hour))
+			again := dialRaw(t, h.addr, tc.version)
+			if ack := again.connect("A", "A", "secret-A", 30, tc.persist); ack.ReasonCode != 0 || !ack.SessionPresent {
+				t.Fatalf("reconnect: CONNACK %#x, session present %v", ack.ReasonCode, ack.SessionPresent)
+			}
+			if pk := again.mustRead(packets.Publish); string(pk.Payload) != `{"id":"c-2"}` {
+				t.Fatalf("sent again: %s, want c-2", pk.Payload)
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"time"
 )
 
 // Message is one MQTT message as the fleet manager sees it.
@@ -34,6 +35,17 @@ type Bus interface {
 	Publish(ctx context.Context, topic string, payload []byte, qos byte, retain bool) error
 	// Subscribe delivers every message matching filter to h.
 	Subscribe(filter string, h Handler) error
+}
+
+// ExpiringPublisher is a Bus that can publish a message that must not be
+// delivered after a time (a command's expires_at): the embedded broker,
+// whose kept sessions then drop it once expired instead of delivering it
+// on the locker's next connection. An external broker through paho (MQTT
+// 3.1.1) cannot: the locker refuses such a command itself (protocol v1).
+type ExpiringPublisher interface {
+	// PublishExpiring publishes a message (not retained) that expires at
+	// expiresAt; one already expired is not published.
+	PublishExpiring(ctx context.Context, topic string, payload []byte, qos byte, expiresAt time.Time) error
 }
 
 // RetainedReader is a Bus that can read a topic's retained message: an

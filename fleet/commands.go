@@ -151,7 +151,16 @@ func (m *Manager) deliver(ctx context.Context, c *Command) bool {
 }
 
 func (m *Manager) publishCommand(ctx context.Context, c *Command) bool {
-	if err := m.bus.Publish(ctx, protocol.Topic(c.DeviceID, protocol.ChanCmd), protocol.Encode(c.Wire()), 1, false); err != nil {
+	topic, payload := protocol.Topic(c.DeviceID, protocol.ChanCmd), protocol.Encode(c.Wire())
+	var err error
+	if eb, ok := m.bus.(ExpiringPublisher); ok {
+		// A session kept for the locker drops it once expired, rather
+		// than deliver it on the locker's next connection.
+		err = eb.PublishExpiring(ctx, topic, payload, 1, c.ExpiresAt)
+	} else {
+		err = m.bus.Publish(ctx, topic, payload, 1, false)
+	}
+	if err != nil {
 		m.log.Error("publish command", "locker", c.DeviceID, "command", c.ID, "err", err)
 		return false
 	}

@@ -624,8 +624,18 @@ func (cl *Client) ResendInflightMessages(force bool) error {
 // Lockergate patch 27: a resumed session resends only what it inherited
 // (establishSession), not what was put in flight for it since.
 func (cl *Client) resendInflight(pks []packets.Packet) error {
+	now := time.Now().Unix()
 	for _, tk := range pks {
 		if tk.FixedHeader.Type == packets.Publish {
+			// Lockergate patch 30: an expired message is dropped, not sent
+			// again (as ClearExpiredInflights would a second later).
+			if tk.Expiry > 0 && tk.Expiry < now {
+				if ok := cl.State.Inflight.Delete(tk.PacketID); ok {
+					cl.ops.hooks.OnQosDropped(cl, tk)
+					atomic.AddInt64(&cl.ops.info.Inflight, -1)
+				}
+				continue
+			}
 			tk.FixedHeader.Dup = true // [MQTT-3.3.1-1] [MQTT-3.3.1-3]
 		}
 
@@ -660,7 +670,10 @@ func (cl *Client) ClearInflights() {
 func (cl *Client) ClearExpiredInflights(now, maximumExpiry int64) []uint16 {
 	deleted := []uint16{}
 	for _, tk := range cl.State.Inflight.GetAll(false) {
-		expired := tk.ProtocolVersion == 5 && tk.Expiry > 0 && tk.Expiry < now // [MQTT-3.3.2-5]
+		// Lockergate patch 30: by the message's expiry, whoever published
+		// it and whatever the session's version (an inline publish's
+		// packet has the inline client's version, 4).
+		expired := tk.Expiry > 0 && tk.Expiry < now // [MQTT-3.3.2-5]
 
 		// If the maximum message expiry interval is set (greater than 0), and the message
 		// retention period exceeds the maximum expiry, the message will be forcibly removed.

@@ -1017,6 +1017,25 @@ func (s *Server) Publish(topic string, payload []byte, retain bool, qos byte) er
 	})
 }
 
+// PublishExpiring is Publish, not retained, of a message with a Message
+// Expiry Interval of expiry seconds: once expired it is dropped from every
+// session that holds it, queued or in flight, rather than sent again on
+// the client's next connection [MQTT-3.3.2-5]; MQTT 5 clients are sent the
+// interval left. Lockergate patch 30.
+func (s *Server) PublishExpiring(topic string, payload []byte, qos byte, expiry uint32) error {
+	if !s.Options.InlineClient {
+		return ErrInlineClientNotEnabled
+	}
+	pk := packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos},
+		TopicName:   topic,
+		Payload:     payload,
+		PacketID:    uint16(qos), // as Publish
+	}
+	pk.Properties.MessageExpiryInterval = expiry
+	return s.InjectPacket(s.inlineClient, pk)
+}
+
 // PublishToClient sends a message from the inline client to client cl alone,
 // as if it matched a subscription of cl at qos: no other subscriber of the
 // topic gets it, and it is not retained. Lockergate patch 20.
