@@ -878,6 +878,36 @@ func TestDeliverOutlivesTheRequest(t *testing.T) {
 	}
 }
 
+// TestCommandPublishedWithItsExpiry: on a bus that can publish a message
+// that expires (the embedded broker), a command goes out with its
+// expires_at, so that a session kept for the locker drops it once expired
+// (the broker's TestExpiredCommandNotRedelivered), not as a plain publish.
+func TestCommandPublishedWithItsExpiry(t *testing.T) {
+	bus := &expiringBus{}
+	m, err := New(Options{Store: newFakeStore(), Bus: bus})
+	if err != nil {
+		t.Fatal(err)
+	}
+	expires := time.Now().Add(time.Minute).Truncate(time.Millisecond)
+	m.deliver(context.Background(), &Command{ID: "c-1", DeviceID: testLocker.ID, Type: protocol.CmdUnlock, Compartment: 1, Status: CmdSent,
+		ExpiresAt: expires})
+	if bus.sent != 0 || len(bus.expiring) != 1 || !bus.expiring[0].Equal(expires) {
+		t.Fatalf("%d plain publishes, expiring ones %v; want one expiring at %v", bus.sent, bus.expiring, expires)
+	}
+}
+
+// expiringBus is a ctxBus that can also publish a message that expires,
+// recording each one's expiry.
+type expiringBus struct {
+	ctxBus
+	expiring []time.Time
+}
+
+func (b *expiringBus) PublishExpiring(_ context.Context, _ string, _ []byte, _ byte, expiresAt time.Time) error {
+	b.expiring = append(b.expiring, expiresAt)
+	return nil
+}
+
 // ctxBus publishes only while the context is live, as the embedded
 // broker's Publish does.
 type ctxBus struct{ sent int }
