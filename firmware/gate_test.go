@@ -21,9 +21,7 @@ import (
 func TestEnginePausedRolloutShowsItsGate(t *testing.T) {
 	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	ids, st := h.rolloutOf(20, firmware.Spec{Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.eng.Tick(ctx)
 	if _, err := h.eng.Pause(ctx, st.ID, "operator"); err != nil {
 		t.Fatal(err)
@@ -76,9 +74,7 @@ func TestEnginePausedRolloutShowsItsGate(t *testing.T) {
 func TestEngineDisabledLockerIsSkippedNotFailed(t *testing.T) {
 	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 10)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
+	ids, st := h.rolloutOf(10, firmware.Spec{Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0), StepTimeoutS: 60})
 	h.tickWhileQueued(clk, st.ID, 0)
 	if _, err := h.db.UpdateLocker(ctx, ids[0], ptr(true), nil); err != nil {
 		t.Fatal(err)
@@ -147,6 +143,15 @@ func (h *harness) tickWhileQueued(clk *clock, id string, left int) {
 	})
 }
 
+// rolloutOf adds n lockers of model LX-24 on 1.4.2 and creates a rollout
+// of 1.5.0 to them by spec (its Firmware filled in).
+func (h *harness) rolloutOf(n int, spec firmware.Spec) ([]string, *firmware.Status) {
+	h.tb.Helper()
+	ids := h.addLockers("lk-", "LX-24", "1.4.2", n)
+	spec.Firmware = h.upload("LX-24", "1.5.0").ID
+	return ids, h.create(spec)
+}
+
 // newSilentHarness is a harness on a test clock (the test ticks the
 // engine) whose lockers say nothing: the test reports for them.
 func newSilentHarness(t *testing.T) (*harness, *clock) {
@@ -163,9 +168,7 @@ func newSilentHarness(t *testing.T) (*harness, *clock) {
 func TestEngineRetryAfterAnAbortRunsWhatItCancelled(t *testing.T) {
 	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0),
+	ids, st := h.rolloutOf(20, firmware.Spec{Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0),
 		FailureAction: firmware.ActionAbort})
 	h.tickWhileQueued(clk, st.ID, 0)
 	h.failed(clk, st.ID, ids[:2]...) // 10 %: aborted, the other 18 withdrawn
@@ -189,9 +192,7 @@ func TestEngineRetryAfterAnAbortRunsWhatItCancelled(t *testing.T) {
 func TestEnginePausedRolloutShowsFailuresAsTheyGrow(t *testing.T) {
 	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 40)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	ids, st := h.rolloutOf(40, firmware.Spec{Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.tickWhileQueued(clk, st.ID, 0)
 	fail := func(from, to int) { h.failed(clk, st.ID, ids[from:to]...) }
 	fail(0, 3) // paused: 3 of 40
@@ -227,9 +228,7 @@ func TestEnginePausedRolloutShowsFailuresAsTheyGrow(t *testing.T) {
 func TestEnginePausedRolloutShowsEveryWaveCrossed(t *testing.T) {
 	h, clk := newSilentHarness(t)
 	ctx := context.Background()
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st := h.create(firmware.Spec{Firmware: a.ID, Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	ids, st := h.rolloutOf(20, firmware.Spec{Waves: []int{10, 100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.eng.Tick(ctx)
 	var first []string
 	for _, j := range h.jobs(st.ID) {

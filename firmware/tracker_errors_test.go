@@ -519,9 +519,7 @@ func TestEngineResumeWaitsForAFailureStoredAsItBegan(t *testing.T) {
 // locker's job failed.
 func pausedWithAThirdToFail(t *testing.T) (h *harness, fs *faultStore, st *firmware.Status, third func()) {
 	h, clk, fs, _ := newFaultHarness(t)
-	ids := h.addLockers("lk-", "LX-24", "1.4.2", 20)
-	a := h.upload("LX-24", "1.5.0")
-	st = h.create(firmware.Spec{Firmware: a.ID, Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
+	ids, st := h.rolloutOf(20, firmware.Spec{Waves: []int{100}, RatePerMin: 60000, MaxFailurePct: ptr(5.0)})
 	h.tickWhileQueued(clk, st.ID, 0)
 	h.failed(clk, st.ID, ids[0], ids[1])
 	job := h.job(st.ID, ids[2]).JobID
