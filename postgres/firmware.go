@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -209,15 +210,12 @@ func (db *DB) Counts(ctx context.Context, id string) ([]firmware.Count, error) {
 // reason in SQL has the planner work the reason out twice (each a scan of
 // every compartment once the rollout is large).
 func (db *DB) Waiting(ctx context.Context, r *firmware.Rollout) (map[string]int, error) {
+	var cases strings.Builder
+	for _, w := range fwWaits {
+		fmt.Fprintf(&cases, " WHEN %s THEN '%s'", w.cond, w.why)
+	}
 	rows, err := db.pool.Query(ctx, `SELECT why, count(*) FROM (
-			SELECT CASE
-				WHEN NOT d.online THEN '`+firmware.WaitOffline+`'
-				WHEN d.connected_at IS NOT NULL AND (d.born_at IS NULL OR d.born_at < d.connected_at) THEN '`+firmware.WaitNoBirth+`'
-				WHEN EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
-					THEN '`+firmware.WaitDoorOpen+`'
-				WHEN EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN `+fwActive+`)
-					THEN '`+firmware.WaitOtherJob+`'
-			END AS why
+			SELECT CASE`+cases.String()+` END AS why
 			FROM fw_jobs j JOIN devices d ON d.id = j.device_id
 			WHERE j.rollout_id = $1 AND j.wave <= $2 AND j.state = 'queued' AND NOT d.disabled AND d.model = $3) w
 		GROUP BY why`, r.ID, r.Wave, r.Model)
@@ -650,10 +648,21 @@ func (s *rolloutTx) Counts(ctx context.Context) ([]firmware.Count, error) {
 // the birth of its current session is recorded (born_at, migration 025):
 // until then its model and version are the last session's.
 func fwReady(modelParam string) string {
-	return `j.state = 'queued' AND (d.disabled OR d.model <> ` + modelParam + ` OR (d.online
-	AND (d.connected_at IS NULL OR d.born_at >= d.connected_at)
-	AND NOT EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)
-	AND NOT EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)))`
+	conds := make([]string, len(fwWaits))
+	for i, w := range fwWaits {
+		conds[i] = "(" + w.cond + ")"
+	}
+	return `j.state = 'queued' AND (d.disabled OR d.model <> ` + modelParam + ` OR NOT (` + strings.Join(conds, " OR ") + `))`
+}
+
+// fwWaits are the reasons a queued job j waits for its locker d (each
+// never NULL), in the order Waiting names the first that holds: a locker
+// for which none holds can take the job (fwReady).
+var fwWaits = []struct{ why, cond string }{
+	{firmware.WaitOffline, `NOT d.online`},
+	{firmware.WaitNoBirth, `d.connected_at IS NOT NULL AND (d.born_at IS NULL OR d.born_at < d.connected_at)`},
+	{firmware.WaitDoorOpen, `EXISTS (SELECT 1 FROM compartments c WHERE c.device_id = j.device_id AND c.door <> 'closed' AND NOT c.missing)`},
+	{firmware.WaitOtherJob, `EXISTS (SELECT 1 FROM fw_jobs a WHERE a.device_id = j.device_id AND a.state IN ` + fwActive + `)`},
 }
 
 func (s *rolloutTx) Ready(ctx context.Context, wave int) (int, error) {
