@@ -92,6 +92,28 @@ func TestConnectRefused(t *testing.T) {
 	}
 }
 
+// TestEmptyPasswordRefusedAsBadCredentials: a CONNECT whose password flag
+// is set with a zero-length password (mosquitto_pub -P "" sends one) is
+// valid MQTT and refused as wrong credentials, with the code each version
+// has for that; mochi refused it as a protocol error, 0x82, which MQTT 3.1.1
+// has no CONNACK code for, and the refusal went uncounted (patch 31).
+func TestEmptyPasswordRefusedAsBadCredentials(t *testing.T) {
+	for v, want := range map[byte]byte{4: packets.Err3NotAuthorized.Code, 5: packets.ErrBadUsernameOrPassword.Code} {
+		t.Run(fmt.Sprintf("MQTT%d", v), func(t *testing.T) {
+			h := newHarness(t, nil, nil)
+			r := dialRaw(t, h.addr, v)
+			ack := r.connect("A", "A", "", 30, func(pk *packets.Packet) { pk.Connect.PasswordFlag = true })
+			if ack.ReasonCode != want {
+				t.Errorf("CONNACK %#x, want %#x", ack.ReasonCode, want)
+			}
+			r.waitClosed()
+			if got := h.metric(t, failures, "reason", refuseBadCredentials); got != 1 {
+				t.Errorf("%s{reason=%q} = %v, want 1", failures, refuseBadCredentials, got)
+			}
+		})
+	}
+}
+
 func TestConnectAccepted(t *testing.T) {
 	h := newHarness(t, nil, nil)
 	t.Run("Device", func(t *testing.T) {

@@ -188,6 +188,22 @@ func TestDeviceWill(t *testing.T) {
 			t.Errorf("will %+v", m)
 		}
 	})
+	t.Run("DisconnectWithWill", func(t *testing.T) {
+		// MQTT 5's DISCONNECT with reason 0x04 ends the session and asks
+		// for the will to be published (MQTT 5 3.14.2.1).
+		h := newHarness(t, nil, nil)
+		presence := h.subscribe(t, presenceTopic)
+		r := dialRaw(t, h.addr, 5)
+		if ack := r.connect("A", "A", "secret-A", 30, willOn(presenceTopic, `{"online":false}`, 0)); ack.ReasonCode != 0 {
+			t.Fatalf("CONNACK %#x", ack.ReasonCode)
+		}
+		r.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}, ReasonCode: packets.CodeDisconnectWillMessage.Code})
+		waitFor(t, "the will", func() bool { return len(presence.get()) == 1 })
+		if m := presence.get()[0]; string(m.Payload) != `{"online":false}` || !m.Retain {
+			t.Errorf("will %+v", m)
+		}
+		h.waitMetric(t, disconnects, "reason", ReasonClientDisconnect, 1)
+	})
 	for _, v := range []byte{4, 5} {
 		name := map[byte]string{4: "KickedMQTT311", 5: "KickedMQTT5"}[v]
 		t.Run(name, func(t *testing.T) {

@@ -2330,6 +2330,51 @@ func TestDisconnectOnlyToMQTT5(t *testing.T) {
 	}
 }
 
+// TestEmptyPasswordIsNotAProtocolError: patch 31. A password flag with a
+// zero-length password decodes and validates (authentication judges it);
+// a password flag whose bytes are missing does not decode.
+func TestEmptyPasswordIsNotAProtocolError(t *testing.T) {
+	for _, v := range []byte{4, 5} {
+		pk := packets.Packet{
+			FixedHeader:     packets.FixedHeader{Type: packets.Connect},
+			ProtocolVersion: v,
+			Connect: packets.ConnectParams{
+				ProtocolName: []byte("MQTT"), Clean: true, Keepalive: 30,
+				ClientIdentifier: "A", UsernameFlag: true, Username: []byte("A"), PasswordFlag: true,
+			},
+		}
+		var buf bytes.Buffer
+		if err := pk.ConnectEncode(&buf); err != nil {
+			t.Fatalf("v%d: encode: %v", v, err)
+		}
+		raw := buf.Bytes()
+		var got packets.Packet
+		got.ProtocolVersion = v
+		fh := new(packets.FixedHeader)
+		if err := fh.Decode(raw[0]); err != nil {
+			t.Fatal(err)
+		}
+		got.FixedHeader = *fh
+		body := raw[2:] // remaining length fits one byte
+		if err := got.ConnectDecode(body); err != nil {
+			t.Fatalf("v%d: decode: %v", v, err)
+		}
+		if !got.Connect.PasswordFlag || len(got.Connect.Password) != 0 {
+			t.Fatalf("v%d: decoded flag %v password %q", v, got.Connect.PasswordFlag, got.Connect.Password)
+		}
+		if code := got.ConnectValidate(); code != packets.CodeSuccess {
+			t.Errorf("v%d: ConnectValidate = %v, want success", v, code)
+		}
+		// The flag set and the password's two length bytes cut off.
+		var cut packets.Packet
+		cut.ProtocolVersion = v
+		cut.FixedHeader = *fh
+		if err := cut.ConnectDecode(body[:len(body)-2]); err == nil {
+			t.Errorf("v%d: a password flag without the password decoded", v)
+		}
+	}
+}
+
 // TestDiscardSession: patch 29. A kept session is discarded on demand, as
 // an expired one is: its client, subscriptions and inflight messages go, and
 // a SUBSCRIBE its reader may still be handling puts nothing back; a session

@@ -572,9 +572,12 @@ func (pk *Packet) ConnectValidate() Code {
 		return ErrProtocolViolationUsernameNoFlag // [MQTT-3.1.2-16]
 	}
 
-	if pk.Connect.PasswordFlag && len(pk.Connect.Password) == 0 {
-		return ErrProtocolViolationFlagNoPassword // [MQTT-3.1.2-19]
-	}
+	// Lockergate patch 31: a password flag with a zero-length password is
+	// valid (a password is 0 to 65535 bytes: MQTT 3.1.1 3.1.3.5, MQTT 5
+	// 3.1.3.6); one whose bytes are missing fails to decode (ErrMalformedPassword).
+	// Upstream refused it here as a protocol violation, 0x82, a code MQTT
+	// 3.1.1 has no CONNACK for, before the authentication hook could refuse
+	// it as wrong credentials.
 
 	if !pk.Connect.PasswordFlag && len(pk.Connect.Password) > 0 {
 		return ErrProtocolViolationPasswordNoFlag // [MQTT-3.1.2-18]
