@@ -113,5 +113,14 @@ type Idempotent struct {
 	Route    string
 	BodyHash []byte
 	Status   int
+	// Response is the answer without its secrets (httpapi's secretFields).
 	Response []byte
+	// Sealed holds those secrets, encrypted, while a replay may repeat
+	// them (ReplaySecretsFor); nil after that, or when there were none.
+	Sealed []byte
 }
+
+// ReplaySecretsFor is how long after its first answer an Idempotency-Key
+// replay repeats the secrets that answer held; later replays leave them
+// out, and their sealed copy is wiped.
+const ReplaySecretsFor = 24 * time.Hour

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"reflect"
 	"sync"
 	"testing"
 	"time"
@@ -272,39 +273,54 @@ func TestAPIBadInput(t *testing.T) {
 			t.Fatalf("got %v, want 400", err)
 		}
 	})
-	t.Run("IdempotentReplayHasNoSecret", func(t *testing.T) {
-		req := client.Request{Method: "POST", Path: "/v1/tokens", Body: map[string]any{"role": "operator", "name": "ops"},
-			Header: map[string][]string{"Idempotency-Key": {"tok-1"}}}
-		var first, again map[string]any
-		if _, err := tg.Admin.Do(ctx, req, &first); err != nil {
-			t.Fatal(err)
+	t.Run("IdempotentReplayRepeatsSecrets", func(t *testing.T) {
+		// A replay repeats the whole first answer, secret included, for
+		// fleet.ReplaySecretsFor (a client that lost the answer to a
+		// timeout gets its token); the secret is stored sealed, never in
+		// clear, and later replays leave it out.
+		inClear := func(secret any) int {
+			return tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0
+				OR position(convert_to($1, 'UTF8') in coalesce(sealed, '')) > 0`, secret)
 		}
-		if _, err := tg.Admin.Do(ctx, req, &again); err != nil {
-			t.Fatal(err)
+		age := func(key string) {
+			t.Helper()
+			if _, err := tg.DB().Pool().Exec(ctx, `UPDATE idempotency SET created_at = created_at - make_interval(secs => $1) WHERE key = $2`,
+				fleet.ReplaySecretsFor.Seconds(), key); err != nil {
+				t.Fatal(err)
+			}
 		}
-		if first["token"] == nil || again["token"] != nil || first["id"] != again["id"] {
-			t.Fatalf("first %v, replay %v: the replay must repeat the answer without the secret", first, again)
-		}
-		stored := tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["token"])
-		if stored != 0 {
-			t.Fatal("a token is stored in clear for idempotent replays")
-		}
-		// A webhook's secret is left out too, but its "token" is the owner's
-		// token id, not a secret: the replay keeps it.
-		req = client.Request{Method: "POST", Path: "/v1/webhooks", Body: map[string]any{"url": "http://127.0.0.1:9/hook", "events": []string{"pickup.ready"}},
-			Header: map[string][]string{"Idempotency-Key": {"wh-1"}}}
-		first, again = nil, nil
-		if _, err := tg.Admin.Do(ctx, req, &first); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := tg.Admin.Do(ctx, req, &again); err != nil {
-			t.Fatal(err)
-		}
-		if first["secret"] == nil || again["secret"] != nil || first["id"] != again["id"] || again["token"] == nil || again["token"] != first["token"] {
-			t.Fatalf("webhook: first %v, replay %v: the replay must repeat the answer, owner token id included, without the secret", first, again)
-		}
-		if tg.Count(t, `SELECT count(*) FROM idempotency WHERE position($1 in convert_from(response, 'UTF8')) > 0`, first["secret"]) != 0 {
-			t.Fatal("a webhook secret is stored in clear for idempotent replays")
+		for _, tc := range []struct {
+			key, path, secret string
+			body              map[string]any
+		}{
+			{"tok-1", "/v1/tokens", "token", map[string]any{"role": "operator", "name": "ops"}},
+			// A webhook's "token" is the owner's token id, not a secret:
+			// every replay keeps it.
+			{"wh-1", "/v1/webhooks", "secret", map[string]any{"url": "http://127.0.0.1:9/hook", "events": []string{"pickup.ready"}}},
+			{"cl-1", "/v1/claims", "token", map[string]any{"site": "s1", "uses": 1}},
+		} {
+			req := client.Request{Method: "POST", Path: tc.path, Body: tc.body, Header: map[string][]string{"Idempotency-Key": {tc.key}}}
+			var first, again, late map[string]any
+			if _, err := tg.Admin.Do(ctx, req, &first); err != nil {
+				t.Fatalf("%s: %v", tc.path, err)
+			}
+			if _, err := tg.Admin.Do(ctx, req, &again); err != nil {
+				t.Fatal(err)
+			}
+			if first[tc.secret] == nil || !reflect.DeepEqual(first, again) {
+				t.Fatalf("%s: first %v, replay %v: the replay must repeat the whole answer", tc.path, first, again)
+			}
+			if inClear(first[tc.secret]) != 0 {
+				t.Fatalf("%s: the %s is stored in clear for idempotent replays", tc.path, tc.secret)
+			}
+			age(tc.key)
+			if _, err := tg.Admin.Do(ctx, req, &late); err != nil {
+				t.Fatal(err)
+			}
+			delete(first, tc.secret)
+			if !reflect.DeepEqual(first, late) {
+				t.Fatalf("%s: replay after %v: %v, want the first answer without its %s %v", tc.path, fleet.ReplaySecretsFor, late, tc.secret, first)
+			}
 		}
 	})
 	t.Run("IdempotencyKey", func(t *testing.T) {

@@ -456,7 +456,7 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	}
 	g.api = httpapi.New(httpapi.Options{Store: g.db, Fleet: g.fleet, Provisioning: g.prov, Kicker: kicker,
 		Pickups: g.pickups, Webhooks: g.webhooks, Firmware: g.firmware, BrokerAuth: g.broker,
-		Gatherer: g.reg, Ready: g.ready, Unavailable: postgres.Unavailable, Logger: o.Logger.With("component", "api")})
+		Gatherer: g.reg, Ready: g.ready, Unavailable: postgres.Unavailable, MasterKey: master, Logger: o.Logger.With("component", "api")})
 	if g.httpLn = o.HTTPListener; g.httpLn == nil {
 		if g.httpLn, err = net.Listen("tcp", o.HTTPAddr); err != nil {
 			return nil, fmt.Errorf("listen on HTTP address %s: %w (use --http-addr to pick another)", o.HTTPAddr, err)
@@ -517,6 +517,7 @@ loop:
 			if err := g.pruneHistory(ctx); err != nil {
 				g.log.Error("history retention; the next hour's pass goes on from where this one stopped", "err", err)
 			}
+			g.wipeReplaySecrets(ctx)
 		}
 	}
 	g.log.Info("shutting down: draining HTTP, closing broker, flushing queued writes")
@@ -706,6 +707,20 @@ func (g *Gateway) pruneHistory(ctx context.Context) error {
 		g.log.Info("history retention pruned rows", args...)
 	}
 	return err
+}
+
+// wipeReplaySecrets deletes the sealed secrets of Idempotency-Key answers
+// past fleet.ReplaySecretsFor (hourly; replays stop reading them at that
+// age anyway).
+func (g *Gateway) wipeReplaySecrets(ctx context.Context) {
+	n, err := g.db.WipeReplaySecrets(ctx)
+	if err != nil {
+		g.log.Error("wiping the secrets of old Idempotency-Key answers; tried again in an hour (replays do not show them meanwhile)", "err", err)
+		return
+	}
+	if n > 0 {
+		g.log.Info("wiped the secrets of old Idempotency-Key answers", "answers", n)
+	}
 }
 
 func (g *Gateway) defaultBrokerURL() string {

@@ -53,6 +53,48 @@ func TestPruneHistoryWiring(t *testing.T) {
 	}
 }
 
+// TestWipeReplaySecretsWiring: the hourly pass wipes the sealed secrets
+// of Idempotency-Key answers past fleet.ReplaySecretsFor and logs how many.
+func TestWipeReplaySecretsWiring(t *testing.T) {
+	ctx := context.Background()
+	db, err := postgres.Open(ctx, postgres.Options{DSN: pgtest.NewDB(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(db.Close)
+	if _, err := db.Pool().Exec(ctx, `INSERT INTO idempotency (actor, key, route, body_hash, status, response, sealed, created_at) VALUES
+		('t-1', 'old', 'POST /v1/tokens', '', 201, '{}', 'box', now() - interval '25 hours'),
+		('t-1', 'young', 'POST /v1/tokens', '', 201, '{}', 'box', now())`); err != nil {
+		t.Fatal(err)
+	}
+	var logs testtool.LockedBuffer
+	g := &Gateway{db: db, log: slog.New(slog.NewTextHandler(&logs, nil))}
+	g.wipeReplaySecrets(ctx)
+	var left []string
+	rows, err := db.Pool().Query(ctx, `SELECT key FROM idempotency WHERE sealed IS NOT NULL`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var k string
+		if err := rows.Scan(&k); err != nil {
+			t.Fatal(err)
+		}
+		left = append(left, k)
+	}
+	if rows.Err() != nil || len(left) != 1 || left[0] != "young" {
+		t.Fatalf("sealed answers left %v (%v), want [young]", left, rows.Err())
+	}
+	if !strings.Contains(logs.String(), "answers=1") {
+		t.Fatalf("log %q, want the answers wiped counted", logs.String())
+	}
+	db.Close()
+	g.wipeReplaySecrets(ctx)
+	if !strings.Contains(logs.String(), "level=ERROR") {
+		t.Fatalf("a pass on a closed database logged no error: %q", logs.String())
+	}
+}
+
 // TestPickupSilence: a locker's silence bound for new pickups is its
 // staleness (three health intervals: fleet's TestSilentAfter), never
 // under two minutes.

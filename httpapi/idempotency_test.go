@@ -1,8 +1,10 @@
 package httpapi
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -50,7 +52,7 @@ func (f *idemStore) ReleaseIdempotent(context.Context, string, string) error {
 	return nil
 }
 
-func (f *idemStore) FinishIdempotent(_ context.Context, _, key string, status int, _ []byte) error {
+func (f *idemStore) FinishIdempotent(_ context.Context, _, key string, status int, _, _ []byte) error {
 	if f.finished == nil {
 		f.finished = map[string]int{}
 	}
@@ -148,11 +150,60 @@ func TestSecretFields(t *testing.T) {
 			t.Errorf("idempotent route %s: say whether its answer holds secrets (secretFields) or not (this test)", pattern)
 		}
 	}
-	got := string(scrubSecrets([]byte(`{"id":"wh-1","token":"tok-9","secret":"s3cr3t"}`), secretFields["/v1/webhooks"]))
-	if strings.Contains(got, "s3cr3t") || !strings.Contains(got, `"token":"tok-9"`) || !strings.Contains(got, `"id":"wh-1"`) {
+	clean, held := splitSecrets([]byte(`{"id":"wh-1","token":"tok-9","secret":"s3cr3t"}`), secretFields["/v1/webhooks"])
+	if got := string(clean); strings.Contains(got, "s3cr3t") || !strings.Contains(got, `"token":"tok-9"`) || !strings.Contains(got, `"id":"wh-1"`) {
 		t.Errorf("webhook answer scrubbed to %s: want the secret gone, the owner token id and id kept", got)
 	}
-	if body := `{"id":"c-1","code":"12345678"}`; string(scrubSecrets([]byte(body), nil)) != body {
+	if string(held) != `{"secret":"s3cr3t"}` {
+		t.Errorf("held %s, want the secret alone", held)
+	}
+	if got := string(restoreSecrets(clean, held)); got != `{"id":"wh-1","secret":"s3cr3t","token":"tok-9"}`+"\n" {
+		t.Errorf("restored %s", got)
+	}
+	if body := `{"id":"c-1","code":"12345678"}`; func() bool { c, h := splitSecrets([]byte(body), nil); return string(c) != body || h != nil }() {
 		t.Error("a route without secret fields had its answer changed")
+	}
+}
+
+// TestReplaySecretsSealedToTheirKey: a replay puts back the secrets sealed
+// for its own actor, key and route under its own master key; a box that
+// does not open (moved to another row, another master key) gives the
+// answer without them, logged, and never a failed request.
+func TestReplaySecretsSealedToTheirKey(t *testing.T) {
+	const body = `{"id":"s1"}`
+	sum := sha256.Sum256([]byte(body))
+	master := bytes.Repeat([]byte{7}, 32)
+	sealer := newReplaySealer(master)
+	held := []byte(`{"secret":"s3cr3t"}`)
+	for _, tc := range []struct {
+		name       string
+		sealed     []byte
+		master     []byte
+		wantSecret bool
+	}{
+		{"OwnBox", sealer.seal(held, "t-admin", "k1", "POST /v1/sites"), master, true},
+		{"AnotherActorsBox", sealer.seal(held, "t-store", "k1", "POST /v1/sites"), master, false},
+		{"AnotherKeysBox", sealer.seal(held, "t-admin", "k2", "POST /v1/sites"), master, false},
+		{"AnotherRoutesBox", sealer.seal(held, "t-admin", "k1", "POST /v1/tokens"), master, false},
+		{"AnotherMasterKey", sealer.seal(held, "t-admin", "k1", "POST /v1/sites"), bytes.Repeat([]byte{8}, 32), false},
+		{"Truncated", []byte{1, 2, 3}, master, false},
+		{"NoMasterKey", sealer.seal(held, "t-admin", "k1", "POST /v1/sites"), nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			prev := &fleet.Idempotent{Route: "POST /v1/sites", BodyHash: sum[:], Status: http.StatusCreated,
+				Response: []byte(`{"id":"s1"}`), Sealed: tc.sealed}
+			var logs bytes.Buffer
+			s := New(Options{Store: &idemStore{prev: prev}, MasterKey: tc.master, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+			w := postSite(t, s, "k1", body)
+			if w.Code != http.StatusCreated || w.Header().Get("Idempotent-Replayed") != "true" {
+				t.Fatalf("got %d %s, want the first answer replayed", w.Code, w.Body)
+			}
+			if got := strings.Contains(w.Body.String(), `"secret":"s3cr3t"`); got != tc.wantSecret || !strings.Contains(w.Body.String(), `"id":"s1"`) {
+				t.Fatalf("replayed %s; secret in it: %v, want %v", w.Body, got, tc.wantSecret)
+			}
+			if warned := strings.Contains(logs.String(), "replayed without its secrets"); warned != (!tc.wantSecret && tc.master != nil) {
+				t.Errorf("warning logged %v; log:\n%s", warned, logs.String())
+			}
+		})
 	}
 }

@@ -5,12 +5,17 @@ package httpapi
 import (
 	"bytes"
 	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"path"
 	"slices"
@@ -53,7 +58,7 @@ type Store interface {
 	ClearAlert(ctx context.Context, id int64, actor string, at time.Time) (*fleet.Alert, error)
 	GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error)
 	ClaimIdempotent(ctx context.Context, actor, key, route string, bodyHash []byte) (bool, error)
-	FinishIdempotent(ctx context.Context, actor, key string, status int, response []byte) error
+	FinishIdempotent(ctx context.Context, actor, key string, status int, response, sealed []byte) error
 	ReleaseIdempotent(ctx context.Context, actor, key string) error
 }
 
@@ -93,7 +98,11 @@ type Options struct {
 	// image may take to be written (0: DefaultDownloadStallTimeout); see
 	// progressWriter.
 	DownloadStallTimeout time.Duration
-	Logger               *slog.Logger
+	// MasterKey, the gateway's, derives the key that seals the secrets of
+	// Idempotency-Key answers for their replays (replaySealer). nil:
+	// replays leave the secrets out.
+	MasterKey []byte
+	Logger    *slog.Logger
 }
 
 // DefaultBodyReadTimeout is Options.BodyReadTimeout's default.
@@ -120,6 +129,7 @@ type Server struct {
 	opts     Options
 	mux      *http.ServeMux
 	tokens   *tokenCache
+	replay   *replaySealer // nil: replays leave secrets out
 	// staleLogged is when a stale token was last logged (unix ns),
 	// unavailableLogged a request refused for a transient store error, and
 	// useLogged a token's use that could not be recorded.
@@ -176,7 +186,7 @@ func New(o Options) *Server {
 	}
 	s := &Server{store: o.Store, fleet: o.Fleet, prov: o.Provisioning, kick: o.Kicker, log: o.Logger, opts: o, mux: http.NewServeMux(),
 		pickups: o.Pickups, webhooks: o.Webhooks, tokens: newTokenCache(TokenCacheTTL, time.Now),
-		lookups: make(chan struct{}, maxTokenLookups)}
+		lookups: make(chan struct{}, maxTokenLookups), replay: newReplaySealer(o.MasterKey)}
 	s.routes()
 	return s
 }
@@ -655,7 +665,12 @@ func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.R
 		// gone: it is about what happened, not about this connection.
 		ctx := context.WithoutCancel(r.Context())
 		if herr == nil && rec.status >= 200 && rec.status < 300 {
-			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, scrubSecrets(rec.body.Bytes(), secrets)); err != nil {
+			clean, held := splitSecrets(rec.body.Bytes(), secrets)
+			var sealed []byte
+			if held != nil && s.replay != nil {
+				sealed = s.replay.seal(held, actor, key, req.route)
+			}
+			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, clean, sealed); err != nil {
 				s.log.Error("store idempotent answer", "err", err)
 			}
 			return nil
@@ -712,10 +727,19 @@ func (s *Server) repeat(w http.ResponseWriter, r *http.Request, actor, key strin
 			return nil
 		}
 	}
+	body := prev.Response
+	if prev.Sealed != nil && s.replay != nil {
+		if held, err := s.replay.open(prev.Sealed, actor, key, prev.Route); err != nil {
+			s.log.Warn("Idempotency-Key answer replayed without its secrets: their sealed copy does not open (was the master key replaced?)",
+				"route", prev.Route, "err", err)
+		} else {
+			body = restoreSecrets(body, held)
+		}
+	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Idempotent-Replayed", "true")
 	w.WriteHeader(prev.Status)
-	w.Write(prev.Response)
+	w.Write(body)
 	return nil
 }
 
@@ -761,10 +785,12 @@ func readAllLimited(r *http.Request) ([]byte, error) {
 var streamedBodies = map[string]bool{"POST /v1/firmware": true}
 
 // secretFields are, per create route, the fields of its answer that are
-// secrets or pickup codes: shown to the caller, never stored in clear, so
-// an Idempotency-Key replay answers without them (GET shows a pickup's
-// code again to those who may hold it). Per route: a webhook's "token" is
-// its owner's token id, not a secret.
+// secrets or pickup codes: shown to the caller, never stored in clear. An
+// Idempotency-Key's answer is stored without them, and they are kept
+// sealed (replaySealer) for fleet.ReplaySecretsFor, so that a replay in
+// that time repeats the whole first answer and a later one leaves them out
+// (GET shows a pickup's code again to those who may hold it). Per route: a
+// webhook's "token" is its owner's token id, not a secret.
 var secretFields = map[string][]string{
 	"/v1/tokens":      {"token"},
 	"/v1/claims":      {"token"},
@@ -772,27 +798,90 @@ var secretFields = map[string][]string{
 	"/v1/credentials": {"code", "qr"},
 }
 
-func scrubSecrets(body []byte, secrets []string) []byte {
+// splitSecrets returns body without the top-level fields named in secrets
+// (clean) and those fields as a JSON object (held; nil when body has none
+// of them or is not a JSON object).
+func splitSecrets(body []byte, secrets []string) (clean, held []byte) {
 	if len(secrets) == 0 {
-		return body
+		return body, nil
 	}
 	var m map[string]json.RawMessage
 	if json.Unmarshal(body, &m) != nil {
-		return body
+		return body, nil
 	}
-	changed := false
+	taken := map[string]json.RawMessage{}
 	for _, f := range secrets {
-		if _, ok := m[f]; ok {
+		if v, ok := m[f]; ok {
+			taken[f] = v
 			delete(m, f)
-			changed = true
 		}
 	}
-	if !changed {
-		return body
+	if len(taken) == 0 {
+		return body, nil
 	}
 	out, err := json.Marshal(m)
 	if err != nil {
-		return body
+		return body, nil
+	}
+	if held, err = json.Marshal(taken); err != nil {
+		return body, nil
+	}
+	return append(out, '\n'), held
+}
+
+// restoreSecrets puts the fields splitSecrets held back into clean.
+func restoreSecrets(clean, held []byte) []byte {
+	var m, h map[string]json.RawMessage
+	if json.Unmarshal(clean, &m) != nil || json.Unmarshal(held, &h) != nil {
+		return clean
+	}
+	maps.Copy(m, h)
+	out, err := json.Marshal(m)
+	if err != nil {
+		return clean
 	}
 	return append(out, '\n')
+}
+
+// replaySealer encrypts the secrets of an Idempotency-Key's first answer
+// (AES-256-GCM, with a key derived from the master key, which is kept in
+// the data directory, not in the database) for the replays of that key
+// alone: the actor, key and route are the sealed box's associated data,
+// so a box moved to another row does not open.
+type replaySealer struct{ aead cipher.AEAD }
+
+// newReplaySealer returns nil for an empty master key.
+func newReplaySealer(master []byte) *replaySealer {
+	if len(master) == 0 {
+		return nil
+	}
+	m := hmac.New(sha256.New, master)
+	m.Write([]byte("lockergate/idempotent-replay/v1"))
+	block, err := aes.NewCipher(m.Sum(nil))
+	if err != nil {
+		panic(err) // a 32-byte key cannot fail
+	}
+	aead, err := cipher.NewGCM(block)
+	if err != nil {
+		panic(err)
+	}
+	return &replaySealer{aead: aead}
+}
+
+func replayAD(actor, key, route string) []byte {
+	return []byte(actor + "\x00" + key + "\x00" + route)
+}
+
+func (s *replaySealer) seal(plain []byte, actor, key, route string) []byte {
+	nonce := make([]byte, s.aead.NonceSize())
+	rand.Read(nonce)
+	return s.aead.Seal(nonce, nonce, plain, replayAD(actor, key, route))
+}
+
+func (s *replaySealer) open(sealed []byte, actor, key, route string) ([]byte, error) {
+	n := s.aead.NonceSize()
+	if len(sealed) < n {
+		return nil, errors.New("sealed secrets too short")
+	}
+	return s.aead.Open(nil, sealed[:n], sealed[n:], replayAD(actor, key, route))
 }

@@ -248,8 +248,10 @@ func (db *DB) CountTokens(ctx context.Context) (int, error) {
 // GetIdempotent returns the stored answer for (actor, key), or fleet.ErrNotFound.
 func (db *DB) GetIdempotent(ctx context.Context, actor, key string) (*fleet.Idempotent, error) {
 	var r fleet.Idempotent
-	err := db.pool.QueryRow(ctx, `SELECT route, body_hash, status, response FROM idempotency WHERE actor = $1 AND key = $2`,
-		actor, key).Scan(&r.Route, &r.BodyHash, &r.Status, &r.Response)
+	err := db.pool.QueryRow(ctx, `SELECT route, body_hash, status, response,
+			CASE WHEN created_at > now() - make_interval(secs => $3) THEN sealed END
+		FROM idempotency WHERE actor = $1 AND key = $2`,
+		actor, key, fleet.ReplaySecretsFor.Seconds()).Scan(&r.Route, &r.BodyHash, &r.Status, &r.Response, &r.Sealed)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, fleet.ErrNotFound
 	}
@@ -273,11 +275,21 @@ func (db *DB) ClaimIdempotent(ctx context.Context, actor, key, route string, bod
 	return tag.RowsAffected() == 1, err
 }
 
-// FinishIdempotent stores the answer of a claimed key.
-func (db *DB) FinishIdempotent(ctx context.Context, actor, key string, status int, response []byte) error {
-	_, err := db.pool.Exec(ctx, `UPDATE idempotency SET status = $3, response = $4 WHERE actor = $1 AND key = $2 AND status = 0`,
-		actor, key, status, response)
+// FinishIdempotent stores the answer of a claimed key: response without
+// its secrets, and sealed, those secrets encrypted (nil: none).
+func (db *DB) FinishIdempotent(ctx context.Context, actor, key string, status int, response, sealed []byte) error {
+	_, err := db.pool.Exec(ctx, `UPDATE idempotency SET status = $3, response = $4, sealed = $5 WHERE actor = $1 AND key = $2 AND status = 0`,
+		actor, key, status, response, sealed)
 	return err
+}
+
+// WipeReplaySecrets deletes the sealed secrets of Idempotency-Key answers
+// older than fleet.ReplaySecretsFor (GetIdempotent no longer returns
+// them) and returns how many answers it wiped.
+func (db *DB) WipeReplaySecrets(ctx context.Context) (int64, error) {
+	tag, err := db.pool.Exec(ctx, `UPDATE idempotency SET sealed = NULL
+		WHERE sealed IS NOT NULL AND created_at <= now() - make_interval(secs => $1)`, fleet.ReplaySecretsFor.Seconds())
+	return tag.RowsAffected(), err
 }
 
 // ReleaseAbandonedIdempotent gives up every claim whose request has not

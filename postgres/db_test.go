@@ -1461,10 +1461,10 @@ func TestIdempotencyClaims(t *testing.T) {
 	if !claim() {
 		t.Fatal("claim after release refused")
 	}
-	if err := db.FinishIdempotent(ctx, "tok-1", "k", 201, []byte(`{"id":"c1"}`)); err != nil {
+	if err := db.FinishIdempotent(ctx, "tok-1", "k", 201, []byte(`{"id":"c1"}`), []byte("sealed")); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := db.GetIdempotent(ctx, "tok-1", "k"); err != nil || r.Status != 201 || string(r.Response) != `{"id":"c1"}` {
+	if r, err := db.GetIdempotent(ctx, "tok-1", "k"); err != nil || r.Status != 201 || string(r.Response) != `{"id":"c1"}` || string(r.Sealed) != "sealed" {
 		t.Fatalf("answered key reads %+v %v", r, err)
 	}
 	if claim() {
@@ -1486,6 +1486,55 @@ func TestIdempotencyClaims(t *testing.T) {
 	if ok, err := db.ClaimIdempotent(ctx, "tok-1", "k2", "POST /x", []byte{1}); !ok || err != nil {
 		t.Fatalf("abandoned claim not taken over: %v %v", ok, err)
 	}
+}
+
+// TestReplaySecretsExpire: an answer's sealed secrets are read back for
+// fleet.ReplaySecretsFor and not after, when WipeReplaySecrets deletes
+// them; the answer itself stays.
+func TestReplaySecretsExpire(t *testing.T) {
+	ctx := context.Background()
+	db := MustOpen(t)
+	for _, k := range []string{"young", "old", "none"} {
+		if ok, err := db.ClaimIdempotent(ctx, "tok-1", k, "POST /v1/tokens", []byte{1}); !ok || err != nil {
+			t.Fatalf("claim %s: %v %v", k, ok, err)
+		}
+		var sealed []byte
+		if k != "none" {
+			sealed = []byte("sealed-" + k)
+		}
+		if err := db.FinishIdempotent(ctx, "tok-1", k, 201, []byte(`{"id":"t-`+k+`"}`), sealed); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := db.Pool().Exec(ctx, `UPDATE idempotency SET created_at = now() - make_interval(secs => $1) - interval '1 second' WHERE key = 'old'`,
+		fleet.ReplaySecretsFor.Seconds()); err != nil {
+		t.Fatal(err)
+	}
+	sealed := func(k string) []byte {
+		t.Helper()
+		r, err := db.GetIdempotent(ctx, "tok-1", k)
+		if err != nil || r.Status != 201 || string(r.Response) != `{"id":"t-`+k+`"}` {
+			t.Fatalf("%s reads %+v %v", k, r, err)
+		}
+		return r.Sealed
+	}
+	if got := sealed("young"); string(got) != "sealed-young" {
+		t.Errorf("young answer's secrets read %q", got)
+	}
+	if got := sealed("old"); got != nil {
+		t.Errorf("secrets of an answer older than %v read %q, want none", fleet.ReplaySecretsFor, got)
+	}
+	if got := sealed("none"); got != nil {
+		t.Errorf("an answer without secrets reads %q", got)
+	}
+	if n, err := db.WipeReplaySecrets(ctx); err != nil || n != 1 {
+		t.Fatalf("WipeReplaySecrets = %d, %v; want 1 (the old answer's)", n, err)
+	}
+	var left int
+	if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM idempotency WHERE sealed IS NOT NULL`).Scan(&left); err != nil || left != 1 {
+		t.Fatalf("%d sealed answers left (%v), want the young one", left, err)
+	}
+	sealed("old") // the answer stays
 }
 
 // Retained is one batch with its own BEGIN and COMMIT: its answers, and a
