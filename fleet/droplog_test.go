@@ -73,3 +73,27 @@ func TestDroppedMessagesLoggedOnceAMinute(t *testing.T) {
 		t.Fatalf("lockergate_ingest_messages_dropped_total{events,invalid} = %v, want 1012", n)
 	}
 }
+
+// TestOversizeMessageLoggedAndCounted: a message over protocol v1's 16 KiB
+// (which an external broker passes on) is acknowledged, counted as
+// too_large and logged with its locker, as any bad message is.
+func TestOversizeMessageLoggedAndCounted(t *testing.T) {
+	var logs strings.Builder
+	m, err := New(Options{Store: newFakeStore(), Bus: &fakeBus{}, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	acked := 0
+	m.receive(Message{Topic: protocol.Topic("lk-1", protocol.ChanEvents), Payload: make([]byte, protocol.MaxPayload+1), QoS: 1,
+		Ack: func() { acked++ }})
+	if acked != 1 {
+		t.Errorf("acknowledged %d times, want 1", acked)
+	}
+	var c dto.Metric
+	if err := m.m.dropped.WithLabelValues("events", "too_large").Write(&c); err != nil || c.GetCounter().GetValue() != 1 {
+		t.Errorf("dropped{events,too_large} = %v (%v), want 1", c.GetCounter().GetValue(), err)
+	}
+	if !strings.Contains(logs.String(), `msg="dropped device message" locker=lk-1 channel=events reason=too_large`) {
+		t.Errorf("no line for the oversize message:\n%s", logs.String())
+	}
+}

@@ -421,7 +421,9 @@ func (m *Manager) receive(msg Message) {
 		return
 	}
 	if len(msg.Payload) > protocol.MaxPayload {
-		m.m.dropped.WithLabelValues(string(ch), "too_large").Inc()
+		// Counted and logged as any bad message (the embedded broker drops
+		// these itself; an external broker passes them on).
+		m.dropInvalid(ch, id, fmt.Errorf("%w: %d bytes", protocol.ErrTooLarge, len(msg.Payload)))
 		ackMsg(msg)
 		return
 	}

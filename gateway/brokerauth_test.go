@@ -336,26 +336,8 @@ func TestExternalDisable(t *testing.T) {
 	}
 	// An instance subscribing afresh is handed the retained presence: the
 	// will, not the locker's last birth (which would read as a live session).
-	retained := make(chan string, 1)
-	peek := MustConnect(t, mq.Addr, "retained-reader", "lgadmin", mq.AdminPassword)
-	defer peek.Disconnect(50)
-	if tok := peek.Subscribe(protocol.Topic(r.DeviceID, protocol.ChanPresence), 1, func(_ paho.Client, m paho.Message) {
-		if m.Retained() {
-			select {
-			case retained <- string(m.Payload()):
-			default:
-			}
-		}
-	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscribe to the presence: %v", tok.Error())
-	}
-	select {
-	case p := <-retained:
-		if p != `{"online":false}` {
-			t.Fatalf("retained presence after the disable %s, want the will", p)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("no retained presence after the disable")
+	if p := mustRetainedPresence(t, mq, r.DeviceID); p != `{"online":false}` {
+		t.Fatalf("retained presence after the disable %s, want the will", p)
 	}
 	mustRefuse(t, mq.Addr, r.DeviceID, r.Password, "a disabled locker on mosquitto")
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "deny" || got.Reason != "disabled" {
@@ -387,6 +369,68 @@ func TestExternalDisable(t *testing.T) {
 	// Enabled, the new board gets in: its secret did reach mosquitto.
 	patchLocker(t, gw, r3.DeviceID, map[string]bool{"disabled": false})
 	waitConnects(t, mq.Addr, r3.DeviceID, r3.Password, "the new board connects once enabled")
+}
+
+// mustRetainedPresence is locker id's retained presence on mq, as an
+// instance subscribing afresh is handed it.
+func mustRetainedPresence(t *testing.T, mq *Mosquitto, id string) string {
+	t.Helper()
+	retained := make(chan string, 1)
+	peek := MustConnect(t, mq.Addr, "retained-reader", "lgadmin", mq.AdminPassword)
+	defer peek.Disconnect(50)
+	if tok := peek.Subscribe(protocol.Topic(id, protocol.ChanPresence), 1, func(_ paho.Client, m paho.Message) {
+		if m.Retained() {
+			select {
+			case retained <- string(m.Payload()):
+			default:
+			}
+		}
+	}); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("subscribe to the presence: %v", tok.Error())
+	}
+	select {
+	case p := <-retained:
+		return p
+	case <-time.After(10 * time.Second):
+		t.Fatal("no retained presence")
+		return ""
+	}
+}
+
+// TestExternalReplacementReadsOffline: re-provisioning a connected
+// locker's serial ends the old board's session on mosquitto (its password
+// changes), which reports no session end and publishes no will: the
+// gateway records the end itself ("kicked") and sets the retained presence
+// offline, so the locker does not read online with no session (commands
+// "sent" to nobody) until the new board connects.
+func TestExternalReplacementReadsOffline(t *testing.T) {
+	mq := MustMosquitto(t)
+	gw := MustStart(t, onExternal(mq, "gw-r"))
+	claim := gw.MustSiteAndClaim(t, "s1", 2)
+	r := MustProvision(t, gw, claim, "REP-000000")
+	c, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
+	if err != nil {
+		t.Fatalf("the issued identity on mosquitto: %v", err)
+	}
+	defer c.Disconnect(50)
+	publishBirth(t, gw, c, r.DeviceID)
+	waitOnline(t, gw, r.DeviceID, true)
+	patchLocker(t, gw, r.DeviceID, map[string]bool{"replaceable": true})
+	if r2 := MustProvision(t, gw, claim, "REP-000000"); r2.DeviceID != r.DeviceID {
+		t.Fatalf("replacement answered locker %s, want %s", r2.DeviceID, r.DeviceID)
+	}
+	Eventually(t, 10*time.Second, "mosquitto ends the old board's session", func() error {
+		if c.IsConnectionOpen() {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	if l := lockerOf(t, gw, r.DeviceID); l.Online || l.DisconnectReason != "kicked" {
+		t.Fatalf("the replaced locker: online %v, disconnect_reason %q; want offline, kicked", l.Online, l.DisconnectReason)
+	}
+	if p := mustRetainedPresence(t, mq, r.DeviceID); p != `{"online":false}` {
+		t.Fatalf("retained presence after the replacement %s, want the will", p)
+	}
 }
 
 // TestBrokerAuthHookDatabaseDown: while PostgreSQL is down the broker's

@@ -379,6 +379,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		g.log.Info("fleet runs on an external broker; the embedded listeners serve provisioning only",
 			"broker", o.ExternalBroker, "instance", o.InstanceID, "devices_told", brokerURL, "device_auth", o.DeviceAuth)
 	}
+	if endSession := onReplace; g.dynsec != nil || g.emqx != nil {
+		onReplace = func(id string) {
+			endSession(id)
+			// The external broker ended the old board's session (the new
+			// secret, or EMQX's kick) and reports no session end and
+			// publishes no will for it: recorded here, before the answer
+			// lets the new board connect and send its birth.
+			g.fleet.SessionKicked(context.Background(), id)
+		}
+	}
 	g.prov, err = provisioning.New(provisioning.Options{
 		Store: g.db, MasterKey: master, FwPubkey: fwKey.Public().(ed25519.PublicKey), BrokerURL: brokerURL,
 		OnReplace: onReplace, OnIssued: onIssued, Logger: o.Logger.With("component", "provisioning"),
