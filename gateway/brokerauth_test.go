@@ -303,20 +303,29 @@ func TestDeviceAuthOptions(t *testing.T) {
 	}
 }
 
-// TestExternalDisable: on mosquitto with dynamic security, disabling a
-// locker ends its live session and refuses it from then on, and the
-// gateway's own auth hook forgets its secret too; enabling lets it back.
-func TestExternalDisable(t *testing.T) {
+// dynsecLockerOnline starts gateway instance id on a mosquitto with
+// dynamic security, provisions serial with a claim for two lockers at s1
+// and connects it to mosquitto with its birth sent.
+func dynsecLockerOnline(t *testing.T, id, serial string) (*Mosquitto, *TestGateway, string, protocol.ProvisionResponse, paho.Client) {
+	t.Helper()
 	mq := MustMosquitto(t)
-	gw := MustStart(t, onExternal(mq, "gw-d"))
+	gw := MustStart(t, onExternal(mq, id))
 	claim := gw.MustSiteAndClaim(t, "s1", 2)
-	r := MustProvision(t, gw, claim, "DIS-000000")
+	r := MustProvision(t, gw, claim, serial)
 	c, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
 	if err != nil {
 		t.Fatalf("the issued identity on mosquitto: %v", err)
 	}
-	defer c.Disconnect(50)
+	t.Cleanup(func() { c.Disconnect(50) })
 	publishBirth(t, gw, c, r.DeviceID)
+	return mq, gw, claim, r, c
+}
+
+// TestExternalDisable: on mosquitto with dynamic security, disabling a
+// locker ends its live session and refuses it from then on, and the
+// gateway's own auth hook forgets its secret too; enabling lets it back.
+func TestExternalDisable(t *testing.T) {
+	mq, gw, claim, r, c := dynsecLockerOnline(t, "gw-d", "DIS-000000")
 	hook := newBrokerHook(t, gw)
 	if got := hook.authn(t, r.DeviceID, r.DeviceID, r.Password); got.Result != "allow" {
 		t.Fatalf("hook before the disable: %+v", got)
@@ -404,16 +413,7 @@ func mustRetainedPresence(t *testing.T, mq *Mosquitto, id string) string {
 // offline, so the locker does not read online with no session (commands
 // "sent" to nobody) until the new board connects.
 func TestExternalReplacementReadsOffline(t *testing.T) {
-	mq := MustMosquitto(t)
-	gw := MustStart(t, onExternal(mq, "gw-r"))
-	claim := gw.MustSiteAndClaim(t, "s1", 2)
-	r := MustProvision(t, gw, claim, "REP-000000")
-	c, err := Connect(mq.Addr, r.DeviceID, r.DeviceID, r.Password)
-	if err != nil {
-		t.Fatalf("the issued identity on mosquitto: %v", err)
-	}
-	defer c.Disconnect(50)
-	publishBirth(t, gw, c, r.DeviceID)
+	mq, gw, claim, r, c := dynsecLockerOnline(t, "gw-r", "REP-000000")
 	waitOnline(t, gw, r.DeviceID, true)
 	patchLocker(t, gw, r.DeviceID, map[string]bool{"replaceable": true})
 	if r2 := MustProvision(t, gw, claim, "REP-000000"); r2.DeviceID != r.DeviceID {
