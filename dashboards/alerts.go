@@ -226,5 +226,14 @@ func Rules() []Rule {
 				"2. A pooler in transaction mode drops LISTEN: connect the gateway directly or in session mode (docs/deployment.md).\n" +
 				"3. Database health (LockergateDatabaseErrors).",
 		},
+		{
+			Alert: "LockergateBrokerIdentitiesMissing", Severity: "critical", For: "0m",
+			Expr:        "lockergate_broker_identities_missing > 0",
+			Summary:     "Lockers have no identity on the external broker behind {{ $labels.instance }}",
+			Description: "mosquitto's dynamic security does not hold these lockers' clients: they are refused as not authorised (for good, as far as they know) until provisioned again. The usual cause is a dynsec file the broker could not write: it lost every change since at its last restart.",
+			Runbook: "1. Gateway log: \"lockers without an identity on the external broker\" names the first ones.\n" +
+				"2. mosquitto's log: \"Error saving Dynamic security plugin config\"; make the dynsec file writable by mosquitto's user (docs/deployment.md) before anything else.\n" +
+				"3. Mark the lockers replaceable and provision them again (their secrets are stored hashed and cannot be put back).",
+		},
 	}
 }

@@ -209,5 +209,10 @@ func RuleTests() []RuleTest {
 			Evals: []Eval{quiet("5m", "LockergateKicksUnheard"), quiet("7m", "LockergateKicksUnheard"),
 				fires("10m", "LockergateKicksUnheard", jobInstance())},
 		},
+		{
+			Name:   "Lockers without an identity on the broker page at once; none is quiet.",
+			Series: []Series{{`lockergate_broker_identities_missing{` + testTarget + `}`, "0x5 3x5"}},
+			Evals:  []Eval{quiet("4m", "LockergateBrokerIdentitiesMissing"), fires("6m", "LockergateBrokerIdentitiesMissing", jobInstance())},
+		},
 	}
 }

@@ -5,8 +5,11 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -20,6 +23,7 @@ import (
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/gateway"
 	"github.com/lockergate/lockergate/internal/pgtest"
+	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
 )
 
@@ -430,6 +434,50 @@ func TestExternalReplacementReadsOffline(t *testing.T) {
 	}
 	if p := mustRetainedPresence(t, mq, r.DeviceID); p != `{"online":false}` {
 		t.Fatalf("retained presence after the replacement %s, want the will", p)
+	}
+}
+
+// TestExternalMissingIdentitiesReported: a locker whose identity
+// mosquitto's dynamic security lost (a dynsec file the broker could not
+// write, then a restart) cannot connect, and nothing else says so: the
+// gateway compares the lockers on record with the broker's clients at
+// start (and after each reconnect, hourly) and reports the missing ones.
+func TestExternalMissingIdentitiesReported(t *testing.T) {
+	const missing = "lockergate_broker_identities_missing"
+	ctrl := requireTool(t, "mosquitto_ctrl")
+	mq := MustMosquitto(t)
+	var opts gateway.Options
+	gw := MustStart(t, onExternal(mq, "gw-ids"), func(o *gateway.Options) { opts = *o })
+	claim := gw.MustSiteAndClaim(t, "s1", 2)
+	kept := MustProvision(t, gw, claim, "IDS-000000")
+	lost := MustProvision(t, gw, claim, "IDS-000001")
+	if v, err := gw.Metric(missing); err != nil || v != 0 {
+		t.Fatalf("%s = %v (%v) with every identity there, want 0", missing, v, err)
+	}
+	host, port, _ := net.SplitHostPort(mq.Addr)
+	if out, err := exec.Command(ctrl, "-h", host, "-p", port, "-u", "lgadmin", "-P", mq.AdminPassword,
+		"dynsec", "deleteClient", lost.DeviceID).CombinedOutput(); err != nil {
+		t.Fatalf("mosquitto_ctrl deleteClient: %v: %s", err, out)
+	}
+	mustRefuse(t, mq.Addr, lost.DeviceID, lost.Password, "a locker whose identity the broker lost")
+	// Registered past the minute in which an identity is still being put
+	// on the broker (a registration just made is not counted missing).
+	if _, err := gw.DB().Pool().Exec(context.Background(), `UPDATE devices SET created_at = created_at - interval '2 minutes'`); err != nil {
+		t.Fatal(err)
+	}
+	gw.Stop(t)
+	var logs testtool.LockedBuffer
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	gw = MustRun(t, opts)
+	gw.WaitMetric(t, 10*time.Second, missing, 1) // the kept one is not counted
+	Eventually(t, 10*time.Second, "the ERROR line naming the lost locker", func() error {
+		if out := logs.String(); !strings.Contains(out, "level=ERROR msg=\"lockers without an identity") || !strings.Contains(out, lost.DeviceID) {
+			return errors.New("not logged yet")
+		}
+		return nil
+	})
+	if strings.Contains(logs.String(), kept.DeviceID) {
+		t.Errorf("the line names the locker whose identity is there:\n%s", logs.String())
 	}
 }
 

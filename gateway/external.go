@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"time"
 
 	"github.com/lockergate/lockergate/mqttbus"
 )
@@ -49,7 +50,7 @@ func checkDeviceAuth(o *Options) error {
 
 // dialExternal connects the fleet to an external broker cluster and
 // prepares device identity management (mosquitto dynamic security).
-func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec, error) {
+func dialExternal(ctx context.Context, o Options, resubscribed func()) (*mqttbus.Bus, *mqttbus.DynSec, error) {
 	id := o.InstanceID
 	if id == "" {
 		host, _ := os.Hostname()
@@ -60,7 +61,8 @@ func dialExternal(ctx context.Context, o Options) (*mqttbus.Bus, *mqttbus.DynSec
 	// A named instance keeps its session (and what it had not acknowledged)
 	// on the broker across crashes; a random id would never come back for it.
 	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: o.ExternalBroker, ClientID: id, Username: o.ExternalUser,
-		Password: o.ExternalPassword, Persistent: o.InstanceID != "", Logger: o.Logger.With("component", "external-broker")})
+		Password: o.ExternalPassword, Persistent: o.InstanceID != "", Resubscribed: resubscribed,
+		Logger: o.Logger.With("component", "external-broker")})
 	if err != nil {
 		return nil, nil, err
 	}
@@ -98,4 +100,60 @@ func (k *dynsecKicker) Enable(id string) {
 	if err := k.d.EnableDevice(context.Background(), id); err != nil {
 		k.log.Error("enable locker on the external broker", "locker", id, "err", err)
 	}
+}
+
+// identitySettle is how long after its registration a locker's identity
+// must be on the broker (provisioning puts it there within the call's
+// 10 s bound).
+const identitySettle = time.Minute
+
+// checkBrokerIdentities compares the lockers on record with the device
+// identities mosquitto's dynamic security holds (at start, after each
+// reconnect to the broker, hourly): a locker whose identity is missing
+// cannot connect, and nothing else would say so. The usual cause is a
+// dynsec file mosquitto could not write: it applies changes in memory,
+// logs the failed save and answers them done, and loses them at its next
+// restart. Lockers provisioned while the gateway ran its embedded broker
+// have none either. The count is the gauge
+// lockergate_broker_identities_missing.
+func (g *Gateway) checkBrokerIdentities(ctx context.Context) {
+	if g.dynsec == nil || g.db == nil {
+		return
+	}
+	g.identityCheck.Lock()
+	defer g.identityCheck.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	held, err := g.dynsec.Clients(ctx)
+	if err != nil {
+		g.log.Warn("could not compare lockers with the broker's identities; tried again after the next reconnect or in an hour", "err", err)
+		return
+	}
+	// Read after the broker's clients, and only lockers registered a
+	// minute before: a registration commits before its identity is put
+	// on the broker (provisioning's OnIssued), and one under way is not
+	// missing.
+	ids, err := g.db.LockerIDsOlderThan(ctx, identitySettle)
+	if err != nil {
+		g.log.Warn("could not compare lockers with the broker's identities; tried again after the next reconnect or in an hour", "err", err)
+		return
+	}
+	has := make(map[string]bool, len(held))
+	for _, c := range held {
+		has[c] = true
+	}
+	var missing []string
+	for _, id := range ids {
+		if !has[id] {
+			missing = append(missing, id)
+		}
+	}
+	g.identitiesMissing.Store(int64(len(missing)))
+	if len(missing) == 0 {
+		g.log.Debug("every locker has its identity on the broker", "lockers", len(ids))
+		return
+	}
+	g.log.Error("lockers without an identity on the external broker: they are refused there until provisioned again "+
+		"(did mosquitto lose its dynamic security changes? its dynsec file must be writable by the broker: docs/deployment.md)",
+		"missing", len(missing), "lockers", len(ids), "first", missing[:min(len(missing), 5)])
 }

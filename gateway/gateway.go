@@ -20,6 +20,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -177,12 +178,19 @@ type Gateway struct {
 
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
-	kicks    *kickWatch
-	emqx     *emqxKicker // nil unless BrokerAPIURL
-	firmware *firmware.Engine
-	api      *httpapi.Server
-	httpLn   net.Listener
-	http     *http.Server
+	// identityCheck runs one checkBrokerIdentities at a time;
+	// identitiesMissing is its last count. running is set as Run starts:
+	// the bus's reconnects (one may come while New sets up dynsec) check
+	// identities only from then on.
+	identityCheck     sync.Mutex
+	identitiesMissing atomic.Int64
+	running           atomic.Bool
+	kicks             *kickWatch
+	emqx              *emqxKicker // nil unless BrokerAPIURL
+	firmware          *firmware.Engine
+	api               *httpapi.Server
+	httpLn            net.Listener
+	http              *http.Server
 
 	adminToken     string
 	adminTokenPath string
@@ -355,8 +363,19 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	var kicker httpapi.Kicker = g.broker
 	onReplace := g.broker.Kick
 	if o.ExternalBroker != "" {
-		if g.external, g.dynsec, err = dialExternal(ctx, o); err != nil {
+		resubscribed := func() {
+			if g.running.Load() {
+				g.checkBrokerIdentities(context.Background())
+			}
+		}
+		if g.external, g.dynsec, err = dialExternal(ctx, o, resubscribed); err != nil {
 			return nil, err
+		}
+		if g.dynsec != nil {
+			g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "lockergate_broker_identities_missing",
+				Help: "Lockers on record whose identity mosquitto's dynamic security does not hold (checked at start, after each reconnect to the broker, hourly): they are refused until provisioned again. Above 0: see the gateway's ERROR line and docs/deployment.md.",
+			}, func() float64 { return float64(g.identitiesMissing.Load()) }))
 		}
 		bus = g.external
 		if g.dynsec != nil {
@@ -507,6 +526,8 @@ func (g *Gateway) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	g.running.Store(true)
+	g.checkBrokerIdentities(ctx)
 	maint := time.NewTicker(time.Hour)
 	defer maint.Stop()
 	g.log.Info("gateway running", "http", g.HTTPAddr(), "mqtt", addrString(g.broker.TCPAddr()), "mqtts", addrString(g.broker.TLSAddr()))
@@ -528,6 +549,7 @@ loop:
 				g.log.Error("history retention; the next hour's pass goes on from where this one stopped", "err", err)
 			}
 			g.wipeReplaySecrets(ctx)
+			g.checkBrokerIdentities(ctx)
 		}
 	}
 	g.log.Info("shutting down: draining HTTP, closing broker, flushing queued writes")

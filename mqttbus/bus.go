@@ -49,7 +49,11 @@ type Options struct {
 	// Only for a ClientID that is stable across restarts: a session nobody
 	// returns to keeps taking its share of the group's messages.
 	Persistent bool
-	Logger     *slog.Logger
+	// Resubscribed, when not nil, runs on a goroutine of its own each time
+	// a reconnect (not Dial's first connection) has every subscription in
+	// again: the broker may have restarted, and lost state of its own.
+	Resubscribed func()
+	Logger       *slog.Logger
 
 	// openConn replaces paho's dialer (tests: a connection they can cut).
 	openConn func(*url.URL, paho.ClientOptions) (net.Conn, error)
@@ -497,7 +501,13 @@ func (b *Bus) resubscribe(paho.Client) {
 			todo = append(todo, f)
 		}
 		b.mu.Unlock()
-		if !current || len(todo) == 0 {
+		if !current {
+			return
+		}
+		if len(todo) == 0 {
+			if b.o.Resubscribed != nil {
+				go b.o.Resubscribed()
+			}
 			return
 		}
 		for _, f := range todo {

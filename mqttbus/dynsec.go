@@ -219,6 +219,31 @@ func (d *DynSec) PutDevice(ctx context.Context, id, password string) error {
 	return err
 }
 
+// Clients returns the usernames of every client the plugin holds, read in
+// pages of 1,000 (one answer holding a large fleet's could pass the
+// broker's packet limit).
+func (d *DynSec) Clients(ctx context.Context) ([]string, error) {
+	const page = 1000
+	var all []string
+	for offset := 0; ; offset += page {
+		data, err := d.query(ctx, map[string]any{"command": "listClients", "verbose": false, "count": page, "offset": offset})
+		if err != nil {
+			return nil, err
+		}
+		var r struct {
+			TotalCount int      `json:"totalCount"`
+			Clients    []string `json:"clients"`
+		}
+		if err := json.Unmarshal(data, &r); err != nil {
+			return nil, fmt.Errorf("dynsec listClients: %w", err)
+		}
+		all = append(all, r.Clients...)
+		if len(r.Clients) < page || len(all) >= r.TotalCount {
+			return all, nil
+		}
+	}
+}
+
 // DisableDevice refuses a locker's connections (and ends a live one).
 func (d *DynSec) DisableDevice(ctx context.Context, id string) error {
 	return d.do(ctx, map[string]any{"command": "disableClient", "username": id})

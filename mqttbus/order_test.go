@@ -246,3 +246,34 @@ func TestCommandNotQueuedWhileDown(t *testing.T) {
 		t.Fatalf("a command while down: %v, want refused as not connected", err)
 	}
 }
+
+// TestResubscribedAfterReconnect: Resubscribed runs once per reconnect,
+// after its subscriptions are in again, and not for Dial's connection.
+func TestResubscribedAfterReconnect(t *testing.T) {
+	addr := mosquitto(t, "")
+	cut := &cuttable{}
+	calls := make(chan error, 4)
+	var gw *Bus // set before the first reconnect, which the test makes
+	gw = dialBus(t, addr, "gw-1", Options{openConn: cut.open, Resubscribed: func() { calls <- gw.Ready() }})
+	r := &received{got: map[string]int{}}
+	if err := gw.Subscribe("lockers/v1/+/events", r.handler); err != nil {
+		t.Fatal(err)
+	}
+	testtool.Eventually(t, 10*time.Second, "ready on Dial's connection", gw.Ready)
+	select {
+	case err := <-calls:
+		t.Fatalf("Resubscribed ran for Dial's connection (ready: %v)", err)
+	default:
+	}
+	for i := range 2 {
+		cut.drop()
+		select {
+		case err := <-calls:
+			if err != nil {
+				t.Fatalf("reconnect %d: Resubscribed ran before the subscriptions were in: %v", i+1, err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatalf("reconnect %d: Resubscribed not run", i+1)
+		}
+	}
+}

@@ -115,6 +115,16 @@ func (db *DB) EnabledLockerIDs(ctx context.Context, after string, limit int) ([]
 	return pgx.CollectRows(rows, pgx.RowTo[string])
 }
 
+// LockerIDsOlderThan returns the id of every locker registered more than
+// age ago (by the database's clock), disabled ones included, in order.
+func (db *DB) LockerIDsOlderThan(ctx context.Context, age time.Duration) ([]string, error) {
+	rows, err := db.pool.Query(ctx, `SELECT id FROM devices WHERE created_at < now() - make_interval(secs => $1) ORDER BY id`, age.Seconds())
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowTo[string])
+}
+
 // UpdateLocker sets a locker's disabled and replaceable flags (nil leaves one as is).
 // A locker disabled, it tells every gateway instance (WatchKicks), and
 // its open commands are withdrawn, as a pickup's staging unlock is when
