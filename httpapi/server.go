@@ -824,7 +824,7 @@ func splitSecrets(body []byte, secrets []string) (clean, held []byte) {
 		return body, nil
 	}
 	if held, err = json.Marshal(taken); err != nil {
-		return body, nil
+		held = nil // the answer without them all the same
 	}
 	return append(out, '\n'), held
 }
