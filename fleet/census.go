@@ -54,6 +54,40 @@ func (m *Manager) census(ctx context.Context) {
 	for _, k := range StatefulAlerts {
 		m.m.alertsOpen.WithLabelValues(k).Set(float64(c.OpenAlerts[k]))
 	}
+	m.doorsLeftOpen(ctx, now)
+}
+
+// doorsLeftOpenLimit bounds the door_ajar alerts one census raises.
+const doorsLeftOpenLimit = 500
+
+// doorAjarGrace is how long past door_ajar_s the gateway waits for a
+// locker's own door_ajar (or closing) before it raises door_ajar itself:
+// the configured time, at most 30 s.
+func (m *Manager) doorAjarGrace() time.Duration {
+	return min(time.Duration(m.opts.Config.DoorAjarS)*time.Second, 30*time.Second)
+}
+
+// doorsLeftOpen raises door_ajar for doors reported open longer than
+// door_ajar_s and its grace with nothing from the locker since: a locker
+// whose firmware sends no door_ajar, or that went silent (offline, hung)
+// with a door open, would otherwise leave an open compartment unreported.
+// Not in a run's first door_ajar_s and grace: closings queued while no
+// gateway ran (in the lockers' sessions, or a crashed instance's) are
+// still coming in.
+func (m *Manager) doorsLeftOpen(ctx context.Context, now time.Time) {
+	ajar := time.Duration(m.opts.Config.DoorAjarS)*time.Second + m.doorAjarGrace()
+	if ajar <= 0 || now.Sub(m.started) < ajar {
+		return
+	}
+	raised, err := m.store.RaiseDoorsLeftOpen(ctx, now.Add(-ajar), now, doorsLeftOpenLimit)
+	if err != nil {
+		m.m.dbErrors.WithLabelValues("doors_left_open").Inc()
+		m.log.Error("door-ajar check; tried again at the next census", "err", err)
+		return
+	}
+	for i := range raised {
+		m.alertRaised(&raised[i])
+	}
 }
 
 const (

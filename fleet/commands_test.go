@@ -98,6 +98,11 @@ func (f *fakeStore) WatchCommands(ctx context.Context, _ func(string)) error {
 	return nil
 }
 
+// RaiseDoorsLeftOpen implements Store: no door is ever left open here.
+func (s *fakeStore) RaiseDoorsLeftOpen(context.Context, time.Time, time.Time, int) ([]Alert, error) {
+	return nil, nil
+}
+
 func newFakeStore() *fakeStore {
 	return &fakeStore{lockers: map[string]Locker{testLocker.ID: *testLocker}, cmds: map[string]Command{}}
 }

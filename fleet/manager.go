@@ -133,8 +133,10 @@ type Manager struct {
 	log   *slog.Logger
 	m     *metrics
 	opts  Options
-	heard heardSet // lockers heard since the last flush of last_seen
-	drops dropLog  // rate-limits the log of dropped messages
+	// started is when Run began (doorsLeftOpen waits a while after it).
+	started time.Time
+	heard   heardSet // lockers heard since the last flush of last_seen
+	drops   dropLog  // rate-limits the log of dropped messages
 	// backRepublish: the versions published to lockers whose ack went
 	// back (credsAcked), once each.
 	backRepublish versionOnce
@@ -372,6 +374,7 @@ func (m *Manager) Run(ctx context.Context) error {
 	defer sweep.Stop()
 	census := time.NewTicker(m.opts.CensusInterval)
 	defer census.Stop()
+	m.started = m.now()
 	m.census(wctx)
 	var republish sync.WaitGroup
 	if m.opts.RepublishAtStart {

@@ -48,7 +48,7 @@ var (
 		"Messages waiting in each ingest queue, with those taken for a write not yet stored (one retried through a database outage).",
 		[]string{"queue"}, nil)
 	metricWriteOps = []string{"insert_health", "latest_health", "insert_events", "presence", "command_result", "creds_ack", "fw_status", "publish_retained"}
-	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "last_seen", "creds_behind", "pending_effects", "effects_applied", "effects_lock")
+	metricErrorOps = append(slices.Clone(metricWriteOps), "expire_commands", "unanswered_commands", "census", "last_seen", "creds_behind", "pending_effects", "effects_applied", "effects_lock", "doors_left_open")
 	metricCmdTypes = []string{protocol.CmdUnlock, protocol.CmdSetService, protocol.CmdReboot}
 )
 

@@ -60,6 +60,12 @@ type Store interface {
 	// stateful alert is already open, or the same alert (locker, kind,
 	// compartment and time) was raised already.
 	RaiseAlert(ctx context.Context, a Alert) (bool, error)
+	// RaiseDoorsLeftOpen raises, at time at, a door_ajar alert for each
+	// compartment (up to limit) whose door its locker last reported open
+	// before openBefore (by arrival) with no door_ajar alert raised since
+	// (open, or cleared by hand: not raised again until the door closes),
+	// and returns the alerts it opened.
+	RaiseDoorsLeftOpen(ctx context.Context, openBefore, at time.Time, limit int) ([]Alert, error)
 	// ClearAlerts clears a locker's open alerts of kind, except those of the
 	// compartments in keep (0 stands for "no compartment").
 	ClearAlerts(ctx context.Context, deviceID, kind string, keep []int, at time.Time) (int, error)

@@ -854,6 +854,52 @@ func (db *DB) RaiseAlert(ctx context.Context, a fleet.Alert) (bool, error) {
 	return raised && err == nil, err
 }
 
+// RaiseDoorsLeftOpen implements fleet.Store. The compartments are locked
+// (skipping any a door event is updating), so a closing applied meanwhile
+// either comes first, and the door no longer reads open, or waits for this
+// transaction, and clears the alert raised in it.
+func (db *DB) RaiseDoorsLeftOpen(ctx context.Context, openBefore, at time.Time, limit int) ([]fleet.Alert, error) {
+	var raised []fleet.Alert
+	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
+		raised = raised[:0]
+		rows, err := tx.Query(ctx, `SELECT c.device_id, c.n, c.updated_at FROM compartments c
+			WHERE c.door = 'open' AND c.updated_at < $1 AND NOT c.missing
+				AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertDoorAjar+`'
+					AND a.compartment = c.n AND (a.cleared_at IS NULL OR a.raised_at >= c.updated_at))
+			ORDER BY c.device_id, c.n LIMIT $2 FOR UPDATE OF c SKIP LOCKED`, openBefore, limit)
+		if err != nil {
+			return err
+		}
+		type open struct {
+			id    string
+			n     int
+			since time.Time
+		}
+		doors, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (open, error) {
+			var d open
+			err := row.Scan(&d.id, &d.n, &d.since)
+			return d, err
+		})
+		if err != nil {
+			return err
+		}
+		for _, d := range doors {
+			a := fleet.Alert{DeviceID: d.id, Kind: fleet.AlertDoorAjar, Compartment: d.n, RaisedAt: at,
+				Detail: fmt.Sprintf("open %d s by the gateway's count: the locker reported the door open and neither closed nor ajar since",
+					int(at.Sub(d.since).Seconds()))}
+			ok, err := raiseAlert(ctx, tx, &a)
+			if err != nil {
+				return err
+			}
+			if ok {
+				raised = append(raised, a)
+			}
+		}
+		return nil
+	})
+	return raised, err
+}
+
 // raiseAlert runs raiseAlertSQL for a on q (the pool, or a transaction the
 // alert belongs to) and reports whether it opened the alert.
 func raiseAlert(ctx context.Context, q interface {
