@@ -1800,9 +1800,10 @@ func (m *Manager) markOffline(ctx context.Context, ends []SessionEnd) {
 }
 
 // SessionKicked records the end of locker id's session that the gateway
-// itself ended (a disable), where the broker reports no session ends and
-// publishes no Last Will for a client it disconnects (an external broker:
-// mosquitto's dynamic security, EMQX's API). The session ends "kicked",
+// itself ended (a disable; a replacement, by its new secret or EMQX's
+// kick), where the broker reports no session ends and publishes no Last
+// Will for a client it disconnects (an external broker: mosquitto's
+// dynamic security, EMQX's API). The session ends "kicked",
 // and the locker's retained presence becomes the will's {"online":false},
 // so that no instance that subscribes later takes its last birth, still
 // retained, for a live session. With the embedded broker (which reports
@@ -1815,7 +1816,7 @@ func (m *Manager) SessionKicked(ctx context.Context, id string) {
 	// subscription, and would end the session as "will".
 	m.markOffline(ctx, []SessionEnd{{ID: id, Reason: "kicked", At: m.now()}})
 	if err := m.bus.Publish(ctx, protocol.Topic(id, protocol.ChanPresence), []byte(`{"online":false}`), 1, true); err != nil {
-		m.log.Warn("retained presence of a disabled locker not set offline: an instance that subscribes before it is may take the locker's last birth for a live session",
+		m.log.Warn("retained presence of a kicked locker (disabled or replaced) not set offline: an instance that subscribes before it is may take the locker's last birth for a live session",
 			"locker", id, "err", err)
 	}
 }

@@ -70,12 +70,13 @@ func newEMQXKicker(o Options, local interface{ Kick(id string) }) (*emqxKicker, 
 		again: emqxFollowUps, ctx: ctx, stop: stop}, nil
 }
 
-// Replace is provisioning's OnReplace: the old board's session ends once.
-// No follow-up: the new board, on the same client id, takes over whatever
-// session is left, and a later DELETE would end the new board's.
-func (k *emqxKicker) Replace(id string) {
+// Replace is provisioning's OnReplace: the old board's session ends once,
+// and it reports whether EMQX said it did (or had none). No follow-up: the
+// new board, on the same client id, takes over whatever session is left,
+// and a later DELETE would end the new board's.
+func (k *emqxKicker) Replace(id string) bool {
 	k.local.Kick(id)
-	k.end(id, false)
+	return k.end(id, false)
 }
 
 // Kick implements httpapi.Kicker (a locker disabled).

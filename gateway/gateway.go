@@ -371,12 +371,6 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		if g.external, g.dynsec, err = dialExternal(ctx, o, resubscribed); err != nil {
 			return nil, err
 		}
-		if g.dynsec != nil {
-			g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-				Name: "lockergate_broker_identities_missing",
-				Help: "Lockers on record whose identity mosquitto's dynamic security does not hold (checked at start, after each reconnect to the broker, hourly): they are refused until provisioned again. Above 0: see the gateway's ERROR line and docs/deployment.md.",
-			}, func() float64 { return float64(g.identitiesMissing.Load()) }))
-		}
 		bus = g.external
 		if g.dynsec != nil {
 			onIssued = g.putDynSecDevice
@@ -390,7 +384,12 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 				return nil, err
 			}
 			ek.disabled = g.lockerDisabled
-			kicker, onReplace, g.emqx = ek, ek.Replace, ek
+			kicker, g.emqx = ek, ek
+			onReplace = func(id string) {
+				if ek.Replace(id) {
+					g.sessionReplaced(id)
+				}
+			}
 		}
 		if brokerURL = o.BrokerURL; brokerURL == "" {
 			brokerURL = o.ExternalBroker
@@ -398,14 +397,16 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 		g.log.Info("fleet runs on an external broker; the embedded listeners serve provisioning only",
 			"broker", o.ExternalBroker, "instance", o.InstanceID, "devices_told", brokerURL, "device_auth", o.DeviceAuth)
 	}
-	if endSession := onReplace; g.dynsec != nil || g.emqx != nil {
+	g.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "lockergate_broker_identities_missing",
+		Help: "With mosquitto's dynamic security (else 0): lockers on record whose identity the plugin does not hold (checked at start, after each reconnect to the broker, hourly). They are refused until provisioned again. Above 0: see the gateway's ERROR line and docs/deployment.md.",
+	}, func() float64 { return float64(g.identitiesMissing.Load()) }))
+	if g.dynsec != nil && g.emqx == nil {
+		// PutDevice (onIssued) set the new secret, which ended the old
+		// board's session on mosquitto, before the replacement got here.
 		onReplace = func(id string) {
-			endSession(id)
-			// The external broker ended the old board's session (the new
-			// secret, or EMQX's kick) and reports no session end and
-			// publishes no will for it: recorded here, before the answer
-			// lets the new board connect and send its birth.
-			g.fleet.SessionKicked(context.Background(), id)
+			g.broker.Kick(id)
+			g.sessionReplaced(id)
 		}
 	}
 	g.prov, err = provisioning.New(provisioning.Options{
@@ -739,6 +740,21 @@ func (g *Gateway) pruneHistory(ctx context.Context) error {
 		g.log.Info("history retention pruned rows", args...)
 	}
 	return err
+}
+
+// sessionReplacedWait bounds sessionReplaced, which a provisioning answer
+// waits for.
+const sessionReplacedWait = 5 * time.Second
+
+// sessionReplaced records the end of a replaced board's session that the
+// external broker ended (dynsec's new secret, EMQX's kick) and reports no
+// end or will for: before the answer lets the new board connect and send
+// its birth. A database that does not answer within sessionReplacedWait
+// leaves the old session on record until the new board's birth.
+func (g *Gateway) sessionReplaced(id string) {
+	ctx, cancel := context.WithTimeout(context.Background(), sessionReplacedWait)
+	defer cancel()
+	g.fleet.SessionKicked(ctx, id)
 }
 
 // wipeReplaySecrets deletes the sealed secrets of Idempotency-Key answers

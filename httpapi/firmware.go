@@ -81,7 +81,7 @@ func (s *Server) withFirmware(h firmwareHandler) handler {
 // the first by its SHA-256, against the first answer's sha256, as it is
 // read: within the uploads' bounds, refused as an upload would be.
 func (s *Server) idempotentUpload(h handler) handler {
-	upload := s.idempotentBy(h, nil, func(r *http.Request) (*request, error) {
+	upload := s.idempotentBy(h, secretSpec{}, func(r *http.Request) (*request, error) {
 		sum := sha256.Sum256([]byte(r.URL.Query().Encode())) // sorted: one query in any order
 		return &request{route: r.Method + " " + r.URL.Path, hash: sum[:], sameBody: func(first []byte) (bool, error) {
 			var a firmware.Artifact

@@ -150,9 +150,15 @@ func TestSecretFields(t *testing.T) {
 			t.Errorf("idempotent route %s: say whether its answer holds secrets (secretFields) or not (this test)", pattern)
 		}
 	}
-	clean, held := splitSecrets([]byte(`{"id":"wh-1","token":"tok-9","secret":"s3cr3t"}`), secretFields["/v1/webhooks"])
+	clean, held := splitSecrets([]byte(`{"id":"wh-1","token":"tok-9","secret":"s3cr3t"}`), secretFields["/v1/webhooks"].fields)
 	if got := string(clean); strings.Contains(got, "s3cr3t") || !strings.Contains(got, `"token":"tok-9"`) || !strings.Contains(got, `"id":"wh-1"`) {
 		t.Errorf("webhook answer scrubbed to %s: want the secret gone, the owner token id and id kept", got)
+	}
+	// api-v1: tokens (API and claim) are shown once: never in a replay.
+	for _, route := range []string{"/v1/tokens", "/v1/claims"} {
+		if !secretFields[route].shownOnce {
+			t.Errorf("%s: its token would be repeated by a replay; api-v1 shows tokens once", route)
+		}
 	}
 	if string(held) != `{"secret":"s3cr3t"}` {
 		t.Errorf("held %s, want the secret alone", held)

@@ -543,7 +543,7 @@ func (s *Server) routes() {
 // idempotent makes a create handler honour Idempotency-Key: a repeat with the
 // same key and body returns the first answer and creates nothing; the same
 // key with another body is a 409.
-func (s *Server) idempotent(h handler, secrets []string) handler {
+func (s *Server) idempotent(h handler, secrets secretSpec) handler {
 	return s.idempotentBy(h, secrets, func(r *http.Request) (*request, error) {
 		body, err := readAllLimited(r)
 		if err != nil {
@@ -631,7 +631,7 @@ type request struct {
 }
 
 // idempotentBy is idempotent with identify telling what a request is.
-func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.Request) (*request, error)) handler {
+func (s *Server) idempotentBy(h handler, secrets secretSpec, identify func(*http.Request) (*request, error)) handler {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		key := r.Header.Get("Idempotency-Key")
 		if key == "" {
@@ -665,9 +665,9 @@ func (s *Server) idempotentBy(h handler, secrets []string, identify func(*http.R
 		// gone: it is about what happened, not about this connection.
 		ctx := context.WithoutCancel(r.Context())
 		if herr == nil && rec.status >= 200 && rec.status < 300 {
-			clean, held := splitSecrets(rec.body.Bytes(), secrets)
+			clean, held := splitSecrets(rec.body.Bytes(), secrets.fields)
 			var sealed []byte
-			if held != nil && s.replay != nil {
+			if held != nil && s.replay != nil && !secrets.shownOnce {
 				sealed = s.replay.seal(held, actor, key, req.route)
 			}
 			if err := s.store.FinishIdempotent(ctx, actor, key, rec.status, clean, sealed); err != nil {
@@ -784,18 +784,29 @@ func readAllLimited(r *http.Request) ([]byte, error) {
 // repeats without buffering (idempotentUpload).
 var streamedBodies = map[string]bool{"POST /v1/firmware": true}
 
-// secretFields are, per create route, the fields of its answer that are
-// secrets or pickup codes: shown to the caller, never stored in clear. An
-// Idempotency-Key's answer is stored without them, and they are kept
-// sealed (replaySealer) for fleet.ReplaySecretsFor, so that a replay in
-// that time repeats the whole first answer and a later one leaves them out
-// (GET shows a pickup's code again to those who may hold it). Per route: a
-// webhook's "token" is its owner's token id, not a secret.
-var secretFields = map[string][]string{
-	"/v1/tokens":      {"token"},
-	"/v1/claims":      {"token"},
-	"/v1/webhooks":    {"secret"},
-	"/v1/credentials": {"code", "qr"},
+// secretSpec names the fields of a create route's answer that are secrets
+// or pickup codes: shown to the caller, never stored in clear. An
+// Idempotency-Key's answer is stored without them. Unless they are shown
+// once, they are also kept sealed (replaySealer) for
+// fleet.ReplaySecretsFor, so that a replay in that time repeats the whole
+// first answer and a later one leaves them out.
+type secretSpec struct {
+	fields []string
+	// shownOnce: never in a replay (api-v1: tokens, API and claim alike,
+	// are stored hashed and shown once).
+	shownOnce bool
+}
+
+// secretFields are the secretSpecs by create route. A webhook's secret
+// signs its deliveries (kept sealed with the webhook anyway), and a
+// credential's code is shown again by GET /v1/pickups/{id}: both are
+// repeated by a replay. A webhook's "token" is its owner's token id, not a
+// secret.
+var secretFields = map[string]secretSpec{
+	"/v1/tokens":      {fields: []string{"token"}, shownOnce: true},
+	"/v1/claims":      {fields: []string{"token"}, shownOnce: true},
+	"/v1/webhooks":    {fields: []string{"secret"}},
+	"/v1/credentials": {fields: []string{"code", "qr"}},
 }
 
 // splitSecrets returns body without the top-level fields named in secrets

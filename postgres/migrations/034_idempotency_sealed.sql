@@ -1,5 +1,5 @@
--- sealed: the secrets an Idempotency-Key's first answer held (a token, a
--- claim's token, a webhook's secret, a credential's code and QR), sealed
+-- sealed: the secrets an Idempotency-Key's first answer held (a webhook's
+-- secret, a credential's code and QR; never a token, shown once), sealed
 -- with a key derived from the gateway's master key (which is not in the
 -- database), so that a replay within fleet.ReplaySecretsFor of the first
 -- answer repeats them. The response column never holds them. Wiped once
