@@ -71,9 +71,12 @@ func (m *Manager) doorAjarGrace() time.Duration {
 // door_ajar_s and its grace with nothing from the locker since: a locker
 // whose firmware sends no door_ajar, or that went silent (offline, hung)
 // with a door open, would otherwise leave an open compartment unreported.
-// Not in a run's first door_ajar_s and grace: closings queued while no
-// gateway ran (in the lockers' sessions, or a crashed instance's) are
-// still coming in.
+// Not in a run's first door_ajar_s and grace: closings queued while this
+// gateway was down (in the lockers' sessions, or its own on an external
+// broker) are still coming in. Behind an external broker a closing can
+// also wait in another instance's session while that instance is down;
+// this one may then raise door_ajar for a door closed meanwhile, which the
+// closing clears when it comes (docs/deployment.md).
 func (m *Manager) doorsLeftOpen(ctx context.Context, now time.Time) {
 	ajar := time.Duration(m.opts.Config.DoorAjarS)*time.Second + m.doorAjarGrace()
 	if ajar <= 0 || now.Sub(m.started) < ajar {

@@ -646,7 +646,7 @@ const doorClockAhead = time.Second
 // is current: in arrival order always; by clock when it was applied, or
 // the compartment is unknown (no state to be stale against).
 const applyDoorSQL = `WITH u AS (
-		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3,
+		UPDATE compartments c SET door = $5, occupied = coalesce($6, c.occupied), updated_at = $3, door_at = $3,
 			door_ts = CASE WHEN $4::timestamptz <= $3::timestamptz + $9::interval THEN $4 END
 		WHERE c.device_id = $1 AND c.n = $2
 			AND (NOT $7 OR c.door_ts IS NULL OR $4 >= c.door_ts OR $4 < c.door_ts - $8::interval)
@@ -862,10 +862,10 @@ func (db *DB) RaiseDoorsLeftOpen(ctx context.Context, openBefore, at time.Time, 
 	var raised []fleet.Alert
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		raised = raised[:0]
-		rows, err := tx.Query(ctx, `SELECT c.device_id, c.n, c.updated_at FROM compartments c
-			WHERE c.door = 'open' AND c.updated_at < $1 AND NOT c.missing
+		rows, err := tx.Query(ctx, `SELECT c.device_id, c.n, c.door_at FROM compartments c
+			WHERE c.door = 'open' AND c.door_at < $1 AND NOT c.missing
 				AND NOT EXISTS (SELECT 1 FROM alerts a WHERE a.device_id = c.device_id AND a.kind = '`+fleet.AlertDoorAjar+`'
-					AND a.compartment = c.n AND (a.cleared_at IS NULL OR a.raised_at >= c.updated_at))
+					AND a.compartment = c.n AND (a.cleared_at IS NULL OR a.raised_at >= c.door_at))
 			ORDER BY c.device_id, c.n LIMIT $2 FOR UPDATE OF c SKIP LOCKED`, openBefore, limit)
 		if err != nil {
 			return err
@@ -883,19 +883,28 @@ func (db *DB) RaiseDoorsLeftOpen(ctx context.Context, openBefore, at time.Time, 
 		if err != nil {
 			return err
 		}
+		// One round trip for them all: the compartments stay locked
+		// until the commit, and a closing waits for it.
+		b := &pgx.Batch{}
 		for _, d := range doors {
 			a := fleet.Alert{DeviceID: d.id, Kind: fleet.AlertDoorAjar, Compartment: d.n, RaisedAt: at,
 				Detail: fmt.Sprintf("open %d s by the gateway's count: the locker reported the door open and neither closed nor ajar since",
 					int(at.Sub(d.since).Seconds()))}
-			ok, err := raiseAlert(ctx, tx, &a)
-			if err != nil {
-				return err
-			}
-			if ok {
-				raised = append(raised, a)
-			}
+			b.Queue(raiseAlertSQL, raiseAlertArgs(&a)...).QueryRow(func(row pgx.Row) error {
+				var n int
+				if err := row.Scan(&n); err != nil {
+					return err
+				}
+				if n == 1 {
+					raised = append(raised, a)
+				}
+				return nil
+			})
 		}
-		return nil
+		if b.Len() == 0 {
+			return nil
+		}
+		return tx.SendBatch(ctx, b).Close()
 	})
 	return raised, err
 }

@@ -234,6 +234,13 @@ func (db *DB) register(ctx context.Context, claimHash []byte, r provisioning.Reg
 				return err
 			}
 			slices.Sort(out.Missing)
+			// The doors read closed now (above): an open door_ajar of the
+			// old board's (its own report, or the gateway's count of a door
+			// it left open) ends with it, by the gateway.
+			if _, err := tx.Exec(ctx, `UPDATE alerts SET cleared_at = $2, cleared_by = 'gateway'
+				WHERE device_id = $1 AND kind = '`+fleet.AlertDoorAjar+`' AND cleared_at IS NULL`, out.DeviceID, r.At); err != nil {
+				return err
+			}
 		}
 		action := "provision"
 		switch {

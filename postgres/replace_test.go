@@ -55,8 +55,14 @@ func TestReplacementKeepsCompartments(t *testing.T) {
 		return mustReregister(t, db, id, req)
 	}
 	exec(`UPDATE compartments SET door = 'open' WHERE device_id = $1 AND n IN (3, 4)`, id) // the old board's last report
+	exec(`INSERT INTO alerts (device_id, kind, compartment, detail, raised_at) VALUES ($1, 'door_ajar', 3, '', now())`, id)
 	if r := replace(1, 2, 3, 6); !slices.Equal(r.Missing, []int{4}) {
 		t.Fatalf("missing compartments %v, want [4]", r.Missing)
+	}
+	// Its doors read closed: the old board's door_ajar ends with it.
+	if n := countOf(t, db, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'door_ajar' AND cleared_at IS NOT NULL
+		AND cleared_by = 'gateway'`, id); n != 1 {
+		t.Fatalf("%d door_ajar alerts cleared by the gateway at the replacement, want 1", n)
 	}
 	l, err := db.GetLocker(ctx, id)
 	if err != nil {
