@@ -228,12 +228,13 @@ func Rules() []Rule {
 		},
 		{
 			Alert: "LockergateBrokerIdentitiesMissing", Severity: "critical", For: "0m",
-			Expr:        "lockergate_broker_identities_missing > 0",
-			Summary:     "Lockers have no identity on the external broker behind {{ $labels.instance }}",
+			Expr:        "max by (job) (lockergate_broker_identities_missing) > 0",
+			Summary:     "Lockers have no identity on the external broker ({{ $labels.job }})",
 			Description: "mosquitto's dynamic security does not hold these lockers' clients: they are refused as not authorised (for good, as far as they know) until provisioned again. The usual cause is a dynsec file the broker could not write: it lost every change since at its last restart.",
 			Runbook: "1. Gateway log: \"lockers without an identity on the external broker\" names the first ones.\n" +
 				"2. mosquitto's log: \"Error saving Dynamic security plugin config\"; make the dynsec file writable by mosquitto's user (docs/deployment.md) before anything else.\n" +
-				"3. Mark the lockers replaceable and provision them again (their secrets are stored hashed and cannot be put back).",
+				"3. Mark the lockers replaceable and provision them again (their secrets are stored hashed and cannot be put back).\n" +
+				"4. Every gateway instance counts the same lockers (one alert for them all); the count is checked again at each reconnect to the broker and hourly, so it may stay up to an hour after the fix (restart an instance to check at once).",
 		},
 	}
 }

@@ -212,7 +212,7 @@ func RuleTests() []RuleTest {
 		{
 			Name:   "Lockers without an identity on the broker page at once; none is quiet.",
 			Series: []Series{{`lockergate_broker_identities_missing{` + testTarget + `}`, "0x5 3x5"}},
-			Evals:  []Eval{quiet("4m", "LockergateBrokerIdentitiesMissing"), fires("6m", "LockergateBrokerIdentitiesMissing", jobInstance())},
+			Evals:  []Eval{quiet("4m", "LockergateBrokerIdentitiesMissing"), fires("6m", "LockergateBrokerIdentitiesMissing", jobOnly())},
 		},
 	}
 }

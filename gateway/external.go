@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -117,16 +118,21 @@ const identitySettle = time.Minute
 // have none either. The count is the gauge
 // lockergate_broker_identities_missing.
 func (g *Gateway) checkBrokerIdentities(ctx context.Context) {
-	if g.dynsec == nil || g.db == nil {
-		return
+	if g.dynsec == nil || g.db == nil || !g.identityCheck.TryLock() {
+		return // one under way answers for this one too (reconnects of a flapping link)
 	}
-	g.identityCheck.Lock()
 	defer g.identityCheck.Unlock()
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
+	failed := func(err error) {
+		if ctx.Err() == nil || errors.Is(ctx.Err(), context.DeadlineExceeded) { // not a stop
+			g.log.Warn("could not compare lockers with the broker's identities; tried again after the next reconnect or in an hour "+
+				"(lockergate_broker_identities_missing keeps its last count)", "err", err)
+		}
+	}
 	held, err := g.dynsec.Clients(ctx)
 	if err != nil {
-		g.log.Warn("could not compare lockers with the broker's identities; tried again after the next reconnect or in an hour", "err", err)
+		failed(err)
 		return
 	}
 	// Read after the broker's clients, and only lockers registered a
@@ -135,7 +141,7 @@ func (g *Gateway) checkBrokerIdentities(ctx context.Context) {
 	// missing.
 	ids, err := g.db.LockerIDsOlderThan(ctx, identitySettle)
 	if err != nil {
-		g.log.Warn("could not compare lockers with the broker's identities; tried again after the next reconnect or in an hour", "err", err)
+		failed(err)
 		return
 	}
 	has := make(map[string]bool, len(held))

@@ -178,13 +178,16 @@ type Gateway struct {
 
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
-	// identityCheck runs one checkBrokerIdentities at a time;
-	// identitiesMissing is its last count. running is set as Run starts:
-	// the bus's reconnects (one may come while New sets up dynsec) check
-	// identities only from then on.
+	// identityCheck is held by the checkBrokerIdentities under way (one
+	// at a time: another is skipped); identitiesMissing is the last
+	// count. running is set as Run starts and cleared by Close: the bus's
+	// reconnects (one may come while New sets up dynsec) check identities
+	// only meanwhile, on checkCtx, which Close cancels.
 	identityCheck     sync.Mutex
 	identitiesMissing atomic.Int64
 	running           atomic.Bool
+	checkCtx          context.Context
+	stopChecks        context.CancelFunc
 	kicks             *kickWatch
 	emqx              *emqxKicker // nil unless BrokerAPIURL
 	firmware          *firmware.Engine
@@ -363,9 +366,10 @@ func New(ctx context.Context, o Options) (_ *Gateway, err error) {
 	var kicker httpapi.Kicker = g.broker
 	onReplace := g.broker.Kick
 	if o.ExternalBroker != "" {
+		g.checkCtx, g.stopChecks = context.WithCancel(context.Background())
 		resubscribed := func() {
 			if g.running.Load() {
-				g.checkBrokerIdentities(context.Background())
+				g.checkBrokerIdentities(g.checkCtx)
 			}
 		}
 		if g.external, g.dynsec, err = dialExternal(ctx, o, resubscribed); err != nil {
@@ -595,6 +599,12 @@ func (g *Gateway) Close() error {
 		}
 		if g.external != nil {
 			g.external.Close() // Run closed it already, unless New failed
+		}
+		g.running.Store(false)
+		if g.stopChecks != nil {
+			g.stopChecks()
+			g.identityCheck.Lock() // a check under way ends before the pool does
+			g.identityCheck.Unlock()
 		}
 		if g.db != nil {
 			g.db.Close()
