@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lockergate/lockergate/internal/testtool"
 	"github.com/lockergate/lockergate/protocol"
@@ -473,5 +474,60 @@ func TestDrainBoundedWhileASweepIsStuck(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Run did not return: the stuck sweep held the drain off")
+	}
+}
+
+// doorsStore records RaiseDoorsLeftOpen calls and answers with raised, or
+// fails while down.
+type doorsStore struct {
+	*fakeStore
+	down   bool
+	bounds []time.Time // openBefore of each call
+	raised []Alert
+}
+
+func (s *doorsStore) RaiseDoorsLeftOpen(_ context.Context, openBefore, _ time.Time, _ int) ([]Alert, error) {
+	s.bounds = append(s.bounds, openBefore)
+	if s.down {
+		return nil, errors.New("database down")
+	}
+	return s.raised, nil
+}
+
+// TestDoorsLeftOpenWaitsAfterStart: the gateway's own door_ajar check
+// asks for doors open longer than door_ajar_s and its grace (door_ajar_s,
+// at most 30 s), not in a run's first such span; what it raised is counted
+// and logged, a failure counted as a database error.
+func TestDoorsLeftOpenWaitsAfterStart(t *testing.T) {
+	var logs strings.Builder
+	st := &doorsStore{fakeStore: newFakeStore(), raised: []Alert{{DeviceID: "lk-1", Kind: AlertDoorAjar, Compartment: 3}}}
+	cfg := DefaultConfig
+	cfg.DoorAjarS = 60 // grace 30 s: 90 s in all
+	m, err := New(Options{Store: st, Bus: &fakeBus{}, Config: cfg, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Date(2026, 12, 7, 9, 0, 0, 0, time.UTC)
+	m.started = t0
+	m.doorsLeftOpen(context.Background(), t0.Add(89*time.Second))
+	if len(st.bounds) != 0 {
+		t.Fatalf("checked %d times within the first 90 s of the run", len(st.bounds))
+	}
+	now := t0.Add(91 * time.Second)
+	m.doorsLeftOpen(context.Background(), now)
+	if len(st.bounds) != 1 || !st.bounds[0].Equal(now.Add(-90*time.Second)) {
+		t.Fatalf("bounds %v, want one, 90 s before the check", st.bounds)
+	}
+	var c dto.Metric
+	if err := m.m.alerts.WithLabelValues(AlertDoorAjar).Write(&c); err != nil || c.GetCounter().GetValue() != 1 {
+		t.Errorf("alerts_raised{door_ajar} = %v (%v), want 1", c.GetCounter().GetValue(), err)
+	}
+	if !strings.Contains(logs.String(), "kind=door_ajar compartment=3") {
+		t.Errorf("the raised alert not logged:\n%s", logs.String())
+	}
+	st.down = true
+	m.doorsLeftOpen(context.Background(), now.Add(15*time.Second))
+	if err := m.m.dbErrors.WithLabelValues("doors_left_open").Write(&c); err != nil || c.GetCounter().GetValue() != 1 {
+		t.Errorf("db_errors{doors_left_open} = %v (%v), want 1", c.GetCounter().GetValue(), err)
 	}
 }
