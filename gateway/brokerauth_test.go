@@ -496,6 +496,27 @@ func TestExternalMissingIdentitiesReported(t *testing.T) {
 	}
 }
 
+// TestExternalIdentitiesCheckedAfterABrokerRestart: the broker's restart
+// is when a lost identity shows (a dynsec file it could not write): the
+// gateway's reconnect checks identities again, without its own restart.
+func TestExternalIdentitiesCheckedAfterABrokerRestart(t *testing.T) {
+	const missing = "lockergate_broker_identities_missing"
+	ctrl := requireTool(t, "mosquitto_ctrl")
+	mq := MustMosquitto(t)
+	gw := MustStart(t, onExternal(mq, "gw-rs"))
+	lost := MustProvision(t, gw, gw.MustSiteAndClaim(t, "s1", 1), "IDR-000000")
+	if _, err := gw.DB().Pool().Exec(context.Background(), `UPDATE devices SET created_at = created_at - interval '2 minutes'`); err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(mq.Addr)
+	if out, err := exec.Command(ctrl, "-h", host, "-p", port, "-u", "lgadmin", "-P", mq.AdminPassword,
+		"dynsec", "deleteClient", lost.DeviceID).CombinedOutput(); err != nil {
+		t.Fatalf("mosquitto_ctrl deleteClient: %v: %s", err, out)
+	}
+	mq.Restart(t)
+	gw.WaitMetric(t, 30*time.Second, missing, 1)
+}
+
 // TestBrokerAuthHookDatabaseDown: while PostgreSQL is down the broker's
 // token keeps working, a locker verified before is still admitted once its
 // cached secret has expired (on the secret last verified: a stale

@@ -43,17 +43,22 @@ func requireTool(t *testing.T, name string) string {
 type Mosquitto struct {
 	Addr, AdminPassword string
 	cmd                 *exec.Cmd
+	exited              <-chan struct{}
+	bin, plugin, dir    string // as started, for Restart
 }
 
-// start runs mosquitto on a free port; false when it exited before it
-// listened. Without plugin it lets anyone connect.
-func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+// start runs mosquitto on a free port (on Addr's, when again); false when
+// it exited before it listened. Without plugin it lets anyone connect.
+func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string, again bool) bool {
+	m.bin, m.plugin, m.dir = bin, plugin, dir
+	if !again {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		m.Addr = ln.Addr().String()
+		ln.Close()
 	}
-	m.Addr = ln.Addr().String()
-	ln.Close()
 	_, port, _ := net.SplitHostPort(m.Addr)
 	// The queueing limits are docs/deployment.md's: gateways acknowledge
 	// after the store, and their sessions hold messages while they are away.
@@ -70,19 +75,25 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 	if err := os.WriteFile(filepath.Join(dir, "mosquitto.conf"), []byte(conf), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	m.cmd = exec.Command(bin, "-c", filepath.Join(dir, "mosquitto.conf"))
-	m.cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
-	logf, err := os.OpenFile(filepath.Join(dir, "mosquitto.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	cmd := exec.Command(bin, "-c", filepath.Join(dir, "mosquitto.conf"))
+	cmd.SysProcAttr = subproc.DieWithParent(&syscall.SysProcAttr{}, syscall.SIGKILL)
+	logPath := filepath.Join(dir, "mosquitto.log")
+	logged := int64(0) // the log so far: an earlier start's "running" is not this one's
+	if fi, err := os.Stat(logPath); err == nil {
+		logged = fi.Size()
+	}
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
-	m.cmd.Stdout, m.cmd.Stderr = logf, logf
-	exited, err := testtool.Start(m.cmd)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	exited, err := testtool.Start(cmd)
 	if err != nil {
 		t.Fatal(err)
 	}
+	m.cmd, m.exited = cmd, exited
 	t.Cleanup(func() {
-		m.cmd.Process.Kill()
+		cmd.Process.Kill()
 		<-exited
 		logf.Close()
 		if t.Failed() {
@@ -107,7 +118,7 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string) bool {
 		// "running" only once its listeners are bound, while a process
 		// that lost the port to another exits (that other listener would
 		// answer the dial, then go away).
-		if b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log")); strings.Contains(string(b), " running") {
+		if b, _ := os.ReadFile(logPath); int64(len(b)) > logged && strings.Contains(string(b[logged:]), " running") {
 			if c, err := net.Dial("tcp", m.Addr); err == nil {
 				c.Close()
 				return true
@@ -136,7 +147,7 @@ func MustOpenMosquitto(t *testing.T) *Mosquitto {
 // exits at once is started again.
 func (m *Mosquitto) mustStart(t *testing.T, bin, plugin, dir string) {
 	t.Helper()
-	for attempt := 0; !m.start(t, bin, plugin, dir); attempt++ {
+	for attempt := 0; !m.start(t, bin, plugin, dir, false); attempt++ {
 		if attempt == 3 {
 			b, _ := os.ReadFile(filepath.Join(dir, "mosquitto.log"))
 			t.Fatalf("mosquitto did not start:\n%s", tail(string(b), 20))
@@ -170,6 +181,20 @@ func MustMosquitto(t *testing.T) *Mosquitto {
 	}
 	m.mustStart(t, bin, plugin, dir)
 	return m
+}
+
+// Restart stops mosquitto and starts it again on the same port with the
+// same configuration (the dynsec file as the broker left it), as a broker
+// restart: its clients lose their connections and reconnect.
+func (m *Mosquitto) Restart(t *testing.T) {
+	t.Helper()
+	if err := m.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-m.exited
+	if !m.start(t, m.bin, m.plugin, m.dir, true) {
+		t.Fatalf("mosquitto did not start again on %s", m.Addr)
+	}
 }
 
 func tail(s string, n int) string {

@@ -505,7 +505,7 @@ func (b *Bus) resubscribe(paho.Client) {
 			return
 		}
 		if len(todo) == 0 {
-			if b.o.Resubscribed != nil {
+			if b.o.Resubscribed != nil && b.c.IsConnectionOpen() {
 				go b.o.Resubscribed()
 			}
 			return
@@ -528,6 +528,12 @@ func (b *Bus) resubscribe(paho.Client) {
 			if err != nil {
 				b.log.Error("external broker subscription not restored; trying again", "filter", f, "retry_in", backoff, "err", err)
 			}
+		}
+		b.mu.Lock()
+		done := len(b.missing) == 0
+		b.mu.Unlock()
+		if done {
+			continue // every one in: said at once, not after a back-off (while the connection may have gone again)
 		}
 		select {
 		case <-time.After(backoff):

@@ -238,7 +238,7 @@ func (d *DynSec) Clients(ctx context.Context) ([]string, error) {
 			return nil, fmt.Errorf("dynsec listClients: %w", err)
 		}
 		all = append(all, r.Clients...)
-		if len(r.Clients) < page || len(all) >= r.TotalCount {
+		if len(r.Clients) == 0 || len(all) >= r.TotalCount {
 			return all, nil
 		}
 	}
