@@ -2,6 +2,7 @@ package mqttbus
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -319,5 +320,44 @@ func TestRetainedReadsInParallel(t *testing.T) {
 	}
 	if got, err := gw.Retained(ctx, "lockers/v1/lk-b/presence"); !errors.Is(err, fleet.ErrBusClosed) || got != nil {
 		t.Fatalf("a read after Close: %q %v, want fleet.ErrBusClosed", got, err)
+	}
+}
+
+// TestDynSecClientsPaged: Clients reads every client the plugin holds, past
+// the 1,000 one answer holds.
+func TestDynSecClientsPaged(t *testing.T) {
+	addr, adminPassword := dynsecMosquitto(t)
+	b := dialBus(t, addr, "admin", Options{Username: "lgadmin", Password: adminPassword})
+	ds, err := NewDynSec(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 1234
+	cmds := make([]any, n)
+	for i := range cmds {
+		cmds[i] = map[string]any{"command": "createClient", "username": fmt.Sprintf("c-%04d", i)}
+	}
+	body, _ := json.Marshal(map[string]any{"commands": cmds})
+	if err := b.Publish(context.Background(), dynsecTopic, body, 1, false); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	testtool.Eventually(t, 30*time.Second, fmt.Sprintf("%d clients and lgadmin listed", n), func() error {
+		if got, err = ds.Clients(context.Background()); err != nil {
+			return err
+		}
+		if len(got) != n+1 {
+			return fmt.Errorf("%d listed", len(got))
+		}
+		return nil
+	})
+	seen := map[string]bool{}
+	for _, c := range got {
+		seen[c] = true
+	}
+	for i := range n {
+		if c := fmt.Sprintf("c-%04d", i); !seen[c] {
+			t.Fatalf("%s not listed (%d distinct of %d)", c, len(seen), len(got))
+		}
 	}
 }
