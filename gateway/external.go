@@ -3,15 +3,39 @@ package gateway
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/url"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/mqttbus"
 )
+
+// brokerTLS is the TLS configuration for an mqtts:// external broker: nil
+// (the system's CAs) unless ExternalCAFile names the CAs to trust.
+func brokerTLS(o Options) (*tls.Config, error) {
+	if o.ExternalCAFile == "" {
+		return nil, nil
+	}
+	if u, err := url.Parse(o.ExternalBroker); err != nil || (u.Scheme != "mqtts" && u.Scheme != "ssl" && u.Scheme != "tls") {
+		return nil, fmt.Errorf("--broker-ca-file is for an mqtts:// --broker-url, not %q", o.ExternalBroker)
+	}
+	b, err := os.ReadFile(o.ExternalCAFile)
+	if err != nil {
+		return nil, fmt.Errorf("--broker-ca-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("--broker-ca-file %s: no PEM certificate in it", o.ExternalCAFile)
+	}
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+}
 
 // checkDeviceAuth defaults and checks o.DeviceAuth and the options that
 // go with it.
@@ -61,10 +85,17 @@ func dialExternal(ctx context.Context, o Options, resubscribed func()) (*mqttbus
 	}
 	// A named instance keeps its session (and what it had not acknowledged)
 	// on the broker across crashes; a random id would never come back for it.
+	tlsConf, err := brokerTLS(o)
+	if err != nil {
+		return nil, nil, err
+	}
 	bus, err := mqttbus.Dial(ctx, mqttbus.Options{URL: o.ExternalBroker, ClientID: id, Username: o.ExternalUser,
-		Password: o.ExternalPassword, Persistent: o.InstanceID != "", Resubscribed: resubscribed,
+		Password: o.ExternalPassword, TLS: tlsConf, Persistent: o.InstanceID != "", Resubscribed: resubscribed,
 		Logger: o.Logger.With("component", "external-broker")})
 	if err != nil {
+		if strings.Contains(err.Error(), "x509:") && o.ExternalCAFile == "" {
+			err = fmt.Errorf("%w (a broker certificate from a private CA: give the CA with --broker-ca-file)", err)
+		}
 		return nil, nil, err
 	}
 	if o.DeviceAuth == DeviceAuthHTTP {

@@ -3,10 +3,17 @@ package gateway_test
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -45,6 +52,8 @@ type Mosquitto struct {
 	cmd                 *exec.Cmd
 	exited              <-chan struct{}
 	bin, plugin, dir    string // as started, for Restart
+	// certFile and keyFile, when set, make the listener TLS (mqtts).
+	certFile, keyFile string
 }
 
 // start runs mosquitto on a free port (on Addr's, when again); false when
@@ -64,6 +73,9 @@ func (m *Mosquitto) start(t *testing.T, bin, plugin, dir string, again bool) boo
 	// after the store, and their sessions hold messages while they are away.
 	conf := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_keepalive 300\n"+
 		"max_inflight_messages 10000\nmax_queued_messages 0\nmax_queued_bytes 268435456\nmax_packet_size 262144\nlog_dest stderr\n", port)
+	if m.certFile != "" {
+		conf += fmt.Sprintf("certfile %s\nkeyfile %s\n", m.certFile, m.keyFile)
+	}
 	if plugin != "" {
 		conf += fmt.Sprintf("allow_anonymous false\nplugin %s\nplugin_opt_config_file %s\n", plugin, filepath.Join(dir, "dynsec.json"))
 	} else {
@@ -140,6 +152,52 @@ func MustOpenMosquitto(t *testing.T) *Mosquitto {
 	m := &Mosquitto{}
 	m.mustStart(t, bin, "", dir)
 	return m
+}
+
+// MustTLSMosquitto is MustOpenMosquitto on TLS, its certificate (for
+// 127.0.0.1) from a CA of its own, whose PEM file it returns.
+func MustTLSMosquitto(t *testing.T) (m *Mosquitto, caFile string) {
+	t.Helper()
+	bin := requireTool(t, "mosquitto")
+	dir := t.TempDir()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test broker CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, typ string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	caFile = write("ca.pem", "CERTIFICATE", caDER)
+	m = &Mosquitto{certFile: write("server.pem", "CERTIFICATE", der), keyFile: write("server.key", "EC PRIVATE KEY", keyDER)}
+	m.mustStart(t, bin, "", dir)
+	return m, caFile
 }
 
 // mustStart starts mosquitto. The port is picked free and handed to
@@ -582,6 +640,31 @@ func TestExternalReplacementWithTheBrokerDown(t *testing.T) {
 	if nr.DeviceID != r.DeviceID || nr.Password == r.Password {
 		t.Fatalf("replacement answer %s with a new secret: %v; want the same locker, re-keyed", nr.DeviceID, nr.Password != r.Password)
 	}
+}
+
+// TestExternalBrokerPrivateCA: a broker whose certificate comes from a
+// private CA is refused at start, with what to do, unless --broker-ca-file
+// gives that CA; with it the gateway runs on the broker over TLS.
+func TestExternalBrokerPrivateCA(t *testing.T) {
+	mq, ca := MustTLSMosquitto(t)
+	over := func(caFile string) func(*gateway.Options) {
+		return func(o *gateway.Options) {
+			onExternal(mq, "gw-tls")(o)
+			o.ExternalBroker, o.ExternalCAFile = "mqtts://"+mq.Addr, caFile
+		}
+	}
+	o := gateway.Options{DataDir: t.TempDir(), DatabaseURL: pgtest.NewDB(t), MQTTAddr: "127.0.0.1:0", HTTPAddr: "127.0.0.1:0",
+		Logger: testLogger(t)}
+	over("")(&o)
+	g, err := gateway.New(context.Background(), o)
+	if err == nil {
+		g.Close()
+		t.Fatal("started on a broker whose certificate no trusted CA signed")
+	}
+	if !strings.Contains(err.Error(), "x509") || !strings.Contains(err.Error(), "--broker-ca-file") {
+		t.Fatalf("error %q does not say the certificate is unknown and what to do", err)
+	}
+	MustStart(t, over(ca)) // ready: connected and subscribed over TLS
 }
 
 // TestExternalRestartKeepsSessions: a gateway that subscribes anew behind

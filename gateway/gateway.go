@@ -95,6 +95,10 @@ type Options struct {
 	// external broker (never a device's); with mosquitto it must hold the
 	// dynamic-security admin role so lockers' identities can be managed.
 	ExternalUser, ExternalPassword string
+	// ExternalCAFile is a PEM file of the CA certificates an mqtts://
+	// ExternalBroker's certificate is checked against; "" uses the
+	// system's.
+	ExternalCAFile string
 	// InstanceID names this instance on the external broker (its client id).
 	InstanceID string
 	// DeviceAuth is how the external broker authenticates lockers:
