@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/lockergate/lockergate/mqttbus"
@@ -23,7 +22,8 @@ func brokerTLS(o Options) (*tls.Config, error) {
 	if o.ExternalCAFile == "" {
 		return nil, nil
 	}
-	if u, err := url.Parse(o.ExternalBroker); err != nil || (u.Scheme != "mqtts" && u.Scheme != "ssl" && u.Scheme != "tls") {
+	u, err := url.Parse(o.ExternalBroker)
+	if err != nil || (u.Scheme != "mqtts" && u.Scheme != "ssl" && u.Scheme != "tls") {
 		return nil, fmt.Errorf("--broker-ca-file is for an mqtts:// --broker-url, not %q", o.ExternalBroker)
 	}
 	b, err := os.ReadFile(o.ExternalCAFile)
@@ -34,7 +34,9 @@ func brokerTLS(o Options) (*tls.Config, error) {
 	if !pool.AppendCertsFromPEM(b) {
 		return nil, fmt.Errorf("--broker-ca-file %s: no PEM certificate in it", o.ExternalCAFile)
 	}
-	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}, nil
+	// ServerName as the URL says: a dial through a proxy (all_proxy)
+	// does not fill it in.
+	return &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: u.Hostname()}, nil
 }
 
 // checkDeviceAuth defaults and checks o.DeviceAuth and the options that
@@ -93,7 +95,7 @@ func dialExternal(ctx context.Context, o Options, resubscribed func()) (*mqttbus
 		Password: o.ExternalPassword, TLS: tlsConf, Persistent: o.InstanceID != "", Resubscribed: resubscribed,
 		Logger: o.Logger.With("component", "external-broker")})
 	if err != nil {
-		if strings.Contains(err.Error(), "x509:") && o.ExternalCAFile == "" {
+		if unknown := (x509.UnknownAuthorityError{}); errors.As(err, &unknown) && o.ExternalCAFile == "" {
 			err = fmt.Errorf("%w (a broker certificate from a private CA: give the CA with --broker-ca-file)", err)
 		}
 		return nil, nil, err
@@ -149,10 +151,27 @@ const identitySettle = time.Minute
 // have none either. The count is the gauge
 // lockergate_broker_identities_missing.
 func (g *Gateway) checkBrokerIdentities(ctx context.Context) {
-	if g.dynsec == nil || g.db == nil || !g.identityCheck.TryLock() {
-		return // one under way answers for this one too (reconnects of a flapping link)
+	if g.dynsec == nil || g.db == nil {
+		return
 	}
-	defer g.identityCheck.Unlock()
+	// Asked for; whoever holds identityCheck runs it: a check under way
+	// runs once more when it ends (it may have asked a broker that went
+	// away meanwhile: a flapping link), and none is lost between its last
+	// look and its unlock (the look after the unlock).
+	g.identityAgain.Store(true)
+	for g.identityAgain.Load() && g.identityCheck.TryLock() {
+		for g.identityAgain.Swap(false) && ctx.Err() == nil {
+			g.checkIdentitiesOnce(ctx)
+		}
+		g.identityCheck.Unlock()
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// checkIdentitiesOnce is one checkBrokerIdentities.
+func (g *Gateway) checkIdentitiesOnce(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	failed := func(err error) {

@@ -183,12 +183,13 @@ type Gateway struct {
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
 	// identityCheck is held by the checkBrokerIdentities under way (one
-	// at a time: another is skipped); identitiesMissing is the last
-	// count. running is set as Run starts and cleared by Close: the bus's
+	// at a time: another asked for meanwhile, identityAgain, runs after
+	// it); identitiesMissing is the last count. running is set as Run starts and cleared by Close: the bus's
 	// reconnects (one may come while New sets up dynsec) check identities
 	// only meanwhile, on checkCtx, which Close cancels.
 	identityCheck     sync.Mutex
 	identitiesMissing atomic.Int64
+	identityAgain     atomic.Bool // a check asked for while one ran
 	running           atomic.Bool
 	checkCtx          context.Context
 	stopChecks        context.CancelFunc

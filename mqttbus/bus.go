@@ -505,8 +505,17 @@ func (b *Bus) resubscribe(paho.Client) {
 			return
 		}
 		if len(todo) == 0 {
+			// Open, and still this loop's connection: paho runs the
+			// reconnecting handler (reconnects) before every new attempt,
+			// so an open connection seen before the check is not a newer
+			// one whose subscriptions are not back yet.
 			if b.o.Resubscribed != nil && b.c.IsConnectionOpen() {
-				go b.o.Resubscribed()
+				b.mu.Lock()
+				still := conn == b.conns && rec == b.reconnects && !b.closing
+				b.mu.Unlock()
+				if still {
+					go b.o.Resubscribed()
+				}
 			}
 			return
 		}
