@@ -3,17 +3,10 @@ package gateway_test
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net"
 	"net/http"
 	"net/url"
@@ -154,48 +147,22 @@ func MustOpenMosquitto(t *testing.T) *Mosquitto {
 	return m
 }
 
-// MustTLSMosquitto is MustOpenMosquitto on TLS, its certificate (for
-// 127.0.0.1) from a CA of its own, whose PEM file it returns.
+// MustTLSMosquitto is MustOpenMosquitto on TLS, with a self-signed
+// certificate for 127.0.0.1, whose PEM file (the CA to trust) it returns.
 func MustTLSMosquitto(t *testing.T) (m *Mosquitto, caFile string) {
 	t.Helper()
 	bin := requireTool(t, "mosquitto")
 	dir := t.TempDir()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test broker CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
-		KeyUsage: x509.KeyUsageCertSign}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, _ := x509.ParseCertificate(caDER)
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	write := func(name, typ string, b []byte) string {
+	certPEM, keyPEM := testtool.SelfSigned(t)
+	write := func(name string, b []byte) string {
 		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+		if err := os.WriteFile(p, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
 		return p
 	}
-	caFile = write("ca.pem", "CERTIFICATE", caDER)
-	m = &Mosquitto{certFile: write("server.pem", "CERTIFICATE", der), keyFile: write("server.key", "EC PRIVATE KEY", keyDER)}
+	caFile = write("server.pem", certPEM)
+	m = &Mosquitto{certFile: caFile, keyFile: write("server.key", keyPEM)}
 	m.mustStart(t, bin, "", dir)
 	return m, caFile
 }
