@@ -338,15 +338,7 @@ func TestExternalDisable(t *testing.T) {
 	// mosquitto ends the session without a Last Will; the gateway that
 	// ended it records the end, and sets the retained presence offline.
 	patchLocker(t, gw, r.DeviceID, map[string]bool{"disabled": true})
-	Eventually(t, 10*time.Second, "mosquitto ends the disabled locker's session", func() error {
-		if c.IsConnectionOpen() {
-			return errors.New("still connected")
-		}
-		return nil
-	})
-	if l := lockerOf(t, gw, r.DeviceID); l.Online || l.DisconnectReason != "kicked" {
-		t.Fatalf("the disabled locker: online %v, disconnect_reason %q; want offline, kicked", l.Online, l.DisconnectReason)
-	}
+	wantKicked(t, gw, c, r.DeviceID, "the disabled locker")
 	// An instance subscribing afresh is handed the retained presence: the
 	// will, not the locker's last birth (which would read as a live session).
 	if p := mustRetainedPresence(t, mq, r.DeviceID); p != `{"online":false}` {
@@ -410,6 +402,39 @@ func mustRetainedPresence(t *testing.T, mq *Mosquitto, id string) string {
 	}
 }
 
+// wantKicked waits for mosquitto to end c, what's session (locker id),
+// and wants the gateway to have recorded its end: offline, kicked.
+func wantKicked(t *testing.T, gw *TestGateway, c paho.Client, id, what string) {
+	t.Helper()
+	Eventually(t, 10*time.Second, "mosquitto ends "+what+"'s session", func() error {
+		if c.IsConnectionOpen() {
+			return errors.New("still connected")
+		}
+		return nil
+	})
+	if l := lockerOf(t, gw, id); l.Online || l.DisconnectReason != "kicked" {
+		t.Fatalf("%s: online %v, disconnect_reason %q; want offline, kicked", what, l.Online, l.DisconnectReason)
+	}
+}
+
+// loseIdentity deletes locker id's client from mq's dynamic security, as
+// a broker that could not save its dynsec file loses it at a restart, and
+// dates every locker's registration two minutes back, past the minute in
+// which an identity is still being put on the broker (one just made is
+// not counted missing).
+func loseIdentity(t *testing.T, gw *TestGateway, mq *Mosquitto, id string) {
+	t.Helper()
+	ctrl := requireTool(t, "mosquitto_ctrl")
+	host, port, _ := net.SplitHostPort(mq.Addr)
+	if out, err := exec.Command(ctrl, "-h", host, "-p", port, "-u", "lgadmin", "-P", mq.AdminPassword,
+		"dynsec", "deleteClient", id).CombinedOutput(); err != nil {
+		t.Fatalf("mosquitto_ctrl deleteClient: %v: %s", err, out)
+	}
+	if _, err := gw.DB().Pool().Exec(context.Background(), `UPDATE devices SET created_at = created_at - interval '2 minutes'`); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestExternalReplacementReadsOffline: re-provisioning a connected
 // locker's serial ends the old board's session on mosquitto (its password
 // changes), which reports no session end and publishes no will: the
@@ -423,15 +448,7 @@ func TestExternalReplacementReadsOffline(t *testing.T) {
 	if r2 := MustProvision(t, gw, claim, "REP-000000"); r2.DeviceID != r.DeviceID {
 		t.Fatalf("replacement answered locker %s, want %s", r2.DeviceID, r.DeviceID)
 	}
-	Eventually(t, 10*time.Second, "mosquitto ends the old board's session", func() error {
-		if c.IsConnectionOpen() {
-			return errors.New("still connected")
-		}
-		return nil
-	})
-	if l := lockerOf(t, gw, r.DeviceID); l.Online || l.DisconnectReason != "kicked" {
-		t.Fatalf("the replaced locker: online %v, disconnect_reason %q; want offline, kicked", l.Online, l.DisconnectReason)
-	}
+	wantKicked(t, gw, c, r.DeviceID, "the replaced locker")
 	if p := mustRetainedPresence(t, mq, r.DeviceID); p != `{"online":false}` {
 		t.Fatalf("retained presence after the replacement %s, want the will", p)
 	}
@@ -444,7 +461,6 @@ func TestExternalReplacementReadsOffline(t *testing.T) {
 // start (and after each reconnect, hourly) and reports the missing ones.
 func TestExternalMissingIdentitiesReported(t *testing.T) {
 	const missing = "lockergate_broker_identities_missing"
-	ctrl := requireTool(t, "mosquitto_ctrl")
 	mq := MustMosquitto(t)
 	var opts gateway.Options
 	gw := MustStart(t, onExternal(mq, "gw-ids"), func(o *gateway.Options) { opts = *o })
@@ -475,11 +491,7 @@ func TestExternalMissingIdentitiesReported(t *testing.T) {
 		t.Fatalf("%s = %v (%v) with every identity there, want 0", missing, v, err)
 	}
 
-	host, port, _ := net.SplitHostPort(mq.Addr)
-	if out, err := exec.Command(ctrl, "-h", host, "-p", port, "-u", "lgadmin", "-P", mq.AdminPassword,
-		"dynsec", "deleteClient", lost.DeviceID).CombinedOutput(); err != nil {
-		t.Fatalf("mosquitto_ctrl deleteClient: %v: %s", err, out)
-	}
+	loseIdentity(t, gw, mq, lost.DeviceID)
 	mustRefuse(t, mq.Addr, lost.DeviceID, lost.Password, "a locker whose identity the broker lost")
 	logs = restart()
 	gw.WaitMetric(t, 10*time.Second, missing, 1) // the kept one is not counted
@@ -501,18 +513,10 @@ func TestExternalMissingIdentitiesReported(t *testing.T) {
 // gateway's reconnect checks identities again, without its own restart.
 func TestExternalIdentitiesCheckedAfterABrokerRestart(t *testing.T) {
 	const missing = "lockergate_broker_identities_missing"
-	ctrl := requireTool(t, "mosquitto_ctrl")
 	mq := MustMosquitto(t)
 	gw := MustStart(t, onExternal(mq, "gw-rs"))
 	lost := MustProvision(t, gw, gw.MustSiteAndClaim(t, "s1", 1), "IDR-000000")
-	if _, err := gw.DB().Pool().Exec(context.Background(), `UPDATE devices SET created_at = created_at - interval '2 minutes'`); err != nil {
-		t.Fatal(err)
-	}
-	host, port, _ := net.SplitHostPort(mq.Addr)
-	if out, err := exec.Command(ctrl, "-h", host, "-p", port, "-u", "lgadmin", "-P", mq.AdminPassword,
-		"dynsec", "deleteClient", lost.DeviceID).CombinedOutput(); err != nil {
-		t.Fatalf("mosquitto_ctrl deleteClient: %v: %s", err, out)
-	}
+	loseIdentity(t, gw, mq, lost.DeviceID)
 	mq.Restart(t)
 	gw.WaitMetric(t, 30*time.Second, missing, 1)
 }
