@@ -537,7 +537,9 @@ func (g *Gateway) Run(ctx context.Context) error {
 		}()
 	}
 	g.running.Store(true)
-	g.checkBrokerIdentities(ctx)
+	// The start's identity check (behind mosquitto) pages the broker's
+	// clients: beside the workers, not ahead of the loop below.
+	background.Go(func() { g.checkBrokerIdentities(bctx) })
 	maint := time.NewTicker(time.Hour)
 	defer maint.Stop()
 	g.log.Info("gateway running", "http", g.HTTPAddr(), "mqtt", addrString(g.broker.TCPAddr()), "mqtts", addrString(g.broker.TLSAddr()))
