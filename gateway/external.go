@@ -154,20 +154,9 @@ func (g *Gateway) checkBrokerIdentities(ctx context.Context) {
 	if g.dynsec == nil || g.db == nil {
 		return
 	}
-	// Asked for; whoever holds identityCheck runs it: a check under way
-	// runs once more when it ends (it may have asked a broker that went
-	// away meanwhile: a flapping link), and none is lost between its last
-	// look and its unlock (the look after the unlock).
-	g.identityAgain.Store(true)
-	for g.identityAgain.Load() && g.identityCheck.TryLock() {
-		for g.identityAgain.Swap(false) && ctx.Err() == nil {
-			g.checkIdentitiesOnce(ctx)
-		}
-		g.identityCheck.Unlock()
-		if ctx.Err() != nil {
-			return
-		}
-	}
+	// A check under way runs once more when it ends: it may have asked a
+	// broker that went away meanwhile (a flapping link).
+	g.identityCheck.Do(ctx, g.checkIdentitiesOnce)
 }
 
 // checkIdentitiesOnce is one checkBrokerIdentities.

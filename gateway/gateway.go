@@ -182,14 +182,13 @@ type Gateway struct {
 
 	external *mqttbus.Bus
 	dynsec   *mqttbus.DynSec
-	// identityCheck is held by the checkBrokerIdentities under way (one
-	// at a time: another asked for meanwhile, identityAgain, runs after
-	// it); identitiesMissing is the last count. running is set as Run starts and cleared by Close: the bus's
+	// identityCheck runs the broker identity checks, one at a time (one
+	// asked for meanwhile runs after it); identitiesMissing is the last
+	// count. running is set as Run starts and cleared by Close: the bus's
 	// reconnects (one may come while New sets up dynsec) check identities
 	// only meanwhile, on checkCtx, which Close cancels.
-	identityCheck     sync.Mutex
+	identityCheck     rerun
 	identitiesMissing atomic.Int64
-	identityAgain     atomic.Bool // a check asked for while one ran
 	running           atomic.Bool
 	checkCtx          context.Context
 	stopChecks        context.CancelFunc
@@ -610,8 +609,7 @@ func (g *Gateway) Close() error {
 		g.running.Store(false)
 		if g.stopChecks != nil {
 			g.stopChecks()
-			g.identityCheck.Lock() // a check under way ends before the pool does
-			g.identityCheck.Unlock()
+			g.identityCheck.Wait() // a check under way ends before the pool does
 		}
 		if g.db != nil {
 			g.db.Close()
