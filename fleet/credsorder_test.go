@@ -258,3 +258,32 @@ func TestOlderAckPublishesTheSet(t *testing.T) {
 		}
 	}
 }
+
+// TestAckAheadIsDroppedAndTheSetSent: an acknowledgement of a set never
+// published (the store answers it ahead, not recorded) is dropped as
+// invalid, counted and logged, and the locker is sent its current set, once
+// per version.
+func TestAckAheadIsDroppedAndTheSetSent(t *testing.T) {
+	st := &backStore{versionStore: &versionStore{fakeStore: newFakeStore(), versions: map[string]int64{"lk-a": 10}},
+		back: []CredsLag{{DeviceID: "lk-a", Version: 10, Ahead: 999}}}
+	bus := &credsBus{sets: map[string][]int64{}}
+	var logs strings.Builder
+	m, err := New(Options{Store: st, Bus: bus, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		m.credsAcked(context.Background(), []control{{kind: ctrlCredsAck, id: "lk-a", payload: []byte(`{"version":999}`)}})
+	}
+	if got, want := bus.sets["lk-a"], []int64{10}; !slices.Equal(got, want) {
+		t.Errorf("lk-a got sets %v, want %v (its current set, once)", got, want)
+	}
+	var c dto.Metric
+	if err := m.m.dropped.WithLabelValues(string(protocol.ChanCredsAck), "invalid").Write(&c); err != nil || c.GetCounter().GetValue() != 2 {
+		t.Errorf("dropped creds/ack invalid = %v (%v), want 2", c.GetCounter().GetValue(), err)
+	}
+	if out := logs.String(); !strings.Contains(out, "acknowledged credential set 999 is ahead of the current set 10") ||
+		!strings.Contains(out, "the locker acknowledged one never published") {
+		t.Errorf("log does not say the ack was ahead and the set sent:\n%s", out)
+	}
+}

@@ -1743,7 +1743,20 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 	// acknowledges it again. Once per locker and version: one that keeps
 	// going back (firmware that re-applies a stale copy) is left to the
 	// census, whose republishes are bounded.
+	//
+	// An acknowledgement ahead of the current set names a set never
+	// published (firmware at fault, a database restored from a backup, or
+	// a forgery): it was not recorded, and is dropped as invalid; the
+	// locker is sent its current set the same way, and stays behind (the
+	// census's republishes, then creds_not_applied) until it acknowledges
+	// that set. Recorded, it would read every set up to it as applied, and
+	// release compartments whose codes the locker may still accept.
 	for _, l := range back {
+		if l.Ahead > 0 {
+			m.dropInvalid(protocol.ChanCredsAck, l.DeviceID,
+				fmt.Errorf("%w: acknowledged credential set %d is ahead of the current set %d, which the locker is sent again: not recorded",
+					protocol.ErrInvalid, l.Ahead, l.Version))
+		}
 		if m.backRepublish.done(l) {
 			continue
 		}
@@ -1756,6 +1769,10 @@ func (m *Manager) credsAcked(ctx context.Context, cs []control) {
 		}
 		m.backRepublish.mark(l) // a locker's acks are on one control shard: no other marks it meanwhile
 		m.m.credsRepublished.Inc()
+		if l.Ahead > 0 {
+			m.log.Info("credential set republished: the locker acknowledged one never published", "locker", l.DeviceID, "version", l.Version, "acknowledged", l.Ahead)
+			continue
+		}
 		m.log.Info("credential set republished: the locker acknowledged an older one than before", "locker", l.DeviceID, "version", l.Version)
 	}
 }

@@ -11,6 +11,10 @@ import (
 type CredsLag struct {
 	DeviceID string
 	Version  int64 // the current version
+	// Ahead, from AckCredsMany only: the version the locker acknowledged,
+	// above its current set's (no such set was published: not recorded);
+	// 0 when its acknowledgement went back instead.
+	Ahead int64
 }
 
 // Store is the fleet's persistent state. The PostgreSQL implementation lives
@@ -128,8 +132,10 @@ type Store interface {
 	// AckCredsMany records the credential-set version each locker applied
 	// last, one per locker, and returns the lockers whose acknowledgement
 	// went back to an older set than the one they had acknowledged, leaving
-	// them behind their current set (with its version).
-	AckCredsMany(ctx context.Context, acks []CredsAck) (regressed []CredsLag, err error)
+	// them behind their current set (with its version), and those whose
+	// acknowledgement is ahead of their current set (CredsLag.Ahead), which
+	// it does not record.
+	AckCredsMany(ctx context.Context, acks []CredsAck) (back []CredsLag, err error)
 	// TouchLockers moves each locker's last_seen forward to its time in at
 	// (a message heard from it), never back; ids are distinct.
 	TouchLockers(ctx context.Context, ids []string, at []time.Time) error

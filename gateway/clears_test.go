@@ -9,6 +9,7 @@ import (
 	"github.com/lockergate/lockergate/devicesim"
 	"github.com/lockergate/lockergate/fleet"
 	"github.com/lockergate/lockergate/pickup"
+	"github.com/lockergate/lockergate/protocol"
 )
 
 // TestCompartmentWaitsForTheSetWithoutItsLastCode: a locker validates
@@ -46,6 +47,24 @@ func TestCompartmentWaitsForTheSetWithoutItsLastCode(t *testing.T) {
 	})
 	if !l.HasCredential(first.Credential.ID) {
 		t.Fatalf("the locker no longer holds CLR-1's code: the test's premise (a late set) is gone")
+	}
+	// The locker (a raw client in its place) acknowledges a set never
+	// published: not recorded, so it does not release the compartment.
+	id, _ := l.Identity()
+	l.Disconnect()
+	acked := e.tg.Count(t, `SELECT creds_acked FROM devices WHERE id = $1`, first.Locker)
+	current := e.tg.Count(t, `SELECT creds_version FROM devices WHERE id = $1`, first.Locker)
+	dev := MustConnect(t, e.tg.MQTTAddr(), id.DeviceID, id.DeviceID, id.Password)
+	MustPublish(t, dev, protocol.Topic(id.DeviceID, protocol.ChanCredsAck), false, fmt.Sprintf(`{"version":%d}`, current+100))
+	e.tg.WaitMetric(t, 10*time.Second, `lockergate_ingest_messages_dropped_total{channel="creds/ack",reason="invalid"}`, 1)
+	if got := e.tg.Count(t, `SELECT creds_acked FROM devices WHERE id = $1`, first.Locker); got != acked {
+		t.Fatalf("creds_acked %d after an ack of set %d (never published), want %d: recorded", got, current+100, acked)
+	}
+	dev.Disconnect(250)
+	rctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	if err := l.Reconnect(rctx); err != nil {
+		t.Fatal(err)
 	}
 	next := e.create(t, "CLR-2", "S", time.Hour)
 	if next.Locker == first.Locker && next.Compartment == first.Compartment {

@@ -104,6 +104,13 @@ func TestCredsAckedIsTheLatest(t *testing.T) {
 		}
 		return len(back) == 1
 	}
+	acked := func() (v int64) {
+		t.Helper()
+		if err := db.Pool().QueryRow(ctx, `SELECT creds_acked FROM devices WHERE id = $1`, id).Scan(&v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
 	if ack(6) || behind() {
 		t.Fatalf("after ack 6: behind %v or went back, want current", behind())
 	}
@@ -113,8 +120,19 @@ func TestCredsAckedIsTheLatest(t *testing.T) {
 	if ack(5) {
 		t.Fatal("ack 5 repeated (QoS 1) said it went back: it was 5 already")
 	}
-	if ack(7) || ack(6) {
-		t.Fatal("an ack back to the current set (6, after 7, never issued) said the locker was left behind")
+	// An ack ahead of the current set (7: never published) is answered as
+	// such and not recorded: the locker stays where it was, behind.
+	for _, v := range []int64{7, 1 << 40} {
+		back, err := db.AckCredsMany(ctx, []fleet.CredsAck{{ID: id, Version: v}})
+		if err != nil || len(back) != 1 || back[0] != (fleet.CredsLag{DeviceID: id, Version: 6, Ahead: v}) {
+			t.Fatalf("ack %d of a set never published: answered %v (%v), want it ahead of 6", v, back, err)
+		}
+		if got := acked(); got != 5 || !behind() {
+			t.Fatalf("after ack %d: creds_acked %d (want 5, not recorded), behind %v (want behind)", v, got, behind())
+		}
+	}
+	if ack(6) {
+		t.Fatal("an ack of the current set said the locker was left behind")
 	}
 	if !ack(4) {
 		t.Fatal("ack 4 after 6 did not go back")

@@ -1713,6 +1713,9 @@ func TestSessionStartsAndAcksMany(t *testing.T) {
 	if err := db.MarkOnlineMany(ctx, []fleet.SessionStart{{ID: a, At: t0.Add(2 * time.Second)}}); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := db.Pool().Exec(ctx, `UPDATE devices SET creds_version = 7 WHERE id = ANY($1)`, []string{a, b}); err != nil {
+		t.Fatal(err)
+	}
 	if back, err := db.AckCredsMany(ctx, []fleet.CredsAck{{ID: a, Version: 3}, {ID: b, Version: 7}, {ID: "lk-missing", Version: 1}}); err != nil || len(back) != 0 {
 		t.Fatalf("first acks: %v went back (%v), want none", back, err)
 	}

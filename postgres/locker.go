@@ -355,19 +355,24 @@ func (db *DB) RecordBirth(ctx context.Context, id string, p *protocol.Presence, 
 // clears the creds_not_applied alert of each locker that acknowledged its
 // current set (an index probe of the open-alert index each), and returns
 // the lockers whose acknowledgement went back to an older set than the one
-// they had acknowledged and left them behind. Its rows are locked in id
-// order, as lockDevicesCTE does, reading the acknowledgement they had.
+// they had acknowledged and left them behind (ahead 0), and those whose
+// acknowledgement is ahead of their current set (ahead: its version), which
+// is not recorded: no such set was published, and recording it would read
+// every set since as applied. Its rows are locked in id order, as
+// lockDevicesCTE does, reading the acknowledgement and the set they had.
 const ackCredsManySQL = `WITH locked AS MATERIALIZED (
-			SELECT id, creds_acked AS was FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE),
+			SELECT id, creds_acked AS was, creds_version AS cv FROM devices WHERE id = ANY($1::text[]) ORDER BY id FOR NO KEY UPDATE),
+		acks AS (SELECT a.id, a.version, l.was, l.cv FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id),
 		acked AS (UPDATE devices d SET creds_acked = a.version
-			FROM unnest($1::text[], $2::bigint[]) AS a(id, version) JOIN locked l ON l.id = a.id
-			WHERE d.id = a.id AND d.id = ANY($1::text[])
+			FROM acks a
+			WHERE d.id = a.id AND d.id = ANY($1::text[]) AND a.version <= a.cv
 			RETURNING d.id, d.creds_version, d.creds_acked = d.creds_version AS current,
-				d.creds_acked < l.was AND d.creds_acked < d.creds_version AS regressed),
+				d.creds_acked < a.was AND d.creds_acked < d.creds_version AS regressed),
 		cleared AS (UPDATE alerts SET cleared_at = now(), cleared_by = 'gateway'
 			FROM acked WHERE acked.current AND alerts.device_id = acked.id
 				AND alerts.kind = '` + fleet.AlertCredsNotApplied + `' AND alerts.cleared_at IS NULL)
-		SELECT id, creds_version FROM acked WHERE regressed`
+		SELECT id, creds_version, 0::bigint FROM acked WHERE regressed
+		UNION ALL SELECT id, cv, version FROM acks WHERE version > cv`
 
 // AckCredsMany implements fleet.Store, locking its lockers' rows in order:
 // the version each locker acknowledged last, not the highest it ever did.
@@ -375,7 +380,7 @@ const ackCredsManySQL = `WITH locked AS MATERIALIZED (
 // a newer (two instances publishing one after the other out of order) holds
 // the older one, and must show as behind (CredsBehind) to be sent the
 // current set again. It returns the lockers whose acknowledgement went back
-// (fleet.Store).
+// or is ahead of their current set (fleet.Store).
 func (db *DB) AckCredsMany(ctx context.Context, acks []fleet.CredsAck) ([]fleet.CredsLag, error) {
 	ids := make([]string, len(acks))
 	versions := make([]int64, len(acks))
