@@ -2377,3 +2377,53 @@ func TestStoreRequestEdges(t *testing.T) {
 		t.Fatalf("a webhook with a repeated event type: %v, %v; want each once, in order", wh.Events, err)
 	}
 }
+
+// TestOneCodeOneCustomer: one code for several pickups goes to one person.
+// A store may give one customer's orders one code, not two customers'
+// (Alice's code would open Bob's compartment), nor an unnamed customer's
+// with another's.
+func TestOneCodeOneCustomer(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	customer := func(ref, name string) pickup.Pickup {
+		t.Helper()
+		var p pickup.Pickup
+		if err := e.store.Post(ctx, "/v1/pickups", map[string]any{"site": "store-042", "order_ref": ref, "size": "S", "zone": "ambient",
+			"recipient": map[string]string{"kind": "customer", "name": name}, "expires_at": time.Now().Add(time.Hour)}, &p); err != nil {
+			t.Fatalf("create %s: %v", ref, err)
+		}
+		return p
+	}
+	ready := func(p pickup.Pickup) pickup.Pickup { // read by the store: no platform sees a customer's pickup
+		t.Helper()
+		Eventually(t, 15*time.Second, "pickup "+p.OrderRef+" ready", func() error {
+			if err := e.store.Get(ctx, "/v1/pickups/"+p.ID, nil, &p); err != nil || p.State != pickup.Ready {
+				return fmt.Errorf("state %s (%v)", p.State, err)
+			}
+			return nil
+		})
+		return p
+	}
+	a1, a2, bob, anon := customer("CU-1", "Alice"), customer("CU-2", "Alice"), customer("CU-3", "Bob"), customer("CU-4", "")
+	for _, p := range []pickup.Pickup{a1, a2, bob, anon} {
+		ready(p)
+	}
+	for _, c := range []struct {
+		what string
+		ids  []string
+	}{{"Alice's and Bob's", []string{a1.ID, bob.ID}}, {"Alice's and an unnamed customer's", []string{a2.ID, anon.ID}}} {
+		status, err := e.store.Do(ctx, client.Request{Method: "POST", Path: "/v1/credentials", Body: map[string]any{"pickups": c.ids}}, nil)
+		if status != http.StatusUnprocessableEntity || err == nil || !strings.Contains(err.Error(), "one code goes to one person") {
+			t.Fatalf("one code for %s orders: %d %v, want 422 saying one code goes to one person", c.what, status, err)
+		}
+	}
+	var cred pickup.CredentialView
+	if err := e.store.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{a1.ID, a2.ID}}, &cred); err != nil || len(cred.Compartments) != 2 {
+		t.Fatalf("one code for Alice's two orders: %+v %v", cred, err)
+	}
+	for _, p := range []pickup.Pickup{bob, anon} {
+		if got := ready(p); got.Credential == nil || got.Credential.Code == cred.Code {
+			t.Fatalf("%s's credential %+v after the refused combinations, want its own", p.OrderRef, got.Credential)
+		}
+	}
+}

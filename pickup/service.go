@@ -338,6 +338,7 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 		return nil, fmt.Errorf("%w: kind must be pin or qr", fleet.ErrInvalid)
 	}
 	var locker, platform string
+	var recipients []Recipient
 	var comps []int
 	notAfter := time.Time{}
 	seen := map[string]bool{}
@@ -365,10 +366,14 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 			return nil, fmt.Errorf("%w: pickups are for different platforms (%q, %q)", fleet.ErrUnprocessable, platform, p.Platform)
 		}
 		locker, platform = p.Locker, p.Platform
+		recipients = append(recipients, p.Recipient)
 		comps = append(comps, p.Compartment)
 		if notAfter.IsZero() || p.ExpiresAt.Before(notAfter) {
 			notAfter = p.ExpiresAt
 		}
+	}
+	if err := oneRecipient(recipients); err != nil {
+		return nil, err
 	}
 	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, false, s.credentialChanged)
 	if err != nil {
@@ -378,6 +383,34 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 	v.Locker, v.Compartments, v.Pickups = locker, comps, ids
 	s.publish(ctx, locker)
 	return v, nil
+}
+
+// oneRecipient refuses one code for pickups of several recipients
+// (ErrUnprocessable): one code goes to one person, and opens every
+// compartment it covers. Combine has checked the platform. Several
+// customers' pickups share one only when each names the same customer
+// (recipient.name: the store says they are one person; two unnamed
+// customers may be two); drivers' when no two name different drivers.
+func oneRecipient(rs []Recipient) error {
+	if len(rs) < 2 {
+		return nil
+	}
+	first := rs[0]
+	for _, r := range rs[1:] {
+		switch {
+		case r.Kind != first.Kind:
+			return fmt.Errorf("%w: pickups for a %s and a %s: one code goes to one person", fleet.ErrUnprocessable, first.Kind, r.Kind)
+		case r.Kind == "customer" && (first.Name == "" || r.Name == ""):
+			return fmt.Errorf("%w: pickups for a customer who is not named: one code goes to one person, so several customer pickups "+
+				"share one only when each names the same customer (recipient.name)", fleet.ErrUnprocessable)
+		case r.Name != first.Name && (r.Kind == "customer" || first.Name != "" && r.Name != ""):
+			return fmt.Errorf("%w: pickups for different recipients (%q, %q): one code goes to one person", fleet.ErrUnprocessable, first.Name, r.Name)
+		}
+		if first.Name == "" {
+			first.Name = r.Name // a driver named by a later pickup: the rest must not name another
+		}
+	}
+	return nil
 }
 
 // mint creates a credential for compartments of a locker; kind "" gives
