@@ -149,6 +149,9 @@ func (db *DB) Migrate(ctx context.Context) error {
 		return err
 	}
 	sort.Strings(names)
+	if err := refuseNewerSchema(ctx, conn, names); err != nil {
+		return err
+	}
 	for _, name := range names {
 		version := strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")
 		var done bool
@@ -175,6 +178,38 @@ func (db *DB) Migrate(ctx context.Context) error {
 		db.log.Info("applied migration", "version", version)
 	}
 	return nil
+}
+
+// ErrNewerSchema is Migrate's refusal of a database that a newer release
+// migrated.
+var ErrNewerSchema = errors.New("database migrated by a newer release")
+
+// refuseNewerSchema refuses a database with migrations this build does not
+// have (names: its own): a newer release migrated it, and this one would
+// run on a schema it does not know (states, constraints and columns it
+// would misread), silently. It names them and what to do.
+func refuseNewerSchema(ctx context.Context, conn *pgxpool.Conn, names []string) error {
+	known := make(map[string]bool, len(names))
+	for _, name := range names {
+		known[strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")] = true
+	}
+	rows, _ := conn.Query(ctx, "SELECT version FROM schema_migrations ORDER BY version")
+	applied, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("migrate: read schema_migrations: %w", err)
+	}
+	var unknown []string
+	for _, v := range applied {
+		if !known[v] {
+			unknown = append(unknown, v)
+		}
+	}
+	if len(unknown) == 0 {
+		return nil
+	}
+	return fmt.Errorf("migrate: %w: it has %d migration(s) this build lacks (%s), so this is an older lockergate than the one "+
+		"that last ran on it; run that release or a newer one, or restore the backup taken before the upgrade to go back "+
+		"(docs/operations.md, Upgrades)", ErrNewerSchema, len(unknown), strings.Join(unknown, ", "))
 }
 
 // partitionLockWait bounds how long creating or dropping a partition waits

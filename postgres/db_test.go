@@ -108,6 +108,32 @@ func TestMigrate(t *testing.T) {
 			}
 		}
 	})
+	// A database a newer release migrated is refused, naming what this
+	// build lacks and what to do, and left as it was.
+	t.Run("RefusesANewerDatabase", func(t *testing.T) {
+		dsn := pgtest.NewDB(t)
+		ctx := context.Background()
+		db, err := postgres.Open(ctx, postgres.Options{DSN: dsn})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer db.Close()
+		if _, err := db.Pool().Exec(ctx, `INSERT INTO schema_migrations (version) VALUES ('999_from_a_newer_release')`); err != nil {
+			t.Fatal(err)
+		}
+		err = db.Migrate(ctx)
+		if !errors.Is(err, postgres.ErrNewerSchema) || !strings.Contains(err.Error(), "999_from_a_newer_release") ||
+			!strings.Contains(err.Error(), "restore the backup") {
+			t.Fatalf("migrate a newer database: %v, want ErrNewerSchema naming 999_from_a_newer_release and the backup", err)
+		}
+		if _, err := postgres.Open(ctx, postgres.Options{DSN: dsn}); !errors.Is(err, postgres.ErrNewerSchema) {
+			t.Fatalf("open a newer database: %v, want ErrNewerSchema", err)
+		}
+		var n int
+		if err := db.Pool().QueryRow(ctx, `SELECT count(*) FROM schema_migrations`).Scan(&n); err != nil || n < 36 {
+			t.Fatalf("schema_migrations holds %d rows (%v) after the refusal", n, err)
+		}
+	})
 }
 
 // MustDevice registers a device with compartments 1..n at site via a claim.
