@@ -1,6 +1,7 @@
 package fleet
 
 import (
+	"context"
 	"slices"
 	"strings"
 	"time"
@@ -107,6 +108,24 @@ func (t *Token) PlatformAt(site string) bool {
 
 // Actor names the token in audit entries: "role:name".
 func (t *Token) Actor() string { return t.Role + ":" + t.Name }
+
+type tokenKey struct{}
+
+// WithToken returns ctx carrying the API token a request was made with:
+// the audit entries written on its behalf (those whose actor is the
+// token's) record its id (AuditEntry.Token).
+func WithToken(ctx context.Context, t *Token) context.Context {
+	return context.WithValue(ctx, tokenKey{}, t)
+}
+
+// AuditToken is the id of the token ctx carries (WithToken) when actor is
+// that token's, else "".
+func AuditToken(ctx context.Context, actor string) string {
+	if t, ok := ctx.Value(tokenKey{}).(*Token); ok && t != nil && t.Actor() == actor {
+		return t.ID
+	}
+	return ""
+}
 
 // Idempotent is a stored answer to a create request sent with an Idempotency-Key.
 type Idempotent struct {

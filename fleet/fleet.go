@@ -153,9 +153,13 @@ type Range struct {
 // AuditEntry records who did what to which locker.
 type AuditEntry struct {
 	// ID is sent as a string: ids are opaque strings (api-v1).
-	ID     int64          `json:"id,string"`
-	TS     time.Time      `json:"ts"`
-	Actor  string         `json:"actor"`
+	ID    int64     `json:"id,string"`
+	TS    time.Time `json:"ts"`
+	Actor string    `json:"actor"`
+	// Token is the id of the API token the action was taken with (empty
+	// for the gateway's own doings and a locker's): token names need not
+	// be unique. Filled in from the request's context (WithToken).
+	Token  string         `json:"token,omitempty"`
 	Action string         `json:"action"`
 	Locker string         `json:"locker,omitempty"`
 	Site   string         `json:"site,omitempty"`
@@ -167,6 +171,7 @@ type AuditFilter struct {
 	Since  time.Time
 	Locker string
 	Actor  string
+	Token  string // a token's id
 	After  int64
 	Limit  int
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/lockergate/lockergate/client"
 	"github.com/lockergate/lockergate/fleet"
+	"github.com/lockergate/lockergate/pickup"
 )
 
 // TestSecurityAudit: provisioning, replacement, disable, token changes and
@@ -144,4 +145,50 @@ func TestSecurityAudit(t *testing.T) {
 			t.Errorf("store token: %d %v, want 403", code, err)
 		}
 	})
+}
+
+// TestAuditNamesTheToken: two store tokens may share a name; the audit
+// entries of each one's actions name its token's id (and GET /v1/audit
+// filters by it), the unlock's included. One code made for several
+// pickups is audited as credential.create.
+func TestAuditNamesTheToken(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	a, b := e.create(t, "AT-1", "S", time.Hour), e.create(t, "AT-2", "S", time.Hour)
+	a, b = e.waitState(t, a.ID, pickup.Ready), e.waitState(t, b.ID, pickup.Ready)
+	twinID, twin := e.tg.MustToken(t, "store", "store-042", "front-desk") // e.store's name too
+	var cmd fleet.Command
+	if err := twin.Post(ctx, "/v1/lockers/"+a.Locker+"/commands", map[string]any{"type": "unlock", "compartment": 4, "wait_s": 10}, &cmd); err != nil {
+		t.Fatal(err)
+	}
+	var cred pickup.CredentialView
+	if err := twin.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{a.ID, b.ID}}, &cred); err != nil {
+		t.Fatal(err)
+	}
+	var out struct {
+		Items []fleet.AuditEntry `json:"items"`
+	}
+	if err := e.tg.Admin.Get(ctx, "/v1/audit", url.Values{"token": {twinID}}, &out); err != nil {
+		t.Fatal(err)
+	}
+	actions := map[string]fleet.AuditEntry{}
+	for _, en := range out.Items {
+		if en.Token != twinID || en.Actor != "store:front-desk" {
+			t.Errorf("entry %+v under ?token=%s", en, twinID)
+		}
+		actions[en.Action] = en
+	}
+	if _, ok := actions["unlock"]; !ok || len(out.Items) != 2 {
+		t.Fatalf("the twin token's entries %+v, want its unlock and credential.create", out.Items)
+	}
+	made := actions["credential.create"]
+	if made.Locker != a.Locker || made.Detail["credential"] != cred.ID || fmt.Sprint(made.Detail["pickups"]) != fmt.Sprint([]string{a.ID, b.ID}) ||
+		len(made.Detail["compartments"].([]any)) != 2 {
+		t.Fatalf("credential.create %+v, want locker %s, credential %s, both pickups and compartments", made, a.Locker, cred.ID)
+	}
+	// The other front-desk token's own entries (its pickups) name it, not the twin.
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE actor = 'store:front-desk' AND action = 'pickup.create' AND token <> ''
+		AND token <> $1`, twinID); n != 2 {
+		t.Fatalf("pickup.create entries naming the first front-desk token: %d, want 2", n)
+	}
 }

@@ -2427,3 +2427,46 @@ func TestOneCodeOneCustomer(t *testing.T) {
 		}
 	}
 }
+
+// TestCodeOpeningBeyondItsCompartments: a combined code narrowed to one
+// pickup (the other cancelled) while the locker had not applied the set
+// opens both compartments there. The live pickup is picked up, the other
+// compartment raises code_not_live (the code was not live for it: another
+// order could be inside), and the use's audit entry lists both.
+func TestCodeOpeningBeyondItsCompartments(t *testing.T) {
+	ctx := context.Background()
+	e := newPickupEnv(t, 1, 0)
+	l := e.sim.Lockers()[0]
+	a, b := e.create(t, "NB-1", "S", time.Hour), e.create(t, "NB-2", "S", time.Hour)
+	a, b = e.waitState(t, a.ID, pickup.Ready), e.waitState(t, b.ID, pickup.Ready)
+	var cred pickup.CredentialView
+	if err := e.platform.Post(ctx, "/v1/credentials", map[string]any{"pickups": []string{a.ID, b.ID}, "kind": "pin"}, &cred); err != nil {
+		t.Fatal(err)
+	}
+	e.waitCreds(t, a.Locker)
+	l.HoldCreds() // the set narrowing the code to NB-1 does not reach the locker
+	if err := e.platform.Post(ctx, "/v1/pickups/"+b.ID+"/cancel", nil, nil); err != nil {
+		t.Fatalf("cancel: %v", err)
+	}
+	r := l.EnterCode(cred.Code)
+	if !r.Accepted || len(r.Compartments) != 2 {
+		t.Fatalf("the combined code at the locker holding the older set: %+v, want both compartments opened", r)
+	}
+	e.waitState(t, a.ID, pickup.PickedUp)
+	Eventually(t, 10*time.Second, "code_not_live at the cancelled order's compartment", func() error {
+		if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'code_not_live' AND compartment = $2
+			AND cleared_at IS NULL`, b.Locker, b.Compartment); n != 1 {
+			return fmt.Errorf("%d open", n)
+		}
+		return nil
+	})
+	if n := e.tg.Count(t, `SELECT count(*) FROM alerts WHERE device_id = $1 AND kind = 'code_not_live' AND compartment = $2`,
+		a.Locker, a.Compartment); n != 0 {
+		t.Fatalf("code_not_live at the live pickup's compartment %d", a.Compartment)
+	}
+	if n := e.tg.Count(t, `SELECT count(*) FROM audit WHERE action = 'credential.use' AND locker = $1
+		AND detail->>'credential' = $2 AND detail->'compartments' @> $3::jsonb AND jsonb_array_length(detail->'compartments') = 2`,
+		a.Locker, cred.ID, fmt.Sprintf("[%d,%d]", a.Compartment, b.Compartment)); n != 1 {
+		t.Fatalf("audit entries of the use listing both compartments: %d, want 1", n)
+	}
+}

@@ -573,7 +573,7 @@ func (s *Server) listAudit(w http.ResponseWriter, r *http.Request) error {
 			}
 		}
 		q := r.URL.Query()
-		return s.store.ListAudit(ctx, fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), After: afterID, Limit: limit})
+		return s.store.ListAudit(ctx, fleet.AuditFilter{Since: since, Locker: q.Get("locker"), Actor: q.Get("actor"), Token: q.Get("token"), After: afterID, Limit: limit})
 	}, func(e fleet.AuditEntry) string { return strconv.FormatInt(e.ID, 10) })
 }
 

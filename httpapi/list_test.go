@@ -197,8 +197,8 @@ func TestListAuditCursor(t *testing.T) {
 	s := New(Options{Store: st})
 
 	call(t, s, "GET", "/v1/audit?limit=2", "admin").wantPage(t, []string{"7", "9"}, "9")
-	call(t, s, "GET", "/v1/audit?limit=2&after=9&locker=lk-1&actor=admin:root", "admin").wantPage(t, []string{"12"}, "")
-	if want := (fleet.AuditFilter{After: 9, Limit: 2, Locker: "lk-1", Actor: "admin:root"}); st.gotAudit != want {
+	call(t, s, "GET", "/v1/audit?limit=2&after=9&locker=lk-1&actor=admin:root&token=t-1", "admin").wantPage(t, []string{"12"}, "")
+	if want := (fleet.AuditFilter{After: 9, Limit: 2, Locker: "lk-1", Actor: "admin:root", Token: "t-1"}); st.gotAudit != want {
 		t.Errorf("store asked for %+v, want %+v", st.gotAudit, want)
 	}
 

@@ -247,7 +247,7 @@ func (s *Server) createCredential(w http.ResponseWriter, r *http.Request) error 
 		return err
 	}
 	t := principal(r)
-	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, func(p *pickup.Pickup) error {
+	v, err := s.pickups.Combine(r.Context(), in.Pickups, in.Kind, t.Actor(), func(p *pickup.Pickup) error {
 		switch {
 		case !mayHoldCode(t, p):
 			return fmt.Errorf("%w: it is another site's or platform's", errForbidden)

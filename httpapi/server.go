@@ -348,7 +348,7 @@ func (s *Server) auth(roles []string, h handler) http.HandlerFunc {
 			return
 		}
 		defer leave()
-		r = r.WithContext(context.WithValue(r.Context(), ctxKey{}, tok))
+		r = r.WithContext(fleet.WithToken(context.WithValue(r.Context(), ctxKey{}, tok), tok))
 		if err := h(w, r); err != nil {
 			s.writeError(w, r, err)
 		}

@@ -27,11 +27,11 @@ type notLiveStore struct {
 	audited                []fleet.AuditEntry
 }
 
-func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
+func (s *notLiveStore) UseCredential(context.Context, string, string, time.Time, []int) ([]Pickup, error) {
 	return nil, fleet.ErrNotFound
 }
 
-func (s *notLiveStore) UseCredentialByDoor(context.Context, string, string, time.Time, time.Time) ([]Pickup, error) {
+func (s *notLiveStore) UseCredentialByDoor(context.Context, string, string, time.Time, time.Time, int) ([]Pickup, error) {
 	return nil, fleet.ErrNotFound
 }
 
@@ -41,6 +41,10 @@ func (s *notLiveStore) ReportDoorUse(context.Context, string, string, time.Time)
 
 func (s *notLiveStore) UseExpiredCredential(context.Context, string, string, time.Time, time.Time, []int) ([]Pickup, error) {
 	return nil, fleet.ErrNotFound
+}
+
+func (s *notLiveStore) SpentFor(context.Context, string, string, time.Time) ([]int, error) {
+	return nil, nil
 }
 
 func (s *notLiveStore) CredentialState(context.Context, string, string) (string, error) {

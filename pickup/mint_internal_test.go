@@ -58,7 +58,7 @@ func TestMintRetries(t *testing.T) {
 	ctx := context.Background()
 	until := time.Now().Add(time.Hour)
 	mint := func(st *mintStore, kind string) (*Credential, error) {
-		return newMintService(t, st).mint(ctx, "lk-1", []int{3}, until, []string{"p-1"}, kind, false, nil)
+		return newMintService(t, st).mint(ctx, "lk-1", []int{3}, until, []string{"p-1"}, kind, false, nil, nil)
 	}
 
 	t.Run("PINTaken", func(t *testing.T) {

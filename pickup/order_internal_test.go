@@ -45,7 +45,7 @@ func (s *orderStore) fail(left *int) bool {
 	return true
 }
 
-func (s *orderStore) UseCredential(context.Context, string, string, time.Time) ([]Pickup, error) {
+func (s *orderStore) UseCredential(context.Context, string, string, time.Time, []int) ([]Pickup, error) {
 	if s.p.State == Expired {
 		return nil, fleet.ErrNotFound // no longer live
 	}
@@ -55,8 +55,8 @@ func (s *orderStore) UseCredential(context.Context, string, string, time.Time) (
 
 // UseCredentialByDoor: a door's opening spends the code as its
 // code_accepted does (UseCredential).
-func (s *orderStore) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, _ time.Time) ([]Pickup, error) {
-	return s.UseCredential(ctx, deviceID, credID, at)
+func (s *orderStore) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, _ time.Time, _ int) ([]Pickup, error) {
+	return s.UseCredential(ctx, deviceID, credID, at, nil)
 }
 
 func (s *orderStore) ReportDoorUse(context.Context, string, string, time.Time) (*DoorUse, error) {
@@ -117,6 +117,14 @@ func (s *orderStore) JudgeLateCollection(context.Context, string) error {
 	s.judged++
 	s.lateUsed = nil
 	return nil
+}
+
+// SpentFor: the code was live for its pickup's compartment when spent.
+func (s *orderStore) SpentFor(context.Context, string, string, time.Time) ([]int, error) {
+	if s.used {
+		return []int{s.p.Compartment}, nil
+	}
+	return nil, nil
 }
 
 func (s *orderStore) CredentialState(context.Context, string, string) (string, error) {
@@ -483,8 +491,10 @@ func TestNotOpenedAlertsBeforeItsFreshCode(t *testing.T) {
 		t.Fatalf("mint failing: applied %d, minted %d, alerts %v; want 0, 0, [%s]", n, js.minted, js.kinds(), AlertNotOpened)
 	}
 	js.failMint = false
-	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || js.minted != 1 || len(js.alerts) != 2 {
-		t.Fatalf("offered again: applied %d, minted %d, alerts %v; want 1, 1, the alert again", n, js.minted, js.kinds())
+	// Compartment 4, which the code was not live for, is code_not_live.
+	if n := s.DeviceEvents(context.Background(), []fleet.EventRecord{used}); n != 1 || js.minted != 1 ||
+		!slices.Equal(js.kinds(), []string{AlertNotOpened, AlertNotOpened, AlertCodeNotLive}) || js.alerts[2].Compartment != 4 {
+		t.Fatalf("offered again: applied %d, minted %d, alerts %+v; want 1, 1, the alert again and code_not_live at 4", n, js.minted, js.alerts)
 	}
 	if a, b := js.alerts[0], js.alerts[1]; a.Kind != b.Kind || a.Compartment != b.Compartment || !a.RaisedAt.Equal(b.RaisedAt) || a.Compartment != 3 {
 		t.Fatalf("alerts %+v and %+v: want one key (compartment 3, the use's arrival), so the store keeps one", a, b)

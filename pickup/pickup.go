@@ -121,6 +121,9 @@ type Credential struct {
 	// KeyGen is the generation of the locker's cred_key the MACs are
 	// made with.
 	KeyGen int
+	// Audit, when set, is recorded with the credential (MintCredential),
+	// its detail given the credential's id and compartments.
+	Audit *fleet.AuditEntry
 }
 
 // Filter selects pickups for a list.
@@ -269,15 +272,16 @@ type Store interface {
 	// that was rotated counts as its replacement. A use recorded already at
 	// the same at (the same event, offered again) changes nothing and
 	// returns those pickups all the same; any other use of a credential not
-	// active is fleet.ErrNotFound.
-	UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]Pickup, error)
+	// active is fleet.ErrNotFound. compartments are those the locker said
+	// it opened (nil: not said), for the use's audit entry.
+	UseCredential(ctx context.Context, deviceID, credID string, at time.Time, compartments []int) ([]Pickup, error)
 	// UseCredentialByDoor is UseCredential for a use the locker reported
 	// with a door's opening (door_opened by the credential, at opened by
 	// its clock) before, or instead of, its code_accepted; the credential
 	// is marked spent so. A credential spent already, by code_accepted or
 	// by another opening (a combined code opens several doors), is
-	// fleet.ErrNotFound.
-	UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time) ([]Pickup, error)
+	// fleet.ErrNotFound. compartment is the door's, for the audit entry.
+	UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time, compartment int) ([]Pickup, error)
 	// ReportDoorUse records the code_accepted, arrived at at, of a use that
 	// a door's opening spent already (UseCredentialByDoor) and returns that
 	// use; nil when there is none: each use is reported by one
@@ -328,6 +332,10 @@ type Store interface {
 	// CredentialState returns the state of a locker's credential: active,
 	// used, revoked or expired; fleet.ErrNotFound when it has none by id.
 	CredentialState(ctx context.Context, deviceID, id string) (string, error)
+	// SpentFor returns the compartments a locker's credential (or the one
+	// that replaced it) was live for when the use recorded at at spent it
+	// (UseCredential, UseCredentialByDoor); none when no use at at spent it.
+	SpentFor(ctx context.Context, deviceID, id string, at time.Time) ([]int, error)
 	// WithdrawStagingFailed withdraws, as the gateway and audited with
 	// reason, the open staging_failed alert of a locker's compartment n
 	// raised for the pickup whose staging unlock is command; false when

@@ -1,6 +1,7 @@
 package pickup
 
 import (
+	"cmp"
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
@@ -327,10 +328,11 @@ func (s *Service) end(ctx context.Context, id, to, actor, detail, evType string)
 }
 
 // Combine mints one credential for several ready pickups at one locker (a
-// driver collecting several orders); it replaces their own credentials.
-// allowed says whether the caller may make a code for a pickup: nil, or
-// why not (wrapping fleet.ErrForbidden).
-func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowed func(*Pickup) error) (*CredentialView, error) {
+// driver collecting several orders); it replaces their own credentials,
+// audited as actor's credential.create. allowed says whether the caller
+// may make a code for a pickup: nil, or why not (wrapping
+// fleet.ErrForbidden).
+func (s *Service) Combine(ctx context.Context, ids []string, kind, actor string, allowed func(*Pickup) error) (*CredentialView, error) {
 	if len(ids) == 0 || len(ids) > 32 {
 		return nil, fmt.Errorf("%w: want 1-32 pickups", fleet.ErrInvalid)
 	}
@@ -375,7 +377,9 @@ func (s *Service) Combine(ctx context.Context, ids []string, kind string, allowe
 	if err := oneRecipient(recipients); err != nil {
 		return nil, err
 	}
-	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, false, s.credentialChanged)
+	audit := &fleet.AuditEntry{Actor: actor, Action: "credential.create", Locker: locker,
+		Detail: map[string]any{"pickups": ids, "kind": cmp.Or(kind, "pin+qr"), "not_after": notAfter}}
+	c, err := s.mint(ctx, locker, comps, notAfter, ids, kind, false, s.credentialChanged, audit)
 	if err != nil {
 		return nil, err
 	}
@@ -418,7 +422,7 @@ func oneRecipient(rs []Recipient) error {
 // each ready pickup whose codes this replaces; replaceUsed lets it replace
 // a used code (MintCredential).
 func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAfter time.Time, pickups []string, kind string,
-	replaceUsed bool, announce func(*Pickup, *Credential) *Event) (*Credential, error) {
+	replaceUsed bool, announce func(*Pickup, *Credential) *Event, audit *fleet.AuditEntry) (*Credential, error) {
 	gen, err := s.o.Store.KeyGen(ctx, deviceID)
 	if err != nil {
 		return nil, err
@@ -426,7 +430,7 @@ func (s *Service) mint(ctx context.Context, deviceID string, comps []int, notAft
 	// The store serialises mints per locker; a PIN that collides, or a key
 	// a replacement changed meanwhile, is tried again.
 	for attempt := 0; attempt < 8; attempt++ {
-		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now()}
+		c := &Credential{ID: fleet.NewID("k"), DeviceID: deviceID, Compartments: comps, NotAfter: notAfter, CreatedAt: s.o.Now(), Audit: audit}
 		s.setMACs(c, gen, kind != protocol.KindQR, kind != protocol.KindPIN)
 		err := s.o.Store.MintCredential(ctx, c, pickups, replaceUsed, announce)
 		switch {

@@ -90,7 +90,7 @@ func (s *Service) retry(ctx context.Context, op string, f func(context.Context) 
 func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
 	ps, err := s.use(ctx, "use_credential", func(ctx context.Context) ([]Pickup, error) {
-		return s.o.Store.UseCredential(ctx, deviceID, id, at)
+		return s.o.Store.UseCredential(ctx, deviceID, id, at, ev.Compartments)
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
 		var door *DoorUse
@@ -117,13 +117,13 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		}
 		if ev.Compartments != nil && len(ev.Compartments) == 0 {
 			// It opened nothing: no order was collected with it.
-			return s.codeNotLive(ctx, deviceID, id, ev, at)
+			return s.codeNotLive(ctx, deviceID, id, ev, ev.Compartments, at)
 		}
-		late, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
+		late, _, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
 			return err
 		}
-		return s.codeNotLive(ctx, deviceID, id, ev, at)
+		return s.codeNotLive(ctx, deviceID, id, ev, ev.Compartments, at)
 	}
 	if err != nil {
 		return err
@@ -183,7 +183,12 @@ func (s *Service) notOpened(ctx context.Context, deviceID string, ev *protocol.E
 // ones, or a use offered again once its pickups were picked up) stay as
 // they are. A locker that leaves the optional compartments out has them
 // all judged (nil: the code's, less those this use spent on its live
-// pickups).
+// pickups). A compartment the locker lists that is neither a live
+// pickup's (ps), nor one the code was live for when this use spent it
+// (SpentFor: a door's opening spent it, or the use is offered again), nor
+// one it collected an expired order from raises code_not_live: the locker
+// let the code open a compartment the gateway did not hold it live for (a
+// set it had not applied), where another order may be.
 func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *protocol.Event, ps []Pickup, at time.Time, later []fleet.EventRecord) error {
 	rest := slices.DeleteFunc(slices.Clone(ev.Compartments), func(n int) bool {
 		return slices.ContainsFunc(ps, func(p Pickup) bool { return p.Compartment == n })
@@ -191,8 +196,27 @@ func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *pro
 	if len(rest) == 0 && ev.Compartments != nil {
 		return nil // none beyond the live ones opened (an empty list: none at all)
 	}
-	_, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
-	return err
+	_, held, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, rest, at, later)
+	if err != nil || ev.Compartments == nil {
+		return err
+	}
+	stray := slices.DeleteFunc(rest, func(n int) bool {
+		return slices.ContainsFunc(held, func(p Pickup) bool { return p.Compartment == n })
+	})
+	if len(stray) == 0 {
+		return nil
+	}
+	var spent []int
+	if err := s.retry(ctx, "spent_for", func(ctx context.Context) (err error) {
+		spent, err = s.o.Store.SpentFor(ctx, deviceID, id, at)
+		return err
+	}); err != nil {
+		return err
+	}
+	if stray = slices.DeleteFunc(stray, func(n int) bool { return slices.Contains(spent, n) }); len(stray) == 0 {
+		return nil
+	}
+	return s.codeNotLive(ctx, deviceID, id, ev, stray, at)
 }
 
 // doorOpened: a door opened by a code. A locker reports a code's use with
@@ -208,7 +232,7 @@ func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *pro
 func (s *Service) doorOpened(ctx context.Context, deviceID string, ev *protocol.Event, at time.Time, later []fleet.EventRecord) error {
 	id := credentialID(ev.Credential)
 	ps, err := s.use(ctx, "use_credential_by_door", func(ctx context.Context) ([]Pickup, error) {
-		return s.o.Store.UseCredentialByDoor(ctx, deviceID, id, at, ev.TS.Time)
+		return s.o.Store.UseCredentialByDoor(ctx, deviceID, id, at, ev.TS.Time, ev.Compartment)
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
 		return nil
@@ -348,17 +372,17 @@ func (s *Service) withdraw(ctx context.Context, a fleet.Alert, reason string, at
 // applied after this one; compartments are those of the use to judge
 // (empty: all of the code's). Any other use of a code that is not live is
 // for staff to look at (codeNotLive).
-func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev *protocol.Event, compartments []int, at time.Time, later []fleet.EventRecord) (bool, error) {
-	var ps []Pickup
-	err := s.retry(ctx, "use_expired_credential", func(ctx context.Context) (err error) {
+func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev *protocol.Event, compartments []int, at time.Time,
+	later []fleet.EventRecord) (found bool, ps []Pickup, err error) {
+	err = s.retry(ctx, "use_expired_credential", func(ctx context.Context) (err error) {
 		ps, err = s.o.Store.UseExpiredCredential(ctx, deviceID, id, ev.TS.Time, at, compartments)
 		return err
 	})
 	if errors.Is(err, fleet.ErrNotFound) {
-		return false, nil
+		return false, nil, nil
 	}
 	if err != nil {
-		return false, err
+		return false, nil, err
 	}
 	for i := range ps {
 		p := &ps[i]
@@ -369,7 +393,7 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			"compartment", p.Compartment, "used", ev.TS.Time, "expires_at", p.ExpiresAt)
 		closings, closed, err := s.closingApplied(ctx, p, ev.TS.Time, later)
 		if err != nil {
-			return true, err
+			return true, ps, err
 		}
 		if closed != nil {
 			s.log.Info("door closing judged again: the code used before it was applied after it",
@@ -380,11 +404,11 @@ func (s *Service) usedBeforeExpiry(ctx context.Context, deviceID, id string, ev 
 			if err := s.judgeLateClosing(ctx, deviceID, closed, at, func(ctx context.Context) (*Pickup, time.Time, error) {
 				return s.o.Store.LateCollectionOf(ctx, p.ID)
 			}); err != nil {
-				return true, err
+				return true, ps, err
 			}
 		}
 	}
-	return true, nil
+	return true, ps, nil
 }
 
 // lateCollection applies a door's closing that found no live pickup to the
@@ -485,12 +509,13 @@ func (s *Service) judgeLateClosing(ctx context.Context, deviceID string, ev *pro
 	return nil
 }
 
-// codeNotLive: the locker opened compartments for a code the gateway does
-// not hold live: revoked (its pickup cancelled, expired or given another
-// code while the locker was offline or had not applied the new set), used
-// already, or unknown. Staff must look: the order may have gone to someone
+// codeNotLive: the locker opened compartments (those of ev it is about)
+// for a code the gateway does not hold live for them: revoked (its pickup
+// cancelled, expired or given another code while the locker was offline or
+// had not applied the new set), used already, unknown, or live for other
+// compartments only. Staff must look: the order may have gone to someone
 // it was no longer meant for. The locker is sent its current set again.
-func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time) error {
+func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, compartments []int, at time.Time) error {
 	var state string
 	err := s.retry(ctx, "credential_state", func(ctx context.Context) (err error) {
 		state, err = s.o.Store.CredentialState(ctx, deviceID, id)
@@ -503,15 +528,24 @@ func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *prot
 		return err
 	}
 	a := fleet.Alert{DeviceID: deviceID, Kind: AlertCodeNotLive, RaisedAt: at,
-		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, ev.Compartments)}
-	if len(ev.Compartments) > 0 {
-		a.Compartment = ev.Compartments[0]
+		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, compartments)}
+	if len(compartments) > 0 {
+		a.Compartment = compartments[0]
 	}
-	// Audited as every use is (api-v1: "every ... credential use"), with
-	// what the gateway held it for; with the alert, so that a replayed
-	// event is audited once.
-	a.Audit = &fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
-		Detail: map[string]any{"credential": id, "state": state, "compartments": ev.Compartments}}
+	if !slices.Equal(compartments, ev.Compartments) {
+		// A live code's use (audited as spent, with every compartment the
+		// locker listed) that opened others as well.
+		a.Detail = fmt.Sprintf("code %s opened compartments %v, which the gateway did not hold it live for (the locker listed %v; "+
+			"it held an older set): check the order in each", id, compartments, ev.Compartments)
+		s.log.Warn("pickup code opened compartments it was not live for", "locker", deviceID, "credential", id,
+			"compartments", compartments, "listed", ev.Compartments)
+	} else {
+		// Audited as every use is (api-v1: "every ... credential use"),
+		// with what the gateway held it for; with the alert, so that a
+		// replayed event is audited once.
+		a.Audit = &fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+			Detail: map[string]any{"credential": id, "state": state, "compartments": ev.Compartments}}
+	}
 	if err := s.alert(ctx, a); err != nil {
 		return err
 	}
@@ -747,7 +781,7 @@ func (s *Service) credentialUsed(ctx context.Context, p *Pickup) (bool, error) {
 func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Time) error {
 	var c *Credential
 	err := s.retry(ctx, "mint", func(ctx context.Context) (err error) {
-		c, err = s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", false, nil)
+		c, err = s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", false, nil, nil)
 		return err
 	})
 	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {
@@ -780,7 +814,7 @@ func (s *Service) ready(ctx context.Context, p *Pickup, actor string, at time.Ti
 // webhooks the new codes.
 func (s *Service) issue(ctx context.Context, p *Pickup) error {
 	err := s.retry(ctx, "mint", func(ctx context.Context) error {
-		_, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", true, s.credentialChanged)
+		_, err := s.mint(ctx, p.Locker, []int{p.Compartment}, p.ExpiresAt, []string{p.ID}, "", true, s.credentialChanged, nil)
 		return err
 	})
 	if errors.Is(err, fleet.ErrConflict) || errors.Is(err, fleet.ErrNotFound) {

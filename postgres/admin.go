@@ -21,19 +21,32 @@ func (db *DB) Audit(ctx context.Context, e fleet.AuditEntry) error {
 func audit(ctx context.Context, q interface {
 	Exec(context.Context, string, ...any) (pgconn.CommandTag, error)
 }, e fleet.AuditEntry) error {
-	detail, err := auditDetail(e)
+	args, err := auditArgs(ctx, e)
 	if err != nil {
 		return err
 	}
-	_, err = q.Exec(ctx, auditInsert, e.Actor, e.Action, e.Locker, e.Site, detail)
+	_, err = q.Exec(ctx, auditInsert, args...)
 	return err
+}
+
+// auditArgs are auditInsert's arguments for e, its token the one ctx
+// carries for its actor unless it names one.
+func auditArgs(ctx context.Context, e fleet.AuditEntry) ([]any, error) {
+	detail, err := auditDetail(e)
+	if err != nil {
+		return nil, err
+	}
+	if e.Token == "" {
+		e.Token = fleet.AuditToken(ctx, e.Actor)
+	}
+	return []any{e.Actor, e.Action, e.Locker, e.Site, detail, e.Token}, nil
 }
 
 // auditInsert records an entry; one about a locker that names no site
 // (a locker's own doing: a code it accepted, an alert it raised) is filed
 // under the locker's site.
-const auditInsert = `INSERT INTO audit (actor, action, locker, site, detail)
-	SELECT $1, $2, $3::text, CASE WHEN $4::text = '' AND $3::text <> '' THEN coalesce((SELECT site FROM devices WHERE id = $3::text), '') ELSE $4::text END, $5`
+const auditInsert = `INSERT INTO audit (actor, action, locker, site, detail, token)
+	SELECT $1, $2, $3::text, CASE WHEN $4::text = '' AND $3::text <> '' THEN coalesce((SELECT site FROM devices WHERE id = $3::text), '') ELSE $4::text END, $5, $6`
 
 func auditDetail(e fleet.AuditEntry) ([]byte, error) {
 	if e.Detail == nil {
@@ -48,16 +61,16 @@ func auditDetail(e fleet.AuditEntry) ([]byte, error) {
 
 // ListAudit returns audit entries in order.
 func (db *DB) ListAudit(ctx context.Context, f fleet.AuditFilter) ([]fleet.AuditEntry, error) {
-	rows, err := db.pool.Query(ctx, `SELECT id, ts, actor, action, locker, site, detail FROM audit
-		WHERE id > $1 AND ts >= $2 AND ($3 = '' OR locker = $3) AND ($4 = '' OR actor = $4)
-		ORDER BY id LIMIT $5`, f.After, f.Since, f.Locker, f.Actor, limit(f.Limit))
+	rows, err := db.pool.Query(ctx, `SELECT id, ts, actor, token, action, locker, site, detail FROM audit
+		WHERE id > $1 AND ts >= $2 AND ($3 = '' OR locker = $3) AND ($4 = '' OR actor = $4) AND ($6 = '' OR token = $6)
+		ORDER BY id LIMIT $5`, f.After, f.Since, f.Locker, f.Actor, limit(f.Limit), f.Token)
 	if err != nil {
 		return nil, err
 	}
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (fleet.AuditEntry, error) {
 		var e fleet.AuditEntry
 		var detail []byte
-		if err := row.Scan(&e.ID, &e.TS, &e.Actor, &e.Action, &e.Locker, &e.Site, &detail); err != nil {
+		if err := row.Scan(&e.ID, &e.TS, &e.Actor, &e.Token, &e.Action, &e.Locker, &e.Site, &detail); err != nil {
 			return e, err
 		}
 		return e, json.Unmarshal(detail, &e.Detail)

@@ -51,17 +51,21 @@ func collectCommands(rows pgx.Rows, err error) ([]fleet.Command, error) {
 func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.AuditEntry, site string) (fleet.CommandTarget, bool, error) {
 	var actor, action *string
 	var detail []byte
+	token := ""
 	if audit != nil {
 		d, err := auditDetail(*audit)
 		if err != nil {
 			return fleet.CommandTarget{}, false, err
 		}
 		actor, action, detail = &audit.Actor, &audit.Action, d
+		if token = audit.Token; token == "" {
+			token = fleet.AuditToken(ctx, audit.Actor)
+		}
 	}
 	var t fleet.CommandTarget
 	var status *string
 	var sentAt *time.Time
-	// A pickup's staging unlock ($14): made only while the pickup is live,
+	// A pickup's staging unlock ($15): made only while the pickup is live,
 	// its row locked (a cancel holds it too: one waits for the other), and
 	// recorded on it. A cancel that came first leaves nothing to send; one
 	// that comes after finds the command and withdraws it, and Allocate
@@ -70,11 +74,11 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 	// the statement without those parts.
 	live, ifLive, recorded, ended := "", "", "", "false"
 	args := []any{c.ID, c.DeviceID, c.Type, c.Compartment, c.Reason, c.InService, c.Actor, c.CreatedAt, c.ExpiresAt,
-		site, actor, action, detail}
+		site, actor, action, detail, token}
 	if c.Pickup != "" {
-		live = `live AS (SELECT id FROM pickups WHERE id = $14 AND state IN ('staging', 'ready') FOR UPDATE),`
+		live = `live AS (SELECT id FROM pickups WHERE id = $15 AND state IN ('staging', 'ready') FOR UPDATE),`
 		ifLive = ` AND EXISTS (SELECT 1 FROM live)`
-		recorded = `, pk AS (UPDATE pickups SET command_id = ins.id FROM ins WHERE pickups.id = $14)`
+		recorded = `, pk AS (UPDATE pickups SET command_id = ins.id FROM ins WHERE pickups.id = $15)`
 		ended = `NOT EXISTS (SELECT 1 FROM live)`
 		args = append(args, c.Pickup)
 	}
@@ -90,8 +94,8 @@ func (db *DB) CreateCommand(ctx context.Context, c *fleet.Command, audit *fleet.
 			FROM d WHERE d.has_comp AND NOT d.disabled AND ($10 = '' OR d.site = $10)`+ifLive+`
 			RETURNING id, device_id, status, sent_at),
 		aud AS (
-			INSERT INTO audit (actor, action, locker, site, detail)
-			SELECT $11, $12, ins.device_id, d.site, $13 FROM ins, d WHERE $13::jsonb IS NOT NULL)`+recorded+`
+			INSERT INTO audit (actor, action, locker, site, detail, token)
+			SELECT $11, $12, ins.device_id, d.site, $13, $14 FROM ins, d WHERE $13::jsonb IS NOT NULL)`+recorded+`
 		SELECT d.site, d.has_comp, d.disabled, ins.status, ins.sent_at, `+ended+`
 		FROM d LEFT JOIN ins ON true`, args...).Scan(&t.Site, &t.HasCompartment, &t.Disabled, &status, &sentAt, &t.PickupEnded)
 	if errors.Is(err, pgx.ErrNoRows) || isFKViolation(err) {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"time"
@@ -567,6 +568,19 @@ func (db *DB) MintCredential(ctx context.Context, c *pickup.Credential, pickupID
 		b.Queue(narrowCredentialsSQL, pickupIDs, c.DeviceID)
 		b.Queue(insertCredential, credentialArgs(c)...)
 		b.Queue(`UPDATE pickups SET credential_id = $2 WHERE id = ANY ($1)`, pickupIDs, c.ID)
+		if c.Audit != nil {
+			e := *c.Audit
+			e.Detail = maps.Clone(e.Detail)
+			if e.Detail == nil {
+				e.Detail = map[string]any{}
+			}
+			e.Detail["credential"], e.Detail["compartments"] = c.ID, comps
+			args, err := auditArgs(ctx, e)
+			if err != nil {
+				return err
+			}
+			b.Queue(auditInsert, args...)
+		}
 		b.Queue(bumpCredsSQL, c.DeviceID, gen)
 		br := tx.SendBatch(ctx, b)
 		for range b.Len() - 1 {
@@ -766,19 +780,20 @@ const credentialChainCTE = `WITH RECURSIVE chain (id, depth) AS (
 // UseCredential implements pickup.Store. A code the locker accepted from a
 // set it held before a rotation (RotateCredentials) counts as a use of the
 // credential that replaced it: the door did open.
-func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time) ([]pickup.Pickup, error) {
-	return db.useCredential(ctx, deviceID, credID, at, nil)
+func (db *DB) UseCredential(ctx context.Context, deviceID, credID string, at time.Time, compartments []int) ([]pickup.Pickup, error) {
+	return db.useCredential(ctx, deviceID, credID, at, nil, compartments)
 }
 
 // UseCredentialByDoor implements pickup.Store.
-func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time) ([]pickup.Pickup, error) {
-	return db.useCredential(ctx, deviceID, credID, at, &opened)
+func (db *DB) UseCredentialByDoor(ctx context.Context, deviceID, credID string, at, opened time.Time, compartment int) ([]pickup.Pickup, error) {
+	return db.useCredential(ctx, deviceID, credID, at, &opened, []int{compartment})
 }
 
 // useCredential spends credential credID of a locker, as reported by a
 // code_accepted or, with opened (its time by the locker's clock), by a
-// door's opening.
-func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, opened *time.Time) ([]pickup.Pickup, error) {
+// door's opening; compartments, audited, are those the locker said it
+// opened (nil: not said).
+func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at time.Time, opened *time.Time, compartments []int) ([]pickup.Pickup, error) {
 	var out []pickup.Pickup
 	err := pgx.BeginFunc(ctx, db.pool, func(tx pgx.Tx) error {
 		if _, err := lockLocker(ctx, tx, deviceID); err != nil {
@@ -809,6 +824,9 @@ func (db *DB) useCredential(ctx context.Context, deviceID, credID string, at tim
 				return err
 			}
 			detail := map[string]any{"credential": credID}
+			if compartments != nil {
+				detail["compartments"] = compartments
+			}
 			if opened != nil {
 				detail["reported_by"] = protocol.EventDoorOpened
 			}
@@ -1006,6 +1024,15 @@ func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential,
 		return nil, "", fleet.ErrNotFound
 	}
 	return &c, state, err
+}
+
+// SpentFor implements pickup.Store.
+func (db *DB) SpentFor(ctx context.Context, deviceID, id string, at time.Time) ([]int, error) {
+	var spent []int
+	err := db.pool.QueryRow(ctx, credentialChainCTE+`
+		SELECT coalesce(array_agg(n), '{}') FROM credentials c CROSS JOIN LATERAL unnest(c.compartments) n
+		WHERE c.id IN (SELECT id FROM chain) AND c.state = 'used' AND c.used_at = $3`, deviceID, id, at).Scan(&spent)
+	return spent, err
 }
 
 // CredentialState implements pickup.Store.

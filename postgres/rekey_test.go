@@ -277,7 +277,7 @@ func TestRotateCredentials(t *testing.T) {
 
 	// The locker had not got the new set: it accepts the old code of a.
 	usedAt := time.Now()
-	ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt)
+	ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt, nil)
 	if err != nil || len(ps) != 1 || ps[0].ID != a.ID {
 		t.Fatalf("old code used after the rotation: %+v, %v; want pickup %s", ps, err, a.ID)
 	}
@@ -287,13 +287,13 @@ func TestRotateCredentials(t *testing.T) {
 	// The same use offered again (an event replayed): its pickups all the
 	// same (the late-code step needs them), and nothing recorded twice.
 	version := e.version()
-	if ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt); err != nil || len(ps) != 1 || ps[0].ID != a.ID {
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-a", usedAt, nil); err != nil || len(ps) != 1 || ps[0].ID != a.ID {
 		t.Fatalf("the use replayed: %+v, %v; want pickup %s again", ps, err, a.ID)
 	}
 	if n := e.uses(); n != 1 || e.version() != version {
 		t.Fatalf("after a replayed use: %d credential.use entries, version %d (was %d); want 1, unchanged", n, e.version(), version)
 	}
-	if _, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-a", time.Now(), nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("the old code used twice: %v, want ErrNotFound", err)
 	}
 	if _, err := rotate("lk-none", func(*pickup.Credential) string { return "x" }); !errors.Is(err, fleet.ErrNotFound) {
@@ -308,7 +308,7 @@ func TestRotateCredentials(t *testing.T) {
 	// b's order is cancelled after the rotation: its old code, from the set
 	// before, opens nothing any more.
 	e.transition(b.ID, pickup.Cancelled)
-	if _, err := e.db.UseCredential(ctx, e.id, "k-bc", time.Now()); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-bc", time.Now(), nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("old code of a rotated, then cancelled order: %v, want ErrNotFound", err)
 	}
 
@@ -336,7 +336,7 @@ func TestRotateCredentials(t *testing.T) {
 			t.Fatalf("rotation of d's code: %d, %v; want 1", n, err)
 		}
 	}
-	if ps, err := e.db.UseCredential(ctx, e.id, "k-d", time.Now()); err != nil || len(ps) != 1 || ps[0].ID != d.ID {
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-d", time.Now(), nil); err != nil || len(ps) != 1 || ps[0].ID != d.ID {
 		t.Fatalf("code from before two rotations: %+v, %v; want pickup %s", ps, err, d.ID)
 	}
 	if _, state := e.cred("new-new-k-d"); state != "used" {
@@ -451,7 +451,7 @@ func TestExpiryWaitsForCollection(t *testing.T) {
 	e.mustMint("k-a", "mac-a", a)
 	e.mustMint("k-b", "mac-b", b)
 	used := time.Now()
-	if _, err := e.db.UseCredential(ctx, e.id, "k-a", used); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-a", used, nil); err != nil {
 		t.Fatal(err)
 	}
 	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = ANY($1)`, []string{a.ID, b.ID}, used.Add(-time.Second))
@@ -539,7 +539,7 @@ func TestUseExpiredCredential(t *testing.T) {
 	if _, state := e.cred("k-ab"); state != "revoked" {
 		t.Fatalf("the code used late: %s, want revoked still (UseCredential must not take its use for its own)", state)
 	}
-	if ps, err := e.db.UseCredential(ctx, e.id, "k-ab", at); !errors.Is(err, fleet.ErrNotFound) {
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-ab", at, nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("UseCredential of the use offered again: %+v %v, want ErrNotFound (then judged here again)", ps, err)
 	}
 	if state, err := e.db.CredentialState(ctx, e.id, "k-ab"); err != nil || state != "used" {
@@ -666,7 +666,7 @@ func TestSpentCodeIsNoLateCollection(t *testing.T) {
 	p := e.pickup("S-1")
 	e.mustMint("k-s", "mac-s", p)
 	used := time.Now().Truncate(time.Millisecond)
-	if _, err := e.db.UseCredential(ctx, e.id, "k-s", used); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-s", used, nil); err != nil {
 		t.Fatal(err)
 	}
 	past := used.Add(pickup.CollectGrace + time.Minute)
@@ -700,7 +700,7 @@ func TestCombinedCodeSpentByItsUse(t *testing.T) {
 	at := used.Add(2 * time.Second)
 	e.exec(`UPDATE pickups SET expires_at = $2 WHERE id = $1`, gone.ID, used.Add(time.Second))
 	e.transition(gone.ID, pickup.Expired) // narrows k-cb to live
-	if ps, err := e.db.UseCredential(ctx, e.id, "k-cb", at); err != nil || len(ps) != 1 || ps[0].ID != live.ID {
+	if ps, err := e.db.UseCredential(ctx, e.id, "k-cb", at, nil); err != nil || len(ps) != 1 || ps[0].ID != live.ID {
 		t.Fatalf("the combined code's live pickup: %+v %v", ps, err)
 	}
 	both := []int{live.Compartment, gone.Compartment}
@@ -883,7 +883,7 @@ func TestDoorReportedUse(t *testing.T) {
 	opened := at.Add(-2 * time.Second).Truncate(time.Millisecond) // the locker's clock
 	version := e.version()
 	for range 2 {
-		if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at, opened); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
+		if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at, opened, 1); err != nil || len(ps) != 1 || ps[0].ID != p.ID {
 			t.Fatalf("the door's opening: %+v %v, want pickup %s", ps, err, p.ID)
 		}
 	}
@@ -891,10 +891,10 @@ func TestDoorReportedUse(t *testing.T) {
 		t.Fatalf("after the opening and its replay: %s, %d credential.use entries, version %d (was %d); want used, 1, bumped once",
 			state, e.uses(), e.version(), version)
 	}
-	if _, err := e.db.UseCredential(ctx, e.id, "k-door", at); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-door", at, nil); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("code_accepted arriving with the opening: %v, want ErrNotFound (not the opening's replay)", err)
 	}
-	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at.Add(time.Second), opened); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-door", at.Add(time.Second), opened, 1); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("another opening by the spent code: %v, want ErrNotFound", err)
 	}
 	reported := at.Add(time.Second)
@@ -907,10 +907,10 @@ func TestDoorReportedUse(t *testing.T) {
 	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-door", reported.Add(time.Second)); err != nil || u != nil {
 		t.Fatalf("a second code_accepted: %+v %v, want none", u, err)
 	}
-	if _, err := e.db.UseCredential(ctx, e.id, "k-code", at); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-code", at, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-code", at.Add(time.Second), opened); !errors.Is(err, fleet.ErrNotFound) {
+	if _, err := e.db.UseCredentialByDoor(ctx, e.id, "k-code", at.Add(time.Second), opened, 1); !errors.Is(err, fleet.ErrNotFound) {
 		t.Fatalf("the door's opening after code_accepted: %v, want ErrNotFound", err)
 	}
 	if u, err := e.db.ReportDoorUse(ctx, e.id, "k-code", at.Add(2*time.Second)); err != nil || u != nil {
@@ -930,7 +930,7 @@ func TestDoorReportedUse(t *testing.T) {
 	if err != nil || rotated != 1 {
 		t.Fatalf("rotation: %d, %v", rotated, err)
 	}
-	if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-old", at, opened); err != nil || len(ps) != 1 || ps[0].ID != r.ID {
+	if ps, err := e.db.UseCredentialByDoor(ctx, e.id, "k-old", at, opened, 1); err != nil || len(ps) != 1 || ps[0].ID != r.ID {
 		t.Fatalf("the old code's opening: %+v %v, want pickup %s", ps, err, r.ID)
 	}
 	if _, state := e.cred("new-k-old"); state != "used" {
@@ -984,7 +984,7 @@ func TestAllocationWaitsForTheClearingSet(t *testing.T) {
 	// c's code is used at the locker, which applies the set without it:
 	// after c's end its compartment is free at once...
 	e.mustMint("k-clr-c", "mac-clr-c", c)
-	if _, err := e.db.UseCredential(ctx, e.id, "k-clr-c", time.Now()); err != nil {
+	if _, err := e.db.UseCredential(ctx, e.id, "k-clr-c", time.Now(), nil); err != nil {
 		t.Fatal(err)
 	}
 	e.applied()

@@ -45,7 +45,7 @@ commands:
   tokens list [--role R] [--site S] [--name N] [--revoked true|false] | tokens show ID
   tokens create --role R --name N [--site S] [--sites S1,S2] | tokens revoke ID
   tokens sites ID S1,S2 | tokens sites ID --all     (a platform token's sites)
-  audit [--locker ID] [--actor A] [--since RFC3339|-1h]
+  audit [--locker ID] [--actor A] [--token ID] [--since RFC3339|-1h]
   alerts list [--site S] [--locker ID] [--kind K] [--open true|false] [--since RFC3339|-1h] | alerts clear ID
 ` + handoffUsage + firmwareUsage + `
 lists print every page unless --limit N stops them after N items; the next
@@ -229,6 +229,7 @@ func (c *cli) dispatch(args []string) error {
 		fs := c.flags("audit")
 		locker := fs.String("locker", "", "locker id")
 		actor := fs.String("actor", "", "actor")
+		token := fs.String("token", "", "the id of the API token the actions were taken with")
 		since := fs.String("since", "", "RFC 3339 time, or a negative duration from now (-1h)")
 		if err := fs.Parse(args); err != nil {
 			return usageError(err.Error())
@@ -236,7 +237,8 @@ func (c *cli) dispatch(args []string) error {
 		if err := sinceArg(since); err != nil {
 			return err
 		}
-		return c.list("/v1/audit", url.Values{"locker": {*locker}, "actor": {*actor}, "since": {*since}}, []string{"ts", "actor", "action", "locker", "site"})
+		return c.list("/v1/audit", url.Values{"locker": {*locker}, "actor": {*actor}, "token": {*token}, "since": {*since}},
+			[]string{"ts", "actor", "action", "locker", "site"})
 	case "alerts list":
 		fs := c.flags("alerts list")
 		site := fs.String("site", "", "site")
