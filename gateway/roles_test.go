@@ -219,14 +219,20 @@ func TestRoles(t *testing.T) {
 	}
 	get := func(path string) client.Request { return client.Request{Method: "GET", Path: path} }
 	// newAlert opens an alert at locker, as an event would, and returns its id.
-	newAlert := func(locker string) string {
+	newKindAlert := func(locker, kind string) string {
 		var id int64
-		if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, 'staged_empty', 'role matrix') RETURNING id`,
-			locker).Scan(&id); err != nil {
+		// One open alert of a kind per locker: an earlier role's, left open, is closed first.
+		if _, err := tg.DB().Pool().Exec(ctx, `UPDATE alerts SET cleared_at = now() WHERE device_id = $1 AND kind = $2 AND cleared_at IS NULL`,
+			locker, kind); err != nil {
+			t.Fatal(err)
+		}
+		if err := tg.DB().Pool().QueryRow(ctx, `INSERT INTO alerts (device_id, kind, detail) VALUES ($1, $2, 'role matrix') RETURNING id`,
+			locker, kind).Scan(&id); err != nil {
 			t.Fatal(err)
 		}
 		return strconv.FormatInt(id, 10)
 	}
+	newAlert := func(locker string) string { return newKindAlert(locker, "staged_empty") }
 	newAlert(lockersA[0]) // for the lists
 	newAlert(lockersB[0])
 	command := func(locker string, body map[string]any) client.Request {
@@ -476,6 +482,12 @@ func TestRoles(t *testing.T) {
 			req: func(e roleEnv) client.Request { return post("/v1/alerts/"+newAlert(e.ownLockers[0])+"/clear", nil) }, want: siteWide(ok, ok)},
 		{name: "POST /v1/alerts/{id}/clear other", op: "POST /v1/alerts/{id}/clear",
 			req: func(e roleEnv) client.Request { return post("/v1/alerts/"+newAlert(e.othLocker[0])+"/clear", nil) }, want: siteWide(ok, denied)},
+		// Clearing creds_not_applied releases compartments a stale code may
+		// still open: the fleet's roles only.
+		{name: "POST /v1/alerts/{id}/clear creds_not_applied own", op: "POST /v1/alerts/{id}/clear",
+			req: func(e roleEnv) client.Request {
+				return post("/v1/alerts/"+newKindAlert(e.ownLockers[0], fleet.AlertCredsNotApplied)+"/clear", nil)
+			}, want: fleetOnly(ok)},
 
 		// Pickups: the roles that hand orders over create them (stores at
 		// their site, the platform for itself); operators do not.

@@ -78,6 +78,13 @@ func (s *Server) clearAlert(w http.ResponseWriter, r *http.Request) error {
 	if err := checkSite(r, a.Site); err != nil {
 		return fmt.Errorf("%w: alert %d is at another site", errForbidden, id)
 	}
+	if t := principal(r); a.Kind == fleet.AlertCredsNotApplied && t.Role != fleet.RoleAdmin && t.Role != fleet.RoleOperator {
+		// Clearing it vouches that the locker holds its set, and releases
+		// compartments whose last order's code it may still accept: for
+		// those who can see the locker's state, not for a store at rush hour.
+		return fmt.Errorf("%w: a %s alert is cleared by an operator or admin token (clearing it releases compartments whose "+
+			"last order's code the locker may still accept); until then the locker acknowledging its set clears it", errForbidden, a.Kind)
+	}
 	a, err = s.store.ClearAlert(r.Context(), id, principal(r).Actor(), time.Now())
 	if err != nil {
 		return err
