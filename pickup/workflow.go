@@ -117,13 +117,13 @@ func (s *Service) codeAccepted(ctx context.Context, deviceID string, ev *protoco
 		}
 		if ev.Compartments != nil && len(ev.Compartments) == 0 {
 			// It opened nothing: no order was collected with it.
-			return s.codeNotLive(ctx, deviceID, id, ev, ev.Compartments, at)
+			return s.codeNotLive(ctx, deviceID, id, ev, at)
 		}
 		late, _, err := s.usedBeforeExpiry(ctx, deviceID, id, ev, ev.Compartments, at, later)
 		if err != nil || late {
 			return err
 		}
-		return s.codeNotLive(ctx, deviceID, id, ev, ev.Compartments, at)
+		return s.codeNotLive(ctx, deviceID, id, ev, at)
 	}
 	if err != nil {
 		return err
@@ -216,7 +216,13 @@ func (s *Service) judgeExpired(ctx context.Context, deviceID, id string, ev *pro
 	if stray = slices.DeleteFunc(stray, func(n int) bool { return slices.Contains(spent, n) }); len(stray) == 0 {
 		return nil
 	}
-	return s.codeNotLive(ctx, deviceID, id, ev, stray, at)
+	// The use is audited as spent (UseCredential), with every compartment
+	// the locker listed.
+	s.log.Warn("pickup code opened compartments it was not live for", "locker", deviceID, "credential", id,
+		"compartments", stray, "listed", ev.Compartments)
+	return s.alertNotLive(ctx, fleet.Alert{DeviceID: deviceID, Kind: AlertCodeNotLive, RaisedAt: at, Compartment: stray[0],
+		Detail: fmt.Sprintf("code %s opened compartments %v, which the gateway did not hold it live for (the locker listed %v; "+
+			"it held an older set): check the order in each", id, stray, ev.Compartments)})
 }
 
 // doorOpened: a door opened by a code. A locker reports a code's use with
@@ -509,13 +515,12 @@ func (s *Service) judgeLateClosing(ctx context.Context, deviceID string, ev *pro
 	return nil
 }
 
-// codeNotLive: the locker opened compartments (those of ev it is about)
-// for a code the gateway does not hold live for them: revoked (its pickup
-// cancelled, expired or given another code while the locker was offline or
-// had not applied the new set), used already, unknown, or live for other
-// compartments only. Staff must look: the order may have gone to someone
+// codeNotLive: the locker opened compartments for a code the gateway does
+// not hold live: revoked (its pickup cancelled, expired or given another
+// code while the locker was offline or had not applied the new set), used
+// already, or unknown. Staff must look: the order may have gone to someone
 // it was no longer meant for. The locker is sent its current set again.
-func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, compartments []int, at time.Time) error {
+func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *protocol.Event, at time.Time) error {
 	var state string
 	err := s.retry(ctx, "credential_state", func(ctx context.Context) (err error) {
 		state, err = s.o.Store.CredentialState(ctx, deviceID, id)
@@ -528,28 +533,25 @@ func (s *Service) codeNotLive(ctx context.Context, deviceID, id string, ev *prot
 		return err
 	}
 	a := fleet.Alert{DeviceID: deviceID, Kind: AlertCodeNotLive, RaisedAt: at,
-		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, compartments)}
-	if len(compartments) > 0 {
-		a.Compartment = compartments[0]
+		Detail: fmt.Sprintf("code %s (%s at the gateway) opened compartments %v: check the order", id, state, ev.Compartments)}
+	if len(ev.Compartments) > 0 {
+		a.Compartment = ev.Compartments[0]
 	}
-	if !slices.Equal(compartments, ev.Compartments) {
-		// A live code's use (audited as spent, with every compartment the
-		// locker listed) that opened others as well.
-		a.Detail = fmt.Sprintf("code %s opened compartments %v, which the gateway did not hold it live for (the locker listed %v; "+
-			"it held an older set): check the order in each", id, compartments, ev.Compartments)
-		s.log.Warn("pickup code opened compartments it was not live for", "locker", deviceID, "credential", id,
-			"compartments", compartments, "listed", ev.Compartments)
-	} else {
-		// Audited as every use is (api-v1: "every ... credential use"),
-		// with what the gateway held it for; with the alert, so that a
-		// replayed event is audited once.
-		a.Audit = &fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
-			Detail: map[string]any{"credential": id, "state": state, "compartments": ev.Compartments}}
-	}
+	// Audited as every use is (api-v1: "every ... credential use"), with
+	// what the gateway held it for; with the alert, so that a replayed
+	// event is audited once.
+	a.Audit = &fleet.AuditEntry{Actor: "locker:" + deviceID, Action: "credential.use", Locker: deviceID,
+		Detail: map[string]any{"credential": id, "state": state, "compartments": ev.Compartments}}
+	return s.alertNotLive(ctx, a)
+}
+
+// alertNotLive raises a's code_not_live and sends its locker the current
+// set again.
+func (s *Service) alertNotLive(ctx context.Context, a fleet.Alert) error {
 	if err := s.alert(ctx, a); err != nil {
 		return err
 	}
-	s.publish(ctx, deviceID)
+	s.publish(ctx, a.DeviceID)
 	return nil
 }
 

@@ -153,7 +153,7 @@ func (db *DB) Migrate(ctx context.Context) error {
 		return err
 	}
 	for _, name := range names {
-		version := strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")
+		version := migrationVersion(name)
 		var done bool
 		if err := conn.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM schema_migrations WHERE version = $1)", version).Scan(&done); err != nil {
 			return fmt.Errorf("migrate: check %s: %w", version, err)
@@ -180,6 +180,12 @@ func (db *DB) Migrate(ctx context.Context) error {
 	return nil
 }
 
+// migrationVersion is the version schema_migrations records for the
+// embedded migration file name.
+func migrationVersion(name string) string {
+	return strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")
+}
+
 // ErrNewerSchema is Migrate's refusal of a database that a newer release
 // migrated.
 var ErrNewerSchema = errors.New("database migrated by a newer release")
@@ -191,7 +197,7 @@ var ErrNewerSchema = errors.New("database migrated by a newer release")
 func refuseNewerSchema(ctx context.Context, conn *pgxpool.Conn, names []string) error {
 	known := make(map[string]bool, len(names))
 	for _, name := range names {
-		known[strings.TrimSuffix(strings.TrimPrefix(name, "migrations/"), ".sql")] = true
+		known[migrationVersion(name)] = true
 	}
 	rows, _ := conn.Query(ctx, "SELECT version FROM schema_migrations ORDER BY version")
 	applied, err := pgx.CollectRows(rows, pgx.RowTo[string])

@@ -886,10 +886,8 @@ func (db *DB) UseExpiredCredential(ctx context.Context, deviceID, credID string,
 		// opened live pickups: UseCredential) keeps the compartments it
 		// had then; those were its live pickups', the use of them
 		// UseCredential's, whatever became of them since.
-		var spent []int
-		if err := tx.QueryRow(ctx, credentialChainCTE+`
-			SELECT coalesce(array_agg(n), '{}') FROM credentials c CROSS JOIN LATERAL unnest(c.compartments) n
-			WHERE c.id IN (SELECT id FROM chain) AND c.state = 'used' AND c.used_at = $3`, deviceID, credID, at).Scan(&spent); err != nil {
+		spent, err := spentFor(ctx, tx, deviceID, credID, at)
+		if err != nil {
 			return err
 		}
 		if len(spent) > 0 {
@@ -1028,8 +1026,15 @@ func (db *DB) GetCredential(ctx context.Context, id string) (*pickup.Credential,
 
 // SpentFor implements pickup.Store.
 func (db *DB) SpentFor(ctx context.Context, deviceID, id string, at time.Time) ([]int, error) {
+	return spentFor(ctx, db.pool, deviceID, id, at)
+}
+
+// spentFor is SpentFor on q.
+func spentFor(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, deviceID, id string, at time.Time) ([]int, error) {
 	var spent []int
-	err := db.pool.QueryRow(ctx, credentialChainCTE+`
+	err := q.QueryRow(ctx, credentialChainCTE+`
 		SELECT coalesce(array_agg(n), '{}') FROM credentials c CROSS JOIN LATERAL unnest(c.compartments) n
 		WHERE c.id IN (SELECT id FROM chain) AND c.state = 'used' AND c.used_at = $3`, deviceID, id, at).Scan(&spent)
 	return spent, err
