@@ -190,7 +190,7 @@ func TestDownloadThatStallsIsCut(t *testing.T) {
 	}
 	ended := make(chan *countingWriter, 2)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: 200 * time.Millisecond}
+		pw := &progressWriter{ResponseWriter: w, rc: http.NewResponseController(w), stall: 2 * time.Second}
 		cw := &countingWriter{ResponseWriter: pw, r: r, size: int64(len(img))}
 		http.ServeContent(cw, r, "img.bin", time.Time{}, io.NewSectionReader(f, 0, int64(len(img))))
 		ended <- cw
